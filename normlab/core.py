@@ -1,0 +1,249 @@
+"""The public engine: :func:`normalize` and :func:`normalize_backward` for any pattern.
+
+This module checks and prepares the arguments, builds the plan and hands the arrays to a
+backend: ``"numpy"`` (:mod:`normlab.reference`) or a fused kernel backend. It holds no math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from normlab import reference
+from normlab.errors import InputError, ParamsError, ShapeError
+from normlab.plan import Plan, make_plan
+
+__all__ = ["normalize", "normalize_backward", "BACKENDS"]
+
+BACKENDS = ("auto", "numpy")
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Checked arguments: the plan, the input in its expanded view and the result dtype."""
+
+    plan: Plan
+    x: np.ndarray  # expanded view
+    dtype: np.dtype
+    weight: np.ndarray | None  # expanded to broadcast against x
+    bias: np.ndarray | None
+
+
+def _describe(plan_or_pattern, shape) -> str:
+    pattern = plan_or_pattern.pattern if isinstance(plan_or_pattern, Plan) else plan_or_pattern
+    return f"pattern {pattern!r}, input shape {tuple(shape)}"
+
+
+def result_dtype(x: np.ndarray, pattern: str) -> np.dtype:
+    """The output dtype: the input's float dtype; integers and bools become float64."""
+    if x.dtype in _FLOATS:
+        return x.dtype
+    if x.dtype.kind in "iub":
+        return np.dtype(np.float64)
+    raise InputError(
+        f"{_describe(pattern, x.shape)}: input dtype {x.dtype} is not supported; "
+        "normalize takes float16, float32 or float64 (cast with x.astype(np.float32))"
+    )
+
+
+def _param_array(value, name: str, plan: Plan) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiub":
+        raise ParamsError(f"{name} has dtype {array.dtype}; pass a float array of shape {plan.param_shape}")
+    if array.shape != plan.param_shape:
+        raise ParamsError(
+            f"{name} has shape {array.shape}, but params={plan.params!r} spans shape {plan.param_shape} "
+            f"({_describe(plan, plan.shape)}): pass a {name} of shape {plan.param_shape} or change params"
+        )
+    return plan.expand_params(array.astype(np.float64, copy=False))
+
+
+def _suggest_params(plan: Plan, shape: tuple[int, ...]) -> str:
+    """Name the runs of axes of ``plan`` whose sizes match a weight of ``shape``."""
+    names = [n for n in plan.axis_names if not n.startswith("...")]
+    sizes = dict(zip(plan.axis_names, plan.axis_sizes))
+    found = [
+        repr(" ".join(names[start:stop]))
+        for start in range(len(names))
+        for stop in range(start + 1, len(names) + 1)
+        if tuple(sizes[n] for n in names[start:stop]) == tuple(shape)
+    ]
+    if not found:
+        return "params='c', the names of the axes weight spans, in order"
+    return " or ".join(f"params={f}" for f in found[:3])
+
+
+def prepare(x, pattern: str, weight, bias, params, sizes: dict) -> Prepared:
+    """Check the arguments of :func:`normalize` and lay them out on the expanded view."""
+    x = np.asarray(x)
+    dtype = result_dtype(x, pattern)
+    if (weight is not None or bias is not None) and params is None:
+        given = np.shape(weight if weight is not None else bias)
+        plan = make_plan(pattern, x.shape, **sizes)
+        raise ParamsError(
+            f"{_describe(plan, x.shape)}: a weight or bias needs params, the axes it spans; "
+            f"got one of shape {given}. Pass e.g. {_suggest_params(plan, given)}"
+        )
+    plan = make_plan(pattern, x.shape, params, **sizes)
+    weight_b = None if weight is None else _param_array(weight, "weight", plan)
+    bias_b = None if bias is None else _param_array(bias, "bias", plan)
+    return Prepared(plan, x.reshape(plan.axis_sizes), dtype, weight_b, bias_b)
+
+
+def _check_eps(eps, plan: Plan) -> float:
+    try:
+        eps = float(eps)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"eps must be a number, got {eps!r}") from err
+    if not eps >= 0 or eps == np.inf:
+        raise InputError(f"eps must be a finite number >= 0, got {eps} ({_describe(plan, plan.shape)})")
+    return eps
+
+
+def _given_stats(value, name: str, plan: Plan) -> np.ndarray:
+    array = np.asarray(value, dtype=np.float64)
+    if array.size != plan.num_groups:
+        raise ShapeError(
+            f"{_describe(plan, plan.shape)}: {name} has {array.size} values but there are {plan.num_groups} "
+            f"groups; pass an array of shape {plan.stats_shape} (the kept axes, in order)"
+        )
+    return array.reshape(plan.stats_shape)
+
+
+def _check_out(out, prepared: Prepared) -> np.ndarray:
+    plan = prepared.plan
+    if not isinstance(out, np.ndarray):
+        raise InputError(f"out must be a NumPy array, got {type(out).__name__}")
+    if out.shape != plan.shape or out.dtype != prepared.dtype:
+        raise InputError(
+            f"{_describe(plan, plan.shape)}: out has shape {out.shape} and dtype {out.dtype}; "
+            f"pass an array of shape {plan.shape} and dtype {prepared.dtype}"
+        )
+    if not out.flags.writeable:
+        raise InputError("out is read-only; pass a writeable array")
+    return out
+
+
+def _resolve_backend(backend: str | None) -> str:
+    backend = backend or "auto"
+    if backend not in BACKENDS:
+        raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return "numpy" if backend == "auto" else backend
+
+
+def forward(prepared: Prepared, eps: float, rms: bool, mean=None, rstd=None, out=None, backend=None):
+    """Run the forward pass on prepared arguments; returns ``(y, stats)`` (``y`` in the
+    input's shape, ``stats`` as :class:`normlab.reference.Stats`)."""
+    plan = prepared.plan
+    _resolve_backend(backend)
+    out_view = None if out is None else out.reshape(plan.axis_sizes) if out.flags.c_contiguous else None
+    if rstd is not None:
+        stats = reference.Stats(None if rms else mean, None, rstd)
+        y = reference.apply_stats(prepared.x, stats.mean, rstd, prepared.weight, prepared.bias,
+                                  prepared.dtype, out_view)
+    else:
+        y, stats = reference.forward(prepared.x, plan, eps, rms, prepared.weight, prepared.bias,
+                                     prepared.dtype, out_view)
+    if out is not None:
+        if out_view is None:
+            np.copyto(out, y.reshape(plan.shape))
+        return out, stats
+    return y.reshape(plan.shape), stats
+
+
+def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = None, eps: float = 1e-5,
+              rms: bool = False, return_stats: bool = False, out=None, mean=None, rstd=None,
+              backend: str | None = None, **sizes: int):
+    """Standardize ``x`` over the bracketed axes of ``pattern``.
+
+    ``y = (x − mean)·rstd·weight + bias`` where each group of elements that differ only
+    along bracketed axes shares ``mean`` and ``rstd = 1/sqrt(var + eps)`` (biased
+    variance). ``rms=True`` drops the mean. ``weight``/``bias`` span the axes named in
+    ``params``. Passing ``mean`` and ``rstd`` (of the statistics' shape) applies those
+    statistics instead of computing them, as batch norm does in evaluation.
+
+    Returns ``y`` (the input's dtype; integers become float64), or ``(y, mean, rstd)``
+    with ``return_stats=True``: float64 arrays with the pattern's axes, compositions
+    split and reduced axes of size 1 (``mean`` is None for ``rms``).
+
+    The note's 2-D example: batch norm standardizes each feature across the batch.
+
+    >>> import numpy as np
+    >>> x = np.array([[4., 3., 2.], [3., 3., 2.], [2., 2., 2.]])
+    >>> y = normalize(x, "[b] f")
+    >>> y[1, 0], y[0, 1] == y[1, 1], y[:, 2].tolist()
+    (np.float64(0.0), np.True_, [0.0, 0.0, 0.0])
+    >>> normalize(x, "b [f]")[0].round(4).tolist()
+    [1.2247, 0.0, -1.2247]
+    """
+    y, stats = normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps, rms=rms,
+                                    out=out, mean=mean, rstd=rstd, backend=backend, **sizes)
+    if return_stats:
+        return y, stats.mean, stats.rstd
+    return y
+
+
+def normalize_with_stats(x, pattern: str, *, weight=None, bias=None, params=None, eps=1e-5, rms=False,
+                         out=None, mean=None, rstd=None, backend=None, **sizes):
+    """:func:`normalize`, returning ``(y, stats)`` with the full :class:`~normlab.reference.Stats`
+    (the variance too, which running statistics need)."""
+    prepared = prepare(x, pattern, weight, bias, params, sizes)
+    plan = prepared.plan
+    eps = _check_eps(eps, plan)
+    if out is not None:
+        _check_out(out, prepared)
+    if rstd is not None or mean is not None:
+        if rstd is None or (mean is None and not rms):
+            raise InputError(f"{_describe(plan, plan.shape)}: pass both mean and rstd (rstd alone with rms=True)")
+        rstd = _given_stats(rstd, "rstd", plan)
+        mean = None if rms else _given_stats(mean, "mean", plan)
+    return forward(prepared, eps, rms, mean, rstd, out, backend)
+
+
+def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | None = None, eps: float = 1e-5,
+                       rms: bool = False, mean=None, rstd=None, backend: str | None = None, **sizes: int):
+    """Gradients of :func:`normalize` with respect to ``x``, ``weight`` and ``bias``.
+
+    Returns ``(grad_x, grad_weight, grad_bias)``. ``grad_weight`` is None when no
+    ``weight`` is given and ``grad_bias`` is None when no ``params`` is given (a bias
+    gradient does not depend on the bias, only on the axes it spans). Pass the ``mean``
+    and ``rstd`` that ``normalize(..., return_stats=True)`` returned to skip recomputing them.
+
+    >>> import numpy as np
+    >>> x = np.array([[1., 2., 4.]])
+    >>> gx, gw, gb = normalize_backward(np.ones_like(x), x, "b [f]", weight=np.ones(3), params="f")
+    >>> np.abs(gx).max() < 1e-12, gb.tolist()   # a shift of the output has no x-gradient
+    (np.True_, [1.0, 1.0, 1.0])
+    """
+    prepared = prepare(x, pattern, weight, None, params, sizes)
+    plan = prepared.plan
+    eps = _check_eps(eps, plan)
+    _resolve_backend(backend)
+    grad_y = np.asarray(grad_y)
+    if grad_y.shape != plan.shape:
+        raise ShapeError(f"{_describe(plan, plan.shape)}: grad_y has shape {grad_y.shape}; it must match x")
+    result_dtype(grad_y, pattern)
+    if rstd is None:
+        stats = reference.compute_stats(prepared.x, plan, eps, rms)
+        mean, rstd = stats.mean, stats.rstd
+    else:
+        rstd = _given_stats(rstd, "rstd", plan)
+        if not rms:
+            if mean is None:
+                raise InputError(f"{_describe(plan, plan.shape)}: rstd was given without mean; pass both")
+            mean = _given_stats(mean, "mean", plan)
+        else:
+            mean = None
+    grad_x, grad_w, grad_b = reference.backward(
+        grad_y.reshape(plan.axis_sizes), prepared.x, plan, mean, rstd, prepared.weight,
+        need_weight=weight is not None, need_bias=params is not None,
+    )
+    grad_x = grad_x.astype(prepared.dtype, copy=False).reshape(plan.shape)
+    param_dtype = np.result_type(weight) if weight is not None and np.result_type(weight).kind == "f" else prepared.dtype
+    if grad_w is not None:
+        grad_w = plan.collapse_params(grad_w).astype(param_dtype, copy=False)
+    if grad_b is not None:
+        grad_b = plan.collapse_params(grad_b).astype(param_dtype, copy=False)
+    return grad_x, grad_w, grad_b

@@ -1,0 +1,35 @@
+"""The errors normlab raises: one base class, a ``ValueError``, and its few kinds.
+
+Every message says the rule, what was received (the pattern and the input shape) and how
+to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["NormlabError", "PatternSyntaxError", "ShapeError", "ParamsError", "InputError"]
+
+
+class NormlabError(ValueError):
+    """Base class of every error normlab raises on bad input."""
+
+
+class PatternSyntaxError(NormlabError):
+    """The pattern text is not valid notation; the message points at the fault with a caret."""
+
+    def __init__(self, pattern: str, position: int, message: str):
+        self.pattern = pattern
+        self.position = position
+        caret = " " * position + "^"
+        super().__init__(f"{message}\n    {pattern}\n    {caret}")
+
+
+class ShapeError(NormlabError):
+    """The pattern does not fit the input: rank, sizes or divisibility."""
+
+
+class ParamsError(NormlabError):
+    """``weight``, ``bias`` or ``params`` disagree with the pattern or with each other."""
+
+
+class InputError(NormlabError):
+    """The input itself is unusable: wrong dtype, or too few values to train on."""

@@ -1,0 +1,233 @@
+"""Pattern text -> parsed pattern. Pure Python: no NumPy, no shapes.
+
+A pattern lists the input's axes in order and brackets the ones that share statistics::
+
+    "[b] c [h w]"        batch norm, channels first
+    "b t [d]"            layer norm over each token
+    "b (g [c]) [h w]"    group norm: channel axis split into g groups of c
+
+Grammar (whitespace separates items)::
+
+    pattern  := item+
+    item     := name | "..." | "(" factor+ ")" | "[" inner+ "]"
+    inner    := name | "..." | "(" name+ ")"
+    factor   := name | "[" name+ "]"
+
+Every element that differs from another only along bracketed axes shares its mean and
+variance. Syntax is checked here; rank and sizes are checked against an input in
+:mod:`normlab.plan`.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+from normlab.errors import PatternSyntaxError
+
+__all__ = ["Axis", "Dim", "Pattern", "parse_pattern", "parse_params", "ELLIPSIS"]
+
+ELLIPSIS = "..."
+_TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<ellipsis>\.\.\.)|(?P<punct>[()\[\]]))")
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One named axis (a factor, after compositions are split)."""
+
+    name: str
+    reduced: bool
+    position: int
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One axis of the input: a plain axis, a composition ``(g c)`` or the ellipsis."""
+
+    factors: tuple[Axis, ...]
+    position: int
+    composed: bool = False
+    is_ellipsis: bool = False
+
+    @property
+    def reduced(self) -> bool:
+        """True when every factor is reduced (the ellipsis has one pseudo-factor)."""
+        return all(axis.reduced for axis in self.factors)
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A parsed pattern: the input's dims in order."""
+
+    text: str
+    dims: tuple[Dim, ...]
+
+    @property
+    def has_ellipsis(self) -> bool:
+        return any(dim.is_ellipsis for dim in self.dims)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Named axes in order, compositions split, the ellipsis left out."""
+        return tuple(a.name for d in self.dims if not d.is_ellipsis for a in d.factors)
+
+    @property
+    def reduced_names(self) -> tuple[str, ...]:
+        return tuple(a.name for d in self.dims if not d.is_ellipsis for a in d.factors if a.reduced)
+
+
+def _tokenize(text: str) -> list[tuple[str, str, int]]:
+    tokens = []
+    pos = 0
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        match = _TOKEN.match(text, pos)
+        if match is None:
+            bad = pos + (len(text[pos:]) - len(text[pos:].lstrip()))
+            raise PatternSyntaxError(
+                text, bad, f"unexpected character {text[bad]!r}: axis names are identifiers; "
+                "use ( ) to compose, [ ] to reduce and ... for any axes"
+            )
+        kind = match.lastgroup
+        start = match.start(kind)
+        tokens.append((kind, match.group(kind), start))
+        pos = match.end()
+    return tokens
+
+
+@functools.lru_cache(maxsize=1024)
+def parse_pattern(text: str) -> Pattern:
+    """Parse a pattern once; the result is cached.
+
+    >>> p = parse_pattern("b (g [c]) [h w]")
+    >>> p.names, p.reduced_names
+    (('b', 'g', 'c', 'h', 'w'), ('c', 'h', 'w'))
+    >>> parse_pattern("b [c")
+    Traceback (most recent call last):
+    ...
+    normlab.errors.PatternSyntaxError: '[' is never closed: add ']' after the reduced axes
+        b [c
+          ^
+    """
+    if not isinstance(text, str):
+        raise PatternSyntaxError(str(text), 0, f"a pattern is a string such as 'b [d]', got {type(text).__name__}")
+    tokens = _tokenize(text)
+    dims: list[Dim] = []
+    seen: dict[str, int] = {}
+    bracket_open: int | None = None  # position of the open '['
+    bracket_level: int | None = None  # 0 outside parentheses, 1 inside
+    bracket_items = 0
+    paren_open: int | None = None
+    paren_factors: list[Axis] = []
+    ellipsis_at: int | None = None
+
+    def add_name(name: str, pos: int) -> Axis:
+        if name in seen:
+            raise PatternSyntaxError(text, pos, f"axis {name!r} appears twice: give each axis its own name")
+        seen[name] = pos
+        return Axis(name, bracket_open is not None, pos)
+
+    for kind, value, pos in tokens:
+        if kind == "name":
+            axis = add_name(value, pos)
+            if bracket_open is not None:
+                bracket_items += 1
+            if paren_open is not None:
+                paren_factors.append(axis)
+            else:
+                dims.append(Dim((axis,), pos))
+        elif kind == "ellipsis":
+            if paren_open is not None:
+                raise PatternSyntaxError(text, pos, "'...' cannot stand inside ( ): compose named axes only")
+            if ellipsis_at is not None:
+                raise PatternSyntaxError(text, pos, "'...' appears twice: it may stand for any axes only once")
+            ellipsis_at = pos
+            if bracket_open is not None:
+                bracket_items += 1
+            dims.append(Dim((Axis(ELLIPSIS, bracket_open is not None, pos),), pos, is_ellipsis=True))
+        elif value == "(":
+            if paren_open is not None:
+                raise PatternSyntaxError(text, pos, "( ) cannot nest: write one composition such as (g c)")
+            paren_open, paren_factors = pos, []
+        elif value == ")":
+            if paren_open is None:
+                raise PatternSyntaxError(text, pos, "')' closes nothing: remove it or add '(' before it")
+            if bracket_open is not None and bracket_level == 1:
+                raise PatternSyntaxError(text, pos, "'[' opened inside ( ) must close before ')'")
+            if not paren_factors:
+                raise PatternSyntaxError(text, paren_open, "empty ( ): a composition needs at least one axis")
+            if bracket_open is not None:
+                bracket_items += 1
+            dims.append(Dim(tuple(paren_factors), paren_open, composed=True))
+            paren_open = None
+        elif value == "[":
+            if bracket_open is not None:
+                raise PatternSyntaxError(text, pos, "[ ] cannot nest: close the first ']' before opening another")
+            bracket_open, bracket_level, bracket_items = pos, int(paren_open is not None), 0
+        elif value == "]":
+            if bracket_open is None:
+                raise PatternSyntaxError(text, pos, "']' closes nothing: remove it or add '[' before the reduced axes")
+            if bracket_level == 0 and paren_open is not None:
+                raise PatternSyntaxError(text, pos, "']' cannot close inside ( ) a '[' opened outside it")
+            if bracket_items == 0:
+                raise PatternSyntaxError(text, bracket_open, "empty [ ]: put the axes that share statistics inside")
+            bracket_open = None
+    if paren_open is not None:
+        raise PatternSyntaxError(text, paren_open, "'(' is never closed: add ')' after the composed axes")
+    if bracket_open is not None:
+        raise PatternSyntaxError(text, bracket_open, "'[' is never closed: add ']' after the reduced axes")
+    if not dims:
+        raise PatternSyntaxError(text, 0, "empty pattern: name the input's axes, e.g. 'b [d]'")
+    if not any(axis.reduced for dim in dims for axis in dim.factors):
+        raise PatternSyntaxError(
+            text, 0, "no axis is reduced: put the axes that share statistics in [ ], e.g. 'b [d]'"
+        )
+    return Pattern(text, tuple(dims))
+
+
+@functools.lru_cache(maxsize=1024)
+def parse_params(text: str) -> tuple[tuple[str, ...], ...]:
+    """Parse the axes that ``weight`` and ``bias`` span, one tuple of names per array axis.
+
+    >>> parse_params("c h w")
+    (('c',), ('h',), ('w',))
+    >>> parse_params("(g c)")
+    (('g', 'c'),)
+    """
+    if not isinstance(text, str):
+        raise PatternSyntaxError(str(text), 0, f"params is a string such as 'c' or 'c h w', got {type(text).__name__}")
+    items: list[tuple[str, ...]] = []
+    group: list[str] | None = None
+    group_at = 0
+    seen: set[str] = set()
+    for kind, value, pos in _tokenize(text):
+        if kind == "name":
+            if value in seen:
+                raise PatternSyntaxError(text, pos, f"axis {value!r} appears twice in params")
+            seen.add(value)
+            if group is None:
+                items.append((value,))
+            else:
+                group.append(value)
+        elif value == "(":
+            if group is not None:
+                raise PatternSyntaxError(text, pos, "( ) cannot nest in params")
+            group, group_at = [], pos
+        elif value == ")":
+            if group is None:
+                raise PatternSyntaxError(text, pos, "')' closes nothing")
+            if not group:
+                raise PatternSyntaxError(text, group_at, "empty ( ) in params")
+            items.append(tuple(group))
+            group = None
+        else:
+            raise PatternSyntaxError(
+                text, pos, f"{value!r} has no meaning in params: name the axes weight spans, e.g. 'c' or '(g c)'"
+            )
+    if group is not None:
+        raise PatternSyntaxError(text, group_at, "'(' is never closed")
+    if not items:
+        raise PatternSyntaxError(text, 0, "empty params: name the axes weight spans, e.g. 'c'")
+    return tuple(items)

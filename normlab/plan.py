@@ -1,0 +1,218 @@
+"""Parsed pattern + input shape + sizes -> a frozen, cached plan.
+
+The plan is everything the math needs to know about *which* elements share statistics:
+the input viewed with compositions split and the ellipsis expanded (the *expanded view*),
+which of those axes are reduced, the shape of the statistics, and how ``weight`` and
+``bias`` line up with the axes. It holds no data.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+from normlab.errors import ParamsError, ShapeError
+from normlab.notation import ELLIPSIS, Pattern, parse_params, parse_pattern
+
+__all__ = ["Plan", "Run", "make_plan"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """A maximal stretch of adjacent expanded axes (size-1 axes dropped) that are all
+    reduced or all kept; kernels see the input as one axis per run."""
+
+    size: int
+    reduced: bool
+    axes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which elements of an input of ``shape`` share a mean and a variance.
+
+    >>> p = make_plan("b (g [c]) [h w]", (2, 6, 4, 4), g=3)
+    >>> p.axis_names, p.axis_sizes, p.stats_shape
+    (('b', 'g', 'c', 'h', 'w'), (2, 3, 2, 4, 4), (2, 3, 1, 1, 1))
+    >>> p.group_size, p.num_groups
+    (32, 6)
+    """
+
+    pattern: str
+    shape: tuple[int, ...]
+    axis_names: tuple[str, ...]
+    axis_sizes: tuple[int, ...]
+    reduced: tuple[bool, ...]
+    params: str | None = None
+    param_axes: tuple[int, ...] = ()  # expanded axes that weight spans, in params order
+    param_shape: tuple[int, ...] = ()  # the shape weight and bias must have
+
+    @property
+    def ndim(self) -> int:
+        return len(self.axis_sizes)
+
+    @property
+    def reduced_axes(self) -> tuple[int, ...]:
+        return tuple(i for i, r in enumerate(self.reduced) if r)
+
+    @property
+    def kept_axes(self) -> tuple[int, ...]:
+        return tuple(i for i, r in enumerate(self.reduced) if not r)
+
+    @property
+    def stats_shape(self) -> tuple[int, ...]:
+        """The expanded shape with reduced axes of size 1: the shape of mean and rstd."""
+        return tuple(1 if r else s for s, r in zip(self.axis_sizes, self.reduced))
+
+    @property
+    def group_size(self) -> int:
+        """How many elements share one mean and variance."""
+        return math.prod(self.axis_sizes[i] for i in self.reduced_axes)
+
+    @property
+    def num_groups(self) -> int:
+        return math.prod(self.stats_shape)
+
+    @property
+    def param_broadcast_shape(self) -> tuple[int, ...]:
+        """The expanded shape with axes outside ``params`` of size 1."""
+        spanned = set(self.param_axes)
+        return tuple(s if i in spanned else 1 for i, s in enumerate(self.axis_sizes))
+
+    @property
+    def runs(self) -> tuple[Run, ...]:
+        """Adjacent expanded axes merged into runs of like kind, size-1 axes dropped."""
+        runs: list[Run] = []
+        for i, (size, red) in enumerate(zip(self.axis_sizes, self.reduced)):
+            if size == 1:
+                continue
+            if runs and runs[-1].reduced == red:
+                last = runs[-1]
+                runs[-1] = Run(last.size * size, red, last.axes + (i,))
+            else:
+                runs.append(Run(size, red, (i,)))
+        return tuple(runs)
+
+    def expand_params(self, array):
+        """Lay out a ``weight`` or ``bias`` of ``param_shape`` to broadcast against the
+        expanded view (axes in pattern order, size 1 elsewhere)."""
+        split = array.reshape(tuple(self.axis_sizes[i] for i in self.param_axes))
+        order = sorted(range(len(self.param_axes)), key=lambda k: self.param_axes[k])
+        return split.transpose(order).reshape(self.param_broadcast_shape)
+
+    def collapse_params(self, array):
+        """Inverse of :meth:`expand_params`: an array of ``param_broadcast_shape`` back to
+        ``param_shape`` (used for the weight and bias gradients)."""
+        in_pattern_order = sorted(self.param_axes)
+        squeezed = array.reshape(tuple(self.axis_sizes[i] for i in in_pattern_order))
+        order = [in_pattern_order.index(a) for a in self.param_axes]
+        return squeezed.transpose(order).reshape(self.param_shape)
+
+    def group_ids(self):
+        """An integer array of the input's shape: which group each element belongs to.
+
+        >>> make_plan("[b] f", (3, 3)).group_ids()
+        array([[0, 1, 2],
+               [0, 1, 2],
+               [0, 1, 2]])
+        """
+        import numpy as np
+
+        ids = np.arange(self.num_groups).reshape(self.stats_shape)
+        return np.broadcast_to(ids, self.axis_sizes).reshape(self.shape)
+
+
+def _fail(pattern: str, shape: tuple[int, ...], rule: str, fix: str) -> ShapeError:
+    return ShapeError(f"pattern {pattern!r} does not fit input shape {shape}: {rule}; {fix}")
+
+
+def make_plan(pattern: str, shape, params: str | None = None, **sizes: int) -> Plan:
+    """Resolve ``pattern`` against an input shape (cached on all arguments)."""
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError as err:
+        raise ShapeError(f"shape must be a sequence of ints, got {shape!r}") from err
+    return _make_plan(pattern, shape, params, tuple(sorted(sizes.items())))
+
+
+@functools.lru_cache(maxsize=4096)
+def _make_plan(text: str, shape: tuple[int, ...], params: str | None, sizes_items) -> Plan:
+    parsed: Pattern = parse_pattern(text)
+    sizes = dict(sizes_items)
+    for name, value in sizes.items():
+        if name not in parsed.names:
+            raise _fail(text, shape, f"{name}={value!r} names no axis of the pattern",
+                        f"use one of {', '.join(parsed.names)}, or drop it")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _fail(text, shape, f"{name}={value!r} is not a positive integer", f"pass {name} as an int >= 1")
+
+    ndims = len(parsed.dims)
+    if parsed.has_ellipsis:
+        if len(shape) < ndims - 1:
+            raise _fail(text, shape, f"the pattern needs at least {ndims - 1} axes, the input has {len(shape)}",
+                        "pass an input of higher rank or name fewer axes")
+        ellipsis_rank = len(shape) - (ndims - 1)
+    elif len(shape) != ndims:
+        raise _fail(text, shape, f"the pattern names {ndims} axes, the input has {len(shape)}",
+                    "name one axis per input dimension, or use '...' for any number")
+    else:
+        ellipsis_rank = 0
+
+    names: list[str] = []
+    axis_sizes: list[int] = []
+    reduced: list[bool] = []
+    index = 0
+    for dim in parsed.dims:
+        if dim.is_ellipsis:
+            for k in range(ellipsis_rank):
+                names.append(f"{ELLIPSIS}{k}")
+                axis_sizes.append(shape[index])
+                reduced.append(dim.reduced)
+                index += 1
+            continue
+        size = shape[index]
+        index += 1
+        known = [sizes.get(a.name) for a in dim.factors]
+        missing = [a.name for a, s in zip(dim.factors, known) if s is None]
+        if len(dim.factors) == 1:
+            if known[0] is not None and known[0] != size:
+                raise _fail(text, shape, f"axis {dim.factors[0].name} has size {size}, not {known[0]}",
+                            f"pass {dim.factors[0].name}={size} or leave it out")
+            factor_sizes = [size]
+        else:
+            product = math.prod(s for s in known if s is not None)
+            group = "(" + " ".join(a.name for a in dim.factors) + ")"
+            if len(missing) > 1:
+                raise _fail(text, shape, f"{group} has {len(missing)} factors of unknown size ({', '.join(missing)})",
+                            f"give all but one as keyword arguments, e.g. {missing[0]}=...")
+            if len(missing) == 1:
+                if size % product:
+                    raise _fail(text, shape, f"the axis {group} of size {size} is not divisible by {product}",
+                                "choose factor sizes that divide it")
+                inferred = size // product
+            elif product != size:
+                raise _fail(text, shape, f"{group} multiplies to {product}, but that axis has size {size}",
+                            "make the factor sizes multiply to the axis size")
+            factor_sizes = [s if s is not None else inferred for s in known]
+        for axis, factor_size in zip(dim.factors, factor_sizes):
+            names.append(axis.name)
+            axis_sizes.append(factor_size)
+            reduced.append(axis.reduced)
+
+    param_axes: tuple[int, ...] = ()
+    param_shape: tuple[int, ...] = ()
+    if params is not None:
+        items = parse_params(params)
+        lookup = {name: i for i, name in enumerate(names)}
+        for item in items:
+            for name in item:
+                if name not in lookup:
+                    raise ParamsError(
+                        f"params {params!r} names axis {name!r}, which pattern {text!r} does not have "
+                        f"(input shape {shape}): name axes from {', '.join(parsed.names)}"
+                    )
+        param_axes = tuple(lookup[name] for item in items for name in item)
+        param_shape = tuple(math.prod(axis_sizes[lookup[n]] for n in item) for item in items)
+
+    return Plan(text, shape, tuple(names), tuple(axis_sizes), tuple(reduced), params, param_axes, param_shape)
