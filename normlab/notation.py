@@ -97,7 +97,6 @@ def _tokenize(text: str) -> list[tuple[str, str, int]]:
     return tokens
 
 
-@functools.lru_cache(maxsize=1024)
 def parse_pattern(text: str) -> Pattern:
     """Parse a pattern once; the result is cached.
 
@@ -113,6 +112,11 @@ def parse_pattern(text: str) -> Pattern:
     """
     if not isinstance(text, str):
         raise PatternSyntaxError(str(text), 0, f"a pattern is a string such as 'b [d]', got {type(text).__name__}")
+    return _parse_pattern(text)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_pattern(text: str) -> Pattern:
     tokens = _tokenize(text)
     dims: list[Dim] = []
     seen: dict[str, int] = {}
@@ -187,7 +191,6 @@ def parse_pattern(text: str) -> Pattern:
     return Pattern(text, tuple(dims))
 
 
-@functools.lru_cache(maxsize=1024)
 def parse_params(text: str) -> tuple[tuple[str, ...], ...]:
     """Parse the axes that ``weight`` and ``bias`` span, one tuple of names per array axis.
 
@@ -198,6 +201,11 @@ def parse_params(text: str) -> tuple[tuple[str, ...], ...]:
     """
     if not isinstance(text, str):
         raise PatternSyntaxError(str(text), 0, f"params is a string such as 'c' or 'c h w', got {type(text).__name__}")
+    return _parse_params(text)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_params(text: str) -> tuple[tuple[str, ...], ...]:
     items: list[tuple[str, ...]] = []
     group: list[str] | None = None
     group_at = 0

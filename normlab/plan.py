@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from dataclasses import dataclass
 
 from normlab.errors import ParamsError, ShapeError
@@ -133,6 +134,16 @@ def make_plan(pattern: str, shape, params: str | None = None, **sizes: int) -> P
         shape = tuple(int(s) for s in shape)
     except TypeError as err:
         raise ShapeError(f"shape must be a sequence of ints, got {shape!r}") from err
+    parse_pattern(pattern)  # syntax (and type) errors first, before anything is hashed
+    if params is not None:
+        parse_params(params)
+    for name, value in sizes.items():
+        try:
+            sizes[name] = operator.index(value)  # ints and NumPy integers; not floats
+        except TypeError:
+            sizes[name] = -1
+        if isinstance(value, bool) or sizes[name] < 1:
+            raise _fail(pattern, shape, f"{name}={value!r} is not a positive integer", f"pass {name} as an int >= 1")
     return _make_plan(pattern, shape, params, tuple(sorted(sizes.items())))
 
 
@@ -144,8 +155,6 @@ def _make_plan(text: str, shape: tuple[int, ...], params: str | None, sizes_item
         if name not in parsed.names:
             raise _fail(text, shape, f"{name}={value!r} names no axis of the pattern",
                         f"use one of {', '.join(parsed.names)}, or drop it")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise _fail(text, shape, f"{name}={value!r} is not a positive integer", f"pass {name} as an int >= 1")
 
     ndims = len(parsed.dims)
     if parsed.has_ellipsis:

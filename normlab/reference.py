@@ -29,10 +29,15 @@ Numerical choices, made once here and mirrored by the kernels:
   exact in float64, so a large common offset (|mean|/std up to 1e6 and beyond) costs no
   precision. Then ``mean_d = Σd/n`` and ``var = Σ(d − mean_d)²/n`` (two passes).
 * **Exact zeros.** A constant group gives ``d = 0`` exactly, so ``mean = s`` exactly and
-  ``x − mean = 0``: the output is exactly 0 (exactly ``bias`` when affine). A symmetric
-  float32 group such as [4, 3, 2] has ``Σd`` and ``Σd/n`` exact, so its middle element
-  equals the mean bit for bit and becomes 0. Equal inputs in one group go through the
-  same elementwise arithmetic, so they give identical outputs.
+  ``x − mean = 0``: the output is exactly 0 (exactly ``bias`` when affine; with ``eps=0``
+  it is 0/0 = NaN, as in PyTorch). In a symmetric float16/float32 group such as
+  [4, 3, 2] the deviations from ``s`` are exact in float64 with bits to spare, so ``Σd``
+  and ``Σd/n`` are exact and the middle element equals the mean bit for bit: it becomes
+  0. float64 input keeps this wherever the deviations' sum is representable, as for the
+  note's numbers. Equal inputs in one group go through the same elementwise arithmetic,
+  so they give identical outputs.
+* **Layout-independent.** Inputs are made C-contiguous before summing, so strided and
+  contiguous inputs give the same bits.
 * **NaN/Inf stay in their group**: statistics never mix groups.
 """
 
@@ -73,11 +78,11 @@ def compute_stats(x: np.ndarray, plan: Plan, eps: float, rms: bool = False) -> S
     """
     axes = plan.reduced_axes
     n = plan.group_size
-    x64 = x.astype(ACCUMULATE, copy=False)
+    x64 = np.ascontiguousarray(x, dtype=ACCUMULATE)  # one summation order, whatever the strides
     if n == 0:  # empty groups: nothing to normalize; keep the statistics finite
         zeros = np.zeros(plan.stats_shape, ACCUMULATE)
         return Stats(None if rms else zeros, zeros, np.full(plan.stats_shape, 1.0 / np.sqrt(eps or 1.0)))
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         if rms:
             var = np.square(x64).sum(axis=axes, keepdims=True) / n
             mean = None
@@ -96,7 +101,7 @@ def apply_stats(x, mean, rstd, weight=None, bias=None, dtype=None, out=None):
 
     All arguments broadcast against ``x`` (expanded view); ``mean=None`` is RMS.
     """
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         y = x.astype(ACCUMULATE, copy=True)
         if mean is not None:
             y -= mean
@@ -125,9 +130,9 @@ def backward(grad_y, x, plan: Plan, mean, rstd, weight=None, need_weight=False, 
     """
     axes = plan.reduced_axes
     n = plan.group_size
-    with np.errstate(invalid="ignore", over="ignore"):
-        g = grad_y.astype(ACCUMULATE, copy=False)
-        x_hat = x.astype(ACCUMULATE, copy=True)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        g = np.ascontiguousarray(grad_y, dtype=ACCUMULATE)
+        x_hat = np.array(x, dtype=ACCUMULATE, order="C")
         if mean is not None:
             x_hat -= mean
         x_hat *= rstd

@@ -1,0 +1,95 @@
+"""The parser on its own: no tensors, no NumPy."""
+
+import pytest
+
+from normlab.errors import NormlabError, PatternSyntaxError
+from normlab.notation import parse_params, parse_pattern
+
+
+@pytest.mark.parametrize(
+    "pattern, names, reduced",
+    [
+        ("[b] f", ("b", "f"), ("b",)),
+        ("[b] c [h w]", ("b", "c", "h", "w"), ("b", "h", "w")),
+        ("[b h w] c", ("b", "h", "w", "c"), ("b", "h", "w")),
+        ("b t [d]", ("b", "t", "d"), ("d",)),
+        ("b [c h w]", ("b", "c", "h", "w"), ("c", "h", "w")),
+        ("b (g [c]) [h w]", ("b", "g", "c", "h", "w"), ("c", "h", "w")),
+        ("b [(g c)] h", ("b", "g", "c", "h"), ("g", "c")),
+        ("  b   [ d ]  ", ("b", "d"), ("d",)),
+        ("batch_1 [Feature2]", ("batch_1", "Feature2"), ("Feature2",)),
+    ],
+)
+def test_valid_patterns_name_their_axes_and_reduced_axes(pattern, names, reduced):
+    parsed = parse_pattern(pattern)
+    assert parsed.names == names
+    assert parsed.reduced_names == reduced
+
+
+def test_ellipsis_may_be_kept_or_reduced():
+    kept = parse_pattern("... [d]")
+    reduced = parse_pattern("[...] c")
+    assert kept.has_ellipsis and not kept.dims[0].reduced
+    assert reduced.has_ellipsis and reduced.dims[0].reduced
+    assert kept.names == ("d",)
+
+
+def test_a_composition_is_one_input_dim():
+    parsed = parse_pattern("b (g [c]) [h w]")
+    assert len(parsed.dims) == 4
+    assert parsed.dims[1].composed and [a.name for a in parsed.dims[1].factors] == ["g", "c"]
+
+
+def test_parsing_is_cached():
+    assert parse_pattern("b (g [c]) [h w]") is parse_pattern("b (g [c]) [h w]")
+
+
+@pytest.mark.parametrize(
+    "pattern, caret",
+    [
+        ("b [c", 2),          # unclosed [
+        ("b (g c", 2),        # unclosed (
+        ("b c]", 3),          # ] closes nothing
+        ("b c)", 3),          # ) closes nothing
+        ("b [[c]]", 3),       # nested [
+        ("b ((g c))", 3),     # nested (
+        ("b [] c", 2),        # empty []
+        ("b () [c]", 2),      # empty ()
+        ("b [c] c", 6),       # duplicate name, caret at the second
+        ("... [c] ...", 8),   # two ellipses
+        ("b (... [c])", 3),   # ellipsis in a composition
+        ("b [c-d]", 4),       # bad character
+        ("b (g [c) [h]", 7),  # [ opened in ( ) closes after )
+        ("[b (g] c)", 5),     # ] inside ( ) closes a [ opened outside
+        ("b c", 0),           # nothing reduced
+        ("", 0),              # empty
+    ],
+)
+def test_syntax_errors_point_a_caret_at_the_fault(pattern, caret):
+    with pytest.raises(PatternSyntaxError) as info:
+        parse_pattern(pattern)
+    err = info.value
+    assert isinstance(err, ValueError) and isinstance(err, NormlabError)
+    assert err.position == caret
+    *_, shown, marker = str(err).splitlines()
+    assert shown == "    " + pattern
+    assert marker == "    " + " " * caret + "^"
+
+
+def test_a_non_string_pattern_is_a_clear_error():
+    with pytest.raises(PatternSyntaxError, match="a pattern is a string"):
+        parse_pattern(["b", "[d]"])
+
+
+@pytest.mark.parametrize(
+    "params, items",
+    [("c", (("c",),)), ("c h w", (("c",), ("h",), ("w",))), ("(g c)", (("g", "c"),)), ("d (g c)", (("d",), ("g", "c")))],
+)
+def test_params_name_one_tuple_per_weight_axis(params, items):
+    assert parse_params(params) == items
+
+
+@pytest.mark.parametrize("params", ["", "[c]", "c c", "(g c", "c)", "()", "..."])
+def test_bad_params_are_syntax_errors(params):
+    with pytest.raises(PatternSyntaxError):
+        parse_params(params)
