@@ -87,7 +87,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     >>> batch_norm(x, rm, rv, training=True)[:, 0].round(4).tolist()
     [1.2247, 0.0, -1.2247]
     >>> rm.round(4).tolist(), rv.round(4).tolist()      # 0.9·old + 0.1·batch, unbiased var
-    ([0.3, 0.2667, 0.2], [1.0, 0.9033, 0.9])
+    ([0.3, 0.2667, 0.2], [1.0, 0.9333, 0.9])
     """
     what = "batch_norm"
     x = np.asarray(x)
