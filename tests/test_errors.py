@@ -1,0 +1,119 @@
+"""Bad input fails with a ValueError subclass that repeats the pattern and the shape and
+says how to fix it, and leaves the input alone."""
+
+import numpy as np
+import pytest
+
+import normlab
+from normlab import functional as NF
+from normlab.errors import InputError, NormlabError, ParamsError, PatternSyntaxError, ShapeError
+
+X = np.arange(24.0).reshape(2, 3, 4)
+
+
+def _raises(kind, call, *fragments):
+    with pytest.raises(kind) as info:
+        call()
+    assert isinstance(info.value, ValueError) and isinstance(info.value, NormlabError)
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{fragment!r} not in {str(info.value)!r}"
+    return info.value
+
+
+def test_a_syntax_error_in_normalize_shows_a_caret():
+    err = _raises(PatternSyntaxError, lambda: normlab.normalize(X, "b [c h"), "never closed")
+    assert str(err).endswith("    b [c h\n      ^")
+
+
+def test_a_rank_mismatch_names_pattern_and_shape():
+    _raises(ShapeError, lambda: normlab.normalize(X, "b [d]"), "'b [d]'", "(2, 3, 4)", "names 2 axes")
+
+
+def test_an_indivisible_group_names_pattern_and_shape():
+    _raises(ShapeError, lambda: normlab.normalize(X, "b (g [c]) [s]", g=2), "'b (g [c]) [s]'", "(2, 3, 4)",
+            "not divisible by 2")
+
+
+def test_a_weight_without_params_suggests_the_params_to_pass():
+    _raises(ParamsError, lambda: normlab.normalize(X, "b [c s]", weight=np.ones(3)), "params='c'", "(2, 3, 4)")
+
+
+def test_a_weight_of_the_wrong_shape_says_which_shape_fits():
+    _raises(ParamsError, lambda: normlab.normalize(X, "b [c s]", weight=np.ones(4), params="c"), "(3,)", "(4,)")
+
+
+def test_a_bias_of_the_wrong_shape_is_an_error_too():
+    _raises(ParamsError, lambda: normlab.normalize(X, "b [c s]", bias=np.ones((3, 1)), params="c"), "bias")
+
+
+def test_params_naming_a_missing_axis_is_an_error():
+    _raises(ParamsError, lambda: normlab.normalize(X, "b [c s]", weight=np.ones(3), params="q"), "'q'")
+
+
+def test_complex_input_is_refused_with_a_cast_to_suggest():
+    _raises(InputError, lambda: normlab.normalize(X.astype(complex), "b [c s]"), "astype", "(2, 3, 4)")
+
+
+def test_object_input_is_refused():
+    _raises(InputError, lambda: normlab.normalize(np.array([["a", "b"]]), "b [d]"), "not supported")
+
+
+@pytest.mark.parametrize("eps", [-1e-5, float("nan"), float("inf"), "small"])
+def test_a_bad_eps_is_refused(eps):
+    _raises(InputError, lambda: normlab.normalize(X, "b [c s]", eps=eps), "eps")
+
+
+def test_out_of_the_wrong_dtype_or_shape_is_refused():
+    _raises(InputError, lambda: normlab.normalize(X, "b [c s]", out=np.empty((2, 3, 4), np.float32)), "float64")
+    _raises(InputError, lambda: normlab.normalize(X, "b [c s]", out=np.empty((2, 12))), "(2, 3, 4)")
+    _raises(InputError, lambda: normlab.normalize(X, "b [c s]", out=[0.0] * 24), "NumPy array")
+
+
+def test_mean_without_rstd_is_refused():
+    _raises(InputError, lambda: normlab.normalize(X, "b [c s]", mean=np.zeros(2)), "both mean and rstd")
+
+
+def test_statistics_of_the_wrong_size_are_refused():
+    _raises(ShapeError, lambda: normlab.normalize(X, "b [c s]", mean=np.zeros(3), rstd=np.ones(3)), "(2, 1, 1)")
+
+
+def test_a_gradient_of_the_wrong_shape_is_refused():
+    _raises(ShapeError, lambda: normlab.normalize_backward(np.ones((2, 3)), X, "b [c s]"), "grad_y", "(2, 3, 4)")
+
+
+def test_an_unknown_backend_is_refused():
+    _raises(InputError, lambda: normlab.normalize(X, "b [c s]", backend="cuda"), "backend")
+
+
+def test_layer_norm_with_a_mismatched_normalized_shape_says_what_fits():
+    _raises(ShapeError, lambda: NF.layer_norm(X, (3,)), "normalized_shape=(4,)", "(2, 3, 4)")
+
+
+def test_group_norm_with_groups_not_dividing_channels_is_refused():
+    _raises(ShapeError, lambda: NF.group_norm(X, 2), "num_groups=2", "3 channels", "(2, 3, 4)")
+
+
+@pytest.mark.parametrize("axis", [0, 3, -4])
+def test_batch_norm_on_the_batch_axis_or_outside_the_input_is_refused(axis):
+    _raises(ShapeError, lambda: NF.batch_norm(X, None, None, training=True, axis=axis), f"axis={axis}", "(2, 3, 4)")
+
+
+def test_running_statistics_must_be_writable_arrays_of_one_value_per_channel():
+    _raises(ShapeError, lambda: NF.batch_norm(X, np.zeros(4), np.ones(3), training=True), "running_mean", "(3,)")
+    _raises(InputError, lambda: NF.batch_norm(X, [0.0] * 3, np.ones(3), training=True), "in place")
+
+
+def test_evaluation_without_running_statistics_is_refused():
+    _raises(InputError, lambda: NF.batch_norm(X, None, None, training=False), "training=False")
+
+
+def test_a_momentum_outside_zero_to_one_is_refused():
+    _raises(InputError, lambda: NF.batch_norm(X, np.zeros(3), np.ones(3), training=True, momentum=1.5), "momentum")
+
+
+def test_a_failed_call_leaves_the_running_statistics_untouched():
+    rm, rv = np.zeros(3), np.ones(3)
+    with pytest.raises(NormlabError):
+        NF.batch_norm(X, rm, rv, weight=np.ones(4), training=True)
+    np.testing.assert_array_equal(rm, np.zeros(3))
+    np.testing.assert_array_equal(rv, np.ones(3))

@@ -1,0 +1,157 @@
+"""normlab.functional against torch.nn.functional (and ONNX for the biased running variance):
+running statistics over several steps, evaluation mode, channels-last, eps defaults."""
+
+import numpy as np
+import pytest
+
+from normlab import functional as NF
+from normlab.errors import InputError
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+def _batches(shape, steps, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal(shape) * (1 + i) + i).astype(dtype) for i in range(steps)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(8, 3), (4, 3, 7), (4, 3, 5, 6), (2, 3, 4, 3, 5)])
+@pytest.mark.parametrize("momentum", [0.1, 0.5])
+def test_batch_norm_running_statistics_follow_torch_over_several_steps(shape, dtype, momentum):
+    channels = shape[1]
+    rm, rv = np.zeros(channels, dtype), np.ones(channels, dtype)
+    trm, trv = torch.zeros(channels, dtype=torch.from_numpy(rm).dtype), torch.ones(channels, dtype=torch.from_numpy(rv).dtype)
+    weight = np.linspace(0.5, 2, channels).astype(dtype)
+    bias = np.linspace(-1, 1, channels).astype(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    for x in _batches(shape, 4, dtype):
+        y = NF.batch_norm(x, rm, rv, weight, bias, training=True, momentum=momentum)
+        expected = F.batch_norm(torch.tensor(x), trm, trv, torch.tensor(weight), torch.tensor(bias), training=True,
+                                momentum=momentum)
+        np.testing.assert_allclose(y, expected.numpy(), **tol)
+        np.testing.assert_allclose(rm, trm.numpy(), **tol)
+        np.testing.assert_allclose(rv, trv.numpy(), **tol)
+    assert rm.dtype == dtype and rv.dtype == dtype
+    x = _batches(shape, 1, dtype, seed=9)[0]
+    y = NF.batch_norm(x, rm, rv, weight, bias, training=False)
+    expected = F.batch_norm(torch.tensor(x), trm, trv, torch.tensor(weight), torch.tensor(bias), training=False)
+    np.testing.assert_allclose(y, expected.numpy(), **tol)
+
+
+def test_channels_last_batch_norm_equals_torch_on_the_moved_axis():
+    rm, rv = np.zeros(3), np.ones(3)
+    trm, trv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    for x in _batches((4, 5, 6, 3), 3, np.float64):
+        y = NF.batch_norm(x, rm, rv, training=True, axis=-1)
+        expected = F.batch_norm(torch.tensor(x).permute(0, 3, 1, 2), trm, trv, training=True).permute(0, 2, 3, 1)
+        np.testing.assert_allclose(y, expected.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(rm, trm.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(rv, trv.numpy(), rtol=1e-12)
+
+
+def _onnx_batch_norm_training(x, scale, bias, mean, var, momentum):
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    node = helper.make_node("BatchNormalization", ["X", "scale", "B", "mean", "var"], ["Y", "rm", "rv"],
+                            training_mode=1, momentum=momentum, epsilon=1e-5)
+    inputs = [helper.make_tensor_value_info(n, TensorProto.DOUBLE, None) for n in ["X", "scale", "B", "mean", "var"]]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.DOUBLE, None) for n in ["Y", "rm", "rv"]]
+    model = helper.make_model(helper.make_graph([node], "bn", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 15)])
+    return ReferenceEvaluator(model).run(None, {"X": x, "scale": scale, "B": bias, "mean": mean, "var": var})
+
+
+def test_biased_running_variance_matches_onnx_batch_normalization():
+    pytest.importorskip("onnx")
+    x = _batches((6, 4, 5), 1, np.float64)[0]
+    rm, rv = np.full(4, 0.5), np.full(4, 2.0)
+    # ONNX's momentum keeps the old value: ONNX momentum 0.9 is our momentum 0.1
+    _, onnx_rm, onnx_rv = _onnx_batch_norm_training(x, np.ones(4), np.zeros(4), rm.copy(), rv.copy(), 0.9)
+    NF.batch_norm(x, rm, rv, training=True, momentum=0.1, unbiased=False)
+    np.testing.assert_allclose(rm, onnx_rm, rtol=1e-6)
+    np.testing.assert_allclose(rv, onnx_rv, rtol=1e-6)
+
+
+def test_layer_norm_statistics_have_onnx_layer_normalization_shapes():
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    import normlab
+
+    x = _batches((2, 3, 4, 5), 1, np.float32)[0]
+    node = helper.make_node("LayerNormalization", ["X", "S"], ["Y", "Mean", "InvStdDev"], axis=2, epsilon=1e-5)
+    graph = helper.make_graph(
+        [node], "ln",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, None), helper.make_tensor_value_info("S", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ["Y", "Mean", "InvStdDev"]],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    y_onnx, mean_onnx, rstd_onnx = ReferenceEvaluator(model).run(None, {"X": x, "S": np.ones((4, 5), np.float32)})
+    y, mean, rstd = normlab.normalize(x, "a0 a1 [a2 a3]", return_stats=True)
+    assert mean.shape == mean_onnx.shape == rstd.shape == rstd_onnx.shape == (2, 3, 1, 1)
+    np.testing.assert_allclose(mean, mean_onnx, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rstd, rstd_onnx, rtol=1e-4)
+    np.testing.assert_allclose(y, y_onnx, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_instance_norm_running_statistics_average_the_instances_as_torch_does(dtype):
+    rm, rv = np.zeros(3, dtype), np.ones(3, dtype)
+    trm, trv = torch.tensor(rm), torch.tensor(rv)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    for x in _batches((4, 3, 5, 2), 3, dtype):
+        y = NF.instance_norm(x, rm, rv, use_input_stats=True, momentum=0.2)
+        expected = F.instance_norm(torch.tensor(x), trm, trv, use_input_stats=True, momentum=0.2)
+        np.testing.assert_allclose(y, expected.numpy(), **tol)
+    np.testing.assert_allclose(rm, trm.numpy(), **tol)
+    np.testing.assert_allclose(rv, trv.numpy(), **tol)
+    x = _batches((2, 3, 5, 2), 1, dtype, seed=4)[0]
+    weight, bias = np.array([1.0, 2.0, 0.5], dtype), np.array([0.0, -1.0, 1.0], dtype)
+    y = NF.instance_norm(x, rm, rv, weight, bias, use_input_stats=False)
+    expected = F.instance_norm(torch.tensor(x), trm, trv, torch.tensor(weight), torch.tensor(bias), use_input_stats=False)
+    np.testing.assert_allclose(y, expected.numpy(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_rms_norm_default_eps_matches_torch_for_every_dtype(dtype):
+    # tiny values make eps dominate, so the wrong default would show
+    x = (np.random.default_rng(0).standard_normal((3, 8)) * 1e-3).astype(dtype)
+    expected = F.rms_norm(torch.tensor(x), (8,)).numpy()
+    tol = dict(rtol=2e-3, atol=2e-3) if dtype == np.float16 else dict(rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(NF.rms_norm(x, 8), expected, **tol)
+
+
+def test_group_norm_with_channels_last_axis_equals_torch_on_the_moved_axis():
+    x = _batches((2, 5, 4, 6), 1, np.float64)[0]
+    weight = np.linspace(0.5, 1.5, 6)
+    y = NF.group_norm(x, 3, weight, weight, axis=-1)
+    expected = F.group_norm(torch.tensor(x).permute(0, 3, 1, 2), 3, torch.tensor(weight), torch.tensor(weight))
+    np.testing.assert_allclose(y, expected.permute(0, 2, 3, 1).numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_training_batch_norm_with_one_value_per_channel_raises_like_torch():
+    x = np.ones((1, 3), np.float32)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        F.batch_norm(torch.tensor(x), None, None, training=True)
+    with pytest.raises(InputError, match=r"more than 1 value per channel.*\(1, 3\)"):
+        NF.batch_norm(x, None, None, training=True)
+    NF.batch_norm(x, np.zeros(3), np.ones(3), training=False)  # evaluation needs no batch
+
+
+def test_training_instance_norm_with_one_position_raises_like_torch():
+    x = np.ones((2, 3, 1), np.float32)
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        F.instance_norm(torch.tensor(x))
+    with pytest.raises(InputError, match="more than 1 spatial element"):
+        NF.instance_norm(x)
+
+
+def test_running_statistics_are_untouched_in_evaluation():
+    rm, rv = np.array([0.5, -0.5]), np.array([2.0, 3.0])
+    NF.batch_norm(np.random.default_rng(0).standard_normal((4, 2)), rm, rv, training=False)
+    np.testing.assert_array_equal(rm, [0.5, -0.5])
+    np.testing.assert_array_equal(rv, [2.0, 3.0])
