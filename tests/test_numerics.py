@@ -52,7 +52,9 @@ def test_constant_group_normalizes_to_exact_zero_and_affine_gives_exactly_the_bi
 
 @given(st.floats(-1e6, 1e6), st.floats(1e-3, 1e3), st.sampled_from([np.float16, np.float32]))
 def test_the_middle_of_a_symmetric_low_precision_triple_is_exactly_zero(center, step, dtype):
-    x = np.array([center - step, center, center + step], dtype)
+    with np.errstate(over="ignore"):
+        x = np.array([center - step, center, center + step], dtype)
+    assume(np.isfinite(x).all())  # float16 overflows past 65504
     exact = x.astype(np.float64)  # differences of two float32 values are exact in float64
     assume(exact[1] - exact[0] == exact[2] - exact[1])  # rounding to dtype may break the symmetry
     assert normlab.normalize(x[None], "b [f]")[0, 1] == 0
