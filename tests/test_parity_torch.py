@@ -80,18 +80,45 @@ def test_backward_reuses_returned_statistics(case):
 
 @st.composite
 def patterns_and_inputs(draw):
-    """A random rank-1..4 shape, a random nonempty set of reduced axes, maybe params."""
+    """A random rank-1..4 expanded shape with a nonempty set of reduced axes, written as a
+    pattern that may merge two adjacent axes into a composition and may write a leading
+    run of like axes as '...'; maybe params over some named axes."""
     rank = draw(st.integers(1, 4))
-    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=rank, max_size=rank)))
+    expanded = tuple(draw(st.lists(st.integers(1, 4), min_size=rank, max_size=rank)))
     reduced = draw(st.lists(st.booleans(), min_size=rank, max_size=rank).filter(any))
     names = [f"a{i}" for i in range(rank)]
-    pattern = " ".join(f"[{n}]" if r else n for n, r in zip(names, reduced))
+    tokens = [f"[{n}]" if r else n for n, r in zip(names, reduced)]
+    shape = list(expanded)
+    dims = [[i] for i in range(rank)]  # expanded axes behind each input dim
+    composed = rank >= 2 and draw(st.booleans())
+    if composed:  # merge axes k and k+1 into one input dim "(ak ak+1)"
+        k = draw(st.integers(0, rank - 2))
+        inner = lambda i: f"[{names[i]}]" if reduced[i] else names[i]
+        if reduced[k] and reduced[k + 1]:
+            merged = f"[({names[k]} {names[k + 1]})]"
+        else:
+            merged = f"({inner(k)} {inner(k + 1)})"
+        tokens[k : k + 2] = [merged]
+        shape[k : k + 2] = [expanded[k] * expanded[k + 1]]
+        dims[k : k + 2] = [[k, k + 1]]
+    sizes = {names[dims[k][0]]: expanded[dims[k][0]] for k in range(len(dims)) if len(dims[k]) == 2}
+    leading = 0
+    if not composed or len(dims[0]) == 1:
+        while leading < len(dims) and len(dims[leading]) == 1 and reduced[dims[leading][0]] == reduced[0]:
+            leading += 1
+    ellipsis = leading > 0 and draw(st.booleans())
+    if ellipsis:
+        count = draw(st.integers(1, leading))
+        tokens[:count] = ["[...]" if reduced[0] else "..."]
     spanned = draw(st.lists(st.booleans(), min_size=rank, max_size=rank))
-    params = " ".join(n for n, s in zip(names, spanned) if s) or None
+    if ellipsis:
+        spanned[:count] = [False] * count
+    params = " ".join(n for n, on in zip(names, spanned) if on) or None
     dtype = draw(st.sampled_from(DTYPES))
     rms = draw(st.booleans())
     seed = draw(st.integers(0, 2**16))
-    return shape, reduced, spanned if params else None, pattern, params, dtype, rms, seed
+    return (tuple(shape), expanded, reduced, spanned if params else None, " ".join(tokens), params, sizes, dtype,
+            rms, seed)
 
 
 def _torch_oracle(x, reduced, spanned, weight, bias, rms, eps):
@@ -111,21 +138,21 @@ def _torch_oracle(x, reduced, spanned, weight, bias, rms, eps):
 
 @given(patterns_and_inputs())
 def test_random_patterns_match_torch_forward_and_backward(drawn):
-    shape, reduced, spanned, pattern, params, dtype, rms, seed = drawn
+    shape, expanded, reduced, spanned, pattern, params, sizes, dtype, rms, seed = drawn
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
     grad_y = rng.standard_normal(shape).astype(dtype)
-    param_shape = tuple(s for s, on in zip(shape, spanned or ()) if on)
+    param_shape = tuple(s for s, on in zip(expanded, spanned or ()) if on)
     weight = rng.standard_normal(param_shape).astype(dtype) if params else None
     bias = rng.standard_normal(param_shape).astype(dtype) if params else None
 
     xt, wt, bt = _t(x, True), _t(weight, True), _t(bias, True)
-    expected = _torch_oracle(xt, reduced, spanned, wt, bt, rms, EPS)
+    expected = _torch_oracle(xt.reshape(expanded), reduced, spanned, wt, bt, rms, EPS).reshape(shape)
     expected.backward(torch.tensor(grad_y))
 
-    y = normlab.normalize(x, pattern, weight=weight, bias=bias, params=params, rms=rms, eps=EPS)
+    y = normlab.normalize(x, pattern, weight=weight, bias=bias, params=params, rms=rms, eps=EPS, **sizes)
     grad_x, grad_w, grad_b = normlab.normalize_backward(grad_y, x, pattern, weight=weight, params=params, rms=rms,
-                                                        eps=EPS)
+                                                        eps=EPS, **sizes)
     tol = {np.float32: dict(rtol=2e-3, atol=2e-4), np.float64: dict(rtol=1e-7, atol=1e-8)}[dtype]
     np.testing.assert_allclose(y, expected.detach().numpy(), **tol)
     np.testing.assert_allclose(grad_x, xt.grad.numpy(), **tol)
@@ -136,12 +163,12 @@ def test_random_patterns_match_torch_forward_and_backward(drawn):
 
 @given(patterns_and_inputs())
 def test_returned_statistics_match_torch_var_mean(drawn):
-    shape, reduced, _, pattern, _, dtype, rms, seed = drawn
+    shape, expanded, reduced, _, pattern, _, sizes, dtype, rms, seed = drawn
     x = (np.random.default_rng(seed).standard_normal(shape) * 3 + 1).astype(dtype)
     dims = tuple(i for i, r in enumerate(reduced) if r)
-    xt = torch.tensor(x, dtype=torch.float64)
-    _, mean, rstd = normlab.normalize(x, pattern, rms=rms, eps=EPS, return_stats=True)
-    stats_shape = tuple(1 if r else s for s, r in zip(shape, reduced))
+    xt = torch.tensor(x, dtype=torch.float64).reshape(expanded)
+    _, mean, rstd = normlab.normalize(x, pattern, rms=rms, eps=EPS, return_stats=True, **sizes)
+    stats_shape = tuple(1 if r else s for s, r in zip(expanded, reduced))
     assert rstd.shape == stats_shape
     if rms:
         assert mean is None
