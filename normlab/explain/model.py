@@ -124,20 +124,23 @@ def resolve(name_or_pattern: str, shape: tuple[int, ...], sizes: dict | None = N
     >>> resolve("batch", (2, 3, 4))[2], resolve("group", (2, 6, 4))[4]
     ('[b] c [s]', {'g': 3})
     >>> resolve("b [d]", (2, 3))[:3]
-    ('custom', "pattern 'b [d]'", 'b [d]')
+    ('custom', 'your pattern', 'b [d]')
     """
     sizes = dict(sizes or {})
     rank = len(shape)
     preset = PRESETS.get(name_or_pattern)
     if preset is None:
-        return "custom", f"pattern {name_or_pattern!r}", name_or_pattern, False, sizes
+        return "custom", "your pattern", name_or_pattern, False, sizes
     if rank not in preset.patterns:
         ranks = ", ".join(f"{r}-D" for r in sorted(preset.patterns))
         raise ShapeError(f"preset {preset.key!r} needs {ranks} data, got shape {tuple(shape)}; "
                          "reshape the data or write a pattern")
     if preset.needs_groups and "g" not in sizes:
         sizes["g"] = default_groups(shape[1])
-    return preset.key, preset.label, preset.patterns[rank], preset.rms, sizes
+    label = preset.label
+    if preset.key in ("layer", "layer-vision") and rank <= 2:
+        label = "layer norm"  # vision and NLP layer norm agree on rows: one sample, all its features
+    return preset.key, label, preset.patterns[rank], preset.rms, sizes
 
 
 def as_input(x) -> np.ndarray:
@@ -168,6 +171,8 @@ def all_views(x, chosen: NormView | None = None) -> list[NormView]:
     """Every preset that fits ``x``'s rank (and ``chosen`` first when it is a custom pattern)."""
     views = [chosen] if chosen is not None and chosen.key == "custom" else []
     for key in presets_for_rank(np.ndim(x)):
+        if key == "layer-vision" and np.ndim(x) <= 2 and not (chosen is not None and chosen.key == key):
+            continue  # the same grouping as "layer" on rows; one button is enough
         if chosen is not None and chosen.key == key:
             views.append(chosen)
         else:
@@ -222,7 +227,7 @@ def observations(view: NormView) -> list[Observation]:
 
     For each group: all values equal → all outputs exactly 0; a value equal to the
     group's mean → exactly 0; equal values → bit-identical outputs; two values mirrored
-    around the mean → outputs of opposite sign and equal size. RMS norm has no mean, so
+    around the mean → outputs that are exact opposites (the note's x1 and -x1). RMS norm has no mean, so
     only the equal-values claim applies to it.
     """
     x = view.x.ravel()
@@ -254,8 +259,7 @@ def observations(view: NormView) -> list[Observation]:
                                          bool(np.all(outputs[at_mean] == 0)), tuple(members[at_mean].tolist())))
         for value in np.unique(values):
             same = np.flatnonzero(values == value)
-            # values at the mean were claimed above: they are all exactly 0
-            if len(same) < 2 or (not view.rms and value == view.mean[group]):
+            if len(same) < 2:
                 continue
             shown = format_value(value)
             if len(same) == 2:
@@ -265,16 +269,17 @@ def observations(view: NormView) -> list[Observation]:
             spots = [_position(view, members[i]) for i in same]
             where_each = ", ".join(spots[:-1]) + " and " + spots[-1]
             found.append(Observation(
-                group, f"{where}: {who} (at {where_each}) share a group, so their outputs are equal "
-                f"({format_output(outputs[same[0]])})", _same_bits(outputs[same]), tuple(members[same].tolist())))
+                group, f"{where}: {who} share a group, so their outputs are equal "
+                f"({format_output(outputs[same[0]])} at {where_each})", _same_bits(outputs[same]),
+                tuple(members[same].tolist())))
         if not view.rms:
             deviations = values.astype(np.float64) - view.mean[group]
             pair = _mirrored_pair(deviations)
             if pair is not None:
                 i, j = pair
                 found.append(Observation(
-                    group, f"{where}: {format_value(values[i])} and {format_value(values[j])} sit equally far on "
-                    f"either side of the mean, so their outputs are x and -x ({format_output(outputs[i])}, "
+                    group, f"{where}: {format_value(values[i])} and {format_value(values[j])} mirror each other "
+                    f"around the mean, so their outputs are opposites ({format_output(outputs[i])}, "
                     f"{format_output(outputs[j])})", bool(outputs[i] == -outputs[j]),
                     (int(members[i]), int(members[j]))))
     return found
@@ -352,6 +357,7 @@ def parse_sizes(items: list[str]) -> dict:
         except ValueError:
             size = None
         if not sep or not name.isidentifier() or size is None or size < 1:
-            raise NormlabError(f"{item!r} is not name=size; write an axis size such as g=2")
+            hint = "; quote a pattern that has spaces, e.g. 'b [d]'" if any(ch in item for ch in "[]()") else ""
+            raise NormlabError(f"{item!r} is not name=size; write an axis size such as g=2{hint}")
         sizes[name] = size
     return sizes

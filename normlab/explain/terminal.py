@@ -75,7 +75,7 @@ def tensor_lines(shape: tuple[int, ...], cell) -> list:
                 lines.append(Text(opener) + line)
             if i < shape[depth] - 1:
                 lines[-1].append(",")
-                if len(shape) - depth >= 3:  # a blank line between 2-D blocks, as NumPy does
+                if len(shape) - depth >= 4:  # a blank line between 3-D blocks; 2-D blocks stay close
                     lines.append(Text(""))
             else:
                 lines[-1].append("]")
@@ -94,7 +94,8 @@ def _column(view: NormView, texts: list[str]):
     return Text("\n").join(lines)
 
 
-def render_view(console, view: NormView, legend: bool = True, limit: int | None = None) -> None:
+def render_view(console, view: NormView, legend: bool = True, limit: int | None = None,
+                show_observations: bool = True, meaning: str | None = None) -> None:
     """Print one norm applied to one tensor: input | group | normalized, legend, observations."""
     from rich.markup import escape
     from rich.table import Table
@@ -103,8 +104,8 @@ def render_view(console, view: NormView, legend: bool = True, limit: int | None 
     n = view.num_groups
     size = view.plan.group_size
     console.print(f"[bold green]{escape(view.label)}[/]  [yellow]{escape(view.pattern)}[/]"
-                  + ("  (no mean: divide by the root mean square)" if view.rms else "")
-                  + f"  {n} group{'s' * (n != 1)} of {size}: elements that differ only along [ ] axes share statistics")
+                  + f"  · {n} group{'s' * (n != 1)} of {size}"
+                  + (f" · [dim]{escape(meaning)}[/]" if meaning else f", each with its own {'rms' if view.rms else 'mean and std'}"))
     side = Table.grid(padding=(0, 3))
     side.add_column()
     side.add_column()
@@ -118,7 +119,8 @@ def render_view(console, view: NormView, legend: bool = True, limit: int | None 
     console.print(side)
     if legend:
         console.print(legend_table(view))
-    render_observations(console, observations(view), limit)
+    if show_observations:
+        render_observations(console, observations(view), limit)
 
 
 def legend_table(view: NormView):
@@ -161,6 +163,7 @@ def render_observations(console, found: list[Observation], limit: int | None = N
     shown = found if limit is None else found[:limit]
     for item in shown:
         mark = "[bold green]✓[/]" if item.holds else "[bold red]✗[/]"
-        console.print(f"  {mark} {escape(item.text)}")
+        # soft wrap: a file or pipe keeps each claim on one line; a terminal still folds it
+        console.print(f"  {mark} {escape(item.text)}", soft_wrap=not console.is_terminal)
     if len(found) > len(shown):
         console.print(f"  [dim]… and {len(found) - len(shown)} more (normlab explain shows them all)[/]")
