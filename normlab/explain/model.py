@@ -129,6 +129,9 @@ def resolve(name_or_pattern: str, shape: tuple[int, ...], sizes: dict | None = N
     sizes = dict(sizes or {})
     rank = len(shape)
     preset = PRESETS.get(name_or_pattern)
+    if preset is None and "[" not in name_or_pattern:
+        raise NormlabError(f"{name_or_pattern!r} is neither a preset ({', '.join(PRESETS)}) nor a pattern: "
+                           "a pattern brackets the axes that share statistics, e.g. '[b] f'")
     if preset is None:
         return "custom", "your pattern", name_or_pattern, False, sizes
     if rank not in preset.patterns:
