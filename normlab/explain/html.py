@@ -129,6 +129,12 @@ def _label(x, y, text, small=False, rotate=0.0, anchor="middle") -> str:
     return f'<text class="{cls}" x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{turn}>{html.escape(text)}</text>'
 
 
+def _spelled(view: NormView) -> str:
+    """The pattern with its sizes, as one would pass them: ``b (g [c]) [s]  g=1``."""
+    sizes = "  ".join(f"{name}={size}" for name, size in view.sizes.items())
+    return f"{view.pattern}  {sizes}" if sizes else view.pattern
+
+
 def _finite(value):
     """JSON has no NaN or Inf; the page writes them as text."""
     value = float(value)
@@ -198,7 +204,7 @@ def build_page(views: list[NormView], selected: str | None = None, title: str = 
     data = json.dumps(page_data(views, selected), separators=(",", ":")).replace("</", "<\\/")
     buttons = "".join(
         f'<button type="button" class="norm" data-norm="{html.escape(v.key)}" aria-pressed="false">'
-        f'<span class="name">{html.escape(v.label)}</span><code>{html.escape(v.pattern)}</code></button>'
+        f'<span class="name">{html.escape(v.label)}</span><code>{html.escape(_spelled(v))}</code></button>'
         for v in views
     )
     shape = " × ".join(str(s) for s in x.shape)
@@ -352,7 +358,7 @@ PAGE_TEMPLATE = r"""<!doctype html>
     document.getElementById("summary").textContent =
       count + (count === 1 ? " group" : " groups") + " of " + size + " elements · " + norm.label;
     document.getElementById("pattern-explain").innerHTML =
-      "<code>" + esc(norm.pattern) + "</code>: elements that differ only along the axes in <code>[ ]</code> share one " +
+      "<code>" + esc(norm.pattern) + Object.entries(norm.sizes).map(([k, v]) => "  " + k + "=" + v).join("") + "</code>: elements that differ only along the axes in <code>[ ]</code> share one " +
       (norm.rms ? "root mean square (RMS norm has no mean)." : "mean and one std.");
     const legend = document.getElementById("legend");
     legend.innerHTML = norm.groupNames.map((name, g) =>
