@@ -171,3 +171,15 @@ def test_a_screenshot_of_the_demo_page_is_saved(browser, pages):
     hover(browser, 5)
     browser.save_screenshot(str(ARTIFACTS / "explain-4d-group.png"))
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hovering_a_claim_lights_up_the_cells_it_is_about(browser, pages):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    x, views = open_page(browser, pages, "2d")
+    claims = browser.find_elements(By.CSS_SELECTOR, "#observations li[data-claim]")
+    texts = [c.text for c in claims]
+    k = next(i for i, t in enumerate(texts) if t.startswith("feature 1: 3 and 3"))
+    ActionChains(browser).move_to_element(claims[k]).perform()
+    assert highlighted(browser) == {1, 4}  # the two 3s of feature 1, at [0, 1] and [1, 1]

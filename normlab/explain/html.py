@@ -158,7 +158,7 @@ def page_data(views: list[NormView], selected: str) -> dict:
             "std": [_finite(s) for s in view.std],
             "output": [_finite(v) for v in view.y.ravel()],
             "outputText": [format_output(v) for v in view.y.ravel()],
-            "observations": [{"text": o.text, "holds": o.holds} for o in observations(view)],
+            "observations": [{"text": o.text, "holds": o.holds, "indices": list(o.indices)} for o in observations(view)],
         })
     return {
         "shape": list(x.shape),
@@ -288,8 +288,11 @@ PAGE_TEMPLATE = r"""<!doctype html>
   #legend .gname { flex:1; }
   #legend .stats { white-space:nowrap; color:var(--muted); font-size:12px; }
   aside .card + .card { margin-top: 14px; }
-  #observations { list-style:none; padding:0; margin:10px 0 0; font-size:14px; }
-  #observations li { padding: 3px 0 3px 22px; position:relative; }
+  #observations { list-style:none; padding:0; margin:0; font-size:13.5px; max-height: 34vh; overflow:auto; }
+  #observations li.none { padding-left:0; color:var(--muted); }
+  #observations li.none::before { content:""; }
+  #observations li { padding: 3px 4px 3px 22px; position:relative; border-radius:6px; cursor:default; }
+  #observations li[data-claim]:hover { background:#eef1f7; }
   #observations li::before { content:"✓"; position:absolute; left:2px; color:#1f9d55; font-weight:700; }
   #observations li.fails::before { content:"✗"; color:#c53030; }
   .explain { color:var(--muted); font-size:14px; margin:8px 0 0; }
@@ -300,8 +303,8 @@ PAGE_TEMPLATE = r"""<!doctype html>
 <header>
   <h1><span class="brand">normlab</span> · which elements share statistics</h1>
   <p class="lede">Every norm subtracts a mean and divides by a standard deviation; they differ only in
-  <em>which</em> elements share them. The tensor has shape <b class="mono">{{shape}}</b>; each colour is one group.
-  Hover or click a cell to light up every cell that shares its mean and std.</p>
+  <em>which</em> elements share them. Tensor <b class="mono">{{shape}}</b>, one colour per group:
+  hover or click a cell to light up every cell that shares its mean and std.</p>
 </header>
 <nav id="norms" aria-label="norm">{{buttons}}</nav>
 <main>
@@ -313,11 +316,11 @@ PAGE_TEMPLATE = r"""<!doctype html>
       </span></div>
     {{svg}}
     <p class="explain" id="pattern-explain"></p>
-    <ul id="observations"></ul>
   </section>
   <aside>
     <div class="card" id="info"><h2>Cell</h2><p class="empty">Hover or click a cell.</p></div>
     <div class="card"><h2>Groups</h2><ul id="legend"></ul></div>
+    <div class="card"><h2>What to notice</h2><ul id="observations"></ul></div>
   </aside>
 </main>
 <script type="application/json" id="normlab-data">{{data}}</script>
@@ -365,8 +368,9 @@ PAGE_TEMPLATE = r"""<!doctype html>
       '<li data-group="' + g + '"><span class="swatch" style="background:' + color(g) + '"></span><span class="gname">' + esc(name) + '</span>' +
       '<span class="stats mono">' + (norm.mean ? "μ " + fmt(norm.mean[g]) + " · " : "") +
       (norm.rms ? "rms " : "σ ") + fmt(norm.std[g]) + "</span></li>").join("");
-    document.getElementById("observations").innerHTML = norm.observations.map(o =>
-      '<li class="' + (o.holds ? "holds" : "fails") + '">' + esc(o.text) + "</li>").join("");
+    document.getElementById("observations").innerHTML = norm.observations.length ? norm.observations.map((o, k) =>
+      '<li class="' + (o.holds ? "holds" : "fails") + '" data-claim="' + k + '">' + esc(o.text) + "</li>").join("") :
+      '<li class="none">No equal values, means or mirror pairs in this grouping.</li>';
   }
 
   function highlight(index, groupOnly) {
@@ -421,6 +425,21 @@ PAGE_TEMPLATE = r"""<!doctype html>
     if (li && pinned === null) highlight(null, +li.dataset.group);
   });
   document.getElementById("legend").addEventListener("mouseleave", () => { if (pinned === null) clear(); });
+  // hovering a claim lights up the cells it is about
+  const claims = document.getElementById("observations");
+  claims.addEventListener("mouseover", e => {
+    const li = e.target.closest("li[data-claim]");
+    if (!li || pinned !== null) return;
+    const about = new Set(norm.observations[+li.dataset.claim].indices);
+    cellsGroup.classList.add("focus");
+    cells.forEach(cell => {
+      const i = +cell.dataset.index;
+      cell.classList.toggle("hl", about.has(i));
+      cell.classList.toggle("dim", !about.has(i));
+      cell.classList.remove("current");
+    });
+  });
+  claims.addEventListener("mouseleave", () => { if (pinned === null) clear(); });
   document.querySelectorAll("button.norm").forEach(button => button.addEventListener("click", () => {
     norm = data.norms.find(n => n.key === button.dataset.norm);
     paint();
