@@ -46,7 +46,11 @@ def _allow_sizes_after_options(parser: argparse.ArgumentParser) -> None:
 
 
 def one_line(err: NormlabError) -> str:
-    """The error on one line; a pattern error names the character its caret pointed at."""
+    """The error on one line; a pattern error names the character its caret pointed at.
+
+    >>> one_line(PatternSyntaxError("b [c", 2, "'[' is never closed"))
+    "'[' is never closed (in pattern 'b [c' at character 3: '[c')"
+    """
     if isinstance(err, PatternSyntaxError):
         message = str(err).splitlines()[0]
         rest = err.pattern[err.position:]

@@ -189,7 +189,7 @@ def _svg(x: np.ndarray, first: NormView) -> str:
         )
     return (
         f'<svg id="tensor" viewBox="0 0 {geometry.width:.0f} {geometry.height:.0f}" '
-        f'style="width:{geometry.width * scale:.0f}px" role="img" aria-label="the tensor, one cell per element">'
+        f'style="width:{geometry.width * scale:.0f}px; min-width:{geometry.width * 0.7:.0f}px" role="img" aria-label="the tensor, one cell per element">'
         '<defs><marker id="head" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
         'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#5b6170"/></marker></defs>'
         f'{geometry.decorations}<g id="cells">{"".join(cells)}</g></svg>'
@@ -257,7 +257,9 @@ PAGE_TEMPLATE = r"""<!doctype html>
   main { display:grid; grid-template-columns: minmax(0, 1fr) 360px; gap: 18px; padding: 10px 28px 28px; align-items:start; }
   .card { background:var(--card); border:1px solid var(--line); border-radius:14px; padding:14px 16px; }
   .picture { overflow:auto; }
-  #tensor { display:block; max-width:100%; height:auto; max-height:72vh; margin:0 auto; }
+  /* shrink to the card, but never below 70% of the drawn size: a big tensor scrolls instead of
+     turning its numbers into dust */
+  #tensor { display:block; max-width:100%; height:auto; margin:0 auto; }
   .cell polygon { stroke:#ffffff; stroke-width:1.5; transition: opacity .12s; }
   .cell text { font: 600 15px ui-monospace, Menlo, Consolas, "DejaVu Sans Mono", monospace; fill:#1d2230;
                text-anchor:middle; pointer-events:none; }

@@ -39,7 +39,11 @@ def make_console(no_color: bool = False, **kwargs):
 
 
 def group_label(group: int, num_groups: int) -> str:
-    """A short name for a group: letters A, B, … while they last, numbers beyond."""
+    """A short name for a group: letters A, B, … while they last, numbers beyond.
+
+    >>> group_label(0, 3), group_label(27, 52), group_label(60, 100)
+    ('A', 'b', '60')
+    """
     if num_groups <= len(_LETTERS):
         return _LETTERS[group]
     return str(group)
@@ -53,6 +57,10 @@ def tensor_lines(shape: tuple[int, ...], cell) -> list:
     """Lay out an array of ``shape`` as nested lists, NumPy style, one innermost row per line.
 
     ``cell(flat_index)`` returns the rich Text for one element (already padded).
+
+    >>> from rich.text import Text
+    >>> [line.plain for line in tensor_lines((2, 2), lambda i: Text(str(i)))]
+    ['[[0, 1],', ' [2, 3]]']
     """
     from rich.text import Text
 
