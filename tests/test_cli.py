@@ -65,6 +65,13 @@ def test_explain_takes_sizes_after_the_options(tmp_path):
     assert "4 groups of 6" in result.stdout and "sample 1, group 1" in result.stdout
 
 
+def test_explain_rms_flag_turns_a_pattern_into_rms_norm(tmp_path):
+    result = normlab_cli("explain", "b [d]", "--data", "[[2,2,2],[3,4,0]]", "--rms", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "rms" in result.stdout and "all values are equal" not in result.stdout
+    assert re.search(r"\[\[\+1\.0000, \+1\.0000, \+1\.0000\],", result.stdout)
+
+
 def test_explain_html_writes_a_page_whose_cells_follow_the_plan(tmp_path):
     result = normlab_cli("explain", "group", "--shape", "2,4,3", "--seed", "2", "--html", "out.html", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -109,6 +116,7 @@ def test_demo_html_option_moves_the_page(tmp_path):
 BAD_INPUTS = {
     "bad JSON": ["explain", "batch", "--data", "[[1,2]"],
     "ragged data": ["explain", "batch", "--data", "[[1,2],[3]]"],
+    "empty data": ["explain", "batch", "--data", "[[]]"],
     "non-numbers": ["explain", "batch", "--data", '[["a", "b"]]'],
     "bad shape string": ["explain", "batch", "--shape", "2,x"],
     "zero in shape": ["explain", "batch", "--shape", "2,0"],

@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="JSON", help="the tensor as nested JSON lists, e.g. '[[4,3,2],[3,3,2]]'")
     parser.add_argument("--shape", metavar="2,3,4", help="draw random small integers of this shape instead")
     parser.add_argument("--seed", metavar="N", default="0", help="seed for --shape (default 0)")
+    parser.add_argument("--rms", action="store_true", help="divide by the root mean square, no mean (RMS norm)")
     parser.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page to FILE")
     parser.add_argument("--no-color", dest="explain_no_color", action="store_true", help="plain text output")
     _allow_sizes_after_options(parser)
@@ -90,7 +91,7 @@ def _explain(args: argparse.Namespace) -> int:
 
     sizes = parse_sizes(args.sizes)
     x, origin = load_input(args)
-    view = explain_array(x, args.pattern, sizes)
+    view = explain_array(x, args.pattern, sizes, rms=args.rms)
     page = None
     if args.html:  # written first, so that a bad path fails before anything is printed
         page = write_page(args.html, all_views(x, view), view.key, title=f"normlab explain · {view.pattern}")

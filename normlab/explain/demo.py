@@ -9,6 +9,7 @@ every prediction against the output's bits, and writes the HTML page of the 3-D 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,16 +22,34 @@ NOTE_3D = np.array(
     [[[1.0, 4.0, 7.0], [0.0, 2.0, 4.0]], [[1.0, 3.0, 6.0], [2.0, 3.0, 1.0]]], dtype=np.float32
 )
 
-# The note's two examples: a title, the tensor, and (preset, what the note says it does).
-SECTIONS = (
-    ("2-D, dims (batch, feature)", NOTE_2D, (
-        ("batch", "each feature across the batch"),
-        ("layer", "each sample on its own"),
+
+
+@dataclass(frozen=True)
+class Step:
+    """One norm applied to one of the note's examples, and what it does in the note's words."""
+
+    preset: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class Example:
+    """One of the note's tensors and the norms it is walked through."""
+
+    title: str
+    data: np.ndarray
+    steps: tuple[Step, ...]
+
+
+EXAMPLES = (
+    Example("2-D, dims (batch, feature)", NOTE_2D, (
+        Step("batch", "each feature across the batch"),
+        Step("layer", "each sample on its own"),
     )),
-    ("3-D, dims (batch, feature, h*w); the note's feature is the channel c", NOTE_3D, (
-        ("batch", "each channel across both samples and all positions"),
-        ("layer-vision", "each sample, all channels and positions"),
-        ("layer", "each token (the note: b0's feature 0, then b0's feature 1, …)"),
+    Example("3-D, dims (batch, feature, h*w); the note's feature is the channel c", NOTE_3D, (
+        Step("batch", "each channel across both samples and all positions"),
+        Step("layer-vision", "each sample, all channels and positions"),
+        Step("layer", "each token (the note: b0's feature 0, then b0's feature 1, …)"),
     )),
 )
 
@@ -62,15 +81,15 @@ def run(args: argparse.Namespace) -> int:
     console.print("Every norm subtracts a mean and divides by a std; they differ only in [italic]which[/] elements\n"
                   "share them. In a pattern, the axes in \\[ ] share. Same letter, same colour = same group.")
     held = total = 0
-    for number, (title, x, cases) in enumerate(SECTIONS, start=1):
+    for number, example in enumerate(EXAMPLES, start=1):
         console.print()
-        console.rule(f"[bold cyan]{number} · {escape(title)}", align="left")
-        for preset, meaning in cases:
-            view = explain_array(x, preset)
+        console.rule(f"[bold cyan]{number} · {escape(example.title)}", align="left")
+        for step in example.steps:
+            view = explain_array(example.data, step.preset)
             console.print()
             found = observations(view)
-            render_view(console, view, legend=False, show_observations=False, meaning=meaning)
-            if x is NOTE_2D and preset == "batch":
+            render_view(console, view, legend=False, show_observations=False, meaning=step.meaning)
+            if example.data is NOTE_2D and step.preset == "batch":
                 console.print(f"  [dim]the note drew {escape(NOTE_PREDICTION_2D)} by hand; normlab agrees:[/]")
             render_observations(console, found)
             held += sum(item.holds for item in found)

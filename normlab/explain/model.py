@@ -159,10 +159,14 @@ def as_input(x) -> np.ndarray:
     return x
 
 
-def explain_array(x, name_or_pattern: str, sizes: dict | None = None) -> NormView:
-    """Normalize ``x`` with a preset or pattern and collect what the views draw."""
+def explain_array(x, name_or_pattern: str, sizes: dict | None = None, rms: bool = False) -> NormView:
+    """Normalize ``x`` with a preset or pattern (``rms=True``: without the mean) and collect
+    what the views draw."""
     x = as_input(x)
-    key, label, pattern, rms, sizes = resolve(name_or_pattern, x.shape, sizes)
+    key, label, pattern, preset_rms, sizes = resolve(name_or_pattern, x.shape, sizes)
+    if rms and not preset_rms:
+        key, label = "custom", f"{label}, RMS" if key != "custom" else "your pattern, RMS"
+    rms = rms or preset_rms
     plan = make_plan(pattern, x.shape, **sizes)
     y, stats = normalize_with_stats(x, pattern, rms=rms, eps=EPS, **sizes)
     mean = None if stats.mean is None else stats.mean.ravel()
