@@ -12,6 +12,8 @@ from normlab.errors import NormlabError, PatternSyntaxError
 
 HELP = "show which elements share statistics for a pattern or preset, in the terminal or as an HTML page"
 
+MAX_CLAIMS_SHOWN = 12  # a screenful; the page lists every claim
+
 PRESET_HELP = "batch, layer, layer-vision, instance, group (g= or a default that divides C), rms"
 
 
@@ -98,7 +100,7 @@ def _explain(args: argparse.Namespace) -> int:
     console = make_console(no_color=args.no_color or args.explain_no_color)
     shape = "×".join(str(s) for s in x.shape)
     console.print(f"[bold]normlab explain[/]  tensor {shape}" + (f" ({escape(origin)})" if origin else ""))
-    render_view(console, view)
+    render_view(console, view, limit=MAX_CLAIMS_SHOWN)
     if page is not None:
         console.print(f"\n[bold]page:[/] {escape(str(page))}  (open it in a browser; hover a cell, switch the norm)")
     else:

@@ -215,8 +215,12 @@ class Observation:
 _COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 
 
-def _list(values) -> str:
-    return "[" + ", ".join(format_value(v) for v in values) + "]"
+def _list(values, most: int = 8) -> str:
+    """Values as the note lists them, ``[4, 3, 2]``; long groups are cut short."""
+    shown = [format_value(v) for v in values[:most]]
+    if len(values) > most:
+        shown.append(f"… {len(values) - most} more")
+    return "[" + ", ".join(shown) + "]"
 
 
 def _position(view: NormView, flat: int) -> str:
@@ -273,7 +277,9 @@ def observations(view: NormView) -> list[Observation]:
                 who = f"{shown} and {shown}"
             else:
                 who = f"the {_COUNT_WORDS.get(len(same), len(same))} {shown}s"
-            spots = [_position(view, members[i]) for i in same]
+            spots = [_position(view, members[i]) for i in same[:4]]
+            if len(same) > 4:
+                spots.append(f"{len(same) - 4} more")
             where_each = ", ".join(spots[:-1]) + " and " + spots[-1]
             found.append(Observation(
                 group, f"{where}: {who} share a group, so their outputs are equal "

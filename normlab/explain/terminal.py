@@ -174,5 +174,8 @@ def render_observations(console, found: list[Observation], limit: int | None = N
         mark = "[bold green]✓[/]" if item.holds else "[bold red]✗[/]"
         # soft wrap: a file or pipe keeps each claim on one line; a terminal still folds it
         console.print(f"  {mark} {escape(item.text)}", soft_wrap=not console.is_terminal)
-    if len(found) > len(shown):
-        console.print(f"  [dim]… and {len(found) - len(shown)} more (normlab explain shows them all)[/]")
+    hidden = found[len(shown):]
+    if hidden:
+        failing = sum(not item.holds for item in hidden)
+        verdict = "all hold" if not failing else f"[red]{failing} do not hold[/]"
+        console.print(f"  [dim]… and {len(hidden)} more ({verdict}); the --html page lists them all[/]")
