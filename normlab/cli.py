@@ -12,6 +12,7 @@ from normlab.errors import NormlabError
 
 COMMANDS = {
     "demo": "normlab.explain.demo",
+    "explain": "normlab.explain.cli",
     "bench": "normlab.bench",
 }
 

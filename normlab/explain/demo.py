@@ -1,89 +1,106 @@
-"""``normlab demo``: the note's examples, normalized and checked out loud."""
+"""``normlab demo``: the note's walk-through, normalized by the library and checked out loud.
+
+The note explains batch norm and layer norm by hand on two tiny tensors and predicts what
+must happen ("the middle one must be 0", "these two must be equal", "all equal → all 0").
+The demo runs the same examples through normlab, shows each grouping and result, checks
+every prediction against the output's bits, and writes the HTML page of the 3-D example.
+"""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import numpy as np
 
-from normlab.core import normalize
+HELP = "walk through the note: batch norm and layer norm on tiny tensors, every claim checked"
 
-HELP = "walk through the note's examples: batch norm and layer norm on tiny tensors"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``normlab demo`` takes no arguments of its own yet."""
-
+DEFAULT_PAGE = "normlab-demo.html"
 
 NOTE_2D = np.array([[4.0, 3.0, 2.0], [3.0, 3.0, 2.0], [2.0, 2.0, 2.0]], dtype=np.float32)
 NOTE_3D = np.array(
     [[[1.0, 4.0, 7.0], [0.0, 2.0, 4.0]], [[1.0, 3.0, 6.0], [2.0, 3.0, 1.0]]], dtype=np.float32
 )
 
-# (title, pattern, what it means) for each example of the note
-DEMO_CASES = {
-    "2-D (batch, feature)": (
-        NOTE_2D,
-        [
-            ("batch norm", "[b] f", "each feature is standardized across the batch"),
-            ("layer norm", "b [f]", "each sample is standardized across its features"),
-        ],
-    ),
-    "3-D (batch, feature, h*w)": (
-        NOTE_3D,
-        [
-            ("batch norm", "[b] f [s]", "each feature pools the batch and all positions"),
-            ("layer norm, vision", "b [f s]", "each sample pools all features and positions"),
-            ("layer norm, NLP", "b t [d]", "each token's vector is standardized alone"),
-        ],
-    ),
-}
 
 
-def _print_array(console, label: str, array: np.ndarray) -> None:
-    text = np.array2string(array, precision=4, suppress_small=False, floatmode="maxprec_equal")
-    console.print(f"[bold]{label}[/bold]")
-    console.print(text, highlight=False)
+@dataclass(frozen=True)
+class Step:
+    """One norm applied to one of the note's examples, and what it does in the note's words."""
+
+    preset: str
+    meaning: str
 
 
-def _claims(x: np.ndarray, y: np.ndarray, groups: np.ndarray):
-    """Observations in the note's spirit, checked on the actual numbers."""
-    for group in np.unique(groups):
-        members = groups == group
-        values, outputs = x[members], y[members]
-        if np.all(values == values[0]):
-            yield bool(np.all(outputs == 0)), f"group {values.tolist()}: all values equal, so all become exactly 0"
-            continue
-        mean = values.astype(np.float64).mean()
-        for value in np.unique(values):
-            if value == mean:
-                ok = bool(np.all(outputs[values == value] == 0))
-                yield ok, f"group {values.tolist()}: {value:g} is the mean, so it becomes exactly 0"
-            if np.count_nonzero(values == value) > 1:
-                same = outputs[values == value]
-                yield bool(np.all(same == same[0])), f"group {values.tolist()}: the {value:g}s share a group, so their outputs are equal"
+@dataclass(frozen=True)
+class Example:
+    """One of the note's tensors and the norms it is walked through."""
+
+    title: str
+    data: np.ndarray
+    steps: tuple[Step, ...]
+
+
+EXAMPLES = (
+    Example("2-D, dims (batch, feature)", NOTE_2D, (
+        Step("batch", "each feature across the batch"),
+        Step("layer", "each sample on its own"),
+    )),
+    Example("3-D, dims (batch, feature, h*w); the note's feature is the channel c", NOTE_3D, (
+        Step("batch", "each channel across both samples and all positions"),
+        Step("layer-vision", "each sample, all channels and positions"),
+        Step("layer", "each token (the note: b0's feature 0, then b0's feature 1, …)"),
+    )),
+)
+
+# What the note drew by hand for the 2-D batch norm; the numbers are printed beside it.
+NOTE_PREDICTION_2D = "[[x1, a, 0], [0, a, 0], [-x1, b, 0]]"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--html PATH`` for the page (default ``normlab-demo.html`` here), ``--no-color``."""
+    parser.add_argument("--html", metavar="PATH", default=DEFAULT_PAGE,
+                        help=f"where to write the page of the 3-D example (default {DEFAULT_PAGE})")
+    parser.add_argument("--no-color", dest="demo_no_color", action="store_true", help="plain text output")
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    """Print the walk-through, write the page; exit 0 when every claim holds, 1 otherwise."""
+    from pathlib import Path
+
     from rich.markup import escape
 
-    console = Console(no_color=getattr(args, "no_color", False) or None)
-    console.rule("[bold]normlab demo: batch norm and layer norm on the note's tensors")
-    console.print("Every norm subtracts a mean and divides by a standard deviation; "
-                  "they differ only in which elements share them. [ ] marks the axes that do.\n")
-    from normlab.plan import make_plan
+    from normlab.explain.html import write_page
+    from normlab.explain.model import all_views, explain_array, observations
+    from normlab.explain.terminal import make_console, render_observations, render_view
 
-    for title, (x, cases) in DEMO_CASES.items():
-        console.rule(f"[bold cyan]{title}")
-        _print_array(console, f"input, shape {x.shape}", x)
-        for name, pattern, meaning in cases:
-            y = normalize(x, pattern)
-            groups = make_plan(pattern, x.shape).group_ids()
-            console.print(f"\n[bold green]{name}[/bold green]  pattern [yellow]{escape(repr(pattern))}[/yellow]: {meaning}")
-            _print_array(console, "group of each element", groups)
-            _print_array(console, "normalized", y)
-            for ok, claim in _claims(x, y, groups):
-                mark = "[green]✓[/green]" if ok else "[red]✗[/red]"
-                console.print(f"  {mark} {escape(claim)}")
-    return 0
+    page = write_page(args.html, all_views(NOTE_3D, explain_array(NOTE_3D, "batch")), "batch",
+                      title="normlab demo · the note's 3-D example")
+    console = make_console(no_color=getattr(args, "no_color", False) or getattr(args, "demo_no_color", False))
+    console.rule("[bold]normlab demo[/]: batch norm vs layer norm, by hand and by normlab")
+    console.print("Every norm subtracts a mean and divides by a std; they differ only in [italic]which[/] elements\n"
+                  "share them. In a pattern, the axes in \\[ ] share. Same letter, same colour = same group.")
+    held = total = 0
+    for number, example in enumerate(EXAMPLES, start=1):
+        console.print()
+        console.rule(f"[bold cyan]{number} · {escape(example.title)}", align="left")
+        for step in example.steps:
+            view = explain_array(example.data, step.preset)
+            console.print()
+            found = observations(view)
+            render_view(console, view, legend=False, show_observations=False, meaning=step.meaning)
+            if example.data is NOTE_2D and step.preset == "batch":
+                console.print(f"  [dim]the note drew {escape(NOTE_PREDICTION_2D)} by hand; normlab agrees:[/]")
+            render_observations(console, found)
+            held += sum(item.holds for item in found)
+            total += len(found)
+    console.print()
+    console.rule("[bold]result", align="left")
+    verdict = "[bold green]✓[/]" if held == total else "[bold red]✗[/]"
+    console.print(f"{verdict} {held} of {total} claims hold, bit for bit: exact zeros, equal outputs, exact opposites.")
+    url = Path(page).resolve().as_uri()
+    console.print(f"[bold]page:[/] open {escape(url)}")
+    console.print("      the 3-D example as the GroupNorm paper's cube; hover a cell to light up its group,\n"
+                  "      switch among batch, layer, instance, group and RMS norm")
+    console.print("[dim]next: normlab explain group --shape 2,4,3 g=2 --html groups.html[/]")
+    return 0 if held == total else 1

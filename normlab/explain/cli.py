@@ -1,0 +1,108 @@
+"""``normlab explain``: which elements share statistics, for a pattern or a preset, on your data.
+
+    normlab explain batch --data '[[4,3,2],[3,3,2],[2,2,2]]'
+    normlab explain "b (g [c]) [s]" --shape 2,4,3 --seed 1 g=2 --html groups.html
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from normlab.errors import NormlabError, PatternSyntaxError
+
+HELP = "show which elements share statistics for a pattern or preset, in the terminal or as an HTML page"
+
+MAX_CLAIMS_SHOWN = 12  # a screenful; the page lists every claim
+
+PRESET_HELP = "batch, layer, layer-vision, instance, group (g= or a default that divides C), rms"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """PATTERN, the data (``--data`` or ``--shape``), ``--html`` and ``name=size`` sizes."""
+    parser.add_argument("pattern", metavar="PATTERN", help=f"a pattern such as '[b] f' or a preset: {PRESET_HELP}")
+    parser.add_argument("sizes", metavar="name=size", nargs="*", help="sizes of composed axes, e.g. g=2")
+    parser.add_argument("--data", metavar="JSON", help="the tensor as nested JSON lists, e.g. '[[4,3,2],[3,3,2]]'")
+    parser.add_argument("--shape", metavar="2,3,4", help="draw random small integers of this shape instead")
+    parser.add_argument("--seed", metavar="N", default="0", help="seed for --shape (default 0)")
+    parser.add_argument("--rms", action="store_true", help="divide by the root mean square, no mean (RMS norm)")
+    parser.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page to FILE")
+    parser.add_argument("--no-color", dest="explain_no_color", action="store_true", help="plain text output")
+    _allow_sizes_after_options(parser)
+
+
+def _allow_sizes_after_options(parser: argparse.ArgumentParser) -> None:
+    """Let ``name=size`` follow the options (``--shape 2,4,3 g=2``), as the usage line shows.
+
+    Plain argparse hands every positional out at the first run of them, so a size after an
+    option would be rejected; intermixed parsing collects them wherever they stand.
+    """
+    plain = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        parser.parse_known_args = plain  # the intermixed parser calls the plain one twice
+        try:
+            return parser.parse_known_intermixed_args(args, namespace)
+        finally:
+            parser.parse_known_args = parse_known_args
+
+    parser.parse_known_args = parse_known_args
+
+
+def one_line(err: NormlabError) -> str:
+    """The error on one line; a pattern error names the character its caret pointed at.
+
+    >>> one_line(PatternSyntaxError("b [c", 2, "'[' is never closed"))
+    "'[' is never closed (in pattern 'b [c' at character 3: '[c')"
+    """
+    if isinstance(err, PatternSyntaxError):
+        message = str(err).splitlines()[0]
+        rest = err.pattern[err.position:]
+        return f"{message} (in pattern {err.pattern!r} at character {err.position + 1}: {rest!r})"
+    return " ".join(str(err).split())
+
+
+def load_input(args: argparse.Namespace):
+    """The tensor to explain, from ``--data`` or ``--shape``/``--seed``."""
+    from normlab.explain.model import parse_data, parse_shape, random_input
+
+    if (args.data is None) == (args.shape is None):
+        raise NormlabError("give the data with exactly one of --data '[[4,3,2],[3,3,2]]' or --shape 2,3,4")
+    if args.data is not None:
+        return parse_data(args.data), None
+    try:
+        seed = int(args.seed)
+    except ValueError:
+        raise NormlabError(f"--seed {args.seed!r} is not an integer; pass e.g. --seed 1") from None
+    return random_input(parse_shape(args.shape), seed), f"random integers 0 to 9, seed {seed}"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Explain the pattern on the data; exit code 0, or a one-line error (exit 2) on bad input."""
+    try:
+        return _explain(args)
+    except NormlabError as err:
+        raise NormlabError(one_line(err)) from None
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
+    from normlab.explain.html import write_page
+    from normlab.explain.model import all_views, explain_array, parse_sizes
+    from normlab.explain.terminal import make_console, render_view
+
+    sizes = parse_sizes(args.sizes)
+    x, origin = load_input(args)
+    view = explain_array(x, args.pattern, sizes, rms=args.rms)
+    page = None
+    if args.html:  # written first, so that a bad path fails before anything is printed
+        page = write_page(args.html, all_views(x, view), view.key, title=f"normlab explain · {view.pattern}")
+    console = make_console(no_color=args.no_color or args.explain_no_color)
+    shape = "×".join(str(s) for s in x.shape)
+    console.print(f"[bold]normlab explain[/]  tensor {shape}" + (f" ({escape(origin)})" if origin else ""))
+    render_view(console, view, limit=MAX_CLAIMS_SHOWN)
+    if page is not None:
+        console.print(f"\n[bold]page:[/] {escape(str(page))}  (open it in a browser; hover a cell, switch the norm)")
+    else:
+        console.print("\n[dim]add --html explain.html to draw it, with batch, layer, instance, group and RMS norm side by side[/]")
+    return 0

@@ -1,0 +1,376 @@
+"""What the explainer shows, computed by the library: groups, statistics, outputs, observations.
+
+This module holds no normalization math. The grouping comes from
+:meth:`normlab.plan.Plan.group_ids`, the numbers from
+:func:`normlab.core.normalize_with_stats`; the observations only compare the numbers
+the library produced, bit for bit.
+
+>>> import numpy as np
+>>> x = np.array([[4, 3, 2], [3, 3, 2], [2, 2, 2]], dtype=np.float32)
+>>> view = explain_array(x, "[b] f")
+>>> view.groups[:, 0].tolist(), view.describe_group(0)
+([0, 0, 0], 'feature 0')
+>>> print(observations(view)[0].text)
+feature 0: [4, 3, 2], the middle value is the mean, so it becomes exactly 0
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from normlab.core import normalize_with_stats
+from normlab.errors import NormlabError, ShapeError
+from normlab.plan import Plan, make_plan
+
+__all__ = [
+    "Preset", "PRESETS", "NormView", "Observation", "resolve", "presets_for_rank", "explain_array",
+    "observations", "format_value", "format_output", "AXIS_WORDS", "all_views", "parse_data", "parse_shape",
+    "parse_sizes", "random_input", "default_groups",
+]
+
+# Readers know axes by what they hold, not by their letter.
+AXIS_WORDS = {
+    "b": "sample", "n": "sample", "f": "feature", "c": "channel", "t": "token", "d": "dim",
+    "s": "position", "h": "row", "w": "column", "g": "group",
+}
+
+MAX_ELEMENTS = 4096  # the explainer draws every element; beyond this nobody can read it
+EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named norm, spelled as a pattern for each rank it makes sense for."""
+
+    key: str
+    label: str
+    patterns: dict  # rank -> pattern
+    rms: bool = False
+    needs_groups: bool = False  # the pattern has (g [c]) and needs g=
+
+
+PRESETS = {
+    "batch": Preset("batch", "batch norm", {1: "[b]", 2: "[b] f", 3: "[b] c [s]", 4: "[b] c [h w]"}),
+    "layer-vision": Preset("layer-vision", "layer norm (vision)",
+                           {1: "[d]", 2: "b [f]", 3: "b [c s]", 4: "b [c h w]"}),
+    "layer": Preset("layer", "layer norm (NLP)", {1: "[d]", 2: "b [f]", 3: "b t [d]", 4: "b c h [w]"}),
+    "instance": Preset("instance", "instance norm", {3: "b c [s]", 4: "b c [h w]"}),
+    "group": Preset("group", "group norm", {3: "b (g [c]) [s]", 4: "b (g [c]) [h w]"}, needs_groups=True),
+    "rms": Preset("rms", "RMS norm", {1: "[d]", 2: "b [f]", 3: "b t [d]", 4: "b c h [w]"}, rms=True),
+}
+
+
+def default_groups(channels: int) -> int:
+    """Group norm's default ``g`` for ``channels``: groups of two channels when C is even,
+    of the smallest factor otherwise, one group when C is prime (so g always divides C).
+
+    >>> default_groups(6), default_groups(9), default_groups(2), default_groups(7)
+    (3, 3, 1, 1)
+    """
+    for factor in range(2, channels + 1):
+        if channels % factor == 0:
+            return channels // factor
+    return 1
+
+
+@dataclass(frozen=True)
+class NormView:
+    """One norm applied to one input: everything the views draw, straight from the library."""
+
+    key: str
+    label: str
+    pattern: str
+    rms: bool
+    sizes: dict
+    plan: Plan
+    x: np.ndarray  # the input as given
+    y: np.ndarray  # the library's output, the input's dtype
+    groups: np.ndarray  # int group id per element, the input's shape (plan.group_ids())
+    mean: np.ndarray | None  # float64 per group, flat (None for RMS)
+    std: np.ndarray  # float64 per group, flat: sqrt(var), for RMS the root mean square
+
+    @property
+    def num_groups(self) -> int:
+        return self.plan.num_groups
+
+    def members(self, group: int) -> np.ndarray:
+        """Flat (C-order) indices of the elements of ``group``, in order."""
+        return np.flatnonzero(self.groups.ravel() == group)
+
+    def describe_group(self, group: int) -> str:
+        """Name a group by the kept axes that identify it, e.g. ``'sample 1, channel 0'``."""
+        kept = self.plan.kept_axes
+        if not kept:
+            return "all elements"
+        coords = np.unravel_index(group, self.plan.stats_shape)
+        words = []
+        for axis in kept:
+            name = self.plan.axis_names[axis]
+            words.append(f"{AXIS_WORDS.get(name, name)} {coords[axis]}")
+        return ", ".join(words)
+
+
+def presets_for_rank(rank: int) -> list[str]:
+    """The preset names that have a pattern for inputs of ``rank`` axes, in display order."""
+    return [key for key, preset in PRESETS.items() if rank in preset.patterns]
+
+
+def resolve(name_or_pattern: str, shape: tuple[int, ...], sizes: dict | None = None):
+    """Turn a preset name or a pattern into ``(key, label, pattern, rms, sizes)`` for ``shape``.
+
+    >>> resolve("batch", (2, 3, 4))[2], resolve("group", (2, 6, 4))[4]
+    ('[b] c [s]', {'g': 3})
+    >>> resolve("b [d]", (2, 3))[:3]
+    ('custom', 'your pattern', 'b [d]')
+    """
+    sizes = dict(sizes or {})
+    rank = len(shape)
+    preset = PRESETS.get(name_or_pattern)
+    if preset is None and "[" not in name_or_pattern:
+        raise NormlabError(f"{name_or_pattern!r} is neither a preset ({', '.join(PRESETS)}) nor a pattern: "
+                           "a pattern brackets the axes that share statistics, e.g. '[b] f'")
+    if preset is None:
+        return "custom", "your pattern", name_or_pattern, False, sizes
+    if rank not in preset.patterns:
+        ranks = ", ".join(f"{r}-D" for r in sorted(preset.patterns))
+        raise ShapeError(f"preset {preset.key!r} needs {ranks} data, got shape {tuple(shape)}; "
+                         "reshape the data or write a pattern")
+    if preset.needs_groups and "g" not in sizes:
+        sizes["g"] = default_groups(shape[1])
+    label = preset.label
+    if preset.key in ("layer", "layer-vision") and rank <= 2:
+        label = "layer norm"  # vision and NLP layer norm agree on rows: one sample, all its features
+    return preset.key, label, preset.patterns[rank], preset.rms, sizes
+
+
+def as_input(x) -> np.ndarray:
+    """Check that ``x`` is something the explainer can draw (1 to 4 axes, a few thousand elements)."""
+    x = np.asarray(x)
+    if x.ndim < 1 or x.ndim > 4:
+        raise ShapeError(f"explain draws tensors of 1 to 4 axes, got shape {x.shape}; pass nested lists such as [[4, 3, 2], [3, 3, 2]]")
+    if x.size == 0:
+        raise ShapeError(f"explain needs at least one element, got shape {x.shape}")
+    if x.size > MAX_ELEMENTS:
+        raise ShapeError(f"explain draws every element, so it takes at most {MAX_ELEMENTS}; got shape {x.shape} "
+                         f"({x.size} elements): pass a smaller tensor")
+    return x
+
+
+def explain_array(x, name_or_pattern: str, sizes: dict | None = None, rms: bool = False) -> NormView:
+    """Normalize ``x`` with a preset or pattern (``rms=True``: without the mean) and collect
+    what the views draw."""
+    x = as_input(x)
+    key, label, pattern, preset_rms, sizes = resolve(name_or_pattern, x.shape, sizes)
+    if rms and not preset_rms:
+        key, label = "custom", f"{label}, RMS" if key != "custom" else "your pattern, RMS"
+    rms = rms or preset_rms
+    plan = make_plan(pattern, x.shape, **sizes)
+    y, stats = normalize_with_stats(x, pattern, rms=rms, eps=EPS, **sizes)
+    mean = None if stats.mean is None else stats.mean.ravel()
+    return NormView(key, label, pattern, rms, sizes, plan, x, y, plan.group_ids(), mean,
+                    np.sqrt(stats.var).ravel())
+
+
+def all_views(x, chosen: NormView | None = None) -> list[NormView]:
+    """Every preset that fits ``x``'s rank (and ``chosen`` first when it is a custom pattern)."""
+    views = [chosen] if chosen is not None and chosen.key == "custom" else []
+    for key in presets_for_rank(np.ndim(x)):
+        if key == "layer-vision" and np.ndim(x) <= 2 and not (chosen is not None and chosen.key == key):
+            continue  # the same grouping as "layer" on rows; one button is enough
+        if chosen is not None and chosen.key == key:
+            views.append(chosen)
+        else:
+            views.append(explain_array(x, key))
+    return views
+
+
+def format_value(value) -> str:
+    """An input value as the note writes it: ``4``, ``0.5``, ``-1.25``."""
+    return f"{float(value):g}"
+
+
+def format_output(value) -> str:
+    """An output value, with exact zeros written as a plain ``0`` so they stand out."""
+    value = float(value)
+    if value == 0:
+        return "0"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:+.4f}"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A claim about the output, in the note's spirit, and whether the output's bits bear it out."""
+
+    group: int
+    text: str
+    holds: bool
+    indices: tuple[int, ...]  # flat indices of the elements the claim is about
+
+
+_COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+
+
+def _list(values, most: int = 8) -> str:
+    """Values as the note lists them, ``[4, 3, 2]``; long groups are cut short."""
+    shown = [format_value(v) for v in values[:most]]
+    if len(values) > most:
+        shown.append(f"… {len(values) - most} more")
+    return "[" + ", ".join(shown) + "]"
+
+
+def _position(view: NormView, flat: int) -> str:
+    return "[" + ", ".join(str(int(i)) for i in np.unravel_index(flat, view.x.shape)) + "]"
+
+
+def _same_bits(values: np.ndarray) -> bool:
+    """True when every value has the first one's exact bit pattern."""
+    raw = np.ascontiguousarray(values).view(np.uint8).reshape(len(values), -1)
+    return bool((raw == raw[0]).all())
+
+
+def observations(view: NormView) -> list[Observation]:
+    """What anyone can see in the data before normalizing, checked against the output.
+
+    For each group: all values equal → all outputs exactly 0; a value equal to the
+    group's mean → exactly 0; equal values → bit-identical outputs; two values mirrored
+    around the mean → outputs that are exact opposites (the note's x1 and -x1). RMS norm has no mean, so
+    only the equal-values claim applies to it.
+    """
+    x = view.x.ravel()
+    y = view.y.ravel()
+    found: list[Observation] = []
+    for group in range(view.num_groups):
+        members = view.members(group)
+        values, outputs = x[members], y[members]
+        where = view.describe_group(group)
+        if len(members) < 2 or not np.all(np.isfinite(values)):
+            continue
+        if not view.rms and np.all(values == values[0]):
+            found.append(Observation(group, f"{where}: {_list(values)}, all values are equal, so they all become 0",
+                                     bool(np.all(outputs == 0)), tuple(members.tolist())))
+            continue
+        if not view.rms:
+            mean = view.mean[group]
+            at_mean = np.flatnonzero(values.astype(np.float64) == mean)
+            if len(at_mean):
+                middle = len(values) % 2 == 1 and at_mean.tolist() == [len(values) // 2]
+                if middle:
+                    what = "the middle value is the mean"
+                elif len(at_mean) == 1:
+                    what = f"the {format_value(values[at_mean[0]])} at {_position(view, members[at_mean[0]])} is the mean"
+                else:
+                    what = f"the {_COUNT_WORDS.get(len(at_mean), len(at_mean))} {format_value(values[at_mean[0]])}s are the mean"
+                found.append(Observation(group, f"{where}: {_list(values)}, {what}, so it becomes exactly 0"
+                                         if len(at_mean) == 1 else f"{where}: {_list(values)}, {what}, so they become exactly 0",
+                                         bool(np.all(outputs[at_mean] == 0)), tuple(members[at_mean].tolist())))
+        for value in np.unique(values):
+            same = np.flatnonzero(values == value)
+            if len(same) < 2:
+                continue
+            shown = format_value(value)
+            if len(same) == 2:
+                who = f"{shown} and {shown}"
+            else:
+                who = f"the {_COUNT_WORDS.get(len(same), len(same))} {shown}s"
+            spots = [_position(view, members[i]) for i in same[:4]]
+            if len(same) > 4:
+                spots.append(f"{len(same) - 4} more")
+            where_each = ", ".join(spots[:-1]) + " and " + spots[-1]
+            found.append(Observation(
+                group, f"{where}: {who} share a group, so their outputs are equal "
+                f"({format_output(outputs[same[0]])} at {where_each})", _same_bits(outputs[same]),
+                tuple(members[same].tolist())))
+        if not view.rms:
+            deviations = values.astype(np.float64) - view.mean[group]
+            pair = _mirrored_pair(deviations)
+            if pair is not None:
+                i, j = pair
+                found.append(Observation(
+                    group, f"{where}: {format_value(values[i])} and {format_value(values[j])} mirror each other "
+                    f"around the mean, so their outputs are opposites ({format_output(outputs[i])}, "
+                    f"{format_output(outputs[j])})", bool(outputs[i] == -outputs[j]),
+                    (int(members[i]), int(members[j]))))
+    return found
+
+
+def _mirrored_pair(deviations: np.ndarray):
+    """The first two positions whose deviations from the mean are exact negatives (nonzero)."""
+    for i, d in enumerate(deviations):
+        if d == 0 or not np.isfinite(d):
+            continue
+        partners = np.flatnonzero(deviations[i + 1:] == -d)
+        if len(partners):
+            return i, i + 1 + int(partners[0])
+    return None
+
+
+def parse_data(text: str) -> np.ndarray:
+    """``--data``: nested JSON lists of numbers, as float32 (the note's dtype).
+
+    >>> parse_data("[[4, 3, 2], [3, 3, 2]]").shape
+    (2, 3)
+    """
+    import json
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise NormlabError(f"--data is not valid JSON ({err.msg} at character {err.pos + 1}); "
+                           "pass nested lists such as '[[4, 3, 2], [3, 3, 2]]'") from None
+    try:
+        array = np.array(data, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise NormlabError("--data must be nested lists of numbers of equal lengths (a rectangular tensor), "
+                           "such as '[[4, 3, 2], [3, 3, 2]]'") from None
+    return as_input(array).astype(np.float32)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``--shape``: sizes separated by commas (or x).
+
+    >>> parse_shape("2,3,4"), parse_shape("2x3")
+    ((2, 3, 4), (2, 3))
+    """
+    parts = [p.strip() for p in text.replace("x", ",").split(",")]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise NormlabError(f"--shape {text!r} is not a list of sizes; write it as 2,3,4") from None
+    if any(s < 1 for s in shape):
+        raise NormlabError(f"--shape {text!r} has a size below 1; every size must be at least 1")
+    return shape
+
+
+def random_input(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Small integers like the note's, so that equal values (and their claims) turn up."""
+    elements = math.prod(shape)
+    if elements > MAX_ELEMENTS:
+        as_input(np.empty(shape))  # raises the size error
+    rng = np.random.default_rng(seed)
+    return as_input(rng.integers(0, 10, size=shape).astype(np.float32))
+
+
+def parse_sizes(items: list[str]) -> dict:
+    """``name=size`` arguments, e.g. ``g=2``.
+
+    >>> parse_sizes(["g=2"])
+    {'g': 2}
+    """
+    sizes = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        try:
+            size = int(value)
+        except ValueError:
+            size = None
+        if not sep or not name.isidentifier() or size is None or size < 1:
+            hint = "; quote a pattern that has spaces, e.g. 'b [d]'" if any(ch in item for ch in "[]()") else ""
+            raise NormlabError(f"{item!r} is not name=size; write an axis size such as g=2{hint}")
+        sizes[name] = size
+    return sizes

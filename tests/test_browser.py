@@ -1,0 +1,185 @@
+"""The HTML page in real headless Chromium (Debian's chromium, driven by chromium-driver).
+
+The page only displays what the library computed, so every check compares what the
+browser highlights with ``plan.group_ids()``.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from normlab.explain.demo import NOTE_2D, NOTE_3D
+from normlab.explain.html import write_page
+from normlab.explain.model import all_views, explain_array, random_input
+from normlab.plan import make_plan
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+                       reason="needs Debian's chromium and chromium-driver"),
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1440,900"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory):
+    """The note's 3-D and 2-D examples and a 4-D tensor, as explain writes them."""
+    folder = tmp_path_factory.mktemp("pages")
+    written = {}
+    for name, x, selected in (("3d", NOTE_3D, "batch"), ("2d", NOTE_2D, "batch"),
+                              ("4d", random_input((2, 4, 2, 3), seed=1), "group")):
+        views = all_views(x)
+        written[name] = (write_page(folder / f"{name}.html", views, selected).resolve().as_uri(), x, views)
+    return written
+
+
+def open_page(browser, pages, name):
+    url, x, views = pages[name]
+    browser.get(url)
+    browser.get_log("browser")  # start each test with an empty log
+    return x, views
+
+
+def cells(browser):
+    from selenium.webdriver.common.by import By
+
+    return browser.find_elements(By.CSS_SELECTOR, "#cells .cell")
+
+
+def hover(browser, index):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    cell = browser.find_element(By.CSS_SELECTOR, f'#cells .cell[data-index="{index}"]')
+    ActionChains(browser).move_to_element(cell).perform()
+
+
+def highlighted(browser):
+    from selenium.webdriver.common.by import By
+
+    return {int(c.get_attribute("data-index")) for c in browser.find_elements(By.CSS_SELECTOR, "#cells .cell.hl")}
+
+
+def switch_norm(browser, key):
+    from selenium.webdriver.common.by import By
+
+    browser.find_element(By.CSS_SELECTOR, f'button.norm[data-norm="{key}"]').click()
+
+
+def group_of(view, index):
+    """The flat indices that share statistics with element ``index``, by the library's plan."""
+    ids = make_plan(view.pattern, view.x.shape, **view.sizes).group_ids().ravel()
+    return set(np.flatnonzero(ids == ids[index]).tolist())
+
+
+def severe_errors(browser):
+    return [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+@pytest.mark.parametrize("name", ["3d", "2d", "4d"])
+def test_page_loads_without_javascript_errors(browser, pages, name):
+    url, _, _ = pages[name]
+    browser.get(url)
+    hover(browser, 0)
+    switch_norm(browser, "rms")
+    assert severe_errors(browser) == []
+    assert browser.execute_script("return document.querySelector('#legend li') !== null")
+
+
+@pytest.mark.parametrize("name", ["3d", "2d", "4d"])
+def test_page_has_one_cell_per_element(browser, pages, name):
+    x, _ = open_page(browser, pages, name)
+    found = sorted(int(c.get_attribute("data-index")) for c in cells(browser))
+    assert found == list(range(x.size))
+
+
+@pytest.mark.parametrize("index", [0, 4, 9, 11])
+def test_hovering_a_cell_highlights_exactly_the_cells_of_its_group(browser, pages, index):
+    x, views = open_page(browser, pages, "3d")
+    hover(browser, index)
+    assert highlighted(browser) == group_of(views[0], index)
+
+
+def test_hovering_shows_the_value_group_mean_std_and_output(browser, pages):
+    open_page(browser, pages, "2d")
+    hover(browser, 3)  # the 3 at [1, 0]: the middle of feature 0
+    info = browser.find_element("id", "info").text
+    assert "feature 0" in info and "[1, 0]" in info
+    assert "group mean\n3" in info and "group std\n0.8165" in info and "output\n0" in info
+
+
+def test_switching_the_norm_changes_the_highlighted_set_as_the_plan_says(browser, pages):
+    x, views = open_page(browser, pages, "3d")
+    seen = {}
+    for view in views:
+        switch_norm(browser, view.key)
+        hover(browser, 1)
+        seen[view.key] = highlighted(browser)
+        assert seen[view.key] == group_of(view, 1), view.key
+        data_groups = [int(c.get_attribute("data-group")) for c in cells(browser)]
+        assert data_groups == view.groups.ravel().tolist(), view.key
+    assert seen["batch"] != seen["layer-vision"] != seen["layer"]
+    assert severe_errors(browser) == []
+
+
+def test_switching_the_norm_on_a_4d_tensor_follows_the_plan(browser, pages):
+    x, views = open_page(browser, pages, "4d")
+    for view in views:
+        switch_norm(browser, view.key)
+        hover(browser, 13)
+        assert highlighted(browser) == group_of(view, 13), view.key
+
+
+def test_clicking_a_cell_pins_its_group_while_the_mouse_moves_on(browser, pages):
+    from selenium.webdriver.common.by import By
+
+    x, views = open_page(browser, pages, "2d")
+    browser.find_element(By.CSS_SELECTOR, '#cells .cell[data-index="0"]').click()
+    hover(browser, 2)
+    assert highlighted(browser) == group_of(views[0], 0)
+
+
+def test_a_screenshot_of_the_demo_page_is_saved(browser, pages):
+    ARTIFACTS.mkdir(exist_ok=True)
+    open_page(browser, pages, "3d")
+    hover(browser, 4)
+    shot = ARTIFACTS / "explain-3d-batch.png"
+    browser.save_screenshot(str(shot))
+    switch_norm(browser, "group")
+    open_page(browser, pages, "4d")
+    hover(browser, 5)
+    browser.save_screenshot(str(ARTIFACTS / "explain-4d-group.png"))
+    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hovering_a_claim_lights_up_the_cells_it_is_about(browser, pages):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    x, views = open_page(browser, pages, "2d")
+    claims = browser.find_elements(By.CSS_SELECTOR, "#observations li[data-claim]")
+    texts = [c.text for c in claims]
+    k = next(i for i, t in enumerate(texts) if t.startswith("feature 1: 3 and 3"))
+    ActionChains(browser).move_to_element(claims[k]).perform()
+    assert highlighted(browser) == {1, 4}  # the two 3s of feature 1, at [0, 1] and [1, 1]

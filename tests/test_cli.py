@@ -1,0 +1,145 @@
+"""``normlab explain`` and ``normlab demo`` run as a user runs them: in a subprocess."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from normlab.explain.model import random_input
+from normlab.plan import make_plan
+
+REPO = Path(__file__).resolve().parents[1]
+NOTE_2D_JSON = "[[4,3,2],[3,3,2],[2,2,2]]"
+NOTE_3D_JSON = "[[[1,4,7],[0,2,4]],[[1,3,6],[2,3,1]]]"
+
+
+def normlab_cli(*args, cwd, env_extra=None):
+    """Run ``python -m normlab.cli`` with this checkout's package first on the path."""
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "normlab.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, encoding="utf-8", timeout=60)
+
+
+def test_explain_with_data_shows_the_layout_groups_and_checked_claims(tmp_path):
+    result = normlab_cli("explain", "batch", "--data", NOTE_2D_JSON, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "[b] f" in out and re.search(r"\[\[4, 3, 2\],\s+\[\[A, B, C\],", out)
+    assert "✓ feature 0: [4, 3, 2], the middle value is the mean, so it becomes exactly 0" in out
+    assert "✓ feature 2: [2, 2, 2], all values are equal, so they all become 0" in out
+    assert "✗" not in out
+
+
+def test_explain_output_to_a_pipe_is_plain_text(tmp_path):
+    result = normlab_cli("explain", "layer", "--data", NOTE_2D_JSON, cwd=tmp_path)
+    assert result.returncode == 0 and "\x1b" not in result.stdout
+
+
+def test_explain_with_shape_is_reproducible_by_seed(tmp_path):
+    first = normlab_cli("explain", "instance", "--shape", "2,3,4", "--seed", "5", cwd=tmp_path)
+    again = normlab_cli("explain", "instance", "--shape", "2,3,4", "--seed", "5", cwd=tmp_path)
+    other = normlab_cli("explain", "instance", "--shape", "2,3,4", "--seed", "6", cwd=tmp_path)
+    assert first.returncode == 0 and first.stdout == again.stdout != other.stdout
+    assert "b c [s]" in first.stdout and "6 groups of 4" in first.stdout
+
+
+@pytest.mark.parametrize("preset, shape, pattern", [
+    ("batch", "2,3,2,2", "[b] c [h w]"), ("layer-vision", "2,3,2,2", "b [c h w]"),
+    ("layer", "2,3,4", "b t [d]"), ("rms", "2,3", "b [f]"),
+])
+def test_explain_resolves_each_preset_for_the_rank_of_the_data(tmp_path, preset, shape, pattern):
+    result = normlab_cli("explain", preset, "--shape", shape, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert pattern in result.stdout.splitlines()[1]
+
+
+def test_explain_takes_sizes_after_the_options(tmp_path):
+    result = normlab_cli("explain", "b (g [c]) [s]", "--shape", "2,4,3", "g=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "4 groups of 6" in result.stdout and "sample 1, group 1" in result.stdout
+
+
+def test_explain_rms_flag_turns_a_pattern_into_rms_norm(tmp_path):
+    result = normlab_cli("explain", "b [d]", "--data", "[[2,2,2],[3,4,0]]", "--rms", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "rms" in result.stdout and "all values are equal" not in result.stdout
+    assert re.search(r"\[\[\+1\.0000, \+1\.0000, \+1\.0000\],", result.stdout)
+
+
+def test_explain_html_writes_a_page_whose_cells_follow_the_plan(tmp_path):
+    result = normlab_cli("explain", "group", "--shape", "2,4,3", "--seed", "2", "--html", "out.html", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "out.html" in result.stdout
+    markup = (tmp_path / "out.html").read_text(encoding="utf-8")
+    groups = [int(g) for g in re.findall(r'<g class="cell" data-index="\d+" data-pos="[\d,]+" data-group="(\d+)"', markup)]
+    assert groups == make_plan("b (g [c]) [s]", (2, 4, 3), g=2).group_ids().ravel().tolist()
+    assert str(random_input((2, 4, 3), 2).ravel()[0].astype(int)) in markup
+
+
+def test_demo_walks_through_the_note_and_checks_its_claims_out_loud(tmp_path):
+    result = normlab_cli("demo", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for claim in (
+        "✓ feature 0: [4, 3, 2], the middle value is the mean, so it becomes exactly 0",
+        "✓ feature 1: 3 and 3 share a group, so their outputs are equal",
+        "✓ feature 2: [2, 2, 2], all values are equal, so they all become 0",
+        "✓ channel 0: 1 and 1 share a group, so their outputs are equal",
+        "✓ channel 1: 2 and 2 share a group, so their outputs are equal",
+    ):
+        assert claim in out
+    for pattern in ("[b] f", "b [f]", "[b] c [s]", "b [c s]", "b t [d]"):
+        assert f"  {pattern}  " in out
+    assert "✗" not in out and re.search(r"✓ (\d+) of \1 claims hold", out)
+    assert len(out.splitlines()) <= 80  # two screens at most
+
+
+def test_demo_writes_its_page_in_the_current_directory_and_prints_where(tmp_path):
+    result = normlab_cli("demo", cwd=tmp_path)
+    page = tmp_path / "normlab-demo.html"
+    assert page.is_file() and page.resolve().as_uri() in result.stdout
+    assert page.read_text(encoding="utf-8").count('<g class="cell"') == 12
+
+
+def test_demo_html_option_moves_the_page(tmp_path):
+    result = normlab_cli("demo", "--html", "sub.html", cwd=tmp_path)
+    assert result.returncode == 0 and (tmp_path / "sub.html").is_file()
+    assert not (tmp_path / "normlab-demo.html").exists()
+
+
+BAD_INPUTS = {
+    "bad JSON": ["explain", "batch", "--data", "[[1,2]"],
+    "ragged data": ["explain", "batch", "--data", "[[1,2],[3]]"],
+    "empty data": ["explain", "batch", "--data", "[[]]"],
+    "non-numbers": ["explain", "batch", "--data", '[["a", "b"]]'],
+    "bad shape string": ["explain", "batch", "--shape", "2,x"],
+    "zero in shape": ["explain", "batch", "--shape", "2,0"],
+    "bad pattern": ["explain", "b (g [c) [s]", "--shape", "2,4,3", "g=2"],
+    "pattern of the wrong rank": ["explain", "b [d]", "--shape", "2,3,4"],
+    "unknown preset word": ["explain", "batchnorm", "--shape", "2,3"],
+    "preset that needs more axes": ["explain", "instance", "--shape", "2,3"],
+    "size that does not parse": ["explain", "group", "--shape", "2,4,3", "g=two"],
+    "size that does not divide": ["explain", "group", "--shape", "2,4,3", "g=3"],
+    "no data": ["explain", "batch"],
+    "both data and shape": ["explain", "batch", "--shape", "2,3", "--data", "[1]"],
+    "bad seed": ["explain", "batch", "--shape", "2,3", "--seed", "x"],
+    "too many elements": ["explain", "batch", "--shape", "100,100"],
+    "unwritable page": ["explain", "batch", "--shape", "2,3", "--html", "no/such/dir/p.html"],
+    "unwritable demo page": ["demo", "--html", "no/such/dir/p.html"],
+}
+
+
+@pytest.mark.parametrize("args", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_gives_one_line_error_and_exit_code_2(tmp_path, args):
+    result = normlab_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("normlab: error: "), result.stderr
+    assert result.stdout == ""

@@ -1,0 +1,209 @@
+"""The explainer at unit level: groups and numbers come from the library, observations are
+true of the note's data and checked against the output's bits, the views render as promised."""
+
+import dataclasses
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+
+import normlab
+from normlab.errors import NormlabError, ShapeError
+from normlab.explain import html as page
+from normlab.explain.cli import one_line
+from normlab.explain.demo import NOTE_2D, NOTE_3D
+from normlab.explain.model import (
+    EPS, all_views, default_groups, explain_array, observations, parse_data, parse_shape, parse_sizes,
+    presets_for_rank, random_input, resolve,
+)
+from normlab.explain.terminal import make_console, render_view
+from normlab.plan import make_plan
+
+
+def texts(view):
+    return {o.text: o.holds for o in observations(view)}
+
+
+@pytest.mark.parametrize("shape, pattern", [((3, 3), "[b] f"), ((2, 2, 3), "[b] c [s]"), ((2, 3, 4, 4), "[b] c [h w]")])
+def test_batch_preset_is_spelled_for_the_rank_of_the_data(shape, pattern):
+    assert resolve("batch", shape)[2] == pattern
+
+
+def test_group_preset_picks_a_group_count_that_divides_the_channels():
+    for channels in range(1, 13):
+        g = resolve("group", (2, channels, 3))[4]["g"]
+        assert channels % g == 0
+    assert default_groups(4) == 2
+
+
+def test_a_preset_without_a_pattern_for_the_rank_raises_a_shape_error():
+    with pytest.raises(ShapeError, match="instance"):
+        resolve("instance", (3, 3))
+
+
+@pytest.mark.parametrize("shape", [(3, 3), (2, 4, 3), (2, 4, 2, 3)])
+def test_every_preset_groups_elements_as_the_plan_does(shape):
+    x = random_input(shape, seed=3)
+    for key in presets_for_rank(len(shape)):
+        view = explain_array(x, key)
+        expected = make_plan(view.pattern, shape, **view.sizes).group_ids()
+        np.testing.assert_array_equal(view.groups, expected)
+
+
+def test_mean_std_and_output_are_the_libraries_own():
+    view = explain_array(NOTE_3D, "layer-vision")
+    y, mean, rstd = normlab.normalize(NOTE_3D, view.pattern, return_stats=True)
+    np.testing.assert_array_equal(view.y, y)
+    np.testing.assert_array_equal(view.mean, mean.ravel())
+    np.testing.assert_allclose(view.std, np.sqrt(1 / rstd.ravel() ** 2 - EPS), rtol=1e-9)
+
+
+def test_batch_norm_on_the_note_2d_example_makes_the_notes_three_claims():
+    found = texts(explain_array(NOTE_2D, "batch"))
+    assert found["feature 0: [4, 3, 2], the middle value is the mean, so it becomes exactly 0"] is True
+    assert found["feature 1: 3 and 3 share a group, so their outputs are equal (+0.7071 at [0, 1] and [1, 1])"] is True
+    assert found["feature 2: [2, 2, 2], all values are equal, so they all become 0"] is True
+
+
+def test_the_notes_x1_and_minus_x1_are_exact_opposites():
+    found = texts(explain_array(NOTE_2D, "batch"))
+    claim = "feature 0: 4 and 2 mirror each other around the mean, so their outputs are opposites (+1.2247, -1.2247)"
+    assert found[claim] is True
+
+
+def test_batch_norm_on_the_note_3d_example_gives_the_two_ones_and_the_two_twos_equal_outputs():
+    found = [o for o in observations(explain_array(NOTE_3D, "batch")) if "share a group" in o.text]
+    assert [(o.text.split(":")[0], o.indices, o.holds) for o in found] == [
+        ("channel 0", (0, 6), True),   # the two 1s at [0, 0, 0] and [1, 0, 0]
+        ("channel 1", (4, 9), True),   # the two 2s at [0, 1, 1] and [1, 1, 0]
+    ]
+
+
+def test_every_observation_on_the_notes_data_holds():
+    for x in (NOTE_2D, NOTE_3D):
+        for key in presets_for_rank(x.ndim):
+            assert all(o.holds for o in observations(explain_array(x, key))), key
+
+
+def test_an_observation_fails_when_the_output_bits_disagree():
+    view = explain_array(NOTE_2D, "batch")
+    tampered = view.y.copy()
+    tampered[1, 0] = np.float32(1e-30)  # the middle of feature 0 is no longer exactly 0
+    tampered[0, 1] = np.nextafter(tampered[0, 1], np.float32(2))  # the two 3s differ by one ulp
+    found = texts(dataclasses.replace(view, y=tampered))
+    assert found["feature 0: [4, 3, 2], the middle value is the mean, so it becomes exactly 0"] is False
+    assert [holds for text, holds in found.items() if text.startswith("feature 1: 3 and 3")] == [False]
+
+
+def test_rms_norm_has_no_mean_so_only_equal_values_are_claimed():
+    x = np.array([[2.0, 2.0, 2.0], [1.0, 1.0, 3.0]], np.float32)
+    found = observations(explain_array(x, "rms"))
+    assert [(o.text.split(" share")[0], o.holds) for o in found] == [
+        ("sample 0: the three 2s", True), ("sample 1: 1 and 1", True)]
+
+
+def render(view, **console_options):
+    buffer = io.StringIO()
+    console = make_console(file=buffer, width=120, **console_options)
+    render_view(console, view)
+    return buffer.getvalue()
+
+
+def test_terminal_view_lays_out_input_groups_and_output_side_by_side():
+    out = render(explain_array(NOTE_2D, "batch"), no_color=True)
+    first = [line for line in out.splitlines() if line.startswith("[[4, 3, 2]")][0]
+    assert re.fullmatch(r"\[\[4, 3, 2\],\s+\[\[A, B, C\],\s+\[\[\+1\.2247, \+0\.7071,\s+0\],\s*", first)
+
+
+def test_legend_gives_each_groups_members_mean_and_std():
+    out = render(explain_array(NOTE_2D, "batch"), no_color=True)
+    assert re.search(r"A\s+feature 0\s+4 3 2\s+3\s+0\.8165", out)
+    assert re.search(r"C\s+feature 2\s+2 2 2\s+2\s+0\b", out)
+
+
+def test_terminal_colours_each_group_when_colour_is_on():
+    out = render(explain_array(NOTE_2D, "batch"), force_terminal=True, color_system="standard")
+    assert "\x1b[" in out
+
+
+def test_no_color_gives_plain_text_even_on_a_terminal():
+    out = render(explain_array(NOTE_2D, "batch"), no_color=True, force_terminal=True)
+    assert "\x1b" not in out and "✓ feature 0" in out
+
+
+def test_the_no_color_environment_variable_gives_plain_text(monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    out = render(explain_array(NOTE_2D, "batch"), force_terminal=True)
+    assert "\x1b" not in out
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[[4, 3", "not valid JSON"), ("[[1, 2], [3]]", "rectangular"), ('["a"]', "numbers"), ("7", "1 to 4 axes"),
+])
+def test_bad_data_raises_a_normlab_error(text, message):
+    with pytest.raises(NormlabError, match=message):
+        parse_data(text)
+
+
+def test_shape_and_sizes_parse_and_reject_what_they_cannot_read():
+    assert parse_shape("2,3,4") == (2, 3, 4)
+    assert parse_sizes(["g=2", "c=3"]) == {"g": 2, "c": 3}
+    for bad in ("2,,3", "2,0", "a"):
+        with pytest.raises(NormlabError):
+            parse_shape(bad)
+    for bad in ("g", "g=two", "g=0", "=2"):
+        with pytest.raises(NormlabError):
+            parse_sizes([bad])
+
+
+def test_a_pattern_error_becomes_one_line_that_names_the_character():
+    with pytest.raises(normlab.PatternSyntaxError) as caught:
+        make_plan("b (g [c) [h w]", (2, 4, 3, 3))
+    line = one_line(caught.value)
+    assert "\n" not in line and "at character 8" in line and "'[' opened inside ( )" in line
+
+
+def page_cells(markup):
+    return re.findall(r'<g class="cell" data-index="(\d+)" data-pos="([\d,]+)" data-group="(\d+)"', markup)
+
+
+@pytest.mark.parametrize("x", [NOTE_2D, NOTE_3D, random_input((2, 4, 2, 3), seed=1)], ids=["2d", "3d", "4d"])
+def test_page_has_one_cell_per_element_grouped_as_the_plan_says(x):
+    views = all_views(x)
+    markup = page.build_page(views, "batch")
+    cells = page_cells(markup)
+    assert [int(i) for i, _, _ in cells] == list(range(x.size))
+    expected = make_plan(views[0].pattern, x.shape).group_ids().ravel()
+    assert [int(g) for _, _, g in cells] == expected.tolist()
+
+
+def test_page_embeds_every_norms_grouping_and_results_from_the_library():
+    markup = page.build_page(all_views(NOTE_3D), "batch")
+    data = json.loads(re.search(r'id="normlab-data">(.*?)</script>', markup, re.S).group(1))
+    assert [n["key"] for n in data["norms"]] == ["batch", "layer-vision", "layer", "instance", "group", "rms"]
+    for norm in data["norms"]:
+        plan = make_plan(norm["pattern"], NOTE_3D.shape, **norm["sizes"])
+        assert norm["groups"] == plan.group_ids().ravel().tolist()
+        y = normlab.normalize(NOTE_3D, norm["pattern"], rms=norm["rms"], **norm["sizes"])
+        assert norm["output"] == y.ravel().astype(float).tolist()
+
+
+def test_page_loads_nothing_from_the_network():
+    markup = page.build_page(all_views(NOTE_3D), "batch")
+    assert not re.search(r"https?://|<link|@import|@font-face|\bsrc=", markup)
+
+
+def test_cube_page_labels_the_n_c_and_hw_axes_and_grid_page_does_not_draw_a_cube():
+    cube = page.build_page(all_views(NOTE_3D))
+    assert "N · batch" in cube and "C · channels" in cube and "H·W · positions" in cube
+    assert "H × W" in page.build_page(all_views(random_input((2, 2, 2, 2))))
+    grid = page.build_page(all_views(NOTE_2D))
+    assert "F · features" in grid and 'class="outline"' not in grid
+
+
+def test_a_custom_pattern_comes_first_on_the_page_with_the_presets_after_it():
+    view = explain_array(NOTE_3D, "b [c] s")
+    keys = [v.key for v in all_views(NOTE_3D, view)]
+    assert keys[0] == "custom" and "batch" in keys
