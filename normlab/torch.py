@@ -883,7 +883,8 @@ class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
     """``torch.nn.SyncBatchNorm`` on any ``torch.distributed`` backend: gloo on CPU
     (torch's own is CUDA-only) and NCCL on GPU.
 
-    In training with more than one rank, each rank all-gathers the per-channel
+    In training with more than one rank (on CUDA: torch's own fused SyncBatchNorm unless
+    :func:`use_path` forces ``"composite"``), each rank all-gathers the per-channel
     ``(count, mean, M2)`` and merges them count-weighted (exact for unequal batch sizes);
     the backward pass all-reduces the two per-channel sums Σdy and Σdy·x̂. Running
     statistics then equal BatchNorm's on the concatenated batch. Otherwise it is
@@ -913,6 +914,9 @@ class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
             if path == "native":  # torch's SyncBatchNorm is batch norm with one rank
                 return nn.modules.batchnorm._BatchNorm.forward(self, input)
             return _batch_norm_forward(self, input)
+        if _choose_path(input, has_native=input.is_cuda) == "native":
+            # torch's fused CUDA kernels (also count-weighted); gloo on CPU has no native op
+            return nn.SyncBatchNorm.forward(self, input)
         factor = _average_factor(self)
         group = self.process_group or torch.distributed.group.WORLD
         return _SyncBatchNormFunction.apply(input, self.weight, self.bias, self, factor, group, world_size)
