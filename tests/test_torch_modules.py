@@ -2,6 +2,8 @@
 gradients and running statistics over several training steps, on every path."""
 
 import copy
+import subprocess
+import sys
 
 import pytest
 
@@ -267,3 +269,8 @@ class TestGenericNorm:
         norm.reset_parameters()
         assert torch.equal(norm.running_mean, torch.zeros(3)) and norm.num_batches_tracked.item() == 0
         assert "'[b] c'" in repr(norm) and "c=3" in repr(norm)
+
+
+def test_import_normlab_does_not_import_torch():
+    code = "import sys, normlab; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=__file__.rsplit("/tests/", 1)[0]).returncode == 0
