@@ -236,8 +236,7 @@ def _inverse(perm):
 # The custom ops: the engine behind torch.library, with fake kernels and autograd
 
 
-@torch.library.custom_op("normlab::normalize", mutates_args=())
-def _normalize_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pattern: str,
+def _normalize_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pattern: str,
                   params: Optional[str], sizes: str, eps: float, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, mean, rstd)``: y like x (same strides); mean and rstd float64 of the plan's
     stats_shape (mean is zeros for RMS)."""
@@ -256,6 +255,9 @@ def _normalize_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], p
     return y, torch.from_numpy(np.ascontiguousarray(mean)), torch.from_numpy(np.ascontiguousarray(rstd))
 
 
+_normalize_op = torch.library.custom_op("normlab::normalize", mutates_args=())(_normalize_impl)
+
+
 @_normalize_op.register_fake
 def _normalize_fake(x, weight, bias, pattern, params, sizes, eps, rms):
     stats_shape = make_plan(pattern, tuple(x.shape), params, **_sizes_dict(sizes)).stats_shape
@@ -263,8 +265,7 @@ def _normalize_fake(x, weight, bias, pattern, params, sizes, eps, rms):
             x.new_empty(stats_shape, dtype=torch.float64))
 
 
-@torch.library.custom_op("normlab::normalize_backward", mutates_args=())
-def _normalize_backward_op(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+def _normalize_backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
                            pattern: str, params: Optional[str], sizes: str, eps: float, rms: bool,
                            need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_x, grad_weight, grad_bias)``; a gradient not asked for is an empty tensor."""
@@ -289,6 +290,10 @@ def _normalize_backward_op(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], 
             torch.from_numpy(grad_b) if need_bias and grad_b is not None else empty.clone())
 
 
+_normalize_backward_op = torch.library.custom_op("normlab::normalize_backward",
+                                                 mutates_args=())(_normalize_backward_impl)
+
+
 @_normalize_backward_op.register_fake
 def _normalize_backward_fake(grad_y, x, weight, mean, rstd, pattern, params, sizes, eps, rms, need_bias):
     param_shape = make_plan(pattern, tuple(x.shape), params, **_sizes_dict(sizes)).param_shape
@@ -306,16 +311,38 @@ def _normalize_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _normalize_autograd(ctx, grad_y, _grad_mean, _grad_rstd):
+def _normalize_autograd(ctx, grad_y, _grad_mean, _grad_rstd, backward=_normalize_backward_op):
     x, weight, mean, rstd = ctx.saved_tensors
     pattern, params, sizes, eps, rms = ctx.arguments
-    grad_x, grad_w, grad_b = _normalize_backward_op(grad_y, x, weight, mean, rstd, pattern, params, sizes,
-                                                    eps, rms, ctx.has_bias)
+    grad_x, grad_w, grad_b = backward(grad_y, x, weight, mean, rstd, pattern, params, sizes, eps, rms,
+                                      ctx.has_bias)
     return (grad_x, grad_w if weight is not None else None, grad_b if ctx.has_bias else None,
             None, None, None, None, None)
 
 
 torch.library.register_autograd("normlab::normalize", _normalize_autograd, setup_context=_normalize_setup_context)
+
+
+class _EagerNormalize(torch.autograd.Function):
+    """The custom op's forward and autograd without the dispatcher, for plain eager
+    tensors: the same functions, about 100 µs less per call. Compilation, export and
+    tensor subclasses (fake tensors among them) go through the registered op."""
+
+    @staticmethod
+    def forward(x, weight, bias, pattern, params, sizes, eps, rms):
+        return _normalize_impl(x, weight, bias, pattern, params, sizes, eps, rms)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _normalize_setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_rstd):
+        return _normalize_autograd(ctx, grad_y, grad_mean, grad_rstd, backward=_normalize_backward_impl)
+
+
+def _is_eager(*tensors) -> bool:
+    return not torch.compiler.is_compiling() and all(t is None or type(t) in (Tensor, nn.Parameter) for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------
@@ -348,7 +375,8 @@ def _expanded_param(param: Optional[Tensor], plan) -> Optional[Tensor]:
 
 @_in_compute_dtype
 def _kernel_normalize(x, weight, bias, spec: Spec, eps: float):
-    return _normalize_op(x, weight, bias, spec.pattern, spec.params, spec.sizes, float(eps), spec.rms)
+    run = _EagerNormalize.apply if _is_eager(x, weight, bias) else _normalize_op
+    return run(x, weight, bias, spec.pattern, spec.params, spec.sizes, float(eps), spec.rms)
 
 
 @_in_compute_dtype

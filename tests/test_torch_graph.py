@@ -31,7 +31,8 @@ GRADCHECK_LAYOUTS = [(case, False) for case in GRADCHECK_CASES] + [
 @pytest.mark.parametrize("pattern, params, sizes, shape, rms, channels_last",
                          [case[1:] + (channels_last,) for case, channels_last in GRADCHECK_LAYOUTS],
                          ids=[case[0] + ("-channels_last" if cl else "") for case, cl in GRADCHECK_LAYOUTS])
-def test_custom_op_passes_gradcheck_in_float64(pattern, params, sizes, shape, rms, channels_last):
+@pytest.mark.parametrize("route", ["registered_op", "eager_function"])
+def test_custom_op_passes_gradcheck_in_float64(pattern, params, sizes, shape, rms, channels_last, route):
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=torch.float64)
     if channels_last:
@@ -41,7 +42,12 @@ def test_custom_op_passes_gradcheck_in_float64(pattern, params, sizes, shape, rm
     weight, bias = _parameters(param_shape, rms)
     inputs = (x, weight) if rms else (x, weight, bias)
 
+    spec = nt.Spec.build(pattern, params, rms, **sizes)
+
     def function(x, weight, bias=None):
+        if route == "registered_op":
+            return torch.ops.normlab.normalize(x, weight, bias, pattern, params, spec.sizes, 1e-3, rms)[0]
+        assert nt._is_eager(x, weight, bias)
         return nt.normalize(x, pattern, weight=weight, bias=bias, params=params, eps=1e-3, rms=rms, **sizes)
 
     assert torch.autograd.gradcheck(function, inputs)
