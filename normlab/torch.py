@@ -42,7 +42,7 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -145,8 +145,32 @@ class Spec:
     def size_dict(self) -> dict:
         return _sizes_dict(self.sizes)
 
-    def plan(self, shape):
-        return make_plan(self.pattern, tuple(shape), self.params, **self.size_dict)
+    def plan(self, shape) -> "PlanFacts":
+        """The plan's facts the torch code needs, for an input of ``shape``."""
+        return PlanFacts(*_plan_facts(self.pattern, tuple(int(s) for s in shape), self.params, self.sizes))
+
+
+class PlanFacts(NamedTuple):
+    """What the torch-side code needs from a :class:`normlab.plan.Plan`, as plain tuples
+    (so that torch.compile can take them as constants)."""
+
+    axis_names: tuple[str, ...]
+    axis_sizes: tuple[int, ...]
+    reduced: tuple[bool, ...]
+    reduced_axes: tuple[int, ...]
+    group_size: int
+    param_split_shape: tuple[int, ...]  # weight split into its axes, in params order
+    param_order: tuple[int, ...]  # the permutation that puts those axes in pattern order
+    param_broadcast_shape: tuple[int, ...]
+
+
+@torch.compiler.assume_constant_result
+def _plan_facts(pattern: str, shape: tuple[int, ...], params: Optional[str], sizes: str) -> tuple:
+    # torch.compile runs this at trace time and keeps the result; the plan code is not traceable
+    plan = make_plan(pattern, shape, params, **_sizes_dict(sizes))
+    order = tuple(sorted(range(len(plan.param_axes)), key=lambda k: plan.param_axes[k]))
+    return (plan.axis_names, plan.axis_sizes, plan.reduced, plan.reduced_axes, plan.group_size,
+            tuple(plan.axis_sizes[i] for i in plan.param_axes), order, plan.param_broadcast_shape)
 
 
 def _sizes_text(sizes: dict) -> str:
@@ -364,13 +388,11 @@ def _in_compute_dtype(compute):
     return wrapper
 
 
-def _expanded_param(param: Optional[Tensor], plan) -> Optional[Tensor]:
-    """A weight/bias of ``plan.param_shape`` laid out to broadcast against the expanded view."""
+def _expanded_param(param: Optional[Tensor], plan: PlanFacts) -> Optional[Tensor]:
+    """A weight/bias of the plan's param_shape laid out to broadcast against the expanded view."""
     if param is None:
         return None
-    split = param.reshape(tuple(plan.axis_sizes[i] for i in plan.param_axes))
-    order = sorted(range(len(plan.param_axes)), key=lambda k: plan.param_axes[k])
-    return split.permute(order).reshape(plan.param_broadcast_shape)
+    return param.reshape(plan.param_split_shape).permute(plan.param_order).reshape(plan.param_broadcast_shape)
 
 
 @_in_compute_dtype

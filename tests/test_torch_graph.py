@@ -124,3 +124,17 @@ def test_convert_sync_batchnorm_builds_normlab_sync_layers():
     converted = nt.SyncBatchNorm.convert_sync_batchnorm(model)
     assert type(converted[1]) is nt.SyncBatchNorm
     assert converted[1].weight is model[1].weight
+
+
+@pytest.mark.parametrize("path", ["kernel", "composite"])
+def test_torch_compile_fullgraph_traces_generic_norms_in_training_and_evaluation(path):
+    model = torch.nn.Sequential(
+        nt.Norm("b (g [c]) [h w]", params="(g c)", g=2, c=2),
+        nt.Norm("[b] c [h w]", params="c", c=4, track_running_stats=True),
+    )
+    x = torch.randn(2, 4, 3, 3)
+    with nt.use_path(path):
+        for mode in ("train", "eval"):
+            getattr(model, mode)()
+            expected = model(x)
+            torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x), expected)
