@@ -116,43 +116,103 @@ def _choose_path(x: Tensor, has_native: bool) -> str:
 
 
 @dataclass(frozen=True)
+class DimSpec:
+    """One input axis of a pattern, as plain tuples: its factors' names, whether each is
+    reduced and their sizes where given (None: inferred from the input)."""
+
+    names: tuple[str, ...]
+    reduced: tuple[bool, ...]
+    sizes: tuple[Optional[int], ...]
+    is_ellipsis: bool = False
+
+
+@dataclass(frozen=True)
 class Spec:
     """What one module normalizes: the pattern, the axes weight spans, the axis sizes
-    (``"g=32"`` text, so the custom op can take it) and RMS or not."""
+    (``"g=32"`` text, so the custom op can take it) and RMS or not, plus the parsed pattern
+    as plain tuples (``dims``, ``param_items``) that torch.compile can trace through."""
 
     pattern: str
     params: Optional[str]
     sizes: str = ""
     rms: bool = False
+    dims: tuple[DimSpec, ...] = ()
+    param_items: tuple[tuple[str, ...], ...] = ()
 
     @staticmethod
     def build(pattern: str, params: Optional[str] = None, rms: bool = False, **sizes: int) -> "Spec":
         """Check the pattern and params now, so a bad one fails at construction time."""
         parsed = parse_pattern(pattern)
-        if params is not None:
-            for item in parse_params(params):
-                for name in item:
-                    if name not in parsed.names:
-                        raise ParamsError(f"params {params!r} names axis {name!r}, which pattern {pattern!r} "
-                                          f"does not have: name axes from {', '.join(parsed.names)}")
+        items = parse_params(params) if params is not None else ()
+        for item in items:
+            for name in item:
+                if name not in parsed.names:
+                    raise ParamsError(f"params {params!r} names axis {name!r}, which pattern {pattern!r} "
+                                      f"does not have: name axes from {', '.join(parsed.names)}")
         for name, value in sizes.items():
             if name not in parsed.names:
                 raise ShapeError(f"pattern {pattern!r}: size {name}={value!r} names no axis of the pattern; "
                                  f"use one of {', '.join(parsed.names)}")
-        return Spec(pattern, params, _sizes_text(sizes), rms)
+        dims = tuple(
+            DimSpec((), (dim.reduced,), (), is_ellipsis=True) if dim.is_ellipsis else
+            DimSpec(tuple(a.name for a in dim.factors), tuple(a.reduced for a in dim.factors),
+                    tuple(sizes.get(a.name) for a in dim.factors))
+            for dim in parsed.dims)
+        return Spec(pattern, params, _sizes_text(sizes), rms, dims, tuple(items))
 
     @property
     def size_dict(self) -> dict:
         return _sizes_dict(self.sizes)
 
     def plan(self, shape) -> "PlanFacts":
-        """The plan's facts the torch code needs, for an input of ``shape``."""
-        return PlanFacts(*_plan_facts(self.pattern, tuple(int(s) for s in shape), self.params, self.sizes))
+        """The plan's facts the torch code needs, for an input of ``shape``: plain integer
+        arithmetic on the shape, so torch.compile traces it (dynamic shapes included).
+        In eager mode :func:`normlab.make_plan` checks the shape first, for its errors."""
+        if not torch.compiler.is_compiling():
+            make_plan(self.pattern, tuple(shape), self.params, **self.size_dict)
+        names, axis_sizes, reduced = [], [], []
+        ellipsis_rank = len(shape) - (len(self.dims) - 1)
+        index = 0
+        for dim in self.dims:
+            if dim.is_ellipsis:
+                for k in range(ellipsis_rank):
+                    names.append(f"_ellipsis{k}")
+                    axis_sizes.append(shape[index])
+                    reduced.append(dim.reduced[0])
+                    index += 1
+                continue
+            size = shape[index]
+            index += 1
+            known = 1
+            for factor_size in dim.sizes:
+                if factor_size is not None:
+                    known *= factor_size
+            for name, factor_reduced, factor_size in zip(dim.names, dim.reduced, dim.sizes):
+                names.append(name)
+                axis_sizes.append(size if len(dim.names) == 1 else factor_size if factor_size is not None
+                                  else size // known)
+                reduced.append(factor_reduced)
+        lookup = {name: i for i, name in enumerate(names)}
+        param_axes = [lookup[name] for item in self.param_items for name in item]
+        group_size = 1
+        for i, is_reduced in enumerate(reduced):
+            if is_reduced:
+                group_size *= axis_sizes[i]
+        param_shape = []
+        for item in self.param_items:
+            size = 1
+            for name in item:
+                size *= axis_sizes[lookup[name]]
+            param_shape.append(size)
+        return PlanFacts(
+            tuple(names), tuple(axis_sizes), tuple(reduced), tuple(i for i, r in enumerate(reduced) if r), group_size,
+            tuple(axis_sizes[a] for a in param_axes),
+            tuple(sorted(range(len(param_axes)), key=lambda k: param_axes[k])),
+            tuple(s if i in param_axes else 1 for i, s in enumerate(axis_sizes)), tuple(param_shape))
 
 
 class PlanFacts(NamedTuple):
-    """What the torch-side code needs from a :class:`normlab.plan.Plan`, as plain tuples
-    (so that torch.compile can take them as constants)."""
+    """What the torch-side code needs from a :class:`normlab.plan.Plan`, as plain tuples."""
 
     axis_names: tuple[str, ...]
     axis_sizes: tuple[int, ...]
@@ -162,15 +222,7 @@ class PlanFacts(NamedTuple):
     param_split_shape: tuple[int, ...]  # weight split into its axes, in params order
     param_order: tuple[int, ...]  # the permutation that puts those axes in pattern order
     param_broadcast_shape: tuple[int, ...]
-
-
-@torch.compiler.assume_constant_result
-def _plan_facts(pattern: str, shape: tuple[int, ...], params: Optional[str], sizes: str) -> tuple:
-    # torch.compile runs this at trace time and keeps the result; the plan code is not traceable
-    plan = make_plan(pattern, shape, params, **_sizes_dict(sizes))
-    order = tuple(sorted(range(len(plan.param_axes)), key=lambda k: plan.param_axes[k]))
-    return (plan.axis_names, plan.axis_sizes, plan.reduced, plan.reduced_axes, plan.group_size,
-            tuple(plan.axis_sizes[i] for i in plan.param_axes), order, plan.param_broadcast_shape)
+    param_shape: tuple[int, ...]
 
 
 def _sizes_text(sizes: dict) -> str:
