@@ -127,14 +127,16 @@ def test_convert_sync_batchnorm_builds_normlab_sync_layers():
 
 
 @pytest.mark.parametrize("path", ["kernel", "composite"])
-def test_torch_compile_fullgraph_traces_generic_norms_in_training_and_evaluation(path):
+def test_torch_compile_fullgraph_traces_generic_norms_with_dynamic_shapes_in_training_and_evaluation(path):
     model = torch.nn.Sequential(
         nt.Norm("b (g [c]) [h w]", params="(g c)", g=2, c=2),
         nt.Norm("[b] c [h w]", params="c", c=4, track_running_stats=True),
     )
-    x = torch.randn(2, 4, 3, 3)
     with nt.use_path(path):
         for mode in ("train", "eval"):
             getattr(model, mode)()
-            expected = model(x)
-            torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x), expected)
+            compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+            for batch in (2, 5):  # one graph for changing batch sizes
+                x = torch.randn(batch, 4, 3, 3)
+                expected = model(x)
+                torch.testing.assert_close(compiled(x), expected)
