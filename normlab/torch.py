@@ -405,12 +405,10 @@ class _EagerNormalize(torch.autograd.Function):
     tensor subclasses (fake tensors among them) go through the registered op."""
 
     @staticmethod
-    def forward(x, weight, bias, pattern, params, sizes, eps, rms):
-        return _normalize_impl(x, weight, bias, pattern, params, sizes, eps, rms)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
+    def forward(ctx, *inputs):  # the ctx-first form: apply() then skips inspect.signature
+        output = _normalize_impl(*inputs)
         _normalize_setup_context(ctx, inputs, output)
+        return output
 
     @staticmethod
     def backward(ctx, grad_y, grad_mean, grad_rstd):
