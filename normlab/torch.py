@@ -28,7 +28,8 @@ normalized with the biased one.
   permutation such as channels_last) into :func:`normlab.normalize` through the custom
   op ``torch.ops.normlab.normalize``, registered with ``torch.library`` with a fake
   kernel and an autograd formula, so ``torch.compile(fullgraph=True)`` and
-  ``torch.export`` see one op;
+  ``torch.export`` see one op (plain eager tensors call the same functions through an
+  ``autograd.Function``, skipping the dispatcher's per-call cost);
 * ``"native"``: torch's own op (``F.batch_norm``, ``F.layer_norm``, ...) for other
   devices and dtypes, where the pattern has one;
 * ``"composite"``: the same math written in torch operations, for any pattern.
