@@ -782,7 +782,8 @@ class Norm(nn.Module):
     ``params`` names the axes ``weight`` and ``bias`` span; their sizes must be given
     (``c=64``). With ``track_running_stats=True`` the running statistics span
     ``running_axes`` (default: the kept axes that ``params`` names), averaged over the
-    other kept axes; in evaluation they normalize, as batch norm does. Momentum follows
+    other kept axes; in evaluation they normalize, as batch norm does. ``rms=True`` has a
+    weight and no bias, as RMSNorm. Momentum follows
     torch (see the module docstring). A bad pattern fails here, not in the first forward.
 
     Channels-last batch norm and a group norm with per-group parameters:

@@ -274,3 +274,28 @@ class TestGenericNorm:
 def test_import_normlab_does_not_import_torch():
     code = "import sys, normlab; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=__file__.rsplit("/tests/", 1)[0]).returncode == 0
+
+
+@pytest.mark.parametrize("layout", ["channels_last_layer_norm", "transposed", "strided_slice"])
+def test_permuted_and_strided_inputs_match_torch_and_keep_their_strides(layout):
+    torch.manual_seed(0)
+    if layout == "channels_last_layer_norm":
+        reference, x = torch.nn.LayerNorm((4, 5)), torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        reference, x = torch.nn.LayerNorm(5), torch.randn(5, 4).t()
+    else:
+        reference, x = torch.nn.InstanceNorm1d(6, affine=True), torch.randn(4, 6, 10)[:, :, ::2]
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.normal_()
+    twin = nt.convert(copy.deepcopy(reference))
+    x.requires_grad_()
+    grad_y = torch.randn(x.shape)
+    y = twin(x)
+    expected = reference(x)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-4)
+    if layout != "strided_slice":  # a slice with gaps is copied; a dense permutation is not
+        assert y.stride() == x.stride()
+    (grad_x,) = torch.autograd.grad((y * grad_y).sum(), x)
+    (expected_grad_x,) = torch.autograd.grad((expected * grad_y).sum(), x)
+    torch.testing.assert_close(grad_x, expected_grad_x, atol=1e-5, rtol=1e-4)
