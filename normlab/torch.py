@@ -47,7 +47,6 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlab import core
@@ -374,9 +373,10 @@ _normalize_backward_op = torch.library.custom_op("normlab::normalize_backward",
 @_normalize_backward_op.register_fake
 def _normalize_backward_fake(grad_y, x, weight, mean, rstd, pattern, params, sizes, eps, rms, need_bias):
     param_shape = make_plan(pattern, tuple(x.shape), params, **_sizes_dict(sizes)).param_shape
+    param_dtype = x.dtype if weight is None else weight.dtype  # as normlab.normalize_backward returns
     return (torch.empty_like(x),
-            x.new_empty(param_shape if weight is not None else (0,), dtype=weight.dtype if weight is not None else x.dtype),
-            x.new_empty(param_shape if need_bias else (0,), dtype=weight.dtype if weight is not None else x.dtype))
+            x.new_empty(param_shape if weight is not None else (0,), dtype=param_dtype),
+            x.new_empty(param_shape if need_bias else (0,), dtype=param_dtype))
 
 
 def _normalize_setup_context(ctx, inputs, output):
