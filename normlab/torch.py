@@ -360,7 +360,7 @@ def _normalize_backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor]
     grad_x = torch.from_numpy(grad_x)
     if perm is not None:
         grad_x = grad_x.permute(_inverse(perm))
-    empty = x.new_empty(0)
+    empty = x.new_empty(0, dtype=x.dtype if weight is None else weight.dtype)  # as the fake kernel
     return (grad_x,
             empty if grad_w is None or weight is None else torch.from_numpy(grad_w),
             torch.from_numpy(grad_b) if need_bias and grad_b is not None else empty.clone())
