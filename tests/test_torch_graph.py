@@ -1,0 +1,142 @@
+"""The custom ops: gradcheck, opcheck, torch.compile(fullgraph=True), torch.export, convert."""
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import normlab.torch as nt  # noqa: E402
+
+GRADCHECK_CASES = [
+    ("batch_norm", "[b] c [h w]", "c", {}, (3, 4, 2, 2), False),
+    ("layer_norm", "... [d]", "d", {}, (2, 3, 5), False),
+    ("group_norm", "b (g [c]) [h w]", "(g c)", {"g": 2}, (2, 6, 2, 2), False),
+    ("rms_norm", "b [d]", "d", {}, (3, 5), True),
+    ("instance_norm", "b c [l]", "c", {}, (2, 3, 4), False),
+]
+
+
+def _parameters(plan_shape, rms):
+    weight = torch.randn(plan_shape, dtype=torch.float64, requires_grad=True)
+    bias = None if rms else torch.randn(plan_shape, dtype=torch.float64, requires_grad=True)
+    return weight, bias
+
+
+GRADCHECK_LAYOUTS = [(case, False) for case in GRADCHECK_CASES] + [
+    (case, True) for case in GRADCHECK_CASES if len(case[4]) == 4  # channels_last needs 4-D
+]
+
+
+@pytest.mark.parametrize("pattern, params, sizes, shape, rms, channels_last",
+                         [case[1:] + (channels_last,) for case, channels_last in GRADCHECK_LAYOUTS],
+                         ids=[case[0] + ("-channels_last" if cl else "") for case, cl in GRADCHECK_LAYOUTS])
+@pytest.mark.parametrize("route", ["registered_op", "eager_function"])
+def test_custom_op_passes_gradcheck_in_float64(pattern, params, sizes, shape, rms, channels_last, route):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    param_shape = nt.Spec.build(pattern, params, rms, **sizes).plan(shape).param_shape
+    weight, bias = _parameters(param_shape, rms)
+    inputs = (x, weight) if rms else (x, weight, bias)
+
+    spec = nt.Spec.build(pattern, params, rms, **sizes)
+
+    def function(x, weight, bias=None):
+        if route == "registered_op":
+            return torch.ops.normlab.normalize(x, weight, bias, pattern, params, spec.sizes, 1e-3, rms)[0]
+        assert nt._is_eager(x, weight, bias)
+        return nt.normalize(x, pattern, weight=weight, bias=bias, params=params, eps=1e-3, rms=rms, **sizes)
+
+    assert torch.autograd.gradcheck(function, inputs)
+
+
+def test_opcheck_accepts_the_schema_fake_kernel_and_autograd_registration():
+    x = torch.randn(3, 6, 2, 2, dtype=torch.float64).to(memory_format=torch.channels_last)
+    weight = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    result = torch.library.opcheck(torch.ops.normlab.normalize.default,
+                                   (x.requires_grad_(), weight, bias, "b (g [c]) [h w]", "(g c)", "g=2", 1e-5, False))
+    assert set(result.values()) == {"SUCCESS"}
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.GroupNorm(2, 8), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.LayerNorm(8 * 3 * 3), torch.nn.RMSNorm(8 * 3 * 3),
+    )
+
+
+def test_torch_compile_fullgraph_traces_the_converted_model_without_graph_breaks():
+    reference = _model()
+    model = nt.convert(copy.deepcopy(reference))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 3, 5, 5)
+    y = compiled(x)
+    y.square().sum().backward()
+    expected = reference(x)
+    expected.square().sum().backward()
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model[0].weight.grad, reference[0].weight.grad, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+
+
+def test_torch_export_sees_one_normlab_op_per_norm_layer():
+    model = nt.convert(_model())
+    exported = torch.export.export(model, (torch.randn(4, 3, 5, 5),))
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.normlab.normalize.default) == 4
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_convert_keeps_parameters_buffers_and_outputs():
+    reference = _model().double()
+    reference(torch.randn(4, 3, 5, 5, dtype=torch.float64))  # non-trivial running statistics
+    model = copy.deepcopy(reference)
+    weights = [p for p in model.parameters()]
+    converted = nt.convert(model)
+    assert converted is model
+    assert [type(m).__module__ for m in (model[1], model[2], model[5], model[6])] == ["normlab.torch"] * 4
+    assert all(a is b for a, b in zip(weights, converted.parameters()))  # the same objects
+    assert all(p.dtype == torch.float64 for p in converted.parameters())
+    for name, value in reference.state_dict().items():
+        assert torch.equal(converted.state_dict()[name], value), name
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    for mode in ("train", "eval"):
+        getattr(reference, mode)()
+        getattr(converted, mode)()
+        torch.testing.assert_close(converted(x), reference(x))
+
+
+def test_convert_replaces_a_lone_norm_layer_and_leaves_other_modules_alone():
+    layer = torch.nn.InstanceNorm2d(3, affine=True)
+    assert type(nt.convert(layer)) is nt.InstanceNorm2d
+    linear = torch.nn.Linear(2, 2)
+    assert nt.convert(linear) is linear
+
+
+def test_convert_sync_batchnorm_builds_normlab_sync_layers():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    converted = nt.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(converted[1]) is nt.SyncBatchNorm
+    assert converted[1].weight is model[1].weight
+
+
+@pytest.mark.parametrize("path", ["kernel", "composite"])
+def test_torch_compile_fullgraph_traces_generic_norms_with_dynamic_shapes_in_training_and_evaluation(path):
+    model = torch.nn.Sequential(
+        nt.Norm("b (g [c]) [h w]", params="(g c)", g=2, c=2),
+        nt.Norm("[b] c [h w]", params="c", c=4, track_running_stats=True),
+    )
+    with nt.use_path(path):
+        for mode in ("train", "eval"):
+            getattr(model, mode)()
+            compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+            for batch in (2, 5):  # one graph for changing batch sizes
+                x = torch.randn(batch, 4, 3, 3)
+                expected = model(x)
+                torch.testing.assert_close(compiled(x), expected)

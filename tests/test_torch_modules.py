@@ -1,0 +1,301 @@
+"""normlab.torch modules against torch.nn as the oracle: outputs, input and parameter
+gradients and running statistics over several training steps, on every path."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import normlab.torch as nt  # noqa: E402
+from normlab.errors import NormlabError, PatternSyntaxError  # noqa: E402
+
+STEPS = 3
+
+# (id, torch.nn module factory, input shape): one table drives the parity tests
+CASES = [
+    ("batch_norm_1d", lambda: torch.nn.BatchNorm1d(5), (6, 5)),
+    ("batch_norm_1d_cumulative", lambda: torch.nn.BatchNorm1d(4, momentum=None), (6, 4, 3)),
+    ("batch_norm_2d", lambda: torch.nn.BatchNorm2d(3), (4, 3, 5, 5)),
+    ("batch_norm_2d_no_affine", lambda: torch.nn.BatchNorm2d(3, affine=False), (4, 3, 5, 5)),
+    ("batch_norm_2d_untracked", lambda: torch.nn.BatchNorm2d(3, track_running_stats=False), (4, 3, 5, 5)),
+    ("batch_norm_3d", lambda: torch.nn.BatchNorm3d(2, momentum=0.3), (3, 2, 3, 3, 3)),
+    ("layer_norm_2_axes", lambda: torch.nn.LayerNorm((4, 5)), (3, 4, 5)),
+    ("layer_norm_no_bias", lambda: torch.nn.LayerNorm(6, bias=False), (2, 3, 6)),
+    ("layer_norm_no_affine", lambda: torch.nn.LayerNorm(6, elementwise_affine=False), (4, 6)),
+    ("group_norm", lambda: torch.nn.GroupNorm(2, 6), (3, 6, 4, 4)),
+    ("group_norm_2d_input_no_affine", lambda: torch.nn.GroupNorm(3, 6, affine=False), (3, 6)),
+    ("instance_norm_1d", lambda: torch.nn.InstanceNorm1d(3), (2, 3, 7)),
+    ("instance_norm_2d_tracked", lambda: torch.nn.InstanceNorm2d(3, affine=True, track_running_stats=True),
+     (2, 3, 5, 5)),
+    ("instance_norm_3d_affine", lambda: torch.nn.InstanceNorm3d(2, affine=True), (2, 2, 3, 3, 3)),
+    ("rms_norm", lambda: torch.nn.RMSNorm(6), (4, 6)),
+    ("rms_norm_2_axes_eps", lambda: torch.nn.RMSNorm((3, 4), eps=1e-6), (2, 3, 4)),
+    ("sync_batch_norm_one_process", lambda: torch.nn.SyncBatchNorm(3), (4, 3, 5)),
+]
+IDS = [case[0] for case in CASES]
+TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-9, atol=1e-10)}
+
+
+def twins(factory, dtype):
+    """A torch.nn module with random affine parameters and its normlab twin, built by
+    loading the torch module's state_dict (the load under test)."""
+    torch.manual_seed(0)
+    reference = factory().to(dtype)
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.normal_()
+    twin_class = nt._TWINS[type(reference)]
+    twin = copy.deepcopy(reference)  # same constructor arguments
+    twin.__class__ = twin_class
+    twin._init_spec()
+    twin.load_state_dict(reference.state_dict())
+    return reference, twin
+
+
+def assert_close(actual, expected, dtype, what):
+    torch.testing.assert_close(actual, expected, **TOLERANCE[dtype], msg=lambda m: f"{what}: {m}")
+
+
+def train_and_compare(reference, twin, shape, dtype, steps=STEPS, skip_buffers=()):
+    for step in range(steps):
+        x = (torch.randn(shape, dtype=dtype) * 3 + 1).requires_grad_()
+        x_twin = x.detach().clone().requires_grad_()
+        grad_y = torch.randn(shape, dtype=dtype)
+        y, y_twin = reference(x), twin(x_twin)
+        assert_close(y_twin, y, dtype, f"output at step {step}")
+        (y * grad_y).sum().backward()
+        (y_twin * grad_y).sum().backward()
+        assert_close(x_twin.grad, x.grad, dtype, f"input grad at step {step}")
+    for (name, expected), (twin_name, actual) in zip(reference.named_parameters(), twin.named_parameters()):
+        assert name == twin_name
+        assert_close(actual.grad, expected.grad, dtype, f"{name} grad")
+    for (name, expected), (twin_name, actual) in zip(reference.state_dict().items(), twin.state_dict().items()):
+        assert name == twin_name
+        if name not in skip_buffers:
+            assert_close(actual, expected, dtype, f"{name} after {steps} steps")
+    reference.eval()
+    twin.eval()
+    x = torch.randn(shape, dtype=dtype)
+    assert_close(twin(x), reference(x), dtype, "output in eval mode")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("factory, shape", [case[1:] for case in CASES], ids=IDS)
+def test_module_matches_torch_nn_over_training_steps_on_the_kernel_path(factory, shape, dtype):
+    reference, twin = twins(factory, dtype)
+    with nt.use_path("kernel"):
+        train_and_compare(reference, twin, shape, dtype)
+
+
+@pytest.mark.parametrize("path", ["native", "composite"])
+@pytest.mark.parametrize("factory, shape", [case[1:] for case in CASES], ids=IDS)
+def test_module_matches_torch_nn_on_the_forced_native_and_composite_paths(factory, shape, path):
+    reference, twin = twins(factory, torch.float64)
+    with nt.use_path(path):
+        train_and_compare(reference, twin, shape, torch.float64)
+
+
+def test_auto_path_sends_cpu_float32_to_the_kernel_and_bfloat16_to_torch():
+    assert nt._choose_path(torch.ones(2, dtype=torch.float32), has_native=True) == "kernel"
+    assert nt._choose_path(torch.ones(2, dtype=torch.bfloat16), has_native=True) == "native"
+    assert nt._choose_path(torch.ones(2, dtype=torch.bfloat16), has_native=False) == "composite"
+    with nt.use_path("native"):
+        assert nt._choose_path(torch.ones(2), has_native=False) == "composite"
+
+
+@pytest.mark.parametrize("path", ["auto", "composite", "kernel"])
+def test_bfloat16_input_is_computed_in_float32_and_cast_back(path):
+    reference = torch.nn.LayerNorm(64)
+    twin = nt.LayerNorm(64)
+    x = torch.randn(8, 64).bfloat16()
+    with nt.use_path(path):
+        y = twin(x)
+    assert y.dtype == torch.bfloat16
+    expected = reference(x.float()).bfloat16()
+    torch.testing.assert_close(y, expected, atol=1e-2, rtol=1e-2)
+
+
+def test_the_unknown_path_name_is_refused():
+    with pytest.raises(NormlabError, match="path must be one of"):
+        with nt.use_path("fast"):
+            pass
+
+
+@pytest.mark.parametrize("factory, shape", [case[1:] for case in CASES], ids=IDS)
+def test_state_dict_loads_from_normlab_into_torch_nn(factory, shape):
+    reference, twin = twins(factory, torch.float32)
+    twin.train()
+    twin(torch.randn(shape) * 2 + 3)  # move the running statistics away from torch's
+    fresh = factory()
+    fresh.load_state_dict(twin.state_dict())
+    assert list(fresh.state_dict()) == list(twin.state_dict())
+    for name, value in twin.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+
+
+def test_modules_keep_torch_constructor_defaults_repr_and_isinstance():
+    pairs = [(nt.BatchNorm2d(8), torch.nn.BatchNorm2d(8)), (nt.LayerNorm(8), torch.nn.LayerNorm(8)),
+             (nt.GroupNorm(2, 8), torch.nn.GroupNorm(2, 8)), (nt.InstanceNorm2d(8), torch.nn.InstanceNorm2d(8)),
+             (nt.RMSNorm(8), torch.nn.RMSNorm(8)), (nt.SyncBatchNorm(8), torch.nn.SyncBatchNorm(8))]
+    for ours, theirs in pairs:
+        assert repr(ours) == repr(theirs)
+        assert isinstance(ours, type(theirs))
+        assert list(ours.state_dict()) == list(theirs.state_dict())
+
+
+def test_reset_parameters_restores_unit_weight_zero_bias_and_fresh_running_stats():
+    module = nt.BatchNorm2d(3)
+    with torch.no_grad():
+        module.weight.fill_(5)
+    module(torch.randn(4, 3, 2, 2) + 7)
+    module.reset_parameters()
+    assert torch.equal(module.weight, torch.ones(3)) and torch.equal(module.running_mean, torch.zeros(3))
+    assert module.num_batches_tracked.item() == 0
+
+
+def test_num_batches_tracked_counts_training_steps_only():
+    module = nt.BatchNorm1d(2)
+    for _ in range(3):
+        module(torch.randn(4, 2))
+    module.eval()
+    module(torch.randn(4, 2))
+    assert module.num_batches_tracked.item() == 3
+
+
+def test_batch_norm_refuses_one_value_per_channel_in_training():
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        nt.BatchNorm1d(3)(torch.randn(1, 3))
+
+
+def test_unbatched_input_to_instance_norm_matches_torch():
+    x = torch.randn(3, 7)
+    torch.testing.assert_close(nt.InstanceNorm1d(3)(x), torch.nn.InstanceNorm1d(3)(x))
+
+
+@pytest.mark.parametrize("path", ["kernel", "composite"])
+def test_channels_last_input_gives_channels_last_output_and_grad_equal_to_torch(path):
+    x = torch.randn(4, 6, 5, 5).to(memory_format=torch.channels_last).requires_grad_()
+    grad_y = torch.randn(4, 6, 5, 5)
+    for make in (lambda: torch.nn.BatchNorm2d(6), lambda: torch.nn.GroupNorm(3, 6)):
+        reference = make()
+        twin = nt.convert(copy.deepcopy(reference))
+        with nt.use_path(path):
+            y = twin(x)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        expected = reference(x)
+        torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-4)
+        (grad_x,) = torch.autograd.grad((y * grad_y).sum(), x)
+        (expected_grad_x,) = torch.autograd.grad((expected * grad_y).sum(), x)
+        torch.testing.assert_close(grad_x, expected_grad_x, atol=1e-5, rtol=1e-4)
+
+
+def test_kernel_path_writes_into_the_output_without_copying_a_contiguous_input(monkeypatch):
+    seen = {}
+    original = nt.core.normalize_with_stats
+
+    def spy(x, *args, **kwargs):
+        seen["x"], seen["out"] = x, kwargs["out"]
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(nt.core, "normalize_with_stats", spy)
+    x = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
+    y = nt.BatchNorm2d(3)(x)
+    assert seen["x"].ctypes.data == x.data_ptr()  # a view, not a copy
+    assert seen["out"].ctypes.data == y.data_ptr()
+    assert seen["x"].flags.c_contiguous
+
+
+class TestGenericNorm:
+    def test_batch_norm_pattern_with_running_stats_equals_batch_norm_2d(self):
+        reference = torch.nn.BatchNorm2d(4, momentum=None)
+        norm = nt.Norm("[b] c [h w]", params="c", c=4, momentum=None, track_running_stats=True)
+        with torch.no_grad():
+            reference.weight.normal_()
+        norm.load_state_dict(reference.state_dict())
+        train_and_compare(reference, norm, (5, 4, 3, 3), torch.float32)
+
+    def test_channels_last_pattern_equals_batch_norm_on_the_permuted_input(self):
+        norm = nt.Norm("[b h w] c", params="c", c=4, track_running_stats=True)
+        reference = torch.nn.BatchNorm2d(4)
+        x = torch.randn(3, 5, 5, 4)
+        torch.testing.assert_close(norm(x), reference(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        torch.testing.assert_close(norm.running_var, reference.running_var)
+
+    def test_instance_pattern_averages_running_stats_over_the_batch_as_instance_norm(self):
+        norm = nt.Norm("b c [l]", params="c", c=3, track_running_stats=True)
+        reference = torch.nn.InstanceNorm1d(3, affine=True, track_running_stats=True)
+        # torch's instance norm never counts batches; Norm counts them as batch norm does
+        train_and_compare(reference, norm, (4, 3, 6), torch.float32, skip_buffers=("num_batches_tracked",))
+        assert norm.num_batches_tracked.item() == STEPS
+
+    def test_group_norm_with_one_group_equals_layer_norm_with_per_channel_parameters(self):
+        x = torch.randn(2, 4, 3, 3)
+        norm = nt.Norm("b [c h w]", params="c", c=4)
+        torch.testing.assert_close(norm(x), nt.GroupNorm(1, 4)(x))
+
+    @pytest.mark.parametrize("path", ["kernel", "composite"])
+    def test_per_group_parameters_give_the_same_output_on_both_paths(self, path):
+        norm = nt.Norm("b (g [c]) [h w]", params="g", g=2)
+        with torch.no_grad():
+            norm.weight.copy_(torch.tensor([2.0, -1.0]))
+        x = torch.randn(2, 4, 3, 3)
+        with nt.use_path(path):
+            y = norm(x)
+        expected = torch.nn.functional.group_norm(x, 2) * torch.tensor([2.0, 2.0, -1.0, -1.0]).view(1, 4, 1, 1)
+        torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+    def test_a_bad_pattern_fails_at_construction_with_a_caret(self):
+        with pytest.raises(PatternSyntaxError, match=r"\^"):
+            nt.Norm("b (g [c) [h w]", params="c")
+
+    def test_params_naming_a_missing_axis_fail_at_construction(self):
+        with pytest.raises(NormlabError, match="'d'"):
+            nt.Norm("b [c]", params="d", d=3)
+
+    def test_params_without_sizes_fail_at_construction_and_say_which(self):
+        with pytest.raises(NormlabError, match="c=..."):
+            nt.Norm("[b] c", params="c")
+
+    def test_running_axes_must_be_kept_axes(self):
+        with pytest.raises(NormlabError, match="running_axes"):
+            nt.Norm("[b] c", params="c", c=3, track_running_stats=True, running_axes="b")
+
+    def test_reset_parameters_and_extra_repr_name_the_pattern(self):
+        norm = nt.Norm("[b] c", params="c", c=3, track_running_stats=True)
+        norm(torch.randn(4, 3) + 2)
+        norm.reset_parameters()
+        assert torch.equal(norm.running_mean, torch.zeros(3)) and norm.num_batches_tracked.item() == 0
+        assert "'[b] c'" in repr(norm) and "c=3" in repr(norm)
+
+
+def test_import_normlab_does_not_import_torch():
+    code = "import sys, normlab; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=__file__.rsplit("/tests/", 1)[0]).returncode == 0
+
+
+@pytest.mark.parametrize("layout", ["channels_last_layer_norm", "transposed", "strided_slice"])
+def test_permuted_and_strided_inputs_match_torch_and_keep_their_strides(layout):
+    torch.manual_seed(0)
+    if layout == "channels_last_layer_norm":
+        reference, x = torch.nn.LayerNorm((4, 5)), torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        reference, x = torch.nn.LayerNorm(5), torch.randn(5, 4).t()
+    else:
+        reference, x = torch.nn.InstanceNorm1d(6, affine=True), torch.randn(4, 6, 10)[:, :, ::2]
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.normal_()
+    twin = nt.convert(copy.deepcopy(reference))
+    x.requires_grad_()
+    grad_y = torch.randn(x.shape)
+    y = twin(x)
+    expected = reference(x)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-4)
+    if layout != "strided_slice":  # a slice with gaps is copied; a dense permutation is not
+        assert y.stride() == x.stride()
+    (grad_x,) = torch.autograd.grad((y * grad_y).sum(), x)
+    (expected_grad_x,) = torch.autograd.grad((expected * grad_y).sum(), x)
+    torch.testing.assert_close(grad_x, expected_grad_x, atol=1e-5, rtol=1e-4)
