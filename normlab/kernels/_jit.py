@@ -1,0 +1,57 @@
+"""The one place Numba options live.
+
+Every kernel is a plain Python function decorated with :func:`kernel`; helpers called from
+kernels use :func:`helper`. Numba compiles a function on its first call, and this module
+(which imports Numba) is itself imported only when a kernel is first needed, so
+``import normlab`` needs NumPy alone and a kernel never used never compiles.
+
+Options, and why:
+
+* ``parallel=True`` for the threaded variant; each kernel also has a serial variant
+  (same source, ``prange`` runs as ``range``) for inputs too small to repay starting threads.
+* ``cache=True``: compiled code is written next to the source and reused across processes.
+* no ``fastmath``: it lets LLVM assume no NaN/Inf and reassociate sums, which would break
+  NaN isolation, the exact-zero claims and bit-for-bit determinism.
+* ``error_model="numpy"``: 1/0 gives inf as in NumPy instead of raising inside a kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import numba
+
+NUMBA_OPTIONS = {"cache": True, "fastmath": False, "error_model": "numpy", "nogil": True}
+
+
+def _renamed(fn, suffix: str):
+    """A copy of ``fn`` under another qualname, so that its on-disk cache file is its own
+    (Numba names cache files after the qualname, not after the compile flags)."""
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = fn.__qualname__ + suffix
+    copy.__module__ = fn.__module__
+    return copy
+
+
+class Kernel:
+    """A kernel with a threaded and a serial variant of one source, each compiled on first call."""
+
+    def __init__(self, fn):
+        self.py_func = fn
+        self.parallel = numba.njit(parallel=True, **NUMBA_OPTIONS)(fn)
+        self.serial = numba.njit(parallel=False, **NUMBA_OPTIONS)(_renamed(fn, "_serial"))
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, serial: bool = False):
+        return (self.serial if serial else self.parallel)(*args)
+
+
+def kernel(fn) -> Kernel:
+    """Decorate a kernel: threaded by default, ``serial=True`` for the single-threaded variant."""
+    return Kernel(fn)
+
+
+def helper(fn):
+    """Decorate a helper that kernels call (LLVM inlines it into them)."""
+    return numba.njit(**NUMBA_OPTIONS)(fn)
