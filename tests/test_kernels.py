@@ -227,6 +227,21 @@ def test_functional_presets_run_on_the_kernels_by_default_and_match_torch():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pattern,shape", [("[b] c [s]", (40, 3, 1000)), ("[b] c", (20000, 3))])
+def test_batch_norm_statistics_merged_over_many_chunks_match_the_reference(pattern, shape):
+    # offset data: a wrong merge (or E[x²]−E[x]²) would lose the variance to cancellation
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal(shape) * np.array([1.0, 0.01, 5.0]).reshape((3,) + (1,) * (len(shape) - 2))
+         + 1000.0).astype(np.float32)
+    plan = make_plan(pattern, shape)
+    view = kernels.canonical_view(plan)
+    assert view.outer * view.inner > kernels.CHUNK_ELEMENTS  # several chunks per channel
+    _, stats = normlab.core.normalize_with_stats(x, pattern, backend="numba")
+    _, expected = normlab.core.normalize_with_stats(x, pattern, backend="numpy")
+    np.testing.assert_allclose(stats.mean, expected.mean, rtol=1e-12)
+    np.testing.assert_allclose(stats.var, expected.var, rtol=1e-9)
+
+
 # --- the exactness claims on the kernel path ---------------------------------------------
 
 @pytest.mark.parametrize("pattern,shape", [("b [d]", (3, 257)), ("[b] c [h w]", (40, 2, 32, 32)),
