@@ -133,7 +133,9 @@ def _param_table(expanded, view, ones: bool):
 
 
 def _flat_stats(value, length: int) -> np.ndarray:
-    return np.ascontiguousarray(np.broadcast_to(np.asarray(value, np.float64).reshape(-1), (length,)))
+    """Given statistics as a fresh writeable float64 vector (a read-only array would be
+    another kernel signature, and the backward kernel writes its statistics array)."""
+    return np.array(np.broadcast_to(np.asarray(value, np.float64).reshape(-1), (length,)), np.float64)
 
 
 def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
