@@ -242,6 +242,18 @@ def test_batch_norm_statistics_merged_over_many_chunks_match_the_reference(patte
     np.testing.assert_allclose(stats.var, expected.var, rtol=1e-9)
 
 
+@pytest.mark.parametrize("pattern,shape", [("b [d]", (3, 4096)), ("[b] d", (4096, 3))])
+def test_a_huge_common_offset_costs_no_precision_forward_or_backward(pattern, shape):
+    # the shift by the first element must survive compilation: no rewrite to Σx − n·shift
+    rng = np.random.default_rng(13)
+    x = 1e9 + rng.standard_normal(shape)
+    gy = rng.standard_normal(shape)
+    np.testing.assert_allclose(normlab.normalize(x, pattern, backend="numba"),
+                               normlab.normalize(x, pattern, backend="numpy"), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(normlab.normalize_backward(gy, x, pattern, backend="numba")[0],
+                               normlab.normalize_backward(gy, x, pattern, backend="numpy")[0], rtol=0, atol=1e-12)
+
+
 # --- the exactness claims on the kernel path ---------------------------------------------
 
 @pytest.mark.parametrize("pattern,shape", [("b [d]", (3, 257)), ("[b] c [h w]", (40, 2, 32, 32)),

@@ -19,17 +19,23 @@ Options, and why:
   in the last bits on a CPU with other vector widths. Exact sums (a constant group, a
   symmetric group) are exact in any order, so the exact-zero claims hold.
 * ``error_model="numpy"``: 1/0 gives inf as in NumPy instead of raising inside a kernel.
+
+Numba's on-disk cache is keyed on each kernel's own source file: after editing a helper
+in another module (``sums.py``), delete the ``*.nbi``/``*.nbc`` files under
+``normlab/kernels/__pycache__`` or the kernels keep the old helper.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import types
 
 import numba
 
 NUMBA_OPTIONS = {"cache": True, "fastmath": False, "error_model": "numpy", "nogil": True}
 REDUCTION_FASTMATH = {"reassoc"}  # only reordering of adds: no nnan/ninf, no contract
+_PARALLEL_LOCK = threading.Lock()
 
 
 def _renamed(fn, suffix: str):
@@ -51,7 +57,11 @@ class Kernel:
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args, serial: bool = False):
-        return (self.serial if serial else self.parallel)(*args)
+        if serial:
+            return self.serial(*args)
+        # Numba's fallback "workqueue" thread pool must not be entered from two threads at once
+        with _PARALLEL_LOCK:
+            return self.parallel(*args)
 
 
 def kernel(fn) -> Kernel:
