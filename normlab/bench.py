@@ -3,7 +3,7 @@
 One table of cases (:data:`CASES`) drives the command and the scripts in ``benchmarks/``.
 Every engine gets fresh output arrays on every call (``out=`` only where a case says so),
 one warm-up call (which compiles the kernels), then the median of ``--repeats`` timed
-calls. "copy bw" is the case's essential traffic (read x, write y; forward+backward adds
+calls. ``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` (see :func:`run`). "copy bw" is the case's essential traffic (read x, write y; forward+backward adds
 read x and grad_y, write grad_x) over the time, as a share of the bandwidth that
 ``np.copyto`` reaches on the same array. Heavy imports (torch, onnxruntime, rich,
 matplotlib) happen inside :func:`run`.
@@ -248,22 +248,16 @@ ENGINES = {"normlab": normlab_call, "torch": torch_call, "onnxruntime": onnx_cal
 
 # --- timing ------------------------------------------------------------------------------------
 
+def seconds_of(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def median_seconds(fn, repeats: int) -> float:
     """One warm-up call, then the median of ``repeats`` timed calls."""
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def copy_bandwidth(shape, repeats: int) -> float:
-    """Bytes per second that ``np.copyto`` moves (read + write) for a float32 array of ``shape``."""
-    source = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
-    target = np.empty_like(source)
-    return 2 * source.nbytes / median_seconds(lambda: np.copyto(target, source), repeats)
+    return statistics.median(seconds_of(fn) for _ in range(repeats))
 
 
 @dataclass(frozen=True)
@@ -277,9 +271,13 @@ class Row:
 
 
 def measure(cases, quick: bool, repeats: int, progress=None) -> list[Row]:
-    """Time every engine on every case; ``progress(description)`` is called before each timing."""
+    """Time every engine on every case; ``progress(description)`` is called as it goes.
+
+    Each engine runs its warm-up and its repeats back to back, then ``np.copyto`` on the
+    same array. (Taking turns call by call looks fairer but is not: the OpenMP pools of
+    Numba and PyTorch keep spinning after a call and steal each other's cores.)
+    """
     rows = []
-    bandwidths: dict = {}
     for case in cases:
         shape = case.quick_shape if quick else case.shape
         data = make_inputs(case, shape)
@@ -289,9 +287,9 @@ def measure(cases, quick: bool, repeats: int, progress=None) -> list[Row]:
                 progress(f"{case.name} {case.mode}: {engine}")
             call = build(case, data)
             seconds[engine] = None if call is None else median_seconds(call, repeats)
-        if shape not in bandwidths:
-            bandwidths[shape] = copy_bandwidth(shape, repeats)
-        share = case.traffic * data.x.nbytes / seconds["normlab"] / bandwidths[shape]
+        copy_target = np.empty_like(data.x)
+        copy_bandwidth = 2 * data.x.nbytes / median_seconds(lambda: np.copyto(copy_target, data.x), repeats)
+        share = case.traffic * data.x.nbytes / seconds["normlab"] / copy_bandwidth
         rows.append(Row(case, shape, seconds, share))
     return rows
 
@@ -371,6 +369,11 @@ def select(filters) -> tuple[BenchCase, ...]:
 
 def run(args: argparse.Namespace) -> int:
     """Measure, print the table (and save the plot)."""
+    import os
+
+    # Numba's and PyTorch's OpenMP pools live in one process here; spinning workers of one
+    # steal the 2 cores from the other (4 ms scheduler stalls). Set before either starts.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
