@@ -333,6 +333,7 @@ def plot(rows: list[Row], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     labels = [f"{r.case.name}\n{r.case.mode}" for r in rows]
     others = ["torch", "onnxruntime", "numpy"]
@@ -345,6 +346,8 @@ def plot(rows: list[Row], path: str) -> None:
     ax.set_xticks(np.arange(len(rows)), labels, fontsize=7)
     ax.set_ylabel("speedup of normlab (×)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}×"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -47,20 +47,24 @@ def row_forward(x, y, weight, bias, param_row_stride, param_inner, rms, eps, sta
         g = (r // param_row_stride) % groups
         w_row = weight[g]
         b_row = bias[g]
+        # loops index slices from 0: LLVM then knows no index is negative and vectorizes
         if inner == 1:
-            # per-element parameters: the innermost loop runs along the row, vectorized
+            # per-element parameters: the innermost loop runs along the row
             for a in range(repeats):
-                base = a * channels
+                x_seg = x_row[a * channels:(a + 1) * channels]
+                y_seg = y_row[a * channels:(a + 1) * channels]
                 for c in range(channels):
-                    y_row[base + c] = (x_row[base + c] - m) * rs * w_row[c] + b_row[c]
+                    y_seg[c] = (x_seg[c] - m) * rs * w_row[c] + b_row[c]
         else:
             for a in range(repeats):
                 for c in range(channels):
                     w = w_row[c]
                     b = b_row[c]
                     base = (a * channels + c) * inner
-                    for s in range(base, base + inner):
-                        y_row[s] = (x_row[s] - m) * rs * w + b
+                    x_seg = x_row[base:base + inner]
+                    y_seg = y_row[base:base + inner]
+                    for s in range(inner):
+                        y_seg[s] = (x_seg[s] - m) * rs * w + b
 
 
 @kernel
@@ -115,20 +119,26 @@ def row_backward(grad_y, x, weight, param_row_stride, param_inner, rms, eps, sta
             proj = sum_gw_dev * rs / n
             mean_gw = 0.0 if rms else sum_gw / n
             if inner == 1:
+                part_w_row = part_w[g]
+                part_b_row = part_b[g]
                 for a in range(repeats):
-                    base = a * channels
+                    x_seg = x_row[a * channels:(a + 1) * channels]
+                    g_seg = g_row[a * channels:(a + 1) * channels]
+                    gx_seg = gx_row[a * channels:(a + 1) * channels]
                     for c in range(channels):
-                        j = base + c
-                        gy = np.float64(g_row[j])
-                        x_hat = (x_row[j] - m) * rs
-                        gx_row[j] = ((gy * w_row[c] - x_hat * proj) - mean_gw) * rs
-                        part_w[g, c] += gy * x_hat
-                        part_b[g, c] += gy
+                        gy = np.float64(g_seg[c])
+                        x_hat = (x_seg[c] - m) * rs
+                        gx_seg[c] = ((gy * w_row[c] - x_hat * proj) - mean_gw) * rs
+                        part_w_row[c] += gy * x_hat
+                        part_b_row[c] += gy
             else:
                 for a in range(repeats):
                     for c in range(channels):
                         w = w_row[c]
                         base = (a * channels + c) * inner
-                        for s in range(base, base + inner):
-                            x_hat = (x_row[s] - m) * rs
-                            gx_row[s] = ((g_row[s] * w - x_hat * proj) - mean_gw) * rs
+                        x_seg = x_row[base:base + inner]
+                        g_seg = g_row[base:base + inner]
+                        gx_seg = gx_row[base:base + inner]
+                        for s in range(inner):
+                            x_hat = (x_seg[s] - m) * rs
+                            gx_seg[s] = ((g_seg[s] * w - x_hat * proj) - mean_gw) * rs
