@@ -41,7 +41,7 @@ def first_call_seconds(call: str, cache_dir: str) -> tuple[float, float]:
 
 
 def main() -> None:
-    print(f"{'scenario':40} {'cold cache':>11} {'warm cache':>11} {'next call':>10}")
+    print(f"{'scenario':40} {'cold cache':>11} {'warm cache':>11} {'second call':>12}")
     for name, call in SCENARIOS.items():
         with tempfile.TemporaryDirectory() as cache_dir:
             cold, _ = first_call_seconds(call, cache_dir)
