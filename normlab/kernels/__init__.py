@@ -80,6 +80,22 @@ def _spanned_block(axes: tuple[int, ...], sizes: tuple[int, ...], spanned: set[i
     return math.prod(sizes[a] for a in axes[first:last + 1]), math.prod(sizes[a] for a in axes[last + 1:])
 
 
+_VIEWS: dict = {}  # id(plan) -> (plan, view); holding the plan keeps its id from being reused
+
+
+def view_of(plan: Plan) -> RowView | ColumnView | None:
+    """:func:`canonical_view`, remembered per plan object (plans are cached by make_plan,
+    and hashing a plan's fields on every call costs more than the small kernels do)."""
+    hit = _VIEWS.get(id(plan))
+    if hit is not None and hit[0] is plan:
+        return hit[1]
+    if len(_VIEWS) >= 4096:
+        _VIEWS.clear()
+    view = canonical_view(plan)
+    _VIEWS[id(plan)] = (plan, view)
+    return view
+
+
 @functools.lru_cache(maxsize=1024)
 def canonical_view(plan: Plan) -> RowView | ColumnView | None:
     """The kernel view of ``plan``, or None when only the reference fits.
@@ -124,11 +140,18 @@ def _compute_dtype(*arrays) -> np.dtype:
     return np.dtype(np.float64)
 
 
+@functools.lru_cache(maxsize=256)
+def _constant_table(shape: tuple[int, ...], value: float) -> np.ndarray:
+    # shared between calls (kernels only read parameters); left writeable because a
+    # read-only array is another Numba signature, compiled once more
+    return np.full(shape, value)
+
+
 def _param_table(expanded, view, ones: bool):
     """A parameter laid out as the kernels index it: (groups, channels) for rows, (C,) for columns."""
     shape = (view.param_groups, view.param_channels) if isinstance(view, RowView) else (view.channels,)
     if expanded is None:
-        return np.ones(shape) if ones else np.zeros(shape)
+        return _constant_table(shape, 1.0 if ones else 0.0)
     return np.ascontiguousarray(expanded, dtype=np.float64).reshape(shape)
 
 
@@ -149,7 +172,7 @@ def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
     from normlab.reference import Stats
 
     plan = prepared.plan
-    view = canonical_view(plan)
+    view = view_of(plan)
     if view is None:
         return None
     dtype = _compute_dtype(prepared.x)
@@ -167,7 +190,7 @@ def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
         rstd_flat = _flat_stats(rstd, groups)
         var_flat = np.empty(groups)
     else:
-        mean_flat, var_flat, rstd_flat = np.empty(groups), np.empty(groups), np.empty(groups)
+        mean_flat, var_flat, rstd_flat = np.empty((3, groups))
 
     if isinstance(view, RowView):
         from normlab.kernels.rows import row_forward
@@ -217,7 +240,7 @@ def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need
     are recomputed when ``rstd`` is None.
     """
     plan = prepared.plan
-    view = canonical_view(plan)
+    view = view_of(plan)
     if view is None:
         return None
     dtype = _compute_dtype(prepared.x, grad_y)
