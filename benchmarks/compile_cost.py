@@ -6,9 +6,14 @@ Runs each scenario in a fresh interpreter with NUMBA_CACHE_DIR pointing at an em
 temporary folder, so nothing compiled earlier is reused.
 """
 
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's normlab, not an installed one
+
 import os
 import subprocess
-import sys
 import tempfile
 
 SCENARIOS = {
@@ -33,7 +38,7 @@ print(f"{{first:.2f}} {{time.perf_counter() - start:.6f}}")
 
 
 def first_call_seconds(call: str, cache_dir: str) -> tuple[float, float]:
-    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "-c", PROGRAM.format(call=call)], env=env, capture_output=True,
                             text=True, check=True)
     first, second = result.stdout.split()

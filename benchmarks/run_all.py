@@ -4,6 +4,11 @@
 """
 
 import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's normlab, not an installed one
+
 
 from normlab.cli import main
 

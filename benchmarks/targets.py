@@ -5,6 +5,12 @@
 Prints each target, the measured value and whether it is met. Timings, never a test.
 """
 
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's normlab, not an installed one
+
 import argparse
 
 from normlab import bench
@@ -27,6 +33,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
+    bench.passive_openmp()
     wanted = {(name, mode) for name, mode, _, _ in TARGETS} | {COPY_SHARE_TARGET[:2]}
     cases = [c for c in bench.CASES if (c.name, c.mode) in wanted]
     rows = {(r.case.name, r.case.mode): r for r in bench.measure(cases, args.quick, args.repeats)}
