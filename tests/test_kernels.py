@@ -111,6 +111,28 @@ def test_kernel_backward_matches_reference_on_random_patterns(case):
             _close(mine, theirs, dtype, scale)
 
 
+@pytest.mark.parametrize("pattern,shape,params", [
+    ("a b [c]", (3, 4, 5), "a"),            # parameters over the outer kept axis: row stride 4
+    ("a b [c d]", (3, 2, 4, 5), "b c"),     # kept and reduced blocks at once
+    ("a [c d e]", (2, 3, 4, 5), "d"),       # a middle reduced axis: repeats and an inner stride
+    ("a [c d]", (2, 3, 4), "d c"),          # params in another order than the pattern
+])
+def test_parameter_layouts_off_the_presets_match_the_reference(pattern, shape, params):
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal(shape)
+    gy = rng.standard_normal(shape)
+    plan = make_plan(pattern, shape, params)
+    assert isinstance(kernels.canonical_view(plan), kernels.RowView)
+    w, b = rng.standard_normal(plan.param_shape), rng.standard_normal(plan.param_shape)
+    for backend_result, reference_result in zip(
+        (normlab.normalize(x, pattern, weight=w, bias=b, params=params, backend="numba"),
+         *normlab.normalize_backward(gy, x, pattern, weight=w, params=params, backend="numba")),
+        (normlab.normalize(x, pattern, weight=w, bias=b, params=params, backend="numpy"),
+         *normlab.normalize_backward(gy, x, pattern, weight=w, params=params, backend="numpy")),
+    ):
+        np.testing.assert_allclose(backend_result, reference_result, rtol=1e-10, atol=1e-10)
+
+
 def test_canonical_views_cover_every_preset():
     cases = {
         ("b t [d]", (2, 3, 8), "d"): kernels.RowView,
