@@ -147,11 +147,33 @@ def test_canonical_views_cover_every_preset():
         assert isinstance(view, family), pattern
 
 
-def test_pattern_without_canonical_view_falls_back_to_the_reference():
-    x = np.random.default_rng(0).standard_normal((3, 4, 5, 6)).astype(np.float32)
-    assert kernels.canonical_view(make_plan("a [b] c [d]", x.shape)) is None
-    np.testing.assert_array_equal(normlab.normalize(x, "a [b] c [d]", backend="numba"),
-                                  normlab.normalize(x, "a [b] c [d]", backend="numpy"))
+def test_kept_axes_between_reduced_ones_run_on_a_transposed_copy():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
+    gy = rng.standard_normal(x.shape).astype(np.float32)
+    pattern, params = "a [b] c [d]", "b c"
+    plan = make_plan(pattern, x.shape, params)
+    assert kernels.canonical_view(plan).order == (0, 2, 1, 3)
+    w, b = rng.standard_normal(plan.param_shape), rng.standard_normal(plan.param_shape)
+    y, mean, rstd = normlab.normalize(x, pattern, weight=w, bias=b, params=params, return_stats=True,
+                                      backend="numba")
+    y_ref, mean_ref, rstd_ref = normlab.normalize(x, pattern, weight=w, bias=b, params=params, return_stats=True,
+                                                  backend="numpy")
+    _close(y, y_ref, np.float32)
+    _close(mean, mean_ref, np.float64, 1e3)
+    _close(rstd, rstd_ref, np.float64, 1e3)
+    for mine, theirs in zip(normlab.normalize_backward(gy, x, pattern, weight=w, params=params, backend="numba"),
+                            normlab.normalize_backward(gy, x, pattern, weight=w, params=params, backend="numpy")):
+        _close(mine, theirs, np.float32, 10)
+
+
+def test_parameters_no_table_describes_fall_back_to_the_reference():
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5))
+    w = np.arange(1.0, 9.0).reshape(2, 4)
+    plan = make_plan("a b c [d]", x.shape, "a c")  # kept axes a and c are not adjacent
+    assert kernels.canonical_view(plan) is None
+    np.testing.assert_array_equal(normlab.normalize(x, "a b c [d]", weight=w, params="a c", backend="numba"),
+                                  normlab.normalize(x, "a b c [d]", weight=w, params="a c", backend="numpy"))
 
 
 # --- PyTorch parity through the kernel path --------------------------------------------

@@ -6,8 +6,10 @@
   group and RMS norm). Kernels in :mod:`normlab.kernels.rows`.
 * **channels-first** ``(outer, C, inner)``: ``[reduced, kept, reduced]``; **channels-last**
   ``(rows, C)``: ``[reduced, kept]`` (batch norm). Kernels in :mod:`normlab.kernels.columns`.
-* anything else (kept axes between reduced ones, parameters laid out in a way no table
-  describes, empty input): ``None``, and the caller uses :mod:`normlab.reference`.
+* any other order of axes (kept axes between reduced ones, say): a transposed copy with
+  the kept axes first, run through the row kernels and transposed back.
+* parameters laid out in a way no table describes, or empty input: ``None``, and the
+  caller uses :mod:`normlab.reference`.
 
 Importing this package does not import Numba; the kernel modules are imported, and each
 kernel compiled, on first use. Numerics and determinism are those of the reference (see
@@ -55,6 +57,18 @@ class RowView:
     param_channels: int = 1
     param_row_stride: int = 1
     param_inner: int = 1
+    order: tuple[int, ...] | None = None  # expanded axes, kept then reduced, when a transposed copy is needed
+
+    def source(self, array: np.ndarray) -> np.ndarray:
+        """``array`` (expanded view) with its axes in kernel order."""
+        return array if self.order is None else array.transpose(self.order)
+
+    def to_expanded(self, array: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
+        """Inverse of :meth:`source` for an array of kernel-order ``sizes`` (any shape of that size)."""
+        if self.order is None:
+            return array.reshape(sizes)
+        permuted = array.reshape(tuple(sizes[a] for a in self.order))
+        return permuted.transpose(tuple(self.order.index(a) for a in range(len(sizes))))
 
 
 @dataclass(frozen=True)
@@ -102,11 +116,11 @@ def canonical_view(plan: Plan) -> RowView | ColumnView | None:
 
     >>> from normlab.plan import make_plan
     >>> canonical_view(make_plan("b (g [c]) [h w]", (2, 6, 4, 4), "(g c)", g=3))
-    RowView(rows=6, n=32, param_groups=3, param_channels=2, param_row_stride=1, param_inner=16)
+    RowView(rows=6, n=32, param_groups=3, param_channels=2, param_row_stride=1, param_inner=16, order=None)
     >>> canonical_view(make_plan("[b] c [h w]", (8, 3, 4, 4), "c"))
     ColumnView(outer=8, channels=3, inner=16)
-    >>> canonical_view(make_plan("b [h] w [c]", (2, 3, 4, 5))) is None
-    True
+    >>> canonical_view(make_plan("b [h] w [c]", (2, 3, 4, 5))).order   # transposed: kept axes first
+    (0, 2, 1, 3)
     """
     if math.prod(plan.shape) == 0:
         return None
@@ -126,11 +140,18 @@ def canonical_view(plan: Plan) -> RowView | ColumnView | None:
         return RowView(rows, n, row_block[0], col_block[0], row_block[1], col_block[1])
     if kinds in ((True, False), (True, False, True)):
         kept = runs[1]
-        if plan.params is not None and spanned != set(kept.axes):
-            return None  # kernels take per-channel parameters only
-        inner = runs[2].size if len(runs) == 3 else 1
-        return ColumnView(runs[0].size, kept.size, inner)
-    return None
+        if plan.params is None or spanned == set(kept.axes):
+            inner = runs[2].size if len(runs) == 3 else 1
+            return ColumnView(runs[0].size, kept.size, inner)
+    # any other order: a transposed copy with the kept axes first is a row view
+    kept = tuple(a for a in plan.kept_axes if sizes[a] > 1)
+    reduced = tuple(a for a in plan.reduced_axes if sizes[a] > 1)
+    row_block = _spanned_block(kept, sizes, spanned)
+    col_block = _spanned_block(reduced, sizes, spanned)
+    if row_block is None or col_block is None:
+        return None
+    return RowView(math.prod(sizes[a] for a in kept), math.prod(sizes[a] for a in reduced), row_block[0],
+                   col_block[0], row_block[1], col_block[1], plan.kept_axes + plan.reduced_axes)
 
 
 def _compute_dtype(*arrays) -> np.dtype:
@@ -152,6 +173,8 @@ def _param_table(expanded, view, ones: bool):
     shape = (view.param_groups, view.param_channels) if isinstance(view, RowView) else (view.channels,)
     if expanded is None:
         return _constant_table(shape, 1.0 if ones else 0.0)
+    if isinstance(view, RowView):
+        expanded = view.source(expanded)
     return np.ascontiguousarray(expanded, dtype=np.float64).reshape(shape)
 
 
@@ -177,8 +200,9 @@ def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
         return None
     dtype = _compute_dtype(prepared.x)
     shape = (view.rows, view.n) if isinstance(view, RowView) else (view.outer, view.channels, view.inner)
-    x = np.ascontiguousarray(prepared.x, dtype=dtype).reshape(shape)
-    direct = out is not None and out.dtype == dtype and out.flags.c_contiguous
+    transposed = isinstance(view, RowView) and view.order is not None
+    x = np.ascontiguousarray(view.source(prepared.x) if transposed else prepared.x, dtype=dtype).reshape(shape)
+    direct = out is not None and out.dtype == dtype and out.flags.c_contiguous and not transposed
     y = out.reshape(shape) if direct else np.empty(shape, dtype)
     weight = _param_table(prepared.weight, view, ones=True)
     bias = _param_table(prepared.bias, view, ones=False)
@@ -224,11 +248,13 @@ def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
         stats_shape = plan.stats_shape
         stats = Stats(None if rms else mean_flat.reshape(stats_shape), var_flat.reshape(stats_shape),
                       rstd_flat.reshape(stats_shape))
+    if transposed:
+        y = view.to_expanded(y, plan.axis_sizes)
     if out is not None:
         if not direct:
             np.copyto(out, y.reshape(plan.shape), casting="unsafe")
         return out, stats
-    return y.astype(prepared.dtype, copy=False).reshape(plan.shape), stats
+    return np.ascontiguousarray(y, dtype=prepared.dtype).reshape(plan.shape), stats
 
 
 def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need_params=False):
@@ -245,8 +271,13 @@ def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need
         return None
     dtype = _compute_dtype(prepared.x, grad_y)
     shape = (view.rows, view.n) if isinstance(view, RowView) else (view.outer, view.channels, view.inner)
-    x = np.ascontiguousarray(prepared.x, dtype=dtype).reshape(shape)
-    g = np.ascontiguousarray(grad_y, dtype=dtype).reshape(shape)
+    transposed = isinstance(view, RowView) and view.order is not None
+    if transposed:
+        x = np.ascontiguousarray(view.source(prepared.x), dtype=dtype).reshape(shape)
+        g = np.ascontiguousarray(view.source(grad_y.reshape(plan.axis_sizes)), dtype=dtype).reshape(shape)
+    else:
+        x = np.ascontiguousarray(prepared.x, dtype=dtype).reshape(shape)
+        g = np.ascontiguousarray(grad_y, dtype=dtype).reshape(shape)
     grad_x = np.empty(shape, dtype)
     weight = _param_table(prepared.weight, view, ones=True)
     serial = x.size < SERIAL_BELOW
@@ -295,6 +326,12 @@ def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need
             columns.channels_first_backward(g, x, weight, mean_flat, rstd_flat, rms, outer_chunk,
                                             np.empty((chunks, groups)), np.empty((chunks, groups)),
                                             grad_x, grad_weight, grad_bias, serial=serial)
+    if transposed:
+        grad_x = view.to_expanded(grad_x, plan.axis_sizes)
+        if need_params:
+            broadcast = plan.param_broadcast_shape
+            grad_weight = view.to_expanded(grad_weight, broadcast)
+            grad_bias = view.to_expanded(grad_bias, broadcast)
     grad_x = grad_x.reshape(plan.axis_sizes)
     if not need_params:
         return grad_x, None, None
