@@ -18,9 +18,13 @@ import normlab
 from normlab import kernels
 from normlab.plan import make_plan
 
-torch = pytest.importorskip("torch")
 numba = pytest.importorskip("numba")
-F = torch.nn.functional
+try:
+    import torch
+    F = torch.nn.functional
+except ImportError:  # the reference comparisons still run
+    torch = F = None
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is the oracle here")
 
 # |kernel − reference| allowed per dtype: both round one float64 result, the sums differ in order
 TOLERANCE = {np.float16: 2e-3, np.float32: 2e-5, np.float64: 1e-10}
@@ -182,6 +186,7 @@ def _torch(array, grad=False):
     return torch.tensor(array, requires_grad=grad)
 
 
+@needs_torch
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_layer_norm_and_its_gradients_match_torch(dtype):
     rng = np.random.default_rng(1)
@@ -200,6 +205,7 @@ def test_layer_norm_and_its_gradients_match_torch(dtype):
     _close(gb, bt.grad.numpy(), dtype, scale * 10)
 
 
+@needs_torch
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_batch_norm_training_and_its_gradients_match_torch(channels_last):
     rng = np.random.default_rng(2)
@@ -222,6 +228,7 @@ def test_batch_norm_training_and_its_gradients_match_torch(channels_last):
         np.testing.assert_allclose(mine, theirs.detach().numpy(), rtol=1e-9, atol=1e-9)
 
 
+@needs_torch
 def test_group_norm_and_its_gradients_match_torch():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((3, 12, 5, 5)).astype(np.float32)
@@ -239,6 +246,7 @@ def test_group_norm_and_its_gradients_match_torch():
     np.testing.assert_allclose(gb, bt.grad.numpy(), rtol=1e-4, atol=1e-4)
 
 
+@needs_torch
 def test_rms_norm_and_its_gradients_match_torch():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((7, 48))
@@ -255,6 +263,7 @@ def test_rms_norm_and_its_gradients_match_torch():
     np.testing.assert_allclose(gw, wt.grad.numpy(), rtol=1e-10, atol=1e-10)
 
 
+@needs_torch
 def test_functional_presets_run_on_the_kernels_by_default_and_match_torch():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((4, 6, 9)).astype(np.float32)
