@@ -1,16 +1,423 @@
-"""``normlab bench``: the benchmark table (filled in by the kernels work)."""
+"""``normlab bench``: normlab against PyTorch, ONNX Runtime and naive NumPy.
+
+One table of cases (:data:`CASES`) drives the command and the scripts in ``benchmarks/``.
+Every engine gets fresh output arrays on every call (``out=`` only where a case says so),
+one warm-up call (which compiles the kernels), then the median of ``--repeats`` timed
+calls. ``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` (see :func:`run`). "copy bw" is the case's essential traffic (read x, write y; forward+backward adds
+read x and grad_y, write grad_x) over the time, as a share of the bandwidth that
+``np.copyto`` reaches on the same array. Heavy imports (torch, onnxruntime, rich,
+matplotlib) happen inside :func:`run`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
 
 HELP = "time normlab against PyTorch, ONNX Runtime and NumPy"
+EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One row of the table: a norm, its input shape (full and ``--quick``) and what is timed.
+
+    ``mode`` is ``"fwd"``, ``"fwd+bwd"``, ``"eval"`` (batch norm with given statistics)
+    or ``"fwd out="`` (normlab writes into a preallocated output).
+    """
+
+    name: str
+    norm: str  # layer, rms, batch, batch_last, group, instance
+    mode: str
+    shape: tuple[int, ...]
+    quick_shape: tuple[int, ...]
+    sizes: dict = field(default_factory=dict)
+
+    @property
+    def pattern(self) -> str:
+        return {
+            "layer": "b [d]",
+            "rms": "b [d]",
+            "batch": "[n] c [h w]",
+            "batch_last": "[n h w] c",
+            "group": "n (g [c]) [h w]",
+            "instance": "n c [h w]",
+        }[self.norm]
+
+    @property
+    def params(self) -> str:
+        return {"layer": "d", "rms": "d", "group": "(g c)"}.get(self.norm, "c")
+
+    @property
+    def traffic(self) -> int:
+        """Arrays of x's size that must cross memory at least once."""
+        return 5 if self.mode == "fwd+bwd" else 2
+
+
+CASES: tuple[BenchCase, ...] = (
+    BenchCase("layer norm", "layer", "fwd", (8192, 4096), (1024, 1024)),
+    BenchCase("layer norm", "layer", "fwd out=", (8192, 4096), (1024, 1024)),
+    BenchCase("layer norm", "layer", "fwd+bwd", (8192, 4096), (1024, 1024)),
+    BenchCase("RMS norm", "rms", "fwd", (8192, 4096), (1024, 1024)),
+    BenchCase("batch norm", "batch", "fwd", (64, 64, 56, 56), (8, 64, 28, 28)),
+    BenchCase("batch norm", "batch", "fwd+bwd", (64, 64, 56, 56), (8, 64, 28, 28)),
+    BenchCase("batch norm", "batch", "eval", (64, 64, 56, 56), (8, 64, 28, 28)),
+    BenchCase("batch norm NHWC", "batch_last", "fwd", (64, 56, 56, 64), (8, 28, 28, 64)),
+    BenchCase("group norm g=32", "group", "fwd+bwd", (64, 64, 56, 56), (8, 64, 28, 28), {"g": 32}),
+    BenchCase("instance norm", "instance", "fwd", (64, 64, 56, 56), (8, 64, 28, 28)),
+    BenchCase("small layer norm", "layer", "fwd", (256, 1024), (256, 1024)),
+    BenchCase("tiny layer norm", "layer", "fwd", (1, 768), (1, 768)),
+)
+
+
+@dataclass
+class Inputs:
+    """The arrays of one case, shared by every engine."""
+
+    x: np.ndarray
+    grad_y: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray
+    mean: np.ndarray  # per channel, for eval
+    var: np.ndarray
+
+
+def make_inputs(case: BenchCase, shape) -> Inputs:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    channels = shape[-1] if case.norm in ("layer", "rms", "batch_last") else shape[1]
+    return Inputs(
+        x=x,
+        grad_y=rng.standard_normal(shape, dtype=np.float32),
+        weight=rng.uniform(0.5, 1.5, channels).astype(np.float32),
+        bias=rng.standard_normal(channels).astype(np.float32),
+        mean=rng.standard_normal(channels).astype(np.float32) * 0.1,
+        var=rng.uniform(0.5, 1.5, channels).astype(np.float32),
+    )
+
+
+# --- engines: each returns a zero-argument callable, or None when it does not apply ----------
+
+def normlab_call(case: BenchCase, data: Inputs):
+    import normlab
+
+    kwargs = dict(weight=data.weight, params=case.params, **case.sizes)
+    pattern = case.pattern
+    if case.mode == "eval":
+        rstd = 1.0 / np.sqrt(data.var.astype(np.float64) + EPS)
+        return lambda: normlab.normalize(data.x, pattern, bias=data.bias, mean=data.mean, rstd=rstd, **kwargs)
+    bias = None if case.norm == "rms" else data.bias
+    rms = case.norm == "rms"
+    if case.mode == "fwd out=":
+        out = np.empty_like(data.x)
+        return lambda: normlab.normalize(data.x, pattern, bias=bias, rms=rms, out=out, **kwargs)
+    if case.mode == "fwd":
+        return lambda: normlab.normalize(data.x, pattern, bias=bias, rms=rms, **kwargs)
+
+    def forward_backward():
+        y, mean, rstd = normlab.normalize(data.x, pattern, bias=bias, rms=rms, return_stats=True, **kwargs)
+        return y, normlab.normalize_backward(data.grad_y, data.x, pattern, rms=rms, mean=mean, rstd=rstd, **kwargs)
+
+    return forward_backward
+
+
+def torch_call(case: BenchCase, data: Inputs):
+    try:
+        import torch
+    except ImportError:
+        return None
+    F = torch.nn.functional
+    x = torch.from_numpy(data.x)
+    if case.norm == "batch_last":  # the same NHWC memory, seen by torch as NCHW channels_last
+        x = x.permute(0, 3, 1, 2)
+    w, b = torch.from_numpy(data.weight), torch.from_numpy(data.bias)
+    d = data.x.shape[-1]
+    forward = {
+        "layer": lambda x, w, b: F.layer_norm(x, (d,), w, b, EPS),
+        "rms": lambda x, w, b: F.rms_norm(x, (d,), w, EPS),
+        "batch": lambda x, w, b: F.batch_norm(x, None, None, w, b, True, 0.1, EPS),
+        "batch_last": lambda x, w, b: F.batch_norm(x, None, None, w, b, True, 0.1, EPS),
+        "group": lambda x, w, b: F.group_norm(x, case.sizes.get("g", 1), w, b, EPS),
+        "instance": lambda x, w, b: F.instance_norm(x, weight=w, bias=b, eps=EPS),
+    }[case.norm]
+    if case.mode == "eval":
+        mean, var = torch.from_numpy(data.mean), torch.from_numpy(data.var)
+        return lambda: F.batch_norm(x, mean, var, w, b, False, 0.1, EPS)
+    if case.mode in ("fwd", "fwd out="):
+        def run():
+            with torch.no_grad():
+                return forward(x, w, b)
+
+        return run
+    grad_y = torch.from_numpy(data.grad_y)
+    x_leaf, w_leaf, b_leaf = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+
+    def forward_backward():
+        y = forward(x_leaf, w_leaf, b_leaf)
+        return torch.autograd.grad(y, (x_leaf, w_leaf, b_leaf), grad_y)
+
+    return forward_backward
+
+
+def onnx_call(case: BenchCase, data: Inputs):
+    """ONNX Runtime's fused operator for forward cases (None when missing or unsupported)."""
+    if case.mode not in ("fwd", "eval") or case.norm in ("batch", "batch_last") and case.mode != "eval":
+        return None  # ONNX Runtime's inference BatchNormalization has no training mode
+    try:
+        import onnx
+        import onnxruntime
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    shape = list(data.x.shape)
+    inits = [numpy_helper.from_array(data.weight, "w"), numpy_helper.from_array(data.bias, "b")]
+    if case.norm == "layer":
+        node, opset = helper.make_node("LayerNormalization", ["x", "w", "b"], ["y"], axis=-1, epsilon=EPS), 17
+    elif case.norm == "rms":
+        inits = inits[:1]
+        node, opset = helper.make_node("RMSNormalization", ["x", "w"], ["y"], axis=-1, epsilon=EPS), 23
+    elif case.norm == "instance":
+        node, opset = helper.make_node("InstanceNormalization", ["x", "w", "b"], ["y"], epsilon=EPS), 17
+    elif case.norm == "batch":
+        inits += [numpy_helper.from_array(data.mean, "m"), numpy_helper.from_array(data.var, "v")]
+        node, opset = helper.make_node("BatchNormalization", ["x", "w", "b", "m", "v"], ["y"], epsilon=EPS), 15
+    else:
+        return None
+    graph = helper.make_graph([node], case.norm, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = min(model.ir_version, 10)
+    try:
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        feed = {"x": data.x}
+        session.run(None, feed)
+    except Exception:  # an operator this ONNX Runtime build lacks: leave the cell empty
+        return None
+    return lambda: session.run(None, feed)
+
+
+def numpy_call(case: BenchCase, data: Inputs):
+    """Naive NumPy: the textbook formula with reductions over the reduced axes, in float32."""
+    x, gy = data.x, data.grad_y
+    if case.norm in ("layer", "rms"):
+        axes, pshape = (-1,), (1, -1)
+    elif case.norm == "batch":
+        axes, pshape = (0, 2, 3), (1, -1, 1, 1)
+    elif case.norm == "batch_last":
+        axes, pshape = (0, 1, 2), (1, 1, 1, -1)
+    elif case.norm == "instance":
+        axes, pshape = (2, 3), (1, -1, 1, 1)
+    else:  # group: view (n, g, c/g, h, w)
+        g = case.sizes["g"]
+        x = x.reshape(x.shape[0], g, -1, *x.shape[2:])
+        gy = gy.reshape(x.shape)
+        axes, pshape = (2, 3, 4), (1, g, -1, 1, 1)
+    w, b = data.weight.reshape(pshape), data.bias.reshape(pshape)
+    outside = tuple(i for i in range(x.ndim) if pshape[i] == 1)
+    if case.mode == "eval":
+        m, r = data.mean.reshape(pshape), 1 / np.sqrt(data.var.reshape(pshape) + EPS)
+        return lambda: (x - m) * r * w + b
+    if case.norm == "rms":
+        return lambda: x / np.sqrt(np.mean(x * x, axis=axes, keepdims=True) + EPS) * w
+
+    def forward():
+        mean = x.mean(axis=axes, keepdims=True)
+        rstd = 1 / np.sqrt(x.var(axis=axes, keepdims=True) + EPS)
+        return (x - mean) * rstd * w + b, mean, rstd
+
+    if case.mode != "fwd+bwd":
+        return lambda: forward()[0]
+
+    def forward_backward():
+        y, mean, rstd = forward()
+        x_hat = (x - mean) * rstd
+        g_scaled = gy * w
+        grad_x = rstd * (g_scaled - g_scaled.mean(axis=axes, keepdims=True)
+                         - x_hat * (g_scaled * x_hat).mean(axis=axes, keepdims=True))
+        return y, grad_x, (gy * x_hat).sum(axis=outside), gy.sum(axis=outside)
+
+    return forward_backward
+
+
+ENGINES = {"normlab": normlab_call, "torch": torch_call, "onnxruntime": onnx_call, "numpy": numpy_call}
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+def seconds_of(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """One warm-up call, then the median of ``repeats`` timed calls."""
+    fn()
+    return statistics.median(seconds_of(fn) for _ in range(repeats))
+
+
+@dataclass(frozen=True)
+class Row:
+    """A measured case: median seconds per engine (None where it does not apply)."""
+
+    case: BenchCase
+    shape: tuple[int, ...]
+    seconds: dict
+    copy_share: float
+
+
+def measure(cases, quick: bool, repeats: int, progress=None) -> list[Row]:
+    """Time every engine on every case; ``progress(description)`` is called as it goes.
+
+    Each engine runs its warm-up and its repeats back to back, then ``np.copyto`` on the
+    same array. (Taking turns call by call looks fairer but is not: the OpenMP pools of
+    Numba and PyTorch keep spinning after a call and steal each other's cores.)
+    """
+    rows = []
+    for case in cases:
+        shape = case.quick_shape if quick else case.shape
+        data = make_inputs(case, shape)
+        seconds = {}
+        for engine, build in ENGINES.items():
+            if progress:
+                progress(f"{case.name} {case.mode}: {engine}")
+            call = build(case, data)
+            seconds[engine] = None if call is None else median_seconds(call, repeats)
+        copy_target = np.empty_like(data.x)
+        copy_bandwidth = 2 * data.x.nbytes / median_seconds(lambda: np.copyto(copy_target, data.x), repeats)
+        share = case.traffic * data.x.nbytes / seconds["normlab"] / copy_bandwidth
+        rows.append(Row(case, shape, seconds, share))
+    return rows
+
+
+def _ms(value) -> str:
+    return "–" if value is None else f"{value * 1e3:.3f}" if value < 1e-3 else f"{value * 1e3:.2f}"
+
+
+def _ratio(other, mine) -> str:
+    return "–" if other is None else f"{other / mine:.2f}×"
+
+
+def table_rows(rows: list[Row]) -> list[list[str]]:
+    """The table as text cells: case, shape, the four times (ms), speedups, copy share."""
+    cells = []
+    for row in rows:
+        s = row.seconds
+        cells.append([
+            f"{row.case.name} {row.case.mode}", "×".join(map(str, row.shape)),
+            _ms(s["normlab"]), _ms(s["torch"]), _ms(s["onnxruntime"]), _ms(s["numpy"]),
+            _ratio(s["torch"], s["normlab"]), _ratio(s["onnxruntime"], s["normlab"]), _ratio(s["numpy"], s["normlab"]),
+            f"{row.copy_share:.0%}",
+        ])
+    return cells
+
+
+HEADERS = ["case", "shape", "normlab ms", "torch ms", "onnxrt ms", "numpy ms", "vs torch", "vs onnxrt",
+           "vs numpy", "copy bw"]
+
+
+def markdown(rows: list[Row]) -> str:
+    """The table in Markdown, as the README carries it."""
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: str) -> None:
+    """A bar chart of normlab's speedup over each engine, per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    labels = [f"{r.case.name}\n{r.case.mode}" for r in rows]
+    others = ["torch", "onnxruntime", "numpy"]
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows)), 4.5))
+    width = 0.8 / len(others)
+    for k, engine in enumerate(others):
+        ratios = [(r.seconds[engine] / r.seconds["normlab"]) if r.seconds[engine] else 0.0 for r in rows]
+        ax.bar(np.arange(len(rows)) + (k - 1) * width, ratios, width, label=f"vs {engine}")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(np.arange(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("speedup of normlab (×)")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}×"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """No options yet."""
+    """Options of ``normlab bench``."""
+    parser.add_argument("--quick", action="store_true", help="small shapes and 2 repeats: a smoke test")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per cell (default 7, quick 2)")
+    parser.add_argument("--case", action="append", default=None, metavar="TEXT",
+                        help="only cases whose name and mode contain TEXT (repeatable)")
+    parser.add_argument("--plot", metavar="FILE.png", default=None, help="save a bar chart of the speedups")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+
+
+def select(filters) -> tuple[BenchCase, ...]:
+    if not filters:
+        return CASES
+    return tuple(c for c in CASES if any(f.lower() in f"{c.name} {c.mode}".lower() for f in filters))
+
+
+def passive_openmp() -> None:
+    """Default ``OMP_WAIT_POLICY`` to ``PASSIVE`` before Numba or PyTorch start their pools.
+
+    Both live in one process here; the spinning workers of one steal the cores from the
+    other, which shows as 4-8 ms scheduler stalls in every parallel call.
+    """
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def run(args: argparse.Namespace) -> int:
-    print("normlab bench: not implemented yet")
-    return 1
+    """Measure, print the table (and save the plot)."""
+    passive_openmp()
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from normlab.errors import InputError
+
+    cases = select(args.case)
+    if not cases:
+        raise InputError(f"no benchmark case matches {args.case}; cases: "
+                         + ", ".join(f"{c.name} {c.mode}" for c in CASES))
+    repeats = args.repeats or (2 if args.quick else 7)
+    if repeats < 1:
+        raise InputError(f"--repeats must be at least 1, got {repeats}")
+    console = Console(no_color=getattr(args, "no_color", False))
+    if not console.is_terminal:  # piped into a file: do not fold the table to 80 columns
+        console = Console(no_color=True, width=160)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("benchmarking", total=len(cases) * len(ENGINES))
+
+        def advance(description):
+            bar.update(task, description=description)
+            bar.advance(task)
+
+        rows = measure(cases, args.quick, repeats, advance)
+    if args.markdown:
+        console.print(markdown(rows), markup=False, highlight=False)
+    else:
+        table = Table(title=f"median of {repeats} runs, float32")
+        for header in HEADERS:
+            table.add_column(header, justify="left" if header in ("case", "shape") else "right")
+        for cells in table_rows(rows):
+            table.add_row(*cells)
+        console.print(table)
+    if args.plot:
+        plot(rows, args.plot)
+        console.print(f"saved {args.plot}")
+    return 0

@@ -1,7 +1,13 @@
 """The public engine: :func:`normalize` and :func:`normalize_backward` for any pattern.
 
 This module checks and prepares the arguments, builds the plan and hands the arrays to a
-backend: ``"numpy"`` (:mod:`normlab.reference`) or a fused kernel backend. It holds no math.
+backend. It holds no math. Backends:
+
+* ``"numba"``: the fused kernels of :mod:`normlab.kernels` (input cast to float32 for
+  float16, to float64 for integers); a plan with no canonical view goes to the reference.
+* ``"numpy"``: :mod:`normlab.reference`, always.
+* ``"auto"`` (the default, also ``None``): ``"numba"`` for float16/32/64 input when Numba
+  imports, otherwise ``"numpy"``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from normlab.plan import Plan, make_plan
 
 __all__ = ["normalize", "normalize_backward", "BACKENDS"]
 
-BACKENDS = ("auto", "numpy")
+BACKENDS = ("auto", "numba", "numpy")
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -126,18 +132,36 @@ def _check_out(out, prepared: Prepared) -> np.ndarray:
     return out
 
 
-def _resolve_backend(backend: str | None) -> str:
-    backend = backend or "auto"
+def _resolve_backend(backend: str | None, *dtypes: np.dtype) -> str:
+    """``"numba"`` or ``"numpy"``: which engine runs, for inputs of ``dtypes``."""
+    if backend is None or backend == "auto":
+        if all(d in _FLOATS for d in dtypes) and _kernels_available():
+            return "numba"
+        return "numpy"
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    return "numpy" if backend == "auto" else backend
+    if backend == "numba" and not _kernels_available():
+        raise InputError("backend='numba' needs Numba, which does not import here; "
+                         "install numba or pass backend='numpy'")
+    return backend
+
+
+def _kernels_available() -> bool:
+    from normlab import kernels
+
+    return kernels.available()
 
 
 def forward(prepared: Prepared, eps: float, rms: bool, mean=None, rstd=None, out=None, backend=None):
     """Run the forward pass on prepared arguments; returns ``(y, stats)`` (``y`` in the
     input's shape, ``stats`` as :class:`normlab.reference.Stats`)."""
     plan = prepared.plan
-    _resolve_backend(backend)
+    if _resolve_backend(backend, prepared.x.dtype) == "numba":
+        from normlab import kernels
+
+        result = kernels.forward(prepared, eps, rms, mean, rstd, out)
+        if result is not None:
+            return result
     out_view = None if out is None else out.reshape(plan.axis_sizes) if out.flags.c_contiguous else None
     if rstd is not None:
         stats = reference.Stats(None if rms else mean, None, rstd)
@@ -220,15 +244,12 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
     prepared = prepare(x, pattern, weight, None, params, sizes)
     plan = prepared.plan
     eps = _check_eps(eps, plan)
-    _resolve_backend(backend)
     grad_y = np.asarray(grad_y)
     if grad_y.shape != plan.shape:
         raise ShapeError(f"{_describe(plan, plan.shape)}: grad_y has shape {grad_y.shape}; it must match x")
     result_dtype(grad_y, pattern)
-    if rstd is None:
-        stats = reference.compute_stats(prepared.x, plan, eps, rms)
-        mean, rstd = stats.mean, stats.rstd
-    else:
+    use_kernels = _resolve_backend(backend, prepared.x.dtype, grad_y.dtype) == "numba"
+    if rstd is not None:
         rstd = _given_stats(rstd, "rstd", plan)
         if not rms:
             if mean is None:
@@ -236,10 +257,35 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
             mean = _given_stats(mean, "mean", plan)
         else:
             mean = None
-    grad_x, grad_w, grad_b = reference.backward(
+    result = None
+    if use_kernels:
+        from normlab import kernels
+
+        result = kernels.backward(prepared, grad_y, eps, rms, mean, rstd,
+                                  need_params=weight is not None or params is not None)
+    if result is not None:
+        grad_x, grad_w, grad_b = result
+        grad_w = grad_w if weight is not None else None
+        grad_b = grad_b if params is not None else None
+    else:
+        grad_x, grad_w, grad_b = _reference_backward(grad_y, prepared, eps, rms, mean, rstd, weight, params)
+    return _finish_backward(prepared, grad_x, grad_w, grad_b, weight)
+
+
+def _reference_backward(grad_y, prepared: Prepared, eps, rms, mean, rstd, weight, params):
+    plan = prepared.plan
+    if rstd is None:
+        stats = reference.compute_stats(prepared.x, plan, eps, rms)
+        mean, rstd = stats.mean, stats.rstd
+    return reference.backward(
         grad_y.reshape(plan.axis_sizes), prepared.x, plan, mean, rstd, prepared.weight,
         need_weight=weight is not None, need_bias=params is not None,
     )
+
+
+def _finish_backward(prepared: Prepared, grad_x, grad_w, grad_b, weight):
+    """Cast the gradients to their dtypes and lay them out as x and the parameters."""
+    plan = prepared.plan
     grad_x = grad_x.astype(prepared.dtype, copy=False).reshape(plan.shape)
     param_dtype = np.result_type(weight) if weight is not None and np.result_type(weight).kind == "f" else prepared.dtype
     if grad_w is not None:

@@ -1,0 +1,339 @@
+"""Fused Numba kernels over the canonical views that every pattern maps to.
+
+:func:`canonical_view` reads a plan's runs of axes and picks a kernel family:
+
+* **rows** ``(rows, n)``: runs ``[kept, reduced]`` or ``[reduced]`` (layer, instance,
+  group and RMS norm). Kernels in :mod:`normlab.kernels.rows`.
+* **channels-first** ``(outer, C, inner)``: ``[reduced, kept, reduced]``; **channels-last**
+  ``(rows, C)``: ``[reduced, kept]`` (batch norm). Kernels in :mod:`normlab.kernels.columns`.
+* any other order of axes (kept axes between reduced ones, say): a transposed copy with
+  the kept axes first, run through the row kernels and transposed back.
+* parameters laid out in a way no table describes, or empty input: ``None``, and the
+  caller uses :mod:`normlab.reference`.
+
+Importing this package does not import Numba; the kernel modules are imported, and each
+kernel compiled, on first use. Numerics and determinism are those of the reference (see
+its module docstring): float64 accumulation, groups shifted by their first element,
+chunks fixed by index and merged in a fixed order.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from normlab.plan import Plan
+
+__all__ = ["available", "canonical_view", "forward", "backward", "RowView", "ColumnView", "SERIAL_BELOW"]
+
+SERIAL_BELOW = 1 << 16  # elements; below this, starting threads costs more than it saves
+ROW_CHUNKS = 64  # backward: rows are cut into this many chunks for the parameter gradients
+CHUNK_ELEMENTS = 1 << 14  # batch norm: a chunk this large stays in L2 for its two passes
+
+_FLOAT32_INPUTS = (np.dtype(np.float16), np.dtype(np.float32))
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """True when Numba imports (the kernels can run)."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class RowView:
+    """Groups are the rows of ``(rows, n)``; parameters form a ``(groups, channels)`` table
+    indexed by ``(r // row_stride) % groups`` and ``(j // inner) % channels``."""
+
+    rows: int
+    n: int
+    param_groups: int = 1
+    param_channels: int = 1
+    param_row_stride: int = 1
+    param_inner: int = 1
+    order: tuple[int, ...] | None = None  # expanded axes, kept then reduced, when a transposed copy is needed
+
+    def source(self, array: np.ndarray) -> np.ndarray:
+        """``array`` (expanded view) with its axes in kernel order."""
+        return array if self.order is None else array.transpose(self.order)
+
+    def to_expanded(self, array: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
+        """Inverse of :meth:`source` for an array of kernel-order ``sizes`` (any shape of that size)."""
+        if self.order is None:
+            return array.reshape(sizes)
+        permuted = array.reshape(tuple(sizes[a] for a in self.order))
+        return permuted.transpose(tuple(self.order.index(a) for a in range(len(sizes))))
+
+
+@dataclass(frozen=True)
+class ColumnView:
+    """Batch norm: ``(outer, channels, inner)``, reduced over outer and inner; ``inner == 1``
+    is channels-last ``(rows, channels)``. Parameters, if any, are per channel."""
+
+    outer: int
+    channels: int
+    inner: int
+
+
+def _spanned_block(axes: tuple[int, ...], sizes: tuple[int, ...], spanned: set[int]):
+    """(block size, product of the sizes after the block) when the spanned axes among
+    ``axes`` are contiguous; None when they are not."""
+    flags = [a in spanned for a in axes]
+    if not any(flags):
+        return 1, math.prod(sizes[a] for a in axes)
+    first = flags.index(True)
+    last = len(flags) - 1 - flags[::-1].index(True)
+    if not all(flags[first:last + 1]):
+        return None
+    return math.prod(sizes[a] for a in axes[first:last + 1]), math.prod(sizes[a] for a in axes[last + 1:])
+
+
+_VIEWS: dict = {}  # id(plan) -> (plan, view); holding the plan keeps its id from being reused
+
+
+def view_of(plan: Plan) -> RowView | ColumnView | None:
+    """:func:`canonical_view`, remembered per plan object (plans are cached by make_plan,
+    and hashing a plan's fields on every call costs more than the small kernels do)."""
+    hit = _VIEWS.get(id(plan))
+    if hit is not None and hit[0] is plan:
+        return hit[1]
+    if len(_VIEWS) >= 4096:
+        _VIEWS.clear()
+    view = canonical_view(plan)
+    _VIEWS[id(plan)] = (plan, view)
+    return view
+
+
+@functools.lru_cache(maxsize=1024)
+def canonical_view(plan: Plan) -> RowView | ColumnView | None:
+    """The kernel view of ``plan``, or None when only the reference fits.
+
+    >>> from normlab.plan import make_plan
+    >>> canonical_view(make_plan("b (g [c]) [h w]", (2, 6, 4, 4), "(g c)", g=3))
+    RowView(rows=6, n=32, param_groups=3, param_channels=2, param_row_stride=1, param_inner=16, order=None)
+    >>> canonical_view(make_plan("[b] c [h w]", (8, 3, 4, 4), "c"))
+    ColumnView(outer=8, channels=3, inner=16)
+    >>> canonical_view(make_plan("b [h] w [c]", (2, 3, 4, 5))).order   # transposed: kept axes first
+    (0, 2, 1, 3)
+    """
+    if math.prod(plan.shape) == 0:
+        return None
+    runs = plan.runs
+    kinds = tuple(run.reduced for run in runs)
+    sizes = plan.axis_sizes
+    spanned = {a for a in plan.param_axes if sizes[a] > 1}
+    if kinds in ((), (False,), (True,), (False, True)):
+        kept = runs[0].axes if kinds and not kinds[0] else ()
+        reduced = runs[-1].axes if kinds and kinds[-1] else ()
+        row_block = _spanned_block(kept, sizes, spanned)
+        col_block = _spanned_block(reduced, sizes, spanned)
+        if row_block is None or col_block is None:
+            return None
+        rows = math.prod(sizes[a] for a in kept)
+        n = math.prod(sizes[a] for a in reduced)
+        return RowView(rows, n, row_block[0], col_block[0], row_block[1], col_block[1])
+    if kinds in ((True, False), (True, False, True)):
+        kept = runs[1]
+        if plan.params is None or spanned == set(kept.axes):
+            inner = runs[2].size if len(runs) == 3 else 1
+            return ColumnView(runs[0].size, kept.size, inner)
+    # any other order: a transposed copy with the kept axes first is a row view
+    kept = tuple(a for a in plan.kept_axes if sizes[a] > 1)
+    reduced = tuple(a for a in plan.reduced_axes if sizes[a] > 1)
+    row_block = _spanned_block(kept, sizes, spanned)
+    col_block = _spanned_block(reduced, sizes, spanned)
+    if row_block is None or col_block is None:
+        return None
+    return RowView(math.prod(sizes[a] for a in kept), math.prod(sizes[a] for a in reduced), row_block[0],
+                   col_block[0], row_block[1], col_block[1], plan.kept_axes + plan.reduced_axes)
+
+
+def _compute_dtype(*arrays) -> np.dtype:
+    """float32 when every array is float16/float32 (float16 goes through float32), else float64."""
+    if all(a.dtype in _FLOAT32_INPUTS for a in arrays):
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
+@functools.lru_cache(maxsize=256)
+def _constant_table(shape: tuple[int, ...], value: float) -> np.ndarray:
+    # shared between calls (kernels only read parameters); left writeable because a
+    # read-only array is another Numba signature, compiled once more
+    return np.full(shape, value)
+
+
+def _param_table(expanded, view, ones: bool):
+    """A parameter laid out as the kernels index it: (groups, channels) for rows, (C,) for columns."""
+    shape = (view.param_groups, view.param_channels) if isinstance(view, RowView) else (view.channels,)
+    if expanded is None:
+        return _constant_table(shape, 1.0 if ones else 0.0)
+    if isinstance(view, RowView):
+        expanded = view.source(expanded)
+    return np.ascontiguousarray(expanded, dtype=np.float64).reshape(shape)
+
+
+def _flat_stats(value, length: int) -> np.ndarray:
+    """Given statistics as a fresh writeable float64 vector (a read-only array would be
+    another kernel signature, and the backward kernel writes its statistics array)."""
+    return np.array(np.broadcast_to(np.asarray(value, np.float64).reshape(-1), (length,)), np.float64)
+
+
+def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
+    """Twin of :func:`normlab.reference.forward` through the kernels.
+
+    Takes the :class:`normlab.core.Prepared` arguments; ``mean``/``rstd`` (float64, the
+    statistics' shape) apply given statistics. Returns ``(y, stats)`` with ``y`` in the
+    input's shape (written into ``out`` when given) and ``stats`` a
+    :class:`normlab.reference.Stats`, or None when the plan has no canonical view.
+    """
+    from normlab.reference import Stats
+
+    plan = prepared.plan
+    view = view_of(plan)
+    if view is None:
+        return None
+    dtype = _compute_dtype(prepared.x)
+    shape = (view.rows, view.n) if isinstance(view, RowView) else (view.outer, view.channels, view.inner)
+    transposed = isinstance(view, RowView) and view.order is not None
+    x = np.ascontiguousarray(view.source(prepared.x) if transposed else prepared.x, dtype=dtype).reshape(shape)
+    direct = out is not None and out.dtype == dtype and out.flags.c_contiguous and not transposed
+    y = out.reshape(shape) if direct else np.empty(shape, dtype)
+    weight = _param_table(prepared.weight, view, ones=True)
+    bias = _param_table(prepared.bias, view, ones=False)
+    serial = x.size < SERIAL_BELOW
+    groups = view.rows if isinstance(view, RowView) else view.channels
+    stats_given = rstd is not None
+    if stats_given:
+        mean_flat = np.zeros(groups) if mean is None else _flat_stats(mean, groups)
+        rstd_flat = _flat_stats(rstd, groups)
+        var_flat = np.empty(groups)
+    else:
+        mean_flat, var_flat, rstd_flat = np.empty((3, groups))
+
+    if isinstance(view, RowView):
+        from normlab.kernels.rows import row_forward
+
+        row_forward(x, y, weight, bias, view.param_row_stride, view.param_inner, rms, eps, stats_given,
+                    mean_flat, var_flat, rstd_flat, serial=serial)
+    else:
+        from normlab.kernels import columns
+
+        if view.inner == 1:
+            x2, y2 = x.reshape(view.outer, view.channels), y.reshape(view.outer, view.channels)
+            chunk_rows = max(1, CHUNK_ELEMENTS // view.channels)
+            if not stats_given:
+                chunks = -(-view.outer // chunk_rows)
+                columns.channels_last_stats(x2, rms, eps, chunk_rows, np.zeros((chunks, groups)),
+                                            np.zeros((chunks, groups)), mean_flat, var_flat, rstd_flat,
+                                            serial=serial)
+            columns.channels_last_apply(x2, y2, weight, bias, mean_flat, rstd_flat, chunk_rows, serial=serial)
+        else:
+            if not stats_given:
+                outer_chunk = max(1, CHUNK_ELEMENTS // view.inner)
+                chunks = -(-view.outer // outer_chunk)
+                columns.channels_first_stats(x, rms, eps, outer_chunk, np.empty((chunks, groups)),
+                                             np.empty((chunks, groups)), mean_flat, var_flat, rstd_flat,
+                                             serial=serial)
+            columns.channels_first_apply(x, y, weight, bias, mean_flat, rstd_flat, serial=serial)
+
+    if stats_given:
+        stats = Stats(None if rms else mean, None, rstd)
+    else:
+        stats_shape = plan.stats_shape
+        stats = Stats(None if rms else mean_flat.reshape(stats_shape), var_flat.reshape(stats_shape),
+                      rstd_flat.reshape(stats_shape))
+    if transposed:
+        y = view.to_expanded(y, plan.axis_sizes)
+    if out is not None:
+        if not direct:
+            np.copyto(out, y.reshape(plan.shape), casting="unsafe")
+        return out, stats
+    return np.ascontiguousarray(y, dtype=prepared.dtype).reshape(plan.shape), stats
+
+
+def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need_params=False):
+    """Twin of :func:`normlab.reference.backward` through the kernels.
+
+    Returns ``(grad_x, grad_weight, grad_bias)``: ``grad_x`` in the expanded view (float32
+    or float64), the parameter gradients in ``plan.param_broadcast_shape`` (float64) when
+    ``need_params``, else None; or None when the plan has no canonical view. Statistics
+    are recomputed when ``rstd`` is None.
+    """
+    plan = prepared.plan
+    view = view_of(plan)
+    if view is None:
+        return None
+    dtype = _compute_dtype(prepared.x, grad_y)
+    shape = (view.rows, view.n) if isinstance(view, RowView) else (view.outer, view.channels, view.inner)
+    transposed = isinstance(view, RowView) and view.order is not None
+    if transposed:
+        x = np.ascontiguousarray(view.source(prepared.x), dtype=dtype).reshape(shape)
+        g = np.ascontiguousarray(view.source(grad_y.reshape(plan.axis_sizes)), dtype=dtype).reshape(shape)
+    else:
+        x = np.ascontiguousarray(prepared.x, dtype=dtype).reshape(shape)
+        g = np.ascontiguousarray(grad_y, dtype=dtype).reshape(shape)
+    grad_x = np.empty(shape, dtype)
+    weight = _param_table(prepared.weight, view, ones=True)
+    serial = x.size < SERIAL_BELOW
+    groups = view.rows if isinstance(view, RowView) else view.channels
+    stats_given = rstd is not None
+    if stats_given:
+        mean_flat = np.zeros(groups) if mean is None else _flat_stats(mean, groups)
+        rstd_flat = _flat_stats(rstd, groups)
+    else:
+        mean_flat, rstd_flat = np.empty(groups), np.empty(groups)
+
+    if isinstance(view, RowView):
+        from normlab.kernels.rows import row_backward
+
+        chunk_rows = -(-view.rows // ROW_CHUNKS)
+        chunks = -(-view.rows // chunk_rows)
+        weight_parts = np.zeros((chunks,) + weight.shape)
+        bias_parts = np.zeros((chunks,) + weight.shape)
+        row_backward(g, x, weight, view.param_row_stride, view.param_inner, rms, eps, stats_given,
+                     mean_flat, rstd_flat, chunk_rows, grad_x, weight_parts, bias_parts, serial=serial)
+        # chunk order fixed by index: the sum is the same for every thread count
+        grad_weight, grad_bias = weight_parts.sum(axis=0), bias_parts.sum(axis=0)
+    else:
+        from normlab.kernels import columns
+
+        grad_weight, grad_bias = np.empty(groups), np.empty(groups)
+        if view.inner == 1:
+            x2, g2 = x.reshape(view.outer, view.channels), g.reshape(view.outer, view.channels)
+            chunk_rows = max(1, CHUNK_ELEMENTS // view.channels)
+            chunks = -(-view.outer // chunk_rows)
+            if not stats_given:
+                columns.channels_last_stats(x2, rms, eps, chunk_rows, np.zeros((chunks, groups)),
+                                            np.zeros((chunks, groups)), mean_flat, np.empty(groups), rstd_flat,
+                                            serial=serial)
+            columns.channels_last_backward(g2, x2, weight, mean_flat, rstd_flat, rms, chunk_rows,
+                                           np.zeros((chunks, groups)), np.zeros((chunks, groups)),
+                                           grad_x.reshape(view.outer, view.channels), grad_weight, grad_bias,
+                                           serial=serial)
+        else:
+            outer_chunk = max(1, CHUNK_ELEMENTS // view.inner)
+            chunks = -(-view.outer // outer_chunk)
+            if not stats_given:
+                columns.channels_first_stats(x, rms, eps, outer_chunk, np.empty((chunks, groups)),
+                                             np.empty((chunks, groups)), mean_flat, np.empty(groups), rstd_flat,
+                                             serial=serial)
+            columns.channels_first_backward(g, x, weight, mean_flat, rstd_flat, rms, outer_chunk,
+                                            np.empty((chunks, groups)), np.empty((chunks, groups)),
+                                            grad_x, grad_weight, grad_bias, serial=serial)
+    if transposed:
+        grad_x = view.to_expanded(grad_x, plan.axis_sizes)
+        if need_params:
+            broadcast = plan.param_broadcast_shape
+            grad_weight = view.to_expanded(grad_weight, broadcast)
+            grad_bias = view.to_expanded(grad_bias, broadcast)
+    grad_x = grad_x.reshape(plan.axis_sizes)
+    if not need_params:
+        return grad_x, None, None
+    broadcast = plan.param_broadcast_shape
+    return grad_x, grad_weight.reshape(broadcast), grad_bias.reshape(broadcast)

@@ -1,0 +1,79 @@
+"""The one place Numba options live.
+
+Every kernel is a plain Python function decorated with :func:`kernel`; helpers called from
+kernels use :func:`helper`. Numba compiles a function on its first call, and this module
+(which imports Numba) is itself imported only when a kernel is first needed, so
+``import normlab`` needs NumPy alone and a kernel never used never compiles.
+
+Options, and why:
+
+* ``parallel=True`` for the threaded variant; each kernel also has a serial variant
+  (same source, ``prange`` runs as ``range``) for inputs too small to repay starting threads.
+* ``cache=True``: compiled code is written next to the source and reused across processes.
+* no ``fastmath`` in kernels: its ``nnan``/``ninf`` flags let LLVM assume no NaN or Inf,
+  which breaks NaN isolation, and ``contract`` changes roundings of the elementwise math.
+* the one exception, :func:`reduction`: the float64 sums alone get ``reassoc``, so that LLVM
+  may split them into SIMD lanes (about 3x faster; without it every add waits for the
+  previous one). The order of addition is then fixed by the compiled code instead of the
+  source: the same on every run and every thread count on one machine, possibly different
+  in the last bits on a CPU with other vector widths. Exact sums (a constant group, a
+  symmetric group) are exact in any order, so the exact-zero claims hold.
+* ``error_model="numpy"``: 1/0 gives inf as in NumPy instead of raising inside a kernel.
+
+Numba's on-disk cache is keyed on each kernel's own source file: after editing a helper
+in another module (``sums.py``), delete the ``*.nbi``/``*.nbc`` files under
+``normlab/kernels/__pycache__`` or the kernels keep the old helper.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import types
+
+import numba
+
+NUMBA_OPTIONS = {"cache": True, "fastmath": False, "error_model": "numpy", "nogil": True}
+REDUCTION_FASTMATH = {"reassoc"}  # only reordering of adds: no nnan/ninf, no contract
+_PARALLEL_LOCK = threading.Lock()
+
+
+def _renamed(fn, suffix: str):
+    """A copy of ``fn`` under another qualname, so that its on-disk cache file is its own
+    (Numba names cache files after the qualname, not after the compile flags)."""
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = fn.__qualname__ + suffix
+    copy.__module__ = fn.__module__
+    return copy
+
+
+class Kernel:
+    """A kernel with a threaded and a serial variant of one source, each compiled on first call."""
+
+    def __init__(self, fn):
+        self.py_func = fn
+        self.parallel = numba.njit(parallel=True, **NUMBA_OPTIONS)(fn)
+        self.serial = numba.njit(parallel=False, **NUMBA_OPTIONS)(_renamed(fn, "_serial"))
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, serial: bool = False):
+        if serial:
+            return self.serial(*args)
+        # Numba's fallback "workqueue" thread pool must not be entered from two threads at once
+        with _PARALLEL_LOCK:
+            return self.parallel(*args)
+
+
+def kernel(fn) -> Kernel:
+    """Decorate a kernel: threaded by default, ``serial=True`` for the single-threaded variant."""
+    return Kernel(fn)
+
+
+def helper(fn):
+    """Decorate a helper that kernels call (LLVM inlines it into them)."""
+    return numba.njit(**NUMBA_OPTIONS)(fn)
+
+
+def reduction(fn):
+    """Decorate a summing helper: as :func:`helper`, with ``reassoc`` so that it vectorizes."""
+    return numba.njit(**dict(NUMBA_OPTIONS, fastmath=REDUCTION_FASTMATH))(fn)

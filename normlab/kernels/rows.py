@@ -1,0 +1,144 @@
+"""Row-family kernels: every group is one contiguous row of a (rows, n) view.
+
+This covers layer norm (NLP and vision), instance norm, group norm and RMS norm. The
+affine parameters are a float64 table ``weight[G, C]``: element ``j`` of row ``r`` uses
+``weight[(r // param_row_stride) % G, (j // param_inner) % C]``. That is the
+(rows, groups, channels-per-group, spatial) layout of group norm (``G`` groups, ``C``
+channels per group, ``param_inner`` positions per channel), per-element layer norm
+(``G = 1``, ``C = n``, ``param_inner = 1``) and no parameters at all (a (1, 1) table of ones).
+
+A row fits in cache, so its statistics take two passes over it (shifted sum, then
+centred squares) and the output a third, all while it is cache-resident.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from normlab.kernels._jit import kernel
+from normlab.kernels.sums import gradient_sums, group_stats, weighted_gradient_sums
+
+
+@kernel
+def row_forward(x, y, weight, bias, param_row_stride, param_inner, rms, eps, stats_given, mean, var, rstd):
+    """Twin of ``reference.forward`` (``compute_stats`` then ``apply_stats``) on (rows, n).
+
+    Writes ``y`` and, unless ``stats_given``, the per-row ``mean``, ``var`` and ``rstd``
+    (float64, length rows; ``mean`` is 0 for RMS). With ``stats_given`` it reads ``mean``
+    and ``rstd`` instead, as batch norm does in evaluation.
+    """
+    rows = x.shape[0]
+    n = x.shape[1]
+    groups = weight.shape[0]
+    channels = weight.shape[1]
+    inner = param_inner
+    repeats = n // (channels * inner)
+    for r in prange(rows):
+        x_row = x[r]
+        y_row = y[r]
+        if not stats_given:
+            row_mean, row_var, row_rstd = group_stats(x_row, rms, eps)
+            mean[r] = row_mean
+            var[r] = row_var
+            rstd[r] = row_rstd
+        m = mean[r]
+        rs = rstd[r]
+        g = (r // param_row_stride) % groups
+        w_row = weight[g]
+        b_row = bias[g]
+        # loops index slices from 0: LLVM then knows no index is negative and vectorizes
+        if inner == 1:
+            # per-element parameters: the innermost loop runs along the row
+            for a in range(repeats):
+                x_seg = x_row[a * channels:(a + 1) * channels]
+                y_seg = y_row[a * channels:(a + 1) * channels]
+                for c in range(channels):
+                    y_seg[c] = (x_seg[c] - m) * rs * w_row[c] + b_row[c]
+        else:
+            for a in range(repeats):
+                for c in range(channels):
+                    w = w_row[c]
+                    b = b_row[c]
+                    base = (a * channels + c) * inner
+                    x_seg = x_row[base:base + inner]
+                    y_seg = y_row[base:base + inner]
+                    for s in range(inner):
+                        y_seg[s] = (x_seg[s] - m) * rs * w + b
+
+
+@kernel
+def row_backward(grad_y, x, weight, param_row_stride, param_inner, rms, eps, stats_given, mean, rstd,
+                 chunk_rows, grad_x, grad_weight_parts, grad_bias_parts):
+    """Twin of ``reference.backward`` on (rows, n): ``grad_x`` for every row, and the
+    weight and bias gradients summed per chunk of ``chunk_rows`` rows into
+    ``grad_weight_parts[k]`` / ``grad_bias_parts[k]`` (zeroed by the caller, which adds
+    the chunks in order). Unless ``stats_given`` it recomputes ``mean``/``rstd`` per row.
+
+    Two passes over each cache-resident row: the sums Σg·w and Σg·w·x̂, then grad_x.
+    """
+    rows = x.shape[0]
+    n = x.shape[1]
+    groups = weight.shape[0]
+    channels = weight.shape[1]
+    inner = param_inner
+    repeats = n // (channels * inner)
+    for k in prange(grad_weight_parts.shape[0]):
+        part_w = grad_weight_parts[k]
+        part_b = grad_bias_parts[k]
+        for r in range(k * chunk_rows, min(rows, (k + 1) * chunk_rows)):
+            x_row = x[r]
+            g_row = grad_y[r]
+            gx_row = grad_x[r]
+            if not stats_given:
+                row_mean, row_var, row_rstd = group_stats(x_row, rms, eps)
+                mean[r] = row_mean
+                rstd[r] = row_rstd
+            m = mean[r]
+            rs = rstd[r]
+            g = (r // param_row_stride) % groups
+            w_row = weight[g]
+            sum_gw = 0.0  # Σ g·w
+            sum_gw_dev = 0.0  # Σ g·w·(x − mean)
+            if inner == 1:
+                for a in range(repeats):
+                    base = a * channels
+                    sg, sgd = weighted_gradient_sums(g_row[base:base + channels], x_row[base:base + channels],
+                                                     w_row, m)
+                    sum_gw += sg
+                    sum_gw_dev += sgd
+            else:
+                for a in range(repeats):
+                    for c in range(channels):
+                        base = (a * channels + c) * inner
+                        sg, sgd = gradient_sums(g_row[base:base + inner], x_row[base:base + inner], m)
+                        sum_gw += w_row[c] * sg
+                        sum_gw_dev += w_row[c] * sgd
+                        part_w[g, c] += sgd * rs
+                        part_b[g, c] += sg
+            proj = sum_gw_dev * rs / n
+            mean_gw = 0.0 if rms else sum_gw / n
+            if inner == 1:
+                part_w_row = part_w[g]
+                part_b_row = part_b[g]
+                for a in range(repeats):
+                    x_seg = x_row[a * channels:(a + 1) * channels]
+                    g_seg = g_row[a * channels:(a + 1) * channels]
+                    gx_seg = gx_row[a * channels:(a + 1) * channels]
+                    for c in range(channels):
+                        gy = np.float64(g_seg[c])
+                        x_hat = (x_seg[c] - m) * rs
+                        gx_seg[c] = ((gy * w_row[c] - x_hat * proj) - mean_gw) * rs
+                        part_w_row[c] += gy * x_hat
+                        part_b_row[c] += gy
+            else:
+                for a in range(repeats):
+                    for c in range(channels):
+                        w = w_row[c]
+                        base = (a * channels + c) * inner
+                        x_seg = x_row[base:base + inner]
+                        g_seg = g_row[base:base + inner]
+                        gx_seg = gx_row[base:base + inner]
+                        for s in range(inner):
+                            x_hat = (x_seg[s] - m) * rs
+                            gx_seg[s] = ((g_seg[s] * w - x_hat * proj) - mean_gw) * rs

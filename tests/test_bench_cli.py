@@ -1,0 +1,45 @@
+"""``normlab bench`` runs end to end: a quick smoke run via the command line, no timing asserts."""
+
+import subprocess
+import sys
+
+import pytest
+
+from normlab import bench
+
+
+def test_bench_quick_run_prints_a_table_and_saves_a_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "speed.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "normlab.cli", "bench", "--quick", "--repeats", "1", "--case", "tiny",
+         "--case", "RMS", "--markdown", "--plot", str(plot)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| tiny layer norm fwd | 1×768 |" in result.stdout
+    assert "RMS norm fwd" in result.stdout
+    assert plot.stat().st_size > 0
+
+
+def test_bench_with_an_unknown_case_says_which_cases_exist():
+    result = subprocess.run([sys.executable, "-m", "normlab.cli", "bench", "--case", "no such norm"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "no benchmark case matches" in result.stderr and "layer norm fwd" in result.stderr
+
+
+def test_every_case_names_a_pattern_the_engine_accepts():
+    import numpy as np
+
+    import normlab
+
+    for case in bench.CASES:
+        shape = tuple(max(1, s // 16) if i else 2 for i, s in enumerate(case.quick_shape))
+        if case.norm == "group":
+            shape = (2, 64, 3, 3)
+        data = bench.make_inputs(case, shape)
+        plan = normlab.make_plan(case.pattern, shape, case.params, **case.sizes)
+        assert plan.param_shape == data.weight.shape, case
+        assert np.isfinite(bench.numpy_call(case, data)()[0] if case.mode == "fwd+bwd"
+                           else bench.numpy_call(case, data)()).all()
