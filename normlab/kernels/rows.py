@@ -48,7 +48,13 @@ def row_forward(x, y, weight, bias, param_row_stride, param_inner, rms, eps, sta
         w_row = weight[g]
         b_row = bias[g]
         # loops index slices from 0: LLVM then knows no index is negative and vectorizes
-        if inner == 1:
+        if channels == 1 and inner == n:
+            # one weight and bias for the whole row (none given): a single flat loop
+            w = w_row[0]
+            b = b_row[0]
+            for j in range(n):
+                y_row[j] = (x_row[j] - m) * rs * w + b
+        elif inner == 1:
             # per-element parameters: the innermost loop runs along the row
             for a in range(repeats):
                 x_seg = x_row[a * channels:(a + 1) * channels]
