@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from normlab.kernels import pool
 from normlab.plan import Plan
 
 __all__ = ["available", "canonical_view", "forward", "backward", "RowView", "ColumnView", "SERIAL_BELOW"]
@@ -203,7 +204,7 @@ def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
     transposed = isinstance(view, RowView) and view.order is not None
     x = np.ascontiguousarray(view.source(prepared.x) if transposed else prepared.x, dtype=dtype).reshape(shape)
     direct = out is not None and out.dtype == dtype and out.flags.c_contiguous and not transposed
-    y = out.reshape(shape) if direct else np.empty(shape, dtype)
+    y = out.reshape(shape) if direct else pool.empty(shape, dtype)
     weight = _param_table(prepared.weight, view, ones=True)
     bias = _param_table(prepared.bias, view, ones=False)
     serial = x.size < SERIAL_BELOW
@@ -278,7 +279,7 @@ def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need
     else:
         x = np.ascontiguousarray(prepared.x, dtype=dtype).reshape(shape)
         g = np.ascontiguousarray(grad_y, dtype=dtype).reshape(shape)
-    grad_x = np.empty(shape, dtype)
+    grad_x = pool.empty(shape, dtype)
     weight = _param_table(prepared.weight, view, ones=True)
     serial = x.size < SERIAL_BELOW
     groups = view.rows if isinstance(view, RowView) else view.channels
