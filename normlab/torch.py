@@ -299,6 +299,22 @@ def _dense_perm(x: Tensor) -> tuple[Tensor, Optional[tuple[int, ...]]]:
     return x.contiguous(), None
 
 
+def _empty_like_dense(x: Tensor, perm) -> Tensor:
+    """An uninitialized tensor with ``x``'s shape and strides, carved from normlab's
+    recycled output memory: ``torch.empty`` would hand the kernel fresh 4 KB pages, whose
+    first-touch faults cost more than the normalization itself on large tensors."""
+    from normlab.kernels import pool
+
+    if x.dtype not in _NUMPY_DTYPES:
+        return torch.empty_like(x)
+    shape = tuple(x.shape) if perm is None else tuple(x.shape[p] for p in perm)
+    y = torch.from_numpy(pool.empty(shape, _NUMPY_DTYPES[x.dtype]))
+    return y if perm is None else y.permute(_inverse(perm))
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 def _engine_view(t: Tensor, perm) -> np.ndarray:
     t = t.detach()
     return (t if perm is None else t.permute(perm)).numpy()
@@ -318,7 +334,7 @@ def _normalize_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     stats_shape (mean is zeros for RMS)."""
     x, perm = _dense_perm(x)
     layout = _layout(pattern, perm, x.dim())
-    y = torch.empty_like(x)
+    y = _empty_like_dense(x, perm)
     _, stats = core.normalize_with_stats(
         _engine_view(x, perm), layout.pattern, params=params, eps=eps, rms=rms, out=_engine_view(y, perm),
         weight=None if weight is None else weight.detach().numpy(),

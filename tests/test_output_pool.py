@@ -66,3 +66,23 @@ def test_release_drops_the_kept_buffers(inputs):
     normlab.normalize(inputs[0], "b [d]")
     pool.release()
     assert pool._total() == 0
+
+
+def test_torch_module_outputs_stay_distinct_and_keep_channels_last():
+    torch = pytest.importorskip("torch")
+    from normlab.torch import BatchNorm2d, LayerNorm
+
+    layer = LayerNorm(SHAPE[1])
+    x1, x2 = torch.randn(SHAPE), torch.randn(SHAPE)
+    y1 = layer(x1)
+    kept = y1.detach().clone()
+    y2 = layer(x2)
+    assert y1.data_ptr() != y2.data_ptr()
+    assert torch.equal(y1.detach(), kept)
+    norm = BatchNorm2d(16)
+    x = torch.randn(8, 16, 128, 128).to(memory_format=torch.channels_last)
+    first = norm(x)
+    second = norm(x * 2)
+    assert first.is_contiguous(memory_format=torch.channels_last)
+    assert first.data_ptr() != second.data_ptr()
+    torch.testing.assert_close(first, torch.nn.functional.batch_norm(x, None, None, norm.weight, norm.bias, True))
