@@ -2,8 +2,8 @@
 
 One table of cases (:data:`CASES`) drives the command and the scripts in ``benchmarks/``.
 Every engine gets fresh output arrays on every call (``out=`` only where a case says so),
-one warm-up call (which compiles the kernels), then the median of ``--repeats`` timed
-calls. ``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` (see :func:`run`). "copy bw" is the case's essential traffic (read x, write y; forward+backward adds
+and the median of ``--repeats`` timed calls, taken in rounds in which the engines take
+turns, each round after a warm-up call (the first compiles the kernels). ``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` (see :func:`run`). "copy bw" is the case's essential traffic (read x, write y; forward+backward adds
 read x and grad_y, write grad_x) over the time, as a share of the bandwidth that
 ``np.copyto`` reaches on the same array. Heavy imports (torch, onnxruntime, rich,
 matplotlib) happen inside :func:`run`.
@@ -254,12 +254,6 @@ def seconds_of(fn) -> float:
     return time.perf_counter() - start
 
 
-def median_seconds(fn, repeats: int) -> float:
-    """One warm-up call, then the median of ``repeats`` timed calls."""
-    fn()
-    return statistics.median(seconds_of(fn) for _ in range(repeats))
-
-
 @dataclass(frozen=True)
 class Row:
     """A measured case: median seconds per engine (None where it does not apply)."""
@@ -270,25 +264,41 @@ class Row:
     copy_share: float
 
 
-def measure(cases, quick: bool, repeats: int, progress=None) -> list[Row]:
-    """Time every engine on every case; ``progress(description)`` is called as it goes.
+ROUNDS = 3  # engines take turns this many times per case
 
-    Each engine runs its warm-up and its repeats back to back, then ``np.copyto`` on the
-    same array. (Taking turns call by call looks fairer but is not: the OpenMP pools of
-    Numba and PyTorch keep spinning after a call and steal each other's cores.)
+
+def measure(cases, quick: bool, repeats: int, progress=None) -> list[Row]:
+    """Time every engine on every case; ``progress(description)`` is called once per
+    case and engine.
+
+    The repeats of each case are split into up to :data:`ROUNDS` rounds; in each round
+    every engine, then ``np.copyto`` on the same array, runs one warm-up call and its
+    share of the timed calls back to back. The median is over all of an engine's timed
+    calls. Rounds spread each engine over the case's whole time, so a neighbour's load
+    that comes and goes shifts all engines alike instead of one. (Taking turns call by
+    call looks fairer still but is not: the OpenMP pools of Numba and PyTorch keep
+    spinning after a call and steal each other's cores; the warm-up call absorbs that.)
     """
     rows = []
     for case in cases:
         shape = case.quick_shape if quick else case.shape
         data = make_inputs(case, shape)
-        seconds = {}
+        calls = {}
         for engine, build in ENGINES.items():
             if progress:
                 progress(f"{case.name} {case.mode}: {engine}")
-            call = build(case, data)
-            seconds[engine] = None if call is None else median_seconds(call, repeats)
+            calls[engine] = build(case, data)
         copy_target = np.empty_like(data.x)
-        copy_bandwidth = 2 * data.x.nbytes / median_seconds(lambda: np.copyto(copy_target, data.x), repeats)
+        calls["copy"] = lambda: np.copyto(copy_target, data.x)
+        timed = {engine: [] for engine, call in calls.items() if call is not None}
+        rounds = min(ROUNDS, repeats)
+        for index in range(rounds):
+            count = repeats // rounds + (index < repeats % rounds)
+            for engine in timed:
+                calls[engine]()
+                timed[engine].extend(seconds_of(calls[engine]) for _ in range(count))
+        seconds = {engine: statistics.median(timed[engine]) if engine in timed else None for engine in ENGINES}
+        copy_bandwidth = 2 * data.x.nbytes / statistics.median(timed["copy"])
         share = case.traffic * data.x.nbytes / seconds["normlab"] / copy_bandwidth
         rows.append(Row(case, shape, seconds, share))
     return rows
