@@ -18,11 +18,11 @@ import tempfile
 
 SCENARIOS = {
     "layer norm fwd, float32": "normlab.normalize(np.ones((4, 64), np.float32), 'b [d]')",
-    "layer norm fwd, float32, threaded": "normlab.normalize(np.ones((512, 256), np.float32), 'b [d]')",
+    "layer norm fwd, float32, threaded": "normlab.normalize(np.ones((2048, 512), np.float32), 'b [d]')",
     "batch norm fwd, float32, threaded": "normlab.normalize(np.ones((64, 8, 32, 32), np.float32), '[b] c [h w]')",
     "layer norm fwd+bwd, float32, threaded": (
-        "x = np.ones((512, 256), np.float32); "
-        "normlab.normalize_backward(x, x, 'b [d]', weight=np.ones(256, np.float32), params='d')"
+        "x = np.ones((2048, 512), np.float32); "
+        "normlab.normalize_backward(x, x, 'b [d]', weight=np.ones(512, np.float32), params='d')"
     ),
 }
 PROGRAM = """
