@@ -3,8 +3,10 @@
 One table of cases (:data:`CASES`) drives the command and the scripts in ``benchmarks/``.
 Every engine gets fresh output arrays on every call (``out=`` only where a case says so),
 and the median of ``--repeats`` timed calls, taken in rounds in which the engines take
-turns, each round after a warm-up call (the first compiles the kernels). ``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` (see :func:`run`). "copy bw" is the case's essential traffic (read x, write y; forward+backward adds
-read x and grad_y, write grad_x) over the time, as a share of the bandwidth that
+turns, each round after a warm-up call (the first compiles the kernels).
+``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` (see :func:`run`). "copy bw" is the case's
+essential traffic (read x, write y; forward+backward adds read x and grad_y, write
+grad_x) over the time, as a share of the bandwidth that
 ``np.copyto`` reaches on the same array. Heavy imports (torch, onnxruntime, rich,
 matplotlib) happen inside :func:`run`.
 """
@@ -269,7 +271,7 @@ ROUNDS = 3  # engines take turns this many times per case
 
 def measure(cases, quick: bool, repeats: int, progress=None) -> list[Row]:
     """Time every engine on every case; ``progress(description)`` is called once per
-    case and engine.
+    case and engine, as that engine's last round starts.
 
     The repeats of each case are split into up to :data:`ROUNDS` rounds; in each round
     every engine, then ``np.copyto`` on the same array, runs one warm-up call and its
@@ -283,21 +285,20 @@ def measure(cases, quick: bool, repeats: int, progress=None) -> list[Row]:
     for case in cases:
         shape = case.quick_shape if quick else case.shape
         data = make_inputs(case, shape)
-        calls = {}
-        for engine, build in ENGINES.items():
-            if progress:
-                progress(f"{case.name} {case.mode}: {engine}")
-            calls[engine] = build(case, data)
+        calls = {engine: build(case, data) for engine, build in ENGINES.items()}
         copy_target = np.empty_like(data.x)
         calls["copy"] = lambda: np.copyto(copy_target, data.x)
-        timed = {engine: [] for engine, call in calls.items() if call is not None}
+        timed = {engine: [] for engine in calls}
         rounds = min(ROUNDS, repeats)
         for index in range(rounds):
             count = repeats // rounds + (index < repeats % rounds)
-            for engine in timed:
-                calls[engine]()
-                timed[engine].extend(seconds_of(calls[engine]) for _ in range(count))
-        seconds = {engine: statistics.median(timed[engine]) if engine in timed else None for engine in ENGINES}
+            for engine, call in calls.items():
+                if progress and engine in ENGINES and index == rounds - 1:
+                    progress(f"{case.name} {case.mode}: {engine}")
+                if call is not None:
+                    call()
+                    timed[engine].extend(seconds_of(call) for _ in range(count))
+        seconds = {engine: statistics.median(timed[engine]) if timed[engine] else None for engine in ENGINES}
         copy_bandwidth = 2 * data.x.nbytes / statistics.median(timed["copy"])
         share = case.traffic * data.x.nbytes / seconds["normlab"] / copy_bandwidth
         rows.append(Row(case, shape, seconds, share))

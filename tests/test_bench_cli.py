@@ -43,3 +43,25 @@ def test_every_case_names_a_pattern_the_engine_accepts():
         assert plan.param_shape == data.weight.shape, case
         assert np.isfinite(bench.numpy_call(case, data)()[0] if case.mode == "fwd+bwd"
                            else bench.numpy_call(case, data)()).all()
+
+
+@pytest.mark.parametrize("repeats", [1, 2, 7, 9])
+def test_measure_times_each_engine_repeats_times_in_rounds(repeats, monkeypatch):
+    calls = {"normlab": 0, "torch": 0}
+
+    def counting(engine):
+        def build(case, data):
+            def call():
+                calls[engine] += 1
+            return call
+        return build
+
+    engines = {"normlab": counting("normlab"), "torch": counting("torch"), "absent": lambda case, data: None}
+    monkeypatch.setattr(bench, "ENGINES", engines)
+    described = []
+    case = next(c for c in bench.CASES if c.name.startswith("tiny"))
+    [row] = bench.measure([case], quick=True, repeats=repeats, progress=described.append)
+    rounds = min(bench.ROUNDS, repeats)
+    assert calls == {"normlab": repeats + rounds, "torch": repeats + rounds}  # timed calls + a warm-up per round
+    assert row.seconds["absent"] is None and row.seconds["normlab"] is not None
+    assert len(described) == len(engines)

@@ -101,7 +101,7 @@ def _prefetch_address(typingctx, array, index):
     return signature, codegen
 
 
-@numba.njit(**NUMBA_OPTIONS)
+@helper
 def prefetch(values):
     """Ask for a contiguous 1-D array's cache lines ahead of use. A row kernel calls it on
     the next row before working on the current one: the current row's passes run from
