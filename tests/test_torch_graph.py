@@ -7,6 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import normlab.torch as nt  # noqa: E402
+from normlab.torch import ops  # noqa: E402
+from normlab.torch import spec as spec_module  # noqa: E402
 
 GRADCHECK_CASES = [
     ("batch_norm", "[b] c [h w]", "c", {}, (3, 4, 2, 2), False),
@@ -38,16 +40,16 @@ def test_custom_op_passes_gradcheck_in_float64(pattern, params, sizes, shape, rm
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     x.requires_grad_()
-    param_shape = nt.Spec.build(pattern, params, rms, **sizes).plan(shape).param_shape
+    param_shape = spec_module.Spec.build(pattern, params, rms, **sizes).plan(shape).param_shape
     weight, bias = _parameters(param_shape, rms)
     inputs = (x, weight) if rms else (x, weight, bias)
 
-    spec = nt.Spec.build(pattern, params, rms, **sizes)
+    spec = spec_module.Spec.build(pattern, params, rms, **sizes)
 
     def function(x, weight, bias=None):
         if route == "registered_op":
             return torch.ops.normlab.normalize(x, weight, bias, pattern, params, spec.sizes, 1e-3, rms)[0]
-        assert nt._is_eager(x, weight, bias)
+        assert ops._is_eager(x, weight, bias)
         return nt.normalize(x, pattern, weight=weight, bias=bias, params=params, eps=1e-3, rms=rms, **sizes)
 
     assert torch.autograd.gradcheck(function, inputs)

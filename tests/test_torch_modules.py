@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import normlab.torch as nt  # noqa: E402
+from normlab.torch import conversion, ops, paths  # noqa: E402
 from normlab.errors import NormlabError, PatternSyntaxError  # noqa: E402
 
 STEPS = 3
@@ -47,7 +48,7 @@ def twins(factory, dtype):
     with torch.no_grad():
         for parameter in reference.parameters():
             parameter.normal_()
-    twin_class = nt._TWINS[type(reference)]
+    twin_class = conversion._TWINS[type(reference)]
     twin = copy.deepcopy(reference)  # same constructor arguments
     twin.__class__ = twin_class
     twin._init_spec()
@@ -99,11 +100,11 @@ def test_module_matches_torch_nn_on_the_forced_native_and_composite_paths(factor
 
 
 def test_auto_path_sends_cpu_float32_to_the_kernel_and_bfloat16_to_torch():
-    assert nt._choose_path(torch.ones(2, dtype=torch.float32), has_native=True) == "kernel"
-    assert nt._choose_path(torch.ones(2, dtype=torch.bfloat16), has_native=True) == "native"
-    assert nt._choose_path(torch.ones(2, dtype=torch.bfloat16), has_native=False) == "composite"
+    assert paths._choose_path(torch.ones(2, dtype=torch.float32), has_native=True) == "kernel"
+    assert paths._choose_path(torch.ones(2, dtype=torch.bfloat16), has_native=True) == "native"
+    assert paths._choose_path(torch.ones(2, dtype=torch.bfloat16), has_native=False) == "composite"
     with nt.use_path("native"):
-        assert nt._choose_path(torch.ones(2), has_native=False) == "composite"
+        assert paths._choose_path(torch.ones(2), has_native=False) == "composite"
 
 
 @pytest.mark.parametrize("path", ["auto", "composite", "kernel"])
@@ -194,13 +195,13 @@ def test_channels_last_input_gives_channels_last_output_and_grad_equal_to_torch(
 
 def test_kernel_path_writes_into_the_output_without_copying_a_contiguous_input(monkeypatch):
     seen = {}
-    original = nt.core.normalize_with_stats
+    original = ops.core.normalize_with_stats
 
     def spy(x, *args, **kwargs):
         seen["x"], seen["out"] = x, kwargs["out"]
         return original(x, *args, **kwargs)
 
-    monkeypatch.setattr(nt.core, "normalize_with_stats", spy)
+    monkeypatch.setattr(ops.core, "normalize_with_stats", spy)
     x = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
     y = nt.BatchNorm2d(3)(x)
     assert seen["x"].ctypes.data == x.data_ptr()  # a view, not a copy

@@ -11,6 +11,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
+from normlab.torch import sync  # noqa: E402
 
 WORLD_SIZE = 2
 BATCH_PER_RANK = (3, 5)  # unequal on purpose: a mean of means would be wrong
@@ -79,7 +80,7 @@ def test_merge_of_count_weighted_moments_is_exact_for_unequal_counts():
     counts = torch.tensor([[2.0] * 3, [9.0] * 3], dtype=torch.float64)
     means = torch.stack([p.mean(0) for p in parts])
     m2s = torch.stack([p.var(0, correction=0) * len(p) for p in parts])
-    total, mean, m2 = nt._merge_moments(counts, means, m2s)
+    total, mean, m2 = sync._merge_moments(counts, means, m2s)
     torch.testing.assert_close(total, torch.full((3,), 11.0, dtype=torch.float64))
     torch.testing.assert_close(mean, data.mean(0))
     torch.testing.assert_close(m2 / 11, data.var(0, correction=0))

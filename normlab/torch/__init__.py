@@ -1,0 +1,59 @@
+"""PyTorch front end: drop-in ``torch.nn`` normalization modules on normlab's engine.
+
+Swap a model's norm layers in one call and keep its parameters, buffers and outputs::
+
+    >>> import torch
+    >>> from normlab.torch import convert
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+    >>> model = convert(model)
+    >>> type(model[1]).__module__, model(torch.randn(2, 3, 8, 8)).shape
+    ('normlab.torch', torch.Size([2, 8, 6, 6]))
+
+Each module subclasses its ``torch.nn`` namesake, so constructor arguments, defaults,
+attributes, ``state_dict`` keys, ``reset_parameters()``, ``extra_repr()`` and
+``isinstance(m, torch.nn.BatchNorm2d)`` checks are torch's own; only ``forward`` differs.
+:class:`Norm` takes any pattern.
+
+**Momentum**, as torch defines it (frameworks disagree)::
+
+    running = (1 − momentum) · running + momentum · batch          (momentum=0.1)
+    running = running + (batch − running) / num_batches_tracked    (momentum=None)
+
+``running_var`` stores the *unbiased* batch variance ``n/(n − 1)·var``; the batch is
+normalized with the biased one.
+
+**Paths.** Each forward takes one of three paths:
+
+* ``"kernel"``: CPU float32/float64 tensors go zero-copy (contiguous, or any dense
+  permutation such as channels_last) into :func:`normlab.normalize` through the custom
+  op ``torch.ops.normlab.normalize``, registered with ``torch.library`` with a fake
+  kernel and an autograd formula, so ``torch.compile(fullgraph=True)`` and
+  ``torch.export`` see one op (plain eager tensors call the same functions through an
+  ``autograd.Function``, skipping the dispatcher's per-call cost);
+* ``"native"``: torch's own op (``F.batch_norm``, ``F.layer_norm``, ...) for other
+  devices and dtypes, where the pattern has one;
+* ``"composite"``: the same math written in torch operations, for any pattern.
+
+``"auto"`` picks in that order; :func:`use_path` forces one (tests use it on CPU).
+"""
+
+import torch  # noqa: F401  (also the namespace of the class doctests)
+
+from normlab.torch.compute import normalize
+from normlab.torch.conversion import convert
+from normlab.torch.modules import (
+    BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm,
+    Norm, RMSNorm,
+)
+from normlab.torch.paths import PATHS, use_path
+from normlab.torch.sync import SyncBatchNorm
+
+for _public in (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
+                LayerNorm, Norm, RMSNorm, SyncBatchNorm, convert, normalize, use_path):
+    _public.__module__ = __name__  # users (and pickles) name them normlab.torch.X, wherever they live
+
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d",
+    "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "SyncBatchNorm", "Norm", "convert", "normalize",
+    "use_path", "PATHS",
+]

@@ -1,0 +1,166 @@
+"""Compute: one entry point for the kernel and composite paths, and running statistics."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from normlab import core
+from normlab.errors import InputError, ParamsError, ShapeError
+from normlab.notation import parse_params, parse_pattern
+from normlab.plan import make_plan
+from normlab.torch.ops import _EagerNormalize, _is_eager, _normalize_op
+from normlab.torch.paths import _LOW_PRECISION, _choose_path
+from normlab.torch.spec import PlanFacts, Spec
+
+def _in_compute_dtype(compute):
+    """Run ``compute(x, weight, bias, ...)`` in float32 for float16/bfloat16 input and
+    cast ``y`` back; statistics stay in float32. The one place low precision is upcast."""
+
+    @functools.wraps(compute)
+    def wrapper(x: Tensor, weight, bias, *args):
+        if x.dtype not in _LOW_PRECISION:
+            return compute(x, weight, bias, *args)
+        upcast = [None if t is None else t.float() for t in (x, weight, bias)]
+        y, *stats = compute(*upcast, *args)
+        return (y.to(x.dtype), *stats)
+
+    return wrapper
+
+
+def _expanded_param(param: Optional[Tensor], plan: PlanFacts) -> Optional[Tensor]:
+    """A weight/bias of the plan's param_shape laid out to broadcast against the expanded view."""
+    if param is None:
+        return None
+    return param.reshape(plan.param_split_shape).permute(plan.param_order).reshape(plan.param_broadcast_shape)
+
+
+@_in_compute_dtype
+def _kernel_normalize(x, weight, bias, spec: Spec, eps: float):
+    run = _EagerNormalize.apply if _is_eager(x, weight, bias) else _normalize_op
+    return run(x, weight, bias, spec.pattern, spec.params, spec.sizes, float(eps), spec.rms)
+
+
+@_in_compute_dtype
+def _composite_normalize(x, weight, bias, spec: Spec, eps: float):
+    """The engine's math in torch operations (biased variance, rstd = 1/sqrt(var + eps))."""
+    plan = spec.plan(x.shape)
+    view = x.reshape(plan.axis_sizes)
+    axes = plan.reduced_axes
+    if spec.rms:
+        mean = None
+        var = view.square().mean(dim=axes, keepdim=True)
+        centered = view
+    else:
+        var, mean = torch.var_mean(view, dim=axes, keepdim=True, correction=0)
+        centered = view - mean
+    rstd = torch.rsqrt(var + eps)
+    y = centered * rstd
+    if weight is not None:
+        y = y * _expanded_param(weight, plan)
+    if bias is not None:
+        y = y + _expanded_param(bias, plan)
+    y = y.reshape(x.shape)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y, torch.zeros_like(rstd) if mean is None else mean, rstd
+
+
+def _normalize(x: Tensor, weight, bias, spec: Spec, eps: float, path: str):
+    """``(y, mean, rstd)`` with statistics of ``spec.plan(x.shape).stats_shape``."""
+    if path == "kernel":
+        return _kernel_normalize(x, weight, bias, spec, eps)
+    return _composite_normalize(x, weight, bias, spec, eps)
+
+
+def normalize(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+              params: Optional[str] = None, eps: float = 1e-5, rms: bool = False, **sizes: int) -> Tensor:
+    """:func:`normlab.normalize` on tensors, differentiable (the custom op on CPU
+    float32/float64, the composite elsewhere).
+
+    >>> x = torch.tensor([[4., 3., 2.], [3., 3., 2.], [2., 2., 2.]], dtype=torch.float64, requires_grad=True)
+    >>> normalize(x, "[b] f")[:, 0].detach().round(decimals=4).tolist()
+    [1.2247, 0.0, -1.2247]
+    >>> torch.autograd.gradcheck(lambda t: normalize(t, "b [f]", eps=0.1), (x,))
+    True
+    """
+    spec = Spec.build(pattern, params, rms, **sizes)
+    return _normalize(x, weight, bias, spec, eps, _choose_path(x, has_native=False))[0]
+
+
+def _apply_stats(x: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float, shape) -> Tensor:
+    """``(x − mean)·rstd·weight + bias`` with given statistics (evaluation mode), as one
+    scale and shift of ``shape`` that broadcasts against ``x``; keeps x's memory format."""
+    compute = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+    scale = torch.rsqrt(var.to(compute) + eps)
+    if weight is not None:
+        scale = scale * weight.to(compute)
+    shift = -mean.to(compute) * scale
+    if bias is not None:
+        shift = shift + bias.to(compute)
+    y = x.to(compute) * scale.reshape(shape) + shift.reshape(shape)
+    return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Running statistics
+
+
+def _average_factor(module) -> float:
+    """torch's exponential_average_factor; counts the batch (call once per training step)."""
+    factor = 0.0 if module.momentum is None else module.momentum
+    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
+        module.num_batches_tracked.add_(1)
+        factor = 1.0 / float(module.num_batches_tracked) if module.momentum is None else module.momentum
+    return factor
+
+
+def _update_running(module, mean: Tensor, var: Tensor, count: int, factor: float) -> None:
+    """``running = (1 − factor)·running + factor·batch``, with the unbiased variance."""
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1))
+        module.running_mean.mul_(1 - factor).add_(mean.to(module.running_mean.dtype), alpha=factor)
+        module.running_var.mul_(1 - factor).add_(unbiased.to(module.running_var.dtype), alpha=factor)
+
+
+def _variance(rstd: Tensor, eps: float) -> Tensor:
+    """The biased variance back from ``rstd = 1/sqrt(var + eps)`` (float64 statistics keep
+    it exact to rounding)."""
+    return (rstd.pow(-2) - eps).clamp_min(0)
+
+
+def _channel_shape(x: Tensor) -> tuple[int, ...]:
+    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
+
+
+def _check_batch(x: Tensor, count: int) -> None:
+    if count <= 1:
+        raise InputError(f"expected more than 1 value per channel when training, got input size {tuple(x.shape)}; "
+                         "use a larger batch or call .eval()")
+
+
+def _batch_norm_forward(module, x: Tensor) -> Tensor:
+    """BatchNorm{1,2,3}d's forward on the kernel or composite path (torch's semantics)."""
+    path = _choose_path(x, has_native=True)
+    if path == "native":
+        return nn.modules.batchnorm._BatchNorm.forward(module, x)
+    factor = _average_factor(module)
+    use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
+    if not use_batch_stats:
+        return _apply_stats(x, module.running_mean, module.running_var, module.weight, module.bias, module.eps,
+                            _channel_shape(x))
+    count = x.numel() // x.shape[1]
+    if module.training:
+        _check_batch(x, count)
+    y, mean, rstd = _normalize(x, module.weight, module.bias, module._spec, module.eps, path)
+    if module.training and module.track_running_stats and module.running_mean is not None:
+        channels = x.shape[1]
+        _update_running(module, mean.reshape(channels), _variance(rstd.reshape(channels), module.eps), count, factor)
+    return y

@@ -1,0 +1,350 @@
+"""The drop-in modules: twins of torch.nn's norm layers, and :class:`Norm` for any pattern."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from normlab import core
+from normlab.errors import InputError, ParamsError, ShapeError
+from normlab.notation import parse_params, parse_pattern
+from normlab.plan import make_plan
+from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_forward, _channel_shape,
+                                   _check_batch, _expanded_param, _normalize, _update_running, _variance)
+from normlab.torch.paths import _LOW_PRECISION, _choose_path
+from normlab.torch.spec import Spec
+
+def _batch_norm_spec() -> Spec:
+    return Spec.build("[b] c [...]", params="c")
+
+
+class _BatchNormForward:
+    """Mixin: the normlab forward for the three BatchNorm ranks (torch checks the rank)."""
+
+    def _init_spec(self) -> None:
+        self._spec = _batch_norm_spec()
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        return _batch_norm_forward(self, input)
+
+
+class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` on normlab: pattern ``"[b] c [...]"``, per-channel weight.
+
+    >>> m = BatchNorm1d(3)
+    >>> y = m(torch.tensor([[4., 3., 2.], [3., 3., 2.], [2., 2., 2.]]))
+    >>> [round(v, 4) for v in y[:, 0].tolist()], [round(v, 4) for v in m.running_mean.tolist()]
+    ([1.2247, 0.0, -1.2247], [0.3, 0.2667, 0.2])
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_spec()
+
+
+class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` on normlab; channels_last input stays channels_last.
+
+    >>> x = torch.randn(4, 3, 5, 5)
+    >>> torch.allclose(BatchNorm2d(3)(x), torch.nn.BatchNorm2d(3)(x), atol=1e-5)
+    True
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_spec()
+
+
+class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` on normlab.
+
+    >>> BatchNorm3d(2)(torch.randn(2, 2, 3, 3, 3)).shape
+    torch.Size([2, 2, 3, 3, 3])
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_spec()
+
+
+class LayerNorm(nn.LayerNorm):
+    """``torch.nn.LayerNorm`` on normlab: pattern ``"... [n0 n1 ...]"`` over the trailing
+    ``normalized_shape``, elementwise weight and bias.
+
+    >>> [round(v, 4) for v in LayerNorm(3)(torch.tensor([[4., 3., 2.]]))[0].tolist()]
+    [1.2247, 0.0, -1.2247]
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_spec()
+
+    def _init_spec(self) -> None:
+        self._spec = _trailing_spec(self.normalized_shape, rms=False)
+
+    def forward(self, input: Tensor) -> Tensor:
+        path = _choose_path(input, has_native=True)
+        if path == "native":
+            return super().forward(input)
+        return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
+
+
+def _trailing_spec(normalized_shape, rms: bool) -> Spec:
+    names = [f"n{i}" for i in range(len(normalized_shape))]
+    return Spec.build("... [" + " ".join(names) + "]", " ".join(names), rms,
+                      **{name: int(size) for name, size in zip(names, normalized_shape)})
+
+
+class RMSNorm(nn.RMSNorm):
+    """``torch.nn.RMSNorm`` on normlab: ``y = x / sqrt(mean(x²) + eps) · weight`` over the
+    trailing ``normalized_shape``; ``eps=None`` is the machine epsilon of x's dtype.
+
+    >>> [round(v, 4) for v in RMSNorm(2, eps=0.0)(torch.tensor([[3., 4.]]))[0].tolist()]
+    [0.8485, 1.1314]
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_spec()
+
+    def _init_spec(self) -> None:
+        self._spec = _trailing_spec(self.normalized_shape, rms=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        path = _choose_path(x, has_native=True)
+        if path == "native":
+            return super().forward(x)
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        return _normalize(x, self.weight, None, self._spec, eps, path)[0]
+
+
+class GroupNorm(nn.GroupNorm):
+    """``torch.nn.GroupNorm`` on normlab: pattern ``"b (g [c]) [...]"`` with
+    ``g=num_groups``, per-channel weight (``params="(g c)"``).
+
+    >>> x = torch.arange(8.).reshape(1, 4, 2)
+    >>> [round(v, 4) for v in GroupNorm(2, 4)(x)[0, :2].flatten().tolist()]
+    [-1.3416, -0.4472, 0.4472, 1.3416]
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_spec()
+
+    def _init_spec(self) -> None:
+        self._spec = Spec.build("b (g [c]) [...]", "(g c)", g=self.num_groups)
+
+    def forward(self, input: Tensor) -> Tensor:
+        path = _choose_path(input, has_native=True)
+        if path == "native":
+            return super().forward(input)
+        if input.dim() < 2 or input.shape[1] != self.num_channels:
+            raise ShapeError(f"GroupNorm({self.num_groups}, {self.num_channels}) expects input (N, "
+                             f"{self.num_channels}, *), got {tuple(input.shape)}")
+        return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
+
+
+class _InstanceNormForward:
+    """Mixin: the normlab forward for the three InstanceNorm ranks: pattern ``"b c [...]"``;
+    running statistics average the per-instance ones over the batch, as torch does."""
+
+    def _init_spec(self) -> None:
+        self._spec = Spec.build("b c [...]", "c")
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        unbatched = input.dim() == self._get_no_batch_dim()
+        x = input.unsqueeze(0) if unbatched else input
+        path = _choose_path(x, has_native=True)
+        if path == "native":
+            y = nn.modules.instancenorm._InstanceNorm.forward(self, x)
+            return y.squeeze(0) if unbatched else y
+        batch, channels = x.shape[:2]
+        if self.training or not self.track_running_stats:
+            count = x.numel() // (batch * channels) if batch * channels else 0
+            _check_batch(x, count)
+            y, mean, rstd = _normalize(x, self.weight, self.bias, self._spec, self.eps, path)
+            if self.running_mean is not None and self.training:
+                factor = 0.0 if self.momentum is None else self.momentum
+                with torch.no_grad():
+                    unbiased = _variance(rstd.reshape(batch, channels), self.eps) * (count / (count - 1))
+                    self.running_mean.mul_(1 - factor).add_(
+                        mean.reshape(batch, channels).mean(0).to(self.running_mean.dtype), alpha=factor)
+                    self.running_var.mul_(1 - factor).add_(unbiased.mean(0).to(self.running_var.dtype),
+                                                           alpha=factor)
+        else:
+            y = _apply_stats(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
+                             _channel_shape(x))
+        return y.squeeze(0) if unbatched else y
+
+
+class InstanceNorm1d(_InstanceNormForward, nn.InstanceNorm1d):
+    """``torch.nn.InstanceNorm1d`` on normlab (``affine`` and ``track_running_stats`` off by default).
+
+    >>> [round(v, 4) for v in InstanceNorm1d(2)(torch.tensor([[[1., 4., 7.], [0., 2., 4.]]]))[0, 0].tolist()]
+    [-1.2247, 0.0, 1.2247]
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_spec()
+
+
+class InstanceNorm2d(_InstanceNormForward, nn.InstanceNorm2d):
+    """``torch.nn.InstanceNorm2d`` on normlab.
+
+    >>> InstanceNorm2d(3, affine=True)(torch.randn(2, 3, 4, 4)).shape
+    torch.Size([2, 3, 4, 4])
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_spec()
+
+
+class InstanceNorm3d(_InstanceNormForward, nn.InstanceNorm3d):
+    """``torch.nn.InstanceNorm3d`` on normlab.
+
+    >>> InstanceNorm3d(1)(torch.randn(1, 1, 2, 2, 2)).shape
+    torch.Size([1, 1, 2, 2, 2])
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_spec()
+
+
+class Norm(nn.Module):
+    """Any normalization, written as a pattern, with optional affine parameters and
+    running statistics.
+
+    ``params`` names the axes ``weight`` and ``bias`` span; their sizes must be given
+    (``c=64``). With ``track_running_stats=True`` the running statistics span
+    ``running_axes`` (default: the kept axes that ``params`` names), averaged over the
+    other kept axes; in evaluation they normalize, as batch norm does. ``rms=True`` has a
+    weight and no bias, as RMSNorm. Momentum follows
+    torch (see the module docstring). A bad pattern fails here, not in the first forward.
+
+    Channels-last batch norm and a group norm with per-group parameters:
+
+    >>> x = torch.randn(4, 5, 5, 8)
+    >>> bn = Norm("[b h w] c", params="c", c=8, track_running_stats=True)
+    >>> y = bn(x); bn.running_mean.shape, float(y.detach().mean(dim=(0, 1, 2)).abs().max()) < 1e-5
+    (torch.Size([8]), True)
+    >>> Norm("b (g [c]) [h w]", params="g", g=2)(torch.randn(2, 4, 3, 3)).shape
+    torch.Size([2, 4, 3, 3])
+    >>> Norm("b [c", params="c")
+    Traceback (most recent call last):
+    ...
+    normlab.errors.PatternSyntaxError: ...
+    """
+
+    def __init__(self, pattern: str, params: Optional[str] = None, *, eps: float = 1e-5, rms: bool = False,
+                 affine: bool = True, bias: bool = True, momentum: Optional[float] = 0.1,
+                 track_running_stats: bool = False, running_axes: Optional[str] = None,
+                 device=None, dtype=None, **sizes: int):
+        super().__init__()
+        self._spec = Spec.build(pattern, params, rms, **sizes)
+        parsed = parse_pattern(pattern)
+        self.pattern, self.params, self.sizes = pattern, params, dict(sizes)
+        self.eps, self.rms, self.momentum = eps, rms, momentum
+        self.affine = affine and params is not None
+        self.track_running_stats = track_running_stats
+        factory = {"device": device, "dtype": dtype}
+        param_shape = self._shape_of(parse_params(params) if params is not None else (), sizes, "params")
+        if self.affine:
+            self.weight = nn.Parameter(torch.empty(param_shape, **factory))
+            self.bias = nn.Parameter(torch.empty(param_shape, **factory)) if bias and not rms else None
+            if self.bias is None:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        kept = [a.name for d in parsed.dims if not d.is_ellipsis for a in d.factors if not a.reduced]
+        if running_axes is None:
+            named = {n for item in (parse_params(params) if params else ()) for n in item}
+            running_names = [n for n in kept if n in named]
+        else:
+            running_names = running_axes.split()
+            wrong = [n for n in running_names if n not in kept]
+            if wrong:
+                raise ParamsError(f"running_axes {running_axes!r} names {', '.join(wrong)}, which pattern "
+                                  f"{pattern!r} does not keep; name kept (unbracketed) axes: {', '.join(kept)}")
+        self._running_names = tuple(n for n in kept if n in running_names)  # in pattern order
+        if track_running_stats:
+            shape = self._shape_of(tuple((n,) for n in self._running_names), sizes, "running_axes")
+            self.register_buffer("running_mean", torch.zeros(shape, **factory))
+            self.register_buffer("running_var", torch.ones(shape, **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def _shape_of(self, items, sizes: dict, what: str) -> tuple[int, ...]:
+        missing = [n for item in items for n in item if n not in sizes]
+        if missing:
+            raise ShapeError(f"pattern {self.pattern!r}: the {what} axes need their sizes at construction; "
+                             f"pass {', '.join(f'{n}=...' for n in missing)}")
+        return tuple(math.prod(sizes[n] for n in item) for item in items)
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        sizes = "".join(f", {k}={v}" for k, v in self.sizes.items())
+        return (f"{self.pattern!r}, params={self.params!r}{sizes}, eps={self.eps}, rms={self.rms}, "
+                f"affine={self.affine}, momentum={self.momentum}, track_running_stats={self.track_running_stats}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        path = _choose_path(x, has_native=False)
+        factor = _average_factor(self) if self.track_running_stats else 0.0
+        plan = self._spec.plan(x.shape)
+        running_shape = tuple(s if n in self._running_names else 1 for n, s in zip(plan.axis_names, plan.axis_sizes))
+        if self.training or not self.track_running_stats:
+            if self.training and self.track_running_stats:
+                _check_batch(x, plan.group_size)
+            y, mean, rstd = _normalize(x, self.weight, self.bias, self._spec, self.eps, path)
+            if self.training and self.track_running_stats:
+                # average over the kept axes the running statistics do not span
+                other = tuple(i for i, (n, r) in enumerate(zip(plan.axis_names, plan.reduced))
+                              if not r and n not in self._running_names)
+                var = _variance(rstd, self.eps)
+                if other:
+                    mean, var = mean.mean(dim=other, keepdim=True), var.mean(dim=other, keepdim=True)
+                n = plan.group_size
+                _update_running(self, mean.reshape(self.running_mean.shape), var.reshape(self.running_var.shape),
+                                n, factor)
+            return y
+        # evaluation with running statistics: one scale and shift on the expanded view
+        view = x.reshape(plan.axis_sizes)
+        mean = self.running_mean.reshape(running_shape)
+        var = self.running_var.reshape(running_shape)
+        weight = _expanded_param(self.weight, plan)
+        bias = _expanded_param(self.bias, plan)
+        compute = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+        y = (view.to(compute) - mean.to(compute)) * torch.rsqrt(var.to(compute) + self.eps)
+        if weight is not None:
+            y = y * weight.to(compute)
+        if bias is not None:
+            y = y + bias.to(compute)
+        return y.reshape(x.shape).to(x.dtype)

@@ -1,0 +1,127 @@
+"""The custom ops ``torch.ops.normlab.normalize`` and its backward: the engine behind
+``torch.library``, with fake kernels and an autograd formula."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from normlab import core
+from normlab.errors import InputError, ParamsError, ShapeError
+from normlab.notation import parse_params, parse_pattern
+from normlab.plan import make_plan
+from normlab.torch.spec import _dense_perm, _empty_like_dense, _engine_view, _inverse, _layout, _sizes_dict
+
+def _normalize_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pattern: str,
+                  params: Optional[str], sizes: str, eps: float, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, rstd)``: y like x (same strides); mean and rstd float64 of the plan's
+    stats_shape (mean is zeros for RMS)."""
+    x, perm = _dense_perm(x)
+    layout = _layout(pattern, perm, x.dim())
+    y = _empty_like_dense(x, perm)
+    _, stats = core.normalize_with_stats(
+        _engine_view(x, perm), layout.pattern, params=params, eps=eps, rms=rms, out=_engine_view(y, perm),
+        weight=None if weight is None else weight.detach().numpy(),
+        bias=None if bias is None else bias.detach().numpy(), **_sizes_dict(sizes))
+    rstd = stats.rstd if perm is None else stats.rstd.transpose(layout.stats_order)
+    if rms:
+        mean = np.zeros(rstd.shape)
+    else:
+        mean = stats.mean if perm is None else stats.mean.transpose(layout.stats_order)
+    return y, torch.from_numpy(np.ascontiguousarray(mean)), torch.from_numpy(np.ascontiguousarray(rstd))
+
+
+_normalize_op = torch.library.custom_op("normlab::normalize", mutates_args=())(_normalize_impl)
+
+
+@_normalize_op.register_fake
+def _normalize_fake(x, weight, bias, pattern, params, sizes, eps, rms):
+    stats_shape = make_plan(pattern, tuple(x.shape), params, **_sizes_dict(sizes)).stats_shape
+    return (torch.empty_like(x), x.new_empty(stats_shape, dtype=torch.float64),
+            x.new_empty(stats_shape, dtype=torch.float64))
+
+
+def _normalize_backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                           pattern: str, params: Optional[str], sizes: str, eps: float, rms: bool,
+                           need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_weight, grad_bias)``; a gradient not asked for is an empty tensor."""
+    x, perm = _dense_perm(x)
+    layout = _layout(pattern, perm, x.dim())
+    if grad_y.stride() != x.stride():  # give grad_y x's layout, so both share one permutation
+        grad_y = torch.empty_like(x).copy_(grad_y)
+    mean_np, rstd_np = mean.numpy(), rstd.numpy()
+    if perm is not None:
+        mean_np, rstd_np = mean_np.transpose(layout.expanded_order), rstd_np.transpose(layout.expanded_order)
+    grad_x, grad_w, grad_b = core.normalize_backward(
+        _engine_view(grad_y, perm), _engine_view(x, perm), layout.pattern,
+        weight=None if weight is None else weight.detach().numpy(),
+        params=params if (weight is not None or need_bias) else None, eps=eps, rms=rms,
+        mean=None if rms else mean_np, rstd=rstd_np, **_sizes_dict(sizes))
+    grad_x = torch.from_numpy(grad_x)
+    if perm is not None:
+        grad_x = grad_x.permute(_inverse(perm))
+    empty = x.new_empty(0, dtype=x.dtype if weight is None else weight.dtype)  # as the fake kernel
+    return (grad_x,
+            empty if grad_w is None or weight is None else torch.from_numpy(grad_w),
+            torch.from_numpy(grad_b) if need_bias and grad_b is not None else empty.clone())
+
+
+_normalize_backward_op = torch.library.custom_op("normlab::normalize_backward",
+                                                 mutates_args=())(_normalize_backward_impl)
+
+
+@_normalize_backward_op.register_fake
+def _normalize_backward_fake(grad_y, x, weight, mean, rstd, pattern, params, sizes, eps, rms, need_bias):
+    param_shape = make_plan(pattern, tuple(x.shape), params, **_sizes_dict(sizes)).param_shape
+    param_dtype = x.dtype if weight is None else weight.dtype  # as normlab.normalize_backward returns
+    return (torch.empty_like(x),
+            x.new_empty(param_shape if weight is not None else (0,), dtype=param_dtype),
+            x.new_empty(param_shape if need_bias else (0,), dtype=param_dtype))
+
+
+def _normalize_setup_context(ctx, inputs, output):
+    x, weight, bias, pattern, params, sizes, eps, rms = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.arguments = (pattern, params, sizes, eps, rms)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _normalize_autograd(ctx, grad_y, _grad_mean, _grad_rstd, backward=_normalize_backward_op):
+    x, weight, mean, rstd = ctx.saved_tensors
+    pattern, params, sizes, eps, rms = ctx.arguments
+    grad_x, grad_w, grad_b = backward(grad_y, x, weight, mean, rstd, pattern, params, sizes, eps, rms,
+                                      ctx.has_bias)
+    return (grad_x, grad_w if weight is not None else None, grad_b if ctx.has_bias else None,
+            None, None, None, None, None)
+
+
+torch.library.register_autograd("normlab::normalize", _normalize_autograd, setup_context=_normalize_setup_context)
+
+
+class _EagerNormalize(torch.autograd.Function):
+    """The custom op's forward and autograd without the dispatcher, for plain eager
+    tensors: the same functions, about 100 µs less per call. Compilation, export and
+    tensor subclasses (fake tensors among them) go through the registered op."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # the ctx-first form: apply() then skips inspect.signature
+        output = _normalize_impl(*inputs)
+        _normalize_setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_rstd):
+        return _normalize_autograd(ctx, grad_y, grad_mean, grad_rstd, backward=_normalize_backward_impl)
+
+
+def _is_eager(*tensors) -> bool:
+    return not torch.compiler.is_compiling() and all(t is None or type(t) in (Tensor, nn.Parameter) for t in tensors)

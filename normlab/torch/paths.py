@@ -1,0 +1,69 @@
+"""Which path a forward takes: the kernels, torch's own op, or the composite in torch ops."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from normlab import core
+from normlab.errors import InputError, ParamsError, ShapeError
+from normlab.notation import parse_params, parse_pattern
+from normlab.plan import make_plan
+
+PATHS = ("auto", "kernel", "native", "composite")
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class _PathSwitch:
+    """The process-wide path choice; ``"auto"`` unless :func:`use_path` forces one."""
+
+    path = "auto"
+
+
+def _check_path(path: str) -> str:
+    if path not in PATHS:
+        raise InputError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+    return path
+
+
+@contextlib.contextmanager
+def use_path(path: str):
+    """Force every normlab module to take ``path`` (one of :data:`PATHS`) inside the block.
+
+    ``"kernel"`` applies to CPU tensors only (the kernels are NumPy code); ``"native"``
+    falls back to the composite for patterns torch has no op for.
+
+    >>> from normlab.torch import LayerNorm
+    >>> m = LayerNorm(4)
+    >>> with use_path("composite"):
+    ...     y = m(torch.arange(8.).reshape(2, 4))
+    >>> [round(v, 4) for v in y[0].tolist()]
+    [-1.3416, -0.4472, 0.4472, 1.3416]
+    """
+    previous = _PathSwitch.path
+    _PathSwitch.path = _check_path(path)
+    try:
+        yield
+    finally:
+        _PathSwitch.path = previous
+
+
+def _choose_path(x: Tensor, has_native: bool) -> str:
+    forced = _PathSwitch.path
+    if forced == "kernel" and x.device.type == "cpu":
+        return "kernel"
+    if forced == "composite" or (forced == "native" and not has_native):
+        return "composite"
+    if forced == "native":
+        return "native"
+    if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
+        return "kernel"
+    return "native" if has_native else "composite"

@@ -1,0 +1,227 @@
+"""Patterns and layouts: a module's pattern, its plan facts per input shape, and the
+zero-copy views between tensors and the engine."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from normlab import core
+from normlab.errors import InputError, ParamsError, ShapeError
+from normlab.notation import parse_params, parse_pattern
+from normlab.plan import make_plan
+
+@dataclass(frozen=True)
+class DimSpec:
+    """One input axis of a pattern, as plain tuples: its factors' names, whether each is
+    reduced and their sizes where given (None: inferred from the input)."""
+
+    names: tuple[str, ...]
+    reduced: tuple[bool, ...]
+    sizes: tuple[Optional[int], ...]
+    is_ellipsis: bool = False
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one module normalizes: the pattern, the axes weight spans, the axis sizes
+    (``"g=32"`` text, so the custom op can take it) and RMS or not, plus the parsed pattern
+    as plain tuples (``dims``, ``param_items``) that torch.compile can trace through."""
+
+    pattern: str
+    params: Optional[str]
+    sizes: str = ""
+    rms: bool = False
+    dims: tuple[DimSpec, ...] = ()
+    param_items: tuple[tuple[str, ...], ...] = ()
+
+    @staticmethod
+    def build(pattern: str, params: Optional[str] = None, rms: bool = False, **sizes: int) -> "Spec":
+        """Check the pattern and params now, so a bad one fails at construction time."""
+        parsed = parse_pattern(pattern)
+        items = parse_params(params) if params is not None else ()
+        for item in items:
+            for name in item:
+                if name not in parsed.names:
+                    raise ParamsError(f"params {params!r} names axis {name!r}, which pattern {pattern!r} "
+                                      f"does not have: name axes from {', '.join(parsed.names)}")
+        for name, value in sizes.items():
+            if name not in parsed.names:
+                raise ShapeError(f"pattern {pattern!r}: size {name}={value!r} names no axis of the pattern; "
+                                 f"use one of {', '.join(parsed.names)}")
+        dims = tuple(
+            DimSpec((), (dim.reduced,), (), is_ellipsis=True) if dim.is_ellipsis else
+            DimSpec(tuple(a.name for a in dim.factors), tuple(a.reduced for a in dim.factors),
+                    tuple(sizes.get(a.name) for a in dim.factors))
+            for dim in parsed.dims)
+        return Spec(pattern, params, _sizes_text(sizes), rms, dims, tuple(items))
+
+    @property
+    def size_dict(self) -> dict:
+        return _sizes_dict(self.sizes)
+
+    def plan(self, shape) -> "PlanFacts":
+        """The plan's facts the torch code needs, for an input of ``shape``: plain integer
+        arithmetic on the shape, so torch.compile traces it (dynamic shapes included).
+        In eager mode :func:`normlab.make_plan` checks the shape first, for its errors."""
+        if not torch.compiler.is_compiling():
+            make_plan(self.pattern, tuple(shape), self.params, **self.size_dict)
+        names, axis_sizes, reduced = [], [], []
+        ellipsis_rank = len(shape) - (len(self.dims) - 1)
+        index = 0
+        for dim in self.dims:
+            if dim.is_ellipsis:
+                for k in range(ellipsis_rank):
+                    names.append(f"_ellipsis{k}")
+                    axis_sizes.append(shape[index])
+                    reduced.append(dim.reduced[0])
+                    index += 1
+                continue
+            size = shape[index]
+            index += 1
+            known = 1
+            for factor_size in dim.sizes:
+                if factor_size is not None:
+                    known *= factor_size
+            for name, factor_reduced, factor_size in zip(dim.names, dim.reduced, dim.sizes):
+                names.append(name)
+                axis_sizes.append(size if len(dim.names) == 1 else factor_size if factor_size is not None
+                                  else size // known)
+                reduced.append(factor_reduced)
+        lookup = {name: i for i, name in enumerate(names)}
+        param_axes = [lookup[name] for item in self.param_items for name in item]
+        group_size = 1
+        for i, is_reduced in enumerate(reduced):
+            if is_reduced:
+                group_size *= axis_sizes[i]
+        param_shape = []
+        for item in self.param_items:
+            size = 1
+            for name in item:
+                size *= axis_sizes[lookup[name]]
+            param_shape.append(size)
+        return PlanFacts(
+            tuple(names), tuple(axis_sizes), tuple(reduced), tuple(i for i, r in enumerate(reduced) if r), group_size,
+            tuple(axis_sizes[a] for a in param_axes),
+            tuple(sorted(range(len(param_axes)), key=lambda k: param_axes[k])),
+            tuple(s if i in param_axes else 1 for i, s in enumerate(axis_sizes)), tuple(param_shape))
+
+
+class PlanFacts(NamedTuple):
+    """What the torch-side code needs from a :class:`normlab.plan.Plan`, as plain tuples."""
+
+    axis_names: tuple[str, ...]
+    axis_sizes: tuple[int, ...]
+    reduced: tuple[bool, ...]
+    reduced_axes: tuple[int, ...]
+    group_size: int
+    param_split_shape: tuple[int, ...]  # weight split into its axes, in params order
+    param_order: tuple[int, ...]  # the permutation that puts those axes in pattern order
+    param_broadcast_shape: tuple[int, ...]
+    param_shape: tuple[int, ...]
+
+
+def _sizes_text(sizes: dict) -> str:
+    return ",".join(f"{name}={int(value)}" for name, value in sorted(sizes.items()))
+
+
+@functools.lru_cache(maxsize=256)
+def _sizes_items(text: str) -> tuple:
+    if not text:
+        return ()
+    return tuple((name, int(value)) for name, value in (item.split("=") for item in text.split(",")))
+
+
+def _sizes_dict(text: str) -> dict:
+    return dict(_sizes_items(text))
+
+
+@functools.lru_cache(maxsize=256)
+def _dim_texts(pattern: str, ndim: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The pattern as one text per input axis (the ellipsis spelled out as axes
+    ``_ellipsis0 ...``) and how many expanded axes each input axis becomes."""
+    parsed = parse_pattern(pattern)
+    ellipsis_rank = ndim - (len(parsed.dims) - 1) if parsed.has_ellipsis else 0
+    texts, counts = [], []
+    for dim in parsed.dims:
+        if dim.is_ellipsis:
+            for k in range(ellipsis_rank):
+                texts.append(f"[_ellipsis{k}]" if dim.reduced else f"_ellipsis{k}")
+                counts.append(1)
+        elif dim.composed:
+            if dim.reduced:
+                texts.append("[(" + " ".join(a.name for a in dim.factors) + ")]")
+            else:
+                texts.append("(" + " ".join(f"[{a.name}]" if a.reduced else a.name for a in dim.factors) + ")")
+            counts.append(len(dim.factors))
+        else:
+            axis = dim.factors[0]
+            texts.append(f"[{axis.name}]" if axis.reduced else axis.name)
+            counts.append(1)
+    return tuple(texts), tuple(counts)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a dense tensor is seen by the NumPy engine: ``x.permute(perm)`` is C-contiguous
+    and ``pattern`` names its axes; ``stats_order`` takes the statistics from that
+    order back to the pattern's (None when no permutation is needed)."""
+
+    perm: Optional[tuple[int, ...]]
+    pattern: str
+    stats_order: Optional[tuple[int, ...]] = None
+    expanded_order: Optional[tuple[int, ...]] = None
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout(pattern: str, perm: Optional[tuple[int, ...]], ndim: int) -> Layout:
+    if perm is None:
+        return Layout(None, pattern)
+    texts, counts = _dim_texts(pattern, ndim)
+    offsets = np.cumsum((0,) + counts)
+    expanded = [int(a) for p in perm for a in range(offsets[p], offsets[p] + counts[p])]
+    return Layout(perm, " ".join(texts[p] for p in perm), tuple(int(i) for i in np.argsort(expanded)),
+                  tuple(expanded))
+
+
+def _dense_perm(x: Tensor) -> tuple[Tensor, Optional[tuple[int, ...]]]:
+    """``(x, perm)`` with ``x.permute(perm)`` C-contiguous (channels_last: (0, 2, 3, 1));
+    perm None for a contiguous tensor. Only a tensor with gaps or overlaps is copied."""
+    if x.is_contiguous():
+        return x, None
+    perm = tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+    if x.permute(perm).is_contiguous():
+        return x, perm
+    return x.contiguous(), None
+
+
+def _empty_like_dense(x: Tensor, perm) -> Tensor:
+    """An uninitialized tensor with ``x``'s shape and strides, carved from normlab's
+    recycled output memory: ``torch.empty`` would hand the kernel fresh 4 KB pages, whose
+    first-touch faults cost more than the normalization itself on large tensors."""
+    from normlab.kernels import pool
+
+    if x.dtype not in _NUMPY_DTYPES:
+        return torch.empty_like(x)
+    shape = tuple(x.shape) if perm is None else tuple(x.shape[p] for p in perm)
+    y = torch.from_numpy(pool.empty(shape, _NUMPY_DTYPES[x.dtype]))
+    return y if perm is None else y.permute(_inverse(perm))
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _engine_view(t: Tensor, perm) -> np.ndarray:
+    t = t.detach()
+    return (t if perm is None else t.permute(perm)).numpy()
+
+
+def _inverse(perm):
+    return tuple(int(i) for i in np.argsort(perm))

@@ -1,0 +1,153 @@
+"""SyncBatchNorm on any ``torch.distributed`` backend (gloo on CPU too)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from normlab import core
+from normlab.errors import InputError, ParamsError, ShapeError
+from normlab.notation import parse_params, parse_pattern
+from normlab.plan import make_plan
+from normlab.torch.compute import _average_factor, _batch_norm_forward, _channel_shape, _check_batch, _update_running
+from normlab.torch.modules import _BatchNormForward
+from normlab.torch.paths import _LOW_PRECISION, _choose_path
+
+def _merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Chan et al.'s parallel merge of per-rank (count, mean, M2) rows into the totals:
+    ``mean = Σ nᵣ·meanᵣ / n`` and ``M2 = Σ M2ᵣ + nᵣ·(meanᵣ − mean)²``: exact for unequal counts.
+
+    >>> c, m, v = _merge_moments(torch.tensor([[1.], [3.]]), torch.tensor([[0.], [4.]]), torch.tensor([[0.], [0.]]))
+    >>> c.item(), m.item(), v.item()
+    (4.0, 3.0, 12.0)
+    """
+    total = counts.sum(0)
+    mean = (counts * means).sum(0) / total.clamp_min(1)
+    m2 = (m2s + counts * (means - mean).square()).sum(0)
+    return total, mean, m2
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Batch norm whose statistics and gradient sums span every rank of ``group``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, module, factor, group, world_size):
+        channels = x.shape[1]
+        dims = [0] + list(range(2, x.dim()))
+        count = x.numel() // channels if channels else 0
+        compute = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+        xc = x.to(compute)
+        if count:
+            var, mean = torch.var_mean(xc, dim=dims, correction=0)
+        else:
+            var = mean = xc.new_zeros(channels)
+        local = torch.stack([torch.full_like(mean, count), mean, var * count]).to(torch.float64)
+        gathered = [torch.empty_like(local) for _ in range(world_size)]
+        torch.distributed.all_gather(gathered, local, group=group)
+        stacked = torch.stack(gathered)  # (ranks, 3, channels)
+        total, mean, m2 = _merge_moments(stacked[:, 0], stacked[:, 1], stacked[:, 2])
+        total_count = int(total[0].item()) if channels else 0
+        if module.training and total_count <= 1:
+            _check_batch(x, total_count)
+        var = m2 / total_count
+        if module.training and module.track_running_stats and module.running_mean is not None:
+            _update_running(module, mean, var, total_count, factor)
+        rstd = torch.rsqrt(var + module.eps)
+        shape = _channel_shape(x)
+        mean_c, rstd_c = mean.to(compute).reshape(shape), rstd.to(compute).reshape(shape)
+        x_hat = (xc - mean_c) * rstd_c
+        y = x_hat
+        if weight is not None:
+            y = y * weight.to(compute).reshape(shape)
+        if bias is not None:
+            y = y + bias.to(compute).reshape(shape)
+        ctx.save_for_backward(x, weight, mean_c, rstd_c)
+        ctx.total_count, ctx.group, ctx.has_bias = total_count, group, bias is not None
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, mean, rstd = ctx.saved_tensors
+        shape = _channel_shape(x)
+        dims = [0] + list(range(2, x.dim()))
+        g = grad_y.to(mean.dtype)
+        x_hat = (x.to(mean.dtype) - mean) * rstd
+        sum_dy = g.sum(dims)
+        sum_dy_xhat = (g * x_hat).sum(dims)
+        # the two per-channel sums, over every rank: one all-reduce
+        packed = torch.cat([sum_dy, sum_dy_xhat])
+        torch.distributed.all_reduce(packed, group=ctx.group)
+        total_dy, total_dy_xhat = packed.chunk(2)
+        n = ctx.total_count
+        scale = rstd if weight is None else rstd * weight.to(mean.dtype).reshape(shape)
+        grad_x = scale * (g - total_dy.reshape(shape) / n - x_hat * total_dy_xhat.reshape(shape) / n)
+        # parameter gradients stay local: DistributedDataParallel averages them, as with torch's
+        grad_w = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_b = sum_dy.to(weight.dtype if weight is not None else x.dtype) if ctx.has_bias else None
+        return grad_x.to(x.dtype), grad_w, grad_b, None, None, None, None
+
+
+class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` on any ``torch.distributed`` backend: gloo on CPU
+    (torch's own is CUDA-only) and NCCL on GPU.
+
+    In training with more than one rank (on CUDA: torch's own fused SyncBatchNorm unless
+    :func:`use_path` forces ``"composite"``), each rank all-gathers the per-channel
+    ``(count, mean, M2)`` and merges them count-weighted (exact for unequal batch sizes);
+    the backward pass all-reduces the two per-channel sums Σdy and Σdy·x̂. Running
+    statistics then equal BatchNorm's on the concatenated batch. Otherwise it is
+    :class:`BatchNorm2d` (any rank ≥ 2). Use it as torch's::
+
+        model = SyncBatchNorm.convert_sync_batchnorm(model)   # after dist.init_process_group
+
+    >>> SyncBatchNorm(3)(torch.randn(4, 3, 2)).shape   # no process group: batch norm
+    torch.Size([4, 3, 2])
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_spec()
+
+    def _world_size(self) -> int:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return 1
+        group = self.process_group or torch.distributed.group.WORLD
+        return torch.distributed.get_world_size(group)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        world_size = self._world_size() if self.training else 1
+        if world_size == 1:
+            path = _choose_path(input, has_native=True)
+            if path == "native":  # torch's SyncBatchNorm is batch norm with one rank
+                return nn.modules.batchnorm._BatchNorm.forward(self, input)
+            return _batch_norm_forward(self, input)
+        if _choose_path(input, has_native=input.is_cuda) == "native":
+            # torch's fused CUDA kernels (also count-weighted); gloo on CPU has no native op
+            return nn.SyncBatchNorm.forward(self, input)
+        factor = _average_factor(self)
+        group = self.process_group or torch.distributed.group.WORLD
+        return _SyncBatchNormFunction.apply(input, self.weight, self.bias, self, factor, group, world_size)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """Replace every batch norm layer (torch's or normlab's) with a normlab
+        SyncBatchNorm sharing its parameters and buffers."""
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
+            from normlab.torch.conversion import twin_of  # conversion imports this module
+
+            twin = twin_of(module, cls)
+            twin.process_group = process_group
+            return twin
+        for name, child in module.named_children():
+            converted = cls.convert_sync_batchnorm(child, process_group)
+            if converted is not child:
+                module.add_module(name, converted)
+        return module
