@@ -143,8 +143,12 @@ def test_modules_keep_torch_constructor_defaults_repr_and_isinstance():
              (nt.RMSNorm(8), torch.nn.RMSNorm(8)), (nt.SyncBatchNorm(8), torch.nn.SyncBatchNorm(8))]
     for ours, theirs in pairs:
         assert repr(ours) == repr(theirs)
-        assert isinstance(ours, type(theirs))
         assert list(ours.state_dict()) == list(theirs.state_dict())
+        if type(theirs) is torch.nn.SyncBatchNorm:  # DistributedDataParallel refuses its subclasses on CPU
+            assert isinstance(ours, torch.nn.modules.batchnorm._BatchNorm)
+            assert not isinstance(ours, torch.nn.SyncBatchNorm)
+        else:
+            assert isinstance(ours, type(theirs))
 
 
 def test_reset_parameters_restores_unit_weight_zero_bias_and_fresh_running_stats():

@@ -1,5 +1,8 @@
 """SyncBatchNorm over gloo: two processes on 127.0.0.1 with unequal batch sizes give
-BatchNorm's outputs, gradients and running statistics on the concatenated batch."""
+BatchNorm's outputs, gradients and running statistics on the concatenated batch, alone and
+inside DistributedDataParallel (the README's recipe) over several optimizer steps."""
+
+import copy
 
 import socket
 
@@ -72,6 +75,50 @@ def _compare_with_single_process(rank: int, port: int, dtype_name: str, momentum
 def test_sync_batch_norm_over_two_gloo_processes_with_unequal_batches_equals_batch_norm(dtype_name, momentum):
     mp.spawn(_compare_with_single_process, args=(_free_port(), dtype_name, momentum), nprocs=WORLD_SIZE,
              join=True)
+
+
+def _model():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(4 * 3 * 3, 5), torch.nn.BatchNorm1d(5, momentum=None))
+
+
+def _train_in_ddp_like_one_process(rank: int, port: int):
+    """The README's recipe on each rank against torch.nn on the whole batch in one process:
+    DDP averages the ranks' gradients, so the reference loss is the total over ranks / 2."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        torch.manual_seed(0)
+        reference = _model().double()
+        model = copy.deepcopy(reference)
+        model = nt.SyncBatchNorm.convert_sync_batchnorm(model)
+        assert type(model[1]) is nt.SyncBatchNorm and type(model[5]) is nt.SyncBatchNorm
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (reference, model)]
+        start = sum(BATCH_PER_RANK[:rank])
+        mine = slice(start, start + BATCH_PER_RANK[rank])
+        tolerance = dict(atol=1e-10, rtol=1e-9)
+        for step in range(STEPS + 1):
+            generator = torch.Generator().manual_seed(step)
+            x = torch.randn(sum(BATCH_PER_RANK), 3, 5, 5, generator=generator, dtype=torch.float64) * 2 + 1
+            target = torch.randn(sum(BATCH_PER_RANK), 5, generator=generator, dtype=torch.float64)
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+            expected = reference(x)
+            (((expected - target) ** 2).sum() / WORLD_SIZE).backward()
+            y = model(x[mine])
+            ((y - target[mine]) ** 2).sum().backward()
+            for optimizer in optimizers:
+                optimizer.step()
+            torch.testing.assert_close(y, expected[mine], **tolerance, msg=lambda m: f"output at step {step}: {m}")
+        for (name, value), (_, expected) in zip(model.module.state_dict().items(), reference.state_dict().items()):
+            torch.testing.assert_close(value, expected, **tolerance, msg=lambda m: f"{name} after the steps: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_readme_recipe_trains_in_distributed_data_parallel_as_batch_norm_on_the_concatenated_batch():
+    mp.spawn(_train_in_ddp_like_one_process, args=(_free_port(),), nprocs=WORLD_SIZE, join=True)
 
 
 def test_merge_of_count_weighted_moments_is_exact_for_unequal_counts():

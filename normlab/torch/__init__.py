@@ -12,6 +12,8 @@ Swap a model's norm layers in one call and keep its parameters, buffers and outp
 Each module subclasses its ``torch.nn`` namesake, so constructor arguments, defaults,
 attributes, ``state_dict`` keys, ``reset_parameters()``, ``extra_repr()`` and
 ``isinstance(m, torch.nn.BatchNorm2d)`` checks are torch's own; only ``forward`` differs.
+The one exception is :class:`SyncBatchNorm`: it subclasses torch's ``_BatchNorm``, because
+``DistributedDataParallel`` refuses subclasses of ``torch.nn.SyncBatchNorm`` on CPU.
 :class:`Norm` takes any pattern.
 
 **Momentum**, as torch defines it (frameworks disagree)::

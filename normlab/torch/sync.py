@@ -94,26 +94,43 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_x.to(x.dtype), grad_w, grad_b, None, None, None, None
 
 
-class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
+class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
     """``torch.nn.SyncBatchNorm`` on any ``torch.distributed`` backend: gloo on CPU
     (torch's own is CUDA-only) and NCCL on GPU.
 
     In training with more than one rank (on CUDA: torch's own fused SyncBatchNorm unless
     :func:`use_path` forces ``"composite"``), each rank all-gathers the per-channel
     ``(count, mean, M2)`` and merges them count-weighted (exact for unequal batch sizes);
-    the backward pass all-reduces the two per-channel sums Σdy and Σdy·x̂. Running
-    statistics then equal BatchNorm's on the concatenated batch. Otherwise it is
-    :class:`BatchNorm2d` (any rank ≥ 2). Use it as torch's::
+    the backward pass all-reduces the two per-channel sums Σdy and Σdy·x̂, so the input
+    gradient is the concatenated batch's. The weight and bias gradients stay local to each
+    rank, as with torch's: wrap the model in ``DistributedDataParallel``, which averages
+    them. Running statistics equal BatchNorm's on the concatenated batch. Otherwise it is
+    batch norm (any rank ≥ 2). Use it as torch's::
 
         model = SyncBatchNorm.convert_sync_batchnorm(model)   # after dist.init_process_group
+        model = torch.nn.parallel.DistributedDataParallel(model)
+
+    The constructor, attributes (``process_group`` too) and ``state_dict`` keys are
+    torch's, but the class derives from torch's ``_BatchNorm``, not from
+    ``torch.nn.SyncBatchNorm``: ``DistributedDataParallel`` refuses every subclass of that
+    on CPU. So ``isinstance(m, torch.nn.SyncBatchNorm)`` is False;
+    ``isinstance(m, torch.nn.modules.batchnorm._BatchNorm)`` holds.
 
     >>> SyncBatchNorm(3)(torch.randn(4, 3, 2)).shape   # no process group: batch norm
     torch.Size([4, 3, 2])
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
+                 bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         bias=bias)
+        self.process_group = process_group
         self._init_spec()
+
+    # torch.nn.SyncBatchNorm's input checks, with its messages
+    _check_input_dim = nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
     def _world_size(self) -> int:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -123,6 +140,7 @@ class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
         world_size = self._world_size() if self.training else 1
         if world_size == 1:
             path = _choose_path(input, has_native=True)
