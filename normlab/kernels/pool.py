@@ -2,10 +2,20 @@
 
 A fresh 128 MB array costs the operating system about 4 ms of page zeroing when it is
 first written: a third of a layer norm at memory bandwidth. So large outputs are carved
-from a few kept buffers. A buffer is handed out again only when nothing refers to it any
-more: NumPy points every view (and ``torch.from_numpy``, a memoryview, ...) at the buffer
-that owns the memory, so its reference count shows whether any result is still alive. A
-live result is never overwritten.
+from a few kept buffers.
+
+**When a buffer may be reused.** Each handed-out result gets its own small owner object,
+and the result's memory is exported through the owner's ``__array_interface__``: the
+result's ``.base`` is the owner. Everything that can reach the memory holds the owner:
+NumPy views, slices, reshapes and transposes (their ``.base`` chain ends at the result),
+``torch.from_numpy`` and ``torch.from_dlpack`` tensors, ``np.from_dlpack`` arrays,
+memoryviews and other buffer exports, ``np.ctypeslib.as_ctypes`` arrays (each keeps the
+result alive, and the result keeps its owner). The pool keeps only a weak reference to
+the owner, and a buffer is handed out again only after its owner's weak reference is
+dead. Python guarantees that an object reachable through a strong reference is alive,
+on every implementation and build (free-threaded ones included), so a result that is
+still held is never overwritten. (A raw address taken with ``.ctypes.data`` or
+``.data_ptr()`` holds nothing; keep the array too, as with any NumPy array.)
 
 ``NORMLAB_OUTPUT_POOL=0`` turns recycling off; :func:`release` drops the kept buffers.
 """
@@ -14,8 +24,9 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import threading
+import weakref
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,11 +34,32 @@ MIN_BYTES = 8 << 20  # below this, page zeroing is cheap next to the kernel
 MAX_BUFFERS = 4
 MAX_TOTAL_BYTES = 1 << 30
 
-_buffers: list[np.ndarray] = []
+
+@dataclass(frozen=True)
+class _Slot:
+    buffer: np.ndarray
+    address: int
+    owner: weakref.ref | None  # dead once nothing holds the result carved from ``buffer``
+
+    @property
+    def free(self) -> bool:
+        return self.owner is None or self.owner() is None
+
+
+class _Owner:
+    """Exports one result's memory (a whole kept buffer, seen with the result's shape
+    and dtype) and holds the buffer, so the memory outlives :func:`release`."""
+
+    __slots__ = ("buffer", "__array_interface__", "__weakref__")
+
+    def __init__(self, slot: _Slot, shape: tuple[int, ...], dtype: np.dtype):
+        self.buffer = slot.buffer
+        self.__array_interface__ = {"data": (slot.address, False), "shape": shape, "typestr": dtype.str,
+                                    "descr": dtype.descr, "version": 3}
+
+
+_slots: list[_Slot] = []
 _lock = threading.Lock()
-# references to a kept buffer that is otherwise unused: the list, the loop variable and
-# getrefcount's own argument
-_UNUSED_REFCOUNT = 3
 
 
 def enabled() -> bool:
@@ -35,7 +67,7 @@ def enabled() -> bool:
 
 
 def empty(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """Like ``np.empty(shape, dtype)``; large arrays reuse memory no live array refers to.
+    """Like ``np.empty(shape, dtype)``; large arrays reuse memory that no live result holds.
 
     >>> a = empty((1024, 4096), np.float32); address = a.ctypes.data
     >>> b = empty((1024, 4096), np.float32)      # a is alive: b gets other memory
@@ -46,32 +78,57 @@ def empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     True
     """
     dtype = np.dtype(dtype)
+    shape = tuple(int(n) for n in shape)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < MIN_BYTES or not enabled():
         return np.empty(shape, dtype)
     with _lock:
-        spare = buffer = None
-        for buffer in _buffers:
-            if sys.getrefcount(buffer) == _UNUSED_REFCOUNT:
-                if buffer.nbytes == nbytes:
-                    return buffer.view(dtype).reshape(shape)
-                spare = buffer
-        del buffer
-        if spare is not None and (len(_buffers) >= MAX_BUFFERS or _total() + nbytes > MAX_TOTAL_BYTES):
-            _buffers.remove(spare)  # an unused buffer of another size makes room
-        del spare
-        if len(_buffers) >= MAX_BUFFERS or _total() + nbytes > MAX_TOTAL_BYTES:
+        index = _take(nbytes)
+        if index is None:
             return np.empty(shape, dtype)
-        buffer = np.empty(nbytes, np.uint8)
-        _buffers.append(buffer)
-        return buffer.view(dtype).reshape(shape)
+        slot = _slots[index]
+        owner = _Owner(slot, shape, dtype)
+        _slots[index] = _Slot(slot.buffer, slot.address, weakref.ref(owner))
+    return np.asarray(owner)  # its .base is the owner
+
+
+def _take(nbytes: int) -> int | None:
+    """The index of a free kept buffer of exactly ``nbytes`` (allocating one, and dropping
+    a free one of another size to make room, when needed), or None when the pool is full
+    of live results. Called with the lock held."""
+    spare = None
+    for index, slot in enumerate(_slots):
+        if slot.free:
+            if slot.buffer.nbytes == nbytes:
+                return index
+            spare = index
+    if spare is not None and _full(nbytes):
+        del _slots[spare]  # by position: a free buffer of another size makes room
+    if _full(nbytes):
+        return None
+    buffer = np.empty(nbytes, np.uint8)
+    _slots.append(_Slot(buffer, buffer.ctypes.data, None))
+    return len(_slots) - 1
+
+
+def _full(nbytes: int) -> bool:
+    return len(_slots) >= MAX_BUFFERS or _total() + nbytes > MAX_TOTAL_BYTES
 
 
 def _total() -> int:
-    return sum(b.nbytes for b in _buffers)
+    return sum(slot.buffer.nbytes for slot in _slots)
 
 
 def release() -> None:
     """Drop the kept buffers (results still alive keep their own memory)."""
     with _lock:
-        _buffers.clear()
+        _slots.clear()
+
+
+def _after_fork_in_child() -> None:
+    # a thread of the parent may have held the lock at the fork; no thread holds it here
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
