@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from normlab import reference
+from normlab import fused, reference
 from normlab.errors import InputError, ParamsError, ShapeError
 from normlab.plan import Plan, make_plan
 
@@ -179,7 +179,9 @@ def forward(prepared: Prepared, eps: float, rms: bool, mean=None, rstd=None, out
 
 def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = None, eps: float = 1e-5,
               rms: bool = False, return_stats: bool = False, out=None, mean=None, rstd=None,
-              backend: str | None = None, **sizes: int):
+              backend: str | None = None, residual=None, gate=None, gate_activation: str = "silu",
+              norm_before_gate: bool = True, weight_offset: float = 0.0, scale=None, shift=None,
+              modulation: str | None = None, **sizes: int):
     """Standardize ``x`` over the bracketed axes of ``pattern``.
 
     ``y = (x − mean)·rstd·weight + bias`` where each group of elements that differ only
@@ -187,6 +189,12 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
     variance). ``rms=True`` drops the mean. ``weight``/``bias`` span the axes named in
     ``params``. Passing ``mean`` and ``rstd`` (of the statistics' shape) applies those
     statistics instead of computing them, as batch norm does in evaluation.
+
+    Fused blocks (:mod:`normlab.fused` has their formulas): ``residual=r`` normalizes
+    ``x + r`` and returns ``(y, x + r)``; ``gate=z`` multiplies by ``gate_activation(z)``
+    after the norm (``norm_before_gate=True``) or before it; ``weight_offset=1.0`` is
+    Gemma's ``1 + weight``; ``scale``/``shift`` spanning the ``modulation`` axes give
+    ``y = x̂·w·(1 + scale) + shift + bias``.
 
     Returns ``y`` (the input's dtype; integers become float64), or ``(y, mean, rstd)``
     with ``return_stats=True``: float64 arrays with the pattern's axes, compositions
@@ -202,6 +210,12 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
     >>> normalize(x, "b [f]")[0].round(4).tolist()
     [1.2247, 0.0, -1.2247]
     """
+    if fused.wants_fused(residual, gate, weight_offset, scale, shift, modulation):
+        return fused.normalize(x, pattern, weight=weight, bias=bias, params=params, eps=eps, rms=rms,
+                               return_stats=return_stats, out=out, mean=mean, rstd=rstd, backend=backend,
+                               residual=residual, gate=gate, gate_activation=gate_activation,
+                               norm_before_gate=norm_before_gate, weight_offset=weight_offset, scale=scale,
+                               shift=shift, modulation=modulation, **sizes)
     y, stats = normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps, rms=rms,
                                     out=out, mean=mean, rstd=rstd, backend=backend, **sizes)
     if return_stats:
@@ -227,7 +241,10 @@ def normalize_with_stats(x, pattern: str, *, weight=None, bias=None, params=None
 
 
 def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | None = None, eps: float = 1e-5,
-                       rms: bool = False, mean=None, rstd=None, backend: str | None = None, **sizes: int):
+                       rms: bool = False, mean=None, rstd=None, backend: str | None = None, residual=None,
+                       gate=None, gate_activation: str = "silu", norm_before_gate: bool = True,
+                       weight_offset: float = 0.0, scale=None, shift=None, modulation: str | None = None,
+                       bias=None, grad_sum=None, **sizes: int):
     """Gradients of :func:`normalize` with respect to ``x``, ``weight`` and ``bias``.
 
     Returns ``(grad_x, grad_weight, grad_bias)``. ``grad_weight`` is None when no
@@ -240,7 +257,18 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
     >>> gx, gw, gb = normalize_backward(np.ones_like(x), x, "b [f]", weight=np.ones(3), params="f")
     >>> np.abs(gx).max() < 1e-12, gb.tolist()   # a shift of the output has no x-gradient
     (np.True_, [1.0, 1.0, 1.0])
+
+    With any fused option of :func:`normalize` it returns a
+    :class:`normlab.fused.FusedGradients` record (x, residual, gate, weight, bias, scale,
+    shift); ``grad_sum`` is the gradient of the returned ``x + residual``, and ``bias`` is
+    needed when a gate comes after the norm.
     """
+    if fused.wants_fused(residual, gate, weight_offset, scale, shift, modulation):
+        return fused.normalize_backward(grad_y, x, pattern, weight=weight, params=params, eps=eps, rms=rms,
+                                        mean=mean, rstd=rstd, backend=backend, residual=residual, gate=gate,
+                                        gate_activation=gate_activation, norm_before_gate=norm_before_gate,
+                                        weight_offset=weight_offset, scale=scale, shift=shift,
+                                        modulation=modulation, bias=bias, grad_sum=grad_sum, **sizes)
     prepared = prepare(x, pattern, weight, None, params, sizes)
     plan = prepared.plan
     eps = _check_eps(eps, plan)

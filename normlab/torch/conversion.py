@@ -41,10 +41,13 @@ def twin_of(module: nn.Module, cls: type) -> nn.Module:
     return twin
 
 
-def convert(model: nn.Module) -> nn.Module:
+def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
     """Replace every ``torch.nn`` normalization layer of ``model`` (in place) with its
     normlab twin, keeping parameters and buffers (same objects, so device and dtype too).
     Returns the model (the twin itself when ``model`` is one norm layer).
+
+    ``fuse=True`` also fuses the residual adds of LLaMA-style pre-norm decoder layers into
+    their RMS norms (:mod:`normlab.torch.fuse`); outputs and ``state_dict`` stay the same.
 
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     >>> x = torch.randn(3, 4)
@@ -52,6 +55,8 @@ def convert(model: nn.Module) -> nn.Module:
     >>> torch.allclose(convert(model)(x), expected, atol=1e-6), type(model[1]).__name__
     (True, 'LayerNorm')
     """
+    if fuse:
+        from normlab.torch.fuse import fuse_decoder_layers; fuse_decoder_layers(model)  # noqa: E702
     cls = _TWINS.get(type(model))
     if cls is not None:
         return twin_of(model, cls)

@@ -1,0 +1,458 @@
+r"""Fused norm blocks: residual add, gate, modulation and Gemma's weight offset around a norm.
+
+The NumPy math of the epilogues, and the entry points that :func:`normlab.normalize` and
+:func:`normlab.normalize_backward` hand over to when one of these options is given. For
+one group (all in float64, after the input has been read in its own dtype):
+
+.. math::
+
+    s = x + r\ \text{(rounded to x's dtype: the sum the model carries on)},\qquad
+    h = s\cdot\phi(z)\ \text{if the gate comes first, else}\ h = s
+
+    \hat h = (h-\mu)\,\rho,\qquad
+    y_0 = \hat h\,(w + o)\,(1 + \text{scale}) + \text{shift} + b,\qquad
+    y = y_0\cdot\phi(z)\ \text{if the gate comes last, else}\ y = y_0
+
+with ``μ``, ``ρ`` the statistics of ``h`` as :mod:`normlab.reference` computes them
+(shifted two-pass float64, ``rms`` drops ``μ``), ``o`` the ``weight_offset`` (Gemma's
+``1 + weight`` is ``o = 1``), ``φ`` the gate activation (``silu``, ``sigmoid`` or
+``gelu`` in its erf form) and ``scale``/``shift`` spanning the ``modulation`` axes (the
+per-sample ``"b d"`` of AdaLN). ``norm_before_gate=True`` is the gate last, as mamba_ssm's
+``RMSNormGated`` defaults to; ``False`` gates ``s`` before the statistics, as Mamba2's block does.
+
+Backward, with ``g`` the gradient of ``y`` and ``g_s`` that of the returned sum:
+
+.. math::
+
+    g_0 = g\,\phi(z),\quad \partial z = g\,y_0\,\phi'(z)\ \text{(gate last)};\qquad
+    \gamma = g_0\,(w+o)(1+\text{scale})
+
+    \partial h = \rho\big(\gamma - \overline{\gamma} - \hat h\,\overline{\gamma\hat h}\big),\qquad
+    \partial s = \partial h\,\phi(z),\quad \partial z = \partial h\, s\,\phi'(z)\ \text{(gate first)}
+
+    \partial x = \partial r = \partial s + g_s,\quad
+    \partial w = \textstyle\sum g_0\hat h(1+\text{scale}),\quad \partial b = \sum g_0,\quad
+    \partial\,\text{scale} = \sum g_0\hat h(w+o),\quad \partial\,\text{shift} = \sum g_0
+
+(``rms`` drops :math:`\overline{\gamma}`; each parameter sums over the axes it does not span).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from normlab import reference
+from normlab.errors import InputError, ParamsError, ShapeError
+from normlab.plan import Plan, make_plan
+
+__all__ = ["GATE_ACTIVATIONS", "Epilogue", "FusedGradients", "normalize", "normalize_backward", "activation"]
+
+GATE_ACTIVATIONS = ("silu", "sigmoid", "gelu")
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What surrounds the norm: which of residual, gate and modulation are present."""
+
+    residual: bool = False
+    gate: str | None = None  # the activation's name, None without a gate
+    norm_before_gate: bool = True
+    weight_offset: float = 0.0
+    modulation: str | None = None  # the axes scale and shift span
+    has_scale: bool = False
+    has_shift: bool = False
+
+    @property
+    def gate_first(self) -> bool:
+        return self.gate is not None and not self.norm_before_gate
+
+    @property
+    def gate_last(self) -> bool:
+        return self.gate is not None and self.norm_before_gate
+
+
+@dataclass(frozen=True)
+class FusedGradients:
+    """Gradients of a fused :func:`normlab.normalize`, each None where that input was not given.
+
+    ``x`` and ``residual`` are the same array (the sum's gradient reaches both unchanged).
+    """
+
+    x: np.ndarray
+    residual: np.ndarray | None = None
+    gate: np.ndarray | None = None
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    shift: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Checked fused arguments on the expanded view; parameters in float64 broadcast form."""
+
+    plan: Plan
+    mod_plan: Plan | None
+    epilogue: Epilogue
+    dtype: np.dtype
+    x: np.ndarray
+    residual: np.ndarray | None
+    gate: np.ndarray | None
+    weight: np.ndarray | None
+    bias: np.ndarray | None
+    scale: np.ndarray | None
+    shift: np.ndarray | None
+
+
+def wants_fused(residual, gate, weight_offset, scale, shift, modulation) -> bool:
+    """True when any fused option is given (core hands the call over to this module)."""
+    return (residual is not None or gate is not None or scale is not None or shift is not None
+            or modulation is not None or (weight_offset is not None and weight_offset != 0))
+
+
+# ---------------------------------------------------------------------------------------
+# Gate activations, float64
+
+
+def _erf(values: np.ndarray) -> np.ndarray:
+    return np.vectorize(math.erf, otypes=[np.float64])(values)
+
+
+def activation(name: str, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(φ(z), φ'(z))`` in float64 for a gate activation.
+
+    >>> phi, dphi = activation("silu", np.array([0.0, 1.0]))
+    >>> phi.round(4).tolist(), dphi.round(4).tolist()
+    ([0.0, 0.7311], [0.5, 0.9277])
+    """
+    z = np.asarray(z, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if name in ("silu", "sigmoid"):
+            sig = 1.0 / (1.0 + np.exp(-z))
+            if name == "sigmoid":
+                return sig, sig * (1.0 - sig)
+            return z * sig, sig * (1.0 + z * (1.0 - sig))
+        cdf = 0.5 * (1.0 + _erf(z / math.sqrt(2.0)))
+        pdf = np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+        return z * cdf, cdf + z * pdf
+
+
+# ---------------------------------------------------------------------------------------
+# Checking the arguments
+
+
+def _same_shape(value, name: str, plan: Plan, pattern: str) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiub":
+        raise InputError(f"{name} has dtype {array.dtype}; pass a float array of x's shape {plan.shape}")
+    if array.shape != plan.shape:
+        raise ShapeError(f"pattern {pattern!r}, input shape {plan.shape}: {name} has shape {array.shape}; "
+                         f"it must have x's shape {plan.shape}")
+    return array.reshape(plan.axis_sizes)
+
+
+def _modulation_array(value, name: str, mod_plan: Plan) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiub":
+        raise ParamsError(f"{name} has dtype {array.dtype}; pass a float array of shape {mod_plan.param_shape}")
+    if array.shape != mod_plan.param_shape:
+        raise ParamsError(
+            f"{name} has shape {array.shape}, but modulation={mod_plan.params!r} spans shape "
+            f"{mod_plan.param_shape} (pattern {mod_plan.pattern!r}, input shape {mod_plan.shape}): pass a {name} "
+            f"of shape {mod_plan.param_shape} or change modulation")
+    return mod_plan.expand_params(array.astype(np.float64, copy=False))
+
+
+def prepare(x, pattern, weight, bias, params, sizes, residual=None, gate=None, gate_activation="silu",
+            norm_before_gate=True, weight_offset=0.0, scale=None, shift=None, modulation=None) -> Inputs:
+    """Check every fused argument against the pattern and lay it out on the expanded view."""
+    from normlab import core
+
+    prepared = core.prepare(x, pattern, weight, bias, params, sizes)
+    plan = prepared.plan
+    if gate is not None and gate_activation not in GATE_ACTIVATIONS:
+        raise InputError(f"gate_activation must be one of {', '.join(GATE_ACTIVATIONS)}, got {gate_activation!r}")
+    try:
+        offset = float(weight_offset or 0.0)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"weight_offset must be a number, got {weight_offset!r}") from err
+    if offset != 0.0 and weight is None:
+        raise ParamsError(f"pattern {pattern!r}, input shape {plan.shape}: weight_offset={offset} shifts a "
+                          "weight, but no weight was given; pass weight= (Gemma stores it as zeros)")
+    if (scale is not None or shift is not None) and modulation is None:
+        given = np.shape(scale if scale is not None else shift)
+        raise ParamsError(f"pattern {pattern!r}, input shape {plan.shape}: scale and shift need modulation, "
+                          f"the axes they span; got one of shape {given}. Pass e.g. modulation='b d'")
+    mod_plan = None
+    if modulation is not None:
+        mod_plan = make_plan(pattern, plan.shape, modulation, **sizes)
+    epilogue = Epilogue(residual is not None, gate_activation if gate is not None else None,
+                        bool(norm_before_gate), offset, modulation, scale is not None, shift is not None)
+    dtype = prepared.dtype
+    residual_v = None if residual is None else _same_shape(residual, "residual", plan, pattern)
+    if residual_v is not None:
+        from normlab.core import result_dtype
+
+        dtype = np.result_type(dtype, result_dtype(residual_v, pattern))
+    return Inputs(
+        plan, mod_plan, epilogue, dtype, prepared.x, residual_v,
+        None if gate is None else _same_shape(gate, "gate", plan, pattern),
+        prepared.weight, prepared.bias,
+        None if scale is None else _modulation_array(scale, "scale", mod_plan),
+        None if shift is None else _modulation_array(shift, "shift", mod_plan))
+
+
+# ---------------------------------------------------------------------------------------
+# The reference math
+
+
+def residual_sum(inputs: Inputs) -> np.ndarray:
+    """``x + r`` rounded to the result dtype (what the model carries on), expanded view."""
+    if inputs.residual is None:
+        return inputs.x
+    return np.add(inputs.x, inputs.residual, dtype=inputs.dtype)
+
+
+def _normalized_input(inputs: Inputs, summed: np.ndarray):
+    """``(h, φ(z), φ'(z))``: what the statistics see (the gated sum when the gate comes first)."""
+    ep = inputs.epilogue
+    phi = dphi = None
+    if ep.gate is not None:
+        phi, dphi = activation(ep.gate, inputs.gate)
+    h = summed.astype(np.float64)
+    if ep.gate_first:
+        with np.errstate(invalid="ignore", over="ignore"):
+            h = h * phi
+    return h, phi, dphi
+
+
+def _effective_weight(inputs: Inputs):
+    if inputs.weight is None:
+        return None
+    return inputs.weight + inputs.epilogue.weight_offset if inputs.epilogue.weight_offset else inputs.weight
+
+
+def _pre_gate(inputs: Inputs, h_hat: np.ndarray) -> np.ndarray:
+    """``y_0 = ĥ·(w + o)·(1 + scale) + shift + b`` in float64."""
+    y0 = h_hat.copy()
+    w_eff = _effective_weight(inputs)
+    if w_eff is not None:
+        y0 *= w_eff
+    if inputs.scale is not None:
+        y0 *= 1.0 + inputs.scale
+    if inputs.shift is not None:
+        y0 += inputs.shift
+    if inputs.bias is not None:
+        y0 += inputs.bias
+    return y0
+
+
+def reference_forward(inputs: Inputs, eps: float, rms: bool, mean=None, rstd=None):
+    """``(y, sum, stats)`` in the expanded view: y in the result dtype, the sum as the model
+    carries it (None without a residual), stats of ``h`` in float64."""
+    summed = residual_sum(inputs)
+    h, phi, _ = _normalized_input(inputs, summed)
+    if rstd is None:
+        stats = reference.compute_stats(h, inputs.plan, eps, rms)
+    else:
+        stats = reference.Stats(mean, None, rstd)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        h_hat = (h - stats.mean if stats.mean is not None else h) * stats.rstd
+        y = _pre_gate(inputs, h_hat)
+        if inputs.epilogue.gate_last:
+            y *= phi
+    return y.astype(inputs.dtype), (summed if inputs.residual is not None else None), stats
+
+
+def _sum_outside(values, axes_kept: tuple[int, ...], ndim: int):
+    outside = tuple(i for i in range(ndim) if i not in set(axes_kept))
+    return values.sum(axis=outside, keepdims=True)
+
+
+def reference_backward(inputs: Inputs, grad_y, grad_sum, eps: float, rms: bool, mean=None, rstd=None,
+                       need_bias=False):
+    """Every gradient of :func:`reference_forward`, float64 in broadcast layouts (see
+    :class:`Gradients64`)."""
+    plan = inputs.plan
+    ep = inputs.epilogue
+    summed = residual_sum(inputs)
+    h, phi, dphi = _normalized_input(inputs, summed)
+    if rstd is None:
+        stats = reference.compute_stats(h, plan, eps, rms)
+        mean, rstd = stats.mean, stats.rstd
+    axes = plan.reduced_axes
+    n = plan.group_size
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        g = np.asarray(grad_y, dtype=np.float64).reshape(plan.axis_sizes)
+        h_hat = (h - mean if mean is not None else h) * rstd
+        grad_gate = None
+        if ep.gate_last:
+            grad_gate = g * _pre_gate(inputs, h_hat) * dphi
+            g = g * phi
+        w_eff = _effective_weight(inputs)
+        modulated = 1.0 + inputs.scale if inputs.scale is not None else None
+        gamma = g if w_eff is None else g * w_eff
+        if modulated is not None:
+            gamma = gamma * modulated
+        if n == 0:
+            grad_h = np.zeros_like(h_hat)
+        else:
+            grad_h = gamma - h_hat * ((gamma * h_hat).sum(axis=axes, keepdims=True) / n)
+            if mean is not None:
+                grad_h -= gamma.sum(axis=axes, keepdims=True) / n
+            grad_h *= rstd
+        if ep.gate_first:
+            grad_gate = grad_h * summed * dphi
+            grad_h = grad_h * phi
+        if grad_sum is not None:
+            grad_h = grad_h + np.asarray(grad_sum, dtype=np.float64).reshape(plan.axis_sizes)
+        ndim = plan.ndim
+        g_hat = g * h_hat
+        grad_weight = grad_bias = grad_scale = grad_shift = None
+        if inputs.weight is not None:
+            grad_weight = _sum_outside(g_hat * modulated if modulated is not None else g_hat, plan.param_axes, ndim)
+        if need_bias:
+            grad_bias = _sum_outside(g, plan.param_axes, ndim)
+        if ep.has_scale:
+            grad_scale = _sum_outside(g_hat * w_eff if w_eff is not None else g_hat, inputs.mod_plan.param_axes,
+                                      ndim)
+        if ep.has_shift:
+            grad_shift = _sum_outside(g, inputs.mod_plan.param_axes, ndim)
+    return Gradients64(grad_h, grad_gate, grad_weight, grad_bias, grad_scale, grad_shift)
+
+
+@dataclass(frozen=True)
+class Gradients64:
+    """Backend output: float64 (or the kernel dtype) gradients, expanded/broadcast layouts."""
+
+    x: np.ndarray
+    gate: np.ndarray | None
+    weight: np.ndarray | None
+    bias: np.ndarray | None
+    scale: np.ndarray | None
+    shift: np.ndarray | None
+
+
+# ---------------------------------------------------------------------------------------
+# Entry points (called by normlab.core)
+
+
+def _use_kernels(inputs: Inputs, backend, *extra) -> bool:
+    from normlab import core
+
+    dtypes = [inputs.x.dtype] + [a.dtype for a in (inputs.residual, inputs.gate, *extra) if a is not None]
+    return core._resolve_backend(backend, *dtypes) == "numba"
+
+
+def normalize(x, pattern, *, weight=None, bias=None, params=None, eps=1e-5, rms=False, return_stats=False,
+              out=None, mean=None, rstd=None, backend=None, residual=None, gate=None, gate_activation="silu",
+              norm_before_gate=True, weight_offset=0.0, scale=None, shift=None, modulation=None, **sizes):
+    """:func:`normlab.normalize` with a residual, a gate, a modulation or a weight offset.
+
+    Returns ``y``, or ``(y, x + residual)`` with a residual; ``return_stats=True`` appends
+    ``mean`` and ``rstd`` (of the gated sum when the gate comes first).
+
+    >>> x = np.array([[1.0, 2.0, 6.0]])
+    >>> y, total = normalize(x, "b [d]", residual=np.array([[1.0, 0.0, 2.0]]), rms=True, eps=0.0)
+    >>> total.tolist(), (y * y).mean().round(12)
+    ([[2.0, 2.0, 8.0]], np.float64(1.0))
+    """
+    from normlab import core
+
+    inputs = prepare(x, pattern, weight, bias, params, sizes, residual, gate, gate_activation, norm_before_gate,
+                     weight_offset, scale, shift, modulation)
+    plan = inputs.plan
+    eps = core._check_eps(eps, plan)
+    if mean is not None or rstd is not None:
+        if rstd is None or (mean is None and not rms):
+            raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: pass both mean and rstd "
+                             "(rstd alone with rms=True)")
+        rstd = core._given_stats(rstd, "rstd", plan)
+        mean = None if rms else core._given_stats(mean, "mean", plan)
+    result = None
+    if _use_kernels(inputs, backend):
+        from normlab.kernels import fused as fused_kernels
+
+        result = fused_kernels.forward(inputs, eps, rms, mean, rstd)
+    if result is None:
+        result = reference_forward(inputs, eps, rms, mean, rstd)
+    y, summed, stats = result
+    y = np.asarray(y).astype(inputs.dtype, copy=False).reshape(plan.shape)
+    if out is not None:
+        core._check_out(out, core.Prepared(plan, inputs.x, inputs.dtype, None, None))
+        np.copyto(out, y, casting="unsafe")
+        y = out
+    outputs = (y,)
+    if inputs.residual is not None:
+        outputs += (np.asarray(summed).astype(inputs.dtype, copy=False).reshape(plan.shape),)
+    if return_stats:
+        outputs += (None if rms else stats.mean, stats.rstd)
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5, rms=False, mean=None, rstd=None,
+                       backend=None, residual=None, gate=None, gate_activation="silu", norm_before_gate=True,
+                       weight_offset=0.0, scale=None, shift=None, modulation=None, bias=None, grad_sum=None,
+                       **sizes) -> FusedGradients:
+    """Gradients of a fused :func:`normlab.normalize` with respect to every input given.
+
+    ``grad_sum`` is the gradient of the returned ``x + residual`` (the residual stream
+    carries on, so it has one); ``bias`` is needed only when a gate comes last (the gate
+    multiplies it too). ``mean``/``rstd`` are those ``return_stats=True`` returned.
+
+    >>> x, r = np.array([[1.0, 2.0, 6.0]]), np.array([[0.5, 0.0, 1.0]])
+    >>> grads = normalize_backward(np.ones_like(x), x, "b [d]", residual=r, grad_sum=np.ones_like(x))
+    >>> grads.x.round(12).tolist(), grads.residual is grads.x   # a shift of y has no x-gradient
+    ([[1.0, 1.0, 1.0]], True)
+    """
+    from normlab import core
+
+    inputs = prepare(x, pattern, weight, bias, params, sizes, residual, gate, gate_activation, norm_before_gate,
+                     weight_offset, scale, shift, modulation)
+    plan = inputs.plan
+    eps = core._check_eps(eps, plan)
+    grad_y = np.asarray(grad_y)
+    for name, value in (("grad_y", grad_y), ("grad_sum", grad_sum)):
+        if value is not None and np.shape(value) != plan.shape:
+            raise ShapeError(f"pattern {pattern!r}, input shape {plan.shape}: {name} has shape {np.shape(value)}; "
+                             "it must match x")
+    if grad_sum is not None:
+        grad_sum = np.asarray(grad_sum)
+    if rstd is not None:
+        rstd = core._given_stats(rstd, "rstd", plan)
+        if not rms:
+            if mean is None:
+                raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: rstd was given without mean")
+            mean = core._given_stats(mean, "mean", plan)
+        else:
+            mean = None
+    need_bias = params is not None
+    result = None
+    if _use_kernels(inputs, backend, grad_y, grad_sum):
+        from normlab.kernels import fused as fused_kernels
+
+        result = fused_kernels.backward(inputs, grad_y, grad_sum, eps, rms, mean, rstd, need_bias)
+    if result is None:
+        result = reference_backward(inputs, grad_y, grad_sum, eps, rms, mean, rstd, need_bias)
+    return _finish(inputs, result, weight, need_bias)
+
+
+def _finish(inputs: Inputs, result: Gradients64, weight, need_bias: bool) -> FusedGradients:
+    plan = inputs.plan
+    dtype = inputs.dtype
+    grad_x = np.asarray(result.x).astype(dtype, copy=False).reshape(plan.shape)
+    param_dtype = np.result_type(weight) if weight is not None and np.result_type(weight).kind == "f" else dtype
+
+    def params_of(value, which_plan):
+        return None if value is None else which_plan.collapse_params(value).astype(param_dtype, copy=False)
+
+    grad_gate = None
+    if result.gate is not None:
+        grad_gate = np.asarray(result.gate).astype(dtype, copy=False).reshape(plan.shape)
+    return FusedGradients(
+        grad_x, grad_x if inputs.residual is not None else None, grad_gate,
+        params_of(result.weight, plan), params_of(result.bias, plan) if need_bias else None,
+        params_of(result.scale, inputs.mod_plan), params_of(result.shift, inputs.mod_plan))

@@ -1,0 +1,391 @@
+"""Fused row kernels: residual add, gate, modulation and weight offset around a row norm.
+
+Twin of :mod:`normlab.fused` (the formulas live in its docstring). As flash-attention's
+layer norm does, one forward and one backward take every option as an argument instead
+of a kernel per combination: absent inputs are 1×1 placeholders behind a flag, absent
+parameters are tables of ones and zeros (``v·1`` and ``v + 0`` are exact).
+
+Each row (one group, ``n`` contiguous elements) is read once from memory: the forward
+forms ``s = x + r`` (written out, the residual stream), gates it when the gate comes
+first into a float64 row buffer that stays in cache, takes the shifted two-pass
+statistics of it and writes ``y``; the backward reads ``x``, ``r``, ``z`` and ``∂y``
+once, keeps ``γ`` in a cache-resident row buffer between its two passes and writes
+``∂x`` and ``∂z``. Parameter gradients are summed per chunk of rows (fixed by index)
+and the chunks added in order, so every thread count gives the same bits.
+
+Parameters are float64 tables ``(groups, n)``: row ``r`` uses group
+``(r // row_stride) % groups``. That covers weights over the reduced axes (one group),
+per-group weights of gated group norm (``"(g c)"`` on ``"... (g [c])"``) and per-sample
+modulation (``"b d"`` on ``"b t [d]"``). Layouts that repeat within a row at a stride
+(spatial group norm with per-channel weights) go to the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+
+from normlab.kernels._jit import helper, kernel, prefetch, reduction
+from normlab.kernels.sums import group_stats
+
+GATE_NONE, GATE_FIRST, GATE_LAST = 0, 1, 2
+ACTIVATION_CODES = {"silu": 0, "sigmoid": 1, "gelu": 2}
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@helper
+def gate_value(z, code):
+    """φ(z) for activation ``code`` (0 silu, 1 sigmoid, 2 gelu with erf), float64."""
+    z = np.float64(z)
+    if code == 2:
+        return z * (0.5 * (1.0 + math.erf(z * _SQRT_HALF)))
+    sig = 1.0 / (1.0 + math.exp(-z))
+    return sig if code == 1 else z * sig
+
+
+@helper
+def gate_derivative(z, code):
+    """(φ(z), φ'(z)) for activation ``code``, float64."""
+    z = np.float64(z)
+    if code == 2:
+        cdf = 0.5 * (1.0 + math.erf(z * _SQRT_HALF))
+        return z * cdf, cdf + z * (math.exp(-0.5 * z * z) * _INV_SQRT_2PI)
+    sig = 1.0 / (1.0 + math.exp(-z))
+    if code == 1:
+        return sig, sig * (1.0 - sig)
+    return z * sig, sig * (1.0 + z * (1.0 - sig))
+
+
+@reduction
+def gamma_sums(gamma, h, center, rstd):
+    """(Σ γ, Σ γ·(h − center)·rstd): the two sums of the norm's backward for one row."""
+    sum_gamma = 0.0
+    sum_gamma_hat = 0.0
+    for i in range(gamma.shape[0]):
+        c = gamma[i]
+        sum_gamma += c
+        sum_gamma_hat += c * ((h[i] - center) * rstd)
+    return sum_gamma, sum_gamma_hat
+
+
+@kernel
+def fused_row_forward(x, residual, has_residual, gate, gate_mode, code, weight, bias, row_stride, mod_scale,
+                      mod_shift, mod_stride, rms, eps, stats_given, chunk_rows, mean, var, rstd, y, total):
+    """Twin of ``normlab.fused.reference_forward`` on (rows, n). ``weight`` holds ``w + o``
+    and ``mod_scale`` holds ``1 + scale``. Writes ``y``, ``total`` (= x + r, when
+    ``has_residual``) and, unless ``stats_given``, the row statistics."""
+    rows = x.shape[0]
+    n = x.shape[1]
+    chunks = (rows + chunk_rows - 1) // chunk_rows
+    for k in prange(chunks):
+        h = np.empty(n)  # the row as the statistics see it, float64, cache-resident
+        for r in range(k * chunk_rows, min(rows, (k + 1) * chunk_rows)):
+            x_row = x[r]
+            if r + 1 < rows:
+                prefetch(x[r + 1])
+            if has_residual:
+                r_row = residual[r]
+                t_row = total[r]
+                for j in range(n):
+                    t_row[j] = x_row[j] + r_row[j]
+                source = t_row
+            else:
+                source = x_row
+            if gate_mode == GATE_FIRST:
+                z_row = gate[r]
+                for j in range(n):
+                    h[j] = np.float64(source[j]) * gate_value(z_row[j], code)
+                row_mean, row_var, row_rstd = group_stats(h, rms, eps)
+            else:
+                row_mean, row_var, row_rstd = group_stats(source, rms, eps)
+            if not stats_given:
+                mean[r] = row_mean
+                var[r] = row_var
+                rstd[r] = row_rstd
+            m = mean[r]
+            rs = rstd[r]
+            w_row = weight[(r // row_stride) % weight.shape[0]]
+            b_row = bias[(r // row_stride) % bias.shape[0]]
+            sc_row = mod_scale[(r // mod_stride) % mod_scale.shape[0]]
+            sh_row = mod_shift[(r // mod_stride) % mod_shift.shape[0]]
+            y_row = y[r]
+            if gate_mode == GATE_FIRST:
+                for j in range(n):
+                    y_row[j] = (((h[j] - m) * rs) * w_row[j]) * sc_row[j] + sh_row[j] + b_row[j]
+            elif gate_mode == GATE_LAST:
+                z_row = gate[r]
+                for j in range(n):
+                    y0 = (((source[j] - m) * rs) * w_row[j]) * sc_row[j] + sh_row[j] + b_row[j]
+                    y_row[j] = y0 * gate_value(z_row[j], code)
+            else:
+                for j in range(n):
+                    y_row[j] = (((source[j] - m) * rs) * w_row[j]) * sc_row[j] + sh_row[j] + b_row[j]
+
+
+@kernel
+def fused_row_backward(grad_y, grad_sum, has_grad_sum, x, residual, has_residual, gate, gate_mode, code, weight,
+                       bias, row_stride, mod_scale, mod_shift, mod_stride, need_params, need_mod, rms, eps,
+                       stats_given, mean, rstd, chunk_rows, grad_x, grad_gate, weight_parts, bias_parts, scale_parts,
+                       shift_parts):
+    """Twin of ``normlab.fused.reference_backward`` on (rows, n): ``grad_x`` (also the
+    residual's), ``grad_gate``, and per chunk the weight, bias, scale and shift gradients
+    (zeroed by the caller, which adds the chunks in order)."""
+    rows = x.shape[0]
+    n = x.shape[1]
+    for k in prange(weight_parts.shape[0]):
+        h = np.empty(n)
+        gamma = np.empty(n)  # ∂ĥ, kept between the two passes
+        part_w = weight_parts[k]
+        part_b = bias_parts[k]
+        part_sc = scale_parts[k]
+        part_sh = shift_parts[k]
+        for r in range(k * chunk_rows, min(rows, (k + 1) * chunk_rows)):
+            x_row = x[r]
+            g_row = grad_y[r]
+            if r + 1 < rows:
+                prefetch(x[r + 1])
+                prefetch(grad_y[r + 1])
+            for j in range(n):
+                h[j] = np.float64(x_row[j] + residual[r, j]) if has_residual else np.float64(x_row[j])
+            if gate_mode == GATE_FIRST:
+                z_row = gate[r]
+                for j in range(n):
+                    h[j] = h[j] * gate_value(z_row[j], code)
+            if not stats_given:
+                row_mean, row_var, row_rstd = group_stats(h, rms, eps)
+                mean[r] = row_mean
+                rstd[r] = row_rstd
+            m = mean[r]
+            rs = rstd[r]
+            wg = (r // row_stride) % weight.shape[0]
+            mg = (r // mod_stride) % mod_scale.shape[0]
+            w_row = weight[wg]
+            b_row = bias[wg]
+            sc_row = mod_scale[mg]
+            sh_row = mod_shift[mg]
+            if gate_mode == GATE_LAST:
+                z_row = gate[r]
+                gz_row = grad_gate[r]
+                for j in range(n):
+                    h_hat = (h[j] - m) * rs
+                    y0 = ((h_hat * w_row[j]) * sc_row[j] + sh_row[j]) + b_row[j]
+                    phi, dphi = gate_derivative(z_row[j], code)
+                    gy = np.float64(g_row[j])
+                    gz_row[j] = (gy * y0) * dphi
+                    g = gy * phi
+                    c = (g * w_row[j]) * sc_row[j]
+                    gamma[j] = c
+                    if need_params:
+                        part_w[wg, j] += (g * h_hat) * sc_row[j]
+                        part_b[wg, j] += g
+                    if need_mod:
+                        part_sc[mg, j] += (g * h_hat) * w_row[j]
+                        part_sh[mg, j] += g
+            else:
+                for j in range(n):
+                    h_hat = (h[j] - m) * rs
+                    g = np.float64(g_row[j])
+                    c = (g * w_row[j]) * sc_row[j]
+                    gamma[j] = c
+                    if need_params:
+                        part_w[wg, j] += (g * h_hat) * sc_row[j]
+                        part_b[wg, j] += g
+                    if need_mod:
+                        part_sc[mg, j] += (g * h_hat) * w_row[j]
+                        part_sh[mg, j] += g
+            sum_gamma, sum_gamma_hat = gamma_sums(gamma, h, m, rs)
+            proj = sum_gamma_hat / n
+            mean_gamma = 0.0 if rms else sum_gamma / n
+            gx_row = grad_x[r]
+            if gate_mode == GATE_FIRST:
+                z_row = gate[r]
+                gz_row = grad_gate[r]
+                for j in range(n):
+                    h_hat = (h[j] - m) * rs
+                    grad_h = ((gamma[j] - h_hat * proj) - mean_gamma) * rs
+                    s = np.float64(x_row[j] + residual[r, j]) if has_residual else np.float64(x_row[j])
+                    phi, dphi = gate_derivative(z_row[j], code)
+                    gz_row[j] = (grad_h * s) * dphi
+                    grad_s = grad_h * phi
+                    gx_row[j] = grad_s + grad_sum[r, j] if has_grad_sum else grad_s
+            elif has_grad_sum:
+                gs_row = grad_sum[r]
+                for j in range(n):
+                    h_hat = (h[j] - m) * rs
+                    gx_row[j] = ((gamma[j] - h_hat * proj) - mean_gamma) * rs + gs_row[j]
+            else:
+                for j in range(n):
+                    h_hat = (h[j] - m) * rs
+                    gx_row[j] = ((gamma[j] - h_hat * proj) - mean_gamma) * rs
+
+
+# ---------------------------------------------------------------------------------------
+# Laying out the arguments
+
+ROW_CHUNKS = 64  # rows are cut into this many chunks (threads take whole chunks)
+
+
+def _full_table(expanded, view, value: float, n: int) -> np.ndarray | None:
+    """A parameter as a ``(groups, n)`` float64 table, or None when its layout repeats
+    inside a row at a stride (the reference handles those). An absent parameter is a
+    constant table of the same shape, so that its gradient has somewhere to go."""
+    from normlab.kernels import _constant_table
+
+    if expanded is None:
+        return _constant_table((view.param_groups, n), value)
+    if view.param_inner != 1:
+        return None
+    table = np.ascontiguousarray(expanded, dtype=np.float64).reshape(view.param_groups, view.param_channels)
+    if view.param_channels != n:
+        table = np.tile(table, (1, n // view.param_channels))
+    return table
+
+
+class Layout:
+    """The kernel view of a fused call: shapes, strides and parameter tables, or ``ok=False``."""
+
+    def __init__(self, inputs, dtypes):
+        from normlab.kernels import RowView, _compute_dtype, view_of
+
+        self.ok = False
+        plan = inputs.plan
+        view = view_of(plan)
+        if not isinstance(view, RowView) or view.order is not None:
+            return
+        if any(d not in (np.dtype(np.float32), np.dtype(np.float64)) for d in dtypes) or len(set(dtypes)) != 1:
+            return
+        self.view = view
+        self.dtype = dtypes[0]
+        self.shape = (view.rows, view.n)
+        n = view.n
+        ep = inputs.epilogue
+        weight = inputs.weight + ep.weight_offset if inputs.weight is not None and ep.weight_offset else inputs.weight
+        self.weight = _full_table(weight, view, 1.0, n)
+        self.bias = _full_table(inputs.bias, view, 0.0, n)
+        self.row_stride = view.param_row_stride
+        if inputs.mod_plan is not None:
+            mod_view = view_of(inputs.mod_plan)
+            if not isinstance(mod_view, RowView) or mod_view.order is not None:
+                return
+            self.mod_scale = _full_table(None if inputs.scale is None else 1.0 + inputs.scale, mod_view, 1.0, n)
+            self.mod_shift = _full_table(inputs.shift, mod_view, 0.0, n)
+            self.mod_stride = mod_view.param_row_stride
+        else:
+            self.mod_scale = _full_table(None, view, 1.0, n)
+            self.mod_shift = _full_table(None, view, 0.0, n)
+            self.mod_stride = 1
+        if any(t is None for t in (self.weight, self.bias, self.mod_scale, self.mod_shift)):
+            return
+        self.gate_mode = GATE_NONE if ep.gate is None else GATE_LAST if ep.norm_before_gate else GATE_FIRST
+        self.code = ACTIVATION_CODES.get(ep.gate, 0)
+        self.chunk_rows = -(-view.rows // ROW_CHUNKS)
+        self.serial = view.rows * n < _serial_below()
+        self.ok = True
+
+    def rows_of(self, array):
+        if array is None:
+            return np.zeros((1, 1), self.dtype)
+        return np.ascontiguousarray(array, dtype=self.dtype).reshape(self.shape)
+
+
+def _serial_below() -> int:
+    from normlab.kernels import SERIAL_BELOW
+
+    return SERIAL_BELOW
+
+
+def forward(inputs, eps: float, rms: bool, mean=None, rstd=None):
+    """Kernel twin of :func:`normlab.fused.reference_forward`: ``(y, sum, stats)`` in the
+    expanded view, or None when only the reference fits."""
+    from normlab.kernels import _flat_stats, pool
+    from normlab.reference import Stats
+
+    dtypes = [a.dtype for a in (inputs.x, inputs.residual, inputs.gate) if a is not None]
+    layout = Layout(inputs, dtypes)
+    if not layout.ok:
+        return None
+    plan = inputs.plan
+    rows = layout.view.rows
+    x = layout.rows_of(inputs.x)
+    residual = layout.rows_of(inputs.residual)
+    gate = layout.rows_of(inputs.gate)
+    y = pool.empty(layout.shape, layout.dtype)
+    total = pool.empty(layout.shape, layout.dtype) if inputs.residual is not None else np.zeros((1, 1), layout.dtype)
+    stats_given = rstd is not None
+    if stats_given:
+        mean_flat = np.zeros(rows) if mean is None else _flat_stats(mean, rows)
+        rstd_flat = _flat_stats(rstd, rows)
+        var_flat = np.empty(rows)
+    else:
+        mean_flat, var_flat, rstd_flat = np.empty((3, rows))
+    fused_row_forward(x, residual, inputs.residual is not None, gate, layout.gate_mode, layout.code, layout.weight,
+                      layout.bias, layout.row_stride, layout.mod_scale, layout.mod_shift, layout.mod_stride, rms,
+                      eps, stats_given, layout.chunk_rows, mean_flat, var_flat, rstd_flat, y, total,
+                      serial=layout.serial)
+    if stats_given:
+        stats = Stats(None if rms else mean, None, rstd)
+    else:
+        shape = plan.stats_shape
+        stats = Stats(None if rms else mean_flat.reshape(shape), var_flat.reshape(shape), rstd_flat.reshape(shape))
+    summed = total.reshape(plan.axis_sizes) if inputs.residual is not None else None
+    return y.reshape(plan.axis_sizes), summed, stats
+
+
+def backward(inputs, grad_y, grad_sum, eps: float, rms: bool, mean=None, rstd=None, need_bias=False):
+    """Kernel twin of :func:`normlab.fused.reference_backward`, or None when only the
+    reference fits."""
+    from normlab.fused import Gradients64
+    from normlab.kernels import _flat_stats, pool
+
+    dtypes = [a.dtype for a in (inputs.x, inputs.residual, inputs.gate, grad_y, grad_sum) if a is not None]
+    layout = Layout(inputs, dtypes)
+    if not layout.ok:
+        return None
+    plan = inputs.plan
+    rows = layout.view.rows
+    ep = inputs.epilogue
+    grad_x = pool.empty(layout.shape, layout.dtype)
+    grad_gate = pool.empty(layout.shape, layout.dtype) if ep.gate is not None else np.zeros((1, 1), layout.dtype)
+    chunks = -(-rows // layout.chunk_rows)
+    need_params = inputs.weight is not None or need_bias
+    need_mod = inputs.mod_plan is not None
+    weight_parts = np.zeros((chunks,) + layout.weight.shape if need_params else (chunks, 1, 1))
+    bias_parts = np.zeros_like(weight_parts)
+    scale_parts = np.zeros((chunks,) + layout.mod_scale.shape if need_mod else (chunks, 1, 1))
+    shift_parts = np.zeros_like(scale_parts)
+    stats_given = rstd is not None
+    if stats_given:
+        mean_flat = np.zeros(rows) if mean is None else _flat_stats(mean, rows)
+        rstd_flat = _flat_stats(rstd, rows)
+    else:
+        mean_flat, rstd_flat = np.empty(rows), np.empty(rows)
+    fused_row_backward(layout.rows_of(grad_y), layout.rows_of(grad_sum), grad_sum is not None,
+                       layout.rows_of(inputs.x), layout.rows_of(inputs.residual), inputs.residual is not None,
+                       layout.rows_of(inputs.gate), layout.gate_mode, layout.code, layout.weight, layout.bias,
+                       layout.row_stride, layout.mod_scale, layout.mod_shift, layout.mod_stride, need_params,
+                       need_mod, rms, eps, stats_given, mean_flat, rstd_flat, layout.chunk_rows, grad_x, grad_gate,
+                       weight_parts, bias_parts, scale_parts, shift_parts, serial=layout.serial)
+
+    def collapse(parts, which_plan, view):
+        # chunk order fixed by index: the same sum for every thread count
+        table = parts.sum(axis=0)
+        if view.param_channels != view.n:
+            table = table.reshape(table.shape[0], view.n // view.param_channels, view.param_channels).sum(axis=1)
+        return table.reshape(which_plan.param_broadcast_shape)
+
+    from normlab.kernels import view_of
+
+    view = layout.view
+    grad_weight = collapse(weight_parts, plan, view) if inputs.weight is not None else None
+    grad_bias = collapse(bias_parts, plan, view) if need_bias else None
+    grad_scale = grad_shift = None
+    if need_mod:
+        mod_view = view_of(inputs.mod_plan)
+        grad_scale = collapse(scale_parts, inputs.mod_plan, mod_view) if ep.has_scale else None
+        grad_shift = collapse(shift_parts, inputs.mod_plan, mod_view) if ep.has_shift else None
+    return Gradients64(grad_x.reshape(plan.axis_sizes),
+                       grad_gate.reshape(plan.axis_sizes) if ep.gate is not None else None,
+                       grad_weight, grad_bias, grad_scale, grad_shift)

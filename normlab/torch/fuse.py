@@ -1,0 +1,110 @@
+"""``convert(model, fuse=True)``: fuse the residual adds of pre-norm decoder layers into their norms.
+
+A Hugging Face LLaMA-style decoder layer (``LlamaDecoderLayer`` and the classes written
+the same way: Mistral, Qwen2, Gemma, ...) runs::
+
+    residual = h;  h = input_layernorm(h);  h = self_attn(h);  h = residual + h
+    residual = h;  h = post_attention_layernorm(h);  h = mlp(h);  h = residual + h
+
+The middle add and the norm after it read and write the same rows twice. Fusing
+rewrites the layer to ``normed, h = post_attention_layernorm(attn, residual)`` with a
+:class:`~normlab.torch.fused.FusedAddRMSNorm` that carries the norm's own casting recipe
+(LLaMA's, or Gemma's ``1 + weight``). The layer's class becomes a subclass with that
+forward; its modules keep their names and Parameter objects, so ``state_dict`` and an
+optimizer built before are unchanged. Layers of another structure are left alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+from torch import nn
+
+from normlab.torch.fused import FusedAddRMSNorm
+
+__all__ = ["fuse_decoder_layers"]
+
+_LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+
+
+@functools.lru_cache(maxsize=None)
+def _source(function) -> str:
+    try:
+        return "".join(inspect.getsource(function).split())
+    except (OSError, TypeError):
+        return ""
+
+
+def _recipe(norm: nn.Module):
+    """``(casting, weight_offset, eps)`` of a Hugging Face RMS norm, or None when its
+    forward is not one of the known recipes."""
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or eps is None:
+        return None
+    if getattr(norm, "bias", None) is not None or list(norm.children()):
+        return None
+    source = _source(type(norm).forward)
+    if "self.weight*hidden_states.to(input_dtype)" in source:
+        return "llama", 0.0, float(eps)
+    if "output*(1.0+self.weight.float())" in source and "x.pow(2).mean(-1,keepdim=True)" in _source(type(norm)):
+        return "gemma", 1.0, float(eps)
+    return None
+
+
+def _is_pre_norm_layer(layer: nn.Module) -> bool:
+    if {name for name, _ in layer.named_children()} != _LAYER_CHILDREN:
+        return False
+    source = _source(type(layer).forward)
+    return (source.count("hidden_states=residual+hidden_states") == 2
+            and "hidden_states=self.post_attention_layernorm(hidden_states)hidden_states=self.mlp(hidden_states)"
+            in source)
+
+
+def _fused_forward(self, hidden_states, *args, **kwargs):
+    """The layer's forward with the post-attention add fused into its norm."""
+    if args:  # positional extras: the original forward knows where they go
+        return self._unfused_forward(hidden_states, *args, **kwargs)
+    if "past_key_values" in kwargs:  # the name the layer's deprecation shim maps to ``cache``
+        kwargs["cache"] = kwargs.pop("past_key_values")
+    residual = hidden_states
+    attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+    normed, residual = self.post_attention_layernorm(attended, residual)
+    return residual + self.mlp(normed)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_class(cls: type) -> type:
+    return type(f"Fused{cls.__name__}", (cls,), {"forward": _fused_forward, "_unfused_forward": cls.forward,
+                                                  "__module__": cls.__module__})
+
+
+def _fused_norm(norm: nn.Module, recipe) -> FusedAddRMSNorm:
+    casting, offset, eps = recipe
+    fused = FusedAddRMSNorm.__new__(FusedAddRMSNorm)
+    nn.Module.__init__(fused)
+    fused.hidden_size = norm.weight.shape[0]
+    fused.eps, fused.casting, fused.weight_offset = eps, casting, offset
+    fused.weight = norm.weight  # the same Parameter object
+    fused.train(norm.training)
+    fused._init_block()
+    return fused
+
+
+def fuse_decoder_layers(model: nn.Module) -> int:
+    """Fuse every pre-norm decoder layer of ``model`` in place; returns how many were fused."""
+    count = 0
+    for layer in list(model.modules()):
+        if isinstance(layer, FusedAddRMSNorm) or type(layer).__name__.startswith("Fused"):
+            continue
+        if not _is_pre_norm_layer(layer):
+            continue
+        recipes = [_recipe(layer.input_layernorm), _recipe(layer.post_attention_layernorm)]
+        if None in recipes:
+            continue
+        layer.input_layernorm = _fused_norm(layer.input_layernorm, recipes[0])
+        layer.post_attention_layernorm = _fused_norm(layer.post_attention_layernorm, recipes[1])
+        layer.__class__ = _fused_class(type(layer))
+        count += 1
+    return count

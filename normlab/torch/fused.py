@@ -1,0 +1,324 @@
+"""Fused norm blocks as torch modules: residual add, gated and modulated norms.
+
+Each block is one :func:`fused_normalize` call: on CPU float32/float64 tensors an
+``autograd.Function`` runs the fused kernels of :mod:`normlab.kernels.fused` forward and
+backward (one pass over memory each way); elsewhere (bfloat16, float16, other devices)
+the same block is written in torch operations with the module's **casting recipe**:
+
+* ``"llama"``: statistics and ``x̂`` in float32, ``x̂`` cast to the input dtype, then the
+  weight and everything after it in that dtype (LlamaRMSNorm; also torch's own norms
+  followed by a modulation, as diffusers' AdaLN-Zero);
+* ``"gemma"``: everything in float32, cast once at the end (GemmaRMSNorm, mamba_ssm's
+  gated norm); Gemma's ``1 + weight`` is ``weight_offset=1.0``, a separate option;
+* ``"none"``: everything in the input dtype.
+
+On the kernel path the recipes coincide: the math runs in float64 and rounds once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from normlab import fused
+from normlab.plan import make_plan
+
+__all__ = ["CASTINGS", "fused_normalize", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm"]
+
+CASTINGS = ("llama", "gemma", "none")
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Block:
+    """The fixed part of a fused call: the pattern and every option but the tensors."""
+
+    pattern: str
+    params: Optional[str] = None
+    modulation: Optional[str] = None
+    sizes: tuple = ()
+    eps: float = 1e-5
+    rms: bool = False
+    gate_activation: str = "silu"
+    norm_before_gate: bool = True
+    weight_offset: float = 0.0
+    casting: str = "gemma"
+
+    def __post_init__(self):
+        if self.casting not in CASTINGS:
+            raise ValueError(f"casting must be one of {', '.join(CASTINGS)}, got {self.casting!r}")
+        if self.gate_activation not in fused.GATE_ACTIVATIONS:
+            raise ValueError(f"gate_activation must be one of {', '.join(fused.GATE_ACTIVATIONS)}, "
+                             f"got {self.gate_activation!r}")
+
+    def keywords(self) -> dict:
+        return dict(params=self.params, modulation=self.modulation, eps=self.eps, rms=self.rms,
+                    gate_activation=self.gate_activation, norm_before_gate=self.norm_before_gate,
+                    weight_offset=self.weight_offset, **dict(self.sizes))
+
+
+def _numpy(t: Optional[Tensor]):
+    return None if t is None else t.detach().numpy()
+
+
+def _tensor(a) -> Optional[Tensor]:
+    return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+
+
+class _FusedFunction(torch.autograd.Function):
+    """Forward and backward through :mod:`normlab.fused` (the fused kernels)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, gate, weight, bias, scale, shift, block: Block):
+        result = fused.normalize(_numpy(x), block.pattern, weight=_numpy(weight), bias=_numpy(bias),
+                                 residual=_numpy(residual), gate=_numpy(gate), scale=_numpy(scale),
+                                 shift=_numpy(shift), return_stats=True, **block.keywords())
+        if residual is not None:
+            y, total, mean, rstd = result
+            total = _tensor(total)
+        else:
+            (y, mean, rstd), total = result, x
+        ctx.block = block
+        ctx.has = tuple(t is not None for t in (residual, gate, weight, bias, scale, shift))
+        ctx.save_for_backward(total, gate, weight, bias, scale, shift, _tensor(rstd),
+                              _tensor(mean) if mean is not None else None)
+        y = _tensor(y)
+        if residual is not None:
+            return y, total
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_total=None):
+        total, gate, weight, bias, scale, shift, rstd, mean = ctx.saved_tensors
+        block = ctx.block
+        has_residual, _, _, has_bias, _, _ = ctx.has
+        grads = fused.normalize_backward(
+            grad_y.numpy(), total.numpy(), block.pattern, weight=_numpy(weight), bias=_numpy(bias),
+            gate=_numpy(gate), scale=_numpy(scale), shift=_numpy(shift),
+            grad_sum=_numpy(grad_total) if has_residual else None, mean=_numpy(mean), rstd=_numpy(rstd),
+            **dict(block.keywords(), params=block.params if (weight is not None or has_bias) else None))
+        grad_x = _tensor(grads.x)
+        return (grad_x, grad_x if has_residual else None, _tensor(grads.gate), _tensor(grads.weight),
+                _tensor(grads.bias) if has_bias else None, _tensor(grads.scale), _tensor(grads.shift), None)
+
+
+def _use_kernels(*tensors) -> bool:
+    present = [t for t in tensors if t is not None]
+    return (all(t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES for t in present)
+            and len({t.dtype for t in present[:3]}) == 1 and not torch.compiler.is_compiling())
+
+
+_ACTIVATIONS = {"silu": torch.nn.functional.silu, "sigmoid": torch.sigmoid, "gelu": torch.nn.functional.gelu}
+
+
+def _broadcast(param: Tensor, plan, axes_plan) -> Tensor:
+    """A parameter of ``axes_plan.param_shape`` laid out against the expanded view."""
+    split = param.reshape(tuple(plan.axis_sizes[i] for i in axes_plan.param_axes))
+    order = sorted(range(len(axes_plan.param_axes)), key=lambda k: axes_plan.param_axes[k])
+    return split.permute(order).reshape(axes_plan.param_broadcast_shape)
+
+
+def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
+    """The block in torch operations, following ``block.casting``."""
+    dtype = x.dtype
+    total = x + residual if residual is not None else x
+    compute = dtype if block.casting == "none" else torch.promote_types(dtype, torch.float32)
+    plan = make_plan(block.pattern, tuple(x.shape), block.params, **dict(block.sizes))
+    h = total.to(compute)
+    phi = _ACTIVATIONS[block.gate_activation](gate.to(compute)) if gate is not None else None
+    if gate is not None and not block.norm_before_gate:
+        h = h * phi
+    view = h.reshape(plan.axis_sizes)
+    axes = plan.reduced_axes
+    if block.rms:
+        h_hat = view * torch.rsqrt(view.pow(2).mean(dim=axes, keepdim=True) + block.eps)
+    else:
+        var, mean = torch.var_mean(view, dim=axes, keepdim=True, correction=0)
+        h_hat = (view - mean) * torch.rsqrt(var + block.eps)
+    work = dtype if block.casting == "llama" else compute
+    y = h_hat.to(work)
+    if weight is not None:
+        w = _broadcast(weight, plan, plan)
+        w = w.to(work) if block.casting != "llama" else w
+        y = (w + block.weight_offset if block.weight_offset else w) * y
+    if scale is not None or shift is not None:
+        mod_plan = make_plan(block.pattern, tuple(x.shape), block.modulation, **dict(block.sizes))
+        if scale is not None:
+            y = y * (1 + _broadcast(scale, plan, mod_plan).to(work))
+        if shift is not None:
+            y = y + _broadcast(shift, plan, mod_plan).to(work)
+    if bias is not None:
+        y = y + _broadcast(bias, plan, plan).to(work)
+    if gate is not None and block.norm_before_gate:
+        y = y * phi.reshape(plan.axis_sizes).to(work)
+    y = y.reshape(x.shape).to(dtype)
+    return (y, total) if residual is not None else y
+
+
+def fused_normalize(x: Tensor, block: Block, *, residual=None, gate=None, weight=None, bias=None, scale=None,
+                    shift=None):
+    """The fused block ``block`` on tensors, differentiable: the fused kernels on CPU
+    float32/float64, the composite with the block's casting recipe elsewhere.
+    Returns ``y``, or ``(y, x + residual)`` with a residual.
+
+    >>> x = torch.tensor([[3.0, 4.0]], requires_grad=True)
+    >>> y, total = fused_normalize(x, Block("b [d]", rms=True, eps=0.0), residual=torch.zeros(1, 2))
+    >>> [round(v, 4) for v in y[0].tolist()], total.tolist()
+    ([0.8485, 1.1314], [[3.0, 4.0]])
+    """
+    tensors = (x, residual, gate, weight, bias, scale, shift)
+    if _use_kernels(*tensors):
+        return _FusedFunction.apply(*tensors, block)
+    return _composite(*tensors, block)
+
+
+# ---------------------------------------------------------------------------------------
+# Modules
+
+
+def _trailing(normalized_shape) -> tuple[str, str, tuple]:
+    """Pattern, params and sizes normalizing the trailing ``normalized_shape``."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    names = [f"n{i}" for i in range(len(shape))]
+    return "... [" + " ".join(names) + "]", " ".join(names), tuple(zip(names, (int(s) for s in shape)))
+
+
+class FusedAddRMSNorm(nn.Module):
+    """Residual add and RMS norm in one pass: ``forward(x, residual) -> (norm(x + residual), x + residual)``
+    (``forward(x)`` alone is a plain RMS norm), as vLLM's and Liger's fused RMS norms.
+
+    ``casting`` picks the recipe (see the module docstring); Gemma is
+    ``casting="gemma", weight_offset=1.0`` with the weight initialized to zeros.
+
+    >>> m = FusedAddRMSNorm(2, eps=0.0)
+    >>> y, total = m(torch.tensor([[1., 4.]]), torch.tensor([[2., 0.]]))
+    >>> [round(v, 4) for v in y[0].tolist()], total.tolist()
+    ([0.8485, 1.1314], [[3.0, 4.0]])
+    """
+
+    def __init__(self, hidden_size, eps: float = 1e-6, casting: str = "llama", weight_offset: float = 0.0,
+                 device=None, dtype=None):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.casting = casting
+        self.weight_offset = float(weight_offset)
+        init = torch.zeros if self.weight_offset else torch.ones
+        shape = (hidden_size,) if isinstance(hidden_size, int) else tuple(hidden_size)
+        self.weight = nn.Parameter(init(shape, device=device, dtype=dtype))
+        self._init_block()
+
+    def _init_block(self) -> None:
+        pattern, params, sizes = _trailing(self.weight.shape)
+        self._block = Block(pattern, params, sizes=sizes, eps=float(self.eps), rms=True, casting=self.casting,
+                            weight_offset=self.weight_offset)
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        return fused_normalize(x, self._block, residual=residual, weight=self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, casting={self.casting!r}" + (
+            f", weight_offset={self.weight_offset}" if self.weight_offset else "")
+
+
+class FusedAddLayerNorm(nn.LayerNorm):
+    """``torch.nn.LayerNorm`` with a fused residual add: ``forward(x, residual) ->
+    (layer_norm(x + residual), x + residual)``; ``forward(x)`` is the plain layer norm.
+    Same constructor, parameters and ``state_dict`` as ``torch.nn.LayerNorm``.
+
+    >>> m = FusedAddLayerNorm(3)
+    >>> y, total = m(torch.tensor([[3., 3., 3.]]), torch.tensor([[1., 0., -1.]]))
+    >>> [round(v, 4) for v in y[0].tolist()], total.tolist()
+    ([1.2247, 0.0, -1.2247], [[4.0, 3.0, 2.0]])
+    """
+
+    def __init__(self, *args, casting: str = "gemma", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.casting = casting
+        self._init_block()
+
+    def _init_block(self) -> None:
+        pattern, params, sizes = _trailing(self.normalized_shape)
+        self._block = Block(pattern, params, sizes=sizes, eps=float(self.eps), casting=self.casting)
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        return fused_normalize(x, self._block, residual=residual, weight=self.weight, bias=self.bias)
+
+
+class GatedRMSNorm(nn.Module):
+    """Gated RMS norm of Mamba2 and GatedDeltaNet with mamba_ssm's ``RMSNormGated``
+    semantics: ``norm(x)·w·silu(z)`` (``norm_before_gate=True``) or ``norm(x·silu(z))·w``
+    (``False``), each group of ``group_size`` channels with its own statistics
+    (``"... (g [c])"``; the groups are never collapsed into one). ``forward(x, z=None)``.
+
+    >>> m = GatedRMSNorm(4, group_size=2, eps=0.0)
+    >>> [round(v, 4) for v in m(torch.tensor([[3., 4., 1., 1.]]))[0].tolist()]
+    [0.8485, 1.1314, 1.0, 1.0]
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: Optional[int] = None,
+                 norm_before_gate: bool = True, gate_activation: str = "silu", casting: str = "gemma", device=None,
+                 dtype=None):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.group_size = hidden_size if group_size is None else group_size
+        if hidden_size % self.group_size:
+            raise ValueError(f"group_size={self.group_size} must divide hidden_size={hidden_size}")
+        self.norm_before_gate = norm_before_gate
+        self.gate_activation = gate_activation
+        self.casting = casting
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.register_parameter("bias", None)
+        self._block = Block("... (g [c])", "(g c)", sizes=(("c", self.group_size),), eps=float(eps), rms=True,
+                            gate_activation=gate_activation, norm_before_gate=norm_before_gate, casting=casting)
+
+    def forward(self, x: Tensor, z: Optional[Tensor] = None) -> Tensor:
+        return fused_normalize(x, self._block, gate=z, weight=self.weight)
+
+    def extra_repr(self) -> str:
+        return (f"{self.hidden_size}, eps={self.eps}, group_size={self.group_size}, "
+                f"norm_before_gate={self.norm_before_gate}")
+
+
+class AdaLayerNorm(nn.Module):
+    """DiT's AdaLN-Zero, as diffusers' ``AdaLayerNormZero`` (same ``linear`` parameters and
+    ``state_dict`` keys, same outputs): ``emb`` gives six chunks through ``linear(silu(emb))``;
+    the input is layer-normalized (no affine, ``eps=1e-6``) and modulated in one pass,
+    ``norm(x)·(1 + scale_msa) + shift_msa``. Returns ``(x, gate_msa, shift_mlp, scale_mlp, gate_mlp)``.
+
+    Only ``num_embeddings=None`` (the embedding comes in as ``emb``) is supported.
+
+    >>> m = AdaLayerNorm(4)
+    >>> out = m(torch.randn(2, 3, 4), emb=torch.randn(2, 4))
+    >>> [tuple(t.shape) for t in out]
+    [(2, 3, 4), (2, 4), (2, 4), (2, 4), (2, 4)]
+    """
+
+    def __init__(self, embedding_dim: int, num_embeddings: Optional[int] = None, norm_type: str = "layer_norm",
+                 bias: bool = True, casting: str = "llama"):
+        super().__init__()
+        if num_embeddings is not None:
+            raise ValueError("AdaLayerNorm computes from a given emb; num_embeddings (diffusers' timestep and "
+                             "label embedding) is not supported: pass num_embeddings=None and emb=")
+        if norm_type not in ("layer_norm", "fp32_layer_norm"):
+            raise ValueError(f"Unsupported `norm_type` ({norm_type}) provided. Supported ones are: 'layer_norm', "
+                             "'fp32_layer_norm'.")
+        self.emb = None
+        self.silu = nn.SiLU()
+        self.linear = nn.Linear(embedding_dim, 6 * embedding_dim, bias=bias)
+        self.embedding_dim = embedding_dim
+        self._block = Block("b t [d]", modulation="b d", eps=1e-6 if norm_type == "layer_norm" else 1e-5,
+                            casting="gemma" if norm_type == "fp32_layer_norm" else casting)
+
+    def forward(self, x: Tensor, timestep=None, class_labels=None, hidden_dtype=None, emb: Optional[Tensor] = None):
+        if emb is None:
+            raise ValueError("AdaLayerNorm needs emb= (the conditioning embedding, shape (batch, embedding_dim))")
+        emb = self.linear(self.silu(emb))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+        y = fused_normalize(x, self._block, scale=scale_msa, shift=shift_msa)
+        return y, gate_msa, shift_mlp, scale_mlp, gate_mlp

@@ -1,0 +1,250 @@
+"""Fused blocks of the NumPy API (residual, gate, modulation, weight offset) against torch.
+
+Oracle: the block written from its definition in torch operations (float64), and torch
+autograd on that composite for every gradient. Nothing here compares with our own output.
+"""
+
+import numpy as np
+import pytest
+
+import normlab
+from normlab.errors import NormlabError
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+ACTIVATIONS = {"silu": F.silu, "sigmoid": torch.sigmoid, "gelu": F.gelu}
+
+
+def torch_block(x, pattern_axes, *, residual=None, gate=None, activation="silu", norm_before_gate=True,
+                weight=None, bias=None, offset=0.0, scale=None, shift=None, rms=False, eps=1e-5, groups=None):
+    """The fused block in torch ops on (b, t, d) tensors; groups splits d as '(g [c])'."""
+    total = x + residual if residual is not None else x
+    h = total
+    phi = ACTIVATIONS[activation](gate) if gate is not None else None
+    if gate is not None and not norm_before_gate:
+        h = h * phi
+    shape = h.shape
+    if groups:
+        h = h.reshape(*shape[:-1], groups, shape[-1] // groups)
+    if rms:
+        h_hat = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)
+    else:
+        var, mean = torch.var_mean(h, dim=-1, keepdim=True, correction=0)
+        h_hat = (h - mean) * torch.rsqrt(var + eps)
+    y = h_hat.reshape(shape)
+    if weight is not None:
+        y = y * (weight + offset)
+    if scale is not None:
+        y = y * (1 + scale[:, None, :])
+    if shift is not None:
+        y = y + shift[:, None, :]
+    if bias is not None:
+        y = y + bias
+    if gate is not None and norm_before_gate:
+        y = y * phi
+    return y, total
+
+
+CASES = {
+    "residual rms": dict(residual=True, weight=True, rms=True),
+    "residual layer norm with bias": dict(residual=True, weight=True, bias=True),
+    "gemma offset": dict(residual=True, weight=True, offset=1.0, rms=True),
+    "silu gate after norm": dict(gate="silu", weight=True, bias=True, rms=True),
+    "silu gate before norm": dict(gate="silu", weight=True, rms=True, norm_before_gate=False),
+    "sigmoid gate after layer norm": dict(gate="sigmoid", weight=True, bias=True),
+    "gelu gate before layer norm": dict(gate="gelu", weight=True, bias=True, norm_before_gate=False),
+    "grouped silu gate, 4 groups": dict(gate="silu", weight=True, rms=True, groups=4),
+    "grouped gate before norm, 2 groups": dict(gate="silu", weight=True, rms=True, groups=2,
+                                               norm_before_gate=False),
+    "adaln modulation": dict(scale=True, shift=True),
+    "modulation with weight, bias and residual": dict(scale=True, shift=True, weight=True, bias=True,
+                                                      residual=True),
+    "everything": dict(residual=True, gate="gelu", scale=True, shift=True, weight=True, bias=True, offset=0.5),
+}
+
+
+def _arrays(case, shape, seed):
+    rng = np.random.default_rng(seed)
+    b, t, d = shape
+    arrays = {"x": rng.normal(size=shape) * 2 + 1}
+    if case.get("residual"):
+        arrays["residual"] = rng.normal(size=shape)
+    if case.get("gate"):
+        arrays["gate"] = rng.normal(size=shape) * 2
+    if case.get("weight"):
+        arrays["weight"] = rng.normal(size=d)
+    if case.get("bias"):
+        arrays["bias"] = rng.normal(size=d)
+    if case.get("scale"):
+        arrays["scale"] = rng.normal(size=(b, d)) * 0.5
+    if case.get("shift"):
+        arrays["shift"] = rng.normal(size=(b, d))
+    return arrays
+
+
+def _normlab_kwargs(case, arrays):
+    groups = case.get("groups")
+    pattern = "b t (g [c])" if groups else "b t [d]"
+    kwargs = dict(rms=case.get("rms", False), eps=1e-5)
+    if groups:
+        kwargs["g"] = groups
+    for name in ("residual", "gate", "weight", "bias", "scale", "shift"):
+        if name in arrays:
+            kwargs[name] = arrays[name]
+    if case.get("gate"):
+        kwargs.update(gate_activation=case["gate"], norm_before_gate=case.get("norm_before_gate", True))
+    if "weight" in arrays or "bias" in arrays:
+        kwargs["params"] = "(g c)" if groups else "d"
+    if "scale" in arrays or "shift" in arrays:
+        kwargs["modulation"] = "b (g c)" if groups else "b d"
+    if case.get("offset"):
+        kwargs["weight_offset"] = case["offset"]
+    return pattern, kwargs
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_block_and_every_gradient_match_torch_autograd_on_the_composite(name, backend):
+    case = CASES[name]
+    shape = (2, 5, 16)
+    arrays = _arrays(case, shape, seed=len(name))
+    pattern, kwargs = _normlab_kwargs(case, arrays)
+    tensors = {k: torch.tensor(v, requires_grad=True) for k, v in arrays.items()}
+    y_t, total_t = torch_block(tensors["x"], None, residual=tensors.get("residual"), gate=tensors.get("gate"),
+                               activation=case.get("gate") or "silu",
+                               norm_before_gate=case.get("norm_before_gate", True),
+                               weight=tensors.get("weight"), bias=tensors.get("bias"),
+                               offset=case.get("offset", 0.0), scale=tensors.get("scale"),
+                               shift=tensors.get("shift"), rms=case.get("rms", False), groups=case.get("groups"))
+    rng = np.random.default_rng(7)
+    grad_y = rng.normal(size=shape)
+    grad_sum = rng.normal(size=shape) if case.get("residual") else None
+    loss = (y_t * torch.tensor(grad_y)).sum()
+    if grad_sum is not None:
+        loss = loss + (total_t * torch.tensor(grad_sum)).sum()
+    loss.backward()
+
+    result = normlab.normalize(arrays["x"], pattern, backend=backend, **kwargs)
+    if case.get("residual"):
+        y, total = result
+        np.testing.assert_allclose(total, total_t.detach().numpy(), rtol=0, atol=0)
+    else:
+        y = result
+    np.testing.assert_allclose(y, y_t.detach().numpy(), rtol=1e-10, atol=1e-10)
+
+    grads = normlab.normalize_backward(grad_y, arrays["x"], pattern, backend=backend, grad_sum=grad_sum, **kwargs)
+    for field in ("x", "residual", "gate", "weight", "bias", "scale", "shift"):
+        if field in tensors:
+            np.testing.assert_allclose(getattr(grads, field), tensors[field].grad.numpy(), rtol=1e-9, atol=1e-9,
+                                       err_msg=field)
+        elif field not in ("x", "bias"):  # a bias gradient comes with params, as in normalize_backward
+            assert getattr(grads, field) is None, field
+
+
+# ---------------------------------------------------------------------------------------
+# The numerics contract, through the fused blocks
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_constant_sum_normalizes_to_exactly_shift_plus_bias(backend):
+    x = np.array([[[5.0, 1.0, 2.0, 0.5]]], dtype=np.float32)
+    residual = np.float32(7.0) - x  # x + r == 7 everywhere
+    bias = np.array([0.25, -1.0, 0.0, 3.0], np.float32)
+    shift = np.array([[0.5, 0.5, -0.25, 1.0]], np.float32)
+    y, total = normlab.normalize(x, "b t [d]", residual=residual, weight=np.full(4, 3.0, np.float32),
+                                 bias=bias, params="d", scale=np.ones((1, 4), np.float32), shift=shift,
+                                 modulation="b d", backend=backend)
+    assert (total == 7.0).all()
+    assert (y[0, 0] == (shift[0].astype(np.float64) + bias).astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_symmetric_sum_has_an_exact_zero_middle_and_opposite_ends(backend):
+    x = np.array([[1.0, 3.0, 0.5]], np.float32)
+    y, _ = normlab.normalize(x, "b [d]", residual=np.array([[3.0, 0.0, 1.5]], np.float32), backend=backend)
+    assert y[0, 1] == 0.0 and y[0, 0] == -y[0, 2]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_large_offset_sum_stays_within_1e_4_of_float64(backend):
+    rng = np.random.default_rng(0)
+    x = np.full((4, 256), 1e6, np.float32)
+    residual = rng.normal(size=(4, 256)).astype(np.float32)
+    y, total = normlab.normalize(x, "b [d]", residual=residual, backend=backend)
+    t64 = torch.tensor(total.astype(np.float64))
+    expected = torch.nn.functional.layer_norm(t64, (256,), eps=1e-5).numpy()
+    assert np.abs(y - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_nan_in_residual_stays_in_its_row_forward_and_backward(backend):
+    rng = np.random.default_rng(1)
+    x, r, z = (rng.normal(size=(3, 8)) for _ in range(3))
+    r[1, 2] = np.nan
+    kwargs = dict(residual=r, gate=z, weight=np.ones(8), params="d", backend=backend)
+    y, _ = normlab.normalize(x, "b [d]", **kwargs)
+    grads = normlab.normalize_backward(np.ones_like(x), x, "b [d]", **kwargs)
+    for array in (y, grads.x, grads.gate):
+        assert np.isnan(array[1]).any() and np.isfinite(array[[0, 2]]).all()
+
+
+def test_fused_kernels_give_the_same_bits_on_one_and_two_threads(monkeypatch):
+    numba = pytest.importorskip("numba")
+    from normlab import kernels
+
+    monkeypatch.setattr(kernels, "SERIAL_BELOW", 0)  # force the threaded kernels
+    rng = np.random.default_rng(2)
+    shape = (4, 33, 40)
+    arrays = dict(x=rng.normal(size=shape).astype(np.float32), residual=rng.normal(size=shape).astype(np.float32),
+                  gate=rng.normal(size=shape).astype(np.float32), weight=rng.normal(size=40).astype(np.float32),
+                  bias=rng.normal(size=40).astype(np.float32), scale=rng.normal(size=(4, 40)).astype(np.float32))
+    grad_y = rng.normal(size=shape).astype(np.float32)
+    kwargs = {k: v for k, v in arrays.items() if k != "x"}
+
+    def run():
+        y, total = normlab.normalize(arrays["x"], "b t [d]", params="d", modulation="b d", backend="numba",
+                                     **kwargs)
+        g = normlab.normalize_backward(grad_y, arrays["x"], "b t [d]", params="d", modulation="b d",
+                                       backend="numba", grad_sum=grad_y, **kwargs)
+        return [y, total, g.x, g.gate, g.weight, g.bias, g.scale]
+
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = run()
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        two = run()
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_fused_normalize_leaves_its_inputs_unmodified(backend):
+    rng = np.random.default_rng(3)
+    arrays = dict(residual=rng.normal(size=(2, 6)), gate=rng.normal(size=(2, 6)), weight=rng.normal(size=6))
+    x = rng.normal(size=(2, 6))
+    copies = {k: v.copy() for k, v in arrays.items()}
+    x_copy = x.copy()
+    normlab.normalize(x, "b [d]", params="d", backend=backend, **arrays)
+    normlab.normalize_backward(np.ones_like(x), x, "b [d]", params="d", backend=backend, grad_sum=np.ones_like(x),
+                               **arrays)
+    assert (x == x_copy).all() and all((arrays[k] == copies[k]).all() for k in arrays)
+
+
+@pytest.mark.parametrize("kwargs, kind, words", [
+    (dict(gate=np.ones((2, 3))), "ShapeError", ["'b t [d]'", "(2, 4, 5)", "gate", "(2, 3)"]),
+    (dict(gate=np.ones((2, 4, 5)), gate_activation="relu"), "InputError", ["silu", "'relu'"]),
+    (dict(scale=np.ones((2, 5))), "ParamsError", ["modulation", "'b t [d]'"]),
+    (dict(scale=np.ones((2, 4)), modulation="b d"), "ParamsError", ["modulation='b d'", "(2, 5)", "(2, 4)"]),
+    (dict(weight_offset=1.0), "ParamsError", ["weight_offset", "weight="]),
+    (dict(residual=np.ones((4, 5))), "ShapeError", ["residual", "(4, 5)", "(2, 4, 5)"]),
+])
+def test_bad_fused_arguments_fail_with_a_clear_value_error(kwargs, kind, words):
+    with pytest.raises(NormlabError) as info:
+        normlab.normalize(np.ones((2, 4, 5)), "b t [d]", **kwargs)
+    assert isinstance(info.value, ValueError) and type(info.value).__name__ == kind
+    for word in words:
+        assert word in str(info.value)

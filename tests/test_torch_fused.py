@@ -1,0 +1,200 @@
+"""Fused torch blocks against the classes they replace: transformers' LlamaRMSNorm,
+GemmaRMSNorm, MambaRMSNormGated, FalconH1RMSNormGated and LlamaDecoderLayer (built from
+config, random weights), diffusers' AdaLayerNormZero, torch.nn.LayerNorm, and mamba_ssm's
+``rms_norm_ref`` mirrored from its source (mamba_ssm needs CUDA and Triton). Gradients
+are compared with torch autograd through those classes."""
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+F = torch.nn.functional
+
+from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1RMSNormGated  # noqa: E402
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
+from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated  # noqa: E402
+
+from normlab.torch import AdaLayerNorm, FusedAddLayerNorm, FusedAddRMSNorm, GatedRMSNorm, convert  # noqa: E402
+
+
+def _randomize(module, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
+    return module
+
+
+def _grads(outputs, inputs, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=gen)).sum() for o in outputs)
+    return torch.autograd.grad(loss, inputs)
+
+
+def _leaves(*shapes, dtype, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(s, generator=gen) * 2).to(dtype).requires_grad_() for s in shapes]
+
+
+# float32 runs the kernels (float64 math, one rounding), HF rounds twice in float32:
+# within a few ulps. bfloat16 runs the composite with the same recipe: identical bits.
+TOLERANCE = {torch.float32: dict(rtol=2e-6, atol=2e-6), torch.bfloat16: dict(rtol=0, atol=0)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_fused_add_rms_norm_matches_hf_norm_after_the_add_with_its_casting_recipe(family, dtype):
+    hf = _randomize(LlamaRMSNorm(64, eps=1e-6) if family == "llama" else GemmaRMSNorm(64, eps=1e-6)).to(dtype)
+    ours = FusedAddRMSNorm(64, eps=1e-6, casting=family, weight_offset=1.0 if family == "gemma" else 0.0).to(dtype)
+    ours.load_state_dict(hf.state_dict())
+    x, r = _leaves((3, 5, 64), (3, 5, 64), dtype=dtype)
+    y, total = ours(x, r)
+    expected_total = x + r
+    expected = hf(expected_total)
+    assert torch.equal(total, expected_total)
+    torch.testing.assert_close(y, expected, **TOLERANCE[dtype])
+    got = _grads([y, total], [x, r, ours.weight])
+    want = _grads([expected, expected_total], [x, r, hf.weight])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **(TOLERANCE[dtype] if dtype == torch.bfloat16 else dict(rtol=1e-5,
+                                                                                                 atol=1e-5)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_add_layer_norm_matches_torch_layer_norm_of_the_sum(dtype):
+    ref = _randomize(torch.nn.LayerNorm(32)).to(dtype)
+    ours = FusedAddLayerNorm(32).to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    x, r = _leaves((4, 6, 32), (4, 6, 32), dtype=dtype)
+    y, total = ours(x, r)
+    expected = ref(x + r)
+    torch.testing.assert_close(y, expected)
+    for a, b in zip(_grads([y, total], [x, r, ours.weight, ours.bias]),
+                    _grads([expected, x + r], [x, r, ref.weight, ref.bias])):
+        torch.testing.assert_close(a, b)
+
+
+def mamba_rms_norm_ref(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True, upcast=True):
+    """mamba_ssm/ops/triton/layernorm_gated.py ``rms_norm_ref``, mirrored line by line
+    (einops' rearrange written as reshape)."""
+    dtype = x.dtype
+    weight = weight.float()
+    bias = bias.float() if bias is not None else None
+    if upcast:
+        x = x.float()
+        z = z.float() if z is not None else z
+    if z is not None and not norm_before_gate:
+        x = x * F.silu(z)
+    if group_size is None:
+        rstd = 1 / torch.sqrt((x.square()).mean(dim=-1, keepdim=True) + eps)
+        out = (x * rstd * weight) + bias if bias is not None else (x * rstd * weight)
+    else:
+        x_group = x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+        rstd = 1 / torch.sqrt((x_group.square()).mean(dim=-1, keepdim=True) + eps)
+        out = (x_group * rstd).reshape(x.shape) * weight
+        if bias is not None:
+            out = out + bias
+    if z is not None and norm_before_gate:
+        out *= F.silu(z)
+    return out.to(dtype)
+
+
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_gated_rms_norm_matches_mamba_ssm_reference_for_both_gate_positions(norm_before_gate, group_size):
+    ours = _randomize(GatedRMSNorm(64, eps=1e-5, group_size=group_size, norm_before_gate=norm_before_gate))
+    x, z = _leaves((2, 7, 64), (2, 7, 64), dtype=torch.float32)
+    y = ours(x, z)
+    expected = mamba_rms_norm_ref(x, ours.weight, None, z, eps=1e-5, group_size=group_size,
+                                  norm_before_gate=norm_before_gate)
+    torch.testing.assert_close(y, expected, rtol=2e-6, atol=2e-6)
+    for a, b in zip(_grads([y], [x, z, ours.weight]), _grads([expected], [x, z, ours.weight])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_rms_norm_keeps_groups_apart_as_hf_mamba2_and_falcon_h1_do(dtype):
+    x, z = _leaves((2, 5, 64), (2, 5, 64), dtype=dtype)
+    mamba = _randomize(MambaRMSNormGated(64, group_size=16, eps=1e-6)).to(dtype)
+    ours = GatedRMSNorm(64, eps=1e-6, group_size=16, norm_before_gate=False, casting="llama").to(dtype)
+    ours.load_state_dict(mamba.state_dict())
+    torch.testing.assert_close(ours(x, z), mamba(x, z), **TOLERANCE[dtype])
+    for before in (True, False):
+        falcon = _randomize(FalconH1RMSNormGated(64, eps=1e-6, n_groups=4, norm_before_gate=before)).to(dtype)
+        ours = GatedRMSNorm(64, eps=1e-6, group_size=16, norm_before_gate=before, casting="gemma").to(dtype)
+        ours.load_state_dict(falcon.state_dict())
+        torch.testing.assert_close(ours(x, z), falcon(x, z), **TOLERANCE[dtype])
+
+
+def _diffusers_ada_norm():
+    diffusers = pytest.importorskip("diffusers.models.normalization")
+    return diffusers.AdaLayerNormZero
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ada_layer_norm_matches_diffusers_ada_layer_norm_zero(dtype):
+    reference = _randomize(_diffusers_ada_norm()(48)).to(dtype)
+    ours = AdaLayerNorm(48).to(dtype)
+    assert ours.state_dict().keys() == reference.state_dict().keys()
+    ours.load_state_dict(reference.state_dict())
+    x, emb = _leaves((3, 10, 48), (3, 48), dtype=dtype)
+    got, want = ours(x, emb=emb), reference(x, emb=emb)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tolerance)
+    inputs_ours = [x, emb, ours.linear.weight, ours.linear.bias]
+    inputs_ref = [x, emb, reference.linear.weight, reference.linear.bias]
+    for a, b in zip(_grads(got, inputs_ours), _grads(want, inputs_ref)):
+        torch.testing.assert_close(a, b, **(dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else
+                                            dict(rtol=5e-2, atol=5e-2)))
+
+
+def _llama_model(family, dtype):
+    if family == "llama":
+        from transformers import LlamaConfig, LlamaModel
+
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                             num_hidden_layers=2, vocab_size=50)
+        model = LlamaModel(config)
+    else:
+        from transformers import GemmaConfig, GemmaModel
+
+        config = GemmaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                             num_hidden_layers=2, vocab_size=50, head_dim=16)
+        model = GemmaModel(config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_convert_fuse_keeps_decoder_outputs_gradients_and_state_dict(family, dtype):
+    model = _llama_model(family, dtype)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = convert(copy.deepcopy(model), fuse=True)
+    layer = fused.layers[0]
+    assert type(layer).__name__.startswith("Fused")
+    assert isinstance(layer.post_attention_layernorm, FusedAddRMSNorm)
+    assert fused.state_dict().keys() == state.keys()
+    assert all(torch.equal(fused.state_dict()[k], v) for k, v in state.items())
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(4))
+    want = model(ids).last_hidden_state
+    got = fused(ids).last_hidden_state
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=0)
+    torch.testing.assert_close(got, want, **tolerance)
+    grads_got = _grads([got], [fused.layers[0].post_attention_layernorm.weight, fused.layers[1].mlp.up_proj.weight])
+    grads_want = _grads([want], [model.layers[0].post_attention_layernorm.weight, model.layers[1].mlp.up_proj.weight])
+    for a, b in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, b, **(dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else tolerance))
+
+
+def test_convert_fuse_leaves_layers_of_another_structure_alone():
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, norm_first=True)
+    converted = convert(torch.nn.Sequential(layer), fuse=True)
+    assert type(converted[0]) is torch.nn.TransformerEncoderLayer
