@@ -4,7 +4,8 @@ This module checks and prepares the arguments, builds the plan and hands the arr
 backend. It holds no math. Backends:
 
 * ``"numba"``: the fused kernels of :mod:`normlab.kernels` (input cast to float32 for
-  float16, to float64 for integers); a plan with no canonical view goes to the reference.
+  float16, to float64 for integers; float16 results are written in float64 and rounded
+  once, as the reference rounds them); a plan with no canonical view goes to the reference.
 * ``"numpy"``: :mod:`normlab.reference`, always.
 * ``"auto"`` (the default, also ``None``): ``"numba"`` for float16/32/64 input when Numba
   imports, otherwise ``"numpy"``.
@@ -81,8 +82,22 @@ def _suggest_params(plan: Plan, shape: tuple[int, ...]) -> str:
     return " or ".join(f"params={f}" for f in found[:3])
 
 
+def reject_masked(value, name: str, context: str) -> None:
+    """Refuse a masked array with masked elements: ``np.asarray`` would drop its mask
+    silently and the masked values would enter the statistics. ``context`` opens the
+    message (the pattern and the input shape)."""
+    if isinstance(value, np.ma.MaskedArray) and np.ma.getmask(value) is not np.ma.nomask and value.mask.any():
+        raise InputError(
+            f"{context}: {name} is a masked array with masked elements, and normlab "
+            f"does not honour masks; pass {name}.filled(value) to normalize with the masked elements set to a "
+            f"value, or np.asarray({name}) to normalize every element as it is"
+        )
+
+
 def prepare(x, pattern: str, weight, bias, params, sizes: dict) -> Prepared:
     """Check the arguments of :func:`normalize` and lay them out on the expanded view."""
+    for value, name in ((x, "x"), (weight, "weight"), (bias, "bias")):
+        reject_masked(value, name, _describe(pattern, np.shape(x)))
     x = np.asarray(x)
     dtype = result_dtype(x, pattern)
     if (weight is not None or bias is not None) and params is None:
@@ -101,35 +116,88 @@ def prepare(x, pattern: str, weight, bias, params, sizes: dict) -> Prepared:
 def _check_eps(eps, plan: Plan) -> float:
     try:
         eps = float(eps)
+    except OverflowError as err:  # an int beyond float's range, such as 10**400
+        shown = repr(eps) if len(repr(eps)) <= 24 else f"{repr(eps)[:12]}... ({len(str(eps))} digits)"
+        raise InputError(f"eps={shown} is too large for a float ({_describe(plan, plan.shape)}); "
+                         "pass a small finite number >= 0 such as 1e-5") from err
     except (TypeError, ValueError) as err:
-        raise InputError(f"eps must be a number, got {eps!r}") from err
+        raise InputError(f"eps must be a number, got {eps!r} ({_describe(plan, plan.shape)}); "
+                         "pass a small finite number >= 0 such as 1e-5") from err
     if not eps >= 0 or eps == np.inf:
         raise InputError(f"eps must be a finite number >= 0, got {eps} ({_describe(plan, plan.shape)})")
     return eps
 
 
+def _check_flag(value, name: str, plan: Plan) -> bool:
+    """``value`` as a Python bool. The kernels compile once per argument type, so a flag
+    must reach them as ``bool`` whatever the caller passed (``np.True_``, ``1``)."""
+    if isinstance(value, bool):
+        return value
+    array = np.asarray(value) if isinstance(value, (np.generic, np.ndarray, int)) else None
+    if array is None or array.shape != () or array.dtype.kind not in "biu" or array not in (0, 1):
+        shown = f"an array of shape {array.shape}" if array is not None and array.shape != () else repr(value)
+        raise InputError(f"{name} must be True or False, got {shown} ({_describe(plan, plan.shape)}); "
+                         f"pass {name}=True or {name}=False")
+    return bool(array)
+
+
 def _given_stats(value, name: str, plan: Plan) -> np.ndarray:
+    """Given statistics laid out in ``plan.stats_shape``. Taken as they are: arrays that
+    broadcast to the statistics' shape, or the kept axes alone in order (the statistics'
+    shape without its size-1 reduced axes, say ``(C,)`` for batch norm). Any other shape
+    is an error, even when the number of values fits: a reshape would reorder them."""
     array = np.asarray(value, dtype=np.float64)
-    if array.size != plan.num_groups:
+    stats_shape = plan.stats_shape
+    kept_shape = tuple(plan.axis_sizes[a] for a in plan.kept_axes)
+    if array.shape == stats_shape:
+        return array
+    if array.shape == kept_shape:
+        return array.reshape(stats_shape)
+    try:
+        return np.broadcast_to(array, stats_shape)
+    except ValueError:
         raise ShapeError(
-            f"{_describe(plan, plan.shape)}: {name} has {array.size} values but there are {plan.num_groups} "
-            f"groups; pass an array of shape {plan.stats_shape} (the kept axes, in order)"
-        )
-    return array.reshape(plan.stats_shape)
+            f"{_describe(plan, plan.shape)}: {name} has shape {array.shape}, which does not broadcast to the "
+            f"statistics' shape {stats_shape}; pass an array of shape {stats_shape} (what return_stats=True "
+            f"gives) or {kept_shape} (the kept axes, in order)"
+        ) from None
 
 
 def _check_out(out, prepared: Prepared) -> np.ndarray:
+    """``out`` as the plain ndarray to write into (an ndarray view of a subclass such as
+    ``np.matrix``, whose own reshape refuses other ranks; the caller returns ``out``)."""
     plan = prepared.plan
     if not isinstance(out, np.ndarray):
-        raise InputError(f"out must be a NumPy array, got {type(out).__name__}")
+        raise InputError(f"{_describe(plan, plan.shape)}: out must be a NumPy array, got {type(out).__name__}; "
+                         "pass np.empty_like(x) or leave out=None")
+    if isinstance(out, np.ma.MaskedArray):
+        raise InputError(f"{_describe(plan, plan.shape)}: out is a masked array, and normlab does not honour "
+                         "masks; pass a plain array (np.empty_like(x)) and mask the result afterwards")
     if out.shape != plan.shape or out.dtype != prepared.dtype:
         raise InputError(
             f"{_describe(plan, plan.shape)}: out has shape {out.shape} and dtype {out.dtype}; "
             f"pass an array of shape {plan.shape} and dtype {prepared.dtype}"
         )
     if not out.flags.writeable:
-        raise InputError("out is read-only; pass a writeable array")
-    return out
+        raise InputError(f"{_describe(plan, plan.shape)}: out is read-only; pass a writeable array")
+    return out if type(out) is np.ndarray else out.view(np.ndarray)
+
+
+def overlaps_inputs(out: np.ndarray, prepared: Prepared, *arrays) -> bool:
+    """True when ``out`` may share memory with an input other than as ``x`` itself.
+
+    Every backend reads each group's input before it writes that group's output, so
+    ``out`` laid exactly over ``x`` is safe; a shifted or reordered view of the same
+    memory is not, and is computed into a temporary first, as NumPy's ufuncs do."""
+    x = prepared.x
+    if np.may_share_memory(out, x):
+        exact = (out.dtype == x.dtype and out.size == x.size
+                 and out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
+                 and out.reshape(x.shape).strides == x.strides)
+        if not exact:
+            return True
+    inputs = (prepared.weight, prepared.bias) + arrays
+    return any(a is not None and np.may_share_memory(out, a) for a in inputs)
 
 
 def _resolve_backend(backend: str | None, *dtypes: np.dtype) -> str:
@@ -196,6 +264,11 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
     Gemma's ``1 + weight``; ``scale``/``shift`` spanning the ``modulation`` axes give
     ``y = x̂·w·(1 + scale) + shift + bias``.
 
+    ``out`` may be ``x`` itself (in place) or any other writeable array of the result's
+    shape and dtype; one that overlaps ``x`` otherwise gets what a separate array would,
+    as with NumPy's ufuncs. ``mean``/``rstd`` must broadcast to the statistics' shape
+    (``return_stats`` gives it) or list the kept axes in order (``(C,)`` for batch norm).
+
     Returns ``y`` (the input's dtype; integers become float64), or ``(y, mean, rstd)``
     with ``return_stats=True``: float64 arrays with the pattern's axes, compositions
     split and reduced axes of size 1 (``mean`` is None for ``rms``).
@@ -230,14 +303,21 @@ def normalize_with_stats(x, pattern: str, *, weight=None, bias=None, params=None
     prepared = prepare(x, pattern, weight, bias, params, sizes)
     plan = prepared.plan
     eps = _check_eps(eps, plan)
-    if out is not None:
-        _check_out(out, prepared)
+    rms = _check_flag(rms, "rms", plan)
     if rstd is not None or mean is not None:
         if rstd is None or (mean is None and not rms):
             raise InputError(f"{_describe(plan, plan.shape)}: pass both mean and rstd (rstd alone with rms=True)")
         rstd = _given_stats(rstd, "rstd", plan)
         mean = None if rms else _given_stats(mean, "mean", plan)
-    return forward(prepared, eps, rms, mean, rstd, out, backend)
+    if out is None:
+        return forward(prepared, eps, rms, mean, rstd, None, backend)
+    target = _check_out(out, prepared)
+    if overlaps_inputs(target, prepared, mean, rstd):
+        y, stats = forward(prepared, eps, rms, mean, rstd, None, backend)
+        np.copyto(target, y)
+        return out, stats
+    _, stats = forward(prepared, eps, rms, mean, rstd, target, backend)
+    return out, stats
 
 
 def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | None = None, eps: float = 1e-5,
@@ -269,9 +349,11 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
                                         gate_activation=gate_activation, norm_before_gate=norm_before_gate,
                                         weight_offset=weight_offset, scale=scale, shift=shift,
                                         modulation=modulation, bias=bias, grad_sum=grad_sum, **sizes)
+    reject_masked(grad_y, "grad_y", _describe(pattern, np.shape(x)))
     prepared = prepare(x, pattern, weight, None, params, sizes)
     plan = prepared.plan
     eps = _check_eps(eps, plan)
+    rms = _check_flag(rms, "rms", plan)
     grad_y = np.asarray(grad_y)
     if grad_y.shape != plan.shape:
         raise ShapeError(f"{_describe(plan, plan.shape)}: grad_y has shape {grad_y.shape}; it must match x")

@@ -20,6 +20,12 @@ from normlab.errors import InputError, ShapeError
 __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]
 
 
+def _input(x, what: str) -> np.ndarray:
+    """``x`` as an array; a masked array with masked elements is refused (see :func:`core.reject_masked`)."""
+    core.reject_masked(x, "x", f"{what}, input shape {np.shape(x)}")
+    return np.asarray(x)
+
+
 def _names(ndim: int) -> list[str]:
     return [f"a{i}" for i in range(ndim)]
 
@@ -90,7 +96,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     ([0.3, 0.2667, 0.2], [1.0, 0.9333, 0.9])
     """
     what = "batch_norm"
-    x = np.asarray(x)
+    x = _input(x, what)
     channel = _channel_axis(x, axis, what)
     names = _names(x.ndim)
     pattern = _pattern(names, set(range(x.ndim)) - {channel})
@@ -137,7 +143,7 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
     >>> rms_norm(np.array([[3., 4.]]), 2, eps=0.0).round(4).tolist()
     [[0.8485, 1.1314]]
     """
-    x = np.asarray(x)
+    x = _input(x, "rms_norm")
     if eps is None:
         compute = np.float64 if core.result_dtype(x, "rms_norm") == np.float64 else np.float32
         eps = float(np.finfo(compute).eps)
@@ -145,7 +151,7 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
 
 
 def _trailing(x, normalized_shape, weight, bias, eps, rms: bool, what: str):
-    x = np.asarray(x)
+    x = _input(x, what)
     shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
     k = len(shape)
     if k == 0 or x.ndim < k or tuple(x.shape[x.ndim - k:]) != tuple(int(s) for s in shape):
@@ -170,7 +176,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1):
     [[-1.3416, -0.4472], [0.4472, 1.3416]]
     """
     what = "group_norm"
-    x = np.asarray(x)
+    x = _input(x, what)
     channel = _channel_axis(x, axis, what)
     if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
         raise InputError(f"group_norm: num_groups must be a positive int, got {num_groups!r}")
@@ -204,7 +210,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     [[-1.2247, 0.0, 1.2247], [-1.2247, 0.0, 1.2247]]
     """
     what = "instance_norm"
-    x = np.asarray(x)
+    x = _input(x, what)
     if x.ndim < 3:
         raise ShapeError(f"instance_norm needs (batch, channel, positions...), got input shape {x.shape}")
     names = _names(x.ndim)

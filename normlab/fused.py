@@ -145,6 +145,9 @@ def activation(name: str, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _same_shape(value, name: str, plan: Plan, pattern: str) -> np.ndarray:
+    from normlab.core import reject_masked
+
+    reject_masked(value, name, f"pattern {pattern!r}, input shape {plan.shape}")
     array = np.asarray(value)
     if array.dtype.kind not in "fiub":
         raise InputError(f"{name} has dtype {array.dtype}; pass a float array of x's shape {plan.shape}")
@@ -190,7 +193,7 @@ def prepare(x, pattern, weight, bias, params, sizes, residual=None, gate=None, g
     if modulation is not None:
         mod_plan = make_plan(pattern, plan.shape, modulation, **sizes)
     epilogue = Epilogue(residual is not None, gate_activation if gate is not None else None,
-                        bool(norm_before_gate), offset, modulation, scale is not None, shift is not None)
+                        core._check_flag(norm_before_gate, "norm_before_gate", plan), offset, modulation, scale is not None, shift is not None)
     dtype = prepared.dtype
     residual_v = None if residual is None else _same_shape(residual, "residual", plan, pattern)
     if residual_v is not None:
@@ -366,6 +369,7 @@ def normalize(x, pattern, *, weight=None, bias=None, params=None, eps=1e-5, rms=
                      weight_offset, scale, shift, modulation)
     plan = inputs.plan
     eps = core._check_eps(eps, plan)
+    rms = core._check_flag(rms, "rms", plan)
     if mean is not None or rstd is not None:
         if rstd is None or (mean is None and not rms):
             raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: pass both mean and rstd "
@@ -414,6 +418,7 @@ def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5
                      weight_offset, scale, shift, modulation)
     plan = inputs.plan
     eps = core._check_eps(eps, plan)
+    rms = core._check_flag(rms, "rms", plan)
     grad_y = np.asarray(grad_y)
     for name, value in (("grad_y", grad_y), ("grad_sum", grad_sum)):
         if value is not None and np.shape(value) != plan.shape:

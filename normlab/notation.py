@@ -29,7 +29,8 @@ from normlab.errors import PatternSyntaxError
 __all__ = ["Axis", "Dim", "Pattern", "parse_pattern", "parse_params", "ELLIPSIS"]
 
 ELLIPSIS = "..."
-_TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<ellipsis>\.\.\.)|(?P<punct>[()\[\]]))")
+_TOKEN = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<ellipsis>\.\.\.)|(?P<punct>[()\[\]])")
+_SPACE = re.compile(r"\s*")
 
 
 @dataclass(frozen=True)
@@ -78,22 +79,20 @@ class Pattern:
 
 
 def _tokenize(text: str) -> list[tuple[str, str, int]]:
+    """``(kind, value, position)`` for each token. Linear in the text's length: each
+    match starts where the last one ended, and nothing copies the rest of the text."""
     tokens = []
-    pos = 0
+    pos = _SPACE.match(text).end()
     while pos < len(text):
-        if text[pos:].strip() == "":
-            break
         match = _TOKEN.match(text, pos)
         if match is None:
-            bad = pos + (len(text[pos:]) - len(text[pos:].lstrip()))
             raise PatternSyntaxError(
-                text, bad, f"unexpected character {text[bad]!r}: axis names are identifiers; "
+                text, pos, f"unexpected character {text[pos]!r}: axis names are identifiers; "
                 "use ( ) to compose, [ ] to reduce and ... for any axes"
             )
         kind = match.lastgroup
-        start = match.start(kind)
-        tokens.append((kind, match.group(kind), start))
-        pos = match.end()
+        tokens.append((kind, match.group(kind), pos))
+        pos = _SPACE.match(text, match.end()).end()
     return tokens
 
 

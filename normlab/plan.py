@@ -124,6 +124,14 @@ class Plan:
         return np.broadcast_to(ids, self.axis_sizes).reshape(self.shape)
 
 
+@functools.lru_cache(maxsize=1)
+def max_axes() -> int:
+    """The most axes a NumPy array may have here: 64 from NumPy 2.0 on, 32 before."""
+    import numpy as np
+
+    return 64 if int(np.__version__.split(".")[0]) >= 2 else 32
+
+
 def _fail(pattern: str, shape: tuple[int, ...], rule: str, fix: str) -> ShapeError:
     return ShapeError(f"pattern {pattern!r} does not fit input shape {shape}: {rule}; {fix}")
 
@@ -208,6 +216,12 @@ def _make_plan(text: str, shape: tuple[int, ...], params: str | None, sizes_item
             names.append(axis.name)
             axis_sizes.append(factor_size)
             reduced.append(axis.reduced)
+
+    if len(names) > max_axes():
+        raise _fail(text, shape, f"its expanded view (compositions split, '...' expanded) has {len(names)} axes, "
+                    f"more than the {max_axes()} a NumPy array may have",
+                    "name fewer axes: reshape the input so that axes sharing a role become one, or compose fewer "
+                    "factors")
 
     param_axes: tuple[int, ...] = ()
     param_shape: tuple[int, ...] = ()

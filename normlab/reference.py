@@ -39,6 +39,9 @@ Numerical choices, made once here and mirrored by the kernels:
 * **Layout-independent.** Inputs are made C-contiguous before summing, so strided and
   contiguous inputs give the same bits.
 * **NaN/Inf stay in their group**: statistics never mix groups.
+* **Overflow is NaN, never zeros.** A float64 group whose variance (or mean square)
+  overflows to inf (values beyond about 1e154) gets ``rstd = NaN``, so its outputs are
+  NaN; ``1/sqrt(inf) = 0`` would make them silent zeros.
 """
 
 from __future__ import annotations
@@ -93,6 +96,9 @@ def compute_stats(x: np.ndarray, plan: Plan, eps: float, rms: bool = False) -> S
             var = np.square(deviation - mean_shifted).sum(axis=axes, keepdims=True) / n
             mean = shift + mean_shifted
         rstd = 1.0 / np.sqrt(var + eps)
+    # a variance that overflowed (finite values beyond about 1e154) gives rstd = 0 above,
+    # which would turn the group into silent zeros: NaN says the result is unknown
+    rstd[var == np.inf] = np.nan
     return Stats(mean, var, rstd)
 
 

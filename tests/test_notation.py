@@ -93,3 +93,38 @@ def test_params_name_one_tuple_per_weight_axis(params, items):
 def test_bad_params_are_syntax_errors(params):
     with pytest.raises(PatternSyntaxError):
         parse_params(params)
+
+
+class _CountingText(str):
+    """A pattern that counts the characters its slices copy."""
+
+    copied = 0
+
+    def __getitem__(self, key):
+        piece = str.__getitem__(self, key)
+        type(self).copied += len(piece)
+        return piece
+
+
+def test_the_tokenizer_reads_a_long_pattern_without_copying_its_tail():
+    # quadratic work came from copying the rest of the text at every token
+    text = _CountingText(" ".join(f"axis{i}" for i in range(5000)) + "  [d]")
+    _CountingText.copied = 0
+    parsed = parse_pattern(text)
+    assert len(parsed.names) == 5001
+    assert _CountingText.copied <= len(text)
+
+
+def test_a_pattern_of_two_megabytes_parses():
+    long_names = [f"{'n' * 2000}{i}" for i in range(1000)]
+    text = "   ".join(long_names) + " " * 300_000 + "[d]"
+    assert len(text) > 2_300_000
+    parsed = parse_pattern(text)
+    assert parsed.reduced_names == ("d",) and len(parsed.names) == 1001
+
+
+def test_a_bad_character_far_into_a_long_pattern_is_pointed_at():
+    text = "b " * 50_000 + "[d] %"
+    with pytest.raises(PatternSyntaxError) as info:
+        parse_pattern(text)
+    assert info.value.position == len(text) - 1

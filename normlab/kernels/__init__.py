@@ -163,6 +163,13 @@ def _compute_dtype(*arrays) -> np.dtype:
     return np.dtype(np.float64)
 
 
+def _result_buffer_dtype(result: np.dtype, compute: np.dtype) -> np.dtype:
+    """The dtype the kernels write: the compute dtype, except float64 for a float16
+    result, which is then rounded once (float64 -> float16), as the reference rounds it;
+    through float32 it would be rounded twice and differ in the last bit."""
+    return np.dtype(np.float64) if result == np.float16 else compute
+
+
 @functools.lru_cache(maxsize=256)
 def _constant_table(shape: tuple[int, ...], value: float) -> np.ndarray:
     # shared between calls (kernels only read parameters); left writeable because a
@@ -204,8 +211,9 @@ def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
     shape = (view.rows, view.n) if isinstance(view, RowView) else (view.outer, view.channels, view.inner)
     transposed = isinstance(view, RowView) and view.order is not None
     x = np.ascontiguousarray(view.source(prepared.x) if transposed else prepared.x, dtype=dtype).reshape(shape)
-    direct = out is not None and out.dtype == dtype and out.flags.c_contiguous and not transposed
-    y = out.reshape(shape) if direct else pool.empty(shape, dtype)
+    y_dtype = _result_buffer_dtype(prepared.dtype, dtype)
+    direct = out is not None and out.dtype == y_dtype and out.flags.c_contiguous and not transposed
+    y = out.reshape(shape) if direct else pool.empty(shape, y_dtype)
     weight = _param_table(prepared.weight, view, ones=True)
     bias = _param_table(prepared.bias, view, ones=False)
     serial = x.size < SERIAL_BELOW
@@ -280,7 +288,7 @@ def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need
     else:
         x = np.ascontiguousarray(prepared.x, dtype=dtype).reshape(shape)
         g = np.ascontiguousarray(grad_y, dtype=dtype).reshape(shape)
-    grad_x = pool.empty(shape, dtype)
+    grad_x = pool.empty(shape, _result_buffer_dtype(prepared.dtype, dtype))
     weight = _param_table(prepared.weight, view, ones=True)
     serial = x.size < SERIAL_BELOW
     groups = view.rows if isinstance(view, RowView) else view.channels

@@ -19,7 +19,7 @@ import numpy as np
 from numba import prange
 
 from normlab.kernels._jit import helper, kernel
-from normlab.kernels.sums import centered_square_sum, gradient_sums, shifted_sum, square_sum
+from normlab.kernels.sums import centered_square_sum, gradient_sums, reciprocal_std, shifted_sum, square_sum
 
 
 @kernel
@@ -118,7 +118,7 @@ def _merge_channel(c, rms, eps, chunk_count, total_count, shift, part_mean, part
         channel_mean = shift + running_mean
     mean[c] = channel_mean
     var[c] = channel_var
-    rstd[c] = 1.0 / np.sqrt(channel_var + eps)
+    rstd[c] = reciprocal_std(channel_var, eps)
 
 
 @kernel

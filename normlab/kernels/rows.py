@@ -8,7 +8,8 @@ channels per group, ``param_inner`` positions per channel), per-element layer no
 (``G = 1``, ``C = n``, ``param_inner = 1``) and no parameters at all (a (1, 1) table of ones).
 
 A row fits in cache, so its statistics take two passes over it (shifted sum, then
-centred squares) and the output a third, all while it is cache-resident.
+centred squares) and the output a third, all while it is cache-resident. The statistics
+come from :func:`normlab.kernels.sums.group_stats` (rstd is NaN where the variance overflows).
 """
 
 from __future__ import annotations

@@ -67,6 +67,16 @@ def weighted_gradient_sums(grad, values, weight, center):
 
 
 @helper
+def reciprocal_std(var, eps):
+    """``1/sqrt(var + eps)``, as ``reference.compute_stats`` defines it: NaN when the
+    variance overflowed to inf (finite float64 values beyond about 1e154). The true rstd
+    is tiny there, not 0, and 0 would turn the group into silent zeros."""
+    if var == np.inf:
+        return np.nan
+    return 1.0 / np.sqrt(var + eps)
+
+
+@helper
 def group_stats(values, rms, eps):
     """(mean, var, rstd) of one contiguous group, as ``reference.compute_stats`` defines
     them: shift by the first element, then a two-pass variance (RMS: mean square)."""
@@ -79,4 +89,4 @@ def group_stats(values, rms, eps):
         mean_shifted = shifted_sum(values, shift) / n
         var = centered_square_sum(values, shift, mean_shifted) / n
         mean = shift + mean_shifted
-    return mean, var, 1.0 / np.sqrt(var + eps)
+    return mean, var, reciprocal_std(var, eps)

@@ -1,0 +1,127 @@
+"""Two numerical edges: float16 results are rounded once (float64 -> float16), and a
+float64 variance that overflows gives NaN, never silent zeros, on both backends.
+
+Oracles: the float64 definition rounded to float16 by Python's ``struct`` (correctly
+rounded, independent of NumPy), and for overflow torch's ``layer_norm``/``group_norm``
+(NaN) and scale invariance (the true result is x/1e200's normalization, far from zero).
+"""
+
+import struct
+
+import numpy as np
+import pytest
+
+import normlab
+
+BACKENDS = ["numba", "numpy"]
+# (pattern, shape, reduced axes of the expanded view, sizes): 131,584 elements each
+CASES = [
+    ("b [d]", (257, 512), (1,), {}),
+    ("[b] d", (257, 512), (0,), {}),
+    ("[b] c [s]", (64, 8, 257), (0, 2), {}),
+    ("b (g [c]) [s]", (16, 32, 257), (2, 3), {"g": 4}),
+]
+
+
+def _round_once_to_float16(values: np.ndarray) -> np.ndarray:
+    """Each float64 value rounded to the nearest float16 (ties to even) in one step."""
+    flat = values.reshape(-1)
+    packed = struct.pack(f"<{flat.size}e", *flat.tolist())
+    return np.frombuffer(packed, np.float16).reshape(values.shape)
+
+
+def _expanded(x, pattern, sizes):
+    return x.reshape(x.shape[0], sizes["g"], -1, x.shape[2]) if "g" in sizes else x
+
+
+def _forward_definition(x, axes, eps=1e-5):
+    x = np.asarray(x, np.float64)
+    mean = x.mean(axis=axes, keepdims=True)
+    centered = x - mean
+    return centered / np.sqrt((centered ** 2).mean(axis=axes, keepdims=True) + eps)
+
+
+def _backward_definition(grad_y, x, axes, eps=1e-5):
+    """∂L/∂x = rstd·(g − mean(g) − x̂·mean(g·x̂)) for y = x̂ = (x − mean)·rstd."""
+    x, g = np.asarray(x, np.float64), np.asarray(grad_y, np.float64)
+    mean = x.mean(axis=axes, keepdims=True)
+    rstd = 1.0 / np.sqrt(((x - mean) ** 2).mean(axis=axes, keepdims=True) + eps)
+    x_hat = (x - mean) * rstd
+    return rstd * (g - g.mean(axis=axes, keepdims=True) - x_hat * (g * x_hat).mean(axis=axes, keepdims=True))
+
+
+@pytest.mark.parametrize("pattern, shape, axes, sizes", CASES, ids=[c[0] for c in CASES])
+def test_float16_output_is_the_float64_result_rounded_once_on_both_backends(pattern, shape, axes, sizes):
+    x = (np.random.default_rng(0).standard_normal(shape) * 3 + 1).astype(np.float16)
+    want = _round_once_to_float16(_forward_definition(_expanded(x, pattern, sizes), axes, eps=1e-5)).reshape(shape)
+    for backend in BACKENDS:
+        got = normlab.normalize(x, pattern, backend=backend, **sizes)
+        assert got.dtype == np.float16
+        np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16), err_msg=backend)
+
+
+@pytest.mark.parametrize("pattern, shape, axes, sizes", CASES[:2], ids=[c[0] for c in CASES[:2]])
+def test_float16_gradient_is_the_float64_result_rounded_once_on_both_backends(pattern, shape, axes, sizes):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float16)
+    grad_y = rng.standard_normal(shape).astype(np.float16)
+    want = _round_once_to_float16(_backward_definition(grad_y, x, axes))
+    for backend in BACKENDS:
+        grad_x, _, _ = normlab.normalize_backward(grad_y, x, pattern, backend=backend, **sizes)
+        assert grad_x.dtype == np.float16
+        np.testing.assert_array_equal(grad_x.view(np.uint16), want.view(np.uint16), err_msg=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_out_receives_the_result_rounded_once(backend):
+    pattern, shape, axes, _ = CASES[0]
+    x = (np.random.default_rng(2).standard_normal(shape) * 3 + 1).astype(np.float16)
+    out = np.empty(shape, np.float16)
+    normlab.normalize(x, pattern, out=out, backend=backend)
+    want = _round_once_to_float16(_forward_definition(x, axes))
+    np.testing.assert_array_equal(out.view(np.uint16), want.view(np.uint16))
+
+
+# --- overflow -------------------------------------------------------------------------------
+
+HUGE = np.array([[1e200, -1e200, 3e200, 0.0], [1.0, 2.0, 3.0, 4.0]])  # row 0's variance overflows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rms", [False, True])
+def test_a_row_whose_variance_overflows_is_nan_and_the_other_rows_are_untouched(backend, rms):
+    y = normlab.normalize(HUGE, "b [d]", rms=rms, backend=backend)
+    assert np.isnan(y[0]).all()
+    scaled = normlab.normalize(HUGE[:1] / 1e200, "b [d]", rms=rms, backend="numpy")
+    assert np.abs(scaled).max() > 0.5  # the true result, by scale invariance, is far from zero
+    clean = HUGE[1:]
+    want = clean / np.sqrt((clean ** 2).mean() + 1e-5) if rms else _forward_definition(clean, (1,))
+    np.testing.assert_allclose(y[1:], want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rms", [False, True])
+def test_a_channel_whose_variance_overflows_is_nan_in_batch_norm(backend, rms):
+    channels_last = np.ascontiguousarray(HUGE.T)  # (4, 2): channel 0 overflows
+    y = normlab.normalize(channels_last, "[b] c", rms=rms, backend=backend)
+    assert np.isnan(y[:, 0]).all() and np.isfinite(y[:, 1]).all()
+    channels_first = np.ascontiguousarray(np.broadcast_to(HUGE.T[None, :, :, None], (3, 4, 2, 5)).transpose(0, 2, 1, 3))
+    y = normlab.normalize(channels_first, "[b] c [h w]", rms=rms, backend=backend)
+    assert np.isnan(y[:, 0]).all() and np.isfinite(y[:, 1]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_gradient_of_an_overflowed_row_is_nan(backend):
+    grad_x, grad_w, _ = normlab.normalize_backward(np.ones_like(HUGE), HUGE, "b [d]", weight=np.ones(4), params="d",
+                                                   backend=backend)
+    assert np.isnan(grad_x[0]).all() and np.isfinite(grad_x[1]).all()
+    assert np.isnan(grad_w).all()
+
+
+def test_torch_also_gives_nan_for_an_overflowed_layer_and_group_norm():
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(HUGE[:1].copy())
+    assert torch.isnan(torch.nn.functional.layer_norm(x, (4,))).all()
+    assert torch.isnan(torch.nn.functional.group_norm(x.reshape(1, 2, 2), 1)).all()
+    assert np.isnan(normlab.normalize(HUGE[:1], "b [d]")).all()
+    assert np.isnan(normlab.normalize(HUGE[:1].reshape(1, 2, 2), "b (g [c]) [s]", g=1)).all()
