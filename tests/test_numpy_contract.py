@@ -189,16 +189,17 @@ def test_a_pattern_expanding_past_numpys_axis_limit_is_a_shape_error():
 
 def test_integer_and_numpy_flags_compile_no_new_kernel_signature():
     pytest.importorskip("numba")
-    from normlab.kernels import columns, rows
+    from normlab.kernels import columns, fused, rows
 
     x = np.random.default_rng(10).standard_normal((4, 8)).astype(np.float32)
     g = np.ones_like(x)
-    kernels = [rows.row_forward, rows.row_backward, columns.channels_last_stats]
+    kernels = [rows.row_forward, rows.row_backward, columns.channels_last_stats, fused.fused_row_forward]
 
     def run(flag):
         normlab.normalize(x, "b [d]", rms=flag, backend="numba")
         normlab.normalize_backward(g, x, "b [d]", rms=flag, backend="numba")
         normlab.normalize(x, "[b] d", rms=flag, backend="numba")
+        normlab.normalize(x, "b [d]", rms=flag, residual=x, backend="numba")
 
     run(True)  # warm: whatever compiles compiles here
     before = [len(k.serial.signatures) for k in kernels]
