@@ -249,7 +249,8 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
               rms: bool = False, return_stats: bool = False, out=None, mean=None, rstd=None,
               backend: str | None = None, residual=None, gate=None, gate_activation: str = "silu",
               norm_before_gate: bool = True, weight_offset: float = 0.0, scale=None, shift=None,
-              modulation: str | None = None, **sizes: int):
+              modulation: str | None = None, mask=None, segment_ids=None, num_segments: int | None = None,
+              segment_axis: str | None = None, **sizes: int):
     """Standardize ``x`` over the bracketed axes of ``pattern``.
 
     ``y = (x − mean)·rstd·weight + bias`` where each group of elements that differ only
@@ -273,6 +274,12 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
     with ``return_stats=True``: float64 arrays with the pattern's axes, compositions
     split and reduced axes of size 1 (``mean`` is None for ``rms``).
 
+    ``mask`` (boolean, broadcasts to x) marks the elements that count toward their group's
+    statistics; every element is normalized with them, and a group with none counted gives
+    exactly ``bias`` (mean and rstd 0). ``segment_ids`` (integers along one bracketed axis,
+    ``segment_axis``, by default the first) split groups further: statistics come back with
+    that axis of length ``num_segments`` (default ``max(ids) + 1``). See :mod:`normlab.masked`.
+
     The note's 2-D example: batch norm standardizes each feature across the batch.
 
     >>> import numpy as np
@@ -283,23 +290,48 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
     >>> normalize(x, "b [f]")[0].round(4).tolist()
     [1.2247, 0.0, -1.2247]
     """
-    if fused.wants_fused(residual, gate, weight_offset, scale, shift, modulation):
+    grouped = _grouped(mask, segment_ids, num_segments, segment_axis, residual, gate, weight_offset, scale, shift,
+                       modulation)  # normalize_with_stats hands masks and segments on
+    if not grouped and fused.wants_fused(residual, gate, weight_offset, scale, shift, modulation):
         return fused.normalize(x, pattern, weight=weight, bias=bias, params=params, eps=eps, rms=rms,
                                return_stats=return_stats, out=out, mean=mean, rstd=rstd, backend=backend,
                                residual=residual, gate=gate, gate_activation=gate_activation,
                                norm_before_gate=norm_before_gate, weight_offset=weight_offset, scale=scale,
                                shift=shift, modulation=modulation, **sizes)
     y, stats = normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps, rms=rms,
-                                    out=out, mean=mean, rstd=rstd, backend=backend, **sizes)
+                                    out=out, mean=mean, rstd=rstd, backend=backend, mask=mask,
+                                    segment_ids=segment_ids, num_segments=num_segments,
+                                    segment_axis=segment_axis, **sizes)
+    if stats is None:  # given statistics, with a mask or segments
+        return (y, mean, rstd) if return_stats else y
     if return_stats:
         return y, stats.mean, stats.rstd
     return y
 
 
+def _grouped(mask, segment_ids, num_segments, segment_axis, *fused_options) -> bool:
+    """Whether masks or segments are asked for (they do not combine with the fused options yet)."""
+    if mask is None and segment_ids is None and num_segments is None and segment_axis is None:
+        return False
+    if fused.wants_fused(*fused_options):
+        raise InputError("mask= and segment_ids= do not combine with residual, gate, weight_offset or modulation "
+                         "yet; apply the mask or segments in a separate normalize call")
+    return True
+
+
 def normalize_with_stats(x, pattern: str, *, weight=None, bias=None, params=None, eps=1e-5, rms=False,
-                         out=None, mean=None, rstd=None, backend=None, **sizes):
+                         out=None, mean=None, rstd=None, backend=None, mask=None, segment_ids=None,
+                         num_segments=None, segment_axis=None, **sizes):
     """:func:`normalize`, returning ``(y, stats)`` with the full :class:`~normlab.reference.Stats`
-    (the variance too, which running statistics need)."""
+    (the variance too, which running statistics need); with a mask or segments,
+    :class:`~normlab.masked.MaskedStats` (the counts too), or None for given statistics."""
+    if mask is not None or segment_ids is not None or num_segments is not None or segment_axis is not None:
+        from normlab import grouped
+
+        return grouped.normalize_with_stats(
+            x, pattern, weight=weight, bias=bias, params=params, eps=eps, rms=rms, out=out, mean=mean, rstd=rstd,
+            backend=backend, mask=mask, segment_ids=segment_ids, num_segments=num_segments,
+            segment_axis=segment_axis, **sizes)
     prepared = prepare(x, pattern, weight, bias, params, sizes)
     plan = prepared.plan
     eps = _check_eps(eps, plan)
@@ -324,7 +356,8 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
                        rms: bool = False, mean=None, rstd=None, backend: str | None = None, residual=None,
                        gate=None, gate_activation: str = "silu", norm_before_gate: bool = True,
                        weight_offset: float = 0.0, scale=None, shift=None, modulation: str | None = None,
-                       bias=None, grad_sum=None, **sizes: int):
+                       bias=None, grad_sum=None, mask=None, segment_ids=None, num_segments: int | None = None,
+                       segment_axis: str | None = None, **sizes: int):
     """Gradients of :func:`normalize` with respect to ``x``, ``weight`` and ``bias``.
 
     Returns ``(grad_x, grad_weight, grad_bias)``. ``grad_weight`` is None when no
@@ -342,7 +375,18 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
     :class:`normlab.fused.FusedGradients` record (x, residual, gate, weight, bias, scale,
     shift); ``grad_sum`` is the gradient of the returned ``x + residual``, and ``bias`` is
     needed when a gate comes after the norm.
+
+    ``mask`` and the segment arguments are :func:`normalize`'s; the gradients are exactly
+    those of its definition, masked-out outputs included.
     """
+    if _grouped(mask, segment_ids, num_segments, segment_axis, residual, gate, weight_offset, scale, shift,
+                modulation):
+        from normlab import grouped
+
+        return grouped.normalize_backward(
+            grad_y, x, pattern, weight=weight, params=params, eps=eps, rms=rms, mean=mean, rstd=rstd,
+            backend=backend, mask=mask, segment_ids=segment_ids, num_segments=num_segments,
+            segment_axis=segment_axis, **sizes)
     if fused.wants_fused(residual, gate, weight_offset, scale, shift, modulation):
         return fused.normalize_backward(grad_y, x, pattern, weight=weight, params=params, eps=eps, rms=rms,
                                         mean=mean, rstd=rstd, backend=backend, residual=residual, gate=gate,

@@ -1,0 +1,405 @@
+"""Kernels for masks and segments: groups decided by data. Twin: :mod:`normlab.masked`.
+
+Every masked or segmented pattern is laid out as an ``(A, O, C, I)`` view: ``A`` and
+``C`` kept, ``O`` and ``I`` reduced, and segments cut ``O`` into runs of rows given by
+``offsets`` (one segment spanning ``O`` without ids). A group is one ``(a, segment, c)``:
+batch norm is ``(1, outer, C, inner)``, layer norm ``(rows, 1, 1, n)``, PyG's per-graph
+instance norm ``(1, nodes, C, 1)`` with the batch vector's offsets, its graph-mode layer
+norm ``(1, nodes, 1, C)``.
+
+A *unit* of work is one group (``I > 1``: its rows of ``I`` contiguous values), or, when
+``I == 1``, one group for a block of up to :data:`BLOCK` channels side by side. Each
+unit is computed by one thread from start to end, so the bits do not depend on the
+number of threads; parameter gradients are summed per fixed chunk of units and the chunks
+merged in index order. Statistics shift by the group's first counted element, then take
+the two-pass variance over counted elements, in float64; an element that does not count
+is skipped by a select, never multiplied by 0 (so a NaN there stays out of the sums).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from normlab.kernels._jit import helper, kernel, reduction
+
+BLOCK = 64  # channels per unit when I == 1: four cache lines of float32 per row
+
+
+@reduction
+def _masked_shifted_sum(values, counted, shift):
+    total = 0.0
+    count = 0
+    for i in range(values.shape[0]):
+        d = values[i] - shift
+        total += d if counted[i] else 0.0
+        count += 1 if counted[i] else 0
+    return total, count
+
+
+@reduction
+def _masked_centered_square_sum(values, counted, shift, center):
+    total = 0.0
+    for i in range(values.shape[0]):
+        d = (values[i] - shift) - center
+        total += d * d if counted[i] else 0.0
+    return total
+
+
+@reduction
+def _masked_square_sum(values, counted):
+    total = 0.0
+    count = 0
+    for i in range(values.shape[0]):
+        v = np.float64(values[i])
+        total += v * v if counted[i] else 0.0
+        count += 1 if counted[i] else 0
+    return total, count
+
+
+@reduction
+def _shifted_sum(values, shift):
+    total = 0.0
+    for i in range(values.shape[0]):
+        total += values[i] - shift
+    return total
+
+
+@reduction
+def _centered_square_sum(values, shift, center):
+    total = 0.0
+    for i in range(values.shape[0]):
+        d = (values[i] - shift) - center
+        total += d * d
+    return total
+
+
+@reduction
+def _square_sum(values):
+    total = 0.0
+    for i in range(values.shape[0]):
+        v = np.float64(values[i])
+        total += v * v
+    return total
+
+
+@helper
+def _first_counted(x, mask, has_mask, a, c, start, stop):
+    """The group's first counted value (the shift) and whether there is one."""
+    for o in range(start, stop):
+        if not has_mask:
+            return np.float64(x[a, o, c, 0]), True
+        row = mask[a, o, c]
+        for i in range(row.shape[0]):
+            if row[i]:
+                return np.float64(x[a, o, c, i]), True
+    return 0.0, False
+
+
+@helper
+def _inner_stats(x, mask, has_mask, rms, eps, a, c, start, stop):
+    """(mean, var, rstd, count) of the group of rows start..stop of channel c (I > 1)."""
+    inner = x.shape[3]
+    if rms:
+        total = 0.0
+        count = 0
+        for o in range(start, stop):
+            if has_mask:
+                s, k = _masked_square_sum(x[a, o, c], mask[a, o, c])
+                total += s
+                count += k
+            else:
+                total += _square_sum(x[a, o, c])
+                count += inner
+        if count == 0:
+            return 0.0, 0.0, 0.0, 0
+        var = total / count
+        return 0.0, var, 1.0 / np.sqrt(var + eps), count
+    shift, found = _first_counted(x, mask, has_mask, a, c, start, stop)
+    if not found:
+        return 0.0, 0.0, 0.0, 0
+    total = 0.0
+    count = 0
+    for o in range(start, stop):
+        if has_mask:
+            s, k = _masked_shifted_sum(x[a, o, c], mask[a, o, c], shift)
+            total += s
+            count += k
+        else:
+            total += _shifted_sum(x[a, o, c], shift)
+            count += inner
+    center = total / count
+    m2 = 0.0
+    for o in range(start, stop):
+        if has_mask:
+            m2 += _masked_centered_square_sum(x[a, o, c], mask[a, o, c], shift, center)
+        else:
+            m2 += _centered_square_sum(x[a, o, c], shift, center)
+    var = m2 / count
+    return shift + center, var, 1.0 / np.sqrt(var + eps), count
+
+
+@kernel
+def inner_stats(x, mask, has_mask, offsets, rms, eps, mean, var, rstd, count):
+    """Groups with ``I > 1``: per-group statistics into the flat (A, S, C) arrays."""
+    outer_a = x.shape[0]
+    channels = x.shape[2]
+    segments = offsets.shape[0] - 1
+    for unit in prange(outer_a * segments * channels):
+        a = unit // (segments * channels)
+        s = (unit // channels) % segments
+        c = unit % channels
+        group_mean, group_var, group_rstd, group_count = _inner_stats(x, mask, has_mask, rms, eps, a, c,
+                                                                      offsets[s], offsets[s + 1])
+        mean[unit] = group_mean
+        var[unit] = group_var
+        rstd[unit] = group_rstd
+        count[unit] = group_count
+
+
+@kernel
+def inner_apply(x, offsets, weight, bias, row_stride, mean, rstd, y):
+    """Groups with ``I > 1``: ``y = (x − mean)·rstd·w + b``, exactly ``b`` where rstd is 0.
+    ``weight``/``bias`` are (groups, 1) or (groups, I) float64 tables, row
+    ``(a·C + c) // row_stride % groups``."""
+    outer_a = x.shape[0]
+    channels = x.shape[2]
+    segments = offsets.shape[0] - 1
+    groups = weight.shape[0]
+    wide = weight.shape[1] > 1
+    for unit in prange(outer_a * segments * channels):
+        a = unit // (segments * channels)
+        s = (unit // channels) % segments
+        c = unit % channels
+        _apply_rows(x, y, weight, bias, wide, a, c, ((a * channels + c) // row_stride) % groups, offsets[s],
+                    offsets[s + 1], mean[unit], rstd[unit])
+
+
+@helper
+def _apply_rows(x, y, weight, bias, wide, a, c, p, start, stop, m, rs):
+    inner = x.shape[3]
+    w_row = weight[p]
+    b_row = bias[p]
+    for o in range(start, stop):
+        x_row = x[a, o, c]
+        y_row = y[a, o, c]
+        if rs == 0.0:  # no counted element: exactly bias
+            for i in range(inner):
+                y_row[i] = b_row[i] if wide else b_row[0]
+        elif wide:
+            for i in range(inner):
+                y_row[i] = (x_row[i] - m) * rs * w_row[i] + b_row[i]
+        else:
+            w = w_row[0]
+            b = b_row[0]
+            for i in range(inner):
+                y_row[i] = (x_row[i] - m) * rs * w + b
+
+
+@kernel
+def inner_backward(grad_y, x, mask, has_mask, offsets, weight, row_stride, rms, mean, rstd, chunk_units,
+                   grad_x, weight_parts, bias_parts):
+    """Twin of ``masked.backward`` for ``I > 1``: per group, Σ g·w and Σ g·w·x̂ over every
+    element and the count, then ``grad_x``; parameter gradients per chunk of units into
+    ``*_parts`` (chunks, groups, 1 or I), zeroed by the caller."""
+    outer_a = x.shape[0]
+    channels = x.shape[2]
+    inner = x.shape[3]
+    segments = offsets.shape[0] - 1
+    groups = weight.shape[0]
+    wide = weight.shape[1] > 1
+    units = outer_a * segments * channels
+    chunks = weight_parts.shape[0]
+    for k in prange(chunks):
+        w_part = weight_parts[k]
+        b_part = bias_parts[k]
+        for unit in range(k * chunk_units, min(units, (k + 1) * chunk_units)):
+            a = unit // (segments * channels)
+            s = (unit // channels) % segments
+            c = unit % channels
+            start = offsets[s]
+            stop = offsets[s + 1]
+            m = mean[unit]
+            rs = rstd[unit]
+            p = ((a * channels + c) // row_stride) % groups
+            w_row = weight[p]
+            sum_gw = 0.0
+            sum_gw_xhat = 0.0
+            n = 0
+            for o in range(start, stop):
+                g_row = grad_y[a, o, c]
+                x_row = x[a, o, c]
+                for i in range(inner):
+                    g = np.float64(g_row[i])
+                    x_hat = 0.0 if rs == 0.0 else (x_row[i] - m) * rs
+                    gw = g * (w_row[i] if wide else w_row[0])
+                    sum_gw += gw
+                    sum_gw_xhat += gw * x_hat
+                    w_part[p, i if wide else 0] += g * x_hat
+                    b_part[p, i if wide else 0] += g
+                if has_mask:
+                    counted = mask[a, o, c]
+                    for i in range(inner):
+                        n += 1 if counted[i] else 0
+                else:
+                    n += inner
+            proj = sum_gw_xhat / n if n > 0 else 0.0
+            mean_gw = 0.0 if rms or n == 0 else sum_gw / n
+            for o in range(start, stop):
+                g_row = grad_y[a, o, c]
+                x_row = x[a, o, c]
+                gx_row = grad_x[a, o, c]
+                for i in range(inner):
+                    x_hat = 0.0 if rs == 0.0 else (x_row[i] - m) * rs
+                    gw = g_row[i] * (w_row[i] if wide else w_row[0])
+                    if has_mask and not mask[a, o, c, i]:
+                        gx_row[i] = gw * rs
+                    else:
+                        gx_row[i] = ((gw - x_hat * proj) - mean_gw) * rs
+
+
+@kernel
+def last_stats(x, mask, has_mask, offsets, rms, eps, block, mean, var, rstd, count):
+    """Groups with ``I == 1`` (channels last): a unit is one segment of one block of
+    channels, accumulated side by side along its rows."""
+    outer_a = x.shape[0]
+    channels = x.shape[2]
+    segments = offsets.shape[0] - 1
+    blocks = (channels + block - 1) // block
+    for unit in prange(outer_a * segments * blocks):
+        a = unit // (segments * blocks)
+        s = (unit // blocks) % segments
+        c0 = (unit % blocks) * block
+        _last_unit_stats(x, mask, has_mask, rms, eps, a, c0, min(block, channels - c0), offsets[s], offsets[s + 1],
+                         (a * segments + s) * channels + c0, mean, var, rstd, count)
+
+
+@helper
+def _last_unit_stats(x, mask, has_mask, rms, eps, a, c0, width, start, stop, base, mean, var, rstd, count):
+    shift = np.zeros(width)
+    found = np.zeros(width, np.bool_)
+    total = np.zeros(width)
+    counts = np.zeros(width, np.int64)
+    m2 = np.zeros(width)
+    if not rms:
+        for o in range(start, stop):
+            x_row = x[a, o]
+            for j in range(width):
+                if not found[j] and (not has_mask or mask[a, o, c0 + j, 0]):
+                    shift[j] = x_row[c0 + j, 0]
+                    found[j] = True
+    for o in range(start, stop):
+        x_row = x[a, o]
+        for j in range(width):
+            counted = not has_mask or mask[a, o, c0 + j, 0]
+            v = np.float64(x_row[c0 + j, 0])
+            d = v * v if rms else v - shift[j]
+            total[j] += d if counted else 0.0
+            counts[j] += 1 if counted else 0
+    if not rms:
+        for j in range(width):
+            total[j] = total[j] / counts[j] if counts[j] > 0 else 0.0
+        for o in range(start, stop):
+            x_row = x[a, o]
+            for j in range(width):
+                counted = not has_mask or mask[a, o, c0 + j, 0]
+                d = (x_row[c0 + j, 0] - shift[j]) - total[j]
+                m2[j] += d * d if counted else 0.0
+    for j in range(width):
+        n = counts[j]
+        count[base + j] = n
+        if n == 0:
+            mean[base + j] = 0.0
+            var[base + j] = 0.0
+            rstd[base + j] = 0.0
+        else:
+            group_var = total[j] / n if rms else m2[j] / n
+            mean[base + j] = 0.0 if rms else shift[j] + total[j]
+            var[base + j] = group_var
+            rstd[base + j] = 1.0 / np.sqrt(group_var + eps)
+
+
+@kernel
+def last_apply(x, offsets, weight, bias, row_stride, block, mean, rstd, y):
+    """Groups with ``I == 1``: the output, per unit as :func:`last_stats` cuts them."""
+    outer_a = x.shape[0]
+    channels = x.shape[2]
+    segments = offsets.shape[0] - 1
+    groups = weight.shape[0]
+    blocks = (channels + block - 1) // block
+    for unit in prange(outer_a * segments * blocks):
+        a = unit // (segments * blocks)
+        s = (unit // blocks) % segments
+        c0 = (unit % blocks) * block
+        width = min(block, channels - c0)
+        base = (a * segments + s) * channels + c0
+        for o in range(offsets[s], offsets[s + 1]):
+            x_row = x[a, o]
+            y_row = y[a, o]
+            for j in range(width):
+                p = ((a * channels + c0 + j) // row_stride) % groups
+                rs = rstd[base + j]
+                if rs == 0.0:  # no counted element: exactly bias
+                    y_row[c0 + j, 0] = bias[p, 0]
+                else:
+                    y_row[c0 + j, 0] = (x_row[c0 + j, 0] - mean[base + j]) * rs * weight[p, 0] + bias[p, 0]
+
+
+@kernel
+def last_backward(grad_y, x, mask, has_mask, offsets, weight, row_stride, rms, mean, rstd, block, chunk_units,
+                  grad_x, weight_parts, bias_parts):
+    """Twin of ``masked.backward`` for ``I == 1``; arguments as :func:`inner_backward`."""
+    outer_a = x.shape[0]
+    channels = x.shape[2]
+    segments = offsets.shape[0] - 1
+    groups = weight.shape[0]
+    blocks = (channels + block - 1) // block
+    units = outer_a * segments * blocks
+    chunks = weight_parts.shape[0]
+    for k in prange(chunks):
+        w_part = weight_parts[k]
+        b_part = bias_parts[k]
+        sum_gw = np.zeros(block)
+        sum_gw_xhat = np.zeros(block)
+        counts = np.zeros(block, np.int64)
+        for unit in range(k * chunk_units, min(units, (k + 1) * chunk_units)):
+            a = unit // (segments * blocks)
+            s = (unit // blocks) % segments
+            c0 = (unit % blocks) * block
+            width = min(block, channels - c0)
+            start = offsets[s]
+            stop = offsets[s + 1]
+            base = (a * segments + s) * channels + c0
+            sum_gw[:] = 0.0
+            sum_gw_xhat[:] = 0.0
+            counts[:] = 0
+            for o in range(start, stop):
+                g_row = grad_y[a, o]
+                x_row = x[a, o]
+                for j in range(width):
+                    p = ((a * channels + c0 + j) // row_stride) % groups
+                    rs = rstd[base + j]
+                    g = np.float64(g_row[c0 + j, 0])
+                    x_hat = 0.0 if rs == 0.0 else (x_row[c0 + j, 0] - mean[base + j]) * rs
+                    gw = g * weight[p, 0]
+                    sum_gw[j] += gw
+                    sum_gw_xhat[j] += gw * x_hat
+                    counts[j] += 1 if (not has_mask or mask[a, o, c0 + j, 0]) else 0
+                    w_part[p, 0] += g * x_hat
+                    b_part[p, 0] += g
+            for o in range(start, stop):
+                g_row = grad_y[a, o]
+                x_row = x[a, o]
+                gx_row = grad_x[a, o]
+                for j in range(width):
+                    p = ((a * channels + c0 + j) // row_stride) % groups
+                    rs = rstd[base + j]
+                    n = counts[j]
+                    x_hat = 0.0 if rs == 0.0 else (x_row[c0 + j, 0] - mean[base + j]) * rs
+                    gw = g_row[c0 + j, 0] * weight[p, 0]
+                    if n == 0 or (has_mask and not mask[a, o, c0 + j, 0]):
+                        gx_row[c0 + j, 0] = gw * rs
+                    else:
+                        proj = sum_gw_xhat[j] / n
+                        mean_gw = 0.0 if rms else sum_gw[j] / n
+                        gx_row[c0 + j, 0] = ((gw - x_hat * proj) - mean_gw) * rs

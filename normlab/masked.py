@@ -1,0 +1,258 @@
+r"""Statistics decided by data: masks and segments. The math of :func:`normlab.normalize`'s
+``mask=`` and ``segment_ids=`` arguments, in NumPy (the kernels' twin).
+
+A **mask** ``m`` (boolean, broadcast to x's shape) marks the elements that *count* toward
+their group's statistics. A **segment id** array ``s`` along one bracketed axis splits each
+group further: elements whose ids differ fall in different groups, and the statistics come
+back with that axis of length ``num_segments``. For a group with counted elements
+:math:`C` (``n = |C|``) and all its elements :math:`G`:
+
+.. math::
+
+    \mu = \frac1n\sum_{i\in C} x_i,\qquad \sigma^2 = \frac1n\sum_{i\in C}(x_i-\mu)^2,\qquad
+    r = 1/\sqrt{\sigma^2+\varepsilon},\qquad y_i = (x_i-\mu)\,r\,w_i + b_i\quad (i\in G)
+
+Every element is normalized with its group's statistics, counted or not, as Flax's
+``mask=`` does. A group with no counted element has ``mean = rstd = 0`` and gives exactly
+``0`` (exactly ``bias``). Backward, with :math:`\hat x_i=(x_i-\mu)r`, :math:`g_i=\partial
+L/\partial y_i\,w_i` and :math:`m_i` the mask:
+
+.. math::
+
+    \frac{\partial L}{\partial x_i} = r\Big(g_i - \frac{m_i}{n}\sum_{j\in G} g_j
+    - \frac{m_i\hat x_i}{n}\sum_{j\in G} g_j\hat x_j\Big)
+
+(the sums run over *every* element: a masked-out output still depends on the counted
+inputs through the statistics). The numerical choices are the reference's: float64,
+shifted two-pass variance, with each group shifted by its first *counted* element.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+
+from normlab.errors import InputError, ShapeError
+from normlab.plan import Plan
+
+__all__ = ["Grouping", "make_grouping", "MaskedStats", "compute_stats", "forward", "backward", "group_counts"]
+
+
+@dataclass(frozen=True)
+class MaskedStats:
+    """Statistics per group, of ``grouping.stats_shape`` (float64), with the counts that
+    running statistics need; ``mean`` is None for RMS."""
+
+    mean: np.ndarray | None
+    var: np.ndarray
+    rstd: np.ndarray
+    count: np.ndarray  # int64: counted elements per group
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """Which elements share statistics beyond the plan's axes: a mask and segment ids.
+
+    ``counted`` is the mask on the expanded view (None: every element counts);
+    ``segment_axis`` an expanded axis (reduced) or None; ``segment_ids`` int64 along it.
+    """
+
+    plan: Plan
+    counted: np.ndarray | None
+    segment_axis: int | None = None
+    segment_ids: np.ndarray | None = None
+    num_segments: int = 1
+
+    @property
+    def stats_shape(self) -> tuple[int, ...]:
+        """The plan's statistics shape, with the segment axis of length ``num_segments``."""
+        shape = list(self.plan.stats_shape)
+        if self.segment_axis is not None:
+            shape[self.segment_axis] = self.num_segments
+        return tuple(shape)
+
+    @property
+    def ids_sorted(self) -> bool:
+        ids = self.segment_ids
+        return ids is None or bool(np.all(ids[1:] >= ids[:-1]))
+
+    def group_index(self) -> np.ndarray:
+        """Flat index into ``stats_shape`` of every element (expanded view, read-only view)."""
+        ids = np.arange(math.prod(self.stats_shape)).reshape(self.stats_shape)
+        if self.segment_axis is not None:
+            ids = np.take(ids, self.segment_ids, axis=self.segment_axis)
+        return np.broadcast_to(ids, self.plan.axis_sizes)
+
+    def counted_view(self) -> np.ndarray:
+        """The mask broadcast to the expanded view (all True without a mask)."""
+        if self.counted is None:
+            return np.broadcast_to(np.True_, self.plan.axis_sizes)
+        return self.counted
+
+
+def _describe(plan: Plan) -> str:
+    return f"pattern {plan.pattern!r}, input shape {plan.shape}"
+
+
+def _mask_view(mask, plan: Plan) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise InputError(f"{_describe(plan)}: mask has dtype {mask.dtype}; pass a boolean array "
+                         "(True where an element counts toward its group's statistics), e.g. mask != 0")
+    try:
+        full = np.broadcast_to(mask, plan.shape)
+    except ValueError:
+        raise ShapeError(f"{_describe(plan)}: mask of shape {mask.shape} does not broadcast to the input; "
+                         f"pass a mask of shape {plan.shape} or one with size-1 axes that broadcast") from None
+    return full.reshape(plan.axis_sizes)
+
+
+def _segment_axis(plan: Plan, segment_axis) -> int:
+    reduced = [plan.axis_names[i] for i in plan.reduced_axes if not plan.axis_names[i].startswith("...")]
+    if segment_axis is None:
+        if not reduced:
+            raise ShapeError(f"{_describe(plan)}: segment_ids run along a bracketed axis, and this pattern "
+                             "brackets none by name; bracket the axis the ids run along")
+        segment_axis = reduced[0]
+    if segment_axis not in reduced:
+        raise ShapeError(f"{_describe(plan)}: segment_axis={segment_axis!r} is not a bracketed axis; "
+                         f"pass one of {', '.join(map(repr, reduced))}")
+    return plan.axis_names.index(segment_axis)
+
+
+def make_grouping(plan: Plan, mask=None, segment_ids=None, num_segments=None, segment_axis=None) -> Grouping:
+    """Check ``mask`` and the segment arguments against ``plan``.
+
+    >>> from normlab.plan import make_plan
+    >>> g = make_grouping(make_plan("[n] c", (5, 2)), segment_ids=np.array([0, 0, 1, 1, 1]))
+    >>> g.stats_shape, g.num_segments
+    ((2, 2), 2)
+    """
+    counted = None if mask is None else _mask_view(mask, plan)
+    if segment_ids is None:
+        if num_segments is not None or segment_axis is not None:
+            raise InputError(f"{_describe(plan)}: num_segments and segment_axis need segment_ids")
+        return Grouping(plan, counted)
+    axis = _segment_axis(plan, segment_axis)
+    ids = np.asarray(segment_ids)
+    length = plan.axis_sizes[axis]
+    if ids.dtype.kind not in "iu" or ids.shape != (length,):
+        raise ShapeError(f"{_describe(plan)}: segment_ids must be integers of shape ({length},), one per element "
+                         f"along axis {plan.axis_names[axis]!r}; got dtype {ids.dtype} and shape {ids.shape}")
+    ids = ids.astype(np.int64, copy=False)
+    if ids.size and ids.min() < 0:
+        raise ShapeError(f"{_describe(plan)}: segment_ids hold a negative id ({ids.min()}); ids count from 0")
+    if num_segments is None:
+        num_segments = int(ids.max()) + 1 if ids.size else 0
+    else:
+        try:
+            num_segments = operator.index(num_segments)
+        except TypeError:
+            raise InputError(f"num_segments must be an int, got {num_segments!r}") from None
+        if num_segments < 0 or (ids.size and ids.max() >= num_segments):
+            raise ShapeError(f"{_describe(plan)}: num_segments={num_segments} but segment_ids reach {ids.max()}; "
+                             "pass num_segments > max(segment_ids), or leave it out")
+    return Grouping(plan, counted, axis, ids, num_segments)
+
+
+def group_counts(grouping: Grouping) -> np.ndarray:
+    """Counted elements per group, int64 of ``stats_shape``."""
+    index = grouping.group_index()
+    size = math.prod(grouping.stats_shape)
+    counted = grouping.counted_view()
+    flat = np.broadcast_to(index, counted.shape)[counted] if grouping.counted is not None else index.reshape(-1)
+    return np.bincount(flat.reshape(-1), minlength=size).reshape(grouping.stats_shape)
+
+
+def compute_stats(x: np.ndarray, grouping: Grouping, eps: float, rms: bool = False) -> MaskedStats:
+    """Statistics of ``x`` (expanded view) per group of counted elements.
+
+    >>> from normlab.plan import make_plan
+    >>> x = np.array([[4.0, 3.0, 2.0, 100.0]])
+    >>> s = compute_stats(x, make_grouping(make_plan("b [f]", x.shape), mask=np.array([1, 1, 1, 0], bool)), 0.0)
+    >>> s.mean, s.var, s.count
+    (array([[3.]]), array([[0.66666667]]), array([[3]]))
+    """
+    size = math.prod(grouping.stats_shape)
+    index = grouping.group_index().reshape(-1)
+    values = np.ascontiguousarray(x, dtype=np.float64).reshape(-1)
+    counted = grouping.counted_view().reshape(-1)
+    index_c, values_c = index[counted], values[counted]
+    count = np.bincount(index_c, minlength=size)
+    some = count > 0
+    safe = np.maximum(count, 1)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        if rms:
+            var = np.bincount(index_c, values_c * values_c, minlength=size) / safe
+            mean = None
+        else:
+            shift = np.zeros(size)
+            groups, first = np.unique(index_c, return_index=True)  # first counted element of each group
+            shift[groups] = values_c[first]
+            deviation = values_c - shift[index_c]
+            mean_shifted = np.bincount(index_c, deviation, minlength=size) / safe
+            centered = deviation - mean_shifted[index_c]
+            var = np.bincount(index_c, centered * centered, minlength=size) / safe
+            mean = np.where(some, shift + mean_shifted, 0.0)
+        var = np.where(some, var, 0.0)
+        rstd = np.where(some, 1.0 / np.sqrt(var + eps), 0.0)
+    shape = grouping.stats_shape
+    return MaskedStats(None if mean is None else mean.reshape(shape), var.reshape(shape), rstd.reshape(shape),
+                       count.reshape(shape))
+
+
+def _normalized(x, grouping: Grouping, mean, rstd) -> np.ndarray:
+    """x̂ = (x − mean)·rstd per element, exactly 0 in a group whose rstd is 0 (no counted element)."""
+    index = grouping.group_index()
+    rstd_e = rstd.reshape(-1)[index]
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        x_hat = np.array(x, dtype=np.float64, order="C")
+        if mean is not None:
+            x_hat -= mean.reshape(-1)[index]
+        x_hat *= rstd_e
+    x_hat[rstd_e == 0.0] = 0.0
+    return x_hat
+
+
+def forward(x, grouping: Grouping, eps: float, rms=False, weight=None, bias=None, dtype=None, mean=None, rstd=None):
+    """``(y, stats)`` for ``x`` in the expanded view; given ``mean``/``rstd`` (of
+    ``stats_shape``) are applied instead of computed (``stats`` is then None)."""
+    stats = None
+    if rstd is None:
+        stats = compute_stats(x, grouping, eps, rms)
+        mean, rstd = stats.mean, stats.rstd
+    y = _normalized(x, grouping, mean, rstd)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if weight is not None:
+            y *= weight
+        if bias is not None:
+            y += bias
+    return y.astype(dtype or x.dtype, copy=False), stats
+
+
+def backward(grad_y, x, grouping: Grouping, mean, rstd, count, weight=None, need_weight=False, need_bias=False):
+    """Gradients of :func:`forward` w.r.t. x, weight and bias (expanded views, float64),
+    as the module docstring writes them; parameter gradients in ``param_broadcast_shape``."""
+    plan = grouping.plan
+    size = math.prod(grouping.stats_shape)
+    index = grouping.group_index()
+    flat_index = index.reshape(-1)
+    counted = grouping.counted_view()
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        g = np.ascontiguousarray(grad_y, dtype=np.float64)
+        x_hat = _normalized(x, grouping, mean, rstd)
+        g_scaled = g * weight if weight is not None else g
+        safe = np.maximum(count.reshape(-1), 1).astype(np.float64)
+        proj = np.bincount(flat_index, (g_scaled * x_hat).reshape(-1), minlength=size) / safe
+        grad_x = g_scaled - np.where(counted, x_hat * proj[index], 0.0)
+        if mean is not None:
+            mean_g = np.bincount(flat_index, g_scaled.reshape(-1), minlength=size) / safe
+            grad_x -= np.where(counted, mean_g[index], 0.0)
+        grad_x *= rstd.reshape(-1)[index]
+        outside = tuple(i for i in range(plan.ndim) if i not in set(plan.param_axes))
+        grad_weight = (g * x_hat).sum(axis=outside, keepdims=True) if need_weight else None
+        grad_bias = g.sum(axis=outside, keepdims=True) if need_bias else None
+    return grad_x, grad_weight, grad_bias
