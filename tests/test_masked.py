@@ -267,3 +267,8 @@ def test_masked_inputs_are_not_modified():
     normalize(x, "[b] c", mask=mask)
     normalize_backward(np.ones_like(x), x, "[b] c", mask=mask)
     assert (x == before).all()
+
+
+def test_masks_with_fused_options_fail_with_a_fix():
+    with pytest.raises(NormlabError, match="separate normalize call"):
+        normalize(np.zeros((2, 3)), "b [d]", mask=np.ones((2, 3), bool), residual=np.zeros((2, 3)))
