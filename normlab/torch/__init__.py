@@ -46,18 +46,18 @@ from normlab.torch.conversion import convert
 from normlab.torch.fused import AdaLayerNorm, FusedAddLayerNorm, FusedAddRMSNorm, GatedRMSNorm
 from normlab.torch.modules import (
     BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm,
-    Norm, RMSNorm,
+    LayerNorm2d, Norm, RMSNorm,
 )
 from normlab.torch.paths import PATHS, use_path
 from normlab.torch.sync import SyncBatchNorm
 
 for _public in (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
-                LayerNorm, Norm, RMSNorm, SyncBatchNorm, convert, normalize, use_path, FusedAddRMSNorm,
+                LayerNorm, LayerNorm2d, Norm, RMSNorm, SyncBatchNorm, convert, normalize, use_path, FusedAddRMSNorm,
                 FusedAddLayerNorm, GatedRMSNorm, AdaLayerNorm):
     _public.__module__ = __name__  # users (and pickles) name them normlab.torch.X, wherever they live
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "LayerNorm2d", "GroupNorm", "InstanceNorm1d",
     "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "SyncBatchNorm", "Norm", "convert", "normalize",
     "use_path", "PATHS", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm",
 ]

@@ -1,23 +1,40 @@
-"""convert(): swap a model's torch.nn norm layers for their normlab twins."""
+"""convert(): swap a model's norm layers for their normlab twins.
+
+A layer is converted when normlab can compute what it computes:
+
+* torch.nn's norm classes, and their subclasses whose ``forward`` is torch.nn's own;
+* subclasses with a ``forward`` of their own (timm's ``LayerNorm``, ``GroupNorm``, ...) when
+  that forward gives torch.nn's numbers on probe inputs, and subclasses of ``nn.LayerNorm``
+  that normalize the channels of ``(N, C, H, W)`` input (torchvision's and timm's ConvNeXt
+  ``LayerNorm2d``), which become :class:`LayerNorm2d`;
+* RMS norms of other libraries (transformers' ``LlamaRMSNorm``, ``GemmaRMSNorm``,
+  ``T5LayerNorm`` and the many copies of them): a module with one 1-D ``weight`` and an
+  ``eps`` or ``variance_epsilon`` whose forward reproduces one casting recipe
+  (:mod:`normlab.torch.casting`) bit for bit on probe inputs in float32 and bfloat16
+  becomes :class:`RMSNorm` with that recipe;
+* ``LazyBatchNorm*`` and ``LazyInstanceNorm*``: once their first forward has inferred the
+  channels, torch turns them into the normlab twin instead of torch.nn's class.
+
+Probes run on copies with random float64 parameters, through ``type(m).forward`` (no hooks),
+and leave the module, its state and the global random generator untouched.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-from dataclasses import dataclass
-from typing import NamedTuple, Optional
+import re
+import warnings
+from typing import Callable, Optional
 
-import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.lazy import LazyModuleMixin
 
-from normlab import core
-from normlab.errors import InputError, ParamsError, ShapeError
-from normlab.notation import parse_params, parse_pattern
-from normlab.plan import make_plan
+from normlab.torch.casting import CASTINGS, rms_norm_recipe
 from normlab.torch.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d,
-                                   InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm)
+                                   InstanceNorm2d, InstanceNorm3d, LayerNorm, LayerNorm2d, RMSNorm)
 from normlab.torch.sync import SyncBatchNorm
 
 _TWINS = {
@@ -26,25 +43,40 @@ _TWINS = {
     nn.InstanceNorm1d: InstanceNorm1d, nn.InstanceNorm2d: InstanceNorm2d, nn.InstanceNorm3d: InstanceNorm3d,
     nn.SyncBatchNorm: SyncBatchNorm,
 }
+_NORM_BASES = (_NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+_PROBE_TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # float64 probes: a forward in float32 passes, another formula not
 
 
-def twin_of(module: nn.Module, cls: type) -> nn.Module:
-    """A ``cls`` instance holding ``module``'s attributes, sharing its Parameter and buffer
-    objects (so an optimizer built on the old model keeps working)."""
+def twin_of(module: nn.Module, cls: type, **attributes) -> nn.Module:
+    """A ``cls`` instance holding ``module``'s attributes (hooks included) and
+    ``attributes``, sharing its Parameter and buffer objects (so an optimizer built on
+    the old model keeps working)."""
     twin = cls.__new__(cls)
     twin.__dict__.update(module.__dict__)
     for name in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
         setattr(twin, name, type(getattr(module, name))(getattr(module, name)))
     if cls is SyncBatchNorm and not hasattr(twin, "process_group"):
         twin.process_group = None
+    twin.__dict__.update(attributes)
     twin._init_spec()
     return twin
 
 
 def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
-    """Replace every ``torch.nn`` normalization layer of ``model`` (in place) with its
-    normlab twin, keeping parameters and buffers (same objects, so device and dtype too).
-    Returns the model (the twin itself when ``model`` is one norm layer).
+    """Replace every normalization layer of ``model`` (in place) that normlab can compute
+    with its normlab twin, keeping parameters and buffers (the same objects, so device,
+    dtype and an optimizer built on them too) and ``state_dict`` keys. Returns the model
+    (the twin itself when ``model`` is one norm layer).
+
+    Converted: torch.nn's norm classes and their subclasses that compute what torch.nn
+    does; ConvNeXt's ``LayerNorm2d`` (torchvision, timm) as :class:`LayerNorm2d`;
+    transformers' RMS norms (LLaMA, Mistral, Qwen, Gemma, T5, ...) as :class:`RMSNorm` with
+    their casting recipe; uninitialized lazy norms at their first forward (which itself
+    runs torch's). A subclass of a torch.nn norm whose forward computes something else,
+    and any module named ``...Norm...`` that normlab does not recognize, is left alone, and
+    one warning lists them. A converted subclass becomes the plain twin, as
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does: its attributes carry over, its
+    methods do not.
 
     ``fuse=True`` also fuses the residual adds of LLaMA-style pre-norm decoder layers into
     their RMS norms (:mod:`normlab.torch.fuse`); outputs and ``state_dict`` stay the same.
@@ -56,12 +88,167 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
     (True, 'LayerNorm')
     """
     if fuse:
-        from normlab.torch.fuse import fuse_decoder_layers; fuse_decoder_layers(model)  # noqa: E702
-    cls = _TWINS.get(type(model))
-    if cls is not None:
-        return twin_of(model, cls)
-    for name, child in model.named_children():
-        converted = convert(child)
+        from normlab.torch.fuse import fuse_decoder_layers
+        fuse_decoder_layers(model)
+    left_alone: dict[str, list[str]] = {}
+    converted = _convert(model, "", left_alone)
+    if left_alone:
+        listed = "; ".join(f"{cls} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                           for cls, names in left_alone.items())
+        warnings.warn(f"normlab.torch.convert left {sum(map(len, left_alone.values()))} norm layer(s) unconverted, "
+                      f"because their forward computes something no normlab module does: {listed}", stacklevel=2)
+    return converted
+
+
+def _convert(module: nn.Module, name: str, left_alone: dict) -> nn.Module:
+    replacement = _replacement(module, name or "<model>", left_alone)
+    if replacement is not None:
+        return replacement
+    for child_name, child in module.named_children():
+        converted = _convert(child, f"{name}.{child_name}" if name else child_name, left_alone)
         if converted is not child:
-            model.add_module(name, converted)
-    return model
+            module.add_module(child_name, converted)
+    return module
+
+
+def _replacement(module: nn.Module, name: str, left_alone: dict) -> Optional[nn.Module]:
+    """The twin of ``module``, or None to leave it (and look at its children)."""
+    cls = type(module)
+    if any(c.__module__.startswith("normlab.") for c in cls.__mro__):
+        return None
+    if cls in _TWINS:
+        return twin_of(module, _TWINS[cls])
+    if isinstance(module, LazyModuleMixin) and isinstance(module, _NormBase):
+        return _convert_lazy(module)
+    base = next((c for c in cls.__mro__ if c in _TWINS), None)
+    if base is not None:
+        if cls.forward is base.forward or _computes_like(module, base.forward, _probe_shapes(module, base)):
+            return twin_of(module, _TWINS[base])
+        if base is nn.LayerNorm and len(module.normalized_shape) == 1 and _computes_like(
+                module, _channels_first_layer_norm, [(2, module.normalized_shape[0], 3, 2)]):
+            return twin_of(module, LayerNorm2d)
+    elif not isinstance(module, _NORM_BASES):
+        if cls.__module__.startswith("torch."):
+            return None
+        recipe = _rms_recipe(module)
+        if recipe is not None:
+            return twin_of(module, RMSNorm, **recipe)
+        if not (re.search(r"Norm(?!al)", cls.__name__) and not list(module.children())):
+            return None
+    left_alone.setdefault(cls.__name__, []).append(name)
+    return module
+
+
+def _convert_lazy(module: nn.Module) -> nn.Module:
+    """A lazy norm stays lazy: torch swaps its class for ``cls_to_become`` when the first
+    forward has inferred the channels; point that at the normlab twin."""
+    twin = _TWINS.get(module.cls_to_become)
+    if twin is not None:
+        module.cls_to_become = twin
+        twin._init_spec(module)  # the attributes the twin's forward needs, set before the swap
+    return module
+
+
+# ---------------------------------------------------------------------------------------
+# Probes: does a forward of their own compute what a normlab module does?
+
+
+def _probe_shapes(module: nn.Module, base: type) -> list[tuple[int, ...]]:
+    if issubclass(base, (nn.LayerNorm, nn.RMSNorm)):
+        return [(3, 2, *module.normalized_shape)]
+    if base is nn.GroupNorm:
+        return [(3, module.num_channels, 4)]
+    channels = module.num_features
+    return {nn.BatchNorm1d: [(4, channels), (4, channels, 3)], nn.BatchNorm2d: [(4, channels, 3, 2)],
+            nn.BatchNorm3d: [(3, channels, 2, 2, 2)], nn.InstanceNorm1d: [(2, channels, 5)],
+            nn.InstanceNorm2d: [(2, channels, 3, 3)], nn.InstanceNorm3d: [(2, channels, 2, 2, 2)]}.get(base, [])
+
+
+def _channels_first_layer_norm(module: nn.Module, x: Tensor) -> Tensor:
+    return F.layer_norm(x.permute(0, 2, 3, 1), module.normalized_shape, module.weight, module.bias,
+                        module.eps).permute(0, 3, 1, 2)
+
+
+def _probe_copy(module: nn.Module, tensors: dict) -> nn.Module:
+    """A shallow copy of ``module`` holding clones of ``tensors`` as its parameters and buffers."""
+    copy = type(module).__new__(type(module))
+    copy.__dict__.update(module.__dict__)
+    copy._parameters = {k: None if v is None else v.clone() for k, v in tensors["parameters"].items()}
+    copy._buffers = {k: None if v is None else v.clone() for k, v in tensors["buffers"].items()}
+    return copy
+
+
+def _computes_like(module: nn.Module, reference: Callable, shapes: list) -> bool:
+    """``type(module).forward`` gives ``reference``'s output and state on float64 probes with
+    random parameters and running statistics, in training and evaluation mode."""
+    if not shapes:
+        return False
+    generator = torch.Generator().manual_seed(0)
+
+    def random_like(t: Optional[Tensor], positive: bool = False) -> Optional[Tensor]:
+        if t is None or not t.is_floating_point():
+            return None if t is None else t.detach().clone()
+        values = torch.randn(t.shape, generator=generator, dtype=torch.float64)
+        return values.abs() + 0.5 if positive else values
+
+    tensors = {"parameters": {k: random_like(v) for k, v in module._parameters.items()},
+               "buffers": {k: random_like(v, positive="var" in k) for k, v in module._buffers.items()}}
+    eps = getattr(module, "eps", None) or 1e-5
+    for shape in shapes:
+        x = torch.randn(shape, generator=generator, dtype=torch.float64) + 0.5
+        for scale in (1.0, math.sqrt(eps)):  # the second makes eps matter as much as the data
+            for training in (True, False):
+                ours, theirs = _probe_copy(module, tensors), _probe_copy(module, tensors)
+                ours.training = theirs.training = training
+                try:
+                    with torch.no_grad():
+                        actual, expected = type(module).forward(ours, x * scale), reference(theirs, x * scale)
+                except Exception:  # a forward that cannot take the probe is not recognized
+                    return False
+                if not _same(actual, expected, **_PROBE_TOLERANCE):
+                    return False
+                for key, value in theirs._buffers.items():
+                    if value is not None and not _same(ours._buffers.get(key), value, **_PROBE_TOLERANCE):
+                        return False
+    return True
+
+
+def _same(actual, expected, **tolerance) -> bool:
+    return (isinstance(actual, Tensor) and isinstance(expected, Tensor) and actual.shape == expected.shape
+            and actual.dtype == expected.dtype and torch.allclose(actual, expected, equal_nan=True, **tolerance))
+
+
+def _rms_recipe(module: nn.Module) -> Optional[dict]:
+    """``{"normalized_shape", "eps", "casting", "weight_offset", ...}`` when ``module`` is an
+    RMS norm with one 1-D weight whose forward matches a casting recipe bit for bit in
+    float32, bfloat16 and mixed weight/input dtypes; None otherwise."""
+    weight = module._parameters.get("weight")
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if (set(module._parameters) != {"weight"} or weight is None or weight.dim() != 1 or len(module._buffers)
+            or list(module.children()) or not isinstance(eps, (int, float)) or isinstance(eps, bool)):
+        return None
+    generator = torch.Generator().manual_seed(0)
+    size = weight.shape[0]
+    probe_weight = torch.randn(size, generator=generator) * 0.5
+    x = torch.randn(4, size, generator=generator)
+    x = x * torch.tensor([[1.0], [math.sqrt(eps) + 1e-3], [10.0], [1.0]]) + torch.tensor([[0.0], [0.0], [0.0], [3.0]])
+    configs = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+               (torch.float32, torch.bfloat16)]
+    outputs = []
+    for x_dtype, w_dtype in configs:
+        probe = _probe_copy(module, {"parameters": {"weight": probe_weight.to(w_dtype)}, "buffers": {}})
+        try:
+            with torch.no_grad():
+                outputs.append(type(module).forward(probe, x.to(x_dtype)))
+        except Exception:
+            return None
+    for casting in CASTINGS:
+        for offset in (0.0, 1.0):
+            with torch.no_grad():
+                expected = [rms_norm_recipe(x.to(x_dtype), probe_weight.to(w_dtype), eps, casting, offset)
+                            for x_dtype, w_dtype in configs]
+            if all(isinstance(a, Tensor) and a.dtype == e.dtype and a.shape == e.shape and torch.equal(a, e)
+                   for a, e in zip(outputs, expected)):
+                return {"normalized_shape": (size,), "eps": float(eps), "elementwise_affine": True,
+                        "casting": casting, "weight_offset": offset}
+    return None

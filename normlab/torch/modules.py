@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from normlab import core
 from normlab.errors import InputError, ParamsError, ShapeError
@@ -18,7 +19,8 @@ from normlab.notation import parse_params, parse_pattern
 from normlab.plan import make_plan
 from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_forward, _channel_shape,
                                    _check_batch, _expanded_param, _normalize, _update_running, _variance)
-from normlab.torch.paths import _LOW_PRECISION, _choose_path
+from normlab.torch.casting import apply_recipe_scale, check_casting, compute_dtype, rms_norm_recipe
+from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
 from normlab.torch.spec import Spec
 
 def _batch_norm_spec() -> Spec:
@@ -107,23 +109,94 @@ class RMSNorm(nn.RMSNorm):
     """``torch.nn.RMSNorm`` on normlab: ``y = x / sqrt(mean(x²) + eps) · weight`` over the
     trailing ``normalized_shape``; ``eps=None`` is the machine epsilon of x's dtype.
 
+    ``casting`` picks where low-precision input rounds, as a model family does it
+    (:mod:`normlab.torch.casting`): ``None`` is torch.nn.RMSNorm's own, ``"llama"`` casts
+    before the weight, ``"gemma"`` after it, ``"t5"`` to the weight's dtype, ``"none"``
+    computes in the input's dtype. ``weight_offset`` multiplies by ``(weight_offset + weight)``,
+    Gemma's ``1 + weight`` with ``weight_offset=1.0`` (the weight then starts at zeros).
+    A recipe runs as the model family's own torch operations, so a converted
+    ``LlamaRMSNorm`` gives its numbers to the bit in every dtype; under
+    ``use_path("kernel")`` it runs on the kernels instead (statistics in float64: several
+    times faster on CPU, and within float32 rounding of the family's numbers).
+
     >>> [round(v, 4) for v in RMSNorm(2, eps=0.0)(torch.tensor([[3., 4.]]))[0].tolist()]
     [0.8485, 1.1314]
+    >>> gemma = RMSNorm(2, eps=1e-6, casting="gemma", weight_offset=1.0)
+    >>> gemma.weight.tolist(), gemma(torch.tensor([[3., 4.]], dtype=torch.bfloat16)).tolist()
+    ([0.0, 0.0], [[0.84765625, 1.1328125]])
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True,
+                 device=None, dtype=None, *, casting: Optional[str] = None, weight_offset: float = 0.0):
+        self.casting = check_casting(casting)
+        self.weight_offset = float(weight_offset)
+        super().__init__(normalized_shape, eps, elementwise_affine, device=device, dtype=dtype)
         self._init_spec()
 
     def _init_spec(self) -> None:
         self._spec = _trailing_spec(self.normalized_shape, rms=True)
+        self.__dict__.setdefault("casting", None)  # a converted torch.nn.RMSNorm: torch's semantics
+        self.__dict__.setdefault("weight_offset", 0.0)
+
+    def reset_parameters(self) -> None:
+        if self.elementwise_affine:  # so that offset + weight starts at 1
+            nn.init.constant_(self.weight, 1.0 - getattr(self, "weight_offset", 0.0))
+
+    def extra_repr(self) -> str:
+        recipe = getattr(self, "casting", None)
+        offset = getattr(self, "weight_offset", 0.0)
+        return (super().extra_repr() + (f", casting={recipe!r}" if recipe is not None else "")
+                + (f", weight_offset={offset}" if offset else ""))
 
     def forward(self, x: Tensor) -> Tensor:
-        path = _choose_path(x, has_native=True)
-        if path == "native":
-            return super().forward(x)
+        casting = getattr(self, "casting", None)  # absent on modules pickled before it existed
+        offset = getattr(self, "weight_offset", 0.0)
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
-        return _normalize(x, self.weight, None, self._spec, eps, path)[0]
+        path = _choose_path(x, has_native=True)
+        if casting is not None:
+            if not (path == "kernel" and _PathSwitch.path == "kernel"):  # the kernels round differently
+                return rms_norm_recipe(x, self.weight, eps, casting, offset, len(self.normalized_shape))
+            upcast = x.to(compute_dtype(x.dtype))
+            normalized = _normalize(upcast, None, None, self._spec, eps, path)[0]
+            return apply_recipe_scale(x, normalized, self.weight, casting, offset)
+        if path == "native" and not offset:
+            return super().forward(x)
+        weight = self.weight if self.weight is None or not offset else offset + self.weight
+        if path == "native":
+            return F.rms_norm(x, self.normalized_shape, weight, eps)
+        return _normalize(x, weight, None, self._spec, eps, path)[0]
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """Layer norm over the channels of ``(N, C, H, W)`` input, ConvNeXt's ``LayerNorm2d``
+    (torchvision's and timm's, which permute to channels-last, call ``F.layer_norm`` and
+    permute back): pattern ``"b [c] h w"`` with ``params="c"``, no permutes. Its
+    ``state_dict`` holds ``weight`` and ``bias`` of shape ``(C,)``, as theirs does.
+
+    >>> x = torch.randn(2, 3, 4, 4)
+    >>> expected = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (3,), eps=1e-6).permute(0, 3, 1, 2)
+    >>> torch.allclose(LayerNorm2d(3)(x), expected, atol=1e-5)
+    True
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True, *, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__(num_channels, eps=eps, elementwise_affine=affine, bias=bias, device=device, dtype=dtype)
+        self._init_spec()
+
+    def _init_spec(self) -> None:
+        self._spec = Spec.build("b [c] h w", "c", c=int(self.normalized_shape[0]))
+
+    def forward(self, input: Tensor) -> Tensor:
+        channels = self.normalized_shape[0]
+        if input.dim() != 4 or input.shape[1] != channels:
+            raise RuntimeError(f"LayerNorm2d({channels}) expects input of shape (N, {channels}, H, W), "
+                               f"got {tuple(input.shape)}")
+        path = _choose_path(input, has_native=True)
+        if path == "native":  # what the originals do
+            return F.layer_norm(input.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                                self.eps).permute(0, 3, 1, 2)
+        return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
 
 
 class GroupNorm(nn.GroupNorm):

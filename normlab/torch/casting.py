@@ -1,0 +1,114 @@
+"""RMS norm casting recipes: where a model family rounds low-precision input.
+
+RMS norm is one formula, ``y = x / sqrt(mean(x²) + eps) · (offset + weight)``, but model
+families round bfloat16/float16 input at different places, and outputs that must match a
+checkpoint's numbers bit for bit depend on it. The recipes, named as Liger-Kernel's
+``casting_mode`` names them (``"t5"`` added for transformers' T5LayerNorm):
+
+* ``"llama"``: normalize in float32, cast to the input's dtype, *then* multiply by the
+  weight: ``weight · x̂.to(x.dtype)`` (LlamaRMSNorm, and Mistral, Qwen2, ... that copy it);
+* ``"gemma"``: normalize and multiply by ``(offset + weight)`` in float32, cast *after*:
+  ``(x̂ · (1 + weight.float())).to(x.dtype)`` (GemmaRMSNorm, with ``weight_offset=1``);
+* ``"t5"``: the mean of squares in float32, ``x · rsqrt(...)`` in the promoted dtype, cast to
+  the weight's dtype when the weight is float16/bfloat16, then ``weight · x̂`` (T5LayerNorm);
+* ``"none"``: everything in the input's dtype.
+
+In float32 the recipes coincide with each other and with ``torch.nn.RMSNorm``; they differ
+only in where low precision rounds and in the output dtype when weight and input dtypes
+differ. "float32" above means at least float32: float64 input stays float64 (transformers'
+classes downcast it to float32).
+
+:func:`rms_norm_recipe` writes each recipe as the model family's own sequence of torch
+operations, so its results are theirs to the bit.
+
+>>> x = torch.tensor([[3., 4.]], dtype=torch.bfloat16)
+>>> rms_norm_recipe(x, torch.zeros(2), 1e-6, "gemma", weight_offset=1.0).tolist()
+[[0.84765625, 1.1328125]]
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+CASTINGS = ("llama", "gemma", "t5", "none")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def check_casting(casting: Optional[str]) -> Optional[str]:
+    if casting is not None and casting not in CASTINGS:
+        raise ValueError(f"casting must be None (torch.nn.RMSNorm's own) or one of {', '.join(map(repr, CASTINGS))}, "
+                         f"got {casting!r}")
+    return casting
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a recipe normalizes in: float32, or float64 for float64 input."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scale(weight: Optional[Tensor], offset: float, dtype: Optional[torch.dtype] = None) -> Optional[Tensor]:
+    if weight is None:
+        return None
+    weight = weight if dtype is None else weight.to(dtype)
+    return weight if offset == 0 else offset + weight
+
+
+def rms_norm_recipe(x: Tensor, weight: Optional[Tensor], eps: float, casting: str, weight_offset: float = 0.0,
+                    normalized_ndim: int = 1) -> Tensor:
+    """RMS norm over the last ``normalized_ndim`` axes with ``casting``'s roundings, in
+    torch operations (differentiable; the model family's own operation sequence).
+
+    >>> x = torch.tensor([[3., 4.]])
+    >>> [round(v, 4) for v in rms_norm_recipe(x, torch.ones(2), 0.0, "llama")[0].tolist()]
+    [0.8485, 1.1314]
+    """
+    dims = tuple(range(-normalized_ndim, 0))
+    if casting == "none":
+        y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+        scale = _scale(weight, weight_offset)
+        return y if scale is None else y * scale
+    compute = compute_dtype(x.dtype)
+    if casting == "t5":
+        variance = x.to(compute).pow(2).mean(dims, keepdim=True)
+        y = x * torch.rsqrt(variance + eps)
+        if weight is None:
+            return y.to(x.dtype)
+        if weight.dtype in _HALF:
+            y = y.to(weight.dtype)
+        return _scale(weight, weight_offset) * y
+    upcast = x.to(compute)
+    y = upcast * torch.rsqrt(upcast.pow(2).mean(dims, keepdim=True) + eps)
+    if casting == "llama":
+        scale = _scale(weight, weight_offset)
+        return y.to(x.dtype) if scale is None else scale * y.to(x.dtype)
+    if casting == "gemma":
+        scale = _scale(weight, weight_offset, compute)
+        return (y if scale is None else y * scale).to(x.dtype)
+    raise ValueError(f"unknown casting {casting!r}; use one of {', '.join(CASTINGS)}")
+
+
+def apply_recipe_scale(x: Tensor, normalized: Tensor, weight: Optional[Tensor], casting: str,
+                       weight_offset: float = 0.0) -> Tensor:
+    """The recipe's casts and weight on an already normalized ``x̂`` (computed in
+    ``compute_dtype(x.dtype)`` by the kernels): what :func:`rms_norm_recipe` does after
+    its statistics.
+
+    >>> x = torch.tensor([[3., 4.]], dtype=torch.bfloat16)
+    >>> apply_recipe_scale(x, torch.tensor([[0.6, 0.8]]) * 2 ** 0.5, torch.ones(2), "llama").dtype
+    torch.float32
+    """
+    if casting == "gemma":
+        scale = _scale(weight, weight_offset, normalized.dtype)
+        return (normalized if scale is None else normalized * scale).to(x.dtype)
+    if casting == "t5":
+        if weight is None:
+            return normalized.to(x.dtype)
+        if weight.dtype in _HALF:
+            normalized = normalized.to(weight.dtype)
+        return _scale(weight, weight_offset) * normalized
+    normalized = normalized.to(x.dtype)  # llama, and none (which the kernels approximate in float32)
+    scale = _scale(weight, weight_offset)
+    return normalized if scale is None else scale * normalized

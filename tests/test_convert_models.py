@@ -1,0 +1,392 @@
+"""convert() on the norm layers of real models, against the original classes as oracles.
+
+transformers' classes are imported and its models built from config with random weights.
+torchvision's and timm's cannot be imported here (the index's torchvision is a CUDA build
+that fails beside torch's CPU wheel, and timm needs it): ``tests/mirrored_norms.py`` holds
+faithful copies of their classes, taken from their source. Each comparison runs the
+original model and its converted copy on the same input, in training and evaluation mode,
+and compares outputs, input gradients and every parameter's gradient.
+"""
+
+import copy
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import normlab.torch as nt  # noqa: E402
+from tests.mirrored_norms import (  # noqa: E402
+    TimmGroupNorm, TimmLayerNorm, TimmLayerNorm2d, TimmLayerNormFp32, TorchvisionLayerNorm2d, VitLike,
+    convnext_like,
+)
+
+TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+
+
+def convert_quietly(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of these models may leave a norm unconverted
+        return nt.convert(model)
+
+
+def converted_copy(original):
+    return convert_quietly(copy.deepcopy(original))
+
+
+def plain_call(model, x):
+    return model(x)
+
+
+def causal_lm_call(model, x):
+    return model(inputs_embeds=x).logits
+
+
+def run(model, x, seed, call):
+    """Output, input gradient and parameter gradients of ``call(model, x)`` for a random
+    output gradient drawn from ``seed``."""
+    x = x.detach().clone().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    y = call(model, x)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
+    (y * grad_y).sum().backward()
+    return y, x.grad, {name: p.grad for name, p in model.named_parameters()}
+
+
+def assert_same_numbers(original, converted, x, tolerance, call=plain_call):
+    """Outputs, input gradients and parameter gradients, in training and evaluation mode;
+    ``tolerance`` None means to the bit."""
+    for mode in ("train", "eval"):
+        original.train(mode == "train")
+        converted.train(mode == "train")
+        expected, actual = run(original, x, 2, call), run(converted, x, 2, call)
+        for what, e, a in (("output", expected[0], actual[0]), ("input grad", expected[1], actual[1])):
+            assert a.dtype == e.dtype, f"{mode} {what}"
+            if tolerance is None:
+                assert torch.equal(a, e), f"{mode} {what}: {(a - e).abs().max()}"
+            else:
+                torch.testing.assert_close(a, e, **tolerance, msg=lambda m: f"{mode} {what}: {m}")
+        assert list(actual[2]) == list(expected[2])
+        for name, e in expected[2].items():
+            a = actual[2][name]
+            if e is None or a is None:  # a parameter the output does not depend on
+                assert a is e, f"{mode} grad of {name}"
+            elif tolerance is None:
+                assert torch.equal(a, e), f"{mode} grad of {name}: {(a - e).abs().max()}"
+            else:
+                torch.testing.assert_close(a, e, **tolerance, msg=lambda m: f"{mode} grad of {name}: {m}")
+
+
+def random_parameters(model, seed=0):
+    """Move affine parameters away from their ones/zeros start, so a dropped weight shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator).to(parameter.dtype) * 0.1)
+    return model
+
+
+def types_in(model):
+    return sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
+
+
+# ---------------------------------------------------------------------------------------
+# torchvision and timm (mirrored)
+
+VISION_MODELS = {
+    "torchvision_convnext": lambda: convnext_like(TorchvisionLayerNorm2d),
+    "timm_convnext": lambda: convnext_like(TimmLayerNorm2d, block_norm=TimmLayerNorm),
+    "timm_vit": lambda: VitLike(),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", list(VISION_MODELS))
+def test_vision_models_convert_every_norm_and_keep_outputs_and_gradients(name, dtype):
+    torch.manual_seed(0)
+    original = random_parameters(VISION_MODELS[name]()).to(dtype)
+    converted = converted_copy(original)
+    assert set(types_in(converted)) <= {"LayerNorm", "LayerNorm2d"}, types_in(converted)
+    x = torch.randn(2, 3, 16, 16, dtype=dtype)
+    assert_same_numbers(original, converted, x, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("original_class", [TorchvisionLayerNorm2d, TimmLayerNorm2d])
+def test_convnext_layer_norm_2d_becomes_channels_first_layer_norm_without_permutes(original_class):
+    original = random_parameters(original_class(6, eps=1e-6))
+    converted = convert_quietly(original)  # the original object is left as it was
+    assert type(converted) is nt.LayerNorm2d
+    assert converted._spec.pattern == "b [c] h w" and converted._spec.params == "c"
+    assert converted.eps == 1e-6 and converted.weight is original.weight and converted.bias is original.bias
+    assert list(converted.state_dict()) == ["weight", "bias"]
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 6, 5, 4).to(memory_format=memory_format)
+        torch.testing.assert_close(converted(x), original(x), **TOLERANCE[torch.float32])
+        with nt.use_path("native"):  # torch's own ops: the original's, to the bit
+            assert torch.equal(converted(x), original(x))
+    x = torch.randn(2, 6, 5, 4, dtype=torch.bfloat16)
+    assert torch.equal(converted(x), original(x))
+
+
+def test_layer_norm_2d_refuses_input_without_its_channels_as_torch_does():
+    with pytest.raises(RuntimeError, match=r"expects input of shape \(N, 6, H, W\), got \(2, 5, 3, 3\)"):
+        nt.LayerNorm2d(6)(torch.randn(2, 5, 3, 3))
+
+
+def test_converted_model_keeps_state_dict_keys_loads_both_ways_and_shares_parameters():
+    torch.manual_seed(0)
+    model = random_parameters(convnext_like(TimmLayerNorm2d, block_norm=TimmLayerNorm))
+    keys = list(model.state_dict())
+    parameters = list(model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = nt.convert(model)
+    assert converted is model and list(converted.state_dict()) == keys
+    assert all(a is b for a, b in zip(converted.parameters(), parameters))  # the same objects
+    converted(torch.randn(2, 3, 16, 16)).sum().backward()
+    optimizer.step()  # the optimizer built before the conversion trains the converted model
+    assert not torch.equal(converted.state_dict()["5.0.weight"], before["5.0.weight"])
+    fresh = convnext_like(TimmLayerNorm2d, block_norm=TimmLayerNorm)
+    fresh.load_state_dict(converted.state_dict())  # normlab -> original
+    fresh_converted = converted_copy(convnext_like(TimmLayerNorm2d, block_norm=TimmLayerNorm))
+    fresh_converted.load_state_dict(fresh.state_dict())  # original -> normlab
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(fresh_converted(x), fresh(x), **TOLERANCE[torch.float32])
+
+
+# ---------------------------------------------------------------------------------------
+# Subclasses of torch.nn norms
+
+
+class TaggedBatchNorm(torch.nn.BatchNorm2d):
+    """A user subclass that only adds an attribute: torch.nn's forward."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.tag = "stem"
+
+
+class ScaledLayerNorm(torch.nn.LayerNorm):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class UnbiasedLayerNorm2d(torch.nn.LayerNorm):
+    """Permutes like ConvNeXt's LayerNorm2d, but with the unbiased variance."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True)
+        return ((x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias).permute(0, 3, 1, 2)
+
+
+def test_subclass_with_torch_nn_forward_is_converted_with_its_attributes_and_running_statistics():
+    torch.manual_seed(0)
+    original = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), TaggedBatchNorm(4)).double()
+    converted = converted_copy(original)
+    assert type(converted[1]) is nt.BatchNorm2d and converted[1].tag == "stem"
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    assert_same_numbers(original, converted, x, TOLERANCE[torch.float64])
+    for name, value in original.state_dict().items():
+        torch.testing.assert_close(converted.state_dict()[name], value, **TOLERANCE[torch.float64])
+
+
+@pytest.mark.parametrize("original_class, twin_class", [
+    (lambda c: TimmGroupNorm(c, num_groups=4), nt.GroupNorm), (TimmLayerNorm, nt.LayerNorm),
+    (TimmLayerNormFp32, nt.LayerNorm),
+], ids=["timm_group_norm", "timm_layer_norm", "timm_layer_norm_fp32"])
+def test_subclass_with_a_forward_of_its_own_that_computes_torch_nn_numbers_is_converted(original_class, twin_class):
+    original = random_parameters(original_class(8))
+    converted = converted_copy(original)
+    assert type(converted) is twin_class
+    x = torch.randn(3, 8, 4) if twin_class is nt.GroupNorm else torch.randn(3, 5, 8)
+    assert_same_numbers(original, converted, x, TOLERANCE[torch.float32])
+
+
+def test_norms_that_compute_something_else_are_left_alone_with_one_warning_naming_them():
+    model = torch.nn.Sequential(ScaledLayerNorm(4), ScaledLayerNorm(4), torch.nn.LayerNorm(4),
+                                UnbiasedLayerNorm2d(4), FakeRMSNorm(4))
+    originals = list(model)
+    with pytest.warns(UserWarning) as record:
+        nt.convert(model)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "left 4 norm layer(s) unconverted" in message
+    assert "ScaledLayerNorm (0, 1)" in message and "UnbiasedLayerNorm2d (3)" in message and "FakeRMSNorm (4)" in message
+    assert [m is o for m, o in zip(model, originals)] == [True, True, False, True, True]
+    assert type(model[2]) is nt.LayerNorm
+
+
+def test_converting_a_converted_model_changes_nothing_and_warns_nothing():
+    model = converted_copy(VitLike())
+    modules = list(model.modules())
+    assert list(converted_copy(model).modules()).__len__() == len(modules)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert all(a is b for a, b in zip(nt.convert(model).modules(), modules))
+
+
+# ---------------------------------------------------------------------------------------
+# Lazy norms
+
+
+def test_lazy_norms_become_normlab_twins_at_their_first_forward():
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.LazyBatchNorm2d(), torch.nn.Flatten(2),
+                                   torch.nn.LazyInstanceNorm1d(affine=True, track_running_stats=True)).double()
+
+    original, converted = model(), convert_quietly(model())  # a lazy module cannot be deep-copied
+    assert type(converted[1]) is torch.nn.LazyBatchNorm2d  # nothing to convert before the channels are known
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    for step in range(3):
+        torch.testing.assert_close(converted(x * (step + 1)), original(x * (step + 1)), **TOLERANCE[torch.float64])
+        assert (type(converted[1]), type(converted[3])) == (nt.BatchNorm2d, nt.InstanceNorm1d)
+        assert (type(original[1]), type(original[3])) == (torch.nn.BatchNorm2d, torch.nn.InstanceNorm1d)
+    for name, value in original.state_dict().items():
+        torch.testing.assert_close(converted.state_dict()[name], value, **TOLERANCE[torch.float64])
+    assert_same_numbers(original, converted, x, TOLERANCE[torch.float64])
+
+
+def test_an_initialized_lazy_norm_is_converted_at_once():
+    lazy = torch.nn.LazyBatchNorm1d()
+    lazy(torch.randn(4, 3))
+    assert type(nt.convert(lazy)) is nt.BatchNorm1d
+
+
+# ---------------------------------------------------------------------------------------
+# transformers' RMS norms
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
+from transformers.models.mistral.modeling_mistral import MistralRMSNorm  # noqa: E402
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm  # noqa: E402
+from transformers.models.t5.modeling_t5 import T5LayerNorm  # noqa: E402
+
+
+class HiddenScaler(torch.nn.Module):
+    """LLaMA's RMS norm under another name, written another way."""
+
+    def __init__(self, size, eps=1e-5):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.mean(h.pow(2), dim=-1, keepdim=True).add(self.eps).rsqrt()
+        return self.weight * h.type_as(x)
+
+
+class FakeRMSNorm(torch.nn.Module):
+    """Named like an RMS norm, with its attributes, but it subtracts the mean."""
+
+    def __init__(self, size, eps=1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(size))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        x = x - x.mean(-1, keepdim=True)
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+RMS_CLASSES = [(LlamaRMSNorm, "llama", 0.0), (MistralRMSNorm, "llama", 0.0), (Qwen2RMSNorm, "llama", 0.0),
+               (GemmaRMSNorm, "gemma", 1.0), (T5LayerNorm, "t5", 0.0), (HiddenScaler, "llama", 0.0)]
+# (input dtype, weight dtype): as loaded in float32, a bfloat16 model, and bfloat16 activations
+# on float32 weights (mixed precision), where the recipes round differently
+DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
+
+
+@pytest.mark.parametrize("dtypes", DTYPES, ids=["float32", "bfloat16", "bfloat16_on_float32_weight"])
+@pytest.mark.parametrize("original_class, casting, offset", RMS_CLASSES, ids=[c[0].__name__ for c in RMS_CLASSES])
+def test_rms_norms_are_recognized_by_what_they_compute_and_match_to_the_bit(original_class, casting, offset,
+                                                                            dtypes):
+    x_dtype, weight_dtype = dtypes
+    original = random_parameters(original_class(64, eps=1e-6)).to(weight_dtype)
+    converted = convert_quietly(original)
+    assert type(converted) is nt.RMSNorm
+    assert (converted.casting, converted.weight_offset, converted.eps) == (casting, offset, 1e-6)
+    assert converted.weight is original.weight and list(converted.state_dict()) == ["weight"]
+    x = torch.randn(3, 5, 64).to(x_dtype)
+    assert_same_numbers(original, converted, x, None)
+
+
+@pytest.mark.parametrize("original_class, casting, offset", RMS_CLASSES[:5:2], ids=["llama", "qwen2", "t5"])
+def test_recipes_agree_with_transformers_in_float64(original_class, casting, offset):
+    # transformers' classes compute float64 input in float32; the recipes keep float64
+    original = random_parameters(original_class(64, eps=1e-6)).double()
+    converted = converted_copy(original)
+    assert_same_numbers(original, converted, torch.randn(3, 64, dtype=torch.float64), dict(rtol=1e-5, atol=1e-6))
+
+
+@pytest.mark.parametrize("dtypes", DTYPES, ids=["float32", "bfloat16", "bfloat16_on_float32_weight"])
+@pytest.mark.parametrize("original_class", [LlamaRMSNorm, GemmaRMSNorm, T5LayerNorm])
+def test_recipes_on_the_kernels_agree_with_transformers_to_float_rounding(original_class, dtypes):
+    x_dtype, weight_dtype = dtypes
+    original = random_parameters(original_class(64, eps=1e-6)).to(weight_dtype)
+    converted = converted_copy(original)
+    low = torch.bfloat16 in dtypes
+    with nt.use_path("kernel"):
+        assert_same_numbers(original, converted, torch.randn(4, 64).to(x_dtype),
+                            dict(rtol=1.6e-2, atol=1e-2) if low else dict(rtol=1e-5, atol=1e-6))
+
+
+def test_an_rms_norm_lookalike_that_computes_something_else_is_left_alone():
+    fake = FakeRMSNorm(8)
+    with pytest.warns(UserWarning, match=r"FakeRMSNorm \(<model>\)"):
+        assert nt.convert(fake) is fake
+
+
+def tiny_causal_lm(kind):
+    config_class = {"llama": transformers.LlamaConfig, "gemma": transformers.GemmaConfig}[kind]
+    config = config_class(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return random_parameters(transformers.AutoModelForCausalLM.from_config(config))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["llama", "gemma"])
+def test_tiny_causal_lms_from_config_give_the_same_logits_and_gradients_to_the_bit(kind, dtype):
+    original = tiny_causal_lm(kind).to(dtype)
+    converted = converted_copy(original)
+    norms = [m for m in converted.modules() if isinstance(m, nt.RMSNorm)]
+    assert len(norms) == 2 * 2 + 1 and {m.casting for m in norms} == {kind}
+    assert not [m for m in converted.modules() if "RMSNorm" in type(m).__name__ and not isinstance(m, nt.RMSNorm)]
+    assert list(converted.state_dict()) == list(original.state_dict())
+    x = torch.randn(2, 7, 32).to(dtype)
+    assert_same_numbers(original, converted, x, None, call=causal_lm_call)
+
+
+def test_tiny_llama_in_float64_agrees_to_float32_rounding():
+    original = tiny_causal_lm("llama").double()
+    converted = converted_copy(original)
+    assert_same_numbers(original, converted, torch.randn(2, 7, 32, dtype=torch.float64),
+                        dict(rtol=1e-4, atol=1e-5), call=causal_lm_call)
+
+
+# ---------------------------------------------------------------------------------------
+# RMSNorm's casting argument
+
+
+def test_rms_norm_without_casting_keeps_torch_nn_semantics_in_bfloat16():
+    reference = random_parameters(torch.nn.RMSNorm(32, eps=1e-6)).bfloat16()
+    twin = converted_copy(reference)
+    assert twin.casting is None
+    x = torch.randn(4, 32).bfloat16()
+    assert torch.equal(twin(x), reference(x))
+
+
+def test_gemma_weight_offset_starts_the_weight_at_zero_and_is_in_the_repr():
+    norm = nt.RMSNorm(4, eps=1e-6, casting="gemma", weight_offset=1.0)
+    assert norm.weight.tolist() == [0.0] * 4
+    assert "casting='gemma', weight_offset=1.0" in repr(norm)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(norm(x), torch.nn.functional.rms_norm(x, (4,), eps=1e-6))
+
+
+def test_an_unknown_casting_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="casting must be None .* 'llama', 'gemma', 't5', 'none'"):
+        nt.RMSNorm(4, casting="bf16")
