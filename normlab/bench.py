@@ -392,6 +392,22 @@ def passive_openmp() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def _print_fused(console, rows, repeats: int, as_markdown: bool) -> None:
+    from rich.table import Table
+
+    from normlab import bench_fused
+
+    if as_markdown:
+        console.print(bench_fused.markdown(rows), markup=False, highlight=False)
+        return
+    table = Table(title=f"fused blocks, median of {repeats} runs, float32")
+    for header in bench_fused.HEADERS:
+        table.add_column(header, justify="left" if header in ("case", "shape") else "right")
+    for cells in bench_fused.table_rows(rows):
+        table.add_row(*cells)
+    console.print(table)
+
+
 def run(args: argparse.Namespace) -> int:
     """Measure, print the table (and save the plot)."""
     passive_openmp()
@@ -401,10 +417,13 @@ def run(args: argparse.Namespace) -> int:
 
     from normlab.errors import InputError
 
+    from normlab import bench_fused
+
     cases = select(args.case)
-    if not cases:
+    fused_cases = bench_fused.select(args.case)  # the fused group runs when asked for by name
+    if not cases and not fused_cases:
         raise InputError(f"no benchmark case matches {args.case}; cases: "
-                         + ", ".join(f"{c.name} {c.mode}" for c in CASES))
+                         + ", ".join([f"{c.name} {c.mode}" for c in CASES] + ["fused (the fused-block group)"]))
     repeats = args.repeats or (2 if args.quick else 7)
     if repeats < 1:
         raise InputError(f"--repeats must be at least 1, got {repeats}")
@@ -412,13 +431,19 @@ def run(args: argparse.Namespace) -> int:
     if not console.is_terminal:  # piped into a file: do not fold the table to 80 columns
         console = Console(no_color=True, width=160)
     with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("benchmarking", total=len(cases) * len(ENGINES))
+        task = bar.add_task("benchmarking", total=len(cases) * len(ENGINES)
+                            + len(fused_cases) * len(bench_fused.ENGINES))
 
         def advance(description):
             bar.update(task, description=description)
             bar.advance(task)
 
         rows = measure(cases, args.quick, repeats, advance)
+        fused_rows = bench_fused.measure(fused_cases, args.quick, repeats, advance)
+    if fused_rows:
+        _print_fused(console, fused_rows, repeats, args.markdown)
+    if not rows:
+        return 0
     if args.markdown:
         console.print(markdown(rows), markup=False, highlight=False)
     else:

@@ -65,3 +65,22 @@ def test_measure_times_each_engine_repeats_times_in_rounds(repeats, monkeypatch)
     assert calls == {"normlab": repeats + rounds, "torch": repeats + rounds}  # timed calls + a warm-up per round
     assert row.seconds["absent"] is None and row.seconds["normlab"] is not None
     assert len(described) == len(engines)
+
+
+def test_fused_group_runs_only_when_a_filter_says_fused():
+    from normlab import bench_fused
+
+    assert bench_fused.select(["RMS"]) == ()
+    assert {c.block for c in bench_fused.select(["fused"])} == {"add_rms", "adaln", "gated", "decoder"}
+
+
+def test_bench_fused_decoder_row_compares_converted_with_unconverted_model():
+    pytest.importorskip("transformers")
+    result = subprocess.run(
+        [sys.executable, "-m", "normlab.cli", "bench", "--quick", "--repeats", "1", "--case",
+         "fused LLaMA decoder 4×1024 fwd", "--markdown"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| fused LLaMA decoder 4×1024 fwd | 1×16×128 |" in result.stdout
+    assert "layer norm" not in result.stdout  # the regular table is not printed

@@ -25,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", metavar="2,3,4", help="draw random small integers of this shape instead")
     parser.add_argument("--seed", metavar="N", default="0", help="seed for --shape (default 0)")
     parser.add_argument("--rms", action="store_true", help="divide by the root mean square, no mean (RMS norm)")
+    parser.add_argument("--residual", action="store_true", help="fused block: normalize x + residual")
+    parser.add_argument("--gate", metavar="ACT", choices=("silu", "sigmoid", "gelu"),
+                        help="fused block: multiply by ACT(z) (silu, sigmoid or gelu) after the norm")
+    parser.add_argument("--gate-first", action="store_true", help="gate before the statistics (Mamba2's block)")
+    parser.add_argument("--modulation", metavar="AXES", help="fused block: scale and shift over AXES, e.g. 'b d'")
+    parser.add_argument("--weight-offset", metavar="O", type=float, default=0.0, help="Gemma's 1 + weight is 1")
     parser.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page to FILE")
     parser.add_argument("--no-color", dest="explain_no_color", action="store_true", help="plain text output")
     _allow_sizes_after_options(parser)
@@ -94,15 +100,42 @@ def _explain(args: argparse.Namespace) -> int:
     sizes = parse_sizes(args.sizes)
     x, origin = load_input(args)
     view = explain_array(x, args.pattern, sizes, rms=args.rms)
+    block = _fused_stages(args, view, x.shape, sizes)
     page = None
     if args.html:  # written first, so that a bad path fails before anything is printed
-        page = write_page(args.html, all_views(x, view), view.key, title=f"normlab explain · {view.pattern}")
+        from normlab.explain.pipeline import pipeline_svg
+
+        page = write_page(args.html, all_views(x, view), view.key, title=f"normlab explain · {view.pattern}",
+                          pipeline=pipeline_svg(block) if block else "")
     console = make_console(no_color=args.no_color or args.explain_no_color)
     shape = "×".join(str(s) for s in x.shape)
     console.print(f"[bold]normlab explain[/]  tensor {shape}" + (f" ({escape(origin)})" if origin else ""))
     render_view(console, view, limit=MAX_CLAIMS_SHOWN)
+    if block:
+        from normlab.explain.pipeline import stage_lines
+
+        console.print("\n[bold]fused block[/], one stage per line:")
+        for line in stage_lines(block):
+            console.print(escape(line))
     if page is not None:
         console.print(f"\n[bold]page:[/] {escape(str(page))}  (open it in a browser; hover a cell, switch the norm)")
     else:
         console.print("\n[dim]add --html explain.html to draw it, with batch, layer, instance, group and RMS norm side by side[/]")
     return 0
+
+
+def _fused_stages(args: argparse.Namespace, view, shape, sizes):
+    """The fused block's stages when an option asks for one (else an empty tuple)."""
+    from normlab.explain.pipeline import stages
+
+    if not (args.residual or args.gate or args.modulation or args.weight_offset):
+        return ()
+    if args.gate_first and not args.gate:
+        raise NormlabError("--gate-first needs --gate ACT (silu, sigmoid or gelu)")
+    if args.modulation:
+        from normlab.plan import make_plan
+
+        make_plan(view.pattern, shape, args.modulation, **sizes)  # names the axes, or says why not
+    return stages(view.pattern, rms=args.rms, residual=args.residual, gate=args.gate,
+                  norm_before_gate=not args.gate_first, weight_offset=args.weight_offset,
+                  modulation=args.modulation)

@@ -196,8 +196,10 @@ def _svg(x: np.ndarray, first: NormView) -> str:
     )
 
 
-def build_page(views: list[NormView], selected: str | None = None, title: str = "normlab explain") -> str:
-    """The whole page for one tensor and several norms (``views``, all on the same data)."""
+def build_page(views: list[NormView], selected: str | None = None, title: str = "normlab explain",
+               pipeline: str = "") -> str:
+    """The whole page for one tensor and several norms (``views``, all on the same data);
+    ``pipeline`` is an SVG of a fused block's stages (:mod:`normlab.explain.pipeline`), or empty."""
     selected = selected or views[0].key
     first = next(v for v in views if v.key == selected)
     x = first.x
@@ -213,16 +215,19 @@ def build_page(views: list[NormView], selected: str | None = None, title: str = 
             .replace("{{shape}}", html.escape(shape))
             .replace("{{buttons}}", buttons)
             .replace("{{svg}}", _svg(x, first))
+            .replace("{{pipeline}}", f'<figure class="card">{pipeline}<figcaption class="explain">where the '
+                     'residual, the gate and the modulation enter</figcaption></figure>' if pipeline else "")
             .replace("{{data}}", data))
 
 
-def write_page(path, views: list[NormView], selected: str | None = None, title: str = "normlab explain"):
+def write_page(path, views: list[NormView], selected: str | None = None, title: str = "normlab explain",
+               pipeline: str = ""):
     """Write :func:`build_page` to ``path`` (UTF-8) and return the path as a ``pathlib.Path``."""
     from pathlib import Path
 
     path = Path(path)
     try:
-        path.write_text(build_page(views, selected, title), encoding="utf-8")
+        path.write_text(build_page(views, selected, title, pipeline), encoding="utf-8")
     except OSError as err:
         from normlab.errors import NormlabError
 
@@ -307,6 +312,7 @@ PAGE_TEMPLATE = r"""<!doctype html>
   <p class="lede">Every norm subtracts a mean and divides by a standard deviation; they differ only in
   <em>which</em> elements share them. Tensor <b class="mono">{{shape}}</b>, one colour per group:
   hover or click a cell to light up every cell that shares its mean and std.</p>
+  {{pipeline}}
 </header>
 <nav id="norms" aria-label="norm">{{buttons}}</nav>
 <main>

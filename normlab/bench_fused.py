@@ -1,0 +1,251 @@
+"""The fused-block group of ``normlab bench`` (``--case fused``): normlab's fused torch
+modules against the eager torch code that models run, and against ``torch.compile`` of it.
+
+Cases: residual add + RMS norm (LLaMA), AdaLN-Zero's modulated layer norm (DiT-XL),
+gated RMS norm with 8 groups (Mamba2), and a small LLaMA-style decoder with
+``convert(model, fuse=True)`` against the unconverted Hugging Face model. Engines take
+turns in rounds as in :func:`normlab.bench.measure`; the table gives medians and ratios.
+For the decoder, "norm share" is the time its unconverted norm blocks (residual add +
+RMS norm, each timed alone at the model's shape) take of the unconverted model's time:
+the most that fusing them can save.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from normlab.bench import ROUNDS, seconds_of
+
+__all__ = ["FUSED_CASES", "FusedCase", "select", "measure", "markdown"]
+
+
+@dataclass(frozen=True)
+class FusedCase:
+    """One row: a fused block, its mode (``"fwd"``, ``"fwd+bwd"``, ``"train step"``) and shapes."""
+
+    name: str
+    block: str  # add_rms, adaln, gated, decoder
+    mode: str
+    shape: tuple[int, ...]
+    quick_shape: tuple[int, ...]
+
+    @property
+    def label(self) -> str:
+        return f"fused {self.name} {self.mode}"
+
+
+FUSED_CASES: tuple[FusedCase, ...] = (
+    FusedCase("add + RMS norm", "add_rms", "fwd+bwd", (8, 512, 4096), (2, 64, 512)),
+    FusedCase("AdaLN-Zero layer norm", "adaln", "fwd", (8, 1024, 1152), (2, 64, 288)),
+    FusedCase("AdaLN-Zero layer norm", "adaln", "fwd+bwd", (8, 1024, 1152), (2, 64, 288)),
+    FusedCase("gated RMS norm g=8", "gated", "fwd+bwd", (8, 512, 4096), (2, 64, 512)),
+    FusedCase("LLaMA decoder 4×1024", "decoder", "fwd", (2, 256, 1024), (1, 16, 128)),
+    FusedCase("LLaMA decoder 4×1024", "decoder", "train step", (2, 256, 1024), (1, 16, 128)),
+)
+
+
+def select(filters) -> tuple[FusedCase, ...]:
+    """The fused cases a ``--case`` filter asks for: only filters that say ``fused``."""
+    wanted = [f.lower() for f in (filters or ()) if "fused" in f.lower()]
+    return tuple(c for c in FUSED_CASES if any(f in c.label.lower() for f in wanted))
+
+
+# --- engines: each builder returns {engine: zero-argument callable} ---------------------------
+
+def _fwd_bwd(forward, inputs, grads_out, mode):
+    import torch
+
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return forward(*inputs)
+
+        return run
+
+    def run():
+        outputs = forward(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return torch.autograd.grad(outputs, inputs, grads_out[:len(outputs)])
+
+    return run
+
+
+def _block_engines(case: FusedCase, shape):
+    import torch
+    import torch.nn.functional as F
+
+    from normlab.torch import AdaLayerNorm, FusedAddRMSNorm, GatedRMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    b, t, d = shape
+
+    def leaf(*s):
+        return torch.randn(s, generator=gen).requires_grad_()
+
+    x, r = leaf(b, t, d), leaf(b, t, d)
+    grads = (torch.randn(shape, generator=gen), torch.randn(shape, generator=gen))
+    if case.block == "add_rms":
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        hf = LlamaRMSNorm(d, eps=1e-6)
+        ours = FusedAddRMSNorm(d, eps=1e-6)
+        weight = hf.weight
+
+        def eager(x, r, weight):
+            total = x + r
+            return hf(total), total
+
+        def fused(x, r, weight):
+            return ours(x, r)
+
+        ours.weight = weight
+        inputs = (x, r, weight)
+    elif case.block == "adaln":
+        scale, shift = leaf(b, d), leaf(b, d)
+        module = AdaLayerNorm(d)
+
+        def eager(x, scale, shift):
+            return F.layer_norm(x, (d,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+        def fused(x, scale, shift):
+            from normlab.torch.fused import fused_normalize
+
+            return fused_normalize(x, module._block, scale=scale, shift=shift)
+
+        inputs = (x, scale, shift)
+    else:  # gated, mamba_ssm's rms_norm_ref (groups of d/8, gate after the norm)
+        ours = GatedRMSNorm(d, eps=1e-5, group_size=d // 8)
+        weight = ours.weight
+
+        def eager(x, z, weight):
+            x32, z32 = x.float(), z.float()
+            group = x32.reshape(b, t, 8, d // 8)
+            rstd = 1 / torch.sqrt(group.square().mean(dim=-1, keepdim=True) + 1e-5)
+            out = (group * rstd).reshape(b, t, d) * weight.float()
+            return (out * F.silu(z32)).to(x.dtype)
+
+        def fused(x, z, weight):
+            return ours(x, z)
+
+        inputs = (x, r, weight)
+    engines = {"normlab": _fwd_bwd(fused, inputs, grads, case.mode), "eager": _fwd_bwd(eager, inputs, grads, case.mode)}
+    compiled = torch.compile(eager)
+    engines["compile"] = _fwd_bwd(compiled, inputs, grads, case.mode)
+    return engines, None
+
+
+def _decoder(shape):
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    batch, tokens, hidden = shape
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_attention_heads=max(1, hidden // 64),
+                         num_key_value_heads=max(1, hidden // 64), num_hidden_layers=4, vocab_size=1000,
+                         max_position_embeddings=max(2048, tokens))
+    torch.manual_seed(0)
+    return LlamaModel(config)
+
+
+def _decoder_engines(case: FusedCase, shape):
+    import copy
+
+    import torch
+
+    from normlab.torch import convert
+
+    hf = _decoder(shape)
+    ours = convert(copy.deepcopy(hf), fuse=True)
+    batch, tokens, hidden = shape
+    ids = torch.randint(0, 1000, (batch, tokens), generator=torch.Generator().manual_seed(1))
+
+    def step(model):
+        if case.mode == "fwd":
+            def run():
+                with torch.no_grad():
+                    return model(ids).last_hidden_state
+
+            return run
+        parameters = [p for p in model.parameters() if p.requires_grad]
+
+        def run():
+            out = model(ids).last_hidden_state
+            return torch.autograd.grad(out.square().mean(), parameters)
+
+        return run
+
+    # the unconverted model's norm blocks alone: 2 adds + norms per layer and the final norm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(hidden)
+    gen = torch.Generator().manual_seed(2)
+    x, r = (torch.randn((batch, tokens, hidden), generator=gen).requires_grad_() for _ in range(2))
+    grads = tuple(torch.randn((batch, tokens, hidden), generator=gen) for _ in range(2))
+
+    def block(x, r):
+        total = x + r
+        return norm(total), total
+
+    norm_call = _fwd_bwd(block, (x, r), grads, "fwd" if case.mode == "fwd" else "fwd+bwd")
+    return {"normlab": step(ours), "eager": step(hf), "compile": None}, (norm_call, 2 * 4 + 1)
+
+
+def _engines(case: FusedCase, shape):
+    return _decoder_engines(case, shape) if case.block == "decoder" else _block_engines(case, shape)
+
+
+@dataclass(frozen=True)
+class FusedRow:
+    case: FusedCase
+    shape: tuple[int, ...]
+    seconds: dict
+    norm_share: float | None
+
+
+ENGINES = ("normlab", "eager", "compile")
+
+
+def measure(cases, quick: bool, repeats: int, progress=None) -> list[FusedRow]:
+    """Time the engines of every case in rounds (see :func:`normlab.bench.measure`)."""
+    import torch
+
+    rows = []
+    for case in cases:
+        shape = case.quick_shape if quick else case.shape
+        calls, norm = _engines(case, shape)
+        if norm is not None:
+            calls["norm blocks"] = norm[0]
+        timed = {engine: [] for engine in calls}
+        rounds = min(ROUNDS, repeats)
+        for index in range(rounds):
+            count = repeats // rounds + (index < repeats % rounds)
+            for engine, call in calls.items():
+                if progress and engine in ENGINES and index == rounds - 1:
+                    progress(f"{case.label}: {engine}")
+                if call is not None:
+                    call()  # warm-up: compiles on the first round
+                    timed[engine].extend(seconds_of(call) for _ in range(count))
+        seconds = {engine: statistics.median(v) if v else None for engine, v in timed.items()}
+        share = None
+        if norm is not None:
+            share = seconds["norm blocks"] * norm[1] / seconds["eager"]
+        rows.append(FusedRow(case, shape, seconds, share))
+        torch._dynamo.reset()
+    return rows
+
+
+HEADERS = ["case", "shape", "normlab ms", "eager ms", "compile ms", "vs eager", "vs compile", "norm share"]
+
+
+def table_rows(rows: list[FusedRow]) -> list[list[str]]:
+    from normlab.bench import _ms, _ratio
+
+    return [[row.case.label, "×".join(map(str, row.shape)), _ms(row.seconds["normlab"]), _ms(row.seconds["eager"]),
+             _ms(row.seconds["compile"]), _ratio(row.seconds["eager"], row.seconds["normlab"]),
+             _ratio(row.seconds["compile"], row.seconds["normlab"]),
+             "–" if row.norm_share is None else f"{row.norm_share:.0%}"] for row in rows]
+
+
+def markdown(rows: list[FusedRow]) -> str:
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)])
