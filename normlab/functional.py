@@ -8,14 +8,23 @@ PyTorch and are updated **in place**:
 * ``running_var`` stores the *unbiased* batch variance (``n/(n − 1)`` times the biased
   one that normalizes), as PyTorch does; ``unbiased=False`` stores the biased one, as
   ONNX, Keras and Flax do.
+
+They take what ``torch.nn.functional`` takes and compute it as torch does: any eps
+(``rstd = 1/sqrt(var + eps)``, NaN where that is negative; only ``batch_norm`` refuses
+eps <= 0 in training and eps < 0 otherwise, as torch does), any momentum, empty inputs
+and zero-size batches (an empty output; the running statistics stay as they are, but for
+``instance_norm`` on zero instances, which makes them NaN, as torch does).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from normlab import core
 from normlab.errors import InputError, ShapeError
+from normlab.reference import Stats
 
 __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]
 
@@ -73,10 +82,63 @@ def _update(buffer, batch_value, momentum: float) -> None:
         buffer += (momentum * batch_value).astype(buffer.dtype)
 
 
+def _update_instance(buffer: np.ndarray, per_instance, n: int, batch: int, momentum: float) -> None:
+    """torch's instance-norm update: batch norm's on each instance's copy of ``buffer``
+    (none where the instances are empty, ``n == 0``), then the average over the batch,
+    which is NaN for a batch of zero instances, as in torch."""
+    copies = np.broadcast_to(buffer.astype(np.float64), (batch, buffer.size))
+    if n:
+        copies = (1.0 - momentum) * copies + momentum * per_instance.reshape(batch, buffer.size)
+    with np.errstate(invalid="ignore"):
+        buffer[...] = copies.mean(axis=0) if batch else np.nan
+
+
 def _check_momentum(momentum, what: str) -> float:
-    if momentum is None or not 0.0 <= float(momentum) <= 1.0:
-        raise InputError(f"{what}: momentum must be a number in [0, 1], got {momentum!r}")
-    return float(momentum)
+    """Any real number, as torch takes it (momentum outside [0, 1] extrapolates)."""
+    if momentum is None or isinstance(momentum, (str, bytes)):
+        raise InputError(f"{what}: momentum must be a number, got {momentum!r}; running statistics move as "
+                         "running = (1 - momentum)·running + momentum·batch (torch's default is 0.1)")
+    try:
+        return float(momentum)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise InputError(f"{what}: momentum must be a number, got {momentum!r}; torch's default is 0.1") from err
+
+
+def _check_eps(eps, what: str) -> float:
+    try:
+        return float(eps)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise InputError(f"{what}: eps must be a float, got {eps!r}; torch's default is 1e-5") from err
+
+
+def _normalize_with_stats(x, pattern: str, *, eps: float, weight=None, bias=None, params=None, rms=False,
+                          **sizes):
+    """:func:`normlab.core.normalize_with_stats` for any eps, as torch computes
+    ``rstd = 1/sqrt(var + eps)``. The engine takes eps in [0, ∞); for any other eps
+    (negative, infinite or NaN) it computes the statistics with eps=0 and applies the rstd
+    of that formula (NaN where ``var + eps < 0``, as in torch).
+
+    >>> y, stats = _normalize_with_stats(np.array([[1., 3.]]), "b [f]", eps=-0.5)
+    >>> y.round(4).tolist(), stats.rstd.round(4).tolist()
+    ([[-1.4142, 1.4142]], [[1.4142]])
+    """
+    if 0.0 <= eps < math.inf:
+        return core.normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps, rms=rms,
+                                         **sizes)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        _, stats = core.normalize_with_stats(x, pattern, eps=0.0, rms=rms, **sizes)
+        rstd = 1.0 / np.sqrt(stats.var + eps)
+        y = core.normalize(x, pattern, weight=weight, bias=bias, params=params, eps=0.0, rms=rms,
+                           mean=stats.mean, rstd=rstd, **sizes)
+    return y, Stats(stats.mean, stats.var, rstd)
+
+
+def _check_values(n: int, x: np.ndarray, pattern: str, what: str, values: str, fix: str) -> None:
+    """torch's rule in training: one value per group cannot train; zero values can (an
+    empty output)."""
+    if n == 1:
+        raise InputError(f"{what}: expected more than 1 {values} when training, got input shape "
+                         f"{x.shape} (pattern {pattern!r}); {fix}")
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
@@ -97,6 +159,12 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     """
     what = "batch_norm"
     x = _input(x, what)
+    eps = _check_eps(eps, what)
+    if eps < 0 or training and eps <= 0:  # torch's rule (a NaN eps passes it)
+        raise InputError(f"batch_norm: eps must be positive{' in training' if training else ' or zero'}, as "
+                         f"torch requires, got eps={eps} for input shape {x.shape}; torch's default is 1e-5")
+    if x.ndim == 1 and x.size == 0:  # torch takes an empty 1-D input and returns it
+        return np.empty(0, core.result_dtype(x, "[a0]"))
     channel = _channel_axis(x, axis, what)
     names = _names(x.ndim)
     pattern = _pattern(names, set(range(x.ndim)) - {channel})
@@ -105,22 +173,21 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     running_var = _running(running_var, "running_var", channels, what)
     params = names[channel]
     if training:
-        n = x.size // channels if channels else 0
-        if n <= 1:
-            raise InputError(
-                f"batch_norm: expected more than 1 value per channel when training, got input shape {x.shape} "
-                f"(pattern {pattern!r}); use a larger batch or training=False"
-            )
+        n = math.prod(x.shape) // channels if channels else 0
+        _check_values(n, x, pattern, what, "value per channel", "use a larger batch or training=False")
         momentum = _check_momentum(momentum, what)
-        y, stats = core.normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps)
-        var = stats.var.reshape(channels)
-        _update(running_mean, stats.mean.reshape(channels), momentum)
-        _update(running_var, var * (n / (n - 1) if unbiased else 1.0), momentum)
+        y, stats = _normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps)
+        if n:  # an empty batch leaves the running statistics as they are
+            var = stats.var.reshape(channels)
+            _update(running_mean, stats.mean.reshape(channels), momentum)
+            _update(running_var, var * (n / (n - 1) if unbiased else 1.0), momentum)
         return y
     if running_mean is None or running_var is None:
         raise InputError("batch_norm: running_mean and running_var are needed when training=False")
-    rstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
-    return core.normalize(x, pattern, weight=weight, bias=bias, params=params, eps=eps,
+    with np.errstate(invalid="ignore", divide="ignore"):  # as torch: NaN or inf where var + eps <= 0
+        rstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+    # the given rstd carries eps (any float): the engine's own eps is unused
+    return core.normalize(x, pattern, weight=weight, bias=bias, params=params, eps=0.0,
                           mean=running_mean, rstd=rstd)
 
 
@@ -162,7 +229,8 @@ def _trailing(x, normalized_shape, weight, bias, eps, rms: bool, what: str):
     names = _names(k)
     pattern = "... [" + " ".join(names) + "]"
     params = " ".join(names) if weight is not None or bias is not None else None
-    return core.normalize(x, pattern, weight=weight, bias=bias, params=params, eps=eps, rms=rms)
+    return _normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=_check_eps(eps, what),
+                                 rms=rms)[0]
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1):
@@ -194,7 +262,8 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1):
         else:
             parts.append(f"[s{i}]")
     params = "(g c)" if weight is not None or bias is not None else None
-    return core.normalize(x, " ".join(parts), weight=weight, bias=bias, params=params, eps=eps, g=int(num_groups))
+    return _normalize_with_stats(x, " ".join(parts), weight=weight, bias=bias, params=params,
+                                 eps=_check_eps(eps, what), g=int(num_groups))[0]
 
 
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
@@ -219,22 +288,22 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     running_mean = _running(running_mean, "running_mean", channels, what)
     running_var = _running(running_var, "running_var", channels, what)
     params = names[1] if weight is not None or bias is not None else None
+    eps = _check_eps(eps, what)
     if use_input_stats:
-        n = int(np.prod(x.shape[2:]))
-        if n <= 1:
-            raise InputError(
-                f"instance_norm: expected more than 1 spatial element when training, got input shape {x.shape} "
-                f"(pattern {pattern!r})"
-            )
-        y, stats = core.normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps)
+        n = math.prod(x.shape[2:])
+        _check_values(n, x, pattern, what, "spatial element", "use more positions or use_input_stats=False")
+        y, stats = _normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps)
         if running_mean is not None or running_var is not None:
             momentum = _check_momentum(momentum, what)
-            var = stats.var.reshape(batch, channels)
-            _update(running_mean, stats.mean.reshape(batch, channels).mean(axis=0), momentum)
-            _update(running_var, (var * n / (n - 1)).mean(axis=0), momentum)
+            per_instance = ((running_mean, stats.mean), (running_var, stats.var * (n / (n - 1)) if n else None))
+            for buffer, value in per_instance:
+                if buffer is not None:
+                    _update_instance(buffer, value, n, batch, momentum)
         return y
     if running_mean is None or running_var is None:
         raise InputError("instance_norm: running_mean and running_var are needed when use_input_stats=False")
     mean = np.broadcast_to(running_mean.astype(np.float64), (batch, channels))
-    rstd = np.broadcast_to(1.0 / np.sqrt(running_var.astype(np.float64) + eps), (batch, channels))
-    return core.normalize(x, pattern, weight=weight, bias=bias, params=params, eps=eps, mean=mean, rstd=rstd)
+    with np.errstate(invalid="ignore", divide="ignore"):  # as torch: NaN or inf where var + eps <= 0
+        rstd = np.broadcast_to(1.0 / np.sqrt(running_var.astype(np.float64) + eps), (batch, channels))
+    # the given rstd carries eps (any float): the engine's own eps is unused
+    return core.normalize(x, pattern, weight=weight, bias=bias, params=params, eps=0.0, mean=mean, rstd=rstd)

@@ -107,8 +107,17 @@ def test_evaluation_without_running_statistics_is_refused():
     _raises(InputError, lambda: NF.batch_norm(X, None, None, training=False), "training=False")
 
 
-def test_a_momentum_outside_zero_to_one_is_refused():
-    _raises(InputError, lambda: NF.batch_norm(X, np.zeros(3), np.ones(3), training=True, momentum=1.5), "momentum")
+def test_a_momentum_or_eps_that_is_no_number_is_refused():
+    for momentum in (None, "0.1"):  # torch takes any float, in [0, 1] or not, and refuses these
+        _raises(InputError, lambda: NF.batch_norm(X, np.zeros(3), np.ones(3), training=True, momentum=momentum),
+                "momentum", repr(momentum))
+    _raises(InputError, lambda: NF.layer_norm(X, 4, eps="small"), "eps", "'small'")
+
+
+def test_batch_norm_refuses_the_eps_torch_refuses():
+    _raises(InputError, lambda: NF.batch_norm(X, np.zeros(3), np.ones(3), training=True, eps=0.0),
+            "eps must be positive in training", "(2, 3, 4)")
+    _raises(InputError, lambda: NF.batch_norm(X, np.zeros(3), np.ones(3), eps=-1e-3), "positive or zero")
 
 
 def test_a_failed_call_leaves_the_running_statistics_untouched():

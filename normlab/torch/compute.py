@@ -73,9 +73,15 @@ def _composite_normalize(x, weight, bias, spec: Spec, eps: float):
     return y, torch.zeros_like(rstd) if mean is None else mean, rstd
 
 
+def _engine_takes(eps: float) -> bool:
+    """The engine takes eps in [0, ∞) (its NumPy API refuses the rest); torch computes
+    ``rsqrt(var + eps)`` for any eps, negative, infinite or NaN."""
+    return 0.0 <= eps < math.inf
+
+
 def _normalize(x: Tensor, weight, bias, spec: Spec, eps: float, path: str):
     """``(y, mean, rstd)`` with statistics of ``spec.plan(x.shape).stats_shape``."""
-    if path == "kernel":
+    if path == "kernel" and _engine_takes(eps):
         return _kernel_normalize(x, weight, bias, spec, eps)
     return _composite_normalize(x, weight, bias, spec, eps)
 
@@ -123,11 +129,28 @@ def _average_factor(module) -> float:
 
 
 def _update_running(module, mean: Tensor, var: Tensor, count: int, factor: float) -> None:
-    """``running = (1 − factor)·running + factor·batch``, with the unbiased variance."""
+    """``running = (1 − factor)·running + factor·batch``, with the unbiased variance; an
+    empty batch (count 0) leaves them as they are, as torch does."""
+    if count == 0:
+        return
     with torch.no_grad():
         unbiased = var * (count / (count - 1))
         module.running_mean.mul_(1 - factor).add_(mean.to(module.running_mean.dtype), alpha=factor)
         module.running_var.mul_(1 - factor).add_(unbiased.to(module.running_var.dtype), alpha=factor)
+
+
+def _update_instance_running(module, mean: Tensor, var: Tensor, count: int, factor: float) -> None:
+    """InstanceNorm's update, as torch does it: batch norm's on each instance's copy of the
+    running statistics (none where the instances are empty, count 0), then their average
+    over the batch (NaN for a batch of zero instances, as in torch). ``mean`` and ``var``
+    are (batch, channels)."""
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1)) if count else var
+        for running, batch in ((module.running_mean, mean), (module.running_var, unbiased)):
+            copies = running.expand(batch.shape)
+            if count:
+                copies = copies * (1 - factor) + batch.to(running.dtype) * factor
+            running.copy_(copies.mean(0))
 
 
 def _variance(rstd: Tensor, eps: float) -> Tensor:
@@ -136,14 +159,33 @@ def _variance(rstd: Tensor, eps: float) -> Tensor:
     return (rstd.pow(-2) - eps).clamp_min(0)
 
 
+def _batch_variance(x: Tensor, spec: Spec, rstd: Tensor, eps: float) -> Tensor:
+    """The biased variance (mean square for RMS) of each group, for running statistics:
+    from rstd where eps is one the engine takes; otherwise computed again, since
+    ``rsqrt(var + eps)`` loses it where ``var + eps <= 0``."""
+    if _engine_takes(eps):
+        return _variance(rstd, eps)
+    view = x.detach().reshape(spec.plan(x.shape).axis_sizes)
+    axes = spec.plan(x.shape).reduced_axes
+    if spec.rms:
+        return view.square().mean(dim=axes, keepdim=True)
+    return torch.var(view, dim=axes, keepdim=True, correction=0)
+
+
 def _channel_shape(x: Tensor) -> tuple[int, ...]:
     return (1, x.shape[1]) + (1,) * (x.dim() - 2)
 
 
 def _check_batch(x: Tensor, count: int) -> None:
-    if count <= 1:
+    """torch's rule: one value per channel cannot train (zero values can: an empty output)."""
+    if count == 1:
         raise InputError(f"expected more than 1 value per channel when training, got input size {tuple(x.shape)}; "
                          "use a larger batch or call .eval()")
+
+
+def _values_per_channel(x: Tensor) -> int:
+    """What torch checks in training: batch size times the positions per channel."""
+    return x.shape[0] * math.prod(x.shape[2:])
 
 
 def _batch_norm_forward(module, x: Tensor) -> Tensor:
@@ -151,12 +193,16 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
     path = _choose_path(x, has_native=True)
     if path == "native":
         return nn.modules.batchnorm._BatchNorm.forward(module, x)
+    if not 0.0 < module.eps < math.inf:
+        # torch's own op: it refuses eps <= 0 in training, takes eps = 0 in evaluation and
+        # computes with an infinite or NaN eps, and these never need speed
+        return nn.modules.batchnorm._BatchNorm.forward(module, x)
     factor = _average_factor(module)
     use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
     if not use_batch_stats:
         return _apply_stats(x, module.running_mean, module.running_var, module.weight, module.bias, module.eps,
                             _channel_shape(x))
-    count = x.numel() // x.shape[1]
+    count = _values_per_channel(x)
     if module.training:
         _check_batch(x, count)
     y, mean, rstd = _normalize(x, module.weight, module.bias, module._spec, module.eps, path)

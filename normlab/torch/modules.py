@@ -17,8 +17,9 @@ from normlab import core
 from normlab.errors import InputError, ParamsError, ShapeError
 from normlab.notation import parse_params, parse_pattern
 from normlab.plan import make_plan
-from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_forward, _channel_shape,
-                                   _check_batch, _expanded_param, _normalize, _update_running, _variance)
+from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_forward, _batch_variance,
+                                   _channel_shape, _check_batch, _expanded_param, _normalize,
+                                   _update_instance_running, _update_running)
 from normlab.torch.casting import apply_recipe_scale, check_casting, compute_dtype, rms_norm_recipe
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
 from normlab.torch.spec import Spec
@@ -101,8 +102,9 @@ class LayerNorm(nn.LayerNorm):
 
 def _trailing_spec(normalized_shape, rms: bool) -> Spec:
     names = [f"n{i}" for i in range(len(normalized_shape))]
+    # a zero size (torch takes it; only empty inputs fit) is left for the plan to read off the input
     return Spec.build("... [" + " ".join(names) + "]", " ".join(names), rms,
-                      **{name: int(size) for name, size in zip(names, normalized_shape)})
+                      **{name: int(size) for name, size in zip(names, normalized_shape) if size})
 
 
 class RMSNorm(nn.RMSNorm):
@@ -242,17 +244,14 @@ class _InstanceNormForward:
             return y.squeeze(0) if unbatched else y
         batch, channels = x.shape[:2]
         if self.training or not self.track_running_stats:
-            count = x.numel() // (batch * channels) if batch * channels else 0
+            count = math.prod(x.shape[2:])
             _check_batch(x, count)
             y, mean, rstd = _normalize(x, self.weight, self.bias, self._spec, self.eps, path)
             if self.running_mean is not None and self.training:
                 factor = 0.0 if self.momentum is None else self.momentum
-                with torch.no_grad():
-                    unbiased = _variance(rstd.reshape(batch, channels), self.eps) * (count / (count - 1))
-                    self.running_mean.mul_(1 - factor).add_(
-                        mean.reshape(batch, channels).mean(0).to(self.running_mean.dtype), alpha=factor)
-                    self.running_var.mul_(1 - factor).add_(unbiased.mean(0).to(self.running_var.dtype),
-                                                           alpha=factor)
+                var = _batch_variance(x, self._spec, rstd, self.eps)
+                _update_instance_running(self, mean.reshape(batch, channels), var.reshape(batch, channels), count,
+                                         factor)
         else:
             y = _apply_stats(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
                              _channel_shape(x))
@@ -401,7 +400,7 @@ class Norm(nn.Module):
                 # average over the kept axes the running statistics do not span
                 other = tuple(i for i, (n, r) in enumerate(zip(plan.axis_names, plan.reduced))
                               if not r and n not in self._running_names)
-                var = _variance(rstd, self.eps)
+                var = _batch_variance(x, self._spec, rstd, self.eps)
                 if other:
                     mean, var = mean.mean(dim=other, keepdim=True), var.mean(dim=other, keepdim=True)
                 n = plan.group_size

@@ -64,6 +64,8 @@ def _choose_path(x: Tensor, has_native: bool) -> str:
         return "composite"
     if forced == "native":
         return "native"
+    if has_native and x.numel() == 0:
+        return "native"  # nothing to compute: torch's op says what an empty input gives
     if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
         return "kernel"
     return "native" if has_native else "composite"
