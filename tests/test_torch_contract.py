@@ -15,7 +15,7 @@ Zero-size batches, empty inputs, any eps and any momentum are among the samples.
 import inspect
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pytest
@@ -23,7 +23,6 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("expecttest", reason="torch.testing._internal needs expecttest (in the test extra)")
 
-from torch.nn import functional as F  # noqa: E402
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
 from torch.testing._internal.common_modules import module_db  # noqa: E402
 
@@ -191,12 +190,6 @@ def _bind(function, sample) -> dict:
     arguments = inspect.signature(function).bind(sample.input, *sample.args, **sample.kwargs)
     arguments.apply_defaults()
     return dict(arguments.arguments)
-
-
-def _affine_flags(weight, bias) -> Optional[dict]:
-    if weight is None and bias is not None:
-        return None  # no module has a bias without a weight
-    return dict(affine=weight is not None, bias=bias is not None)
 
 
 def _load(module, arguments: dict):

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from normlab import core
-from normlab.errors import InputError, ParamsError, ShapeError
-from normlab.notation import parse_params, parse_pattern
-from normlab.plan import make_plan
+from normlab.errors import InputError
 from normlab.torch.ops import _EagerNormalize, _is_eager, _normalize_op
 from normlab.torch.paths import _LOW_PRECISION, _choose_path
 from normlab.torch.spec import PlanFacts, Spec
+
 
 def _in_compute_dtype(compute):
     """Run ``compute(x, weight, bias, ...)`` in float32 for float16/bfloat16 input and

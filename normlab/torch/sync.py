@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import math
-from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from normlab import core
-from normlab.errors import InputError, ParamsError, ShapeError
-from normlab.notation import parse_params, parse_pattern
-from normlab.plan import make_plan
 from normlab.torch.compute import _average_factor, _batch_norm_forward, _channel_shape, _check_batch, _update_running
 from normlab.torch.modules import _BatchNormForward
 from normlab.torch.paths import _LOW_PRECISION, _choose_path
+
 
 def _merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Chan et al.'s parallel merge of per-rank (count, mean, M2) rows into the totals:
