@@ -128,6 +128,17 @@ def test_convnext_layer_norm_2d_becomes_channels_first_layer_norm_without_permut
     assert torch.equal(converted(x), original(x))
 
 
+@pytest.mark.parametrize("original", [
+    lambda: TorchvisionLayerNorm2d(6, elementwise_affine=False), lambda: TimmLayerNorm2d(6, affine=False),
+    lambda: TorchvisionLayerNorm2d(6, bias=False),
+], ids=["torchvision_no_affine", "timm_no_affine", "torchvision_no_bias"])
+def test_layer_norm_2d_without_affine_parameters_keeps_their_absence(original):
+    original = random_parameters(original())
+    converted = convert_quietly(original)
+    assert type(converted) is nt.LayerNorm2d and list(converted.state_dict()) == list(original.state_dict())
+    assert_same_numbers(original, converted, torch.randn(2, 6, 3, 4), TOLERANCE[torch.float32])
+
+
 def test_layer_norm_2d_refuses_input_without_its_channels_as_torch_does():
     with pytest.raises(RuntimeError, match=r"expects input of shape \(N, 6, H, W\), got \(2, 5, 3, 3\)"):
         nt.LayerNorm2d(6)(torch.randn(2, 5, 3, 3))
@@ -166,6 +177,21 @@ class TaggedBatchNorm(torch.nn.BatchNorm2d):
         self.tag = "stem"
 
 
+class ContiguousBatchNorm(torch.nn.BatchNorm2d):
+    """A forward of its own that computes torch.nn's numbers."""
+
+    def forward(self, x):
+        return super().forward(x.contiguous())
+
+
+class RunningStatsBatchNorm(torch.nn.BatchNorm2d):
+    """Normalizes with the running statistics in training too: not torch.nn's numbers."""
+
+    def forward(self, x):
+        return torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                              False, 0.0, self.eps)
+
+
 class ScaledLayerNorm(torch.nn.LayerNorm):
     def forward(self, x):
         return 2 * super().forward(x)
@@ -180,9 +206,11 @@ class UnbiasedLayerNorm2d(torch.nn.LayerNorm):
         return ((x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias).permute(0, 3, 1, 2)
 
 
-def test_subclass_with_torch_nn_forward_is_converted_with_its_attributes_and_running_statistics():
+@pytest.mark.parametrize("subclass", [TaggedBatchNorm, ContiguousBatchNorm])
+def test_batch_norm_subclass_computing_torch_nn_numbers_is_converted_with_attributes_and_running_stats(subclass):
     torch.manual_seed(0)
-    original = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), TaggedBatchNorm(4)).double()
+    original = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), subclass(4)).double()
+    original[1].tag = "stem"
     converted = converted_copy(original)
     assert type(converted[1]) is nt.BatchNorm2d and converted[1].tag == "stem"
     x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
@@ -205,15 +233,16 @@ def test_subclass_with_a_forward_of_its_own_that_computes_torch_nn_numbers_is_co
 
 def test_norms_that_compute_something_else_are_left_alone_with_one_warning_naming_them():
     model = torch.nn.Sequential(ScaledLayerNorm(4), ScaledLayerNorm(4), torch.nn.LayerNorm(4),
-                                UnbiasedLayerNorm2d(4), FakeRMSNorm(4))
+                                UnbiasedLayerNorm2d(4), FakeRMSNorm(4), RunningStatsBatchNorm(4))
     originals = list(model)
     with pytest.warns(UserWarning) as record:
         nt.convert(model)
     assert len(record) == 1
     message = str(record[0].message)
-    assert "left 4 norm layer(s) unconverted" in message
-    assert "ScaledLayerNorm (0, 1)" in message and "UnbiasedLayerNorm2d (3)" in message and "FakeRMSNorm (4)" in message
-    assert [m is o for m, o in zip(model, originals)] == [True, True, False, True, True]
+    assert "left 5 norm layer(s) unconverted" in message
+    for listed in ("ScaledLayerNorm (0, 1)", "UnbiasedLayerNorm2d (3)", "FakeRMSNorm (4)", "RunningStatsBatchNorm (5)"):
+        assert listed in message
+    assert [m is o for m, o in zip(model, originals)] == [True, True, False, True, True, True]
     assert type(model[2]) is nt.LayerNorm
 
 
@@ -257,12 +286,16 @@ def test_an_initialized_lazy_norm_is_converted_at_once():
 # ---------------------------------------------------------------------------------------
 # transformers' RMS norms
 
-transformers = pytest.importorskip("transformers")
-from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # noqa: E402
-from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
-from transformers.models.mistral.modeling_mistral import MistralRMSNorm  # noqa: E402
-from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm  # noqa: E402
-from transformers.models.t5.modeling_t5 import T5LayerNorm  # noqa: E402
+try:
+    import transformers
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+except ImportError:  # the test extra installs it
+    transformers = GemmaRMSNorm = LlamaRMSNorm = MistralRMSNorm = Qwen2RMSNorm = T5LayerNorm = None
+needs_transformers = pytest.mark.skipif(transformers is None, reason="needs transformers: pip install '.[test]'")
 
 
 class HiddenScaler(torch.nn.Module):
@@ -294,13 +327,15 @@ class FakeRMSNorm(torch.nn.Module):
 
 RMS_CLASSES = [(LlamaRMSNorm, "llama", 0.0), (MistralRMSNorm, "llama", 0.0), (Qwen2RMSNorm, "llama", 0.0),
                (GemmaRMSNorm, "gemma", 1.0), (T5LayerNorm, "t5", 0.0), (HiddenScaler, "llama", 0.0)]
+RMS_IDS = ["llama", "mistral", "qwen2", "gemma", "t5", "hidden_scaler"]
 # (input dtype, weight dtype): as loaded in float32, a bfloat16 model, and bfloat16 activations
 # on float32 weights (mixed precision), where the recipes round differently
 DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
 
 
 @pytest.mark.parametrize("dtypes", DTYPES, ids=["float32", "bfloat16", "bfloat16_on_float32_weight"])
-@pytest.mark.parametrize("original_class, casting, offset", RMS_CLASSES, ids=[c[0].__name__ for c in RMS_CLASSES])
+@needs_transformers
+@pytest.mark.parametrize("original_class, casting, offset", RMS_CLASSES, ids=RMS_IDS)
 def test_rms_norms_are_recognized_by_what_they_compute_and_match_to_the_bit(original_class, casting, offset,
                                                                             dtypes):
     x_dtype, weight_dtype = dtypes
@@ -313,6 +348,7 @@ def test_rms_norms_are_recognized_by_what_they_compute_and_match_to_the_bit(orig
     assert_same_numbers(original, converted, x, None)
 
 
+@needs_transformers
 @pytest.mark.parametrize("original_class, casting, offset", RMS_CLASSES[:5:2], ids=["llama", "qwen2", "t5"])
 def test_recipes_agree_with_transformers_in_float64(original_class, casting, offset):
     # transformers' classes compute float64 input in float32; the recipes keep float64
@@ -322,7 +358,8 @@ def test_recipes_agree_with_transformers_in_float64(original_class, casting, off
 
 
 @pytest.mark.parametrize("dtypes", DTYPES, ids=["float32", "bfloat16", "bfloat16_on_float32_weight"])
-@pytest.mark.parametrize("original_class", [LlamaRMSNorm, GemmaRMSNorm, T5LayerNorm])
+@needs_transformers
+@pytest.mark.parametrize("original_class", [LlamaRMSNorm, GemmaRMSNorm, T5LayerNorm], ids=["llama", "gemma", "t5"])
 def test_recipes_on_the_kernels_agree_with_transformers_to_float_rounding(original_class, dtypes):
     x_dtype, weight_dtype = dtypes
     original = random_parameters(original_class(64, eps=1e-6)).to(weight_dtype)
@@ -347,6 +384,7 @@ def tiny_causal_lm(kind):
     return random_parameters(transformers.AutoModelForCausalLM.from_config(config))
 
 
+@needs_transformers
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("kind", ["llama", "gemma"])
 def test_tiny_causal_lms_from_config_give_the_same_logits_and_gradients_to_the_bit(kind, dtype):
@@ -360,6 +398,7 @@ def test_tiny_causal_lms_from_config_give_the_same_logits_and_gradients_to_the_b
     assert_same_numbers(original, converted, x, None, call=causal_lm_call)
 
 
+@needs_transformers
 def test_tiny_llama_in_float64_agrees_to_float32_rounding():
     original = tiny_causal_lm("llama").double()
     converted = converted_copy(original)
