@@ -8,7 +8,9 @@ kernels use :func:`helper`. Numba compiles a function on its first call, and thi
 Options, and why:
 
 * ``parallel=True`` for the threaded variant; each kernel also has a serial variant
-  (same source, ``prange`` runs as ``range``) for inputs too small to repay starting threads.
+  (same source, ``prange`` runs as ``range``) for inputs too small to repay starting threads,
+  and for calls that get one thread. The threading layer and the thread count of each
+  call are decided in :mod:`normlab.kernels.threads`.
 * ``cache=True``: compiled code is written next to the source and reused across processes.
 * no ``fastmath`` in kernels: its ``nnan``/``ninf`` flags let LLVM assume no NaN or Inf,
   which breaks NaN isolation, and ``contract`` changes roundings of the elementwise math.
@@ -28,18 +30,19 @@ in another module (``sums.py``), delete the ``*.nbi``/``*.nbc`` files under
 from __future__ import annotations
 
 import functools
-import threading
 import types
 
 import numba
 from llvmlite import ir
+
+from normlab.kernels import threads
 from numba.core import cgutils
 from numba.core import types as numba_types
 from numba.extending import intrinsic
 
 NUMBA_OPTIONS = {"cache": True, "fastmath": False, "error_model": "numpy", "nogil": True}
 REDUCTION_FASTMATH = {"reassoc"}  # only reordering of adds: no nnan/ninf, no contract
-_PARALLEL_LOCK = threading.Lock()
+threads.choose_layer()  # before any kernel below compiles or starts a pool
 
 
 def _renamed(fn, suffix: str):
@@ -61,10 +64,10 @@ class Kernel:
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args, serial: bool = False):
-        if serial:
+        count = 1 if serial else threads.for_call()
+        if count == 1:
             return self.serial(*args)
-        # Numba's fallback "workqueue" thread pool must not be entered from two threads at once
-        with _PARALLEL_LOCK:
+        with threads.parallel_lock, threads.at_most(count):  # workqueue: one caller at a time
             return self.parallel(*args)
 
 

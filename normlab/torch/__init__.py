@@ -41,6 +41,7 @@ normalized with the biased one.
 
 import torch  # noqa: F401  (also the namespace of the class doctests)
 
+from normlab.kernels import threads as _threads
 from normlab.torch.compute import normalize
 from normlab.torch.conversion import convert
 from normlab.torch.fused import AdaLayerNorm, FusedAddLayerNorm, FusedAddRMSNorm, GatedRMSNorm
@@ -50,6 +51,10 @@ from normlab.torch.modules import (
 )
 from normlab.torch.paths import PATHS, use_path
 from normlab.torch.sync import SyncBatchNorm
+
+# the kernels use at most torch.get_num_threads() threads: torch.set_num_threads governs
+# normlab too, and DataLoader workers (which set 1) run the serial kernels
+_threads.limit_by(torch.get_num_threads)
 
 for _public in (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
                 LayerNorm, LayerNorm2d, Norm, RMSNorm, SyncBatchNorm, convert, normalize, use_path, FusedAddRMSNorm,

@@ -1,0 +1,114 @@
+"""Processes forked after the parent ran threaded kernels run normlab and get right results:
+DataLoader workers, ``multiprocessing`` and ``torch.multiprocessing`` with fork.
+
+Oracles: layer norm from its definition in float64, and ``torch.nn.functional.layer_norm``
+in float64; the parent runs the threaded kernels first (inputs above the serial threshold).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import normlab
+from normlab import kernels
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork start method needs a POSIX system")
+
+SHAPE = (256, 1024)  # 2^18 elements: above the serial threshold, so threads run
+
+
+def _reference(x):
+    x64 = np.asarray(x, np.float64)
+    mean = x64.mean(axis=-1, keepdims=True)
+    return (x64 - mean) / np.sqrt(((x64 - mean) ** 2).mean(axis=-1, keepdims=True) + 1e-5)
+
+
+def _input(seed):
+    return np.random.default_rng(seed).standard_normal(SHAPE).astype(np.float32)
+
+
+def _normalize_in_child(seed):
+    x = _input(seed)
+    return normlab.normalize(x, "b [d]"), x
+
+
+@pytest.fixture()
+def parent_used_threads():
+    assert np.prod(SHAPE) >= kernels.SERIAL_BELOW
+    x = _input(0)
+    np.testing.assert_allclose(normlab.normalize(x, "b [d]"), _reference(x), atol=1e-4)
+
+
+class _NormalizingDataset:
+    """Each item runs normlab in the worker: the NumPy API and a normlab.torch module."""
+
+    def __init__(self, torch):
+        from normlab.torch import LayerNorm
+
+        self.torch = torch
+        self.layer = LayerNorm(SHAPE[1], elementwise_affine=False)
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        x = _input(index + 1)
+        with self.torch.no_grad():
+            module_y = self.layer(self.torch.from_numpy(x))
+        return self.torch.from_numpy(normlab.normalize(x, "b [d]")), module_y, self.torch.from_numpy(x), os.getpid()
+
+
+def test_dataloader_workers_forked_after_threaded_kernels_get_right_results(parent_used_threads):
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_NormalizingDataset(torch), batch_size=None, num_workers=2, multiprocessing_context="fork",
+                        timeout=120)
+    pids = set()
+    for numpy_y, module_y, x, pid in loader:
+        pids.add(int(pid))
+        expected = torch.nn.functional.layer_norm(x.double(), (SHAPE[1],))
+        torch.testing.assert_close(numpy_y.double(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(module_y.double(), expected, rtol=1e-5, atol=1e-5)
+    assert os.getpid() not in pids and len(pids) == 2
+
+
+@pytest.mark.parametrize("module", ["multiprocessing", "torch.multiprocessing"])
+def test_pool_workers_forked_after_threaded_kernels_get_right_results(module, parent_used_threads):
+    context = pytest.importorskip(module).get_context("fork")
+    with context.Pool(2) as workers:
+        # a worker killed in a kernel is replaced and its task lost: time out instead of hanging
+        results = workers.map_async(_normalize_in_child, [1, 2, 3]).get(timeout=120)
+    for y, x in results:
+        np.testing.assert_allclose(y, _reference(x), atol=1e-4)
+
+
+def test_a_child_forked_from_an_openmp_parent_runs_serially_and_survives():
+    """With Numba's GNU OpenMP layer (a user's choice), a child forked after a threaded
+    call would be killed entering a parallel region; normlab runs it serially instead."""
+    script = textwrap.dedent("""
+        import os, numpy as np, numba, normlab
+        x = np.random.default_rng(0).standard_normal((256, 1024)).astype(np.float32)
+        normlab.normalize(x, "b [d]")
+        assert numba.threading_layer() == "omp", numba.threading_layer()
+        pid = os.fork()
+        if pid == 0:
+            x64 = x.astype(np.float64)
+            expected = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+            y = normlab.normalize(x, "b [d]")
+            os._exit(0 if np.abs(y - expected).max() < 1e-4 else 3)
+        _, status = os.waitpid(pid, 0)
+        print("child exit", os.waitstatus_to_exitcode(status))
+    """)
+    try:
+        import numba.np.ufunc.omppool  # noqa: F401
+    except ImportError:
+        pytest.skip("Numba's OpenMP threading layer is not available here")
+    env = dict(os.environ, NUMBA_THREADING_LAYER="omp")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "child exit 0" in done.stdout, done.stdout + done.stderr
