@@ -34,11 +34,11 @@ import types
 
 import numba
 from llvmlite import ir
-
-from normlab.kernels import threads
 from numba.core import cgutils
 from numba.core import types as numba_types
 from numba.extending import intrinsic
+
+from normlab.kernels import threads
 
 NUMBA_OPTIONS = {"cache": True, "fastmath": False, "error_model": "numpy", "nogil": True}
 REDUCTION_FASTMATH = {"reassoc"}  # only reordering of adds: no nnan/ninf, no contract
