@@ -338,6 +338,17 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def require_matplotlib() -> None:
+    """Fail with an install hint when matplotlib, which ``--plot`` needs, does not import."""
+    from normlab.errors import InputError
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        raise InputError(f"--plot needs matplotlib, which does not import here ({err}); install it with "
+                         "pip install matplotlib (or pip install \"normlab[bench]\"), or leave out --plot") from None
+
+
 def plot(rows: list[Row], path: str) -> None:
     """A bar chart of normlab's speedup over each engine, per case."""
     import matplotlib
@@ -365,10 +376,30 @@ def plot(rows: list[Row], path: str) -> None:
     plt.close(fig)
 
 
+DEFAULT_REPEATS = 9  # three rounds of three timed calls
+QUICK_REPEATS = 2
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (``--repeats 0`` would time nothing).
+
+    >>> positive_int("3")
+    3
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``normlab bench``."""
-    parser.add_argument("--quick", action="store_true", help="small shapes and 2 repeats: a smoke test")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per cell (default 7, quick 2)")
+    parser.add_argument("--quick", action="store_true", help=f"small shapes and {QUICK_REPEATS} repeats: a smoke test")
+    parser.add_argument("--repeats", type=positive_int, default=None, metavar="N",
+                        help=f"timed calls per cell, at least 1 (default {DEFAULT_REPEATS}, quick {QUICK_REPEATS})")
     parser.add_argument("--case", action="append", default=None, metavar="TEXT",
                         help="only cases whose name and mode contain TEXT (repeatable)")
     parser.add_argument("--plot", metavar="FILE.png", default=None, help="save a bar chart of the speedups")
@@ -424,9 +455,9 @@ def run(args: argparse.Namespace) -> int:
     if not cases and not fused_cases:
         raise InputError(f"no benchmark case matches {args.case}; cases: "
                          + ", ".join([f"{c.name} {c.mode}" for c in CASES] + ["fused (the fused-block group)"]))
-    repeats = args.repeats or (2 if args.quick else 7)
-    if repeats < 1:
-        raise InputError(f"--repeats must be at least 1, got {repeats}")
+    if args.plot:
+        require_matplotlib()  # before the run, not after minutes of it
+    repeats = args.repeats if args.repeats is not None else QUICK_REPEATS if args.quick else DEFAULT_REPEATS
     console = Console(no_color=getattr(args, "no_color", False))
     if not console.is_terminal:  # piped into a file: do not fold the table to 80 columns
         console = Console(no_color=True, width=160)

@@ -1,4 +1,4 @@
-"""The ``normlab`` command line. Each subcommand lives in its own module, which supplies
+"""The ``normlab`` command line (also ``python -m normlab``). Each subcommand lives in its own module, which supplies
 ``HELP``, ``add_arguments(parser)`` and ``run(args) -> exit code``; it is imported only
 when the command line is built, and keeps its heavy imports inside ``run``."""
 
@@ -18,7 +18,10 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from normlab import __version__
+
     parser = argparse.ArgumentParser(prog="normlab", description="Normalization layers as patterns.")
+    parser.add_argument("--version", action="version", version=f"normlab {__version__}")
     parser.add_argument("--no-color", action="store_true", help="plain text output (also NO_COLOR=1)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():

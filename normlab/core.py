@@ -280,7 +280,7 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
     ``segment_axis``, by default the first) split groups further: statistics come back with
     that axis of length ``num_segments`` (default ``max(ids) + 1``). See :mod:`normlab.masked`.
 
-    The note's 2-D example: batch norm standardizes each feature across the batch.
+    The demo's 2-D example: batch norm standardizes each feature across the batch.
 
     >>> import numpy as np
     >>> x = np.array([[4., 3., 2.], [3., 3., 2.], [2., 2., 2.]])

@@ -34,7 +34,7 @@ Numerical choices, made once here and mirrored by the kernels:
   [4, 3, 2] the deviations from ``s`` are exact in float64 with bits to spare, so ``Σd``
   and ``Σd/n`` are exact and the middle element equals the mean bit for bit: it becomes
   0. float64 input keeps this wherever the deviations' sum is representable, as for the
-  note's numbers. Equal inputs in one group go through the same elementwise arithmetic,
+  demo's numbers. Equal inputs in one group go through the same elementwise arithmetic,
   so they give identical outputs.
 * **Layout-independent.** Inputs are made C-contiguous before summing, so strided and
   contiguous inputs give the same bits.

@@ -4,7 +4,6 @@ The page only displays what the library computed, so every check compares what t
 browser highlights with ``plan.group_ids()``.
 """
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +13,14 @@ from normlab.explain.demo import NOTE_2D, NOTE_3D
 from normlab.explain.html import write_page
 from normlab.explain.model import all_views, explain_array, random_input
 from normlab.plan import make_plan
+from tests.prerequisites import CHROMEDRIVER, CHROMIUM, missing_browser_parts
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+MISSING = missing_browser_parts()
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-                       reason="needs Debian's chromium and chromium-driver"),
+    pytest.mark.skipif(MISSING is not None, reason=f"browser tests need Debian's chromium and chromium-driver: {MISSING}"),
 ]
 
 

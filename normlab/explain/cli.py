@@ -19,7 +19,8 @@ PRESET_HELP = "batch, layer, layer-vision, instance, group (g= or a default that
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """PATTERN, the data (``--data`` or ``--shape``), ``--html`` and ``name=size`` sizes."""
-    parser.add_argument("pattern", metavar="PATTERN", help=f"a pattern such as '[b] f' or a preset: {PRESET_HELP}")
+    parser.add_argument("pattern", metavar="PATTERN", nargs="?", default=None,
+                        help=f"a pattern such as '[b] f' or a preset: {PRESET_HELP}")
     parser.add_argument("sizes", metavar="name=size", nargs="*", help="sizes of composed axes, e.g. g=2")
     parser.add_argument("--data", metavar="JSON", help="the tensor as nested JSON lists, e.g. '[[4,3,2],[3,3,2]]'")
     parser.add_argument("--shape", metavar="2,3,4", help="draw random small integers of this shape instead")
@@ -82,8 +83,20 @@ def load_input(args: argparse.Namespace):
     return random_input(parse_shape(args.shape), seed), f"random integers 0 to 9, seed {seed}"
 
 
+GETTING_STARTED = f"""\
+normlab explain: name a PATTERN or a preset ({PRESET_HELP}), and the data, e.g.
+  normlab explain batch --data '[[4,3,2],[3,3,2],[2,2,2]]'
+  normlab explain "b (g [c]) [h w]" --shape 2,4,2,2 g=2
+normlab explain --help lists every option."""
+
+
 def run(args: argparse.Namespace) -> int:
     """Explain the pattern on the data; exit code 0, or a one-line error (exit 2) on bad input."""
+    if args.pattern is None:
+        import sys
+
+        print(GETTING_STARTED, file=sys.stderr)
+        return 2
     try:
         return _explain(args)
     except NormlabError as err:

@@ -1,6 +1,6 @@
-"""``normlab demo``: the note's walk-through, normalized by the library and checked out loud.
+"""``normlab demo``: two examples worked by hand, normalized by the library and checked out loud.
 
-The note explains batch norm and layer norm by hand on two tiny tensors and predicts what
+Batch norm and layer norm are usually taught by hand on two tiny tensors, predicting what
 must happen ("the middle one must be 0", "these two must be equal", "all equal → all 0").
 The demo runs the same examples through normlab, shows each grouping and result, checks
 every prediction against the output's bits, and writes the HTML page of the 3-D example.
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-HELP = "walk through the note: batch norm and layer norm on tiny tensors, every claim checked"
+HELP = "walk through batch norm and layer norm on two tiny tensors worked by hand, every claim checked"
 
 DEFAULT_PAGE = "normlab-demo.html"
 
@@ -26,7 +26,7 @@ NOTE_3D = np.array(
 
 @dataclass(frozen=True)
 class Step:
-    """One norm applied to one of the note's examples, and what it does in the note's words."""
+    """One norm applied to one of the examples, and what it does, in words."""
 
     preset: str
     meaning: str
@@ -34,7 +34,7 @@ class Step:
 
 @dataclass(frozen=True)
 class Example:
-    """One of the note's tensors and the norms it is walked through."""
+    """One of the hand-worked tensors and the norms it is walked through."""
 
     title: str
     data: np.ndarray
@@ -46,14 +46,14 @@ EXAMPLES = (
         Step("batch", "each feature across the batch"),
         Step("layer", "each sample on its own"),
     )),
-    Example("3-D, dims (batch, feature, h*w); the note's feature is the channel c", NOTE_3D, (
+    Example("3-D, dims (batch, feature, h*w); the feature is the channel c", NOTE_3D, (
         Step("batch", "each channel across both samples and all positions"),
         Step("layer-vision", "each sample, all channels and positions"),
-        Step("layer", "each token (the note: b0's feature 0, then b0's feature 1, …)"),
+        Step("layer", "each token (b0's feature 0, then b0's feature 1, …)"),
     )),
 )
 
-# What the note drew by hand for the 2-D batch norm; the numbers are printed beside it.
+# What the hand-worked solution draws for the 2-D batch norm; the numbers are printed beside it.
 NOTE_PREDICTION_2D = "[[x1, a, 0], [0, a, 0], [-x1, b, 0]]"
 
 
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from normlab.explain.terminal import make_console, render_observations, render_view
 
     page = write_page(args.html, all_views(NOTE_3D, explain_array(NOTE_3D, "batch")), "batch",
-                      title="normlab demo · the note's 3-D example")
+                      title="normlab demo · the 3-D example")
     console = make_console(no_color=getattr(args, "no_color", False) or getattr(args, "demo_no_color", False))
     console.rule("[bold]normlab demo[/]: batch norm vs layer norm, by hand and by normlab")
     console.print("Every norm subtracts a mean and divides by a std; they differ only in [italic]which[/] elements\n"
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             found = observations(view)
             render_view(console, view, legend=False, show_observations=False, meaning=step.meaning)
             if example.data is NOTE_2D and step.preset == "batch":
-                console.print(f"  [dim]the note drew {escape(NOTE_PREDICTION_2D)} by hand; normlab agrees:[/]")
+                console.print(f"  [dim]worked by hand: {escape(NOTE_PREDICTION_2D)}; normlab agrees:[/]")
             render_observations(console, found)
             held += sum(item.holds for item in found)
             total += len(found)

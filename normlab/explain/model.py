@@ -188,7 +188,7 @@ def all_views(x, chosen: NormView | None = None) -> list[NormView]:
 
 
 def format_value(value) -> str:
-    """An input value as the note writes it: ``4``, ``0.5``, ``-1.25``."""
+    """An input value as one writes it by hand: ``4``, ``0.5``, ``-1.25``."""
     return f"{float(value):g}"
 
 
@@ -204,7 +204,7 @@ def format_output(value) -> str:
 
 @dataclass(frozen=True)
 class Observation:
-    """A claim about the output, in the note's spirit, and whether the output's bits bear it out."""
+    """A claim about the output, in the spirit of a hand-worked solution, and whether the output's bits bear it out."""
 
     group: int
     text: str
@@ -216,7 +216,7 @@ _COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 
 
 def _list(values, most: int = 8) -> str:
-    """Values as the note lists them, ``[4, 3, 2]``; long groups are cut short."""
+    """Values as one lists them by hand, ``[4, 3, 2]``; long groups are cut short."""
     shown = [format_value(v) for v in values[:most]]
     if len(values) > most:
         shown.append(f"… {len(values) - most} more")
@@ -238,7 +238,7 @@ def observations(view: NormView) -> list[Observation]:
 
     For each group: all values equal → all outputs exactly 0; a value equal to the
     group's mean → exactly 0; equal values → bit-identical outputs; two values mirrored
-    around the mean → outputs that are exact opposites (the note's x1 and -x1). RMS norm has no mean, so
+    around the mean → outputs that are exact opposites (the hand-worked x1 and -x1). RMS norm has no mean, so
     only the equal-values claim applies to it.
     """
     x = view.x.ravel()
@@ -310,7 +310,7 @@ def _mirrored_pair(deviations: np.ndarray):
 
 
 def parse_data(text: str) -> np.ndarray:
-    """``--data``: nested JSON lists of numbers, as float32 (the note's dtype).
+    """``--data``: nested JSON lists of numbers, as float32 (the demo's dtype).
 
     >>> parse_data("[[4, 3, 2], [3, 3, 2]]").shape
     (2, 3)
@@ -347,7 +347,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def random_input(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
-    """Small integers like the note's, so that equal values (and their claims) turn up."""
+    """Small integers like the demo's, so that equal values (and their claims) turn up."""
     elements = math.prod(shape)
     if elements > MAX_ELEMENTS:
         as_input(np.empty(shape))  # raises the size error

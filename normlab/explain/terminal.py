@@ -1,4 +1,4 @@
-"""The terminal view: the tensor laid out as the note writes it, each element coloured by its
+"""The terminal view: the tensor laid out as one writes it by hand, each element coloured by its
 statistics group, the group of each element and the normalized result beside it, a legend,
 and the observations with ✓ or ✗. Plain text when there is no terminal or colour is off."""
 

@@ -39,7 +39,13 @@ normalized with the biased one.
 ``"auto"`` picks in that order; :func:`use_path` forces one (tests use it on CPU).
 """
 
-import torch  # noqa: F401  (also the namespace of the class doctests)
+try:
+    import torch  # noqa: F401  (also the namespace of the class doctests)
+except ImportError as _missing:
+    raise ImportError(
+        'normlab.torch needs PyTorch, which does not import here; install it with pip install "normlab[torch]" '
+        "(or pip install torch; the NumPy API, import normlab, works without it)"
+    ) from _missing
 
 from normlab.kernels import threads as _threads
 from normlab.torch.compute import normalize

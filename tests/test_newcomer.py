@@ -1,0 +1,177 @@
+"""What a new user meets first: install hints, the command line's own help, packaging
+metadata, skip reasons that say what to install, and a README that says what the code does.
+
+Oracles: the packaging files themselves (pyproject.toml, the built wheel), argparse's
+own exit status, and the words a user would look for."""
+
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+import normlab
+from normlab import bench, cli
+from tests.prerequisites import CHROMEDRIVER, CHROMIUM, missing_browser_parts
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text(encoding="utf-8")
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def _python(*args, **kwargs):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=kwargs.get("cwd", REPO))
+
+
+# --- install hints -----------------------------------------------------------------------------
+
+
+def test_importing_normlab_torch_without_torch_names_the_extra_to_install():
+    blocked = "import sys; sys.modules['torch'] = None; import normlab.torch"  # as if torch were absent
+    result = _python("-c", blocked)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError") and 'pip install "normlab[torch]"' in last
+
+
+def test_the_readme_names_the_torch_extra():
+    assert "torch" in PYPROJECT["project"]["optional-dependencies"]
+    assert 'pip install "normlab[torch]"' in README or 'pip install ".[torch]"' in README
+
+
+def test_bench_plot_without_matplotlib_fails_before_measuring(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+
+    def measure(*args, **kwargs):
+        raise AssertionError("measured although the plot could never be drawn")
+
+    monkeypatch.setattr(bench, "measure", measure)
+    assert cli.main(["bench", "--quick", "--case", "tiny", "--plot", str(tmp_path / "speed.png")]) == 2
+    message = capsys.readouterr().err
+    assert "--plot needs matplotlib" in message and "pip install" in message
+
+
+# --- the command line --------------------------------------------------------------------------
+
+
+def test_version_is_printed_by_normlab_and_by_python_dash_m():
+    for args in (["-m", "normlab", "--version"], ["-m", "normlab.cli", "--version"]):
+        result = _python(*args)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"normlab {PYPROJECT['project']['version']}"
+    assert normlab.__version__ == PYPROJECT["project"]["version"]
+
+
+def test_python_dash_m_normlab_runs_a_subcommand(tmp_path):
+    result = _python("-m", "normlab", "explain", "b [f]", "--data", "[[4,3,2]]", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "b [f]" in result.stdout
+
+
+@pytest.mark.parametrize("repeats", ["0", "-3", "two"])
+def test_bench_refuses_repeats_below_one(repeats, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--repeats", repeats])
+    assert info.value.code == 2
+    assert "--repeats" in capsys.readouterr().err
+
+
+def test_explain_without_arguments_shows_how_to_start(capsys):
+    assert cli.main(["explain"]) == 2
+    message = capsys.readouterr().err
+    assert "name=size" not in message
+    assert "normlab explain batch --data" in message and "--shape" in message and "--help" in message
+
+
+# --- packaging ---------------------------------------------------------------------------------
+
+
+def test_the_license_file_is_the_license_pyproject_declares():
+    assert PYPROJECT["project"]["license"] == "MIT"
+    assert (REPO / "LICENSE").read_text(encoding="utf-8").startswith("MIT License")
+
+
+def test_pyproject_names_the_project_urls():
+    urls = PYPROJECT["project"]["urls"]
+    assert {"Homepage", "Repository", "Issues"} <= set(urls)
+    assert all(url.startswith("https://") for url in urls.values())
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_py_typed_the_license_and_the_urls(tmp_path):
+    import shutil
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "normlab", source / "normlab", ignore=shutil.ignore_patterns("__pycache__"))
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                             "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "dist").glob("normlab-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "normlab/py.typed" in names
+    assert any(n.endswith("LICENSE") and ".dist-info/" in n for n in names)
+    assert "Project-URL: Repository, https://github.com/normlab/normlab" in metadata
+
+
+# --- skip reasons ------------------------------------------------------------------------------
+
+
+def test_the_browser_skip_says_that_chromium_driver_is_missing_and_how_to_install_it():
+    reason = missing_browser_parts(exists=lambda path: path == CHROMIUM, find_spec=lambda name: object())
+    assert "chromium-driver" in reason and CHROMEDRIVER in reason and "apt-get install chromium-driver" in reason
+    assert "apt-get install chromium " not in reason + " "  # chromium itself is there
+
+
+def test_the_browser_skip_names_both_packages_when_both_are_missing():
+    reason = missing_browser_parts(exists=lambda path: False, find_spec=lambda name: object())
+    assert "apt-get install chromium chromium-driver" in reason
+
+
+def test_nothing_is_missing_for_the_browser_tests_when_everything_is_there():
+    assert missing_browser_parts(exists=lambda path: True, find_spec=lambda name: object()) is None
+
+
+# --- the README and the help text speak to users ---------------------------------------------
+
+INSIDER_WORDS = re.compile(r"\bissue \d|\bissue's\b|\bthe note\b|\bnote's\b|\bmachine [AB]\b|\(A\)|\(B\)")
+
+
+def _help_texts():
+    parser = cli.build_parser()
+    texts = [parser.format_help()]
+    for action in parser._subparsers._group_actions:
+        texts += [sub.format_help() for sub in action.choices.values()]
+    return texts
+
+
+def test_readme_and_help_text_use_no_insider_words():
+    for text in [README] + _help_texts():
+        assert not INSIDER_WORDS.search(text), INSIDER_WORDS.search(text).group(0)
+
+
+def test_the_demo_output_uses_no_insider_words(tmp_path):
+    result = _python("-m", "normlab", "demo", "--html", str(tmp_path / "demo.html"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not INSIDER_WORDS.search(result.stdout), INSIDER_WORDS.search(result.stdout).group(0)
+
+
+def test_the_readme_states_the_bench_default_repeats():
+    assert f"the median of {bench.DEFAULT_REPEATS} timed calls" in README
+    assert f"(default {bench.DEFAULT_REPEATS}" in cli.build_parser()._subparsers._group_actions[0] \
+        .choices["bench"].format_help()
