@@ -87,10 +87,12 @@ def reject_masked(value, name: str, context: str) -> None:
     silently and the masked values would enter the statistics. ``context`` opens the
     message (the pattern and the input shape)."""
     if isinstance(value, np.ma.MaskedArray) and np.ma.getmask(value) is not np.ma.nomask and value.mask.any():
+        statistics_only = (f"to leave the masked elements out of the statistics, pass np.ma.getdata({name}) with "
+                           f"mask=~np.ma.getmaskarray({name}); ") if name == "x" else ""
         raise InputError(
-            f"{context}: {name} is a masked array with masked elements, and normlab "
-            f"does not honour masks; pass {name}.filled(value) to normalize with the masked elements set to a "
-            f"value, or np.asarray({name}) to normalize every element as it is"
+            f"{context}: {name} is a masked array with masked elements, and normlab does not read np.ma masks; "
+            f"{statistics_only}pass {name}.filled(value) to normalize with the masked elements set to a value, "
+            f"or np.asarray({name}) to normalize every element as it is"
         )
 
 

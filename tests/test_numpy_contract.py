@@ -148,6 +148,18 @@ def test_masked_arrays_are_refused_wherever_they_enter(call):
         call(x)
 
 
+def test_the_recipe_in_the_masked_array_error_gives_statistics_of_the_unmasked_elements():
+    data = np.random.default_rng(12).standard_normal((3, 5))
+    x = np.ma.masked_array(data, mask=np.eye(3, 5, dtype=bool))
+    with pytest.raises(InputError) as info:
+        normlab.normalize(x, "b [d]")
+    assert "mask=~np.ma.getmaskarray(x)" in str(info.value)
+    y = normlab.normalize(np.ma.getdata(x), "b [d]", mask=~np.ma.getmaskarray(x))
+    for row in range(3):  # every element normalized with the statistics of the unmasked ones
+        kept = data[row][~x.mask[row]]
+        np.testing.assert_allclose(y[row], (data[row] - kept.mean()) / np.sqrt(kept.var() + 1e-5), rtol=1e-12)
+
+
 def test_a_masked_array_with_nothing_masked_normalizes_as_its_data():
     x = np.ma.masked_array(np.random.default_rng(9).standard_normal((3, 4)))
     np.testing.assert_allclose(normlab.normalize(x, "b [d]"), _definition(x.data, (1,)), rtol=1e-12, atol=1e-12)
