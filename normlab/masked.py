@@ -199,6 +199,7 @@ def compute_stats(x: np.ndarray, grouping: Grouping, eps: float, rms: bool = Fal
             mean = np.where(some, shift + mean_shifted, 0.0)
         var = np.where(some, var, 0.0)
         rstd = np.where(some, 1.0 / np.sqrt(var + eps), 0.0)
+        rstd[var == np.inf] = np.nan  # an overflowed variance: NaN, never silent zeros (see normlab.reference)
     shape = grouping.stats_shape
     return MaskedStats(None if mean is None else mean.reshape(shape), var.reshape(shape), rstd.reshape(shape),
                        count.reshape(shape))

@@ -125,3 +125,31 @@ def test_torch_also_gives_nan_for_an_overflowed_layer_and_group_norm():
     assert torch.isnan(torch.nn.functional.group_norm(x.reshape(1, 2, 2), 1)).all()
     assert np.isnan(normlab.normalize(HUGE[:1], "b [d]")).all()
     assert np.isnan(normlab.normalize(HUGE[:1].reshape(1, 2, 2), "b (g [c]) [s]", g=1)).all()
+
+
+# --- the same two edges with mask= and segment_ids= -----------------------------------------
+
+
+def test_masked_float16_output_is_the_float64_result_rounded_once_on_both_backends():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((257, 512)) * 3 + 1).astype(np.float16)
+    counted = rng.random((257, 512)) > 0.1
+    wide = x.astype(np.float64)
+    mean = np.array([row[keep].mean() for row, keep in zip(wide, counted)])[:, None]
+    var = np.array([row[keep].var() for row, keep in zip(wide, counted)])[:, None]
+    want = _round_once_to_float16((wide - mean) / np.sqrt(var + 1e-5))  # every element, counted ones' statistics
+    for backend in BACKENDS:
+        got = normlab.normalize(x, "b [d]", mask=counted, backend=backend)
+        np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16), err_msg=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rms", [False, True])
+def test_an_overflowed_masked_or_segmented_group_is_nan(backend, rms):
+    y = normlab.normalize(HUGE, "b [d]", mask=np.ones(HUGE.shape, bool), rms=rms, backend=backend)
+    assert np.isnan(y[0]).all() and np.isfinite(y[1]).all()
+    y = normlab.normalize(HUGE, "b [d]", segment_ids=np.array([0, 0, 1, 1]), rms=rms, backend=backend)
+    assert np.isnan(y[0]).all() and np.isfinite(y[1]).all()
+    y = normlab.normalize(np.ascontiguousarray(HUGE.T), "[b] d", mask=np.ones(HUGE.T.shape, bool), rms=rms,
+                          backend=backend)
+    assert np.isnan(y[:, 0]).all() and np.isfinite(y[:, 1]).all()

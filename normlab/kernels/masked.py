@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from normlab import kernels
-from normlab.kernels import ROW_CHUNKS, _compute_dtype, _spanned_block, pool
+from normlab.kernels import ROW_CHUNKS, _compute_dtype, _result_buffer_dtype, _spanned_block, pool
 from normlab.plan import Plan
 
 __all__ = ["GroupView", "group_view", "forward", "backward"]
@@ -227,7 +227,7 @@ def forward(prepared, grouping, eps: float, rms: bool, mean=None, rstd=None):
     if prepared.bias is None and prepared.weight is not None:
         bias = np.zeros(weight.shape)
     groups = view.sizes[0] * (len(laid.offsets) - 1) * view.sizes[2]
-    y = pool.empty(x.shape, dtype)
+    y = pool.empty(x.shape, _result_buffer_dtype(prepared.dtype, dtype))  # float16: rounded once
     count = np.zeros(groups, np.int64)
     given = rstd is not None
     if given:
@@ -266,7 +266,7 @@ def backward(prepared, grouping, grad_y, eps: float, rms: bool, mean=None, rstd=
     else:
         mean_flat = np.zeros(groups) if mean is None else _stats_to_flat(mean, laid, grouping)
         rstd_flat = _stats_to_flat(rstd, laid, grouping)
-    grad_x = pool.empty(x.shape, dtype)
+    grad_x = pool.empty(x.shape, _result_buffer_dtype(prepared.dtype, dtype))
     serial = x.size < kernels.SERIAL_BELOW
     args = (g, x, laid.mask, laid.has_mask, laid.offsets, weight, view.param_row_stride, rms, mean_flat, rstd_flat)
     if inner > 1:

@@ -22,6 +22,7 @@ import numpy as np
 from numba import prange
 
 from normlab.kernels._jit import helper, kernel, reduction
+from normlab.kernels.sums import reciprocal_std
 
 BLOCK = 64  # channels per unit when I == 1: four cache lines of float32 per row
 
@@ -114,7 +115,7 @@ def _inner_stats(x, mask, has_mask, rms, eps, a, c, start, stop):
         if count == 0:
             return 0.0, 0.0, 0.0, 0
         var = total / count
-        return 0.0, var, 1.0 / np.sqrt(var + eps), count
+        return 0.0, var, reciprocal_std(var, eps), count
     shift, found = _first_counted(x, mask, has_mask, a, c, start, stop)
     if not found:
         return 0.0, 0.0, 0.0, 0
@@ -136,7 +137,7 @@ def _inner_stats(x, mask, has_mask, rms, eps, a, c, start, stop):
         else:
             m2 += _centered_square_sum(x[a, o, c], shift, center)
     var = m2 / count
-    return shift + center, var, 1.0 / np.sqrt(var + eps), count
+    return shift + center, var, reciprocal_std(var, eps), count
 
 
 @kernel
@@ -316,7 +317,7 @@ def _last_unit_stats(x, mask, has_mask, rms, eps, a, c0, width, start, stop, bas
             group_var = total[j] / n if rms else m2[j] / n
             mean[base + j] = 0.0 if rms else shift[j] + total[j]
             var[base + j] = group_var
-            rstd[base + j] = 1.0 / np.sqrt(group_var + eps)
+            rstd[base + j] = reciprocal_std(group_var, eps)
 
 
 @kernel
