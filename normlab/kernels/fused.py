@@ -37,23 +37,27 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 @helper
-def gate_value(z, code):
-    """φ(z) for activation ``code`` (0 silu, 1 sigmoid, 2 gelu with erf), float64."""
-    z = np.float64(z)
+def gate_value(gate, code):
+    """φ(z) for activation ``code`` (0 silu, 1 sigmoid, 2 gelu with erf), float64.
+
+    The exponential of silu and sigmoid runs in the gate's own dtype: for a float32 gate
+    that is ``expf``, twice as fast as ``exp`` (neither vectorizes without Intel's SVML),
+    and its error of an ulp of float32 is below the rounding of the float32 output."""
+    z = np.float64(gate)
     if code == 2:
         return z * (0.5 * (1.0 + math.erf(z * _SQRT_HALF)))
-    sig = 1.0 / (1.0 + math.exp(-z))
+    sig = 1.0 / (1.0 + np.float64(math.exp(-gate)))
     return sig if code == 1 else z * sig
 
 
 @helper
-def gate_derivative(z, code):
-    """(φ(z), φ'(z)) for activation ``code``, float64."""
-    z = np.float64(z)
+def gate_derivative(gate, code):
+    """(φ(z), φ'(z)) for activation ``code``, float64 (the exponential as in :func:`gate_value`)."""
+    z = np.float64(gate)
     if code == 2:
         cdf = 0.5 * (1.0 + math.erf(z * _SQRT_HALF))
         return z * cdf, cdf + z * (math.exp(-0.5 * z * z) * _INV_SQRT_2PI)
-    sig = 1.0 / (1.0 + math.exp(-z))
+    sig = 1.0 / (1.0 + np.float64(math.exp(-gate)))
     if code == 1:
         return sig, sig * (1.0 - sig)
     return z * sig, sig * (1.0 + z * (1.0 - sig))
