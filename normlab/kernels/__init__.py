@@ -13,8 +13,10 @@
 
 Importing this package does not import Numba; the kernel modules are imported, and each
 kernel compiled, on first use. Numerics and determinism are those of the reference (see
-its module docstring): float64 accumulation, groups shifted by their first element,
-chunks fixed by index and merged in a fixed order.
+its module docstring): float64 statistics, groups shifted by their first element,
+chunks fixed by index and merged in a fixed order. One difference: float32 rows are
+applied in float32 SIMD arithmetic, with the mean split into a float32 high and low part
+so that exact zeros and exact symmetric middles survive (see ``rows.row_forward32``).
 """
 
 from __future__ import annotations
@@ -171,20 +173,20 @@ def _result_buffer_dtype(result: np.dtype, compute: np.dtype) -> np.dtype:
 
 
 @functools.lru_cache(maxsize=256)
-def _constant_table(shape: tuple[int, ...], value: float) -> np.ndarray:
+def _constant_table(shape: tuple[int, ...], value: float, dtype=np.float64) -> np.ndarray:
     # shared between calls (kernels only read parameters); left writeable because a
     # read-only array is another Numba signature, compiled once more
-    return np.full(shape, value)
+    return np.full(shape, value, dtype)
 
 
-def _param_table(expanded, view, ones: bool):
+def _param_table(expanded, view, ones: bool, dtype=np.float64):
     """A parameter laid out as the kernels index it: (groups, channels) for rows, (C,) for columns."""
     shape = (view.param_groups, view.param_channels) if isinstance(view, RowView) else (view.channels,)
     if expanded is None:
-        return _constant_table(shape, 1.0 if ones else 0.0)
+        return _constant_table(shape, 1.0 if ones else 0.0, dtype)
     if isinstance(view, RowView):
         expanded = view.source(expanded)
-    return np.ascontiguousarray(expanded, dtype=np.float64).reshape(shape)
+    return np.ascontiguousarray(expanded, dtype=dtype).reshape(shape)
 
 
 def _flat_stats(value, length: int) -> np.ndarray:
@@ -214,8 +216,12 @@ def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
     y_dtype = _result_buffer_dtype(prepared.dtype, dtype)
     direct = out is not None and out.dtype == y_dtype and out.flags.c_contiguous and not transposed
     y = out.reshape(shape) if direct else pool.empty(shape, y_dtype)
-    weight = _param_table(prepared.weight, view, ones=True)
-    bias = _param_table(prepared.bias, view, ones=False)
+    # float32 rows run in float32 arithmetic (see rows.row_forward32), with float32 parameters
+    # (not for a float16 result: that is rounded once from float64)
+    float32_rows = isinstance(view, RowView) and dtype == np.float32 and y_dtype == np.float32
+    table_dtype = np.float32 if float32_rows else np.float64
+    weight = _param_table(prepared.weight, view, ones=True, dtype=table_dtype)
+    bias = _param_table(prepared.bias, view, ones=False, dtype=table_dtype)
     serial = x.size < SERIAL_BELOW
     groups = view.rows if isinstance(view, RowView) else view.channels
     stats_given = rstd is not None
@@ -227,9 +233,9 @@ def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
         mean_flat, var_flat, rstd_flat = np.empty((3, groups))
 
     if isinstance(view, RowView):
-        from normlab.kernels.rows import row_forward
+        from normlab.kernels.rows import row_forward, row_forward32
 
-        row_forward(x, y, weight, bias, view.param_row_stride, view.param_inner, rms, eps, stats_given,
+        (row_forward32 if float32_rows else row_forward)(x, y, weight, bias, view.param_row_stride, view.param_inner, rms, eps, stats_given,
                     mean_flat, var_flat, rstd_flat, serial=serial)
     else:
         from normlab.kernels import columns

@@ -17,8 +17,104 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from normlab.kernels._jit import kernel, prefetch
-from normlab.kernels.sums import gradient_sums, group_stats, weighted_gradient_sums
+from normlab.kernels._jit import helper, kernel, prefetch
+from normlab.kernels.sums import (centered_square_sum, gradient_sums, group_stats, reciprocal_std, shifted_moments,
+                                  square_sum, weighted_gradient_sums)
+
+# float32 rows are applied in float32 where rstd and x̂ = (x − mean)·rstd (|x̂| ≤ √n) stay
+# normal float32 numbers; outside, in float64
+RSTD_LOW = 1e-30
+RSTD_HIGH = 1e30
+# Σd²/n over the variance past which the one-pass variance has lost more than 8 of
+# float64's 16 digits: the row then takes the two-pass variance (K ≥ 1e4, a far outlier first)
+CANCELLATION = 1e8
+
+
+@helper
+def apply_row(x_row, y_row, w_row, b_row, param_inner, hi, lo, rs):
+    """``y = ((x − hi) − lo)·rs·w + b`` along one row, in the arithmetic of ``hi``/``lo``/``rs``
+    (float32 scalars: float32 SIMD; float64 scalars: float64). ``hi + lo`` is the mean split
+    so that ``x − hi`` is exact where x is near the mean: a constant row gives exact zeros
+    and a symmetric row an exact zero in the middle, as in float64."""
+    n = x_row.shape[0]
+    channels = w_row.shape[0]
+    inner = param_inner
+    repeats = n // (channels * inner)
+    # loops index slices from 0: LLVM then knows no index is negative and vectorizes
+    if channels == 1 and inner == n:
+        # one weight and bias for the whole row (none given): a single flat loop
+        w = w_row[0]
+        b = b_row[0]
+        for j in range(n):
+            y_row[j] = ((x_row[j] - hi) - lo) * rs * w + b
+    elif inner == 1:
+        # per-element parameters: the innermost loop runs along the row
+        for a in range(repeats):
+            x_seg = x_row[a * channels:(a + 1) * channels]
+            y_seg = y_row[a * channels:(a + 1) * channels]
+            for c in range(channels):
+                y_seg[c] = ((x_seg[c] - hi) - lo) * rs * w_row[c] + b_row[c]
+    else:
+        for a in range(repeats):
+            for c in range(channels):
+                w = w_row[c]
+                b = b_row[c]
+                base = (a * channels + c) * inner
+                x_seg = x_row[base:base + inner]
+                y_seg = y_row[base:base + inner]
+                for s in range(inner):
+                    y_seg[s] = ((x_seg[s] - hi) - lo) * rs * w + b
+
+
+@kernel
+def row_forward32(x, y, weight, bias, param_row_stride, param_inner, rms, eps, stats_given, mean, var, rstd):
+    """:func:`row_forward` for float32 rows, with float32 parameter tables: one float64
+    pass for the statistics, then the output in float32 SIMD arithmetic.
+
+    Statistics: d = x − x[0] is exact in float64, so Σd (hence the mean, and an exact
+    middle of a symmetric row) is as in :func:`group_stats`; the variance is
+    Σd²/n − (Σd/n)², whose cancellation is at most a factor 1 + n (see
+    ``sums.shifted_moments``); past CANCELLATION the row takes the two-pass variance.
+    Output: ``((x − hi) − lo)·rstd·w + b`` in float32 with the mean split as
+    ``hi = float32(mean)``, ``lo = float32(mean − hi)``: where x is near the mean,
+    ``x − hi`` is exact, so constant rows give exact zeros (exactly the bias) and
+    symmetric rows an exact zero in the middle. A row whose rstd leaves
+    (RSTD_LOW, RSTD_HIGH), where float32 products could underflow, is applied in float64.
+    """
+    rows = x.shape[0]
+    n = x.shape[1]
+    groups = weight.shape[0]
+    for r in prange(rows):
+        x_row = x[r]
+        y_row = y[r]
+        if r + 1 < rows:
+            prefetch(x[r + 1])
+        if stats_given:
+            m = mean[r]
+            rs = rstd[r]
+        else:
+            if rms:
+                m = 0.0
+                row_var = square_sum(x_row) / n
+            else:
+                shift = np.float64(x_row[0])
+                sum_d, sum_d2 = shifted_moments(x_row, shift)
+                mean_shifted = sum_d / n
+                mean_square = sum_d2 / n
+                row_var = max(mean_square - mean_shifted * mean_shifted, 0.0)
+                if mean_square > CANCELLATION * row_var:
+                    row_var = centered_square_sum(x_row, shift, mean_shifted) / n
+                m = shift + mean_shifted
+            rs = reciprocal_std(row_var, eps)
+            mean[r] = m
+            var[r] = row_var
+            rstd[r] = rs
+        g = (r // param_row_stride) % groups
+        if RSTD_LOW < rs < RSTD_HIGH:
+            hi = np.float32(m)
+            apply_row(x_row, y_row, weight[g], bias[g], param_inner, hi, np.float32(m - hi), np.float32(rs))
+        else:
+            apply_row(x_row, y_row, weight[g], bias[g], param_inner, m, 0.0, rs)
 
 
 @kernel
@@ -30,11 +126,7 @@ def row_forward(x, y, weight, bias, param_row_stride, param_inner, rms, eps, sta
     and ``rstd`` instead, as batch norm does in evaluation.
     """
     rows = x.shape[0]
-    n = x.shape[1]
     groups = weight.shape[0]
-    channels = weight.shape[1]
-    inner = param_inner
-    repeats = n // (channels * inner)
     for r in prange(rows):
         x_row = x[r]
         y_row = y[r]
@@ -48,32 +140,7 @@ def row_forward(x, y, weight, bias, param_row_stride, param_inner, rms, eps, sta
         m = mean[r]
         rs = rstd[r]
         g = (r // param_row_stride) % groups
-        w_row = weight[g]
-        b_row = bias[g]
-        # loops index slices from 0: LLVM then knows no index is negative and vectorizes
-        if channels == 1 and inner == n:
-            # one weight and bias for the whole row (none given): a single flat loop
-            w = w_row[0]
-            b = b_row[0]
-            for j in range(n):
-                y_row[j] = (x_row[j] - m) * rs * w + b
-        elif inner == 1:
-            # per-element parameters: the innermost loop runs along the row
-            for a in range(repeats):
-                x_seg = x_row[a * channels:(a + 1) * channels]
-                y_seg = y_row[a * channels:(a + 1) * channels]
-                for c in range(channels):
-                    y_seg[c] = (x_seg[c] - m) * rs * w_row[c] + b_row[c]
-        else:
-            for a in range(repeats):
-                for c in range(channels):
-                    w = w_row[c]
-                    b = b_row[c]
-                    base = (a * channels + c) * inner
-                    x_seg = x_row[base:base + inner]
-                    y_seg = y_row[base:base + inner]
-                    for s in range(inner):
-                        y_seg[s] = (x_seg[s] - m) * rs * w + b
+        apply_row(x_row, y_row, weight[g], bias[g], param_inner, m, 0.0, rs)
 
 
 @kernel

@@ -13,6 +13,7 @@ import numpy as np
 from normlab.kernels._jit import helper, reduction
 
 
+
 @reduction
 def shifted_sum(values, shift):
     """Σ (v − shift) over a 1-D array."""
@@ -90,3 +91,20 @@ def group_stats(values, rms, eps):
         var = centered_square_sum(values, shift, mean_shifted) / n
         mean = shift + mean_shifted
     return mean, var, reciprocal_std(var, eps)
+
+
+@reduction
+def shifted_moments(values, shift):
+    """(Σ d, Σ d²) with d = v − shift, in float64: one pass for the mean and the variance.
+
+    For float32 values d is exact in float64 and d² nearly so, so the variance
+    Σd²/n − (Σd/n)² loses only what the shift's distance from the mean costs: a factor
+    1 + K² where K = |shift − mean|/std, and K² ≤ n because the shift is one of the values.
+    """
+    sum_d = 0.0
+    sum_d2 = 0.0
+    for i in range(values.shape[0]):
+        d = values[i] - shift
+        sum_d += d
+        sum_d2 += d * d
+    return sum_d, sum_d2
