@@ -273,6 +273,86 @@ def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
     return np.ascontiguousarray(y, dtype=prepared.dtype).reshape(plan.shape), stats
 
 
+@dataclass(frozen=True)
+class FastForward:
+    """A row-kernel forward with everything but the arrays decided: the kernel, the
+    shapes, the parameter tables' layout. Built once per (plan, dtypes, rms) by
+    :func:`fast_forward`; a call does a few checks, allocates the output and runs the kernel.
+    """
+
+    kernel: object
+    dtype: np.dtype
+    shape: tuple[int, ...]  # (rows, n)
+    out_shape: tuple[int, ...]
+    stats_shape: tuple[int, ...]
+    param_shape: tuple[int, ...]
+    table_shape: tuple[int, ...]
+    table_dtype: type
+    direct_params: bool  # the table is the parameter reshaped (no transposition)
+    param_row_stride: int
+    param_inner: int
+    rms: bool
+    large: bool  # the output comes from the recycled pool
+    plan: Plan
+    view: RowView
+
+    def __call__(self, x, weight, bias, eps, return_stats: bool):
+        """``y`` (or ``(y, mean, rstd)``), or None when an argument needs the full checks."""
+        if not (0.0 <= eps < math.inf):
+            return None
+        weight_table = self._table(weight, 1.0)
+        bias_table = self._table(bias, 0.0)
+        if weight_table is None or bias_table is None:
+            return None
+        rows = self.shape[0]
+        y = pool.empty(self.shape, self.dtype) if self.large else np.empty(self.shape, self.dtype)
+        stats = np.empty((3, rows))
+        arguments = (x.reshape(self.shape), y, weight_table, bias_table, self.param_row_stride, self.param_inner,
+                     self.rms, eps, False, stats[0], stats[1], stats[2])
+        if rows * self.shape[1] < SERIAL_BELOW:
+            self.kernel.serial(*arguments)
+        else:
+            self.kernel(*arguments)
+        y = y.reshape(self.out_shape)
+        if not return_stats:
+            return y
+        mean = None if self.rms else stats[0].reshape(self.stats_shape)
+        return y, mean, stats[2].reshape(self.stats_shape)
+
+    def _table(self, param, fill: float):
+        if param is None:
+            return _constant_table(self.table_shape, fill, self.table_dtype)
+        if param.shape != self.param_shape:
+            return None
+        if self.direct_params:
+            return np.ascontiguousarray(param, self.table_dtype).reshape(self.table_shape)
+        return _param_table(self.plan.expand_params(param), self.view, fill == 1.0, self.table_dtype)
+
+
+_FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def fast_forward(plan: Plan, dtype: np.dtype, rms: bool, param_dtypes) -> FastForward | None:
+    """The :class:`FastForward` of a plan whose view is plain rows, or None."""
+    view = view_of(plan)
+    if not isinstance(view, RowView) or view.order is not None or dtype not in _FAST_DTYPES:
+        return None
+    if any(d is not None and d.kind not in "fiub" for d in param_dtypes):
+        return None
+    from normlab.kernels.rows import row_forward, row_forward32
+
+    float32 = dtype == np.float32
+    table_shape = (view.param_groups, view.param_channels)
+    size = math.prod(plan.param_shape)
+    # the table is the parameter reshaped exactly when laying it out keeps element order
+    probe = _param_table(plan.expand_params(np.arange(size, dtype=np.float64)), view, True) if plan.params else None
+    direct = probe is not None and bool(np.array_equal(probe.reshape(-1), np.arange(probe.size)))
+    return FastForward(row_forward32 if float32 else row_forward, dtype, (view.rows, view.n), plan.shape,
+                       plan.stats_shape, plan.param_shape, table_shape, np.float32 if float32 else np.float64,
+                       direct, view.param_row_stride, view.param_inner, rms,
+                       view.rows * view.n * dtype.itemsize >= pool.MIN_BYTES, plan, view)
+
+
 def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need_params=False):
     """Twin of :func:`normlab.reference.backward` through the kernels.
 
