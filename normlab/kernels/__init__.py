@@ -332,6 +332,44 @@ class FastForward:
 _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def fold_scale_shift(mean, var, weight, bias, eps: float, dtype) -> tuple[np.ndarray, ...]:
+    """Running statistics and parameters (vectors of length C; weight and bias may be None)
+    folded in float64 into ``(hi, lo, scale, shift)`` tables of the kernel dtype for
+    :func:`scale_shift_view`: ``scale = w/sqrt(var + eps)``, ``shift = b`` and the mean
+    split into ``hi = mean`` rounded and ``lo = mean − hi`` rounded."""
+    table = np.float32 if np.dtype(dtype) == np.float32 else np.float64
+    mean64 = np.asarray(mean, np.float64)
+    scale = 1.0 / np.sqrt(np.asarray(var, np.float64) + eps)
+    if weight is not None:
+        scale = scale * np.asarray(weight, np.float64)
+    hi = mean64.astype(table)
+    lo = (mean64 - hi).astype(table)
+    shift = np.zeros(len(mean64), table) if bias is None else np.array(bias, table)
+    return hi, lo, scale.astype(table), shift
+
+
+def scale_shift_view(x: np.ndarray, y: np.ndarray, folded: tuple[np.ndarray, ...]) -> None:
+    """Batch norm in evaluation as one fused pass over a C-contiguous (outer, C, inner)
+    view: ``y = ((x − hi) − lo)·scale + shift`` per channel, with ``folded`` from
+    :func:`fold_scale_shift`; ``inner == 1`` is channels-last (outer, C).
+
+    >>> x = np.arange(12, dtype=np.float32).reshape(2, 3, 2); y = np.empty_like(x)
+    >>> folded = fold_scale_shift(np.array([1., 2., 3.]), np.array([4., 1., 0.25]), None, None, 0.0, x.dtype)
+    >>> scale_shift_view(x, y, folded)
+    >>> y[0].tolist()
+    [[-0.5, 0.0], [0.0, 1.0], [4.0, 6.0]]
+    """
+    from normlab.kernels import columns
+
+    serial = x.size < SERIAL_BELOW
+    if x.shape[2] == 1:
+        channels = x.shape[1]
+        columns.channels_last_scale_shift(x.reshape(-1, channels), y.reshape(-1, channels), *folded,
+                                          max(1, CHUNK_ELEMENTS // channels), serial=serial)
+    else:
+        columns.channels_first_scale_shift(x, y, *folded, serial=serial)
+
+
 def fast_forward(plan: Plan, dtype: np.dtype, rms: bool, param_dtypes) -> FastForward | None:
     """The :class:`FastForward` of a plan whose view is plain rows, or None."""
     view = view_of(plan)

@@ -6,13 +6,15 @@ import functools
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from normlab import kernels
 from normlab.errors import InputError
 from normlab.torch.ops import _EagerNormalize, _is_eager, _normalize_op
 from normlab.torch.paths import _LOW_PRECISION, _choose_path
-from normlab.torch.spec import PlanFacts, Spec
+from normlab.torch.spec import PlanFacts, Spec, _dense_perm, _empty_like_dense, _engine_view
 
 
 def _in_compute_dtype(compute):
@@ -110,6 +112,47 @@ def _apply_stats(x: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float,
     return y.to(x.dtype)
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _eval_kernel(x: Tensor, module) -> Optional[Tensor]:
+    """Batch norm in evaluation as the kernels' one fused pass (no autograd), or None
+    where only the torch operations fit (other dtypes or strides, tensor subclasses)."""
+    if x.dtype not in _EVAL_DTYPES or type(x) is not Tensor or x.dim() < 2 or torch.compiler.is_compiling():
+        return None
+    dense, perm = _dense_perm(x)
+    channels = x.shape[1]
+    if perm is None:
+        shape = (x.shape[0], channels, -1)
+    elif perm[-1] == 1 and perm[:-1] == (0,) + tuple(range(2, x.dim())):
+        shape = (-1, channels, 1)  # channels_last: (N, *spatial, C)
+    else:
+        return None
+    y = _empty_like_dense(dense, perm)
+    kernels.scale_shift_view(_engine_view(dense, perm).reshape(shape), _engine_view(y, perm).reshape(shape),
+                             _folded(module, x.dtype))
+    return y
+
+
+_EVAL_DTYPES = (torch.float32, torch.float64)
+
+
+def _folded(module, dtype) -> tuple:
+    """The module's running statistics and parameters folded into one scale and shift per
+    channel, remembered until one of them changes (in place or replaced) or eps does."""
+    tensors = (module.running_mean, module.running_var, module.weight, module.bias)
+    key = (dtype, module.eps) + tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
+    cached = module.__dict__.get("_normlab_folded")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+
+    arrays = [None if t is None else t.detach().double().numpy() for t in tensors]
+    folded = kernels.fold_scale_shift(*arrays, module.eps, np.float32 if dtype == torch.float32 else np.float64)
+    module.__dict__["_normlab_folded"] = (key, folded)
+    return folded
+
+
 # ---------------------------------------------------------------------------------------
 # Running statistics
 
@@ -195,6 +238,10 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
     factor = _average_factor(module)
     use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
     if not use_batch_stats:
+        if path == "kernel" and not _needs_grad(x, module.weight, module.bias):
+            y = _eval_kernel(x, module)
+            if y is not None:
+                return y
         return _apply_stats(x, module.running_mean, module.running_var, module.weight, module.bias, module.eps,
                             _channel_shape(x))
     count = _values_per_channel(x)
