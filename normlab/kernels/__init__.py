@@ -307,7 +307,8 @@ class FastForward:
         rows = self.shape[0]
         y = pool.empty(self.shape, self.dtype) if self.large else np.empty(self.shape, self.dtype)
         stats = np.empty((3, rows))
-        arguments = (x.reshape(self.shape), y, weight_table, bias_table, self.param_row_stride, self.param_inner,
+        # a strided x is copied: a non-contiguous array would be another kernel signature
+        arguments = (np.ascontiguousarray(x).reshape(self.shape), y, weight_table, bias_table, self.param_row_stride, self.param_inner,
                      self.rms, eps, False, stats[0], stats[1], stats[2])
         if rows * self.shape[1] < SERIAL_BELOW:
             self.kernel.serial(*arguments)
@@ -357,7 +358,7 @@ def scale_shift_view(x: np.ndarray, y: np.ndarray, folded: tuple[np.ndarray, ...
     >>> folded = fold_scale_shift(np.array([1., 2., 3.]), np.array([4., 1., 0.25]), None, None, 0.0, x.dtype)
     >>> scale_shift_view(x, y, folded)
     >>> y[0].tolist()
-    [[-0.5, 0.0], [0.0, 1.0], [4.0, 6.0]]
+    [[-0.5, 0.0], [0.0, 1.0], [2.0, 4.0]]
     """
     from normlab.kernels import columns
 
