@@ -1,6 +1,7 @@
-"""Batch norm in evaluation runs as one fused kernel pass with the running statistics
-folded into one scale and shift per channel. Oracle: torch.nn's own BatchNorm modules
-with the same state."""
+"""The torch modules' fast paths when no gradient is needed: batch norm in evaluation as
+one fused kernel pass (running statistics folded into one scale and shift per channel),
+and layer, RMS and group norm straight into the row kernels with the plan cached per
+input shape. Oracle: torch.nn's own modules with the same state."""
 
 import pytest
 
@@ -80,4 +81,59 @@ def test_batch_norm_eval_under_no_grad_runs_the_fused_kernel_not_torch_operation
     monkeypatch.setattr(compute, "_apply_stats", composite)
     x = torch.randn(2, 3, 5, 5)
     with torch.inference_mode():
+        torch.testing.assert_close(twin(x), reference(x))
+
+
+@pytest.mark.parametrize("cls_name, args, shape", [
+    ("LayerNorm", (48,), (3, 5, 48)),
+    ("LayerNorm", ((4, 12),), (2, 4, 12)),
+    ("RMSNorm", (48,), (3, 5, 48)),
+    ("GroupNorm", (4, 12), (2, 12, 5, 5)),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_norms_without_gradients_skip_autograd_and_match_torch(cls_name, args, shape, dtype, monkeypatch):
+    from normlab.torch import modules
+
+    torch.manual_seed(0)
+    reference = getattr(torch.nn, cls_name)(*args, dtype=dtype)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.uniform_(0.5, 1.5)
+    twin = getattr(nt, cls_name)(*args, dtype=dtype)
+    twin.load_state_dict(reference.state_dict())
+
+    def full_path(*a, **k):
+        raise AssertionError("the call took the autograd path")
+
+    monkeypatch.setattr(modules, "_normalize", full_path)
+    for _ in range(2):  # the second call reuses the cached plan
+        x = torch.randn(shape, dtype=dtype) * 3 + 2
+        with torch.inference_mode():
+            torch.testing.assert_close(twin(x), reference(x))
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x), reference(x))
+
+
+def test_layer_norm_with_gradients_still_takes_autograd_and_matches_torch():
+    reference, twin = torch.nn.LayerNorm(16, dtype=torch.float64), nt.LayerNorm(16, dtype=torch.float64)
+    x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for module in (reference, twin):
+        with torch.no_grad():
+            module(x)  # a no-grad call first fills the fast path's cache
+        grads.append(torch.autograd.grad(module(x).square().sum(), (x, module.weight, module.bias)))
+    for mine, theirs in zip(grads[1], grads[0]):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_a_changed_weight_is_seen_by_the_next_no_grad_call():
+    reference, twin = torch.nn.LayerNorm(8), nt.LayerNorm(8)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        twin(x)
+        for module in (reference, twin):
+            module.weight.mul_(2)
+            module.bias.add_(1)
+        torch.testing.assert_close(twin(x), reference(x))
+        twin.weight = reference.weight = torch.nn.Parameter(torch.full((8,), 3.0))
         torch.testing.assert_close(twin(x), reference(x))

@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from normlab import kernels
 from normlab.errors import InputError
+from normlab.plan import make_plan
 from normlab.torch.ops import _EagerNormalize, _is_eager, _normalize_op
-from normlab.torch.paths import _LOW_PRECISION, _choose_path
+from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
 from normlab.torch.spec import PlanFacts, Spec, _dense_perm, _empty_like_dense, _engine_view
 
 
@@ -136,6 +137,47 @@ def _eval_kernel(x: Tensor, module) -> Optional[Tensor]:
 
 
 _EVAL_DTYPES = (torch.float32, torch.float64)
+
+
+def _fast_rows(module, x: Tensor, weight, bias, eps: float) -> Optional[Tensor]:
+    """A row norm's forward (layer, RMS, group norm) straight into the kernel when no
+    gradient is needed: the plan, view and parameter layout are cached on the module per
+    input shape and dtype, and the autograd machinery is skipped. None where the full
+    path must run (gradients, other dtypes, devices, strides or paths, compilation)."""
+    if (type(x) is not Tensor or x.dtype not in _EVAL_DTYPES or _PathSwitch.path != "auto"
+            or not x.is_contiguous() or x.device.type != "cpu" or torch.compiler.is_compiling()):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        return None
+    calls = module.__dict__.get("_normlab_fast")
+    if calls is None:
+        calls = module.__dict__["_normlab_fast"] = {}
+    key = (x.shape, x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+    call = calls.get(key, False)
+    if call is False:
+        if len(calls) >= 64:
+            calls.clear()
+        call = calls[key] = _build_fast_rows(module._spec, x, weight, bias)
+    if call is None:
+        return None
+    y = call(x.detach().numpy(), None if weight is None else weight.detach().numpy(),
+             None if bias is None else bias.detach().numpy(), eps, False)
+    return None if y is None else torch.from_numpy(y)
+
+
+def _build_fast_rows(spec: Spec, x: Tensor, weight, bias):
+    if any(t is not None and (t.dtype not in _NUMPY_OF or t.device.type != "cpu") for t in (weight, bias)):
+        return None
+    try:
+        plan = make_plan(spec.pattern, tuple(x.shape), spec.params, **spec.size_dict)
+    except ValueError:
+        return None  # the full path raises torch's error for this shape
+    dtypes = tuple(None if t is None else np.dtype(_NUMPY_OF[t.dtype]) for t in (weight, bias))
+    return kernels.fast_forward(plan, np.dtype(_NUMPY_OF[x.dtype]), spec.rms, dtypes)
+
+
+_NUMPY_OF = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _folded(module, dtype) -> tuple:

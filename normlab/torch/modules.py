@@ -18,7 +18,7 @@ from normlab.errors import InputError, ParamsError, ShapeError
 from normlab.notation import parse_params, parse_pattern
 from normlab.plan import make_plan
 from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_forward, _batch_variance,
-                                   _channel_shape, _check_batch, _expanded_param, _normalize,
+                                   _channel_shape, _check_batch, _expanded_param, _fast_rows, _normalize,
                                    _update_instance_running, _update_running)
 from normlab.torch.casting import apply_recipe_scale, check_casting, compute_dtype, rms_norm_recipe
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
@@ -94,6 +94,9 @@ class LayerNorm(nn.LayerNorm):
         self._spec = _trailing_spec(self.normalized_shape, rms=False)
 
     def forward(self, input: Tensor) -> Tensor:
+        y = _fast_rows(self, input, self.weight, self.bias, self.eps)
+        if y is not None:
+            return y
         path = _choose_path(input, has_native=True)
         if path == "native":
             return super().forward(input)
@@ -154,6 +157,10 @@ class RMSNorm(nn.RMSNorm):
         casting = getattr(self, "casting", None)  # absent on modules pickled before it existed
         offset = getattr(self, "weight_offset", 0.0)
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        if casting is None and not offset:
+            y = _fast_rows(self, x, self.weight, None, eps)
+            if y is not None:
+                return y
         path = _choose_path(x, has_native=True)
         if casting is not None:
             if not (path == "kernel" and _PathSwitch.path == "kernel"):  # the kernels round differently
@@ -221,6 +228,10 @@ class GroupNorm(nn.GroupNorm):
         path = _choose_path(input, has_native=True)
         if path == "native":
             return super().forward(input)
+        if input.dim() >= 2 and input.shape[1] == self.num_channels:
+            y = _fast_rows(self, input, self.weight, self.bias, self.eps)
+            if y is not None:
+                return y
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ShapeError(f"GroupNorm({self.num_groups}, {self.num_channels}) expects input (N, "
                              f"{self.num_channels}, *), got {tuple(input.shape)}")
