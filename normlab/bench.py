@@ -404,6 +404,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only cases whose name and mode contain TEXT (repeatable)")
     parser.add_argument("--plot", metavar="FILE.png", default=None, help="save a bar chart of the speedups")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--sweep", action="store_true",
+                        help="normlab.torch's layer, RMS and batch norm modules against torch.nn eager, "
+                             "torch.compile and ONNX Runtime over rows x features; --plot saves heatmaps")
+    parser.add_argument("--no-compile", action="store_true", help="with --sweep: leave out torch.compile")
 
 
 def select(filters) -> tuple[BenchCase, ...]:
@@ -448,6 +452,8 @@ def run(args: argparse.Namespace) -> int:
 
     from normlab.errors import InputError
 
+    if getattr(args, "sweep", False):
+        return run_sweep(args)
     from normlab import bench_fused
 
     cases = select(args.case)
@@ -486,5 +492,36 @@ def run(args: argparse.Namespace) -> int:
         console.print(table)
     if args.plot:
         plot(rows, args.plot)
+        console.print(f"saved {args.plot}")
+    return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """``--sweep``: time the grid, print one ratio table per norm and mode (and save heatmaps)."""
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from normlab import sweep
+
+    console = Console(no_color=getattr(args, "no_color", False))
+    if not console.is_terminal:
+        console = Console(no_color=True, width=160)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("sweeping", total=None)
+        cells = sweep.measure(quick=args.quick, compile=not args.no_compile,
+                              progress=lambda text: bar.update(task, description=text))
+    if args.markdown:
+        console.print(sweep.markdown(cells), markup=False, highlight=False)
+    else:
+        for title, header, body in sweep.ratio_tables(cells):
+            table = Table(title=f"{title}: torch eager / torch.compile / ONNX Runtime time over normlab's, float32")
+            for column in header:
+                table.add_column(column, justify="right")
+            for line in body:
+                table.add_row(*line)
+            console.print(table)
+    if args.plot:
+        sweep.plot(cells, args.plot)
         console.print(f"saved {args.plot}")
     return 0

@@ -84,3 +84,22 @@ def test_bench_fused_decoder_row_compares_converted_with_unconverted_model():
     assert result.returncode == 0, result.stderr
     assert "| fused LLaMA decoder 4×1024 fwd | 1×16×128 |" in result.stdout
     assert "layer norm" not in result.stdout  # the regular table is not printed
+
+
+def test_bench_sweep_prints_ratio_tables_and_saves_heatmaps(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("torch")
+    from normlab import sweep
+
+    # the smallest grid: one size, two norms (a smoke test of the whole path, no timings asserted)
+    monkeypatch.setattr(sweep, "QUICK_ROWS", (4,))
+    monkeypatch.setattr(sweep, "QUICK_FEATURES", (64,))
+    monkeypatch.setattr(sweep, "ROUND_SECONDS", 0.0)
+    cells = sweep.measure(quick=True, compile=False, norms=("layer", "batch eval"))
+    assert {(c.norm, c.mode) for c in cells} == {("layer", "fwd"), ("layer", "fwd+bwd"), ("batch eval", "fwd")}
+    assert all(c.seconds["normlab"] > 0 and c.seconds["eager"] > 0 for c in cells)
+    text = sweep.markdown(cells)
+    assert "**layer fwd+bwd**" in text and "| 4 |" in text
+    plot = tmp_path / "sweep.png"
+    sweep.plot(cells, str(plot))
+    assert plot.stat().st_size > 0
