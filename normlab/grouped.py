@@ -41,6 +41,7 @@ def normalize_with_stats(x, pattern, *, weight=None, bias=None, params=None, eps
     prepared = core.prepare(x, pattern, weight, bias, params, sizes)
     plan = prepared.plan
     eps = core._check_eps(eps, plan)
+    rms = core._check_flag(rms, "rms", plan)  # a Python bool: the kernels compile once per flag type
     if out is not None:
         core._check_out(out, prepared)
     grouping = masked.make_grouping(plan, mask, segment_ids, num_segments, segment_axis)
@@ -64,9 +65,11 @@ def normalize_with_stats(x, pattern, *, weight=None, bias=None, params=None, eps
 def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5, rms=False, mean=None, rstd=None,
                        backend=None, mask=None, segment_ids=None, num_segments=None, segment_axis=None, **sizes):
     """:func:`normlab.normalize_backward` with a mask or segments."""
+    core.reject_masked(grad_y, "grad_y", f"pattern {pattern!r}, input shape {np.shape(x)}")
     prepared = core.prepare(x, pattern, weight, None, params, sizes)
     plan = prepared.plan
     eps = core._check_eps(eps, plan)
+    rms = core._check_flag(rms, "rms", plan)
     grad_y = np.asarray(grad_y)
     if grad_y.shape != plan.shape:
         raise ShapeError(f"pattern {plan.pattern!r}, input shape {plan.shape}: grad_y has shape {grad_y.shape}; "

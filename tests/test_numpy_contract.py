@@ -201,17 +201,22 @@ def test_a_pattern_expanding_past_numpys_axis_limit_is_a_shape_error():
 
 def test_integer_and_numpy_flags_compile_no_new_kernel_signature():
     pytest.importorskip("numba")
-    from normlab.kernels import columns, fused, rows
+    from normlab.kernels import columns, fused, rows, segments
+    from normlab.kernels._jit import Kernel
 
     x = np.random.default_rng(10).standard_normal((4, 8)).astype(np.float32)
     g = np.ones_like(x)
+    counted = np.ones(x.shape, bool)
     kernels = [rows.row_forward, rows.row_backward, columns.channels_last_stats, fused.fused_row_forward]
+    kernels += [k for k in vars(segments).values() if isinstance(k, Kernel)]
 
     def run(flag):
         normlab.normalize(x, "b [d]", rms=flag, backend="numba")
         normlab.normalize_backward(g, x, "b [d]", rms=flag, backend="numba")
         normlab.normalize(x, "[b] d", rms=flag, backend="numba")
         normlab.normalize(x, "b [d]", rms=flag, residual=x, backend="numba")
+        normlab.normalize(x, "b [d]", rms=flag, mask=counted, backend="numba")
+        normlab.normalize_backward(g, x, "b [d]", rms=flag, mask=counted, backend="numba")
 
     run(True)  # warm: whatever compiles compiles here
     before = [len(k.serial.signatures) for k in kernels]
