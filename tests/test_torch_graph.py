@@ -86,12 +86,17 @@ def test_torch_compile_fullgraph_traces_the_converted_model_without_graph_breaks
     torch.testing.assert_close(model[1].running_var, reference[1].running_var)
 
 
-def test_torch_export_sees_one_normlab_op_per_norm_layer():
+def test_torch_export_records_torch_standard_ops_and_the_custom_op_when_the_kernel_is_forced():
     model = nt.convert(_model())
-    exported = torch.export.export(model, (torch.randn(4, 3, 5, 5),))
+    x = torch.randn(4, 3, 5, 5)
+    exported = torch.export.export(model, (x,))
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert torch.ops.normlab.normalize.default not in targets  # torch's ops, for exporters and Inductor
+    torch.testing.assert_close(exported.module()(x), model(x))
+    with nt.use_path("kernel"):
+        exported = torch.export.export(model, (x,))
     targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
     assert targets.count(torch.ops.normlab.normalize.default) == 4
-    x = torch.randn(4, 3, 5, 5)
     torch.testing.assert_close(exported.module()(x), model(x))
 
 

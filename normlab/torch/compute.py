@@ -14,7 +14,7 @@ from normlab import kernels
 from normlab.errors import InputError
 from normlab.plan import make_plan
 from normlab.torch.ops import _EagerNormalize, _is_eager, _normalize_op
-from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
+from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path, _needs_torch_ops
 from normlab.torch.spec import PlanFacts, Spec, _dense_perm, _empty_like_dense, _engine_view
 
 
@@ -66,7 +66,8 @@ def _composite_normalize(x, weight, bias, spec: Spec, eps: float):
     if bias is not None:
         y = y + _expanded_param(bias, plan)
     y = y.reshape(x.shape)
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        # (asked in this order: vmap answers is_contiguous only for the default format)
         y = y.contiguous(memory_format=torch.channels_last)
     return y, torch.zeros_like(rstd) if mean is None else mean, rstd
 
@@ -145,7 +146,7 @@ def _fast_rows(module, x: Tensor, weight, bias, eps: float) -> Optional[Tensor]:
     input shape and dtype, and the autograd machinery is skipped. None where the full
     path must run (gradients, other dtypes, devices, strides or paths, compilation)."""
     if (type(x) is not Tensor or x.dtype not in _EVAL_DTYPES or _PathSwitch.path != "auto"
-            or not x.is_contiguous() or x.device.type != "cpu" or torch.compiler.is_compiling()):
+            or not x.is_contiguous() or x.device.type != "cpu" or _needs_torch_ops(x)):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
@@ -269,9 +270,11 @@ def _values_per_channel(x: Tensor) -> int:
 
 
 def _batch_norm_forward(module, x: Tensor) -> Tensor:
-    """BatchNorm{1,2,3}d's forward on the kernel or composite path (torch's semantics)."""
+    """BatchNorm{1,2,3}d's forward on the kernel or composite path (torch's semantics);
+    torch's own forward where only torch's ops run, or where the input does not fit, so
+    that torch raises its own error in its own words."""
     path = _choose_path(x, has_native=True)
-    if path == "native":
+    if path == "native" or x.dim() < 2 or x.shape[1] != module.num_features:
         return nn.modules.batchnorm._BatchNorm.forward(module, x)
     if not 0.0 < module.eps < math.inf:
         # torch's own op: it refuses eps <= 0 in training, takes eps = 0 in evaluation and

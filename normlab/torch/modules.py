@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import types
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -24,17 +25,60 @@ from normlab.torch.casting import apply_recipe_scale, check_casting, compute_dty
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
 from normlab.torch.spec import Spec
 
+def _torch_method(function):
+    """torch.nn's forward, as a method named ``_torch_forward``: TorchScript compiles a
+    method under its function's name, and ``forward`` is the twin's own."""
+    method = types.FunctionType(function.__code__, function.__globals__, "_torch_forward", function.__defaults__,
+                                function.__closure__)
+    method.__qualname__, method.__annotations__ = function.__qualname__, function.__annotations__
+    return method
+
+
 def _batch_norm_spec() -> Spec:
     return Spec.build("[b] c [...]", params="c")
 
 
-class _BatchNormForward:
+def _fx_call_module(module: nn.Module, proxy) -> "torch.fx.Proxy":
+    """Under ``torch.fx.symbolic_trace``: record the module as one ``call_module`` node, as
+    fx does for torch.nn's norms (a leaf; the traced graph then runs it as it is). The
+    root module itself is traced through, as fx traces a torch.nn root: torch's forward."""
+    path = proxy.tracer.path_of_module(module)
+    if not path:
+        if not hasattr(module, "_torch_forward"):
+            raise TypeError(f"torch.fx traces {type(module).__name__} inside a model, not as the root module: "
+                            "trace a model that holds it, e.g. torch.nn.Sequential(norm)")
+        return module._torch_forward(proxy)
+    return proxy.tracer.create_proxy("call_module", path, (proxy,), {})
+
+
+class _Twin:
+    """Mixin of every torch.nn twin. ``torch.jit.script`` compiles torch's own forward
+    (``_torch_forward``, the torch.nn class's); fx records the twin as one leaf call; the
+    rest runs ``_normlab_forward``, which itself takes torch's forward where only torch's
+    operations can run (see :func:`normlab.torch.paths._needs_torch_ops`) or where the
+    input does not fit, so that torch raises its own error in its own words."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._torch_forward(input)
+        return self._eager_forward(input)
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return _fx_call_module(self, input)
+        return self._normlab_forward(input)
+
+
+class _BatchNormForward(_Twin):
     """Mixin: the normlab forward for the three BatchNorm ranks (torch checks the rank)."""
+
+    _torch_forward = _torch_method(nn.modules.batchnorm._BatchNorm.forward)
 
     def _init_spec(self) -> None:
         self._spec = _batch_norm_spec()
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _normlab_forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         return _batch_norm_forward(self, input)
 
@@ -48,8 +92,9 @@ class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
     ([1.2247, 0.0, -1.2247], [0.3, 0.2667, 0.2])
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self._init_spec()
 
 
@@ -61,8 +106,9 @@ class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
     True
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self._init_spec()
 
 
@@ -73,12 +119,18 @@ class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
     torch.Size([2, 2, 3, 3, 3])
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self._init_spec()
 
 
-class LayerNorm(nn.LayerNorm):
+def _trailing_fits(x: Tensor, normalized_shape: tuple[int, ...]) -> bool:
+    rank = len(normalized_shape)
+    return x.dim() >= rank and tuple(x.shape[x.dim() - rank:]) == tuple(normalized_shape)
+
+
+class LayerNorm(_Twin, nn.LayerNorm):
     """``torch.nn.LayerNorm`` on normlab: pattern ``"... [n0 n1 ...]"`` over the trailing
     ``normalized_shape``, elementwise weight and bias.
 
@@ -86,20 +138,23 @@ class LayerNorm(nn.LayerNorm):
     [1.2247, 0.0, -1.2247]
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    _torch_forward = _torch_method(nn.LayerNorm.forward)
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self._init_spec()
 
     def _init_spec(self) -> None:
         self._spec = _trailing_spec(self.normalized_shape, rms=False)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _normlab_forward(self, input: Tensor) -> Tensor:
         y = _fast_rows(self, input, self.weight, self.bias, self.eps)
         if y is not None:
             return y
         path = _choose_path(input, has_native=True)
-        if path == "native":
-            return super().forward(input)
+        if path == "native" or not _trailing_fits(input, self.normalized_shape):
+            return nn.LayerNorm.forward(self, input)
         return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
 
 
@@ -110,7 +165,7 @@ def _trailing_spec(normalized_shape, rms: bool) -> Spec:
                       **{name: int(size) for name, size in zip(names, normalized_shape) if size})
 
 
-class RMSNorm(nn.RMSNorm):
+class RMSNorm(_Twin, nn.RMSNorm):
     """``torch.nn.RMSNorm`` on normlab: ``y = x / sqrt(mean(x²) + eps) · weight`` over the
     trailing ``normalized_shape``; ``eps=None`` is the machine epsilon of x's dtype.
 
@@ -131,8 +186,10 @@ class RMSNorm(nn.RMSNorm):
     ([0.0, 0.0], [[0.84765625, 1.1328125]])
     """
 
+    _torch_forward = _torch_method(nn.RMSNorm.forward)
+
     def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True,
-                 device=None, dtype=None, *, casting: Optional[str] = None, weight_offset: float = 0.0):
+                 device=None, dtype=None, *, casting: Optional[str] = None, weight_offset: float = 0.0) -> None:
         self.casting = check_casting(casting)
         self.weight_offset = float(weight_offset)
         super().__init__(normalized_shape, eps, elementwise_affine, device=device, dtype=dtype)
@@ -153,7 +210,20 @@ class RMSNorm(nn.RMSNorm):
         return (super().extra_repr() + (f", casting={recipe!r}" if recipe is not None else "")
                 + (f", weight_offset={offset}" if offset else ""))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def __prepare_scriptable__(self):
+        if getattr(self, "casting", None) is not None or getattr(self, "weight_offset", 0.0):
+            raise RuntimeError("torch.jit.script compiles torch.nn.RMSNorm's forward, which has no casting recipe "
+                               "or weight_offset; use torch.jit.trace, torch.export or torch.compile for this module")
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:  # torch.nn.RMSNorm names its input x (export's dynamic_shapes key)
+        if torch.jit.is_scripting():
+            return self._torch_forward(x)
+        return self._eager_forward(x)
+
+    def _normlab_forward(self, x: Tensor) -> Tensor:
+        if not _trailing_fits(x, self.normalized_shape):
+            return nn.RMSNorm.forward(self, x)  # torch raises its own error
         casting = getattr(self, "casting", None)  # absent on modules pickled before it existed
         offset = getattr(self, "weight_offset", 0.0)
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
@@ -162,6 +232,8 @@ class RMSNorm(nn.RMSNorm):
             if y is not None:
                 return y
         path = _choose_path(x, has_native=True)
+        if path == "native" and torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
+            path = "composite"  # the TorchScript ONNX exporter has no aten::rms_norm: plain ONNX ops
         if casting is not None:
             if not (path == "kernel" and _PathSwitch.path == "kernel"):  # the kernels round differently
                 return rms_norm_recipe(x, self.weight, eps, casting, offset, len(self.normalized_shape))
@@ -169,7 +241,7 @@ class RMSNorm(nn.RMSNorm):
             normalized = _normalize(upcast, None, None, self._spec, eps, path)[0]
             return apply_recipe_scale(x, normalized, self.weight, casting, offset)
         if path == "native" and not offset:
-            return super().forward(x)
+            return nn.RMSNorm.forward(self, x)
         weight = self.weight if self.weight is None or not offset else offset + self.weight
         if path == "native":
             return F.rms_norm(x, self.normalized_shape, weight, eps)
@@ -197,6 +269,8 @@ class LayerNorm2d(nn.LayerNorm):
         self._spec = Spec.build("b [c] h w", "c", c=int(self.normalized_shape[0]))
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return _fx_call_module(self, input)
         channels = self.normalized_shape[0]
         if input.dim() != 4 or input.shape[1] != channels:
             raise RuntimeError(f"LayerNorm2d({channels}) expects input of shape (N, {channels}, H, W), "
@@ -208,7 +282,7 @@ class LayerNorm2d(nn.LayerNorm):
         return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
 
 
-class GroupNorm(nn.GroupNorm):
+class GroupNorm(_Twin, nn.GroupNorm):
     """``torch.nn.GroupNorm`` on normlab: pattern ``"b (g [c]) [...]"`` with
     ``g=num_groups``, per-channel weight (``params="(g c)"``).
 
@@ -217,42 +291,42 @@ class GroupNorm(nn.GroupNorm):
     [-1.3416, -0.4472, 0.4472, 1.3416]
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    _torch_forward = _torch_method(nn.GroupNorm.forward)
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None,
+                 dtype=None, *, bias: bool = True) -> None:
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
         self._init_spec()
 
     def _init_spec(self) -> None:
         self._spec = Spec.build("b (g [c]) [...]", "(g c)", g=self.num_groups)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _normlab_forward(self, input: Tensor) -> Tensor:
         path = _choose_path(input, has_native=True)
-        if path == "native":
-            return super().forward(input)
-        if input.dim() >= 2 and input.shape[1] == self.num_channels:
-            y = _fast_rows(self, input, self.weight, self.bias, self.eps)
-            if y is not None:
-                return y
-        if input.dim() < 2 or input.shape[1] != self.num_channels:
-            raise ShapeError(f"GroupNorm({self.num_groups}, {self.num_channels}) expects input (N, "
-                             f"{self.num_channels}, *), got {tuple(input.shape)}")
+        if path == "native" or input.dim() < 2 or input.shape[1] != self.num_channels:
+            return nn.GroupNorm.forward(self, input)
+        y = _fast_rows(self, input, self.weight, self.bias, self.eps)
+        if y is not None:
+            return y
         return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
 
 
-class _InstanceNormForward:
+class _InstanceNormForward(_Twin):
     """Mixin: the normlab forward for the three InstanceNorm ranks: pattern ``"b c [...]"``;
     running statistics average the per-instance ones over the batch, as torch does."""
+
+    _torch_forward = _torch_method(nn.modules.instancenorm._InstanceNorm.forward)
 
     def _init_spec(self) -> None:
         self._spec = Spec.build("b c [...]", "c")
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _normlab_forward(self, input: Tensor) -> Tensor:
+        path = _choose_path(input, has_native=True)
         self._check_input_dim(input)
         unbatched = input.dim() == self._get_no_batch_dim()
         x = input.unsqueeze(0) if unbatched else input
-        path = _choose_path(x, has_native=True)
-        if path == "native":
-            y = nn.modules.instancenorm._InstanceNorm.forward(self, x)
-            return y.squeeze(0) if unbatched else y
+        if path == "native" or x.shape[1] != self.num_features:
+            return nn.modules.instancenorm._InstanceNorm.forward(self, input)
         batch, channels = x.shape[:2]
         if self.training or not self.track_running_stats:
             count = math.prod(x.shape[2:])
@@ -276,8 +350,9 @@ class InstanceNorm1d(_InstanceNormForward, nn.InstanceNorm1d):
     [-1.2247, 0.0, 1.2247]
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
+                 track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self._init_spec()
 
 
@@ -288,8 +363,9 @@ class InstanceNorm2d(_InstanceNormForward, nn.InstanceNorm2d):
     torch.Size([2, 3, 4, 4])
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
+                 track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self._init_spec()
 
 
@@ -300,9 +376,16 @@ class InstanceNorm3d(_InstanceNormForward, nn.InstanceNorm3d):
     torch.Size([1, 1, 2, 2, 2])
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
+                 track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self._init_spec()
+
+
+class PatternShapeError(ShapeError, RuntimeError):
+    """An input that does not fit a :class:`Norm`'s pattern: normlab's :class:`ShapeError`
+    (a ``ValueError``) that is also a ``RuntimeError``, as torch's shape errors are, so
+    either ``except`` catches it."""
 
 
 class Norm(nn.Module):
@@ -399,9 +482,14 @@ class Norm(nn.Module):
                 f"affine={self.affine}, momentum={self.momentum}, track_running_stats={self.track_running_stats}")
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_call_module(self, x)
+        try:
+            plan = self._spec.plan(x.shape)
+        except ShapeError as error:
+            raise PatternShapeError(str(error)) from None
         path = _choose_path(x, has_native=False)
         factor = _average_factor(self) if self.track_running_stats else 0.0
-        plan = self._spec.plan(x.shape)
         running_shape = tuple(s if n in self._running_names else 1 for n, s in zip(plan.axis_names, plan.axis_sizes))
         if self.training or not self.track_running_stats:
             if self.training and self.track_running_stats:

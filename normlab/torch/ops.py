@@ -89,19 +89,48 @@ def _normalize_backward_fake(grad_y, x, weight, mean, rstd, pattern, params, siz
 def _normalize_setup_context(ctx, inputs, output):
     x, weight, bias, pattern, params, sizes, eps, rms = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.arguments = (pattern, params, sizes, eps, rms)
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _normalize_autograd(ctx, grad_y, _grad_mean, _grad_rstd, backward=_normalize_backward_op):
-    x, weight, mean, rstd = ctx.saved_tensors
+    x, weight, bias, mean, rstd = ctx.saved_tensors
     pattern, params, sizes, eps, rms = ctx.arguments
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # create_graph=True (a gradient penalty, gradgradcheck): the gradient must itself be
+        # differentiable, so take it through the same math in torch operations
+        return _differentiable_backward(ctx, grad_y, x, weight, bias)
     grad_x, grad_w, grad_b = backward(grad_y, x, weight, mean, rstd, pattern, params, sizes, eps, rms,
                                       ctx.has_bias)
     return (grad_x, grad_w if weight is not None else None, grad_b if ctx.has_bias else None,
             None, None, None, None, None)
+
+
+@functools.lru_cache(maxsize=256)
+def _spec_of(pattern: str, params: Optional[str], sizes: str, rms: bool):
+    from normlab.torch.spec import Spec, _sizes_dict
+
+    return Spec.build(pattern, params, rms, **_sizes_dict(sizes))
+
+
+def _differentiable_backward(ctx, grad_y, x, weight, bias):
+    """The backward pass as torch's autograd of the composite forward (the engine's math in
+    torch operations), recomputed from the saved inputs: its result carries a graph, so a
+    second derivative (in x, the parameters and grad_y) is exact."""
+    from normlab.torch.compute import _composite_normalize  # compute imports this module
+
+    pattern, params, sizes, eps, rms = ctx.arguments
+    inputs = (x, weight, bias)
+    wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    grads = [None, None, None]
+    if wanted:
+        y = _composite_normalize(x, weight, bias, _spec_of(pattern, params, sizes, rms), eps)[0]
+        found = torch.autograd.grad(y, [inputs[i] for i in wanted], grad_y, create_graph=True, allow_unused=True)
+        for i, grad in zip(wanted, found):
+            grads[i] = torch.zeros_like(inputs[i]) if grad is None else grad
+    return (*grads, None, None, None, None, None)
 
 
 torch.library.register_autograd("normlab::normalize", _normalize_autograd, setup_context=_normalize_setup_context)

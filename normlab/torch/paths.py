@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 from normlab import core
 from normlab.errors import InputError, ParamsError, ShapeError
@@ -56,8 +57,21 @@ def use_path(path: str):
         _PathSwitch.path = previous
 
 
+def _needs_torch_ops(x) -> bool:
+    """True where the NumPy kernels cannot run and torch's own operations must: an fx
+    ``Proxy``, ``torch.jit.trace`` (and the TorchScript ONNX exporter), ``torch.compile``
+    and ``torch.export`` (Inductor then fuses torch's decomposition with its neighbours, and
+    the ONNX exporter finds its standard ops), functorch transforms (``vmap``, ``grad``,
+    ``jacrev``, ``jvp``, ``jacfwd``) and forward-mode AD (dual tensors)."""
+    return (not isinstance(x, Tensor) or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
+
+
 def _choose_path(x: Tensor, has_native: bool) -> str:
     forced = _PathSwitch.path
+    if _needs_torch_ops(x) and not (forced == "kernel" and torch.compiler.is_compiling()):
+        # a forced kernel under compile stays the registered custom op, which has a fake kernel
+        return "native" if has_native and forced != "composite" else "composite"
     if forced == "kernel" and x.device.type == "cpu":
         return "kernel"
     if forced == "composite" or (forced == "native" and not has_native):

@@ -1,0 +1,52 @@
+"""torch.ao's module fusion for the twins: ``fuse_modules`` finds its fusers by exact type,
+so each of torch's entries that names a batch norm class gains one naming normlab's twin.
+
+The fuser hands torch's own fuser a torch.nn batch norm sharing the twin's parameters and
+buffers, so ``fuse_modules(model, [["conv", "bn"]])`` folds a converted model's batch norm
+into its convolution exactly as it does torch.nn's (QAT's ``ConvBn2d`` included).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from normlab.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+_TORCH_CLASSES = {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.BatchNorm2d, BatchNorm3d: nn.BatchNorm3d}
+
+
+def as_torch(module: nn.Module) -> nn.Module:
+    """``module`` as its torch.nn class, sharing its Parameter and buffer objects (other
+    modules come back as they are).
+
+    >>> bn = BatchNorm2d(3)
+    >>> type(as_torch(bn)) is nn.BatchNorm2d, as_torch(bn).weight is bn.weight
+    (True, True)
+    """
+    cls = _TORCH_CLASSES.get(type(module))
+    if cls is None:
+        return module
+    original = cls.__new__(cls)
+    original.__dict__.update(module.__dict__)
+    for name in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+        setattr(original, name, type(getattr(module, name))(getattr(module, name)))
+    del original.__dict__["_spec"]
+    return original
+
+
+def _with_torch_modules(fuser):
+    def fuse(is_qat, *modules):
+        return fuser(is_qat, *(as_torch(m) for m in modules))
+
+    return fuse
+
+
+def register_fusers() -> None:
+    """Add the twins to torch.ao's table of fusers (idempotent)."""
+    from torch.ao.quantization import fuser_method_mappings
+
+    table = fuser_method_mappings._DEFAULT_OP_LIST_TO_FUSER_METHOD
+    twins = {torch_class: twin for twin, torch_class in _TORCH_CLASSES.items()}
+    for ops, fuser in list(table.items()):
+        if any(op in twins for op in ops):
+            table.setdefault(tuple(twins.get(op, op) for op in ops), _with_torch_modules(fuser))

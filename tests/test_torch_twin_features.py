@@ -1,0 +1,161 @@
+"""Every torch feature on every normlab twin, with the torch.nn original as the oracle:
+double backward and gradgradcheck, torch.func, forward-mode AD, fx, TorchScript, errors
+and constructor signatures. (The whole-model battery is in test_torch_features.py.)"""
+
+import copy
+import inspect
+import io
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+from torch.autograd import forward_ad  # noqa: E402
+
+import normlab.torch as nt  # noqa: E402
+
+# (id, torch.nn original, input shape, an input torch.nn refuses)
+TWINS = [
+    ("batch_norm_1d", lambda: nn.BatchNorm1d(2), (3, 2, 2), (3, 3, 2)),
+    ("batch_norm_2d", lambda: nn.BatchNorm2d(2), (3, 2, 2, 2), (3, 3, 2, 2)),
+    ("batch_norm_3d", lambda: nn.BatchNorm3d(2), (2, 2, 2, 2, 2), (2, 2, 2, 2)),
+    ("layer_norm", lambda: nn.LayerNorm((2, 3)), (2, 2, 3), (2, 3, 2)),
+    ("group_norm", lambda: nn.GroupNorm(2, 4), (2, 4, 2, 1), (2, 6, 2, 1)),
+    ("instance_norm_1d", lambda: nn.InstanceNorm1d(2, affine=True), (2, 2, 3), (2, 3, 3)),
+    ("instance_norm_2d", lambda: nn.InstanceNorm2d(2, affine=True, track_running_stats=True), (2, 2, 2, 2),
+     (2, 2, 2, 2, 2)),
+    ("instance_norm_3d", lambda: nn.InstanceNorm3d(2, affine=True), (2, 2, 2, 2, 1), (2, 3, 2, 2, 1)),
+    ("rms_norm", lambda: nn.RMSNorm(3), (2, 2, 3), (2, 3, 2)),
+    ("norm_pattern", lambda: nn.GroupNorm(2, 4), (2, 4, 2, 1), (2, 6, 2, 1)),  # Norm, group norm's pattern
+]
+IDS = [case[0] for case in TWINS]
+SCRIPTABLE = [case for case in TWINS if case[0] != "norm_pattern"]  # Norm has no torch.nn class to script
+TOLERANCE = dict(atol=1e-9, rtol=1e-7)
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
+
+
+def pair(name, factory):
+    """The float64 torch.nn original with random parameters and running statistics, and its twin."""
+    torch.manual_seed(0)
+    original = factory().double()
+    with torch.no_grad():
+        for tensor in list(original.parameters()) + [b for b in original.buffers() if b.is_floating_point()]:
+            tensor.copy_(torch.rand_like(tensor) + 0.5)
+    if name == "norm_pattern":
+        twin = nt.Norm("b (g [c]) [h w]", params="(g c)", g=2, c=2, dtype=torch.float64)
+        twin.load_state_dict(original.state_dict())
+    else:
+        twin = nt.convert(copy.deepcopy(original))
+        assert type(twin).__module__ == "normlab.torch"
+    return original, twin
+
+
+def inputs(shape, seed=1):
+    torch.manual_seed(seed)
+    return torch.randn(shape, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name, factory, shape, _bad", TWINS, ids=IDS)
+def test_twin_passes_gradgradcheck_in_x_and_parameters_in_float64(name, factory, shape, _bad):
+    _, twin = pair(name, factory)
+    names = [n for n, _ in twin.named_parameters()]
+
+    def function(x, *parameters):
+        return torch.func.functional_call(twin, dict(zip(names, parameters)), (x,))
+
+    arguments = (inputs(shape).requires_grad_(), *(p.detach().requires_grad_() for p in twin.parameters()))
+    assert torch.autograd.gradcheck(function, arguments)
+    assert torch.autograd.gradgradcheck(function, arguments)
+
+
+@pytest.mark.parametrize("name, factory, shape, _bad", TWINS, ids=IDS)
+def test_gradient_penalty_gives_torch_nn_parameter_gradients(name, factory, shape, _bad):
+    x = inputs(shape).requires_grad_()
+    found = []
+    for model in pair(name, factory):
+        (grad_x,) = torch.autograd.grad(model(x).tanh().sum(), x, create_graph=True)
+        (grad_x.square().sum() - 1).square().backward()
+        found.append([p.grad for p in model.parameters()] + [x.grad.clone()])
+        x.grad = None
+    for actual, expected in zip(*found, strict=True):
+        torch.testing.assert_close(actual, expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize("name, factory, shape, _bad", TWINS, ids=IDS)
+def test_torch_func_transforms_give_torch_nn_results(name, factory, shape, _bad):
+    x = inputs(shape)
+    found = []
+    for model in pair(name, factory):
+        model.eval()  # torch.nn's batch norm cannot update buffers under a transform
+        parameters = dict(model.named_parameters())
+        grad = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).sin().sum())(parameters)
+        per_sample = torch.func.vmap(lambda row: model(row.unsqueeze(0)).squeeze(0))(x)
+        jacobian = torch.func.jacrev(model)(x)
+        found.append((grad, per_sample, jacobian))
+    torch.testing.assert_close(found[0], found[1], **TOLERANCE)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name, factory, shape, _bad", TWINS, ids=IDS)
+def test_forward_mode_ad_gives_torch_nn_tangents(name, factory, shape, _bad, training):
+    x, tangent = inputs(shape), inputs(shape, seed=2)
+    found = []
+    for model in pair(name, factory):
+        model.train(training)
+        with forward_ad.dual_level():
+            dual = forward_ad.unpack_dual(model(forward_ad.make_dual(x, tangent))).tangent
+        if training:  # torch.nn's batch norm cannot update buffers under torch.func's transforms
+            found.append(dual)
+            continue
+        _, jvp = torch.func.jvp(model, (x,), (tangent,))
+        found.append((dual, jvp, torch.func.jacfwd(model)(x)))
+    torch.testing.assert_close(found[0], found[1], **TOLERANCE)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name, factory, shape, _bad", TWINS, ids=IDS)
+def test_fx_symbolic_trace_and_jit_trace_with_save_give_torch_nn_outputs(name, factory, shape, _bad, training):
+    x = inputs(shape)
+    original, twin = pair(name, factory)
+    original.train(training), twin.train(training)
+    expected = original(x)
+    graph = torch.fx.symbolic_trace(nn.Sequential(copy.deepcopy(twin)))
+    assert [node.op for node in graph.graph.nodes] == ["placeholder", "call_module", "output"]  # a leaf, as torch's
+    torch.testing.assert_close(graph(x), expected, **TOLERANCE)
+    traced = torch.jit.trace(copy.deepcopy(twin), x, check_trace=False)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.jit.load(buffer)(x), expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize("name, factory, shape, _bad", SCRIPTABLE, ids=[case[0] for case in SCRIPTABLE])
+def test_jit_script_compiles_the_twin_and_gives_torch_nn_outputs(name, factory, shape, _bad):
+    x = inputs(shape)
+    original, twin = pair(name, factory)
+    scripted = torch.jit.script(twin)
+    assert type(twin).__module__ == "normlab.torch"  # scripting leaves the eager module as it was
+    torch.testing.assert_close(scripted(x), original(x), **TOLERANCE)
+    torch.testing.assert_close(twin.running_mean if hasattr(twin, "running_mean") else None,
+                               original.running_mean if hasattr(original, "running_mean") else None)
+
+
+@pytest.mark.parametrize("name, factory, shape, bad", TWINS, ids=IDS)
+def test_a_misfit_input_raises_torch_nn_exception_type_in_the_users_terms(name, factory, shape, bad):
+    original, twin = pair(name, factory)
+    with pytest.raises(Exception) as expected:
+        original(inputs(bad))
+    with pytest.raises(expected.type) as raised:
+        twin(inputs(bad))
+    assert "[n0" not in str(raised.value) and "n0=" not in str(raised.value)
+
+
+@pytest.mark.parametrize("name, factory, shape, _bad", SCRIPTABLE, ids=[case[0] for case in SCRIPTABLE])
+def test_constructor_signature_is_torch_nn_signature(name, factory, shape, _bad):
+    original, twin = pair(name, factory)
+    def described(cls):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(cls).parameters.values()]
+
+    assert described(type(twin)) == described(type(original))
+    assert "normalized_shape" in str(inspect.signature(nt.LayerNorm))
