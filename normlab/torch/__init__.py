@@ -27,16 +27,19 @@ normalized with the biased one.
 **Paths.** Each forward takes one of three paths:
 
 * ``"kernel"``: CPU float32/float64 tensors go zero-copy (contiguous, or any dense
-  permutation such as channels_last) into :func:`normlab.normalize` through the custom
-  op ``torch.ops.normlab.normalize``, registered with ``torch.library`` with a fake
-  kernel and an autograd formula, so ``torch.compile(fullgraph=True)`` and
-  ``torch.export`` see one op (plain eager tensors call the same functions through an
-  ``autograd.Function``, skipping the dispatcher's per-call cost);
+  permutation such as channels_last) into :func:`normlab.normalize` through an
+  ``autograd.Function`` (or the custom op ``torch.ops.normlab.normalize``, registered
+  with ``torch.library`` with a fake kernel and an autograd formula, for tensor
+  subclasses, and under ``torch.compile`` when :func:`use_path` forces ``"kernel"``);
 * ``"native"``: torch's own op (``F.batch_norm``, ``F.layer_norm``, ...) for other
   devices and dtypes, where the pattern has one;
 * ``"composite"``: the same math written in torch operations, for any pattern.
 
-``"auto"`` picks in that order; :func:`use_path` forces one (tests use it on CPU).
+``"auto"`` picks in that order, except where only torch's operations can run: fx
+tracing, ``torch.jit``, ``torch.compile``, ``torch.export``, ONNX export, functorch
+transforms and forward-mode AD take the native path (the composite where torch has no
+op). A double backward differentiates the composite. :func:`use_path` forces a path
+(tests use it on CPU).
 """
 
 try:
