@@ -113,6 +113,22 @@ def test_forward_mode_ad_gives_torch_nn_tangents(name, factory, shape, _bad, tra
     torch.testing.assert_close(found[0], found[1], **TOLERANCE)
 
 
+@pytest.mark.parametrize("name, factory, shape, _bad", TWINS, ids=IDS)
+def test_transforms_and_tracing_under_no_grad_give_torch_nn_results(name, factory, shape, _bad):
+    # without gradients the twins have fast paths straight into the kernels: none may run here
+    x, tangent = inputs(shape), inputs(shape, seed=2)
+    found = []
+    for model in pair(name, factory):
+        model.eval()
+        with torch.no_grad():
+            with forward_ad.dual_level():
+                dual = forward_ad.unpack_dual(model(forward_ad.make_dual(x, tangent))).tangent
+            per_sample = torch.func.vmap(lambda row: model(row.unsqueeze(0)).squeeze(0))(x)
+            traced = torch.jit.trace(copy.deepcopy(model), x, check_trace=False)(x + 1)
+        found.append((dual, per_sample, traced))
+    torch.testing.assert_close(found[0], found[1], **TOLERANCE)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name, factory, shape, _bad", TWINS, ids=IDS)
 def test_fx_symbolic_trace_and_jit_trace_with_save_give_torch_nn_outputs(name, factory, shape, _bad, training):
