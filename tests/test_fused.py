@@ -248,3 +248,25 @@ def test_bad_fused_arguments_fail_with_a_clear_value_error(kwargs, kind, words):
     assert isinstance(info.value, ValueError) and type(info.value).__name__ == kind
     for word in words:
         assert word in str(info.value)
+
+
+def test_kernel_exponential_is_within_two_ulp_of_numpy_and_keeps_nan():
+    pytest.importorskip("numba")
+    import numba
+
+    from normlab.kernels.fused import vector_exp
+
+    @numba.njit
+    def apply(values, out):
+        for i in range(values.shape[0]):
+            out[i] = vector_exp(values[i])
+
+    values = np.concatenate([np.linspace(-700, 700, 100_001), np.random.default_rng(4).normal(size=10_000) * 5])
+    out = np.empty_like(values)
+    apply(values, out)
+    expected = np.exp(values)
+    assert (np.abs(out - expected) <= 2 * np.spacing(expected)).all()
+    edges = np.array([np.nan, np.inf, 710.0, -np.inf, -800.0])
+    got = np.empty_like(edges)
+    apply(edges, got)
+    assert np.isnan(got[0]) and got[1] == np.inf and got[2] == np.inf and 0 <= got[3] < 1e-300 and got[4] < 1e-300
