@@ -131,7 +131,8 @@ def make_grouping(plan: Plan, mask=None, segment_ids=None, num_segments=None, se
     >>> g.stats_shape, g.num_segments
     ((2, 2), 2)
     """
-    counted = None if mask is None else _mask_view(mask, plan)
+    # a 0-d True mask counts every element: the same as none
+    counted = None if mask is None or (np.ndim(mask) == 0 and mask is np.True_) else _mask_view(mask, plan)
     if segment_ids is None:
         if num_segments is not None or segment_axis is not None:
             raise InputError(f"{_describe(plan)}: num_segments and segment_axis need segment_ids")

@@ -1,0 +1,198 @@
+"""Drop-in twins of PyG's norm layers (``torch_geometric.nn.norm``) on normlab's segment
+kernels: ``InstanceNorm``, ``LayerNorm`` (``mode="graph"`` and ``"node"``), ``GraphNorm``
+and ``BatchNorm``. Same constructor arguments, ``forward(x, batch=None, batch_size=None)``,
+running-statistics conventions and ``state_dict`` keys; they need torch only, not PyG.
+
+PyG computes per-graph statistics with scatter operations and differentiates through
+them; here a batch vector is ``segment_ids`` of :func:`normlab.torch.masked.normalize_masked`:
+one fused pass forward and one backward, sorted batch vectors (PyG's own) without a copy.
+
+>>> x, batch = torch.randn(5, 3), torch.tensor([0, 0, 1, 1, 1])
+>>> InstanceNorm(3)(x, batch).shape
+torch.Size([5, 3])
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from normlab.torch.compute import normalize
+from normlab.torch.masked import normalize_masked
+from normlab.torch.modules import BatchNorm1d
+
+__all__ = ["InstanceNorm", "LayerNorm", "GraphNorm", "BatchNorm"]
+
+
+def _batch_size(batch: Tensor, batch_size: Optional[int]) -> int:
+    return int(batch.max()) + 1 if batch_size is None else int(batch_size)
+
+
+def _variance(rstd: Tensor, eps: float) -> Tensor:
+    """The biased variance back from rstd (float64), 0 where a graph has no nodes (rstd 0)."""
+    return torch.where(rstd > 0, rstd.pow(-2) - eps, 0).clamp_min(0)
+
+
+class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
+    r"""Twin of ``torch_geometric.nn.norm.InstanceNorm``: each graph's nodes standardized
+    per channel (pattern ``"[n] c"`` with the batch vector as segment ids).
+
+    Running statistics as PyG keeps them: the mean over the graphs of each graph's mean and
+    of its unbiased variance (``n − 1`` clamped to 1), momentum weighting the new batch.
+    """
+
+    def __init__(self, in_channels: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
+                 track_running_stats: bool = False, device: Optional[torch.device] = None):
+        super().__init__(in_channels, eps, momentum, affine, track_running_stats, device=device)
+
+    def forward(self, x: Tensor, batch: Optional[Tensor] = None, batch_size: Optional[int] = None) -> Tensor:
+        use_input_stats = self.training or not self.track_running_stats
+        if batch is None:
+            if not use_input_stats:
+                return _apply_running(self, x)
+            y, mean, rstd, count = normalize_masked(x, "[n] c", weight=self.weight, bias=self.bias,
+                                                    params=None if self.weight is None else "c", eps=self.eps)
+            if self.running_mean is not None:  # F.instance_norm's update: in place, n/(n − 1)
+                n = x.shape[0]
+                with torch.no_grad():
+                    var = _variance(rstd.reshape(-1), self.eps) * (n / max(n - 1, 1))
+                    self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean.reshape(-1).to(x.dtype))
+                    self.running_var.mul_(1 - self.momentum).add_(self.momentum * var.to(x.dtype))
+            return y
+        batch_size = _batch_size(batch, batch_size)
+        if not use_input_stats:
+            return _apply_running(self, x)
+        y, mean, rstd, count = normalize_masked(x, "[n] c", weight=self.weight, bias=self.bias,
+                                                params=None if self.weight is None else "c", eps=self.eps,
+                                                segment_ids=batch, num_segments=batch_size)
+        if self.running_mean is not None or self.running_var is not None:
+            with torch.no_grad():
+                momentum = self.momentum
+                if self.running_mean is not None:
+                    self.running_mean = (1 - momentum) * self.running_mean + momentum * mean.mean(0).to(x.dtype)
+                if self.running_var is not None:
+                    unbiased = _variance(rstd, self.eps) * count / (count - 1).clamp_min(1)
+                    self.running_var = (1 - momentum) * self.running_var + momentum * unbiased.mean(0).to(x.dtype)
+        return y
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.num_features})"
+
+
+def _apply_running(module, x: Tensor) -> Tensor:
+    out = (x - module.running_mean.view(1, -1)) / (module.running_var.view(1, -1) + module.eps).sqrt()
+    if module.weight is not None and module.bias is not None:
+        out = out * module.weight.view(1, -1) + module.bias.view(1, -1)
+    return out
+
+
+class LayerNorm(nn.Module):
+    r"""Twin of ``torch_geometric.nn.norm.LayerNorm``. ``mode="graph"``: each graph's
+    nodes and channels share one mean and variance (pattern ``"[n c]"`` with the batch
+    vector as segment ids); ``mode="node"``: each node over its channels (``"... [c]"``).
+    As in PyG, ``mode="graph"`` without a batch vector divides by ``std + eps``."""
+
+    def __init__(self, in_channels: int, eps: float = 1e-5, affine: bool = True, mode: str = "graph",
+                 device: Optional[torch.device] = None):
+        super().__init__()
+        self.in_channels = in_channels
+        self.eps = eps
+        self.affine = affine
+        self.mode = mode
+        if affine:
+            self.weight = nn.Parameter(torch.empty(in_channels, device=device))
+            self.bias = nn.Parameter(torch.empty(in_channels, device=device))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor, batch: Optional[Tensor] = None, batch_size: Optional[int] = None) -> Tensor:
+        if self.mode == "graph":
+            if batch is None:
+                x = x - x.mean()
+                out = x / (x.std(unbiased=False) + self.eps)
+                if self.weight is not None and self.bias is not None:
+                    out = out * self.weight + self.bias
+                return out
+            return normalize_masked(x, "[n c]", weight=self.weight, bias=self.bias,
+                                    params=None if self.weight is None else "c", eps=self.eps, segment_ids=batch,
+                                    num_segments=_batch_size(batch, batch_size)).y
+        if self.mode == "node":
+            return normalize(x, "... [c]", weight=self.weight, bias=self.bias,
+                             params=None if self.weight is None else "c", eps=self.eps)
+        raise ValueError(f"Unknownn normalization mode: {self.mode}")  # PyG's message, typo and all
+
+    def __repr__(self):
+        return f"{self.__class__.__name__}({self.in_channels}, affine={self.affine}, mode={self.mode})"
+
+
+class GraphNorm(nn.Module):
+    r"""Twin of ``torch_geometric.nn.norm.GraphNorm``: ``x − α·mean`` per graph and channel
+    (a learnable ``mean_scale`` α), then divided by the root mean square of that, per graph
+    and channel: an RMS norm with the batch vector as segment ids."""
+
+    def __init__(self, in_channels: int, eps: float = 1e-5, device: Optional[torch.device] = None):
+        super().__init__()
+        self.in_channels = in_channels
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(in_channels, device=device))
+        self.bias = nn.Parameter(torch.empty(in_channels, device=device))
+        self.mean_scale = nn.Parameter(torch.empty(in_channels, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+        nn.init.ones_(self.mean_scale)
+
+    def forward(self, x: Tensor, batch: Optional[Tensor] = None, batch_size: Optional[int] = None) -> Tensor:
+        if batch is None:
+            batch = x.new_zeros(x.size(0), dtype=torch.long)
+            batch_size = 1
+        batch_size = _batch_size(batch, batch_size)
+        counts = torch.bincount(batch, minlength=batch_size).clamp_min(1).to(x.dtype).unsqueeze(1)
+        mean = x.new_zeros(batch_size, x.size(1)).index_add_(0, batch, x) / counts
+        out = x - mean.index_select(0, batch) * self.mean_scale
+        return normalize_masked(out, "[n] c", weight=self.weight, bias=self.bias, params="c", eps=self.eps,
+                                rms=True, segment_ids=batch, num_segments=batch_size).y
+
+    def __repr__(self):
+        return f"{self.__class__.__name__}({self.in_channels})"
+
+
+class BatchNorm(nn.Module):
+    r"""Twin of ``torch_geometric.nn.norm.BatchNorm``: normlab's :class:`BatchNorm1d` as
+    ``self.module`` (so the ``state_dict`` keys are PyG's ``module.*``)."""
+
+    def __init__(self, in_channels: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, allow_single_element: bool = False,
+                 device: Optional[torch.device] = None):
+        super().__init__()
+        if allow_single_element and not track_running_stats:
+            raise ValueError("'allow_single_element' requires 'track_running_stats' to be set to `True`")
+        self.module = BatchNorm1d(in_channels, eps, momentum, affine, track_running_stats, device=device)
+        self.in_channels = in_channels
+        self.allow_single_element = allow_single_element
+
+    def reset_running_stats(self):
+        self.module.reset_running_stats()
+
+    def reset_parameters(self):
+        self.module.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.allow_single_element and x.size(0) <= 1:
+            return torch.nn.functional.batch_norm(x, self.module.running_mean, self.module.running_var,
+                                                  self.module.weight, self.module.bias, False, 0.0, self.module.eps)
+        return self.module(x)
+
+    def __repr__(self):
+        return f"{self.__class__.__name__}({self.module.extra_repr()})"

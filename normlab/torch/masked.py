@@ -1,0 +1,232 @@
+"""Masks and segments on tensors: the custom op ``torch.ops.normlab.normalize_masked``
+(with a fake kernel and an autograd formula, so ``torch.compile`` and ``torch.export`` see
+one op carrying the mask and the ids) and :func:`normalize_masked`, its differentiable
+entry point. The math is :mod:`normlab.masked`'s; a composite in torch operations serves
+other devices and dtypes."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from normlab import core
+from normlab.plan import make_plan
+from normlab.torch.paths import _LOW_PRECISION
+from normlab.torch.spec import Spec, _sizes_dict
+
+__all__ = ["normalize_masked", "MaskedResult"]
+
+
+def _numpy(t: Optional[Tensor]):
+    return None if t is None else t.detach().contiguous().numpy()
+
+
+def _stats_shape(pattern, shape, params, sizes, num_segments, segment_axis, segmented) -> tuple[int, ...]:
+    plan = make_plan(pattern, tuple(shape), params, **_sizes_dict(sizes))
+    stats = list(plan.stats_shape)
+    if segmented:
+        names = [plan.axis_names[i] for i in plan.reduced_axes if not plan.axis_names[i].startswith("...")]
+        name = segment_axis if segment_axis is not None else (names[0] if names else None)
+        if name in plan.axis_names:
+            stats[plan.axis_names.index(name)] = num_segments
+    return tuple(stats)
+
+
+def _grouping_kwargs(mask, segment_ids, num_segments, segment_axis):
+    if segment_ids is None:  # a 0-d True mask counts everything, and still returns the counts
+        return {"mask": np.True_ if mask is None else _numpy(mask)}
+    return {"mask": _numpy(mask), "segment_ids": _numpy(segment_ids), "num_segments": num_segments,
+            "segment_axis": segment_axis}
+
+
+def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mask: Optional[Tensor],
+                  segment_ids: Optional[Tensor], pattern: str, params: Optional[str], sizes: str, eps: float,
+                  rms: bool, num_segments: int, segment_axis: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, rstd, count)``: statistics float64 (mean 0 for RMS), count int64."""
+    y, stats = core.normalize_with_stats(
+        _numpy(x), pattern, weight=_numpy(weight), bias=_numpy(bias), params=params, eps=eps, rms=rms,
+        **_grouping_kwargs(mask, segment_ids,
+                           num_segments, segment_axis),
+        **_sizes_dict(sizes))
+    mean = np.zeros(stats.rstd.shape) if stats.mean is None else stats.mean
+    return (torch.from_numpy(np.ascontiguousarray(y)), torch.from_numpy(np.ascontiguousarray(mean)),
+            torch.from_numpy(np.ascontiguousarray(stats.rstd)),
+            torch.from_numpy(np.ascontiguousarray(stats.count, dtype=np.int64)))
+
+
+_forward_op = torch.library.custom_op("normlab::normalize_masked", mutates_args=())(_forward_impl)
+
+
+@_forward_op.register_fake
+def _forward_fake(x, weight, bias, mask, segment_ids, pattern, params, sizes, eps, rms, num_segments, segment_axis):
+    shape = _stats_shape(pattern, x.shape, params, sizes, num_segments, segment_axis, segment_ids is not None)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(shape, dtype=torch.float64),
+            x.new_empty(shape, dtype=torch.float64), x.new_empty(shape, dtype=torch.int64))
+
+
+def _backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], mask: Optional[Tensor],
+                   segment_ids: Optional[Tensor], mean: Tensor, rstd: Tensor, pattern: str, params: Optional[str],
+                   sizes: str, eps: float, rms: bool, num_segments: int, segment_axis: Optional[str],
+                   need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_weight, grad_bias)``; a gradient not asked for is an empty tensor."""
+    grad_x, grad_w, grad_b = core.normalize_backward(
+        _numpy(grad_y), _numpy(x), pattern, weight=_numpy(weight),
+        params=params if (weight is not None or need_bias) else None, eps=eps, rms=rms,
+        mean=None if rms else mean.numpy(), rstd=rstd.numpy(),
+        **_grouping_kwargs(mask, segment_ids,
+                           num_segments, segment_axis),
+        **_sizes_dict(sizes))
+    empty = x.new_empty(0, dtype=x.dtype if weight is None else weight.dtype)
+    return (torch.from_numpy(np.ascontiguousarray(grad_x)),
+            empty if grad_w is None or weight is None else torch.from_numpy(grad_w),
+            torch.from_numpy(grad_b) if need_bias and grad_b is not None else empty.clone())
+
+
+_backward_op = torch.library.custom_op("normlab::normalize_masked_backward", mutates_args=())(_backward_impl)
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_y, x, weight, mask, segment_ids, mean, rstd, pattern, params, sizes, eps, rms, num_segments,
+                   segment_axis, need_bias):
+    param_shape = make_plan(pattern, tuple(x.shape), params, **_sizes_dict(sizes)).param_shape
+    dtype = x.dtype if weight is None else weight.dtype
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(param_shape if weight is not None else (0,), dtype=dtype),
+            x.new_empty(param_shape if need_bias else (0,), dtype=dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, mask, segment_ids, pattern, params, sizes, eps, rms, num_segments, segment_axis = inputs
+    _, mean, rstd, count = output
+    ctx.save_for_backward(x, weight, mask, segment_ids, mean, rstd)
+    ctx.arguments = (pattern, params, sizes, eps, rms, num_segments, segment_axis)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(mean, rstd, count)
+
+
+def _autograd(ctx, grad_y, _grad_mean, _grad_rstd, _grad_count, backward=_backward_op):
+    x, weight, mask, segment_ids, mean, rstd = ctx.saved_tensors
+    pattern, params, sizes, eps, rms, num_segments, segment_axis = ctx.arguments
+    grad_x, grad_w, grad_b = backward(grad_y.contiguous(), x, weight, mask, segment_ids, mean, rstd, pattern, params,
+                                      sizes, eps, rms, num_segments, segment_axis, ctx.has_bias)
+    return (grad_x, grad_w if weight is not None else None, grad_b if ctx.has_bias else None,
+            None, None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("normlab::normalize_masked", _autograd, setup_context=_setup_context)
+
+
+class _Eager(torch.autograd.Function):
+    """The op's forward and autograd without the dispatcher, for plain eager tensors."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_rstd, grad_count):
+        return _autograd(ctx, grad_y, grad_mean, grad_rstd, grad_count, backward=_backward_impl)
+
+
+class MaskedResult(tuple):
+    """``(y, mean, rstd, count)``: statistics of the grouping's shape (float64; mean 0 for
+    RMS), ``count`` the counted elements per group."""
+
+    __slots__ = ()
+
+    @property
+    def y(self) -> Tensor:
+        return self[0]
+
+
+def _composite(x, weight, bias, mask, segment_ids, spec: Spec, eps, num_segments, segment_axis):
+    """The same definition in torch operations (any device, differentiable by autograd)."""
+    plan = make_plan(spec.pattern, tuple(x.shape), spec.params, **spec.size_dict)
+    shape = list(plan.stats_shape)
+    index = None
+    view = x.reshape(plan.axis_sizes)
+    counted = torch.ones((), dtype=torch.bool, device=x.device) if mask is None else mask
+    counted = counted.broadcast_to(x.shape).reshape(plan.axis_sizes)
+    if segment_ids is not None:
+        axis = plan.axis_names.index(segment_axis) if segment_axis is not None else next(
+            i for i in plan.reduced_axes if not plan.axis_names[i].startswith("..."))
+        shape[axis] = num_segments
+    groups = torch.arange(int(np.prod(shape)), device=x.device).reshape(shape)
+    if segment_ids is not None:
+        groups = groups.index_select(axis, segment_ids.to(x.device).long())
+    index = groups.broadcast_to(plan.axis_sizes).reshape(-1)
+    size = int(np.prod(shape))
+    m = counted.reshape(-1).to(x.dtype)
+    flat = view.reshape(-1)
+    count = torch.zeros(size, dtype=x.dtype, device=x.device).index_add(0, index, m)
+    safe = count.clamp_min(1)
+    if spec.rms:
+        var = torch.zeros(size, dtype=x.dtype, device=x.device).index_add(0, index, torch.where(
+            counted.reshape(-1), flat * flat, 0)) / safe
+        mean = torch.zeros_like(var)
+        centered = flat
+    else:
+        mean = torch.zeros(size, dtype=x.dtype, device=x.device).index_add(0, index, torch.where(
+            counted.reshape(-1), flat, 0)) / safe
+        centered = flat - mean[index]
+        var = torch.zeros(size, dtype=x.dtype, device=x.device).index_add(0, index, torch.where(
+            counted.reshape(-1), centered * centered, 0)) / safe
+    rstd = torch.where(count > 0, torch.rsqrt(var + eps), 0)
+    y = (centered * rstd[index]).reshape(plan.axis_sizes)
+    if weight is not None:
+        y = y * _expand(weight, plan)
+    if bias is not None:
+        y = y + _expand(bias, plan)
+    stats = (mean.detach().double().reshape(shape), rstd.detach().double().reshape(shape),
+             count.detach().long().reshape(shape))
+    return (y.reshape(x.shape),) + stats
+
+
+def _expand(param: Tensor, plan) -> Tensor:
+    split = param.reshape(tuple(plan.axis_sizes[i] for i in plan.param_axes))
+    order = sorted(range(len(plan.param_axes)), key=lambda k: plan.param_axes[k])
+    return split.permute(order).reshape(plan.param_broadcast_shape)
+
+
+def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                     params: Optional[str] = None, eps: float = 1e-5, rms: bool = False,
+                     mask: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
+                     num_segments: Optional[int] = None, segment_axis: Optional[str] = None,
+                     **sizes: int) -> MaskedResult:
+    """:func:`normlab.normalize` with ``mask=`` and ``segment_ids=`` on tensors,
+    differentiable; returns :class:`MaskedResult` ``(y, mean, rstd, count)``.
+
+    >>> x = torch.tensor([[4., 3., 2., 100.]], dtype=torch.float64, requires_grad=True)
+    >>> y = normalize_masked(x, "b [f]", mask=torch.tensor([True, True, True, False])).y
+    >>> [round(v, 4) for v in y[0, :3].tolist()]
+    [1.2247, 0.0, -1.2247]
+    >>> ids = torch.tensor([0, 0, 1, 1])
+    >>> normalize_masked(torch.tensor([1., 3., 5., 9.]), "[n]", segment_ids=ids).y.tolist()
+    [-1.0, 1.0, -1.0, 1.0]
+    """
+    spec = Spec.build(pattern, params, rms, **sizes)
+    if segment_ids is not None and num_segments is None:
+        num_segments = int(segment_ids.max()) + 1 if segment_ids.numel() else 0
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"pattern {pattern!r}, input shape {tuple(x.shape)}: mask must be a bool tensor, "
+                        f"got {mask.dtype}; pass mask.bool() (True where an element counts)")
+    kernel = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64, *_LOW_PRECISION)
+              and (mask is None or mask.device.type == "cpu") and not x.is_complex())
+    if not kernel:
+        return MaskedResult(_composite(x, weight, bias, mask, segment_ids, spec, eps, num_segments, segment_axis))
+    low = x.dtype in _LOW_PRECISION
+    xs = [None if t is None else (t.float() if low else t) for t in (x, weight, bias)]
+    args = (xs[0].contiguous(), xs[1], xs[2], mask, None if segment_ids is None else segment_ids.long(), spec.pattern,
+            spec.params, spec.sizes, float(eps), spec.rms, -1 if num_segments is None else int(num_segments),
+            segment_axis)
+    eager = not torch.compiler.is_compiling() and all(
+        t is None or type(t) in (Tensor, torch.nn.Parameter) for t in args[:5])
+    y, mean, rstd, count = _Eager.apply(*args) if eager else _forward_op(*args)
+    if low:
+        y = y.to(x.dtype)
+    return MaskedResult((y, mean, rstd, count))

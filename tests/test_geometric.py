@@ -1,0 +1,147 @@
+"""normlab.torch.geometric against PyG's own layers (the oracle): outputs, gradients,
+running statistics and state_dict keys, on unsorted and sorted batch vectors, with a
+graph that has no nodes. Also normalize_masked against a torch composite under
+gradcheck and torch.compile."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pyg_norm = pytest.importorskip("torch_geometric.nn.norm")
+
+from normlab.torch import geometric  # noqa: E402
+from normlab.torch.masked import normalize_masked  # noqa: E402
+
+
+def _batch(sorted_ids: bool, n=23, graphs=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    batch = torch.randint(0, graphs - 1, (n,), generator=g)  # graph graphs-1 has no nodes
+    if sorted_ids:
+        batch = batch.sort().values
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64) * 3 + 2
+    return x, batch, graphs
+
+
+def _copy_params(ours, theirs):
+    theirs.load_state_dict(ours.state_dict())
+
+
+def _compare(ours, theirs, x, *args, grads=True):
+    xa = x.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    ya, yb = ours(xa, *args), theirs(xb, *args)
+    torch.testing.assert_close(ya, yb, rtol=1e-9, atol=1e-9)
+    if grads:
+        g = torch.randn_like(ya)
+        ya.backward(g)
+        yb.backward(g)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-8, atol=1e-9)
+        for (name, pa), (_, pb) in zip(ours.named_parameters(), theirs.named_parameters()):
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-8, atol=1e-9, msg=name)
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict(), rtol=1e-9, atol=1e-9)
+
+
+def _randomize(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p))
+
+
+@pytest.mark.parametrize("sorted_ids", [True, False])
+@pytest.mark.parametrize("affine,track", [(False, False), (True, True)])
+def test_instance_norm_twin_matches_pyg_with_running_stats(sorted_ids, affine, track):
+    x, batch, graphs = _batch(sorted_ids)
+    ours = geometric.InstanceNorm(6, affine=affine, track_running_stats=track).double()
+    theirs = pyg_norm.InstanceNorm(6, affine=affine, track_running_stats=track).double()
+    _randomize(ours)
+    _copy_params(ours, theirs)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    _compare(ours, theirs, x, None, None)  # no batch vector: one graph (before PyG's buffers track gradients)
+    for _ in range(2):
+        _compare(ours, theirs, x, batch, graphs)
+        for name in ("running_mean", "running_var"):  # PyG's update keeps the autograd graph in its buffers
+            if getattr(theirs, name) is not None:
+                setattr(theirs, name, getattr(theirs, name).detach())
+    ours.eval()
+    theirs.eval()
+    _compare(ours, theirs, x, batch, graphs)
+    assert repr(ours) == repr(theirs)
+
+
+@pytest.mark.parametrize("sorted_ids", [True, False])
+@pytest.mark.parametrize("mode", ["graph", "node"])
+def test_layer_norm_twin_matches_pyg_in_both_modes(sorted_ids, mode):
+    x, batch, graphs = _batch(sorted_ids, seed=1)
+    ours, theirs = geometric.LayerNorm(6, mode=mode).double(), pyg_norm.LayerNorm(6, mode=mode).double()
+    _randomize(ours)
+    _copy_params(ours, theirs)
+    _compare(ours, theirs, x, batch, graphs)
+    _compare(ours, theirs, x, batch)  # batch_size inferred
+    _compare(ours, theirs, x)
+    assert repr(ours) == repr(theirs)
+    ours_plain, theirs_plain = geometric.LayerNorm(6, affine=False).double(), pyg_norm.LayerNorm(6, affine=False)
+    assert ours_plain.state_dict().keys() == theirs_plain.state_dict().keys()
+    _compare(ours_plain, theirs_plain.double(), x, batch, graphs)
+
+
+@pytest.mark.parametrize("sorted_ids", [True, False])
+def test_graph_norm_twin_matches_pyg_including_the_mean_scale_gradient(sorted_ids):
+    x, batch, graphs = _batch(sorted_ids, seed=2)
+    ours, theirs = geometric.GraphNorm(6).double(), pyg_norm.GraphNorm(6).double()
+    _randomize(ours)
+    _copy_params(ours, theirs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    _compare(ours, theirs, x, batch, graphs)
+    _compare(ours, theirs, x)
+    assert repr(ours) == repr(theirs)
+
+
+def test_batch_norm_twin_matches_pyg_and_keeps_its_module_keys():
+    x, _, _ = _batch(True, seed=3)
+    ours, theirs = geometric.BatchNorm(6).double(), pyg_norm.BatchNorm(6).double()
+    _randomize(ours)
+    _copy_params(ours, theirs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for _ in range(2):
+        _compare(ours, theirs, x)
+    ours.eval()
+    theirs.eval()
+    _compare(ours, theirs, x)
+    single = geometric.BatchNorm(6, allow_single_element=True).double().eval()
+    assert single(x[:1]).shape == (1, 6)
+    with pytest.raises(ValueError, match="allow_single_element"):
+        geometric.BatchNorm(6, allow_single_element=True, track_running_stats=False)
+
+
+def test_normalize_masked_passes_gradcheck_with_segments_and_a_mask():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)
+    ids = torch.tensor([2, 0, 0, 1, 2, 2, 0])
+    mask = torch.tensor([True, True, False, True, True, False, True])[:, None]
+    assert torch.autograd.gradcheck(
+        lambda x, w: normalize_masked(x, "[n] c", weight=w, params="c", segment_ids=ids, mask=mask).y, (x, w))
+
+
+def test_normalize_masked_is_one_op_under_torch_compile():
+    x = torch.randn(4, 3, 5)
+    mask = torch.rand(4, 1, 5) < 0.5
+    eager = normalize_masked(x, "[b] c [t]", mask=mask).y
+    compiled = torch.compile(lambda x, m: normalize_masked(x, "[b] c [t]", mask=m).y, fullgraph=True)
+    torch.testing.assert_close(compiled(x, mask), eager)
+
+
+def test_the_composite_for_other_devices_matches_the_kernel_and_its_gradients():
+    from normlab.torch import masked
+    from normlab.torch.spec import Spec
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    mask = torch.rand(9, 1, generator=g) < 0.6
+    ids = torch.tensor([0, 0, 1, 1, 1, 3, 3, 0, 1])
+    kernel = normalize_masked(x, "[n] c", mask=mask, segment_ids=ids, num_segments=4)
+    composite = masked._composite(x, None, None, mask, ids, Spec.build("[n] c"), 1e-5, 4, None)
+    torch.testing.assert_close(kernel.y, composite[0])
+    for ours, theirs in zip(kernel[1:], composite[1:]):
+        torch.testing.assert_close(ours, theirs)
+    grad = torch.randn_like(x)
+    torch.testing.assert_close(torch.autograd.grad(kernel.y, x, grad)[0], torch.autograd.grad(composite[0], x, grad)[0])
