@@ -183,27 +183,44 @@ def _stats_to_flat(value, laid: _Laid, grouping):
     return np.array(np.broadcast_to(value, grouping.stats_shape).transpose(order), np.float64).reshape(-1)
 
 
+def _last_chunks(laid, channels: int) -> tuple[int, int]:
+    """(units, units per chunk) of the channels-last kernels: fixed by the shape alone."""
+    from normlab.kernels.segments_last import BLOCK
+
+    units = laid.view.sizes[0] * (len(laid.offsets) - 1) * (-(-channels // BLOCK))
+    return units, max(1, -(-units // ROW_CHUNKS))
+
+
+def _three(array):
+    """An (A, O, C, 1) array as (A, O, C), for the channels-last kernels."""
+    return array.reshape(array.shape[:3])
+
+
 def _run(x, laid, rms, eps, weight, bias, stats, write_y, y):
     """Statistics (unless given: ``var`` is None) and, if ``write_y``, the output; returns ``var``."""
-    from normlab.kernels import segments
+    from normlab.kernels import segments, segments_last
 
     mean, var, rstd, count = stats
     serial = x.size < kernels.SERIAL_BELOW
     inner = x.shape[3] > 1
-    if var is None:
+    given = var is None
+    if given:
         var = np.empty(mean.shape)
-    else:
-        stats_kernel = segments.inner_stats if inner else segments.last_stats
-        extra = () if inner else (segments.BLOCK,)
-        stats_kernel(x, laid.mask, laid.has_mask, laid.offsets, rms, eps, *extra, mean, var, rstd, count,
-                     serial=serial)
-    if write_y:
-        if inner:
+    if inner:
+        if not given:
+            segments.inner_stats(x, laid.mask, laid.has_mask, laid.offsets, rms, eps, mean, var, rstd, count,
+                                 serial=serial)
+        if write_y:
             segments.inner_apply(x, laid.offsets, weight, bias, laid.view.param_row_stride, mean, rstd, y,
                                  serial=serial)
-        else:
-            segments.last_apply(x, laid.offsets, weight, bias, laid.view.param_row_stride, segments.BLOCK, mean,
-                                rstd, y, serial=serial)
+        return var
+    _, chunk_units = _last_chunks(laid, x.shape[2])
+    if not given:
+        segments_last.last_stats(_three(x), _three(laid.mask), laid.has_mask, laid.offsets,
+                                 rms, eps, segments_last.BLOCK, chunk_units, mean, var, rstd, count, serial=serial)
+    if write_y:
+        segments_last.last_apply(_three(x), laid.offsets, weight, bias, laid.view.param_row_stride,
+                                 segments_last.BLOCK, chunk_units, mean, rstd, _three(y), serial=serial)
     return var
 
 
@@ -276,12 +293,14 @@ def backward(prepared, grouping, grad_y, eps: float, rms: bool, mean=None, rstd=
         parts = np.zeros((2, chunks) + weight.shape)
         segments.inner_backward(*args, chunk_units, grad_x, parts[0], parts[1], serial=serial)
     else:
-        blocks = -(-view.sizes[2] // segments.BLOCK)
-        units = view.sizes[0] * (len(laid.offsets) - 1) * blocks
-        chunk_units = max(1, -(-units // ROW_CHUNKS))
-        chunks = max(1, -(-units // chunk_units))
+        from normlab.kernels import segments_last
+
+        units, chunk_units = _last_chunks(laid, view.sizes[2])
+        chunks = -(-units // chunk_units)
         parts = np.zeros((2, chunks) + weight.shape)
-        segments.last_backward(*args, segments.BLOCK, chunk_units, grad_x, parts[0], parts[1], serial=serial)
+        segments_last.last_backward(_three(g), _three(x), _three(laid.mask), laid.has_mask, laid.offsets, weight,
+                                    view.param_row_stride, rms, mean_flat, rstd_flat, segments_last.BLOCK,
+                                    chunk_units, _three(grad_x), parts[0], parts[1], serial=serial)
     grad_x = _undo(laid, grad_x, grouping)
     if not need_params:
         return grad_x, None, None

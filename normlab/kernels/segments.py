@@ -7,8 +7,8 @@ batch norm is ``(1, outer, C, inner)``, layer norm ``(rows, 1, 1, n)``, PyG's pe
 instance norm ``(1, nodes, C, 1)`` with the batch vector's offsets, its graph-mode layer
 norm ``(1, nodes, 1, C)``.
 
-A *unit* of work is one group (``I > 1``: its rows of ``I`` contiguous values), or, when
-``I == 1``, one group for a block of up to :data:`BLOCK` channels side by side. Each
+A *unit* of work is one group and its rows of ``I`` contiguous values; ``I == 1``
+(channels last) has its own kernels in :mod:`normlab.kernels.segments_last`. Each
 unit is computed by one thread from start to end, so the bits do not depend on the
 number of threads; parameter gradients are summed per fixed chunk of units and the chunks
 merged in index order. Statistics shift by the group's first counted element, then take
@@ -23,9 +23,6 @@ from numba import prange
 
 from normlab.kernels._jit import helper, kernel, reduction
 from normlab.kernels.sums import reciprocal_std
-
-BLOCK = 64  # channels per unit when I == 1: four cache lines of float32 per row
-
 
 @reduction
 def _masked_shifted_sum(values, counted, shift):
@@ -205,202 +202,95 @@ def inner_backward(grad_y, x, mask, has_mask, offsets, weight, row_stride, rms, 
     ``*_parts`` (chunks, groups, 1 or I), zeroed by the caller."""
     outer_a = x.shape[0]
     channels = x.shape[2]
-    inner = x.shape[3]
     segments = offsets.shape[0] - 1
     groups = weight.shape[0]
     wide = weight.shape[1] > 1
     units = outer_a * segments * channels
     chunks = weight_parts.shape[0]
     for k in prange(chunks):
-        w_part = weight_parts[k]
-        b_part = bias_parts[k]
         for unit in range(k * chunk_units, min(units, (k + 1) * chunk_units)):
             a = unit // (segments * channels)
             s = (unit // channels) % segments
             c = unit % channels
-            start = offsets[s]
-            stop = offsets[s + 1]
-            m = mean[unit]
-            rs = rstd[unit]
             p = ((a * channels + c) // row_stride) % groups
-            w_row = weight[p]
-            sum_gw = 0.0
-            sum_gw_xhat = 0.0
-            n = 0
-            for o in range(start, stop):
-                g_row = grad_y[a, o, c]
-                x_row = x[a, o, c]
-                for i in range(inner):
-                    g = np.float64(g_row[i])
-                    x_hat = 0.0 if rs == 0.0 else (x_row[i] - m) * rs
-                    gw = g * (w_row[i] if wide else w_row[0])
-                    sum_gw += gw
-                    sum_gw_xhat += gw * x_hat
-                    w_part[p, i if wide else 0] += g * x_hat
-                    b_part[p, i if wide else 0] += g
-                if has_mask:
-                    counted = mask[a, o, c]
-                    for i in range(inner):
-                        n += 1 if counted[i] else 0
-                else:
-                    n += inner
-            proj = sum_gw_xhat / n if n > 0 else 0.0
-            mean_gw = 0.0 if rms or n == 0 else sum_gw / n
-            for o in range(start, stop):
-                g_row = grad_y[a, o, c]
-                x_row = x[a, o, c]
-                gx_row = grad_x[a, o, c]
-                for i in range(inner):
-                    x_hat = 0.0 if rs == 0.0 else (x_row[i] - m) * rs
-                    gw = g_row[i] * (w_row[i] if wide else w_row[0])
-                    if has_mask and not mask[a, o, c, i]:
-                        gx_row[i] = gw * rs
-                    else:
-                        gx_row[i] = ((gw - x_hat * proj) - mean_gw) * rs
-
-
-@kernel
-def last_stats(x, mask, has_mask, offsets, rms, eps, block, mean, var, rstd, count):
-    """Groups with ``I == 1`` (channels last): a unit is one segment of one block of
-    channels, accumulated side by side along its rows."""
-    outer_a = x.shape[0]
-    channels = x.shape[2]
-    segments = offsets.shape[0] - 1
-    blocks = (channels + block - 1) // block
-    for unit in prange(outer_a * segments * blocks):
-        a = unit // (segments * blocks)
-        s = (unit // blocks) % segments
-        c0 = (unit % blocks) * block
-        _last_unit_stats(x, mask, has_mask, rms, eps, a, c0, min(block, channels - c0), offsets[s], offsets[s + 1],
-                         (a * segments + s) * channels + c0, mean, var, rstd, count)
+            _inner_backward_unit(grad_y, x, mask, has_mask, weight[p], wide, rms, mean[unit], rstd[unit], a, c,
+                                 offsets[s], offsets[s + 1], grad_x, weight_parts[k, p], bias_parts[k, p])
 
 
 @helper
-def _last_unit_stats(x, mask, has_mask, rms, eps, a, c0, width, start, stop, base, mean, var, rstd, count):
-    shift = np.zeros(width)
-    found = np.zeros(width, np.bool_)
-    total = np.zeros(width)
-    counts = np.zeros(width, np.int64)
-    m2 = np.zeros(width)
-    if not rms:
-        for o in range(start, stop):
-            x_row = x[a, o]
-            for j in range(width):
-                if not found[j] and (not has_mask or mask[a, o, c0 + j, 0]):
-                    shift[j] = x_row[c0 + j, 0]
-                    found[j] = True
+def _inner_backward_unit(grad_y, x, mask, has_mask, w_row, wide, rms, m, rs, a, c, start, stop, grad_x, w_part,
+                         b_part):
+    inner = x.shape[3]
+    live = rs != 0.0  # a group with nothing counted: x̂ = 0, output = bias, no x-gradient
+    sum_g = 0.0
+    sum_g_xhat = 0.0
+    sum_gw = 0.0
+    sum_gw_xhat = 0.0
+    n = 0
     for o in range(start, stop):
-        x_row = x[a, o]
-        for j in range(width):
-            counted = not has_mask or mask[a, o, c0 + j, 0]
-            v = np.float64(x_row[c0 + j, 0])
-            d = v * v if rms else v - shift[j]
-            total[j] += d if counted else 0.0
-            counts[j] += 1 if counted else 0
-    if not rms:
-        for j in range(width):
-            total[j] = total[j] / counts[j] if counts[j] > 0 else 0.0
-        for o in range(start, stop):
-            x_row = x[a, o]
-            for j in range(width):
-                counted = not has_mask or mask[a, o, c0 + j, 0]
-                d = (x_row[c0 + j, 0] - shift[j]) - total[j]
-                m2[j] += d * d if counted else 0.0
-    for j in range(width):
-        n = counts[j]
-        count[base + j] = n
-        if n == 0:
-            mean[base + j] = 0.0
-            var[base + j] = 0.0
-            rstd[base + j] = 0.0
+        g_row = grad_y[a, o, c]
+        x_row = x[a, o, c]
+        if wide:
+            for i in range(inner):
+                g = np.float64(g_row[i])
+                x_hat = (x_row[i] - m) * rs if live else 0.0
+                gw = g * w_row[i]
+                sum_gw += gw
+                sum_gw_xhat += gw * x_hat
+                w_part[i] += g * x_hat
+                b_part[i] += g
         else:
-            group_var = total[j] / n if rms else m2[j] / n
-            mean[base + j] = 0.0 if rms else shift[j] + total[j]
-            var[base + j] = group_var
-            rstd[base + j] = reciprocal_std(group_var, eps)
+            sg, sgx = _gradient_sums(g_row, x_row, m, rs, live)
+            sum_g += sg
+            sum_g_xhat += sgx
+        if has_mask:
+            n += _count(mask[a, o, c])
+        else:
+            n += inner
+    if not wide:
+        sum_gw = sum_g * w_row[0]
+        sum_gw_xhat = sum_g_xhat * w_row[0]
+        w_part[0] += sum_g_xhat
+        b_part[0] += sum_g
+    proj = sum_gw_xhat / n if n > 0 else 0.0
+    mean_gw = 0.0 if rms or n == 0 else sum_gw / n
+    for o in range(start, stop):
+        g_row = grad_y[a, o, c]
+        x_row = x[a, o, c]
+        gx_row = grad_x[a, o, c]
+        if not live:
+            for i in range(inner):
+                gx_row[i] = 0.0
+        elif has_mask:
+            counted = mask[a, o, c]
+            for i in range(inner):
+                x_hat = (x_row[i] - m) * rs
+                gw = g_row[i] * (w_row[i] if wide else w_row[0])
+                full = ((gw - x_hat * proj) - mean_gw) * rs
+                gx_row[i] = full if counted[i] else gw * rs
+        else:
+            for i in range(inner):
+                x_hat = (x_row[i] - m) * rs
+                gw = g_row[i] * (w_row[i] if wide else w_row[0])
+                gx_row[i] = ((gw - x_hat * proj) - mean_gw) * rs
 
 
-@kernel
-def last_apply(x, offsets, weight, bias, row_stride, block, mean, rstd, y):
-    """Groups with ``I == 1``: the output, per unit as :func:`last_stats` cuts them."""
-    outer_a = x.shape[0]
-    channels = x.shape[2]
-    segments = offsets.shape[0] - 1
-    groups = weight.shape[0]
-    blocks = (channels + block - 1) // block
-    for unit in prange(outer_a * segments * blocks):
-        a = unit // (segments * blocks)
-        s = (unit // blocks) % segments
-        c0 = (unit % blocks) * block
-        width = min(block, channels - c0)
-        base = (a * segments + s) * channels + c0
-        for o in range(offsets[s], offsets[s + 1]):
-            x_row = x[a, o]
-            y_row = y[a, o]
-            for j in range(width):
-                p = ((a * channels + c0 + j) // row_stride) % groups
-                rs = rstd[base + j]
-                if rs == 0.0:  # no counted element: exactly bias
-                    y_row[c0 + j, 0] = bias[p, 0]
-                else:
-                    y_row[c0 + j, 0] = (x_row[c0 + j, 0] - mean[base + j]) * rs * weight[p, 0] + bias[p, 0]
+@reduction
+def _gradient_sums(grad, values, m, rs, live):
+    """(Σ g, Σ g·x̂) over one row, x̂ = 0 when the group is not live."""
+    sum_g = 0.0
+    sum_g_xhat = 0.0
+    for i in range(values.shape[0]):
+        g = np.float64(grad[i])
+        x_hat = (values[i] - m) * rs if live else 0.0
+        sum_g += g
+        sum_g_xhat += g * x_hat
+    return sum_g, sum_g_xhat
 
 
-@kernel
-def last_backward(grad_y, x, mask, has_mask, offsets, weight, row_stride, rms, mean, rstd, block, chunk_units,
-                  grad_x, weight_parts, bias_parts):
-    """Twin of ``masked.backward`` for ``I == 1``; arguments as :func:`inner_backward`."""
-    outer_a = x.shape[0]
-    channels = x.shape[2]
-    segments = offsets.shape[0] - 1
-    groups = weight.shape[0]
-    blocks = (channels + block - 1) // block
-    units = outer_a * segments * blocks
-    chunks = weight_parts.shape[0]
-    for k in prange(chunks):
-        w_part = weight_parts[k]
-        b_part = bias_parts[k]
-        sum_gw = np.zeros(block)
-        sum_gw_xhat = np.zeros(block)
-        counts = np.zeros(block, np.int64)
-        for unit in range(k * chunk_units, min(units, (k + 1) * chunk_units)):
-            a = unit // (segments * blocks)
-            s = (unit // blocks) % segments
-            c0 = (unit % blocks) * block
-            width = min(block, channels - c0)
-            start = offsets[s]
-            stop = offsets[s + 1]
-            base = (a * segments + s) * channels + c0
-            sum_gw[:] = 0.0
-            sum_gw_xhat[:] = 0.0
-            counts[:] = 0
-            for o in range(start, stop):
-                g_row = grad_y[a, o]
-                x_row = x[a, o]
-                for j in range(width):
-                    p = ((a * channels + c0 + j) // row_stride) % groups
-                    rs = rstd[base + j]
-                    g = np.float64(g_row[c0 + j, 0])
-                    x_hat = 0.0 if rs == 0.0 else (x_row[c0 + j, 0] - mean[base + j]) * rs
-                    gw = g * weight[p, 0]
-                    sum_gw[j] += gw
-                    sum_gw_xhat[j] += gw * x_hat
-                    counts[j] += 1 if (not has_mask or mask[a, o, c0 + j, 0]) else 0
-                    w_part[p, 0] += g * x_hat
-                    b_part[p, 0] += g
-            for o in range(start, stop):
-                g_row = grad_y[a, o]
-                x_row = x[a, o]
-                gx_row = grad_x[a, o]
-                for j in range(width):
-                    p = ((a * channels + c0 + j) // row_stride) % groups
-                    rs = rstd[base + j]
-                    n = counts[j]
-                    x_hat = 0.0 if rs == 0.0 else (x_row[c0 + j, 0] - mean[base + j]) * rs
-                    gw = g_row[c0 + j, 0] * weight[p, 0]
-                    if n == 0 or (has_mask and not mask[a, o, c0 + j, 0]):
-                        gx_row[c0 + j, 0] = gw * rs
-                    else:
-                        proj = sum_gw_xhat[j] / n
-                        mean_gw = 0.0 if rms else sum_gw[j] / n
-                        gx_row[c0 + j, 0] = ((gw - x_hat * proj) - mean_gw) * rs
+@reduction
+def _count(counted):
+    n = 0
+    for i in range(counted.shape[0]):
+        n += 1 if counted[i] else 0
+    return n
