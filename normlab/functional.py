@@ -142,7 +142,7 @@ def _check_values(n: int, x: np.ndarray, pattern: str, what: str, values: str, f
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
-               eps=1e-5, *, axis=1, unbiased=True):
+               eps=1e-5, *, axis=1, unbiased=True, mask=None):
     """Batch norm: each channel is standardized over the batch and every other axis.
 
     Pattern ``"[a0] a1 [a2 ...]"`` for ``axis=1``; ``axis=-1`` is channels-last
@@ -156,6 +156,10 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     [1.2247, 0.0, -1.2247]
     >>> rm.round(4).tolist(), rv.round(4).tolist()      # 0.9·old + 0.1·batch, unbiased var
     ([0.3, 0.2667, 0.2], [1.0, 0.9333, 0.9])
+
+    ``mask`` (boolean, broadcasts to x) marks the elements that count: the statistics, and
+    the running ones, come from them alone (the unbiased variance with each channel's
+    count); every element is normalized. The other functions take ``mask`` alike.
     """
     what = "batch_norm"
     x = _input(x, what)
@@ -174,11 +178,19 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     params = names[channel]
     if training:
         n = math.prod(x.shape) // channels if channels else 0
+        if mask is not None and n:  # the fewest counted values of any channel
+            counted = np.broadcast_to(np.asarray(mask), x.shape).sum(axis=tuple(i for i in range(x.ndim) if i != channel))
+            n = int(counted.min())
+            if n <= 1:
+                raise InputError(f"{what}: expected more than 1 counted value per channel when training, got "
+                                 f"{n} in input shape {x.shape} (pattern {pattern!r}); count more or training=False")
         _check_values(n, x, pattern, what, "value per channel", "use a larger batch or training=False")
         momentum = _check_momentum(momentum, what)
-        y, stats = _normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps)
+        y, stats = _normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps, mask=mask)
         if n:  # an empty batch leaves the running statistics as they are
             var = stats.var.reshape(channels)
+            if mask is not None:
+                n = stats.count.reshape(channels)
             _update(running_mean, stats.mean.reshape(channels), momentum)
             _update(running_var, var * (n / (n - 1) if unbiased else 1.0), momentum)
         return y
@@ -191,17 +203,17 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
                           mean=running_mean, rstd=rstd)
 
 
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, mask=None):
     """Layer norm over the trailing ``normalized_shape`` axes, with elementwise affine
     parameters of that shape, as ``torch.nn.functional.layer_norm``.
 
     >>> layer_norm(np.array([[4., 3., 2.]]), 3).round(4).tolist()
     [[1.2247, 0.0, -1.2247]]
     """
-    return _trailing(x, normalized_shape, weight, bias, eps, rms=False, what="layer_norm")
+    return _trailing(x, normalized_shape, weight, bias, eps, rms=False, what="layer_norm", mask=mask)
 
 
-def rms_norm(x, normalized_shape, weight=None, eps=None):
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, mask=None):
     """RMS norm over the trailing ``normalized_shape`` axes, as ``torch.nn.functional.rms_norm``.
 
     ``eps=None`` uses the machine epsilon of the compute dtype, as torch does: float32's
@@ -214,10 +226,10 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
     if eps is None:
         compute = np.float64 if core.result_dtype(x, "rms_norm") == np.float64 else np.float32
         eps = float(np.finfo(compute).eps)
-    return _trailing(x, normalized_shape, weight, None, eps, rms=True, what="rms_norm")
+    return _trailing(x, normalized_shape, weight, None, eps, rms=True, what="rms_norm", mask=mask)
 
 
-def _trailing(x, normalized_shape, weight, bias, eps, rms: bool, what: str):
+def _trailing(x, normalized_shape, weight, bias, eps, rms: bool, what: str, mask=None):
     x = _input(x, what)
     shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
     k = len(shape)
@@ -230,10 +242,10 @@ def _trailing(x, normalized_shape, weight, bias, eps, rms: bool, what: str):
     pattern = "... [" + " ".join(names) + "]"
     params = " ".join(names) if weight is not None or bias is not None else None
     return _normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=_check_eps(eps, what),
-                                 rms=rms)[0]
+                                 rms=rms, mask=mask)[0]
 
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1):
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, mask=None):
     """Group norm: each sample's channels are split into ``num_groups`` groups, each
     standardized over its channels and all positions, as ``torch.nn.functional.group_norm``.
 
@@ -263,11 +275,11 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1):
             parts.append(f"[s{i}]")
     params = "(g c)" if weight is not None or bias is not None else None
     return _normalize_with_stats(x, " ".join(parts), weight=weight, bias=bias, params=params,
-                                 eps=_check_eps(eps, what), g=int(num_groups))[0]
+                                 eps=_check_eps(eps, what), g=int(num_groups), mask=mask)[0]
 
 
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
-                  momentum=0.1, eps=1e-5):
+                  momentum=0.1, eps=1e-5, *, mask=None):
     """Instance norm: each (sample, channel) is standardized over its positions, as
     ``torch.nn.functional.instance_norm``. Pattern ``"a0 a1 [a2 ...]"``.
 
@@ -292,10 +304,15 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     if use_input_stats:
         n = math.prod(x.shape[2:])
         _check_values(n, x, pattern, what, "spatial element", "use more positions or use_input_stats=False")
-        y, stats = _normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps)
+        y, stats = _normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps, mask=mask)
         if running_mean is not None or running_var is not None:
             momentum = _check_momentum(momentum, what)
-            per_instance = ((running_mean, stats.mean), (running_var, stats.var * (n / (n - 1)) if n else None))
+            if mask is not None:  # each instance's own count (at least 2 for an unbiased variance)
+                count = np.maximum(stats.count, 2)
+                unbiased_var = stats.var * (count / (count - 1))
+            else:
+                unbiased_var = stats.var * (n / (n - 1)) if n else None
+            per_instance = ((running_mean, stats.mean), (running_var, unbiased_var))
             for buffer, value in per_instance:
                 if buffer is not None:
                     _update_instance(buffer, value, n, batch, momentum)

@@ -22,6 +22,7 @@ from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_fo
                                    _channel_shape, _check_batch, _expanded_param, _fast_rows, _normalize,
                                    _update_instance_running, _update_running)
 from normlab.torch.casting import apply_recipe_scale, check_casting, compute_dtype, rms_norm_recipe
+from normlab.torch.masked_modules import masked_forward
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
 from normlab.torch.spec import Spec
 
@@ -58,13 +59,17 @@ class _Twin:
     operations can run (see :func:`normlab.torch.paths._needs_torch_ops`) or where the
     input does not fit, so that torch raises its own error in its own words."""
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """``mask`` (bool, broadcasts to the input): the elements that count toward the
+        statistics, and the running ones; every element is normalized."""
         if torch.jit.is_scripting():
             return self._torch_forward(input)
-        return self._eager_forward(input)
+        return self._eager_forward(input, mask)
 
     @torch.jit.unused
-    def _eager_forward(self, input: Tensor) -> Tensor:
+    def _eager_forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        if mask is not None:
+            return masked_forward(self, input, mask)
         if isinstance(input, torch.fx.Proxy):
             return _fx_call_module(self, input)
         return self._normlab_forward(input)
@@ -216,10 +221,10 @@ class RMSNorm(_Twin, nn.RMSNorm):
                                "or weight_offset; use torch.jit.trace, torch.export or torch.compile for this module")
         return self
 
-    def forward(self, x: Tensor) -> Tensor:  # torch.nn.RMSNorm names its input x (export's dynamic_shapes key)
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:  # torch.nn.RMSNorm names its input x
         if torch.jit.is_scripting():
             return self._torch_forward(x)
-        return self._eager_forward(x)
+        return self._eager_forward(x, mask)
 
     def _normlab_forward(self, x: Tensor) -> Tensor:
         if not _trailing_fits(x, self.normalized_shape):
@@ -481,7 +486,12 @@ class Norm(nn.Module):
         return (f"{self.pattern!r}, params={self.params!r}{sizes}, eps={self.eps}, rms={self.rms}, "
                 f"affine={self.affine}, momentum={self.momentum}, track_running_stats={self.track_running_stats}")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
+                num_segments: Optional[int] = None, segment_axis: Optional[str] = None) -> Tensor:
+        """``mask`` (bool, broadcasts to x): the elements that count toward the statistics;
+        ``segment_ids`` split groups along ``segment_axis`` as :func:`normlab.normalize` does."""
+        if mask is not None or segment_ids is not None:
+            return masked_forward(self, x, mask, segment_ids, num_segments, segment_axis)
         if isinstance(x, torch.fx.Proxy):
             return _fx_call_module(self, x)
         try:

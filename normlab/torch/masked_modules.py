@@ -1,0 +1,141 @@
+"""``mask=`` in the forward of every ``normlab.torch`` module (and ``segment_ids=`` in
+:class:`~normlab.torch.Norm`): statistics, and running statistics, from the counted
+elements alone; every element normalized. Evaluation with running statistics ignores the
+mask (the statistics are given)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from normlab.torch.masked import normalize_masked
+
+__all__ = ["masked_forward"]
+
+
+def _variance(rstd: Tensor, eps: float) -> Tensor:
+    """The biased variance back from rstd (float64), 0 for a group with nothing counted."""
+    return torch.where(rstd > 0, rstd.pow(-2) - eps, 0).clamp_min(0)
+
+
+def _unbiased(rstd: Tensor, count: Tensor, eps: float) -> Tensor:
+    """``n/(n − 1)·var`` with each group's count (``n − 1`` at least 1)."""
+    return _variance(rstd, eps) * count / (count - 1).clamp_min(1)
+
+
+def _check_counts(module, x: Tensor, count: Tensor) -> None:
+    if count.numel() and int(count.min()) <= 1:
+        raise ValueError(f"{type(module).__name__}: expected more than 1 counted value per channel when training, "
+                         f"got input size {tuple(x.shape)} with {int(count.min())} counted in a channel; "
+                         "count more elements in the mask or call .eval()")
+
+
+def _update(module, mean: Tensor, var: Tensor, factor: float) -> None:
+    with torch.no_grad():
+        module.running_mean.mul_(1 - factor).add_(mean.to(module.running_mean.dtype), alpha=factor)
+        module.running_var.mul_(1 - factor).add_(var.to(module.running_var.dtype), alpha=factor)
+
+
+def _check_mask(module, x: Tensor, mask: Tensor) -> Tensor:
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"{type(module).__name__}: mask must be a bool tensor that broadcasts to the input "
+                        f"{tuple(x.shape)}, got {getattr(mask, 'dtype', type(mask).__name__)}; pass mask.bool()")
+    try:
+        torch.broadcast_shapes(mask.shape, x.shape)
+    except RuntimeError:
+        raise ValueError(f"{type(module).__name__}: mask of shape {tuple(mask.shape)} does not broadcast to the "
+                         f"input {tuple(x.shape)}; give it the input's shape or size-1 axes") from None
+    return mask
+
+
+def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optional[Tensor] = None,
+                   num_segments: Optional[int] = None, segment_axis: Optional[str] = None) -> Tensor:
+    """The module's forward with a mask (and, for ``Norm``, segments)."""
+    from normlab.torch import modules
+
+    if mask is not None:
+        mask = _check_mask(module, x, mask)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return _batch_norm(module, x, mask)
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return _instance_norm(module, x, mask)
+    if isinstance(module, modules.Norm):
+        return _norm(module, x, mask, segment_ids, num_segments, segment_axis)
+    spec = module._spec
+    eps = module.eps
+    if isinstance(module, nn.RMSNorm) and eps is None:
+        eps = torch.finfo(x.dtype).eps
+    if isinstance(module, nn.GroupNorm) and (x.dim() < 2 or x.shape[1] != module.num_channels):
+        raise ValueError(f"GroupNorm({module.num_groups}, {module.num_channels}) expects input (N, "
+                         f"{module.num_channels}, *), got {tuple(x.shape)}")
+    weight = module.weight
+    if weight is not None and getattr(module, "weight_offset", 0.0):
+        weight = weight + module.weight_offset
+    return normalize_masked(x, spec.pattern, weight=weight, bias=getattr(module, "bias", None),
+                            params=spec.params, eps=eps, rms=spec.rms, mask=mask, **spec.size_dict).y
+
+
+def _batch_norm(module, x: Tensor, mask: Tensor) -> Tensor:
+    from normlab.torch.compute import _apply_stats, _average_factor, _channel_shape
+
+    module._check_input_dim(x)
+    factor = _average_factor(module)
+    if not (module.training or (module.running_mean is None and module.running_var is None)):
+        return _apply_stats(x, module.running_mean, module.running_var, module.weight, module.bias, module.eps,
+                            _channel_shape(x))
+    y, mean, rstd, count = normalize_masked(x, "[b] c [...]", weight=module.weight, bias=module.bias,
+                                            params=None if module.weight is None else "c", eps=module.eps, mask=mask)
+    channels = x.shape[1]
+    if module.training:
+        _check_counts(module, x, count)
+        if module.track_running_stats and module.running_mean is not None:
+            _update(module, mean.reshape(channels), _unbiased(rstd, count, module.eps).reshape(channels), factor)
+    return y
+
+
+def _instance_norm(module, x: Tensor, mask: Tensor) -> Tensor:
+    from normlab.torch.compute import _apply_stats, _channel_shape
+
+    module._check_input_dim(x)
+    unbatched = x.dim() == module._get_no_batch_dim()
+    if unbatched:
+        x = x.unsqueeze(0)
+        mask = mask.unsqueeze(0) if mask.dim() == x.dim() else mask
+    if module.training or not module.track_running_stats:
+        batch, channels = x.shape[:2]
+        y, mean, rstd, count = normalize_masked(x, "b c [...]", weight=module.weight, bias=module.bias,
+                                                params=None if module.weight is None else "c", eps=module.eps,
+                                                mask=mask)
+        if module.running_mean is not None and module.training:
+            factor = 0.0 if module.momentum is None else module.momentum
+            _update(module, mean.reshape(batch, channels).mean(0),
+                    _unbiased(rstd, count, module.eps).reshape(batch, channels).mean(0), factor)
+    else:
+        y = _apply_stats(x, module.running_mean, module.running_var, module.weight, module.bias, module.eps,
+                         _channel_shape(x))
+    return y.squeeze(0) if unbatched else y
+
+
+def _norm(module, x: Tensor, mask, segment_ids, num_segments, segment_axis) -> Tensor:
+    from normlab.torch.compute import _average_factor
+
+    spec = module._spec
+    if not (module.training or not module.track_running_stats):
+        return module.forward(x)  # running statistics are given: the mask changes nothing
+    factor = _average_factor(module) if module.track_running_stats else 0.0
+    y, mean, rstd, count = normalize_masked(x, spec.pattern, weight=module.weight, bias=module.bias,
+                                            params=spec.params, eps=module.eps, rms=spec.rms, mask=mask,
+                                            segment_ids=segment_ids, num_segments=num_segments,
+                                            segment_axis=segment_axis, **spec.size_dict)
+    if module.training and module.track_running_stats:
+        _check_counts(module, x, count)
+        plan = spec.plan(x.shape)
+        # average over every statistics axis the running statistics do not span (segments too)
+        other = tuple(i for i, name in enumerate(plan.axis_names) if name not in module._running_names)
+        var = _unbiased(rstd, count, module.eps)
+        if other:
+            mean, var = mean.mean(dim=other, keepdim=True), var.mean(dim=other, keepdim=True)
+        _update(module, mean.reshape(module.running_mean.shape), var.reshape(module.running_var.shape), factor)
+    return y

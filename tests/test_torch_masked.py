@@ -1,0 +1,125 @@
+"""``mask=`` in the normlab.torch modules and normlab.functional, against torch's own
+modules run on the data with the padding removed (outputs at the counted positions,
+parameter gradients, running statistics)."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import normlab.torch as nt  # noqa: E402
+from normlab import functional  # noqa: E402
+
+
+def _padded(batch=3, channels=4, length=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, length, generator=g, dtype=torch.float64) * 2 + 1
+    lengths = torch.tensor([length, length - 3, 4][:batch])
+    mask = (torch.arange(length)[None, :] < lengths[:, None])[:, None, :]
+    return x, mask, lengths
+
+
+def _gathered(x, mask):
+    """The counted positions of every sample side by side: (1, C, total)."""
+    return x.permute(1, 0, 2)[:, mask[:, 0, :]].unsqueeze(0)
+
+
+def test_masked_batch_norm_equals_torch_batch_norm_on_the_unpadded_data():
+    x, mask, _ = _padded()
+    ours, theirs = nt.BatchNorm1d(4).double(), torch.nn.BatchNorm1d(4).double()
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    for _ in range(2):
+        y = ours(x, mask=mask)
+        ref = theirs(_gathered(x, mask))
+        torch.testing.assert_close(_gathered(y, mask), ref)
+        (_gathered(y, mask) * ref.detach()).sum().backward()
+        (ref * ref.detach()).sum().backward()
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+    torch.testing.assert_close(ours.bias.grad, theirs.bias.grad)
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict())
+    ours.eval()
+    torch.testing.assert_close(ours(x, mask=mask), theirs.eval()(x))  # evaluation: running statistics
+
+
+def test_masked_group_and_instance_norm_equal_torch_on_each_samples_unpadded_part():
+    x, mask, lengths = _padded(seed=1)
+    group, instance = nt.GroupNorm(2, 4).double(), nt.InstanceNorm1d(4, affine=True).double()
+    y_group, y_instance = group(x, mask=mask), instance(x, mask=mask)
+    for b, n in enumerate(lengths.tolist()):
+        part = x[b:b + 1, :, :n]
+        torch.testing.assert_close(y_group[b:b + 1, :, :n], torch.nn.functional.group_norm(part, 2, eps=1e-5))
+        torch.testing.assert_close(y_instance[b:b + 1, :, :n], torch.nn.functional.instance_norm(part, eps=1e-5))
+
+
+def test_masked_instance_norm_running_stats_follow_torch_on_one_unpadded_sample():
+    x, mask, lengths = _padded(batch=2, seed=2)
+    ours, theirs = nt.InstanceNorm1d(4, track_running_stats=True).double(), \
+        torch.nn.InstanceNorm1d(4, track_running_stats=True).double()
+    n = int(lengths[1])
+    ours(x[1:2], mask=mask[1:2])
+    theirs(x[1:2, :, :n])
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+def test_masked_layer_and_rms_norm_equal_torch_on_each_rows_counted_elements():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(5, 8, generator=g) < 0.6
+    mask[:, 0] = True
+    for ours, theirs in ((nt.LayerNorm(8, elementwise_affine=False), torch.nn.functional.layer_norm),
+                         (nt.RMSNorm(8, elementwise_affine=False, eps=1e-6), torch.nn.functional.rms_norm)):
+        y = ours.double()(x, mask=mask)
+        kwargs = {"eps": 1e-6} if theirs is torch.nn.functional.rms_norm else {}
+        loss, ref_loss = 0, 0
+        for r in range(5):
+            row = x[r][mask[r]]
+            ref = theirs(row, (row.numel(),), **kwargs)
+            torch.testing.assert_close(y[r][mask[r]], ref)
+            loss = loss + (y[r][mask[r]] * ref.detach()).sum()
+            ref_loss = ref_loss + (ref * ref.detach()).sum()
+        gx, gref = torch.autograd.grad(loss, x)[0], torch.autograd.grad(ref_loss, x)[0]
+        torch.testing.assert_close(gx[mask], gref[mask])
+
+
+def test_norm_with_segments_and_a_mask_equals_batch_norm_on_each_segments_counted_rows():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    ids = torch.tensor([1, 0, 0, 2, 1, 1, 0, 2, 2, 1, 0, 2])
+    mask = torch.tensor([1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 0, 1], dtype=torch.bool)[:, None]
+    norm = nt.Norm("[n] c", params="c", c=3, track_running_stats=True, momentum=1.0).double()
+    y = norm(x, mask=mask, segment_ids=ids)
+    means, variances = [], []
+    for s in range(3):
+        rows = (ids == s) & mask[:, 0]
+        ref = torch.nn.functional.batch_norm(x[rows], None, None, training=True)
+        torch.testing.assert_close(y[rows], ref)
+        means.append(x[rows].mean(0))
+        variances.append(x[rows].var(0))
+    # running statistics: the segments' own statistics averaged (momentum 1 keeps the batch's)
+    torch.testing.assert_close(norm.running_mean, torch.stack(means).mean(0))
+    torch.testing.assert_close(norm.running_var, torch.stack(variances).mean(0))
+
+
+def test_functional_batch_norm_with_a_mask_updates_running_stats_as_torch_on_the_unpadded_data():
+    x, mask, _ = _padded(seed=5)
+    rm, rv = np.zeros(4), np.ones(4)
+    y = functional.batch_norm(x.numpy(), rm, rv, training=True, mask=mask.numpy())
+    trm, trv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    ref = torch.nn.functional.batch_norm(_gathered(x, mask), trm, trv, training=True)
+    np.testing.assert_allclose(_gathered(torch.from_numpy(y), mask).numpy(), ref.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(rm, trm.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(rv, trv.numpy(), rtol=1e-12)
+
+
+def test_a_mask_of_the_wrong_kind_fails_with_torch_exceptions():
+    x, mask, _ = _padded()
+    with pytest.raises(TypeError, match="bool"):
+        nt.BatchNorm1d(4)(x.float(), mask=mask.int())
+    with pytest.raises(ValueError, match="does not broadcast"):
+        nt.BatchNorm1d(4)(x.float(), mask=mask[:, :, :3])
+    with pytest.raises(ValueError, match="more than 1 counted value"):
+        nt.BatchNorm1d(4)(x.float(), mask=torch.zeros_like(mask))
