@@ -443,6 +443,22 @@ def _print_fused(console, rows, repeats: int, as_markdown: bool) -> None:
     console.print(table)
 
 
+def _print_masked(console, rows, repeats: int, as_markdown: bool) -> None:
+    from normlab import bench_masked
+
+    if as_markdown:
+        console.print(bench_masked.markdown(rows), markup=False, highlight=False)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"masks and segments: median of {repeats} interleaved runs, float32, fwd+bwd")
+    for header in bench_masked.HEADERS:
+        table.add_column(header, justify="left" if header in ("case", "shape", "competitor") else "right")
+    for cells in bench_masked.table_rows(rows):
+        table.add_row(*cells)
+    console.print(table)
+
+
 def run(args: argparse.Namespace) -> int:
     """Measure, print the table (and save the plot)."""
     passive_openmp()
@@ -454,13 +470,15 @@ def run(args: argparse.Namespace) -> int:
 
     if getattr(args, "sweep", False):
         return run_sweep(args)
-    from normlab import bench_fused
+    from normlab import bench_fused, bench_masked
 
     cases = select(args.case)
     fused_cases = bench_fused.select(args.case)  # the fused group runs when asked for by name
-    if not cases and not fused_cases:
+    masked_cases = bench_masked.selected(args.case)  # so does the masked group
+    if not cases and not fused_cases and not masked_cases:
         raise InputError(f"no benchmark case matches {args.case}; cases: "
-                         + ", ".join([f"{c.name} {c.mode}" for c in CASES] + ["fused (the fused-block group)"]))
+                         + ", ".join([f"{c.name} {c.mode}" for c in CASES] + ["fused (the fused-block group)",
+                                                                              "masked (masks and segments)"]))
     if args.plot:
         require_matplotlib()  # before the run, not after minutes of it
     repeats = args.repeats if args.repeats is not None else QUICK_REPEATS if args.quick else DEFAULT_REPEATS
@@ -479,6 +497,8 @@ def run(args: argparse.Namespace) -> int:
         fused_rows = bench_fused.measure(fused_cases, args.quick, repeats, advance)
     if fused_rows:
         _print_fused(console, fused_rows, repeats, args.markdown)
+    if masked_cases:
+        _print_masked(console, bench_masked.measure(masked_cases, args.quick, repeats), repeats, args.markdown)
     if not rows:
         return 0
     if args.markdown:
