@@ -1,0 +1,18 @@
+"""``normlab bench --case masked``: the group is picked by name and a row measures both engines."""
+
+import pytest
+
+from normlab import bench_masked
+
+
+def test_the_masked_group_is_picked_by_its_name_or_a_case_name():
+    assert bench_masked.selected(["masked"]) == bench_masked.CASES
+    assert [c.name for c in bench_masked.selected(["GraphNorm"])] == ["4-layer GIN + GraphNorm, train step"]
+    assert bench_masked.selected(None) == ()
+
+
+def test_a_masked_row_times_normlab_and_the_torch_composite():
+    pytest.importorskip("torch")
+    (row,) = bench_masked.measure(bench_masked.CASES[:1], quick=True, repeats=1)
+    assert row.normlab > 0 and row.other > 0 and row.other_name == "torch composite"
+    assert "×" in bench_masked.markdown([row])
