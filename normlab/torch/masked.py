@@ -206,7 +206,7 @@ def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None
     >>> [round(v, 4) for v in y[0, :3].tolist()]
     [1.2247, 0.0, -1.2247]
     >>> ids = torch.tensor([0, 0, 1, 1])
-    >>> normalize_masked(torch.tensor([1., 3., 5., 9.]), "[n]", segment_ids=ids).y.tolist()
+    >>> normalize_masked(torch.tensor([1., 3., 5., 9.]), "[n]", segment_ids=ids, eps=0.0).y.tolist()
     [-1.0, 1.0, -1.0, 1.0]
     """
     spec = Spec.build(pattern, params, rms, **sizes)
