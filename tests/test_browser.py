@@ -181,3 +181,14 @@ def test_hovering_a_claim_lights_up_the_cells_it_is_about(browser, pages):
     k = next(i for i, t in enumerate(texts) if t.startswith("feature 1: 3 and 3"))
     ActionChains(browser).move_to_element(claims[k]).perform()
     assert highlighted(browser) == {1, 4}  # the two 3s of feature 1, at [0, 1] and [1, 1]
+
+
+def test_the_cube_speaks_of_tokens_in_the_nlp_and_rms_views_and_of_channels_elsewhere(browser, pages):
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, pages, "3d")
+    labels = lambda: [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#tensor text.axis-label")]  # noqa: E731
+    for key, channel_word in (("rms", "T · tokens"), ("batch", "C · channels"), ("layer", "T · tokens")):
+        switch_norm(browser, key)
+        assert channel_word in labels(), key
+    assert severe_errors(browser) == []

@@ -35,6 +35,7 @@ def test_group_preset_picks_a_group_count_that_divides_the_channels():
     for channels in range(1, 13):
         g = resolve("group", (2, channels, 3))[4]["g"]
         assert channels % g == 0
+        assert g > 1 or channels == 1  # g = 1 is layer norm: the group-norm button would repeat it
     assert default_groups(4) == 2
 
 
@@ -207,3 +208,12 @@ def test_a_custom_pattern_comes_first_on_the_page_with_the_presets_after_it():
     view = explain_array(NOTE_3D, "b [c] s")
     keys = [v.key for v in all_views(NOTE_3D, view)]
     assert keys[0] == "custom" and "batch" in keys
+
+
+def test_the_cube_names_tokens_and_features_in_the_nlp_and_rms_views_of_3d_data():
+    from normlab.explain.html import cube_geometry
+
+    three = cube_geometry((2, 3, 4)).decorations
+    assert 'data-nlp="T · tokens" data-vision="C · channels"' in three
+    assert 'data-nlp="D · features" data-vision="H·W · positions"' in three
+    assert "data-nlp" not in cube_geometry((2, 3, 2, 2)).decorations  # 4-D: the NLP views keep channels

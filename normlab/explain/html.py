@@ -105,16 +105,18 @@ def cube_geometry(shape: tuple[int, ...]) -> Geometry:
     for i in range(n):
         parts.append(_label(left + i * (sheet_w + gap) + 8, bottom + 16, f"n={i}", small=True, anchor="start"))
     hw_label = "H × W" if len(shape) == 4 else "H·W · positions"
+    tokens = len(shape) == 3  # the NLP and RMS views read (b, t, d): tokens along C, features down
     parts.append(_arrow(left - 34, top, left - 34, bottom))
-    parts.append(_label(left - 44, (top + bottom) / 2, hw_label, rotate=-90))
+    parts.append(_label(left - 44, (top + bottom) / 2, hw_label, rotate=-90, nlp="D · features" if tokens else None))
     # C runs into the depth, drawn above the first sheet with a tick over each column
     angle = math.degrees(math.atan2(depth_y, depth_x))
     lift = 30
     parts.append(_arrow(left, top - lift, left + sheet_w, top - lift - c * depth_y))
-    parts.append(_label(left + sheet_w / 2 - 10, top - lift - c * depth_y / 2 - 10, "C · channels", rotate=-angle))
+    parts.append(_label(left + sheet_w / 2 - 10, top - lift - c * depth_y / 2 - 10, "C · channels", rotate=-angle,
+                        nlp="T · tokens" if tokens else None))
     for k in range(c):
         parts.append(_label(left + (k + 0.5) * depth_x, top - (k + 0.5) * depth_y - 10,
-                            f"c={k}", small=True, rotate=-angle))
+                            f"c={k}", small=True, rotate=-angle, nlp=f"t={k}" if tokens else None))
     width = right + 50
     return Geometry(width, bottom + 60, polygons, centers, -angle, "\n".join(parts))
 
@@ -123,10 +125,13 @@ def _arrow(x1, y1, x2, y2) -> str:
     return f'<line class="axis" x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" marker-end="url(#head)"/>'
 
 
-def _label(x, y, text, small=False, rotate=0.0, anchor="middle") -> str:
+def _label(x, y, text, small=False, rotate=0.0, anchor="middle", nlp=None) -> str:
+    """An axis label; ``nlp`` is its wording in the NLP and RMS views (the page swaps it)."""
     turn = f' transform="rotate({rotate:.1f} {x:.1f} {y:.1f})"' if rotate else ""
     cls = "tick" if small else "axis-label"
-    return f'<text class="{cls}" x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{turn}>{html.escape(text)}</text>'
+    words = "" if nlp is None else f' data-nlp="{html.escape(nlp)}" data-vision="{html.escape(text)}"'
+    return (f'<text class="{cls}" x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{turn}{words}>'
+            f'{html.escape(text)}</text>')
 
 
 def _spelled(view: NormView) -> str:
@@ -363,6 +368,8 @@ PAGE_TEMPLATE = r"""<!doctype html>
       cell.querySelector("text").textContent = showing === "input" ? data.valueText[i] : norm.outputText[i];
     });
     svg.classList.toggle("showing-output", showing === "output");
+    const nlp = norm.key === "layer" || norm.key === "rms";  // their legend speaks of tokens
+    svg.querySelectorAll("[data-nlp]").forEach(el => { el.textContent = nlp ? el.dataset.nlp : el.dataset.vision; });
     document.querySelectorAll("button.norm").forEach(b => b.setAttribute("aria-pressed", String(b.dataset.norm === norm.key)));
     const count = norm.groupNames.length;
     const size = norm.groups.length / count;

@@ -65,15 +65,16 @@ PRESETS = {
 
 def default_groups(channels: int) -> int:
     """Group norm's default ``g`` for ``channels``: groups of two channels when C is even,
-    of the smallest factor otherwise, one group when C is prime (so g always divides C).
+    of the smallest factor otherwise, and one channel per group when C is prime (2, 3, 7):
+    g = 1 would be layer norm again, so the group-norm button would show nothing new.
 
-    >>> default_groups(6), default_groups(9), default_groups(2), default_groups(7)
-    (3, 3, 1, 1)
+    >>> default_groups(6), default_groups(9), default_groups(2), default_groups(3), default_groups(7)
+    (3, 3, 2, 3, 7)
     """
-    for factor in range(2, channels + 1):
+    for factor in range(2, channels):
         if channels % factor == 0:
             return channels // factor
-    return 1
+    return channels
 
 
 @dataclass(frozen=True)
