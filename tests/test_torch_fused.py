@@ -198,3 +198,28 @@ def test_convert_fuse_leaves_layers_of_another_structure_alone():
     layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, norm_first=True)
     converted = convert(torch.nn.Sequential(layer), fuse=True)
     assert type(converted[0]) is torch.nn.TransformerEncoderLayer
+
+
+@pytest.mark.parametrize("make, reference, bad_inputs", [
+    (lambda: FusedAddRMSNorm(8), lambda: torch.nn.RMSNorm(8), [(torch.randn(2, 4),), (torch.randn(2, 8), torch.randn(2, 4))]),
+    (lambda: FusedAddLayerNorm(8), lambda: torch.nn.LayerNorm(8), [(torch.randn(2, 4),), (torch.randn(2, 8), torch.randn(3, 8))]),
+    (lambda: GatedRMSNorm(8, group_size=4), lambda: torch.nn.RMSNorm(8), [(torch.randn(2, 4),), (torch.randn(2, 8), torch.randn(2, 6))]),
+], ids=["add_rms", "add_layer", "gated"])
+def test_fused_modules_raise_torchs_runtime_error_for_a_misshaped_input(make, reference, bad_inputs):
+    with pytest.raises(RuntimeError):  # the oracle: torch's own module refuses the misshaped input this way
+        reference()(bad_inputs[0][0])
+    for inputs in bad_inputs:
+        with pytest.raises(RuntimeError, match=r"size|shape") as caught:
+            make()(*inputs)
+        assert "pattern" not in str(caught.value) and "[n0]" not in str(caught.value)
+
+
+def test_ada_layer_norm_raises_runtime_error_for_a_misshaped_input():
+    from diffusers.models.normalization import AdaLayerNormZero
+
+    with pytest.raises(RuntimeError):  # diffusers' module refuses it with torch's RuntimeError
+        AdaLayerNormZero(4, num_embeddings=None)(torch.randn(2, 3, 6), emb=torch.randn(2, 4))
+    with pytest.raises(RuntimeError, match="size"):
+        AdaLayerNorm(4)(torch.randn(2, 3, 6), emb=torch.randn(2, 4))
+    with pytest.raises(RuntimeError, match="emb"):
+        AdaLayerNorm(4)(torch.randn(2, 3, 4), emb=torch.randn(3, 4))

@@ -187,6 +187,20 @@ def _trailing(normalized_shape) -> tuple[str, str, tuple]:
     return "... [" + " ".join(names) + "]", " ".join(names), tuple(zip(names, (int(s) for s in shape)))
 
 
+def _check_input(module: nn.Module, x: Tensor, normalized_shape, **others: Optional[Tensor]) -> None:
+    """torch's RuntimeError, in torch's words, for an input whose trailing axes are not
+    ``normalized_shape`` or a companion tensor (residual, gate) not shaped like it."""
+    normalized_shape = tuple(normalized_shape)
+    if tuple(x.shape[x.dim() - len(normalized_shape):]) != normalized_shape or x.dim() < len(normalized_shape):
+        raise RuntimeError(f"{type(module).__name__}: Given normalized_shape={list(normalized_shape)}, expected "
+                           f"input with shape [*, {', '.join(map(str, normalized_shape))}], but got input of size"
+                           f"{list(x.shape)}")
+    for name, other in others.items():
+        if other is not None and other.shape != x.shape:
+            raise RuntimeError(f"{type(module).__name__}: {name} has size {list(other.shape)}, but the input has "
+                               f"size {list(x.shape)}; pass a {name} of the input's shape")
+
+
 class FusedAddRMSNorm(nn.Module):
     """Residual add and RMS norm in one pass: ``forward(x, residual) -> (norm(x + residual), x + residual)``
     (``forward(x)`` alone is a plain RMS norm), as vLLM's and Liger's fused RMS norms.
@@ -218,6 +232,7 @@ class FusedAddRMSNorm(nn.Module):
                             weight_offset=self.weight_offset)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        _check_input(self, x, self.weight.shape, residual=residual)
         return fused_normalize(x, self._block, residual=residual, weight=self.weight)
 
     def extra_repr(self) -> str:
@@ -246,6 +261,7 @@ class FusedAddLayerNorm(nn.LayerNorm):
         self._block = Block(pattern, params, sizes=sizes, eps=float(self.eps), casting=self.casting)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        _check_input(self, x, self.normalized_shape, residual=residual)
         return fused_normalize(x, self._block, residual=residual, weight=self.weight, bias=self.bias)
 
 
@@ -278,6 +294,7 @@ class GatedRMSNorm(nn.Module):
                             gate_activation=gate_activation, norm_before_gate=norm_before_gate, casting=casting)
 
     def forward(self, x: Tensor, z: Optional[Tensor] = None) -> Tensor:
+        _check_input(self, x, (self.hidden_size,), z=z)
         return fused_normalize(x, self._block, gate=z, weight=self.weight)
 
     def extra_repr(self) -> str:
@@ -318,6 +335,11 @@ class AdaLayerNorm(nn.Module):
     def forward(self, x: Tensor, timestep=None, class_labels=None, hidden_dtype=None, emb: Optional[Tensor] = None):
         if emb is None:
             raise ValueError("AdaLayerNorm needs emb= (the conditioning embedding, shape (batch, embedding_dim))")
+        _check_input(self, x, (self.embedding_dim,))
+        if x.dim() != 3 or emb.dim() != 2 or emb.shape[0] != x.shape[0]:
+            raise RuntimeError(f"AdaLayerNorm takes x of shape (batch, tokens, {self.embedding_dim}) and emb of "
+                               f"shape (batch, {self.embedding_dim}); got x of size {list(x.shape)} and emb of "
+                               f"size {list(emb.shape)}")
         emb = self.linear(self.silu(emb))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
         y = fused_normalize(x, self._block, scale=scale_msa, shift=shift_msa)
