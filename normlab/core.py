@@ -99,7 +99,8 @@ def reject_masked(value, name: str, context: str) -> None:
 def prepare(x, pattern: str, weight, bias, params, sizes: dict) -> Prepared:
     """Check the arguments of :func:`normalize` and lay them out on the expanded view."""
     for value, name in ((x, "x"), (weight, "weight"), (bias, "bias")):
-        reject_masked(value, name, _describe(pattern, np.shape(x)))
+        if isinstance(value, np.ma.MaskedArray):  # the message is built only when needed
+            reject_masked(value, name, _describe(pattern, np.shape(x)))
     x = np.asarray(x)
     dtype = result_dtype(x, pattern)
     if (weight is not None or bias is not None) and params is None:
@@ -439,7 +440,8 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
                                         gate_activation=gate_activation, norm_before_gate=norm_before_gate,
                                         weight_offset=weight_offset, scale=scale, shift=shift,
                                         modulation=modulation, bias=bias, grad_sum=grad_sum, **sizes)
-    reject_masked(grad_y, "grad_y", _describe(pattern, np.shape(x)))
+    if isinstance(grad_y, np.ma.MaskedArray):
+        reject_masked(grad_y, "grad_y", _describe(pattern, np.shape(x)))
     prepared = prepare(x, pattern, weight, None, params, sizes)
     plan = prepared.plan
     eps = _check_eps(eps, plan)
