@@ -230,7 +230,7 @@ def measure(case: ModelCase, rounds: int, compile: bool) -> Result:
         seconds = _interleaved({"torch": make(reference), "normlab": make(twin)}, rounds, 2 if train else 3)
         ratios[column] = seconds["torch"] / seconds["normlab"]
         if compile:
-            compiled_column = f"compiled {'train' if train else column.replace('eval ', 'eval b')}"
+            compiled_column = f"compiled {'train' if train else column}"
             try:
                 calls = {"torch": make(torch.compile(reference)), "normlab": make(torch.compile(twin))}
                 seconds = _interleaved(calls, rounds, 2 if train else 3)
