@@ -131,3 +131,76 @@ def test_merge_of_count_weighted_moments_is_exact_for_unequal_counts():
     torch.testing.assert_close(total, torch.full((3,), 11.0, dtype=torch.float64))
     torch.testing.assert_close(mean, data.mean(0))
     torch.testing.assert_close(m2 / 11, data.var(0, correction=0))
+
+
+def _masked_composite(x, mask, weight, bias, eps):
+    """Masked batch norm in torch operations (autograd gives its gradients): statistics of
+    the counted elements over the whole batch, every element normalized."""
+    m = mask.expand(x.shape).to(x.dtype)
+    dims = [0, 2, 3]
+    n = m.sum(dims, keepdim=True)
+    mean = (m * x).sum(dims, keepdim=True) / n
+    var = (m * (x - mean) ** 2).sum(dims, keepdim=True) / n
+    return (x - mean) * torch.rsqrt(var + eps) * weight.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+
+
+def _masked_batch(dtype):
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(sum(BATCH_PER_RANK), CHANNELS, 3, 3, generator=generator, dtype=dtype) * 2 + 5
+    grad_y = torch.randn(x.shape, generator=generator, dtype=dtype)
+    # whole positions masked (broadcast over the channels); rank 0 counts few of its own
+    mask = torch.rand(sum(BATCH_PER_RANK), 1, 3, 3, generator=generator) < 0.6
+    mask[: BATCH_PER_RANK[0]] &= torch.rand(BATCH_PER_RANK[0], 1, 3, 3, generator=generator) < 0.3
+    return x, grad_y, mask
+
+
+def _compare_masked_with_single_process(rank: int, port: int):
+    dtype = torch.float64
+    tolerance = dict(atol=1e-10, rtol=1e-9)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        torch.manual_seed(0)
+        sync = nt.SyncBatchNorm(CHANNELS, momentum=0.3).to(dtype)
+        with torch.no_grad():
+            sync.weight.normal_()
+            sync.bias.normal_()
+        x, grad_y, mask = _masked_batch(dtype)
+        start = sum(BATCH_PER_RANK[:rank])
+        mine = slice(start, start + BATCH_PER_RANK[rank])
+        x_local = x[mine].clone().requires_grad_()
+        y_local = sync(x_local, mask=mask[mine])
+        (y_local * grad_y[mine]).sum().backward()
+
+        # the counted positions of the whole batch, as rows: torch's batch norm on them alone
+        counted = mask.expand(x.shape).permute(1, 0, 2, 3).reshape(CHANNELS, -1)
+        rows = x.permute(1, 0, 2, 3).reshape(CHANNELS, -1)[counted].reshape(CHANNELS, -1).T
+        running_mean, running_var = torch.zeros(CHANNELS, dtype=dtype), torch.ones(CHANNELS, dtype=dtype)
+        expected_rows = torch.nn.functional.batch_norm(rows, running_mean, running_var, sync.weight.detach(),
+                                                       sync.bias.detach(), training=True, momentum=0.3, eps=sync.eps)
+        local_counted = mask[mine].expand(x_local.shape).permute(1, 0, 2, 3).reshape(CHANNELS, -1)
+        mine_rows = y_local.detach().permute(1, 0, 2, 3).reshape(CHANNELS, -1)[local_counted].reshape(CHANNELS, -1).T
+        offset = int(mask[:start].sum())
+        torch.testing.assert_close(mine_rows, expected_rows[offset:offset + mine_rows.shape[0]], **tolerance)
+        torch.testing.assert_close(sync.running_mean, running_mean, **tolerance)
+        torch.testing.assert_close(sync.running_var, running_var, **tolerance)
+
+        # every element (excluded ones too) and the input gradient: the torch composite
+        x_ref = x.clone().requires_grad_()
+        expected = _masked_composite(x_ref, mask, sync.weight.detach(), sync.bias.detach(), sync.eps)
+        (expected * grad_y).sum().backward()
+        torch.testing.assert_close(y_local, expected[mine], **tolerance)
+        torch.testing.assert_close(x_local.grad, x_ref.grad[mine], **tolerance)
+
+        # a channel with nothing counted on any rank: exactly bias, running statistics kept
+        channel_mask = mask[mine].expand(x_local.shape).clone()
+        channel_mask[:, 1] = False
+        before = sync.running_mean[1].clone(), sync.running_var[1].clone()
+        y = sync(x[mine], mask=channel_mask)
+        assert torch.equal(y[:, 1], sync.bias.detach()[1].expand_as(y[:, 1]))
+        assert torch.equal(sync.running_mean[1], before[0]) and torch.equal(sync.running_var[1], before[1])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_masked_sync_batch_norm_over_two_gloo_processes_equals_batch_norm_on_the_counted_elements():
+    mp.spawn(_compare_masked_with_single_process, args=(_free_port(),), nprocs=WORLD_SIZE, join=True)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.torch.compute import _average_factor, _batch_norm_forward, _channel_shape, _check_batch, _update_running
+from normlab.torch.masked_modules import _check_mask, masked_forward
 from normlab.torch.modules import _BatchNormForward
 from normlab.torch.paths import _LOW_PRECISION, _choose_path
 
@@ -86,6 +87,77 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_x.to(x.dtype), grad_w, grad_b, None, None, None, None
 
 
+class _MaskedSyncBatchNormFunction(torch.autograd.Function):
+    """Batch norm with a mask, statistics and gradient sums over every rank of ``group``:
+    each rank's per-channel ``(count, mean, M2)`` come from its counted elements, merged
+    count-weighted; every element is normalized (:mod:`normlab.masked`'s semantics), and a
+    channel with nothing counted on any rank gives exactly ``bias``."""
+
+    @staticmethod
+    def forward(ctx, x, mask, weight, bias, module, factor, group, world_size):
+        dims = [0] + list(range(2, x.dim()))
+        compute = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+        xc = x.to(compute)
+        m = mask.expand(x.shape).to(torch.float64)
+        x64 = x.to(torch.float64)
+        count = m.sum(dims)
+        mean = (m * x64).sum(dims) / count.clamp_min(1)
+        shape = _channel_shape(x)
+        m2 = (m * (x64 - mean.reshape(shape)).square()).sum(dims)
+        local = torch.stack([count, mean, m2])
+        gathered = [torch.empty_like(local) for _ in range(world_size)]
+        torch.distributed.all_gather(gathered, local, group=group)
+        stacked = torch.stack(gathered)  # (ranks, 3, channels)
+        total, mean, m2 = _merge_moments(stacked[:, 0], stacked[:, 1], stacked[:, 2])
+        if module.training and bool((total == 1).any()):
+            raise ValueError(f"SyncBatchNorm: expected more than 1 counted value per channel when training, got "
+                             f"input size {tuple(x.shape)} with 1 counted in a channel over all ranks; count more "
+                             "elements in the mask or call .eval()")
+        counted = total > 0
+        var = m2 / total.clamp_min(1)
+        if module.training and module.track_running_stats and module.running_mean is not None:
+            with torch.no_grad():  # a channel with nothing counted keeps its running statistics
+                unbiased = var * total / (total - 1).clamp_min(1)
+                keep = 1 - factor * counted.to(torch.float64)
+                step = factor * counted.to(torch.float64)
+                running_mean, running_var = module.running_mean, module.running_var
+                running_mean.copy_(running_mean * keep.to(running_mean.dtype) + (step * mean).to(running_mean.dtype))
+                running_var.copy_(running_var * keep.to(running_var.dtype) + (step * unbiased).to(running_var.dtype))
+        # nothing counted: mean = rstd = 0, so x̂ = 0 and y = bias exactly
+        rstd = torch.where(counted, torch.rsqrt(var + module.eps), 0)
+        mean = torch.where(counted, mean, 0)
+        mean_c, rstd_c = mean.to(compute).reshape(shape), rstd.to(compute).reshape(shape)
+        y = (xc - mean_c) * rstd_c
+        if weight is not None:
+            y = y * weight.to(compute).reshape(shape)
+        if bias is not None:
+            y = y + bias.to(compute).reshape(shape)
+        ctx.save_for_backward(x, mask, weight, mean_c, rstd_c, total.to(compute))
+        ctx.group, ctx.has_bias = group, bias is not None
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, mask, weight, mean, rstd, total = ctx.saved_tensors
+        shape = _channel_shape(x)
+        dims = [0] + list(range(2, x.dim()))
+        g = grad_y.to(mean.dtype)
+        x_hat = (x.to(mean.dtype) - mean) * rstd
+        # the sums run over every element (a masked-out output depends on the counted inputs)
+        sum_dy = g.sum(dims)
+        sum_dy_xhat = (g * x_hat).sum(dims)
+        packed = torch.cat([sum_dy, sum_dy_xhat])
+        torch.distributed.all_reduce(packed, group=ctx.group)
+        total_dy, total_dy_xhat = packed.chunk(2)
+        n = total.clamp_min(1).reshape(shape)
+        m = mask.expand(x.shape).to(mean.dtype)
+        scale = rstd if weight is None else rstd * weight.to(mean.dtype).reshape(shape)
+        grad_x = scale * (g - m * (total_dy.reshape(shape) + x_hat * total_dy_xhat.reshape(shape)) / n)
+        grad_w = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
+        grad_b = sum_dy.to(weight.dtype if weight is not None else x.dtype) if ctx.has_bias else None
+        return grad_x.to(x.dtype), None, grad_w, grad_b, None, None, None, None
+
+
 class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
     """``torch.nn.SyncBatchNorm`` on any ``torch.distributed`` backend: gloo on CPU
     (torch's own is CUDA-only) and NCCL on GPU.
@@ -130,10 +202,21 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         group = self.process_group or torch.distributed.group.WORLD
         return torch.distributed.get_world_size(group)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """``mask`` (bool, broadcasts to the input): the elements that count toward the
+        statistics, on this rank; the counts merge over the ranks. Every element is
+        normalized; a channel with nothing counted on any rank gives exactly ``bias``."""
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         world_size = self._world_size() if self.training else 1
+        if mask is not None:
+            if world_size == 1:
+                return masked_forward(self, input, mask)
+            _check_mask(self, input, mask)
+            factor = _average_factor(self)
+            group = self.process_group or torch.distributed.group.WORLD
+            return _MaskedSyncBatchNormFunction.apply(input, mask, self.weight, self.bias, self, factor, group,
+                                                      world_size)
         if world_size == 1:
             path = _choose_path(input, has_native=True)
             if path == "native":  # torch's SyncBatchNorm is batch norm with one rank
