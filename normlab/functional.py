@@ -24,6 +24,7 @@ import numpy as np
 
 from normlab import core
 from normlab.errors import InputError, ShapeError
+from normlab.masked import MaskedStats
 from normlab.reference import Stats
 
 __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]
@@ -128,8 +129,13 @@ def _normalize_with_stats(x, pattern: str, *, eps: float, weight=None, bias=None
     with np.errstate(divide="ignore", invalid="ignore"):
         _, stats = core.normalize_with_stats(x, pattern, eps=0.0, rms=rms, **sizes)
         rstd = 1.0 / np.sqrt(stats.var + eps)
+        count = getattr(stats, "count", None)
+        if count is not None:  # masked: a group with nothing counted keeps rstd 0 (exactly bias)
+            rstd = np.where(count > 0, rstd, 0.0)
         y = core.normalize(x, pattern, weight=weight, bias=bias, params=params, eps=0.0, rms=rms,
                            mean=stats.mean, rstd=rstd, **sizes)
+    if count is not None:  # the counts travel on: running statistics need them
+        return y, MaskedStats(stats.mean, stats.var, rstd, count)
     return y, Stats(stats.mean, stats.var, rstd)
 
 
