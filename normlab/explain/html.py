@@ -162,6 +162,7 @@ def page_data(views: list[NormView], selected: str) -> dict:
             "mean": None if view.mean is None else [_finite(m) for m in view.mean],
             "std": [_finite(s) for s in view.std],
             "output": [_finite(v) for v in view.y.ravel()],
+            "counted": None if view.counted is None else view.counted.ravel().tolist(),
             "outputText": [format_output(v) for v in view.y.ravel()],
             "observations": [{"text": o.text, "holds": o.holds, "indices": list(o.indices)} for o in observations(view)],
         })
@@ -275,6 +276,7 @@ PAGE_TEMPLATE = r"""<!doctype html>
                text-anchor:middle; pointer-events:none; }
   .cell { cursor:pointer; outline:none; }
   #tensor.showing-output .cell text { font-size: 12px; }
+  .cell.excluded text { fill:#8a90a0; font-style:italic; }
   #cells.focus .cell.dim polygon { opacity:.16; }
   #cells.focus .cell.dim text { opacity:.35; }
   .cell.hl polygon { stroke:#1d2230; stroke-width:2.2; }
@@ -364,7 +366,9 @@ PAGE_TEMPLATE = r"""<!doctype html>
       const i = +cell.dataset.index;
       const g = norm.groups[i];
       cell.dataset.group = g;
-      cell.querySelector("polygon").style.fill = color(g);
+      const excluded = norm.counted !== null && !norm.counted[i];  // masked out: greyed
+      cell.classList.toggle("excluded", excluded);
+      cell.querySelector("polygon").style.fill = excluded ? "#d5d8de" : color(g);
       cell.querySelector("text").textContent = showing === "input" ? data.valueText[i] : norm.outputText[i];
     });
     svg.classList.toggle("showing-output", showing === "output");

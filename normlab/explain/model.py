@@ -92,6 +92,7 @@ class NormView:
     groups: np.ndarray  # int group id per element, the input's shape (plan.group_ids())
     mean: np.ndarray | None  # float64 per group, flat (None for RMS)
     std: np.ndarray  # float64 per group, flat: sqrt(var), for RMS the root mean square
+    counted: np.ndarray | None = None  # bool, the input's shape: the elements the statistics count (None: all)
 
     @property
     def num_groups(self) -> int:
@@ -100,6 +101,11 @@ class NormView:
     def members(self, group: int) -> np.ndarray:
         """Flat (C-order) indices of the elements of ``group``, in order."""
         return np.flatnonzero(self.groups.ravel() == group)
+
+    def counted_members(self, group: int) -> np.ndarray:
+        """The members that count toward the statistics (all of them without a mask)."""
+        members = self.members(group)
+        return members if self.counted is None else members[self.counted.ravel()[members]]
 
     def describe_group(self, group: int) -> str:
         """Name a group by the kept axes that identify it, e.g. ``'sample 1, channel 0'``."""
@@ -160,19 +166,27 @@ def as_input(x) -> np.ndarray:
     return x
 
 
-def explain_array(x, name_or_pattern: str, sizes: dict | None = None, rms: bool = False) -> NormView:
-    """Normalize ``x`` with a preset or pattern (``rms=True``: without the mean) and collect
-    what the views draw."""
+def explain_array(x, name_or_pattern: str, sizes: dict | None = None, rms: bool = False, mask=None) -> NormView:
+    """Normalize ``x`` with a preset or pattern (``rms=True``: without the mean; ``mask``:
+    only the True elements count toward the statistics) and collect what the views draw."""
     x = as_input(x)
+    counted = None
+    if mask is not None:
+        try:
+            counted = np.broadcast_to(np.asarray(mask, dtype=bool), x.shape).copy()
+        except ValueError:
+            raise ShapeError(f"--mask of shape {np.shape(mask)} does not broadcast to the data's shape {x.shape}; "
+                             "give it the data's shape or size-1 axes") from None
     key, label, pattern, preset_rms, sizes = resolve(name_or_pattern, x.shape, sizes)
     if rms and not preset_rms:
         key, label = "custom", f"{label}, RMS" if key != "custom" else "your pattern, RMS"
     rms = rms or preset_rms
     plan = make_plan(pattern, x.shape, **sizes)
-    y, stats = normalize_with_stats(x, pattern, rms=rms, eps=EPS, **sizes)
+    extra = {} if counted is None else {"mask": counted}
+    y, stats = normalize_with_stats(x, pattern, rms=rms, eps=EPS, **extra, **sizes)
     mean = None if stats.mean is None else stats.mean.ravel()
     return NormView(key, label, pattern, rms, sizes, plan, x, y, plan.group_ids(), mean,
-                    np.sqrt(stats.var).ravel())
+                    np.sqrt(stats.var).ravel(), counted)
 
 
 def all_views(x, chosen: NormView | None = None) -> list[NormView]:
@@ -184,7 +198,7 @@ def all_views(x, chosen: NormView | None = None) -> list[NormView]:
         if chosen is not None and chosen.key == key:
             views.append(chosen)
         else:
-            views.append(explain_array(x, key))
+            views.append(explain_array(x, key, mask=None if chosen is None else chosen.counted))
     return views
 
 
@@ -240,13 +254,13 @@ def observations(view: NormView) -> list[Observation]:
     For each group: all values equal → all outputs exactly 0; a value equal to the
     group's mean → exactly 0; equal values → bit-identical outputs; two values mirrored
     around the mean → outputs that are exact opposites (the hand-worked x1 and -x1). RMS norm has no mean, so
-    only the equal-values claim applies to it.
+    only the equal-values claim applies to it. With a mask, only the counted elements.
     """
     x = view.x.ravel()
     y = view.y.ravel()
     found: list[Observation] = []
     for group in range(view.num_groups):
-        members = view.members(group)
+        members = view.counted_members(group)
         values, outputs = x[members], y[members]
         where = view.describe_group(group)
         if len(members) < 2 or not np.all(np.isfinite(values)):
@@ -329,6 +343,24 @@ def parse_data(text: str) -> np.ndarray:
         raise NormlabError("--data must be nested lists of numbers of equal lengths (a rectangular tensor), "
                            "such as '[[4, 3, 2], [3, 3, 2]]'") from None
     return as_input(array).astype(np.float32)
+
+
+def parse_mask(text: str) -> np.ndarray:
+    """``--mask``: nested JSON lists of 0/1 or true/false (shaped like the data, or broadcastable).
+
+    >>> parse_mask("[[1, 0, true]]").tolist()
+    [[True, False, True]]
+    """
+    import json
+
+    try:
+        data = json.loads(text)
+        array = np.array(data)
+    except (json.JSONDecodeError, ValueError):
+        raise NormlabError("--mask must be nested JSON lists of 0/1 or true/false, such as '[[1, 1, 0], [1, 0, 0]]'") from None
+    if array.dtype != bool and not (array.dtype.kind in "iu" and np.isin(array, (0, 1)).all()):
+        raise NormlabError("--mask must be nested lists of 0/1 or true/false, such as '[[1, 1, 0], [1, 0, 0]]'")
+    return array.astype(bool)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

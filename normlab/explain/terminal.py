@@ -96,9 +96,16 @@ def _column(view: NormView, texts: list[str]):
     """One laid-out tensor whose element ``i`` reads ``texts[i]``, coloured by its group."""
     from rich.text import Text
 
+    counted = None if view.counted is None else view.counted.ravel()
+    if counted is not None:  # excluded elements: in parentheses (plain text) and dimmed
+        texts = [t if counted[i] else f"({t})" for i, t in enumerate(texts)]
     width = max(len(t) for t in texts)
     groups = view.groups.ravel()
-    lines = tensor_lines(view.x.shape, lambda i: Text(texts[i].rjust(width), style=group_style(groups[i])))
+
+    def style(i):
+        return "dim" if counted is not None and not counted[i] else group_style(groups[i])
+
+    lines = tensor_lines(view.x.shape, lambda i: Text(texts[i].rjust(width), style=style(i)))
     return Text("\n").join(lines)
 
 
@@ -126,6 +133,9 @@ def render_view(console, view: NormView, legend: bool = True, limit: int | None 
         _column(view, [format_output(v) for v in view.y.ravel()]),
     )
     console.print(side)
+    if view.counted is not None:
+        console.print(f"[dim](…) = masked out: normalized, but not counted in the statistics "
+                      f"({int(view.counted.sum())} of {view.counted.size} counted)[/]")
     if legend:
         console.print(legend_table(view))
     if show_observations:
@@ -147,7 +157,7 @@ def legend_table(view: NormView):
     x = view.x.ravel()
     shown_groups = min(view.num_groups, 24)  # a legend longer than a screen helps nobody
     for group in range(shown_groups):
-        members = view.members(group)
+        members = view.counted_members(group)
         values = [format_value(v) for v in x[members[:12]]]
         if len(members) > 12:
             values.append(f"… {len(members) - 12} more")

@@ -1,0 +1,80 @@
+"""``normlab explain --mask``: excluded elements drawn apart (terminal and page), and the
+observations made on the counted elements only, checked against a float64 definition."""
+
+import json
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from normlab.cli import main
+from normlab.explain.html import page_data
+from normlab.explain.model import EPS, all_views, explain_array, observations
+
+DATA = [[4, 3, 2], [3, 3, 2], [2, 2, 2], [9, 7, 5]]
+MASK = [[1], [1], [1], [0]]  # the last sample is padding
+
+
+@pytest.fixture
+def explain(capsys):
+    def run(*args):
+        code = main(["explain", *args, "--no-color"])
+        captured = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+
+    return run
+
+
+def test_terminal_shows_the_masked_out_elements_in_parentheses_and_only_those(explain):
+    result = explain("batch", "--data", json.dumps(DATA), "--mask", json.dumps(MASK))
+    assert result.returncode == 0, result.stderr
+    input_column = result.stdout.split("(…) = masked out")[0]
+    assert re.search(r"\(9\),\s+\(7\),\s+\(5\)", input_column)
+    assert not re.search(r"\(4\)|\(3\)|\(2\)", input_column)
+    assert "9 of 12 counted" in result.stdout
+
+
+def test_a_mask_that_does_not_broadcast_to_the_data_is_refused_with_both_shapes(explain):
+    result = explain("batch", "--data", json.dumps(DATA), "--mask", "[[1, 0]]")
+    assert result.returncode == 2
+    assert "(1, 2)" in result.stderr and "(4, 3)" in result.stderr
+
+
+def test_page_data_marks_the_masked_out_elements_for_every_norm():
+    x = np.array(DATA, dtype=np.float32)
+    mask = np.broadcast_to(np.array(MASK, dtype=bool), x.shape)
+    view = explain_array(x, "batch", mask=mask)
+    data = page_data(all_views(x, view), view.key)
+    assert len(data["norms"]) > 1
+    for norm in data["norms"]:
+        assert norm["counted"] == mask.ravel().tolist()
+
+
+@pytest.mark.parametrize("preset", ["batch", "layer"])
+def test_statistics_and_outputs_come_from_the_counted_elements_as_the_float64_definition_says(preset):
+    rng = np.random.default_rng(3)
+    x = rng.integers(-5, 6, size=(4, 5)).astype(np.float32)
+    mask = rng.random((4, 5)) < 0.7
+    mask[:, :2] = mask[:2, :] = True  # every row and column counts at least two
+    view = explain_array(x, preset, mask=mask)
+    axis = 0 if preset == "batch" else 1
+    x64, m = x.astype(np.float64), mask.astype(np.float64)
+    n = m.sum(axis, keepdims=True)
+    mean = (m * x64).sum(axis, keepdims=True) / n
+    var = (m * (x64 - mean) ** 2).sum(axis, keepdims=True) / n
+    np.testing.assert_allclose(view.mean, mean.ravel(), rtol=1e-12)
+    np.testing.assert_allclose(view.std, np.sqrt(var).ravel(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(view.y, (x64 - mean) / np.sqrt(var + EPS), rtol=1e-5, atol=1e-5)
+    for found in observations(view):  # every claim is about counted elements only, and holds
+        assert all(mask.ravel()[i] for i in found.indices), found.text
+        assert found.holds, found.text
+
+
+def test_counted_values_all_equal_become_exactly_zero_although_the_padding_differs(explain):
+    result = explain("batch", "--data", "[[2, 1], [2, 3], [2, 5], [8, 9]]", "--mask", "[[1, 1], [1, 1], [1, 1], [0, 1]]")
+    assert result.returncode == 0, result.stderr
+    assert "✓ feature 0: [2, 2, 2], all values are equal, so they all become 0" in result.stdout
+    x = np.array([[2, 1], [2, 3], [2, 5], [8, 9]], dtype=np.float32)
+    view = explain_array(x, "batch", mask=np.array([[1, 1], [1, 1], [1, 1], [0, 1]], dtype=bool))
+    assert np.all(view.y[:3, 0] == 0)
