@@ -78,3 +78,28 @@ def test_counted_values_all_equal_become_exactly_zero_although_the_padding_diffe
     x = np.array([[2, 1], [2, 3], [2, 5], [8, 9]], dtype=np.float32)
     view = explain_array(x, "batch", mask=np.array([[1, 1], [1, 1], [1, 1], [0, 1]], dtype=bool))
     assert np.all(view.y[:3, 0] == 0)
+
+
+def test_segments_split_each_group_by_id_as_the_float64_definition_says(explain):
+    x = np.array([[4, 3, 2], [3, 3, 2], [2, 2, 2], [9, 7, 5]], dtype=np.float32)
+    ids = np.array([0, 0, 1, 1])
+    view = explain_array(x, "batch", segments=ids)
+    # each (feature, segment) its own group: rows 0-1 and rows 2-3 apart
+    assert len(np.unique(view.groups)) == 6 and view.groups[0, 0] == view.groups[1, 0] != view.groups[2, 0]
+    x64 = x.astype(np.float64)
+    for rows in (slice(0, 2), slice(2, 4)):
+        part = x64[rows]
+        expected = (part - part.mean(0)) / np.sqrt(part.var(0) + EPS)
+        np.testing.assert_allclose(view.y[rows], expected, rtol=1e-5, atol=1e-5)
+    result = explain("batch", "--data", json.dumps(x.astype(int).tolist()), "--segments", "[0, 0, 1, 1]")
+    assert result.returncode == 0, result.stderr
+    assert "6 groups (split by the segment ids)" in result.stdout
+    assert "✓ feature 1, segment 0: [3, 3], all values are equal, so they all become 0" in result.stdout
+    norm = next(n for n in page_data(all_views(x, view), view.key)["norms"] if n["key"] == view.key)
+    assert norm["groups"] == view.groups.ravel().tolist() and norm["segmented"]
+
+
+def test_segment_ids_of_the_wrong_length_are_refused_with_the_pattern_and_shape(explain):
+    result = explain("batch", "--data", json.dumps(DATA), "--segments", "[0, 1]")
+    assert result.returncode == 2
+    assert "(4, 3)" in result.stderr

@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="JSON", help="the tensor as nested JSON lists, e.g. '[[4,3,2],[3,3,2]]'")
     parser.add_argument("--mask", metavar="JSON", help="0/1 lists shaped like the data: only the 1s count toward "
                         "the statistics (the 0s are still normalized, drawn greyed)")
+    parser.add_argument("--segments", metavar="JSON", help="ids along the first bracketed axis, e.g. '[0,0,1]': "
+                        "each id its own group (coloured apart)")
     parser.add_argument("--shape", metavar="2,3,4", help="draw random small integers of this shape instead")
     parser.add_argument("--seed", metavar="N", default="0", help="seed for --shape (default 0)")
     parser.add_argument("--rms", action="store_true", help="divide by the root mean square, no mean (RMS norm)")
@@ -109,13 +111,14 @@ def _explain(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from normlab.explain.html import write_page
-    from normlab.explain.model import all_views, explain_array, parse_mask, parse_sizes
+    from normlab.explain.model import all_views, explain_array, parse_mask, parse_segments, parse_sizes
     from normlab.explain.terminal import make_console, render_view
 
     sizes = parse_sizes(args.sizes)
     x, origin = load_input(args)
     mask = None if args.mask is None else parse_mask(args.mask)
-    view = explain_array(x, args.pattern, sizes, rms=args.rms, mask=mask)
+    segments = None if args.segments is None else parse_segments(args.segments)
+    view = explain_array(x, args.pattern, sizes, rms=args.rms, mask=mask, segments=segments)
     block = _fused_stages(args, view, x.shape, sizes)
     page = None
     if args.html:  # written first, so that a bad path fails before anything is printed

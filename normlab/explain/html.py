@@ -163,6 +163,7 @@ def page_data(views: list[NormView], selected: str) -> dict:
             "std": [_finite(s) for s in view.std],
             "output": [_finite(v) for v in view.y.ravel()],
             "counted": None if view.counted is None else view.counted.ravel().tolist(),
+            "segmented": view.segment_axis is not None,
             "outputText": [format_output(v) for v in view.y.ravel()],
             "observations": [{"text": o.text, "holds": o.holds, "indices": list(o.indices)} for o in observations(view)],
         })
@@ -377,8 +378,8 @@ PAGE_TEMPLATE = r"""<!doctype html>
     document.querySelectorAll("button.norm").forEach(b => b.setAttribute("aria-pressed", String(b.dataset.norm === norm.key)));
     const count = norm.groupNames.length;
     const size = norm.groups.length / count;
-    document.getElementById("summary").textContent =
-      count + (count === 1 ? " group" : " groups") + " of " + size + " elements · " + norm.label;
+    document.getElementById("summary").textContent = count + (count === 1 ? " group" : " groups") +
+      (norm.segmented ? " (split by the segment ids)" : " of " + size + " elements") + " · " + norm.label;
     document.getElementById("pattern-explain").innerHTML =
       "<code>" + esc(norm.pattern) + Object.entries(norm.sizes).map(([k, v]) => "  " + k + "=" + v).join("") + "</code>: elements that differ only along the axes in <code>[ ]</code> share one " +
       (norm.rms ? "root mean square (RMS norm has no mean)." : "mean and one std.");

@@ -93,10 +93,12 @@ class NormView:
     mean: np.ndarray | None  # float64 per group, flat (None for RMS)
     std: np.ndarray  # float64 per group, flat: sqrt(var), for RMS the root mean square
     counted: np.ndarray | None = None  # bool, the input's shape: the elements the statistics count (None: all)
+    stats_shape: tuple | None = None  # with segments: the plan's, the segment axis of length num_segments
+    segment_axis: int | None = None  # with segments: the expanded axis the ids run along
 
     @property
     def num_groups(self) -> int:
-        return self.plan.num_groups
+        return self.plan.num_groups if self.stats_shape is None else math.prod(self.stats_shape)
 
     def members(self, group: int) -> np.ndarray:
         """Flat (C-order) indices of the elements of ``group``, in order."""
@@ -110,13 +112,15 @@ class NormView:
     def describe_group(self, group: int) -> str:
         """Name a group by the kept axes that identify it, e.g. ``'sample 1, channel 0'``."""
         kept = self.plan.kept_axes
-        if not kept:
+        if not kept and self.segment_axis is None:
             return "all elements"
-        coords = np.unravel_index(group, self.plan.stats_shape)
+        coords = np.unravel_index(group, self.plan.stats_shape if self.stats_shape is None else self.stats_shape)
         words = []
         for axis in kept:
             name = self.plan.axis_names[axis]
             words.append(f"{AXIS_WORDS.get(name, name)} {coords[axis]}")
+        if self.segment_axis is not None:
+            words.append(f"segment {coords[self.segment_axis]}")
         return ", ".join(words)
 
 
@@ -166,9 +170,11 @@ def as_input(x) -> np.ndarray:
     return x
 
 
-def explain_array(x, name_or_pattern: str, sizes: dict | None = None, rms: bool = False, mask=None) -> NormView:
+def explain_array(x, name_or_pattern: str, sizes: dict | None = None, rms: bool = False, mask=None,
+                  segments=None) -> NormView:
     """Normalize ``x`` with a preset or pattern (``rms=True``: without the mean; ``mask``:
-    only the True elements count toward the statistics) and collect what the views draw."""
+    only the True elements count toward the statistics; ``segments``: ids along the first
+    bracketed axis, each id its own group) and collect what the views draw."""
     x = as_input(x)
     counted = None
     if mask is not None:
@@ -183,10 +189,18 @@ def explain_array(x, name_or_pattern: str, sizes: dict | None = None, rms: bool 
     rms = rms or preset_rms
     plan = make_plan(pattern, x.shape, **sizes)
     extra = {} if counted is None else {"mask": counted}
+    groups, stats_shape, segment_axis = plan.group_ids(), None, None
+    if segments is not None:
+        from normlab.masked import make_grouping
+
+        grouping = make_grouping(plan, segment_ids=np.asarray(segments))  # checks the ids, or says why not
+        extra["segment_ids"] = grouping.segment_ids
+        groups = grouping.group_index().reshape(x.shape)
+        stats_shape, segment_axis = grouping.stats_shape, grouping.segment_axis
     y, stats = normalize_with_stats(x, pattern, rms=rms, eps=EPS, **extra, **sizes)
     mean = None if stats.mean is None else stats.mean.ravel()
-    return NormView(key, label, pattern, rms, sizes, plan, x, y, plan.group_ids(), mean,
-                    np.sqrt(stats.var).ravel(), counted)
+    return NormView(key, label, pattern, rms, sizes, plan, x, y, groups, mean,
+                    np.sqrt(stats.var).ravel(), counted, stats_shape, segment_axis)
 
 
 def all_views(x, chosen: NormView | None = None) -> list[NormView]:
@@ -361,6 +375,24 @@ def parse_mask(text: str) -> np.ndarray:
     if array.dtype != bool and not (array.dtype.kind in "iu" and np.isin(array, (0, 1)).all()):
         raise NormlabError("--mask must be nested lists of 0/1 or true/false, such as '[[1, 1, 0], [1, 0, 0]]'")
     return array.astype(bool)
+
+
+def parse_segments(text: str) -> np.ndarray:
+    """``--segments``: a JSON list of non-negative integer ids, one per position of the first bracketed axis.
+
+    >>> parse_segments("[0, 0, 1]").tolist()
+    [0, 0, 1]
+    """
+    import json
+
+    try:
+        array = np.array(json.loads(text))
+    except (json.JSONDecodeError, ValueError):
+        array = None
+    if array is None or array.ndim != 1 or array.dtype.kind not in "iu" or (array < 0).any():
+        raise NormlabError("--segments must be a JSON list of non-negative integer ids, one per position of the "
+                           "first bracketed axis, such as '[0, 0, 1, 1]'")
+    return array.astype(np.int64)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

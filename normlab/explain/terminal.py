@@ -120,7 +120,8 @@ def render_view(console, view: NormView, legend: bool = True, limit: int | None 
     size = view.plan.group_size
     sizes = "".join(f" {name}={size}" for name, size in view.sizes.items())
     console.print(f"[bold green]{escape(view.label)}[/]  [yellow]{escape(view.pattern)}{sizes}[/]"
-                  + f"  · {n} group{'s' * (n != 1)} of {size}"
+                  + (f"  · {n} group{'s' * (n != 1)} of {size}" if view.segment_axis is None
+                     else f"  · {n} groups (split by the segment ids)")
                   + (f" · [dim]{escape(meaning)}[/]" if meaning else f", each with its own {'rms' if view.rms else 'mean and std'}"))
     side = Table.grid(padding=(0, 3))
     side.add_column()
