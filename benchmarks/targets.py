@@ -40,7 +40,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=bench.positive_int, default=bench.DEFAULT_REPEATS)
     args = parser.parse_args()
-    bench.passive_openmp()
     wanted = {(name, mode) for name, mode, _, _ in TARGETS} | {COPY_SHARE_TARGET[:2]}
     cases = [c for c in bench.CASES if (c.name, c.mode) in wanted]
     rows = {(r.case.name, r.case.mode): r for r in bench.measure(cases, args.quick, args.repeats)}

@@ -4,7 +4,8 @@ One table of cases (:data:`CASES`) drives the command and the scripts in ``bench
 Every engine gets fresh output arrays on every call (``out=`` only where a case says so),
 and the median of ``--repeats`` timed calls, taken in rounds in which the engines take
 turns, each round after a warm-up call (the first compiles the kernels).
-``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` (see :func:`run`). "copy bw" is the case's
+It runs in the environment the user has: no thread or wait-policy variable is set for
+the measurement (normlab's own kernels use Numba's sleeping ``workqueue`` pool). "copy bw" is the case's
 essential traffic (read x, write y; forward+backward adds read x and grad_y, write
 grad_x) over the time, as a share of the bandwidth that
 ``np.copyto`` reaches on the same array. Heavy imports (torch, onnxruntime, rich,
@@ -416,17 +417,6 @@ def select(filters) -> tuple[BenchCase, ...]:
     return tuple(c for c in CASES if any(f.lower() in f"{c.name} {c.mode}".lower() for f in filters))
 
 
-def passive_openmp() -> None:
-    """Default ``OMP_WAIT_POLICY`` to ``PASSIVE`` before Numba or PyTorch start their pools.
-
-    Both live in one process here; the spinning workers of one steal the cores from the
-    other, which shows as 4-8 ms scheduler stalls in every parallel call.
-    """
-    import os
-
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def _print_fused(console, rows, repeats: int, as_markdown: bool) -> None:
     from rich.table import Table
 
@@ -461,7 +451,6 @@ def _print_masked(console, rows, repeats: int, as_markdown: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Measure, print the table (and save the plot)."""
-    passive_openmp()
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
