@@ -121,5 +121,32 @@ def test_a_mask_of_the_wrong_kind_fails_with_torch_exceptions():
         nt.BatchNorm1d(4)(x.float(), mask=mask.int())
     with pytest.raises(ValueError, match="does not broadcast"):
         nt.BatchNorm1d(4)(x.float(), mask=mask[:, :, :3])
+    one_counted = torch.zeros_like(mask)
+    one_counted[0, 0, 0] = True  # one value per channel: torch refuses it in training
     with pytest.raises(ValueError, match="more than 1 counted value"):
-        nt.BatchNorm1d(4)(x.float(), mask=torch.zeros_like(mask))
+        nt.BatchNorm1d(4)(x.float(), mask=one_counted)
+
+
+def test_masked_batch_norm_channel_counted_nowhere_gives_bias_and_keeps_its_running_stats():
+    x, mask, _ = _padded()
+    mask = mask.expand(-1, 4, -1).clone()
+    mask[:, 2, :] = False  # channel 2: nothing counted, as SyncBatchNorm allows on its ranks
+    ours, theirs = nt.BatchNorm1d(4).double(), torch.nn.BatchNorm1d(3).double()
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+        ours.running_mean.fill_(0.5)
+        ours.running_var.fill_(2.0)
+    kept = [0, 1, 3]
+    theirs.load_state_dict({k: v[kept] if v.dim() else v for k, v in ours.state_dict().items()})
+    y = ours(x, mask=mask)
+    assert torch.equal(y[:, 2, :], ours.bias[2].detach().expand(3, 9))  # exactly bias (Flax's empty group)
+    ref = theirs(_gathered(x[:, kept], mask[:, :1]))  # torch on the other channels' counted positions
+    torch.testing.assert_close(_gathered(y[:, kept], mask[:, :1]), ref)
+    assert ours.running_mean[2].item() == 0.5 and ours.running_var[2].item() == 2.0
+    torch.testing.assert_close(ours.running_mean[kept], theirs.running_mean)
+    torch.testing.assert_close(ours.running_var[kept], theirs.running_var)
+    single = mask.clone()
+    single[0, 2, 0] = True  # one counted value: torch's rule refuses it
+    with pytest.raises(ValueError, match="more than 1 counted value"):
+        ours(x, mask=single)

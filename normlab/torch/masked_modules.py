@@ -25,17 +25,23 @@ def _unbiased(rstd: Tensor, count: Tensor, eps: float) -> Tensor:
     return _variance(rstd, eps) * count / (count - 1).clamp_min(1)
 
 
-def _check_counts(module, x: Tensor, count: Tensor) -> None:
-    if count.numel() and int(count.min()) <= 1:
+def _check_counts(module, x: Tensor, count: Tensor, allow_empty: bool = False) -> None:
+    """torch's rule, counted: more than one value per channel when training. With
+    ``allow_empty`` (batch norm, as SyncBatchNorm) a channel with nothing counted is no
+    error: it gives exactly ``bias`` and keeps its running statistics."""
+    refused = count == 1 if allow_empty else count <= 1
+    if count.numel() and bool(refused.any()):
         raise ValueError(f"{type(module).__name__}: expected more than 1 counted value per channel when training, "
-                         f"got input size {tuple(x.shape)} with {int(count.min())} counted in a channel; "
+                         f"got input size {tuple(x.shape)} with {int(count[refused].min())} counted in a channel; "
                          "count more elements in the mask or call .eval()")
 
 
-def _update(module, mean: Tensor, var: Tensor, factor: float) -> None:
+def _update(module, mean: Tensor, var: Tensor, factor: float, counted: Optional[Tensor] = None) -> None:
+    """The momentum update; entries where ``counted`` is False keep their running statistics."""
     with torch.no_grad():
-        module.running_mean.mul_(1 - factor).add_(mean.to(module.running_mean.dtype), alpha=factor)
-        module.running_var.mul_(1 - factor).add_(var.to(module.running_var.dtype), alpha=factor)
+        for running, batch in ((module.running_mean, mean), (module.running_var, var)):
+            updated = running * (1 - factor) + batch.to(running.dtype) * factor
+            running.copy_(updated if counted is None else torch.where(counted, updated, running))
 
 
 def _check_mask(module, x: Tensor, mask: Tensor) -> Tensor:
@@ -89,9 +95,10 @@ def _batch_norm(module, x: Tensor, mask: Tensor) -> Tensor:
                                             params=None if module.weight is None else "c", eps=module.eps, mask=mask)
     channels = x.shape[1]
     if module.training:
-        _check_counts(module, x, count)
+        _check_counts(module, x, count, allow_empty=True)
         if module.track_running_stats and module.running_mean is not None:
-            _update(module, mean.reshape(channels), _unbiased(rstd, count, module.eps).reshape(channels), factor)
+            _update(module, mean.reshape(channels), _unbiased(rstd, count, module.eps).reshape(channels), factor,
+                    counted=count.reshape(channels) > 0)
     return y
 
 
