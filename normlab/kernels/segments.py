@@ -22,7 +22,11 @@ import numpy as np
 from numba import prange
 
 from normlab.kernels._jit import helper, kernel, reduction
+from normlab.kernels.sums import centered_square_sum as _centered_square_sum
 from normlab.kernels.sums import reciprocal_std
+from normlab.kernels.sums import shifted_sum as _shifted_sum
+from normlab.kernels.sums import square_sum as _square_sum
+
 
 @reduction
 def _masked_shifted_sum(values, counted, shift):
@@ -53,32 +57,6 @@ def _masked_square_sum(values, counted):
         total += v * v if counted[i] else 0.0
         count += 1 if counted[i] else 0
     return total, count
-
-
-@reduction
-def _shifted_sum(values, shift):
-    total = 0.0
-    for i in range(values.shape[0]):
-        total += values[i] - shift
-    return total
-
-
-@reduction
-def _centered_square_sum(values, shift, center):
-    total = 0.0
-    for i in range(values.shape[0]):
-        d = (values[i] - shift) - center
-        total += d * d
-    return total
-
-
-@reduction
-def _square_sum(values):
-    total = 0.0
-    for i in range(values.shape[0]):
-        v = np.float64(values[i])
-        total += v * v
-    return total
 
 
 @helper
