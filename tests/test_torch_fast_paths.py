@@ -38,7 +38,7 @@ def test_batch_norm_eval_under_no_grad_matches_torch(cls_name, shape, channels_l
     x = torch.randn(shape, dtype=dtype) * 2 + 1
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
+    with torch.no_grad(), nt.use_path("kernel"):  # "auto" hands inputs this small to torch's op
         expected, got = reference(x), twin(x)
     torch.testing.assert_close(got, expected)
     assert got.stride() == expected.stride()
@@ -47,7 +47,7 @@ def test_batch_norm_eval_under_no_grad_matches_torch(cls_name, shape, channels_l
 def test_changed_running_statistics_and_parameters_are_picked_up():
     reference, twin = _pair("BatchNorm2d", 5, torch.float32)
     x = torch.randn(2, 5, 4, 4)
-    with torch.no_grad():
+    with torch.no_grad(), nt.use_path("kernel"):
         twin(x)  # folds the state once
         for module in (reference, twin):
             module.running_mean.add_(0.5)
@@ -80,8 +80,25 @@ def test_batch_norm_eval_under_no_grad_runs_the_fused_kernel_not_torch_operation
 
     monkeypatch.setattr(compute, "_apply_stats", composite)
     x = torch.randn(2, 3, 5, 5)
-    with torch.inference_mode():
+    with torch.inference_mode(), nt.use_path("kernel"):
         torch.testing.assert_close(twin(x), reference(x))
+
+
+def test_batch_norm_eval_takes_torchs_op_below_the_crossover_and_the_fused_kernel_above(monkeypatch):
+    from normlab import kernels
+    from normlab.torch import compute
+
+    calls = []
+    original = kernels.scale_shift_view
+    monkeypatch.setattr(kernels, "scale_shift_view", lambda *a, **k: calls.append(a) or original(*a, **k))
+    reference, twin = _pair("BatchNorm2d", 8, torch.float32)
+    small = torch.randn(2, 8, 16, 16)
+    large = torch.randn(compute.EVAL_NATIVE_BELOW_BYTES // (4 * 8 * 64 * 64) + 1, 8, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(small), reference(small))
+        assert not calls
+        torch.testing.assert_close(twin(large), reference(large))
+        assert len(calls) == 1
 
 
 @pytest.mark.parametrize("cls_name, args, shape", [
