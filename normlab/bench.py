@@ -270,6 +270,23 @@ class Row:
 ROUNDS = 3  # engines take turns this many times per case
 
 
+def timed_rounds(calls: dict, repeats: int, announce=None) -> dict[str, list[float]]:
+    """``repeats`` timed calls of every engine in ``calls`` (None: left out), split into
+    up to :data:`ROUNDS` rounds in which the engines take turns, each after a warm-up call
+    (the first compiles). ``announce(engine)`` is called as each engine's last round starts."""
+    timed = {engine: [] for engine in calls}
+    rounds = min(ROUNDS, repeats)
+    for index in range(rounds):
+        count = repeats // rounds + (index < repeats % rounds)
+        for engine, call in calls.items():
+            if announce and index == rounds - 1:
+                announce(engine)
+            if call is not None:
+                call()
+                timed[engine].extend(seconds_of(call) for _ in range(count))
+    return timed
+
+
 def measure(cases, quick: bool, repeats: int, progress=None) -> list[Row]:
     """Time every engine on every case; ``progress(description)`` is called once per
     case and engine, as that engine's last round starts.
@@ -289,16 +306,8 @@ def measure(cases, quick: bool, repeats: int, progress=None) -> list[Row]:
         calls = {engine: build(case, data) for engine, build in ENGINES.items()}
         copy_target = np.empty_like(data.x)
         calls["copy"] = lambda: np.copyto(copy_target, data.x)
-        timed = {engine: [] for engine in calls}
-        rounds = min(ROUNDS, repeats)
-        for index in range(rounds):
-            count = repeats // rounds + (index < repeats % rounds)
-            for engine, call in calls.items():
-                if progress and engine in ENGINES and index == rounds - 1:
-                    progress(f"{case.name} {case.mode}: {engine}")
-                if call is not None:
-                    call()
-                    timed[engine].extend(seconds_of(call) for _ in range(count))
+        timed = timed_rounds(calls, repeats, progress and (lambda engine: engine in ENGINES and progress(
+            f"{case.name} {case.mode}: {engine}")))
         seconds = {engine: statistics.median(timed[engine]) if timed[engine] else None for engine in ENGINES}
         copy_bandwidth = 2 * data.x.nbytes / statistics.median(timed["copy"])
         share = case.traffic * data.x.nbytes / seconds["normlab"] / copy_bandwidth

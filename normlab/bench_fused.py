@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from normlab.bench import ROUNDS, seconds_of
+from normlab.bench import timed_rounds
 
 __all__ = ["FUSED_CASES", "FusedCase", "select", "measure", "markdown"]
 
@@ -223,16 +223,8 @@ def measure(cases, quick: bool, repeats: int, progress=None) -> list[FusedRow]:
     for case in cases:
         shape = case.quick_shape if quick else case.shape
         calls, clock = _engines(case, shape)
-        timed = {engine: [] for engine in calls}
-        rounds = min(ROUNDS, repeats)
-        for index in range(rounds):
-            count = repeats // rounds + (index < repeats % rounds)
-            for engine, call in calls.items():
-                if progress and engine in ENGINES and index == rounds - 1:
-                    progress(f"{case.label}: {engine}")
-                if call is not None:
-                    call()  # warm-up: compiles on the first round
-                    timed[engine].extend(seconds_of(call) for _ in range(count))
+        timed = timed_rounds(calls, repeats, progress and (lambda engine: engine in ENGINES and progress(
+            f"{case.label}: {engine}")))
         seconds = {engine: statistics.median(v) if v else None for engine, v in timed.items()}
         share = None if clock is None else clock["norm"] / clock["total"]
         rows.append(FusedRow(case, shape, seconds, share))
