@@ -392,6 +392,83 @@ def fast_forward(plan: Plan, dtype: np.dtype, rms: bool, param_dtypes) -> FastFo
                        view.rows * view.n * dtype.itemsize >= pool.MIN_BYTES, plan, view)
 
 
+MIN_CHUNK_ROWS = 8  # backward: a chunk's parameter-gradient parts cost a pass over n; 8 rows repay it
+
+
+def row_chunks(rows: int, n: int) -> tuple[int, int]:
+    """``(chunk_rows, chunks)``: how the row backward cuts its rows for the parameter
+    gradients. A function of the shape alone, so that the sums (chunks added in index
+    order) are the same on every thread count: one chunk where the kernel runs serially,
+    else up to :data:`ROW_CHUNKS` chunks of at least :data:`MIN_CHUNK_ROWS` rows (each
+    chunk's parts are n-long rows to zero and add, more than the work they split for
+    short chunks of long rows).
+
+    >>> row_chunks(16, 64), row_chunks(64, 1 << 16), row_chunks(1 << 15, 64)
+    ((16, 1), (8, 8), (512, 64))
+    """
+    if rows * n < SERIAL_BELOW:
+        return rows, 1
+    chunk_rows = max(-(-rows // ROW_CHUNKS), MIN_CHUNK_ROWS)
+    return chunk_rows, -(-rows // chunk_rows)
+
+
+def _sum_parts(parts: np.ndarray) -> np.ndarray:
+    """The chunks' parts added in index order (one chunk: itself, no copy)."""
+    return parts[0] if parts.shape[0] == 1 else parts.sum(axis=0)
+
+
+@dataclass(frozen=True)
+class FastBackward:
+    """The row kernels' backward for a :class:`FastForward` plan, given the statistics
+    its forward returned: built once by :func:`fast_backward`; a call lays out the
+    weight, allocates the gradients and runs the kernel."""
+
+    forward: FastForward
+    chunk_rows: int
+    chunks: int
+
+    def __call__(self, grad_y, x, weight, mean, rstd, need_params: bool):
+        """``(grad_x, grad_weight, grad_bias)``: grad_x in x's shape and dtype, the parameter
+        gradients float64 of the plan's param_shape (None unless ``need_params``). ``mean``
+        and ``rstd`` are the forward's (``mean`` None for RMS)."""
+        plan = self.forward
+        rows, n = plan.shape
+        g = np.ascontiguousarray(grad_y, plan.dtype).reshape(plan.shape)
+        grad_x = pool.empty(plan.shape, plan.dtype) if plan.large else np.empty(plan.shape, plan.dtype)
+        table = self._table(weight)
+        weight_parts = np.zeros((self.chunks,) + plan.table_shape)
+        bias_parts = np.zeros((self.chunks,) + plan.table_shape)
+        mean_flat = _constant_table((rows,), 0.0) if mean is None else mean.reshape(rows)
+        from normlab.kernels.rows import row_backward
+
+        row_backward(g, np.ascontiguousarray(x).reshape(plan.shape), table, plan.param_row_stride,
+                     plan.param_inner, plan.rms, 0.0, True, mean_flat, rstd.reshape(rows), self.chunk_rows, grad_x,
+                     weight_parts, bias_parts, serial=rows * n < SERIAL_BELOW)
+        grad_x = grad_x.reshape(plan.out_shape)
+        if not need_params:
+            return grad_x, None, None
+        return grad_x, self._params(_sum_parts(weight_parts)), self._params(_sum_parts(bias_parts))
+
+    def _table(self, weight) -> np.ndarray:
+        plan = self.forward
+        if weight is None:
+            return _constant_table(plan.table_shape, 1.0)
+        if plan.direct_params:
+            return np.ascontiguousarray(weight, np.float64).reshape(plan.table_shape)
+        return _param_table(plan.plan.expand_params(weight), plan.view, True)
+
+    def _params(self, table: np.ndarray) -> np.ndarray:
+        plan = self.forward
+        if plan.direct_params:
+            return table.reshape(plan.param_shape)
+        return plan.plan.collapse_params(table.reshape(plan.plan.param_broadcast_shape))
+
+
+def fast_backward(forward: FastForward) -> FastBackward:
+    """The :class:`FastBackward` of a :class:`FastForward`'s plan."""
+    return FastBackward(forward, *row_chunks(*forward.shape))
+
+
 def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need_params=False):
     """Twin of :func:`normlab.reference.backward` through the kernels.
 
@@ -427,14 +504,12 @@ def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need
     if isinstance(view, RowView):
         from normlab.kernels.rows import row_backward
 
-        chunk_rows = -(-view.rows // ROW_CHUNKS)
-        chunks = -(-view.rows // chunk_rows)
+        chunk_rows, chunks = row_chunks(view.rows, view.n)
         weight_parts = np.zeros((chunks,) + weight.shape)
         bias_parts = np.zeros((chunks,) + weight.shape)
         row_backward(g, x, weight, view.param_row_stride, view.param_inner, rms, eps, stats_given,
                      mean_flat, rstd_flat, chunk_rows, grad_x, weight_parts, bias_parts, serial=serial)
-        # chunk order fixed by index: the sum is the same for every thread count
-        grad_weight, grad_bias = weight_parts.sum(axis=0), bias_parts.sum(axis=0)
+        grad_weight, grad_bias = _sum_parts(weight_parts), _sum_parts(bias_parts)
     else:
         from normlab.kernels import columns
 

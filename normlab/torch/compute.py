@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from normlab import kernels
 from normlab.errors import InputError
 from normlab.plan import make_plan
+from normlab.torch import row_autograd
 from normlab.torch.ops import _EagerNormalize, _is_eager, _normalize_op
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path, _needs_torch_ops
 from normlab.torch.spec import PlanFacts, Spec, _dense_perm, _empty_like_dense, _engine_view
@@ -147,33 +148,35 @@ EVAL_NATIVE_BELOW_BYTES = 32 << 20
 
 
 def _fast_rows(module, x: Tensor, weight, bias, eps: float) -> Optional[Tensor]:
-    """A row norm's forward (layer, RMS, group norm) straight into the kernel when no
-    gradient is needed: the plan, view and parameter layout are cached on the module per
-    input shape and dtype, and the autograd machinery is skipped. None where the full
-    path must run (gradients, other dtypes, devices, strides or paths, compilation)."""
+    """A row norm's forward (layer, RMS, group norm) straight into the kernels: the plans,
+    view and parameter layout are cached on the module per input shape and dtypes. With
+    no gradient needed the autograd machinery is skipped; with one, the cached backward
+    plan runs too (:mod:`normlab.torch.row_autograd`). None where the full path must run
+    (other dtypes, devices, strides or paths, compilation, transforms)."""
     if (type(x) is not Tensor or x.dtype not in _EVAL_DTYPES or _PathSwitch.path != "auto"
             or not x.is_contiguous() or x.device.type != "cpu" or _needs_torch_ops(x)):
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                    or (bias is not None and bias.requires_grad)):
-        return None
+    grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
     calls = module.__dict__.get("_normlab_fast")
     if calls is None:
         calls = module.__dict__["_normlab_fast"] = {}
-    key = (x.shape, x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+    key = (x.shape, x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype, grad)
     call = calls.get(key, False)
     if call is False:
         if len(calls) >= 64:
             calls.clear()
-        call = calls[key] = _build_fast_rows(module._spec, x, weight, bias)
+        call = calls[key] = _build_fast_rows(module._spec, x, weight, bias, grad)
     if call is None:
         return None
+    if grad:
+        return call(x, weight, bias, eps) if 0.0 <= eps < math.inf else None
     y = call(x.detach().numpy(), None if weight is None else weight.detach().numpy(),
              None if bias is None else bias.detach().numpy(), eps, False)
     return None if y is None else torch.from_numpy(y)
 
 
-def _build_fast_rows(spec: Spec, x: Tensor, weight, bias):
+def _build_fast_rows(spec: Spec, x: Tensor, weight, bias, grad: bool):
     if any(t is not None and (t.dtype not in _NUMPY_OF or t.device.type != "cpu") for t in (weight, bias)):
         return None
     try:
@@ -181,7 +184,10 @@ def _build_fast_rows(spec: Spec, x: Tensor, weight, bias):
     except ValueError:
         return None  # the full path raises torch's error for this shape
     dtypes = tuple(None if t is None else np.dtype(_NUMPY_OF[t.dtype]) for t in (weight, bias))
-    return kernels.fast_forward(plan, np.dtype(_NUMPY_OF[x.dtype]), spec.rms, dtypes)
+    forward = kernels.fast_forward(plan, np.dtype(_NUMPY_OF[x.dtype]), spec.rms, dtypes)
+    if forward is None or not grad:
+        return forward
+    return row_autograd.build(spec, forward, dtypes)
 
 
 _NUMPY_OF = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}

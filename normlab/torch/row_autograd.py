@@ -1,0 +1,86 @@
+"""The row norms' (layer, RMS, group norm) cached path when gradients are needed.
+
+The forward and backward plans (:class:`normlab.kernels.FastForward` and
+:class:`normlab.kernels.FastBackward`) are built once per module, input shape and dtypes;
+a call checks its arguments, runs the forward kernel (keeping the float64 statistics as
+NumPy arrays) and, in the backward pass, the backward kernel. This is the custom op's
+autograd formula (:mod:`normlab.torch.ops`) without its general path: no pattern
+resolution, layout search, statistics transposes or tensor round trips per call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from normlab.torch.ops import _differentiable_backward
+
+_EAGER_PARAMS = (type(None), Tensor, nn.Parameter)
+
+
+@dataclass(frozen=True)
+class RowGradCall:
+    """One module's cached plans for one input shape and dtypes: the kernels' forward
+    and backward, and the custom op's arguments (for a differentiable backward)."""
+
+    forward: object  # kernels.FastForward
+    backward: object  # kernels.FastBackward
+    pattern: str
+    params: object
+    sizes: str
+    rms: bool
+    param_dtypes: tuple  # NumPy dtypes of weight and bias (None where absent)
+
+    def __call__(self, x: Tensor, weight, bias, eps: float):
+        """``y`` with autograd through the kernels, or None where the full path must run."""
+        if type(weight) not in _EAGER_PARAMS or type(bias) not in _EAGER_PARAMS:
+            return None  # tensor subclasses take the registered op
+        return _RowFunction.apply(x, weight, bias, self, eps)
+
+
+class _RowFunction(torch.autograd.Function):
+    """Forward: the cached kernel with its statistics kept on ``ctx``; backward: the cached
+    backward kernel, or (``create_graph=True``) the differentiable composite as the
+    custom op takes it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, call: RowGradCall, eps: float):  # the ctx-first form: no signature binding
+        y, mean, rstd = call.forward(x.detach().numpy(), None if weight is None else weight.detach().numpy(),
+                                     None if bias is None else bias.detach().numpy(), eps, True)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.call = call
+        ctx.stats = (mean, rstd)
+        ctx.arguments = (call.pattern, call.params, call.sizes, eps, call.rms)  # read by _differentiable_backward
+        return torch.from_numpy(y)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradient must itself be differentiable
+            return (*_differentiable_backward(ctx, grad_y, x, weight, bias)[:3], None, None)
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        call = ctx.call
+        mean, rstd = ctx.stats
+        grad_x, grad_w, grad_b = call.backward(
+            grad_y.detach().numpy(), x.detach().numpy(), None if weight is None else weight.detach().numpy(),
+            mean, rstd, need_weight or need_bias)
+        weight_dtype, bias_dtype = call.param_dtypes
+        return (torch.from_numpy(grad_x) if need_x else None,
+                torch.from_numpy(grad_w.astype(weight_dtype, copy=False)) if need_weight else None,
+                torch.from_numpy(grad_b.astype(bias_dtype, copy=False)) if need_bias else None,
+                None, None)
+
+
+def build(spec, forward, param_dtypes) -> RowGradCall | None:
+    """The :class:`RowGradCall` over a built ``forward`` plan, or None where parameters of
+    another dtype than float32/float64 need the full path's casts."""
+    from normlab import kernels
+
+    if any(d is not None and d not in (np.float32, np.float64) for d in param_dtypes):
+        return None
+    return RowGradCall(forward, kernels.fast_backward(forward), spec.pattern, spec.params, spec.sizes, spec.rms,
+                       tuple(param_dtypes))

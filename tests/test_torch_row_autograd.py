@@ -1,0 +1,180 @@
+"""Layer, RMS and group norm (and row patterns of ``Norm``) with gradients: the cached
+kernel path with autograd. Oracles: torch.nn's modules and torch autograd in float64,
+gradcheck and gradgradcheck."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("numba")
+
+import normlab.torch as nt  # noqa: E402
+from normlab.torch import modules  # noqa: E402
+
+# (torch.nn class, twin, constructor arguments, input shape)
+ROW_MODULES = [
+    ("LayerNorm", (48,), (3, 5, 48)),
+    ("LayerNorm", ((4, 12),), (2, 4, 12)),
+    ("RMSNorm", (48,), (3, 5, 48)),
+    ("GroupNorm", (4, 12), (2, 12, 5, 5)),
+    ("GroupNorm", (1, 6), (3, 6, 7)),
+]
+
+
+def _pair(cls_name, args, dtype):
+    reference = getattr(torch.nn, cls_name)(*args, dtype=dtype)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.uniform_(0.5, 1.5)
+    twin = getattr(nt, cls_name)(*args, dtype=dtype)
+    twin.load_state_dict(reference.state_dict())
+    return reference, twin
+
+
+@pytest.fixture
+def no_full_path(monkeypatch):
+    """Fails a test whose module call leaves the cached path for the general one."""
+    def full_path(*a, **k):
+        raise AssertionError("the call took the general autograd path")
+
+    monkeypatch.setattr(modules, "_normalize", full_path)
+
+
+def _grads(module, x, grad_y, inputs):
+    return torch.autograd.grad(module(x), inputs, grad_y)
+
+
+@pytest.mark.parametrize("cls_name, args, shape", ROW_MODULES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_norm_gradients_match_torch_autograd_in_float64(cls_name, args, shape, dtype, no_full_path):
+    torch.manual_seed(0)
+    reference, twin = _pair(cls_name, args, torch.float64)
+    twin.to(dtype)
+    for _ in range(2):  # the second call reuses the cached plans
+        x64 = (torch.randn(shape, dtype=torch.float64) * 3 + 2).requires_grad_()
+        grad_y = torch.randn(shape, dtype=torch.float64)
+        expected = _grads(reference, x64, grad_y, (x64, *reference.parameters()))
+        x = x64.detach().to(dtype).requires_grad_()
+        got = _grads(twin, x, grad_y.to(dtype), (x, *twin.parameters()))
+        tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
+        for mine, theirs in zip(got, expected):
+            assert mine.dtype == dtype
+            torch.testing.assert_close(mine.double(), theirs, **tolerance)
+
+
+@pytest.mark.parametrize("cls_name, args, shape", ROW_MODULES)
+def test_row_norms_pass_gradcheck_and_gradgradcheck(cls_name, args, shape, no_full_path):
+    torch.manual_seed(1)
+    _, twin = _pair(cls_name, args, torch.float64)
+    small = (2,) + shape[1:]
+    x = torch.randn(small, dtype=torch.float64, requires_grad=True)
+    names = [name for name, _ in twin.named_parameters()]
+
+    def function(x, *weights):
+        return torch.func.functional_call(twin, dict(zip(names, weights)), (x,))
+
+    inputs = (x, *(p.detach().clone().requires_grad_() for p in twin.parameters()))
+    assert torch.autograd.gradcheck(function, inputs)
+    assert torch.autograd.gradgradcheck(function, inputs)
+
+
+@pytest.mark.parametrize("wanted", ["x", "weight", "bias", "x and bias"])
+def test_only_the_gradients_asked_for_are_computed_and_they_match_torch(wanted, no_full_path):
+    reference, twin = _pair("LayerNorm", (16,), torch.float64)
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad="x" in wanted)
+    for module in (reference, twin):
+        module.weight.requires_grad_("weight" in wanted)
+        module.bias.requires_grad_("bias" in wanted)
+    grad_y = torch.randn(5, 16, dtype=torch.float64)
+    outputs = []
+    for module in (reference, twin):
+        y = module(x)
+        y.backward(grad_y)
+        outputs.append([None if t.grad is None else t.grad.clone() for t in (x, module.weight, module.bias)])
+        x.grad = None
+    for mine, theirs in zip(outputs[1], outputs[0]):
+        assert (mine is None) == (theirs is None)
+        if mine is not None:
+            torch.testing.assert_close(mine, theirs)
+
+
+def test_an_expanded_output_gradient_and_a_sum_loss_match_torch(no_full_path):
+    reference, twin = _pair("RMSNorm", (32,), torch.float64)
+    x = torch.randn(4, 32, dtype=torch.float64, requires_grad=True)
+    expected = torch.autograd.grad(reference(x).sum(), (x, reference.weight))  # grad_y: ones, stride 0
+    got = torch.autograd.grad(twin(x).sum(), (x, twin.weight))
+    for mine, theirs in zip(got, expected):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_changing_the_input_in_place_before_backward_raises_as_torch_does(no_full_path):
+    twin = nt.LayerNorm(8)
+    x = torch.randn(3, 8, requires_grad=True)
+    source = x * 1.0
+    y = twin(source)
+    source.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_a_pattern_norm_over_rows_takes_the_cached_path_and_matches_layer_norm(no_full_path):
+    reference = torch.nn.LayerNorm(24, dtype=torch.float64)
+    twin = nt.Norm("b t [d]", params="d", d=24, dtype=torch.float64)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-1, 1)
+        twin.weight.copy_(reference.weight)
+        twin.bias.copy_(reference.bias)
+    x = torch.randn(2, 3, 24, dtype=torch.float64, requires_grad=True)
+    grad_y = torch.randn(2, 3, 24, dtype=torch.float64)
+    expected = torch.autograd.grad(reference(x), (x, reference.weight, reference.bias), grad_y)
+    got = torch.autograd.grad(twin(x), (x, twin.weight, twin.bias), grad_y)
+    for mine, theirs in zip(got, expected):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_parameters_in_another_order_than_the_pattern_get_their_gradients_in_their_own_layout(no_full_path):
+    # params "(c h)" over the pattern's "[h c]": the kernel's table is the weight transposed
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    twin = nt.Norm("b [h c]", params="(c h)", h=4, c=5, dtype=torch.float64)
+    with torch.no_grad():
+        twin.weight.uniform_(0.5, 1.5)
+        twin.bias.uniform_(-1, 1)
+    weight = twin.weight.detach().clone().requires_grad_()
+    bias = twin.bias.detach().clone().requires_grad_()
+    grad_y = torch.randn(3, 4, 5, dtype=torch.float64)
+    expected = torch.autograd.grad(
+        torch.nn.functional.layer_norm(x, (4, 5), weight.reshape(5, 4).T, bias.reshape(5, 4).T), (x, weight, bias),
+        grad_y)
+    got = torch.autograd.grad(twin(x), (x, twin.weight, twin.bias), grad_y)
+    for mine, theirs in zip(got, expected):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_float32_gradients_keep_float64_accuracy_far_from_zero_and_on_constant_rows(no_full_path):
+    # |mean|/std = 1e6 in one row, a constant row, a symmetric row
+    rows = np.stack([1e6 + np.random.default_rng(0).standard_normal(64), np.full(64, 3.25),
+                     np.linspace(-1, 1, 64)]).astype(np.float32)
+    reference, twin = _pair("LayerNorm", (64,), torch.float64)
+    twin.float()
+    x64 = torch.from_numpy(rows).double().requires_grad_()
+    grad_y = torch.randn(3, 64, dtype=torch.float64)
+    expected = _grads(reference, x64, grad_y, (x64, *reference.parameters()))
+    x = torch.from_numpy(rows).requires_grad_()
+    got = _grads(twin, x, grad_y.float(), (x, *twin.parameters()))
+    for mine, theirs in zip(got, expected):
+        scale = theirs.abs().max()
+        assert (mine.double() - theirs).abs().max() <= 1e-4 * scale
+
+
+def test_a_nan_stays_in_its_row_of_every_gradient(no_full_path):
+    reference, twin = _pair("LayerNorm", (16,), torch.float64)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    x[2, 5] = float("nan")
+    x.requires_grad_()
+    grad_y = torch.randn(4, 16, dtype=torch.float64)
+    clean = torch.tensor([0, 1, 3])
+    (grad_x,) = torch.autograd.grad(twin(x), (x,), grad_y)
+    assert grad_x[2].isnan().all()
+    expected = torch.autograd.grad(reference(x[clean]), (x,), grad_y[clean])[0][clean]
+    torch.testing.assert_close(grad_x[clean], expected)
