@@ -88,10 +88,13 @@ def test_pool_workers_forked_after_threaded_kernels_get_right_results(module, pa
 
 
 def test_a_child_forked_from_an_openmp_parent_runs_serially_and_survives():
-    """With Numba's GNU OpenMP layer (a user's choice), a child forked after a threaded
-    call would be killed entering a parallel region; normlab runs it serially instead."""
+    """With Numba's GNU OpenMP layer chosen for normlab's threaded calls (as
+    ``benchmarks/threads.py --pool omp`` does), a child forked after a threaded call would
+    be killed entering a parallel region; normlab runs it serially instead."""
     script = textwrap.dedent("""
         import os, numpy as np, numba, normlab
+        from normlab.kernels import threads
+        threads.use_numba_layer("omp")
         x = np.random.default_rng(0).standard_normal((256, 1024)).astype(np.float32)
         normlab.normalize(x, "b [d]")
         assert numba.threading_layer() == "omp", numba.threading_layer()
@@ -108,7 +111,27 @@ def test_a_child_forked_from_an_openmp_parent_runs_serially_and_survives():
         import numba.np.ufunc.omppool  # noqa: F401
     except ImportError:
         pytest.skip("Numba's OpenMP threading layer is not available here")
-    env = dict(os.environ, NUMBA_THREADING_LAYER="omp")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "child exit 0" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_forked_child_starts_its_own_pool_and_gets_the_parents_bits():
+    """The parent's pool workers do not exist in a forked child: the child's threaded
+    calls start a pool of their own (a call into the parent's would wait forever)."""
+    script = textwrap.dedent("""
+        import os, numpy as np, normlab
+        from normlab.kernels import threads
+        x = np.random.default_rng(0).standard_normal((256, 1024)).astype(np.float32)
+        parent = normlab.normalize(x, "b [d]")
+        assert threads.for_call() < 2 or threads._pool.workers
+        pid = os.fork()
+        if pid == 0:
+            same = normlab.normalize(x, "b [d]").tobytes() == parent.tobytes()
+            os._exit(0 if same and (threads.for_call() < 2 or threads._pool.workers) else 3)
+        _, status = os.waitpid(pid, 0)
+        print("child exit", os.waitstatus_to_exitcode(status))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "child exit 0" in done.stdout, done.stdout + done.stderr

@@ -154,3 +154,9 @@ def test_a_changed_weight_is_seen_by_the_next_no_grad_call():
         torch.testing.assert_close(twin(x), reference(x))
         twin.weight = reference.weight = torch.nn.Parameter(torch.full((8,), 3.0))
         torch.testing.assert_close(twin(x), reference(x))
+        for module in (reference, twin):  # same Parameter object, new storage
+            module.weight.data = torch.linspace(-1.0, 1.0, 8)
+        torch.testing.assert_close(twin(x), reference(x))
+        for module in (reference, twin):  # in place after new storage
+            module.weight[3] = 7.0
+        torch.testing.assert_close(twin(x), reference(x))

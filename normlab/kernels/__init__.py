@@ -295,6 +295,9 @@ class FastForward:
     large: bool  # the output comes from the recycled pool
     plan: Plan
     view: RowView
+    # where the kernel writes statistics nobody asked for: shared by every call, since the
+    # kernel only writes them (never reads them back) when it computes them
+    scratch: tuple = ()
 
     def __call__(self, x, weight, bias, eps, return_stats: bool):
         """``y`` (or ``(y, mean, rstd)``), or None when an argument needs the full checks."""
@@ -304,12 +307,24 @@ class FastForward:
         bias_table = self._table(bias, 0.0)
         if weight_table is None or bias_table is None:
             return None
+        return self.run(x, weight_table, bias_table, eps, return_stats)
+
+    def tables(self, weight, bias):
+        """The kernel's ``(weight, bias)`` tables for these parameters, or None where they
+        need the full checks; :meth:`run` takes them (a caller may keep them between calls
+        while the parameters stay unchanged)."""
+        weight_table = self._table(weight, 1.0)
+        bias_table = self._table(bias, 0.0)
+        return None if weight_table is None or bias_table is None else (weight_table, bias_table)
+
+    def run(self, x, weight_table, bias_table, eps: float, return_stats: bool = False):
+        """The kernel on prepared tables; ``0 <= eps < inf`` is the caller's to check."""
         rows = self.shape[0]
         y = pool.empty(self.shape, self.dtype) if self.large else np.empty(self.shape, self.dtype)
-        stats = np.empty((3, rows))
+        stats = np.empty((3, rows)) if return_stats else self.scratch
         # a strided x is copied: a non-contiguous array would be another kernel signature
-        arguments = (np.ascontiguousarray(x).reshape(self.shape), y, weight_table, bias_table, self.param_row_stride, self.param_inner,
-                     self.rms, eps, False, stats[0], stats[1], stats[2])
+        arguments = (np.ascontiguousarray(x).reshape(self.shape), y, weight_table, bias_table, self.param_row_stride,
+                     self.param_inner, self.rms, eps, False, *stats)
         if rows * self.shape[1] < SERIAL_BELOW:
             self.kernel.serial(*arguments)
         else:
@@ -389,7 +404,8 @@ def fast_forward(plan: Plan, dtype: np.dtype, rms: bool, param_dtypes) -> FastFo
     return FastForward(row_forward32 if float32 else row_forward, dtype, (view.rows, view.n), plan.shape,
                        plan.stats_shape, plan.param_shape, table_shape, np.float32 if float32 else np.float64,
                        direct, view.param_row_stride, view.param_inner, rms,
-                       view.rows * view.n * dtype.itemsize >= pool.MIN_BYTES, plan, view)
+                       view.rows * view.n * dtype.itemsize >= pool.MIN_BYTES, plan, view,
+                       tuple(np.empty((3, view.rows))))
 
 
 MIN_CHUNK_ROWS = 8  # backward: a chunk's parameter-gradient parts cost a pass over n; 8 rows repay it

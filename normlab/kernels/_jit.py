@@ -7,10 +7,11 @@ kernels use :func:`helper`. Numba compiles a function on its first call, and thi
 
 Options, and why:
 
-* ``parallel=True`` for the threaded variant; each kernel also has a serial variant
-  (same source, ``prange`` runs as ``range``) for inputs too small to repay starting threads,
-  and for calls that get one thread. The threading layer and the thread count of each
-  call are decided in :mod:`normlab.kernels.threads`.
+* a serial variant (``prange`` runs as ``range``) for inputs too small to repay waking
+  threads and for calls that get one thread, and a threaded variant whose ``prange`` loops
+  are shared out by claims among the caller and normlab's pool
+  (:mod:`normlab.kernels._claims`). The pool and the thread count of each call are
+  decided in :mod:`normlab.kernels.threads`.
 * ``cache=True``: compiled code is written next to the source and reused across processes.
 * no ``fastmath`` in kernels: its ``nnan``/``ninf`` flags let LLVM assume no NaN or Inf,
   which breaks NaN isolation, and ``contract`` changes roundings of the elementwise math.
@@ -24,7 +25,8 @@ Options, and why:
 
 Numba's on-disk cache is keyed on each kernel's own source file: after editing a helper
 in another module (``sums.py``), delete the ``*.nbi``/``*.nbc`` files under
-``normlab/kernels/__pycache__`` or the kernels keep the old helper.
+``normlab/kernels/__pycache__`` or the kernels keep the old helper. The same holds for
+the rewriting of threaded variants in ``_claims.py``.
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ from numba.core import types as numba_types
 from numba.extending import intrinsic
 
 from normlab.kernels import threads
+from normlab.kernels._claims import claiming
 
 NUMBA_OPTIONS = {"cache": True, "fastmath": False, "error_model": "numpy", "nogil": True}
 REDUCTION_FASTMATH = {"reassoc"}  # only reordering of adds: no nnan/ninf, no contract
-threads.choose_layer()  # before any kernel below compiles or starts a pool
 
 
 def _renamed(fn, suffix: str):
@@ -55,20 +57,35 @@ def _renamed(fn, suffix: str):
 
 
 class Kernel:
-    """A kernel with a threaded and a serial variant of one source, each compiled on first call."""
+    """A kernel with a serial and a threaded variant of one source, each compiled on first
+    call. The threaded variant is the source with its ``prange`` loops shared out by
+    claims (:mod:`normlab.kernels._claims`), run on normlab's own pool
+    (:func:`normlab.kernels.threads.run`); Numba's ``parallel=True`` variant is kept for
+    comparison only (``threads.use_numba_layer``)."""
 
     def __init__(self, fn):
         self.py_func = fn
-        self.parallel = numba.njit(parallel=True, **NUMBA_OPTIONS)(fn)
         self.serial = numba.njit(parallel=False, **NUMBA_OPTIONS)(_renamed(fn, "_serial"))
+        claimed, self.loops = claiming(fn)
+        self.claimed = numba.njit(**NUMBA_OPTIONS)(claimed)
+        self._parallel = None
         functools.update_wrapper(self, fn)
+
+    @property
+    def parallel(self):
+        """Numba's own threaded variant (``parallel=True``), built when first asked for."""
+        if self._parallel is None:
+            self._parallel = numba.njit(parallel=True, **NUMBA_OPTIONS)(self.py_func)
+        return self._parallel
 
     def __call__(self, *args, serial: bool = False):
         count = 1 if serial else threads.for_call()
         if count == 1:
             return self.serial(*args)
-        with threads.parallel_lock, threads.at_most(count):  # workqueue: one caller at a time
-            return self.parallel(*args)
+        if threads.numba_layer is not None:
+            with threads.parallel_lock, threads.at_most(count):  # Numba's pools: one caller at a time
+                return self.parallel(*args)
+        return threads.run(self.claimed, self.serial, args, self.loops, count)
 
 
 def kernel(fn) -> Kernel:

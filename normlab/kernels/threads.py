@@ -1,27 +1,32 @@
-"""How many threads a kernel call uses, and which thread pool runs them.
+"""How many threads a kernel call uses, and which threads run them.
 
-**The pool.** Numba runs ``prange`` loops on one of three threading layers. normlab picks
-``workqueue`` before its first kernel starts a pool, unless the user chose one
-(``NUMBA_THREADING_LAYER`` or ``numba.config.THREADING_LAYER``) or Numba code elsewhere
-in the process already started one:
+**The pool.** A threaded call runs the kernel's claimed variant (see
+:mod:`normlab.kernels._claims`) on the calling thread and on ``count − 1`` of normlab's
+own worker threads at once; each takes chunks of the work until none is left. The
+workers are plain Python threads that sleep on a queue between calls and run the
+compiled code without the GIL. Why not one of Numba's threading layers (measured on a
+2-core AMD EPYC, see ``benchmarks/threads.py --pool``):
 
-* its workers sleep on a semaphore as soon as a loop ends. The ``omp`` layer's GNU
-  OpenMP workers spin for a while after each loop, as do PyTorch's own OpenMP workers
-  after each of its ops: in a training loop that alternates the two, each pool's spinning
-  workers took the cores the other needed (epochs 3-20x slower than with
-  ``OMP_WAIT_POLICY=PASSIVE``, which no user sets). See ``benchmarks/threads.py``.
-* it is fork-safe. GNU OpenMP is not: a child forked after the parent ran an ``omp``
-  loop dies in its first one ("fork() called from a process already using GNU OpenMP").
-* it must not be entered from two threads at once, so threaded calls take
-  :data:`parallel_lock` (other threads' calls wait; results do not depend on it).
+* ``workqueue`` costs about 75 µs per call: the caller hands all the work to workers
+  that must first wake up, and waits for them. normlab's caller starts on the work at
+  once, and a worker that wakes late finds less to do.
+* ``omp`` (GNU OpenMP) and ``tbb`` start a loop in 1-2 µs because their workers spin for
+  a while after each loop, as torch's OpenMP workers do after each op. Next to torch's
+  pool on the same cores, each pool's spinning workers took the cores the other needed
+  (torch's own ops up to 10x slower, and torch.nn training steps 1.5x slower with tbb).
+  GNU OpenMP also kills a child forked after a parallel region.
 
-**How many threads.** A threaded call uses Numba's ``NUMBA_NUM_THREADS`` (the core
-count), capped at ``torch.get_num_threads()`` once ``normlab.torch`` is imported (so
+The workers sleep when idle, so torch's ops keep the cores; the caller waits on the
+workers' last chunks only. One call at a time uses the pool: a call made from another
+thread meanwhile runs serially (same result). A child process forked from a parent
+with a pool starts a new pool of its own.
+
+**How many threads.** ``NUMBA_NUM_THREADS`` (the core count), capped at
+``torch.get_num_threads()`` once ``normlab.torch`` is imported (so
 ``torch.set_num_threads`` governs normlab too, and DataLoader workers, which set it to 1,
-run serially), and at 1 in a child forked after the parent ran an ``omp`` loop.
-``numba.set_num_threads`` lowers it further for the calling thread. One thread runs the
-serial variant. Work is cut into chunks fixed by index, so the result is bit-identical on
-any thread count.
+run serially), and at ``numba.get_num_threads()`` where the user set it. One thread runs
+the serial variant. Work is cut into chunks fixed by index, so the result is
+bit-identical on any thread count.
 """
 
 from __future__ import annotations
@@ -29,26 +34,71 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import queue
 import sys
 import threading
 from typing import Callable, Optional
 
-PREFERRED_LAYER = "workqueue"
+import numpy as np
 
 parallel_lock = threading.Lock()
 _limit: Optional[Callable[[], int]] = None  # torch.get_num_threads, once normlab.torch is imported
 _forked_from_openmp = False
+numba_layer: Optional[str] = None  # set by use_numba_layer: Numba's parallel variants instead of the pool
 
 
-def choose_layer() -> None:
-    """Point Numba at :data:`PREFERRED_LAYER` unless the user or an earlier pool decided.
-    Called when the kernels are first imported, before any of them compiles."""
-    import numba
-    from numba.np.ufunc import parallel
+def use_numba_layer(name: Optional[str]) -> None:
+    """Run threaded calls on Numba's ``parallel=True`` variants and its threading layer
+    ``name`` (``"workqueue"``, ``"omp"``, ``"tbb"``) instead of normlab's pool, or back on
+    the pool with None: for comparing the choices (``benchmarks/threads.py --pool``).
+    The layer can be chosen once per process, before Numba starts one."""
+    global numba_layer
+    if name is not None:
+        import numba
 
-    if ("NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default"
-            and not parallel._is_initialized):
-        numba.config.THREADING_LAYER = PREFERRED_LAYER
+        numba.config.THREADING_LAYER = name
+    numba_layer = name
+
+
+class _Worker:
+    def __init__(self):
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="normlab-kernel-worker", daemon=True).start()
+
+    def _loop(self):
+        while True:
+            function, args = self.tasks.get()
+            function(*args)  # a kernel: it raises nothing (NumPy's error model)
+            del function, args  # drop the arrays before sleeping
+
+
+class _Pool:
+    """The workers that run threaded kernel calls beside the caller, started as needed."""
+
+    def __init__(self):
+        self.workers: list[_Worker] = []
+
+    def run(self, claimed, args: tuple, loops: int, count: int):
+        while len(self.workers) < count - 1:
+            self.workers.append(_Worker())
+        arguments = args + (np.zeros(2 * loops, np.int64),)
+        for worker in self.workers[:count - 1]:
+            worker.tasks.put((claimed, arguments))
+        return claimed(*arguments)
+
+
+_pool = _Pool()
+
+
+def run(claimed, serial, args: tuple, loops: int, count: int):
+    """Run a kernel's ``claimed`` variant on the caller and ``count − 1`` workers; its
+    ``serial`` variant where another thread's call has the pool."""
+    if not parallel_lock.acquire(blocking=False):
+        return serial(*args)
+    try:
+        return _pool.run(claimed, args, loops, count)
+    finally:
+        parallel_lock.release()
 
 
 def limit_by(count: Optional[Callable[[], int]]) -> None:
@@ -76,7 +126,16 @@ def for_call() -> int:
     count = _pool_size()
     if _limit is not None:
         count = min(count, _limit())
+    if count > 1 and _numba_started():
+        import numba
+
+        count = min(count, numba.get_num_threads())  # the user's numba.set_num_threads
     return max(1, count)
+
+
+def _numba_started() -> bool:
+    parallel = sys.modules.get("numba.np.ufunc.parallel")
+    return parallel is not None and parallel._is_initialized
 
 
 _UNCAPPED = contextlib.nullcontext()
@@ -110,19 +169,21 @@ class _Capped:
 
 
 def layer() -> Optional[str]:
-    """The threading layer Numba started, or None while no threaded kernel has run."""
+    """The threading layer Numba started (normlab starts none unless
+    :func:`use_numba_layer` chose one), or None."""
     parallel = sys.modules.get("numba.np.ufunc.parallel")
     return None if parallel is None else parallel._threading_layer
 
 
 def describe() -> str:
-    """``"2 (workqueue)"``: threads per call, and the layer (once started)."""
-    return f"{for_call()} ({layer() or 'not started'})"
+    """``"2 (normlab pool)"``: threads per call, and who runs them."""
+    return f"{for_call()} ({'normlab pool' if numba_layer is None else 'numba ' + numba_layer})"
 
 
 def _after_fork_in_child() -> None:
-    global parallel_lock, _forked_from_openmp
+    global parallel_lock, _forked_from_openmp, _pool
     parallel_lock = threading.Lock()  # a parent's thread may have held it at the fork
+    _pool = _Pool()  # the parent's workers do not exist here
     if layer() == "omp" and sys.platform.startswith("linux"):  # GNU OpenMP kills such a child
         _forked_from_openmp = True
 

@@ -147,37 +147,39 @@ _EVAL_DTYPES = (torch.float32, torch.float64)
 EVAL_NATIVE_BELOW_BYTES = 32 << 20
 
 
-def _fast_rows(module, x: Tensor, weight, bias, eps: float) -> Optional[Tensor]:
+def _fast_rows(module, x: Tensor, eps: float, with_bias: bool = True) -> Optional[Tensor]:
     """A row norm's forward (layer, RMS, group norm) straight into the kernels: the plans,
     view and parameter layout are cached on the module per input shape and dtypes. With
-    no gradient needed the autograd machinery is skipped; with one, the cached backward
-    plan runs too (:mod:`normlab.torch.row_autograd`). None where the full path must run
-    (other dtypes, devices, strides or paths, compilation, transforms)."""
-    if (type(x) is not Tensor or x.dtype not in _EVAL_DTYPES or _PathSwitch.path != "auto"
-            or not x.is_contiguous() or x.device.type != "cpu" or _needs_torch_ops(x)):
+    no gradient needed the autograd machinery is skipped (and the parameter tables kept
+    between calls); with one, the cached backward plan runs too
+    (:mod:`normlab.torch.row_autograd`). None where the full path must run (other dtypes,
+    devices, strides or paths, compilation, transforms)."""
+    if type(x) is not Tensor or _PathSwitch.path != "auto" or not x.is_cpu or _needs_torch_ops(x):
         return None
+    # the module's weight and bias, read where nn.Module keeps them (its __getattr__ is slow)
+    params = module._parameters
+    weight = params["weight"] if "weight" in params else getattr(module, "weight", None)
+    bias = (params["bias"] if "bias" in params else getattr(module, "bias", None)) if with_bias else None
     grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad))
     calls = module.__dict__.get("_normlab_fast")
     if calls is None:
         calls = module.__dict__["_normlab_fast"] = {}
-    key = (x.shape, x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype, grad)
+    key = (x.shape, x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype) if grad \
+        else (x.shape, x.dtype)
     call = calls.get(key, False)
     if call is False:
         if len(calls) >= 64:
             calls.clear()
-        call = calls[key] = _build_fast_rows(module._spec, x, weight, bias, grad)
-    if call is None:
+        call = calls[key] = _build_grad_rows(module._spec, x, weight, bias) if grad else _FastRows.build(module._spec, x)
+    if call is None or not x.is_contiguous() or not 0.0 <= eps < math.inf:
         return None
-    if grad:
-        return call(x, weight, bias, eps) if 0.0 <= eps < math.inf else None
-    y = call(x.detach().numpy(), None if weight is None else weight.detach().numpy(),
-             None if bias is None else bias.detach().numpy(), eps, False)
-    return None if y is None else torch.from_numpy(y)
+    return call(x, weight, bias, eps)
 
 
-def _build_fast_rows(spec: Spec, x: Tensor, weight, bias, grad: bool):
-    if any(t is not None and (t.dtype not in _NUMPY_OF or t.device.type != "cpu") for t in (weight, bias)):
+def _build_grad_rows(spec: Spec, x: Tensor, weight, bias):
+    if x.dtype not in _EVAL_DTYPES or any(t is not None and (t.dtype not in _NUMPY_OF or t.device.type != "cpu")
+                                          for t in (weight, bias)):
         return None
     try:
         plan = make_plan(spec.pattern, tuple(x.shape), spec.params, **spec.size_dict)
@@ -185,9 +187,54 @@ def _build_fast_rows(spec: Spec, x: Tensor, weight, bias, grad: bool):
         return None  # the full path raises torch's error for this shape
     dtypes = tuple(None if t is None else np.dtype(_NUMPY_OF[t.dtype]) for t in (weight, bias))
     forward = kernels.fast_forward(plan, np.dtype(_NUMPY_OF[x.dtype]), spec.rms, dtypes)
-    if forward is None or not grad:
-        return forward
-    return row_autograd.build(spec, forward, dtypes)
+    return None if forward is None else row_autograd.build(spec, forward, dtypes)
+
+
+class _FastRows:
+    """One input shape's forward: the kernel's :class:`~normlab.kernels.FastForward` and
+    the parameter tables of the last call, kept while the same parameter tensors hold the
+    same values (same storage, no in-place change since)."""
+
+    __slots__ = ("forward", "params", "tables")
+
+    def __init__(self, forward):
+        self.forward = forward
+        self.params = None  # (weight, its data_ptr, its _version, bias, ...) of the tables
+        self.tables = None
+
+    @classmethod
+    def build(cls, spec: Spec, x: Tensor) -> Optional["_FastRows"]:
+        if x.dtype not in _EVAL_DTYPES:
+            return None
+        try:
+            plan = make_plan(spec.pattern, tuple(x.shape), spec.params, **spec.size_dict)
+        except ValueError:
+            return None  # the full path raises torch's error for this shape
+        forward = kernels.fast_forward(plan, np.dtype(_NUMPY_OF[x.dtype]), spec.rms, (None, None))
+        return None if forward is None else cls(forward)
+
+    def __call__(self, x: Tensor, weight, bias, eps: float) -> Optional[Tensor]:
+        held = self.params
+        if (held is None or weight is not held[0] or bias is not held[3]
+                or (weight is not None and (weight.data_ptr() != held[1] or weight._version != held[2]))
+                or (bias is not None and (bias.data_ptr() != held[4] or bias._version != held[5]))):
+            self._prepare(weight, bias)
+        if self.tables is None:
+            return None
+        y = self.forward.run(x.numpy() if not x.requires_grad else x.detach().numpy(), *self.tables, eps)
+        return torch.from_numpy(y)
+
+    def _prepare(self, weight, bias) -> None:
+        self.params = self.tables = None
+        if any(t is not None and (_NUMPY_OF.get(t.dtype) is not self.forward.dtype.type or not t.is_cpu)
+               for t in (weight, bias)):
+            return  # other dtypes take the full path (torch refuses float32 input with float64 weights)
+        self.tables = self.forward.tables(None if weight is None else weight.detach().numpy(),
+                                          None if bias is None else bias.detach().numpy())
+        if self.tables is not None:
+            self.params = (weight, None if weight is None else weight.data_ptr(),
+                           None if weight is None else weight._version,
+                           bias, None if bias is None else bias.data_ptr(), None if bias is None else bias._version)
 
 
 _NUMPY_OF = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}

@@ -154,7 +154,7 @@ class LayerNorm(_Twin, nn.LayerNorm):
         self._spec = _trailing_spec(self.normalized_shape, rms=False)
 
     def _normlab_forward(self, input: Tensor) -> Tensor:
-        y = _fast_rows(self, input, self.weight, self.bias, self.eps)
+        y = _fast_rows(self, input, self.eps)
         if y is not None:
             return y
         path = _choose_path(input, has_native=True)
@@ -227,13 +227,17 @@ class RMSNorm(_Twin, nn.RMSNorm):
         return self._eager_forward(x, mask)
 
     def _normlab_forward(self, x: Tensor) -> Tensor:
-        if not _trailing_fits(x, self.normalized_shape):
-            return nn.RMSNorm.forward(self, x)  # torch raises its own error
         casting = getattr(self, "casting", None)  # absent on modules pickled before it existed
         offset = getattr(self, "weight_offset", 0.0)
+        if casting is None and not offset and self.eps is not None:
+            y = _fast_rows(self, x, self.eps, with_bias=False)  # (a shape that does not fit: None)
+            if y is not None:
+                return y
+        if not _trailing_fits(x, self.normalized_shape):
+            return nn.RMSNorm.forward(self, x)  # torch raises its own error
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
         if casting is None and not offset:
-            y = _fast_rows(self, x, self.weight, None, eps)
+            y = _fast_rows(self, x, eps, with_bias=False)
             if y is not None:
                 return y
         path = _choose_path(x, has_native=True)
@@ -310,7 +314,7 @@ class GroupNorm(_Twin, nn.GroupNorm):
         path = _choose_path(input, has_native=True)
         if path == "native" or input.dim() < 2 or input.shape[1] != self.num_channels:
             return nn.GroupNorm.forward(self, input)
-        y = _fast_rows(self, input, self.weight, self.bias, self.eps)
+        y = _fast_rows(self, input, self.eps)
         if y is not None:
             return y
         return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
@@ -495,7 +499,7 @@ class Norm(nn.Module):
         if isinstance(x, torch.fx.Proxy):
             return _fx_call_module(self, x)
         if not self.track_running_stats:  # row patterns without running statistics: the cached kernel calls
-            y = _fast_rows(self, x, self.weight, self.bias, self.eps)
+            y = _fast_rows(self, x, self.eps)
             if y is not None:
                 return y
         try:
