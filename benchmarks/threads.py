@@ -6,11 +6,11 @@ Prints milliseconds per training step (median over interleaved rounds: in each r
 each variant runs its steps back to back, after one warm-up step) and the ratio torch.nn
 time over normlab time (above 1: normlab is faster).
 
-    python benchmarks/threads.py [--rounds 5] [--steps 8] [--threads N] [--layer NAME]
+    python benchmarks/threads.py [--rounds 5] [--steps 8] [--threads N] [--pool NAME]
 
 ``--threads N`` calls ``torch.set_num_threads(N)`` first (normlab follows it);
-``--layer`` picks Numba's threading layer (``omp``, ``workqueue``, ``tbb``) instead of
-normlab's default, to compare the choices.
+``--pool`` runs normlab's threaded calls on one of Numba's threading layers (``omp``,
+``workqueue``, ``tbb``) instead of normlab's own pool, to compare the choices.
 """
 
 from __future__ import annotations
@@ -88,15 +88,15 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads(N) first")
-    parser.add_argument("--layer", choices=("omp", "workqueue", "tbb"), help="Numba's threading layer")
+    parser.add_argument("--pool", choices=("normlab", "omp", "workqueue", "tbb"), default="normlab",
+                        help="normlab's pool (default) or one of Numba's threading layers")
     args = parser.parse_args(argv)
-    if args.layer:
-        import numba
+    from normlab.kernels import threads
 
-        numba.config.THREADING_LAYER = args.layer  # before normlab's kernels start a pool
+    if args.pool != "normlab":
+        threads.use_numba_layer(args.pool)  # before any threaded call starts a pool
     if args.threads:
         torch.set_num_threads(args.threads)
-    from normlab.kernels import threads
 
     rows = [(case, measure(case, args.rounds, args.steps)) for case in MODELS]
     print(f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
