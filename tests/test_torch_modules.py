@@ -197,17 +197,30 @@ def test_channels_last_input_gives_channels_last_output_and_grad_equal_to_torch(
         torch.testing.assert_close(grad_x, expected_grad_x, atol=1e-5, rtol=1e-4)
 
 
-def test_kernel_path_writes_into_the_output_without_copying_a_contiguous_input(monkeypatch):
+@pytest.mark.parametrize("train", [True, False])
+def test_kernel_path_writes_into_the_output_without_copying_a_contiguous_input(monkeypatch, train):
     seen = {}
-    original = ops.core.normalize_with_stats
+    if train:  # batch norm in training calls the column kernels directly
+        from normlab import kernels
 
-    def spy(x, *args, **kwargs):
-        seen["x"], seen["out"] = x, kwargs["out"]
-        return original(x, *args, **kwargs)
+        original = kernels.column_forward
 
-    monkeypatch.setattr(ops.core, "normalize_with_stats", spy)
+        def spy(x, y, *args):
+            seen["x"], seen["out"] = x, y
+            return original(x, y, *args)
+
+        monkeypatch.setattr(kernels, "column_forward", spy)
+    else:
+        original = ops.core.normalize_with_stats
+
+        def spy(x, *args, **kwargs):
+            seen["x"], seen["out"] = x, kwargs["out"]
+            return original(x, *args, **kwargs)
+
+        monkeypatch.setattr(ops.core, "normalize_with_stats", spy)
     x = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
-    y = nt.BatchNorm2d(3)(x)
+    twin = nt.BatchNorm2d(3) if train else nt.GroupNorm(3, 3)  # (its weight needs a gradient: the full path)
+    y = twin(x)
     assert seen["x"].ctypes.data == x.data_ptr()  # a view, not a copy
     assert seen["out"].ctypes.data == y.data_ptr()
     assert seen["x"].flags.c_contiguous

@@ -36,6 +36,24 @@ SERIAL_BELOW = 1 << 17  # elements; below this, waking the threads costs more th
 # (measured crossover: 2^16 on one 2-core machine, near 2^19 on another)
 ROW_CHUNKS = 64  # backward: rows are cut into this many chunks for the parameter gradients
 CHUNK_ELEMENTS = 1 << 14  # batch norm: a chunk this large stays in L2 for its two passes
+# channels-last batch norm: rows are summed in groups of at least this many elements (and
+# 64 rows), each group's per-channel sums kept apart and added in order; a unit of work is
+# one group's rows over a block of CHANNEL_BLOCK channels
+COLUMN_GROUP_ELEMENTS = 1 << 16
+CHANNEL_BLOCK = 1024
+
+
+def column_group_rows(channels: int) -> int:
+    """Rows per group of the channels-last kernels: a function of the shape alone, so
+    that the order of addition (and the result) is the same on any thread count."""
+    rows = max(64, -(-COLUMN_GROUP_ELEMENTS // channels))
+    return -(-rows // 4) * 4  # whole blocks of columns.ROW_BLOCK rows
+
+
+def column_parts(rows: int, channels: int) -> np.ndarray:
+    """Scratch of the channels-last kernels: four (groups, C) float64 tables of per-group
+    sums, shared by the threads of one call (never touched whole: no page is zeroed)."""
+    return np.empty((4, -(-rows // column_group_rows(channels)), channels))
 
 _FLOAT32_INPUTS = (np.dtype(np.float16), np.dtype(np.float32))
 
@@ -238,25 +256,7 @@ def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
         (row_forward32 if float32_rows else row_forward)(x, y, weight, bias, view.param_row_stride, view.param_inner, rms, eps, stats_given,
                     mean_flat, var_flat, rstd_flat, serial=serial)
     else:
-        from normlab.kernels import columns
-
-        if view.inner == 1:
-            x2, y2 = x.reshape(view.outer, view.channels), y.reshape(view.outer, view.channels)
-            chunk_rows = max(1, CHUNK_ELEMENTS // view.channels)
-            if not stats_given:
-                chunks = -(-view.outer // chunk_rows)
-                columns.channels_last_stats(x2, rms, eps, chunk_rows, np.zeros((chunks, groups)),
-                                            np.zeros((chunks, groups)), mean_flat, var_flat, rstd_flat,
-                                            serial=serial)
-            columns.channels_last_apply(x2, y2, weight, bias, mean_flat, rstd_flat, chunk_rows, serial=serial)
-        else:
-            if not stats_given:
-                outer_chunk = max(1, CHUNK_ELEMENTS // view.inner)
-                chunks = -(-view.outer // outer_chunk)
-                columns.channels_first_stats(x, rms, eps, outer_chunk, np.empty((chunks, groups)),
-                                             np.empty((chunks, groups)), mean_flat, var_flat, rstd_flat,
-                                             serial=serial)
-            columns.channels_first_apply(x, y, weight, bias, mean_flat, rstd_flat, serial=serial)
+        column_forward(x, y, weight, bias, rms, eps, stats_given, mean_flat, var_flat, rstd_flat)
 
     if stats_given:
         stats = Stats(None if rms else mean, None, rstd)
@@ -271,6 +271,62 @@ def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
             np.copyto(out, y.reshape(plan.shape), casting="unsafe")
         return out, stats
     return np.ascontiguousarray(y, dtype=prepared.dtype).reshape(plan.shape), stats
+
+
+def column_forward(x, y, weight, bias, rms: bool, eps: float, stats_given: bool, mean, var, rstd) -> None:
+    """Batch norm's forward on a C-contiguous (outer, C, inner) view into ``y`` (same
+    shape; float32 only for float32 ``x``): per-channel statistics into ``mean``, ``var``
+    and ``rstd`` (float64, length C; read instead when ``stats_given``), then the output.
+    ``weight`` and ``bias`` are float64 vectors of length C. ``inner == 1`` is
+    channels-last (rows, C)."""
+    from normlab.kernels import columns
+
+    serial = x.size < SERIAL_BELOW
+    outer, channels, inner = x.shape
+    if inner == 1:
+        x2, y2 = x.reshape(outer, channels), y.reshape(outer, channels)
+        group_rows = column_group_rows(channels)
+        if not stats_given:
+            columns.channels_last_stats(x2, rms, eps, columns.CANCELLATION, group_rows, CHANNEL_BLOCK,
+                                        column_parts(outer, channels), mean, var, rstd, serial=serial)
+        # float32 output: float32 arithmetic (see columns.channels_last_apply32)
+        apply = columns.channels_last_apply32 if y.dtype == np.float32 else columns.channels_last_apply
+        apply(x2, y2, weight, bias, mean, rstd, group_rows, CHANNEL_BLOCK, serial=serial)
+        return
+    if not stats_given:
+        outer_chunk = max(1, CHUNK_ELEMENTS // inner)
+        chunks = -(-outer // outer_chunk)
+        columns.channels_first_stats(x, rms, eps, outer_chunk, np.empty((chunks, channels)), np.empty((chunks, channels)),
+                                     mean, var, rstd, serial=serial)
+    columns.channels_first_apply(x, y, weight, bias, mean, rstd, serial=serial)
+
+
+def column_backward(grad_y, x, weight, rms: bool, eps: float, stats_given: bool, mean, rstd, grad_x, grad_weight,
+                    grad_bias) -> None:
+    """Batch norm's backward on C-contiguous (outer, C, inner) views of one dtype: writes
+    ``grad_x`` and the float64 ``grad_weight``/``grad_bias`` (length C); the statistics
+    are recomputed into ``mean``/``rstd`` unless ``stats_given``."""
+    from normlab.kernels import columns
+
+    serial = x.size < SERIAL_BELOW
+    outer, channels, inner = x.shape
+    if inner == 1:
+        x2, g2 = x.reshape(outer, channels), grad_y.reshape(outer, channels)
+        group_rows = column_group_rows(channels)
+        parts = column_parts(outer, channels)
+        if not stats_given:
+            columns.channels_last_stats(x2, rms, eps, columns.CANCELLATION, group_rows, CHANNEL_BLOCK, parts, mean,
+                                        np.empty(channels), rstd, serial=serial)
+        columns.channels_last_backward(g2, x2, weight, mean, rstd, rms, group_rows, CHANNEL_BLOCK, parts,
+                                       grad_x.reshape(outer, channels), grad_weight, grad_bias, serial=serial)
+        return
+    outer_chunk = max(1, CHUNK_ELEMENTS // inner)
+    chunks = -(-outer // outer_chunk)
+    if not stats_given:
+        columns.channels_first_stats(x, rms, eps, outer_chunk, np.empty((chunks, channels)), np.empty((chunks, channels)),
+                                     mean, np.empty(channels), rstd, serial=serial)
+    columns.channels_first_backward(grad_y, x, weight, mean, rstd, rms, outer_chunk, np.empty((chunks, channels)),
+                                    np.empty((chunks, channels)), grad_x, grad_weight, grad_bias, serial=serial)
 
 
 @dataclass(frozen=True)
@@ -527,31 +583,8 @@ def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need
                      mean_flat, rstd_flat, chunk_rows, grad_x, weight_parts, bias_parts, serial=serial)
         grad_weight, grad_bias = _sum_parts(weight_parts), _sum_parts(bias_parts)
     else:
-        from normlab.kernels import columns
-
         grad_weight, grad_bias = np.empty(groups), np.empty(groups)
-        if view.inner == 1:
-            x2, g2 = x.reshape(view.outer, view.channels), g.reshape(view.outer, view.channels)
-            chunk_rows = max(1, CHUNK_ELEMENTS // view.channels)
-            chunks = -(-view.outer // chunk_rows)
-            if not stats_given:
-                columns.channels_last_stats(x2, rms, eps, chunk_rows, np.zeros((chunks, groups)),
-                                            np.zeros((chunks, groups)), mean_flat, np.empty(groups), rstd_flat,
-                                            serial=serial)
-            columns.channels_last_backward(g2, x2, weight, mean_flat, rstd_flat, rms, chunk_rows,
-                                           np.zeros((chunks, groups)), np.zeros((chunks, groups)),
-                                           grad_x.reshape(view.outer, view.channels), grad_weight, grad_bias,
-                                           serial=serial)
-        else:
-            outer_chunk = max(1, CHUNK_ELEMENTS // view.inner)
-            chunks = -(-view.outer // outer_chunk)
-            if not stats_given:
-                columns.channels_first_stats(x, rms, eps, outer_chunk, np.empty((chunks, groups)),
-                                             np.empty((chunks, groups)), mean_flat, np.empty(groups), rstd_flat,
-                                             serial=serial)
-            columns.channels_first_backward(g, x, weight, mean_flat, rstd_flat, rms, outer_chunk,
-                                            np.empty((chunks, groups)), np.empty((chunks, groups)),
-                                            grad_x, grad_weight, grad_bias, serial=serial)
+        column_backward(g, x, weight, rms, eps, stats_given, mean_flat, rstd_flat, grad_x, grad_weight, grad_bias)
     if transposed:
         grad_x = view.to_expanded(grad_x, plan.axis_sizes)
         if need_params:

@@ -1,16 +1,23 @@
 """Column-family kernels: batch norm, where every channel's group is spread over the array.
 
-Channels-first is an (outer, C, inner) view reduced over outer and inner; channels-last
-is (rows, C) reduced over rows. The statistics take ONE pass over memory: the data is cut
-into chunks fixed by index (never by thread), each small enough to stay in cache, so the
-chunk's shifted two-pass (mean, M2) costs one read from DRAM. The chunks are then merged
-in chunk order with Chan's formula,
+Channels-first is an (outer, C, inner) view reduced over outer and inner: each (chunk,
+channel) slab run is contiguous, so its statistics take the shifted two-pass (mean, M2)
+while the chunk (fixed by index, never by thread, small enough to stay in cache) is
+cache-resident, and the chunks are merged in chunk order with Chan's formula,
 
     n = nₐ + n_b,  δ = mean_b − meanₐ,  mean = meanₐ + δ·n_b/n,  M2 = M2ₐ + M2_b + δ²·nₐ·n_b/n,
 
-which is exact algebra, never E[x²] − E[x]². Every chunk shifts by the channel's first
-element, so a constant channel gives δ = 0, mean = shift and a variance of exactly 0.
-The result depends on the shape only, not on the number of threads.
+which is exact algebra, never E[x²] − E[x]².
+
+Channels-last is (rows, C) reduced over rows: every channel is a strided column, so the
+kernels run rows outer and channels inner, into per-channel float64 accumulators that
+vectorize across channels. The statistics take one pass: the shifted moments Σd, Σd²
+(d = x − x[0, c]) per group of rows fixed by the shape, added in group order (see
+:func:`channels_last_stats` for the precision argument and its two-pass fallback).
+
+Both shift every channel by its first element, so a constant channel gives a mean of
+exactly that value and a variance of exactly 0. Results depend on the shape only, not
+on the number of threads.
 """
 
 from __future__ import annotations
@@ -19,7 +26,10 @@ import numpy as np
 from numba import prange
 
 from normlab.kernels._jit import helper, kernel
+from normlab.kernels.rows import CANCELLATION, RSTD_HIGH, RSTD_LOW
 from normlab.kernels.sums import centered_square_sum, gradient_sums, reciprocal_std, shifted_sum, square_sum
+
+ROW_BLOCK = 4  # channels-last: rows that share one load and store of the per-channel accumulators
 
 
 @kernel
@@ -57,40 +67,117 @@ def channels_first_stats(x, rms, eps, outer_chunk, part_mean, part_m2, mean, var
 
 
 @kernel
-def channels_last_stats(x, rms, eps, chunk_rows, part_mean, part_m2, mean, var, rstd):
+def channels_last_stats(x, rms, eps, cancellation, group_rows, block_channels, parts, mean, var, rstd):
     """Twin of ``reference.compute_stats`` for a (rows, C) view reduced over rows;
-    ``part_*`` are (chunks, C) scratch, zeroed by the caller."""
+    ``parts`` is (4, groups, C) scratch (see :func:`column_parts`).
+
+    One pass over memory, rows outer and channels inner, so that every load feeds a run
+    of per-channel float64 accumulators that vectorizes: the shifted moments Σd and Σd²,
+    d = x − x[0, c], of each group of ``group_rows`` rows (fixed by the shape, never by
+    the thread count), added up in group order. The variance Σd²/n − (Σd/n)² loses at
+    most a factor 1 + K² (K = |x[0, c] − mean|/std, see ``sums.shifted_moments``); a
+    channel where Σd²/n exceeds ``cancellation`` (:data:`CANCELLATION`) times the variance
+    takes its centred squares in a second pass. A constant channel has d = 0 throughout:
+    mean = x[0, c] and a variance of exactly 0. Work units are (row group, block of
+    ``block_channels`` channels). Between the loops every thread computes the same
+    locals (see ``_claims``); each output is written once, in the last loop.
+    """
     rows = x.shape[0]
     channels = x.shape[1]
-    chunks = part_mean.shape[0]
+    groups = (rows + group_rows - 1) // group_rows
+    blocks = (channels + block_channels - 1) // block_channels
     shift = np.zeros(channels)
     if not rms:
         for c in range(channels):
             shift[c] = x[0, c]
-    for k in prange(chunks):
-        start = k * chunk_rows
-        stop = min(rows, start + chunk_rows)
-        sums = part_mean[k]
-        squares = part_m2[k]
-        for r in range(start, stop):
-            x_row = x[r]
-            if rms:
-                for c in range(channels):
-                    v = np.float64(x_row[c])
-                    sums[c] += v * v
-            else:
-                for c in range(channels):
-                    sums[c] += x_row[c] - shift[c]
-        if not rms:
-            for c in range(channels):
-                sums[c] /= stop - start
-            for r in range(start, stop):
-                x_row = x[r]
-                for c in range(channels):
-                    d = (x_row[c] - shift[c]) - sums[c]
-                    squares[c] += d * d
+    center = np.zeros(channels)
+    for unit in prange(groups * blocks):
+        g = unit // blocks
+        c0 = (unit % blocks) * block_channels
+        _column_moments(x, g * group_rows, min(rows, (g + 1) * group_rows), c0, min(channels, c0 + block_channels),
+                        shift, center, parts[0, g], parts[1, g])
+    total, squares = _in_group_order(parts[0], parts[1])
+    one_pass = np.empty(channels)
+    cancelled = False
+    for c in range(channels):
+        if rms:
+            one_pass[c] = squares[c] / rows
+        else:
+            center[c] = total[c] / rows
+            one_pass[c] = max(squares[c] / rows - center[c] * center[c], 0.0)
+            if squares[c] / rows > cancellation * one_pass[c]:
+                cancelled = True
+    # a far outlier first in some channel: the two-pass variance, Σ((x − shift) − Σd/n)²
+    for unit in prange(groups * blocks if cancelled else 0):
+        g = unit // blocks
+        c0 = (unit % blocks) * block_channels
+        _column_moments(x, g * group_rows, min(rows, (g + 1) * group_rows), c0, min(channels, c0 + block_channels),
+                        shift, center, parts[2, g], parts[3, g])
+    centered = squares
+    if cancelled:
+        _, centered = _in_group_order(parts[2], parts[3])
     for c in prange(channels):
-        _merge_channel(c, rms, eps, chunk_rows, rows, shift[c], part_mean, part_m2, mean, var, rstd)
+        channel_var = one_pass[c]
+        if not rms and squares[c] / rows > cancellation * channel_var:
+            channel_var = centered[c] / rows
+        mean[c] = shift[c] + center[c]
+        var[c] = channel_var
+        rstd[c] = reciprocal_std(channel_var, eps)
+
+
+@helper
+def _column_moments(x, start, stop, c0, c1, shift, center, sums, squares):
+    """Σd and Σd² with d = (x − shift) − center, over rows [start, stop) of channels
+    [c0, c1), into ``sums[c0:c1]`` and ``squares[c0:c1]``. Rows are taken ROW_BLOCK at a
+    time and added as ((d0 + d1) + (d2 + d3)): the accumulators are loaded and stored once
+    per block instead of once per row (the loads and stores set the pace otherwise).
+    The order depends on ``start`` and ``stop`` only."""
+    width = c1 - c0
+    shift_block = shift[c0:c1]
+    center_block = center[c0:c1]
+    total = sums[c0:c1]
+    square = squares[c0:c1]
+    for c in range(width):
+        total[c] = 0.0
+        square[c] = 0.0
+    r = start
+    while r + ROW_BLOCK <= stop:
+        x0 = x[r, c0:c1]
+        x1 = x[r + 1, c0:c1]
+        x2 = x[r + 2, c0:c1]
+        x3 = x[r + 3, c0:c1]
+        for c in range(width):
+            s = shift_block[c]
+            m = center_block[c]
+            d0 = (x0[c] - s) - m
+            d1 = (x1[c] - s) - m
+            d2 = (x2[c] - s) - m
+            d3 = (x3[c] - s) - m
+            total[c] += (d0 + d1) + (d2 + d3)
+            square[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        r += ROW_BLOCK
+    while r < stop:
+        x_row = x[r, c0:c1]
+        for c in range(width):
+            d = (x_row[c] - shift_block[c]) - center_block[c]
+            total[c] += d
+            square[c] += d * d
+        r += 1
+
+
+@helper
+def _in_group_order(part_a, part_b):
+    """Column sums of two (groups, C) tables, group 0 first (vectorized across channels)."""
+    total_a = part_a[0].copy()
+    total_b = part_b[0].copy()
+    channels = part_a.shape[1]
+    for g in range(1, part_a.shape[0]):
+        row_a = part_a[g]
+        row_b = part_b[g]
+        for c in range(channels):
+            total_a[c] += row_a[c]
+            total_b[c] += row_b[c]
+    return total_a, total_b
 
 
 @helper
@@ -142,17 +229,86 @@ def channels_first_apply(x, y, weight, bias, mean, rstd):
 
 
 @kernel
-def channels_last_apply(x, y, weight, bias, mean, rstd, chunk_rows):
-    """Twin of ``reference.apply_stats`` for (rows, C) with per-channel statistics."""
+def channels_last_apply(x, y, weight, bias, mean, rstd, group_rows, block_channels):
+    """Twin of ``reference.apply_stats`` for (rows, C) with per-channel statistics, in
+    units of (row group, channel block) as :func:`channels_last_stats`."""
     rows = x.shape[0]
     channels = x.shape[1]
-    chunks = (rows + chunk_rows - 1) // chunk_rows
-    for k in prange(chunks):
-        for r in range(k * chunk_rows, min(rows, (k + 1) * chunk_rows)):
-            x_row = x[r]
-            y_row = y[r]
-            for c in range(channels):
-                y_row[c] = (x_row[c] - mean[c]) * rstd[c] * weight[c] + bias[c]
+    groups = (rows + group_rows - 1) // group_rows
+    blocks = (channels + block_channels - 1) // block_channels
+    for unit in prange(groups * blocks):
+        g = unit // blocks
+        c0 = (unit % blocks) * block_channels
+        c1 = min(channels, c0 + block_channels)
+        width = c1 - c0
+        m = mean[c0:c1]
+        rs = rstd[c0:c1]
+        w = weight[c0:c1]
+        b = bias[c0:c1]
+        for r in range(g * group_rows, min(rows, (g + 1) * group_rows)):
+            x_row = x[r, c0:c1]
+            y_row = y[r, c0:c1]
+            for c in range(width):
+                y_row[c] = (x_row[c] - m[c]) * rs[c] * w[c] + b[c]
+
+
+@kernel
+def channels_last_apply32(x, y, weight, bias, mean, rstd, group_rows, block_channels):
+    """:func:`channels_last_apply` for float32 x and y in float32 SIMD arithmetic:
+    ``y = ((x − hi) − lo)·scale + shift`` with the tables of :func:`_folded32`; a channel
+    that :func:`_folded32` finds unfit for float32 is written again in float64, as
+    :func:`channels_last_apply` writes it (the other channels keep their bits)."""
+    hi, lo, scale, shift, unfit = _folded32(weight, bias, mean, rstd)
+    rows = x.shape[0]
+    channels = x.shape[1]
+    groups = (rows + group_rows - 1) // group_rows
+    blocks = (channels + block_channels - 1) // block_channels
+    for unit in prange(groups * blocks):
+        g = unit // blocks
+        c0 = (unit % blocks) * block_channels
+        c1 = min(channels, c0 + block_channels)
+        width = c1 - c0
+        start = g * group_rows
+        stop = min(rows, start + group_rows)
+        h = hi[c0:c1]
+        low = lo[c0:c1]
+        s = scale[c0:c1]
+        b = shift[c0:c1]
+        for r in range(start, stop):
+            x_row = x[r, c0:c1]
+            y_row = y[r, c0:c1]
+            for c in range(width):
+                y_row[c] = ((x_row[c] - h[c]) - low[c]) * s[c] + b[c]
+        for c in range(c0, c1):
+            if unfit[c]:
+                for r in range(start, stop):
+                    y[r, c] = (x[r, c] - mean[c]) * rstd[c] * weight[c] + bias[c]
+
+
+@helper
+def _folded32(weight, bias, mean, rstd):
+    """(hi, lo, scale, shift, unfit): float32 tables of the training forward's apply, the
+    mean split as in ``rows.apply_row`` (``hi = float32(mean)``, ``lo = float32(mean − hi)``,
+    so that ``x − hi`` is exact near the mean: a constant channel gives exactly the bias,
+    a symmetric one an exact zero in the middle) and ``scale = float32(rstd·w)``. ``unfit``
+    marks the channels whose rstd or scale leaves (rows.RSTD_LOW, rows.RSTD_HIGH), where
+    float32 products could underflow or overflow, or is NaN: those are applied in float64."""
+    channels = mean.shape[0]
+    hi = np.empty(channels, np.float32)
+    lo = np.empty(channels, np.float32)
+    scale = np.empty(channels, np.float32)
+    shift = np.empty(channels, np.float32)
+    unfit = np.zeros(channels, np.bool_)
+    for c in range(channels):
+        rs = rstd[c]
+        folded = rs * weight[c]
+        unfit[c] = not (RSTD_LOW < rs < RSTD_HIGH) or not (folded == 0.0 or RSTD_LOW < abs(folded) < RSTD_HIGH)
+        m = mean[c]
+        hi[c] = np.float32(m)
+        lo[c] = np.float32(m - np.float64(hi[c]))
+        scale[c] = np.float32(folded)
+        shift[c] = np.float32(bias[c])
+    return hi, lo, scale, shift, unfit
 
 
 @kernel
@@ -202,44 +358,90 @@ def channels_first_backward(grad_y, x, weight, mean, rstd, rms, outer_chunk, par
 
 
 @kernel
-def channels_last_backward(grad_y, x, weight, mean, rstd, rms, chunk_rows, part_g, part_g_dev,
-                           grad_x, grad_weight, grad_bias):
-    """Twin of ``reference.backward`` for (rows, C); ``part_*`` are (chunks, C) scratch,
-    zeroed by the caller, added in chunk order."""
+def channels_last_backward(grad_y, x, weight, mean, rstd, rms, group_rows, block_channels, parts, grad_x, grad_weight,
+                           grad_bias):
+    """Twin of ``reference.backward`` for (rows, C): one pass for Σg and Σg·(x − mean)
+    per group of ``group_rows`` rows (rows outer, channels inner, as in
+    :func:`channels_last_stats`; ``parts`` is its scratch), added up in group order into
+    ``grad_bias`` and ``grad_weight``, then one pass writing ``grad_x``."""
     rows = x.shape[0]
     channels = x.shape[1]
-    chunks = part_g.shape[0]
-    for k in prange(chunks):
-        sums = part_g[k]
-        dev_sums = part_g_dev[k]
-        for r in range(k * chunk_rows, min(rows, (k + 1) * chunk_rows)):
-            g_row = grad_y[r]
-            x_row = x[r]
-            for c in range(channels):
-                gy = np.float64(g_row[c])
-                sums[c] += gy
-                dev_sums[c] += gy * (x_row[c] - mean[c])
+    groups = (rows + group_rows - 1) // group_rows
+    blocks = (channels + block_channels - 1) // block_channels
+    for unit in prange(groups * blocks):
+        g = unit // blocks
+        c0 = (unit % blocks) * block_channels
+        _column_gradient_sums(grad_y, x, g * group_rows, min(rows, (g + 1) * group_rows), c0,
+                              min(channels, c0 + block_channels), mean, parts[0, g], parts[1, g])
+    sum_g, sum_g_dev = _in_group_order(parts[0], parts[1])
     proj = np.empty(channels)
     mean_gw = np.zeros(channels)
     for c in range(channels):
-        sum_g = 0.0
-        sum_g_dev = 0.0
-        for k in range(chunks):
-            sum_g += part_g[k, c]
-            sum_g_dev += part_g_dev[k, c]
-        grad_bias[c] = sum_g
-        grad_weight[c] = sum_g_dev * rstd[c]
-        proj[c] = weight[c] * grad_weight[c] / rows
+        proj[c] = weight[c] * (sum_g_dev[c] * rstd[c]) / rows
         if not rms:
-            mean_gw[c] = weight[c] * sum_g / rows
-    for k in prange(chunks):
-        for r in range(k * chunk_rows, min(rows, (k + 1) * chunk_rows)):
-            g_row = grad_y[r]
-            x_row = x[r]
-            gx_row = grad_x[r]
-            for c in range(channels):
-                x_hat = (x_row[c] - mean[c]) * rstd[c]
-                gx_row[c] = ((g_row[c] * weight[c] - x_hat * proj[c]) - mean_gw[c]) * rstd[c]
+            mean_gw[c] = weight[c] * sum_g[c] / rows
+    for unit in prange(groups * blocks):
+        g = unit // blocks
+        c0 = (unit % blocks) * block_channels
+        c1 = min(channels, c0 + block_channels)
+        width = c1 - c0
+        if g == 0:  # each channel's parameter gradients written once
+            for c in range(c0, c1):
+                grad_bias[c] = sum_g[c]
+                grad_weight[c] = sum_g_dev[c] * rstd[c]
+        m = mean[c0:c1]
+        rs = rstd[c0:c1]
+        w = weight[c0:c1]
+        p = proj[c0:c1]
+        mg = mean_gw[c0:c1]
+        for r in range(g * group_rows, min(rows, (g + 1) * group_rows)):
+            g_row = grad_y[r, c0:c1]
+            x_row = x[r, c0:c1]
+            gx_row = grad_x[r, c0:c1]
+            for c in range(width):
+                x_hat = (x_row[c] - m[c]) * rs[c]
+                gx_row[c] = ((g_row[c] * w[c] - x_hat * p[c]) - mg[c]) * rs[c]
+
+
+@helper
+def _column_gradient_sums(grad_y, x, start, stop, c0, c1, mean, sums, dev_sums):
+    """Σg and Σg·(x − mean) over rows [start, stop) of channels [c0, c1), into
+    ``sums[c0:c1]`` and ``dev_sums[c0:c1]``, ROW_BLOCK rows at a time as in
+    :func:`_column_moments`."""
+    width = c1 - c0
+    center = mean[c0:c1]
+    total = sums[c0:c1]
+    dev_total = dev_sums[c0:c1]
+    for c in range(width):
+        total[c] = 0.0
+        dev_total[c] = 0.0
+    r = start
+    while r + ROW_BLOCK <= stop:
+        g0 = grad_y[r, c0:c1]
+        g1 = grad_y[r + 1, c0:c1]
+        g2 = grad_y[r + 2, c0:c1]
+        g3 = grad_y[r + 3, c0:c1]
+        x0 = x[r, c0:c1]
+        x1 = x[r + 1, c0:c1]
+        x2 = x[r + 2, c0:c1]
+        x3 = x[r + 3, c0:c1]
+        for c in range(width):
+            m = center[c]
+            a0 = np.float64(g0[c])
+            a1 = np.float64(g1[c])
+            a2 = np.float64(g2[c])
+            a3 = np.float64(g3[c])
+            total[c] += (a0 + a1) + (a2 + a3)
+            dev_total[c] += (a0 * (x0[c] - m) + a1 * (x1[c] - m)) + (a2 * (x2[c] - m) + a3 * (x3[c] - m))
+        r += ROW_BLOCK
+    while r < stop:
+        g_row = grad_y[r, c0:c1]
+        x_row = x[r, c0:c1]
+        for c in range(width):
+            a = np.float64(g_row[c])
+            total[c] += a
+            dev_total[c] += a * (x_row[c] - center[c])
+        r += 1
 
 
 @kernel
@@ -276,3 +478,14 @@ def channels_last_scale_shift(x, y, hi, lo, scale, shift, chunk_rows):
             y_row = y[r]
             for c in range(channels):
                 y_row[c] = ((x_row[c] - hi[c]) - lo[c]) * scale[c] + shift[c]
+
+
+@kernel
+def update_running(running_mean, running_var, mean, var, count, factor):
+    """Batch norm's running statistics, in place: ``running = (1 − factor)·running +
+    factor·batch`` with the unbiased batch variance ``var·count/(count − 1)``, computed
+    in float64 and rounded once to the running statistics' dtype."""
+    correction = count / (count - 1)
+    for c in range(mean.shape[0]):
+        running_mean[c] = (1.0 - factor) * np.float64(running_mean[c]) + factor * mean[c]
+        running_var[c] = (1.0 - factor) * np.float64(running_var[c]) + factor * (var[c] * correction)

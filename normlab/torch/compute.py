@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from normlab import kernels
 from normlab.errors import InputError
 from normlab.plan import make_plan
-from normlab.torch import row_autograd
+from normlab.torch import batch_train, row_autograd
 from normlab.torch.ops import _EagerNormalize, _is_eager, _normalize_op
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path, _needs_torch_ops
 from normlab.torch.spec import PlanFacts, Spec, _dense_perm, _empty_like_dense, _engine_view
@@ -355,6 +355,10 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
     count = _values_per_channel(x)
     if module.training:
         _check_batch(x, count)
+        if path == "kernel":
+            y = batch_train.forward(module, x, factor)
+            if y is not None:
+                return y
     y, mean, rstd = _normalize(x, module.weight, module.bias, module._spec, module.eps, path)
     if module.training and module.track_running_stats and module.running_mean is not None:
         channels = x.shape[1]

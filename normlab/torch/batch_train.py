@@ -1,0 +1,182 @@
+"""Batch norm in training straight on the column kernels, with little Python per call.
+
+The full path (:func:`normlab.torch.compute._normalize`) goes through the engine's NumPy
+API: it checks the arguments, builds the plan and lays out parameters on every call,
+about 100 µs before a kernel starts. Batch norm's view is always the same, (outer, C,
+inner) for channels-first input and (rows, C, 1) for channels_last, so a module keeps
+a :class:`TrainCall` per input shape and strides and calls
+:func:`normlab.kernels.column_forward` / :func:`normlab.kernels.column_backward`
+directly. The running statistics are updated in place by one small kernel (their version
+counters bumped, as an in-place torch op would). Gradients go through
+:class:`_TrainFunction`, whose backward calls the kernel with the saved statistics; a
+differentiable backward (``create_graph=True``) is torch's autograd of the composite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from normlab import kernels
+from normlab.torch.spec import _empty_like_dense
+
+_NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64}
+_MAX_CALLS = 64  # shapes remembered per module
+
+
+@dataclass(frozen=True)
+class TrainCall:
+    """How one input shape, strides and dtype runs: ``x.permute(perm)`` (``perm`` None:
+    ``x`` itself) is C-contiguous and reshapes to ``view`` = (outer, C, inner)."""
+
+    view: tuple[int, int, int]
+    perm: Optional[tuple[int, ...]]
+    count: int  # values per channel
+
+    def engine(self, t: Tensor) -> np.ndarray:
+        t = t.detach()
+        return (t if self.perm is None else t.permute(self.perm)).numpy().reshape(self.view)
+
+
+def _plan_call(x: Tensor) -> Optional[TrainCall]:
+    channels = x.shape[1]
+    if x.numel() == 0:
+        return None  # the full path says what an empty batch gives
+    if x.is_contiguous():
+        inner = math.prod(x.shape[2:])
+        return TrainCall((x.shape[0], channels, inner), None, x.shape[0] * inner)
+    perm = (0,) + tuple(range(2, x.dim())) + (1,)  # channels_last: (N, *spatial, C)
+    if x.dim() > 2 and x.permute(perm).is_contiguous():
+        rows = x.numel() // channels
+        return TrainCall((rows, channels, 1), perm, rows)
+    return None
+
+
+def _call_for(module, x: Tensor) -> Optional[TrainCall]:
+    calls = module.__dict__.get("_normlab_train")
+    if calls is None:
+        calls = module.__dict__["_normlab_train"] = {}
+    key = (x.shape, x.stride(), x.dtype)
+    call = calls.get(key, False)
+    if call is False:
+        if len(calls) >= _MAX_CALLS:
+            calls.clear()
+        call = calls[key] = _plan_call(x)
+    return call
+
+
+def _fits(t: Optional[Tensor], dtype) -> bool:
+    return t is None or (type(t) in (Tensor, torch.nn.Parameter) and t.dtype == dtype and t.device.type == "cpu")
+
+
+def forward(module, x: Tensor, factor: float) -> Optional[Tensor]:
+    """BatchNorm's training forward (batch statistics; the running ones updated with
+    ``factor`` when the module tracks them) where ``paths._choose_path`` chose the
+    kernel, or None where the full path must run:
+    other dtypes, devices or strides, tensor subclasses, tracing and compilation,
+    parameters or running statistics of another dtype."""
+    if type(x) is not Tensor or x.dtype not in _NUMPY_OF or torch.compiler.is_compiling():
+        return None  # (the caller chose the kernel path: a CPU tensor, no tracing or transforms)
+    weight, bias = module.weight, module.bias
+    if not (_fits(weight, x.dtype) and _fits(bias, x.dtype)):
+        return None
+    if _tracks(module) and not (_running_fits(module.running_mean) and _running_fits(module.running_var)):
+        return None
+    call = _call_for(module, x)
+    if call is None:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        return _TrainFunction.apply(x, weight, bias, module, call, factor)
+    return _run_forward(module, call, x, weight, bias, factor)[0]
+
+
+def _tracks(module) -> bool:
+    return module.training and module.track_running_stats and module.running_mean is not None
+
+
+def _running_fits(t: Optional[Tensor]) -> bool:
+    return (t is not None and type(t) is Tensor and t.dtype in _NUMPY_OF and t.device.type == "cpu"
+            and t.is_contiguous() and not t.requires_grad)
+
+
+def _table(param: Optional[Tensor], fill: float, channels: int) -> np.ndarray:
+    """A parameter as the kernels read it: float64 of length C (shared constants for None)."""
+    if param is None:
+        return kernels._constant_table((channels,), fill)
+    return np.asarray(param.detach().numpy(), np.float64)
+
+
+def _run_forward(module, call: TrainCall, x: Tensor, weight, bias, factor: float):
+    channels = call.view[1]
+    y = _empty_like_dense(x, call.perm)
+    stats = np.empty((3, channels))
+    mean, var, rstd = stats
+    kernels.column_forward(call.engine(x), call.engine(y), _table(weight, 1.0, channels), _table(bias, 0.0, channels),
+                           False, float(module.eps), False, mean, var, rstd)
+    if _tracks(module):
+        from normlab.kernels import columns
+
+        running_mean, running_var = module.running_mean, module.running_var
+        columns.update_running(running_mean.numpy(), running_var.numpy(), mean, var, call.count, float(factor),
+                               serial=True)
+        # written through NumPy: bump the version counters, as an in-place torch op would
+        torch.autograd.graph.increment_version(running_mean)
+        torch.autograd.graph.increment_version(running_var)
+    return y, mean, rstd
+
+
+def _run_backward(call: TrainCall, grad_y: Tensor, x: Tensor, weight, eps: float, mean, rstd):
+    if type(grad_y) is not Tensor or grad_y.dtype != x.dtype or grad_y.stride() != x.stride():
+        grad_y = torch.empty_like(x).copy_(grad_y)  # x's layout, so one view fits both
+    channels = call.view[1]
+    grad_x = _empty_like_dense(x, call.perm)
+    grad_weight, grad_bias = np.empty((2, channels))
+    kernels.column_backward(call.engine(grad_y), call.engine(x), _table(weight, 1.0, channels), False, eps, True,
+                            mean, rstd, call.engine(grad_x), grad_weight, grad_bias)
+    return grad_x, grad_weight, grad_bias
+
+
+class _TrainFunction(torch.autograd.Function):
+    """The training forward and its backward on the kernels (inputs x, weight, bias)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, module, call, factor):
+        y, mean, rstd = _run_forward(module, call, x, weight, bias, factor)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.call, ctx.stats, ctx.eps, ctx.spec = call, (mean, rstd), float(module.eps), module._spec
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            grads = _differentiable_backward(ctx, grad_y, x, weight, bias)
+        else:
+            grad_x, grad_weight, grad_bias = _run_backward(ctx.call, grad_y, x, weight, ctx.eps, *ctx.stats)
+            grads = (grad_x if ctx.needs_input_grad[0] else None,
+                     torch.from_numpy(grad_weight).to(weight.dtype) if ctx.needs_input_grad[1] else None,
+                     torch.from_numpy(grad_bias).to(bias.dtype) if ctx.needs_input_grad[2] else None)
+        return (*grads, None, None, None)
+
+
+def _differentiable_backward(ctx, grad_y, x, weight, bias):
+    """create_graph=True (a gradient penalty, gradgradcheck): the gradient as torch's
+    autograd of the composite forward (the same math in torch operations), recomputed
+    from the saved inputs, so that it carries a graph and a second derivative is exact."""
+    from normlab.torch.compute import _composite_normalize  # compute imports this module
+
+    inputs = (x, weight, bias)
+    wanted = [i for i in range(3) if inputs[i] is not None and ctx.needs_input_grad[i]]
+    grads = [None, None, None]
+    if wanted:
+        y = _composite_normalize(x, weight, bias, ctx.spec, ctx.eps)[0]
+        found = torch.autograd.grad(y, [inputs[i] for i in wanted], grad_y, create_graph=True, allow_unused=True)
+        for i, grad in zip(wanted, found):
+            grads[i] = torch.zeros_like(inputs[i]) if grad is None else grad
+    return tuple(grads)
