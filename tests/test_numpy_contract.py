@@ -201,13 +201,14 @@ def test_a_pattern_expanding_past_numpys_axis_limit_is_a_shape_error():
 
 def test_integer_and_numpy_flags_compile_no_new_kernel_signature():
     pytest.importorskip("numba")
-    from normlab.kernels import columns, fused, rows, segments
+    from normlab.kernels import columns, fused, rows, rows_backward, segments
     from normlab.kernels._jit import Kernel
 
     x = np.random.default_rng(10).standard_normal((4, 8)).astype(np.float32)
     g = np.ones_like(x)
     counted = np.ones(x.shape, bool)
-    kernels = [rows.row_forward, rows.row_backward, columns.channels_last_stats, fused.fused_row_forward]
+    kernels = [rows.row_forward, rows.row_backward, rows_backward.row_backward32, columns.channels_last_stats,
+               fused.fused_row_forward]
     kernels += [k for k in vars(segments).values() if isinstance(k, Kernel)]
 
     def run(flag):

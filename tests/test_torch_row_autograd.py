@@ -178,3 +178,75 @@ def test_a_nan_stays_in_its_row_of_every_gradient(no_full_path):
     assert grad_x[2].isnan().all()
     expected = torch.autograd.grad(reference(x[clean]), (x,), grad_y[clean])[0][clean]
     torch.testing.assert_close(grad_x[clean], expected)
+
+
+def _definition(x, weight, bias, reduced, eps):
+    """Layer norm from its definition in float64 torch operations (autograd is the oracle)."""
+    mean = x.mean(dim=reduced, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=reduced, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+@pytest.mark.parametrize("pattern, params, shape, param_shape, reduced", [
+    ("b [t d]", "d", (40, 3, 8), (8,), (1, 2)),  # per-element weights repeating along the row
+    ("b t [d]", "t d", (20, 3, 8), (3, 8), (2,)),  # weights that differ from row to row
+    ("b [d]", "d", (45, 16), (16,), (1,)),  # more rows than one float32 accumulation holds
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pattern_norm_parameter_layouts_match_the_definition_under_autograd(pattern, params, shape, param_shape,
+                                                                            reduced, dtype, no_full_path):
+    torch.manual_seed(2)
+    sizes = dict(zip(params.split(), param_shape))  # weight (3, 8) over "t d" broadcasts against (b, t, d)
+    twin = nt.Norm(pattern, params=params, dtype=dtype, **sizes)
+    with torch.no_grad():
+        twin.weight.uniform_(0.5, 1.5)
+        twin.bias.uniform_(-1, 1)
+    x64 = (torch.randn(shape, dtype=torch.float64) * 2 + 5).requires_grad_()
+    w64 = twin.weight.detach().double().requires_grad_()
+    b64 = twin.bias.detach().double().requires_grad_()
+    grad_y = torch.randn(shape, dtype=torch.float64)
+    expected = torch.autograd.grad(_definition(x64, w64, b64, reduced, twin.eps), (x64, w64, b64), grad_y)
+    x = x64.detach().to(dtype).requires_grad_()
+    got = torch.autograd.grad(twin(x), (x, twin.weight, twin.bias), grad_y.to(dtype))
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
+    for mine, theirs in zip(got, expected):
+        torch.testing.assert_close(mine.double(), theirs, **tolerance)
+
+
+@pytest.mark.parametrize("scale", [1e-33, 1e31, 1e-40])
+def test_float32_rows_of_extreme_scale_keep_their_gradients(scale, no_full_path):
+    # rstd near 1e33, 1e-31 or 1e40 (beyond float32: only the float64 arithmetic holds it)
+    reference, twin = _pair("LayerNorm", (32,), torch.float64)
+    reference.eps = twin.eps = 0.0
+    twin.float()
+    base = torch.randn(3, 32, dtype=torch.float64)
+    x64 = (base * scale).float().double().requires_grad_()
+    grad_y = torch.randn(3, 32, dtype=torch.float64)
+    expected = _grads(reference, x64, grad_y, (x64, *reference.parameters()))
+    x = x64.detach().float().requires_grad_()
+    got = _grads(twin, x, grad_y.float(), (x, *twin.parameters()))
+    if scale < 1e-38:  # grad_x (about 1e40) is past float32's range; the parameter gradients are not
+        got, expected = got[1:], expected[1:]
+    for mine, theirs in zip(got, expected):
+        assert torch.isfinite(mine).all()
+        torch.testing.assert_close(mine.double(), theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
+
+
+def test_float32_gradients_are_bit_identical_whatever_torch_threads_allow():
+    from normlab import kernels
+
+    rows = -(-2 * kernels.SERIAL_BELOW // 256)  # large enough for the threaded kernel
+    x = torch.randn(rows, 256) * 3 + 1
+    grad_y = torch.randn(rows, 256)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            twin = nt.LayerNorm(256)
+            leaf = x.clone().requires_grad_()
+            results.append(torch.autograd.grad(twin(leaf), (leaf, twin.weight, twin.bias), grad_y))
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*results):
+        assert one.numpy().tobytes() == two.numpy().tobytes()

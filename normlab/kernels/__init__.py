@@ -511,9 +511,8 @@ class FastBackward:
         weight_parts = np.zeros((self.chunks,) + plan.table_shape)
         bias_parts = np.zeros((self.chunks,) + plan.table_shape)
         mean_flat = _constant_table((rows,), 0.0) if mean is None else mean.reshape(rows)
-        from normlab.kernels.rows import row_backward
-
-        row_backward(g, np.ascontiguousarray(x).reshape(plan.shape), table, plan.param_row_stride,
+        _row_backward_kernel(plan.dtype)(
+                     g, np.ascontiguousarray(x).reshape(plan.shape), table, plan.param_row_stride,
                      plan.param_inner, plan.rms, 0.0, True, mean_flat, rstd.reshape(rows), self.chunk_rows, grad_x,
                      weight_parts, bias_parts, serial=rows * n < SERIAL_BELOW)
         grad_x = grad_x.reshape(plan.out_shape)
@@ -524,16 +523,28 @@ class FastBackward:
     def _table(self, weight) -> np.ndarray:
         plan = self.forward
         if weight is None:
-            return _constant_table(plan.table_shape, 1.0)
+            return _constant_table(plan.table_shape, 1.0, plan.table_dtype)
         if plan.direct_params:
-            return np.ascontiguousarray(weight, np.float64).reshape(plan.table_shape)
-        return _param_table(plan.plan.expand_params(weight), plan.view, True)
+            return np.ascontiguousarray(weight, plan.table_dtype).reshape(plan.table_shape)
+        return _param_table(plan.plan.expand_params(weight), plan.view, True, plan.table_dtype)
 
     def _params(self, table: np.ndarray) -> np.ndarray:
         plan = self.forward
         if plan.direct_params:
             return table.reshape(plan.param_shape)
         return plan.plan.collapse_params(table.reshape(plan.plan.param_broadcast_shape))
+
+
+def _row_backward_kernel(dtype: np.dtype):
+    """The row backward for a compute dtype: float32 SIMD arithmetic for float32 rows (with
+    a float32 weight table), float64 otherwise."""
+    if dtype == np.float32:
+        from normlab.kernels.rows_backward import row_backward32
+
+        return row_backward32
+    from normlab.kernels.rows import row_backward
+
+    return row_backward
 
 
 def fast_backward(forward: FastForward) -> FastBackward:
@@ -563,7 +574,9 @@ def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need
         x = np.ascontiguousarray(prepared.x, dtype=dtype).reshape(shape)
         g = np.ascontiguousarray(grad_y, dtype=dtype).reshape(shape)
     grad_x = pool.empty(shape, _result_buffer_dtype(prepared.dtype, dtype))
-    weight = _param_table(prepared.weight, view, ones=True)
+    # float32 rows with a float32 result run in float32 arithmetic (see kernels.rows_backward)
+    float32_rows = isinstance(view, RowView) and grad_x.dtype == np.float32
+    weight = _param_table(prepared.weight, view, ones=True, dtype=np.float32 if float32_rows else np.float64)
     serial = x.size < SERIAL_BELOW
     groups = view.rows if isinstance(view, RowView) else view.channels
     stats_given = rstd is not None
@@ -574,12 +587,10 @@ def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need
         mean_flat, rstd_flat = np.empty(groups), np.empty(groups)
 
     if isinstance(view, RowView):
-        from normlab.kernels.rows import row_backward
-
         chunk_rows, chunks = row_chunks(view.rows, view.n)
         weight_parts = np.zeros((chunks,) + weight.shape)
         bias_parts = np.zeros((chunks,) + weight.shape)
-        row_backward(g, x, weight, view.param_row_stride, view.param_inner, rms, eps, stats_given,
+        _row_backward_kernel(grad_x.dtype)(g, x, weight, view.param_row_stride, view.param_inner, rms, eps, stats_given,
                      mean_flat, rstd_flat, chunk_rows, grad_x, weight_parts, bias_parts, serial=serial)
         grad_weight, grad_bias = _sum_parts(weight_parts), _sum_parts(bias_parts)
     else:

@@ -98,6 +98,12 @@ def helper(fn):
     return numba.njit(**NUMBA_OPTIONS)(fn)
 
 
+def inline_helper(fn):
+    """As :func:`helper`, inlined by Numba before LLVM sees it: for a per-row helper too
+    large for LLVM's inliner, whose call would cost more than a short row's work."""
+    return numba.njit(inline="always", **NUMBA_OPTIONS)(fn)
+
+
 def reduction(fn):
     """Decorate a summing helper: as :func:`helper`, with ``reassoc`` so that it vectorizes."""
     return numba.njit(**dict(NUMBA_OPTIONS, fastmath=REDUCTION_FASTMATH))(fn)

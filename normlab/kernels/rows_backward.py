@@ -1,0 +1,242 @@
+"""The row backward for float32 rows in float32 SIMD arithmetic (layer, RMS, group norm).
+
+Twin of ``reference.backward`` and of :func:`normlab.kernels.rows.row_backward` (its
+float64 form). With ``x̂ = (x − mean)·rstd`` and ``ĝ = g·w``:
+
+    grad_x = ((ĝ − x̂·Σ(ĝ·x̂)/n) − Σĝ/n)·rstd,   grad_w = Σ_rows g·x̂,   grad_b = Σ_rows g
+
+(RMS: mean 0 and no Σĝ/n term). Numerics, and why they hold the float64 result:
+
+* ``x̂ = ((x − hi) − lo)·rstd`` with the float64 mean split into ``hi = float32(mean)`` and
+  ``lo = float32(mean − hi)``, as the float32 forward applies it (``rows.row_forward32``):
+  ``x − hi`` is exact where x is near the mean, so x̂ keeps float32's relative accuracy
+  however far the mean is from zero (|mean|/std = 1e6 included), and a constant row
+  has x̂ exactly 0.
+* the two row sums run in float32 over blocks of at most :data:`BLOCK` elements (SIMD
+  lanes, a few dozen adds each) and the blocks are added in float64.
+* the parameter gradients add up to :data:`FLUSH_ROWS` rows' float32 products in float32,
+  then into float64 parts, one set per chunk of rows (chunks fixed by the shape, added in
+  index order by the caller), so the sums are the same on every thread count.
+* a row whose rstd leaves (RSTD_LOW, RSTD_HIGH), where float32 products could underflow
+  or overflow, runs in float64, as in the forward.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from normlab.kernels._jit import inline_helper, kernel, prefetch, reduction
+from normlab.kernels.rows import RSTD_HIGH, RSTD_LOW
+from normlab.kernels.sums import group_stats
+
+BLOCK = 1024  # elements per float32 partial sum (64 SIMD accumulators × 16 adds), flushed to float64
+FLUSH_ROWS = 16  # rows whose per-element parameter terms add up in float32 before a float64 flush
+
+
+@reduction
+def _weighted_sums(g, x, w, hi, lo, rs, zero):
+    """(Σ g·w, Σ g·w·x̂) over one block, in the arithmetic of ``zero`` (float32 or
+    float64), returned in float64. Small, so LLVM inlines it into a row loop."""
+    sum_gw = zero
+    sum_gwx = zero
+    for i in range(x.shape[0]):
+        gw = g[i] * w[i]
+        sum_gw += gw
+        sum_gwx += gw * (((x[i] - hi) - lo) * rs)
+    return np.float64(sum_gw), np.float64(sum_gwx)
+
+
+@reduction
+def _plain_sums(g, x, hi, lo, rs, zero):
+    """(Σ g, Σ g·x̂) over one block, in the arithmetic of ``zero``, returned in float64."""
+    sum_g = zero
+    sum_gx = zero
+    for i in range(x.shape[0]):
+        sum_g += g[i]
+        sum_gx += g[i] * (((x[i] - hi) - lo) * rs)
+    return np.float64(sum_g), np.float64(sum_gx)
+
+
+@reduction
+def _blocked_weighted_sums(g, x, w, hi, lo, rs, zero):
+    """:func:`_weighted_sums` over a row longer than a block, block by block."""
+    sum_gw = 0.0
+    sum_gwx = 0.0
+    for start in range(0, x.shape[0], BLOCK):
+        stop = min(start + BLOCK, x.shape[0])
+        sg, sgx = _weighted_sums(g[start:stop], x[start:stop], w[start:stop], hi, lo, rs, zero)
+        sum_gw += sg
+        sum_gwx += sgx
+    return sum_gw, sum_gwx
+
+
+@reduction
+def _blocked_plain_sums(g, x, hi, lo, rs, zero):
+    """:func:`_plain_sums` over a segment longer than a block, block by block."""
+    sum_g = 0.0
+    sum_gx = 0.0
+    for start in range(0, x.shape[0], BLOCK):
+        stop = min(start + BLOCK, x.shape[0])
+        sg, sgx = _plain_sums(g[start:stop], x[start:stop], hi, lo, rs, zero)
+        sum_g += sg
+        sum_gx += sgx
+    return sum_g, sum_gx
+
+
+@inline_helper
+def _row_sums(g_row, x_row, w_row, part_w, part_b, inner, hi, lo, rs, zero):
+    """(Σ g·w, Σ g·w·x̂) of one row in float64; per-channel parameters (``inner > 1``) get
+    their parts here, from the channel sums."""
+    n = x_row.shape[0]
+    channels = w_row.shape[0]
+    if inner == 1:
+        if n == channels and n <= BLOCK:  # one short row of per-element weights: one block
+            return _weighted_sums(g_row, x_row, w_row, hi, lo, rs, zero)
+        sum_gw = 0.0
+        sum_gwx = 0.0
+        for base in range(0, n, channels):
+            sg, sgx = _blocked_weighted_sums(g_row[base:base + channels], x_row[base:base + channels], w_row,
+                                             hi, lo, rs, zero)
+            sum_gw += sg
+            sum_gwx += sgx
+        return sum_gw, sum_gwx
+    sum_gw = 0.0
+    sum_gwx = 0.0
+    for a in range(n // (channels * inner)):
+        for c in range(channels):
+            base = (a * channels + c) * inner
+            if inner <= BLOCK:
+                sg, sgx = _plain_sums(g_row[base:base + inner], x_row[base:base + inner], hi, lo, rs, zero)
+            else:
+                sg, sgx = _blocked_plain_sums(g_row[base:base + inner], x_row[base:base + inner], hi, lo, rs, zero)
+            sum_gw += np.float64(w_row[c]) * sg
+            sum_gwx += np.float64(w_row[c]) * sgx
+            part_w[c] += sgx
+            part_b[c] += sg
+    return sum_gw, sum_gwx
+
+
+@inline_helper
+def _row_gradient(g_row, x_row, gx_row, w_row, acc_w, acc_b, inner, hi, lo, rs, proj, mean_gw):
+    """One row's ``grad_x = ((g·w − x̂·proj) − mean_gw)·rs`` in the arithmetic of the
+    scalars; with one weight per element (``inner == 1``) its terms g·x̂ and g are also
+    added into ``acc_w``/``acc_b`` in the same loop."""
+    n = x_row.shape[0]
+    channels = w_row.shape[0]
+    repeats = n // (channels * inner)
+    # loops index slices from 0: LLVM then knows no index is negative and vectorizes
+    if inner == 1:
+        for a in range(repeats):
+            x_seg = x_row[a * channels:(a + 1) * channels]
+            g_seg = g_row[a * channels:(a + 1) * channels]
+            gx_seg = gx_row[a * channels:(a + 1) * channels]
+            for c in range(channels):
+                gy = g_seg[c]
+                x_hat = ((x_seg[c] - hi) - lo) * rs
+                gx_seg[c] = ((gy * w_row[c] - x_hat * proj) - mean_gw) * rs
+                acc_w[c] += gy * x_hat
+                acc_b[c] += gy
+    else:
+        for a in range(repeats):
+            for c in range(channels):
+                w = w_row[c]
+                base = (a * channels + c) * inner
+                x_seg = x_row[base:base + inner]
+                g_seg = g_row[base:base + inner]
+                gx_seg = gx_row[base:base + inner]
+                for s in range(inner):
+                    x_hat = ((x_seg[s] - hi) - lo) * rs
+                    gx_seg[s] = ((g_seg[s] * w - x_hat * proj) - mean_gw) * rs
+
+
+@inline_helper
+def _flush(acc_w, acc_b, part_w, part_b):
+    """Add float32 accumulators into float64 parts and zero them."""
+    for c in range(acc_w.shape[0]):
+        part_w[c] += np.float64(acc_w[c])
+        acc_w[c] = 0.0
+    for c in range(acc_b.shape[0]):
+        part_b[c] += np.float64(acc_b[c])
+        acc_b[c] = 0.0
+
+
+@kernel
+def row_backward32(grad_y, x, weight, param_row_stride, param_inner, rms, eps, stats_given, mean, rstd,
+                   chunk_rows, grad_x, grad_weight_parts, grad_bias_parts):
+    """``rows.row_backward`` for float32 rows (float32 grad_y, x, grad_x and weight table),
+    in float32 arithmetic (see the module docstring): ``grad_x`` for every row, and the
+    weight and bias gradients summed per chunk of ``chunk_rows`` rows into the float64
+    ``grad_weight_parts[k]`` / ``grad_bias_parts[k]`` (zeroed by the caller, which adds
+    the chunks in order). Unless ``stats_given`` it computes ``mean``/``rstd`` per row.
+
+    Per-element parameter gradients gather up to :data:`FLUSH_ROWS` rows in float32
+    accumulators, then go into the float64 parts (every row where rows use several
+    parameter groups)."""
+    rows = x.shape[0]
+    n = x.shape[1]
+    groups = weight.shape[0]
+    channels = weight.shape[1]
+    per_element = param_inner == 1 and channels == n  # one weight per element of the row
+    for k in prange(grad_weight_parts.shape[0]):
+        acc_w = np.zeros(channels, np.float32)
+        acc_b = np.zeros(channels, np.float32)
+        pending = 0
+        last_group = 0
+        for r in range(k * chunk_rows, min(rows, (k + 1) * chunk_rows)):
+            x_row = x[r]
+            g_row = grad_y[r]
+            if r + 1 < rows:
+                prefetch(x[r + 1])
+                prefetch(grad_y[r + 1])
+            if not stats_given:
+                row_mean, _, row_rstd = group_stats(x_row, rms, eps)
+                mean[r] = row_mean
+                rstd[r] = row_rstd
+            m = mean[r]
+            rs = rstd[r]
+            g = 0 if groups == 1 else (r // param_row_stride) % groups  # (an integer division costs)
+            w_row = weight[g]
+            part_w = grad_weight_parts[k, g]
+            part_b = grad_bias_parts[k, g]
+            if pending > 0 and g != last_group:
+                _flush(acc_w, acc_b, grad_weight_parts[k, last_group], grad_bias_parts[k, last_group])
+                pending = 0
+            if RSTD_LOW < rs < RSTD_HIGH:
+                hi = np.float32(m)
+                lo = np.float32(m - hi)
+                rs32 = np.float32(rs)
+                if per_element:
+                    # layer and RMS norm: the loops written out here, where LLVM vectorizes
+                    # them best (through the helpers short rows cost about twice as much)
+                    if n <= BLOCK:
+                        sum_gw, sum_gwx = _weighted_sums(g_row, x_row, w_row, hi, lo, rs32, np.float32(0.0))
+                    else:
+                        sum_gw, sum_gwx = _blocked_weighted_sums(g_row, x_row, w_row, hi, lo, rs32, np.float32(0.0))
+                    proj = np.float32(sum_gwx / n)
+                    mean_gw32 = np.float32(0.0 if rms else sum_gw / n)
+                    gx_row = grad_x[r]
+                    for c in range(n):
+                        gy = g_row[c]
+                        x_hat = ((x_row[c] - hi) - lo) * rs32
+                        gx_row[c] = ((gy * w_row[c] - x_hat * proj) - mean_gw32) * rs32
+                        acc_w[c] += gy * x_hat
+                        acc_b[c] += gy
+                else:
+                    sum_gw, sum_gwx = _row_sums(g_row, x_row, w_row, part_w, part_b, param_inner, hi, lo, rs32,
+                                                np.float32(0.0))
+                    mean_gw = 0.0 if rms else sum_gw / n
+                    _row_gradient(g_row, x_row, grad_x[r], w_row, acc_w, acc_b, param_inner, hi, lo, rs32,
+                                  np.float32(sum_gwx / n), np.float32(mean_gw))
+                pending += 1
+                last_group = g
+                if pending == FLUSH_ROWS:
+                    _flush(acc_w, acc_b, part_w, part_b)
+                    pending = 0
+            else:  # float64 throughout, its parameter terms straight into the parts
+                sum_gw, sum_gwx = _row_sums(g_row, x_row, w_row, part_w, part_b, param_inner, m, 0.0, rs, 0.0)
+                mean_gw = 0.0 if rms else sum_gw / n
+                _row_gradient(g_row, x_row, grad_x[r], w_row, part_w, part_b, param_inner, m, 0.0, rs,
+                              sum_gwx / n, mean_gw)
+        if pending > 0:
+            _flush(acc_w, acc_b, grad_weight_parts[k, last_group], grad_bias_parts[k, last_group])
