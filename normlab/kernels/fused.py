@@ -31,6 +31,8 @@ from numba import prange
 from numba.core import types as numba_types
 from numba.extending import intrinsic
 
+import normlab.kernels as _kernels
+from normlab.kernels import pool
 from normlab.kernels._jit import helper, kernel, prefetch, reduction
 from normlab.kernels.sums import group_stats
 
@@ -318,17 +320,13 @@ fused_row_backward_gelu = _variant(fused_row_backward, "_gelu", gate_value=gelu_
 # ---------------------------------------------------------------------------------------
 # Laying out the arguments
 
-ROW_CHUNKS = 64  # rows are cut into this many chunks (threads take whole chunks)
-
 
 def _full_table(expanded, view, value: float, n: int) -> np.ndarray | None:
     """A parameter as a ``(groups, n)`` float64 table, or None when its layout repeats
     inside a row at a stride (the reference handles those). An absent parameter is a
     constant table of the same shape, so that its gradient has somewhere to go."""
-    from normlab.kernels import _constant_table
-
     if expanded is None:
-        return _constant_table((view.param_groups, n), value)
+        return _kernels._constant_table((view.param_groups, n), value)
     if view.param_inner != 1:
         return None
     table = np.ascontiguousarray(expanded, dtype=np.float64).reshape(view.param_groups, view.param_channels)
@@ -338,93 +336,146 @@ def _full_table(expanded, view, value: float, n: int) -> np.ndarray | None:
 
 
 class Layout:
-    """The kernel view of a fused call: shapes, strides and parameter tables, or ``ok=False``."""
+    """The kernel view of a fused call, decided by the plans, the options and the dtype
+    alone (so a caller may keep it for repeated calls of one shape): shapes, strides,
+    gate mode and chunks, or ``ok=False`` where only the reference fits."""
 
-    def __init__(self, inputs, dtypes):
-        from normlab.kernels import RowView, _compute_dtype, view_of
+    def __init__(self, plan, mod_plan, epilogue, dtype):
+        from normlab.kernels import SERIAL_BELOW, RowView, row_chunks, view_of
 
         self.ok = False
-        plan = inputs.plan
         view = view_of(plan)
         if not isinstance(view, RowView) or view.order is not None:
             return
-        if any(d not in (np.dtype(np.float32), np.dtype(np.float64)) for d in dtypes) or len(set(dtypes)) != 1:
+        if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
             return
+        self.plan, self.mod_plan, self.epilogue = plan, mod_plan, epilogue
         self.view = view
-        self.dtype = dtypes[0]
+        self.dtype = np.dtype(dtype)
         self.shape = (view.rows, view.n)
-        n = view.n
-        ep = inputs.epilogue
-        weight = inputs.weight + ep.weight_offset if inputs.weight is not None and ep.weight_offset else inputs.weight
-        self.weight = _full_table(weight, view, 1.0, n)
-        self.bias = _full_table(inputs.bias, view, 0.0, n)
         self.row_stride = view.param_row_stride
-        if inputs.mod_plan is not None:
-            mod_view = view_of(inputs.mod_plan)
-            if not isinstance(mod_view, RowView) or mod_view.order is not None:
+        self.mod_view = None
+        self.mod_stride = 1
+        if mod_plan is not None:
+            self.mod_view = view_of(mod_plan)
+            if not isinstance(self.mod_view, RowView) or self.mod_view.order is not None:
                 return
-            self.mod_scale = _full_table(None if inputs.scale is None else 1.0 + inputs.scale, mod_view, 1.0, n)
-            self.mod_shift = _full_table(inputs.shift, mod_view, 0.0, n)
-            self.mod_stride = mod_view.param_row_stride
-        else:
-            self.mod_scale = _full_table(None, view, 1.0, n)
-            self.mod_shift = _full_table(None, view, 0.0, n)
-            self.mod_stride = 1
-        if any(t is None for t in (self.weight, self.bias, self.mod_scale, self.mod_shift)):
-            return
-        self.gate_mode = GATE_NONE if ep.gate is None else GATE_LAST if ep.norm_before_gate else GATE_FIRST
-        self.code = ACTIVATION_CODES.get(ep.gate, 0)
-        self.chunk_rows = -(-view.rows // ROW_CHUNKS)
-        self.serial = view.rows * n < _serial_below()
+            self.mod_stride = self.mod_view.param_row_stride
+        self.gate_mode = GATE_NONE if epilogue.gate is None else GATE_LAST if epilogue.norm_before_gate else GATE_FIRST
+        self.code = ACTIVATION_CODES.get(epilogue.gate, 0)
+        self.chunk_rows, self.chunks = row_chunks(view.rows, view.n)
+        self.broadcast_shapes = (plan.param_broadcast_shape, None if mod_plan is None else mod_plan.param_broadcast_shape)
+        self.serial = view.rows * view.n < SERIAL_BELOW
+        self.forward_kernel = fused_row_forward_gelu if self.code == 2 else fused_row_forward
+        self.backward_kernel = fused_row_backward_gelu if self.code == 2 else fused_row_backward
         self.ok = True
+
+    def tables(self, weight, bias, scale, shift):
+        """``(w + o, b, 1 + scale, shift)`` as the kernels' float64 tables from parameters in
+        their expanded (broadcast) layouts, None where absent; None where a layout repeats
+        inside a row (only the reference fits)."""
+        n = self.view.n
+        offset = self.epilogue.weight_offset
+        mod_view = self.mod_view if self.mod_view is not None else self.view
+        tables = (_full_table(weight + offset if weight is not None and offset else weight, self.view, 1.0, n),
+                  _full_table(bias, self.view, 0.0, n),
+                  _full_table(None if scale is None else 1.0 + scale, mod_view, 1.0, n),
+                  _full_table(shift, mod_view, 0.0, n))
+        return None if any(t is None for t in tables) else tables
 
     def rows_of(self, array):
         if array is None:
             return np.zeros((1, 1), self.dtype)
         return np.ascontiguousarray(array, dtype=self.dtype).reshape(self.shape)
 
+    def forward(self, tables, x, residual, gate, eps: float, rms: bool, mean_flat=None, rstd_flat=None):
+        """``(y, total, mean, var, rstd)`` on the (rows, n) view: ``total`` is None without a
+        residual; the statistics are flat float64 (those given, when ``rstd_flat`` is)."""
+        rows = self.shape[0]
+        y = pool.empty(self.shape, self.dtype)
+        total = pool.empty(self.shape, self.dtype) if residual is not None else np.zeros((1, 1), self.dtype)
+        stats_given = rstd_flat is not None
+        if stats_given:
+            mean_flat = np.zeros(rows) if mean_flat is None else mean_flat
+            var_flat = np.empty(rows)
+        else:
+            mean_flat, var_flat, rstd_flat = np.empty((3, rows))
+        self.forward_kernel(self.rows_of(x), self.rows_of(residual), residual is not None, self.rows_of(gate),
+                            self.gate_mode, self.code, tables[0], tables[1], self.row_stride, tables[2], tables[3],
+                            self.mod_stride, rms, eps, stats_given, self.chunk_rows, mean_flat, var_flat, rstd_flat,
+                            y, total, serial=self.serial)
+        return y, (total if residual is not None else None), mean_flat, var_flat, rstd_flat
 
-def _serial_below() -> int:
-    from normlab.kernels import SERIAL_BELOW
+    def backward(self, tables, grad_y, grad_sum, x, residual, gate, eps: float, rms: bool, mean_flat, rstd_flat,
+                 need_params: bool, need_mod: bool):
+        """``(grad_x, grad_gate, weight, bias, scale, shift)`` on the (rows, n) view: the
+        parameter gradients as summed float64 tables (None where not needed), ``grad_gate``
+        None without a gate. Statistics are recomputed where ``rstd_flat`` is None."""
+        rows = self.shape[0]
+        grad_x = pool.empty(self.shape, self.dtype)
+        has_gate = self.gate_mode != GATE_NONE
+        grad_gate = pool.empty(self.shape, self.dtype) if has_gate else np.zeros((1, 1), self.dtype)
+        weight_parts = np.zeros((self.chunks,) + tables[0].shape if need_params else (self.chunks, 1, 1))
+        bias_parts = np.zeros_like(weight_parts)
+        scale_parts = np.zeros((self.chunks,) + tables[2].shape if need_mod else (self.chunks, 1, 1))
+        shift_parts = np.zeros_like(scale_parts)
+        stats_given = rstd_flat is not None
+        if stats_given:
+            mean_flat = np.zeros(rows) if mean_flat is None else mean_flat
+        else:
+            mean_flat, rstd_flat = np.empty(rows), np.empty(rows)
+        self.backward_kernel(self.rows_of(grad_y), self.rows_of(grad_sum), grad_sum is not None, self.rows_of(x),
+                             self.rows_of(residual), residual is not None, self.rows_of(gate), self.gate_mode,
+                             self.code, tables[0], tables[1], self.row_stride, tables[2], tables[3], self.mod_stride,
+                             need_params, need_mod, rms, eps, stats_given, mean_flat, rstd_flat, self.chunk_rows,
+                             grad_x, grad_gate, weight_parts, bias_parts, scale_parts, shift_parts,
+                             serial=self.serial)
+        sums = [_kernels._sum_parts(parts) if need else None for parts, need in
+                ((weight_parts, need_params), (bias_parts, need_params), (scale_parts, need_mod),
+                 (shift_parts, need_mod))]
+        return (grad_x, grad_gate if has_gate else None, *sums)
 
-    return SERIAL_BELOW
+    def collapse(self, table, mod: bool):
+        """A summed ``(groups, n)`` gradient table in its plan's broadcast layout."""
+        view = self.mod_view if mod else self.view
+        if view.param_channels != view.n:
+            table = table.reshape(table.shape[0], view.n // view.param_channels, view.param_channels).sum(axis=1)
+        return table.reshape(self.broadcast_shapes[mod])
+
+
+def _layout(inputs, dtypes):
+    """The layout of a NumPy call, with its tables, or (None, None) where only the reference fits."""
+    if len(set(dtypes)) != 1:
+        return None, None
+    layout = Layout(inputs.plan, inputs.mod_plan, inputs.epilogue, dtypes[0])
+    if not layout.ok:
+        return None, None
+    tables = layout.tables(inputs.weight, inputs.bias, inputs.scale, inputs.shift)
+    return (layout, tables) if tables is not None else (None, None)
 
 
 def forward(inputs, eps: float, rms: bool, mean=None, rstd=None):
     """Kernel twin of :func:`normlab.fused.reference_forward`: ``(y, sum, stats)`` in the
     expanded view, or None when only the reference fits."""
-    from normlab.kernels import _flat_stats, pool
+    from normlab.kernels import _flat_stats
     from normlab.reference import Stats
 
-    dtypes = [a.dtype for a in (inputs.x, inputs.residual, inputs.gate) if a is not None]
-    layout = Layout(inputs, dtypes)
-    if not layout.ok:
+    layout, tables = _layout(inputs, [a.dtype for a in (inputs.x, inputs.residual, inputs.gate) if a is not None])
+    if layout is None:
         return None
     plan = inputs.plan
     rows = layout.view.rows
-    x = layout.rows_of(inputs.x)
-    residual = layout.rows_of(inputs.residual)
-    gate = layout.rows_of(inputs.gate)
-    y = pool.empty(layout.shape, layout.dtype)
-    total = pool.empty(layout.shape, layout.dtype) if inputs.residual is not None else np.zeros((1, 1), layout.dtype)
     stats_given = rstd is not None
-    if stats_given:
-        mean_flat = np.zeros(rows) if mean is None else _flat_stats(mean, rows)
-        rstd_flat = _flat_stats(rstd, rows)
-        var_flat = np.empty(rows)
-    else:
-        mean_flat, var_flat, rstd_flat = np.empty((3, rows))
-    run = fused_row_forward_gelu if layout.code == 2 else fused_row_forward
-    run(x, residual, inputs.residual is not None, gate, layout.gate_mode, layout.code, layout.weight,
-                      layout.bias, layout.row_stride, layout.mod_scale, layout.mod_shift, layout.mod_stride, rms,
-                      eps, stats_given, layout.chunk_rows, mean_flat, var_flat, rstd_flat, y, total,
-                      serial=layout.serial)
+    y, total, mean_flat, var_flat, rstd_flat = layout.forward(
+        tables, inputs.x, inputs.residual, inputs.gate, eps, rms,
+        None if not stats_given or mean is None else _flat_stats(mean, rows),
+        _flat_stats(rstd, rows) if stats_given else None)
     if stats_given:
         stats = Stats(None if rms else mean, None, rstd)
     else:
         shape = plan.stats_shape
         stats = Stats(None if rms else mean_flat.reshape(shape), var_flat.reshape(shape), rstd_flat.reshape(shape))
-    summed = total.reshape(plan.axis_sizes) if inputs.residual is not None else None
+    summed = total.reshape(plan.axis_sizes) if total is not None else None
     return y.reshape(plan.axis_sizes), summed, stats
 
 
@@ -432,55 +483,25 @@ def backward(inputs, grad_y, grad_sum, eps: float, rms: bool, mean=None, rstd=No
     """Kernel twin of :func:`normlab.fused.reference_backward`, or None when only the
     reference fits."""
     from normlab.fused import Gradients64
-    from normlab.kernels import _flat_stats, pool
+    from normlab.kernels import _flat_stats
 
-    dtypes = [a.dtype for a in (inputs.x, inputs.residual, inputs.gate, grad_y, grad_sum) if a is not None]
-    layout = Layout(inputs, dtypes)
-    if not layout.ok:
+    layout, tables = _layout(inputs, [a.dtype for a in (inputs.x, inputs.residual, inputs.gate, grad_y, grad_sum)
+                                      if a is not None])
+    if layout is None:
         return None
     plan = inputs.plan
     rows = layout.view.rows
     ep = inputs.epilogue
-    grad_x = pool.empty(layout.shape, layout.dtype)
-    grad_gate = pool.empty(layout.shape, layout.dtype) if ep.gate is not None else np.zeros((1, 1), layout.dtype)
-    chunks = -(-rows // layout.chunk_rows)
     need_params = inputs.weight is not None or need_bias
     need_mod = inputs.mod_plan is not None
-    weight_parts = np.zeros((chunks,) + layout.weight.shape if need_params else (chunks, 1, 1))
-    bias_parts = np.zeros_like(weight_parts)
-    scale_parts = np.zeros((chunks,) + layout.mod_scale.shape if need_mod else (chunks, 1, 1))
-    shift_parts = np.zeros_like(scale_parts)
     stats_given = rstd is not None
-    if stats_given:
-        mean_flat = np.zeros(rows) if mean is None else _flat_stats(mean, rows)
-        rstd_flat = _flat_stats(rstd, rows)
-    else:
-        mean_flat, rstd_flat = np.empty(rows), np.empty(rows)
-    run = fused_row_backward_gelu if layout.code == 2 else fused_row_backward
-    run(layout.rows_of(grad_y), layout.rows_of(grad_sum), grad_sum is not None,
-                       layout.rows_of(inputs.x), layout.rows_of(inputs.residual), inputs.residual is not None,
-                       layout.rows_of(inputs.gate), layout.gate_mode, layout.code, layout.weight, layout.bias,
-                       layout.row_stride, layout.mod_scale, layout.mod_shift, layout.mod_stride, need_params,
-                       need_mod, rms, eps, stats_given, mean_flat, rstd_flat, layout.chunk_rows, grad_x, grad_gate,
-                       weight_parts, bias_parts, scale_parts, shift_parts, serial=layout.serial)
-
-    def collapse(parts, which_plan, view):
-        # chunk order fixed by index: the same sum for every thread count
-        table = parts.sum(axis=0)
-        if view.param_channels != view.n:
-            table = table.reshape(table.shape[0], view.n // view.param_channels, view.param_channels).sum(axis=1)
-        return table.reshape(which_plan.param_broadcast_shape)
-
-    from normlab.kernels import view_of
-
-    view = layout.view
-    grad_weight = collapse(weight_parts, plan, view) if inputs.weight is not None else None
-    grad_bias = collapse(bias_parts, plan, view) if need_bias else None
-    grad_scale = grad_shift = None
-    if need_mod:
-        mod_view = view_of(inputs.mod_plan)
-        grad_scale = collapse(scale_parts, inputs.mod_plan, mod_view) if ep.has_scale else None
-        grad_shift = collapse(shift_parts, inputs.mod_plan, mod_view) if ep.has_shift else None
+    grad_x, grad_gate, weight, bias, scale, shift = layout.backward(
+        tables, grad_y, grad_sum, inputs.x, inputs.residual, inputs.gate, eps, rms,
+        None if not stats_given or mean is None else _flat_stats(mean, rows),
+        _flat_stats(rstd, rows) if stats_given else None, need_params, need_mod)
     return Gradients64(grad_x.reshape(plan.axis_sizes),
-                       grad_gate.reshape(plan.axis_sizes) if ep.gate is not None else None,
-                       grad_weight, grad_bias, grad_scale, grad_shift)
+                       grad_gate.reshape(plan.axis_sizes) if grad_gate is not None else None,
+                       layout.collapse(weight, False) if inputs.weight is not None else None,
+                       layout.collapse(bias, False) if need_bias else None,
+                       layout.collapse(scale, True) if ep.has_scale else None,
+                       layout.collapse(shift, True) if ep.has_shift else None)

@@ -172,8 +172,121 @@ def fused_normalize(x: Tensor, block: Block, *, residual=None, gate=None, weight
     """
     tensors = (x, residual, gate, weight, bias, scale, shift)
     if _use_kernels(*tensors):
+        call = _cached_call(block, tensors)
+        if call is not None:
+            return _CachedFusedFunction.apply(*tensors, call)
         return _FusedFunction.apply(*tensors, block)
     return _composite(*tensors, block)
+
+
+# ---------------------------------------------------------------------------------------
+# Repeated calls of one shape
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A block's kernel layout for one input shape, dtype and set of inputs, built once:
+    a call then lays out the parameters and runs the kernels, with no argument parsing."""
+
+    block: Block
+    plan: object
+    mod_plan: object
+    layout: object  # kernels.fused.Layout
+
+    def tables(self, weight, bias, scale, shift):
+        def expanded(t, plan):
+            return None if t is None else plan.expand_params(t.detach().numpy().astype(np.float64, copy=False))
+
+        return self.layout.tables(expanded(weight, self.plan), expanded(bias, self.plan),
+                                  expanded(scale, self.mod_plan), expanded(shift, self.mod_plan))
+
+
+_CALLS: dict = {}
+_EAGER_TYPES = (type(None), Tensor, nn.Parameter)
+
+
+def _cached_call(block: Block, tensors) -> Optional[_Call]:
+    """The :class:`_Call` for these tensors (built on first use), or None where the
+    general path must run: tensor subclasses, strides, shapes that need its checks."""
+    if any(type(t) not in _EAGER_TYPES for t in tensors) or not tensors[0].is_contiguous():
+        return None
+    key = (block,) + tuple(None if t is None else (t.shape, t.dtype) for t in tensors)
+    call = _CALLS.get(key, False)
+    if call is False:
+        if len(_CALLS) >= 256:
+            _CALLS.clear()
+        call = _CALLS[key] = _build_call(block, tensors)
+    return call
+
+
+def _build_call(block: Block, tensors) -> Optional[_Call]:
+    from normlab.kernels.fused import Layout
+
+    x, residual, gate, weight, bias, scale, shift = tensors
+    try:
+        plan = make_plan(block.pattern, tuple(x.shape), block.params, **dict(block.sizes))
+        mod_plan = None if block.modulation is None else make_plan(block.pattern, tuple(x.shape), block.modulation,
+                                                                   **dict(block.sizes))
+    except ValueError:
+        return None  # the general path raises the error
+    if any(t is not None and tuple(t.shape) != plan.param_shape for t in (weight, bias)) or any(
+            t is not None and (mod_plan is None or tuple(t.shape) != mod_plan.param_shape) for t in (scale, shift)):
+        return None
+    if any(t is not None and t.shape != x.shape for t in (residual, gate)):
+        return None
+    epilogue = fused.Epilogue(residual is not None, block.gate_activation if gate is not None else None,
+                              block.norm_before_gate, float(block.weight_offset), block.modulation,
+                              scale is not None, shift is not None)
+    layout = Layout(plan, mod_plan, epilogue, _numpy_dtype(x.dtype))
+    return _Call(block, plan, mod_plan, layout) if layout.ok else None
+
+
+class _CachedFusedFunction(torch.autograd.Function):
+    """:class:`_FusedFunction` through a cached :class:`_Call`: the same kernels, forward
+    and backward, without the NumPy API's checks and layout search on every call."""
+
+    @staticmethod
+    def forward(ctx, x, residual, gate, weight, bias, scale, shift, call: _Call):
+        block = call.block
+        tables = call.tables(weight, bias, scale, shift)
+        y, total, mean, _, rstd = call.layout.forward(tables, _numpy(x), _numpy(residual), _numpy(gate), block.eps,
+                                                      block.rms)
+        ctx.call, ctx.tables, ctx.stats = call, tables, (mean, rstd)
+        ctx.save_for_backward(x, residual, gate, weight, bias, scale, shift)
+        y = torch.from_numpy(y.reshape(x.shape))
+        return (y, torch.from_numpy(total.reshape(x.shape))) if residual is not None else y
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_total=None):
+        x, residual, gate, weight, bias, scale, shift = ctx.saved_tensors
+        call = ctx.call
+        mean, rstd = ctx.stats
+        need_params = weight is not None or bias is not None
+        need_mod = scale is not None or shift is not None
+        grad_x, grad_gate, grad_w, grad_b, grad_scale, grad_shift = call.layout.backward(
+            ctx.tables, _numpy(grad_y), _numpy(grad_total) if residual is not None else None, _numpy(x),
+            _numpy(residual), _numpy(gate), call.block.eps, call.block.rms, mean, rstd, need_params, need_mod)
+
+        def param_grad(table, param, mod: bool):
+            if param is None:
+                return None
+            plan = call.mod_plan if mod else call.plan
+            grad = plan.collapse_params(call.layout.collapse(table, mod))
+            return torch.from_numpy(np.ascontiguousarray(grad, dtype=_numpy_dtype(param.dtype)))
+
+        grad_x = torch.from_numpy(grad_x.reshape(x.shape))
+        return (grad_x, grad_x if residual is not None else None,
+                None if grad_gate is None else torch.from_numpy(grad_gate.reshape(x.shape)),
+                param_grad(grad_w, weight, False), param_grad(grad_b, bias, False),
+                param_grad(grad_scale, scale, True), param_grad(grad_shift, shift, True), None)
+
+
+_NUMPY_DTYPES = {torch.float16: np.dtype(np.float16), torch.float32: np.dtype(np.float32),
+                 torch.float64: np.dtype(np.float64)}
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return _NUMPY_DTYPES.get(dtype) or torch.empty((), dtype=dtype).numpy().dtype
 
 
 # ---------------------------------------------------------------------------------------
