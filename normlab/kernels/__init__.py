@@ -3,7 +3,10 @@
 :func:`canonical_view` reads a plan's runs of axes and picks a kernel family:
 
 * **rows** ``(rows, n)``: runs ``[kept, reduced]`` or ``[reduced]`` (layer, instance,
-  group and RMS norm). Kernels in :mod:`normlab.kernels.rows`.
+  group and RMS norm). Kernels in :mod:`normlab.kernels.rows`. A strided input (or
+  ``out``) whose rows are contiguous is read (written) where it lies, without a copy,
+  when its rows are spaced in at most two levels (:func:`row_layout`): a slice of
+  columns, or the heads of q and k sliced from a packed qkv projection.
 * **channels-first** ``(outer, C, inner)``: ``[reduced, kept, reduced]``; **channels-last**
   ``(rows, C)``: ``[reduced, kept]`` (batch norm). Kernels in :mod:`normlab.kernels.columns`.
 * any other order of axes (kept axes between reduced ones, say): a transposed copy with
@@ -30,7 +33,8 @@ import numpy as np
 from normlab.kernels import pool
 from normlab.plan import Plan
 
-__all__ = ["available", "canonical_view", "forward", "backward", "RowView", "ColumnView", "SERIAL_BELOW"]
+__all__ = ["available", "canonical_view", "forward", "backward", "row_layout", "RowView", "ColumnView",
+           "SERIAL_BELOW"]
 
 SERIAL_BELOW = 1 << 17  # elements; below this, waking the threads costs more than they save
 # (measured crossover: 2^16 on one 2-core machine, near 2^19 on another)
@@ -176,6 +180,88 @@ def canonical_view(plan: Plan) -> RowView | ColumnView | None:
                    col_block[0], row_block[1], col_block[1], plan.kept_axes + plan.reduced_axes)
 
 
+def row_layout(array: np.ndarray, n: int, *, disjoint: bool = False):
+    """``(rows, layout)`` that the row kernels read ``array`` through as rows of length ``n``
+    (``rows.row_at``): a C-contiguous array as its ``(rows, n)`` reshape; a strided one as
+    a flat 1-D contiguous view of the memory from its first element to its last, with
+    ``layout = (per, outer_stride, per_stride)`` in elements. None when the rows are not
+    contiguous, not evenly spaced in at most two levels, or (with ``disjoint``, for an
+    output) overlap one another; the caller then copies.
+
+    >>> qkv = np.zeros((2, 5, 3 * 4 * 8), np.float32)     # (b, t, 3·h·d), h=4 heads of d=8
+    >>> q = qkv[..., :32].reshape(2, 5, 4, 8)              # a strided view, no copy
+    >>> flat, layout = row_layout(q, 8)
+    >>> layout, np.shares_memory(flat, qkv)
+    ((4, 96, 8), True)
+    """
+    if array.flags.c_contiguous:
+        return array.reshape(-1, n), _PLAIN_ROWS
+    item = array.itemsize
+    dims = [(size, stride) for size, stride in zip(array.shape, array.strides) if size != 1]
+    expected, product = item, 1
+    while product < n and dims:  # the row: trailing axes of product n, unit-stride contiguous
+        size, stride = dims.pop()
+        if stride != expected:
+            return None
+        expected *= size
+        product *= size
+    if product != n:
+        return None
+    levels: list[tuple[int, int]] = []  # the rows' (size, stride in elements), outermost first
+    for size, stride in dims:
+        if stride < 0 or stride % item:
+            return None
+        stride //= item
+        if levels and levels[-1][1] == stride * size:  # adjacent axes that read as one
+            levels[-1] = (levels[-1][0] * size, stride)
+        else:
+            levels.append((size, stride))
+    if len(levels) > 2 or (disjoint and not _disjoint_rows(levels, n)):
+        return None
+    levels = [(1, 0)] * (2 - len(levels)) + levels
+    (outer, outer_stride), (per, per_stride) = levels
+    span = (outer - 1) * outer_stride + (per - 1) * per_stride + n
+    flat = np.lib.stride_tricks.as_strided(array, (span,), (item,))
+    return flat, (per, outer_stride, per_stride)
+
+
+def _disjoint_rows(levels, n: int) -> bool:
+    """Whether rows of length ``n`` at the offsets the levels span never share an element
+    (each level's stride clears everything the finer levels cover)."""
+    extent = n
+    for size, stride in sorted(levels, key=lambda level: level[1]):
+        if stride < extent:
+            return False
+        extent += (size - 1) * stride
+    return True
+
+
+def _split(array: np.ndarray, sizes: tuple[int, ...]):
+    """``array`` reshaped to ``sizes`` as a view (splitting axes never needs a copy)."""
+    return np.reshape(array, sizes, copy=False)
+
+
+_PLAIN_ROWS = (1, 0, 0)  # the layout argument beside a 2-D (rows, n) array, which ignores it
+
+
+def _rows_of(array: np.ndarray, n: int, dtype) -> tuple:
+    """``(rows, layout)`` of ``array`` for the row kernels: read where it lies when
+    :func:`row_layout` finds its rows, else a contiguous copy in ``dtype``."""
+    found = row_layout(array, n) if array.dtype == dtype else None
+    if found is None:
+        found = (np.ascontiguousarray(array, dtype=dtype).reshape(-1, n), _PLAIN_ROWS)
+    return found
+
+
+def _one_kind(*operands) -> tuple:
+    """The operands of a row kernel all 2-D or all flat: Numba compiles a kernel once per
+    combination of kinds, so one strided (flat) operand makes the 2-D ones flat too."""
+    if all(rows.ndim == 2 for rows, _ in operands):
+        return operands
+    return tuple((rows, layout) if rows.ndim == 1 else (rows.reshape(-1), (1, rows.shape[1], 0))
+                 for rows, layout in operands)
+
+
 def _compute_dtype(*arrays) -> np.dtype:
     """float32 when every array is float16/float32 (float16 goes through float32), else float64."""
     if all(a.dtype in _FLOAT32_INPUTS for a in arrays):
@@ -230,17 +316,30 @@ def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
     dtype = _compute_dtype(prepared.x)
     shape = (view.rows, view.n) if isinstance(view, RowView) else (view.outer, view.channels, view.inner)
     transposed = isinstance(view, RowView) and view.order is not None
-    x = np.ascontiguousarray(view.source(prepared.x) if transposed else prepared.x, dtype=dtype).reshape(shape)
+    plain_rows = isinstance(view, RowView) and not transposed
     y_dtype = _result_buffer_dtype(prepared.dtype, dtype)
-    direct = out is not None and out.dtype == y_dtype and out.flags.c_contiguous and not transposed
-    y = out.reshape(shape) if direct else pool.empty(shape, y_dtype)
+    # strided rows are read (and written into out) where they lie; anything else is copied
+    x = x_rows = None
+    if plain_rows:
+        x_rows = _rows_of(prepared.x, view.n, dtype)
+    else:
+        x = np.ascontiguousarray(view.source(prepared.x) if transposed else prepared.x, dtype=dtype).reshape(shape)
+        x_rows = (x, _PLAIN_ROWS) if transposed else None
+    y_rows = None
+    if plain_rows and out is not None and out.dtype == y_dtype:
+        y_rows = row_layout(_split(out, plan.axis_sizes), view.n, disjoint=True)
+    direct = y_rows is not None or (out is not None and out.dtype == y_dtype and out.flags.c_contiguous
+                                    and not transposed)
+    y = None if y_rows is not None else out.reshape(shape) if direct else pool.empty(shape, y_dtype)
+    if isinstance(view, RowView):
+        x_rows, y_rows = _one_kind(x_rows, (y, _PLAIN_ROWS) if y_rows is None else y_rows)
     # float32 rows run in float32 arithmetic (see rows.row_forward32), with float32 parameters
     # (not for a float16 result: that is rounded once from float64)
     float32_rows = isinstance(view, RowView) and dtype == np.float32 and y_dtype == np.float32
     table_dtype = np.float32 if float32_rows else np.float64
     weight = _param_table(prepared.weight, view, ones=True, dtype=table_dtype)
     bias = _param_table(prepared.bias, view, ones=False, dtype=table_dtype)
-    serial = x.size < SERIAL_BELOW
+    serial = math.prod(shape) < SERIAL_BELOW
     groups = view.rows if isinstance(view, RowView) else view.channels
     stats_given = rstd is not None
     if stats_given:
@@ -253,8 +352,9 @@ def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
     if isinstance(view, RowView):
         from normlab.kernels.rows import row_forward, row_forward32
 
-        (row_forward32 if float32_rows else row_forward)(x, y, weight, bias, view.param_row_stride, view.param_inner, rms, eps, stats_given,
-                    mean_flat, var_flat, rstd_flat, serial=serial)
+        (row_forward32 if float32_rows else row_forward)(*x_rows, *y_rows, view.n, weight, bias, view.param_row_stride,
+                                                         view.param_inner, rms, eps, stats_given, mean_flat, var_flat,
+                                                         rstd_flat, serial=serial)
     else:
         column_forward(x, y, weight, bias, rms, eps, stats_given, mean_flat, var_flat, rstd_flat)
 
@@ -378,9 +478,11 @@ class FastForward:
         rows = self.shape[0]
         y = pool.empty(self.shape, self.dtype) if self.large else np.empty(self.shape, self.dtype)
         stats = np.empty((3, rows)) if return_stats else self.scratch
-        # a strided x is copied: a non-contiguous array would be another kernel signature
-        arguments = (np.ascontiguousarray(x).reshape(self.shape), y, weight_table, bias_table, self.param_row_stride,
-                     self.param_inner, self.rms, eps, False, *stats)
+        n = self.shape[1]
+        # a strided x is read where it lies when its rows allow (row_layout), else copied
+        x_rows, y_rows = _one_kind(self.rows_of(x), (y, _PLAIN_ROWS))
+        arguments = (*x_rows, *y_rows, n, weight_table, bias_table, self.param_row_stride, self.param_inner,
+                     self.rms, eps, False, *stats)
         if rows * self.shape[1] < SERIAL_BELOW:
             self.kernel.serial(*arguments)
         else:
@@ -390,6 +492,13 @@ class FastForward:
             return y
         mean = None if self.rms else stats[0].reshape(self.stats_shape)
         return y, mean, stats[2].reshape(self.stats_shape)
+
+    def rows_of(self, array: np.ndarray) -> tuple:
+        """``array`` (of the input's shape) as the row kernels take it: read where it lies
+        when :func:`row_layout` finds its rows, else copied."""
+        if not array.flags.c_contiguous:
+            array = _split(array, self.plan.axis_sizes)
+        return _rows_of(array, self.shape[1], self.dtype)
 
     def _table(self, param, fill: float):
         if param is None:
@@ -505,16 +614,16 @@ class FastBackward:
         and ``rstd`` are the forward's (``mean`` None for RMS)."""
         plan = self.forward
         rows, n = plan.shape
-        g = np.ascontiguousarray(grad_y, plan.dtype).reshape(plan.shape)
         grad_x = pool.empty(plan.shape, plan.dtype) if plan.large else np.empty(plan.shape, plan.dtype)
         table = self._table(weight)
         weight_parts = np.zeros((self.chunks,) + plan.table_shape)
         bias_parts = np.zeros((self.chunks,) + plan.table_shape)
         mean_flat = _constant_table((rows,), 0.0) if mean is None else mean.reshape(rows)
-        _row_backward_kernel(plan.dtype)(
-                     g, np.ascontiguousarray(x).reshape(plan.shape), table, plan.param_row_stride,
-                     plan.param_inner, plan.rms, 0.0, True, mean_flat, rstd.reshape(rows), self.chunk_rows, grad_x,
-                     weight_parts, bias_parts, serial=rows * n < SERIAL_BELOW)
+        # a strided x (or grad_y) is read where it lies when its rows allow (row_layout), else copied
+        g, x_rows, gx = _one_kind(plan.rows_of(grad_y), plan.rows_of(x), (grad_x, _PLAIN_ROWS))
+        _row_backward_kernel(plan.dtype)(*g, *x_rows, n, table, plan.param_row_stride, plan.param_inner, plan.rms,
+                                         0.0, True, mean_flat, rstd.reshape(rows), self.chunk_rows, *gx,
+                                         weight_parts, bias_parts, serial=rows * n < SERIAL_BELOW)
         grad_x = grad_x.reshape(plan.out_shape)
         if not need_params:
             return grad_x, None, None
@@ -570,6 +679,9 @@ def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need
     if transposed:
         x = np.ascontiguousarray(view.source(prepared.x), dtype=dtype).reshape(shape)
         g = np.ascontiguousarray(view.source(grad_y.reshape(plan.axis_sizes)), dtype=dtype).reshape(shape)
+    elif isinstance(view, RowView):  # strided rows are read where they lie (row_layout)
+        x = _rows_of(prepared.x, view.n, dtype)
+        g = _rows_of(_split(grad_y, plan.axis_sizes), view.n, dtype)
     else:
         x = np.ascontiguousarray(prepared.x, dtype=dtype).reshape(shape)
         g = np.ascontiguousarray(grad_y, dtype=dtype).reshape(shape)
@@ -577,7 +689,7 @@ def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need
     # float32 rows with a float32 result run in float32 arithmetic (see kernels.rows_backward)
     float32_rows = isinstance(view, RowView) and grad_x.dtype == np.float32
     weight = _param_table(prepared.weight, view, ones=True, dtype=np.float32 if float32_rows else np.float64)
-    serial = x.size < SERIAL_BELOW
+    serial = math.prod(shape) < SERIAL_BELOW
     groups = view.rows if isinstance(view, RowView) else view.channels
     stats_given = rstd is not None
     if stats_given:
@@ -590,8 +702,12 @@ def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need
         chunk_rows, chunks = row_chunks(view.rows, view.n)
         weight_parts = np.zeros((chunks,) + weight.shape)
         bias_parts = np.zeros((chunks,) + weight.shape)
-        _row_backward_kernel(grad_x.dtype)(g, x, weight, view.param_row_stride, view.param_inner, rms, eps, stats_given,
-                     mean_flat, rstd_flat, chunk_rows, grad_x, weight_parts, bias_parts, serial=serial)
+        if transposed:
+            x, g = (x, _PLAIN_ROWS), (g, _PLAIN_ROWS)
+        g, x, gx = _one_kind(g, x, (grad_x, _PLAIN_ROWS))
+        _row_backward_kernel(grad_x.dtype)(*g, *x, view.n, weight, view.param_row_stride, view.param_inner, rms, eps,
+                                           stats_given, mean_flat, rstd_flat, chunk_rows, *gx, weight_parts,
+                                           bias_parts, serial=serial)
         grad_weight, grad_bias = _sum_parts(weight_parts), _sum_parts(bias_parts)
     else:
         grad_weight, grad_bias = np.empty(groups), np.empty(groups)

@@ -1,5 +1,12 @@
 """Row-family kernels: every group is one contiguous row of a (rows, n) view.
 
+The rows come as a C-contiguous (rows, n) array, or as a flat array read through a row
+layout ``(per, outer_stride, per_stride)``: row ``r`` is ``flat[start:start + n]`` with
+``start = (r // per)·outer_stride + (r % per)·per_stride`` (see :func:`row_at`). So a
+strided view whose rows are contiguous but spaced in up to two levels, such as the heads
+of q sliced from a packed qkv projection (rows ``(b·t, h)``, strides ``(3·h·d, d)``), is
+read where it lies, with no copy (``kernels.row_layout`` finds it).
+
 This covers layer norm (NLP and vision), instance norm, group norm and RMS norm. The
 affine parameters are a float64 table ``weight[G, C]``: element ``j`` of row ``r`` uses
 ``weight[(r // param_row_stride) % G, (j // param_inner) % C]``. That is the
@@ -16,8 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 from numba import prange
+from numba.extending import overload
 
-from normlab.kernels._jit import helper, kernel, prefetch
+from normlab.kernels._jit import NUMBA_OPTIONS, helper, kernel, prefetch
 from normlab.kernels.sums import (centered_square_sum, gradient_sums, group_stats, reciprocal_std, shifted_moments,
                                   square_sum, weighted_gradient_sums)
 
@@ -28,6 +36,33 @@ RSTD_HIGH = 1e30
 # Σd²/n over the variance past which the one-pass variance has lost more than 8 of
 # float64's 16 digits: the row then takes the two-pass variance (K ≥ 1e4, a far outlier first)
 CANCELLATION = 1e8
+
+
+@helper
+def strided_start(layout, r):
+    """Where row ``r`` starts in a flat array read under ``layout = (per, outer_stride, per_stride)``."""
+    per, outer_stride, per_stride = layout
+    if per == 1:  # evenly spaced rows: no division per row
+        return r * outer_stride
+    return (r // per) * outer_stride + (r % per) * per_stride
+
+
+def row_at(rows, layout, r, n):
+    """Row ``r`` (of length ``n``) of ``rows``: a 2-D C-contiguous ``(rows, n)`` array, or a
+    flat 1-D array read under ``layout``. Either way a contiguous 1-D slice, so the loops
+    over it vectorize. Numba compiles a kernel once per kind of ``rows``; with the 2-D
+    kind it is plain ``rows[r]``, with no index arithmetic."""
+    if rows.ndim == 2:
+        return rows[r]
+    start = strided_start(layout, r)
+    return rows[start:start + n]
+
+
+@overload(row_at, jit_options=NUMBA_OPTIONS)
+def _row_at_compiled(rows, layout, r, n):
+    if rows.ndim == 2:
+        return lambda rows, layout, r, n: rows[r]
+    return lambda rows, layout, r, n: rows[strided_start(layout, r):strided_start(layout, r) + n]
 
 
 @helper
@@ -67,7 +102,8 @@ def apply_row(x_row, y_row, w_row, b_row, param_inner, hi, lo, rs):
 
 
 @kernel
-def row_forward32(x, y, weight, bias, param_row_stride, param_inner, rms, eps, stats_given, mean, var, rstd):
+def row_forward32(x, x_layout, y, y_layout, n, weight, bias, param_row_stride, param_inner, rms, eps, stats_given,
+                  mean, var, rstd):
     """:func:`row_forward` for float32 rows, with float32 parameter tables: one float64
     pass for the statistics, then the output in float32 SIMD arithmetic.
 
@@ -81,14 +117,13 @@ def row_forward32(x, y, weight, bias, param_row_stride, param_inner, rms, eps, s
     symmetric rows an exact zero in the middle. A row whose rstd leaves
     (RSTD_LOW, RSTD_HIGH), where float32 products could underflow, is applied in float64.
     """
-    rows = x.shape[0]
-    n = x.shape[1]
+    rows = mean.shape[0]
     groups = weight.shape[0]
     for r in prange(rows):
-        x_row = x[r]
-        y_row = y[r]
+        x_row = row_at(x, x_layout, r, n)
+        y_row = row_at(y, y_layout, r, n)
         if r + 1 < rows:
-            prefetch(x[r + 1])
+            prefetch(row_at(x, x_layout, r + 1, n))
         if stats_given:
             m = mean[r]
             rs = rstd[r]
@@ -118,20 +153,21 @@ def row_forward32(x, y, weight, bias, param_row_stride, param_inner, rms, eps, s
 
 
 @kernel
-def row_forward(x, y, weight, bias, param_row_stride, param_inner, rms, eps, stats_given, mean, var, rstd):
+def row_forward(x, x_layout, y, y_layout, n, weight, bias, param_row_stride, param_inner, rms, eps, stats_given,
+                mean, var, rstd):
     """Twin of ``reference.forward`` (``compute_stats`` then ``apply_stats``) on (rows, n).
 
     Writes ``y`` and, unless ``stats_given``, the per-row ``mean``, ``var`` and ``rstd``
     (float64, length rows; ``mean`` is 0 for RMS). With ``stats_given`` it reads ``mean``
     and ``rstd`` instead, as batch norm does in evaluation.
     """
-    rows = x.shape[0]
+    rows = mean.shape[0]
     groups = weight.shape[0]
     for r in prange(rows):
-        x_row = x[r]
-        y_row = y[r]
+        x_row = row_at(x, x_layout, r, n)
+        y_row = row_at(y, y_layout, r, n)
         if r + 1 < rows:
-            prefetch(x[r + 1])
+            prefetch(row_at(x, x_layout, r + 1, n))
         if not stats_given:
             row_mean, row_var, row_rstd = group_stats(x_row, rms, eps)
             mean[r] = row_mean
@@ -144,8 +180,8 @@ def row_forward(x, y, weight, bias, param_row_stride, param_inner, rms, eps, sta
 
 
 @kernel
-def row_backward(grad_y, x, weight, param_row_stride, param_inner, rms, eps, stats_given, mean, rstd,
-                 chunk_rows, grad_x, grad_weight_parts, grad_bias_parts):
+def row_backward(grad_y, grad_y_layout, x, x_layout, n, weight, param_row_stride, param_inner, rms, eps, stats_given,
+                 mean, rstd, chunk_rows, grad_x, grad_x_layout, grad_weight_parts, grad_bias_parts):
     """Twin of ``reference.backward`` on (rows, n): ``grad_x`` for every row, and the
     weight and bias gradients summed per chunk of ``chunk_rows`` rows into
     ``grad_weight_parts[k]`` / ``grad_bias_parts[k]`` (zeroed by the caller, which adds
@@ -153,8 +189,7 @@ def row_backward(grad_y, x, weight, param_row_stride, param_inner, rms, eps, sta
 
     Two passes over each cache-resident row: the sums Σg·w and Σg·w·x̂, then grad_x.
     """
-    rows = x.shape[0]
-    n = x.shape[1]
+    rows = mean.shape[0]
     groups = weight.shape[0]
     channels = weight.shape[1]
     inner = param_inner
@@ -163,12 +198,12 @@ def row_backward(grad_y, x, weight, param_row_stride, param_inner, rms, eps, sta
         part_w = grad_weight_parts[k]
         part_b = grad_bias_parts[k]
         for r in range(k * chunk_rows, min(rows, (k + 1) * chunk_rows)):
-            x_row = x[r]
-            g_row = grad_y[r]
-            gx_row = grad_x[r]
+            x_row = row_at(x, x_layout, r, n)
+            g_row = row_at(grad_y, grad_y_layout, r, n)
+            gx_row = row_at(grad_x, grad_x_layout, r, n)
             if r + 1 < rows:
-                prefetch(x[r + 1])
-                prefetch(grad_y[r + 1])
+                prefetch(row_at(x, x_layout, r + 1, n))
+                prefetch(row_at(grad_y, grad_y_layout, r + 1, n))
             if not stats_given:
                 row_mean, row_var, row_rstd = group_stats(x_row, rms, eps)
                 mean[r] = row_mean

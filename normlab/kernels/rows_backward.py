@@ -27,7 +27,7 @@ import numpy as np
 from numba import prange
 
 from normlab.kernels._jit import inline_helper, kernel, prefetch, reduction
-from normlab.kernels.rows import RSTD_HIGH, RSTD_LOW
+from normlab.kernels.rows import RSTD_HIGH, RSTD_LOW, row_at
 from normlab.kernels.sums import group_stats
 
 BLOCK = 1024  # elements per float32 partial sum (64 SIMD accumulators × 16 adds), flushed to float64
@@ -162,8 +162,8 @@ def _flush(acc_w, acc_b, part_w, part_b):
 
 
 @kernel
-def row_backward32(grad_y, x, weight, param_row_stride, param_inner, rms, eps, stats_given, mean, rstd,
-                   chunk_rows, grad_x, grad_weight_parts, grad_bias_parts):
+def row_backward32(grad_y, grad_y_layout, x, x_layout, n, weight, param_row_stride, param_inner, rms, eps,
+                   stats_given, mean, rstd, chunk_rows, grad_x, grad_x_layout, grad_weight_parts, grad_bias_parts):
     """``rows.row_backward`` for float32 rows (float32 grad_y, x, grad_x and weight table),
     in float32 arithmetic (see the module docstring): ``grad_x`` for every row, and the
     weight and bias gradients summed per chunk of ``chunk_rows`` rows into the float64
@@ -172,9 +172,8 @@ def row_backward32(grad_y, x, weight, param_row_stride, param_inner, rms, eps, s
 
     Per-element parameter gradients gather up to :data:`FLUSH_ROWS` rows in float32
     accumulators, then go into the float64 parts (every row where rows use several
-    parameter groups)."""
-    rows = x.shape[0]
-    n = x.shape[1]
+    parameter groups). The rows come as ``rows.row_at`` reads them (2-D, or flat with a layout)."""
+    rows = mean.shape[0]
     groups = weight.shape[0]
     channels = weight.shape[1]
     per_element = param_inner == 1 and channels == n  # one weight per element of the row
@@ -184,11 +183,12 @@ def row_backward32(grad_y, x, weight, param_row_stride, param_inner, rms, eps, s
         pending = 0
         last_group = 0
         for r in range(k * chunk_rows, min(rows, (k + 1) * chunk_rows)):
-            x_row = x[r]
-            g_row = grad_y[r]
+            x_row = row_at(x, x_layout, r, n)
+            g_row = row_at(grad_y, grad_y_layout, r, n)
+            gx_row = row_at(grad_x, grad_x_layout, r, n)
             if r + 1 < rows:
-                prefetch(x[r + 1])
-                prefetch(grad_y[r + 1])
+                prefetch(row_at(x, x_layout, r + 1, n))
+                prefetch(row_at(grad_y, grad_y_layout, r + 1, n))
             if not stats_given:
                 row_mean, _, row_rstd = group_stats(x_row, rms, eps)
                 mean[r] = row_mean
@@ -215,7 +215,6 @@ def row_backward32(grad_y, x, weight, param_row_stride, param_inner, rms, eps, s
                         sum_gw, sum_gwx = _blocked_weighted_sums(g_row, x_row, w_row, hi, lo, rs32, np.float32(0.0))
                     proj = np.float32(sum_gwx / n)
                     mean_gw32 = np.float32(0.0 if rms else sum_gw / n)
-                    gx_row = grad_x[r]
                     for c in range(n):
                         gy = g_row[c]
                         x_hat = ((x_row[c] - hi) - lo) * rs32
@@ -226,7 +225,7 @@ def row_backward32(grad_y, x, weight, param_row_stride, param_inner, rms, eps, s
                     sum_gw, sum_gwx = _row_sums(g_row, x_row, w_row, part_w, part_b, param_inner, hi, lo, rs32,
                                                 np.float32(0.0))
                     mean_gw = 0.0 if rms else sum_gw / n
-                    _row_gradient(g_row, x_row, grad_x[r], w_row, acc_w, acc_b, param_inner, hi, lo, rs32,
+                    _row_gradient(g_row, x_row, gx_row, w_row, acc_w, acc_b, param_inner, hi, lo, rs32,
                                   np.float32(sum_gwx / n), np.float32(mean_gw))
                 pending += 1
                 last_group = g
@@ -236,7 +235,7 @@ def row_backward32(grad_y, x, weight, param_row_stride, param_inner, rms, eps, s
             else:  # float64 throughout, its parameter terms straight into the parts
                 sum_gw, sum_gwx = _row_sums(g_row, x_row, w_row, part_w, part_b, param_inner, m, 0.0, rs, 0.0)
                 mean_gw = 0.0 if rms else sum_gw / n
-                _row_gradient(g_row, x_row, grad_x[r], w_row, part_w, part_b, param_inner, m, 0.0, rs,
+                _row_gradient(g_row, x_row, gx_row, w_row, part_w, part_b, param_inner, m, 0.0, rs,
                               sum_gwx / n, mean_gw)
         if pending > 0:
             _flush(acc_w, acc_b, grad_weight_parts[k, last_group], grad_bias_parts[k, last_group])

@@ -16,7 +16,7 @@ from normlab.plan import make_plan
 from normlab.torch import batch_train, row_autograd
 from normlab.torch.ops import _EagerNormalize, _is_eager, _normalize_op
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path, _needs_torch_ops
-from normlab.torch.spec import PlanFacts, Spec, _dense_perm, _empty_like_dense, _engine_view
+from normlab.torch.spec import PlanFacts, Spec, _dense_perm, _empty_like_dense, _engine_view, _has_gaps
 
 
 def _in_compute_dtype(compute):
@@ -153,7 +153,9 @@ def _fast_rows(module, x: Tensor, eps: float, with_bias: bool = True) -> Optiona
     no gradient needed the autograd machinery is skipped (and the parameter tables kept
     between calls); with one, the cached backward plan runs too
     (:mod:`normlab.torch.row_autograd`). None where the full path must run (other dtypes,
-    devices, strides or paths, compilation, transforms)."""
+    devices or paths, compilation, transforms, permuted layouts such as channels_last,
+    whose output keeps its layout there); a strided view such as a slice of a packed
+    projection stays here, and the kernels read it where it lies."""
     if type(x) is not Tensor or _PathSwitch.path != "auto" or not x.is_cpu or _needs_torch_ops(x):
         return None
     # the module's weight and bias, read where nn.Module keeps them (its __getattr__ is slow)
@@ -172,7 +174,7 @@ def _fast_rows(module, x: Tensor, eps: float, with_bias: bool = True) -> Optiona
         if len(calls) >= 64:
             calls.clear()
         call = calls[key] = _build_grad_rows(module._spec, x, weight, bias) if grad else _FastRows.build(module._spec, x)
-    if call is None or not x.is_contiguous() or not 0.0 <= eps < math.inf:
+    if call is None or not (x.is_contiguous() or _has_gaps(x)) or not 0.0 <= eps < math.inf:
         return None
     return call(x, weight, bias, eps)
 

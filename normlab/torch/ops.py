@@ -23,7 +23,7 @@ def _normalize_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   params: Optional[str], sizes: str, eps: float, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, mean, rstd)``: y like x (same strides); mean and rstd float64 of the plan's
     stats_shape (mean is zeros for RMS)."""
-    x, perm = _dense_perm(x)
+    x, perm = _dense_perm(x, keep_gaps=True)  # a strided view goes to the engine as it is
     layout = _layout(pattern, perm, x.dim())
     y = _empty_like_dense(x, perm)
     _, stats = core.normalize_with_stats(
@@ -52,9 +52,10 @@ def _normalize_backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor]
                            pattern: str, params: Optional[str], sizes: str, eps: float, rms: bool,
                            need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_x, grad_weight, grad_bias)``; a gradient not asked for is an empty tensor."""
-    x, perm = _dense_perm(x)
+    x, perm = _dense_perm(x, keep_gaps=True)
     layout = _layout(pattern, perm, x.dim())
-    if grad_y.stride() != x.stride():  # give grad_y x's layout, so both share one permutation
+    if grad_y.stride() != x.stride() and (perm is not None or x.is_contiguous()):
+        # give grad_y x's layout, so both share one permutation (a strided x has none to share)
         grad_y = torch.empty_like(x).copy_(grad_y)
     mean_np, rstd_np = mean.numpy(), rstd.numpy()
     if perm is not None:

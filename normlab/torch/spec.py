@@ -191,15 +191,23 @@ def _layout(pattern: str, perm: Optional[tuple[int, ...]], ndim: int) -> Layout:
                   tuple(expanded))
 
 
-def _dense_perm(x: Tensor) -> tuple[Tensor, Optional[tuple[int, ...]]]:
+def _dense_perm(x: Tensor, keep_gaps: bool = False) -> tuple[Tensor, Optional[tuple[int, ...]]]:
     """``(x, perm)`` with ``x.permute(perm)`` C-contiguous (channels_last: (0, 2, 3, 1));
-    perm None for a contiguous tensor. Only a tensor with gaps or overlaps is copied."""
+    perm None for a contiguous tensor. Only a tensor with gaps or overlaps is copied, and
+    with ``keep_gaps`` not even that: it comes back as it is, with perm None, for the
+    engine to read where it lies (the row kernels read a slice of a packed projection so)
+    or to copy."""
     if x.is_contiguous():
         return x, None
     perm = tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
     if x.permute(perm).is_contiguous():
         return x, perm
-    return x.contiguous(), None
+    return (x if keep_gaps else x.contiguous()), None
+
+
+def _has_gaps(x: Tensor) -> bool:
+    """True for a tensor that is no permutation of a contiguous one (a slice, a strided view)."""
+    return _dense_perm(x, keep_gaps=True)[1] is None and not x.is_contiguous()
 
 
 def _empty_like_dense(x: Tensor, perm) -> Tensor:
