@@ -19,7 +19,9 @@ differ. "float32" above means at least float32: float64 input stays float64 (tra
 classes downcast it to float32).
 
 :func:`rms_norm_recipe` writes each recipe as the model family's own sequence of torch
-operations, so its results are theirs to the bit.
+operations, so its results are theirs to the bit. Its pieces (:func:`recipe_dtypes`,
+:func:`rms_normalize`, :func:`weigh`) are the one implementation of the recipes: the fused
+blocks of :mod:`normlab.torch.fused` build their torch path from them too.
 
 >>> x = torch.tensor([[3., 4.]], dtype=torch.bfloat16)
 >>> rms_norm_recipe(x, torch.zeros(2), 1e-6, "gemma", weight_offset=1.0).tolist()
@@ -56,6 +58,50 @@ def _scale(weight: Optional[Tensor], offset: float, dtype: Optional[torch.dtype]
     return weight if offset == 0 else offset + weight
 
 
+def recipe_dtypes(dtype: torch.dtype, casting: str) -> tuple[torch.dtype, torch.dtype]:
+    """``(compute, work)`` of a recipe for input of ``dtype``: where it normalizes (x̂), and
+    where the steps after the weight run (a modulation, a bias, a gate), before the final
+    cast to ``dtype``: the input's dtype for ``"llama"`` and ``"none"``, float32 for ``"gemma"``.
+
+    >>> recipe_dtypes(torch.bfloat16, "llama"), recipe_dtypes(torch.bfloat16, "gemma")
+    ((torch.float32, torch.bfloat16), (torch.float32, torch.float32))
+    """
+    if casting == "none":
+        return dtype, dtype
+    compute = compute_dtype(dtype)
+    return compute, dtype if casting == "llama" else compute
+
+
+def rms_normalize(h: Tensor, dims, eps: float) -> Tensor:
+    """``x̂ = h / sqrt(mean(h²) + eps)`` over ``dims``, in ``h``'s dtype: the normalization
+    every recipe shares (transformers' operation sequence, so its bits)."""
+    return h * torch.rsqrt(h.pow(2).mean(dims, keepdim=True) + eps)
+
+
+def weigh(normalized: Tensor, weight: Optional[Tensor], casting: str, dtype: torch.dtype,
+          weight_offset: float = 0.0) -> Tensor:
+    """``x̂ · (weight_offset + weight)`` with ``casting``'s casts for input of ``dtype``, up to
+    (not including) the recipe's final cast: ``"llama"`` and ``"none"`` cast x̂ to ``dtype``
+    first, ``"gemma"`` multiplies in x̂'s dtype, ``"t5"`` casts to a half weight's dtype.
+    ``weight`` may be laid out to broadcast against x̂ in any way.
+
+    >>> weigh(torch.tensor([0.5, 1.5]), torch.tensor([2., 2.]), "gemma", torch.bfloat16, weight_offset=1.0)
+    tensor([1.5000, 4.5000])
+    """
+    if casting == "gemma":
+        scale = _scale(weight, weight_offset, normalized.dtype)
+        return normalized if scale is None else normalized * scale
+    if casting == "t5":
+        if weight is None:
+            return normalized.to(dtype)
+        if weight.dtype in _HALF:
+            normalized = normalized.to(weight.dtype)
+        return _scale(weight, weight_offset) * normalized
+    normalized = normalized.to(dtype)  # llama, and none (which the kernels approximate in float32)
+    scale = _scale(weight, weight_offset)
+    return normalized if scale is None else scale * normalized
+
+
 def rms_norm_recipe(x: Tensor, weight: Optional[Tensor], eps: float, casting: str, weight_offset: float = 0.0,
                     normalized_ndim: int = 1) -> Tensor:
     """RMS norm over the last ``normalized_ndim`` axes with ``casting``'s roundings, in
@@ -65,29 +111,15 @@ def rms_norm_recipe(x: Tensor, weight: Optional[Tensor], eps: float, casting: st
     >>> [round(v, 4) for v in rms_norm_recipe(x, torch.ones(2), 0.0, "llama")[0].tolist()]
     [0.8485, 1.1314]
     """
+    if casting not in CASTINGS:
+        raise ValueError(f"unknown casting {casting!r}; use one of {', '.join(CASTINGS)}")
     dims = tuple(range(-normalized_ndim, 0))
-    if casting == "none":
-        y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
-        scale = _scale(weight, weight_offset)
-        return y if scale is None else y * scale
-    compute = compute_dtype(x.dtype)
-    if casting == "t5":
-        variance = x.to(compute).pow(2).mean(dims, keepdim=True)
-        y = x * torch.rsqrt(variance + eps)
-        if weight is None:
-            return y.to(x.dtype)
-        if weight.dtype in _HALF:
-            y = y.to(weight.dtype)
-        return _scale(weight, weight_offset) * y
-    upcast = x.to(compute)
-    y = upcast * torch.rsqrt(upcast.pow(2).mean(dims, keepdim=True) + eps)
-    if casting == "llama":
-        scale = _scale(weight, weight_offset)
-        return y.to(x.dtype) if scale is None else scale * y.to(x.dtype)
-    if casting == "gemma":
-        scale = _scale(weight, weight_offset, compute)
-        return (y if scale is None else y * scale).to(x.dtype)
-    raise ValueError(f"unknown casting {casting!r}; use one of {', '.join(CASTINGS)}")
+    if casting == "t5":  # T5 scales the input itself (promoted), not its float32 copy
+        variance = x.to(compute_dtype(x.dtype)).pow(2).mean(dims, keepdim=True)
+        normalized = x * torch.rsqrt(variance + eps)
+    else:
+        normalized = rms_normalize(x.to(recipe_dtypes(x.dtype, casting)[0]), dims, eps)
+    return apply_recipe_scale(x, normalized, weight, casting, weight_offset)
 
 
 def apply_recipe_scale(x: Tensor, normalized: Tensor, weight: Optional[Tensor], casting: str,
@@ -100,15 +132,5 @@ def apply_recipe_scale(x: Tensor, normalized: Tensor, weight: Optional[Tensor], 
     >>> apply_recipe_scale(x, torch.tensor([[0.6, 0.8]]) * 2 ** 0.5, torch.ones(2), "llama").dtype
     torch.float32
     """
-    if casting == "gemma":
-        scale = _scale(weight, weight_offset, normalized.dtype)
-        return (normalized if scale is None else normalized * scale).to(x.dtype)
-    if casting == "t5":
-        if weight is None:
-            return normalized.to(x.dtype)
-        if weight.dtype in _HALF:
-            normalized = normalized.to(weight.dtype)
-        return _scale(weight, weight_offset) * normalized
-    normalized = normalized.to(x.dtype)  # llama, and none (which the kernels approximate in float32)
-    scale = _scale(weight, weight_offset)
-    return normalized if scale is None else scale * normalized
+    y = weigh(normalized, weight, casting, x.dtype, weight_offset)
+    return y.to(x.dtype) if casting == "gemma" else y

@@ -3,7 +3,8 @@
 Each block is one :func:`fused_normalize` call: on CPU float32/float64 tensors an
 ``autograd.Function`` runs the fused kernels of :mod:`normlab.kernels.fused` forward and
 backward (one pass over memory each way); elsewhere (bfloat16, float16, other devices)
-the same block is written in torch operations with the module's **casting recipe**:
+the same block is written in torch operations with the module's **casting recipe**, from
+the pieces of :mod:`normlab.torch.casting` (the one implementation of the recipes):
 
 * ``"llama"``: statistics and ``x̂`` in float32, ``x̂`` cast to the input dtype, then the
   weight and everything after it in that dtype (LlamaRMSNorm; also torch's own norms
@@ -12,7 +13,8 @@ the same block is written in torch operations with the module's **casting recipe
   gated norm); Gemma's ``1 + weight`` is ``weight_offset=1.0``, a separate option;
 * ``"none"``: everything in the input dtype.
 
-On the kernel path the recipes coincide: the math runs in float64 and rounds once.
+(``"t5"`` is an RMSNorm recipe only.) On the kernel path the recipes coincide: the math
+runs in float64 and rounds once.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from torch import Tensor, nn
 
 from normlab import fused
 from normlab.plan import make_plan
+from normlab.torch import casting as recipes
 
 __all__ = ["CASTINGS", "fused_normalize", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm"]
 
-CASTINGS = ("llama", "gemma", "none")
+CASTINGS = tuple(c for c in recipes.CASTINGS if c != "t5")  # the recipes a fused block takes
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
@@ -126,7 +129,7 @@ def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
     """The block in torch operations, following ``block.casting``."""
     dtype = x.dtype
     total = x + residual if residual is not None else x
-    compute = dtype if block.casting == "none" else torch.promote_types(dtype, torch.float32)
+    compute, work = recipes.recipe_dtypes(dtype, block.casting)
     plan = make_plan(block.pattern, tuple(x.shape), block.params, **dict(block.sizes))
     h = total.to(compute)
     phi = _ACTIVATIONS[block.gate_activation](gate.to(compute)) if gate is not None else None
@@ -135,16 +138,12 @@ def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
     view = h.reshape(plan.axis_sizes)
     axes = plan.reduced_axes
     if block.rms:
-        h_hat = view * torch.rsqrt(view.pow(2).mean(dim=axes, keepdim=True) + block.eps)
+        h_hat = recipes.rms_normalize(view, axes, block.eps)
     else:
         var, mean = torch.var_mean(view, dim=axes, keepdim=True, correction=0)
         h_hat = (view - mean) * torch.rsqrt(var + block.eps)
-    work = dtype if block.casting == "llama" else compute
-    y = h_hat.to(work)
-    if weight is not None:
-        w = _broadcast(weight, plan, plan)
-        w = w.to(work) if block.casting != "llama" else w
-        y = (w + block.weight_offset if block.weight_offset else w) * y
+    w = None if weight is None else _broadcast(weight, plan, plan)
+    y = recipes.weigh(h_hat, w, block.casting, dtype, block.weight_offset)
     if scale is not None or shift is not None:
         mod_plan = make_plan(block.pattern, tuple(x.shape), block.modulation, **dict(block.sizes))
         if scale is not None:
