@@ -27,6 +27,33 @@ def _merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, 
     return total, mean, m2
 
 
+def _synced_backward(ctx, grad_y: Tensor, x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor],
+                     mean: Tensor, rstd: Tensor, count, need_weight: bool) -> tuple:
+    """``(grad_x, grad_weight, grad_bias)`` of batch norm over every rank of ``ctx.group``:
+    ``grad_x = rstd·w·(g − m·(ΣΣg + x̂·ΣΣg·x̂)/count)``, the two per-channel sums taken
+    over every element and every rank (one all-reduce), ``m`` the mask (1 without one; a
+    masked-out output depends on the counted inputs, so the sums run over it too) and
+    ``count`` the counted elements over the ranks (a number, or per channel). The
+    parameter gradients stay local: DistributedDataParallel averages them, as with torch's."""
+    shape = _channel_shape(x)
+    dims = [0] + list(range(2, x.dim()))
+    g = grad_y.to(mean.dtype)
+    x_hat = (x.to(mean.dtype) - mean) * rstd
+    sum_dy = g.sum(dims)
+    sum_dy_xhat = (g * x_hat).sum(dims)
+    packed = torch.cat([sum_dy, sum_dy_xhat])
+    torch.distributed.all_reduce(packed, group=ctx.group)
+    total_dy, total_dy_xhat = packed.chunk(2)
+    correction = (total_dy.reshape(shape) + x_hat * total_dy_xhat.reshape(shape)) / count
+    if mask is not None:
+        correction = mask.expand(x.shape).to(mean.dtype) * correction
+    scale = rstd if weight is None else rstd * weight.to(mean.dtype).reshape(shape)
+    grad_x = scale * (g - correction)
+    grad_w = sum_dy_xhat.to(weight.dtype) if weight is not None and need_weight else None
+    grad_b = sum_dy.to(weight.dtype if weight is not None else x.dtype) if ctx.has_bias else None
+    return grad_x.to(x.dtype), grad_w, grad_b
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Batch norm whose statistics and gradient sums span every rank of ``group``."""
 
@@ -68,23 +95,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, mean, rstd = ctx.saved_tensors
-        shape = _channel_shape(x)
-        dims = [0] + list(range(2, x.dim()))
-        g = grad_y.to(mean.dtype)
-        x_hat = (x.to(mean.dtype) - mean) * rstd
-        sum_dy = g.sum(dims)
-        sum_dy_xhat = (g * x_hat).sum(dims)
-        # the two per-channel sums, over every rank: one all-reduce
-        packed = torch.cat([sum_dy, sum_dy_xhat])
-        torch.distributed.all_reduce(packed, group=ctx.group)
-        total_dy, total_dy_xhat = packed.chunk(2)
-        n = ctx.total_count
-        scale = rstd if weight is None else rstd * weight.to(mean.dtype).reshape(shape)
-        grad_x = scale * (g - total_dy.reshape(shape) / n - x_hat * total_dy_xhat.reshape(shape) / n)
-        # parameter gradients stay local: DistributedDataParallel averages them, as with torch's
-        grad_w = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        grad_b = sum_dy.to(weight.dtype if weight is not None else x.dtype) if ctx.has_bias else None
-        return grad_x.to(x.dtype), grad_w, grad_b, None, None, None, None
+        grad_x, grad_w, grad_b = _synced_backward(ctx, grad_y, x, None, weight, mean, rstd, ctx.total_count,
+                                                  ctx.needs_input_grad[1])
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 class _MaskedSyncBatchNormFunction(torch.autograd.Function):
@@ -139,23 +152,10 @@ class _MaskedSyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, mask, weight, mean, rstd, total = ctx.saved_tensors
-        shape = _channel_shape(x)
-        dims = [0] + list(range(2, x.dim()))
-        g = grad_y.to(mean.dtype)
-        x_hat = (x.to(mean.dtype) - mean) * rstd
-        # the sums run over every element (a masked-out output depends on the counted inputs)
-        sum_dy = g.sum(dims)
-        sum_dy_xhat = (g * x_hat).sum(dims)
-        packed = torch.cat([sum_dy, sum_dy_xhat])
-        torch.distributed.all_reduce(packed, group=ctx.group)
-        total_dy, total_dy_xhat = packed.chunk(2)
-        n = total.clamp_min(1).reshape(shape)
-        m = mask.expand(x.shape).to(mean.dtype)
-        scale = rstd if weight is None else rstd * weight.to(mean.dtype).reshape(shape)
-        grad_x = scale * (g - m * (total_dy.reshape(shape) + x_hat * total_dy_xhat.reshape(shape)) / n)
-        grad_w = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
-        grad_b = sum_dy.to(weight.dtype if weight is not None else x.dtype) if ctx.has_bias else None
-        return grad_x.to(x.dtype), None, grad_w, grad_b, None, None, None, None
+        count = total.clamp_min(1).reshape(_channel_shape(x))
+        grad_x, grad_w, grad_b = _synced_backward(ctx, grad_y, x, mask, weight, mean, rstd, count,
+                                                  ctx.needs_input_grad[2])
+        return grad_x, None, grad_w, grad_b, None, None, None, None
 
 
 class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
