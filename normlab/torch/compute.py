@@ -330,10 +330,27 @@ def _values_per_channel(x: Tensor) -> int:
     return x.shape[0] * math.prod(x.shape[2:])
 
 
+def _small_eval(module, x: Tensor) -> Optional[Tensor]:
+    """Evaluation below the crossover, where torch's own op is faster: straight to
+    ``F.batch_norm`` with the module's buffers and parameters read where nn.Module keeps
+    them (its ``__getattr__`` is slow), or None for the full path."""
+    buffers, params = module._buffers, module._parameters
+    mean, var = buffers.get("running_mean"), buffers.get("running_var")
+    if (mean is None or var is None or x.dim() < 2 or x.shape[1] != module.num_features
+            or not 0.0 < module.eps < math.inf or x.numel() * x.element_size() >= EVAL_NATIVE_BELOW_BYTES):
+        return None
+    return torch.nn.functional.batch_norm(x, mean, var, params.get("weight"), params.get("bias"), False, 0.0,
+                                          module.eps)
+
+
 def _batch_norm_forward(module, x: Tensor) -> Tensor:
     """BatchNorm{1,2,3}d's forward on the kernel or composite path (torch's semantics);
     torch's own forward where only torch's ops run, or where the input does not fit, so
     that torch raises its own error in its own words."""
+    if not module.training and _PathSwitch.path == "auto" and type(x) is Tensor:
+        y = _small_eval(module, x)
+        if y is not None:
+            return y
     path = _choose_path(x, has_native=True)
     if path == "native" or x.dim() < 2 or x.shape[1] != module.num_features:
         return nn.modules.batchnorm._BatchNorm.forward(module, x)
