@@ -250,3 +250,24 @@ def test_float32_gradients_are_bit_identical_whatever_torch_threads_allow():
         torch.set_num_threads(before)
     for one, two in zip(*results):
         assert one.numpy().tobytes() == two.numpy().tobytes()
+
+
+def test_a_changed_or_replaced_weight_is_seen_by_the_next_call_with_gradients(no_full_path):
+    reference, twin = _pair("LayerNorm", (8,), torch.float32)
+    x = torch.randn(3, 8, requires_grad=True)
+    grad_y = torch.randn(3, 8)
+
+    def check():
+        for mine, theirs in zip(_grads(twin, x, grad_y, (x, twin.weight, twin.bias)),
+                                _grads(reference, x, grad_y, (x, reference.weight, reference.bias))):
+            torch.testing.assert_close(mine, theirs)
+
+    check()  # fills the cache
+    with torch.no_grad():
+        for module in (reference, twin):
+            module.weight.mul_(2)
+            module.bias.add_(1)
+    check()
+    weight = torch.linspace(0.5, 2, 8)
+    twin.weight, reference.weight = torch.nn.Parameter(weight.clone()), torch.nn.Parameter(weight.clone())
+    check()

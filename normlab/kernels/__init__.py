@@ -600,42 +600,38 @@ def _sum_parts(parts: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FastBackward:
-    """The row kernels' backward for a :class:`FastForward` plan, given the statistics
-    its forward returned: built once by :func:`fast_backward`; a call lays out the
-    weight, allocates the gradients and runs the kernel."""
+    """The row kernels' backward for a :class:`FastForward` plan, given the weight table
+    and statistics its forward used: built once by :func:`fast_backward`; a call
+    allocates the gradients and runs the kernel."""
 
     forward: FastForward
+    kernel: object
     chunk_rows: int
     chunks: int
 
-    def __call__(self, grad_y, x, weight, mean, rstd, need_params: bool):
+    def __call__(self, grad_y, x, weight_table, mean, rstd, need_params: bool):
         """``(grad_x, grad_weight, grad_bias)``: grad_x in x's shape and dtype, the parameter
-        gradients float64 of the plan's param_shape (None unless ``need_params``). ``mean``
-        and ``rstd`` are the forward's (``mean`` None for RMS)."""
+        gradients float64 of the plan's param_shape (None unless ``need_params``).
+        ``weight_table`` is :meth:`FastForward.tables`' first; ``mean`` and ``rstd`` are the
+        forward's (``mean`` None for RMS)."""
         plan = self.forward
         rows, n = plan.shape
         grad_x = pool.empty(plan.shape, plan.dtype) if plan.large else np.empty(plan.shape, plan.dtype)
-        table = self._table(weight)
         weight_parts = np.zeros((self.chunks,) + plan.table_shape)
         bias_parts = np.zeros((self.chunks,) + plan.table_shape)
         mean_flat = _constant_table((rows,), 0.0) if mean is None else mean.reshape(rows)
         # a strided x (or grad_y) is read where it lies when its rows allow (row_layout), else copied
         g, x_rows, gx = _one_kind(plan.rows_of(grad_y), plan.rows_of(x), (grad_x, _PLAIN_ROWS))
-        _row_backward_kernel(plan.dtype)(*g, *x_rows, n, table, plan.param_row_stride, plan.param_inner, plan.rms,
-                                         0.0, True, mean_flat, rstd.reshape(rows), self.chunk_rows, *gx,
-                                         weight_parts, bias_parts, serial=rows * n < SERIAL_BELOW)
+        arguments = (*g, *x_rows, n, weight_table, plan.param_row_stride, plan.param_inner, plan.rms, 0.0, True,
+                     mean_flat, rstd.reshape(rows), self.chunk_rows, *gx, weight_parts, bias_parts)
+        if rows * n < SERIAL_BELOW:
+            self.kernel.serial(*arguments)
+        else:
+            self.kernel(*arguments)
         grad_x = grad_x.reshape(plan.out_shape)
         if not need_params:
             return grad_x, None, None
         return grad_x, self._params(_sum_parts(weight_parts)), self._params(_sum_parts(bias_parts))
-
-    def _table(self, weight) -> np.ndarray:
-        plan = self.forward
-        if weight is None:
-            return _constant_table(plan.table_shape, 1.0, plan.table_dtype)
-        if plan.direct_params:
-            return np.ascontiguousarray(weight, plan.table_dtype).reshape(plan.table_shape)
-        return _param_table(plan.plan.expand_params(weight), plan.view, True, plan.table_dtype)
 
     def _params(self, table: np.ndarray) -> np.ndarray:
         plan = self.forward
@@ -658,7 +654,7 @@ def _row_backward_kernel(dtype: np.dtype):
 
 def fast_backward(forward: FastForward) -> FastBackward:
     """The :class:`FastBackward` of a :class:`FastForward`'s plan."""
-    return FastBackward(forward, *row_chunks(*forward.shape))
+    return FastBackward(forward, _row_backward_kernel(forward.dtype), *row_chunks(*forward.shape))
 
 
 def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need_params=False):

@@ -10,8 +10,6 @@ resolution, layout search, statistics transposes or tensor round trips per call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -21,24 +19,43 @@ from normlab.torch.ops import _differentiable_backward
 _EAGER_PARAMS = (type(None), Tensor, nn.Parameter)
 
 
-@dataclass(frozen=True)
 class RowGradCall:
     """One module's cached plans for one input shape and dtypes: the kernels' forward
-    and backward, and the custom op's arguments (for a differentiable backward)."""
+    and backward, the custom op's arguments (for a differentiable backward), and the
+    parameter tables of the last call, kept while the same parameter tensors hold the same
+    values (same storage, no in-place change since)."""
 
-    forward: object  # kernels.FastForward
-    backward: object  # kernels.FastBackward
-    pattern: str
-    params: object
-    sizes: str
-    rms: bool
-    param_dtypes: tuple  # NumPy dtypes of weight and bias (None where absent)
+    __slots__ = ("forward", "backward", "arguments", "param_dtypes", "held", "tables")
+
+    def __init__(self, forward, backward, arguments: tuple, param_dtypes: tuple):
+        self.forward = forward  # kernels.FastForward
+        self.backward = backward  # kernels.FastBackward
+        self.arguments = arguments  # (pattern, params, sizes, rms)
+        self.param_dtypes = param_dtypes  # NumPy dtypes of weight and bias (None where absent)
+        self.held = None  # (weight, its data_ptr, its _version, bias, ...) of the tables
+        self.tables = None
 
     def __call__(self, x: Tensor, weight, bias, eps: float):
         """``y`` with autograd through the kernels, or None where the full path must run."""
         if type(weight) not in _EAGER_PARAMS or type(bias) not in _EAGER_PARAMS:
             return None  # tensor subclasses take the registered op
+        held = self.held
+        if (held is None or weight is not held[0] or bias is not held[3]
+                or (weight is not None and (weight.data_ptr() != held[1] or weight._version != held[2]))
+                or (bias is not None and (bias.data_ptr() != held[4] or bias._version != held[5]))):
+            self._prepare(weight, bias)
+        if self.tables is None:
+            return None
         return _RowFunction.apply(x, weight, bias, self, eps)
+
+    def _prepare(self, weight, bias) -> None:
+        self.held = None
+        self.tables = self.forward.tables(None if weight is None else weight.detach().numpy(),
+                                          None if bias is None else bias.detach().numpy())
+        if self.tables is not None:
+            self.held = (weight, None if weight is None else weight.data_ptr(),
+                         None if weight is None else weight._version,
+                         bias, None if bias is None else bias.data_ptr(), None if bias is None else bias._version)
 
 
 class _RowFunction(torch.autograd.Function):
@@ -48,12 +65,12 @@ class _RowFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, call: RowGradCall, eps: float):  # the ctx-first form: no signature binding
-        y, mean, rstd = call.forward(x.detach().numpy(), None if weight is None else weight.detach().numpy(),
-                                     None if bias is None else bias.detach().numpy(), eps, True)
-        ctx.save_for_backward(x, weight, bias)
-        ctx.call = call
-        ctx.stats = (mean, rstd)
-        ctx.arguments = (call.pattern, call.params, call.sizes, eps, call.rms)  # read by _differentiable_backward
+        x_array = x.detach().numpy()
+        tables = call.tables
+        y, mean, rstd = call.forward.run(x_array, *tables, eps, True)
+        ctx.save_for_backward(x, weight, bias)  # (torch then checks that none changes before backward)
+        ctx.kernel_inputs = (call, x_array, tables[0], mean, rstd)
+        ctx.arguments = (*call.arguments[:3], eps, call.arguments[3])  # read by _differentiable_backward
         return torch.from_numpy(y)
 
     @staticmethod
@@ -63,11 +80,9 @@ class _RowFunction(torch.autograd.Function):
             # create_graph=True: the gradient must itself be differentiable
             return (*_differentiable_backward(ctx, grad_y, x, weight, bias)[:3], None, None)
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        call = ctx.call
-        mean, rstd = ctx.stats
-        grad_x, grad_w, grad_b = call.backward(
-            grad_y.detach().numpy(), x.detach().numpy(), None if weight is None else weight.detach().numpy(),
-            mean, rstd, need_weight or need_bias)
+        call, x_array, weight_table, mean, rstd = ctx.kernel_inputs
+        grad_x, grad_w, grad_b = call.backward(grad_y.detach().numpy(), x_array, weight_table, mean, rstd,
+                                               need_weight or need_bias)
         weight_dtype, bias_dtype = call.param_dtypes
         return (torch.from_numpy(grad_x) if need_x else None,
                 torch.from_numpy(grad_w.astype(weight_dtype, copy=False)) if need_weight else None,
@@ -82,5 +97,5 @@ def build(spec, forward, param_dtypes) -> RowGradCall | None:
 
     if any(d is not None and d not in (np.float32, np.float64) for d in param_dtypes):
         return None
-    return RowGradCall(forward, kernels.fast_backward(forward), spec.pattern, spec.params, spec.sizes, spec.rms,
+    return RowGradCall(forward, kernels.fast_backward(forward), (spec.pattern, spec.params, spec.sizes, spec.rms),
                        tuple(param_dtypes))
