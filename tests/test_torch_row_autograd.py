@@ -271,3 +271,16 @@ def test_a_changed_or_replaced_weight_is_seen_by_the_next_call_with_gradients(no
     weight = torch.linspace(0.5, 2, 8)
     twin.weight, reference.weight = torch.nn.Parameter(weight.clone()), torch.nn.Parameter(weight.clone())
     check()
+
+
+def test_float32_parameter_gradients_over_many_rows_keep_float64_accuracy(no_full_path):
+    # float32 sums over thousands of rows would drift by about 1e-5; the float64 parts do not
+    reference, twin = _pair("LayerNorm", (16,), torch.float64)
+    twin.float()
+    x = torch.randn(50_000, 16)
+    grad_y = torch.full((50_000, 16), 1.1)
+    x64 = x.double().requires_grad_()
+    expected = torch.autograd.grad(reference(x64), (reference.weight, reference.bias), grad_y.double())
+    got = torch.autograd.grad(twin(x.requires_grad_()), (twin.weight, twin.bias), grad_y)
+    for mine, theirs in zip(got, expected):
+        torch.testing.assert_close(mine.double(), theirs, rtol=1e-6, atol=1e-6 * float(theirs.abs().max()))

@@ -26,12 +26,13 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from normlab.kernels._jit import inline_helper, kernel, prefetch, reduction
+from normlab.kernels._jit import helper, inline_helper, kernel, prefetch, reduction
 from normlab.kernels.rows import RSTD_HIGH, RSTD_LOW, row_at
 from normlab.kernels.sums import group_stats
 
 BLOCK = 1024  # elements per float32 partial sum (64 SIMD accumulators × 16 adds), flushed to float64
 FLUSH_ROWS = 16  # rows whose per-element parameter terms add up in float32 before a float64 flush
+PREFETCH_FROM = 1024  # row length (elements) from which the next rows are prefetched
 
 
 @reduction
@@ -161,6 +162,28 @@ def _flush(acc_w, acc_b, part_w, part_b):
         acc_b[c] = 0.0
 
 
+@helper
+def _other_row(g_row, x_row, gx_row, w_row, acc_w, acc_b, part_w, part_b, inner, rms, m, rs):
+    """A row off the kernel's hot path (parameters per channel or repeating along the row,
+    or an rstd that float32 cannot hold), kept out of line so that the hot loop stays
+    small. Returns 1 when its parameter terms went into the float32 accumulators."""
+    n = x_row.shape[0]
+    if RSTD_LOW < rs < RSTD_HIGH:
+        hi = np.float32(m)
+        lo = np.float32(m - hi)
+        rs32 = np.float32(rs)
+        sum_gw, sum_gwx = _row_sums(g_row, x_row, w_row, part_w, part_b, inner, hi, lo, rs32, np.float32(0.0))
+        mean_gw = 0.0 if rms else sum_gw / n
+        _row_gradient(g_row, x_row, gx_row, w_row, acc_w, acc_b, inner, hi, lo, rs32, np.float32(sum_gwx / n),
+                      np.float32(mean_gw))
+        return 1 if inner == 1 else 0
+    # float64 throughout, its parameter terms straight into the parts
+    sum_gw, sum_gwx = _row_sums(g_row, x_row, w_row, part_w, part_b, inner, m, 0.0, rs, 0.0)
+    mean_gw = 0.0 if rms else sum_gw / n
+    _row_gradient(g_row, x_row, gx_row, w_row, part_w, part_b, inner, m, 0.0, rs, sum_gwx / n, mean_gw)
+    return 0
+
+
 @kernel
 def row_backward32(grad_y, grad_y_layout, x, x_layout, n, weight, param_row_stride, param_inner, rms, eps,
                    stats_given, mean, rstd, chunk_rows, grad_x, grad_x_layout, grad_weight_parts, grad_bias_parts):
@@ -171,12 +194,15 @@ def row_backward32(grad_y, grad_y_layout, x, x_layout, n, weight, param_row_stri
     the chunks in order). Unless ``stats_given`` it computes ``mean``/``rstd`` per row.
 
     Per-element parameter gradients gather up to :data:`FLUSH_ROWS` rows in float32
-    accumulators, then go into the float64 parts (every row where rows use several
-    parameter groups). The rows come as ``rows.row_at`` reads them (2-D, or flat with a layout)."""
+    accumulators, then go into the float64 parts (at each change of parameter group too).
+    The hot path, one weight per element as in layer and RMS norm, is written out here,
+    where LLVM vectorizes it best (through helpers short rows cost about twice as much).
+    The rows come as ``rows.row_at`` reads them (2-D, or flat with a layout)."""
     rows = mean.shape[0]
     groups = weight.shape[0]
     channels = weight.shape[1]
     per_element = param_inner == 1 and channels == n  # one weight per element of the row
+    prefetching = n >= PREFETCH_FROM  # shorter rows: the hardware prefetcher keeps up alone
     for k in prange(grad_weight_parts.shape[0]):
         acc_w = np.zeros(channels, np.float32)
         acc_b = np.zeros(channels, np.float32)
@@ -186,7 +212,7 @@ def row_backward32(grad_y, grad_y_layout, x, x_layout, n, weight, param_row_stri
             x_row = row_at(x, x_layout, r, n)
             g_row = row_at(grad_y, grad_y_layout, r, n)
             gx_row = row_at(grad_x, grad_x_layout, r, n)
-            if r + 1 < rows:
+            if prefetching and r + 1 < rows:
                 prefetch(row_at(x, x_layout, r + 1, n))
                 prefetch(row_at(grad_y, grad_y_layout, r + 1, n))
             if not stats_given:
@@ -197,45 +223,32 @@ def row_backward32(grad_y, grad_y_layout, x, x_layout, n, weight, param_row_stri
             rs = rstd[r]
             g = 0 if groups == 1 else (r // param_row_stride) % groups  # (an integer division costs)
             w_row = weight[g]
-            part_w = grad_weight_parts[k, g]
-            part_b = grad_bias_parts[k, g]
             if pending > 0 and g != last_group:
                 _flush(acc_w, acc_b, grad_weight_parts[k, last_group], grad_bias_parts[k, last_group])
                 pending = 0
-            if RSTD_LOW < rs < RSTD_HIGH:
+            if per_element and RSTD_LOW < rs < RSTD_HIGH:
                 hi = np.float32(m)
                 lo = np.float32(m - hi)
                 rs32 = np.float32(rs)
-                if per_element:
-                    # layer and RMS norm: the loops written out here, where LLVM vectorizes
-                    # them best (through the helpers short rows cost about twice as much)
-                    if n <= BLOCK:
-                        sum_gw, sum_gwx = _weighted_sums(g_row, x_row, w_row, hi, lo, rs32, np.float32(0.0))
-                    else:
-                        sum_gw, sum_gwx = _blocked_weighted_sums(g_row, x_row, w_row, hi, lo, rs32, np.float32(0.0))
-                    proj = np.float32(sum_gwx / n)
-                    mean_gw32 = np.float32(0.0 if rms else sum_gw / n)
-                    for c in range(n):
-                        gy = g_row[c]
-                        x_hat = ((x_row[c] - hi) - lo) * rs32
-                        gx_row[c] = ((gy * w_row[c] - x_hat * proj) - mean_gw32) * rs32
-                        acc_w[c] += gy * x_hat
-                        acc_b[c] += gy
+                if n <= BLOCK:
+                    sum_gw, sum_gwx = _weighted_sums(g_row, x_row, w_row, hi, lo, rs32, np.float32(0.0))
                 else:
-                    sum_gw, sum_gwx = _row_sums(g_row, x_row, w_row, part_w, part_b, param_inner, hi, lo, rs32,
-                                                np.float32(0.0))
-                    mean_gw = 0.0 if rms else sum_gw / n
-                    _row_gradient(g_row, x_row, gx_row, w_row, acc_w, acc_b, param_inner, hi, lo, rs32,
-                                  np.float32(sum_gwx / n), np.float32(mean_gw))
+                    sum_gw, sum_gwx = _blocked_weighted_sums(g_row, x_row, w_row, hi, lo, rs32, np.float32(0.0))
+                proj = np.float32(sum_gwx / n)
+                mean_gw = np.float32(0.0 if rms else sum_gw / n)
+                for c in range(n):
+                    gy = g_row[c]
+                    x_hat = ((x_row[c] - hi) - lo) * rs32
+                    gx_row[c] = ((gy * w_row[c] - x_hat * proj) - mean_gw) * rs32
+                    acc_w[c] += gy * x_hat
+                    acc_b[c] += gy
                 pending += 1
-                last_group = g
-                if pending == FLUSH_ROWS:
-                    _flush(acc_w, acc_b, part_w, part_b)
-                    pending = 0
-            else:  # float64 throughout, its parameter terms straight into the parts
-                sum_gw, sum_gwx = _row_sums(g_row, x_row, w_row, part_w, part_b, param_inner, m, 0.0, rs, 0.0)
-                mean_gw = 0.0 if rms else sum_gw / n
-                _row_gradient(g_row, x_row, gx_row, w_row, part_w, part_b, param_inner, m, 0.0, rs,
-                              sum_gwx / n, mean_gw)
+            else:
+                pending += _other_row(g_row, x_row, gx_row, w_row, acc_w, acc_b, grad_weight_parts[k, g],
+                                      grad_bias_parts[k, g], param_inner, rms, m, rs)
+            last_group = g
+            if pending == FLUSH_ROWS:
+                _flush(acc_w, acc_b, grad_weight_parts[k, g], grad_bias_parts[k, g])
+                pending = 0
         if pending > 0:
             _flush(acc_w, acc_b, grad_weight_parts[k, last_group], grad_bias_parts[k, last_group])
