@@ -39,7 +39,7 @@ __all__ = ["available", "canonical_view", "forward", "backward", "row_layout", "
 SERIAL_BELOW = 1 << 17  # elements; below this, waking the threads costs more than they save
 # (measured crossover: 2^16 on one 2-core machine, near 2^19 on another)
 ROW_CHUNKS = 64  # backward: rows are cut into this many chunks for the parameter gradients
-CHUNK_ELEMENTS = 1 << 14  # batch norm: a chunk this large stays in L2 for its two passes
+CHUNK_ELEMENTS = 1 << 14  # channels-first batch norm: elements per (chunk, channel) unit of work
 # channels-last batch norm: rows are summed in groups of at least this many elements (and
 # 64 rows), each group's per-channel sums kept apart and added in order; a unit of work is
 # one group's rows over a block of CHANNEL_BLOCK channels
@@ -395,10 +395,10 @@ def column_forward(x, y, weight, bias, rms: bool, eps: float, stats_given: bool,
         return
     if not stats_given:
         outer_chunk = max(1, CHUNK_ELEMENTS // inner)
-        chunks = -(-outer // outer_chunk)
-        columns.channels_first_stats(x, rms, eps, outer_chunk, np.empty((chunks, channels)), np.empty((chunks, channels)),
-                                     mean, var, rstd, serial=serial)
-    columns.channels_first_apply(x, y, weight, bias, mean, rstd, serial=serial)
+        columns.channels_first_stats(x, rms, eps, columns.CANCELLATION, outer_chunk,
+                                     np.empty((4, -(-outer // outer_chunk), channels)), mean, var, rstd, serial=serial)
+    apply = columns.channels_first_apply32 if y.dtype == np.float32 else columns.channels_first_apply
+    apply(x, y, weight, bias, mean, rstd, serial=serial)
 
 
 def column_backward(grad_y, x, weight, rms: bool, eps: float, stats_given: bool, mean, rstd, grad_x, grad_weight,
@@ -423,7 +423,7 @@ def column_backward(grad_y, x, weight, rms: bool, eps: float, stats_given: bool,
     outer_chunk = max(1, CHUNK_ELEMENTS // inner)
     chunks = -(-outer // outer_chunk)
     if not stats_given:
-        columns.channels_first_stats(x, rms, eps, outer_chunk, np.empty((chunks, channels)), np.empty((chunks, channels)),
+        columns.channels_first_stats(x, rms, eps, columns.CANCELLATION, outer_chunk, np.empty((4, chunks, channels)),
                                      mean, np.empty(channels), rstd, serial=serial)
     columns.channels_first_backward(grad_y, x, weight, mean, rstd, rms, outer_chunk, np.empty((chunks, channels)),
                                     np.empty((chunks, channels)), grad_x, grad_weight, grad_bias, serial=serial)

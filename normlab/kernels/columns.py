@@ -1,22 +1,19 @@
 """Column-family kernels: batch norm, where every channel's group is spread over the array.
 
 Channels-first is an (outer, C, inner) view reduced over outer and inner: each (chunk,
-channel) slab run is contiguous, so its statistics take the shifted two-pass (mean, M2)
-while the chunk (fixed by index, never by thread, small enough to stay in cache) is
-cache-resident, and the chunks are merged in chunk order with Chan's formula,
+channel) unit is a run of contiguous slabs, summed by the vectorized reductions of
+:mod:`normlab.kernels.sums`. Channels-last is (rows, C) reduced over rows: every channel
+is a strided column, so the kernels run rows outer and channels inner, into per-channel
+float64 accumulators that vectorize across channels.
 
-    n = nₐ + n_b,  δ = mean_b − meanₐ,  mean = meanₐ + δ·n_b/n,  M2 = M2ₐ + M2_b + δ²·nₐ·n_b/n,
-
-which is exact algebra, never E[x²] − E[x]².
-
-Channels-last is (rows, C) reduced over rows: every channel is a strided column, so the
-kernels run rows outer and channels inner, into per-channel float64 accumulators that
-vectorize across channels. The statistics take one pass: the shifted moments Σd, Σd²
-(d = x − x[0, c]) per group of rows fixed by the shape, added in group order (see
-:func:`channels_last_stats` for the precision argument and its two-pass fallback).
-
-Both shift every channel by its first element, so a constant channel gives a mean of
-exactly that value and a variance of exactly 0. Results depend on the shape only, not
+Statistics take one pass over memory: the shifted moments Σd and Σd² (d = x minus the
+channel's first element) of each unit, fixed by the shape (never by the thread count),
+added in a fixed order; the variance Σd²/n − (Σd/n)² loses at most a factor 1 + K²,
+K = |shift − mean|/std ≤ √n (see ``sums.shifted_moments``), and a channel past
+:data:`CANCELLATION` takes the two-pass variance in a second pass. A constant channel
+has d = 0 throughout: a mean of exactly its value and a variance of exactly 0. float32
+outputs are applied in float32 SIMD arithmetic with the mean split in a high and a low
+part (:func:`_folded32`), as the row kernels do. Results depend on the shape only, not
 on the number of threads.
 """
 
@@ -27,43 +24,70 @@ from numba import prange
 
 from normlab.kernels._jit import helper, kernel
 from normlab.kernels.rows import CANCELLATION, RSTD_HIGH, RSTD_LOW
-from normlab.kernels.sums import centered_square_sum, gradient_sums, reciprocal_std, shifted_sum, square_sum
+from normlab.kernels.sums import centered_square_sum, gradient_sums, reciprocal_std, shifted_moments, square_sum
 
 ROW_BLOCK = 4  # channels-last: rows that share one load and store of the per-channel accumulators
 
 
 @kernel
-def channels_first_stats(x, rms, eps, outer_chunk, part_mean, part_m2, mean, var, rstd):
+def channels_first_stats(x, rms, eps, cancellation, outer_chunk, parts, mean, var, rstd):
     """Twin of ``reference.compute_stats`` for an (outer, C, inner) view: per-channel
-    ``mean`` (0 for RMS), ``var`` and ``rstd``; ``part_*`` are (chunks, C) scratch."""
+    ``mean`` (0 for RMS), ``var`` and ``rstd``; ``parts`` is (4, chunks, C) scratch.
+
+    One pass over memory: the shifted moments Σd, Σd² (d = x − x[0, c, 0],
+    ``sums.shifted_moments``) of each (chunk of ``outer_chunk`` outer indices, channel)
+    unit, added in chunk order; a channel past ``cancellation`` takes its centred
+    squares in a second pass, as in :func:`channels_last_stats`."""
     outer = x.shape[0]
     channels = x.shape[1]
     inner = x.shape[2]
-    chunks = part_mean.shape[0]
+    chunks = parts.shape[1]
     for unit in prange(chunks * channels):
         k = unit // channels
         c = unit % channels
-        start = k * outer_chunk
-        stop = min(outer, start + outer_chunk)
+        sum_d = 0.0
+        sum_d2 = 0.0
         if rms:
-            total = 0.0
-            for o in range(start, stop):
-                total += square_sum(x[o, c])
-            part_mean[k, c] = total
+            for o in range(k * outer_chunk, min(outer, (k + 1) * outer_chunk)):
+                sum_d2 += square_sum(x[o, c])
         else:
             shift = np.float64(x[0, c, 0])
-            total = 0.0
-            for o in range(start, stop):
-                total += shifted_sum(x[o, c], shift)
-            chunk_mean = total / ((stop - start) * inner)
-            m2 = 0.0
-            for o in range(start, stop):
-                m2 += centered_square_sum(x[o, c], shift, chunk_mean)
-            part_mean[k, c] = chunk_mean
-            part_m2[k, c] = m2
+            for o in range(k * outer_chunk, min(outer, (k + 1) * outer_chunk)):
+                part_d, part_d2 = shifted_moments(x[o, c], shift)
+                sum_d += part_d
+                sum_d2 += part_d2
+        parts[0, k, c] = sum_d
+        parts[1, k, c] = sum_d2
+    count = outer * inner
+    total, squares = _in_group_order(parts[0], parts[1])
+    center = np.zeros(channels)
+    one_pass = np.empty(channels)
+    flagged = np.zeros(channels, np.bool_)
+    cancelled = False
+    for c in range(channels):
+        center[c] = total[c] / count
+        one_pass[c] = max(squares[c] / count - center[c] * center[c], 0.0)
+        flagged[c] = not rms and squares[c] / count > cancellation * one_pass[c]
+        cancelled = cancelled or flagged[c]
+    # a far outlier first in some channel: the two-pass variance, Σ((x − shift) − Σd/n)²
+    for unit in prange(chunks * channels if cancelled else 0):
+        k = unit // channels
+        c = unit % channels
+        m2 = 0.0
+        if flagged[c]:
+            shift = np.float64(x[0, c, 0])
+            for o in range(k * outer_chunk, min(outer, (k + 1) * outer_chunk)):
+                m2 += centered_square_sum(x[o, c], shift, center[c])
+        parts[2, k, c] = 0.0
+        parts[3, k, c] = m2
+    centered = squares
+    if cancelled:
+        _, centered = _in_group_order(parts[2], parts[3])
     for c in prange(channels):
-        shift = 0.0 if rms else np.float64(x[0, c, 0])
-        _merge_channel(c, rms, eps, outer_chunk * inner, outer * inner, shift, part_mean, part_m2, mean, var, rstd)
+        channel_var = centered[c] / count if flagged[c] else one_pass[c]
+        mean[c] = 0.0 if rms else np.float64(x[0, c, 0]) + center[c]
+        var[c] = channel_var
+        rstd[c] = reciprocal_std(channel_var, eps)
 
 
 @kernel
@@ -180,34 +204,6 @@ def _in_group_order(part_a, part_b):
     return total_a, total_b
 
 
-@helper
-def _merge_channel(c, rms, eps, chunk_count, total_count, shift, part_mean, part_m2, mean, var, rstd):
-    """Merge channel ``c``'s chunks in chunk order (Chan's formula; RMS: a plain sum)."""
-    chunks = part_mean.shape[0]
-    if rms:
-        total = 0.0
-        for k in range(chunks):
-            total += part_mean[k, c]
-        channel_var = total / total_count
-        channel_mean = 0.0
-    else:
-        count = min(chunk_count, total_count)
-        running_mean = part_mean[0, c]
-        running_m2 = part_m2[0, c]
-        for k in range(1, chunks):
-            chunk = min(chunk_count, total_count - k * chunk_count)
-            merged = count + chunk
-            delta = part_mean[k, c] - running_mean
-            running_mean += delta * chunk / merged
-            running_m2 += part_m2[k, c] + delta * delta * count * chunk / merged
-            count = merged
-        channel_var = running_m2 / total_count
-        channel_mean = shift + running_mean
-    mean[c] = channel_mean
-    var[c] = channel_var
-    rstd[c] = reciprocal_std(channel_var, eps)
-
-
 @kernel
 def channels_first_apply(x, y, weight, bias, mean, rstd):
     """Twin of ``reference.apply_stats`` for (outer, C, inner) with per-channel statistics
@@ -226,6 +222,36 @@ def channels_first_apply(x, y, weight, bias, mean, rstd):
         y_slab = y[o, c]
         for i in range(inner):
             y_slab[i] = (x_slab[i] - m) * rs * w + b
+
+
+@kernel
+def channels_first_apply32(x, y, weight, bias, mean, rstd):
+    """:func:`channels_first_apply` for float32 x and y in float32 SIMD arithmetic, with
+    the tables of :func:`_folded32`: ``y = ((x − hi) − lo)·scale + shift``; a channel
+    unfit for float32 is applied in float64, as :func:`channels_first_apply` does."""
+    hi, lo, scale, shift, unfit = _folded32(weight, bias, mean, rstd)
+    outer = x.shape[0]
+    channels = x.shape[1]
+    inner = x.shape[2]
+    for unit in prange(outer * channels):
+        o = unit // channels
+        c = unit % channels
+        x_slab = x[o, c]
+        y_slab = y[o, c]
+        if unfit[c]:
+            m = mean[c]
+            rs = rstd[c]
+            w = weight[c]
+            b = bias[c]
+            for i in range(inner):
+                y_slab[i] = (x_slab[i] - m) * rs * w + b
+        else:
+            h = hi[c]
+            low = lo[c]
+            s = scale[c]
+            b32 = shift[c]
+            for i in range(inner):
+                y_slab[i] = ((x_slab[i] - h) - low) * s + b32
 
 
 @kernel
