@@ -373,13 +373,27 @@ def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
     return np.ascontiguousarray(y, dtype=prepared.dtype).reshape(plan.shape), stats
 
 
+def _columns():
+    """:mod:`normlab.kernels.columns`, imported on first use (the import statement's own
+    cost is a microsecond per call)."""
+    global _COLUMNS
+    if _COLUMNS is None:
+        from normlab.kernels import columns
+
+        _COLUMNS = columns
+    return _COLUMNS
+
+
+_COLUMNS = None
+
+
 def column_forward(x, y, weight, bias, rms: bool, eps: float, stats_given: bool, mean, var, rstd) -> None:
     """Batch norm's forward on a C-contiguous (outer, C, inner) view into ``y`` (same
     shape; float32 only for float32 ``x``): per-channel statistics into ``mean``, ``var``
     and ``rstd`` (float64, length C; read instead when ``stats_given``), then the output.
     ``weight`` and ``bias`` are float64 vectors of length C. ``inner == 1`` is
     channels-last (rows, C)."""
-    from normlab.kernels import columns
+    columns = _columns()
 
     serial = x.size < SERIAL_BELOW
     outer, channels, inner = x.shape
@@ -406,7 +420,7 @@ def column_backward(grad_y, x, weight, rms: bool, eps: float, stats_given: bool,
     """Batch norm's backward on C-contiguous (outer, C, inner) views of one dtype: writes
     ``grad_x`` and the float64 ``grad_weight``/``grad_bias`` (length C); the statistics
     are recomputed into ``mean``/``rstd`` unless ``stats_given``."""
-    from normlab.kernels import columns
+    columns = _columns()
 
     serial = x.size < SERIAL_BELOW
     outer, channels, inner = x.shape

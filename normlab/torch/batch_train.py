@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from normlab import kernels
-from normlab.torch.spec import _empty_like_dense
+from normlab.kernels import pool
 
 _NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64}
 _MAX_CALLS = 64  # shapes remembered per module
@@ -32,28 +32,44 @@ _MAX_CALLS = 64  # shapes remembered per module
 @dataclass(frozen=True)
 class TrainCall:
     """How one input shape, strides and dtype runs: ``x.permute(perm)`` (``perm`` None:
-    ``x`` itself) is C-contiguous and reshapes to ``view`` = (outer, C, inner)."""
+    ``x`` itself) is C-contiguous, of shape ``dense``, and reshapes to ``view`` =
+    (outer, C, inner)."""
 
     view: tuple[int, int, int]
     perm: Optional[tuple[int, ...]]
+    inverse: Optional[tuple[int, ...]]
+    dense: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
     count: int  # values per channel
+    large: bool  # outputs come from the recycled pool (see kernels.pool)
 
     def engine(self, t: Tensor) -> np.ndarray:
         t = t.detach()
         return (t if self.perm is None else t.permute(self.perm)).numpy().reshape(self.view)
+
+    def output(self) -> tuple[Tensor, np.ndarray]:
+        """A new tensor laid out as x, and its engine view."""
+        array = pool.empty(self.dense, self.dtype) if self.large else np.empty(self.dense, self.dtype)
+        tensor = torch.from_numpy(array)
+        return (tensor if self.perm is None else tensor.permute(self.inverse)), array.reshape(self.view)
 
 
 def _plan_call(x: Tensor) -> Optional[TrainCall]:
     channels = x.shape[1]
     if x.numel() == 0:
         return None  # the full path says what an empty batch gives
+    dtype = np.dtype(_NUMPY_OF[x.dtype])
+    large = x.numel() * dtype.itemsize >= pool.MIN_BYTES
+    shape = tuple(x.shape)
     if x.is_contiguous():
-        inner = math.prod(x.shape[2:])
-        return TrainCall((x.shape[0], channels, inner), None, x.shape[0] * inner)
+        inner = math.prod(shape[2:])
+        return TrainCall((shape[0], channels, inner), None, None, shape, shape, dtype, shape[0] * inner, large)
     perm = (0,) + tuple(range(2, x.dim())) + (1,)  # channels_last: (N, *spatial, C)
     if x.dim() > 2 and x.permute(perm).is_contiguous():
         rows = x.numel() // channels
-        return TrainCall((rows, channels, 1), perm, rows)
+        inverse = tuple(perm.index(d) for d in range(x.dim()))
+        return TrainCall((rows, channels, 1), perm, inverse, tuple(shape[p] for p in perm), shape, dtype, rows, large)
     return None
 
 
@@ -82,63 +98,83 @@ def forward(module, x: Tensor, factor: float) -> Optional[Tensor]:
     parameters or running statistics of another dtype."""
     if type(x) is not Tensor or x.dtype not in _NUMPY_OF or torch.compiler.is_compiling():
         return None  # (the caller chose the kernel path: a CPU tensor, no tracing or transforms)
-    weight, bias = module.weight, module.bias
+    parameters = module._parameters  # (nn.Module.__getattr__ costs a microsecond a name)
+    weight, bias = parameters.get("weight"), parameters.get("bias")
     if not (_fits(weight, x.dtype) and _fits(bias, x.dtype)):
         return None
-    if _tracks(module) and not (_running_fits(module.running_mean) and _running_fits(module.running_var)):
+    running = _running(module) if _tracks(module) else None
+    if running is False:
         return None
     call = _call_for(module, x)
     if call is None:
         return None
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
-        return _TrainFunction.apply(x, weight, bias, module, call, factor)
-    return _run_forward(module, call, x, weight, bias, factor)[0]
+        return _TrainFunction.apply(x, weight, bias, module, call, factor, running)
+    return _run_forward(module, call, x, weight, bias, factor, running)[0]
 
 
 def _tracks(module) -> bool:
-    return module.training and module.track_running_stats and module.running_mean is not None
+    return module.training and module.track_running_stats and module._buffers.get("running_mean") is not None
 
 
-def _running_fits(t: Optional[Tensor]) -> bool:
-    return (t is not None and type(t) is Tensor and t.dtype in _NUMPY_OF and t.device.type == "cpu"
-            and t.is_contiguous() and not t.requires_grad)
+def _running(module):
+    """(running_mean, running_var, their NumPy views) to update in place, remembered
+    while the module holds the same tensors at the same addresses; False where they
+    cannot be updated through NumPy (the full path updates them)."""
+    buffers = module._buffers
+    mean, var = buffers.get("running_mean"), buffers.get("running_var")
+    cached = module.__dict__.get("_normlab_running")
+    if (cached is not None and cached[0] is mean and cached[1] is var and cached[4] == mean.data_ptr()
+            and cached[5] == var.data_ptr()):
+        return cached
+    if not all(t is not None and type(t) is Tensor and t.dtype in _NUMPY_OF and t.device.type == "cpu"
+               and t.is_contiguous() and not t.requires_grad for t in (mean, var)):
+        return False
+    running = (mean, var, mean.numpy(), var.numpy(), mean.data_ptr(), var.data_ptr())
+    module.__dict__["_normlab_running"] = running
+    return running
 
 
-def _table(param: Optional[Tensor], fill: float, channels: int) -> np.ndarray:
-    """A parameter as the kernels read it: float64 of length C (shared constants for None)."""
+def _table(module, name: str, param: Optional[Tensor], fill: float, channels: int) -> np.ndarray:
+    """A parameter as the kernels read it: float64 of length C (shared constants for
+    None), remembered until the parameter changes (in place or replaced)."""
     if param is None:
         return kernels._constant_table((channels,), fill)
-    return np.asarray(param.detach().numpy(), np.float64)
+    key = (param, param.data_ptr(), param._version)
+    tables = module.__dict__.setdefault("_normlab_tables", {})
+    cached = tables.get(name)
+    if cached is not None and cached[0][0] is param and cached[0][1:] == key[1:]:
+        return cached[1]
+    table = np.array(param.detach().numpy(), np.float64)  # a copy: the kernels' own
+    tables[name] = (key, table)
+    return table
 
 
-def _run_forward(module, call: TrainCall, x: Tensor, weight, bias, factor: float):
+def _run_forward(module, call: TrainCall, x: Tensor, weight, bias, factor: float, running):
     channels = call.view[1]
-    y = _empty_like_dense(x, call.perm)
+    y, y_view = call.output()
     stats = np.empty((3, channels))
     mean, var, rstd = stats
-    kernels.column_forward(call.engine(x), call.engine(y), _table(weight, 1.0, channels), _table(bias, 0.0, channels),
-                           False, float(module.eps), False, mean, var, rstd)
-    if _tracks(module):
-        from normlab.kernels import columns
-
-        running_mean, running_var = module.running_mean, module.running_var
-        columns.update_running(running_mean.numpy(), running_var.numpy(), mean, var, call.count, float(factor),
-                               serial=True)
+    kernels.column_forward(call.engine(x), y_view, _table(module, "weight", weight, 1.0, channels),
+                           _table(module, "bias", bias, 0.0, channels), False, float(module.eps), False, mean, var,
+                           rstd)
+    if running is not None:
+        kernels._columns().update_running(running[2], running[3], mean, var, call.count, float(factor), serial=True)
         # written through NumPy: bump the version counters, as an in-place torch op would
-        torch.autograd.graph.increment_version(running_mean)
-        torch.autograd.graph.increment_version(running_var)
+        torch.autograd.graph.increment_version(running[0])
+        torch.autograd.graph.increment_version(running[1])
     return y, mean, rstd
 
 
-def _run_backward(call: TrainCall, grad_y: Tensor, x: Tensor, weight, eps: float, mean, rstd):
+def _run_backward(module, call: TrainCall, grad_y: Tensor, x: Tensor, weight, eps: float, mean, rstd):
     if type(grad_y) is not Tensor or grad_y.dtype != x.dtype or grad_y.stride() != x.stride():
         grad_y = torch.empty_like(x).copy_(grad_y)  # x's layout, so one view fits both
     channels = call.view[1]
-    grad_x = _empty_like_dense(x, call.perm)
+    grad_x, grad_x_view = call.output()
     grad_weight, grad_bias = np.empty((2, channels))
-    kernels.column_backward(call.engine(grad_y), call.engine(x), _table(weight, 1.0, channels), False, eps, True,
-                            mean, rstd, call.engine(grad_x), grad_weight, grad_bias)
+    kernels.column_backward(call.engine(grad_y), call.engine(x), _table(module, "weight", weight, 1.0, channels),
+                            False, eps, True, mean, rstd, grad_x_view, grad_weight, grad_bias)
     return grad_x, grad_weight, grad_bias
 
 
@@ -146,10 +182,10 @@ class _TrainFunction(torch.autograd.Function):
     """The training forward and its backward on the kernels (inputs x, weight, bias)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, module, call, factor):
-        y, mean, rstd = _run_forward(module, call, x, weight, bias, factor)
+    def forward(ctx, x, weight, bias, module, call, factor, running):
+        y, mean, rstd = _run_forward(module, call, x, weight, bias, factor, running)
         ctx.save_for_backward(x, weight, bias)
-        ctx.call, ctx.stats, ctx.eps, ctx.spec = call, (mean, rstd), float(module.eps), module._spec
+        ctx.module, ctx.call, ctx.stats, ctx.eps = module, call, (mean, rstd), float(module.eps)
         return y
 
     @staticmethod
@@ -158,11 +194,14 @@ class _TrainFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             grads = _differentiable_backward(ctx, grad_y, x, weight, bias)
         else:
-            grad_x, grad_weight, grad_bias = _run_backward(ctx.call, grad_y, x, weight, ctx.eps, *ctx.stats)
-            grads = (grad_x if ctx.needs_input_grad[0] else None,
-                     torch.from_numpy(grad_weight).to(weight.dtype) if ctx.needs_input_grad[1] else None,
-                     torch.from_numpy(grad_bias).to(bias.dtype) if ctx.needs_input_grad[2] else None)
-        return (*grads, None, None, None)
+            grad_x, grad_weight, grad_bias = _run_backward(ctx.module, ctx.call, grad_y, x, weight, ctx.eps,
+                                                           *ctx.stats)
+            needs = ctx.needs_input_grad
+            dtype = ctx.call.dtype  # the parameters' dtype (checked in forward)
+            grads = (grad_x if needs[0] else None,
+                     torch.from_numpy(grad_weight.astype(dtype, copy=False)) if needs[1] else None,
+                     torch.from_numpy(grad_bias.astype(dtype, copy=False)) if needs[2] else None)
+        return (*grads, None, None, None, None)
 
 
 def _differentiable_backward(ctx, grad_y, x, weight, bias):
@@ -175,7 +214,7 @@ def _differentiable_backward(ctx, grad_y, x, weight, bias):
     wanted = [i for i in range(3) if inputs[i] is not None and ctx.needs_input_grad[i]]
     grads = [None, None, None]
     if wanted:
-        y = _composite_normalize(x, weight, bias, ctx.spec, ctx.eps)[0]
+        y = _composite_normalize(x, weight, bias, ctx.module._spec, ctx.eps)[0]
         found = torch.autograd.grad(y, [inputs[i] for i in wanted], grad_y, create_graph=True, allow_unused=True)
         for i, grad in zip(wanted, found):
             grads[i] = torch.zeros_like(inputs[i]) if grad is None else grad

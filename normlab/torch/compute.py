@@ -264,9 +264,15 @@ def _folded(module, dtype) -> tuple:
 def _average_factor(module) -> float:
     """torch's exponential_average_factor; counts the batch (call once per training step)."""
     factor = 0.0 if module.momentum is None else module.momentum
-    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
-        module.num_batches_tracked.add_(1)
-        factor = 1.0 / float(module.num_batches_tracked) if module.momentum is None else module.momentum
+    tracked = module._buffers.get("num_batches_tracked")
+    if module.training and module.track_running_stats and tracked is not None:
+        if type(tracked) is Tensor and tracked.device.type == "cpu" and not tracked.requires_grad:
+            counter = tracked.numpy()
+            counter += 1  # in place, through NumPy: a third of add_'s cost
+            torch.autograd.graph.increment_version(tracked)
+        else:
+            tracked.add_(1)
+        factor = 1.0 / float(tracked) if module.momentum is None else module.momentum
     return factor
 
 
