@@ -136,19 +136,13 @@ def _running(module):
     return running
 
 
-def _table(module, name: str, param: Optional[Tensor], fill: float, channels: int) -> np.ndarray:
+def _table(param: Optional[Tensor], fill: float, channels: int) -> np.ndarray:
     """A parameter as the kernels read it: float64 of length C (shared constants for
-    None), remembered until the parameter changes (in place or replaced)."""
+    None). Not remembered between calls: a write through ``.data`` (gradcheck's, many
+    optimizers') moves no version counter, and the conversion costs a microsecond."""
     if param is None:
         return kernels._constant_table((channels,), fill)
-    key = (param, param.data_ptr(), param._version)
-    tables = module.__dict__.setdefault("_normlab_tables", {})
-    cached = tables.get(name)
-    if cached is not None and cached[0][0] is param and cached[0][1:] == key[1:]:
-        return cached[1]
-    table = np.array(param.detach().numpy(), np.float64)  # a copy: the kernels' own
-    tables[name] = (key, table)
-    return table
+    return np.asarray(param.detach().numpy(), np.float64)
 
 
 def _run_forward(module, call: TrainCall, x: Tensor, weight, bias, factor: float, running):
@@ -156,8 +150,8 @@ def _run_forward(module, call: TrainCall, x: Tensor, weight, bias, factor: float
     y, y_view = call.output()
     stats = np.empty((3, channels))
     mean, var, rstd = stats
-    kernels.column_forward(call.engine(x), y_view, _table(module, "weight", weight, 1.0, channels),
-                           _table(module, "bias", bias, 0.0, channels), False, float(module.eps), False, mean, var,
+    kernels.column_forward(call.engine(x), y_view, _table(weight, 1.0, channels),
+                           _table(bias, 0.0, channels), False, float(module.eps), False, mean, var,
                            rstd)
     if running is not None:
         kernels._columns().update_running(running[2], running[3], mean, var, call.count, float(factor), serial=True)
@@ -173,7 +167,7 @@ def _run_backward(module, call: TrainCall, grad_y: Tensor, x: Tensor, weight, ep
     channels = call.view[1]
     grad_x, grad_x_view = call.output()
     grad_weight, grad_bias = np.empty((2, channels))
-    kernels.column_backward(call.engine(grad_y), call.engine(x), _table(module, "weight", weight, 1.0, channels),
+    kernels.column_backward(call.engine(grad_y), call.engine(x), _table(weight, 1.0, channels),
                             False, eps, True, mean, rstd, grad_x_view, grad_weight, grad_bias)
     return grad_x, grad_weight, grad_bias
 
