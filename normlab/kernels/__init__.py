@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from normlab.kernels import pool
+from normlab.kernels import strided
+from normlab.kernels.strided import row_layout
 from normlab.plan import Plan
 
 __all__ = ["available", "canonical_view", "forward", "backward", "row_layout", "RowView", "ColumnView",
@@ -180,88 +182,6 @@ def canonical_view(plan: Plan) -> RowView | ColumnView | None:
                    col_block[0], row_block[1], col_block[1], plan.kept_axes + plan.reduced_axes)
 
 
-def row_layout(array: np.ndarray, n: int, *, disjoint: bool = False):
-    """``(rows, layout)`` that the row kernels read ``array`` through as rows of length ``n``
-    (``rows.row_at``): a C-contiguous array as its ``(rows, n)`` reshape; a strided one as
-    a flat 1-D contiguous view of the memory from its first element to its last, with
-    ``layout = (per, outer_stride, per_stride)`` in elements. None when the rows are not
-    contiguous, not evenly spaced in at most two levels, or (with ``disjoint``, for an
-    output) overlap one another; the caller then copies.
-
-    >>> qkv = np.zeros((2, 5, 3 * 4 * 8), np.float32)     # (b, t, 3·h·d), h=4 heads of d=8
-    >>> q = qkv[..., :32].reshape(2, 5, 4, 8)              # a strided view, no copy
-    >>> flat, layout = row_layout(q, 8)
-    >>> layout, np.shares_memory(flat, qkv)
-    ((4, 96, 8), True)
-    """
-    if array.flags.c_contiguous:
-        return array.reshape(-1, n), _PLAIN_ROWS
-    item = array.itemsize
-    dims = [(size, stride) for size, stride in zip(array.shape, array.strides) if size != 1]
-    expected, product = item, 1
-    while product < n and dims:  # the row: trailing axes of product n, unit-stride contiguous
-        size, stride = dims.pop()
-        if stride != expected:
-            return None
-        expected *= size
-        product *= size
-    if product != n:
-        return None
-    levels: list[tuple[int, int]] = []  # the rows' (size, stride in elements), outermost first
-    for size, stride in dims:
-        if stride < 0 or stride % item:
-            return None
-        stride //= item
-        if levels and levels[-1][1] == stride * size:  # adjacent axes that read as one
-            levels[-1] = (levels[-1][0] * size, stride)
-        else:
-            levels.append((size, stride))
-    if len(levels) > 2 or (disjoint and not _disjoint_rows(levels, n)):
-        return None
-    levels = [(1, 0)] * (2 - len(levels)) + levels
-    (outer, outer_stride), (per, per_stride) = levels
-    span = (outer - 1) * outer_stride + (per - 1) * per_stride + n
-    flat = np.lib.stride_tricks.as_strided(array, (span,), (item,))
-    return flat, (per, outer_stride, per_stride)
-
-
-def _disjoint_rows(levels, n: int) -> bool:
-    """Whether rows of length ``n`` at the offsets the levels span never share an element
-    (each level's stride clears everything the finer levels cover)."""
-    extent = n
-    for size, stride in sorted(levels, key=lambda level: level[1]):
-        if stride < extent:
-            return False
-        extent += (size - 1) * stride
-    return True
-
-
-def _split(array: np.ndarray, sizes: tuple[int, ...]):
-    """``array`` reshaped to ``sizes`` as a view (splitting axes never needs a copy)."""
-    return np.reshape(array, sizes, copy=False)
-
-
-_PLAIN_ROWS = (1, 0, 0)  # the layout argument beside a 2-D (rows, n) array, which ignores it
-
-
-def _rows_of(array: np.ndarray, n: int, dtype) -> tuple:
-    """``(rows, layout)`` of ``array`` for the row kernels: read where it lies when
-    :func:`row_layout` finds its rows, else a contiguous copy in ``dtype``."""
-    found = row_layout(array, n) if array.dtype == dtype else None
-    if found is None:
-        found = (np.ascontiguousarray(array, dtype=dtype).reshape(-1, n), _PLAIN_ROWS)
-    return found
-
-
-def _one_kind(*operands) -> tuple:
-    """The operands of a row kernel all 2-D or all flat: Numba compiles a kernel once per
-    combination of kinds, so one strided (flat) operand makes the 2-D ones flat too."""
-    if all(rows.ndim == 2 for rows, _ in operands):
-        return operands
-    return tuple((rows, layout) if rows.ndim == 1 else (rows.reshape(-1), (1, rows.shape[1], 0))
-                 for rows, layout in operands)
-
-
 def _compute_dtype(*arrays) -> np.dtype:
     """float32 when every array is float16/float32 (float16 goes through float32), else float64."""
     if all(a.dtype in _FLOAT32_INPUTS for a in arrays):
@@ -321,18 +241,18 @@ def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
     # strided rows are read (and written into out) where they lie; anything else is copied
     x = x_rows = None
     if plain_rows:
-        x_rows = _rows_of(prepared.x, view.n, dtype)
+        x_rows = strided.rows_of(prepared.x, view.n, dtype)
     else:
         x = np.ascontiguousarray(view.source(prepared.x) if transposed else prepared.x, dtype=dtype).reshape(shape)
-        x_rows = (x, _PLAIN_ROWS) if transposed else None
+        x_rows = (x, strided.PLAIN_ROWS) if transposed else None
     y_rows = None
     if plain_rows and out is not None and out.dtype == y_dtype:
-        y_rows = row_layout(_split(out, plan.axis_sizes), view.n, disjoint=True)
+        y_rows = row_layout(strided.split(out, plan.axis_sizes), view.n, disjoint=True)
     direct = y_rows is not None or (out is not None and out.dtype == y_dtype and out.flags.c_contiguous
                                     and not transposed)
     y = None if y_rows is not None else out.reshape(shape) if direct else pool.empty(shape, y_dtype)
     if isinstance(view, RowView):
-        x_rows, y_rows = _one_kind(x_rows, (y, _PLAIN_ROWS) if y_rows is None else y_rows)
+        x_rows, y_rows = strided.one_kind(x_rows, (y, strided.PLAIN_ROWS) if y_rows is None else y_rows)
     # float32 rows run in float32 arithmetic (see rows.row_forward32), with float32 parameters
     # (not for a float16 result: that is rounded once from float64)
     float32_rows = isinstance(view, RowView) and dtype == np.float32 and y_dtype == np.float32
@@ -494,7 +414,7 @@ class FastForward:
         stats = np.empty((3, rows)) if return_stats else self.scratch
         n = self.shape[1]
         # a strided x is read where it lies when its rows allow (row_layout), else copied
-        x_rows, y_rows = _one_kind(self.rows_of(x), (y, _PLAIN_ROWS))
+        x_rows, y_rows = strided.one_kind(self.rows_of(x), (y, strided.PLAIN_ROWS))
         arguments = (*x_rows, *y_rows, n, weight_table, bias_table, self.param_row_stride, self.param_inner,
                      self.rms, eps, False, *stats)
         if rows * self.shape[1] < SERIAL_BELOW:
@@ -511,8 +431,8 @@ class FastForward:
         """``array`` (of the input's shape) as the row kernels take it: read where it lies
         when :func:`row_layout` finds its rows, else copied."""
         if not array.flags.c_contiguous:
-            array = _split(array, self.plan.axis_sizes)
-        return _rows_of(array, self.shape[1], self.dtype)
+            array = strided.split(array, self.plan.axis_sizes)
+        return strided.rows_of(array, self.shape[1], self.dtype)
 
     def _table(self, param, fill: float):
         if param is None:
@@ -635,7 +555,7 @@ class FastBackward:
         bias_parts = np.zeros((self.chunks,) + plan.table_shape)
         mean_flat = _constant_table((rows,), 0.0) if mean is None else mean.reshape(rows)
         # a strided x (or grad_y) is read where it lies when its rows allow (row_layout), else copied
-        g, x_rows, gx = _one_kind(plan.rows_of(grad_y), plan.rows_of(x), (grad_x, _PLAIN_ROWS))
+        g, x_rows, gx = strided.one_kind(plan.rows_of(grad_y), plan.rows_of(x), (grad_x, strided.PLAIN_ROWS))
         arguments = (*g, *x_rows, n, weight_table, plan.param_row_stride, plan.param_inner, plan.rms, 0.0, True,
                      mean_flat, rstd.reshape(rows), self.chunk_rows, *gx, weight_parts, bias_parts)
         if rows * n < SERIAL_BELOW:
@@ -690,8 +610,8 @@ def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need
         x = np.ascontiguousarray(view.source(prepared.x), dtype=dtype).reshape(shape)
         g = np.ascontiguousarray(view.source(grad_y.reshape(plan.axis_sizes)), dtype=dtype).reshape(shape)
     elif isinstance(view, RowView):  # strided rows are read where they lie (row_layout)
-        x = _rows_of(prepared.x, view.n, dtype)
-        g = _rows_of(_split(grad_y, plan.axis_sizes), view.n, dtype)
+        x = strided.rows_of(prepared.x, view.n, dtype)
+        g = strided.rows_of(strided.split(grad_y, plan.axis_sizes), view.n, dtype)
     else:
         x = np.ascontiguousarray(prepared.x, dtype=dtype).reshape(shape)
         g = np.ascontiguousarray(grad_y, dtype=dtype).reshape(shape)
@@ -713,8 +633,8 @@ def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need
         weight_parts = np.zeros((chunks,) + weight.shape)
         bias_parts = np.zeros((chunks,) + weight.shape)
         if transposed:
-            x, g = (x, _PLAIN_ROWS), (g, _PLAIN_ROWS)
-        g, x, gx = _one_kind(g, x, (grad_x, _PLAIN_ROWS))
+            x, g = (x, strided.PLAIN_ROWS), (g, strided.PLAIN_ROWS)
+        g, x, gx = strided.one_kind(g, x, (grad_x, strided.PLAIN_ROWS))
         _row_backward_kernel(grad_x.dtype)(*g, *x, view.n, weight, view.param_row_stride, view.param_inner, rms, eps,
                                            stats_given, mean_flat, rstd_flat, chunk_rows, *gx, weight_parts,
                                            bias_parts, serial=serial)

@@ -5,7 +5,7 @@ layout ``(per, outer_stride, per_stride)``: row ``r`` is ``flat[start:start + n]
 ``start = (r // per)·outer_stride + (r % per)·per_stride`` (see :func:`row_at`). So a
 strided view whose rows are contiguous but spaced in up to two levels, such as the heads
 of q sliced from a packed qkv projection (rows ``(b·t, h)``, strides ``(3·h·d, d)``), is
-read where it lies, with no copy (``kernels.row_layout`` finds it).
+read where it lies, with no copy (``kernels.strided.row_layout`` finds it).
 
 This covers layer norm (NLP and vision), instance norm, group norm and RMS norm. The
 affine parameters are a float64 table ``weight[G, C]``: element ``j`` of row ``r`` uses
