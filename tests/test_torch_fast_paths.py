@@ -160,3 +160,23 @@ def test_a_changed_weight_is_seen_by_the_next_no_grad_call():
         for module in (reference, twin):  # in place after new storage
             module.weight[3] = 7.0
         torch.testing.assert_close(twin(x), reference(x))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_write_through_data_is_seen_where_the_parameter_layout_is_a_copy(grad):
+    """``Norm("b [h w]", "w h")`` lays its (w, h) weight out as an (h, w) table, a copy: a
+    write through ``.data`` moves no version counter, so the copy must not be kept.
+    Oracle: torch's layer norm over (h, w) times the transposed parameters."""
+    torch.manual_seed(0)
+    twin = nt.Norm("b [h w]", "w h", h=3, w=4)
+    x = torch.randn(2, 3, 4, requires_grad=grad)
+
+    def expected():
+        normalized = torch.nn.functional.layer_norm(x.detach().reshape(2, 12), (12,)).reshape(2, 3, 4)
+        return normalized * twin.weight.detach().t() + twin.bias.detach().t()
+
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(twin(x), expected())
+        twin.weight.data[0, 1] = 7.0
+        twin.bias.data[2, 0] = -3.0
+        torch.testing.assert_close(twin(x), expected())

@@ -407,6 +407,14 @@ class FastForward:
         bias_table = self._table(bias, 0.0)
         return None if weight_table is None or bias_table is None else (weight_table, bias_table)
 
+    @staticmethod
+    def tables_are_views(tables, weight, bias) -> bool:
+        """True when each table reads its parameter's own memory (no copy), so that it
+        sees every later write into the parameter, a write through ``tensor.data``
+        included (which moves no version counter a cache could check)."""
+        return all(param is None or np.may_share_memory(table, param)
+                   for table, param in zip(tables, (weight, bias)))
+
     def run(self, x, weight_table, bias_table, eps: float, return_stats: bool = False):
         """The kernel on prepared tables; ``0 <= eps < inf`` is the caller's to check."""
         rows = self.shape[0]

@@ -50,9 +50,11 @@ class RowGradCall:
 
     def _prepare(self, weight, bias) -> None:
         self.held = None
-        self.tables = self.forward.tables(None if weight is None else weight.detach().numpy(),
-                                          None if bias is None else bias.detach().numpy())
-        if self.tables is not None:
+        arrays = (None if weight is None else weight.detach().numpy(), None if bias is None else bias.detach().numpy())
+        self.tables = self.forward.tables(*arrays)
+        # kept for the next call only where the tables are the parameters' own memory:
+        # a copy would miss a write through .data, which no version counter records
+        if self.tables is not None and self.forward.tables_are_views(self.tables, *arrays):
             self.held = (weight, None if weight is None else weight.data_ptr(),
                          None if weight is None else weight._version,
                          bias, None if bias is None else bias.data_ptr(), None if bias is None else bias._version)
