@@ -57,6 +57,10 @@ def test_changed_running_statistics_and_parameters_are_picked_up():
         torch.testing.assert_close(twin(x), reference(x))
         twin.running_var = reference.running_var = torch.full((5,), 2.0)
         torch.testing.assert_close(twin(x), reference(x))
+        for module in (reference, twin):  # a write through .data moves no version counter
+            module.running_mean.data[1] = -4.0
+            module.bias.data[2] = 9.0
+        torch.testing.assert_close(twin(x), reference(x))
 
 
 def test_batch_norm_eval_with_gradients_still_differentiates_like_torch():
