@@ -382,7 +382,7 @@ class FastForward:
     param_row_stride: int
     param_inner: int
     rms: bool
-    large: bool  # the output comes from the recycled pool
+    nbytes: int  # the output's size: from the recycled pool from pool.MIN_BYTES
     plan: Plan
     view: RowView
     # where the kernel writes statistics nobody asked for: shared by every call, since the
@@ -418,7 +418,7 @@ class FastForward:
     def run(self, x, weight_table, bias_table, eps: float, return_stats: bool = False):
         """The kernel on prepared tables; ``0 <= eps < inf`` is the caller's to check."""
         rows = self.shape[0]
-        y = pool.empty(self.shape, self.dtype) if self.large else np.empty(self.shape, self.dtype)
+        y = pool.empty(self.shape, self.dtype) if self.nbytes >= pool.MIN_BYTES else np.empty(self.shape, self.dtype)
         stats = np.empty((3, rows)) if return_stats else self.scratch
         n = self.shape[1]
         # a strided x is read where it lies when its rows allow (row_layout), else copied
@@ -511,7 +511,7 @@ def fast_forward(plan: Plan, dtype: np.dtype, rms: bool, param_dtypes) -> FastFo
     return FastForward(row_forward32 if float32 else row_forward, dtype, (view.rows, view.n), plan.shape,
                        plan.stats_shape, plan.param_shape, table_shape, np.float32 if float32 else np.float64,
                        direct, view.param_row_stride, view.param_inner, rms,
-                       view.rows * view.n * dtype.itemsize >= pool.MIN_BYTES, plan, view,
+                       view.rows * view.n * dtype.itemsize, plan, view,
                        tuple(np.empty((3, view.rows))))
 
 
@@ -558,7 +558,7 @@ class FastBackward:
         forward's (``mean`` None for RMS)."""
         plan = self.forward
         rows, n = plan.shape
-        grad_x = pool.empty(plan.shape, plan.dtype) if plan.large else np.empty(plan.shape, plan.dtype)
+        grad_x = pool.empty(plan.shape, plan.dtype) if plan.nbytes >= pool.MIN_BYTES else np.empty(plan.shape, plan.dtype)
         weight_parts = np.zeros((self.chunks,) + plan.table_shape)
         bias_parts = np.zeros((self.chunks,) + plan.table_shape)
         mean_flat = _constant_table((rows,), 0.0) if mean is None else mean.reshape(rows)

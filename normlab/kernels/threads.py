@@ -37,6 +37,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from typing import Callable, Optional
 
 import numpy as np
@@ -60,6 +61,45 @@ def use_numba_layer(name: Optional[str]) -> None:
     numba_layer = name
 
 
+class _Task:
+    """One threaded call as the workers see it. The caller takes the arrays back
+    (``arguments = None``) when it returns, and waits for any worker still inside the
+    call, so that no worker holds a result's memory after the call: a dropped result's
+    buffer is then free for the output pool at once."""
+
+    __slots__ = ("claimed", "arguments", "lock", "inside")
+
+    def __init__(self, claimed, arguments):
+        self.claimed, self.arguments = claimed, arguments
+        self.lock = threading.Lock()
+        self.inside = 0
+
+    def join(self) -> None:
+        """Run by a worker: the call's remaining chunks, if the caller has not returned."""
+        with self.lock:
+            arguments = self.arguments
+            if arguments is None:
+                return
+            self.inside += 1
+        try:
+            self.claimed(*arguments)  # a kernel: it raises nothing (NumPy's error model)
+        finally:
+            del arguments
+            with self.lock:
+                self.inside -= 1
+
+    def close(self) -> None:
+        """Run by the caller after its own share: take the arrays back, then wait for the
+        workers inside (they have only their last chunk to finish, or none)."""
+        with self.lock:
+            self.arguments = None
+            inside = self.inside
+        while inside:
+            time.sleep(0)
+            with self.lock:
+                inside = self.inside
+
+
 class _Worker:
     def __init__(self):
         self.tasks: queue.SimpleQueue = queue.SimpleQueue()
@@ -67,9 +107,9 @@ class _Worker:
 
     def _loop(self):
         while True:
-            function, args = self.tasks.get()
-            function(*args)  # a kernel: it raises nothing (NumPy's error model)
-            del function, args  # drop the arrays before sleeping
+            task = self.tasks.get()
+            task.join()
+            del task
 
 
 class _Pool:
@@ -82,9 +122,13 @@ class _Pool:
         while len(self.workers) < count - 1:
             self.workers.append(_Worker())
         arguments = args + (np.zeros(2 * loops, np.int64),)
+        task = _Task(claimed, arguments)
         for worker in self.workers[:count - 1]:
-            worker.tasks.put((claimed, arguments))
-        return claimed(*arguments)
+            worker.tasks.put(task)
+        try:
+            return claimed(*arguments)
+        finally:
+            task.close()
 
 
 _pool = _Pool()
