@@ -420,13 +420,33 @@ def channels_last_backward(grad_y, x, weight, mean, rstd, rms, group_rows, block
         w = weight[c0:c1]
         p = proj[c0:c1]
         mg = mean_gw[c0:c1]
-        for r in range(g * group_rows, min(rows, (g + 1) * group_rows)):
+        start = g * group_rows
+        stop = min(rows, start + group_rows)
+        r = start
+        while r + 2 <= stop:  # two rows per load of the five per-channel tables
+            g0 = grad_y[r, c0:c1]
+            g1 = grad_y[r + 1, c0:c1]
+            x0 = x[r, c0:c1]
+            x1 = x[r + 1, c0:c1]
+            gx0 = grad_x[r, c0:c1]
+            gx1 = grad_x[r + 1, c0:c1]
+            for c in range(width):
+                mc = m[c]
+                rc = rs[c]
+                wc = w[c]
+                pc = p[c]
+                mgc = mg[c]
+                gx0[c] = ((g0[c] * wc - ((x0[c] - mc) * rc) * pc) - mgc) * rc
+                gx1[c] = ((g1[c] * wc - ((x1[c] - mc) * rc) * pc) - mgc) * rc
+            r += 2
+        while r < stop:
             g_row = grad_y[r, c0:c1]
             x_row = x[r, c0:c1]
             gx_row = grad_x[r, c0:c1]
             for c in range(width):
                 x_hat = (x_row[c] - m[c]) * rs[c]
                 gx_row[c] = ((g_row[c] * w[c] - x_hat * p[c]) - mg[c]) * rs[c]
+            r += 1
 
 
 @helper
