@@ -42,7 +42,6 @@ class TrainCall:
     shape: tuple[int, ...]
     dtype: np.dtype
     count: int  # values per channel
-    large: bool  # outputs come from the recycled pool (see kernels.pool)
 
     def engine(self, t: Tensor) -> np.ndarray:
         t = t.detach()
@@ -50,7 +49,7 @@ class TrainCall:
 
     def output(self) -> tuple[Tensor, np.ndarray]:
         """A new tensor laid out as x, and its engine view."""
-        array = pool.empty(self.dense, self.dtype) if self.large else np.empty(self.dense, self.dtype)
+        array = pool.empty(self.dense, self.dtype)  # recycled memory above pool.MIN_BYTES, read now
         tensor = torch.from_numpy(array)
         return (tensor if self.perm is None else tensor.permute(self.inverse)), array.reshape(self.view)
 
@@ -60,16 +59,15 @@ def _plan_call(x: Tensor) -> Optional[TrainCall]:
     if x.numel() == 0:
         return None  # the full path says what an empty batch gives
     dtype = np.dtype(_NUMPY_OF[x.dtype])
-    large = x.numel() * dtype.itemsize >= pool.MIN_BYTES
     shape = tuple(x.shape)
     if x.is_contiguous():
         inner = math.prod(shape[2:])
-        return TrainCall((shape[0], channels, inner), None, None, shape, shape, dtype, shape[0] * inner, large)
+        return TrainCall((shape[0], channels, inner), None, None, shape, shape, dtype, shape[0] * inner)
     perm = (0,) + tuple(range(2, x.dim())) + (1,)  # channels_last: (N, *spatial, C)
     if x.dim() > 2 and x.permute(perm).is_contiguous():
         rows = x.numel() // channels
         inverse = tuple(perm.index(d) for d in range(x.dim()))
-        return TrainCall((rows, channels, 1), perm, inverse, tuple(shape[p] for p in perm), shape, dtype, rows, large)
+        return TrainCall((rows, channels, 1), perm, inverse, tuple(shape[p] for p in perm), shape, dtype, rows)
     return None
 
 
