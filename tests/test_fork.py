@@ -18,7 +18,7 @@ from normlab import kernels
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork start method needs a POSIX system")
 
-SHAPE = (256, 1024)  # 2^18 elements: above the serial threshold, so threads run
+SHAPE = (512, 1024)  # 2^19 elements: at the serial threshold, so threads run
 
 
 def _reference(x):
@@ -95,7 +95,7 @@ def test_a_child_forked_from_an_openmp_parent_runs_serially_and_survives():
         import os, numpy as np, numba, normlab
         from normlab.kernels import threads
         threads.use_numba_layer("omp")
-        x = np.random.default_rng(0).standard_normal((256, 1024)).astype(np.float32)
+        x = np.random.default_rng(0).standard_normal((512, 1024)).astype(np.float32)
         normlab.normalize(x, "b [d]")
         assert numba.threading_layer() == "omp", numba.threading_layer()
         pid = os.fork()
@@ -122,7 +122,7 @@ def test_a_forked_child_starts_its_own_pool_and_gets_the_parents_bits():
     script = textwrap.dedent("""
         import os, numpy as np, normlab
         from normlab.kernels import threads
-        x = np.random.default_rng(0).standard_normal((256, 1024)).astype(np.float32)
+        x = np.random.default_rng(0).standard_normal((512, 1024)).astype(np.float32)
         parent = normlab.normalize(x, "b [d]")
         assert threads.for_call() < 2 or threads._pool.workers
         pid = os.fork()

@@ -16,7 +16,7 @@ from normlab.kernels import threads
 torch = pytest.importorskip("torch")
 numba = pytest.importorskip("numba")
 
-SHAPE = (256, 1024)  # above the serial threshold
+SHAPE = (512, 1024)  # 2^19 elements: at the serial threshold, so threads run
 
 
 class _CountingPool(threads._Pool):

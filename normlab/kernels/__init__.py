@@ -38,7 +38,7 @@ from normlab.plan import Plan
 __all__ = ["available", "canonical_view", "forward", "backward", "row_layout", "RowView", "ColumnView",
            "SERIAL_BELOW"]
 
-SERIAL_BELOW = 1 << 17  # elements; below this, waking the threads costs more than they save
+SERIAL_BELOW = 1 << 19  # elements; below this, handing work to a second thread costs more than it saves
 # (measured crossover: 2^16 on one 2-core machine, near 2^19 on another)
 ROW_CHUNKS = 64  # backward: rows are cut into this many chunks for the parameter gradients
 CHUNK_ELEMENTS = 1 << 14  # channels-first batch norm: elements per (chunk, channel) unit of work
