@@ -5,7 +5,7 @@ Every engine gets fresh output arrays on every call (``out=`` only where a case 
 and the median of ``--repeats`` timed calls, taken in rounds in which the engines take
 turns, each round after a warm-up call (the first compiles the kernels).
 It runs in the environment the user has: no thread or wait-policy variable is set for
-the measurement (normlab's own kernels use Numba's sleeping ``workqueue`` pool). "copy bw" is the case's
+the measurement (normlab's own kernels use its own pool of sleeping workers). "copy bw" is the case's
 essential traffic (read x, write y; forward+backward adds read x and grad_y, write
 grad_x) over the time, as a share of the bandwidth that
 ``np.copyto`` reaches on the same array. Heavy imports (torch, onnxruntime, rich,
