@@ -194,15 +194,13 @@ def _build_grad_rows(spec: Spec, x: Tensor, weight, bias):
 
 class _FastRows:
     """One input shape's forward: the kernel's :class:`~normlab.kernels.FastForward` and
-    the parameter tables of the last call, kept while the same parameter tensors hold the
-    same values (same storage, no in-place change since)."""
+    the parameter tables of the last call (:class:`normlab.torch.row_autograd.ParamTables`)."""
 
-    __slots__ = ("forward", "params", "tables")
+    __slots__ = ("forward", "params")
 
     def __init__(self, forward):
         self.forward = forward
-        self.params = None  # (weight, its data_ptr, its _version, bias, ...) of the tables
-        self.tables = None
+        self.params = row_autograd.ParamTables(forward, same_dtype=True)
 
     @classmethod
     def build(cls, spec: Spec, x: Tensor) -> Optional["_FastRows"]:
@@ -216,29 +214,11 @@ class _FastRows:
         return None if forward is None else cls(forward)
 
     def __call__(self, x: Tensor, weight, bias, eps: float) -> Optional[Tensor]:
-        held = self.params
-        if (held is None or weight is not held[0] or bias is not held[3]
-                or (weight is not None and (weight.data_ptr() != held[1] or weight._version != held[2]))
-                or (bias is not None and (bias.data_ptr() != held[4] or bias._version != held[5]))):
-            self._prepare(weight, bias)
-        if self.tables is None:
+        tables = self.params.of(weight, bias)
+        if tables is None:
             return None
-        y = self.forward.run(x.numpy() if not x.requires_grad else x.detach().numpy(), *self.tables, eps)
+        y = self.forward.run(x.numpy() if not x.requires_grad else x.detach().numpy(), *tables, eps)
         return torch.from_numpy(y)
-
-    def _prepare(self, weight, bias) -> None:
-        self.params = self.tables = None
-        if any(t is not None and (_NUMPY_OF.get(t.dtype) is not self.forward.dtype.type or not t.is_cpu)
-               for t in (weight, bias)):
-            return  # other dtypes take the full path (torch refuses float32 input with float64 weights)
-        arrays = (None if weight is None else weight.detach().numpy(), None if bias is None else bias.detach().numpy())
-        self.tables = self.forward.tables(*arrays)
-        # kept for the next call only where the tables are the parameters' own memory:
-        # a copy would miss a write through .data, which no version counter records
-        if self.tables is not None and self.forward.tables_are_views(self.tables, *arrays):
-            self.params = (weight, None if weight is None else weight.data_ptr(),
-                           None if weight is None else weight._version,
-                           bias, None if bias is None else bias.data_ptr(), None if bias is None else bias._version)
 
 
 _NUMPY_OF = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}

@@ -25,39 +25,66 @@ class RowGradCall:
     parameter tables of the last call, kept while the same parameter tensors hold the same
     values (same storage, no in-place change since)."""
 
-    __slots__ = ("forward", "backward", "arguments", "param_dtypes", "held", "tables")
+    __slots__ = ("forward", "backward", "arguments", "param_dtypes", "params")
 
     def __init__(self, forward, backward, arguments: tuple, param_dtypes: tuple):
         self.forward = forward  # kernels.FastForward
         self.backward = backward  # kernels.FastBackward
         self.arguments = arguments  # (pattern, params, sizes, rms)
         self.param_dtypes = param_dtypes  # NumPy dtypes of weight and bias (None where absent)
-        self.held = None  # (weight, its data_ptr, its _version, bias, ...) of the tables
-        self.tables = None
+        self.params = ParamTables(forward)
+
+    @property
+    def tables(self):
+        return self.params.tables
 
     def __call__(self, x: Tensor, weight, bias, eps: float):
         """``y`` with autograd through the kernels, or None where the full path must run."""
         if type(weight) not in _EAGER_PARAMS or type(bias) not in _EAGER_PARAMS:
             return None  # tensor subclasses take the registered op
+        if self.params.of(weight, bias) is None:
+            return None
+        return _RowFunction.apply(x, weight, bias, self, eps)
+
+
+class ParamTables:
+    """A row kernel's weight and bias tables (:meth:`FastForward.tables`) for a module's
+    parameters, kept between calls while the same parameter tensors hold the same storage
+    and version, and only where the tables are the parameters' own memory: a copy would
+    miss a write through ``.data``, which no version counter records. ``same_dtype``:
+    parameters of another dtype than the kernel's get no tables (None)."""
+
+    __slots__ = ("forward", "same_dtype", "held", "tables")
+
+    def __init__(self, forward, same_dtype: bool = False):
+        self.forward = forward
+        self.same_dtype = same_dtype
+        self.held = None  # (weight, its data_ptr, its _version, bias, ...) of the tables
+        self.tables = None
+
+    def of(self, weight, bias):
+        """The ``(weight, bias)`` tables for these parameters, or None."""
         held = self.held
         if (held is None or weight is not held[0] or bias is not held[3]
                 or (weight is not None and (weight.data_ptr() != held[1] or weight._version != held[2]))
                 or (bias is not None and (bias.data_ptr() != held[4] or bias._version != held[5]))):
             self._prepare(weight, bias)
-        if self.tables is None:
-            return None
-        return _RowFunction.apply(x, weight, bias, self, eps)
+        return self.tables
 
     def _prepare(self, weight, bias) -> None:
-        self.held = None
+        self.held = self.tables = None
+        if self.same_dtype and any(t is not None and (t.dtype != _TORCH_OF.get(self.forward.dtype) or not t.is_cpu)
+                                   for t in (weight, bias)):
+            return  # other dtypes take the full path (torch refuses float32 input with float64 weights)
         arrays = (None if weight is None else weight.detach().numpy(), None if bias is None else bias.detach().numpy())
         self.tables = self.forward.tables(*arrays)
-        # kept for the next call only where the tables are the parameters' own memory:
-        # a copy would miss a write through .data, which no version counter records
         if self.tables is not None and self.forward.tables_are_views(self.tables, *arrays):
             self.held = (weight, None if weight is None else weight.data_ptr(),
                          None if weight is None else weight._version,
                          bias, None if bias is None else bias.data_ptr(), None if bias is None else bias._version)
+
+
+_TORCH_OF = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
 
 class _RowFunction(torch.autograd.Function):
