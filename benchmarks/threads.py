@@ -9,8 +9,10 @@ time over normlab time (above 1: normlab is faster).
     python benchmarks/threads.py [--rounds 5] [--steps 8] [--threads N] [--pool NAME]
 
 ``--threads N`` calls ``torch.set_num_threads(N)`` first (normlab follows it);
-``--pool`` runs normlab's threaded calls on one of Numba's threading layers (``omp``,
-``workqueue``, ``tbb``) instead of normlab's own pool, to compare the choices.
+``--pool`` chooses where normlab's threaded calls run, to compare the choices: ``torch``
+(the default: torch's own OpenMP pool, as OpenMP regions), ``normlab`` (normlab's own pool
+of sleeping workers, what the NumPy API uses without torch) or one of Numba's threading
+layers (``omp``, ``workqueue``, ``tbb``).
 """
 
 from __future__ import annotations
@@ -88,12 +90,14 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads(N) first")
-    parser.add_argument("--pool", choices=("normlab", "omp", "workqueue", "tbb"), default="normlab",
-                        help="normlab's pool (default) or one of Numba's threading layers")
+    parser.add_argument("--pool", choices=("torch", "normlab", "omp", "workqueue", "tbb"), default="torch",
+                        help="torch's OpenMP pool (default), normlab's own pool or one of Numba's threading layers")
     args = parser.parse_args(argv)
     from normlab.kernels import threads
 
-    if args.pool != "normlab":
+    if args.pool == "normlab":
+        threads.share_torch_pool(False)
+    elif args.pool != "torch":
         threads.use_numba_layer(args.pool)  # before any threaded call starts a pool
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -19,16 +19,17 @@ numba = pytest.importorskip("numba")
 SHAPE = (512, 1024)  # 2^19 elements: at the serial threshold, so threads run
 
 
-class _CountingPool(threads._Pool):
-    """Stands in for the pool that every threaded kernel call goes through."""
+class _Counting:
+    """Wraps ``threads.run``, which every threaded kernel call goes through (on torch's
+    OpenMP pool or normlab's); records each call's thread count."""
 
-    def __init__(self):
-        super().__init__()
-        self.entered = 0
+    def __init__(self, run):
+        self.wrapped = run
+        self.counts = []
 
-    def run(self, *args):
-        self.entered += 1
-        return super().run(*args)
+    def __call__(self, claimed, serial, args, loops, count):
+        self.counts.append(count)
+        return self.wrapped(claimed, serial, args, loops, count)
 
 
 @pytest.fixture()
@@ -49,17 +50,17 @@ def _layer_norm_with_grad(x):
 
 def test_one_torch_thread_runs_normlab_torch_without_threads(torch_threads, monkeypatch):
     assert np.prod(SHAPE) >= kernels.SERIAL_BELOW
-    counting = _CountingPool()
-    monkeypatch.setattr(threads, "_pool", counting)
+    counting = _Counting(threads.run)
+    monkeypatch.setattr(threads, "run", counting)
     x = torch.randn(SHAPE, dtype=torch.float64)
     torch_threads(1)
     y, _ = _layer_norm_with_grad(x)
-    assert counting.entered == 0
+    assert counting.counts == []
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (SHAPE[1],)))
     if numba.config.NUMBA_NUM_THREADS >= 2:
         torch_threads(2)
         _layer_norm_with_grad(x)
-        assert counting.entered > 0
+        assert counting.counts and min(counting.counts) == 2
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 Numba threads")
@@ -74,16 +75,12 @@ def test_results_are_bit_identical_whatever_torch_threads_allow(torch_threads):
 
 
 def test_threaded_kernels_start_no_numba_threading_layer_and_use_both_threads(monkeypatch):
-    """normlab's own pool runs threaded calls: Numba starts none of its pools (whose
-    spinning workers would contend with torch's), and the work is shared with a worker."""
-    claimed = []
-    run = threads._Pool.run
-
-    def counting_run(self, function, args, loops, count):
-        claimed.append(count)
-        return run(self, function, args, loops, count)
-
-    monkeypatch.setattr(threads._Pool, "run", counting_run)
+    """normlab's own pool (or torch's OpenMP pool) runs threaded calls: Numba starts none
+    of its pools (whose spinning workers would contend with torch's), and the work is
+    shared with a worker."""
+    counting = _Counting(threads.run)
+    monkeypatch.setattr(threads, "run", counting)
+    claimed = counting.counts
     started_before = threads.layer() is not None  # e.g. by numba.set_num_threads in another test
     x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
     y = normlab.normalize(x, "b [d]")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from normlab.kernels import pool
+from normlab.kernels import threads
 from normlab.kernels import strided
 from normlab.kernels.strided import row_layout
 from normlab.plan import Plan
@@ -38,8 +39,9 @@ from normlab.plan import Plan
 __all__ = ["available", "canonical_view", "forward", "backward", "row_layout", "RowView", "ColumnView",
            "SERIAL_BELOW"]
 
-SERIAL_BELOW = 1 << 19  # elements; below this, handing work to a second thread costs more than it saves
-# (measured crossover: 2^16 on one 2-core machine, near 2^19 on another)
+SERIAL_BELOW = threads.POOL_SERIAL_BELOW  # elements: serial below this on normlab's own pool (see
+# threads.serial_below, which a call asks: lower where the kernels run on torch's OpenMP pool)
+CHUNKED_FROM = 1 << 15  # backward: from this many elements the parameter gradients are summed in chunks
 ROW_CHUNKS = 64  # backward: rows are cut into this many chunks for the parameter gradients
 CHUNK_ELEMENTS = 1 << 14  # channels-first batch norm: elements per (chunk, channel) unit of work
 # channels-last batch norm: rows are summed in groups of at least this many elements (and
@@ -259,7 +261,7 @@ def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
     table_dtype = np.float32 if float32_rows else np.float64
     weight = _param_table(prepared.weight, view, ones=True, dtype=table_dtype)
     bias = _param_table(prepared.bias, view, ones=False, dtype=table_dtype)
-    serial = math.prod(shape) < SERIAL_BELOW
+    serial = math.prod(shape) < threads.serial_below()
     groups = view.rows if isinstance(view, RowView) else view.channels
     stats_given = rstd is not None
     if stats_given:
@@ -315,7 +317,7 @@ def column_forward(x, y, weight, bias, rms: bool, eps: float, stats_given: bool,
     channels-last (rows, C)."""
     columns = _columns()
 
-    serial = x.size < SERIAL_BELOW
+    serial = x.size < threads.serial_below()
     outer, channels, inner = x.shape
     if inner == 1:
         x2, y2 = x.reshape(outer, channels), y.reshape(outer, channels)
@@ -342,7 +344,7 @@ def column_backward(grad_y, x, weight, rms: bool, eps: float, stats_given: bool,
     are recomputed into ``mean``/``rstd`` unless ``stats_given``."""
     columns = _columns()
 
-    serial = x.size < SERIAL_BELOW
+    serial = x.size < threads.serial_below()
     outer, channels, inner = x.shape
     if inner == 1:
         x2, g2 = x.reshape(outer, channels), grad_y.reshape(outer, channels)
@@ -425,7 +427,7 @@ class FastForward:
         x_rows, y_rows = strided.one_kind(self.rows_of(x), (y, strided.PLAIN_ROWS))
         arguments = (*x_rows, *y_rows, n, weight_table, bias_table, self.param_row_stride, self.param_inner,
                      self.rms, eps, False, *stats)
-        if rows * self.shape[1] < SERIAL_BELOW:
+        if rows * self.shape[1] < threads.serial_below():
             self.kernel.serial(*arguments)
         else:
             self.kernel(*arguments)
@@ -484,7 +486,7 @@ def scale_shift_view(x: np.ndarray, y: np.ndarray, folded: tuple[np.ndarray, ...
     """
     from normlab.kernels import columns
 
-    serial = x.size < SERIAL_BELOW
+    serial = x.size < threads.serial_below()
     if x.shape[2] == 1:
         channels = x.shape[1]
         columns.channels_last_scale_shift(x.reshape(-1, channels), y.reshape(-1, channels), *folded,
@@ -521,15 +523,15 @@ MIN_CHUNK_ROWS = 8  # backward: a chunk's parameter-gradient parts cost a pass o
 def row_chunks(rows: int, n: int) -> tuple[int, int]:
     """``(chunk_rows, chunks)``: how the row backward cuts its rows for the parameter
     gradients. A function of the shape alone, so that the sums (chunks added in index
-    order) are the same on every thread count: one chunk where the kernel runs serially,
-    else up to :data:`ROW_CHUNKS` chunks of at least :data:`MIN_CHUNK_ROWS` rows (each
+    order) are the same on every thread count and either pool: one chunk below
+    :data:`CHUNKED_FROM` elements, else up to :data:`ROW_CHUNKS` chunks of at least :data:`MIN_CHUNK_ROWS` rows (each
     chunk's parts are n-long rows to zero and add, more than the work they split for
     short chunks of long rows).
 
     >>> row_chunks(16, 64), row_chunks(64, 1 << 16), row_chunks(1 << 15, 64)
     ((16, 1), (8, 8), (512, 64))
     """
-    if rows * n < SERIAL_BELOW:
+    if rows * n < CHUNKED_FROM:
         return rows, 1
     chunk_rows = max(-(-rows // ROW_CHUNKS), MIN_CHUNK_ROWS)
     return chunk_rows, -(-rows // chunk_rows)
@@ -566,7 +568,7 @@ class FastBackward:
         g, x_rows, gx = strided.one_kind(plan.rows_of(grad_y), plan.rows_of(x), (grad_x, strided.PLAIN_ROWS))
         arguments = (*g, *x_rows, n, weight_table, plan.param_row_stride, plan.param_inner, plan.rms, 0.0, True,
                      mean_flat, rstd.reshape(rows), self.chunk_rows, *gx, weight_parts, bias_parts)
-        if rows * n < SERIAL_BELOW:
+        if rows * n < threads.serial_below():
             self.kernel.serial(*arguments)
         else:
             self.kernel(*arguments)
@@ -627,7 +629,7 @@ def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need
     # float32 rows with a float32 result run in float32 arithmetic (see kernels.rows_backward)
     float32_rows = isinstance(view, RowView) and grad_x.dtype == np.float32
     weight = _param_table(prepared.weight, view, ones=True, dtype=np.float32 if float32_rows else np.float64)
-    serial = math.prod(shape) < SERIAL_BELOW
+    serial = math.prod(shape) < threads.serial_below()
     groups = view.rows if isinstance(view, RowView) else view.channels
     stats_given = rstd is not None
     if stats_given:

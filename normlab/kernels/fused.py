@@ -32,7 +32,7 @@ from numba.core import types as numba_types
 from numba.extending import intrinsic
 
 import normlab.kernels as _kernels
-from normlab.kernels import pool
+from normlab.kernels import pool, threads
 from normlab.kernels._jit import helper, kernel, prefetch, reduction
 from normlab.kernels.sums import group_stats
 
@@ -341,7 +341,7 @@ class Layout:
     gate mode and chunks, or ``ok=False`` where only the reference fits."""
 
     def __init__(self, plan, mod_plan, epilogue, dtype):
-        from normlab.kernels import SERIAL_BELOW, RowView, row_chunks, view_of
+        from normlab.kernels import RowView, row_chunks, view_of
 
         self.ok = False
         view = view_of(plan)
@@ -365,7 +365,7 @@ class Layout:
         self.code = ACTIVATION_CODES.get(epilogue.gate, 0)
         self.chunk_rows, self.chunks = row_chunks(view.rows, view.n)
         self.broadcast_shapes = (plan.param_broadcast_shape, None if mod_plan is None else mod_plan.param_broadcast_shape)
-        self.serial = view.rows * view.n < SERIAL_BELOW
+        self.size = view.rows * view.n
         self.forward_kernel = fused_row_forward_gelu if self.code == 2 else fused_row_forward
         self.backward_kernel = fused_row_backward_gelu if self.code == 2 else fused_row_backward
         self.ok = True
@@ -403,7 +403,7 @@ class Layout:
         self.forward_kernel(self.rows_of(x), self.rows_of(residual), residual is not None, self.rows_of(gate),
                             self.gate_mode, self.code, tables[0], tables[1], self.row_stride, tables[2], tables[3],
                             self.mod_stride, rms, eps, stats_given, self.chunk_rows, mean_flat, var_flat, rstd_flat,
-                            y, total, serial=self.serial)
+                            y, total, serial=self.size < threads.serial_below())
         return y, (total if residual is not None else None), mean_flat, var_flat, rstd_flat
 
     def backward(self, tables, grad_y, grad_sum, x, residual, gate, eps: float, rms: bool, mean_flat, rstd_flat,
@@ -429,7 +429,7 @@ class Layout:
                              self.code, tables[0], tables[1], self.row_stride, tables[2], tables[3], self.mod_stride,
                              need_params, need_mod, rms, eps, stats_given, mean_flat, rstd_flat, self.chunk_rows,
                              grad_x, grad_gate, weight_parts, bias_parts, scale_parts, shift_parts,
-                             serial=self.serial)
+                             serial=self.size < threads.serial_below())
         sums = [_kernels._sum_parts(parts) if need else None for parts, need in
                 ((weight_parts, need_params), (bias_parts, need_params), (scale_parts, need_mod),
                  (shift_parts, need_mod))]

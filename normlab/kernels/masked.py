@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from normlab import kernels
-from normlab.kernels import ROW_CHUNKS, _compute_dtype, _result_buffer_dtype, _spanned_block, pool
+from normlab.kernels import ROW_CHUNKS, _compute_dtype, _result_buffer_dtype, _spanned_block, pool, threads
 from normlab.plan import Plan
 
 __all__ = ["GroupView", "group_view", "forward", "backward"]
@@ -201,7 +201,7 @@ def _run(x, laid, rms, eps, weight, bias, stats, write_y, y):
     from normlab.kernels import segments, segments_last
 
     mean, var, rstd, count = stats
-    serial = x.size < kernels.SERIAL_BELOW
+    serial = x.size < threads.serial_below()
     inner = x.shape[3] > 1
     given = var is None
     if given:
@@ -284,7 +284,7 @@ def backward(prepared, grouping, grad_y, eps: float, rms: bool, mean=None, rstd=
         mean_flat = np.zeros(groups) if mean is None else _stats_to_flat(mean, laid, grouping)
         rstd_flat = _stats_to_flat(rstd, laid, grouping)
     grad_x = pool.empty(x.shape, _result_buffer_dtype(prepared.dtype, dtype))
-    serial = x.size < kernels.SERIAL_BELOW
+    serial = x.size < threads.serial_below()
     args = (g, x, laid.mask, laid.has_mask, laid.offsets, weight, view.param_row_stride, rms, mean_flat, rstd_flat)
     if inner > 1:
         units = groups

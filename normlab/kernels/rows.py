@@ -25,7 +25,7 @@ import numpy as np
 from numba import prange
 from numba.extending import overload
 
-from normlab.kernels._jit import NUMBA_OPTIONS, helper, kernel, prefetch
+from normlab.kernels._jit import NUMBA_OPTIONS, helper, inline_helper, kernel, prefetch
 from normlab.kernels.sums import (centered_square_sum, gradient_sums, group_stats, reciprocal_std, shifted_moments,
                                   square_sum, weighted_gradient_sums)
 
@@ -65,7 +65,7 @@ def _row_at_compiled(rows, layout, r, n):
     return lambda rows, layout, r, n: rows[strided_start(layout, r):strided_start(layout, r) + n]
 
 
-@helper
+@inline_helper
 def apply_row(x_row, y_row, w_row, b_row, param_inner, hi, lo, rs):
     """``y = ((x − hi) − lo)·rs·w + b`` along one row, in the arithmetic of ``hi``/``lo``/``rs``
     (float32 scalars: float32 SIMD; float64 scalars: float64). ``hi + lo`` is the mean split
@@ -144,7 +144,7 @@ def row_forward32(x, x_layout, y, y_layout, n, weight, bias, param_row_stride, p
             mean[r] = m
             var[r] = row_var
             rstd[r] = rs
-        g = (r // param_row_stride) % groups
+        g = 0 if groups == 1 else (r // param_row_stride) % groups  # (an integer division costs)
         if RSTD_LOW < rs < RSTD_HIGH:
             hi = np.float32(m)
             apply_row(x_row, y_row, weight[g], bias[g], param_inner, hi, np.float32(m - hi), np.float32(rs))
@@ -175,7 +175,7 @@ def row_forward(x, x_layout, y, y_layout, n, weight, bias, param_row_stride, par
             rstd[r] = row_rstd
         m = mean[r]
         rs = rstd[r]
-        g = (r // param_row_stride) % groups
+        g = 0 if groups == 1 else (r // param_row_stride) % groups  # (an integer division costs)
         apply_row(x_row, y_row, weight[g], bias[g], param_inner, m, 0.0, rs)
 
 
@@ -210,7 +210,7 @@ def row_backward(grad_y, grad_y_layout, x, x_layout, n, weight, param_row_stride
                 rstd[r] = row_rstd
             m = mean[r]
             rs = rstd[r]
-            g = (r // param_row_stride) % groups
+            g = 0 if groups == 1 else (r // param_row_stride) % groups  # (an integer division costs)
             w_row = weight[g]
             sum_gw = 0.0  # Σ g·w
             sum_gw_dev = 0.0  # Σ g·w·(x − mean)

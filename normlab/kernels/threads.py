@@ -1,6 +1,12 @@
 """How many threads a kernel call uses, and which threads run them.
 
-**The pool.** A threaded call runs the kernel's claimed variant (see
+**torch's pool.** Once ``normlab.torch`` is imported, and where torch runs its own ops on
+GNU OpenMP (its Linux wheels), a threaded call is an OpenMP region on torch's very
+threads (:mod:`normlab.kernels.openmp`): the caller and torch's workers, which spin
+between torch's ops, so a region starts in about 1.5 µs and no second pool competes for
+the cores. Calls then run threaded from :data:`REGION_SERIAL_BELOW` elements.
+
+**normlab's pool.** Without torch (the NumPy API alone), a threaded call runs the kernel's claimed variant (see
 :mod:`normlab.kernels._claims`) on the calling thread and on ``count − 1`` of normlab's
 own worker threads at once; each takes chunks of the work until none is left. The
 workers are plain Python threads that sleep on a queue between calls and run the
@@ -17,9 +23,11 @@ compiled code without the GIL. Why not one of Numba's threading layers (measured
   GNU OpenMP also kills a child forked after a parallel region.
 
 The workers sleep when idle, so torch's ops keep the cores; the caller waits on the
-workers' last chunks only. One call at a time uses the pool: a call made from another
+workers' last chunks only. Waking one costs 50-100 µs, so calls run threaded from
+:data:`POOL_SERIAL_BELOW` elements. One call at a time uses the pool: a call made from another
 thread meanwhile runs serially (same result). A child process forked from a parent
-with a pool starts a new pool of its own.
+with a pool starts a new pool of its own (also where the parent used torch's pool, whose
+threads the child lacks).
 
 **How many threads.** ``NUMBA_NUM_THREADS`` (the core count), capped at
 ``torch.get_num_threads()`` once ``normlab.torch`` is imported (so
@@ -43,6 +51,8 @@ from typing import Callable, Optional
 import numpy as np
 
 parallel_lock = threading.Lock()
+POOL_SERIAL_BELOW = 1 << 19  # elements: serial below this on normlab's pool (waking a worker costs 50-100 µs)
+REGION_SERIAL_BELOW = 1 << 16  # on torch's OpenMP pool (a region starts in about 1.5 µs; measured: 0.86-0.9x at 2^15)
 _limit: Optional[Callable[[], int]] = None  # torch.get_num_threads, once normlab.torch is imported
 _forked_from_openmp = False
 numba_layer: Optional[str] = None  # set by use_numba_layer: Numba's parallel variants instead of the pool
@@ -132,14 +142,50 @@ class _Pool:
 
 
 _pool = _Pool()
+_regions = None  # openmp.Regions: torch's OpenMP pool, once share_torch_pool asked for it
+_share_torch_pool = False  # asked for, not yet looked up
+
+
+def share_torch_pool(share: bool = True) -> None:
+    """Run threaded calls on torch's own OpenMP pool, where torch runs on GNU OpenMP (see
+    :mod:`normlab.kernels.openmp`); looked up at the first kernel call, so that importing
+    ``normlab.torch`` (which calls this) imports no Numba. ``share=False``: normlab's own
+    pool (``benchmarks/threads.py --pool normlab``)."""
+    global _share_torch_pool, _regions
+    if not share:
+        _regions = None
+    _share_torch_pool = share and _regions is None and not _forked_from_openmp
+
+
+def _torch_regions():
+    global _regions, _share_torch_pool
+    if _share_torch_pool:
+        _share_torch_pool = False
+        from normlab.kernels import openmp
+
+        start = openmp.region_starter()
+        _regions = None if start is None else openmp.Regions(start)
+    return _regions
+
+
+def serial_below() -> int:
+    """Elements below which a kernel call runs serially: where starting a call on the
+    threads costs more than the second thread saves (measured, see the README). Starting
+    an OpenMP region on torch's pool, whose workers spin between ops, costs far less than
+    waking normlab's sleeping workers."""
+    regions = _regions if _regions is not None or not _share_torch_pool else _torch_regions()
+    return POOL_SERIAL_BELOW if regions is None else REGION_SERIAL_BELOW
 
 
 def run(claimed, serial, args: tuple, loops: int, count: int):
-    """Run a kernel's ``claimed`` variant on the caller and ``count − 1`` workers; its
-    ``serial`` variant where another thread's call has the pool."""
+    """Run a kernel's ``claimed`` variant on the caller and ``count − 1`` threads of torch's
+    pool or normlab's; its ``serial`` variant where another thread's call has the pool."""
     if not parallel_lock.acquire(blocking=False):
         return serial(*args)
     try:
+        regions = _regions if _regions is not None or not _share_torch_pool else _torch_regions()
+        if regions is not None and regions.run(claimed, args, loops, count):
+            return None
         return _pool.run(claimed, args, loops, count)
     finally:
         parallel_lock.release()
@@ -221,13 +267,18 @@ def layer() -> Optional[str]:
 
 def describe() -> str:
     """``"2 (normlab pool)"``: threads per call, and who runs them."""
-    return f"{for_call()} ({'normlab pool' if numba_layer is None else 'numba ' + numba_layer})"
+    if numba_layer is not None:
+        return f"{for_call()} (numba {numba_layer})"
+    regions = _regions if _regions is not None or not _share_torch_pool else _torch_regions()
+    return f"{for_call()} ({'torch OpenMP pool' if regions is not None else 'normlab pool'})"
 
 
 def _after_fork_in_child() -> None:
-    global parallel_lock, _forked_from_openmp, _pool
+    global parallel_lock, _forked_from_openmp, _pool, _regions, _share_torch_pool
     parallel_lock = threading.Lock()  # a parent's thread may have held it at the fork
     _pool = _Pool()  # the parent's workers do not exist here
+    _regions = None  # nor torch's OpenMP workers: a region would wait for them forever
+    _share_torch_pool = False
     if layer() == "omp" and sys.platform.startswith("linux"):  # GNU OpenMP kills such a child
         _forked_from_openmp = True
 

@@ -1,0 +1,198 @@
+"""Threaded kernel calls on torch's own OpenMP pool (``normlab.kernels.openmp``).
+
+Where torch runs on GNU OpenMP, normlab.torch's threaded kernel calls are OpenMP regions
+of the libgomp torch loaded. Checked here: every argument reaches the kernel as given
+(the inputs themselves are the oracle), results are bit for bit those of the serial
+kernels (and torch's float64 functions agree), ``torch.set_num_threads`` holds, torch's
+own ops keep working between our regions, and a forked child, where the parent's OpenMP
+threads do not exist, neither hangs nor changes a bit.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("numba")
+
+import normlab.torch as nt  # noqa: E402  (shares torch's pool: what is tested here)
+from normlab.kernels import openmp, threads  # noqa: E402
+from normlab.kernels._jit import kernel  # noqa: E402
+
+from numba import prange  # noqa: E402
+
+pytestmark = pytest.mark.skipif(openmp.region_starter() is None,
+                                reason="torch here does not run on GNU OpenMP (Linux wheels do)")
+
+SHAPE = (128, 1024)  # 2^17 elements: threaded on torch's pool, serial on normlab's
+
+
+@pytest.fixture()
+def torch_threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def regions(monkeypatch):
+    """Records what each region call returned (True: it ran on torch's pool)."""
+    ran = []
+    run = openmp.Regions.run
+
+    def recording(self, claimed, args, loops, count):
+        ran.append(run(self, claimed, args, loops, count))
+        return ran[-1]
+
+    monkeypatch.setattr(openmp.Regions, "run", recording)
+    return ran
+
+
+@kernel
+def _echo(a, layout, n, scale, flag, rows, out):
+    """Writes what it was given into ``out``, from whichever thread claims row 0."""
+    for r in prange(rows.shape[0]):
+        if r == 0:
+            out[0] = a[1, 2]
+            out[1] = a.shape[0]
+            out[2] = a.shape[1]
+            out[3] = layout[0] + 10 * layout[1] + 100 * layout[2]
+            out[4] = n
+            out[5] = scale
+            out[6] = 1.0 if flag else -1.0
+            out[7] = rows.shape[0]
+        rows[r] = r * scale
+
+
+def test_every_kind_of_argument_reaches_the_kernel_as_given():
+    region = openmp.Regions(openmp.region_starter())
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    rows = np.zeros(300)
+    out = np.zeros(8)
+    assert region.run(_echo.claimed, (a, (3, -4, 5), 7, 0.25, True, rows, out), _echo.loops, 2)
+    np.testing.assert_array_equal(out, [6.0, 3, 4, 3 - 40 + 500, 7, 0.25, 1.0, 300])
+    np.testing.assert_array_equal(rows, np.arange(300) * 0.25)  # every chunk ran once
+
+
+def test_a_non_contiguous_array_is_left_to_normlabs_own_pool(monkeypatch):
+    region = openmp.Regions(openmp.region_starter())
+    a = np.arange(24, dtype=np.float32).reshape(3, 8)[:, ::2]
+    rows, out = np.zeros(300), np.zeros(8)
+    assert not region.run(_echo.claimed, (a, (0, 0, 0), 1, 1.0, False, rows, out), _echo.loops, 2)
+    assert not out.any()  # nothing ran
+    monkeypatch.setattr(threads, "_regions", region)
+    monkeypatch.setattr(threads, "for_call", lambda: 2)
+    _echo(a, (0, 0, 0), 1, 1.0, False, rows, out)  # threads.run falls back to the pool
+    assert out[0] == a[1, 2] and out[7] == 300
+
+
+def _train_calls():
+    """(name, callable returning tensors) for threaded calls of each kernel family."""
+    g = torch.Generator().manual_seed(0)
+
+    def layer():
+        x = (torch.randn(SHAPE, generator=g) * 3 + 50).requires_grad_()
+        m = nt.LayerNorm(SHAPE[1])
+        y = m(x)
+        y.backward(torch.randn(SHAPE, generator=g))
+        return y, x.grad, m.weight.grad, m.bias.grad
+
+    def rms():
+        x = torch.randn(SHAPE, generator=g).requires_grad_()
+        m = nt.RMSNorm(SHAPE[1])
+        y = m(x)
+        y.backward(torch.randn(SHAPE, generator=g))
+        return y, x.grad, m.weight.grad
+
+    def batch():
+        x = torch.randn(16, 32, 16, 16, generator=g).requires_grad_()
+        m = nt.BatchNorm2d(32)
+        y = m(x)
+        y.backward(torch.randn(x.shape, generator=g))
+        return y, x.grad, m.weight.grad, m.bias.grad, m.running_mean, m.running_var
+
+    def group():
+        x = torch.randn(16, 32, 16, 16, generator=g, dtype=torch.float64).requires_grad_()
+        m = nt.GroupNorm(8, 32, dtype=torch.float64)
+        y = m(x)
+        y.backward(torch.randn(x.shape, generator=g, dtype=torch.float64))
+        return y, x.grad, m.weight.grad, m.bias.grad
+
+    def fused():
+        x = torch.randn(SHAPE, generator=g).requires_grad_()
+        r = torch.randn(SHAPE, generator=g).requires_grad_()
+        m = nt.FusedAddRMSNorm(SHAPE[1])
+        y, total = m(x, r)
+        (y.sum() + (total * 0.5).sum()).backward()
+        return y, total, x.grad, r.grad, m.weight.grad
+
+    def eval_batch():
+        m = nt.BatchNorm2d(32).eval()
+        with torch.no_grad():
+            m.running_mean.uniform_(-1, 1, generator=g)
+            return (m(torch.randn(16, 32, 16, 16, generator=g)),)
+
+    return {"layer": layer, "rms": rms, "batch": batch, "group": group, "fused": fused, "batch eval": eval_batch}
+
+
+@pytest.mark.parametrize("name", list(_train_calls()))
+def test_results_on_torchs_pool_are_the_serial_kernels_bits(name, torch_threads, regions):
+    torch_threads(1)
+    alone = _train_calls()[name]()
+    assert regions == []  # one thread: no region
+    torch_threads(2)
+    shared = _train_calls()[name]()
+    if name != "batch eval":  # (batch norm eval below 32 MiB is torch's own op)
+        assert regions and all(regions)
+    for one, two in zip(alone, shared):
+        assert one.detach().numpy().tobytes() == two.detach().numpy().tobytes()
+
+
+def test_torchs_own_ops_interleaved_with_regions_give_torchs_results(torch_threads, regions):
+    torch_threads(2)
+    x = torch.randn(SHAPE, dtype=torch.float64) * 2 + 7
+    m = nt.LayerNorm(SHAPE[1], dtype=torch.float64)
+    expected_sum = x.sum(dim=1)
+    for _ in range(20):
+        with torch.no_grad():
+            y = m(x)
+        torch.testing.assert_close(x.sum(dim=1), expected_sum, rtol=0, atol=0)  # torch's threaded reduction
+        torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (SHAPE[1],)), rtol=1e-12, atol=1e-12)
+    assert regions and all(regions)
+
+
+def test_a_child_forked_after_regions_runs_on_its_own_pool_with_the_same_bits():
+    """torch's OpenMP threads are not in a forked child (torch's own threaded ops hang
+    there): the child's threaded calls go to a normlab pool of its own."""
+    script = textwrap.dedent("""
+        import os, torch, numpy as np
+        import normlab.torch as nt
+        from normlab.kernels import threads
+        torch.set_num_threads(2)
+        x = torch.randn(512, 1024) * 3 + 10
+        m = nt.LayerNorm(1024)
+        with torch.no_grad():
+            parent = m(x).numpy().copy()
+        assert threads.describe() == "2 (torch OpenMP pool)", threads.describe()
+        pid = os.fork()
+        if pid == 0:
+            with torch.no_grad():
+                child = m(x).numpy()
+            ok = child.tobytes() == parent.tobytes() and threads.describe() == "2 (normlab pool)"
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        print("child exit", os.waitstatus_to_exitcode(status))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "child exit 0" in done.stdout, done.stdout + done.stderr
+
+
+def test_importing_normlab_torch_imports_no_numba():
+    done = subprocess.run([sys.executable, "-c", "import sys, normlab.torch; print('numba' in sys.modules)"],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert done.stdout.strip() == "False", done.stdout + done.stderr
