@@ -90,6 +90,26 @@ def test_a_non_contiguous_array_is_left_to_normlabs_own_pool(monkeypatch):
     assert out[0] == a[1, 2] and out[7] == 300
 
 
+def test_arguments_without_a_type_code_are_refused_before_anything_is_written():
+    words = np.zeros(openmp.WORDS, np.int64)
+    assert openmp.pack(words, np.ones(3), None) == -1
+    assert openmp.pack(words, np.ones((4, 4))[:, ::2], 1.0) == -1
+    assert openmp.pack(words, np.ones(3), 1.5, True) == 3 + 2 + 1 + 1
+
+
+def test_an_entry_that_does_not_compile_leaves_the_call_to_normlabs_pool(monkeypatch):
+    monkeypatch.setattr(openmp, "_entries", {})
+    monkeypatch.setattr(openmp, "_entry_source", lambda codes: "def entry(p):\n    no_such_function(p)")
+    region = openmp.Regions(openmp.region_starter())
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    rows, out = np.zeros(300), np.zeros(8)
+    assert not region.run(_echo.claimed, (a, (0, 0, 0), 1, 1.0, False, rows, out), _echo.loops, 2)
+    monkeypatch.setattr(threads, "_regions", region)
+    monkeypatch.setattr(threads, "for_call", lambda: 2)
+    _echo(a, (0, 0, 0), 1, 1.0, False, rows, out)
+    assert out[0] == a[1, 2] and out[7] == 300
+
+
 def _train_calls():
     """(name, callable returning tensors) for threaded calls of each kernel family."""
     g = torch.Generator().manual_seed(0)

@@ -419,15 +419,19 @@ class FastForward:
 
     def run(self, x, weight_table, bias_table, eps: float, return_stats: bool = False):
         """The kernel on prepared tables; ``0 <= eps < inf`` is the caller's to check."""
-        rows = self.shape[0]
-        y = pool.empty(self.shape, self.dtype) if self.nbytes >= pool.MIN_BYTES else np.empty(self.shape, self.dtype)
+        rows, n = shape = self.shape
+        y = pool.empty(shape, self.dtype) if self.nbytes >= pool.MIN_BYTES else np.empty(shape, self.dtype)
         stats = np.empty((3, rows)) if return_stats else self.scratch
-        n = self.shape[1]
-        # a strided x is read where it lies when its rows allow (row_layout), else copied
-        x_rows, y_rows = strided.one_kind(self.rows_of(x), (y, strided.PLAIN_ROWS))
-        arguments = (*x_rows, *y_rows, n, weight_table, bias_table, self.param_row_stride, self.param_inner,
-                     self.rms, eps, False, *stats)
-        if rows * self.shape[1] < threads.serial_below():
+        plain = strided.PLAIN_ROWS
+        if x.dtype == self.dtype and x.flags.c_contiguous:  # the common case, without row_layout's checks
+            arguments = (x.reshape(shape), plain, y, plain, n, weight_table, bias_table, self.param_row_stride,
+                         self.param_inner, self.rms, eps, False, *stats)
+        else:
+            # a strided x is read where it lies when its rows allow (row_layout), else copied
+            x_rows, y_rows = strided.one_kind(self.rows_of(x), (y, plain))
+            arguments = (*x_rows, *y_rows, n, weight_table, bias_table, self.param_row_stride, self.param_inner,
+                         self.rms, eps, False, *stats)
+        if rows * n < threads.serial_below():
             self.kernel.serial(*arguments)
         else:
             self.kernel(*arguments)

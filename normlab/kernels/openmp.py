@@ -188,7 +188,11 @@ def _store_compiled(words, at, value):
             return at + count
 
         return store_tuple
-    return None
+
+    def store_nothing(words, at, value):  # a type without a code: pack returns -1 before storing
+        return at
+
+    return store_nothing
 
 
 def _width(numba_type) -> int:
@@ -279,15 +283,20 @@ _entries: dict = {}
 
 
 def _entry(claimed, codes: tuple[int, ...]) -> int:
-    """The address of the cfunc that calls ``claimed`` with arguments packed under ``codes``."""
+    """The address of the cfunc that calls ``claimed`` with arguments packed under
+    ``codes``, or 0 where it does not compile (the call then goes to normlab's pool)."""
     key = (claimed, codes)
-    entry = _entries.get(key)
-    if entry is None:
+    entry = _entries.get(key, False)
+    if entry is False:
         namespace = {"carray": carray, "np": np, "_pointer": _pointer, "_void_address": _void_address,
                      "_bits_float": _bits_float, "claimed": claimed}
-        exec(_entry_source(codes), namespace)  # noqa: S102 - generated from the type codes above
-        entry = _entries[key] = numba.cfunc(types.void(types.voidptr))(namespace["entry"])  # keeps its code alive
-    return entry.address
+        try:
+            exec(_entry_source(codes), namespace)  # noqa: S102 - generated from the type codes above
+            entry = numba.cfunc(types.void(types.voidptr))(namespace["entry"])  # keeps its code alive
+        except Exception:  # noqa: BLE001 - a combination of types the cfunc cannot take: the pool runs it
+            entry = None
+        _entries[key] = entry
+    return 0 if entry is None else entry.address
 
 
 class Regions:
@@ -306,6 +315,8 @@ class Regions:
         used = pack(self.words, *args, claims)
         if used < 0:
             return False
-        codes = tuple(self.words[:len(args) + 1].tolist())
-        self.start(_entry(claimed, codes), self.address, count, 0)
+        address = _entry(claimed, tuple(self.words[:len(args) + 1].tolist()))
+        if not address:
+            return False
+        self.start(address, self.address, count, 0)
         return True
