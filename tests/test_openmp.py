@@ -216,3 +216,24 @@ def test_importing_normlab_torch_imports_no_numba():
     done = subprocess.run([sys.executable, "-c", "import sys, normlab.torch; print('numba' in sys.modules)"],
                           capture_output=True, text=True, timeout=120, env=dict(os.environ))
     assert done.stdout.strip() == "False", done.stdout + done.stderr
+
+
+def test_calls_from_several_python_threads_at_once_give_each_its_serial_bits(torch_threads):
+    """One region at a time: a call made while another thread's region runs is serial."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch_threads(2)
+    g = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(SHAPE, generator=g) * (i + 1) + i for i in range(8)]
+    m = nt.LayerNorm(SHAPE[1])
+
+    def normalize(x):
+        with torch.no_grad():
+            return m(x).numpy().copy()
+
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(normalize, inputs * 3))
+    torch_threads(1)
+    alone = [normalize(x) for x in inputs]
+    for i, y in enumerate(together):
+        assert y.tobytes() == alone[i % len(inputs)].tobytes()
