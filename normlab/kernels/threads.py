@@ -51,8 +51,8 @@ from typing import Callable, Optional
 import numpy as np
 
 parallel_lock = threading.Lock()
-POOL_SERIAL_BELOW = 1 << 19  # elements: serial below this on normlab's pool (waking a worker costs 50-100 µs)
-REGION_SERIAL_BELOW = 1 << 16  # on torch's OpenMP pool (a region starts in about 1.5 µs; measured: 0.86-0.9x at 2^15)
+POOL_SERIAL_BELOW = 1 << 19  # on normlab's pool (waking a sleeping worker costs 50-100 µs)
+REGION_SERIAL_BELOW = 1 << 17  # on torch's OpenMP pool (a region starts in about 1.5 µs; see benchmarks/serial_threshold.py)
 _limit: Optional[Callable[[], int]] = None  # torch.get_num_threads, once normlab.torch is imported
 _forked_from_openmp = False
 numba_layer: Optional[str] = None  # set by use_numba_layer: Numba's parallel variants instead of the pool
