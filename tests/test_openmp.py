@@ -237,3 +237,26 @@ def test_calls_from_several_python_threads_at_once_give_each_its_serial_bits(tor
     alone = [normalize(x) for x in inputs]
     for i, y in enumerate(together):
         assert y.tobytes() == alone[i % len(inputs)].tobytes()
+
+
+def test_a_later_process_loads_the_entries_from_numbas_cache_and_gets_the_same_bits():
+    """Each entry is compiled once (about half a second) and cached on disk like the
+    kernels: the second process to run a kernel signature loads it."""
+    script = textwrap.dedent("""
+        import torch, numpy as np
+        import normlab.torch as nt
+        from normlab.kernels import openmp
+        torch.set_num_threads(2)
+        x = torch.linspace(-3, 5, 256 * 1024).reshape(256, 1024) ** 3
+        with torch.no_grad():
+            y = nt.LayerNorm(1024)(x)
+        entries = [entry for entry in openmp._entries.values() if entry is not None]
+        print(len(entries), sum(entry.cache_hits for entry in entries), y.numpy().tobytes().hex()[-64:])
+    """)
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    for done in runs:
+        assert done.returncode == 0, done.stderr
+    (count, _, first_bits), (count_again, hits, bits) = (done.stdout.split() for done in runs)
+    assert int(count) == int(count_again) == 1 and int(hits) == 1
+    assert bits == first_bits
