@@ -98,3 +98,35 @@ def test_a_call_from_another_thread_while_the_pool_is_busy_runs_serially_with_th
     with threads.parallel_lock:  # as if another thread's call had the pool
         contended = normlab.normalize(x, "b [d]")
     assert alone.tobytes() == contended.tobytes()
+
+
+def _visits_kernel():
+    from numba import prange
+
+    from normlab.kernels._jit import kernel
+
+    @kernel
+    def visits(first, second):
+        for r in prange(first.shape[0]):
+            first[r] += 1.0
+        for r in prange(second.shape[0]):
+            second[r] += first[r % first.shape[0]] if first.shape[0] else 1.0
+
+    return visits
+
+
+_VISITS = None
+
+
+@pytest.mark.parametrize("count", [2, 3, 5])
+@pytest.mark.parametrize("size", [0, 1, 63, 64, 65, 1000])
+def test_every_index_of_every_claimed_loop_runs_once_on_any_number_of_threads(size, count):
+    """Home ranges, stealing and the wait between loops: each index once, and the second
+    loop sees the whole first loop done (its values are all 1)."""
+    global _VISITS
+    if _VISITS is None:
+        _VISITS = _visits_kernel()
+    first, second = np.zeros(size), np.zeros(size + 7)
+    threads._pool.run(_VISITS.claimed, (first, second), _VISITS.loops, count)
+    np.testing.assert_array_equal(first, np.ones(size))
+    np.testing.assert_array_equal(second, np.ones(size + 7))

@@ -2,33 +2,40 @@
 
 A kernel's threaded variant is its own source with every top-level ``prange`` loop
 rewritten (see :func:`claiming`): the loop's index range is cut into chunks fixed by the
-range alone, and each thread that runs the function takes the next unclaimed chunk
-(an atomic counter) until none is left, then waits until every chunk of the loop is done
-before going on to the next loop. The calling thread runs the same function as the
-pool's workers, so a call costs no more than its work when the workers are slow to wake,
-and each index is computed by the same code whichever thread claims it: the bits do not
+range alone, and the chunks into one contiguous home range per thread. Each thread takes
+the next unclaimed chunk of its own home (an atomic counter per home), then of the
+others' homes, until none is left, then waits until every chunk of the loop is done
+before going on to the next loop. A thread's home is its place in the order of arrival
+(the caller first, as a rule), so a repeated call on the same arrays gives each thread
+the same rows as last time, still in its core's cache; a thread that starts late finds
+its home taken by the others. The calling thread runs the same function as the pool's
+workers, so a call costs no more than its work when the workers are slow to wake, and
+each index is computed by the same code whichever thread claims it: the bits do not
 depend on the thread count.
 
-    for r in prange(rows):             n = rows; step = ...; count = ...
-        body(r)                  →     while True:
-                                           k = claim(claims, 0)        # next chunk
-                                           if k >= count: break
-                                           for r in range(k·step, min(n, (k+1)·step)):
-                                               body(r)
-                                           claim(claims, 1)            # one more done
-                                       wait(claims, 1, count)          # all done (spin, then yield)
+    for r in prange(rows):             me = arrival order (once per call)
+        body(r)                  →     for each home h, own home first:
+                                           while True:
+                                               k = claim(home h)          # next chunk
+                                               if k >= end of home h: break
+                                               for r in chunk k: body(r)
+                                               claim(done)                # one more done
+                                       wait(done, count)                  # all done (spin, then yield)
 
 Statements between the loops run on every thread; in normlab's kernels they only read
-arguments and fill local variables.
+arguments and fill local variables. The counters live in ``claims`` (see
+:func:`claims_array`), each on its own cache line.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import inspect
 import textwrap
 import types
 
+import numpy as np
 from llvmlite import ir
 from numba.core import types as numba_types
 from numba.extending import intrinsic
@@ -64,23 +71,46 @@ def _load(typingctx, counters, index):
     return signature, codegen
 
 
+LINE = 8  # int64 counters per cache line: each counter on a line of its own
+MAX_HOMES = 64
+
+_ARRIVAL = "_normlab_me = _normlab_fetch_add(claims, 0) % claims[{homes_at}]"
+
 _LOOP = """
 _n{p} = {count}
 _step{p} = max(1, (_n{p} + {chunks} - 1) // {chunks})
 _count{p} = (_n{p} + _step{p} - 1) // _step{p}
-while True:
-    _k{p} = _normlab_fetch_add(claims, {claimed})
-    if _k{p} >= _count{p}:
-        break
-    for {target} in range(_k{p} * _step{p}, min(_n{p}, (_k{p} + 1) * _step{p})):
-        pass
-    _normlab_fetch_add(claims, {done})
+_homes{p} = claims[{homes_at}]
+_base{p} = {line} * (2 + {p} * (_homes{p} + 1))
+for _visit{p} in range(_homes{p}):
+    _home{p} = (_normlab_me + _visit{p}) % _homes{p}
+    _start{p} = _home{p} * _count{p} // _homes{p}
+    _stop{p} = (_home{p} + 1) * _count{p} // _homes{p}
+    while True:
+        _k{p} = _start{p} + _normlab_fetch_add(claims, _base{p} + {line} * (1 + _home{p}))
+        if _k{p} >= _stop{p}:
+            break
+        for {target} in range(_k{p} * _step{p}, min(_n{p}, (_k{p} + 1) * _step{p})):
+            pass
+        _normlab_fetch_add(claims, _base{p})
 _spins{p} = 0
-while _normlab_load(claims, {done}) < _count{p}:
+while _normlab_load(claims, _base{p}) < _count{p}:
     _spins{p} += 1
     if _spins{p} % {spins} == 0:
         _normlab_sched_yield()
 """
+
+
+_TEMPLATE_DIGEST = hashlib.sha256((_ARRIVAL + _LOOP + repr((CHUNKS_PER_LOOP, SPINS_BEFORE_YIELD, LINE))).encode()).hexdigest()[:8]
+
+
+def claims_array(loops: int, threads: int) -> np.ndarray:
+    """The ``claims`` of one threaded call of a kernel with ``loops`` claimed loops on
+    ``threads`` threads: zeroed counters, and the number of homes."""
+    homes = max(1, min(threads, MAX_HOMES))
+    claims = np.zeros(LINE * (2 + loops * (homes + 1)), np.int64)
+    claims[LINE] = homes
+    return claims
 
 
 def _is_prange(node) -> bool:
@@ -90,8 +120,8 @@ def _is_prange(node) -> bool:
 
 def claiming(fn) -> tuple[types.FunctionType, int]:
     """``(function, loops)``: ``fn`` with its top-level ``prange`` loops claimed in chunks,
-    taking one more argument, ``claims``: int64 zeros of length ``2 * loops``, one array
-    shared by every thread that runs the call."""
+    taking one more argument, ``claims``: :func:`claims_array`, one array shared by every
+    thread that runs the call."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     function = tree.body[0]
     function.decorator_list = []
@@ -101,16 +131,17 @@ def claiming(fn) -> tuple[types.FunctionType, int]:
               for node in ast.walk(statement) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "prange"]
     if nested:
         raise TypeError(f"{fn.__qualname__}: prange must be a top-level loop of a kernel to be shared by threads")
-    body, loops = [], 0
+    body, loops = [ast.parse(_ARRIVAL.format(homes_at=LINE)).body[0]], 0
     for statement in function.body:
         if not _is_prange(statement):
             body.append(statement)
             continue
         (count,) = statement.iter.args
         rewritten = ast.parse(_LOOP.format(p=loops, count=ast.unparse(count), chunks=CHUNKS_PER_LOOP,
-                                           target=ast.unparse(statement.target), claimed=2 * loops, spins=SPINS_BEFORE_YIELD,
-                                           done=2 * loops + 1)).body
-        rewritten[3].body[2].body = statement.body  # the chunk's for loop runs the original body
+                                           target=ast.unparse(statement.target), spins=SPINS_BEFORE_YIELD,
+                                           homes_at=LINE, line=LINE)).body
+        claim_loop = rewritten[5].body[3]  # the while loop that claims chunks of one home
+        claim_loop.body[2].body = statement.body  # the chunk's for loop runs the original body
         body.extend(rewritten)
         loops += 1
     function.body = body
@@ -123,6 +154,9 @@ def claiming(fn) -> tuple[types.FunctionType, int]:
     fn.__globals__.setdefault("_normlab_sched_yield", _sched_yield)
     exec(code, fn.__globals__, namespace)  # noqa: S102 - the kernel's own source, rewritten
     claimed = namespace[function.name]
-    claimed.__qualname__ = fn.__qualname__ + "_claimed"
+    # the rewriting is part of the compiled code, but Numba's cache follows the kernel's own
+    # file only: a digest of the templates in the name keeps a changed rewriting from
+    # loading code cached under the old one
+    claimed.__qualname__ = fn.__qualname__ + "_claimed_" + _TEMPLATE_DIGEST
     claimed.__module__ = fn.__module__
     return claimed, loops

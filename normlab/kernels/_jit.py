@@ -25,8 +25,9 @@ Options, and why:
 
 Numba's on-disk cache is keyed on each kernel's own source file: after editing a helper
 in another module (``sums.py``), delete the ``*.nbi``/``*.nbc`` files under
-``normlab/kernels/__pycache__`` or the kernels keep the old helper. The same holds for
-the rewriting of threaded variants in ``_claims.py``.
+``normlab/kernels/__pycache__`` or the kernels keep the old helper. (The rewriting of
+threaded variants in ``_claims.py`` puts a digest of itself in their names, so a change
+there compiles them anew.)
 """
 
 from __future__ import annotations

@@ -42,6 +42,8 @@ from numba.core import types
 from numba.extending import intrinsic, overload
 from numba.np import numpy_support
 
+from normlab.kernels._claims import claims_array
+
 WORDS = 1024  # one call's block of words: type codes, then values (a kernel has at most ~40 arguments)
 _ARRAY, _INT, _FLOAT, _BOOL, _TUPLE = 1, 2, 3, 4, 5
 
@@ -373,7 +375,7 @@ class Regions:
     def run(self, claimed, args: tuple, loops: int, count: int) -> bool:
         """Run ``claimed(*args, claims)`` on ``count`` threads; False (and nothing run)
         where the arguments cannot be packed."""
-        claims = np.zeros(2 * loops, np.int64)
+        claims = claims_array(loops, count)
         used = pack(self.words, *args, claims)
         if used < 0:
             return False

@@ -131,7 +131,9 @@ class _Pool:
     def run(self, claimed, args: tuple, loops: int, count: int):
         while len(self.workers) < count - 1:
             self.workers.append(_Worker())
-        arguments = args + (np.zeros(2 * loops, np.int64),)
+        from normlab.kernels._claims import claims_array
+
+        arguments = args + (claims_array(loops, count),)
         task = _Task(claimed, arguments)
         for worker in self.workers[:count - 1]:
             worker.tasks.put(task)
