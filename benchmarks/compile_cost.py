@@ -24,9 +24,14 @@ SCENARIOS = {
         "x = np.ones((2048, 512), np.float32); "
         "normlab.normalize_backward(x, x, 'b [d]', weight=np.ones(512, np.float32), params='d')"
     ),
+    "LayerNorm fwd, float32, threaded, on torch's pool": (
+        "import normlab.torch; normlab.torch.LayerNorm(512)(torch.ones(2048, 512))"
+    ),
 }
+SETUP = "import torch; torch.set_grad_enabled(False)"  # before the clock: torch's own import is not normlab's cost
 PROGRAM = """
 import time, numpy as np
+{setup}
 start = time.perf_counter()
 import normlab
 {call}
@@ -39,8 +44,8 @@ print(f"{{first:.2f}} {{time.perf_counter() - start:.6f}}")
 
 def first_call_seconds(call: str, cache_dir: str) -> tuple[float, float]:
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-c", PROGRAM.format(call=call)], env=env, capture_output=True,
-                            text=True, check=True)
+    program = PROGRAM.format(call=call, setup=SETUP if "torch" in call else "")
+    result = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True)
     first, second = result.stdout.split()
     return float(first), float(second)
 

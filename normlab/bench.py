@@ -268,6 +268,7 @@ class Row:
 
 
 ROUNDS = 3  # engines take turns this many times per case
+SETTLE_SECONDS = 0.02  # a pause after each engine's turn (see timed_rounds)
 
 
 def timed_rounds(calls: dict, repeats: int, announce=None) -> dict[str, list[float]]:
@@ -284,6 +285,7 @@ def timed_rounds(calls: dict, repeats: int, announce=None) -> dict[str, list[flo
             if call is not None:
                 call()
                 timed[engine].extend(seconds_of(call) for _ in range(count))
+                time.sleep(SETTLE_SECONDS)  # untimed: pools that spin after a call go quiet first
     return timed
 
 
@@ -297,7 +299,8 @@ def measure(cases, quick: bool, repeats: int, progress=None) -> list[Row]:
     calls. Rounds spread each engine over the case's whole time, so a neighbour's load
     that comes and goes shifts all engines alike instead of one. (Taking turns call by
     call looks fairer still but is not: the OpenMP pools of Numba and PyTorch keep
-    spinning after a call and steal each other's cores; the warm-up call absorbs that.)
+    spinning after a call and steal each other's cores; a pause after each engine's turn,
+    :data:`SETTLE_SECONDS`, lets them go quiet, and the warm-up call absorbs the rest.)
     """
     rows = []
     for case in cases:

@@ -20,8 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 
 EPS = 1e-5
-ROUNDS = 3
-ROUND_SECONDS = 0.02
+ROUNDS = 5
+ROUND_SECONDS = 0.04
+# a pause after each engine's turn, untimed: thread pools that spin after a call (ONNX
+# Runtime's, PyTorch's OpenMP workers) go quiet before the next engine starts, so none
+# runs its calls on cores another engine's pool still holds
+SETTLE_SECONDS = 0.02
 ROWS = (1, 64, 1024, 32768)
 FEATURES = (64, 1024, 8192, 65536)
 QUICK_ROWS = (1, 64, 1024)
@@ -173,6 +177,7 @@ def _time_cell(calls: dict) -> dict:
                 start = time.perf_counter()
                 call()
                 timed[name].append(time.perf_counter() - start)
+            time.sleep(SETTLE_SECONDS)
     return {name: statistics.median(values) if values else None for name, values in timed.items()}
 
 
