@@ -261,7 +261,7 @@ def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
     table_dtype = np.float32 if float32_rows else np.float64
     weight = _param_table(prepared.weight, view, ones=True, dtype=table_dtype)
     bias = _param_table(prepared.bias, view, ones=False, dtype=table_dtype)
-    serial = math.prod(shape) < threads.serial_below()
+    serial = math.prod(shape) < threads.serial_below(row_forward=isinstance(view, RowView))
     groups = view.rows if isinstance(view, RowView) else view.channels
     stats_given = rstd is not None
     if stats_given:
@@ -431,7 +431,7 @@ class FastForward:
             x_rows, y_rows = strided.one_kind(self.rows_of(x), (y, plain))
             arguments = (*x_rows, *y_rows, n, weight_table, bias_table, self.param_row_stride, self.param_inner,
                          self.rms, eps, False, *stats)
-        if rows * n < threads.serial_below():
+        if rows * n < threads.serial_below(row_forward=True):
             self.kernel.serial(*arguments)
         else:
             self.kernel(*arguments)

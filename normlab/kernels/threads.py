@@ -4,7 +4,8 @@
 GNU OpenMP (its Linux wheels), a threaded call is an OpenMP region on torch's very
 threads (:mod:`normlab.kernels.openmp`): the caller and torch's workers, which spin
 between torch's ops, so a region starts in about 1.5 µs and no second pool competes for
-the cores. Calls then run threaded from :data:`REGION_SERIAL_BELOW` elements.
+the cores. Calls then run threaded from :data:`REGION_SERIAL_BELOW` elements (a row
+norm's forward from half that).
 
 **normlab's pool.** Without torch (the NumPy API alone), a threaded call runs the kernel's claimed variant (see
 :mod:`normlab.kernels._claims`) on the calling thread and on ``count − 1`` of normlab's
@@ -170,13 +171,16 @@ def _torch_regions():
     return _regions
 
 
-def serial_below() -> int:
+def serial_below(row_forward: bool = False) -> int:
     """Elements below which a kernel call runs serially: where starting a call on the
-    threads costs more than the second thread saves (measured, see the README). Starting
-    an OpenMP region on torch's pool, whose workers spin between ops, costs far less than
-    waking normlab's sleeping workers."""
+    threads costs more than the second thread saves (measured by
+    ``benchmarks/serial_threshold.py``). Starting an OpenMP region on torch's pool, whose
+    workers spin between ops, costs far less than waking normlab's sleeping workers, and
+    there a row norm's forward (one pass, no parameter sums) pays from half the size."""
     regions = _regions if _regions is not None or not _share_torch_pool else _torch_regions()
-    return POOL_SERIAL_BELOW if regions is None else REGION_SERIAL_BELOW
+    if regions is None:
+        return POOL_SERIAL_BELOW
+    return REGION_SERIAL_BELOW // 2 if row_forward else REGION_SERIAL_BELOW
 
 
 def run(claimed, serial, args: tuple, loops: int, count: int):
