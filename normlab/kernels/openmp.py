@@ -13,9 +13,11 @@ A region's threads run native code only, so the call reaches the kernel through 
 ``cfunc`` that takes one pointer: :func:`pack` (compiled once per combination of argument
 types, and cached on disk) writes each argument into a block of int64 words (a type code
 per argument, then each array's data pointer and shape, each scalar's bits), and
-:func:`_entry` builds, once per process for each kernel and set of type codes, a
-``cfunc`` that reads them back and calls the claimed kernel. Arrays that are not
-C-contiguous have no code: such a call goes to normlab's own pool instead.
+:func:`_entry` finds, for each kernel and set of type codes, a ``cfunc`` that reads them
+back and calls the claimed kernel: generated as a small module, compiled once and
+cached on disk like the kernels. Arguments without a code (arrays that are not
+C-contiguous, None) or an entry that does not compile send the call to normlab's own
+pool instead.
 
 A child forked from a process that has used GNU OpenMP cannot use it (the parent's
 threads are not in the child; torch's own ops hang there): :mod:`normlab.kernels.threads`
@@ -55,7 +57,7 @@ def _library_path() -> Optional[str]:
     if torch is None or not sys.platform.startswith("linux"):
         return None
     try:
-        if "OpenMP" not in torch.__config__.parallel_info():
+        if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
             return None
         with open("/proc/self/maps") as maps:
             loaded = {line.split()[-1] for line in maps if "libgomp" in line}
