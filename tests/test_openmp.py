@@ -260,3 +260,49 @@ def test_a_later_process_loads_the_entries_from_numbas_cache_and_gets_the_same_b
     (count, _, first_bits), (count_again, hits, bits) = (done.stdout.split() for done in runs)
     assert int(count) == int(count_again) == 1 and int(hits) == 1
     assert bits == first_bits
+
+
+def test_the_numpy_api_beside_torch_runs_on_torchs_pool_and_follows_its_thread_count():
+    script = textwrap.dedent("""
+        import numpy as np, torch, normlab
+        from normlab.kernels import threads
+        x = np.random.default_rng(0).standard_normal((256, 1024)).astype(np.float32)
+        y = normlab.normalize(x, "b [d]")
+        x64 = x.astype(np.float64)
+        expected = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+        assert np.abs(y - expected).max() < 1e-5
+        print(threads.describe())
+        torch.set_num_threads(1)
+        print(threads.describe())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    before, after = done.stdout.splitlines()
+    assert before.endswith("(torch OpenMP pool)") and after == "1 (torch OpenMP pool)", done.stdout
+
+
+def test_a_pool_child_that_first_imports_normlab_after_the_parent_used_openmp_does_not_hang():
+    """The child of a parent whose torch ran OpenMP regions has the parent's OpenMP state
+    but none of its threads; normlab, imported only in the child, stays off torch's pool."""
+    script = textwrap.dedent("""
+        import multiprocessing, torch
+        torch.set_num_threads(2)
+        torch.randn(2048, 2048).sum(dim=1)  # torch's OpenMP team exists in the parent
+
+        def work(seed):
+            import numpy as np, normlab
+            from normlab.kernels import threads
+            x = np.random.default_rng(seed).standard_normal((512, 1024)).astype(np.float32)
+            y = normlab.normalize(x, "b [d]")  # threaded
+            x64 = x.astype(np.float64)
+            expected = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+            return float(np.abs(y - expected).max()), threads.describe()
+
+        if __name__ == "__main__":
+            with multiprocessing.get_context("fork").Pool(1) as pool:
+                error, where = pool.apply_async(work, (1,)).get(timeout=60)
+            print(error < 1e-5, where)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "2", "(normlab", "pool)"], done.stdout

@@ -145,30 +145,48 @@ class _Pool:
 
 
 _pool = _Pool()
-_regions = None  # openmp.Regions: torch's OpenMP pool, once share_torch_pool asked for it
-_share_torch_pool = False  # asked for, not yet looked up
+_regions = None  # openmp.Regions: torch's OpenMP pool, once found
+_share_torch_pool: Optional[bool] = None  # None: whenever torch is imported; False: never
+_looked_up = False  # torch's pool was looked for (found or not): not again
+_forked = False  # this process is a child forked after normlab was imported
 
 
 def share_torch_pool(share: bool = True) -> None:
-    """Run threaded calls on torch's own OpenMP pool, where torch runs on GNU OpenMP (see
-    :mod:`normlab.kernels.openmp`); looked up at the first kernel call, so that importing
-    ``normlab.torch`` (which calls this) imports no Numba. ``share=False``: normlab's own
-    pool (``benchmarks/threads.py --pool normlab``)."""
-    global _share_torch_pool, _regions
-    if not share:
-        _regions = None
-    _share_torch_pool = share and _regions is None and not _forked_from_openmp
+    """Whether threaded calls run on torch's own OpenMP pool where torch is imported and
+    runs on GNU OpenMP (see :mod:`normlab.kernels.openmp`), the default, or always on
+    normlab's own pool (``share=False``, as ``benchmarks/threads.py --pool normlab``
+    compares). The pool is looked up at the first kernel call, so that importing
+    ``normlab.torch`` imports no Numba."""
+    global _share_torch_pool, _regions, _looked_up
+    _share_torch_pool = share
+    _regions = None if not share else _regions
+    _looked_up = _regions is not None
 
 
 def _torch_regions():
-    global _regions, _share_torch_pool
-    if _share_torch_pool:
-        _share_torch_pool = False
-        from normlab.kernels import openmp
+    """torch's pool, looked up once: where torch is imported, in a process that is no
+    forked or ``multiprocessing`` child (torch's OpenMP threads are not in a forked child,
+    and a region there would wait for them forever; torch's own threaded ops hang there)."""
+    global _regions, _looked_up
+    if _looked_up or _share_torch_pool is False or "torch" not in sys.modules:
+        return _regions
+    _looked_up = True
+    if _forked or _forked_from_openmp or _in_child_process():
+        return None
+    from normlab.kernels import openmp
 
-        start = openmp.region_starter()
-        _regions = None if start is None else openmp.Regions(start)
+    start = openmp.region_starter()
+    _regions = None if start is None else openmp.Regions(start)
+    if _regions is not None and _limit is None:
+        limit_by(sys.modules["torch"].get_num_threads)  # torch's threads: torch.set_num_threads governs
     return _regions
+
+
+def _in_child_process() -> bool:
+    """True in a ``multiprocessing`` child (a DataLoader worker, a Pool's worker): forked
+    ones may have a parent's OpenMP state without its threads."""
+    process = sys.modules.get("multiprocessing.process")
+    return process is not None and process.parent_process() is not None
 
 
 def serial_below(row_forward: bool = False) -> int:
@@ -177,7 +195,7 @@ def serial_below(row_forward: bool = False) -> int:
     ``benchmarks/serial_threshold.py``). Starting an OpenMP region on torch's pool, whose
     workers spin between ops, costs far less than waking normlab's sleeping workers, and
     there a row norm's forward (one pass, no parameter sums) pays from half the size."""
-    regions = _regions if _regions is not None or not _share_torch_pool else _torch_regions()
+    regions = _regions if _regions is not None else _torch_regions()
     if regions is None:
         return POOL_SERIAL_BELOW
     return REGION_SERIAL_BELOW // 2 if row_forward else REGION_SERIAL_BELOW
@@ -189,7 +207,7 @@ def run(claimed, serial, args: tuple, loops: int, count: int):
     if not parallel_lock.acquire(blocking=False):
         return serial(*args)
     try:
-        regions = _regions if _regions is not None or not _share_torch_pool else _torch_regions()
+        regions = _regions if _regions is not None else _torch_regions()
         if regions is not None and regions.run(claimed, args, loops, count):
             return None
         return _pool.run(claimed, args, loops, count)
@@ -275,16 +293,16 @@ def describe() -> str:
     """``"2 (normlab pool)"``: threads per call, and who runs them."""
     if numba_layer is not None:
         return f"{for_call()} (numba {numba_layer})"
-    regions = _regions if _regions is not None or not _share_torch_pool else _torch_regions()
+    regions = _regions if _regions is not None else _torch_regions()
     return f"{for_call()} ({'torch OpenMP pool' if regions is not None else 'normlab pool'})"
 
 
 def _after_fork_in_child() -> None:
-    global parallel_lock, _forked_from_openmp, _pool, _regions, _share_torch_pool
+    global parallel_lock, _forked_from_openmp, _pool, _regions, _looked_up, _forked
     parallel_lock = threading.Lock()  # a parent's thread may have held it at the fork
     _pool = _Pool()  # the parent's workers do not exist here
     _regions = None  # nor torch's OpenMP workers: a region would wait for them forever
-    _share_torch_pool = False
+    _looked_up = _forked = True
     if layer() == "omp" and sys.platform.startswith("linux"):  # GNU OpenMP kills such a child
         _forked_from_openmp = True
 

@@ -65,8 +65,7 @@ from normlab.torch.sync import SyncBatchNorm
 # the kernels use at most torch.get_num_threads() threads: torch.set_num_threads governs
 # normlab too, and DataLoader workers (which set 1) run the serial kernels
 _threads.limit_by(torch.get_num_threads)
-# and they run on torch's own OpenMP threads where torch has them (no second pool on the cores)
-_threads.share_torch_pool()
+# (and run on torch's own OpenMP threads where torch has them: see normlab.kernels.threads)
 
 for _public in (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
                 LayerNorm, LayerNorm2d, Norm, RMSNorm, SyncBatchNorm, convert, normalize, use_path, FusedAddRMSNorm,
