@@ -130,10 +130,12 @@ def _prefetch_address(typingctx, array, index):
 
 @helper
 def prefetch(values):
-    """Ask for a contiguous 1-D array's cache lines ahead of use. A row kernel calls it on
-    the next row before working on the current one: the current row's passes run from
-    cache while the next row streams in (about 10% on a large layer norm). At most the
-    first 64 KB: a longer row does not stay in cache between passes anyway."""
+    """Ask for a contiguous 1-D array's cache lines ahead of use. The backward row kernels
+    call it on the next row before working on the current one, so that the next row
+    streams in while the current one's passes run from cache. At most the first 64 KB: a
+    longer row does not stay in cache between passes anyway. (The forward row kernels
+    no longer do: on a 2-core AMD EPYC the hardware prefetcher kept up alone, and the
+    prefetches cost 3-4% on layer norm 8192×4096 and 23% on RMS norm.)"""
     step = max(1, 64 // values.itemsize)
     for i in range(0, min(values.shape[0], 65536 // values.itemsize), step):
         _prefetch_address(values, i)

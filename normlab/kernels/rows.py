@@ -122,8 +122,6 @@ def row_forward32(x, x_layout, y, y_layout, n, weight, bias, param_row_stride, p
     for r in prange(rows):
         x_row = row_at(x, x_layout, r, n)
         y_row = row_at(y, y_layout, r, n)
-        if r + 1 < rows:
-            prefetch(row_at(x, x_layout, r + 1, n))
         if stats_given:
             m = mean[r]
             rs = rstd[r]
@@ -166,8 +164,6 @@ def row_forward(x, x_layout, y, y_layout, n, weight, bias, param_row_stride, par
     for r in prange(rows):
         x_row = row_at(x, x_layout, r, n)
         y_row = row_at(y, y_layout, r, n)
-        if r + 1 < rows:
-            prefetch(row_at(x, x_layout, r + 1, n))
         if not stats_given:
             row_mean, row_var, row_rstd = group_stats(x_row, rms, eps)
             mean[r] = row_mean
