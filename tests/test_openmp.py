@@ -78,6 +78,23 @@ def test_every_kind_of_argument_reaches_the_kernel_as_given():
     np.testing.assert_array_equal(rows, np.arange(300) * 0.25)  # every chunk ran once
 
 
+@kernel
+def _scalars(single, small, out):
+    for r in prange(out.shape[0]):
+        if r == 0:
+            out[0] = single * single  # float32 arithmetic if single comes back a float32
+            out[1] = small // np.int32(2)
+
+
+def test_scalars_come_back_with_their_own_type():
+    region = openmp.Regions(openmp.region_starter())
+    out = np.zeros(4)
+    third = np.float32(1 / 3)
+    assert region.run(_scalars.claimed, (third, np.int32(-7), out), _scalars.loops, 2)
+    assert out[0] == float(third * third) != float(np.float64(third) * np.float64(third))
+    assert out[1] == -4
+
+
 def test_a_non_contiguous_array_is_left_to_normlabs_own_pool(monkeypatch):
     region = openmp.Regions(openmp.region_starter())
     a = np.arange(24, dtype=np.float32).reshape(3, 8)[:, ::2]

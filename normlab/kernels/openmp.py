@@ -150,10 +150,8 @@ def type_code(numba_type) -> int:
         return _ARRAY | numpy_support.as_dtype(numba_type.dtype).num << 4 | numba_type.ndim << 12
     if isinstance(numba_type, types.Boolean):
         return _BOOL
-    if isinstance(numba_type, types.Integer):
-        return _INT
-    if isinstance(numba_type, types.Float):
-        return _FLOAT
+    if isinstance(numba_type, (types.Integer, types.Float)):  # the scalar's own type comes back
+        return (_FLOAT if isinstance(numba_type, types.Float) else _INT) | numpy_support.as_dtype(numba_type).num << 4
     if isinstance(numba_type, types.UniTuple) and isinstance(numba_type.dtype, types.Integer):
         return _TUPLE | numba_type.count << 4
     return 0
@@ -267,13 +265,13 @@ def _entry_source(codes: tuple[int, ...]) -> str:
             lines.append(f"    {name} = carray(_pointer(w[{at}], np.{dtype.type.__name__}), ({shape}))")
             at += 1 + ndim
         elif kind == _FLOAT:
-            lines.append(f"    {name} = _bits_float(w[{at}])")
+            lines.append(f"    {name} = np.{_DTYPES[value].type.__name__}(_bits_float(w[{at}]))")
             at += 1
         elif kind == _BOOL:
             lines.append(f"    {name} = w[{at}] != 0")
             at += 1
         elif kind == _INT:
-            lines.append(f"    {name} = w[{at}]")
+            lines.append(f"    {name} = np.{_DTYPES[value].type.__name__}(w[{at}])")
             at += 1
         else:
             lines.append(f"    {name} = (" + "".join(f"w[{at + j}], " for j in range(value)) + ")")
