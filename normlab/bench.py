@@ -269,6 +269,7 @@ class Row:
 
 ROUNDS = 3  # engines take turns this many times per case
 SETTLE_SECONDS = 0.02  # a pause after each engine's turn (see timed_rounds)
+ONNX_SETTLE_SECONDS = 0.15  # ONNX Runtime's workers spin 20-100 ms after a run
 
 
 def timed_rounds(calls: dict, repeats: int, announce=None) -> dict[str, list[float]]:
@@ -285,7 +286,8 @@ def timed_rounds(calls: dict, repeats: int, announce=None) -> dict[str, list[flo
             if call is not None:
                 call()
                 timed[engine].extend(seconds_of(call) for _ in range(count))
-                time.sleep(SETTLE_SECONDS)  # untimed: pools that spin after a call go quiet first
+                # untimed: pools that spin after a call go quiet first
+                time.sleep(ONNX_SETTLE_SECONDS if engine == "onnxruntime" else SETTLE_SECONDS)
     return timed
 
 

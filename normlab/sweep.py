@@ -26,6 +26,9 @@ ROUND_SECONDS = 0.04
 # Runtime's, PyTorch's OpenMP workers) go quiet before the next engine starts, so none
 # runs its calls on cores another engine's pool still holds
 SETTLE_SECONDS = 0.02
+# ONNX Runtime's workers spin 20-100 ms after a run (measured: a normlab or torch call
+# started within 20 ms of one ran 4-8x slower, after 100 ms at its own speed)
+ONNX_SETTLE_SECONDS = 0.15
 ROWS = (1, 64, 1024, 32768)
 FEATURES = (64, 1024, 8192, 65536)
 QUICK_ROWS = (1, 64, 1024)
@@ -177,7 +180,7 @@ def _time_cell(calls: dict) -> dict:
                 start = time.perf_counter()
                 call()
                 timed[name].append(time.perf_counter() - start)
-            time.sleep(SETTLE_SECONDS)
+            time.sleep(ONNX_SETTLE_SECONDS if name == "onnxruntime" else SETTLE_SECONDS)
     return {name: statistics.median(values) if values else None for name, values in timed.items()}
 
 
