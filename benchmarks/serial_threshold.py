@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import normlab.torch as nt  # threaded calls run on torch's OpenMP pool, where torch has one
+from normlab.bench import seconds_of
 from normlab.kernels import threads
 
 SIZES = range(14, 21)
@@ -53,12 +53,7 @@ def _cases(elements: int) -> dict:
 
 def _median(call, calls: int = 30) -> float:
     call()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds_of(call) for _ in range(calls))
 
 
 def measure(rounds: int) -> dict:

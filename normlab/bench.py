@@ -272,6 +272,13 @@ SETTLE_SECONDS = 0.02  # a pause after each engine's turn (see timed_rounds)
 ONNX_SETTLE_SECONDS = 0.15  # ONNX Runtime's workers spin 20-100 ms after a run
 
 
+def settle(engine: str) -> None:
+    """The untimed pause after an engine's turn: thread pools that spin after a call
+    (ONNX Runtime's workers spin 20-100 ms after a run, PyTorch's OpenMP workers less) go
+    quiet before the next engine starts, so none runs on cores another's pool still holds."""
+    time.sleep(ONNX_SETTLE_SECONDS if engine == "onnxruntime" else SETTLE_SECONDS)
+
+
 def timed_rounds(calls: dict, repeats: int, announce=None) -> dict[str, list[float]]:
     """``repeats`` timed calls of every engine in ``calls`` (None: left out), split into
     up to :data:`ROUNDS` rounds in which the engines take turns, each after a warm-up call
@@ -286,8 +293,7 @@ def timed_rounds(calls: dict, repeats: int, announce=None) -> dict[str, list[flo
             if call is not None:
                 call()
                 timed[engine].extend(seconds_of(call) for _ in range(count))
-                # untimed: pools that spin after a call go quiet first
-                time.sleep(ONNX_SETTLE_SECONDS if engine == "onnxruntime" else SETTLE_SECONDS)
+                settle(engine)
     return timed
 
 

@@ -19,16 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from normlab.bench import settle
+
 EPS = 1e-5
 ROUNDS = 5
 ROUND_SECONDS = 0.04
-# a pause after each engine's turn, untimed: thread pools that spin after a call (ONNX
-# Runtime's, PyTorch's OpenMP workers) go quiet before the next engine starts, so none
-# runs its calls on cores another engine's pool still holds
-SETTLE_SECONDS = 0.02
-# ONNX Runtime's workers spin 20-100 ms after a run (measured: a normlab or torch call
-# started within 20 ms of one ran 4-8x slower, after 100 ms at its own speed)
-ONNX_SETTLE_SECONDS = 0.15
 ROWS = (1, 64, 1024, 32768)
 FEATURES = (64, 1024, 8192, 65536)
 QUICK_ROWS = (1, 64, 1024)
@@ -180,7 +175,7 @@ def _time_cell(calls: dict) -> dict:
                 start = time.perf_counter()
                 call()
                 timed[name].append(time.perf_counter() - start)
-            time.sleep(ONNX_SETTLE_SECONDS if name == "onnxruntime" else SETTLE_SECONDS)
+            settle(name)  # untimed (see normlab.bench.settle)
     return {name: statistics.median(values) if values else None for name, values in timed.items()}
 
 

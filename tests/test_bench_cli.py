@@ -95,8 +95,8 @@ def test_bench_sweep_prints_ratio_tables_and_saves_heatmaps(tmp_path, monkeypatc
     monkeypatch.setattr(sweep, "QUICK_ROWS", (4,))
     monkeypatch.setattr(sweep, "QUICK_FEATURES", (64,))
     monkeypatch.setattr(sweep, "ROUND_SECONDS", 0.0)
-    monkeypatch.setattr(sweep, "SETTLE_SECONDS", 0.0)
-    monkeypatch.setattr(sweep, "ONNX_SETTLE_SECONDS", 0.0)
+    monkeypatch.setattr(bench, "SETTLE_SECONDS", 0.0)
+    monkeypatch.setattr(bench, "ONNX_SETTLE_SECONDS", 0.0)
     cells = sweep.measure(quick=True, compile=False, norms=("layer", "batch eval"))
     assert {(c.norm, c.mode) for c in cells} == {("layer", "fwd"), ("layer", "fwd+bwd"), ("batch eval", "fwd")}
     assert all(c.seconds["normlab"] > 0 and c.seconds["eager"] > 0 for c in cells)

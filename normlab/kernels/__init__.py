@@ -424,13 +424,11 @@ class FastForward:
         stats = np.empty((3, rows)) if return_stats else self.scratch
         plain = strided.PLAIN_ROWS
         if x.dtype == self.dtype and x.flags.c_contiguous:  # the common case, without row_layout's checks
-            arguments = (x.reshape(shape), plain, y, plain, n, weight_table, bias_table, self.param_row_stride,
-                         self.param_inner, self.rms, eps, False, *stats)
-        else:
-            # a strided x is read where it lies when its rows allow (row_layout), else copied
+            x_rows, y_rows = (x.reshape(shape), plain), (y, plain)
+        else:  # a strided x is read where it lies when its rows allow (row_layout), else copied
             x_rows, y_rows = strided.one_kind(self.rows_of(x), (y, plain))
-            arguments = (*x_rows, *y_rows, n, weight_table, bias_table, self.param_row_stride, self.param_inner,
-                         self.rms, eps, False, *stats)
+        arguments = (*x_rows, *y_rows, n, weight_table, bias_table, self.param_row_stride, self.param_inner,
+                     self.rms, eps, False, *stats)
         if rows * n < threads.serial_below(row_forward=True):
             self.kernel.serial(*arguments)
         else:

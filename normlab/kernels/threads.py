@@ -163,15 +163,15 @@ def share_torch_pool(share: bool = True) -> None:
     _looked_up = _regions is not None
 
 
-def _torch_regions():
-    """torch's pool, looked up once: where torch is imported, in a process that is no
+def _current_regions():
+    """torch's pool where normlab's threaded calls use it, else None; looked up once: where torch is imported, in a process that is no
     forked or ``multiprocessing`` child (torch's OpenMP threads are not in a forked child,
     and a region there would wait for them forever; torch's own threaded ops hang there)."""
     global _regions, _looked_up
     if _looked_up or _share_torch_pool is False or "torch" not in sys.modules:
         return _regions
     _looked_up = True
-    if _forked or _forked_from_openmp or _in_child_process():
+    if _forked or _in_child_process():
         return None
     from normlab.kernels import openmp
 
@@ -195,7 +195,7 @@ def serial_below(row_forward: bool = False) -> int:
     ``benchmarks/serial_threshold.py``). Starting an OpenMP region on torch's pool, whose
     workers spin between ops, costs far less than waking normlab's sleeping workers, and
     there a row norm's forward (one pass, no parameter sums) pays from half the size."""
-    regions = _regions if _regions is not None else _torch_regions()
+    regions = _current_regions()
     if regions is None:
         return POOL_SERIAL_BELOW
     return REGION_SERIAL_BELOW // 2 if row_forward else REGION_SERIAL_BELOW
@@ -207,7 +207,7 @@ def run(claimed, serial, args: tuple, loops: int, count: int):
     if not parallel_lock.acquire(blocking=False):
         return serial(*args)
     try:
-        regions = _regions if _regions is not None else _torch_regions()
+        regions = _current_regions()
         if regions is not None and regions.run(claimed, args, loops, count):
             return None
         return _pool.run(claimed, args, loops, count)
@@ -293,7 +293,7 @@ def describe() -> str:
     """``"2 (normlab pool)"``: threads per call, and who runs them."""
     if numba_layer is not None:
         return f"{for_call()} (numba {numba_layer})"
-    regions = _regions if _regions is not None else _torch_regions()
+    regions = _current_regions()
     return f"{for_call()} ({'torch OpenMP pool' if regions is not None else 'normlab pool'})"
 
 
