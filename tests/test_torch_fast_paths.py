@@ -184,3 +184,58 @@ def test_a_write_through_data_is_seen_where_the_parameter_layout_is_a_copy(grad)
         twin.weight.data[0, 1] = 7.0
         twin.bias.data[2, 0] = -3.0
         torch.testing.assert_close(twin(x), expected())
+
+
+_BUILT_IN_INFERENCE_MODE = [
+    ("LayerNorm", (8,), (4, 3, 8)),
+    ("RMSNorm", (8,), (4, 3, 8)),
+    ("GroupNorm", (2, 8), (4, 8, 3)),
+    ("BatchNorm1d", (8,), (4, 8, 3)),
+    ("BatchNorm2d", (8,), (4, 8, 3, 2)),
+    ("InstanceNorm1d", (8,), (4, 8, 3)),
+]
+
+
+def _call_in(mode: str, module, x):
+    if mode == "inference_mode":
+        with torch.inference_mode():
+            return module(x)
+    if mode == "no_grad":
+        with torch.no_grad():
+            return module(x)
+    x = x.clone().requires_grad_()
+    y = module(x)
+    y.sum().backward()
+    return y, x.grad
+
+
+def _outcome(call):
+    try:
+        return call()
+    except Exception as error:  # the oracle's exception type is the expected one
+        return type(error)
+
+
+@pytest.mark.parametrize("cls_name, args, shape", _BUILT_IN_INFERENCE_MODE)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "grad"])
+def test_a_twin_built_inside_inference_mode_behaves_as_torch_nn(cls_name, args, shape, training, mode):
+    """Parameters made inside ``torch.inference_mode`` are inference tensors, without a
+    version counter: the cached parameter tables must not ask for one, and running
+    statistics of inference tensors must not be written through NumPy outside inference
+    mode, where torch raises. Oracle: torch.nn built the same way, its output or its
+    exception type."""
+    kwargs = {"affine": True, "track_running_stats": True} if cls_name == "InstanceNorm1d" else {}
+    with torch.inference_mode():
+        reference = getattr(torch.nn, cls_name)(*args, **kwargs).train(training)
+        twin = getattr(nt, cls_name)(*args, **kwargs).train(training)
+        twin.load_state_dict(reference.state_dict())
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    expected = _outcome(lambda: _call_in(mode, reference, x))
+    actual = _outcome(lambda: _call_in(mode, twin, x))
+    if isinstance(expected, type):
+        assert actual is expected
+    else:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+        for name, buffer in reference.named_buffers():
+            torch.testing.assert_close(twin.get_buffer(name), buffer)

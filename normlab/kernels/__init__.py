@@ -439,6 +439,26 @@ class FastForward:
         mean = None if self.rms else stats[0].reshape(self.stats_shape)
         return y, mean, stats[2].reshape(self.stats_shape)
 
+    def contiguous_runner(self):
+        """:meth:`run` for a C-contiguous ``x`` of the kernel's dtype, without statistics,
+        as a function with every attribute bound once (a module's call without gradients
+        takes it: its per-call Python is most of a small input's time)."""
+        rows, n = shape = self.shape
+        dtype, out_shape, plain = self.dtype, self.out_shape, strided.PLAIN_ROWS
+        kernel, serial_kernel = self.kernel, self.kernel.serial
+        params_and_flags = (self.param_row_stride, self.param_inner, self.rms)
+        scratch, size, recycled = self.scratch, rows * n, self.nbytes >= pool.MIN_BYTES
+        serial_below, empty, empty_recycled = threads.serial_below, np.empty, pool.empty
+
+        def run(x, weight_table, bias_table, eps: float):
+            y = empty_recycled(shape, dtype) if recycled else empty(shape, dtype)
+            (serial_kernel if size < serial_below(True) else kernel)(
+                x.reshape(shape), plain, y, plain, n, weight_table, bias_table, *params_and_flags, eps, False,
+                *scratch)
+            return y.reshape(out_shape)
+
+        return run
+
     def rows_of(self, array: np.ndarray) -> tuple:
         """``array`` (of the input's shape) as the row kernels take it: read where it lies
         when :func:`row_layout` finds its rows, else copied."""

@@ -122,6 +122,8 @@ def _running(module):
     cannot be updated through NumPy (the full path updates them)."""
     buffers = module._buffers
     mean, var = buffers.get("running_mean"), buffers.get("running_var")
+    if mean is not None and mean.is_inference() and not torch.is_inference_mode_enabled():
+        return False  # built inside inference_mode: torch's in-place update raises its own error outside it
     cached = module.__dict__.get("_normlab_running")
     if (cached is not None and cached[0] is mean and cached[1] is var and cached[4] == mean.data_ptr()
             and cached[5] == var.data_ptr()):

@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 from normlab import kernels
 from normlab.errors import InputError
@@ -155,13 +156,19 @@ def _fast_rows(module, x: Tensor, eps: float, with_bias: bool = True) -> Optiona
     (:mod:`normlab.torch.row_autograd`). None where the full path must run (other dtypes,
     devices or paths, compilation, transforms, permuted layouts such as channels_last,
     whose output keeps its layout there); a strided view such as a slice of a packed
-    projection stays here, and the kernels read it where it lies."""
-    if type(x) is not Tensor or _PathSwitch.path != "auto" or not x.is_cpu or _needs_torch_ops(x):
+    projection stays here, and the kernels read it where it lies. Its Python is most of a
+    small input's time, hence the inlined checks (those of ``_needs_torch_ops``)."""
+    if (type(x) is not Tensor or _PathSwitch.path != "auto" or not x.is_cpu or torch.jit.is_tracing()
+            or torch.compiler.is_compiling() or _functorch_active() or forward_ad._current_level >= 0):
         return None
     # the module's weight and bias, read where nn.Module keeps them (its __getattr__ is slow)
     params = module._parameters
-    weight = params["weight"] if "weight" in params else getattr(module, "weight", None)
-    bias = (params["bias"] if "bias" in params else getattr(module, "bias", None)) if with_bias else None
+    weight = params.get("weight", _ABSENT)
+    if weight is _ABSENT:
+        weight = getattr(module, "weight", None)
+    bias = params.get("bias", _ABSENT) if with_bias else None
+    if bias is _ABSENT:
+        bias = getattr(module, "bias", None)
     grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad))
     calls = module.__dict__.get("_normlab_fast")
@@ -174,9 +181,15 @@ def _fast_rows(module, x: Tensor, eps: float, with_bias: bool = True) -> Optiona
         if len(calls) >= 64:
             calls.clear()
         call = calls[key] = _build_grad_rows(module._spec, x, weight, bias) if grad else _FastRows.build(module._spec, x)
-    if call is None or not (x.is_contiguous() or _has_gaps(x)) or not 0.0 <= eps < math.inf:
+    if call is None or not 0.0 <= eps < math.inf:
         return None
-    return call(x, weight, bias, eps)
+    if x.is_contiguous():
+        return call(x, weight, bias, eps) if grad else call.contiguous(x, weight, bias, eps)
+    return call(x, weight, bias, eps) if _has_gaps(x) else None
+
+
+_ABSENT = object()
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def _build_grad_rows(spec: Spec, x: Tensor, weight, bias):
@@ -196,11 +209,12 @@ class _FastRows:
     """One input shape's forward: the kernel's :class:`~normlab.kernels.FastForward` and
     the parameter tables of the last call (:class:`normlab.torch.row_autograd.ParamTables`)."""
 
-    __slots__ = ("forward", "params")
+    __slots__ = ("forward", "params", "runner")
 
     def __init__(self, forward):
         self.forward = forward
         self.params = row_autograd.ParamTables(forward, same_dtype=True)
+        self.runner = forward.contiguous_runner()
 
     @classmethod
     def build(cls, spec: Spec, x: Tensor) -> Optional["_FastRows"]:
@@ -219,6 +233,13 @@ class _FastRows:
             return None
         y = self.forward.run(x.numpy() if not x.requires_grad else x.detach().numpy(), *tables, eps)
         return torch.from_numpy(y)
+
+    def contiguous(self, x: Tensor, weight, bias, eps: float) -> Optional[Tensor]:
+        """:meth:`__call__` for a contiguous ``x`` (of the dtype it was built for)."""
+        tables = self.params.of(weight, bias)
+        if tables is None:
+            return None
+        return torch.from_numpy(self.runner(x.numpy() if not x.requires_grad else x.detach().numpy(), *tables, eps))
 
 
 _NUMPY_OF = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
@@ -243,7 +264,9 @@ def _average_factor(module) -> float:
     factor = 0.0 if module.momentum is None else module.momentum
     tracked = module._buffers.get("num_batches_tracked")
     if module.training and module.track_running_stats and tracked is not None:
-        if type(tracked) is Tensor and tracked.device.type == "cpu" and not tracked.requires_grad:
+        if (type(tracked) is Tensor and tracked.device.type == "cpu" and not tracked.requires_grad
+                and (torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
+                     or not tracked.is_inference())):  # (built in inference_mode: add_ raises torch's error)
             counter = tracked.numpy()
             counter += 1  # in place, through NumPy: a third of add_'s cost
             torch.autograd.graph.increment_version(tracked)

@@ -66,8 +66,10 @@ class ParamTables:
         """The ``(weight, bias)`` tables for these parameters, or None."""
         held = self.held
         if (held is None or weight is not held[0] or bias is not held[3]
-                or (weight is not None and (weight.data_ptr() != held[1] or weight._version != held[2]))
-                or (bias is not None and (bias.data_ptr() != held[4] or bias._version != held[5]))):
+                or (weight is not None and (weight.data_ptr() != held[1]
+                                            or (held[2] is not None and weight._version != held[2])))
+                or (bias is not None and (bias.data_ptr() != held[4]
+                                          or (held[5] is not None and bias._version != held[5])))):
             self._prepare(weight, bias)
         return self.tables
 
@@ -79,9 +81,15 @@ class ParamTables:
         arrays = (None if weight is None else weight.detach().numpy(), None if bias is None else bias.detach().numpy())
         self.tables = self.forward.tables(*arrays)
         if self.tables is not None and self.forward.tables_are_views(self.tables, *arrays):
-            self.held = (weight, None if weight is None else weight.data_ptr(),
-                         None if weight is None else weight._version,
-                         bias, None if bias is None else bias.data_ptr(), None if bias is None else bias._version)
+            self.held = (weight, None if weight is None else weight.data_ptr(), _version_of(weight),
+                         bias, None if bias is None else bias.data_ptr(), _version_of(bias))
+
+
+def _version_of(param):
+    """``param._version``; None for an inference tensor (a module built inside
+    ``torch.inference_mode``), which has no version counter. Its tables then read its
+    memory (a write in place shows through them), and a new storage moves its data_ptr."""
+    return None if param is None or param.is_inference() else param._version
 
 
 _TORCH_OF = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
