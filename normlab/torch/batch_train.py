@@ -71,10 +71,35 @@ def _plan_call(x: Tensor) -> Optional[TrainCall]:
     return None
 
 
+class ModuleCache(dict):
+    """What a module keeps between calls in its ``__dict__``: compiled calls, parameter
+    tables, NumPy views of its buffers, all tied to this process and these tensors. It
+    pickles and deep-copies as an empty cache, so that ``torch.save(model)`` and
+    ``copy.deepcopy(model)`` work after a call (a compiled kernel does not pickle), and the
+    loaded or copied module builds its own.
+
+    >>> import pickle
+    >>> cache = ModuleCache(key=object())
+    >>> pickle.loads(pickle.dumps(cache))
+    {}
+    """
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return ModuleCache, ()
+
+
+def module_cache(module, name: str) -> ModuleCache:
+    """The module's cache called ``name``, made on first use."""
+    cache = module.__dict__.get(name)
+    if cache is None:
+        cache = module.__dict__[name] = ModuleCache()
+    return cache
+
+
 def _call_for(module, x: Tensor) -> Optional[TrainCall]:
-    calls = module.__dict__.get("_normlab_train")
-    if calls is None:
-        calls = module.__dict__["_normlab_train"] = {}
+    calls = module_cache(module, "_normlab_train")
     key = (x.shape, x.stride(), x.dtype)
     call = calls.get(key, False)
     if call is False:
@@ -124,7 +149,8 @@ def _running(module):
     mean, var = buffers.get("running_mean"), buffers.get("running_var")
     if mean is not None and mean.is_inference() and not torch.is_inference_mode_enabled():
         return False  # built inside inference_mode: torch's in-place update raises its own error outside it
-    cached = module.__dict__.get("_normlab_running")
+    caches = module_cache(module, "_normlab_train")
+    cached = caches.get("running")
     if (cached is not None and cached[0] is mean and cached[1] is var and cached[4] == mean.data_ptr()
             and cached[5] == var.data_ptr()):
         return cached
@@ -132,7 +158,7 @@ def _running(module):
                and t.is_contiguous() and not t.requires_grad for t in (mean, var)):
         return False
     running = (mean, var, mean.numpy(), var.numpy(), mean.data_ptr(), var.data_ptr())
-    module.__dict__["_normlab_running"] = running
+    caches["running"] = running
     return running
 
 

@@ -173,7 +173,7 @@ def _fast_rows(module, x: Tensor, eps: float, with_bias: bool = True) -> Optiona
                                         or (bias is not None and bias.requires_grad))
     calls = module.__dict__.get("_normlab_fast")
     if calls is None:
-        calls = module.__dict__["_normlab_fast"] = {}
+        calls = batch_train.module_cache(module, "_normlab_fast")
     key = (x.shape, x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype) if grad \
         else (x.shape, x.dtype)
     call = calls.get(key, False)

@@ -1,0 +1,87 @@
+"""Whole converted models are saved, loaded and copied as torch.nn models are:
+``torch.save(model)`` / ``torch.load`` and ``copy.deepcopy`` after the model has run,
+when the twins hold compiled calls and NumPy views between calls. Oracle: the torch.nn
+modules with the same state, run on the same inputs (outputs, gradients and running
+statistics)."""
+
+import copy
+import io
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("numba")
+
+import normlab.torch as nt  # noqa: E402
+
+_MODELS = {
+    "LayerNorm": lambda: torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)),
+    "RMSNorm": lambda: torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.RMSNorm(8)),
+    "GroupNorm": lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.GroupNorm(2, 8)),
+    "BatchNorm2d": lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.BatchNorm2d(8)),
+    "InstanceNorm2d": lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1),
+                                                  torch.nn.InstanceNorm2d(8, affine=True, track_running_stats=True)),
+}
+
+
+def _input(name):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(4, 5, 8, generator=g) if name in ("LayerNorm", "RMSNorm") \
+        else torch.randn(4, 3, 5, 5, generator=g) * 2 + 1
+
+
+def _step(model, x):
+    """A training step's forward and backward, and a call without gradients."""
+    model.train()
+    model(x.clone().requires_grad_()).sum().backward()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def _save_and_load(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("name", sorted(_MODELS))
+@pytest.mark.parametrize("how", ["torch.save", "copy.deepcopy"])
+def test_a_converted_model_that_has_run_saves_loads_and_trains_on_as_torch_nn(name, how):
+    torch.manual_seed(0)
+    reference = _MODELS[name]()
+    model = nt.convert(copy.deepcopy(reference))
+    x = _input(name)
+    _step(reference, x)
+    _step(model, x)  # the twins now hold their caches
+    again = _save_and_load(model) if how == "torch.save" else copy.deepcopy(model)
+    reference_again = _save_and_load(reference) if how == "torch.save" else copy.deepcopy(reference)
+    expected, actual = _step(reference_again, x), _step(again, x)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    for (key, value), (_, expected_value) in zip(again.state_dict().items(), reference_again.state_dict().items()):
+        torch.testing.assert_close(value, expected_value, rtol=1e-5, atol=1e-6, msg=key)
+    for param, expected_param in zip(again.parameters(), reference_again.parameters()):
+        torch.testing.assert_close(param.grad, expected_param.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("build, inputs", [
+    (lambda: nt.FusedAddRMSNorm(8), lambda g: (torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g))),
+    (lambda: nt.GatedRMSNorm(8, group_size=4),
+     lambda g: (torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g))),
+    (lambda: nt.Norm("b t [d]", params="d", d=8), lambda g: (torch.randn(2, 3, 8, generator=g),)),
+])
+def test_normlabs_own_modules_save_and_load_after_running(build, inputs):
+    """No torch.nn class to compare with: the loaded module must give the saved one's
+    output, whose own correctness the other tests check."""
+    module = build()
+    args = inputs(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        module(*args)
+    out = module(*[a.clone().requires_grad_() for a in args])
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    loaded = _save_and_load(module)
+    expected, actual = module(*args), loaded(*args)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
