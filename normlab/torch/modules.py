@@ -163,6 +163,9 @@ class LayerNorm(_Twin, nn.LayerNorm):
         return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
 
 
+_MACHINE_EPS = {dtype: torch.finfo(dtype).eps for dtype in (torch.float32, torch.float64)}  # RMSNorm's eps=None
+
+
 def _trailing_spec(normalized_shape, rms: bool) -> Spec:
     names = [f"n{i}" for i in range(len(normalized_shape))]
     # a zero size (torch takes it; only empty inputs fit) is left for the plan to read off the input
@@ -229,17 +232,14 @@ class RMSNorm(_Twin, nn.RMSNorm):
     def _normlab_forward(self, x: Tensor) -> Tensor:
         casting = getattr(self, "casting", None)  # absent on modules pickled before it existed
         offset = getattr(self, "weight_offset", 0.0)
-        if casting is None and not offset and self.eps is not None:
-            y = _fast_rows(self, x, self.eps, with_bias=False)  # (a shape that does not fit: None)
+        eps = self.eps if self.eps is not None else _MACHINE_EPS.get(x.dtype)  # (torch.finfo costs a microsecond)
+        if casting is None and not offset and eps is not None:
+            y = _fast_rows(self, x, eps, with_bias=False)  # (a shape that does not fit: None)
             if y is not None:
                 return y
         if not _trailing_fits(x, self.normalized_shape):
             return nn.RMSNorm.forward(self, x)  # torch raises its own error
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
-        if casting is None and not offset:
-            y = _fast_rows(self, x, eps, with_bias=False)
-            if y is not None:
-                return y
         path = _choose_path(x, has_native=True)
         if path == "native" and torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
             path = "composite"  # the TorchScript ONNX exporter has no aten::rms_norm: plain ONNX ops
