@@ -98,6 +98,20 @@ def module_cache(module, name: str) -> ModuleCache:
     return cache
 
 
+_ABSENT = object()
+
+
+def affine_parameters(module) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The module's ``(weight, bias)``, read where nn.Module keeps them (its ``__getattr__``
+    costs a microsecond a name), or through the attribute where a parametrization
+    (``torch.nn.utils.parametrize``) has replaced the Parameter by a computed property."""
+    parameters = module._parameters
+    weight, bias = parameters.get("weight", _ABSENT), parameters.get("bias", _ABSENT)
+    if weight is _ABSENT or bias is _ABSENT:
+        return module.weight, module.bias
+    return weight, bias
+
+
 def _call_for(module, x: Tensor) -> Optional[TrainCall]:
     calls = module_cache(module, "_normlab_train")
     key = (x.shape, x.stride(), x.dtype)
@@ -121,8 +135,7 @@ def forward(module, x: Tensor, factor: float) -> Optional[Tensor]:
     parameters or running statistics of another dtype."""
     if type(x) is not Tensor or x.dtype not in _NUMPY_OF or torch.compiler.is_compiling():
         return None  # (the caller chose the kernel path: a CPU tensor, no tracing or transforms)
-    parameters = module._parameters  # (nn.Module.__getattr__ costs a microsecond a name)
-    weight, bias = parameters.get("weight"), parameters.get("bias")
+    weight, bias = affine_parameters(module)
     if not (_fits(weight, x.dtype) and _fits(bias, x.dtype)):
         return None
     running = _running(module) if _tracks(module) else None

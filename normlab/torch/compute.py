@@ -340,12 +340,12 @@ def _small_eval(module, x: Tensor) -> Optional[Tensor]:
     """Evaluation below the crossover, where torch's own op is faster: straight to
     ``F.batch_norm`` with the module's buffers and parameters read where nn.Module keeps
     them (its ``__getattr__`` is slow), or None for the full path."""
-    buffers, params = module._buffers, module._parameters
+    buffers = module._buffers
     mean, var = buffers.get("running_mean"), buffers.get("running_var")
     if (mean is None or var is None or x.dim() < 2 or x.shape[1] != module.num_features
             or not 0.0 < module.eps < math.inf or x.numel() * x.element_size() >= EVAL_NATIVE_BELOW_BYTES):
         return None
-    return torch.nn.functional.batch_norm(x, mean, var, params.get("weight"), params.get("bias"), False, 0.0,
+    return torch.nn.functional.batch_norm(x, mean, var, *batch_train.affine_parameters(module), False, 0.0,
                                           module.eps)
 
 
