@@ -24,6 +24,7 @@ from torch import Tensor
 
 from normlab import kernels
 from normlab.kernels import pool
+from normlab.torch.ops import _grads_of, _needs_torch_backward
 
 _NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64}
 _MAX_CALLS = 64  # shapes remembered per module
@@ -224,7 +225,7 @@ class _TrainFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, bias = ctx.saved_tensors
-        if torch.is_grad_enabled():
+        if _needs_torch_backward(grad_y):
             grads = _differentiable_backward(ctx, grad_y, x, weight, bias)
         else:
             grad_x, grad_weight, grad_bias = _run_backward(ctx.module, ctx.call, grad_y, x, weight, ctx.eps,
@@ -238,17 +239,11 @@ class _TrainFunction(torch.autograd.Function):
 
 
 def _differentiable_backward(ctx, grad_y, x, weight, bias):
-    """create_graph=True (a gradient penalty, gradgradcheck): the gradient as torch's
-    autograd of the composite forward (the same math in torch operations), recomputed
-    from the saved inputs, so that it carries a graph and a second derivative is exact."""
+    """The gradient as torch's autograd of the composite forward (the same math in torch
+    operations), where the kernels cannot take the backward pass (create_graph=True,
+    batched gradients: :func:`normlab.torch.ops._needs_torch_backward`)."""
     from normlab.torch.compute import _composite_normalize  # compute imports this module
 
-    inputs = (x, weight, bias)
-    wanted = [i for i in range(3) if inputs[i] is not None and ctx.needs_input_grad[i]]
-    grads = [None, None, None]
-    if wanted:
-        y = _composite_normalize(x, weight, bias, ctx.module._spec, ctx.eps)[0]
-        found = torch.autograd.grad(y, [inputs[i] for i in wanted], grad_y, create_graph=True, allow_unused=True)
-        for i, grad in zip(wanted, found):
-            grads[i] = torch.zeros_like(inputs[i]) if grad is None else grad
-    return tuple(grads)
+    spec, eps = ctx.module._spec, ctx.eps
+    return tuple(_grads_of(lambda *inputs: _composite_normalize(*inputs, spec, eps)[0], (x, weight, bias),
+                           ctx.needs_input_grad, grad_y))

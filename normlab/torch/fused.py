@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from normlab import fused
 from normlab.plan import make_plan
 from normlab.torch import casting as recipes
+from normlab.torch.ops import _grads_of, _needs_torch_backward
+from normlab.torch.paths import _needs_torch_ops
 
 __all__ = ["CASTINGS", "fused_normalize", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm"]
 
@@ -88,7 +90,7 @@ class _FusedFunction(torch.autograd.Function):
         ctx.block = block
         ctx.has = tuple(t is not None for t in (residual, gate, weight, bias, scale, shift))
         ctx.save_for_backward(total, gate, weight, bias, scale, shift, _tensor(rstd),
-                              _tensor(mean) if mean is not None else None)
+                              _tensor(mean) if mean is not None else None, x, residual)
         y = _tensor(y)
         if residual is not None:
             return y, total
@@ -96,8 +98,10 @@ class _FusedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_total=None):
-        total, gate, weight, bias, scale, shift, rstd, mean = ctx.saved_tensors
+        total, gate, weight, bias, scale, shift, rstd, mean, x, residual = ctx.saved_tensors
         block = ctx.block
+        if _needs_torch_backward(grad_y):
+            return _composite_backward(block, (x, residual, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
         has_residual, _, _, has_bias, _, _ = ctx.has
         grads = fused.normalize_backward(
             grad_y.numpy(), total.numpy(), block.pattern, weight=_numpy(weight), bias=_numpy(bias),
@@ -109,10 +113,20 @@ class _FusedFunction(torch.autograd.Function):
                 _tensor(grads.bias) if has_bias else None, _tensor(grads.scale), _tensor(grads.shift), None)
 
 
+def _composite_backward(block: Block, inputs: tuple, ctx, grad_y, grad_total) -> tuple:
+    """The gradients by torch's autograd of :func:`_composite`, where the kernels cannot
+    take the backward pass (create_graph=True, batched gradients)."""
+    residual = inputs[1]
+    grads = _grads_of(lambda *tensors: _composite(*tensors, block), inputs, ctx.needs_input_grad,
+                      (grad_y, grad_total) if residual is not None else grad_y)
+    return (*grads, None)
+
+
 def _use_kernels(*tensors) -> bool:
     present = [t for t in tensors if t is not None]
     return (all(t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES for t in present)
-            and len({t.dtype for t in present[:3]}) == 1 and not torch.compiler.is_compiling())
+            and len({t.dtype for t in present[:3]}) == 1 and not torch.compiler.is_compiling()
+            and not _needs_torch_ops(tensors[0]))  # (functorch transforms, forward-mode AD: torch operations)
 
 
 _ACTIVATIONS = {"silu": torch.nn.functional.silu, "sigmoid": torch.sigmoid, "gelu": torch.nn.functional.gelu}
@@ -259,6 +273,9 @@ class _CachedFusedFunction(torch.autograd.Function):
     def backward(ctx, grad_y, grad_total=None):
         x, residual, gate, weight, bias, scale, shift = ctx.saved_tensors
         call = ctx.call
+        if _needs_torch_backward(grad_y):
+            return _composite_backward(call.block, (x, residual, gate, weight, bias, scale, shift), ctx, grad_y,
+                                       grad_total)
         mean, rstd = ctx.stats
         need_params = weight is not None or bias is not None
         need_mod = scale is not None or shift is not None

@@ -99,9 +99,7 @@ def _normalize_setup_context(ctx, inputs, output):
 def _normalize_autograd(ctx, grad_y, _grad_mean, _grad_rstd, backward=_normalize_backward_op):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     pattern, params, sizes, eps, rms = ctx.arguments
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # create_graph=True (a gradient penalty, gradgradcheck): the gradient must itself be
-        # differentiable, so take it through the same math in torch operations
+    if _needs_torch_backward(grad_y) and not torch.compiler.is_compiling():
         return _differentiable_backward(ctx, grad_y, x, weight, bias)
     grad_x, grad_w, grad_b = backward(grad_y, x, weight, mean, rstd, pattern, params, sizes, eps, rms,
                                       ctx.has_bias)
@@ -116,21 +114,46 @@ def _spec_of(pattern: str, params: Optional[str], sizes: str, rms: bool):
     return Spec.build(pattern, params, rms, **_sizes_dict(sizes))
 
 
+def _needs_torch_backward(grad_y: Tensor) -> bool:
+    """True where a backward pass must run in torch operations, not the NumPy kernels:
+    under ``create_graph=True`` (a gradient penalty, gradgradcheck, a hessian) the gradient
+    must itself be differentiable; and a batched gradient has no memory NumPy can read:
+    ``torch.autograd.grad(..., is_grads_batched=True)`` (the vectorized jacobian and hessian
+    of ``torch.autograd.functional``) and ``torch.func.vmap`` over a backward pass."""
+    return (torch.is_grad_enabled() or _functorch_active()
+            or torch._C._functorch.is_legacy_batchedtensor(grad_y))
+
+
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def _grads_of(forward, inputs, needs_input_grad, grad_outputs) -> list:
+    """The gradients of ``forward(*inputs)`` (torch operations) by torch's autograd, for
+    the inputs that need one (zeros where unused, None elsewhere): recomputed from the saved
+    inputs, so that under ``create_graph=True`` the result carries a graph and a second
+    derivative is exact."""
+    wanted = [i for i, t in enumerate(inputs) if t is not None and needs_input_grad[i]]
+    grads = [None] * len(inputs)
+    if wanted:
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():  # (off in a first-order backward with batched gradients)
+            outputs = forward(*inputs)
+        found = torch.autograd.grad(outputs, [inputs[i] for i in wanted], grad_outputs, create_graph=create_graph,
+                                    allow_unused=True)
+        for i, grad in zip(wanted, found):
+            grads[i] = torch.zeros_like(inputs[i]) if grad is None else grad
+    return grads
+
+
 def _differentiable_backward(ctx, grad_y, x, weight, bias):
     """The backward pass as torch's autograd of the composite forward (the engine's math in
-    torch operations), recomputed from the saved inputs: its result carries a graph, so a
-    second derivative (in x, the parameters and grad_y) is exact."""
+    torch operations); see :func:`_needs_torch_backward` for where it runs."""
     from normlab.torch.compute import _composite_normalize  # compute imports this module
 
     pattern, params, sizes, eps, rms = ctx.arguments
-    inputs = (x, weight, bias)
-    wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
-    grads = [None, None, None]
-    if wanted:
-        y = _composite_normalize(x, weight, bias, _spec_of(pattern, params, sizes, rms), eps)[0]
-        found = torch.autograd.grad(y, [inputs[i] for i in wanted], grad_y, create_graph=True, allow_unused=True)
-        for i, grad in zip(wanted, found):
-            grads[i] = torch.zeros_like(inputs[i]) if grad is None else grad
+    spec = _spec_of(pattern, params, sizes, rms)
+    grads = _grads_of(lambda *inputs: _composite_normalize(*inputs, spec, eps)[0], (x, weight, bias),
+                      ctx.needs_input_grad, grad_y)
     return (*grads, None, None, None, None, None)
 
 

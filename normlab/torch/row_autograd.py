@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from normlab.torch.ops import _differentiable_backward
+from normlab.torch.ops import _differentiable_backward, _needs_torch_backward
 
 _EAGER_PARAMS = (type(None), Tensor, nn.Parameter)
 
@@ -113,8 +113,7 @@ class _RowFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, bias = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # create_graph=True: the gradient must itself be differentiable
+        if _needs_torch_backward(grad_y):  # create_graph=True, or batched gradients
             return (*_differentiable_backward(ctx, grad_y, x, weight, bias)[:3], None, None)
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         call, x_array, weight_table, mean, rstd = ctx.kernel_inputs
