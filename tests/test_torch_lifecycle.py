@@ -82,3 +82,77 @@ def test_a_parametrized_weight_is_the_one_the_twin_normalizes_with(name, factory
     with torch.no_grad():
         torch.testing.assert_close(twin(x), original(x), **TOLERANCE)
     assert_same_state(twin, original)
+
+
+def _set_weight(module):
+    module.weight = nn.Parameter(torch.linspace(0.5, 2.0, module.weight.numel()).reshape(module.weight.shape))
+
+
+def _write_weight_data(module):
+    module.weight.data = torch.linspace(2.0, 0.5, module.weight.numel()).reshape(module.weight.shape)
+
+
+def _write_running_mean_data(module):
+    module.running_mean.data = torch.linspace(-1.0, 1.0, module.running_mean.numel())
+
+
+def _set_running_none(module):
+    module.running_mean = module.running_var = None
+
+
+# changes users make to a module that has already run: (id, change, applies to the module)
+CHANGES = [
+    ("reset_parameters", lambda m: m.reset_parameters(), lambda m: True),
+    ("reset_running_stats", lambda m: m.reset_running_stats(), lambda m: hasattr(m, "reset_running_stats")),
+    ("eps", lambda m: setattr(m, "eps", 0.5), lambda m: True),
+    ("momentum", lambda m: setattr(m, "momentum", 0.5), lambda m: hasattr(m, "momentum")),
+    ("momentum_none", lambda m: setattr(m, "momentum", None), lambda m: hasattr(m, "momentum")),
+    ("new_weight", _set_weight, lambda m: getattr(m, "weight", None) is not None),
+    ("weight_data", _write_weight_data, lambda m: getattr(m, "weight", None) is not None),
+    ("no_bias", lambda m: setattr(m, "bias", None), lambda m: getattr(m, "bias", None) is not None),
+    ("running_mean_data", _write_running_mean_data, lambda m: getattr(m, "running_mean", None) is not None),
+    ("track_running_stats_off", lambda m: setattr(m, "track_running_stats", False),
+     lambda m: getattr(m, "running_mean", None) is not None),
+    ("running_stats_none", _set_running_none, lambda m: getattr(m, "running_mean", None) is not None),
+    ("running_var_none", lambda m: setattr(m, "running_var", None),
+     lambda m: getattr(m, "running_mean", None) is not None),
+]
+
+
+def _outcome(module, x, grad):
+    """The output (and the input's gradient), or the exception's type."""
+    x = x.clone().requires_grad_(grad)
+    try:
+        with torch.set_grad_enabled(grad):
+            y = module(x)
+            if grad:
+                y.square().sum().backward()
+    except Exception as error:  # noqa: BLE001 (the type is the outcome)
+        return type(error)
+    return y.detach(), x.grad
+
+
+@pytest.mark.parametrize("name, factory, shape, apply", [
+    pytest.param(name, factory, shape, apply, id=f"{name}-{change}")
+    for name, factory, shape in NORMS for change, apply, applies in CHANGES if applies(factory())])
+def test_a_change_after_calls_gives_torch_nn_outputs_state_and_errors(name, factory, shape, apply):
+    """A change made between calls (when the twin holds its caches) is seen by the next
+    calls as torch.nn sees it, in training and evaluation, with and without gradients:
+    the same output, input gradient and running statistics, or the same exception type."""
+    for training in (True, False):
+        for grad in (False, True):
+            original, twin = pair(factory)
+            x = inputs(shape)
+            for module in (original, twin):
+                module.train(training)
+                _outcome(module, x, grad)
+                apply(module)
+            for seed in (2, 3):
+                x = inputs(shape, seed) * 0.3
+                expected, actual = _outcome(original, x, grad), _outcome(twin, x, grad)
+                if isinstance(expected, type):
+                    assert actual is expected, (training, grad)
+                    continue
+                torch.testing.assert_close(actual[0], expected[0], **TOLERANCE, msg=f"{training=} {grad=}")
+                torch.testing.assert_close(actual[1], expected[1], rtol=1e-4, atol=1e-4)
+                assert_same_state(twin, original)

@@ -360,9 +360,10 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
     path = _choose_path(x, has_native=True)
     if path == "native" or x.dim() < 2 or x.shape[1] != module.num_features:
         return nn.modules.batchnorm._BatchNorm.forward(module, x)
-    if not 0.0 < module.eps < math.inf:
+    if not 0.0 < module.eps < math.inf or (module.running_mean is None) != (module.running_var is None):
         # torch's own op: it refuses eps <= 0 in training, takes eps = 0 in evaluation and
-        # computes with an infinite or NaN eps, and these never need speed
+        # computes with an infinite or NaN eps, and these never need speed; it refuses half
+        # a pair of running statistics
         return nn.modules.batchnorm._BatchNorm.forward(module, x)
     factor = _average_factor(module)
     use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)

@@ -334,14 +334,18 @@ class _InstanceNormForward(_Twin):
         self._check_input_dim(input)
         unbatched = input.dim() == self._get_no_batch_dim()
         x = input.unsqueeze(0) if unbatched else input
-        if path == "native" or x.shape[1] != self.num_features:
+        use_input_stats = self.training or not self.track_running_stats
+        if (path == "native" or x.shape[1] != self.num_features or (self.running_mean is None) != (
+                self.running_var is None) or (self.running_mean is None and not use_input_stats)):
+            # (torch refuses half a pair of running statistics, and evaluation on ones set to None)
             return nn.modules.instancenorm._InstanceNorm.forward(self, input)
         batch, channels = x.shape[:2]
-        if self.training or not self.track_running_stats:
+        if use_input_stats:
             count = math.prod(x.shape[2:])
             _check_batch(x, count)
             y, mean, rstd = _normalize(x, self.weight, self.bias, self._spec, self.eps, path)
-            if self.running_mean is not None and self.training:
+            if self.running_mean is not None:  # torch updates them whenever it uses the instances' statistics,
+                # in evaluation too where track_running_stats was turned off after construction
                 factor = 0.0 if self.momentum is None else self.momentum
                 var = _batch_variance(x, self._spec, rstd, self.eps)
                 _update_instance_running(self, mean.reshape(batch, channels), var.reshape(batch, channels), count,
