@@ -156,3 +156,42 @@ def test_a_change_after_calls_gives_torch_nn_outputs_state_and_errors(name, fact
                 torch.testing.assert_close(actual[0], expected[0], **TOLERANCE, msg=f"{training=} {grad=}")
                 torch.testing.assert_close(actual[1], expected[1], rtol=1e-4, atol=1e-4)
                 assert_same_state(twin, original)
+
+
+# (id, normlab module, torch.nn module it starts as, input shape); the fused blocks take a residual
+FRESH = [
+    ("batch_norm_2d", lambda: nt.BatchNorm2d(4), lambda: nn.BatchNorm2d(4), (3, 4, 5, 5)),
+    ("layer_norm", lambda: nt.LayerNorm(8), lambda: nn.LayerNorm(8), (3, 5, 8)),
+    ("rms_norm", lambda: nt.RMSNorm(8), lambda: nn.RMSNorm(8), (3, 5, 8)),
+    ("group_norm", lambda: nt.GroupNorm(2, 4), lambda: nn.GroupNorm(2, 4), (3, 4, 5, 5)),
+    ("instance_norm_2d", lambda: nt.InstanceNorm2d(4, affine=True, track_running_stats=True),
+     lambda: nn.InstanceNorm2d(4, affine=True, track_running_stats=True), (3, 4, 5, 5)),
+    ("norm", lambda: nt.Norm("b t [d]", params="d", d=8), lambda: nn.LayerNorm(8), (3, 5, 8)),
+    ("fused_add_rms_norm", lambda: nt.FusedAddRMSNorm(8), lambda: nn.RMSNorm(8, eps=1e-6), (3, 5, 8)),
+    ("fused_add_rms_norm_offset", lambda: nt.FusedAddRMSNorm(8, weight_offset=1.0), lambda: nn.RMSNorm(8, eps=1e-6),
+     (3, 5, 8)),
+    ("fused_add_layer_norm", lambda: nt.FusedAddLayerNorm(8), lambda: nn.LayerNorm(8), (3, 5, 8)),
+    ("gated_rms_norm", lambda: nt.GatedRMSNorm(8), lambda: nn.RMSNorm(8, eps=1e-5), (3, 5, 8)),
+]
+
+
+@pytest.mark.parametrize("name, build, build_torch, shape", FRESH, ids=[case[0] for case in FRESH])
+def test_a_module_built_on_the_meta_device_materializes_as_torch_nn(name, build, build_torch, shape):
+    """The meta-device recipe of large-model code (FSDP, torchtitan): build under
+    ``torch.device("meta")``, ``to_empty``, then ``reset_parameters()`` on every module
+    that has one. The result computes what a torch.nn module built on the CPU does."""
+    with torch.device("meta"):
+        module = nn.Sequential(build())
+    module.to_empty(device="cpu")
+    for child in module.modules():
+        if hasattr(child, "reset_parameters"):
+            child.reset_parameters()
+    original = build_torch()
+    x, residual = inputs(shape), inputs(shape, seed=2)
+    if name.startswith("fused"):
+        actual, expected = module[0](x, residual)[0], original(x + residual)
+    else:
+        actual, expected = module(x), original(x)
+    torch.testing.assert_close(actual, expected, **TOLERANCE)
+    if not name.startswith(("fused", "gated")):  # (their state has other names than torch.nn's)
+        assert_same_state(module[0], original)

@@ -350,10 +350,15 @@ class FusedAddRMSNorm(nn.Module):
         self.eps = eps
         self.casting = casting
         self.weight_offset = float(weight_offset)
-        init = torch.zeros if self.weight_offset else torch.ones
         shape = (hidden_size,) if isinstance(hidden_size, int) else tuple(hidden_size)
-        self.weight = nn.Parameter(init(shape, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        self.reset_parameters()
         self._init_block()
+
+    def reset_parameters(self) -> None:
+        """The weight at its initial value (what a model built on the meta device calls
+        after ``to_empty``, as for torch.nn's norms)."""
+        (nn.init.zeros_ if self.weight_offset else nn.init.ones_)(self.weight)
 
     def _init_block(self) -> None:
         pattern, params, sizes = _trailing(self.weight.shape)
@@ -417,10 +422,15 @@ class GatedRMSNorm(nn.Module):
         self.norm_before_gate = norm_before_gate
         self.gate_activation = gate_activation
         self.casting = casting
-        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
         self.register_parameter("bias", None)
+        self.reset_parameters()
         self._block = Block("... (g [c])", "(g c)", sizes=(("c", self.group_size),), eps=float(eps), rms=True,
                             gate_activation=gate_activation, norm_before_gate=norm_before_gate, casting=casting)
+
+    def reset_parameters(self) -> None:
+        """The weight at its initial value, ones (as torch.nn.RMSNorm's)."""
+        nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor, z: Optional[Tensor] = None) -> Tensor:
         _check_input(self, x, (self.hidden_size,), z=z)
