@@ -143,3 +143,17 @@ def test_ada_layer_norm_second_derivative_matches_its_definition():
 
     results = [_second_derivatives(f, x0, emb0) for f in (lambda x, emb: block(x, emb=emb)[0], definition)]
     torch.testing.assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("track", [True, False])
+def test_instance_norm_with_eps_zero_gives_a_constant_channel_torch_nn_s_zeros(track):
+    x0 = torch.randn(2, 3, 4, dtype=D)
+    x0[:, 1] = 2.5  # a constant channel: variance 0, and eps = 0
+    results = []
+    for cls in (torch.nn.InstanceNorm1d, nt.InstanceNorm1d):
+        module = cls(3, eps=0.0, affine=True, track_running_stats=track, dtype=D).train(track)
+        x = x0.clone().requires_grad_()
+        y = module(x)
+        y.backward(torch.randn(y.shape, dtype=D, generator=torch.Generator().manual_seed(0)))
+        results.append((y, x.grad, module.weight.grad, module.running_var))
+    torch.testing.assert_close(results[1], results[0])

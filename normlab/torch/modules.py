@@ -336,8 +336,10 @@ class _InstanceNormForward(_Twin):
         x = input.unsqueeze(0) if unbatched else input
         use_input_stats = self.training or not self.track_running_stats
         if (path == "native" or x.shape[1] != self.num_features or (self.running_mean is None) != (
-                self.running_var is None) or (self.running_mean is None and not use_input_stats)):
-            # (torch refuses half a pair of running statistics, and evaluation on ones set to None)
+                self.running_var is None) or (self.running_mean is None and not use_input_stats)
+                or not 0.0 < self.eps < math.inf):
+            # (torch refuses half a pair of running statistics, and evaluation on ones set to None;
+            # with eps <= 0 its op gives a constant channel zeros, where rsqrt(0) would give NaN)
             return nn.modules.instancenorm._InstanceNorm.forward(self, input)
         batch, channels = x.shape[:2]
         if use_input_stats:
