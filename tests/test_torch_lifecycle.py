@@ -195,3 +195,29 @@ def test_a_module_built_on_the_meta_device_materializes_as_torch_nn(name, build,
     torch.testing.assert_close(actual, expected, **TOLERANCE)
     if not name.startswith(("fused", "gated")):  # (their state has other names than torch.nn's)
         assert_same_state(module[0], original)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name, factory, shape", NORMS, ids=IDS)
+def test_bfloat16_parameters_with_full_precision_input_compute_as_torch_nn(name, factory, shape, x_dtype):
+    """A model cast to bfloat16 that is fed float32 or float64 (NumPy has no bfloat16 for the
+    kernels to read the parameters with): torch.nn.RMSNorm computes, and the twin gives its
+    output and gradients; where torch.nn refuses the mix, the twin computes what torch.nn
+    does with the same parameter values in the input's dtype."""
+    original, twin = pair(factory)
+    for module in (original, twin):
+        module.to(torch.bfloat16).train()
+    x = inputs(shape).to(x_dtype)
+    x_original, x_twin = x.clone().requires_grad_(), x.clone().requires_grad_()
+    try:
+        expected = original(x_original)
+    except RuntimeError:  # torch.nn's "mixed dtype": the same values in x's dtype
+        original.to(x_dtype)
+        expected = original(x_original)
+    actual = twin(x_twin)
+    torch.testing.assert_close(actual, expected, **TOLERANCE)
+    expected.square().sum().backward()
+    actual.square().sum().backward()
+    torch.testing.assert_close(x_twin.grad, x_original.grad, rtol=1e-4, atol=1e-4)
+    for (key, param), (_, expected_param) in zip(twin.named_parameters(), original.named_parameters()):
+        torch.testing.assert_close(param.grad, expected_param.grad.to(param.dtype), msg=key)

@@ -80,9 +80,16 @@ def _engine_takes(eps: float) -> bool:
     return 0.0 <= eps < math.inf
 
 
+def _engine_reads(x: Tensor, weight, bias) -> bool:
+    """The kernels read the parameters through NumPy, which has no bfloat16 (a float32
+    or float64 input with bfloat16 parameters, which torch.nn.RMSNorm takes); for
+    low-precision input they are upcast first."""
+    return x.dtype in _LOW_PRECISION or all(t is None or t.dtype in _NUMPY_OF for t in (weight, bias))
+
+
 def _normalize(x: Tensor, weight, bias, spec: Spec, eps: float, path: str):
     """``(y, mean, rstd)`` with statistics of ``spec.plan(x.shape).stats_shape``."""
-    if path == "kernel" and _engine_takes(eps):
+    if path == "kernel" and _engine_takes(eps) and _engine_reads(x, weight, bias):
         return _kernel_normalize(x, weight, bias, spec, eps)
     return _composite_normalize(x, weight, bias, spec, eps)
 
