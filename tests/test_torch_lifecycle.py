@@ -221,3 +221,45 @@ def test_bfloat16_parameters_with_full_precision_input_compute_as_torch_nn(name,
     torch.testing.assert_close(x_twin.grad, x_original.grad, rtol=1e-4, atol=1e-4)
     for (key, param), (_, expected_param) in zip(twin.named_parameters(), original.named_parameters()):
         torch.testing.assert_close(param.grad, expected_param.grad.to(param.dtype), msg=key)
+
+
+class _Quantizable(nn.Module):
+    """Eager-mode quantization's model shape: stubs around the layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.quant, self.dequant = torch.ao.quantization.QuantStub(), torch.ao.quantization.DeQuantStub()
+        self.conv, self.bn, self.bn_alone = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.layer_norm, self.group_norm, self.instance_norm = nn.LayerNorm(6), nn.GroupNorm(2, 4), nn.InstanceNorm2d(4)
+
+    def forward(self, x):
+        x = self.bn_alone(self.bn(self.conv(self.quant(x))))
+        return self.dequant(self.instance_norm(self.group_norm(self.layer_norm(x))))
+
+
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="needs the fbgemm engine")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # (torch.ao's own, about itself)
+@pytest.mark.parametrize("qat", [False, True], ids=["post_training", "qat"])
+def test_eager_mode_quantization_quantizes_the_twins_as_torch_nn(qat):
+    """torch.ao.quantization's ``prepare``/``prepare_qat`` and ``convert`` find their modules
+    by exact type: a converted model is observed, fused and quantized as the torch.nn one
+    (the same quantized modules, the same outputs)."""
+    from torch.ao import quantization
+
+    torch.manual_seed(0)
+    original = _Quantizable()
+    original(inputs((4, 3, 8, 8)))  # running statistics to fold
+    twin = nt.convert(copy.deepcopy(original))
+    quantized = []
+    for model in (original, twin):
+        model.train(qat)
+        model.qconfig = (quantization.get_default_qat_qconfig if qat else quantization.get_default_qconfig)("fbgemm")
+        fuse = quantization.fuse_modules_qat if qat else quantization.fuse_modules
+        model = (quantization.prepare_qat if qat else quantization.prepare)(fuse(model, [["conv", "bn"]]))
+        for seed in range(3):
+            model(inputs((4, 3, 8, 8), seed))
+        quantized.append(quantization.convert(model.eval()))
+    expected, actual = quantized
+    assert [type(m) for m in actual.children()] == [type(m) for m in expected.children()]
+    x = inputs((2, 3, 8, 8), seed=5)
+    torch.testing.assert_close(actual(x), expected(x), rtol=0, atol=0)

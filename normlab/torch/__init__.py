@@ -54,7 +54,7 @@ from normlab.kernels import threads as _threads
 from normlab.torch.compute import normalize
 from normlab.torch.conversion import convert
 from normlab.torch.fused import AdaLayerNorm, FusedAddLayerNorm, FusedAddRMSNorm, GatedRMSNorm
-from normlab.torch.fuser_mappings import register_fusers
+from normlab.torch.fuser_mappings import register_fusers, register_quantized_twins
 from normlab.torch.modules import (
     BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm,
     LayerNorm2d, Norm, RMSNorm,
@@ -72,6 +72,7 @@ for _public in (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d
                 FusedAddLayerNorm, GatedRMSNorm, AdaLayerNorm):
     _public.__module__ = __name__  # users (and pickles) name them normlab.torch.X, wherever they live
 register_fusers()  # torch.ao.quantization.fuse_modules finds fusers for (Conv2d, normlab BatchNorm2d)
+register_quantized_twins()  # and torch.ao.quantization.convert the quantized modules of the twins
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "LayerNorm2d", "GroupNorm", "InstanceNorm1d",

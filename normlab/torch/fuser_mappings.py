@@ -1,18 +1,27 @@
-"""torch.ao's module fusion for the twins: ``fuse_modules`` finds its fusers by exact type,
-so each of torch's entries that names a batch norm class gains one naming normlab's twin.
+"""torch.ao's eager-mode module fusion and quantization for the twins: both find their
+entries by exact type, so each of torch's entries that names a norm class gains one
+naming normlab's twin.
 
 The fuser hands torch's own fuser a torch.nn batch norm sharing the twin's parameters and
 buffers, so ``fuse_modules(model, [["conv", "bn"]])`` folds a converted model's batch norm
-into its convolution exactly as it does torch.nn's (QAT's ``ConvBn2d`` included).
+into its convolution exactly as it does torch.nn's (QAT's ``ConvBn2d`` included). In
+``prepare`` and ``convert`` (post-training static quantization) a twin is observed and
+becomes the quantized module its torch.nn class becomes (``torch.ao.nn.quantized.BatchNorm2d``,
+``LayerNorm``, ``GroupNorm``, ``InstanceNorm*d``), which reads its attributes as the
+original's.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from normlab.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from normlab.torch.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
+                                   InstanceNorm3d, LayerNorm)
 
 _TORCH_CLASSES = {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.BatchNorm2d, BatchNorm3d: nn.BatchNorm3d}
+# the twins that compute what their torch.nn class computes (LayerNorm2d does not: not nn.LayerNorm's)
+_QUANTIZABLE = {**_TORCH_CLASSES, LayerNorm: nn.LayerNorm, GroupNorm: nn.GroupNorm, InstanceNorm1d: nn.InstanceNorm1d,
+                InstanceNorm2d: nn.InstanceNorm2d, InstanceNorm3d: nn.InstanceNorm3d}
 
 
 def as_torch(module: nn.Module) -> nn.Module:
@@ -50,3 +59,15 @@ def register_fusers() -> None:
     for ops, fuser in list(table.items()):
         if any(op in twins for op in ops):
             table.setdefault(tuple(twins.get(op, op) for op in ops), _with_torch_modules(fuser))
+
+
+def register_quantized_twins() -> None:
+    """Give each twin its torch.nn class's quantized module in torch.ao's table for
+    post-training static quantization (idempotent); ``prepare`` attaches observers to the
+    classes of that table."""
+    from torch.ao.quantization import quantization_mappings
+
+    table = quantization_mappings.DEFAULT_STATIC_QUANT_MODULE_MAPPINGS
+    for twin, torch_class in _QUANTIZABLE.items():
+        if torch_class in table:
+            table.setdefault(twin, table[torch_class])
