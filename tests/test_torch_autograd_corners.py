@@ -157,3 +157,36 @@ def test_instance_norm_with_eps_zero_gives_a_constant_channel_torch_nn_s_zeros(t
         y.backward(torch.randn(y.shape, dtype=D, generator=torch.Generator().manual_seed(0)))
         results.append((y, x.grad, module.weight.grad, module.running_var))
     torch.testing.assert_close(results[1], results[0])
+
+
+def _masked_layer_norm_definition(x, mask, weight, bias, eps=1e-5):
+    """Layer norm with statistics over the counted (mask True) elements, in torch operations."""
+    counted = mask.to(x.dtype)
+    n = counted.sum(-1, keepdim=True)
+    mean = (x * counted).sum(-1, keepdim=True) / n
+    var = ((x - mean).square() * counted).sum(-1, keepdim=True) / n
+    return (x - mean) * torch.rsqrt(var + eps) * weight + bias
+
+
+def test_masked_twin_second_derivatives_and_transforms_match_the_masked_definition():
+    torch.manual_seed(4)
+    norm = nt.LayerNorm(6, dtype=D)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    x, mask = torch.randn(3, 4, 6, dtype=D), torch.rand(3, 4, 6) > 0.3
+    mask[..., :2] = True  # at least two counted per row
+
+    def twin(t, _=None):
+        return norm(t, mask=mask)
+
+    def definition(t, _=None):
+        return _masked_layer_norm_definition(t, mask, norm.weight, norm.bias)
+
+    torch.testing.assert_close(_second_derivatives(twin, x, x), _second_derivatives(definition, x, x))
+    with forward_ad.dual_level():
+        dual = [forward_ad.unpack_dual(f(forward_ad.make_dual(x, torch.cos(x)))) for f in (twin, definition)]
+        torch.testing.assert_close(tuple(dual[0]), tuple(dual[1]))
+    for transform in (lambda f: torch.func.grad(lambda t: f(t).sin().sum())(x),
+                      lambda f: torch.autograd.functional.jacobian(f, x, vectorize=True)):
+        torch.testing.assert_close(transform(twin), transform(definition))

@@ -11,9 +11,11 @@ from typing import Optional
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from normlab import core
 from normlab.plan import make_plan
+from normlab.torch.ops import _functorch_active, _grads_of, _needs_torch_backward, _spec_of
 from normlab.torch.paths import _LOW_PRECISION
 from normlab.torch.spec import Spec, _sizes_dict
 
@@ -101,15 +103,21 @@ def _backward_fake(grad_y, x, weight, mask, segment_ids, mean, rstd, pattern, pa
 def _setup_context(ctx, inputs, output):
     x, weight, bias, mask, segment_ids, pattern, params, sizes, eps, rms, num_segments, segment_axis = inputs
     _, mean, rstd, count = output
-    ctx.save_for_backward(x, weight, mask, segment_ids, mean, rstd)
+    ctx.save_for_backward(x, weight, bias, mask, segment_ids, mean, rstd)
     ctx.arguments = (pattern, params, sizes, eps, rms, num_segments, segment_axis)
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(mean, rstd, count)
 
 
 def _autograd(ctx, grad_y, _grad_mean, _grad_rstd, _grad_count, backward=_backward_op):
-    x, weight, mask, segment_ids, mean, rstd = ctx.saved_tensors
+    x, weight, bias, mask, segment_ids, mean, rstd = ctx.saved_tensors
     pattern, params, sizes, eps, rms, num_segments, segment_axis = ctx.arguments
+    if _needs_torch_backward(grad_y) and not torch.compiler.is_compiling():
+        # (create_graph=True, batched gradients) torch's autograd of the composite
+        spec, segments = _spec_of(pattern, params, sizes, rms), None if num_segments < 0 else num_segments
+        grads = _grads_of(lambda *inputs: _composite(*inputs, mask, segment_ids, spec, eps, segments, segment_axis)[0],
+                          (x, weight, bias), ctx.needs_input_grad, grad_y)
+        return (*grads, None, None, None, None, None, None, None, None, None)
     grad_x, grad_w, grad_b = backward(grad_y.contiguous(), x, weight, mask, segment_ids, mean, rstd, pattern, params,
                                       sizes, eps, rms, num_segments, segment_axis, ctx.has_bias)
     return (grad_x, grad_w if weight is not None else None, grad_b if ctx.has_bias else None,
@@ -216,7 +224,8 @@ def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None
         raise TypeError(f"pattern {pattern!r}, input shape {tuple(x.shape)}: mask must be a bool tensor, "
                         f"got {mask.dtype}; pass mask.bool() (True where an element counts)")
     kernel = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64, *_LOW_PRECISION)
-              and (mask is None or mask.device.type == "cpu") and not x.is_complex())
+              and (mask is None or mask.device.type == "cpu") and not x.is_complex()
+              and not (_functorch_active() or forward_ad._current_level >= 0))  # (transforms: torch ops)
     if not kernel:
         return MaskedResult(_composite(x, weight, bias, mask, segment_ids, spec, eps, num_segments, segment_axis))
     low = x.dtype in _LOW_PRECISION
