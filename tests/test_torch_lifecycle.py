@@ -263,3 +263,24 @@ def test_eager_mode_quantization_quantizes_the_twins_as_torch_nn(qat):
     assert [type(m) for m in actual.children()] == [type(m) for m in expected.children()]
     x = inputs((2, 3, 8, 8), seed=5)
     torch.testing.assert_close(actual(x), expected(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bfloat16_x", "autocast"])
+@pytest.mark.parametrize("fused, unfused", [
+    (lambda: nt.FusedAddRMSNorm(8), lambda: nn.RMSNorm(8, eps=1e-6)),
+    (lambda: nt.FusedAddLayerNorm(8), lambda: nn.LayerNorm(8)),
+], ids=["rms_norm", "layer_norm"])
+def test_a_fused_add_of_a_bfloat16_x_to_a_float32_residual_normalizes_their_float32_sum(fused, unfused, autocast):
+    """Under CPU autocast a projection's output is bfloat16 while the residual stream stays
+    float32: ``norm(x + residual)`` then normalizes a float32 sum and gives float32, as
+    torch.nn's norm after the add does."""
+    torch.manual_seed(0)
+    block, norm, projection = fused(), unfused(), nn.Linear(8, 8)
+    residual = inputs((2, 3, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        x = projection(residual) if autocast else inputs((2, 3, 8), seed=2).bfloat16()
+        actual, total = block(x, residual)
+        expected = norm(x + residual)
+    assert x.dtype == torch.bfloat16
+    torch.testing.assert_close(total, x + residual)
+    torch.testing.assert_close(actual, expected, **TOLERANCE)

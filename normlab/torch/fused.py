@@ -141,8 +141,8 @@ def _broadcast(param: Tensor, plan, axes_plan) -> Tensor:
 
 def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
     """The block in torch operations, following ``block.casting``."""
-    dtype = x.dtype
     total = x + residual if residual is not None else x
+    dtype = total.dtype  # the norm's input is the sum: a bfloat16 x plus a float32 residual is float32
     compute, work = recipes.recipe_dtypes(dtype, block.casting)
     plan = make_plan(block.pattern, tuple(x.shape), block.params, **dict(block.sizes))
     h = total.to(compute)
