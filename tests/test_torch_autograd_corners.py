@@ -4,6 +4,8 @@ a backward pass), double backward and functorch transforms of the fused blocks. 
 torch.nn's modules, and the blocks' definitions in torch.nn.functional, differentiated by
 torch's autograd in float64; gradgradcheck."""
 
+import copy
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -190,3 +192,27 @@ def test_masked_twin_second_derivatives_and_transforms_match_the_masked_definiti
     for transform in (lambda f: torch.func.grad(lambda t: f(t).sin().sum())(x),
                       lambda f: torch.autograd.functional.jacobian(f, x, vectorize=True)):
         torch.testing.assert_close(transform(twin), transform(definition))
+
+
+class _Positive(torch.nn.Module):
+    def forward(self, weight):
+        return weight.abs() + 0.5
+
+
+@pytest.mark.parametrize("cls_name, args, shape", [("LayerNorm", (6,), (4, 3, 6)), ("GroupNorm", (2, 6), (4, 6, 3)),
+                                                   ("BatchNorm1d", (6,), (4, 6, 3))])
+def test_converted_layer_with_a_parametrized_weight_computes_and_differentiates_as_torch_nn(cls_name, args, shape):
+    """torch.nn.utils.parametrize on a norm layer's weight, then convert."""
+    from torch.nn.utils import parametrize
+
+    reference = getattr(torch.nn, cls_name)(*args, dtype=D)
+    torch.nn.init.uniform_(reference.weight, -1, 1)
+    parametrize.register_parametrization(reference, "weight", _Positive())
+    twin = nt.convert(copy.deepcopy(reference))
+    assert isinstance(twin, getattr(nt, cls_name))
+    x = torch.randn(shape, dtype=D)
+    results = []
+    for module in (reference, twin):
+        y = module(x)
+        results.append((y, *torch.autograd.grad(y.square().sum(), module.parametrizations.weight.original)))
+    torch.testing.assert_close(results[1], results[0])

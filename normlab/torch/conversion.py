@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
 
 from normlab.torch.casting import CASTINGS, rms_norm_recipe
 from normlab.torch.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d,
@@ -59,6 +60,13 @@ def twin_of(module: nn.Module, cls: type, **attributes) -> nn.Module:
         twin.process_group = None
     twin.__dict__.update(attributes)
     twin._init_spec()
+    if parametrize.is_parametrized(module):
+        # torch.nn.utils.parametrize made module's class a subclass with one property per
+        # parametrized tensor (weight computed from parametrizations.weight.original): give
+        # the twin the same, or it would compute without them
+        parametrize._inject_new_class(twin)
+        for tensor_name in module.parametrizations:
+            parametrize._inject_property(twin, tensor_name)
     return twin
 
 
