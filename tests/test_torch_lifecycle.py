@@ -284,3 +284,25 @@ def test_a_fused_add_of_a_bfloat16_x_to_a_float32_residual_normalizes_their_floa
     assert x.dtype == torch.bfloat16
     torch.testing.assert_close(total, x + residual)
     torch.testing.assert_close(actual, expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize("fused, unfused, residual", [
+    (lambda: nt.FusedAddRMSNorm(8), lambda: nn.RMSNorm(8, eps=1e-6), True),
+    (lambda: nt.FusedAddLayerNorm(8), lambda: nn.LayerNorm(8), True),
+    (lambda: nt.GatedRMSNorm(8), lambda: nn.RMSNorm(8, eps=1e-5), False),
+], ids=["fused_add_rms_norm", "fused_add_layer_norm", "gated_rms_norm"])
+def test_an_eps_set_after_calls_is_the_one_a_fused_block_normalizes_with(fused, unfused, residual):
+    """``module.eps = ...`` on a block that has run (small inputs, where eps matters) takes
+    effect on the next call, as it does on torch.nn's norm of the sum."""
+    block, norm = fused(), unfused()
+    x, other = inputs((2, 3, 8)) * 1e-2, inputs((2, 3, 8), seed=2) * 1e-2
+    block(x, other) if residual else block(x)
+    for eps in (0.1, 1e-3):
+        block.eps = norm.eps = eps
+        x_block, x_norm = x.clone().requires_grad_(), x.clone().requires_grad_()
+        actual = block(x_block, other)[0] if residual else block(x_block)
+        expected = norm(x_norm + other) if residual else norm(x_norm)
+        torch.testing.assert_close(actual, expected, **TOLERANCE)
+        actual.square().sum().backward()
+        expected.square().sum().backward()
+        torch.testing.assert_close(x_block.grad, x_norm.grad, rtol=1e-4, atol=1e-4)

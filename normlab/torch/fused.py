@@ -316,6 +316,14 @@ def _trailing(normalized_shape) -> tuple[str, str, tuple]:
     return "... [" + " ".join(names) + "]", " ".join(names), tuple(zip(names, (int(s) for s in shape)))
 
 
+def _block_of(module: nn.Module) -> Block:
+    """``module._block``, built again where ``eps`` was set after construction: torch.nn's
+    norms read it on every call, and so do these blocks."""
+    if module._block.eps != module.eps:
+        module._init_block()
+    return module._block
+
+
 def _check_input(module: nn.Module, x: Tensor, normalized_shape, **others: Optional[Tensor]) -> None:
     """torch's RuntimeError, in torch's words, for an input whose trailing axes are not
     ``normalized_shape`` or a companion tensor (residual, gate) not shaped like it."""
@@ -367,7 +375,7 @@ class FusedAddRMSNorm(nn.Module):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
         _check_input(self, x, self.weight.shape, residual=residual)
-        return fused_normalize(x, self._block, residual=residual, weight=self.weight)
+        return fused_normalize(x, _block_of(self), residual=residual, weight=self.weight)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}, casting={self.casting!r}" + (
@@ -396,7 +404,7 @@ class FusedAddLayerNorm(nn.LayerNorm):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
         _check_input(self, x, self.normalized_shape, residual=residual)
-        return fused_normalize(x, self._block, residual=residual, weight=self.weight, bias=self.bias)
+        return fused_normalize(x, _block_of(self), residual=residual, weight=self.weight, bias=self.bias)
 
 
 class GatedRMSNorm(nn.Module):
@@ -425,8 +433,12 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
         self.register_parameter("bias", None)
         self.reset_parameters()
-        self._block = Block("... (g [c])", "(g c)", sizes=(("c", self.group_size),), eps=float(eps), rms=True,
-                            gate_activation=gate_activation, norm_before_gate=norm_before_gate, casting=casting)
+        self._init_block()
+
+    def _init_block(self) -> None:
+        self._block = Block("... (g [c])", "(g c)", sizes=(("c", self.group_size),), eps=float(self.eps), rms=True,
+                            gate_activation=self.gate_activation, norm_before_gate=self.norm_before_gate,
+                            casting=self.casting)
 
     def reset_parameters(self) -> None:
         """The weight at its initial value, ones (as torch.nn.RMSNorm's)."""
@@ -434,7 +446,7 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: Tensor, z: Optional[Tensor] = None) -> Tensor:
         _check_input(self, x, (self.hidden_size,), z=z)
-        return fused_normalize(x, self._block, gate=z, weight=self.weight)
+        return fused_normalize(x, _block_of(self), gate=z, weight=self.weight)
 
     def extra_repr(self) -> str:
         return (f"{self.hidden_size}, eps={self.eps}, group_size={self.group_size}, "
