@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("numba")
 
 import torch.nn.functional as F  # noqa: E402
+from torch import Tensor  # noqa: E402
 from torch.autograd import forward_ad  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
@@ -216,3 +217,27 @@ def test_converted_layer_with_a_parametrized_weight_computes_and_differentiates_
         y = module(x)
         results.append((y, *torch.autograd.grad(y.square().sum(), module.parametrizations.weight.original)))
     torch.testing.assert_close(results[1], results[0])
+
+
+@pytest.mark.parametrize("cls_name, args, shape", [
+    ("RMSNorm", (6,), (3, 6)), ("LayerNorm", (6,), (3, 6)), ("GroupNorm", (2, 6), (3, 6)),
+    ("BatchNorm1d", (6,), (3, 6)), ("InstanceNorm1d", (6, 1e-5, 0.1, True, True), (3, 6, 4))])
+def test_input_made_in_inference_mode_trains_or_raises_as_in_torch_nn(cls_name, args, shape):
+    """Features computed under torch.inference_mode feeding a norm layer whose parameters
+    train: torch.nn.RMSNorm's operations save no inference tensor and train; the others
+    raise torch's RuntimeError, leaving the running statistics as they were."""
+    reference, twin = _pair(cls_name, args, train=True)
+    with torch.inference_mode():
+        x = torch.randn(shape, dtype=D)
+    outcomes = []
+    for module in (reference, twin):
+        try:
+            y = module(x)
+            outcomes.append((y, *torch.autograd.grad(y.square().sum(), module.weight)))
+        except RuntimeError as error:
+            outcomes.append(("RuntimeError", "Inference tensors" in str(error)))
+        outcomes[-1] += tuple(module.buffers())
+    assert type(outcomes[1][0]) is type(outcomes[0][0])
+    torch.testing.assert_close(outcomes[1][1:], outcomes[0][1:])
+    if isinstance(outcomes[0][0], Tensor):
+        torch.testing.assert_close(outcomes[1][0], outcomes[0][0])

@@ -367,6 +367,10 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
     path = _choose_path(x, has_native=True)
     if path == "native" or x.dim() < 2 or x.shape[1] != module.num_features:
         return nn.modules.batchnorm._BatchNorm.forward(module, x)
+    if not torch.compiler.is_compiling() and x.is_inference() and _needs_grad(x, module.weight, module.bias):
+        # an inference tensor where autograd must save it: torch raises its error before
+        # touching the running statistics (the kernels would update them first)
+        return nn.modules.batchnorm._BatchNorm.forward(module, x)
     if not 0.0 < module.eps < math.inf or (module.running_mean is None) != (module.running_var is None):
         # torch's own op: it refuses eps <= 0 in training, takes eps = 0 in evaluation and
         # computes with an infinite or NaN eps, and these never need speed; it refuses half
