@@ -21,6 +21,7 @@ and leave the module, its state and the global random generator untouched.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -186,6 +187,19 @@ def _probe_copy(module: nn.Module, tensors: dict) -> nn.Module:
     return copy
 
 
+def _on_cpu(probe: Callable) -> Callable:
+    """Run a probe on CPU tensors whatever the default device: a model built and converted
+    inside ``with torch.device("meta")`` has meta parameters, on which no probe computes."""
+
+    @functools.wraps(probe)
+    def on_cpu(*args, **kwargs):
+        with torch.device("cpu"):
+            return probe(*args, **kwargs)
+
+    return on_cpu
+
+
+@_on_cpu
 def _computes_like(module: nn.Module, reference: Callable, shapes: list) -> bool:
     """``type(module).forward`` gives ``reference``'s output and state on float64 probes with
     random parameters and running statistics, in training and evaluation mode."""
@@ -226,6 +240,7 @@ def _same(actual, expected, **tolerance) -> bool:
             and actual.dtype == expected.dtype and torch.allclose(actual, expected, equal_nan=True, **tolerance))
 
 
+@_on_cpu
 def _rms_recipe(module: nn.Module) -> Optional[dict]:
     """``{"normalized_shape", "eps", "casting", "weight_offset", ...}`` when ``module`` is an
     RMS norm with one 1-D weight whose forward matches a casting recipe bit for bit in
