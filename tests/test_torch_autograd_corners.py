@@ -241,3 +241,24 @@ def test_input_made_in_inference_mode_trains_or_raises_as_in_torch_nn(cls_name, 
     torch.testing.assert_close(outcomes[1][1:], outcomes[0][1:])
     if isinstance(outcomes[0][0], Tensor):
         torch.testing.assert_close(outcomes[1][0], outcomes[0][0])
+
+
+@pytest.mark.parametrize("cls_name, args, shape", [("LayerNorm", (6,), (3, 4, 6)), ("RMSNorm", (6,), (3, 4, 6)),
+                                                   ("GroupNorm", (2, 4), (3, 4, 6))])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_backward_reads_the_input_that_saved_tensor_hooks_give_back(cls_name, args, shape, strided):
+    """Saved-tensor hooks (activation offloading, checkpointing) own what backward reads:
+    here they keep a copy, and the input then changes in place; torch.nn's gradients come
+    from the copy."""
+    reference, twin = _pair(cls_name, args, train=True)
+    x0 = torch.randn(shape[:-1] + (2 * shape[-1],), dtype=D, requires_grad=True)
+    grads = []
+    for module in (reference, twin):
+        x = x0 * 1
+        x = x[..., ::2] if strided else x[..., :shape[-1]].contiguous()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            y = module(x)
+        with torch.no_grad():
+            x.mul_(3)
+        grads.append(torch.autograd.grad(y.pow(3).sum(), (x0, module.weight)))
+    torch.testing.assert_close(grads[1], grads[0])

@@ -106,7 +106,7 @@ class _RowFunction(torch.autograd.Function):
         tables = call.tables
         y, mean, rstd = call.forward.run(x_array, *tables, eps, True)
         ctx.save_for_backward(x, weight, bias)  # (torch then checks that none changes before backward)
-        ctx.kernel_inputs = (call, x_array, tables[0], mean, rstd)
+        ctx.kernel_inputs = (call, tables[0], mean, rstd)  # (not x_array: backward reads x as saved, see there)
         ctx.arguments = (*call.arguments[:3], eps, call.arguments[3])  # read by _differentiable_backward
         return torch.from_numpy(y)
 
@@ -116,8 +116,10 @@ class _RowFunction(torch.autograd.Function):
         if _needs_torch_backward(grad_y):  # create_graph=True, or batched gradients
             return (*_differentiable_backward(ctx, grad_y, x, weight, bias)[:3], None, None)
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        call, x_array, weight_table, mean, rstd = ctx.kernel_inputs
-        grad_x, grad_w, grad_b = call.backward(grad_y.detach().numpy(), x_array, weight_table, mean, rstd,
+        call, weight_table, mean, rstd = ctx.kernel_inputs
+        # x as saved_tensors gives it back: under saved-tensor hooks (activation offloading,
+        # checkpointing) that is the hook's copy, and the forward's x may be freed or changed
+        grad_x, grad_w, grad_b = call.backward(grad_y.detach().numpy(), x.detach().numpy(), weight_table, mean, rstd,
                                                need_weight or need_bias)
         weight_dtype, bias_dtype = call.param_dtypes
         return (torch.from_numpy(grad_x) if need_x else None,
