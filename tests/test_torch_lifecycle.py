@@ -4,6 +4,7 @@ the torch.nn module with the same state, run on the same inputs (outputs, gradie
 running statistics and exception types)."""
 
 import copy
+import math
 
 import pytest
 
@@ -363,3 +364,32 @@ def test_convert_inside_a_meta_device_block_recognizes_what_it_does_on_the_cpu(b
     model.load_state_dict(original.state_dict())
     x = inputs(shape)
     torch.testing.assert_close(model(x), original(x), **TOLERANCE)
+
+
+@pytest.mark.parametrize("name, factory, shape", NORMS, ids=IDS)
+def test_a_parameter_of_another_shape_set_after_calls_meets_torch_nn_error_or_output(name, factory, shape):
+    """``module.weight = nn.Parameter(...)`` (or bias) of another shape than the module's:
+    torch.nn raises its RuntimeError, or computes where its op takes the shape (a batch
+    norm's weight of C elements in a column); the twin does the same (a batch norm's
+    kernels read a weight of one element past its end, others raised ValueError or
+    Numba's TypingError)."""
+    _, probe = pair(factory)
+    size = probe.weight.numel()
+    for name_of, new_shape in (("weight", (1,)), ("weight", (size, 1)), ("bias", (size + 1,))):
+        if getattr(probe, name_of, None) is None:
+            continue
+        for training in (True, False):
+            original, twin = pair(factory)
+            x = inputs(shape)
+            for module in (original, twin):
+                module.train(training)
+                _outcome(module, x, grad=False)
+                setattr(module, name_of, nn.Parameter(torch.linspace(0.5, 1.5, math.prod(new_shape)).reshape(new_shape)))
+            for grad in (False, True):
+                expected, actual = _outcome(original, x, grad), _outcome(twin, x, grad)
+                if isinstance(expected, type):
+                    assert actual is expected, (name_of, new_shape, training, grad)
+                    continue
+                torch.testing.assert_close(actual[0], expected[0], **TOLERANCE)
+                torch.testing.assert_close(actual[1], expected[1], rtol=1e-4, atol=1e-4)
+                assert_same_state(twin, original)

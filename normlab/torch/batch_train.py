@@ -109,7 +109,7 @@ def affine_parameters(module) -> tuple[Optional[Tensor], Optional[Tensor]]:
     parameters = module._parameters
     weight, bias = parameters.get("weight", _ABSENT), parameters.get("bias", _ABSENT)
     if weight is _ABSENT or bias is _ABSENT:
-        return module.weight, module.bias
+        return getattr(module, "weight", None), getattr(module, "bias", None)  # (RMSNorm has no bias)
     return weight, bias
 
 

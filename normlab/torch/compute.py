@@ -356,6 +356,14 @@ def _small_eval(module, x: Tensor) -> Optional[Tensor]:
                                           module.eps)
 
 
+def _params_misfit(module, shape: tuple) -> bool:
+    """A weight or bias that is not of ``shape``, the one the kernels read (one set after
+    construction): the twin then takes torch.nn's forward, which raises its own error (or
+    computes, as a batch norm does with any shape of C elements)."""
+    weight, bias = batch_train.affine_parameters(module)
+    return (weight is not None and weight.shape != shape) or (bias is not None and bias.shape != shape)
+
+
 def _batch_norm_forward(module, x: Tensor) -> Tensor:
     """BatchNorm{1,2,3}d's forward on the kernel or composite path (torch's semantics);
     torch's own forward where only torch's ops run, or where the input does not fit, so
@@ -365,7 +373,8 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
         if y is not None:
             return y
     path = _choose_path(x, has_native=True)
-    if path == "native" or x.dim() < 2 or x.shape[1] != module.num_features:
+    if (path == "native" or x.dim() < 2 or x.shape[1] != module.num_features
+            or _params_misfit(module, (module.num_features,))):
         return nn.modules.batchnorm._BatchNorm.forward(module, x)
     if not torch.compiler.is_compiling() and x.is_inference() and _needs_grad(x, module.weight, module.bias):
         # an inference tensor where autograd must save it: torch raises its error before

@@ -19,7 +19,7 @@ from normlab.errors import InputError, ParamsError, ShapeError
 from normlab.notation import parse_params, parse_pattern
 from normlab.plan import make_plan
 from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_forward, _batch_variance,
-                                   _channel_shape, _check_batch, _expanded_param, _fast_rows, _normalize,
+                                   _channel_shape, _check_batch, _expanded_param, _fast_rows, _normalize, _params_misfit,
                                    _update_instance_running, _update_running)
 from normlab.torch.casting import apply_recipe_scale, check_casting, compute_dtype, rms_norm_recipe
 from normlab.torch.masked_modules import masked_forward
@@ -158,7 +158,8 @@ class LayerNorm(_Twin, nn.LayerNorm):
         if y is not None:
             return y
         path = _choose_path(input, has_native=True)
-        if path == "native" or not _trailing_fits(input, self.normalized_shape):
+        if (path == "native" or not _trailing_fits(input, self.normalized_shape)
+                or _params_misfit(self, tuple(self.normalized_shape))):
             return nn.LayerNorm.forward(self, input)
         return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
 
@@ -243,7 +244,7 @@ class RMSNorm(_Twin, nn.RMSNorm):
             y = _fast_rows(self, x, eps, with_bias=False)  # (a shape that does not fit: None)
             if y is not None:
                 return y
-        if not _trailing_fits(x, self.normalized_shape):
+        if not _trailing_fits(x, self.normalized_shape) or _params_misfit(self, tuple(self.normalized_shape)):
             return nn.RMSNorm.forward(self, x)  # torch raises its own error
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
         path = _choose_path(x, has_native=True)
@@ -318,7 +319,8 @@ class GroupNorm(_Twin, nn.GroupNorm):
 
     def _normlab_forward(self, input: Tensor) -> Tensor:
         path = _choose_path(input, has_native=True)
-        if path == "native" or input.dim() < 2 or input.shape[1] != self.num_channels:
+        if (path == "native" or input.dim() < 2 or input.shape[1] != self.num_channels
+                or _params_misfit(self, (self.num_channels,))):
             return nn.GroupNorm.forward(self, input)
         y = _fast_rows(self, input, self.eps)
         if y is not None:
@@ -341,7 +343,8 @@ class _InstanceNormForward(_Twin):
         unbatched = input.dim() == self._get_no_batch_dim()
         x = input.unsqueeze(0) if unbatched else input
         use_input_stats = self.training or not self.track_running_stats
-        if (path == "native" or x.shape[1] != self.num_features or (self.running_mean is None) != (
+        if (path == "native" or x.shape[1] != self.num_features or _params_misfit(self, (self.num_features,))
+                or (self.running_mean is None) != (
                 self.running_var is None) or (self.running_mean is None and not use_input_stats)
                 or not 0.0 < self.eps < math.inf):
             # (torch refuses half a pair of running statistics, and evaluation on ones set to None;
