@@ -262,3 +262,19 @@ def test_backward_reads_the_input_that_saved_tensor_hooks_give_back(cls_name, ar
             x.mul_(3)
         grads.append(torch.autograd.grad(y.pow(3).sum(), (x0, module.weight)))
     torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_a_norm_layer_held_in_two_places_stays_one_layer_after_convert():
+    """A shared layer (``[block] * n``, one norm at two places of a Sequential) is one module
+    in torch.nn; after convert it must be one twin in both places (the second place kept
+    torch's layer, whose running statistics a dtype change then untied from the twin's)."""
+    torch.manual_seed(5)
+    norm = torch.nn.BatchNorm1d(4)
+    reference = torch.nn.Sequential(norm, torch.nn.Linear(4, 4), norm)
+    model = nt.convert(copy.deepcopy(reference))
+    assert len(list(model.modules())) == len(list(reference.modules()))
+    reference.double()
+    model.double()
+    x = torch.randn(8, 4, dtype=D)
+    torch.testing.assert_close(model(x), reference(x))
+    torch.testing.assert_close(model.state_dict(), reference.state_dict())

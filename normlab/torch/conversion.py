@@ -100,7 +100,7 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
         from normlab.torch.fuse import fuse_decoder_layers
         fuse_decoder_layers(model)
     left_alone: dict[str, list[str]] = {}
-    converted = _convert(model, "", left_alone)
+    converted = _convert(model, "", left_alone, {})
     if left_alone:
         listed = "; ".join(f"{cls} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
                            for cls, names in left_alone.items())
@@ -109,15 +109,21 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
     return converted
 
 
-def _convert(module: nn.Module, name: str, left_alone: dict) -> nn.Module:
+def _convert(module: nn.Module, name: str, left_alone: dict, done: dict) -> nn.Module:
+    """``module`` converted; ``done`` maps the id of each module seen to its result, so a
+    module the model holds in several places (shared layers) becomes one twin there too."""
+    if id(module) in done:
+        return done[id(module)]
     replacement = _replacement(module, name or "<model>", left_alone)
-    if replacement is not None:
-        return replacement
-    for child_name, child in module.named_children():
-        converted = _convert(child, f"{name}.{child_name}" if name else child_name, left_alone)
-        if converted is not child:
-            module.add_module(child_name, converted)
-    return module
+    if replacement is None:
+        for child_name, child in list(module._modules.items()):  # (named_children() skips a repeated child)
+            if child is None:
+                continue
+            converted = _convert(child, f"{name}.{child_name}" if name else child_name, left_alone, done)
+            if converted is not child:
+                module.add_module(child_name, converted)
+    done[id(module)] = module if replacement is None else replacement
+    return done[id(module)]
 
 
 def _replacement(module: nn.Module, name: str, left_alone: dict) -> Optional[nn.Module]:
