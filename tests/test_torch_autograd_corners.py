@@ -278,3 +278,14 @@ def test_a_norm_layer_held_in_two_places_stays_one_layer_after_convert():
     x = torch.randn(8, 4, dtype=D)
     torch.testing.assert_close(model(x), reference(x))
     torch.testing.assert_close(model.state_dict(), reference.state_dict())
+
+
+@pytest.mark.parametrize("track, train", [(False, True), (False, False), (True, True)])
+def test_instance_norm_of_one_spatial_element_raises_torch_nn_s_error(track, train):
+    x = torch.randn(4, 3, 1)
+    errors = []
+    for cls in (torch.nn.InstanceNorm1d, nt.InstanceNorm1d):
+        with pytest.raises(ValueError) as error:
+            cls(3, track_running_stats=track).train(train)(x)
+        errors.append(str(error.value))
+    assert errors[1] == errors[0]

@@ -353,7 +353,8 @@ class _InstanceNormForward(_Twin):
         batch, channels = x.shape[:2]
         if use_input_stats:
             count = math.prod(x.shape[2:])
-            _check_batch(x, count)
+            if count == 1:  # torch raises its error, in its words (one spatial element: a larger batch won't help)
+                return nn.modules.instancenorm._InstanceNorm.forward(self, input)
             y, mean, rstd = _normalize(x, self.weight, self.bias, self._spec, self.eps, path)
             if self.running_mean is not None:  # torch updates them whenever it uses the instances' statistics,
                 # in evaluation too where track_running_stats was turned off after construction
