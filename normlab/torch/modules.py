@@ -318,13 +318,14 @@ class GroupNorm(_Twin, nn.GroupNorm):
         self._spec = Spec.build("b (g [c]) [...]", "(g c)", g=self.num_groups)
 
     def _normlab_forward(self, input: Tensor) -> Tensor:
+        if input.dim() >= 2 and input.shape[1] == self.num_channels:
+            y = _fast_rows(self, input, self.eps)  # (None for parameters of another shape, which it checks)
+            if y is not None:
+                return y
         path = _choose_path(input, has_native=True)
         if (path == "native" or input.dim() < 2 or input.shape[1] != self.num_channels
                 or _params_misfit(self, (self.num_channels,))):
             return nn.GroupNorm.forward(self, input)
-        y = _fast_rows(self, input, self.eps)
-        if y is not None:
-            return y
         return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
 
 
