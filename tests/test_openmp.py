@@ -95,13 +95,21 @@ def test_scalars_come_back_with_their_own_type():
     assert out[1] == -4
 
 
+def _use_regions(monkeypatch, region) -> None:
+    """Make ``region`` the process's regions for one test: both globals of the lookup, so
+    that the teardown restores a consistent pair (patching ``_regions`` alone let a call
+    look torch's pool up, and the None restored after it then stuck for later tests)."""
+    monkeypatch.setattr(threads, "_looked_up", True)
+    monkeypatch.setattr(threads, "_regions", region)
+
+
 def test_a_non_contiguous_array_is_left_to_normlabs_own_pool(monkeypatch):
     region = openmp.Regions(openmp.region_starter())
     a = np.arange(24, dtype=np.float32).reshape(3, 8)[:, ::2]
     rows, out = np.zeros(300), np.zeros(8)
     assert not region.run(_echo.claimed, (a, (0, 0, 0), 1, 1.0, False, rows, out), _echo.loops, 2)
     assert not out.any()  # nothing ran
-    monkeypatch.setattr(threads, "_regions", region)
+    _use_regions(monkeypatch, region)
     monkeypatch.setattr(threads, "for_call", lambda: 2)
     _echo(a, (0, 0, 0), 1, 1.0, False, rows, out)  # threads.run falls back to the pool
     assert out[0] == a[1, 2] and out[7] == 300
@@ -121,7 +129,7 @@ def test_an_entry_that_does_not_compile_leaves_the_call_to_normlabs_pool(monkeyp
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     rows, out = np.zeros(300), np.zeros(8)
     assert not region.run(_echo.claimed, (a, (0, 0, 0), 1, 1.0, False, rows, out), _echo.loops, 2)
-    monkeypatch.setattr(threads, "_regions", region)
+    _use_regions(monkeypatch, region)
     monkeypatch.setattr(threads, "for_call", lambda: 2)
     _echo(a, (0, 0, 0), 1, 1.0, False, rows, out)
     assert out[0] == a[1, 2] and out[7] == 300
