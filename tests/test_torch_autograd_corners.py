@@ -16,6 +16,7 @@ from torch import Tensor  # noqa: E402
 from torch.autograd import forward_ad  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
+from tests.twins import randomized_pair  # noqa: E402
 
 D = torch.float64
 
@@ -30,12 +31,7 @@ TWINS = [
 
 
 def _pair(cls_name, args, train):
-    reference = getattr(torch.nn, cls_name)(*args, dtype=D)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.uniform_(0.5, 1.5)
-    twin = getattr(nt, cls_name)(*args, dtype=D)
-    twin.load_state_dict(reference.state_dict())
+    reference, twin = randomized_pair(cls_name, args, D)
     return reference.train(train), twin.train(train)
 
 

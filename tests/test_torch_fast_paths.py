@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("numba")
 
 import normlab.torch as nt  # noqa: E402
+from tests.twins import randomized_pair  # noqa: E402
 
 
 def _pair(cls_name, channels, dtype, affine=True):
@@ -116,12 +117,7 @@ def test_row_norms_without_gradients_skip_autograd_and_match_torch(cls_name, arg
     from normlab.torch import modules
 
     torch.manual_seed(0)
-    reference = getattr(torch.nn, cls_name)(*args, dtype=dtype)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.uniform_(0.5, 1.5)
-    twin = getattr(nt, cls_name)(*args, dtype=dtype)
-    twin.load_state_dict(reference.state_dict())
+    reference, twin = randomized_pair(cls_name, args, dtype)
 
     def full_path(*a, **k):
         raise AssertionError("the call took the autograd path")

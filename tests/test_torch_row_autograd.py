@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("numba")
 
 import normlab.torch as nt  # noqa: E402
+from tests.twins import randomized_pair  # noqa: E402
 from normlab.torch import modules  # noqa: E402
 
 # (torch.nn class, twin, constructor arguments, input shape)
@@ -21,14 +22,7 @@ ROW_MODULES = [
 ]
 
 
-def _pair(cls_name, args, dtype):
-    reference = getattr(torch.nn, cls_name)(*args, dtype=dtype)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.uniform_(0.5, 1.5)
-    twin = getattr(nt, cls_name)(*args, dtype=dtype)
-    twin.load_state_dict(reference.state_dict())
-    return reference, twin
+_pair = randomized_pair
 
 
 @pytest.fixture

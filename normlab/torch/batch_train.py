@@ -25,6 +25,7 @@ from torch import Tensor
 from normlab import kernels
 from normlab.kernels import pool
 from normlab.torch.ops import _grads_of, _needs_torch_backward
+from normlab.torch.spec import affine_parameters, module_cache
 
 _NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64}
 _MAX_CALLS = 64  # shapes remembered per module
@@ -70,47 +71,6 @@ def _plan_call(x: Tensor) -> Optional[TrainCall]:
         inverse = tuple(perm.index(d) for d in range(x.dim()))
         return TrainCall((rows, channels, 1), perm, inverse, tuple(shape[p] for p in perm), shape, dtype, rows)
     return None
-
-
-class ModuleCache(dict):
-    """What a module keeps between calls in its ``__dict__``: compiled calls, parameter
-    tables, NumPy views of its buffers, all tied to this process and these tensors. It
-    pickles and deep-copies as an empty cache, so that ``torch.save(model)`` and
-    ``copy.deepcopy(model)`` work after a call (a compiled kernel does not pickle), and the
-    loaded or copied module builds its own.
-
-    >>> import pickle
-    >>> cache = ModuleCache(key=object())
-    >>> pickle.loads(pickle.dumps(cache))
-    {}
-    """
-
-    __slots__ = ()
-
-    def __reduce__(self):
-        return ModuleCache, ()
-
-
-def module_cache(module, name: str) -> ModuleCache:
-    """The module's cache called ``name``, made on first use."""
-    cache = module.__dict__.get(name)
-    if cache is None:
-        cache = module.__dict__[name] = ModuleCache()
-    return cache
-
-
-_ABSENT = object()
-
-
-def affine_parameters(module) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """The module's ``(weight, bias)``, read where nn.Module keeps them (its ``__getattr__``
-    costs a microsecond a name), or through the attribute where a parametrization
-    (``torch.nn.utils.parametrize``) has replaced the Parameter by a computed property."""
-    parameters = module._parameters
-    weight, bias = parameters.get("weight", _ABSENT), parameters.get("bias", _ABSENT)
-    if weight is _ABSENT or bias is _ABSENT:
-        return getattr(module, "weight", None), getattr(module, "bias", None)  # (RMSNorm has no bias)
-    return weight, bias
 
 
 def _call_for(module, x: Tensor) -> Optional[TrainCall]:

@@ -16,8 +16,9 @@ from normlab.errors import InputError
 from normlab.plan import make_plan
 from normlab.torch import batch_train, row_autograd
 from normlab.torch.ops import _EagerNormalize, _is_eager, _normalize_op
-from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path, _needs_torch_ops
-from normlab.torch.spec import PlanFacts, Spec, _dense_perm, _empty_like_dense, _engine_view, _has_gaps
+from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
+from normlab.torch.spec import (PlanFacts, Spec, _dense_perm, _empty_like_dense, _engine_view, _has_gaps,
+                                affine_parameters, module_cache)
 
 
 def _in_compute_dtype(compute):
@@ -168,19 +169,10 @@ def _fast_rows(module, x: Tensor, eps: float, with_bias: bool = True) -> Optiona
     if (type(x) is not Tensor or _PathSwitch.path != "auto" or not x.is_cpu or torch.jit.is_tracing()
             or torch.compiler.is_compiling() or _functorch_active() or forward_ad._current_level >= 0):
         return None
-    # the module's weight and bias, read where nn.Module keeps them (its __getattr__ is slow)
-    params = module._parameters
-    weight = params.get("weight", _ABSENT)
-    if weight is _ABSENT:
-        weight = getattr(module, "weight", None)
-    bias = params.get("bias", _ABSENT) if with_bias else None
-    if bias is _ABSENT:
-        bias = getattr(module, "bias", None)
+    weight, bias = affine_parameters(module, with_bias)
     grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad))
-    calls = module.__dict__.get("_normlab_fast")
-    if calls is None:
-        calls = batch_train.module_cache(module, "_normlab_fast")
+    calls = module_cache(module, "_normlab_fast")
     key = (x.shape, x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype) if grad \
         else (x.shape, x.dtype)
     call = calls.get(key, False)
@@ -195,7 +187,6 @@ def _fast_rows(module, x: Tensor, eps: float, with_bias: bool = True) -> Optiona
     return call(x, weight, bias, eps) if _has_gaps(x) else None
 
 
-_ABSENT = object()
 _functorch_active = torch._C._are_functorch_transforms_active
 
 
@@ -352,7 +343,7 @@ def _small_eval(module, x: Tensor) -> Optional[Tensor]:
     if (mean is None or var is None or x.dim() < 2 or x.shape[1] != module.num_features
             or not 0.0 < module.eps < math.inf or x.numel() * x.element_size() >= EVAL_NATIVE_BELOW_BYTES):
         return None
-    return torch.nn.functional.batch_norm(x, mean, var, *batch_train.affine_parameters(module), False, 0.0,
+    return torch.nn.functional.batch_norm(x, mean, var, *affine_parameters(module), False, 0.0,
                                           module.eps)
 
 
@@ -360,7 +351,7 @@ def _params_misfit(module, shape: tuple) -> bool:
     """A weight or bias that is not of ``shape``, the one the kernels read (one set after
     construction): the twin then takes torch.nn's forward, which raises its own error (or
     computes, as a batch norm does with any shape of C elements)."""
-    weight, bias = batch_train.affine_parameters(module)
+    weight, bias = affine_parameters(module)
     return (weight is not None and weight.shape != shape) or (bias is not None and bias.shape != shape)
 
 

@@ -246,7 +246,8 @@ class RMSNorm(_Twin, nn.RMSNorm):
                 return y
         if not _trailing_fits(x, self.normalized_shape) or _params_misfit(self, tuple(self.normalized_shape)):
             return nn.RMSNorm.forward(self, x)  # torch raises its own error
-        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        if eps is None:  # (a dtype without a table entry)
+            eps = torch.finfo(x.dtype).eps
         path = _choose_path(x, has_native=True)
         if path == "native" and torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
             path = "composite"  # the TorchScript ONNX exporter has no aten::rms_norm: plain ONNX ops

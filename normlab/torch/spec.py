@@ -233,3 +233,50 @@ def _engine_view(t: Tensor, perm) -> np.ndarray:
 
 def _inverse(perm):
     return tuple(int(i) for i in np.argsort(perm))
+
+
+class ModuleCache(dict):
+    """What a module keeps between calls in its ``__dict__``: compiled calls, parameter
+    tables, NumPy views of its buffers, all tied to this process and these tensors. It
+    pickles and deep-copies as an empty cache, so that ``torch.save(model)`` and
+    ``copy.deepcopy(model)`` work after a call (a compiled kernel does not pickle), and the
+    loaded or copied module builds its own.
+
+    >>> import pickle
+    >>> cache = ModuleCache(key=object())
+    >>> pickle.loads(pickle.dumps(cache))
+    {}
+    """
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return ModuleCache, ()
+
+
+def module_cache(module, name: str) -> ModuleCache:
+    """The module's cache called ``name``, made on first use."""
+    cache = module.__dict__.get(name)
+    if cache is None:
+        cache = module.__dict__[name] = ModuleCache()
+    return cache
+
+
+_ABSENT = object()
+
+
+def affine_parameters(module, with_bias: bool = True) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The module's ``(weight, bias)`` (bias None unless ``with_bias``), read where
+    nn.Module keeps them (its ``__getattr__`` costs a microsecond a name), or through the
+    attribute where a parametrization (``torch.nn.utils.parametrize``) has replaced the
+    Parameter by a computed property, or the module has none (RMSNorm has no bias)."""
+    parameters = module._parameters
+    weight = parameters.get("weight", _ABSENT)
+    if weight is _ABSENT:
+        weight = getattr(module, "weight", None)
+    if not with_bias:
+        return weight, None
+    bias = parameters.get("bias", _ABSENT)
+    if bias is _ABSENT:
+        bias = getattr(module, "bias", None)
+    return weight, bias
