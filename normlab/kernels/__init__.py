@@ -575,19 +575,28 @@ class FastBackward:
     chunk_rows: int
     chunks: int
 
+    @functools.cached_property
+    def parts_shape(self) -> tuple[int, ...]:
+        """The shape of the parameter-gradient parts: one weight table per chunk."""
+        return (self.chunks,) + self.forward.table_shape
+
     def __call__(self, grad_y, x, weight_table, mean, rstd, need_params: bool):
         """``(grad_x, grad_weight, grad_bias)``: grad_x in x's shape and dtype, the parameter
         gradients float64 of the plan's param_shape (None unless ``need_params``).
         ``weight_table`` is :meth:`FastForward.tables`' first; ``mean`` and ``rstd`` are the
         forward's (``mean`` None for RMS)."""
         plan = self.forward
-        rows, n = plan.shape
-        grad_x = pool.empty(plan.shape, plan.dtype) if plan.nbytes >= pool.MIN_BYTES else np.empty(plan.shape, plan.dtype)
-        weight_parts = np.zeros((self.chunks,) + plan.table_shape)
-        bias_parts = np.zeros((self.chunks,) + plan.table_shape)
-        mean_flat = _constant_table((rows,), 0.0) if mean is None else mean.reshape(rows)
-        # a strided x (or grad_y) is read where it lies when its rows allow (row_layout), else copied
-        g, x_rows, gx = strided.one_kind(plan.rows_of(grad_y), plan.rows_of(x), (grad_x, strided.PLAIN_ROWS))
+        rows, n = shape = plan.shape
+        dtype, plain = plan.dtype, strided.PLAIN_ROWS
+        grad_x = pool.empty(shape, dtype) if plan.nbytes >= pool.MIN_BYTES else np.empty(shape, dtype)
+        weight_parts = np.zeros(self.parts_shape)
+        bias_parts = np.zeros(self.parts_shape)
+        mean_flat = np.zeros(rows) if mean is None else mean.reshape(rows)
+        if (grad_y.dtype == dtype and x.dtype == dtype and grad_y.flags.c_contiguous
+                and x.flags.c_contiguous):  # the common case, without row_layout's checks
+            g, x_rows, gx = (grad_y.reshape(shape), plain), (x.reshape(shape), plain), (grad_x, plain)
+        else:  # a strided x (or grad_y) is read where it lies when its rows allow (row_layout), else copied
+            g, x_rows, gx = strided.one_kind(plan.rows_of(grad_y), plan.rows_of(x), (grad_x, plain))
         arguments = (*g, *x_rows, n, weight_table, plan.param_row_stride, plan.param_inner, plan.rms, 0.0, True,
                      mean_flat, rstd.reshape(rows), self.chunk_rows, *gx, weight_parts, bias_parts)
         if rows * n < threads.serial_below():

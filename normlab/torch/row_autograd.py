@@ -44,7 +44,8 @@ class RowGradCall:
             return None  # tensor subclasses take the registered op
         if self.params.of(weight, bias) is None:
             return None
-        return _RowFunction.apply(x, weight, bias, self, eps)
+        return _apply_row(_unwrap_if_dead(x), weight if weight is None else _unwrap_if_dead(weight),
+                          bias if bias is None else _unwrap_if_dead(bias), self, eps)
 
 
 class ParamTables:
@@ -106,17 +107,17 @@ class _RowFunction(torch.autograd.Function):
         tables = call.tables
         y, mean, rstd = call.forward.run(x_array, *tables, eps, True)
         ctx.save_for_backward(x, weight, bias)  # (torch then checks that none changes before backward)
-        ctx.kernel_inputs = (call, tables[0], mean, rstd)  # (not x_array: backward reads x as saved, see there)
-        ctx.arguments = (*call.arguments[:3], eps, call.arguments[3])  # read by _differentiable_backward
+        ctx.kernel_inputs = (call, tables[0], mean, rstd, eps)  # (not x_array: backward reads x as saved, see there)
         return torch.from_numpy(y)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, bias = ctx.saved_tensors
+        call, weight_table, mean, rstd, eps = ctx.kernel_inputs
         if _needs_torch_backward(grad_y):  # create_graph=True, or batched gradients
+            ctx.arguments = (*call.arguments[:3], eps, call.arguments[3])  # as _differentiable_backward reads them
             return (*_differentiable_backward(ctx, grad_y, x, weight, bias)[:3], None, None)
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        call, weight_table, mean, rstd = ctx.kernel_inputs
         # x as saved_tensors gives it back: under saved-tensor hooks (activation offloading,
         # checkpointing) that is the hook's copy, and the forward's x may be freed or changed
         grad_x, grad_w, grad_b = call.backward(grad_y.detach().numpy(), x.detach().numpy(), weight_table, mean, rstd,
@@ -126,6 +127,14 @@ class _RowFunction(torch.autograd.Function):
                 torch.from_numpy(grad_w.astype(weight_dtype, copy=False)) if need_weight else None,
                 torch.from_numpy(grad_b.astype(bias_dtype, copy=False)) if need_bias else None,
                 None, None)
+
+
+# Function.apply without its Python wrapper, which binds arguments for setup_context
+# (_RowFunction has none) and routes functorch transforms (the caller returns None under
+# one): a microsecond or two of a small input's call. Its one other step, unwrapping a
+# tensor left over from a finished transform, is kept.
+_apply_row = super(torch.autograd.Function, _RowFunction).apply
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
 def build(spec, forward, param_dtypes) -> RowGradCall | None:
