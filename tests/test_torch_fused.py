@@ -223,3 +223,35 @@ def test_ada_layer_norm_raises_runtime_error_for_a_misshaped_input():
         AdaLayerNorm(4)(torch.randn(2, 3, 6), emb=torch.randn(2, 4))
     with pytest.raises(RuntimeError, match="emb"):
         AdaLayerNorm(4)(torch.randn(2, 3, 4), emb=torch.randn(3, 4))
+
+
+class _Logged(torch.Tensor):
+    """A tensor subclass with a ``__torch_function__`` of its own (as DTensor and users'
+    tracing classes have): it records each torch function it is handed."""
+
+    calls: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_fused_blocks_hand_tensor_subclasses_each_torch_operation_as_the_blocks_they_replace_do():
+    gen = torch.Generator().manual_seed(5)
+    x, r, z = (torch.randn(2, 3, 64, generator=gen) for _ in range(3))
+    llama, mamba = _randomize(LlamaRMSNorm(64)), _randomize(MambaRMSNormGated(64, group_size=16, eps=1e-6))
+    add_rms = FusedAddRMSNorm(64)
+    gated = GatedRMSNorm(64, group_size=16, eps=1e-6, norm_before_gate=False, casting="llama")  # as HF Mamba2
+    add_rms.load_state_dict(llama.state_dict())
+    gated.load_state_dict(mamba.state_dict())
+    cases = [(add_rms, lambda a, b: (llama(a + b), a + b), r),  # (ours, the composite it replaces, second input)
+             (gated, lambda a, b: (mamba(a, b),), z)]
+    for ours, theirs, other in cases:
+        _Logged.calls = []
+        got = ours(x.as_subclass(_Logged), other.as_subclass(_Logged))
+        got = got if isinstance(got, tuple) else (got,)
+        assert _Logged.calls, "the subclass saw no torch operation"
+        for g, e in zip(got, theirs(x, other), strict=True):
+            assert type(g) is _Logged
+            torch.testing.assert_close(g.as_subclass(torch.Tensor), e, rtol=1e-5, atol=1e-6)
