@@ -5,6 +5,7 @@ running statistics and exception types)."""
 
 import copy
 import math
+import re
 
 import pytest
 
@@ -205,8 +206,8 @@ def test_a_module_built_on_the_meta_device_materializes_as_torch_nn(name, build,
 def test_bfloat16_parameters_with_full_precision_input_compute_as_torch_nn(name, factory, shape, x_dtype):
     """A model cast to bfloat16 that is fed float32 or float64 (NumPy has no bfloat16 for the
     kernels to read the parameters with): torch.nn.RMSNorm computes, and the twin gives its
-    output and gradients; where torch.nn refuses the mix, the twin computes what torch.nn
-    does with the same parameter values in the input's dtype."""
+    output and gradients; where torch.nn refuses the mix ("mixed dtype (CPU)"), the twin
+    raises the same error."""
     original, twin = pair(factory)
     for module in (original, twin):
         module.to(torch.bfloat16).train()
@@ -214,9 +215,10 @@ def test_bfloat16_parameters_with_full_precision_input_compute_as_torch_nn(name,
     x_original, x_twin = x.clone().requires_grad_(), x.clone().requires_grad_()
     try:
         expected = original(x_original)
-    except RuntimeError:  # torch.nn's "mixed dtype": the same values in x's dtype
-        original.to(x_dtype)
-        expected = original(x_original)
+    except RuntimeError as error:
+        with pytest.raises(RuntimeError, match=re.escape(str(error))):
+            twin(x_twin)
+        return
     actual = twin(x_twin)
     torch.testing.assert_close(actual, expected, **TOLERANCE)
     expected.square().sum().backward()
@@ -224,6 +226,34 @@ def test_bfloat16_parameters_with_full_precision_input_compute_as_torch_nn(name,
     torch.testing.assert_close(x_twin.grad, x_original.grad, rtol=1e-4, atol=1e-4)
     for (key, param), (_, expected_param) in zip(twin.named_parameters(), original.named_parameters()):
         torch.testing.assert_close(param.grad, expected_param.grad.to(param.dtype), msg=key)
+
+
+MIXED = [(torch.float64, torch.float32), (torch.float32, torch.float64), (torch.float32, torch.bfloat16),
+         (torch.float32, torch.float16), (torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "no_grad"])
+@pytest.mark.parametrize("param_dtype, x_dtype", MIXED, ids=[f"{p}-{x}".replace("torch.", "") for p, x in MIXED])
+@pytest.mark.parametrize("name, factory, shape", NORMS, ids=IDS)
+def test_parameters_of_another_dtype_than_the_input_fail_or_compute_as_torch_nn(name, factory, shape, param_dtype,
+                                                                               x_dtype, mode):
+    """torch's CPU norm kernels take parameters of the input's dtype, or float32 ones beside
+    a bfloat16 or float16 input, and raise "mixed dtype (CPU)" otherwise: the twin raises
+    the same error where torch.nn does, and computes its output where it computes."""
+    original, twin = pair(factory)
+    for module in (original, twin):
+        module.to(param_dtype).train(mode == "train")
+    x = inputs(shape).to(x_dtype)
+    with torch.set_grad_enabled(mode != "no_grad"):
+        try:
+            expected = original(x.clone().requires_grad_(mode != "no_grad"))
+        except RuntimeError as error:
+            with pytest.raises(RuntimeError, match=re.escape(str(error))):
+                twin(x.clone().requires_grad_(mode != "no_grad"))
+            return
+        actual = twin(x.clone().requires_grad_(mode != "no_grad"))
+    assert actual.dtype == expected.dtype
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=1e-2, atol=1e-2)
 
 
 class _Quantizable(nn.Module):

@@ -191,9 +191,9 @@ _functorch_active = torch._C._are_functorch_transforms_active
 
 
 def _build_grad_rows(spec: Spec, x: Tensor, weight, bias):
-    if x.dtype not in _EVAL_DTYPES or any(t is not None and (t.dtype not in _NUMPY_OF or t.device.type != "cpu")
+    if x.dtype not in _EVAL_DTYPES or any(t is not None and (t.dtype != x.dtype or t.device.type != "cpu")
                                           for t in (weight, bias)):
-        return None
+        return None  # (parameters of another dtype: the full path, where torch raises its error)
     try:
         plan = make_plan(spec.pattern, tuple(x.shape), spec.params, **spec.size_dict)
     except ValueError:
@@ -355,6 +355,16 @@ def _params_misfit(module, shape: tuple) -> bool:
     return (weight is not None and weight.shape != shape) or (bias is not None and bias.shape != shape)
 
 
+def _dtypes_refused(x: Tensor, *params) -> bool:
+    """True where torch's CPU norm kernels refuse these dtypes ("mixed dtype (CPU)"): they
+    take parameters (and running statistics) of the input's dtype, or float32 ones beside
+    a bfloat16 or float16 input. The twin then takes torch.nn's forward, which raises its
+    own error, where the kernels would compute."""
+    if not x.is_cpu or all(p is None or p.dtype == x.dtype for p in params):
+        return False
+    return x.dtype not in _LOW_PRECISION or any(p is not None and p.dtype != torch.float32 for p in params)
+
+
 def _batch_norm_forward(module, x: Tensor) -> Tensor:
     """BatchNorm{1,2,3}d's forward on the kernel or composite path (torch's semantics);
     torch's own forward where only torch's ops run, or where the input does not fit, so
@@ -365,7 +375,8 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
             return y
     path = _choose_path(x, has_native=True)
     if (path == "native" or x.dim() < 2 or x.shape[1] != module.num_features
-            or _params_misfit(module, (module.num_features,))):
+            or _params_misfit(module, (module.num_features,))
+            or _dtypes_refused(x, module.weight, module.bias, module.running_mean, module.running_var)):
         return nn.modules.batchnorm._BatchNorm.forward(module, x)
     if not torch.compiler.is_compiling() and x.is_inference() and _needs_grad(x, module.weight, module.bias):
         # an inference tensor where autograd must save it: torch raises its error before

@@ -19,8 +19,8 @@ from normlab.errors import InputError, ParamsError, ShapeError
 from normlab.notation import parse_params, parse_pattern
 from normlab.plan import make_plan
 from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_forward, _batch_variance,
-                                   _channel_shape, _check_batch, _expanded_param, _fast_rows, _normalize, _params_misfit,
-                                   _update_instance_running, _update_running)
+                                   _channel_shape, _check_batch, _dtypes_refused, _expanded_param, _fast_rows,
+                                   _normalize, _params_misfit, _update_instance_running, _update_running)
 from normlab.torch.casting import apply_recipe_scale, check_casting, compute_dtype, rms_norm_recipe
 from normlab.torch.masked_modules import masked_forward
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
@@ -159,7 +159,7 @@ class LayerNorm(_Twin, nn.LayerNorm):
             return y
         path = _choose_path(input, has_native=True)
         if (path == "native" or not _trailing_fits(input, self.normalized_shape)
-                or _params_misfit(self, tuple(self.normalized_shape))):
+                or _params_misfit(self, tuple(self.normalized_shape)) or _dtypes_refused(input, self.weight, self.bias)):
             return nn.LayerNorm.forward(self, input)
         return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
 
@@ -325,7 +325,7 @@ class GroupNorm(_Twin, nn.GroupNorm):
                 return y
         path = _choose_path(input, has_native=True)
         if (path == "native" or input.dim() < 2 or input.shape[1] != self.num_channels
-                or _params_misfit(self, (self.num_channels,))):
+                or _params_misfit(self, (self.num_channels,)) or _dtypes_refused(input, self.weight, self.bias)):
             return nn.GroupNorm.forward(self, input)
         return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
 
@@ -346,6 +346,7 @@ class _InstanceNormForward(_Twin):
         x = input.unsqueeze(0) if unbatched else input
         use_input_stats = self.training or not self.track_running_stats
         if (path == "native" or x.shape[1] != self.num_features or _params_misfit(self, (self.num_features,))
+                or _dtypes_refused(x, self.weight, self.bias, self.running_mean, self.running_var)
                 or (self.running_mean is None) != (
                 self.running_var is None) or (self.running_mean is None and not use_input_stats)
                 or not 0.0 < self.eps < math.inf):
