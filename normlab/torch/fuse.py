@@ -74,9 +74,23 @@ def _fused_forward(self, hidden_states, *args, **kwargs):
     return residual + self.mlp(normed)
 
 
+def _fused_instance(cls: type) -> nn.Module:
+    """An empty instance of ``cls``'s fused class, for pickle to fill with the layer's state."""
+    fused_cls = _fused_class(cls)
+    return fused_cls.__new__(fused_cls)
+
+
+def _reduce_ex(self, protocol):
+    # pickle finds a class by its module and name, and the fused class is made at run time:
+    # name the layer's own class instead, so torch.save(model) and torch.load work
+    _, _, *rest = object.__reduce_ex__(self, max(protocol, 2))
+    return (_fused_instance, (self._unfused_class,), *rest)
+
+
 @functools.lru_cache(maxsize=None)
 def _fused_class(cls: type) -> type:
     return type(f"Fused{cls.__name__}", (cls,), {"forward": _fused_forward, "_unfused_forward": cls.forward,
+                                                  "_unfused_class": cls, "__reduce_ex__": _reduce_ex,
                                                   "__module__": cls.__module__})
 
 

@@ -170,7 +170,9 @@ def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
         y = y + _broadcast(bias, plan, plan).to(work)
     if gate is not None and block.norm_before_gate:
         y = y * phi.reshape(plan.axis_sizes).to(work)
-    y = y.reshape(x.shape).to(dtype)
+    # gemma rounds once at the end; llama and none keep the dtype the weight's product promotes
+    # to (a float32 weight on bfloat16 input gives float32, as LlamaRMSNorm's weight * x̂ does)
+    y = y.reshape(x.shape).to(dtype) if block.casting == "gemma" else y.reshape(x.shape)
     return (y, total) if residual is not None else y
 
 

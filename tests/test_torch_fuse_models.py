@@ -1,0 +1,181 @@
+"""``convert(model, fuse=True)`` on Hugging Face causal language models as users run them
+after converting: other families of the LLaMA structure (and families of another
+structure, which must stay as they are), greedy generation with the KV cache and left
+padding, training gradients with and without gradient checkpointing, ``save_pretrained``,
+``torch.save`` of the whole model. The oracle is always the unconverted transformers
+model (built from a tiny config with random weights) on the same inputs, and torch's
+autograd through it."""
+
+import copy
+import io
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from normlab.torch import FusedAddRMSNorm, GatedRMSNorm, convert  # noqa: E402
+
+_TINY = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+             num_hidden_layers=2, vocab_size=100, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+             eos_token_id=2)
+# float32: the kernels round once from float64, transformers twice in float32
+_FLOAT32 = dict(rtol=1e-5, atol=1e-5)
+
+
+def _model(family: str, **extra):
+    config = AutoConfig.for_model(family, **{**_TINY, **extra})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # norm weights away from their initial ones (and Gemma's zeros)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+def _ids(shape=(2, 7), seed=2):
+    return torch.randint(3, 100, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _fused(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every norm of these families is converted
+        return convert(copy.deepcopy(model), fuse=True)
+
+
+def _fused_layers(model) -> int:
+    return sum(type(m).__name__.startswith("Fused") and not isinstance(m, FusedAddRMSNorm) for m in model.modules())
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "glm"])
+def test_convert_fuse_rewrites_llama_style_families_and_keeps_their_logits(family):
+    model = _model(family)
+    fused = _fused(model)
+    assert _fused_layers(fused) == 2
+    assert fused.state_dict().keys() == model.state_dict().keys()
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, model(ids).logits, **_FLOAT32)
+        bf16 = copy.deepcopy(model).to(torch.bfloat16)
+        # bfloat16 runs the composite with LLaMA's recipe: the same bits
+        torch.testing.assert_close(copy.deepcopy(fused).to(torch.bfloat16)(ids).logits, bf16(ids).logits, rtol=0,
+                                   atol=0)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "olmo2", "phi3"])
+def test_convert_fuse_leaves_decoder_layers_of_other_structures_unfused_and_their_logits_unchanged(family):
+    # Gemma2/3 norm the attention output before the add, OLMo2 is post-norm, Phi3 adds
+    # through dropouts: fusing the post-attention norm with the add would change them
+    model = _model(family)
+    fused = _fused(model)
+    assert _fused_layers(fused) == 0
+    assert not any(isinstance(m, FusedAddRMSNorm) for m in fused.modules())
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_fused_model_generates_the_same_tokens_with_kv_cache_and_left_padding():
+    model = _model("qwen3")
+    fused = _fused(model)
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # the first sequence is left-padded
+    ids[0, :3] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(fused.generate(ids, **kwargs), model.generate(ids, **kwargs), rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_model_trains_with_the_unconverted_models_gradients(checkpointing):
+    model = _model("llama", attention_dropout=0.0)
+    fused = _fused(model)
+    ids = _ids()
+    for m in (model, fused):
+        if checkpointing:
+            m.gradient_checkpointing_enable()
+        m.train()
+        m(ids, labels=ids).loss.backward()
+        m.eval()
+    for (name, want), (_, got) in zip(model.named_parameters(), fused.named_parameters()):
+        assert got.grad is not None, name
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():  # back in evaluation after training
+        torch.testing.assert_close(fused(ids).logits, model(ids).logits, **_FLOAT32)
+
+
+def test_fused_model_round_trips_save_pretrained_into_the_original_class(tmp_path):
+    model = _model("llama", tie_word_embeddings=True)
+    fused = _fused(model)
+    assert fused.lm_head.weight is fused.model.embed_tokens.weight
+    fused.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert _fused_layers(loaded) == 0 and loaded.state_dict().keys() == model.state_dict().keys()
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_torch_save_of_a_fused_model_loads_back_fused_with_the_same_logits():
+    model = _model("gemma")
+    fused = _fused(model)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded.model.layers[0]) is type(fused.model.layers[0])
+    assert _fused_layers(loaded) == 2
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, **_FLOAT32)
+
+
+def test_convert_fuse_twice_or_on_a_submodule_fuses_each_layer_once():
+    model = _model("llama")
+    fused = _fused(model)
+    convert(fused, fuse=True)
+    convert(fused.model.layers[0], fuse=True)
+    layer_class = type(fused.model.layers[0])
+    assert layer_class.__mro__[1] is type(model.model.layers[0])  # not a fused class of a fused class
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, model(ids).logits, **_FLOAT32)
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+def test_fused_add_rms_norm_on_half_input_with_a_float32_weight_returns_llamas_dtype_and_values(x_dtype, w_dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    reference = LlamaRMSNorm(32, eps=1e-6).to(w_dtype)
+    with torch.no_grad():
+        reference.weight.normal_(generator=torch.Generator().manual_seed(0))
+    ours = FusedAddRMSNorm(32, eps=1e-6).to(w_dtype)
+    ours.weight = reference.weight
+    gen = torch.Generator().manual_seed(1)
+    x, r = (torch.randn(3, 32, generator=gen).to(x_dtype) for _ in range(2))
+    y, total = ours(x, r)
+    want = reference(x + r)  # weight · x̂.to(input dtype): promoted to the weight's float32
+    assert y.dtype == want.dtype
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    torch.testing.assert_close(total, x + r, rtol=0, atol=0)
+
+
+def test_gated_rms_norm_on_bfloat16_input_with_a_float32_weight_matches_mamba2s_gated_norm():
+    from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+
+    reference = MambaRMSNormGated(32, group_size=8, eps=1e-6)
+    with torch.no_grad():
+        reference.weight.normal_(generator=torch.Generator().manual_seed(0))
+    ours = GatedRMSNorm(32, group_size=8, eps=1e-6, norm_before_gate=False, casting="llama")
+    ours.weight = reference.weight
+    gen = torch.Generator().manual_seed(1)
+    x, z = (torch.randn(3, 32, generator=gen).to(torch.bfloat16) for _ in range(2))
+    want = reference(x, z)
+    got = ours(x, z)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
