@@ -147,6 +147,16 @@ def test_convert_fuse_twice_or_on_a_submodule_fuses_each_layer_once():
         torch.testing.assert_close(fused(ids).logits, model(ids).logits, **_FLOAT32)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_convert_fuse_after_a_plain_convert_still_fuses_the_converted_norms(family):
+    model = _model(family)
+    fused = convert(convert(copy.deepcopy(model)), fuse=True)
+    assert _fused_layers(fused) == 2
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, model(ids).logits, **_FLOAT32)
+
+
 @pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
 def test_fused_add_rms_norm_on_half_input_with_a_float32_weight_returns_llamas_dtype_and_values(x_dtype, w_dtype):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -179,3 +189,44 @@ def test_gated_rms_norm_on_bfloat16_input_with_a_float32_weight_matches_mamba2s_
     got = ours(x, z)
     assert got.dtype == want.dtype
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+_MAMBA = {"mamba2": lambda groups: dict(num_heads=8, head_dim=8, expand=2, n_groups=groups, state_size=8,
+                                         chunk_size=8),
+          "falcon_h1": lambda groups: dict(mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=groups,
+                                           mamba_d_state=8, mamba_chunk_size=8, mamba_rms_norm=True)}
+
+
+@pytest.mark.parametrize("family, groups", [("mamba2", 2), ("mamba2", 1), ("falcon_h1", 1)])
+def test_convert_turns_the_gated_norms_of_mamba2_and_falcon_h1_into_gated_rms_norms_with_their_logits(family, groups):
+    # with one group the gated norm without its gate is an RMS norm: it must not become
+    # RMSNorm, whose second argument is a mask (the mixer passes the gate there)
+    model = _model(family, **_MAMBA[family](groups))
+    converted = _fused(model)
+    gated = [m for m in converted.modules() if isinstance(m, GatedRMSNorm)]
+    assert len(gated) == 2 and all(m.hidden_size // m.group_size == groups for m in gated)
+    assert converted.state_dict().keys() == model.state_dict().keys()
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, model(ids).logits, **_FLOAT32)
+        bf16 = copy.deepcopy(model).to(torch.bfloat16)
+        torch.testing.assert_close(copy.deepcopy(converted).to(torch.bfloat16)(ids).logits, bf16(ids).logits, rtol=0,
+                                   atol=0)
+    if family == "mamba2" and groups == 2:
+        for m in (model, converted):
+            m(ids, labels=ids).loss.backward()
+        for (name, want), (_, got) in zip(model.named_parameters(), converted.named_parameters()):
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_gated_rms_norm_takes_the_gate_by_transformers_keyword():
+    from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+
+    reference = MambaRMSNormGated(32, group_size=8, eps=1e-6)
+    ours = convert(copy.deepcopy(reference))
+    assert isinstance(ours, GatedRMSNorm)
+    gen = torch.Generator().manual_seed(1)
+    x, z = (torch.randn(3, 32, generator=gen).to(torch.bfloat16) for _ in range(2))
+    torch.testing.assert_close(ours(x, gate=z), reference(x, gate=z), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="once"):
+        ours(x, z, gate=z)

@@ -12,6 +12,12 @@ A layer is converted when normlab can compute what it computes:
   ``eps`` or ``variance_epsilon`` whose forward reproduces one casting recipe
   (:mod:`normlab.torch.casting`) bit for bit on probe inputs in float32 and bfloat16
   becomes :class:`RMSNorm` with that recipe;
+* gated RMS norms (transformers' ``MambaRMSNormGated``, ``FalconH1RMSNormGated``): a module
+  like those above whose forward takes a gate, ``forward(x, gate)``, and reproduces
+  :class:`~normlab.torch.fused.GatedRMSNorm` with one casting recipe bit for bit, per group
+  of its ``group_size`` (or ``n_groups``), becomes that module; one taking a second
+  argument that no recipe reproduces is left alone, never an :class:`RMSNorm` whose
+  second argument is a mask;
 * ``LazyBatchNorm*`` and ``LazyInstanceNorm*``: once their first forward has inferred the
   channels, torch turns them into the normlab twin instead of torch.nn's class.
 
@@ -22,6 +28,7 @@ and leave the module, its state and the global random generator untouched.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import re
 import warnings
@@ -60,7 +67,7 @@ def twin_of(module: nn.Module, cls: type, **attributes) -> nn.Module:
     if cls is SyncBatchNorm and not hasattr(twin, "process_group"):
         twin.process_group = None
     twin.__dict__.update(attributes)
-    twin._init_spec()
+    (twin._init_spec if hasattr(twin, "_init_spec") else twin._init_block)()  # (the fused blocks' name)
     if parametrize.is_parametrized(module):
         # torch.nn.utils.parametrize made module's class a subclass with one property per
         # parametrized tensor (weight computed from parametrizations.weight.original): give
@@ -80,7 +87,8 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
     Converted: torch.nn's norm classes and their subclasses that compute what torch.nn
     does; ConvNeXt's ``LayerNorm2d`` (torchvision, timm) as :class:`LayerNorm2d`;
     transformers' RMS norms (LLaMA, Mistral, Qwen, Gemma, T5, ...) as :class:`RMSNorm` with
-    their casting recipe; uninitialized lazy norms at their first forward (which itself
+    their casting recipe; their gated RMS norms (Mamba2, FalconH1) as
+    :class:`~normlab.torch.fused.GatedRMSNorm`; uninitialized lazy norms at their first forward (which itself
     runs torch's). A subclass of a torch.nn norm whose forward computes something else,
     and any module named ``...Norm...`` that normlab does not recognize, is left alone, and
     one warning lists them. A converted subclass becomes the plain twin, as
@@ -145,9 +153,16 @@ def _replacement(module: nn.Module, name: str, left_alone: dict) -> Optional[nn.
     elif not isinstance(module, _NORM_BASES):
         if cls.__module__.startswith("torch."):
             return None
-        recipe = _rms_recipe(module)
-        if recipe is not None:
-            return twin_of(module, RMSNorm, **recipe)
+        if _takes_a_second_input(module):
+            recipe = _gated_recipe(module)
+            if recipe is not None:
+                from normlab.torch.fused import GatedRMSNorm
+
+                return twin_of(module, GatedRMSNorm, **recipe)
+        else:
+            recipe = _rms_recipe(module)
+            if recipe is not None:
+                return twin_of(module, RMSNorm, **recipe)
         if not (re.search(r"Norm(?!al)", cls.__name__) and not list(module.children())):
             return None
     left_alone.setdefault(cls.__name__, []).append(name)
@@ -280,4 +295,67 @@ def _rms_recipe(module: nn.Module) -> Optional[dict]:
                    for a, e in zip(outputs, expected)):
                 return {"normalized_shape": (size,), "eps": float(eps), "elementwise_affine": True,
                         "casting": casting, "weight_offset": offset}
+    return None
+
+
+def _takes_a_second_input(module: nn.Module) -> bool:
+    """Whether ``type(module).forward`` takes a second positional input (a gate): such a
+    module is never an :class:`RMSNorm`, whose second argument is a mask."""
+    try:
+        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return True
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                  inspect.Parameter.VAR_POSITIONAL)
+    return sum(p.kind in positional for p in parameters) > 1
+
+
+def _group_sizes(module: nn.Module, size: int) -> list[int]:
+    """The group sizes a gated norm names: its ``group_size``, or ``size // n_groups``, or one group."""
+    group_size, n_groups = getattr(module, "group_size", None), getattr(module, "n_groups", None)
+    candidates = [group_size, size // n_groups if isinstance(n_groups, int) and n_groups > 0 else None, size]
+    return [c for c in dict.fromkeys(candidates)
+            if isinstance(c, int) and not isinstance(c, bool) and 0 < c <= size and size % c == 0]
+
+
+@_on_cpu
+def _gated_recipe(module: nn.Module) -> Optional[dict]:
+    """The :class:`~normlab.torch.fused.GatedRMSNorm` attributes (group size, gate position,
+    casting) whose torch composite gives ``type(module).forward(x, gate)`` bit for bit in
+    float32, bfloat16 and mixed weight/input dtypes; None when none does."""
+    from normlab.torch.fused import Block, _composite
+
+    weight = module._parameters.get("weight")
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if (set(module._parameters) != {"weight"} or weight is None or weight.dim() != 1 or len(module._buffers)
+            or list(module.children()) or not isinstance(eps, (int, float)) or isinstance(eps, bool)):
+        return None
+    generator = torch.Generator().manual_seed(0)
+    size = weight.shape[0]
+    probe_weight = torch.randn(size, generator=generator) * 0.5 + 1.0
+    x = torch.randn(2, 3, size, generator=generator) * 2.0
+    gate = torch.randn(2, 3, size, generator=generator) * 2.0
+    configs = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+               (torch.float32, torch.bfloat16)]
+    outputs = []
+    for x_dtype, w_dtype in configs:
+        probe = _probe_copy(module, {"parameters": {"weight": probe_weight.to(w_dtype)}, "buffers": {}})
+        try:
+            with torch.no_grad():
+                outputs.append(type(module).forward(probe, x.to(x_dtype), gate.to(x_dtype)))
+        except Exception:
+            return None
+    before = getattr(module, "norm_before_gate", None)
+    for group_size in _group_sizes(module, size):
+        for norm_before_gate in (before,) if isinstance(before, bool) else (False, True):
+            for casting in ("llama", "gemma"):
+                block = Block("... (g [c])", "(g c)", sizes=(("c", group_size),), eps=float(eps), rms=True,
+                              norm_before_gate=norm_before_gate, casting=casting)
+                with torch.no_grad():
+                    expected = [_composite(x.to(x_dtype), None, gate.to(x_dtype), probe_weight.to(w_dtype), None,
+                                           None, None, block) for x_dtype, w_dtype in configs]
+                if all(isinstance(a, Tensor) and a.dtype == e.dtype and a.shape == e.shape and torch.equal(a, e)
+                       for a, e in zip(outputs, expected)):
+                    return {"hidden_size": size, "eps": float(eps), "group_size": group_size,
+                            "norm_before_gate": norm_before_gate, "gate_activation": "silu", "casting": casting}
     return None

@@ -22,6 +22,7 @@ import inspect
 from torch import nn
 
 from normlab.torch.fused import FusedAddRMSNorm
+from normlab.torch.modules import RMSNorm
 
 __all__ = ["fuse_decoder_layers"]
 
@@ -44,6 +45,10 @@ def _recipe(norm: nn.Module):
     if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or eps is None:
         return None
     if getattr(norm, "bias", None) is not None or list(norm.children()):
+        return None
+    if type(norm) is RMSNorm:  # already converted (convert(model), then convert(model, fuse=True))
+        if norm.casting in ("llama", "gemma") and len(norm.normalized_shape) == 1:
+            return norm.casting, norm.weight_offset, float(eps)
         return None
     source = _source(type(norm).forward)
     if "self.weight*hidden_states.to(input_dtype)" in source:

@@ -448,7 +448,11 @@ class GatedRMSNorm(nn.Module):
         """The weight at its initial value, ones (as torch.nn.RMSNorm's)."""
         nn.init.ones_(self.weight)
 
-    def forward(self, x: Tensor, z: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, z: Optional[Tensor] = None, gate: Optional[Tensor] = None) -> Tensor:
+        if gate is not None:  # transformers' gated norms name it gate
+            if z is not None:
+                raise TypeError("GatedRMSNorm.forward takes the gate once: as z or as gate, not both")
+            z = gate
         _check_input(self, x, (self.hidden_size,), z=z)
         return fused_normalize(x, _block_of(self), gate=z, weight=self.weight)
 
