@@ -2,6 +2,7 @@
 gradients and running statistics over several training steps, on every path."""
 
 import copy
+import re
 import subprocess
 import sys
 
@@ -173,6 +174,21 @@ def test_num_batches_tracked_counts_training_steps_only():
 def test_batch_norm_refuses_one_value_per_channel_in_training():
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         nt.BatchNorm1d(3)(torch.randn(1, 3))
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (1, 4, 1, 1), (2, 4), (1, 4, 2)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_group_norm_with_one_value_in_all_fails_and_otherwise_computes_as_torch(shape, grad):
+    x = torch.randn(shape, requires_grad=grad)
+    try:
+        expected = torch.nn.GroupNorm(4, 4)(x)
+    except ValueError as error:
+        with pytest.raises(ValueError, match=re.escape(str(error))):
+            nt.GroupNorm(4, 4)(x)
+        return
+    # (groups of one value: normlab gives exact zeros, torch (x − mean)·rsqrt(eps) with its
+    # float32 mean's rounding, up to about 2e-5 here)
+    torch.testing.assert_close(nt.GroupNorm(4, 4)(x), expected, rtol=0, atol=1e-4)
 
 
 def test_unbatched_input_to_instance_norm_matches_torch():

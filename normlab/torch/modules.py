@@ -319,6 +319,8 @@ class GroupNorm(_Twin, nn.GroupNorm):
         self._spec = Spec.build("b (g [c]) [...]", "(g c)", g=self.num_groups)
 
     def _normlab_forward(self, input: Tensor) -> Tensor:
+        if input.numel() == self.num_groups:  # one value in all: torch raises its ValueError, as for batch norm
+            return nn.GroupNorm.forward(self, input)
         if input.dim() >= 2 and input.shape[1] == self.num_channels:
             y = _fast_rows(self, input, self.eps)  # (None for parameters of another shape, which it checks)
             if y is not None:
