@@ -423,3 +423,24 @@ def test_a_parameter_of_another_shape_set_after_calls_meets_torch_nn_error_or_ou
                 torch.testing.assert_close(actual[0], expected[0], **TOLERANCE)
                 torch.testing.assert_close(actual[1], expected[1], rtol=1e-4, atol=1e-4)
                 assert_same_state(twin, original)
+
+
+@pytest.mark.parametrize("training, track", [(True, False), (True, True), (False, True)])
+def test_instance_norm_parameters_changed_in_place_before_backward_give_torch_nn_gradients(training, track):
+    """A GAN's discriminator step before the generator's backward through it: torch.nn's
+    instance norm reads its parameters through ``weight.repeat(batch)``, so autograd keeps
+    the forward's values and allows the change; the twin gives the same gradients."""
+    original, twin = pair(lambda: nn.InstanceNorm2d(4, affine=True, track_running_stats=track))
+    x = inputs((2, 4, 5, 5))
+    grads = []
+    for module in (original, twin):
+        module.train(training)
+        x_leaf = x.clone().requires_grad_()
+        y = module(x_leaf)
+        with torch.no_grad():
+            module.weight.mul_(2)
+            module.bias.add_(1)
+        (y * inputs(y.shape, seed=2)).sum().backward()
+        grads.append((x_leaf.grad, module.weight.grad, module.bias.grad))
+    for actual, expected in zip(grads[1], grads[0]):
+        torch.testing.assert_close(actual, expected, **TOLERANCE)

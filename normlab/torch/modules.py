@@ -20,7 +20,8 @@ from normlab.notation import parse_params, parse_pattern
 from normlab.plan import make_plan
 from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_forward, _batch_variance,
                                    _channel_shape, _check_batch, _dtypes_refused, _expanded_param, _fast_rows,
-                                   _normalize, _params_misfit, _update_instance_running, _update_running)
+                                   _needs_grad, _normalize, _params_misfit, _update_instance_running,
+                                   _update_running)
 from normlab.torch.casting import apply_recipe_scale, check_casting, compute_dtype, rms_norm_recipe
 from normlab.torch.masked_modules import masked_forward
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
@@ -356,11 +357,18 @@ class _InstanceNormForward(_Twin):
             # with eps <= 0 its op gives a constant channel zeros, where rsqrt(0) would give NaN)
             return nn.modules.instancenorm._InstanceNorm.forward(self, input)
         batch, channels = x.shape[:2]
+        weight, bias = self.weight, self.bias
+        if _needs_grad(weight, bias):
+            # torch's instance norm reads the parameters through weight.repeat(batch), and
+            # autograd saves that copy: a change of the parameters in place between forward
+            # and backward (a GAN's discriminator step before the generator's backward through
+            # it) is allowed there, the backward using the values of the forward
+            weight, bias = (None if t is None else t.clone() for t in (weight, bias))
         if use_input_stats:
             count = math.prod(x.shape[2:])
             if count == 1:  # torch raises its error, in its words (one spatial element: a larger batch won't help)
                 return nn.modules.instancenorm._InstanceNorm.forward(self, input)
-            y, mean, rstd = _normalize(x, self.weight, self.bias, self._spec, self.eps, path)
+            y, mean, rstd = _normalize(x, weight, bias, self._spec, self.eps, path)
             if self.running_mean is not None:  # torch updates them whenever it uses the instances' statistics,
                 # in evaluation too where track_running_stats was turned off after construction
                 factor = 0.0 if self.momentum is None else self.momentum
@@ -368,8 +376,7 @@ class _InstanceNormForward(_Twin):
                 _update_instance_running(self, mean.reshape(batch, channels), var.reshape(batch, channels), count,
                                          factor)
         else:
-            y = _apply_stats(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
-                             _channel_shape(x))
+            y = _apply_stats(x, self.running_mean, self.running_var, weight, bias, self.eps, _channel_shape(x))
         return y.squeeze(0) if unbatched else y
 
 
