@@ -164,13 +164,16 @@ def row_forward(x, x_layout, y, y_layout, n, weight, bias, param_row_stride, par
     for r in prange(rows):
         x_row = row_at(x, x_layout, r, n)
         y_row = row_at(y, y_layout, r, n)
-        if not stats_given:
-            row_mean, row_var, row_rstd = group_stats(x_row, rms, eps)
-            mean[r] = row_mean
+        if stats_given:
+            m = mean[r]
+            rs = rstd[r]
+        else:
+            # applied from the locals, never read back: a caller may pass statistics arrays
+            # that another thread's call writes at the same time (FastForward.scratch)
+            m, row_var, rs = group_stats(x_row, rms, eps)
+            mean[r] = m
             var[r] = row_var
-            rstd[r] = row_rstd
-        m = mean[r]
-        rs = rstd[r]
+            rstd[r] = rs
         g = 0 if groups == 1 else (r // param_row_stride) % groups  # (an integer division costs)
         apply_row(x_row, y_row, weight[g], bias[g], param_inner, m, 0.0, rs)
 

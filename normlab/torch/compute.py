@@ -84,8 +84,10 @@ def _engine_takes(eps: float) -> bool:
 def _engine_reads(x: Tensor, weight, bias) -> bool:
     """The kernels read the parameters through NumPy, which has no bfloat16 (a float32
     or float64 input with bfloat16 parameters, which torch.nn.RMSNorm takes); for
-    low-precision input they are upcast first."""
-    return x.dtype in _LOW_PRECISION or all(t is None or t.dtype in _NUMPY_OF for t in (weight, bias))
+    low-precision input they are upcast first. Parameters on another device than the CPU
+    input (a module moved to "meta") go to torch's operations, which raise torch's error."""
+    return all(t is None or t.is_cpu for t in (weight, bias)) and (
+        x.dtype in _LOW_PRECISION or all(t is None or t.dtype in _NUMPY_OF for t in (weight, bias)))
 
 
 def _normalize(x: Tensor, weight, bias, spec: Spec, eps: float, path: str):

@@ -34,18 +34,16 @@ class RowGradCall:
         self.param_dtypes = param_dtypes  # NumPy dtypes of weight and bias (None where absent)
         self.params = ParamTables(forward)
 
-    @property
-    def tables(self):
-        return self.params.tables
-
     def __call__(self, x: Tensor, weight, bias, eps: float):
         """``y`` with autograd through the kernels, or None where the full path must run."""
         if type(weight) not in _EAGER_PARAMS or type(bias) not in _EAGER_PARAMS:
             return None  # tensor subclasses take the registered op
-        if self.params.of(weight, bias) is None:
+        tables = self.params.of(weight, bias)
+        if tables is None:
             return None
+        # the tables go with the call: another thread may prepare the module's next ones meanwhile
         return _apply_row(_unwrap_if_dead(x), weight if weight is None else _unwrap_if_dead(weight),
-                          bias if bias is None else _unwrap_if_dead(bias), self, eps)
+                          bias if bias is None else _unwrap_if_dead(bias), self, tables, eps)
 
 
 class ParamTables:
@@ -55,13 +53,14 @@ class ParamTables:
     miss a write through ``.data``, which no version counter records. ``same_dtype``:
     parameters of another dtype than the kernel's get no tables (None)."""
 
-    __slots__ = ("forward", "same_dtype", "held", "tables")
+    __slots__ = ("forward", "same_dtype", "held")
 
     def __init__(self, forward, same_dtype: bool = False):
         self.forward = forward
         self.same_dtype = same_dtype
-        self.held = None  # (weight, its data_ptr, its _version, bias, ...) of the tables
-        self.tables = None
+        # (weight, its data_ptr, its _version, bias, ..., the tables): one tuple, read and
+        # replaced whole, so that threads calling one module never see half of another's
+        self.held = None
 
     def of(self, weight, bias):
         """The ``(weight, bias)`` tables for these parameters, or None."""
@@ -71,19 +70,22 @@ class ParamTables:
                                             or (held[2] is not None and weight._version != held[2])))
                 or (bias is not None and (bias.data_ptr() != held[4]
                                           or (held[5] is not None and bias._version != held[5])))):
-            self._prepare(weight, bias)
-        return self.tables
+            return self._prepare(weight, bias)
+        return held[6]
 
-    def _prepare(self, weight, bias) -> None:
-        self.held = self.tables = None
-        if self.same_dtype and any(t is not None and (t.dtype != _TORCH_OF.get(self.forward.dtype) or not t.is_cpu)
-                                   for t in (weight, bias)):
-            return  # other dtypes take the full path (torch refuses float32 input with float64 weights)
+    def _prepare(self, weight, bias):
+        self.held = None
+        if any(t is not None and (not t.is_cpu or (self.same_dtype and t.dtype != _TORCH_OF.get(self.forward.dtype)))
+               for t in (weight, bias)):
+            # other devices (a module moved to "meta" after a call) and, with same_dtype, other
+            # dtypes take the full path (torch refuses float32 input with float64 weights)
+            return None
         arrays = (None if weight is None else weight.detach().numpy(), None if bias is None else bias.detach().numpy())
-        self.tables = self.forward.tables(*arrays)
-        if self.tables is not None and self.forward.tables_are_views(self.tables, *arrays):
+        tables = self.forward.tables(*arrays)
+        if tables is not None and self.forward.tables_are_views(tables, *arrays):
             self.held = (weight, None if weight is None else weight.data_ptr(), _version_of(weight),
-                         bias, None if bias is None else bias.data_ptr(), _version_of(bias))
+                         bias, None if bias is None else bias.data_ptr(), _version_of(bias), tables)
+        return tables
 
 
 def _version_of(param):
@@ -102,9 +104,8 @@ class _RowFunction(torch.autograd.Function):
     custom op takes it."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, call: RowGradCall, eps: float):  # the ctx-first form: no signature binding
+    def forward(ctx, x, weight, bias, call: RowGradCall, tables, eps: float):  # the ctx-first form: no signature binding
         x_array = x.detach().numpy()
-        tables = call.tables
         y, mean, rstd = call.forward.run(x_array, *tables, eps, True)
         ctx.save_for_backward(x, weight, bias)  # (torch then checks that none changes before backward)
         ctx.kernel_inputs = (call, tables[0], mean, rstd, eps)  # (not x_array: backward reads x as saved, see there)
@@ -116,7 +117,7 @@ class _RowFunction(torch.autograd.Function):
         call, weight_table, mean, rstd, eps = ctx.kernel_inputs
         if _needs_torch_backward(grad_y):  # create_graph=True, or batched gradients
             ctx.arguments = (*call.arguments[:3], eps, call.arguments[3])  # as _differentiable_backward reads them
-            return (*_differentiable_backward(ctx, grad_y, x, weight, bias)[:3], None, None)
+            return (*_differentiable_backward(ctx, grad_y, x, weight, bias)[:3], None, None, None)
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         # x as saved_tensors gives it back: under saved-tensor hooks (activation offloading,
         # checkpointing) that is the hook's copy, and the forward's x may be freed or changed
@@ -126,7 +127,7 @@ class _RowFunction(torch.autograd.Function):
         return (torch.from_numpy(grad_x) if need_x else None,
                 torch.from_numpy(grad_w.astype(weight_dtype, copy=False)) if need_weight else None,
                 torch.from_numpy(grad_b.astype(bias_dtype, copy=False)) if need_bias else None,
-                None, None)
+                None, None, None)
 
 
 # Function.apply without its Python wrapper, which binds arguments for setup_context

@@ -1,0 +1,127 @@
+"""What a twin caches between calls (plans per input shape, parameter tables) never
+outlives what it was built for: shapes past the cache's size, dtypes and devices the
+module moves to, parameters replaced, reloaded, frozen or written through ``.data``, and
+grad modes alternating. Oracle: torch.nn with the same parameters and inputs."""
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("numba")
+
+from tests.twins import randomized_pair  # noqa: E402
+
+# (class, constructor arguments, input shape for a batch of k)
+CASES = [
+    ("LayerNorm", (16,), lambda k: (k, 16)),
+    ("RMSNorm", (16,), lambda k: (k, 3, 16)),
+    ("GroupNorm", (4, 8), lambda k: (k, 8, 3)),
+    ("BatchNorm1d", (8,), lambda k: (k + 1, 8)),
+    ("InstanceNorm1d", (8, 1e-5, 0.1, True), lambda k: (2, 8, k + 1)),
+]
+IDS = [case[0] for case in CASES]
+
+
+def _agree(reference, twin, x, grad: bool) -> None:
+    """Forward (and with ``grad`` the gradients of x and every parameter) as torch.nn's."""
+    x_ref = x.clone().requires_grad_(grad)
+    x_twin = x.clone().requires_grad_(grad)
+    y_ref, y_twin = reference(x_ref), twin(x_twin)
+    tolerance = 1e-5 if x.dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(y_twin, y_ref, rtol=tolerance, atol=tolerance)
+    if not grad:
+        return
+    grad_y = torch.randn_like(y_ref)
+    wanted_ref = [x_ref] + [p for p in reference.parameters() if p.requires_grad]
+    wanted_twin = [x_twin] + [p for p in twin.parameters() if p.requires_grad]
+    for got, expected in zip(torch.autograd.grad(y_twin, wanted_twin, grad_y),
+                             torch.autograd.grad(y_ref, wanted_ref, grad_y)):
+        torch.testing.assert_close(got, expected, rtol=tolerance * 10, atol=tolerance * 10)
+
+
+@pytest.mark.parametrize("cls_name, args, shape", CASES, ids=IDS)
+def test_more_shapes_than_the_cache_holds_then_alternating_ones_match_torch(cls_name, args, shape):
+    torch.manual_seed(0)
+    reference, twin = randomized_pair(cls_name, args, torch.float32)
+    for k in list(range(1, 70)) + [1, 69, 1, 69, 2]:  # the cache keeps 64 shapes per module
+        _agree(reference, twin, torch.randn(shape(k)) * 3 + 1, grad=k % 2 == 0)
+
+
+@pytest.mark.parametrize("cls_name, args, shape", CASES, ids=IDS)
+def test_a_module_moved_between_dtypes_and_reloaded_matches_torch(cls_name, args, shape):
+    torch.manual_seed(0)
+    reference, twin = randomized_pair(cls_name, args, torch.float32)
+    for convert in ("double", "float", "double", "float"):
+        getattr(reference, convert)()
+        getattr(twin, convert)()
+        dtype = next(reference.parameters()).dtype
+        for grad in (False, True):
+            _agree(reference, twin, torch.randn(shape(4), dtype=dtype) * 3 + 1, grad)
+    state = {name: value + 0.25 if value.is_floating_point() else value
+             for name, value in reference.state_dict().items()}
+    reference.load_state_dict(state)
+    twin.load_state_dict(state)
+    for grad in (False, True):
+        _agree(reference, twin, torch.randn(shape(4)), grad)
+
+
+@pytest.mark.parametrize("cls_name, args, shape", CASES, ids=IDS)
+def test_parameters_replaced_frozen_or_rewritten_between_calls_match_torch(cls_name, args, shape):
+    torch.manual_seed(0)
+    reference, twin = randomized_pair(cls_name, args, torch.float32)
+    x = torch.randn(shape(4))
+    for grad in (False, True):
+        _agree(reference, twin, x, grad)
+    weight = torch.rand_like(reference.weight) + 0.5
+    reference.weight = torch.nn.Parameter(weight.clone())
+    twin.weight = torch.nn.Parameter(weight.clone())
+    for grad in (False, True):
+        _agree(reference, twin, x, grad)
+    for ref_param, twin_param in zip(reference.parameters(), twin.parameters()):
+        value = torch.rand_like(ref_param)
+        ref_param.data = value.clone()  # new storage, no version change
+        twin_param.data = value.clone()
+    for grad in (False, True):
+        _agree(reference, twin, x, grad)
+    for param in (*reference.parameters(), *twin.parameters()):
+        param.requires_grad_(False)
+    for grad in (False, True):
+        _agree(reference, twin, x, grad)
+
+
+@pytest.mark.parametrize("cls_name, args, shape", CASES, ids=IDS)
+def test_grad_modes_alternating_on_one_module_match_torch(cls_name, args, shape):
+    torch.manual_seed(0)
+    reference, twin = randomized_pair(cls_name, args, torch.float32)
+    x = torch.randn(shape(4))
+    for _ in range(2):
+        with torch.no_grad():
+            _agree(reference, twin, x, grad=False)
+        with torch.enable_grad():
+            _agree(reference, twin, x, grad=True)
+        with torch.inference_mode():
+            _agree(reference, twin, torch.randn(shape(4)), grad=False)
+        _agree(reference, twin, x, grad=True)
+
+
+@pytest.mark.parametrize("cls_name, args, shape", CASES, ids=IDS)
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_module_moved_to_meta_after_calls_raises_torchs_error_for_cpu_input(cls_name, args, shape, grad):
+    """The calls on the CPU cached the module's plans and parameter tables; on "meta" its
+    parameters have no memory to read, and torch.nn raises its device error."""
+    torch.manual_seed(0)
+    reference, twin = randomized_pair(cls_name, args, torch.float32)
+    for module in (reference, twin):
+        for grad_before in (False, True):
+            module(torch.randn(shape(4), requires_grad=grad_before))
+    reference.to("meta")
+    twin.to("meta")
+    x = torch.randn(shape(4), requires_grad=grad)
+    with pytest.raises(Exception) as expected:
+        reference(x)
+    with pytest.raises(type(expected.value)) as got:
+        twin(x)
+    assert str(got.value) == str(expected.value)
+    y = copy.deepcopy(twin)(torch.randn(shape(4), device="meta"))  # meta input: a meta result, as torch's
+    assert y.device.type == "meta" and y.shape == shape(4)
