@@ -66,11 +66,13 @@ def test_convert_fuse_rewrites_llama_style_families_and_keeps_their_logits(famil
                                    atol=0)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "olmo2", "phi3"])
-def test_convert_fuse_leaves_decoder_layers_of_other_structures_unfused_and_their_logits_unchanged(family):
+@pytest.mark.parametrize("family, extra", [("gemma2", {}), ("gemma3_text", {}), ("olmo2", {}), ("phi3", {}),
+                                           ("granite", dict(residual_multiplier=0.5))])
+def test_convert_fuse_leaves_decoder_layers_of_other_structures_unfused_and_their_logits_unchanged(family, extra):
     # Gemma2/3 norm the attention output before the add, OLMo2 is post-norm, Phi3 adds
-    # through dropouts: fusing the post-attention norm with the add would change them
-    model = _model(family)
+    # through dropouts, Granite scales what it adds: fusing the add into the norm would
+    # change them
+    model = _model(family, **extra)
     fused = _fused(model)
     assert _fused_layers(fused) == 0
     assert not any(isinstance(m, FusedAddRMSNorm) for m in fused.modules())

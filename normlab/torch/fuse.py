@@ -16,8 +16,10 @@ optimizer built before are unchanged. Layers of another structure are left alone
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
+import textwrap
 
 from torch import nn
 
@@ -58,13 +60,47 @@ def _recipe(norm: nn.Module):
     return None
 
 
-def _is_pre_norm_layer(layer: nn.Module) -> bool:
-    if {name for name, _ in layer.named_children()} != _LAYER_CHILDREN:
+# LlamaDecoderLayer.forward's statements, as ast.unparse writes them; the attention call
+# ("ATTENTION") may pass any of the layer's arguments on by their own names
+_PRE_NORM_STATEMENTS = (
+    "residual = hidden_states", "hidden_states = self.input_layernorm(hidden_states)", "ATTENTION",
+    "hidden_states = residual + hidden_states", "residual = hidden_states",
+    "hidden_states = self.post_attention_layernorm(hidden_states)", "hidden_states = self.mlp(hidden_states)",
+    "hidden_states = residual + hidden_states", "return hidden_states")
+
+
+def _passes_its_arguments_on(statement: ast.stmt) -> bool:
+    """``hidden_states, _ = self.self_attn(hidden_states=hidden_states, name=name, ..., **kwargs)``:
+    what the fused forward's ``self.self_attn(hidden_states=..., **kwargs)`` reproduces."""
+    if not (isinstance(statement, ast.Assign) and ast.unparse(statement.targets) == "(hidden_states, _)"
+            and isinstance(statement.value, ast.Call) and ast.unparse(statement.value.func) == "self.self_attn"
+            and not statement.value.args):
         return False
-    source = _source(type(layer).forward)
-    return (source.count("hidden_states=residual+hidden_states") == 2
-            and "hidden_states=self.post_attention_layernorm(hidden_states)hidden_states=self.mlp(hidden_states)"
-            in source)
+    return all(k.arg is None or (isinstance(k.value, ast.Name) and k.value.id == k.arg)
+               for k in statement.value.keywords)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_pre_norm_forward(cls: type) -> bool:
+    """Whether ``cls.forward`` is LlamaDecoderLayer's, statement for statement (a
+    ``residual + hidden_states * self.residual_multiplier`` (Granite), a norm of the
+    attention output (Gemma2) or a dropout before an add is another structure)."""
+    try:
+        function = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return False
+    if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return False
+    body = [s for s in function.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+    arguments = [a.arg for a in function.args.args]
+    return (len(body) == len(_PRE_NORM_STATEMENTS) and arguments[1:2] == ["hidden_states"]
+            and all(_passes_its_arguments_on(s) if expected == "ATTENTION" else ast.unparse(s) == expected
+                    for s, expected in zip(body, _PRE_NORM_STATEMENTS)))
+
+
+def _is_pre_norm_layer(layer: nn.Module) -> bool:
+    return ({name for name, _ in layer.named_children()} == _LAYER_CHILDREN
+            and _has_pre_norm_forward(type(layer)))
 
 
 def _fused_forward(self, hidden_states, *args, **kwargs):
