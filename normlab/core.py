@@ -301,7 +301,7 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
         # the fast path: everything the checks and the plan decide depends on this key alone
         # (a check that looks at values must make the fast call return None)
         key = (pattern, x.shape, x.dtype, params, rms, backend, _dtype_of(weight), _dtype_of(bias),
-               tuple(sizes.items()) if sizes else ())
+               _sizes_key(sizes) if sizes else ())
         try:
             call = _FAST_CALLS.get(key)
         except TypeError:  # an unhashable argument: the full checks will explain
@@ -343,6 +343,13 @@ def _grouped(mask, segment_ids, num_segments, segment_axis, *fused_options) -> b
 
 _FAST_CALLS: dict = {}  # key of normalize's arguments -> kernels.FastForward, or None: no fast path
 _FAST_CALLS_MAX = 4096
+
+
+def _sizes_key(sizes: dict) -> tuple:
+    """The sizes with their types: ``g=4.0`` and ``g=True`` equal ``g=4`` and ``g=1`` as
+    keys, but the full checks refuse them (not integers), so they must not find the
+    fast call that ``g=4`` left."""
+    return tuple((name, type(value), value) for name, value in sizes.items())
 
 
 def _dtype_of(param):

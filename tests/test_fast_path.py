@@ -3,12 +3,14 @@ dtypes and flags as an earlier one skips the checks and the plan, and gives what
 gives; anything the cached decisions do not cover still gets the full checks and their
 clear errors. Oracle: torch's own functions."""
 
+import re
+
 import numpy as np
 import pytest
 
 import normlab
 from normlab import core
-from normlab.errors import InputError, ParamsError
+from normlab.errors import InputError, ParamsError, ShapeError
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("numba")
@@ -79,3 +81,58 @@ def test_a_repeated_call_never_modifies_its_inputs_and_returns_fresh_outputs():
     second = normlab.normalize(x, "b [d]")
     assert first is not second and not np.shares_memory(first, second)
     np.testing.assert_array_equal(first, second)
+
+
+@pytest.mark.parametrize("size", [4.0, np.float64(4.0), True])
+def test_a_size_that_is_no_integer_is_refused_even_after_the_integer_was_cached(size):
+    """``g=4.0`` and ``g=True`` equal ``g=4`` and ``g=1`` as dictionary keys, but sizes
+    must be integers: the fast call that an integer size left must not take them."""
+    x = np.ones((2, 8, 3))
+    valid = 1 if size is True else 4
+    for _ in range(2):
+        normlab.normalize(x, "b (g [c]) [h]", g=valid)
+    with pytest.raises(ShapeError, match=re.escape(f"g={size!r} is not a positive integer")):
+        normlab.normalize(x, "b (g [c]) [h]", g=size)
+    y = normlab.normalize(x, "b (g [c]) [h]", g=np.int64(valid))  # a NumPy integer is an integer
+    np.testing.assert_array_equal(y, np.zeros_like(x))  # constant groups: exact zeros
+
+
+def _layouts(base: np.ndarray):
+    """``base``'s values in other layouts and array kinds, each the same shape and dtype."""
+    read_only = base.copy()
+    read_only.flags.writeable = False
+    wide = np.concatenate([base, base], axis=-1)
+    return {
+        "fortran": np.asfortranarray(base),
+        "reversed rows": base[::-1].copy()[::-1],
+        "reversed columns": np.ascontiguousarray(base[:, ::-1])[:, ::-1],
+        "column slice": wide[:, :base.shape[1]],
+        "every other row": np.repeat(base, 2, axis=0)[::2],
+        "read-only": read_only,
+        "masked, nothing masked": np.ma.masked_array(base, mask=np.zeros(base.shape, bool)),
+        "matrix": np.matrix(base),
+        "broadcast row": np.broadcast_to(base[:1], base.shape),
+    }
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_arrays_of_a_cached_shape_in_any_layout_get_the_definition_and_stay_unmodified(dtype):
+    """The fast path cached for a C-contiguous (6, 40) array serves every array of that
+    shape and dtype: strided, reversed, Fortran-ordered, read-only, subclasses. Oracle:
+    the float64 definition (biased variance, eps 1e-5)."""
+    rng = np.random.default_rng(4)
+    base = (rng.standard_normal((6, 40)) * 3 + 5).astype(dtype)
+    weight, bias = rng.standard_normal(40).astype(dtype), rng.standard_normal(40).astype(dtype)
+    for _ in range(2):
+        normlab.normalize(base, "b [d]", weight=weight, bias=bias, params="d")
+    for name, x in _layouts(base).items():
+        before = np.array(x, copy=True)
+        y = normlab.normalize(x, "b [d]", weight=weight, bias=bias, params="d")
+        values = np.asarray(x, np.float64)
+        centred = values - values.mean(axis=1, keepdims=True)
+        expected = centred / np.sqrt((centred ** 2).mean(axis=1, keepdims=True) + 1e-5) * weight + bias
+        np.testing.assert_allclose(np.asarray(y), expected, rtol=0, atol=1e-4 if dtype == np.float32 else 1e-12,
+                                   err_msg=name)
+        assert np.asarray(y).dtype == dtype, name
+        np.testing.assert_array_equal(np.asarray(x), before, err_msg=name)
