@@ -232,3 +232,41 @@ def test_gated_rms_norm_takes_the_gate_by_transformers_keyword():
     torch.testing.assert_close(ours(x, gate=z), reference(x, gate=z), rtol=0, atol=0)
     with pytest.raises(TypeError, match="once"):
         ours(x, z, gate=z)
+
+
+@pytest.mark.slow
+def test_fused_model_compiles_to_one_full_graph_across_batch_sizes_with_the_unconverted_outputs():
+    # transformers marks these models fullgraph-compilable; the fused blocks' torch path
+    # must not break the graph (it built a plan, whose shape arithmetic dynamo cannot trace)
+    model = _model("qwen3")
+    compiled = torch.compile(_fused(model).model, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for shape in [(2, 7), (3, 5)]:
+            ids = _ids(shape)
+            torch.testing.assert_close(compiled(ids).last_hidden_state, model.model(ids).last_hidden_state,
+                                       **_FLOAT32)
+
+
+@pytest.mark.slow
+def test_gated_and_layer_norm_blocks_compile_to_one_full_graph_with_the_outputs_of_the_classes_they_replace():
+    from diffusers.models.normalization import AdaLayerNormZero
+    from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+
+    from normlab.torch import AdaLayerNorm, FusedAddLayerNorm
+
+    gen = torch.Generator().manual_seed(3)
+    x, z, emb = torch.randn(2, 3, 16, generator=gen), torch.randn(2, 3, 16, generator=gen), torch.randn(2, 16)
+    mamba = MambaRMSNormGated(16, group_size=4, eps=1e-6)
+    ada = AdaLayerNormZero(16, num_embeddings=None)
+    ours_ada = AdaLayerNorm(16)
+    ours_ada.load_state_dict(ada.state_dict())
+    layer_norm = torch.nn.LayerNorm((4, 4))
+    ours_layer_norm = FusedAddLayerNorm((4, 4))
+    x4, z4 = x.reshape(2, 3, 4, 4), z.reshape(2, 3, 4, 4)
+    with torch.no_grad():
+        cases = [(torch.compile(convert(copy.deepcopy(mamba)), fullgraph=True)(x, z), mamba(x, z)),
+                 (torch.compile(ours_ada, fullgraph=True)(x, emb=emb), ada(x, emb=emb)),
+                 (torch.compile(ours_layer_norm, fullgraph=True)(x4, z4), (layer_norm(x4 + z4), x4 + z4))]
+    for got, want in cases:
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(a, b, **_FLOAT32)

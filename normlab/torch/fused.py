@@ -141,35 +141,83 @@ def _broadcast(param: Tensor, plan, axes_plan) -> Tensor:
     return split.permute(order).reshape(axes_plan.param_broadcast_shape)
 
 
+@dataclass(frozen=True)
+class _View:
+    """How the composite lays the input and the parameters out: through the plan (any
+    pattern), or, for the modules' own blocks under torch.compile, from the block alone
+    (the plan's shape arithmetic breaks a full graph, and a plan would fix the shape)."""
+
+    axes: tuple  # the reduced axes of the view
+    plan: object = None
+    mod_plan: object = None
+    group: Optional[int] = None  # without a plan: the last axis split into groups of this size
+
+    def of(self, t: Tensor) -> Tensor:
+        if self.plan is not None:
+            return t.reshape(self.plan.axis_sizes)
+        return t.unflatten(-1, (-1, self.group)) if self.group else t
+
+    def param(self, p: Tensor) -> Tensor:
+        if self.plan is not None:
+            return _broadcast(p, self.plan, self.plan)
+        return p.reshape(-1, self.group) if self.group else p  # the trailing axes' own shape
+
+    def modulation(self, p: Tensor) -> Tensor:
+        return _broadcast(p, self.plan, self.mod_plan) if self.plan is not None else p.unsqueeze(1)  # "b d"
+
+
+def _traced_view(block: Block) -> Optional[_View]:
+    """The plan-free :class:`_View` of the modules' blocks ("... [n0 ...]" with its own
+    parameters, "... (g [c])", "b t [d]" modulated per "b d"), or None."""
+    pattern, params, modulation = block.pattern, block.params, block.modulation
+    if pattern.startswith("... [") and pattern.endswith("]") and modulation is None:
+        names = pattern[5:-1].split()
+        if names and all(n.isidentifier() for n in names) and params in (None, " ".join(names)):
+            return _View(axes=tuple(range(-len(names), 0)))
+    if pattern == "... (g [c])" and params in (None, "(g c)") and modulation is None:
+        return _View(axes=(-1,), group=dict(block.sizes)["c"])
+    if pattern == "b t [d]" and params is None and modulation == "b d":
+        return _View(axes=(-1,))
+    return None
+
+
+def _view_of(block: Block, shape: tuple) -> _View:
+    view = _traced_view(block) if torch.compiler.is_compiling() else None
+    if view is not None:
+        return view
+    plan = make_plan(block.pattern, shape, block.params, **dict(block.sizes))
+    mod_plan = None if block.modulation is None else make_plan(block.pattern, shape, block.modulation,
+                                                               **dict(block.sizes))
+    return _View(plan.reduced_axes, plan, mod_plan)
+
+
 def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
     """The block in torch operations, following ``block.casting``."""
     total = x + residual if residual is not None else x
     dtype = total.dtype  # the norm's input is the sum: a bfloat16 x plus a float32 residual is float32
     compute, work = recipes.recipe_dtypes(dtype, block.casting)
-    plan = make_plan(block.pattern, tuple(x.shape), block.params, **dict(block.sizes))
+    layout = _view_of(block, tuple(x.shape))
     h = total.to(compute)
     phi = _ACTIVATIONS[block.gate_activation](gate.to(compute)) if gate is not None else None
     if gate is not None and not block.norm_before_gate:
         h = h * phi
-    view = h.reshape(plan.axis_sizes)
-    axes = plan.reduced_axes
+    view = layout.of(h)
+    axes = layout.axes
     if block.rms:
         h_hat = recipes.rms_normalize(view, axes, block.eps)
     else:
         var, mean = torch.var_mean(view, dim=axes, keepdim=True, correction=0)
         h_hat = (view - mean) * torch.rsqrt(var + block.eps)
-    w = None if weight is None else _broadcast(weight, plan, plan)
+    w = None if weight is None else layout.param(weight)
     y = recipes.weigh(h_hat, w, block.casting, dtype, block.weight_offset)
-    if scale is not None or shift is not None:
-        mod_plan = make_plan(block.pattern, tuple(x.shape), block.modulation, **dict(block.sizes))
-        if scale is not None:
-            y = y * (1 + _broadcast(scale, plan, mod_plan).to(work))
-        if shift is not None:
-            y = y + _broadcast(shift, plan, mod_plan).to(work)
+    if scale is not None:
+        y = y * (1 + layout.modulation(scale).to(work))
+    if shift is not None:
+        y = y + layout.modulation(shift).to(work)
     if bias is not None:
-        y = y + _broadcast(bias, plan, plan).to(work)
+        y = y + layout.param(bias).to(work)
     if gate is not None and block.norm_before_gate:
-        y = y * phi.reshape(plan.axis_sizes).to(work)
+        y = y * layout.of(phi).to(work)
     # gemma rounds once at the end; llama and none keep the dtype the weight's product promotes
     # to (a float32 weight on bfloat16 input gives float32, as LlamaRMSNorm's weight * x̂ does)
     y = y.reshape(x.shape).to(dtype) if block.casting == "gemma" else y.reshape(x.shape)
