@@ -210,3 +210,58 @@ def test_a_call_keeps_its_parameter_tables_when_another_call_prepares_the_module
     monkeypatch.setattr(row_autograd.ParamTables, "of", then_another_call)
     x = torch.randn(8, 16, requires_grad=True)
     torch.testing.assert_close(twin(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture()
+def _restore_torch_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_threaded_kernels_called_beside_torch_ops_and_changing_thread_counts_give_the_results_alone(
+        _restore_torch_threads):
+    """Calls large enough for the threaded kernels (OpenMP regions where torch runs on GNU
+    OpenMP) from two threads, while a third runs torch's own threaded ops and
+    ``torch.set_num_threads`` alternates between 1 and 2: every result is bit-identical
+    to the call alone (the work is cut by index, not by thread). Oracle: the call alone,
+    and torch.nn.LayerNorm."""
+    from normlab.kernels import threads as kernel_threads
+
+    torch.manual_seed(0)
+    assert 512 * 512 >= kernel_threads.REGION_SERIAL_BELOW // 2  # a threaded call on either pool
+    twin = nt.LayerNorm(512)
+    xs = [torch.randn(512, 512) * (i + 1) + 3 * i for i in range(2)]
+    grad_y = torch.randn(512, 512)
+
+    def step(i):
+        x = xs[i].clone().requires_grad_()
+        y = twin(x)
+        return (y.detach(), *torch.autograd.grad(y, (x, twin.weight, twin.bias), grad_y))
+
+    alone = [step(i) for i in range(2)]
+    torch.testing.assert_close(alone[0][0], torch.nn.functional.layer_norm(xs[0], (512,)), rtol=1e-5, atol=1e-5)
+    stop = threading.Event()
+
+    def torch_ops():
+        a = torch.randn(256, 256)
+        for k in range(10_000):
+            if stop.is_set():
+                return
+            torch.set_num_threads(1 + k % 2)
+            a = (a @ a).tanh()
+
+    busy = threading.Thread(target=torch_ops)
+    busy.start()
+    try:
+        failures = []
+        callers = [threading.Thread(target=lambda i=i: failures.extend(
+            k for k in range(5) if not all(torch.equal(a, b) for a, b in zip(step(i), alone[i])))) for i in range(2)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join()
+    finally:
+        stop.set()
+        busy.join()
+    assert failures == []
