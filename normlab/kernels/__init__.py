@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -203,6 +203,17 @@ def _constant_table(shape: tuple[int, ...], value: float, dtype=np.float64) -> n
     # shared between calls (kernels only read parameters); left writeable because a
     # read-only array is another Numba signature, compiled once more
     return np.full(shape, value, dtype)
+
+
+def compiled_entry(dispatcher, arguments: tuple):
+    """The machine code a Numba ``dispatcher`` compiled for these arguments' types, as a
+    function that skips the dispatcher's type checks (about a microsecond of a small
+    call with many arguments), or None. Only for a caller whose later arguments have the
+    same types: the entry reads them as it was compiled for them, unchecked."""
+    try:
+        return dispatcher.get_overload(tuple(dispatcher.typeof_pyval(a) for a in arguments))
+    except Exception:  # noqa: BLE001 - not compiled for exactly these types: the dispatcher serves
+        return None
 
 
 def _param_table(expanded, view, ones: bool, dtype=np.float64):
@@ -390,6 +401,9 @@ class FastForward:
     # where the kernel writes statistics nobody asked for: shared by every call, since the
     # kernel only writes them (never reads them back) when it computes them
     scratch: tuple = ()
+    # the serial kernel's compiled entry (compiled_entry) for C-contiguous x of the plan's
+    # dtype, per dtype of the parameter tables
+    entries: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __call__(self, x, weight, bias, eps, return_stats: bool):
         """``y`` (or ``(y, mean, rstd)``), or None when an argument needs the full checks."""
@@ -423,16 +437,24 @@ class FastForward:
         y = pool.empty(shape, self.dtype) if self.nbytes >= pool.MIN_BYTES else np.empty(shape, self.dtype)
         stats = np.empty((3, rows)) if return_stats else self.scratch
         plain = strided.PLAIN_ROWS
-        if x.dtype == self.dtype and x.flags.c_contiguous:  # the common case, without row_layout's checks
+        rows_in_place = x.dtype == self.dtype and x.flags.c_contiguous
+        if rows_in_place:  # the common case, without row_layout's checks
             x_rows, y_rows = (x.reshape(shape), plain), (y, plain)
         else:  # a strided x is read where it lies when its rows allow (row_layout), else copied
             x_rows, y_rows = strided.one_kind(self.rows_of(x), (y, plain))
         arguments = (*x_rows, *y_rows, n, weight_table, bias_table, self.param_row_stride, self.param_inner,
-                     self.rms, eps, False, *stats)
-        if rows * n < threads.serial_below(row_forward=True):
-            self.kernel.serial(*arguments)
-        else:
+                     self.rms, float(eps), False, *stats)
+        if rows * n >= threads.serial_below(row_forward=True):
             self.kernel(*arguments)
+        elif not rows_in_place or weight_table.dtype != bias_table.dtype:
+            self.kernel.serial(*arguments)
+        else:  # the compiled entry of these argument types, without the dispatcher's checks
+            entry = self.entries.get(weight_table.dtype)
+            if entry is None:
+                self.kernel.serial(*arguments)
+                self.entries[weight_table.dtype] = compiled_entry(self.kernel.serial, arguments) or self.kernel.serial
+            else:
+                entry(*arguments)
         y = y.reshape(self.out_shape)
         if not return_stats:
             return y
@@ -449,12 +471,21 @@ class FastForward:
         params_and_flags = (self.param_row_stride, self.param_inner, self.rms)
         scratch, size, recycled = self.scratch, rows * n, self.nbytes >= pool.MIN_BYTES
         serial_below, empty, empty_recycled = threads.serial_below, np.empty, pool.empty
+        table_dtype = np.dtype(self.table_dtype)
+        serial_entry = None
 
         def run(x, weight_table, bias_table, eps: float):
+            nonlocal serial_entry
             y = empty_recycled(shape, dtype) if recycled else empty(shape, dtype)
-            (serial_kernel if size < serial_below(True) else kernel)(
-                x.reshape(shape), plain, y, plain, n, weight_table, bias_table, *params_and_flags, eps, False,
-                *scratch)
+            arguments = (x.reshape(shape), plain, y, plain, n, weight_table, bias_table, *params_and_flags,
+                         float(eps), False, *scratch)
+            if size >= serial_below(True):
+                kernel(*arguments)
+            elif serial_entry is not None and weight_table.dtype == table_dtype == bias_table.dtype:
+                serial_entry(*arguments)
+            else:
+                serial_kernel(*arguments)
+                serial_entry = compiled_entry(serial_kernel, arguments)
             return y.reshape(out_shape)
 
         return run
