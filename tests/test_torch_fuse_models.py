@@ -270,3 +270,25 @@ def test_gated_and_layer_norm_blocks_compile_to_one_full_graph_with_the_outputs_
     for got, want in cases:
         for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
             torch.testing.assert_close(a, b, **_FLOAT32)
+
+
+def test_convert_fuse_keeps_the_hooks_on_the_norms_it_replaces_and_leaves_a_hooked_post_attention_norm_unfused():
+    model = _model("llama")
+    seen = {}
+
+    def record(name):
+        return lambda module, inputs, output: seen.setdefault(name, []).append(output)
+
+    layers = model.model.layers
+    layers[0].post_attention_layernorm.register_forward_hook(record("post0"))
+    layers[1].input_layernorm.register_forward_hook(record("in1"))
+    fused = _fused(model)  # (deep-copies the model with its hooks)
+    assert [type(layer).__name__.startswith("Fused") for layer in fused.model.layers] == [False, True]
+    ids = _ids()
+    with torch.no_grad():
+        want = model(ids).logits
+        got = fused(ids).logits
+    torch.testing.assert_close(got, want, **_FLOAT32)
+    assert {name: len(outputs) for name, outputs in seen.items()} == {"in1": 2, "post0": 2}  # both models ran them
+    for name, (unconverted, converted) in seen.items():
+        torch.testing.assert_close(converted, unconverted, **_FLOAT32, msg=name)

@@ -144,7 +144,15 @@ def _fused_norm(norm: nn.Module, recipe) -> FusedAddRMSNorm:
     fused.weight = norm.weight  # the same Parameter object
     fused.train(norm.training)
     fused._init_block()
+    for name, hooks in vars(norm).items():  # its hooks (forward, backward, state_dict, ...) go along
+        if name.startswith("_") and "hooks" in name and isinstance(hooks, dict):
+            setattr(fused, name, type(hooks)(hooks))
     return fused
+
+
+def _has_call_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, name, None) for name in (
+        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
 
 
 def fuse_decoder_layers(model: nn.Module) -> int:
@@ -156,8 +164,8 @@ def fuse_decoder_layers(model: nn.Module) -> int:
         if not _is_pre_norm_layer(layer):
             continue
         recipes = [_recipe(layer.input_layernorm), _recipe(layer.post_attention_layernorm)]
-        if None in recipes:
-            continue
+        if None in recipes or _has_call_hooks(layer.post_attention_layernorm):
+            continue  # (a hook on that norm expects its one input and one output, not the fused call's)
         layer.input_layernorm = _fused_norm(layer.input_layernorm, recipes[0])
         layer.post_attention_layernorm = _fused_norm(layer.post_attention_layernorm, recipes[1])
         layer.__class__ = _fused_class(type(layer))
