@@ -44,7 +44,7 @@ from numba.core import types
 from numba.extending import intrinsic, overload
 from numba.np import numpy_support
 
-from normlab.kernels._claims import claims_array
+from normlab.kernels._claims import LINE, claims_array
 
 WORDS = 1024  # one call's block of words: type codes, then values (a kernel has at most ~40 arguments)
 _ARRAY, _INT, _FLOAT, _BOOL, _TUPLE = 1, 2, 3, 4, 5
@@ -371,15 +371,30 @@ class Regions:
         self.start = start
         self.words = np.zeros(WORDS, np.int64)
         self.address = self.words.ctypes.data
+        # per (loops, threads): a claims array, zeroed again before each call (the region
+        # has ended, every thread with it, when start returns), and its number of homes
+        self.claims: dict = {}
+        # per (kernel, its arguments' type codes as bytes): the entry's address (0: none)
+        self.entries: dict = {}
 
     def run(self, claimed, args: tuple, loops: int, count: int) -> bool:
         """Run ``claimed(*args, claims)`` on ``count`` threads; False (and nothing run)
         where the arguments cannot be packed."""
-        claims = claims_array(loops, count)
-        used = pack(self.words, *args, claims)
-        if used < 0:
+        kept = self.claims.get((loops, count))
+        if kept is None:
+            claims = claims_array(loops, count)
+            kept = self.claims[loops, count] = (claims, int(claims[LINE]))
+        else:
+            claims, homes = kept
+            claims.fill(0)
+            claims[LINE] = homes
+        claims = kept[0]
+        if pack(self.words, *args, claims) < 0:
             return False
-        address = _entry(claimed, tuple(self.words[:len(args) + 1].tolist()))
+        codes = self.words[:len(args) + 1]
+        address = self.entries.get((claimed, codes.tobytes()))
+        if address is None:
+            address = self.entries[claimed, codes.tobytes()] = _entry(claimed, tuple(codes.tolist()))
         if not address:
             return False
         self.start(address, self.address, count, 0)
