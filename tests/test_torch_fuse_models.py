@@ -51,19 +51,24 @@ def _fused_layers(model) -> int:
     return sum(type(m).__name__.startswith("Fused") and not isinstance(m, FusedAddRMSNorm) for m in model.modules())
 
 
+def _assert_same_logits(converted, model):
+    """The converted model's logits are the unconverted one's: within float32 rounding, and
+    bit for bit in bfloat16."""
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, model(ids).logits, **_FLOAT32)
+        bf16 = copy.deepcopy(model).to(torch.bfloat16)
+        torch.testing.assert_close(copy.deepcopy(converted).to(torch.bfloat16)(ids).logits, bf16(ids).logits, rtol=0,
+                                   atol=0)
+
+
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "glm"])
 def test_convert_fuse_rewrites_llama_style_families_and_keeps_their_logits(family):
     model = _model(family)
     fused = _fused(model)
     assert _fused_layers(fused) == 2
     assert fused.state_dict().keys() == model.state_dict().keys()
-    ids = _ids()
-    with torch.no_grad():
-        torch.testing.assert_close(fused(ids).logits, model(ids).logits, **_FLOAT32)
-        bf16 = copy.deepcopy(model).to(torch.bfloat16)
-        # bfloat16 runs the composite with LLaMA's recipe: the same bits
-        torch.testing.assert_close(copy.deepcopy(fused).to(torch.bfloat16)(ids).logits, bf16(ids).logits, rtol=0,
-                                   atol=0)
+    _assert_same_logits(fused, model)  # (bfloat16 runs the composite with LLaMA's recipe: the same bits)
 
 
 @pytest.mark.parametrize("family, extra", [("gemma2", {}), ("gemma3_text", {}), ("olmo2", {}), ("phi3", {}),
@@ -208,13 +213,9 @@ def test_convert_turns_the_gated_norms_of_mamba2_and_falcon_h1_into_gated_rms_no
     gated = [m for m in converted.modules() if isinstance(m, GatedRMSNorm)]
     assert len(gated) == 2 and all(m.hidden_size // m.group_size == groups for m in gated)
     assert converted.state_dict().keys() == model.state_dict().keys()
-    ids = _ids()
-    with torch.no_grad():
-        torch.testing.assert_close(converted(ids).logits, model(ids).logits, **_FLOAT32)
-        bf16 = copy.deepcopy(model).to(torch.bfloat16)
-        torch.testing.assert_close(copy.deepcopy(converted).to(torch.bfloat16)(ids).logits, bf16(ids).logits, rtol=0,
-                                   atol=0)
+    _assert_same_logits(converted, model)
     if family == "mamba2" and groups == 2:
+        ids = _ids()
         for m in (model, converted):
             m(ids, labels=ids).loss.backward()
         for (name, want), (_, got) in zip(model.named_parameters(), converted.named_parameters()):

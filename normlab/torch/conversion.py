@@ -261,36 +261,59 @@ def _same(actual, expected, **tolerance) -> bool:
             and actual.dtype == expected.dtype and torch.allclose(actual, expected, equal_nan=True, **tolerance))
 
 
+def _weight_and_eps(module: nn.Module) -> tuple[Optional[Tensor], Optional[float]]:
+    """``(weight, eps)`` of a module whose one parameter is a 1-D ``weight``, with no
+    buffers or children and a numeric ``variance_epsilon`` or ``eps`` (as transformers'
+    RMS norms have); ``(None, None)`` otherwise."""
+    weight = module._parameters.get("weight")
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if (set(module._parameters) != {"weight"} or weight is None or weight.dim() != 1 or len(module._buffers)
+            or list(module.children()) or not isinstance(eps, (int, float)) or isinstance(eps, bool)):
+        return None, None
+    return weight, eps
+
+
+# (input dtype, weight dtype) pairs a recipe must reproduce bit for bit
+_PROBE_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                 (torch.float32, torch.bfloat16)]
+
+
+def _probe_outputs(module: nn.Module, probe_weight: Tensor, *inputs: Tensor) -> Optional[list]:
+    """``type(module).forward`` on a copy holding ``probe_weight``, for each pair of
+    :data:`_PROBE_DTYPES` (inputs cast to the first, the weight to the second); None where
+    a forward raises."""
+    outputs = []
+    for x_dtype, w_dtype in _PROBE_DTYPES:
+        probe = _probe_copy(module, {"parameters": {"weight": probe_weight.to(w_dtype)}, "buffers": {}})
+        try:
+            with torch.no_grad():
+                outputs.append(type(module).forward(probe, *(t.to(x_dtype) for t in inputs)))
+        except Exception:
+            return None
+    return outputs
+
+
 @_on_cpu
 def _rms_recipe(module: nn.Module) -> Optional[dict]:
     """``{"normalized_shape", "eps", "casting", "weight_offset", ...}`` when ``module`` is an
     RMS norm with one 1-D weight whose forward matches a casting recipe bit for bit in
     float32, bfloat16 and mixed weight/input dtypes; None otherwise."""
-    weight = module._parameters.get("weight")
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if (set(module._parameters) != {"weight"} or weight is None or weight.dim() != 1 or len(module._buffers)
-            or list(module.children()) or not isinstance(eps, (int, float)) or isinstance(eps, bool)):
+    weight, eps = _weight_and_eps(module)
+    if weight is None:
         return None
     generator = torch.Generator().manual_seed(0)
     size = weight.shape[0]
     probe_weight = torch.randn(size, generator=generator) * 0.5
     x = torch.randn(4, size, generator=generator)
     x = x * torch.tensor([[1.0], [math.sqrt(eps) + 1e-3], [10.0], [1.0]]) + torch.tensor([[0.0], [0.0], [0.0], [3.0]])
-    configs = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-               (torch.float32, torch.bfloat16)]
-    outputs = []
-    for x_dtype, w_dtype in configs:
-        probe = _probe_copy(module, {"parameters": {"weight": probe_weight.to(w_dtype)}, "buffers": {}})
-        try:
-            with torch.no_grad():
-                outputs.append(type(module).forward(probe, x.to(x_dtype)))
-        except Exception:
-            return None
+    outputs = _probe_outputs(module, probe_weight, x)
+    if outputs is None:
+        return None
     for casting in CASTINGS:
         for offset in (0.0, 1.0):
             with torch.no_grad():
                 expected = [rms_norm_recipe(x.to(x_dtype), probe_weight.to(w_dtype), eps, casting, offset)
-                            for x_dtype, w_dtype in configs]
+                            for x_dtype, w_dtype in _PROBE_DTYPES]
             if all(isinstance(a, Tensor) and a.dtype == e.dtype and a.shape == e.shape and torch.equal(a, e)
                    for a, e in zip(outputs, expected)):
                 return {"normalized_shape": (size,), "eps": float(eps), "elementwise_affine": True,
@@ -325,26 +348,17 @@ def _gated_recipe(module: nn.Module) -> Optional[dict]:
     float32, bfloat16 and mixed weight/input dtypes; None when none does."""
     from normlab.torch.fused import Block, _composite
 
-    weight = module._parameters.get("weight")
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if (set(module._parameters) != {"weight"} or weight is None or weight.dim() != 1 or len(module._buffers)
-            or list(module.children()) or not isinstance(eps, (int, float)) or isinstance(eps, bool)):
+    weight, eps = _weight_and_eps(module)
+    if weight is None:
         return None
     generator = torch.Generator().manual_seed(0)
     size = weight.shape[0]
     probe_weight = torch.randn(size, generator=generator) * 0.5 + 1.0
     x = torch.randn(2, 3, size, generator=generator) * 2.0
     gate = torch.randn(2, 3, size, generator=generator) * 2.0
-    configs = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-               (torch.float32, torch.bfloat16)]
-    outputs = []
-    for x_dtype, w_dtype in configs:
-        probe = _probe_copy(module, {"parameters": {"weight": probe_weight.to(w_dtype)}, "buffers": {}})
-        try:
-            with torch.no_grad():
-                outputs.append(type(module).forward(probe, x.to(x_dtype), gate.to(x_dtype)))
-        except Exception:
-            return None
+    outputs = _probe_outputs(module, probe_weight, x, gate)
+    if outputs is None:
+        return None
     before = getattr(module, "norm_before_gate", None)
     for group_size in _group_sizes(module, size):
         for norm_before_gate in (before,) if isinstance(before, bool) else (False, True):
@@ -353,7 +367,7 @@ def _gated_recipe(module: nn.Module) -> Optional[dict]:
                               norm_before_gate=norm_before_gate, casting=casting)
                 with torch.no_grad():
                     expected = [_composite(x.to(x_dtype), None, gate.to(x_dtype), probe_weight.to(w_dtype), None,
-                                           None, None, block) for x_dtype, w_dtype in configs]
+                                           None, None, block) for x_dtype, w_dtype in _PROBE_DTYPES]
                 if all(isinstance(a, Tensor) and a.dtype == e.dtype and a.shape == e.shape and torch.equal(a, e)
                        for a, e in zip(outputs, expected)):
                     return {"hidden_size": size, "eps": float(eps), "group_size": group_size,
