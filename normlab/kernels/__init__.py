@@ -446,8 +446,8 @@ class FastForward:
                      self.rms, float(eps), False, *stats)
         if rows * n >= threads.serial_below(row_forward=True):
             self.kernel(*arguments)
-        elif not rows_in_place or weight_table.dtype != bias_table.dtype:
-            self.kernel.serial(*arguments)
+        elif not rows_in_place or not x.flags.aligned or weight_table.dtype != bias_table.dtype:
+            self.kernel.serial(*arguments)  # (an unaligned x is another type to Numba)
         else:  # the compiled entry of these argument types, without the dispatcher's checks
             entry = self.entries.get(weight_table.dtype)
             if entry is None:
@@ -481,11 +481,13 @@ class FastForward:
                          float(eps), False, *scratch)
             if size >= serial_below(True):
                 kernel(*arguments)
-            elif serial_entry is not None and weight_table.dtype == table_dtype == bias_table.dtype:
+            elif (serial_entry is not None and weight_table.dtype == table_dtype == bias_table.dtype
+                  and x.flags.aligned):  # (the types the entry was compiled for; unaligned is another)
                 serial_entry(*arguments)
             else:
                 serial_kernel(*arguments)
-                serial_entry = compiled_entry(serial_kernel, arguments)
+                if serial_entry is None and weight_table.dtype == table_dtype == bias_table.dtype and x.flags.aligned:
+                    serial_entry = compiled_entry(serial_kernel, arguments)
             return y.reshape(out_shape)
 
         return run
