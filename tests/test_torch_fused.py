@@ -152,6 +152,22 @@ def test_ada_layer_norm_matches_diffusers_ada_layer_norm_zero(dtype):
                                             dict(rtol=5e-2, atol=5e-2)))
 
 
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+def test_ada_layer_norm_on_half_input_with_float32_weights_gives_diffusers_dtype_and_values(x_dtype):
+    """A float32 model fed half-precision tokens: diffusers' norm(x)·(1 + scale) + shift
+    promotes to float32 through its float32 scale and shift; so does the twin."""
+    reference = _randomize(_diffusers_ada_norm()(48))
+    ours = AdaLayerNorm(48)
+    ours.load_state_dict(reference.state_dict())
+    x, emb = _leaves((3, 10, 48), (3, 48), dtype=torch.float32)
+    got, want = ours(x.to(x_dtype), emb=emb), reference(x.to(x_dtype), emb=emb)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        # (x̂ is rounded to the input's half precision on both sides, by torch's layer norm
+        # kernel there and after float32 statistics here: a rounding step apart at most)
+        torch.testing.assert_close(a, b, rtol=4e-3, atol=4e-3)
+
+
 def _llama_model(family, dtype):
     if family == "llama":
         from transformers import LlamaConfig, LlamaModel

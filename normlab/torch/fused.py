@@ -210,10 +210,14 @@ def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
         h_hat = (view - mean) * torch.rsqrt(var + block.eps)
     w = None if weight is None else layout.param(weight)
     y = recipes.weigh(h_hat, w, block.casting, dtype, block.weight_offset)
+    # the modulation as the code it replaces applies it (diffusers' norm(x)·(1 + scale) + shift):
+    # in the recipe's working dtype for gemma, by torch's promotion otherwise (a float32 scale
+    # on bfloat16 input gives float32)
+    modulation_dtype = work if block.casting == "gemma" else None
     if scale is not None:
-        y = y * (1 + layout.modulation(scale).to(work))
+        y = y * (1 + layout.modulation(scale).to(modulation_dtype or scale.dtype))
     if shift is not None:
-        y = y + layout.modulation(shift).to(work)
+        y = y + layout.modulation(shift).to(modulation_dtype or shift.dtype)
     if bias is not None:
         y = y + layout.param(bias).to(work)
     if gate is not None and block.norm_before_gate:
