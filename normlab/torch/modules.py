@@ -160,7 +160,8 @@ class LayerNorm(_Twin, nn.LayerNorm):
             return y
         path = _choose_path(input, has_native=True)
         if (path == "native" or not _trailing_fits(input, self.normalized_shape)
-                or _params_misfit(self, tuple(self.normalized_shape)) or _dtypes_refused(input, self.weight, self.bias)):
+                or _params_misfit(self, tuple(self.normalized_shape))
+                or _dtypes_refused(input, self.weight, self.bias)):
             return nn.LayerNorm.forward(self, input)
         return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
 
