@@ -18,7 +18,7 @@ from normlab.torch import batch_train, row_autograd
 from normlab.torch.ops import _EagerNormalize, _is_eager, _normalize_op
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
 from normlab.torch.spec import (PlanFacts, Spec, _dense_perm, _empty_like_dense, _engine_view, _has_gaps,
-                                affine_parameters, module_cache)
+                                affine_parameters, module_buffer, module_cache)
 
 
 def _in_compute_dtype(compute):
@@ -362,9 +362,15 @@ def _dtypes_refused(x: Tensor, *params) -> bool:
     take parameters (and running statistics) of the input's dtype, or float32 ones beside
     a bfloat16 or float16 input. The twin then takes torch.nn's forward, which raises its
     own error, where the kernels would compute."""
-    if not x.is_cpu or all(p is None or p.dtype == x.dtype for p in params):
+    dtype = x.dtype
+    for param in params:  # (a loop, not all() over a generator: this runs on every call)
+        if param is not None and param.dtype != dtype:
+            break
+    else:
         return False
-    return x.dtype not in _LOW_PRECISION or any(p is not None and p.dtype != torch.float32 for p in params)
+    if not x.is_cpu:
+        return False
+    return dtype not in _LOW_PRECISION or any(p is not None and p.dtype != torch.float32 for p in params)
 
 
 def _batch_norm_forward(module, x: Tensor) -> Tensor:
@@ -376,15 +382,18 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
         if y is not None:
             return y
     path = _choose_path(x, has_native=True)
+    # read once where nn.Module keeps them (its __getattr__ costs half a microsecond a name)
+    weight, bias = affine_parameters(module)
+    running_mean, running_var = module_buffer(module, "running_mean"), module_buffer(module, "running_var")
     if (path == "native" or x.dim() < 2 or x.shape[1] != module.num_features
             or _params_misfit(module, (module.num_features,))
-            or _dtypes_refused(x, module.weight, module.bias, module.running_mean, module.running_var)):
+            or _dtypes_refused(x, weight, bias, running_mean, running_var)):
         return nn.modules.batchnorm._BatchNorm.forward(module, x)
-    if not torch.compiler.is_compiling() and x.is_inference() and _needs_grad(x, module.weight, module.bias):
+    if not torch.compiler.is_compiling() and x.is_inference() and _needs_grad(x, weight, bias):
         # an inference tensor where autograd must save it: torch raises its error before
         # touching the running statistics (the kernels would update them first)
         return nn.modules.batchnorm._BatchNorm.forward(module, x)
-    if not 0.0 < module.eps < math.inf or (module.running_mean is None) != (module.running_var is None):
+    if not 0.0 < module.eps < math.inf or (running_mean is None) != (running_var is None):
         # torch's own op: it refuses eps <= 0 in training, takes eps = 0 in evaluation and
         # computes with an infinite or NaN eps, and these never need speed; it refuses half
         # a pair of running statistics

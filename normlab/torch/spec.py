@@ -280,3 +280,10 @@ def affine_parameters(module, with_bias: bool = True) -> tuple[Optional[Tensor],
     if bias is _ABSENT:
         bias = getattr(module, "bias", None)
     return weight, bias
+
+
+def module_buffer(module, name: str):
+    """``getattr(module, name, None)`` for a buffer (``running_mean``), read where nn.Module
+    keeps it, or through the attribute where a parametrization computes it."""
+    value = module._buffers.get(name, _ABSENT)
+    return getattr(module, name, None) if value is _ABSENT else value
