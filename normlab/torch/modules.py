@@ -25,7 +25,8 @@ from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_fo
 from normlab.torch.casting import apply_recipe_scale, check_casting, compute_dtype, rms_norm_recipe
 from normlab.torch.masked_modules import masked_forward
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
-from normlab.torch.spec import Spec
+from normlab.torch.spec import Spec, affine_parameters, module_buffer
+
 
 def _torch_method(function):
     """torch.nn's forward, as a method named ``_torch_forward``: TorchScript compiles a
@@ -350,7 +351,8 @@ class _InstanceNormForward(_Twin):
         x = input.unsqueeze(0) if unbatched else input
         use_input_stats = self.training or not self.track_running_stats
         if (path == "native" or x.shape[1] != self.num_features or _params_misfit(self, (self.num_features,))
-                or _dtypes_refused(x, self.weight, self.bias, self.running_mean, self.running_var)
+                or _dtypes_refused(x, *affine_parameters(self), module_buffer(self, "running_mean"),
+                                   module_buffer(self, "running_var"))
                 or (self.running_mean is None) != (
                 self.running_var is None) or (self.running_mean is None and not use_input_stats)
                 or not 0.0 < self.eps < math.inf):
