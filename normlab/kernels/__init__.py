@@ -401,7 +401,7 @@ class FastForward:
     # where the kernel writes statistics nobody asked for: shared by every call, since the
     # kernel only writes them (never reads them back) when it computes them
     scratch: tuple = ()
-    # the serial kernel's compiled entry (compiled_entry) for C-contiguous x of the plan's
+    # the serial kernel's compiled entry (run_serial) for aligned C-contiguous x of the plan's
     # dtype, per dtype of the parameter tables
     entries: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -446,15 +446,8 @@ class FastForward:
                      self.rms, float(eps), False, *stats)
         if rows * n >= threads.serial_below(row_forward=True):
             self.kernel(*arguments)
-        elif not rows_in_place or not x.flags.aligned or weight_table.dtype != bias_table.dtype:
-            self.kernel.serial(*arguments)  # (an unaligned x is another type to Numba)
-        else:  # the compiled entry of these argument types, without the dispatcher's checks
-            entry = self.entries.get(weight_table.dtype)
-            if entry is None:
-                self.kernel.serial(*arguments)
-                self.entries[weight_table.dtype] = compiled_entry(self.kernel.serial, arguments) or self.kernel.serial
-            else:
-                entry(*arguments)
+        else:
+            self.run_serial(arguments, rows_in_place and x.flags.aligned, weight_table, bias_table)
         y = y.reshape(self.out_shape)
         if not return_stats:
             return y
@@ -471,26 +464,41 @@ class FastForward:
         params_and_flags = (self.param_row_stride, self.param_inner, self.rms)
         scratch, size, recycled = self.scratch, rows * n, self.nbytes >= pool.MIN_BYTES
         serial_below, empty, empty_recycled = threads.serial_below, np.empty, pool.empty
-        table_dtype = np.dtype(self.table_dtype)
-        serial_entry = None
+        run_serial, entries = self.run_serial, self.entries
 
         def run(x, weight_table, bias_table, eps: float):
-            nonlocal serial_entry
             y = empty_recycled(shape, dtype) if recycled else empty(shape, dtype)
             arguments = (x.reshape(shape), plain, y, plain, n, weight_table, bias_table, *params_and_flags,
                          float(eps), False, *scratch)
             if size >= serial_below(True):
                 kernel(*arguments)
-            elif (serial_entry is not None and weight_table.dtype == table_dtype == bias_table.dtype
-                  and x.flags.aligned):  # (the types the entry was compiled for; unaligned is another)
-                serial_entry(*arguments)
+                return y.reshape(out_shape)
+            # run_serial's lookup without its call (a frame costs what the entry saves here)
+            tables = weight_table.dtype
+            entry = entries.get(tables) if x.flags.aligned and bias_table.dtype == tables else None
+            if entry is None:
+                run_serial(arguments, x.flags.aligned, weight_table, bias_table)
             else:
-                serial_kernel(*arguments)
-                if serial_entry is None and weight_table.dtype == table_dtype == bias_table.dtype and x.flags.aligned:
-                    serial_entry = compiled_entry(serial_kernel, arguments)
+                entry(*arguments)
             return y.reshape(out_shape)
 
         return run
+
+    def run_serial(self, arguments: tuple, rows_in_place: bool, weight_table, bias_table) -> None:
+        """The serial kernel on ``arguments``: through its compiled entry (:func:`compiled_entry`,
+        without the dispatcher's checks) where x is an aligned C-contiguous array of the plan's
+        dtype (``rows_in_place``; an unaligned array is another type to Numba) and both tables
+        have one dtype, the types the entry was compiled for."""
+        tables = weight_table.dtype
+        if not rows_in_place or bias_table.dtype != tables:
+            self.kernel.serial(*arguments)
+            return
+        entry = self.entries.get(tables)
+        if entry is None:
+            self.kernel.serial(*arguments)
+            self.entries[tables] = compiled_entry(self.kernel.serial, arguments) or self.kernel.serial
+        else:
+            entry(*arguments)
 
     def rows_of(self, array: np.ndarray) -> tuple:
         """``array`` (of the input's shape) as the row kernels take it: read where it lies

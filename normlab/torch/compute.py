@@ -15,7 +15,7 @@ from normlab import kernels
 from normlab.errors import InputError
 from normlab.plan import make_plan
 from normlab.torch import batch_train, row_autograd
-from normlab.torch.ops import _EagerNormalize, _is_eager, _normalize_op
+from normlab.torch.ops import _EagerNormalize, _functorch_active, _is_eager, _normalize_op
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
 from normlab.torch.spec import (PlanFacts, Spec, _dense_perm, _empty_like_dense, _engine_view, _has_gaps,
                                 affine_parameters, module_buffer, module_cache)
@@ -189,7 +189,6 @@ def _fast_rows(module, x: Tensor, eps: float, with_bias: bool = True) -> Optiona
     return call(x, weight, bias, eps) if _has_gaps(x) else None
 
 
-_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def _build_grad_rows(spec: Spec, x: Tensor, weight, bias):
@@ -349,11 +348,13 @@ def _small_eval(module, x: Tensor) -> Optional[Tensor]:
                                           module.eps)
 
 
-def _params_misfit(module, shape: tuple) -> bool:
+def _params_misfit(module, shape: tuple, weight=None, bias=None) -> bool:
     """A weight or bias that is not of ``shape``, the one the kernels read (one set after
     construction): the twin then takes torch.nn's forward, which raises its own error (or
-    computes, as a batch norm does with any shape of C elements)."""
-    weight, bias = affine_parameters(module)
+    computes, as a batch norm does with any shape of C elements). ``weight`` and ``bias``
+    are the module's, read by :func:`affine_parameters` here unless given."""
+    if weight is None and bias is None:
+        weight, bias = affine_parameters(module)
     return (weight is not None and weight.shape != shape) or (bias is not None and bias.shape != shape)
 
 
@@ -386,7 +387,7 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
     weight, bias = affine_parameters(module)
     running_mean, running_var = module_buffer(module, "running_mean"), module_buffer(module, "running_var")
     if (path == "native" or x.dim() < 2 or x.shape[1] != module.num_features
-            or _params_misfit(module, (module.num_features,))
+            or _params_misfit(module, (module.num_features,), weight, bias)
             or _dtypes_refused(x, weight, bias, running_mean, running_var)):
         return nn.modules.batchnorm._BatchNorm.forward(module, x)
     if not torch.compiler.is_compiling() and x.is_inference() and _needs_grad(x, weight, bias):
@@ -399,18 +400,17 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
         # a pair of running statistics
         return nn.modules.batchnorm._BatchNorm.forward(module, x)
     factor = _average_factor(module)
-    use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
+    use_batch_stats = module.training or (running_mean is None and running_var is None)
     if not use_batch_stats:
         if _PathSwitch.path == "auto" and (x.numel() * x.element_size() < EVAL_NATIVE_BELOW_BYTES
-                                           or _needs_grad(x, module.weight, module.bias)):
-            return torch.nn.functional.batch_norm(x, module.running_mean, module.running_var, module.weight,
-                                                  module.bias, False, 0.0, module.eps)
-        if path == "kernel" and not _needs_grad(x, module.weight, module.bias):
+                                           or _needs_grad(x, weight, bias)):
+            return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0,
+                                                  module.eps)
+        if path == "kernel" and not _needs_grad(x, weight, bias):
             y = _eval_kernel(x, module)
             if y is not None:
                 return y
-        return _apply_stats(x, module.running_mean, module.running_var, module.weight, module.bias, module.eps,
-                            _channel_shape(x))
+        return _apply_stats(x, running_mean, running_var, weight, bias, module.eps, _channel_shape(x))
     count = _values_per_channel(x)
     if module.training:
         _check_batch(x, count)
@@ -418,8 +418,8 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
             y = batch_train.forward(module, x, factor)
             if y is not None:
                 return y
-    y, mean, rstd = _normalize(x, module.weight, module.bias, module._spec, module.eps, path)
-    if module.training and module.track_running_stats and module.running_mean is not None:
+    y, mean, rstd = _normalize(x, weight, bias, module._spec, module.eps, path)
+    if module.training and module.track_running_stats and running_mean is not None:
         channels = x.shape[1]
         _update_running(module, mean.reshape(channels), _variance(rstd.reshape(channels), module.eps), count, factor)
     return y

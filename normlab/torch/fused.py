@@ -213,11 +213,13 @@ def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
     # the modulation as the code it replaces applies it (diffusers' norm(x)·(1 + scale) + shift):
     # in the recipe's working dtype for gemma, by torch's promotion otherwise (a float32 scale
     # on bfloat16 input gives float32)
-    modulation_dtype = work if block.casting == "gemma" else None
+    in_work = block.casting == "gemma"
     if scale is not None:
-        y = y * (1 + layout.modulation(scale).to(modulation_dtype or scale.dtype))
+        scale = layout.modulation(scale)
+        y = y * (1 + (scale.to(work) if in_work else scale))
     if shift is not None:
-        y = y + layout.modulation(shift).to(modulation_dtype or shift.dtype)
+        shift = layout.modulation(shift)
+        y = y + (shift.to(work) if in_work else shift)
     if bias is not None:
         y = y + layout.param(bias).to(work)
     if gate is not None and block.norm_before_gate:

@@ -350,17 +350,17 @@ class _InstanceNormForward(_Twin):
         unbatched = input.dim() == self._get_no_batch_dim()
         x = input.unsqueeze(0) if unbatched else input
         use_input_stats = self.training or not self.track_running_stats
-        if (path == "native" or x.shape[1] != self.num_features or _params_misfit(self, (self.num_features,))
-                or _dtypes_refused(x, *affine_parameters(self), module_buffer(self, "running_mean"),
-                                   module_buffer(self, "running_var"))
-                or (self.running_mean is None) != (
-                self.running_var is None) or (self.running_mean is None and not use_input_stats)
+        weight, bias = affine_parameters(self)
+        running_mean, running_var = module_buffer(self, "running_mean"), module_buffer(self, "running_var")
+        if (path == "native" or x.shape[1] != self.num_features
+                or _params_misfit(self, (self.num_features,), weight, bias)
+                or _dtypes_refused(x, weight, bias, running_mean, running_var)
+                or (running_mean is None) != (running_var is None) or (running_mean is None and not use_input_stats)
                 or not 0.0 < self.eps < math.inf):
             # (torch refuses half a pair of running statistics, and evaluation on ones set to None;
             # with eps <= 0 its op gives a constant channel zeros, where rsqrt(0) would give NaN)
             return nn.modules.instancenorm._InstanceNorm.forward(self, input)
         batch, channels = x.shape[:2]
-        weight, bias = self.weight, self.bias
         if _needs_grad(weight, bias):
             # torch's instance norm reads the parameters through weight.repeat(batch), and
             # autograd saves that copy: a change of the parameters in place between forward
@@ -372,14 +372,14 @@ class _InstanceNormForward(_Twin):
             if count == 1:  # torch raises its error, in its words (one spatial element: a larger batch won't help)
                 return nn.modules.instancenorm._InstanceNorm.forward(self, input)
             y, mean, rstd = _normalize(x, weight, bias, self._spec, self.eps, path)
-            if self.running_mean is not None:  # torch updates them whenever it uses the instances' statistics,
+            if running_mean is not None:  # torch updates them whenever it uses the instances' statistics,
                 # in evaluation too where track_running_stats was turned off after construction
                 factor = 0.0 if self.momentum is None else self.momentum
                 var = _batch_variance(x, self._spec, rstd, self.eps)
                 _update_instance_running(self, mean.reshape(batch, channels), var.reshape(batch, channels), count,
                                          factor)
         else:
-            y = _apply_stats(x, self.running_mean, self.running_var, weight, bias, self.eps, _channel_shape(x))
+            y = _apply_stats(x, running_mean, running_var, weight, bias, self.eps, _channel_shape(x))
         return y.squeeze(0) if unbatched else y
 
 
