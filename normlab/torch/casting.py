@@ -23,6 +23,16 @@ operations, so its results are theirs to the bit. Its pieces (:func:`recipe_dtyp
 :func:`rms_normalize`, :func:`weigh`) are the one implementation of the recipes: the fused
 blocks of :mod:`normlab.torch.fused` build their torch path from them too.
 
+Layer norms computed in float32 have recipes of their own (:func:`layer_norm_recipe`), both
+normalizing the last axis in float32 and casting the result to the input's dtype once, but
+through different operations, hence different float32 bits:
+
+* ``"olmo"``: ``F.layer_norm`` on the float32 copy, with the parameters in float32
+  (OLMo's parameter-less ``OlmoLayerNorm``);
+* ``"cohere"``: the mean, the variance ``mean((x - mean)²)`` and ``(x - mean) · rsqrt(var + eps)``
+  written out, then ``weight.float() · x̂`` (``CohereLayerNorm``, whose weight may also span
+  leading axes: one weight per head for QK-norm, shape ``(heads, head_dim)``).
+
 >>> x = torch.tensor([[3., 4.]], dtype=torch.bfloat16)
 >>> rms_norm_recipe(x, torch.zeros(2), 1e-6, "gemma", weight_offset=1.0).tolist()
 [[0.84765625, 1.1328125]]
@@ -34,8 +44,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 CASTINGS = ("llama", "gemma", "t5", "none")
+LAYER_NORM_CASTINGS = ("olmo", "cohere")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -134,3 +146,30 @@ def apply_recipe_scale(x: Tensor, normalized: Tensor, weight: Optional[Tensor], 
     """
     y = weigh(normalized, weight, casting, x.dtype, weight_offset)
     return y.to(x.dtype) if casting == "gemma" else y
+
+
+def layer_norm_recipe(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, casting: str) -> Tensor:
+    """Layer norm over the last axis of ``x`` in float32 (float64 for float64 input), cast to
+    ``x``'s dtype once at the end, as ``casting`` (one of :data:`LAYER_NORM_CASTINGS`) writes
+    it; ``weight`` and ``bias`` broadcast against ``x`` (``"olmo"``: the last axis only).
+
+    >>> x = torch.tensor([[1., 2., 3.]], dtype=torch.bfloat16)
+    >>> layer_norm_recipe(x, torch.ones(3), None, 0.0, "cohere").tolist()
+    [[-1.2265625, 0.0, 1.2265625]]
+    """
+    if casting not in LAYER_NORM_CASTINGS:
+        raise ValueError(f"unknown layer norm casting {casting!r}; use one of {', '.join(LAYER_NORM_CASTINGS)}")
+    compute = compute_dtype(x.dtype)
+    weight = None if weight is None else weight.to(compute)
+    bias = None if bias is None else bias.to(compute)
+    h = x.to(compute)
+    if casting == "olmo":
+        return F.layer_norm(h, h.shape[-1:], weight, bias, eps).to(x.dtype)
+    mean = h.mean(-1, keepdim=True)
+    variance = (h - mean).pow(2).mean(-1, keepdim=True)
+    h = (h - mean) * torch.rsqrt(variance + eps)
+    if weight is not None:
+        h = weight * h
+    if bias is not None:
+        h = h + bias
+    return h.to(x.dtype)

@@ -12,6 +12,13 @@ A layer is converted when normlab can compute what it computes:
   ``eps`` or ``variance_epsilon`` whose forward reproduces one casting recipe
   (:mod:`normlab.torch.casting`) bit for bit on probe inputs in float32 and bfloat16
   becomes :class:`RMSNorm` with that recipe;
+* layer norms that compute in float32 and cast back (transformers' ``CohereLayerNorm``,
+  also with its per-head QK-norm weight of shape ``(heads, head_dim)``, and the
+  parameter-less ``OlmoLayerNorm``): a module with no parameters but a ``weight``
+  and ``bias`` of one shape (or none and a one-axis ``normalized_shape``), with no buffers
+  or children, whose forward reproduces one layer norm recipe bit for bit on probe inputs
+  in float32 and bfloat16 (with its ``eps``, or the one its outputs show when it has no
+  such attribute) becomes :class:`~normlab.torch.recipe_norms.RecipeLayerNorm`;
 * gated RMS norms (transformers' ``MambaRMSNormGated``, ``FalconH1RMSNormGated``): a module
   like those above whose forward takes a gate, ``forward(x, gate)``, and reproduces
   :class:`~normlab.torch.fused.GatedRMSNorm` with one casting recipe bit for bit, per group
@@ -41,7 +48,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
-from normlab.torch.casting import CASTINGS, rms_norm_recipe
+from normlab.torch.casting import CASTINGS, LAYER_NORM_CASTINGS, layer_norm_recipe, rms_norm_recipe
 from normlab.torch.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d,
                                    InstanceNorm2d, InstanceNorm3d, LayerNorm, LayerNorm2d, RMSNorm)
 from normlab.torch.sync import SyncBatchNorm
@@ -87,7 +94,8 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
     Converted: torch.nn's norm classes and their subclasses that compute what torch.nn
     does; ConvNeXt's ``LayerNorm2d`` (torchvision, timm) as :class:`LayerNorm2d`;
     transformers' RMS norms (LLaMA, Mistral, Qwen, Gemma, T5, ...) as :class:`RMSNorm` with
-    their casting recipe; their gated RMS norms (Mamba2, FalconH1) as
+    their casting recipe; the layer norms Cohere and OLMo compute in float32 as
+    :class:`~normlab.torch.recipe_norms.RecipeLayerNorm`; their gated RMS norms (Mamba2, FalconH1) as
     :class:`~normlab.torch.fused.GatedRMSNorm`; uninitialized lazy norms at their first forward (which itself
     runs torch's). A subclass of a torch.nn norm whose forward computes something else,
     and any module named ``...Norm...`` that normlab does not recognize, is left alone, and
@@ -163,6 +171,11 @@ def _replacement(module: nn.Module, name: str, left_alone: dict) -> Optional[nn.
             recipe = _rms_recipe(module)
             if recipe is not None:
                 return twin_of(module, RMSNorm, **recipe)
+            recipe = _layer_norm_recipe(module)
+            if recipe is not None:
+                from normlab.torch.recipe_norms import RecipeLayerNorm
+
+                return twin_of(module, RecipeLayerNorm, **recipe)
         if not (re.search(r"Norm(?!al)", cls.__name__) and not list(module.children())):
             return None
     left_alone.setdefault(cls.__name__, []).append(name)
@@ -278,13 +291,14 @@ _PROBE_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16
                  (torch.float32, torch.bfloat16)]
 
 
-def _probe_outputs(module: nn.Module, probe_weight: Tensor, *inputs: Tensor) -> Optional[list]:
-    """``type(module).forward`` on a copy holding ``probe_weight``, for each pair of
-    :data:`_PROBE_DTYPES` (inputs cast to the first, the weight to the second); None where
-    a forward raises."""
+def _probe_outputs(module: nn.Module, parameters: dict, *inputs: Tensor) -> Optional[list]:
+    """``type(module).forward`` on a copy holding ``parameters``, for each pair of
+    :data:`_PROBE_DTYPES` (inputs cast to the first, the parameters to the second); None
+    where a forward raises."""
     outputs = []
     for x_dtype, w_dtype in _PROBE_DTYPES:
-        probe = _probe_copy(module, {"parameters": {"weight": probe_weight.to(w_dtype)}, "buffers": {}})
+        probe = _probe_copy(module, {"parameters": {k: None if p is None else p.to(w_dtype)
+                                                    for k, p in parameters.items()}, "buffers": {}})
         try:
             with torch.no_grad():
                 outputs.append(type(module).forward(probe, *(t.to(x_dtype) for t in inputs)))
@@ -306,7 +320,7 @@ def _rms_recipe(module: nn.Module) -> Optional[dict]:
     probe_weight = torch.randn(size, generator=generator) * 0.5
     x = torch.randn(4, size, generator=generator)
     x = x * torch.tensor([[1.0], [math.sqrt(eps) + 1e-3], [10.0], [1.0]]) + torch.tensor([[0.0], [0.0], [0.0], [3.0]])
-    outputs = _probe_outputs(module, probe_weight, x)
+    outputs = _probe_outputs(module, {"weight": probe_weight}, x)
     if outputs is None:
         return None
     for casting in CASTINGS:
@@ -356,7 +370,7 @@ def _gated_recipe(module: nn.Module) -> Optional[dict]:
     probe_weight = torch.randn(size, generator=generator) * 0.5 + 1.0
     x = torch.randn(2, 3, size, generator=generator) * 2.0
     gate = torch.randn(2, 3, size, generator=generator) * 2.0
-    outputs = _probe_outputs(module, probe_weight, x, gate)
+    outputs = _probe_outputs(module, {"weight": probe_weight}, x, gate)
     if outputs is None:
         return None
     before = getattr(module, "norm_before_gate", None)
@@ -373,3 +387,91 @@ def _gated_recipe(module: nn.Module) -> Optional[dict]:
                     return {"hidden_size": size, "eps": float(eps), "group_size": group_size,
                             "norm_before_gate": norm_before_gate, "gate_activation": "silu", "casting": casting}
     return None
+
+
+def _layer_norm_shape(module: nn.Module) -> Optional[tuple[int, ...]]:
+    """The shape of the parameters of a module that may be a layer norm over the last axis:
+    no parameters but a ``weight`` and ``bias`` of one shape ``(..., d)``, or none at all
+    and a one-axis ``normalized_shape``; no buffers or children. None otherwise."""
+    parameters = module._parameters
+    if not set(parameters) <= {"weight", "bias"} or len(module._buffers) or list(module.children()):
+        return None
+    shapes = {tuple(p.shape) for p in parameters.values() if p is not None}
+    if len(shapes) == 1:
+        shape = shapes.pop()
+        return shape if shape and all(shape) else None
+    normalized_shape = getattr(module, "normalized_shape", None)
+    if shapes or not isinstance(normalized_shape, (tuple, list)) or len(normalized_shape) != 1:
+        return None
+    size = normalized_shape[0]
+    return (size,) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def _eps_candidates(module: nn.Module, shape: tuple, parameters: dict) -> list[float]:
+    """The module's ``eps`` or ``variance_epsilon``; without one (OLMo writes it into its
+    forward), zero, then the one its outputs show, rounded to more and more digits. On a
+    row of ±a (mean 0, variance a²·v) a layer norm gives a / sqrt(a²·v + eps); a second
+    try with a²·v near the first estimate makes eps count as much as the data."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool):
+        return [float(eps)]
+    if eps is not None:
+        return []
+    probe = _probe_copy(module, {"parameters": {k: None if p is None else torch.ones(shape) if k == "weight"
+                                                else torch.zeros(shape) for k, p in parameters.items()},
+                                 "buffers": {}})
+    signs = torch.tensor([(-1.0) ** i for i in range(shape[-1] // 2 * 2)] + [0.0] * (shape[-1] % 2))
+    v = float(signs.pow(2).mean())
+    estimate, a = None, 1e-3
+    for _ in range(2):
+        try:
+            with torch.no_grad():
+                y = float(type(module).forward(probe, (a * signs).expand(shape).to(torch.float32)).flatten()[0])
+        except Exception:
+            return []
+        if not math.isfinite(y) or y <= 0:
+            return []
+        estimate = (a / y) ** 2 - a * a * v
+        if estimate <= 0:
+            break
+        a = math.sqrt(estimate / v)
+    rounded = [float(f"{estimate:.{digits}g}") for digits in range(1, 7)] if estimate and estimate > 0 else []
+    return list(dict.fromkeys([0.0] + rounded))  # (zero first: an estimate of 6e-20 is rounding)
+
+
+@_on_cpu
+def _layer_norm_recipe(module: nn.Module) -> Optional[dict]:
+    """The :class:`~normlab.torch.recipe_norms.RecipeLayerNorm` attributes (shape, eps,
+    casting) of a layer norm over the last axis whose forward matches one of
+    :data:`~normlab.torch.casting.LAYER_NORM_CASTINGS` bit for bit in float32, bfloat16
+    and mixed weight/input dtypes; None otherwise."""
+    shape = _layer_norm_shape(module)
+    if shape is None:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    parameters = {name: None if p is None else torch.randn(shape, generator=generator) * 0.5 + (name == "weight")
+                  for name, p in module._parameters.items()}
+    candidates = _eps_candidates(module, shape, parameters)
+    if not candidates:
+        return None
+    rows = (4,) + (1,) * len(shape)
+    x = torch.randn((4, *shape), generator=generator)  # a row scaled where eps counts as much as the data
+    x = x * torch.tensor([1.0, math.sqrt(max(candidates)) + 1e-3, 10.0, 1.0]).reshape(rows) + torch.tensor(
+        [0.0, 0.0, 0.0, 3.0]).reshape(rows)
+    outputs = _probe_outputs(module, parameters, x)
+    if outputs is None:
+        return None
+    weight, bias = parameters.get("weight"), parameters.get("bias")
+    for eps in candidates:
+        for casting in LAYER_NORM_CASTINGS:
+            if casting == "olmo" and len(shape) > 1:
+                continue  # F.layer_norm takes the normalized axes' parameters only
+            with torch.no_grad():
+                expected = [layer_norm_recipe(x.to(x_dtype), None if weight is None else weight.to(w_dtype),
+                                              None if bias is None else bias.to(w_dtype), eps, casting)
+                            for x_dtype, w_dtype in _PROBE_DTYPES]
+            if all(isinstance(a, Tensor) and a.dtype == e.dtype and a.shape == e.shape and torch.equal(a, e)
+                   for a, e in zip(outputs, expected)):
+                return {"hidden_size": shape, "eps": eps, "casting": casting, "elementwise_affine": weight is not None}
+    return None
+

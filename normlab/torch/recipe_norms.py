@@ -1,0 +1,87 @@
+"""Layer norms with a model family's casting recipe: the twins of transformers' layer norms
+that compute in float32 and cast back (Cohere's, with its per-head QK-norm weight, and OLMo's).
+
+The recipes themselves (which torch operations, where the casts are) live in
+:mod:`normlab.torch.casting`, beside the RMS norm recipes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from normlab.torch.casting import LAYER_NORM_CASTINGS, compute_dtype, layer_norm_recipe
+from normlab.torch.compute import _normalize
+from normlab.torch.paths import _choose_path, _PathSwitch
+from normlab.torch.spec import Spec
+
+__all__ = ["RecipeLayerNorm"]
+
+
+class RecipeLayerNorm(nn.Module):
+    """Layer norm over the last axis, computed in float32 and cast back to the input's dtype
+    as a model family writes it: ``casting="cohere"`` (``CohereLayerNorm``) or ``"olmo"``
+    (``OlmoLayerNorm``), see :mod:`normlab.torch.casting`. ``hidden_size`` is the shape of
+    the weight, as ``CohereLayerNorm`` takes it: an int, or ``(heads, head_dim)`` for a
+    weight per head (QK-norm: each head's ``head_dim`` values are normalized, pattern
+    ``"... h [d]"``, and scaled by that head's weight, params ``"h d"``). ``bias=False`` and
+    ``elementwise_affine=False`` leave those parameters out, as the families do.
+
+    Like :class:`~normlab.torch.RMSNorm`'s recipes, it runs the family's own torch
+    operations, so its outputs and gradients are the family's to the bit in every dtype;
+    under ``use_path("kernel")`` it runs on the kernels instead (statistics in float64,
+    within one rounding of the family's numbers).
+
+    >>> norm = RecipeLayerNorm((2, 3), eps=0.0, casting="cohere")
+    >>> x = torch.tensor([[[1., 2., 3.], [0., 0., 6.]]])
+    >>> [[round(v, 4) for v in row] for row in norm(x)[0].tolist()]
+    [[-1.2247, 0.0, 1.2247], [-0.7071, -0.7071, 1.4142]]
+    """
+
+    def __init__(self, hidden_size, eps: float = 1e-5, casting: str = "cohere", elementwise_affine: bool = True,
+                 bias: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        if casting not in LAYER_NORM_CASTINGS:
+            raise ValueError(f"casting must be one of {', '.join(map(repr, LAYER_NORM_CASTINGS))}, got {casting!r}")
+        self.hidden_size = (hidden_size,) if isinstance(hidden_size, int) else tuple(hidden_size)
+        self.eps, self.casting, self.elementwise_affine = eps, casting, elementwise_affine
+        factory = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(self.hidden_size, **factory)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.empty(self.hidden_size, **factory)) if elementwise_affine and bias else None
+        self.reset_parameters()
+        self._init_spec()
+
+    def _init_spec(self) -> None:
+        """The kernels' pattern, from the attributes (a converted module has its original's)."""
+        for name in ("weight", "bias"):
+            self._parameters.setdefault(name, None)
+        self.hidden_size = tuple(int(s) for s in self.hidden_size)
+        names = [f"h{i}" for i in range(len(self.hidden_size) - 1)] + ["d"]
+        affine = self._parameters["weight"] is not None or self._parameters["bias"] is not None
+        self._spec = Spec.build(" ".join(["...", *names[:-1], "[d]"]), " ".join(names) if affine else None, False,
+                                **dict(zip(names, self.hidden_size)))
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        shape = self.hidden_size[0] if len(self.hidden_size) == 1 else self.hidden_size
+        return (f"{shape}, eps={self.eps}, casting={self.casting!r}, elementwise_affine={self.weight is not None}, "
+                f"bias={self.bias is not None}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = self.hidden_size
+        if not isinstance(x, torch.fx.Proxy) and tuple(x.shape[max(x.dim() - len(shape), 0):]) != shape:
+            raise RuntimeError(f"{type(self).__name__}{shape}: expected input with shape [*, "
+                               f"{', '.join(map(str, shape))}], but got input of size {list(x.shape)}")
+        if _choose_path(x, has_native=True) == "kernel" and _PathSwitch.path == "kernel":
+            h = x.to(compute_dtype(x.dtype))
+            weight, bias = (None if p is None else p.to(h.dtype) for p in (self.weight, self.bias))
+            return _normalize(h, weight, bias, self._spec, float(self.eps), "kernel")[0].to(x.dtype)
+        return layer_norm_recipe(x, self.weight, self.bias, self.eps, self.casting)
+
