@@ -25,7 +25,8 @@ from torch import Tensor
 from normlab import kernels
 from normlab.kernels import pool
 from normlab.torch.ops import _grads_of, _needs_torch_backward
-from normlab.torch.spec import affine_parameters, module_cache
+from normlab.torch.paths import _needs_torch_ops, _PathSwitch
+from normlab.torch.spec import _ABSENT, affine_parameters, module_cache
 
 _NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64}
 _MAX_CALLS = 64  # shapes remembered per module
@@ -105,9 +106,76 @@ def forward(module, x: Tensor, factor: float) -> Optional[Tensor]:
     call = _call_for(module, x)
     if call is None:
         return None
+    _remember_step(module, x, call, weight, bias, running)
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
-        return _TrainFunction.apply(x, weight, bias, module, call, factor, running)
+        return _apply_train(_unwrap_if_dead(x), weight, bias, module, call, factor, running)
+    return _run_forward(module, call, x, weight, bias, factor, running)[0]
+
+
+class TrainStep:
+    """A module's last training call on the kernels, repeated by :func:`repeat_step` while
+    the input has the same shape, strides and dtype and the module holds the same tensors:
+    the checks of the full path (:func:`normlab.torch.compute._batch_norm_forward`) then
+    come out as they did, and a call costs a few identity checks instead."""
+
+    __slots__ = ("key", "weight", "bias", "tracked", "running", "checked", "call", "counter")
+
+    def __init__(self, key, weight, bias, tracked, running, call, checked):
+        self.key, self.weight, self.bias, self.tracked, self.running, self.call = key, weight, bias, tracked, running, call
+        self.checked = checked
+        self.counter = tracked.numpy()
+
+
+def _checked(weight, bias, running, tracked, channels: int) -> tuple:
+    """What a repeat compares: each tensor's address, dtype and layout, which a write of
+    ``.data`` may change under the same Python object."""
+    return (tracked.data_ptr(), *((t.data_ptr(), t.dtype, t.shape == (channels,) and t.is_contiguous())
+                                  for t in (weight, bias, running[0], running[1]) if t is not None))
+
+
+def _remember_step(module, x: Tensor, call: TrainCall, weight, bias, running) -> None:
+    """Keep this call as the module's :class:`TrainStep` where a repeat can take it: the
+    module tracks running statistics (NumPy views in ``running``) in float32/float64 of
+    x's dtype, with a plain CPU counter."""
+    tracked = module._buffers.get("num_batches_tracked")
+    if running is None or not (type(tracked) is Tensor and tracked.device.type == "cpu" and not tracked.is_inference()
+                               and tracked.dtype == torch.int64 and tracked.dim() == 0 and not tracked.requires_grad):
+        return  # (no running statistics: the full path, whose checks are few then)
+    checked = _checked(weight, bias, running, tracked, call.view[1])
+    if all(c[2] and c[1] == x.dtype for c in checked[1:]):
+        module.__dict__["_normlab_step"] = TrainStep((x.shape, x.stride(), x.dtype), weight, bias, tracked, running,
+                                                     call, checked)
+
+
+def repeat_step(module, x: Tensor) -> Optional[Tensor]:
+    """BatchNorm's training forward as the module's last one (:class:`TrainStep`), or None
+    where anything differs and the full path must decide."""
+    step = module.__dict__.get("_normlab_step")
+    if step is None or type(x) is not Tensor or not x.is_cpu or (x.shape, x.stride(), x.dtype) != step.key:
+        return None
+    parameters, buffers = module._parameters, module._buffers
+    weight, bias = parameters.get("weight", _ABSENT), parameters.get("bias", _ABSENT)
+    running = step.running
+    if (weight is not step.weight or bias is not step.bias or buffers.get("running_mean") is not running[0]
+            or buffers.get("running_var") is not running[1] or buffers.get("num_batches_tracked") is not step.tracked
+            or _needs_torch_ops(x) or _PathSwitch.path not in ("auto", "kernel")):
+        return None
+    call = step.call
+    channels = call.view[1]
+    if (_checked(weight, bias, running, step.tracked, channels) != step.checked or module.num_features != channels
+            or not 0.0 < module.eps < math.inf or not module.track_running_stats):
+        return None
+    grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
+    if grad and x.is_inference():
+        return None  # torch raises its error (before counting the batch)
+    momentum = module.momentum
+    step.counter += 1  # num_batches_tracked, in place through NumPy
+    torch.autograd.graph.increment_version(step.tracked)
+    factor = 1.0 / float(step.counter) if momentum is None else momentum
+    if grad:
+        return _apply_train(_unwrap_if_dead(x), weight, bias, module, call, factor, running)
     return _run_forward(module, call, x, weight, bias, factor, running)[0]
 
 
@@ -196,6 +264,11 @@ class _TrainFunction(torch.autograd.Function):
                      torch.from_numpy(grad_weight.astype(dtype, copy=False)) if needs[1] else None,
                      torch.from_numpy(grad_bias.astype(dtype, copy=False)) if needs[2] else None)
         return (*grads, None, None, None, None)
+
+
+# Function.apply without its Python wrapper (see normlab.torch.row_autograd._apply_row)
+_apply_train = super(torch.autograd.Function, _TrainFunction).apply
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
 def _differentiable_backward(ctx, grad_y, x, weight, bias):

@@ -378,7 +378,11 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
     """BatchNorm{1,2,3}d's forward on the kernel or composite path (torch's semantics);
     torch's own forward where only torch's ops run, or where the input does not fit, so
     that torch raises its own error in its own words."""
-    if not module.training and _PathSwitch.path == "auto" and type(x) is Tensor:
+    if module.training:
+        y = batch_train.repeat_step(module, x)
+        if y is not None:
+            return y
+    elif _PathSwitch.path == "auto" and type(x) is Tensor:
         y = _small_eval(module, x)
         if y is not None:
             return y
