@@ -71,19 +71,86 @@ def test_convert_fuse_rewrites_llama_style_families_and_keeps_their_logits(famil
     _assert_same_logits(fused, model)  # (bfloat16 runs the composite with LLaMA's recipe: the same bits)
 
 
-@pytest.mark.parametrize("family, extra", [("gemma2", {}), ("gemma3_text", {}), ("olmo2", {}), ("phi3", {}),
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_convert_fuse_rewrites_gemma2_and_gemma3_sandwich_layers_and_keeps_logits_gradients_and_generation(family):
+    # a norm on each side of attention and MLP: the add of the normed attention output
+    # runs inside pre_feedforward_layernorm, with Gemma's recipe
+    model = _model(family, attention_dropout=0.0)
+    fused = _fused(model)
+    assert _fused_layers(fused) == 2
+    assert isinstance(fused.model.layers[0].pre_feedforward_layernorm, FusedAddRMSNorm)
+    assert fused.state_dict().keys() == model.state_dict().keys()
+    _assert_same_logits(fused, model)
+    ids = _ids()
+    for m in (model, fused):
+        m.train()
+        m(ids, labels=ids).loss.backward()
+        m.eval()
+    for (name, want), (_, got) in zip(model.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5, msg=name)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # the first sequence is left-padded
+    ids[0, :3] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(fused.generate(ids, **kwargs), model.generate(ids, **kwargs), rtol=0, atol=0)
+
+
+def _gemma2_layer_scaling_its_attention_add(layer_class):
+    """Gemma2's layer with one statement changed: the attention output added at half weight."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None, cache=None,
+                **kwargs):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(hidden_states=hidden_states, position_embeddings=position_embeddings,
+                                          attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                                          **kwargs)
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = residual + hidden_states * 0.5
+        residual = hidden_states
+        hidden_states = self.pre_feedforward_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = self.post_feedforward_layernorm(hidden_states)
+        hidden_states = residual + hidden_states
+        return hidden_states
+
+    return type("HalfAddGemma2DecoderLayer", (layer_class,), {"forward": forward})
+
+
+@pytest.mark.parametrize("family, extra", [("gemma2_half_add", {}), ("olmo2", {}), ("phi3", {}),
                                            ("granite", dict(residual_multiplier=0.5))])
 def test_convert_fuse_leaves_decoder_layers_of_other_structures_unfused_and_their_logits_unchanged(family, extra):
-    # Gemma2/3 norm the attention output before the add, OLMo2 is post-norm, Phi3 adds
-    # through dropouts, Granite scales what it adds: fusing the add into the norm would
-    # change them
-    model = _model(family, **extra)
+    # a Gemma2 layer that scales its attention add, OLMo2 is post-norm, Phi3 adds through
+    # dropouts, Granite scales what it adds: fusing the add into the norm would change them
+    model = _model(family.replace("_half_add", ""), **extra)
+    if family == "gemma2_half_add":
+        for layer in model.model.layers:
+            layer.__class__ = _gemma2_layer_scaling_its_attention_add(type(layer))
     fused = _fused(model)
     assert _fused_layers(fused) == 0
     assert not any(isinstance(m, FusedAddRMSNorm) for m in fused.modules())
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(fused(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_a_fused_layer_called_alone_takes_its_arguments_with_the_original_forwards_defaults(family):
+    # Qwen2's and Gemma2's attention require an attention_mask, which their decoder layers
+    # default to None: the fused forward must pass the default on, as the original does
+    model = _model(family)
+    fused = _fused(model)
+    layer, fused_layer = model.model.layers[0], fused.model.layers[0]
+    hidden = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(3))
+    position_embeddings = model.model.rotary_emb(hidden, torch.arange(7).expand(2, 7))
+    with torch.no_grad():
+        want = layer(hidden, position_embeddings=position_embeddings)
+        torch.testing.assert_close(fused_layer(hidden, position_embeddings=position_embeddings), want, **_FLOAT32)
+        position = (position_embeddings, None) if family == "gemma2" else (None, None, None, False, position_embeddings)
+        torch.testing.assert_close(fused_layer(hidden, *position), layer(hidden, *position), **_FLOAT32)
+        for call in (layer, fused_layer):  # refused alike
+            with pytest.raises(TypeError, match="multiple values for argument 'position_embeddings'"):
+                call(hidden, *position, position_embeddings=position_embeddings)
 
 
 def test_fused_model_generates_the_same_tokens_with_kv_cache_and_left_padding():

@@ -103,8 +103,9 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
     ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does: its attributes carry over, its
     methods do not.
 
-    ``fuse=True`` also fuses the residual adds of LLaMA-style pre-norm decoder layers into
-    their RMS norms (:mod:`normlab.torch.fuse`); outputs and ``state_dict`` stay the same.
+    ``fuse=True`` also fuses the residual adds of LLaMA-style pre-norm decoder layers, and
+    of Gemma2/Gemma3's layers with a norm on each side of attention and MLP, into their RMS
+    norms (:mod:`normlab.torch.fuse`); outputs and ``state_dict`` stay the same.
 
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     >>> x = torch.randn(3, 4)

@@ -9,8 +9,16 @@ the same way: Mistral, Qwen2, Gemma, ...) runs::
 The middle add and the norm after it read and write the same rows twice. Fusing
 rewrites the layer to ``normed, h = post_attention_layernorm(attn, residual)`` with a
 :class:`~normlab.torch.fused.FusedAddRMSNorm` that carries the norm's own casting recipe
-(LLaMA's, or Gemma's ``1 + weight``). The layer's class becomes a subclass with that
-forward; its modules keep their names and Parameter objects, so ``state_dict`` and an
+(LLaMA's, or Gemma's ``1 + weight``). Gemma2's and Gemma3's layers put a norm on each side
+of attention and MLP::
+
+    residual = h;  h = input_layernorm(h);  h = self_attn(h);  h = post_attention_layernorm(h);  h = residual + h
+    residual = h;  h = pre_feedforward_layernorm(h);  h = mlp(h);  h = post_feedforward_layernorm(h);  h = residual + h
+
+and fuse the middle add into ``pre_feedforward_layernorm`` the same way. The layer's class
+becomes a subclass with the fused forward, which binds its arguments as the original
+forward's signature does (its defaults included) and hands the attention the same
+keywords; its modules keep their names and Parameter objects, so ``state_dict`` and an
 optimizer built before are unchanged. Layers of another structure are left alone.
 """
 
@@ -20,6 +28,8 @@ import ast
 import functools
 import inspect
 import textwrap
+from dataclasses import dataclass
+from typing import Optional
 
 from torch import nn
 
@@ -28,7 +38,9 @@ from normlab.torch.modules import RMSNorm
 
 __all__ = ["fuse_decoder_layers"]
 
-_LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+_LAYER_CHILDREN = {"pre_norm": {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"},
+                   "sandwich": {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm",
+                                "pre_feedforward_layernorm", "post_feedforward_layernorm"}}
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,59 +72,164 @@ def _recipe(norm: nn.Module):
     return None
 
 
-# LlamaDecoderLayer.forward's statements, as ast.unparse writes them; the attention call
-# ("ATTENTION") may pass any of the layer's arguments on by their own names
+# The decoder layer forwards that fuse, statement for statement as ast.unparse writes them;
+# the attention call ("ATTENTION") may pass any of the layer's arguments on by their own names.
+# LlamaDecoderLayer's: the add after attention goes into post_attention_layernorm
 _PRE_NORM_STATEMENTS = (
     "residual = hidden_states", "hidden_states = self.input_layernorm(hidden_states)", "ATTENTION",
     "hidden_states = residual + hidden_states", "residual = hidden_states",
     "hidden_states = self.post_attention_layernorm(hidden_states)", "hidden_states = self.mlp(hidden_states)",
     "hidden_states = residual + hidden_states", "return hidden_states")
+# Gemma2DecoderLayer's (and Gemma3's), a norm on each side of attention and MLP: the add of
+# the normed attention output goes into pre_feedforward_layernorm
+_SANDWICH_STATEMENTS = (
+    "residual = hidden_states", "hidden_states = self.input_layernorm(hidden_states)", "ATTENTION",
+    "hidden_states = self.post_attention_layernorm(hidden_states)", "hidden_states = residual + hidden_states",
+    "residual = hidden_states", "hidden_states = self.pre_feedforward_layernorm(hidden_states)",
+    "hidden_states = self.mlp(hidden_states)", "hidden_states = self.post_feedforward_layernorm(hidden_states)",
+    "hidden_states = residual + hidden_states", "return hidden_states")
 
 
-def _passes_its_arguments_on(statement: ast.stmt) -> bool:
-    """``hidden_states, _ = self.self_attn(hidden_states=hidden_states, name=name, ..., **kwargs)``:
-    what the fused forward's ``self.self_attn(hidden_states=..., **kwargs)`` reproduces."""
+@dataclass(frozen=True)
+class _Call:
+    """How a layer's forward takes its arguments and what its attention call passes on:
+    the fused forward binds a call as the original's signature does (its defaults
+    included) and hands ``self_attn`` the same keywords."""
+
+    positional: tuple[str, ...]  # the parameters after self that a positional argument may fill, in order
+    names: frozenset  # every named parameter
+    defaults: tuple[tuple[str, object], ...]
+    passed: tuple[str, ...]  # what the attention call passes as name=name, hidden_states aside
+    passes_var_keyword: bool  # ... and whether it passes **kwargs on
+    takes_var_keyword: bool
+
+    def attention_inputs(self, args: tuple, kwargs: dict) -> tuple:
+        """``(hidden_states, the keywords the original forward gives self_attn)`` for a call
+        ``forward(*args, **kwargs)``; TypeError where the original's signature refuses it."""
+        if len(args) > len(self.positional):
+            raise TypeError(f"forward() takes {len(self.positional)} positional arguments after self, "
+                            f"{len(args)} were given")
+        values = dict(self.defaults)
+        values.update(zip(self.positional, args))
+        extra = {}
+        for name, value in kwargs.items():
+            if name in self.names:
+                if name in self.positional[:len(args)]:
+                    raise TypeError(f"forward() got multiple values for argument {name!r}")
+                values[name] = value
+            elif self.takes_var_keyword:
+                extra[name] = value
+            else:
+                raise TypeError(f"forward() got an unexpected keyword argument {name!r}")
+        missing = [name for name in self.names if name not in values]
+        if missing:
+            raise TypeError(f"forward() missing required argument(s): {', '.join(sorted(missing))}")
+        keywords = {name: values[name] for name in self.passed}
+        if self.passes_var_keyword:
+            keywords.update(extra)
+        return values["hidden_states"], keywords
+
+
+def _attention_keywords(statement: ast.stmt, function: ast.FunctionDef) -> Optional[tuple[tuple[str, ...], bool]]:
+    """``hidden_states, _ = self.self_attn(hidden_states=hidden_states, name=name, ..., **kwargs)``,
+    each name one of the forward's parameters: ``(the names, whether **kwargs is passed on)``;
+    None for another statement."""
     if not (isinstance(statement, ast.Assign) and ast.unparse(statement.targets) == "(hidden_states, _)"
             and isinstance(statement.value, ast.Call) and ast.unparse(statement.value.func) == "self.self_attn"
             and not statement.value.args):
-        return False
-    return all(k.arg is None or (isinstance(k.value, ast.Name) and k.value.id == k.arg)
-               for k in statement.value.keywords)
+        return None
+    arguments = function.args
+    parameters = {a.arg for a in arguments.posonlyargs + arguments.args + arguments.kwonlyargs}
+    var_keyword = arguments.kwarg.arg if arguments.kwarg is not None else None
+    names, passes_var_keyword = [], False
+    for keyword in statement.value.keywords:
+        if keyword.arg is None and isinstance(keyword.value, ast.Name) and keyword.value.id == var_keyword:
+            passes_var_keyword = True
+        elif isinstance(keyword.value, ast.Name) and keyword.value.id == keyword.arg and keyword.arg in parameters:
+            names.append(keyword.arg)
+        else:
+            return None
+    if "hidden_states" not in names:
+        return None
+    return tuple(n for n in names if n != "hidden_states"), passes_var_keyword
 
 
 @functools.lru_cache(maxsize=None)
-def _has_pre_norm_forward(cls: type) -> bool:
-    """Whether ``cls.forward`` is LlamaDecoderLayer's, statement for statement (a
-    ``residual + hidden_states * self.residual_multiplier`` (Granite), a norm of the
-    attention output (Gemma2) or a dropout before an add is another structure)."""
+def _structure_of(cls: type) -> Optional[tuple[str, _Call]]:
+    """``("pre_norm" or "sandwich", the layer's _Call)`` when ``cls.forward`` is
+    LlamaDecoderLayer's or Gemma2DecoderLayer's, statement for statement, with its
+    arguments named (no ``*args``); None otherwise (a ``residual + hidden_states *
+    self.residual_multiplier`` (Granite), a post-norm (OLMo2) or a dropout before an add
+    is another structure)."""
     try:
         function = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
-    except (OSError, TypeError, SyntaxError, IndexError):
-        return False
+        signature = inspect.signature(cls.forward)
+    except (OSError, TypeError, SyntaxError, IndexError, ValueError):
+        return None
     if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
-        return False
+        return None
+    parameters = list(signature.parameters.values())[1:]
+    if (not parameters or parameters[0].name != "hidden_states"
+            or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
+            or {p.name for p in parameters} != {a.arg for a in function.args.posonlyargs + function.args.args[1:]
+                                                + function.args.kwonlyargs}
+            | ({function.args.kwarg.arg} if function.args.kwarg else set())):
+        return None  # (a decorator that changed the signature)
     body = [s for s in function.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
-    arguments = [a.arg for a in function.args.args]
-    return (len(body) == len(_PRE_NORM_STATEMENTS) and arguments[1:2] == ["hidden_states"]
-            and all(_passes_its_arguments_on(s) if expected == "ATTENTION" else ast.unparse(s) == expected
-                    for s, expected in zip(body, _PRE_NORM_STATEMENTS)))
+    for name, statements in (("pre_norm", _PRE_NORM_STATEMENTS), ("sandwich", _SANDWICH_STATEMENTS)):
+        if len(body) != len(statements):
+            continue
+        attention = [_attention_keywords(s, function) for s, e in zip(body, statements) if e == "ATTENTION"]
+        if attention[0] is None or not all(ast.unparse(s) == e for s, e in zip(body, statements) if e != "ATTENTION"):
+            continue
+        named = [p for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        call = _Call(
+            positional=tuple(p.name for p in named if p.kind is not inspect.Parameter.KEYWORD_ONLY),
+            names=frozenset(p.name for p in named),
+            defaults=tuple((p.name, p.default) for p in named if p.default is not inspect.Parameter.empty),
+            passed=attention[0][0], passes_var_keyword=attention[0][1],
+            takes_var_keyword=any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters))
+        return name, call
+    return None
 
 
-def _is_pre_norm_layer(layer: nn.Module) -> bool:
-    return ({name for name, _ in layer.named_children()} == _LAYER_CHILDREN
-            and _has_pre_norm_forward(type(layer)))
+def _has_pre_norm_forward(cls: type) -> bool:
+    """Whether ``cls.forward`` is LlamaDecoderLayer's, statement for statement."""
+    structure = _structure_of(cls)
+    return structure is not None and structure[0] == "pre_norm"
 
 
-def _fused_forward(self, hidden_states, *args, **kwargs):
-    """The layer's forward with the post-attention add fused into its norm."""
-    if args:  # positional extras: the original forward knows where they go
-        return self._unfused_forward(hidden_states, *args, **kwargs)
-    if "past_key_values" in kwargs:  # the name the layer's deprecation shim maps to ``cache``
+def _fused_norm_name(layer: nn.Module) -> Optional[str]:
+    """The name of the norm that takes the residual add in ``layer``, a decoder layer of one
+    of the fused structures with exactly its modules; None for any other module."""
+    structure = _structure_of(type(layer))
+    if structure is None or {name for name, _ in layer.named_children()} != _LAYER_CHILDREN[structure[0]]:
+        return None
+    return "post_attention_layernorm" if structure[0] == "pre_norm" else "pre_feedforward_layernorm"
+
+
+def _arguments(self, args: tuple, kwargs: dict) -> tuple:
+    if "past_key_values" in kwargs and "cache" in self._call.names:  # the name the deprecation shim maps to cache
+        kwargs = dict(kwargs)
         kwargs["cache"] = kwargs.pop("past_key_values")
-    residual = hidden_states
-    attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
-    normed, residual = self.post_attention_layernorm(attended, residual)
+    return self._call.attention_inputs(args, kwargs)
+
+
+def _fused_pre_norm_forward(self, *args, **kwargs):
+    """LlamaDecoderLayer's forward with the post-attention add fused into its norm."""
+    hidden_states, keywords = _arguments(self, args, kwargs)
+    attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **keywords)
+    normed, residual = self.post_attention_layernorm(attended, hidden_states)
     return residual + self.mlp(normed)
+
+
+def _fused_sandwich_forward(self, *args, **kwargs):
+    """Gemma2DecoderLayer's forward with the add of the normed attention output fused into
+    the pre-feedforward norm."""
+    hidden_states, keywords = _arguments(self, args, kwargs)
+    attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **keywords)
+    normed, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(attended), hidden_states)
+    return residual + self.post_feedforward_layernorm(self.mlp(normed))
 
 
 def _fused_instance(cls: type) -> nn.Module:
@@ -130,7 +247,9 @@ def _reduce_ex(self, protocol):
 
 @functools.lru_cache(maxsize=None)
 def _fused_class(cls: type) -> type:
-    return type(f"Fused{cls.__name__}", (cls,), {"forward": _fused_forward, "_unfused_forward": cls.forward,
+    structure, call = _structure_of(cls)
+    forward = {"pre_norm": _fused_pre_norm_forward, "sandwich": _fused_sandwich_forward}[structure]
+    return type(f"Fused{cls.__name__}", (cls,), {"forward": forward, "_call": call, "_unfused_forward": cls.forward,
                                                   "_unfused_class": cls, "__reduce_ex__": _reduce_ex,
                                                   "__module__": cls.__module__})
 
@@ -156,18 +275,20 @@ def _has_call_hooks(module: nn.Module) -> bool:
 
 
 def fuse_decoder_layers(model: nn.Module) -> int:
-    """Fuse every pre-norm decoder layer of ``model`` in place; returns how many were fused."""
+    """Fuse every decoder layer of ``model`` of a fused structure in place; returns how many were fused."""
     count = 0
     for layer in list(model.modules()):
         if isinstance(layer, FusedAddRMSNorm) or type(layer).__name__.startswith("Fused"):
             continue
-        if not _is_pre_norm_layer(layer):
+        fused_name = _fused_norm_name(layer)
+        if fused_name is None:
             continue
-        recipes = [_recipe(layer.input_layernorm), _recipe(layer.post_attention_layernorm)]
-        if None in recipes or _has_call_hooks(layer.post_attention_layernorm):
+        norms = sorted(name for name in _LAYER_CHILDREN[_structure_of(type(layer))[0]] if name.endswith("layernorm"))
+        recipes = {name: _recipe(getattr(layer, name)) for name in norms}
+        if None in recipes.values() or _has_call_hooks(getattr(layer, fused_name)):
             continue  # (a hook on that norm expects its one input and one output, not the fused call's)
-        layer.input_layernorm = _fused_norm(layer.input_layernorm, recipes[0])
-        layer.post_attention_layernorm = _fused_norm(layer.post_attention_layernorm, recipes[1])
+        for name, recipe in recipes.items():
+            setattr(layer, name, _fused_norm(getattr(layer, name), recipe))
         layer.__class__ = _fused_class(type(layer))
         count += 1
     return count
