@@ -19,8 +19,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from normlab.torch import geometric_script as script
 from normlab.torch.compute import normalize
-from normlab.torch.masked import normalize_masked
+from normlab.torch.masked import check_segment_ids, normalize_masked
 from normlab.torch.modules import BatchNorm1d
 
 __all__ = ["InstanceNorm", "LayerNorm", "GraphNorm", "BatchNorm"]
@@ -48,6 +49,13 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
         super().__init__(in_channels, eps, momentum, affine, track_running_stats, device=device)
 
     def forward(self, x: Tensor, batch: Optional[Tensor] = None, batch_size: Optional[int] = None) -> Tensor:
+        if torch.jit.is_scripting():
+            return script.instance_norm(x, batch, batch_size, self.running_mean, self.running_var, self.weight,
+                                        self.bias, self.training, self.track_running_stats, self.momentum, self.eps)
+        return self._normlab_forward(x, batch, batch_size)
+
+    @torch.jit.unused
+    def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
         use_input_stats = self.training or not self.track_running_stats
         if batch is None:
             if not use_input_stats:
@@ -115,6 +123,13 @@ class LayerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor, batch: Optional[Tensor] = None, batch_size: Optional[int] = None) -> Tensor:
+        if torch.jit.is_scripting():
+            return script.layer_norm(x, batch, batch_size, self.weight, self.bias, self.in_channels, self.mode,
+                                     self.eps)
+        return self._normlab_forward(x, batch, batch_size)
+
+    @torch.jit.unused
+    def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
         if self.mode == "graph":
             if batch is None:
                 x = x - x.mean()
@@ -154,10 +169,18 @@ class GraphNorm(nn.Module):
         nn.init.ones_(self.mean_scale)
 
     def forward(self, x: Tensor, batch: Optional[Tensor] = None, batch_size: Optional[int] = None) -> Tensor:
+        if torch.jit.is_scripting():
+            return script.graph_norm(x, batch, batch_size, self.weight, self.bias, self.mean_scale, self.eps)
+        return self._normlab_forward(x, batch, batch_size)
+
+    @torch.jit.unused
+    def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
         if batch is None:
             batch = x.new_zeros(x.size(0), dtype=torch.long)
             batch_size = 1
         batch_size = _batch_size(batch, batch_size)
+        # the mean below runs before normalize_masked checks the batch vector: check it first
+        check_segment_ids(x, "[n] c", batch, batch_size)
         counts = torch.bincount(batch, minlength=batch_size).clamp_min(1).to(x.dtype).unsqueeze(1)
         mean = x.new_zeros(batch_size, x.size(1)).index_add_(0, batch, x) / counts
         out = x - mean.index_select(0, batch) * self.mean_scale

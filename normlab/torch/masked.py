@@ -14,12 +14,55 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from normlab import core
+from normlab.errors import ParamsError, ShapeError
+from normlab.masked import make_grouping
 from normlab.plan import make_plan
 from normlab.torch.ops import _functorch_active, _grads_of, _needs_torch_backward, _spec_of
 from normlab.torch.paths import _LOW_PRECISION
 from normlab.torch.spec import Spec, _sizes_dict
 
-__all__ = ["normalize_masked", "MaskedResult"]
+__all__ = ["normalize_masked", "MaskedResult", "check_segment_ids"]
+
+
+class PatternParamsError(ParamsError, RuntimeError):
+    """``weight`` or ``bias`` that do not fit the input: normlab's :class:`ParamsError` (a
+    ``ValueError``) that is also a ``RuntimeError``, as torch's size mismatches are."""
+
+
+def _torch_error(error: Exception) -> Exception:
+    """normlab's shape and parameter errors as ones that ``except RuntimeError`` (torch's
+    type for a misfit, and PyG's for a bad batch vector) catches too."""
+    from normlab.torch.modules import PatternShapeError  # (modules imports this module)
+
+    if isinstance(error, ShapeError):
+        return PatternShapeError(str(error))
+    return PatternParamsError(str(error)) if isinstance(error, ParamsError) else error
+
+
+def _check_ids_dtype(x: Tensor, pattern: str, segment_ids: Tensor) -> None:
+    if not isinstance(segment_ids, Tensor) or segment_ids.dtype == torch.bool or segment_ids.is_floating_point() \
+            or segment_ids.is_complex():
+        raise TypeError(f"pattern {pattern!r}, input shape {tuple(x.shape)}: segment_ids (a batch vector) must be an "
+                        f"integer tensor, got {getattr(segment_ids, 'dtype', type(segment_ids).__name__)}; "
+                        "pass ids.long()")
+
+
+def check_segment_ids(x: Tensor, pattern: str, segment_ids: Tensor, num_segments: Optional[int] = None,
+                      segment_axis: Optional[str] = None) -> None:
+    """Refuse ids that :func:`normalize_masked` would refuse (dtype, shape, range), in the
+    same words, for callers that index with them first.
+
+    >>> check_segment_ids(torch.randn(3, 2), "[n] c", torch.tensor([0, 2, 1]), num_segments=2)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    normlab.torch.modules.PatternShapeError: pattern '[n] c', input shape (3, 2): num_segments=2 but segment_ids ...
+    """
+    _check_ids_dtype(x, pattern, segment_ids)
+    try:
+        make_grouping(make_plan(pattern, tuple(x.shape)), segment_ids=_numpy(segment_ids.cpu()),
+                      num_segments=num_segments, segment_axis=segment_axis)
+    except (ShapeError, ParamsError) as error:
+        raise _torch_error(error) from None
 
 
 def _numpy(t: Optional[Tensor]):
@@ -218,8 +261,10 @@ def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None
     [-1.0, 1.0, -1.0, 1.0]
     """
     spec = Spec.build(pattern, params, rms, **sizes)
-    if segment_ids is not None and num_segments is None:
-        num_segments = int(segment_ids.max()) + 1 if segment_ids.numel() else 0
+    if segment_ids is not None:
+        _check_ids_dtype(x, pattern, segment_ids)
+        if num_segments is None:
+            num_segments = int(segment_ids.max()) + 1 if segment_ids.numel() else 0
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"pattern {pattern!r}, input shape {tuple(x.shape)}: mask must be a bool tensor, "
                         f"got {mask.dtype}; pass mask.bool() (True where an element counts)")
@@ -235,7 +280,10 @@ def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None
             segment_axis)
     eager = not torch.compiler.is_compiling() and all(
         t is None or type(t) in (Tensor, torch.nn.Parameter) for t in args[:5])
-    y, mean, rstd, count = _Eager.apply(*args) if eager else _forward_op(*args)
+    try:
+        y, mean, rstd, count = _Eager.apply(*args) if eager else _forward_op(*args)
+    except (ShapeError, ParamsError) as error:
+        raise _torch_error(error) from None
     if low:
         y = y.to(x.dtype)
     return MaskedResult((y, mean, rstd, count))

@@ -1,0 +1,68 @@
+"""normlab.torch.geometric as PyG users run it, against PyG's own layers (the oracle):
+TorchScript of the twins, and a batch vector that is wrong in the ways users get it wrong
+(the errors torch users catch, repeating the pattern and the shape; never a crash deep in
+a scatter, and never a silent truncation of float ids)."""
+
+import io
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pyg_norm = pytest.importorskip("torch_geometric.nn.norm")
+
+from normlab.torch import geometric  # noqa: E402
+
+_LAYERS = {
+    "instance": lambda m: m.InstanceNorm(5, affine=True, track_running_stats=True),
+    "layer_graph": lambda m: m.LayerNorm(5),
+    "layer_node": lambda m: m.LayerNorm(5, mode="node"),
+    "graph": lambda m: m.GraphNorm(5),
+}
+
+
+def _graphs(seed=0):
+    """12 nodes in graphs 0..4 of a batch of 6: graph 2 and graph 5 have no nodes, graph 1 one."""
+    g = torch.Generator().manual_seed(seed)
+    batch = torch.tensor([0, 0, 0, 1, 3, 3, 3, 3, 4, 4, 4, 4])[torch.randperm(12, generator=g)]
+    return torch.randn(12, 5, generator=g, dtype=torch.float64) * 2 + 1, batch
+
+
+@pytest.mark.parametrize("name", sorted(_LAYERS))
+def test_scripted_twins_match_scripted_pyg_layers_through_training_and_evaluation(name):
+    ours, theirs = _LAYERS[name](geometric).double(), _LAYERS[name](pyg_norm).double()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = torch.jit.script(ours), torch.jit.script(theirs)
+    buffer = io.BytesIO()
+    torch.jit.save(ours, buffer)  # a scripted twin saves and loads as PyG's scripted layer does
+    ours = torch.jit.load(io.BytesIO(buffer.getvalue()))
+    x, batch = _graphs()
+    for call in ((batch, 6), (batch, None), (None, None), (batch, 6)):
+        ya, yb = ours(x, *call), theirs(x, *call)
+        torch.testing.assert_close(ya, yb)
+        for name_, t in theirs.state_dict().items():  # PyG's buffers keep the autograd graph: compare values
+            torch.testing.assert_close(ours.state_dict()[name_], t.detach(), msg=name_)
+    ours.eval()
+    theirs.eval()
+    torch.testing.assert_close(ours(x, batch, 6), theirs(x, batch, 6))
+
+
+@pytest.mark.parametrize("name", ["instance", "layer_graph", "graph"])
+def test_a_bad_batch_vector_fails_as_runtime_error_naming_the_pattern_and_shape(name):
+    x, batch = _graphs(seed=1)
+    ours, theirs = _LAYERS[name](geometric).double(), _LAYERS[name](pyg_norm).double()
+    bad = {"shorter": (batch[:-1], None), "negative id": (batch - 1, None), "id >= batch_size": (batch, 4),
+           "two-dimensional": (batch[:, None], None)}
+    for what, call in bad.items():
+        with pytest.raises((RuntimeError, ValueError)):  # PyG refuses each (a 2-D one: ValueError in GraphNorm)
+            theirs(x, *call)
+        with pytest.raises(RuntimeError, match=r"input shape \(12, 5\)") as caught:
+            ours(x, *call)
+        assert isinstance(caught.value, ValueError), what  # also normlab's ValueError kind
+    x_before = x.clone()
+    for ids in (batch.double(), batch.bool()):  # PyG refuses them; .long() would truncate 0.5 to graph 0
+        with pytest.raises(TypeError, match="integer tensor"):
+            ours(x, ids)
+    assert torch.equal(x, x_before)
