@@ -191,6 +191,19 @@ def _compare_masked_with_single_process(rank: int, port: int):
         torch.testing.assert_close(y_local, expected[mine], **tolerance)
         torch.testing.assert_close(x_local.grad, x_ref.grad[mine], **tolerance)
 
+        # padding that holds inf and NaN: the counted positions and the statistics as before
+        padded = nt.SyncBatchNorm(CHANNELS, momentum=0.3).to(dtype)
+        padded.load_state_dict({**sync.state_dict(), "running_mean": torch.zeros(CHANNELS, dtype=dtype),
+                                "running_var": torch.ones(CHANNELS, dtype=dtype), "num_batches_tracked": torch.tensor(0)})
+        padding = torch.full_like(x[mine], float("nan"))
+        padding[..., 0] = float("inf")
+        x_padded = torch.where(mask[mine], x[mine], padding)
+        y_padded = padded(x_padded, mask=mask[mine])
+        torch.testing.assert_close(y_padded.permute(1, 0, 2, 3).reshape(CHANNELS, -1)[local_counted]
+                                   .reshape(CHANNELS, -1).T, mine_rows, **tolerance)
+        torch.testing.assert_close(padded.running_mean, running_mean, **tolerance)
+        torch.testing.assert_close(padded.running_var, running_var, **tolerance)
+
         # a channel with nothing counted on any rank: exactly bias, running statistics kept
         channel_mask = mask[mine].expand(x_local.shape).clone()
         channel_mask[:, 1] = False

@@ -49,10 +49,20 @@ def _check_mask(module, x: Tensor, mask: Tensor) -> Tensor:
         raise TypeError(f"{type(module).__name__}: mask must be a bool tensor that broadcasts to the input "
                         f"{tuple(x.shape)}, got {getattr(mask, 'dtype', type(mask).__name__)}; pass mask.bool()")
     try:
-        torch.broadcast_shapes(mask.shape, x.shape)
+        fits = torch.broadcast_shapes(mask.shape, x.shape) == x.shape  # (a mask may not add axes or widen them)
     except RuntimeError:
-        raise ValueError(f"{type(module).__name__}: mask of shape {tuple(mask.shape)} does not broadcast to the "
-                         f"input {tuple(x.shape)}; give it the input's shape or size-1 axes") from None
+        fits = False
+    if not fits:
+        from normlab.torch.modules import PatternShapeError  # (modules imports this module)
+
+        spec = getattr(module, "_spec", None)
+        pattern = f"pattern {spec.pattern!r}, " if spec is not None else ""
+        raise PatternShapeError(f"{type(module).__name__} ({pattern}input shape {tuple(x.shape)}): mask of shape "
+                                f"{tuple(mask.shape)} does not broadcast to the input; give it the input's shape "
+                                "or size-1 axes")
+    if mask.device != x.device:
+        raise RuntimeError(f"{type(module).__name__}: mask is on {mask.device}, the input on {x.device}; "
+                           "put them on the same device")
     return mask
 
 
@@ -117,8 +127,12 @@ def _instance_norm(module, x: Tensor, mask: Tensor) -> Tensor:
                                                 mask=mask)
         if module.running_mean is not None and module.training:
             factor = 0.0 if module.momentum is None else module.momentum
-            _update(module, mean.reshape(batch, channels).mean(0),
-                    _unbiased(rstd, count, module.eps).reshape(batch, channels).mean(0), factor)
+            # the mean over the samples with something counted: an all-padding sample has no statistics
+            counted = (count > 0).reshape(batch, channels)
+            samples = counted.sum(0)
+            average = [torch.where(counted, stat.reshape(batch, channels), 0).sum(0) / samples.clamp_min(1)
+                       for stat in (mean, _unbiased(rstd, count, module.eps))]
+            _update(module, *average, factor, counted=samples > 0)
     else:
         y = _apply_stats(x, module.running_mean, module.running_var, module.weight, module.bias, module.eps,
                          _channel_shape(x))

@@ -111,12 +111,13 @@ class _MaskedSyncBatchNormFunction(torch.autograd.Function):
         dims = [0] + list(range(2, x.dim()))
         compute = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
         xc = x.to(compute)
-        m = mask.expand(x.shape).to(torch.float64)
+        counted_here = mask.expand(x.shape)
         x64 = x.to(torch.float64)
-        count = m.sum(dims)
-        mean = (m * x64).sum(dims) / count.clamp_min(1)
+        count = counted_here.sum(dims, dtype=torch.float64)
+        # where, not a product with the mask: padding may hold inf or NaN, and 0·inf is NaN
+        mean = torch.where(counted_here, x64, 0).sum(dims) / count.clamp_min(1)
         shape = _channel_shape(x)
-        m2 = (m * (x64 - mean.reshape(shape)).square()).sum(dims)
+        m2 = torch.where(counted_here, (x64 - mean.reshape(shape)).square(), 0).sum(dims)
         local = torch.stack([count, mean, m2])
         gathered = [torch.empty_like(local) for _ in range(world_size)]
         torch.distributed.all_gather(gathered, local, group=group)

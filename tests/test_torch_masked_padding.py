@@ -1,0 +1,160 @@
+"""Padded sequences with ``mask=`` in the normlab.torch modules, as torch users batch
+them, against torch's own functions run on the data with the padding removed (the
+oracle): counted outputs, input and parameter gradients, running statistics, then
+evaluation. A hypothesis property over lengths (all-padding samples included), plus the
+layouts users pass (non-contiguous, channels_last) and masks that do not fit."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import normlab.torch as nt  # noqa: E402
+
+F = torch.nn.functional
+CHANNELS = 3
+
+
+def _padded(lengths, seed, time):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(lengths), CHANNELS, time, generator=g, dtype=torch.float64) * 3 + 2
+    grad = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    mask = (torch.arange(time)[None, :] < torch.tensor(lengths)[:, None])[:, None, :]
+    # padding as users leave it: garbage, outputs there carry no loss
+    x = torch.where(mask, x, 1e4)
+    return x, torch.where(mask, grad, 0.0), mask
+
+
+def _randomized(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+    return module
+
+
+def _check_batch_norm(x, grad, mask, lengths):
+    ours = _randomized(nt.BatchNorm1d(CHANNELS, momentum=0.3)).double()
+    theirs = torch.nn.BatchNorm1d(CHANNELS, momentum=0.3).double()
+    theirs.load_state_dict(ours.state_dict())
+    xa = x.clone().requires_grad_()
+    y = ours(xa, mask=mask)
+    (y * grad).sum().backward()
+    parts = [x[b, :, :n].T for b, n in enumerate(lengths)]  # (n, C) rows of the counted positions
+    xb = torch.cat(parts).clone().requires_grad_()
+    ref = theirs(xb)
+    (ref * torch.cat([grad[b, :, :n].T for b, n in enumerate(lengths)])).sum().backward()
+    torch.testing.assert_close(torch.cat([y[b, :, :n].T for b, n in enumerate(lengths)]), ref)
+    torch.testing.assert_close(torch.cat([xa.grad[b, :, :n].T for b, n in enumerate(lengths)]), xb.grad)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+    torch.testing.assert_close(ours.bias.grad, theirs.bias.grad)
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict())
+    ours.eval()
+    theirs.eval()
+    torch.testing.assert_close(ours(x, mask=mask), theirs(x))
+
+
+def _check_instance_norm(x, grad, mask, lengths):
+    ours = _randomized(nt.InstanceNorm1d(CHANNELS, affine=True, track_running_stats=True, momentum=0.3)).double()
+    with torch.no_grad():
+        ours.running_mean.uniform_(-1, 1)
+        ours.running_var.uniform_(0.5, 2)
+    theirs = torch.nn.InstanceNorm1d(CHANNELS, affine=True, track_running_stats=True, momentum=0.3).double()
+    theirs.load_state_dict(ours.state_dict())
+    xa = x.clone().requires_grad_()
+    y = ours(xa, mask=mask)
+    (y * grad).sum().backward()
+    means, variances, loss = [], [], 0
+    for b, n in enumerate(lengths):
+        if n == 0:  # all padding: no statistics of its own, exactly bias
+            assert torch.equal(y[b].detach(), ours.bias.detach()[:, None].expand(CHANNELS, x.shape[2]))
+            continue
+        part = x[b:b + 1, :, :n].clone().requires_grad_()
+        mean, var = torch.zeros(CHANNELS, dtype=x.dtype), torch.ones(CHANNELS, dtype=x.dtype)
+        ref = F.instance_norm(part, mean, var, theirs.weight, theirs.bias, use_input_stats=True, momentum=1.0)
+        means.append(mean)
+        variances.append(var)
+        torch.testing.assert_close(y[b:b + 1, :, :n], ref)
+        loss = loss + (ref * grad[b:b + 1, :, :n]).sum()
+        gx, = torch.autograd.grad((ref * grad[b:b + 1, :, :n]).sum(), part, retain_graph=True)
+        torch.testing.assert_close(xa.grad[b:b + 1, :, :n], gx)
+    if means:  # torch's update with the batch's statistics: the mean over the samples
+        loss.backward()
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+        torch.testing.assert_close(ours.bias.grad, theirs.bias.grad)
+        with torch.no_grad():
+            theirs.running_mean.mul_(0.7).add_(0.3 * torch.stack(means).mean(0))
+            theirs.running_var.mul_(0.7).add_(0.3 * torch.stack(variances).mean(0))
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    ours.eval()
+    theirs.eval()
+    torch.testing.assert_close(ours(x, mask=mask), theirs(x))
+
+
+def _check_group_norm(x, grad, mask, lengths):
+    ours = _randomized(nt.GroupNorm(CHANNELS, CHANNELS)).double()
+    xa = x.clone().requires_grad_()
+    y = ours(xa, mask=mask)
+    (y * grad).sum().backward()
+    for b, n in enumerate(lengths):
+        if n == 0:
+            continue
+        part = x[b:b + 1, :, :n].clone().requires_grad_()
+        ref = F.group_norm(part, CHANNELS, ours.weight, ours.bias)
+        torch.testing.assert_close(y[b:b + 1, :, :n], ref)
+        gx, = torch.autograd.grad((ref * grad[b:b + 1, :, :n]).sum(), part)
+        torch.testing.assert_close(xa.grad[b:b + 1, :, :n], gx)
+
+
+def _check_layer_norm(x, grad, mask, lengths):
+    """Tokens as rows, (B, T, C): a padded token's row is masked out entirely, so it gives bias."""
+    ours = _randomized(nt.LayerNorm(CHANNELS)).double()
+    tokens, token_mask = x.transpose(1, 2), mask.transpose(1, 2)  # non-contiguous, as users transpose
+    y = ours(tokens, mask=token_mask)
+    counted = token_mask[..., 0]
+    torch.testing.assert_close(y[counted], F.layer_norm(tokens[counted], (CHANNELS,), ours.weight, ours.bias))
+    assert torch.equal(y[~counted].detach(), ours.bias.detach().expand(int((~counted).sum()), CHANNELS))
+
+
+_CHECKS = {"batch": _check_batch_norm, "instance": _check_instance_norm, "group": _check_group_norm,
+           "layer": _check_layer_norm}
+
+
+@pytest.mark.parametrize("kind", sorted(_CHECKS))
+@settings(max_examples=12, deadline=None)
+@given(lengths=st.lists(st.integers(0, 7), min_size=1, max_size=4), seed=st.integers(0, 2**16))
+def test_padded_sequences_normalize_as_torch_on_the_unpadded_data_in_training_and_evaluation(kind, lengths, seed):
+    if kind == "batch" and sum(lengths) < 2:
+        lengths = lengths + [2]  # torch's rule: more than one value per channel when training
+    if kind in ("instance", "group"):
+        lengths = [n if n != 1 else 2 for n in lengths]  # (torch refuses one value per group)
+    x, grad, mask = _padded(lengths, seed, time=7)
+    _CHECKS[kind](x, grad, mask, lengths)
+
+
+def test_a_channels_last_batch_with_a_position_mask_equals_the_contiguous_one():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, CHANNELS, 5, 6, generator=g, dtype=torch.float64)
+    mask = torch.rand(4, 1, 5, 6, generator=g) < 0.7
+    plain, last = nt.BatchNorm2d(CHANNELS).double(), nt.BatchNorm2d(CHANNELS).double()
+    y = plain(x, mask=mask)
+    y_last = last(x.to(memory_format=torch.channels_last), mask=mask.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(y_last, y)
+    torch.testing.assert_close(last.state_dict(), plain.state_dict())
+
+
+def test_a_mask_that_does_not_fit_fails_as_torch_shape_errors_do_naming_pattern_and_shape():
+    x = torch.randn(2, CHANNELS, 5)
+    before = x.clone()
+    for module in (nt.BatchNorm1d(CHANNELS), nt.InstanceNorm1d(CHANNELS), nt.GroupNorm(1, CHANNELS),
+                   nt.LayerNorm(5)):
+        for mask in (torch.ones(2, 1, 4, dtype=torch.bool),  # wrong length
+                     torch.ones(3, 2, CHANNELS, 5, dtype=torch.bool)):  # broadcasts, but to a larger shape
+            with pytest.raises(RuntimeError, match=r"pattern '.*', input shape \(2, 3, 5\)") as caught:
+                module(x, mask=mask)
+            assert isinstance(caught.value, ValueError)
+        with pytest.raises(TypeError, match="bool"):
+            module(x, mask=torch.ones(2, 1, 5, dtype=torch.uint8))
+    assert torch.equal(x, before)
