@@ -159,3 +159,20 @@ def test_cohere_and_olmo_causal_lms_convert_every_norm_and_keep_logits_and_gradi
     assert list(converted.state_dict()) == list(original.state_dict())
     x = torch.randn(2, 7, 32).to(dtype)
     assert_same_numbers(original, converted, x, None, call=_logits)
+
+
+def test_fx_records_a_converted_cohere_qk_norm_as_one_leaf_call_with_the_originals_outputs():
+    class QKNormed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.norm = CohereLayerNorm((2, 4))
+
+        def forward(self, x):
+            return self.norm(self.proj(x).unflatten(-1, (2, 4)))
+
+    original = random_parameters(QKNormed())
+    traced = torch.fx.symbolic_trace(converted_copy(original))
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["proj", "norm"]
+    x = torch.randn(3, 8)
+    assert torch.equal(traced(x), original(x))

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from normlab.torch.casting import LAYER_NORM_CASTINGS, compute_dtype, layer_norm_recipe
 from normlab.torch.compute import _normalize
+from normlab.torch.modules import _fx_call_module
 from normlab.torch.paths import _choose_path, _PathSwitch
 from normlab.torch.spec import Spec
 
@@ -75,8 +76,10 @@ class RecipeLayerNorm(nn.Module):
                 f"bias={self.bias is not None}")
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_call_module(self, x)  # one leaf call, as fx records torch.nn's norms
         shape = self.hidden_size
-        if not isinstance(x, torch.fx.Proxy) and tuple(x.shape[max(x.dim() - len(shape), 0):]) != shape:
+        if tuple(x.shape[max(x.dim() - len(shape), 0):]) != shape:
             raise RuntimeError(f"{type(self).__name__}{shape}: expected input with shape [*, "
                                f"{', '.join(map(str, shape))}], but got input of size {list(x.shape)}")
         if _choose_path(x, has_native=True) == "kernel" and _PathSwitch.path == "kernel":
