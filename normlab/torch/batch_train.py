@@ -106,11 +106,14 @@ def forward(module, x: Tensor, factor: float) -> Optional[Tensor]:
     call = _call_for(module, x)
     if call is None:
         return None
+    tables = _tables(weight, bias, call.view[1])
+    if tables is None:
+        return None
     _remember_step(module, x, call, weight, bias, running)
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
-        return _apply_train(_unwrap_if_dead(x), weight, bias, module, call, factor, running)
-    return _run_forward(module, call, x, weight, bias, factor, running)[0]
+        return _apply_train(_unwrap_if_dead(x), weight, bias, module, call, factor, running, tables)
+    return _run_forward(module, call, x, tables, factor, running)[0]
 
 
 class TrainStep:
@@ -119,33 +122,40 @@ class TrainStep:
     the checks of the full path (:func:`normlab.torch.compute._batch_norm_forward`) then
     come out as they did, and a call costs a few identity checks instead."""
 
-    __slots__ = ("key", "weight", "bias", "tracked", "running", "checked", "call", "counter")
+    __slots__ = ("key", "weight", "bias", "tracked", "running", "checked", "call", "counter", "views")
 
     def __init__(self, key, weight, bias, tracked, running, call, checked):
         self.key, self.weight, self.bias, self.tracked, self.running, self.call = key, weight, bias, tracked, running, call
         self.checked = checked
-        self.counter = tracked.numpy()
+        self.counter = tracked.numpy().reshape(1)  # num_batches_tracked's memory, counted in by the kernel
+        channels = call.view[1]
+        # the parameters' memory as NumPy sees it (detach().numpy() costs 1.5 µs a call)
+        self.views = (kernels._constant_table((channels,), 1.0) if weight is None else weight.detach().numpy(),
+                      kernels._constant_table((channels,), 0.0) if bias is None else bias.detach().numpy())
 
 
-def _checked(weight, bias, running, tracked, channels: int) -> tuple:
-    """What a repeat compares: each tensor's address, dtype and layout, which a write of
-    ``.data`` may change under the same Python object."""
-    return (tracked.data_ptr(), *((t.data_ptr(), t.dtype, t.shape == (channels,) and t.is_contiguous())
-                                  for t in (weight, bias, running[0], running[1]) if t is not None))
+def _checked(weight, bias, running, tracked) -> tuple:
+    """What a repeat compares besides the tensors' identity: what a write of ``.data`` may
+    change under the same Python object. The running statistics and the counter are
+    written, and the parameters read, through NumPy views of their memory kept in the
+    :class:`TrainStep`, which must still be theirs, with the same layout; the dtypes
+    decide whether torch refuses the call."""
+    return (tracked.data_ptr(), running[0].data_ptr(), running[1].data_ptr(),
+            None if weight is None else (weight.data_ptr(), weight.dtype, weight.shape, weight.stride()),
+            None if bias is None else (bias.data_ptr(), bias.dtype, bias.shape, bias.stride()))
 
 
 def _remember_step(module, x: Tensor, call: TrainCall, weight, bias, running) -> None:
     """Keep this call as the module's :class:`TrainStep` where a repeat can take it: the
-    module tracks running statistics (NumPy views in ``running``) in float32/float64 of
-    x's dtype, with a plain CPU counter."""
+    module tracks running statistics (NumPy views in ``running``) with a plain CPU
+    counter, and every tensor has x's dtype."""
     tracked = module._buffers.get("num_batches_tracked")
     if running is None or not (type(tracked) is Tensor and tracked.device.type == "cpu" and not tracked.is_inference()
                                and tracked.dtype == torch.int64 and tracked.dim() == 0 and not tracked.requires_grad):
         return  # (no running statistics: the full path, whose checks are few then)
-    checked = _checked(weight, bias, running, tracked, call.view[1])
-    if all(c[2] and c[1] == x.dtype for c in checked[1:]):
+    if all(t is None or t.dtype == x.dtype for t in (weight, bias, running[0], running[1])):
         module.__dict__["_normlab_step"] = TrainStep((x.shape, x.stride(), x.dtype), weight, bias, tracked, running,
-                                                     call, checked)
+                                                     call, _checked(weight, bias, running, tracked))
 
 
 def repeat_step(module, x: Tensor) -> Optional[Tensor]:
@@ -163,7 +173,7 @@ def repeat_step(module, x: Tensor) -> Optional[Tensor]:
         return None
     call = step.call
     channels = call.view[1]
-    if (_checked(weight, bias, running, step.tracked, channels) != step.checked or module.num_features != channels
+    if (_checked(weight, bias, running, step.tracked) != step.checked or module.num_features != channels
             or not 0.0 < module.eps < math.inf or not module.track_running_stats):
         return None
     grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
@@ -171,12 +181,12 @@ def repeat_step(module, x: Tensor) -> Optional[Tensor]:
     if grad and x.is_inference():
         return None  # torch raises its error (before counting the batch)
     momentum = module.momentum
-    step.counter += 1  # num_batches_tracked, in place through NumPy
-    torch.autograd.graph.increment_version(step.tracked)
-    factor = 1.0 / float(step.counter) if momentum is None else momentum
+    weight_view, bias_view = step.views
+    tables = (np.asarray(weight_view, np.float64), np.asarray(bias_view, np.float64))
+    counted = (-1.0 if momentum is None else float(momentum), step.counter, step.tracked)  # counted by the kernel
     if grad:
-        return _apply_train(_unwrap_if_dead(x), weight, bias, module, call, factor, running)
-    return _run_forward(module, call, x, weight, bias, factor, running)[0]
+        return _apply_train(_unwrap_if_dead(x), weight, bias, module, call, counted, running, tables)
+    return _run_forward(module, call, x, tables, counted, running)[0]
 
 
 def _tracks(module) -> bool:
@@ -213,16 +223,33 @@ def _table(param: Optional[Tensor], fill: float, channels: int) -> np.ndarray:
     return np.asarray(param.detach().numpy(), np.float64)
 
 
-def _run_forward(module, call: TrainCall, x: Tensor, weight, bias, factor: float, running):
+def _tables(weight, bias, channels: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """Both parameters' tables, or None where one is not of length C (a ``.data`` write
+    after the full path's checks, which then say what torch does)."""
+    weight_table, bias_table = _table(weight, 1.0, channels), _table(bias, 0.0, channels)
+    if weight_table.shape != (channels,) or bias_table.shape != (channels,):
+        return None
+    return weight_table, bias_table
+
+
+def _run_forward(module, call: TrainCall, x: Tensor, tables, factor, running):
+    """The kernels' training forward into a new tensor; the running statistics (where
+    ``running`` is given) updated with ``factor``, or with ``factor`` = (momentum,
+    counter, num_batches_tracked) the batch counted in first (:class:`TrainStep`)."""
     channels = call.view[1]
     y, y_view = call.output()
     stats = np.empty((3, channels))
     mean, var, rstd = stats
-    kernels.column_forward(call.engine(x), y_view, _table(weight, 1.0, channels),
-                           _table(bias, 0.0, channels), False, float(module.eps), False, mean, var,
-                           rstd)
+    kernels.column_forward(call.engine(x), y_view, *tables, False, float(module.eps), False, mean, var, rstd)
     if running is not None:
-        kernels._columns().update_running(running[2], running[3], mean, var, call.count, float(factor), serial=True)
+        columns = kernels._columns()
+        if type(factor) is tuple:
+            momentum, counter, tracked = factor
+            columns.update_running_counted(running[2], running[3], mean, var, call.count, momentum, counter,
+                                           serial=True)
+            torch.autograd.graph.increment_version(tracked)
+        else:
+            columns.update_running(running[2], running[3], mean, var, call.count, float(factor), serial=True)
         # written through NumPy: bump the version counters, as an in-place torch op would
         torch.autograd.graph.increment_version(running[0])
         torch.autograd.graph.increment_version(running[1])
@@ -244,8 +271,8 @@ class _TrainFunction(torch.autograd.Function):
     """The training forward and its backward on the kernels (inputs x, weight, bias)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, module, call, factor, running):
-        y, mean, rstd = _run_forward(module, call, x, weight, bias, factor, running)
+    def forward(ctx, x, weight, bias, module, call, factor, running, tables):
+        y, mean, rstd = _run_forward(module, call, x, tables, factor, running)
         ctx.save_for_backward(x, weight, bias)
         ctx.module, ctx.call, ctx.stats, ctx.eps = module, call, (mean, rstd), float(module.eps)
         return y
@@ -263,7 +290,7 @@ class _TrainFunction(torch.autograd.Function):
             grads = (grad_x if needs[0] else None,
                      torch.from_numpy(grad_weight.astype(dtype, copy=False)) if needs[1] else None,
                      torch.from_numpy(grad_bias.astype(dtype, copy=False)) if needs[2] else None)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 # Function.apply without its Python wrapper (see normlab.torch.row_autograd._apply_row)
