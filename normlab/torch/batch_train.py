@@ -154,14 +154,17 @@ def _remember_step(module, x: Tensor, call: TrainCall, weight, bias, running) ->
                                and tracked.dtype == torch.int64 and tracked.dim() == 0 and not tracked.requires_grad):
         return  # (no running statistics: the full path, whose checks are few then)
     if all(t is None or t.dtype == x.dtype for t in (weight, bias, running[0], running[1])):
-        module.__dict__["_normlab_step"] = TrainStep((x.shape, x.stride(), x.dtype), weight, bias, tracked, running,
-                                                     call, _checked(weight, bias, running, tracked))
+        # in the module's cache, which pickles and deep-copies empty (the step holds views of memory)
+        module_cache(module, "_normlab_train")["step"] = TrainStep((x.shape, x.stride(), x.dtype), weight, bias,
+                                                                   tracked, running, call,
+                                                                   _checked(weight, bias, running, tracked))
 
 
 def repeat_step(module, x: Tensor) -> Optional[Tensor]:
     """BatchNorm's training forward as the module's last one (:class:`TrainStep`), or None
     where anything differs and the full path must decide."""
-    step = module.__dict__.get("_normlab_step")
+    cache = module.__dict__.get("_normlab_train")
+    step = None if cache is None else cache.get("step")
     if step is None or type(x) is not Tensor or not x.is_cpu or (x.shape, x.stride(), x.dtype) != step.key:
         return None
     parameters, buffers = module._parameters, module._buffers
