@@ -7,6 +7,8 @@ changes: outputs, gradients, running statistics and ``num_batches_tracked`` afte
 step."""
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("numba")
@@ -180,3 +182,18 @@ def test_an_inference_tensor_into_a_repeating_module_raises_torchs_error_without
         assert "Inference tensors" in str(caught.value)
     assert twin.num_batches_tracked.item() == reference.num_batches_tracked.item()
     _step(reference, twin, x)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(ACTIONS + [None] * 6), st.booleans(), st.sampled_from([(5, 6), (7, 6, 2)])),
+                min_size=2, max_size=8))
+def test_any_sequence_of_changes_and_steps_matches_torch(script):
+    """Hypothesis: any sequence of the changes above, with steps in and out of grad mode on
+    inputs whose shape changes, leaves the twin where torch.nn's module is."""
+    reference, twin = _pair()
+    torch.manual_seed(1)
+    for action, grad, shape in script:
+        if action is not None:
+            action(reference)
+            action(twin)
+        _step(reference, twin, torch.randn(shape) * 2 + 1, grad)
