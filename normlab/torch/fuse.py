@@ -193,12 +193,6 @@ def _structure_of(cls: type) -> Optional[tuple[str, _Call]]:
     return None
 
 
-def _has_pre_norm_forward(cls: type) -> bool:
-    """Whether ``cls.forward`` is LlamaDecoderLayer's, statement for statement."""
-    structure = _structure_of(cls)
-    return structure is not None and structure[0] == "pre_norm"
-
-
 def _fused_norm_name(layer: nn.Module) -> Optional[str]:
     """The name of the norm that takes the residual add in ``layer``, a decoder layer of one
     of the fused structures with exactly its modules; None for any other module."""
