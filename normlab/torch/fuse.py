@@ -94,7 +94,9 @@ _SANDWICH_STATEMENTS = (
 class _Call:
     """How a layer's forward takes its arguments and what its attention call passes on:
     the fused forward binds a call as the original's signature does (its defaults
-    included) and hands ``self_attn`` the same keywords."""
+    included) and hands ``self_attn`` the same keywords. (Not ``inspect.Signature.bind``:
+    under ``torch.compile(fullgraph=True)`` Dynamo cannot trace it through the signature's
+    mapping proxy, and the whole model would fail to compile.)"""
 
     positional: tuple[str, ...]  # the parameters after self that a positional argument may fill, in order
     names: frozenset  # every named parameter
