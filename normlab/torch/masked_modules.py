@@ -29,6 +29,8 @@ def _check_counts(module, x: Tensor, count: Tensor, allow_empty: bool = False) -
     """torch's rule, counted: more than one value per channel when training. With
     ``allow_empty`` (batch norm, as SyncBatchNorm) a channel with nothing counted is no
     error: it gives exactly ``bias`` and keeps its running statistics."""
+    if torch.compiler.is_compiling():  # a data-dependent branch: export cannot trace it, compile would break
+        return
     refused = count == 1 if allow_empty else count <= 1
     if count.numel() and bool(refused.any()):
         raise ValueError(f"{type(module).__name__}: expected more than 1 counted value per channel when training, "

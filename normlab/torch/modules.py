@@ -41,17 +41,19 @@ def _batch_norm_spec() -> Spec:
     return Spec.build("[b] c [...]", params="c")
 
 
-def _fx_call_module(module: nn.Module, proxy) -> "torch.fx.Proxy":
+def _fx_call_module(module: nn.Module, proxy, **kwargs) -> "torch.fx.Proxy":
     """Under ``torch.fx.symbolic_trace``: record the module as one ``call_module`` node, as
-    fx does for torch.nn's norms (a leaf; the traced graph then runs it as it is). The
-    root module itself is traced through, as fx traces a torch.nn root: torch's forward."""
+    fx does for torch.nn's norms (a leaf; the traced graph then runs it as it is), with the
+    keyword arguments given (``mask=``). The root module itself is traced through, as fx
+    traces a torch.nn root: torch's forward."""
     path = proxy.tracer.path_of_module(module)
+    kwargs = {name: value for name, value in kwargs.items() if value is not None}
     if not path:
-        if not hasattr(module, "_torch_forward"):
+        if not hasattr(module, "_torch_forward") or kwargs:
             raise TypeError(f"torch.fx traces {type(module).__name__} inside a model, not as the root module: "
                             "trace a model that holds it, e.g. torch.nn.Sequential(norm)")
         return module._torch_forward(proxy)
-    return proxy.tracer.create_proxy("call_module", path, (proxy,), {})
+    return proxy.tracer.create_proxy("call_module", path, (proxy,), kwargs)
 
 
 class _Twin:
@@ -70,10 +72,10 @@ class _Twin:
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return _fx_call_module(self, input, mask=mask)
         if mask is not None:
             return masked_forward(self, input, mask)
-        if isinstance(input, torch.fx.Proxy):
-            return _fx_call_module(self, input)
         return self._normlab_forward(input)
 
 
@@ -288,9 +290,20 @@ class LayerNorm2d(nn.LayerNorm):
     def _init_spec(self) -> None:
         self._spec = Spec.build("b [c] h w", "c", c=int(self.normalized_shape[0]))
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """``mask`` (bool, broadcasts to the input): the elements that count toward each
+        position's statistics over the channels; every element is normalized."""
+        if torch.jit.is_scripting():  # what the originals compute (TorchScript cannot call the kernels)
+            return F.layer_norm(input.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                                self.eps).permute(0, 3, 1, 2)
+        return self._eager_forward(input, mask)
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor, mask: Optional[Tensor]) -> Tensor:
         if isinstance(input, torch.fx.Proxy):
-            return _fx_call_module(self, input)
+            return _fx_call_module(self, input, mask=mask)
+        if mask is not None:
+            return masked_forward(self, input, mask)
         channels = self.normalized_shape[0]
         if input.dim() != 4 or input.shape[1] != channels:
             raise RuntimeError(f"LayerNorm2d({channels}) expects input of shape (N, {channels}, H, W), "
@@ -525,10 +538,11 @@ class Norm(nn.Module):
                 num_segments: Optional[int] = None, segment_axis: Optional[str] = None) -> Tensor:
         """``mask`` (bool, broadcasts to x): the elements that count toward the statistics;
         ``segment_ids`` split groups along ``segment_axis`` as :func:`normlab.normalize` does."""
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_call_module(self, x, mask=mask, segment_ids=segment_ids, num_segments=num_segments,
+                                   segment_axis=segment_axis)
         if mask is not None or segment_ids is not None:
             return masked_forward(self, x, mask, segment_ids, num_segments, segment_axis)
-        if isinstance(x, torch.fx.Proxy):
-            return _fx_call_module(self, x)
         if not self.track_running_stats:  # row patterns without running statistics: the cached kernel calls
             y = _fast_rows(self, x, self.eps)
             if y is not None:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from normlab.torch.compute import _average_factor, _batch_norm_forward, _channel_shape, _check_batch, _update_running
 from normlab.torch.masked_modules import _check_mask, masked_forward
-from normlab.torch.modules import _BatchNormForward
+from normlab.torch.modules import _BatchNormForward, _fx_call_module
 from normlab.torch.paths import _LOW_PRECISION, _choose_path
 
 
@@ -207,6 +207,8 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         """``mask`` (bool, broadcasts to the input): the elements that count toward the
         statistics, on this rank; the counts merge over the ranks. Every element is
         normalized; a channel with nothing counted on any rank gives exactly ``bias``."""
+        if isinstance(input, torch.fx.Proxy):  # one leaf call, as fx records torch's SyncBatchNorm
+            return _fx_call_module(self, input, mask=mask)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         world_size = self._world_size() if self.training else 1

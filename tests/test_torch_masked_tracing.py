@@ -1,0 +1,74 @@
+"""``mask=`` through the graph tools torch users put models in: ``torch.fx`` records each
+twin as one leaf call that keeps its mask, ``torch.export`` traces a training step (the
+counted-values check is data-dependent, so it stays eager-only), and ``torch.jit.script``
+compiles ConvNeXt's LayerNorm2d twin as torchvision's original does (mirrored from source
+in tests/mirrored_norms.py). The eager masked results are themselves checked against torch
+on unpadded data in test_torch_masked_padding.py."""
+
+import copy
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import normlab.torch as nt  # noqa: E402
+from tests.mirrored_norms import TorchvisionLayerNorm2d  # noqa: E402
+
+_MAKERS = {
+    "BatchNorm2d": lambda: nt.BatchNorm2d(3),
+    "InstanceNorm2d": lambda: nt.InstanceNorm2d(3, affine=True, track_running_stats=True),
+    "GroupNorm": lambda: nt.GroupNorm(1, 3),
+    "LayerNorm2d": lambda: nt.LayerNorm2d(3),
+    "SyncBatchNorm": lambda: nt.SyncBatchNorm(3),
+    "Norm": lambda: nt.Norm("[b] c [h w]", params="c", c=3, track_running_stats=True),
+}
+
+
+class _Masked(torch.nn.Module):
+    def __init__(self, make):
+        super().__init__()
+        self.conv, self.norm = torch.nn.Conv2d(3, 3, 1), make()
+
+    def forward(self, x, mask):
+        return self.norm(self.conv(x), mask=mask)
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 3, 5, 5, generator=g), torch.rand(4, 1, 5, 5, generator=g) < 0.7
+
+
+@pytest.mark.parametrize("name", sorted(_MAKERS))
+def test_fx_records_the_masked_twin_as_one_leaf_call_that_keeps_its_mask(name):
+    model = _Masked(_MAKERS[name])
+    traced = torch.fx.symbolic_trace(copy.deepcopy(model))
+    calls = [node for node in traced.graph.nodes if node.op == "call_module" and node.target == "norm"]
+    assert len(calls) == 1 and "mask" in calls[0].kwargs
+    x, mask = _inputs()
+    torch.testing.assert_close(traced(x, mask), model(x, mask))
+    torch.testing.assert_close(traced.state_dict(), model.state_dict())
+
+
+@pytest.mark.parametrize("name", ["BatchNorm2d", "InstanceNorm2d", "Norm"])
+def test_export_traces_a_masked_training_step_with_its_running_statistics(name):
+    model = _Masked(_MAKERS[name])
+    x, mask = _inputs(1)
+    exported = torch.export.export(copy.deepcopy(model), (x, mask)).module()
+    torch.testing.assert_close(exported(x, mask), model(x, mask))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[key], value, msg=key)
+
+
+def test_scripted_layer_norm_2d_twin_equals_torchvisions_scripted_original():
+    ours, theirs = nt.LayerNorm2d(3), TorchvisionLayerNorm2d(3, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated, still used
+        scripted, reference = torch.jit.script(ours), torch.jit.script(theirs)
+    x, _ = _inputs(2)
+    torch.testing.assert_close(scripted(x), reference(x))
+    torch.testing.assert_close(scripted(x), ours(x))
