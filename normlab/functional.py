@@ -83,13 +83,21 @@ def _update(buffer, batch_value, momentum: float) -> None:
         buffer += (momentum * batch_value).astype(buffer.dtype)
 
 
-def _update_instance(buffer: np.ndarray, per_instance, n: int, batch: int, momentum: float) -> None:
+def _update_instance(buffer: np.ndarray, per_instance, n: int, batch: int, momentum: float,
+                     counted: np.ndarray | None = None) -> None:
     """torch's instance-norm update: batch norm's on each instance's copy of ``buffer``
     (none where the instances are empty, ``n == 0``), then the average over the batch,
-    which is NaN for a batch of zero instances, as in torch."""
+    which is NaN for a batch of zero instances, as in torch. With ``counted`` (masks), the
+    average over the instances with something counted; none: the buffer is kept."""
     copies = np.broadcast_to(buffer.astype(np.float64), (batch, buffer.size))
     if n:
         copies = (1.0 - momentum) * copies + momentum * per_instance.reshape(batch, buffer.size)
+    if counted is not None:
+        counted = counted.reshape(batch, buffer.size)
+        instances = counted.sum(axis=0)
+        average = np.where(counted, copies, 0.0).sum(axis=0) / np.maximum(instances, 1)
+        buffer[...] = np.where(instances > 0, average, buffer)
+        return
     with np.errstate(invalid="ignore"):
         buffer[...] = copies.mean(axis=0) if batch else np.nan
 
@@ -319,9 +327,10 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
             else:
                 unbiased_var = stats.var * (n / (n - 1)) if n else None
             per_instance = ((running_mean, stats.mean), (running_var, unbiased_var))
+            counted = None if mask is None else stats.count > 0  # an all-padding instance has no statistics
             for buffer, value in per_instance:
                 if buffer is not None:
-                    _update_instance(buffer, value, n, batch, momentum)
+                    _update_instance(buffer, value, n, batch, momentum, counted)
         return y
     if running_mean is None or running_var is None:
         raise InputError("instance_norm: running_mean and running_var are needed when use_input_stats=False")

@@ -12,6 +12,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
+from normlab import functional  # noqa: E402
 
 F = torch.nn.functional
 CHANNELS = 3
@@ -157,4 +158,24 @@ def test_a_mask_that_does_not_fit_fails_as_torch_shape_errors_do_naming_pattern_
             assert isinstance(caught.value, ValueError)
         with pytest.raises(TypeError, match="bool"):
             module(x, mask=torch.ones(2, 1, 5, dtype=torch.uint8))
+    with pytest.raises(RuntimeError):  # torch's type for input without the channels
+        torch.nn.GroupNorm(1, CHANNELS)(x[0])
+    with pytest.raises(RuntimeError, match=r"expects input \(N, 3, \*\), got \(3, 5\)"):
+        nt.GroupNorm(1, CHANNELS)(x[0], mask=torch.ones(5, dtype=torch.bool))
     assert torch.equal(x, before)
+
+
+def test_functional_instance_norm_leaves_an_all_padding_sample_out_of_the_running_statistics():
+    x, _, mask = _padded([6, 0, 4], seed=3, time=7)
+    running_mean, running_var = torch.full((CHANNELS,), 0.5, dtype=torch.float64), torch.full((CHANNELS,), 2.0,
+                                                                                               dtype=torch.float64)
+    rm, rv = running_mean.numpy().copy(), running_var.numpy().copy()
+    functional.instance_norm(x.numpy(), rm, rv, use_input_stats=True, momentum=0.3, mask=mask.numpy())
+    means, variances = [], []
+    for b, n in ((0, 6), (2, 4)):  # torch on each real sample alone (momentum 1 keeps its statistics)
+        mean, var = torch.zeros(CHANNELS, dtype=x.dtype), torch.ones(CHANNELS, dtype=x.dtype)
+        F.instance_norm(x[b:b + 1, :, :n], mean, var, use_input_stats=True, momentum=1.0)
+        means.append(mean)
+        variances.append(var)
+    torch.testing.assert_close(torch.from_numpy(rm), 0.7 * running_mean + 0.3 * torch.stack(means).mean(0))
+    torch.testing.assert_close(torch.from_numpy(rv), 0.7 * running_var + 0.3 * torch.stack(variances).mean(0))

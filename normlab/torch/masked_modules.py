@@ -86,8 +86,10 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
     if isinstance(module, nn.RMSNorm) and eps is None:
         eps = torch.finfo(x.dtype).eps
     if isinstance(module, nn.GroupNorm) and (x.dim() < 2 or x.shape[1] != module.num_channels):
-        raise ValueError(f"GroupNorm({module.num_groups}, {module.num_channels}) expects input (N, "
-                         f"{module.num_channels}, *), got {tuple(x.shape)}")
+        from normlab.torch.modules import PatternShapeError  # (a RuntimeError, as torch's group_norm raises)
+
+        raise PatternShapeError(f"GroupNorm({module.num_groups}, {module.num_channels}) expects input (N, "
+                                f"{module.num_channels}, *), got {tuple(x.shape)}")
     weight = module.weight
     if weight is not None and getattr(module, "weight_offset", 0.0):
         weight = weight + module.weight_offset
