@@ -66,3 +66,16 @@ def test_a_bad_batch_vector_fails_as_runtime_error_naming_the_pattern_and_shape(
         with pytest.raises(TypeError, match="integer tensor"):
             ours(x, ids)
     assert torch.equal(x, x_before)
+
+
+def test_one_node_without_a_batch_vector_is_refused_in_training_as_pyg_refuses_it():
+    x = torch.randn(1, 5)
+    for track in (False, True):
+        ours = geometric.InstanceNorm(5, track_running_stats=track)
+        theirs = pyg_norm.InstanceNorm(5, track_running_stats=track)
+        with pytest.raises(ValueError) as expected:
+            theirs(x)
+        with pytest.raises(ValueError, match="more than 1 spatial element") as caught:
+            ours(x)
+        assert str(caught.value) == str(expected.value)
+        torch.testing.assert_close(ours.state_dict(), theirs.state_dict())  # running statistics untouched

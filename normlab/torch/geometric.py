@@ -60,6 +60,8 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
         if batch is None:
             if not use_input_stats:
                 return _apply_running(self, x)
+            # PyG runs F.instance_norm on (1, C, nodes) here, which refuses a single node
+            torch.nn.functional._verify_spatial_size(torch.Size((1, x.shape[-1], x.shape[0])))
             y, mean, rstd, count = normalize_masked(x, "[n] c", weight=self.weight, bias=self.bias,
                                                     params=None if self.weight is None else "c", eps=self.eps)
             if self.running_mean is not None:  # F.instance_norm's update: in place, n/(n − 1)
