@@ -79,3 +79,16 @@ def test_one_node_without_a_batch_vector_is_refused_in_training_as_pyg_refuses_i
             ours(x)
         assert str(caught.value) == str(expected.value)
         torch.testing.assert_close(ours.state_dict(), theirs.state_dict())  # running statistics untouched
+
+
+@pytest.mark.parametrize("name", ["instance", "layer_graph", "graph"])
+def test_bfloat16_nodes_with_float32_parameters_give_pygs_dtype_and_values(name):
+    """Norms kept in float32 in a bfloat16 model: PyG's ``out * weight + bias`` promotes."""
+    x, batch = _graphs(seed=2)
+    ours, theirs = _LAYERS[name](geometric), _LAYERS[name](pyg_norm)
+    theirs.load_state_dict(ours.state_dict())
+    nodes = x.to(torch.bfloat16)
+    expected = theirs(nodes, batch, 6)
+    y = ours(nodes, batch, 6)
+    assert y.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(y, expected, atol=0.05, rtol=0.02)  # PyG's statistics are bfloat16's

@@ -31,6 +31,12 @@ def _batch_size(batch: Tensor, batch_size: Optional[int]) -> int:
     return int(batch.max()) + 1 if batch_size is None else int(batch_size)
 
 
+def _promoted(x: Tensor, weight: Optional[Tensor]) -> Tensor:
+    """x in the dtype that PyG's ``out * weight + bias`` gives (torch's type promotion:
+    bfloat16 nodes and float32 parameters give float32)."""
+    return x if weight is None or weight.dtype == x.dtype else x.to(torch.promote_types(x.dtype, weight.dtype))
+
+
 def _variance(rstd: Tensor, eps: float) -> Tensor:
     """The biased variance back from rstd (float64), 0 where a graph has no nodes (rstd 0)."""
     return torch.where(rstd > 0, rstd.pow(-2) - eps, 0).clamp_min(0)
@@ -74,9 +80,9 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
         batch_size = _batch_size(batch, batch_size)
         if not use_input_stats:
             return _apply_running(self, x)
-        y, mean, rstd, count = normalize_masked(x, "[n] c", weight=self.weight, bias=self.bias,
-                                                params=None if self.weight is None else "c", eps=self.eps,
-                                                segment_ids=batch, num_segments=batch_size)
+        y, mean, rstd, count = normalize_masked(_promoted(x, self.weight), "[n] c", weight=self.weight,
+                                                bias=self.bias, params=None if self.weight is None else "c",
+                                                eps=self.eps, segment_ids=batch, num_segments=batch_size)
         if self.running_mean is not None or self.running_var is not None:
             with torch.no_grad():
                 momentum = self.momentum
@@ -139,7 +145,7 @@ class LayerNorm(nn.Module):
                 if self.weight is not None and self.bias is not None:
                     out = out * self.weight + self.bias
                 return out
-            return normalize_masked(x, "[n c]", weight=self.weight, bias=self.bias,
+            return normalize_masked(_promoted(x, self.weight), "[n c]", weight=self.weight, bias=self.bias,
                                     params=None if self.weight is None else "c", eps=self.eps, segment_ids=batch,
                                     num_segments=_batch_size(batch, batch_size)).y
         if self.mode == "node":
