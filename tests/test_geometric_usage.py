@@ -92,3 +92,24 @@ def test_bfloat16_nodes_with_float32_parameters_give_pygs_dtype_and_values(name)
     y = ours(nodes, batch, 6)
     assert y.dtype == expected.dtype == torch.float32
     torch.testing.assert_close(y, expected, atol=0.05, rtol=0.02)  # PyG's statistics are bfloat16's
+
+
+def test_a_model_of_twins_exports_with_a_dynamic_node_count_as_pygs_does():
+    class Model(torch.nn.Module):
+        def __init__(self, norms):
+            super().__init__()
+            self.instance, self.layer, self.graph_norm = norms.InstanceNorm(5), norms.LayerNorm(5), norms.GraphNorm(5)
+
+        def forward(self, x, batch):
+            return self.graph_norm(self.layer(self.instance(x, batch, 6), batch, 6), batch, 6)
+
+    ours, theirs = Model(geometric).double().eval(), Model(pyg_norm).double().eval()
+    theirs.load_state_dict(ours.state_dict())
+    x, batch = _graphs(seed=3)
+    nodes = torch.export.Dim("nodes", min=2)
+    exported = torch.export.export(ours, (x, batch), dynamic_shapes=({0: nodes}, {0: nodes})).module()
+    g = torch.Generator().manual_seed(4)
+    more = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    more_batch = torch.randint(0, 6, (30,), generator=g).sort().values
+    for inputs in ((x, batch), (more, more_batch)):
+        torch.testing.assert_close(exported(*inputs), theirs(*inputs))

@@ -50,14 +50,20 @@ def test_fx_records_the_masked_twin_as_one_leaf_call_that_keeps_its_mask(name):
     torch.testing.assert_close(traced.state_dict(), model.state_dict())
 
 
-@pytest.mark.parametrize("name", ["BatchNorm2d", "InstanceNorm2d", "Norm"])
-def test_export_traces_a_masked_training_step_with_its_running_statistics(name):
+@pytest.mark.parametrize("name", ["BatchNorm2d", "InstanceNorm2d", "GroupNorm", "Norm"])
+def test_export_traces_a_masked_training_step_with_dynamic_batch_and_width(name):
+    """Exported on one batch size and width, run on another: the graph stays dynamic."""
     model = _Masked(_MAKERS[name])
     x, mask = _inputs(1)
-    exported = torch.export.export(copy.deepcopy(model), (x, mask)).module()
-    torch.testing.assert_close(exported(x, mask), model(x, mask))
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(exported.state_dict()[key], value, msg=key)
+    batch, width = torch.export.Dim("batch", min=2), torch.export.Dim("width", min=2)
+    dynamic = ({0: batch, 3: width}, {0: batch, 3: width})
+    exported = torch.export.export(copy.deepcopy(model), (x, mask), dynamic_shapes=dynamic).module()
+    g = torch.Generator().manual_seed(3)
+    other, other_mask = torch.randn(6, 3, 5, 8, generator=g), torch.rand(6, 1, 5, 8, generator=g) < 0.7
+    for inputs in ((x, mask), (other, other_mask)):
+        torch.testing.assert_close(exported(*inputs), model(*inputs))
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(exported.state_dict()[key], value, msg=key)
 
 
 def test_scripted_layer_norm_2d_twin_equals_torchvisions_scripted_original():

@@ -16,6 +16,7 @@ from torch.autograd import forward_ad
 from normlab import core
 from normlab.errors import ParamsError, ShapeError
 from normlab.masked import make_grouping
+from normlab.notation import parse_pattern
 from normlab.plan import make_plan
 from normlab.torch.ops import _functorch_active, _grads_of, _needs_torch_backward, _spec_of
 from normlab.torch.paths import _LOW_PRECISION
@@ -58,6 +59,8 @@ def check_segment_ids(x: Tensor, pattern: str, segment_ids: Tensor, num_segments
     normlab.torch.modules.PatternShapeError: pattern '[n] c', input shape (3, 2): num_segments=2 but segment_ids ...
     """
     _check_ids_dtype(x, pattern, segment_ids)
+    if torch.compiler.is_compiling():  # the values are not known while tracing
+        return
     try:
         make_grouping(make_plan(pattern, tuple(x.shape)), segment_ids=_numpy(segment_ids.cpu()),
                       num_segments=num_segments, segment_axis=segment_axis)
@@ -69,9 +72,36 @@ def _numpy(t: Optional[Tensor]):
     return None if t is None else t.detach().contiguous().numpy()
 
 
+def _hinted_plan(pattern, shape, params, sizes):
+    """The plan of an input of ``shape``, which may hold symbolic sizes (``torch.export``
+    with dynamic shapes): planned on their hints, without the guards that ``int()`` would
+    add, so the exported graph stays dynamic."""
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+    hints = tuple(size if isinstance(size, int) else optimization_hint(size) for size in shape)
+    return make_plan(pattern, hints, params, **_sizes_dict(sizes))
+
+
+def _symbolic_axis_sizes(plan, pattern, shape) -> list:
+    """``plan.axis_sizes`` with the input's own (maybe symbolic) size for every expanded
+    axis that is a whole input dimension; the factors of a grouped one keep their values."""
+    parsed = parse_pattern(pattern)
+    ellipsis_rank = len(shape) - (len(parsed.dims) - 1) if parsed.has_ellipsis else 0
+    sizes, index = list(plan.axis_sizes), 0
+    axis = 0
+    for dim in parsed.dims:
+        whole = ellipsis_rank if dim.is_ellipsis else (1 if len(dim.factors) == 1 else 0)
+        for k in range(whole):
+            sizes[axis + k] = shape[index + k]
+        axis += ellipsis_rank if dim.is_ellipsis else len(dim.factors)
+        index += ellipsis_rank if dim.is_ellipsis else 1
+    return sizes
+
+
 def _stats_shape(pattern, shape, params, sizes, num_segments, segment_axis, segmented) -> tuple[int, ...]:
-    plan = make_plan(pattern, tuple(shape), params, **_sizes_dict(sizes))
-    stats = list(plan.stats_shape)
+    plan = _hinted_plan(pattern, shape, params, sizes)
+    stats = [1 if reduced else size
+             for size, reduced in zip(_symbolic_axis_sizes(plan, pattern, shape), plan.reduced)]
     if segmented:
         names = [plan.axis_names[i] for i in plan.reduced_axes if not plan.axis_names[i].startswith("...")]
         name = segment_axis if segment_axis is not None else (names[0] if names else None)
@@ -136,7 +166,7 @@ _backward_op = torch.library.custom_op("normlab::normalize_masked_backward", mut
 @_backward_op.register_fake
 def _backward_fake(grad_y, x, weight, mask, segment_ids, mean, rstd, pattern, params, sizes, eps, rms, num_segments,
                    segment_axis, need_bias):
-    param_shape = make_plan(pattern, tuple(x.shape), params, **_sizes_dict(sizes)).param_shape
+    param_shape = _hinted_plan(pattern, x.shape, params, sizes).param_shape
     dtype = x.dtype if weight is None else weight.dtype
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty(param_shape if weight is not None else (0,), dtype=dtype),
