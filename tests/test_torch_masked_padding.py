@@ -179,3 +179,31 @@ def test_functional_instance_norm_leaves_an_all_padding_sample_out_of_the_runnin
         variances.append(var)
     torch.testing.assert_close(torch.from_numpy(rm), 0.7 * running_mean + 0.3 * torch.stack(means).mean(0))
     torch.testing.assert_close(torch.from_numpy(rv), 0.7 * running_var + 0.3 * torch.stack(variances).mean(0))
+
+
+def test_masked_norm_under_vmap_and_forward_ad_keeps_the_numerics_contract():
+    """Transforms run the torch composite, not the kernels: still float64 statistics,
+    within 1e-4 of the float64 definition at |mean|/std = 1e6, and exact zeros for a
+    constant group (float32 sums of the raw values were off by whole standard deviations)."""
+    from torch.autograd import forward_ad
+    from torch.func import vmap
+
+    from normlab.torch.masked import normalize_masked
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 4, CHANNELS, 300, generator=g, dtype=torch.float64) + 1e6).float()
+    x[1, :, 0] = 0.1  # channel 0 of the second batch: constant
+    mask = torch.rand(2, 4, 1, 300, generator=g) < 0.7
+    expected = torch.empty(x.shape, dtype=torch.float64)
+    for b in range(2):
+        for c in range(CHANNELS):
+            values, counted = x[b, :, c].double(), mask[b, :, 0]
+            mean, var = values[counted].mean(), values[counted].var(unbiased=False)
+            expected[b, :, c] = (values - mean) / torch.sqrt(var + 1e-5)
+    y = vmap(lambda a, m: normalize_masked(a, "[b] c [t]", mask=m).y)(x, mask)
+    torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=0)
+    assert torch.equal(y[1, :, 0], torch.zeros_like(y[1, :, 0]))
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x[0], torch.ones_like(x[0]))
+        primal = forward_ad.unpack_dual(normalize_masked(dual, "[b] c [t]", mask=mask[0]).y).primal
+    torch.testing.assert_close(primal.double(), expected[0], atol=1e-4, rtol=0)

@@ -242,27 +242,39 @@ def _composite(x, weight, bias, mask, segment_ids, spec: Spec, eps, num_segments
         groups = groups.index_select(axis, segment_ids.to(x.device).long())
     index = groups.broadcast_to(plan.axis_sizes).reshape(-1)
     size = int(np.prod(shape))
-    m = counted.reshape(-1).to(x.dtype)
-    flat = view.reshape(-1)
-    count = torch.zeros(size, dtype=x.dtype, device=x.device).index_add(0, index, m)
+    # the kernels' numerics: float64 statistics (float32 where the device has no float64),
+    # shifted by each group's first counted element, so a constant group centres to exact zeros
+    compute = torch.float32 if x.device.type == "mps" else torch.float64
+    out_dtype = x.dtype
+    for param in (weight, bias):
+        out_dtype = out_dtype if param is None else torch.promote_types(out_dtype, param.dtype)
+    flat, where = view.reshape(-1).to(compute), counted.reshape(-1)
+    count = torch.zeros(size, dtype=compute, device=x.device).index_add(0, index, where.to(compute))
     safe = count.clamp_min(1)
     if spec.rms:
-        var = torch.zeros(size, dtype=x.dtype, device=x.device).index_add(0, index, torch.where(
-            counted.reshape(-1), flat * flat, 0)) / safe
+        var = torch.zeros(size, dtype=compute, device=x.device).index_add(0, index, torch.where(
+            where, flat * flat, 0)) / safe
         mean = torch.zeros_like(var)
         centered = flat
     else:
-        mean = torch.zeros(size, dtype=x.dtype, device=x.device).index_add(0, index, torch.where(
-            counted.reshape(-1), flat, 0)) / safe
+        positions = torch.where(where, torch.arange(flat.numel(), device=x.device), flat.numel())
+        first = torch.full((size,), flat.numel(), device=x.device).scatter_reduce(0, index, positions, "amin")
+        shift = flat.detach().index_select(0, first.clamp_max(max(flat.numel() - 1, 0))) if flat.numel() \
+            else torch.zeros(size, dtype=compute, device=x.device)
+        shift = torch.where(count > 0, shift, 0)
+        shifted = flat - shift[index]
+        mean = shift + torch.zeros(size, dtype=compute, device=x.device).index_add(0, index, torch.where(
+            where, shifted, 0)) / safe
         centered = flat - mean[index]
-        var = torch.zeros(size, dtype=x.dtype, device=x.device).index_add(0, index, torch.where(
-            counted.reshape(-1), centered * centered, 0)) / safe
+        var = torch.zeros(size, dtype=compute, device=x.device).index_add(0, index, torch.where(
+            where, centered * centered, 0)) / safe
     rstd = torch.where(count > 0, torch.rsqrt(var + eps), 0)
     y = (centered * rstd[index]).reshape(plan.axis_sizes)
     if weight is not None:
-        y = y * _expand(weight, plan)
+        y = y * _expand(weight, plan).to(compute)
     if bias is not None:
-        y = y + _expand(bias, plan)
+        y = y + _expand(bias, plan).to(compute)
+    y = y.to(out_dtype)
     stats = (mean.detach().double().reshape(shape), rstd.detach().double().reshape(shape),
              count.detach().long().reshape(shape))
     return (y.reshape(x.shape),) + stats
