@@ -52,7 +52,10 @@ class TrainCall:
 
     def output(self) -> tuple[Tensor, np.ndarray]:
         """A new tensor laid out as x, and its engine view."""
-        array = pool.empty(self.dense, self.dtype)  # recycled memory above pool.MIN_BYTES, read now
+        # recycled memory above pool.MIN_BYTES (whose size is read now); below, np.empty
+        # straight away (pool.empty's own checks cost a microsecond and a half)
+        small = self.count * self.view[1] * self.dtype.itemsize < pool.MIN_BYTES
+        array = np.empty(self.dense, self.dtype) if small else pool.empty(self.dense, self.dtype)
         tensor = torch.from_numpy(array)
         return (tensor if self.perm is None else tensor.permute(self.inverse)), array.reshape(self.view)
 
