@@ -150,6 +150,7 @@ def _eval_kernel(x: Tensor, module) -> Optional[Tensor]:
 
 
 _EVAL_DTYPES = (torch.float32, torch.float64)
+_STRIDED = torch.strided  # (a module global: torch.strided is an attribute lookup on the torch module)
 # Batch norm in evaluation is one scale and shift per channel, with no statistics to keep
 # exact. Below this output size torch's own op is faster (measured on a 2-core AMD EPYC:
 # 0.36-0.69x at 16K-6.4M float32 elements); above it, torch's fresh output is mapped
@@ -168,7 +169,8 @@ def _fast_rows(module, x: Tensor, eps: float, with_bias: bool = True) -> Optiona
     whose output keeps its layout there); a strided view such as a slice of a packed
     projection stays here, and the kernels read it where it lies. Its Python is most of a
     small input's time, hence the inlined checks (those of ``_needs_torch_ops``)."""
-    if (type(x) is not Tensor or _PathSwitch.path != "auto" or not x.is_cpu or torch.jit.is_tracing()
+    if (type(x) is not Tensor or _PathSwitch.path != "auto" or not x.is_cpu or x.layout is not _STRIDED
+            or torch.jit.is_tracing()
             or torch.compiler.is_compiling() or _functorch_active() or forward_ad._current_level >= 0):
         return None
     weight, bias = affine_parameters(module, with_bias)
