@@ -113,3 +113,28 @@ def test_a_model_of_twins_exports_with_a_dynamic_node_count_as_pygs_does():
     more_batch = torch.randint(0, 6, (30,), generator=g).sort().values
     for inputs in ((x, batch), (more, more_batch)):
         torch.testing.assert_close(exported(*inputs), theirs(*inputs))
+
+
+@pytest.mark.parametrize("name", sorted(_LAYERS))
+def test_fx_traces_a_model_holding_a_twin_into_one_leaf_call_with_pygs_outputs(name):
+    """PyG's layers trace through their scatter code; a twin is one ``call_module`` leaf
+    (with its batch vector and size), and the traced model gives PyG's outputs and buffers."""
+    class Model(torch.nn.Module):
+        def __init__(self, norms):
+            super().__init__()
+            self.lin, self.norm = torch.nn.Linear(5, 5), _LAYERS[name](norms)
+
+        def forward(self, x, batch):
+            return self.norm(self.lin(x), batch, 6)
+
+    ours, theirs = Model(geometric).double(), Model(pyg_norm).double()
+    theirs.load_state_dict(ours.state_dict())
+    traced = torch.fx.symbolic_trace(ours)
+    assert [node.target for node in traced.graph.nodes if node.op == "call_module"] == ["lin", "norm"]
+    x, batch = _graphs(seed=5)
+    for train in (True, False):
+        traced.train(train)
+        theirs.train(train)
+        torch.testing.assert_close(traced(x, batch), theirs(x, batch))
+        for key, value in theirs.state_dict().items():
+            torch.testing.assert_close(traced.state_dict()[key], value.detach(), msg=key)

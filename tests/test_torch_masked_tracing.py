@@ -2,7 +2,8 @@
 twin as one leaf call that keeps its mask, ``torch.export`` traces a training step (the
 counted-values check is data-dependent, so it stays eager-only), and ``torch.jit.script``
 compiles ConvNeXt's LayerNorm2d twin as torchvision's original does (mirrored from source
-in tests/mirrored_norms.py). The eager masked results are themselves checked against torch
+in tests/mirrored_norms.py) and refuses a mask (it compiles torch.nn's forward, which has
+none) rather than ignore it. The eager masked results are themselves checked against torch
 on unpadded data in test_torch_masked_padding.py."""
 
 import copy
@@ -78,3 +79,25 @@ def test_scripted_layer_norm_2d_twin_equals_torchvisions_scripted_original():
     x, _ = _inputs(2)
     torch.testing.assert_close(scripted(x), reference(x))
     torch.testing.assert_close(scripted(x), ours(x))
+
+
+_SCRIPTABLE = {
+    "BatchNorm2d": (lambda: nt.BatchNorm2d(3), lambda: torch.nn.BatchNorm2d(3)),
+    "InstanceNorm2d": (lambda: nt.InstanceNorm2d(3, affine=True), lambda: torch.nn.InstanceNorm2d(3, affine=True)),
+    "GroupNorm": (lambda: nt.GroupNorm(1, 3), lambda: torch.nn.GroupNorm(1, 3)),
+    "LayerNorm": (lambda: nt.LayerNorm([5, 5]), lambda: torch.nn.LayerNorm([5, 5])),
+    "RMSNorm": (lambda: nt.RMSNorm([5]), lambda: torch.nn.RMSNorm([5])),
+    "LayerNorm2d": (lambda: nt.LayerNorm2d(3), lambda: TorchvisionLayerNorm2d(3, eps=1e-6)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SCRIPTABLE))
+def test_a_scripted_twin_refuses_a_mask_instead_of_counting_every_element(name):
+    ours, theirs = (make() for make in _SCRIPTABLE[name])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated, still used
+        scripted, reference = torch.jit.script(ours), torch.jit.script(theirs)
+    x, mask = _inputs(4)
+    torch.testing.assert_close(scripted(x), reference(x))  # without a mask: torch.nn's forward
+    with pytest.raises(torch.jit.Error, match="mask= does not run under torch.jit.script"):
+        scripted(x, mask)

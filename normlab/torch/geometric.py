@@ -31,6 +31,17 @@ def _batch_size(batch: Tensor, batch_size: Optional[int]) -> int:
     return int(batch.max()) + 1 if batch_size is None else int(batch_size)
 
 
+def _fx_leaf(module: nn.Module, x, batch, batch_size) -> "torch.fx.Proxy":
+    """Under ``torch.fx.symbolic_trace``: one ``call_module`` leaf with the batch vector and
+    batch size (the kernels cannot take proxies, and PyG's scatter code needs a concrete
+    batch size); the traced graph then runs the twin as it is."""
+    path = x.tracer.path_of_module(module)
+    if not path:
+        raise TypeError(f"torch.fx traces {type(module).__name__} inside a model, not as the root module: "
+                        "trace a model that holds it")
+    return x.tracer.create_proxy("call_module", path, (x, batch, batch_size), {})
+
+
 def _promoted(x: Tensor, weight: Optional[Tensor]) -> Tensor:
     """x in the dtype that PyG's ``out * weight + bias`` gives (torch's type promotion:
     bfloat16 nodes and float32 parameters give float32)."""
@@ -62,6 +73,8 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
 
     @torch.jit.unused
     def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_leaf(self, x, batch, batch_size)
         use_input_stats = self.training or not self.track_running_stats
         if batch is None:
             if not use_input_stats:
@@ -138,6 +151,8 @@ class LayerNorm(nn.Module):
 
     @torch.jit.unused
     def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_leaf(self, x, batch, batch_size)
         if self.mode == "graph":
             if batch is None:
                 x = x - x.mean()
@@ -183,6 +198,8 @@ class GraphNorm(nn.Module):
 
     @torch.jit.unused
     def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_leaf(self, x, batch, batch_size)
         if batch is None:
             batch = x.new_zeros(x.size(0), dtype=torch.long)
             batch_size = 1

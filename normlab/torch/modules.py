@@ -41,6 +41,13 @@ def _batch_norm_spec() -> Spec:
     return Spec.build("[b] c [...]", params="c")
 
 
+def _refuse_scripted_mask() -> None:
+    """Under ``torch.jit.script`` the twins run torch.nn's forward, which has no mask: refuse
+    a mask rather than normalize as if every element counted."""
+    raise RuntimeError("mask= does not run under torch.jit.script, which compiles torch.nn's forward (no mask): "
+                       "call the module eagerly, or use torch.compile or torch.export, which keep mask=")
+
+
 def _fx_call_module(module: nn.Module, proxy, **kwargs) -> "torch.fx.Proxy":
     """Under ``torch.fx.symbolic_trace``: record the module as one ``call_module`` node, as
     fx does for torch.nn's norms (a leaf; the traced graph then runs it as it is), with the
@@ -67,6 +74,8 @@ class _Twin:
         """``mask`` (bool, broadcasts to the input): the elements that count toward the
         statistics, and the running ones; every element is normalized."""
         if torch.jit.is_scripting():
+            if mask is not None:  # torch.nn's forward, which TorchScript compiles, has no mask
+                _refuse_scripted_mask()
             return self._torch_forward(input)
         return self._eager_forward(input, mask)
 
@@ -232,6 +241,8 @@ class RMSNorm(_Twin, nn.RMSNorm):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:  # torch.nn.RMSNorm names its input x
         if torch.jit.is_scripting():
+            if mask is not None:
+                _refuse_scripted_mask()
             return self._torch_forward(x)
         return self._eager_forward(x, mask)
 
@@ -294,6 +305,8 @@ class LayerNorm2d(nn.LayerNorm):
         """``mask`` (bool, broadcasts to the input): the elements that count toward each
         position's statistics over the channels; every element is normalized."""
         if torch.jit.is_scripting():  # what the originals compute (TorchScript cannot call the kernels)
+            if mask is not None:
+                _refuse_scripted_mask()
             return F.layer_norm(input.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
                                 self.eps).permute(0, 3, 1, 2)
         return self._eager_forward(input, mask)
