@@ -1,8 +1,10 @@
-"""Sparse and MKL-DNN tensors into the twins: what torch.nn computes (an MKL-DNN batch norm
-in training or evaluation) the twin computes, and where torch.nn raises, the twin raises
-the same exception type; never NumPy's TypeError about a layout it cannot see. The
-module has run on dense input first, so its cached calls for that shape are in place.
-Oracle: torch.nn on the same input and state."""
+"""Tensors whose memory NumPy cannot read as they are (sparse and MKL-DNN layouts, and
+lazily negated views such as ``z.conj().imag`` of a complex ``z``) into the twins: what
+torch.nn computes (an MKL-DNN batch norm in training or evaluation, a negated view) the
+twin computes, and where torch.nn raises, the twin raises the same exception type; never
+NumPy's TypeError or a value read without its sign. The module has run on dense input
+first, so its cached calls for that shape are in place. Oracle: torch.nn on the same
+input and state."""
 
 import pytest
 
@@ -19,7 +21,9 @@ CASES = [
     ("BatchNorm2d", (4,), (3, 4, 5, 5)),
     ("InstanceNorm2d", (4,), (3, 4, 5, 5)),
 ]
-LAYOUTS = {"sparse": lambda x: x.to_sparse(), "mkldnn": lambda x: x.to_mkldnn()}
+LAYOUTS = {"sparse": lambda x: x.to_sparse(), "mkldnn": lambda x: x.to_mkldnn(),
+           # the values of x, read through the negative bit of the conjugate's imaginary part
+           "negated view": lambda x: torch.complex(torch.zeros_like(x), -x).conj().imag}
 
 
 def _outcome(module, x):
@@ -44,6 +48,7 @@ def test_a_tensor_of_another_layout_meets_torchs_outcome(cls_name, args, shape, 
         for module in (reference, twin):
             module(dense)
     x = LAYOUTS[layout](torch.randn(shape) * 2 + 1)
+    assert layout != "negated view" or x.is_neg()
     with torch.set_grad_enabled(grad):
         expected_error, expected = _outcome(reference, x)
         error, got = _outcome(twin, x)
@@ -52,3 +57,40 @@ def test_a_tensor_of_another_layout_meets_torchs_outcome(cls_name, args, shape, 
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         for name, value in reference.state_dict().items():
             torch.testing.assert_close(twin.state_dict()[name], value, rtol=1e-5, atol=1e-5)
+
+
+def _negated(x):
+    return torch.complex(torch.zeros_like(x), -x).conj().imag
+
+
+@pytest.mark.parametrize("which", ["x", "residual"])
+def test_fused_add_rms_norm_reads_a_negated_view_with_its_sign(which):
+    """Oracle: torch's ``x + residual`` and ``F.rms_norm``."""
+    from normlab.torch import FusedAddRMSNorm
+
+    torch.manual_seed(0)
+    norm = FusedAddRMSNorm(8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x, residual = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    norm(x, residual)  # a dense call first
+    inputs = {"x": x, "residual": residual}
+    inputs[which] = _negated(inputs[which])
+    assert inputs[which].is_neg()
+    y, total = norm(inputs["x"], inputs["residual"])
+    torch.testing.assert_close(total, x + residual)
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x + residual, (8,), norm.weight, 1e-6))
+
+
+def test_gated_rms_norm_reads_a_negated_gate_with_its_sign():
+    """Oracle: mamba_ssm's RMSNormGated formula (norm before gate) in torch operations."""
+    from normlab.torch import GatedRMSNorm
+
+    torch.manual_seed(0)
+    norm = GatedRMSNorm(8, group_size=4, eps=1e-6)
+    x, z = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    norm(x, z)
+    groups = x.view(2, 3, 2, 4)
+    normed = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + 1e-6)
+    expected = normed.view(2, 3, 8) * norm.weight * torch.nn.functional.silu(z)
+    torch.testing.assert_close(norm(x, _negated(z)), expected)

@@ -170,7 +170,7 @@ def _fast_rows(module, x: Tensor, eps: float, with_bias: bool = True) -> Optiona
     projection stays here, and the kernels read it where it lies. Its Python is most of a
     small input's time, hence the inlined checks (those of ``_needs_torch_ops``)."""
     if (type(x) is not Tensor or _PathSwitch.path != "auto" or not x.is_cpu or x.layout is not _STRIDED
-            or torch.jit.is_tracing()
+            or x.is_neg() or torch.jit.is_tracing()
             or torch.compiler.is_compiling() or _functorch_active() or forward_ad._current_level >= 0):
         return None
     weight, bias = affine_parameters(module, with_bias)

@@ -62,10 +62,11 @@ def _needs_torch_ops(x) -> bool:
     ``Proxy``, ``torch.jit.trace`` (and the TorchScript ONNX exporter), ``torch.compile``
     and ``torch.export`` (Inductor then fuses torch's decomposition with its neighbours, and
     the ONNX exporter finds its standard ops), functorch transforms (``vmap``, ``grad``,
-    ``jacrev``, ``jvp``, ``jacfwd``), forward-mode AD (dual tensors), and layouts other
-    than strided (sparse, MKL-DNN), which have no memory for NumPy to see: torch then
-    computes what it supports (an MKL-DNN batch norm) and raises its own error otherwise."""
-    return (not isinstance(x, Tensor) or x.layout is not torch.strided or torch.jit.is_tracing()
+    ``jacrev``, ``jvp``, ``jacfwd``), forward-mode AD (dual tensors), layouts other than
+    strided (sparse, MKL-DNN), which have no memory for NumPy to see, and lazily negated
+    views (``z.conj().imag``), which NumPy would read unnegated: torch then computes what
+    it supports (an MKL-DNN batch norm, a negated view) and raises its own error otherwise."""
+    return (not isinstance(x, Tensor) or x.layout is not torch.strided or x.is_neg() or torch.jit.is_tracing()
             or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
             or forward_ad._current_level >= 0)
 
