@@ -169,9 +169,9 @@ def _fast_rows(module, x: Tensor, eps: float, with_bias: bool = True) -> Optiona
     whose output keeps its layout there); a strided view such as a slice of a packed
     projection stays here, and the kernels read it where it lies. Its Python is most of a
     small input's time, hence the inlined checks (those of ``_needs_torch_ops``)."""
-    if (type(x) is not Tensor or _PathSwitch.path != "auto" or not x.is_cpu or x.layout is not _STRIDED
-            or x.is_neg() or torch.jit.is_tracing()
-            or torch.compiler.is_compiling() or _functorch_active() or forward_ad._current_level >= 0):
+    if (type(x) is not Tensor or _PathSwitch.path != "auto" or not x.is_cpu or torch.jit.is_tracing()
+            or torch.compiler.is_compiling() or _functorch_active() or forward_ad._current_level >= 0
+            or x.layout is not _STRIDED or x.is_neg()):
         return None
     weight, bias = affine_parameters(module, with_bias)
     grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)

@@ -126,9 +126,11 @@ def _use_kernels(*tensors) -> bool:
     present = [t for t in tensors if t is not None]
     # a tensor subclass (a user's __torch_function__ class, DTensor) takes the composite,
     # whose torch operations hand it each step, as the code the block replaces would
-    return (all(type(t) in _EAGER_TYPES and t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES
-                and t.layout is torch.strided and not t.is_neg() for t in present)
-            and len({t.dtype for t in present[:3]}) == 1 and not torch.compiler.is_compiling()
+    # (compiling first: Dynamo cannot trace is_neg)
+    return (not torch.compiler.is_compiling()
+            and all(type(t) in _EAGER_TYPES and t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES
+                    and t.layout is torch.strided and not t.is_neg() for t in present)
+            and len({t.dtype for t in present[:3]}) == 1
             and not _needs_torch_ops(tensors[0]))  # (functorch transforms, forward-mode AD: torch operations)
 
 
