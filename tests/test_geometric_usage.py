@@ -3,6 +3,7 @@ TorchScript of the twins, and a batch vector that is wrong in the ways users get
 (the errors torch users catch, repeating the pattern and the shape; never a crash deep in
 a scatter, and never a silent truncation of float ids)."""
 
+import copy
 import io
 
 import pytest
@@ -138,3 +139,27 @@ def test_fx_traces_a_model_holding_a_twin_into_one_leaf_call_with_pygs_outputs(n
         torch.testing.assert_close(traced(x, batch), theirs(x, batch))
         for key, value in theirs.state_dict().items():
             torch.testing.assert_close(traced.state_dict()[key], value.detach(), msg=key)
+
+
+@pytest.mark.parametrize("name", sorted(_LAYERS))
+def test_fx_traces_a_twin_as_the_root_module_through_pygs_definitions_with_pygs_outputs(name):
+    ours, theirs = _LAYERS[name](geometric).double(), _LAYERS[name](pyg_norm).double()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    x, batch = _graphs(seed=6)
+    for train in (True, False):  # fx records the mode's branch, as it does in PyG's layers
+        ours.train(train)
+        theirs.train(train)
+        try:
+            torch.fx.symbolic_trace(copy.deepcopy(theirs))  # (PyG assigns proxies to its buffers while traced)
+        except Exception as error:  # PyG's evaluation with running statistics does not trace: nor does the twin
+            with pytest.raises(type(error)):
+                torch.fx.symbolic_trace(ours)
+            continue
+        traced = torch.fx.symbolic_trace(ours)  # takes the batch vector and size, as PyG's traced graph does
+        torch.testing.assert_close(traced(x, batch, 6), theirs(x, batch, 6))
+        expected = theirs.state_dict()  # (PyG's own traced graph keeps running statistics as constants)
+        for key, value in traced.state_dict().items():  # the buffers the graph reads: num_batches_tracked is not
+            torch.testing.assert_close(value, expected[key].detach(), msg=key)

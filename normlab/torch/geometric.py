@@ -33,12 +33,12 @@ def _batch_size(batch: Tensor, batch_size: Optional[int]) -> int:
 
 def _fx_leaf(module: nn.Module, x, batch, batch_size) -> "torch.fx.Proxy":
     """Under ``torch.fx.symbolic_trace``: one ``call_module`` leaf with the batch vector and
-    batch size (the kernels cannot take proxies, and PyG's scatter code needs a concrete
-    batch size); the traced graph then runs the twin as it is."""
+    batch size (the kernels cannot take proxies); the traced graph then runs the twin as it
+    is. The root module is traced through, as fx traces PyG's own layer: PyG's definitions
+    in torch operations (``_script_forward``, what TorchScript compiles)."""
     path = x.tracer.path_of_module(module)
     if not path:
-        raise TypeError(f"torch.fx traces {type(module).__name__} inside a model, not as the root module: "
-                        "trace a model that holds it")
+        return module._script_forward(x, batch, batch_size)
     return x.tracer.create_proxy("call_module", path, (x, batch, batch_size), {})
 
 
@@ -67,9 +67,12 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
 
     def forward(self, x: Tensor, batch: Optional[Tensor] = None, batch_size: Optional[int] = None) -> Tensor:
         if torch.jit.is_scripting():
-            return script.instance_norm(x, batch, batch_size, self.running_mean, self.running_var, self.weight,
-                                        self.bias, self.training, self.track_running_stats, self.momentum, self.eps)
+            return self._script_forward(x, batch, batch_size)
         return self._normlab_forward(x, batch, batch_size)
+
+    def _script_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
+        return script.instance_norm(x, batch, batch_size, self.running_mean, self.running_var, self.weight,
+                                    self.bias, self.training, self.track_running_stats, self.momentum, self.eps)
 
     @torch.jit.unused
     def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
@@ -145,9 +148,12 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: Tensor, batch: Optional[Tensor] = None, batch_size: Optional[int] = None) -> Tensor:
         if torch.jit.is_scripting():
-            return script.layer_norm(x, batch, batch_size, self.weight, self.bias, self.in_channels, self.mode,
-                                     self.eps)
+            return self._script_forward(x, batch, batch_size)
         return self._normlab_forward(x, batch, batch_size)
+
+    def _script_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
+        return script.layer_norm(x, batch, batch_size, self.weight, self.bias, self.in_channels, self.mode,
+                                 self.eps)
 
     @torch.jit.unused
     def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
@@ -193,8 +199,11 @@ class GraphNorm(nn.Module):
 
     def forward(self, x: Tensor, batch: Optional[Tensor] = None, batch_size: Optional[int] = None) -> Tensor:
         if torch.jit.is_scripting():
-            return script.graph_norm(x, batch, batch_size, self.weight, self.bias, self.mean_scale, self.eps)
+            return self._script_forward(x, batch, batch_size)
         return self._normlab_forward(x, batch, batch_size)
+
+    def _script_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
+        return script.graph_norm(x, batch, batch_size, self.weight, self.bias, self.mean_scale, self.eps)
 
     @torch.jit.unused
     def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
