@@ -83,6 +83,10 @@ def _momentum_changed(module):
     module.momentum = 0.5
 
 
+def _momentum_negative(module):
+    module.momentum = -0.25  # torch takes it as it is: running = 1.25·running − 0.25·batch
+
+
 def _eps_changed(module):
     module.eps = 1e-1
 
@@ -110,8 +114,8 @@ def _eval_then_train(module):
 
 
 ACTIONS = [_data_rewrite, _data_replaced, _running_replaced, _running_data_replaced, _counter_reset,
-           _momentum_cumulative, _momentum_changed, _eps_changed, _untracked, _frozen, _bias_replaced,
-           _state_reloaded, _eval_then_train]
+           _momentum_cumulative, _momentum_changed, _momentum_negative, _eps_changed, _untracked, _frozen,
+           _bias_replaced, _state_reloaded, _eval_then_train]
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])

@@ -538,12 +538,12 @@ def update_running(running_mean, running_var, mean, var, count, factor):
 
 
 @kernel
-def update_running_counted(running_mean, running_var, mean, var, count, momentum, counter):
+def update_running_counted(running_mean, running_var, mean, var, count, momentum, cumulative, counter):
     """:func:`update_running` after counting the batch in ``counter`` (the one-element
-    ``num_batches_tracked``), with ``factor`` = ``momentum``, or for a negative momentum
+    ``num_batches_tracked``), with ``factor`` = ``momentum``, or with ``cumulative``
     (torch's ``momentum=None``) the cumulative average's 1/``counter``."""
     counter[0] += 1
-    factor = 1.0 / counter[0] if momentum < 0 else momentum
+    factor = 1.0 / counter[0] if cumulative else momentum
     correction = count / (count - 1)
     for c in range(mean.shape[0]):
         running_mean[c] = (1.0 - factor) * np.float64(running_mean[c]) + factor * mean[c]

@@ -128,8 +128,8 @@ class TrainStep:
     __slots__ = ("key", "weight", "bias", "tracked", "running", "checked", "call", "counter", "views")
 
     def __init__(self, key, weight, bias, tracked, running, call, checked):
-        self.key, self.weight, self.bias, self.tracked, self.running, self.call = key, weight, bias, tracked, running, call
-        self.checked = checked
+        self.key, self.weight, self.bias, self.tracked = key, weight, bias, tracked
+        self.running, self.call, self.checked = running, call, checked
         self.counter = tracked.numpy().reshape(1)  # num_batches_tracked's memory, counted in by the kernel
         channels = call.view[1]
         # the parameters' memory as NumPy sees it (detach().numpy() costs 1.5 µs a call)
@@ -190,7 +190,7 @@ def repeat_step(module, x: Tensor) -> Optional[Tensor]:
     momentum = module.momentum
     weight_view, bias_view = step.views
     tables = (np.asarray(weight_view, np.float64), np.asarray(bias_view, np.float64))
-    counted = (-1.0 if momentum is None else float(momentum), step.counter, step.tracked)  # counted by the kernel
+    counted = (0.0 if momentum is None else float(momentum), momentum is None, step.counter, step.tracked)
     if grad:
         return _apply_train(_unwrap_if_dead(x), weight, bias, module, call, counted, running, tables)
     return _run_forward(module, call, x, tables, counted, running)[0]
@@ -242,7 +242,7 @@ def _tables(weight, bias, channels: int) -> Optional[tuple[np.ndarray, np.ndarra
 def _run_forward(module, call: TrainCall, x: Tensor, tables, factor, running):
     """The kernels' training forward into a new tensor; the running statistics (where
     ``running`` is given) updated with ``factor``, or with ``factor`` = (momentum,
-    counter, num_batches_tracked) the batch counted in first (:class:`TrainStep`)."""
+    cumulative, counter, num_batches_tracked) the batch counted in first (:class:`TrainStep`)."""
     channels = call.view[1]
     y, y_view = call.output()
     stats = np.empty((3, channels))
@@ -251,9 +251,9 @@ def _run_forward(module, call: TrainCall, x: Tensor, tables, factor, running):
     if running is not None:
         columns = kernels._columns()
         if type(factor) is tuple:
-            momentum, counter, tracked = factor
-            columns.update_running_counted(running[2], running[3], mean, var, call.count, momentum, counter,
-                                           serial=True)
+            momentum, cumulative, counter, tracked = factor  # the batch is counted by the kernel
+            columns.update_running_counted(running[2], running[3], mean, var, call.count, momentum, cumulative,
+                                           counter, serial=True)
             torch.autograd.graph.increment_version(tracked)
         else:
             columns.update_running(running[2], running[3], mean, var, call.count, float(factor), serial=True)
