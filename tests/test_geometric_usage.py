@@ -28,13 +28,19 @@ def _graphs(seed=0):
     return torch.randn(12, 5, generator=g, dtype=torch.float64) * 2 + 1, batch
 
 
-@pytest.mark.parametrize("name", sorted(_LAYERS))
-def test_scripted_twins_match_scripted_pyg_layers_through_training_and_evaluation(name):
+def _randomized_pair(name):
+    """(twin, PyG's layer) in float64 with the same random parameters."""
     ours, theirs = _LAYERS[name](geometric).double(), _LAYERS[name](pyg_norm).double()
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_()
     theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("name", sorted(_LAYERS))
+def test_scripted_twins_match_scripted_pyg_layers_through_training_and_evaluation(name):
+    ours, theirs = _randomized_pair(name)
     ours, theirs = torch.jit.script(ours), torch.jit.script(theirs)
     buffer = io.BytesIO()
     torch.jit.save(ours, buffer)  # a scripted twin saves and loads as PyG's scripted layer does
@@ -143,11 +149,7 @@ def test_fx_traces_a_model_holding_a_twin_into_one_leaf_call_with_pygs_outputs(n
 
 @pytest.mark.parametrize("name", sorted(_LAYERS))
 def test_fx_traces_a_twin_as_the_root_module_through_pygs_definitions_with_pygs_outputs(name):
-    ours, theirs = _LAYERS[name](geometric).double(), _LAYERS[name](pyg_norm).double()
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.normal_()
-    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = _randomized_pair(name)
     x, batch = _graphs(seed=6)
     for train in (True, False):  # fx records the mode's branch, as it does in PyG's layers
         ours.train(train)

@@ -526,15 +526,20 @@ def channels_last_scale_shift(x, y, hi, lo, scale, shift, chunk_rows):
                 y_row[c] = ((x_row[c] - hi[c]) - lo[c]) * scale[c] + shift[c]
 
 
+@helper
+def _average_into(running_mean, running_var, mean, var, count, factor):
+    correction = count / (count - 1)
+    for c in range(mean.shape[0]):
+        running_mean[c] = (1.0 - factor) * np.float64(running_mean[c]) + factor * mean[c]
+        running_var[c] = (1.0 - factor) * np.float64(running_var[c]) + factor * (var[c] * correction)
+
+
 @kernel
 def update_running(running_mean, running_var, mean, var, count, factor):
     """Batch norm's running statistics, in place: ``running = (1 − factor)·running +
     factor·batch`` with the unbiased batch variance ``var·count/(count − 1)``, computed
     in float64 and rounded once to the running statistics' dtype."""
-    correction = count / (count - 1)
-    for c in range(mean.shape[0]):
-        running_mean[c] = (1.0 - factor) * np.float64(running_mean[c]) + factor * mean[c]
-        running_var[c] = (1.0 - factor) * np.float64(running_var[c]) + factor * (var[c] * correction)
+    _average_into(running_mean, running_var, mean, var, count, factor)
 
 
 @kernel
@@ -543,8 +548,4 @@ def update_running_counted(running_mean, running_var, mean, var, count, momentum
     ``num_batches_tracked``), with ``factor`` = ``momentum``, or with ``cumulative``
     (torch's ``momentum=None``) the cumulative average's 1/``counter``."""
     counter[0] += 1
-    factor = 1.0 / counter[0] if cumulative else momentum
-    correction = count / (count - 1)
-    for c in range(mean.shape[0]):
-        running_mean[c] = (1.0 - factor) * np.float64(running_mean[c]) + factor * mean[c]
-        running_var[c] = (1.0 - factor) * np.float64(running_var[c]) + factor * (var[c] * correction)
+    _average_into(running_mean, running_var, mean, var, count, 1.0 / counter[0] if cumulative else momentum)
