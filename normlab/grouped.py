@@ -13,14 +13,25 @@ __all__ = ["normalize_with_stats", "normalize_backward"]
 
 
 def _given(value, name: str, grouping: masked.Grouping) -> np.ndarray:
+    """Given statistics laid out in ``grouping.stats_shape``, taken as
+    :func:`normlab.core.normalize` takes them: that shape, the kept axes and the segment
+    axis alone in order, or an array that broadcasts to it. Any other shape is an error,
+    even when the number of values fits: a reshape would reorder them."""
     array = np.asarray(value, dtype=np.float64)
-    shape = grouping.stats_shape
-    if array.size != int(np.prod(shape)):
-        plan = grouping.plan
-        raise ShapeError(f"pattern {plan.pattern!r}, input shape {plan.shape}: {name} has {array.size} values; "
-                         f"pass an array of shape {shape} (the kept axes, and the segment axis of length "
-                         "num_segments)")
-    return array.reshape(shape)
+    plan, shape = grouping.plan, grouping.stats_shape
+    axes = [a for a in range(plan.ndim) if a in plan.kept_axes or a == grouping.segment_axis]
+    listed = tuple(shape[a] for a in axes)
+    if array.shape == shape:
+        return array
+    if array.shape == listed:
+        return array.reshape(shape)
+    try:
+        return np.broadcast_to(array, shape)
+    except ValueError:
+        raise ShapeError(f"pattern {plan.pattern!r}, input shape {plan.shape}: {name} has shape {array.shape}, "
+                         f"which does not broadcast to the statistics' shape {shape}; pass an array of shape "
+                         f"{shape} (what return_stats=True gives) or {listed} (the kept axes, and the segment "
+                         "axis of length num_segments, in order)") from None
 
 
 def _given_stats(grouping, rms, mean, rstd):
