@@ -43,14 +43,26 @@ def _describe(plan_or_pattern, shape) -> str:
     return f"pattern {pattern!r}, input shape {tuple(shape)}"
 
 
-def result_dtype(x: np.ndarray, pattern: str) -> np.dtype:
-    """The output dtype: the input's float dtype; integers and bools become float64."""
-    if x.dtype in _FLOATS:
-        return x.dtype
+def native(array: np.ndarray) -> np.ndarray:
+    """``array`` in the machine's byte order (data read from files may be big-endian, which
+    NumPy computes with; the kernels and the result take the native order, as np.mean does)."""
+    return array if array.dtype.isnative else array.astype(native_dtype(array.dtype))
+
+
+def native_dtype(dtype: np.dtype) -> np.dtype:
+    return dtype if dtype.isnative else dtype.newbyteorder("=")
+
+
+def result_dtype(x: np.ndarray, pattern: str, name: str = "input") -> np.dtype:
+    """The output dtype: the input's float dtype (in the native byte order); integers and
+    bools become float64."""
+    dtype = native_dtype(x.dtype)
+    if dtype in _FLOATS:
+        return dtype
     if x.dtype.kind in "iub":
         return np.dtype(np.float64)
     raise InputError(
-        f"{_describe(pattern, x.shape)}: input dtype {x.dtype} is not supported; "
+        f"{_describe(pattern, x.shape)}: {name} dtype {x.dtype} is not supported; "
         "normalize takes float16, float32 or float64 (cast with x.astype(np.float32))"
     )
 
@@ -103,6 +115,7 @@ def prepare(x, pattern: str, weight, bias, params, sizes: dict) -> Prepared:
             reject_masked(value, name, _describe(pattern, np.shape(x)))
     x = np.asarray(x)
     dtype = result_dtype(x, pattern)
+    x = native(x)
     if (weight is not None or bias is not None) and params is None:
         given = np.shape(weight if weight is not None else bias)
         plan = make_plan(pattern, x.shape, **sizes)
@@ -176,7 +189,7 @@ def _check_out(out, prepared: Prepared) -> np.ndarray:
     if isinstance(out, np.ma.MaskedArray):
         raise InputError(f"{_describe(plan, plan.shape)}: out is a masked array, and normlab does not honour "
                          "masks; pass a plain array (np.empty_like(x)) and mask the result afterwards")
-    if out.shape != plan.shape or out.dtype != prepared.dtype:
+    if out.shape != plan.shape or native_dtype(out.dtype) != prepared.dtype:
         raise InputError(
             f"{_describe(plan, plan.shape)}: out has shape {out.shape} and dtype {out.dtype}; "
             f"pass an array of shape {plan.shape} and dtype {prepared.dtype}"
@@ -296,7 +309,8 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
     key = None
     if (type(x) is np.ndarray and out is None and mean is None and rstd is None and mask is None
             and segment_ids is None and num_segments is None and segment_axis is None and residual is None
-            and gate is None and scale is None and shift is None and modulation is None and weight_offset == 0
+            and gate is None and scale is None and shift is None and modulation is None
+            and fused._no_offset(weight_offset)
             and (rms is True or rms is False)):
         # the fast path: everything the checks and the plan decide depends on this key alone
         # (a check that looks at values must make the fast call return None)
@@ -398,7 +412,7 @@ def normalize_with_stats(x, pattern: str, *, weight=None, bias=None, params=None
     if out is None:
         return forward(prepared, eps, rms, mean, rstd, None, backend)
     target = _check_out(out, prepared)
-    if overlaps_inputs(target, prepared, mean, rstd):
+    if not target.dtype.isnative or overlaps_inputs(target, prepared, mean, rstd):
         y, stats = forward(prepared, eps, rms, mean, rstd, None, backend)
         np.copyto(target, y)
         return out, stats
@@ -456,7 +470,8 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
     grad_y = np.asarray(grad_y)
     if grad_y.shape != plan.shape:
         raise ShapeError(f"{_describe(plan, plan.shape)}: grad_y has shape {grad_y.shape}; it must match x")
-    result_dtype(grad_y, pattern)
+    result_dtype(grad_y, pattern, "grad_y")
+    grad_y = native(grad_y)
     use_kernels = _resolve_backend(backend, prepared.x.dtype, grad_y.dtype) == "numba"
     if rstd is not None:
         rstd = _given_stats(rstd, "rstd", plan)

@@ -110,7 +110,14 @@ class Inputs:
 def wants_fused(residual, gate, weight_offset, scale, shift, modulation) -> bool:
     """True when any fused option is given (core hands the call over to this module)."""
     return (residual is not None or gate is not None or scale is not None or shift is not None
-            or modulation is not None or (weight_offset is not None and weight_offset != 0))
+            or modulation is not None or not _no_offset(weight_offset))
+
+
+def _no_offset(weight_offset) -> bool:
+    """True for no weight offset: None or a number that is zero (anything else, an array or
+    a string too, goes to :func:`prepare`, whose checks explain what is wrong with it)."""
+    return weight_offset is None or (isinstance(weight_offset, (int, float, np.integer, np.floating, np.bool_))
+                                       and weight_offset == 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,14 +154,35 @@ def activation(name: str, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _same_shape(value, name: str, plan: Plan, pattern: str) -> np.ndarray:
     from normlab.core import reject_masked
 
+    from normlab.core import native
+
     reject_masked(value, name, f"pattern {pattern!r}, input shape {plan.shape}")
-    array = np.asarray(value)
+    array = native(np.asarray(value))
     if array.dtype.kind not in "fiub":
         raise InputError(f"{name} has dtype {array.dtype}; pass a float array of x's shape {plan.shape}")
     if array.shape != plan.shape:
         raise ShapeError(f"pattern {pattern!r}, input shape {plan.shape}: {name} has shape {array.shape}; "
                          f"it must have x's shape {plan.shape}")
     return array.reshape(plan.axis_sizes)
+
+
+def _weight_offset(value, pattern, plan: Plan) -> float:
+    """``weight_offset`` as a finite float: one number added to every weight (a per-element
+    offset belongs in the weight itself)."""
+    fix = "pass one finite number such as 1.0 (Gemma's 1 + weight), or 0.0 for none"
+    if isinstance(value, (str, bytes)) or np.ndim(value) != 0:
+        shown = f"an array of shape {np.shape(value)}" if np.ndim(value) else repr(value)
+        raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: weight_offset must be a number, got "
+                         f"{shown}; {fix}")
+    try:
+        offset = float(value or 0.0)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: weight_offset must be a number, got "
+                         f"{value!r}; {fix}") from err
+    if not math.isfinite(offset):
+        raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: weight_offset={offset} would make "
+                         f"every output NaN; {fix}")
+    return offset
 
 
 def _modulation_array(value, name: str, mod_plan: Plan) -> np.ndarray:
@@ -178,10 +206,7 @@ def prepare(x, pattern, weight, bias, params, sizes, residual=None, gate=None, g
     plan = prepared.plan
     if gate is not None and gate_activation not in GATE_ACTIVATIONS:
         raise InputError(f"gate_activation must be one of {', '.join(GATE_ACTIVATIONS)}, got {gate_activation!r}")
-    try:
-        offset = float(weight_offset or 0.0)
-    except (TypeError, ValueError) as err:
-        raise InputError(f"weight_offset must be a number, got {weight_offset!r}") from err
+    offset = _weight_offset(weight_offset, pattern, plan)
     if offset != 0.0 and weight is None:
         raise ParamsError(f"pattern {pattern!r}, input shape {plan.shape}: weight_offset={offset} shifts a "
                           "weight, but no weight was given; pass weight= (Gemma stores it as zeros)")
@@ -424,8 +449,11 @@ def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5
         if value is not None and np.shape(value) != plan.shape:
             raise ShapeError(f"pattern {pattern!r}, input shape {plan.shape}: {name} has shape {np.shape(value)}; "
                              "it must match x")
+        if value is not None:
+            core.result_dtype(np.asarray(value), pattern, name)  # refuses complex, object, ... with how to fix it
+    grad_y = core.native(grad_y)
     if grad_sum is not None:
-        grad_sum = np.asarray(grad_sum)
+        grad_sum = core.native(np.asarray(grad_sum))
     if rstd is not None:
         rstd = core._given_stats(rstd, "rstd", plan)
         if not rms:

@@ -85,7 +85,8 @@ def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5
     if grad_y.shape != plan.shape:
         raise ShapeError(f"pattern {plan.pattern!r}, input shape {plan.shape}: grad_y has shape {grad_y.shape}; "
                          "it must match x")
-    core.result_dtype(grad_y, pattern)
+    core.result_dtype(grad_y, pattern, "grad_y")
+    grad_y = core.native(grad_y)
     grouping = masked.make_grouping(plan, mask, segment_ids, num_segments, segment_axis)
     mean, rstd = _given_stats(grouping, rms, mean, rstd)
     need_weight, need_bias = weight is not None, params is not None

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import normlab
-from normlab.errors import ShapeError
+from normlab.errors import InputError, ShapeError
 
 BACKENDS = ["numba", "numpy"]
 
@@ -58,3 +58,86 @@ def test_masked_statistics_broadcast_as_unmasked_ones_do(backend):
     np.testing.assert_allclose(y, (x - 0.5) * 2.0, rtol=0, atol=1e-12)
     y = normlab.normalize(x, "b [f]", mask=mask, mean=np.full(4, 0.5), rstd=np.full(4, 2.0), backend=backend)
     np.testing.assert_allclose(y, (x - 0.5) * 2.0, rtol=0, atol=1e-12)
+
+
+# --- byte order ---------------------------------------------------------------------------------
+
+def _layer_norm64(x, eps=1e-5):
+    """torch's F.layer_norm over the last axis, in float64."""
+    import torch
+
+    t = torch.from_numpy(np.asarray(x, np.float64))
+    return torch.nn.functional.layer_norm(t, t.shape[-1:], eps=eps).numpy()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [">f2", ">f4", ">f8"])
+def test_big_endian_input_normalizes_as_numpy_computes_with_it(backend, dtype):
+    """np.mean takes big-endian floats (data read from files) and gives the native dtype."""
+    x = np.random.default_rng(3).standard_normal((4, 6)).astype(dtype)
+    y, mean, _ = normlab.normalize(x, "b [f]", return_stats=True, backend=backend)
+    assert y.dtype == np.mean(x, axis=-1).dtype and y.dtype.isnative
+    tolerance = 2e-3 if dtype == ">f2" else 1e-4
+    np.testing.assert_allclose(y, _layer_norm64(x), rtol=0, atol=tolerance)
+    np.testing.assert_allclose(mean[:, 0], np.mean(x.astype(np.float64), axis=-1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_big_endian_gradients_residuals_masks_and_out_are_read_by_value(backend):
+    import torch
+
+    rng = np.random.default_rng(4)
+    x, r, g = (rng.standard_normal((3, 5)) for _ in range(3))
+    big = lambda a: a.astype(">f4")  # noqa: E731
+    # the oracle: torch autograd through F.layer_norm of x + r, float64
+    xt = torch.tensor(x.astype(np.float32).astype(np.float64) + r.astype(np.float32), requires_grad=True)
+    torch.nn.functional.layer_norm(xt, (5,)).backward(torch.from_numpy(g.astype(np.float32).astype(np.float64)))
+    grad_x = normlab.normalize_backward(big(g), big(x), "b [f]", backend=backend)[0]
+    expected = torch.func.vjp(lambda t: torch.nn.functional.layer_norm(t, (5,)),
+                              torch.from_numpy(x.astype(np.float32).astype(np.float64)))[1](
+        torch.from_numpy(g.astype(np.float32).astype(np.float64)))[0].numpy()
+    np.testing.assert_allclose(grad_x, expected, rtol=0, atol=1e-4)
+    y, total = normlab.normalize(big(x), "b [f]", residual=big(r), backend=backend)
+    np.testing.assert_allclose(y, _layer_norm64(x.astype(np.float32).astype(np.float64) + r.astype(np.float32)),
+                               rtol=0, atol=1e-4)
+    grads = normlab.normalize_backward(big(g), big(x), "b [f]", residual=big(r), grad_sum=big(g), backend=backend)
+    np.testing.assert_allclose(grads.x, xt.grad.numpy() + g.astype(np.float32), rtol=0, atol=1e-4)
+    masked = normlab.normalize(big(x), "b [f]", mask=np.ones((3, 5), bool), backend=backend)
+    np.testing.assert_allclose(masked, _layer_norm64(x.astype(np.float32)), rtol=0, atol=1e-4)
+    out = np.zeros((3, 5), ">f4")  # NumPy's ufuncs write into an out of either byte order
+    assert normlab.normalize(x.astype(np.float32), "b [f]", out=out, backend=backend) is out
+    np.testing.assert_allclose(out, _layer_norm64(x.astype(np.float32)), rtol=0, atol=1e-4)
+
+
+# --- fused options of odd types ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offset", [np.ones(6), "1", np.nan, np.inf, [1.0]])
+def test_a_weight_offset_that_is_not_one_finite_number_is_an_input_error(offset):
+    x = np.random.default_rng(5).standard_normal((2, 6))
+    with pytest.raises(InputError, match=r"'b \[d\]', input shape \(2, 6\): weight_offset.*1\.0"):
+        normlab.normalize(x, "b [d]", weight=np.ones(6), params="d", weight_offset=offset, rms=True)
+
+
+@pytest.mark.parametrize("offset", [np.float32(0.0), np.array(0.0), np.float64(1.0), np.array(1.0), 1])
+def test_a_weight_offset_given_as_a_numpy_number_is_gemmas_one_plus_weight(offset):
+    import torch
+
+    rng = np.random.default_rng(6)
+    x, w = rng.standard_normal((2, 6)), rng.standard_normal(6)
+    t = torch.from_numpy(x)
+    expected = (torch.nn.functional.rms_norm(t, (6,), eps=1e-6) * (float(offset) + torch.from_numpy(w))).numpy()
+    y = normlab.normalize(x, "b [d]", weight=w, params="d", weight_offset=offset, rms=True, eps=1e-6)
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["grad_y", "grad_sum"])
+def test_fused_backward_refuses_a_complex_gradient_as_the_plain_one_does(backend, which):
+    x = np.random.default_rng(7).standard_normal((2, 4))
+    bad = x.astype(np.complex128) + 1j
+    grads = {"grad_y": np.ones_like(x), "grad_sum": np.ones_like(x), which: bad}
+    with pytest.raises(InputError, match=f"'b \\[d\\]', input shape \\(2, 4\\): {which} dtype complex128"):
+        normlab.normalize_backward(grads["grad_y"], x, "b [d]", residual=x, grad_sum=grads["grad_sum"], backend=backend)
+    with pytest.raises(InputError, match="grad_y dtype complex128"):
+        normlab.normalize_backward(bad, x, "b [d]", backend=backend)
