@@ -17,6 +17,13 @@ channels per group, ``param_inner`` positions per channel), per-element layer no
 A row fits in cache, so its statistics take two passes over it (shifted sum, then
 centred squares) and the output a third, all while it is cache-resident. The statistics
 come from :func:`normlab.kernels.sums.group_stats` (rstd is NaN where the variance overflows).
+
+A float32 output of STREAM_ELEMENTS and more is written with non-temporal stores
+(:func:`apply_row_streaming`): an ordinary store first reads its line into the cache,
+which for an output far past the last-level cache is a third of the pass's memory
+traffic spent for nothing. Layer norm forward on 8192×4096 float32 ran 1.45× faster
+this way on a 2-core AMD EPYC, 1.34-1.42× at 16 MiB; at 8 MiB, where input and output
+still fit its 32 MiB L3, two threads ran 0.79× (hence the threshold).
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ import numpy as np
 from numba import prange
 from numba.extending import overload
 
-from normlab.kernels._jit import NUMBA_OPTIONS, helper, inline_helper, kernel, prefetch
+from normlab.kernels._jit import (NUMBA_OPTIONS, STREAM_LANES, helper, inline_helper, kernel, prefetch, store_fence,
+                                  stream_affine_line, stream_scaled_line)
 from normlab.kernels.sums import (centered_square_sum, gradient_sums, group_stats, reciprocal_std, shifted_moments,
                                   square_sum, weighted_gradient_sums)
 
@@ -36,6 +44,10 @@ RSTD_HIGH = 1e30
 # Σd²/n over the variance past which the one-pass variance has lost more than 8 of
 # float64's 16 digits: the row then takes the two-pass variance (K ≥ 1e4, a far outlier first)
 CANCELLATION = 1e8
+# float32 outputs of this many elements and more are written with non-temporal stores
+# (:func:`apply_row_streaming`): far past the last-level cache, where the output goes to
+# memory anyway, and a store that first reads the line in costs a third of the traffic
+STREAM_ELEMENTS = 4 << 20
 
 
 @helper
@@ -101,6 +113,42 @@ def apply_row(x_row, y_row, w_row, b_row, param_inner, hi, lo, rs):
                     y_seg[s] = ((x_seg[s] - hi) - lo) * rs * w + b
 
 
+@inline_helper
+def apply_row_streaming(x_row, y_row, w_row, b_row, param_inner, hi, lo, rs):
+    """:func:`apply_row` on float32 with the output written by non-temporal stores, one
+    64-byte line at a time, the same operations in the same order (the same bits). The
+    row's first elements, up to a line boundary, and its last, short of a line, are
+    stored as usual; so is a row whose parameters repeat within it (group norm), or an
+    output not aligned to its element size. A fence ends the row: its streamed lines are
+    in memory, in order with later stores, before the thread goes on."""
+    n = x_row.shape[0]
+    channels = w_row.shape[0]
+    address = y_row.ctypes.data
+    scalar = channels == 1 and param_inner == n
+    if address % 4 != 0 or not (scalar or (param_inner == 1 and channels == n)):
+        apply_row(x_row, y_row, w_row, b_row, param_inner, hi, lo, rs)
+        return
+    head = min(n, ((64 - address % 64) % 64) // 4)
+    body_end = head + (n - head) // STREAM_LANES * STREAM_LANES
+    if scalar:
+        w = w_row[0]
+        b = b_row[0]
+        for j in range(head):
+            y_row[j] = ((x_row[j] - hi) - lo) * rs * w + b
+        for j in range(head, body_end, STREAM_LANES):
+            stream_scaled_line(x_row, y_row, j, hi, lo, rs, w, b)
+        for j in range(body_end, n):
+            y_row[j] = ((x_row[j] - hi) - lo) * rs * w + b
+    else:
+        for j in range(head):
+            y_row[j] = ((x_row[j] - hi) - lo) * rs * w_row[j] + b_row[j]
+        for j in range(head, body_end, STREAM_LANES):
+            stream_affine_line(x_row, y_row, w_row, b_row, j, hi, lo, rs)
+        for j in range(body_end, n):
+            y_row[j] = ((x_row[j] - hi) - lo) * rs * w_row[j] + b_row[j]
+    store_fence()
+
+
 @kernel
 def row_forward32(x, x_layout, y, y_layout, n, weight, bias, param_row_stride, param_inner, rms, eps, stats_given,
                   mean, var, rstd):
@@ -119,6 +167,7 @@ def row_forward32(x, x_layout, y, y_layout, n, weight, bias, param_row_stride, p
     """
     rows = mean.shape[0]
     groups = weight.shape[0]
+    streaming = rows * n >= STREAM_ELEMENTS
     for r in prange(rows):
         x_row = row_at(x, x_layout, r, n)
         y_row = row_at(y, y_layout, r, n)
@@ -145,7 +194,11 @@ def row_forward32(x, x_layout, y, y_layout, n, weight, bias, param_row_stride, p
         g = 0 if groups == 1 else (r // param_row_stride) % groups  # (an integer division costs)
         if RSTD_LOW < rs < RSTD_HIGH:
             hi = np.float32(m)
-            apply_row(x_row, y_row, weight[g], bias[g], param_inner, hi, np.float32(m - hi), np.float32(rs))
+            if streaming:
+                apply_row_streaming(x_row, y_row, weight[g], bias[g], param_inner, hi, np.float32(m - hi),
+                                    np.float32(rs))
+            else:
+                apply_row(x_row, y_row, weight[g], bias[g], param_inner, hi, np.float32(m - hi), np.float32(rs))
         else:
             apply_row(x_row, y_row, weight[g], bias[g], param_inner, m, 0.0, rs)
 
