@@ -140,3 +140,67 @@ def test_streamed_rows_are_bit_identical_on_one_and_two_threads():
         with kernels.threads.at_most(count):
             results.append(normlab.normalize(x, "b [d]", weight=w, bias=w, params="d").tobytes())
     assert results[0] == results[1]
+
+
+def torch_gradients(x, w, grad_y, rms, eps):
+    """torch autograd in float64: (grad_x, grad_weight, grad_bias) of layer or RMS norm."""
+    n = x.shape[1]
+    xt, wt = (torch.from_numpy(a.astype(np.float64)).requires_grad_() for a in (x, w))
+    bt = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    y = F.rms_norm(xt, (n,), wt, eps=eps) if rms else F.layer_norm(xt, (n,), wt, bt, eps=eps)
+    y.backward(torch.from_numpy(grad_y.astype(np.float64)))
+    return xt.grad.numpy(), wt.grad.numpy(), None if rms else bt.grad.numpy()
+
+
+@pytest.mark.parametrize("n", [4096, 4099, 1000, 2**22 + 3])
+@pytest.mark.parametrize("rms", [False, True])
+def test_streamed_row_gradients_match_torch_autograd_in_float64(n, rms):
+    rows = -(-ELEMENTS // n)
+    rng = np.random.default_rng(n + rms)
+    x = (rng.standard_normal((rows, n)) * 2 + 3).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    g = rng.standard_normal((rows, n)).astype(np.float32)
+    x[-1] = np.float32(9.0)  # a constant row (rstd = 1/sqrt(eps))
+    gx, gw, gb = normlab.normalize_backward(g, x, "b [d]", weight=w, params="d", rms=rms, eps=1e-5)
+    ex, ew, eb = torch_gradients(x, w, g, rms, 1e-5)
+    assert gx.dtype == np.float32
+    np.testing.assert_allclose(gx, ex, rtol=0, atol=1e-3 * np.abs(ex).max())
+    np.testing.assert_allclose(gw, ew, rtol=1e-4, atol=1e-4 * np.abs(ew).max())
+    if not rms:
+        np.testing.assert_allclose(gb, eb, rtol=1e-4, atol=1e-4 * np.abs(eb).max())
+
+
+@pytest.mark.parametrize("offset", [0, 1, 5, 15])
+def test_streamed_row_gradients_at_every_offset_within_a_line_and_with_a_nan(offset):
+    """grad_x of the torch twin, whose rows start at every offset within a line (rows of
+    odd length), with a NaN in one row: confined to that row's x-gradient."""
+    from normlab.torch import LayerNorm
+
+    n = 4096 + offset
+    x = torch.randn(ELEMENTS // n + 1, n) * 3 + 1
+    x[2, 7] = float("nan")
+    twin, reference = LayerNorm(n), torch.nn.LayerNorm(n, dtype=torch.float64)
+    x1 = x.clone().requires_grad_()
+    x2 = x.double().requires_grad_()
+    g = torch.randn_like(x)
+    twin(x1).backward(g)
+    reference(x2).backward(g.double())
+    assert torch.isnan(x1.grad[2]).all()
+    keep = torch.arange(len(x)) != 2
+    torch.testing.assert_close(x1.grad[keep], x2.grad[keep].float(), atol=2e-3, rtol=0)
+
+
+def test_streamed_row_gradients_are_bit_identical_on_one_and_two_threads():
+    from normlab import kernels
+
+    n = 4096 + 3
+    rng = np.random.default_rng(8)
+    x = (7 + rng.standard_normal((ELEMENTS // n + 1, n))).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    results = []
+    for count in (1, 2):
+        with kernels.threads.at_most(count):
+            results.append(b"".join(a.tobytes() for a in normlab.normalize_backward(g, x, "b [d]", weight=w,
+                                                                                    params="d")))
+    assert results[0] == results[1]

@@ -225,6 +225,58 @@ def stream_scaled_line(typingctx, x, y, index, hi, lo, rs, weight, bias):
 
 
 @intrinsic
+def stream_folded_line(typingctx, x, y, hi, lo, scale, shift, index):
+    """``y[i:i+16] = ((x − hi) − lo)·scale + shift`` with every operand a float32 1-D array
+    read at ``i`` (batch norm's folded tables along a channels-last row), stored
+    non-temporally; ``y[i]`` must be 64-byte aligned."""
+    if not _float32_arrays(x, y, hi, lo, scale, shift):
+        return None
+    signature = numba_types.void(x, y, hi, lo, scale, shift, index)
+
+    def codegen(context, builder, sig, args):
+        x_a, y_a, hi_a, lo_a, scale_a, shift_a = (context.make_array(sig.args[k])(context, builder, args[k])
+                                                  for k in range(6))
+        i = args[6]
+        lanes = STREAM_LANES
+        x_v, hi_v, lo_v, scale_v, shift_v = (_float32_vector(builder, a, i, lanes)
+                                             for a in (x_a, hi_a, lo_a, scale_a, shift_a))
+        line = builder.fadd(builder.fmul(builder.fsub(builder.fsub(x_v, hi_v), lo_v), scale_v), shift_v)
+        _store_streaming(builder, line, y_a, i)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+@intrinsic
+def stream_gradient_line(typingctx, g, x, w, gx, acc_w, acc_b, index, hi, lo, rs, proj, mean_gw):
+    """One line of the float32 row backward with one weight per element, as the scalar
+    loop of ``rows_backward.row_backward32`` rounds it: ``x̂ = ((x − hi) − lo)·rs``,
+    ``gx = ((g·w − x̂·proj) − mean_gw)·rs`` stored non-temporally (``gx[i]`` 64-byte
+    aligned), and ``acc_w += g·x̂``, ``acc_b += g`` stored as usual."""
+    if not _float32_arrays(g, x, w, gx, acc_w, acc_b) or not _float32_scalars(hi, lo, rs, proj, mean_gw):
+        return None
+    signature = numba_types.void(g, x, w, gx, acc_w, acc_b, index, hi, lo, rs, proj, mean_gw)
+
+    def codegen(context, builder, sig, args):
+        g_a, x_a, w_a, gx_a, aw_a, ab_a = (context.make_array(sig.args[k])(context, builder, args[k]) for k in range(6))
+        i = args[6]
+        lanes = STREAM_LANES
+        hi_v, lo_v, rs_v, proj_v, mean_v = (_splat(builder, value, lanes) for value in args[7:12])
+        gy = _float32_vector(builder, g_a, i, lanes)
+        x_hat = builder.fmul(builder.fsub(builder.fsub(_float32_vector(builder, x_a, i, lanes), hi_v), lo_v), rs_v)
+        weighted = builder.fmul(gy, _float32_vector(builder, w_a, i, lanes))
+        gx = builder.fmul(builder.fsub(builder.fsub(weighted, builder.fmul(x_hat, proj_v)), mean_v), rs_v)
+        _store_streaming(builder, gx, gx_a, i)
+        vector = ir.VectorType(ir.FloatType(), lanes).as_pointer()
+        for accumulator, term in ((aw_a, builder.fmul(gy, x_hat)), (ab_a, gy)):
+            address = builder.bitcast(builder.gep(accumulator.data, [i]), vector)
+            builder.store(builder.fadd(builder.load(address, align=4), term), address, align=4)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+@intrinsic
 def store_fence(typingctx):
     """A full memory fence (``mfence`` on x86, ``dmb`` on ARM): the streamed lines, which
     ordinary stores do not order, are written before anything the thread does next."""

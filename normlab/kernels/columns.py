@@ -23,7 +23,8 @@ import numpy as np
 from numba import prange
 
 from normlab.kernels._jit import helper, kernel
-from normlab.kernels.rows import CANCELLATION, RSTD_HIGH, RSTD_LOW
+from normlab.kernels.rows import (CANCELLATION, RSTD_HIGH, RSTD_LOW, STREAM_ELEMENTS, folded_streaming, scaled_streaming,
+                                 streamed_folded, streamed_scale_shift)
 from normlab.kernels.sums import centered_square_sum, gradient_sums, reciprocal_std, shifted_moments, square_sum
 
 ROW_BLOCK = 4  # channels-last: rows that share one load and store of the per-channel accumulators
@@ -233,6 +234,8 @@ def channels_first_apply32(x, y, weight, bias, mean, rstd):
     outer = x.shape[0]
     channels = x.shape[1]
     inner = x.shape[2]
+    streaming = x.size >= STREAM_ELEMENTS  # non-temporal stores (see rows.scaled_streaming)
+    one = np.float32(1.0)
     for unit in prange(outer * channels):
         o = unit // channels
         c = unit % channels
@@ -245,6 +248,8 @@ def channels_first_apply32(x, y, weight, bias, mean, rstd):
             b = bias[c]
             for i in range(inner):
                 y_slab[i] = (x_slab[i] - m) * rs * w + b
+        elif streaming:
+            scaled_streaming(x_slab, y_slab, hi[c], lo[c], scale[c], one, shift[c])
         else:
             h = hi[c]
             low = lo[c]
@@ -289,6 +294,7 @@ def channels_last_apply32(x, y, weight, bias, mean, rstd, group_rows, block_chan
     channels = x.shape[1]
     groups = (rows + group_rows - 1) // group_rows
     blocks = (channels + block_channels - 1) // block_channels
+    streaming = x.size >= STREAM_ELEMENTS  # non-temporal stores (see rows.folded_streaming)
     for unit in prange(groups * blocks):
         g = unit // blocks
         c0 = (unit % blocks) * block_channels
@@ -303,8 +309,11 @@ def channels_last_apply32(x, y, weight, bias, mean, rstd, group_rows, block_chan
         for r in range(start, stop):
             x_row = x[r, c0:c1]
             y_row = y[r, c0:c1]
-            for c in range(width):
-                y_row[c] = ((x_row[c] - h[c]) - low[c]) * s[c] + b[c]
+            if streaming:
+                folded_streaming(x_row, y_row, h, low, s, b)
+            else:
+                for c in range(width):
+                    y_row[c] = ((x_row[c] - h[c]) - low[c]) * s[c] + b[c]
         for c in range(c0, c1):
             if unfit[c]:
                 for r in range(start, stop):
@@ -499,6 +508,7 @@ def channels_first_scale_shift(x, y, hi, lo, scale, shift):
     outer = x.shape[0]
     channels = x.shape[1]
     inner = x.shape[2]
+    streaming = x.size >= STREAM_ELEMENTS  # non-temporal stores for float32 (see rows.streamed_scale_shift)
     for unit in prange(outer * channels):
         o = unit // channels
         c = unit % channels
@@ -508,8 +518,11 @@ def channels_first_scale_shift(x, y, hi, lo, scale, shift):
         b = shift[c]
         x_slab = x[o, c]
         y_slab = y[o, c]
-        for i in range(inner):
-            y_slab[i] = ((x_slab[i] - h) - low) * s + b
+        if streaming:
+            streamed_scale_shift(x_slab, y_slab, h, low, s, b)
+        else:
+            for i in range(inner):
+                y_slab[i] = ((x_slab[i] - h) - low) * s + b
 
 
 @kernel
@@ -518,12 +531,16 @@ def channels_last_scale_shift(x, y, hi, lo, scale, shift, chunk_rows):
     rows = x.shape[0]
     channels = x.shape[1]
     chunks = (rows + chunk_rows - 1) // chunk_rows
+    streaming = x.size >= STREAM_ELEMENTS  # non-temporal stores for float32 (see rows.streamed_folded)
     for k in prange(chunks):
         for r in range(k * chunk_rows, min(rows, (k + 1) * chunk_rows)):
             x_row = x[r]
             y_row = y[r]
-            for c in range(channels):
-                y_row[c] = ((x_row[c] - hi[c]) - lo[c]) * scale[c] + shift[c]
+            if streaming:
+                streamed_folded(x_row, y_row, hi, lo, scale, shift)
+            else:
+                for c in range(channels):
+                    y_row[c] = ((x_row[c] - hi[c]) - lo[c]) * scale[c] + shift[c]
 
 
 @helper

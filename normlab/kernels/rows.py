@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import numpy as np
 from numba import prange
+from numba.core import types as numba_types
 from numba.extending import overload
 
 from normlab.kernels._jit import (NUMBA_OPTIONS, STREAM_LANES, helper, inline_helper, kernel, prefetch, store_fence,
-                                  stream_affine_line, stream_scaled_line)
+                                  stream_affine_line, stream_folded_line, stream_scaled_line)
 from normlab.kernels.sums import (centered_square_sum, gradient_sums, group_stats, reciprocal_std, shifted_moments,
                                   square_sum, weighted_gradient_sums)
 
@@ -114,39 +115,115 @@ def apply_row(x_row, y_row, w_row, b_row, param_inner, hi, lo, rs):
 
 
 @inline_helper
+def line_span(y_row, contiguous):
+    """Where the non-temporal lines of a float32 row start and end: (head, body_end) with
+    ``y_row[head]`` the first element on a 64-byte boundary and the body a whole number
+    of lines; (n, n), nothing streamed, where the row's arrays are not ``contiguous`` or
+    the output is not aligned to a float32 (the lines load and store contiguous memory)."""
+    n = y_row.shape[0]
+    address = y_row.ctypes.data
+    if not contiguous or address % 4 != 0 or y_row.strides[0] != 4:
+        return n, n
+    head = min(n, ((64 - address % 64) % 64) // 4)
+    return head, head + (n - head) // STREAM_LANES * STREAM_LANES
+
+
+@inline_helper
+def scaled_streaming(x_row, y_row, hi, lo, rs, w, b):
+    """``y = ((x − hi) − lo)·rs·w + b`` along a float32 row with float32 scalars, the output
+    written by non-temporal stores one 64-byte line at a time, the same operations in the
+    same order (the same bits); the row's first elements, up to a line boundary, and its
+    last, short of a line, are stored as usual. A fence ends the row: its streamed lines
+    are in memory, in order with later stores, before the thread goes on. (``w = 1``
+    gives ``((x − hi) − lo)·rs + b`` exactly: a product by 1 rounds nothing.)"""
+    n = x_row.shape[0]
+    head, body_end = line_span(y_row, x_row.strides[0] == 4)
+    for j in range(head):
+        y_row[j] = ((x_row[j] - hi) - lo) * rs * w + b
+    for j in range(head, body_end, STREAM_LANES):
+        stream_scaled_line(x_row, y_row, j, hi, lo, rs, w, b)
+    for j in range(body_end, n):
+        y_row[j] = ((x_row[j] - hi) - lo) * rs * w + b
+    if body_end > head:
+        store_fence()
+
+
+@inline_helper
 def apply_row_streaming(x_row, y_row, w_row, b_row, param_inner, hi, lo, rs):
-    """:func:`apply_row` on float32 with the output written by non-temporal stores, one
-    64-byte line at a time, the same operations in the same order (the same bits). The
-    row's first elements, up to a line boundary, and its last, short of a line, are
-    stored as usual; so is a row whose parameters repeat within it (group norm), or an
-    output not aligned to its element size. A fence ends the row: its streamed lines are
-    in memory, in order with later stores, before the thread goes on."""
+    """:func:`apply_row` on float32 with the output written by non-temporal stores, as
+    :func:`scaled_streaming` writes it; a row whose parameters repeat within it (group
+    norm) takes :func:`apply_row`."""
     n = x_row.shape[0]
     channels = w_row.shape[0]
-    address = y_row.ctypes.data
-    scalar = channels == 1 and param_inner == n
-    if address % 4 != 0 or not (scalar or (param_inner == 1 and channels == n)):
+    if channels == 1 and param_inner == n:
+        scaled_streaming(x_row, y_row, hi, lo, rs, w_row[0], b_row[0])
+        return
+    if param_inner != 1 or channels != n:
         apply_row(x_row, y_row, w_row, b_row, param_inner, hi, lo, rs)
         return
-    head = min(n, ((64 - address % 64) % 64) // 4)
-    body_end = head + (n - head) // STREAM_LANES * STREAM_LANES
-    if scalar:
-        w = w_row[0]
-        b = b_row[0]
-        for j in range(head):
-            y_row[j] = ((x_row[j] - hi) - lo) * rs * w + b
-        for j in range(head, body_end, STREAM_LANES):
-            stream_scaled_line(x_row, y_row, j, hi, lo, rs, w, b)
-        for j in range(body_end, n):
-            y_row[j] = ((x_row[j] - hi) - lo) * rs * w + b
-    else:
-        for j in range(head):
-            y_row[j] = ((x_row[j] - hi) - lo) * rs * w_row[j] + b_row[j]
-        for j in range(head, body_end, STREAM_LANES):
-            stream_affine_line(x_row, y_row, w_row, b_row, j, hi, lo, rs)
-        for j in range(body_end, n):
-            y_row[j] = ((x_row[j] - hi) - lo) * rs * w_row[j] + b_row[j]
-    store_fence()
+    head, body_end = line_span(y_row, x_row.strides[0] == 4 and w_row.strides[0] == 4 and b_row.strides[0] == 4)
+    for j in range(head):
+        y_row[j] = ((x_row[j] - hi) - lo) * rs * w_row[j] + b_row[j]
+    for j in range(head, body_end, STREAM_LANES):
+        stream_affine_line(x_row, y_row, w_row, b_row, j, hi, lo, rs)
+    for j in range(body_end, n):
+        y_row[j] = ((x_row[j] - hi) - lo) * rs * w_row[j] + b_row[j]
+    if body_end > head:
+        store_fence()
+
+
+@inline_helper
+def folded_streaming(x_row, y_row, hi, lo, scale, shift):
+    """``y = ((x − hi) − lo)·scale + shift`` along a float32 row with a float32 table
+    entry per element (batch norm's folded tables, channels-last), streamed as
+    :func:`scaled_streaming` streams."""
+    n = x_row.shape[0]
+    head, body_end = line_span(y_row, x_row.strides[0] == 4 and hi.strides[0] == 4 and lo.strides[0] == 4
+                               and scale.strides[0] == 4 and shift.strides[0] == 4)
+    for c in range(head):
+        y_row[c] = ((x_row[c] - hi[c]) - lo[c]) * scale[c] + shift[c]
+    for c in range(head, body_end, STREAM_LANES):
+        stream_folded_line(x_row, y_row, hi, lo, scale, shift, c)
+    for c in range(body_end, n):
+        y_row[c] = ((x_row[c] - hi[c]) - lo[c]) * scale[c] + shift[c]
+    if body_end > head:
+        store_fence()
+
+
+def streamed_scale_shift(x_row, y_row, hi, lo, scale, shift):
+    """``y = ((x − hi) − lo)·scale + shift`` along a row with scalar operands (batch norm's
+    folded tables, one channel's slab), by :func:`scaled_streaming` (times a weight of 1,
+    which rounds nothing) for float32, as a plain loop for other dtypes."""
+    for j in range(x_row.shape[0]):
+        y_row[j] = ((x_row[j] - hi) - lo) * scale + shift
+
+
+@overload(streamed_scale_shift, jit_options=NUMBA_OPTIONS)
+def _streamed_scale_shift_compiled(x_row, y_row, hi, lo, scale, shift):
+    if _all_float32(x_row.dtype, y_row.dtype, hi, lo, scale, shift):
+        def streamed(x_row, y_row, hi, lo, scale, shift):
+            scaled_streaming(x_row, y_row, hi, lo, scale, np.float32(1.0), shift)
+        return streamed
+    return streamed_scale_shift
+
+
+def streamed_folded(x_row, y_row, hi, lo, scale, shift):
+    """``y = ((x − hi) − lo)·scale + shift`` along a row with a table entry per element
+    (channels-last batch norm), by :func:`folded_streaming` for float32, as a plain loop
+    for other dtypes."""
+    for c in range(x_row.shape[0]):
+        y_row[c] = ((x_row[c] - hi[c]) - lo[c]) * scale[c] + shift[c]
+
+
+@overload(streamed_folded, jit_options=NUMBA_OPTIONS)
+def _streamed_folded_compiled(x_row, y_row, hi, lo, scale, shift):
+    if _all_float32(x_row.dtype, y_row.dtype, hi.dtype, lo.dtype, scale.dtype, shift.dtype):
+        return lambda x_row, y_row, hi, lo, scale, shift: folded_streaming(x_row, y_row, hi, lo, scale, shift)
+    return streamed_folded
+
+
+def _all_float32(*numba_types_) -> bool:
+    return all(t == numba_types.float32 for t in numba_types_)
 
 
 @kernel

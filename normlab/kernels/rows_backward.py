@@ -26,8 +26,9 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from normlab.kernels._jit import helper, inline_helper, kernel, prefetch, reduction
-from normlab.kernels.rows import RSTD_HIGH, RSTD_LOW, row_at
+from normlab.kernels._jit import (STREAM_LANES, helper, inline_helper, kernel, prefetch, reduction, store_fence,
+                                  stream_gradient_line)
+from normlab.kernels.rows import RSTD_HIGH, RSTD_LOW, STREAM_ELEMENTS, line_span, row_at
 from normlab.kernels.sums import group_stats
 
 BLOCK = 1024  # elements per float32 partial sum (64 SIMD accumulators × 16 adds), flushed to float64
@@ -152,6 +153,33 @@ def _row_gradient(g_row, x_row, gx_row, w_row, acc_w, acc_b, inner, hi, lo, rs, 
 
 
 @inline_helper
+def _gradient_row_streaming(g_row, x_row, gx_row, w_row, acc_w, acc_b, hi, lo, rs, proj, mean_gw):
+    """The hot loop of :func:`row_backward32` (one weight per element) with ``grad_x``
+    written by non-temporal stores, line by line, in the same operations (the same bits);
+    as ``rows.apply_row_streaming``, the head up to a line boundary and the short tail
+    are stored as usual, and so is a row whose arrays are not contiguous or whose
+    output is not aligned to a float32."""
+    n = x_row.shape[0]
+    head, body_end = line_span(gx_row, g_row.strides[0] == 4 and x_row.strides[0] == 4 and w_row.strides[0] == 4)
+    for c in range(head):
+        gy = g_row[c]
+        x_hat = ((x_row[c] - hi) - lo) * rs
+        gx_row[c] = ((gy * w_row[c] - x_hat * proj) - mean_gw) * rs
+        acc_w[c] += gy * x_hat
+        acc_b[c] += gy
+    for c in range(head, body_end, STREAM_LANES):
+        stream_gradient_line(g_row, x_row, w_row, gx_row, acc_w, acc_b, c, hi, lo, rs, proj, mean_gw)
+    for c in range(body_end, n):
+        gy = g_row[c]
+        x_hat = ((x_row[c] - hi) - lo) * rs
+        gx_row[c] = ((gy * w_row[c] - x_hat * proj) - mean_gw) * rs
+        acc_w[c] += gy * x_hat
+        acc_b[c] += gy
+    if body_end > head:
+        store_fence()
+
+
+@inline_helper
 def _flush(acc_w, acc_b, part_w, part_b):
     """Add float32 accumulators into float64 parts and zero them."""
     for c in range(acc_w.shape[0]):
@@ -203,6 +231,7 @@ def row_backward32(grad_y, grad_y_layout, x, x_layout, n, weight, param_row_stri
     channels = weight.shape[1]
     per_element = param_inner == 1 and channels == n  # one weight per element of the row
     prefetching = n >= PREFETCH_FROM  # shorter rows: the hardware prefetcher keeps up alone
+    streaming = rows * n >= STREAM_ELEMENTS  # grad_x far past the cache: non-temporal stores
     for k in prange(grad_weight_parts.shape[0]):
         acc_w = np.zeros(channels, np.float32)
         acc_b = np.zeros(channels, np.float32)
@@ -236,12 +265,15 @@ def row_backward32(grad_y, grad_y_layout, x, x_layout, n, weight, param_row_stri
                     sum_gw, sum_gwx = _blocked_weighted_sums(g_row, x_row, w_row, hi, lo, rs32, np.float32(0.0))
                 proj = np.float32(sum_gwx / n)
                 mean_gw = np.float32(0.0 if rms else sum_gw / n)
-                for c in range(n):
-                    gy = g_row[c]
-                    x_hat = ((x_row[c] - hi) - lo) * rs32
-                    gx_row[c] = ((gy * w_row[c] - x_hat * proj) - mean_gw) * rs32
-                    acc_w[c] += gy * x_hat
-                    acc_b[c] += gy
+                if streaming:
+                    _gradient_row_streaming(g_row, x_row, gx_row, w_row, acc_w, acc_b, hi, lo, rs32, proj, mean_gw)
+                else:
+                    for c in range(n):
+                        gy = g_row[c]
+                        x_hat = ((x_row[c] - hi) - lo) * rs32
+                        gx_row[c] = ((gy * w_row[c] - x_hat * proj) - mean_gw) * rs32
+                        acc_w[c] += gy * x_hat
+                        acc_b[c] += gy
                 pending += 1
             else:
                 pending += _other_row(g_row, x_row, gx_row, w_row, acc_w, acc_b, grad_weight_parts[k, g],
