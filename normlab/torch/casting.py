@@ -13,6 +13,20 @@ checkpoint's numbers bit for bit depend on it. The recipes, named as Liger-Kerne
   the weight's dtype when the weight is float16/bfloat16, then ``weight · x̂`` (T5LayerNorm);
 * ``"none"``: everything in the input's dtype.
 
+Gated norms (:class:`~normlab.torch.fused.GatedRMSNorm`) have one more:
+
+* ``"qwen3_next"``: as ``"llama"`` up to the weight, then the gate's product in float32 and
+  one cast to the input's dtype at the end (Qwen3-Next's, Qwen3.5's and OLMo-Hybrid's
+  ``RMSNormGated``).
+
+RMS norms without a weight, over the last axis whatever its size
+(:class:`~normlab.torch.recipe_norms.UnweightedRMSNorm`, :func:`unweighted_rms_norm_recipe`):
+
+* ``"llama"``: ``x̂`` in float32, cast to the input's dtype once (Llama 4's ``L2Norm``,
+  FalconMamba's and NanoChat's weight-less RMS norms);
+* ``"deepseek"``: ``rsqrt(mean(x²) + eps)`` in float32, cast to the input's dtype, and
+  multiplying the input there (DeepSeek-V4's ``UnweightedRMSNorm``).
+
 In float32 the recipes coincide with each other and with ``torch.nn.RMSNorm``; they differ
 only in where low precision rounds and in the output dtype when weight and input dtypes
 differ. "float32" above means at least float32: float64 input stays float64 (transformers'
@@ -31,7 +45,10 @@ through different operations, hence different float32 bits:
   (OLMo's parameter-less ``OlmoLayerNorm``);
 * ``"cohere"``: the mean, the variance ``mean((x - mean)²)`` and ``(x - mean) · rsqrt(var + eps)``
   written out, then ``weight.float() · x̂`` (``CohereLayerNorm``, whose weight may also span
-  leading axes: one weight per head for QK-norm, shape ``(heads, head_dim)``).
+  leading axes: one weight per head for QK-norm, shape ``(heads, head_dim)``);
+* ``"deberta"``: as ``"cohere"`` but dividing by ``sqrt(var + eps)``, and casting ``x̂`` to the
+  input's dtype *before* ``weight · x̂ + bias`` (DeBERTa's ``DebertaLayerNorm``; a float32
+  weight on bfloat16 input then gives float32, as there).
 
 >>> x = torch.tensor([[3., 4.]], dtype=torch.bfloat16)
 >>> rms_norm_recipe(x, torch.zeros(2), 1e-6, "gemma", weight_offset=1.0).tolist()
@@ -47,7 +64,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 CASTINGS = ("llama", "gemma", "t5", "none")
-LAYER_NORM_CASTINGS = ("olmo", "cohere")
+LAYER_NORM_CASTINGS = ("olmo", "cohere", "deberta")
+UNWEIGHTED_CASTINGS = ("llama", "deepseek")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -81,7 +99,7 @@ def recipe_dtypes(dtype: torch.dtype, casting: str) -> tuple[torch.dtype, torch.
     if casting == "none":
         return dtype, dtype
     compute = compute_dtype(dtype)
-    return compute, dtype if casting == "llama" else compute
+    return compute, dtype if casting == "llama" else compute  # (qwen3_next: the gate's product in float32)
 
 
 def rms_normalize(h: Tensor, dims, eps: float) -> Tensor:
@@ -109,7 +127,7 @@ def weigh(normalized: Tensor, weight: Optional[Tensor], casting: str, dtype: tor
         if weight.dtype in _HALF:
             normalized = normalized.to(weight.dtype)
         return _scale(weight, weight_offset) * normalized
-    normalized = normalized.to(dtype)  # llama, and none (which the kernels approximate in float32)
+    normalized = normalized.to(dtype)  # llama, qwen3_next, and none (which the kernels approximate in float32)
     scale = _scale(weight, weight_offset)
     return normalized if scale is None else scale * normalized
 
@@ -160,16 +178,48 @@ def layer_norm_recipe(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     if casting not in LAYER_NORM_CASTINGS:
         raise ValueError(f"unknown layer norm casting {casting!r}; use one of {', '.join(LAYER_NORM_CASTINGS)}")
     compute = compute_dtype(x.dtype)
-    weight = None if weight is None else weight.to(compute)
-    bias = None if bias is None else bias.to(compute)
     h = x.to(compute)
+    if casting != "deberta":  # (DeBERTa's parameters multiply in their own dtype)
+        weight = None if weight is None else weight.to(compute)
+        bias = None if bias is None else bias.to(compute)
     if casting == "olmo":
         return F.layer_norm(h, h.shape[-1:], weight, bias, eps).to(x.dtype)
     mean = h.mean(-1, keepdim=True)
     variance = (h - mean).pow(2).mean(-1, keepdim=True)
+    if casting == "deberta":
+        return apply_deberta_scale(x, (h - mean) / torch.sqrt(variance + eps), weight, bias)
     h = (h - mean) * torch.rsqrt(variance + eps)
     if weight is not None:
         h = weight * h
     if bias is not None:
         h = h + bias
     return h.to(x.dtype)
+
+
+def apply_deberta_scale(x: Tensor, normalized: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """DeBERTa's steps after its statistics: ``x̂`` cast to ``x``'s dtype, then
+    ``weight · x̂ + bias`` in the dtype they promote to.
+
+    >>> apply_deberta_scale(torch.ones(2, dtype=torch.bfloat16), torch.ones(2), torch.ones(2), None).dtype
+    torch.float32
+    """
+    h = normalized.to(x.dtype)
+    if weight is not None:
+        h = weight * h
+    return h if bias is None else h + bias
+
+
+def unweighted_rms_norm_recipe(x: Tensor, eps: float, casting: str) -> Tensor:
+    """RMS norm over the last axis of ``x``, without a weight, with ``casting``'s roundings
+    (one of :data:`UNWEIGHTED_CASTINGS`), in the model family's own torch operations.
+
+    >>> x = torch.tensor([[3., 4.]], dtype=torch.bfloat16)
+    >>> unweighted_rms_norm_recipe(x, 0.0, "llama").tolist(), unweighted_rms_norm_recipe(x, 0.0, "deepseek").tolist()
+    ([[0.84765625, 1.1328125]], [[0.8515625, 1.1328125]])
+    """
+    if casting not in UNWEIGHTED_CASTINGS:
+        raise ValueError(f"unknown casting {casting!r} of an RMS norm without a weight; use one of "
+                         f"{', '.join(UNWEIGHTED_CASTINGS)}")
+    if casting == "deepseek":
+        return x * torch.rsqrt(x.to(compute_dtype(x.dtype)).pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
+    return rms_normalize(x.to(compute_dtype(x.dtype)), -1, eps).to(x.dtype)

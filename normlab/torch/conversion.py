@@ -12,30 +12,40 @@ A layer is converted when normlab can compute what it computes:
   ``eps`` or ``variance_epsilon`` whose forward reproduces one casting recipe
   (:mod:`normlab.torch.casting`) bit for bit on probe inputs in float32 and bfloat16
   becomes :class:`RMSNorm` with that recipe;
-* layer norms that compute in float32 and cast back (transformers' ``CohereLayerNorm``,
-  also with its per-head QK-norm weight of shape ``(heads, head_dim)``, and the
-  parameter-less ``OlmoLayerNorm``): a module with no parameters but a ``weight``
+* layer norms that compute in float32 (transformers' ``CohereLayerNorm``, also with its
+  per-head QK-norm weight of shape ``(heads, head_dim)``, the parameter-less
+  ``OlmoLayerNorm``, and ``DebertaLayerNorm``): a module with no parameters but a ``weight``
   and ``bias`` of one shape (or none and a one-axis ``normalized_shape``), with no buffers
   or children, whose forward reproduces one layer norm recipe bit for bit on probe inputs
   in float32 and bfloat16 (with its ``eps``, or the one its outputs show when it has no
   such attribute) becomes :class:`~normlab.torch.recipe_norms.RecipeLayerNorm`;
-* gated RMS norms (transformers' ``MambaRMSNormGated``, ``FalconH1RMSNormGated``): a module
-  like those above whose forward takes a gate, ``forward(x, gate)``, and reproduces
-  :class:`~normlab.torch.fused.GatedRMSNorm` with one casting recipe bit for bit, per group
-  of its ``group_size`` (or ``n_groups``), becomes that module; one taking a second
-  argument that no recipe reproduces is left alone, never an :class:`RMSNorm` whose
-  second argument is a mask;
+* RMS norms without a weight over the last axis, whatever its size (transformers'
+  ``Llama4TextL2Norm``, ``DeepseekV4UnweightedRMSNorm``, ``FalconMambaWeightlessRMSNorm``):
+  a module with no parameters, no buffers but ones outside its ``state_dict``, and an
+  ``eps`` or ``variance_epsilon``, whose forward reproduces one recipe bit for bit in
+  float32 and bfloat16 on two sizes, becomes
+  :class:`~normlab.torch.recipe_norms.UnweightedRMSNorm`;
+* layer norms over the channels of ``(N, C, H, W)`` input that are no ``nn.LayerNorm``
+  (transformers' ``VitDetLayerNorm``): a ``weight``, ``bias`` and ``normalized_shape`` of
+  ``(C,)`` and a forward that gives torch's numbers on float64 probes become
+  :class:`LayerNorm2d`;
+* gated RMS norms (transformers' ``MambaRMSNormGated``, ``FalconH1RMSNormGated``,
+  ``Qwen3NextRMSNormGated``, ``BailingHybridRMSNormGated``): a module like those above
+  whose forward takes a gate, ``forward(x, gate)``, and reproduces
+  :class:`~normlab.torch.fused.GatedRMSNorm` with one casting recipe and gate activation
+  bit for bit, per group of its ``group_size`` (or ``n_groups``), becomes that module; one
+  taking a second argument that no recipe reproduces is left alone, never an
+  :class:`RMSNorm` whose second argument is a mask;
 * ``LazyBatchNorm*`` and ``LazyInstanceNorm*``: once their first forward has inferred the
   channels, torch turns them into the normlab twin instead of torch.nn's class.
 
 Probes run on copies with random float64 parameters, through ``type(m).forward`` (no hooks),
-and leave the module, its state and the global random generator untouched.
+and leave the module, its state and the global random generator untouched; the probes for
+recipes (bit for bit in float32 and bfloat16) live in :mod:`normlab.torch.recipe_probes`.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import re
 import warnings
@@ -48,9 +58,10 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
-from normlab.torch.casting import CASTINGS, LAYER_NORM_CASTINGS, layer_norm_recipe, rms_norm_recipe
 from normlab.torch.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d,
                                    InstanceNorm2d, InstanceNorm3d, LayerNorm, LayerNorm2d, RMSNorm)
+from normlab.torch.recipe_probes import (_gated_recipe, _layer_norm_recipe, _on_cpu, _probe_copy, _rms_recipe,
+                                         _takes_a_second_input, _unweighted_rms_recipe)
 from normlab.torch.sync import SyncBatchNorm
 
 _TWINS = {
@@ -94,9 +105,11 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
     Converted: torch.nn's norm classes and their subclasses that compute what torch.nn
     does; ConvNeXt's ``LayerNorm2d`` (torchvision, timm) as :class:`LayerNorm2d`;
     transformers' RMS norms (LLaMA, Mistral, Qwen, Gemma, T5, ...) as :class:`RMSNorm` with
-    their casting recipe; the layer norms Cohere and OLMo compute in float32 as
-    :class:`~normlab.torch.recipe_norms.RecipeLayerNorm`; their gated RMS norms (Mamba2, FalconH1) as
-    :class:`~normlab.torch.fused.GatedRMSNorm`; uninitialized lazy norms at their first forward (which itself
+    their casting recipe; their RMS norms without a weight (Llama 4, DeepSeek-V4, FalconMamba)
+    as :class:`~normlab.torch.recipe_norms.UnweightedRMSNorm`; the layer norms Cohere, OLMo and
+    DeBERTa compute in float32 as :class:`~normlab.torch.recipe_norms.RecipeLayerNorm`; VitDet's
+    channels-first layer norm as :class:`LayerNorm2d`; their gated RMS norms (Mamba2, FalconH1,
+    Qwen3-Next, Bailing-Hybrid) as :class:`~normlab.torch.fused.GatedRMSNorm`; uninitialized lazy norms at their first forward (which itself
     runs torch's). A subclass of a torch.nn norm whose forward computes something else,
     and any module named ``...Norm...`` that normlab does not recognize, is left alone, and
     one warning lists them. A converted subclass becomes the plain twin, as
@@ -177,6 +190,13 @@ def _replacement(module: nn.Module, name: str, left_alone: dict) -> Optional[nn.
                 from normlab.torch.recipe_norms import RecipeLayerNorm
 
                 return twin_of(module, RecipeLayerNorm, **recipe)
+            recipe = _unweighted_rms_recipe(module)
+            if recipe is not None:
+                from normlab.torch.recipe_norms import UnweightedRMSNorm
+
+                return twin_of(module, UnweightedRMSNorm, **recipe)
+            if _is_channels_first_layer_norm(module):
+                return twin_of(module, LayerNorm2d, elementwise_affine=True)
         if not (re.search(r"Norm(?!al)", cls.__name__) and not list(module.children())):
             return None
     left_alone.setdefault(cls.__name__, []).append(name)
@@ -208,30 +228,24 @@ def _probe_shapes(module: nn.Module, base: type) -> list[tuple[int, ...]]:
             nn.InstanceNorm2d: [(2, channels, 3, 3)], nn.InstanceNorm3d: [(2, channels, 2, 2, 2)]}.get(base, [])
 
 
+def _is_channels_first_layer_norm(module: nn.Module) -> bool:
+    """A layer norm over the channels of ``(N, C, H, W)`` input that is no ``nn.LayerNorm``
+    (transformers' ``VitDetLayerNorm``): a ``weight`` and ``bias`` of shape ``(C,)``, a
+    ``normalized_shape`` of ``(C,)`` and an ``eps``, no buffers or children, and a forward
+    that gives torch's channels-first layer norm on float64 probes (to float tolerance:
+    its own operation sequence may round otherwise)."""
+    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+    shape, eps = getattr(module, "normalized_shape", None), getattr(module, "eps", None)
+    if (set(module._parameters) != {"weight", "bias"} or weight is None or bias is None or weight.dim() != 1
+            or bias.shape != weight.shape or not isinstance(shape, tuple) or shape != tuple(weight.shape)
+            or module._buffers or list(module.children()) or not isinstance(eps, float)):
+        return False
+    return _computes_like(module, _channels_first_layer_norm, [(2, shape[0], 3, 2)])
+
+
 def _channels_first_layer_norm(module: nn.Module, x: Tensor) -> Tensor:
     return F.layer_norm(x.permute(0, 2, 3, 1), module.normalized_shape, module.weight, module.bias,
                         module.eps).permute(0, 3, 1, 2)
-
-
-def _probe_copy(module: nn.Module, tensors: dict) -> nn.Module:
-    """A shallow copy of ``module`` holding clones of ``tensors`` as its parameters and buffers."""
-    copy = type(module).__new__(type(module))
-    copy.__dict__.update(module.__dict__)
-    copy._parameters = {k: None if v is None else v.clone() for k, v in tensors["parameters"].items()}
-    copy._buffers = {k: None if v is None else v.clone() for k, v in tensors["buffers"].items()}
-    return copy
-
-
-def _on_cpu(probe: Callable) -> Callable:
-    """Run a probe on CPU tensors whatever the default device: a model built and converted
-    inside ``with torch.device("meta")`` has meta parameters, on which no probe computes."""
-
-    @functools.wraps(probe)
-    def on_cpu(*args, **kwargs):
-        with torch.device("cpu"):
-            return probe(*args, **kwargs)
-
-    return on_cpu
 
 
 @_on_cpu
@@ -273,206 +287,3 @@ def _computes_like(module: nn.Module, reference: Callable, shapes: list) -> bool
 def _same(actual, expected, **tolerance) -> bool:
     return (isinstance(actual, Tensor) and isinstance(expected, Tensor) and actual.shape == expected.shape
             and actual.dtype == expected.dtype and torch.allclose(actual, expected, equal_nan=True, **tolerance))
-
-
-def _weight_and_eps(module: nn.Module) -> tuple[Optional[Tensor], Optional[float]]:
-    """``(weight, eps)`` of a module whose one parameter is a 1-D ``weight``, with no
-    buffers or children and a numeric ``variance_epsilon`` or ``eps`` (as transformers'
-    RMS norms have); ``(None, None)`` otherwise."""
-    weight = module._parameters.get("weight")
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if (set(module._parameters) != {"weight"} or weight is None or weight.dim() != 1 or len(module._buffers)
-            or list(module.children()) or not isinstance(eps, (int, float)) or isinstance(eps, bool)):
-        return None, None
-    return weight, eps
-
-
-# (input dtype, weight dtype) pairs a recipe must reproduce bit for bit
-_PROBE_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-                 (torch.float32, torch.bfloat16)]
-
-
-def _probe_outputs(module: nn.Module, parameters: dict, *inputs: Tensor) -> Optional[list]:
-    """``type(module).forward`` on a copy holding ``parameters``, for each pair of
-    :data:`_PROBE_DTYPES` (inputs cast to the first, the parameters to the second); None
-    where a forward raises."""
-    outputs = []
-    for x_dtype, w_dtype in _PROBE_DTYPES:
-        probe = _probe_copy(module, {"parameters": {k: None if p is None else p.to(w_dtype)
-                                                    for k, p in parameters.items()}, "buffers": {}})
-        try:
-            with torch.no_grad():
-                outputs.append(type(module).forward(probe, *(t.to(x_dtype) for t in inputs)))
-        except Exception:
-            return None
-    return outputs
-
-
-@_on_cpu
-def _rms_recipe(module: nn.Module) -> Optional[dict]:
-    """``{"normalized_shape", "eps", "casting", "weight_offset", ...}`` when ``module`` is an
-    RMS norm with one 1-D weight whose forward matches a casting recipe bit for bit in
-    float32, bfloat16 and mixed weight/input dtypes; None otherwise."""
-    weight, eps = _weight_and_eps(module)
-    if weight is None:
-        return None
-    generator = torch.Generator().manual_seed(0)
-    size = weight.shape[0]
-    probe_weight = torch.randn(size, generator=generator) * 0.5
-    x = torch.randn(4, size, generator=generator)
-    x = x * torch.tensor([[1.0], [math.sqrt(eps) + 1e-3], [10.0], [1.0]]) + torch.tensor([[0.0], [0.0], [0.0], [3.0]])
-    outputs = _probe_outputs(module, {"weight": probe_weight}, x)
-    if outputs is None:
-        return None
-    for casting in CASTINGS:
-        for offset in (0.0, 1.0):
-            with torch.no_grad():
-                expected = [rms_norm_recipe(x.to(x_dtype), probe_weight.to(w_dtype), eps, casting, offset)
-                            for x_dtype, w_dtype in _PROBE_DTYPES]
-            if all(isinstance(a, Tensor) and a.dtype == e.dtype and a.shape == e.shape and torch.equal(a, e)
-                   for a, e in zip(outputs, expected)):
-                return {"normalized_shape": (size,), "eps": float(eps), "elementwise_affine": True,
-                        "casting": casting, "weight_offset": offset}
-    return None
-
-
-def _takes_a_second_input(module: nn.Module) -> bool:
-    """Whether ``type(module).forward`` takes a second positional input (a gate): such a
-    module is never an :class:`RMSNorm`, whose second argument is a mask."""
-    try:
-        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
-    except (TypeError, ValueError):
-        return True
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                  inspect.Parameter.VAR_POSITIONAL)
-    return sum(p.kind in positional for p in parameters) > 1
-
-
-def _group_sizes(module: nn.Module, size: int) -> list[int]:
-    """The group sizes a gated norm names: its ``group_size``, or ``size // n_groups``, or one group."""
-    group_size, n_groups = getattr(module, "group_size", None), getattr(module, "n_groups", None)
-    candidates = [group_size, size // n_groups if isinstance(n_groups, int) and n_groups > 0 else None, size]
-    return [c for c in dict.fromkeys(candidates)
-            if isinstance(c, int) and not isinstance(c, bool) and 0 < c <= size and size % c == 0]
-
-
-@_on_cpu
-def _gated_recipe(module: nn.Module) -> Optional[dict]:
-    """The :class:`~normlab.torch.fused.GatedRMSNorm` attributes (group size, gate position,
-    casting) whose torch composite gives ``type(module).forward(x, gate)`` bit for bit in
-    float32, bfloat16 and mixed weight/input dtypes; None when none does."""
-    from normlab.torch.fused import Block, _composite
-
-    weight, eps = _weight_and_eps(module)
-    if weight is None:
-        return None
-    generator = torch.Generator().manual_seed(0)
-    size = weight.shape[0]
-    probe_weight = torch.randn(size, generator=generator) * 0.5 + 1.0
-    x = torch.randn(2, 3, size, generator=generator) * 2.0
-    gate = torch.randn(2, 3, size, generator=generator) * 2.0
-    outputs = _probe_outputs(module, {"weight": probe_weight}, x, gate)
-    if outputs is None:
-        return None
-    before = getattr(module, "norm_before_gate", None)
-    for group_size in _group_sizes(module, size):
-        for norm_before_gate in (before,) if isinstance(before, bool) else (False, True):
-            for casting in ("llama", "gemma"):
-                block = Block("... (g [c])", "(g c)", sizes=(("c", group_size),), eps=float(eps), rms=True,
-                              norm_before_gate=norm_before_gate, casting=casting)
-                with torch.no_grad():
-                    expected = [_composite(x.to(x_dtype), None, gate.to(x_dtype), probe_weight.to(w_dtype), None,
-                                           None, None, block) for x_dtype, w_dtype in _PROBE_DTYPES]
-                if all(isinstance(a, Tensor) and a.dtype == e.dtype and a.shape == e.shape and torch.equal(a, e)
-                       for a, e in zip(outputs, expected)):
-                    return {"hidden_size": size, "eps": float(eps), "group_size": group_size,
-                            "norm_before_gate": norm_before_gate, "gate_activation": "silu", "casting": casting}
-    return None
-
-
-def _layer_norm_shape(module: nn.Module) -> Optional[tuple[int, ...]]:
-    """The shape of the parameters of a module that may be a layer norm over the last axis:
-    no parameters but a ``weight`` and ``bias`` of one shape ``(..., d)``, or none at all
-    and a one-axis ``normalized_shape``; no buffers or children. None otherwise."""
-    parameters = module._parameters
-    if not set(parameters) <= {"weight", "bias"} or len(module._buffers) or list(module.children()):
-        return None
-    shapes = {tuple(p.shape) for p in parameters.values() if p is not None}
-    if len(shapes) == 1:
-        shape = shapes.pop()
-        return shape if shape and all(shape) else None
-    normalized_shape = getattr(module, "normalized_shape", None)
-    if shapes or not isinstance(normalized_shape, (tuple, list)) or len(normalized_shape) != 1:
-        return None
-    size = normalized_shape[0]
-    return (size,) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
-
-
-def _eps_candidates(module: nn.Module, shape: tuple, parameters: dict) -> list[float]:
-    """The module's ``eps`` or ``variance_epsilon``; without one (OLMo writes it into its
-    forward), zero, then the one its outputs show, rounded to more and more digits. On a
-    row of ±a (mean 0, variance a²·v) a layer norm gives a / sqrt(a²·v + eps); a second
-    try with a²·v near the first estimate makes eps count as much as the data."""
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if isinstance(eps, (int, float)) and not isinstance(eps, bool):
-        return [float(eps)]
-    if eps is not None:
-        return []
-    probe = _probe_copy(module, {"parameters": {k: None if p is None else torch.ones(shape) if k == "weight"
-                                                else torch.zeros(shape) for k, p in parameters.items()},
-                                 "buffers": {}})
-    signs = torch.tensor([(-1.0) ** i for i in range(shape[-1] // 2 * 2)] + [0.0] * (shape[-1] % 2))
-    v = float(signs.pow(2).mean())
-    estimate, a = None, 1e-3
-    for _ in range(2):
-        try:
-            with torch.no_grad():
-                y = float(type(module).forward(probe, (a * signs).expand(shape).to(torch.float32)).flatten()[0])
-        except Exception:
-            return []
-        if not math.isfinite(y) or y <= 0:
-            return []
-        estimate = (a / y) ** 2 - a * a * v
-        if estimate <= 0:
-            break
-        a = math.sqrt(estimate / v)
-    rounded = [float(f"{estimate:.{digits}g}") for digits in range(1, 7)] if estimate and estimate > 0 else []
-    return list(dict.fromkeys([0.0] + rounded))  # (zero first: an estimate of 6e-20 is rounding)
-
-
-@_on_cpu
-def _layer_norm_recipe(module: nn.Module) -> Optional[dict]:
-    """The :class:`~normlab.torch.recipe_norms.RecipeLayerNorm` attributes (shape, eps,
-    casting) of a layer norm over the last axis whose forward matches one of
-    :data:`~normlab.torch.casting.LAYER_NORM_CASTINGS` bit for bit in float32, bfloat16
-    and mixed weight/input dtypes; None otherwise."""
-    shape = _layer_norm_shape(module)
-    if shape is None:
-        return None
-    generator = torch.Generator().manual_seed(0)
-    parameters = {name: None if p is None else torch.randn(shape, generator=generator) * 0.5 + (name == "weight")
-                  for name, p in module._parameters.items()}
-    candidates = _eps_candidates(module, shape, parameters)
-    if not candidates:
-        return None
-    rows = (4,) + (1,) * len(shape)
-    x = torch.randn((4, *shape), generator=generator)  # a row scaled where eps counts as much as the data
-    x = x * torch.tensor([1.0, math.sqrt(max(candidates)) + 1e-3, 10.0, 1.0]).reshape(rows) + torch.tensor(
-        [0.0, 0.0, 0.0, 3.0]).reshape(rows)
-    outputs = _probe_outputs(module, parameters, x)
-    if outputs is None:
-        return None
-    weight, bias = parameters.get("weight"), parameters.get("bias")
-    for eps in candidates:
-        for casting in LAYER_NORM_CASTINGS:
-            if casting == "olmo" and len(shape) > 1:
-                continue  # F.layer_norm takes the normalized axes' parameters only
-            with torch.no_grad():
-                expected = [layer_norm_recipe(x.to(x_dtype), None if weight is None else weight.to(w_dtype),
-                                              None if bias is None else bias.to(w_dtype), eps, casting)
-                            for x_dtype, w_dtype in _PROBE_DTYPES]
-            if all(isinstance(a, Tensor) and a.dtype == e.dtype and a.shape == e.shape and torch.equal(a, e)
-                   for a, e in zip(outputs, expected)):
-                return {"hidden_size": shape, "eps": eps, "casting": casting, "elementwise_affine": weight is not None}
-    return None
-

@@ -11,7 +11,9 @@ the pieces of :mod:`normlab.torch.casting` (the one implementation of the recipe
   followed by a modulation, as diffusers' AdaLN-Zero);
 * ``"gemma"``: everything in float32, cast once at the end (GemmaRMSNorm, mamba_ssm's
   gated norm); Gemma's ``1 + weight`` is ``weight_offset=1.0``, a separate option;
-* ``"none"``: everything in the input dtype.
+* ``"none"``: everything in the input dtype;
+* ``"qwen3_next"``: as ``"llama"`` up to the weight, everything after it (the gate above
+  all) in float32, cast once at the end (Qwen3-Next's gated norm).
 
 (``"t5"`` is an RMSNorm recipe only.) On the kernel path the recipes coincide: the math
 runs in float64 and rounds once.
@@ -34,7 +36,8 @@ from normlab.torch.paths import _needs_torch_ops
 
 __all__ = ["CASTINGS", "fused_normalize", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm"]
 
-CASTINGS = tuple(c for c in recipes.CASTINGS if c != "t5")  # the recipes a fused block takes
+CASTINGS = (*(c for c in recipes.CASTINGS if c != "t5"), "qwen3_next")  # the recipes a fused block takes
+_CAST_AT_THE_END = ("gemma", "qwen3_next")  # the recipes whose steps after the weight run in float32
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
@@ -216,7 +219,7 @@ def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
     # the modulation as the code it replaces applies it (diffusers' norm(x)·(1 + scale) + shift):
     # in the recipe's working dtype for gemma, by torch's promotion otherwise (a float32 scale
     # on bfloat16 input gives float32)
-    in_work = block.casting == "gemma"
+    in_work = block.casting in _CAST_AT_THE_END
     if scale is not None:
         scale = layout.modulation(scale)
         y = y * (1 + (scale.to(work) if in_work else scale))
@@ -227,9 +230,9 @@ def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
         y = y + layout.param(bias).to(work)
     if gate is not None and block.norm_before_gate:
         y = y * layout.of(phi).to(work)
-    # gemma rounds once at the end; llama and none keep the dtype the weight's product promotes
+    # gemma and qwen3_next round once at the end; llama and none keep the dtype the weight's product promotes
     # to (a float32 weight on bfloat16 input gives float32, as LlamaRMSNorm's weight * x̂ does)
-    y = y.reshape(x.shape).to(dtype) if block.casting == "gemma" else y.reshape(x.shape)
+    y = y.reshape(x.shape).to(dtype) if block.casting in _CAST_AT_THE_END else y.reshape(x.shape)
     return (y, total) if residual is not None else y
 
 

@@ -1,5 +1,7 @@
-"""Layer norms with a model family's casting recipe: the twins of transformers' layer norms
-that compute in float32 and cast back (Cohere's, with its per-head QK-norm weight, and OLMo's).
+"""Norms with a model family's casting recipe: the twins of transformers' layer norms that
+compute in float32 (Cohere's, with its per-head QK-norm weight, OLMo's and DeBERTa's), and
+of its RMS norms without a weight, over the last axis whatever its size (Llama 4's
+``L2Norm``, DeepSeek-V4's ``UnweightedRMSNorm``, FalconMamba's, NanoChat's, ...).
 
 The recipes themselves (which torch operations, where the casts are) live in
 :mod:`normlab.torch.casting`, beside the RMS norm recipes.
@@ -12,19 +14,21 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from normlab.torch.casting import LAYER_NORM_CASTINGS, compute_dtype, layer_norm_recipe
+from normlab.torch.casting import (LAYER_NORM_CASTINGS, UNWEIGHTED_CASTINGS, apply_deberta_scale, compute_dtype,
+                                   layer_norm_recipe, unweighted_rms_norm_recipe)
 from normlab.torch.compute import _normalize
 from normlab.torch.modules import _fx_call_module
 from normlab.torch.paths import _choose_path, _PathSwitch
 from normlab.torch.spec import Spec
 
-__all__ = ["RecipeLayerNorm"]
+__all__ = ["RecipeLayerNorm", "UnweightedRMSNorm"]
 
 
 class RecipeLayerNorm(nn.Module):
     """Layer norm over the last axis, computed in float32 and cast back to the input's dtype
-    as a model family writes it: ``casting="cohere"`` (``CohereLayerNorm``) or ``"olmo"``
-    (``OlmoLayerNorm``), see :mod:`normlab.torch.casting`. ``hidden_size`` is the shape of
+    as a model family writes it: ``casting="cohere"`` (``CohereLayerNorm``), ``"olmo"``
+    (``OlmoLayerNorm``) or ``"deberta"`` (``DebertaLayerNorm``, which casts before its
+    weight and bias), see :mod:`normlab.torch.casting`. ``hidden_size`` is the shape of
     the weight, as ``CohereLayerNorm`` takes it: an int, or ``(heads, head_dim)`` for a
     weight per head (QK-norm: each head's ``head_dim`` values are normalized, pattern
     ``"... h [d]"``, and scaled by that head's weight, params ``"h d"``). ``bias=False`` and
@@ -63,6 +67,8 @@ class RecipeLayerNorm(nn.Module):
         affine = self._parameters["weight"] is not None or self._parameters["bias"] is not None
         self._spec = Spec.build(" ".join(["...", *names[:-1], "[d]"]), " ".join(names) if affine else None, False,
                                 **dict(zip(names, self.hidden_size)))
+        self._normalize_only = Spec.build(" ".join(["...", *names[:-1], "[d]"]), None, False,
+                                          **dict(zip(names, self.hidden_size)))
 
     def reset_parameters(self) -> None:
         if self.weight is not None:
@@ -84,7 +90,52 @@ class RecipeLayerNorm(nn.Module):
                                f"{', '.join(map(str, shape))}], but got input of size {list(x.shape)}")
         if _choose_path(x, has_native=True) == "kernel" and _PathSwitch.path == "kernel":
             h = x.to(compute_dtype(x.dtype))
+            if self.casting == "deberta":  # the parameters after the cast, in their own dtype
+                normalized = _normalize(h, None, None, self._normalize_only, float(self.eps), "kernel")[0]
+                return apply_deberta_scale(x, normalized, self.weight, self.bias)
             weight, bias = (None if p is None else p.to(h.dtype) for p in (self.weight, self.bias))
             return _normalize(h, weight, bias, self._spec, float(self.eps), "kernel")[0].to(x.dtype)
         return layer_norm_recipe(x, self.weight, self.bias, self.eps, self.casting)
+
+
+class UnweightedRMSNorm(nn.Module):
+    """RMS norm without parameters over the last axis of any size,
+    ``y = x / sqrt(mean(x²) + eps)``, with a model family's casting recipe:
+    ``casting="llama"`` (normalized in float32, cast back once: Llama 4's ``L2Norm``,
+    FalconMamba's and NanoChat's weight-less RMS norms) or ``"deepseek"`` (the reciprocal
+    root cast back and multiplying the input in its own dtype: DeepSeek-V4's
+    ``UnweightedRMSNorm``), see :mod:`normlab.torch.casting`. Float64 input stays float64.
+
+    It runs the family's own torch operations, so its outputs and gradients are the
+    family's to the bit; under ``use_path("kernel")`` it runs on the kernels instead
+    (statistics in float64, within one rounding of the family's numbers).
+
+    >>> norm = UnweightedRMSNorm(eps=0.0)
+    >>> [round(v, 4) for v in norm(torch.tensor([[3., 4.]]))[0].tolist()], norm(torch.ones(2, 5)).shape
+    ([0.8485, 1.1314], torch.Size([2, 5]))
+    """
+
+    def __init__(self, eps: float = 1e-6, casting: str = "llama") -> None:
+        super().__init__()
+        if casting not in UNWEIGHTED_CASTINGS:
+            raise ValueError(f"casting must be one of {', '.join(map(repr, UNWEIGHTED_CASTINGS))}, got {casting!r}")
+        self.eps, self.casting = eps, casting
+        self._init_spec()
+
+    def _init_spec(self) -> None:
+        self._spec = Spec.build("... [d]", None, True)  # the size is read off each input
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, casting={self.casting!r}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_call_module(self, x)
+        if x.dim() == 0:
+            raise RuntimeError(f"{type(self).__name__} normalizes the last axis: expected input with at least one "
+                               f"dimension, but got a 0-dimensional tensor")
+        if _choose_path(x, has_native=True) == "kernel" and _PathSwitch.path == "kernel":
+            return _normalize(x.to(compute_dtype(x.dtype)), None, None, self._spec, float(self.eps),
+                              "kernel")[0].to(x.dtype)
+        return unweighted_rms_norm_recipe(x, self.eps, self.casting)
 

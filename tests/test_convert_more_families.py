@@ -1,0 +1,276 @@
+"""convert() on more of transformers' norm classes: RMS norms without a weight (over the
+last axis, whatever its size), Qwen3-Next's and Bailing's gated RMS norms, DeBERTa's layer
+norm (divides by sqrt, casts before its weight) and VitDet's channels-first layer norm. The
+oracles are those classes, built with random parameters, and small models built from their
+configs, run unconverted on the same inputs with torch's autograd through them; VitDet's
+norm, which rounds its own way, is held to torch's float64 layer norm instead."""
+
+import copy
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from torch.nn import functional as F  # noqa: E402
+from transformers.models.bailing_hybrid.modeling_bailing_hybrid import BailingHybridRMSNormGated  # noqa: E402
+from transformers.models.deberta.modeling_deberta import DebertaLayerNorm  # noqa: E402
+from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4UnweightedRMSNorm  # noqa: E402
+from transformers.models.dory.modeling_dory import DoryL2Norm  # noqa: E402
+from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaWeightlessRMSNorm  # noqa: E402
+from transformers.models.hy_v4.modeling_hy_v4 import HYV4UnweightedRMSNorm  # noqa: E402
+from transformers.models.inkling2.modeling_inkling2 import Inkling2UnweightedRMSNorm  # noqa: E402
+from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearRMSNormGated  # noqa: E402
+from transformers.models.llama4.modeling_llama4 import Llama4TextL2Norm  # noqa: E402
+from transformers.models.olmo_hybrid.modeling_olmo_hybrid import OlmoHybridRMSNormGated  # noqa: E402
+from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormGated  # noqa: E402
+from transformers.models.vitdet.modeling_vitdet import VitDetLayerNorm  # noqa: E402
+
+import normlab.torch as nt  # noqa: E402
+from tests.test_convert_models import (  # noqa: E402
+    DTYPES, assert_same_numbers, convert_quietly, converted_copy, random_parameters,
+)
+
+DTYPE_IDS = ["float32", "bfloat16", "bfloat16_on_float32_weight"]
+BFLOAT16 = dict(rtol=1.6e-2, atol=1e-2)
+
+# ---------------------------------------------------------------------------------------
+# RMS norms without a weight
+
+UNWEIGHTED = {
+    "llama4_l2_norm": (lambda: Llama4TextL2Norm(1e-6), "llama"),
+    "deepseek_v4": (lambda: DeepseekV4UnweightedRMSNorm(1e-6), "deepseek"),
+    "falcon_mamba": (lambda: FalconMambaWeightlessRMSNorm(24, eps=1e-6), "llama"),  # (an unused buffer of ones)
+    "inkling2": (lambda: Inkling2UnweightedRMSNorm(1e-5), "llama"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("name", list(UNWEIGHTED))
+def test_rms_norms_without_a_weight_become_unweighted_rms_norms_matching_to_the_bit_at_any_size(name, dtype):
+    make, casting = UNWEIGHTED[name]
+    original = make()
+    converted = convert_quietly(original)
+    assert type(converted) is nt.UnweightedRMSNorm
+    assert (converted.casting, converted.eps) == (casting, original.eps)
+    assert converted.state_dict().keys() == original.state_dict().keys()
+    for shape in [(3, 5, 24), (2, 96), (7, 1)]:  # the last axis's size is the input's own
+        assert_same_numbers(original, converted, (torch.randn(shape) * 2 + 0.5).to(dtype), None)
+
+
+def test_falcon_mambas_unused_weight_stays_where_its_mixer_reads_it():
+    original = FalconMambaWeightlessRMSNorm(24)
+    converted = converted_copy(original)
+    assert torch.equal(converted.weight, torch.ones(24)) and list(converted.state_dict()) == []
+
+
+def test_unweighted_rms_norms_on_the_kernels_agree_with_the_originals_to_float_rounding():
+    x = torch.randn(4, 3, 40) * 3
+    for make, _ in UNWEIGHTED.values():
+        original = make()
+        converted = converted_copy(original)
+        with nt.use_path("kernel"):
+            assert_same_numbers(original, converted, x, dict(rtol=1e-5, atol=1e-6))
+            assert_same_numbers(original, converted, x.bfloat16(), BFLOAT16)
+
+
+class SumOfSquaresNorm(Llama4TextL2Norm):
+    """An L2 norm onto the unit sphere (the sum of squares, not the mean): another formula."""
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + self.eps)
+
+
+class FixedSizeNorm(Llama4TextL2Norm):
+    """Normalizes over the last two axes: not a last-axis RMS norm, though it is one on 2-D input."""
+
+    def forward(self, x):
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean((-2, -1), keepdim=True) + self.eps)).type_as(x) if x.dim() > 2 \
+            else super().forward(x)
+
+
+@pytest.mark.parametrize("make", [DoryL2Norm, HYV4UnweightedRMSNorm, SumOfSquaresNorm, FixedSizeNorm],
+                         ids=["dory_l2_norm", "hy_v4_reciprocal_root", "sum_of_squares", "last_two_axes"])
+def test_weightless_norms_that_compute_something_else_are_left_alone_with_a_warning(make):
+    original = make()
+    with pytest.warns(UserWarning, match=rf"{type(original).__name__} \(<model>\)"):
+        assert nt.convert(original) is original
+
+
+def test_unweighted_rms_norm_refuses_a_zero_dimensional_input_and_an_unknown_casting():
+    with pytest.raises(RuntimeError, match="at least one dimension"):
+        nt.UnweightedRMSNorm()(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="'llama', 'deepseek'"):
+        nt.UnweightedRMSNorm(casting="gemma")
+
+
+# ---------------------------------------------------------------------------------------
+# Gated RMS norms: Qwen3-Next's recipe (the gate's product in float32) and sigmoid gates
+
+GATED = {
+    "qwen3_next": (lambda: Qwen3NextRMSNormGated(64, eps=1e-6), "qwen3_next", "silu"),
+    "olmo_hybrid": (lambda: OlmoHybridRMSNormGated(64, eps=1e-6), "qwen3_next", "silu"),
+    "bailing_hybrid": (lambda: BailingHybridRMSNormGated(64, eps=1e-6), "gemma", "sigmoid"),
+    "kimi_linear": (lambda: KimiLinearRMSNormGated(64, eps=1e-6), "gemma", "sigmoid"),
+}
+
+
+def gated_run(model, x, gate):
+    x, gate = x.detach().clone().requires_grad_(), gate.detach().clone().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    y = model(x, gate)
+    (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)).sum().backward()
+    return y, x.grad, gate.grad, model.weight.grad
+
+
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", list(GATED))
+def test_gated_norms_become_gated_rms_norms_with_their_outputs_and_gradients(name, dtypes):
+    make, casting, activation = GATED[name]
+    x_dtype, weight_dtype = dtypes
+    original = random_parameters(make()).to(weight_dtype)
+    converted = convert_quietly(original)
+    assert type(converted) is nt.GatedRMSNorm
+    assert (converted.casting, converted.gate_activation, converted.norm_before_gate) == (casting, activation, True)
+    assert converted.group_size == 64 and converted.state_dict().keys() == original.state_dict().keys()
+    generator = torch.Generator().manual_seed(0)
+    x, gate = (torch.randn(2, 5, 64, generator=generator).mul(2).to(x_dtype) for _ in range(2))
+    # bfloatl6 runs the recipe's torch operations: to the bit; float32 runs the kernels
+    tolerance = None if x_dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    for expected, actual in zip(gated_run(original, x, gate), gated_run(converted, x, gate)):
+        assert actual.dtype == expected.dtype
+        if tolerance is None:
+            assert torch.equal(actual, expected), (actual - expected).abs().max()
+        else:
+            torch.testing.assert_close(actual, expected, **tolerance)
+
+
+def test_a_gated_norm_with_an_activation_no_recipe_has_is_left_alone():
+    class TanhGeluGatedRMSNorm(Qwen3NextRMSNormGated):
+        def forward(self, hidden_states, gate):
+            h = hidden_states.float()
+            h = self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(
+                hidden_states.dtype)
+            return h * F.gelu(gate.float(), approximate="tanh")  # gelu's tanh form: no recipe's activation
+
+    original = TanhGeluGatedRMSNorm(16)
+    with pytest.warns(UserWarning, match="TanhGeluGatedRMSNorm"):
+        assert nt.convert(original) is original
+
+
+# ---------------------------------------------------------------------------------------
+# DeBERTa's layer norm and VitDet's channels-first layer norm
+
+
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
+def test_debertas_layer_norm_becomes_a_recipe_layer_norm_with_its_outputs_and_gradients_to_the_bit(dtypes):
+    x_dtype, weight_dtype = dtypes
+    original = random_parameters(DebertaLayerNorm(48, eps=1e-7)).to(weight_dtype)
+    converted = convert_quietly(original)
+    assert type(converted) is nt.RecipeLayerNorm
+    assert (converted.casting, converted.eps, converted.hidden_size) == ("deberta", 1e-7, (48,))
+    assert list(converted.state_dict()) == list(original.state_dict()) == ["weight", "bias"]
+    assert_same_numbers(original, converted, (torch.randn(3, 5, 48) * 2 + 1).to(x_dtype), None)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_debertas_layer_norm_on_the_kernels_agrees_to_float_rounding(x_dtype):
+    original = random_parameters(DebertaLayerNorm(48))
+    converted = converted_copy(original)
+    with nt.use_path("kernel"):
+        assert_same_numbers(original, converted, torch.randn(4, 3, 48).to(x_dtype),
+                            BFLOAT16 if x_dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5))
+
+
+def channels_first_layer_norm_in_float64(x, weight, bias, eps):
+    """torch's layer norm over the channels of (N, C, H, W), in float64: the oracle."""
+    return F.layer_norm(x.double().permute(0, 2, 3, 1), weight.shape, weight.double(), bias.double(),
+                        eps).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_vitdets_layer_norm_becomes_layer_norm_2d_with_torchs_float64_numbers(dtype):
+    original = random_parameters(VitDetLayerNorm(12)).to(dtype)
+    converted = convert_quietly(copy.deepcopy(original))
+    assert type(converted) is nt.LayerNorm2d and converted.eps == original.eps == 1e-6
+    assert list(converted.state_dict()) == ["weight", "bias"]
+    tolerance = BFLOAT16 if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    x = (torch.randn(2, 12, 5, 4) * 2 + 1).to(dtype).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    w64, b64 = (p.detach().double().requires_grad_() for p in (original.weight, original.bias))
+    expected = channels_first_layer_norm_in_float64(x64, w64, b64, 1e-6)
+    grad_y = torch.randn(expected.shape).to(dtype).double()  # (the same output gradient in both dtypes)
+    expected_grads = torch.autograd.grad(expected, (x64, w64, b64), grad_y)
+    torch.testing.assert_close(original(x).double(), expected, **tolerance)  # (the oracle is its formula)
+    y = converted(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), expected, **tolerance)
+    grads = torch.autograd.grad(y, (x, converted.weight, converted.bias), grad_y.to(dtype))
+    # (the parameters' gradients sum 40 products, each rounded in bfloat16 by torch's own layer norm)
+    sums = dict(rtol=1.6e-2, atol=6e-2) if dtype == torch.bfloat16 else tolerance
+    for actual, oracle, allowed in zip(grads, expected_grads, (tolerance, sums, sums)):
+        torch.testing.assert_close(actual.double(), oracle, **allowed)
+
+
+def test_a_channels_first_layer_norm_with_the_unbiased_variance_is_left_alone():
+    class UnbiasedVitDetLayerNorm(VitDetLayerNorm):
+        def forward(self, x):
+            x = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, keepdim=True) + self.eps)
+            return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+    original = UnbiasedVitDetLayerNorm(6)
+    with pytest.warns(UserWarning, match="UnbiasedVitDetLayerNorm"):
+        assert nt.convert(original) is original
+
+
+# ---------------------------------------------------------------------------------------
+# Whole small models
+
+
+def tiny_model(kind):
+    torch.manual_seed(0)
+    if kind == "qwen3_next":
+        config = transformers.Qwen3NextConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+            linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+            shared_expert_intermediate_size=16, layer_types=["linear_attention", "full_attention"])
+    elif kind == "falcon_mamba":
+        config = transformers.FalconMambaConfig(vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=2,
+                                                expand=2, conv_kernel=4, time_step_rank=4)
+    elif kind == "llama4":
+        config = transformers.Llama4TextConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2, use_qk_norm=True)
+    else:
+        config = transformers.DebertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=64, max_position_embeddings=32)
+        return random_parameters(transformers.AutoModelForMaskedLM.from_config(config))
+    return random_parameters(transformers.AutoModelForCausalLM.from_config(config))
+
+
+MODELS = {"qwen3_next": nt.GatedRMSNorm, "falcon_mamba": nt.UnweightedRMSNorm, "llama4": nt.UnweightedRMSNorm,
+          "deberta": nt.RecipeLayerNorm}
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_small_models_from_config_give_the_same_logits_and_gradients_to_the_bit_in_bfloat16(kind):
+    original = tiny_model(kind).bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no norm left unconverted
+        converted = nt.convert(copy.deepcopy(original))
+    assert any(isinstance(m, MODELS[kind]) for m in converted.modules())
+    assert list(converted.state_dict()) == list(original.state_dict())
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    for model in (original, converted):
+        model.train()
+        torch.manual_seed(1)  # the same dropout masks
+        model(input_ids=ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        original.eval(), converted.eval()
+        assert torch.equal(converted(input_ids=ids).logits, original(input_ids=ids).logits)
+    for (name, expected), (_, actual) in zip(original.named_parameters(), converted.named_parameters()):
+        assert (actual.grad is None) == (expected.grad is None), name
+        assert expected.grad is None or torch.equal(actual.grad, expected.grad), name
