@@ -130,6 +130,9 @@ def prepare(x, pattern: str, weight, bias, params, sizes: dict) -> Prepared:
 
 
 def _check_eps(eps, plan: Plan) -> float:
+    if isinstance(eps, (str, bytes)):  # float() would parse it; NumPy and torch take no string as a number
+        raise InputError(f"eps must be a number, got {eps!r} ({_describe(plan, plan.shape)}); "
+                         "pass a small finite number >= 0 such as 1e-5")
     try:
         eps = float(eps)
     except OverflowError as err:  # an int beyond float's range, such as 10**400

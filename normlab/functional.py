@@ -19,6 +19,7 @@ and zero-size batches (an empty output; the running statistics stay as they are,
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 
@@ -56,9 +57,24 @@ def _pattern(names: list[str], reduced: set[int]) -> str:
     return " ".join(parts)
 
 
+def _flag(value, name: str, what: str, x: np.ndarray) -> bool:
+    """``value`` as a bool: True, False, NumPy's bools or the ints 0 and 1 (a string such as
+    "False" is truthy, and an array ambiguous: torch refuses both)."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    shown = f"an array of shape {np.shape(value)}" if np.ndim(value) else repr(value)
+    raise InputError(f"{what}: {name} must be True or False, got {shown} for input shape {x.shape}; "
+                     f"pass {name}=True or {name}=False")
+
+
 def _channel_axis(x: np.ndarray, axis: int, what: str) -> int:
     if x.ndim < 2:
         raise ShapeError(f"{what} needs an input with a batch and a channel axis, got shape {x.shape}")
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise InputError(f"{what}: axis must be an int, got {axis!r} for input shape {x.shape}; pick one of "
+                         f"1..{x.ndim - 1} (or -1 for channels-last)") from None
     if not -x.ndim <= axis < x.ndim or axis % x.ndim == 0:
         raise ShapeError(
             f"{what}: axis={axis} is not a channel axis of input shape {x.shape}; "
@@ -67,11 +83,16 @@ def _channel_axis(x: np.ndarray, axis: int, what: str) -> int:
     return axis % x.ndim
 
 
-def _running(buffer, name: str, channels: int, what: str):
+def _running(buffer, name: str, channels: int, what: str, updated: bool = False):
+    """Check a running-statistics buffer; ``updated``: it is written in place, so it must be
+    writeable (checked before anything is written: both buffers move, or neither)."""
     if buffer is None:
         return None
     if not isinstance(buffer, np.ndarray) or buffer.dtype.kind != "f":
         raise InputError(f"{what}: {name} must be a float NumPy array (it is updated in place)")
+    if updated and not buffer.flags.writeable:
+        raise InputError(f"{what}: {name} is read-only, and training updates it in place; pass a writeable "
+                         f"array (np.array({name})), or None to keep no running statistics")
     if buffer.shape != (channels,):
         raise ShapeError(f"{what}: {name} has shape {buffer.shape}, expected ({channels},) for the channels")
     return buffer
@@ -113,11 +134,14 @@ def _check_momentum(momentum, what: str) -> float:
         raise InputError(f"{what}: momentum must be a number, got {momentum!r}; torch's default is 0.1") from err
 
 
-def _check_eps(eps, what: str) -> float:
+def _check_eps(eps, what: str, x: np.ndarray) -> float:
+    message = f"{what}: eps must be a float, got {eps!r} for input shape {x.shape}; torch's default is 1e-5"
+    if isinstance(eps, (str, bytes)):  # float("1e-5") would take it; torch does not
+        raise InputError(message)
     try:
         return float(eps)
     except (TypeError, ValueError, OverflowError) as err:
-        raise InputError(f"{what}: eps must be a float, got {eps!r}; torch's default is 1e-5") from err
+        raise InputError(message) from err
 
 
 def _normalize_with_stats(x, pattern: str, *, eps: float, weight=None, bias=None, params=None, rms=False,
@@ -177,7 +201,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     """
     what = "batch_norm"
     x = _input(x, what)
-    eps = _check_eps(eps, what)
+    training = _flag(training, "training", what, x)
+    eps = _check_eps(eps, what, x)
     if eps < 0 or training and eps <= 0:  # torch's rule (a NaN eps passes it)
         raise InputError(f"batch_norm: eps must be positive{' in training' if training else ' or zero'}, as "
                          f"torch requires, got eps={eps} for input shape {x.shape}; torch's default is 1e-5")
@@ -187,8 +212,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     names = _names(x.ndim)
     pattern = _pattern(names, set(range(x.ndim)) - {channel})
     channels = x.shape[channel]
-    running_mean = _running(running_mean, "running_mean", channels, what)
-    running_var = _running(running_var, "running_var", channels, what)
+    running_mean = _running(running_mean, "running_mean", channels, what, updated=training)
+    running_var = _running(running_var, "running_var", channels, what, updated=training)
     params = names[channel]
     if training:
         n = math.prod(x.shape) // channels if channels else 0
@@ -245,7 +270,7 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, mask=None):
 
 def _trailing(x, normalized_shape, weight, bias, eps, rms: bool, what: str, mask=None):
     x = _input(x, what)
-    shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
+    shape = _normalized_shape(normalized_shape, what, x)
     k = len(shape)
     if k == 0 or x.ndim < k or tuple(x.shape[x.ndim - k:]) != tuple(int(s) for s in shape):
         raise ShapeError(
@@ -255,8 +280,22 @@ def _trailing(x, normalized_shape, weight, bias, eps, rms: bool, what: str, mask
     names = _names(k)
     pattern = "... [" + " ".join(names) + "]"
     params = " ".join(names) if weight is not None or bias is not None else None
-    return _normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=_check_eps(eps, what),
+    return _normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=_check_eps(eps, what, x),
                                  rms=rms, mask=mask)[0]
+
+
+def _normalized_shape(normalized_shape, what: str, x: np.ndarray) -> tuple[int, ...]:
+    """An int or a sequence of ints, as torch takes it (a string would split into its
+    characters, a float would not index)."""
+    try:
+        if isinstance(normalized_shape, (str, bytes)):
+            raise TypeError
+        if np.ndim(normalized_shape) == 0:
+            return (operator.index(normalized_shape),)
+        return tuple(operator.index(s) for s in normalized_shape)
+    except TypeError:
+        raise InputError(f"{what}: normalized_shape must be an int or a sequence of ints, got {normalized_shape!r} "
+                         f"for input shape {x.shape}; pass e.g. normalized_shape={tuple(x.shape[-1:])}") from None
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, mask=None):
@@ -289,7 +328,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, mask=
             parts.append(f"[s{i}]")
     params = "(g c)" if weight is not None or bias is not None else None
     return _normalize_with_stats(x, " ".join(parts), weight=weight, bias=bias, params=params,
-                                 eps=_check_eps(eps, what), g=int(num_groups), mask=mask)[0]
+                                 eps=_check_eps(eps, what, x), g=int(num_groups), mask=mask)[0]
 
 
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
@@ -306,15 +345,16 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     """
     what = "instance_norm"
     x = _input(x, what)
+    use_input_stats = _flag(use_input_stats, "use_input_stats", what, x)
     if x.ndim < 3:
         raise ShapeError(f"instance_norm needs (batch, channel, positions...), got input shape {x.shape}")
     names = _names(x.ndim)
     pattern = _pattern(names, set(range(2, x.ndim)))
     batch, channels = x.shape[:2]
-    running_mean = _running(running_mean, "running_mean", channels, what)
-    running_var = _running(running_var, "running_var", channels, what)
+    running_mean = _running(running_mean, "running_mean", channels, what, updated=use_input_stats)
+    running_var = _running(running_var, "running_var", channels, what, updated=use_input_stats)
     params = names[1] if weight is not None or bias is not None else None
-    eps = _check_eps(eps, what)
+    eps = _check_eps(eps, what, x)
     if use_input_stats:
         n = math.prod(x.shape[2:])
         _check_values(n, x, pattern, what, "spatial element", "use more positions or use_input_stats=False")

@@ -141,3 +141,63 @@ def test_fused_backward_refuses_a_complex_gradient_as_the_plain_one_does(backend
         normlab.normalize_backward(grads["grad_y"], x, "b [d]", residual=x, grad_sum=grads["grad_sum"], backend=backend)
     with pytest.raises(InputError, match="grad_y dtype complex128"):
         normlab.normalize_backward(bad, x, "b [d]", backend=backend)
+
+
+# --- torch-style functions: arguments torch refuses, and buffers they cannot write --------------------
+
+def test_a_read_only_running_buffer_is_refused_before_either_buffer_moves():
+    """Training writes both buffers in place: a read-only one is refused up front, so the
+    other is not left half updated; in evaluation a read-only buffer is only read, as in torch."""
+    import torch
+
+    x = np.random.default_rng(8).standard_normal((4, 3, 5))
+    for frozen in ("mean", "var"):
+        running_mean, running_var = np.zeros(3), np.ones(3)
+        (running_mean if frozen == "mean" else running_var).flags.writeable = False
+        with pytest.raises(InputError, match=f"running_{frozen} is read-only.*np.array"):
+            normlab.functional.batch_norm(x, running_mean, running_var, training=True)
+        assert running_mean.tolist() == [0.0] * 3 and running_var.tolist() == [1.0] * 3
+        with pytest.raises(InputError, match=f"running_{frozen} is read-only"):
+            normlab.functional.instance_norm(x, running_mean, running_var, use_input_stats=True)
+        assert running_mean.tolist() == [0.0] * 3 and running_var.tolist() == [1.0] * 3
+        y = normlab.functional.batch_norm(x, running_mean, running_var, training=False)
+        expected = torch.nn.functional.batch_norm(torch.from_numpy(x), torch.zeros(3, dtype=torch.float64),
+                                                  torch.ones(3, dtype=torch.float64), training=False)
+        np.testing.assert_allclose(y, expected.numpy(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: normlab.functional.batch_norm(x, None, None, training="False"),
+    lambda x: normlab.functional.batch_norm(x, None, None, training=np.array([1, 0])),
+    lambda x: normlab.functional.instance_norm(x, use_input_stats="False"),
+    lambda x: normlab.functional.batch_norm(x, None, None, training=True, axis=1.0),
+    lambda x: normlab.functional.batch_norm(x, None, None, training=True, axis="1"),
+    lambda x: normlab.functional.layer_norm(x, 5.0),
+    lambda x: normlab.functional.layer_norm(x, "5"),
+    lambda x: normlab.functional.layer_norm(x, (3.0, 5.0)),
+    lambda x: normlab.functional.layer_norm(x, 5, eps="1e-5"),
+    lambda x: normlab.functional.rms_norm(x, 5, eps="1e-5"),
+    lambda x: normlab.normalize(x, "b c [d]", eps="1e-5"),
+], ids=["training str", "training array", "use_input_stats str", "axis float", "axis str",
+        "normalized_shape float", "normalized_shape str", "normalized_shape floats", "eps str", "rms eps str",
+        "normalize eps str"])
+def test_arguments_torch_refuses_are_input_errors_naming_the_input(call):
+    """torch.nn.functional raises on each (a string is not a bool, a float not a size);
+    normlab took "False" as training=True and "5" as a size, or failed inside NumPy."""
+    x = np.random.default_rng(9).standard_normal((4, 3, 5)).astype(np.float32)
+    with pytest.raises(InputError, match=r"\(4, 3, 5\)"):
+        call(x)
+
+
+@pytest.mark.parametrize("training", [np.True_, 1, True])
+def test_numpy_and_integer_flags_train_as_true_does(training):
+    """np.True_ and 1 are taken as True (as normalize takes its flags); the oracle is torch with True."""
+    import torch
+
+    x = np.random.default_rng(10).standard_normal((4, 3, 5))
+    running_mean, running_var = np.zeros(3), np.ones(3)
+    mean_t, var_t = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    expected = torch.nn.functional.batch_norm(torch.from_numpy(x), mean_t, var_t, training=True)
+    y = normlab.functional.batch_norm(x, running_mean, running_var, training=training)
+    np.testing.assert_allclose(y, expected.numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(running_var, var_t.numpy(), rtol=1e-12)
