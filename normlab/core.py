@@ -25,6 +25,7 @@ __all__ = ["normalize", "normalize_backward", "BACKENDS"]
 
 BACKENDS = ("auto", "numba", "numpy")
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT_MAX = float(np.finfo(np.float64).max)  # a Python float: it compares with any int exactly
 
 
 @dataclass(frozen=True)
@@ -323,7 +324,8 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
             call = _FAST_CALLS.get(key)
         except TypeError:  # an unhashable argument: the full checks will explain
             call = key = None
-        if call is not None and type(eps) in (float, int):
+        # an int eps beyond float's range takes the full checks, which explain it
+        if call is not None and (type(eps) is float or type(eps) is int and -_FLOAT_MAX <= eps <= _FLOAT_MAX):
             result = call(x, weight, bias, eps, return_stats)
             if result is not None:
                 return result
@@ -476,6 +478,8 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
     result_dtype(grad_y, pattern, "grad_y")
     grad_y = native(grad_y)
     use_kernels = _resolve_backend(backend, prepared.x.dtype, grad_y.dtype) == "numba"
+    if mean is not None and rstd is None:  # silently recomputing would ignore the given mean
+        raise InputError(f"{_describe(plan, plan.shape)}: mean was given without rstd; pass both (or neither)")
     if rstd is not None:
         rstd = _given_stats(rstd, "rstd", plan)
         if not rms:

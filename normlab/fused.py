@@ -454,6 +454,9 @@ def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5
     grad_y = core.native(grad_y)
     if grad_sum is not None:
         grad_sum = core.native(np.asarray(grad_sum))
+    if mean is not None and rstd is None:  # silently recomputing would ignore the given mean
+        raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: mean was given without rstd; pass both "
+                         "(or neither)")
     if rstd is not None:
         rstd = core._given_stats(rstd, "rstd", plan)
         if not rms:

@@ -201,3 +201,30 @@ def test_numpy_and_integer_flags_train_as_true_does(training):
     y = normlab.functional.batch_norm(x, running_mean, running_var, training=training)
     np.testing.assert_allclose(y, expected.numpy(), rtol=0, atol=1e-12)
     np.testing.assert_allclose(running_var, var_t.numpy(), rtol=1e-12)
+
+
+# --- repeated calls and given statistics --------------------------------------------------------------
+
+
+def test_an_eps_too_large_for_a_float_is_an_input_error_on_a_repeated_call_too():
+    """The repeated call's fast path took any int; 10**400 reached the kernel (OverflowError)."""
+    x = np.random.default_rng(11).standard_normal((4, 6)).astype(np.float32)
+    w = np.ones(6, np.float32)
+    for _ in range(3):  # the fast path is built on the first successful call
+        normlab.normalize(x, "b [f]", weight=w, params="f")
+    with pytest.raises(InputError, match=r"eps=10000.*'b \[f\]', input shape \(4, 6\)"):
+        normlab.normalize(x, "b [f]", weight=w, params="f", eps=10**400)
+    np.testing.assert_allclose(normlab.normalize(x, "b [f]", weight=w, params="f", eps=10**300),
+                               _layer_norm64(x, eps=1e300), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused", [False, True])
+def test_backward_refuses_a_mean_without_its_rstd_as_the_forward_does(backend, fused):
+    """A mean given alone was dropped and the statistics recomputed from x."""
+    x = np.random.default_rng(12).standard_normal((3, 5))
+    extra = {"residual": np.zeros_like(x)} if fused else {}
+    with pytest.raises(InputError, match=r"'b \[f\]', input shape \(3, 5\): mean was given without rstd"):
+        normlab.normalize_backward(np.ones_like(x), x, "b [f]", mean=np.zeros((3, 1)), backend=backend, **extra)
+    with pytest.raises(InputError, match="pass both"):
+        normlab.normalize(x, "b [f]", mean=np.zeros((3, 1)), backend=backend, **extra)
