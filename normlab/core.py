@@ -68,8 +68,19 @@ def result_dtype(x: np.ndarray, pattern: str, name: str = "input") -> np.dtype:
     )
 
 
+def as_array(value, name: str, pattern: str, shape=None, dtype=None) -> np.ndarray:
+    """``np.asarray(value)``, where NumPy's refusal (a ragged list, a string where numbers
+    belong) becomes an InputError that names the argument and the pattern."""
+    try:
+        return np.asarray(value, dtype=dtype)
+    except (ValueError, TypeError) as err:
+        where = f"pattern {pattern!r}" if shape is None else _describe(pattern, shape)
+        raise InputError(f"{where}: {name} cannot be read as an array ({err}); pass a NumPy array, or nested "
+                         "lists whose rows all have the same length") from None
+
+
 def _param_array(value, name: str, plan: Plan) -> np.ndarray:
-    array = np.asarray(value)
+    array = as_array(value, name, plan.pattern, plan.shape)
     if array.dtype.kind not in "fiub":
         raise ParamsError(f"{name} has dtype {array.dtype}; pass a float array of shape {plan.param_shape}")
     if array.shape != plan.param_shape:
@@ -114,7 +125,7 @@ def prepare(x, pattern: str, weight, bias, params, sizes: dict) -> Prepared:
     for value, name in ((x, "x"), (weight, "weight"), (bias, "bias")):
         if isinstance(value, np.ma.MaskedArray):  # the message is built only when needed
             reject_masked(value, name, _describe(pattern, np.shape(x)))
-    x = np.asarray(x)
+    x = as_array(x, "x", pattern)
     dtype = result_dtype(x, pattern)
     x = native(x)
     if (weight is not None or bias is not None) and params is None:
@@ -166,7 +177,7 @@ def _given_stats(value, name: str, plan: Plan) -> np.ndarray:
     broadcast to the statistics' shape, or the kept axes alone in order (the statistics'
     shape without its size-1 reduced axes, say ``(C,)`` for batch norm). Any other shape
     is an error, even when the number of values fits: a reshape would reorder them."""
-    array = np.asarray(value, dtype=np.float64)
+    array = as_array(value, name, plan.pattern, plan.shape, np.float64)
     stats_shape = plan.stats_shape
     kept_shape = tuple(plan.axis_sizes[a] for a in plan.kept_axes)
     if array.shape == stats_shape:
@@ -472,7 +483,7 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
     plan = prepared.plan
     eps = _check_eps(eps, plan)
     rms = _check_flag(rms, "rms", plan)
-    grad_y = np.asarray(grad_y)
+    grad_y = as_array(grad_y, "grad_y", pattern, plan.shape)
     if grad_y.shape != plan.shape:
         raise ShapeError(f"{_describe(plan, plan.shape)}: grad_y has shape {grad_y.shape}; it must match x")
     result_dtype(grad_y, pattern, "grad_y")

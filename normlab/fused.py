@@ -154,10 +154,10 @@ def activation(name: str, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _same_shape(value, name: str, plan: Plan, pattern: str) -> np.ndarray:
     from normlab.core import reject_masked
 
-    from normlab.core import native
+    from normlab.core import as_array, native
 
     reject_masked(value, name, f"pattern {pattern!r}, input shape {plan.shape}")
-    array = native(np.asarray(value))
+    array = native(as_array(value, name, pattern, plan.shape))
     if array.dtype.kind not in "fiub":
         raise InputError(f"{name} has dtype {array.dtype}; pass a float array of x's shape {plan.shape}")
     if array.shape != plan.shape:
@@ -186,7 +186,9 @@ def _weight_offset(value, pattern, plan: Plan) -> float:
 
 
 def _modulation_array(value, name: str, mod_plan: Plan) -> np.ndarray:
-    array = np.asarray(value)
+    from normlab.core import as_array
+
+    array = as_array(value, name, mod_plan.pattern, mod_plan.shape)
     if array.dtype.kind not in "fiub":
         raise ParamsError(f"{name} has dtype {array.dtype}; pass a float array of shape {mod_plan.param_shape}")
     if array.shape != mod_plan.param_shape:
@@ -444,16 +446,18 @@ def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5
     plan = inputs.plan
     eps = core._check_eps(eps, plan)
     rms = core._check_flag(rms, "rms", plan)
-    grad_y = np.asarray(grad_y)
+    grad_y = core.as_array(grad_y, "grad_y", pattern, plan.shape)
+    if grad_sum is not None:
+        grad_sum = core.as_array(grad_sum, "grad_sum", pattern, plan.shape)
     for name, value in (("grad_y", grad_y), ("grad_sum", grad_sum)):
         if value is not None and np.shape(value) != plan.shape:
             raise ShapeError(f"pattern {pattern!r}, input shape {plan.shape}: {name} has shape {np.shape(value)}; "
                              "it must match x")
         if value is not None:
-            core.result_dtype(np.asarray(value), pattern, name)  # refuses complex, object, ... with how to fix it
+            core.result_dtype(value, pattern, name)  # refuses complex, object, ... with how to fix it
     grad_y = core.native(grad_y)
     if grad_sum is not None:
-        grad_sum = core.native(np.asarray(grad_sum))
+        grad_sum = core.native(grad_sum)
     if mean is not None and rstd is None:  # silently recomputing would ignore the given mean
         raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: mean was given without rstd; pass both "
                          "(or neither)")

@@ -17,7 +17,7 @@ def _given(value, name: str, grouping: masked.Grouping) -> np.ndarray:
     :func:`normlab.core.normalize` takes them: that shape, the kept axes and the segment
     axis alone in order, or an array that broadcasts to it. Any other shape is an error,
     even when the number of values fits: a reshape would reorder them."""
-    array = np.asarray(value, dtype=np.float64)
+    array = core.as_array(value, name, grouping.plan.pattern, grouping.plan.shape, np.float64)
     plan, shape = grouping.plan, grouping.stats_shape
     axes = [a for a in range(plan.ndim) if a in plan.kept_axes or a == grouping.segment_axis]
     listed = tuple(shape[a] for a in axes)
@@ -81,7 +81,7 @@ def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5
     plan = prepared.plan
     eps = core._check_eps(eps, plan)
     rms = core._check_flag(rms, "rms", plan)
-    grad_y = np.asarray(grad_y)
+    grad_y = core.as_array(grad_y, "grad_y", pattern, plan.shape)
     if grad_y.shape != plan.shape:
         raise ShapeError(f"pattern {plan.pattern!r}, input shape {plan.shape}: grad_y has shape {grad_y.shape}; "
                          "it must match x")

@@ -98,7 +98,9 @@ def _describe(plan: Plan) -> str:
 
 
 def _mask_view(mask, plan: Plan) -> np.ndarray:
-    mask = np.asarray(mask)
+    from normlab.core import as_array
+
+    mask = as_array(mask, "mask", plan.pattern, plan.shape)
     if mask.dtype != np.bool_:
         raise InputError(f"{_describe(plan)}: mask has dtype {mask.dtype}; pass a boolean array "
                          "(True where an element counts toward its group's statistics), e.g. mask != 0")
@@ -132,13 +134,15 @@ def make_grouping(plan: Plan, mask=None, segment_ids=None, num_segments=None, se
     ((2, 2), 2)
     """
     # a 0-d True mask counts every element: the same as none
-    counted = None if mask is None or (np.ndim(mask) == 0 and mask is np.True_) else _mask_view(mask, plan)
+    counted = None if mask is None or mask is np.True_ else _mask_view(mask, plan)
     if segment_ids is None:
         if num_segments is not None or segment_axis is not None:
             raise InputError(f"{_describe(plan)}: num_segments and segment_axis need segment_ids")
         return Grouping(plan, counted)
     axis = _segment_axis(plan, segment_axis)
-    ids = np.asarray(segment_ids)
+    from normlab.core import as_array
+
+    ids = as_array(segment_ids, "segment_ids", plan.pattern, plan.shape)
     length = plan.axis_sizes[axis]
     if ids.dtype.kind not in "iu" or ids.shape != (length,):
         raise ShapeError(f"{_describe(plan)}: segment_ids must be integers of shape ({length},), one per element "

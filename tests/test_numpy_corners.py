@@ -228,3 +228,28 @@ def test_backward_refuses_a_mean_without_its_rstd_as_the_forward_does(backend, f
         normlab.normalize_backward(np.ones_like(x), x, "b [f]", mean=np.zeros((3, 1)), backend=backend, **extra)
     with pytest.raises(InputError, match="pass both"):
         normlab.normalize(x, "b [f]", mean=np.zeros((3, 1)), backend=backend, **extra)
+
+
+# --- nested lists NumPy cannot read ---------------------------------------------------------------------
+
+RAGGED = [[1.0, 2.0], [3.0]]
+
+
+@pytest.mark.parametrize("name, call", [
+    ("x", lambda x: normlab.normalize(RAGGED, "b [f]")),
+    ("weight", lambda x: normlab.normalize(x, "b c [d]", weight=RAGGED, params="d")),
+    ("mask", lambda x: normlab.normalize(x, "b c [d]", mask=RAGGED)),
+    ("segment_ids", lambda x: normlab.normalize(x, "[b] c d", segment_ids=RAGGED)),
+    ("mean", lambda x: normlab.normalize(x, "b c [d]", mean=RAGGED, rstd=1.0)),
+    ("residual", lambda x: normlab.normalize(x, "b c [d]", residual=RAGGED)),
+    ("scale", lambda x: normlab.normalize(x, "b c [d]", scale=RAGGED, modulation="b d")),
+    ("grad_y", lambda x: normlab.normalize_backward(RAGGED, x, "b c [d]")),
+    ("grad_y", lambda x: normlab.normalize_backward(RAGGED, x, "b c [d]", mask=np.ones(4, bool))),
+    ("grad_sum", lambda x: normlab.normalize_backward(np.ones_like(x), x, "b c [d]", residual=x, grad_sum=RAGGED)),
+])
+def test_a_ragged_list_is_an_input_error_naming_the_argument_and_the_pattern(name, call):
+    """np.asarray refuses rows of unequal length with a bare ValueError (np.mean too);
+    normlab says which argument it was and under which pattern."""
+    x = np.random.default_rng(13).standard_normal((2, 3, 4))
+    with pytest.raises(InputError, match=rf"pattern '[^']*'.*: {name} cannot be read as an array.*same length"):
+        call(x)
