@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from normlab import reference
-from normlab.errors import InputError, ParamsError, ShapeError
+from normlab.errors import InputError, NormlabError, ParamsError, PatternSyntaxError, ShapeError
 from normlab.plan import Plan, make_plan
 
 __all__ = ["GATE_ACTIVATIONS", "Epilogue", "FusedGradients", "normalize", "normalize_backward", "activation"]
@@ -185,6 +185,21 @@ def _weight_offset(value, pattern, plan: Plan) -> float:
     return offset
 
 
+def _modulation_plan(pattern, plan: Plan, modulation, sizes) -> Plan:
+    """The plan with ``modulation`` as its params; its errors speak of modulation, which is
+    what the caller wrote (the parser knows the argument only as params)."""
+    try:
+        return make_plan(pattern, plan.shape, modulation, **sizes)
+    except NormlabError as err:
+        def reworded(text):
+            return text.replace("params", "modulation").replace("weight spans", "scale and shift span")
+        if isinstance(err, PatternSyntaxError):
+            message = reworded(str(err).split("\n")[0])
+            raise PatternSyntaxError(err.pattern, err.position, f"{message} (pattern {pattern!r}, input shape "
+                                                                f"{plan.shape})") from None
+        raise type(err)(reworded(str(err))) from None
+
+
 def _modulation_array(value, name: str, mod_plan: Plan) -> np.ndarray:
     from normlab.core import as_array
 
@@ -218,7 +233,7 @@ def prepare(x, pattern, weight, bias, params, sizes, residual=None, gate=None, g
                           f"the axes they span; got one of shape {given}. Pass e.g. modulation='b d'")
     mod_plan = None
     if modulation is not None:
-        mod_plan = make_plan(pattern, plan.shape, modulation, **sizes)
+        mod_plan = _modulation_plan(pattern, plan, modulation, sizes)
     epilogue = Epilogue(residual is not None, gate_activation if gate is not None else None,
                         core._check_flag(norm_before_gate, "norm_before_gate", plan), offset, modulation, scale is not None, shift is not None)
     dtype = prepared.dtype

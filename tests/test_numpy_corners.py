@@ -253,3 +253,17 @@ def test_a_ragged_list_is_an_input_error_naming_the_argument_and_the_pattern(nam
     x = np.random.default_rng(13).standard_normal((2, 3, 4))
     with pytest.raises(InputError, match=rf"pattern '[^']*'.*: {name} cannot be read as an array.*same length"):
         call(x)
+
+
+@pytest.mark.parametrize("modulation, says", [
+    ("b b", "axis 'b' appears twice in modulation"),
+    ("z", "modulation 'z' names axis 'z'"),
+    ("", "empty modulation: name the axes scale and shift span"),
+    (3, "modulation is a string"),
+])
+def test_a_bad_modulation_is_named_as_modulation_not_params(modulation, says):
+    """The modulation axes are parsed as params; the error spoke of params, which the caller never passed."""
+    x = np.random.default_rng(14).standard_normal((2, 3, 4))
+    with pytest.raises(normlab.errors.NormlabError, match=rf"{says}.*'b c \[d\]'.*\(2, 3, 4\)") as caught:
+        normlab.normalize(x, "b c [d]", scale=np.ones((2, 4)), modulation=modulation)
+    assert "params" not in str(caught.value)
