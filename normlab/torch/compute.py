@@ -384,7 +384,8 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
         y = batch_train.repeat_step(module, x)
         if y is not None:
             return y
-    elif _PathSwitch.path == "auto" and type(x) is Tensor:
+    elif _PathSwitch.path == "auto" and type(x) is Tensor and not torch.jit.is_tracing():
+        # (under torch.jit.trace sizes are traced tensors: its checks would warn, and torch's forward runs anyway)
         y = _small_eval(module, x)
         if y is not None:
             return y

@@ -260,8 +260,11 @@ class RMSNorm(_Twin, nn.RMSNorm):
             y = _fast_rows(self, x, eps, with_bias=False)  # (a shape that does not fit: None)
             if y is not None:
                 return y
-        if not _trailing_fits(x, self.normalized_shape) or _params_misfit(self, tuple(self.normalized_shape)):
-            return nn.RMSNorm.forward(self, x)  # torch raises its own error
+        if not torch.jit.is_tracing() and (not _trailing_fits(x, self.normalized_shape)
+                                           or _params_misfit(self, tuple(self.normalized_shape))):
+            # torch raises its own error (under torch.jit.trace sizes are traced tensors, which
+            # these checks would turn into Python bools, with a TracerWarning each)
+            return nn.RMSNorm.forward(self, x)
         if eps is None:  # (a dtype without a table entry)
             eps = torch.finfo(x.dtype).eps
         path = _choose_path(x, has_native=True)
@@ -348,6 +351,8 @@ class GroupNorm(_Twin, nn.GroupNorm):
         self._spec = Spec.build("b (g [c]) [...]", "(g c)", g=self.num_groups)
 
     def _normlab_forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_tracing():  # torch's forward, as the path below would take, without checks on traced sizes
+            return nn.GroupNorm.forward(self, input)
         if input.numel() == self.num_groups:  # one value in all: torch raises its ValueError, as for batch norm
             return nn.GroupNorm.forward(self, input)
         if input.dim() >= 2 and input.shape[1] == self.num_channels:
