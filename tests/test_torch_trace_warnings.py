@@ -46,3 +46,27 @@ def test_tracing_a_converted_model_adds_no_warnings_of_normlab():
 
     shape = (2, 3, 6, 6)
     assert tracer_warnings(nt.convert(model()), shape) == tracer_warnings(model(), shape)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_compiling_the_functional_api_gives_no_warning_about_normlabs_caches(masked):
+    """The functional API parses its pattern on every call; under torch.compile Dynamo
+    traces the parser, and through an ``functools.lru_cache`` it warned that it ignores
+    the cache (a warning about normlab's internals, at every compile)."""
+    from normlab.torch import normalize
+    from normlab.torch.masked import normalize_masked
+
+    x = torch.randn(4, 3, 5)
+    mask = torch.rand(4, 1, 5) < 0.5
+
+    def f(x, mask):
+        if masked:
+            return normalize_masked(x, "[b] c [t]", mask=mask, params="c", weight=torch.ones(3)).y
+        return normalize(x, "[b] c [t]", params="c", weight=torch.ones(3))
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(f, fullgraph=True)(x, mask)
+    torch.testing.assert_close(compiled, f(x, mask))
+    assert not [w for w in caught if "lru_cache" in str(w.message)]

@@ -15,8 +15,20 @@ from torch import Tensor, nn
 
 from normlab import core
 from normlab.errors import InputError, ParamsError, ShapeError
+from normlab import notation
 from normlab.notation import parse_params, parse_pattern
 from normlab.plan import make_plan
+
+
+def _traced(checked, cached, text):
+    """``checked(text)`` (a parser that checks its argument, then calls ``cached``, an
+    ``lru_cache``-d function); while Dynamo traces (the functional API under
+    ``torch.compile``), the function under the cache, which Dynamo would trace anyway,
+    but with a warning to the user that it ignores the cache."""
+    if isinstance(text, str) and torch.compiler.is_compiling():
+        return cached.__wrapped__(text)
+    return checked(text)
+
 
 @dataclass(frozen=True)
 class DimSpec:
@@ -45,8 +57,8 @@ class Spec:
     @staticmethod
     def build(pattern: str, params: Optional[str] = None, rms: bool = False, **sizes: int) -> "Spec":
         """Check the pattern and params now, so a bad one fails at construction time."""
-        parsed = parse_pattern(pattern)
-        items = parse_params(params) if params is not None else ()
+        parsed = _traced(parse_pattern, notation._parse_pattern, pattern)
+        items = _traced(parse_params, notation._parse_params, params) if params is not None else ()
         for item in items:
             for name in item:
                 if name not in parsed.names:
