@@ -116,6 +116,9 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
     ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does: its attributes carry over, its
     methods do not.
 
+    The probes run once per call for each distinct norm (class, plain attributes, parameter
+    shapes), not once per copy: a model's many copies of one norm cost one probe.
+
     ``fuse=True`` also fuses the residual adds of LLaMA-style pre-norm decoder layers, and
     of Gemma2/Gemma3's layers with a norm on each side of attention and MLP, into their RMS
     norms (:mod:`normlab.torch.fuse`); outputs and ``state_dict`` stay the same.
@@ -130,7 +133,7 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
         from normlab.torch.fuse import fuse_decoder_layers
         fuse_decoder_layers(model)
     left_alone: dict[str, list[str]] = {}
-    converted = _convert(model, "", left_alone, {})
+    converted = _convert(model, "", left_alone, {}, {})  # (the probes' outcomes: cached for this call only)
     if left_alone:
         listed = "; ".join(f"{cls} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
                            for cls, names in left_alone.items())
@@ -139,25 +142,26 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
     return converted
 
 
-def _convert(module: nn.Module, name: str, left_alone: dict, done: dict) -> nn.Module:
+def _convert(module: nn.Module, name: str, left_alone: dict, done: dict, probed: dict) -> nn.Module:
     """``module`` converted; ``done`` maps the id of each module seen to its result, so a
     module the model holds in several places (shared layers) becomes one twin there too."""
     if id(module) in done:
         return done[id(module)]
-    replacement = _replacement(module, name or "<model>", left_alone)
+    replacement = _replacement(module, name or "<model>", left_alone, probed)
     if replacement is None:
         for child_name, child in list(module._modules.items()):  # (named_children() skips a repeated child)
             if child is None:
                 continue
-            converted = _convert(child, f"{name}.{child_name}" if name else child_name, left_alone, done)
+            converted = _convert(child, f"{name}.{child_name}" if name else child_name, left_alone, done, probed)
             if converted is not child:
                 module.add_module(child_name, converted)
     done[id(module)] = module if replacement is None else replacement
     return done[id(module)]
 
 
-def _replacement(module: nn.Module, name: str, left_alone: dict) -> Optional[nn.Module]:
-    """The twin of ``module``, or None to leave it (and look at its children)."""
+def _replacement(module: nn.Module, name: str, left_alone: dict, probed: dict) -> Optional[nn.Module]:
+    """The twin of ``module``, or None to leave it (and look at its children); ``probed``
+    caches what :func:`_decision` found per :func:`_probe_key`."""
     cls = type(module)
     if any(c.__module__.startswith("normlab.") for c in cls.__mro__):
         return None
@@ -165,42 +169,94 @@ def _replacement(module: nn.Module, name: str, left_alone: dict) -> Optional[nn.
         return twin_of(module, _TWINS[cls])
     if isinstance(module, LazyModuleMixin) and isinstance(module, _NormBase):
         return _convert_lazy(module)
+    if cls.__module__.startswith("torch.") and not isinstance(module, _NORM_BASES):
+        return None  # (Linear, Dropout, ...: no key to build)
+    key = _probe_key(module)
+    decision = probed.get(key, _UNSEEN) if key is not None else _UNSEEN
+    if decision is _UNSEEN:
+        decision = _decision(module)
+        if key is not None:
+            probed[key] = decision
+    if decision is _LEFT_ALONE:
+        left_alone.setdefault(cls.__name__, []).append(name)
+        return module
+    return None if decision is None else twin_of(module, decision[0], **decision[1])
+
+
+_UNSEEN, _LEFT_ALONE = object(), object()
+
+
+def _decision(module: nn.Module):
+    """``(twin class, attributes)`` for a module that normlab computes, ``_LEFT_ALONE`` for a
+    norm it does not, None for any other module (whose children are looked at)."""
+    cls = type(module)
     base = next((c for c in cls.__mro__ if c in _TWINS), None)
     if base is not None:
         if cls.forward is base.forward or _computes_like(module, base.forward, _probe_shapes(module, base)):
-            return twin_of(module, _TWINS[base])
+            return _TWINS[base], {}
         if base is nn.LayerNorm and len(module.normalized_shape) == 1 and _computes_like(
                 module, _channels_first_layer_norm, [(2, module.normalized_shape[0], 3, 2)]):
-            return twin_of(module, LayerNorm2d)
-    elif not isinstance(module, _NORM_BASES):
-        if cls.__module__.startswith("torch."):
-            return None
-        if _takes_a_second_input(module):
-            recipe = _gated_recipe(module)
-            if recipe is not None:
-                from normlab.torch.fused import GatedRMSNorm
+            return LayerNorm2d, {}
+        return _LEFT_ALONE
+    if isinstance(module, _NORM_BASES):
+        return _LEFT_ALONE
+    if cls.__module__.startswith("torch."):
+        return None
+    if _takes_a_second_input(module):
+        recipe = _gated_recipe(module)
+        if recipe is not None:
+            from normlab.torch.fused import GatedRMSNorm
 
-                return twin_of(module, GatedRMSNorm, **recipe)
-        else:
-            recipe = _rms_recipe(module)
-            if recipe is not None:
-                return twin_of(module, RMSNorm, **recipe)
-            recipe = _layer_norm_recipe(module)
-            if recipe is not None:
-                from normlab.torch.recipe_norms import RecipeLayerNorm
+            return GatedRMSNorm, recipe
+    else:
+        from normlab.torch.recipe_norms import RecipeLayerNorm, UnweightedRMSNorm
 
-                return twin_of(module, RecipeLayerNorm, **recipe)
-            recipe = _unweighted_rms_recipe(module)
+        for twin, probe in ((RMSNorm, _rms_recipe), (RecipeLayerNorm, _layer_norm_recipe),
+                            (UnweightedRMSNorm, _unweighted_rms_recipe)):
+            recipe = probe(module)
             if recipe is not None:
-                from normlab.torch.recipe_norms import UnweightedRMSNorm
+                return twin, recipe
+        if _is_channels_first_layer_norm(module):
+            return LayerNorm2d, {"elementwise_affine": True}
+    return _LEFT_ALONE if re.search(r"Norm(?!al)", cls.__name__) and not list(module.children()) else None
 
-                return twin_of(module, UnweightedRMSNorm, **recipe)
-            if _is_channels_first_layer_norm(module):
-                return twin_of(module, LayerNorm2d, elementwise_affine=True)
-        if not (re.search(r"Norm(?!al)", cls.__name__) and not list(module.children())):
-            return None
-    left_alone.setdefault(cls.__name__, []).append(name)
-    return module
+
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"training"}
+
+
+def _probe_key(module: nn.Module) -> Optional[tuple]:
+    """What the probes' outcome for a module without children depends on: its class, its
+    own plain attributes (eps, sizes, names, flags), and the names, shapes, dtypes and
+    devices of its parameters and buffers (the probes replace their values with random
+    ones). None, so that it is probed on its own, where an attribute is anything else (a
+    forward might read an object in ways no key captures) or it has children. A model's
+    many copies of one norm are then probed once: the probes take about a millisecond each.
+    """
+    if module._modules:
+        return None
+    attributes = []
+    for name, value in module.__dict__.items():
+        if name not in _MODULE_INTERNALS:
+            plain = _plain(value)
+            if plain is None:
+                return None
+            attributes.append((name, plain))
+    tensors = tuple((kind, name, None if t is None else (tuple(t.shape), t.dtype, t.device.type))
+                    for kind, table in (("parameter", module._parameters), ("buffer", module._buffers))
+                    for name, t in table.items())
+    return (type(module), tuple(sorted(attributes, key=lambda item: item[0])), tensors,
+            tuple(sorted(module._non_persistent_buffers_set)))
+
+
+def _plain(value) -> Optional[tuple]:
+    """``value`` tagged with its type when it is a number, string, dtype, None, or a tuple or
+    list of those; None otherwise."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return type(value), value
+    if isinstance(value, (tuple, list)):
+        items = tuple(_plain(item) for item in value)
+        return None if any(item is None for item in items) else (type(value), items)
+    return None
 
 
 def _convert_lazy(module: nn.Module) -> nn.Module:
