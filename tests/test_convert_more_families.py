@@ -1,6 +1,7 @@
 """convert() on more of transformers' norm classes: RMS norms without a weight (over the
 last axis, whatever its size), Qwen3-Next's and Bailing's gated RMS norms, DeBERTa's layer
-norm (divides by sqrt, casts before its weight) and VitDet's channels-first layer norm. The
+norm (divides by sqrt, casts before its weight), ImageGPT's RMS norm (divides by sqrt in
+the input's dtype) and VitDet's channels-first layer norm. The
 oracles are those classes, built with random parameters, and small models built from their
 configs, run unconverted on the same inputs with torch's autograd through them; VitDet's
 norm, which rounds its own way, is held to torch's float64 layer norm instead."""
@@ -20,6 +21,7 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Unwei
 from transformers.models.dory.modeling_dory import DoryL2Norm  # noqa: E402
 from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaWeightlessRMSNorm  # noqa: E402
 from transformers.models.hy_v4.modeling_hy_v4 import HYV4UnweightedRMSNorm  # noqa: E402
+from transformers.models.imagegpt.modeling_imagegpt import ImageGPTLayerNorm  # noqa: E402
 from transformers.models.inkling2.modeling_inkling2 import Inkling2UnweightedRMSNorm  # noqa: E402
 from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearRMSNormGated  # noqa: E402
 from transformers.models.llama4.modeling_llama4 import Llama4TextL2Norm  # noqa: E402
@@ -184,6 +186,19 @@ def test_debertas_layer_norm_on_the_kernels_agrees_to_float_rounding(x_dtype):
                             BFLOAT16 if x_dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5))
 
 
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
+def test_imagegpts_layer_norm_becomes_rms_norm_with_its_recipe_to_the_bit(dtypes):
+    x_dtype, weight_dtype = dtypes
+    original = ImageGPTLayerNorm(40, eps=1e-5)
+    torch.nn.init.normal_(original.weight, generator=torch.Generator().manual_seed(0))  # (it starts uninitialized)
+    original = original.to(weight_dtype)
+    converted = convert_quietly(original)
+    assert type(converted) is nt.RMSNorm
+    assert (converted.casting, converted.eps, converted.weight_offset) == ("imagegpt", 1e-5, 0.0)
+    assert list(converted.state_dict()) == ["weight"]
+    assert_same_numbers(original, converted, (torch.randn(3, 5, 40) * 2 + 1).to(x_dtype), None)
+
+
 def channels_first_layer_norm_in_float64(x, weight, bias, eps):
     """torch's layer norm over the channels of (N, C, H, W), in float64: the oracle."""
     return F.layer_norm(x.double().permute(0, 2, 3, 1), weight.shape, weight.double(), bias.double(),
@@ -244,6 +259,14 @@ def tiny_model(kind):
         config = transformers.Llama4TextConfig(
             vocab_size=64, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2, use_qk_norm=True)
+    elif kind == "imagegpt":
+        config = transformers.ImageGPTConfig(vocab_size=65, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+        model = transformers.ImageGPTForCausalImageModeling(config)
+        with torch.no_grad():
+            for module in model.modules():  # (ImageGPT's norms start uninitialized)
+                if type(module).__name__ == "ImageGPTLayerNorm":
+                    module.weight.normal_()
+        return random_parameters(model)
     else:
         config = transformers.DebertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                             intermediate_size=64, max_position_embeddings=32)
@@ -252,7 +275,7 @@ def tiny_model(kind):
 
 
 MODELS = {"qwen3_next": nt.GatedRMSNorm, "falcon_mamba": nt.UnweightedRMSNorm, "llama4": nt.UnweightedRMSNorm,
-          "deberta": nt.RecipeLayerNorm}
+          "deberta": nt.RecipeLayerNorm, "imagegpt": nt.RMSNorm}
 
 
 @pytest.mark.parametrize("kind", list(MODELS))

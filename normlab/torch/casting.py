@@ -11,7 +11,9 @@ checkpoint's numbers bit for bit depend on it. The recipes, named as Liger-Kerne
   ``(x̂ · (1 + weight.float())).to(x.dtype)`` (GemmaRMSNorm, with ``weight_offset=1``);
 * ``"t5"``: the mean of squares in float32, ``x · rsqrt(...)`` in the promoted dtype, cast to
   the weight's dtype when the weight is float16/bfloat16, then ``weight · x̂`` (T5LayerNorm);
-* ``"none"``: everything in the input's dtype.
+* ``"none"``: everything in the input's dtype;
+* ``"imagegpt"``: everything in the input's dtype, dividing by ``sqrt(mean(x²) + eps)``
+  rather than multiplying by its reciprocal, then ``x̂ · weight`` (ImageGPT's layer norm).
 
 Gated norms (:class:`~normlab.torch.fused.GatedRMSNorm`) have one more:
 
@@ -63,7 +65,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-CASTINGS = ("llama", "gemma", "t5", "none")
+CASTINGS = ("llama", "gemma", "t5", "none", "imagegpt")
 LAYER_NORM_CASTINGS = ("olmo", "cohere", "deberta")
 UNWEIGHTED_CASTINGS = ("llama", "deepseek")
 _HALF = (torch.float16, torch.bfloat16)
@@ -127,7 +129,7 @@ def weigh(normalized: Tensor, weight: Optional[Tensor], casting: str, dtype: tor
         if weight.dtype in _HALF:
             normalized = normalized.to(weight.dtype)
         return _scale(weight, weight_offset) * normalized
-    normalized = normalized.to(dtype)  # llama, qwen3_next, and none (which the kernels approximate in float32)
+    normalized = normalized.to(dtype)  # llama, qwen3_next, none and imagegpt (which the kernels approximate in float32)
     scale = _scale(weight, weight_offset)
     return normalized if scale is None else scale * normalized
 
@@ -144,7 +146,9 @@ def rms_norm_recipe(x: Tensor, weight: Optional[Tensor], eps: float, casting: st
     if casting not in CASTINGS:
         raise ValueError(f"unknown casting {casting!r}; use one of {', '.join(CASTINGS)}")
     dims = tuple(range(-normalized_ndim, 0))
-    if casting == "t5":  # T5 scales the input itself (promoted), not its float32 copy
+    if casting == "imagegpt":  # (a division: other bits than the reciprocal's product)
+        normalized = x / torch.sqrt(torch.mean(torch.square(x), dims, keepdim=True) + eps)
+    elif casting == "t5":  # T5 scales the input itself (promoted), not its float32 copy
         variance = x.to(compute_dtype(x.dtype)).pow(2).mean(dims, keepdim=True)
         normalized = x * torch.rsqrt(variance + eps)
     else:

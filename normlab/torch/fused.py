@@ -15,7 +15,7 @@ the pieces of :mod:`normlab.torch.casting` (the one implementation of the recipe
 * ``"qwen3_next"``: as ``"llama"`` up to the weight, everything after it (the gate above
   all) in float32, cast once at the end (Qwen3-Next's gated norm).
 
-(``"t5"`` is an RMSNorm recipe only.) On the kernel path the recipes coincide: the math
+(``"t5"`` and ``"imagegpt"`` are RMSNorm recipes only.) On the kernel path the recipes coincide: the math
 runs in float64 and rounds once.
 """
 
@@ -36,7 +36,7 @@ from normlab.torch.paths import _needs_torch_ops
 
 __all__ = ["CASTINGS", "fused_normalize", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm"]
 
-CASTINGS = (*(c for c in recipes.CASTINGS if c != "t5"), "qwen3_next")  # the recipes a fused block takes
+CASTINGS = (*(c for c in recipes.CASTINGS if c not in ("t5", "imagegpt")), "qwen3_next")  # what a block takes
 _CAST_AT_THE_END = ("gemma", "qwen3_next")  # the recipes whose steps after the weight run in float32
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
