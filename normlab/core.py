@@ -70,10 +70,11 @@ def result_dtype(x: np.ndarray, pattern: str, name: str = "input") -> np.dtype:
 
 def as_array(value, name: str, pattern: str, shape=None, dtype=None) -> np.ndarray:
     """``np.asarray(value)``, where NumPy's refusal (a ragged list, a string where numbers
-    belong) becomes an InputError that names the argument and the pattern."""
+    belong) or torch's (a tensor that requires grad) becomes an InputError that names the
+    argument and the pattern."""
     try:
         return np.asarray(value, dtype=dtype)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, RuntimeError) as err:
         where = f"pattern {pattern!r}" if shape is None else _describe(pattern, shape)
         raise InputError(f"{where}: {name} cannot be read as an array ({err}); pass a NumPy array, or nested "
                          "lists whose rows all have the same length") from None

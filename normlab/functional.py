@@ -33,8 +33,13 @@ __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"
 
 def _input(x, what: str) -> np.ndarray:
     """``x`` as an array; a masked array with masked elements is refused (see :func:`core.reject_masked`)."""
-    core.reject_masked(x, "x", f"{what}, input shape {np.shape(x)}")
-    return np.asarray(x)
+    if isinstance(x, np.ma.MaskedArray):  # the message is built only when needed (np.shape of a ragged list raises)
+        core.reject_masked(x, "x", f"{what}, input shape {np.shape(x)}")
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError, RuntimeError) as err:  # a ragged list; a tensor that requires grad
+        raise InputError(f"{what}: x cannot be read as an array ({err}); pass a NumPy array, or nested lists "
+                         "whose rows all have the same length") from None
 
 
 def _names(ndim: int) -> list[str]:

@@ -267,3 +267,19 @@ def test_a_bad_modulation_is_named_as_modulation_not_params(modulation, says):
     with pytest.raises(normlab.errors.NormlabError, match=rf"{says}.*'b c \[d\]'.*\(2, 3, 4\)") as caught:
         normlab.normalize(x, "b c [d]", scale=np.ones((2, 4)), modulation=modulation)
     assert "params" not in str(caught.value)
+
+
+@pytest.mark.parametrize("call", [
+    lambda t: normlab.normalize(t, "b [d]"),
+    lambda t: normlab.normalize(t.detach().numpy(), "b [d]", weight=t[0], params="d"),
+    lambda t: normlab.normalize_backward(t, t.detach().numpy(), "b [d]"),
+    lambda t: normlab.functional.layer_norm(t, 4),
+    lambda t: normlab.functional.layer_norm([[1.0, 2.0], [3.0]], 2),
+], ids=["x", "weight", "grad_y", "functional", "functional ragged"])
+def test_a_tensor_that_requires_grad_is_an_input_error_that_says_detach(call):
+    """torch refuses .numpy() of such a tensor with a RuntimeError; normlab passes its advice on in an InputError."""
+    import torch
+
+    t = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(InputError, match=r"cannot be read as an array \((Can't call numpy\(\).*detach|setting)"):
+        call(t)
