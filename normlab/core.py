@@ -341,8 +341,8 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
             result = call(x, weight, bias, eps, return_stats)
             if result is not None:
                 return result
-    grouped = _grouped(mask, segment_ids, num_segments, segment_axis, residual, gate, weight_offset, scale, shift,
-                       modulation)  # normalize_with_stats hands masks and segments on
+    grouped = _grouped(x, pattern, mask, segment_ids, num_segments, segment_axis, residual, gate, weight_offset, scale,
+                       shift, modulation)  # normalize_with_stats hands masks and segments on
     if not grouped and fused.wants_fused(residual, gate, weight_offset, scale, shift, modulation):
         return fused.normalize(x, pattern, weight=weight, bias=bias, params=params, eps=eps, rms=rms,
                                return_stats=return_stats, out=out, mean=mean, rstd=rstd, backend=backend,
@@ -362,13 +362,21 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
     return y
 
 
-def _grouped(mask, segment_ids, num_segments, segment_axis, *fused_options) -> bool:
+def _shape_of(x) -> tuple:
+    try:
+        return np.shape(x)
+    except ValueError:  # a ragged list: the checks that read it explain
+        return ()
+
+
+def _grouped(x, pattern, mask, segment_ids, num_segments, segment_axis, *fused_options) -> bool:
     """Whether masks or segments are asked for (they do not combine with the fused options yet)."""
     if mask is None and segment_ids is None and num_segments is None and segment_axis is None:
         return False
     if fused.wants_fused(*fused_options):
-        raise InputError("mask= and segment_ids= do not combine with residual, gate, weight_offset or modulation "
-                         "yet; apply the mask or segments in a separate normalize call")
+        raise InputError(f"{_describe(pattern, _shape_of(x))}: mask= and segment_ids= do not combine "
+                         "with residual, gate, weight_offset or modulation yet; apply the mask or segments in a "
+                         "separate normalize call")
     return True
 
 
@@ -464,7 +472,7 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
     ``mask`` and the segment arguments are :func:`normalize`'s; the gradients are exactly
     those of its definition, masked-out outputs included.
     """
-    if _grouped(mask, segment_ids, num_segments, segment_axis, residual, gate, weight_offset, scale, shift,
+    if _grouped(x, pattern, mask, segment_ids, num_segments, segment_axis, residual, gate, weight_offset, scale, shift,
                 modulation):
         from normlab import grouped
 

@@ -283,3 +283,12 @@ def test_a_tensor_that_requires_grad_is_an_input_error_that_says_detach(call):
     t = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
     with pytest.raises(InputError, match=r"cannot be read as an array \((Can't call numpy\(\).*detach|setting)"):
         call(t)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_a_mask_with_a_fused_option_is_refused_naming_the_pattern_and_shape(backward):
+    x = np.random.default_rng(15).standard_normal((2, 5))
+    call = (lambda **k: normlab.normalize_backward(np.ones_like(x), x, "b [d]", **k)) if backward else (
+        lambda **k: normlab.normalize(x, "b [d]", **k))
+    with pytest.raises(InputError, match=r"pattern 'b \[d\]', input shape \(2, 5\): mask= and segment_ids= do not"):
+        call(mask=np.ones(5, bool), residual=x)
