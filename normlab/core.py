@@ -163,12 +163,17 @@ def _check_eps(eps, plan: Plan) -> float:
 def _check_flag(value, name: str, plan: Plan) -> bool:
     """``value`` as a Python bool. The kernels compile once per argument type, so a flag
     must reach them as ``bool`` whatever the caller passed (``np.True_``, ``1``)."""
+    return _flag(value, name, _describe(plan, plan.shape))
+
+
+def _flag(value, name: str, context: str) -> bool:
+    """:func:`_check_flag` with ``context`` (the pattern and the input shape) for the message."""
     if isinstance(value, bool):
         return value
     array = np.asarray(value) if isinstance(value, (np.generic, np.ndarray, int)) else None
     if array is None or array.shape != () or array.dtype.kind not in "biu" or array not in (0, 1):
         shown = f"an array of shape {array.shape}" if array is not None and array.shape != () else repr(value)
-        raise InputError(f"{name} must be True or False, got {shown} ({_describe(plan, plan.shape)}); "
+        raise InputError(f"{name} must be True or False, got {shown} ({context}); "
                          f"pass {name}=True or {name}=False")
     return bool(array)
 
@@ -327,7 +332,7 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
             and segment_ids is None and num_segments is None and segment_axis is None and residual is None
             and gate is None and scale is None and shift is None and modulation is None
             and fused._no_offset(weight_offset)
-            and (rms is True or rms is False)):
+            and (rms is True or rms is False) and (return_stats is True or return_stats is False)):
         # the fast path: everything the checks and the plan decide depends on this key alone
         # (a check that looks at values must make the fast call return None)
         key = (pattern, x.shape, x.dtype, params, rms, backend, _dtype_of(weight), _dtype_of(bias),
@@ -341,6 +346,8 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
             result = call(x, weight, bias, eps, return_stats)
             if result is not None:
                 return result
+    # "False" is truthy: a flag of any other type would return the statistics unasked
+    return_stats = _flag(return_stats, "return_stats", _describe(pattern, _shape_of(x)))
     grouped = _grouped(x, pattern, mask, segment_ids, num_segments, segment_axis, residual, gate, weight_offset, scale,
                        shift, modulation)  # normalize_with_stats hands masks and segments on
     if not grouped and fused.wants_fused(residual, gate, weight_offset, scale, shift, modulation):

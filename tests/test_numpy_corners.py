@@ -292,3 +292,23 @@ def test_a_mask_with_a_fused_option_is_refused_naming_the_pattern_and_shape(back
         lambda **k: normlab.normalize(x, "b [d]", **k))
     with pytest.raises(InputError, match=r"pattern 'b \[d\]', input shape \(2, 5\): mask= and segment_ids= do not"):
         call(mask=np.ones(5, bool), residual=x)
+
+
+@pytest.mark.parametrize("flag", ["False", None, np.array([1, 0]), 2])
+def test_return_stats_that_is_not_a_boolean_is_an_input_error_as_rms_is(flag):
+    """return_stats="False" returned the statistics (a string is truthy); rms= refused it already."""
+    x = np.random.default_rng(16).standard_normal((2, 5))
+    for _ in range(2):  # the repeated call's fast path too
+        normlab.normalize(x, "b [d]")
+    for extra in ({}, {"mask": np.ones(5, bool)}, {"residual": x}):
+        with pytest.raises(InputError, match=r"return_stats must be True or False.*'b \[d\]', input shape \(2, 5\)"):
+            normlab.normalize(x, "b [d]", return_stats=flag, **extra)
+
+
+@pytest.mark.parametrize("flag, returns_stats", [(np.True_, True), (np.False_, False), (1, True), (0, False)])
+def test_numpy_and_integer_return_stats_mean_what_they_say(flag, returns_stats):
+    x = np.random.default_rng(17).standard_normal((2, 5))
+    result = normlab.normalize(x, "b [d]", return_stats=flag)
+    y = result[0] if returns_stats else result
+    assert isinstance(result, tuple) == returns_stats
+    np.testing.assert_allclose(y, _layer_norm64(x), rtol=0, atol=1e-12)
