@@ -83,7 +83,8 @@ def as_array(value, name: str, pattern: str, shape=None, dtype=None) -> np.ndarr
 def _param_array(value, name: str, plan: Plan) -> np.ndarray:
     array = as_array(value, name, plan.pattern, plan.shape)
     if array.dtype.kind not in "fiub":
-        raise ParamsError(f"{name} has dtype {array.dtype}; pass a float array of shape {plan.param_shape}")
+        raise ParamsError(f"{_describe(plan, plan.shape)}: {name} has dtype {array.dtype}; pass a float16, float32 "
+                          f"or float64 array of shape {plan.param_shape} (cast with {name}.astype(np.float32))")
     if array.shape != plan.param_shape:
         raise ParamsError(
             f"{name} has shape {array.shape}, but params={plan.params!r} spans shape {plan.param_shape} "

@@ -159,7 +159,8 @@ def _same_shape(value, name: str, plan: Plan, pattern: str) -> np.ndarray:
     reject_masked(value, name, f"pattern {pattern!r}, input shape {plan.shape}")
     array = native(as_array(value, name, pattern, plan.shape))
     if array.dtype.kind not in "fiub":
-        raise InputError(f"{name} has dtype {array.dtype}; pass a float array of x's shape {plan.shape}")
+        raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: {name} has dtype {array.dtype}; pass a "
+                         f"float16, float32 or float64 array of x's shape (cast with {name}.astype(np.float32))")
     if array.shape != plan.shape:
         raise ShapeError(f"pattern {pattern!r}, input shape {plan.shape}: {name} has shape {array.shape}; "
                          f"it must have x's shape {plan.shape}")
@@ -205,7 +206,9 @@ def _modulation_array(value, name: str, mod_plan: Plan) -> np.ndarray:
 
     array = as_array(value, name, mod_plan.pattern, mod_plan.shape)
     if array.dtype.kind not in "fiub":
-        raise ParamsError(f"{name} has dtype {array.dtype}; pass a float array of shape {mod_plan.param_shape}")
+        raise ParamsError(f"pattern {mod_plan.pattern!r}, input shape {mod_plan.shape}: {name} has dtype "
+                          f"{array.dtype}; pass a float16, float32 or float64 array of shape {mod_plan.param_shape} "
+                          f"(cast with {name}.astype(np.float32))")
     if array.shape != mod_plan.param_shape:
         raise ParamsError(
             f"{name} has shape {array.shape}, but modulation={mod_plan.params!r} spans shape "

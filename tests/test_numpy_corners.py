@@ -312,3 +312,17 @@ def test_numpy_and_integer_return_stats_mean_what_they_say(flag, returns_stats):
     y = result[0] if returns_stats else result
     assert isinstance(result, tuple) == returns_stats
     np.testing.assert_allclose(y, _layer_norm64(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["weight", "residual", "scale"])
+def test_a_parameter_of_an_unsupported_dtype_is_refused_with_the_pattern_and_the_cast(name):
+    """An ml_dtypes bfloat16 array (as JAX code holds weights) is a float, but not one normlab
+    computes with: the error names the pattern and the cast, where it said "pass a float array"."""
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed")
+    x = np.random.default_rng(18).standard_normal((2, 4))
+    shapes = {"weight": (4,), "residual": (2, 4), "scale": (2, 4)}
+    value = np.ones(shapes[name], ml_dtypes.bfloat16)
+    extra = {"weight": {"params": "d"}, "residual": {}, "scale": {"modulation": "b d"}}[name]
+    with pytest.raises(normlab.errors.NormlabError,
+                       match=rf"'b \[d\]', input shape \(2, 4\): {name} has dtype bfloat16.*{name}\.astype\(np\.float32\)"):
+        normlab.normalize(x, "b [d]", **{name: value}, **extra)
