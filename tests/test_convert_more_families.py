@@ -278,9 +278,22 @@ MODELS = {"qwen3_next": nt.GatedRMSNorm, "falcon_mamba": nt.UnweightedRMSNorm, "
           "deberta": nt.RecipeLayerNorm, "imagegpt": nt.RMSNorm}
 
 
+def assert_same(actual, expected, tolerance, what):
+    if tolerance is None:
+        assert torch.equal(actual, expected), f"{what}: {(actual - expected).abs().max()}"
+    else:
+        torch.testing.assert_close(actual, expected, **tolerance, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("kind", list(MODELS))
-def test_small_models_from_config_give_the_same_logits_and_gradients_to_the_bit_in_bfloat16(kind):
-    original = tiny_model(kind).bfloat16()
+def test_small_models_from_config_give_the_same_logits_and_gradients(kind, dtype):
+    # to the bit where the converted norms run their recipe's torch operations: everywhere but
+    # in float32 Qwen3-Next's gated norm and DeBERTa's head's torch.nn.LayerNorm, which run on
+    # the kernels (statistics in float64)
+    on_kernels = kind in ("qwen3_next", "deberta") and dtype == torch.float32
+    tolerance = dict(rtol=1e-4, atol=1e-5) if on_kernels else None
+    original = tiny_model(kind).to(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no norm left unconverted
         converted = nt.convert(copy.deepcopy(original))
@@ -293,7 +306,8 @@ def test_small_models_from_config_give_the_same_logits_and_gradients_to_the_bit_
         model(input_ids=ids, labels=ids).loss.backward()
     with torch.no_grad():
         original.eval(), converted.eval()
-        assert torch.equal(converted(input_ids=ids).logits, original(input_ids=ids).logits)
+        assert_same(converted(input_ids=ids).logits, original(input_ids=ids).logits, tolerance, "logits")
     for (name, expected), (_, actual) in zip(original.named_parameters(), converted.named_parameters()):
         assert (actual.grad is None) == (expected.grad is None), name
-        assert expected.grad is None or torch.equal(actual.grad, expected.grad), name
+        if expected.grad is not None:
+            assert_same(actual.grad, expected.grad, tolerance, name)
