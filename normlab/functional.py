@@ -25,7 +25,8 @@ import numpy as np
 
 from normlab import core
 from normlab.errors import InputError, ShapeError
-from normlab.masked import MaskedStats
+from normlab.masked import MaskedStats, _mask_view
+from normlab.plan import make_plan
 from normlab.reference import Stats
 
 __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]
@@ -223,7 +224,9 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     if training:
         n = math.prod(x.shape) // channels if channels else 0
         if mask is not None and n:  # the fewest counted values of any channel
-            counted = np.broadcast_to(np.asarray(mask), x.shape).sum(axis=tuple(i for i in range(x.ndim) if i != channel))
+            # the engine's checks of the mask (dtype, shape), before counting with it
+            full = _mask_view(mask, make_plan(pattern, x.shape)).reshape(x.shape)
+            counted = full.sum(axis=tuple(i for i in range(x.ndim) if i != channel))
             n = int(counted.min())
             if n <= 1:
                 raise InputError(f"{what}: expected more than 1 counted value per channel when training, got "

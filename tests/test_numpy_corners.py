@@ -326,3 +326,29 @@ def test_a_parameter_of_an_unsupported_dtype_is_refused_with_the_pattern_and_the
     with pytest.raises(normlab.errors.NormlabError,
                        match=rf"'b \[d\]', input shape \(2, 4\): {name} has dtype bfloat16.*{name}\.astype\(np\.float32\)"):
         normlab.normalize(x, "b [d]", **{name: value}, **extra)
+
+
+@pytest.mark.parametrize("mask, error", [
+    (np.ones((2, 6), bool), ShapeError),
+    ([[True], [True, False]], InputError),
+    (np.ones((3, 1, 6), np.int64), InputError),
+])
+def test_functional_batch_norm_checks_its_mask_before_counting_with_it(mask, error):
+    """Training counts each channel's values first; a mask that does not broadcast (or is
+    ragged) failed there with NumPy's bare ValueError, before the engine's checks."""
+    x = np.random.default_rng(19).standard_normal((3, 4, 6))
+    with pytest.raises(error, match=r"'\[a0\] a1 \[a2\]', input shape \(3, 4, 6\): mask"):
+        normlab.functional.batch_norm(x, np.zeros(4), np.ones(4), training=True, mask=mask)
+
+
+def test_functional_batch_norm_with_a_broadcast_mask_trains_as_torch_on_the_counted_values():
+    import torch
+
+    x = np.random.default_rng(20).standard_normal((3, 4, 6))
+    mask = np.arange(6) < 4  # the last two positions are padding
+    running_mean, running_var = np.zeros(4), np.ones(4)
+    y = normlab.functional.batch_norm(x, running_mean, running_var, training=True, mask=mask)
+    mean_t, var_t = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    expected = torch.nn.functional.batch_norm(torch.from_numpy(x[..., :4].copy()), mean_t, var_t, training=True)
+    np.testing.assert_allclose(y[..., :4], expected.numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(running_var, var_t.numpy(), rtol=1e-12)
