@@ -480,6 +480,9 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
     ``mask`` and the segment arguments are :func:`normalize`'s; the gradients are exactly
     those of its definition, masked-out outputs included.
     """
+    if grad_sum is not None and residual is None:  # there is no x + residual for it to be the gradient of
+        raise InputError(f"{_describe(pattern, _shape_of(x))}: grad_sum is the gradient of the returned x + residual, "
+                         "and no residual was given; pass residual= (as to normalize), or leave grad_sum out")
     if _grouped(x, pattern, mask, segment_ids, num_segments, segment_axis, residual, gate, weight_offset, scale, shift,
                 modulation):
         from normlab import grouped

@@ -352,3 +352,13 @@ def test_functional_batch_norm_with_a_broadcast_mask_trains_as_torch_on_the_coun
     expected = torch.nn.functional.batch_norm(torch.from_numpy(x[..., :4].copy()), mean_t, var_t, training=True)
     np.testing.assert_allclose(y[..., :4], expected.numpy(), rtol=0, atol=1e-12)
     np.testing.assert_allclose(running_var, var_t.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("extra", [{}, {"gate": np.zeros((2, 4))}, {"mask": np.ones(4, bool)}], ids=["plain", "gate", "mask"])
+def test_a_grad_sum_without_a_residual_is_refused_not_ignored_or_added(backend, extra):
+    """Without residual= there is no x + residual: the plain backward dropped grad_sum and the
+    gated one added it to grad x, two answers to a question with none."""
+    x = np.random.default_rng(21).standard_normal((2, 4))
+    with pytest.raises(InputError, match=r"'b \[d\]', input shape \(2, 4\): grad_sum .* no residual was given"):
+        normlab.normalize_backward(np.ones_like(x), x, "b [d]", grad_sum=np.ones_like(x), backend=backend, **extra)
