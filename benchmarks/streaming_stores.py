@@ -4,8 +4,8 @@ always and never, timed in turns on the same arrays (median of each), per output
 A non-temporal store writes a whole 64-byte line to memory without first reading it
 into the cache. For an output far past the last-level cache that saves a third of an
 output pass's traffic; for one that fits, it sends to memory what the next operation
-would have found in cache. ``normlab.kernels.rows.STREAM_ELEMENTS`` comes from this
-table. Above 1: the streamed copy is faster. Threaded runs use normlab's own pool (no
+would have found in cache. ``normlab.kernels.rows.STREAM_ELEMENTS`` and
+``columns.COLUMN_STREAM_ELEMENTS`` come from this table. Above 1: the streamed copy is faster. Threaded runs use normlab's own pool (no
 torch in this process), both cores.
 
     python benchmarks/streaming_stores.py [--rounds 7] [--sizes 4,8,16,32,128]
@@ -32,7 +32,7 @@ def _copies(kern, module) -> dict:
     made = {}
     for label, value in (("plain", NEVER), ("streamed", ALWAYS)):
         fn = kern.py_func
-        namespace = dict(fn.__globals__, STREAM_ELEMENTS=value)
+        namespace = dict(fn.__globals__, STREAM_ELEMENTS=value, COLUMN_STREAM_ELEMENTS=value)
         copy = types.FunctionType(fn.__code__, namespace, f"{fn.__name__}_bench_{label}", fn.__defaults__,
                                   fn.__closure__)
         copy.__qualname__ = f"{fn.__qualname__}_bench_{label}"

@@ -1,6 +1,6 @@
 """Batch norm's float32 apply passes (training, and evaluation's folded scale and shift)
 write large outputs with non-temporal stores, channels-first slab by slab and
-channels-last row by row. These inputs are past that size (``rows.STREAM_ELEMENTS``;
+channels-last row by row. These inputs are past that size (``columns.COLUMN_STREAM_ELEMENTS``;
 evaluation also past the size below which the twin takes torch's own op). Oracle:
 torch.nn's batch norm in float64 and the contract's exact properties."""
 
@@ -10,11 +10,11 @@ import pytest
 pytest.importorskip("numba")
 torch = pytest.importorskip("torch")
 
-from normlab.kernels import rows as row_kernels  # noqa: E402
+from normlab.kernels import columns  # noqa: E402
 from normlab.torch import BatchNorm1d, BatchNorm2d  # noqa: E402
 from normlab.torch.compute import EVAL_NATIVE_BELOW_BYTES  # noqa: E402
 
-ELEMENTS = row_kernels.STREAM_ELEMENTS
+ELEMENTS = columns.COLUMN_STREAM_ELEMENTS
 
 
 def randomized(twin, reference):

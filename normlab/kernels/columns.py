@@ -23,11 +23,16 @@ import numpy as np
 from numba import prange
 
 from normlab.kernels._jit import helper, kernel
-from normlab.kernels.rows import (CANCELLATION, RSTD_HIGH, RSTD_LOW, STREAM_ELEMENTS, folded_streaming, scaled_streaming,
+from normlab.kernels.rows import (CANCELLATION, RSTD_HIGH, RSTD_LOW, folded_streaming, scaled_streaming,
                                  streamed_folded, streamed_scale_shift)
 from normlab.kernels.sums import centered_square_sum, gradient_sums, reciprocal_std, shifted_moments, square_sum
 
 ROW_BLOCK = 4  # channels-last: rows that share one load and store of the per-channel accumulators
+# float32 apply passes of this many elements and more write with non-temporal stores
+# (rows.scaled_streaming): twice the row kernels' threshold, since a batch norm's stats
+# pass has just read x, and at 16 MiB streamed and plain stores broke even here
+# (0.93-1.10; 1.15-1.36 at 32 MiB, 1.34-1.47 at 128 MiB: benchmarks/streaming_stores.py)
+COLUMN_STREAM_ELEMENTS = 8 << 20
 
 
 @kernel
@@ -234,7 +239,7 @@ def channels_first_apply32(x, y, weight, bias, mean, rstd):
     outer = x.shape[0]
     channels = x.shape[1]
     inner = x.shape[2]
-    streaming = x.size >= STREAM_ELEMENTS  # non-temporal stores (see rows.scaled_streaming)
+    streaming = x.size >= COLUMN_STREAM_ELEMENTS  # non-temporal stores (see rows.scaled_streaming)
     one = np.float32(1.0)
     for unit in prange(outer * channels):
         o = unit // channels
@@ -294,7 +299,7 @@ def channels_last_apply32(x, y, weight, bias, mean, rstd, group_rows, block_chan
     channels = x.shape[1]
     groups = (rows + group_rows - 1) // group_rows
     blocks = (channels + block_channels - 1) // block_channels
-    streaming = x.size >= STREAM_ELEMENTS  # non-temporal stores (see rows.folded_streaming)
+    streaming = x.size >= COLUMN_STREAM_ELEMENTS  # non-temporal stores (see rows.folded_streaming)
     for unit in prange(groups * blocks):
         g = unit // blocks
         c0 = (unit % blocks) * block_channels
@@ -508,7 +513,7 @@ def channels_first_scale_shift(x, y, hi, lo, scale, shift):
     outer = x.shape[0]
     channels = x.shape[1]
     inner = x.shape[2]
-    streaming = x.size >= STREAM_ELEMENTS  # non-temporal stores for float32 (see rows.streamed_scale_shift)
+    streaming = x.size >= COLUMN_STREAM_ELEMENTS  # non-temporal stores for float32 (see rows.streamed_scale_shift)
     for unit in prange(outer * channels):
         o = unit // channels
         c = unit % channels
@@ -531,7 +536,7 @@ def channels_last_scale_shift(x, y, hi, lo, scale, shift, chunk_rows):
     rows = x.shape[0]
     channels = x.shape[1]
     chunks = (rows + chunk_rows - 1) // chunk_rows
-    streaming = x.size >= STREAM_ELEMENTS  # non-temporal stores for float32 (see rows.streamed_folded)
+    streaming = x.size >= COLUMN_STREAM_ELEMENTS  # non-temporal stores for float32 (see rows.streamed_folded)
     for k in prange(chunks):
         for r in range(k * chunk_rows, min(rows, (k + 1) * chunk_rows)):
             x_row = x[r]

@@ -21,9 +21,10 @@ come from :func:`normlab.kernels.sums.group_stats` (rstd is NaN where the varian
 A float32 output of STREAM_ELEMENTS and more is written with non-temporal stores
 (:func:`apply_row_streaming`): an ordinary store first reads its line into the cache,
 which for an output far past the last-level cache is a third of the pass's memory
-traffic spent for nothing. Layer norm forward on 8192×4096 float32 ran 1.45× faster
-this way on a 2-core AMD EPYC, 1.34-1.42× at 16 MiB; at 8 MiB, where input and output
-still fit its 32 MiB L3, two threads ran 0.79× (hence the threshold).
+traffic spent for nothing. On a 2-core AMD EPYC (32 MiB L3) the layer norm forward
+kernel ran 1.23-1.46× faster this way on outputs of 16 and 32 MiB and 1.37-1.40× at
+128 MiB, one thread or two, but 0.81-0.96× at 8 MiB, where input and output still fit
+the L3: hence the threshold (``benchmarks/streaming_stores.py``).
 """
 
 from __future__ import annotations
