@@ -147,6 +147,23 @@ def prefetch(values):
 STREAM_LANES = 16  # float32 elements per non-temporal store: one 64-byte cache line
 
 
+@intrinsic
+def data_address(typingctx, array):
+    """The address of an array's first element, as an integer. (``array.ctypes.data``
+    takes a reference to the array's memory, an atomic increment and decrement, and a
+    locked instruction waits for every pending non-temporal store: a row of a few lines
+    then cost three times as much.)"""
+    if not isinstance(array, numba_types.Array):
+        return None
+    signature = numba_types.intp(array)
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        return builder.ptrtoint(data, context.get_value_type(numba_types.intp))
+
+    return signature, codegen
+
+
 def _float32_arrays(*arrays) -> bool:
     return all(isinstance(a, numba_types.Array) and a.ndim == 1 and a.dtype == numba_types.float32 for a in arrays)
 
@@ -219,29 +236,6 @@ def stream_scaled_line(typingctx, x, y, index, hi, lo, rs, weight, bias):
         splats = [_splat(builder, value, lanes) for value in args[3:8]]
         line = _normalized_line(builder, _float32_vector(builder, x_a, args[2], lanes), *splats)
         _store_streaming(builder, line, y_a, args[2])
-        return context.get_dummy_value()
-
-    return signature, codegen
-
-
-@intrinsic
-def stream_folded_line(typingctx, x, y, hi, lo, scale, shift, index):
-    """``y[i:i+16] = ((x − hi) − lo)·scale + shift`` with every operand a float32 1-D array
-    read at ``i`` (batch norm's folded tables along a channels-last row), stored
-    non-temporally; ``y[i]`` must be 64-byte aligned."""
-    if not _float32_arrays(x, y, hi, lo, scale, shift):
-        return None
-    signature = numba_types.void(x, y, hi, lo, scale, shift, index)
-
-    def codegen(context, builder, sig, args):
-        x_a, y_a, hi_a, lo_a, scale_a, shift_a = (context.make_array(sig.args[k])(context, builder, args[k])
-                                                  for k in range(6))
-        i = args[6]
-        lanes = STREAM_LANES
-        x_v, hi_v, lo_v, scale_v, shift_v = (_float32_vector(builder, a, i, lanes)
-                                             for a in (x_a, hi_a, lo_a, scale_a, shift_a))
-        line = builder.fadd(builder.fmul(builder.fsub(builder.fsub(x_v, hi_v), lo_v), scale_v), shift_v)
-        _store_streaming(builder, line, y_a, i)
         return context.get_dummy_value()
 
     return signature, codegen

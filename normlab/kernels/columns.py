@@ -22,14 +22,16 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from normlab.kernels._jit import helper, kernel
-from normlab.kernels.rows import (CANCELLATION, RSTD_HIGH, RSTD_LOW, folded_streaming, scaled_streaming,
-                                 streamed_folded, streamed_scale_shift)
+from normlab.kernels._jit import helper, kernel, store_fence
+from normlab.kernels.rows import (CANCELLATION, RSTD_HIGH, RSTD_LOW, STREAM_MIN_ROW, scaled_streaming,
+                                  streamed_scale_shift)
 from normlab.kernels.sums import centered_square_sum, gradient_sums, reciprocal_std, shifted_moments, square_sum
 
 ROW_BLOCK = 4  # channels-last: rows that share one load and store of the per-channel accumulators
-# float32 apply passes of this many elements and more write with non-temporal stores
-# (rows.scaled_streaming): twice the row kernels' threshold, since a batch norm's stats
+# float32 channels-first apply passes of this many elements and more write with
+# non-temporal stores (rows.scaled_streaming; slabs of rows.STREAM_MIN_ROW elements and
+# more; channels-last rows, a block of channels wide, ran up to 6x slower streamed):
+# twice the row kernels' threshold, since a batch norm's stats
 # pass has just read x, and at 16 MiB streamed and plain stores broke even here
 # (0.93-1.10; 1.15-1.36 at 32 MiB, 1.34-1.47 at 128 MiB: benchmarks/streaming_stores.py)
 COLUMN_STREAM_ELEMENTS = 8 << 20
@@ -239,7 +241,7 @@ def channels_first_apply32(x, y, weight, bias, mean, rstd):
     outer = x.shape[0]
     channels = x.shape[1]
     inner = x.shape[2]
-    streaming = x.size >= COLUMN_STREAM_ELEMENTS  # non-temporal stores (see rows.scaled_streaming)
+    streaming = x.size >= COLUMN_STREAM_ELEMENTS and inner >= STREAM_MIN_ROW  # (see rows.scaled_streaming)
     one = np.float32(1.0)
     for unit in prange(outer * channels):
         o = unit // channels
@@ -262,6 +264,8 @@ def channels_first_apply32(x, y, weight, bias, mean, rstd):
             b32 = shift[c]
             for i in range(inner):
                 y_slab[i] = ((x_slab[i] - h) - low) * s + b32
+    if streaming:
+        store_fence()  # (see rows.scaled_streaming)
 
 
 @kernel
@@ -299,7 +303,6 @@ def channels_last_apply32(x, y, weight, bias, mean, rstd, group_rows, block_chan
     channels = x.shape[1]
     groups = (rows + group_rows - 1) // group_rows
     blocks = (channels + block_channels - 1) // block_channels
-    streaming = x.size >= COLUMN_STREAM_ELEMENTS  # non-temporal stores (see rows.folded_streaming)
     for unit in prange(groups * blocks):
         g = unit // blocks
         c0 = (unit % blocks) * block_channels
@@ -314,11 +317,8 @@ def channels_last_apply32(x, y, weight, bias, mean, rstd, group_rows, block_chan
         for r in range(start, stop):
             x_row = x[r, c0:c1]
             y_row = y[r, c0:c1]
-            if streaming:
-                folded_streaming(x_row, y_row, h, low, s, b)
-            else:
-                for c in range(width):
-                    y_row[c] = ((x_row[c] - h[c]) - low[c]) * s[c] + b[c]
+            for c in range(width):
+                y_row[c] = ((x_row[c] - h[c]) - low[c]) * s[c] + b[c]
         for c in range(c0, c1):
             if unfit[c]:
                 for r in range(start, stop):
@@ -513,7 +513,8 @@ def channels_first_scale_shift(x, y, hi, lo, scale, shift):
     outer = x.shape[0]
     channels = x.shape[1]
     inner = x.shape[2]
-    streaming = x.size >= COLUMN_STREAM_ELEMENTS  # non-temporal stores for float32 (see rows.streamed_scale_shift)
+    # non-temporal stores for float32 (see rows.streamed_scale_shift)
+    streaming = x.size >= COLUMN_STREAM_ELEMENTS and inner >= STREAM_MIN_ROW
     for unit in prange(outer * channels):
         o = unit // channels
         c = unit % channels
@@ -528,6 +529,8 @@ def channels_first_scale_shift(x, y, hi, lo, scale, shift):
         else:
             for i in range(inner):
                 y_slab[i] = ((x_slab[i] - h) - low) * s + b
+    if streaming:
+        store_fence()  # (see rows.scaled_streaming)
 
 
 @kernel
@@ -536,16 +539,12 @@ def channels_last_scale_shift(x, y, hi, lo, scale, shift, chunk_rows):
     rows = x.shape[0]
     channels = x.shape[1]
     chunks = (rows + chunk_rows - 1) // chunk_rows
-    streaming = x.size >= COLUMN_STREAM_ELEMENTS  # non-temporal stores for float32 (see rows.streamed_folded)
     for k in prange(chunks):
         for r in range(k * chunk_rows, min(rows, (k + 1) * chunk_rows)):
             x_row = x[r]
             y_row = y[r]
-            if streaming:
-                streamed_folded(x_row, y_row, hi, lo, scale, shift)
-            else:
-                for c in range(channels):
-                    y_row[c] = ((x_row[c] - hi[c]) - lo[c]) * scale[c] + shift[c]
+            for c in range(channels):
+                y_row[c] = ((x_row[c] - hi[c]) - lo[c]) * scale[c] + shift[c]
 
 
 @helper

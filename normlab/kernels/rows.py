@@ -34,8 +34,8 @@ from numba import prange
 from numba.core import types as numba_types
 from numba.extending import overload
 
-from normlab.kernels._jit import (NUMBA_OPTIONS, STREAM_LANES, helper, inline_helper, kernel, prefetch, store_fence,
-                                  stream_affine_line, stream_folded_line, stream_scaled_line)
+from normlab.kernels._jit import (NUMBA_OPTIONS, STREAM_LANES, data_address, helper, inline_helper, kernel, prefetch,
+                                  store_fence, stream_affine_line, stream_scaled_line)
 from normlab.kernels.sums import (centered_square_sum, gradient_sums, group_stats, reciprocal_std, shifted_moments,
                                   square_sum, weighted_gradient_sums)
 
@@ -50,6 +50,10 @@ CANCELLATION = 1e8
 # (:func:`apply_row_streaming`): far past the last-level cache, where the output goes to
 # memory anyway, and a store that first reads the line in costs a third of the traffic
 STREAM_ELEMENTS = 4 << 20
+# ... and only rows (or slabs) of this many elements: an atomic operation between rows (a
+# reference count) waits for the row's streamed lines to reach memory, which rows of a
+# few lines cannot repay (64-element rows ran 2-3x slower streamed; 1024 and up faster)
+STREAM_MIN_ROW = 1024
 
 
 @helper
@@ -122,7 +126,7 @@ def line_span(y_row, contiguous):
     of lines; (n, n), nothing streamed, where the row's arrays are not ``contiguous`` or
     the output is not aligned to a float32 (the lines load and store contiguous memory)."""
     n = y_row.shape[0]
-    address = y_row.ctypes.data
+    address = data_address(y_row)
     if not contiguous or address % 4 != 0 or y_row.strides[0] != 4:
         return n, n
     head = min(n, ((64 - address % 64) % 64) // 4)
@@ -134,9 +138,11 @@ def scaled_streaming(x_row, y_row, hi, lo, rs, w, b):
     """``y = ((x − hi) − lo)·rs·w + b`` along a float32 row with float32 scalars, the output
     written by non-temporal stores one 64-byte line at a time, the same operations in the
     same order (the same bits); the row's first elements, up to a line boundary, and its
-    last, short of a line, are stored as usual. A fence ends the row: its streamed lines
-    are in memory, in order with later stores, before the thread goes on. (``w = 1``
-    gives ``((x − hi) − lo)·rs + b`` exactly: a product by 1 rounds nothing.)"""
+    last, short of a line, are stored as usual. Streamed lines are not ordered with other
+    stores: the kernel ends with :func:`store_fence` (one per thread and call; a fence per
+    row cost 4× on rows of a few lines), and a thread's claim of work done, an atomic
+    read-modify-write, also writes them out before it is seen. (``w = 1`` gives
+    ``((x − hi) − lo)·rs + b`` exactly: a product by 1 rounds nothing.)"""
     n = x_row.shape[0]
     head, body_end = line_span(y_row, x_row.strides[0] == 4)
     for j in range(head):
@@ -145,21 +151,17 @@ def scaled_streaming(x_row, y_row, hi, lo, rs, w, b):
         stream_scaled_line(x_row, y_row, j, hi, lo, rs, w, b)
     for j in range(body_end, n):
         y_row[j] = ((x_row[j] - hi) - lo) * rs * w + b
-    if body_end > head:
-        store_fence()
 
 
 @inline_helper
 def apply_row_streaming(x_row, y_row, w_row, b_row, param_inner, hi, lo, rs):
     """:func:`apply_row` on float32 with the output written by non-temporal stores, as
-    :func:`scaled_streaming` writes it; a row whose parameters repeat within it (group
-    norm) takes :func:`apply_row`."""
+    :func:`scaled_streaming` writes it, for a weight and bias per element (layer and RMS
+    norm); other rows take :func:`apply_row` (streamed, rows with one weight and bias ran
+    0.7-0.9x of plain stores, rows whose parameters repeat within them are group norm's)."""
     n = x_row.shape[0]
     channels = w_row.shape[0]
-    if channels == 1 and param_inner == n:
-        scaled_streaming(x_row, y_row, hi, lo, rs, w_row[0], b_row[0])
-        return
-    if param_inner != 1 or channels != n:
+    if param_inner != 1 or channels != n:  # (one weight for the row: plain stores measured faster)
         apply_row(x_row, y_row, w_row, b_row, param_inner, hi, lo, rs)
         return
     head, body_end = line_span(y_row, x_row.strides[0] == 4 and w_row.strides[0] == 4 and b_row.strides[0] == 4)
@@ -169,26 +171,6 @@ def apply_row_streaming(x_row, y_row, w_row, b_row, param_inner, hi, lo, rs):
         stream_affine_line(x_row, y_row, w_row, b_row, j, hi, lo, rs)
     for j in range(body_end, n):
         y_row[j] = ((x_row[j] - hi) - lo) * rs * w_row[j] + b_row[j]
-    if body_end > head:
-        store_fence()
-
-
-@inline_helper
-def folded_streaming(x_row, y_row, hi, lo, scale, shift):
-    """``y = ((x − hi) − lo)·scale + shift`` along a float32 row with a float32 table
-    entry per element (batch norm's folded tables, channels-last), streamed as
-    :func:`scaled_streaming` streams."""
-    n = x_row.shape[0]
-    head, body_end = line_span(y_row, x_row.strides[0] == 4 and hi.strides[0] == 4 and lo.strides[0] == 4
-                               and scale.strides[0] == 4 and shift.strides[0] == 4)
-    for c in range(head):
-        y_row[c] = ((x_row[c] - hi[c]) - lo[c]) * scale[c] + shift[c]
-    for c in range(head, body_end, STREAM_LANES):
-        stream_folded_line(x_row, y_row, hi, lo, scale, shift, c)
-    for c in range(body_end, n):
-        y_row[c] = ((x_row[c] - hi[c]) - lo[c]) * scale[c] + shift[c]
-    if body_end > head:
-        store_fence()
 
 
 def streamed_scale_shift(x_row, y_row, hi, lo, scale, shift):
@@ -206,21 +188,6 @@ def _streamed_scale_shift_compiled(x_row, y_row, hi, lo, scale, shift):
             scaled_streaming(x_row, y_row, hi, lo, scale, np.float32(1.0), shift)
         return streamed
     return streamed_scale_shift
-
-
-def streamed_folded(x_row, y_row, hi, lo, scale, shift):
-    """``y = ((x − hi) − lo)·scale + shift`` along a row with a table entry per element
-    (channels-last batch norm), by :func:`folded_streaming` for float32, as a plain loop
-    for other dtypes."""
-    for c in range(x_row.shape[0]):
-        y_row[c] = ((x_row[c] - hi[c]) - lo[c]) * scale[c] + shift[c]
-
-
-@overload(streamed_folded, jit_options=NUMBA_OPTIONS)
-def _streamed_folded_compiled(x_row, y_row, hi, lo, scale, shift):
-    if _all_float32(x_row.dtype, y_row.dtype, hi.dtype, lo.dtype, scale.dtype, shift.dtype):
-        return lambda x_row, y_row, hi, lo, scale, shift: folded_streaming(x_row, y_row, hi, lo, scale, shift)
-    return streamed_folded
 
 
 def _all_float32(*numba_types_) -> bool:
@@ -245,7 +212,7 @@ def row_forward32(x, x_layout, y, y_layout, n, weight, bias, param_row_stride, p
     """
     rows = mean.shape[0]
     groups = weight.shape[0]
-    streaming = rows * n >= STREAM_ELEMENTS
+    streaming = rows * n >= STREAM_ELEMENTS and n >= STREAM_MIN_ROW
     for r in prange(rows):
         x_row = row_at(x, x_layout, r, n)
         y_row = row_at(y, y_layout, r, n)
@@ -279,6 +246,8 @@ def row_forward32(x, x_layout, y, y_layout, n, weight, bias, param_row_stride, p
                 apply_row(x_row, y_row, weight[g], bias[g], param_inner, hi, np.float32(m - hi), np.float32(rs))
         else:
             apply_row(x_row, y_row, weight[g], bias[g], param_inner, m, 0.0, rs)
+    if streaming:
+        store_fence()  # (see scaled_streaming)
 
 
 @kernel

@@ -28,7 +28,7 @@ from numba import prange
 
 from normlab.kernels._jit import (STREAM_LANES, helper, inline_helper, kernel, prefetch, reduction, store_fence,
                                   stream_gradient_line)
-from normlab.kernels.rows import RSTD_HIGH, RSTD_LOW, STREAM_ELEMENTS, line_span, row_at
+from normlab.kernels.rows import RSTD_HIGH, RSTD_LOW, STREAM_ELEMENTS, STREAM_MIN_ROW, line_span, row_at
 from normlab.kernels.sums import group_stats
 
 BLOCK = 1024  # elements per float32 partial sum (64 SIMD accumulators × 16 adds), flushed to float64
@@ -158,7 +158,7 @@ def _gradient_row_streaming(g_row, x_row, gx_row, w_row, acc_w, acc_b, hi, lo, r
     written by non-temporal stores, line by line, in the same operations (the same bits);
     as ``rows.apply_row_streaming``, the head up to a line boundary and the short tail
     are stored as usual, and so is a row whose arrays are not contiguous or whose
-    output is not aligned to a float32."""
+    output is not aligned to a float32 (the kernel fences once at its end)."""
     n = x_row.shape[0]
     head, body_end = line_span(gx_row, g_row.strides[0] == 4 and x_row.strides[0] == 4 and w_row.strides[0] == 4)
     for c in range(head):
@@ -175,8 +175,6 @@ def _gradient_row_streaming(g_row, x_row, gx_row, w_row, acc_w, acc_b, hi, lo, r
         gx_row[c] = ((gy * w_row[c] - x_hat * proj) - mean_gw) * rs
         acc_w[c] += gy * x_hat
         acc_b[c] += gy
-    if body_end > head:
-        store_fence()
 
 
 @inline_helper
@@ -231,7 +229,7 @@ def row_backward32(grad_y, grad_y_layout, x, x_layout, n, weight, param_row_stri
     channels = weight.shape[1]
     per_element = param_inner == 1 and channels == n  # one weight per element of the row
     prefetching = n >= PREFETCH_FROM  # shorter rows: the hardware prefetcher keeps up alone
-    streaming = rows * n >= STREAM_ELEMENTS  # grad_x far past the cache: non-temporal stores
+    streaming = rows * n >= STREAM_ELEMENTS and n >= STREAM_MIN_ROW  # grad_x far past the cache: non-temporal stores
     for k in prange(grad_weight_parts.shape[0]):
         acc_w = np.zeros(channels, np.float32)
         acc_b = np.zeros(channels, np.float32)
@@ -284,3 +282,5 @@ def row_backward32(grad_y, grad_y_layout, x, x_layout, n, weight, param_row_stri
                 pending = 0
         if pending > 0:
             _flush(acc_w, acc_b, grad_weight_parts[k, last_group], grad_bias_parts[k, last_group])
+    if streaming:
+        store_fence()  # (see rows.scaled_streaming)
