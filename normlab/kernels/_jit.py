@@ -149,10 +149,9 @@ STREAM_LANES = 16  # float32 elements per non-temporal store: one 64-byte cache 
 
 @intrinsic
 def data_address(typingctx, array):
-    """The address of an array's first element, as an integer. (``array.ctypes.data``
-    takes a reference to the array's memory, an atomic increment and decrement, and a
-    locked instruction waits for every pending non-temporal store: a row of a few lines
-    then cost three times as much.)"""
+    """The address of an array's first element, as an integer, with nothing else done
+    (``array.ctypes.data`` may take and drop a reference to the array's memory, atomic
+    operations, which wait for pending non-temporal stores)."""
     if not isinstance(array, numba_types.Array):
         return None
     signature = numba_types.intp(array)

@@ -50,9 +50,9 @@ CANCELLATION = 1e8
 # (:func:`apply_row_streaming`): far past the last-level cache, where the output goes to
 # memory anyway, and a store that first reads the line in costs a third of the traffic
 STREAM_ELEMENTS = 4 << 20
-# ... and only rows (or slabs) of this many elements: an atomic operation between rows (a
-# reference count) waits for the row's streamed lines to reach memory, which rows of a
-# few lines cannot repay (64-element rows ran 2-3x slower streamed; 1024 and up faster)
+# ... and only rows (or slabs) of this many elements: rows of a few lines ran 2-3x slower
+# streamed (likely each row waiting, at some atomic operation between rows, for its lines
+# to reach memory); rows of 1024 elements and more ran faster
 STREAM_MIN_ROW = 1024
 
 
@@ -139,10 +139,10 @@ def scaled_streaming(x_row, y_row, hi, lo, rs, w, b):
     written by non-temporal stores one 64-byte line at a time, the same operations in the
     same order (the same bits); the row's first elements, up to a line boundary, and its
     last, short of a line, are stored as usual. Streamed lines are not ordered with other
-    stores: the kernel ends with :func:`store_fence` (one per thread and call; a fence per
-    row cost 4× on rows of a few lines), and a thread's claim of work done, an atomic
-    read-modify-write, also writes them out before it is seen. (``w = 1`` gives
-    ``((x − hi) − lo)·rs + b`` exactly: a product by 1 rounds nothing.)"""
+    stores: the kernel ends with :func:`store_fence` (once per thread and call), and a
+    thread's claim of work done, an atomic read-modify-write, also writes them out before
+    it is seen. (``w = 1`` gives ``((x − hi) − lo)·rs + b`` exactly: a product by 1
+    rounds nothing.)"""
     n = x_row.shape[0]
     head, body_end = line_span(y_row, x_row.strides[0] == 4)
     for j in range(head):
