@@ -161,15 +161,16 @@ def _gradient_row_streaming(g_row, x_row, gx_row, w_row, acc_w, acc_b, hi, lo, r
     output is not aligned to a float32 (the kernel fences once at its end)."""
     n = x_row.shape[0]
     head, body_end = line_span(gx_row, g_row.strides[0] == 4 and x_row.strides[0] == 4 and w_row.strides[0] == 4)
-    for c in range(head):
-        gy = g_row[c]
-        x_hat = ((x_row[c] - hi) - lo) * rs
-        gx_row[c] = ((gy * w_row[c] - x_hat * proj) - mean_gw) * rs
-        acc_w[c] += gy * x_hat
-        acc_b[c] += gy
+    _gradient_elements(g_row, x_row, gx_row, w_row, acc_w, acc_b, 0, head, hi, lo, rs, proj, mean_gw)
     for c in range(head, body_end, STREAM_LANES):
         stream_gradient_line(g_row, x_row, w_row, gx_row, acc_w, acc_b, c, hi, lo, rs, proj, mean_gw)
-    for c in range(body_end, n):
+    _gradient_elements(g_row, x_row, gx_row, w_row, acc_w, acc_b, body_end, n, hi, lo, rs, proj, mean_gw)
+
+
+@inline_helper
+def _gradient_elements(g_row, x_row, gx_row, w_row, acc_w, acc_b, start, stop, hi, lo, rs, proj, mean_gw):
+    """Elements ``start:stop`` of :func:`_gradient_row_streaming`'s row, stored as usual."""
+    for c in range(start, stop):
         gy = g_row[c]
         x_hat = ((x_row[c] - hi) - lo) * rs
         gx_row[c] = ((gy * w_row[c] - x_hat * proj) - mean_gw) * rs
