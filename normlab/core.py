@@ -184,20 +184,26 @@ def _given_stats(value, name: str, plan: Plan) -> np.ndarray:
     broadcast to the statistics' shape, or the kept axes alone in order (the statistics'
     shape without its size-1 reduced axes, say ``(C,)`` for batch norm). Any other shape
     is an error, even when the number of values fits: a reshape would reorder them."""
+    return stats_in_shape(value, name, plan, plan.stats_shape, tuple(plan.axis_sizes[a] for a in plan.kept_axes),
+                          "the kept axes, in order")
+
+
+def stats_in_shape(value, name: str, plan: Plan, shape: tuple, listed: tuple, listed_text: str) -> np.ndarray:
+    """``value`` as float64 statistics of ``shape``: that shape, ``listed`` (the same
+    values without the size-1 axes, reshaped), or an array that broadcasts to it; any
+    other shape is a ShapeError that names both and ``listed_text``, what ``listed`` is."""
     array = as_array(value, name, plan.pattern, plan.shape, np.float64)
-    stats_shape = plan.stats_shape
-    kept_shape = tuple(plan.axis_sizes[a] for a in plan.kept_axes)
-    if array.shape == stats_shape:
+    if array.shape == shape:
         return array
-    if array.shape == kept_shape:
-        return array.reshape(stats_shape)
+    if array.shape == listed:
+        return array.reshape(shape)
     try:
-        return np.broadcast_to(array, stats_shape)
+        return np.broadcast_to(array, shape)
     except ValueError:
         raise ShapeError(
             f"{_describe(plan, plan.shape)}: {name} has shape {array.shape}, which does not broadcast to the "
-            f"statistics' shape {stats_shape}; pass an array of shape {stats_shape} (what return_stats=True "
-            f"gives) or {kept_shape} (the kept axes, in order)"
+            f"statistics' shape {shape}; pass an array of shape {shape} (what return_stats=True "
+            f"gives) or {listed} ({listed_text})"
         ) from None
 
 

@@ -17,21 +17,10 @@ def _given(value, name: str, grouping: masked.Grouping) -> np.ndarray:
     :func:`normlab.core.normalize` takes them: that shape, the kept axes and the segment
     axis alone in order, or an array that broadcasts to it. Any other shape is an error,
     even when the number of values fits: a reshape would reorder them."""
-    array = core.as_array(value, name, grouping.plan.pattern, grouping.plan.shape, np.float64)
     plan, shape = grouping.plan, grouping.stats_shape
     axes = [a for a in range(plan.ndim) if a in plan.kept_axes or a == grouping.segment_axis]
-    listed = tuple(shape[a] for a in axes)
-    if array.shape == shape:
-        return array
-    if array.shape == listed:
-        return array.reshape(shape)
-    try:
-        return np.broadcast_to(array, shape)
-    except ValueError:
-        raise ShapeError(f"pattern {plan.pattern!r}, input shape {plan.shape}: {name} has shape {array.shape}, "
-                         f"which does not broadcast to the statistics' shape {shape}; pass an array of shape "
-                         f"{shape} (what return_stats=True gives) or {listed} (the kept axes, and the segment "
-                         "axis of length num_segments, in order)") from None
+    return core.stats_in_shape(value, name, plan, shape, tuple(shape[a] for a in axes),
+                               "the kept axes, and the segment axis of length num_segments, in order")
 
 
 def _given_stats(grouping, rms, mean, rstd):

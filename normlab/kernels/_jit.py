@@ -167,8 +167,9 @@ def _float32_arrays(*arrays) -> bool:
     return all(isinstance(a, numba_types.Array) and a.ndim == 1 and a.dtype == numba_types.float32 for a in arrays)
 
 
-def _float32_scalars(*values) -> bool:
-    return all(v == numba_types.float32 for v in values)
+def all_float32(*types_) -> bool:
+    """True where every Numba type given is float32 (scalars, or arrays' dtypes)."""
+    return all(t == numba_types.float32 for t in types_)
 
 
 def _float32_vector(builder, array_struct, index, lanes: int):
@@ -205,7 +206,7 @@ def _normalized_line(builder, x, hi, lo, rs, weight, bias):
 def stream_affine_line(typingctx, x, y, weight, bias, index, hi, lo, rs):
     """``y[i:i+16] = ((x[i:i+16] − hi) − lo)·rs·weight[i:i+16] + bias[i:i+16]`` for float32
     1-D arrays and scalars, stored non-temporally; ``y[i]`` must be 64-byte aligned."""
-    if not _float32_arrays(x, y, weight, bias) or not _float32_scalars(hi, lo, rs):
+    if not _float32_arrays(x, y, weight, bias) or not all_float32(hi, lo, rs):
         return None
     signature = numba_types.void(x, y, weight, bias, index, hi, lo, rs)
 
@@ -225,7 +226,7 @@ def stream_affine_line(typingctx, x, y, weight, bias, index, hi, lo, rs):
 @intrinsic
 def stream_scaled_line(typingctx, x, y, index, hi, lo, rs, weight, bias):
     """As :func:`stream_affine_line` with one weight and one bias (scalars) for the line."""
-    if not _float32_arrays(x, y) or not _float32_scalars(hi, lo, rs, weight, bias):
+    if not _float32_arrays(x, y) or not all_float32(hi, lo, rs, weight, bias):
         return None
     signature = numba_types.void(x, y, index, hi, lo, rs, weight, bias)
 
@@ -246,7 +247,7 @@ def stream_gradient_line(typingctx, g, x, w, gx, acc_w, acc_b, index, hi, lo, rs
     loop of ``rows_backward.row_backward32`` rounds it: ``x̂ = ((x − hi) − lo)·rs``,
     ``gx = ((g·w − x̂·proj) − mean_gw)·rs`` stored non-temporally (``gx[i]`` 64-byte
     aligned), and ``acc_w += g·x̂``, ``acc_b += g`` stored as usual."""
-    if not _float32_arrays(g, x, w, gx, acc_w, acc_b) or not _float32_scalars(hi, lo, rs, proj, mean_gw):
+    if not _float32_arrays(g, x, w, gx, acc_w, acc_b) or not all_float32(hi, lo, rs, proj, mean_gw):
         return None
     signature = numba_types.void(g, x, w, gx, acc_w, acc_b, index, hi, lo, rs, proj, mean_gw)
 

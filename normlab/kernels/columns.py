@@ -23,17 +23,16 @@ import numpy as np
 from numba import prange
 
 from normlab.kernels._jit import helper, kernel, store_fence
-from normlab.kernels.rows import (CANCELLATION, RSTD_HIGH, RSTD_LOW, STREAM_MIN_ROW, scaled_streaming,
-                                  streamed_scale_shift)
+from normlab.kernels.rows import CANCELLATION, RSTD_HIGH, RSTD_LOW, STREAM_MIN_ROW, streamed_scale_shift
 from normlab.kernels.sums import centered_square_sum, gradient_sums, reciprocal_std, shifted_moments, square_sum
 
 ROW_BLOCK = 4  # channels-last: rows that share one load and store of the per-channel accumulators
-# float32 channels-first apply passes of this many elements and more write with
-# non-temporal stores (rows.scaled_streaming; slabs of rows.STREAM_MIN_ROW elements and
-# more; channels-last rows, a block of channels wide, ran up to 6x slower streamed):
-# twice the row kernels' threshold, since a batch norm's stats
-# pass has just read x, and at 16 MiB streamed and plain stores broke even here
-# (0.93-1.10; 1.15-1.36 at 32 MiB, 1.34-1.47 at 128 MiB: benchmarks/streaming_stores.py)
+# float32 channels-first apply passes of this many elements and more, on slabs of
+# rows.STREAM_MIN_ROW elements and more, write with non-temporal stores
+# (rows.streamed_scale_shift): twice the row kernels' threshold, since the stats pass has
+# just read x, and at 16 MiB streamed and plain stores broke even here (0.70-1.23; 1.22-1.39
+# at 32 MiB, 1.40-1.63 at 128 MiB: benchmarks/streaming_stores.py). Channels-last rows,
+# a block of channels wide, ran up to 6x slower streamed and keep plain stores.
 COLUMN_STREAM_ELEMENTS = 8 << 20
 
 
@@ -242,7 +241,6 @@ def channels_first_apply32(x, y, weight, bias, mean, rstd):
     channels = x.shape[1]
     inner = x.shape[2]
     streaming = x.size >= COLUMN_STREAM_ELEMENTS and inner >= STREAM_MIN_ROW  # (see rows.scaled_streaming)
-    one = np.float32(1.0)
     for unit in prange(outer * channels):
         o = unit // channels
         c = unit % channels
@@ -256,7 +254,7 @@ def channels_first_apply32(x, y, weight, bias, mean, rstd):
             for i in range(inner):
                 y_slab[i] = (x_slab[i] - m) * rs * w + b
         elif streaming:
-            scaled_streaming(x_slab, y_slab, hi[c], lo[c], scale[c], one, shift[c])
+            streamed_scale_shift(x_slab, y_slab, hi[c], lo[c], scale[c], shift[c])
         else:
             h = hi[c]
             low = lo[c]

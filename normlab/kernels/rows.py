@@ -31,10 +31,9 @@ from __future__ import annotations
 
 import numpy as np
 from numba import prange
-from numba.core import types as numba_types
 from numba.extending import overload
 
-from normlab.kernels._jit import (NUMBA_OPTIONS, STREAM_LANES, data_address, helper, inline_helper, kernel, prefetch,
+from normlab.kernels._jit import (NUMBA_OPTIONS, STREAM_LANES, all_float32, data_address, helper, inline_helper, kernel, prefetch,
                                   store_fence, stream_affine_line, stream_scaled_line)
 from normlab.kernels.sums import (centered_square_sum, gradient_sums, group_stats, reciprocal_std, shifted_moments,
                                   square_sum, weighted_gradient_sums)
@@ -183,15 +182,11 @@ def streamed_scale_shift(x_row, y_row, hi, lo, scale, shift):
 
 @overload(streamed_scale_shift, jit_options=NUMBA_OPTIONS)
 def _streamed_scale_shift_compiled(x_row, y_row, hi, lo, scale, shift):
-    if _all_float32(x_row.dtype, y_row.dtype, hi, lo, scale, shift):
+    if all_float32(x_row.dtype, y_row.dtype, hi, lo, scale, shift):
         def streamed(x_row, y_row, hi, lo, scale, shift):
             scaled_streaming(x_row, y_row, hi, lo, scale, np.float32(1.0), shift)
         return streamed
     return streamed_scale_shift
-
-
-def _all_float32(*numba_types_) -> bool:
-    return all(t == numba_types.float32 for t in numba_types_)
 
 
 @kernel
