@@ -179,6 +179,14 @@ def _flag(value, name: str, context: str) -> bool:
     return bool(array)
 
 
+def refuse_mean_with_rms(mean, rms: bool, context: str) -> None:
+    """RMS norm subtracts no mean, so a ``mean`` given with ``rms=True`` would be ignored
+    without a word; refuse it. ``context`` opens the message (the pattern and the input shape)."""
+    if rms and mean is not None:
+        raise InputError(f"{context}: mean was given with rms=True, but RMS norm subtracts no mean, so it would be "
+                         "ignored; drop mean= (rms=True takes rstd alone), or pass rms=False to subtract it")
+
+
 def _given_stats(value, name: str, plan: Plan) -> np.ndarray:
     """Given statistics laid out in ``plan.stats_shape``. Taken as they are: arrays that
     broadcast to the statistics' shape, or the kept axes alone in order (the statistics'
@@ -443,6 +451,7 @@ def normalize_with_stats(x, pattern: str, *, weight=None, bias=None, params=None
     plan = prepared.plan
     eps = _check_eps(eps, plan)
     rms = _check_flag(rms, "rms", plan)
+    refuse_mean_with_rms(mean, rms, _describe(plan, plan.shape))
     if rstd is not None or mean is not None:
         if rstd is None or (mean is None and not rms):
             raise InputError(f"{_describe(plan, plan.shape)}: pass both mean and rstd (rstd alone with rms=True)")
@@ -515,6 +524,7 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
     result_dtype(grad_y, pattern, "grad_y")
     grad_y = native(grad_y)
     use_kernels = _resolve_backend(backend, prepared.x.dtype, grad_y.dtype) == "numba"
+    refuse_mean_with_rms(mean, rms, _describe(plan, plan.shape))
     if mean is not None and rstd is None:  # silently recomputing would ignore the given mean
         raise InputError(f"{_describe(plan, plan.shape)}: mean was given without rstd; pass both (or neither)")
     if rstd is not None:

@@ -415,6 +415,7 @@ def normalize(x, pattern, *, weight=None, bias=None, params=None, eps=1e-5, rms=
     plan = inputs.plan
     eps = core._check_eps(eps, plan)
     rms = core._check_flag(rms, "rms", plan)
+    core.refuse_mean_with_rms(mean, rms, f"pattern {pattern!r}, input shape {plan.shape}")
     if mean is not None or rstd is not None:
         if rstd is None or (mean is None and not rms):
             raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: pass both mean and rstd "
@@ -476,6 +477,7 @@ def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5
     grad_y = core.native(grad_y)
     if grad_sum is not None:
         grad_sum = core.native(grad_sum)
+    core.refuse_mean_with_rms(mean, rms, f"pattern {pattern!r}, input shape {plan.shape}")
     if mean is not None and rstd is None:  # silently recomputing would ignore the given mean
         raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: mean was given without rstd; pass both "
                          "(or neither)")

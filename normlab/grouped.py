@@ -25,6 +25,7 @@ def _given(value, name: str, grouping: masked.Grouping) -> np.ndarray:
 
 def _given_stats(grouping, rms, mean, rstd):
     plan = grouping.plan
+    core.refuse_mean_with_rms(mean, rms, f"pattern {plan.pattern!r}, input shape {plan.shape}")
     if rstd is None and mean is None:
         return None, None
     if rstd is None or (mean is None and not rms):

@@ -150,6 +150,7 @@ def make_grouping(plan: Plan, mask=None, segment_ids=None, num_segments=None, se
     ids = ids.astype(np.int64, copy=False)
     if ids.size and ids.min() < 0:
         raise ShapeError(f"{_describe(plan)}: segment_ids hold a negative id ({ids.min()}); ids count from 0")
+    given = num_segments is not None
     if num_segments is None:
         num_segments = int(ids.max()) + 1 if ids.size else 0
     else:
@@ -160,7 +161,36 @@ def make_grouping(plan: Plan, mask=None, segment_ids=None, num_segments=None, se
         if num_segments < 0 or (ids.size and ids.max() >= num_segments):
             raise ShapeError(f"{_describe(plan)}: num_segments={num_segments} but segment_ids reach {ids.max()}; "
                              "pass num_segments > max(segment_ids), or leave it out")
+    _check_segment_count(plan, axis, ids, num_segments, given)
     return Grouping(plan, counted, axis, ids, num_segments)
+
+
+# Statistics are kept for every segment id up to the largest, used or not; more of them than
+# this many per input element (beyond a floor that any small input may use) is a mistake,
+# such as raw node or file ids, and would exhaust memory or hang before any error
+_SEGMENT_VALUES_PER_ELEMENT = 64
+_SEGMENT_VALUES_FLOOR = 1 << 20
+
+
+def _check_segment_count(plan: Plan, axis: int, ids: np.ndarray, num_segments: int, given: bool) -> None:
+    """Refuse, before anything is allocated, segments whose statistics would dwarf the input."""
+    values = num_segments * math.prod(plan.stats_shape)  # the segment axis is reduced: size 1 there
+    limit = max(_SEGMENT_VALUES_FLOOR, _SEGMENT_VALUES_PER_ELEMENT * math.prod(plan.shape))
+    if values <= limit:
+        return
+    largest = int(ids.max()) if ids.size else None
+    compact = "compact the ids with np.unique(segment_ids, return_inverse=True)[1]"
+    if given:
+        asked = f"num_segments={num_segments}"
+        fix = (f"pass num_segments=max(segment_ids) + 1 ({largest + 1})" if largest is not None
+               else "pass a smaller num_segments") + f", or {compact}"
+    else:
+        asked = f"the largest segment id, {largest}, asks for {num_segments} segments"
+        fix = f"{compact} (num_segments is then the number of distinct ids)"
+    raise ShapeError(
+        f"{_describe(plan)}: {asked}, whose statistics would hold {values} values for an input of "
+        f"{math.prod(plan.shape)} elements (at most {limit}); statistics are kept for every id up to the "
+        f"largest, so number the segments from 0 without gaps: {fix}")
 
 
 def group_counts(grouping: Grouping) -> np.ndarray:
