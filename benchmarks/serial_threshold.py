@@ -7,7 +7,7 @@ elements with every kernel call forced threaded, then forced serial,
 the two taking turns in rounds (median of each). Below 1: the threaded call is faster.
 The serial thresholds in ``normlab.kernels.threads`` come from this table.
 
-    python benchmarks/serial_threshold.py [--rounds 5]
+    python benchmarks/serial_threshold.py [--rounds 5] [--pool torch|normlab]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def _cases(elements: int) -> dict:
     layer, short_layer = nt.LayerNorm(1024), nt.LayerNorm(64)
     batch, group = nt.BatchNorm2d(64), nt.GroupNorm(8, 64)
     leaf, grad = long_rows.clone().requires_grad_(), torch.randn(long_rows.shape, generator=g)
+    short_leaf, short_grad = short_rows.clone().requires_grad_(), torch.randn(short_rows.shape, generator=g)
     image_leaf, image_grad = images.clone().requires_grad_(), torch.randn(images.shape, generator=g)
 
     def no_grad(module, x):
@@ -46,6 +47,8 @@ def _cases(elements: int) -> dict:
         "LayerNorm(1024) fwd": no_grad(layer, long_rows),
         "LayerNorm(64) fwd": no_grad(short_layer, short_rows),
         "LayerNorm(1024) fwd+bwd": lambda: torch.autograd.grad(layer(leaf), [leaf, *layer.parameters()], grad),
+        "LayerNorm(64) fwd+bwd": lambda: torch.autograd.grad(short_layer(short_leaf), [short_leaf,
+                                                                               *short_layer.parameters()], short_grad),
         "BatchNorm2d(64) train fwd+bwd": lambda: torch.autograd.grad(batch(image_leaf), [image_leaf], image_grad),
         "GroupNorm(8, 64) fwd": no_grad(group, images),
     }
@@ -56,10 +59,10 @@ def _median(call, calls: int = 30) -> float:
     return statistics.median(seconds_of(call) for _ in range(calls))
 
 
-def measure(rounds: int) -> dict:
+def measure(rounds: int, pools=("torch", "normlab")) -> dict:
     """{(pool, case): {exponent: threaded / serial}}."""
     table: dict = {}
-    for pool in ("torch", "normlab"):
+    for pool in pools:
         threads.share_torch_pool(pool == "torch")
         name = threads.describe().split("(", 1)[1].rstrip(")")
         if pool == "torch" and name != "torch OpenMP pool":
@@ -79,10 +82,11 @@ def measure(rounds: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--pool", choices=("torch", "normlab"), help="measure one pool only")
     args = parser.parse_args(argv)
     region, pool = threads.REGION_SERIAL_BELOW, threads.POOL_SERIAL_BELOW
     try:
-        table = measure(args.rounds)
+        table = measure(args.rounds, (args.pool,) if args.pool else ("torch", "normlab"))
     finally:
         threads.REGION_SERIAL_BELOW, threads.POOL_SERIAL_BELOW = region, pool
     print(f"threaded time over serial time, {threads.for_call()} threads (below 1: threads pay)")

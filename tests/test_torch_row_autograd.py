@@ -278,3 +278,34 @@ def test_float32_parameter_gradients_over_many_rows_keep_float64_accuracy(no_ful
     got = torch.autograd.grad(twin(x.requires_grad_()), (twin.weight, twin.bias), grad_y)
     for mine, theirs in zip(got, expected):
         torch.testing.assert_close(mine.double(), theirs, rtol=1e-6, atol=1e-6 * float(theirs.abs().max()))
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_rows_of_extreme_scale_among_ordinary_ones_get_float64_accurate_gradients(rms, no_full_path):
+    """The float32 backward runs a chunk of rows without a test per row only where every
+    row's rstd suits float32. A row of values near ±float32's largest (x − mean would
+    overflow in float32) or of tiny values, among ordinary rows, sends its chunk through
+    the general loop, where that row runs in float64. Oracle: torch
+    autograd of torch.nn.functional's norm in float64 on the same float32 values."""
+    rows, n = 512, 64  # several chunks of parameter-gradient rows
+    x = torch.randn(rows, n, generator=torch.Generator().manual_seed(11)) + 0.5
+    x[3] *= 1e-35
+    x[300] = torch.where(torch.arange(n) % 16 == 0, -3e38, 3e38)
+    grad_y = torch.randn(rows, n, generator=torch.Generator().manual_seed(12))
+    twin = nt.RMSNorm(n, eps=0.0) if rms else nt.LayerNorm(n, eps=0.0)
+    with torch.no_grad():
+        twin.weight.uniform_(0.5, 1.5)
+        if not rms:
+            twin.bias.uniform_(-1, 1)
+    leaf = x.clone().requires_grad_()
+    params = [twin.weight] if rms else [twin.weight, twin.bias]
+    ours = torch.autograd.grad(twin(leaf), [leaf, *params], grad_y)
+    x64 = x.double().requires_grad_()
+    params64 = [p.detach().double().requires_grad_() for p in params]
+    y64 = (torch.nn.functional.rms_norm(x64, (n,), params64[0], eps=0.0) if rms
+           else torch.nn.functional.layer_norm(x64, (n,), *params64, eps=0.0))
+    expected = torch.autograd.grad(y64, [x64, *params64], grad_y.double())
+    scale = expected[0].abs().amax(dim=1, keepdim=True)  # grad_x spans 1e-39 to 1e35 between rows
+    torch.testing.assert_close((ours[0].double() / scale), expected[0] / scale, rtol=0, atol=1e-5)
+    for got, want in zip(ours[1:], expected[1:]):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
