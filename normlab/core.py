@@ -6,6 +6,9 @@ backend. It holds no math. Backends:
 * ``"numba"``: the fused kernels of :mod:`normlab.kernels` (input cast to float32 for
   float16, to float64 for integers; float16 results are written in float64 and rounded
   once, as the reference rounds them); a plan with no canonical view goes to the reference.
+
+bfloat16 input (ml_dtypes', recognized by name: it is never imported here) is read as float32
+(:func:`computable`) by either backend, and the result rounded once to bfloat16.
 * ``"numpy"``: :mod:`normlab.reference`, always.
 * ``"auto"`` (the default, also ``None``): ``"numba"`` for float16/32/64 input when Numba
   imports, otherwise ``"numpy"``.
@@ -19,7 +22,7 @@ import numpy as np
 
 from normlab import fused, reference
 from normlab.errors import InputError, ParamsError, ShapeError
-from normlab.plan import Plan, make_plan
+from normlab.plan import Plan, make_plan, merge_sizes
 
 __all__ = ["normalize", "normalize_backward", "BACKENDS"]
 
@@ -54,17 +57,44 @@ def native_dtype(dtype: np.dtype) -> np.dtype:
     return dtype if dtype.isnative else dtype.newbyteorder("=")
 
 
+def is_bfloat16(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` is ml_dtypes' bfloat16 (what JAX hands around), known by its name:
+    normlab does not import ml_dtypes, which registers the dtype with NumPy."""
+    return dtype.kind == "V" and dtype.name == "bfloat16"
+
+
+def is_float(dtype: np.dtype) -> bool:
+    """A float dtype normlab takes: float16, bfloat16, float32 or float64 (any byte order)."""
+    return dtype.kind == "f" or is_bfloat16(dtype)
+
+
+def computable(array: np.ndarray) -> np.ndarray:
+    """``array`` as the engine reads it: in the machine's byte order (:func:`native`), and
+    bfloat16 as float32, which holds each of its values exactly (NumPy has no bfloat16
+    arithmetic of its own; torch computes bfloat16 in float32 too)."""
+    return array.astype(np.float32) if is_bfloat16(array.dtype) else native(array)
+
+
+def promoted(a: np.dtype, b: np.dtype) -> np.dtype:
+    """The result dtype of two float dtypes, as torch promotes them: ``np.result_type``,
+    except that bfloat16 with float16 (which NumPy cannot promote) gives float32."""
+    if a == b or not (is_bfloat16(a) or is_bfloat16(b)):
+        return np.result_type(a, b)
+    other = b if is_bfloat16(a) else a
+    return np.dtype(np.float32) if other == np.float16 else other
+
+
 def result_dtype(x: np.ndarray, pattern: str, name: str = "input") -> np.dtype:
-    """The output dtype: the input's float dtype (in the native byte order); integers and
-    bools become float64."""
+    """The output dtype: the input's float dtype (in the native byte order; bfloat16 stays
+    bfloat16); integers and bools become float64."""
     dtype = native_dtype(x.dtype)
-    if dtype in _FLOATS:
+    if dtype in _FLOATS or is_bfloat16(dtype):
         return dtype
     if x.dtype.kind in "iub":
         return np.dtype(np.float64)
     raise InputError(
         f"{_describe(pattern, x.shape)}: {name} dtype {x.dtype} is not supported; "
-        "normalize takes float16, float32 or float64 (cast with x.astype(np.float32))"
+        "normalize takes float16, bfloat16, float32 or float64 (cast with x.astype(np.float32))"
     )
 
 
@@ -82,9 +112,9 @@ def as_array(value, name: str, pattern: str, shape=None, dtype=None) -> np.ndarr
 
 def _param_array(value, name: str, plan: Plan) -> np.ndarray:
     array = as_array(value, name, plan.pattern, plan.shape)
-    if array.dtype.kind not in "fiub":
-        raise ParamsError(f"{_describe(plan, plan.shape)}: {name} has dtype {array.dtype}; pass a float16, float32 "
-                          f"or float64 array of shape {plan.param_shape} (cast with {name}.astype(np.float32))")
+    if array.dtype.kind not in "fiub" and not is_bfloat16(array.dtype):
+        raise ParamsError(f"{_describe(plan, plan.shape)}: {name} has dtype {array.dtype}; pass a float16, bfloat16, "
+                          f"float32 or float64 array of shape {plan.param_shape} (cast with {name}.astype(np.float32))")
     if array.shape != plan.param_shape:
         raise ParamsError(
             f"{name} has shape {array.shape}, but params={plan.params!r} spans shape {plan.param_shape} "
@@ -129,15 +159,15 @@ def prepare(x, pattern: str, weight, bias, params, sizes: dict) -> Prepared:
             reject_masked(value, name, _describe(pattern, np.shape(x)))
     x = as_array(x, "x", pattern)
     dtype = result_dtype(x, pattern)
-    x = native(x)
+    x = computable(x)
     if (weight is not None or bias is not None) and params is None:
         given = np.shape(weight if weight is not None else bias)
-        plan = make_plan(pattern, x.shape, **sizes)
+        plan = make_plan(pattern, x.shape, sizes=sizes)
         raise ParamsError(
             f"{_describe(plan, x.shape)}: a weight or bias needs params, the axes it spans; "
             f"got one of shape {given}. Pass e.g. {_suggest_params(plan, given)}"
         )
-    plan = make_plan(pattern, x.shape, params, **sizes)
+    plan = make_plan(pattern, x.shape, params, sizes=sizes)
     weight_b = None if weight is None else _param_array(weight, "weight", plan)
     bias_b = None if bias is None else _param_array(bias, "bias", plan)
     return Prepared(plan, x.reshape(plan.axis_sizes), dtype, weight_b, bias_b)
@@ -302,7 +332,7 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
               backend: str | None = None, residual=None, gate=None, gate_activation: str = "silu",
               norm_before_gate: bool = True, weight_offset: float = 0.0, scale=None, shift=None,
               modulation: str | None = None, mask=None, segment_ids=None, num_segments: int | None = None,
-              segment_axis: str | None = None, **sizes: int):
+              segment_axis: str | None = None, sizes=None, **axis_sizes: int):
     """Standardize ``x`` over the bracketed axes of ``pattern``.
 
     ``y = (x − mean)·rstd·weight + bias`` where each group of elements that differ only
@@ -317,14 +347,21 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
     Gemma's ``1 + weight``; ``scale``/``shift`` spanning the ``modulation`` axes give
     ``y = x̂·w·(1 + scale) + shift + bias``.
 
+    Sizes of composed axes come as keywords (``g=32``) or in the mapping ``sizes``, which
+    also sizes axes named like this function's own keywords (``sizes={"x": 3}`` for
+    ``"b (x [c])"``); the two combine, and an axis sized both ways is an error.
+
+    >>> normalize(np.arange(6.).reshape(1, 6), "b (x [c])", sizes={"x": 3}, eps=0.0).tolist()
+    [[-1.0, 1.0, -1.0, 1.0, -1.0, 1.0]]
+
     ``out`` may be ``x`` itself (in place) or any other writeable array of the result's
     shape and dtype; one that overlaps ``x`` otherwise gets what a separate array would,
     as with NumPy's ufuncs. ``mean``/``rstd`` must broadcast to the statistics' shape
     (``return_stats`` gives it) or list the kept axes in order (``(C,)`` for batch norm).
 
-    Returns ``y`` (the input's dtype; integers become float64), or ``(y, mean, rstd)``
-    with ``return_stats=True``: float64 arrays with the pattern's axes, compositions
-    split and reduced axes of size 1 (``mean`` is None for ``rms``).
+    Returns ``y`` (the input's dtype, bfloat16 included; integers become float64), or
+    ``(y, mean, rstd)`` with ``return_stats=True``: float64 arrays with the pattern's axes,
+    compositions split and reduced axes of size 1 (``mean`` is None for ``rms``).
 
     ``mask`` (boolean, broadcasts to x) marks the elements that count toward their group's
     statistics; every element is normalized with them, and a group with none counted gives
@@ -342,6 +379,7 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
     >>> normalize(x, "b [f]")[0].round(4).tolist()
     [1.2247, 0.0, -1.2247]
     """
+    sizes = axis_sizes if sizes is None else merge_sizes(pattern, sizes, axis_sizes, _shape_of(x))
     key = None
     if (type(x) is np.ndarray and out is None and mean is None and rstd is None and mask is None
             and segment_ids is None and num_segments is None and segment_axis is None and residual is None
@@ -370,11 +408,11 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
                                return_stats=return_stats, out=out, mean=mean, rstd=rstd, backend=backend,
                                residual=residual, gate=gate, gate_activation=gate_activation,
                                norm_before_gate=norm_before_gate, weight_offset=weight_offset, scale=scale,
-                               shift=shift, modulation=modulation, **sizes)
+                               shift=shift, modulation=modulation, sizes=sizes)
     y, stats = normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps, rms=rms,
                                     out=out, mean=mean, rstd=rstd, backend=backend, mask=mask,
                                     segment_ids=segment_ids, num_segments=num_segments,
-                                    segment_axis=segment_axis, **sizes)
+                                    segment_axis=segment_axis, sizes=sizes)
     if stats is None:  # given statistics, with a mask or segments
         return (y, mean, rstd) if return_stats else y
     if key is not None and key not in _FAST_CALLS:
@@ -430,23 +468,24 @@ def _build_fast_call(x, pattern, params, rms, backend, sizes, key):
         return None
     from normlab import kernels
 
-    return kernels.fast_forward(make_plan(pattern, x.shape, params, **sizes), x.dtype, rms,
+    return kernels.fast_forward(make_plan(pattern, x.shape, params, sizes=sizes), x.dtype, rms,
                                 (weight_dtype, bias_dtype))
 
 
 def normalize_with_stats(x, pattern: str, *, weight=None, bias=None, params=None, eps=1e-5, rms=False,
                          out=None, mean=None, rstd=None, backend=None, mask=None, segment_ids=None,
-                         num_segments=None, segment_axis=None, **sizes):
+                         num_segments=None, segment_axis=None, sizes=None, **axis_sizes):
     """:func:`normalize`, returning ``(y, stats)`` with the full :class:`~normlab.reference.Stats`
     (the variance too, which running statistics need); with a mask or segments,
     :class:`~normlab.masked.MaskedStats` (the counts too), or None for given statistics."""
+    sizes = merge_sizes(pattern, sizes, axis_sizes, _shape_of(x))
     if mask is not None or segment_ids is not None or num_segments is not None or segment_axis is not None:
         from normlab import grouped
 
         return grouped.normalize_with_stats(
             x, pattern, weight=weight, bias=bias, params=params, eps=eps, rms=rms, out=out, mean=mean, rstd=rstd,
             backend=backend, mask=mask, segment_ids=segment_ids, num_segments=num_segments,
-            segment_axis=segment_axis, **sizes)
+            segment_axis=segment_axis, sizes=sizes)
     prepared = prepare(x, pattern, weight, bias, params, sizes)
     plan = prepared.plan
     eps = _check_eps(eps, plan)
@@ -473,7 +512,7 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
                        gate=None, gate_activation: str = "silu", norm_before_gate: bool = True,
                        weight_offset: float = 0.0, scale=None, shift=None, modulation: str | None = None,
                        bias=None, grad_sum=None, mask=None, segment_ids=None, num_segments: int | None = None,
-                       segment_axis: str | None = None, **sizes: int):
+                       segment_axis: str | None = None, sizes=None, **axis_sizes: int):
     """Gradients of :func:`normalize` with respect to ``x``, ``weight`` and ``bias``.
 
     Returns ``(grad_x, grad_weight, grad_bias)``. ``grad_weight`` is None when no
@@ -492,9 +531,10 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
     shift); ``grad_sum`` is the gradient of the returned ``x + residual``, and ``bias`` is
     needed when a gate comes after the norm.
 
-    ``mask`` and the segment arguments are :func:`normalize`'s; the gradients are exactly
-    those of its definition, masked-out outputs included.
+    ``mask``, the segment arguments and ``sizes`` are :func:`normalize`'s; the gradients are
+    exactly those of its definition, masked-out outputs included.
     """
+    sizes = merge_sizes(pattern, sizes, axis_sizes, _shape_of(x))
     if grad_sum is not None and residual is None:  # there is no x + residual for it to be the gradient of
         raise InputError(f"{_describe(pattern, _shape_of(x))}: grad_sum is the gradient of the returned x + residual, "
                          "and no residual was given; pass residual= (as to normalize), or leave grad_sum out")
@@ -505,13 +545,13 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
         return grouped.normalize_backward(
             grad_y, x, pattern, weight=weight, params=params, eps=eps, rms=rms, mean=mean, rstd=rstd,
             backend=backend, mask=mask, segment_ids=segment_ids, num_segments=num_segments,
-            segment_axis=segment_axis, **sizes)
+            segment_axis=segment_axis, sizes=sizes)
     if fused.wants_fused(residual, gate, weight_offset, scale, shift, modulation):
         return fused.normalize_backward(grad_y, x, pattern, weight=weight, params=params, eps=eps, rms=rms,
                                         mean=mean, rstd=rstd, backend=backend, residual=residual, gate=gate,
                                         gate_activation=gate_activation, norm_before_gate=norm_before_gate,
                                         weight_offset=weight_offset, scale=scale, shift=shift,
-                                        modulation=modulation, bias=bias, grad_sum=grad_sum, **sizes)
+                                        modulation=modulation, bias=bias, grad_sum=grad_sum, sizes=sizes)
     if isinstance(grad_y, np.ma.MaskedArray):
         reject_masked(grad_y, "grad_y", _describe(pattern, np.shape(x)))
     prepared = prepare(x, pattern, weight, None, params, sizes)
@@ -522,7 +562,7 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
     if grad_y.shape != plan.shape:
         raise ShapeError(f"{_describe(plan, plan.shape)}: grad_y has shape {grad_y.shape}; it must match x")
     result_dtype(grad_y, pattern, "grad_y")
-    grad_y = native(grad_y)
+    grad_y = computable(grad_y)
     use_kernels = _resolve_backend(backend, prepared.x.dtype, grad_y.dtype) == "numba"
     refuse_mean_with_rms(mean, rms, _describe(plan, plan.shape))
     if mean is not None and rstd is None:  # silently recomputing would ignore the given mean
@@ -565,7 +605,7 @@ def _finish_backward(prepared: Prepared, grad_x, grad_w, grad_b, weight):
     """Cast the gradients to their dtypes and lay them out as x and the parameters."""
     plan = prepared.plan
     grad_x = grad_x.astype(prepared.dtype, copy=False).reshape(plan.shape)
-    param_dtype = np.result_type(weight) if weight is not None and np.result_type(weight).kind == "f" else prepared.dtype
+    param_dtype = np.result_type(weight) if weight is not None and is_float(np.result_type(weight)) else prepared.dtype
     if grad_w is not None:
         grad_w = plan.collapse_params(grad_w).astype(param_dtype, copy=False)
     if grad_b is not None:

@@ -94,7 +94,7 @@ def _running(buffer, name: str, channels: int, what: str, updated: bool = False)
     writeable (checked before anything is written: both buffers move, or neither)."""
     if buffer is None:
         return None
-    if not isinstance(buffer, np.ndarray) or buffer.dtype.kind != "f":
+    if not isinstance(buffer, np.ndarray) or not core.is_float(buffer.dtype):
         raise InputError(f"{what}: {name} must be a float NumPy array (it is updated in place)")
     if updated and not buffer.flags.writeable:
         raise InputError(f"{what}: {name} is read-only, and training updates it in place; pass a writeable "

@@ -46,7 +46,7 @@ import numpy as np
 
 from normlab import reference
 from normlab.errors import InputError, NormlabError, ParamsError, PatternSyntaxError, ShapeError
-from normlab.plan import Plan, make_plan
+from normlab.plan import Plan, make_plan, merge_sizes
 
 __all__ = ["GATE_ACTIVATIONS", "Epilogue", "FusedGradients", "normalize", "normalize_backward", "activation"]
 
@@ -154,13 +154,13 @@ def activation(name: str, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _same_shape(value, name: str, plan: Plan, pattern: str) -> np.ndarray:
     from normlab.core import reject_masked
 
-    from normlab.core import as_array, native
+    from normlab.core import as_array, computable
 
     reject_masked(value, name, f"pattern {pattern!r}, input shape {plan.shape}")
-    array = native(as_array(value, name, pattern, plan.shape))
+    array = computable(as_array(value, name, pattern, plan.shape))
     if array.dtype.kind not in "fiub":
         raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: {name} has dtype {array.dtype}; pass a "
-                         f"float16, float32 or float64 array of x's shape (cast with {name}.astype(np.float32))")
+                         f"float16, bfloat16, float32 or float64 array of x's shape (cast with {name}.astype(np.float32))")
     if array.shape != plan.shape:
         raise ShapeError(f"pattern {pattern!r}, input shape {plan.shape}: {name} has shape {array.shape}; "
                          f"it must have x's shape {plan.shape}")
@@ -190,7 +190,7 @@ def _modulation_plan(pattern, plan: Plan, modulation, sizes) -> Plan:
     """The plan with ``modulation`` as its params; its errors speak of modulation, which is
     what the caller wrote (the parser knows the argument only as params)."""
     try:
-        return make_plan(pattern, plan.shape, modulation, **sizes)
+        return make_plan(pattern, plan.shape, modulation, sizes=sizes)
     except NormlabError as err:
         def reworded(text):
             return text.replace("params", "modulation").replace("weight spans", "scale and shift span")
@@ -202,12 +202,12 @@ def _modulation_plan(pattern, plan: Plan, modulation, sizes) -> Plan:
 
 
 def _modulation_array(value, name: str, mod_plan: Plan) -> np.ndarray:
-    from normlab.core import as_array
+    from normlab.core import as_array, is_bfloat16
 
     array = as_array(value, name, mod_plan.pattern, mod_plan.shape)
-    if array.dtype.kind not in "fiub":
+    if array.dtype.kind not in "fiub" and not is_bfloat16(array.dtype):
         raise ParamsError(f"pattern {mod_plan.pattern!r}, input shape {mod_plan.shape}: {name} has dtype "
-                          f"{array.dtype}; pass a float16, float32 or float64 array of shape {mod_plan.param_shape} "
+                          f"{array.dtype}; pass a float16, bfloat16, float32 or float64 array of shape {mod_plan.param_shape} "
                           f"(cast with {name}.astype(np.float32))")
     if array.shape != mod_plan.param_shape:
         raise ParamsError(
@@ -241,10 +241,8 @@ def prepare(x, pattern, weight, bias, params, sizes, residual=None, gate=None, g
                         core._check_flag(norm_before_gate, "norm_before_gate", plan), offset, modulation, scale is not None, shift is not None)
     dtype = prepared.dtype
     residual_v = None if residual is None else _same_shape(residual, "residual", plan, pattern)
-    if residual_v is not None:
-        from normlab.core import result_dtype
-
-        dtype = np.result_type(dtype, result_dtype(residual_v, pattern))
+    if residual_v is not None:  # the sum's dtype, from the residual as given (bfloat16 is read as float32)
+        dtype = core.promoted(dtype, core.result_dtype(core.as_array(residual, "residual", pattern), pattern))
     return Inputs(
         plan, mod_plan, epilogue, dtype, prepared.x, residual_v,
         None if gate is None else _same_shape(gate, "gate", plan, pattern),
@@ -397,7 +395,8 @@ def _use_kernels(inputs: Inputs, backend, *extra) -> bool:
 
 def normalize(x, pattern, *, weight=None, bias=None, params=None, eps=1e-5, rms=False, return_stats=False,
               out=None, mean=None, rstd=None, backend=None, residual=None, gate=None, gate_activation="silu",
-              norm_before_gate=True, weight_offset=0.0, scale=None, shift=None, modulation=None, **sizes):
+              norm_before_gate=True, weight_offset=0.0, scale=None, shift=None, modulation=None, sizes=None,
+              **axis_sizes):
     """:func:`normlab.normalize` with a residual, a gate, a modulation or a weight offset.
 
     Returns ``y``, or ``(y, x + residual)`` with a residual; ``return_stats=True`` appends
@@ -410,6 +409,7 @@ def normalize(x, pattern, *, weight=None, bias=None, params=None, eps=1e-5, rms=
     """
     from normlab import core
 
+    sizes = merge_sizes(pattern, sizes, axis_sizes, core._shape_of(x))
     inputs = prepare(x, pattern, weight, bias, params, sizes, residual, gate, gate_activation, norm_before_gate,
                      weight_offset, scale, shift, modulation)
     plan = inputs.plan
@@ -446,7 +446,7 @@ def normalize(x, pattern, *, weight=None, bias=None, params=None, eps=1e-5, rms=
 def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5, rms=False, mean=None, rstd=None,
                        backend=None, residual=None, gate=None, gate_activation="silu", norm_before_gate=True,
                        weight_offset=0.0, scale=None, shift=None, modulation=None, bias=None, grad_sum=None,
-                       **sizes) -> FusedGradients:
+                       sizes=None, **axis_sizes) -> FusedGradients:
     """Gradients of a fused :func:`normlab.normalize` with respect to every input given.
 
     ``grad_sum`` is the gradient of the returned ``x + residual`` (the residual stream
@@ -460,6 +460,7 @@ def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5
     """
     from normlab import core
 
+    sizes = merge_sizes(pattern, sizes, axis_sizes, core._shape_of(x))
     inputs = prepare(x, pattern, weight, bias, params, sizes, residual, gate, gate_activation, norm_before_gate,
                      weight_offset, scale, shift, modulation)
     plan = inputs.plan
@@ -474,9 +475,9 @@ def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5
                              "it must match x")
         if value is not None:
             core.result_dtype(value, pattern, name)  # refuses complex, object, ... with how to fix it
-    grad_y = core.native(grad_y)
+    grad_y = core.computable(grad_y)
     if grad_sum is not None:
-        grad_sum = core.native(grad_sum)
+        grad_sum = core.computable(grad_sum)
     core.refuse_mean_with_rms(mean, rms, f"pattern {pattern!r}, input shape {plan.shape}")
     if mean is not None and rstd is None:  # silently recomputing would ignore the given mean
         raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: mean was given without rstd; pass both "
@@ -504,7 +505,9 @@ def _finish(inputs: Inputs, result: Gradients64, weight, need_bias: bool) -> Fus
     plan = inputs.plan
     dtype = inputs.dtype
     grad_x = np.asarray(result.x).astype(dtype, copy=False).reshape(plan.shape)
-    param_dtype = np.result_type(weight) if weight is not None and np.result_type(weight).kind == "f" else dtype
+    from normlab.core import is_float
+
+    param_dtype = np.result_type(weight) if weight is not None and is_float(np.result_type(weight)) else dtype
 
     def params_of(value, which_plan):
         return None if value is None else which_plan.collapse_params(value).astype(param_dtype, copy=False)

@@ -8,6 +8,7 @@ import numpy as np
 
 from normlab import core, masked
 from normlab.errors import InputError, ShapeError
+from normlab.plan import merge_sizes
 
 __all__ = ["normalize_with_stats", "normalize_backward"]
 
@@ -36,9 +37,10 @@ def _given_stats(grouping, rms, mean, rstd):
 
 def normalize_with_stats(x, pattern, *, weight=None, bias=None, params=None, eps=1e-5, rms=False, out=None,
                          mean=None, rstd=None, backend=None, mask=None, segment_ids=None, num_segments=None,
-                         segment_axis=None, **sizes):
+                         segment_axis=None, sizes=None, **axis_sizes):
     """:func:`normlab.normalize` with a mask or segments: ``(y, stats)``, ``stats`` a
     :class:`normlab.masked.MaskedStats` (None when ``mean`` and ``rstd`` were given)."""
+    sizes = merge_sizes(pattern, sizes, axis_sizes, core._shape_of(x))
     prepared = core.prepare(x, pattern, weight, bias, params, sizes)
     plan = prepared.plan
     eps = core._check_eps(eps, plan)
@@ -64,9 +66,11 @@ def normalize_with_stats(x, pattern, *, weight=None, bias=None, params=None, eps
 
 
 def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5, rms=False, mean=None, rstd=None,
-                       backend=None, mask=None, segment_ids=None, num_segments=None, segment_axis=None, **sizes):
+                       backend=None, mask=None, segment_ids=None, num_segments=None, segment_axis=None,
+                       sizes=None, **axis_sizes):
     """:func:`normlab.normalize_backward` with a mask or segments."""
     core.reject_masked(grad_y, "grad_y", f"pattern {pattern!r}, input shape {np.shape(x)}")
+    sizes = merge_sizes(pattern, sizes, axis_sizes, core._shape_of(x))
     prepared = core.prepare(x, pattern, weight, None, params, sizes)
     plan = prepared.plan
     eps = core._check_eps(eps, plan)
@@ -76,7 +80,7 @@ def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5
         raise ShapeError(f"pattern {plan.pattern!r}, input shape {plan.shape}: grad_y has shape {grad_y.shape}; "
                          "it must match x")
     core.result_dtype(grad_y, pattern, "grad_y")
-    grad_y = core.native(grad_y)
+    grad_y = core.computable(grad_y)
     grouping = masked.make_grouping(plan, mask, segment_ids, num_segments, segment_axis)
     mean, rstd = _given_stats(grouping, rms, mean, rstd)
     need_weight, need_bias = weight is not None, params is not None

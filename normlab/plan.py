@@ -11,12 +11,13 @@ from __future__ import annotations
 import functools
 import math
 import operator
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from normlab.errors import ParamsError, ShapeError
 from normlab.notation import ELLIPSIS, Pattern, parse_params, parse_pattern
 
-__all__ = ["Plan", "Run", "make_plan"]
+__all__ = ["Plan", "Run", "make_plan", "merge_sizes"]
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,43 @@ def _fail(pattern: str, shape: tuple[int, ...], rule: str, fix: str) -> ShapeErr
     return ShapeError(f"pattern {pattern!r} does not fit input shape {shape}: {rule}; {fix}")
 
 
-def make_plan(pattern: str, shape, params: str | None = None, **sizes: int) -> Plan:
-    """Resolve ``pattern`` against an input shape (cached on all arguments)."""
+def merge_sizes(pattern: str, sizes, keywords: dict, shape=None) -> dict:
+    """The axis sizes given as the mapping ``sizes`` and as keyword arguments, in a new dict.
+
+    The mapping sizes axes named like a keyword of the function itself (``x``, ``eps``,
+    ``scale``, ``shape``), which keyword arguments cannot. An axis given both ways is an
+    error, as a keyword given twice is in Python.
+
+    >>> merge_sizes("b (x [c])", {"x": 3}, {"c": 2})
+    {'x': 3, 'c': 2}
+    """
+    if sizes is None:
+        return dict(keywords)
+    where = f"pattern {pattern!r}" + ("" if shape is None else f", input shape {tuple(shape)}")
+    example = "sizes={'x': 3} for an axis named x"
+    if not isinstance(sizes, Mapping):
+        raise ShapeError(f"{where}: sizes must be a mapping of axis names to sizes, got "
+                         f"{type(sizes).__name__} {sizes!r}; pass e.g. {example}")
+    for name in sizes:
+        if not isinstance(name, str):
+            raise ShapeError(f"{where}: sizes maps axis names to sizes, and {name!r} is not a name; "
+                             f"pass e.g. {example}")
+    both = [name for name in sizes if name in keywords]
+    if both:
+        raise ShapeError(f"{where}: the size of {', '.join(both)} is given both in sizes= and as a "
+                         f"keyword ({', '.join(f'{n}={keywords[n]!r}' for n in both)}); give each axis size once")
+    return {**sizes, **keywords}
+
+
+def make_plan(pattern: str, shape, params: str | None = None, *, sizes=None, **axis_sizes: int) -> Plan:
+    """Resolve ``pattern`` against an input shape (cached on all arguments). Sizes come as
+    keywords (``g=32``) or, for axes named like this function's arguments, in the mapping
+    ``sizes`` (:func:`merge_sizes`).
+
+    >>> make_plan("b (g [c])", (2, 6), sizes={"g": 3}).stats_shape
+    (2, 3, 1)
+    """
+    sizes = merge_sizes(pattern, sizes, axis_sizes, shape)
     try:
         shape = tuple(int(s) for s in shape)
     except TypeError as err:

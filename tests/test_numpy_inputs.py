@@ -138,3 +138,205 @@ def test_an_explicit_num_segments_with_many_empty_segments_still_works(backend):
 
 def test_errors_for_segment_ids_are_normlab_errors_and_value_errors():
     assert issubclass(ShapeError, NormlabError) and issubclass(NormlabError, ValueError)
+
+
+# --- bfloat16 (ml_dtypes, as JAX hands it around) and float16 arrays ------------------------
+
+ml_dtypes = pytest.importorskip("ml_dtypes", reason="bfloat16 arrays come from ml_dtypes (pip install ml_dtypes)")
+torch = pytest.importorskip("torch", reason="torch is the oracle for bfloat16 and float16 norms")
+F = torch.nn.functional
+
+LOW = {"bfloat16": (np.dtype(ml_dtypes.bfloat16), torch.bfloat16), "float16": (np.dtype(np.float16), torch.float16)}
+# one rounding of the float64 value: normlab computes in float32 or wider and rounds once to
+# 8 (11) significant bits. torch's CPU kernels round some intermediates too (instance norm's
+# affine map in bfloat16), so torch in the low dtype is the oracle of the dtype, and torch in
+# float64 on the same values (the definition) the oracle of the values
+TOLERANCE = {"bfloat16": dict(rtol=2**-8, atol=2**-10), "float16": dict(rtol=2**-11, atol=2**-13)}
+
+
+def _low(shape, name, seed=0, scale=1.0):
+    """Random values held exactly in the low-precision dtype: the NumPy array and the tensor."""
+    values = np.random.default_rng(seed).standard_normal(shape) * scale
+    tensor = torch.from_numpy(values).to(LOW[name][1])
+    array = tensor.float().numpy().astype(LOW[name][0])
+    return array, tensor
+
+
+def _agrees(ours, name, torch_call, *tensors, **keywords):
+    """``ours`` has the dtype torch gives ``tensors`` and, within one rounding, the value torch
+    gives their float64 copies."""
+    want_dtype = torch_call(*tensors, **keywords).dtype
+    assert want_dtype == LOW[name][1] and ours.dtype == LOW[name][0], (ours.dtype, want_dtype)
+    exact = torch_call(*(t.double() if isinstance(t, torch.Tensor) else t for t in tensors),
+                       **{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in keywords.items()})
+    np.testing.assert_allclose(ours.astype(np.float64), exact.numpy(), **TOLERANCE[name])
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+def test_low_precision_arrays_normalize_as_torch_normalizes_their_tensors(name):
+    x, xt = _low((4, 6, 5), name)
+    w, wt = _low((6,), name, seed=1)
+    b, bt = _low((6,), name, seed=2)
+    lw, lwt = _low((5,), name, seed=3)
+    functional = normlab.functional
+    _agrees(functional.layer_norm(x, 5, lw, lw), name, F.layer_norm, xt, (5,), lwt, lwt)
+    _agrees(functional.group_norm(x, 3, w, b), name, F.group_norm, xt, 3, wt, bt)
+    _agrees(functional.instance_norm(x, weight=w, bias=b), name, F.instance_norm, xt, weight=wt, bias=bt)
+    _agrees(functional.rms_norm(x, 5, lw, eps=1e-6), name, F.rms_norm, xt, (5,), lwt, eps=1e-6)
+    _agrees(normlab.normalize(x, "b c [s]", weight=w, bias=b, params="c"), name, F.instance_norm, xt,
+            weight=wt, bias=bt)
+    _agrees(normlab.normalize(x, "b c [s]", weight=w, params="c", backend="numpy"), name, F.instance_norm, xt,
+            weight=wt)
+
+
+def _torch_dtype(dtype):
+    return {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
+            LOW["bfloat16"][0]: torch.bfloat16}[np.dtype(dtype)]
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+def test_low_precision_batch_norm_moves_running_statistics_as_torch_does(name):
+    x, xt = _low((8, 3, 4), name)
+    close = TOLERANCE[name]
+    for running_dtype in (LOW[name][0], np.dtype(np.float32)):  # torch takes both beside low-precision input
+        mean, var = np.zeros(3, running_dtype), np.ones(3, running_dtype)
+        y = normlab.functional.batch_norm(x, mean, var, training=True)
+        low = F.batch_norm(xt, torch.zeros(3, dtype=_torch_dtype(running_dtype)),
+                           torch.ones(3, dtype=_torch_dtype(running_dtype)), training=True)  # torch's dtype
+        exact_mean, exact_var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+        exact = F.batch_norm(xt.double(), exact_mean, exact_var, training=True)  # torch's values
+        assert y.dtype == LOW[name][0] and low.dtype == LOW[name][1]
+        assert mean.dtype == running_dtype and var.dtype == running_dtype
+        np.testing.assert_allclose(y.astype(np.float64), exact.numpy(), **close)
+        np.testing.assert_allclose(mean.astype(np.float64), exact_mean.numpy(), **close)
+        np.testing.assert_allclose(var.astype(np.float64), exact_var.numpy(), **close)
+        y = normlab.functional.batch_norm(x, mean, var, training=False)
+        exact = F.batch_norm(xt.double(), torch.from_numpy(mean.astype(np.float64)),
+                             torch.from_numpy(var.astype(np.float64)), training=False)
+        assert y.dtype == LOW[name][0]
+        np.testing.assert_allclose(y.astype(np.float64), exact.numpy(), **close)
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+def test_low_precision_gradients_are_torch_autograds(name):
+    x, xt = _low((3, 8), name)
+    w, wt = _low((8,), name, seed=1)
+    g, gt = _low((3, 8), name, seed=2)
+    low_x, low_w = xt.clone().requires_grad_(True), wt.clone().requires_grad_(True)
+    F.layer_norm(low_x, (8,), low_w).backward(gt)  # torch's dtypes
+    xt, wt = xt.double().requires_grad_(True), wt.double().requires_grad_(True)
+    F.layer_norm(xt, (8,), wt).backward(gt.double())  # torch's values, in float64
+    gx, gw, gb = normlab.normalize_backward(g, x, "b [d]", weight=w, params="d")
+    for ours, low, want in ((gx, low_x, xt), (gw, low_w, wt)):
+        assert ours.dtype == LOW[name][0] and low.grad.dtype == LOW[name][1]
+        np.testing.assert_allclose(ours.astype(np.float64), want.grad.numpy(), **TOLERANCE[name])
+    np.testing.assert_allclose(gb.astype(np.float64), g.astype(np.float64).sum(axis=0), **TOLERANCE[name])
+
+
+def test_bfloat16_follows_torchs_dtypes_for_out_residual_and_masks():
+    x, xt = _low((4, 6), "bfloat16")
+    r, rt = _low((4, 6), "bfloat16", seed=1)
+    h, ht = _low((4, 6), "float16", seed=2)
+    out = np.empty_like(x)
+    assert normlab.normalize(x, "b [d]", out=out) is out
+    _agrees(out, "bfloat16", F.layer_norm, xt, (6,))
+    y, total = normlab.normalize(x, "b [d]", residual=r)
+    _agrees(total, "bfloat16", torch.add, xt, rt)
+    _agrees(y, "bfloat16", lambda a, b: F.layer_norm((a + b).to(a.dtype), (6,)), xt, rt)
+    _, mixed = normlab.normalize(x, "b [d]", residual=h)  # NumPy cannot promote these two; torch can
+    assert mixed.dtype == np.dtype(str(torch.result_type(xt, ht)).removeprefix("torch."))
+    mask = np.array([True, True, True, False, True, True])
+    y = normlab.normalize(x, "b [d]", mask=mask)
+    assert y.dtype == x.dtype
+
+    def masked_layer_norm(t):  # the definition: statistics of the counted elements only
+        counted = t.double()[:, mask]
+        y = (t.double() - counted.mean(1, keepdim=True)) / torch.sqrt(counted.var(1, unbiased=False, keepdim=True)
+                                                                       + 1e-5)
+        return y.to(t.dtype)
+
+    _agrees(y, "bfloat16", masked_layer_norm, xt)
+
+
+def test_importing_normlab_does_not_import_ml_dtypes():
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys, normlab, normlab.functional; print('ml_dtypes' in sys.modules)"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip() == "False"
+
+
+# --- axes named like normalize's own keywords ------------------------------------------------
+
+
+def _group_norm_2d(x, groups, eps=1e-5):
+    """Group norm of (batch, channels) from the definition (float64)."""
+    parts = np.asarray(x, np.float64).reshape(x.shape[0], groups, -1)
+    centered = parts - parts.mean(axis=-1, keepdims=True)
+    return (centered / np.sqrt((centered**2).mean(axis=-1, keepdims=True) + eps)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("name", ["x", "eps", "scale", "pattern", "sizes", "weight"])
+def test_an_axis_named_like_a_keyword_takes_its_size_from_the_sizes_mapping(name):
+    x = np.random.default_rng(6).standard_normal((2, 12))
+    pattern = f"b ({name} [c])"
+    want = _group_norm_2d(x, 3)
+    np.testing.assert_allclose(normlab.normalize(x, pattern, sizes={name: 3}), want, rtol=1e-12, atol=1e-12)
+    y, stats = normlab.core.normalize_with_stats(x, pattern, sizes={name: 3})
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+    assert stats.rstd.shape == (2, 3, 1)
+    y, total = normlab.normalize(x, pattern, sizes={name: 3}, residual=np.zeros_like(x))
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+    y = normlab.normalize(x, f"[b] ({name} c)", sizes={name: 3}, segment_ids=np.array([0, 0]))
+    np.testing.assert_allclose(y, (x - x.mean(axis=0)) / np.sqrt(x.var(axis=0) + 1e-5), rtol=1e-12)  # one segment
+    assert normlab.make_plan(pattern, x.shape, sizes={name: 3}).stats_shape == (2, 3, 1)
+
+
+@pytest.mark.parametrize("options", [{}, {"mask": np.ones((2, 12), bool)}], ids=["plain", "mask"])
+def test_gradients_with_sizes_from_the_mapping_are_torch_autograds_of_group_norm(options):
+    x = np.random.default_rng(7).standard_normal((2, 12))
+    g = np.random.default_rng(8).standard_normal((2, 12))
+    w = np.random.default_rng(9).standard_normal(12)
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    F.group_norm(xt, 3, wt).backward(torch.tensor(g))
+    gx, gw, _ = normlab.normalize_backward(g, x, "b (eps [scale])", sizes={"eps": 3}, weight=w,
+                                           params="(eps scale)", **options)
+    np.testing.assert_allclose(gx, xt.grad.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(gw, wt.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_the_sizes_mapping_combines_with_keywords():
+    x = np.random.default_rng(10).standard_normal((2, 12))
+    y = normlab.normalize(x, "b (x g [c])", sizes={"x": 3}, g=2)
+    np.testing.assert_allclose(y, _group_norm_2d(x, 6), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("call", ["normalize", "backward", "with_stats", "plan"])
+def test_an_axis_sized_both_in_the_mapping_and_as_a_keyword_is_refused(call):
+    x = np.ones((2, 12))
+    calls = {
+        "normalize": lambda: normlab.normalize(x, "b (g [c])", sizes={"g": 3}, g=3),
+        "backward": lambda: normlab.normalize_backward(x, x, "b (g [c])", sizes={"g": 3}, g=4),
+        "with_stats": lambda: normlab.core.normalize_with_stats(x, "b (g [c])", sizes={"g": 3}, g=3),
+        "plan": lambda: normlab.make_plan("b (g [c])", x.shape, sizes={"g": 3}, g=3),
+    }
+    with pytest.raises(ShapeError, match=r"'b \(g \[c\]\)', input shape \(2, 12\).*g.*both in sizes= and as a "
+                                         r"keyword.*give each axis size once"):
+        calls[call]()
+
+
+@pytest.mark.parametrize("sizes", [3, [("x", 3)], {3: 3}], ids=["int", "list", "int-key"])
+def test_sizes_that_are_not_a_mapping_of_names_are_refused_with_an_example(sizes):
+    with pytest.raises(ShapeError, match=r"'b \(x \[c\]\)', input shape \(2, 12\).*sizes=\{'x': 3\}"):
+        normlab.normalize(np.ones((2, 12)), "b (x [c])", sizes=sizes)
+
+
+def test_explain_sizes_an_axis_named_like_a_keyword(tmp_path):
+    from tests.test_cli import normlab_cli
+
+    result = normlab_cli("explain", "b (x [c])", "--data", "[[1, 3, 5, 9]]", "x=2", "--no-color", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "x=2" in result.stdout and "2 groups of 2" in result.stdout

@@ -154,7 +154,7 @@ def _fused_stages(args: argparse.Namespace, view, shape, sizes):
     if args.modulation:
         from normlab.plan import make_plan
 
-        make_plan(view.pattern, shape, args.modulation, **sizes)  # names the axes, or says why not
+        make_plan(view.pattern, shape, args.modulation, sizes=sizes)  # names the axes, or says why not
     return stages(view.pattern, rms=args.rms, residual=args.residual, gate=args.gate,
                   norm_before_gate=not args.gate_first, weight_offset=args.weight_offset,
                   modulation=args.modulation)

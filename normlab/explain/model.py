@@ -187,7 +187,7 @@ def explain_array(x, name_or_pattern: str, sizes: dict | None = None, rms: bool 
     if rms and not preset_rms:
         key, label = "custom", f"{label}, RMS" if key != "custom" else "your pattern, RMS"
     rms = rms or preset_rms
-    plan = make_plan(pattern, x.shape, **sizes)
+    plan = make_plan(pattern, x.shape, sizes=sizes)
     extra = {} if counted is None else {"mask": counted}
     groups, stats_shape, segment_axis = plan.group_ids(), None, None
     if segments is not None:
@@ -197,7 +197,7 @@ def explain_array(x, name_or_pattern: str, sizes: dict | None = None, rms: bool 
         extra["segment_ids"] = grouping.segment_ids
         groups = grouping.group_index().reshape(x.shape)
         stats_shape, segment_axis = grouping.stats_shape, grouping.segment_axis
-    y, stats = normalize_with_stats(x, pattern, rms=rms, eps=EPS, **extra, **sizes)
+    y, stats = normalize_with_stats(x, pattern, rms=rms, eps=EPS, **extra, sizes=sizes)
     mean = None if stats.mean is None else stats.mean.ravel()
     return NormView(key, label, pattern, rms, sizes, plan, x, y, groups, mean,
                     np.sqrt(stats.var).ravel(), counted, stats_shape, segment_axis)
