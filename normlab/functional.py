@@ -13,7 +13,8 @@ They take what ``torch.nn.functional`` takes and compute it as torch does: any e
 (``rstd = 1/sqrt(var + eps)``, NaN where that is negative; only ``batch_norm`` refuses
 eps <= 0 in training and eps < 0 otherwise, as torch does), any momentum, empty inputs
 and zero-size batches (an empty output; the running statistics stay as they are, but for
-``instance_norm`` on zero instances, which makes them NaN, as torch does).
+``instance_norm`` on zero instances, which makes them NaN, as torch does). Mixed dtypes
+are refused where torch refuses them (:func:`_check_param_dtypes`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import operator
 import numpy as np
 
 from normlab import core
-from normlab.errors import InputError, ShapeError
+from normlab.errors import InputError, ParamsError, ShapeError
 from normlab.masked import MaskedStats, _mask_view
 from normlab.plan import make_plan
 from normlab.reference import Stats
@@ -102,6 +103,30 @@ def _running(buffer, name: str, channels: int, what: str, updated: bool = False)
     if buffer.shape != (channels,):
         raise ShapeError(f"{what}: {name} has shape {buffer.shape}, expected ({channels},) for the channels")
     return buffer
+
+
+def _check_param_dtypes(what: str, x: np.ndarray, **params) -> None:
+    """torch's rule on CPU for a norm's parameters (weight and bias, and batch_norm's running
+    statistics): one dtype for them all, the input's, or float32 beside float16 or bfloat16
+    input; torch raises "mixed dtype (CPU)" otherwise. Only arrays state a dtype: a list or
+    a number has none of its own and is read in the input's."""
+    given = {name: core.native_dtype(np.asarray(value).dtype) for name, value in params.items()
+             if isinstance(value, (np.ndarray, np.generic))}
+    if not given:
+        return
+    x_dtype = core.result_dtype(x, what)
+    allowed = [x_dtype]
+    if x_dtype == np.float16 or core.is_bfloat16(x_dtype):
+        allowed.append(np.dtype(np.float32))
+    dtypes = set(given.values())
+    if len(dtypes) == 1 and dtypes.pop() in allowed:
+        return
+    bad = next((name for name, dtype in given.items() if dtype != x_dtype), next(iter(given)))
+    listed = ", ".join(f"{name} is {dtype}" for name, dtype in given.items())
+    rule = (" and ".join(given) + " must have the input's dtype" + (" or float32" if len(allowed) > 1 else "")
+            + (", all the same" if len(given) > 1 else ""))
+    raise ParamsError(f"{what}: the input is {x_dtype} (shape {x.shape}) and {listed}; torch.nn.functional.{what} "
+                      f"refuses mixed dtypes on CPU: {rule}; pass {bad}.astype(x.dtype)")
 
 
 def _update(buffer, batch_value, momentum: float) -> None:
@@ -220,6 +245,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     channels = x.shape[channel]
     running_mean = _running(running_mean, "running_mean", channels, what, updated=training)
     running_var = _running(running_var, "running_var", channels, what, updated=training)
+    if x.size:  # torch returns an empty input before it looks at the dtypes
+        _check_param_dtypes(what, x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     params = names[channel]
     if training:
         n = math.prod(x.shape) // channels if channels else 0
@@ -285,6 +312,8 @@ def _trailing(x, normalized_shape, weight, bias, eps, rms: bool, what: str, mask
             f"{what}: normalized_shape {shape} must equal the last {k} sizes of the input, "
             f"got input shape {x.shape}; pass normalized_shape={tuple(x.shape[-k:]) if k else x.shape[-1:]}"
         )
+    if not rms:  # torch's rms_norm takes a weight of any dtype
+        _check_param_dtypes(what, x, weight=weight, bias=bias)
     names = _names(k)
     pattern = "... [" + " ".join(names) + "]"
     params = " ".join(names) if weight is not None or bias is not None else None
@@ -326,6 +355,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, mask=
             f"group_norm: num_groups={num_groups} must divide the {x.shape[channel]} channels of input shape "
             f"{x.shape}; pick a divisor of {x.shape[channel]}"
         )
+    _check_param_dtypes(what, x, weight=weight, bias=bias)
     parts = []
     for i in range(x.ndim):
         if i == 0:
@@ -361,6 +391,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     batch, channels = x.shape[:2]
     running_mean = _running(running_mean, "running_mean", channels, what, updated=use_input_stats)
     running_var = _running(running_var, "running_var", channels, what, updated=use_input_stats)
+    _check_param_dtypes(what, x, weight=weight, bias=bias)  # torch takes running statistics of any dtype here
     params = names[1] if weight is not None or bias is not None else None
     eps = _check_eps(eps, what, x)
     if use_input_stats:

@@ -139,7 +139,7 @@ def test_training_batch_norm_with_one_value_per_channel_raises_like_torch():
         F.batch_norm(torch.tensor(x), None, None, training=True)
     with pytest.raises(InputError, match=r"more than 1 value per channel.*\(1, 3\)"):
         NF.batch_norm(x, None, None, training=True)
-    NF.batch_norm(x, np.zeros(3), np.ones(3), training=False)  # evaluation needs no batch
+    NF.batch_norm(x, np.zeros(3, np.float32), np.ones(3, np.float32), training=False)  # evaluation needs no batch
 
 
 def test_training_instance_norm_with_one_position_raises_like_torch():

@@ -243,6 +243,9 @@ def test_bfloat16_follows_torchs_dtypes_for_out_residual_and_masks():
     y, total = normlab.normalize(x, "b [d]", residual=r)
     _agrees(total, "bfloat16", torch.add, xt, rt)
     _agrees(y, "bfloat16", lambda a, b: F.layer_norm((a + b).to(a.dtype), (6,)), xt, rt)
+    s, st = _low((4, 6), "bfloat16", seed=3)
+    y = normlab.normalize(x, "b [d]", scale=s, shift=r, modulation="b d")
+    _agrees(y, "bfloat16", lambda a, b, c: F.layer_norm(a, (6,)) * (1 + b) + c, xt, st, rt)
     _, mixed = normlab.normalize(x, "b [d]", residual=h)  # NumPy cannot promote these two; torch can
     assert mixed.dtype == np.dtype(str(torch.result_type(xt, ht)).removeprefix("torch."))
     mask = np.array([True, True, True, False, True, True])
@@ -340,3 +343,67 @@ def test_explain_sizes_an_axis_named_like_a_keyword(tmp_path):
     result = normlab_cli("explain", "b (x [c])", "--data", "[[1, 3, 5, 9]]", "x=2", "--no-color", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "x=2" in result.stdout and "2 groups of 2" in result.stdout
+
+
+# --- mixed dtypes in normlab.functional: where torch raises, they raise ----------------------
+
+DTYPES = {"float16": (np.dtype(np.float16), torch.float16), "bfloat16": LOW["bfloat16"],
+          "float32": (np.dtype(np.float32), torch.float32), "float64": (np.dtype(np.float64), torch.float64)}
+
+
+def _pair(shape, name, fill=None, seed=0):
+    """An array and a tensor of dtype ``name`` holding the same values."""
+    values = np.random.default_rng(seed).standard_normal(shape) if fill is None else np.full(shape, float(fill))
+    tensor = torch.from_numpy(values).to(DTYPES[name][1])
+    return tensor.float().numpy().astype(DTYPES[name][0]), tensor
+
+
+def _calls(function, x_name, p_name):
+    """``(ours, torch's)``: the same call with input dtype ``x_name`` and parameters of ``p_name``."""
+    x, xt = _pair((4, 6, 3), x_name)
+    w, wt = _pair((6,), p_name, fill=1.5, seed=1)
+    lw, lwt = _pair((3,), p_name, fill=1.5, seed=2)
+    nf = normlab.functional
+    if function == "layer_norm":
+        return lambda: nf.layer_norm(x, 3, lw, lw), lambda: F.layer_norm(xt, (3,), lwt, lwt)
+    if function == "group_norm":
+        return lambda: nf.group_norm(x, 2, w, w), lambda: F.group_norm(xt, 2, wt, wt)
+    if function == "instance_norm":
+        return lambda: nf.instance_norm(x, weight=w, bias=w), lambda: F.instance_norm(xt, weight=wt, bias=wt)
+    if function == "batch_norm running":
+        mean, mean_t = _pair((6,), p_name, fill=0)
+        var, var_t = _pair((6,), p_name, fill=1)
+        return (lambda: nf.batch_norm(x, mean, var, training=True),
+                lambda: F.batch_norm(xt, mean_t, var_t, training=True))
+    if function == "batch_norm weight":
+        mean, mean_t = _pair((6,), x_name, fill=0)
+        var, var_t = _pair((6,), x_name, fill=1)
+        return (lambda: nf.batch_norm(x, mean, var, weight=w, training=False),
+                lambda: F.batch_norm(xt, mean_t, var_t, weight=wt, training=False))
+    assert function == "rms_norm"
+    return lambda: nf.rms_norm(x, 3, lw), lambda: F.rms_norm(xt, (3,), lwt)
+
+
+@pytest.mark.parametrize("function", ["layer_norm", "group_norm", "instance_norm", "batch_norm running",
+                                      "batch_norm weight", "rms_norm"])
+def test_functional_refuses_exactly_the_dtype_mixes_torch_refuses(function):
+    for x_name in DTYPES:
+        for p_name in DTYPES:
+            ours, theirs = _calls(function, x_name, p_name)
+            try:
+                want = theirs()
+            except RuntimeError:
+                with pytest.raises(normlab.ParamsError, match=rf"{function.split()[0]}: the input is .*refuses "
+                                                              r"mixed dtypes.*\.astype\(x\.dtype\)"):
+                    ours()
+                continue
+            got = ours()
+            assert got.dtype == DTYPES[str(want.dtype).removeprefix("torch.")][0], (x_name, p_name)
+
+
+def test_parameters_given_as_lists_take_the_inputs_dtype():
+    x = np.random.default_rng(11).standard_normal((2, 3)).astype(np.float32)
+    want = F.layer_norm(torch.from_numpy(x), (3,), torch.tensor([1.0, 2.0, 3.0]))
+    got = normlab.functional.layer_norm(x, 3, [1.0, 2.0, 3.0])
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-6)
