@@ -6,12 +6,12 @@ backend. It holds no math. Backends:
 * ``"numba"``: the fused kernels of :mod:`normlab.kernels` (input cast to float32 for
   float16, to float64 for integers; float16 results are written in float64 and rounded
   once, as the reference rounds them); a plan with no canonical view goes to the reference.
-
-bfloat16 input (ml_dtypes', recognized by name: it is never imported here) is read as float32
-(:func:`computable`) by either backend, and the result rounded once to bfloat16.
 * ``"numpy"``: :mod:`normlab.reference`, always.
 * ``"auto"`` (the default, also ``None``): ``"numba"`` for float16/32/64 input when Numba
   imports, otherwise ``"numpy"``.
+
+bfloat16 input (ml_dtypes', recognized by name: it is never imported here) is read as float32
+(:func:`computable`) by either backend, and the result rounded once to bfloat16.
 """
 
 from __future__ import annotations
