@@ -26,7 +26,7 @@ from normlab import kernels
 from normlab.kernels import pool
 from normlab.torch.ops import _grads_of, _needs_torch_backward
 from normlab.torch.paths import _needs_torch_ops, _PathSwitch
-from normlab.torch.spec import _ABSENT, affine_parameters, module_cache
+from normlab.torch.spec import _ABSENT, affine_parameters, module_cache, tensor_layout
 
 _NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64}
 _MAX_CALLS = 64  # shapes remembered per module
@@ -144,8 +144,7 @@ def _checked(weight, bias, running, tracked) -> tuple:
     :class:`TrainStep`, which must still be theirs, with the same layout; the dtypes
     decide whether torch refuses the call."""
     return (tracked.data_ptr(), running[0].data_ptr(), running[1].data_ptr(),
-            None if weight is None else (weight.data_ptr(), weight.dtype, weight.shape, weight.stride()),
-            None if bias is None else (bias.data_ptr(), bias.dtype, bias.shape, bias.stride()))
+            None if weight is None else tensor_layout(weight), None if bias is None else tensor_layout(bias))
 
 
 def _remember_step(module, x: Tensor, call: TrainCall, weight, bias, running) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.torch.ops import _differentiable_backward, _needs_torch_backward
+from normlab.torch.spec import tensor_layout
 
 _EAGER_PARAMS = (type(None), Tensor, nn.Parameter)
 
@@ -48,17 +49,19 @@ class RowGradCall:
 
 class ParamTables:
     """A row kernel's weight and bias tables (:meth:`FastForward.tables`) for a module's
-    parameters, kept between calls while the same parameter tensors hold the same storage
-    and version, and only where the tables are the parameters' own memory: a copy would
-    miss a write through ``.data``, which no version counter records. ``same_dtype``:
-    parameters of another dtype than the kernel's get no tables (None)."""
+    parameters, kept between calls while the same parameter tensors keep their memory,
+    layout and version, and only where the tables are the parameters' own memory: a copy
+    would miss a write through ``.data``, which no version counter records. A ``.data``
+    assignment may also give the same tensor other strides or another shape at the same
+    address (``w.data = buffer[::2]``), hence the layout. ``same_dtype``: parameters of
+    another dtype than the kernel's get no tables (None)."""
 
     __slots__ = ("forward", "same_dtype", "held")
 
     def __init__(self, forward, same_dtype: bool = False):
         self.forward = forward
         self.same_dtype = same_dtype
-        # (weight, its data_ptr, its _version, bias, ..., the tables): one tuple, read and
+        # (weight, its layout, its _version, bias, ..., the tables): one tuple, read and
         # replaced whole, so that threads calling one module never see half of another's
         self.held = None
 
@@ -66,10 +69,10 @@ class ParamTables:
         """The ``(weight, bias)`` tables for these parameters, or None."""
         held = self.held
         if (held is None or weight is not held[0] or bias is not held[3]
-                or (weight is not None and (weight.data_ptr() != held[1]
-                                            or (held[2] is not None and weight._version != held[2])))
-                or (bias is not None and (bias.data_ptr() != held[4]
-                                          or (held[5] is not None and bias._version != held[5])))):
+                or (weight is not None and ((held[2] is not None and weight._version != held[2])
+                                            or tensor_layout(weight) != held[1]))
+                or (bias is not None and ((held[5] is not None and bias._version != held[5])
+                                          or tensor_layout(bias) != held[4]))):
             return self._prepare(weight, bias)
         return held[6]
 
@@ -83,8 +86,8 @@ class ParamTables:
         arrays = (None if weight is None else weight.detach().numpy(), None if bias is None else bias.detach().numpy())
         tables = self.forward.tables(*arrays)
         if tables is not None and self.forward.tables_are_views(tables, *arrays):
-            self.held = (weight, None if weight is None else weight.data_ptr(), _version_of(weight),
-                         bias, None if bias is None else bias.data_ptr(), _version_of(bias), tables)
+            self.held = (weight, None if weight is None else tensor_layout(weight), _version_of(weight),
+                         bias, None if bias is None else tensor_layout(bias), _version_of(bias), tables)
         return tables
 
 

@@ -266,6 +266,13 @@ class ModuleCache(dict):
         return ModuleCache, ()
 
 
+def tensor_layout(t: Tensor) -> tuple:
+    """Where and how a tensor's elements lie: what a write of ``.data`` may change under
+    the same Python object (the version counter records none of it), and what a NumPy
+    view of its memory kept between calls depends on."""
+    return t.data_ptr(), t.dtype, t.shape, t.stride()
+
+
 def module_cache(module, name: str) -> ModuleCache:
     """The module's cache called ``name``, made on first use."""
     cache = module.__dict__.get(name)
