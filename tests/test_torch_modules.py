@@ -333,3 +333,36 @@ def test_permuted_and_strided_inputs_match_torch_and_keep_their_strides(layout):
     (grad_x,) = torch.autograd.grad((y * grad_y).sum(), x)
     (expected_grad_x,) = torch.autograd.grad((expected * grad_y).sum(), x)
     torch.testing.assert_close(grad_x, expected_grad_x, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["eps", "pattern", "params", "rms", "sizes", "x", "mask"])
+def test_axes_named_like_arguments_are_sized_through_a_sizes_mapping(name):
+    """``sizes={name: g}`` sizes an axis named like an argument of Norm, of
+    normlab.torch.normalize or of normalize_masked, which a keyword cannot. Oracle:
+    torch.nn.functional.group_norm (the pattern is a group norm with g groups) and torch
+    autograd on it."""
+    from normlab.torch.masked import normalize_masked
+
+    pattern = f"b ({name} [c]) [s]"
+    x = torch.randn(3, 6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    weight = torch.rand(6, dtype=torch.float64) + 0.5
+    want = torch.nn.functional.group_norm(x, 2, weight, None)
+    norm = nt.Norm(pattern, params=f"({name} c)", sizes={name: 2}, c=3, dtype=torch.float64)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        norm.bias.zero_()
+    leaf = x.clone().requires_grad_()
+    torch.testing.assert_close(norm(leaf), want)
+    reference = x.clone().requires_grad_()
+    grad_y = torch.randn_like(x)
+    torch.testing.assert_close(torch.autograd.grad(norm(leaf), leaf, grad_y)[0],
+                               torch.autograd.grad(torch.nn.functional.group_norm(reference, 2, weight, None),
+                                                   reference, grad_y)[0])
+    assert (f"sizes={{'{name}': 2, 'c': 3}}" if name in ("eps", "pattern", "params", "rms", "sizes")
+            else f"{name}=2, c=3") in repr(norm)  # a keyword where one could pass it
+    torch.testing.assert_close(nt.normalize(x, pattern, sizes={name: 2}),
+                               torch.nn.functional.group_norm(x, 2))
+    torch.testing.assert_close(normalize_masked(x, pattern, sizes={name: 2}, mask=torch.ones_like(x, dtype=torch.bool)).y,
+                               torch.nn.functional.group_norm(x, 2))
+    with pytest.raises(ValueError, match="given both in sizes= and as a keyword"):
+        nt.Norm("b (g [c])", sizes={"g": 2}, g=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from torch.autograd import forward_ad
 
 from normlab import kernels
 from normlab.errors import InputError
-from normlab.plan import make_plan
+from normlab.plan import make_plan, merge_sizes
 from normlab.torch import batch_train, row_autograd
 from normlab.torch.ops import _EagerNormalize, _functorch_active, _is_eager, _normalize_op
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
@@ -98,9 +98,11 @@ def _normalize(x: Tensor, weight, bias, spec: Spec, eps: float, path: str):
 
 
 def normalize(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-              params: Optional[str] = None, eps: float = 1e-5, rms: bool = False, **sizes: int) -> Tensor:
+              params: Optional[str] = None, eps: float = 1e-5, rms: bool = False,
+              sizes: Optional[Mapping[str, int]] = None, **axis_sizes: int) -> Tensor:
     """:func:`normlab.normalize` on tensors, differentiable (the custom op on CPU
-    float32/float64, the composite elsewhere).
+    float32/float64, the composite elsewhere). Axis sizes come as keywords or, for an
+    axis named like one of this function's own arguments, in the mapping ``sizes``.
 
     >>> x = torch.tensor([[4., 3., 2.], [3., 3., 2.], [2., 2., 2.]], dtype=torch.float64, requires_grad=True)
     >>> normalize(x, "[b] f")[:, 0].detach().round(decimals=4).tolist()
@@ -108,7 +110,7 @@ def normalize(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None, bias:
     >>> torch.autograd.gradcheck(lambda t: normalize(t, "b [f]", eps=0.1), (x,))
     True
     """
-    spec = Spec.build(pattern, params, rms, **sizes)
+    spec = Spec.build(pattern, params, rms, **merge_sizes(pattern, sizes, axis_sizes, x.shape))
     return _normalize(x, weight, bias, spec, eps, _choose_path(x, has_native=False))[0]
 
 
@@ -198,7 +200,7 @@ def _build_grad_rows(spec: Spec, x: Tensor, weight, bias):
                                           for t in (weight, bias)):
         return None  # (parameters of another dtype: the full path, where torch raises its error)
     try:
-        plan = make_plan(spec.pattern, tuple(x.shape), spec.params, **spec.size_dict)
+        plan = make_plan(spec.pattern, tuple(x.shape), spec.params, sizes=spec.size_dict)
     except ValueError:
         return None  # the full path raises torch's error for this shape
     dtypes = tuple(None if t is None else np.dtype(_NUMPY_OF[t.dtype]) for t in (weight, bias))
@@ -222,7 +224,7 @@ class _FastRows:
         if x.dtype not in _EVAL_DTYPES:
             return None
         try:
-            plan = make_plan(spec.pattern, tuple(x.shape), spec.params, **spec.size_dict)
+            plan = make_plan(spec.pattern, tuple(x.shape), spec.params, sizes=spec.size_dict)
         except ValueError:
             return None  # the full path raises torch's error for this shape
         forward = kernels.fast_forward(plan, np.dtype(_NUMPY_OF[x.dtype]), spec.rms, (None, None))

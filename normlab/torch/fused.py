@@ -66,7 +66,7 @@ class Block:
     def keywords(self) -> dict:
         return dict(params=self.params, modulation=self.modulation, eps=self.eps, rms=self.rms,
                     gate_activation=self.gate_activation, norm_before_gate=self.norm_before_gate,
-                    weight_offset=self.weight_offset, **dict(self.sizes))
+                    weight_offset=self.weight_offset, sizes=dict(self.sizes))
 
 
 def _numpy(t: Optional[Tensor]):
@@ -191,9 +191,9 @@ def _view_of(block: Block, shape: tuple) -> _View:
     view = _traced_view(block) if torch.compiler.is_compiling() else None
     if view is not None:
         return view
-    plan = make_plan(block.pattern, shape, block.params, **dict(block.sizes))
+    plan = make_plan(block.pattern, shape, block.params, sizes=dict(block.sizes))
     mod_plan = None if block.modulation is None else make_plan(block.pattern, shape, block.modulation,
-                                                               **dict(block.sizes))
+                                                               sizes=dict(block.sizes))
     return _View(plan.reduced_axes, plan, mod_plan)
 
 
@@ -301,9 +301,9 @@ def _build_call(block: Block, tensors) -> Optional[_Call]:
 
     x, residual, gate, weight, bias, scale, shift = tensors
     try:
-        plan = make_plan(block.pattern, tuple(x.shape), block.params, **dict(block.sizes))
+        plan = make_plan(block.pattern, tuple(x.shape), block.params, sizes=dict(block.sizes))
         mod_plan = None if block.modulation is None else make_plan(block.pattern, tuple(x.shape), block.modulation,
-                                                                   **dict(block.sizes))
+                                                                   sizes=dict(block.sizes))
     except ValueError:
         return None  # the general path raises the error
     if any(t is not None and tuple(t.shape) != plan.param_shape for t in (weight, bias)) or any(

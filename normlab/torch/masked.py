@@ -6,7 +6,7 @@ other devices and dtypes."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from normlab import core
 from normlab.errors import ParamsError, ShapeError
 from normlab.masked import make_grouping
 from normlab.notation import parse_pattern
-from normlab.plan import make_plan
+from normlab.plan import make_plan, merge_sizes
 from normlab.torch.ops import _functorch_active, _grads_of, _needs_torch_backward, _spec_of
 from normlab.torch.paths import _LOW_PRECISION
 from normlab.torch.spec import Spec, _sizes_dict
@@ -79,7 +79,7 @@ def _hinted_plan(pattern, shape, params, sizes):
     from torch.fx.experimental.symbolic_shapes import optimization_hint
 
     hints = tuple(size if isinstance(size, int) else optimization_hint(size) for size in shape)
-    return make_plan(pattern, hints, params, **_sizes_dict(sizes))
+    return make_plan(pattern, hints, params, sizes=_sizes_dict(sizes))
 
 
 def _symbolic_axis_sizes(plan, pattern, shape) -> list:
@@ -125,7 +125,7 @@ def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], m
         _numpy(x), pattern, weight=_numpy(weight), bias=_numpy(bias), params=params, eps=eps, rms=rms,
         **_grouping_kwargs(mask, segment_ids,
                            num_segments, segment_axis),
-        **_sizes_dict(sizes))
+        sizes=_sizes_dict(sizes))
     mean = np.zeros(stats.rstd.shape) if stats.mean is None else stats.mean
     return (torch.from_numpy(np.ascontiguousarray(y)), torch.from_numpy(np.ascontiguousarray(mean)),
             torch.from_numpy(np.ascontiguousarray(stats.rstd)),
@@ -153,7 +153,7 @@ def _backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], mask: Op
         mean=None if rms else mean.numpy(), rstd=rstd.numpy(),
         **_grouping_kwargs(mask, segment_ids,
                            num_segments, segment_axis),
-        **_sizes_dict(sizes))
+        sizes=_sizes_dict(sizes))
     empty = x.new_empty(0, dtype=x.dtype if weight is None else weight.dtype)
     return (torch.from_numpy(np.ascontiguousarray(grad_x)),
             empty if grad_w is None or weight is None else torch.from_numpy(grad_w),
@@ -227,7 +227,7 @@ class MaskedResult(tuple):
 
 def _composite(x, weight, bias, mask, segment_ids, spec: Spec, eps, num_segments, segment_axis):
     """The same definition in torch operations (any device, differentiable by autograd)."""
-    plan = make_plan(spec.pattern, tuple(x.shape), spec.params, **spec.size_dict)
+    plan = make_plan(spec.pattern, tuple(x.shape), spec.params, sizes=spec.size_dict)
     shape = list(plan.stats_shape)
     index = None
     view = x.reshape(plan.axis_sizes)
@@ -290,9 +290,10 @@ def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None
                      params: Optional[str] = None, eps: float = 1e-5, rms: bool = False,
                      mask: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
                      num_segments: Optional[int] = None, segment_axis: Optional[str] = None,
-                     **sizes: int) -> MaskedResult:
+                     sizes: Optional[Mapping[str, int]] = None, **axis_sizes: int) -> MaskedResult:
     """:func:`normlab.normalize` with ``mask=`` and ``segment_ids=`` on tensors,
-    differentiable; returns :class:`MaskedResult` ``(y, mean, rstd, count)``.
+    differentiable; returns :class:`MaskedResult` ``(y, mean, rstd, count)``. Axis sizes
+    come as keywords or in the mapping ``sizes``, as in :func:`normlab.normalize`.
 
     >>> x = torch.tensor([[4., 3., 2., 100.]], dtype=torch.float64, requires_grad=True)
     >>> y = normalize_masked(x, "b [f]", mask=torch.tensor([True, True, True, False])).y
@@ -302,7 +303,7 @@ def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None
     >>> normalize_masked(torch.tensor([1., 3., 5., 9.]), "[n]", segment_ids=ids, eps=0.0).y.tolist()
     [-1.0, 1.0, -1.0, 1.0]
     """
-    spec = Spec.build(pattern, params, rms, **sizes)
+    spec = Spec.build(pattern, params, rms, **merge_sizes(pattern, sizes, axis_sizes, x.shape))
     if segment_ids is not None:
         _check_ids_dtype(x, pattern, segment_ids)
         if num_segments is None:

@@ -94,7 +94,7 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
     if weight is not None and getattr(module, "weight_offset", 0.0):
         weight = weight + module.weight_offset
     return normalize_masked(x, spec.pattern, weight=weight, bias=getattr(module, "bias", None),
-                            params=spec.params, eps=eps, rms=spec.rms, mask=mask, **spec.size_dict).y
+                            params=spec.params, eps=eps, rms=spec.rms, mask=mask, sizes=spec.size_dict).y
 
 
 def _batch_norm(module, x: Tensor, mask: Tensor) -> Tensor:
@@ -153,7 +153,7 @@ def _norm(module, x: Tensor, mask, segment_ids, num_segments, segment_axis) -> T
     y, mean, rstd, count = normalize_masked(x, spec.pattern, weight=module.weight, bias=module.bias,
                                             params=spec.params, eps=module.eps, rms=spec.rms, mask=mask,
                                             segment_ids=segment_ids, num_segments=num_segments,
-                                            segment_axis=segment_axis, **spec.size_dict)
+                                            segment_axis=segment_axis, sizes=spec.size_dict)
     if module.training and module.track_running_stats:
         _check_counts(module, x, count)
         plan = spec.plan(x.shape)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import types
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from torch.nn import functional as F
 from normlab import core
 from normlab.errors import InputError, ParamsError, ShapeError
 from normlab.notation import parse_params, parse_pattern
-from normlab.plan import make_plan
+from normlab.plan import make_plan, merge_sizes
 from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_forward, _batch_variance,
                                    _channel_shape, _check_batch, _dtypes_refused, _expanded_param, _fast_rows,
                                    _needs_grad, _normalize, _params_misfit, _update_instance_running,
@@ -38,7 +39,7 @@ def _torch_method(function):
 
 
 def _batch_norm_spec() -> Spec:
-    return Spec.build("[b] c [...]", params="c")
+    return Spec.build("[b] c [...]", "c")
 
 
 def _refuse_scripted_mask() -> None:
@@ -464,7 +465,8 @@ class Norm(nn.Module):
     running statistics.
 
     ``params`` names the axes ``weight`` and ``bias`` span; their sizes must be given
-    (``c=64``). With ``track_running_stats=True`` the running statistics span
+    (``c=64``, or ``sizes={"eps": 64}`` for an axis named like an argument of this
+    class). With ``track_running_stats=True`` the running statistics span
     ``running_axes`` (default: the kept axes that ``params`` names), averaged over the
     other kept axes; in evaluation they normalize, as batch norm does. ``rms=True`` has a
     weight and no bias, as RMSNorm. Momentum follows
@@ -487,8 +489,9 @@ class Norm(nn.Module):
     def __init__(self, pattern: str, params: Optional[str] = None, *, eps: float = 1e-5, rms: bool = False,
                  affine: bool = True, bias: bool = True, momentum: Optional[float] = 0.1,
                  track_running_stats: bool = False, running_axes: Optional[str] = None,
-                 device=None, dtype=None, **sizes: int):
+                 device=None, dtype=None, sizes: Optional[Mapping[str, int]] = None, **axis_sizes: int):
         super().__init__()
+        sizes = merge_sizes(pattern, sizes, axis_sizes)
         self._spec = Spec.build(pattern, params, rms, **sizes)
         parsed = parse_pattern(pattern)
         self.pattern, self.params, self.sizes = pattern, params, dict(sizes)
@@ -548,7 +551,8 @@ class Norm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        sizes = "".join(f", {k}={v}" for k, v in self.sizes.items())
+        named = all(k.isidentifier() and k not in _NORM_ARGUMENTS for k in self.sizes)
+        sizes = "".join(f", {k}={v}" for k, v in self.sizes.items()) if named else f", sizes={self.sizes!r}"
         return (f"{self.pattern!r}, params={self.params!r}{sizes}, eps={self.eps}, rms={self.rms}, "
                 f"affine={self.affine}, momentum={self.momentum}, track_running_stats={self.track_running_stats}")
 
@@ -600,3 +604,7 @@ class Norm(nn.Module):
         if bias is not None:
             y = y + bias.to(compute)
         return y.reshape(x.shape).to(x.dtype)
+
+
+# Norm's own arguments: axes named so are sized through sizes= (in its repr too)
+_NORM_ARGUMENTS = frozenset(inspect.signature(Norm.__init__).parameters)

@@ -29,7 +29,7 @@ def _normalize_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     _, stats = core.normalize_with_stats(
         _engine_view(x, perm), layout.pattern, params=params, eps=eps, rms=rms, out=_engine_view(y, perm),
         weight=None if weight is None else weight.detach().numpy(),
-        bias=None if bias is None else bias.detach().numpy(), **_sizes_dict(sizes))
+        bias=None if bias is None else bias.detach().numpy(), sizes=_sizes_dict(sizes))
     rstd = stats.rstd if perm is None else stats.rstd.transpose(layout.stats_order)
     if rms:
         mean = np.zeros(rstd.shape)
@@ -43,7 +43,7 @@ _normalize_op = torch.library.custom_op("normlab::normalize", mutates_args=())(_
 
 @_normalize_op.register_fake
 def _normalize_fake(x, weight, bias, pattern, params, sizes, eps, rms):
-    stats_shape = make_plan(pattern, tuple(x.shape), params, **_sizes_dict(sizes)).stats_shape
+    stats_shape = make_plan(pattern, tuple(x.shape), params, sizes=_sizes_dict(sizes)).stats_shape
     return (torch.empty_like(x), x.new_empty(stats_shape, dtype=torch.float64),
             x.new_empty(stats_shape, dtype=torch.float64))
 
@@ -64,7 +64,7 @@ def _normalize_backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor]
         _engine_view(grad_y, perm), _engine_view(x, perm), layout.pattern,
         weight=None if weight is None else weight.detach().numpy(),
         params=params if (weight is not None or need_bias) else None, eps=eps, rms=rms,
-        mean=None if rms else mean_np, rstd=rstd_np, **_sizes_dict(sizes))
+        mean=None if rms else mean_np, rstd=rstd_np, sizes=_sizes_dict(sizes))
     grad_x = torch.from_numpy(grad_x)
     if perm is not None:
         grad_x = grad_x.permute(_inverse(perm))
@@ -80,7 +80,7 @@ _normalize_backward_op = torch.library.custom_op("normlab::normalize_backward",
 
 @_normalize_backward_op.register_fake
 def _normalize_backward_fake(grad_y, x, weight, mean, rstd, pattern, params, sizes, eps, rms, need_bias):
-    param_shape = make_plan(pattern, tuple(x.shape), params, **_sizes_dict(sizes)).param_shape
+    param_shape = make_plan(pattern, tuple(x.shape), params, sizes=_sizes_dict(sizes)).param_shape
     param_dtype = x.dtype if weight is None else weight.dtype  # as normlab.normalize_backward returns
     return (torch.empty_like(x),
             x.new_empty(param_shape if weight is not None else (0,), dtype=param_dtype),

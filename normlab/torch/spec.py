@@ -55,8 +55,9 @@ class Spec:
     param_items: tuple[tuple[str, ...], ...] = ()
 
     @staticmethod
-    def build(pattern: str, params: Optional[str] = None, rms: bool = False, **sizes: int) -> "Spec":
-        """Check the pattern and params now, so a bad one fails at construction time."""
+    def build(pattern: str, params: Optional[str] = None, rms: bool = False, /, **sizes: int) -> "Spec":
+        """Check the pattern and params now, so a bad one fails at construction time.
+        (Positional arguments first: an axis may be named ``pattern``, ``params`` or ``rms``.)"""
         parsed = _traced(parse_pattern, notation._parse_pattern, pattern)
         items = _traced(parse_params, notation._parse_params, params) if params is not None else ()
         for item in items:
@@ -84,7 +85,7 @@ class Spec:
         arithmetic on the shape, so torch.compile traces it (dynamic shapes included).
         In eager mode :func:`normlab.make_plan` checks the shape first, for its errors."""
         if not torch.compiler.is_compiling():
-            make_plan(self.pattern, tuple(shape), self.params, **self.size_dict)
+            make_plan(self.pattern, tuple(shape), self.params, sizes=self.size_dict)
         names, axis_sizes, reduced = [], [], []
         ellipsis_rank = len(shape) - (len(self.dims) - 1)
         index = 0
