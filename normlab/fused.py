@@ -238,7 +238,8 @@ def prepare(x, pattern, weight, bias, params, sizes, residual=None, gate=None, g
     if modulation is not None:
         mod_plan = _modulation_plan(pattern, plan, modulation, sizes)
     epilogue = Epilogue(residual is not None, gate_activation if gate is not None else None,
-                        core._check_flag(norm_before_gate, "norm_before_gate", plan), offset, modulation, scale is not None, shift is not None)
+                        core._check_flag(norm_before_gate, "norm_before_gate", plan), offset, modulation,
+                        scale is not None, shift is not None)
     dtype = prepared.dtype
     residual_v = None if residual is None else _same_shape(residual, "residual", plan, pattern)
     if residual_v is not None:  # the sum's dtype, from the residual as given (bfloat16 is read as float32)
@@ -422,6 +423,8 @@ def normalize(x, pattern, *, weight=None, bias=None, params=None, eps=1e-5, rms=
                              "(rstd alone with rms=True)")
         rstd = core._given_stats(rstd, "rstd", plan)
         mean = None if rms else core._given_stats(mean, "mean", plan)
+    if out is not None:  # a wrong out= fails before any work, as in the unfused path
+        core._check_out(out, core.Prepared(plan, inputs.x, inputs.dtype, None, None))
     result = None
     if _use_kernels(inputs, backend):
         from normlab.kernels import fused as fused_kernels
@@ -432,7 +435,6 @@ def normalize(x, pattern, *, weight=None, bias=None, params=None, eps=1e-5, rms=
     y, summed, stats = result
     y = np.asarray(y).astype(inputs.dtype, copy=False).reshape(plan.shape)
     if out is not None:
-        core._check_out(out, core.Prepared(plan, inputs.x, inputs.dtype, None, None))
         np.copyto(out, y, casting="unsafe")
         y = out
     outputs = (y,)

@@ -250,6 +250,22 @@ def test_bad_fused_arguments_fail_with_a_clear_value_error(kwargs, kind, words):
         assert word in str(info.value)
 
 
+@pytest.mark.parametrize("out", [np.empty((2, 4, 4)), np.empty((2, 4, 5), np.float32), [[0.0]]])
+def test_a_wrong_out_fails_before_the_fused_block_runs(out, monkeypatch):
+    """A wrong ``out=`` is refused before any work (as the unfused call refuses it), and
+    nothing runs: neither the kernels nor the reference."""
+    from normlab import fused
+    from normlab.kernels import fused as fused_kernels
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the fused forward ran before out= was checked")
+
+    monkeypatch.setattr(fused_kernels, "forward", must_not_run)
+    monkeypatch.setattr(fused, "reference_forward", must_not_run)
+    with pytest.raises(NormlabError, match="out"):
+        normlab.normalize(np.ones((2, 4, 5)), "b t [d]", residual=np.zeros((2, 4, 5)), out=out)
+
+
 def test_kernel_exponential_is_within_two_ulp_of_numpy_and_keeps_nan():
     pytest.importorskip("numba")
     import numba
