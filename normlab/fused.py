@@ -390,6 +390,10 @@ class Gradients64:
 def _use_kernels(inputs: Inputs, backend, *extra) -> bool:
     from normlab import core
 
+    if inputs.residual is not None and inputs.dtype != inputs.x.dtype:
+        # bfloat16 arrives as float32, and the kernels would normalize the float32 sum; the
+        # model carries (and normalizes) the sum rounded to bfloat16, as the reference does
+        return False
     dtypes = [inputs.x.dtype] + [a.dtype for a in (inputs.residual, inputs.gate, *extra) if a is not None]
     return core._resolve_backend(backend, *dtypes) == "numba"
 

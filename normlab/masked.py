@@ -147,6 +147,9 @@ def make_grouping(plan: Plan, mask=None, segment_ids=None, num_segments=None, se
     if ids.dtype.kind not in "iu" or ids.shape != (length,):
         raise ShapeError(f"{_describe(plan)}: segment_ids must be integers of shape ({length},), one per element "
                          f"along axis {plan.axis_names[axis]!r}; got dtype {ids.dtype} and shape {ids.shape}")
+    if ids.dtype.kind == "u" and ids.size and int(ids.max()) > np.iinfo(np.int64).max:
+        # beyond int64 the cast below would wrap the id to a negative one and misreport it
+        _check_segment_count(plan, axis, ids, int(ids.max()) + 1, given=False)  # refuses: no input is that big
     ids = ids.astype(np.int64, copy=False)
     if ids.size and ids.min() < 0:
         raise ShapeError(f"{_describe(plan)}: segment_ids hold a negative id ({ids.min()}); ids count from 0")

@@ -95,6 +95,17 @@ def test_a_segment_id_of_a_trillion_is_refused_before_anything_is_allocated(call
     assert "np.unique(segment_ids, return_inverse=True)[1]" in message
 
 
+@pytest.mark.parametrize("num_segments", [None, 3])
+def test_a_uint64_segment_id_beyond_int64_is_named_as_given_not_as_a_negative_id(num_segments):
+    x = np.ones((4, 3))
+    ids = np.array([0, 1, 1, 2**63 + 5], dtype=np.uint64)
+    with pytest.raises(ShapeError) as error:
+        normlab.normalize(x, "[n] c", segment_ids=ids, num_segments=num_segments)
+    message = str(error.value)
+    assert str(2**63 + 5) in message and "negative" not in message
+    assert "np.unique(segment_ids, return_inverse=True)[1]" in message
+
+
 def test_an_absurd_num_segments_is_refused_with_the_count_that_fits():
     x = np.ones((4, 3))
     with pytest.raises(ShapeError, match=r"num_segments=1000000000000.*num_segments=max\(segment_ids\) \+ 1 \(2\)"):
@@ -242,7 +253,8 @@ def test_bfloat16_follows_torchs_dtypes_for_out_residual_and_masks():
     _agrees(out, "bfloat16", F.layer_norm, xt, (6,))
     y, total = normlab.normalize(x, "b [d]", residual=r)
     _agrees(total, "bfloat16", torch.add, xt, rt)
-    _agrees(y, "bfloat16", lambda a, b: F.layer_norm((a + b).to(a.dtype), (6,)), xt, rt)
+    # the sum the model carries, rounded to bfloat16 (``.to(a.dtype)`` alone is a no-op in float64)
+    _agrees(y, "bfloat16", lambda a, b: F.layer_norm((a + b).bfloat16().to(a.dtype), (6,)), xt, rt)
     s, st = _low((4, 6), "bfloat16", seed=3)
     y = normlab.normalize(x, "b [d]", scale=s, shift=r, modulation="b d")
     _agrees(y, "bfloat16", lambda a, b, c: F.layer_norm(a, (6,)) * (1 + b) + c, xt, st, rt)
@@ -259,6 +271,35 @@ def test_bfloat16_follows_torchs_dtypes_for_out_residual_and_masks():
         return y.to(t.dtype)
 
     _agrees(y, "bfloat16", masked_layer_norm, xt)
+
+
+def _half_ulp_of_bfloat16(values):
+    """Half the spacing of bfloat16 (8 significant bits) at ``values``: a once-rounded result
+    lies within it of the exact value."""
+    _, exponent = np.frexp(np.abs(values.astype(np.float64)))
+    return np.ldexp(0.5, exponent - 8)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_a_bfloat16_residual_block_normalizes_the_sum_rounded_to_bfloat16_on_every_backend(backend):
+    """The model carries ``x + r`` in bfloat16 and normalizes that; the float32 kernels once
+    normalized the unrounded float32 sum, off by up to a unit in the last place."""
+    x, xt = _low((16, 64), "bfloat16")
+    r, rt = _low((16, 64), "bfloat16", seed=1)
+    w, wt = _low((64,), "bfloat16", seed=2)
+    g, gt = _low((16, 64), "bfloat16", seed=3)
+    g_sum, g_sum_t = _low((16, 64), "bfloat16", seed=4)
+    total_t = (xt + rt).double().requires_grad_(True)  # torch's bfloat16 sum, then float64 from there
+    w64 = wt.double().requires_grad_(True)
+    exact = F.layer_norm(total_t, (64,), w64)
+    exact.backward(gt.double())
+    y, total = normlab.normalize(x, "b [d]", residual=r, weight=w, params="d", backend=backend)
+    grads = normlab.normalize_backward(g, x, "b [d]", residual=r, weight=w, params="d", grad_sum=g_sum,
+                                       backend=backend)
+    assert np.array_equal(total.astype(np.float64), total_t.detach().numpy())
+    for ours, want in ((y, exact.detach()), (grads.x, total_t.grad + g_sum_t.double()), (grads.weight, w64.grad)):
+        error = np.abs(ours.astype(np.float64) - want.numpy())
+        assert (error <= _half_ulp_of_bfloat16(ours) * (1 + 2**-8)).all(), error.max()
 
 
 def test_importing_normlab_does_not_import_ml_dtypes():
