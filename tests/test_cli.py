@@ -126,6 +126,7 @@ BAD_INPUTS = {
     "preset that needs more axes": ["explain", "instance", "--shape", "2,3"],
     "size that does not parse": ["explain", "group", "--shape", "2,4,3", "g=two"],
     "size that does not divide": ["explain", "group", "--shape", "2,4,3", "g=3"],
+    "an axis sized twice": ["explain", "group", "--shape", "2,4,3", "g=2", "g=4"],
     "no data": ["explain", "batch"],
     "both data and shape": ["explain", "batch", "--shape", "2,3", "--data", "[1]"],
     "bad seed": ["explain", "batch", "--shape", "2,3", "--seed", "x"],

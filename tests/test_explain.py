@@ -159,6 +159,11 @@ def test_shape_and_sizes_parse_and_reject_what_they_cannot_read():
             parse_sizes([bad])
 
 
+def test_an_axis_sized_twice_is_refused_naming_both_sizes_not_settled_by_the_last():
+    with pytest.raises(NormlabError, match=r"g is sized twice \(g=3 and g=2\)"):
+        parse_sizes(["g=3", "c=2", "g=2"])
+
+
 def test_a_pattern_error_becomes_one_line_that_names_the_character():
     with pytest.raises(normlab.PatternSyntaxError) as caught:
         make_plan("b (g [c) [h w]", (2, 4, 3, 3))

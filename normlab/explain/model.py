@@ -437,5 +437,8 @@ def parse_sizes(items: list[str]) -> dict:
         if not sep or not name.isidentifier() or size is None or size < 1:
             hint = "; quote a pattern that has spaces, e.g. 'b [d]'" if any(ch in item for ch in "[]()") else ""
             raise NormlabError(f"{item!r} is not name=size; write an axis size such as g=2{hint}")
+        if name in sizes:  # the last would silently win, as normalize refuses an axis sized twice
+            raise NormlabError(f"{name} is sized twice ({name}={sizes[name]} and {name}={size}); give each axis "
+                               "one size")
         sizes[name] = size
     return sizes
