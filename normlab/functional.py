@@ -125,8 +125,12 @@ def _check_param_dtypes(what: str, x: np.ndarray, **params) -> None:
     listed = ", ".join(f"{name} is {dtype}" for name, dtype in given.items())
     rule = (" and ".join(given) + " must have the input's dtype" + (" or float32" if len(allowed) > 1 else "")
             + (", all the same" if len(given) > 1 else ""))
-    raise ParamsError(f"{what}: the input is {x_dtype} (shape {x.shape}) and {listed}; torch.nn.functional.{what} "
-                      f"refuses mixed dtypes on CPU: {rule}; pass {bad}.astype(x.dtype)")
+    # integer input is read as float64, so x.dtype would be the wrong cast to suggest
+    as_read = x_dtype == core.native_dtype(x.dtype)
+    read = f"{x_dtype} (shape {x.shape})" if as_read else f"{x.dtype} (read as {x_dtype}; shape {x.shape})"
+    target = "x.dtype" if as_read else f"np.{x_dtype}"
+    raise ParamsError(f"{what}: the input is {read} and {listed}; torch.nn.functional.{what} "
+                      f"refuses mixed dtypes on CPU: {rule}; pass {bad}.astype({target})")
 
 
 def _update(buffer, batch_value, momentum: float) -> None:

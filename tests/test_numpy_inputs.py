@@ -6,6 +6,8 @@ bad input raises a ``normlab.errors`` error repeating the pattern and the shape 
 how to fix it, and hypothesis properties.
 """
 
+import re
+
 import numpy as np
 import pytest
 
@@ -448,3 +450,18 @@ def test_parameters_given_as_lists_take_the_inputs_dtype():
     got = normlab.functional.layer_norm(x, 3, [1.0, 2.0, 3.0])
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("x_dtype", [np.int64, np.int32, np.bool_])
+def test_the_cast_suggested_for_a_float32_weight_beside_integer_input_makes_the_call_work(x_dtype):
+    """Integer input is read as float64, so the fix is a float64 weight, not ``x.dtype``'s."""
+    x = (np.arange(12).reshape(4, 3) % 5).astype(x_dtype)
+    weight = np.array([0.5, 1.5, 2.0], np.float32)
+    with pytest.raises(normlab.ParamsError) as error:
+        normlab.functional.layer_norm(x, 3, weight)
+    message = str(error.value)
+    assert f"the input is {np.dtype(x_dtype)} (read as float64" in message
+    cast = re.search(r"pass weight\.astype\((np\.float64|x\.dtype)\)", message).group(1)
+    fixed = normlab.functional.layer_norm(x, 3, weight.astype({"np.float64": np.float64, "x.dtype": x.dtype}[cast]))
+    want = F.layer_norm(torch.from_numpy(x.astype(np.float64)), (3,), torch.from_numpy(weight.astype(np.float64)))
+    np.testing.assert_allclose(fixed, want.numpy(), rtol=1e-12, atol=1e-12)
