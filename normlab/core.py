@@ -11,7 +11,9 @@ backend. It holds no math. Backends:
   imports, otherwise ``"numpy"``.
 
 bfloat16 input (ml_dtypes', recognized by name: it is never imported here) is read as float32
-(:func:`computable`) by either backend, and the result rounded once to bfloat16.
+(:func:`computable`) by either backend, and the result rounded to bfloat16 through float32
+(as ml_dtypes and torch round), so within half a bfloat16 unit in the last place of the
+float64 value, give or take float32's own rounding.
 """
 
 from __future__ import annotations

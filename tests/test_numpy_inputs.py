@@ -283,6 +283,28 @@ def _half_ulp_of_bfloat16(values):
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_bfloat16_results_lie_within_half_a_unit_in_the_last_place_of_torchs_float64_values(backend):
+    """What the README promises: computed as float32 arrays are, rounded to bfloat16 through
+    float32, so within half a bfloat16 ulp of the float64 value (float32's rounding aside)."""
+    x, xt = _low((512, 256), "bfloat16", scale=3.0)
+    w, wt = _low((256,), "bfloat16", seed=1)
+    g, gt = _low((512, 256), "bfloat16", seed=2)
+    x64, w64 = xt.double().requires_grad_(True), wt.double().requires_grad_(True)
+    exact = F.layer_norm(x64, (256,), w64)
+    exact.backward(gt.double())
+    gx, gw, _ = normlab.normalize_backward(g, x, "b [d]", weight=w, params="d", backend=backend)
+    pairs = [(normlab.normalize(x, "b [d]", weight=w, params="d", backend=backend), exact.detach(), 0.0),
+             (normlab.normalize(x, "[b] d", backend=backend), F.batch_norm(xt.double(), None, None, training=True), 0.0),
+             (normlab.normalize(x, "b (g [c])", g=4, backend=backend), F.group_norm(xt.double(), 4), 0.0),
+             (normlab.normalize(x, "b [d]", rms=True, backend=backend), F.rms_norm(xt.double(), (256,), eps=1e-5), 0.0),
+             # a gradient cancels within its row: float32 arithmetic leaves an error of the row's scale
+             (gx, x64.grad, 2**-20 * x64.grad.abs().max().item()), (gw, w64.grad, 0.0)]
+    for ours, want, slack in pairs:
+        error = np.abs(ours.astype(np.float64) - want.numpy())
+        assert (error <= _half_ulp_of_bfloat16(ours) * (1 + 2**-8) + slack).all(), error.max()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
 def test_a_bfloat16_residual_block_normalizes_the_sum_rounded_to_bfloat16_on_every_backend(backend):
     """The model carries ``x + r`` in bfloat16 and normalizes that; the float32 kernels once
     normalized the unrounded float32 sum, off by up to a unit in the last place."""
