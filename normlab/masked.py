@@ -149,7 +149,7 @@ def make_grouping(plan: Plan, mask=None, segment_ids=None, num_segments=None, se
                          f"along axis {plan.axis_names[axis]!r}; got dtype {ids.dtype} and shape {ids.shape}")
     if ids.dtype.kind == "u" and ids.size and int(ids.max()) > np.iinfo(np.int64).max:
         # beyond int64 the cast below would wrap the id to a negative one and misreport it
-        _check_segment_count(plan, axis, ids, int(ids.max()) + 1, given=False)  # refuses: no input is that big
+        check_segment_count(plan, int(ids.max()), int(ids.max()) + 1, given=False)  # refuses: no input is that big
     ids = ids.astype(np.int64, copy=False)
     if ids.size and ids.min() < 0:
         raise ShapeError(f"{_describe(plan)}: segment_ids hold a negative id ({ids.min()}); ids count from 0")
@@ -164,7 +164,7 @@ def make_grouping(plan: Plan, mask=None, segment_ids=None, num_segments=None, se
         if num_segments < 0 or (ids.size and ids.max() >= num_segments):
             raise ShapeError(f"{_describe(plan)}: num_segments={num_segments} but segment_ids reach {ids.max()}; "
                              "pass num_segments > max(segment_ids), or leave it out")
-    _check_segment_count(plan, axis, ids, num_segments, given)
+    check_segment_count(plan, int(ids.max()) if ids.size else None, num_segments, given)
     return Grouping(plan, counted, axis, ids, num_segments)
 
 
@@ -175,14 +175,16 @@ _SEGMENT_VALUES_PER_ELEMENT = 64
 _SEGMENT_VALUES_FLOOR = 1 << 20
 
 
-def _check_segment_count(plan: Plan, axis: int, ids: np.ndarray, num_segments: int, given: bool) -> None:
-    """Refuse, before anything is allocated, segments whose statistics would dwarf the input."""
+def check_segment_count(plan: Plan, largest: int | None, num_segments: int, given: bool,
+                        unique: str = "np.unique") -> None:
+    """Refuse, before anything is allocated, segments whose statistics would dwarf the input
+    (``largest``: the largest id, None for no ids; ``given``: whether the caller chose
+    ``num_segments``, else it is ``largest + 1``; ``unique``: the function that compacts ids)."""
     values = num_segments * math.prod(plan.stats_shape)  # the segment axis is reduced: size 1 there
     limit = max(_SEGMENT_VALUES_FLOOR, _SEGMENT_VALUES_PER_ELEMENT * math.prod(plan.shape))
     if values <= limit:
         return
-    largest = int(ids.max()) if ids.size else None
-    compact = "compact the ids with np.unique(segment_ids, return_inverse=True)[1]"
+    compact = f"compact the ids with {unique}(segment_ids, return_inverse=True)[1]"
     if given:
         asked = f"num_segments={num_segments}"
         fix = (f"pass num_segments=max(segment_ids) + 1 ({largest + 1})" if largest is not None

@@ -150,3 +150,36 @@ def test_masked_batch_norm_channel_counted_nowhere_gives_bias_and_keeps_its_runn
     single[0, 2, 0] = True  # one counted value: torch's rule refuses it
     with pytest.raises(ValueError, match="more than 1 counted value"):
         ours(x, mask=single)
+
+
+HUGE_IDS = torch.tensor([0, 5, 5, 10**12])  # raw ids (node or file numbers), never compacted
+
+
+@pytest.mark.parametrize("route", ["kernels", "functorch", "complex", "Norm"])
+def test_a_segment_id_of_a_trillion_is_refused_on_every_route_saying_how_to_compact_the_ids(route):
+    """The NumPy API's refusal, on the torch routes too: the composite ones (functorch's
+    transforms, complex input, other devices) would allocate statistics for every id up to
+    the largest, and the kernel route advised passing the very num_segments it had used."""
+    from normlab.torch.masked import normalize_masked
+
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError) as error:
+        if route == "functorch":
+            torch.func.grad(lambda t: normalize_masked(t, "[n] c", segment_ids=HUGE_IDS).y.sum())(x)
+        elif route == "Norm":
+            nt.Norm("[n] c")(x, segment_ids=HUGE_IDS)
+        else:
+            normalize_masked(x.to(torch.complex128) if route == "complex" else x, "[n] c", segment_ids=HUGE_IDS)
+    message = str(error.value)
+    assert "'[n] c'" in message and "(4, 3)" in message and str(10**12) in message
+    assert "torch.unique(segment_ids, return_inverse=True)[1]" in message and "num_segments=" not in message
+
+
+def test_the_compacted_ids_the_torch_error_suggests_give_batch_norm_of_each_segment():
+    x = torch.randn(6, 3, dtype=torch.float64)
+    ids = torch.tensor([7, 7, 10**12, 7, 10**12, 10**12])
+    compact = torch.unique(ids, return_inverse=True)[1]
+    y = nt.Norm("[n] c")(x, segment_ids=compact)
+    for segment in (7, 10**12):
+        rows = ids == segment
+        torch.testing.assert_close(y[rows], torch.nn.functional.batch_norm(x[rows], None, None, training=True))

@@ -286,6 +286,23 @@ def _expand(param: Tensor, plan) -> Tensor:
     return split.permute(order).reshape(plan.param_broadcast_shape)
 
 
+def _refuse_too_many_segments(x: Tensor, spec: Spec, segment_ids: Tensor, num_segments: int, given: bool,
+                              segment_axis: Optional[str]) -> None:
+    """Refuse, as a torch error, segments whose statistics would dwarf the input (as the
+    NumPy API does), from the largest id alone: torch reductions, so functorch's transforms
+    and other devices take it too."""
+    if torch.compiler.is_compiling():  # the values are not known while tracing
+        return
+    from normlab.masked import check_segment_count
+
+    largest = int(segment_ids.max()) if segment_ids.numel() else None
+    try:
+        plan = make_plan(spec.pattern, tuple(x.shape), spec.params, sizes=spec.size_dict)
+        check_segment_count(plan, largest, num_segments, given, unique="torch.unique")
+    except (ShapeError, ParamsError) as error:
+        raise _torch_error(error) from None
+
+
 def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                      params: Optional[str] = None, eps: float = 1e-5, rms: bool = False,
                      mask: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
@@ -304,6 +321,7 @@ def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None
     [-1.0, 1.0, -1.0, 1.0]
     """
     spec = Spec.build(pattern, params, rms, **merge_sizes(pattern, sizes, axis_sizes, x.shape))
+    given_segments = num_segments
     if segment_ids is not None:
         _check_ids_dtype(x, pattern, segment_ids)
         if num_segments is None:
@@ -315,6 +333,8 @@ def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None
               and (mask is None or mask.device.type == "cpu") and not x.is_complex()
               and not (_functorch_active() or forward_ad._current_level >= 0))  # (transforms: torch ops)
     if not kernel:
+        if segment_ids is not None:  # before the composite allocates statistics for every id up to the largest
+            _refuse_too_many_segments(x, spec, segment_ids, num_segments, given_segments is not None, segment_axis)
         return MaskedResult(_composite(x, weight, bias, mask, segment_ids, spec, eps, num_segments, segment_axis))
     low = x.dtype in _LOW_PRECISION
     xs = [None if t is None else (t.float() if low else t) for t in (x, weight, bias)]
@@ -326,6 +346,10 @@ def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None
     try:
         y, mean, rstd, count = _Eager.apply(*args) if eager else _forward_op(*args)
     except (ShapeError, ParamsError) as error:
+        if segment_ids is not None and given_segments is None:
+            # the op was handed max(ids) + 1: refuse in the words for the ids alone, which
+            # do not tell the user to pass that very num_segments
+            _refuse_too_many_segments(x, spec, segment_ids, num_segments, False, segment_axis)
         raise _torch_error(error) from None
     if low:
         y = y.to(x.dtype)
