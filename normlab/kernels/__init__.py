@@ -42,7 +42,11 @@ __all__ = ["available", "canonical_view", "forward", "backward", "row_layout", "
 SERIAL_BELOW = threads.POOL_SERIAL_BELOW  # elements: serial below this on normlab's own pool (see
 # threads.serial_below, which a call asks: lower where the kernels run on torch's OpenMP pool)
 CHUNKED_FROM = 1 << 15  # backward: from this many elements the parameter gradients are summed in chunks
-ROW_CHUNKS = 64  # backward: rows are cut into this many chunks for the parameter gradients
+ROW_CHUNKS = 64  # masked backward: units are cut into this many chunks for the parameter gradients
+# row backward (layer, RMS, group norm and the fused blocks): at most this many chunks for the
+# parameter gradients. 64 cost long rows up to 2.5x (1024x8192: 16.5 against 6.6 ms, float64
+# 21.8 against 12.1; 8192x4096: 32.5 against 21.3, on 2 threads); 16 still lets 16 threads share a large input
+GRADIENT_CHUNKS = 16
 CHUNK_ELEMENTS = 1 << 14  # channels-first batch norm: elements per (chunk, channel) unit of work
 # channels-last batch norm: rows are summed in groups of at least this many elements (and
 # 64 rows), each group's per-channel sums kept apart and added in order; a unit of work is
@@ -587,16 +591,16 @@ def row_chunks(rows: int, n: int) -> tuple[int, int]:
     """``(chunk_rows, chunks)``: how the row backward cuts its rows for the parameter
     gradients. A function of the shape alone, so that the sums (chunks added in index
     order) are the same on every thread count and either pool: one chunk below
-    :data:`CHUNKED_FROM` elements, else up to :data:`ROW_CHUNKS` chunks of at least :data:`MIN_CHUNK_ROWS` rows (each
-    chunk's parts are n-long rows to zero and add, more than the work they split for
-    short chunks of long rows).
+    :data:`CHUNKED_FROM` elements, else up to :data:`GRADIENT_CHUNKS` chunks of at least
+    :data:`MIN_CHUNK_ROWS` rows (each chunk's parts are n-long rows to zero, fill and
+    add, more than the work they split for short chunks of long rows).
 
     >>> row_chunks(16, 64), row_chunks(64, 1 << 16), row_chunks(1 << 15, 64)
-    ((16, 1), (8, 8), (512, 64))
+    ((16, 1), (8, 8), (2048, 16))
     """
     if rows * n < CHUNKED_FROM:
         return rows, 1
-    chunk_rows = max(-(-rows // ROW_CHUNKS), MIN_CHUNK_ROWS)
+    chunk_rows = max(-(-rows // GRADIENT_CHUNKS), MIN_CHUNK_ROWS)
     return chunk_rows, -(-rows // chunk_rows)
 
 
