@@ -366,3 +366,21 @@ def test_axes_named_like_arguments_are_sized_through_a_sizes_mapping(name):
                                torch.nn.functional.group_norm(x, 2))
     with pytest.raises(ValueError, match="given both in sizes= and as a keyword"):
         nt.Norm("b (g [c])", sizes={"g": 2}, g=2)
+
+
+@pytest.mark.parametrize("factory", [
+    lambda: nt.Norm("b (g [c])", params="(g c)", g=2, c=4),
+    lambda: nt.FusedAddRMSNorm(8),
+    lambda: nt.FusedAddLayerNorm(8),
+    lambda: nt.GatedRMSNorm(8, group_size=4),
+    lambda: nt.AdaLayerNorm(8),
+], ids=["Norm", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm"])
+def test_scripting_a_module_with_no_torch_nn_forward_says_what_compiles_it_instead(factory):
+    """torch.jit.script compiles a twin through torch.nn's forward; these modules have
+    none, and scripting them, alone or inside a model, raises torch's RuntimeError naming
+    the module and the tools that do compile it (torch's own error pointed at a try
+    block or at keyword-only arguments)."""
+    module = factory()
+    for target in (module, torch.nn.Sequential(torch.nn.Identity(), module)):
+        with pytest.raises(RuntimeError, match=f"cannot compile normlab's {type(module).__name__}.*torch.compile"):
+            torch.jit.script(target)

@@ -33,6 +33,7 @@ from normlab.plan import make_plan
 from normlab.torch import casting as recipes
 from normlab.torch.ops import _grads_of, _needs_torch_backward
 from normlab.torch.paths import _needs_torch_ops
+from normlab.torch.spec import unscriptable
 
 __all__ = ["CASTINGS", "fused_normalize", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm"]
 
@@ -437,6 +438,9 @@ class FusedAddRMSNorm(nn.Module):
         self._block = Block(pattern, params, sizes=sizes, eps=float(self.eps), rms=True, casting=self.casting,
                             weight_offset=self.weight_offset)
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(unscriptable(self))
+
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
         _check_input(self, x, self.weight.shape, residual=residual)
         return fused_normalize(x, _block_of(self), residual=residual, weight=self.weight)
@@ -465,6 +469,9 @@ class FusedAddLayerNorm(nn.LayerNorm):
     def _init_block(self) -> None:
         pattern, params, sizes = _trailing(self.normalized_shape)
         self._block = Block(pattern, params, sizes=sizes, eps=float(self.eps), casting=self.casting)
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(unscriptable(self))
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
         _check_input(self, x, self.normalized_shape, residual=residual)
@@ -508,6 +515,9 @@ class GatedRMSNorm(nn.Module):
         """The weight at its initial value, ones (as torch.nn.RMSNorm's)."""
         nn.init.ones_(self.weight)
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(unscriptable(self))
+
     def forward(self, x: Tensor, z: Optional[Tensor] = None, gate: Optional[Tensor] = None) -> Tensor:
         if gate is not None:  # transformers' gated norms name it gate
             if z is not None:
@@ -550,6 +560,9 @@ class AdaLayerNorm(nn.Module):
         self.embedding_dim = embedding_dim
         self._block = Block("b t [d]", modulation="b d", eps=1e-6 if norm_type == "layer_norm" else 1e-5,
                             casting="gemma" if norm_type == "fp32_layer_norm" else casting)
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(unscriptable(self))
 
     def forward(self, x: Tensor, timestep=None, class_labels=None, hidden_dtype=None, emb: Optional[Tensor] = None):
         if emb is None:

@@ -26,7 +26,7 @@ from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_fo
 from normlab.torch.casting import apply_recipe_scale, check_casting, compute_dtype, rms_norm_recipe
 from normlab.torch.masked_modules import masked_forward
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
-from normlab.torch.spec import Spec, affine_parameters, module_buffer
+from normlab.torch.spec import Spec, affine_parameters, module_buffer, unscriptable
 
 
 def _torch_method(function):
@@ -549,6 +549,9 @@ class Norm(nn.Module):
             nn.init.ones_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(unscriptable(self))
 
     def extra_repr(self) -> str:
         named = all(k.isidentifier() and k not in _NORM_ARGUMENTS for k in self.sizes)

@@ -267,6 +267,14 @@ class ModuleCache(dict):
         return ModuleCache, ()
 
 
+def unscriptable(module) -> str:
+    """Why torch.jit.script cannot compile ``module``, a normlab module with no torch.nn
+    forward, and what compiles it instead."""
+    return (f"torch.jit.script cannot compile normlab's {type(module).__name__}: no torch.nn class computes it, and "
+            "its forward runs the NumPy kernels; use torch.compile, torch.export or torch.jit.trace (which record "
+            "its torch operations), or script a model whose norms are twins of torch.nn classes")
+
+
 def tensor_layout(t: Tensor) -> tuple:
     """Where and how a tensor's elements lie: what a write of ``.data`` may change under
     the same Python object (the version counter records none of it), and what a NumPy
