@@ -104,10 +104,14 @@ def as_array(value, name: str, pattern: str, shape=None, dtype=None) -> np.ndarr
     """``np.asarray(value)``, where NumPy's refusal (a ragged list, a string where numbers
     belong) or torch's (a tensor that requires grad) becomes an InputError that names the
     argument and the pattern."""
+    return read_array(value, name, f"pattern {pattern!r}" if shape is None else _describe(pattern, shape), dtype)
+
+
+def read_array(value, name: str, where: str, dtype=None) -> np.ndarray:
+    """:func:`as_array` with the message's opening (``where``) given as it is."""
     try:
         return np.asarray(value, dtype=dtype)
     except (ValueError, TypeError, RuntimeError) as err:
-        where = f"pattern {pattern!r}" if shape is None else _describe(pattern, shape)
         raise InputError(f"{where}: {name} cannot be read as an array ({err}); pass a NumPy array, or nested "
                          "lists whose rows all have the same length") from None
 

@@ -37,11 +37,7 @@ def _input(x, what: str) -> np.ndarray:
     """``x`` as an array; a masked array with masked elements is refused (see :func:`core.reject_masked`)."""
     if isinstance(x, np.ma.MaskedArray):  # the message is built only when needed (np.shape of a ragged list raises)
         core.reject_masked(x, "x", f"{what}, input shape {np.shape(x)}")
-    try:
-        return np.asarray(x)
-    except (ValueError, TypeError, RuntimeError) as err:  # a ragged list; a tensor that requires grad
-        raise InputError(f"{what}: x cannot be read as an array ({err}); pass a NumPy array, or nested lists "
-                         "whose rows all have the same length") from None
+    return core.read_array(x, "x", what)  # a ragged list; a tensor that requires grad: an InputError
 
 
 def _names(ndim: int) -> list[str]:
