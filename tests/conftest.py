@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -9,3 +10,14 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("NORMLAB_HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def every_call_threaded(monkeypatch):
+    """Every kernel call takes its threaded variant, however small the input (a call on
+    one thread still runs the serial one): what the tests of bit-identical results on
+    one and two threads need, on inputs small enough to be quick. The kernels ask
+    ``threads.serial_below`` at each call."""
+    from normlab.kernels import threads
+
+    monkeypatch.setattr(threads, "serial_below", lambda row_forward=False: 0)

@@ -132,7 +132,7 @@ def test_columns_and_their_gradients_match_torch_in_float64(dtype):
         np.testing.assert_allclose(mine, theirs.detach().numpy(), rtol=tol, atol=tol)
 
 
-def test_float32_columns_are_bit_identical_on_one_and_two_threads(monkeypatch):
+def test_float32_columns_are_bit_identical_on_one_and_two_threads(monkeypatch, every_call_threaded):
     from normlab.kernels import threads
 
     if threads.for_call() < 2:
@@ -142,7 +142,6 @@ def test_float32_columns_are_bit_identical_on_one_and_two_threads(monkeypatch):
     x[0, 10] = 1e6
     gy = rng.standard_normal(x.shape).astype(np.float32)
     w = rng.standard_normal(1500).astype(np.float32)
-    monkeypatch.setattr(kernels, "SERIAL_BELOW", 0)  # the threaded variant runs, whatever the size
     results = []
     for count in (1, 2):  # (through normlab's own cap: numba.set_num_threads would start Numba's pool)
         monkeypatch.setattr(threads, "_limit", lambda: count)

@@ -102,15 +102,13 @@ def test_float32_group_norm_matches_the_float64_definition_per_group():
     np.testing.assert_allclose(y, expected, rtol=0, atol=1e-4)
 
 
-def test_float32_rows_are_bit_identical_on_one_and_two_threads(monkeypatch):
+def test_float32_rows_are_bit_identical_on_one_and_two_threads(every_call_threaded):
     numba = pytest.importorskip("numba")
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs 2 Numba threads")
-    from normlab import kernels
 
     x = (7 + np.random.default_rng(6).standard_normal((300, 513))).astype(np.float32)
     w = np.random.default_rng(7).standard_normal(513).astype(np.float32)
-    monkeypatch.setattr(kernels, "SERIAL_BELOW", 0)  # the threaded variant runs, whatever the size
     results = []
     before = numba.get_num_threads()
     try:

@@ -189,11 +189,8 @@ def test_nan_in_residual_stays_in_its_row_forward_and_backward(backend):
         assert np.isnan(array[1]).any() and np.isfinite(array[[0, 2]]).all()
 
 
-def test_fused_kernels_give_the_same_bits_on_one_and_two_threads(monkeypatch):
+def test_fused_kernels_give_the_same_bits_on_one_and_two_threads(every_call_threaded):
     numba = pytest.importorskip("numba")
-    from normlab import kernels
-
-    monkeypatch.setattr(kernels, "SERIAL_BELOW", 0)  # force the threaded kernels
     rng = np.random.default_rng(2)
     shape = (4, 33, 40)
     arrays = dict(x=rng.normal(size=shape).astype(np.float32), residual=rng.normal(size=shape).astype(np.float32),

@@ -363,14 +363,13 @@ def _with_threads(count, fn):
     ("[b] c [s]", (48, 3, 1000), "c", {}),
     ("[b] c", (30000, 5), "c", {}),
 ])
-def test_results_are_bit_identical_on_one_and_two_threads(pattern, shape, params, sizes, monkeypatch):
+def test_results_are_bit_identical_on_one_and_two_threads(pattern, shape, params, sizes, every_call_threaded):
     # float64 throughout: a float32 result would round away a changed order of addition
     rng = np.random.default_rng(7)
     x = rng.standard_normal(shape) * 3 + 100
     gy = rng.standard_normal(shape)
     plan = make_plan(pattern, shape, params, **sizes)
     w = rng.standard_normal(plan.param_shape)
-    monkeypatch.setattr(kernels, "SERIAL_BELOW", 0)  # the threaded variant runs, whatever the size
 
     def run():
         y, mean, rstd = normlab.normalize(x, pattern, weight=w, bias=w, params=params, return_stats=True,

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from normlab import kernels, normalize, normalize_backward
+from normlab import normalize, normalize_backward
 from normlab.errors import NormlabError
 from normlab.plan import make_plan
 
@@ -218,8 +218,7 @@ def _with_threads(count, fn):
     ("[n] c", (300, 70), {"segment_ids": np.repeat(np.arange(30), 10), "mask": (np.arange(300) % 7 > 0)[:, None]}),
     ("b [d]", (40, 65), {"mask": np.arange(65) % 4 > 0}),
 ])
-def test_masked_kernels_give_the_same_bits_on_one_and_two_threads(pattern, shape, kw, monkeypatch):
-    monkeypatch.setattr(kernels, "SERIAL_BELOW", 0)  # the threaded variant, whatever the size
+def test_masked_kernels_give_the_same_bits_on_one_and_two_threads(pattern, shape, kw, every_call_threaded):
     rng = np.random.default_rng(6)
     x, grad_y = rng.normal(size=shape).astype(np.float32), rng.normal(size=shape).astype(np.float32)
     params = "c" if "c" in pattern.split() else "d"
