@@ -103,3 +103,12 @@ def test_segment_ids_of_the_wrong_length_are_refused_with_the_pattern_and_shape(
     result = explain("batch", "--data", json.dumps(DATA), "--segments", "[0, 1]")
     assert result.returncode == 2
     assert "(4, 3)" in result.stderr
+
+
+@pytest.mark.parametrize("huge", [2**63, 2**64 - 1, 2**64])
+def test_a_segment_id_past_int64_is_refused_as_too_large_not_as_negative(explain, huge):
+    # NumPy reads such an id as a float (mixed with small ones) or wraps it: the message
+    # must name the id itself, not call the list non-integer or negative
+    result = explain("batch", "--data", json.dumps(DATA), "--segments", json.dumps([0, huge, 1, 1]))
+    assert result.returncode == 2
+    assert f"id {huge}, too large" in result.stderr and "non-negative" not in result.stderr

@@ -377,6 +377,9 @@ def parse_mask(text: str) -> np.ndarray:
     return array.astype(bool)
 
 
+_INT64_MAX = (1 << 63) - 1
+
+
 def parse_segments(text: str) -> np.ndarray:
     """``--segments``: a JSON list of non-negative integer ids, one per position of the first bracketed axis.
 
@@ -386,9 +389,14 @@ def parse_segments(text: str) -> np.ndarray:
     import json
 
     try:
-        array = np.array(json.loads(text))
+        values = json.loads(text)
+        array = np.array(values)
     except (json.JSONDecodeError, ValueError):
-        array = None
+        values = array = None
+    if isinstance(values, list) and values and all(type(v) is int for v in values) and max(values) > _INT64_MAX:
+        # (NumPy would read such an id as a float, or wrap it)
+        raise NormlabError(f"--segments holds the id {max(values)}, too large for a segment id: number the segments "
+                           "from 0 without gaps, such as '[0, 0, 1, 1]'")
     if array is None or array.ndim != 1 or array.dtype.kind not in "iu" or (array < 0).any():
         raise NormlabError("--segments must be a JSON list of non-negative integer ids, one per position of the "
                            "first bracketed axis, such as '[0, 0, 1, 1]'")
