@@ -18,7 +18,7 @@ from normlab.torch import batch_train, row_autograd
 from normlab.torch.ops import _EagerNormalize, _functorch_active, _is_eager, _normalize_op
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
 from normlab.torch.spec import (PlanFacts, Spec, _dense_perm, _empty_like_dense, _engine_view, _has_gaps,
-                                affine_parameters, module_buffer, module_cache)
+                                affine_parameters, module_buffer, module_cache, torch_layout)
 
 
 def _in_compute_dtype(compute):
@@ -382,6 +382,8 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
     """BatchNorm{1,2,3}d's forward on the kernel or composite path (torch's semantics);
     torch's own forward where only torch's ops run, or where the input does not fit, so
     that torch raises its own error in its own words."""
+    if not x.is_contiguous():  # (torch.nn's output layout: channels_last kept, other permutations copied)
+        x = torch_layout(x, keeps_channels_last=True)
     if module.training:
         y = batch_train.repeat_step(module, x)
         if y is not None:

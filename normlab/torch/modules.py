@@ -26,7 +26,7 @@ from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_fo
 from normlab.torch.casting import apply_recipe_scale, check_casting, compute_dtype, rms_norm_recipe
 from normlab.torch.masked_modules import masked_forward
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
-from normlab.torch.spec import Spec, affine_parameters, module_buffer, unscriptable
+from normlab.torch.spec import Spec, affine_parameters, module_buffer, torch_layout, unscriptable
 
 
 def _torch_method(function):
@@ -176,7 +176,7 @@ class LayerNorm(_Twin, nn.LayerNorm):
                 or _params_misfit(self, tuple(self.normalized_shape))
                 or _dtypes_refused(input, self.weight, self.bias)):
             return nn.LayerNorm.forward(self, input)
-        return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
+        return _normalize(torch_layout(input), self.weight, self.bias, self._spec, self.eps, path)[0]
 
 
 _MACHINE_EPS = {dtype: torch.finfo(dtype).eps for dtype in (torch.float32, torch.float64)}  # RMSNorm's eps=None
@@ -267,6 +267,8 @@ class RMSNorm(_Twin, nn.RMSNorm):
             # these checks would turn into Python bools, with a TracerWarning each)
             return nn.RMSNorm.forward(self, x)
         if eps is None:  # (a dtype without a table entry)
+            if not x.is_floating_point():  # (integers have no machine epsilon): torch's forward, and its error
+                return nn.RMSNorm.forward(self, x)
             eps = torch.finfo(x.dtype).eps
         path = _choose_path(x, has_native=True)
         if path == "native" and torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
@@ -282,7 +284,7 @@ class RMSNorm(_Twin, nn.RMSNorm):
         weight = self.weight if self.weight is None or not offset else offset + self.weight
         if path == "native":
             return F.rms_norm(x, self.normalized_shape, weight, eps)
-        return _normalize(x, weight, None, self._spec, eps, path)[0]
+        return _normalize(torch_layout(x), weight, None, self._spec, eps, path)[0]
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -364,7 +366,8 @@ class GroupNorm(_Twin, nn.GroupNorm):
         if (path == "native" or input.dim() < 2 or input.shape[1] != self.num_channels
                 or _params_misfit(self, (self.num_channels,)) or _dtypes_refused(input, self.weight, self.bias)):
             return nn.GroupNorm.forward(self, input)
-        return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
+        return _normalize(torch_layout(input, keeps_channels_last=True), self.weight, self.bias, self._spec, self.eps,
+                          path)[0]
 
 
 class _InstanceNormForward(_Twin):
@@ -392,6 +395,7 @@ class _InstanceNormForward(_Twin):
             # (torch refuses half a pair of running statistics, and evaluation on ones set to None;
             # with eps <= 0 its op gives a constant channel zeros, where rsqrt(0) would give NaN)
             return nn.modules.instancenorm._InstanceNorm.forward(self, input)
+        x = torch_layout(x)  # (torch.nn's output is contiguous)
         batch, channels = x.shape[:2]
         if _needs_grad(weight, bias):
             # torch's instance norm reads the parameters through weight.repeat(batch), and

@@ -111,13 +111,19 @@ class _RowFunction(torch.autograd.Function):
         x_array = x.detach().numpy()
         y, mean, rstd = call.forward.run(x_array, *tables, eps, True)
         ctx.save_for_backward(x, weight, bias)  # (torch then checks that none changes before backward)
-        ctx.kernel_inputs = (call, tables[0], mean, rstd, eps)  # (not x_array: backward reads x as saved, see there)
+        ctx.kernel_inputs = (call, tables[0], mean, rstd, eps,  # (not x_array: backward reads x as saved, see there)
+                             None if weight is None else weight.data_ptr())
         return torch.from_numpy(y)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, bias = ctx.saved_tensors
-        call, weight_table, mean, rstd, eps = ctx.kernel_inputs
+        call, weight_table, mean, rstd, eps, weight_address = ctx.kernel_inputs
+        if weight is not None and weight.data_ptr() != weight_address:
+            # the saved weight is not the forward's memory, which the table may read: a copy
+            # that allow_mutation_on_saved_tensors kept before an in-place change, or one a
+            # saved-tensor hook gave back; its values are the forward's
+            weight_table = call.forward.tables(weight.detach().numpy(), None)[0]
         if _needs_torch_backward(grad_y):  # create_graph=True, or batched gradients
             ctx.arguments = (*call.arguments[:3], eps, call.arguments[3])  # as _differentiable_backward reads them
             return (*_differentiable_backward(ctx, grad_y, x, weight, bias)[:3], None, None, None)

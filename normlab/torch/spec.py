@@ -223,6 +223,24 @@ def _has_gaps(x: Tensor) -> bool:
     return _dense_perm(x, keep_gaps=True)[1] is None and not x.is_contiguous()
 
 
+def torch_layout(x: Tensor, keeps_channels_last: bool = False) -> Tensor:
+    """``x`` laid out as torch.nn's CPU norms lay out their output: contiguous, except that
+    batch and group norm (``keeps_channels_last``) keep channels_last (4-D) and
+    channels_last_3d (5-D) input so. A transposed or otherwise permuted input is copied, as
+    torch.nn copies it, so that the output's strides are torch.nn's (a ``.view`` that works on
+    torch.nn's output works on the twin's).
+
+    >>> torch_layout(torch.zeros(2, 3, 4).transpose(1, 2)).stride()
+    (12, 3, 1)
+    """
+    if x.layout is not torch.strided or x.is_contiguous():
+        return x
+    if keeps_channels_last and ((x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+                                or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))):
+        return x
+    return x.contiguous()
+
+
 def _empty_like_dense(x: Tensor, perm) -> Tensor:
     """An uninitialized tensor with ``x``'s shape and strides, carved from normlab's
     recycled output memory: ``torch.empty`` would hand the kernel fresh 4 KB pages, whose
