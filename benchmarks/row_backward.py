@@ -1,5 +1,5 @@
 """The layer-norm backward kernel alone against torch's: normlab's cached backward call
-(``kernels.FastBackward``, what ``normlab.torch.LayerNorm`` runs in ``backward``, gradient
+(``kernels.fast.FastBackward``, what ``normlab.torch.LayerNorm`` runs in ``backward``, gradient
 allocation included) and ``torch.ops.aten.native_layer_norm_backward`` (what
 ``torch.nn.LayerNorm`` runs), on the same float32 rows, statistics and weights, both
 computing grad_x, grad_weight and grad_bias; the two take turns in rounds (median of each).

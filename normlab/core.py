@@ -446,7 +446,7 @@ def _grouped(x, pattern, mask, segment_ids, num_segments, segment_axis, *fused_o
     return True
 
 
-_FAST_CALLS: dict = {}  # key of normalize's arguments -> kernels.FastForward, or None: no fast path
+_FAST_CALLS: dict = {}  # key of normalize's arguments -> kernels.fast.FastForward, or None: no fast path
 _FAST_CALLS_MAX = 4096
 
 
@@ -472,10 +472,9 @@ def _build_fast_call(x, pattern, params, rms, backend, sizes, key):
         return None
     if _resolve_backend(backend, x.dtype) != "numba":
         return None
-    from normlab import kernels
+    from normlab.kernels import fast
 
-    return kernels.fast_forward(make_plan(pattern, x.shape, params, sizes=sizes), x.dtype, rms,
-                                (weight_dtype, bias_dtype))
+    return fast.fast_forward(make_plan(pattern, x.shape, params, sizes=sizes), x.dtype, rms, (weight_dtype, bias_dtype))
 
 
 def normalize_with_stats(x, pattern: str, *, weight=None, bias=None, params=None, eps=1e-5, rms=False,

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 
 from normlab import kernels
+from normlab.kernels import fast
 from normlab.errors import InputError
 from normlab.plan import make_plan, merge_sizes
 from normlab.torch import batch_train, row_autograd
@@ -204,12 +205,12 @@ def _build_grad_rows(spec: Spec, x: Tensor, weight, bias):
     except ValueError:
         return None  # the full path raises torch's error for this shape
     dtypes = tuple(None if t is None else np.dtype(_NUMPY_OF[t.dtype]) for t in (weight, bias))
-    forward = kernels.fast_forward(plan, np.dtype(_NUMPY_OF[x.dtype]), spec.rms, dtypes)
+    forward = fast.fast_forward(plan, np.dtype(_NUMPY_OF[x.dtype]), spec.rms, dtypes)
     return None if forward is None else row_autograd.build(spec, forward, dtypes)
 
 
 class _FastRows:
-    """One input shape's forward: the kernel's :class:`~normlab.kernels.FastForward` and
+    """One input shape's forward: the kernel's :class:`~normlab.kernels.fast.FastForward` and
     the parameter tables of the last call (:class:`normlab.torch.row_autograd.ParamTables`)."""
 
     __slots__ = ("forward", "params", "runner")
@@ -227,7 +228,7 @@ class _FastRows:
             plan = make_plan(spec.pattern, tuple(x.shape), spec.params, sizes=spec.size_dict)
         except ValueError:
             return None  # the full path raises torch's error for this shape
-        forward = kernels.fast_forward(plan, np.dtype(_NUMPY_OF[x.dtype]), spec.rms, (None, None))
+        forward = fast.fast_forward(plan, np.dtype(_NUMPY_OF[x.dtype]), spec.rms, (None, None))
         return None if forward is None else cls(forward)
 
     def __call__(self, x: Tensor, weight, bias, eps: float) -> Optional[Tensor]:

@@ -1,7 +1,7 @@
 """The row norms' (layer, RMS, group norm) cached path when gradients are needed.
 
-The forward and backward plans (:class:`normlab.kernels.FastForward` and
-:class:`normlab.kernels.FastBackward`) are built once per module, input shape and dtypes;
+The forward and backward plans (:class:`normlab.kernels.fast.FastForward` and
+:class:`normlab.kernels.fast.FastBackward`) are built once per module, input shape and dtypes;
 a call checks its arguments, runs the forward kernel (keeping the float64 statistics as
 NumPy arrays) and, in the backward pass, the backward kernel. This is the custom op's
 autograd formula (:mod:`normlab.torch.ops`) without its general path: no pattern
@@ -29,8 +29,8 @@ class RowGradCall:
     __slots__ = ("forward", "backward", "arguments", "param_dtypes", "params")
 
     def __init__(self, forward, backward, arguments: tuple, param_dtypes: tuple):
-        self.forward = forward  # kernels.FastForward
-        self.backward = backward  # kernels.FastBackward
+        self.forward = forward  # kernels.fast.FastForward
+        self.backward = backward  # kernels.fast.FastBackward
         self.arguments = arguments  # (pattern, params, sizes, rms)
         self.param_dtypes = param_dtypes  # NumPy dtypes of weight and bias (None where absent)
         self.params = ParamTables(forward)
@@ -150,9 +150,9 @@ _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 def build(spec, forward, param_dtypes) -> RowGradCall | None:
     """The :class:`RowGradCall` over a built ``forward`` plan, or None where parameters of
     another dtype than float32/float64 need the full path's casts."""
-    from normlab import kernels
+    from normlab.kernels import fast
 
     if any(d is not None and d not in (np.float32, np.float64) for d in param_dtypes):
         return None
-    return RowGradCall(forward, kernels.fast_backward(forward), (spec.pattern, spec.params, spec.sizes, spec.rms),
+    return RowGradCall(forward, fast.fast_backward(forward), (spec.pattern, spec.params, spec.sizes, spec.rms),
                        tuple(param_dtypes))

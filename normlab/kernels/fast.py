@@ -1,0 +1,255 @@
+"""The cached calls of the row kernels: :class:`FastForward` and :class:`FastBackward`,
+built once per plan, dtypes and flags, so that a repeated call does almost no Python.
+
+The NumPy API keeps a :class:`FastForward` per (pattern, shape, dtype, flags) of
+``normalize`` (``core._FAST_CALLS``); the torch twins keep one per module and input
+shape (:mod:`normlab.torch.compute`) and a :class:`FastBackward` beside it for training
+(:mod:`normlab.torch.row_autograd`). Both run the kernels that
+:func:`normlab.kernels.forward` and :func:`normlab.kernels.backward` run, with the same
+tables, chunks and thresholds, so their results are the same bits.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from normlab.kernels import (RowView, _constant_table, _param_table, _row_backward_kernel, _sum_parts, pool,
+                             row_chunks, strided, threads, view_of)
+from normlab.plan import Plan
+
+
+def compiled_entry(dispatcher, arguments: tuple):
+    """The machine code a Numba ``dispatcher`` compiled for these arguments' types, as a
+    function that skips the dispatcher's type checks (about a microsecond of a small
+    call with many arguments), or None. Only for a caller whose later arguments have the
+    same types: the entry reads them as it was compiled for them, unchecked."""
+    try:
+        return dispatcher.get_overload(tuple(dispatcher.typeof_pyval(a) for a in arguments))
+    except Exception:  # noqa: BLE001 - not compiled for exactly these types: the dispatcher serves
+        return None
+
+
+@dataclass(frozen=True)
+class FastForward:
+    """A row-kernel forward with everything but the arrays decided: the kernel, the
+    shapes, the parameter tables' layout. Built once per (plan, dtypes, rms) by
+    :func:`fast_forward`; a call does a few checks, allocates the output and runs the kernel.
+    """
+
+    kernel: object
+    dtype: np.dtype
+    shape: tuple[int, ...]  # (rows, n)
+    out_shape: tuple[int, ...]
+    stats_shape: tuple[int, ...]
+    param_shape: tuple[int, ...]
+    table_shape: tuple[int, ...]
+    table_dtype: type
+    direct_params: bool  # the table is the parameter reshaped (no transposition)
+    param_row_stride: int
+    param_inner: int
+    rms: bool
+    nbytes: int  # the output's size: from the recycled pool from pool.MIN_BYTES
+    plan: Plan
+    view: RowView
+    # where the kernel writes statistics nobody asked for: shared by every call, since the
+    # kernel only writes them (never reads them back) when it computes them
+    scratch: tuple = ()
+    # the serial kernel's compiled entry (run_serial) for aligned C-contiguous x of the plan's
+    # dtype, per dtype of the parameter tables
+    entries: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __call__(self, x, weight, bias, eps, return_stats: bool):
+        """``y`` (or ``(y, mean, rstd)``), or None when an argument needs the full checks."""
+        if not (0.0 <= eps < math.inf):
+            return None
+        weight_table = self._table(weight, 1.0)
+        bias_table = self._table(bias, 0.0)
+        if weight_table is None or bias_table is None:
+            return None
+        return self.run(x, weight_table, bias_table, eps, return_stats)
+
+    def tables(self, weight, bias):
+        """The kernel's ``(weight, bias)`` tables for these parameters, or None where they
+        need the full checks; :meth:`run` takes them (a caller may keep them between calls
+        while the parameters stay unchanged)."""
+        weight_table = self._table(weight, 1.0)
+        bias_table = self._table(bias, 0.0)
+        return None if weight_table is None or bias_table is None else (weight_table, bias_table)
+
+    @staticmethod
+    def tables_are_views(tables, weight, bias) -> bool:
+        """True when each table reads its parameter's own memory (no copy), so that it
+        sees every later write into the parameter, a write through ``tensor.data``
+        included (which moves no version counter a cache could check)."""
+        return all(param is None or np.may_share_memory(table, param)
+                   for table, param in zip(tables, (weight, bias)))
+
+    def run(self, x, weight_table, bias_table, eps: float, return_stats: bool = False):
+        """The kernel on prepared tables; ``0 <= eps < inf`` is the caller's to check."""
+        rows, n = shape = self.shape
+        y = pool.empty(shape, self.dtype) if self.nbytes >= pool.MIN_BYTES else np.empty(shape, self.dtype)
+        stats = np.empty((3, rows)) if return_stats else self.scratch
+        plain = strided.PLAIN_ROWS
+        rows_in_place = x.dtype == self.dtype and x.flags.c_contiguous
+        if rows_in_place:  # the common case, without row_layout's checks
+            x_rows, y_rows = (x.reshape(shape), plain), (y, plain)
+        else:  # a strided x is read where it lies when its rows allow (row_layout), else copied
+            x_rows, y_rows = strided.one_kind(self.rows_of(x), (y, plain))
+        arguments = (*x_rows, *y_rows, n, weight_table, bias_table, self.param_row_stride, self.param_inner,
+                     self.rms, float(eps), False, *stats)
+        if rows * n >= threads.serial_below(row_forward=True):
+            self.kernel(*arguments)
+        else:
+            self.run_serial(arguments, rows_in_place and x.flags.aligned, weight_table, bias_table)
+        y = y.reshape(self.out_shape)
+        if not return_stats:
+            return y
+        mean = None if self.rms else stats[0].reshape(self.stats_shape)
+        return y, mean, stats[2].reshape(self.stats_shape)
+
+    def contiguous_runner(self):
+        """:meth:`run` for a C-contiguous ``x`` of the kernel's dtype, without statistics,
+        as a function with every attribute bound once (a module's call without gradients
+        takes it: its per-call Python is most of a small input's time)."""
+        rows, n = shape = self.shape
+        dtype, out_shape, plain = self.dtype, self.out_shape, strided.PLAIN_ROWS
+        kernel = self.kernel
+        params_and_flags = (self.param_row_stride, self.param_inner, self.rms)
+        scratch, size, recycled = self.scratch, rows * n, self.nbytes >= pool.MIN_BYTES
+        serial_below, empty, empty_recycled = threads.serial_below, np.empty, pool.empty
+        run_serial, entries = self.run_serial, self.entries
+
+        def run(x, weight_table, bias_table, eps: float):
+            y = empty_recycled(shape, dtype) if recycled else empty(shape, dtype)
+            arguments = (x.reshape(shape), plain, y, plain, n, weight_table, bias_table, *params_and_flags,
+                         float(eps), False, *scratch)
+            if size >= serial_below(True):
+                kernel(*arguments)
+                return y.reshape(out_shape)
+            # run_serial's lookup without its call (a frame costs what the entry saves here)
+            tables = weight_table.dtype
+            entry = entries.get(tables) if x.flags.aligned and bias_table.dtype == tables else None
+            if entry is None:
+                run_serial(arguments, x.flags.aligned, weight_table, bias_table)
+            else:
+                entry(*arguments)
+            return y.reshape(out_shape)
+
+        return run
+
+    def run_serial(self, arguments: tuple, rows_in_place: bool, weight_table, bias_table) -> None:
+        """The serial kernel on ``arguments``: through its compiled entry (:func:`compiled_entry`,
+        without the dispatcher's checks) where x is an aligned C-contiguous array of the plan's
+        dtype (``rows_in_place``; an unaligned array is another type to Numba) and both tables
+        have one dtype, the types the entry was compiled for."""
+        tables = weight_table.dtype
+        if not rows_in_place or bias_table.dtype != tables:
+            self.kernel.serial(*arguments)
+            return
+        entry = self.entries.get(tables)
+        if entry is None:
+            self.kernel.serial(*arguments)
+            self.entries[tables] = compiled_entry(self.kernel.serial, arguments) or self.kernel.serial
+        else:
+            entry(*arguments)
+
+    def rows_of(self, array: np.ndarray) -> tuple:
+        """``array`` (of the input's shape) as the row kernels take it: read where it lies
+        when :func:`row_layout` finds its rows, else copied."""
+        if not array.flags.c_contiguous:
+            array = strided.split(array, self.plan.axis_sizes)
+        return strided.rows_of(array, self.shape[1], self.dtype)
+
+    def _table(self, param, fill: float):
+        if param is None:
+            return _constant_table(self.table_shape, fill, self.table_dtype)
+        if param.shape != self.param_shape:
+            return None
+        if self.direct_params:
+            return np.ascontiguousarray(param, self.table_dtype).reshape(self.table_shape)
+        return _param_table(self.plan.expand_params(param), self.view, fill == 1.0, self.table_dtype)
+
+
+_FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def fast_forward(plan: Plan, dtype: np.dtype, rms: bool, param_dtypes) -> FastForward | None:
+    """The :class:`FastForward` of a plan whose view is plain rows, or None."""
+    view = view_of(plan)
+    if not isinstance(view, RowView) or view.order is not None or dtype not in _FAST_DTYPES:
+        return None
+    if any(d is not None and d.kind not in "fiub" for d in param_dtypes):
+        return None
+    from normlab.kernels.rows import row_forward, row_forward32
+
+    float32 = dtype == np.float32
+    table_shape = (view.param_groups, view.param_channels)
+    size = math.prod(plan.param_shape)
+    # the table is the parameter reshaped exactly when laying it out keeps element order
+    probe = _param_table(plan.expand_params(np.arange(size, dtype=np.float64)), view, True) if plan.params else None
+    direct = probe is not None and bool(np.array_equal(probe.reshape(-1), np.arange(probe.size)))
+    return FastForward(row_forward32 if float32 else row_forward, dtype, (view.rows, view.n), plan.shape,
+                       plan.stats_shape, plan.param_shape, table_shape, np.float32 if float32 else np.float64,
+                       direct, view.param_row_stride, view.param_inner, rms,
+                       view.rows * view.n * dtype.itemsize, plan, view,
+                       tuple(np.empty((3, view.rows))))
+
+
+@dataclass(frozen=True)
+class FastBackward:
+    """The row kernels' backward for a :class:`FastForward` plan, given the weight table
+    and statistics its forward used: built once by :func:`fast_backward`; a call
+    allocates the gradients and runs the kernel."""
+
+    forward: FastForward
+    kernel: object
+    chunk_rows: int
+    chunks: int
+
+    @functools.cached_property
+    def parts_shape(self) -> tuple[int, ...]:
+        """The shape of the parameter-gradient parts: one weight table per chunk."""
+        return (self.chunks,) + self.forward.table_shape
+
+    def __call__(self, grad_y, x, weight_table, mean, rstd, need_params: bool):
+        """``(grad_x, grad_weight, grad_bias)``: grad_x in x's shape and dtype, the parameter
+        gradients float64 of the plan's param_shape (None unless ``need_params``).
+        ``weight_table`` is :meth:`FastForward.tables`' first; ``mean`` and ``rstd`` are the
+        forward's (``mean`` None for RMS)."""
+        plan = self.forward
+        rows, n = shape = plan.shape
+        dtype, plain = plan.dtype, strided.PLAIN_ROWS
+        grad_x = pool.empty(shape, dtype) if plan.nbytes >= pool.MIN_BYTES else np.empty(shape, dtype)
+        weight_parts = np.zeros(self.parts_shape)
+        bias_parts = np.zeros(self.parts_shape)
+        mean_flat = np.zeros(rows) if mean is None else mean.reshape(rows)
+        if (grad_y.dtype == dtype and x.dtype == dtype and grad_y.flags.c_contiguous
+                and x.flags.c_contiguous):  # the common case, without row_layout's checks
+            g, x_rows, gx = (grad_y.reshape(shape), plain), (x.reshape(shape), plain), (grad_x, plain)
+        else:  # a strided x (or grad_y) is read where it lies when its rows allow (row_layout), else copied
+            g, x_rows, gx = strided.one_kind(plan.rows_of(grad_y), plan.rows_of(x), (grad_x, plain))
+        arguments = (*g, *x_rows, n, weight_table, plan.param_row_stride, plan.param_inner, plan.rms, 0.0, True,
+                     mean_flat, rstd.reshape(rows), self.chunk_rows, *gx, weight_parts, bias_parts)
+        if rows * n < threads.serial_below():
+            self.kernel.serial(*arguments)
+        else:
+            self.kernel(*arguments)
+        grad_x = grad_x.reshape(plan.out_shape)
+        if not need_params:
+            return grad_x, None, None
+        return grad_x, self._params(_sum_parts(weight_parts)), self._params(_sum_parts(bias_parts))
+
+    def _params(self, table: np.ndarray) -> np.ndarray:
+        plan = self.forward
+        if plan.direct_params:
+            return table.reshape(plan.param_shape)
+        return plan.plan.collapse_params(table.reshape(plan.plan.param_broadcast_shape))
+
+
+def fast_backward(forward: FastForward) -> FastBackward:
+    """The :class:`FastBackward` of a :class:`FastForward`'s plan."""
+    return FastBackward(forward, _row_backward_kernel(forward.dtype), *row_chunks(*forward.shape))
