@@ -149,3 +149,134 @@ def test_a_permuted_input_gives_torch_nn_s_output_layout_values_and_gradients(cl
     torch.testing.assert_close(grad, expected_grad)
     _assert_same_grads(reference, twin)
     _assert_same_state(reference, twin)
+
+
+@pytest.mark.parametrize("change", ["input", "weight"])
+@pytest.mark.parametrize("cls_name, args, shape", TWINS)
+def test_an_in_place_change_before_backward_trains_or_raises_as_in_torch_nn(cls_name, args, shape, change):
+    """Only the norm's weight trains (the input, a frozen embedding's output, needs no
+    gradient), and the input or the weight changes in place before backward (an in-place
+    residual, an optimizer step): torch.nn.RMSNorm saves neither and trains; the other
+    norms save both and raise autograd's RuntimeError."""
+    torch.manual_seed(0)
+    reference, twin = randomized_pair(cls_name, args, D)
+    x0 = torch.randn(shape, dtype=D)
+    results = []
+    for module in (reference, twin):
+        x = x0.clone()
+        y = module(x)
+        with torch.no_grad():
+            (x if change == "input" else module.weight).mul_(3.0)
+        try:
+            _weighted_sum(y).backward()
+        except RuntimeError as error:
+            results.append(type(error))
+        else:
+            results.append((y.detach(), [p.grad for p in module.parameters()]))
+    if isinstance(results[0], type):
+        assert results[1] is results[0]
+    else:
+        torch.testing.assert_close(results[1], results[0])
+
+
+def _small_cnn():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                         nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 1, bias=False),
+                         nn.InstanceNorm2d(4, affine=True, track_running_stats=True), nn.Flatten(),
+                         nn.Linear(64, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 8), nn.RMSNorm(8),
+                         nn.Linear(8, 4), nn.BatchNorm1d(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("training", [True, False])
+def test_a_cpu_autocast_step_gives_torch_nn_s_dtypes_outputs_gradients_and_statistics(dtype, training):
+    """``torch.autocast("cpu")`` around a converted model: each norm gets what autocast
+    hands torch.nn's (a low-precision conv or linear output, or float32 where autocast
+    upcasts), and its output has torch.nn's dtype."""
+    reference, twin = _converted_pair(_small_cnn)
+    x0 = torch.randn(4, 3, 6, 6)
+    results = []
+    for model in (reference.train(training), twin.train(training)):
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            y = model(x)
+            loss = y.float().square().mean()
+        loss.backward()
+        results.append((y, x.grad))
+    (expected, expected_grad), (y, grad) = results
+    assert y.dtype == expected.dtype and grad.dtype == expected_grad.dtype
+    torch.testing.assert_close(y, expected, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(grad, expected_grad, atol=2e-2, rtol=2e-2)
+    _assert_same_grads(reference, twin, atol=2e-2, rtol=5e-2)
+    _assert_same_state(reference, twin, atol=1e-2, rtol=1e-2)
+
+
+def test_weight_averaging_with_ema_buffers_and_update_bn_gives_torch_nn_s_models():
+    """Stochastic weight averaging (``torch.optim.swa_utils``): an EMA copy that averages
+    the buffers too, run in evaluation and training, and ``update_bn``, which resets the
+    running statistics and recomputes them as a cumulative average (momentum=None)."""
+    from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn, update_bn
+
+    reference, twin = _converted_pair(_small_cnn)
+    torch.manual_seed(1)
+    batches = [torch.randn(4, 3, 6, 6) for _ in range(3)]
+    results = []
+    for model in (reference, twin):
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+        averaged = AveragedModel(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        schedule = SWALR(optimizer, swa_lr=0.05)
+        outputs = []
+        for x in batches:
+            model(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            ema.update_parameters(model)
+            averaged.update_parameters(model)
+            schedule.step()
+            outputs += [ema.eval()(batches[0]), ema.train()(batches[1])]
+        update_bn(batches, averaged)
+        outputs.append(averaged.eval()(batches[2]))
+        results.append((outputs, averaged.state_dict(), ema.state_dict()))
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
+
+
+def _freeze_batch_norms(model):
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval().requires_grad_(False)
+    return model
+
+
+FINE_TUNING = {  # what a fine-tuning script does to the model before its training steps
+    "frozen batch norms": _freeze_batch_norms,
+    "bfloat16 weights": lambda model: model.to(torch.bfloat16),
+    "channels_last": lambda model: model.to(memory_format=torch.channels_last),
+    "float64": lambda model: model.double(),
+}
+
+
+@pytest.mark.parametrize("recipe", list(FINE_TUNING))
+def test_a_fine_tuning_loop_gives_torch_nn_s_weights_statistics_and_outputs(recipe):
+    """Three SGD steps with gradient clipping and accumulation (``zero_grad(set_to_none=False)``
+    every second step) after the recipe's change to the converted model, then evaluation."""
+    reference, twin = _converted_pair(_small_cnn)
+    low = recipe == "bfloat16 weights"
+    results = []
+    for model in (reference, twin):
+        model = FINE_TUNING[recipe](model.train())
+        dtype = next(model.parameters()).dtype
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        torch.manual_seed(2)
+        for step in range(4):
+            x = torch.randn(4, 3, 6, 6, dtype=dtype)
+            if recipe == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            model(x).float().square().mean().backward()
+            if step % 2:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=False)
+        results.append((model.eval()(torch.ones(2, 3, 6, 6, dtype=dtype)), model.state_dict()))
+    tolerance = {"atol": 5e-2, "rtol": 5e-2} if low else {"atol": 1e-4, "rtol": 1e-4}
+    torch.testing.assert_close(results[1], results[0], **tolerance)

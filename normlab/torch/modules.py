@@ -251,11 +251,12 @@ class RMSNorm(_Twin, nn.RMSNorm):
         casting = getattr(self, "casting", None)  # absent on modules pickled before it existed
         offset = getattr(self, "weight_offset", 0.0)
         eps = self.eps if self.eps is not None else _MACHINE_EPS.get(x.dtype)  # (torch.finfo costs a microsecond)
-        if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and x.is_inference() and casting is None
+        if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and not x.requires_grad and casting is None
                 and not offset and self.weight is not None and self.weight.requires_grad):
-            # an inference tensor (made in inference_mode) and a weight that needs its gradient:
-            # torch's operations save no inference tensor (x needs no gradient), the kernels'
-            # autograd would save x, and raise
+            # only the weight needs its gradient: torch's operations save x·rstd, not x or the
+            # weight, so x and the weight may change in place before backward (an inference
+            # tensor x, made in inference_mode, cannot be saved at all); the kernels' autograd
+            # saves both, and would raise
             return nn.RMSNorm.forward(self, x)
         if casting is None and not offset and eps is not None:
             y = _fast_rows(self, x, eps, with_bias=False)  # (a shape that does not fit: None)
