@@ -149,6 +149,10 @@ def merge_sizes(pattern: str, sizes, keywords: dict, shape=None) -> dict:
     """
     if sizes is None:
         return dict(keywords)
+    if isinstance(sizes, Mapping) and all(isinstance(name, str) and name not in keywords for name in sizes):
+        # (before any message is formatted: under torch.compile the shape holds symbolic
+        # sizes, whose text Dynamo cannot build)
+        return {**sizes, **keywords}
     where = f"pattern {pattern!r}" + ("" if shape is None else f", input shape {tuple(shape)}")
     example = "sizes={'x': 3} for an axis named x"
     if not isinstance(sizes, Mapping):

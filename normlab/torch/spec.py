@@ -153,7 +153,7 @@ def _sizes_items(text: str) -> tuple:
 
 
 def _sizes_dict(text: str) -> dict:
-    return dict(_sizes_items(text))
+    return dict(_traced(_sizes_items, _sizes_items, text))
 
 
 @functools.lru_cache(maxsize=256)

@@ -1,0 +1,42 @@
+"""Three new users following the README and then leaving its path: a speech/NLP user with
+padded batches (masks), a graph-network user with PyG, a diffusion/LLM user with the
+fused blocks. Oracles: torch's own functions on the data with the padding removed,
+torch_geometric's original classes, torch autograd and gradcheck on composites."""
+
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+import normlab.torch as nt  # noqa: E402
+
+
+def padding_mask(lengths, steps):
+    """(batch, steps): True on the real frames of each padded sequence."""
+    return torch.arange(steps) < torch.as_tensor(lengths)[:, None]
+
+
+# -- masks on padded batches ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_masked_layer_norm_compiles_with_dynamic_shapes_and_normalizes_each_real_frame_as_torch_does():
+    """``torch.compile(dynamic=True, fullgraph=True)`` of a twin called with ``mask=``: one
+    graph across batch sizes and lengths, each real frame normalized as ``F.layer_norm``
+    normalizes it alone, and no warning about normlab's caches."""
+    torch.manual_seed(0)
+    norm = nt.LayerNorm(6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, mask: norm(x, mask=mask), fullgraph=True, dynamic=True)
+    for lengths, steps in (([7, 2, 0], 7), ([5, 5, 1, 3, 4], 5)):
+        x = torch.randn(len(lengths), steps, 6) * 3 + 2
+        valid = padding_mask(lengths, steps)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = compiled(x, valid[:, :, None])
+        assert not [w for w in caught if "lru_cache" in str(w.message)]
+        torch.testing.assert_close(y[valid], F.layer_norm(x[valid], (6,), norm.weight, norm.bias))
