@@ -40,3 +40,35 @@ def test_a_masked_layer_norm_compiles_with_dynamic_shapes_and_normalizes_each_re
             y = compiled(x, valid[:, :, None])
         assert not [w for w in caught if "lru_cache" in str(w.message)]
         torch.testing.assert_close(y[valid], F.layer_norm(x[valid], (6,), norm.weight, norm.bias))
+
+
+# -- fused blocks ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group_size", [0, -2, 2.0, True, "2"])
+def test_a_gated_norm_with_a_group_size_that_is_not_a_positive_int_is_refused_when_built(group_size):
+    """A bad ``group_size`` fails at construction with a ValueError naming it, not with a
+    ZeroDivisionError, or a pattern error at the first forward pass."""
+    with pytest.raises(ValueError, match="group_size"):
+        nt.GatedRMSNorm(6, group_size=group_size)
+
+
+def explain_stages(capsys, *args) -> list[str]:
+    from normlab.cli import main
+
+    assert main(["explain", *args, "--no-color"]) == 0
+    return capsys.readouterr().out.split("fused block")[1].splitlines()[1:]
+
+
+def test_explaining_the_rms_preset_with_a_residual_describes_an_rms_norm_of_the_sum(capsys):
+    """The ``rms`` preset is torch.nn.RMSNorm's ``s / sqrt(mean(s²) + eps)``: no mean, no
+    variance, in the stage lines as in the header above them."""
+    stages = " ".join(explain_stages(capsys, "rms", "--shape", "2,2,3", "--residual"))
+    assert "mean(s²) of s over [d]" in stages and "x̂ = s · rstd" in stages
+    assert "variance" not in stages and "− mean" not in stages
+
+
+def test_explaining_a_block_with_a_weight_offset_shows_where_gemmas_one_plus_weight_enters(capsys):
+    """``--weight-offset 1`` is GemmaRMSNorm's ``x̂ · (1 + weight)``: a stage shows it."""
+    stages = explain_stages(capsys, "b t [d]", "--shape", "2,2,3", "--rms", "--residual", "--weight-offset", "1")
+    assert any("x̂ · (1 + w)" in line for line in stages), stages

@@ -155,6 +155,6 @@ def _fused_stages(args: argparse.Namespace, view, shape, sizes):
         from normlab.plan import make_plan
 
         make_plan(view.pattern, shape, args.modulation, sizes=sizes)  # names the axes, or says why not
-    return stages(view.pattern, rms=args.rms, residual=args.residual, gate=args.gate,
+    return stages(view.pattern, rms=view.rms, residual=args.residual, gate=args.gate,
                   norm_before_gate=not args.gate_first, weight_offset=args.weight_offset,
                   modulation=args.modulation)

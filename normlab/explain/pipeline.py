@@ -38,18 +38,21 @@ def stages(pattern: str, *, rms: bool = False, residual: bool = False, gate: str
     if gate and not norm_before_gate:
         out.append(Stage("gate", f"h = {source} · {gate}(z)", "before the statistics (norm_before_gate=False)"))
         source = "h"
-    what = "mean(h²)" if rms else "mean and variance"
+    what = f"mean({source}²)" if rms else "mean and variance"
     out.append(Stage("statistics", f"{what} of {source} over [{reduced}]", "one pair per group, float64"))
     centred = f"{source}" if rms else f"({source} − mean)"
     out.append(Stage("normalize", f"x̂ = {centred} · rstd"))
     weight = "(1 + w)" if weight_offset == 1.0 else f"(w + {weight_offset:g})" if weight_offset else "w"
     target = "y₀" if gate and norm_before_gate else "y"
-    affine = f"{target} = x̂ · {weight}" if params else f"{target} = x̂"
+    # an offset implies a weight (Gemma's 1 + w), with or without params named
+    affine = f"{target} = x̂ · {weight}" if params or weight_offset else f"{target} = x̂"
     if modulation:
         out.append(Stage("modulation", f"{affine} · (1 + scale) + shift" + (" + b" if params else ""),
                          f"scale and shift per ({', '.join(modulation.split())})"))
     elif params:
         out.append(Stage("affine", f"{affine} + b", f"w and b per ({', '.join(params.split())})"))
+    elif weight_offset:
+        out.append(Stage("weight", affine, f"the weight offset by {weight_offset:g}"))
     if gate and norm_before_gate:
         out.append(Stage("gate", f"y = y₀ · {gate}(z)", "after the norm, bias included (norm_before_gate=True)"))
     return tuple(out)

@@ -21,6 +21,7 @@ runs in float64 and rounds once.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -478,6 +479,18 @@ class FusedAddLayerNorm(nn.LayerNorm):
         return fused_normalize(x, _block_of(self), residual=residual, weight=self.weight, bias=self.bias)
 
 
+def _positive_int(group_size) -> int:
+    """``group_size`` as an int (a NumPy integer too), or a ValueError at construction."""
+    try:
+        size = operator.index(group_size) if not isinstance(group_size, bool) else 0
+    except TypeError:
+        size = 0
+    if size < 1:
+        raise ValueError(f"group_size must be a positive int (the channels that share one root mean square), "
+                         f"got {group_size!r}")
+    return size
+
+
 class GatedRMSNorm(nn.Module):
     """Gated RMS norm of Mamba2 and GatedDeltaNet with mamba_ssm's ``RMSNormGated``
     semantics: ``norm(x)·w·silu(z)`` (``norm_before_gate=True``) or ``norm(x·silu(z))·w``
@@ -495,7 +508,7 @@ class GatedRMSNorm(nn.Module):
         super().__init__()
         self.hidden_size = hidden_size
         self.eps = eps
-        self.group_size = hidden_size if group_size is None else group_size
+        self.group_size = hidden_size if group_size is None else _positive_int(group_size)
         if hidden_size % self.group_size:
             raise ValueError(f"group_size={self.group_size} must divide hidden_size={hidden_size}")
         self.norm_before_gate = norm_before_gate
