@@ -72,3 +72,33 @@ def test_explaining_a_block_with_a_weight_offset_shows_where_gemmas_one_plus_wei
     """``--weight-offset 1`` is GemmaRMSNorm's ``x̂ · (1 + weight)``: a stage shows it."""
     stages = explain_stages(capsys, "b t [d]", "--shape", "2,2,3", "--rms", "--residual", "--weight-offset", "1")
     assert any("x̂ · (1 + w)" in line for line in stages), stages
+
+
+# -- PyG twins -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_an_evaluating_instance_norm_without_a_batch_vector_gives_pygs_dtype_values_and_errors(dtype):
+    """PyG's InstanceNorm without a batch vector is ``F.instance_norm`` on the running
+    statistics: half-precision nodes beside float32 statistics stay half precision, and
+    float64 nodes beside them are refused ("mixed dtype"), as torch refuses them."""
+    pyg_norm = pytest.importorskip("torch_geometric.nn.norm")
+    from normlab.torch import geometric
+
+    torch.manual_seed(0)
+    theirs = pyg_norm.InstanceNorm(4, affine=True, track_running_stats=True)
+    ours = geometric.InstanceNorm(4, affine=True, track_running_stats=True)
+    with torch.no_grad():
+        for tensor in (*theirs.parameters(), *theirs.buffers()):
+            tensor.uniform_(0.5, 1.5) if tensor.is_floating_point() else None
+    ours.load_state_dict(theirs.state_dict())
+    nodes = torch.randn(6, 4).to(dtype)
+    try:
+        expected = theirs.eval()(nodes)
+    except RuntimeError as error:
+        with pytest.raises(type(error), match="mixed dtype"):
+            ours.eval()(nodes)
+        return
+    y = ours.eval()(nodes)
+    assert y.dtype == expected.dtype
+    torch.testing.assert_close(y, expected)

@@ -80,8 +80,10 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
             return _fx_leaf(self, x, batch, batch_size)
         use_input_stats = self.training or not self.track_running_stats
         if batch is None:
-            if not use_input_stats:
-                return _apply_running(self, x)
+            if not use_input_stats:  # PyG's own call: torch's dtype rules (half-precision nodes stay half)
+                return torch.nn.functional.instance_norm(
+                    x.t().unsqueeze(0), self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                    self.eps).squeeze(0).t()
             # PyG runs F.instance_norm on (1, C, nodes) here, which refuses a single node
             torch.nn.functional._verify_spatial_size(torch.Size((1, x.shape[-1], x.shape[0])))
             y, mean, rstd, count = normalize_masked(x, "[n] c", weight=self.weight, bias=self.bias,
