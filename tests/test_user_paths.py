@@ -5,11 +5,15 @@ torch_geometric's original classes, torch autograd and gradcheck on composites."
 
 import warnings
 
+import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
+import normlab  # noqa: E402
 import normlab.torch as nt  # noqa: E402
 
 
@@ -40,6 +44,58 @@ def test_a_masked_layer_norm_compiles_with_dynamic_shapes_and_normalizes_each_re
             y = compiled(x, valid[:, :, None])
         assert not [w for w in caught if "lru_cache" in str(w.message)]
         torch.testing.assert_close(y[valid], F.layer_norm(x[valid], (6,), norm.weight, norm.bias))
+
+
+padded_batches = st.lists(st.integers(0, 7), min_size=1, max_size=5).flatmap(
+    lambda lengths: st.tuples(st.just(lengths), st.integers(max(max(lengths), 1), 8), st.integers(1, 4)))
+
+
+@given(padded_batches, st.integers(0, 2**31 - 1))
+def test_a_masked_batch_norm_on_a_padded_batch_equals_batch_norm_on_the_real_frames_alone(batch, seed):
+    """NumPy API, ``"[b t] c"`` with a padding mask: outputs and input gradients of the real
+    frames are ``F.batch_norm``'s (training) on those frames with the padding removed, and
+    a padded frame's input gets no gradient when its output gets none."""
+    lengths, steps, channels = batch
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((len(lengths), steps, channels)) * 3 + 2
+    valid = padding_mask(lengths, steps).numpy()
+    grad_y = rng.standard_normal(x.shape) * valid[:, :, None]
+    y = normlab.normalize(x, "[b t] c", mask=valid[:, :, None])
+    grad_x, _, _ = normlab.normalize_backward(grad_y, x, "[b t] c", mask=valid[:, :, None])
+    frames = torch.tensor(x[valid], requires_grad=True)
+    if len(frames) < 2:  # (torch refuses one frame in training)
+        assert len(frames) or not y.any()  # nothing counted: exactly 0 (the bias)
+        return
+    expected = F.batch_norm(frames, None, None, training=True)
+    expected.backward(torch.tensor(grad_y[valid]))
+    torch.testing.assert_close(torch.tensor(y[valid]), expected.detach())
+    torch.testing.assert_close(torch.tensor(grad_x[valid]), frames.grad)
+    assert not grad_x[~valid].any()
+
+
+@given(padded_batches, st.integers(0, 2**31 - 1))
+def test_a_masked_layer_norm_twin_normalizes_each_real_frame_and_each_sequence_alone(batch, seed):
+    """torch twins with ``mask=``: ``LayerNorm`` over channels gives each real frame
+    ``F.layer_norm``'s output; ``InstanceNorm1d`` over time gives each sequence the
+    statistics of its real frames alone (``F.instance_norm`` of the cut sequence), and an
+    all-padding sequence exactly its bias."""
+    lengths, steps, channels = batch
+    torch.manual_seed(seed)
+    x = torch.randn(len(lengths), steps, channels, dtype=torch.float64) * 3 + 2
+    valid = padding_mask(lengths, steps)
+    layer = nt.LayerNorm(channels, dtype=torch.float64)
+    torch.testing.assert_close(layer(x, mask=valid[:, :, None])[valid], F.layer_norm(x[valid], (channels,)))
+    instance = nt.InstanceNorm1d(channels, affine=True, dtype=torch.float64)
+    with torch.no_grad():
+        instance.bias.uniform_(-1, 1)
+    y = instance(x.transpose(1, 2), mask=valid[:, None, :])  # (B, C, T), a strided view
+    for sequence, length in enumerate(lengths):
+        if length == 0:
+            torch.testing.assert_close(y[sequence], instance.bias[:, None].expand(channels, steps))
+        elif length > 1:  # (torch refuses one frame)
+            cut = x[sequence:sequence + 1, :length].transpose(1, 2)
+            expected = F.instance_norm(cut, weight=instance.weight, bias=instance.bias)
+            torch.testing.assert_close(y[sequence:sequence + 1, :, :length], expected)
 
 
 # -- fused blocks ------------------------------------------------------------------------
