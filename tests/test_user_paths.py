@@ -133,11 +133,12 @@ def test_explaining_a_block_with_a_weight_offset_shows_where_gemmas_one_plus_wei
 # -- PyG twins -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-def test_an_evaluating_instance_norm_without_a_batch_vector_gives_pygs_dtype_values_and_errors(dtype):
-    """PyG's InstanceNorm without a batch vector is ``F.instance_norm`` on the running
-    statistics: half-precision nodes beside float32 statistics stay half precision, and
-    float64 nodes beside them are refused ("mixed dtype"), as torch refuses them."""
+def test_an_instance_norm_without_a_batch_vector_gives_pygs_dtype_values_and_errors(dtype, training):
+    """PyG's InstanceNorm without a batch vector is ``F.instance_norm``: half-precision nodes
+    beside float32 parameters and running statistics stay half precision, and float64
+    nodes beside them are refused ("mixed dtype"), as torch refuses them."""
     pyg_norm = pytest.importorskip("torch_geometric.nn.norm")
     from normlab.torch import geometric
 
@@ -150,11 +151,39 @@ def test_an_evaluating_instance_norm_without_a_batch_vector_gives_pygs_dtype_val
     ours.load_state_dict(theirs.state_dict())
     nodes = torch.randn(6, 4).to(dtype)
     try:
-        expected = theirs.eval()(nodes)
+        expected = theirs.train(training)(nodes)
     except RuntimeError as error:
         with pytest.raises(type(error), match="mixed dtype"):
-            ours.eval()(nodes)
+            ours.train(training)(nodes)
+        torch.testing.assert_close(ours.state_dict(), theirs.state_dict())  # running statistics untouched
         return
-    y = ours.eval()(nodes)
+    y = ours.train(training)(nodes)
+    assert y.dtype == expected.dtype
+    close = dict(atol=0.01, rtol=0.01)  # (PyG's statistics are of half precision)
+    torch.testing.assert_close(y, expected, **close)
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict(), **close)
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("nodes", [(6, 5, torch.float32), (6, 4, torch.float64), (6, 4, torch.bfloat16), (4,)],
+                         ids=["wrong_channels", "float64_nodes", "bfloat16_nodes", "one_dimensional"])
+def test_a_node_mode_layer_norm_takes_and_refuses_the_inputs_pygs_does(nodes, affine):
+    """PyG's ``LayerNorm(mode="node")`` is ``F.layer_norm`` over ``in_channels``: the twin gives
+    its dtype and values, or raises its exception type (nodes of the wrong width, float64
+    nodes beside float32 parameters), where it computed or raised a ValueError."""
+    pyg_norm = pytest.importorskip("torch_geometric.nn.norm")
+    from normlab.torch import geometric
+
+    torch.manual_seed(0)
+    theirs = pyg_norm.LayerNorm(4, affine=affine, mode="node")
+    ours = geometric.LayerNorm(4, affine=affine, mode="node")
+    x = torch.randn(nodes[:-1]).to(nodes[-1]) if len(nodes) > 1 else torch.randn(nodes)
+    try:
+        expected = theirs(x)
+    except RuntimeError as error:
+        with pytest.raises(type(error)):
+            ours(x)
+        return
+    y = ours(x)
     assert y.dtype == expected.dtype
     torch.testing.assert_close(y, expected)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.torch import geometric_script as script
-from normlab.torch.compute import normalize
+from normlab.torch.compute import _dtypes_refused, normalize
 from normlab.torch.masked import check_segment_ids, normalize_masked
 from normlab.torch.modules import BatchNorm1d
 
@@ -80,10 +80,12 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
             return _fx_leaf(self, x, batch, batch_size)
         use_input_stats = self.training or not self.track_running_stats
         if batch is None:
-            if not use_input_stats:  # PyG's own call: torch's dtype rules (half-precision nodes stay half)
+            if not use_input_stats or _dtypes_refused(x, self.weight, self.bias, self.running_mean,
+                                                      self.running_var):
+                # PyG's own call: torch's dtype rules (half-precision nodes stay half; a mix torch refuses raises)
                 return torch.nn.functional.instance_norm(
-                    x.t().unsqueeze(0), self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
-                    self.eps).squeeze(0).t()
+                    x.t().unsqueeze(0), self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
+                    self.momentum if use_input_stats else 0.0, self.eps).squeeze(0).t()
             # PyG runs F.instance_norm on (1, C, nodes) here, which refuses a single node
             torch.nn.functional._verify_spatial_size(torch.Size((1, x.shape[-1], x.shape[0])))
             y, mean, rstd, count = normalize_masked(x, "[n] c", weight=self.weight, bias=self.bias,
@@ -172,6 +174,9 @@ class LayerNorm(nn.Module):
                                     params=None if self.weight is None else "c", eps=self.eps, segment_ids=batch,
                                     num_segments=_batch_size(batch, batch_size)).y
         if self.mode == "node":
+            if x.dim() == 0 or x.shape[-1] != self.in_channels or _dtypes_refused(x, self.weight, self.bias):
+                # PyG's own call, which raises torch's error (wrong width, a dtype mix torch refuses)
+                return torch.nn.functional.layer_norm(x, (self.in_channels,), self.weight, self.bias, self.eps)
             return normalize(x, "... [c]", weight=self.weight, bias=self.bias,
                              params=None if self.weight is None else "c", eps=self.eps)
         raise ValueError(f"Unknownn normalization mode: {self.mode}")  # PyG's message, typo and all
