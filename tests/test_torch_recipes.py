@@ -280,3 +280,43 @@ def test_a_fine_tuning_loop_gives_torch_nn_s_weights_statistics_and_outputs(reci
         results.append((model.eval()(torch.ones(2, 3, 6, 6, dtype=dtype)), model.state_dict()))
     tolerance = {"atol": 5e-2, "rtol": 5e-2} if low else {"atol": 1e-4, "rtol": 1e-4}
     torch.testing.assert_close(results[1], results[0], **tolerance)
+
+
+FUSED = {  # block, and its definition in torch.nn.functional on (x + residual, *parameters)
+    "FusedAddRMSNorm": (lambda: nt.FusedAddRMSNorm(6, eps=1e-6),
+                        lambda total, weight: torch.nn.functional.rms_norm(total, (6,), weight, 1e-6)),
+    "FusedAddLayerNorm": (lambda: nt.FusedAddLayerNorm(6),
+                          lambda total, weight, bias: torch.nn.functional.layer_norm(total, (6,), weight, bias)),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_fused_block_under_allow_mutation_on_saved_tensors_gives_the_gradients_of_its_definition(name, dtype):
+    """The fused residual add and norm, its parameters changed in place between forward
+    and backward inside ``allow_mutation_on_saved_tensors``: the gradients of the forward's
+    values, as its definition in torch.nn.functional gives them."""
+    build, definition = FUSED[name]
+    torch.manual_seed(0)
+    block = build().to(dtype)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.uniform_(0.5, 1.5)
+    x0, residual0 = torch.randn(4, 6, dtype=dtype), torch.randn(4, 6, dtype=dtype)
+    copies = [p.detach().clone().requires_grad_() for p in block.parameters()]  # (before the block's change)
+    results = []
+    for fused in (True, False):
+        x, residual = x0.clone().requires_grad_(), residual0.clone().requires_grad_()
+        params = list(block.parameters()) if fused else copies
+        with torch.autograd.graph.allow_mutation_on_saved_tensors():
+            if fused:
+                y, total = block(x, residual)
+            else:
+                total = x + residual
+                y = definition(total, *params)
+            with torch.no_grad():
+                for p in params:
+                    p.mul_(2.0)
+            (_weighted_sum(y) + _weighted_sum(total)).backward()
+        results.append((y.detach(), total.detach(), x.grad, residual.grad, [p.grad for p in params]))
+    torch.testing.assert_close(results[0], results[1])

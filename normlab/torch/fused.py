@@ -320,6 +320,10 @@ def _build_call(block: Block, tensors) -> Optional[_Call]:
     return _Call(block, plan, mod_plan, layout) if layout.ok else None
 
 
+def _addresses(*tensors) -> tuple:
+    return tuple(None if t is None else t.data_ptr() for t in tensors)
+
+
 class _CachedFusedFunction(torch.autograd.Function):
     """:class:`_FusedFunction` through a cached :class:`_Call`: the same kernels, forward
     and backward, without the NumPy API's checks and layout search on every call."""
@@ -331,6 +335,7 @@ class _CachedFusedFunction(torch.autograd.Function):
         y, total, mean, _, rstd = call.layout.forward(tables, _numpy(x), _numpy(residual), _numpy(gate), block.eps,
                                                       block.rms)
         ctx.call, ctx.tables, ctx.stats = call, tables, (mean, rstd)
+        ctx.addresses = _addresses(weight, bias, scale, shift)
         ctx.save_for_backward(x, residual, gate, weight, bias, scale, shift)
         y = torch.from_numpy(y.reshape(x.shape))
         return (y, torch.from_numpy(total.reshape(x.shape))) if residual is not None else y
@@ -343,10 +348,16 @@ class _CachedFusedFunction(torch.autograd.Function):
             return _composite_backward(call.block, (x, residual, gate, weight, bias, scale, shift), ctx, grad_y,
                                        grad_total)
         mean, rstd = ctx.stats
+        tables = ctx.tables
+        if _addresses(weight, bias, scale, shift) != ctx.addresses:
+            # the saved parameters are not the forward's memory, which the tables may read: copies
+            # that allow_mutation_on_saved_tensors kept before an in-place change, or that a
+            # saved-tensor hook gave back; their values are the forward's
+            tables = call.tables(weight, bias, scale, shift)
         need_params = weight is not None or bias is not None
         need_mod = scale is not None or shift is not None
         grad_x, grad_gate, grad_w, grad_b, grad_scale, grad_shift = call.layout.backward(
-            ctx.tables, _numpy(grad_y), _numpy(grad_total) if residual is not None else None, _numpy(x),
+            tables, _numpy(grad_y), _numpy(grad_total) if residual is not None else None, _numpy(x),
             _numpy(residual), _numpy(gate), call.block.eps, call.block.rms, mean, rstd, need_params, need_mod)
 
         def param_grad(table, param, mod: bool):
