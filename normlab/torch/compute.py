@@ -116,17 +116,44 @@ def normalize(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None, bias:
 
 
 def _apply_stats(x: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float, shape) -> Tensor:
-    """``(x − mean)·rstd·weight + bias`` with given statistics (evaluation mode), as one
-    scale and shift of ``shape`` that broadcasts against ``x``; keeps x's memory format."""
+    """``(x − mean)·rstd·weight + bias`` with given statistics (evaluation mode), the
+    statistics of ``shape`` broadcasting against ``x``; keeps x's memory format. The mean
+    is subtracted first: ``x − mean`` is exact where x is near the mean, while the folded
+    ``x·scale − mean·scale`` (torch's op) cancels, by about 6e-8·|mean|/std in float32."""
     compute = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
     scale = torch.rsqrt(var.to(compute) + eps)
     if weight is not None:
         scale = scale * weight.to(compute)
-    shift = -mean.to(compute) * scale
-    if bias is not None:
-        shift = shift + bias.to(compute)
-    y = x.to(compute) * scale.reshape(shape) + shift.reshape(shape)
-    return y.to(x.dtype)
+    centered = x.to(compute) - mean.to(compute).reshape(shape)
+    if bias is None:
+        return (centered * scale.reshape(shape)).to(x.dtype)
+    return torch.addcmul(bias.to(compute).reshape(shape), centered, scale.reshape(shape)).to(x.dtype)
+
+
+# torch's batch norm op in evaluation folds the running statistics into y = x·α + β with
+# β = bias − mean·α, which in float32 cancels by about 6e-8·|mean|/std (measured on CPU:
+# 4e-6 at 64, 2.4e-4 at 4096, 0.06 at 1e6): it runs only where every channel's
+# |mean| is within this many standard deviations (error below 1e-5), as in any trained
+# network; past it, the kernels' pass or the subtract-first composite keeps the contract
+FOLDED_MEAN_LIMIT = 128.0
+
+
+def _folding_keeps_precision(module, x: Tensor, mean: Tensor, var: Tensor) -> bool:
+    """True where torch's folded evaluation op keeps the numerics contract for float32 on
+    the CPU (:data:`FOLDED_MEAN_LIMIT`); other dtypes and devices keep torch's op. The
+    answer is kept per module while the buffers keep their memory and version."""
+    if x.dtype != torch.float32 or not x.is_cpu or mean is None or var is None:
+        return True
+    tracked = not (mean.is_inference() or var.is_inference())  # (no version counter to key on)
+    key = (mean._version, var._version, mean.data_ptr(), var.data_ptr(), module.eps) if tracked else None
+    cache = module_cache(module, "_normlab_folding")
+    held = cache.get("checked")
+    if held is not None and held[0] == key and key is not None:
+        return held[1]
+    mean64, var64 = mean.detach().double(), var.detach().double()
+    keeps = bool((mean64.abs() <= FOLDED_MEAN_LIMIT * torch.sqrt(var64 + module.eps)).all())  # (NaN: False)
+    cache["checked"] = (key, keeps)
+    return keeps
 
 
 def _needs_grad(*tensors) -> bool:
@@ -347,7 +374,8 @@ def _small_eval(module, x: Tensor) -> Optional[Tensor]:
     buffers = module._buffers
     mean, var = buffers.get("running_mean"), buffers.get("running_var")
     if (mean is None or var is None or x.dim() < 2 or x.shape[1] != module.num_features
-            or not 0.0 < module.eps < math.inf or x.numel() * x.element_size() >= EVAL_NATIVE_BELOW_BYTES):
+            or not 0.0 < module.eps < math.inf or x.numel() * x.element_size() >= EVAL_NATIVE_BELOW_BYTES
+            or not _folding_keeps_precision(module, x, mean, var)):
         return None
     return torch.nn.functional.batch_norm(x, mean, var, *affine_parameters(module), False, 0.0,
                                           module.eps)
@@ -414,8 +442,9 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
     factor = _average_factor(module)
     use_batch_stats = module.training or (running_mean is None and running_var is None)
     if not use_batch_stats:
-        if _PathSwitch.path == "auto" and (x.numel() * x.element_size() < EVAL_NATIVE_BELOW_BYTES
-                                           or _needs_grad(x, weight, bias)):
+        if (_PathSwitch.path == "auto" and (x.numel() * x.element_size() < EVAL_NATIVE_BELOW_BYTES
+                                            or _needs_grad(x, weight, bias))
+                and _folding_keeps_precision(module, x, running_mean, running_var)):
             return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0,
                                                   module.eps)
         if path == "kernel" and not _needs_grad(x, weight, bias):
