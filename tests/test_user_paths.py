@@ -98,6 +98,43 @@ def test_a_masked_layer_norm_twin_normalizes_each_real_frame_and_each_sequence_a
             torch.testing.assert_close(y[sequence:sequence + 1, :, :length], expected)
 
 
+MIXES = [(torch.float64, torch.float32), (torch.float32, torch.float64), (torch.bfloat16, torch.float32),
+         (torch.float16, torch.bfloat16), (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("mix", MIXES, ids=lambda mix: f"{str(mix[0])[6:]}_input_{str(mix[1])[6:]}_params")
+@pytest.mark.parametrize("name", ["LayerNorm", "GroupNorm", "RMSNorm", "BatchNorm1d"])
+def test_a_mask_that_counts_everything_gives_torch_nns_dtype_and_values_or_its_error_for_a_dtype_mix(name, mix):
+    """Parameters in another dtype than the input: with ``mask=`` counting every element, a
+    twin gives what torch.nn's module gives without a mask (float32 input beside bfloat16
+    RMSNorm weights computes), or raises torch's exception type where torch refuses the
+    mix ("mixed dtype"), never a TypeError from inside normlab."""
+    x_dtype, param_dtype = mix
+    make = {"LayerNorm": lambda m: m.LayerNorm(4), "GroupNorm": lambda m: m.GroupNorm(2, 4),
+            "RMSNorm": lambda m: m.RMSNorm(4), "BatchNorm1d": lambda m: m.BatchNorm1d(4)}[name]
+    torch.manual_seed(0)
+    theirs = make(torch.nn).to(param_dtype)
+    with torch.no_grad():
+        for param in theirs.parameters():
+            param.uniform_(0.5, 1.5)
+    ours = make(nt).to(param_dtype)
+    ours.load_state_dict(theirs.state_dict())
+    x = (torch.randn(3, 4, 5) * 2 + 1).to(x_dtype)
+    if name in ("LayerNorm", "RMSNorm"):
+        x = x.transpose(1, 2)
+    everything = torch.ones(x.shape, dtype=torch.bool)
+    try:
+        expected = theirs(x)
+    except RuntimeError as error:
+        with pytest.raises(type(error)):
+            ours(x, mask=everything)
+        return
+    y = ours(x, mask=everything)
+    assert y.dtype == expected.dtype
+    close = {} if torch.finfo(x_dtype).bits > 16 else dict(atol=0.02, rtol=0.02)
+    torch.testing.assert_close(y, expected, **close)
+
+
 # -- fused blocks ------------------------------------------------------------------------
 
 

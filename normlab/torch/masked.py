@@ -329,14 +329,16 @@ def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"pattern {pattern!r}, input shape {tuple(x.shape)}: mask must be a bool tensor, "
                         f"got {mask.dtype}; pass mask.bool() (True where an element counts)")
+    low = x.dtype in _LOW_PRECISION
     kernel = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64, *_LOW_PRECISION)
               and (mask is None or mask.device.type == "cpu") and not x.is_complex()
+              # (parameters NumPy cannot read, bfloat16 beside float32 input: the composite, as torch computes)
+              and (low or all(t is None or t.dtype in (torch.float32, torch.float64) for t in (weight, bias)))
               and not (_functorch_active() or forward_ad._current_level >= 0))  # (transforms: torch ops)
     if not kernel:
         if segment_ids is not None:  # before the composite allocates statistics for every id up to the largest
             _refuse_too_many_segments(x, spec, segment_ids, num_segments, given_segments is not None, segment_axis)
         return MaskedResult(_composite(x, weight, bias, mask, segment_ids, spec, eps, num_segments, segment_axis))
-    low = x.dtype in _LOW_PRECISION
     xs = [None if t is None else (t.float() if low else t) for t in (x, weight, bias)]
     args = (xs[0].contiguous(), xs[1], xs[2], mask, None if segment_ids is None else segment_ids.long(), spec.pattern,
             spec.params, spec.sizes, float(eps), spec.rms, -1 if num_segments is None else int(num_segments),

@@ -68,6 +68,27 @@ def _check_mask(module, x: Tensor, mask: Tensor) -> Tensor:
     return mask
 
 
+def _refused_mix(module, x: Tensor) -> bool:
+    """Parameters or running statistics in a dtype beside the input's that torch.nn's CPU
+    kernels refuse ("mixed dtype"); torch.nn.RMSNorm computes any mix, as its twin does."""
+    from normlab.torch.compute import _dtypes_refused
+
+    if isinstance(module, nn.RMSNorm) or not isinstance(module, _TORCH_NORMS):
+        return False
+    return _dtypes_refused(x, *(getattr(module, name, None) for name in ("weight", "bias", "running_mean",
+                                                                        "running_var")))
+
+
+def _torch_nn_forward(module, x: Tensor) -> Tensor:
+    """torch.nn's own forward of the module's class, which raises torch's error."""
+    torch_class = next(cls for cls in type(module).__mro__ if "forward" in cls.__dict__
+                       and cls.__module__.startswith("torch.nn."))
+    return torch_class.forward(module, x)
+
+
+_TORCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm, nn.GroupNorm)
+
+
 def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optional[Tensor] = None,
                    num_segments: Optional[int] = None, segment_axis: Optional[str] = None) -> Tensor:
     """The module's forward with a mask (and, for ``Norm``, segments)."""
@@ -75,6 +96,8 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
 
     if mask is not None:
         mask = _check_mask(module, x, mask)
+    if _refused_mix(module, x):
+        return _torch_nn_forward(module, x)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return _batch_norm(module, x, mask)
     if isinstance(module, nn.modules.instancenorm._InstanceNorm):
