@@ -135,6 +135,20 @@ def test_a_mask_that_counts_everything_gives_torch_nns_dtype_and_values_or_its_e
     torch.testing.assert_close(y, expected, **close)
 
 
+@pytest.mark.parametrize("shape", [(1, 4), (1, 4, 1), (1, 4, 1, 1)], ids=["1d", "1d_length_1", "2d"])
+def test_a_batch_norm_without_running_statistics_refuses_one_value_per_channel_in_evaluation_as_torch_does(shape):
+    """Without running statistics a batch norm uses the batch's even in ``eval()``, and torch
+    refuses one value per channel there as in training (a ValueError); the twin normalized
+    it to exactly its bias."""
+    make = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d"}[len(shape)]
+    x = torch.randn(shape)
+    with pytest.raises(ValueError) as expected:
+        getattr(torch.nn, make)(4, track_running_stats=False).eval()(x)
+    with pytest.raises(ValueError, match="more than 1 value per channel") as caught:
+        getattr(nt, make)(4, track_running_stats=False).eval()(x)
+    assert str(caught.value).lower().startswith(str(expected.value).lower()[:40])
+
+
 # -- fused blocks ------------------------------------------------------------------------
 
 

@@ -453,8 +453,8 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
                 return y
         return _apply_stats(x, running_mean, running_var, weight, bias, module.eps, _channel_shape(x))
     count = _values_per_channel(x)
+    _check_batch(x, count)  # (torch's rule wherever batch statistics are used: eval() without running ones too)
     if module.training:
-        _check_batch(x, count)
         if path == "kernel":
             y = batch_train.forward(module, x, factor)
             if y is not None:
