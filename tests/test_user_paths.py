@@ -238,3 +238,46 @@ def test_a_node_mode_layer_norm_takes_and_refuses_the_inputs_pygs_does(nodes, af
     y = ours(x)
     assert y.dtype == expected.dtype
     torch.testing.assert_close(y, expected)
+
+
+@pytest.mark.parametrize("name", ["GraphNorm", "InstanceNorm", "LayerNorm"])
+def test_a_gin_stack_on_an_int32_batch_of_unsorted_graphs_with_an_empty_one_trains_as_pygs_with_int64_ids(name):
+    """A real PyG model: GINConv layers with the twin between them, on a ``Batch`` whose
+    batch vector is int32 and unsorted and whose last graph is empty (``batch_size=`` given).
+    Outputs and every gradient are those of the same model with PyG's class on int64 ids
+    (PyG's own int32 path is not the oracle: its scatter backward misreads int32 ids)."""
+    pyg = pytest.importorskip("torch_geometric")
+    from torch_geometric.data import Batch, Data
+    from torch_geometric.nn import GINConv
+
+    from normlab.torch import geometric
+
+    def model(norms):
+        torch.manual_seed(0)
+        convs = torch.nn.ModuleList(GINConv(torch.nn.Linear(6, 6)) for _ in range(2))
+        return convs, torch.nn.ModuleList(getattr(norms, name)(6) for _ in range(2))
+
+    def run(convs, norms, x, edges, batch, size):
+        for conv, norm in zip(convs, norms):
+            x = norm(conv(x, edges), batch, size).relu()
+        return x
+
+    torch.manual_seed(1)
+    graphs = [Data(x=torch.randn(n, 6) * 2 + 1, edge_index=torch.randint(0, max(n, 1), (2, 2 * n)))
+              for n in (4, 1, 6, 0)]
+    data = Batch.from_data_list(graphs)
+    order = torch.randperm(data.num_nodes)  # nodes unsorted by graph: relabel the edges to match
+    x, batch = data.x[order], data.batch[order]
+    edges = torch.argsort(order)[data.edge_index]
+    results = []
+    for norms, ids in ((pyg.nn.norm, batch), (geometric, batch.int())):
+        convs, layers = model(norms)
+        nodes = x.clone().requires_grad_()
+        y = run(convs, layers, nodes, edges, ids, data.num_graphs)
+        y.pow(2).sum().backward()
+        results.append((y, nodes.grad, [p.grad for p in (*convs.parameters(), *layers.parameters())]))
+    (y_pyg, grad_pyg, params_pyg), (y, grad, params) = results
+    torch.testing.assert_close(y, y_pyg)
+    torch.testing.assert_close(grad, grad_pyg)
+    for ours, theirs in zip(params, params_pyg):
+        torch.testing.assert_close(ours, theirs)
