@@ -149,6 +149,35 @@ def test_a_batch_norm_without_running_statistics_refuses_one_value_per_channel_i
     assert str(caught.value).lower().startswith(str(expected.value).lower()[:40])
 
 
+@pytest.mark.parametrize("mix", MIXES, ids=lambda mix: f"{str(mix[0])[6:]}_input_{str(mix[1])[6:]}_params")
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "all_true_mask"])
+def test_convnexts_layer_norm_2d_gives_torchvisions_dtype_and_values_or_its_error_for_a_dtype_mix(mix, masked):
+    """``LayerNorm2d`` against torchvision's (mirrored from its source): ``F.layer_norm``
+    on the permuted input, which refuses the dtype mixes torch refuses ("mixed dtype")."""
+    from tests.mirrored_norms import TorchvisionLayerNorm2d
+
+    x_dtype, param_dtype = mix
+    torch.manual_seed(0)
+    theirs = TorchvisionLayerNorm2d(4).to(param_dtype)
+    with torch.no_grad():
+        for param in theirs.parameters():
+            param.uniform_(0.5, 1.5)
+    ours = nt.LayerNorm2d(4, eps=1e-5).to(param_dtype)
+    ours.load_state_dict(theirs.state_dict())
+    x = (torch.randn(2, 4, 3, 5) * 2 + 1).to(x_dtype)
+    kwargs = {"mask": torch.ones(2, 1, 3, 5, dtype=torch.bool)} if masked else {}
+    try:
+        expected = theirs(x)
+    except RuntimeError as error:
+        with pytest.raises(type(error), match="mixed dtype"):
+            ours(x, **kwargs)
+        return
+    y = ours(x, **kwargs)
+    assert y.dtype == expected.dtype
+    close = {} if torch.finfo(x_dtype).bits > 16 else dict(atol=0.02, rtol=0.02)
+    torch.testing.assert_close(y, expected, **close)
+
+
 # -- fused blocks ------------------------------------------------------------------------
 
 

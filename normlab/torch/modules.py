@@ -329,7 +329,7 @@ class LayerNorm2d(nn.LayerNorm):
             raise RuntimeError(f"LayerNorm2d({channels}) expects input of shape (N, {channels}, H, W), "
                                f"got {tuple(input.shape)}")
         path = _choose_path(input, has_native=True)
-        if path == "native":  # what the originals do
+        if path == "native" or _dtypes_refused(input, self.weight, self.bias):  # what the originals do (or raise)
             return F.layer_norm(input.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
                                 self.eps).permute(0, 3, 1, 2)
         return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
