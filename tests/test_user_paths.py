@@ -310,3 +310,34 @@ def test_a_gin_stack_on_an_int32_batch_of_unsorted_graphs_with_an_empty_one_trai
     torch.testing.assert_close(grad, grad_pyg)
     for ours, theirs in zip(params, params_pyg):
         torch.testing.assert_close(ours, theirs)
+
+
+def test_a_fused_block_reads_its_recipe_attributes_on_every_call_as_its_repr_shows_them():
+    """Setting ``casting`` and ``weight_offset`` on a built ``FusedAddRMSNorm`` (its repr
+    shows them at once) makes it transformers' ``GemmaRMSNorm`` on ``x + r``, bit for bit in
+    bfloat16; ``group_size`` and ``norm_before_gate`` set on a ``GatedRMSNorm`` give
+    mamba_ssm's gated-norm formula with them (written out here in float64)."""
+    gemma = pytest.importorskip("transformers.models.gemma.modeling_gemma")
+    torch.manual_seed(0)
+    block = nt.FusedAddRMSNorm(8, eps=1e-6).to(torch.bfloat16)
+    x, residual = torch.randn(2, 3, 8, dtype=torch.bfloat16), torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    block(x, residual)  # built and run with the llama recipe first
+    reference = gemma.GemmaRMSNorm(8, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        reference.weight.uniform_(-0.5, 0.5)
+        block.weight.copy_(reference.weight)
+    block.casting, block.weight_offset = "gemma", 1.0
+    torch.testing.assert_close(block(x, residual)[0], reference(x + residual), atol=0, rtol=0)
+
+    gated = nt.GatedRMSNorm(8, group_size=8).double()
+    x, z = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 3, 8, dtype=torch.float64)
+    gated(x, z)
+
+    def rms_norm_in_groups_of_4(h):
+        h = h.unflatten(-1, (2, 4))
+        return (h * torch.rsqrt(h.square().mean(-1, keepdim=True) + gated.eps)).flatten(-2) * gated.weight
+
+    gated.group_size = 4
+    torch.testing.assert_close(gated(x, z), rms_norm_in_groups_of_4(x) * F.silu(z))
+    gated.norm_before_gate = False
+    torch.testing.assert_close(gated(x, z), rms_norm_in_groups_of_4(x * F.silu(z)))

@@ -394,9 +394,15 @@ def _trailing(normalized_shape) -> tuple[str, str, tuple]:
 
 
 def _block_of(module: nn.Module) -> Block:
-    """``module._block``, built again where ``eps`` was set after construction: torch.nn's
-    norms read it on every call, and so do these blocks."""
-    if module._block.eps != module.eps:
+    """``module._block``, built again where ``eps`` or a recipe attribute (``casting``,
+    ``weight_offset``, ``group_size``, ``norm_before_gate``, ``gate_activation``) was set
+    after construction: torch.nn's norms read eps on every call, and so do these blocks."""
+    block, group_size = module._block, getattr(module, "group_size", None)
+    if (block.eps != module.eps or block.casting != module.casting
+            or block.weight_offset != getattr(module, "weight_offset", 0.0)
+            or block.norm_before_gate != getattr(module, "norm_before_gate", True)
+            or block.gate_activation != getattr(module, "gate_activation", "silu")
+            or (group_size is not None and block.sizes != (("c", group_size),))):
         module._init_block()
     return module._block
 
