@@ -149,6 +149,22 @@ def test_a_batch_norm_without_running_statistics_refuses_one_value_per_channel_i
     assert str(caught.value).lower().startswith(str(expected.value).lower()[:40])
 
 
+def test_a_masked_batch_norm_without_running_statistics_refuses_one_counted_value_in_evaluation():
+    """The same rule on the counted elements: torch.nn refuses the batch with the padding
+    removed (one value per channel), so the twin refuses it with the padding masked out."""
+    x = torch.randn(2, 4, 3)
+    mask = torch.zeros(2, 1, 3, dtype=torch.bool)
+    mask[1, 0, 2] = True  # one counted position: one value per channel
+    with pytest.raises(ValueError):
+        torch.nn.BatchNorm1d(4, track_running_stats=False).eval()(x[1:, :, 2:])
+    with pytest.raises(ValueError, match="more than 1 counted value per channel"):
+        nt.BatchNorm1d(4, track_running_stats=False).eval()(x, mask=mask)
+    mask[0, 0, 0] = True  # two counted values per channel: torch normalizes them, and so does the twin
+    expected = torch.nn.BatchNorm1d(4, track_running_stats=False).eval()(torch.stack([x[0, :, 0], x[1, :, 2]]))
+    y = nt.BatchNorm1d(4, track_running_stats=False).eval()(x, mask=mask)
+    torch.testing.assert_close(torch.stack([y[0, :, 0], y[1, :, 2]]), expected)
+
+
 @pytest.mark.parametrize("mix", MIXES, ids=lambda mix: f"{str(mix[0])[6:]}_input_{str(mix[1])[6:]}_params")
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "all_true_mask"])
 def test_convnexts_layer_norm_2d_gives_torchvisions_dtype_and_values_or_its_error_for_a_dtype_mix(mix, masked):

@@ -35,7 +35,9 @@ def _check_counts(module, x: Tensor, count: Tensor, allow_empty: bool = False) -
     if count.numel() and bool(refused.any()):
         raise ValueError(f"{type(module).__name__}: expected more than 1 counted value per channel when training, "
                          f"got input size {tuple(x.shape)} with {int(count[refused].min())} counted in a channel; "
-                         "count more elements in the mask or call .eval()")
+                         + ("count more elements in the mask or call .eval()" if module.training else
+                            "count more elements in the mask (without running statistics eval() normalizes with the "
+                            "batch's own)"))
 
 
 def _update(module, mean: Tensor, var: Tensor, factor: float, counted: Optional[Tensor] = None) -> None:
@@ -131,8 +133,8 @@ def _batch_norm(module, x: Tensor, mask: Tensor) -> Tensor:
     y, mean, rstd, count = normalize_masked(x, "[b] c [...]", weight=module.weight, bias=module.bias,
                                             params=None if module.weight is None else "c", eps=module.eps, mask=mask)
     channels = x.shape[1]
+    _check_counts(module, x, count, allow_empty=True)  # (wherever batch statistics are used, eval() included)
     if module.training:
-        _check_counts(module, x, count, allow_empty=True)
         if module.track_running_stats and module.running_mean is not None:
             _update(module, mean.reshape(channels), _unbiased(rstd, count, module.eps).reshape(channels), factor,
                     counted=count.reshape(channels) > 0)
