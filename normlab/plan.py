@@ -137,6 +137,24 @@ def _fail(pattern: str, shape: tuple[int, ...], rule: str, fix: str) -> ShapeErr
     return ShapeError(f"pattern {pattern!r} does not fit input shape {shape}: {rule}; {fix}")
 
 
+def _sizes_error(pattern: str, sizes, keywords: dict, shape) -> ShapeError:
+    """What is wrong with a ``sizes=`` that :func:`merge_sizes` refuses. Built only on
+    failure: under torch.compile the shape holds symbolic sizes, whose text Dynamo cannot
+    build."""
+    where = f"pattern {pattern!r}" + ("" if shape is None else f", input shape {tuple(shape)}")
+    example = "sizes={'x': 3} for an axis named x"
+    if not isinstance(sizes, Mapping):
+        return ShapeError(f"{where}: sizes must be a mapping of axis names to sizes, got "
+                          f"{type(sizes).__name__} {sizes!r}; pass e.g. {example}")
+    for name in sizes:
+        if not isinstance(name, str):
+            return ShapeError(f"{where}: sizes maps axis names to sizes, and {name!r} is not a name; "
+                              f"pass e.g. {example}")
+    both = [name for name in sizes if name in keywords]
+    return ShapeError(f"{where}: the size of {', '.join(both)} is given both in sizes= and as a "
+                      f"keyword ({', '.join(f'{n}={keywords[n]!r}' for n in both)}); give each axis size once")
+
+
 def merge_sizes(pattern: str, sizes, keywords: dict, shape=None) -> dict:
     """The axis sizes given as the mapping ``sizes`` and as keyword arguments, in a new dict.
 
@@ -149,23 +167,8 @@ def merge_sizes(pattern: str, sizes, keywords: dict, shape=None) -> dict:
     """
     if sizes is None:
         return dict(keywords)
-    if isinstance(sizes, Mapping) and all(isinstance(name, str) and name not in keywords for name in sizes):
-        # (before any message is formatted: under torch.compile the shape holds symbolic
-        # sizes, whose text Dynamo cannot build)
-        return {**sizes, **keywords}
-    where = f"pattern {pattern!r}" + ("" if shape is None else f", input shape {tuple(shape)}")
-    example = "sizes={'x': 3} for an axis named x"
-    if not isinstance(sizes, Mapping):
-        raise ShapeError(f"{where}: sizes must be a mapping of axis names to sizes, got "
-                         f"{type(sizes).__name__} {sizes!r}; pass e.g. {example}")
-    for name in sizes:
-        if not isinstance(name, str):
-            raise ShapeError(f"{where}: sizes maps axis names to sizes, and {name!r} is not a name; "
-                             f"pass e.g. {example}")
-    both = [name for name in sizes if name in keywords]
-    if both:
-        raise ShapeError(f"{where}: the size of {', '.join(both)} is given both in sizes= and as a "
-                         f"keyword ({', '.join(f'{n}={keywords[n]!r}' for n in both)}); give each axis size once")
+    if not isinstance(sizes, Mapping) or any(not isinstance(name, str) or name in keywords for name in sizes):
+        raise _sizes_error(pattern, sizes, keywords, shape)
     return {**sizes, **keywords}
 
 

@@ -377,9 +377,6 @@ def parse_mask(text: str) -> np.ndarray:
     return array.astype(bool)
 
 
-_INT64_MAX = (1 << 63) - 1
-
-
 def parse_segments(text: str) -> np.ndarray:
     """``--segments``: a JSON list of non-negative integer ids, one per position of the first bracketed axis.
 
@@ -393,7 +390,7 @@ def parse_segments(text: str) -> np.ndarray:
         array = np.array(values)
     except (json.JSONDecodeError, ValueError):
         values = array = None
-    if isinstance(values, list) and values and all(type(v) is int for v in values) and max(values) > _INT64_MAX:
+    if isinstance(values, list) and values and all(type(v) is int for v in values) and max(values) > np.iinfo(np.int64).max:
         # (NumPy would read such an id as a float, or wrap it)
         raise NormlabError(f"--segments holds the id {max(values)}, too large for a segment id: number the segments "
                            "from 0 without gaps, such as '[0, 0, 1, 1]'")

@@ -34,7 +34,7 @@ from normlab.plan import make_plan
 from normlab.torch import casting as recipes
 from normlab.torch.ops import _grads_of, _needs_torch_backward
 from normlab.torch.paths import _needs_torch_ops
-from normlab.torch.spec import unscriptable
+from normlab.torch.spec import Unscriptable
 
 __all__ = ["CASTINGS", "fused_normalize", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm"]
 
@@ -421,7 +421,7 @@ def _check_input(module: nn.Module, x: Tensor, normalized_shape, **others: Optio
                                f"size {list(x.shape)}; pass a {name} of the input's shape")
 
 
-class FusedAddRMSNorm(nn.Module):
+class FusedAddRMSNorm(Unscriptable, nn.Module):
     """Residual add and RMS norm in one pass: ``forward(x, residual) -> (norm(x + residual), x + residual)``
     (``forward(x)`` alone is a plain RMS norm), as vLLM's and Liger's fused RMS norms.
 
@@ -456,9 +456,6 @@ class FusedAddRMSNorm(nn.Module):
         self._block = Block(pattern, params, sizes=sizes, eps=float(self.eps), rms=True, casting=self.casting,
                             weight_offset=self.weight_offset)
 
-    def __prepare_scriptable__(self):
-        raise RuntimeError(unscriptable(self))
-
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
         _check_input(self, x, self.weight.shape, residual=residual)
         return fused_normalize(x, _block_of(self), residual=residual, weight=self.weight)
@@ -468,7 +465,7 @@ class FusedAddRMSNorm(nn.Module):
             f", weight_offset={self.weight_offset}" if self.weight_offset else "")
 
 
-class FusedAddLayerNorm(nn.LayerNorm):
+class FusedAddLayerNorm(Unscriptable, nn.LayerNorm):
     """``torch.nn.LayerNorm`` with a fused residual add: ``forward(x, residual) ->
     (layer_norm(x + residual), x + residual)``; ``forward(x)`` is the plain layer norm.
     Same constructor, parameters and ``state_dict`` as ``torch.nn.LayerNorm``.
@@ -488,9 +485,6 @@ class FusedAddLayerNorm(nn.LayerNorm):
         pattern, params, sizes = _trailing(self.normalized_shape)
         self._block = Block(pattern, params, sizes=sizes, eps=float(self.eps), casting=self.casting)
 
-    def __prepare_scriptable__(self):
-        raise RuntimeError(unscriptable(self))
-
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
         _check_input(self, x, self.normalized_shape, residual=residual)
         return fused_normalize(x, _block_of(self), residual=residual, weight=self.weight, bias=self.bias)
@@ -508,7 +502,7 @@ def _positive_int(group_size) -> int:
     return size
 
 
-class GatedRMSNorm(nn.Module):
+class GatedRMSNorm(Unscriptable, nn.Module):
     """Gated RMS norm of Mamba2 and GatedDeltaNet with mamba_ssm's ``RMSNormGated``
     semantics: ``norm(x)·w·silu(z)`` (``norm_before_gate=True``) or ``norm(x·silu(z))·w``
     (``False``), each group of ``group_size`` channels with its own statistics
@@ -545,9 +539,6 @@ class GatedRMSNorm(nn.Module):
         """The weight at its initial value, ones (as torch.nn.RMSNorm's)."""
         nn.init.ones_(self.weight)
 
-    def __prepare_scriptable__(self):
-        raise RuntimeError(unscriptable(self))
-
     def forward(self, x: Tensor, z: Optional[Tensor] = None, gate: Optional[Tensor] = None) -> Tensor:
         if gate is not None:  # transformers' gated norms name it gate
             if z is not None:
@@ -561,7 +552,7 @@ class GatedRMSNorm(nn.Module):
                 f"norm_before_gate={self.norm_before_gate}")
 
 
-class AdaLayerNorm(nn.Module):
+class AdaLayerNorm(Unscriptable, nn.Module):
     """DiT's AdaLN-Zero, as diffusers' ``AdaLayerNormZero`` (same ``linear`` parameters and
     ``state_dict`` keys, same outputs): ``emb`` gives six chunks through ``linear(silu(emb))``;
     the input is layer-normalized (no affine, ``eps=1e-6``) and modulated in one pass,
@@ -590,9 +581,6 @@ class AdaLayerNorm(nn.Module):
         self.embedding_dim = embedding_dim
         self._block = Block("b t [d]", modulation="b d", eps=1e-6 if norm_type == "layer_norm" else 1e-5,
                             casting="gemma" if norm_type == "fp32_layer_norm" else casting)
-
-    def __prepare_scriptable__(self):
-        raise RuntimeError(unscriptable(self))
 
     def forward(self, x: Tensor, timestep=None, class_labels=None, hidden_dtype=None, emb: Optional[Tensor] = None):
         if emb is None:

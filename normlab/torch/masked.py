@@ -286,8 +286,7 @@ def _expand(param: Tensor, plan) -> Tensor:
     return split.permute(order).reshape(plan.param_broadcast_shape)
 
 
-def _refuse_too_many_segments(x: Tensor, spec: Spec, segment_ids: Tensor, num_segments: int, given: bool,
-                              segment_axis: Optional[str]) -> None:
+def _refuse_too_many_segments(x: Tensor, spec: Spec, segment_ids: Tensor, num_segments: int, given: bool) -> None:
     """Refuse, as a torch error, segments whose statistics would dwarf the input (as the
     NumPy API does), from the largest id alone: torch reductions, so functorch's transforms
     and other devices take it too."""
@@ -337,7 +336,7 @@ def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None
               and not (_functorch_active() or forward_ad._current_level >= 0))  # (transforms: torch ops)
     if not kernel:
         if segment_ids is not None:  # before the composite allocates statistics for every id up to the largest
-            _refuse_too_many_segments(x, spec, segment_ids, num_segments, given_segments is not None, segment_axis)
+            _refuse_too_many_segments(x, spec, segment_ids, num_segments, given_segments is not None)
         return MaskedResult(_composite(x, weight, bias, mask, segment_ids, spec, eps, num_segments, segment_axis))
     xs = [None if t is None else (t.float() if low else t) for t in (x, weight, bias)]
     args = (xs[0].contiguous(), xs[1], xs[2], mask, None if segment_ids is None else segment_ids.long(), spec.pattern,
@@ -351,7 +350,7 @@ def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None
         if segment_ids is not None and given_segments is None:
             # the op was handed max(ids) + 1: refuse in the words for the ids alone, which
             # do not tell the user to pass that very num_segments
-            _refuse_too_many_segments(x, spec, segment_ids, num_segments, False, segment_axis)
+            _refuse_too_many_segments(x, spec, segment_ids, num_segments, False)
         raise _torch_error(error) from None
     if low:
         y = y.to(x.dtype)

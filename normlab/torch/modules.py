@@ -26,7 +26,7 @@ from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_fo
 from normlab.torch.casting import apply_recipe_scale, check_casting, compute_dtype, rms_norm_recipe
 from normlab.torch.masked_modules import masked_forward
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
-from normlab.torch.spec import Spec, affine_parameters, module_buffer, torch_layout, unscriptable
+from normlab.torch.spec import Spec, Unscriptable, affine_parameters, module_buffer, torch_layout
 
 
 def _torch_method(function):
@@ -465,7 +465,7 @@ class PatternShapeError(ShapeError, RuntimeError):
     either ``except`` catches it."""
 
 
-class Norm(nn.Module):
+class Norm(Unscriptable, nn.Module):
     """Any normalization, written as a pattern, with optional affine parameters and
     running statistics.
 
@@ -554,9 +554,6 @@ class Norm(nn.Module):
             nn.init.ones_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
-
-    def __prepare_scriptable__(self):
-        raise RuntimeError(unscriptable(self))
 
     def extra_repr(self) -> str:
         named = all(k.isidentifier() and k not in _NORM_ARGUMENTS for k in self.sizes)

@@ -285,6 +285,15 @@ class ModuleCache(dict):
         return ModuleCache, ()
 
 
+class Unscriptable:
+    """Mixin of normlab's modules with no torch.nn forward (:class:`Norm`, the fused
+    blocks): ``torch.jit.script`` raises :func:`unscriptable`'s RuntimeError, which says
+    what compiles them instead."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(unscriptable(self))
+
+
 def unscriptable(module) -> str:
     """Why torch.jit.script cannot compile ``module``, a normlab module with no torch.nn
     forward, and what compiles it instead."""
