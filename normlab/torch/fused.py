@@ -152,8 +152,9 @@ def _broadcast(param: Tensor, plan, axes_plan) -> Tensor:
 @dataclass(frozen=True)
 class _View:
     """How the composite lays the input and the parameters out: through the plan (any
-    pattern), or, for the modules' own blocks under torch.compile, from the block alone
-    (the plan's shape arithmetic breaks a full graph, and a plan would fix the shape)."""
+    pattern), or, for the modules' own blocks under torch.compile and torch.jit.trace, from
+    the block alone (the plan's shape arithmetic breaks a full graph, and a plan would fix
+    the shape)."""
 
     axes: tuple  # the reduced axes of the view
     plan: object = None
@@ -190,7 +191,9 @@ def _traced_view(block: Block) -> Optional[_View]:
 
 
 def _view_of(block: Block, shape: tuple) -> _View:
-    view = _traced_view(block) if torch.compiler.is_compiling() else None
+    # (torch.jit.trace, and so the TorchScript ONNX exporter, would record a plan's sizes as
+    # constants: the traced graph would then refuse another batch size)
+    view = _traced_view(block) if torch.compiler.is_compiling() or torch.jit.is_tracing() else None
     if view is not None:
         return view
     plan = make_plan(block.pattern, shape, block.params, sizes=dict(block.sizes))
@@ -410,6 +413,8 @@ def _block_of(module: nn.Module) -> Block:
 def _check_input(module: nn.Module, x: Tensor, normalized_shape, **others: Optional[Tensor]) -> None:
     """torch's RuntimeError, in torch's words, for an input whose trailing axes are not
     ``normalized_shape`` or a companion tensor (residual, gate) not shaped like it."""
+    if torch.jit.is_tracing():  # (traced sizes: a check would warn and fix the shape; torch's ops check them)
+        return
     normalized_shape = tuple(normalized_shape)
     if tuple(x.shape[x.dim() - len(normalized_shape):]) != normalized_shape or x.dim() < len(normalized_shape):
         raise RuntimeError(f"{type(module).__name__}: Given normalized_shape={list(normalized_shape)}, expected "

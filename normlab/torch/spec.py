@@ -235,6 +235,10 @@ def torch_layout(x: Tensor, keeps_channels_last: bool = False) -> Tensor:
     """
     if x.layout is not torch.strided or x.is_contiguous():
         return x
+    if torch._C._are_functorch_transforms_active():
+        # (a vmapped tensor answers is_contiguous for the default format alone; torch's ops,
+        # which run under the transforms, lay out their output themselves)
+        return x
     if keeps_channels_last and ((x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
                                 or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))):
         return x

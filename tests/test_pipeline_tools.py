@@ -1,0 +1,147 @@
+"""Tools a PyTorch user runs around a model, on converted models and the fused blocks:
+model ensembling with ``torch.func.stack_module_state`` and ``vmap``, ``torch.jit.trace``
+and the TorchScript ONNX exporter at another batch size, and more. Oracles: the same
+recipe on torch.nn's own modules, transformers' norm classes and mamba_ssm's reference
+formula (mirrored in test_torch_fused.py), run by torch or by ONNX Runtime."""
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+from torch.func import functional_call, replace_all_batch_norm_modules_, stack_module_state, vmap  # noqa: E402
+
+import normlab.torch as nt  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
+
+
+def _cnn() -> nn.Sequential:
+    """A small CNN with batch, group, instance and layer norm and running statistics that
+    are not the initial ones (so that evaluation reads them)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.GroupNorm(2, 4),
+                          nn.InstanceNorm2d(4, affine=True, track_running_stats=True), nn.Flatten(),
+                          nn.Linear(64, 8), nn.LayerNorm(8), nn.RMSNorm(8))
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.normal_()
+            elif name.endswith("running_var"):
+                buffer.uniform_(0.5, 2.0)
+    return model
+
+
+def _ensemble_outputs(models, x):
+    """torch's ensembling recipe: parameters and buffers stacked, one vmapped functional_call."""
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    return vmap(lambda p, b, inputs: functional_call(base, (p, b), (inputs,)), in_dims=(0, 0, None))(params, buffers,
+                                                                                                      x)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train_without_running_statistics"])
+def test_an_ensemble_of_converted_cnns_under_vmap_gives_the_torch_nn_ensembles_outputs_and_gradients(mode):
+    torch.manual_seed(0)
+    references = [_cnn() for _ in range(3)]
+    if mode == "eval":
+        for model in references:
+            model.eval()
+    else:  # (torch's documented way to vmap batch norm in training: no running statistics)
+        for model in references:
+            replace_all_batch_norm_modules_(model)
+    twins = [nt.convert(copy.deepcopy(model)) for model in references]
+    x = torch.randn(5, 3, 6, 6, requires_grad=True)
+    expected = _ensemble_outputs(references, x)
+    got = _ensemble_outputs(twins, x)
+    torch.testing.assert_close(got, expected)
+    weights = torch.randn(expected.shape)
+    (want,) = torch.autograd.grad((expected * weights).sum(), x)
+    (have,) = torch.autograd.grad((got * weights).sum(), x)
+    torch.testing.assert_close(have, want)
+
+
+# (torch.nn class, arguments): batch norm without running statistics where it trains under vmap, as torch asks
+VMAPPED = [("BatchNorm2d", (3,)), ("BatchNorm2d", (3, 1e-5, 0.1, True, False)), ("GroupNorm", (1, 3)),
+           ("InstanceNorm2d", (3,)), ("LayerNorm", (5,))]
+
+
+@pytest.mark.parametrize("cls_name, args", VMAPPED)
+@pytest.mark.parametrize("training", [False, True])
+def test_vmap_over_a_stacked_batch_gives_torch_nn_outputs(cls_name, args, training):
+    """vmap along axis 1 hands each norm a strided view, whose layout a vmapped tensor can
+    answer only for the default memory format."""
+    torch.manual_seed(0)
+    reference = getattr(nn, cls_name)(*args).train(training)
+    twin = nt.convert(copy.deepcopy(reference))
+    x = torch.randn(4, 2, 3, 5, 5)
+    try:
+        expected = vmap(reference, in_dims=1)(x)
+    except RuntimeError as error:  # (training batch norm with running statistics: torch refuses a vmapped batch)
+        with pytest.raises(type(error), match="running_mean or running_var"):
+            vmap(twin, in_dims=1)(x)
+        return
+    torch.testing.assert_close(vmap(twin, in_dims=1)(x), expected)
+
+
+def _fused_cases():
+    """(name, fused block, the classes it replaces on the same state as a function of the
+    block's inputs, inputs at one batch size): transformers' LlamaRMSNorm and
+    MambaRMSNormGated, torch.nn.LayerNorm."""
+    pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+
+    torch.manual_seed(0)
+    llama, layer, mamba = LlamaRMSNorm(8, eps=1e-6), nn.LayerNorm(8), MambaRMSNormGated(8, group_size=4, eps=1e-6)
+    for module in (llama, layer, mamba):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.uniform_(0.5, 1.5)
+    add_rms, add_layer = nt.FusedAddRMSNorm(8, eps=1e-6), nt.FusedAddLayerNorm(8)
+    gated = nt.GatedRMSNorm(8, eps=1e-6, group_size=4, norm_before_gate=False)
+    for block, original in ((add_rms, llama), (add_layer, layer), (gated, mamba)):
+        block.load_state_dict(original.state_dict())
+    return [("FusedAddRMSNorm", add_rms, lambda x, r: (llama(x + r), x + r)),
+            ("FusedAddLayerNorm", add_layer, lambda x, r: (layer(x + r), x + r)),
+            ("GatedRMSNorm", gated, lambda x, z: (mamba(x, z),))]
+
+
+def _pair_of_inputs(batch, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 8, generator=gen), torch.randn(batch, 3, 8, generator=gen)
+
+
+def _as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+@pytest.mark.parametrize("index", range(3), ids=["FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm"])
+def test_a_traced_fused_block_takes_another_batch_size_as_the_classes_it_replaces(index):
+    """torch.jit.trace records the shapes an input comes with as the input's own sizes:
+    the traced block then runs at any batch size, as a traced LlamaRMSNorm does."""
+    _, block, original = _fused_cases()[index]
+    traced = torch.jit.trace(block, _pair_of_inputs(2, seed=1))
+    x, other = _pair_of_inputs(5, seed=2)
+    with torch.no_grad():
+        for got, want in zip(_as_tuple(traced(x, other)), original(x, other)):
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("index", range(3), ids=["FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm"])
+def test_a_fused_block_exported_with_a_dynamic_batch_runs_in_onnxruntime_at_another_batch_size(index, tmp_path):
+    """The TorchScript exporter (``dynamo=False``) with ``dynamic_axes``: ONNX Runtime
+    computes at a batch size other than the example's what the replaced classes compute."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    _, block, original = _fused_cases()[index]
+    path = str(tmp_path / "block.onnx")
+    outputs = ["y", "total"][:len(original(*_pair_of_inputs(1, seed=0)))]
+    torch.onnx.export(block.eval(), _pair_of_inputs(2, seed=1), path, dynamo=False, input_names=["x", "other"],
+                      output_names=outputs, dynamic_axes={name: {0: "batch"} for name in ["x", "other", *outputs]})
+    x, other = _pair_of_inputs(5, seed=2)
+    got = onnxruntime.InferenceSession(path).run(None, {"x": x.numpy(), "other": other.numpy()})
+    with torch.no_grad():
+        for have, want in zip(got, original(x, other)):
+            torch.testing.assert_close(torch.from_numpy(have), want)
