@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 
 GROUP = "masked"
 

@@ -23,7 +23,8 @@ import numpy as np
 from numba import prange
 
 from normlab.kernels._jit import helper, kernel, store_fence
-from normlab.kernels.rows import CANCELLATION, RSTD_HIGH, RSTD_LOW, STREAM_MIN_ROW, streamed_scale_shift
+from normlab.kernels.rows import CANCELLATION  # noqa: F401 (the column kernels' callers pass columns.CANCELLATION)
+from normlab.kernels.rows import RSTD_HIGH, RSTD_LOW, STREAM_MIN_ROW, streamed_scale_shift
 from normlab.kernels.sums import centered_square_sum, gradient_sums, reciprocal_std, shifted_moments, square_sum
 
 ROW_BLOCK = 4  # channels-last: rows that share one load and store of the per-channel accumulators

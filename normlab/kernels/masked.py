@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from normlab import kernels
 from normlab.kernels import ROW_CHUNKS, _compute_dtype, _result_buffer_dtype, _spanned_block, pool, threads
 from normlab.plan import Plan
 

@@ -49,7 +49,6 @@ import threading
 import time
 from typing import Callable, Optional
 
-import numpy as np
 
 parallel_lock = threading.Lock()
 POOL_SERIAL_BELOW = 1 << 19  # on normlab's pool (waking a sleeping worker costs 50-100 µs)

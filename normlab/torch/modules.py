@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import inspect
 import math
 import types
-from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Optional
+from typing import Mapping, Optional
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from normlab import core
-from normlab.errors import InputError, ParamsError, ShapeError
+from normlab.errors import ParamsError, ShapeError
 from normlab.notation import parse_params, parse_pattern
-from normlab.plan import make_plan, merge_sizes
+from normlab.plan import merge_sizes
 from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_forward, _batch_variance,
                                    _channel_shape, _check_batch, _dtypes_refused, _expanded_param, _fast_rows,
                                    _needs_grad, _normalize, _params_misfit, _update_instance_running,

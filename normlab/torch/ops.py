@@ -3,19 +3,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import math
-from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from normlab import core
-from normlab.errors import InputError, ParamsError, ShapeError
-from normlab.notation import parse_params, parse_pattern
 from normlab.plan import make_plan
 from normlab.torch.spec import _dense_perm, _empty_like_dense, _engine_view, _inverse, _layout, _sizes_dict
 

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import math
-from dataclasses import dataclass
-from typing import NamedTuple, Optional
 
-import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd import forward_ad
 
-from normlab import core
-from normlab.errors import InputError, ParamsError, ShapeError
-from normlab.notation import parse_params, parse_pattern
-from normlab.plan import make_plan
+from normlab.errors import InputError
 
 PATHS = ("auto", "kernel", "native", "composite")
 _KERNEL_DTYPES = (torch.float32, torch.float64)

@@ -9,8 +9,6 @@ The recipes themselves (which torch operations, where the casts are) live in
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 

@@ -3,18 +3,15 @@ zero-copy views between tensors and the engine."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from normlab import core
-from normlab.errors import InputError, ParamsError, ShapeError
+from normlab.errors import ParamsError, ShapeError
 from normlab import notation
 from normlab.notation import parse_params, parse_pattern
 from normlab.plan import make_plan
