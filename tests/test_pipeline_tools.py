@@ -145,3 +145,45 @@ def test_a_fused_block_exported_with_a_dynamic_batch_runs_in_onnxruntime_at_anot
     with torch.no_grad():
         for have, want in zip(got, original(x, other)):
             torch.testing.assert_close(torch.from_numpy(have), want)
+
+
+class _FrozenEmbeddingThenNorm(nn.Module):
+    """An embedding that does not train, then an RMS norm whose weight does (its input
+    needs no gradient), as in fine-tuning with frozen embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8).requires_grad_(False)
+        self.norm = nn.RMSNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.head(self.norm(self.embed(ids)))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("first", ["rms_norm_first", "after_a_frozen_embedding"])
+def test_an_rms_norm_on_an_input_without_gradient_exports_with_the_torchscript_exporter(first, tmp_path):
+    """The TorchScript exporter has no aten::rms_norm: a converted RMSNorm exports as plain
+    ONNX ops, also where its input needs no gradient and its weight does; ONNX Runtime
+    gives torch.nn's outputs at another batch size."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.RMSNorm(8), nn.Linear(8, 3)) if first == "rms_norm_first" else _FrozenEmbeddingThenNorm()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.uniform_(0.5, 1.5)
+    converted = nt.convert(copy.deepcopy(reference))
+
+    def example(batch):
+        gen = torch.Generator().manual_seed(batch)
+        return (torch.randn(batch, 4, 8, generator=gen) if first == "rms_norm_first"
+                else torch.randint(0, 10, (batch, 4), generator=gen))
+
+    path = str(tmp_path / "model.onnx")
+    torch.onnx.export(converted, (example(2),), path, dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    x = example(5)
+    (y,) = onnxruntime.InferenceSession(path).run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(y), reference(x))

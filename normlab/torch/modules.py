@@ -247,7 +247,8 @@ class RMSNorm(_Twin, nn.RMSNorm):
         offset = getattr(self, "weight_offset", 0.0)
         eps = self.eps if self.eps is not None else _MACHINE_EPS.get(x.dtype)  # (torch.finfo costs a microsecond)
         if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and not x.requires_grad and casting is None
-                and not offset and self.weight is not None and self.weight.requires_grad):
+                and not offset and self.weight is not None and self.weight.requires_grad
+                and not torch.jit.is_tracing()):  # (the TorchScript ONNX exporter needs the path below)
             # only the weight needs its gradient: torch's operations save x·rstd, not x or the
             # weight, so x and the weight may change in place before backward (an inference
             # tensor x, made in inference_mode, cannot be saved at all); the kernels' autograd
