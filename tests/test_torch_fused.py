@@ -271,3 +271,51 @@ def test_fused_blocks_hand_tensor_subclasses_each_torch_operation_as_the_blocks_
         for g, e in zip(got, theirs(x, other), strict=True):
             assert type(g) is _Logged
             torch.testing.assert_close(g.as_subclass(torch.Tensor), e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("x_shape, emb_shape", [
+    ((3, 5, 16), (1, 16)),     # one conditioning for the whole batch
+    ((1, 5, 16), (3, 16)),     # one sequence under three conditionings
+    ((5, 16), (3, 16)),        # x without a batch axis
+    ((16,), (3, 16)),          # a single token
+    ((2, 3, 5, 16), (3, 16)),  # a leading axis before the batch
+    ((2, 3, 5, 16), (1, 16)),
+    ((1, 5, 16), (0, 16)),     # an empty conditioning batch
+], ids=["emb_batch_1", "x_batch_1", "x_2d", "x_1d", "x_4d", "x_4d_emb_batch_1", "emb_batch_0"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_ada_layer_norm_broadcasts_x_and_emb_as_diffusers_ada_layer_norm_zero_does(x_shape, emb_shape, dtype):
+    """diffusers computes norm(x)·(1 + scale[:, None]) + shift[:, None], which broadcasts
+    emb's batch against x's axis -3; the twin gives the same shapes, values, and the
+    gradients autograd sums over the broadcast axes."""
+    reference = _randomize(_diffusers_ada_norm()(16)).to(dtype)
+    ours = AdaLayerNorm(16).to(dtype)
+    ours.load_state_dict(reference.state_dict())
+    x, emb = _leaves(x_shape, emb_shape, dtype=dtype)
+    got, want = ours(x, emb=emb), reference(x, emb=emb)
+    assert [t.shape for t in got] == [t.shape for t in want]
+    tolerance = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5),
+                 torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}[dtype]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tolerance)
+    inputs = [x, emb, ours.linear.weight, ours.linear.bias]
+    for a, b in zip(_grads(got, inputs), _grads(want, [x, emb, reference.linear.weight, reference.linear.bias])):
+        # (bfloat16 sums over the broadcast batch in another order: a few ulps of the largest entry)
+        scale = 1.0 if dtype != torch.bfloat16 or not b.numel() else 4 * 2 ** -8 * b.abs().max().item() / tolerance["atol"]
+        torch.testing.assert_close(a, b, rtol=tolerance["rtol"], atol=tolerance["atol"] * max(scale, 1.0))
+
+
+@pytest.mark.parametrize("x_shape, emb_shape", [((3, 4, 6), (1, 6)), ((1, 4, 6), (3, 6)), ((2, 3, 2, 6), (1, 6))])
+def test_ada_layer_norm_with_broadcast_batches_passes_gradcheck_and_gradgradcheck(x_shape, emb_shape):
+    torch.manual_seed(0)
+    block = AdaLayerNorm(6).double()
+    x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
+    emb = torch.randn(emb_shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, emb: block(x, emb=emb), (x, emb))
+    assert torch.autograd.gradgradcheck(lambda x, emb: block(x, emb=emb)[0], (x, emb))
+
+
+def test_ada_layer_norm_refuses_batches_that_do_not_broadcast_as_diffusers_does():
+    with pytest.raises(RuntimeError):  # the oracle: diffusers' module refuses it
+        _diffusers_ada_norm()(4)(torch.randn(3, 5, 4), emb=torch.randn(2, 4))
+    with pytest.raises(RuntimeError, match=r"\[3, 5, 4\].*\[2, 4\].*broadcast"):
+        AdaLayerNorm(4)(torch.randn(3, 5, 4), emb=torch.randn(2, 4))

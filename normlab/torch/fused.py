@@ -22,7 +22,7 @@ runs in float64 and rounds once.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -562,6 +562,9 @@ class AdaLayerNorm(Unscriptable, nn.Module):
     ``state_dict`` keys, same outputs): ``emb`` gives six chunks through ``linear(silu(emb))``;
     the input is layer-normalized (no affine, ``eps=1e-6``) and modulated in one pass,
     ``norm(x)·(1 + scale_msa) + shift_msa``. Returns ``(x, gate_msa, shift_mlp, scale_mlp, gate_mlp)``.
+    As diffusers' ``norm(x) * (1 + scale[:, None]) + shift[:, None]``, an ``emb`` of batch 1
+    serves every sample of ``x`` (and an ``x`` of batch 1 every row of ``emb``): the output has
+    the broadcast shape, the chunks keep ``emb``'s batch.
 
     Only ``num_embeddings=None`` (the embedding comes in as ``emb``) is supported.
 
@@ -591,11 +594,28 @@ class AdaLayerNorm(Unscriptable, nn.Module):
         if emb is None:
             raise ValueError("AdaLayerNorm needs emb= (the conditioning embedding, shape (batch, embedding_dim))")
         _check_input(self, x, (self.embedding_dim,))
-        if x.dim() != 3 or emb.dim() != 2 or emb.shape[0] != x.shape[0]:
-            raise RuntimeError(f"AdaLayerNorm takes x of shape (batch, tokens, {self.embedding_dim}) and emb of "
-                               f"shape (batch, {self.embedding_dim}); got x of size {list(x.shape)} and emb of "
-                               f"size {list(emb.shape)}")
+        if emb.dim() != 2:
+            raise RuntimeError(f"AdaLayerNorm takes emb of shape (batch, {self.embedding_dim}); got emb of size "
+                               f"{list(emb.shape)} (with x of size {list(x.shape)})")
+        # diffusers' norm(x) * (1 + scale[:, None]) + shift[:, None] broadcasts: emb's batch
+        # (axis -3 of the output) may be 1 against x's, x's may be 1 against emb's, and x may
+        # have fewer or more axes; the output has the broadcast shape
+        try:
+            shape = torch.broadcast_shapes(tuple(x.shape), (emb.shape[0], 1, self.embedding_dim))
+        except RuntimeError:
+            raise RuntimeError(f"AdaLayerNorm: x of size {list(x.shape)} and emb of size {list(emb.shape)} do not "
+                               f"broadcast as norm(x) * (1 + scale[:, None]): axis -3 of x (its batch) must equal "
+                               f"emb's batch, or one of them be 1") from None
         emb = self.linear(self.silu(emb))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
-        y = fused_normalize(x, self._block, scale=scale_msa, shift=shift_msa)
+        # expanded views: autograd sums the gradients of a broadcast x, scale and shift
+        batch = (shape[-3], self.embedding_dim)
+        y = fused_normalize(x.expand(shape), self._block_for(len(shape)), scale=scale_msa.expand(batch),
+                            shift=shift_msa.expand(batch))
         return y, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+    def _block_for(self, ndim: int) -> Block:
+        """The block for an output of ``ndim`` axes: "b t [d]", or leading axes before it."""
+        if ndim == 3:
+            return self._block
+        return replace(self._block, pattern=" ".join(f"a{i}" for i in range(ndim - 3)) + " b t [d]")
