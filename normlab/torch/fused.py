@@ -426,9 +426,29 @@ def _check_input(module: nn.Module, x: Tensor, normalized_shape, **others: Optio
                                f"size {list(x.shape)}; pass a {name} of the input's shape")
 
 
+def _with_residual(module: nn.Module, x: Tensor, residual: Optional[Tensor], normalized_shape):
+    """``x`` and ``residual`` expanded to the shape of ``x + residual`` (each broadcasts to the
+    other, as the composite ``norm(x + residual)`` does), after torch's checks of that sum:
+    the norm's input is the sum, so its trailing axes must be ``normalized_shape``. Expanded
+    views: autograd sums the gradient of a broadcast input over the axes it was repeated on."""
+    if residual is None or residual.shape == x.shape:
+        _check_input(module, x, normalized_shape, residual=residual)
+        return x, residual
+    try:
+        shape = torch.broadcast_shapes(x.shape, residual.shape)
+    except RuntimeError:
+        raise RuntimeError(f"{type(module).__name__}: residual has size {list(residual.shape)}, which does not "
+                           f"broadcast with the input's size {list(x.shape)} (as in x + residual); pass a residual "
+                           f"of the input's shape or one that broadcasts to it") from None
+    _check_input(module, torch.empty(shape, device="meta"), normalized_shape)
+    return x.expand(shape), residual.expand(shape)
+
+
 class FusedAddRMSNorm(Unscriptable, nn.Module):
     """Residual add and RMS norm in one pass: ``forward(x, residual) -> (norm(x + residual), x + residual)``
     (``forward(x)`` alone is a plain RMS norm), as vLLM's and Liger's fused RMS norms.
+    ``x`` and ``residual`` broadcast against each other as in ``x + residual`` (those kernels
+    take equal shapes only); the sum and the output then have the broadcast shape.
 
     ``casting`` picks the recipe (see the module docstring); Gemma is
     ``casting="gemma", weight_offset=1.0`` with the weight initialized to zeros.
@@ -462,7 +482,7 @@ class FusedAddRMSNorm(Unscriptable, nn.Module):
                             weight_offset=self.weight_offset)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
-        _check_input(self, x, self.weight.shape, residual=residual)
+        x, residual = _with_residual(self, x, residual, self.weight.shape)
         return fused_normalize(x, _block_of(self), residual=residual, weight=self.weight)
 
     def extra_repr(self) -> str:
@@ -472,7 +492,8 @@ class FusedAddRMSNorm(Unscriptable, nn.Module):
 
 class FusedAddLayerNorm(Unscriptable, nn.LayerNorm):
     """``torch.nn.LayerNorm`` with a fused residual add: ``forward(x, residual) ->
-    (layer_norm(x + residual), x + residual)``; ``forward(x)`` is the plain layer norm.
+    (layer_norm(x + residual), x + residual)``, broadcasting as ``x + residual`` does;
+    ``forward(x)`` is the plain layer norm.
     Same constructor, parameters and ``state_dict`` as ``torch.nn.LayerNorm``.
 
     >>> m = FusedAddLayerNorm(3)
@@ -491,7 +512,7 @@ class FusedAddLayerNorm(Unscriptable, nn.LayerNorm):
         self._block = Block(pattern, params, sizes=sizes, eps=float(self.eps), casting=self.casting)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
-        _check_input(self, x, self.normalized_shape, residual=residual)
+        x, residual = _with_residual(self, x, residual, self.normalized_shape)
         return fused_normalize(x, _block_of(self), residual=residual, weight=self.weight, bias=self.bias)
 
 
