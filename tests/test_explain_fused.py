@@ -1,8 +1,10 @@
 """``normlab explain`` with a fused block: the stages where residual, gate and modulation enter."""
 
+import json
 import re
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from normlab.cli import main
@@ -50,3 +52,61 @@ def test_plain_explain_has_no_pipeline(explain, tmp_path):
 def test_modulation_over_an_unknown_axis_says_which_axes_exist(explain):
     result = explain("b t [d]", "--shape", "2,2,3", "--modulation", "b q")
     assert result.returncode == 2 and "'q'" in result.stderr and "b, t, d" in result.stderr
+
+
+def _float64_norm(s, axes, rms=False, eps=1e-5):
+    """The definition in float64: (s - mean) / sqrt(var + eps) over ``axes`` (rms: s / sqrt(mean(s²) + eps))."""
+    s = np.asarray(s, dtype=np.float64)
+    if rms:
+        return s / np.sqrt((s * s).mean(axis=axes, keepdims=True) + eps)
+    mean = s.mean(axis=axes, keepdims=True)
+    return (s - mean) / np.sqrt(((s - mean) ** 2).mean(axis=axes, keepdims=True) + eps)
+
+
+def _page_data(path):
+    text = path.read_text()
+    return json.loads(re.search(r'id="normlab-data">(.*?)</script>', text, flags=re.S).group(1).replace("<\\/", "</"))
+
+
+X = [[1, 2, 4], [3, 1, 1]]
+R = [[0, 5, 1], [2, 2, 9]]
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_residual_stages_show_the_norm_of_x_plus_r_in_the_terminal_and_on_the_page(explain, tmp_path, rms):
+    page = tmp_path / "residual.html"
+    result = explain("b [d]", "--data", json.dumps(X), "--residual-data", json.dumps(R), "--html", str(page),
+                     *(["--rms"] if rms else []))
+    assert result.returncode == 0, result.stderr
+    s = np.add(X, R, dtype=np.float64)
+    want = _float64_norm(s, axes=1, rms=rms)
+    # the terminal's normalized column, 4 decimals, after the x | r | s table
+    shown = [float(v) for v in re.findall(r"[+-]\d+\.\d{4}", result.stdout.split("normalized")[1].split("group ")[0])]
+    np.testing.assert_allclose(shown, want.ravel(), atol=5e-5)
+    assert "s = x + r" in result.stdout.split("your pattern")[0]
+    data = _page_data(page)
+    chosen = next(n for n in data["norms"] if n["pattern"] == "b [d]" and n["rms"] == rms)
+    np.testing.assert_array_equal(data["values"], s.ravel())
+    np.testing.assert_allclose(chosen["output"], want.ravel(), rtol=1e-6, atol=1e-6)
+    if not rms:
+        np.testing.assert_allclose(chosen["mean"], s.mean(axis=1), rtol=1e-12)
+        np.testing.assert_allclose(chosen["std"], s.std(axis=1), rtol=1e-12)
+
+
+def test_residual_alone_draws_a_random_residual_and_normalizes_the_sum(explain, tmp_path):
+    page = tmp_path / "drawn.html"
+    result = explain("b t [d]", "--shape", "2,2,3", "--seed", "4", "--residual", "--html", str(page))
+    assert result.returncode == 0, result.stderr
+    # the documented draws: random integers 0 to 9 with the seed, and with the next seed for r
+    x = np.random.default_rng(4).integers(0, 10, size=(2, 2, 3))
+    r = np.random.default_rng(5).integers(0, 10, size=(2, 2, 3))
+    assert "seed 5" in result.stdout
+    data = _page_data(page)
+    chosen = next(n for n in data["norms"] if n["pattern"] == "b t [d]" and not n["rms"])
+    np.testing.assert_array_equal(data["values"], (x + r).ravel())
+    np.testing.assert_allclose(chosen["output"], _float64_norm(x + r, axes=2).ravel(), rtol=1e-6, atol=1e-6)
+
+
+def test_residual_data_that_does_not_broadcast_names_both_shapes(explain):
+    result = explain("b [d]", "--data", json.dumps(X), "--residual-data", "[1, 2]")
+    assert result.returncode == 2 and "(2,)" in result.stderr and "(2, 3)" in result.stderr

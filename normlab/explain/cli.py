@@ -30,7 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", metavar="2,3,4", help="draw random small integers of this shape instead")
     parser.add_argument("--seed", metavar="N", default="0", help="seed for --shape (default 0)")
     parser.add_argument("--rms", action="store_true", help="divide by the root mean square, no mean (RMS norm)")
-    parser.add_argument("--residual", action="store_true", help="fused block: normalize x + residual")
+    parser.add_argument("--residual", action="store_true", help="fused block: normalize s = x + r, r random small "
+                        "integers (seed + 1) unless --residual-data gives it")
+    parser.add_argument("--residual-data", metavar="JSON", help="fused block: the residual r as nested JSON lists "
+                        "shaped like the data (or broadcasting to it); implies --residual")
     parser.add_argument("--gate", metavar="ACT", choices=("silu", "sigmoid", "gelu"),
                         help="fused block: multiply by ACT(z) (silu, sigmoid or gelu) after the norm")
     parser.add_argument("--gate-first", action="store_true", help="gate before the statistics (Mamba2's block)")
@@ -87,6 +90,24 @@ def load_input(args: argparse.Namespace):
     return random_input(parse_shape(args.shape), seed), f"random integers 0 to 9, seed {seed}"
 
 
+def load_residual(args: argparse.Namespace, x):
+    """The residual ``r`` for ``--residual``: ``--residual-data`` broadcast to the data's
+    shape, or random small integers drawn with the next seed; and where it came from."""
+    import numpy as np
+
+    from normlab.explain.model import parse_data, random_input
+
+    if args.residual_data is None:
+        seed = int(args.seed) + 1 if args.data is None else 1
+        return random_input(x.shape, seed), f"random integers 0 to 9, seed {seed}"
+    r = parse_data(args.residual_data, "--residual-data")
+    try:
+        return np.broadcast_to(r, x.shape).copy(), None
+    except ValueError:
+        raise NormlabError(f"--residual-data of shape {r.shape} does not broadcast to the data's shape {x.shape}; "
+                           "give it the data's shape or size-1 axes") from None
+
+
 GETTING_STARTED = f"""\
 normlab explain: name a PATTERN or a preset ({PRESET_HELP}), and the data, e.g.
   normlab explain batch --data '[[4,3,2],[3,3,2],[2,2,2]]'
@@ -116,19 +137,29 @@ def _explain(args: argparse.Namespace) -> int:
 
     sizes = parse_sizes(args.sizes)
     x, origin = load_input(args)
+    args.residual = args.residual or args.residual_data is not None
+    residual, residual_origin = load_residual(args, x) if args.residual else (None, None)
+    # after the residual add every stage sees the sum, rounded to the data's float32 as the
+    # block rounds it to x's dtype: the statistics, the output and the page are of s = x + r
+    data = x if residual is None else x + residual
     mask = None if args.mask is None else parse_mask(args.mask)
     segments = None if args.segments is None else parse_segments(args.segments)
-    view = explain_array(x, args.pattern, sizes, rms=args.rms, mask=mask, segments=segments)
+    view = explain_array(data, args.pattern, sizes, rms=args.rms, mask=mask, segments=segments)
     block = _fused_stages(args, view, x.shape, sizes)
     page = None
     if args.html:  # written first, so that a bad path fails before anything is printed
         from normlab.explain.pipeline import pipeline_svg
 
-        page = write_page(args.html, all_views(x, view), view.key, title=f"normlab explain · {view.pattern}",
+        title = f"normlab explain · {view.pattern}" + (" on s = x + r" if residual is not None else "")
+        page = write_page(args.html, all_views(data, view), view.key, title=title,
                           pipeline=pipeline_svg(block) if block else "")
     console = make_console(no_color=args.no_color or args.explain_no_color)
     shape = "×".join(str(s) for s in x.shape)
     console.print(f"[bold]normlab explain[/]  tensor {shape}" + (f" ({escape(origin)})" if origin else ""))
+    if residual is not None:
+        from normlab.explain.terminal import render_residual
+
+        render_residual(console, x, residual, residual_origin)
     render_view(console, view, limit=MAX_CLAIMS_SHOWN)
     if block:
         from normlab.explain.pipeline import stage_lines

@@ -338,8 +338,8 @@ def _mirrored_pair(deviations: np.ndarray):
     return None
 
 
-def parse_data(text: str) -> np.ndarray:
-    """``--data``: nested JSON lists of numbers, as float32 (the demo's dtype).
+def parse_data(text: str, option: str = "--data") -> np.ndarray:
+    """``--data`` (or ``option``): nested JSON lists of numbers, as float32 (the demo's dtype).
 
     >>> parse_data("[[4, 3, 2], [3, 3, 2]]").shape
     (2, 3)
@@ -349,12 +349,12 @@ def parse_data(text: str) -> np.ndarray:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise NormlabError(f"--data is not valid JSON ({err.msg} at character {err.pos + 1}); "
+        raise NormlabError(f"{option} is not valid JSON ({err.msg} at character {err.pos + 1}); "
                            "pass nested lists such as '[[4, 3, 2], [3, 3, 2]]'") from None
     try:
         array = np.array(data, dtype=np.float64)
     except (ValueError, TypeError):
-        raise NormlabError("--data must be nested lists of numbers of equal lengths (a rectangular tensor), "
+        raise NormlabError(f"{option} must be nested lists of numbers of equal lengths (a rectangular tensor), "
                            "such as '[[4, 3, 2], [3, 3, 2]]'") from None
     return as_input(array).astype(np.float32)
 

@@ -109,6 +109,27 @@ def _column(view: NormView, texts: list[str]):
     return Text("\n").join(lines)
 
 
+def render_residual(console, x: np.ndarray, r: np.ndarray, origin: str | None = None) -> None:
+    """Print the residual add of a fused block: x | r | s = x + r, side by side (the norm
+    below then runs on s)."""
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    def column(values: np.ndarray):
+        texts = [format_value(v) for v in values.ravel()]
+        width = max(len(t) for t in texts)
+        return Text("\n").join(tensor_lines(values.shape, lambda i: Text(texts[i].rjust(width))))
+
+    side = Table.grid(padding=(0, 3))
+    for _ in range(3):
+        side.add_column()
+    side.add_row("[dim]x[/]", "[dim]residual r[/]" + (f" [dim]({escape(origin)})[/]" if origin else ""),
+                 "[dim]s = x + r, the norm's input[/]")
+    side.add_row(column(x), column(r), column(x + r))
+    console.print(side)
+
+
 def render_view(console, view: NormView, legend: bool = True, limit: int | None = None,
                 show_observations: bool = True, meaning: str | None = None) -> None:
     """Print one norm applied to one tensor: input | group | normalized, legend, observations."""
