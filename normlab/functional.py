@@ -129,10 +129,12 @@ def _check_param_dtypes(what: str, x: np.ndarray, **params) -> None:
                       f"refuses mixed dtypes on CPU: {rule}; pass {bad}.astype({target})")
 
 
-def _update(buffer, batch_value, momentum: float) -> None:
+def _update(buffer, batch_value, momentum: float, where=None) -> None:
+    """The momentum update in place; entries where ``where`` is False keep their value."""
     if buffer is not None:
-        buffer *= 1.0 - momentum
-        buffer += (momentum * batch_value).astype(buffer.dtype)
+        updated = buffer * (1.0 - momentum)
+        updated += (momentum * batch_value).astype(buffer.dtype)
+        np.copyto(buffer, updated, where=True if where is None else where)
 
 
 def _update_instance(buffer: np.ndarray, per_instance, n: int, batch: int, momentum: float,
@@ -228,7 +230,18 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
 
     ``mask`` (boolean, broadcasts to x) marks the elements that count: the statistics, and
     the running ones, come from them alone (the unbiased variance with each channel's
-    count); every element is normalized. The other functions take ``mask`` alike.
+    count); every element is normalized. A channel with nothing counted gives exactly
+    ``bias`` (0 without one) and keeps its running statistics, as torch.nn does with an
+    empty batch and the torch modules do with ``mask=``; one counted value is refused in
+    training. The other functions take ``mask`` alike.
+
+    >>> x = np.array([[1., 5.], [3., 7.]])
+    >>> rm, rv = np.zeros(2), np.ones(2)
+    >>> batch_norm(x, rm, rv, bias=np.array([0.5, 0.5]), training=True,
+    ...            mask=np.array([[True, False], [True, False]])).round(4).tolist()
+    [[-0.5, 0.5], [1.5, 0.5]]
+    >>> rm.tolist(), rv.tolist()                        # channel 1: nothing counted, kept
+    ([0.2, 0.0], [1.1, 1.0])
     """
     what = "batch_norm"
     x = _input(x, what)
@@ -250,23 +263,28 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     params = names[channel]
     if training:
         n = math.prod(x.shape) // channels if channels else 0
-        if mask is not None and n:  # the fewest counted values of any channel
+        if mask is not None and n:
             # the engine's checks of the mask (dtype, shape), before counting with it
             full = _mask_view(mask, make_plan(pattern, x.shape)).reshape(x.shape)
             counted = full.sum(axis=tuple(i for i in range(x.ndim) if i != channel))
-            n = int(counted.min())
-            if n <= 1:
-                raise InputError(f"{what}: expected more than 1 counted value per channel when training, got "
-                                 f"{n} in input shape {x.shape} (pattern {pattern!r}); count more or training=False")
-        _check_values(n, x, pattern, what, "value per channel", "use a larger batch or training=False")
+            # torch.nn's rule on the batch with the padding removed: one value per channel
+            # cannot train; none can (torch.nn takes an empty batch), as the torch twins' mask=
+            if (counted == 1).any():
+                raise InputError(f"{what}: expected more than 1 counted value per channel when training, got 1 in "
+                                 f"input shape {x.shape} (pattern {pattern!r}); count more or training=False")
+        else:
+            _check_values(n, x, pattern, what, "value per channel", "use a larger batch or training=False")
         momentum = _check_momentum(momentum, what)
         y, stats = _normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps, mask=mask)
         if n:  # an empty batch leaves the running statistics as they are
             var = stats.var.reshape(channels)
-            if mask is not None:
+            counted = None
+            if mask is not None:  # and so does a channel with nothing counted
                 n = stats.count.reshape(channels)
-            _update(running_mean, stats.mean.reshape(channels), momentum)
-            _update(running_var, var * (n / (n - 1) if unbiased else 1.0), momentum)
+                counted = n > 0
+            _update(running_mean, stats.mean.reshape(channels), momentum, counted)
+            with np.errstate(divide="ignore", invalid="ignore"):  # (n = 0 is not written back)
+                _update(running_var, var * (n / (n - 1) if unbiased else 1.0), momentum, counted)
         return y
     if running_mean is None or running_var is None:
         raise InputError("batch_norm: running_mean and running_var are needed when training=False")
