@@ -629,10 +629,11 @@ class AdaLayerNorm(Unscriptable, nn.Module):
                                f"emb's batch, or one of them be 1") from None
         emb = self.linear(self.silu(emb))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
-        # expanded views: autograd sums the gradients of a broadcast x, scale and shift
-        batch = (shape[-3], self.embedding_dim)
-        y = fused_normalize(x.expand(shape), self._block_for(len(shape)), scale=scale_msa.expand(batch),
-                            shift=shift_msa.expand(batch))
+        if tuple(shape) != tuple(x.shape):  # (expanded views: autograd sums the gradients of a broadcast input;
+            x = x.expand(shape)             # only where one broadcasts, so that a traced graph keeps its sizes)
+        if shape[-3] != scale_msa.shape[0]:
+            scale_msa, shift_msa = (t.expand(shape[-3], self.embedding_dim) for t in (scale_msa, shift_msa))
+        y = fused_normalize(x, self._block_for(len(shape)), scale=scale_msa, shift=shift_msa)
         return y, gate_msa, shift_mlp, scale_mlp, gate_mlp
 
     def _block_for(self, ndim: int) -> Block:
