@@ -169,7 +169,8 @@ def test_an_rms_norm_on_an_input_without_gradient_exports_with_the_torchscript_e
     gives torch.nn's outputs at another batch size."""
     onnxruntime = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    reference = nn.Sequential(nn.RMSNorm(8), nn.Linear(8, 3)) if first == "rms_norm_first" else _FrozenEmbeddingThenNorm()
+    reference = (nn.Sequential(nn.RMSNorm(8), nn.Linear(8, 3)) if first == "rms_norm_first"
+                 else _FrozenEmbeddingThenNorm())
     with torch.no_grad():
         for p in reference.parameters():
             p.uniform_(0.5, 1.5)
@@ -187,3 +188,57 @@ def test_an_rms_norm_on_an_input_without_gradient_exports_with_the_torchscript_e
     (y,) = onnxruntime.InferenceSession(path).run(None, {"x": x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(y), reference(x))
+
+
+def _rms_variant(variant, reference):
+    """The twin of ``reference`` (a torch.nn.RMSNorm with eps=None) for ``variant``, and a
+    function giving its output and torch.nn's (or transformers') on ``h``."""
+    if variant == "masked_padding":
+        twin = nt.convert(copy.deepcopy(reference))
+
+        def run(h):
+            counted = torch.ones(h.shape[:-1] + (1,), dtype=torch.bool)
+            counted[:, -1] = False  # the last token is padding: it gives zeros, the others torch.nn's values
+            y = twin(h, mask=counted)
+            assert torch.equal(y[:, -1], torch.zeros_like(y[:, -1]))
+            return y[:, :-1], reference(h)[:, :-1]
+        return run
+    if variant == "weight_offset":  # Gemma's (1 + weight), against the same weight plus one
+        twin = nt.RMSNorm(reference.normalized_shape, weight_offset=1.0)
+        with torch.no_grad():
+            twin.weight.copy_(reference.weight - 1)
+        return lambda h: (twin(h), reference(h))
+    pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    # LlamaRMSNorm computes in float32: torch's eps=None is float32's machine epsilon there too
+    llama = LlamaRMSNorm(reference.normalized_shape[0], eps=torch.finfo(torch.float32).eps)
+    llama.load_state_dict(reference.state_dict())
+    twin = nt.RMSNorm(reference.normalized_shape, casting="llama")
+    twin.load_state_dict(reference.state_dict())
+    return lambda h: (twin(h), llama(h))
+
+
+@pytest.mark.parametrize("variant", ["masked_padding", "weight_offset", "llama_casting"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_rms_norm_with_the_default_eps_on_small_half_precision_activations_gives_torch_nn_s_values(dtype,
+                                                                                                   variant):
+    """torch.nn.RMSNorm's ``eps=None`` is the machine epsilon of the dtype it computes in:
+    float32's for bfloat16 and float16 input (bfloat16's own, 0.0078, would swamp the mean
+    square of activations of size 0.02). Under CPU autocast a projection hands the norm
+    such activations in half precision."""
+    torch.manual_seed(0)
+    projection = nn.Linear(16, 16)
+    with torch.no_grad():
+        projection.weight.mul_(0.05)
+        projection.bias.zero_()
+    reference = nn.RMSNorm(16)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+    run = _rms_variant(variant, reference)
+    with torch.autocast("cpu", dtype=dtype):
+        h = projection(torch.randn(3, 5, 16))
+        got, expected = run(h)
+    assert h.dtype == dtype and h.float().square().mean() < 1e-2  # (bfloat16's own epsilon would count as much)
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected)

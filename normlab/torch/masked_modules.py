@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.torch.masked import normalize_masked
+from normlab.torch.spec import rms_default_eps
 
 __all__ = ["masked_forward"]
 
@@ -102,7 +103,7 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
     spec = module._spec
     eps = module.eps
     if isinstance(module, nn.RMSNorm) and eps is None:
-        eps = torch.finfo(x.dtype).eps
+        eps = rms_default_eps(x.dtype)
     if isinstance(module, nn.GroupNorm) and (x.dim() < 2 or x.shape[1] != module.num_channels):
         from normlab.torch.modules import PatternShapeError  # (a RuntimeError, as torch's group_norm raises)
 

@@ -21,7 +21,8 @@ from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_fo
 from normlab.torch.casting import apply_recipe_scale, check_casting, compute_dtype, rms_norm_recipe
 from normlab.torch.masked_modules import masked_forward
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
-from normlab.torch.spec import Spec, Unscriptable, affine_parameters, module_buffer, torch_layout
+from normlab.torch.spec import (_RMS_DEFAULT_EPS, Spec, Unscriptable, affine_parameters, module_buffer,
+                                rms_default_eps, torch_layout)
 
 
 def _torch_method(function):
@@ -174,7 +175,6 @@ class LayerNorm(_Twin, nn.LayerNorm):
         return _normalize(torch_layout(input), self.weight, self.bias, self._spec, self.eps, path)[0]
 
 
-_MACHINE_EPS = {dtype: torch.finfo(dtype).eps for dtype in (torch.float32, torch.float64)}  # RMSNorm's eps=None
 
 
 def _trailing_spec(normalized_shape, rms: bool) -> Spec:
@@ -186,7 +186,8 @@ def _trailing_spec(normalized_shape, rms: bool) -> Spec:
 
 class RMSNorm(_Twin, nn.RMSNorm):
     """``torch.nn.RMSNorm`` on normlab: ``y = x / sqrt(mean(x²) + eps) · weight`` over the
-    trailing ``normalized_shape``; ``eps=None`` is the machine epsilon of x's dtype.
+    trailing ``normalized_shape``; ``eps=None`` is torch's: the machine epsilon of the dtype it computes in
+    (float32's for bfloat16 and float16 input).
 
     ``casting`` picks where low-precision input rounds, as a model family does it
     (:mod:`normlab.torch.casting`): ``None`` is torch.nn.RMSNorm's own, ``"llama"`` casts
@@ -245,7 +246,7 @@ class RMSNorm(_Twin, nn.RMSNorm):
     def _normlab_forward(self, x: Tensor) -> Tensor:
         casting = getattr(self, "casting", None)  # absent on modules pickled before it existed
         offset = getattr(self, "weight_offset", 0.0)
-        eps = self.eps if self.eps is not None else _MACHINE_EPS.get(x.dtype)  # (torch.finfo costs a microsecond)
+        eps = self.eps if self.eps is not None else _RMS_DEFAULT_EPS.get(x.dtype)  # (torch.finfo costs a microsecond)
         if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and not x.requires_grad and casting is None
                 and not offset and self.weight is not None and self.weight.requires_grad
                 and not torch.jit.is_tracing()):  # (the TorchScript ONNX exporter needs the path below)
@@ -266,7 +267,7 @@ class RMSNorm(_Twin, nn.RMSNorm):
         if eps is None:  # (a dtype without a table entry)
             if not x.is_floating_point():  # (integers have no machine epsilon): torch's forward, and its error
                 return nn.RMSNorm.forward(self, x)
-            eps = torch.finfo(x.dtype).eps
+            eps = rms_default_eps(x.dtype)
         path = _choose_path(x, has_native=True)
         if path == "native" and torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
             path = "composite"  # the TorchScript ONNX exporter has no aten::rms_norm: plain ONNX ops

@@ -220,6 +220,24 @@ def _has_gaps(x: Tensor) -> bool:
     return _dense_perm(x, keep_gaps=True)[1] is None and not x.is_contiguous()
 
 
+# torch.nn.RMSNorm's eps=None, per input dtype: the machine epsilon of the dtype torch computes
+# in (its opmath type), float32's for bfloat16 and float16 input, which its kernels upcast
+_RMS_DEFAULT_EPS = {dtype: torch.finfo(torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype).eps
+                    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
+
+
+def rms_default_eps(dtype: torch.dtype) -> float:
+    """The eps that ``torch.nn.RMSNorm(eps=None)`` uses for input of ``dtype``: the machine
+    epsilon of the dtype it computes in, not the input's own (bfloat16's is 0.0078, which
+    would swamp the mean square of activations of size 0.1).
+
+    >>> rms_default_eps(torch.bfloat16) == torch.finfo(torch.float32).eps
+    True
+    """
+    eps = _RMS_DEFAULT_EPS.get(dtype)
+    return eps if eps is not None else torch.finfo(dtype).eps
+
+
 def torch_layout(x: Tensor, keeps_channels_last: bool = False) -> Tensor:
     """``x`` laid out as torch.nn's CPU norms lay out their output: contiguous, except that
     batch and group norm (``keeps_channels_last``) keep channels_last (4-D) and
