@@ -15,7 +15,7 @@ BLOCKS = [(README.read_text(encoding="utf-8")[:m.start()].count("\n") + 1, m.gro
 # what a block needs that a test cannot give it, by a line it contains
 SKIPS = {
     "init_process_group": "needs one process per rank, started by torchrun (tests/test_torch_sync.py runs the recipe)",
-    "pip install": "installs the package; the newcomer's fresh-clone check runs these",
+    "pip install": "installs the package and runs this suite: run it in a fresh checkout yourself",
     "normlab bench": "benchmarks take minutes; tests/test_bench_cli.py runs them small",
 }
 
