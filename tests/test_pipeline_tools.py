@@ -242,3 +242,19 @@ def test_an_rms_norm_with_the_default_eps_on_small_half_precision_activations_gi
     assert h.dtype == dtype and h.float().square().mean() < 1e-2  # (bfloat16's own epsilon would count as much)
     assert got.dtype == expected.dtype
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("lazy, shape", [(nn.LazyBatchNorm1d, (5, 4)), (nn.LazyBatchNorm2d, (5, 4, 3, 3))])
+def test_convert_sync_batchnorm_of_a_lazy_batch_norm_makes_it_sync_batch_norm_at_its_first_forward(lazy, shape):
+    """A model with a lazy batch norm goes through ``convert_sync_batchnorm`` before its
+    dummy forward (DistributedDataParallel takes no uninitialized parameters): the first
+    forward infers the channels, as torch's lazy module does, and the layer then is a
+    SyncBatchNorm with torch.nn's outputs and running statistics (one process: batch norm)."""
+    reference = nn.Sequential(lazy(momentum=0.3))
+    model = nt.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(lazy(momentum=0.3)))
+    for step in range(3):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(step)) * 2 + 1
+        torch.testing.assert_close(model(x), reference(x))
+    assert type(model[0]) is nt.SyncBatchNorm and model[0].process_group is None
+    for (name, value), expected in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(value, expected, msg=name)

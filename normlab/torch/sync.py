@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from normlab.torch.compute import _average_factor, _batch_norm_forward, _channel_shape, _check_batch, _update_running
 from normlab.torch.masked_modules import _check_mask, masked_forward
@@ -235,7 +236,14 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
         """Replace every batch norm layer (torch's or normlab's) with a normlab
-        SyncBatchNorm sharing its parameters and buffers."""
+        SyncBatchNorm sharing its parameters and buffers; a lazy one that has not run yet
+        becomes one at its first forward, once that has inferred the channels."""
+        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                # (torch swaps the class for cls_to_become then; the twin's attributes are set now)
+                module.cls_to_become, module.process_group = cls, process_group
+                cls._init_spec(module)
+            return module
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
             from normlab.torch.conversion import twin_of  # conversion imports this module
 
