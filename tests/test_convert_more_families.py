@@ -7,6 +7,7 @@ configs, run unconverted on the same inputs with torch's autograd through them; 
 norm, which rounds its own way, is held to torch's float64 layer norm instead."""
 
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -18,11 +19,9 @@ from torch.nn import functional as F  # noqa: E402
 from transformers.models.bailing_hybrid.modeling_bailing_hybrid import BailingHybridRMSNormGated  # noqa: E402
 from transformers.models.deberta.modeling_deberta import DebertaLayerNorm  # noqa: E402
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4UnweightedRMSNorm  # noqa: E402
-from transformers.models.dory.modeling_dory import DoryL2Norm  # noqa: E402
 from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaWeightlessRMSNorm  # noqa: E402
 from transformers.models.hy_v4.modeling_hy_v4 import HYV4UnweightedRMSNorm  # noqa: E402
 from transformers.models.imagegpt.modeling_imagegpt import ImageGPTLayerNorm  # noqa: E402
-from transformers.models.inkling2.modeling_inkling2 import Inkling2UnweightedRMSNorm  # noqa: E402
 from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearRMSNormGated  # noqa: E402
 from transformers.models.llama4.modeling_llama4 import Llama4TextL2Norm  # noqa: E402
 from transformers.models.olmo_hybrid.modeling_olmo_hybrid import OlmoHybridRMSNormGated  # noqa: E402
@@ -33,6 +32,25 @@ import normlab.torch as nt  # noqa: E402
 from tests.test_convert_models import (  # noqa: E402
     DTYPES, assert_same_numbers, convert_quietly, converted_copy, random_parameters,
 )
+
+
+
+def _newer_class(model: str, name: str):
+    """A norm class of a model family that older transformers releases lack (Python 3.10
+    gets transformers 5.20, which has neither Dory nor Inkling2): None there, and its
+    cases skip, saying so."""
+    try:
+        return getattr(importlib.import_module(f"transformers.models.{model}.modeling_{model}"), name)
+    except ModuleNotFoundError:
+        return None
+
+
+def _needs(cls, model: str):
+    return pytest.mark.skipif(cls is None, reason=f"transformers {transformers.__version__} has no {model} model")
+
+
+DoryL2Norm = _newer_class("dory", "DoryL2Norm")
+Inkling2UnweightedRMSNorm = _newer_class("inkling2", "Inkling2UnweightedRMSNorm")
 
 DTYPE_IDS = ["float32", "bfloat16", "bfloat16_on_float32_weight"]
 BFLOAT16 = dict(rtol=1.6e-2, atol=1e-2)
@@ -46,10 +64,11 @@ UNWEIGHTED = {
     "falcon_mamba": (lambda: FalconMambaWeightlessRMSNorm(24, eps=1e-6), "llama"),  # (an unused buffer of ones)
     "inkling2": (lambda: Inkling2UnweightedRMSNorm(1e-5), "llama"),
 }
+NEEDS = {"inkling2": _needs(Inkling2UnweightedRMSNorm, "inkling2")}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("name", list(UNWEIGHTED))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=NEEDS.get(name, ())) for name in UNWEIGHTED])
 def test_rms_norms_without_a_weight_become_unweighted_rms_norms_matching_to_the_bit_at_any_size(name, dtype):
     make, casting = UNWEIGHTED[name]
     original = make()
@@ -69,7 +88,9 @@ def test_falcon_mambas_unused_weight_stays_where_its_mixer_reads_it():
 
 def test_unweighted_rms_norms_on_the_kernels_agree_with_the_originals_to_float_rounding():
     x = torch.randn(4, 3, 40) * 3
-    for make, _ in UNWEIGHTED.values():
+    for name, (make, _) in UNWEIGHTED.items():
+        if name in NEEDS and NEEDS[name].args[0]:
+            continue  # (this transformers release lacks the class)
         original = make()
         converted = converted_copy(original)
         with nt.use_path("kernel"):
@@ -93,7 +114,8 @@ class FixedSizeNorm(Llama4TextL2Norm):
             else super().forward(x)
 
 
-@pytest.mark.parametrize("make", [DoryL2Norm, HYV4UnweightedRMSNorm, SumOfSquaresNorm, FixedSizeNorm],
+@pytest.mark.parametrize("make", [pytest.param(DoryL2Norm, marks=_needs(DoryL2Norm, "dory")), HYV4UnweightedRMSNorm,
+                                  SumOfSquaresNorm, FixedSizeNorm],
                          ids=["dory_l2_norm", "hy_v4_reciprocal_root", "sum_of_squares", "last_two_axes"])
 def test_weightless_norms_that_compute_something_else_are_left_alone_with_a_warning(make):
     original = make()
@@ -213,7 +235,7 @@ def test_vitdets_layer_norm_becomes_layer_norm_2d_with_torchs_float64_numbers(dt
     assert list(converted.state_dict()) == ["weight", "bias"]
     tolerance = BFLOAT16 if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     x = (torch.randn(2, 12, 5, 4) * 2 + 1).to(dtype).requires_grad_()
-    x64 = x.detach().double().requires_grad_()
+    x64 = x.detach().double().requires_grad_()  # (unseeded: the bounds below hold for any draw)
     w64, b64 = (p.detach().double().requires_grad_() for p in (original.weight, original.bias))
     expected = channels_first_layer_norm_in_float64(x64, w64, b64, 1e-6)
     grad_y = torch.randn(expected.shape).to(dtype).double()  # (the same output gradient in both dtypes)
@@ -223,10 +245,18 @@ def test_vitdets_layer_norm_becomes_layer_norm_2d_with_torchs_float64_numbers(dt
     assert y.dtype == dtype
     torch.testing.assert_close(y.double(), expected, **tolerance)
     grads = torch.autograd.grad(y, (x, converted.weight, converted.bias), grad_y.to(dtype))
-    # (the parameters' gradients sum 40 products, each rounded in bfloat16 by torch's own layer norm)
-    sums = dict(rtol=1.6e-2, atol=6e-2) if dtype == torch.bfloat16 else tolerance
-    for actual, oracle, allowed in zip(grads, expected_grads, (tolerance, sums, sums)):
-        torch.testing.assert_close(actual.double(), oracle, **allowed)
+    # Each gradient element sums terms (over the channels for x, over (N, H, W) for the
+    # parameters) that torch's own layer norm rounds in bfloat16: the error bound is a few
+    # roundings of the terms' magnitudes, not a fixed tolerance (which a random draw can cross)
+    x_hat = channels_first_layer_norm_in_float64(x64, torch.ones_like(w64), torch.zeros_like(b64), 1e-6).detach()
+    rstd = (x64.detach().var(1, unbiased=False, keepdim=True) + 1e-6).rsqrt()
+    grad_w = grad_y * w64.detach()[:, None, None]
+    magnitudes = (rstd * (grad_w.abs() + grad_w.abs().mean(1, keepdim=True)
+                          + x_hat.abs() * (grad_w * x_hat).abs().mean(1, keepdim=True)),
+                  (grad_y * x_hat).abs().sum((0, 2, 3)), grad_y.abs().sum((0, 2, 3)))
+    unit = 2.0**-8 if dtype == torch.bfloat16 else 1e-6
+    for actual, oracle, magnitude in zip(grads, expected_grads, magnitudes):
+        assert ((actual.double() - oracle).abs() <= 3 * unit * (magnitude + oracle.abs())).all()
 
 
 def test_a_channels_first_layer_norm_with_the_unbiased_variance_is_left_alone():

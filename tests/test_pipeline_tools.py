@@ -91,16 +91,17 @@ def _fused_cases():
     MambaRMSNormGated, torch.nn.LayerNorm."""
     pytest.importorskip("transformers")
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
-    from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+
+    from tests.hf_classes import mamba_gated_norm
 
     torch.manual_seed(0)
-    llama, layer, mamba = LlamaRMSNorm(8, eps=1e-6), nn.LayerNorm(8), MambaRMSNormGated(8, group_size=4, eps=1e-6)
+    (mamba, group_size), llama, layer = mamba_gated_norm(8, 4), LlamaRMSNorm(8, eps=1e-6), nn.LayerNorm(8)
     for module in (llama, layer, mamba):
         with torch.no_grad():
             for p in module.parameters():
                 p.uniform_(0.5, 1.5)
     add_rms, add_layer = nt.FusedAddRMSNorm(8, eps=1e-6), nt.FusedAddLayerNorm(8)
-    gated = nt.GatedRMSNorm(8, eps=1e-6, group_size=4, norm_before_gate=False)
+    gated = nt.GatedRMSNorm(8, eps=1e-6, group_size=group_size, norm_before_gate=False)
     for block, original in ((add_rms, llama), (add_layer, layer), (gated, mamba)):
         block.load_state_dict(original.state_dict())
     return [("FusedAddRMSNorm", add_rms, lambda x, r: (llama(x + r), x + r)),

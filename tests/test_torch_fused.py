@@ -15,9 +15,9 @@ F = torch.nn.functional
 from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1RMSNormGated  # noqa: E402
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
-from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated  # noqa: E402
 
 from normlab.torch import AdaLayerNorm, FusedAddLayerNorm, FusedAddRMSNorm, GatedRMSNorm, convert  # noqa: E402
+from tests.hf_classes import mamba_gated_norm  # noqa: E402
 
 
 def _randomize(module, seed=0):
@@ -118,8 +118,9 @@ def test_gated_rms_norm_matches_mamba_ssm_reference_for_both_gate_positions(norm
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gated_rms_norm_keeps_groups_apart_as_hf_mamba2_and_falcon_h1_do(dtype):
     x, z = _leaves((2, 5, 64), (2, 5, 64), dtype=dtype)
-    mamba = _randomize(MambaRMSNormGated(64, group_size=16, eps=1e-6)).to(dtype)
-    ours = GatedRMSNorm(64, eps=1e-6, group_size=16, norm_before_gate=False, casting="llama").to(dtype)
+    mamba, group_size = mamba_gated_norm(64, 16)
+    mamba = _randomize(mamba).to(dtype)
+    ours = GatedRMSNorm(64, eps=1e-6, group_size=group_size, norm_before_gate=False, casting="llama").to(dtype)
     ours.load_state_dict(mamba.state_dict())
     torch.testing.assert_close(ours(x, z), mamba(x, z), **TOLERANCE[dtype])
     for before in (True, False):
@@ -256,9 +257,9 @@ class _Logged(torch.Tensor):
 def test_fused_blocks_hand_tensor_subclasses_each_torch_operation_as_the_blocks_they_replace_do():
     gen = torch.Generator().manual_seed(5)
     x, r, z = (torch.randn(2, 3, 64, generator=gen) for _ in range(3))
-    llama, mamba = _randomize(LlamaRMSNorm(64)), _randomize(MambaRMSNormGated(64, group_size=16, eps=1e-6))
-    add_rms = FusedAddRMSNorm(64)
-    gated = GatedRMSNorm(64, group_size=16, eps=1e-6, norm_before_gate=False, casting="llama")  # as HF Mamba2
+    (mamba, group_size), llama = mamba_gated_norm(64, 16), _randomize(LlamaRMSNorm(64))
+    mamba, add_rms = _randomize(mamba), FusedAddRMSNorm(64)
+    gated = GatedRMSNorm(64, group_size=group_size, eps=1e-6, norm_before_gate=False, casting="llama")  # as HF Mamba2
     add_rms.load_state_dict(llama.state_dict())
     gated.load_state_dict(mamba.state_dict())
     cases = [(add_rms, lambda a, b: (llama(a + b), a + b), r),  # (ours, the composite it replaces, second input)
