@@ -259,3 +259,24 @@ def test_convert_sync_batchnorm_of_a_lazy_batch_norm_makes_it_sync_batch_norm_at
     assert type(model[0]) is nt.SyncBatchNorm and model[0].process_group is None
     for (name, value), expected in zip(model.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(value, expected, msg=name)
+
+
+# (normlab class, its torch.nn namesake, constructor arguments)
+SKIP_INIT = [("LayerNorm", "LayerNorm", (8,)), ("RMSNorm", "RMSNorm", (8,)), ("GroupNorm", "GroupNorm", (2, 4)),
+             ("BatchNorm2d", "BatchNorm2d", (4,)), ("InstanceNorm2d", "InstanceNorm2d", (4, 1e-5, 0.1, True)),
+             ("SyncBatchNorm", "SyncBatchNorm", (4,)), ("FusedAddLayerNorm", "LayerNorm", (8,))]
+
+
+@pytest.mark.parametrize("name, torch_name, args", SKIP_INIT, ids=[case[0] for case in SKIP_INIT])
+def test_skip_init_and_the_constructor_signature_are_torch_nn_s(name, torch_name, args):
+    """``torch.nn.utils.skip_init`` (which reads ``device`` off the signature) builds the
+    module with its parameters and buffers uninitialized on the CPU, as for torch.nn's
+    class, whose signature the twin's begins with."""
+    import inspect
+
+    theirs, ours = getattr(nn, torch_name), getattr(nt, name)
+    assert list(inspect.signature(ours).parameters)[:len(inspect.signature(theirs).parameters)] == list(
+        inspect.signature(theirs).parameters)
+    expected, module = nn.utils.skip_init(theirs, *args), nn.utils.skip_init(ours, *args)
+    assert [(n, t.shape, t.device) for n, t in module.state_dict().items()] == [
+        (n, t.shape, t.device) for n, t in expected.state_dict().items()]

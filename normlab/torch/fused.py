@@ -502,8 +502,10 @@ class FusedAddLayerNorm(Unscriptable, nn.LayerNorm):
     ([1.2247, 0.0, -1.2247], [[4.0, 3.0, 2.0]])
     """
 
-    def __init__(self, *args, casting: str = "gemma", **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None, *, casting: str = "gemma"):
+        # (torch.nn.LayerNorm's signature spelled out: tools read it, as skip_init reads device)
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self.casting = casting
         self._init_block()
 
