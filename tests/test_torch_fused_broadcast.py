@@ -90,3 +90,66 @@ def test_fused_add_blocks_refuse_what_the_composite_refuses_with_a_runtime_error
         reference()(torch.randn(3, 5, 1) + torch.randn(3, 5, 1))
     with pytest.raises(RuntimeError, match="normalized_shape"):
         make()(torch.randn(3, 5, 1), torch.randn(5, 1))
+
+
+# ---------------------------------------------------------------------------------------
+# A gate that broadcasts against the input: transformers' gated norms compute
+# ``x * silu(gate)`` (before or after the statistics), which broadcasts either way
+
+GATE_SHAPES = [
+    ((3, 5, 16), (5, 16)),      # one gate for every sample
+    ((5, 16), (3, 5, 16)),      # the input broadcast up to the gate
+    ((3, 5, 16), (3, 1, 16)),   # one gate per sample
+    ((3, 1, 16), (1, 5, 16)),   # each broadcasts along another axis
+]
+GATE_IDS = ["gate_2d", "x_2d", "gate_per_sample", "both"]
+
+
+@pytest.mark.parametrize("x_shape, gate_shape", GATE_SHAPES, ids=GATE_IDS)
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_rms_norm_broadcasts_the_gate_as_transformers_gated_norms_do(dtype, norm_before_gate, x_shape,
+                                                                            gate_shape):
+    from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1RMSNormGated
+
+    from normlab.torch import GatedRMSNorm
+
+    gen = torch.Generator().manual_seed(2)
+    theirs = FalconH1RMSNormGated(16, eps=1e-6, n_groups=4, norm_before_gate=norm_before_gate)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.randn(16, generator=gen))
+    ours = GatedRMSNorm(16, eps=1e-6, group_size=4, norm_before_gate=norm_before_gate, casting="gemma")
+    ours.load_state_dict(theirs.state_dict())
+    theirs, ours = theirs.to(dtype), ours.to(dtype)
+    x = torch.randn(x_shape, generator=gen).to(dtype).requires_grad_()
+    z = torch.randn(gate_shape, generator=gen).to(dtype).requires_grad_()
+    y, want = ours(x, z), theirs(x, z)
+    assert y.shape == want.shape and y.dtype == want.dtype
+    tolerance = dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(y, want, **tolerance)
+    g = torch.randn(y.shape, generator=gen).to(dtype)
+    got = torch.autograd.grad(y, [x, z, ours.weight], g)
+    expected = torch.autograd.grad(want, [x, z, theirs.weight], g)
+    for a, b in zip(got, expected):
+        assert a.shape == b.shape
+        # (bfloat16 sums the broadcast axes in another order: a few ulps of the largest entry)
+        atol = tolerance["atol"] if dtype == torch.float32 else 4 * 2 ** -8 * float(b.abs().max())
+        torch.testing.assert_close(a, b, rtol=tolerance["rtol"], atol=max(atol, tolerance["atol"]))
+
+
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+def test_gated_rms_norm_with_a_broadcast_gate_passes_gradcheck(norm_before_gate):
+    from normlab.torch import GatedRMSNorm
+
+    torch.manual_seed(0)
+    block = GatedRMSNorm(6, group_size=3, norm_before_gate=norm_before_gate).double()
+    x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(block, (x, z))
+
+
+def test_a_gate_that_does_not_broadcast_raises_torchs_runtime_error_naming_both_shapes():
+    from normlab.torch import GatedRMSNorm
+
+    with pytest.raises(RuntimeError, match=r"z has size \[3, 6\].*\[2, 4, 6\].*x \* silu\(z\)"):
+        GatedRMSNorm(6)(torch.randn(2, 4, 6), torch.randn(3, 6))

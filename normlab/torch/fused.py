@@ -426,22 +426,24 @@ def _check_input(module: nn.Module, x: Tensor, normalized_shape, **others: Optio
                                f"size {list(x.shape)}; pass a {name} of the input's shape")
 
 
-def _with_residual(module: nn.Module, x: Tensor, residual: Optional[Tensor], normalized_shape):
-    """``x`` and ``residual`` expanded to the shape of ``x + residual`` (each broadcasts to the
-    other, as the composite ``norm(x + residual)`` does), after torch's checks of that sum:
-    the norm's input is the sum, so its trailing axes must be ``normalized_shape``. Expanded
-    views: autograd sums the gradient of a broadcast input over the axes it was repeated on."""
-    if residual is None or residual.shape == x.shape:
-        _check_input(module, x, normalized_shape, residual=residual)
-        return x, residual
+def _with_companion(module: nn.Module, x: Tensor, other: Optional[Tensor], normalized_shape,
+                    name: str = "residual", formula: str = "x + residual"):
+    """``x`` and ``other`` (the residual, or the gate) expanded to the shape of ``formula``
+    (each broadcasts to the other, as the composite ``norm(x + residual)`` or
+    ``x * silu(gate)`` does), after torch's checks of that shape: the norm's input has it,
+    so its trailing axes must be ``normalized_shape``. Expanded views: autograd sums the
+    gradient of a broadcast input over the axes it was repeated on."""
+    if other is None or other.shape == x.shape:
+        _check_input(module, x, normalized_shape, **{name: other})
+        return x, other
     try:
-        shape = torch.broadcast_shapes(x.shape, residual.shape)
+        shape = torch.broadcast_shapes(x.shape, other.shape)
     except RuntimeError:
-        raise RuntimeError(f"{type(module).__name__}: residual has size {list(residual.shape)}, which does not "
-                           f"broadcast with the input's size {list(x.shape)} (as in x + residual); pass a residual "
+        raise RuntimeError(f"{type(module).__name__}: {name} has size {list(other.shape)}, which does not "
+                           f"broadcast with the input's size {list(x.shape)} (as in {formula}); pass a {name} "
                            f"of the input's shape or one that broadcasts to it") from None
     _check_input(module, torch.empty(shape, device="meta"), normalized_shape)
-    return x.expand(shape), residual.expand(shape)
+    return x.expand(shape), other.expand(shape)
 
 
 class FusedAddRMSNorm(Unscriptable, nn.Module):
@@ -482,7 +484,7 @@ class FusedAddRMSNorm(Unscriptable, nn.Module):
                             weight_offset=self.weight_offset)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
-        x, residual = _with_residual(self, x, residual, self.weight.shape)
+        x, residual = _with_companion(self, x, residual, self.weight.shape)
         return fused_normalize(x, _block_of(self), residual=residual, weight=self.weight)
 
     def extra_repr(self) -> str:
@@ -514,7 +516,7 @@ class FusedAddLayerNorm(Unscriptable, nn.LayerNorm):
         self._block = Block(pattern, params, sizes=sizes, eps=float(self.eps), casting=self.casting)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
-        x, residual = _with_residual(self, x, residual, self.normalized_shape)
+        x, residual = _with_companion(self, x, residual, self.normalized_shape)
         return fused_normalize(x, _block_of(self), residual=residual, weight=self.weight, bias=self.bias)
 
 
@@ -534,7 +536,8 @@ class GatedRMSNorm(Unscriptable, nn.Module):
     """Gated RMS norm of Mamba2 and GatedDeltaNet with mamba_ssm's ``RMSNormGated``
     semantics: ``norm(x)·w·silu(z)`` (``norm_before_gate=True``) or ``norm(x·silu(z))·w``
     (``False``), each group of ``group_size`` channels with its own statistics
-    (``"... (g [c])"``; the groups are never collapsed into one). ``forward(x, z=None)``.
+    (``"... (g [c])"``; the groups are never collapsed into one). ``forward(x, z=None)``;
+    ``x`` and ``z`` broadcast against each other as in transformers' ``x * silu(z)``.
 
     >>> m = GatedRMSNorm(4, group_size=2, eps=0.0)
     >>> [round(v, 4) for v in m(torch.tensor([[3., 4., 1., 1.]]))[0].tolist()]
@@ -572,7 +575,7 @@ class GatedRMSNorm(Unscriptable, nn.Module):
             if z is not None:
                 raise TypeError("GatedRMSNorm.forward takes the gate once: as z or as gate, not both")
             z = gate
-        _check_input(self, x, (self.hidden_size,), z=z)
+        x, z = _with_companion(self, x, z, (self.hidden_size,), "z", f"x * {self.gate_activation}(z)")
         return fused_normalize(x, _block_of(self), gate=z, weight=self.weight)
 
     def extra_repr(self) -> str:
