@@ -40,7 +40,7 @@ def test_readme_python_block_runs_on_its_own(text, tmp_path, monkeypatch):
     if re.search(r"^\s*(import torch|from normlab\.torch|import normlab\.torch)", text, flags=re.M):
         pytest.importorskip("torch", reason="the block uses normlab.torch, which needs PyTorch")
     monkeypatch.chdir(tmp_path)
-    exec(compile(text, f"README.md block", "exec"), {"__name__": "__readme__"})
+    exec(compile(text, "README.md block", "exec"), {"__name__": "__readme__"})
 
 
 @pytest.mark.parametrize("text", SHELL)

@@ -23,7 +23,6 @@ NOTE_3D = np.array(
 )
 
 
-
 @dataclass(frozen=True)
 class Step:
     """One norm applied to one of the examples, and what it does, in words."""

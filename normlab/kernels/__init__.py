@@ -70,6 +70,7 @@ def column_parts(rows: int, channels: int) -> np.ndarray:
     sums, shared by the threads of one call (never touched whole: no page is zeroed)."""
     return np.empty((4, -(-rows // column_group_rows(channels)), channels))
 
+
 _FLOAT32_INPUTS = (np.dtype(np.float16), np.dtype(np.float32))
 
 

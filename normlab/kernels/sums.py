@@ -13,7 +13,6 @@ import numpy as np
 from normlab.kernels._jit import helper, reduction
 
 
-
 @reduction
 def shifted_sum(values, shift):
     """Σ (v − shift) over a 1-D array."""

@@ -221,8 +221,6 @@ def _fast_rows(module, x: Tensor, eps: float, with_bias: bool = True) -> Optiona
     return call(x, weight, bias, eps) if _has_gaps(x) else None
 
 
-
-
 def _build_grad_rows(spec: Spec, x: Tensor, weight, bias):
     if x.dtype not in _EVAL_DTYPES or any(t is not None and (t.dtype != x.dtype or t.device.type != "cpu")
                                           for t in (weight, bias)):

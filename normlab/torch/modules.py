@@ -175,8 +175,6 @@ class LayerNorm(_Twin, nn.LayerNorm):
         return _normalize(torch_layout(input), self.weight, self.bias, self._spec, self.eps, path)[0]
 
 
-
-
 def _trailing_spec(normalized_shape, rms: bool) -> Spec:
     names = [f"n{i}" for i in range(len(normalized_shape))]
     # a zero size (torch takes it; only empty inputs fit) is left for the plan to read off the input

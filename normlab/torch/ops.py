@@ -14,6 +14,7 @@ from normlab import core
 from normlab.plan import make_plan
 from normlab.torch.spec import _dense_perm, _empty_like_dense, _engine_view, _inverse, _layout, _sizes_dict
 
+
 def _normalize_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pattern: str,
                   params: Optional[str], sizes: str, eps: float, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, mean, rstd)``: y like x (same strides); mean and rstd float64 of the plan's

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from normlab.torch.casting import (CASTINGS, LAYER_NORM_CASTINGS, UNWEIGHTED_CASTINGS, layer_norm_recipe,
                                    rms_norm_recipe, unweighted_rms_norm_recipe)
 
+
 def _probe_copy(module: nn.Module, tensors: dict) -> nn.Module:
     """A shallow copy of ``module`` holding clones of ``tensors`` as its parameters and buffers."""
     copy = type(module).__new__(type(module))
