@@ -222,11 +222,18 @@ class GraphNorm(nn.Module):
         batch_size = _batch_size(batch, batch_size)
         # the mean below runs before normalize_masked checks the batch vector: check it first
         check_segment_ids(x, "[n] c", batch, batch_size)
-        counts = torch.bincount(batch, minlength=batch_size).clamp_min(1).to(x.dtype).unsqueeze(1)
-        mean = x.new_zeros(batch_size, x.size(1)).index_add_(0, batch, x) / counts
-        out = x - mean.index_select(0, batch) * self.mean_scale
-        return normalize_masked(out, "[n] c", weight=self.weight, bias=self.bias, params="c", eps=self.eps,
-                                rms=True, segment_ids=batch, num_segments=batch_size).y
+        # PyG's output dtype, but the mean and the centering in at least float32: PyG sums
+        # bfloat16/float16 nodes in their own dtype, which costs float32 outputs two digits
+        dtype = x.dtype
+        for p in (self.mean_scale, self.weight, self.bias):
+            dtype = torch.promote_types(dtype, p.dtype)
+        acc = torch.promote_types(dtype, torch.float32)
+        xs = x.to(acc)
+        counts = torch.bincount(batch, minlength=batch_size).clamp_min(1).to(acc).unsqueeze(1)
+        mean = xs.new_zeros(batch_size, x.size(1)).index_add_(0, batch, xs) / counts
+        out = xs - mean.index_select(0, batch) * self.mean_scale.to(acc)
+        return normalize_masked(out, "[n] c", weight=self.weight.to(acc), bias=self.bias.to(acc), params="c",
+                                eps=self.eps, rms=True, segment_ids=batch, num_segments=batch_size).y.to(dtype)
 
     def __repr__(self):
         return f"{self.__class__.__name__}({self.in_channels})"

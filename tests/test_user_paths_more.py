@@ -1,0 +1,46 @@
+"""More new users leaving the README's path: a graph-network user with PyG (low-precision
+nodes in a float32 model), a speech/NLP user with padded batches, a NumPy user coming from
+Flax/Haiku. Oracles: torch_geometric's original classes in float64, torch.nn on the
+unpadded sequences one by one, float64 NumPy formulas from the definition."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import normlab  # noqa: E402
+import normlab.torch as nt  # noqa: E402
+
+# -- PyG: GraphNorm on low-precision nodes -----------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_graph_norm_on_low_precision_nodes_with_float32_parameters_is_float32_accurate(dtype):
+    """bfloat16 nodes into a GraphNorm kept in float32 give a float32 output (PyG's
+    promotion); its per-graph mean must not be summed in bfloat16 (PyG's own rounding,
+    two digits lost), but agree with PyG's GraphNorm run in float64 on the same nodes,
+    values and gradients, to float32's accuracy, on a large graph and a one-node graph."""
+    pyg_norm = pytest.importorskip("torch_geometric.nn.norm")
+    from normlab.torch import geometric
+
+    g = torch.Generator().manual_seed(0)
+    batch = torch.repeat_interleave(torch.arange(3), torch.tensor([1500, 1, 7]))
+    nodes = (torch.randn(batch.numel(), 8, generator=g) * 2 + 5).to(dtype)
+    ours = geometric.GraphNorm(8)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.uniform_(0.5, 1.5, generator=g)
+    theirs = pyg_norm.GraphNorm(8).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = nodes.detach().requires_grad_()
+    x64 = nodes.double().requires_grad_()
+    y, expected = ours(x, batch, 3), theirs(x64, batch, 3)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), expected, atol=2e-5, rtol=1e-5)
+    seed = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(seed.float())
+    expected.backward(seed)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad.double(), q.grad, atol=2e-3, rtol=1e-4)
+    # the node gradient is low precision itself: within its dtype's rounding of the oracle
+    torch.testing.assert_close(x.grad.double(), x64.grad.to(dtype).double(), atol=1e-2, rtol=1e-2)
