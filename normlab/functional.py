@@ -325,11 +325,20 @@ def _trailing(x, normalized_shape, weight, bias, eps, rms: bool, what: str, mask
     x = _input(x, what)
     shape = _normalized_shape(normalized_shape, what, x)
     k = len(shape)
-    if k == 0 or x.ndim < k or tuple(x.shape[x.ndim - k:]) != tuple(int(s) for s in shape):
+    if k == 0:  # torch refuses it too; suggesting () back, or x.shape[-1:] of a 0-d input, would not help
+        fix = f"pass e.g. normalized_shape={x.shape[-1:]}" if x.ndim else "a 0-d input has no axis to normalize over"
+        raise ShapeError(f"{what}: normalized_shape () names no axis, got input shape {x.shape}; it needs at least "
+                         f"one trailing axis: {fix}")
+    if x.ndim < k or tuple(x.shape[x.ndim - k:]) != tuple(int(s) for s in shape):
         raise ShapeError(
             f"{what}: normalized_shape {shape} must equal the last {k} sizes of the input, "
-            f"got input shape {x.shape}; pass normalized_shape={tuple(x.shape[-k:]) if k else x.shape[-1:]}"
+            f"got input shape {x.shape}; pass normalized_shape={tuple(x.shape[-k:])}"
         )
+    for name, param in (("weight", weight), ("bias", bias)):
+        # torch's rule, said in torch's terms (the pattern below names axes the caller never wrote)
+        if param is not None and getattr(param, "shape", shape) != shape:
+            raise ParamsError(f"{what}: {name} has shape {tuple(param.shape)}, but normalized_shape is {shape} "
+                              f"(input shape {x.shape}); pass a {name} of shape {shape}")
     if not rms:  # torch's rms_norm takes a weight of any dtype
         _check_param_dtypes(what, x, weight=weight, bias=bias)
     names = _names(k)

@@ -44,3 +44,46 @@ def test_graph_norm_on_low_precision_nodes_with_float32_parameters_is_float32_ac
         torch.testing.assert_close(p.grad.double(), q.grad, atol=2e-3, rtol=1e-4)
     # the node gradient is low precision itself: within its dtype's rounding of the oracle
     torch.testing.assert_close(x.grad.double(), x64.grad.to(dtype).double(), atol=1e-2, rtol=1e-2)
+
+
+# -- NumPy: normlab.functional's errors for shapes torch refuses -------------------------
+
+
+@pytest.mark.parametrize("function", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("name", ["weight", "bias"])
+@pytest.mark.parametrize("shape", [(6,), (1, 5), (5, 1), ()])
+def test_a_parameter_whose_shape_is_not_normalized_shape_is_refused_as_torch_refuses_it(function, name, shape):
+    """torch.nn.functional refuses a weight or bias of any shape but normalized_shape (the
+    oracle: its call raises); normlab.functional says so in those terms, a ValueError
+    naming both shapes, not an error about a pattern the caller never wrote."""
+    if function == "rms_norm" and name == "bias":
+        pytest.skip("rms_norm takes no bias")
+    x = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
+    param = np.ones(shape, np.float32)
+    with pytest.raises(RuntimeError):
+        getattr(torch.nn.functional, function)(torch.from_numpy(x), (5,), **{name: torch.from_numpy(param)})
+    with pytest.raises(normlab.errors.ParamsError) as caught:
+        getattr(normlab.functional, function)(x, (5,), **{name: param})
+    assert isinstance(caught.value, ValueError)
+    message = str(caught.value)
+    assert f"{name} has shape {shape}" in message and "normalized_shape is (5,)" in message
+    assert "(2, 5)" in message and "params" not in message
+
+
+@pytest.mark.parametrize("function", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("shape", [(3, 4), ()])
+def test_an_empty_normalized_shape_is_refused_as_torch_refuses_it_with_a_fix_that_differs_from_the_call(function,
+                                                                                                          shape):
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    with pytest.raises(RuntimeError, match="at least 1-dimensional"):
+        getattr(torch.nn.functional, function)(torch.from_numpy(x), ())
+    with pytest.raises(normlab.errors.ShapeError) as caught:
+        getattr(normlab.functional, function)(x, ())
+    message = str(caught.value)
+    assert "names no axis" in message and str(shape) in message
+    assert "normalized_shape=()" not in message
+    if shape:
+        # the fix it suggests works and is torch's layer norm over the last axis
+        y = getattr(normlab.functional, function)(x, (4,))
+        expected = getattr(torch.nn.functional, function)(torch.from_numpy(x), (4,))
+        torch.testing.assert_close(torch.from_numpy(np.asarray(y)), expected)
