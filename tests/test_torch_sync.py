@@ -217,3 +217,18 @@ def _compare_masked_with_single_process(rank: int, port: int):
 
 def test_masked_sync_batch_norm_over_two_gloo_processes_equals_batch_norm_on_the_counted_elements():
     mp.spawn(_compare_masked_with_single_process, args=(_free_port(),), nprocs=WORLD_SIZE, join=True)
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "in_a_model"])
+def test_scripting_sync_batch_norm_raises_a_runtime_error_as_torchs_does_and_tracing_works(alone):
+    def wrap(norm):
+        return norm if alone else torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), norm)
+
+    with pytest.raises(RuntimeError):  # the oracle: torch's own cannot be scripted either
+        torch.jit.script(wrap(torch.nn.SyncBatchNorm(4)))
+    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile SyncBatchNorm.*torch.jit.trace"):
+        torch.jit.script(wrap(nt.SyncBatchNorm(4)))
+    model, reference = wrap(nt.SyncBatchNorm(4)).eval(), wrap(torch.nn.BatchNorm2d(4)).eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3 if not alone else 4, 5, 5)
+    torch.testing.assert_close(torch.jit.trace(model, x)(x), reference(x))

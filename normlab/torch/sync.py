@@ -198,6 +198,13 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
     _check_input_dim = nn.SyncBatchNorm._check_input_dim
     _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
+    def __prepare_scriptable__(self):
+        # torch.nn.SyncBatchNorm cannot be scripted either (TorchScript cannot compile its
+        # torch.distributed calls) and raises a RuntimeError; this one says what to do
+        raise RuntimeError("torch.jit.script cannot compile SyncBatchNorm (torch.nn.SyncBatchNorm neither): its "
+                           "forward calls torch.distributed; use torch.compile or torch.jit.trace, which record its "
+                           "torch operations")
+
     def _world_size(self) -> int:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return 1
