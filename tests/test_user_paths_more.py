@@ -87,3 +87,47 @@ def test_an_empty_normalized_shape_is_refused_as_torch_refuses_it_with_a_fix_tha
         y = getattr(normlab.functional, function)(x, (4,))
         expected = getattr(torch.nn.functional, function)(torch.from_numpy(x), (4,))
         torch.testing.assert_close(torch.from_numpy(np.asarray(y)), expected)
+
+
+# -- Norm(pattern) with segments or masks, tracking running statistics -----------------
+
+
+@pytest.mark.parametrize("empty", ["a gap in the ids", "trailing slots", "an all-padding sequence"])
+def test_a_norm_tracking_running_statistics_skips_empty_groups_as_the_twins_do(empty):
+    """A batch of graphs with an empty slot (ids with a gap, or num_segments past the last
+    id), or a padded batch with an all-padding sequence, trains a ``Norm`` that tracks
+    running statistics: the empty group gives exactly zero (no bias here) and stays out of
+    the running average. Oracle: torch's instance norm on each non-empty group alone, and
+    the running statistics from the definition in float64 (the momentum update of the mean
+    over the non-empty groups of their means and unbiased variances)."""
+    g = torch.Generator().manual_seed(0)
+    if empty == "an all-padding sequence":
+        x = torch.randn(4, 3, 6, generator=g) * 2 + 1
+        lengths = torch.tensor([6, 0, 4, 2])
+        mask = (torch.arange(6) < lengths[:, None])[:, None, :]
+        norm = nt.Norm("b c [t]", track_running_stats=True, running_axes="c", c=3)
+        y = norm(x, mask=mask)
+        groups = [x[i, :, :n].T for i, n in enumerate(lengths.tolist()) if n]  # (frames, channels)
+        outputs = [y[i, :, :n].T for i, n in enumerate(lengths.tolist()) if n]
+        assert torch.equal(y[1], torch.zeros_like(y[1]))
+    else:
+        ids = torch.tensor([0, 0, 0, 3, 3, 1, 1, 1, 1]) if empty == "a gap in the ids" else \
+            torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2])
+        x = torch.randn(ids.numel(), 3, generator=g) * 2 + 1
+        norm = nt.Norm("[n] c", track_running_stats=True, running_axes="c", c=3)
+        y = norm(x, segment_ids=ids, num_segments=None if empty == "a gap in the ids" else 6)
+        groups = [x[ids == s] for s in ids.unique()]
+        outputs = [y[ids == s] for s in ids.unique()]
+    for nodes, out in zip(groups, outputs):
+        expected = torch.nn.functional.instance_norm(nodes.T[None].double())[0].T
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    means = torch.stack([nodes.double().mean(0) for nodes in groups]).mean(0)
+    variances = torch.stack([nodes.double().var(0, unbiased=True) for nodes in groups]).mean(0)
+    torch.testing.assert_close(norm.running_mean.double(), 0.1 * means, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(norm.running_var.double(), 0.9 + 0.1 * variances, atol=1e-6, rtol=1e-6)
+
+
+def test_a_one_node_segment_in_training_is_refused_with_a_fix_that_speaks_of_segments():
+    norm = nt.Norm("[n] c", track_running_stats=True, running_axes="c", c=3)
+    with pytest.raises(ValueError, match="more than 1 counted value.*every non-empty segment"):
+        norm(torch.randn(4, 3), segment_ids=torch.tensor([0, 0, 0, 1]))

@@ -26,7 +26,8 @@ def _unbiased(rstd: Tensor, count: Tensor, eps: float) -> Tensor:
     return _variance(rstd, eps) * count / (count - 1).clamp_min(1)
 
 
-def _check_counts(module, x: Tensor, count: Tensor, allow_empty: bool = False) -> None:
+def _check_counts(module, x: Tensor, count: Tensor, allow_empty: bool = False,
+                  more: str = "count more elements in the mask") -> None:
     """torch's rule, counted: more than one value per channel when training. With
     ``allow_empty`` (batch norm, as SyncBatchNorm) a channel with nothing counted is no
     error: it gives exactly ``bias`` and keeps its running statistics."""
@@ -36,9 +37,8 @@ def _check_counts(module, x: Tensor, count: Tensor, allow_empty: bool = False) -
     if count.numel() and bool(refused.any()):
         raise ValueError(f"{type(module).__name__}: expected more than 1 counted value per channel when training, "
                          f"got input size {tuple(x.shape)} with {int(count[refused].min())} counted in a channel; "
-                         + ("count more elements in the mask or call .eval()" if module.training else
-                            "count more elements in the mask (without running statistics eval() normalizes with the "
-                            "batch's own)"))
+                         + (f"{more} or call .eval()" if module.training else
+                            f"{more} (without running statistics eval() normalizes with the batch's own)"))
 
 
 def _update(module, mean: Tensor, var: Tensor, factor: float, counted: Optional[Tensor] = None) -> None:
@@ -174,12 +174,21 @@ def _norm(module, x: Tensor, mask, segment_ids, num_segments, segment_axis) -> T
                                             segment_ids=segment_ids, num_segments=num_segments,
                                             segment_axis=segment_axis, sizes=spec.size_dict)
     if module.training and module.track_running_stats:
-        _check_counts(module, x, count)
+        # a group with nothing counted (an empty graph slot of a batch, an all-padding
+        # sequence) has no statistics: it gives bias and stays out of the running average
+        _check_counts(module, x, count, allow_empty=True,
+                      more=("count more elements in the mask" if segment_ids is None else
+                            "give every non-empty segment more than one counted element"))
         plan = spec.plan(x.shape)
         # average over every statistics axis the running statistics do not span (segments too)
         other = tuple(i for i, name in enumerate(plan.axis_names) if name not in module._running_names)
         var = _unbiased(rstd, count, module.eps)
+        counted = count > 0
         if other:
-            mean, var = mean.mean(dim=other, keepdim=True), var.mean(dim=other, keepdim=True)
-        _update(module, mean.reshape(module.running_mean.shape), var.reshape(module.running_var.shape), factor)
+            groups = counted.sum(dim=other, keepdim=True)
+            mean, var = ((torch.where(counted, stat, 0).sum(dim=other, keepdim=True) / groups.clamp_min(1))
+                         for stat in (mean, var))
+            counted = groups > 0
+        _update(module, mean.reshape(module.running_mean.shape), var.reshape(module.running_var.shape), factor,
+                counted=counted.reshape(module.running_mean.shape))
     return y
