@@ -160,8 +160,12 @@ def make_grouping(plan: Plan, mask=None, segment_ids=None, num_segments=None, se
         try:
             num_segments = operator.index(num_segments)
         except TypeError:
-            raise InputError(f"num_segments must be an int, got {num_segments!r}") from None
-        if num_segments < 0 or (ids.size and ids.max() >= num_segments):
+            raise InputError(f"{_describe(plan)}: num_segments must be an int, got {num_segments!r}; pass "
+                             "int(num_segments), or leave it out for max(segment_ids) + 1") from None
+        if num_segments < 0:  # (said apart: with no ids there is no max to report)
+            raise ShapeError(f"{_describe(plan)}: num_segments={num_segments} is negative; pass a count >= 0, "
+                             "or leave it out for max(segment_ids) + 1")
+        if ids.size and ids.max() >= num_segments:
             raise ShapeError(f"{_describe(plan)}: num_segments={num_segments} but segment_ids reach {ids.max()}; "
                              "pass num_segments > max(segment_ids), or leave it out")
     check_segment_count(plan, int(ids.max()) if ids.size else None, num_segments, given)

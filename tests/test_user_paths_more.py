@@ -131,3 +131,28 @@ def test_a_one_node_segment_in_training_is_refused_with_a_fix_that_speaks_of_seg
     norm = nt.Norm("[n] c", track_running_stats=True, running_axes="c", c=3)
     with pytest.raises(ValueError, match="more than 1 counted value.*every non-empty segment"):
         norm(torch.randn(4, 3), segment_ids=torch.tensor([0, 0, 0, 1]))
+
+
+# -- NumPy: num_segments that cannot be a count -------------------------------------------
+
+
+@pytest.mark.parametrize("nodes", [0, 4])
+def test_a_negative_num_segments_is_a_shape_error_naming_the_pattern_and_shape_even_with_no_ids(nodes):
+    """An empty batch (no nodes, no ids) with num_segments=-1 raised NumPy's 'zero-size
+    array to reduction' from inside the check; now normlab's error, as with ids. The
+    oracle for refusing it: NumPy cannot allocate a negative count of statistics."""
+    with pytest.raises(ValueError):
+        np.zeros((-1, 3))
+    x = np.ones((nodes, 3), np.float32)
+    ids = np.zeros(nodes, np.int64)
+    with pytest.raises(normlab.errors.ShapeError, match=r"'\[n\] c', input shape \(%d, 3\).*num_segments=-1" % nodes):
+        normlab.normalize(x, "[n] c", segment_ids=ids, num_segments=-1)
+
+
+def test_a_float_num_segments_is_an_input_error_naming_the_pattern_and_shape():
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(normlab.errors.InputError, match=r"'\[n\] c', input shape \(4, 3\).*got 2\.0"):
+        normlab.normalize(x, "[n] c", segment_ids=np.array([0, 0, 1, 1]), num_segments=2.0)
+    # an integer of any NumPy type is a count
+    y = normlab.normalize(x, "[n] c", segment_ids=np.array([0, 0, 1, 1]), num_segments=np.int32(2))
+    assert np.array_equal(y, np.zeros_like(x))  # constant groups: exact zeros
