@@ -153,6 +153,22 @@ def test_ada_layer_norm_matches_diffusers_ada_layer_norm_zero(dtype):
                                             dict(rtol=5e-2, atol=5e-2)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm_type", ["layer_norm", "fp32_layer_norm"])
+def test_ada_layer_norm_in_half_precision_matches_diffusers_bit_for_bit_with_either_norm_type(norm_type, dtype):
+    """Both of diffusers' norms round x̂ to the input's dtype before the modulation (torch's
+    layer norm kernel for half input, FP32LayerNorm's cast back); the twin rounds there too."""
+    reference = _randomize(_diffusers_ada_norm()(48, norm_type=norm_type)).to(dtype)
+    ours = AdaLayerNorm(48, norm_type=norm_type).to(dtype)
+    ours.load_state_dict(reference.state_dict())
+    x, emb = _leaves((3, 10, 48), (3, 48), dtype=dtype)
+    with torch.no_grad():
+        got, want = ours(x, emb=emb), reference(x, emb=emb)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
 def test_ada_layer_norm_on_half_input_with_float32_weights_gives_diffusers_dtype_and_values(x_dtype):
     """A float32 model fed half-precision tokens: diffusers' norm(x)·(1 + scale) + shift

@@ -613,8 +613,10 @@ class AdaLayerNorm(Unscriptable, nn.Module):
         self.silu = nn.SiLU()
         self.linear = nn.Linear(embedding_dim, 6 * embedding_dim, bias=bias)
         self.embedding_dim = embedding_dim
+        # diffusers' FP32LayerNorm normalizes in float32 and rounds to the input's dtype before
+        # the modulation, as nn.LayerNorm's kernel does for half input: one recipe for both
         self._block = Block("b t [d]", modulation="b d", eps=1e-6 if norm_type == "layer_norm" else 1e-5,
-                            casting="gemma" if norm_type == "fp32_layer_norm" else casting)
+                            casting=casting)
 
     def forward(self, x: Tensor, timestep=None, class_labels=None, hidden_dtype=None, emb: Optional[Tensor] = None):
         if emb is None:
