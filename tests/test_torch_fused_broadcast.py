@@ -100,8 +100,8 @@ GATE_SHAPES = [
     ((3, 5, 16), (5, 16)),      # one gate for every sample
     ((5, 16), (3, 5, 16)),      # the input broadcast up to the gate
     ((3, 5, 16), (3, 1, 16)),   # one gate per sample
-    ((3, 1, 16), (1, 5, 16)),   # each broadcasts along another axis
-]
+    ((1, 5, 16), (3, 1, 16)),   # each broadcasts along another axis (x keeps its tokens: transformers
+]                               # 5.20's FalconH1 norm squeezes an x of one token before the gate)
 GATE_IDS = ["gate_2d", "x_2d", "gate_per_sample", "both"]
 
 
