@@ -110,3 +110,64 @@ def test_residual_alone_draws_a_random_residual_and_normalizes_the_sum(explain, 
 def test_residual_data_that_does_not_broadcast_names_both_shapes(explain):
     result = explain("b [d]", "--data", json.dumps(X), "--residual-data", "[1, 2]")
     assert result.returncode == 2 and "(2,)" in result.stderr and "(2, 3)" in result.stderr
+
+
+Z = [[-3, 0, 2], [1, -1, 3]]
+
+
+def _torch_gate(s, z, act):
+    import torch
+
+    phi = {"silu": torch.nn.functional.silu, "sigmoid": torch.sigmoid, "gelu": torch.nn.functional.gelu}[act]
+    return (torch.as_tensor(s, dtype=torch.float64) * phi(torch.as_tensor(z, dtype=torch.float64))).numpy()
+
+
+@pytest.mark.parametrize("act, rms", [("silu", True), ("sigmoid", False), ("gelu", False)])
+def test_gate_first_draws_the_norm_of_the_gated_input_in_the_terminal_and_on_the_page(explain, tmp_path, act, rms):
+    page = tmp_path / "gate.html"
+    result = explain("b [d]", "--data", json.dumps(X), "--gate", act, "--gate-first", "--gate-data", json.dumps(Z),
+                     "--html", str(page), *(["--rms"] if rms else []))
+    assert result.returncode == 0, result.stderr
+    h = _torch_gate(X, Z, act)
+    want = _float64_norm(h, axes=1, rms=rms)
+    assert f"h = x · {act}(z), the norm's input" in result.stdout.split("your pattern")[0]
+    data = _page_data(page)
+    chosen = next(n for n in data["norms"] if n["pattern"] == "b [d]" and n["rms"] == rms)
+    np.testing.assert_allclose(data["values"], h.ravel(), rtol=1e-12)
+    np.testing.assert_allclose(chosen["output"], want.ravel(), rtol=1e-6, atol=1e-6)
+
+
+def test_gate_first_after_a_residual_gates_the_sum_with_a_gate_drawn_from_the_seed_after_the_residuals(explain,
+                                                                                                     tmp_path):
+    page = tmp_path / "drawn_gate.html"
+    result = explain("b t [d]", "--shape", "2,2,3", "--seed", "4", "--residual", "--gate", "silu", "--gate-first",
+                     "--html", str(page))
+    assert result.returncode == 0, result.stderr
+    # the documented draws: x with the seed, r with the next, z (integers -3 to 3) with the one after
+    x = np.random.default_rng(4).integers(0, 10, size=(2, 2, 3))
+    r = np.random.default_rng(5).integers(0, 10, size=(2, 2, 3))
+    z = np.random.default_rng(6).integers(-3, 4, size=(2, 2, 3))
+    assert "seed 6" in result.stdout and "h = s · silu(z)" in result.stdout
+    h = _torch_gate(x + r, z, "silu")
+    data = _page_data(page)
+    chosen = next(n for n in data["norms"] if n["pattern"] == "b t [d]" and not n["rms"])
+    np.testing.assert_allclose(data["values"], h.ravel(), rtol=1e-12)
+    np.testing.assert_allclose(chosen["output"], _float64_norm(h, axes=2).ravel(), rtol=1e-6, atol=1e-6)
+
+
+def test_gate_after_the_norm_leaves_the_statistics_on_the_input(explain, tmp_path):
+    page = tmp_path / "gate_last.html"
+    result = explain("b [d]", "--data", json.dumps(X), "--gate", "silu", "--gate-data", json.dumps(Z),
+                     "--html", str(page))
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_array_equal(_page_data(page)["values"], np.ravel(X))
+
+
+def test_gate_data_without_a_gate_says_to_name_the_activation(explain):
+    result = explain("b [d]", "--data", json.dumps(X), "--gate-data", json.dumps(Z))
+    assert result.returncode == 2 and "--gate ACT" in result.stderr
+
+
+def test_gate_data_that_does_not_broadcast_names_both_shapes(explain):
+    result = explain("b [d]", "--data", json.dumps(X), "--gate", "silu", "--gate-first", "--gate-data", "[1, 2]")
+    assert result.returncode == 2 and "--gate-data" in result.stderr and "(2, 3)" in result.stderr

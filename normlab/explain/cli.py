@@ -36,7 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "shaped like the data (or broadcasting to it); implies --residual")
     parser.add_argument("--gate", metavar="ACT", choices=("silu", "sigmoid", "gelu"),
                         help="fused block: multiply by ACT(z) (silu, sigmoid or gelu) after the norm")
-    parser.add_argument("--gate-first", action="store_true", help="gate before the statistics (Mamba2's block)")
+    parser.add_argument("--gate-first", action="store_true", help="gate before the statistics (Mamba2's block): "
+                        "the norm then runs on h = x · ACT(z), z random integers -3 to 3 (seed + 2) unless "
+                        "--gate-data gives it")
+    parser.add_argument("--gate-data", metavar="JSON", help="fused block: the gate z as nested JSON lists shaped "
+                        "like the data (or broadcasting to it); needs --gate ACT")
     parser.add_argument("--modulation", metavar="AXES", help="fused block: scale and shift over AXES, e.g. 'b d'")
     parser.add_argument("--weight-offset", metavar="O", type=float, default=0.0, help="Gemma's 1 + weight is 1")
     parser.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page to FILE")
@@ -93,18 +97,37 @@ def load_input(args: argparse.Namespace):
 def load_residual(args: argparse.Namespace, x):
     """The residual ``r`` for ``--residual``: ``--residual-data`` broadcast to the data's
     shape, or random small integers drawn with the next seed; and where it came from."""
-    import numpy as np
-
-    from normlab.explain.model import parse_data, random_input
+    from normlab.explain.model import random_input
 
     if args.residual_data is None:
         seed = int(args.seed) + 1 if args.data is None else 1
         return random_input(x.shape, seed), f"random integers 0 to 9, seed {seed}"
-    r = parse_data(args.residual_data, "--residual-data")
+    return _broadcast_data(args.residual_data, "--residual-data", x.shape), None
+
+
+def load_gate(args: argparse.Namespace, shape):
+    """The gate ``z`` for ``--gate-first``: ``--gate-data`` broadcast to the data's shape, or
+    random integers from -3 to 3 (where the activations bend) drawn with the seed after the
+    residual's; and where it came from."""
+    import numpy as np
+
+    if args.gate_data is None:
+        seed = int(args.seed) + 2 if args.data is None else 2
+        z = np.random.default_rng(seed).integers(-3, 4, size=shape).astype(np.float32)
+        return z, f"random integers -3 to 3, seed {seed}"
+    return _broadcast_data(args.gate_data, "--gate-data", shape), None
+
+
+def _broadcast_data(text: str, option: str, shape):
+    import numpy as np
+
+    from normlab.explain.model import parse_data
+
+    values = parse_data(text, option)
     try:
-        return np.broadcast_to(r, x.shape).copy(), None
+        return np.broadcast_to(values, shape).copy()
     except ValueError:
-        raise NormlabError(f"--residual-data of shape {r.shape} does not broadcast to the data's shape {x.shape}; "
+        raise NormlabError(f"{option} of shape {values.shape} does not broadcast to the data's shape {shape}; "
                            "give it the data's shape or size-1 axes") from None
 
 
@@ -142,6 +165,16 @@ def _explain(args: argparse.Namespace) -> int:
     # after the residual add every stage sees the sum, rounded to the data's float32 as the
     # block rounds it to x's dtype: the statistics, the output and the page are of s = x + r
     data = x if residual is None else x + residual
+    if args.gate_data is not None and not args.gate:
+        raise NormlabError("--gate-data needs --gate ACT (silu, sigmoid or gelu)")
+    # a gate before the statistics: they, the output and the page are of h = s · φ(z), in
+    # float64 as the block computes it
+    gate, gate_origin = load_gate(args, x.shape) if args.gate and args.gate_first else (None, None)
+    source = data
+    if gate is not None:
+        from normlab.fused import activation
+
+        data = source * activation(args.gate, gate)[0] + 0.0  # (+ 0.0: no -0 drawn where s is 0)
     mask = None if args.mask is None else parse_mask(args.mask)
     segments = None if args.segments is None else parse_segments(args.segments)
     view = explain_array(data, args.pattern, sizes, rms=args.rms, mask=mask, segments=segments)
@@ -150,7 +183,9 @@ def _explain(args: argparse.Namespace) -> int:
     if args.html:  # written first, so that a bad path fails before anything is printed
         from normlab.explain.pipeline import pipeline_svg
 
-        title = f"normlab explain · {view.pattern}" + (" on s = x + r" if residual is not None else "")
+        on = "h = s · φ(z)" if gate is not None and residual is not None else "h = x · φ(z)" if gate is not None \
+            else "s = x + r" if residual is not None else None
+        title = f"normlab explain · {view.pattern}" + (f" on {on}" if on else "")
         page = write_page(args.html, all_views(data, view), view.key, title=title,
                           pipeline=pipeline_svg(block) if block else "")
     console = make_console(no_color=args.no_color or args.explain_no_color)
@@ -160,6 +195,10 @@ def _explain(args: argparse.Namespace) -> int:
         from normlab.explain.terminal import render_residual
 
         render_residual(console, x, residual, residual_origin)
+    if gate is not None:
+        from normlab.explain.terminal import render_gate
+
+        render_gate(console, source, gate, data, args.gate, "s" if residual is not None else "x", gate_origin)
     render_view(console, view, limit=MAX_CLAIMS_SHOWN)
     if block:
         from normlab.explain.pipeline import stage_lines

@@ -113,6 +113,22 @@ def render_residual(console, x: np.ndarray, r: np.ndarray, origin: str | None = 
     """Print the residual add of a fused block: x | r | s = x + r, side by side (the norm
     below then runs on s)."""
     from rich.markup import escape
+
+    _side_by_side(console, [("x", x), ("residual r" + (f" ({escape(origin)})" if origin else ""), r),
+                            ("s = x + r, the norm's input", x + r)])
+
+
+def render_gate(console, source: np.ndarray, z: np.ndarray, h: np.ndarray, act: str, name: str,
+                origin: str | None = None) -> None:
+    """Print a gate before the statistics: s | z | h = s · φ(z), side by side (the norm below
+    then runs on h)."""
+    from rich.markup import escape
+
+    _side_by_side(console, [(name, source), ("gate z" + (f" ({escape(origin)})" if origin else ""), z),
+                            (f"h = {name} · {act}(z), the norm's input", h)])
+
+
+def _side_by_side(console, columns) -> None:
     from rich.table import Table
     from rich.text import Text
 
@@ -122,11 +138,10 @@ def render_residual(console, x: np.ndarray, r: np.ndarray, origin: str | None = 
         return Text("\n").join(tensor_lines(values.shape, lambda i: Text(texts[i].rjust(width))))
 
     side = Table.grid(padding=(0, 3))
-    for _ in range(3):
+    for _ in columns:
         side.add_column()
-    side.add_row("[dim]x[/]", "[dim]residual r[/]" + (f" [dim]({escape(origin)})[/]" if origin else ""),
-                 "[dim]s = x + r, the norm's input[/]")
-    side.add_row(column(x), column(r), column(x + r))
+    side.add_row(*(f"[dim]{title}[/]" for title, _ in columns))
+    side.add_row(*(column(values) for _, values in columns))
     console.print(side)
 
 
