@@ -266,10 +266,10 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         if mask is not None and n:
             # the engine's checks of the mask (dtype, shape), before counting with it
             full = _mask_view(mask, make_plan(pattern, x.shape)).reshape(x.shape)
-            counted = full.sum(axis=tuple(i for i in range(x.ndim) if i != channel))
+            per_channel = full.sum(axis=tuple(i for i in range(x.ndim) if i != channel))
             # torch.nn's rule on the batch with the padding removed: one value per channel
             # cannot train; none can (torch.nn takes an empty batch), as the torch twins' mask=
-            if (counted == 1).any():
+            if (per_channel == 1).any():
                 raise InputError(f"{what}: expected more than 1 counted value per channel when training, got 1 in "
                                  f"input shape {x.shape} (pattern {pattern!r}); count more or training=False")
         else:
@@ -278,13 +278,13 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         y, stats = _normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps, mask=mask)
         if n:  # an empty batch leaves the running statistics as they are
             var = stats.var.reshape(channels)
-            counted = None
+            has_values = None
             if mask is not None:  # and so does a channel with nothing counted
                 n = stats.count.reshape(channels)
-                counted = n > 0
-            _update(running_mean, stats.mean.reshape(channels), momentum, counted)
+                has_values = n > 0
+            _update(running_mean, stats.mean.reshape(channels), momentum, has_values)
             with np.errstate(divide="ignore", invalid="ignore"):  # (n = 0 is not written back)
-                _update(running_var, var * (n / (n - 1) if unbiased else 1.0), momentum, counted)
+                _update(running_var, var * (n / (n - 1) if unbiased else 1.0), momentum, has_values)
         return y
     if running_mean is None or running_var is None:
         raise InputError("batch_norm: running_mean and running_var are needed when training=False")
