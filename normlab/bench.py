@@ -445,7 +445,7 @@ def _print_fused(console, rows, repeats: int, as_markdown: bool) -> None:
     if as_markdown:
         console.print(bench_fused.markdown(rows), markup=False, highlight=False)
         return
-    table = Table(title=f"fused blocks, median of {repeats} runs, float32")
+    table = Table(title=f"fused blocks, median of {repeats} runs, float32 (bf16: bfloat16)")
     for header in bench_fused.HEADERS:
         table.add_column(header, justify="left" if header in ("case", "shape") else "right")
     for cells in bench_fused.table_rows(rows):

@@ -3,7 +3,8 @@ modules against the eager torch code that models run, and against ``torch.compil
 
 Cases: residual add + RMS norm (LLaMA), AdaLN-Zero's modulated layer norm (DiT-XL),
 gated RMS norm with 8 groups (Mamba2), and a small LLaMA-style decoder with
-``convert(model, fuse=True)`` against the unconverted Hugging Face model. Engines take
+``convert(model, fuse=True)`` against the unconverted Hugging Face model, in float32 and
+in bfloat16 (rows marked ``bf16``: inputs, parameters and models in bfloat16). Engines take
 turns in rounds as in :func:`normlab.bench.measure`; the table gives medians and ratios.
 For the decoder, "norm share" is the time the unconverted model spends inside its RMS
 norms' forward calls (timed by hooks), as a share of its whole time: about what fusing
@@ -29,13 +30,14 @@ class FusedCase:
     mode: str
     shape: tuple[int, ...]
     quick_shape: tuple[int, ...]
+    dtype: str = "float32"
 
     @property
     def label(self) -> str:
-        return f"fused {self.name} {self.mode}"
+        return f"fused {self.name} {self.mode}" + (" bf16" if self.dtype == "bfloat16" else "")
 
 
-FUSED_CASES: tuple[FusedCase, ...] = (
+_FLOAT32_CASES = (
     FusedCase("add + RMS norm", "add_rms", "fwd+bwd", (8, 512, 4096), (2, 64, 512)),
     FusedCase("AdaLN-Zero layer norm", "adaln", "fwd", (8, 1024, 1152), (2, 64, 288)),
     FusedCase("AdaLN-Zero layer norm", "adaln", "fwd+bwd", (8, 1024, 1152), (2, 64, 288)),
@@ -43,6 +45,8 @@ FUSED_CASES: tuple[FusedCase, ...] = (
     FusedCase("LLaMA decoder 4×1024", "decoder", "fwd", (2, 256, 1024), (1, 16, 128)),
     FusedCase("LLaMA decoder 4×1024", "decoder", "train step", (2, 256, 1024), (1, 16, 128)),
 )
+FUSED_CASES: tuple[FusedCase, ...] = _FLOAT32_CASES + tuple(
+    FusedCase(c.name, c.block, c.mode, c.shape, c.quick_shape, "bfloat16") for c in _FLOAT32_CASES)
 
 
 def select(filters) -> tuple[FusedCase, ...]:
@@ -79,17 +83,18 @@ def _block_engines(case: FusedCase, shape):
 
     gen = torch.Generator().manual_seed(0)
     b, t, d = shape
+    dtype = getattr(torch, case.dtype)
 
     def leaf(*s):
-        return torch.randn(s, generator=gen).requires_grad_()
+        return torch.randn(s, generator=gen).to(dtype).requires_grad_()
 
     x, r = leaf(b, t, d), leaf(b, t, d)
-    grads = (torch.randn(shape, generator=gen), torch.randn(shape, generator=gen))
+    grads = (torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype))
     if case.block == "add_rms":
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-        hf = LlamaRMSNorm(d, eps=1e-6)
-        ours = FusedAddRMSNorm(d, eps=1e-6)
+        hf = LlamaRMSNorm(d, eps=1e-6).to(dtype)
+        ours = FusedAddRMSNorm(d, eps=1e-6, dtype=dtype)
         weight = hf.weight
 
         def eager(x, r, weight):
@@ -103,7 +108,7 @@ def _block_engines(case: FusedCase, shape):
         inputs = (x, r, weight)
     elif case.block == "adaln":
         scale, shift = leaf(b, d), leaf(b, d)
-        module = AdaLayerNorm(d)
+        module = AdaLayerNorm(d).to(dtype)
 
         def eager(x, scale, shift):
             return F.layer_norm(x, (d,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
@@ -115,7 +120,7 @@ def _block_engines(case: FusedCase, shape):
 
         inputs = (x, scale, shift)
     else:  # gated, mamba_ssm's rms_norm_ref (groups of d/8, gate after the norm)
-        ours = GatedRMSNorm(d, eps=1e-5, group_size=d // 8)
+        ours = GatedRMSNorm(d, eps=1e-5, group_size=d // 8, dtype=dtype)
         weight = ours.weight
 
         def eager(x, z, weight):
@@ -154,7 +159,7 @@ def _decoder_engines(case: FusedCase, shape):
 
     from normlab.torch import convert
 
-    hf = _decoder(shape)
+    hf = _decoder(shape).to(getattr(torch, case.dtype))
     ours = convert(copy.deepcopy(hf), fuse=True)
     batch, tokens, hidden = shape
     ids = torch.randint(0, 1000, (batch, tokens), generator=torch.Generator().manual_seed(1))

@@ -72,6 +72,11 @@ def test_fused_group_runs_only_when_a_filter_says_fused():
 
     assert bench_fused.select(["RMS"]) == ()
     assert {c.block for c in bench_fused.select(["fused"])} == {"add_rms", "adaln", "gated", "decoder"}
+    # each block in float32 and in bfloat16 (the targets name both)
+    assert {(c.block, c.dtype) for c in bench_fused.select(["fused"])} == {
+        (b, d) for b in ("add_rms", "adaln", "gated", "decoder") for d in ("float32", "bfloat16")}
+    assert [c.label for c in bench_fused.select(["fused add + RMS norm"])] == [
+        "fused add + RMS norm fwd+bwd", "fused add + RMS norm fwd+bwd bf16"]
 
 
 def test_bench_fused_decoder_row_compares_converted_with_unconverted_model():
