@@ -147,3 +147,49 @@ def test_torch_compile_fullgraph_traces_generic_norms_with_dynamic_shapes_in_tra
                 x = torch.randn(batch, 4, 3, 3)
                 expected = model(x)
                 torch.testing.assert_close(compiled(x), expected)
+
+
+BATCH_NORM_TWINS = [("BatchNorm1d", (5, 4)), ("BatchNorm1d", (5, 4, 3)), ("BatchNorm2d", (2, 4, 3, 3)),
+                    ("BatchNorm2d-channels_last", (2, 4, 3, 3)), ("BatchNorm3d", (2, 4, 2, 2, 2))]
+
+
+@pytest.mark.parametrize("name, shape", BATCH_NORM_TWINS, ids=[f"{n}-{len(s)}d" for n, s in BATCH_NORM_TWINS])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_batch_norm_in_evaluation_compiles_into_one_graph_as_torch_nn_does(name, shape, grad):
+    cls = name.split("-")[0]
+    torch.manual_seed(0)
+    reference = getattr(torch.nn, cls)(4)
+    with torch.no_grad():
+        reference.running_mean.uniform_(-1, 1), reference.running_var.uniform_(0.5, 2)
+    twin = nt.convert(copy.deepcopy(reference)).eval()
+    reference.eval()
+    x = torch.randn(shape)
+    if name.endswith("channels_last"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(grad)
+    torch._dynamo.reset()
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")  # a graph break raises
+    y = compiled(x)
+    torch.testing.assert_close(y, reference(x))
+    if grad:
+        (grad_x,) = torch.autograd.grad(y.square().sum(), x)
+        torch.testing.assert_close(grad_x, torch.autograd.grad(reference(x).square().sum(), x)[0])
+
+
+@pytest.mark.slow
+def test_compiled_batch_norm_in_evaluation_keeps_the_contract_at_a_running_mean_of_a_million_stds():
+    # Inductor decomposes the op into (x - mean)·rstd·w + b, which does not cancel as torch's
+    # folded eager kernel does; the oracle is the definition in float64
+    torch.manual_seed(0)
+    twin = nt.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        twin.running_mean.fill_(1e6), twin.running_var.fill_(1.0)
+        twin.weight.uniform_(0.5, 2), twin.bias.uniform_(-1, 1)
+    x = 1e6 + torch.randn(2, 4, 8, 8)
+    shape = (4, 1, 1)
+    want = ((x.double() - 1e6) / (1.0 + twin.eps) ** 0.5 * twin.weight.double().reshape(shape)
+            + twin.bias.double().reshape(shape))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y = torch.compile(twin, fullgraph=True)(x)
+    assert (y.double() - want).abs().max().item() < 1e-4

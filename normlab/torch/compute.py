@@ -142,7 +142,9 @@ def _folding_keeps_precision(module, x: Tensor, mean: Tensor, var: Tensor) -> bo
     """True where torch's folded evaluation op keeps the numerics contract for float32 on
     the CPU (:data:`FOLDED_MEAN_LIMIT`); other dtypes and devices keep torch's op. The
     answer is kept per module while the buffers keep their memory and version."""
-    if x.dtype != torch.float32 or not x.is_cpu or mean is None or var is None:
+    if x.dtype != torch.float32 or not x.is_cpu or mean is None or var is None or torch.compiler.is_compiling():
+        # (compiled, the op is decomposed into (x - mean)·rstd·w + b, which does not cancel;
+        # the check's data-dependent answer would break the graph)
         return True
     tracked = not (mean.is_inference() or var.is_inference())  # (no version counter to key on)
     key = (mean._version, var._version, mean.data_ptr(), var.data_ptr(), module.eps) if tracked else None
