@@ -51,6 +51,7 @@ def _needs(cls, model: str):
 
 DoryL2Norm = _newer_class("dory", "DoryL2Norm")
 Inkling2UnweightedRMSNorm = _newer_class("inkling2", "Inkling2UnweightedRMSNorm")
+PocketTTSFlowLayerNorm = _newer_class("pocket_tts", "PocketTTSFlowLayerNorm")
 
 DTYPE_IDS = ["float32", "bfloat16", "bfloat16_on_float32_weight"]
 BFLOAT16 = dict(rtol=1.6e-2, atol=1e-2)
@@ -268,6 +269,25 @@ def test_a_channels_first_layer_norm_with_the_unbiased_variance_is_left_alone():
     original = UnbiasedVitDetLayerNorm(6)
     with pytest.warns(UserWarning, match="UnbiasedVitDetLayerNorm"):
         assert nt.convert(original) is original
+
+
+@_needs(PocketTTSFlowLayerNorm, "pocket_tts")
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+def test_pocket_tts_layer_norm_keeps_its_gradients_through_a_forward_mode_jvp(affine):
+    # PocketTTS writes its flow head's layer norm out because torch's fused one gives wrong
+    # gradients through a forward-mode JVP (pytorch#196700), which its training differentiates
+    original = PocketTTSFlowLayerNorm(16, eps=1e-6, elementwise_affine=affine).double()
+    random_parameters(original)
+    converted = convert_quietly(copy.deepcopy(original))
+    assert type(converted) is nt.LayerNorm
+    generator = torch.Generator().manual_seed(0)
+    x, tangent, grad_y = (torch.randn(3, 5, 16, generator=generator, dtype=torch.float64) for _ in range(3))
+    found = []
+    for model in (original, converted):
+        inputs = (x.clone().requires_grad_(), *model.parameters())
+        y, y_tangent = torch.func.jvp(model, (inputs[0],), (tangent,))
+        found.append(torch.autograd.grad(((y + y_tangent) * grad_y).sum(), inputs))
+    torch.testing.assert_close(found[1], found[0], rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------

@@ -285,3 +285,32 @@ def test_instance_norm_of_one_spatial_element_raises_torch_nn_s_error(track, tra
             cls(3, track_running_stats=track).train(train)(x)
         errors.append(str(error.value))
     assert errors[1] == errors[0]
+
+
+
+@pytest.mark.parametrize("cls_name, args, shape", [t[:3] for t in TWINS] + [("LayerNorm2d", (4,), (2, 4, 3, 2))],
+                         ids=[t[0] for t in TWINS] + ["LayerNorm2d"])
+def test_gradients_through_a_forward_mode_tangent_pass_gradcheck(cls_name, args, shape):
+    # torch's layer_norm and batch_norm (instance norm's too) give the right tangent but a
+    # wrong gradient of it (pytorch#196700), which training through a JVP differentiates
+    torch.manual_seed(0)
+    twin = nt.LayerNorm2d(*args, dtype=D) if cls_name == "LayerNorm2d" else randomized_pair(cls_name, args, D)[1]
+    tangent, weight = torch.randn(shape, dtype=D), torch.rand(shape, dtype=D)
+
+    def dual_tangent(x):  # in training: batch statistics
+        with forward_ad.dual_level():
+            return forward_ad.unpack_dual(twin.train()(forward_ad.make_dual(x, tangent))).tangent * weight
+
+    def jvp_tangent(x):  # (torch.func.jvp in evaluation: no running statistics to update)
+        return torch.func.jvp(twin.eval(), (x,), (tangent,))[1] * weight
+
+    x = torch.randn(shape, dtype=D, requires_grad=True)
+    assert torch.autograd.gradcheck(dual_tangent, (x,))
+    assert torch.autograd.gradcheck(jvp_tangent, (x,))
+
+
+def test_batch_norm_training_under_torch_func_jvp_raises_torchs_error_as_torch_nn_does():
+    x = torch.randn(4, 3, dtype=D)
+    for model in randomized_pair("BatchNorm1d", (3,), D):
+        with pytest.raises(RuntimeError, match="mutate a captured Tensor"):
+            torch.func.jvp(model.train(), (x,), (x,))

@@ -36,9 +36,11 @@ normalized with the biased one.
 * ``"composite"``: the same math written in torch operations, for any pattern.
 
 ``"auto"`` picks in that order, except where only torch's operations can run: fx
-tracing, ``torch.jit``, ``torch.compile``, ``torch.export``, ONNX export, functorch
-transforms and forward-mode AD take the native path (the composite where torch has no
-op). A double backward differentiates the composite. :func:`use_path` forces a path
+tracing, ``torch.jit``, ``torch.compile``, ``torch.export``, ONNX export and functorch
+transforms take the native path (the composite where torch has no op); forward-mode AD
+(dual tensors, ``torch.func.jvp``) takes the composite, whose tangent's gradient is right
+where torch's layer and batch norms' is not (pytorch#196700). A double backward
+differentiates the composite. :func:`use_path` forces a path
 (tests use it on CPU).
 """
 

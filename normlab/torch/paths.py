@@ -67,6 +67,10 @@ def _choose_path(x: Tensor, has_native: bool) -> str:
     forced = _PathSwitch.path
     if _needs_torch_ops(x) and not (forced == "kernel" and torch.compiler.is_compiling()):
         # a forced kernel under compile stays the registered custom op, which has a fake kernel
+        if forward_ad._current_level >= 0 and forced != "native":
+            # forward-mode AD: torch's layer_norm and batch_norm give the right tangent, but a
+            # backward through that tangent is wrong (pytorch#196700); the composite's is right
+            return "composite"
         return "native" if has_native and forced != "composite" else "composite"
     if forced == "kernel" and x.device.type == "cpu":
         return "kernel"
