@@ -232,3 +232,35 @@ def test_scripting_sync_batch_norm_raises_a_runtime_error_as_torchs_does_and_tra
     reference.load_state_dict(model.state_dict())
     x = torch.randn(2, 3 if not alone else 4, 5, 5)
     torch.testing.assert_close(torch.jit.trace(model, x)(x), reference(x))
+
+
+THREE_RANKS = (2, 3, 4)  # batch sizes of ranks 0, 1, 2
+
+
+def _subgroups(rank: int, port: int):
+    """Three ranks, a process group that leaves rank 2 out: against torch.nn on the
+    concatenated batch of the group's ranks in one process."""
+    dtype, tolerance = torch.float64, dict(atol=1e-10, rtol=1e-9)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
+    try:
+        start = sum(THREE_RANKS[:rank])
+        mine = slice(start, start + THREE_RANKS[rank])
+        generator = torch.Generator().manual_seed(3)
+        x = torch.randn(sum(THREE_RANKS), CHANNELS, 2, 3, generator=generator, dtype=dtype) * 2 + 1
+
+        # process_group=new_group([0, 1]): ranks 0 and 1 share statistics; rank 2, outside
+        # the group, normalizes its own batch (torch's SyncBatchNorm gets world size -1 there
+        # and falls back to batch norm)
+        group = dist.new_group([0, 1])
+        pair = nt.SyncBatchNorm.convert_sync_batchnorm(torch.nn.BatchNorm2d(CHANNELS).to(dtype), process_group=group)
+        alone = torch.nn.BatchNorm2d(CHANNELS).to(dtype)
+        together = slice(0, THREE_RANKS[0] + THREE_RANKS[1])
+        expected = alone(x[mine]) if rank == 2 else alone(x[together])[mine]
+        torch.testing.assert_close(pair(x[mine]), expected, **tolerance)
+        torch.testing.assert_close(pair.running_var, alone.running_var, **tolerance)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_process_group_of_some_ranks_syncs_them_and_leaves_the_rank_outside_it_to_batch_norm():
+    mp.spawn(_subgroups, args=(_free_port(),), nprocs=3, join=True)

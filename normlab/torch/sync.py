@@ -209,7 +209,8 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return 1
         group = self.process_group or torch.distributed.group.WORLD
-        return torch.distributed.get_world_size(group)
+        # -1 on a rank outside process_group: it normalizes its own batch, as torch's does
+        return max(torch.distributed.get_world_size(group), 1)
 
     def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """``mask`` (bool, broadcasts to the input): the elements that count toward the
