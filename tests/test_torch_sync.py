@@ -237,9 +237,9 @@ def test_scripting_sync_batch_norm_raises_a_runtime_error_as_torchs_does_and_tra
 THREE_RANKS = (2, 3, 4)  # batch sizes of ranks 0, 1, 2
 
 
-def _subgroups(rank: int, port: int):
-    """Three ranks, a process group that leaves rank 2 out: against torch.nn on the
-    concatenated batch of the group's ranks in one process."""
+def _double_backward_and_subgroups(rank: int, port: int):
+    """Three ranks: a second derivative (a gradient penalty) and a process group that
+    leaves rank 2 out, each against torch.nn on the concatenated batch in one process."""
     dtype, tolerance = torch.float64, dict(atol=1e-10, rtol=1e-9)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
     try:
@@ -247,6 +247,40 @@ def _subgroups(rank: int, port: int):
         mine = slice(start, start + THREE_RANKS[rank])
         generator = torch.Generator().manual_seed(3)
         x = torch.randn(sum(THREE_RANKS), CHANNELS, 2, 3, generator=generator, dtype=dtype) * 2 + 1
+        grad_y = torch.randn(x.shape, generator=generator, dtype=dtype)
+        mask = torch.rand(sum(THREE_RANKS), 1, 2, 3, generator=generator) < 0.7
+        torch.manual_seed(0)
+        reference = torch.nn.BatchNorm2d(CHANNELS).to(dtype)
+        with torch.no_grad():
+            reference.weight.normal_()
+            reference.bias.normal_()
+
+        # the penalty ||∂L/∂x||², each rank's share of the whole batch's
+        sync = nt.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(reference))
+        x_ref = x.clone().requires_grad_()
+        grad_x, = torch.autograd.grad((reference(x_ref) * grad_y).sum(), x_ref, create_graph=True)
+        grad_x.square().sum().backward()
+        x_local = x[mine].clone().requires_grad_()
+        grad_x_local, = torch.autograd.grad((sync(x_local) * grad_y[mine]).sum(), x_local, create_graph=True)
+        grad_x_local.square().sum().backward()
+        torch.testing.assert_close(grad_x_local, grad_x[mine], **tolerance)
+        torch.testing.assert_close(x_local.grad, x_ref.grad[mine], **tolerance)
+        weight_grad = sync.weight.grad.clone()
+        dist.all_reduce(weight_grad)
+        torch.testing.assert_close(weight_grad, reference.weight.grad, **tolerance)
+
+        # the same with a mask, against the masked composite's autograd
+        weight, bias = reference.weight.detach(), reference.bias.detach()
+        x_ref = x.clone().requires_grad_()
+        expected = _masked_composite(x_ref, mask, weight, bias, sync.eps)
+        grad_x, = torch.autograd.grad((expected * grad_y).sum(), x_ref, create_graph=True)
+        grad_x.square().sum().backward()
+        x_local = x[mine].clone().requires_grad_()
+        grad_x_local, = torch.autograd.grad((sync(x_local, mask=mask[mine]) * grad_y[mine]).sum(), x_local,
+                                            create_graph=True)
+        grad_x_local.square().sum().backward()
+        torch.testing.assert_close(grad_x_local, grad_x[mine], **tolerance)
+        torch.testing.assert_close(x_local.grad, x_ref.grad[mine], **tolerance)
 
         # process_group=new_group([0, 1]): ranks 0 and 1 share statistics; rank 2, outside
         # the group, normalizes its own batch (torch's SyncBatchNorm gets world size -1 there
@@ -262,5 +296,5 @@ def _subgroups(rank: int, port: int):
         dist.destroy_process_group()
 
 
-def test_a_process_group_of_some_ranks_syncs_them_and_leaves_the_rank_outside_it_to_batch_norm():
-    mp.spawn(_subgroups, args=(_free_port(),), nprocs=3, join=True)
+def test_second_derivatives_and_a_process_group_of_some_ranks_follow_batch_norm_on_the_concatenated_batch():
+    mp.spawn(_double_backward_and_subgroups, args=(_free_port(),), nprocs=3, join=True)

@@ -11,6 +11,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from normlab.torch.compute import _average_factor, _batch_norm_forward, _channel_shape, _check_batch, _update_running
 from normlab.torch.masked_modules import _check_mask, masked_forward
 from normlab.torch.modules import _BatchNormForward, _fx_call_module
+from normlab.torch.ops import _grads_of
 from normlab.torch.paths import _LOW_PRECISION, _choose_path
 
 
@@ -55,6 +56,53 @@ def _synced_backward(ctx, grad_y: Tensor, x: Tensor, mask: Optional[Tensor], wei
     return grad_x.to(x.dtype), grad_w, grad_b
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over the ranks of ``group`` as a differentiable operation: its gradient is
+    the sum of the ranks' gradients, itself differentiable (each rank's loss is its own,
+    as with DistributedDataParallel)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
+def _composite_synced(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mask: Optional[Tensor],
+                      eps: float, group) -> Tensor:
+    """The synced forward in torch operations, the ranks' sums taken by :class:`_AllReduceSum`
+    (running statistics left alone): what a backward under ``create_graph=True`` (a gradient
+    penalty, a hessian) differentiates, so that the gradient carries a graph over the ranks."""
+    compute = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+    dims, shape = [0] + list(range(2, x.dim())), _channel_shape(x)
+    xc = x.to(compute)
+    if mask is None:
+        counted = None
+        count = xc.new_full((x.shape[1],), x.numel() // x.shape[1] if x.shape[1] else 0)
+    else:
+        counted = mask.expand(x.shape)
+        count = counted.sum(dims).to(compute)
+        xc = torch.where(counted, xc, 0)  # (padding may hold NaN: kept out of the statistics' graph)
+    total_count, total_x = _AllReduceSum.apply(torch.cat([count, xc.sum(dims)]), group).chunk(2)
+    mean = total_x / total_count.clamp_min(1)
+    squares = (xc - mean.reshape(shape)).square()
+    if counted is not None:
+        squares = torch.where(counted, squares, 0)
+    var = _AllReduceSum.apply(squares.sum(dims), group) / total_count.clamp_min(1)
+    rstd = torch.where(total_count > 0, torch.rsqrt(var + eps), 0)
+    y = (x.to(compute) - mean.reshape(shape)) * rstd.reshape(shape)
+    if weight is not None:
+        y = y * weight.to(compute).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(compute).reshape(shape)
+    return y.to(x.dtype)
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Batch norm whose statistics and gradient sums span every rank of ``group``."""
 
@@ -89,13 +137,17 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             y = y * weight.to(compute).reshape(shape)
         if bias is not None:
             y = y + bias.to(compute).reshape(shape)
-        ctx.save_for_backward(x, weight, mean_c, rstd_c)
-        ctx.total_count, ctx.group, ctx.has_bias = total_count, group, bias is not None
+        ctx.save_for_backward(x, weight, bias, mean_c, rstd_c)
+        ctx.total_count, ctx.group, ctx.has_bias, ctx.eps = total_count, group, bias is not None, module.eps
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: autograd of the composite, over the ranks
+            grads = _grads_of(lambda x, weight, bias: _composite_synced(x, weight, bias, None, ctx.eps, ctx.group),
+                              (x, weight, bias), ctx.needs_input_grad, grad_y)
+            return (*grads, None, None, None, None)
         grad_x, grad_w, grad_b = _synced_backward(ctx, grad_y, x, None, weight, mean, rstd, ctx.total_count,
                                                   ctx.needs_input_grad[1])
         return grad_x, grad_w, grad_b, None, None, None, None
@@ -147,13 +199,17 @@ class _MaskedSyncBatchNormFunction(torch.autograd.Function):
             y = y * weight.to(compute).reshape(shape)
         if bias is not None:
             y = y + bias.to(compute).reshape(shape)
-        ctx.save_for_backward(x, mask, weight, mean_c, rstd_c, total.to(compute))
-        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.save_for_backward(x, mask, weight, bias, mean_c, rstd_c, total.to(compute))
+        ctx.group, ctx.has_bias, ctx.eps = group, bias is not None, module.eps
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, mask, weight, mean, rstd, total = ctx.saved_tensors
+        x, mask, weight, bias, mean, rstd, total = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: autograd of the composite, over the ranks
+            grads = _grads_of(lambda x, weight, bias: _composite_synced(x, weight, bias, mask, ctx.eps, ctx.group),
+                              (x, weight, bias), [ctx.needs_input_grad[i] for i in (0, 2, 3)], grad_y)
+            return grads[0], None, grads[1], grads[2], None, None, None, None
         count = total.clamp_min(1).reshape(_channel_shape(x))
         grad_x, grad_w, grad_b = _synced_backward(ctx, grad_y, x, mask, weight, mean, rstd, count,
                                                   ctx.needs_input_grad[2])
