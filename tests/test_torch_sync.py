@@ -239,7 +239,8 @@ THREE_RANKS = (2, 3, 4)  # batch sizes of ranks 0, 1, 2
 
 def _double_backward_and_subgroups(rank: int, port: int):
     """Three ranks: a second derivative (a gradient penalty) and a process group that
-    leaves rank 2 out, each against torch.nn on the concatenated batch in one process."""
+    leaves rank 2 out, each against torch.nn on the concatenated batch in one process; and
+    the refusal of one value per channel over all ranks."""
     dtype, tolerance = torch.float64, dict(atol=1e-10, rtol=1e-9)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
     try:
@@ -292,6 +293,10 @@ def _double_backward_and_subgroups(rank: int, port: int):
         expected = alone(x[mine]) if rank == 2 else alone(x[together])[mine]
         torch.testing.assert_close(pair(x[mine]), expected, **tolerance)
         torch.testing.assert_close(pair.running_var, alone.running_var, **tolerance)
+
+        # one value per channel over all ranks cannot train: each rank says so, empty ones too
+        with pytest.raises(ValueError, match=r"got 1 over the 3 ranks .*input size \((1|0), 4\) on this rank"):
+            nt.SyncBatchNorm(CHANNELS)(torch.randn(int(rank == 0), CHANNELS))
     finally:
         dist.destroy_process_group()
 

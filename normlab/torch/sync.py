@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from normlab.torch.compute import _average_factor, _batch_norm_forward, _channel_shape, _check_batch, _update_running
+from normlab.errors import InputError
+from normlab.torch.compute import _average_factor, _batch_norm_forward, _channel_shape, _update_running
 from normlab.torch.masked_modules import _check_mask, masked_forward
 from normlab.torch.modules import _BatchNormForward, _fx_call_module
 from normlab.torch.ops import _grads_of
@@ -123,8 +124,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         stacked = torch.stack(gathered)  # (ranks, 3, channels)
         total, mean, m2 = _merge_moments(stacked[:, 0], stacked[:, 1], stacked[:, 2])
         total_count = int(total[0].item()) if channels else 0
-        if module.training and total_count <= 1:
-            _check_batch(x, total_count)
+        if module.training and total_count == 1:  # (the unbiased variance of one value is 0/0)
+            raise InputError(f"SyncBatchNorm: expected more than 1 value per channel when training, got 1 over the "
+                             f"{world_size} ranks of the process group (input size {tuple(x.shape)} on this rank); "
+                             "use larger batches or call .eval()")
         var = m2 / total_count
         if module.training and module.track_running_stats and module.running_mean is not None:
             _update_running(module, mean, var, total_count, factor)
