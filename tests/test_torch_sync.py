@@ -235,71 +235,122 @@ def test_scripting_sync_batch_norm_raises_a_runtime_error_as_torchs_does_and_tra
 
 
 THREE_RANKS = (2, 3, 4)  # batch sizes of ranks 0, 1, 2
+FLOAT64_TOLERANCE = dict(atol=1e-10, rtol=1e-9)
 
 
-def _double_backward_and_subgroups(rank: int, port: int):
-    """Three ranks: a second derivative (a gradient penalty) and a process group that
-    leaves rank 2 out, each against torch.nn on the concatenated batch in one process; and
-    the refusal of one value per channel over all ranks."""
-    dtype, tolerance = torch.float64, dict(atol=1e-10, rtol=1e-9)
+def _three_rank_batch(rank: int, seed: int):
+    """The concatenated batch (x, grad_y, mask), the same on every rank, and this rank's slice."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(THREE_RANKS), CHANNELS, 2, 3, generator=generator, dtype=torch.float64) * 2 + 1
+    grad_y = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    mask = torch.rand(sum(THREE_RANKS), 1, 2, 3, generator=generator) < 0.7
+    start = sum(THREE_RANKS[:rank])
+    return x, grad_y, mask, slice(start, start + THREE_RANKS[rank])
+
+
+def _reference_batch_norm():
+    torch.manual_seed(0)
+    reference = torch.nn.BatchNorm2d(CHANNELS).double()
+    with torch.no_grad():
+        reference.weight.normal_()
+        reference.bias.normal_()
+    return reference
+
+
+def _second_derivatives_are_the_concatenated_batchs(rank: int):
+    """The penalty ||∂L/∂x||², each rank's share of the whole batch's, with and without a mask."""
+    x, grad_y, mask, mine = _three_rank_batch(rank, 3)
+    tolerance = FLOAT64_TOLERANCE
+    reference = _reference_batch_norm()
+    sync = nt.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(reference))
+    x_ref = x.clone().requires_grad_()
+    grad_x, = torch.autograd.grad((reference(x_ref) * grad_y).sum(), x_ref, create_graph=True)
+    grad_x.square().sum().backward()
+    x_local = x[mine].clone().requires_grad_()
+    grad_x_local, = torch.autograd.grad((sync(x_local) * grad_y[mine]).sum(), x_local, create_graph=True)
+    grad_x_local.square().sum().backward()
+    torch.testing.assert_close(grad_x_local, grad_x[mine], **tolerance)
+    torch.testing.assert_close(x_local.grad, x_ref.grad[mine], **tolerance)
+    weight_grad = sync.weight.grad.clone()
+    dist.all_reduce(weight_grad)
+    torch.testing.assert_close(weight_grad, reference.weight.grad, **tolerance)
+
+    # the same with a mask, against the masked composite's autograd
+    weight, bias = reference.weight.detach(), reference.bias.detach()
+    x_ref = x.clone().requires_grad_()
+    expected = _masked_composite(x_ref, mask, weight, bias, sync.eps)
+    grad_x, = torch.autograd.grad((expected * grad_y).sum(), x_ref, create_graph=True)
+    grad_x.square().sum().backward()
+    x_local = x[mine].clone().requires_grad_()
+    grad_x_local, = torch.autograd.grad((sync(x_local, mask=mask[mine]) * grad_y[mine]).sum(), x_local,
+                                        create_graph=True)
+    grad_x_local.square().sum().backward()
+    torch.testing.assert_close(grad_x_local, grad_x[mine], **tolerance)
+    torch.testing.assert_close(x_local.grad, x_ref.grad[mine], **tolerance)
+
+
+def _a_rank_outside_the_process_group_normalizes_its_own_batch(rank: int):
+    """process_group=new_group([0, 1]): ranks 0 and 1 share statistics; rank 2, outside the
+    group, normalizes its own batch (torch's SyncBatchNorm gets world size -1 there and
+    falls back to batch norm)."""
+    x, _, _, mine = _three_rank_batch(rank, 4)
+    group = dist.new_group([0, 1])
+    pair = nt.SyncBatchNorm.convert_sync_batchnorm(torch.nn.BatchNorm2d(CHANNELS).double(), process_group=group)
+    alone = torch.nn.BatchNorm2d(CHANNELS).double()
+    together = slice(0, THREE_RANKS[0] + THREE_RANKS[1])
+    expected = alone(x[mine]) if rank == 2 else alone(x[together])[mine]
+    tolerance = FLOAT64_TOLERANCE
+    torch.testing.assert_close(pair(x[mine]), expected, **tolerance)
+    torch.testing.assert_close(pair.running_var, alone.running_var, **tolerance)
+
+
+def _one_value_over_all_ranks_is_refused_on_every_rank(rank: int):
+    with pytest.raises(ValueError, match=r"got 1 over the 3 ranks .*input size \((1|0), 4\) on this rank"):
+        nt.SyncBatchNorm(CHANNELS)(torch.randn(int(rank == 0), CHANNELS))
+
+
+def _float32_far_from_zero_stays_within_1e_4_of_float64(rank: int):
+    """The numerics contract at |mean|/std = 1e6 in float32, as normlab's BatchNorm2d keeps
+    it: outputs and input gradients (with and without a mask) against float64 batch norm on
+    the concatenated batch; exact zeros for a constant channel."""
+    x, grad_y, mask, mine = _three_rank_batch(rank, 5)
+    x = (x - 1) / 2 + 1e6  # std 1
+    x32 = x.float()
+    reference = _reference_batch_norm()
+    sync = nt.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(reference).float())
+    x_ref = x32.double().requires_grad_()
+    expected = reference(x_ref)
+    (expected * grad_y).sum().backward()
+    x_local = x32[mine].clone().requires_grad_()
+    y = sync(x_local)
+    (y * grad_y[mine].float()).sum().backward()
+    torch.testing.assert_close(y.double(), expected[mine], atol=1e-4, rtol=0)
+    torch.testing.assert_close(x_local.grad.double(), x_ref.grad[mine], atol=1e-4, rtol=1e-4)
+    x_ref.grad = None
+    weight, bias = reference.weight.detach(), reference.bias.detach()
+    expected = _masked_composite(x_ref, mask, weight, bias, sync.eps)
+    (expected * grad_y).sum().backward()
+    x_local = x32[mine].clone().requires_grad_()
+    y = sync(x_local, mask=mask[mine])
+    (y * grad_y[mine].float()).sum().backward()
+    torch.testing.assert_close(y.double(), expected[mine], atol=1e-4, rtol=0)
+    torch.testing.assert_close(x_local.grad.double(), x_ref.grad[mine], atol=1e-4, rtol=1e-4)
+    constant = nt.SyncBatchNorm(CHANNELS, affine=False)(torch.full((THREE_RANKS[rank], CHANNELS, 2, 3), 1e6 + 0.5))
+    assert not constant.any()
+
+
+def _three_rank_checks(rank: int, port: int, checks):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
     try:
-        start = sum(THREE_RANKS[:rank])
-        mine = slice(start, start + THREE_RANKS[rank])
-        generator = torch.Generator().manual_seed(3)
-        x = torch.randn(sum(THREE_RANKS), CHANNELS, 2, 3, generator=generator, dtype=dtype) * 2 + 1
-        grad_y = torch.randn(x.shape, generator=generator, dtype=dtype)
-        mask = torch.rand(sum(THREE_RANKS), 1, 2, 3, generator=generator) < 0.7
-        torch.manual_seed(0)
-        reference = torch.nn.BatchNorm2d(CHANNELS).to(dtype)
-        with torch.no_grad():
-            reference.weight.normal_()
-            reference.bias.normal_()
-
-        # the penalty ||∂L/∂x||², each rank's share of the whole batch's
-        sync = nt.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(reference))
-        x_ref = x.clone().requires_grad_()
-        grad_x, = torch.autograd.grad((reference(x_ref) * grad_y).sum(), x_ref, create_graph=True)
-        grad_x.square().sum().backward()
-        x_local = x[mine].clone().requires_grad_()
-        grad_x_local, = torch.autograd.grad((sync(x_local) * grad_y[mine]).sum(), x_local, create_graph=True)
-        grad_x_local.square().sum().backward()
-        torch.testing.assert_close(grad_x_local, grad_x[mine], **tolerance)
-        torch.testing.assert_close(x_local.grad, x_ref.grad[mine], **tolerance)
-        weight_grad = sync.weight.grad.clone()
-        dist.all_reduce(weight_grad)
-        torch.testing.assert_close(weight_grad, reference.weight.grad, **tolerance)
-
-        # the same with a mask, against the masked composite's autograd
-        weight, bias = reference.weight.detach(), reference.bias.detach()
-        x_ref = x.clone().requires_grad_()
-        expected = _masked_composite(x_ref, mask, weight, bias, sync.eps)
-        grad_x, = torch.autograd.grad((expected * grad_y).sum(), x_ref, create_graph=True)
-        grad_x.square().sum().backward()
-        x_local = x[mine].clone().requires_grad_()
-        grad_x_local, = torch.autograd.grad((sync(x_local, mask=mask[mine]) * grad_y[mine]).sum(), x_local,
-                                            create_graph=True)
-        grad_x_local.square().sum().backward()
-        torch.testing.assert_close(grad_x_local, grad_x[mine], **tolerance)
-        torch.testing.assert_close(x_local.grad, x_ref.grad[mine], **tolerance)
-
-        # process_group=new_group([0, 1]): ranks 0 and 1 share statistics; rank 2, outside
-        # the group, normalizes its own batch (torch's SyncBatchNorm gets world size -1 there
-        # and falls back to batch norm)
-        group = dist.new_group([0, 1])
-        pair = nt.SyncBatchNorm.convert_sync_batchnorm(torch.nn.BatchNorm2d(CHANNELS).to(dtype), process_group=group)
-        alone = torch.nn.BatchNorm2d(CHANNELS).to(dtype)
-        together = slice(0, THREE_RANKS[0] + THREE_RANKS[1])
-        expected = alone(x[mine]) if rank == 2 else alone(x[together])[mine]
-        torch.testing.assert_close(pair(x[mine]), expected, **tolerance)
-        torch.testing.assert_close(pair.running_var, alone.running_var, **tolerance)
-
-        # one value per channel over all ranks cannot train: each rank says so, empty ones too
-        with pytest.raises(ValueError, match=r"got 1 over the 3 ranks .*input size \((1|0), 4\) on this rank"):
-            nt.SyncBatchNorm(CHANNELS)(torch.randn(int(rank == 0), CHANNELS))
+        for check in checks:
+            check(rank)
     finally:
         dist.destroy_process_group()
 
 
-def test_second_derivatives_and_a_process_group_of_some_ranks_follow_batch_norm_on_the_concatenated_batch():
-    mp.spawn(_double_backward_and_subgroups, args=(_free_port(),), nprocs=3, join=True)
+def test_sync_batch_norm_over_three_gloo_ranks_follows_batch_norm_in_second_derivatives_subgroups_errors_and_precision():
+    checks = (_second_derivatives_are_the_concatenated_batchs,
+              _a_rank_outside_the_process_group_normalizes_its_own_batch,
+              _one_value_over_all_ranks_is_refused_on_every_rank,
+              _float32_far_from_zero_stays_within_1e_4_of_float64)
+    mp.spawn(_three_rank_checks, args=(_free_port(), checks), nprocs=3, join=True)

@@ -30,8 +30,17 @@ def _merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, 
     return total, mean, m2
 
 
+def _split_mean(mean: Tensor, compute: torch.dtype, shape) -> tuple[Tensor, Tensor]:
+    """The float64 ``mean`` as a high and a low part in ``compute``: ``(x − high) − low``
+    keeps its digits where float32 data lie far from 0 (|mean|/std = 1e6), where
+    ``x − float32(mean)`` would be off by half a float32 step of the mean."""
+    high = mean.to(compute)
+    low = (mean - high.to(mean.dtype)).to(compute)
+    return high.reshape(shape), low.reshape(shape)
+
+
 def _synced_backward(ctx, grad_y: Tensor, x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor],
-                     mean: Tensor, rstd: Tensor, count, need_weight: bool) -> tuple:
+                     mean_parts: tuple[Tensor, Tensor], rstd: Tensor, count, need_weight: bool) -> tuple:
     """``(grad_x, grad_weight, grad_bias)`` of batch norm over every rank of ``ctx.group``:
     ``grad_x = rstd·w·(g − m·(ΣΣg + x̂·ΣΣg·x̂)/count)``, the two per-channel sums taken
     over every element and every rank (one all-reduce), ``m`` the mask (1 without one; a
@@ -40,8 +49,9 @@ def _synced_backward(ctx, grad_y: Tensor, x: Tensor, mask: Optional[Tensor], wei
     parameter gradients stay local: DistributedDataParallel averages them, as with torch's."""
     shape = _channel_shape(x)
     dims = [0] + list(range(2, x.dim()))
-    g = grad_y.to(mean.dtype)
-    x_hat = (x.to(mean.dtype) - mean) * rstd
+    high, low = mean_parts  # (see _split_mean)
+    g = grad_y.to(rstd.dtype)
+    x_hat = ((x.to(rstd.dtype) - high) - low) * rstd
     sum_dy = g.sum(dims)
     sum_dy_xhat = (g * x_hat).sum(dims)
     packed = torch.cat([sum_dy, sum_dy_xhat])
@@ -49,8 +59,8 @@ def _synced_backward(ctx, grad_y: Tensor, x: Tensor, mask: Optional[Tensor], wei
     total_dy, total_dy_xhat = packed.chunk(2)
     correction = (total_dy.reshape(shape) + x_hat * total_dy_xhat.reshape(shape)) / count
     if mask is not None:
-        correction = mask.expand(x.shape).to(mean.dtype) * correction
-    scale = rstd if weight is None else rstd * weight.to(mean.dtype).reshape(shape)
+        correction = mask.expand(x.shape).to(rstd.dtype) * correction
+    scale = rstd if weight is None else rstd * weight.to(rstd.dtype).reshape(shape)
     grad_x = scale * (g - correction)
     grad_w = sum_dy_xhat.to(weight.dtype) if weight is not None and need_weight else None
     grad_b = sum_dy.to(weight.dtype if weight is not None else x.dtype) if ctx.has_bias else None
@@ -115,10 +125,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         compute = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
         xc = x.to(compute)
         if count:
-            var, mean = torch.var_mean(xc, dim=dims, correction=0)
+            # the mean summed in float64: var_mean's would be rounded to float32
+            var, mean = torch.var(xc, dim=dims, correction=0), xc.sum(dims, dtype=torch.float64) / count
         else:
             var = mean = xc.new_zeros(channels)
-        local = torch.stack([torch.full_like(mean, count), mean, var * count]).to(torch.float64)
+        local = torch.stack([torch.full_like(mean, count, dtype=torch.float64), mean.to(torch.float64),
+                             var.to(torch.float64) * count])
         gathered = [torch.empty_like(local) for _ in range(world_size)]
         torch.distributed.all_gather(gathered, local, group=group)
         stacked = torch.stack(gathered)  # (ranks, 3, channels)
@@ -133,25 +145,24 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             _update_running(module, mean, var, total_count, factor)
         rstd = torch.rsqrt(var + module.eps)
         shape = _channel_shape(x)
-        mean_c, rstd_c = mean.to(compute).reshape(shape), rstd.to(compute).reshape(shape)
-        x_hat = (xc - mean_c) * rstd_c
-        y = x_hat
+        (high, low), rstd_c = _split_mean(mean, compute, shape), rstd.to(compute).reshape(shape)
+        y = ((xc - high) - low) * rstd_c
         if weight is not None:
             y = y * weight.to(compute).reshape(shape)
         if bias is not None:
             y = y + bias.to(compute).reshape(shape)
-        ctx.save_for_backward(x, weight, bias, mean_c, rstd_c)
+        ctx.save_for_backward(x, weight, bias, high, low, rstd_c)
         ctx.total_count, ctx.group, ctx.has_bias, ctx.eps = total_count, group, bias is not None, module.eps
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
+        x, weight, bias, high, low, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: autograd of the composite, over the ranks
             grads = _grads_of(lambda x, weight, bias: _composite_synced(x, weight, bias, None, ctx.eps, ctx.group),
                               (x, weight, bias), ctx.needs_input_grad, grad_y)
             return (*grads, None, None, None, None)
-        grad_x, grad_w, grad_b = _synced_backward(ctx, grad_y, x, None, weight, mean, rstd, ctx.total_count,
+        grad_x, grad_w, grad_b = _synced_backward(ctx, grad_y, x, None, weight, (high, low), rstd, ctx.total_count,
                                                   ctx.needs_input_grad[1])
         return grad_x, grad_w, grad_b, None, None, None, None
 
@@ -196,25 +207,25 @@ class _MaskedSyncBatchNormFunction(torch.autograd.Function):
         # nothing counted: mean = rstd = 0, so x̂ = 0 and y = bias exactly
         rstd = torch.where(counted, torch.rsqrt(var + module.eps), 0)
         mean = torch.where(counted, mean, 0)
-        mean_c, rstd_c = mean.to(compute).reshape(shape), rstd.to(compute).reshape(shape)
-        y = (xc - mean_c) * rstd_c
+        (high, low), rstd_c = _split_mean(mean, compute, shape), rstd.to(compute).reshape(shape)
+        y = ((xc - high) - low) * rstd_c
         if weight is not None:
             y = y * weight.to(compute).reshape(shape)
         if bias is not None:
             y = y + bias.to(compute).reshape(shape)
-        ctx.save_for_backward(x, mask, weight, bias, mean_c, rstd_c, total.to(compute))
+        ctx.save_for_backward(x, mask, weight, bias, high, low, rstd_c, total.to(compute))
         ctx.group, ctx.has_bias, ctx.eps = group, bias is not None, module.eps
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, mask, weight, bias, mean, rstd, total = ctx.saved_tensors
+        x, mask, weight, bias, high, low, rstd, total = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: autograd of the composite, over the ranks
             grads = _grads_of(lambda x, weight, bias: _composite_synced(x, weight, bias, mask, ctx.eps, ctx.group),
                               (x, weight, bias), [ctx.needs_input_grad[i] for i in (0, 2, 3)], grad_y)
             return grads[0], None, grads[1], grads[2], None, None, None, None
         count = total.clamp_min(1).reshape(_channel_shape(x))
-        grad_x, grad_w, grad_b = _synced_backward(ctx, grad_y, x, mask, weight, mean, rstd, count,
+        grad_x, grad_w, grad_b = _synced_backward(ctx, grad_y, x, mask, weight, (high, low), rstd, count,
                                                   ctx.needs_input_grad[2])
         return grad_x, None, grad_w, grad_b, None, None, None, None
 
