@@ -1,0 +1,50 @@
+"""``mask=`` under torch.func, as torch users train with it: ``grad`` of a
+``functional_call`` handed the parameters and the buffers (so that batch norm in
+training may update its running statistics). Oracle: torch.nn's own modules on the data
+with the padding removed, through the same transform."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+from torch.func import functional_call, grad  # noqa: E402
+
+import normlab.torch as nt  # noqa: E402
+
+_BATCH_NORMS = {
+    "BatchNorm2d": lambda: nt.BatchNorm2d(3),
+    "Norm": lambda: nt.Norm("[b] c [h w]", params="c", c=3, track_running_stats=True),
+}
+
+
+def _state(module):
+    """Parameters and buffers as torch.func takes them, copies the call may update."""
+    return ({name: p.detach().clone() for name, p in module.named_parameters()},
+            {name: b.clone() for name, b in module.named_buffers()})
+
+
+@pytest.mark.parametrize("name", sorted(_BATCH_NORMS))
+def test_func_grad_of_a_masked_batch_norm_in_training_gives_torch_nn_gradients_and_running_statistics(name):
+    """The mask leaves out the last sample; torch.nn.BatchNorm2d sees the first three alone."""
+    torch.manual_seed(0)
+    reference = nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.normal_()
+    twin = _BATCH_NORMS[name]().double()
+    twin.load_state_dict(reference.state_dict())
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    mask = torch.tensor([True, True, True, False]).reshape(4, 1, 1, 1)
+
+    def loss(module, params, buffers, inputs, **kwargs):
+        return functional_call(module, (params, buffers), (inputs,), kwargs)[:3].pow(3).sum()
+
+    params, buffers = _state(reference)
+    want = grad(loss, argnums=(1, 3))(reference, params, buffers, x[:3])
+    twin_params, twin_buffers = _state(twin)
+    have = grad(loss, argnums=(1, 3))(twin, twin_params, twin_buffers, x, mask=mask)
+    torch.testing.assert_close(have[0], want[0])
+    torch.testing.assert_close(have[1][:3], want[1])
+    torch.testing.assert_close(twin_buffers, buffers)
+
