@@ -1,14 +1,17 @@
 """``mask=`` under torch.func, as torch users train with it: ``grad`` of a
 ``functional_call`` handed the parameters and the buffers (so that batch norm in
-training may update its running statistics). Oracle: torch.nn's own modules on the data
-with the padding removed, through the same transform."""
+training may update its running statistics), and ``vmap`` over per-sample padding
+masks. Oracle: torch.nn's own modules on the data with the padding removed, through the
+same transform."""
+
+import copy
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
-from torch.func import functional_call, grad  # noqa: E402
+from torch.func import functional_call, grad, vmap  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
 
@@ -48,3 +51,27 @@ def test_func_grad_of_a_masked_batch_norm_in_training_gives_torch_nn_gradients_a
     torch.testing.assert_close(have[1][:3], want[1])
     torch.testing.assert_close(twin_buffers, buffers)
 
+
+def test_vmap_over_per_sample_padding_masks_gives_each_sample_torch_nn_s_unpadded_batch_norm():
+    """Batch norm without running statistics, which torch vmaps in training: each vmapped
+    batch has its own length, and torch.nn.BatchNorm1d sees that batch cut to its length."""
+    torch.manual_seed(1)
+    reference = nn.BatchNorm1d(3, track_running_stats=False).double()
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.normal_()
+    twin = nt.convert(copy.deepcopy(reference))
+    lengths = [4, 7, 2]
+    x = torch.randn(len(lengths), 4, 3, 7, dtype=torch.float64)
+    mask = (torch.arange(7) < torch.tensor(lengths)[:, None]).reshape(len(lengths), 1, 1, 7).expand(-1, 4, -1, -1)
+    y = vmap(lambda inputs, counted: twin(inputs, mask=counted))(x, mask)
+    weights = torch.randn(x.shape, dtype=torch.float64)
+    gradients = vmap(grad(lambda inputs, counted, w: (twin(inputs, mask=counted) * w * counted).sum()))(x, mask,
+                                                                                                      weights)
+    for i, length in enumerate(lengths):
+        unpadded = x[i, ..., :length].clone().requires_grad_()
+        expected = reference(unpadded)
+        torch.testing.assert_close(y[i, ..., :length], expected)
+        (expected * weights[i, ..., :length]).sum().backward()
+        torch.testing.assert_close(gradients[i, ..., :length], unpadded.grad)
+        torch.testing.assert_close(gradients[i, ..., length:], torch.zeros_like(gradients[i, ..., length:]))

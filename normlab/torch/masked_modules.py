@@ -26,13 +26,23 @@ def _unbiased(rstd: Tensor, count: Tensor, eps: float) -> Tensor:
     return _variance(rstd, eps) * count / (count - 1).clamp_min(1)
 
 
+def _vmapping() -> bool:
+    """True inside ``torch.func.vmap`` (at any depth), where counts are batched tensors
+    that no Python ``if`` can read."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return torch._C._are_functorch_transforms_active() and any(
+        interpreter.key() == TransformType.Vmap for interpreter in retrieve_all_functorch_interpreters())
+
+
 def _check_counts(module, x: Tensor, count: Tensor, allow_empty: bool = False,
                   more: str = "count more elements in the mask") -> None:
     """torch's rule, counted: more than one value per channel when training. With
     ``allow_empty`` (batch norm, as SyncBatchNorm) a channel with nothing counted is no
     error: it gives exactly ``bias`` and keeps its running statistics."""
-    if torch.compiler.is_compiling():  # a data-dependent branch: export cannot trace it, compile would break
-        return
+    if torch.compiler.is_compiling() or _vmapping():
+        return  # a data-dependent branch: export and vmap cannot take it, compile would break
     refused = count == 1 if allow_empty else count <= 1
     if count.numel() and bool(refused.any()):
         raise ValueError(f"{type(module).__name__}: expected more than 1 counted value per channel when training, "
