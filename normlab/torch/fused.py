@@ -41,6 +41,7 @@ __all__ = ["CASTINGS", "fused_normalize", "FusedAddRMSNorm", "FusedAddLayerNorm"
 CASTINGS = (*(c for c in recipes.CASTINGS if c not in ("t5", "imagegpt")), "qwen3_next")  # what a block takes
 _CAST_AT_THE_END = ("gemma", "qwen3_next")  # the recipes whose steps after the weight run in float32
 _KERNEL_DTYPES = (torch.float32, torch.float64)
+_Proxy = torch.fx.Proxy
 
 
 @dataclass(frozen=True)
@@ -426,6 +427,25 @@ def _check_input(module: nn.Module, x: Tensor, normalized_shape, **others: Optio
                                f"size {list(x.shape)}; pass a {name} of the input's shape")
 
 
+def _fx_leaf(module: nn.Module, *args, **kwargs) -> Optional["torch.fx.Proxy"]:
+    """Under ``torch.fx.symbolic_trace`` (an argument is a ``Proxy``): one ``call_module``
+    leaf with the arguments given, whose output unpacks as the block's tuple does; the
+    traced graph then runs the block as it is (its checks read sizes, the kernels need
+    tensors). The root module cannot call itself: a TypeError says what traces it.
+    Otherwise None."""
+    proxies = [a for a in (*args, *kwargs.values()) if isinstance(a, _Proxy)]
+    if not proxies:
+        return None
+    proxy = proxies[0]
+    path = proxy.tracer.path_of_module(module)
+    if not path:
+        raise TypeError(f"torch.fx traces {type(module).__name__} inside a model, not as the root module: trace a "
+                        "model that holds it, e.g. one whose forward calls it (or use torch.export, which traces it "
+                        "alone)")
+    kwargs = {name: value for name, value in kwargs.items() if value is not None}
+    return proxy.tracer.create_proxy("call_module", path, args, kwargs)
+
+
 def _with_companion(module: nn.Module, x: Tensor, other: Optional[Tensor], normalized_shape,
                     name: str = "residual", formula: str = "x + residual"):
     """``x`` and ``other`` (the residual, or the gate) expanded to the shape of ``formula``
@@ -484,6 +504,9 @@ class FusedAddRMSNorm(Unscriptable, nn.Module):
                             weight_offset=self.weight_offset)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        traced = _fx_leaf(self, x, residual)
+        if traced is not None:
+            return traced
         x, residual = _with_companion(self, x, residual, self.weight.shape)
         return fused_normalize(x, _block_of(self), residual=residual, weight=self.weight)
 
@@ -516,6 +539,9 @@ class FusedAddLayerNorm(Unscriptable, nn.LayerNorm):
         self._block = Block(pattern, params, sizes=sizes, eps=float(self.eps), casting=self.casting)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        traced = _fx_leaf(self, x, residual)
+        if traced is not None:
+            return traced
         x, residual = _with_companion(self, x, residual, self.normalized_shape)
         return fused_normalize(x, _block_of(self), residual=residual, weight=self.weight, bias=self.bias)
 
@@ -571,6 +597,9 @@ class GatedRMSNorm(Unscriptable, nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor, z: Optional[Tensor] = None, gate: Optional[Tensor] = None) -> Tensor:
+        traced = _fx_leaf(self, x, z, gate=gate)
+        if traced is not None:
+            return traced
         if gate is not None:  # transformers' gated norms name it gate
             if z is not None:
                 raise TypeError("GatedRMSNorm.forward takes the gate once: as z or as gate, not both")
@@ -619,6 +648,9 @@ class AdaLayerNorm(Unscriptable, nn.Module):
                             casting=casting)
 
     def forward(self, x: Tensor, timestep=None, class_labels=None, hidden_dtype=None, emb: Optional[Tensor] = None):
+        traced = _fx_leaf(self, x, timestep, class_labels, hidden_dtype, emb=emb)
+        if traced is not None:
+            return traced
         if emb is None:
             raise ValueError("AdaLayerNorm needs emb= (the conditioning embedding, shape (batch, embedding_dim))")
         _check_input(self, x, (self.embedding_dim,))

@@ -1,0 +1,120 @@
+"""torch features on models that hold the fused blocks, against the same models built
+from the classes the blocks replace (transformers' LlamaRMSNorm and MambaRMSNormGated,
+torch.nn.LayerNorm, diffusers' AdaLayerNormZero) run through the same feature."""
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from torch import nn  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
+
+import normlab.torch as nt  # noqa: E402
+from tests.hf_classes import mamba_gated_norm  # noqa: E402
+
+WIDTH = 8
+
+
+class _AddNorm(nn.Module):
+    """The composite a fused residual block replaces: ``(norm(x + residual), x + residual)``."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x, residual):
+        total = x + residual
+        return self.norm(total), total
+
+
+class _PreNormLayer(nn.Module):
+    """A pre-norm residual layer as transformers writes it: the norm's outputs unpacked."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.proj, self.norm = nn.Linear(WIDTH, WIDTH), norm
+
+    def forward(self, x, other):
+        y, total = self.norm(self.proj(x), other)
+        return self.proj(y) + total
+
+
+class _GatedLayer(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.proj, self.norm = nn.Linear(WIDTH, WIDTH), norm
+
+    def forward(self, x, z):
+        return self.proj(self.norm(self.proj(x), z))
+
+
+class _ModulatedLayer(nn.Module):
+    """DiT's block entry: the modulated norm, then its gate on a projection."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.proj, self.norm = nn.Linear(WIDTH, WIDTH), norm
+
+    def forward(self, x, emb):
+        y, gate_msa, _shift_mlp, _scale_mlp, _gate_mlp = self.norm(x, emb=emb)
+        return x + gate_msa[:, None] * self.proj(y)
+
+
+def _layers():
+    """(id, the layer on a normlab block, the same layer on the class the block replaces)."""
+    torch.manual_seed(0)
+    mamba, group_size = mamba_gated_norm(WIDTH, 4)
+    ada = pytest.importorskip("diffusers.models.normalization").AdaLayerNormZero(WIDTH)
+    originals = {"FusedAddRMSNorm": (_PreNormLayer(_AddNorm(LlamaRMSNorm(WIDTH, eps=1e-6))),
+                                     lambda: nt.FusedAddRMSNorm(WIDTH, eps=1e-6)),
+                 "FusedAddLayerNorm": (_PreNormLayer(_AddNorm(nn.LayerNorm(WIDTH))),
+                                       lambda: nt.FusedAddLayerNorm(WIDTH)),
+                 "GatedRMSNorm": (_GatedLayer(mamba),
+                                  lambda: nt.GatedRMSNorm(WIDTH, eps=1e-6, group_size=group_size,
+                                                          norm_before_gate=False)),
+                 "AdaLayerNorm": (_ModulatedLayer(ada), lambda: nt.AdaLayerNorm(WIDTH))}
+    cases = []
+    for name, (original, make) in originals.items():
+        with torch.no_grad():
+            for p in original.parameters():
+                p.uniform_(0.5, 1.5)
+        layer = copy.deepcopy(original)
+        layer.norm = make()
+        replaced = original.norm.norm if isinstance(original.norm, _AddNorm) else original.norm
+        layer.norm.load_state_dict(replaced.state_dict())
+        cases.append((name, layer, original))
+    return cases
+
+
+NAMES = ["FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm"]
+
+
+def _inputs(name, batch=2, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, WIDTH, generator=gen)
+    other = torch.randn((batch, WIDTH) if name == "AdaLayerNorm" else (batch, 3, WIDTH), generator=gen)
+    return x, other
+
+
+@pytest.mark.parametrize("index", range(4), ids=NAMES)
+def test_fx_traces_a_layer_holding_a_fused_block_into_one_leaf_call_with_the_replaced_classes_outputs(index):
+    """The block is recorded as one call, whose tuple output the layer unpacks as it
+    unpacks theirs. (fx traces through LlamaRMSNorm, torch.nn.LayerNorm and
+    AdaLayerNormZero; transformers' gated norms do not trace: they read len(x.shape).)"""
+    name, layer, original = _layers()[index]
+    traced = torch.fx.symbolic_trace(layer)
+    calls = [node.target for node in traced.graph.nodes if node.op == "call_module"]
+    assert calls.count("norm") == 1
+    for batch in (2, 5):
+        x, other = _inputs(name, batch, seed=batch)
+        torch.testing.assert_close(traced(x, other), original(x, other))
+
+
+@pytest.mark.parametrize("index", range(4), ids=NAMES)
+def test_fx_refuses_a_fused_block_as_the_root_module_with_a_type_error_saying_what_traces_it(index):
+    _, layer, _ = _layers()[index]
+    with pytest.raises(TypeError, match="inside a model, not as the root module"):
+        torch.fx.symbolic_trace(layer.norm)
