@@ -118,3 +118,23 @@ def test_fx_refuses_a_fused_block_as_the_root_module_with_a_type_error_saying_wh
     _, layer, _ = _layers()[index]
     with pytest.raises(TypeError, match="inside a model, not as the root module"):
         torch.fx.symbolic_trace(layer.norm)
+
+
+
+@pytest.mark.parametrize("index", range(2), ids=NAMES[:2])
+@pytest.mark.parametrize("made_in_inference_mode", ["residual", "residual_and_input"])
+def test_a_residual_made_in_inference_mode_trains_the_layer_as_the_composite_does(index, made_in_inference_mode):
+    """Embeddings cached under torch.inference_mode() as the residual stream of a layer that
+    trains: autograd cannot save an inference tensor, and the composite saves only the sum."""
+    name, layer, original = _layers()[index]
+    x, residual = _inputs(name)
+    with torch.inference_mode():
+        cached, cached_x = residual.clone(), x.clone()
+    gradients = []
+    for model in (layer, original):
+        norm = model.norm if model is layer else model.norm.norm
+        h = model.proj(x) if made_in_inference_mode == "residual" else cached_x
+        y, total = model.norm(h, cached)
+        loss = (y * torch.linspace(-1, 1, WIDTH)).sum() + total.pow(2).sum()
+        gradients.append(torch.autograd.grad(loss, [*model.proj.parameters(), *norm.parameters()], allow_unused=True))
+    torch.testing.assert_close(gradients[0], gradients[1])

@@ -242,6 +242,11 @@ def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
     return (y, total) if residual is not None else y
 
 
+def _records_autograd(tensors) -> bool:
+    return (torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+            and any(t is not None and t.requires_grad for t in tensors))
+
+
 def fused_normalize(x: Tensor, block: Block, *, residual=None, gate=None, weight=None, bias=None, scale=None,
                     shift=None):
     """The fused block ``block`` on tensors, differentiable: the fused kernels on CPU
@@ -254,6 +259,11 @@ def fused_normalize(x: Tensor, block: Block, *, residual=None, gate=None, weight
     ([0.8485, 1.1314], [[3.0, 4.0]])
     """
     tensors = (x, residual, gate, weight, bias, scale, shift)
+    if (residual is not None and not torch.compiler.is_compiling()  # (Dynamo cannot trace is_inference)
+            and (x.is_inference() or residual.is_inference()) and _records_autograd(tensors)):
+        # a sum of inference tensors made in inference_mode, which autograd cannot save: the
+        # composite saves only the sum, a normal tensor, as norm(x + residual) does
+        return _composite(*tensors, block)
     if _use_kernels(*tensors):
         call = _cached_call(block, tensors)
         if call is not None:
