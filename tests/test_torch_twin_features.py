@@ -5,6 +5,7 @@ and constructor signatures. (The whole-model battery is in test_torch_features.p
 import copy
 import inspect
 import io
+import pickle
 
 import pytest
 
@@ -14,6 +15,7 @@ from torch import nn  # noqa: E402
 from torch.autograd import forward_ad  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
+from tests.mirrored_norms import TorchvisionLayerNorm2d  # noqa: E402
 
 # (id, torch.nn original, input shape, an input torch.nn refuses)
 TWINS = [
@@ -144,6 +146,34 @@ def test_fx_symbolic_trace_and_jit_trace_with_save_give_torch_nn_outputs(name, f
     torch.jit.save(traced, buffer)
     buffer.seek(0)
     torch.testing.assert_close(torch.jit.load(buffer)(x), expected, **TOLERANCE)
+
+
+ROOT_TRACEABLE = [case for case in TWINS if case[0] in ("layer_norm", "group_norm", "rms_norm")]
+
+
+@pytest.mark.parametrize("name, factory, shape, _bad", ROOT_TRACEABLE, ids=[case[0] for case in ROOT_TRACEABLE])
+def test_fx_symbolic_trace_of_the_twin_itself_gives_torch_nn_s_graph_which_saves_and_loads(name, factory, shape, _bad):
+    """fx traces torch.nn's LayerNorm, GroupNorm and RMSNorm as the root module (not its
+    batch and instance norms: their forward branches on the input's rank); so it traces the
+    twin, with torch.nn's signature (no mask) and outputs, through torch.save and pickle."""
+    x = inputs(shape)
+    original, twin = pair(name, factory)
+    graph, reference = torch.fx.symbolic_trace(copy.deepcopy(twin)), torch.fx.symbolic_trace(original)
+    assert graph.code == reference.code
+    buffer = io.BytesIO()
+    torch.save(graph, buffer)
+    buffer.seek(0)
+    for traced in (graph, torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(graph))):
+        torch.testing.assert_close(traced(x), original(x), **TOLERANCE)
+    with pytest.raises(TypeError):
+        graph(x, mask=torch.ones(shape, dtype=torch.bool))
+
+
+def test_fx_symbolic_trace_of_layer_norm_2d_itself_gives_torchvisions_outputs():
+    twin, original = nt.LayerNorm2d(3), TorchvisionLayerNorm2d(3, eps=1e-6)
+    original.load_state_dict(twin.state_dict())
+    x = inputs((2, 3, 4, 5)).float()
+    torch.testing.assert_close(torch.fx.symbolic_trace(twin)(x), torch.fx.symbolic_trace(original)(x))
 
 
 @pytest.mark.parametrize("name, factory, shape, _bad", SCRIPTABLE, ids=[case[0] for case in SCRIPTABLE])

@@ -1,7 +1,5 @@
 """The drop-in modules: twins of torch.nn's norm layers, and :class:`Norm` for any pattern."""
 
-from __future__ import annotations
-
 import inspect
 import math
 import types
@@ -53,11 +51,23 @@ def _fx_call_module(module: nn.Module, proxy, **kwargs) -> "torch.fx.Proxy":
     path = proxy.tracer.path_of_module(module)
     kwargs = {name: value for name, value in kwargs.items() if value is not None}
     if not path:
-        if not hasattr(module, "_torch_forward") or kwargs:
+        root = getattr(module, "_traced_root_forward", None)
+        # fx makes the root's optional arguments (mask=None) placeholders: torch.nn's forward
+        # has none, and neither has its graph (a mask passed to it is then a TypeError)
+        unset = [value.node for value in kwargs.values() if _unset_placeholder(value)]
+        if root is None or len(unset) != len(kwargs):
             raise TypeError(f"torch.fx traces {type(module).__name__} inside a model, not as the root module: "
                             "trace a model that holds it, e.g. torch.nn.Sequential(norm)")
-        return module._torch_forward(proxy)
+        for node in unset:
+            proxy.tracer.graph.erase_node(node)
+        return root(proxy)
     return proxy.tracer.create_proxy("call_module", path, (proxy,), kwargs)
+
+
+def _unset_placeholder(value) -> bool:
+    """An fx placeholder of the root's signature left at its default, None, used by nothing."""
+    return (isinstance(value, torch.fx.Proxy) and value.node.op == "placeholder" and value.node.args == (None,)
+            and not value.node.users)
 
 
 class _Twin:
@@ -66,6 +76,11 @@ class _Twin:
     rest runs ``_normlab_forward``, which itself takes torch's forward where only torch's
     operations can run (see :func:`normlab.torch.paths._needs_torch_ops`) or where the
     input does not fit, so that torch raises its own error in its own words."""
+
+    @torch.jit.unused
+    def _traced_root_forward(self, proxy) -> "torch.fx.Proxy":
+        """What fx records for the twin as the root module: torch.nn's forward."""
+        return self._torch_forward(proxy)
 
     def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """``mask`` (bool, broadcasts to the input): the elements that count toward the
@@ -234,6 +249,14 @@ class RMSNorm(_Twin, nn.RMSNorm):
                                "or weight_offset; use torch.jit.trace, torch.export or torch.compile for this module")
         return self
 
+    @torch.jit.unused
+    def _traced_root_forward(self, proxy) -> "torch.fx.Proxy":
+        if getattr(self, "casting", None) is not None or getattr(self, "weight_offset", 0.0):
+            raise TypeError("torch.fx traces an RMSNorm with a casting recipe or weight_offset inside a model, not as "
+                            "the root module (torch.nn.RMSNorm's forward, which fx traces for a root, has neither): "
+                            "trace a model that holds it, e.g. torch.nn.Sequential(norm)")
+        return self._torch_forward(proxy)
+
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:  # torch.nn.RMSNorm names its input x
         if torch.jit.is_scripting():
             if mask is not None:
@@ -312,6 +335,12 @@ class LayerNorm2d(nn.LayerNorm):
             return F.layer_norm(input.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
                                 self.eps).permute(0, 3, 1, 2)
         return self._eager_forward(input, mask)
+
+    @torch.jit.unused
+    def _traced_root_forward(self, proxy) -> "torch.fx.Proxy":
+        """What fx records for it as the root module: the originals' permutes and layer norm."""
+        return F.layer_norm(proxy.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor, mask: Optional[Tensor]) -> Tensor:
