@@ -52,6 +52,8 @@ def _needs(cls, model: str):
 DoryL2Norm = _newer_class("dory", "DoryL2Norm")
 Inkling2UnweightedRMSNorm = _newer_class("inkling2", "Inkling2UnweightedRMSNorm")
 PocketTTSFlowLayerNorm = _newer_class("pocket_tts", "PocketTTSFlowLayerNorm")
+PeAudioMaskedGroupNorm = _newer_class("pe_audio", "PeAudioMaskedGroupNorm")
+Emu3VQVAEGroupNorm = _newer_class("emu3", "Emu3VQVAEGroupNorm")
 
 DTYPE_IDS = ["float32", "bfloat16", "bfloat16_on_float32_weight"]
 BFLOAT16 = dict(rtol=1.6e-2, atol=1e-2)
@@ -288,6 +290,24 @@ def test_pocket_tts_layer_norm_keeps_its_gradients_through_a_forward_mode_jvp(af
         y, y_tangent = torch.func.jvp(model, (inputs[0],), (tangent,))
         found.append(torch.autograd.grad(((y + y_tangent) * grad_y).sum(), inputs))
     torch.testing.assert_close(found[1], found[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("make, call", [
+    pytest.param(lambda: PeAudioMaskedGroupNorm(num_groups=2, num_channels=8),
+                 lambda norm, x, other: norm(x, padding_mask=(other > 0).float()),
+                 marks=_needs(PeAudioMaskedGroupNorm, "pe_audio")),
+    pytest.param(lambda: Emu3VQVAEGroupNorm(num_channels=8, num_groups=2, eps=1e-6, affine=True),
+                 lambda norm, x, other: norm(x, other), marks=_needs(Emu3VQVAEGroupNorm, "emu3")),
+], ids=["pe_audio_padding_mask", "emu3_quant_states"])
+def test_norm_subclasses_whose_forward_takes_more_than_the_input_are_left_alone_with_a_warning(make, call):
+    # their models pass the second argument (by name, or by position where a twin would read it as its mask)
+    original = random_parameters(make())
+    model = torch.nn.ModuleDict({"norm": original})
+    with pytest.warns(UserWarning, match=rf"{type(original).__name__} \(norm\)"):
+        nt.convert(model)
+    assert model["norm"] is original
+    x, other = torch.randn(2, 8, 5), torch.randn(2, 8, 5)
+    assert torch.equal(call(model["norm"], x, other), call(original, x, other))
 
 
 # ---------------------------------------------------------------------------------------

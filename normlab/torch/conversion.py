@@ -3,8 +3,9 @@
 A layer is converted when normlab can compute what it computes:
 
 * torch.nn's norm classes, and their subclasses whose ``forward`` is torch.nn's own;
-* subclasses with a ``forward`` of their own (timm's ``LayerNorm``, ``GroupNorm``, ...) when
-  that forward gives torch.nn's numbers on probe inputs, and subclasses of ``nn.LayerNorm``
+* subclasses with a ``forward`` of their own (timm's ``LayerNorm``, ``GroupNorm``, ...) that
+  takes the input alone, when that forward gives torch.nn's numbers on probe inputs (one
+  taking more, such as a padding mask, is left alone), and subclasses of ``nn.LayerNorm``
   that normalize the channels of ``(N, C, H, W)`` input (torchvision's and timm's ConvNeXt
   ``LayerNorm2d``), which become :class:`LayerNorm2d`;
 * RMS norms of other libraries (transformers' ``LlamaRMSNorm``, ``GemmaRMSNorm``,
@@ -46,6 +47,7 @@ recipes (bit for bit in float32 and bfloat16) live in :mod:`normlab.torch.recipe
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import warnings
@@ -192,6 +194,8 @@ def _decision(module: nn.Module):
     cls = type(module)
     base = next((c for c in cls.__mro__ if c in _TWINS), None)
     if base is not None:
+        if cls.forward is not base.forward and _takes_more_than_the_input(cls):
+            return _LEFT_ALONE  # (its callers may pass what the twin cannot take: a second input would be its mask)
         if cls.forward is base.forward or _computes_like(module, base.forward, _probe_shapes(module, base)):
             return _TWINS[base], {}
         if base is nn.LayerNorm and len(module.normalized_shape) == 1 and _computes_like(
@@ -219,6 +223,16 @@ def _decision(module: nn.Module):
         if _is_channels_first_layer_norm(module):
             return LayerNorm2d, {"elementwise_affine": True}
     return _LEFT_ALONE if re.search(r"Norm(?!al)", cls.__name__) and not list(module.children()) else None
+
+
+def _takes_more_than_the_input(cls: type) -> bool:
+    """Whether ``cls.forward`` takes anything besides the input (transformers'
+    ``PeAudioMaskedGroupNorm`` takes a ``padding_mask``, ``Emu3VQVAEGroupNorm`` a
+    ``quant_states`` passed by position): the twins' forward takes the input and a ``mask``."""
+    try:
+        return len(inspect.signature(cls.forward).parameters) > 2  # (self, input)
+    except (TypeError, ValueError):
+        return True
 
 
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"training"}
