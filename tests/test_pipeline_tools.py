@@ -280,3 +280,38 @@ def test_skip_init_and_the_constructor_signature_are_torch_nn_s(name, torch_name
     expected, module = nn.utils.skip_init(theirs, *args), nn.utils.skip_init(ours, *args)
     assert [(n, t.shape, t.device) for n, t in module.state_dict().items()] == [
         (n, t.shape, t.device) for n, t in expected.state_dict().items()]
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=2, vocab_size=64)
+    return transformers.LlamaModel(config).eval(), torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["convert", "convert_fuse"])
+def test_a_model_offloaded_by_accelerate_and_then_converted_keeps_its_norms_and_outputs_and_says_why(fuse):
+    # accelerate's hooks replace each module's forward on the instance with one that calls the
+    # original's code; a twin would copy it and run that code, so nothing would be converted
+    accelerate = pytest.importorskip("accelerate")
+    model, ids = _tiny_llama()
+    with torch.no_grad():
+        expected = model(ids).last_hidden_state
+    offloaded = accelerate.cpu_offload(copy.deepcopy(model), execution_device=torch.device("cpu"))
+    with pytest.warns(UserWarning, match=r"forward is replaced on the instance .* convert the model before"):
+        converted = nt.convert(offloaded, fuse=fuse)
+    assert type(converted.norm) is type(model.norm) and type(converted.layers[0]) is type(model.layers[0])
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).last_hidden_state, expected, rtol=0, atol=0)
+
+
+def test_a_model_converted_and_then_offloaded_by_accelerate_gives_the_unconverted_outputs():
+    accelerate = pytest.importorskip("accelerate")
+    model, ids = _tiny_llama()
+    with torch.no_grad():
+        expected = model(ids).last_hidden_state
+    converted = accelerate.cpu_offload(nt.convert(copy.deepcopy(model), fuse=True), execution_device=torch.device("cpu"))
+    assert type(converted.norm) is nt.RMSNorm and type(converted.layers[0]).__name__.startswith("Fused")
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).last_hidden_state, expected)

@@ -136,12 +136,26 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
         fuse_decoder_layers(model)
     left_alone: dict[str, list[str]] = {}
     converted = _convert(model, "", left_alone, {}, {})  # (the probes' outcomes: cached for this call only)
+    hooked = left_alone.pop(_HOOKED, None)
     if left_alone:
-        listed = "; ".join(f"{cls} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-                           for cls, names in left_alone.items())
         warnings.warn(f"normlab.torch.convert left {sum(map(len, left_alone.values()))} norm layer(s) unconverted, "
-                      f"because their forward computes something no normlab module does: {listed}", stacklevel=2)
+                      f"because their forward computes something no normlab module does: {_listed(left_alone)}",
+                      stacklevel=2)
+    if hooked:
+        shown = ", ".join(hooked[:3]) + (", ..." if len(hooked) > 3 else "")
+        warnings.warn(f"normlab.torch.convert left {len(hooked)} norm layer(s) unconverted, because their forward is "
+                      "replaced on the instance (as accelerate's hooks, with device_map or offloading, replace it), "
+                      f"and that forward calls the original's code: {shown}; convert the model before adding such "
+                      "hooks", stacklevel=2)
     return converted
+
+
+_HOOKED = "<forward replaced on the instance>"
+
+
+def _listed(left_alone: dict) -> str:
+    return "; ".join(f"{cls} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                     for cls, names in left_alone.items())
 
 
 def _convert(module: nn.Module, name: str, left_alone: dict, done: dict, probed: dict) -> nn.Module:
@@ -167,6 +181,11 @@ def _replacement(module: nn.Module, name: str, left_alone: dict, probed: dict) -
     cls = type(module)
     if any(c.__module__.startswith("normlab.") for c in cls.__mro__):
         return None
+    if "forward" in module.__dict__ and (isinstance(module, _NORM_BASES)
+                                        or (re.search(r"Norm(?!al)", cls.__name__) and not module._modules)):
+        # a twin would copy that forward and run the original's code: nothing converted
+        left_alone.setdefault(_HOOKED, []).append(f"{name} ({cls.__name__})")
+        return module
     if cls in _TWINS:
         return twin_of(module, _TWINS[cls])
     if isinstance(module, LazyModuleMixin) and isinstance(module, _NormBase):

@@ -283,6 +283,8 @@ def fuse_decoder_layers(model: nn.Module) -> int:
         recipes = {name: _recipe(getattr(layer, name)) for name in norms}
         if None in recipes.values() or _has_call_hooks(getattr(layer, fused_name)):
             continue  # (a hook on that norm expects its one input and one output, not the fused call's)
+        if any("forward" in module.__dict__ for module in (layer, *(getattr(layer, name) for name in norms))):
+            continue  # (a forward replaced on the instance, as accelerate's hooks do, runs the original's code)
         for name, recipe in recipes.items():
             setattr(layer, name, _fused_norm(getattr(layer, name), recipe))
         layer.__class__ = _fused_class(type(layer))
