@@ -1,5 +1,5 @@
 """normlab.torch.geometric as PyG users run it, against PyG's own layers (the oracle):
-TorchScript of the twins, and a batch vector that is wrong in the ways users get it wrong
+TorchScript of the twins, torch.func's transforms, and a batch vector that is wrong in the ways users get it wrong
 (the errors torch users catch, repeating the pattern and the shape; never a crash deep in
 a scatter, and never a silent truncation of float ids)."""
 
@@ -86,6 +86,26 @@ def test_one_node_without_a_batch_vector_is_refused_in_training_as_pyg_refuses_i
             ours(x)
         assert str(caught.value) == str(expected.value)
         torch.testing.assert_close(ours.state_dict(), theirs.state_dict())  # running statistics untouched
+
+
+@pytest.mark.parametrize("name", sorted(_LAYERS))
+def test_torch_func_transforms_of_each_twin_give_pygs_jacobians_tangents_and_parameter_gradients(name):
+    """jacrev and jvp in the nodes, grad in the parameters through functional_call (the
+    running statistics of instance norm are handed in as buffers, which it updates)."""
+    from torch.func import functional_call, grad, jacrev, jvp
+
+    x, batch = _graphs(seed=3)
+    tangent = torch.randn_like(x)
+    found = []
+    for layer in _randomized_pair(name):
+        def call(params, nodes, layer=layer):
+            buffers = {key: b.clone() for key, b in layer.named_buffers()}
+            return functional_call(layer, (params, buffers), (nodes, batch, 6))
+
+        params = {key: p.detach() for key, p in layer.named_parameters()}
+        found.append((jacrev(call, argnums=1)(params, x), jvp(lambda nodes: call(params, nodes), (x,), (tangent,)),
+                      grad(lambda p: call(p, x).pow(3).sum())(params)))
+    torch.testing.assert_close(found[0], found[1], rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", ["instance", "layer_graph", "graph"])

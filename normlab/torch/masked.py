@@ -59,7 +59,9 @@ def check_segment_ids(x: Tensor, pattern: str, segment_ids: Tensor, num_segments
     normlab.torch.modules.PatternShapeError: pattern '[n] c', input shape (3, 2): num_segments=2 but segment_ids ...
     """
     _check_ids_dtype(x, pattern, segment_ids)
-    if torch.compiler.is_compiling():  # the values are not known while tracing
+    if torch.compiler.is_compiling() or _functorch_active():
+        # (the values are not known while tracing; NumPy cannot read a tensor under functorch's
+        # transforms, where normalize_masked takes the composite, whose indexing refuses bad ids)
         return
     try:
         make_grouping(make_plan(pattern, tuple(x.shape)), segment_ids=_numpy(segment_ids.cpu()),
