@@ -121,25 +121,50 @@ def test_bfloat16_nodes_with_float32_parameters_give_pygs_dtype_and_values(name)
     torch.testing.assert_close(y, expected, atol=0.05, rtol=0.02)  # PyG's statistics are bfloat16's
 
 
+class _Model(torch.nn.Module):
+    """Instance, layer and graph norm of a batch of 6 graphs, from ``norms``' classes."""
+
+    def __init__(self, norms):
+        super().__init__()
+        self.instance, self.layer, self.graph_norm = norms.InstanceNorm(5), norms.LayerNorm(5), norms.GraphNorm(5)
+
+    def forward(self, x, batch):
+        return self.graph_norm(self.layer(self.instance(x, batch, 6), batch, 6), batch, 6)
+
+
+def _more_graphs():
+    g = torch.Generator().manual_seed(4)
+    return torch.randn(30, 5, generator=g, dtype=torch.float64), torch.randint(0, 6, (30,), generator=g).sort().values
+
+
 def test_a_model_of_twins_exports_with_a_dynamic_node_count_as_pygs_does():
-    class Model(torch.nn.Module):
-        def __init__(self, norms):
-            super().__init__()
-            self.instance, self.layer, self.graph_norm = norms.InstanceNorm(5), norms.LayerNorm(5), norms.GraphNorm(5)
-
-        def forward(self, x, batch):
-            return self.graph_norm(self.layer(self.instance(x, batch, 6), batch, 6), batch, 6)
-
-    ours, theirs = Model(geometric).double().eval(), Model(pyg_norm).double().eval()
+    ours, theirs = _Model(geometric).double().eval(), _Model(pyg_norm).double().eval()
     theirs.load_state_dict(ours.state_dict())
     x, batch = _graphs(seed=3)
     nodes = torch.export.Dim("nodes", min=2)
     exported = torch.export.export(ours, (x, batch), dynamic_shapes=({0: nodes}, {0: nodes})).module()
-    g = torch.Generator().manual_seed(4)
-    more = torch.randn(30, 5, generator=g, dtype=torch.float64)
-    more_batch = torch.randint(0, 6, (30,), generator=g).sort().values
-    for inputs in ((x, batch), (more, more_batch)):
+    for inputs in ((x, batch), _more_graphs()):
         torch.testing.assert_close(exported(*inputs), theirs(*inputs))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_a_model_of_twins_exports_to_onnx_and_onnxruntime_gives_pygs_outputs_at_another_node_count(dynamo, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    ours, theirs = _Model(geometric).eval(), _Model(pyg_norm).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    x, batch = _graphs(seed=3)
+    path = str(tmp_path / "model.onnx")
+    dynamic = (dict(dynamic_shapes=({0: torch.export.Dim("nodes", min=2)},) * 2) if dynamo else
+               dict(dynamic_axes={"x": {0: "nodes"}, "batch": {0: "nodes"}}))
+    torch.onnx.export(ours, (x.float(), batch), path, dynamo=dynamo, input_names=["x", "batch"], **dynamic)
+    session = onnxruntime.InferenceSession(path)
+    for nodes, ids in ((x, batch), _more_graphs()):
+        (got,) = session.run(None, {"x": nodes.float().numpy(), "batch": ids.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), theirs(nodes.float(), ids), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(_LAYERS))

@@ -78,6 +78,8 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
     def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x, batch, batch_size)
+        if torch.onnx.is_in_onnx_export():  # PyG's definitions: ONNX has no normlab op (either exporter)
+            return self._script_forward(x, batch, batch_size)
         use_input_stats = self.training or not self.track_running_stats
         if batch is None:
             if not use_input_stats or _dtypes_refused(x, self.weight, self.bias, self.running_mean,
@@ -163,6 +165,8 @@ class LayerNorm(nn.Module):
     def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x, batch, batch_size)
+        if torch.onnx.is_in_onnx_export():  # PyG's definitions: ONNX has no normlab op (either exporter)
+            return self._script_forward(x, batch, batch_size)
         if self.mode == "graph":
             if batch is None:
                 x = x - x.mean()
@@ -216,6 +220,8 @@ class GraphNorm(nn.Module):
     def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x, batch, batch_size)
+        if torch.onnx.is_in_onnx_export():  # PyG's definitions: ONNX has no normlab op (either exporter)
+            return self._script_forward(x, batch, batch_size)
         if batch is None:
             batch = x.new_zeros(x.size(0), dtype=torch.long)
             batch_size = 1

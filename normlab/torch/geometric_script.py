@@ -1,6 +1,7 @@
 """The forwards that ``torch.jit.script`` compiles for :mod:`normlab.torch.geometric`'s
-twins: PyG's own definitions in plain torch operations (``index_add`` for its scatter),
-because TorchScript cannot call normlab's kernels. Eager calls never come here."""
+twins: PyG's own definitions in plain torch operations (``scatter_add`` for its scatter),
+because TorchScript cannot call normlab's kernels, and what ONNX export records (ONNX has no normlab
+op). Eager calls never come here."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ from torch import Tensor
 def _counts(x: Tensor, batch: Tensor, batch_size: int) -> Tensor:
     """Nodes per graph as a column of x's dtype, at least 1 (PyG's ``degree(...).clamp_(min=1)``)."""
     ones = torch.ones(batch.shape, dtype=x.dtype, device=x.device)
-    return torch.zeros(batch_size, dtype=x.dtype, device=x.device).index_add_(0, batch, ones).clamp_(min=1).view(-1, 1)
+    return torch.zeros(batch_size, dtype=x.dtype, device=x.device).scatter_add(0, batch, ones).clamp(min=1).view(-1, 1)
 
 
 def _segment_sum(x: Tensor, batch: Tensor, batch_size: int) -> Tensor:
-    return torch.zeros((batch_size, x.size(1)), dtype=x.dtype, device=x.device).index_add_(0, batch, x)
+    # (scatter_add, as PyG's scatter: ONNX export takes it; index_add with repeated ids it
+    # refuses, or exports wrong in place)
+    index = batch.view(-1, 1).expand(x.shape)
+    return torch.zeros((batch_size, x.size(1)), dtype=x.dtype, device=x.device).scatter_add(0, index, x)
 
 
 def _size(batch: Tensor, batch_size: Optional[int]) -> int:
