@@ -383,3 +383,21 @@ def test_scripting_a_module_with_no_torch_nn_forward_says_what_compiles_it_inste
     for target in (module, torch.nn.Sequential(torch.nn.Identity(), module)):
         with pytest.raises(RuntimeError, match=f"cannot compile normlab's {type(module).__name__}.*torch.compile"):
             torch.jit.script(target)
+
+
+@pytest.mark.parametrize("kind", ["rms_norm", "layer_norm_without_bias"])
+def test_norm_with_a_weight_and_no_bias_builds_and_gives_torch_nn_s_outputs_and_state_dict(kind):
+    """``rms=True`` (a weight, no bias, as RMSNorm) and ``bias=False``: the weight alone, and
+    ``bias`` None, as in torch.nn; QK-norm's per-head pattern on heads of a packed qkv."""
+    torch.manual_seed(0)
+    if kind == "rms_norm":
+        ours, theirs = nt.Norm("b t h [d]", params="d", d=8, rms=True, eps=1e-6), torch.nn.RMSNorm(8, eps=1e-6)
+    else:
+        ours, theirs = nt.Norm("b t h [d]", params="d", d=8, bias=False), torch.nn.LayerNorm(8, bias=False)
+    assert ours.bias is None
+    assert ours.state_dict().keys() == theirs.state_dict().keys() == {"weight"}
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+    ours.load_state_dict(theirs.state_dict())
+    q = torch.randn(2, 5, 3, 3, 8)[:, :, 0]  # the q heads of a packed (b, t, 3, h, d) projection
+    torch.testing.assert_close(ours(q), theirs(q))

@@ -531,8 +531,9 @@ class Norm(Unscriptable, nn.Module):
         param_shape = self._shape_of(parse_params(params) if params is not None else (), sizes, "params")
         if self.affine:
             self.weight = nn.Parameter(torch.empty(param_shape, **factory))
-            self.bias = nn.Parameter(torch.empty(param_shape, **factory)) if bias and not rms else None
-            if self.bias is None:
+            if bias and not rms:
+                self.bias = nn.Parameter(torch.empty(param_shape, **factory))
+            else:  # (registered as None, as torch.nn's norms do; assigning None first makes a plain attribute)
                 self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
