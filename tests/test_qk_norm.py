@@ -226,6 +226,24 @@ def test_gradcheck_passes_through_rms_norm_on_a_packed_slice():
     assert torch.autograd.gradcheck(lambda packed: norm(packed[..., :H * D].view(1, 3, H, D)), (qkv,))
 
 
+@pytest.mark.parametrize("rms", [True, False], ids=["rms_norm", "layer_norm"])
+def test_a_per_head_norm_pattern_under_vmap_gives_torch_nn_s_norm_of_each_packed_head(rms):
+    """``Norm("b t h [d]")`` on the strided q heads of each of a vmapped stack of packed
+    projections (an ensemble, per-sample gradients), as torch.nn.RMSNorm/LayerNorm give."""
+    torch.manual_seed(0)
+    norm = nt.Norm("b t h [d]", params="d", d=D, rms=rms, eps=1e-6)
+    reference = torch.nn.RMSNorm(D, eps=1e-6) if rms else torch.nn.LayerNorm(D, eps=1e-6)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+    norm.load_state_dict(reference.state_dict())
+    stacked = torch.randn(3, B, T, (H + 2 * KV) * D)
+
+    def heads(module):
+        return lambda qkv: module(qkv_views(qkv)[0])
+
+    torch.testing.assert_close(torch.func.vmap(heads(norm))(stacked), torch.func.vmap(heads(reference))(stacked))
+
+
 transformers = pytest.importorskip("transformers")
 from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm  # noqa: E402
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm  # noqa: E402

@@ -16,7 +16,7 @@ from normlab.kernels import fast
 from normlab.errors import InputError
 from normlab.plan import make_plan, merge_sizes
 from normlab.torch import batch_train, row_autograd
-from normlab.torch.ops import _EagerNormalize, _functorch_active, _is_eager, _normalize_op
+from normlab.torch.ops import _EagerNormalize, _functorch_active, _is_eager, _normalize_op, _vmapping
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
 from normlab.torch.spec import (PlanFacts, Spec, _dense_perm, _empty_like_dense, _engine_view, _has_gaps,
                                 affine_parameters, module_buffer, module_cache, torch_layout)
@@ -70,8 +70,9 @@ def _composite_normalize(x, weight, bias, spec: Spec, eps: float):
     if bias is not None:
         y = y + _expanded_param(bias, plan)
     y = y.reshape(x.shape)
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        # (asked in this order: vmap answers is_contiguous only for the default format)
+    if (x.dim() == 4 and not x.is_contiguous() and not _vmapping()
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        # (vmap answers is_contiguous for the default format only; it lays out its outputs itself)
         y = y.contiguous(memory_format=torch.channels_last)
     return y, torch.zeros_like(rstd) if mean is None else mean, rstd
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.torch.masked import normalize_masked
+from normlab.torch.ops import _vmapping
 from normlab.torch.spec import rms_default_eps
 
 __all__ = ["masked_forward"]
@@ -24,16 +25,6 @@ def _variance(rstd: Tensor, eps: float) -> Tensor:
 def _unbiased(rstd: Tensor, count: Tensor, eps: float) -> Tensor:
     """``n/(n − 1)·var`` with each group's count (``n − 1`` at least 1)."""
     return _variance(rstd, eps) * count / (count - 1).clamp_min(1)
-
-
-def _vmapping() -> bool:
-    """True inside ``torch.func.vmap`` (at any depth), where counts are batched tensors
-    that no Python ``if`` can read."""
-    from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    return torch._C._are_functorch_transforms_active() and any(
-        interpreter.key() == TransformType.Vmap for interpreter in retrieve_all_functorch_interpreters())
 
 
 def _check_counts(module, x: Tensor, count: Tensor, allow_empty: bool = False,

@@ -123,6 +123,17 @@ def _needs_torch_backward(grad_y: Tensor) -> bool:
 _functorch_active = torch._C._are_functorch_transforms_active
 
 
+def _vmapping() -> bool:
+    """True inside ``torch.func.vmap`` (at any depth), where tensors are batched: no Python
+    ``if`` can read their values, and they answer ``is_contiguous`` for the default format only."""
+    if not _functorch_active():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(interpreter.key() == TransformType.Vmap for interpreter in retrieve_all_functorch_interpreters())
+
+
 def _grads_of(forward, inputs, needs_input_grad, grad_outputs) -> list:
     """The gradients of ``forward(*inputs)`` (torch operations) by torch's autograd, for
     the inputs that need one (zeros where unused, None elsewhere): recomputed from the saved
