@@ -77,6 +77,27 @@ def test_fused_add_layer_norm_matches_torch_layer_norm_of_the_sum(dtype):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("affine, bias", [(True, True), (True, False), (False, False)],
+                         ids=["affine", "no_bias", "no_affine"])
+def test_fused_add_layer_norm_on_half_input_is_torch_layer_norm_of_the_sum_bit_for_bit(dtype, affine, bias):
+    # torch's kernel applies weight and bias in float32 and rounds once; at this width,
+    # statistics taken another way differ from it somewhere among 300,000 values
+    torch.manual_seed(0)
+    ref = torch.nn.LayerNorm(1152, elementwise_affine=affine, bias=bias)
+    if affine:
+        ref = _randomize(ref)
+    ref = ref.to(dtype)
+    ours = FusedAddLayerNorm(1152, elementwise_affine=affine, bias=bias).to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    x, r = _leaves((2, 128, 1152), (2, 128, 1152), dtype=dtype)
+    y, total = ours(x, r)
+    expected = ref(x + r)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    for a, b in zip(_grads([y, total], [x, r, *ours.parameters()]), _grads([expected, x + r], [x, r, *ref.parameters()])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def mamba_rms_norm_ref(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True, upcast=True):
     """mamba_ssm/ops/triton/layernorm_gated.py ``rms_norm_ref``, mirrored line by line
     (einops' rearrange written as reshape)."""
@@ -166,6 +187,25 @@ def test_ada_layer_norm_in_half_precision_matches_diffusers_bit_for_bit_with_eit
         got, want = ours(x, emb=emb), reference(x, emb=emb)
     for a, b in zip(got, want):
         assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ada_layer_norm_in_half_precision_at_dit_width_matches_diffusers_bit_for_bit_with_gradients(dtype):
+    """At DiT-XL's width, on many tokens: torch's layer norm kernel, as diffusers calls it,
+    rounds x̂ to the input's dtype; statistics taken another way differ from it by a float32
+    ulp here and there, which rounds to another half value somewhere among 300,000."""
+    torch.manual_seed(0)
+    reference = _randomize(_diffusers_ada_norm()(1152)).to(dtype)
+    ours = AdaLayerNorm(1152).to(dtype)
+    ours.load_state_dict(reference.state_dict())
+    x, emb = _leaves((2, 128, 1152), (2, 1152), dtype=dtype)
+    got, want = ours(x, emb=emb), reference(x, emb=emb)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    inputs_ours = [x, emb, ours.linear.weight, ours.linear.bias]
+    inputs_ref = [x, emb, reference.linear.weight, reference.linear.bias]
+    for a, b in zip(_grads(got, inputs_ours), _grads(want, inputs_ref)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

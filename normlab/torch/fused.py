@@ -209,17 +209,30 @@ def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
     dtype = total.dtype  # the norm's input is the sum: a bfloat16 x plus a float32 residual is float32
     compute, work = recipes.recipe_dtypes(dtype, block.casting)
     layout = _view_of(block, tuple(x.shape))
-    h = total.to(compute)
-    phi = _ACTIVATIONS[block.gate_activation](gate.to(compute)) if gate is not None else None
-    if gate is not None and not block.norm_before_gate:
-        h = h * phi
-    view = layout.of(h)
     axes = layout.axes
-    if block.rms:
-        h_hat = recipes.rms_normalize(view, axes, block.eps)
+    phi = _ACTIVATIONS[block.gate_activation](gate.to(compute)) if gate is not None else None
+    gated_first = gate is not None and not block.norm_before_gate
+    trailing = _trailing_shape(layout.of(total), axes)
+    if (not block.rms and trailing is not None and dtype in _HALF_DTYPES and block.casting == "gemma"
+            and gate is None and scale is None and shift is None and not block.weight_offset
+            and all(p is None or p.dtype == dtype for p in (weight, bias))):
+        # nn.LayerNorm on half input, as FusedAddLayerNorm replaces it: torch's kernel applies
+        # the weight and bias in float32 and rounds once, the gemma recipe
+        w, b = (None if p is None else layout.param(p).reshape(trailing) for p in (weight, bias))
+        y = torch.nn.functional.layer_norm(layout.of(total), trailing, w, b, block.eps).reshape(x.shape)
+        return (y, total) if residual is not None else y
+    if (not block.rms and trailing is not None and dtype in _HALF_DTYPES and compute == torch.float32
+            and block.casting == "llama" and not gated_first):
+        # torch's layer norm kernel on the half input, as the code the block replaces calls
+        # it (nn.LayerNorm, diffusers' norms): it normalizes in float32 and rounds x̂ once to
+        # the input's dtype, which is where the llama recipe rounds it; several times faster
+        # than the operations below, whose float32 temporaries are twice the input's size
+        h_hat = torch.nn.functional.layer_norm(layout.of(total), trailing, eps=block.eps)
     else:
-        var, mean = torch.var_mean(view, dim=axes, keepdim=True, correction=0)
-        h_hat = (view - mean) * torch.rsqrt(var + block.eps)
+        h = total.to(compute)
+        if gated_first:
+            h = h * phi
+        h_hat = _normalized(layout.of(h), axes, trailing, block, dtype, compute)
     w = None if weight is None else layout.param(weight)
     y = recipes.weigh(h_hat, w, block.casting, dtype, block.weight_offset)
     # the modulation as the code it replaces applies it (diffusers' norm(x)·(1 + scale) + shift):
@@ -240,6 +253,31 @@ def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
     # to (a float32 weight on bfloat16 input gives float32, as LlamaRMSNorm's weight * x̂ does)
     y = y.reshape(x.shape).to(dtype) if block.casting in _CAST_AT_THE_END else y.reshape(x.shape)
     return (y, total) if residual is not None else y
+
+
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _normalized(view: Tensor, axes, trailing, block: Block, dtype: torch.dtype, compute: torch.dtype) -> Tensor:
+    """x̂ of ``view`` (in ``compute``) over ``axes``."""
+    if block.rms:
+        return recipes.rms_normalize(view, axes, block.eps)
+    if trailing is not None and dtype in _HALF_DTYPES and compute == torch.float32:
+        # torch's float32 kernel for half input, one pass (half data has at most 11
+        # significant bits: no |mean|/std that its folded x·rstd − mean·rstd cannot take)
+        return torch.nn.functional.layer_norm(view, trailing, eps=block.eps)
+    var, mean = torch.var_mean(view, dim=axes, keepdim=True, correction=0)
+    return (view - mean) * torch.rsqrt(var + block.eps)
+
+
+def _trailing_shape(view: Tensor, axes) -> Optional[tuple]:
+    """The shape of the reduced axes when they are the view's trailing ones (what torch's
+    layer norm takes as ``normalized_shape``), else None."""
+    ndim = view.dim()
+    reduced = sorted(a % ndim for a in axes)
+    if reduced != list(range(ndim - len(reduced), ndim)):
+        return None
+    return tuple(view.shape[ndim - len(reduced):])
 
 
 def _records_autograd(tensors) -> bool:
