@@ -193,3 +193,26 @@ def test_compiled_batch_norm_in_evaluation_keeps_the_contract_at_a_running_mean_
     with torch.no_grad():
         y = torch.compile(twin, fullgraph=True)(x)
     assert (y.double() - want).abs().max().item() < 1e-4
+
+
+def _dynamo_graph_ops(model, x):
+    graphs = []
+
+    def recording_backend(graph_module, _example_inputs):
+        graphs.append([(node.op, str(node.target)) for node in graph_module.graph.nodes  # (tensor operations)
+                       if node.op in ("call_function", "call_method")
+                       and isinstance(node.meta.get("example_value"), torch.Tensor)])
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=recording_backend, fullgraph=True)(x)
+    return graphs
+
+
+def test_a_converted_cnn_in_evaluation_compiles_to_torch_nn_graph_op_for_op():
+    # float32 batch norm in evaluation, where the eager twin checks its running means first
+    reference = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                    torch.nn.GroupNorm(2, 4), torch.nn.Flatten(), torch.nn.LayerNorm(36)).eval()
+    converted = nt.convert(copy.deepcopy(reference)).eval()
+    x = torch.randn(2, 3, 5, 5)
+    assert _dynamo_graph_ops(converted, x) == _dynamo_graph_ops(reference, x)
