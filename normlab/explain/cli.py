@@ -170,7 +170,7 @@ def _explain(args: argparse.Namespace) -> int:
     # a gate before the statistics: they, the output and the page are of h = s · φ(z), in
     # float64 as the block computes it
     gate, gate_origin = load_gate(args, x.shape) if args.gate and args.gate_first else (None, None)
-    source = data
+    source, gated = data, "s" if residual is not None else "x"  # what the gate multiplies
     if gate is not None:
         from normlab.fused import activation
 
@@ -183,8 +183,7 @@ def _explain(args: argparse.Namespace) -> int:
     if args.html:  # written first, so that a bad path fails before anything is printed
         from normlab.explain.pipeline import pipeline_svg
 
-        on = "h = s · φ(z)" if gate is not None and residual is not None else "h = x · φ(z)" if gate is not None \
-            else "s = x + r" if residual is not None else None
+        on = f"h = {gated} · φ(z)" if gate is not None else "s = x + r" if residual is not None else None
         title = f"normlab explain · {view.pattern}" + (f" on {on}" if on else "")
         page = write_page(args.html, all_views(data, view), view.key, title=title,
                           pipeline=pipeline_svg(block) if block else "")
@@ -198,7 +197,7 @@ def _explain(args: argparse.Namespace) -> int:
     if gate is not None:
         from normlab.explain.terminal import render_gate
 
-        render_gate(console, source, gate, data, args.gate, "s" if residual is not None else "x", gate_origin)
+        render_gate(console, source, gate, data, args.gate, gated, gate_origin)
     render_view(console, view, limit=MAX_CLAIMS_SHOWN)
     if block:
         from normlab.explain.pipeline import stage_lines
