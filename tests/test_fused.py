@@ -267,7 +267,7 @@ def test_kernel_exponential_is_within_two_ulp_of_numpy_and_keeps_nan():
     pytest.importorskip("numba")
     import numba
 
-    from normlab.kernels.fused import vector_exp
+    from normlab.kernels.gates import vector_exp
 
     @numba.njit
     def apply(values, out):

@@ -208,7 +208,7 @@ def test_integer_and_numpy_flags_compile_no_new_kernel_signature():
     g = np.ones_like(x)
     counted = np.ones(x.shape, bool)
     kernels = [rows.row_forward, rows.row_backward, rows_backward.row_backward32, columns.channels_last_stats,
-               fused.fused_row_forward]
+               fused.fused_row_forward_32]
     kernels += [k for k in vars(segments).values() if isinstance(k, Kernel)]
 
     def run(flag):

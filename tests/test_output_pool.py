@@ -238,3 +238,25 @@ def test_torch_module_outputs_stay_distinct_and_keep_channels_last():
     assert first.data_ptr() != second.data_ptr()
     expected = torch.nn.functional.batch_norm(x.double(), None, None, norm.weight.double(), norm.bias.double(), True)
     torch.testing.assert_close(first.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _recycled(array) -> bool:
+    while array is not None:
+        if isinstance(array, pool._Owner):
+            return True
+        array = getattr(array, "base", None)
+    return False
+
+
+def test_the_fused_blocks_recycle_both_outputs_from_glibcs_mmap_threshold(inputs):
+    # 192 KB each, below MIN_BYTES: y and x + r, freed together as plain arrays, left a free
+    # top of the heap that glibc gave back to the system, and every call faulted it in again
+    x, r, x2, r2 = (a[:48] for a in inputs[:4])
+    y, total = normlab.normalize(x, "b [d]", residual=r)
+    assert y.nbytes < pool.MIN_BYTES and _recycled(y) and _recycled(total)
+    y2, total2 = normlab.normalize(x2, "b [d]", residual=r2)
+    assert not any(_overlap(a, b) for a in (y, total) for b in (y2, total2))
+    _check(y, x + r)
+    np.testing.assert_array_equal(total, x + r)
+    small = normlab.normalize(x[:8], "b [d]", residual=r[:8])[0]  # (32 KB: malloc's own heap)
+    assert not _recycled(small)

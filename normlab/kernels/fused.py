@@ -22,119 +22,84 @@ modulation (``"b d"`` on ``"b t [d]"``). Layouts that repeat within a row at a s
 
 from __future__ import annotations
 
-import math
 import types
 
 import numpy as np
-from llvmlite import ir
 from numba import prange
-from numba.core import types as numba_types
-from numba.extending import intrinsic
 
 import normlab.kernels as _kernels
 from normlab.kernels import pool, threads
 from normlab.kernels._jit import helper, kernel, prefetch, reduction
+from normlab.kernels.gates import (gelu_gate, gelu_gate_derivative, logistic_gate, logistic_gate32,
+                                   logistic_gate_derivative, logistic_gate_derivative32)
 from normlab.kernels.sums import group_stats
 
 GATE_NONE, GATE_FIRST, GATE_LAST = 0, 1, 2
+# which parameters a call has (``steps``, the fifth of Layout.tables), as bits of one int
+# (an OpenMP region's packed arguments take no tuples)
+STEP_WEIGHT, STEP_SCALE, STEP_SHIFT, STEP_BIAS = 1, 2, 4, 8
 ACTIVATION_CODES = {"silu": 0, "sigmoid": 1, "gelu": 2}
-_SQRT_HALF = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-@intrinsic
-def _float_bits(typingctx, value):
-    """The bits of a float64 as an int64 (a bitcast, which vectorizes)."""
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(64))
-
-    return numba_types.int64(numba_types.float64), codegen
-
-
-@intrinsic
-def _bits_float(typingctx, value):
-    """An int64's bits as a float64."""
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return numba_types.float64(numba_types.int64), codegen
-
-
-_ROUNDER = 6755399441055744.0  # 1.5·2^52: adding it rounds to an integer held in the low bits
-_LOG2E = 1.4426950408889634
-_LN2_HI = 6.93147180369123816490e-01  # fdlibm's split of ln 2: k·LN2_HI is exact
-_LN2_LO = 1.90821492927058770002e-10
-
-
-@helper
-def vector_exp(x):
-    """exp(x) in float64 without a library call, so that the loops calling it vectorize
-    (Numba has no vector exp without Intel's SVML): x = k·ln 2 + r with |r| ≤ ln 2 / 2
-    (Cody and Waite), e^r by its Taylor series to r^13 (truncation below 1e-17), times 2^k
-    built from its bits. Within about an ulp of ``math.exp``; NaN stays NaN, e^x is inf
-    above 709 and about 3e-308 below -708 (where 1 + e^x is 1 exactly)."""
-    clamped = 709.0 if x > 709.0 else x  # comparisons are false for NaN: NaN passes through
-    clamped = -708.0 if clamped < -708.0 else clamped
-    rounded = clamped * _LOG2E + _ROUNDER
-    k = rounded - _ROUNDER
-    r = (clamped - k * _LN2_HI) - k * _LN2_LO
-    p = 1.0 / 6227020800.0
-    p = p * r + 1.0 / 479001600.0
-    p = p * r + 1.0 / 39916800.0
-    p = p * r + 1.0 / 3628800.0
-    p = p * r + 1.0 / 362880.0
-    p = p * r + 1.0 / 40320.0
-    p = p * r + 1.0 / 5040.0
-    p = p * r + 1.0 / 720.0
-    p = p * r + 1.0 / 120.0
-    p = p * r + 1.0 / 24.0
-    p = p * r + 1.0 / 6.0
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
-    result = p * _bits_float((_float_bits(rounded) - _float_bits(_ROUNDER) + 1023) << 52)
-    return math.inf if x > 709.0 else result
-
-
-@helper
-def logistic_gate(gate, code):
-    """φ(z) for silu (code 0) and sigmoid (code 1), float64, branch-free in the loop."""
-    z = np.float64(gate)
-    sig = 1.0 / (1.0 + vector_exp(-z))
-    return sig if code == 1 else z * sig
-
-
-@helper
-def logistic_gate_derivative(gate, code):
-    """(φ(z), φ'(z)) for silu (code 0) and sigmoid (code 1), float64."""
-    z = np.float64(gate)
-    sig = 1.0 / (1.0 + vector_exp(-z))
-    if code == 1:
-        return sig, sig * (1.0 - sig)
-    return z * sig, sig * (1.0 + z * (1.0 - sig))
-
-
-@helper
-def gelu_gate(gate, code):
-    """φ(z) for gelu in its erf form, float64."""
-    z = np.float64(gate)
-    return z * (0.5 * (1.0 + math.erf(z * _SQRT_HALF)))
-
-
-@helper
-def gelu_gate_derivative(gate, code):
-    """(φ(z), φ'(z)) for gelu in its erf form, float64."""
-    z = np.float64(gate)
-    cdf = 0.5 * (1.0 + math.erf(z * _SQRT_HALF))
-    return z * cdf, cdf + z * (math.exp(-0.5 * z * z) * _INV_SQRT_2PI)
-
-
-# the kernels call ``gate_value``/``gate_derivative``; each kernel is built twice, once per
-# family (see _variant), so that no loop branches between a library call and a vector exp
+# The kernels call the helpers below by these global names; each kernel is built once per
+# family of helpers (see _variant): the gate's (float64, float32 or gelu's library erf, so
+# that no loop branches between a library call and a vector exp), and the element type's
+# (float rows here; bfloat16 rows and their casting recipes in normlab.kernels.fused_half).
 gate_value = logistic_gate
 gate_derivative = logistic_gate_derivative
+
+
+@helper
+def load(value):
+    """An element of a row, as float64."""
+    return np.float64(value)
+
+
+@helper
+def store(value):
+    """A float64 result as an output element (the row's dtype rounds it on assignment)."""
+    return value
+
+
+@helper
+def add(a, b):
+    """The residual stream's element ``x + r``, in the rows' dtype."""
+    return a + b
+
+
+@helper
+def stage(source, h):
+    """The row the statistics read: float rows are read where they lie."""
+    return source
+
+
+@helper
+def gated(value):
+    """The product of a gate that comes first."""
+    return value
+
+
+@helper
+def finish(normalized, w, scale, shift, b):
+    """The epilogue ``x̂·w·(1 + scale) + shift + b`` (the tables hold ``w + o`` and
+    ``1 + scale``) of one element."""
+    return ((normalized * w) * scale + shift) + b
+
+
+@helper
+def weigh(normalized, w):
+    """:func:`finish` with a weight alone (``v·1`` and ``v + 0`` are exact)."""
+    return normalized * w
+
+
+@helper
+def gate_applied(value, phi):
+    """The output of a gate after the norm."""
+    return value * phi
+
+
+@helper
+def gate_used(phi):
+    """The gate's value as the backward multiplies by it."""
+    return phi
 
 
 @reduction
@@ -151,10 +116,11 @@ def gamma_sums(gamma, h, center, rstd):
 
 @kernel
 def fused_row_forward(x, residual, has_residual, gate, gate_mode, code, weight, bias, row_stride, mod_scale,
-                      mod_shift, mod_stride, rms, eps, stats_given, chunk_rows, mean, var, rstd, y, total):
+                      mod_shift, mod_stride, steps, rms, eps, stats_given, chunk_rows, mean, var, rstd, y, total):
     """Twin of ``normlab.fused.reference_forward`` on (rows, n). ``weight`` holds ``w + o``
     and ``mod_scale`` holds ``1 + scale``. Writes ``y``, ``total`` (= x + r, when
-    ``has_residual``) and, unless ``stats_given``, the row statistics."""
+    ``has_residual``) and, unless ``stats_given``, the row statistics. ``steps`` (the
+    ``STEP_*`` bits of the parameters present) picks a shorter loop for a weight alone."""
     rows = x.shape[0]
     n = x.shape[1]
     chunks = (rows + chunk_rows - 1) // chunk_rows
@@ -168,14 +134,14 @@ def fused_row_forward(x, residual, has_residual, gate, gate_mode, code, weight, 
                 r_row = residual[r]
                 t_row = total[r]
                 for j in range(n):
-                    t_row[j] = x_row[j] + r_row[j]
-                source = t_row
+                    t_row[j] = add(x_row[j], r_row[j])
+                source = stage(t_row, h)
             else:
-                source = x_row
+                source = stage(x_row, h)
             if gate_mode == GATE_FIRST:
                 z_row = gate[r]
                 for j in range(n):
-                    h[j] = np.float64(source[j]) * gate_value(z_row[j], code)
+                    h[j] = gated(np.float64(source[j]) * gate_value(load(z_row[j]), code))
                 row_mean, row_var, row_rstd = group_stats(h, rms, eps)
             else:
                 row_mean, row_var, row_rstd = group_stats(source, rms, eps)
@@ -190,17 +156,23 @@ def fused_row_forward(x, residual, has_residual, gate, gate_mode, code, weight, 
             sc_row = mod_scale[(r // mod_stride) % mod_scale.shape[0]]
             sh_row = mod_shift[(r // mod_stride) % mod_shift.shape[0]]
             y_row = y[r]
-            if gate_mode == GATE_FIRST:
+            if gate_mode == GATE_FIRST and steps == STEP_WEIGHT:  # (the gated row is h, float64)
                 for j in range(n):
-                    y_row[j] = (((h[j] - m) * rs) * w_row[j]) * sc_row[j] + sh_row[j] + b_row[j]
+                    y_row[j] = store(weigh((h[j] - m) * rs, w_row[j]))
+            elif gate_mode == GATE_FIRST:
+                for j in range(n):
+                    y_row[j] = store(finish((h[j] - m) * rs, w_row[j], sc_row[j], sh_row[j], b_row[j]))
             elif gate_mode == GATE_LAST:
                 z_row = gate[r]
                 for j in range(n):
-                    y0 = (((source[j] - m) * rs) * w_row[j]) * sc_row[j] + sh_row[j] + b_row[j]
-                    y_row[j] = y0 * gate_value(z_row[j], code)
+                    y0 = finish((source[j] - m) * rs, w_row[j], sc_row[j], sh_row[j], b_row[j])
+                    y_row[j] = store(gate_applied(y0, gate_value(load(z_row[j]), code)))
+            elif steps == STEP_WEIGHT:
+                for j in range(n):
+                    y_row[j] = store(weigh((source[j] - m) * rs, w_row[j]))
             else:
                 for j in range(n):
-                    y_row[j] = (((source[j] - m) * rs) * w_row[j]) * sc_row[j] + sh_row[j] + b_row[j]
+                    y_row[j] = store(finish((source[j] - m) * rs, w_row[j], sc_row[j], sh_row[j], b_row[j]))
 
 
 @kernel
@@ -226,12 +198,16 @@ def fused_row_backward(grad_y, grad_sum, has_grad_sum, x, residual, has_residual
             if r + 1 < rows:
                 prefetch(x[r + 1])
                 prefetch(grad_y[r + 1])
-            for j in range(n):
-                h[j] = np.float64(x_row[j] + residual[r, j]) if has_residual else np.float64(x_row[j])
+            if has_residual:
+                for j in range(n):
+                    h[j] = load(add(x_row[j], residual[r, j]))
+            else:
+                for j in range(n):
+                    h[j] = load(x_row[j])
             if gate_mode == GATE_FIRST:
                 z_row = gate[r]
                 for j in range(n):
-                    h[j] = h[j] * gate_value(z_row[j], code)
+                    h[j] = gated(h[j] * gate_value(load(z_row[j]), code))
             if not stats_given:
                 row_mean, row_var, row_rstd = group_stats(h, rms, eps)
                 mean[r] = row_mean
@@ -249,11 +225,11 @@ def fused_row_backward(grad_y, grad_sum, has_grad_sum, x, residual, has_residual
                 gz_row = grad_gate[r]
                 for j in range(n):
                     h_hat = (h[j] - m) * rs
-                    y0 = ((h_hat * w_row[j]) * sc_row[j] + sh_row[j]) + b_row[j]
-                    phi, dphi = gate_derivative(z_row[j], code)
-                    gy = np.float64(g_row[j])
-                    gz_row[j] = (gy * y0) * dphi
-                    g = gy * phi
+                    y0 = finish(h_hat, w_row[j], sc_row[j], sh_row[j], b_row[j])
+                    phi, dphi = gate_derivative(load(z_row[j]), code)
+                    gy = load(g_row[j])
+                    gz_row[j] = store((gy * y0) * dphi)
+                    g = gy * gate_used(phi)
                     c = (g * w_row[j]) * sc_row[j]
                     gamma[j] = c
                     if need_params:
@@ -265,7 +241,7 @@ def fused_row_backward(grad_y, grad_sum, has_grad_sum, x, residual, has_residual
             else:
                 for j in range(n):
                     h_hat = (h[j] - m) * rs
-                    g = np.float64(g_row[j])
+                    g = load(g_row[j])
                     c = (g * w_row[j]) * sc_row[j]
                     gamma[j] = c
                     if need_params:
@@ -284,20 +260,20 @@ def fused_row_backward(grad_y, grad_sum, has_grad_sum, x, residual, has_residual
                 for j in range(n):
                     h_hat = (h[j] - m) * rs
                     grad_h = ((gamma[j] - h_hat * proj) - mean_gamma) * rs
-                    s = np.float64(x_row[j] + residual[r, j]) if has_residual else np.float64(x_row[j])
-                    phi, dphi = gate_derivative(z_row[j], code)
-                    gz_row[j] = (grad_h * s) * dphi
+                    s = load(add(x_row[j], residual[r, j])) if has_residual else load(x_row[j])
+                    phi, dphi = gate_derivative(load(z_row[j]), code)
+                    gz_row[j] = store((grad_h * s) * dphi)
                     grad_s = grad_h * phi
-                    gx_row[j] = grad_s + grad_sum[r, j] if has_grad_sum else grad_s
+                    gx_row[j] = store(grad_s + load(grad_sum[r, j]) if has_grad_sum else grad_s)
             elif has_grad_sum:
                 gs_row = grad_sum[r]
                 for j in range(n):
                     h_hat = (h[j] - m) * rs
-                    gx_row[j] = ((gamma[j] - h_hat * proj) - mean_gamma) * rs + gs_row[j]
+                    gx_row[j] = store(((gamma[j] - h_hat * proj) - mean_gamma) * rs + load(gs_row[j]))
             else:
                 for j in range(n):
                     h_hat = (h[j] - m) * rs
-                    gx_row[j] = ((gamma[j] - h_hat * proj) - mean_gamma) * rs
+                    gx_row[j] = store(((gamma[j] - h_hat * proj) - mean_gamma) * rs)
 
 
 def _variant(kern, suffix: str, **helpers):
@@ -315,6 +291,11 @@ fused_row_forward_gelu = _variant(fused_row_forward, "_gelu", gate_value=gelu_ga
                                   gate_derivative=gelu_gate_derivative)
 fused_row_backward_gelu = _variant(fused_row_backward, "_gelu", gate_value=gelu_gate,
                                    gate_derivative=gelu_gate_derivative)
+# float32 rows: silu and sigmoid in float32 arithmetic
+fused_row_forward_32 = _variant(fused_row_forward, "_32", gate_value=logistic_gate32,
+                                gate_derivative=logistic_gate_derivative32)
+fused_row_backward_32 = _variant(fused_row_backward, "_32", gate_value=logistic_gate32,
+                                 gate_derivative=logistic_gate_derivative32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -366,22 +347,35 @@ class Layout:
         self.chunk_rows, self.chunks = row_chunks(view.rows, view.n)
         self.broadcast_shapes = (plan.param_broadcast_shape, None if mod_plan is None else mod_plan.param_broadcast_shape)
         self.size = view.rows * view.n
-        self.forward_kernel = fused_row_forward_gelu if self.code == 2 else fused_row_forward
-        self.backward_kernel = fused_row_backward_gelu if self.code == 2 else fused_row_backward
+        single = self.dtype == np.float32
+        self.forward_kernel = (fused_row_forward_gelu if self.code == 2 else
+                               fused_row_forward_32 if single else fused_row_forward)
+        self.backward_kernel = (fused_row_backward_gelu if self.code == 2 else
+                                fused_row_backward_32 if single else fused_row_backward)
         self.ok = True
 
-    def tables(self, weight, bias, scale, shift):
-        """``(w + o, b, 1 + scale, shift)`` as the kernels' float64 tables from parameters in
-        their expanded (broadcast) layouts, None where absent; None where a layout repeats
-        inside a row (only the reference fits)."""
+    def tables(self, weight, bias, scale, shift, as_given: bool = False):
+        """``(w + o, b, 1 + scale, shift, steps)``: the kernels' float64 tables from
+        parameters in their expanded (broadcast) layouts (an absent one: ones or zeros) and
+        the ``STEP_*`` bits of those present; None where a layout repeats inside a row (only
+        the reference fits). ``as_given``: ``weight`` and ``scale`` are already ``w + o`` and
+        ``1 + scale`` (rounded as a casting recipe rounds them)."""
         n = self.view.n
-        offset = self.epilogue.weight_offset
+        offset = 0.0 if as_given else self.epilogue.weight_offset
         mod_view = self.mod_view if self.mod_view is not None else self.view
         tables = (_full_table(weight + offset if weight is not None and offset else weight, self.view, 1.0, n),
                   _full_table(bias, self.view, 0.0, n),
-                  _full_table(None if scale is None else 1.0 + scale, mod_view, 1.0, n),
+                  _full_table(scale if scale is None or as_given else 1.0 + scale, mod_view, 1.0, n),
                   _full_table(shift, mod_view, 0.0, n))
-        return None if any(t is None for t in tables) else tables
+        if any(t is None for t in tables):
+            return None
+        present = (weight, scale, shift, bias)
+        return (*tables, sum(bit for bit, t in zip((STEP_WEIGHT, STEP_SCALE, STEP_SHIFT, STEP_BIAS), present)
+                             if t is not None))
+
+    def _output(self) -> np.ndarray:
+        # (two outputs a call: recycled from glibc's mmap threshold, see pool.MULTI_OUTPUT_MIN_BYTES)
+        return pool.empty(self.shape, self.dtype, pool.MULTI_OUTPUT_MIN_BYTES)
 
     def rows_of(self, array):
         if array is None:
@@ -392,8 +386,8 @@ class Layout:
         """``(y, total, mean, var, rstd)`` on the (rows, n) view: ``total`` is None without a
         residual; the statistics are flat float64 (those given, when ``rstd_flat`` is)."""
         rows = self.shape[0]
-        y = pool.empty(self.shape, self.dtype)
-        total = pool.empty(self.shape, self.dtype) if residual is not None else np.zeros((1, 1), self.dtype)
+        y = self._output()
+        total = self._output() if residual is not None else np.zeros((1, 1), self.dtype)
         stats_given = rstd_flat is not None
         if stats_given:
             mean_flat = np.zeros(rows) if mean_flat is None else mean_flat
@@ -402,7 +396,8 @@ class Layout:
             mean_flat, var_flat, rstd_flat = np.empty((3, rows))
         self.forward_kernel(self.rows_of(x), self.rows_of(residual), residual is not None, self.rows_of(gate),
                             self.gate_mode, self.code, tables[0], tables[1], self.row_stride, tables[2], tables[3],
-                            self.mod_stride, rms, eps, stats_given, self.chunk_rows, mean_flat, var_flat, rstd_flat,
+                            self.mod_stride, tables[4], rms, eps, stats_given, self.chunk_rows, mean_flat, var_flat,
+                            rstd_flat,
                             y, total, serial=self.size < threads.serial_below())
         return y, (total if residual is not None else None), mean_flat, var_flat, rstd_flat
 
@@ -412,9 +407,9 @@ class Layout:
         parameter gradients as summed float64 tables (None where not needed), ``grad_gate``
         None without a gate. Statistics are recomputed where ``rstd_flat`` is None."""
         rows = self.shape[0]
-        grad_x = pool.empty(self.shape, self.dtype)
+        grad_x = self._output()
         has_gate = self.gate_mode != GATE_NONE
-        grad_gate = pool.empty(self.shape, self.dtype) if has_gate else np.zeros((1, 1), self.dtype)
+        grad_gate = self._output() if has_gate else np.zeros((1, 1), self.dtype)
         weight_parts = np.zeros((self.chunks,) + tables[0].shape if need_params else (self.chunks, 1, 1))
         bias_parts = np.zeros_like(weight_parts)
         scale_parts = np.zeros((self.chunks,) + tables[2].shape if need_mod else (self.chunks, 1, 1))

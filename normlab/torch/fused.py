@@ -2,9 +2,12 @@
 
 Each block is one :func:`fused_normalize` call: on CPU float32/float64 tensors an
 ``autograd.Function`` runs the fused kernels of :mod:`normlab.kernels.fused` forward and
-backward (one pass over memory each way); elsewhere (bfloat16, float16, other devices)
-the same block is written in torch operations with the module's **casting recipe**, from
-the pieces of :mod:`normlab.torch.casting` (the one implementation of the recipes):
+backward (one pass over memory each way), and so it does on large CPU bfloat16 RMS blocks
+with the ``"llama"`` and ``"gemma"`` recipes, through the kernels' bfloat16 builds
+(:mod:`normlab.kernels.fused_half`, which round where the recipe rounds); elsewhere
+(float16, other devices, small bfloat16 inputs, bfloat16 layer norms) the same block is
+written in torch operations with the module's **casting recipe**, from the pieces of
+:mod:`normlab.torch.casting` (the one implementation of the recipes):
 
 * ``"llama"``: statistics and ``x̂`` in float32, ``x̂`` cast to the input dtype, then the
   weight and everything after it in that dtype (LlamaRMSNorm; also torch's own norms
@@ -15,8 +18,8 @@ the pieces of :mod:`normlab.torch.casting` (the one implementation of the recipe
 * ``"qwen3_next"``: as ``"llama"`` up to the weight, everything after it (the gate above
   all) in float32, cast once at the end (Qwen3-Next's gated norm).
 
-(``"t5"`` and ``"imagegpt"`` are RMSNorm recipes only.) On the kernel path the recipes coincide: the math
-runs in float64 and rounds once.
+(``"t5"`` and ``"imagegpt"`` are RMSNorm recipes only.) On the float32/float64 kernel path the
+recipes coincide: the math runs in float64 and rounds once.
 """
 
 from __future__ import annotations
@@ -73,7 +76,20 @@ class Block:
 
 
 def _numpy(t: Optional[Tensor]):
-    return None if t is None else t.detach().numpy()
+    """A tensor's memory as an array: bfloat16 as its 16-bit patterns (``uint16``), which
+    is how the half kernels read it."""
+    if t is None:
+        return None
+    if t.dtype == torch.bfloat16:
+        return t.detach().view(torch.int16).numpy().view(np.uint16)
+    return t.detach().numpy()
+
+
+def _from_rows(a: np.ndarray, shape, dtype: torch.dtype) -> Tensor:
+    """A kernel's output rows as a tensor of ``shape`` (``uint16`` rows as bfloat16)."""
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(a.reshape(shape).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a.reshape(shape))
 
 
 def _tensor(a) -> Optional[Tensor]:
@@ -138,6 +154,56 @@ def _use_kernels(*tensors) -> bool:
                     and t.layout is torch.strided and not t.is_neg() for t in present)
             and len({t.dtype for t in present[:3]}) == 1
             and not _needs_torch_ops(tensors[0]))  # (functorch transforms, forward-mode AD: torch operations)
+
+
+# bfloat16 RMS blocks run the half kernels from these sizes (elements), measured with
+# benchmarks/fused_half_crossover.py on a 2-core AMD EPYC: below them the recipe's torch
+# operations were as fast or faster (torch's bfloat16 kernels keep up while their
+# temporaries stay in cache; a forward alone at 2^19-2^20 ran at 0.4-0.6x of them), above
+# them the kernels were faster, forward+backward 1.0-2.4x from 2^19 and both 4-9x from
+# 2^23, where torch's temporaries outgrow glibc's reuse of freed memory
+HALF_KERNELS_FROM = 1 << 19  # when autograd records the call
+HALF_FORWARD_KERNELS_FROM = 1 << 21  # a forward alone (no_grad, inference_mode, no input needing a gradient)
+# layer norms stay on torch's operations in bfloat16: torch's layer norm kernel reads
+# bfloat16 directly, and a half kernel was slower than it (AdaLN-Zero forward 8 against 5.6 ms)
+
+
+def _half_recipe(block: Block, tensors) -> int:
+    """The rounding recipe of the half kernels (:mod:`normlab.kernels.fused_half`) for a
+    bfloat16 RMS block on CPU, or 0 where the composite runs: small inputs, layer norms,
+    the ``"none"`` and ``"qwen3_next"`` recipes, parameters whose promotion changes the
+    output's dtype, and whatever :func:`_use_kernels` sends to torch's operations."""
+    x, residual, gate, weight, bias, scale, shift = tensors
+    if x.dtype != torch.bfloat16 or not block.rms or block.casting not in ("llama", "gemma"):
+        return 0
+    if x.numel() < (HALF_KERNELS_FROM if _records_autograd(tensors) else HALF_FORWARD_KERNELS_FROM):
+        return 0
+    if any(t is not None and t.dtype != torch.bfloat16 for t in (residual, gate)):
+        return 0
+    # llama weighs in the input's dtype (a float32 parameter would promote the output to
+    # float32); gemma computes in float32 and casts once
+    allowed = (torch.bfloat16,) if block.casting == "llama" else (torch.bfloat16, torch.float32)
+    if any(t is not None and t.dtype not in allowed for t in (weight, bias, scale, shift)):
+        return 0
+    if not (not torch.compiler.is_compiling()
+            and all(type(t) in _EAGER_TYPES and t.device.type == "cpu" and t.layout is torch.strided
+                    and not t.is_neg() for t in tensors if t is not None)
+            and not _needs_torch_ops(x)):
+        return 0
+    return _ROUND_STEPS if block.casting == "llama" else _ROUND_ONCE
+
+
+_ROUND_ONCE, _ROUND_STEPS = 1, 2  # normlab.kernels.fused_half's recipes (importing it imports Numba)
+
+
+def _recipe_parameters(block: Block, recipe: int, weight, bias, scale, shift) -> tuple:
+    """``(w + o, b, 1 + scale, shift)`` computed as the recipe computes them (in bfloat16
+    for llama, in float32 for gemma), as float64 arrays."""
+    work = torch.bfloat16 if recipe == _ROUND_STEPS else torch.float32
+    with torch.no_grad():
+        weight = None if weight is None else recipes._scale(weight.to(work), block.weight_offset)
+        scale = None if scale is None else 1 + scale.to(work)
+        return tuple(None if t is None else t.detach().to(torch.float64).numpy() for t in (weight, bias, scale, shift))
 
 
 _ACTIVATIONS = {"silu": torch.nn.functional.silu, "sigmoid": torch.sigmoid, "gelu": torch.nn.functional.gelu}
@@ -307,6 +373,10 @@ def fused_normalize(x: Tensor, block: Block, *, residual=None, gate=None, weight
         if call is not None:
             return _CachedFusedFunction.apply(*tensors, call)
         return _FusedFunction.apply(*tensors, block)
+    if _half_recipe(block, tensors):
+        call = _cached_call(block, tensors)
+        if call is not None:
+            return _CachedFusedFunction.apply(*tensors, call)
     return _composite(*tensors, block)
 
 
@@ -325,11 +395,12 @@ class _Call:
     layout: object  # kernels.fused.Layout
 
     def tables(self, weight, bias, scale, shift):
-        def expanded(t, plan):
-            return None if t is None else plan.expand_params(t.detach().numpy().astype(np.float64, copy=False))
-
-        return self.layout.tables(expanded(weight, self.plan), expanded(bias, self.plan),
-                                  expanded(scale, self.mod_plan), expanded(shift, self.mod_plan))
+        recipe = getattr(self.layout, "recipe", 0)  # (bfloat16 rows: the parameters as the recipe rounds them)
+        params = (_recipe_parameters(self.block, recipe, weight, bias, scale, shift) if recipe
+                  else [None if t is None else t.detach().numpy() for t in (weight, bias, scale, shift)])
+        plans = (self.plan, self.plan, self.mod_plan, self.mod_plan)
+        return self.layout.tables(*(None if p is None else plan.expand_params(p.astype(np.float64, copy=False))
+                                    for p, plan in zip(params, plans)), as_given=bool(recipe))
 
 
 _CALLS: dict = {}
@@ -352,6 +423,7 @@ def _cached_call(block: Block, tensors) -> Optional[_Call]:
 
 def _build_call(block: Block, tensors) -> Optional[_Call]:
     from normlab.kernels.fused import Layout
+    from normlab.kernels.fused_half import HalfLayout
 
     x, residual, gate, weight, bias, scale, shift = tensors
     try:
@@ -368,7 +440,10 @@ def _build_call(block: Block, tensors) -> Optional[_Call]:
     epilogue = fused.Epilogue(residual is not None, block.gate_activation if gate is not None else None,
                               block.norm_before_gate, float(block.weight_offset), block.modulation,
                               scale is not None, shift is not None)
-    layout = Layout(plan, mod_plan, epilogue, _numpy_dtype(x.dtype))
+    if x.dtype == torch.bfloat16:
+        layout = HalfLayout(plan, mod_plan, epilogue, _half_recipe(block, tensors))
+    else:
+        layout = Layout(plan, mod_plan, epilogue, _numpy_dtype(x.dtype))
     return _Call(block, plan, mod_plan, layout) if layout.ok else None
 
 
@@ -389,8 +464,8 @@ class _CachedFusedFunction(torch.autograd.Function):
         ctx.call, ctx.tables, ctx.stats = call, tables, (mean, rstd)
         ctx.addresses = _addresses(weight, bias, scale, shift)
         ctx.save_for_backward(x, residual, gate, weight, bias, scale, shift)
-        y = torch.from_numpy(y.reshape(x.shape))
-        return (y, torch.from_numpy(total.reshape(x.shape))) if residual is not None else y
+        y = _from_rows(y, x.shape, x.dtype)
+        return (y, _from_rows(total, x.shape, x.dtype)) if residual is not None else y
 
     @staticmethod
     def backward(ctx, grad_y, grad_total=None):
@@ -417,11 +492,13 @@ class _CachedFusedFunction(torch.autograd.Function):
                 return None
             plan = call.mod_plan if mod else call.plan
             grad = plan.collapse_params(call.layout.collapse(table, mod))
+            if param.dtype == torch.bfloat16:
+                return torch.from_numpy(np.ascontiguousarray(grad)).to(param.dtype)
             return torch.from_numpy(np.ascontiguousarray(grad, dtype=_numpy_dtype(param.dtype)))
 
-        grad_x = torch.from_numpy(grad_x.reshape(x.shape))
+        grad_x = _from_rows(grad_x, x.shape, x.dtype)
         return (grad_x, grad_x if residual is not None else None,
-                None if grad_gate is None else torch.from_numpy(grad_gate.reshape(x.shape)),
+                None if grad_gate is None else _from_rows(grad_gate, x.shape, x.dtype),
                 param_grad(grad_w, weight, False), param_grad(grad_b, bias, False),
                 param_grad(grad_scale, scale, True), param_grad(grad_shift, shift, True), None)
 
