@@ -36,7 +36,7 @@ from normlab import fused
 from normlab.plan import make_plan
 from normlab.torch import casting as recipes
 from normlab.torch.ops import _grads_of, _needs_torch_backward
-from normlab.torch.paths import _needs_torch_ops
+from normlab.torch.paths import _needs_torch_ops, _small_forward_fits
 from normlab.torch.spec import Unscriptable
 
 __all__ = ["CASTINGS", "fused_normalize", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm"]
@@ -591,6 +591,31 @@ def _with_companion(module: nn.Module, x: Tensor, other: Optional[Tensor], norma
     return x.expand(shape), other.expand(shape)
 
 
+_SMALL_FORWARD_CASTINGS = ("llama", "gemma", "none")
+
+
+def _small_add_rms_norm(module, x, residual):
+    """``FusedAddRMSNorm``'s ``(y, x + residual)``, or ``y`` without a residual, in torch
+    operations for a small input that autograd does not record, or None: float32 and
+    float64 through torch's ``rms_norm`` (the recipes coincide there, and an RMS norm has
+    no mean to cancel), bfloat16 and float16 through the casting recipe's operations, bit
+    for bit."""
+    weight = module.weight
+    if residual is not None and (type(residual) is not Tensor or x.shape != residual.shape
+                                 or x.dtype != residual.dtype or residual.requires_grad and torch.is_grad_enabled()):
+        return None
+    if (module.casting not in _SMALL_FORWARD_CASTINGS
+            or not _small_forward_fits(x, weight, HALF_FORWARD_KERNELS_FROM if x.dtype in _HALF_DTYPES else None)):
+        return None
+    total = x + residual if residual is not None else x
+    offset = module.weight_offset
+    if x.dtype in _HALF_DTYPES:
+        y = recipes.rms_norm_recipe(total, weight, module.eps, module.casting, offset, weight.dim())
+    else:
+        y = torch.rms_norm(total, weight.shape, weight + offset if offset else weight, module.eps)
+    return (y, total) if residual is not None else y
+
+
 class FusedAddRMSNorm(Unscriptable, nn.Module):
     """Residual add and RMS norm in one pass: ``forward(x, residual) -> (norm(x + residual), x + residual)``
     (``forward(x)`` alone is a plain RMS norm), as vLLM's and Liger's fused RMS norms.
@@ -632,6 +657,9 @@ class FusedAddRMSNorm(Unscriptable, nn.Module):
         traced = _fx_leaf(self, x, residual)
         if traced is not None:
             return traced
+        small = _small_add_rms_norm(self, x, residual)
+        if small is not None:
+            return small
         x, residual = _with_companion(self, x, residual, self.weight.shape)
         return fused_normalize(x, _block_of(self), residual=residual, weight=self.weight)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -83,3 +84,24 @@ def _choose_path(x: Tensor, has_native: bool) -> str:
     if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
         return "kernel"
     return "native" if has_native else "composite"
+
+
+# A forward alone of FusedAddRMSNorm below this many float32/float64 elements (a decoding
+# step's token, a small batch) runs as torch's ``rms_norm``: there a kernel call's Python
+# (about 40 µs: autograd, the tables, Numba's dispatch) outweighs the work. Measured on a 2-core AMD
+# EPYC, rows of 1024: torch's operations took 0.37-0.52x the kernel path's time from 2^10
+# to 2^17 elements, 3.2x from 2^18, where their temporaries fault pages in.
+SMALL_FORWARD_BELOW = 1 << 18
+# torch reduces one row of fewer elements on one thread (its grain size); a longer one it
+# splits among threads, whose count would then change the bits
+_ONE_THREAD_ROW = 1 << 15
+
+
+def _small_forward_fits(x, weight, below: Optional[int] = None) -> bool:
+    """Whether an RMS norm of ``x`` over ``weight``'s shape is a small call that autograd
+    does not record, on CPU with the weight's dtype, which torch's operations run faster
+    than a kernel call (``below``: the size limit, :data:`SMALL_FORWARD_BELOW` by default)."""
+    return (type(x) is Tensor and weight is not None and weight.dtype == x.dtype and x.device.type == "cpu"
+            and x.numel() < (SMALL_FORWARD_BELOW if below is None else below) and weight.numel() < _ONE_THREAD_ROW
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and x.shape[x.dim() - weight.dim():] == weight.shape and not _needs_torch_ops(x))

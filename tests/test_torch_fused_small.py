@@ -1,0 +1,94 @@
+"""FusedAddRMSNorm's forward alone on small inputs (a decoding step's token), which runs
+in torch operations: against transformers' LlamaRMSNorm and GemmaRMSNorm of the sum, and
+the same bits on one thread and two."""
+
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
+
+from normlab.torch.fused import FusedAddRMSNorm  # noqa: E402
+
+blocks = sys.modules["normlab.torch.fused"]
+
+
+def _pair(family, hidden, dtype):
+    hf = (LlamaRMSNorm if family == "llama" else GemmaRMSNorm)(hidden, eps=1e-6)
+    with torch.no_grad():
+        hf.weight.copy_(torch.randn(hidden, generator=torch.Generator().manual_seed(1)) * 0.5)
+    ours = FusedAddRMSNorm(hidden, eps=1e-6, casting=family, weight_offset=1.0 if family == "gemma" else 0.0)
+    ours.load_state_dict(hf.state_dict())
+    return hf.to(dtype), ours.to(dtype)
+
+
+def _tokens(shape, dtype, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=gen) * 2).to(dtype) for _ in range(2)]
+
+
+def _counting_kernel_calls(monkeypatch) -> list:
+    calls = []
+    apply = blocks._CachedFusedFunction.apply
+    monkeypatch.setattr(blocks._CachedFusedFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decoding_step_is_the_hf_norm_of_the_sum(family, dtype, monkeypatch):
+    calls = _counting_kernel_calls(monkeypatch)
+    hf, ours = _pair(family, 1024, dtype)
+    x, r = _tokens((1, 1, 1024), dtype)
+    with torch.no_grad():
+        y, total = ours(x, r)
+        want = hf(x + r)
+    assert not calls  # (torch's operations, not a kernel call)
+    assert torch.equal(total, x + r)
+    if dtype == torch.bfloat16:
+        assert torch.equal(y, want)  # the recipe's operations
+    else:
+        torch.testing.assert_close(y, want, rtol=2e-6, atol=2e-6)
+
+
+def test_inference_mode_and_eval_without_gradients_take_it_too(monkeypatch):
+    calls = _counting_kernel_calls(monkeypatch)
+    hf, ours = _pair("llama", 256, torch.float32)
+    x, r = _tokens((4, 256), torch.float32)
+    with torch.inference_mode():
+        y, _ = ours(x, r)
+    ours.weight.requires_grad_(False)
+    y2, _ = ours(x, r)
+    assert not calls
+    for got in (y, y2):
+        torch.testing.assert_close(got, hf(x + r).detach(), rtol=2e-6, atol=2e-6)
+
+
+def test_recorded_and_large_calls_keep_the_kernels(monkeypatch):
+    calls = _counting_kernel_calls(monkeypatch)
+    _, ours = _pair("llama", 1024, torch.float32)
+    x, r = _tokens((1, 1024), torch.float32)
+    ours(x, r)  # the weight needs its gradient: autograd records the call
+    with torch.no_grad():
+        ours(*_tokens((256, 1024), torch.float32))  # 2^18 elements
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("hidden", [16384, 65536])
+def test_the_same_bits_on_one_thread_and_two(hidden):
+    # torch splits the reduction of one long row among threads: such rows take the kernels
+    _, ours = _pair("llama", hidden, torch.float32)
+    x, r = _tokens((1, hidden), torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                results.append(ours(x, r)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*results)
