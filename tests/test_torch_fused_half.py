@@ -231,3 +231,19 @@ def test_a_nan_with_any_payload_stays_nan_in_bfloat16():
     assert y.dtype == BF16 and _kernel_ran(ours(x.requires_grad_(), r)[0])
     assert y[..., 5].isnan().all()
     assert not y[..., :5].isnan().any()
+
+
+@pytest.mark.parametrize("block", ["add", "gated"])
+def test_inputs_made_in_inference_mode_train_the_weight_as_the_hf_norms_do(block):
+    # the recipe's first cast (to float32) makes a normal tensor, so LlamaRMSNorm and
+    # FalconH1RMSNormGated train on inputs made in inference_mode; the kernels would save them
+    hf = LlamaRMSNorm(SHAPE[-1], eps=1e-6) if block == "add" else FalconH1RMSNormGated(SHAPE[-1], eps=1e-6)
+    hf = _randomize(hf).to(BF16)
+    ours = (FusedAddRMSNorm(SHAPE[-1], eps=1e-6) if block == "add"
+            else GatedRMSNorm(SHAPE[-1], eps=1e-6, casting="gemma")).to(BF16)
+    ours.load_state_dict(hf.state_dict())
+    with torch.inference_mode():
+        x, z = (t.detach().clone() for t in _inputs(SHAPE, SHAPE))
+    got, want = ours(x) if block == "add" else ours(x, z), hf(x) if block == "add" else hf(x, z)
+    assert torch.equal(got, want)
+    assert torch.equal(*(_grads([y], [m.weight])[0] for y, m in ((got, ours), (want, hf))))

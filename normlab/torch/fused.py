@@ -190,6 +190,10 @@ def _half_recipe(block: Block, tensors) -> int:
                     and not t.is_neg() for t in tensors if t is not None)
             and not _needs_torch_ops(x)):
         return 0
+    if _records_autograd(tensors) and any(t is not None and t.is_inference() for t in tensors):
+        # an input made in inference_mode cannot be saved for backward; the recipe casts it
+        # to float32 first, a normal tensor, so the replaced classes train on it, as the composite does
+        return 0
     return _ROUND_STEPS if block.casting == "llama" else _ROUND_ONCE
 
 
