@@ -247,3 +247,19 @@ def test_inputs_made_in_inference_mode_train_the_weight_as_the_hf_norms_do(block
     got, want = ours(x) if block == "add" else ours(x, z), hf(x) if block == "add" else hf(x, z)
     assert torch.equal(got, want)
     assert torch.equal(*(_grads([y], [m.weight])[0] for y, m in ((got, ours), (want, hf))))
+
+
+@pytest.mark.parametrize("block", ["add", "gated"])
+def test_bfloat16_blocks_compile_to_one_full_graph_when_autograd_records(block):
+    # the half kernels' size check asked is_inference_mode_enabled, which Dynamo cannot trace
+    hf = LlamaRMSNorm(64, eps=1e-6) if block == "add" else FalconH1RMSNormGated(64, eps=1e-6)
+    hf = _randomize(hf).to(BF16)
+    ours = (FusedAddRMSNorm(64, eps=1e-6) if block == "add" else GatedRMSNorm(64, eps=1e-6, casting="gemma")).to(BF16)
+    ours.load_state_dict(hf.state_dict())
+    x, z = _inputs((2, 3, 64), (2, 3, 64))
+    torch._dynamo.reset()
+    got = torch.compile(ours, fullgraph=True, backend="aot_eager")(x, z)
+    want = (hf(x + z), x + z) if block == "add" else hf(x, z)
+    for a, b in zip(got if block == "add" else [got], want if block == "add" else [want]):
+        assert torch.equal(a, b)
+    assert all(g is not None for g in _grads([got[0] if block == "add" else got], [x, z, ours.weight]))

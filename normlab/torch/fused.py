@@ -174,6 +174,8 @@ def _half_recipe(block: Block, tensors) -> int:
     the ``"none"`` and ``"qwen3_next"`` recipes, parameters whose promotion changes the
     output's dtype, and whatever :func:`_use_kernels` sends to torch's operations."""
     x, residual, gate, weight, bias, scale, shift = tensors
+    if torch.compiler.is_compiling():  # (first: Dynamo cannot trace is_inference_mode_enabled, nor is_neg)
+        return 0
     if x.dtype != torch.bfloat16 or not block.rms or block.casting not in ("llama", "gemma"):
         return 0
     if x.numel() < (HALF_KERNELS_FROM if _records_autograd(tensors) else HALF_FORWARD_KERNELS_FROM):
@@ -185,9 +187,8 @@ def _half_recipe(block: Block, tensors) -> int:
     allowed = (torch.bfloat16,) if block.casting == "llama" else (torch.bfloat16, torch.float32)
     if any(t is not None and t.dtype not in allowed for t in (weight, bias, scale, shift)):
         return 0
-    if not (not torch.compiler.is_compiling()
-            and all(type(t) in _EAGER_TYPES and t.device.type == "cpu" and t.layout is torch.strided
-                    and not t.is_neg() for t in tensors if t is not None)
+    if not (all(type(t) in _EAGER_TYPES and t.device.type == "cpu" and t.layout is torch.strided
+                and not t.is_neg() for t in tensors if t is not None)
             and not _needs_torch_ops(x)):
         return 0
     if _records_autograd(tensors) and any(t is not None and t.is_inference() for t in tensors):
