@@ -92,3 +92,39 @@ def test_the_same_bits_on_one_thread_and_two(hidden):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(*results)
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x, residual):
+        return self.norm(x, residual)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_export_with_a_dynamic_batch_takes_any_batch_size(dtype):
+    # the size check ran before the check for torch's operations, and became a guard on the batch
+    hf, ours = _pair("llama", 64, dtype)
+    batch = torch.export.Dim("batch")
+    with torch.no_grad():
+        exported = torch.export.export(_Holder(ours), tuple(_tokens((2, 7, 64), dtype)), strict=True,
+                                       dynamic_shapes={"x": {0: batch}, "residual": {0: batch}})
+        x, r = _tokens((5000, 7, 64), dtype)  # past the small forward's size
+        y, total = exported.module()(x, r)
+        assert torch.equal(total, x + r)
+        torch.testing.assert_close(y, hf(x + r), **({} if dtype == torch.bfloat16 else dict(rtol=2e-6, atol=2e-6)))
+
+
+def test_a_compiled_forward_is_one_graph_on_both_sides_of_the_small_size():
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    _, ours = _pair("llama", 64, torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(_Holder(ours), backend=counter, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        for shape in ((2, 64), (3, 64), (5000, 64)):
+            compiled(*_tokens(shape, torch.float32))
+    assert counter.frame_count == 1

@@ -101,7 +101,10 @@ def _small_forward_fits(x, weight, below: Optional[int] = None) -> bool:
     """Whether an RMS norm of ``x`` over ``weight``'s shape is a small call that autograd
     does not record, on CPU with the weight's dtype, which torch's operations run faster
     than a kernel call (``below``: the size limit, :data:`SMALL_FORWARD_BELOW` by default)."""
-    return (type(x) is Tensor and weight is not None and weight.dtype == x.dtype and x.device.type == "cpu"
-            and x.numel() < (SMALL_FORWARD_BELOW if below is None else below) and weight.numel() < _ONE_THREAD_ROW
+    # (torch's operations first: compiled or exported, the size check would be a guard on the
+    # batch, which a dynamic batch fails, and a graph per side of the limit)
+    return (type(x) is Tensor and weight is not None and not _needs_torch_ops(x) and weight.dtype == x.dtype
+            and x.device.type == "cpu" and x.numel() < (SMALL_FORWARD_BELOW if below is None else below)
+            and weight.numel() < _ONE_THREAD_ROW
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and x.shape[x.dim() - weight.dim():] == weight.shape and not _needs_torch_ops(x))
+            and x.shape[x.dim() - weight.dim():] == weight.shape)
