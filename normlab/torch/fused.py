@@ -144,14 +144,19 @@ def _composite_backward(block: Block, inputs: tuple, ctx, grad_y, grad_total) ->
     return (*grads, None)
 
 
+def _numpy_readable(tensors) -> bool:
+    """Every tensor present is a plain CPU tensor (or Parameter) whose memory NumPy reads as
+    it is. A tensor subclass (a user's __torch_function__ class, DTensor) takes the
+    composite, whose torch operations hand it each step, as the code the block replaces
+    would. (Call it after the compile check: Dynamo cannot trace is_neg.)"""
+    return all(type(t) in _EAGER_TYPES and t.device.type == "cpu" and t.layout is torch.strided and not t.is_neg()
+               for t in tensors if t is not None)
+
+
 def _use_kernels(*tensors) -> bool:
     present = [t for t in tensors if t is not None]
-    # a tensor subclass (a user's __torch_function__ class, DTensor) takes the composite,
-    # whose torch operations hand it each step, as the code the block replaces would
-    # (compiling first: Dynamo cannot trace is_neg)
-    return (not torch.compiler.is_compiling()
-            and all(type(t) in _EAGER_TYPES and t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES
-                    and t.layout is torch.strided and not t.is_neg() for t in present)
+    return (not torch.compiler.is_compiling() and _numpy_readable(present)
+            and all(t.dtype in _KERNEL_DTYPES for t in present)
             and len({t.dtype for t in present[:3]}) == 1
             and not _needs_torch_ops(tensors[0]))  # (functorch transforms, forward-mode AD: torch operations)
 
@@ -178,7 +183,8 @@ def _half_recipe(block: Block, tensors) -> int:
         return 0
     if x.dtype != torch.bfloat16 or not block.rms or block.casting not in ("llama", "gemma"):
         return 0
-    if x.numel() < (HALF_KERNELS_FROM if _records_autograd(tensors) else HALF_FORWARD_KERNELS_FROM):
+    records = _records_autograd(tensors)
+    if x.numel() < (HALF_KERNELS_FROM if records else HALF_FORWARD_KERNELS_FROM):
         return 0
     if any(t is not None and t.dtype != torch.bfloat16 for t in (residual, gate)):
         return 0
@@ -187,11 +193,9 @@ def _half_recipe(block: Block, tensors) -> int:
     allowed = (torch.bfloat16,) if block.casting == "llama" else (torch.bfloat16, torch.float32)
     if any(t is not None and t.dtype not in allowed for t in (weight, bias, scale, shift)):
         return 0
-    if not (all(type(t) in _EAGER_TYPES and t.device.type == "cpu" and t.layout is torch.strided
-                and not t.is_neg() for t in tensors if t is not None)
-            and not _needs_torch_ops(x)):
+    if not _numpy_readable(tensors) or _needs_torch_ops(x):
         return 0
-    if _records_autograd(tensors) and any(t is not None and t.is_inference() for t in tensors):
+    if records and any(t is not None and t.is_inference() for t in tensors):
         # an input made in inference_mode cannot be saved for backward; the recipe casts it
         # to float32 first, a normal tensor, so the replaced classes train on it, as the composite does
         return 0
