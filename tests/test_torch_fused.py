@@ -376,3 +376,56 @@ def test_ada_layer_norm_refuses_batches_that_do_not_broadcast_as_diffusers_does(
         _diffusers_ada_norm()(4)(torch.randn(3, 5, 4), emb=torch.randn(2, 4))
     with pytest.raises(RuntimeError, match=r"\[3, 5, 4\].*\[2, 4\].*broadcast"):
         AdaLayerNorm(4)(torch.randn(3, 5, 4), emb=torch.randn(2, 4))
+
+
+def _saved_storages(run):
+    """The storages of the tensors autograd saves while ``run()`` records its graph."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return out, set(saved)
+
+
+@pytest.mark.parametrize("dtype, shape", [(torch.float32, (3, 5, 64)), (torch.float64, (3, 5, 64)),
+                                          (torch.bfloat16, (8, 256, 256))])  # (bfloat16: its kernels' size)
+@pytest.mark.parametrize("path", ["cached", "general"])
+def test_fused_add_rms_norm_saves_the_sum_as_llama_rms_norm_after_the_add_does(dtype, shape, path):
+    """LlamaRMSNorm on ``x + r`` saves neither x nor r, so changing them in place after the
+    call is legal there: the block must allow it too, and give the gradients it gives
+    without the change (and, in float, LlamaRMSNorm's)."""
+    hf = _randomize(LlamaRMSNorm(shape[-1], eps=1e-6)).to(dtype)
+    ours = FusedAddRMSNorm(shape[-1], eps=1e-6, casting="llama").to(dtype)
+    ours.load_state_dict(hf.state_dict())
+
+    def gradients(norm, change):
+        x0, r0 = _leaves(shape, shape, dtype=dtype)
+        # non-leaves, which may change in place; non-contiguous ones skip the cached call
+        x, r = ((x0 * 1, r0 * 1) if path == "cached" else
+                (x0.transpose(0, 1).contiguous().transpose(0, 1), r0.transpose(0, 1).contiguous().transpose(0, 1)))
+        assert x.is_contiguous() == (path == "cached")
+
+        def run():
+            if norm is hf:
+                total = x + r
+                return hf(total), total
+            return norm(x, r)
+
+        (y, total), saved = _saved_storages(run)
+        assert not saved & {x.untyped_storage().data_ptr(), r.untyped_storage().data_ptr()}
+        if change:
+            with torch.no_grad():
+                x.mul_(2)
+                r.add_(1)
+        return (y, total, *_grads([y, total], [x0, r0, norm.weight]))
+
+    got = gradients(ours, change=True)
+    for mine, unchanged in zip(got, gradients(ours, change=False)):
+        assert torch.equal(mine, unchanged)
+    if dtype != torch.bfloat16:  # (bfloat16 gradients: see test_torch_fused_half.py)
+        for mine, theirs in zip(got, gradients(hf, change=True)):
+            torch.testing.assert_close(mine, theirs, rtol=2e-6, atol=2e-6)

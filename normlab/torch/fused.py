@@ -111,8 +111,11 @@ class _FusedFunction(torch.autograd.Function):
             (y, mean, rstd), total = result, x
         ctx.block = block
         ctx.has = tuple(t is not None for t in (residual, gate, weight, bias, scale, shift))
+        # the sum, not x and residual: what the code the block replaces saves (its norm's
+        # input), so that in-place changes of x or residual afterwards stay legal, and one
+        # tensor of the input's size is held instead of two
         ctx.save_for_backward(total, gate, weight, bias, scale, shift, _tensor(rstd),
-                              _tensor(mean) if mean is not None else None, x, residual)
+                              _tensor(mean) if mean is not None else None)
         y = _tensor(y)
         if residual is not None:
             return y, total
@@ -120,10 +123,13 @@ class _FusedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_total=None):
-        total, gate, weight, bias, scale, shift, rstd, mean, x, residual = ctx.saved_tensors
+        reentered = _reentered(ctx, grad_total)
+        if reentered is not None:
+            return reentered
+        total, gate, weight, bias, scale, shift, rstd, mean = ctx.saved_tensors
         block = ctx.block
         if _needs_torch_backward(grad_y):
-            return _composite_backward(block, (x, residual, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
+            return _composite_backward(block, (total, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
         has_residual, _, _, has_bias, _, _ = ctx.has
         grads = fused.normalize_backward(
             grad_y.numpy(), total.numpy(), block.pattern, weight=_numpy(weight), bias=_numpy(bias),
@@ -137,11 +143,34 @@ class _FusedFunction(torch.autograd.Function):
 
 def _composite_backward(block: Block, inputs: tuple, ctx, grad_y, grad_total) -> tuple:
     """The gradients by torch's autograd of :func:`_composite`, where the kernels cannot
-    take the backward pass (create_graph=True, batched gradients)."""
-    residual = inputs[1]
-    grads = _grads_of(lambda *tensors: _composite(*tensors, block), inputs, ctx.needs_input_grad,
-                      (grad_y, grad_total) if residual is not None else grad_y)
-    return (*grads, None)
+    take the backward pass (create_graph=True, batched gradients). ``inputs``: the saved
+    ``(total, gate, weight, bias, scale, shift)``, ``total`` being ``x + residual`` (or ``x``);
+    x and residual both get the gradient of the sum."""
+    needs = ctx.needs_input_grad
+    has_residual = ctx.has[0]
+    # with a residual the saved sum is this node's own output: torch reaches this node again
+    # from it on its way to the parameters (see _reentered)
+    ctx.inner = True
+    try:
+        grads = _grads_of(lambda total, *others: _composite(total, None, *others, block), inputs,
+                          (needs[0] or needs[1], *needs[2:7]), grad_y)
+    finally:
+        ctx.inner = False
+    grad_sum = grads[0]
+    if has_residual and grad_sum is not None and grad_total is not None:
+        grad_sum = grad_sum + grad_total
+    return (grad_sum if needs[0] else None, grad_sum if needs[1] else None, *grads[1:], None)
+
+
+def _reentered(ctx, grad_total) -> Optional[tuple]:
+    """The node's gradients while :func:`_composite_backward` of this very node runs, or
+    None. That pass differentiates the composite on the saved sum, which is this node's
+    output, and torch's engine goes through this node from there on its way to the
+    parameters (x and residual are inputs here too). The sum is ``x + residual``, so its
+    gradient is x's and the residual's, and no parameter's."""
+    if not getattr(ctx, "inner", False):
+        return None
+    return (grad_total, grad_total) + (None,) * 6
 
 
 def _numpy_readable(tensors) -> bool:
@@ -472,17 +501,21 @@ class _CachedFusedFunction(torch.autograd.Function):
                                                       block.rms)
         ctx.call, ctx.tables, ctx.stats = call, tables, (mean, rstd)
         ctx.addresses = _addresses(weight, bias, scale, shift)
-        ctx.save_for_backward(x, residual, gate, weight, bias, scale, shift)
+        ctx.has = (residual is not None,)
         y = _from_rows(y, x.shape, x.dtype)
-        return (y, _from_rows(total, x.shape, x.dtype)) if residual is not None else y
+        total = _from_rows(total, x.shape, x.dtype) if residual is not None else x
+        ctx.save_for_backward(total, gate, weight, bias, scale, shift)  # (the sum: see _FusedFunction)
+        return (y, total) if residual is not None else y
 
     @staticmethod
     def backward(ctx, grad_y, grad_total=None):
-        x, residual, gate, weight, bias, scale, shift = ctx.saved_tensors
+        reentered = _reentered(ctx, grad_total)
+        if reentered is not None:
+            return reentered
+        total, gate, weight, bias, scale, shift = ctx.saved_tensors
         call = ctx.call
         if _needs_torch_backward(grad_y):
-            return _composite_backward(call.block, (x, residual, gate, weight, bias, scale, shift), ctx, grad_y,
-                                       grad_total)
+            return _composite_backward(call.block, (total, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
         mean, rstd = ctx.stats
         tables = ctx.tables
         if _addresses(weight, bias, scale, shift) != ctx.addresses:
@@ -492,9 +525,10 @@ class _CachedFusedFunction(torch.autograd.Function):
             tables = call.tables(weight, bias, scale, shift)
         need_params = weight is not None or bias is not None
         need_mod = scale is not None or shift is not None
+        has_residual = ctx.has[0]
         grad_x, grad_gate, grad_w, grad_b, grad_scale, grad_shift = call.layout.backward(
-            tables, _numpy(grad_y), _numpy(grad_total) if residual is not None else None, _numpy(x),
-            _numpy(residual), _numpy(gate), call.block.eps, call.block.rms, mean, rstd, need_params, need_mod)
+            tables, _numpy(grad_y), _numpy(grad_total) if has_residual else None, _numpy(total),
+            None, _numpy(gate), call.block.eps, call.block.rms, mean, rstd, need_params, need_mod)
 
         def param_grad(table, param, mod: bool):
             if param is None:
@@ -505,9 +539,9 @@ class _CachedFusedFunction(torch.autograd.Function):
                 return torch.from_numpy(np.ascontiguousarray(grad)).to(param.dtype)
             return torch.from_numpy(np.ascontiguousarray(grad, dtype=_numpy_dtype(param.dtype)))
 
-        grad_x = _from_rows(grad_x, x.shape, x.dtype)
-        return (grad_x, grad_x if residual is not None else None,
-                None if grad_gate is None else _from_rows(grad_gate, x.shape, x.dtype),
+        grad_x = _from_rows(grad_x, total.shape, total.dtype)
+        return (grad_x, grad_x if has_residual else None,
+                None if grad_gate is None else _from_rows(grad_gate, total.shape, total.dtype),
                 param_grad(grad_w, weight, False), param_grad(grad_b, bias, False),
                 param_grad(grad_scale, scale, True), param_grad(grad_shift, shift, True), None)
 
