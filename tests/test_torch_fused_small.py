@@ -32,8 +32,8 @@ def _tokens(shape, dtype, seed=2):
 
 def _counting_kernel_calls(monkeypatch) -> list:
     calls = []
-    apply = blocks._CachedFusedFunction.apply
-    monkeypatch.setattr(blocks._CachedFusedFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+    forward = blocks._Call.forward  # (every kernel call of the blocks, with autograd or without)
+    monkeypatch.setattr(blocks._Call, "forward", lambda *a: calls.append(1) or forward(*a))
     return calls
 
 
@@ -69,12 +69,17 @@ def test_inference_mode_and_eval_without_gradients_take_it_too(monkeypatch):
 
 def test_recorded_and_large_calls_keep_the_kernels(monkeypatch):
     calls = _counting_kernel_calls(monkeypatch)
-    _, ours = _pair("llama", 1024, torch.float32)
+    hf, ours = _pair("llama", 1024, torch.float32)
     x, r = _tokens((1, 1024), torch.float32)
     ours(x, r)  # the weight needs its gradient: autograd records the call
+    x, r = _tokens((256, 1024), torch.float32)  # 2^18 elements
     with torch.no_grad():
-        ours(*_tokens((256, 1024), torch.float32))  # 2^18 elements
-    assert len(calls) == 2
+        for residual in (r, None):  # (the kernels straight, without autograd's node)
+            got = ours(x, residual)
+            y, total = got if residual is not None else (got, x)
+            assert y.grad_fn is None and torch.equal(total, x + r if residual is not None else x)
+            torch.testing.assert_close(y, hf(total), rtol=2e-6, atol=2e-6)
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("hidden", [16384, 65536])

@@ -409,13 +409,22 @@ def fused_normalize(x: Tensor, block: Block, *, residual=None, gate=None, weight
     if _use_kernels(*tensors):
         call = _cached_call(block, tensors)
         if call is not None:
-            return _CachedFusedFunction.apply(*tensors, call)
+            return _run_cached(call, tensors)
         return _FusedFunction.apply(*tensors, block)
     if _half_recipe(block, tensors):
         call = _cached_call(block, tensors)
         if call is not None:
-            return _CachedFusedFunction.apply(*tensors, call)
+            return _run_cached(call, tensors)
     return _composite(*tensors, block)
+
+
+def _run_cached(call, tensors):
+    """The cached call's outputs: through autograd where it records the call, else straight
+    from the kernels (an autograd.Function costs a small call a sixth of its time)."""
+    if _records_autograd(tensors):
+        return _CachedFusedFunction.apply(*tensors, call)
+    y, total = call.forward(*tensors)[:2]
+    return (y, total) if tensors[1] is not None else y
 
 
 # ---------------------------------------------------------------------------------------
@@ -431,6 +440,16 @@ class _Call:
     plan: object
     mod_plan: object
     layout: object  # kernels.fused.Layout
+
+    def forward(self, x, residual, gate, weight, bias, scale, shift) -> tuple:
+        """``(y, total, tables, mean, rstd)``: the kernels' forward as tensors of x's shape
+        (``total`` None without a residual), the parameter tables it read and the statistics."""
+        block = self.block
+        tables = self.tables(weight, bias, scale, shift)
+        y, total, mean, _, rstd = self.layout.forward(tables, _numpy(x), _numpy(residual), _numpy(gate), block.eps,
+                                                      block.rms)
+        return (_from_rows(y, x.shape, x.dtype), None if residual is None else _from_rows(total, x.shape, x.dtype),
+                tables, mean, rstd)
 
     def tables(self, weight, bias, scale, shift):
         recipe = getattr(self.layout, "recipe", 0)  # (bfloat16 rows: the parameters as the recipe rounds them)
@@ -495,15 +514,11 @@ class _CachedFusedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, gate, weight, bias, scale, shift, call: _Call):
-        block = call.block
-        tables = call.tables(weight, bias, scale, shift)
-        y, total, mean, _, rstd = call.layout.forward(tables, _numpy(x), _numpy(residual), _numpy(gate), block.eps,
-                                                      block.rms)
+        y, total, tables, mean, rstd = call.forward(x, residual, gate, weight, bias, scale, shift)
         ctx.call, ctx.tables, ctx.stats = call, tables, (mean, rstd)
         ctx.addresses = _addresses(weight, bias, scale, shift)
         ctx.has = (residual is not None,)
-        y = _from_rows(y, x.shape, x.dtype)
-        total = _from_rows(total, x.shape, x.dtype) if residual is not None else x
+        total = x if total is None else total
         ctx.save_for_backward(total, gate, weight, bias, scale, shift)  # (the sum: see _FusedFunction)
         return (y, total) if residual is not None else y
 
