@@ -314,3 +314,23 @@ def test_batch_norm_training_under_torch_func_jvp_raises_torchs_error_as_torch_n
     for model in randomized_pair("BatchNorm1d", (3,), D):
         with pytest.raises(RuntimeError, match="mutate a captured Tensor"):
             torch.func.jvp(model.train(), (x,), (x,))
+
+
+@pytest.mark.parametrize("cls_name, args, shape, train", TWINS)
+def test_a_layer_called_twice_has_torch_nn_s_second_derivatives(cls_name, args, shape, train):
+    """One layer applied twice (its weight shared by both calls), then a gradient penalty: each
+    call's create_graph backward must give its own partial derivatives. Taken at the saved
+    input itself, torch's engine went on up its history to the earlier call of the same
+    weight and added that gradient in again."""
+    torch.manual_seed(6)
+    reference, twin = _pair(cls_name, args, train)
+    x = torch.randn(shape, dtype=D, requires_grad=True)
+
+    def gradients(module):
+        inputs = (x, *module.parameters())
+        y = module(module(x))
+        first = torch.autograd.grad(y.sin().sum(), inputs, create_graph=True)
+        return (*first, *torch.autograd.grad(sum(g.square().sum() for g in first), inputs))
+
+    for mine, theirs in zip(gradients(twin), gradients(reference)):
+        torch.testing.assert_close(mine, theirs)

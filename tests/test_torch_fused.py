@@ -429,3 +429,88 @@ def test_fused_add_rms_norm_saves_the_sum_as_llama_rms_norm_after_the_add_does(d
     if dtype != torch.bfloat16:  # (bfloat16 gradients: see test_torch_fused_half.py)
         for mine, theirs in zip(got, gradients(hf, change=True)):
             torch.testing.assert_close(mine, theirs, rtol=2e-6, atol=2e-6)
+
+
+def _penalty_gradients(norm, x, r, weight):
+    """A gradient penalty through the block called twice, its weight shared by both calls
+    (one layer used twice): the first gradients, kept in the graph, and the penalty's."""
+    h, total = norm(x, r)
+    y, total = norm(h, total)
+    loss = y.sin().sum() + 0.1 * total.square().sum()
+    first = torch.autograd.grad(loss, [x, r, weight], create_graph=True)
+    penalty = sum(g.square().sum() for g in first)
+    return (*first, *torch.autograd.grad(penalty, [x, r, weight]))
+
+
+@pytest.mark.parametrize("path", ["cached", "general"])
+def test_a_block_called_twice_has_the_second_derivatives_of_rms_norm_after_the_add(path):
+    """The create_graph backward must give each call's own partial derivatives: taken at the
+    saved tensors themselves, torch's engine went on up the input's history to the same
+    weight's earlier call and added that gradient in again."""
+    # (F.rms_norm: LlamaRMSNorm takes its statistics in float32 even on float64 inputs)
+    weight = _randomize(LlamaRMSNorm(16, eps=1e-6)).double().weight
+    ours = FusedAddRMSNorm(16, eps=1e-6, casting="llama").double()
+    ours.load_state_dict({"weight": weight})
+    x0, r0 = _leaves((3, 5, 16), (3, 5, 16), dtype=torch.float64)
+    x, r = (x0, r0) if path == "cached" else (x0.transpose(0, 1).detach().requires_grad_(),
+                                              r0.transpose(0, 1).detach().requires_grad_())
+    assert x.is_contiguous() == (path == "cached")
+
+    def torch_ops(a, b):
+        total = a + b
+        return F.rms_norm(total, (16,), weight, eps=1e-6), total
+
+    got = _penalty_gradients(ours, x, r, ours.weight)
+    want = _penalty_gradients(torch_ops, x, r, weight)
+    for mine, theirs in zip(got, want):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
+
+
+def test_two_threads_taking_second_derivatives_over_one_graph_get_rms_norm_after_the_add_s():
+    """Concurrent create_graph backward passes over one graph (retain_graph), as torch allows
+    on CPU: the second thread runs while the first is paused inside its pass, and must still
+    get the gradients of torch's rms_norm on x + r."""
+    import threading
+
+    weight = _randomize(LlamaRMSNorm(16, eps=1e-6)).double().weight
+    ours = FusedAddRMSNorm(16, eps=1e-6, casting="llama").double()
+    ours.load_state_dict({"weight": weight})
+    x, r = _leaves((3, 5, 16), (3, 5, 16), dtype=torch.float64)
+
+    def grads(y, total, weight):
+        loss = y.sin().sum() + total.square().sum()
+        return torch.autograd.grad(loss, [x, r, weight], create_graph=True, retain_graph=True)
+
+    total = x + r  # (F.rms_norm: LlamaRMSNorm takes its statistics in float32 even on float64)
+    want = grads(F.rms_norm(total, (16,), weight, eps=1e-6), total, weight)
+    y, total = ours(x, r)
+    paused, resumed = threading.Event(), threading.Event()
+
+    def hook(grad):  # holds the first thread at its first visit to the weight
+        if threading.current_thread().name == "first" and not paused.is_set():
+            paused.set()
+            resumed.wait(30)
+        return grad
+
+    ours.weight.register_hook(hook)
+    got = {}
+
+    def run(name):
+        if name == "second":
+            paused.wait(30)
+        try:
+            got[name] = grads(y, total, ours.weight)
+        except RuntimeError as error:
+            got[name] = error
+        finally:
+            resumed.set()
+
+    threads = [threading.Thread(target=run, args=(name,), name=name) for name in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for name in ("first", "second"):
+        assert not isinstance(got[name], RuntimeError), (name, got[name])
+        for mine, theirs in zip(got[name], want):
+            torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)

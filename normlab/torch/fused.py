@@ -123,9 +123,6 @@ class _FusedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_total=None):
-        reentered = _reentered(ctx, grad_total)
-        if reentered is not None:
-            return reentered
         total, gate, weight, bias, scale, shift, rstd, mean = ctx.saved_tensors
         block = ctx.block
         if _needs_torch_backward(grad_y):
@@ -148,29 +145,14 @@ def _composite_backward(block: Block, inputs: tuple, ctx, grad_y, grad_total) ->
     x and residual both get the gradient of the sum."""
     needs = ctx.needs_input_grad
     has_residual = ctx.has[0]
-    # with a residual the saved sum is this node's own output: torch reaches this node again
-    # from it on its way to the parameters (see _reentered)
-    ctx.inner = True
-    try:
-        grads = _grads_of(lambda total, *others: _composite(total, None, *others, block), inputs,
-                          (needs[0] or needs[1], *needs[2:7]), grad_y)
-    finally:
-        ctx.inner = False
+    # (with a residual the saved sum is this node's own output: _grads_of differentiates at
+    # an alias of it, so that torch's engine does not go back through this node)
+    grads = _grads_of(lambda total, *others: _composite(total, None, *others, block), inputs,
+                      (needs[0] or needs[1], *needs[2:7]), grad_y)
     grad_sum = grads[0]
     if has_residual and grad_sum is not None and grad_total is not None:
         grad_sum = grad_sum + grad_total
     return (grad_sum if needs[0] else None, grad_sum if needs[1] else None, *grads[1:], None)
-
-
-def _reentered(ctx, grad_total) -> Optional[tuple]:
-    """The node's gradients while :func:`_composite_backward` of this very node runs, or
-    None. That pass differentiates the composite on the saved sum, which is this node's
-    output, and torch's engine goes through this node from there on its way to the
-    parameters (x and residual are inputs here too). The sum is ``x + residual``, so its
-    gradient is x's and the residual's, and no parameter's."""
-    if not getattr(ctx, "inner", False):
-        return None
-    return (grad_total, grad_total) + (None,) * 6
 
 
 def _numpy_readable(tensors) -> bool:
@@ -524,9 +506,6 @@ class _CachedFusedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_total=None):
-        reentered = _reentered(ctx, grad_total)
-        if reentered is not None:
-            return reentered
         total, gate, weight, bias, scale, shift = ctx.saved_tensors
         call = ctx.call
         if _needs_torch_backward(grad_y):

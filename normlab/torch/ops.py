@@ -144,8 +144,17 @@ def _grads_of(forward, inputs, needs_input_grad, grad_outputs) -> list:
     if wanted:
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():  # (off in a first-order backward with batched gradients)
-            outputs = forward(*inputs)
-        found = torch.autograd.grad(outputs, [inputs[i] for i in wanted], grad_outputs, create_graph=create_graph,
+            # each wanted input through an alias of its own, and the gradients taken at the
+            # aliases: the partial derivatives of this forward alone. Taken at the saved tensors
+            # themselves they are total derivatives, since torch's engine goes on up an input's
+            # history wherever it reaches another input (a weight shared with an earlier call
+            # of the same module; a saved output of this very node, which the engine would
+            # re-enter), and that gradient then reaches those inputs twice.
+            aliases = list(inputs)
+            for i in wanted:
+                aliases[i] = inputs[i].view_as(inputs[i])
+            outputs = forward(*aliases)
+        found = torch.autograd.grad(outputs, [aliases[i] for i in wanted], grad_outputs, create_graph=create_graph,
                                     allow_unused=True)
         for i, grad in zip(wanted, found):
             grads[i] = torch.zeros_like(inputs[i]) if grad is None else grad
