@@ -9,6 +9,7 @@ and compares outputs, input gradients and every parameter's gradient.
 """
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -429,3 +430,23 @@ def test_gemma_weight_offset_starts_the_weight_at_zero_and_is_in_the_repr():
 def test_an_unknown_casting_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="casting must be None .* 'llama', 'gemma', 't5', 'none'"):
         nt.RMSNorm(4, casting="bf16")
+
+
+@pytest.mark.parametrize("casting", ["llama", "gemma", "t5", "imagegpt"])
+@pytest.mark.parametrize("shape", [(2, 1), (2, 5), (32,)])
+def test_a_casting_twin_refuses_an_input_that_torch_nn_rms_norm_refuses(casting, shape):
+    # the family's own operations would broadcast a (2, 1) input against the weight
+    # without a word; the twin raises torch.nn.RMSNorm's error for it, as for any misfit
+    twin = nt.RMSNorm((4, 8), eps=1e-6, casting=casting)
+    x = torch.randn(shape)
+    with pytest.raises((RuntimeError, ValueError)) as expected:
+        torch.nn.RMSNorm((4, 8), eps=1e-6)(x)
+    with pytest.raises(type(expected.value), match=re.escape(str(expected.value))):
+        twin(x)
+    with torch.no_grad():
+        twin.weight.data = torch.ones(8)  # a weight that no longer fits (torch.nn: its own error)
+        x = torch.randn(3, 4, 8)
+        with pytest.raises(RuntimeError) as expected:
+            torch.nn.functional.rms_norm(x, (4, 8), twin.weight, 1e-6)
+        with pytest.raises(RuntimeError, match=re.escape(str(expected.value))):
+            twin(x)

@@ -268,6 +268,13 @@ class RMSNorm(_Twin, nn.RMSNorm):
         casting = getattr(self, "casting", None)  # absent on modules pickled before it existed
         offset = getattr(self, "weight_offset", 0.0)
         eps = self.eps if self.eps is not None else _RMS_DEFAULT_EPS.get(x.dtype)  # (torch.finfo costs a microsecond)
+        if casting is not None and eps is not None and _PathSwitch.path != "kernel":
+            # a casting recipe runs its model family's torch operations on every path but the
+            # forced kernels (which round differently; below): straight after torch's shape
+            # checks, with no more Python than the family's own class (a decoding step's token)
+            if torch.jit.is_tracing() or (_trailing_fits(x, self.normalized_shape)
+                                          and not _params_misfit(self, tuple(self.normalized_shape))):
+                return rms_norm_recipe(x, self.weight, eps, casting, offset, len(self.normalized_shape))
         if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and not x.requires_grad and casting is None
                 and not offset and self.weight is not None and self.weight.requires_grad
                 and not torch.jit.is_tracing()):  # (the TorchScript ONNX exporter needs the path below)
