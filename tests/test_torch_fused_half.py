@@ -14,6 +14,7 @@ own bfloat16 autograd.
 
 import inspect
 import sys
+import weakref
 
 import pytest
 import torch
@@ -23,6 +24,9 @@ from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1RMSNormGate
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated  # noqa: E402
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
 
 from normlab.kernels import fused_half  # noqa: E402
 from normlab.torch.fused import FusedAddRMSNorm, GatedRMSNorm  # noqa: E402
@@ -266,3 +270,49 @@ def test_bfloat16_blocks_compile_to_one_full_graph_when_autograd_records(block):
     for a, b in zip(got if block == "add" else [got], want if block == "add" else [want]):
         assert torch.equal(a, b)
     assert all(g is not None for g in _grads([got[0] if block == "add" else got], [x, z, ours.weight]))
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The most bytes that the tensors torch's operations made inside the block held at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.storages = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.storages:
+                address, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+                self.storages.add(address)
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._freed, address, size)
+        return out
+
+    def _freed(self, address, size):
+        self.live -= size
+        self.storages.discard(address)
+
+
+def _peak_bytes(call) -> int:
+    with torch.no_grad(), _LiveBytes() as mode:
+        out = call()
+    del out
+    return mode.peak
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "falcon_h1"])
+def test_small_bfloat16_gated_norms_hold_no_more_temporaries_than_the_classes_they_replace(kind):
+    # the recipe's float32 copy of the input held to the end was an input-sized tensor more
+    x, z = (t.detach() for t in _inputs((64, 1024), (64, 1024)))
+    if kind == "mamba2":
+        groups = {"group_size": 128} if "group_size" in inspect.signature(MambaRMSNormGated).parameters else {}
+        replaced = MambaRMSNormGated(1024, eps=1e-6, **groups).to(BF16)
+        ours = GatedRMSNorm(1024, eps=1e-6, group_size=groups.get("group_size", 1024), norm_before_gate=False,
+                            casting="llama").to(BF16)
+    else:
+        replaced = FalconH1RMSNormGated(1024, eps=1e-6, n_groups=8, norm_before_gate=True).to(BF16)
+        ours = GatedRMSNorm(1024, eps=1e-6, group_size=128, casting="gemma").to(BF16)
+    assert _peak_bytes(lambda: ours(x, z)) < _peak_bytes(lambda: replaced(x, z)) + x.nbytes // 2

@@ -319,8 +319,11 @@ def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
         if gated_first:
             h = h * phi
         h_hat = _normalized(layout.of(h), axes, trailing, block, dtype, compute)
+        del h  # (each temporary goes as soon as it is read, as in the code the block replaces:
+        # a held one makes the next allocate fresh memory, whose pages fault in on every call)
     w = None if weight is None else layout.param(weight)
     y = recipes.weigh(h_hat, w, block.casting, dtype, block.weight_offset)
+    del h_hat
     # the modulation as the code it replaces applies it (diffusers' norm(x)·(1 + scale) + shift):
     # in the recipe's working dtype for gemma, by torch's promotion otherwise (a float32 scale
     # on bfloat16 input gives float32)
