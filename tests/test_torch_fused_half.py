@@ -303,16 +303,41 @@ def _peak_bytes(call) -> int:
     return mode.peak
 
 
-@pytest.mark.parametrize("kind", ["mamba2", "falcon_h1"])
-def test_small_bfloat16_gated_norms_hold_no_more_temporaries_than_the_classes_they_replace(kind):
-    # the recipe's float32 copy of the input held to the end was an input-sized tensor more
-    x, z = (t.detach() for t in _inputs((64, 1024), (64, 1024)))
-    if kind == "mamba2":
+def _replaced_and_ours(kind):
+    """(the class a block or twin replaces, called as models call it; ours, called alike)."""
+    import normlab.torch as nt
+
+    if kind in ("llama twin", "gemma twin", "llama add", "gemma add"):
+        family = kind.split()[0]
+        cls = LlamaRMSNorm if family == "llama" else GemmaRMSNorm
+        replaced = cls(1024, eps=1e-6).to(BF16)
+        if kind.endswith("twin"):
+            twin = nt.convert(torch.nn.Sequential(cls(1024, eps=1e-6))).to(BF16)[0]
+            return (lambda x, r: replaced(x)), (lambda x, r: twin(x))
+        ours = FusedAddRMSNorm(1024, eps=1e-6, casting=family, weight_offset=float(family == "gemma")).to(BF16)
+        return (lambda x, r: (replaced(x + r), x + r)), (lambda x, r: ours(x, r))
+    if kind == "mamba2 gated":
         groups = {"group_size": 128} if "group_size" in inspect.signature(MambaRMSNormGated).parameters else {}
         replaced = MambaRMSNormGated(1024, eps=1e-6, **groups).to(BF16)
         ours = GatedRMSNorm(1024, eps=1e-6, group_size=groups.get("group_size", 1024), norm_before_gate=False,
                             casting="llama").to(BF16)
-    else:
+    elif kind == "falcon_h1 gated":
         replaced = FalconH1RMSNormGated(1024, eps=1e-6, n_groups=8, norm_before_gate=True).to(BF16)
         ours = GatedRMSNorm(1024, eps=1e-6, group_size=128, casting="gemma").to(BF16)
-    assert _peak_bytes(lambda: ours(x, z)) < _peak_bytes(lambda: replaced(x, z)) + x.nbytes // 2
+    else:  # AdaLN-Zero, emb from the residual's first row
+        normalization = pytest.importorskip("diffusers.models.normalization")
+        replaced = normalization.AdaLayerNormZero(1024).to(BF16)
+        ours = nt.AdaLayerNorm(1024).to(BF16)
+        ours.load_state_dict(replaced.state_dict())
+        return (lambda x, r: replaced(x[None], emb=r[:1])), (lambda x, r: ours(x[None], emb=r[:1]))
+    return replaced, ours
+
+
+@pytest.mark.parametrize("kind", ["llama twin", "gemma twin", "llama add", "gemma add", "mamba2 gated",
+                                  "falcon_h1 gated", "adaln"])
+def test_small_bfloat16_inputs_hold_no_more_temporaries_than_the_classes_they_replace(kind):
+    # the recipes' float32 copy or x̂ held to the end was an input-sized tensor more (gemma's
+    # x̂ held through its final cast, the gated composite's float32 copy of the input)
+    x, other = (t.detach() for t in _inputs((64, 1024), (64, 1024)))
+    replaced, ours = _replaced_and_ours(kind)
+    assert _peak_bytes(lambda: ours(x, other)) < _peak_bytes(lambda: replaced(x, other)) + x.nbytes // 2

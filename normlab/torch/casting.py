@@ -145,15 +145,20 @@ def rms_norm_recipe(x: Tensor, weight: Optional[Tensor], eps: float, casting: st
     """
     if casting not in CASTINGS:
         raise ValueError(f"unknown casting {casting!r}; use one of {', '.join(CASTINGS)}")
-    dims = tuple(range(-normalized_ndim, 0))
+    # (x̂ goes straight into the call, held by no name here: apply_recipe_scale lets go of it
+    # before its last cast, as the family's code rebinds one name)
+    return apply_recipe_scale(x, _rms_normalized(x, tuple(range(-normalized_ndim, 0)), eps, casting), weight,
+                              casting, weight_offset)
+
+
+def _rms_normalized(x: Tensor, dims: tuple, eps: float, casting: str) -> Tensor:
+    """``casting``'s x̂ of ``x`` over ``dims``, before its weight."""
     if casting == "imagegpt":  # (a division: other bits than the reciprocal's product)
-        normalized = x / torch.sqrt(torch.mean(torch.square(x), dims, keepdim=True) + eps)
-    elif casting == "t5":  # T5 scales the input itself (promoted), not its float32 copy
+        return x / torch.sqrt(torch.mean(torch.square(x), dims, keepdim=True) + eps)
+    if casting == "t5":  # T5 scales the input itself (promoted), not its float32 copy
         variance = x.to(compute_dtype(x.dtype)).pow(2).mean(dims, keepdim=True)
-        normalized = x * torch.rsqrt(variance + eps)
-    else:
-        normalized = rms_normalize(x.to(recipe_dtypes(x.dtype, casting)[0]), dims, eps)
-    return apply_recipe_scale(x, normalized, weight, casting, weight_offset)
+        return x * torch.rsqrt(variance + eps)
+    return rms_normalize(x.to(recipe_dtypes(x.dtype, casting)[0]), dims, eps)
 
 
 def apply_recipe_scale(x: Tensor, normalized: Tensor, weight: Optional[Tensor], casting: str,
@@ -167,6 +172,7 @@ def apply_recipe_scale(x: Tensor, normalized: Tensor, weight: Optional[Tensor], 
     torch.float32
     """
     y = weigh(normalized, weight, casting, x.dtype, weight_offset)
+    del normalized  # (before the cast: see rms_norm_recipe)
     return y.to(x.dtype) if casting == "gemma" else y
 
 
