@@ -145,10 +145,13 @@ def rms_norm_recipe(x: Tensor, weight: Optional[Tensor], eps: float, casting: st
     """
     if casting not in CASTINGS:
         raise ValueError(f"unknown casting {casting!r}; use one of {', '.join(CASTINGS)}")
-    # (x̂ goes straight into the call, held by no name here: apply_recipe_scale lets go of it
-    # before its last cast, as the family's code rebinds one name)
-    return apply_recipe_scale(x, _rms_normalized(x, tuple(range(-normalized_ndim, 0)), eps, casting), weight,
-                              casting, weight_offset)
+    normalized = _rms_normalized(x, tuple(range(-normalized_ndim, 0)), eps, casting)
+    # apply_recipe_scale's steps here, so that x̂ goes before the last cast, as the family's
+    # code lets it go by rebinding one name (an argument passed on stays alive in this frame
+    # until the call returns, on Python 3.10 in the callee's frame too)
+    y = weigh(normalized, weight, casting, x.dtype, weight_offset)
+    del normalized
+    return y.to(x.dtype) if casting == "gemma" else y
 
 
 def _rms_normalized(x: Tensor, dims: tuple, eps: float, casting: str) -> Tensor:
@@ -172,7 +175,6 @@ def apply_recipe_scale(x: Tensor, normalized: Tensor, weight: Optional[Tensor], 
     torch.float32
     """
     y = weigh(normalized, weight, casting, x.dtype, weight_offset)
-    del normalized  # (before the cast: see rms_norm_recipe)
     return y.to(x.dtype) if casting == "gemma" else y
 
 
