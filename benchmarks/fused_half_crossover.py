@@ -69,10 +69,11 @@ def _cases(elements: int, dtype: torch.dtype) -> dict:
                     gated(x, other)
         return call
 
+    # {case: (the kernels' call, the operations' call)}: one call both ways where _force switches it
     if dtype != torch.bfloat16:  # (with gradients, float32 always takes the kernels)
-        return {"add + RMS fwd": no_grad(add), "gated RMS fwd": (gated_float(False), gated_float(True))}
-    return {"add + RMS fwd": no_grad(add), "add + RMS fwd+bwd": both(add),
-            "gated RMS fwd": no_grad(gated), "gated RMS fwd+bwd": both(gated)}
+        return {"add + RMS fwd": (no_grad(add),) * 2, "gated RMS fwd": (gated_float(False), gated_float(True))}
+    return {"add + RMS fwd": (no_grad(add),) * 2, "add + RMS fwd+bwd": (both(add),) * 2,
+            "gated RMS fwd": (no_grad(gated),) * 2, "gated RMS fwd+bwd": (both(gated),) * 2}
 
 
 def _force(mode: str, dtype: torch.dtype) -> None:
@@ -93,13 +94,12 @@ def measure(rounds: int, dtype: torch.dtype) -> dict:
     table: dict = {}
     for exponent in SIZES:
         calls = max(5, min(100, (1 << 22) >> exponent))
-        for case, call in _cases(1 << exponent, dtype).items():
+        for case, pair in _cases(1 << exponent, dtype).items():
             seconds = {"kernels": [], "ops": []}
             for _ in range(rounds):
                 for mode in ("kernels", "ops"):
                     _force(mode, dtype)
-                    # (a pair: the kernels' call and the operations', where no switch picks them)
-                    seconds[mode].append(_median(call[mode == "ops"] if isinstance(call, tuple) else call, calls))
+                    seconds[mode].append(_median(pair[mode == "ops"], calls))
             table.setdefault(case, {})[exponent] = statistics.median(seconds["ops"]) / statistics.median(
                 seconds["kernels"])
     return table

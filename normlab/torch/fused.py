@@ -134,7 +134,7 @@ class _FusedFunction(torch.autograd.Function):
             grad_sum=_numpy(grad_total) if has_residual else None, mean=_numpy(mean), rstd=_numpy(rstd),
             **dict(block.keywords(), params=block.params if (weight is not None or has_bias) else None))
         grad_x = _tensor(grads.x)
-        return (grad_x, grad_x if has_residual else None, _tensor(grads.gate), _tensor(grads.weight),
+        return (grad_x, None if grad_total is None else grad_x, _tensor(grads.gate), _tensor(grads.weight),
                 _tensor(grads.bias) if has_bias else None, _tensor(grads.scale), _tensor(grads.shift), None)
 
 
@@ -142,15 +142,14 @@ def _composite_backward(block: Block, inputs: tuple, ctx, grad_y, grad_total) ->
     """The gradients by torch's autograd of :func:`_composite`, where the kernels cannot
     take the backward pass (create_graph=True, batched gradients). ``inputs``: the saved
     ``(total, gate, weight, bias, scale, shift)``, ``total`` being ``x + residual`` (or ``x``);
-    x and residual both get the gradient of the sum."""
+    x and residual both get the gradient of the sum (``grad_total`` is None without a residual)."""
     needs = ctx.needs_input_grad
-    has_residual = ctx.has[0]
     # (with a residual the saved sum is this node's own output: _grads_of differentiates at
     # an alias of it, so that torch's engine does not go back through this node)
     grads = _grads_of(lambda total, *others: _composite(total, None, *others, block), inputs,
                       (needs[0] or needs[1], *needs[2:7]), grad_y)
     grad_sum = grads[0]
-    if has_residual and grad_sum is not None and grad_total is not None:
+    if grad_sum is not None and grad_total is not None:
         grad_sum = grad_sum + grad_total
     return (grad_sum if needs[0] else None, grad_sum if needs[1] else None, *grads[1:], None)
 
@@ -502,7 +501,6 @@ class _CachedFusedFunction(torch.autograd.Function):
         y, total, tables, mean, rstd = call.forward(x, residual, gate, weight, bias, scale, shift)
         ctx.call, ctx.tables, ctx.stats = call, tables, (mean, rstd)
         ctx.addresses = _addresses(weight, bias, scale, shift)
-        ctx.has = (residual is not None,)
         total = x if total is None else total
         ctx.save_for_backward(total, gate, weight, bias, scale, shift)  # (the sum: see _FusedFunction)
         return (y, total) if residual is not None else y
@@ -522,9 +520,9 @@ class _CachedFusedFunction(torch.autograd.Function):
             tables = call.tables(weight, bias, scale, shift)
         need_params = weight is not None or bias is not None
         need_mod = scale is not None or shift is not None
-        has_residual = ctx.has[0]
+        # (grad_total: None without a residual, whose block has one output)
         grad_x, grad_gate, grad_w, grad_b, grad_scale, grad_shift = call.layout.backward(
-            tables, _numpy(grad_y), _numpy(grad_total) if has_residual else None, _numpy(total),
+            tables, _numpy(grad_y), _numpy(grad_total), _numpy(total),
             None, _numpy(gate), call.block.eps, call.block.rms, mean, rstd, need_params, need_mod)
 
         def param_grad(table, param, mod: bool):
@@ -537,7 +535,7 @@ class _CachedFusedFunction(torch.autograd.Function):
             return torch.from_numpy(np.ascontiguousarray(grad, dtype=_numpy_dtype(param.dtype)))
 
         grad_x = _from_rows(grad_x, total.shape, total.dtype)
-        return (grad_x, grad_x if has_residual else None,
+        return (grad_x, None if grad_total is None else grad_x,
                 None if grad_gate is None else _from_rows(grad_gate, total.shape, total.dtype),
                 param_grad(grad_w, weight, False), param_grad(grad_b, bias, False),
                 param_grad(grad_scale, scale, True), param_grad(grad_shift, shift, True), None)
