@@ -15,6 +15,7 @@ F = torch.nn.functional
 from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1RMSNormGated  # noqa: E402
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from normlab.torch import AdaLayerNorm, FusedAddLayerNorm, FusedAddRMSNorm, GatedRMSNorm, convert  # noqa: E402
 from tests.hf_classes import mamba_gated_norm  # noqa: E402
@@ -429,6 +430,55 @@ def test_fused_add_rms_norm_saves_the_sum_as_llama_rms_norm_after_the_add_does(d
     if dtype != torch.bfloat16:  # (bfloat16 gradients: see test_torch_fused_half.py)
         for mine, theirs in zip(got, gradients(hf, change=True)):
             torch.testing.assert_close(mine, theirs, rtol=2e-6, atol=2e-6)
+
+
+class _InputSizedCopies(TorchDispatchMode):
+    """Counts the copies (``clone``, ``copy_``) torch's operations make of ``numel`` elements."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default) and args[0].numel() == self.numel:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype, shape, threshold", [
+    (torch.float32, (2, 1024, 4096), None),  # 32 MiB of gradient: the size rule as it stands
+    (torch.float32, (3, 5, 64), 0),  # any size, with the rule lowered
+    (torch.bfloat16, (4, 128, 1024), 0),  # (the half kernels' sizes)
+])
+def test_leaf_x_and_residual_get_the_gradients_of_the_sum_with_no_copy(monkeypatch, dtype, shape, threshold):
+    """torch's ``x + r`` hands one gradient tensor to both x and r, and its engine copies it
+    before it becomes a leaf's ``.grad`` (into memory fresh from the system at 32 MiB and
+    more): where both need gradients, the block writes a second array in its backward
+    pass instead. Each must be the gradient of the sum, as torch's autograd gives it."""
+    import normlab.kernels.pool as pool
+
+    if threshold is not None:
+        monkeypatch.setattr(pool, "FRESH_PAGES_FROM", threshold)
+    width = shape[-1]
+    hf = _randomize(LlamaRMSNorm(width, eps=1e-6))
+    ours = FusedAddRMSNorm(width, eps=1e-6, casting="llama").to(dtype)
+    ours.load_state_dict(hf.state_dict())
+    x, r = _leaves(shape, shape, dtype=dtype)
+    y, total = ours(x, r)
+    gen = torch.Generator().manual_seed(3)
+    grad_y, grad_total = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    with _InputSizedCopies(x.numel()) as copies:
+        torch.autograd.backward([y, total], [grad_y, grad_total])
+    assert copies.count == 0
+    assert x.grad.data_ptr() != r.grad.data_ptr()
+    # the oracle: torch's autograd through LlamaRMSNorm on the sum, in float64
+    x64, r64 = (t.detach().double().requires_grad_() for t in (x, r))
+    total64 = x64 + r64
+    hf.double().weight.data.copy_(ours.weight.detach())  # (bfloat16 weights, exact in float64)
+    torch.autograd.backward([hf(total64), total64], [grad_y.double(), grad_total.double()])
+    tolerance = TOLERANCE[dtype] if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
+    for mine, theirs in ((x.grad, x64.grad), (r.grad, r64.grad)):
+        torch.testing.assert_close(mine.double(), theirs, **tolerance)
 
 
 def _penalty_gradients(norm, x, r, weight):

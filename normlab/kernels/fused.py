@@ -178,11 +178,13 @@ def fused_row_forward(x, residual, has_residual, gate, gate_mode, code, weight, 
 @kernel
 def fused_row_backward(grad_y, grad_sum, has_grad_sum, x, residual, has_residual, gate, gate_mode, code, weight,
                        bias, row_stride, mod_scale, mod_shift, mod_stride, need_params, need_mod, rms, eps,
-                       stats_given, mean, rstd, chunk_rows, grad_x, grad_gate, weight_parts, bias_parts, scale_parts,
-                       shift_parts):
+                       stats_given, mean, rstd, chunk_rows, grad_x, grad_residual, has_grad_residual, grad_gate,
+                       weight_parts, bias_parts, scale_parts, shift_parts):
     """Twin of ``normlab.fused.reference_backward`` on (rows, n): ``grad_x`` (also the
-    residual's), ``grad_gate``, and per chunk the weight, bias, scale and shift gradients
-    (zeroed by the caller, which adds the chunks in order)."""
+    residual's, written to ``grad_residual`` as well when ``has_grad_residual``: a second
+    array costs a write from cache, where one array handed to both inputs costs torch's
+    autograd a copy), ``grad_gate``, and per chunk the weight, bias, scale and shift
+    gradients (zeroed by the caller, which adds the chunks in order)."""
     rows = x.shape[0]
     n = x.shape[1]
     for k in prange(weight_parts.shape[0]):
@@ -274,6 +276,10 @@ def fused_row_backward(grad_y, grad_sum, has_grad_sum, x, residual, has_residual
                 for j in range(n):
                     h_hat = (h[j] - m) * rs
                     gx_row[j] = store(((gamma[j] - h_hat * proj) - mean_gamma) * rs)
+            if has_grad_residual:
+                gr_row = grad_residual[r]
+                for j in range(n):
+                    gr_row[j] = gx_row[j]
 
 
 def _variant(kern, suffix: str, **helpers):
@@ -402,12 +408,15 @@ class Layout:
         return y, (total if residual is not None else None), mean_flat, var_flat, rstd_flat
 
     def backward(self, tables, grad_y, grad_sum, x, residual, gate, eps: float, rms: bool, mean_flat, rstd_flat,
-                 need_params: bool, need_mod: bool):
-        """``(grad_x, grad_gate, weight, bias, scale, shift)`` on the (rows, n) view: the
-        parameter gradients as summed float64 tables (None where not needed), ``grad_gate``
-        None without a gate. Statistics are recomputed where ``rstd_flat`` is None."""
+                 need_params: bool, need_mod: bool, two_grads: bool = False):
+        """``(grad_x, grad_gate, weight, bias, scale, shift, grad_residual)`` on the (rows, n)
+        view: the parameter gradients as summed float64 tables (None where not needed),
+        ``grad_gate`` None without a gate, ``grad_residual`` a second array of ``grad_x``'s
+        values with ``two_grads`` (None without). Statistics are recomputed where
+        ``rstd_flat`` is None."""
         rows = self.shape[0]
         grad_x = self._output()
+        grad_residual = self._output() if two_grads else np.zeros((1, 1), self.dtype)
         has_gate = self.gate_mode != GATE_NONE
         grad_gate = self._output() if has_gate else np.zeros((1, 1), self.dtype)
         weight_parts = np.zeros((self.chunks,) + tables[0].shape if need_params else (self.chunks, 1, 1))
@@ -423,12 +432,12 @@ class Layout:
                              self.rows_of(residual), residual is not None, self.rows_of(gate), self.gate_mode,
                              self.code, tables[0], tables[1], self.row_stride, tables[2], tables[3], self.mod_stride,
                              need_params, need_mod, rms, eps, stats_given, mean_flat, rstd_flat, self.chunk_rows,
-                             grad_x, grad_gate, weight_parts, bias_parts, scale_parts, shift_parts,
-                             serial=self.size < threads.serial_below())
+                             grad_x, grad_residual, two_grads, grad_gate, weight_parts, bias_parts, scale_parts,
+                             shift_parts, serial=self.size < threads.serial_below())
         sums = [_kernels._sum_parts(parts) if need else None for parts, need in
                 ((weight_parts, need_params), (bias_parts, need_params), (scale_parts, need_mod),
                  (shift_parts, need_mod))]
-        return (grad_x, grad_gate if has_gate else None, *sums)
+        return (grad_x, grad_gate if has_gate else None, *sums, grad_residual if two_grads else None)
 
     def collapse(self, table, mod: bool):
         """A summed ``(groups, n)`` gradient table in its plan's broadcast layout."""
@@ -490,7 +499,7 @@ def backward(inputs, grad_y, grad_sum, eps: float, rms: bool, mean=None, rstd=No
     need_params = inputs.weight is not None or need_bias
     need_mod = inputs.mod_plan is not None
     stats_given = rstd is not None
-    grad_x, grad_gate, weight, bias, scale, shift = layout.backward(
+    grad_x, grad_gate, weight, bias, scale, shift, _ = layout.backward(
         tables, grad_y, grad_sum, inputs.x, inputs.residual, inputs.gate, eps, rms,
         None if not stats_given or mean is None else _flat_stats(mean, rows),
         _flat_stats(rstd, rows) if stats_given else None, need_params, need_mod)

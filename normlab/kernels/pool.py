@@ -37,6 +37,10 @@ MIN_BYTES = 8 << 20  # below this, page zeroing is cheap next to the kernel
 # system, and the next call pays the page faults again: 1.3-1.7 ms instead of 0.2 for
 # FusedAddRMSNorm's forward on 128×4096 float32 in a loop (2-core AMD EPYC VM)
 MULTI_OUTPUT_MIN_BYTES = 128 << 10
+# glibc's largest mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit): an allocation of this
+# size or more is mapped fresh from the system every time, however often one was freed, so a
+# copy that torch makes of it pays its page faults on every call
+FRESH_PAGES_FROM = 32 << 20
 MAX_BUFFERS = 8
 MAX_TOTAL_BYTES = 1 << 30
 
