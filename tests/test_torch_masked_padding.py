@@ -207,3 +207,27 @@ def test_masked_norm_under_vmap_and_forward_ad_keeps_the_numerics_contract():
         dual = forward_ad.make_dual(x[0], torch.ones_like(x[0]))
         primal = forward_ad.unpack_dual(normalize_masked(dual, "[b] c [t]", mask=mask[0]).y).primal
     torch.testing.assert_close(primal.double(), expected[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["BatchNorm1d", "GroupNorm", "LayerNorm", "RMSNorm"])
+def test_bfloat16_input_with_float32_parameters_keeps_torch_nns_dtype_under_transforms_too(name):
+    """Mixed precision (float32 parameters, bfloat16 activations): torch.nn gives bfloat16,
+    and so must the composite that vmap, forward AD and other devices than the CPU run (it
+    gave float32, which the next bfloat16 layer refuses)."""
+    from torch.autograd import forward_ad
+    from torch.func import vmap
+
+    # (no running statistics: vmap refuses their in-place update, as with torch.nn)
+    make = {"BatchNorm1d": lambda m: m.BatchNorm1d(CHANNELS, track_running_stats=False), "GroupNorm": lambda m: m.GroupNorm(1, CHANNELS),
+            "LayerNorm": lambda m: m.LayerNorm(7), "RMSNorm": lambda m: m.RMSNorm(7)}[name]
+    ours, theirs = make(nt), make(torch.nn)
+    x, _, mask = _padded([7, 4, 0, 5], seed=2, time=7)
+    x = x.bfloat16()
+    eager = ours(x, mask=mask)
+    assert eager.dtype == theirs(x).dtype == torch.bfloat16
+    with forward_ad.dual_level():
+        tangent = forward_ad.unpack_dual(ours(forward_ad.make_dual(x, torch.ones_like(x)), mask=mask))
+    per_sample = vmap(lambda sample, counted: ours(sample[None], mask=counted[None])[0])(x[:2], mask[:2])
+    for y in (tangent.primal, tangent.tangent, per_sample):
+        assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(tangent.primal, eager, atol=1e-2, rtol=1e-2)

@@ -247,9 +247,6 @@ def _composite(x, weight, bias, mask, segment_ids, spec: Spec, eps, num_segments
     # the kernels' numerics: float64 statistics (float32 where the device has no float64),
     # shifted by each group's first counted element, so a constant group centres to exact zeros
     compute = torch.float32 if x.device.type == "mps" else torch.float64
-    out_dtype = x.dtype
-    for param in (weight, bias):
-        out_dtype = out_dtype if param is None else torch.promote_types(out_dtype, param.dtype)
     flat, where = view.reshape(-1).to(compute), counted.reshape(-1)
     count = torch.zeros(size, dtype=compute, device=x.device).index_add(0, index, where.to(compute))
     safe = count.clamp_min(1)
@@ -276,7 +273,7 @@ def _composite(x, weight, bias, mask, segment_ids, spec: Spec, eps, num_segments
         y = y * _expand(weight, plan).to(compute)
     if bias is not None:
         y = y + _expand(bias, plan).to(compute)
-    y = y.to(out_dtype)
+    y = y.to(x.dtype)  # the input's dtype whatever the parameters', as torch.nn and the kernels give
     stats = (mean.detach().double().reshape(shape), rstd.detach().double().reshape(shape),
              count.detach().long().reshape(shape))
     return (y.reshape(x.shape),) + stats
