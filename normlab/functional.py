@@ -212,6 +212,13 @@ def _check_values(n: int, x: np.ndarray, pattern: str, what: str, values: str, f
                          f"{x.shape} (pattern {pattern!r}); {fix}")
 
 
+def _check_unused_mask(mask, pattern: str, x: np.ndarray) -> None:
+    """Refuse a mask that training would refuse (dtype, shape) where the running statistics
+    make it unused, as the torch twins do in evaluation: a wrong mask fails before training."""
+    if mask is not None:
+        _mask_view(mask, make_plan(pattern, x.shape))
+
+
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
                eps=1e-5, *, axis=1, unbiased=True, mask=None):
     """Batch norm: each channel is standardized over the batch and every other axis.
@@ -288,6 +295,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         return y
     if running_mean is None or running_var is None:
         raise InputError("batch_norm: running_mean and running_var are needed when training=False")
+    _check_unused_mask(mask, pattern, x)
     with np.errstate(invalid="ignore", divide="ignore"):  # as torch: NaN or inf where var + eps <= 0
         rstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
     # the given rstd carries eps (any float): the engine's own eps is unused
@@ -440,6 +448,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
         return y
     if running_mean is None or running_var is None:
         raise InputError("instance_norm: running_mean and running_var are needed when use_input_stats=False")
+    _check_unused_mask(mask, pattern, x)
     mean = np.broadcast_to(running_mean.astype(np.float64), (batch, channels))
     with np.errstate(invalid="ignore", divide="ignore"):  # as torch: NaN or inf where var + eps <= 0
         rstd = np.broadcast_to(1.0 / np.sqrt(running_var.astype(np.float64) + eps), (batch, channels))

@@ -127,6 +127,25 @@ def test_a_mask_of_the_wrong_kind_fails_with_torch_exceptions():
         nt.BatchNorm1d(4)(x.float(), mask=one_counted)
 
 
+
+@pytest.mark.parametrize("name", ["batch_norm", "instance_norm"])
+def test_functional_norms_refuse_a_wrong_mask_in_evaluation_as_in_training_and_as_the_twins_do(name):
+    """With running statistics the mask is unused, but a mask that training refuses is
+    refused here too (the torch twins check it in eval()): it used to pass silently."""
+    x, mask, _ = _padded()
+    rm, rv = np.zeros(4), np.ones(4)
+    call = {"batch_norm": lambda m: functional.batch_norm(x.numpy(), rm, rv, training=False, mask=m),
+            "instance_norm": lambda m: functional.instance_norm(x.numpy(), rm, rv, use_input_stats=False, mask=m)}[name]
+    module = (nt.BatchNorm1d(4) if name == "batch_norm" else nt.InstanceNorm1d(4, track_running_stats=True)).eval()
+    np.testing.assert_array_equal(call(mask.numpy()), call(None))  # a right mask changes nothing
+    for wrong in (mask[:, :, :3], mask[:, 0, :]):
+        with pytest.raises(RuntimeError):
+            module(x, mask=wrong)
+        with pytest.raises(ValueError, match=r"pattern '.*', input shape \(3, 4, 9\): mask of shape .* does not broadcast.*pass a mask of shape \(3, 4, 9\)"):
+            call(wrong.numpy())
+    with pytest.raises(ValueError, match="mask has dtype int64.*mask != 0"):
+        call(mask.numpy().astype(np.int64))
+
 def test_masked_batch_norm_channel_counted_nowhere_gives_bias_and_keeps_its_running_stats():
     x, mask, _ = _padded()
     mask = mask.expand(-1, 4, -1).clone()
