@@ -481,6 +481,42 @@ def test_leaf_x_and_residual_get_the_gradients_of_the_sum_with_no_copy(monkeypat
         torch.testing.assert_close(mine.double(), theirs, **tolerance)
 
 
+@pytest.mark.parametrize("frozen", ["weight", "bias", "weight and bias"])
+@pytest.mark.parametrize("module", ["add", "adaln"])
+def test_frozen_parameters_get_no_gradient_and_the_others_those_of_the_replaced_code(frozen, module):
+    """Fine-tuning freezes some norm parameters (``requires_grad_(False)``): they get no
+    ``.grad``, and every other input gets the gradient that torch's autograd gives through
+    torch.nn.LayerNorm on ``x + r`` (diffusers' AdaLayerNormZero for AdaLN-Zero)."""
+    x, r = _leaves((4, 8, 64), (4, 8, 64), dtype=torch.float32)
+    inputs = [x, r]
+    if module == "add":
+        theirs = _randomize(torch.nn.LayerNorm(64))
+        ours = FusedAddLayerNorm(64)
+
+        def run(norm):
+            return norm(x, r) if norm is ours else (norm(x + r), x + r)
+    else:  # (its norm has no parameters: the linear layer's, and emb too where both are frozen)
+        normalization = pytest.importorskip("diffusers.models.normalization")
+        theirs = _randomize(normalization.AdaLayerNormZero(64, norm_type="layer_norm"))
+        ours = AdaLayerNorm(64)
+        emb = r[:, 0].detach().requires_grad_(frozen != "weight and bias")
+        inputs = [x, emb] if emb.requires_grad else [x]
+
+        def run(norm):
+            return norm(x, emb=emb)
+    ours.load_state_dict(theirs.state_dict())
+    names = frozen.split(" and ")
+    for norm in (theirs, ours):
+        params = dict(norm.named_parameters())
+        for name in names:
+            params[name if module == "add" else f"linear.{name}"].requires_grad_(False)
+    trainable = [[p for _, p in sorted(norm.named_parameters()) if p.requires_grad] for norm in (ours, theirs)]
+    got = _grads(run(ours), inputs + trainable[0])
+    want = _grads(run(theirs), inputs + trainable[1])
+    for mine, other in zip(got, want):
+        torch.testing.assert_close(mine, other, rtol=2e-5, atol=2e-5)
+
+
 def _penalty_gradients(norm, x, r, weight):
     """A gradient penalty through the block called twice, its weight shared by both calls
     (one layer used twice): the first gradients, kept in the graph, and the penalty's."""

@@ -177,7 +177,7 @@ def fused_row_forward(x, residual, has_residual, gate, gate_mode, code, weight, 
 
 @kernel
 def fused_row_backward(grad_y, grad_sum, has_grad_sum, x, residual, has_residual, gate, gate_mode, code, weight,
-                       bias, row_stride, mod_scale, mod_shift, mod_stride, need_params, need_mod, rms, eps,
+                       bias, row_stride, mod_scale, mod_shift, mod_stride, need_weight, need_bias, need_mod, rms, eps,
                        stats_given, mean, rstd, chunk_rows, grad_x, grad_residual, has_grad_residual, grad_gate,
                        weight_parts, bias_parts, scale_parts, shift_parts):
     """Twin of ``normlab.fused.reference_backward`` on (rows, n): ``grad_x`` (also the
@@ -234,8 +234,9 @@ def fused_row_backward(grad_y, grad_sum, has_grad_sum, x, residual, has_residual
                     g = gy * gate_used(phi)
                     c = (g * w_row[j]) * sc_row[j]
                     gamma[j] = c
-                    if need_params:
+                    if need_weight:
                         part_w[wg, j] += (g * h_hat) * sc_row[j]
+                    if need_bias:
                         part_b[wg, j] += g
                     if need_mod:
                         part_sc[mg, j] += (g * h_hat) * w_row[j]
@@ -246,8 +247,9 @@ def fused_row_backward(grad_y, grad_sum, has_grad_sum, x, residual, has_residual
                     g = load(g_row[j])
                     c = (g * w_row[j]) * sc_row[j]
                     gamma[j] = c
-                    if need_params:
+                    if need_weight:
                         part_w[wg, j] += (g * h_hat) * sc_row[j]
+                    if need_bias:
                         part_b[wg, j] += g
                     if need_mod:
                         part_sc[mg, j] += (g * h_hat) * w_row[j]
@@ -408,7 +410,7 @@ class Layout:
         return y, (total if residual is not None else None), mean_flat, var_flat, rstd_flat
 
     def backward(self, tables, grad_y, grad_sum, x, residual, gate, eps: float, rms: bool, mean_flat, rstd_flat,
-                 need_params: bool, need_mod: bool, two_grads: bool = False):
+                 need_weight: bool, need_bias: bool, need_mod: bool, two_grads: bool = False):
         """``(grad_x, grad_gate, weight, bias, scale, shift, grad_residual)`` on the (rows, n)
         view: the parameter gradients as summed float64 tables (None where not needed),
         ``grad_gate`` None without a gate, ``grad_residual`` a second array of ``grad_x``'s
@@ -419,8 +421,8 @@ class Layout:
         grad_residual = self._output() if two_grads else np.zeros((1, 1), self.dtype)
         has_gate = self.gate_mode != GATE_NONE
         grad_gate = self._output() if has_gate else np.zeros((1, 1), self.dtype)
-        weight_parts = np.zeros((self.chunks,) + tables[0].shape if need_params else (self.chunks, 1, 1))
-        bias_parts = np.zeros_like(weight_parts)
+        weight_parts = np.zeros((self.chunks,) + tables[0].shape if need_weight else (self.chunks, 1, 1))
+        bias_parts = np.zeros((self.chunks,) + tables[1].shape if need_bias else (self.chunks, 1, 1))
         scale_parts = np.zeros((self.chunks,) + tables[2].shape if need_mod else (self.chunks, 1, 1))
         shift_parts = np.zeros_like(scale_parts)
         stats_given = rstd_flat is not None
@@ -431,11 +433,12 @@ class Layout:
         self.backward_kernel(self.rows_of(grad_y), self.rows_of(grad_sum), grad_sum is not None, self.rows_of(x),
                              self.rows_of(residual), residual is not None, self.rows_of(gate), self.gate_mode,
                              self.code, tables[0], tables[1], self.row_stride, tables[2], tables[3], self.mod_stride,
-                             need_params, need_mod, rms, eps, stats_given, mean_flat, rstd_flat, self.chunk_rows,
+                             need_weight, need_bias, need_mod, rms, eps, stats_given, mean_flat, rstd_flat,
+                             self.chunk_rows,
                              grad_x, grad_residual, two_grads, grad_gate, weight_parts, bias_parts, scale_parts,
                              shift_parts, serial=self.size < threads.serial_below())
         sums = [_kernels._sum_parts(parts) if need else None for parts, need in
-                ((weight_parts, need_params), (bias_parts, need_params), (scale_parts, need_mod),
+                ((weight_parts, need_weight), (bias_parts, need_bias), (scale_parts, need_mod),
                  (shift_parts, need_mod))]
         return (grad_x, grad_gate if has_gate else None, *sums, grad_residual if two_grads else None)
 
@@ -496,13 +499,12 @@ def backward(inputs, grad_y, grad_sum, eps: float, rms: bool, mean=None, rstd=No
     plan = inputs.plan
     rows = layout.view.rows
     ep = inputs.epilogue
-    need_params = inputs.weight is not None or need_bias
     need_mod = inputs.mod_plan is not None
     stats_given = rstd is not None
     grad_x, grad_gate, weight, bias, scale, shift, _ = layout.backward(
         tables, grad_y, grad_sum, inputs.x, inputs.residual, inputs.gate, eps, rms,
         None if not stats_given or mean is None else _flat_stats(mean, rows),
-        _flat_stats(rstd, rows) if stats_given else None, need_params, need_mod)
+        _flat_stats(rstd, rows) if stats_given else None, inputs.weight is not None, need_bias, need_mod)
     return Gradients64(grad_x.reshape(plan.axis_sizes),
                        grad_gate.reshape(plan.axis_sizes) if grad_gate is not None else None,
                        layout.collapse(weight, False) if inputs.weight is not None else None,

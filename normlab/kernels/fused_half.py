@@ -13,9 +13,11 @@ every NaN to ``0x7FC0``):
   applies its weight and bias in float32): the output is rounded once, at the end;
 * recipe ``ROUND_STEPS`` (``"llama"``, and diffusers' modulation after a bfloat16 norm):
   ``x̂`` is rounded to bfloat16, then each step after it (weight, ``1 + scale``, shift,
-  bias, gate) is a bfloat16 operation: a product or sum of bfloat16 values (exact in
-  float64) rounded to float32 and then to bfloat16, which is torch's arithmetic on
-  bfloat16 tensors to the bit; the gate's activation is rounded first, as ``silu(z)`` is.
+  bias, gate) is a bfloat16 operation: the float32 product or sum of two bfloat16 values
+  rounded to bfloat16, which is torch's arithmetic on bfloat16 tensors to the bit. (Taken
+  in float64 and rounded to float32 it gives the same bits: float64 holds the product, and
+  the sum unless one term lies below 2^-45 of the other, where both give the larger term.)
+  The gate's activation is rounded first, as ``silu(z)`` is.
 
 The one difference from the replaced code is where it keeps float32 statistics: these
 are float64, so ``x̂`` may round to the neighbouring bfloat16 value where the float32
@@ -84,21 +86,34 @@ def gated_in_float32(value):
 
 
 @helper
+def single(bits):
+    """A bfloat16 pattern's value, float32 (exact)."""
+    return bitcast(np.uint32(np.uint32(bits) << np.uint32(16)), np.float32)
+
+
+@helper
+def rounded32(value):
+    """``value`` rounded to bfloat16 as :func:`rounded`, as float32."""
+    return single(narrow(value))
+
+
+@helper
 def finish_in_steps(normalized, w, scale, shift, b):
-    """``ROUND_STEPS``: x̂ rounded, then each step a bfloat16 operation (a product or sum
-    of bfloat16 values is exact in float64; rounding it to float32 and then to bfloat16
-    is torch's arithmetic on bfloat16 tensors)."""
-    return rounded(rounded(rounded(rounded(rounded(normalized) * w) * scale) + shift) + b)
+    """``ROUND_STEPS``: x̂ rounded, then each step a bfloat16 operation, which is torch's
+    arithmetic on bfloat16 tensors: the float32 product or sum of two bfloat16 values,
+    rounded to bfloat16."""
+    return rounded32(rounded32(rounded32(rounded32(rounded32(normalized) * np.float32(w)) * np.float32(scale))
+                               + np.float32(shift)) + np.float32(b))
 
 
 @helper
 def weigh_in_steps(normalized, w):
-    return rounded(normalized) * w
+    return rounded32(normalized) * np.float32(w)
 
 
 @helper
 def gate_applied_in_steps(value, phi):
-    return value * rounded(phi)  # silu(z) is a bfloat16 tensor there
+    return np.float32(value) * rounded32(phi)  # silu(z) is a bfloat16 tensor there
 
 
 @helper

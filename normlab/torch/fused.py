@@ -519,8 +519,8 @@ class _CachedFusedFunction(torch.autograd.Function):
             # that allow_mutation_on_saved_tensors kept before an in-place change, or that a
             # saved-tensor hook gave back; their values are the forward's
             tables = call.tables(weight, bias, scale, shift)
-        need_params = weight is not None or bias is not None
-        need_mod = scale is not None or shift is not None
+        needs = ctx.needs_input_grad  # (parameters that need none, frozen ones: no sums for them)
+        need_mod = (scale is not None or shift is not None) and (needs[5] or needs[6])
         # (grad_total: None without a residual, whose block has one output). x and the residual
         # get arrays of their own where both need a gradient and the gradient is large: one
         # tensor handed to both is copied by torch's engine before it becomes a leaf's .grad,
@@ -528,14 +528,15 @@ class _CachedFusedFunction(torch.autograd.Function):
         # from cache avoids (fused add + RMS norm forward+backward on 64 MB of float32 leaves:
         # 1.45x faster, 2-core AMD EPYC); below, glibc recycles the copy's memory and the
         # second write costs about as much as the copy (0.96-1.02x)
-        two_grads = (grad_total is not None and ctx.needs_input_grad[0] and ctx.needs_input_grad[1]
+        two_grads = (grad_total is not None and needs[0] and needs[1]
                      and total.numel() * total.element_size() >= pool.FRESH_PAGES_FROM)
         grad_x, grad_gate, grad_w, grad_b, grad_scale, grad_shift, grad_r = call.layout.backward(
             tables, _numpy(grad_y), _numpy(grad_total), _numpy(total),
-            None, _numpy(gate), call.block.eps, call.block.rms, mean, rstd, need_params, need_mod, two_grads)
+            None, _numpy(gate), call.block.eps, call.block.rms, mean, rstd, weight is not None and needs[3],
+            bias is not None and needs[4], need_mod, two_grads)
 
         def param_grad(table, param, mod: bool):
-            if param is None:
+            if table is None:
                 return None
             plan = call.mod_plan if mod else call.plan
             grad = plan.collapse_params(call.layout.collapse(table, mod))
