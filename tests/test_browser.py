@@ -192,3 +192,15 @@ def test_the_cube_speaks_of_tokens_in_the_nlp_and_rms_views_and_of_channels_else
         switch_norm(browser, key)
         assert channel_word in labels(), key
     assert severe_errors(browser) == []
+
+
+def test_hovering_a_masked_out_cell_says_it_is_not_counted(browser, tmp_path):
+    x = np.array([[4, 3, 2], [3, 3, 2], [2, 2, 2], [9, 7, 5]], dtype=np.float32)
+    view = explain_array(x, "batch", mask=np.broadcast_to(np.array([[1], [1], [1], [0]], dtype=bool), x.shape))
+    browser.get(write_page(tmp_path / "masked.html", all_views(x, view), "batch").resolve().as_uri())
+    hover(browser, 9)  # the 9 of the padding row
+    assert "counted\nno: masked out" in browser.find_element("id", "info").text
+    hover(browser, 0)
+    assert "counted\nyes" in browser.find_element("id", "info").text
+    assert "9 of 12 counted" in browser.find_element("id", "mask-note").text
+    assert severe_errors(browser) == []

@@ -51,6 +51,18 @@ def test_page_data_marks_the_masked_out_elements_for_every_norm():
         assert norm["counted"] == mask.ravel().tolist()
 
 
+
+def test_the_page_says_in_words_that_grey_cells_are_masked_out_and_how_many_count(explain, tmp_path):
+    """The page greyed the masked-out cells and said nowhere what grey means."""
+    page = tmp_path / "masked.html"
+    result = explain("batch", "--data", json.dumps(DATA), "--mask", json.dumps(MASK), "--html", str(page))
+    assert result.returncode == 0, result.stderr
+    assert re.search(r'id="mask-note">Grey cells are masked out: each is normalized with its group\'s statistics, '
+                     r"but not counted in them \(9 of 12 counted\)", page.read_text(encoding="utf-8"))
+    plain = tmp_path / "plain.html"
+    assert explain("batch", "--data", json.dumps(DATA), "--html", str(plain)).returncode == 0
+    assert 'id="mask-note"' not in plain.read_text(encoding="utf-8")
+
 @pytest.mark.parametrize("preset", ["batch", "layer"])
 def test_statistics_and_outputs_come_from_the_counted_elements_as_the_float64_definition_says(preset):
     rng = np.random.default_rng(3)

@@ -203,6 +203,15 @@ def _svg(x: np.ndarray, first: NormView) -> str:
     )
 
 
+def _mask_note(view: NormView) -> str:
+    """Where the mask enters, in words (the picture only greys the cells it leaves out)."""
+    if view.counted is None:
+        return ""
+    return ('\n    <p class="explain" id="mask-note">Grey cells are masked out: each is normalized with its '
+            f"group's statistics, but not counted in them ({int(view.counted.sum())} of {view.counted.size} "
+            "counted).</p>")
+
+
 def build_page(views: list[NormView], selected: str | None = None, title: str = "normlab explain",
                pipeline: str = "") -> str:
     """The whole page for one tensor and several norms (``views``, all on the same data);
@@ -222,6 +231,7 @@ def build_page(views: list[NormView], selected: str | None = None, title: str = 
             .replace("{{shape}}", html.escape(shape))
             .replace("{{buttons}}", buttons)
             .replace("{{svg}}", _svg(x, first))
+            .replace("{{mask_note}}", _mask_note(first))
             .replace("{{pipeline}}", f'<figure class="card">{pipeline}<figcaption class="explain">where the '
                      'residual, the gate and the modulation enter</figcaption></figure>' if pipeline else "")
             .replace("{{data}}", data))
@@ -331,7 +341,7 @@ PAGE_TEMPLATE = r"""<!doctype html>
         <button type="button" data-show="output" aria-pressed="false">normalized</button>
       </span></div>
     {{svg}}
-    <p class="explain" id="pattern-explain"></p>
+    <p class="explain" id="pattern-explain"></p>{{mask_note}}
   </section>
   <aside>
     <div class="card" id="info"><h2>Cell</h2><p class="empty">Hover or click a cell.</p></div>
@@ -423,6 +433,8 @@ PAGE_TEMPLATE = r"""<!doctype html>
     if (norm.mean) rows.push(["group mean", fmt(norm.mean[group])]);
     rows.push([norm.rms ? "group rms" : "group std", fmt(norm.std[group])]);
     if (index !== null) rows.push(["output", norm.outputText[index]]);
+    if (index !== null && norm.counted !== null)
+      rows.push(["counted", norm.counted[index] ? "yes" : "no: masked out, normalized with the group's statistics"]);
     rows.push(["shares with", (count - 1) + (count === 2 ? " other cell" : " other cells")]);
     document.getElementById("info").innerHTML =
       '<h2>' + (index !== null ? "Cell" : "Group") + (pinned !== null ? " · pinned (click again to release)" : "") + '</h2>' +
