@@ -231,10 +231,10 @@ def channels_first_layer_norm_in_float64(x, weight, bias, eps):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_vitdets_layer_norm_becomes_layer_norm_2d_with_torchs_float64_numbers(dtype):
+def test_vitdets_layer_norm_becomes_a_channels_first_layer_norm_with_torchs_float64_numbers(dtype):
     original = random_parameters(VitDetLayerNorm(12)).to(dtype)
     converted = convert_quietly(copy.deepcopy(original))
-    assert type(converted) is nt.LayerNorm2d and converted.eps == original.eps == 1e-6
+    assert type(converted) is nt.ChannelsFirstLayerNorm and converted.eps == original.eps == 1e-6
     assert list(converted.state_dict()) == ["weight", "bias"]
     tolerance = BFLOAT16 if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     x = (torch.randn(2, 12, 5, 4) * 2 + 1).to(dtype).requires_grad_()
@@ -260,6 +260,37 @@ def test_vitdets_layer_norm_becomes_layer_norm_2d_with_torchs_float64_numbers(dt
     unit = 2.0**-8 if dtype == torch.bfloat16 else 1e-6
     for actual, oracle, magnitude in zip(grads, expected_grads, magnitudes):
         assert ((actual.double() - oracle).abs() <= 3 * unit * (magnitude + oracle.abs())).all()
+
+
+def test_a_converted_vitdet_trains_with_the_weight_decay_groups_transformers_trainer_gives_the_original():
+    """transformers' Trainer keeps weight decay off the parameters of ``nn.LayerNorm``
+    modules and of parameters named like norms. VitDet's norm is no ``nn.LayerNorm`` and its
+    ``norm1``/``norm2``/``norm3`` match no such name, so the Trainer decays their weights;
+    its converted twin must be no ``nn.LayerNorm`` either, or AdamW steps on the groups the
+    Trainer builds leave the converted model elsewhere than the original."""
+    config = transformers.VitDetConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                                       image_size=16, patch_size=8, pretrain_image_size=16, residual_block_indices=[1],
+                                       use_relative_position_embeddings=False)
+    torch.manual_seed(0)
+    original = transformers.VitDetModel(config)
+    converted = converted_copy(original)
+    assert any(type(m).__module__.startswith("normlab.") for m in converted.modules())
+    decayed = transformers.Trainer.get_decay_parameter_names  # (reads the model alone, not the Trainer)
+    assert decayed(None, converted) == decayed(None, original)
+    assert any(".residual.norm" in name for name in decayed(None, original))
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    for model in (original, converted):
+        names = set(decayed(None, model))
+        groups = [{"params": [p for n, p in model.named_parameters() if n in names], "weight_decay": 0.5},
+                  {"params": [p for n, p in model.named_parameters() if n not in names], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=0.1, eps=1e-3)  # (eps: the keys' biases get rounding, no gradient)
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(x).last_hidden_state.square().mean().backward()
+            optimizer.step()
+    for name, expected in original.state_dict().items():
+        torch.testing.assert_close(converted.state_dict()[name], expected, rtol=1e-4, atol=1e-4,
+                                   msg=lambda message: f"{name}: {message}")
 
 
 def test_a_channels_first_layer_norm_with_the_unbiased_variance_is_left_alone():

@@ -58,8 +58,8 @@ from normlab.torch.conversion import convert
 from normlab.torch.fused import AdaLayerNorm, FusedAddLayerNorm, FusedAddRMSNorm, GatedRMSNorm
 from normlab.torch.fuser_mappings import register_fusers, register_quantized_twins
 from normlab.torch.modules import (
-    BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm,
-    LayerNorm2d, Norm, RMSNorm,
+    BatchNorm1d, BatchNorm2d, BatchNorm3d, ChannelsFirstLayerNorm, GroupNorm, InstanceNorm1d, InstanceNorm2d,
+    InstanceNorm3d, LayerNorm, LayerNorm2d, Norm, RMSNorm,
 )
 from normlab.torch.paths import PATHS, use_path
 from normlab.torch.recipe_norms import RecipeLayerNorm, UnweightedRMSNorm
@@ -71,15 +71,16 @@ _threads.limit_by(torch.get_num_threads)
 # (and run on torch's own OpenMP threads where torch has them: see normlab.kernels.threads)
 
 for _public in (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
-                LayerNorm, LayerNorm2d, Norm, RMSNorm, SyncBatchNorm, convert, normalize, use_path, FusedAddRMSNorm,
-                FusedAddLayerNorm, GatedRMSNorm, AdaLayerNorm, RecipeLayerNorm, UnweightedRMSNorm):
+                LayerNorm, LayerNorm2d, ChannelsFirstLayerNorm, Norm, RMSNorm, SyncBatchNorm, convert, normalize,
+                use_path, FusedAddRMSNorm, FusedAddLayerNorm, GatedRMSNorm, AdaLayerNorm, RecipeLayerNorm,
+                UnweightedRMSNorm):
     _public.__module__ = __name__  # users (and pickles) name them normlab.torch.X, wherever they live
 register_fusers()  # torch.ao.quantization.fuse_modules finds fusers for (Conv2d, normlab BatchNorm2d)
 register_quantized_twins()  # and torch.ao.quantization.convert the quantized modules of the twins
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "LayerNorm2d", "GroupNorm", "InstanceNorm1d",
-    "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "SyncBatchNorm", "Norm", "convert", "normalize",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "LayerNorm2d", "ChannelsFirstLayerNorm", "GroupNorm",
+    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "SyncBatchNorm", "Norm", "convert", "normalize",
     "use_path", "PATHS", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm", "RecipeLayerNorm",
     "UnweightedRMSNorm",
 ]

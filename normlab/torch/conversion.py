@@ -29,7 +29,8 @@ A layer is converted when normlab can compute what it computes:
 * layer norms over the channels of ``(N, C, H, W)`` input that are no ``nn.LayerNorm``
   (transformers' ``VitDetLayerNorm``): a ``weight``, ``bias`` and ``normalized_shape`` of
   ``(C,)`` and a forward that gives torch's numbers on float64 probes become
-  :class:`LayerNorm2d`;
+  :class:`~normlab.torch.modules.ChannelsFirstLayerNorm` (``LayerNorm2d``'s computation, and
+  no ``nn.LayerNorm`` either: code choosing layers by ``isinstance`` treats it as the original);
 * gated RMS norms (transformers' ``MambaRMSNormGated``, ``FalconH1RMSNormGated``,
   ``Qwen3NextRMSNormGated``, ``BailingHybridRMSNormGated``): a module like those above
   whose forward takes a gate, ``forward(x, gate)``, and reproduces
@@ -60,8 +61,8 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
-from normlab.torch.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d,
-                                   InstanceNorm2d, InstanceNorm3d, LayerNorm, LayerNorm2d, RMSNorm)
+from normlab.torch.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, ChannelsFirstLayerNorm, GroupNorm,
+                                   InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, LayerNorm2d, RMSNorm)
 from normlab.torch.recipe_probes import (_gated_recipe, _layer_norm_recipe, _on_cpu, _probe_copy, _rms_recipe,
                                          _takes_a_second_input, _unweighted_rms_recipe)
 from normlab.torch.sync import SyncBatchNorm
@@ -110,9 +111,10 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
     their casting recipe; their RMS norms without a weight (Llama 4, DeepSeek-V4, FalconMamba)
     as :class:`~normlab.torch.recipe_norms.UnweightedRMSNorm`; the layer norms Cohere, OLMo and
     DeBERTa compute in float32 as :class:`~normlab.torch.recipe_norms.RecipeLayerNorm`; VitDet's
-    channels-first layer norm as :class:`LayerNorm2d`; their gated RMS norms (Mamba2, FalconH1,
-    Qwen3-Next, Bailing-Hybrid) as :class:`~normlab.torch.fused.GatedRMSNorm`; uninitialized lazy norms at their first forward (which itself
-    runs torch's). A subclass of a torch.nn norm whose forward computes something else,
+    channels-first layer norm as :class:`~normlab.torch.modules.ChannelsFirstLayerNorm`; their gated
+    RMS norms (Mamba2, FalconH1, Qwen3-Next, Bailing-Hybrid) as
+    :class:`~normlab.torch.fused.GatedRMSNorm`; uninitialized lazy norms at their first forward
+    (which itself runs torch's). A subclass of a torch.nn norm whose forward computes something else,
     and any module named ``...Norm...`` that normlab does not recognize, is left alone, and
     one warning lists them. A converted subclass becomes the plain twin, as
     ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does: its attributes carry over, its
@@ -240,7 +242,7 @@ def _decision(module: nn.Module):
             if recipe is not None:
                 return twin, recipe
         if _is_channels_first_layer_norm(module):
-            return LayerNorm2d, {"elementwise_affine": True}
+            return ChannelsFirstLayerNorm, {}  # (no nn.LayerNorm, as the original is none)
     return _LEFT_ALONE if re.search(r"Norm(?!al)", cls.__name__) and not list(module.children()) else None
 
 

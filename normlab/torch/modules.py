@@ -313,22 +313,9 @@ class RMSNorm(_Twin, nn.RMSNorm):
         return _normalize(torch_layout(x), weight, None, self._spec, eps, path)[0]
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """Layer norm over the channels of ``(N, C, H, W)`` input, ConvNeXt's ``LayerNorm2d``
-    (torchvision's and timm's, which permute to channels-last, call ``F.layer_norm`` and
-    permute back): pattern ``"b [c] h w"`` with ``params="c"``, no permutes. Its
-    ``state_dict`` holds ``weight`` and ``bias`` of shape ``(C,)``, as theirs does.
-
-    >>> x = torch.randn(2, 3, 4, 4)
-    >>> expected = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (3,), eps=1e-6).permute(0, 3, 1, 2)
-    >>> torch.allclose(LayerNorm2d(3)(x), expected, atol=1e-5)
-    True
-    """
-
-    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True, *, bias: bool = True,
-                 device=None, dtype=None):
-        super().__init__(num_channels, eps=eps, elementwise_affine=affine, bias=bias, device=device, dtype=dtype)
-        self._init_spec()
+class _ChannelsFirstForward:
+    """Mixin: layer norm over the channels of ``(N, C, H, W)`` input, pattern ``"b [c] h w"``
+    with ``params="c"``, no permutes; reads ``normalized_shape``, ``weight``, ``bias`` and ``eps``."""
 
     def _init_spec(self) -> None:
         self._spec = Spec.build("b [c] h w", "c", c=int(self.normalized_shape[0]))
@@ -357,13 +344,55 @@ class LayerNorm2d(nn.LayerNorm):
             return masked_forward(self, input, mask)
         channels = self.normalized_shape[0]
         if input.dim() != 4 or input.shape[1] != channels:
-            raise RuntimeError(f"LayerNorm2d({channels}) expects input of shape (N, {channels}, H, W), "
+            raise RuntimeError(f"{type(self).__name__}({channels}) expects input of shape (N, {channels}, H, W), "
                                f"got {tuple(input.shape)}")
         path = _choose_path(input, has_native=True)
         if path == "native" or _dtypes_refused(input, self.weight, self.bias):  # what the originals do (or raise)
             return F.layer_norm(input.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
                                 self.eps).permute(0, 3, 1, 2)
         return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
+
+
+class LayerNorm2d(_ChannelsFirstForward, nn.LayerNorm):
+    """Layer norm over the channels of ``(N, C, H, W)`` input, ConvNeXt's ``LayerNorm2d``
+    (torchvision's and timm's, which permute to channels-last, call ``F.layer_norm`` and
+    permute back): pattern ``"b [c] h w"`` with ``params="c"``, no permutes. Its
+    ``state_dict`` holds ``weight`` and ``bias`` of shape ``(C,)``, as theirs does.
+
+    >>> x = torch.randn(2, 3, 4, 4)
+    >>> expected = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (3,), eps=1e-6).permute(0, 3, 1, 2)
+    >>> torch.allclose(LayerNorm2d(3)(x), expected, atol=1e-5)
+    True
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True, *, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__(num_channels, eps=eps, elementwise_affine=affine, bias=bias, device=device, dtype=dtype)
+        self._init_spec()
+
+
+class ChannelsFirstLayerNorm(_ChannelsFirstForward, nn.Module):
+    """:class:`LayerNorm2d`'s computation in a module that is no ``nn.LayerNorm``: what
+    :func:`~normlab.torch.convert` makes of channels-first layer norms that are none
+    (VitDet's ``VitDetLayerNorm``), so that code choosing layers by ``isinstance`` treats
+    the converted model as the original (transformers' Trainer keeps weight decay off
+    ``nn.LayerNorm`` parameters, and decays VitDet's).
+
+    >>> x, norm = torch.randn(2, 3, 4, 4), ChannelsFirstLayerNorm(3)
+    >>> isinstance(norm, torch.nn.LayerNorm), torch.equal(norm(x), LayerNorm2d(3)(x))
+    (False, True)
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.ones(num_channels, **factory))
+        self.bias = nn.Parameter(torch.zeros(num_channels, **factory))
+        self.eps, self.normalized_shape = eps, (num_channels,)
+        self._init_spec()
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape[0]}, eps={self.eps}"
 
 
 class GroupNorm(_Twin, nn.GroupNorm):
