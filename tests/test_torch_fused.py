@@ -453,8 +453,8 @@ class _InputSizedCopies(TorchDispatchMode):
 def test_leaf_x_and_residual_get_the_gradients_of_the_sum_with_no_copy(monkeypatch, dtype, shape, threshold):
     """torch's ``x + r`` hands one gradient tensor to both x and r, and its engine copies it
     before it becomes a leaf's ``.grad`` (into memory fresh from the system at 32 MiB and
-    more): where both need gradients, the block writes a second array in its backward
-    pass instead. Each must be the gradient of the sum, as torch's autograd gives it."""
+    more): where both need gradients there, the block writes a second array in its
+    backward pass instead. Each must be the gradient of the sum, as torch's autograd gives it."""
     import normlab.kernels.pool as pool
 
     if threshold is not None:
@@ -464,20 +464,31 @@ def test_leaf_x_and_residual_get_the_gradients_of_the_sum_with_no_copy(monkeypat
     ours = FusedAddRMSNorm(width, eps=1e-6, casting="llama").to(dtype)
     ours.load_state_dict(hf.state_dict())
     x, r = _leaves(shape, shape, dtype=dtype)
-    y, total = ours(x, r)
     gen = torch.Generator().manual_seed(3)
     grad_y, grad_total = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    y, total = ours(x, r)
     with _InputSizedCopies(x.numel()) as copies:
         torch.autograd.backward([y, total], [grad_y, grad_total])
     assert copies.count == 0
     assert x.grad.data_ptr() != r.grad.data_ptr()
+    # autograd.grad returns the inputs' gradients as they come, uncopied: one tensor for both
+    # (a second array would be a write for nothing)
+    returned = torch.autograd.grad(ours(x, r), [x, r], [grad_y, grad_total])
+    assert returned[0].data_ptr() == returned[1].data_ptr()
+    # and so do a model's activations (no leaves), whose gradients torch adds up in place
+    hidden, stream = (t.detach().requires_grad_() * 1 for t in (x, r))
+    seen = []
+    for t in (hidden, stream):
+        t.register_hook(seen.append)
+    torch.autograd.backward(ours(hidden, stream), [grad_y, grad_total])
+    assert seen[0].data_ptr() == seen[1].data_ptr()
     # the oracle: torch's autograd through LlamaRMSNorm on the sum, in float64
     x64, r64 = (t.detach().double().requires_grad_() for t in (x, r))
     total64 = x64 + r64
     hf.double().weight.data.copy_(ours.weight.detach())  # (bfloat16 weights, exact in float64)
     torch.autograd.backward([hf(total64), total64], [grad_y.double(), grad_total.double()])
     tolerance = TOLERANCE[dtype] if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
-    for mine, theirs in ((x.grad, x64.grad), (r.grad, r64.grad)):
+    for mine, theirs in ((x.grad, x64.grad), (r.grad, r64.grad), *zip(returned, (x64.grad, r64.grad))):
         torch.testing.assert_close(mine.double(), theirs, **tolerance)
 
 

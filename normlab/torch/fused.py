@@ -493,6 +493,26 @@ def _addresses(*tensors) -> tuple:
     return tuple(None if t is None else t.data_ptr() for t in tensors)
 
 
+_ACCUMULATE_GRAD = getattr(getattr(torch._C, "_functions", None), "AccumulateGrad", ())
+
+
+def _accumulates_a_leaf(node) -> bool:
+    """Whether this backward pass (``node``: the block's backward node) hands the gradient of
+    x or the residual to a leaf's ``.grad``. There, one tensor handed to both, as torch's
+    ``x + r`` hands it, is copied by torch's engine first (AccumulateGrad takes a tensor
+    only where nothing else holds it), into memory fresh from the system from 32 MiB on
+    (``pool.FRESH_PAGES_FROM``): the kernel then writes a second array from cache instead
+    (fused add + RMS norm forward+backward on (8, 512, 4096) bfloat16 leaves: 1.24x faster,
+    one thread, 2-core AMD EPYC). Elsewhere the second write costs 8% and saves nothing:
+    ``autograd.grad`` returns the inputs' gradients as they are, and a model's activations
+    add theirs in place; below 32 MiB glibc recycles the copy's memory."""
+    try:
+        return any(isinstance(next_node, _ACCUMULATE_GRAD) and torch._C._will_engine_execute_node(next_node)
+                   for next_node, _ in node.next_functions[:2] if next_node is not None)
+    except (RuntimeError, AttributeError):  # (autograd.grad: refused for a leaf, whose gradient it returns)
+        return False
+
+
 class _CachedFusedFunction(torch.autograd.Function):
     """:class:`_FusedFunction` through a cached :class:`_Call`: the same kernels, forward
     and backward, without the NumPy API's checks and layout search on every call."""
@@ -521,15 +541,9 @@ class _CachedFusedFunction(torch.autograd.Function):
             tables = call.tables(weight, bias, scale, shift)
         needs = ctx.needs_input_grad  # (parameters that need none, frozen ones: no sums for them)
         need_mod = (scale is not None or shift is not None) and (needs[5] or needs[6])
-        # (grad_total: None without a residual, whose block has one output). x and the residual
-        # get arrays of their own where both need a gradient and the gradient is large: one
-        # tensor handed to both is copied by torch's engine before it becomes a leaf's .grad,
-        # into memory fresh from the system at these sizes, which the kernel's second write
-        # from cache avoids (fused add + RMS norm forward+backward on 64 MB of float32 leaves:
-        # 1.45x faster, 2-core AMD EPYC); below, glibc recycles the copy's memory and the
-        # second write costs about as much as the copy (0.96-1.02x)
+        # (grad_total: None without a residual, whose block has one output)
         two_grads = (grad_total is not None and needs[0] and needs[1]
-                     and total.numel() * total.element_size() >= pool.FRESH_PAGES_FROM)
+                     and total.numel() * total.element_size() >= pool.FRESH_PAGES_FROM and _accumulates_a_leaf(ctx))
         grad_x, grad_gate, grad_w, grad_b, grad_scale, grad_shift, grad_r = call.layout.backward(
             tables, _numpy(grad_y), _numpy(grad_total), _numpy(total),
             None, _numpy(gate), call.block.eps, call.block.rms, mean, rstd, weight is not None and needs[3],
