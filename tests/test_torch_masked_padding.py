@@ -146,6 +146,34 @@ def test_a_channels_last_batch_with_a_position_mask_equals_the_contiguous_one():
     torch.testing.assert_close(last.state_dict(), plain.state_dict())
 
 
+
+def _layer_norm_2d(x, module):  # torchvision's and timm's LayerNorm2d: permute, layer_norm, permute back
+    return F.layer_norm(x.permute(0, 2, 3, 1), module.normalized_shape, module.weight, module.bias,
+                        module.eps).permute(0, 3, 1, 2)
+
+
+_CHANNELS_LAST = {"BatchNorm2d": lambda: (nt.BatchNorm2d(CHANNELS), torch.nn.BatchNorm2d(CHANNELS)),
+                  "SyncBatchNorm": lambda: (nt.SyncBatchNorm(CHANNELS), torch.nn.BatchNorm2d(CHANNELS)),
+                  "GroupNorm": lambda: (nt.GroupNorm(1, CHANNELS), torch.nn.GroupNorm(1, CHANNELS)),
+                  "InstanceNorm2d": lambda: (nt.InstanceNorm2d(CHANNELS, track_running_stats=True),
+                                             torch.nn.InstanceNorm2d(CHANNELS, track_running_stats=True)),
+                  "LayerNorm2d": lambda: (nt.LayerNorm2d(CHANNELS), None)}
+
+
+@pytest.mark.parametrize("name", sorted(_CHANNELS_LAST))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_masked_channels_last_batch_keeps_torch_nns_output_layout_in_training_and_evaluation(name, training):
+    """mask= gave a contiguous output for channels_last input in training (channels_last in
+    evaluation), where torch.nn keeps channels_last (contiguous for instance norm): a
+    y.permute(0, 2, 3, 1).view(...) that works on torch.nn's output failed on the twin's."""
+    ours, theirs = _CHANNELS_LAST[name]()
+    ours.train(training)
+    x = torch.randn(2, CHANNELS, 4, 5).to(memory_format=torch.channels_last)
+    mask = torch.rand(2, 1, 4, 5, generator=torch.Generator().manual_seed(1)) < 0.7
+    expected = _layer_norm_2d(x, ours) if theirs is None else theirs.train(training)(x)
+    y = ours(x, mask=mask)
+    assert y.stride() == expected.stride() == ours(x).stride()
+
 def test_a_mask_that_does_not_fit_fails_as_torch_shape_errors_do_naming_pattern_and_shape():
     x = torch.randn(2, CHANNELS, 5)
     before = x.clone()

@@ -96,9 +96,9 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
     if _refused_mix(module, x):  # the unmasked forward hands the mix to torch.nn's, which raises its error
         return module.forward(x)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return _batch_norm(module, x, mask)
+        return _torch_nn_layout(module, x, _batch_norm(module, x, mask))
     if isinstance(module, nn.modules.instancenorm._InstanceNorm):
-        return _instance_norm(module, x, mask)
+        return _torch_nn_layout(module, x, _instance_norm(module, x, mask))
     if isinstance(module, modules.Norm):
         return _norm(module, x, mask, segment_ids, num_segments, segment_axis)
     spec = module._spec
@@ -113,8 +113,25 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
     weight = module.weight
     if weight is not None and getattr(module, "weight_offset", 0.0):
         weight = weight + module.weight_offset
-    return normalize_masked(x, spec.pattern, weight=weight, bias=getattr(module, "bias", None),
-                            params=spec.params, eps=eps, rms=spec.rms, mask=mask, sizes=spec.size_dict).y
+    y = normalize_masked(x, spec.pattern, weight=weight, bias=getattr(module, "bias", None), params=spec.params,
+                         eps=eps, rms=spec.rms, mask=mask, sizes=spec.size_dict).y
+    return _torch_nn_layout(module, x, y)
+
+
+def _torch_nn_layout(module, x: Tensor, y: Tensor) -> Tensor:
+    """``y`` laid out as torch.nn's forward (and the unmasked twin's) lays out its output
+    for ``x``: batch and group norm and LayerNorm2d keep channels_last input so, every other
+    permuted input gives a contiguous output (normalize_masked's is contiguous, the
+    running statistics' is x's)."""
+    if x.is_contiguous() or torch._C._are_functorch_transforms_active():  # (see spec.torch_layout)
+        return y
+    from normlab.torch.modules import LayerNorm2d
+
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    keeps = isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, LayerNorm2d))
+    if keeps and channels_last is not None and x.is_contiguous(memory_format=channels_last):
+        return y.contiguous(memory_format=channels_last)
+    return y.contiguous()
 
 
 def _batch_norm(module, x: Tensor, mask: Tensor) -> Tensor:
