@@ -174,6 +174,26 @@ def test_a_masked_channels_last_batch_keeps_torch_nns_output_layout_in_training_
     y = ours(x, mask=mask)
     assert y.stride() == expected.stride() == ours(x).stride()
 
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_norm_with_a_mask_or_segments_keeps_the_layout_its_unmasked_forward_gives(layout, training):
+    """Norm keeps a permuted input's layout; with mask= or segment_ids= it gave a contiguous
+    output, except in evaluation with running statistics, so the layout flipped with eval()."""
+    if layout == "transposed":
+        x = torch.randn(3, 5, CHANNELS).transpose(1, 2)
+        norm = nt.Norm("[b] c [t]", "c", c=CHANNELS, track_running_stats=True)
+        mask = torch.rand(3, 1, 5, generator=torch.Generator().manual_seed(2)) < 0.7
+    else:
+        x = torch.randn(3, CHANNELS, 4, 5).to(memory_format=torch.channels_last)
+        norm = nt.Norm("b c [h w]", "c", c=CHANNELS)
+        mask = torch.rand(3, 1, 4, 5, generator=torch.Generator().manual_seed(2)) < 0.7
+    norm.train(training)
+    plain = norm(x)
+    assert norm(x, mask=mask).stride() == plain.stride() == x.stride()
+    ids = torch.arange(3 if layout == "transposed" else 4) % 2  # along the first bracketed axis
+    assert norm(x, segment_ids=ids).stride() == plain.stride()
+
 def test_a_mask_that_does_not_fit_fails_as_torch_shape_errors_do_naming_pattern_and_shape():
     x = torch.randn(2, CHANNELS, 5)
     before = x.clone()

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from normlab.torch.masked import normalize_masked
 from normlab.torch.ops import _vmapping
-from normlab.torch.spec import rms_default_eps
+from normlab.torch.spec import _dense_perm, _inverse, rms_default_eps
 
 __all__ = ["masked_forward"]
 
@@ -96,9 +96,9 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
     if _refused_mix(module, x):  # the unmasked forward hands the mix to torch.nn's, which raises its error
         return module.forward(x)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return _torch_nn_layout(module, x, _batch_norm(module, x, mask))
+        return _unmasked_layout(module, x, _batch_norm(module, x, mask))
     if isinstance(module, nn.modules.instancenorm._InstanceNorm):
-        return _torch_nn_layout(module, x, _instance_norm(module, x, mask))
+        return _unmasked_layout(module, x, _instance_norm(module, x, mask))
     if isinstance(module, modules.Norm):
         return _norm(module, x, mask, segment_ids, num_segments, segment_axis)
     spec = module._spec
@@ -115,18 +115,22 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
         weight = weight + module.weight_offset
     y = normalize_masked(x, spec.pattern, weight=weight, bias=getattr(module, "bias", None), params=spec.params,
                          eps=eps, rms=spec.rms, mask=mask, sizes=spec.size_dict).y
-    return _torch_nn_layout(module, x, y)
+    return _unmasked_layout(module, x, y)
 
 
-def _torch_nn_layout(module, x: Tensor, y: Tensor) -> Tensor:
-    """``y`` laid out as torch.nn's forward (and the unmasked twin's) lays out its output
-    for ``x``: batch and group norm and LayerNorm2d keep channels_last input so, every other
-    permuted input gives a contiguous output (normalize_masked's is contiguous, the
-    running statistics' is x's)."""
+def _unmasked_layout(module, x: Tensor, y: Tensor) -> Tensor:
+    """``y`` laid out as the module's unmasked forward lays out its output for ``x``, so
+    that mask= and eval() do not change it: ``Norm`` keeps any dense permutation of x (a
+    transpose, channels_last); the twins do as torch.nn does: batch and group norm and
+    LayerNorm2d keep channels_last input so, every other permuted input gives a contiguous
+    output (normalize_masked's is contiguous, the running statistics' follows x's)."""
     if x.is_contiguous() or torch._C._are_functorch_transforms_active():  # (see spec.torch_layout)
         return y
-    from normlab.torch.modules import LayerNorm2d
+    from normlab.torch.modules import LayerNorm2d, Norm
 
+    if isinstance(module, Norm):
+        perm = _dense_perm(x, keep_gaps=True)[1]
+        return y if perm is None else y.permute(perm).contiguous().permute(_inverse(perm))
     channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
     keeps = isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, LayerNorm2d))
     if keeps and channels_last is not None and x.is_contiguous(memory_format=channels_last):
@@ -209,4 +213,4 @@ def _norm(module, x: Tensor, mask, segment_ids, num_segments, segment_axis) -> T
             counted = groups > 0
         _update(module, mean.reshape(module.running_mean.shape), var.reshape(module.running_var.shape), factor,
                 counted=counted.reshape(module.running_mean.shape))
-    return y
+    return _unmasked_layout(module, x, y)
