@@ -222,7 +222,7 @@ def test_batch_norm_subclass_computing_torch_nn_numbers_is_converted_with_attrib
 
 @pytest.mark.parametrize("original_class, twin_class", [
     (lambda c: TimmGroupNorm(c, num_groups=4), nt.GroupNorm), (TimmLayerNorm, nt.LayerNorm),
-    (TimmLayerNormFp32, nt.LayerNorm),
+    (TimmLayerNormFp32, nt.Float32LayerNorm),
 ], ids=["timm_group_norm", "timm_layer_norm", "timm_layer_norm_fp32"])
 def test_subclass_with_a_forward_of_its_own_that_computes_torch_nn_numbers_is_converted(original_class, twin_class):
     original = random_parameters(original_class(8))
@@ -230,6 +230,21 @@ def test_subclass_with_a_forward_of_its_own_that_computes_torch_nn_numbers_is_co
     assert type(converted) is twin_class
     x = torch.randn(3, 8, 4) if twin_class is nt.GroupNorm else torch.randn(3, 5, 8)
     assert_same_numbers(original, converted, x, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("x_dtype, weight_dtype", [
+    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32), (torch.float32, torch.bfloat16),
+], ids=["bfloat16", "float16", "bfloat16_on_float32_weight", "float16_on_float32_weight", "float32_on_bfloat16_weight"])
+def test_timms_layer_norm_fp32_converted_still_computes_half_precision_in_float32(x_dtype, weight_dtype):
+    """timm's LayerNormFp32 upcasts input, weight and bias to float32 and casts back once:
+    a half-precision model (or float32 weights under bfloat16 activations) gets its
+    outputs, and its weights gradients to float32 accuracy, where torch's bfloat16 layer
+    norm rounds them; the converted layer (still an nn.LayerNorm) computes the same bits."""
+    original = random_parameters(TimmLayerNormFp32(48)).to(weight_dtype)
+    converted = converted_copy(original)
+    assert isinstance(converted, torch.nn.LayerNorm)
+    assert_same_numbers(original, converted, (torch.randn(3, 5, 48) * 2 + 1).to(x_dtype), None)
 
 
 def test_norms_that_compute_something_else_are_left_alone_with_one_warning_naming_them():

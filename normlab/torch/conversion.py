@@ -218,6 +218,10 @@ def _decision(module: nn.Module):
         if cls.forward is not base.forward and _takes_more_than_the_input(cls):
             return _LEFT_ALONE  # (its callers may pass what the twin cannot take: a second input would be its mask)
         if cls.forward is base.forward or _computes_like(module, base.forward, _probe_shapes(module, base)):
+            if cls.forward is not base.forward and base is nn.LayerNorm and _computes_in_float32(module):
+                from normlab.torch.recipe_norms import Float32LayerNorm
+
+                return Float32LayerNorm, {}  # (timm's LayerNormFp32: torch.nn's numbers in float64 only)
             return _TWINS[base], {}
         if base is nn.LayerNorm and len(module.normalized_shape) == 1 and _computes_like(
                 module, _channels_first_layer_norm, [(2, module.normalized_shape[0], 3, 2)]):
@@ -244,6 +248,14 @@ def _decision(module: nn.Module):
         if _is_channels_first_layer_norm(module):
             return ChannelsFirstLayerNorm, {}  # (no nn.LayerNorm, as the original is none)
     return _LEFT_ALONE if re.search(r"Norm(?!al)", cls.__name__) and not list(module.children()) else None
+
+
+def _computes_in_float32(module: nn.Module) -> bool:
+    """Whether a layer norm's forward upcasts input, weight and bias to float32, calls
+    ``F.layer_norm`` and casts back (timm's ``LayerNormFp32``): the ``"olmo"`` recipe, bit for
+    bit in float32, bfloat16 and mixed weight/input dtypes."""
+    recipe = _layer_norm_recipe(module)
+    return recipe is not None and recipe["casting"] == "olmo"
 
 
 def _takes_more_than_the_input(cls: type) -> bool:

@@ -1,7 +1,7 @@
 """Norms with a model family's casting recipe: the twins of transformers' layer norms that
-compute in float32 (Cohere's, with its per-head QK-norm weight, OLMo's and DeBERTa's), and
-of its RMS norms without a weight, over the last axis whatever its size (Llama 4's
-``L2Norm``, DeepSeek-V4's ``UnweightedRMSNorm``, FalconMamba's, NanoChat's, ...).
+compute in float32 (Cohere's, with its per-head QK-norm weight, OLMo's and DeBERTa's) and of
+timm's ``LayerNormFp32``, and of its RMS norms without a weight, over the last axis whatever
+its size (Llama 4's ``L2Norm``, DeepSeek-V4's ``UnweightedRMSNorm``, FalconMamba's, NanoChat's, ...).
 
 The recipes themselves (which torch operations, where the casts are) live in
 :mod:`normlab.torch.casting`, beside the RMS norm recipes.
@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from normlab.torch.casting import (LAYER_NORM_CASTINGS, UNWEIGHTED_CASTINGS, apply_deberta_scale, compute_dtype,
                                    layer_norm_recipe, unweighted_rms_norm_recipe)
 from normlab.torch.compute import _normalize
-from normlab.torch.modules import _fx_call_module
-from normlab.torch.paths import _choose_path, _PathSwitch
+from normlab.torch.modules import LayerNorm, _fx_call_module
+from normlab.torch.paths import _LOW_PRECISION, _choose_path, _PathSwitch
 from normlab.torch.spec import Spec
 
-__all__ = ["RecipeLayerNorm", "UnweightedRMSNorm"]
+__all__ = ["RecipeLayerNorm", "UnweightedRMSNorm", "Float32LayerNorm"]
 
 
 class RecipeLayerNorm(nn.Module):
@@ -137,3 +138,37 @@ class UnweightedRMSNorm(nn.Module):
                               "kernel")[0].to(x.dtype)
         return unweighted_rms_norm_recipe(x, self.eps, self.casting)
 
+
+class Float32LayerNorm(LayerNorm):
+    """:class:`~normlab.torch.LayerNorm` that computes half-precision input in float32, as
+    timm's ``LayerNormFp32`` does (:func:`~normlab.torch.convert` turns that into this): the
+    input, weight and bias upcast, ``F.layer_norm`` there, the output cast back to the
+    input's dtype once. So a bfloat16 model's outputs and its weight and bias gradients are
+    the original's to the bit (torch's bfloat16 layer norm rounds the parameter gradients
+    beside float32 weights, by about 1%), and parameters of another dtype than the input
+    compute instead of raising "mixed dtype". Float32 and float64 input beside parameters of
+    its dtype runs as :class:`~normlab.torch.LayerNorm` (float64 stays float64, as with the
+    recipes). An ``nn.LayerNorm``, as the original is.
+
+    >>> norm = Float32LayerNorm(3).to(torch.bfloat16)
+    >>> norm(torch.tensor([[4., 3., 2.]])).dtype, isinstance(norm, torch.nn.LayerNorm)
+    (torch.float32, True)
+    """
+
+    def _normlab_forward(self, input: Tensor) -> Tensor:
+        weight, bias = self.weight, self.bias
+        if input.dtype in _LOW_PRECISION or any(p is not None and p.dtype != input.dtype for p in (weight, bias)):
+            compute = compute_dtype(input.dtype)
+            weight, bias = (None if p is None else p.to(compute) for p in (weight, bias))
+            return F.layer_norm(input.to(compute), self.normalized_shape, weight, bias, self.eps).to(input.dtype)
+        return super()._normlab_forward(input)
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError("torch.jit.script compiles torch.nn.LayerNorm's forward, which does not compute in "
+                           "float32; use torch.jit.trace, torch.export or torch.compile for Float32LayerNorm")
+
+    @torch.jit.unused
+    def _traced_root_forward(self, proxy) -> "torch.fx.Proxy":
+        raise TypeError("torch.fx traces Float32LayerNorm inside a model, not as the root module (torch.nn.LayerNorm's "
+                        "forward, which fx traces for a root, does not compute in float32): trace a model that holds "
+                        "it, e.g. torch.nn.Sequential(norm)")
