@@ -67,6 +67,46 @@ def test_export_traces_a_masked_training_step_with_dynamic_batch_and_width(name)
             torch.testing.assert_close(exported.state_dict()[key], value, msg=key)
 
 
+
+class _Speech(torch.nn.Module):
+    """A padded speech encoder's norms, the mask made from the lengths inside the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch, self.group = nt.BatchNorm1d(4), nt.GroupNorm(2, 4)
+        self.instance, self.layer = nt.InstanceNorm1d(4, affine=True), nt.LayerNorm(4)
+
+    def forward(self, x, lengths):
+        mask = torch.arange(x.shape[-1]) < lengths[:, None]
+        positions = mask[:, None, :]
+        h = self.instance(self.group(self.batch(x, mask=positions), mask=positions), mask=positions)
+        return self.layer(h.transpose(1, 2), mask=mask[:, :, None])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_a_masked_model_exports_to_onnx_and_onnxruntime_gives_its_outputs_at_another_batch_and_length(dynamo,
+                                                                                                    tmp_path):
+    """mask= failed to export (the TorchScript exporter: "Couldn't export operator
+    aten::lift_fresh"; dynamo: a ConversionError on the normlab op ONNX does not have)."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model = _Speech().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+        model.batch.running_var.uniform_(0.5, 2)
+    g = torch.Generator().manual_seed(4)
+    x, lengths = torch.randn(2, 4, 7, generator=g), torch.tensor([7, 3])
+    path = str(tmp_path / "masked.onnx")
+    dynamic = (dict(dynamic_shapes=({0: torch.export.Dim("b", min=2), 2: torch.export.Dim("t", min=2)},
+                                    {0: torch.export.Dim("b", min=2)})) if dynamo else
+               dict(dynamic_axes={"x": {0: "b", 2: "t"}, "lengths": {0: "b"}}))
+    torch.onnx.export(model, (x, lengths), path, dynamo=dynamo, input_names=["x", "lengths"], **dynamic)
+    session = onnxruntime.InferenceSession(path)
+    for inputs in ((x, lengths), (torch.randn(3, 4, 11, generator=g), torch.tensor([11, 1, 6]))):
+        (got,) = session.run(None, {"x": inputs[0].numpy(), "lengths": inputs[1].numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), model(*inputs), rtol=1e-5, atol=1e-5)
+
 def test_scripted_layer_norm_2d_twin_equals_torchvisions_scripted_original():
     ours, theirs = nt.LayerNorm2d(3), TorchvisionLayerNorm2d(3, eps=1e-6)
     with torch.no_grad():

@@ -6,6 +6,7 @@ other devices and dtypes."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping, Optional
 
 import numpy as np
@@ -279,6 +280,38 @@ def _composite(x, weight, bias, mask, segment_ids, spec: Spec, eps, num_segments
     return (y.reshape(x.shape),) + stats
 
 
+def _reduced_composite(x, weight, bias, mask, spec: Spec, eps):
+    """The same definition for a mask without segments, in reductions over the bracketed
+    axes that ONNX has (``_composite``'s scatter operations it has not, or exports wrong):
+    what ``torch.onnx.export`` records for ``mask=``. Float64 statistics, two-pass."""
+    # (torch.jit.trace, which the TorchScript exporter runs, hands sizes as tensors: planned on
+    # their values, without its warning, while the reshapes take them as they are, so a
+    # dynamic axis stays dynamic)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        shape = tuple(int(n) if isinstance(n, Tensor) else n for n in x.shape)
+    plan = _hinted_plan(spec.pattern, shape, spec.params, spec.sizes)
+    sizes = _symbolic_axis_sizes(plan, spec.pattern, x.shape)
+    axes = plan.reduced_axes
+    compute = torch.float32 if x.device.type == "mps" else torch.float64
+    view = x.reshape(sizes).to(compute)
+    counted = (torch.ones((), dtype=torch.bool, device=x.device) if mask is None else mask).expand(
+        x.shape).reshape(sizes)
+    count = counted.to(compute).sum(dim=axes, keepdim=True)
+    safe = count.clamp_min(1)
+    mean = torch.zeros_like(count) if spec.rms else torch.where(counted, view, 0).sum(dim=axes, keepdim=True) / safe
+    centered = view - mean
+    var = torch.where(counted, centered * centered, 0).sum(dim=axes, keepdim=True) / safe
+    rstd = torch.where(count > 0, torch.rsqrt(var + eps), 0)
+    y = centered * rstd
+    if weight is not None:
+        y = y * _expand(weight, plan).to(compute)
+    if bias is not None:
+        y = y + _expand(bias, plan).to(compute)
+    # (the statistics keep their reduced axes: stats_shape already)
+    return y.to(x.dtype).reshape(x.shape), mean.detach().double(), rstd.detach().double(), count.detach().long()
+
+
 def _expand(param: Tensor, plan) -> Tensor:
     split = param.reshape(tuple(plan.axis_sizes[i] for i in plan.param_axes))
     order = sorted(range(len(plan.param_axes)), key=lambda k: plan.param_axes[k])
@@ -327,6 +360,12 @@ def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"pattern {pattern!r}, input shape {tuple(x.shape)}: mask must be a bool tensor, "
                         f"got {mask.dtype}; pass mask.bool() (True where an element counts)")
+    if torch.onnx.is_in_onnx_export():  # (either exporter: ONNX has no normlab op)
+        if segment_ids is not None:
+            raise RuntimeError(f"pattern {pattern!r}, input shape {tuple(map(int, x.shape))}: segment_ids= does not "
+                               "export to ONNX, which has no normlab op; normlab.torch.geometric's twins export PyG's "
+                               "own definitions, and mask= exports")
+        return MaskedResult(_reduced_composite(x, weight, bias, mask, spec, eps))
     low = x.dtype in _LOW_PRECISION
     kernel = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64, *_LOW_PRECISION)
               and (mask is None or mask.device.type == "cpu") and not x.is_complex()
