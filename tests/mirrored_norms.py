@@ -9,7 +9,7 @@ on CPU unchanged:
 * ``torchvision/models/convnext.py`` (pytorch/vision): ``LayerNorm2d``, ``CNBlock``, and
   ``Permute`` from ``torchvision/ops/misc.py``;
 * ``timm/layers/norm.py`` (huggingface/pytorch-image-models): ``LayerNorm``,
-  ``LayerNorm2d``, ``GroupNorm``, ``LayerNormFp32``, with ``fast_layer_norm`` and
+  ``LayerNorm2d``, ``GroupNorm``, ``LayerNormFp32``, ``LayerNorm2dFp32``, with ``fast_layer_norm`` and
   ``fast_group_norm`` from ``timm/layers/fast_norm.py`` (without apex, which is not
   installed; fast norm is off by default, as in timm).
 """
@@ -136,6 +136,21 @@ class TimmLayerNormFp32(nn.LayerNorm):
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
         x = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        return x
+
+
+class TimmLayerNorm2dFp32(nn.LayerNorm):
+    """ LayerNorm for channels of '2D' spatial NCHW tensors """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True, **kwargs):
+        super().__init__(num_channels, eps=eps, elementwise_affine=affine, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        x = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        x = x.permute(0, 3, 1, 2)
         return x
 
 

@@ -18,8 +18,8 @@ torch = pytest.importorskip("torch")
 
 import normlab.torch as nt  # noqa: E402
 from tests.mirrored_norms import (  # noqa: E402
-    TimmGroupNorm, TimmLayerNorm, TimmLayerNorm2d, TimmLayerNormFp32, TorchvisionLayerNorm2d, VitLike,
-    convnext_like,
+    TimmGroupNorm, TimmLayerNorm, TimmLayerNorm2d, TimmLayerNorm2dFp32, TimmLayerNormFp32, TorchvisionLayerNorm2d,
+    VitLike, convnext_like,
 )
 
 TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
@@ -232,19 +232,23 @@ def test_subclass_with_a_forward_of_its_own_that_computes_torch_nn_numbers_is_co
     assert_same_numbers(original, converted, x, TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("original_class, twin_class, shape", [
+    (TimmLayerNormFp32, nt.Float32LayerNorm, (3, 5, 48)), (TimmLayerNorm2dFp32, nt.Float32LayerNorm2d, (2, 48, 3, 4)),
+], ids=["layer_norm_fp32", "layer_norm_2d_fp32"])
 @pytest.mark.parametrize("x_dtype, weight_dtype", [
     (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
     (torch.float16, torch.float32), (torch.float32, torch.bfloat16),
 ], ids=["bfloat16", "float16", "bfloat16_on_float32_weight", "float16_on_float32_weight", "float32_on_bfloat16_weight"])
-def test_timms_layer_norm_fp32_converted_still_computes_half_precision_in_float32(x_dtype, weight_dtype):
-    """timm's LayerNormFp32 upcasts input, weight and bias to float32 and casts back once:
-    a half-precision model (or float32 weights under bfloat16 activations) gets its
-    outputs, and its weights gradients to float32 accuracy, where torch's bfloat16 layer
-    norm rounds them; the converted layer (still an nn.LayerNorm) computes the same bits."""
-    original = random_parameters(TimmLayerNormFp32(48)).to(weight_dtype)
+def test_timms_fp32_layer_norms_converted_still_compute_half_precision_in_float32(x_dtype, weight_dtype,
+                                                                                   original_class, twin_class, shape):
+    """timm's LayerNormFp32 and LayerNorm2dFp32 upcast input, weight and bias to float32 and
+    cast back once: a half-precision model (or float32 weights under bfloat16 activations)
+    gets its outputs, and its weights gradients to float32 accuracy, where torch's bfloat16
+    layer norm rounds them; the converted layer (still an nn.LayerNorm) computes the same bits."""
+    original = random_parameters(original_class(48)).to(weight_dtype)
     converted = converted_copy(original)
-    assert isinstance(converted, torch.nn.LayerNorm)
-    assert_same_numbers(original, converted, (torch.randn(3, 5, 48) * 2 + 1).to(x_dtype), None)
+    assert type(converted) is twin_class and isinstance(converted, torch.nn.LayerNorm)
+    assert_same_numbers(original, converted, (torch.randn(shape) * 2 + 1).to(x_dtype), None)
 
 
 def test_norms_that_compute_something_else_are_left_alone_with_one_warning_naming_them():

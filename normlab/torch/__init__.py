@@ -62,7 +62,7 @@ from normlab.torch.modules import (
     InstanceNorm3d, LayerNorm, LayerNorm2d, Norm, RMSNorm,
 )
 from normlab.torch.paths import PATHS, use_path
-from normlab.torch.recipe_norms import Float32LayerNorm, RecipeLayerNorm, UnweightedRMSNorm
+from normlab.torch.recipe_norms import Float32LayerNorm, Float32LayerNorm2d, RecipeLayerNorm, UnweightedRMSNorm
 from normlab.torch.sync import SyncBatchNorm
 
 # the kernels use at most torch.get_num_threads() threads: torch.set_num_threads governs
@@ -73,7 +73,7 @@ _threads.limit_by(torch.get_num_threads)
 for _public in (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
                 LayerNorm, LayerNorm2d, ChannelsFirstLayerNorm, Norm, RMSNorm, SyncBatchNorm, convert, normalize,
                 use_path, FusedAddRMSNorm, FusedAddLayerNorm, GatedRMSNorm, AdaLayerNorm, RecipeLayerNorm,
-                UnweightedRMSNorm, Float32LayerNorm):
+                UnweightedRMSNorm, Float32LayerNorm, Float32LayerNorm2d):
     _public.__module__ = __name__  # users (and pickles) name them normlab.torch.X, wherever they live
 register_fusers()  # torch.ao.quantization.fuse_modules finds fusers for (Conv2d, normlab BatchNorm2d)
 register_quantized_twins()  # and torch.ao.quantization.convert the quantized modules of the twins
@@ -82,5 +82,5 @@ __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "LayerNorm2d", "ChannelsFirstLayerNorm", "GroupNorm",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "SyncBatchNorm", "Norm", "convert", "normalize",
     "use_path", "PATHS", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm", "RecipeLayerNorm",
-    "UnweightedRMSNorm", "Float32LayerNorm",
+    "UnweightedRMSNorm", "Float32LayerNorm", "Float32LayerNorm2d",
 ]

@@ -217,15 +217,17 @@ def _decision(module: nn.Module):
     if base is not None:
         if cls.forward is not base.forward and _takes_more_than_the_input(cls):
             return _LEFT_ALONE  # (its callers may pass what the twin cannot take: a second input would be its mask)
-        if cls.forward is base.forward or _computes_like(module, base.forward, _probe_shapes(module, base)):
-            if cls.forward is not base.forward and base is nn.LayerNorm and _computes_in_float32(module):
-                from normlab.torch.recipe_norms import Float32LayerNorm
+        from normlab.torch.recipe_norms import Float32LayerNorm, Float32LayerNorm2d
 
+        if cls.forward is base.forward or _computes_like(module, base.forward, _probe_shapes(module, base)):
+            if cls.forward is not base.forward and base is nn.LayerNorm and _computes_in_float32(
+                    module, _probe_shapes(module, base)[0]):
                 return Float32LayerNorm, {}  # (timm's LayerNormFp32: torch.nn's numbers in float64 only)
             return _TWINS[base], {}
-        if base is nn.LayerNorm and len(module.normalized_shape) == 1 and _computes_like(
-                module, _channels_first_layer_norm, [(2, module.normalized_shape[0], 3, 2)]):
-            return LayerNorm2d, {}
+        if base is nn.LayerNorm and len(module.normalized_shape) == 1:
+            channels_first = (2, module.normalized_shape[0], 3, 2)
+            if _computes_like(module, _channels_first_layer_norm, [channels_first]):
+                return (Float32LayerNorm2d if _computes_in_float32(module, channels_first) else LayerNorm2d), {}
         return _LEFT_ALONE
     if isinstance(module, _NORM_BASES):
         return _LEFT_ALONE
@@ -250,12 +252,40 @@ def _decision(module: nn.Module):
     return _LEFT_ALONE if re.search(r"Norm(?!al)", cls.__name__) and not list(module.children()) else None
 
 
-def _computes_in_float32(module: nn.Module) -> bool:
-    """Whether a layer norm's forward upcasts input, weight and bias to float32, calls
-    ``F.layer_norm`` and casts back (timm's ``LayerNormFp32``): the ``"olmo"`` recipe, bit for
-    bit in float32, bfloat16 and mixed weight/input dtypes."""
-    recipe = _layer_norm_recipe(module)
-    return recipe is not None and recipe["casting"] == "olmo"
+@_on_cpu
+def _computes_in_float32(module: nn.Module, shape: tuple) -> bool:
+    """Whether ``type(module).forward`` computes bfloat16 input, and parameters of another
+    dtype than the input, by upcasting everything to float32 and casting its output back to
+    the input's dtype once (timm's ``LayerNormFp32`` and ``LayerNorm2dFp32``): on a probe of
+    ``shape``, each such call gives, to the bit, its own float32 output on the upcast values.
+    Without parameters no probe tells that from torch's own bfloat16 layer norm: False."""
+    if all(p is None for p in module._parameters.values()):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    parameters = {name: None if p is None else torch.randn(p.shape, generator=generator) * 0.5 + 1
+                  for name, p in module._parameters.items()}
+    x = torch.randn(shape, generator=generator) * 2 + 1
+
+    def forward(x_dtype, w_dtype, upcast: bool) -> Optional[Tensor]:
+        """The forward on the probe's values rounded to these dtypes (and then upcast)."""
+        def rounded(t: Tensor, dtype) -> Tensor:
+            return t.to(dtype).float() if upcast else t.to(dtype)
+
+        tensors = {"parameters": {k: None if p is None else rounded(p, w_dtype) for k, p in parameters.items()},
+                   "buffers": {}}
+        try:
+            with torch.no_grad():
+                return type(module).forward(_probe_copy(module, tensors), rounded(x, x_dtype))
+        except Exception:  # (one that raises on a dtype mix does not upcast)
+            return None
+
+    for x_dtype, w_dtype in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                             (torch.float32, torch.bfloat16)):
+        low, high = forward(x_dtype, w_dtype, upcast=False), forward(x_dtype, w_dtype, upcast=True)
+        if not (isinstance(low, Tensor) and isinstance(high, Tensor) and low.dtype == x_dtype
+                and torch.equal(low, high.to(x_dtype))):
+            return False
+    return True
 
 
 def _takes_more_than_the_input(cls: type) -> bool:

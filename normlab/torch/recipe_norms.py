@@ -1,13 +1,16 @@
 """Norms with a model family's casting recipe: the twins of transformers' layer norms that
 compute in float32 (Cohere's, with its per-head QK-norm weight, OLMo's and DeBERTa's) and of
-timm's ``LayerNormFp32``, and of its RMS norms without a weight, over the last axis whatever
-its size (Llama 4's ``L2Norm``, DeepSeek-V4's ``UnweightedRMSNorm``, FalconMamba's, NanoChat's, ...).
+timm's ``LayerNormFp32`` and ``LayerNorm2dFp32``, and of its RMS norms without a weight, over
+the last axis whatever its size (Llama 4's ``L2Norm``, DeepSeek-V4's ``UnweightedRMSNorm``,
+FalconMamba's, NanoChat's, ...).
 
 The recipes themselves (which torch operations, where the casts are) live in
 :mod:`normlab.torch.casting`, beside the RMS norm recipes.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -16,11 +19,11 @@ from torch.nn import functional as F
 from normlab.torch.casting import (LAYER_NORM_CASTINGS, UNWEIGHTED_CASTINGS, apply_deberta_scale, compute_dtype,
                                    layer_norm_recipe, unweighted_rms_norm_recipe)
 from normlab.torch.compute import _normalize
-from normlab.torch.modules import LayerNorm, _fx_call_module
+from normlab.torch.modules import LayerNorm, LayerNorm2d, _fx_call_module
 from normlab.torch.paths import _LOW_PRECISION, _choose_path, _PathSwitch
 from normlab.torch.spec import Spec
 
-__all__ = ["RecipeLayerNorm", "UnweightedRMSNorm", "Float32LayerNorm"]
+__all__ = ["RecipeLayerNorm", "UnweightedRMSNorm", "Float32LayerNorm", "Float32LayerNorm2d"]
 
 
 class RecipeLayerNorm(nn.Module):
@@ -156,19 +159,53 @@ class Float32LayerNorm(LayerNorm):
     """
 
     def _normlab_forward(self, input: Tensor) -> Tensor:
-        weight, bias = self.weight, self.bias
-        if input.dtype in _LOW_PRECISION or any(p is not None and p.dtype != input.dtype for p in (weight, bias)):
-            compute = compute_dtype(input.dtype)
-            weight, bias = (None if p is None else p.to(compute) for p in (weight, bias))
-            return F.layer_norm(input.to(compute), self.normalized_shape, weight, bias, self.eps).to(input.dtype)
+        if _upcasts(input, self.weight, self.bias):
+            return _float32_layer_norm(self, input)
         return super()._normlab_forward(input)
 
     def __prepare_scriptable__(self):
-        raise RuntimeError("torch.jit.script compiles torch.nn.LayerNorm's forward, which does not compute in "
-                           "float32; use torch.jit.trace, torch.export or torch.compile for Float32LayerNorm")
+        raise RuntimeError(f"torch.jit.script compiles {type(self).__name__}'s torch forward (F.layer_norm in the "
+                           "input's dtype), which does not compute in float32; use torch.jit.trace, torch.export or "
+                           "torch.compile for it")
 
     @torch.jit.unused
     def _traced_root_forward(self, proxy) -> "torch.fx.Proxy":
-        raise TypeError("torch.fx traces Float32LayerNorm inside a model, not as the root module (torch.nn.LayerNorm's "
-                        "forward, which fx traces for a root, does not compute in float32): trace a model that holds "
-                        "it, e.g. torch.nn.Sequential(norm)")
+        raise TypeError(f"torch.fx traces {type(self).__name__} inside a model, not as the root module (the torch "
+                        "forward fx traces for a root does not compute in float32): trace a model that holds it, e.g. "
+                        "torch.nn.Sequential(norm)")
+
+
+class Float32LayerNorm2d(LayerNorm2d):
+    """:class:`~normlab.torch.LayerNorm2d` that computes half-precision input in float32, as
+    timm's ``LayerNorm2dFp32`` does (:func:`~normlab.torch.convert` turns that into this),
+    through :class:`Float32LayerNorm`'s casts: those of the original, to the bit, where
+    :class:`~normlab.torch.LayerNorm2d` would take torch's bfloat16 layer norm. Float32 and
+    float64 input beside parameters of its dtype runs as :class:`~normlab.torch.LayerNorm2d`.
+
+    >>> norm = Float32LayerNorm2d(3).to(torch.float16)
+    >>> norm(torch.randn(2, 3, 4, 4)).dtype, isinstance(norm, torch.nn.LayerNorm)
+    (torch.float32, True)
+    """
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor, mask: Optional[Tensor]) -> Tensor:
+        if mask is None and isinstance(input, Tensor) and _upcasts(input, self.weight, self.bias):
+            return _float32_layer_norm(self, input.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return super()._eager_forward(input, mask)
+
+    __prepare_scriptable__ = Float32LayerNorm.__prepare_scriptable__
+    _traced_root_forward = Float32LayerNorm._traced_root_forward
+
+
+def _upcasts(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    """Whether a float32 layer norm upcasts for this call: half-precision input, or
+    parameters of another dtype than the input."""
+    return x.dtype in _LOW_PRECISION or any(p is not None and p.dtype != x.dtype for p in (weight, bias))
+
+
+def _float32_layer_norm(module: nn.LayerNorm, x: Tensor) -> Tensor:
+    """timm's ``LayerNormFp32``: ``F.layer_norm`` on the input, weight and bias upcast to
+    float32 (float64 stays float64), the output cast back to the input's dtype once."""
+    compute = compute_dtype(x.dtype)
+    weight, bias = (None if p is None else p.to(compute) for p in (module.weight, module.bias))
+    return F.layer_norm(x.to(compute), module.normalized_shape, weight, bias, module.eps).to(x.dtype)
