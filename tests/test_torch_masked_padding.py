@@ -194,6 +194,17 @@ def test_norm_with_a_mask_or_segments_keeps_the_layout_its_unmasked_forward_give
     ids = torch.arange(3 if layout == "transposed" else 4) % 2  # along the first bracketed axis
     assert norm(x, segment_ids=ids).stride() == plain.stride()
 
+
+def test_norm_with_a_mask_on_a_transposed_input_compiles_into_one_graph_with_the_eager_layout():
+    """Keeping the layout must not break torch.compile(fullgraph=True): sorting the strides
+    to find the permutation did ("sort with non-constant keys")."""
+    x = torch.randn(3, 5, CHANNELS).transpose(1, 2)
+    mask = torch.rand(3, 1, 5, generator=torch.Generator().manual_seed(5)) < 0.7
+    norm = nt.Norm("[b] c [t]", "c", c=CHANNELS)
+    compiled = torch.compile(norm, fullgraph=True, backend="eager")(x, mask=mask)  # (dynamo: where it broke)
+    torch.testing.assert_close(compiled, norm(x, mask=mask))
+    assert compiled.stride() == norm(x).stride()
+
 def test_a_mask_that_does_not_fit_fails_as_torch_shape_errors_do_naming_pattern_and_shape():
     x = torch.randn(2, CHANNELS, 5)
     before = x.clone()
@@ -266,8 +277,9 @@ def test_bfloat16_input_with_float32_parameters_keeps_torch_nns_dtype_under_tran
     from torch.func import vmap
 
     # (no running statistics: vmap refuses their in-place update, as with torch.nn)
-    make = {"BatchNorm1d": lambda m: m.BatchNorm1d(CHANNELS, track_running_stats=False), "GroupNorm": lambda m: m.GroupNorm(1, CHANNELS),
-            "LayerNorm": lambda m: m.LayerNorm(7), "RMSNorm": lambda m: m.RMSNorm(7)}[name]
+    make = {"BatchNorm1d": lambda m: m.BatchNorm1d(CHANNELS, track_running_stats=False),
+            "GroupNorm": lambda m: m.GroupNorm(1, CHANNELS), "LayerNorm": lambda m: m.LayerNorm(7),
+            "RMSNorm": lambda m: m.RMSNorm(7)}[name]
     ours, theirs = make(nt), make(torch.nn)
     x, _, mask = _padded([7, 4, 0, 5], seed=2, time=7)
     x = x.bfloat16()

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from normlab.torch.masked import normalize_masked
 from normlab.torch.ops import _vmapping
-from normlab.torch.spec import _dense_perm, _inverse, rms_default_eps
+from normlab.torch.spec import rms_default_eps
 
 __all__ = ["masked_forward"]
 
@@ -128,9 +128,8 @@ def _unmasked_layout(module, x: Tensor, y: Tensor) -> Tensor:
         return y
     from normlab.torch.modules import LayerNorm2d, Norm
 
-    if isinstance(module, Norm):
-        perm = _dense_perm(x, keep_gaps=True)[1]
-        return y if perm is None else y.permute(perm).contiguous().permute(_inverse(perm))
+    if isinstance(module, Norm):  # (empty_like keeps a dense x's strides; sorting them breaks torch.compile)
+        return torch.empty_like(x, dtype=y.dtype).copy_(y)
     channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
     keeps = isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, LayerNorm2d))
     if keeps and channels_last is not None and x.is_contiguous(memory_format=channels_last):
