@@ -251,6 +251,23 @@ def test_timms_fp32_layer_norms_converted_still_compute_half_precision_in_float3
     assert_same_numbers(original, converted, (torch.randn(shape) * 2 + 1).to(x_dtype), None)
 
 
+@pytest.mark.parametrize("original_class, shape", [
+    (TimmLayerNormFp32, (3, 5, 48)), (TimmLayerNorm2dFp32, (2, 48, 3, 4)),
+], ids=["layer_norm_fp32", "layer_norm_2d_fp32"])
+def test_timms_fp32_layer_norms_converted_script_and_trace_as_the_originals_do(original_class, shape):
+    """timm's fp32 layer norms compile with torch.jit.script (timm models script) and trace
+    with fx as the root module; their converted twins do too, with the originals' numbers."""
+    original = random_parameters(original_class(48))
+    converted = converted_copy(original)
+    for x in (torch.randn(shape), torch.randn(shape).to(torch.bfloat16)):
+        for tool in (torch.jit.script, torch.fx.symbolic_trace):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # (torch.jit.script's)
+                expected, actual = tool(original)(x), tool(converted)(x)
+            assert actual.dtype == expected.dtype
+            torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
 def test_norms_that_compute_something_else_are_left_alone_with_one_warning_naming_them():
     model = torch.nn.Sequential(ScaledLayerNorm(4), ScaledLayerNorm(4), torch.nn.LayerNorm(4),
                                 UnbiasedLayerNorm2d(4), FakeRMSNorm(4), RunningStatsBatchNorm(4))

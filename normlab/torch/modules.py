@@ -326,15 +326,18 @@ class _ChannelsFirstForward:
         if torch.jit.is_scripting():  # what the originals compute (TorchScript cannot call the kernels)
             if mask is not None:
                 _refuse_scripted_mask()
-            return F.layer_norm(input.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
-                                self.eps).permute(0, 3, 1, 2)
+            return self._torch_forward(input)
         return self._eager_forward(input, mask)
+
+    def _torch_forward(self, input: Tensor) -> Tensor:
+        """What the originals compute, their permutes and torch's layer norm: what TorchScript
+        compiles and fx records for it as the root module."""
+        return F.layer_norm(input.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
 
     @torch.jit.unused
     def _traced_root_forward(self, proxy) -> "torch.fx.Proxy":
-        """What fx records for it as the root module: the originals' permutes and layer norm."""
-        return F.layer_norm(proxy.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
-                            self.eps).permute(0, 3, 1, 2)
+        return self._torch_forward(proxy)
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -348,8 +351,7 @@ class _ChannelsFirstForward:
                                f"got {tuple(input.shape)}")
         path = _choose_path(input, has_native=True)
         if path == "native" or _dtypes_refused(input, self.weight, self.bias):  # what the originals do (or raise)
-            return F.layer_norm(input.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
-                                self.eps).permute(0, 3, 1, 2)
+            return self._torch_forward(input)
         return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
 
 

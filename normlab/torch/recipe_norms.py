@@ -10,7 +10,7 @@ The recipes themselves (which torch operations, where the casts are) live in
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -150,35 +150,28 @@ class Float32LayerNorm(LayerNorm):
     the original's to the bit (torch's bfloat16 layer norm rounds the parameter gradients
     beside float32 weights, by about 1%), and parameters of another dtype than the input
     compute instead of raising "mixed dtype". Float32 and float64 input beside parameters of
-    its dtype runs as :class:`~normlab.torch.LayerNorm` (float64 stays float64, as with the
-    recipes). An ``nn.LayerNorm``, as the original is.
+    its dtype runs as :class:`~normlab.torch.LayerNorm`. An ``nn.LayerNorm``, as the original
+    is; ``torch.jit.script`` compiles the upcasting forward, as it does the original's.
 
     >>> norm = Float32LayerNorm(3).to(torch.bfloat16)
     >>> norm(torch.tensor([[4., 3., 2.]])).dtype, isinstance(norm, torch.nn.LayerNorm)
     (torch.float32, True)
     """
 
+    def _torch_forward(self, input: Tensor) -> Tensor:
+        """The upcasting forward, which TorchScript compiles and fx records for a root module."""
+        return float32_layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
     def _normlab_forward(self, input: Tensor) -> Tensor:
         if _upcasts(input, self.weight, self.bias):
-            return _float32_layer_norm(self, input)
+            return self._torch_forward(input)
         return super()._normlab_forward(input)
-
-    def __prepare_scriptable__(self):
-        raise RuntimeError(f"torch.jit.script compiles {type(self).__name__}'s torch forward (F.layer_norm in the "
-                           "input's dtype), which does not compute in float32; use torch.jit.trace, torch.export or "
-                           "torch.compile for it")
-
-    @torch.jit.unused
-    def _traced_root_forward(self, proxy) -> "torch.fx.Proxy":
-        raise TypeError(f"torch.fx traces {type(self).__name__} inside a model, not as the root module (the torch "
-                        "forward fx traces for a root does not compute in float32): trace a model that holds it, e.g. "
-                        "torch.nn.Sequential(norm)")
 
 
 class Float32LayerNorm2d(LayerNorm2d):
     """:class:`~normlab.torch.LayerNorm2d` that computes half-precision input in float32, as
     timm's ``LayerNorm2dFp32`` does (:func:`~normlab.torch.convert` turns that into this),
-    through :class:`Float32LayerNorm`'s casts: those of the original, to the bit, where
+    with :class:`Float32LayerNorm`'s casts: the original's, to the bit, where
     :class:`~normlab.torch.LayerNorm2d` would take torch's bfloat16 layer norm. Float32 and
     float64 input beside parameters of its dtype runs as :class:`~normlab.torch.LayerNorm2d`.
 
@@ -187,14 +180,16 @@ class Float32LayerNorm2d(LayerNorm2d):
     (torch.float32, True)
     """
 
+    def _torch_forward(self, input: Tensor) -> Tensor:
+        """The originals' permutes around the upcasting layer norm (TorchScript, fx's root)."""
+        return float32_layer_norm(input.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                                  self.eps).permute(0, 3, 1, 2)
+
     @torch.jit.unused
     def _eager_forward(self, input: Tensor, mask: Optional[Tensor]) -> Tensor:
         if mask is None and isinstance(input, Tensor) and _upcasts(input, self.weight, self.bias):
-            return _float32_layer_norm(self, input.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return self._torch_forward(input)
         return super()._eager_forward(input, mask)
-
-    __prepare_scriptable__ = Float32LayerNorm.__prepare_scriptable__
-    _traced_root_forward = Float32LayerNorm._traced_root_forward
 
 
 def _upcasts(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
@@ -203,9 +198,17 @@ def _upcasts(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> boo
     return x.dtype in _LOW_PRECISION or any(p is not None and p.dtype != x.dtype for p in (weight, bias))
 
 
-def _float32_layer_norm(module: nn.LayerNorm, x: Tensor) -> Tensor:
+def float32_layer_norm(x: Tensor, normalized_shape: List[int], weight: Optional[Tensor], bias: Optional[Tensor],
+                       eps: float) -> Tensor:
     """timm's ``LayerNormFp32``: ``F.layer_norm`` on the input, weight and bias upcast to
-    float32 (float64 stays float64), the output cast back to the input's dtype once."""
-    compute = compute_dtype(x.dtype)
-    weight, bias = (None if p is None else p.to(compute) for p in (module.weight, module.bias))
-    return F.layer_norm(x.to(compute), module.normalized_shape, weight, bias, module.eps).to(x.dtype)
+    float32, the output cast back to the input's dtype once (torch.jit.script compiles it,
+    and fx traces it: no branch on a dtype).
+
+    >>> float32_layer_norm(torch.tensor([[1., 2., 3.]], dtype=torch.bfloat16), [3], None, None, 0.0).tolist()
+    [[-1.2265625, 0.0, 1.2265625]]
+    """
+    if weight is not None:
+        weight = weight.float()
+    if bias is not None:
+        bias = bias.float()
+    return F.layer_norm(x.float(), normalized_shape, weight, bias, eps).to(x.dtype)
