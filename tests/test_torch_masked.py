@@ -202,3 +202,18 @@ def test_the_compacted_ids_the_torch_error_suggests_give_batch_norm_of_each_segm
     for segment in (7, 10**12):
         rows = ids == segment
         torch.testing.assert_close(y[rows], torch.nn.functional.batch_norm(x[rows], None, None, training=True))
+
+
+def test_normalize_masked_result_names_its_fields_with_the_statistics_torch_gives_the_unpadded_rows():
+    from normlab.torch.masked import normalize_masked
+
+    x, mask, lengths = _padded()
+    result = normalize_masked(x, "b c [t]", mask=mask)
+    y, mean, rstd, count = result
+    assert result.y is y and result.mean is mean and result.rstd is rstd and result.count is count
+    for b in range(x.shape[0]):
+        kept = x[b, :, :lengths[b]]
+        var, ref_mean = torch.var_mean(kept, dim=-1, correction=0)
+        torch.testing.assert_close(result.mean[b].reshape(-1), ref_mean)
+        torch.testing.assert_close(result.rstd[b].reshape(-1), torch.rsqrt(var + 1e-5))
+        assert (result.count[b] == lengths[b]).all()

@@ -219,13 +219,26 @@ class _Eager(torch.autograd.Function):
 
 class MaskedResult(tuple):
     """``(y, mean, rstd, count)``: statistics of the grouping's shape (float64; mean 0 for
-    RMS), ``count`` the counted elements per group."""
+    RMS), ``count`` the counted elements per group; each also by name (``count`` is the
+    tensor, not ``tuple.count``)."""
 
     __slots__ = ()
 
     @property
     def y(self) -> Tensor:
         return self[0]
+
+    @property
+    def mean(self) -> Tensor:
+        return self[1]
+
+    @property
+    def rstd(self) -> Tensor:
+        return self[2]
+
+    @property
+    def count(self) -> Tensor:  # (shadows tuple.count, as a namedtuple field of that name does)
+        return self[3]
 
 
 def _composite(x, weight, bias, mask, segment_ids, spec: Spec, eps, num_segments, segment_axis):
