@@ -63,6 +63,21 @@ def test_the_page_says_in_words_that_grey_cells_are_masked_out_and_how_many_coun
     assert explain("batch", "--data", json.dumps(DATA), "--html", str(plain)).returncode == 0
     assert 'id="mask-note"' not in plain.read_text(encoding="utf-8")
 
+def test_a_mask_that_counts_everything_draws_nothing_as_masked_out_and_says_so(explain, tmp_path):
+    """The terminal printed its "(…) = masked out" legend, and the page said grey cells are
+    masked out, where the mask left nothing out."""
+    ones = json.dumps([[1, 1, 1]] * 4)
+    result = explain("batch", "--data", json.dumps(DATA), "--mask", ones)
+    assert result.returncode == 0, result.stderr
+    assert "masked out" not in result.stdout
+    assert not re.search(r"\(\d\)", result.stdout.split("the mask counts")[0])  # no input drawn as masked out
+    assert "the mask counts every element (12 of 12): the same as no mask" in result.stdout
+    page = tmp_path / "all.html"
+    assert explain("batch", "--data", json.dumps(DATA), "--mask", ones, "--html", str(page)).returncode == 0
+    text = page.read_text(encoding="utf-8")
+    assert "Grey cells" not in text and "The mask counts every element (12 of 12)" in text
+
+
 @pytest.mark.parametrize("preset", ["batch", "layer"])
 def test_statistics_and_outputs_come_from_the_counted_elements_as_the_float64_definition_says(preset):
     rng = np.random.default_rng(3)

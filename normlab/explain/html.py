@@ -207,6 +207,9 @@ def _mask_note(view: NormView) -> str:
     """Where the mask enters, in words (the picture only greys the cells it leaves out)."""
     if view.counted is None:
         return ""
+    if view.counted.all():
+        return ('\n    <p class="explain" id="mask-note">The mask counts every element '
+                f"({view.counted.size} of {view.counted.size}): the same as no mask.</p>")
     return ('\n    <p class="explain" id="mask-note">Grey cells are masked out: each is normalized with its '
             f"group's statistics, but not counted in them ({int(view.counted.sum())} of {view.counted.size} "
             "counted).</p>")

@@ -170,7 +170,10 @@ def render_view(console, view: NormView, legend: bool = True, limit: int | None 
         _column(view, [format_output(v) for v in view.y.ravel()]),
     )
     console.print(side)
-    if view.counted is not None:
+    if view.counted is not None and view.counted.all():
+        console.print(f"[dim]the mask counts every element ({view.counted.size} of {view.counted.size}): "
+                      "the same as no mask[/]")
+    elif view.counted is not None:
         console.print(f"[dim](…) = masked out: normalized, but not counted in the statistics "
                       f"({int(view.counted.sum())} of {view.counted.size} counted)[/]")
     if legend:
