@@ -118,6 +118,19 @@ def gamma_sums(gamma, h, center, rstd):
     return sum_gamma, sum_gamma_hat
 
 
+@reduction
+def direct_gamma_sums(grad, x, w, scale, center, rstd):
+    """:func:`gamma_sums` of a row with no residual and no gate, from the rows themselves:
+    ``γ = g·w·(1 + scale)``, ``ĥ = (x − center)·rstd``."""
+    sum_gamma = 0.0
+    sum_gamma_hat = 0.0
+    for i in range(x.shape[0]):
+        c = (load(grad[i]) * w[i]) * scale[i]
+        sum_gamma += c
+        sum_gamma_hat += c * ((load(x[i]) - center) * rstd)
+    return sum_gamma, sum_gamma_hat
+
+
 @kernel
 def fused_row_forward(x, residual, has_residual, gate, gate_mode, code, weight, bias, row_stride, mod_scale,
                       mod_shift, mod_stride, steps, rms, eps, stats_given, chunk_rows, mean, var, rstd, y, total):
@@ -197,6 +210,7 @@ def fused_row_backward(grad_y, grad_sum, has_grad_sum, x, residual, has_residual
     the same bits)."""
     rows = x.shape[0]
     n = x.shape[1]
+    direct = not has_residual and gate_mode == GATE_NONE
     for k in prange(weight_parts.shape[0]):
         # the pair's rows as the statistics see them, and their ∂ĥ, kept between passes (rows
         # 64 bytes longer than n, so that the pair's rows of 4096 float64 do not share cache sets)
@@ -204,6 +218,8 @@ def fused_row_backward(grad_y, grad_sum, has_grad_sum, x, residual, has_residual
         gamma = np.empty((PAIR, n + 8))
         ms = np.empty(PAIR)
         rss = np.empty(PAIR)
+        projs = np.empty(PAIR)
+        mean_gammas = np.empty(PAIR)
         part_w = weight_parts[k]
         part_b = bias_parts[k]
         part_sc = scale_parts[k]
@@ -223,7 +239,9 @@ def fused_row_backward(grad_y, grad_sum, has_grad_sum, x, residual, has_residual
                 if r + 1 < rows:
                     prefetch(x[r + 1])
                     prefetch(grad_y[r + 1])
-                if has_residual:
+                if direct and stats_given:
+                    pass
+                elif has_residual:
                     for j in range(n):
                         h_i[j] = load(add(x_row[j], residual[r, j]))
                 else:
@@ -243,6 +261,64 @@ def fused_row_backward(grad_y, grad_sum, has_grad_sum, x, residual, has_residual
             b_row = bias[wg]
             sc_row = mod_scale[mg]
             sh_row = mod_shift[mg]
+            if direct:
+                # no residual and no gate: each pass reads the rows where they lie (float64
+                # copies of them ran the kernel 2x slower, their traffic through the caches)
+                for i in range(count):
+                    sum_gamma, sum_gamma_hat = direct_gamma_sums(grad_y[r0 + i], x[r0 + i], w_row, sc_row, ms[i],
+                                                                 rss[i])
+                    projs[i] = sum_gamma_hat / n
+                    mean_gammas[i] = 0.0 if rms else sum_gamma / n
+                if count == PAIR:
+                    for j in range(n):
+                        w = w_row[j]
+                        s = sc_row[j]
+                        sum_w = 0.0
+                        sum_g = 0.0
+                        sum_sc = 0.0
+                        for i in range(PAIR):
+                            h_hat = (load(x[r0 + i, j]) - ms[i]) * rss[i]
+                            g = load(grad_y[r0 + i, j])
+                            grad_h = (((g * w) * s - h_hat * projs[i]) - mean_gammas[i]) * rss[i]
+                            grad_x[r0 + i, j] = store(grad_h + load(grad_sum[r0 + i, j]) if has_grad_sum else grad_h)
+                            sum_w += (g * h_hat) * s
+                            sum_g += g
+                            sum_sc += (g * h_hat) * w
+                        if need_weight:
+                            part_w[wg, j] += sum_w
+                        if need_bias:
+                            part_b[wg, j] += sum_g
+                        if need_mod:
+                            part_sc[mg, j] += sum_sc
+                            part_sh[mg, j] += sum_g
+                else:
+                    m = ms[0]
+                    rs = rss[0]
+                    proj = projs[0]
+                    mean_gamma = mean_gammas[0]
+                    x_row = x[r0]
+                    g_row = grad_y[r0]
+                    gx_row = grad_x[r0]
+                    for j in range(n):
+                        h_hat = (load(x_row[j]) - m) * rs
+                        g = load(g_row[j])
+                        grad_h = (((g * w_row[j]) * sc_row[j] - h_hat * proj) - mean_gamma) * rs
+                        gx_row[j] = store(grad_h + load(grad_sum[r0, j]) if has_grad_sum else grad_h)
+                        if need_weight:
+                            part_w[wg, j] += (g * h_hat) * sc_row[j]
+                        if need_bias:
+                            part_b[wg, j] += g
+                        if need_mod:
+                            part_sc[mg, j] += (g * h_hat) * w_row[j]
+                            part_sh[mg, j] += g
+                if has_grad_residual:
+                    for i in range(count):
+                        gr_row = grad_residual[r0 + i]
+                        gx_row = grad_x[r0 + i]
+                        for j in range(n):
+                            gr_row[j] = gx_row[j]
+                r0 += count
+                continue
             # (each loop below writes out its parameter sums: a helper holding those writes, even
             # one Numba inlines, kept LLVM from vectorizing the loop, 10x slower in cache)
             if count == PAIR:
@@ -366,15 +442,22 @@ def fused_row_backward(grad_y, grad_sum, has_grad_sum, x, residual, has_residual
             r0 += count
 
 
-def _variant(kern, suffix: str, **helpers):
-    """The kernel ``kern`` compiled with other helpers in place of its globals (its own
-    name, so its own cache file)."""
-    fn = kern.py_func
-    namespace = dict(fn.__globals__, **helpers)
+def _renamed_copy(fn, suffix: str, namespace):
     copy = types.FunctionType(fn.__code__, namespace, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
     copy.__qualname__ = fn.__qualname__ + suffix
     copy.__module__ = fn.__module__
-    return kernel(copy)
+    return copy
+
+
+def _variant(kern, suffix: str, **helpers):
+    """The kernel ``kern`` compiled with other helpers in place of its globals (its own
+    name, so its own cache file); the reductions that load row elements are rebuilt with
+    them too."""
+    fn = kern.py_func
+    namespace = dict(fn.__globals__, **helpers)
+    if "load" in helpers:
+        namespace["direct_gamma_sums"] = reduction(_renamed_copy(direct_gamma_sums.py_func, suffix, namespace))
+    return kernel(_renamed_copy(fn, suffix, namespace))
 
 
 fused_row_forward_gelu = _variant(fused_row_forward, "_gelu", gate_value=gelu_gate,
