@@ -116,6 +116,30 @@ def test_forward_mode_ad_gives_torch_nn_tangents(name, factory, shape, _bad, tra
 
 
 @pytest.mark.parametrize("name, factory, shape, _bad", TWINS, ids=IDS)
+def test_forward_mode_ad_in_training_updates_running_statistics_as_torch_nn(name, factory, shape, _bad):
+    # dual tensors, then torch.func.jvp and jacfwd (which torch.nn's instance norm runs and
+    # its batch norm refuses): the buffers take the batch's primal values, with no tangent
+    x, tangent = inputs(shape), inputs(shape, seed=2)
+    found = []
+    for model in pair(name, factory):
+        model.train()
+        with forward_ad.dual_level():
+            model(forward_ad.make_dual(x, tangent))
+            assert all(forward_ad.unpack_dual(buffer).tangent is None for buffer in model.buffers())
+        try:
+            outcome = (torch.func.jvp(model, (x,), (tangent,)), torch.func.jacfwd(model)(x))
+        except RuntimeError as error:
+            outcome = type(error)
+        found.append((outcome, [buffer.clone() for buffer in model.buffers()]))
+    (expected, expected_buffers), (actual, actual_buffers) = found
+    if isinstance(expected, type):
+        assert actual is expected
+    else:
+        torch.testing.assert_close(actual, expected, **TOLERANCE)
+    torch.testing.assert_close(actual_buffers, expected_buffers, **TOLERANCE)
+
+
+@pytest.mark.parametrize("name, factory, shape, _bad", TWINS, ids=IDS)
 def test_transforms_and_tracing_under_no_grad_give_torch_nn_results(name, factory, shape, _bad):
     # without gradients the twins have fast paths straight into the kernels: none may run here
     x, tangent = inputs(shape), inputs(shape, seed=2)

@@ -314,6 +314,8 @@ def _update_running(module, mean: Tensor, var: Tensor, count: int, factor: float
     empty batch (count 0) leaves them as they are, as torch does."""
     if count == 0:
         return
+    if forward_ad._current_level >= 0:  # dual statistics: the buffers take their primal values, as torch.nn's do
+        mean, var = forward_ad.unpack_dual(mean).primal, forward_ad.unpack_dual(var).primal
     with torch.no_grad():
         unbiased = var * (count / (count - 1))
         module.running_mean.mul_(1 - factor).add_(mean.to(module.running_mean.dtype), alpha=factor)

@@ -7,6 +7,7 @@ from typing import Mapping, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.nn import functional as F
 
 from normlab.errors import ParamsError, ShapeError
@@ -474,9 +475,16 @@ class _InstanceNormForward(_Twin):
             if running_mean is not None:  # torch updates them whenever it uses the instances' statistics,
                 # in evaluation too where track_running_stats was turned off after construction
                 factor = 0.0 if self.momentum is None else self.momentum
-                var = _batch_variance(x, self._spec, rstd, self.eps)
-                _update_instance_running(self, mean.reshape(batch, channels), var.reshape(batch, channels), count,
-                                         factor)
+                if forward_ad._current_level >= 0:
+                    # forward-mode AD (dual tensors, torch.func.jvp and jacfwd): torch's op updates them
+                    # from the primal values, as torch.nn does; the statistics above carry tangents, which
+                    # a buffer must not take (torch.func.jvp refuses to copy them into one)
+                    with torch.no_grad():
+                        F.instance_norm(x, running_mean, running_var, None, None, True, factor, self.eps)
+                else:
+                    var = _batch_variance(x, self._spec, rstd, self.eps)
+                    _update_instance_running(self, mean.reshape(batch, channels), var.reshape(batch, channels),
+                                             count, factor)
         else:
             y = _apply_stats(x, running_mean, running_var, weight, bias, self.eps, _channel_shape(x))
         return y.squeeze(0) if unbatched else y
