@@ -131,6 +131,29 @@ def test_fused_blocks_pass_gradgradcheck(name, block, definition):
     assert torch.autograd.gradgradcheck(lambda x, other: block(x, other), inputs)
 
 
+RESIDUAL_BLOCKS = [FUSED[0], FUSED[2]]
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "transposed"])
+@pytest.mark.parametrize("name, block, definition", RESIDUAL_BLOCKS, ids=[case[0] for case in RESIDUAL_BLOCKS])
+def test_batched_gradients_of_the_sum_alone_match_the_definition(name, block, definition, strided):
+    # where only x + residual is used, autograd hands the block unbatched zeros for y beside
+    # the batched gradient of the sum (contiguous x: the cached call; transposed: the general one)
+    torch.manual_seed(4)
+    x0, r0 = torch.randn(4, 3, 6, dtype=D), torch.randn(3, 4, 6, dtype=D)
+    grads = torch.randn(5, 3, 4, 6, dtype=D)
+    results = []
+    for f in (block, definition):
+        x = (x0.transpose(0, 1) if strided else x0.transpose(0, 1).contiguous()).requires_grad_()
+        r = r0.clone().requires_grad_()
+        results.append(torch.autograd.grad(f(x, r)[1], (x, r), grads, is_grads_batched=True))
+    torch.testing.assert_close(results[0], results[1])
+    one, r_one = x0[:1].transpose(0, 1).contiguous(), r0[:, :1]
+    torch.testing.assert_close(
+        torch.autograd.functional.jacobian(lambda t: block(t, r_one)[1], one, vectorize=True),
+        torch.autograd.functional.jacobian(lambda t: definition(t, r_one)[1], one))
+
+
 def test_ada_layer_norm_second_derivative_matches_its_definition():
     torch.manual_seed(3)
     block = nt.AdaLayerNorm(6).double()

@@ -126,7 +126,7 @@ class _FusedFunction(torch.autograd.Function):
     def backward(ctx, grad_y, grad_total=None):
         total, gate, weight, bias, scale, shift, rstd, mean = ctx.saved_tensors
         block = ctx.block
-        if _needs_torch_backward(grad_y):
+        if _backward_in_torch(grad_y, grad_total):
             return _composite_backward(block, (total, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
         has_residual, _, _, has_bias, _, _ = ctx.has
         grads = fused.normalize_backward(
@@ -137,6 +137,14 @@ class _FusedFunction(torch.autograd.Function):
         grad_x = _tensor(grads.x)
         return (grad_x, None if grad_total is None else grad_x, _tensor(grads.gate), _tensor(grads.weight),
                 _tensor(grads.bias) if has_bias else None, _tensor(grads.scale), _tensor(grads.shift), None)
+
+
+def _backward_in_torch(grad_y, grad_total) -> bool:
+    """Whether the backward must run as the composite's autograd (see
+    :func:`~normlab.torch.ops._needs_torch_backward`), asked of both gradients: where only
+    ``x + residual`` is used, ``grad_y`` is autograd's unbatched zeros beside a batched
+    ``grad_total`` (``is_grads_batched=True``)."""
+    return _needs_torch_backward(grad_y) or (grad_total is not None and _needs_torch_backward(grad_total))
 
 
 def _composite_backward(block: Block, inputs: tuple, ctx, grad_y, grad_total) -> tuple:
@@ -530,7 +538,7 @@ class _CachedFusedFunction(torch.autograd.Function):
     def backward(ctx, grad_y, grad_total=None):
         total, gate, weight, bias, scale, shift = ctx.saved_tensors
         call = ctx.call
-        if _needs_torch_backward(grad_y):
+        if _backward_in_torch(grad_y, grad_total):
             return _composite_backward(call.block, (total, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
         mean, rstd = ctx.stats
         tables = ctx.tables
