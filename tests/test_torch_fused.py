@@ -611,3 +611,18 @@ def test_two_threads_taking_second_derivatives_over_one_graph_get_rms_norm_after
         assert not isinstance(got[name], RuntimeError), (name, got[name])
         for mine, theirs in zip(got[name], want):
             torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_normalize_with_a_weight_repeated_inside_each_row_is_torch_group_norm_of_the_sum(dtype):
+    # "b (g [c]) [t]": a group's row holds each channel's t positions, so the weight repeats
+    # inside it, which the kernels' tables cannot hold (a cached call ran them on None)
+    from normlab.torch.fused import Block, fused_normalize
+
+    block = Block("b (g [c]) [t]", params="(g c)", sizes=(("g", 2),))
+    x, r, w, b = _leaves((2, 6, 5), (2, 6, 5), (6,), (6,), dtype=dtype)
+    got = fused_normalize(x, block, residual=r, weight=w, bias=b)
+    want = (F.group_norm(x + r, 2, w, b), x + r)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(got, want, **tolerance)
+    torch.testing.assert_close(_grads(got, (x, r, w, b)), _grads(want, (x, r, w, b)), **tolerance)

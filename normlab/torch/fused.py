@@ -494,7 +494,12 @@ def _build_call(block: Block, tensors) -> Optional[_Call]:
         layout = HalfLayout(plan, mod_plan, epilogue, _half_recipe(block, tensors))
     else:
         layout = Layout(plan, mod_plan, epilogue, _numpy_dtype(x.dtype))
-    return _Call(block, plan, mod_plan, layout) if layout.ok else None
+    if not layout.ok:
+        return None
+    call = _Call(block, plan, mod_plan, layout)
+    # (a parameter repeating inside a row, as a group norm's weight over each channel's
+    # positions, has no kernel table: the general path takes it, through the reference)
+    return call if call.tables(weight, bias, scale, shift) is not None else None
 
 
 def _addresses(*tensors) -> tuple:
