@@ -334,6 +334,28 @@ def test_permuted_and_strided_inputs_match_torch_in_values_and_output_strides(la
     torch.testing.assert_close(grad_x, expected_grad_x, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("path", ["auto", "composite"])
+@pytest.mark.parametrize("twin_class", [nt.LayerNorm2d, nt.ChannelsFirstLayerNorm])
+def test_channels_first_layer_norm_of_a_permuted_input_gives_an_output_that_views_as_torchvisions(twin_class, path):
+    # a feature map with its spatial axes swapped (x.rot90(1, (2, 3)) is one): torchvision's
+    # LayerNorm2d, which permutes around torch's layer norm, gives a channels_last output
+    from tests.mirrored_norms import TorchvisionLayerNorm2d
+
+    torch.manual_seed(0)
+    reference = TorchvisionLayerNorm2d(4, eps=1e-6)
+    with torch.no_grad():
+        reference.weight.normal_()
+        reference.bias.normal_()
+    twin = twin_class(4)
+    twin.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 4, 5, 3).transpose(2, 3)
+    with nt.use_path(path):
+        y = twin(x)
+    expected = reference(x)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(y.view(2, 4, 15), expected.view(2, 4, 15), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["eps", "pattern", "params", "rms", "sizes", "x", "mask"])
 def test_axes_named_like_arguments_are_sized_through_a_sizes_mapping(name):
     """``sizes={name: g}`` sizes an axis named like an argument of Norm, of

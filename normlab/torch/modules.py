@@ -353,7 +353,10 @@ class _ChannelsFirstForward:
         path = _choose_path(input, has_native=True)
         if path == "native" or _dtypes_refused(input, self.weight, self.bias):  # what the originals do (or raise)
             return self._torch_forward(input)
-        return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
+        # a permuted input other than channels_last is copied (the originals hand torch's layer norm
+        # a permuted view, which it copies): a view of their output then works on this one too
+        return _normalize(torch_layout(input, keeps_channels_last=True), self.weight, self.bias, self._spec, self.eps,
+                          path)[0]
 
 
 class LayerNorm2d(_ChannelsFirstForward, nn.LayerNorm):
