@@ -7,9 +7,10 @@ The kernels keep the recipes' roundings but take the statistics in float64 where
 replaced code keeps float32: an output may then round to the neighbouring bfloat16
 value (one unit in the last place) where the float32 x̂ lies within its own error of a
 rounding midpoint. Under the llama recipe that x̂ is rounded and then weighted, and
-one unit of x̂ is up to two of the product. The gradients are computed in float64 and rounded once, so they are
-held to the float64 gradient of the same class: never farther from it than the class's
-own bfloat16 autograd.
+one unit of x̂ is up to two of the product. The gradients are rounded once (computed in
+float32 with float64 sums for the add + RMS block, in float64 for the gated ones), so they
+are held to the float64 gradient of the same class: never farther from it than the
+class's own bfloat16 autograd.
 """
 
 import inspect

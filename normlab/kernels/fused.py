@@ -10,7 +10,8 @@ forms ``s = x + r`` (written out, the residual stream), gates it when the gate c
 first into a float64 row buffer that stays in cache, takes the shifted two-pass
 statistics of it and writes ``y``; the backward reads ``x``, ``r``, ``z`` and ``∂y``
 once, keeps ``γ`` in a cache-resident row buffer between its two passes and writes
-``∂x`` and ``∂z``. Parameter gradients are summed per chunk of rows (fixed by index)
+``∂x`` and ``∂z``; with no residual and no gate it reads the rows where they lie in each
+pass, and on float32 and bfloat16 rows computes in float32 (:func:`direct_row_backward32`). Parameter gradients are summed per chunk of rows (fixed by index)
 and the chunks added in order, so every thread count gives the same bits.
 
 Parameters are float64 tables ``(groups, n)``: row ``r`` uses group
@@ -32,6 +33,8 @@ from normlab.kernels import pool, threads
 from normlab.kernels._jit import helper, kernel, prefetch, reduction
 from normlab.kernels.gates import (gelu_gate, gelu_gate_derivative, logistic_gate, logistic_gate32,
                                    logistic_gate_derivative, logistic_gate_derivative32)
+from normlab.kernels.rows import RSTD_HIGH, RSTD_LOW
+from normlab.kernels.rows_backward import BLOCK, FLUSH_ROWS
 from normlab.kernels.sums import group_stats
 
 GATE_NONE, GATE_FIRST, GATE_LAST = 0, 1, 2
@@ -55,6 +58,12 @@ gate_derivative = logistic_gate_derivative
 def load(value):
     """An element of a row, as float64."""
     return np.float64(value)
+
+
+@helper
+def load32(value):
+    """An element of a row, as float32 (the float32 backward's arithmetic)."""
+    return np.float32(value)
 
 
 @helper
@@ -442,6 +451,121 @@ def fused_row_backward(grad_y, grad_sum, has_grad_sum, x, residual, has_residual
             r0 += count
 
 
+@reduction
+def direct_gamma_sums32(grad, x, w, scale, hi, lo, rs):
+    """(Σ γ, Σ γ·x̂, Σ |g|) of one block in float32, returned in float64: ``γ = g·w·(1 + scale)``,
+    ``x̂ = ((x − hi) − lo)·rs``."""
+    sum_gamma = np.float32(0.0)
+    sum_gamma_hat = np.float32(0.0)
+    sum_abs = np.float32(0.0)
+    for i in range(x.shape[0]):
+        g = load32(grad[i])
+        c = (g * w[i]) * scale[i]
+        sum_gamma += c
+        sum_gamma_hat += c * (((load32(x[i]) - hi) - lo) * rs)
+        sum_abs += abs(g)
+    return np.float64(sum_gamma), np.float64(sum_gamma_hat), np.float64(sum_abs)
+
+
+@kernel
+def direct_row_backward32(grad_y, grad_sum, has_grad_sum, x, weight, row_stride, mod_scale, mod_stride,
+                          need_weight, need_bias, need_mod, rms, mean, rstd, chunk_rows, grad_x, grad_residual,
+                          has_grad_residual, weight_parts, bias_parts, scale_parts, shift_parts, redo):
+    """:func:`fused_row_backward` with no residual and no gate, in float32 SIMD arithmetic
+    as ``rows_backward.row_backward32`` computes (its docstring has the numerics): ``weight``
+    and ``mod_scale`` are float32 tables, every ``rstd`` lies in (RSTD_LOW, RSTD_HIGH) (the
+    caller checks), ``x̂ = ((x − hi) − lo)·rstd`` with the float64 mean split, the row sums
+    in float32 over blocks of BLOCK added in float64, and each element's g·x̂ and g added in
+    float32 over at most FLUSH_ROWS rows that share their parameter rows, then into the
+    float64 parts (times the other parameter there). A chunk whose gradients reach
+    |g| ≥ 1e30, where float32 sums could overflow, sets ``redo[k]``: the caller then runs
+    the float64 kernel."""
+    rows = x.shape[0]
+    n = x.shape[1]
+    for k in prange(weight_parts.shape[0]):
+        acc_gx = np.zeros(n, np.float32)
+        acc_g = np.zeros(n, np.float32)
+        part_w = weight_parts[k]
+        part_b = bias_parts[k]
+        part_sc = scale_parts[k]
+        part_sh = shift_parts[k]
+        held = 0
+        held_wg = 0
+        held_mg = 0
+        end = min(rows, (k + 1) * chunk_rows)
+        for r in range(k * chunk_rows, end + 1):
+            wg = (r // row_stride) % weight.shape[0]
+            mg = (r // mod_stride) % mod_scale.shape[0]
+            if held > 0 and (r == end or held == FLUSH_ROWS or wg != held_wg or mg != held_mg):
+                w_held = weight[held_wg]
+                sc_held = mod_scale[held_mg]
+                for j in range(n):
+                    gx_sum = np.float64(acc_gx[j])
+                    g_sum = np.float64(acc_g[j])
+                    if need_weight:
+                        part_w[held_wg, j] += gx_sum * sc_held[j]
+                    if need_bias:
+                        part_b[held_wg, j] += g_sum
+                    if need_mod:
+                        part_sc[held_mg, j] += gx_sum * w_held[j]
+                        part_sh[held_mg, j] += g_sum
+                    acc_gx[j] = 0.0
+                    acc_g[j] = 0.0
+                held = 0
+            if r == end:
+                break
+            held_wg = wg
+            held_mg = mg
+            held += 1
+            m = mean[r]
+            hi = np.float32(m)
+            lo = np.float32(m - hi)
+            rs = np.float32(rstd[r])
+            x_row = x[r]
+            g_row = grad_y[r]
+            w_row = weight[wg]
+            sc_row = mod_scale[mg]
+            if r + 1 < rows:
+                prefetch(x[r + 1])
+                prefetch(grad_y[r + 1])
+            sum_gamma = 0.0
+            sum_gamma_hat = 0.0
+            sum_abs = 0.0
+            for start in range(0, n, BLOCK):
+                stop = min(n, start + BLOCK)
+                a, b, c = direct_gamma_sums32(g_row[start:stop], x_row[start:stop], w_row[start:stop],
+                                              sc_row[start:stop], hi, lo, rs)
+                sum_gamma += a
+                sum_gamma_hat += b
+                sum_abs += c
+            if not sum_abs < 1e30:
+                redo[k] = True
+                break
+            proj = np.float32(sum_gamma_hat / n)
+            mean_gamma = np.float32(0.0) if rms else np.float32(sum_gamma / n)
+            gx_row = grad_x[r]
+            if has_grad_sum:
+                gs_row = grad_sum[r]
+                for j in range(n):
+                    x_hat = ((load32(x_row[j]) - hi) - lo) * rs
+                    g = load32(g_row[j])
+                    gx_row[j] = store((((g * w_row[j]) * sc_row[j] - x_hat * proj) - mean_gamma) * rs
+                                      + load32(gs_row[j]))
+                    acc_gx[j] += g * x_hat
+                    acc_g[j] += g
+            else:
+                for j in range(n):
+                    x_hat = ((load32(x_row[j]) - hi) - lo) * rs
+                    g = load32(g_row[j])
+                    gx_row[j] = store((((g * w_row[j]) * sc_row[j] - x_hat * proj) - mean_gamma) * rs)
+                    acc_gx[j] += g * x_hat
+                    acc_g[j] += g
+            if has_grad_residual:
+                gr_row = grad_residual[r]
+                for j in range(n):
+                    gr_row[j] = gx_row[j]
+
+
 def _renamed_copy(fn, suffix: str, namespace):
     copy = types.FunctionType(fn.__code__, namespace, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
     copy.__qualname__ = fn.__qualname__ + suffix
@@ -457,6 +581,8 @@ def _variant(kern, suffix: str, **helpers):
     namespace = dict(fn.__globals__, **helpers)
     if "load" in helpers:
         namespace["direct_gamma_sums"] = reduction(_renamed_copy(direct_gamma_sums.py_func, suffix, namespace))
+    if "load32" in helpers:
+        namespace["direct_gamma_sums32"] = reduction(_renamed_copy(direct_gamma_sums32.py_func, suffix, namespace))
     return kernel(_renamed_copy(fn, suffix, namespace))
 
 
@@ -525,6 +651,8 @@ class Layout:
                                fused_row_forward_32 if single else fused_row_forward)
         self.backward_kernel = (fused_row_backward_gelu if self.code == 2 else
                                 fused_row_backward_32 if single else fused_row_backward)
+        # float32 rows: the backward with no residual and no gate in float32 arithmetic
+        self.direct32_kernel = direct_row_backward32 if single else None
         self.ok = True
 
     def tables(self, weight, bias, scale, shift, as_given: bool = False):
@@ -595,6 +723,15 @@ class Layout:
             mean_flat = np.zeros(rows) if mean_flat is None else mean_flat
         else:
             mean_flat, rstd_flat = np.empty(rows), np.empty(rows)
+        if stats_given and residual is None and self.gate_mode == GATE_NONE and self.direct32_kernel is not None:
+            done = self._backward32(tables, grad_y, grad_sum, x, rms, mean_flat, rstd_flat, need_weight, need_bias,
+                                    need_mod, two_grads, grad_x, grad_residual, weight_parts, bias_parts, scale_parts,
+                                    shift_parts)
+            if done:
+                return self._backward_result(grad_x, None, weight_parts, bias_parts, scale_parts, shift_parts,
+                                             need_weight, need_bias, need_mod, grad_residual, two_grads)
+            for parts in (weight_parts, bias_parts, scale_parts, shift_parts):
+                parts[...] = 0.0
         self.backward_kernel(self.rows_of(grad_y), self.rows_of(grad_sum), grad_sum is not None, self.rows_of(x),
                              self.rows_of(residual), residual is not None, self.rows_of(gate), self.gate_mode,
                              self.code, tables[0], tables[1], self.row_stride, tables[2], tables[3], self.mod_stride,
@@ -602,10 +739,36 @@ class Layout:
                              self.chunk_rows,
                              grad_x, grad_residual, two_grads, grad_gate, weight_parts, bias_parts, scale_parts,
                              shift_parts, serial=self.size < threads.serial_below())
+        return self._backward_result(grad_x, grad_gate if has_gate else None, weight_parts, bias_parts, scale_parts,
+                                     shift_parts, need_weight, need_bias, need_mod, grad_residual, two_grads)
+
+    @staticmethod
+    def _backward_result(grad_x, grad_gate, weight_parts, bias_parts, scale_parts, shift_parts, need_weight,
+                         need_bias, need_mod, grad_residual, two_grads):
         sums = [_kernels._sum_parts(parts) if need else None for parts, need in
                 ((weight_parts, need_weight), (bias_parts, need_bias), (scale_parts, need_mod),
                  (shift_parts, need_mod))]
-        return (grad_x, grad_gate if has_gate else None, *sums, grad_residual if two_grads else None)
+        return (grad_x, grad_gate, *sums, grad_residual if two_grads else None)
+
+    def _backward32(self, tables, grad_y, grad_sum, x, rms, mean_flat, rstd_flat, need_weight, need_bias, need_mod,
+                    two_grads, grad_x, grad_residual, weight_parts, bias_parts, scale_parts, shift_parts) -> bool:
+        """The backward with no residual and no gate in float32 arithmetic
+        (:func:`direct_row_backward32`), where its numerics hold: every rstd in (RSTD_LOW,
+        RSTD_HIGH), the weight and ``1 + scale`` tables finite and below 1e30 in float32,
+        the gradients below 1e30 (the kernel checks). False where they do not, or the
+        kernel met such a gradient; the float64 kernel then runs."""
+        if not (np.all(rstd_flat > RSTD_LOW) and np.all(rstd_flat < RSTD_HIGH)):
+            return False
+        weight32, scale32 = tables[0].astype(np.float32), tables[2].astype(np.float32)
+        if not (np.abs(weight32).max() < 1e30 and np.abs(scale32).max() < 1e30):
+            return False
+        redo = np.zeros(weight_parts.shape[0], np.bool_)
+        self.direct32_kernel(self.rows_of(grad_y), self.rows_of(grad_sum), grad_sum is not None, self.rows_of(x),
+                             weight32, self.row_stride, scale32, self.mod_stride, need_weight, need_bias, need_mod,
+                             rms, mean_flat, rstd_flat, self.chunk_rows, grad_x, grad_residual, two_grads,
+                             weight_parts, bias_parts, scale_parts, shift_parts, redo,
+                             serial=self.size < threads.serial_below())
+        return not redo.any()
 
     def collapse(self, table, mod: bool):
         """A summed ``(groups, n)`` gradient table in its plan's broadcast layout."""

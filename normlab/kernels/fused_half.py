@@ -22,9 +22,10 @@ every NaN to ``0x7FC0``):
 The one difference from the replaced code is where it keeps float32 statistics: these
 are float64, so ``x̂`` may round to the neighbouring bfloat16 value where the float32
 ``x̂`` lies within its rounding error of a midpoint (a few values in 100,000). The
-backward computes in float64 from the bfloat16 inputs and rounds each gradient once,
-closer to the exact gradient than eager bfloat16 autograd, which rounds after every
-operation.
+backward computes from the bfloat16 inputs and rounds each gradient once, closer to the
+exact gradient than eager bfloat16 autograd, which rounds after every operation: in
+float32 arithmetic with float64 sums where no residual and no gate enter it
+(:data:`DIRECT32`, as on float32 rows), in float64 otherwise.
 
 The kernels are :mod:`normlab.kernels.fused`'s own, built with the helpers below in place
 of its float ones (its ``_variant``). Tables are float64 ``(groups, n)`` as there; the
@@ -134,6 +135,10 @@ KERNELS = {(recipe, gelu): tuple(_variant(kern, _SUFFIXES[recipe] + ("_gelu" if 
            for recipe in (ROUND_ONCE, ROUND_STEPS) for gelu in (False, True)}
 
 
+# the backward with no residual and no gate, in float32 arithmetic (fused.direct_row_backward32)
+DIRECT32 = _variant(fused.direct_row_backward32, "_half", load32=single, store=narrow)
+
+
 class HalfLayout(Layout):
     """:class:`normlab.kernels.fused.Layout` for bfloat16 rows (their ``uint16`` patterns)
     under a rounding ``recipe``; its tables come from :meth:`Layout.tables` with
@@ -145,3 +150,4 @@ class HalfLayout(Layout):
         self.recipe = recipe
         if self.ok:
             self.forward_kernel, self.backward_kernel = KERNELS[recipe, self.code == 2]
+            self.direct32_kernel = DIRECT32
