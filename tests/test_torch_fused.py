@@ -288,6 +288,38 @@ def test_fused_modules_raise_torchs_runtime_error_for_a_misshaped_input(make, re
         assert "pattern" not in str(caught.value) and "[n0]" not in str(caught.value)
 
 
+def _not_tensor_calls():
+    """(module, call taking the one argument to make a non-tensor, that argument's name)."""
+    from normlab.torch import RMSNorm
+    from normlab.torch.recipe_norms import RecipeLayerNorm, UnweightedRMSNorm
+
+    x, other = torch.randn(2, 8), torch.randn(2, 8)
+    emb = torch.randn(2, 8)
+    return [
+        (FusedAddRMSNorm(8), lambda m, a: m(a, other), "x"), (FusedAddRMSNorm(8), lambda m, a: m(x, a), "residual"),
+        (FusedAddLayerNorm(8), lambda m, a: m(a, other), "x"), (FusedAddLayerNorm(8), lambda m, a: m(x, a), "residual"),
+        (GatedRMSNorm(8), lambda m, a: m(a, other), "x"), (GatedRMSNorm(8), lambda m, a: m(x, a), "z"),
+        (GatedRMSNorm(8), lambda m, a: m(x, gate=a), "gate"),
+        (AdaLayerNorm(8), lambda m, a: m(a[None] if isinstance(a, torch.Tensor) else a, emb=emb), "x"),
+        (AdaLayerNorm(8), lambda m, a: m(x[None], emb=a), "emb"),
+        (RMSNorm(8, eps=1e-6, casting="llama"), lambda m, a: m(a), "input"),
+        (RecipeLayerNorm(8, 1e-5, casting="cohere"), lambda m, a: m(a), "x"),
+        (UnweightedRMSNorm(1e-6, "llama"), lambda m, a: m(a), "x"),
+    ]
+
+
+@pytest.mark.parametrize("not_a_tensor", [torch.randn(2, 8).tolist(), torch.randn(2, 8).numpy(), 1.0],
+                         ids=["list", "numpy", "float"])
+def test_fused_blocks_and_recipe_norms_refuse_a_non_tensor_with_torchs_type_error(not_a_tensor):
+    with pytest.raises(TypeError, match="must be Tensor"):  # the oracle: torch.nn's norms refuse it so
+        torch.nn.RMSNorm(8)(not_a_tensor)
+    for module, call, name in _not_tensor_calls():
+        call(module, torch.randn(2, 8))  # (the call is right with a tensor there)
+        with pytest.raises(TypeError, match=rf"'{name}' \(position \d\) must be Tensor, not "
+                                            rf"{type(not_a_tensor).__module__.replace('builtins', '')}"):
+            call(module, not_a_tensor)
+
+
 def test_ada_layer_norm_raises_runtime_error_for_a_misshaped_input():
     from diffusers.models.normalization import AdaLayerNormZero
 

@@ -38,7 +38,7 @@ from normlab.plan import make_plan
 from normlab.torch import casting as recipes
 from normlab.torch.ops import _grads_of, _needs_torch_backward
 from normlab.torch.paths import _needs_torch_ops, _small_forward_fits
-from normlab.torch.spec import Unscriptable
+from normlab.torch.spec import Unscriptable, refuse_non_tensor
 
 __all__ = ["CASTINGS", "fused_normalize", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm"]
 
@@ -733,6 +733,8 @@ class FusedAddRMSNorm(Unscriptable, nn.Module):
         traced = _fx_leaf(self, x, residual)
         if traced is not None:
             return traced
+        refuse_non_tensor(self, x, "x", 1)
+        refuse_non_tensor(self, residual, "residual", 2)
         small = _small_add_rms_norm(self, x, residual)
         if small is not None:
             return small
@@ -771,6 +773,8 @@ class FusedAddLayerNorm(Unscriptable, nn.LayerNorm):
         traced = _fx_leaf(self, x, residual)
         if traced is not None:
             return traced
+        refuse_non_tensor(self, x, "x", 1)
+        refuse_non_tensor(self, residual, "residual", 2)
         x, residual = _with_companion(self, x, residual, self.normalized_shape)
         return fused_normalize(x, _block_of(self), residual=residual, weight=self.weight, bias=self.bias)
 
@@ -829,6 +833,8 @@ class GatedRMSNorm(Unscriptable, nn.Module):
         traced = _fx_leaf(self, x, z, gate=gate)
         if traced is not None:
             return traced
+        for position, (name, value) in enumerate((("x", x), ("z", z), ("gate", gate)), start=1):
+            refuse_non_tensor(self, value, name, position)
         if gate is not None:  # transformers' gated norms name it gate
             if z is not None:
                 raise TypeError("GatedRMSNorm.forward takes the gate once: as z or as gate, not both")
@@ -882,6 +888,8 @@ class AdaLayerNorm(Unscriptable, nn.Module):
             return traced
         if emb is None:
             raise ValueError("AdaLayerNorm needs emb= (the conditioning embedding, shape (batch, embedding_dim))")
+        refuse_non_tensor(self, x, "x", 1)
+        refuse_non_tensor(self, emb, "emb", 5)
         _check_input(self, x, (self.embedding_dim,))
         if emb.dim() != 2:
             raise RuntimeError(f"AdaLayerNorm takes emb of shape (batch, {self.embedding_dim}); got emb of size "

@@ -266,6 +266,8 @@ class RMSNorm(_Twin, nn.RMSNorm):
         return self._eager_forward(x, mask)
 
     def _normlab_forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):  # (a list, an array: torch.nn's TypeError, in its words)
+            return self._torch_forward(x)
         casting = getattr(self, "casting", None)  # absent on modules pickled before it existed
         offset = getattr(self, "weight_offset", 0.0)
         eps = self.eps if self.eps is not None else _RMS_DEFAULT_EPS.get(x.dtype)  # (torch.finfo costs a microsecond)

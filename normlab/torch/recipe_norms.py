@@ -21,7 +21,7 @@ from normlab.torch.casting import (LAYER_NORM_CASTINGS, UNWEIGHTED_CASTINGS, app
 from normlab.torch.compute import _normalize
 from normlab.torch.modules import LayerNorm, LayerNorm2d, _fx_call_module
 from normlab.torch.paths import _LOW_PRECISION, _choose_path, _PathSwitch
-from normlab.torch.spec import Spec
+from normlab.torch.spec import Spec, refuse_non_tensor
 
 __all__ = ["RecipeLayerNorm", "UnweightedRMSNorm", "Float32LayerNorm", "Float32LayerNorm2d"]
 
@@ -86,6 +86,7 @@ class RecipeLayerNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _fx_call_module(self, x)  # one leaf call, as fx records torch.nn's norms
+        refuse_non_tensor(self, x, "x", 1)
         shape = self.hidden_size
         if tuple(x.shape[max(x.dim() - len(shape), 0):]) != shape:
             raise RuntimeError(f"{type(self).__name__}{shape}: expected input with shape [*, "
@@ -133,6 +134,7 @@ class UnweightedRMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _fx_call_module(self, x)
+        refuse_non_tensor(self, x, "x", 1)
         if x.dim() == 0:
             raise RuntimeError(f"{type(self).__name__} normalizes the last axis: expected input with at least one "
                                f"dimension, but got a 0-dimensional tensor")

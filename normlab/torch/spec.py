@@ -321,6 +321,22 @@ def unscriptable(module) -> str:
             "its torch operations), or script a model whose norms are twins of torch.nn classes")
 
 
+def refuse_non_tensor(module, value, name: str, position: int) -> None:
+    """torch's TypeError, in its words, for an argument that is not a tensor (a list, a
+    NumPy array, a number), which torch.nn's norms refuse so, before any attribute of it
+    is read (None passes: an optional argument left out).
+
+    >>> refuse_non_tensor(torch.nn.Identity(), [1.0], "x", 1)
+    Traceback (most recent call last):
+    TypeError: Identity.forward(): argument 'x' (position 1) must be Tensor, not list
+    """
+    if value is not None and not isinstance(value, Tensor):
+        kind = type(value)
+        shown = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        raise TypeError(f"{type(module).__name__}.forward(): argument {name!r} (position {position}) must be Tensor, "
+                        f"not {shown}")
+
+
 def tensor_layout(t: Tensor) -> tuple:
     """Where and how a tensor's elements lie: what a write of ``.data`` may change under
     the same Python object (the version counter records none of it), and what a NumPy
