@@ -358,3 +358,23 @@ def test_convert_fuse_keeps_the_hooks_on_the_norms_it_replaces_and_leaves_a_hook
     assert {name: len(outputs) for name, outputs in seen.items()} == {"in1": 2, "post0": 2}  # both models ran them
     for name, (unconverted, converted) in seen.items():
         torch.testing.assert_close(converted, unconverted, **_FLOAT32, msg=name)
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["all_fused", "one_left_unfused"])
+def test_accelerate_keeps_each_fused_layer_on_one_device_as_it_keeps_the_unconverted_ones(hooked):
+    # accelerate reads _no_split_modules as class names: a fused layer it split over devices
+    # would add its residual across them
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    model = _model("llama")
+    if hooked:  # (a hooked post-attention norm leaves its layer unfused)
+        model.model.layers[0].post_attention_layernorm.register_forward_hook(lambda *args: None)
+    fused = _fused(model)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    for memory in (size // 2, size // 3):
+        maps = [accelerate.infer_auto_device_map(m, max_memory={"cpu": memory, "disk": 1 << 40},
+                                                 no_split_module_classes=m._no_split_modules) for m in (model, fused)]
+        assert maps[1] == maps[0]
+    for name in fused._no_split_modules:  # FSDP's transformer wrap policy finds each class it names
+        assert get_module_class_from_name(fused, name) is not None, name

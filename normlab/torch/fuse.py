@@ -270,9 +270,25 @@ def _has_call_hooks(module: nn.Module) -> bool:
         "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
 
 
+def _keep_fused_layers_whole(model: nn.Module, fused_names: dict) -> None:
+    """Name the fused classes in the ``_no_split_modules`` of ``model``'s transformers models
+    (the layers that accelerate's device maps keep on one device and FSDP wraps, matched by
+    class name), in place of their originals' names where no unfused layer of that class is
+    left: a fused layer split over devices would add its residual across them."""
+    present = {type(module).__name__ for module in model.modules()}
+    for module in model.modules():
+        names = getattr(module, "_no_split_modules", None)
+        if not isinstance(names, (list, tuple, set)) or not set(fused_names) & set(names):
+            continue
+        kept = [name for name in names if name not in fused_names or name in present]
+        kept += [fused_names[name] for name in names if name in fused_names and fused_names[name] not in kept]
+        module._no_split_modules = type(names)(kept)
+
+
 def fuse_decoder_layers(model: nn.Module) -> int:
     """Fuse every decoder layer of ``model`` of a fused structure in place; returns how many were fused."""
     count = 0
+    fused_names = {}
     for layer in list(model.modules()):
         if isinstance(layer, FusedAddRMSNorm) or type(layer).__name__.startswith("Fused"):
             continue
@@ -287,6 +303,9 @@ def fuse_decoder_layers(model: nn.Module) -> int:
             continue  # (a forward replaced on the instance, as accelerate's hooks do, runs the original's code)
         for name, recipe in recipes.items():
             setattr(layer, name, _fused_norm(getattr(layer, name), recipe))
+        fused_names[type(layer).__name__] = _fused_class(type(layer)).__name__
         layer.__class__ = _fused_class(type(layer))
         count += 1
+    if fused_names:
+        _keep_fused_layers_whole(model, fused_names)
     return count
