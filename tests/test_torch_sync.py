@@ -3,7 +3,7 @@ BatchNorm's outputs, gradients and running statistics on the concatenated batch,
 inside DistributedDataParallel (the README's recipe) over several optimizer steps."""
 
 import copy
-
+import re
 import socket
 
 import pytest
@@ -309,6 +309,24 @@ def _one_value_over_all_ranks_is_refused_on_every_rank(rank: int):
         nt.SyncBatchNorm(CHANNELS)(torch.randn(int(rank == 0), CHANNELS))
 
 
+def _a_wrong_channel_count_raises_torchs_error_and_leaves_the_running_statistics(rank: int):
+    """Every rank's input has one channel too many: torch's batch norm error, in its words,
+    before any collective and any change of the running statistics (torch.nn's raises
+    before updating them; only num_batches_tracked counts the batch, as there)."""
+    x = torch.randn(THREE_RANKS[rank], CHANNELS + 1, 2, 3)
+    for build in (lambda: torch.nn.BatchNorm2d(CHANNELS), lambda: torch.nn.BatchNorm2d(CHANNELS, affine=False)):
+        reference, sync = build(), nt.SyncBatchNorm.convert_sync_batchnorm(build())
+        for module in (reference, sync):
+            with torch.no_grad():
+                module.running_mean.fill_(1.0)
+        with pytest.raises(RuntimeError) as expected:
+            reference(x)
+        for mask in (None, torch.ones(x.shape, dtype=torch.bool)):
+            with pytest.raises(RuntimeError, match=re.escape(str(expected.value))):
+                sync(x, mask=mask)
+            torch.testing.assert_close(sync.running_mean, reference.running_mean)
+
+
 def _float32_far_from_zero_stays_within_1e_4_of_float64(rank: int):
     """The numerics contract at |mean|/std = 1e6 in float32, as normlab's BatchNorm2d keeps
     it: outputs and input gradients (with and without a mask) against float64 batch norm on
@@ -352,5 +370,6 @@ def test_sync_batch_norm_over_three_gloo_ranks_follows_batch_norm_in_second_deri
     checks = (_second_derivatives_are_the_concatenated_batchs,
               _a_rank_outside_the_process_group_normalizes_its_own_batch,
               _one_value_over_all_ranks_is_refused_on_every_rank,
+              _a_wrong_channel_count_raises_torchs_error_and_leaves_the_running_statistics,
               _float32_far_from_zero_stays_within_1e_4_of_float64)
     mp.spawn(_three_rank_checks, args=(_free_port(), checks), nprocs=3, join=True)

@@ -282,6 +282,13 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         # -1 on a rank outside process_group: it normalizes its own batch, as torch's does
         return max(torch.distributed.get_world_size(group), 1)
 
+    def _misfit(self, input: Tensor) -> bool:
+        """Parameters or running statistics that are not of the input's channel count, which
+        torch's batch norm refuses."""
+        channels = input.shape[1]
+        return any(t is not None and t.numel() != channels
+                   for t in (self.weight, self.bias, self.running_mean, self.running_var))
+
     def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """``mask`` (bool, broadcasts to the input): the elements that count toward the
         statistics, on this rank; the counts merge over the ranks. Every element is
@@ -291,6 +298,9 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         world_size = self._world_size() if self.training else 1
+        if world_size > 1 and self._misfit(input):
+            # torch's batch norm raises its error, before any collective and any running update
+            return nn.modules.batchnorm._BatchNorm.forward(self, input)
         if mask is not None:
             if world_size == 1:
                 return masked_forward(self, input, mask)
