@@ -120,3 +120,57 @@ def test_the_float32_backward_gives_the_same_bits_on_one_thread_and_two(every_ca
         numba.set_num_threads(before)
     for one, two in zip(*results):
         assert one.tobytes() == two.tobytes()
+
+
+def _gated_autograd(x, z, grad_y, *, groups, eps, weight, bias):
+    """``(rms_norm per group · w + b) · silu(z)`` (mamba_ssm's ``RMSNormGated``, gate after
+    the norm), float64."""
+    leaves = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (x, z, weight, bias)]
+    v, gate, w, b = leaves
+    grouped = v.reshape(*v.shape[:-1], groups, -1)
+    h = (grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + eps)).reshape(v.shape)
+    y = (h * w + b) * torch.nn.functional.silu(gate)
+    return [g.numpy() for g in torch.autograd.grad(y, leaves, torch.tensor(grad_y, dtype=torch.float64))]
+
+
+def _gated_ours(x, z, grad_y, *, groups, eps, weight, bias):
+    kwargs = dict(eps=eps, rms=True, backend="numba", gate=z, weight=weight.reshape(groups, -1),
+                  bias=bias.reshape(groups, -1), params="g c", g=groups)
+    _, _, rstd = normlab.normalize(x, "b t (g [c])", return_stats=True, **kwargs)
+    got = normlab.normalize_backward(grad_y, x, "b t (g [c])", rstd=rstd, **kwargs)
+    return [got.x, got.gate, got.weight.reshape(-1), got.bias.reshape(-1)]
+
+
+def test_gated_rms_norm_with_weights_per_group_against_torch_autograd():
+    """Consecutive rows take other weight rows: each gathers its own float32 sums."""
+    rng = np.random.default_rng(5)
+    b, t, groups, c = 2, 45, 4, 64
+    x, z, grad_y = (rng.normal(size=(b, t, groups * c)).astype(np.float32) for _ in range(3))
+    weight, bias = (rng.normal(size=groups * c).astype(np.float32) for _ in range(2))
+    got = _gated_ours(x, z, grad_y, groups=groups, eps=1e-5, weight=weight, bias=bias)
+    want = _gated_autograd(x, z, grad_y, groups=groups, eps=1e-5, weight=weight, bias=bias)
+    for g, w in zip(got, want):
+        _close(g, w, 1e-5)
+
+
+def test_gated_gradients_near_the_float32_maximum_are_those_of_float64_arithmetic():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, 8, 2 * 512)).astype(np.float32)
+    z = np.ones_like(x)
+    grad_y = (np.sign(x) * 2e36).astype(np.float32)  # Σ γ·x̂ over a group of 512: about 6e38
+    ones, zeros = np.ones(1024, np.float32), np.zeros(1024, np.float32)
+    got = _gated_ours(x, z, grad_y, groups=2, eps=1e-5, weight=ones, bias=zeros)
+    want = _gated_autograd(x, z, grad_y, groups=2, eps=1e-5, weight=ones, bias=zeros)
+    _close(got[0], want[0], 1e-5)
+    _close(got[1], want[1], 1e-5)
+
+
+def test_weights_near_the_float32_maximum_are_applied_in_float64():
+    """A weight of 5e35: Σ γ·x̂ over a block of 1024 reaches about 4e38 in float32."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2, 8, 1024)).astype(np.float32)
+    weight = np.full(1024, 5e35, np.float32)
+    grad_y = np.sign(x).astype(np.float32)
+    got = _ours(x, grad_y, eps=1e-6, rms=True, weight=weight)
+    want = _autograd(x, grad_y, eps=1e-6, rms=True, weight=weight)
+    _close(got.x, want["x"], 1e-5)

@@ -11,7 +11,8 @@ first into a float64 row buffer that stays in cache, takes the shifted two-pass
 statistics of it and writes ``y``; the backward reads ``x``, ``r``, ``z`` and ``∂y``
 once, keeps ``γ`` in a cache-resident row buffer between its two passes and writes
 ``∂x`` and ``∂z``; with no residual and no gate it reads the rows where they lie in each
-pass, and on float32 and bfloat16 rows computes in float32 (:func:`direct_row_backward32`). Parameter gradients are summed per chunk of rows (fixed by index)
+pass, and on float32 and bfloat16 rows with no residual and no gate before the norm it
+computes in float32 (:func:`direct_row_backward32`). Parameter gradients are summed per chunk of rows (fixed by index)
 and the chunks added in order, so every thread count gives the same bits.
 
 Parameters are float64 tables ``(groups, n)``: row ``r`` uses group
@@ -46,6 +47,11 @@ ACTIVATION_CODES = {"silu": 0, "sigmoid": 1, "gelu": 2}
 # 1.15-1.3x faster in cache (AdaLN-Zero float32 and add + RMS bfloat16 rows, 2-core AMD
 # EPYC), 4 only 1.1x (the loop's live values outgrow the registers)
 PAIR = 2
+# the float32 backward's bounds (direct_row_backward32): parameter tables below TABLE_LIMIT and
+# gradients below GRADIENT_LIMIT keep every float32 product and block sum below float32's
+# maximum (γ < 1e32; a block's Σγ·x̂ < 1024·1e32·256 for rows up to 65536, |x̂| ≤ √n)
+TABLE_LIMIT = 1e4
+GRADIENT_LIMIT = 1e24
 # The kernels call the helpers below by these global names; each kernel is built once per
 # family of helpers (see _variant): the gate's (float64, float32 or gelu's library erf, so
 # that no loop branches between a library call and a vector exp), and the element type's
@@ -453,8 +459,8 @@ def fused_row_backward(grad_y, grad_sum, has_grad_sum, x, residual, has_residual
 
 @reduction
 def direct_gamma_sums32(grad, x, w, scale, hi, lo, rs):
-    """(Σ γ, Σ γ·x̂, Σ |g|) of one block in float32, returned in float64: ``γ = g·w·(1 + scale)``,
-    ``x̂ = ((x − hi) − lo)·rs``."""
+    """(Σ γ, Σ γ·x̂, Σ |g|) of one block with no gate, in float32, returned in float64:
+    ``γ = g·w·(1 + scale)``, ``x̂ = ((x − hi) − lo)·rs``."""
     sum_gamma = np.float32(0.0)
     sum_gamma_hat = np.float32(0.0)
     sum_abs = np.float32(0.0)
@@ -467,56 +473,73 @@ def direct_gamma_sums32(grad, x, w, scale, hi, lo, rs):
     return np.float64(sum_gamma), np.float64(sum_gamma_hat), np.float64(sum_abs)
 
 
+@reduction
+def buffered_gamma_sums32(gamma, x, grad, hi, lo, rs):
+    """:func:`direct_gamma_sums32` of a gated block: γ from its buffer, Σ |g| of the
+    gradient before the gate."""
+    sum_gamma = np.float32(0.0)
+    sum_gamma_hat = np.float32(0.0)
+    sum_abs = np.float32(0.0)
+    for i in range(x.shape[0]):
+        c = gamma[i]
+        sum_gamma += c
+        sum_gamma_hat += c * (((load32(x[i]) - hi) - lo) * rs)
+        sum_abs += abs(load32(grad[i]))
+    return np.float64(sum_gamma), np.float64(sum_gamma_hat), np.float64(sum_abs)
+
+
 @kernel
-def direct_row_backward32(grad_y, grad_sum, has_grad_sum, x, weight, row_stride, mod_scale, mod_stride,
-                          need_weight, need_bias, need_mod, rms, mean, rstd, chunk_rows, grad_x, grad_residual,
-                          has_grad_residual, weight_parts, bias_parts, scale_parts, shift_parts, redo):
-    """:func:`fused_row_backward` with no residual and no gate, in float32 SIMD arithmetic
-    as ``rows_backward.row_backward32`` computes (its docstring has the numerics): ``weight``
-    and ``mod_scale`` are float32 tables, every ``rstd`` lies in (RSTD_LOW, RSTD_HIGH) (the
-    caller checks), ``x̂ = ((x − hi) − lo)·rstd`` with the float64 mean split, the row sums
-    in float32 over blocks of BLOCK added in float64, and each element's g·x̂ and g added in
-    float32 over at most FLUSH_ROWS rows that share their parameter rows, then into the
-    float64 parts (times the other parameter there). A chunk whose gradients reach
-    |g| ≥ 1e30, where float32 sums could overflow, sets ``redo[k]``: the caller then runs
-    the float64 kernel."""
+def direct_row_backward32(grad_y, grad_sum, has_grad_sum, x, gate, gate_mode, code, weight, bias, row_stride,
+                          mod_scale, mod_shift, mod_stride, need_weight, need_bias, need_mod, rms, mean, rstd,
+                          chunk_rows, grad_x, grad_residual, has_grad_residual, grad_gate, weight_parts, bias_parts,
+                          scale_parts, shift_parts, redo):
+    """:func:`fused_row_backward` with no residual and no gate or a gate after the norm, in
+    float32 SIMD arithmetic as ``rows_backward.row_backward32`` computes (its docstring has
+    the numerics). The parameter tables are float32 and below TABLE_LIMIT, every ``rstd``
+    lies in (RSTD_LOW, RSTD_HIGH) (the caller checks); ``x̂ = ((x − hi) − lo)·rstd`` with
+    the float64 mean split; the row sums run in float32 over blocks of BLOCK added in
+    float64; each element's g·x̂ and g add up in float32 per weight row over at most
+    FLUSH_ROWS rows of one modulation row, then go into the float64 parts (times the other
+    parameter there). A row whose gradients reach GRADIENT_LIMIT, where float32 products
+    and sums could overflow, sets ``redo[k]``: the caller then runs the float64 kernel."""
     rows = x.shape[0]
     n = x.shape[1]
+    groups = weight.shape[0]
     for k in prange(weight_parts.shape[0]):
-        acc_gx = np.zeros(n, np.float32)
-        acc_g = np.zeros(n, np.float32)
+        acc_gx = np.zeros((groups, n), np.float32)
+        acc_g = np.zeros((groups, n), np.float32)
+        held = np.zeros(groups, np.int64)
+        gamma = np.empty(n, np.float32)
         part_w = weight_parts[k]
         part_b = bias_parts[k]
         part_sc = scale_parts[k]
         part_sh = shift_parts[k]
-        held = 0
-        held_wg = 0
-        held_mg = 0
+        held_mg = -1
         end = min(rows, (k + 1) * chunk_rows)
         for r in range(k * chunk_rows, end + 1):
-            wg = (r // row_stride) % weight.shape[0]
+            wg = (r // row_stride) % groups
             mg = (r // mod_stride) % mod_scale.shape[0]
-            if held > 0 and (r == end or held == FLUSH_ROWS or wg != held_wg or mg != held_mg):
-                w_held = weight[held_wg]
-                sc_held = mod_scale[held_mg]
-                for j in range(n):
-                    gx_sum = np.float64(acc_gx[j])
-                    g_sum = np.float64(acc_g[j])
-                    if need_weight:
-                        part_w[held_wg, j] += gx_sum * sc_held[j]
-                    if need_bias:
-                        part_b[held_wg, j] += g_sum
-                    if need_mod:
-                        part_sc[held_mg, j] += gx_sum * w_held[j]
-                        part_sh[held_mg, j] += g_sum
-                    acc_gx[j] = 0.0
-                    acc_g[j] = 0.0
-                held = 0
+            for fg in range(groups):  # flush: a row of another modulation row, a full window, the end
+                if held[fg] > 0 and (r == end or mg != held_mg or (fg == wg and held[fg] == FLUSH_ROWS)):
+                    w_held = weight[fg]
+                    sc_held = mod_scale[held_mg]
+                    for j in range(n):
+                        gx_sum = np.float64(acc_gx[fg, j])
+                        g_sum = np.float64(acc_g[fg, j])
+                        if need_weight:
+                            part_w[fg, j] += gx_sum * sc_held[j]
+                        if need_bias:
+                            part_b[fg, j] += g_sum
+                        if need_mod:
+                            part_sc[held_mg, j] += gx_sum * w_held[j]
+                            part_sh[held_mg, j] += g_sum
+                        acc_gx[fg, j] = 0.0
+                        acc_g[fg, j] = 0.0
+                    held[fg] = 0
             if r == end:
                 break
-            held_wg = wg
             held_mg = mg
-            held += 1
+            held[wg] += 1
             m = mean[r]
             hi = np.float32(m)
             lo = np.float32(m - hi)
@@ -525,41 +548,68 @@ def direct_row_backward32(grad_y, grad_sum, has_grad_sum, x, weight, row_stride,
             g_row = grad_y[r]
             w_row = weight[wg]
             sc_row = mod_scale[mg]
-            if r + 1 < rows:
-                prefetch(x[r + 1])
-                prefetch(grad_y[r + 1])
-            sum_gamma = 0.0
+            a_gx = acc_gx[wg]
+            a_g = acc_g[wg]
+            sum_gamma = 0.0  # (no prefetch of the next row: it cost 8-15% here, as in rows_backward)
             sum_gamma_hat = 0.0
             sum_abs = 0.0
-            for start in range(0, n, BLOCK):
-                stop = min(n, start + BLOCK)
-                a, b, c = direct_gamma_sums32(g_row[start:stop], x_row[start:stop], w_row[start:stop],
-                                              sc_row[start:stop], hi, lo, rs)
-                sum_gamma += a
-                sum_gamma_hat += b
-                sum_abs += c
-            if not sum_abs < 1e30:
+            if gate_mode == GATE_LAST:
+                z_row = gate[r]
+                gz_row = grad_gate[r]
+                b_row = bias[wg]
+                sh_row = mod_shift[mg]
+                for j in range(n):
+                    x_hat = ((load32(x_row[j]) - hi) - lo) * rs
+                    y0 = np.float32(finish(x_hat, w_row[j], sc_row[j], sh_row[j], b_row[j]))
+                    phi, dphi = gate_derivative(load(z_row[j]), code)
+                    gy = load32(g_row[j])
+                    gz_row[j] = store((gy * y0) * np.float32(dphi))
+                    g = gy * np.float32(gate_used(phi))
+                    gamma[j] = (g * w_row[j]) * sc_row[j]
+                    a_gx[j] += g * x_hat
+                    a_g[j] += g
+                for start in range(0, n, BLOCK):
+                    stop = min(n, start + BLOCK)
+                    a, b, c = buffered_gamma_sums32(gamma[start:stop], x_row[start:stop], g_row[start:stop], hi,
+                                                    lo, rs)
+                    sum_gamma += a
+                    sum_gamma_hat += b
+                    sum_abs += c
+            else:
+                for start in range(0, n, BLOCK):
+                    stop = min(n, start + BLOCK)
+                    a, b, c = direct_gamma_sums32(g_row[start:stop], x_row[start:stop], w_row[start:stop],
+                                                  sc_row[start:stop], hi, lo, rs)
+                    sum_gamma += a
+                    sum_gamma_hat += b
+                    sum_abs += c
+            if not sum_abs < GRADIENT_LIMIT:
                 redo[k] = True
                 break
             proj = np.float32(sum_gamma_hat / n)
             mean_gamma = np.float32(0.0) if rms else np.float32(sum_gamma / n)
             gx_row = grad_x[r]
-            if has_grad_sum:
+            if gate_mode == GATE_LAST:
+                for j in range(n):
+                    x_hat = ((load32(x_row[j]) - hi) - lo) * rs
+                    grad_h = ((gamma[j] - x_hat * proj) - mean_gamma) * rs
+                    gx_row[j] = store(grad_h + load32(grad_sum[r, j]) if has_grad_sum else grad_h)
+            elif has_grad_sum:
                 gs_row = grad_sum[r]
                 for j in range(n):
                     x_hat = ((load32(x_row[j]) - hi) - lo) * rs
                     g = load32(g_row[j])
                     gx_row[j] = store((((g * w_row[j]) * sc_row[j] - x_hat * proj) - mean_gamma) * rs
                                       + load32(gs_row[j]))
-                    acc_gx[j] += g * x_hat
-                    acc_g[j] += g
+                    a_gx[j] += g * x_hat
+                    a_g[j] += g
             else:
                 for j in range(n):
                     x_hat = ((load32(x_row[j]) - hi) - lo) * rs
                     g = load32(g_row[j])
                     gx_row[j] = store((((g * w_row[j]) * sc_row[j] - x_hat * proj) - mean_gamma) * rs)
-                    acc_gx[j] += g * x_hat
-                    acc_g[j] += g
+                    a_gx[j] += g * x_hat
+                    a_g[j] += g
             if has_grad_residual:
                 gr_row = grad_residual[r]
                 for j in range(n):
@@ -582,7 +632,8 @@ def _variant(kern, suffix: str, **helpers):
     if "load" in helpers:
         namespace["direct_gamma_sums"] = reduction(_renamed_copy(direct_gamma_sums.py_func, suffix, namespace))
     if "load32" in helpers:
-        namespace["direct_gamma_sums32"] = reduction(_renamed_copy(direct_gamma_sums32.py_func, suffix, namespace))
+        for sums in (direct_gamma_sums32, buffered_gamma_sums32):
+            namespace[sums.py_func.__name__] = reduction(_renamed_copy(sums.py_func, suffix, namespace))
     return kernel(_renamed_copy(fn, suffix, namespace))
 
 
@@ -590,6 +641,8 @@ fused_row_forward_gelu = _variant(fused_row_forward, "_gelu", gate_value=gelu_ga
                                   gate_derivative=gelu_gate_derivative)
 fused_row_backward_gelu = _variant(fused_row_backward, "_gelu", gate_value=gelu_gate,
                                    gate_derivative=gelu_gate_derivative)
+direct_row_backward32_float = _variant(direct_row_backward32, "_float", gate_value=logistic_gate32,
+                                       gate_derivative=logistic_gate_derivative32)
 # float32 rows: silu and sigmoid in float32 arithmetic
 fused_row_forward_32 = _variant(fused_row_forward, "_32", gate_value=logistic_gate32,
                                 gate_derivative=logistic_gate_derivative32)
@@ -652,7 +705,7 @@ class Layout:
         self.backward_kernel = (fused_row_backward_gelu if self.code == 2 else
                                 fused_row_backward_32 if single else fused_row_backward)
         # float32 rows: the backward with no residual and no gate in float32 arithmetic
-        self.direct32_kernel = direct_row_backward32 if single else None
+        self.direct32_kernel = direct_row_backward32_float if single else None
         self.ok = True
 
     def tables(self, weight, bias, scale, shift, as_given: bool = False):
@@ -723,13 +776,15 @@ class Layout:
             mean_flat = np.zeros(rows) if mean_flat is None else mean_flat
         else:
             mean_flat, rstd_flat = np.empty(rows), np.empty(rows)
-        if stats_given and residual is None and self.gate_mode == GATE_NONE and self.direct32_kernel is not None:
-            done = self._backward32(tables, grad_y, grad_sum, x, rms, mean_flat, rstd_flat, need_weight, need_bias,
-                                    need_mod, two_grads, grad_x, grad_residual, weight_parts, bias_parts, scale_parts,
-                                    shift_parts)
+        if (stats_given and residual is None and self.gate_mode != GATE_FIRST and self.code != 2
+                and self.direct32_kernel is not None):
+            done = self._backward32(tables, grad_y, grad_sum, x, gate, rms, mean_flat, rstd_flat, need_weight,
+                                    need_bias, need_mod, two_grads, grad_x, grad_residual, grad_gate, weight_parts,
+                                    bias_parts, scale_parts, shift_parts)
             if done:
-                return self._backward_result(grad_x, None, weight_parts, bias_parts, scale_parts, shift_parts,
-                                             need_weight, need_bias, need_mod, grad_residual, two_grads)
+                return self._backward_result(grad_x, grad_gate if has_gate else None, weight_parts, bias_parts,
+                                             scale_parts, shift_parts, need_weight, need_bias, need_mod,
+                                             grad_residual, two_grads)
             for parts in (weight_parts, bias_parts, scale_parts, shift_parts):
                 parts[...] = 0.0
         self.backward_kernel(self.rows_of(grad_y), self.rows_of(grad_sum), grad_sum is not None, self.rows_of(x),
@@ -750,22 +805,25 @@ class Layout:
                  (shift_parts, need_mod))]
         return (grad_x, grad_gate, *sums, grad_residual if two_grads else None)
 
-    def _backward32(self, tables, grad_y, grad_sum, x, rms, mean_flat, rstd_flat, need_weight, need_bias, need_mod,
-                    two_grads, grad_x, grad_residual, weight_parts, bias_parts, scale_parts, shift_parts) -> bool:
-        """The backward with no residual and no gate in float32 arithmetic
+    def _backward32(self, tables, grad_y, grad_sum, x, gate, rms, mean_flat, rstd_flat, need_weight, need_bias,
+                    need_mod, two_grads, grad_x, grad_residual, grad_gate, weight_parts, bias_parts, scale_parts,
+                    shift_parts) -> bool:
+        """The backward with no residual and no gate before the norm in float32 arithmetic
         (:func:`direct_row_backward32`), where its numerics hold: every rstd in (RSTD_LOW,
-        RSTD_HIGH), the weight and ``1 + scale`` tables finite and below 1e30 in float32,
-        the gradients below 1e30 (the kernel checks). False where they do not, or the
-        kernel met such a gradient; the float64 kernel then runs."""
+        RSTD_HIGH), the parameter tables it reads below TABLE_LIMIT, the gradients below
+        GRADIENT_LIMIT (the kernel checks). False where they do not, or the kernel met such
+        a gradient; the float64 kernel then runs."""
         if not (np.all(rstd_flat > RSTD_LOW) and np.all(rstd_flat < RSTD_HIGH)):
             return False
-        weight32, scale32 = tables[0].astype(np.float32), tables[2].astype(np.float32)
-        if not (np.abs(weight32).max() < 1e30 and np.abs(scale32).max() < 1e30):
+        tables32 = [t.astype(np.float32) for t in tables[:4]]
+        read = tables32 if self.gate_mode == GATE_LAST else tables32[::2]  # (the bias and shift: y0, for the gate)
+        if not all(np.abs(t).max() < TABLE_LIMIT for t in read):
             return False
         redo = np.zeros(weight_parts.shape[0], np.bool_)
         self.direct32_kernel(self.rows_of(grad_y), self.rows_of(grad_sum), grad_sum is not None, self.rows_of(x),
-                             weight32, self.row_stride, scale32, self.mod_stride, need_weight, need_bias, need_mod,
-                             rms, mean_flat, rstd_flat, self.chunk_rows, grad_x, grad_residual, two_grads,
+                             self.rows_of(gate), self.gate_mode, self.code, tables32[0], tables32[1], self.row_stride,
+                             tables32[2], tables32[3], self.mod_stride, need_weight, need_bias, need_mod, rms,
+                             mean_flat, rstd_flat, self.chunk_rows, grad_x, grad_residual, two_grads, grad_gate,
                              weight_parts, bias_parts, scale_parts, shift_parts, redo,
                              serial=self.size < threads.serial_below())
         return not redo.any()

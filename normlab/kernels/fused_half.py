@@ -24,8 +24,8 @@ are float64, so ``x̂`` may round to the neighbouring bfloat16 value where the f
 ``x̂`` lies within its rounding error of a midpoint (a few values in 100,000). The
 backward computes from the bfloat16 inputs and rounds each gradient once, closer to the
 exact gradient than eager bfloat16 autograd, which rounds after every operation: in
-float32 arithmetic with float64 sums where no residual and no gate enter it
-(:data:`DIRECT32`, as on float32 rows), in float64 otherwise.
+float32 arithmetic with float64 sums where no residual and no gate before the norm enter
+it (:data:`DIRECT32`, as on float32 rows), in float64 otherwise.
 
 The kernels are :mod:`normlab.kernels.fused`'s own, built with the helpers below in place
 of its float ones (its ``_variant``). Tables are float64 ``(groups, n)`` as there; the
@@ -135,8 +135,11 @@ KERNELS = {(recipe, gelu): tuple(_variant(kern, _SUFFIXES[recipe] + ("_gelu" if 
            for recipe in (ROUND_ONCE, ROUND_STEPS) for gelu in (False, True)}
 
 
-# the backward with no residual and no gate, in float32 arithmetic (fused.direct_row_backward32)
-DIRECT32 = _variant(fused.direct_row_backward32, "_half", load32=single, store=narrow)
+# per recipe, the backward with no residual and no gate before the norm in float32 arithmetic
+# (fused.direct_row_backward32; silu and sigmoid)
+DIRECT32 = {recipe: _variant(fused.direct_row_backward32, _SUFFIXES[recipe] + "_32", **_ROWS,
+                             **(_STEPS if recipe == ROUND_STEPS else {}), **_GATES[False], load32=single)
+            for recipe in (ROUND_ONCE, ROUND_STEPS)}
 
 
 class HalfLayout(Layout):
@@ -150,4 +153,4 @@ class HalfLayout(Layout):
         self.recipe = recipe
         if self.ok:
             self.forward_kernel, self.backward_kernel = KERNELS[recipe, self.code == 2]
-            self.direct32_kernel = DIRECT32
+            self.direct32_kernel = DIRECT32[recipe]
