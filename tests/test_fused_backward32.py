@@ -122,33 +122,38 @@ def test_the_float32_backward_gives_the_same_bits_on_one_thread_and_two(every_ca
         assert one.tobytes() == two.tobytes()
 
 
-def _gated_autograd(x, z, grad_y, *, groups, eps, weight, bias):
+def _gated_autograd(x, z, grad_y, *, groups, eps, weight, bias, norm_before_gate=True):
     """``(rms_norm per group · w + b) · silu(z)`` (mamba_ssm's ``RMSNormGated``, gate after
-    the norm), float64."""
+    the norm; before it: ``rms_norm(x·silu(z)) · w + b``), float64."""
     leaves = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (x, z, weight, bias)]
     v, gate, w, b = leaves
+    if not norm_before_gate:
+        v = v * torch.nn.functional.silu(gate)
     grouped = v.reshape(*v.shape[:-1], groups, -1)
     h = (grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + eps)).reshape(v.shape)
-    y = (h * w + b) * torch.nn.functional.silu(gate)
+    y = (h * w + b) * torch.nn.functional.silu(gate) if norm_before_gate else h * w + b
     return [g.numpy() for g in torch.autograd.grad(y, leaves, torch.tensor(grad_y, dtype=torch.float64))]
 
 
-def _gated_ours(x, z, grad_y, *, groups, eps, weight, bias):
+def _gated_ours(x, z, grad_y, *, groups, eps, weight, bias, norm_before_gate=True):
     kwargs = dict(eps=eps, rms=True, backend="numba", gate=z, weight=weight.reshape(groups, -1),
-                  bias=bias.reshape(groups, -1), params="g c", g=groups)
+                  bias=bias.reshape(groups, -1), params="g c", g=groups, norm_before_gate=norm_before_gate)
     _, _, rstd = normlab.normalize(x, "b t (g [c])", return_stats=True, **kwargs)
     got = normlab.normalize_backward(grad_y, x, "b t (g [c])", rstd=rstd, **kwargs)
     return [got.x, got.gate, got.weight.reshape(-1), got.bias.reshape(-1)]
 
 
-def test_gated_rms_norm_with_weights_per_group_against_torch_autograd():
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+def test_gated_rms_norm_with_weights_per_group_against_torch_autograd(norm_before_gate):
     """Consecutive rows take other weight rows: each gathers its own float32 sums."""
     rng = np.random.default_rng(5)
     b, t, groups, c = 2, 45, 4, 64
     x, z, grad_y = (rng.normal(size=(b, t, groups * c)).astype(np.float32) for _ in range(3))
     weight, bias = (rng.normal(size=groups * c).astype(np.float32) for _ in range(2))
-    got = _gated_ours(x, z, grad_y, groups=groups, eps=1e-5, weight=weight, bias=bias)
-    want = _gated_autograd(x, z, grad_y, groups=groups, eps=1e-5, weight=weight, bias=bias)
+    got = _gated_ours(x, z, grad_y, groups=groups, eps=1e-5, weight=weight, bias=bias,
+                      norm_before_gate=norm_before_gate)
+    want = _gated_autograd(x, z, grad_y, groups=groups, eps=1e-5, weight=weight, bias=bias,
+                           norm_before_gate=norm_before_gate)
     for g, w in zip(got, want):
         _close(g, w, 1e-5)
 

@@ -8,7 +8,7 @@ replaced code keeps float32: an output may then round to the neighbouring bfloat
 value (one unit in the last place) where the float32 x̂ lies within its own error of a
 rounding midpoint. Under the llama recipe that x̂ is rounded and then weighted, and
 one unit of x̂ is up to two of the product. The gradients are rounded once (computed in
-float32 with float64 sums, in float64 where the gate comes before the norm), so they
+float32 with float64 sums), so they
 are held to the float64 gradient of the same class: never farther from it than the
 class's own bfloat16 autograd.
 """

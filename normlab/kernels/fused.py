@@ -11,8 +11,8 @@ first into a float64 row buffer that stays in cache, takes the shifted two-pass
 statistics of it and writes ``y``; the backward reads ``x``, ``r``, ``z`` and ``∂y``
 once, keeps ``γ`` in a cache-resident row buffer between its two passes and writes
 ``∂x`` and ``∂z``; with no residual and no gate it reads the rows where they lie in each
-pass, and on float32 and bfloat16 rows with no residual and no gate before the norm it
-computes in float32 (:func:`direct_row_backward32`). Parameter gradients are summed per chunk of rows (fixed by index)
+pass, and on float32 and bfloat16 rows with no residual (and no gelu gate) it computes
+in float32 (:func:`direct_row_backward32`). Parameter gradients are summed per chunk of rows (fixed by index)
 and the chunks added in order, so every thread count gives the same bits.
 
 Parameters are float64 tables ``(groups, n)``: row ``r`` uses group
@@ -474,16 +474,16 @@ def direct_gamma_sums32(grad, x, w, scale, hi, lo, rs):
 
 
 @reduction
-def buffered_gamma_sums32(gamma, x, grad, hi, lo, rs):
-    """:func:`direct_gamma_sums32` of a gated block: γ from its buffer, Σ |g| of the
-    gradient before the gate."""
+def buffered_gamma_sums32(gamma, x_hat, grad):
+    """:func:`direct_gamma_sums32` of a gated block: γ and x̂ from their float32 buffers,
+    Σ |g| of the gradient before the gate."""
     sum_gamma = np.float32(0.0)
     sum_gamma_hat = np.float32(0.0)
     sum_abs = np.float32(0.0)
-    for i in range(x.shape[0]):
+    for i in range(gamma.shape[0]):
         c = gamma[i]
         sum_gamma += c
-        sum_gamma_hat += c * (((load32(x[i]) - hi) - lo) * rs)
+        sum_gamma_hat += c * x_hat[i]
         sum_abs += abs(load32(grad[i]))
     return np.float64(sum_gamma), np.float64(sum_gamma_hat), np.float64(sum_abs)
 
@@ -493,7 +493,7 @@ def direct_row_backward32(grad_y, grad_sum, has_grad_sum, x, gate, gate_mode, co
                           mod_scale, mod_shift, mod_stride, need_weight, need_bias, need_mod, rms, mean, rstd,
                           chunk_rows, grad_x, grad_residual, has_grad_residual, grad_gate, weight_parts, bias_parts,
                           scale_parts, shift_parts, redo):
-    """:func:`fused_row_backward` with no residual and no gate or a gate after the norm, in
+    """:func:`fused_row_backward` with no residual (and a gate or none, not gelu), in
     float32 SIMD arithmetic as ``rows_backward.row_backward32`` computes (its docstring has
     the numerics). The parameter tables are float32 and below TABLE_LIMIT, every ``rstd``
     lies in (RSTD_LOW, RSTD_HIGH) (the caller checks); ``x̂ = ((x − hi) − lo)·rstd`` with
@@ -509,7 +509,10 @@ def direct_row_backward32(grad_y, grad_sum, has_grad_sum, x, gate, gate_mode, co
         acc_gx = np.zeros((groups, n), np.float32)
         acc_g = np.zeros((groups, n), np.float32)
         held = np.zeros(groups, np.int64)
-        gamma = np.empty(n, np.float32)
+        gamma = np.empty(n, np.float32)  # a gated row's γ, x̂, and (gate first) φ and φ'
+        x_hats = np.empty(n, np.float32)
+        phis = np.empty(n, np.float32)
+        dphis = np.empty(n, np.float32)
         part_w = weight_parts[k]
         part_b = bias_parts[k]
         part_sc = scale_parts[k]
@@ -566,12 +569,25 @@ def direct_row_backward32(grad_y, grad_sum, has_grad_sum, x, gate, gate_mode, co
                     gz_row[j] = store((gy * y0) * np.float32(dphi))
                     g = gy * np.float32(gate_used(phi))
                     gamma[j] = (g * w_row[j]) * sc_row[j]
+                    x_hats[j] = x_hat
                     a_gx[j] += g * x_hat
                     a_g[j] += g
+            elif gate_mode == GATE_FIRST:  # the gated row h = x·φ is what the statistics saw
+                z_row = gate[r]
+                for j in range(n):
+                    phi, dphi = gate_derivative(load(z_row[j]), code)
+                    phis[j] = np.float32(phi)
+                    dphis[j] = np.float32(dphi)
+                    x_hat = ((load32(x_row[j]) * np.float32(phi) - hi) - lo) * rs
+                    g = load32(g_row[j])
+                    gamma[j] = (g * w_row[j]) * sc_row[j]
+                    x_hats[j] = x_hat
+                    a_gx[j] += g * x_hat
+                    a_g[j] += g
+            if gate_mode != GATE_NONE:
                 for start in range(0, n, BLOCK):
                     stop = min(n, start + BLOCK)
-                    a, b, c = buffered_gamma_sums32(gamma[start:stop], x_row[start:stop], g_row[start:stop], hi,
-                                                    lo, rs)
+                    a, b, c = buffered_gamma_sums32(gamma[start:stop], x_hats[start:stop], g_row[start:stop])
                     sum_gamma += a
                     sum_gamma_hat += b
                     sum_abs += c
@@ -591,9 +607,15 @@ def direct_row_backward32(grad_y, grad_sum, has_grad_sum, x, gate, gate_mode, co
             gx_row = grad_x[r]
             if gate_mode == GATE_LAST:
                 for j in range(n):
-                    x_hat = ((load32(x_row[j]) - hi) - lo) * rs
-                    grad_h = ((gamma[j] - x_hat * proj) - mean_gamma) * rs
+                    grad_h = ((gamma[j] - x_hats[j] * proj) - mean_gamma) * rs
                     gx_row[j] = store(grad_h + load32(grad_sum[r, j]) if has_grad_sum else grad_h)
+            elif gate_mode == GATE_FIRST:
+                gz_row = grad_gate[r]
+                for j in range(n):
+                    grad_h = ((gamma[j] - x_hats[j] * proj) - mean_gamma) * rs
+                    gz_row[j] = store((grad_h * load32(x_row[j])) * dphis[j])
+                    grad_s = grad_h * phis[j]
+                    gx_row[j] = store(grad_s + load32(grad_sum[r, j]) if has_grad_sum else grad_s)
             elif has_grad_sum:
                 gs_row = grad_sum[r]
                 for j in range(n):
@@ -776,8 +798,7 @@ class Layout:
             mean_flat = np.zeros(rows) if mean_flat is None else mean_flat
         else:
             mean_flat, rstd_flat = np.empty(rows), np.empty(rows)
-        if (stats_given and residual is None and self.gate_mode != GATE_FIRST and self.code != 2
-                and self.direct32_kernel is not None):
+        if stats_given and residual is None and self.code != 2 and self.direct32_kernel is not None:
             done = self._backward32(tables, grad_y, grad_sum, x, gate, rms, mean_flat, rstd_flat, need_weight,
                                     need_bias, need_mod, two_grads, grad_x, grad_residual, grad_gate, weight_parts,
                                     bias_parts, scale_parts, shift_parts)
@@ -808,7 +829,7 @@ class Layout:
     def _backward32(self, tables, grad_y, grad_sum, x, gate, rms, mean_flat, rstd_flat, need_weight, need_bias,
                     need_mod, two_grads, grad_x, grad_residual, grad_gate, weight_parts, bias_parts, scale_parts,
                     shift_parts) -> bool:
-        """The backward with no residual and no gate before the norm in float32 arithmetic
+        """The backward with no residual (and no gelu gate) in float32 arithmetic
         (:func:`direct_row_backward32`), where its numerics hold: every rstd in (RSTD_LOW,
         RSTD_HIGH), the parameter tables it reads below TABLE_LIMIT, the gradients below
         GRADIENT_LIMIT (the kernel checks). False where they do not, or the kernel met such

@@ -24,8 +24,8 @@ are float64, so ``x̂`` may round to the neighbouring bfloat16 value where the f
 ``x̂`` lies within its rounding error of a midpoint (a few values in 100,000). The
 backward computes from the bfloat16 inputs and rounds each gradient once, closer to the
 exact gradient than eager bfloat16 autograd, which rounds after every operation: in
-float32 arithmetic with float64 sums where no residual and no gate before the norm enter
-it (:data:`DIRECT32`, as on float32 rows), in float64 otherwise.
+float32 arithmetic with float64 sums where no residual enters it and the gate, if any,
+is silu or sigmoid (:data:`DIRECT32`, as on float32 rows), in float64 otherwise.
 
 The kernels are :mod:`normlab.kernels.fused`'s own, built with the helpers below in place
 of its float ones (its ``_variant``). Tables are float64 ``(groups, n)`` as there; the
@@ -135,8 +135,8 @@ KERNELS = {(recipe, gelu): tuple(_variant(kern, _SUFFIXES[recipe] + ("_gelu" if 
            for recipe in (ROUND_ONCE, ROUND_STEPS) for gelu in (False, True)}
 
 
-# per recipe, the backward with no residual and no gate before the norm in float32 arithmetic
-# (fused.direct_row_backward32; silu and sigmoid)
+# per recipe, the backward with no residual in float32 arithmetic (fused.direct_row_backward32;
+# silu and sigmoid gates)
 DIRECT32 = {recipe: _variant(fused.direct_row_backward32, _SUFFIXES[recipe] + "_32", **_ROWS,
                              **(_STEPS if recipe == ROUND_STEPS else {}), **_GATES[False], load32=single)
             for recipe in (ROUND_ONCE, ROUND_STEPS)}
