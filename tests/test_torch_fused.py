@@ -394,6 +394,18 @@ def test_ada_layer_norm_broadcasts_x_and_emb_as_diffusers_ada_layer_norm_zero_do
         torch.testing.assert_close(a, b, rtol=tolerance["rtol"], atol=tolerance["atol"] * max(scale, 1.0))
 
 
+def test_ada_layer_norm_with_a_leading_axis_compiles_to_one_full_graph_with_diffusers_outputs():
+    # x of (frames, batch, tokens, dim) against emb of (batch, dim): the composite's view
+    # came from a plan there, whose shape arithmetic Dynamo cannot trace
+    reference = _randomize(_diffusers_ada_norm()(16))
+    ours = AdaLayerNorm(16)
+    ours.load_state_dict(reference.state_dict())
+    x, emb = _leaves((4, 2, 5, 16), (2, 16), dtype=torch.float32)
+    with torch.no_grad():
+        got = torch.compile(ours, fullgraph=True, backend="eager")(x, emb=emb)  # (Dynamo's graph; no codegen)
+        torch.testing.assert_close(got, reference(x, emb=emb), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("x_shape, emb_shape", [((3, 4, 6), (1, 6)), ((1, 4, 6), (3, 6)), ((2, 3, 2, 6), (1, 6))])
 def test_ada_layer_norm_with_broadcast_batches_passes_gradcheck_and_gradgradcheck(x_shape, emb_shape):
     torch.manual_seed(0)

@@ -272,7 +272,8 @@ class _View:
 
 def _traced_view(block: Block) -> Optional[_View]:
     """The plan-free :class:`_View` of the modules' blocks ("... [n0 ...]" with its own
-    parameters, "... (g [c])", "b t [d]" modulated per "b d"), or None."""
+    parameters, "... (g [c])", "b t [d]" modulated per "b d", with AdaLayerNorm's leading
+    axes "a0 a1 ..." before it), or None."""
     pattern, params, modulation = block.pattern, block.params, block.modulation
     if pattern.startswith("... [") and pattern.endswith("]") and modulation is None:
         names = pattern[5:-1].split()
@@ -280,7 +281,9 @@ def _traced_view(block: Block) -> Optional[_View]:
             return _View(axes=tuple(range(-len(names), 0)))
     if pattern == "... (g [c])" and params in (None, "(g c)") and modulation is None:
         return _View(axes=(-1,), group=dict(block.sizes)["c"])
-    if pattern == "b t [d]" and params is None and modulation == "b d":
+    leading = pattern[:-len("b t [d]")].split()
+    if (pattern.endswith("b t [d]") and leading == [f"a{i}" for i in range(len(leading))] and params is None
+            and modulation == "b d"):
         return _View(axes=(-1,))
     return None
 
