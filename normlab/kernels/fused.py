@@ -52,6 +52,9 @@ PAIR = 2
 # maximum (γ < 1e32; a block's Σγ·x̂ < 1024·1e32·256 for rows up to 65536, |x̂| ≤ √n)
 TABLE_LIMIT = 1e4
 GRADIENT_LIMIT = 1e24
+# weight rows the float32 backward gathers sums for, each chunk two float32 rows apiece (gated
+# norms' groups; more, as per-sample weights of a large batch, take the float64 kernel)
+ACCUMULATED_WEIGHT_ROWS = 64
 # The kernels call the helpers below by these global names; each kernel is built once per
 # family of helpers (see _variant): the gate's (float64, float32 or gelu's library erf, so
 # that no loop branches between a library call and a vector exp), and the element type's
@@ -837,6 +840,8 @@ class Layout:
         GRADIENT_LIMIT (the kernel checks). False where they do not, or the kernel met such
         a gradient; the float64 kernel then runs."""
         if not (np.all(rstd_flat > RSTD_LOW) and np.all(rstd_flat < RSTD_HIGH)):
+            return False
+        if tables[0].shape[0] > ACCUMULATED_WEIGHT_ROWS:
             return False
         tables32 = [t.astype(np.float32) for t in tables[:4]]
         read = tables32 if self.gate_mode == GATE_LAST else tables32[::2]  # (the bias and shift: y0, for the gate)
