@@ -310,11 +310,14 @@ def test_import_normlab_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code], cwd=__file__.rsplit("/tests/", 1)[0]).returncode == 0
 
 
-@pytest.mark.parametrize("layout", ["channels_last_layer_norm", "transposed", "strided_slice"])
+@pytest.mark.parametrize("layout", ["channels_last_layer_norm", "channels_last_rms_norm", "transposed",
+                                    "strided_slice"])
 def test_permuted_and_strided_inputs_match_torch_in_values_and_output_strides(layout):
     torch.manual_seed(0)
     if layout == "channels_last_layer_norm":
         reference, x = torch.nn.LayerNorm((4, 5)), torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    elif layout == "channels_last_rms_norm":  # (torch's rms_norm keeps channels_last, its layer_norm does not)
+        reference, x = torch.nn.RMSNorm((4, 5)), torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
     elif layout == "transposed":
         reference, x = torch.nn.LayerNorm(5), torch.randn(5, 4).t()
     else:
@@ -329,6 +332,7 @@ def test_permuted_and_strided_inputs_match_torch_in_values_and_output_strides(la
     expected = reference(x)
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-4)
     assert y.stride() == expected.stride()  # (torch.nn's layer and instance norms return contiguous outputs)
+    assert twin(x, mask=torch.ones(x.shape, dtype=torch.bool)).stride() == expected.stride()  # (mask= as without)
     (grad_x,) = torch.autograd.grad((y * grad_y).sum(), x)
     (expected_grad_x,) = torch.autograd.grad((expected * grad_y).sum(), x)
     torch.testing.assert_close(grad_x, expected_grad_x, atol=1e-5, rtol=1e-4)

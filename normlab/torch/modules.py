@@ -313,7 +313,7 @@ class RMSNorm(_Twin, nn.RMSNorm):
         weight = self.weight if self.weight is None or not offset else offset + self.weight
         if path == "native":
             return F.rms_norm(x, self.normalized_shape, weight, eps)
-        return _normalize(torch_layout(x), weight, None, self._spec, eps, path)[0]
+        return _normalize(torch_layout(x, keeps_channels_last=True), weight, None, self._spec, eps, path)[0]
 
 
 class _ChannelsFirstForward:

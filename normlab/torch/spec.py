@@ -240,7 +240,7 @@ def rms_default_eps(dtype: torch.dtype) -> float:
 
 def torch_layout(x: Tensor, keeps_channels_last: bool = False) -> Tensor:
     """``x`` laid out as torch.nn's CPU norms lay out their output: contiguous, except that
-    batch and group norm (``keeps_channels_last``) keep channels_last (4-D) and
+    batch, group and RMS norm (``keeps_channels_last``) keep channels_last (4-D) and
     channels_last_3d (5-D) input so. A transposed or otherwise permuted input is copied, as
     torch.nn copies it, so that the output's strides are torch.nn's (a ``.view`` that works on
     torch.nn's output works on the twin's).
