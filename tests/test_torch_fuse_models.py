@@ -378,3 +378,23 @@ def test_accelerate_keeps_each_fused_layer_on_one_device_as_it_keeps_the_unconve
         assert maps[1] == maps[0]
     for name in fused._no_split_modules:  # FSDP's transformer wrap policy finds each class it names
         assert get_module_class_from_name(fused, name) is not None, name
+
+
+def test_hooks_removed_after_convert_fuse_stop_running_as_on_the_unconverted_model():
+    # the hooks carried over to the fused norms must stay in the dicts their handles remove them from
+    runs = {}
+    for fuse in (False, True):
+        model = _model("llama")
+        calls = runs[fuse] = []
+        norm = model.model.layers[1].input_layernorm
+        handles = [norm.register_forward_pre_hook(lambda *args: calls.append("pre")),
+                   norm.register_forward_hook(lambda *args: calls.append("forward")),
+                   norm.register_forward_hook(lambda *args, **kwargs: calls.append("kwargs"), with_kwargs=True)]
+        if fuse:
+            assert _fused_layers(convert(model, fuse=True)) == 2
+        with torch.no_grad():
+            model(_ids())
+            for handle in handles:
+                handle.remove()
+            model(_ids())
+    assert runs[True] == runs[False] == ["pre", "forward", "kwargs"]

@@ -259,9 +259,9 @@ def _fused_norm(norm: nn.Module, recipe) -> FusedAddRMSNorm:
     fused.weight = norm.weight  # the same Parameter object
     fused.train(norm.training)
     fused._init_block()
-    for name, hooks in vars(norm).items():  # its hooks (forward, backward, state_dict, ...) go along
+    for name, hooks in vars(norm).items():  # its hooks (forward, backward, state_dict, ...) go along,
         if name.startswith("_") and "hooks" in name and isinstance(hooks, dict):
-            setattr(fused, name, type(hooks)(hooks))
+            setattr(fused, name, hooks)  # the same dicts, which the hooks' handles remove them from
     return fused
 
 
