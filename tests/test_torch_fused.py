@@ -320,6 +320,22 @@ def test_fused_blocks_and_recipe_norms_refuse_a_non_tensor_with_torchs_type_erro
             call(module, not_a_tensor)
 
 
+@pytest.mark.parametrize("offset", [float("nan"), float("inf"), -float("inf")])
+def test_a_weight_offset_that_is_not_finite_is_refused_at_construction_as_the_numpy_api_refuses_it(offset):
+    # (it gave NaN or infinite outputs on every call)
+    import numpy as np
+
+    import normlab
+    from normlab.torch import RMSNorm
+
+    with pytest.raises(ValueError, match="weight_offset"):  # the oracle: the NumPy API's own rule
+        normlab.normalize(np.ones((2, 4)), "b [d]", weight=np.ones(4), params="d", rms=True, weight_offset=offset)
+    for make in (lambda: FusedAddRMSNorm(4, casting="gemma", weight_offset=offset),
+                 lambda: RMSNorm(4, eps=1e-6, casting="gemma", weight_offset=offset)):
+        with pytest.raises(ValueError, match=r"weight_offset=-?(nan|inf) would make every output"):
+            make()
+
+
 def test_ada_layer_norm_raises_runtime_error_for_a_misshaped_input():
     from diffusers.models.normalization import AdaLayerNormZero
 

@@ -59,6 +59,7 @@ through different operations, hence different float32 bits:
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -76,6 +77,20 @@ def check_casting(casting: Optional[str]) -> Optional[str]:
         raise ValueError(f"casting must be None (torch.nn.RMSNorm's own) or one of {', '.join(map(repr, CASTINGS))}, "
                          f"got {casting!r}")
     return casting
+
+
+def check_weight_offset(weight_offset) -> float:
+    """``weight_offset`` as a float, or a ValueError where it is not finite (every output
+    would be NaN or infinite), as the NumPy API refuses it.
+
+    >>> check_weight_offset(1)
+    1.0
+    """
+    offset = float(weight_offset)
+    if not math.isfinite(offset):
+        raise ValueError(f"weight_offset={offset} would make every output NaN or infinite; pass one finite number "
+                         "such as 1.0 (Gemma's 1 + weight), or 0.0 for none")
+    return offset
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -716,7 +716,7 @@ class FusedAddRMSNorm(Unscriptable, nn.Module):
         self.hidden_size = hidden_size
         self.eps = eps
         self.casting = casting
-        self.weight_offset = float(weight_offset)
+        self.weight_offset = recipes.check_weight_offset(weight_offset)
         shape = (hidden_size,) if isinstance(hidden_size, int) else tuple(hidden_size)
         self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
         self.reset_parameters()

@@ -17,7 +17,8 @@ from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_fo
                                    _channel_shape, _check_batch, _dtypes_refused, _expanded_param, _fast_rows,
                                    _needs_grad, _normalize, _params_misfit, _update_instance_running,
                                    _update_running)
-from normlab.torch.casting import apply_recipe_scale, check_casting, compute_dtype, rms_norm_recipe
+from normlab.torch.casting import (apply_recipe_scale, check_casting, check_weight_offset, compute_dtype,
+                                   rms_norm_recipe)
 from normlab.torch.masked_modules import masked_forward
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
 from normlab.torch.spec import (_RMS_DEFAULT_EPS, Spec, Unscriptable, affine_parameters, module_buffer,
@@ -225,7 +226,7 @@ class RMSNorm(_Twin, nn.RMSNorm):
     def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True,
                  device=None, dtype=None, *, casting: Optional[str] = None, weight_offset: float = 0.0) -> None:
         self.casting = check_casting(casting)
-        self.weight_offset = float(weight_offset)
+        self.weight_offset = check_weight_offset(weight_offset)
         super().__init__(normalized_shape, eps, elementwise_affine, device=device, dtype=dtype)
         self._init_spec()
 
