@@ -427,3 +427,16 @@ def test_norm_with_a_weight_and_no_bias_builds_and_gives_torch_nn_s_outputs_and_
     ours.load_state_dict(theirs.state_dict())
     q = torch.randn(2, 5, 3, 3, 8)[:, :, 0]  # the q heads of a packed (b, t, 3, h, d) projection
     torch.testing.assert_close(ours(q), theirs(q))
+
+
+@pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm"])
+def test_an_empty_normalized_shape_constructs_as_in_torch_nn_and_fails_at_forward_with_its_error(name):
+    ours, theirs = getattr(nt, name)(()), getattr(torch.nn, name)(())
+    assert repr(ours) == repr(theirs)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    x = torch.randn(2, 3)
+    with pytest.raises(RuntimeError) as expected:
+        theirs(x)
+    for kwargs in ({}, {"mask": torch.ones(2, 3, dtype=torch.bool)}):
+        with pytest.raises(type(expected.value), match="normalized_shape"):
+            ours(x, **kwargs)

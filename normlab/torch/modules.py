@@ -97,6 +97,8 @@ class _Twin:
     def _eager_forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         if isinstance(input, torch.fx.Proxy):
             return _fx_call_module(self, input, mask=mask)
+        if getattr(self, "_spec", 0) is None:  # a shape torch constructs and refuses at forward, in its words
+            return self._torch_forward(input)
         if mask is not None:
             return masked_forward(self, input, mask)
         return self._normlab_forward(input)
@@ -192,7 +194,12 @@ class LayerNorm(_Twin, nn.LayerNorm):
         return _normalize(torch_layout(input), self.weight, self.bias, self._spec, self.eps, path)[0]
 
 
-def _trailing_spec(normalized_shape, rms: bool) -> Spec:
+def _trailing_spec(normalized_shape, rms: bool) -> Optional[Spec]:
+    """The spec of a norm over the trailing ``normalized_shape``; None for an empty one,
+    which torch.nn constructs and refuses at forward ("Expected normalized_shape to be at
+    least 1-dimensional")."""
+    if len(normalized_shape) == 0:
+        return None
     names = [f"n{i}" for i in range(len(normalized_shape))]
     # a zero size (torch takes it; only empty inputs fit) is left for the plan to read off the input
     return Spec.build("... [" + " ".join(names) + "]", " ".join(names), rms,
