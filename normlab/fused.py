@@ -76,7 +76,9 @@ class Epilogue:
 
 @dataclass(frozen=True)
 class FusedGradients:
-    """Gradients of a fused :func:`normlab.normalize`, each None where that input was not given.
+    """Gradients of a fused :func:`normlab.normalize`, each None where that input was not given,
+    except ``bias``: given ``params``, its gradient is there whether or not the bias was passed
+    (``normalize_backward`` needs the bias itself only under a gate after the norm).
 
     ``x`` and ``residual`` are the same array (the sum's gradient reaches both unchanged).
     """
