@@ -179,3 +179,20 @@ def test_weights_near_the_float32_maximum_are_applied_in_float64():
     got = _ours(x, grad_y, eps=1e-6, rms=True, weight=weight)
     want = _autograd(x, grad_y, eps=1e-6, rms=True, weight=weight)
     _close(got.x, want["x"], 1e-5)
+
+
+def test_a_gate_before_a_layer_norm_far_from_zero_keeps_float64_gradients_to_1e4():
+    """h = x·silu(z) ≈ 1e5 with std 0.1: rounded to float32 it would move x̂ by 4%."""
+    rng = np.random.default_rng(8)
+    x = (1e4 + rng.normal(size=(2, 64, 256)) * 1e-2).astype(np.float32)
+    z = np.full(x.shape, 10.0, np.float32)
+    grad_y = rng.normal(size=x.shape).astype(np.float32)
+    kwargs = dict(eps=1e-12, rms=False, backend="numba", gate=z, norm_before_gate=False)
+    _, mean, rstd = normlab.normalize(x, "b t [d]", return_stats=True, **kwargs)
+    got = normlab.normalize_backward(grad_y, x, "b t [d]", mean=mean, rstd=rstd, **kwargs)
+    leaves = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (x, z)]
+    h = leaves[0] * torch.nn.functional.silu(leaves[1])
+    y = torch.nn.functional.layer_norm(h, (256,), eps=1e-12)
+    want = torch.autograd.grad(y, leaves, torch.tensor(grad_y, dtype=torch.float64))
+    _close(got.x, want[0].numpy(), 1e-4)
+    _close(got.gate, want[1].numpy(), 1e-4)

@@ -498,8 +498,8 @@ def direct_row_backward32(grad_y, grad_sum, has_grad_sum, x, gate, gate_mode, co
                           mod_scale, mod_shift, mod_stride, need_weight, need_bias, need_mod, rms, mean, rstd,
                           chunk_rows, grad_x, grad_residual, has_grad_residual, grad_gate, weight_parts, bias_parts,
                           scale_parts, shift_parts, redo):
-    """:func:`fused_row_backward` with no residual (and a gate or none, not gelu), in
-    float32 SIMD arithmetic as ``rows_backward.row_backward32`` computes (its docstring has
+    """:func:`fused_row_backward` with no residual (and a gate or none, not gelu, not before a
+    layer norm), in float32 SIMD arithmetic as ``rows_backward.row_backward32`` computes (its docstring has
     the numerics). The parameter tables are float32 and below TABLE_LIMIT, every ``rstd``
     lies in (RSTD_LOW, RSTD_HIGH) (the caller checks); ``x̂ = ((x − hi) − lo)·rstd`` with
     the float64 mean split; the row sums run in float32 over blocks of BLOCK added in
@@ -803,7 +803,10 @@ class Layout:
             mean_flat = np.zeros(rows) if mean_flat is None else mean_flat
         else:
             mean_flat, rstd_flat = np.empty(rows), np.empty(rows)
-        if stats_given and residual is None and self.code != 2 and self.direct32_kernel is not None:
+        # (a gate before a layer norm keeps float64: x·φ rounded to float32 would move x̂ by
+        # |mean|/std float32 steps, where an RMS norm's x̂ moves by √n at most)
+        if (stats_given and residual is None and self.code != 2 and (rms or self.gate_mode != GATE_FIRST)
+                and self.direct32_kernel is not None):
             done = self._backward32(tables, grad_y, grad_sum, x, gate, rms, mean_flat, rstd_flat, need_weight,
                                     need_bias, need_mod, two_grads, grad_x, grad_residual, grad_gate, weight_parts,
                                     bias_parts, scale_parts, shift_parts)
