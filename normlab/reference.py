@@ -81,7 +81,8 @@ def compute_stats(x: np.ndarray, plan: Plan, eps: float, rms: bool = False) -> S
     """
     axes = plan.reduced_axes
     n = plan.group_size
-    x64 = np.ascontiguousarray(x, dtype=ACCUMULATE)  # one summation order, whatever the strides
+    # one summation order, whatever the strides (0-d stays 0-d: ascontiguousarray makes it 1-d)
+    x64 = np.ascontiguousarray(x, dtype=ACCUMULATE).reshape(x.shape)
     if n == 0:  # empty groups: nothing to normalize; keep the statistics finite
         zeros = np.zeros(plan.stats_shape, ACCUMULATE)
         return Stats(None if rms else zeros, zeros, np.full(plan.stats_shape, 1.0 / np.sqrt(eps or 1.0)))
@@ -96,6 +97,8 @@ def compute_stats(x: np.ndarray, plan: Plan, eps: float, rms: bool = False) -> S
             var = np.square(deviation - mean_shifted).sum(axis=axes, keepdims=True) / n
             mean = shift + mean_shifted
         rstd = 1.0 / np.sqrt(var + eps)
+    # NumPy's arithmetic on 0-d arrays (a 0-d x under "[...]") gives scalars; statistics are arrays
+    mean, var, rstd = None if mean is None else np.asarray(mean), np.asarray(var), np.asarray(rstd)
     # a variance that overflowed (finite values beyond about 1e154) gives rstd = 0 above,
     # which would turn the group into silent zeros: NaN says the result is unknown
     rstd[var == np.inf] = np.nan

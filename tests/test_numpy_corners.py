@@ -362,3 +362,17 @@ def test_a_grad_sum_without_a_residual_is_refused_not_ignored_or_added(backend, 
     x = np.random.default_rng(21).standard_normal((2, 4))
     with pytest.raises(InputError, match=r"'b \[d\]', input shape \(2, 4\): grad_sum .* no residual was given"):
         normlab.normalize_backward(np.ones_like(x), x, "b [d]", grad_sum=np.ones_like(x), backend=backend, **extra)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [3, 2.5, True, np.array(3), np.array(2.5, np.float32)], ids=repr)
+def test_a_zero_dimensional_input_under_an_ellipsis_is_one_group_of_one_element(backend, value):
+    # a Python number or 0-d array with "[...]": mean x, variance 0; RMS divides by sqrt(x² + eps)
+    x = float(value)
+    y, mean, rstd = normlab.normalize(value, "[...]", backend=backend, return_stats=True)
+    assert y.shape == mean.shape == rstd.shape == () and y == 0.0 and mean == x
+    np.testing.assert_allclose(rstd, 1 / np.sqrt(1e-5))
+    y_rms = normlab.normalize(value, "[...]", rms=True, backend=backend)
+    np.testing.assert_allclose(y_rms, x / np.sqrt(x * x + 1e-5), rtol=1e-6)
+    grad_x, _, _ = normlab.normalize_backward(1.0, value, "[...]", backend=backend)
+    assert grad_x.shape == () and grad_x == 0.0
