@@ -160,14 +160,21 @@ def resolve(name_or_pattern: str, shape: tuple[int, ...], sizes: dict | None = N
 def as_input(x) -> np.ndarray:
     """Check that ``x`` is something the explainer can draw (1 to 4 axes, a few thousand elements)."""
     x = np.asarray(x)
-    if x.ndim < 1 or x.ndim > 4:
-        raise ShapeError(f"explain draws tensors of 1 to 4 axes, got shape {x.shape}; pass nested lists such as [[4, 3, 2], [3, 3, 2]]")
-    if x.size == 0:
-        raise ShapeError(f"explain needs at least one element, got shape {x.shape}")
-    if x.size > MAX_ELEMENTS:
-        raise ShapeError(f"explain draws every element, so it takes at most {MAX_ELEMENTS}; got shape {x.shape} "
-                         f"({x.size} elements): pass a smaller tensor")
+    check_drawable(x.shape)
     return x
+
+
+def check_drawable(shape: tuple[int, ...]) -> None:
+    """:func:`as_input`'s checks on a shape alone, so that a huge ``--shape`` is refused before
+    anything of its size is allocated."""
+    shape, size = tuple(shape), math.prod(shape)
+    if len(shape) < 1 or len(shape) > 4:
+        raise ShapeError(f"explain draws tensors of 1 to 4 axes, got shape {shape}; pass nested lists such as [[4, 3, 2], [3, 3, 2]]")
+    if size == 0:
+        raise ShapeError(f"explain needs at least one element, got shape {shape}")
+    if size > MAX_ELEMENTS:
+        raise ShapeError(f"explain draws every element, so it takes at most {MAX_ELEMENTS}; got shape {shape} "
+                         f"({size} elements): pass a smaller tensor")
 
 
 def explain_array(x, name_or_pattern: str, sizes: dict | None = None, rms: bool = False, mask=None,
@@ -418,9 +425,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 def random_input(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     """Small integers like the demo's, so that equal values (and their claims) turn up."""
-    elements = math.prod(shape)
-    if elements > MAX_ELEMENTS:
-        as_input(np.empty(shape))  # raises the size error
+    check_drawable(shape)
     rng = np.random.default_rng(seed)
     return as_input(rng.integers(0, 10, size=shape).astype(np.float32))
 
