@@ -131,6 +131,7 @@ BAD_INPUTS = {
     "both data and shape": ["explain", "batch", "--shape", "2,3", "--data", "[1]"],
     "bad seed": ["explain", "batch", "--shape", "2,3", "--seed", "x"],
     "too many elements": ["explain", "batch", "--shape", "100,100"],
+    "negative seed": ["explain", "batch", "--shape", "2,3", "--seed", "-1"],
     "more elements than memory holds": ["explain", "batch", "--shape", "100000,100000"],
     "more axes than memory holds": ["explain", "batch", "--shape", "1000,1000,1000,1000,1000"],
     "unwritable page": ["explain", "batch", "--shape", "2,3", "--html", "no/such/dir/p.html"],

@@ -90,7 +90,9 @@ def load_input(args: argparse.Namespace):
     try:
         seed = int(args.seed)
     except ValueError:
-        raise NormlabError(f"--seed {args.seed!r} is not an integer; pass e.g. --seed 1") from None
+        seed = -1
+    if seed < 0:  # NumPy's generators take no negative seed
+        raise NormlabError(f"--seed {args.seed!r} is not an integer >= 0; pass e.g. --seed 1")
     return random_input(parse_shape(args.shape), seed), f"random integers 0 to 9, seed {seed}"
 
 
