@@ -134,6 +134,7 @@ BAD_INPUTS = {
     "negative seed": ["explain", "batch", "--shape", "2,3", "--seed", "-1"],
     "more elements than memory holds": ["explain", "batch", "--shape", "100000,100000"],
     "more axes than memory holds": ["explain", "batch", "--shape", "1000,1000,1000,1000,1000"],
+    "weight offset that is not finite": ["explain", "layer", "--shape", "2,3", "--weight-offset", "nan"],
     "unwritable page": ["explain", "batch", "--shape", "2,3", "--html", "no/such/dir/p.html"],
     "unwritable demo page": ["demo", "--html", "no/such/dir/p.html"],
 }

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from normlab.errors import NormlabError, PatternSyntaxError
 
@@ -220,6 +221,9 @@ def _fused_stages(args: argparse.Namespace, view, shape, sizes):
 
     if not (args.residual or args.gate or args.modulation or args.weight_offset):
         return ()
+    if not math.isfinite(args.weight_offset):  # normalize(weight_offset=) refuses it too
+        raise NormlabError(f"--weight-offset must be a finite number, got {args.weight_offset}; pass e.g. "
+                           "--weight-offset 1 (Gemma's 1 + weight)")
     if args.gate_first and not args.gate:
         raise NormlabError("--gate-first needs --gate ACT (silu, sigmoid or gelu)")
     if args.modulation:
