@@ -202,14 +202,14 @@ def fused_row_forward(x, residual, has_residual, gate, gate_mode, code, weight, 
             elif gate_mode == GATE_LAST:
                 z_row = gate[r]
                 for j in range(n):
-                    y0 = finish((source[j] - m) * rs, w_row[j], sc_row[j], sh_row[j], b_row[j])
+                    y0 = finish((load(raw[j]) - m) * rs, w_row[j], sc_row[j], sh_row[j], b_row[j])
                     y_row[j] = store(gate_applied(y0, gate_value(load(z_row[j]), code)))
             elif steps == STEP_WEIGHT:
                 for j in range(n):
-                    y_row[j] = store(weigh((source[j] - m) * rs, w_row[j]))
+                    y_row[j] = store(weigh((load(raw[j]) - m) * rs, w_row[j]))
             else:
                 for j in range(n):
-                    y_row[j] = store(finish((source[j] - m) * rs, w_row[j], sc_row[j], sh_row[j], b_row[j]))
+                    y_row[j] = store(finish((load(raw[j]) - m) * rs, w_row[j], sc_row[j], sh_row[j], b_row[j]))
 
 
 @kernel

