@@ -363,7 +363,21 @@ def parse_data(text: str, option: str = "--data") -> np.ndarray:
     except (ValueError, TypeError):
         raise NormlabError(f"{option} must be nested lists of numbers of equal lengths (a rectangular tensor), "
                            "such as '[[4, 3, 2], [3, 3, 2]]'") from None
-    return as_input(array).astype(np.float32)
+    as_input(array)
+    with np.errstate(over="ignore"):
+        values = array.astype(np.float32)
+    # float32 would turn a finite value into inf, or a nonzero one into 0: the drawing and
+    # its claims would be of other data than the user's
+    lost = (np.isinf(values) & np.isfinite(array)) | ((values == 0) & (array != 0))
+    if lost.any():
+        raise NormlabError(f"{option} holds {array[lost][0]:g}, which float32 (explain computes in it, as the demo "
+                           f"does) cannot hold: its magnitudes run from {_FLOAT32_SMALLEST:.2g} to "
+                           f"{_FLOAT32_LARGEST:.2g}; scale the data into that range")
+    return values
+
+
+_FLOAT32_SMALLEST = float(np.finfo(np.float32).smallest_subnormal)
+_FLOAT32_LARGEST = float(np.finfo(np.float32).max)
 
 
 def parse_mask(text: str) -> np.ndarray:
