@@ -370,6 +370,29 @@ def require_matplotlib() -> None:
                          "pip install matplotlib (or pip install \"normlab[bench]\"), or leave out --plot") from None
 
 
+def require_plot(path: str) -> None:
+    """Check ``--plot`` before the run, not after minutes of it: matplotlib imports, it
+    can write the file's format, and the file's folder exists and is writable."""
+    import os
+    from pathlib import Path
+
+    from normlab.errors import InputError
+
+    require_matplotlib()
+    from matplotlib.figure import Figure
+
+    target = Path(path)
+    formats = Figure().canvas.get_supported_filetypes()
+    suffix = target.suffix[1:].lower()
+    if suffix and suffix not in formats:
+        raise InputError(f"--plot {path!r}: matplotlib cannot write .{suffix} files; end the name with one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}, e.g. speed.png")
+    folder = target.parent
+    if target.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        why = "it is a folder" if target.is_dir() else f"the folder {str(folder)!r} is missing or not writable"
+        raise InputError(f"cannot save the plot to {path!r}: {why}; pass --plot with a writable path")
+
+
 def plot(rows: list[Row], path: str) -> None:
     """A bar chart of normlab's speedup over each engine, per case."""
     import matplotlib
@@ -489,7 +512,7 @@ def run(args: argparse.Namespace) -> int:
                          + ", ".join([f"{c.name} {c.mode}" for c in CASES] + ["fused (the fused-block group)",
                                                                               "masked (masks and segments)"]))
     if args.plot:
-        require_matplotlib()  # before the run, not after minutes of it
+        require_plot(args.plot)  # before the run, not after minutes of it
     repeats = args.repeats if args.repeats is not None else QUICK_REPEATS if args.quick else DEFAULT_REPEATS
     console = Console(no_color=getattr(args, "no_color", False))
     if not console.is_terminal:  # piped into a file: do not fold the table to 80 columns
@@ -533,6 +556,8 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     from normlab import sweep
 
+    if args.plot:
+        require_plot(args.plot)
     console = Console(no_color=getattr(args, "no_color", False))
     if not console.is_terminal:
         console = Console(no_color=True, width=160)

@@ -110,3 +110,14 @@ def test_bench_sweep_prints_ratio_tables_and_saves_heatmaps(tmp_path, monkeypatc
     plot = tmp_path / "sweep.png"
     sweep.plot(cells, str(plot))
     assert plot.stat().st_size > 0
+
+
+@pytest.mark.parametrize("target", ["no/such/folder/speed.png", ".", "speed.xyz"], ids=["missing folder", "a folder",
+                                                                                       "unknown format"])
+def test_a_plot_that_cannot_be_saved_is_refused_before_anything_is_timed(tmp_path, target):
+    pytest.importorskip("matplotlib")
+    result = subprocess.run([sys.executable, "-m", "normlab.cli", "bench", "--quick", "--repeats", "1", "--case", "tiny",
+                             "--plot", target], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("normlab: error: ") and "--plot" in result.stderr
+    assert result.stdout == ""  # refused before the table, not after the run
