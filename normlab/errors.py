@@ -20,7 +20,10 @@ class PatternSyntaxError(NormlabError):
         self.pattern = pattern
         self.position = position
         caret = " " * position + "^"
-        super().__init__(f"{message}\n    {pattern}\n    {caret}")
+        # every whitespace character separates alike; shown as one space, a tab, a newline or a
+        # wide space cannot push the pattern away from the caret under it
+        shown = "".join(" " if char.isspace() else char for char in pattern)
+        super().__init__(f"{message}\n    {shown}\n    {caret}")
 
 
 class ShapeError(NormlabError):

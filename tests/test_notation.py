@@ -76,6 +76,19 @@ def test_syntax_errors_point_a_caret_at_the_fault(pattern, caret):
     assert marker == "    " + " " * caret + "^"
 
 
+@pytest.mark.parametrize("pattern", ["b\t[c", "b\n  (g [c) [h]", "b\u3000\u3000[c", "b\r\n[[c]]"],
+                         ids=["tab", "newline", "wide spaces", "crlf"])
+def test_the_caret_stands_under_the_fault_in_a_pattern_with_tabs_newlines_or_wide_spaces(pattern):
+    # a terminal draws a tab to the next 8th column and a wide space two columns wide, so the
+    # line above the caret may hold plain spaces only, one column per character of the pattern
+    with pytest.raises(PatternSyntaxError) as info:
+        parse_pattern(pattern)
+    err = info.value
+    *_, shown, marker = str(err).splitlines()
+    assert shown.split() == pattern.split() and all(c == " " or not c.isspace() for c in shown)
+    assert shown[marker.index("^")] == pattern[err.position]
+
+
 def test_a_non_string_pattern_is_a_clear_error():
     with pytest.raises(PatternSyntaxError, match="a pattern is a string"):
         parse_pattern(["b", "[d]"])
