@@ -19,11 +19,17 @@ class PatternSyntaxError(NormlabError):
     def __init__(self, pattern: str, position: int, message: str):
         self.pattern = pattern
         self.position = position
+        self.message = message
         caret = " " * position + "^"
         # every whitespace character separates alike; shown as one space, a tab, a newline or a
         # wide space cannot push the pattern away from the caret under it
         shown = "".join(" " if char.isspace() else char for char in pattern)
         super().__init__(f"{message}\n    {shown}\n    {caret}")
+
+    def __reduce__(self):
+        # pickled (a worker process hands it to its pool) with the arguments __init__ takes;
+        # the default, the message alone, cannot be unpickled
+        return type(self), (self.pattern, self.position, self.message)
 
 
 class ShapeError(NormlabError):

@@ -126,3 +126,18 @@ def test_a_failed_call_leaves_the_running_statistics_untouched():
         NF.batch_norm(X, rm, rv, weight=np.ones(4), training=True)
     np.testing.assert_array_equal(rm, np.zeros(3))
     np.testing.assert_array_equal(rv, np.ones(3))
+
+
+def test_every_error_survives_pickling_as_a_worker_process_hands_it_to_its_pool():
+    # multiprocessing and concurrent.futures pickle a worker's exception; one that cannot be
+    # unpickled broke the pool (BrokenProcessPool) instead of raising in the caller
+    import pickle
+
+    with pytest.raises(PatternSyntaxError) as info:
+        normlab.normalize(np.zeros((2, 3)), "b [c")
+    errors = [info.value, ShapeError("s"), ParamsError("p"), InputError("i"), NormlabError("n")]
+    for err in errors:
+        again = pickle.loads(pickle.dumps(err))
+        assert type(again) is type(err) and str(again) == str(err)
+    again = pickle.loads(pickle.dumps(info.value))
+    assert (again.pattern, again.position) == ("b [c", 2)
