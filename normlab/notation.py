@@ -86,9 +86,14 @@ def _tokenize(text: str) -> list[tuple[str, str, int]]:
     while pos < len(text):
         match = _TOKEN.match(text, pos)
         if match is None:
+            char = text[pos]
+            if char == "\u2026":  # what word processors make of three dots
+                rule = "write the ellipsis as three dots, ..."
+            else:  # "ĉ" is an identifier to Python, but not a pattern's name
+                rule = "axis names are ASCII identifiers (letters a-z and A-Z, digits and _, not first a digit)"
             raise PatternSyntaxError(
-                text, pos, f"unexpected character {text[pos]!r}: axis names are identifiers; "
-                "use ( ) to compose, [ ] to reduce and ... for any axes"
+                text, pos, f"unexpected character {char!r}: {rule}; use ( ) to compose, [ ] to reduce and ... for "
+                "any axes"
             )
         kind = match.lastgroup
         tokens.append((kind, match.group(kind), pos))

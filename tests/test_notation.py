@@ -89,6 +89,16 @@ def test_the_caret_stands_under_the_fault_in_a_pattern_with_tabs_newlines_or_wid
     assert shown[marker.index("^")] == pattern[err.position]
 
 
+@pytest.mark.parametrize("pattern, caret, says", [("b [ĉ]", 3, "ASCII identifiers"), ("b [ℎ]", 3, "ASCII identifiers"),
+                                                   ("\u2026 [d]", 0, "three dots, ...")],
+                         ids=["accent", "math letter", "ellipsis"])
+def test_a_non_ascii_character_is_refused_with_the_rule_it_breaks(pattern, caret, says):
+    # "ĉ".isidentifier() is True, so "axis names are identifiers" did not say what was wrong
+    with pytest.raises(PatternSyntaxError, match=says) as info:
+        parse_pattern(pattern)
+    assert info.value.position == caret
+
+
 def test_a_non_string_pattern_is_a_clear_error():
     with pytest.raises(PatternSyntaxError, match="a pattern is a string"):
         parse_pattern(["b", "[d]"])
