@@ -132,6 +132,8 @@ BAD_INPUTS = {
     "data beyond float32's range": ["explain", "layer", "--data", "[[1e300, -1e300, 3], [3, 3, 2]]"],
     "data below float32's smallest magnitude": ["explain", "layer", "--data", "[[1e-310, 2e-310, 3e-310]]"],
     "a residual beyond float32's range": ["explain", "layer", "--data", "[[1, 2, 3]]", "--residual-data", "[1e40, 0, 0]"],
+    "a residual sum beyond float32's range": ["explain", "layer", "--data", "[[3e38, 1, 2]]", "--residual-data",
+                                              "[3e38, 0, 0]"],
     "bad seed": ["explain", "batch", "--shape", "2,3", "--seed", "x"],
     "too many elements": ["explain", "batch", "--shape", "100,100"],
     "negative seed": ["explain", "batch", "--shape", "2,3", "--seed", "-1"],

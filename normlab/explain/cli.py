@@ -121,6 +121,21 @@ def load_gate(args: argparse.Namespace, shape):
     return _broadcast_data(args.gate_data, "--gate-data", shape), None
 
 
+def _residual_sum(x, residual):
+    """``s = x + r`` in the data's float32; a sum of finite values beyond float32's range is
+    refused, as parse_data refuses such values (the page would draw inf and a NaN group)."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        total = x + residual
+    overflowed = np.isinf(total) & np.isfinite(x) & np.isfinite(residual)
+    if overflowed.any():
+        at = tuple(int(i) for i in np.argwhere(overflowed)[0])
+        raise NormlabError(f"x + r at {list(at)} is {float(x[at]):g} + {float(residual[at]):g}, beyond float32's "
+                           f"range (explain computes in it, as the demo does); scale the data or the residual down")
+    return total
+
+
 def _broadcast_data(text: str, option: str, shape):
     import numpy as np
 
@@ -167,7 +182,7 @@ def _explain(args: argparse.Namespace) -> int:
     residual, residual_origin = load_residual(args, x) if args.residual else (None, None)
     # after the residual add every stage sees the sum, rounded to the data's float32 as the
     # block rounds it to x's dtype: the statistics, the output and the page are of s = x + r
-    data = x if residual is None else x + residual
+    data = x if residual is None else _residual_sum(x, residual)
     if args.gate_data is not None and not args.gate:
         raise NormlabError("--gate-data needs --gate ACT (silu, sigmoid or gelu)")
     # a gate before the statistics: they, the output and the page are of h = s · φ(z), in
