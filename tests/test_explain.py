@@ -222,3 +222,21 @@ def test_the_cube_names_tokens_and_features_in_the_nlp_and_rms_views_of_3d_data(
     assert 'data-nlp="T · tokens" data-vision="C · channels"' in three
     assert 'data-nlp="D · features" data-vision="H·W · positions"' in three
     assert "data-nlp" not in cube_geometry((2, 3, 2, 2)).decorations  # 4-D: the NLP views keep channels
+
+
+@pytest.mark.parametrize("row", [[1000001, 1000002, 1000003], [0.1234567, 0.1234568, 0.5], [16777218, 16777220, 1]],
+                         ids=["millions", "seventh digit", "past 2**24"])
+def test_distinct_values_are_drawn_distinct_and_read_back_as_themselves(row):
+    # six significant digits drew 1000001, 1000002 and 1000003 all as 1e+06, under the claim
+    # "the middle value is the mean" of what looked like a constant group
+    from normlab.explain.model import format_value
+
+    x = np.array([row], np.float32)
+    view = explain_array(x, "layer")
+    texts = [format_value(v) for v in view.x.ravel()]
+    assert len(set(texts)) == len(set(x.ravel().tolist()))
+    assert [np.float32(t) for t in texts] == x.ravel().tolist()
+    console = make_console(no_color=True, file=io.StringIO(), width=200)
+    render_view(console, view, limit=12)
+    drawn = console.file.getvalue()
+    assert all(t in drawn for t in texts)

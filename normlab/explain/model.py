@@ -224,8 +224,25 @@ def all_views(x, chosen: NormView | None = None) -> list[NormView]:
 
 
 def format_value(value) -> str:
-    """An input value as one writes it by hand: ``4``, ``0.5``, ``-1.25``."""
-    return f"{float(value):g}"
+    """An input value as one writes it by hand: ``4``, ``0.5``, ``-1.25``; with as many
+    digits as it takes to read back as the same float32 (``1000001``, not ``1e+06``), so
+    that distinct values never look equal.
+
+    float64 values are computed ones (the gated input h = x · φ(z)), shown to six digits.
+
+    >>> format_value(4.0), format_value(-0.5), format_value(np.float32(1000001)), format_value(np.float32(0.1))
+    ('4', '-0.5', '1000001', '0.1')
+    """
+    computed = isinstance(value, np.float64)
+    value = float(value)
+    if computed or not math.isfinite(value):
+        return f"{value:g}"
+    target = np.float32(value)
+    for digits in range(6, 9):  # nine significant digits tell every two float32 apart
+        text = f"{value:.{digits}g}"
+        if np.float32(text) == target:
+            return text
+    return f"{value:.9g}"
 
 
 def format_output(value) -> str:
