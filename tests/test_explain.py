@@ -240,3 +240,10 @@ def test_distinct_values_are_drawn_distinct_and_read_back_as_themselves(row):
     render_view(console, view, limit=12)
     drawn = console.file.getvalue()
     assert all(t in drawn for t in texts)
+
+
+def test_an_equal_pair_of_minus_zero_and_zero_is_named_as_drawn():
+    # -0 == 0, so they share outputs; the claim named the pair "-0 and -0" beside cells drawn -0 and 0
+    view = explain_array(np.array([[-0.0, 0.0, 1.0]], np.float32), "layer")
+    texts = [o.text for o in observations(view) if "share a group" in o.text]
+    assert len(texts) == 1 and "-0 and 0 share a group" in texts[0]

@@ -326,8 +326,8 @@ def observations(view: NormView) -> list[Observation]:
             if len(same) < 2:
                 continue
             shown = format_value(value)
-            if len(same) == 2:
-                who = f"{shown} and {shown}"
+            if len(same) == 2:  # each as drawn: -0 equals 0
+                who = f"{format_value(values[same[0]])} and {format_value(values[same[1]])}"
             else:
                 who = f"the {_COUNT_WORDS.get(len(same), len(same))} {shown}s"
             spots = [_position(view, members[i]) for i in same[:4]]
