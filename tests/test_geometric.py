@@ -95,6 +95,18 @@ def test_graph_norm_twin_matches_pyg_including_the_mean_scale_gradient(sorted_id
     assert repr(ours) == repr(theirs)
 
 
+
+@pytest.mark.parametrize("features", [(3, 6), ()], ids=["heads", "one-channel"])
+def test_graph_norm_twin_takes_node_features_of_any_shape_as_pyg_broadcasts_them(features):
+    x, batch, graphs = _batch(False, seed=4)
+    x = torch.randn(x.shape[0], *features, dtype=torch.float64) + 2  # (n, heads, c) and (n,)
+    channels = features[-1] if features else 1
+    ours, theirs = geometric.GraphNorm(channels).double(), pyg_norm.GraphNorm(channels).double()
+    _randomize(ours)
+    _copy_params(ours, theirs)
+    _compare(ours, theirs, x, batch, graphs)
+    _compare(ours, theirs, x)
+
 def test_batch_norm_twin_matches_pyg_and_keeps_its_module_keys():
     x, _, _ = _batch(True, seed=3)
     ours, theirs = geometric.BatchNorm(6).double(), pyg_norm.BatchNorm(6).double()

@@ -14,6 +14,7 @@ torch.Size([5, 3])
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -226,20 +227,26 @@ class GraphNorm(nn.Module):
             batch = x.new_zeros(x.size(0), dtype=torch.long)
             batch_size = 1
         batch_size = _batch_size(batch, batch_size)
+        shape = x.shape
+        # PyG's broadcasting takes nodes of any shape (n, ..., c) and (n,): one column per feature
+        features = shape[1:] if x.dim() > 1 else (1,)
+        x = x.reshape(shape[0], math.prod(features))
+        weight, bias, mean_scale = (torch.broadcast_to(p, features).reshape(-1)
+                                    for p in (self.weight, self.bias, self.mean_scale))
         # the mean below runs before normalize_masked checks the batch vector: check it first
         check_segment_ids(x, "[n] c", batch, batch_size)
         # PyG's output dtype, but the mean and the centering in at least float32: PyG sums
         # bfloat16/float16 nodes in their own dtype, which costs float32 outputs two digits
         dtype = x.dtype
-        for p in (self.mean_scale, self.weight, self.bias):
+        for p in (mean_scale, weight, bias):
             dtype = torch.promote_types(dtype, p.dtype)
         acc = torch.promote_types(dtype, torch.float32)
         xs = x.to(acc)
         counts = torch.bincount(batch, minlength=batch_size).clamp_min(1).to(acc).unsqueeze(1)
         mean = xs.new_zeros(batch_size, x.size(1)).index_add_(0, batch, xs) / counts
-        out = xs - mean.index_select(0, batch) * self.mean_scale.to(acc)
-        return normalize_masked(out, "[n] c", weight=self.weight.to(acc), bias=self.bias.to(acc), params="c",
-                                eps=self.eps, rms=True, segment_ids=batch, num_segments=batch_size).y.to(dtype)
+        out = xs - mean.index_select(0, batch) * mean_scale.to(acc)
+        return normalize_masked(out, "[n] c", weight=weight.to(acc), bias=bias.to(acc), params="c", eps=self.eps,
+                                rms=True, segment_ids=batch, num_segments=batch_size).y.to(dtype).reshape(shape)
 
     def __repr__(self):
         return f"{self.__class__.__name__}({self.in_channels})"
