@@ -196,3 +196,18 @@ def test_a_gate_before_a_layer_norm_far_from_zero_keeps_float64_gradients_to_1e4
     want = torch.autograd.grad(y, leaves, torch.tensor(grad_y, dtype=torch.float64))
     _close(got.x, want[0].numpy(), 1e-4)
     _close(got.gate, want[1].numpy(), 1e-4)
+
+
+def test_a_gate_that_multiplies_the_gradient_past_float32s_range_is_applied_in_float64():
+    """silu(1e20) = 1e20 times gradients of 1e20: the gradient entering the norm is 1e40,
+    past float32's maximum, while its gradients, times rstd ≈ 1e-10, are about 1e30."""
+    rng = np.random.default_rng(9)
+    x = (rng.normal(size=(1, 4, 64)) * 1e10).astype(np.float32)
+    z = np.full(x.shape, 1e20, np.float32)
+    grad_y = (rng.normal(size=x.shape) * 1e20).astype(np.float32)
+    ones, zeros = np.ones(64, np.float32), np.zeros(64, np.float32)
+    got = _gated_ours(x, z, grad_y, groups=1, eps=1e-6, weight=ones, bias=zeros)
+    want = _gated_autograd(x, z, grad_y, groups=1, eps=1e-6, weight=ones, bias=zeros)
+    _close(got[0], want[0], 1e-5)
+    _close(got[1], want[1], 1e-5)
+

@@ -479,9 +479,10 @@ def direct_gamma_sums32(grad, x, w, scale, hi, lo, rs):
 
 
 @reduction
-def buffered_gamma_sums32(gamma, x_hat, grad):
+def buffered_gamma_sums32(gamma, x_hat, grad, entering):
     """:func:`direct_gamma_sums32` of a gated block: γ and x̂ from their float32 buffers,
-    Σ |g| of the gradient before the gate."""
+    Σ |g| of the larger of the gradient before the gate and the one entering the norm (a
+    gate after the norm multiplies it, by up to |z|)."""
     sum_gamma = np.float32(0.0)
     sum_gamma_hat = np.float32(0.0)
     sum_abs = np.float32(0.0)
@@ -489,7 +490,7 @@ def buffered_gamma_sums32(gamma, x_hat, grad):
         c = gamma[i]
         sum_gamma += c
         sum_gamma_hat += c * x_hat[i]
-        sum_abs += abs(load32(grad[i]))
+        sum_abs += max(abs(load32(grad[i])), abs(entering[i]))
     return np.float64(sum_gamma), np.float64(sum_gamma_hat), np.float64(sum_abs)
 
 
@@ -514,8 +515,9 @@ def direct_row_backward32(grad_y, grad_sum, has_grad_sum, x, gate, gate_mode, co
         acc_gx = np.zeros((groups, n), np.float32)
         acc_g = np.zeros((groups, n), np.float32)
         held = np.zeros(groups, np.int64)
-        gamma = np.empty(n, np.float32)  # a gated row's γ, x̂, and (gate first) φ and φ'
+        gamma = np.empty(n, np.float32)  # a gated row's γ, x̂, g entering the norm, and (gate first) φ and φ'
         x_hats = np.empty(n, np.float32)
+        entering = np.empty(n, np.float32)
         phis = np.empty(n, np.float32)
         dphis = np.empty(n, np.float32)
         part_w = weight_parts[k]
@@ -575,6 +577,7 @@ def direct_row_backward32(grad_y, grad_sum, has_grad_sum, x, gate, gate_mode, co
                     g = gy * np.float32(gate_used(phi))
                     gamma[j] = (g * w_row[j]) * sc_row[j]
                     x_hats[j] = x_hat
+                    entering[j] = g
                     a_gx[j] += g * x_hat
                     a_g[j] += g
             elif gate_mode == GATE_FIRST:  # the gated row h = x·φ is what the statistics saw
@@ -587,12 +590,14 @@ def direct_row_backward32(grad_y, grad_sum, has_grad_sum, x, gate, gate_mode, co
                     g = load32(g_row[j])
                     gamma[j] = (g * w_row[j]) * sc_row[j]
                     x_hats[j] = x_hat
+                    entering[j] = g
                     a_gx[j] += g * x_hat
                     a_g[j] += g
             if gate_mode != GATE_NONE:
                 for start in range(0, n, BLOCK):
                     stop = min(n, start + BLOCK)
-                    a, b, c = buffered_gamma_sums32(gamma[start:stop], x_hats[start:stop], g_row[start:stop])
+                    a, b, c = buffered_gamma_sums32(gamma[start:stop], x_hats[start:stop], g_row[start:stop],
+                                                    entering[start:stop])
                     sum_gamma += a
                     sum_gamma_hat += b
                     sum_abs += c
