@@ -211,3 +211,16 @@ def test_a_gate_that_multiplies_the_gradient_past_float32s_range_is_applied_in_f
     _close(got[0], want[0], 1e-5)
     _close(got[1], want[1], 1e-5)
 
+
+def test_a_gate_before_the_norm_on_values_near_the_float32_maximum_keeps_finite_gate_gradients():
+    """x ≈ 1e38 and silu(-80) ≈ -1e-33: the gate gradient's product grad_h·x overflows
+    float32 before silu'(-80) ≈ -1e-33 brings it back to about 1e6."""
+    rng = np.random.default_rng(10)
+    x = (rng.uniform(0.5, 1.0, size=(1, 4, 64)) * 1e38).astype(np.float32)
+    z = np.full(x.shape, -80.0, np.float32)
+    grad_y = (rng.normal(size=x.shape) * 1e6).astype(np.float32)
+    ones, zeros = np.ones(64, np.float32), np.zeros(64, np.float32)
+    got = _gated_ours(x, z, grad_y, groups=1, eps=1e-6, weight=ones, bias=zeros, norm_before_gate=False)
+    want = _gated_autograd(x, z, grad_y, groups=1, eps=1e-6, weight=ones, bias=zeros, norm_before_gate=False)
+    _close(got[0], want[0], 1e-5)
+    _close(got[1], want[1], 1e-5)

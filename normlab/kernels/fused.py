@@ -621,11 +621,17 @@ def direct_row_backward32(grad_y, grad_sum, has_grad_sum, x, gate, gate_mode, co
                     gx_row[j] = store(grad_h + load32(grad_sum[r, j]) if has_grad_sum else grad_h)
             elif gate_mode == GATE_FIRST:
                 gz_row = grad_gate[r]
+                reach = np.float32(0.0)  # inf where grad_h or grad_h·x overflowed before φ, φ' made them small
                 for j in range(n):
                     grad_h = ((gamma[j] - x_hats[j] * proj) - mean_gamma) * rs
-                    gz_row[j] = store((grad_h * load32(x_row[j])) * dphis[j])
+                    grad_z = (grad_h * load32(x_row[j])) * dphis[j]
+                    gz_row[j] = store(grad_z)
                     grad_s = grad_h * phis[j]
+                    reach += abs(grad_z) + abs(grad_s)
                     gx_row[j] = store(grad_s + load32(grad_sum[r, j]) if has_grad_sum else grad_s)
+                if not reach < np.inf:
+                    redo[k] = True
+                    break
             elif has_grad_sum:
                 gs_row = grad_sum[r]
                 for j in range(n):
