@@ -67,10 +67,26 @@ class Kernel:
     def __init__(self, fn):
         self.py_func = fn
         self.serial = numba.njit(parallel=False, **NUMBA_OPTIONS)(_renamed(fn, "_serial"))
-        claimed, self.loops = claiming(fn)
-        self.claimed = numba.njit(**NUMBA_OPTIONS)(claimed)
+        self._claims = None  # (the threaded variant, its loops): built on first use
         self._parallel = None
         functools.update_wrapper(self, fn)
+
+    def _claimed_variant(self) -> tuple:
+        # rewriting the source for claims takes about 25 ms a kernel: on first use, not at
+        # import (two threads may both build it; either result is the same)
+        if self._claims is None:
+            claimed, loops = claiming(self.py_func)
+            self._claims = (numba.njit(**NUMBA_OPTIONS)(claimed), loops)
+        return self._claims
+
+    @property
+    def claimed(self):
+        """The threaded variant: the source with its ``prange`` loops shared out by claims."""
+        return self._claimed_variant()[0]
+
+    @property
+    def loops(self):
+        return self._claimed_variant()[1]
 
     @property
     def parallel(self):
@@ -86,7 +102,8 @@ class Kernel:
         if threads.numba_layer is not None:
             with threads.parallel_lock, threads.at_most(count):  # Numba's pools: one caller at a time
                 return self.parallel(*args)
-        return threads.run(self.claimed, self.serial, args, self.loops, count)
+        claimed, loops = self._claimed_variant()
+        return threads.run(claimed, self.serial, args, loops, count)
 
 
 def kernel(fn) -> Kernel:
