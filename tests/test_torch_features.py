@@ -230,3 +230,36 @@ def test_a_wrong_input_shape_raises_torch_nn_exception_type():
     with pytest.raises(RuntimeError) as raised:
         converted[1:](bad)
     assert str(raised.value) == str(expected.value)
+
+
+class _ResidualBlock(nn.Module):
+    """A ResNet block as torchvision and transformers write it: conv, norm, ReLU(inplace=True),
+    conv, norm, then the shortcut added in place into the norm's output."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.norm1, self.norm2, self.relu = norm(), norm(), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.norm2(self.conv2(self.relu(self.norm1(self.conv1(x)))))
+        out += x
+        return self.relu(out)
+
+
+@pytest.mark.parametrize("norm", [lambda: nn.BatchNorm2d(4), lambda: nn.GroupNorm(2, 4)], ids=["batch", "group"])
+def test_channels_last_residual_block_trains_with_in_place_relu_and_shortcut_as_torch_nn(norm):
+    # the norms keep channels_last; their output must be no view made inside an autograd
+    # Function, which autograd refuses to let ReLU(inplace=True) or `out += x` modify
+    torch.manual_seed(0)
+    reference = _ResidualBlock(norm).double().to(memory_format=torch.channels_last)
+    converted = nt.convert(copy.deepcopy(reference))
+    x = batch(dtype=torch.float64).repeat(1, 2, 1, 1)[:, :4].contiguous(memory_format=torch.channels_last)
+    found = []
+    for model in (reference, converted):
+        source = x.clone().requires_grad_()
+        y = model(source)
+        y.square().sum().backward()
+        found.append((y, source.grad, [p.grad for p in model.parameters()], list(model.buffers())))
+    assert found[1][0].is_contiguous(memory_format=torch.channels_last)
+    assert_close(found[1], found[0])

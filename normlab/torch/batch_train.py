@@ -56,8 +56,10 @@ class TrainCall:
         # straight away (pool.empty's own checks cost a microsecond and a half)
         small = self.count * self.view[1] * self.dtype.itemsize < pool.MIN_BYTES
         array = np.empty(self.dense, self.dtype) if small else pool.empty(self.dense, self.dtype)
-        tensor = torch.from_numpy(array)
-        return (tensor if self.perm is None else tensor.permute(self.inverse)), array.reshape(self.view)
+        # laid out as x by NumPy, not by torch's permute: no view, which autograd would refuse to
+        # let a ReLU(inplace=True) modify (see normlab.torch.spec._empty_like_dense)
+        tensor = torch.from_numpy(array if self.perm is None else array.transpose(self.inverse))
+        return tensor, array.reshape(self.view)
 
 
 def _plan_call(x: Tensor) -> Optional[TrainCall]:

@@ -269,8 +269,10 @@ def _empty_like_dense(x: Tensor, perm) -> Tensor:
     if x.dtype not in _NUMPY_DTYPES:
         return torch.empty_like(x)
     shape = tuple(x.shape) if perm is None else tuple(x.shape[p] for p in perm)
-    y = torch.from_numpy(pool.empty(shape, _NUMPY_DTYPES[x.dtype]))
-    return y if perm is None else y.permute(_inverse(perm))
+    array = pool.empty(shape, _NUMPY_DTYPES[x.dtype])
+    # the strides come from NumPy, not torch's permute: an output that is a view of a tensor made
+    # inside an autograd Function may not be modified in place (a ReLU(inplace=True) after the norm)
+    return torch.from_numpy(array if perm is None else array.transpose(_inverse(perm)))
 
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
