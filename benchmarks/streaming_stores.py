@@ -63,7 +63,7 @@ def _cases(mib: int) -> dict:
     def backward_args():
         parts = np.zeros((2, -(-count // chunk), 1, n))
         return (g, plain, x, plain, n, w, 1, 1, False, 1e-5, False, np.empty(count), np.empty(count), chunk, y,
-                plain, parts[0], parts[1])
+                plain, parts[0], parts[1], np.zeros(parts.shape[1], np.bool_))
 
     images = x.reshape(16, 64, -1)
     image_out = y.reshape(images.shape)

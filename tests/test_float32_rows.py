@@ -118,3 +118,23 @@ def test_float32_rows_are_bit_identical_on_one_and_two_threads(every_call_thread
     finally:
         numba.set_num_threads(before)
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_float32_backward_of_gradients_near_float32s_largest_matches_float64(rms):
+    """Output gradients of 5e36 with the sign of x̂: a row's Σ g·x̂ passes float32's largest,
+    though grad_x itself does not. Oracle: the float64 backward written here from the
+    definition, grad_x = rstd·(g − mean(g) − x̂·mean(g·x̂)) (RMS: no mean(g) term)."""
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((8, 4096)).astype(np.float32)
+    grad_y = (np.sign(x) * 5e36 * (0.5 + rng.random(x.shape))).astype(np.float32)
+    x64, g64 = x.astype(np.float64), grad_y.astype(np.float64)
+    x_hat = definition(x, 1e-5, rms)
+    centered = 0.0 if rms else x64.mean(axis=1, keepdims=True)
+    rstd = x_hat[:, :1] / (x64[:, :1] - centered)
+    expected = rstd * (g64 - (0.0 if rms else g64.mean(axis=1, keepdims=True))
+                       - x_hat * (g64 * x_hat).mean(axis=1, keepdims=True))
+    got = normlab.normalize_backward(grad_y, x, "b [d]", rms=rms)[0]
+    assert np.isfinite(expected.astype(np.float32)).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+

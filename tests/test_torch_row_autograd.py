@@ -309,3 +309,85 @@ def test_rows_of_extreme_scale_among_ordinary_ones_get_float64_accurate_gradient
     torch.testing.assert_close((ours[0].double() / scale), expected[0] / scale, rtol=0, atol=1e-5)
     for got, want in zip(ours[1:], expected[1:]):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("cls_name, args, shape, case", [
+    ("LayerNorm", (4096,), (40, 4096), "gradient"),
+    ("RMSNorm", (4096,), (40, 4096), "gradient"),
+    ("GroupNorm", (4, 16), (2, 16, 300), "gradient"),
+    ("LayerNorm", (4096,), (40, 4096), "weight"),
+    ("RMSNorm", (4096,), (40, 4096), "weight"),
+])
+def test_float32_gradients_near_float32s_largest_match_float64(cls_name, args, shape, case, no_full_path):
+    """Output gradients near float32's largest (5e36), or weights of 1e36, whose signs follow
+    x: a row's Σ g·w·x̂ passes float32's largest though every gradient float64 gives is
+    finite in float32. The float32 backward hands such calls to the float64 kernel.
+    Oracle: torch autograd in float64 on the same float32 values; gradients whose float64
+    value float32 cannot hold are left out."""
+    reference, twin = _pair(cls_name, args, torch.float64)
+    twin.float()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(13))
+    magnitude = torch.rand(shape, generator=torch.Generator().manual_seed(14)) + 0.5
+    if case == "gradient":
+        grad_y = magnitude * torch.sign(x) * 5e36
+    else:
+        grad_y = magnitude * torch.sign(x)
+        with torch.no_grad():
+            for module in (reference, twin):
+                module.weight.fill_(1e36)
+    x64 = x.double().requires_grad_()
+    expected = _grads(reference, x64, grad_y.double(), (x64, *reference.parameters()))
+    leaf = x.clone().requires_grad_()
+    got = _grads(twin, leaf, grad_y, (leaf, *twin.parameters()))
+    assert torch.isfinite(expected[0].float()).all()  # the case is one float32 can hold
+    for mine, theirs in zip(got, expected):
+        holds = torch.isfinite(theirs.float())
+        if not holds.any():
+            continue
+        assert torch.isfinite(mine[holds]).all()
+        torch.testing.assert_close(mine.double()[holds], theirs[holds], rtol=1e-4,
+                                   atol=1e-4 * float(theirs[holds].abs().max()))
+
+
+def test_float32_parameter_gradients_that_cancel_past_float32s_largest_match_float64(no_full_path):
+    """One column's output gradients of ±2e38 over four rows, two of each sign, where x̂ is
+    about 1: the weight and bias gradients summed in float32 pass float32's largest
+    halfway and end near 0 in float64. Oracle: torch autograd in float64 on the same
+    float32 values."""
+    reference, twin = _pair("LayerNorm", (16384,), torch.float64)
+    twin.float()
+    x = torch.randn(4, 16384, generator=torch.Generator().manual_seed(16))
+    x[:, 7] = 1.0
+    grad_y = torch.zeros(4, 16384)
+    grad_y[:, 7] = torch.tensor([2e38, 2e38, -2e38, -2e38])
+    x64 = x.double().requires_grad_()
+    expected = _grads(reference, x64, grad_y.double(), (x64, *reference.parameters()))
+    leaf = x.clone().requires_grad_()
+    got = _grads(twin, leaf, grad_y, (leaf, *twin.parameters()))
+    for mine, theirs in zip(got, expected):
+        assert torch.isfinite(theirs.float()).all()
+        torch.testing.assert_close(mine.double(), theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
+
+
+def test_float32_group_norm_gradient_times_a_channel_weight_past_float32s_largest_matches_float64(no_full_path):
+    """Output gradients of ±1e35 on two equal values of a group, times a channel weight of
+    1e4: the group's sums stay 0, but g·w passes float32's largest, and float64 gives a
+    finite grad_x (about 1e37, the rstd being 0.01). Oracle: torch autograd in float64 on
+    the same float32 values."""
+    reference, twin = _pair("GroupNorm", (1, 2), torch.float64)
+    twin.float()
+    with torch.no_grad():
+        for module in (reference, twin):
+            module.weight.fill_(1e4)
+    x = torch.randn(1, 2, 64, generator=torch.Generator().manual_seed(17)) * 100
+    x[0, 0, 5] = x[0, 0, 6] = 3.0
+    grad_y = torch.zeros(1, 2, 64)
+    grad_y[0, 0, 5], grad_y[0, 0, 6] = 1e35, -1e35
+    x64 = x.double().requires_grad_()
+    expected = _grads(reference, x64, grad_y.double(), (x64, *reference.parameters()))
+    leaf = x.clone().requires_grad_()
+    got = _grads(twin, leaf, grad_y, (leaf, *twin.parameters()))
+    for mine, theirs in zip(got, expected):
+        assert torch.isfinite(theirs.float()).all()
+        torch.testing.assert_close(mine.double(), theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
+

@@ -448,19 +448,20 @@ def _row_backward_kernel(dtype: np.dtype):
     return row_backward
 
 
-def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need_params=False):
+def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need_params=False, dtype=None):
     """Twin of :func:`normlab.reference.backward` through the kernels.
 
     Returns ``(grad_x, grad_weight, grad_bias)``: ``grad_x`` in the expanded view (float32
     or float64), the parameter gradients in ``plan.param_broadcast_shape`` (float64) when
     ``need_params``, else None; or None when the plan has no canonical view. Statistics
-    are recomputed when ``rstd`` is None.
+    are recomputed when ``rstd`` is None. ``dtype`` forces the compute dtype (float64 where
+    the float32 kernel met gradients past float32's range).
     """
     plan = prepared.plan
     view = view_of(plan)
     if view is None:
         return None
-    dtype = _compute_dtype(prepared.x, grad_y)
+    dtype = _compute_dtype(prepared.x, grad_y) if dtype is None else dtype
     shape = (view.rows, view.n) if isinstance(view, RowView) else (view.outer, view.channels, view.inner)
     transposed = isinstance(view, RowView) and view.order is not None
     if transposed:
@@ -492,9 +493,15 @@ def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need
         if transposed:
             x, g = (x, strided.PLAIN_ROWS), (g, strided.PLAIN_ROWS)
         g, x, gx = strided.one_kind(g, x, (grad_x, strided.PLAIN_ROWS))
-        _row_backward_kernel(grad_x.dtype)(*g, *x, view.n, weight, view.param_row_stride, view.param_inner, rms, eps,
-                                           stats_given, mean_flat, rstd_flat, chunk_rows, *gx, weight_parts,
-                                           bias_parts, serial=serial)
+        arguments = (*g, *x, view.n, weight, view.param_row_stride, view.param_inner, rms, eps, stats_given,
+                     mean_flat, rstd_flat, chunk_rows, *gx, weight_parts, bias_parts)
+        if float32_rows:
+            redo = np.zeros(chunks, np.bool_)
+            _row_backward_kernel(grad_x.dtype)(*arguments, redo, serial=serial)
+            if b"\x01" in redo.tobytes():  # gradients past float32's range: the float64 kernel
+                return backward(prepared, grad_y, eps, rms, mean, rstd, need_params, dtype=np.dtype(np.float64))
+        else:
+            _row_backward_kernel(grad_x.dtype)(*arguments, serial=serial)
         grad_weight, grad_bias = _sum_parts(weight_parts), _sum_parts(bias_parts)
     else:
         grad_weight, grad_bias = np.empty(groups), np.empty(groups)

@@ -234,14 +234,34 @@ class FastBackward:
             g, x_rows, gx = strided.one_kind(plan.rows_of(grad_y), plan.rows_of(x), (grad_x, plain))
         arguments = (*g, *x_rows, n, weight_table, plan.param_row_stride, plan.param_inner, plan.rms, 0.0, True,
                      mean_flat, rstd.reshape(rows), self.chunk_rows, *gx, weight_parts, bias_parts)
+        redo = np.zeros(self.chunks, np.bool_) if dtype == np.float32 else None  # (the float32 kernel's flags)
+        if redo is not None:
+            arguments += (redo,)
         if rows * n < threads.serial_below():
             self.kernel.serial(*arguments)
         else:
             self.kernel(*arguments)
+        if redo is not None and b"\x01" in redo.tobytes():  # gradients past float32's range: in float64
+            grad_x, weight_parts, bias_parts = self._in_float64(grad_y, x, weight_table, mean_flat, rstd)
         grad_x = grad_x.reshape(plan.out_shape)
         if not need_params:
             return grad_x, None, None
         return grad_x, self._params(_sum_parts(weight_parts)), self._params(_sum_parts(bias_parts))
+
+    def _in_float64(self, grad_y, x, weight_table, mean_flat, rstd):
+        """The float64 kernel's ``(grad_x, weight_parts, bias_parts)``, grad_x rounded to float32."""
+        from normlab.kernels.rows import row_backward
+
+        plan, plain = self.forward, strided.PLAIN_ROWS
+        rows, n = shape = plan.shape
+        grad_x = np.empty(shape)
+        weight_parts = np.zeros(self.parts_shape)
+        bias_parts = np.zeros(self.parts_shape)
+        row_backward(np.ascontiguousarray(grad_y, np.float64).reshape(shape), plain,
+                     np.ascontiguousarray(x, np.float64).reshape(shape), plain, n, weight_table.astype(np.float64),
+                     plan.param_row_stride, plan.param_inner, plan.rms, 0.0, True, mean_flat, rstd.reshape(rows),
+                     self.chunk_rows, grad_x, plain, weight_parts, bias_parts)
+        return grad_x.astype(np.float32), weight_parts, bias_parts
 
     def _params(self, table: np.ndarray) -> np.ndarray:
         plan = self.forward

@@ -19,6 +19,16 @@ float64 form). With ``x̂ = (x − mean)·rstd`` and ``ĝ = g·w``:
   index order by the caller), so the sums are the same on every thread count.
 * a row whose rstd leaves (RSTD_LOW, RSTD_HIGH), where float32 products could underflow
   or overflow, runs in float64, as in the forward.
+* gradients so large that float32 could overflow where float64 does not send the whole
+  call to the float64 kernel (the chunk's ``redo`` flag). Each row adds up, in float64,
+  ``|proj|·√n + |mean_gw|`` (bounds of grad_x's terms x̂·proj and mean_gw, as |x̂| ≤ √n)
+  and, with one weight per channel, ``Σ|g|·|w|``; a chunk adds its parameter-gradient
+  parts times 0. A block sum or a product g·w past float32's largest is inf there, a
+  parameter term summed past it is inf in the parts, and every other term of grad_x is
+  below the total; a total of :data:`TERMS_LIMIT` or more, inf or NaN, redoes the call.
+  With one weight per element this reads nothing the kernel does not compute anyway (a
+  third sum in those row loops cost rows of 64 twice their time). Left open: one product g·w within 6% of float32's largest, with an rstd
+  below 1, can still round grad_x to inf where float64 gives a finite value.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from normlab.kernels.sums import group_stats
 
 BLOCK = 1024  # elements per float32 partial sum (64 SIMD accumulators × 16 adds), flushed to float64
 FLUSH_ROWS = 16  # rows whose per-element parameter terms add up in float32 before a float64 flush
+TERMS_LIMIT = 1e37  # a chunk's bound on grad_x's terms, a tenth of float32's largest (see above)
 
 
 @reduction
@@ -49,13 +60,15 @@ def _weighted_sums(g, x, w, hi, lo, rs, zero):
 
 @reduction
 def _plain_sums(g, x, hi, lo, rs, zero):
-    """(Σ g, Σ g·x̂) over one block, in the arithmetic of ``zero``, returned in float64."""
+    """(Σ g, Σ g·x̂, Σ |g|) over one block, in the arithmetic of ``zero``, returned in float64."""
     sum_g = zero
     sum_gx = zero
+    sum_abs = zero
     for i in range(x.shape[0]):
         sum_g += g[i]
         sum_gx += g[i] * (((x[i] - hi) - lo) * rs)
-    return np.float64(sum_g), np.float64(sum_gx)
+        sum_abs += abs(g[i])
+    return np.float64(sum_g), np.float64(sum_gx), np.float64(sum_abs)
 
 
 @reduction
@@ -76,23 +89,27 @@ def _blocked_plain_sums(g, x, hi, lo, rs, zero):
     """:func:`_plain_sums` over a segment longer than a block, block by block."""
     sum_g = 0.0
     sum_gx = 0.0
+    sum_abs = 0.0
     for start in range(0, x.shape[0], BLOCK):
         stop = min(start + BLOCK, x.shape[0])
-        sg, sgx = _plain_sums(g[start:stop], x[start:stop], hi, lo, rs, zero)
+        sg, sgx, sa = _plain_sums(g[start:stop], x[start:stop], hi, lo, rs, zero)
         sum_g += sg
         sum_gx += sgx
-    return sum_g, sum_gx
+        sum_abs += sa
+    return sum_g, sum_gx, sum_abs
 
 
 @inline_helper
 def _row_sums(g_row, x_row, w_row, part_w, part_b, inner, hi, lo, rs, zero):
-    """(Σ g·w, Σ g·w·x̂) of one row in float64; per-channel parameters (``inner > 1``) get
-    their parts here, from the channel sums."""
+    """(Σ g·w, Σ g·w·x̂, Σ |g|·|w|) of one row in float64, the last 0 with one weight per
+    element (their products g·w are in the first sum, in the row's arithmetic);
+    per-channel parameters (``inner > 1``) get their parts here, from the channel sums."""
     n = x_row.shape[0]
     channels = w_row.shape[0]
     if inner == 1:
         if n == channels and n <= BLOCK:  # one short row of per-element weights: one block
-            return _weighted_sums(g_row, x_row, w_row, hi, lo, rs, zero)
+            sum_gw, sum_gwx = _weighted_sums(g_row, x_row, w_row, hi, lo, rs, zero)
+            return sum_gw, sum_gwx, 0.0
         sum_gw = 0.0
         sum_gwx = 0.0
         for base in range(0, n, channels):
@@ -100,21 +117,24 @@ def _row_sums(g_row, x_row, w_row, part_w, part_b, inner, hi, lo, rs, zero):
                                              hi, lo, rs, zero)
             sum_gw += sg
             sum_gwx += sgx
-        return sum_gw, sum_gwx
+        return sum_gw, sum_gwx, 0.0
     sum_gw = 0.0
     sum_gwx = 0.0
+    sum_abs = 0.0
     for a in range(n // (channels * inner)):
         for c in range(channels):
             base = (a * channels + c) * inner
             if inner <= BLOCK:
-                sg, sgx = _plain_sums(g_row[base:base + inner], x_row[base:base + inner], hi, lo, rs, zero)
+                sg, sgx, sa = _plain_sums(g_row[base:base + inner], x_row[base:base + inner], hi, lo, rs, zero)
             else:
-                sg, sgx = _blocked_plain_sums(g_row[base:base + inner], x_row[base:base + inner], hi, lo, rs, zero)
+                sg, sgx, sa = _blocked_plain_sums(g_row[base:base + inner], x_row[base:base + inner], hi, lo, rs,
+                                                  zero)
             sum_gw += np.float64(w_row[c]) * sg
             sum_gwx += np.float64(w_row[c]) * sgx
+            sum_abs += abs(np.float64(w_row[c])) * sa
             part_w[c] += sgx
             part_b[c] += sg
-    return sum_gw, sum_gwx
+    return sum_gw, sum_gwx, sum_abs
 
 
 @inline_helper
@@ -198,10 +218,11 @@ def _in_float32_range(rstd) -> bool:
 
 
 @inline_helper
-def _per_element_row(g_row, x_row, gx_row, w_row, acc_w, acc_b, m, rs, rms, streaming):
+def _per_element_row(g_row, x_row, gx_row, w_row, acc_w, acc_b, m, rs, rms, streaming, root_n):
     """One row with one weight per element and an rstd in float32's range, in float32:
     its two sums block by block, then ``grad_x`` with the parameter terms added into
-    ``acc_w``/``acc_b`` in the same loop (non-temporal stores where ``streaming``)."""
+    ``acc_w``/``acc_b`` in the same loop (non-temporal stores where ``streaming``).
+    Returns the row's bound on grad_x's terms (:func:`_terms`)."""
     n = x_row.shape[0]
     hi = np.float32(m)
     lo = np.float32(m - hi)
@@ -220,38 +241,60 @@ def _per_element_row(g_row, x_row, gx_row, w_row, acc_w, acc_b, m, rs, rms, stre
         _gradient_row_streaming(g_row, x_row, gx_row, w_row, acc_w, acc_b, hi, lo, rs32, proj, mean_gw)
     else:
         _gradient_elements(g_row, x_row, gx_row, w_row, acc_w, acc_b, 0, n, hi, lo, rs32, proj, mean_gw)
+    return _terms(proj, mean_gw, root_n)
+
+
+@inline_helper
+def _terms(proj, mean_gw, root_n):
+    """``|proj|·√n + |mean_gw|`` in float64: a bound of grad_x's terms x̂·proj and mean_gw
+    (inf or NaN where a sum overflowed)."""
+    return abs(np.float64(proj)) * root_n + abs(np.float64(mean_gw))
+
+
+@reduction
+def _nonfinite(part_w, part_b):
+    """0 where every entry of the parts is finite, else NaN (a reduction: vectorized)."""
+    total = 0.0
+    for c in range(part_w.shape[0]):
+        total += part_w[c] * 0.0 + part_b[c] * 0.0
+    return total
 
 
 @helper
-def _other_row(g_row, x_row, gx_row, w_row, acc_w, acc_b, part_w, part_b, inner, rms, m, rs):
+def _other_row(g_row, x_row, gx_row, w_row, acc_w, acc_b, part_w, part_b, inner, rms, m, rs, root_n):
     """A row off the kernel's hot path (parameters per channel or repeating along the row,
     or an rstd that float32 cannot hold), kept out of line so that the hot loop stays
-    small. Returns 1 when its parameter terms went into the float32 accumulators."""
+    small. Returns (1 when its parameter terms went into the float32 accumulators, else 0;
+    the row's bound on grad_x's terms, as :func:`_per_element_row`'s)."""
     n = x_row.shape[0]
     if RSTD_LOW < rs < RSTD_HIGH:
         hi = np.float32(m)
         lo = np.float32(m - hi)
         rs32 = np.float32(rs)
-        sum_gw, sum_gwx = _row_sums(g_row, x_row, w_row, part_w, part_b, inner, hi, lo, rs32, np.float32(0.0))
-        mean_gw = 0.0 if rms else sum_gw / n
-        _row_gradient(g_row, x_row, gx_row, w_row, acc_w, acc_b, inner, hi, lo, rs32, np.float32(sum_gwx / n),
-                      np.float32(mean_gw))
-        return 1 if inner == 1 else 0
-    # float64 throughout, its parameter terms straight into the parts
-    sum_gw, sum_gwx = _row_sums(g_row, x_row, w_row, part_w, part_b, inner, m, 0.0, rs, 0.0)
+        sum_gw, sum_gwx, products = _row_sums(g_row, x_row, w_row, part_w, part_b, inner, hi, lo, rs32,
+                                              np.float32(0.0))
+        proj = np.float32(sum_gwx / n)
+        mean_gw = np.float32(0.0 if rms else sum_gw / n)
+        _row_gradient(g_row, x_row, gx_row, w_row, acc_w, acc_b, inner, hi, lo, rs32, proj, mean_gw)
+        return (1 if inner == 1 else 0), _terms(proj, mean_gw, root_n) + products
+    # float64 arithmetic (float32 products g·w), its parameter terms straight into the parts
+    sum_gw, sum_gwx, products = _row_sums(g_row, x_row, w_row, part_w, part_b, inner, m, 0.0, rs, 0.0)
     mean_gw = 0.0 if rms else sum_gw / n
     _row_gradient(g_row, x_row, gx_row, w_row, part_w, part_b, inner, m, 0.0, rs, sum_gwx / n, mean_gw)
-    return 0
+    return 0, _terms(sum_gwx / n, mean_gw, root_n) + products
 
 
 @kernel
 def row_backward32(grad_y, grad_y_layout, x, x_layout, n, weight, param_row_stride, param_inner, rms, eps,
-                   stats_given, mean, rstd, chunk_rows, grad_x, grad_x_layout, grad_weight_parts, grad_bias_parts):
+                   stats_given, mean, rstd, chunk_rows, grad_x, grad_x_layout, grad_weight_parts, grad_bias_parts,
+                   redo):
     """``rows.row_backward`` for float32 rows (float32 grad_y, x, grad_x and weight table),
     in float32 arithmetic (see the module docstring): ``grad_x`` for every row, and the
     weight and bias gradients summed per chunk of ``chunk_rows`` rows into the float64
     ``grad_weight_parts[k]`` / ``grad_bias_parts[k]`` (zeroed by the caller, which adds
     the chunks in order). Unless ``stats_given`` it computes ``mean``/``rstd`` per row.
+    ``redo[k]`` is set where chunk k met gradients that float32 could not hold (see the
+    module docstring); the caller then runs the float64 kernel instead.
 
     Per-element parameter gradients gather up to :data:`FLUSH_ROWS` rows in float32
     accumulators, then go into the float64 parts (at each change of parameter group too).
@@ -269,25 +312,29 @@ def row_backward32(grad_y, grad_y_layout, x, x_layout, n, weight, param_row_stri
     per_element = param_inner == 1 and channels == n  # one weight per element of the row
     streaming = rows * n >= STREAM_ELEMENTS and n >= STREAM_MIN_ROW  # grad_x far past the cache: non-temporal stores
     plain_rows = per_element and groups == 1 and stats_given and not streaming
+    root_n = np.sqrt(np.float64(n))
     for k in prange(grad_weight_parts.shape[0]):
         acc_w = np.zeros(channels, np.float32)
         acc_b = np.zeros(channels, np.float32)
         first = k * chunk_rows
         stop = min(rows, first + chunk_rows)
+        terms = 0.0  # the rows' bounds on grad_x's terms, added up (a sum, not a test per row: see above)
         if plain_rows and _in_float32_range(rstd[first:stop]):
             w_row = weight[0]
             pending = 0
             for r in range(first, stop):
                 x_row = row_at(x, x_layout, r, n)
                 g_row = row_at(grad_y, grad_y_layout, r, n)
-                _per_element_row(g_row, x_row, row_at(grad_x, grad_x_layout, r, n), w_row, acc_w, acc_b, mean[r],
-                                 rstd[r], rms, False)
+                terms += _per_element_row(g_row, x_row, row_at(grad_x, grad_x_layout, r, n), w_row, acc_w, acc_b,
+                                          mean[r], rstd[r], rms, False, root_n)
                 pending += 1
                 if pending == FLUSH_ROWS:
                     _flush(acc_w, acc_b, grad_weight_parts[k, 0], grad_bias_parts[k, 0])
                     pending = 0
             if pending > 0:
                 _flush(acc_w, acc_b, grad_weight_parts[k, 0], grad_bias_parts[k, 0])
+            terms += _nonfinite(grad_weight_parts[k, 0], grad_bias_parts[k, 0])
+            redo[k] = not terms < TERMS_LIMIT
             continue
         pending = 0
         last_group = 0
@@ -307,16 +354,21 @@ def row_backward32(grad_y, grad_y_layout, x, x_layout, n, weight, param_row_stri
                 _flush(acc_w, acc_b, grad_weight_parts[k, last_group], grad_bias_parts[k, last_group])
                 pending = 0
             if per_element and RSTD_LOW < rs < RSTD_HIGH:
-                _per_element_row(g_row, x_row, gx_row, w_row, acc_w, acc_b, m, rs, rms, streaming)
+                terms += _per_element_row(g_row, x_row, gx_row, w_row, acc_w, acc_b, m, rs, rms, streaming, root_n)
                 pending += 1
             else:
-                pending += _other_row(g_row, x_row, gx_row, w_row, acc_w, acc_b, grad_weight_parts[k, g],
-                                      grad_bias_parts[k, g], param_inner, rms, m, rs)
+                gathered, row_terms = _other_row(g_row, x_row, gx_row, w_row, acc_w, acc_b, grad_weight_parts[k, g],
+                                                 grad_bias_parts[k, g], param_inner, rms, m, rs, root_n)
+                pending += gathered
+                terms += row_terms
             last_group = g
             if pending == FLUSH_ROWS:
                 _flush(acc_w, acc_b, grad_weight_parts[k, g], grad_bias_parts[k, g])
                 pending = 0
         if pending > 0:
             _flush(acc_w, acc_b, grad_weight_parts[k, last_group], grad_bias_parts[k, last_group])
+        for g in range(groups):
+            terms += _nonfinite(grad_weight_parts[k, g], grad_bias_parts[k, g])
+        redo[k] = not terms < TERMS_LIMIT
     if streaming:
         store_fence()  # (see rows.scaled_streaming)
