@@ -357,6 +357,21 @@ def _float32_far_from_zero_stays_within_1e_4_of_float64(rank: int):
     assert not constant.any()
 
 
+def _momentum_none_under_torch_compile_keeps_batch_norms_running_statistics(rank: int):
+    """torch.compile (Inductor) with momentum=None: the cumulative average over three steps,
+    as torch.nn.BatchNorm1d's on the concatenated batches (Inductor compiled the update with
+    the factor 1/num_batches_tracked as a dynamic float, wrong from the third step on)."""
+    reference = torch.nn.BatchNorm1d(CHANNELS, momentum=None).double()
+    sync = nt.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(reference))
+    compiled = torch.compile(sync)
+    for step in range(3):
+        x, _, _, mine = _three_rank_batch(rank, 10 + step)
+        x = x[:, :, 0] + step
+        torch.testing.assert_close(compiled(x[mine]), reference(x)[mine], **FLOAT64_TOLERANCE)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(sync.state_dict()[name], value, **FLOAT64_TOLERANCE, msg=lambda m: f"{name}: {m}")
+
+
 def _three_rank_checks(rank: int, port: int, checks):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
     try:
@@ -371,5 +386,6 @@ def test_sync_batch_norm_over_three_gloo_ranks_follows_batch_norm_in_second_deri
               _a_rank_outside_the_process_group_normalizes_its_own_batch,
               _one_value_over_all_ranks_is_refused_on_every_rank,
               _a_wrong_channel_count_raises_torchs_error_and_leaves_the_running_statistics,
-              _float32_far_from_zero_stays_within_1e_4_of_float64)
+              _float32_far_from_zero_stays_within_1e_4_of_float64,
+              _momentum_none_under_torch_compile_keeps_batch_norms_running_statistics)
     mp.spawn(_three_rank_checks, args=(_free_port(), checks), nprocs=3, join=True)

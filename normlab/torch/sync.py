@@ -305,10 +305,7 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
             if world_size == 1:
                 return masked_forward(self, input, mask)
             _check_mask(self, input, mask)
-            factor = _average_factor(self)
-            group = self.process_group or torch.distributed.group.WORLD
-            return _MaskedSyncBatchNormFunction.apply(input, mask, self.weight, self.bias, self, factor, group,
-                                                      world_size)
+            return self._synced_forward(input, mask, world_size)
         if world_size == 1:
             path = _choose_path(input, has_native=True)
             if path == "native":  # torch's SyncBatchNorm is batch norm with one rank
@@ -317,9 +314,20 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         if _choose_path(input, has_native=input.is_cuda) == "native":
             # torch's fused CUDA kernels (also count-weighted); gloo on CPU has no native op
             return nn.SyncBatchNorm.forward(self, input)
+        return self._synced_forward(input, mask, world_size)
+
+    # Eager under torch.compile too (its .item() is a graph break anyway): Dynamo traced the
+    # forward's frames after that break, and Inductor compiled the running-statistics update
+    # with momentum=None's 1/num_batches_tracked as a dynamic float into a wrong one from the
+    # third step on (in torch alone, buf.mul_(1 - f).add_(mean, alpha=f) swaps the weights there)
+    @torch.compiler.disable
+    def _synced_forward(self, input: Tensor, mask: Optional[Tensor], world_size: int) -> Tensor:
         factor = _average_factor(self)
         group = self.process_group or torch.distributed.group.WORLD
-        return _SyncBatchNormFunction.apply(input, self.weight, self.bias, self, factor, group, world_size)
+        if mask is None:
+            return _SyncBatchNormFunction.apply(input, self.weight, self.bias, self, factor, group, world_size)
+        return _MaskedSyncBatchNormFunction.apply(input, mask, self.weight, self.bias, self, factor, group,
+                                                  world_size)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
