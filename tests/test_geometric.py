@@ -96,11 +96,12 @@ def test_graph_norm_twin_matches_pyg_including_the_mean_scale_gradient(sorted_id
 
 
 
-@pytest.mark.parametrize("features", [(3, 6), ()], ids=["heads", "one-channel"])
-def test_graph_norm_twin_takes_node_features_of_any_shape_as_pyg_broadcasts_them(features):
+@pytest.mark.parametrize("features, channels", [((3, 6), 6), ((), 1), ((1,), 4), ((3, 1), 5)],
+                         ids=["heads", "one-channel", "one-column-stretched", "heads-stretched"])
+def test_graph_norm_twin_takes_node_features_of_any_shape_as_pyg_broadcasts_them(features, channels):
     x, batch, graphs = _batch(False, seed=4)
-    x = torch.randn(x.shape[0], *features, dtype=torch.float64) + 2  # (n, heads, c) and (n,)
-    channels = features[-1] if features else 1
+    # (n, heads, c) and (n,); a single column (n, 1) PyG stretches across the parameters' channels
+    x = torch.randn(x.shape[0], *features, dtype=torch.float64) + 2
     ours, theirs = geometric.GraphNorm(channels).double(), pyg_norm.GraphNorm(channels).double()
     _randomize(ours)
     _copy_params(ours, theirs)

@@ -227,9 +227,14 @@ class GraphNorm(nn.Module):
             batch = x.new_zeros(x.size(0), dtype=torch.long)
             batch_size = 1
         batch_size = _batch_size(batch, batch_size)
+        # PyG's broadcasting takes nodes of any shape (n, ..., c) and (n,), one column per feature,
+        # and stretches a single column (n, 1) across the parameters' channels
+        if x.dim() > 1:
+            features = torch.broadcast_shapes(x.shape[1:], self.weight.shape)
+            x = x.expand(x.shape[0], *features)
+        else:
+            features = (1,)
         shape = x.shape
-        # PyG's broadcasting takes nodes of any shape (n, ..., c) and (n,): one column per feature
-        features = shape[1:] if x.dim() > 1 else (1,)
         x = x.reshape(shape[0], math.prod(features))
         weight, bias, mean_scale = (torch.broadcast_to(p, features).reshape(-1)
                                     for p in (self.weight, self.bias, self.mean_scale))
