@@ -133,6 +133,23 @@ def test_convert_sync_batchnorm_builds_normlab_sync_layers():
     assert converted[1].weight is model[1].weight
 
 
+@pytest.mark.parametrize("process_group", [None, "a process group"])
+def test_convert_sync_batchnorm_rescopes_sync_batch_norms_to_its_process_group_as_torchs_does(process_group):
+    """The oracle: torch's conversion of its own SyncBatchNorm, which stores the group it is
+    given (None: the whole world) in a new layer sharing the parameters and buffers."""
+    def model(sync_class):
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), sync_class(4, process_group="the previous group"))
+
+    expected = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model(torch.nn.SyncBatchNorm), process_group)
+    original = model(nt.SyncBatchNorm)
+    layer = original[1]
+    converted = nt.SyncBatchNorm.convert_sync_batchnorm(original, process_group)
+    assert type(converted[1]) is nt.SyncBatchNorm
+    assert converted[1].process_group == expected[1].process_group == process_group
+    assert converted[1].weight is layer.weight and converted[1].running_mean is layer.running_mean
+    assert converted[1].state_dict().keys() == expected[1].state_dict().keys()
+
+
 @pytest.mark.parametrize("path", ["kernel", "composite"])
 def test_torch_compile_fullgraph_traces_generic_norms_with_dynamic_shapes_in_training_and_evaluation(path):
     model = torch.nn.Sequential(

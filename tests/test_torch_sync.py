@@ -302,6 +302,10 @@ def _a_rank_outside_the_process_group_normalizes_its_own_batch(rank: int):
     tolerance = FLOAT64_TOLERANCE
     torch.testing.assert_close(pair(x[mine]), expected, **tolerance)
     torch.testing.assert_close(pair.running_var, alone.running_var, **tolerance)
+    # a model that holds SyncBatchNorms already (built so, or converted before): rescoped
+    rescoped = nt.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(nt.SyncBatchNorm(CHANNELS).double()),
+                                                       process_group=group)
+    torch.testing.assert_close(rescoped(x[mine]), expected, **tolerance)
 
 
 def _one_value_over_all_ranks_is_refused_on_every_rank(rank: int):

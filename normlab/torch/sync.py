@@ -331,7 +331,8 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
-        """Replace every batch norm layer (torch's or normlab's) with a normlab
+        """Replace every batch norm layer (torch's or normlab's, SyncBatchNorm too: it takes
+        ``process_group``, as torch's conversion rescopes its own) with a normlab
         SyncBatchNorm sharing its parameters and buffers; a lazy one that has not run yet
         becomes one at its first forward, once that has inferred the channels."""
         if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
@@ -340,7 +341,7 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
                 module.cls_to_become, module.process_group = cls, process_group
                 cls._init_spec(module)
             return module
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
             from normlab.torch.conversion import twin_of  # conversion imports this module
 
             twin = twin_of(module, cls)
