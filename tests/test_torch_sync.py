@@ -331,6 +331,27 @@ def _a_wrong_channel_count_raises_torchs_error_and_leaves_the_running_statistics
             torch.testing.assert_close(sync.running_mean, reference.running_mean)
 
 
+def _a_dtype_mix_torch_refuses_raises_its_error_on_every_rank(rank: int):
+    """Float64 input into float32 parameters and the reverse: torch's batch norm raises
+    "mixed dtype (CPU)", as normlab's does on one rank, before any collective; a bfloat16
+    input beside float32 parameters, which torch takes, is synced (the oracle: torch's batch
+    norm on the concatenated batch)."""
+    x, _, _, mine = _three_rank_batch(rank, 6)
+    for input_dtype, module_dtype in ((torch.float64, torch.float32), (torch.float32, torch.float64)):
+        reference = torch.nn.BatchNorm2d(CHANNELS).to(module_dtype)
+        sync = nt.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(reference))
+        with pytest.raises(RuntimeError) as expected:
+            reference(x.to(input_dtype))
+        with pytest.raises(RuntimeError, match=re.escape(str(expected.value))):
+            sync(x[mine].to(input_dtype))
+        torch.testing.assert_close(sync.running_mean, reference.running_mean)
+    reference = torch.nn.BatchNorm2d(CHANNELS)
+    sync = nt.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(reference))
+    x = x.to(torch.bfloat16)
+    torch.testing.assert_close(sync(x[mine]), reference(x)[mine], atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(sync.running_var, reference.running_var)
+
+
 def _float32_far_from_zero_stays_within_1e_4_of_float64(rank: int):
     """The numerics contract at |mean|/std = 1e6 in float32, as normlab's BatchNorm2d keeps
     it: outputs and input gradients (with and without a mask) against float64 batch norm on
@@ -390,6 +411,7 @@ def test_sync_batch_norm_over_three_gloo_ranks_follows_batch_norm_in_second_deri
               _a_rank_outside_the_process_group_normalizes_its_own_batch,
               _one_value_over_all_ranks_is_refused_on_every_rank,
               _a_wrong_channel_count_raises_torchs_error_and_leaves_the_running_statistics,
+              _a_dtype_mix_torch_refuses_raises_its_error_on_every_rank,
               _float32_far_from_zero_stays_within_1e_4_of_float64,
               _momentum_none_under_torch_compile_keeps_batch_norms_running_statistics)
     mp.spawn(_three_rank_checks, args=(_free_port(), checks), nprocs=3, join=True)

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from normlab.errors import InputError
-from normlab.torch.compute import _average_factor, _batch_norm_forward, _channel_shape, _update_running
+from normlab.torch.compute import (_average_factor, _batch_norm_forward, _channel_shape, _dtypes_refused,
+                                   _update_running)
 from normlab.torch.masked_modules import _check_mask, masked_forward
 from normlab.torch.modules import _BatchNormForward, _fx_call_module
 from normlab.torch.ops import _grads_of
@@ -282,12 +283,13 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         # -1 on a rank outside process_group: it normalizes its own batch, as torch's does
         return max(torch.distributed.get_world_size(group), 1)
 
-    def _misfit(self, input: Tensor) -> bool:
-        """Parameters or running statistics that are not of the input's channel count, which
-        torch's batch norm refuses."""
+    def _refused(self, input: Tensor) -> bool:
+        """Parameters or running statistics (those a training step passes to torch's batch
+        norm) that torch's refuses beside this input: another channel count, or a mix of
+        dtypes its CPU kernels refuse ("mixed dtype (CPU)")."""
         channels = input.shape[1]
-        return any(t is not None and t.numel() != channels
-                   for t in (self.weight, self.bias, self.running_mean, self.running_var))
+        tensors = (self.weight, self.bias) + ((self.running_mean, self.running_var) if self.track_running_stats else ())
+        return any(t is not None and t.numel() != channels for t in tensors) or _dtypes_refused(input, *tensors)
 
     def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """``mask`` (bool, broadcasts to the input): the elements that count toward the
@@ -298,7 +300,7 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         world_size = self._world_size() if self.training else 1
-        if world_size > 1 and self._misfit(input):
+        if world_size > 1 and self._refused(input):
             # torch's batch norm raises its error, before any collective and any running update
             return nn.modules.batchnorm._BatchNorm.forward(self, input)
         if mask is not None:
