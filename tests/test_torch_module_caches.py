@@ -4,6 +4,8 @@ module moves to, parameters replaced, reloaded, frozen or written through ``.dat
 grad modes alternating. Oracle: torch.nn with the same parameters and inputs."""
 
 import copy
+import gc
+import tracemalloc
 
 import pytest
 
@@ -147,3 +149,30 @@ def test_a_module_moved_to_meta_after_calls_raises_torchs_error_for_cpu_input(cl
     assert str(got.value) == str(expected.value)
     y = copy.deepcopy(twin)(torch.randn(shape(4), device="meta"))  # meta input: a meta result, as torch's
     assert y.device.type == "meta" and y.shape == shape(4)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_a_loop_over_many_sequence_lengths_keeps_no_memory_that_grows_with_the_inputs(grad):
+    """A variable-length loop (NLP with dynamic padding) leaves up to 64 plans in each
+    norm's cache; what a plan keeps must not grow with the input's rows, as its scratch for
+    the statistics nobody asked for (24 bytes a row) did: 12 MB a module after sequences
+    of 64 × 100 to 163 tokens, hundreds of MB across a model's norms. torch.nn keeps nothing."""
+    torch.manual_seed(0)
+    reference, twin = randomized_pair("LayerNorm", (16,), torch.float32)
+    inputs = [torch.randn(64, length, 16) for length in range(100, 164)]  # (64: as many as the cache holds)
+    with torch.set_grad_enabled(grad):  # (Numba compiles on the first call)
+        twin(inputs[-1].requires_grad_(grad))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        with torch.set_grad_enabled(grad):
+            for x in inputs:
+                twin(x.requires_grad_(grad))
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 4 << 20
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(twin(inputs[-1]), reference(inputs[-1]), rtol=1e-5, atol=1e-5)
