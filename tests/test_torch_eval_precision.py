@@ -98,6 +98,23 @@ def test_running_statistics_moved_far_from_zero_after_a_call_are_seen_by_the_nex
     assert _error(y, _float64(twin, x), twin) < CONTRACT
 
 
+@pytest.mark.parametrize("cls_name, shape", [("BatchNorm1d", (8, 6)), ("SyncBatchNorm", (8, 6, 3))])
+def test_running_statistics_that_torchs_own_op_trained_far_from_zero_are_seen_by_the_next_evaluation(cls_name, shape):
+    """A training step on torch's batch norm op (``use_path("native")``; torch.jit.trace and
+    functorch transforms take it too) updates the running statistics in place without moving
+    their version counters: the answer of an evaluation before it (near zero, torch's
+    folded op is exact enough) must not decide the evaluation after it (0.04-0.06 off float64)."""
+    twin = getattr(nt, cls_name)(6, momentum=1.0)
+    with torch.no_grad():
+        twin.eval()(torch.randn(shape))
+        with nt.use_path("native"):
+            twin.train()(OFFSET + torch.randn(shape, dtype=torch.float64).float())  # the running mean: the batch's
+        x = _inputs(twin.eval(), shape)
+        y = twin(x)
+    assert twin.running_mean.abs().min() > OFFSET / 2
+    assert _error(y, _float64(twin, x), twin) < CONTRACT
+
+
 def test_instance_norm_on_running_statistics_keeps_the_contract():
     twin = _far_from_zero(nt.InstanceNorm1d(6, affine=True, track_running_stats=True), 6)
     x = _inputs(twin, (3, 6, 7))

@@ -142,7 +142,8 @@ FOLDED_MEAN_LIMIT = 128.0
 def _folding_keeps_precision(module, x: Tensor, mean: Tensor, var: Tensor) -> bool:
     """True where torch's folded evaluation op keeps the numerics contract for float32 on
     the CPU (:data:`FOLDED_MEAN_LIMIT`); other dtypes and devices keep torch's op. The
-    answer is kept per module while the buffers keep their memory and version."""
+    answer is kept per module while the buffers keep their memory and version, and until
+    the module trains through torch's own op (:func:`_torch_batch_norm`)."""
     if x.dtype != torch.float32 or not x.is_cpu or mean is None or var is None or torch.compiler.is_compiling():
         # (compiled, the op is decomposed into (x - mean)·rstd·w + b, which does not cancel;
         # the check's data-dependent answer would break the graph)
@@ -157,6 +158,15 @@ def _folding_keeps_precision(module, x: Tensor, mean: Tensor, var: Tensor) -> bo
     keeps = bool((mean64.abs() <= FOLDED_MEAN_LIMIT * torch.sqrt(var64 + module.eps)).all())  # (NaN: False)
     cache["checked"] = (key, keeps)
     return keeps
+
+
+def _torch_batch_norm(module, x: Tensor) -> Tensor:
+    """torch.nn's batch norm forward. In training torch's CPU op updates the running
+    statistics in place without moving their version counters, which
+    :func:`_folding_keeps_precision` keys its kept answer on: the answer is dropped."""
+    if module.training and not torch.compiler.is_compiling():
+        module.__dict__.pop("_normlab_folding", None)
+    return nn.modules.batchnorm._BatchNorm.forward(module, x)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -434,16 +444,16 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
     if (path == "native" or x.dim() < 2 or x.shape[1] != module.num_features
             or _params_misfit(module, (module.num_features,), weight, bias)
             or _dtypes_refused(x, weight, bias, running_mean, running_var)):
-        return nn.modules.batchnorm._BatchNorm.forward(module, x)
+        return _torch_batch_norm(module, x)
     if not torch.compiler.is_compiling() and x.is_inference() and _needs_grad(x, weight, bias):
         # an inference tensor where autograd must save it: torch raises its error before
         # touching the running statistics (the kernels would update them first)
-        return nn.modules.batchnorm._BatchNorm.forward(module, x)
+        return _torch_batch_norm(module, x)
     if not 0.0 < module.eps < math.inf or (running_mean is None) != (running_var is None):
         # torch's own op: it refuses eps <= 0 in training, takes eps = 0 in evaluation and
         # computes with an infinite or NaN eps, and these never need speed; it refuses half
         # a pair of running statistics
-        return nn.modules.batchnorm._BatchNorm.forward(module, x)
+        return _torch_batch_norm(module, x)
     factor = _average_factor(module)
     use_batch_stats = module.training or (running_mean is None and running_var is None)
     if not use_batch_stats:

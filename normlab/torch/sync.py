@@ -10,7 +10,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from normlab.errors import InputError
 from normlab.torch.compute import (_average_factor, _batch_norm_forward, _channel_shape, _dtypes_refused,
-                                   _update_running)
+                                   _torch_batch_norm, _update_running)
 from normlab.torch.masked_modules import _check_mask, masked_forward
 from normlab.torch.modules import _BatchNormForward, _fx_call_module
 from normlab.torch.ops import _grads_of
@@ -302,7 +302,7 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         world_size = self._world_size() if self.training else 1
         if world_size > 1 and self._refused(input):
             # torch's batch norm raises its error, before any collective and any running update
-            return nn.modules.batchnorm._BatchNorm.forward(self, input)
+            return _torch_batch_norm(self, input)
         if mask is not None:
             if world_size == 1:
                 return masked_forward(self, input, mask)
@@ -311,7 +311,7 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         if world_size == 1:
             path = _choose_path(input, has_native=True)
             if path == "native":  # torch's SyncBatchNorm is batch norm with one rank
-                return nn.modules.batchnorm._BatchNorm.forward(self, input)
+                return _torch_batch_norm(self, input)
             return _batch_norm_forward(self, input)
         if _choose_path(input, has_native=input.is_cuda) == "native":
             # torch's fused CUDA kernels (also count-weighted); gloo on CPU has no native op
