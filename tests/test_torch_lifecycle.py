@@ -119,6 +119,8 @@ CHANGES = [
     ("running_stats_none", _set_running_none, lambda m: getattr(m, "running_mean", None) is not None),
     ("running_var_none", lambda m: setattr(m, "running_var", None),
      lambda m: getattr(m, "running_mean", None) is not None),
+    ("num_groups", lambda m: setattr(m, "num_groups", 4), lambda m: hasattr(m, "num_groups")),
+    ("num_groups_not_dividing", lambda m: setattr(m, "num_groups", 3), lambda m: hasattr(m, "num_groups")),
 ]
 
 

@@ -428,7 +428,18 @@ class GroupNorm(_Twin, nn.GroupNorm):
         self._init_spec()
 
     def _init_spec(self) -> None:
-        self._spec = Spec.build("b (g [c]) [...]", "(g c)", g=self.num_groups)
+        # (None where groups set after construction do not divide the channels: torch.nn's
+        # forward raises its error)
+        fits = self.num_groups > 0 and self.num_channels % self.num_groups == 0
+        self._spec = Spec.build("b (g [c]) [...]", "(g c)", g=self.num_groups) if fits else None
+        self._spec_groups = self.num_groups
+        self.__dict__.pop("_normlab_fast", None)  # (the plans of the groups before)
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        if getattr(self, "_spec_groups", None) != self.num_groups:  # set after construction: torch.nn reads it
+            self._init_spec()
+        return super()._eager_forward(input, mask)
 
     def _normlab_forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_tracing():  # torch's forward, as the path below would take, without checks on traced sizes
