@@ -349,7 +349,14 @@ def test_float32_gradients_near_float32s_largest_match_float64(cls_name, args, s
                                    atol=1e-4 * float(theirs[holds].abs().max()))
 
 
-def test_float32_parameter_gradients_that_cancel_past_float32s_largest_match_float64(no_full_path):
+@pytest.fixture(params=[False, True], ids=["serial", "threaded"])
+def threaded(request):
+    """Each test twice: kernels as the size picks them, and every call threaded."""
+    if request.param:
+        request.getfixturevalue("every_call_threaded")
+
+
+def test_float32_parameter_gradients_that_cancel_past_float32s_largest_match_float64(threaded, no_full_path):
     """One column's output gradients of ±2e38 over four rows, two of each sign, where x̂ is
     about 1: the weight and bias gradients summed in float32 pass float32's largest
     halfway and end near 0 in float64. Oracle: torch autograd in float64 on the same
@@ -369,7 +376,7 @@ def test_float32_parameter_gradients_that_cancel_past_float32s_largest_match_flo
         torch.testing.assert_close(mine.double(), theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
 
 
-def test_float32_group_norm_gradient_times_a_channel_weight_past_float32s_largest_matches_float64(no_full_path):
+def test_float32_group_norm_gradient_times_a_channel_weight_past_float32s_largest_matches_float64(threaded, no_full_path):
     """Output gradients of ±1e35 on two equal values of a group, times a channel weight of
     1e4: the group's sums stay 0, but g·w passes float32's largest, and float64 gives a
     finite grad_x (about 1e37, the rstd being 0.01). Oracle: torch autograd in float64 on
