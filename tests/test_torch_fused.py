@@ -99,6 +99,40 @@ def test_fused_add_layer_norm_on_half_input_is_torch_layer_norm_of_the_sum_bit_f
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_add_layer_norm_on_half_input_with_float32_weights_is_torch_layer_norm_of_the_sum_bit_for_bit(dtype):
+    # a half model that keeps its norms in float32 (transformers' _keep_in_fp32_modules):
+    # torch's kernel takes the float32 weight and bias beside half input and accumulates
+    # their gradients in the input's dtype; the block gives those bits, as nn.LayerNorm does
+    torch.manual_seed(0)
+    ref = _randomize(torch.nn.LayerNorm(1152))
+    ours = FusedAddLayerNorm(1152)
+    ours.load_state_dict(ref.state_dict())
+    x, r = _leaves((2, 128, 1152), (2, 128, 1152), dtype=dtype)
+    y, total = ours(x, r)
+    expected = ref(x + r)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    for a, b in zip(_grads([y, total], [x, r, *ours.parameters()]), _grads([expected, x + r], [x, r, *ref.parameters()])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("params, x_dtype, r_dtype", [
+    (torch.float16, torch.float32, torch.float32),  # a .half() block fed float32
+    (torch.bfloat16, torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16, torch.float32),  # the sum is float32
+    (torch.float64, torch.float32, torch.float32),
+    (torch.float32, torch.float64, torch.float64),
+])
+def test_fused_add_layer_norm_refuses_the_dtype_mixes_nn_layer_norm_refuses_with_its_error(params, x_dtype, r_dtype):
+    ref, ours = torch.nn.LayerNorm(8).to(params), FusedAddLayerNorm(8).to(params)
+    x, r = torch.randn(2, 8).to(x_dtype), torch.randn(2, 8).to(r_dtype)
+    with pytest.raises(RuntimeError, match="mixed dtype") as expected:
+        ref(x + r)
+    with pytest.raises(RuntimeError) as got:
+        ours(x, r)
+    assert str(got.value) == str(expected.value)
+
 def mamba_rms_norm_ref(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True, upcast=True):
     """mamba_ssm/ops/triton/layernorm_gated.py ``rms_norm_ref``, mirrored line by line
     (einops' rearrange written as reshape)."""

@@ -36,6 +36,7 @@ from normlab import fused
 from normlab.kernels import pool
 from normlab.plan import make_plan
 from normlab.torch import casting as recipes
+from normlab.torch.compute import _dtypes_refused
 from normlab.torch.ops import _grads_of, _needs_torch_backward
 from normlab.torch.paths import _needs_torch_ops, _small_forward_fits
 from normlab.torch.spec import Unscriptable, refuse_non_tensor
@@ -312,9 +313,11 @@ def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
     trailing = _trailing_shape(layout.of(total), axes)
     if (not block.rms and trailing is not None and dtype in _HALF_DTYPES and block.casting == "gemma"
             and gate is None and scale is None and shift is None and not block.weight_offset
-            and all(p is None or p.dtype == dtype for p in (weight, bias))):
+            and all(p is None or p.dtype in (dtype, torch.float32) for p in (weight, bias))):
         # nn.LayerNorm on half input, as FusedAddLayerNorm replaces it: torch's kernel applies
-        # the weight and bias in float32 and rounds once, the gemma recipe
+        # the weight and bias in float32 and rounds once, the gemma recipe (float32 parameters
+        # too, as a half model keeps its norms in float32: its outputs and its parameters'
+        # gradients, which torch's kernel accumulates in the input's dtype)
         w, b = (None if p is None else layout.param(p).reshape(trailing) for p in (weight, bias))
         y = torch.nn.functional.layer_norm(layout.of(total), trailing, w, b, block.eps).reshape(x.shape)
         return (y, total) if residual is not None else y
@@ -779,6 +782,14 @@ class FusedAddLayerNorm(Unscriptable, nn.LayerNorm):
         refuse_non_tensor(self, x, "x", 1)
         refuse_non_tensor(self, residual, "residual", 2)
         x, residual = _with_companion(self, x, residual, self.normalized_shape)
+        total_like = x if residual is None or residual.dtype == x.dtype else torch.empty(
+            (), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+        if _dtypes_refused(total_like, self.weight, self.bias):
+            # parameters of a dtype torch's CPU layer norm refuses beside the sum's: the code this
+            # replaces, nn.LayerNorm(x + residual), which raises torch's "mixed dtype (CPU)"
+            total = x if residual is None else x + residual
+            y = nn.functional.layer_norm(total, self.normalized_shape, self.weight, self.bias, self.eps)
+            return y if residual is None else (y, total)
         return fused_normalize(x, _block_of(self), residual=residual, weight=self.weight, bias=self.bias)
 
 
