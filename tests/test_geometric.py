@@ -83,6 +83,24 @@ def test_layer_norm_twin_matches_pyg_in_both_modes(sorted_ids, mode):
     _compare(ours_plain, theirs_plain.double(), x, batch, graphs)
 
 
+
+@pytest.mark.parametrize("x_dtype, params", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                             (torch.float16, torch.float16), (torch.float16, torch.float32)])
+def test_layer_norm_twin_in_node_mode_on_half_input_gives_pygs_bits_and_gradients(x_dtype, params):
+    # PyG calls F.layer_norm, torch's half kernel (parameter gradients accumulated in the
+    # input's dtype); the twin gives its bits, as the torch.nn LayerNorm twin does
+    g = torch.Generator().manual_seed(3)
+    ours, theirs = geometric.LayerNorm(64, mode="node").to(params), pyg_norm.LayerNorm(64, mode="node").to(params)
+    _randomize(ours)
+    _copy_params(ours, theirs)
+    x, grad = (torch.randn(3000, 64, generator=g).to(x_dtype) for _ in range(2))
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = ours(xa), theirs(xb)
+    ya.backward(grad)
+    yb.backward(grad)
+    for a, b in [(ya, yb), (xa.grad, xb.grad), (ours.weight.grad, theirs.weight.grad), (ours.bias.grad, theirs.bias.grad)]:
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
 @pytest.mark.parametrize("sorted_ids", [True, False])
 def test_graph_norm_twin_matches_pyg_including_the_mean_scale_gradient(sorted_ids):
     x, batch, graphs = _batch(sorted_ids, seed=2)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from normlab.torch import geometric_script as script
 from normlab.torch.compute import _dtypes_refused, normalize
 from normlab.torch.masked import check_segment_ids, normalize_masked
+from normlab.torch.paths import _LOW_PRECISION
 from normlab.torch.modules import BatchNorm1d
 
 __all__ = ["InstanceNorm", "LayerNorm", "GraphNorm", "BatchNorm"]
@@ -179,8 +180,10 @@ class LayerNorm(nn.Module):
                                     params=None if self.weight is None else "c", eps=self.eps, segment_ids=batch,
                                     num_segments=_batch_size(batch, batch_size)).y
         if self.mode == "node":
-            if x.dim() == 0 or x.shape[-1] != self.in_channels or _dtypes_refused(x, self.weight, self.bias):
+            if (x.dim() == 0 or x.shape[-1] != self.in_channels or x.dtype in _LOW_PRECISION
+                    or _dtypes_refused(x, self.weight, self.bias)):
                 # PyG's own call, which raises torch's error (wrong width, a dtype mix torch refuses)
+                # and gives half input torch's kernel's bits, as the torch.nn twins do
                 return torch.nn.functional.layer_norm(x, (self.in_channels,), self.weight, self.bias, self.eps)
             return normalize(x, "... [c]", weight=self.weight, bias=self.bias,
                              params=None if self.weight is None else "c", eps=self.eps)
