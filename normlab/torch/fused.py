@@ -784,9 +784,9 @@ class FusedAddLayerNorm(Unscriptable, nn.LayerNorm):
         x, residual = _with_companion(self, x, residual, self.normalized_shape)
         total_like = x if residual is None or residual.dtype == x.dtype else torch.empty(
             (), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
-        if _dtypes_refused(total_like, self.weight, self.bias):
-            # parameters of a dtype torch's CPU layer norm refuses beside the sum's: the code this
-            # replaces, nn.LayerNorm(x + residual), which raises torch's "mixed dtype (CPU)"
+        if self.casting == "gemma" and _dtypes_refused(total_like, self.weight, self.bias):
+            # parameters of a dtype torch's CPU layer norm refuses beside the sum's: the code the
+            # default recipe replaces, nn.LayerNorm(x + residual), which raises "mixed dtype (CPU)"
             total = x if residual is None else x + residual
             y = nn.functional.layer_norm(total, self.normalized_shape, self.weight, self.bias, self.eps)
             return y if residual is None else (y, total)
