@@ -22,10 +22,10 @@ float64 form). With ``x̂ = (x − mean)·rstd`` and ``ĝ = g·w``:
 * gradients so large that float32 could overflow where float64 does not send the whole
   call to the float64 kernel (the chunk's ``redo`` flag). Each row adds up, in float64,
   ``|proj|·√n + |mean_gw|`` (bounds of grad_x's terms x̂·proj and mean_gw, as |x̂| ≤ √n)
-  and, with one weight per channel, ``Σ|g|·max|w|``; a chunk adds its parameter-gradient
-  parts times 0. A block sum or a product g·w past float32's largest is inf there, a
-  parameter term summed past it is inf in the parts, and every other term of grad_x is
-  below the total; a total of :data:`TERMS_LIMIT` or more, inf or NaN, redoes the call.
+  and, with one weight per channel, ``Σ|g|·max|w|``; each flush of the parameter terms
+  adds its float32 accumulators times 0. A block sum or a product g·w past float32's
+  largest is inf there, a parameter term summed past it is inf in its accumulator, and
+  every other term of grad_x is below the total; a total of :data:`TERMS_LIMIT` or more, inf or NaN, redoes the call.
   With one weight per element this reads nothing the kernel does not compute anyway (a
   third sum in those row loops cost rows of 64 twice their time). Left open: one product
   g·w within 6% of float32's largest, with an rstd below 1, can still round grad_x to inf
@@ -208,15 +208,21 @@ def _gradient_elements(g_row, x_row, gx_row, w_row, acc_w, acc_b, start, stop, h
         acc_b[c] += gy
 
 
-@inline_helper
+@reduction
 def _flush(acc_w, acc_b, part_w, part_b):
-    """Add float32 accumulators into float64 parts and zero them."""
+    """Add float32 accumulators into float64 parts and zero them. Returns 0 where every
+    accumulator is finite, else NaN (a float32 sum past float32's largest is inf there): a
+    reduction, so that the check rides the flush's own vectorized loops."""
+    check = np.float32(0.0)
     for c in range(acc_w.shape[0]):
         part_w[c] += np.float64(acc_w[c])
+        check += acc_w[c] * np.float32(0.0)
         acc_w[c] = 0.0
     for c in range(acc_b.shape[0]):
         part_b[c] += np.float64(acc_b[c])
+        check += acc_b[c] * np.float32(0.0)
         acc_b[c] = 0.0
+    return np.float64(check)
 
 
 @inline_helper
@@ -261,15 +267,6 @@ def _terms(proj, mean_gw, root_n):
     """``|proj|·√n + |mean_gw|`` in float64: a bound of grad_x's terms x̂·proj and mean_gw
     (inf or NaN where a sum overflowed)."""
     return abs(np.float64(proj)) * root_n + abs(np.float64(mean_gw))
-
-
-@reduction
-def _nonfinite(part_w, part_b):
-    """0 where every entry of the parts is finite, else NaN (a reduction: vectorized)."""
-    total = 0.0
-    for c in range(part_w.shape[0]):
-        total += part_w[c] * 0.0 + part_b[c] * 0.0
-    return total
 
 
 @helper
@@ -341,11 +338,10 @@ def row_backward32(grad_y, grad_y_layout, x, x_layout, n, weight, param_row_stri
                                           mean[r], rstd[r], rms, False, root_n)
                 pending += 1
                 if pending == FLUSH_ROWS:
-                    _flush(acc_w, acc_b, grad_weight_parts[k, 0], grad_bias_parts[k, 0])
+                    terms += _flush(acc_w, acc_b, grad_weight_parts[k, 0], grad_bias_parts[k, 0])
                     pending = 0
             if pending > 0:
-                _flush(acc_w, acc_b, grad_weight_parts[k, 0], grad_bias_parts[k, 0])
-            terms += _nonfinite(grad_weight_parts[k, 0], grad_bias_parts[k, 0])
+                terms += _flush(acc_w, acc_b, grad_weight_parts[k, 0], grad_bias_parts[k, 0])
             redo[k] = not terms < TERMS_LIMIT
             continue
         pending = 0
@@ -363,7 +359,7 @@ def row_backward32(grad_y, grad_y_layout, x, x_layout, n, weight, param_row_stri
             g = 0 if groups == 1 else (r // param_row_stride) % groups  # (an integer division costs)
             w_row = weight[g]
             if pending > 0 and g != last_group:
-                _flush(acc_w, acc_b, grad_weight_parts[k, last_group], grad_bias_parts[k, last_group])
+                terms += _flush(acc_w, acc_b, grad_weight_parts[k, last_group], grad_bias_parts[k, last_group])
                 pending = 0
             if per_element and RSTD_LOW < rs < RSTD_HIGH:
                 terms += _per_element_row(g_row, x_row, gx_row, w_row, acc_w, acc_b, m, rs, rms, streaming, root_n)
@@ -375,12 +371,10 @@ def row_backward32(grad_y, grad_y_layout, x, x_layout, n, weight, param_row_stri
                 terms += row_terms
             last_group = g
             if pending == FLUSH_ROWS:
-                _flush(acc_w, acc_b, grad_weight_parts[k, g], grad_bias_parts[k, g])
+                terms += _flush(acc_w, acc_b, grad_weight_parts[k, g], grad_bias_parts[k, g])
                 pending = 0
         if pending > 0:
-            _flush(acc_w, acc_b, grad_weight_parts[k, last_group], grad_bias_parts[k, last_group])
-        for g in range(groups):
-            terms += _nonfinite(grad_weight_parts[k, g], grad_bias_parts[k, g])
+            terms += _flush(acc_w, acc_b, grad_weight_parts[k, last_group], grad_bias_parts[k, last_group])
         redo[k] = not terms < TERMS_LIMIT
     if streaming:
         store_fence()  # (see rows.scaled_streaming)
