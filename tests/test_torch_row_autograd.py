@@ -311,6 +311,15 @@ def test_rows_of_extreme_scale_among_ordinary_ones_get_float64_accurate_gradient
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
 
 
+def _against_float64(reference, twin, x, grad_y):
+    """The float32 twin's gradients of x and its parameters, and torch autograd's in float64
+    through ``reference`` on the same values."""
+    x64 = x.double().requires_grad_()
+    expected = _grads(reference, x64, grad_y.double(), (x64, *reference.parameters()))
+    leaf = x.clone().requires_grad_()
+    return _grads(twin, leaf, grad_y, (leaf, *twin.parameters())), expected
+
+
 @pytest.mark.parametrize("cls_name, args, shape, case", [
     ("LayerNorm", (4096,), (40, 4096), "gradient"),
     ("RMSNorm", (4096,), (40, 4096), "gradient"),
@@ -335,10 +344,7 @@ def test_float32_gradients_near_float32s_largest_match_float64(cls_name, args, s
         with torch.no_grad():
             for module in (reference, twin):
                 module.weight.fill_(1e36)
-    x64 = x.double().requires_grad_()
-    expected = _grads(reference, x64, grad_y.double(), (x64, *reference.parameters()))
-    leaf = x.clone().requires_grad_()
-    got = _grads(twin, leaf, grad_y, (leaf, *twin.parameters()))
+    got, expected = _against_float64(reference, twin, x, grad_y)
     assert torch.isfinite(expected[0].float()).all()  # the case is one float32 can hold
     for mine, theirs in zip(got, expected):
         holds = torch.isfinite(theirs.float())
@@ -367,10 +373,7 @@ def test_float32_parameter_gradients_that_cancel_past_float32s_largest_match_flo
     x[:, 7] = 1.0
     grad_y = torch.zeros(4, 16384)
     grad_y[:, 7] = torch.tensor([2e38, 2e38, -2e38, -2e38])
-    x64 = x.double().requires_grad_()
-    expected = _grads(reference, x64, grad_y.double(), (x64, *reference.parameters()))
-    leaf = x.clone().requires_grad_()
-    got = _grads(twin, leaf, grad_y, (leaf, *twin.parameters()))
+    got, expected = _against_float64(reference, twin, x, grad_y)
     for mine, theirs in zip(got, expected):
         assert torch.isfinite(theirs.float()).all()
         torch.testing.assert_close(mine.double(), theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
@@ -390,10 +393,7 @@ def test_float32_group_norm_gradient_times_a_channel_weight_past_float32s_larges
     x[0, 0, 5] = x[0, 0, 6] = 3.0
     grad_y = torch.zeros(1, 2, 64)
     grad_y[0, 0, 5], grad_y[0, 0, 6] = 1e35, -1e35
-    x64 = x.double().requires_grad_()
-    expected = _grads(reference, x64, grad_y.double(), (x64, *reference.parameters()))
-    leaf = x.clone().requires_grad_()
-    got = _grads(twin, leaf, grad_y, (leaf, *twin.parameters()))
+    got, expected = _against_float64(reference, twin, x, grad_y)
     for mine, theirs in zip(got, expected):
         assert torch.isfinite(theirs.float()).all()
         torch.testing.assert_close(mine.double(), theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
