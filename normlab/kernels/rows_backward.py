@@ -25,11 +25,11 @@ float64 form). With ``x̂ = (x − mean)·rstd`` and ``ĝ = g·w``:
   and, with one weight per channel, ``Σ|g|·max|w|``; each flush of the parameter terms
   adds its float32 accumulators times 0. A block sum or a product g·w past float32's
   largest is inf there, a parameter term summed past it is inf in its accumulator, and
-  every other term of grad_x is below the total; a total of :data:`TERMS_LIMIT` or more, inf or NaN, redoes the call.
-  With one weight per element this reads nothing the kernel does not compute anyway (a
-  third sum in those row loops cost rows of 64 twice their time). Left open: one product
-  g·w within 6% of float32's largest, with an rstd below 1, can still round grad_x to inf
-  where float64 gives a finite value.
+  every other term of grad_x is below the total; a total of :data:`TERMS_LIMIT` or more,
+  inf or NaN, redoes the call. With one weight per element this reads nothing the kernel
+  does not compute anyway (a third sum in those row loops cost rows of 64 twice their
+  time). Left open: one product g·w within 6% of float32's largest, with an rstd below 1,
+  can still round grad_x to inf where float64 gives a finite value.
 """
 
 from __future__ import annotations
