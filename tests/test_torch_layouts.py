@@ -94,3 +94,35 @@ def test_gated_rms_norm_reads_a_negated_gate_with_its_sign():
     normed = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + 1e-6)
     expected = normed.view(2, 3, 8) * norm.weight * torch.nn.functional.silu(z)
     torch.testing.assert_close(norm(x, _negated(z)), expected)
+
+
+def _nested(layout):
+    """Two rows of 2 and 3 tokens of 4 features, the strided or the jagged nested layout."""
+    torch.manual_seed(1)
+    return torch.nested.nested_tensor([torch.randn(2, 4) * 2 + 1, torch.randn(3, 4) * 2 + 1], layout=layout,
+                                      requires_grad=True)
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged], ids=["strided", "jagged"])
+@pytest.mark.parametrize("cls_name, args", [("LayerNorm", (4,)), ("RMSNorm", (4,)), ("GroupNorm", (2, 4)),
+                                             ("BatchNorm1d", (4,)), ("InstanceNorm1d", (4,))],
+                         ids=["LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm1d", "InstanceNorm1d"])
+def test_a_nested_tensor_meets_torchs_outcome_forward_and_backward(cls_name, args, layout):
+    """Oracle: torch.nn on the same nested tensor (it normalizes both layouts over the last
+    dimension in a layer norm, the jagged one in an RMS norm, and refuses the rest)."""
+    reference, twin = randomized_pair(cls_name, args, torch.float32)
+    outcomes = []
+    for module in (reference, twin):
+        x = _nested(layout)
+        try:
+            y = module(x)
+        except Exception as error:  # noqa: BLE001 (the exception type is what is compared)
+            outcomes.append((type(error), None))
+            continue
+        padded = y.to_padded_tensor(0.0)
+        (padded * torch.arange(padded.numel()).reshape(padded.shape)).sum().backward()
+        outcomes.append((None, (padded, x.grad.to_padded_tensor(0.0)) + tuple(p.grad for p in module.parameters())))
+    (expected_error, expected), (error, got) = outcomes
+    assert error is expected_error
+    if expected is not None:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -214,7 +214,7 @@ def _fast_rows(module, x: Tensor, eps: float, with_bias: bool = True) -> Optiona
     small input's time, hence the inlined checks (those of ``_needs_torch_ops``)."""
     if (type(x) is not Tensor or _PathSwitch.path != "auto" or not x.is_cpu or torch.jit.is_tracing()
             or torch.compiler.is_compiling() or _functorch_active() or forward_ad._current_level >= 0
-            or x.layout is not _STRIDED or x.is_neg()):
+            or x.layout is not _STRIDED or x.is_nested or x.is_neg()):
         return None
     weight, bias = affine_parameters(module, with_bias)
     grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)

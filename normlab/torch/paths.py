@@ -56,12 +56,15 @@ def _needs_torch_ops(x) -> bool:
     and ``torch.export`` (Inductor then fuses torch's decomposition with its neighbours, and
     the ONNX exporter finds its standard ops), functorch transforms (``vmap``, ``grad``,
     ``jacrev``, ``jvp``, ``jacfwd``), forward-mode AD (dual tensors), layouts other than
-    strided (sparse, MKL-DNN), which have no memory for NumPy to see, and lazily negated
-    views (``z.conj().imag``), which NumPy would read unnegated: torch then computes what
-    it supports (an MKL-DNN batch norm, a negated view) and raises its own error otherwise."""
+    strided (sparse, MKL-DNN), which have no memory for NumPy to see, nested tensors of the
+    strided layout (rows of several shapes in one buffer: no one shape to plan), and lazily
+    negated views (``z.conj().imag``), which NumPy would read unnegated: torch then computes
+    what it supports (an MKL-DNN batch norm, a negated view, a nested tensor's layer norm)
+    and raises its own error otherwise."""
     return (not isinstance(x, Tensor) or torch.jit.is_tracing() or torch.compiler.is_compiling()
             or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
-            or x.layout is not torch.strided or x.is_neg())  # (Dynamo cannot trace is_neg: after is_compiling)
+            or x.layout is not torch.strided or x.is_nested
+            or x.is_neg())  # (Dynamo cannot trace is_neg: after is_compiling)
 
 
 def _choose_path(x: Tensor, has_native: bool) -> str:
