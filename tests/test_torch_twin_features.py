@@ -139,6 +139,24 @@ def test_forward_mode_ad_in_training_updates_running_statistics_as_torch_nn(name
     torch.testing.assert_close(actual_buffers, expected_buffers, **TOLERANCE)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name, factory, shape, _bad", TWINS, ids=IDS)
+def test_fake_tensor_mode_propagates_torch_nn_shapes_dtypes_and_strides(name, factory, shape, _bad, training):
+    """Shape propagation under FakeTensorMode: a fake float32 input gives an output and an
+    input gradient with torch.nn's type, shape, dtype and strides (values: none to read)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    found = []
+    for model in pair(name, factory):
+        model.float().train(training)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            x = torch.randn(shape, requires_grad=True)
+            y = model(x)
+            y.sum().backward()
+        found.append((type(y), y.shape, y.dtype, y.stride(), x.grad.shape))
+    assert found[0] == found[1]
+
+
 @pytest.mark.parametrize("name, factory, shape, _bad", TWINS, ids=IDS)
 def test_transforms_and_tracing_under_no_grad_give_torch_nn_results(name, factory, shape, _bad):
     # without gradients the twins have fast paths straight into the kernels: none may run here

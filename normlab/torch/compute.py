@@ -9,6 +9,7 @@ from typing import Mapping, Optional
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.autograd import forward_ad
 
 from normlab import kernels
@@ -139,14 +140,22 @@ def _apply_stats(x: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float,
 FOLDED_MEAN_LIMIT = 128.0
 
 
+def _fake(*tensors) -> bool:
+    """True for shape propagation (``FakeTensorMode``, its fake tensors): every operation
+    gives a fake tensor there, whose value cannot be read."""
+    return (torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+            or any(isinstance(t, FakeTensor) for t in tensors))
+
+
 def _folding_keeps_precision(module, x: Tensor, mean: Tensor, var: Tensor) -> bool:
     """True where torch's folded evaluation op keeps the numerics contract for float32 on
     the CPU (:data:`FOLDED_MEAN_LIMIT`); other dtypes and devices keep torch's op. The
     answer is kept per module while the buffers keep their memory and version, and until
     the module trains through torch's own op (:func:`_torch_batch_norm`)."""
-    if x.dtype != torch.float32 or not x.is_cpu or mean is None or var is None or torch.compiler.is_compiling():
+    if (x.dtype != torch.float32 or not x.is_cpu or mean is None or var is None or torch.compiler.is_compiling()
+            or _fake(x, mean, var)):
         # (compiled, the op is decomposed into (x - mean)·rstd·w + b, which does not cancel;
-        # the check's data-dependent answer would break the graph)
+        # the check's data-dependent answer would break the graph. Fake tensors have no values)
         return True
     tracked = not (mean.is_inference() or var.is_inference())  # (no version counter to key on)
     key = (mean._version, var._version, mean.data_ptr(), var.data_ptr(), module.eps) if tracked else None
