@@ -268,6 +268,58 @@ def test_timms_fp32_layer_norms_converted_script_and_trace_as_the_originals_do(o
             torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
+class AnyRankBatchNorm(torch.nn.BatchNorm1d):
+    """torch.nn's forward, with a rank check that also takes (N, C, H, W)."""
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected 2D or more input (got {input.dim()}D input)")
+
+
+class LargeBatchNorm(torch.nn.BatchNorm2d):
+    """torch.nn's forward, with a check that refuses batches of fewer than 4 samples."""
+
+    def _check_input_dim(self, input):
+        super()._check_input_dim(input)
+        if input.shape[0] < 4:
+            raise ValueError("LargeBatchNorm takes batches of 4 samples or more")
+
+
+class NoBatchInstanceNorm(torch.nn.InstanceNorm2d):
+    """torch.nn's forward, with an unbatched input normalized its own way."""
+
+    def _handle_no_batch_input(self, input):
+        return super()._handle_no_batch_input(input) * 2
+
+
+@pytest.mark.parametrize("original_class, x", [
+    (AnyRankBatchNorm, torch.randn(3, 4, 5, 5)), (LargeBatchNorm, torch.randn(2, 4, 3, 3)),
+    (NoBatchInstanceNorm, torch.randn(4, 3, 3)),
+], ids=["takes_another_rank", "refuses_small_batches", "unbatched_input_its_own_way"])
+def test_a_subclass_replacing_a_method_torch_nn_forward_calls_is_left_alone_and_computes_as_before(original_class,
+                                                                                                  x):
+    """A twin's class calls torch.nn's _check_input_dim and _handle_no_batch_input, not the
+    subclass's: it would refuse what the original computes, or compute what it refuses.
+    Oracle: the original module on the same input."""
+    original = original_class(4)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        converted = nt.convert(torch.nn.Sequential(copy.deepcopy(original)))[0]
+    outcomes = []
+    for module in (original, converted):
+        try:
+            outcomes.append(module(x))
+        except ValueError as error:
+            outcomes.append(str(error))
+    assert type(outcomes[1]) is type(outcomes[0])
+    if isinstance(outcomes[0], str):
+        assert outcomes[1] == outcomes[0]
+    else:
+        torch.testing.assert_close(outcomes[1], outcomes[0])
+    assert type(converted) is original_class
+    assert [original_class.__name__ in str(w.message) for w in record] == [True]
+
+
 def test_norms_that_compute_something_else_are_left_alone_with_one_warning_naming_them():
     model = torch.nn.Sequential(ScaledLayerNorm(4), ScaledLayerNorm(4), torch.nn.LayerNorm(4),
                                 UnbiasedLayerNorm2d(4), FakeRMSNorm(4), RunningStatsBatchNorm(4))
