@@ -241,11 +241,13 @@ def test_converted_layer_with_a_parametrized_weight_computes_and_differentiates_
 @pytest.mark.parametrize("cls_name, args, shape", [
     ("RMSNorm", (6,), (3, 6)), ("LayerNorm", (6,), (3, 6)), ("GroupNorm", (2, 6), (3, 6)),
     ("BatchNorm1d", (6,), (3, 6)), ("InstanceNorm1d", (6, 1e-5, 0.1, True, True), (3, 6, 4))])
-def test_input_made_in_inference_mode_trains_or_raises_as_in_torch_nn(cls_name, args, shape):
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_input_made_in_inference_mode_trains_or_raises_as_in_torch_nn(cls_name, args, shape, train):
     """Features computed under torch.inference_mode feeding a norm layer whose parameters
     train: torch.nn.RMSNorm's operations save no inference tensor and train; the others
-    raise torch's RuntimeError, leaving the running statistics as they were."""
-    reference, twin = _pair(cls_name, args, train=True)
+    raise torch's RuntimeError, leaving the running statistics as they were (in evaluation
+    too, where the batch and instance norms normalize with them)."""
+    reference, twin = _pair(cls_name, args, train=train)
     with torch.inference_mode():
         x = torch.randn(shape, dtype=D)
     outcomes = []
