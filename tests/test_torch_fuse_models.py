@@ -360,6 +360,24 @@ def test_convert_fuse_keeps_the_hooks_on_the_norms_it_replaces_and_leaves_a_hook
         torch.testing.assert_close(converted, unconverted, **_FLOAT32, msg=name)
 
 
+def test_a_load_state_dict_pre_hook_on_a_fused_norm_sees_it_in_loads_and_copies_as_on_the_unconverted_model():
+    # register_load_state_dict_pre_hook keeps a weak reference to its module, which fusing replaces
+    import gc
+
+    seen = []
+    model = _model("llama")
+    model.model.layers[1].post_attention_layernorm.register_load_state_dict_pre_hook(
+        lambda module, state, prefix, *args: seen.append((prefix, module)))
+    fused = _fused(model)
+    gc.collect()  # (the replaced norms of the copy)
+    for m in (model, fused):
+        seen.clear()
+        m.load_state_dict(copy.deepcopy(m).state_dict())
+        assert [(prefix, module is m.model.layers[1].post_attention_layernorm) for prefix, module in seen] == [
+            ("model.layers.1.post_attention_layernorm.", True)]
+    assert isinstance(fused.model.layers[1].post_attention_layernorm, FusedAddRMSNorm)
+
+
 @pytest.mark.parametrize("hooked", [False, True], ids=["all_fused", "one_left_unfused"])
 def test_accelerate_keeps_each_fused_layer_on_one_device_as_it_keeps_the_unconverted_ones(hooked):
     # accelerate reads _no_split_modules as class names: a fused layer it split over devices

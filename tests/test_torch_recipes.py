@@ -241,6 +241,38 @@ def test_weight_averaging_with_ema_buffers_and_update_bn_gives_torch_nn_s_models
     torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
 
 
+def test_a_load_state_dict_pre_hook_registered_before_convert_sees_the_twin_in_loads_and_copies():
+    """``register_load_state_dict_pre_hook`` keeps a weak reference to its module and hands
+    it to the hook: on the converted model that is the twin (the torch.nn layer it replaced
+    is gone), so ``load_state_dict``, ``copy.deepcopy`` and ``AveragedModel`` work as on
+    torch.nn's model, each hook seeing the layer that loads."""
+    import gc
+
+    from torch.optim.swa_utils import AveragedModel
+
+    seen = []
+
+    def hooked():
+        model = _small_cnn()
+        for module in model.modules():
+            if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)):
+                module.register_load_state_dict_pre_hook(lambda m, state, prefix, *_: seen.append((prefix, m)))
+        return model
+
+    reference, twin = _converted_pair(hooked)
+    gc.collect()  # (the replaced torch.nn layers)
+    loaded = []
+    for model in (reference, twin):
+        seen.clear()
+        model.load_state_dict(model.state_dict())
+        assert all(module is model.get_submodule(prefix[:-1]) for prefix, module in seen)
+        loaded.append([prefix for prefix, _ in seen])
+        copied = copy.deepcopy(model)
+        copied.load_state_dict(model.state_dict())
+        AveragedModel(model).update_parameters(model)
+    assert loaded[1] == loaded[0] and len(loaded[0]) == 6
+
+
 def _freeze_batch_norms(model):
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):

@@ -89,6 +89,7 @@ def twin_of(module: nn.Module, cls: type, **attributes) -> nn.Module:
     if cls is SyncBatchNorm and not hasattr(twin, "process_group"):
         twin.process_group = None
     twin.__dict__.update(attributes)
+    rebind_hooks(module, twin)
     (twin._init_spec if hasattr(twin, "_init_spec") else twin._init_block)()  # (the fused blocks' name)
     if parametrize.is_parametrized(module):
         # torch.nn.utils.parametrize made module's class a subclass with one property per
@@ -98,6 +99,19 @@ def twin_of(module: nn.Module, cls: type, **attributes) -> nn.Module:
         for tensor_name in module.parametrizations:
             parametrize._inject_property(twin, tensor_name)
     return twin
+
+
+def rebind_hooks(module: nn.Module, replacement: nn.Module) -> None:
+    """Hooks that torch binds to their module (``register_load_state_dict_pre_hook`` keeps a
+    weak reference to it and passes it to the hook) bound to ``replacement``, which holds
+    ``module``'s hook dicts: once ``module`` is gone, such a hook raises torch's "hook of a
+    dead Module" in ``load_state_dict``, ``copy.deepcopy`` and pickling. Replaced in the same
+    dicts, which the hooks' handles remove them from."""
+    for name, hooks in vars(replacement).items():
+        if name.startswith("_") and "hooks" in name and isinstance(hooks, dict):
+            for key, hook in list(hooks.items()):
+                if getattr(hook, "with_module", False) and hook.module() is module:  # (torch's _WrappedHook)
+                    hooks[key] = type(hook)(hook.hook, replacement)
 
 
 def convert(model: nn.Module, fuse: bool = False) -> nn.Module:

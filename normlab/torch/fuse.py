@@ -33,6 +33,7 @@ from typing import Optional
 
 from torch import nn
 
+from normlab.torch.conversion import rebind_hooks
 from normlab.torch.fused import FusedAddRMSNorm
 from normlab.torch.modules import RMSNorm
 
@@ -262,6 +263,7 @@ def _fused_norm(norm: nn.Module, recipe) -> FusedAddRMSNorm:
     for name, hooks in vars(norm).items():  # its hooks (forward, backward, state_dict, ...) go along,
         if name.startswith("_") and "hooks" in name and isinstance(hooks, dict):
             setattr(fused, name, hooks)  # the same dicts, which the hooks' handles remove them from
+    rebind_hooks(norm, fused)
     return fused
 
 
