@@ -256,6 +256,9 @@ class _View:
     plan: object = None
     mod_plan: object = None
     group: Optional[int] = None  # without a plan: the last axis split into groups of this size
+    # without a plan: the reduced trailing axes' sizes, as the block names them (traced sizes
+    # are tensors, which torch's layer norm takes, but the TorchScript ONNX exporter refuses)
+    trailing: Optional[tuple] = None
 
     def of(self, t: Tensor) -> Tensor:
         if self.plan is not None:
@@ -279,14 +282,20 @@ def _traced_view(block: Block) -> Optional[_View]:
     if pattern.startswith("... [") and pattern.endswith("]") and modulation is None:
         names = pattern[5:-1].split()
         if names and all(n.isidentifier() for n in names) and params in (None, " ".join(names)):
-            return _View(axes=tuple(range(-len(names), 0)))
+            return _View(axes=tuple(range(-len(names), 0)), trailing=_sized(block, names))
     if pattern == "... (g [c])" and params in (None, "(g c)") and modulation is None:
         return _View(axes=(-1,), group=dict(block.sizes)["c"])
     leading = pattern[:-len("b t [d]")].split()
     if (pattern.endswith("b t [d]") and leading == [f"a{i}" for i in range(len(leading))] and params is None
             and modulation == "b d"):
-        return _View(axes=(-1,))
+        return _View(axes=(-1,), trailing=_sized(block, ["d"]))
     return None
+
+
+def _sized(block: Block, names) -> Optional[tuple]:
+    """The sizes ``block`` gives the axes ``names``, or None where it leaves one unsized."""
+    sizes = dict(block.sizes)
+    return tuple(sizes[n] for n in names) if all(n in sizes for n in names) else None
 
 
 def _view_of(block: Block, shape: tuple) -> _View:
@@ -310,14 +319,17 @@ def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
     axes = layout.axes
     phi = _ACTIVATIONS[block.gate_activation](gate.to(compute)) if gate is not None else None
     gated_first = gate is not None and not block.norm_before_gate
-    trailing = _trailing_shape(layout.of(total), axes)
-    if (not block.rms and trailing is not None and dtype in _HALF_DTYPES and block.casting == "gemma"
-            and gate is None and scale is None and shift is None and not block.weight_offset
-            and all(p is None or p.dtype in (dtype, torch.float32) for p in (weight, bias))):
+    trailing = layout.trailing or _trailing_shape(layout.of(total), axes)
+    if (not block.rms and trailing is not None and gate is None and scale is None and shift is None
+            and not block.weight_offset
+            and ((dtype in _HALF_DTYPES and block.casting == "gemma"
+                  and all(p is None or p.dtype in (dtype, torch.float32) for p in (weight, bias)))
+                 or (_onnx_layer_norm(dtype) and all(p is None or p.dtype == dtype for p in (weight, bias))))):
         # nn.LayerNorm on half input, as FusedAddLayerNorm replaces it: torch's kernel applies
         # the weight and bias in float32 and rounds once, the gemma recipe (float32 parameters
         # too, as a half model keeps its norms in float32: its outputs and its parameters'
-        # gradients, which torch's kernel accumulates in the input's dtype)
+        # gradients, which torch's kernel accumulates in the input's dtype); and exported to
+        # ONNX, nn.LayerNorm on float32 and float64 input too (see _onnx_layer_norm)
         w, b = (None if p is None else layout.param(p).reshape(trailing) for p in (weight, bias))
         y = torch.nn.functional.layer_norm(layout.of(total), trailing, w, b, block.eps).reshape(x.shape)
         return (y, total) if residual is not None else y
@@ -365,12 +377,20 @@ def _normalized(view: Tensor, axes, trailing, block: Block, dtype: torch.dtype, 
     """x̂ of ``view`` (in ``compute``) over ``axes``."""
     if block.rms:
         return recipes.rms_normalize(view, axes, block.eps)
-    if trailing is not None and dtype in _HALF_DTYPES and compute == torch.float32:
+    if trailing is not None and ((dtype in _HALF_DTYPES and compute == torch.float32) or _onnx_layer_norm(dtype)):
         # torch's float32 kernel, one pass: its folded x·rstd − mean·rstd errs by about
         # 6e-8·|mean|/std, far below the half rounding that x̂ or the output meets after it
         return torch.nn.functional.layer_norm(view, trailing, eps=block.eps)
     var, mean = torch.var_mean(view, dim=axes, keepdim=True, correction=0)
     return (view - mean) * torch.rsqrt(var + block.eps)
+
+
+def _onnx_layer_norm(dtype: torch.dtype) -> bool:
+    """Whether a layer norm over trailing axes of float32 or float64 input (which every
+    recipe computes in its own dtype) runs as torch's layer norm: under ONNX export, which
+    writes that as ONNX's one ``LayerNormalization``, as it writes ``nn.LayerNorm`` and the
+    code the blocks replace (the statistics' operations would each be an ONNX op)."""
+    return dtype in _KERNEL_DTYPES and torch.onnx.is_in_onnx_export()
 
 
 def _trailing_shape(view: Tensor, axes) -> Optional[tuple]:
@@ -893,8 +913,8 @@ class AdaLayerNorm(Unscriptable, nn.Module):
         self.embedding_dim = embedding_dim
         # diffusers' FP32LayerNorm normalizes in float32 and rounds to the input's dtype before
         # the modulation, as nn.LayerNorm's kernel does for half input: one recipe for both
-        self._block = Block("b t [d]", modulation="b d", eps=1e-6 if norm_type == "layer_norm" else 1e-5,
-                            casting=casting)
+        self._block = Block("b t [d]", modulation="b d", sizes=(("d", embedding_dim),),
+                            eps=1e-6 if norm_type == "layer_norm" else 1e-5, casting=casting)
 
     def forward(self, x: Tensor, timestep=None, class_labels=None, hidden_dtype=None, emb: Optional[Tensor] = None):
         traced = _fx_leaf(self, x, timestep, class_labels, hidden_dtype, emb=emb)

@@ -1,0 +1,104 @@
+"""ONNX export of the twins and the fused blocks against the export of the code they replace:
+the ONNX graph's norm ops, and ONNX Runtime's outputs at a batch and length other than the
+example's. Oracles: torch.nn's modules and diffusers' AdaLayerNormZero, exported by torch's
+own exporters, and ONNX Runtime."""
+
+import copy
+from collections import Counter
+
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
+
+from torch import nn  # noqa: E402
+
+import normlab.torch as nt  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
+                                        "ignore::FutureWarning")
+
+
+class _AddThenNorm(nn.Module):
+    """``norm(x + residual), x + residual``: what FusedAddLayerNorm replaces."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x, residual):
+        total = x + residual
+        return self.norm(total), total
+
+
+class _Fused(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, other):
+        return self.block(x, other)
+
+
+class _Modulated(nn.Module):
+    """A norm called as DiT calls AdaLayerNormZero: ``norm(x, emb=emb)``."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x, emb):
+        return self.norm(x, emb=emb)
+
+
+def _layer_norm_pairs(name):
+    """(the code a layer-norm block replaces, the block on its state, second input's shape)."""
+    torch.manual_seed(0)
+    if name == "FusedAddLayerNorm":
+        original = nn.LayerNorm(8)
+        with torch.no_grad():
+            original.weight.uniform_(0.5, 1.5)
+            original.bias.normal_()
+        block = nt.FusedAddLayerNorm(8)
+        block.load_state_dict(original.state_dict())
+        return _AddThenNorm(original), _Fused(block), lambda batch, length: (batch, length, 8)
+    diffusers = pytest.importorskip("diffusers.models.normalization")
+    original = diffusers.AdaLayerNormZero(8)
+    block = nt.AdaLayerNorm(8)
+    block.load_state_dict(original.state_dict())
+    return _Modulated(original), _Modulated(block), lambda batch, length: (batch, 8)
+
+
+def _export(model, inputs, path):
+    """The TorchScript exporter with a dynamic batch and length; the graph's op counts."""
+    torch.onnx.export(model, inputs, path, dynamo=False, opset_version=17, input_names=["x", "other"],
+                      dynamic_axes={"x": {0: "batch", 1: "length"}, "other": {0: "batch", 1: "length"}})
+    return Counter(node.op_type for node in onnx.load(path).graph.node)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("name", ["FusedAddLayerNorm", "AdaLayerNorm"])
+def test_a_layer_norm_block_exports_one_layer_normalization_as_the_code_it_replaces(name, dtype, tmp_path):
+    """On half input the TorchScript exporter refused the blocks ("Failed to export a node
+    ... because it is not constant": torch's layer norm was given the input's traced sizes),
+    and on float32 it wrote their statistics as ReduceMean, Sub, Sqrt, ... where the code
+    they replace exports one LayerNormalization."""
+    original, block = (m.to(dtype).eval() for m in _layer_norm_pairs(name)[:2])
+    other_shape = _layer_norm_pairs(name)[2]
+    gen = torch.Generator().manual_seed(1)
+
+    def inputs(batch, length):
+        return (torch.randn(batch, length, 8, generator=gen).to(dtype),
+                torch.randn(other_shape(batch, length), generator=gen).to(dtype))
+
+    example, other = inputs(2, 3), inputs(5, 7)
+    expected_ops = _export(original, example, str(tmp_path / "original.onnx"))
+    ops = _export(block, example, str(tmp_path / "block.onnx"))
+    assert ops["LayerNormalization"] == expected_ops["LayerNormalization"] == 1
+    assert "ReduceMean" not in ops
+    feeds = {"x": other[0].numpy(), "other": other[1].numpy()}
+    got = onnxruntime.InferenceSession(str(tmp_path / "block.onnx")).run(None, feeds)
+    want = onnxruntime.InferenceSession(str(tmp_path / "original.onnx")).run(None, feeds)
+    for have, expected in zip(got, want):
+        torch.testing.assert_close(torch.from_numpy(have), torch.from_numpy(expected))
