@@ -126,3 +126,55 @@ def test_a_nested_tensor_meets_torchs_outcome_forward_and_backward(cls_name, arg
     assert error is expected_error
     if expected is not None:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _nested_pair(layout):
+    """x and a second input of x's rows (a residual, a gate), in one nested layout."""
+    x = _nested(layout)
+    torch.manual_seed(2)
+    rows = [torch.randn(2, 4), torch.randn(3, 4)]
+    if layout == torch.jagged:  # (the same offsets as x: jagged tensors add where their rows agree)
+        other = torch.nested.nested_tensor_from_jagged(torch.cat(rows), x.offsets())
+    else:
+        other = torch.nested.nested_tensor(rows, layout=layout)
+    return x, other.requires_grad_()
+
+
+def _fused_cases():
+    from torch.nn import functional as F
+    from normlab.torch import FusedAddLayerNorm, FusedAddRMSNorm, GatedRMSNorm
+
+    layer_norm, rms_norm = torch.nn.LayerNorm(4), torch.nn.RMSNorm(4, eps=1e-6)
+    return {"FusedAddLayerNorm": (FusedAddLayerNorm(4), lambda x, r: (layer_norm(x + r), x + r), layer_norm),
+            "FusedAddRMSNorm": (FusedAddRMSNorm(4, eps=1e-6), lambda x, r: (rms_norm(x + r), x + r), rms_norm),
+            "GatedRMSNorm": (GatedRMSNorm(4, eps=1e-6), lambda x, z: rms_norm(x) * F.silu(z), rms_norm)}
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged], ids=["strided", "jagged"])
+@pytest.mark.parametrize("block", ["FusedAddLayerNorm", "FusedAddRMSNorm", "GatedRMSNorm"])
+def test_a_fused_block_on_nested_tensors_computes_what_the_torch_nn_code_it_replaces_does(block, layout):
+    """Oracle: torch.nn.LayerNorm of x + residual, torch.nn.RMSNorm of x + residual and
+    torch.nn.RMSNorm(x) * silu(z) on the same nested tensors (torch.nn computes the layer
+    norm of both layouts, the RMS norm of the jagged one): outputs, the gradients of both
+    inputs and of the weight (and bias), or the refusal (a RuntimeError or NotImplementedError)."""
+    torch.manual_seed(0)
+    fused, replaced, norm = _fused_cases()[block]
+    with torch.no_grad():
+        for reference, twin in zip(norm.parameters(), fused.parameters()):
+            twin.copy_(reference.uniform_(0.5, 1.5))
+    outcomes = []
+    for module, call in ((norm, replaced), (fused, fused)):
+        x, other = _nested_pair(layout)
+        try:
+            outputs = call(x, other)
+        except (RuntimeError, NotImplementedError):
+            outcomes.append(None)
+            continue
+        padded = [y.to_padded_tensor(0.0) for y in (outputs if isinstance(outputs, tuple) else (outputs,))]
+        sum((y * torch.arange(y.numel()).reshape(y.shape)).sum() for y in padded).backward()
+        outcomes.append((padded, x.grad.to_padded_tensor(0.0), other.grad.to_padded_tensor(0.0),
+                         [p.grad for p in module.parameters()]))
+    expected, got = outcomes
+    assert (got is None) == (expected is None)
+    if expected is not None:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -265,6 +265,12 @@ class _View:
             return t.reshape(self.plan.axis_sizes)
         return t.unflatten(-1, (-1, self.group)) if self.group else t
 
+    def back(self, y: Tensor, x: Tensor) -> Tensor:
+        """``y``, laid out as :meth:`of` lays out ``x``, in ``x``'s shape."""
+        if self.plan is not None:
+            return y.reshape(x.shape)
+        return y.flatten(-2) if self.group else y
+
     def param(self, p: Tensor) -> Tensor:
         if self.plan is not None:
             return _broadcast(p, self.plan, self.plan)
@@ -298,12 +304,15 @@ def _sized(block: Block, names) -> Optional[tuple]:
     return tuple(sizes[n] for n in names) if all(n in sizes for n in names) else None
 
 
-def _view_of(block: Block, shape: tuple) -> _View:
+def _view_of(block: Block, x: Tensor) -> _View:
     # (torch.jit.trace, and so the TorchScript ONNX exporter, would record a plan's sizes as
-    # constants: the traced graph would then refuse another batch size)
-    view = _traced_view(block) if torch.compiler.is_compiling() or torch.jit.is_tracing() else None
+    # constants: the traced graph would then refuse another batch size; a nested tensor's
+    # rows have no one shape to plan)
+    view = (_traced_view(block) if torch.compiler.is_compiling() or torch.jit.is_tracing() or x.is_nested
+            else None)
     if view is not None:
         return view
+    shape = tuple(x.shape)
     plan = make_plan(block.pattern, shape, block.params, sizes=dict(block.sizes))
     mod_plan = None if block.modulation is None else make_plan(block.pattern, shape, block.modulation,
                                                                sizes=dict(block.sizes))
@@ -315,23 +324,24 @@ def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
     total = x + residual if residual is not None else x
     dtype = total.dtype  # the norm's input is the sum: a bfloat16 x plus a float32 residual is float32
     compute, work = recipes.recipe_dtypes(dtype, block.casting)
-    layout = _view_of(block, tuple(x.shape))
+    layout = _view_of(block, x)
     axes = layout.axes
     phi = _ACTIVATIONS[block.gate_activation](gate.to(compute)) if gate is not None else None
     gated_first = gate is not None and not block.norm_before_gate
     trailing = layout.trailing or _trailing_shape(layout.of(total), axes)
     if (not block.rms and trailing is not None and gate is None and scale is None and shift is None
             and not block.weight_offset
-            and ((dtype in _HALF_DTYPES and block.casting == "gemma"
+            and (((dtype in _HALF_DTYPES or total.is_nested) and block.casting == "gemma"
                   and all(p is None or p.dtype in (dtype, torch.float32) for p in (weight, bias)))
                  or (_onnx_layer_norm(dtype) and all(p is None or p.dtype == dtype for p in (weight, bias))))):
         # nn.LayerNorm on half input, as FusedAddLayerNorm replaces it: torch's kernel applies
         # the weight and bias in float32 and rounds once, the gemma recipe (float32 parameters
         # too, as a half model keeps its norms in float32: its outputs and its parameters'
         # gradients, which torch's kernel accumulates in the input's dtype); and exported to
-        # ONNX, nn.LayerNorm on float32 and float64 input too (see _onnx_layer_norm)
+        # ONNX, nn.LayerNorm on float32 and float64 input too (see _onnx_layer_norm). A nested
+        # tensor takes it too: nn.LayerNorm normalizes its rows, and nested tensors lack var_mean
         w, b = (None if p is None else layout.param(p).reshape(trailing) for p in (weight, bias))
-        y = torch.nn.functional.layer_norm(layout.of(total), trailing, w, b, block.eps).reshape(x.shape)
+        y = layout.back(torch.nn.functional.layer_norm(layout.of(total), trailing, w, b, block.eps), x)
         return (y, total) if residual is not None else y
     if (not block.rms and trailing is not None and dtype in _HALF_DTYPES and compute == torch.float32
             and block.casting == "llama" and not gated_first):
@@ -366,7 +376,7 @@ def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
         y = y * layout.of(phi).to(work)
     # gemma and qwen3_next round once at the end; llama and none keep the dtype the weight's product promotes
     # to (a float32 weight on bfloat16 input gives float32, as LlamaRMSNorm's weight * x̂ does)
-    y = y.reshape(x.shape).to(dtype) if block.casting in _CAST_AT_THE_END else y.reshape(x.shape)
+    y = layout.back(y, x).to(dtype) if block.casting in _CAST_AT_THE_END else layout.back(y, x)
     return (y, total) if residual is not None else y
 
 
@@ -377,9 +387,11 @@ def _normalized(view: Tensor, axes, trailing, block: Block, dtype: torch.dtype, 
     """x̂ of ``view`` (in ``compute``) over ``axes``."""
     if block.rms:
         return recipes.rms_normalize(view, axes, block.eps)
-    if trailing is not None and ((dtype in _HALF_DTYPES and compute == torch.float32) or _onnx_layer_norm(dtype)):
+    if trailing is not None and ((dtype in _HALF_DTYPES and compute == torch.float32) or _onnx_layer_norm(dtype)
+                                 or view.is_nested):
         # torch's float32 kernel, one pass: its folded x·rstd − mean·rstd errs by about
         # 6e-8·|mean|/std, far below the half rounding that x̂ or the output meets after it
+        # (nested tensors: the one layer norm they have)
         return torch.nn.functional.layer_norm(view, trailing, eps=block.eps)
     var, mean = torch.var_mean(view, dim=axes, keepdim=True, correction=0)
     return (view - mean) * torch.rsqrt(var + block.eps)
@@ -400,7 +412,7 @@ def _trailing_shape(view: Tensor, axes) -> Optional[tuple]:
     reduced = sorted(a % ndim for a in axes)
     if reduced != list(range(ndim - len(reduced), ndim)):
         return None
-    return tuple(view.shape[ndim - len(reduced):])
+    return tuple(view.size(a) for a in reduced)  # (size(): a strided nested tensor has no shape)
 
 
 def _records_autograd(tensors) -> bool:
@@ -680,6 +692,8 @@ def _with_companion(module: nn.Module, x: Tensor, other: Optional[Tensor], norma
     ``x * silu(gate)`` does), after torch's checks of that shape: the norm's input has it,
     so its trailing axes must be ``normalized_shape``. Expanded views: autograd sums the
     gradient of a broadcast input over the axes it was repeated on."""
+    if x.is_nested or (other is not None and other.is_nested):
+        return x, other  # (rows of several lengths, no one shape to check: torch's operations check them)
     if other is None or other.shape == x.shape:
         _check_input(module, x, normalized_shape, **{name: other})
         return x, other
