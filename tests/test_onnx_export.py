@@ -102,3 +102,25 @@ def test_a_layer_norm_block_exports_one_layer_normalization_as_the_code_it_repla
     want = onnxruntime.InferenceSession(str(tmp_path / "original.onnx")).run(None, feeds)
     for have, expected in zip(got, want):
         torch.testing.assert_close(torch.from_numpy(have), torch.from_numpy(expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_a_converted_olmo_layer_norm_exports_as_olmos_own_with_a_dynamic_batch_and_length(dtype, tmp_path):
+    """The TorchScript exporter refused convert()'s twin of OLMo's layer norm in every dtype
+    ("Failed to export a node ... because it is not constant"): its recipe gave torch's
+    layer norm the input's traced last size, where OLMo gives its normalized_shape."""
+    olmo = pytest.importorskip("transformers.models.olmo.modeling_olmo")
+    original = olmo.OlmoLayerNorm(8).to(dtype)
+    twin = nt.convert(copy.deepcopy(original))
+    assert type(twin).__name__ == "RecipeLayerNorm"
+    gen = torch.Generator().manual_seed(2)
+    paths = [str(tmp_path / f"{name}.onnx") for name in ("original", "twin")]
+    for model, path in zip((original, twin), paths):
+        torch.onnx.export(model, (torch.randn(2, 3, 8, generator=gen).to(dtype),), path, dynamo=False,
+                          opset_version=17, input_names=["x"], dynamic_axes={"x": {0: "batch", 1: "length"}})
+    ops = [Counter(node.op_type for node in onnx.load(path).graph.node) for path in paths]
+    assert ops[1] == ops[0] and ops[0]["LayerNormalization"] == 1
+    x = torch.randn(5, 7, 8, generator=gen).to(dtype)
+    (got,), (want,) = (onnxruntime.InferenceSession(path).run(None, {"x": x.numpy()}) for path in paths[::-1])
+    torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want))
+    torch.testing.assert_close(torch.from_numpy(got), original(x))

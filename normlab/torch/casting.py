@@ -193,10 +193,14 @@ def apply_recipe_scale(x: Tensor, normalized: Tensor, weight: Optional[Tensor], 
     return y.to(x.dtype) if casting == "gemma" else y
 
 
-def layer_norm_recipe(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, casting: str) -> Tensor:
+def layer_norm_recipe(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, casting: str,
+                      size: Optional[int] = None) -> Tensor:
     """Layer norm over the last axis of ``x`` in float32 (float64 for float64 input), cast to
     ``x``'s dtype once at the end, as ``casting`` (one of :data:`LAYER_NORM_CASTINGS`) writes
     it; ``weight`` and ``bias`` broadcast against ``x`` (``"olmo"``: the last axis only).
+    ``size``: the last axis' size where the caller knows it (under ``torch.jit.trace`` the
+    input's sizes are tensors, which the TorchScript ONNX exporter refuses as a layer norm's
+    shape; OLMo's own code passes its ``normalized_shape``).
 
     >>> x = torch.tensor([[1., 2., 3.]], dtype=torch.bfloat16)
     >>> layer_norm_recipe(x, torch.ones(3), None, 0.0, "cohere").tolist()
@@ -210,7 +214,7 @@ def layer_norm_recipe(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
         weight = None if weight is None else weight.to(compute)
         bias = None if bias is None else bias.to(compute)
     if casting == "olmo":
-        return F.layer_norm(h, h.shape[-1:], weight, bias, eps).to(x.dtype)
+        return F.layer_norm(h, h.shape[-1:] if size is None else (size,), weight, bias, eps).to(x.dtype)
     mean = h.mean(-1, keepdim=True)
     variance = (h - mean).pow(2).mean(-1, keepdim=True)
     if casting == "deberta":

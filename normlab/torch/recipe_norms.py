@@ -98,7 +98,7 @@ class RecipeLayerNorm(nn.Module):
                 return apply_deberta_scale(x, normalized, self.weight, self.bias)
             weight, bias = (None if p is None else p.to(h.dtype) for p in (self.weight, self.bias))
             return _normalize(h, weight, bias, self._spec, float(self.eps), "kernel")[0].to(x.dtype)
-        return layer_norm_recipe(x, self.weight, self.bias, self.eps, self.casting)
+        return layer_norm_recipe(x, self.weight, self.bias, self.eps, self.casting, shape[-1])
 
 
 class UnweightedRMSNorm(nn.Module):
