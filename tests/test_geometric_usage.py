@@ -5,6 +5,7 @@ a scatter, and never a silent truncation of float ids)."""
 
 import copy
 import io
+import warnings
 
 import pytest
 
@@ -210,3 +211,40 @@ def test_fx_traces_a_twin_as_the_root_module_through_pygs_definitions_with_pygs_
         expected = theirs.state_dict()  # (PyG's own traced graph keeps running statistics as constants)
         for key, value in traced.state_dict().items():  # the buffers the graph reads: num_batches_tracked is not
             torch.testing.assert_close(value, expected[key].detach(), msg=key)
+
+
+@pytest.mark.parametrize("norm, kwargs", [("instance_norm", dict(affine=True, track_running_stats=True)),
+                                          ("layer_norm", {}), ("layer_norm", dict(mode="node")), ("graph_norm", {})],
+                         ids=["instance", "layer_graph", "layer_node", "graph"])
+def test_convert_turns_a_pyg_models_norms_into_twins_that_train_as_pygs(norm, kwargs):
+    """PyG's GIN built with ``norm="..."`` holds PyG's own classes: ``normlab.torch.convert``
+    replaces each with its twin, without a warning, keeping the Parameter objects (an
+    optimizer built before keeps training the model), and SGD steps on batches with graphs of
+    one and of no nodes give the unconverted model's outputs, parameters and running statistics."""
+    from torch_geometric.data import Batch, Data
+    from torch_geometric.nn.models import GIN
+
+    import normlab.torch as nt
+
+    torch.manual_seed(0)
+    theirs = GIN(5, 8, 2, out_channels=3, norm=norm, norm_kwargs=kwargs).double()
+    ours = copy.deepcopy(theirs)
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.05) for model in (ours, theirs)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert nt.convert(ours) is ours
+    assert {type(m) for m in ours.norms[:-1]} == {getattr(geometric, type(theirs.norms[0]).__name__)}
+    g = torch.Generator().manual_seed(1)
+    for sizes in ((5, 1, 9, 0), (3, 1, 1)):
+        data = Batch.from_data_list([Data(x=torch.randn(n, 5, generator=g, dtype=torch.float64) * 2 + 1,
+                                          edge_index=torch.randint(0, max(n, 1), (2, 2 * n), generator=g))
+                                     for n in sizes])
+        for model, optimizer in zip((ours, theirs), optimizers):
+            optimizer.zero_grad()
+            y = model(data.x, data.edge_index, batch=data.batch, batch_size=data.num_graphs)
+            y.pow(2).mean().backward()
+            optimizer.step()
+            model.y = y
+        torch.testing.assert_close(ours.y, theirs.y)
+        for key, value in theirs.state_dict().items():  # parameters after the step, running statistics
+            torch.testing.assert_close(ours.state_dict()[key], value.detach(), msg=key)

@@ -40,7 +40,9 @@ A layer is converted when normlab can compute what it computes:
   taking a second argument that no recipe reproduces is left alone, never an
   :class:`RMSNorm` whose second argument is a mask;
 * ``LazyBatchNorm*`` and ``LazyInstanceNorm*``: once their first forward has inferred the
-  channels, torch turns them into the normlab twin instead of torch.nn's class.
+  channels, torch turns them into the normlab twin instead of torch.nn's class;
+* PyG's ``InstanceNorm``, ``LayerNorm`` and ``GraphNorm`` (the classes themselves, found by
+  name without importing PyG): their twins in :mod:`normlab.torch.geometric`.
 
 Probes run on copies with random float64 parameters, through ``type(m).forward`` (no hooks),
 and leave the module, its state and the global random generator untouched; the probes for
@@ -75,6 +77,10 @@ _TWINS = {
     nn.SyncBatchNorm: SyncBatchNorm,
 }
 _NORM_BASES = (_NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+# PyG's norms, by their full names (PyG is not imported): their twins in normlab.torch.geometric
+# (PyG's BatchNorm and DiffGroupNorm hold a torch.nn.BatchNorm1d, which is converted itself)
+_PYG_TWINS = {f"torch_geometric.nn.norm.{module}.{name}": name for module, name in (
+    ("instance_norm", "InstanceNorm"), ("layer_norm", "LayerNorm"), ("graph_norm", "GraphNorm"))}
 _PROBE_TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # float64 probes: a forward in float32 passes, another formula not
 
 
@@ -90,7 +96,9 @@ def twin_of(module: nn.Module, cls: type, **attributes) -> nn.Module:
         twin.process_group = None
     twin.__dict__.update(attributes)
     rebind_hooks(module, twin)
-    (twin._init_spec if hasattr(twin, "_init_spec") else twin._init_block)()  # (the fused blocks' name)
+    init = getattr(twin, "_init_spec", None) or getattr(twin, "_init_block", None)  # (the fused blocks' name)
+    if init is not None:  # (the PyG twins keep no spec)
+        init()
     if parametrize.is_parametrized(module):
         # torch.nn.utils.parametrize made module's class a subclass with one property per
         # parametrized tensor (weight computed from parametrizations.weight.original): give
@@ -129,9 +137,10 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
     channels-first layer norm as :class:`~normlab.torch.modules.ChannelsFirstLayerNorm`; their gated
     RMS norms (Mamba2, FalconH1, Qwen3-Next, Bailing-Hybrid) as
     :class:`~normlab.torch.fused.GatedRMSNorm`; uninitialized lazy norms at their first forward
-    (which itself runs torch's). A subclass of a torch.nn norm whose forward computes something else,
-    and any module named ``...Norm...`` that normlab does not recognize, is left alone, and
-    one warning lists them. A converted subclass becomes the plain twin, as
+    (which itself runs torch's); PyG's ``InstanceNorm``, ``LayerNorm`` and ``GraphNorm`` as their
+    :mod:`normlab.torch.geometric` twins. A subclass of a torch.nn norm whose forward computes
+    something else, and any module named ``...Norm...`` that normlab does not recognize, is left
+    alone, and one warning lists them. A converted subclass becomes the plain twin, as
     ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does: its attributes carry over, its
     methods do not.
 
@@ -205,6 +214,11 @@ def _replacement(module: nn.Module, name: str, left_alone: dict, probed: dict) -
         return module
     if cls in _TWINS:
         return twin_of(module, _TWINS[cls])
+    pyg_twin = _PYG_TWINS.get(f"{cls.__module__}.{cls.__qualname__}")
+    if pyg_twin is not None:
+        from normlab.torch import geometric
+
+        return twin_of(module, getattr(geometric, pyg_twin))
     if isinstance(module, LazyModuleMixin) and isinstance(module, _NormBase):
         return _convert_lazy(module)
     if cls.__module__.startswith("torch.") and not isinstance(module, _NORM_BASES):
