@@ -157,6 +157,47 @@ def test_fake_tensor_mode_propagates_torch_nn_shapes_dtypes_and_strides(name, fa
     assert found[0] == found[1]
 
 
+class _Logged(torch.Tensor):
+    """A tensor subclass with a ``__torch_function__`` of its own (as DTensor's), counting the
+    torch functions it is handed."""
+
+    calls = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def _plain(t):
+    return t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else t
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("held_by", ["input", "parameters"])
+@pytest.mark.parametrize("name, factory, shape, _bad", TWINS, ids=IDS)
+def test_a_torch_function_subclass_in_the_input_or_parameters_gets_torch_nn_s_calls_and_output(
+        name, factory, shape, _bad, held_by, grad):
+    """The subclass is handed the twin's torch calls, and the output is of its type (as
+    torch.nn's is), with torch.nn's values, buffers and gradients."""
+    found = []
+    for model in pair(name, factory):
+        x = inputs(shape)
+        if held_by == "input":
+            x = x.as_subclass(_Logged)
+        else:
+            for param_name, param in list(model.named_parameters()):
+                setattr(model, param_name, nn.Parameter(param.detach().clone().as_subclass(_Logged)))
+        _Logged.calls = 0
+        with torch.set_grad_enabled(grad):
+            y = model(x)
+        assert _Logged.calls > 0
+        gradients = torch.autograd.grad(y.sum(), list(model.parameters())) if grad else ()
+        found.append((type(y), _plain(y), [_plain(b) for b in model.buffers()], [_plain(g) for g in gradients]))
+    assert found[1][0] is found[0][0]
+    torch.testing.assert_close(found[1][1:], found[0][1:], **TOLERANCE)
+
+
 @pytest.mark.parametrize("name, factory, shape, _bad", TWINS, ids=IDS)
 def test_transforms_and_tracing_under_no_grad_give_torch_nn_results(name, factory, shape, _bad):
     # without gradients the twins have fast paths straight into the kernels: none may run here

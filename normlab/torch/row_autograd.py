@@ -78,10 +78,13 @@ class ParamTables:
 
     def _prepare(self, weight, bias):
         self.held = None
-        if any(t is not None and (not t.is_cpu or (self.same_dtype and t.dtype != _TORCH_OF.get(self.forward.dtype)))
+        if any(t is not None and (type(t) not in _EAGER_PARAMS or not t.is_cpu
+                                  or (self.same_dtype and t.dtype != _TORCH_OF.get(self.forward.dtype)))
                for t in (weight, bias)):
-            # other devices (a module moved to "meta" after a call) and, with same_dtype, other
-            # dtypes take the full path (torch refuses float32 input with float64 weights)
+            # tensor subclasses (a __torch_function__ class, DTensor) take the registered op, which
+            # hands the call to them; other devices (a module moved to "meta" after a call) and,
+            # with same_dtype, other dtypes take the full path (torch refuses float32 input with
+            # float64 weights)
             return None
         arrays = (None if weight is None else weight.detach().numpy(), None if bias is None else bias.detach().numpy())
         tables = self.forward.tables(*arrays)
