@@ -248,3 +248,25 @@ def test_convert_turns_a_pyg_models_norms_into_twins_that_train_as_pygs(norm, kw
         torch.testing.assert_close(ours.y, theirs.y)
         for key, value in theirs.state_dict().items():  # parameters after the step, running statistics
             torch.testing.assert_close(ours.state_dict()[key], value.detach(), msg=key)
+
+
+def test_instance_norm_twin_in_evaluation_refuses_a_bad_batch_vector_as_in_training():
+    """With running statistics in evaluation the twin needs no ids, but PyG's InstanceNorm
+    still indexes with them and refuses a bad batch vector (shorter, negative, out of range,
+    two-dimensional, float): the twin refuses each with the errors it raises in training."""
+    x, batch = _graphs(seed=7)
+    ours = geometric.InstanceNorm(5, affine=True, track_running_stats=True).double().eval()
+    theirs = pyg_norm.InstanceNorm(5, affine=True, track_running_stats=True).double().eval()
+    bad = {"shorter": (batch[:-1], None), "negative id": (batch - 1, None), "id >= batch_size": (batch, 4),
+           "two-dimensional": (batch[:, None], None)}
+    for what, call in bad.items():
+        with pytest.raises((RuntimeError, IndexError)):
+            theirs(x, *call)
+        with pytest.raises(RuntimeError, match=r"input shape \(12, 5\)") as caught:
+            ours(x, *call)
+        assert isinstance(caught.value, ValueError), what
+    with pytest.raises(RuntimeError):
+        theirs(x, batch.double())
+    with pytest.raises(TypeError, match="integer tensor"):
+        ours(x, batch.double())
+    torch.testing.assert_close(ours(x, batch, 6), theirs(x, batch, 6))

@@ -103,6 +103,7 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
             return y
         batch_size = _batch_size(batch, batch_size)
         if not use_input_stats:
+            check_segment_ids(x, "[n] c", batch, batch_size)  # (unused here, but PyG's indexing refuses bad ids)
             return _apply_running(self, x)
         y, mean, rstd, count = normalize_masked(_promoted(x, self.weight), "[n] c", weight=self.weight,
                                                 bias=self.bias, params=None if self.weight is None else "c",
