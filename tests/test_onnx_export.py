@@ -124,3 +124,26 @@ def test_a_converted_olmo_layer_norm_exports_as_olmos_own_with_a_dynamic_batch_a
     (got,), (want,) = (onnxruntime.InferenceSession(path).run(None, {"x": x.numpy()}) for path in paths[::-1])
     torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want))
     torch.testing.assert_close(torch.from_numpy(got), original(x))
+
+
+class _Segmented(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nt.Norm("[n] c", params="c", c=4)
+
+    def forward(self, x, ids):
+        return self.norm(x, segment_ids=ids, num_segments=3)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_exporting_segment_ids_raises_an_error_that_names_the_module_and_what_exports(dynamo, tmp_path):
+    """The dynamo exporter, whose non-strict capture normlab refused, retried with Dynamo,
+    which reads torch.onnx.is_in_onnx_export() as False: the graph then held normlab's op,
+    and the user read "No ONNX function found for normlab.normalize_masked ... submit a PR
+    to PyTorch". The message now names the module and what exports instead, for either
+    exporter."""
+    inputs = (torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]))
+    with pytest.raises(Exception) as raised:
+        torch.onnx.export(_Segmented(), inputs, str(tmp_path / "segments.onnx"), dynamo=dynamo, verbose=False)
+    assert "Norm('[n] c'): segment_ids= does not export to ONNX" in str(raised.value)
+    assert "mask= does" in str(raised.value)

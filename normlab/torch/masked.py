@@ -20,7 +20,7 @@ from normlab.masked import make_grouping
 from normlab.notation import parse_pattern
 from normlab.plan import make_plan, merge_sizes
 from normlab.torch.ops import _functorch_active, _grads_of, _needs_torch_backward, _spec_of
-from normlab.torch.paths import _LOW_PRECISION
+from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx
 from normlab.torch.spec import Spec, _sizes_dict
 
 __all__ = ["normalize_masked", "MaskedResult", "check_segment_ids"]
@@ -347,6 +347,11 @@ def _refuse_too_many_segments(x: Tensor, spec: Spec, segment_ids: Tensor, num_se
         raise _torch_error(error) from None
 
 
+SEGMENTS_DO_NOT_EXPORT = ("segment_ids= does not export to ONNX, which has no normlab op; mask= does (as ONNX "
+                          "reductions), and so do normlab.torch.geometric's twins (as PyG's own definitions): export "
+                          "a model that uses one of those")
+
+
 def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                      params: Optional[str] = None, eps: float = 1e-5, rms: bool = False,
                      mask: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
@@ -373,11 +378,10 @@ def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"pattern {pattern!r}, input shape {tuple(x.shape)}: mask must be a bool tensor, "
                         f"got {mask.dtype}; pass mask.bool() (True where an element counts)")
-    if torch.onnx.is_in_onnx_export():  # (either exporter: ONNX has no normlab op)
+    if _exporting_to_onnx():  # (either exporter: ONNX has no normlab op)
         if segment_ids is not None:
-            raise RuntimeError(f"pattern {pattern!r}, input shape {tuple(map(int, x.shape))}: segment_ids= does not "
-                               "export to ONNX, which has no normlab op; normlab.torch.geometric's twins export PyG's "
-                               "own definitions, and mask= exports")
+            raise RuntimeError(f"pattern {pattern!r}, input shape {tuple(map(int, x.shape))}: "
+                               + SEGMENTS_DO_NOT_EXPORT)
         return MaskedResult(_reduced_composite(x, weight, bias, mask, spec, eps))
     low = x.dtype in _LOW_PRECISION
     kernel = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64, *_LOW_PRECISION)

@@ -10,8 +10,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from normlab.torch.masked import normalize_masked
+from normlab.torch.masked import SEGMENTS_DO_NOT_EXPORT, normalize_masked
 from normlab.torch.ops import _vmapping
+from normlab.torch.paths import _exporting_to_onnx
 from normlab.torch.spec import rms_default_eps
 
 __all__ = ["masked_forward"]
@@ -187,6 +188,8 @@ def _norm(module, x: Tensor, mask, segment_ids, num_segments, segment_axis) -> T
     from normlab.torch.compute import _average_factor
 
     spec = module._spec
+    if segment_ids is not None and _exporting_to_onnx():
+        raise RuntimeError(f"{type(module).__name__}({spec.pattern!r}): " + SEGMENTS_DO_NOT_EXPORT)
     if not (module.training or not module.track_running_stats):
         return module.forward(x)  # running statistics are given: the mask changes nothing
     factor = _average_factor(module) if module.track_running_stats else 0.0

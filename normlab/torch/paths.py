@@ -11,6 +11,11 @@ from torch.autograd import forward_ad
 
 from normlab.errors import InputError
 
+try:  # the flag torch.onnx.is_in_onnx_export() reads for the dynamo exporter (see _exporting_to_onnx)
+    from torch.onnx._internal.exporter import _flags as _onnx_flags
+except ImportError:  # (torch releases without it)
+    _onnx_flags = None
+
 PATHS = ("auto", "kernel", "native", "composite")
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -65,6 +70,13 @@ def _needs_torch_ops(x) -> bool:
             or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
             or x.layout is not torch.strided or x.is_nested
             or x.is_neg())  # (Dynamo cannot trace is_neg: after is_compiling)
+
+
+def _exporting_to_onnx() -> bool:
+    """``torch.onnx.is_in_onnx_export()``, also where the dynamo exporter captures the model
+    with ``torch.export.export(strict=True)`` (which it tries after the non-strict capture
+    raised): Dynamo reads that function as False, and the flag it returns as it is."""
+    return torch.onnx.is_in_onnx_export() or bool(getattr(_onnx_flags, "_is_onnx_exporting", False))
 
 
 def _choose_path(x: Tensor, has_native: bool) -> str:
