@@ -270,3 +270,19 @@ def test_instance_norm_twin_in_evaluation_refuses_a_bad_batch_vector_as_in_train
     with pytest.raises(TypeError, match="integer tensor"):
         ours(x, batch.double())
     torch.testing.assert_close(ours(x, batch, 6), theirs(x, batch, 6))
+
+
+def test_instance_norm_twin_without_a_batch_vector_on_no_nodes_keeps_its_running_statistics_as_pyg_does():
+    """No nodes and no batch vector in training (PyG's F.instance_norm on (1, C, 0)): an
+    empty output and running statistics left as they are, where the twin decayed them by
+    the momentum toward a variance of 0."""
+    theirs = pyg_norm.InstanceNorm(4, affine=True, track_running_stats=True)
+    ours = geometric.InstanceNorm(4, affine=True, track_running_stats=True)
+    with torch.no_grad():
+        for tensor in (*theirs.parameters(), theirs.running_mean, theirs.running_var):
+            tensor.uniform_(0.5, 1.5)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(0, 4)
+    y, expected = ours(x), theirs(x)
+    assert y.shape == expected.shape == (0, 4) and y.dtype == expected.dtype
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict(), rtol=0, atol=0)

@@ -84,9 +84,10 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
             return self._script_forward(x, batch, batch_size)
         use_input_stats = self.training or not self.track_running_stats
         if batch is None:
-            if not use_input_stats or _dtypes_refused(x, self.weight, self.bias, self.running_mean,
-                                                      self.running_var):
-                # PyG's own call: torch's dtype rules (half-precision nodes stay half; a mix torch refuses raises)
+            refused = _dtypes_refused(x, self.weight, self.bias, self.running_mean, self.running_var)
+            if not use_input_stats or x.numel() == 0 or refused:
+                # PyG's own call: torch's dtype rules (half-precision nodes stay half; a mix torch refuses raises),
+                # and no nodes leave the running statistics as they are
                 return torch.nn.functional.instance_norm(
                     x.t().unsqueeze(0), self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
                     self.momentum if use_input_stats else 0.0, self.eps).squeeze(0).t()
