@@ -147,3 +147,21 @@ def test_exporting_segment_ids_raises_an_error_that_names_the_module_and_what_ex
         torch.onnx.export(_Segmented(), inputs, str(tmp_path / "segments.onnx"), dynamo=dynamo, verbose=False)
     assert "Norm('[n] c'): segment_ids= does not export to ONNX" in str(raised.value)
     assert "mask= does" in str(raised.value)
+
+
+def test_a_model_exported_inside_use_path_kernel_runs_in_onnxruntime_with_torch_nn_outputs(tmp_path):
+    """Inside use_path("kernel") the dynamo exporter recorded normlab's custom op, which ONNX
+    has not: "No ONNX function found for normlab.normalize ... submit a PR to PyTorch"
+    (the TorchScript exporter recorded torch's ops). Exported, the forced kernels now take
+    torch's ops too."""
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.GroupNorm(2, 4), nn.Flatten(2), nn.LayerNorm(9)).eval()
+    twin = nt.convert(copy.deepcopy(reference))
+    path = str(tmp_path / "forced.onnx")
+    with nt.use_path("kernel"):
+        torch.onnx.export(twin, (torch.randn(2, 4, 3, 3),), path, dynamo=True, verbose=False, input_names=["x"],
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=2)},))
+    assert {node.domain for node in onnx.load(path).graph.node} <= {""}
+    x = torch.randn(5, 4, 3, 3)
+    (got,) = onnxruntime.InferenceSession(path).run(None, {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), reference(x))

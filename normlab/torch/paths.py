@@ -81,8 +81,9 @@ def _exporting_to_onnx() -> bool:
 
 def _choose_path(x: Tensor, has_native: bool) -> str:
     forced = _PathSwitch.path
-    if _needs_torch_ops(x) and not (forced == "kernel" and torch.compiler.is_compiling()):
+    if _needs_torch_ops(x) and not (forced == "kernel" and torch.compiler.is_compiling() and not _exporting_to_onnx()):
         # a forced kernel under compile stays the registered custom op, which has a fake kernel
+        # (not exported to ONNX, which has no normlab op: torch's ops, as the TorchScript exporter records)
         if forward_ad._current_level >= 0 and forced != "native":
             # forward-mode AD: torch's layer_norm and batch_norm give the right tangent, but a
             # backward through that tangent is wrong (pytorch#196700); the composite's is right
