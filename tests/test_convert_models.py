@@ -292,15 +292,41 @@ class NoBatchInstanceNorm(torch.nn.InstanceNorm2d):
         return super()._handle_no_batch_input(input) * 2
 
 
+class ExpWeightLayerNorm(torch.nn.LayerNorm):
+    """torch.nn's forward, with the weight a property: the exponential of a parameter."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        del self.weight
+        self.log_weight = torch.nn.Parameter(torch.full((channels,), 0.5))
+
+    @property
+    def weight(self):
+        return self.log_weight.exp()
+
+
+class WideEpsBatchNorm(torch.nn.BatchNorm2d):
+    """torch.nn's forward, with eps a property."""
+
+    @property
+    def eps(self):
+        return 0.5
+
+    @eps.setter
+    def eps(self, value):
+        pass
+
+
 @pytest.mark.parametrize("original_class, x", [
     (AnyRankBatchNorm, torch.randn(3, 4, 5, 5)), (LargeBatchNorm, torch.randn(2, 4, 3, 3)),
-    (NoBatchInstanceNorm, torch.randn(4, 3, 3)),
-], ids=["takes_another_rank", "refuses_small_batches", "unbatched_input_its_own_way"])
-def test_a_subclass_replacing_a_method_torch_nn_forward_calls_is_left_alone_and_computes_as_before(original_class,
-                                                                                                  x):
-    """A twin's class calls torch.nn's _check_input_dim and _handle_no_batch_input, not the
-    subclass's: it would refuse what the original computes, or compute what it refuses.
-    Oracle: the original module on the same input."""
+    (NoBatchInstanceNorm, torch.randn(4, 3, 3)), (ExpWeightLayerNorm, torch.randn(3, 4)),
+    (WideEpsBatchNorm, torch.randn(3, 4, 2, 2)),
+], ids=["takes_another_rank", "refuses_small_batches", "unbatched_input_its_own_way", "weight_property",
+        "eps_property"])
+def test_a_subclass_redefining_what_torch_nn_forward_reads_is_left_alone_and_computes_as_before(original_class, x):
+    """A twin's class has torch.nn's _check_input_dim, _handle_no_batch_input, weight and
+    eps, not the subclass's: it would refuse what the original computes, compute what it
+    refuses, or compute another norm. Oracle: the original module on the same input."""
     original = original_class(4)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

@@ -2,8 +2,9 @@
 
 A layer is converted when normlab can compute what it computes:
 
-* torch.nn's norm classes, and their subclasses whose ``forward`` is torch.nn's own (and
-  the methods it calls: a subclass replacing ``_check_input_dim`` is left alone);
+* torch.nn's norm classes, and their subclasses whose ``forward`` is torch.nn's own (a
+  subclass redefining a method or property that forward reads, a ``_check_input_dim`` or a
+  ``weight`` property, is left alone);
 * subclasses with a ``forward`` of their own (timm's ``LayerNorm``, ``GroupNorm``, ...) that
   takes the input alone, when that forward gives torch.nn's numbers on probe inputs (one
   taking more, such as a padding mask, is left alone), and subclasses of ``nn.LayerNorm``
@@ -244,8 +245,8 @@ def _decision(module: nn.Module):
     cls = type(module)
     base = next((c for c in cls.__mro__ if c in _TWINS), None)
     if base is not None:
-        if _replaces_forward_helpers(cls, base):
-            return _LEFT_ALONE  # (the twin's class has torch.nn's, which its forward calls too)
+        if _redefines_what_forward_reads(module, base):
+            return _LEFT_ALONE  # (the twin's class has torch.nn's, which its forward reads too)
         if cls.forward is not base.forward and _takes_more_than_the_input(cls):
             return _LEFT_ALONE  # (its callers may pass what the twin cannot take: a second input would be its mask)
         from normlab.torch.recipe_norms import Float32LayerNorm, Float32LayerNorm2d
@@ -319,18 +320,28 @@ def _computes_in_float32(module: nn.Module, shape: tuple) -> bool:
     return True
 
 
-# the methods torch.nn's batch and instance norm forwards call on the module: which ranks
-# they take, where the channels are, how an unbatched input is normalized
-_FORWARD_HELPERS = ("_check_input_dim", "_check_non_zero_input_channels", "_get_no_batch_dim",
-                    "_handle_no_batch_input", "_apply_instance_norm")
+# what torch.nn's norm forwards read on the module: its state, and the methods they call
+# (which ranks they take, where the channels are, how an unbatched input is normalized)
+_FORWARD_READS = ("weight", "bias", "eps", "momentum", "training", "track_running_stats", "running_mean",
+                  "running_var", "num_batches_tracked", "normalized_shape", "elementwise_affine", "affine",
+                  "num_features", "num_groups", "num_channels", "_check_input_dim", "_check_non_zero_input_channels",
+                  "_get_no_batch_dim", "_handle_no_batch_input", "_apply_instance_norm")
 
 
-def _replaces_forward_helpers(cls: type, base: type) -> bool:
-    """Whether ``cls`` replaces a method that ``base.forward`` calls (a ``_check_input_dim``
-    that takes another rank or refuses some batches): the twin would call torch.nn's
-    instead, and compute where the original refuses or refuse where it computes, on inputs
-    no probe can foresee."""
-    return any(getattr(cls, name, None) is not getattr(base, name, None) for name in _FORWARD_HELPERS)
+def _redefines_what_forward_reads(module: nn.Module, base: type) -> bool:
+    """Whether ``type(module)`` defines, below ``base``, a method or property that torch.nn's
+    forward reads on the module (a ``_check_input_dim`` that takes another rank, a
+    ``weight`` computed from another parameter, an ``eps`` property): the twin's class has
+    torch.nn's instead, and would compute otherwise, or refuse, on inputs no probe can
+    foresee. The properties of ``torch.nn.utils.parametrize`` are not counted: the twin
+    gets them too (:func:`twin_of`)."""
+    parametrized = set(module.parametrizations) if parametrize.is_parametrized(module) else ()
+    for cls in type(module).__mro__:
+        if cls is base:
+            return False
+        if any(name not in parametrized and hasattr(vars(cls).get(name), "__get__") for name in _FORWARD_READS):
+            return True  # (a plain class value is harmless: torch.nn's __init__ shadows it on the instance)
+    return False
 
 
 def _takes_more_than_the_input(cls: type) -> bool:
