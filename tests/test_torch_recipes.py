@@ -151,13 +151,16 @@ def test_a_permuted_input_gives_torch_nn_s_output_layout_values_and_gradients(cl
     _assert_same_state(reference, twin)
 
 
-@pytest.mark.parametrize("change", ["input", "weight"])
-@pytest.mark.parametrize("cls_name, args, shape", TWINS)
+@pytest.mark.parametrize("change, cls_name, args, shape", [
+    (change, *twin) for twin in TWINS for change in ("input", "weight", "bias")
+    if not (change == "bias" and twin[0] == "RMSNorm")])  # (torch.nn.RMSNorm has no bias)
 def test_an_in_place_change_before_backward_trains_or_raises_as_in_torch_nn(cls_name, args, shape, change):
-    """Only the norm's weight trains (the input, a frozen embedding's output, needs no
-    gradient), and the input or the weight changes in place before backward (an in-place
-    residual, an optimizer step): torch.nn.RMSNorm saves neither and trains; the other
-    norms save both and raise autograd's RuntimeError."""
+    """Only the norm's parameters train (the input, a frozen embedding's output, needs no
+    gradient), and the input, the weight or the bias changes in place before backward (an
+    in-place residual, an optimizer step, on the bias alone in bias-only fine-tuning):
+    torch.nn.RMSNorm saves neither input nor weight and trains; the other norms save both
+    and raise autograd's RuntimeError; the layer norm saves its bias too, the group, batch
+    and instance norms do not and train on."""
     torch.manual_seed(0)
     reference, twin = randomized_pair(cls_name, args, D)
     x0 = torch.randn(shape, dtype=D)
@@ -166,7 +169,7 @@ def test_an_in_place_change_before_backward_trains_or_raises_as_in_torch_nn(cls_
         x = x0.clone()
         y = module(x)
         with torch.no_grad():
-            (x if change == "input" else module.weight).mul_(3.0)
+            {"input": x, "weight": module.weight, "bias": getattr(module, "bias", None)}[change].mul_(3.0)
         try:
             _weighted_sum(y).backward()
         except RuntimeError as error:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from normlab import kernels
 from normlab.kernels import pool
-from normlab.torch.ops import _grads_of, _needs_torch_backward
+from normlab.torch.ops import _bias_to_save, _grads_of, _needs_torch_backward, _saved_bias
 from normlab.torch.paths import _needs_torch_ops, _PathSwitch
 from normlab.torch.spec import _ABSENT, affine_parameters, module_cache, tensor_layout
 
@@ -281,13 +281,14 @@ class _TrainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, module, call, factor, running, tables):
         y, mean, rstd = _run_forward(module, call, x, tables, factor, running)
-        ctx.save_for_backward(x, weight, bias)
+        ctx.save_for_backward(x, weight, _bias_to_save(ctx, bias, module._spec))  # (batch norm's: not saved)
         ctx.module, ctx.call, ctx.stats, ctx.eps = module, call, (mean, rstd), float(module.eps)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, bias = ctx.saved_tensors
+        bias = _saved_bias(ctx, bias)
         if _needs_torch_backward(grad_y):
             grads = _differentiable_backward(ctx, grad_y, x, weight, bias)
         else:

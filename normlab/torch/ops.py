@@ -86,7 +86,7 @@ def _normalize_backward_fake(grad_y, x, weight, mean, rstd, pattern, params, siz
 def _normalize_setup_context(ctx, inputs, output):
     x, weight, bias, pattern, params, sizes, eps, rms = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.save_for_backward(x, weight, _bias_to_save(ctx, bias, _spec_of(pattern, params, sizes, rms)), mean, rstd)
     ctx.arguments = (pattern, params, sizes, eps, rms)
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(mean, rstd)
@@ -94,6 +94,7 @@ def _normalize_setup_context(ctx, inputs, output):
 
 def _normalize_autograd(ctx, grad_y, _grad_mean, _grad_rstd, backward=_normalize_backward_op):
     x, weight, bias, mean, rstd = ctx.saved_tensors
+    bias = _saved_bias(ctx, bias)
     pattern, params, sizes, eps, rms = ctx.arguments
     if _needs_torch_backward(grad_y) and not torch.compiler.is_compiling():
         return _differentiable_backward(ctx, grad_y, x, weight, bias)
@@ -101,6 +102,35 @@ def _normalize_autograd(ctx, grad_y, _grad_mean, _grad_rstd, backward=_normalize
                                       ctx.has_bias)
     return (grad_x, grad_w if weight is not None else None, grad_b if ctx.has_bias else None,
             None, None, None, None, None)
+
+
+def _bias_to_save(ctx, bias: Optional[Tensor], spec) -> Optional[Tensor]:
+    """The bias as a backward saves it, as torch's ops do: a layer norm's (weight and bias
+    span exactly the normalized axes: LayerNorm, LayerNorm2d), which autograd then keeps
+    from changing in place before backward; no other (torch's group, batch and instance
+    norms keep none, and an optimizer step on the bias alone, as in bias-only fine-tuning,
+    may come between forward and backward). No gradient depends on the bias's values:
+    :func:`_saved_bias` stands in for one not saved."""
+    ctx.bias_like = None if bias is None else (bias.shape, bias.dtype, bias.device)
+    return bias if bias is None or _is_layer_norm(spec) else None
+
+
+def _saved_bias(ctx, saved: Optional[Tensor]) -> Optional[Tensor]:
+    """The saved bias, or zeros of its shape standing in for one not saved (for the
+    composite of a differentiable backward, whose gradients do not depend on it)."""
+    if saved is not None or ctx.bias_like is None:
+        return saved
+    shape, dtype, device = ctx.bias_like
+    return torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _is_layer_norm(spec) -> bool:
+    """Whether the parameters span exactly the normalized axes, as in a layer norm."""
+    if any(dim.is_ellipsis and dim.reduced[0] for dim in spec.dims):
+        return False
+    reduced = {name for dim in spec.dims for name, is_reduced in zip(dim.names, dim.reduced) if is_reduced}
+    return reduced == {name for item in spec.param_items for name in item}
 
 
 @functools.lru_cache(maxsize=256)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from normlab.torch.ops import _differentiable_backward, _needs_torch_backward
+from normlab.torch.ops import _bias_to_save, _differentiable_backward, _needs_torch_backward, _saved_bias, _spec_of
 from normlab.torch.spec import tensor_layout
 
 _EAGER_PARAMS = (type(None), Tensor, nn.Parameter)
@@ -113,7 +113,8 @@ class _RowFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, call: RowGradCall, tables, eps: float):  # the ctx-first form: no signature binding
         x_array = x.detach().numpy()
         y, mean, rstd = call.forward.run(x_array, *tables, eps, True)
-        ctx.save_for_backward(x, weight, bias)  # (torch then checks that none changes before backward)
+        # (torch then checks that none changes before backward)
+        ctx.save_for_backward(x, weight, _bias_to_save(ctx, bias, _spec_of(*call.arguments)))
         ctx.kernel_inputs = (call, tables[0], mean, rstd, eps,  # (not x_array: backward reads x as saved, see there)
                              None if weight is None else weight.data_ptr())
         return torch.from_numpy(y)
@@ -121,6 +122,7 @@ class _RowFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, bias = ctx.saved_tensors
+        bias = _saved_bias(ctx, bias)
         call, weight_table, mean, rstd, eps, weight_address = ctx.kernel_inputs
         if weight is not None and weight.data_ptr() != weight_address:
             # the saved weight is not the forward's memory, which the table may read: a copy
