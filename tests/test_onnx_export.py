@@ -165,3 +165,26 @@ def test_a_model_exported_inside_use_path_kernel_runs_in_onnxruntime_with_torch_
     x = torch.randn(5, 4, 3, 3)
     (got,) = onnxruntime.InferenceSession(path).run(None, {"x": x.numpy()})
     torch.testing.assert_close(torch.from_numpy(got), reference(x))
+
+
+def test_a_qwen3_next_gated_norm_exported_at_opset_23_in_float16_loads_in_onnxruntime(tmp_path):
+    """GatedRMSNorm viewed its one group as (..., 1, hidden): torch's exporter then fused the
+    float32 statistics and the float16 weight into one RMSNormalization of mixed types,
+    which ONNX Runtime refused to load ("Type parameter (T) of Optype (Mul) bound to
+    different types"), where Qwen3NextRMSNormGated's own export loads. One group is now
+    the row itself, and the export is Qwen's graph."""
+    qwen = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+    torch.manual_seed(0)
+    original = qwen.Qwen3NextRMSNormGated(8, eps=1e-6)
+    with torch.no_grad():
+        original.weight.uniform_(0.5, 1.5)
+    twin = nt.convert(copy.deepcopy(original)).half()
+    assert type(twin).__name__ == "GatedRMSNorm" and twin.casting == "qwen3_next"
+    batch, length = torch.export.Dim("batch", min=2), torch.export.Dim("length", min=2)
+    path = str(tmp_path / "gated.onnx")
+    torch.onnx.export(twin, (torch.randn(2, 3, 8).half(), torch.randn(2, 3, 8).half()), path, dynamo=True,
+                      opset_version=23, verbose=False, input_names=["x", "gate"],
+                      dynamic_shapes=({0: batch, 1: length}, {0: batch, 1: length}))
+    x, gate = torch.randn(5, 7, 8).half(), torch.randn(5, 7, 8).half()
+    (got,) = onnxruntime.InferenceSession(path).run(None, {"x": x.numpy(), "gate": gate.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), original.half()(x, gate), rtol=1e-2, atol=2e-3)

@@ -290,7 +290,8 @@ def _traced_view(block: Block) -> Optional[_View]:
         if names and all(n.isidentifier() for n in names) and params in (None, " ".join(names)):
             return _View(axes=tuple(range(-len(names), 0)), trailing=_sized(block, names))
     if pattern == "... (g [c])" and params in (None, "(g c)") and modulation is None:
-        return _View(axes=(-1,), group=dict(block.sizes)["c"])
+        sizes = dict(block.sizes)  # (one group: the row itself, without the view of it that ONNX would export)
+        return _View(axes=(-1,), group=None if sizes.get("g") == 1 else sizes["c"])
     leading = pattern[:-len("b t [d]")].split()
     if (pattern.endswith("b t [d]") and leading == [f"a{i}" for i in range(len(leading))] and params is None
             and modulation == "b d"):
@@ -645,7 +646,7 @@ def _block_of(module: nn.Module) -> Block:
             or block.weight_offset != getattr(module, "weight_offset", 0.0)
             or block.norm_before_gate != getattr(module, "norm_before_gate", True)
             or block.gate_activation != getattr(module, "gate_activation", "silu")
-            or (group_size is not None and block.sizes != (("c", group_size),))):
+            or (group_size is not None and dict(block.sizes).get("c") != group_size)):
         module._init_block()
     return module._block
 
@@ -869,8 +870,9 @@ class GatedRMSNorm(Unscriptable, nn.Module):
         self._init_block()
 
     def _init_block(self) -> None:
-        self._block = Block("... (g [c])", "(g c)", sizes=(("c", self.group_size),), eps=float(self.eps), rms=True,
-                            gate_activation=self.gate_activation, norm_before_gate=self.norm_before_gate,
+        groups = self.hidden_size // self.group_size
+        self._block = Block("... (g [c])", "(g c)", sizes=(("g", groups), ("c", self.group_size)), eps=float(self.eps),
+                            rms=True, gate_activation=self.gate_activation, norm_before_gate=self.norm_before_gate,
                             casting=self.casting)
 
     def reset_parameters(self) -> None:
