@@ -138,3 +138,41 @@ def test_a_residual_made_in_inference_mode_trains_the_layer_as_the_composite_doe
         loss = (y * torch.linspace(-1, 1, WIDTH)).sum() + total.pow(2).sum()
         gradients.append(torch.autograd.grad(loss, [*model.proj.parameters(), *norm.parameters()], allow_unused=True))
     torch.testing.assert_close(gradients[0], gradients[1])
+
+
+class _DropConnect(nn.Module):
+    """A parametrization that draws random numbers on every call and counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, value):
+        self.calls += 1
+        return nn.functional.dropout(value, 0.25, training=True)
+
+
+@pytest.mark.parametrize("index", range(3), ids=NAMES[:3])
+def test_a_parametrization_of_a_blocks_weight_runs_once_a_call_as_in_the_replaced_classes(index):
+    """The classes a block replaces compute each parametrized tensor once a call: a
+    parametrization that draws random numbers (DropConnect) runs as often on the block, so
+    outputs, gradients and the random stream after the calls are theirs."""
+    name, layer, original = _layers()[index]
+    results = []
+    for model, norm in ((original, original.norm.norm if name.startswith("FusedAdd") else original.norm),
+                        (layer, layer.norm)):
+        for tensor_name in ("weight", "bias"):
+            if getattr(norm, tensor_name, None) is not None:
+                nn.utils.parametrize.register_parametrization(norm, tensor_name, _DropConnect())
+        torch.manual_seed(2)
+        outputs = []
+        for grad in (True, False):
+            x, other = (t.requires_grad_(grad) for t in _inputs(name))
+            with torch.set_grad_enabled(grad):
+                y = model(x, other)
+            if grad:
+                y.square().sum().backward()
+            outputs += [y.detach(), x.grad, other.grad]
+        calls = [p.calls for p in norm.modules() if isinstance(p, _DropConnect)]
+        results.append((outputs, [p.grad for p in model.parameters()], calls, torch.rand(2)))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-4)  # (float32: rounded otherwise)

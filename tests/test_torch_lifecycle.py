@@ -87,6 +87,50 @@ def test_a_parametrized_weight_is_the_one_the_twin_normalizes_with(name, factory
     assert_same_state(twin, original)
 
 
+class _DropConnect(nn.Module):
+    """A parametrization that draws random numbers on every call (in evaluation too) and
+    counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, value):
+        self.calls += 1
+        return F.dropout(value, 0.25, training=True)
+
+
+@pytest.mark.parametrize("path", ["auto", "native"])  # native: torch's own op, as on CUDA
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name, factory, shape", NORMS, ids=IDS)
+def test_a_parametrization_runs_once_a_call_as_in_torch_nn(name, factory, shape, training, path):
+    """torch.nn's forward computes each parametrized tensor once a call: a parametrization
+    that draws random numbers (DropConnect on the weight and bias) or counts its calls
+    runs as often on the twin, so outputs, gradients, running statistics and the random
+    stream after the calls are torch.nn's."""
+    original, twin = pair(factory)
+    results = []
+    for module in (original, twin):
+        module.train(training)
+        for tensor_name in ("weight", "bias"):
+            if getattr(module, tensor_name, None) is not None:  # (RMSNorm has no bias)
+                parametrize.register_parametrization(module, tensor_name, _DropConnect())
+        torch.manual_seed(2)
+        outputs = []
+        with nt.use_path(path):
+            for grad in (True, False):
+                x = inputs(shape).requires_grad_(grad)
+                with torch.set_grad_enabled(grad):
+                    y = module(x)
+                if grad:
+                    y.square().sum().backward()
+                outputs += [y.detach(), x.grad]
+        calls = [p.calls for p in module.modules() if isinstance(p, _DropConnect)]
+        results.append((outputs, [p.grad for p in module.parameters()], calls, torch.rand(2),
+                        dict(module.state_dict())))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-4)
+
+
 def _set_weight(module):
     module.weight = nn.Parameter(torch.linspace(0.5, 2.0, module.weight.numel()).reshape(module.weight.shape))
 

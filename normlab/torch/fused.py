@@ -39,7 +39,7 @@ from normlab.torch import casting as recipes
 from normlab.torch.compute import _dtypes_refused
 from normlab.torch.ops import _grads_of, _needs_torch_backward
 from normlab.torch.paths import _needs_torch_ops, _small_forward_fits
-from normlab.torch.spec import Unscriptable, refuse_non_tensor
+from normlab.torch.spec import Unscriptable, parametrizations_computed, refuse_non_tensor
 
 __all__ = ["CASTINGS", "fused_normalize", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm"]
 
@@ -774,6 +774,9 @@ class FusedAddRMSNorm(Unscriptable, nn.Module):
         traced = _fx_leaf(self, x, residual)
         if traced is not None:
             return traced
+        stand_in = parametrizations_computed(self)
+        if stand_in is not None:  # (each parametrized tensor computed once, as norm(x + residual) does)
+            return stand_in.forward(x, residual)
         refuse_non_tensor(self, x, "x", 1)
         refuse_non_tensor(self, residual, "residual", 2)
         small = _small_add_rms_norm(self, x, residual)
@@ -814,6 +817,9 @@ class FusedAddLayerNorm(Unscriptable, nn.LayerNorm):
         traced = _fx_leaf(self, x, residual)
         if traced is not None:
             return traced
+        stand_in = parametrizations_computed(self)
+        if stand_in is not None:  # (each parametrized tensor computed once, as norm(x + residual) does)
+            return stand_in.forward(x, residual)
         refuse_non_tensor(self, x, "x", 1)
         refuse_non_tensor(self, residual, "residual", 2)
         x, residual = _with_companion(self, x, residual, self.normalized_shape)
@@ -883,6 +889,9 @@ class GatedRMSNorm(Unscriptable, nn.Module):
         traced = _fx_leaf(self, x, z, gate=gate)
         if traced is not None:
             return traced
+        stand_in = parametrizations_computed(self)
+        if stand_in is not None:
+            return stand_in.forward(x, z, gate)
         for position, (name, value) in enumerate((("x", x), ("z", z), ("gate", gate)), start=1):
             refuse_non_tensor(self, value, name, position)
         if gate is not None:  # transformers' gated norms name it gate

@@ -22,7 +22,7 @@ from normlab.torch.casting import (apply_recipe_scale, check_casting, check_weig
 from normlab.torch.masked_modules import masked_forward
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
 from normlab.torch.spec import (_RMS_DEFAULT_EPS, Spec, Unscriptable, affine_parameters, module_buffer,
-                                rms_default_eps, torch_layout)
+                                parametrizations_computed, rms_default_eps, torch_layout)
 
 
 def _torch_method(function):
@@ -97,6 +97,9 @@ class _Twin:
     def _eager_forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         if isinstance(input, torch.fx.Proxy):
             return _fx_call_module(self, input, mask=mask)
+        stand_in = parametrizations_computed(self)
+        if stand_in is not None:  # (each parametrized tensor computed once, as torch.nn's forward does)
+            return stand_in._eager_forward(input, mask)
         if getattr(self, "_spec", 0) is None:  # a shape torch constructs and refuses at forward, in its words
             return self._torch_forward(input)
         if mask is not None:
@@ -354,6 +357,9 @@ class _ChannelsFirstForward:
     def _eager_forward(self, input: Tensor, mask: Optional[Tensor]) -> Tensor:
         if isinstance(input, torch.fx.Proxy):
             return _fx_call_module(self, input, mask=mask)
+        stand_in = parametrizations_computed(self)
+        if stand_in is not None:
+            return stand_in._eager_forward(input, mask)
         if mask is not None:
             return masked_forward(self, input, mask)
         channels = self.normalized_shape[0]

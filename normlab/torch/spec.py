@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from normlab.errors import ParamsError, ShapeError
 from normlab import notation
@@ -372,6 +373,39 @@ def affine_parameters(module, with_bias: bool = True) -> tuple[Optional[Tensor],
     if bias is _ABSENT:
         bias = getattr(module, "bias", None)
     return weight, bias
+
+
+def parametrizations_computed(module):
+    """For a module with ``torch.nn.utils.parametrize`` parametrizations: a stand-in of its
+    class before them, sharing its state, holding each parametrized tensor computed once
+    (where the original lies: ``_parameters`` or ``_buffers``); None for any other module
+    and under ``torch.compile``. torch.nn's forward computes each parametrized tensor once
+    a call, where a twin reads ``weight`` and ``bias`` at several places (its checks, a
+    path tried and left): a parametrization that draws random numbers (weight noise,
+    DropConnect) or keeps state would run again at each. The stand-in leaves out the
+    module's caches (``_normlab_*``), which it would fill with the tensors of this call.
+
+    >>> from torch.nn.utils import parametrize
+    >>> norm = torch.nn.LayerNorm(2)
+    >>> _ = parametrize.register_parametrization(norm, "weight", torch.nn.Softplus())
+    >>> stand_in = parametrizations_computed(norm)
+    >>> type(stand_in).__name__, [round(v, 4) for v in stand_in.weight.tolist()]
+    ('LayerNorm', [1.3133, 1.3133])
+    >>> parametrizations_computed(torch.nn.LayerNorm(2)) is None
+    True
+    """
+    parametrizations = module._modules.get("parametrizations")
+    if parametrizations is None or torch.compiler.is_compiling():
+        return None
+    cls = parametrize.type_before_parametrizations(module)
+    stand_in = cls.__new__(cls)
+    stand_in.__dict__.update((key, value) for key, value in module.__dict__.items() if not key.startswith("_normlab_"))
+    stand_in._modules = {key: value for key, value in module._modules.items() if key != "parametrizations"}
+    stand_in._parameters, stand_in._buffers = dict(module._parameters), dict(module._buffers)
+    for name, originals in parametrizations.items():
+        table = stand_in._parameters if any(True for _ in originals.parameters(recurse=False)) else stand_in._buffers
+        table[name] = getattr(module, name)
+    return stand_in
 
 
 def module_buffer(module, name: str):

@@ -15,6 +15,7 @@ from normlab.torch.masked_modules import _check_mask, masked_forward
 from normlab.torch.modules import _BatchNormForward, _fx_call_module
 from normlab.torch.ops import _grads_of
 from normlab.torch.paths import _LOW_PRECISION, _choose_path
+from normlab.torch.spec import parametrizations_computed
 
 
 def _merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -297,6 +298,9 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         normalized; a channel with nothing counted on any rank gives exactly ``bias``."""
         if isinstance(input, torch.fx.Proxy):  # one leaf call, as fx records torch's SyncBatchNorm
             return _fx_call_module(self, input, mask=mask)
+        stand_in = parametrizations_computed(self)
+        if stand_in is not None:  # (each parametrized tensor computed once, as torch.nn's forward does)
+            return stand_in.forward(input, mask)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         world_size = self._world_size() if self.training else 1
