@@ -217,3 +217,25 @@ def test_normalize_masked_result_names_its_fields_with_the_statistics_torch_give
         torch.testing.assert_close(result.mean[b].reshape(-1), ref_mean)
         torch.testing.assert_close(result.rstd[b].reshape(-1), torch.rsqrt(var + 1e-5))
         assert (result.count[b] == lengths[b]).all()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("cls_name, args", [("BatchNorm1d", (4,)), ("InstanceNorm1d", (4, 1e-5, 0.1, True, True)),
+                                             ("GroupNorm", (2, 4)), ("LayerNorm", (9,))],
+                         ids=["BatchNorm1d", "InstanceNorm1d", "GroupNorm", "LayerNorm"])
+def test_a_mask_under_fake_tensor_mode_propagates_torch_nn_s_shapes(cls_name, args, training):
+    """Shape propagation under FakeTensorMode with mask=: the output and the input gradient
+    have the metadata of torch.nn's module on the same fake input (a mask changes values
+    only), where the check on the counts per channel has no values to read."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    found = []
+    for module_class in (getattr(torch.nn, cls_name), getattr(nt, cls_name)):
+        with FakeTensorMode():
+            module = module_class(*args).train(training)
+            x, mask, _ = _padded()
+            x = x.float().requires_grad_()
+            y = module(x, mask=mask) if module_class.__module__.startswith("normlab") else module(x)
+            y.sum().backward()
+            found.append((type(y), y.shape, y.dtype, y.stride(), x.grad.shape))
+    assert found[1] == found[0]

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from normlab.torch.compute import _fake
 from normlab.torch.masked import SEGMENTS_DO_NOT_EXPORT, normalize_masked
 from normlab.torch.ops import _vmapping
 from normlab.torch.paths import _exporting_to_onnx
@@ -33,8 +34,10 @@ def _check_counts(module, x: Tensor, count: Tensor, allow_empty: bool = False,
     """torch's rule, counted: more than one value per channel when training. With
     ``allow_empty`` (batch norm, as SyncBatchNorm) a channel with nothing counted is no
     error: it gives exactly ``bias`` and keeps its running statistics."""
-    if torch.compiler.is_compiling() or _vmapping():
-        return  # a data-dependent branch: export and vmap cannot take it, compile would break
+    if torch.compiler.is_compiling() or _vmapping() or _fake(count):
+        # a data-dependent branch: export and vmap cannot take it, compile would break, and
+        # shape propagation (FakeTensorMode) has no values to read
+        return
     refused = count == 1 if allow_empty else count <= 1
     if count.numel() and bool(refused.any()):
         raise ValueError(f"{type(module).__name__}: expected more than 1 counted value per channel when training, "
