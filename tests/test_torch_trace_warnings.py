@@ -3,6 +3,7 @@ TracerWarning from normlab's own checks (under tracing, sizes are traced tensors
 Python comparison of them turns into a bool with a warning a user cannot act on).
 Oracle: the warnings torch.nn's own module gives under the same trace."""
 
+import copy
 import warnings
 
 import pytest
@@ -70,3 +71,44 @@ def test_compiling_the_functional_api_gives_no_warning_about_normlabs_caches(mas
         compiled = torch.compile(f, fullgraph=True)(x, mask)
     torch.testing.assert_close(compiled, f(x, mask))
     assert not [w for w in caught if "lru_cache" in str(w.message)]
+
+
+def _replaced_modules():
+    """(name, the module convert() or a fused block replaces, its twin on the same state,
+    inputs): torchvision's ConvNeXt LayerNorm2d, transformers' Cohere layer norm and Mamba2
+    gated norm, diffusers' AdaLayerNormZero."""
+    from transformers.models.cohere.modeling_cohere import CohereLayerNorm
+
+    from tests.hf_classes import mamba_gated_norm
+    from tests.mirrored_norms import TorchvisionLayerNorm2d
+
+    diffusers = pytest.importorskip("diffusers.models.normalization")
+    ada = diffusers.AdaLayerNormZero(8)
+    ada_twin = nt.AdaLayerNorm(8)
+    ada_twin.load_state_dict(ada.state_dict())
+    cases = [("layer_norm_2d", TorchvisionLayerNorm2d(4), (torch.randn(2, 4, 3, 3),)),
+             ("cohere", CohereLayerNorm(8), (torch.randn(2, 3, 8),)),
+             ("mamba_gated", mamba_gated_norm(8, 4)[0], (torch.randn(2, 3, 8), torch.randn(2, 3, 8)))]
+    return [(name, original, nt.convert(copy.deepcopy(original)), inputs) for name, original, inputs in cases] + [
+        ("ada_layer_norm", ada, ada_twin, {"x": torch.randn(2, 3, 8), "emb": torch.randn(2, 8)})]
+
+
+def test_tracing_the_converted_and_fused_norms_warns_as_tracing_the_modules_they_replace():
+    """LayerNorm2d, RecipeLayerNorm, GatedRMSNorm and AdaLayerNorm compared traced sizes in
+    their own checks: each torch.jit.trace, and so each TorchScript ONNX export, warned
+    "Converting a tensor to a Python boolean might cause the trace to be incorrect"."""
+    pytest.importorskip("transformers")
+    for name, original, twin, inputs in _replaced_modules():
+        assert type(twin).__module__ == "normlab.torch", name
+
+        def tracer_warnings_of(module):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if isinstance(inputs, dict):  # (keywords: AdaLayerNorm takes emb= after three optional arguments)
+                    torch.jit.trace(module.eval(), example_kwarg_inputs=inputs, check_trace=False, strict=False)
+                else:
+                    torch.jit.trace(module.eval(), inputs, check_trace=False, strict=False)
+            return {(w.filename.rsplit("/", 1)[-1], w.lineno) for w in caught
+                    if issubclass(w.category, torch.jit.TracerWarning)}
+
+        assert tracer_warnings_of(twin) == tracer_warnings_of(original), name

@@ -25,6 +25,7 @@ recipes coincide: the math runs in float64 and rounds once.
 from __future__ import annotations
 
 import operator
+import warnings
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -695,7 +696,7 @@ def _with_companion(module: nn.Module, x: Tensor, other: Optional[Tensor], norma
     gradient of a broadcast input over the axes it was repeated on."""
     if x.is_nested or (other is not None and other.is_nested):
         return x, other  # (rows of several lengths, no one shape to check: torch's operations check them)
-    if other is None or other.shape == x.shape:
+    if other is None or not _shapes_differ(x.shape, other.shape):
         _check_input(module, x, normalized_shape, **{name: other})
         return x, other
     try:
@@ -706,6 +707,17 @@ def _with_companion(module: nn.Module, x: Tensor, other: Optional[Tensor], norma
                            f"of the input's shape or one that broadcasts to it") from None
     _check_input(module, torch.empty(shape, device="meta"), normalized_shape)
     return x.expand(shape), other.expand(shape)
+
+
+def _shapes_differ(shape, other) -> bool:
+    """``tuple(shape) != tuple(other)``; under torch.jit.trace, whose sizes are tensors,
+    without a TracerWarning for each size compared: the trace keeps the branch taken (the
+    input expanded, or not), as it keeps torch's own broadcasting of these shapes."""
+    if not torch.jit.is_tracing():
+        return tuple(shape) != tuple(other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return tuple(shape) != tuple(other)
 
 
 _SMALL_FORWARD_CASTINGS = ("llama", "gemma", "none")
@@ -964,9 +976,9 @@ class AdaLayerNorm(Unscriptable, nn.Module):
                                f"emb's batch, or one of them be 1") from None
         emb = self.linear(self.silu(emb))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
-        if tuple(shape) != tuple(x.shape):  # (expanded views: autograd sums the gradients of a broadcast input;
+        if _shapes_differ(shape, x.shape):  # (expanded views: autograd sums the gradients of a broadcast input;
             x = x.expand(shape)             # only where one broadcasts, so that a traced graph keeps its sizes)
-        if shape[-3] != scale_msa.shape[0]:
+        if _shapes_differ(shape[-3:-2], scale_msa.shape[:1]):
             scale_msa, shift_msa = (t.expand(shape[-3], self.embedding_dim) for t in (scale_msa, shift_msa))
         y = fused_normalize(x, self._block_for(len(shape)), scale=scale_msa, shift=shift_msa)
         return y, gate_msa, shift_mlp, scale_mlp, gate_mlp

@@ -363,7 +363,9 @@ class _ChannelsFirstForward:
         if mask is not None:
             return masked_forward(self, input, mask)
         channels = self.normalized_shape[0]
-        if input.dim() != 4 or input.shape[1] != channels:
+        # (under torch.jit.trace sizes are traced tensors, which a check would turn into bools with
+        # a TracerWarning each; the originals' permute and layer norm, taken there, check them)
+        if input.dim() != 4 or (not torch.jit.is_tracing() and input.shape[1] != channels):
             raise RuntimeError(f"{type(self).__name__}({channels}) expects input of shape (N, {channels}, H, W), "
                                f"got {tuple(input.shape)}")
         path = _choose_path(input, has_native=True)

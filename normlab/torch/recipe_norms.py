@@ -88,7 +88,8 @@ class RecipeLayerNorm(nn.Module):
             return _fx_call_module(self, x)  # one leaf call, as fx records torch.nn's norms
         refuse_non_tensor(self, x, "x", 1)
         shape = self.hidden_size
-        if tuple(x.shape[max(x.dim() - len(shape), 0):]) != shape:
+        # (under torch.jit.trace sizes are traced tensors: a check would warn, as torch.nn's norms do not)
+        if not torch.jit.is_tracing() and tuple(x.shape[max(x.dim() - len(shape), 0):]) != shape:
             raise RuntimeError(f"{type(self).__name__}{shape}: expected input with shape [*, "
                                f"{', '.join(map(str, shape))}], but got input of size {list(x.shape)}")
         if _choose_path(x, has_native=True) == "kernel" and _PathSwitch.path == "kernel":
