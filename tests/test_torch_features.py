@@ -214,6 +214,24 @@ def test_fuse_modules_folds_normlab_batch_norm_into_the_convolution():
     assert_close(qat(x), reference.train()(x))
 
 
+def test_a_load_state_dict_pre_hook_on_a_batch_norm_fused_for_qat_sees_it_in_loads_as_on_torch_nn():
+    # register_load_state_dict_pre_hook keeps a weak reference to its module: QAT's ConvBn2d
+    # keeps the batch norm torch's fuser was handed, and the twin it stood for is gone
+    import gc
+
+    seen = []
+    fused = []
+    for model in pair():
+        model[1].register_load_state_dict_pre_hook(lambda module, state, prefix, *args: seen.append((prefix, module)))
+        fused.append(torch.ao.quantization.fuse_modules_qat(model.train(), [["0", "1"]], inplace=True))
+    gc.collect()
+    for model in fused:
+        copy.deepcopy(model).load_state_dict(model.state_dict())
+        seen.clear()
+        model.load_state_dict(model.state_dict())
+        assert [(prefix, module is model[0][1]) for prefix, module in seen] == [("0.1.", True)]
+
+
 def test_fuse_conv_bn_eval_gives_torch_nn_outputs():
     x = batch()
     reference, converted = pair()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from normlab.torch.conversion import rebind_hooks
 from normlab.torch.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
                                    InstanceNorm3d, LayerNorm)
 
@@ -45,7 +46,12 @@ def as_torch(module: nn.Module) -> nn.Module:
 
 def _with_torch_modules(fuser):
     def fuse(is_qat, *modules):
-        return fuser(is_qat, *(as_torch(m) for m in modules))
+        originals = [as_torch(m) for m in modules]
+        fused = fuser(is_qat, *originals)
+        for module, original in zip(modules, originals):
+            if original is not module:  # the twin is replaced now, and QAT's fused module keeps
+                rebind_hooks(module, original)  # the torch.nn batch norm (ConvBn2d's): its hooks go with it
+        return fused
 
     return fuse
 
