@@ -188,3 +188,44 @@ def test_a_qwen3_next_gated_norm_exported_at_opset_23_in_float16_loads_in_onnxru
     x, gate = torch.randn(5, 7, 8).half(), torch.randn(5, 7, 8).half()
     (got,) = onnxruntime.InferenceSession(path).run(None, {"x": x.numpy(), "gate": gate.numpy()})
     torch.testing.assert_close(torch.from_numpy(got), original.half()(x, gate), rtol=1e-2, atol=2e-3)
+
+
+class _FusedGroupNorm(nn.Module):
+    """A residual add and a group norm of each token's channels, per-channel parameters:
+    ``nn.GroupNorm(2, 8)`` on the tokens of ``x + residual``, as one fused block."""
+
+    def __init__(self, norm):
+        super().__init__()
+        from normlab.torch.fused import Block
+
+        self.norm, self.block = norm, Block("b t (g [c])", "(g c)", sizes=(("g", 2), ("c", 4)))
+
+    def forward(self, x, residual):
+        from normlab.torch.fused import fused_normalize
+
+        return fused_normalize(x, self.block, residual=residual, weight=self.norm.weight, bias=self.norm.bias)[0]
+
+
+def _tokens_group_norm(norm, x, residual):
+    return norm((x + residual).reshape(-1, 8)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_a_fused_group_norm_with_per_channel_parameters_runs_and_exports_as_nn_group_norm(dtype, tmp_path):
+    """Torch's layer norm took the parameters of any block normalizing trailing axes, also
+    where they span a kept axis too: float16 and bfloat16 input raised "shape '[4]' is
+    invalid for input of size 8", and so did float32 in ONNX export."""
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(2, 8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    block = _FusedGroupNorm(norm).to(dtype)
+    x, residual = torch.randn(2, 3, 8).to(dtype), torch.randn(2, 3, 8).to(dtype)
+    with torch.no_grad():
+        want = _tokens_group_norm(norm.to(dtype), x, residual)
+        torch.testing.assert_close(block(x, residual), want, rtol=1e-3, atol=2e-3)
+    path = str(tmp_path / "group.onnx")
+    torch.onnx.export(block, (x, residual), path, dynamo=False, opset_version=17, input_names=["x", "residual"])
+    (got,) = onnxruntime.InferenceSession(path).run(None, {"x": x.numpy(), "residual": residual.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-3, atol=2e-3)

@@ -24,6 +24,7 @@ recipes coincide: the math runs in float64 and rounds once.
 
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 from dataclasses import dataclass, replace
@@ -332,7 +333,7 @@ def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
     gated_first = gate is not None and not block.norm_before_gate
     trailing = layout.trailing or _trailing_shape(layout.of(total), axes)
     if (not block.rms and trailing is not None and gate is None and scale is None and shift is None
-            and not block.weight_offset
+            and not block.weight_offset and _params_span(layout, trailing, weight, bias)
             and (((dtype in _HALF_DTYPES or total.is_nested) and block.casting == "gemma"
                   and all(p is None or p.dtype in (dtype, torch.float32) for p in (weight, bias)))
                  or (_onnx_layer_norm(dtype) and all(p is None or p.dtype == dtype for p in (weight, bias))))):
@@ -397,6 +398,16 @@ def _normalized(view: Tensor, axes, trailing, block: Block, dtype: torch.dtype, 
         return torch.nn.functional.layer_norm(view, trailing, eps=block.eps)
     var, mean = torch.var_mean(view, dim=axes, keepdim=True, correction=0)
     return (view - mean) * torch.rsqrt(var + block.eps)
+
+
+def _params_span(layout: _View, trailing: tuple, weight, bias) -> bool:
+    """Whether the weight and bias span the trailing reduced axes alone, as nn.LayerNorm's
+    do, so that torch's layer norm takes them (the plan-free views' parameters always do;
+    a group norm's per-channel ones, over a kept axis too, do not)."""
+    if layout.plan is None or (weight is None and bias is None):
+        return True
+    shape = layout.plan.param_broadcast_shape
+    return math.prod(shape[:len(shape) - len(trailing)]) == 1
 
 
 def _onnx_layer_norm(dtype: torch.dtype) -> bool:
