@@ -286,3 +286,26 @@ def test_instance_norm_twin_without_a_batch_vector_on_no_nodes_keeps_its_running
     y, expected = ours(x), theirs(x)
     assert y.shape == expected.shape == (0, 4) and y.dtype == expected.dtype
     torch.testing.assert_close(ours.state_dict(), theirs.state_dict(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", sorted(_LAYERS))
+def test_shape_propagation_under_fake_tensor_mode_gives_pygs_output_and_gradient_metadata(name, training):
+    """FakeTensorMode (shape propagation) through each twin, with a batch vector (and its
+    size: PyG's layers read the largest id otherwise) and without: the output and the node
+    gradient have PyG's type, shape and dtype, where GraphNorm, and InstanceNorm in
+    evaluation, read the ids' values (none to read) and raised. (Without a batch vector PyG's
+    InstanceNorm in training returns a transposed view; the twin a contiguous tensor.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, batch = _graphs(seed=8)
+    for args in ((batch, 6), ()):
+        found = []
+        for layer in _randomized_pair(name):
+            layer.train(training)
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                nodes = mode.from_tensor(x).requires_grad_()
+                y = layer(nodes, *(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+                y.sum().backward()
+            found.append((type(y), y.shape, y.dtype, nodes.grad.shape))
+        assert found[0] == found[1], args

@@ -256,7 +256,9 @@ class GraphNorm(nn.Module):
             dtype = torch.promote_types(dtype, p.dtype)
         acc = torch.promote_types(dtype, torch.float32)
         xs = x.to(acc)
-        counts = torch.bincount(batch, minlength=batch_size).clamp_min(1).to(acc).unsqueeze(1)
+        # (counted in int64 into batch_size slots: a shape known without the ids' values, as in shape propagation)
+        ones = torch.ones(batch.shape, dtype=torch.long, device=batch.device)
+        counts = ones.new_zeros(batch_size).index_add_(0, batch, ones).clamp_min(1).to(acc).unsqueeze(1)
 
         def graph_mean(t: Tensor) -> Tensor:
             return t.new_zeros(batch_size, t.size(1)).index_add_(0, batch, t) / counts

@@ -19,6 +19,7 @@ from normlab.errors import ParamsError, ShapeError
 from normlab.masked import make_grouping
 from normlab.notation import parse_pattern
 from normlab.plan import make_plan, merge_sizes
+from normlab.torch.compute import _fake
 from normlab.torch.ops import _functorch_active, _grads_of, _needs_torch_backward, _spec_of
 from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx
 from normlab.torch.spec import Spec, _sizes_dict
@@ -60,9 +61,10 @@ def check_segment_ids(x: Tensor, pattern: str, segment_ids: Tensor, num_segments
     normlab.torch.modules.PatternShapeError: pattern '[n] c', input shape (3, 2): num_segments=2 but segment_ids ...
     """
     _check_ids_dtype(x, pattern, segment_ids)
-    if torch.compiler.is_compiling() or _functorch_active():
-        # (the values are not known while tracing; NumPy cannot read a tensor under functorch's
-        # transforms, where normalize_masked takes the composite, whose indexing refuses bad ids)
+    if torch.compiler.is_compiling() or _functorch_active() or _fake(x, segment_ids):
+        # (the values are not known while tracing or under shape propagation; NumPy cannot read a
+        # tensor under functorch's transforms, where normalize_masked takes the composite, whose
+        # indexing refuses bad ids)
         return
     try:
         make_grouping(make_plan(pattern, tuple(x.shape)), segment_ids=_numpy(segment_ids.cpu()),
