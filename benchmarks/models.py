@@ -17,13 +17,14 @@ mobilenet_v3_small, convnext_tiny and vit_b_16 built with ``weights=None`` when
 torchvision imports (its wheel must be built for the installed torch; otherwise the
 script says so and goes on).
 
-    python benchmarks/models.py [--models unet,bert] [--no-compile] [--rounds 3] [--markdown]
+    python benchmarks/models.py [--models unet,bert] [--no-compile] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -221,8 +222,11 @@ def _pair(case: ModelCase):
 def measure(case: ModelCase, rounds: int, compile: bool) -> Result:
     reference, twin, converted = _pair(case)
     ratios = {}
-    for column, batch, train in (("eval batch 1", 1, False), (f"eval batch {case.batch}", case.batch, False),
-                                 ("train step", case.batch, True)):
+    # one set of columns for every model (the README's); the typical batch goes with the model's name
+    for column, compiled_column, batch, train in (
+            ("eval batch 1", "compiled eval batch 1", 1, False),
+            ("eval typical batch", "compiled eval typical", case.batch, False),
+            ("train step", "compiled train", case.batch, True)):
         x = case.make_input(batch)
         for model in (reference, twin):
             model.train(train)
@@ -230,7 +234,6 @@ def measure(case: ModelCase, rounds: int, compile: bool) -> Result:
         seconds = _interleaved({"torch": make(reference), "normlab": make(twin)}, rounds, 2 if train else 3)
         ratios[column] = seconds["torch"] / seconds["normlab"]
         if compile:
-            compiled_column = f"compiled {'train' if train else column}"
             try:
                 calls = {"torch": make(torch.compile(reference)), "normlab": make(torch.compile(twin))}
                 seconds = _interleaved(calls, rounds, 2 if train else 3)
@@ -239,11 +242,12 @@ def measure(case: ModelCase, rounds: int, compile: bool) -> Result:
                 ratios[compiled_column] = f"failed ({type(error).__name__})"
     reference.train()
     share = norm_share(reference, case.make_input(case.batch), case)
-    return Result(case.name, converted, ratios, share)
+    return Result(f"{case.name}, batch {case.batch}", converted, ratios, share)
 
 
 def markdown(results: list[Result]) -> str:
     columns = list(dict.fromkeys(c for r in results for c in r.ratios))
+    columns.sort(key=lambda column: column.startswith("compiled"))  # eager columns first, as in the README
     lines = ["| model | norm layers | " + " | ".join(columns) + " | norm share of torch.nn step |",
              "|" + "---|" * (len(columns) + 3)]
     for r in results:
@@ -252,14 +256,29 @@ def markdown(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def _letters(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def select(found: list[ModelCase], models: str | None) -> list[ModelCase]:
+    """The cases whose name contains one of the comma-separated fragments of ``models``,
+    ignoring case and punctuation ("unet" picks "U-Net (GroupNorm)"); all for None."""
+    if models is None:
+        return found
+    fragments = [_letters(f) for f in models.split(",") if _letters(f)]
+    return [c for c in found if any(f in _letters(c.name) for f in fragments)]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=None, help="comma-separated name fragments (default: all)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile columns")
     args = parser.parse_args(argv)
-    selected = [c for c in cases()
-                if args.models is None or any(f.strip().lower() in c.name.lower() for f in args.models.split(","))]
+    found = cases()
+    selected = select(found, args.models)
+    if not selected:
+        parser.error(f"--models {args.models!r} names no model; models: {', '.join(c.name for c in found)}")
     results = []
     for case in selected:
         result = measure(case, args.rounds, not args.no_compile)

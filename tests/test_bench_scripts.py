@@ -1,0 +1,53 @@
+"""The scripts in ``benchmarks/`` as the README runs them: their options and the tables
+they print (no timings asserted)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def models():
+    pytest.importorskip("torch")
+    return _script("models")
+
+
+def test_models_option_picks_the_models_the_readme_names(models):
+    # README: "`--models unet,bert` picks models"
+    picked = models.select(models.cases(), "unet,bert")
+    assert [c.name for c in picked] == ["U-Net (GroupNorm)", "BERT (6×384, LayerNorm)"]
+
+
+def test_models_option_that_names_no_model_exits_2_and_lists_the_models(models, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        models.main(["--models", "no such model", "--no-compile"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "names no model" in err and "U-Net (GroupNorm)" in err and "Traceback" not in err
+
+
+def test_models_table_has_the_readme_columns_for_models_of_different_typical_batches(models, monkeypatch):
+    import torch
+    from torch import nn
+
+    monkeypatch.setattr(torch, "compile", lambda model: model)  # the columns, not Inductor
+    small = [models.ModelCase(f"MLP {batch}", lambda: nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)),
+                              lambda b: torch.randn(b, 8), batch) for batch in (3, 5)]
+    results = [models.measure(case, rounds=1, compile=True) for case in small]
+    header = models.markdown(results).splitlines()[0]
+    readme = next(line for line in (REPO / "README.md").read_text().splitlines()
+                  if line.startswith("| model | norm layers |"))
+    assert header == readme
+    assert [r.name for r in results] == ["MLP 3, batch 3", "MLP 5, batch 5"]
