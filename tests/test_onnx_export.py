@@ -229,3 +229,21 @@ def test_a_fused_group_norm_with_per_channel_parameters_runs_and_exports_as_nn_g
     torch.onnx.export(block, (x, residual), path, dynamo=False, opset_version=17, input_names=["x", "residual"])
     (got,) = onnxruntime.InferenceSession(path).run(None, {"x": x.numpy(), "residual": residual.numpy()})
     torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_a_norm_in_evaluation_with_running_statistics_exports_with_segment_ids(dynamo, tmp_path):
+    """In evaluation the running statistics normalize and segment_ids change nothing: such a
+    model exported before the refusal of segment_ids, and still exports, giving the eager
+    output (the refusal is for the segments' own statistics, in training)."""
+    model = _Segmented()
+    model.norm = nt.Norm("[n] c", params="c", c=4, track_running_stats=True)
+    model(torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]))
+    model.eval()
+    inputs = (torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]))
+    path = str(tmp_path / "segments.onnx")
+    torch.onnx.export(model, inputs, path, dynamo=dynamo, verbose=False, input_names=["x", "ids"])
+    session = onnxruntime.InferenceSession(path)
+    feeds = {"x": inputs[0].numpy(), "ids": inputs[1].numpy()}  # (one exporter keeps the unused ids)
+    (got,) = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
+    torch.testing.assert_close(torch.from_numpy(got), model(*inputs))

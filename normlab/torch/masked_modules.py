@@ -191,10 +191,10 @@ def _norm(module, x: Tensor, mask, segment_ids, num_segments, segment_axis) -> T
     from normlab.torch.compute import _average_factor
 
     spec = module._spec
+    if not (module.training or not module.track_running_stats):
+        return module.forward(x)  # running statistics are given: the mask changes nothing (and exports)
     if segment_ids is not None and _exporting_to_onnx():
         raise RuntimeError(f"{type(module).__name__}({spec.pattern!r}): " + SEGMENTS_DO_NOT_EXPORT)
-    if not (module.training or not module.track_running_stats):
-        return module.forward(x)  # running statistics are given: the mask changes nothing
     factor = _average_factor(module) if module.track_running_stats else 0.0
     y, mean, rstd, count = normalize_masked(x, spec.pattern, weight=module.weight, bias=module.bias,
                                             params=spec.params, eps=module.eps, rms=spec.rms, mask=mask,
