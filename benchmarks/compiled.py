@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import normlab.torch as nt
+from normlab.bench import positive_int
 
 
 def cnn() -> nn.Module:
@@ -91,7 +92,7 @@ def measure(name, build, x, step, rounds):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=positive_int, default=15)
     rounds = parser.parse_args().rounds
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {rounds} interleaved rounds")
     torch._dynamo.config.cache_size_limit = 64  # three engines share nn.Sequential.forward's cache

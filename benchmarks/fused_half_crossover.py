@@ -29,7 +29,7 @@ import sys
 
 import torch
 
-from normlab.bench import seconds_of
+from normlab.bench import positive_int, seconds_of
 from normlab.torch import paths
 from normlab.torch.fused import FusedAddRMSNorm, GatedRMSNorm
 
@@ -107,7 +107,7 @@ def measure(rounds: int, dtype: torch.dtype) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=positive_int, default=5)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import normlab.torch as nt
+from normlab.bench import positive_int
 
 TORCHVISION_MODELS = ("resnet18", "resnet50", "mobilenet_v3_small", "convnext_tiny", "vit_b_16")
 
@@ -272,7 +273,7 @@ def select(found: list[ModelCase], models: str | None) -> list[ModelCase]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=None, help="comma-separated name fragments (default: all)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile columns")
     args = parser.parse_args(argv)
     found = cases()

@@ -20,6 +20,7 @@ import time
 import torch
 import torch.nn as nn
 
+from normlab.bench import positive_int
 from normlab.torch import convert
 
 SHAPES = [(1024, 64), (256, 256), (64, 1024), (1024, 768), (16, 8192), (4096, 1024)]
@@ -65,8 +66,8 @@ def measure(rounds: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=11)
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (normlab follows it); default: torch's")
+    parser.add_argument("--rounds", type=positive_int, default=11)
+    parser.add_argument("--threads", type=positive_int, help="torch.set_num_threads (normlab follows it); default: torch's")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,7 +18,7 @@ import statistics
 import torch
 
 import normlab.torch as nt  # threaded calls run on torch's OpenMP pool, where torch has one
-from normlab.bench import seconds_of
+from normlab.bench import positive_int, seconds_of
 from normlab.kernels import threads
 
 SIZES = range(14, 21)
@@ -81,7 +81,7 @@ def measure(rounds: int, pools=("torch", "normlab")) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=positive_int, default=5)
     parser.add_argument("--pool", choices=("torch", "normlab"), help="measure one pool only")
     args = parser.parse_args(argv)
     region, pool = threads.REGION_SERIAL_BELOW, threads.POOL_SERIAL_BELOW

@@ -20,6 +20,7 @@ import types
 
 import numpy as np
 
+from normlab.bench import positive_int
 from normlab.kernels import columns, rows, rows_backward, strided
 from normlab.kernels._jit import kernel
 
@@ -86,12 +87,17 @@ def _cases(mib: int) -> dict:
     }
 
 
+def _sizes(text: str) -> list[int]:
+    """An argparse type: comma-separated sizes in MiB, each at least 1."""
+    return [positive_int(size) for size in text.split(",")]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--sizes", default="4,8,16,32,128", help="output sizes in MiB")
+    parser.add_argument("--rounds", type=positive_int, default=7)
+    parser.add_argument("--sizes", type=_sizes, default="4,8,16,32,128", help="output sizes in MiB, comma-separated")
     args = parser.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = args.sizes
     table: dict = {}
     for mib in sizes:
         for name, (copies, build) in _cases(mib).items():

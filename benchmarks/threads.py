@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from normlab.bench import positive_int
+
 
 @dataclass(frozen=True)
 class Model:
@@ -87,9 +89,9 @@ def measure(model_case: Model, rounds: int, steps: int) -> dict[str, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads(N) first")
+    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--steps", type=positive_int, default=8)
+    parser.add_argument("--threads", type=positive_int, help="torch.set_num_threads(N) first")
     parser.add_argument("--pool", choices=("torch", "normlab", "omp", "workqueue", "tbb"), default="torch",
                         help="torch's OpenMP pool (default), normlab's own pool or one of Numba's threading layers")
     args = parser.parse_args(argv)

@@ -1,6 +1,7 @@
 """The scripts in ``benchmarks/`` as the README runs them: their options and the tables
 they print (no timings asserted)."""
 
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@functools.cache
 def _script(name: str):
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -51,3 +53,29 @@ def test_models_table_has_the_readme_columns_for_models_of_different_typical_bat
                   if line.startswith("| model | norm layers |"))
     assert header == readme
     assert [r.name for r in results] == ["MLP 3, batch 3", "MLP 5, batch 5"]
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("models", ["--rounds", "0"]),
+    ("row_backward", ["--rounds", "0"]),
+    ("row_backward", ["--threads", "-1"]),
+    ("row_backward", ["--threads", "0"]),  # was ignored: torch's default threads
+    ("streaming_stores", ["--rounds", "-2"]),
+    ("streaming_stores", ["--sizes", "4,eight"]),
+    ("streaming_stores", ["--sizes", "0"]),
+    ("threads", ["--steps", "0"]),
+    ("threads", ["--threads", "0"]),
+    ("serial_threshold", ["--rounds", "0"]),
+    ("fused_half_crossover", ["--rounds", "0"]),
+    ("bench_torch", ["--threads", "-1"]),
+    ("compiled", ["--rounds", "0"]),
+])
+def test_a_count_below_one_is_an_argparse_error_not_a_traceback(script, argv, capsys, monkeypatch):
+    pytest.importorskip("torch")
+    module = _script(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])  # compiled.py reads sys.argv
+    with pytest.raises(SystemExit) as exit_:
+        module.main(argv) if script != "compiled" else module.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert "at least 1" in err or "whole number" in err, err
