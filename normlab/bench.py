@@ -370,6 +370,21 @@ def require_matplotlib() -> None:
                          "pip install matplotlib (or pip install \"normlab[bench]\"), or leave out --plot") from None
 
 
+def require_modules(what: str, names, instead: str) -> None:
+    """Fail with an install hint when a module that ``what`` needs (torch, transformers,
+    torch_geometric) does not import: before the run, not as a traceback in the middle of it."""
+    import importlib
+
+    from normlab.errors import InputError
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise InputError(f"{what}: {name} does not import here ({err}); install it with "
+                             f"pip install {name}, or {instead}") from None
+
+
 def require_plot(path: str) -> None:
     """Check ``--plot`` before the run, not after minutes of it: matplotlib imports, it
     can write the file's format, and the file's folder exists and is writable."""
@@ -511,6 +526,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"no benchmark case matches {args.case}; cases: "
                          + ", ".join([f"{c.name} {c.mode}" for c in CASES] + ["fused (the fused-block group)",
                                                                               "masked (masks and segments)"]))
+    if fused_cases:
+        require_modules("--case fused", sorted({n for c in fused_cases for n in c.needs}),
+                        "leave out the fused cases")
+    if masked_cases:
+        require_modules("--case masked", sorted({n for c in masked_cases for n in c.needs}),
+                        "leave out the masked cases")
     if args.plot:
         require_plot(args.plot)  # before the run, not after minutes of it
     repeats = args.repeats if args.repeats is not None else QUICK_REPEATS if args.quick else DEFAULT_REPEATS
@@ -556,6 +577,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     from normlab import sweep
 
+    require_modules("--sweep", ["torch"], "leave out --sweep")
     if args.plot:
         require_plot(args.plot)
     console = Console(no_color=getattr(args, "no_color", False))

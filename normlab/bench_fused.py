@@ -33,6 +33,11 @@ class FusedCase:
     dtype: str = "float32"
 
     @property
+    def needs(self) -> tuple[str, ...]:
+        """The modules the case imports: transformers' LlamaRMSNorm and LlamaModel for two blocks."""
+        return ("torch", "transformers") if self.block in ("add_rms", "decoder") else ("torch",)
+
+    @property
     def label(self) -> str:
         return f"fused {self.name} {self.mode}" + (" bf16" if self.dtype == "bfloat16" else "")
 
@@ -222,6 +227,8 @@ ENGINES = ("normlab", "eager", "compile")
 
 def measure(cases, quick: bool, repeats: int, progress=None) -> list[FusedRow]:
     """Time the engines of every case in rounds (see :func:`normlab.bench.measure`)."""
+    if not cases:
+        return []  # without importing torch: the regular table needs none
     import torch
 
     rows = []

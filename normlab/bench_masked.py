@@ -24,6 +24,7 @@ class MaskedCase:
     shape: tuple[int, ...]
     quick_shape: tuple[int, ...]
     build: Callable  # (shape) -> (normlab call, competitor call, competitor name)
+    needs: tuple[str, ...] = ("torch", "torch_geometric")  # the modules build imports
 
 
 def _masked_batch_norm(shape):
@@ -132,7 +133,8 @@ def _gin_step(shape):
 
 
 CASES: tuple[MaskedCase, ...] = (
-    MaskedCase("masked batch norm, 30% padding, fwd+bwd", (64, 256, 1000), (16, 64, 500), _masked_batch_norm),
+    MaskedCase("masked batch norm, 30% padding, fwd+bwd", (64, 256, 1000), (16, 64, 500), _masked_batch_norm,
+               ("torch",)),
     MaskedCase("per-graph instance norm, fwd+bwd", (200_000, 64, 2000), (20_000, 64, 200), _instance_norm),
     MaskedCase("4-layer GIN + GraphNorm, train step", (200_000, 64, 2000), (20_000, 64, 200), _gin_step),
 )

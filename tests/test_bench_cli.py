@@ -121,3 +121,32 @@ def test_a_plot_that_cannot_be_saved_is_refused_before_anything_is_timed(tmp_pat
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("normlab: error: ") and "--plot" in result.stderr
     assert result.stdout == ""  # refused before the table, not after the run
+
+
+def test_bench_without_torch_or_onnxruntime_leaves_their_columns_empty():
+    # README: "a missing engine leaves its column empty"
+    program = ("import sys; sys.modules.update(torch=None, onnxruntime=None); from normlab.cli import main; "
+               "sys.exit(main(['bench', '--quick', '--repeats', '1', '--case', 'tiny', '--markdown']))")
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    [row] = [line for line in result.stdout.splitlines() if line.startswith("| tiny layer norm fwd |")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[3:5] == ["–", "–"] and cells[6:8] == ["–", "–"], row  # torch and onnxrt: times and ratios
+
+
+@pytest.mark.parametrize("argv, missing", [
+    (["--case", "fused"], "torch"),
+    (["--case", "fused add + RMS norm"], "transformers"),
+    (["--case", "masked"], "torch_geometric"),
+    (["--case", "masked batch norm"], "torch"),
+    (["--sweep", "--no-compile"], "torch"),
+], ids=["fused without torch", "fused without transformers", "masked without PyG", "masked without torch",
+        "sweep without torch"])
+def test_a_group_whose_engine_does_not_import_is_refused_with_an_install_hint(argv, missing, monkeypatch, capsys):
+    from normlab.cli import main
+
+    monkeypatch.setitem(sys.modules, missing, None)  # import fails as if it were not installed
+    assert main(["bench", "--quick", "--repeats", "1", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("normlab: error: ") and f"pip install {missing}" in captured.err
+    assert captured.out == ""  # refused before anything is timed
