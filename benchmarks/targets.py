@@ -21,12 +21,14 @@ import argparse
 
 from normlab import bench
 
-# (case name, mode, engine compared, the required ratio of the other engine's time to normlab's)
+# (case name, mode, engine compared, the required ratio of the other engine's time to normlab's);
+# the README's Speed section states the layer and RMS norm forward targets
 TARGETS = (
-    ("layer norm", "fwd", "torch", 1.25),  # a clear lead on the most common norm
-    ("layer norm", "fwd", "onnxruntime", 1.0),  # level with the best fused CPU layer norm we know
+    ("layer norm", "fwd", "torch", 3.0),  # a clear lead on the most common norm
+    ("layer norm", "fwd", "onnxruntime", 1.1),  # ahead of the best fused CPU layer norm we know
     ("layer norm", "fwd+bwd", "torch", 1.25),  # training, not just inference
     ("RMS norm", "fwd", "torch", 2.0),  # PyTorch's CPU rms_norm is not fused at all
+    ("RMS norm", "fwd", "onnxruntime", 1.1),
     ("batch norm", "fwd+bwd", "torch", 1.5),  # training batch norm: one pass over memory for the statistics
     ("group norm g=32", "fwd+bwd", "torch", 1.25),
     ("small layer norm", "fwd", "torch", 1 / 1.5),  # in cache: at most 1.5x PyTorch's time

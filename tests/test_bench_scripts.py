@@ -79,3 +79,12 @@ def test_a_count_below_one_is_an_argparse_error_not_a_traceback(script, argv, ca
     err = capsys.readouterr().err
     assert exit_.value.code == 2, err
     assert "at least 1" in err or "whole number" in err, err
+
+
+def test_targets_script_checks_the_targets_the_readme_states():
+    # README, Speed: "layer norm forward ... PyTorch (target ≥ 3×) and ... ONNX Runtime (target ≥ 1.1×);
+    # RMS norm forward ... ONNX Runtime (target ≥ 1.1×...)", "(`python benchmarks/targets.py` checks them)"
+    targets = {(name, mode, engine): needed for name, mode, engine, needed in _script("targets").TARGETS}
+    assert targets[("layer norm", "fwd", "torch")] == 3.0
+    assert targets[("layer norm", "fwd", "onnxruntime")] == 1.1
+    assert targets[("RMS norm", "fwd", "onnxruntime")] == 1.1
