@@ -3,7 +3,8 @@
 One table of cases (:data:`CASES`) drives the command and the scripts in ``benchmarks/``.
 Every engine gets fresh output arrays on every call (``out=`` only where a case says so),
 and the median of ``--repeats`` timed calls, taken in rounds in which the engines take
-turns, each round after a warm-up call (the first compiles the kernels).
+turns, each round after a warm-up call (the first round after two: the first call compiles
+the kernels, the second builds the repeated-call fast path).
 It runs in the environment the user has: no thread or wait-policy variable is set for
 the measurement (normlab's own kernels use its own pool of sleeping workers). "copy bw" is the case's
 essential traffic (read x, write y; forward+backward adds read x and grad_y, write
@@ -268,6 +269,9 @@ class Row:
 
 
 ROUNDS = 3  # engines take turns this many times per case
+# the first call compiles, the second builds normlab's repeated-call fast path (about 5x a
+# steady call): neither is timed, or a run of 1-2 repeats (--quick) reports them
+FIRST_WARM_UPS = 2
 SETTLE_SECONDS = 0.02  # a pause after each engine's turn (see timed_rounds)
 ONNX_SETTLE_SECONDS = 0.15  # ONNX Runtime's workers spin 20-100 ms after a run
 
@@ -281,8 +285,9 @@ def settle(engine: str) -> None:
 
 def timed_rounds(calls: dict, repeats: int, announce=None) -> dict[str, list[float]]:
     """``repeats`` timed calls of every engine in ``calls`` (None: left out), split into
-    up to :data:`ROUNDS` rounds in which the engines take turns, each after a warm-up call
-    (the first compiles). ``announce(engine)`` is called as each engine's last round starts."""
+    up to :data:`ROUNDS` rounds in which the engines take turns, each after a warm-up call,
+    the first after :data:`FIRST_WARM_UPS`. ``announce(engine)`` is called as each engine's
+    last round starts."""
     timed = {engine: [] for engine in calls}
     rounds = min(ROUNDS, repeats)
     for index in range(rounds):
@@ -291,7 +296,8 @@ def timed_rounds(calls: dict, repeats: int, announce=None) -> dict[str, list[flo
             if announce and index == rounds - 1:
                 announce(engine)
             if call is not None:
-                call()
+                for _ in range(FIRST_WARM_UPS if index == 0 else 1):
+                    call()
                 timed[engine].extend(seconds_of(call) for _ in range(count))
                 settle(engine)
     return timed
@@ -302,7 +308,8 @@ def measure(cases, quick: bool, repeats: int, progress=None) -> list[Row]:
     case and engine, as that engine's last round starts.
 
     The repeats of each case are split into up to :data:`ROUNDS` rounds; in each round
-    every engine, then ``np.copyto`` on the same array, runs one warm-up call and its
+    every engine, then ``np.copyto`` on the same array, runs a warm-up call (two in the first
+    round, see :data:`FIRST_WARM_UPS`) and its
     share of the timed calls back to back. The median is over all of an engine's timed
     calls. Rounds spread each engine over the case's whole time, so a neighbour's load
     that comes and goes shifts all engines alike instead of one. (Taking turns call by
