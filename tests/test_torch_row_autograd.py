@@ -398,3 +398,18 @@ def test_float32_group_norm_gradient_times_a_channel_weight_past_float32s_larges
         assert torch.isfinite(theirs.float()).all()
         torch.testing.assert_close(mine.double(), theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
 
+
+
+def test_a_small_layer_norm_step_decides_what_backward_saves_once_not_per_call(no_full_path):
+    """Whether backward keeps the bias (torch's layer norm saves it, its group norm not) is
+    the module's, decided when the cached call is built: deciding it in each forward
+    hashed the module's Spec (a dataclass, hashed in Python) on every small call, whose
+    cost is its Python work."""
+    import cProfile
+    import pstats
+
+    norm, x = nt.LayerNorm(64), torch.randn(8, 64, requires_grad=True)
+    norm(x).sum().backward()  # (builds the cached call)
+    profile = cProfile.Profile()
+    profile.runcall(lambda: norm(x).sum().backward())
+    assert [name for _, _, name in pstats.Stats(profile).stats if name == "__hash__"] == []

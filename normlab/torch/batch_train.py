@@ -281,7 +281,7 @@ class _TrainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, module, call, factor, running, tables):
         y, mean, rstd = _run_forward(module, call, x, tables, factor, running)
-        ctx.save_for_backward(x, weight, _bias_to_save(ctx, bias, module._spec))  # (batch norm's: not saved)
+        ctx.save_for_backward(x, weight, _bias_to_save(ctx, bias, False))  # (batch norm's: not saved)
         ctx.module, ctx.call, ctx.stats, ctx.eps = module, call, (mean, rstd), float(module.eps)
         return y
 

@@ -86,7 +86,8 @@ def _normalize_backward_fake(grad_y, x, weight, mean, rstd, pattern, params, siz
 def _normalize_setup_context(ctx, inputs, output):
     x, weight, bias, pattern, params, sizes, eps, rms = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, _bias_to_save(ctx, bias, _spec_of(pattern, params, sizes, rms)), mean, rstd)
+    ctx.save_for_backward(x, weight, _bias_to_save(ctx, bias, _is_layer_norm(_spec_of(pattern, params, sizes, rms))),
+                          mean, rstd)
     ctx.arguments = (pattern, params, sizes, eps, rms)
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(mean, rstd)
@@ -104,15 +105,15 @@ def _normalize_autograd(ctx, grad_y, _grad_mean, _grad_rstd, backward=_normalize
             None, None, None, None, None)
 
 
-def _bias_to_save(ctx, bias: Optional[Tensor], spec) -> Optional[Tensor]:
-    """The bias as a backward saves it, as torch's ops do: a layer norm's (weight and bias
-    span exactly the normalized axes: LayerNorm, LayerNorm2d), which autograd then keeps
+def _bias_to_save(ctx, bias: Optional[Tensor], layer_norm: bool) -> Optional[Tensor]:
+    """The bias as a backward saves it, as torch's ops do: a layer norm's (``layer_norm``,
+    :func:`_is_layer_norm`: LayerNorm, LayerNorm2d), which autograd then keeps
     from changing in place before backward; no other (torch's group, batch and instance
     norms keep none, and an optimizer step on the bias alone, as in bias-only fine-tuning,
     may come between forward and backward). No gradient depends on the bias's values:
     :func:`_saved_bias` stands in for one not saved."""
     ctx.bias_like = None if bias is None else (bias.shape, bias.dtype, bias.device)
-    return bias if bias is None or _is_layer_norm(spec) else None
+    return bias if layer_norm else None
 
 
 def _saved_bias(ctx, saved: Optional[Tensor]) -> Optional[Tensor]:

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from normlab.torch.ops import _bias_to_save, _differentiable_backward, _needs_torch_backward, _saved_bias, _spec_of
+from normlab.torch.ops import (_bias_to_save, _differentiable_backward, _is_layer_norm, _needs_torch_backward,
+                               _saved_bias, _spec_of)
 from normlab.torch.spec import tensor_layout
 
 _EAGER_PARAMS = (type(None), Tensor, nn.Parameter)
@@ -26,7 +27,7 @@ class RowGradCall:
     parameter tables of the last call, kept while the same parameter tensors hold the same
     values (same storage, no in-place change since)."""
 
-    __slots__ = ("forward", "backward", "arguments", "param_dtypes", "params")
+    __slots__ = ("forward", "backward", "arguments", "param_dtypes", "params", "layer_norm")
 
     def __init__(self, forward, backward, arguments: tuple, param_dtypes: tuple):
         self.forward = forward  # kernels.fast.FastForward
@@ -34,6 +35,7 @@ class RowGradCall:
         self.arguments = arguments  # (pattern, params, sizes, rms)
         self.param_dtypes = param_dtypes  # NumPy dtypes of weight and bias (None where absent)
         self.params = ParamTables(forward)
+        self.layer_norm = _is_layer_norm(_spec_of(*arguments))  # (whether backward saves the bias; once, not per call)
 
     def __call__(self, x: Tensor, weight, bias, eps: float):
         """``y`` with autograd through the kernels, or None where the full path must run."""
@@ -114,7 +116,7 @@ class _RowFunction(torch.autograd.Function):
         x_array = x.detach().numpy()
         y, mean, rstd = call.forward.run(x_array, *tables, eps, True)
         # (torch then checks that none changes before backward)
-        ctx.save_for_backward(x, weight, _bias_to_save(ctx, bias, _spec_of(*call.arguments)))
+        ctx.save_for_backward(x, weight, _bias_to_save(ctx, bias, call.layer_norm))
         ctx.kernel_inputs = (call, tables[0], mean, rstd, eps,  # (not x_array: backward reads x as saved, see there)
                              None if weight is None else weight.data_ptr())
         return torch.from_numpy(y)
