@@ -6,7 +6,7 @@ into the cache. For an output far past the last-level cache that saves a third o
 output pass's traffic; for one that fits, it sends to memory what the next operation
 would have found in cache. ``normlab.kernels.rows.STREAM_ELEMENTS`` and
 ``columns.COLUMN_STREAM_ELEMENTS`` come from this table. Above 1: the streamed copy is faster. Threaded runs use normlab's own pool (no
-torch in this process), both cores.
+torch in this process), one thread per core.
 
     python benchmarks/streaming_stores.py [--rounds 7] [--sizes 4,8,16,32,128]
 """
@@ -21,7 +21,7 @@ import types
 import numpy as np
 
 from normlab.bench import positive_int
-from normlab.kernels import columns, rows, rows_backward, strided
+from normlab.kernels import columns, rows, rows_backward, strided, threads
 from normlab.kernels._jit import kernel
 
 ALWAYS, NEVER = 0, 1 << 62
@@ -97,7 +97,11 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=positive_int, default=7)
     parser.add_argument("--sizes", type=_sizes, default="4,8,16,32,128", help="output sizes in MiB, comma-separated")
     args = parser.parse_args(argv)
-    sizes = args.sizes
+    print(markdown(measure(args.sizes, args.rounds), args.sizes))
+
+
+def measure(sizes: list[int], rounds: int) -> dict:
+    """{(kernel, threaded): {MiB: plain time / streamed time}}."""
     table: dict = {}
     for mib in sizes:
         for name, (copies, build) in _cases(mib).items():
@@ -106,7 +110,7 @@ def main(argv=None) -> None:
                 for label, copy in copies.items():  # compile and warm up
                     copy(*build(), serial=not threaded)
                 repeats = max(1, 256 // mib)
-                for _ in range(args.rounds):
+                for _ in range(rounds):
                     for label, copy in copies.items():
                         arguments = [build() for _ in range(repeats)]
                         start = time.perf_counter()
@@ -115,10 +119,17 @@ def main(argv=None) -> None:
                         times[label].append((time.perf_counter() - start) / repeats)
                 plain, streamed = (statistics.median(times[k]) for k in ("plain", "streamed"))
                 table.setdefault((name, threaded), {})[mib] = plain / streamed
-    print("| kernel | threads | " + " | ".join(f"{mib} MiB" for mib in sizes) + " |")
-    print("|---|---|" + "---|" * len(sizes))
+    return table
+
+
+def markdown(table: dict, sizes: list[int]) -> str:
+    """The table as the README carries it; threaded rows give the threads they ran on."""
+    lines = ["| kernel | threads | " + " | ".join(f"{mib} MiB" for mib in sizes) + " |",
+             "|---|---|" + "---|" * len(sizes)]
     for (name, threaded), cells in table.items():
-        print(f"| {name} | {2 if threaded else 1} | " + " | ".join(f"{cells[mib]:.2f}" for mib in sizes) + " |")
+        count = threads.for_call() if threaded else 1
+        lines.append(f"| {name} | {count} | " + " | ".join(f"{cells[mib]:.2f}" for mib in sizes) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -88,3 +88,12 @@ def test_targets_script_checks_the_targets_the_readme_states():
     assert targets[("layer norm", "fwd", "torch")] == 3.0
     assert targets[("layer norm", "fwd", "onnxruntime")] == 1.1
     assert targets[("RMS norm", "fwd", "onnxruntime")] == 1.1
+
+
+def test_streaming_stores_table_gives_the_threads_its_threaded_rows_ran_on(monkeypatch):
+    module = _script("streaming_stores")
+    monkeypatch.setattr(module.threads, "for_call", lambda: 8)  # an 8-core machine
+    table = {("layer norm fwd (rows of 4096)", False): {4: 1.0}, ("layer norm fwd (rows of 4096)", True): {4: 1.5}}
+    lines = module.markdown(table, [4]).splitlines()
+    assert lines[0] == "| kernel | threads | 4 MiB |"
+    assert lines[2:] == ["| layer norm fwd (rows of 4096) | 1 | 1.00 |", "| layer norm fwd (rows of 4096) | 8 | 1.50 |"]
