@@ -146,12 +146,15 @@ def _fused_cases():
 
     layer_norm, rms_norm = torch.nn.LayerNorm(4), torch.nn.RMSNorm(4, eps=1e-6)
     return {"FusedAddLayerNorm": (FusedAddLayerNorm(4), lambda x, r: (layer_norm(x + r), x + r), layer_norm),
+            # (on float32 every casting is nn.LayerNorm's: none of them may refuse a layout it takes)
+            "FusedAddLayerNorm-none": (FusedAddLayerNorm(4, casting="none"), lambda x, r: (layer_norm(x + r), x + r),
+                                       layer_norm),
             "FusedAddRMSNorm": (FusedAddRMSNorm(4, eps=1e-6), lambda x, r: (rms_norm(x + r), x + r), rms_norm),
             "GatedRMSNorm": (GatedRMSNorm(4, eps=1e-6), lambda x, z: rms_norm(x) * F.silu(z), rms_norm)}
 
 
 @pytest.mark.parametrize("layout", [torch.strided, torch.jagged], ids=["strided", "jagged"])
-@pytest.mark.parametrize("block", ["FusedAddLayerNorm", "FusedAddRMSNorm", "GatedRMSNorm"])
+@pytest.mark.parametrize("block", ["FusedAddLayerNorm", "FusedAddLayerNorm-none", "FusedAddRMSNorm", "GatedRMSNorm"])
 def test_a_fused_block_on_nested_tensors_computes_what_the_torch_nn_code_it_replaces_does(block, layout):
     """Oracle: torch.nn.LayerNorm of x + residual, torch.nn.RMSNorm of x + residual and
     torch.nn.RMSNorm(x) * silu(z) on the same nested tensors (torch.nn computes the layer

@@ -336,13 +336,16 @@ def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
             and not block.weight_offset and _params_span(layout, trailing, weight, bias)
             and (((dtype in _HALF_DTYPES or total.is_nested) and block.casting == "gemma"
                   and all(p is None or p.dtype in (dtype, torch.float32) for p in (weight, bias)))
-                 or (_onnx_layer_norm(dtype) and all(p is None or p.dtype == dtype for p in (weight, bias))))):
+                 or ((_onnx_layer_norm(dtype) or (total.is_nested and dtype in _KERNEL_DTYPES))
+                     and all(p is None or p.dtype == dtype for p in (weight, bias))))):
         # nn.LayerNorm on half input, as FusedAddLayerNorm replaces it: torch's kernel applies
         # the weight and bias in float32 and rounds once, the gemma recipe (float32 parameters
         # too, as a half model keeps its norms in float32: its outputs and its parameters'
         # gradients, which torch's kernel accumulates in the input's dtype); and exported to
         # ONNX, nn.LayerNorm on float32 and float64 input too (see _onnx_layer_norm). A nested
         # tensor takes it too: nn.LayerNorm normalizes its rows, and nested tensors lack var_mean
+        # (float32 and float64 ones in every casting, which agree there: the strided layout
+        # multiplies no plain tensor by a nested one, as the recipes' weight would)
         w, b = (None if p is None else layout.param(p).reshape(trailing) for p in (weight, bias))
         y = layout.back(torch.nn.functional.layer_norm(layout.of(total), trailing, w, b, block.eps), x)
         return (y, total) if residual is not None else y
