@@ -539,6 +539,10 @@ def run(args: argparse.Namespace) -> int:
     if masked_cases:
         require_modules("--case masked", sorted({n for c in masked_cases for n in c.needs}),
                         "leave out the masked cases")
+    if args.plot and not cases:  # the chart is of the regular table; the groups print tables only
+        raise InputError(f"--plot draws the speedups of the regular cases, and --case {' '.join(args.case)!r} selects "
+                         "none of them (only the fused or masked group, which have no chart); leave out --plot or "
+                         "add a --case of the regular table")
     if args.plot:
         require_plot(args.plot)  # before the run, not after minutes of it
     repeats = args.repeats if args.repeats is not None else QUICK_REPEATS if args.quick else DEFAULT_REPEATS

@@ -169,3 +169,16 @@ def test_a_group_whose_engine_does_not_import_is_refused_with_an_install_hint(ar
     captured = capsys.readouterr()
     assert captured.err.startswith("normlab: error: ") and f"pip install {missing}" in captured.err
     assert captured.out == ""  # refused before anything is timed
+
+
+@pytest.mark.parametrize("group", ["masked batch norm", "fused AdaLN-Zero layer norm fwd"])
+def test_a_plot_of_a_group_without_a_chart_is_refused_instead_of_never_written(group, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("torch")
+    from normlab.cli import main
+
+    plot = tmp_path / "speed.png"
+    assert main(["bench", "--quick", "--repeats", "1", "--case", group, "--plot", str(plot)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("normlab: error: --plot") and group in captured.err
+    assert captured.out == "" and not plot.exists()
