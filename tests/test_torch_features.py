@@ -232,6 +232,23 @@ def test_a_load_state_dict_pre_hook_on_a_batch_norm_fused_for_qat_sees_it_in_loa
         assert [(prefix, module is model[0][1]) for prefix, module in seen] == [("0.1.", True)]
 
 
+
+def test_a_batch_norm_folded_in_evaluation_keeps_its_load_state_dict_pre_hook_as_on_torch_nn():
+    # fuse_modules in evaluation folds the batch norm into the convolution and keeps no
+    # torch.nn batch norm: a caller still holding the (converted) batch norm loads into it,
+    # its hook seeing it, as torch.nn's does, never "the hook of a dead Module"
+    import gc
+
+    for model in pair():
+        norm, seen = model[1], []
+        norm.register_load_state_dict_pre_hook(lambda module, state, prefix, *args: seen.append(module))
+        state = copy.deepcopy(norm.state_dict())
+        torch.ao.quantization.fuse_modules(model.eval(), [["0", "1"]], inplace=True)
+        gc.collect()
+        copy.deepcopy(norm)
+        norm.load_state_dict(state)
+        assert len(seen) == 1 and seen[0] is norm
+
 def test_fuse_conv_bn_eval_gives_torch_nn_outputs():
     x = batch()
     reference, converted = pair()

@@ -48,9 +48,13 @@ def _with_torch_modules(fuser):
     def fuse(is_qat, *modules):
         originals = [as_torch(m) for m in modules]
         fused = fuser(is_qat, *originals)
+        kept = {id(m) for m in fused.modules()}
         for module, original in zip(modules, originals):
-            if original is not module:  # the twin is replaced now, and QAT's fused module keeps
-                rebind_hooks(module, original)  # the torch.nn batch norm (ConvBn2d's): its hooks go with it
+            # the twin is replaced now: where the fused module keeps the torch.nn batch norm (QAT's
+            # ConvBn2d), its hooks go with it; folded in evaluation, it is gone, and the twin (which a
+            # caller may still hold) keeps them
+            if original is not module and id(original) in kept:
+                rebind_hooks(module, original)
         return fused
 
     return fuse
