@@ -10,6 +10,12 @@ the wrapper's per-call overhead dominates.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's normlab, not an installed one
+
 import argparse
 import statistics
 import time

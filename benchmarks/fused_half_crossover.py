@@ -23,9 +23,14 @@ their temporaries fault their pages in on every call, and the kernels look bette
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's normlab, not an installed one
+
 import argparse
 import statistics
-import sys
 
 import torch
 

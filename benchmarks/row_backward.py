@@ -13,6 +13,12 @@ Above 1: normlab's kernel is faster.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's normlab, not an installed one
+
 import argparse
 import statistics
 import time

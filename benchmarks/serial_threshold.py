@@ -12,6 +12,12 @@ The serial thresholds in ``normlab.kernels.threads`` come from this table.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's normlab, not an installed one
+
 import argparse
 import statistics
 

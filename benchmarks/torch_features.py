@@ -10,6 +10,12 @@ model gives the original's outputs (and gradients) to float tolerance.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's normlab, not an installed one
+
 import copy
 import inspect
 import io

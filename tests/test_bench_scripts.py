@@ -3,6 +3,8 @@ they print (no timings asserted)."""
 
 import functools
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -97,3 +99,28 @@ def test_streaming_stores_table_gives_the_threads_its_threaded_rows_ran_on(monke
     lines = module.markdown(table, [4]).splitlines()
     assert lines[0] == "| kernel | threads | 4 MiB |"
     assert lines[2:] == ["| layer norm fwd (rows of 4096) | 1 | 1.00 |", "| layer norm fwd (rows of 4096) | 8 | 1.50 |"]
+
+
+def _first_line(source: str, *starts: str) -> int:
+    return next((i for i, line in enumerate(source.splitlines()) if line.lstrip().startswith(starts)), -1)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "benchmarks").glob("*.py")), ids=lambda p: p.name)
+def test_every_script_imports_this_checkout_s_normlab_before_an_installed_one(path):
+    source = path.read_text()
+    first_import = _first_line(source, "import normlab", "from normlab")
+    assert first_import >= 0 or "normlab" not in source
+    inserted = _first_line(source, "sys.path.insert(0, str(REPO))")
+    assert 0 <= inserted < first_import, f"{path.name} imports whichever normlab is installed"
+
+
+def test_a_script_run_beside_another_installed_normlab_runs_this_checkout_s(tmp_path):
+    # an installed normlab (a wheel, or an editable install of another checkout) that is not this one
+    (tmp_path / "normlab").mkdir()
+    (tmp_path / "normlab" / "__init__.py").write_text("raise ImportError('the installed normlab')\n")
+    program = (f"import runpy; runpy.run_path({str(REPO / 'benchmarks' / 'streaming_stores.py')!r}, run_name='probe'); "
+               "import normlab; print(normlab.__file__)")
+    result = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).parent.parent == REPO
