@@ -12,7 +12,7 @@ and prints torch.nn time over normlab time (above 1: the converted model is fast
 plus the norm layers' share of torch.nn's training step from ``torch.profiler``.
 
 Models: a GroupNorm U-Net and a ResNet-style CNN written here, transformers' BERT and
-a small LLaMA built from config, and torchvision's resnet18, resnet50,
+a small LLaMA built from config when transformers imports, and torchvision's resnet18, resnet50,
 mobilenet_v3_small, convnext_tiny and vit_b_16 built with ``weights=None`` when
 torchvision imports (its wheel must be built for the installed torch; otherwise the
 script says so and goes on).
@@ -135,15 +135,29 @@ def cases() -> list[ModelCase]:
     found = [
         ModelCase("U-Net (GroupNorm)", UNet, _images(64), 8),
         ModelCase("ResNet-style CNN (BatchNorm)", resnet_like, _images(64), 32),
-        ModelCase("BERT (6×384, LayerNorm)", _bert, _tokens(8192, 128), 8),
-        ModelCase("LLaMA (4×256, RMSNorm)", _llama, _tokens(4096, 128), 8),
     ]
+    if _transformers():
+        found += [ModelCase("BERT (6×384, LayerNorm)", _bert, _tokens(8192, 128), 8),
+                  ModelCase("LLaMA (4×256, RMSNorm)", _llama, _tokens(4096, 128), 8)]
     vision = _torchvision()
     if vision is not None:
         for name in TORCHVISION_MODELS:
             size = 224
             found.append(ModelCase(name, lambda name=name: getattr(vision, name)(weights=None), _images(size), 8))
     return found
+
+
+def _transformers() -> bool:
+    """Whether transformers imports (it is not among normlab's [bench] extras); if not, a
+    line saying so, rather than a traceback after the first models' timings."""
+    try:
+        import transformers  # noqa: F401
+    except Exception as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"skipped BERT, LLaMA: transformers does not import here ({reason}). "
+              "Install it (pip install transformers) to include them.")
+        return False
+    return True
 
 
 def _torchvision():

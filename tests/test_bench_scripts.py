@@ -124,3 +124,11 @@ def test_a_script_run_beside_another_installed_normlab_runs_this_checkout_s(tmp_
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()).parent.parent == REPO
+
+
+def test_models_without_transformers_skips_bert_and_llama_with_a_line_saying_why(models, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # not installed: it is not among the [bench] extras
+    names = [c.name for c in models.cases()]
+    assert names[:2] == ["U-Net (GroupNorm)", "ResNet-style CNN (BatchNorm)"]
+    assert not any("BERT" in n or "LLaMA" in n for n in names)
+    assert "skipped BERT, LLaMA: transformers does not import" in capsys.readouterr().out
