@@ -524,6 +524,9 @@ def run(args: argparse.Namespace) -> int:
 
     if getattr(args, "sweep", False):
         return run_sweep(args)
+    if args.no_compile:  # an option that would do nothing here: say so rather than ignore it
+        raise InputError("--no-compile leaves torch.compile out of --sweep only (the table and its fused and masked "
+                         "groups run as they are); add --sweep or leave out --no-compile")
     from normlab import bench_fused, bench_masked
 
     cases = select(args.case)
@@ -587,7 +590,12 @@ def run_sweep(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from normlab import sweep
+    from normlab.errors import InputError
 
+    ignored = [option for option, value in (("--case", args.case), ("--repeats", args.repeats)) if value is not None]
+    if ignored:  # the sweep times its own grid, each cell for a fixed time
+        raise InputError(f"{' and '.join(ignored)}: not used by --sweep, which times its own grid for a fixed time "
+                         f"per cell; leave out {' and '.join(ignored)}")
     require_modules("--sweep", ["torch"], "leave out --sweep")
     if args.plot:
         require_plot(args.plot)

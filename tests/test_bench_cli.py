@@ -154,10 +154,10 @@ def test_bench_without_torch_or_onnxruntime_leaves_their_columns_empty():
 
 
 @pytest.mark.parametrize("argv, missing", [
-    (["--case", "fused"], "torch"),
-    (["--case", "fused add + RMS norm"], "transformers"),
-    (["--case", "masked"], "torch_geometric"),
-    (["--case", "masked batch norm"], "torch"),
+    (["--repeats", "1", "--case", "fused"], "torch"),
+    (["--repeats", "1", "--case", "fused add + RMS norm"], "transformers"),
+    (["--repeats", "1", "--case", "masked"], "torch_geometric"),
+    (["--repeats", "1", "--case", "masked batch norm"], "torch"),
     (["--sweep", "--no-compile"], "torch"),
 ], ids=["fused without torch", "fused without transformers", "masked without PyG", "masked without torch",
         "sweep without torch"])
@@ -165,7 +165,7 @@ def test_a_group_whose_engine_does_not_import_is_refused_with_an_install_hint(ar
     from normlab.cli import main
 
     monkeypatch.setitem(sys.modules, missing, None)  # import fails as if it were not installed
-    assert main(["bench", "--quick", "--repeats", "1", *argv]) == 2
+    assert main(["bench", "--quick", *argv]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("normlab: error: ") and f"pip install {missing}" in captured.err
     assert captured.out == ""  # refused before anything is timed
@@ -182,3 +182,20 @@ def test_a_plot_of_a_group_without_a_chart_is_refused_instead_of_never_written(g
     captured = capsys.readouterr()
     assert captured.err.startswith("normlab: error: --plot") and group in captured.err
     assert captured.out == "" and not plot.exists()
+
+
+@pytest.mark.parametrize("argv", [["--case", "tiny", "--no-compile"], ["--sweep", "--case", "layer"],
+                                  ["--sweep", "--repeats", "3"]], ids=["no-compile without sweep",
+                                                                      "sweep with case", "sweep with repeats"])
+def test_an_option_that_would_do_nothing_is_refused_instead_of_ignored(argv, monkeypatch, capsys):
+    from normlab import sweep
+    from normlab.cli import main
+
+    def timed(*args, **kwargs):
+        raise AssertionError("timed although an option was ignored")
+
+    monkeypatch.setattr(sweep, "measure", timed)
+    monkeypatch.setattr(bench, "measure", timed)
+    assert main(["bench", "--quick", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("normlab: error: ") and captured.out == ""
