@@ -74,6 +74,7 @@ def measure(name, build, x, step, rounds):
     }
     paths = {"torch.nn": "auto", "normlab": "auto", "kernel op": "kernel"}
     torch._dynamo.reset()  # each case starts with an empty cache: no engine falls back for lack of room
+    torch._dynamo.utils.counters.clear()  # and counts its own graphs (reset() keeps the counters)
     compiled, optimizers = {}, {}
     for key, model in engines.items():
         model.train(step is train_step)

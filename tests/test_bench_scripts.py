@@ -132,3 +132,16 @@ def test_models_without_transformers_skips_bert_and_llama_with_a_line_saying_why
     assert names[:2] == ["U-Net (GroupNorm)", "ResNet-style CNN (BatchNorm)"]
     assert not any("BERT" in n or "LLaMA" in n for n in names)
     assert "skipped BERT, LLaMA: transformers does not import" in capsys.readouterr().out
+
+
+def test_compiled_script_counts_each_case_s_graphs_not_the_run_s_total(monkeypatch, capsys):
+    import torch
+    from torch import nn
+
+    module = _script("compiled")
+    torch._dynamo.utils.counters["stats"]["unique_graphs"] = 5  # graphs of the cases before this one
+    monkeypatch.setattr(torch, "compile", lambda model: model)  # the count, not Inductor
+    module.measure("tiny", lambda: nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), torch.randn(2, 4),
+                   module.eval_step, rounds=1)
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.startswith("| tiny |") and row.endswith("| 0 |"), row  # nothing compiled in this case
