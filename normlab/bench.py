@@ -482,13 +482,18 @@ def select(filters) -> tuple[BenchCase, ...]:
     return tuple(c for c in CASES if any(f.lower() in f"{c.name} {c.mode}".lower() for f in filters))
 
 
+# Markdown goes out as it is: no markup, no highlighting, and no wrapping at the
+# terminal's width, which would cut a table's rows in two
+AS_TEXT = dict(markup=False, highlight=False, soft_wrap=True)
+
+
 def _print_fused(console, rows, repeats: int, as_markdown: bool) -> None:
     from rich.table import Table
 
     from normlab import bench_fused
 
     if as_markdown:
-        console.print(bench_fused.markdown(rows), markup=False, highlight=False)
+        console.print(bench_fused.markdown(rows), **AS_TEXT)
         return
     table = Table(title=f"fused blocks, median of {repeats} runs, float32 (bf16: bfloat16)")
     for header in bench_fused.HEADERS:
@@ -502,7 +507,7 @@ def _print_masked(console, rows, repeats: int, as_markdown: bool) -> None:
     from normlab import bench_masked
 
     if as_markdown:
-        console.print(bench_masked.markdown(rows), markup=False, highlight=False)
+        console.print(bench_masked.markdown(rows), **AS_TEXT)
         return
     from rich.table import Table
 
@@ -569,7 +574,7 @@ def run(args: argparse.Namespace) -> int:
     if not rows:
         return 0
     if args.markdown:
-        console.print(markdown(rows), markup=False, highlight=False)
+        console.print(markdown(rows), **AS_TEXT)
     else:
         table = Table(title=f"median of {repeats} runs, float32")
         for header in HEADERS:
@@ -607,7 +612,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         cells = sweep.measure(quick=args.quick, compile=not args.no_compile,
                               progress=lambda text: bar.update(task, description=text))
     if args.markdown:
-        console.print(sweep.markdown(cells), markup=False, highlight=False)
+        console.print(sweep.markdown(cells), **AS_TEXT)
     else:
         for title, header, body in sweep.ratio_tables(cells):
             table = Table(title=f"{title}: torch eager / torch.compile / ONNX Runtime time over normlab's, float32")

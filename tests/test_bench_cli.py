@@ -199,3 +199,18 @@ def test_an_option_that_would_do_nothing_is_refused_instead_of_ignored(argv, mon
     assert main(["bench", "--quick", *argv]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("normlab: error: ") and captured.out == ""
+
+
+def test_markdown_in_a_narrow_terminal_keeps_each_table_row_on_one_line(monkeypatch, capsys):
+    import rich.console
+
+    from normlab.cli import main
+
+    monkeypatch.setenv("COLUMNS", "60")
+    monkeypatch.setattr(rich.console.Console, "is_terminal", property(lambda self: True))
+    case = next(c for c in bench.CASES if c.name.startswith("tiny"))
+    seconds = {"normlab": 1e-5, "torch": 2e-5, "onnxruntime": 3e-5, "numpy": 4e-5}
+    monkeypatch.setattr(bench, "measure", lambda *args: [bench.Row(case, case.quick_shape, seconds, 0.1)])
+    assert main(["--no-color", "bench", "--quick", "--case", "tiny", "--markdown"]) == 0
+    [row] = [line for line in capsys.readouterr().out.splitlines() if "tiny layer norm" in line]
+    assert row.endswith("| 2.00× | 3.00× | 4.00× | 10% |"), row  # the whole row, as Markdown needs it
