@@ -260,20 +260,22 @@ def markdown(cells: list[Cell]) -> str:
 
 def plot(cells: list[Cell], path: str) -> None:
     """Heatmaps of log2(competitor time / normlab time): one row per norm and mode, one
-    column per competitor; blue cells are normlab ahead, red behind."""
+    column per competitor that ran (none for torch.compile under ``--no-compile``, nor for
+    ONNX Runtime where it is missing); blue cells are normlab ahead, red behind."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [(n, m) for n in NORMS for m in MODES if any(c.norm == n and c.mode == m for c in cells)]
-    fig, axes = plt.subplots(len(panels), len(COMPETITORS), figsize=(4.2 * len(COMPETITORS), 3.2 * len(panels)),
+    competitors = [k for k in COMPETITORS if any(c.ratio(k) is not None for c in cells)]
+    fig, axes = plt.subplots(len(panels), len(competitors), figsize=(4.2 * len(competitors), 3.2 * len(panels)),
                              squeeze=False)
     for i, (norm, mode) in enumerate(panels):
         mine = [c for c in cells if c.norm == norm and c.mode == mode]
         rows = sorted({c.rows for c in mine})
         features = sorted({c.features for c in mine})
-        for j, competitor in enumerate(COMPETITORS):
+        for j, competitor in enumerate(competitors):
             grid = np.full((len(rows), len(features)), np.nan)
             for c in mine:
                 ratio = c.ratio(competitor)

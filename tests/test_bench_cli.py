@@ -214,3 +214,18 @@ def test_markdown_in_a_narrow_terminal_keeps_each_table_row_on_one_line(monkeypa
     assert main(["--no-color", "bench", "--quick", "--case", "tiny", "--markdown"]) == 0
     [row] = [line for line in capsys.readouterr().out.splitlines() if "tiny layer norm" in line]
     assert row.endswith("| 2.00× | 3.00× | 4.00× | 10% |"), row  # the whole row, as Markdown needs it
+
+
+def test_sweep_heatmaps_leave_out_a_competitor_that_did_not_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+
+    from normlab import sweep
+
+    # --no-compile, and ONNX Runtime has no training batch norm: one column of panels, torch eager's
+    cells = [sweep.Cell("batch", mode, 64, 64, {"normlab": 1.0, "eager": 2.0, "compile": None, "onnxruntime": None})
+             for mode in sweep.MODES]
+    plot = tmp_path / "sweep.png"
+    sweep.plot(cells, str(plot))
+    height, width = matplotlib.image.imread(plot).shape[:2]
+    assert (width, height) == (round(4.2 * 110), round(3.2 * 2 * 110))  # 1 column, 2 rows of panels at 110 dpi
