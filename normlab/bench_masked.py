@@ -142,12 +142,17 @@ CASES: tuple[MaskedCase, ...] = (
 
 
 def selected(filters) -> tuple[MaskedCase, ...]:
-    """The cases that ``--case`` filters pick: all of them for ``masked``."""
+    """The cases that ``--case`` filters pick: all of them for ``masked``, and those whose
+    name holds a filter that picks nothing in the regular table (``GraphNorm``, not
+    ``batch norm`` or ``instance norm``, which ask for the regular table's cases)."""
+    from normlab.bench import select
+
     if not filters:
         return ()
     if any(f.lower() == GROUP for f in filters):
         return CASES
-    return tuple(c for c in CASES if any(f.lower() in c.name.lower() for f in filters))
+    own = [f.lower() for f in filters if not select([f])]
+    return tuple(c for c in CASES if any(f in c.name.lower() for f in own))
 
 
 @dataclass(frozen=True)

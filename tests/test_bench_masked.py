@@ -11,6 +11,15 @@ def test_the_masked_group_is_picked_by_its_name_or_a_case_name():
     assert bench_masked.selected(None) == ()
 
 
+def test_a_filter_of_the_regular_table_does_not_add_the_masked_cases():
+    # `normlab bench --case "batch norm"` asks for the table's batch norm rows, not for a
+    # masked fwd+bwd at 64x256x1000 (3 s a call for the composite) or PyG's instance norm
+    assert bench_masked.selected(["batch norm"]) == ()
+    assert bench_masked.selected(["instance norm"]) == ()
+    assert bench_masked.selected(["fwd"]) == ()
+    assert [c.name for c in bench_masked.selected(["per-graph instance norm"])] == ["per-graph instance norm, fwd+bwd"]
+
+
 def test_a_masked_row_times_normlab_and_the_torch_composite():
     pytest.importorskip("torch")
     (row,) = bench_masked.measure(bench_masked.CASES[:1], quick=True, repeats=1)
