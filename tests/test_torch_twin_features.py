@@ -157,6 +157,21 @@ def test_fake_tensor_mode_propagates_torch_nn_shapes_dtypes_and_strides(name, fa
     assert found[0] == found[1]
 
 
+
+@pytest.mark.parametrize("tracing_mode", ["fake", "symbolic"])
+def test_make_fx_traces_a_training_batch_norm_as_torch_nn_with_its_buffers(tracing_mode):
+    """make_fx's shape propagation (a fake mode over the module's real buffers, as
+    FakeTensorMode in the test above holds them too): torch.nn's batch norm traces, counts
+    the batch and leaves its running statistics; the twin counted it through NumPy, which
+    reads a fake tensor's memory ("Cannot access data pointer of Tensor")."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    found = []
+    for model in (torch.nn.BatchNorm2d(3, momentum=None), nt.BatchNorm2d(3, momentum=None)):
+        make_fx(model, tracing_mode=tracing_mode, _allow_non_fake_inputs=True)(torch.randn(2, 3, 4, 4) + 1)
+        found.append([buffer.clone() for buffer in model.buffers()])
+    torch.testing.assert_close(found[1], found[0])
+
 class _Logged(torch.Tensor):
     """A tensor subclass with a ``__torch_function__`` of its own (as DTensor's), counting the
     torch functions it is handed."""

@@ -452,7 +452,10 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
     running_mean, running_var = module_buffer(module, "running_mean"), module_buffer(module, "running_var")
     if (path == "native" or x.dim() < 2 or x.shape[1] != module.num_features
             or _params_misfit(module, (module.num_features,), weight, bias)
-            or _dtypes_refused(x, weight, bias, running_mean, running_var)):
+            or _dtypes_refused(x, weight, bias, running_mean, running_var)
+            or (type(x) is not Tensor and module.training and not torch.compiler.is_compiling() and _fake(x))):
+        # (shape propagation in training, make_fx's: torch's op, whose fake kernel leaves the module's
+        # real running statistics alone and counts the batch as torch.nn does; compiled, the op stays)
         return _torch_batch_norm(module, x)
     if not torch.compiler.is_compiling() and x.is_inference() and _needs_grad(x, weight, bias):
         # an inference tensor where autograd must save it: torch raises its error before
