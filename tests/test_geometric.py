@@ -178,6 +178,20 @@ def test_the_composite_for_other_devices_matches_the_kernel_and_its_gradients():
     torch.testing.assert_close(torch.autograd.grad(kernel.y, x, grad)[0], torch.autograd.grad(composite[0], x, grad)[0])
 
 
+def _against_float64(ours, theirs, nodes, args, g):
+    """``ours`` on float32 ``nodes`` against PyG's ``theirs`` in float64 on the same nodes, to
+    float32's accuracy: outputs, node gradients and parameter gradients."""
+    x, x64 = nodes.clone().requires_grad_(), nodes.double().requires_grad_()
+    y, expected = ours(x, *args), theirs(x64, *args)
+    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+    seed = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(seed.float())
+    expected.backward(seed)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=1e-4)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad.double(), q.grad, atol=1e-3, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("offset", [1e4, 1e6])
 @pytest.mark.parametrize("with_batch", [True, False], ids=["batch", "no-batch"])
 def test_graph_norm_twin_on_float32_nodes_far_from_zero_stays_float32_accurate(offset, with_batch):
@@ -195,16 +209,7 @@ def test_graph_norm_twin_on_float32_nodes_far_from_zero_stays_float32_accurate(o
             p.uniform_(0.5, 1.5, generator=g)
         ours.mean_scale[3:].uniform_(0.5, 1.5, generator=g)
     theirs.load_state_dict(ours.state_dict())
-    x, x64 = nodes.clone().requires_grad_(), nodes.double().requires_grad_()
-    args = (batch, 4) if with_batch else ()
-    y, expected = ours(x, *args), theirs(x64, *args)
-    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
-    seed = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    y.backward(seed.float())
-    expected.backward(seed)
-    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=1e-4)
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
-        torch.testing.assert_close(p.grad.double(), q.grad, atol=1e-3, rtol=1e-4, msg=name)
+    _against_float64(ours, theirs, nodes, (batch, 4) if with_batch else (), g)
 
 
 @pytest.mark.parametrize("offset", [1e4, 1e6])
@@ -219,12 +224,4 @@ def test_graph_mode_layer_norm_twin_without_a_batch_vector_on_float32_nodes_far_
     ours, theirs = geometric.LayerNorm(5), pyg_norm.LayerNorm(5).double()
     _randomize(ours)
     theirs.load_state_dict(ours.state_dict())
-    x, x64 = nodes.clone().requires_grad_(), nodes.double().requires_grad_()
-    y, expected = ours(x), theirs(x64)
-    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
-    seed = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    y.backward(seed.float())
-    expected.backward(seed)
-    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=1e-4)
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
-        torch.testing.assert_close(p.grad.double(), q.grad, atol=1e-3, rtol=1e-4, msg=name)
+    _against_float64(ours, theirs, nodes, (), g)

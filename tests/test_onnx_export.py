@@ -15,21 +15,10 @@ onnxruntime = pytest.importorskip("onnxruntime")
 from torch import nn  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
+from tests.composites import AddNorm  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
                                         "ignore::FutureWarning")
-
-
-class _AddThenNorm(nn.Module):
-    """``norm(x + residual), x + residual``: what FusedAddLayerNorm replaces."""
-
-    def __init__(self, norm):
-        super().__init__()
-        self.norm = norm
-
-    def forward(self, x, residual):
-        total = x + residual
-        return self.norm(total), total
 
 
 class _Fused(nn.Module):
@@ -62,7 +51,7 @@ def _layer_norm_pairs(name):
             original.bias.normal_()
         block = nt.FusedAddLayerNorm(8)
         block.load_state_dict(original.state_dict())
-        return _AddThenNorm(original), _Fused(block), lambda batch, length: (batch, length, 8)
+        return AddNorm(original), _Fused(block), lambda batch, length: (batch, length, 8)
     diffusers = pytest.importorskip("diffusers.models.normalization")
     original = diffusers.AdaLayerNormZero(8)
     block = nt.AdaLayerNorm(8)

@@ -13,21 +13,10 @@ from torch import nn  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
+from tests.composites import AddNorm  # noqa: E402
 from tests.hf_classes import mamba_gated_norm  # noqa: E402
 
 WIDTH = 8
-
-
-class _AddNorm(nn.Module):
-    """The composite a fused residual block replaces: ``(norm(x + residual), x + residual)``."""
-
-    def __init__(self, norm):
-        super().__init__()
-        self.norm = norm
-
-    def forward(self, x, residual):
-        total = x + residual
-        return self.norm(total), total
 
 
 class _PreNormLayer(nn.Module):
@@ -68,9 +57,9 @@ def _layers():
     torch.manual_seed(0)
     mamba, group_size = mamba_gated_norm(WIDTH, 4)
     ada = pytest.importorskip("diffusers.models.normalization").AdaLayerNormZero(WIDTH)
-    originals = {"FusedAddRMSNorm": (_PreNormLayer(_AddNorm(LlamaRMSNorm(WIDTH, eps=1e-6))),
+    originals = {"FusedAddRMSNorm": (_PreNormLayer(AddNorm(LlamaRMSNorm(WIDTH, eps=1e-6))),
                                      lambda: nt.FusedAddRMSNorm(WIDTH, eps=1e-6)),
-                 "FusedAddLayerNorm": (_PreNormLayer(_AddNorm(nn.LayerNorm(WIDTH))),
+                 "FusedAddLayerNorm": (_PreNormLayer(AddNorm(nn.LayerNorm(WIDTH))),
                                        lambda: nt.FusedAddLayerNorm(WIDTH)),
                  "GatedRMSNorm": (_GatedLayer(mamba),
                                   lambda: nt.GatedRMSNorm(WIDTH, eps=1e-6, group_size=group_size,
@@ -83,7 +72,7 @@ def _layers():
                 p.uniform_(0.5, 1.5)
         layer = copy.deepcopy(original)
         layer.norm = make()
-        replaced = original.norm.norm if isinstance(original.norm, _AddNorm) else original.norm
+        replaced = original.norm.norm if isinstance(original.norm, AddNorm) else original.norm
         layer.norm.load_state_dict(replaced.state_dict())
         cases.append((name, layer, original))
     return cases
