@@ -40,7 +40,7 @@ from normlab.plan import make_plan
 from normlab.torch import casting as recipes
 from normlab.torch.compute import _dtypes_refused
 from normlab.torch.ops import _grads_of, _needs_torch_backward
-from normlab.torch.paths import _needs_torch_ops, _small_forward_fits
+from normlab.torch.paths import _exporting_to_onnx, _needs_torch_ops, _small_forward_fits
 from normlab.torch.spec import Unscriptable, parametrizations_computed, refuse_non_tensor
 
 __all__ = ["CASTINGS", "fused_normalize", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm"]
@@ -418,7 +418,7 @@ def _onnx_layer_norm(dtype: torch.dtype) -> bool:
     recipe computes in its own dtype) runs as torch's layer norm: under ONNX export, which
     writes that as ONNX's one ``LayerNormalization``, as it writes ``nn.LayerNorm`` and the
     code the blocks replace (the statistics' operations would each be an ONNX op)."""
-    return dtype in _KERNEL_DTYPES and torch.onnx.is_in_onnx_export()
+    return dtype in _KERNEL_DTYPES and _exporting_to_onnx()
 
 
 def _trailing_shape(view: Tensor, axes) -> Optional[tuple]:

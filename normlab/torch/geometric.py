@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from normlab.torch import geometric_script as script
 from normlab.torch.compute import _dtypes_refused, normalize
 from normlab.torch.masked import check_segment_ids, normalize_masked
-from normlab.torch.paths import _LOW_PRECISION
+from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx
 from normlab.torch.modules import BatchNorm1d
 
 __all__ = ["InstanceNorm", "LayerNorm", "GraphNorm", "BatchNorm"]
@@ -80,7 +80,7 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
     def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x, batch, batch_size)
-        if torch.onnx.is_in_onnx_export():  # PyG's definitions: ONNX has no normlab op (either exporter)
+        if _exporting_to_onnx():  # PyG's definitions: ONNX has no normlab op (either exporter)
             return self._script_forward(x, batch, batch_size)
         use_input_stats = self.training or not self.track_running_stats
         if batch is None:
@@ -169,7 +169,7 @@ class LayerNorm(nn.Module):
     def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x, batch, batch_size)
-        if torch.onnx.is_in_onnx_export():  # PyG's definitions: ONNX has no normlab op (either exporter)
+        if _exporting_to_onnx():  # PyG's definitions: ONNX has no normlab op (either exporter)
             return self._script_forward(x, batch, batch_size)
         if self.mode == "graph":
             if batch is None:
@@ -230,7 +230,7 @@ class GraphNorm(nn.Module):
     def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x, batch, batch_size)
-        if torch.onnx.is_in_onnx_export():  # PyG's definitions: ONNX has no normlab op (either exporter)
+        if _exporting_to_onnx():  # PyG's definitions: ONNX has no normlab op (either exporter)
             return self._script_forward(x, batch, batch_size)
         if batch is None:
             batch = x.new_zeros(x.size(0), dtype=torch.long)
