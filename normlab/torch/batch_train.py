@@ -288,9 +288,8 @@ class _TrainFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, bias = ctx.saved_tensors
-        bias = _saved_bias(ctx, bias)
         if _needs_torch_backward(grad_y):
-            grads = _differentiable_backward(ctx, grad_y, x, weight, bias)
+            grads = _differentiable_backward(ctx, grad_y, x, weight, _saved_bias(ctx, bias))
         else:
             grad_x, grad_weight, grad_bias = _run_backward(ctx.module, ctx.call, grad_y, x, weight, ctx.eps,
                                                            *ctx.stats)

@@ -95,10 +95,9 @@ def _normalize_setup_context(ctx, inputs, output):
 
 def _normalize_autograd(ctx, grad_y, _grad_mean, _grad_rstd, backward=_normalize_backward_op):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    bias = _saved_bias(ctx, bias)
     pattern, params, sizes, eps, rms = ctx.arguments
     if _needs_torch_backward(grad_y) and not torch.compiler.is_compiling():
-        return _differentiable_backward(ctx, grad_y, x, weight, bias)
+        return _differentiable_backward(ctx, grad_y, x, weight, _saved_bias(ctx, bias))
     grad_x, grad_w, grad_b = backward(grad_y, x, weight, mean, rstd, pattern, params, sizes, eps, rms,
                                       ctx.has_bias)
     return (grad_x, grad_w if weight is not None else None, grad_b if ctx.has_bias else None,

@@ -124,7 +124,6 @@ class _RowFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, bias = ctx.saved_tensors
-        bias = _saved_bias(ctx, bias)
         call, weight_table, mean, rstd, eps, weight_address = ctx.kernel_inputs
         if weight is not None and weight.data_ptr() != weight_address:
             # the saved weight is not the forward's memory, which the table may read: a copy
@@ -133,7 +132,7 @@ class _RowFunction(torch.autograd.Function):
             weight_table = call.forward.tables(weight.detach().numpy(), None)[0]
         if _needs_torch_backward(grad_y):  # create_graph=True, or batched gradients
             ctx.arguments = (*call.arguments[:3], eps, call.arguments[3])  # as _differentiable_backward reads them
-            return (*_differentiable_backward(ctx, grad_y, x, weight, bias)[:3], None, None, None)
+            return (*_differentiable_backward(ctx, grad_y, x, weight, _saved_bias(ctx, bias))[:3], None, None, None)
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         # x as saved_tensors gives it back: under saved-tensor hooks (activation offloading,
         # checkpointing) that is the hook's copy, and the forward's x may be freed or changed
