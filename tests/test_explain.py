@@ -247,3 +247,11 @@ def test_an_equal_pair_of_minus_zero_and_zero_is_named_as_drawn():
     view = explain_array(np.array([[-0.0, 0.0, 1.0]], np.float32), "layer")
     texts = [o.text for o in observations(view) if "share a group" in o.text]
     assert len(texts) == 1 and "-0 and 0 share a group" in texts[0]
+
+
+def test_a_large_mean_reads_as_the_input_value_it_equals_in_the_legend_and_on_the_page():
+    x = np.array([[1000001, 1000002, 1000003], [1, 2, 4]], np.float32)
+    view = explain_array(x, "layer")
+    assert re.search(r"A\s+sample 0\s+1000001 1000002 1000003\s+1000002\s+0\.8165\s", render(view, no_color=True))
+    norm = page.page_data([view], "layer")["norms"][0]
+    assert norm["meanText"] == ["1000002", "2.333"] and norm["stdText"] == ["0.8165", "1.247"]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from normlab.explain.model import NormView, format_output, format_value, observations
+from normlab.explain.model import NormView, format_output, format_stat, format_value, observations
 
 __all__ = ["build_page", "write_page", "page_data", "FILL_PALETTE"]
 
@@ -161,6 +161,8 @@ def page_data(views: list[NormView], selected: str) -> dict:
             "groupNames": [view.describe_group(g) for g in range(view.num_groups)],
             "mean": None if view.mean is None else [_finite(m) for m in view.mean],
             "std": [_finite(s) for s in view.std],
+            "meanText": None if view.mean is None else [format_stat(m) for m in view.mean],
+            "stdText": [format_stat(s) for s in view.std],
             "output": [_finite(v) for v in view.y.ravel()],
             "counted": None if view.counted is None else view.counted.ravel().tolist(),
             "segmented": view.segment_axis is not None,
@@ -365,7 +367,6 @@ PAGE_TEMPLATE = r"""<!doctype html>
   let pinned = null;   // the flat index clicked, or null
   let showing = "input";
 
-  const fmt = v => (typeof v === "number") ? (Math.abs(v) >= 1e4 || (v !== 0 && Math.abs(v) < 1e-3) ? v.toExponential(3) : String(+v.toFixed(4))) : String(v);
   const color = g => data.palette[g % data.palette.length];
   const esc = s => String(s).replace(/[&<>"]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
 
@@ -399,8 +400,8 @@ PAGE_TEMPLATE = r"""<!doctype html>
     const legend = document.getElementById("legend");
     legend.innerHTML = norm.groupNames.map((name, g) =>
       '<li data-group="' + g + '"><span class="swatch" style="background:' + color(g) + '"></span><span class="gname">' + esc(name) + '</span>' +
-      '<span class="stats mono">' + (norm.mean ? "μ " + fmt(norm.mean[g]) + " · " : "") +
-      (norm.rms ? "rms " : "σ ") + fmt(norm.std[g]) + "</span></li>").join("");
+      '<span class="stats mono">' + (norm.mean ? "μ " + norm.meanText[g] + " · " : "") +
+      (norm.rms ? "rms " : "σ ") + norm.stdText[g] + "</span></li>").join("");
     document.getElementById("observations").innerHTML = norm.observations.length ? norm.observations.map((o, k) =>
       '<li class="' + (o.holds ? "holds" : "fails") + '" data-claim="' + k + '">' + esc(o.text) + "</li>").join("") :
       '<li class="none">No equal values, means or mirror pairs in this grouping.</li>';
@@ -433,8 +434,8 @@ PAGE_TEMPLATE = r"""<!doctype html>
       rows.push(["position", "[" + cells[index].dataset.pos.split(",").join(", ") + "]"]);
       rows.push(["value", data.valueText[index]]);
     }
-    if (norm.mean) rows.push(["group mean", fmt(norm.mean[group])]);
-    rows.push([norm.rms ? "group rms" : "group std", fmt(norm.std[group])]);
+    if (norm.mean) rows.push(["group mean", norm.meanText[group]]);
+    rows.push([norm.rms ? "group rms" : "group std", norm.stdText[group]]);
     if (index !== null) rows.push(["output", norm.outputText[index]]);
     if (index !== null && norm.counted !== null)
       rows.push(["counted", norm.counted[index] ? "yes" : "no: masked out, normalized with the group's statistics"]);

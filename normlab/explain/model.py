@@ -27,7 +27,7 @@ from normlab.plan import Plan, make_plan
 
 __all__ = [
     "Preset", "PRESETS", "NormView", "Observation", "resolve", "presets_for_rank", "explain_array",
-    "observations", "format_value", "format_output", "AXIS_WORDS", "all_views", "parse_data", "parse_shape",
+    "observations", "format_value", "format_output", "format_stat", "AXIS_WORDS", "all_views", "parse_data", "parse_shape",
     "parse_sizes", "random_input", "default_groups",
 ]
 
@@ -253,6 +253,20 @@ def format_output(value) -> str:
     if not math.isfinite(value):
         return str(value)
     return f"{value:+.4f}"
+
+
+def format_stat(value) -> str:
+    """A group's mean or std: four significant digits, and every digit before the point, so
+    that a mean equal to an input value reads as that value (``1000002``, not ``1e+06``).
+
+    >>> format_stat(11 / 3), format_stat(1000002.0), format_stat(1000002.5), format_stat(2.333e-4)
+    ('3.667', '1000002', '1000002.5', '0.0002333')
+    """
+    value = float(value)
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    whole = math.floor(math.log10(abs(value))) + 1  # digits before the point
+    return f"{value:.{min(max(4, whole + 1), 9)}g}"  # nine digits tell float32 values apart
 
 
 @dataclass(frozen=True)

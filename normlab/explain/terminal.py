@@ -9,7 +9,7 @@ import string
 
 import numpy as np
 
-from normlab.explain.model import NormView, Observation, format_output, format_value, observations
+from normlab.explain.model import NormView, Observation, format_output, format_stat, format_value, observations
 
 __all__ = ["make_console", "group_label", "render_view", "render_observations", "tensor_lines"]
 
@@ -204,8 +204,8 @@ def legend_table(view: NormView):
         row = [Text(group_label(group, view.num_groups), style=group_style(group)),
                view.describe_group(group), Text(" ".join(values), style=group_style(group))]
         if not view.rms:
-            row.append(f"{view.mean[group]:.4g}")
-        row.append(f"{view.std[group]:.4g}")
+            row.append(format_stat(view.mean[group]))
+        row.append(format_stat(view.std[group]))
         table.add_row(*row)
     if view.num_groups > shown_groups:
         table.add_row("…", f"{view.num_groups - shown_groups} more groups", "")
