@@ -255,3 +255,10 @@ def test_a_large_mean_reads_as_the_input_value_it_equals_in_the_legend_and_on_th
     assert re.search(r"A\s+sample 0\s+1000001 1000002 1000003\s+1000002\s+0\.8165\s", render(view, no_color=True))
     norm = page.page_data([view], "layer")["norms"][0]
     assert norm["meanText"] == ["1000002", "2.333"] and norm["stdText"] == ["0.8165", "1.247"]
+
+
+def test_the_axes_of_an_ellipsis_are_named_by_the_input_axis_they_stand_for():
+    x = random_input((4, 2, 3), seed=0)
+    assert explain_array(x, "... [d]").describe_group(3) == "axis 0 at 1, axis 1 at 1"
+    assert explain_array(x, "(b g) ... [d]", {"g": 2}).describe_group(3) == "sample 0, group 1, axis 1 at 1"
+    assert all("..." not in o.text for o in observations(explain_array(x, "... [d]")))

@@ -23,6 +23,7 @@ import numpy as np
 
 from normlab.core import normalize_with_stats
 from normlab.errors import NormlabError, ShapeError
+from normlab.notation import ELLIPSIS, parse_pattern
 from normlab.plan import Plan, make_plan
 
 __all__ = [
@@ -118,10 +119,22 @@ class NormView:
         words = []
         for axis in kept:
             name = self.plan.axis_names[axis]
-            words.append(f"{AXIS_WORDS.get(name, name)} {coords[axis]}")
+            if name.startswith(ELLIPSIS):  # '...0' is no word: name the input axis it stands for
+                words.append(f"axis {self._input_axis(axis)} at {coords[axis]}")
+            else:
+                words.append(f"{AXIS_WORDS.get(name, name)} {coords[axis]}")
         if self.segment_axis is not None:
             words.append(f"segment {coords[self.segment_axis]}")
         return ", ".join(words)
+
+
+    def _input_axis(self, axis: int) -> int:
+        """The input axis of the expanded axis ``axis``, one that '...' stands for (it never
+        stands inside a composition, so each such axis is one input axis)."""
+        dims = parse_pattern(self.pattern).dims
+        before = next(k for k, dim in enumerate(dims) if dim.is_ellipsis)
+        first = sum(len(dim.factors) for dim in dims[:before])  # expanded axes before '...'
+        return before + axis - first
 
 
 def presets_for_rank(rank: int) -> list[str]:
