@@ -165,3 +165,18 @@ def test_a_parametrization_of_a_blocks_weight_runs_once_a_call_as_in_the_replace
         calls = [p.calls for p in norm.modules() if isinstance(p, _DropConnect)]
         results.append((outputs, [p.grad for p in model.parameters()], calls, torch.rand(2)))
     torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-4)  # (float32: rounded otherwise)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("index", range(2), ids=NAMES[:2])
+def test_the_sum_of_inputs_that_need_no_gradient_needs_none_beside_a_trained_weight(index, dtype):
+    """A layer whose input and residual stream need no gradient (frozen embeddings) while
+    its norm trains: ``x + residual`` needs none, as the composite's sum does, and reads
+    into NumPy; the output needs one, for the weight."""
+    name, layer, original = _layers()[index]
+    x, residual = (t.to(dtype) for t in _inputs(name))
+    y, total = layer.norm.to(dtype)(x, residual)
+    want_y, want_total = original.norm.to(dtype)(x, residual)
+    assert (total.requires_grad, total.grad_fn, y.requires_grad) == (False, None, True)
+    assert (want_total.requires_grad, want_y.requires_grad) == (False, True)
+    torch.testing.assert_close(total.numpy(), want_total.numpy(), rtol=0, atol=0)

@@ -122,6 +122,7 @@ class _FusedFunction(torch.autograd.Function):
                               _tensor(mean) if mean is not None else None)
         y = _tensor(y)
         if residual is not None:
+            _sum_needs_no_gradient(ctx, total)
             return y, total
         return y
 
@@ -140,6 +141,14 @@ class _FusedFunction(torch.autograd.Function):
         grad_x = _tensor(grads.x)
         return (grad_x, None if grad_total is None else grad_x, _tensor(grads.gate), _tensor(grads.weight),
                 _tensor(grads.bias) if has_bias else None, _tensor(grads.scale), _tensor(grads.shift), None)
+
+
+def _sum_needs_no_gradient(ctx, total: Tensor) -> None:
+    """Marks the returned ``x + residual`` as needing no gradient where neither x nor the
+    residual needs one, as torch's ``x + residual`` is then (an autograd.Function's outputs
+    otherwise all require one when any input does, the weight alone included)."""
+    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        ctx.mark_non_differentiable(total)
 
 
 def _backward_in_torch(grad_y, grad_total) -> bool:
@@ -591,7 +600,10 @@ class _CachedFusedFunction(torch.autograd.Function):
         ctx.addresses = _addresses(weight, bias, scale, shift)
         total = x if total is None else total
         ctx.save_for_backward(total, gate, weight, bias, scale, shift)  # (the sum: see _FusedFunction)
-        return (y, total) if residual is not None else y
+        if residual is None:
+            return y
+        _sum_needs_no_gradient(ctx, total)
+        return y, total
 
     @staticmethod
     def backward(ctx, grad_y, grad_total=None):
