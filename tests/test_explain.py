@@ -262,3 +262,17 @@ def test_the_axes_of_an_ellipsis_are_named_by_the_input_axis_they_stand_for():
     assert explain_array(x, "... [d]").describe_group(3) == "axis 0 at 1, axis 1 at 1"
     assert explain_array(x, "(b g) ... [d]", {"g": 2}).describe_group(3) == "sample 0, group 1, axis 1 at 1"
     assert all("..." not in o.text for o in observations(explain_array(x, "... [d]")))
+
+
+@pytest.mark.parametrize("x, width", [(NOTE_3D, 60), (random_input((3, 40), seed=0), 110)])
+def test_tensors_wider_than_the_terminal_go_one_under_another_with_rows_folded_between_elements(x, width):
+    view = explain_array(x, "batch")
+    buffer = io.StringIO()
+    render_view(make_console(file=buffer, width=width, no_color=True), view, legend=False, show_observations=False)
+    lines = buffer.getvalue().splitlines()[1:]  # below the heading
+    assert all(len(line) <= width for line in lines)
+    blocks = "\n".join(lines).split("\ngroup\n")
+    output_lines = blocks[1].split("normalized\n")[1].split("\n")
+    # each line holds whole elements: the output read back line by line is the library's, in order
+    read = [float(v) for line in output_lines for v in re.findall(r"[-+]?\d+\.\d+|\b0\b", line)]
+    np.testing.assert_array_equal(np.round(read, 4), np.round(view.y.ravel().astype(np.float64), 4))

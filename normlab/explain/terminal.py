@@ -53,28 +53,35 @@ def group_style(group: int) -> str:
     return f"bold {PALETTE[group % len(PALETTE)]}"
 
 
-def tensor_lines(shape: tuple[int, ...], cell) -> list:
-    """Lay out an array of ``shape`` as nested lists, NumPy style, one innermost row per line.
+def tensor_lines(shape: tuple[int, ...], cell, per_line: int | None = None) -> list:
+    """Lay out an array of ``shape`` as nested lists, NumPy style, one innermost row per line
+    (folded after every ``per_line`` elements, the rest indented under the row's first).
 
     ``cell(flat_index)`` returns the rich Text for one element (already padded).
 
     >>> from rich.text import Text
     >>> [line.plain for line in tensor_lines((2, 2), lambda i: Text(str(i)))]
     ['[[0, 1],', ' [2, 3]]']
+    >>> [line.plain for line in tensor_lines((1, 5), lambda i: Text(str(i)), per_line=2)]
+    ['[[0, 1,', '  2, 3,', '  4]]']
     """
     from rich.text import Text
 
     def block(prefix: tuple[int, ...]) -> list:
         depth = len(prefix)
         if depth == len(shape) - 1:
-            line = Text("[")
-            for k in range(shape[-1]):
-                flat = int(np.ravel_multi_index(prefix + (k,), shape))
-                line.append_text(cell(flat))
-                if k < shape[-1] - 1:
-                    line.append(", ")
-            line.append("]")
-            return [line]
+            count = shape[-1]
+            step = per_line or count
+            lines = []
+            for start in range(0, count, step):
+                line = Text("[" if start == 0 else " ")
+                for k in range(start, min(start + step, count)):
+                    line.append_text(cell(int(np.ravel_multi_index(prefix + (k,), shape))))
+                    if k < count - 1:
+                        line.append(", " if k < start + step - 1 else ",")
+                lines.append(line)
+            lines[-1].append("]")
+            return lines
         lines = []
         for i in range(shape[depth]):
             sub = block(prefix + (i,))
@@ -92,8 +99,14 @@ def tensor_lines(shape: tuple[int, ...], cell) -> list:
     return block(())
 
 
-def _column(view: NormView, texts: list[str]):
-    """One laid-out tensor whose element ``i`` reads ``texts[i]``, coloured by its group."""
+def _per_line(console, rank: int, cell_width: int) -> int:
+    """How many cells of ``cell_width`` fit on one line of the console, brackets and commas included."""
+    return max(1, (console.width - 2 * rank + 1) // (cell_width + 2))
+
+
+def _column(view: NormView, title: str, texts: list[str]):
+    """One tensor whose element ``i`` reads ``texts[i]``, coloured by its group, for
+    :func:`_print_tensors`: its title, its cells' width and how to lay it out."""
     from rich.text import Text
 
     counted = None if view.counted is None else view.counted.ravel()
@@ -105,8 +118,33 @@ def _column(view: NormView, texts: list[str]):
     def style(i):
         return "dim" if counted is not None and not counted[i] else group_style(groups[i])
 
-    lines = tensor_lines(view.x.shape, lambda i: Text(texts[i].rjust(width), style=style(i)))
-    return Text("\n").join(lines)
+    return title, width, lambda per_line: Text("\n").join(
+        tensor_lines(view.x.shape, lambda i: Text(texts[i].rjust(width), style=style(i)), per_line))
+
+
+def _print_tensors(console, rank: int, columns) -> None:
+    """Print laid-out tensors side by side under their titles, or, where the side by side
+    would not fit the console (its folded rows would no longer line up), one under another,
+    each folded to the console's width. ``columns``: ``(title, cell_width, lay_out)`` with
+    ``lay_out(per_line)`` the tensor's Text."""
+    from rich.table import Table
+
+    from rich.cells import cell_len
+
+    blocks = [lay_out(None) for _, _, lay_out in columns]
+    padding = 3
+    widest = [max(cell_len(line) for line in block.plain.split("\n")) for block in blocks]
+    if sum(widest) + padding * (len(blocks) - 1) <= console.width:
+        side = Table.grid(padding=(0, padding))
+        for _ in columns:
+            side.add_column()
+        side.add_row(*(f"[dim]{title}[/]" for title, _, _ in columns))
+        side.add_row(*blocks)
+        console.print(side)
+        return
+    for title, cell_width, lay_out in columns:
+        console.print(f"[dim]{title}[/]")
+        console.print(lay_out(_per_line(console, rank, cell_width)))
 
 
 def render_residual(console, x: np.ndarray, r: np.ndarray, origin: str | None = None) -> None:
@@ -129,27 +167,21 @@ def render_gate(console, source: np.ndarray, z: np.ndarray, h: np.ndarray, act: 
 
 
 def _side_by_side(console, columns) -> None:
-    from rich.table import Table
     from rich.text import Text
 
-    def column(values: np.ndarray):
+    def column(title: str, values: np.ndarray):
         texts = [format_value(v) for v in values.ravel()]
         width = max(len(t) for t in texts)
-        return Text("\n").join(tensor_lines(values.shape, lambda i: Text(texts[i].rjust(width))))
+        return title, width, lambda per_line: Text("\n").join(
+            tensor_lines(values.shape, lambda i: Text(texts[i].rjust(width)), per_line))
 
-    side = Table.grid(padding=(0, 3))
-    for _ in columns:
-        side.add_column()
-    side.add_row(*(f"[dim]{title}[/]" for title, _ in columns))
-    side.add_row(*(column(values) for _, values in columns))
-    console.print(side)
+    _print_tensors(console, columns[0][1].ndim, [column(title, values) for title, values in columns])
 
 
 def render_view(console, view: NormView, legend: bool = True, limit: int | None = None,
                 show_observations: bool = True, meaning: str | None = None) -> None:
     """Print one norm applied to one tensor: input | group | normalized, legend, observations."""
     from rich.markup import escape
-    from rich.table import Table
 
     groups = view.groups.ravel()
     n = view.num_groups
@@ -159,17 +191,11 @@ def render_view(console, view: NormView, legend: bool = True, limit: int | None 
                   + (f"  · {n} group{'s' * (n != 1)} of {size}" if view.segment_axis is None
                      else f"  · {n} groups (split by the segment ids)")
                   + (f" · [dim]{escape(meaning)}[/]" if meaning else f", each with its own {'rms' if view.rms else 'mean and std'}"))
-    side = Table.grid(padding=(0, 3))
-    side.add_column()
-    side.add_column()
-    side.add_column()
-    side.add_row("[dim]input[/]", "[dim]group[/]", "[dim]normalized[/]")
-    side.add_row(
-        _column(view, [format_value(v) for v in view.x.ravel()]),
-        _column(view, [group_label(g, n) for g in groups]),
-        _column(view, [format_output(v) for v in view.y.ravel()]),
-    )
-    console.print(side)
+    _print_tensors(console, view.x.ndim, [
+        _column(view, "input", [format_value(v) for v in view.x.ravel()]),
+        _column(view, "group", [group_label(g, n) for g in groups]),
+        _column(view, "normalized", [format_output(v) for v in view.y.ravel()]),
+    ])
     if view.counted is not None and view.counted.all():
         console.print(f"[dim]the mask counts every element ({view.counted.size} of {view.counted.size}): "
                       "the same as no mask[/]")
