@@ -236,6 +236,8 @@ def stats_in_shape(value, name: str, plan: Plan, shape: tuple, listed: tuple, li
     """``value`` as float64 statistics of ``shape``: that shape, ``listed`` (the same
     values without the size-1 axes, reshaped), or an array that broadcasts to it; any
     other shape is a ShapeError that names both and ``listed_text``, what ``listed`` is."""
+    if isinstance(value, np.ma.MaskedArray):
+        reject_masked(value, name, _describe(plan, plan.shape))
     array = as_array(value, name, plan.pattern, plan.shape, np.float64)
     if array.shape == shape:
         return array

@@ -204,8 +204,9 @@ def _modulation_plan(pattern, plan: Plan, modulation, sizes) -> Plan:
 
 
 def _modulation_array(value, name: str, mod_plan: Plan) -> np.ndarray:
-    from normlab.core import as_array, is_bfloat16
+    from normlab.core import as_array, is_bfloat16, reject_masked
 
+    reject_masked(value, name, f"pattern {mod_plan.pattern!r}, input shape {mod_plan.shape}")
     array = as_array(value, name, mod_plan.pattern, mod_plan.shape)
     if array.dtype.kind not in "fiub" and not is_bfloat16(array.dtype):
         raise ParamsError(f"pattern {mod_plan.pattern!r}, input shape {mod_plan.shape}: {name} has dtype "
@@ -474,6 +475,8 @@ def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5
     plan = inputs.plan
     eps = core._check_eps(eps, plan)
     rms = core._check_flag(rms, "rms", plan)
+    for name, value in (("grad_y", grad_y), ("grad_sum", grad_sum)):
+        core.reject_masked(value, name, f"pattern {pattern!r}, input shape {plan.shape}")
     grad_y = core.as_array(grad_y, "grad_y", pattern, plan.shape)
     if grad_sum is not None:
         grad_sum = core.as_array(grad_sum, "grad_sum", pattern, plan.shape)

@@ -141,6 +141,12 @@ def test_a_masked_input_is_refused_with_how_to_fix_it():
     lambda x: normlab.normalize_backward(x, x.data, "b [d]"),
     lambda x: normlab.normalize(x.data, "b [d]", weight=x[0], params="d"),
     lambda x: normlab.normalize(x.data, "b [d]", out=np.ma.masked_array(np.empty((3, 4)))),
+    lambda x: normlab.normalize(x.data, "b [d]", mean=x[:, :1], rstd=np.ones((3, 1))),
+    lambda x: normlab.normalize(x.data, "b [d]", residual=x.data, rms=True, rstd=x[:, :1]),
+    lambda x: normlab.normalize(x.data, "b [d]", scale=x[:, 0], modulation="b"),
+    lambda x: normlab.normalize(x.data, "b [d]", shift=x[:, 0], modulation="b"),
+    lambda x: normlab.normalize_backward(x, x.data, "b [d]", residual=x.data),
+    lambda x: normlab.normalize_backward(x.data, x.data, "b [d]", residual=x.data, grad_sum=x),
 ])
 def test_masked_arrays_are_refused_wherever_they_enter(call):
     x = np.ma.masked_array(np.arange(12.0).reshape(3, 4), mask=np.eye(3, 4, dtype=bool))
