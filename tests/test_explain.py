@@ -276,3 +276,11 @@ def test_tensors_wider_than_the_terminal_go_one_under_another_with_rows_folded_b
     # each line holds whole elements: the output read back line by line is the library's, in order
     read = [float(v) for line in output_lines for v in re.findall(r"[-+]?\d+\.\d+|\b0\b", line)]
     np.testing.assert_array_equal(np.round(read, 4), np.round(view.y.ravel().astype(np.float64), 4))
+
+
+@pytest.mark.parametrize("row, who", [([-0.0, 0.0, 0.0, 1.0], "-0, 0 and 0"), ([0.0, -0.0, 0.0, -0.0, 0.0, 1.0], "the five 0s and -0s"),
+                                      ([-0.0, -0.0, -0.0, 1.0], "the three -0s"), ([0.0, 0.0, 0.0, 1.0], "the three 0s")])
+def test_equal_zeros_drawn_as_minus_zero_and_zero_are_named_as_drawn(row, who):
+    view = explain_array(np.array([row], np.float32), "layer")
+    texts = [o.text for o in observations(view) if "share a group" in o.text]
+    assert texts == [f"sample 0: {who} share a group, so their outputs are equal" + texts[0].split("equal")[1]]

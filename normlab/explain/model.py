@@ -352,11 +352,14 @@ def observations(view: NormView) -> list[Observation]:
             same = np.flatnonzero(values == value)
             if len(same) < 2:
                 continue
-            shown = format_value(value)
-            if len(same) == 2:  # each as drawn: -0 equals 0
-                who = f"{format_value(values[same[0]])} and {format_value(values[same[1]])}"
+            drawn = [format_value(values[i]) for i in same]  # -0 equals 0 but is drawn apart
+            count = _COUNT_WORDS.get(len(same), len(same))
+            if len(same) == 2 or len(set(drawn)) > 1 and len(same) <= 4:  # each as drawn
+                who = ", ".join(drawn[:-1]) + " and " + drawn[-1]
+            elif len(set(drawn)) > 1:
+                who = f"the {count} 0s and -0s"
             else:
-                who = f"the {_COUNT_WORDS.get(len(same), len(same))} {shown}s"
+                who = f"the {count} {drawn[0]}s"
             spots = [_position(view, members[i]) for i in same[:4]]
             if len(same) > 4:
                 spots.append(f"{len(same) - 4} more")
