@@ -361,6 +361,27 @@ def test_norms_that_compute_something_else_are_left_alone_with_one_warning_namin
     assert type(model[2]) is nt.LayerNorm
 
 
+def test_a_norm_holding_its_own_parameters_beside_parts_that_are_no_norms_is_named_in_the_warning():
+    # README: "any layer named ...Norm... that normlab does not recognize is left alone; one
+    # warning per call lists them". PyG's HeteroBatchNorm holds its weight and running
+    # statistics beside an aggregation. Blocks named so whose parameters lie in their parts
+    # are not norms: diffusers' AdaLayerNormZero holds the nn.LayerNorm it calls (converted
+    # on its own), Wav2Vec2's NoLayerNormConvLayer a convolution alone
+    geometric = pytest.importorskip("torch_geometric.nn.norm")
+    diffusers = pytest.importorskip("diffusers.models.normalization")
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2NoLayerNormConvLayer
+
+    model = torch.nn.ModuleDict(dict(hetero=geometric.HeteroBatchNorm(8, 3), zero=diffusers.AdaLayerNormZero(16),
+                                     conv=Wav2Vec2NoLayerNormConvLayer(transformers.Wav2Vec2Config(), layer_id=1)))
+    with pytest.warns(UserWarning) as record:
+        nt.convert(model)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "left 1 norm layer(s) unconverted" in message and "HeteroBatchNorm (hetero)" in message
+    assert type(model["zero"].norm) is nt.LayerNorm
+
+
 def test_converting_a_converted_model_changes_nothing_and_warns_nothing():
     model = converted_copy(VitLike())
     modules = list(model.modules())

@@ -208,8 +208,7 @@ def _replacement(module: nn.Module, name: str, left_alone: dict, probed: dict) -
     cls = type(module)
     if any(c.__module__.startswith("normlab.") for c in cls.__mro__):
         return None
-    if "forward" in module.__dict__ and (isinstance(module, _NORM_BASES)
-                                        or (re.search(r"Norm(?!al)", cls.__name__) and not module._modules)):
+    if "forward" in module.__dict__ and (isinstance(module, _NORM_BASES) or _normalizes_itself(module)):
         # a twin would copy that forward and run the original's code: nothing converted
         left_alone.setdefault(_HOOKED, []).append(f"{name} ({cls.__name__})")
         return module
@@ -281,7 +280,25 @@ def _decision(module: nn.Module):
                 return twin, recipe
         if _is_channels_first_layer_norm(module):
             return ChannelsFirstLayerNorm, {}  # (no nn.LayerNorm, as the original is none)
-    return _LEFT_ALONE if re.search(r"Norm(?!al)", cls.__name__) and not list(module.children()) else None
+    return _LEFT_ALONE if _normalizes_itself(module) else None
+
+
+def _named_like_a_norm(module: nn.Module) -> bool:
+    return isinstance(module, _NORM_BASES) or re.search(r"Norm(?!al)", type(module).__name__) is not None
+
+
+def _normalizes_itself(module: nn.Module) -> bool:
+    """Whether a layer named like a norm computes a norm itself: it has no parts, or it holds
+    parameters or buffers of its own and none of its parts is named like a norm (PyG's
+    ``HeteroBatchNorm``, whose part is an aggregation). A block whose parameters all lie in
+    its parts (``AdaLayerNormZero``, Wav2Vec2's ``NoLayerNormConvLayer``, RoBERTa-PreLayerNorm's
+    layers) is looked into instead."""
+    if re.search(r"Norm(?!al)", type(module).__name__) is None:
+        return False
+    if next(module.children(), None) is None:
+        return True
+    return bool(module._parameters or module._buffers) and not any(
+        _named_like_a_norm(part) for part in module.modules() if part is not module)
 
 
 @_on_cpu
