@@ -145,6 +145,14 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.parametrize("args, quoted", [(["[b]", "f", "--data", "[[1, 2], [3, 4]]"], "'[b] f'"),
+                                          (["b", "t", "[d]", "--shape", "2,2,3"], "'b t [d]'")])
+def test_a_pattern_the_shell_split_at_its_spaces_is_refused_with_it_quoted(tmp_path, args, quoted):
+    result = normlab_cli("explain", *args, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"quote it, as in normlab explain {quoted} ..." in result.stderr
+
+
 @pytest.mark.parametrize("args", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
 def test_bad_input_gives_one_line_error_and_exit_code_2(tmp_path, args):
     result = normlab_cli(*args, cwd=tmp_path)

@@ -176,6 +176,7 @@ def _explain(args: argparse.Namespace) -> int:
     from normlab.explain.model import all_views, explain_array, parse_mask, parse_segments, parse_sizes
     from normlab.explain.terminal import make_console, render_view
 
+    _refuse_a_split_pattern(args)
     sizes = parse_sizes(args.sizes)
     x, origin = load_input(args)
     args.residual = args.residual or args.residual_data is not None
@@ -228,6 +229,18 @@ def _explain(args: argparse.Namespace) -> int:
     else:
         console.print("\n[dim]add --html explain.html to draw it, with batch, layer, instance, group and RMS norm side by side[/]")
     return 0
+
+
+def _refuse_a_split_pattern(args: argparse.Namespace) -> None:
+    """An unquoted pattern reaches us split at its spaces (``[b] f`` as PATTERN '[b]' and a
+    size 'f'): say to quote it, spelled out, rather than that 'f' is no name=size."""
+    import shlex
+
+    loose = [item for item in args.sizes if "=" not in item]
+    pattern = " ".join([args.pattern, *loose])
+    if loose and "[" in pattern:
+        raise NormlabError(f"{loose[0]!r} is not name=size: the shell split the pattern at its spaces; quote it, "
+                           f"as in normlab explain {shlex.quote(pattern)} ...")
 
 
 def _fused_stages(args: argparse.Namespace, view, shape, sizes):
