@@ -720,3 +720,19 @@ def test_fused_normalize_with_a_weight_repeated_inside_each_row_is_torch_group_n
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
     torch.testing.assert_close(got, want, **tolerance)
     torch.testing.assert_close(_grads(got, (x, r, w, b)), _grads(want, (x, r, w, b)), **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_normalize_in_half_precision_with_a_weight_over_part_of_the_reduced_axes_is_its_definition(dtype):
+    # "b [t d]" weighted per "d": torch's layer norm takes a weight of the whole reduced shape
+    # (t, d) only, so this block normalizes first and weighs after ("shape '[3, 4]' is invalid")
+    from normlab.torch.fused import Block, fused_normalize
+
+    block = Block("b [t d]", params="d")
+    x, r, w, b = _leaves((2, 3, 4), (2, 3, 4), (4,), (4,), dtype=dtype)
+    got, total = fused_normalize(x, block, residual=r, weight=w, bias=b)
+    exact = F.layer_norm((x + r).double(), (3, 4)) * w.double() + b.double()
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), exact, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(_grads([got], (x, r, w, b)), _grads([exact], (x, r, w, b)), rtol=2e-2, atol=2e-2,
+                               check_dtype=False)

@@ -24,7 +24,6 @@ recipes coincide: the math runs in float64 and rounds once.
 
 from __future__ import annotations
 
-import math
 import operator
 import warnings
 from dataclasses import dataclass, replace
@@ -413,13 +412,14 @@ def _normalized(view: Tensor, axes, trailing, block: Block, dtype: torch.dtype, 
 
 
 def _params_span(layout: _View, trailing: tuple, weight, bias) -> bool:
-    """Whether the weight and bias span the trailing reduced axes alone, as nn.LayerNorm's
-    do, so that torch's layer norm takes them (the plan-free views' parameters always do;
-    a group norm's per-channel ones, over a kept axis too, do not)."""
+    """Whether the weight and bias span the trailing reduced axes, all of them and nothing
+    else, as nn.LayerNorm's do, so that torch's layer norm takes them (the plan-free views'
+    parameters always do; a group norm's per-channel ones, over a kept axis too, do not, nor
+    does a weight over "d" alone in "b [t d]")."""
     if layout.plan is None or (weight is None and bias is None):
         return True
     shape = layout.plan.param_broadcast_shape
-    return math.prod(shape[:len(shape) - len(trailing)]) == 1
+    return tuple(shape) == (1,) * (len(shape) - len(trailing)) + tuple(trailing)
 
 
 def _onnx_layer_norm(dtype: torch.dtype) -> bool:
