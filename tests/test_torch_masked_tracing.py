@@ -7,6 +7,7 @@ none) rather than ignore it. The eager masked results are themselves checked aga
 on unpadded data in test_torch_masked_padding.py."""
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -66,6 +67,33 @@ def test_export_traces_a_masked_training_step_with_dynamic_batch_and_width(name)
         for key, value in model.state_dict().items():
             torch.testing.assert_close(exported.state_dict()[key], value, msg=key)
 
+
+
+class _SegmentedMasked(torch.nn.Module):
+    def forward(self, x, mask, ids):
+        from normlab.torch.masked import normalize_masked
+
+        return normalize_masked(x, "b c [t]", mask=mask, segment_ids=ids, num_segments=2).y
+
+
+def test_export_refuses_a_mask_or_ids_that_do_not_fit_while_tracing_in_eagers_words():
+    """The op's fake kernel took any mask and ids: torch.export recorded a mask of shape
+    (3, 7, 1) for input (3, 4, 7), or 5 ids for 7 positions, and the program failed on its
+    first run with a ShapeError that ``except RuntimeError`` missed (eager raises one it catches)."""
+    x, mask, ids = torch.randn(3, 4, 7), torch.ones(3, 1, 7, dtype=torch.bool), torch.zeros(7, dtype=torch.long)
+    for inputs in ((x, torch.ones(3, 7, 1, dtype=torch.bool), ids), (x, mask, torch.zeros(5, dtype=torch.long))):
+        with pytest.raises(RuntimeError) as eager:
+            _SegmentedMasked()(*inputs)
+        with pytest.raises(RuntimeError, match=re.escape(str(eager.value))):
+            torch.export.export(_SegmentedMasked(), inputs)
+    # ids beyond num_segments: only the values tell, so the compiled graph's run refuses, as eager does
+    beyond = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    with pytest.raises(RuntimeError) as eager:
+        _SegmentedMasked()(x, mask, beyond)
+    compiled = torch.compile(_SegmentedMasked(), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, mask, ids), _SegmentedMasked()(x, mask, ids))
+    with pytest.raises(RuntimeError, match=re.escape(str(eager.value))):
+        compiled(x, mask, beyond)
 
 
 class _Speech(torch.nn.Module):

@@ -77,14 +77,32 @@ def _numpy(t: Optional[Tensor]):
     return None if t is None else t.detach().contiguous().numpy()
 
 
-def _hinted_plan(pattern, shape, params, sizes):
-    """The plan of an input of ``shape``, which may hold symbolic sizes (``torch.export``
-    with dynamic shapes): planned on their hints, without the guards that ``int()`` would
-    add, so the exported graph stays dynamic."""
+def _hints(shape) -> tuple[int, ...]:
+    """``shape``, which may hold symbolic sizes (``torch.export`` with dynamic shapes), as
+    their hints, without the guards that ``int()`` would add, so the graph stays dynamic."""
     from torch.fx.experimental.symbolic_shapes import optimization_hint
 
-    hints = tuple(size if isinstance(size, int) else optimization_hint(size) for size in shape)
-    return make_plan(pattern, hints, params, sizes=_sizes_dict(sizes))
+    return tuple(size if isinstance(size, int) else optimization_hint(size) for size in shape)
+
+
+def _hinted_plan(pattern, shape, params, sizes):
+    """The plan of an input of ``shape`` (maybe symbolic), planned on its hints."""
+    return make_plan(pattern, _hints(shape), params, sizes=_sizes_dict(sizes))
+
+
+def _refuse_misfits(x, mask, segment_ids, pattern, params, sizes, num_segments, segment_axis) -> None:
+    """Refuse a mask or ids that do not fit ``x`` from their shapes alone, in eager's words
+    (``make_grouping``'s, on stand-ins of the same shapes): the fake kernel's check, so that
+    ``torch.export`` and ``torch.compile`` refuse them while tracing, not the program's run."""
+    plan = _hinted_plan(pattern, x.shape, params, sizes)
+    stand_ins = {"mask": None if mask is None else np.broadcast_to(np.True_, _hints(mask.shape))}
+    if segment_ids is not None:
+        stand_ins.update(segment_ids=np.zeros(_hints(segment_ids.shape), np.int64), segment_axis=segment_axis,
+                         num_segments=None if num_segments < 0 else num_segments)
+    try:
+        make_grouping(plan, **stand_ins)
+    except (ShapeError, ParamsError) as error:
+        raise _torch_error(error) from None
 
 
 def _symbolic_axis_sizes(plan, pattern, shape) -> list:
@@ -126,11 +144,14 @@ def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], m
                   segment_ids: Optional[Tensor], pattern: str, params: Optional[str], sizes: str, eps: float,
                   rms: bool, num_segments: int, segment_axis: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean, rstd, count)``: statistics float64 (mean 0 for RMS), count int64."""
-    y, stats = core.normalize_with_stats(
-        _numpy(x), pattern, weight=_numpy(weight), bias=_numpy(bias), params=params, eps=eps, rms=rms,
-        **_grouping_kwargs(mask, segment_ids,
-                           num_segments, segment_axis),
-        sizes=_sizes_dict(sizes))
+    try:
+        y, stats = core.normalize_with_stats(
+            _numpy(x), pattern, weight=_numpy(weight), bias=_numpy(bias), params=params, eps=eps, rms=rms,
+            **_grouping_kwargs(mask, segment_ids,
+                               num_segments, segment_axis),
+            sizes=_sizes_dict(sizes))
+    except (ShapeError, ParamsError) as error:  # (raised in a compiled or exported graph too: torch's type)
+        raise _torch_error(error) from None
     mean = np.zeros(stats.rstd.shape) if stats.mean is None else stats.mean
     return (torch.from_numpy(np.ascontiguousarray(y)), torch.from_numpy(np.ascontiguousarray(mean)),
             torch.from_numpy(np.ascontiguousarray(stats.rstd)),
@@ -142,6 +163,7 @@ _forward_op = torch.library.custom_op("normlab::normalize_masked", mutates_args=
 
 @_forward_op.register_fake
 def _forward_fake(x, weight, bias, mask, segment_ids, pattern, params, sizes, eps, rms, num_segments, segment_axis):
+    _refuse_misfits(x, mask, segment_ids, pattern, params, sizes, num_segments, segment_axis)
     shape = _stats_shape(pattern, x.shape, params, sizes, num_segments, segment_axis, segment_ids is not None)
     return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(shape, dtype=torch.float64),
             x.new_empty(shape, dtype=torch.float64), x.new_empty(shape, dtype=torch.int64))
