@@ -54,6 +54,15 @@ def test_modulation_over_an_unknown_axis_says_which_axes_exist(explain):
     assert result.returncode == 2 and "'q'" in result.stderr and "b, t, d" in result.stderr
 
 
+
+def test_modulation_on_the_group_preset_takes_the_g_the_preset_picked_and_errors_speak_of_modulation(explain):
+    result = explain("group", "--shape", "2,4,3", "--modulation", "b c")  # g=2 picked by the preset
+    assert result.returncode == 0 and "scale and shift per (b, c)" in result.stdout
+    result = explain("group", "--shape", "2,4,3", "--modulation", "b q")
+    assert result.returncode == 2 and "modulation 'b q' names axis 'q'" in result.stderr
+    assert "params" not in result.stderr
+
+
 def _float64_norm(s, axes, rms=False, eps=1e-5):
     """The definition in float64: (s - mean) / sqrt(var + eps) over ``axes`` (rms: s / sqrt(mean(s²) + eps))."""
     s = np.asarray(s, dtype=np.float64)

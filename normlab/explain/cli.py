@@ -197,7 +197,7 @@ def _explain(args: argparse.Namespace) -> int:
     mask = None if args.mask is None else parse_mask(args.mask)
     segments = None if args.segments is None else parse_segments(args.segments)
     view = explain_array(data, args.pattern, sizes, rms=args.rms, mask=mask, segments=segments)
-    block = _fused_stages(args, view, x.shape, sizes)
+    block = _fused_stages(args, view)
     page = None
     if args.html:  # written first, so that a bad path fails before anything is printed
         from normlab.explain.pipeline import pipeline_svg
@@ -243,7 +243,7 @@ def _refuse_a_split_pattern(args: argparse.Namespace) -> None:
                            f"as in normlab explain {shlex.quote(pattern)} ...")
 
 
-def _fused_stages(args: argparse.Namespace, view, shape, sizes):
+def _fused_stages(args: argparse.Namespace, view):
     """The fused block's stages when an option asks for one (else an empty tuple)."""
     from normlab.explain.pipeline import stages
 
@@ -255,9 +255,11 @@ def _fused_stages(args: argparse.Namespace, view, shape, sizes):
     if args.gate_first and not args.gate:
         raise NormlabError("--gate-first needs --gate ACT (silu, sigmoid or gelu)")
     if args.modulation:
-        from normlab.plan import make_plan
+        from normlab.fused import _modulation_plan
 
-        make_plan(view.pattern, shape, args.modulation, sizes=sizes)  # names the axes, or says why not
+        # with the view's sizes (the group preset's own g among them); names the axes, or says
+        # why not in normalize(modulation=)'s words
+        _modulation_plan(view.pattern, view.plan, args.modulation, view.sizes)
     return stages(view.pattern, rms=view.rms, residual=args.residual, gate=args.gate,
                   norm_before_gate=not args.gate_first, weight_offset=args.weight_offset,
                   modulation=args.modulation)
