@@ -227,8 +227,9 @@ def prepare(x, pattern, weight, bias, params, sizes, residual=None, gate=None, g
 
     prepared = core.prepare(x, pattern, weight, bias, params, sizes)
     plan = prepared.plan
-    if gate is not None and gate_activation not in GATE_ACTIVATIONS:
-        raise InputError(f"gate_activation must be one of {', '.join(GATE_ACTIVATIONS)}, got {gate_activation!r}")
+    if gate_activation not in GATE_ACTIVATIONS:  # (without a gate too, as norm_before_gate: a typo says so)
+        raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: gate_activation must be one of "
+                         f"{', '.join(GATE_ACTIVATIONS)}, got {gate_activation!r}")
     offset = _weight_offset(weight_offset, pattern, plan)
     if offset != 0.0 and weight is None:
         raise ParamsError(f"pattern {pattern!r}, input shape {plan.shape}: weight_offset={offset} shifts a "

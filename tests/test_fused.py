@@ -233,7 +233,8 @@ def test_fused_normalize_leaves_its_inputs_unmodified(backend):
 
 @pytest.mark.parametrize("kwargs, kind, words", [
     (dict(gate=np.ones((2, 3))), "ShapeError", ["'b t [d]'", "(2, 4, 5)", "gate", "(2, 3)"]),
-    (dict(gate=np.ones((2, 4, 5)), gate_activation="relu"), "InputError", ["silu", "'relu'"]),
+    (dict(gate=np.ones((2, 4, 5)), gate_activation="relu"), "InputError", ["silu", "'relu'", "'b t [d]'", "(2, 4, 5)"]),
+    (dict(residual=np.ones((2, 4, 5)), gate_activation="relu"), "InputError", ["silu", "'relu'", "'b t [d]'"]),
     (dict(scale=np.ones((2, 5))), "ParamsError", ["modulation", "'b t [d]'"]),
     (dict(scale=np.ones((2, 4)), modulation="b d"), "ParamsError", ["modulation='b d'", "(2, 5)", "(2, 4)"]),
     (dict(weight_offset=1.0), "ParamsError", ["weight_offset", "weight="]),
