@@ -397,6 +397,22 @@ def _momentum_none_under_torch_compile_keeps_batch_norms_running_statistics(rank
         torch.testing.assert_close(sync.state_dict()[name], value, **FLOAT64_TOLERANCE, msg=lambda m: f"{name}: {m}")
 
 
+def _a_transposed_input_gives_torch_nns_layout(rank: int):
+    """(N, L, C) features transposed into BatchNorm1d, as sequence models feed it, with and
+    without a mask: torch.nn's contiguous output (its .view works) and values; channels_last
+    stays channels_last, as there."""
+    x, _, mask, mine = _three_rank_batch(rank, 7)
+    reference = _reference_batch_norm()
+    sync = nt.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(reference))
+    sequence = x[:, :, 0].transpose(1, 2).contiguous().transpose(1, 2)  # (N, C, L) with C innermost
+    expected = torch.nn.functional.batch_norm(sequence, None, None, reference.weight, reference.bias, training=True)
+    for y in (sync(sequence[mine]), sync(sequence[mine], mask=torch.ones_like(mask[mine, :, 0]))):
+        assert y.stride() == expected[mine].stride()
+        torch.testing.assert_close(y.view(len(y), -1), expected[mine].reshape(len(y), -1), **FLOAT64_TOLERANCE)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    assert sync(channels_last[mine]).is_contiguous(memory_format=torch.channels_last)
+
+
 def _three_rank_checks(rank: int, port: int, checks):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
     try:
@@ -406,12 +422,13 @@ def _three_rank_checks(rank: int, port: int, checks):
         dist.destroy_process_group()
 
 
-def test_sync_batch_norm_over_three_gloo_ranks_follows_batch_norm_in_second_derivatives_subgroups_errors_and_precision():
+def test_sync_batch_norm_over_three_gloo_ranks_follows_batch_norm_in_second_derivatives_subgroups_errors_precision_and_layout():
     checks = (_second_derivatives_are_the_concatenated_batchs,
               _a_rank_outside_the_process_group_normalizes_its_own_batch,
               _one_value_over_all_ranks_is_refused_on_every_rank,
               _a_wrong_channel_count_raises_torchs_error_and_leaves_the_running_statistics,
               _a_dtype_mix_torch_refuses_raises_its_error_on_every_rank,
               _float32_far_from_zero_stays_within_1e_4_of_float64,
-              _momentum_none_under_torch_compile_keeps_batch_norms_running_statistics)
+              _momentum_none_under_torch_compile_keeps_batch_norms_running_statistics,
+              _a_transposed_input_gives_torch_nns_layout)
     mp.spawn(_three_rank_checks, args=(_free_port(), checks), nprocs=3, join=True)

@@ -15,7 +15,7 @@ from normlab.torch.masked_modules import _check_mask, masked_forward
 from normlab.torch.modules import _BatchNormForward, _fx_call_module
 from normlab.torch.ops import _grads_of
 from normlab.torch.paths import _LOW_PRECISION, _choose_path
-from normlab.torch.spec import parametrizations_computed
+from normlab.torch.spec import parametrizations_computed, torch_layout
 
 
 def _merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -328,6 +328,9 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
     # third step on (in torch alone, buf.mul_(1 - f).add_(mean, alpha=f) swaps the weights there)
     @torch.compiler.disable
     def _synced_forward(self, input: Tensor, mask: Optional[Tensor], world_size: int) -> Tensor:
+        # torch.nn's output layout (its SyncBatchNorm copies the input too): the elementwise
+        # math below would keep a transposed input's strides, where torch.nn's .view works
+        input = torch_layout(input, keeps_channels_last=True)
         factor = _average_factor(self)
         group = self.process_group or torch.distributed.group.WORLD
         if mask is None:
