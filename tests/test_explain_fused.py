@@ -177,6 +177,12 @@ def test_gate_data_without_a_gate_says_to_name_the_activation(explain):
     assert result.returncode == 2 and "--gate ACT" in result.stderr
 
 
+@pytest.mark.parametrize("z, message", [("[[1, 2], [3]]", "rectangular"), ("[[1, 2, 3, 4]]", "does not broadcast")])
+def test_gate_data_for_a_gate_after_the_norm_is_read_and_refused_when_it_is_no_gate(explain, z, message):
+    result = explain("b [d]", "--data", json.dumps(X), "--gate", "silu", "--gate-data", z)
+    assert result.returncode == 2 and "--gate-data" in result.stderr and message in result.stderr
+
+
 def test_gate_data_that_does_not_broadcast_names_both_shapes(explain):
     result = explain("b [d]", "--data", json.dumps(X), "--gate", "silu", "--gate-first", "--gate-data", "[1, 2]")
     assert result.returncode == 2 and "--gate-data" in result.stderr and "(2, 3)" in result.stderr

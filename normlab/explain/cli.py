@@ -189,6 +189,8 @@ def _explain(args: argparse.Namespace) -> int:
     # a gate before the statistics: they, the output and the page are of h = s · φ(z), in
     # float64 as the block computes it
     gate, gate_origin = load_gate(args, x.shape) if args.gate and args.gate_first else (None, None)
+    if gate is None and args.gate_data is not None:  # a gate after the norm draws no z, but z must still be one
+        load_gate(args, x.shape)
     source, gated = data, "s" if residual is not None else "x"  # what the gate multiplies
     if gate is not None:
         from normlab.fused import activation
