@@ -180,3 +180,27 @@ def test_the_sum_of_inputs_that_need_no_gradient_needs_none_beside_a_trained_wei
     assert (total.requires_grad, total.grad_fn, y.requires_grad) == (False, None, True)
     assert (want_total.requires_grad, want_y.requires_grad) == (False, True)
     torch.testing.assert_close(total.numpy(), want_total.numpy(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name, made_in_inference_mode", [
+    ("FusedAddRMSNorm", "input"), ("GatedRMSNorm", "input"), ("GatedRMSNorm", "gate"),
+    ("GatedRMSNorm", "input_and_gate"), ("AdaLayerNorm", "input")])
+def test_inputs_made_in_inference_mode_train_the_norm_as_the_replaced_class_does(name, made_in_inference_mode):
+    """Activations cached under torch.inference_mode() fed to a norm that trains: the kernels'
+    backward would save them, which autograd refuses; the replaced classes save only what
+    their operations make of them. (nn.LayerNorm itself refuses such an input.)"""
+    _, layer, original = _layers()[NAMES.index(name)]
+    x, other = _inputs(name)
+    with torch.inference_mode():
+        cached_x, cached_other = x.clone(), other.clone()
+    x = cached_x if "input" in made_in_inference_mode else layer.proj(x)
+    other = cached_other if "gate" in made_in_inference_mode else other
+    gradients = []
+    for norm in (layer.norm, original.norm.norm if name == "FusedAddRMSNorm" else original.norm):
+        if name == "AdaLayerNorm":
+            y = norm(x, emb=other)[0]
+        else:
+            y = norm(x) if name == "FusedAddRMSNorm" else norm(x, other)
+        loss = (y * torch.linspace(-1, 1, WIDTH)).square().sum()
+        gradients.append(torch.autograd.grad(loss, list(norm.parameters())))
+    torch.testing.assert_close(gradients[0], gradients[1])

@@ -457,10 +457,12 @@ def fused_normalize(x: Tensor, block: Block, *, residual=None, gate=None, weight
     ([0.8485, 1.1314], [[3.0, 4.0]])
     """
     tensors = (x, residual, gate, weight, bias, scale, shift)
-    if (residual is not None and not torch.compiler.is_compiling()  # (Dynamo cannot trace is_inference)
-            and (x.is_inference() or residual.is_inference()) and _records_autograd(tensors)):
-        # a sum of inference tensors made in inference_mode, which autograd cannot save: the
-        # composite saves only the sum, a normal tensor, as norm(x + residual) does
+    if (not torch.compiler.is_compiling() and _records_autograd(tensors)  # (Dynamo cannot trace is_inference)
+            and any(t is not None and t.is_inference() for t in tensors)):
+        # a tensor made in inference_mode, which autograd cannot save where the kernels' backward
+        # would (x + residual, or x alone, the gate, the parameters): the composite saves what its
+        # operations make of it, normal tensors, as the code the block replaces does
+        # (norm(x + residual), x * silu(gate), diffusers' norm(x) * (1 + scale) + shift)
         return _composite(*tensors, block)
     if _use_kernels(*tensors):
         call = _cached_call(block, tensors)
