@@ -204,3 +204,29 @@ def test_hovering_a_masked_out_cell_says_it_is_not_counted(browser, tmp_path):
     assert "counted\nyes" in browser.find_element("id", "info").text
     assert "9 of 12 counted" in browser.find_element("id", "mask-note").text
     assert severe_errors(browser) == []
+
+
+def test_the_keyboard_lights_up_a_cells_group_pins_it_and_reaches_the_legend_and_the_claims(browser, pages):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    x, views = open_page(browser, pages, "2d")
+    active = lambda: browser.execute_script("return document.activeElement.dataset.index ?? null")  # noqa: E731
+    for _ in range(20):  # past the norm and input/normalized buttons to the first cell
+        if active() is not None:
+            break
+        ActionChains(browser).send_keys(Keys.TAB).perform()
+    assert active() == "0" and highlighted(browser) == group_of(views[0], 0)
+    ActionChains(browser).send_keys(Keys.ENTER).perform()
+    assert "pinned" in browser.find_element("id", "info").text.lower()
+    ActionChains(browser).send_keys(Keys.ENTER).perform()  # released
+    browser.execute_script("document.querySelector('#legend li[data-group=\"2\"]').focus()")
+    assert highlighted(browser) == group_of(views[0], 2)  # feature 2's column
+    claims = browser.find_elements(By.CSS_SELECTOR, "#observations li[data-claim]")
+    assert all(c.get_attribute("tabindex") == "0" for c in claims)
+    k = next(i for i, c in enumerate(claims) if c.text.startswith("feature 1: 3 and 3"))
+    browser.execute_script("arguments[0].focus()", claims[k])
+    assert highlighted(browser) == {1, 4}
+    browser.execute_script("document.activeElement.blur()")
+    assert highlighted(browser) == set() and severe_errors(browser) == []

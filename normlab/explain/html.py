@@ -399,11 +399,11 @@ PAGE_TEMPLATE = r"""<!doctype html>
       (norm.rms ? "root mean square (RMS norm has no mean)." : "mean and one std.");
     const legend = document.getElementById("legend");
     legend.innerHTML = norm.groupNames.map((name, g) =>
-      '<li data-group="' + g + '"><span class="swatch" style="background:' + color(g) + '"></span><span class="gname">' + esc(name) + '</span>' +
+      '<li data-group="' + g + '" tabindex="0"><span class="swatch" style="background:' + color(g) + '"></span><span class="gname">' + esc(name) + '</span>' +
       '<span class="stats mono">' + (norm.mean ? "μ " + norm.meanText[g] + " · " : "") +
       (norm.rms ? "rms " : "σ ") + norm.stdText[g] + "</span></li>").join("");
     document.getElementById("observations").innerHTML = norm.observations.length ? norm.observations.map((o, k) =>
-      '<li class="' + (o.holds ? "holds" : "fails") + '" data-claim="' + k + '">' + esc(o.text) + "</li>").join("") :
+      '<li class="' + (o.holds ? "holds" : "fails") + '" data-claim="' + k + '" tabindex="0">' + esc(o.text) + "</li>").join("") :
       '<li class="none">No equal values, means or mirror pairs in this grouping.</li>';
   }
 
@@ -441,7 +441,7 @@ PAGE_TEMPLATE = r"""<!doctype html>
       rows.push(["counted", norm.counted[index] ? "yes" : "no: masked out, normalized with the group's statistics"]);
     rows.push(["shares with", (count - 1) + (count === 2 ? " other cell" : " other cells")]);
     document.getElementById("info").innerHTML =
-      '<h2>' + (index !== null ? "Cell" : "Group") + (pinned !== null ? " · pinned (click again to release)" : "") + '</h2>' +
+      '<h2>' + (index !== null ? "Cell" : "Group") + (pinned !== null ? " · pinned (click it or press Enter again to release)" : "") + '</h2>' +
       '<div class="groupname"><span class="swatch" style="background:' + color(group) + '"></span>' + esc(norm.groupNames[group]) + '</div>' +
       "<dl>" + rows.map(r => "<dt>" + esc(r[0]) + "</dt><dd>" + esc(r[1]) + "</dd>").join("") + "</dl>";
   }
@@ -450,20 +450,31 @@ PAGE_TEMPLATE = r"""<!doctype html>
     const i = +cell.dataset.index;
     cell.addEventListener("mouseenter", () => { if (pinned === null) highlight(i); });
     cell.addEventListener("focus", () => { if (pinned === null) highlight(i); });
-    cell.addEventListener("click", () => {
+    const pin = () => {
       pinned = (pinned === i) ? null : i;
       highlight(i);
-    });
+    };
+    cell.addEventListener("click", pin);
+    // the keyboard pins as a click does: Tab to a cell, Enter or Space
+    cell.addEventListener("keydown", e => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); pin(); } });
   });
   cellsGroup.addEventListener("mouseleave", () => { if (pinned === null) clear(); });
-  document.getElementById("legend").addEventListener("mouseover", e => {
+  cellsGroup.addEventListener("focusout", e => {
+    if (pinned === null && !(e.relatedTarget && cellsGroup.contains(e.relatedTarget))) clear();
+  });
+  // legend rows and claims light up their cells on hover and on keyboard focus alike
+  const legendList = document.getElementById("legend");
+  const showGroup = e => {
     const li = e.target.closest("li");
     if (li && pinned === null) highlight(null, +li.dataset.group);
-  });
-  document.getElementById("legend").addEventListener("mouseleave", () => { if (pinned === null) clear(); });
+  };
+  legendList.addEventListener("mouseover", showGroup);
+  legendList.addEventListener("focusin", showGroup);
+  legendList.addEventListener("mouseleave", () => { if (pinned === null) clear(); });
+  legendList.addEventListener("focusout", () => { if (pinned === null) clear(); });
   // hovering a claim lights up the cells it is about
   const claims = document.getElementById("observations");
-  claims.addEventListener("mouseover", e => {
+  const showClaim = e => {
     const li = e.target.closest("li[data-claim]");
     if (!li || pinned !== null) return;
     const about = new Set(norm.observations[+li.dataset.claim].indices);
@@ -474,8 +485,11 @@ PAGE_TEMPLATE = r"""<!doctype html>
       cell.classList.toggle("dim", !about.has(i));
       cell.classList.remove("current");
     });
-  });
+  };
+  claims.addEventListener("mouseover", showClaim);
+  claims.addEventListener("focusin", showClaim);
   claims.addEventListener("mouseleave", () => { if (pinned === null) clear(); });
+  claims.addEventListener("focusout", () => { if (pinned === null) clear(); });
   document.querySelectorAll("button.norm").forEach(button => button.addEventListener("click", () => {
     norm = data.norms.find(n => n.key === button.dataset.norm);
     paint();
