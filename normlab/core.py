@@ -70,6 +70,14 @@ def is_float(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or is_bfloat16(dtype)
 
 
+def gradient_dtype(param, dtype: np.dtype) -> np.dtype:
+    """The dtype of a parameter's gradient: the parameter's own, where it is a float array,
+    else ``dtype`` (the result's: a list takes the input's dtype, as in the forward)."""
+    if isinstance(param, (np.ndarray, np.generic)) and is_float(param.dtype):
+        return param.dtype
+    return dtype
+
+
 def computable(array: np.ndarray) -> np.ndarray:
     """``array`` as the engine reads it: in the machine's byte order (:func:`native`), and
     bfloat16 as float32, which holds each of its values exactly (NumPy has no bfloat16
@@ -612,7 +620,7 @@ def _finish_backward(prepared: Prepared, grad_x, grad_w, grad_b, weight):
     """Cast the gradients to their dtypes and lay them out as x and the parameters."""
     plan = prepared.plan
     grad_x = grad_x.astype(prepared.dtype, copy=False).reshape(plan.shape)
-    param_dtype = np.result_type(weight) if weight is not None and is_float(np.result_type(weight)) else prepared.dtype
+    param_dtype = gradient_dtype(weight, prepared.dtype)
     if grad_w is not None:
         grad_w = plan.collapse_params(grad_w).astype(param_dtype, copy=False)
     if grad_b is not None:

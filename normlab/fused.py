@@ -517,9 +517,9 @@ def _finish(inputs: Inputs, result: Gradients64, weight, need_bias: bool) -> Fus
     plan = inputs.plan
     dtype = inputs.dtype
     grad_x = np.asarray(result.x).astype(dtype, copy=False).reshape(plan.shape)
-    from normlab.core import is_float
+    from normlab.core import gradient_dtype
 
-    param_dtype = np.result_type(weight) if weight is not None and is_float(np.result_type(weight)) else dtype
+    param_dtype = gradient_dtype(weight, dtype)
 
     def params_of(value, which_plan):
         return None if value is None else which_plan.collapse_params(value).astype(param_dtype, copy=False)

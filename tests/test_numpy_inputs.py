@@ -474,6 +474,19 @@ def test_parameters_given_as_lists_take_the_inputs_dtype():
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused", [{}, {"residual": np.zeros((2, 3), np.float32)}], ids=["plain", "fused"])
+def test_gradients_of_parameters_given_as_lists_take_the_inputs_dtype(fused):
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    F.layer_norm(x, (3,), weight).sum().backward()
+    grads = normlab.normalize_backward(np.ones((2, 3), np.float32), x.detach().numpy().astype(np.float32), "b [d]",
+                                       weight=[1.0, 2.0, 3.0], params="d", **fused)
+    grad_x, grad_weight = (grads.x, grads.weight) if fused else grads[:2]
+    assert grad_x.dtype == grad_weight.dtype == np.float32
+    np.testing.assert_allclose(grad_weight, weight.grad.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad_x, x.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("x_dtype", [np.int64, np.int32, np.bool_])
 def test_the_cast_suggested_for_a_float32_weight_beside_integer_input_makes_the_call_work(x_dtype):
     """Integer input is read as float64, so the fix is a float64 weight, not ``x.dtype``'s."""
