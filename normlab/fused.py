@@ -78,7 +78,8 @@ class Epilogue:
 class FusedGradients:
     """Gradients of a fused :func:`normlab.normalize`, each None where that input was not given,
     except ``bias``: given ``params``, its gradient is there whether or not the bias was passed
-    (``normalize_backward`` needs the bias itself only under a gate after the norm).
+    (``normalize_backward`` needs the bias itself only under a gate after the norm). Each
+    parameter's gradient has that parameter's float dtype (the bias's the weight's), else the result's.
 
     ``x`` and ``residual`` are the same array (the sum's gradient reaches both unchanged).
     """
@@ -510,24 +511,25 @@ def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5
         result = fused_kernels.backward(inputs, grad_y, grad_sum, eps, rms, mean, rstd, need_bias)
     if result is None:
         result = reference_backward(inputs, grad_y, grad_sum, eps, rms, mean, rstd, need_bias)
-    return _finish(inputs, result, weight, need_bias)
+    return _finish(inputs, result, weight, need_bias, scale, shift)
 
 
-def _finish(inputs: Inputs, result: Gradients64, weight, need_bias: bool) -> FusedGradients:
+def _finish(inputs: Inputs, result: Gradients64, weight, need_bias: bool, scale, shift) -> FusedGradients:
     plan = inputs.plan
     dtype = inputs.dtype
     grad_x = np.asarray(result.x).astype(dtype, copy=False).reshape(plan.shape)
     from normlab.core import gradient_dtype
 
-    param_dtype = gradient_dtype(weight, dtype)
-
-    def params_of(value, which_plan):
-        return None if value is None else which_plan.collapse_params(value).astype(param_dtype, copy=False)
+    def params_of(value, which_plan, param):
+        # (the bias's takes the weight's dtype, as without a fused option, where no bias is passed)
+        if value is None:
+            return None
+        return which_plan.collapse_params(value).astype(gradient_dtype(param, dtype), copy=False)
 
     grad_gate = None
     if result.gate is not None:
         grad_gate = np.asarray(result.gate).astype(dtype, copy=False).reshape(plan.shape)
     return FusedGradients(
         grad_x, grad_x if inputs.residual is not None else None, grad_gate,
-        params_of(result.weight, plan), params_of(result.bias, plan) if need_bias else None,
-        params_of(result.scale, inputs.mod_plan), params_of(result.shift, inputs.mod_plan))
+        params_of(result.weight, plan, weight), params_of(result.bias, plan, weight) if need_bias else None,
+        params_of(result.scale, inputs.mod_plan, scale), params_of(result.shift, inputs.mod_plan, shift))

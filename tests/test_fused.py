@@ -231,6 +231,23 @@ def test_fused_normalize_leaves_its_inputs_unmodified(backend):
     assert (x == x_copy).all() and all((arrays[k] == copies[k]).all() for k in arrays)
 
 
+def test_modulation_gradients_keep_their_own_dtype_beside_a_weight_of_another():
+    # float64 scale and shift beside a float16 weight: their gradients were rounded to float16
+    rng = np.random.default_rng(4)
+    arrays = dict(x=rng.normal(size=(2, 3, 8)), weight=rng.normal(size=8), scale=rng.normal(size=(2, 8)),
+                  shift=rng.normal(size=(2, 8)))
+    tensors = {k: torch.tensor(v, requires_grad=True) for k, v in arrays.items()}
+    y, _ = torch_block(tensors["x"], None, weight=tensors["weight"].half().double(), scale=tensors["scale"],
+                       shift=tensors["shift"])
+    y.sum().backward()
+    grads = normlab.normalize_backward(np.ones((2, 3, 8)), arrays["x"], "b t [d]", weight=arrays["weight"].astype(
+        np.float16), params="d", scale=arrays["scale"], shift=arrays["shift"], modulation="b d")
+    for name in ("scale", "shift"):
+        assert getattr(grads, name).dtype == np.float64
+        np.testing.assert_allclose(getattr(grads, name), tensors[name].grad.numpy(), rtol=1e-12, atol=1e-12)
+    assert grads.weight.dtype == np.float16
+
+
 @pytest.mark.parametrize("kwargs, kind, words", [
     (dict(gate=np.ones((2, 3))), "ShapeError", ["'b t [d]'", "(2, 4, 5)", "gate", "(2, 3)"]),
     (dict(gate=np.ones((2, 4, 5)), gate_activation="relu"), "InputError", ["silu", "'relu'", "'b t [d]'", "(2, 4, 5)"]),
