@@ -230,3 +230,19 @@ def test_the_keyboard_lights_up_a_cells_group_pins_it_and_reaches_the_legend_and
     assert highlighted(browser) == {1, 4}
     browser.execute_script("document.activeElement.blur()")
     assert highlighted(browser) == set() and severe_errors(browser) == []
+
+
+@pytest.mark.parametrize("data", [[[0.123456789, 0.2, 0.27654321], [1000001, -1000002, 3.5]],
+                                  [[[0.123456789, 0.2, 0.27654321], [1000001, -1000002, 3.5]]]], ids=["grid", "cube"])
+def test_every_number_fits_inside_its_cell_so_no_digit_hides_under_a_neighbour(browser, tmp_path, data):
+    from selenium.webdriver.common.by import By
+
+    x = np.array(data, np.float32)
+    browser.get(write_page(tmp_path / "long.html", all_views(x), "batch").resolve().as_uri())
+    overflowing = ("return Array.from(document.querySelectorAll('#cells .cell')).filter(c => "
+                   "c.querySelector('text').getBBox().width > c.querySelector('polygon').getBBox().width)"
+                   ".map(c => c.querySelector('text').textContent)")
+    assert browser.execute_script(overflowing) == []
+    browser.find_element(By.CSS_SELECTOR, '.toggle button[data-show="output"]').click()
+    assert browser.execute_script(overflowing) == []
+    assert severe_errors(browser) == []

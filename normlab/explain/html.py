@@ -41,6 +41,7 @@ class Geometry:
     centers: list  # per flat index: (x, y)
     text_skew: float  # degrees; the cube's side faces are slanted
     decorations: str  # axes, labels and outlines, as SVG
+    cell_width: float  # across one cell, where its number is written
 
 
 def _axes_2d(shape):
@@ -68,7 +69,7 @@ def grid_geometry(shape: tuple[int, ...]) -> Geometry:
         parts.append(_label(left - 44, (top + bottom) / 2, row_label, rotate=-90))
         for r in range(rows):
             parts.append(_label(left - 12, top + (r + 0.5) * cell_h + 4, str(r), small=True))
-    return Geometry(right + 30, bottom + 30, polygons, centers, 0.0, "\n".join(parts))
+    return Geometry(right + 30, bottom + 30, polygons, centers, 0.0, "\n".join(parts), cell_w)
 
 
 def cube_geometry(shape: tuple[int, ...]) -> Geometry:
@@ -118,7 +119,7 @@ def cube_geometry(shape: tuple[int, ...]) -> Geometry:
         parts.append(_label(left + (k + 0.5) * depth_x, top - (k + 0.5) * depth_y - 10,
                             f"c={k}", small=True, rotate=-angle, nlp=f"t={k}" if tokens else None))
     width = right + 50
-    return Geometry(width, bottom + 60, polygons, centers, -angle, "\n".join(parts))
+    return Geometry(width, bottom + 60, polygons, centers, -angle, "\n".join(parts), depth_x)
 
 
 def _arrow(x1, y1, x2, y2) -> str:
@@ -197,7 +198,7 @@ def _svg(x: np.ndarray, first: NormView) -> str:
             f'<text transform="translate({cx:.1f} {cy:.1f}){skew}" dy="0.35em">{html.escape(format_value(values[flat]))}</text></g>'
         )
     return (
-        f'<svg id="tensor" viewBox="0 0 {geometry.width:.0f} {geometry.height:.0f}" '
+        f'<svg id="tensor" viewBox="0 0 {geometry.width:.0f} {geometry.height:.0f}" data-cell-width="{geometry.cell_width}" '
         f'style="width:{geometry.width * scale:.0f}px; min-width:{geometry.width * 0.7:.0f}px" role="img" aria-label="the tensor, one cell per element">'
         '<defs><marker id="head" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
         'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#5b6170"/></marker></defs>'
@@ -291,7 +292,6 @@ PAGE_TEMPLATE = r"""<!doctype html>
   .cell text { font: 600 15px ui-monospace, Menlo, Consolas, "DejaVu Sans Mono", monospace; fill:#1d2230;
                text-anchor:middle; pointer-events:none; }
   .cell { cursor:pointer; outline:none; }
-  #tensor.showing-output .cell text { font-size: 12px; }
   .cell.excluded text { fill:#8a90a0; font-style:italic; }
   #cells.focus .cell.dim polygon { opacity:.16; }
   #cells.focus .cell.dim text { opacity:.35; }
@@ -366,6 +366,7 @@ PAGE_TEMPLATE = r"""<!doctype html>
   let norm = data.norms.find(n => n.key === data.selected) || data.norms[0];
   let pinned = null;   // the flat index clicked, or null
   let showing = "input";
+  const room = +svg.dataset.cellWidth - 8;  // a cell's width for its number, less a margin
 
   const color = g => data.palette[g % data.palette.length];
   const esc = s => String(s).replace(/[&<>"]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
@@ -384,7 +385,12 @@ PAGE_TEMPLATE = r"""<!doctype html>
       const excluded = norm.counted !== null && !norm.counted[i];  // masked out: greyed
       cell.classList.toggle("excluded", excluded);
       cell.querySelector("polygon").style.fill = excluded ? "#d5d8de" : color(g);
-      cell.querySelector("text").textContent = showing === "input" ? data.valueText[i] : norm.outputText[i];
+      const shown = showing === "input" ? data.valueText[i] : norm.outputText[i];
+      const text = cell.querySelector("text");
+      text.textContent = shown;
+      // a long number shrinks to fit its cell (monospace digits are about 0.6 em wide) rather
+      // than run under its neighbour, which would hide its last digits
+      text.style.fontSize = Math.min(showing === "input" ? 15 : 12, room / (0.62 * shown.length)) + "px";
     });
     svg.classList.toggle("showing-output", showing === "output");
     const nlp = norm.key === "layer" || norm.key === "rms";  // their legend speaks of tokens
