@@ -284,3 +284,11 @@ def test_equal_zeros_drawn_as_minus_zero_and_zero_are_named_as_drawn(row, who):
     view = explain_array(np.array([row], np.float32), "layer")
     texts = [o.text for o in observations(view) if "share a group" in o.text]
     assert texts == [f"sample 0: {who} share a group, so their outputs are equal" + texts[0].split("equal")[1]]
+
+
+@pytest.mark.parametrize("chosen", ["layer", "layer-vision", "batch", None])
+def test_rows_get_one_layer_norm_button_whichever_layer_preset_was_asked_for(chosen):
+    views = all_views(NOTE_2D, None if chosen is None else explain_array(NOTE_2D, chosen))
+    assert [v.label for v in views] == ["batch norm", "layer norm", "RMS norm"]
+    if chosen is not None:
+        assert chosen in [v.key for v in views]

@@ -226,9 +226,11 @@ def explain_array(x, name_or_pattern: str, sizes: dict | None = None, rms: bool 
 def all_views(x, chosen: NormView | None = None) -> list[NormView]:
     """Every preset that fits ``x``'s rank (and ``chosen`` first when it is a custom pattern)."""
     views = [chosen] if chosen is not None and chosen.key == "custom" else []
+    # on rows vision and NLP layer norm are one grouping: one button, the chosen one's if either
+    layer = chosen.key if chosen is not None and chosen.key in ("layer", "layer-vision") else "layer"
     for key in presets_for_rank(np.ndim(x)):
-        if key == "layer-vision" and np.ndim(x) <= 2 and not (chosen is not None and chosen.key == key):
-            continue  # the same grouping as "layer" on rows; one button is enough
+        if key in ("layer", "layer-vision") and key != layer and np.ndim(x) <= 2:
+            continue
         if chosen is not None and chosen.key == key:
             views.append(chosen)
         else:
