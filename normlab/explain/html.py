@@ -147,6 +147,15 @@ def _finite(value):
     return value if math.isfinite(value) else str(value)
 
 
+def _speaks_of_tokens(view: NormView) -> bool:
+    """Whether the legend calls the second axis of 3-D data tokens (it is named ``t``, as in
+    the NLP layer norm's and RMS norm's ``b t [d]``), so that the cube should too."""
+    from normlab.notation import parse_pattern
+
+    dims = parse_pattern(view.pattern).dims
+    return view.x.ndim == 3 and [a.name for a in dims[1].factors] == ["t"]
+
+
 def page_data(views: list[NormView], selected: str) -> dict:
     """Everything the page shows, as plain JSON: the data and, per norm, the library's results."""
     x = views[0].x
@@ -167,6 +176,7 @@ def page_data(views: list[NormView], selected: str) -> dict:
             "output": [_finite(v) for v in view.y.ravel()],
             "counted": None if view.counted is None else view.counted.ravel().tolist(),
             "segmented": view.segment_axis is not None,
+            "tokens": _speaks_of_tokens(view),
             "outputText": [format_output(v) for v in view.y.ravel()],
             "observations": [{"text": o.text, "holds": o.holds, "indices": list(o.indices)} for o in observations(view)],
         })
@@ -393,7 +403,7 @@ PAGE_TEMPLATE = r"""<!doctype html>
       text.style.fontSize = Math.min(showing === "input" ? 15 : 12, room / (0.62 * shown.length)) + "px";
     });
     svg.classList.toggle("showing-output", showing === "output");
-    const nlp = norm.key === "layer" || norm.key === "rms";  // their legend speaks of tokens
+    const nlp = norm.tokens;  // the cube names its axes as the legend does
     svg.querySelectorAll("[data-nlp]").forEach(el => { el.textContent = nlp ? el.dataset.nlp : el.dataset.vision; });
     document.querySelectorAll("button.norm").forEach(b => b.setAttribute("aria-pressed", String(b.dataset.norm === norm.key)));
     const count = norm.groupNames.length;
