@@ -135,6 +135,58 @@ def test_padded_sequences_normalize_as_torch_on_the_unpadded_data_in_training_an
     _CHECKS[kind](x, grad, mask, lengths)
 
 
+_CHECKPOINTED = {
+    "BatchNorm1d": lambda momentum: (nt.BatchNorm1d(CHANNELS, momentum=momentum),
+                                     torch.nn.BatchNorm1d(CHANNELS, momentum=momentum)),
+    "InstanceNorm1d": lambda momentum: (nt.InstanceNorm1d(CHANNELS, momentum=momentum, track_running_stats=True),
+                                        torch.nn.InstanceNorm1d(CHANNELS, momentum=momentum,
+                                                                track_running_stats=True)),
+    "Norm": lambda momentum: (nt.Norm("[b] c [t]", "c", c=CHANNELS, momentum=momentum, track_running_stats=True),
+                              torch.nn.BatchNorm1d(CHANNELS, momentum=momentum)),
+}
+
+
+@pytest.mark.parametrize("momentum", [0.3, None])
+@pytest.mark.parametrize("name", sorted(_CHECKPOINTED))
+def test_a_checkpointed_block_ending_in_a_masked_norm_updates_running_statistics_as_torch_nn(name, momentum):
+    """torch.utils.checkpoint recomputes the forward in backward, up to the last tensor saved
+    for it. torch.nn's norms update their running statistics inside the op, before it saves,
+    so the recomputation updates them again; the masked twins updated them after the op, so
+    a block ending in one counted each batch twice but moved the statistics once (with
+    momentum=None no longer the cumulative average). torch's instance norm copies its
+    statistics back after its batch norm saves: once, as the twin does."""
+    from torch.utils.checkpoint import checkpoint
+
+    ours, theirs = (module.double() for module in _CHECKPOINTED[name](momentum))
+    g = torch.Generator().manual_seed(7)
+    # (instance norm: one length per batch, so that torch takes the unpadded batch at once)
+    for lengths in ([6, 3, 4], [2, 6, 5], [4, 4, 6]) if name != "InstanceNorm1d" else ([4] * 3, [2] * 3, [5] * 3):
+        x = torch.randn(3, CHANNELS, 6, generator=g, dtype=torch.float64)
+        mask = (torch.arange(6) < torch.tensor(lengths)[:, None])[:, None, :]
+        y = checkpoint(lambda a: ours(torch.relu(a), mask=mask), x.clone().requires_grad_(), use_reentrant=False)
+        y.sum().backward()
+        unpadded = (x[:, :, :lengths[0]] if name == "InstanceNorm1d" else
+                    torch.cat([x[b, :, :n] for b, n in enumerate(lengths)], 1)[None])  # (counted positions as rows)
+        checkpoint(lambda a: theirs(torch.relu(a)), unpadded.clone().requires_grad_(),
+                   use_reentrant=False).sum().backward()
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict())
+
+def test_batched_gradients_and_double_backward_through_masked_twins_are_torch_autograds_per_vector():
+    """(Where the running statistics are updated moved into the masked op's forward; its
+    backward must still hand each input, weight and bias their own gradient.)"""
+    g = torch.Generator().manual_seed(8)
+    x, _, mask = _padded([5, 2, 7], seed=8, time=7)
+    for module in (nt.BatchNorm1d(CHANNELS).double(), nt.GroupNorm(1, CHANNELS).double()):
+        inputs = (x.clone().requires_grad_(), module.weight, module.bias)
+        y = module(inputs[0], mask=mask)
+        vectors = torch.randn(3, *y.shape, generator=g, dtype=torch.float64)
+        batched = torch.autograd.grad(y, inputs, vectors, is_grads_batched=True, retain_graph=True)
+        for k, vector in enumerate(vectors):
+            for got, expected in zip(batched, torch.autograd.grad(y, inputs, vector, retain_graph=True)):
+                torch.testing.assert_close(got[k], expected)
+        torch.autograd.gradgradcheck(lambda a, w, b: module(a, mask=mask), inputs)
+
+
 def test_a_channels_last_batch_with_a_position_mask_equals_the_contiguous_one():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, CHANNELS, 5, 6, generator=g, dtype=torch.float64)

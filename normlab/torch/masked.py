@@ -7,7 +7,7 @@ other devices and dtypes."""
 from __future__ import annotations
 
 import warnings
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -232,13 +232,16 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
+        *inputs, then = inputs  # (last, so that ctx.needs_input_grad[i] stays the op's input i)
         output = _forward_impl(*inputs)
+        if then is not None:  # (see _run_masked)
+            then(*output[1:])
         _setup_context(ctx, inputs, output)
         return output
 
     @staticmethod
     def backward(ctx, grad_y, grad_mean, grad_rstd, grad_count):
-        return _autograd(ctx, grad_y, grad_mean, grad_rstd, grad_count, backward=_backward_impl)
+        return *_autograd(ctx, grad_y, grad_mean, grad_rstd, grad_count, backward=_backward_impl), None
 
 
 class MaskedResult(tuple):
@@ -265,8 +268,9 @@ class MaskedResult(tuple):
         return self[3]
 
 
-def _composite(x, weight, bias, mask, segment_ids, spec: Spec, eps, num_segments, segment_axis):
-    """The same definition in torch operations (any device, differentiable by autograd)."""
+def _composite(x, weight, bias, mask, segment_ids, spec: Spec, eps, num_segments, segment_axis, then=None):
+    """The same definition in torch operations (any device, differentiable by autograd);
+    ``then`` as in :func:`_run_masked`."""
     plan = make_plan(spec.pattern, tuple(x.shape), spec.params, sizes=spec.size_dict)
     shape = list(plan.stats_shape)
     index = None
@@ -306,14 +310,16 @@ def _composite(x, weight, bias, mask, segment_ids, spec: Spec, eps, num_segments
         var = torch.zeros(size, dtype=compute, device=x.device).index_add(0, index, torch.where(
             where, centered * centered, 0)) / safe
     rstd = torch.where(count > 0, torch.rsqrt(var + eps), 0)
+    stats = (mean.detach().double().reshape(shape), rstd.detach().double().reshape(shape),
+             count.detach().long().reshape(shape))
+    if then is not None:  # (before the output's operations save their inputs)
+        then(*stats)
     y = (centered * rstd[index]).reshape(plan.axis_sizes)
     if weight is not None:
         y = y * _expand(weight, plan).to(compute)
     if bias is not None:
         y = y + _expand(bias, plan).to(compute)
     y = y.to(x.dtype)  # the input's dtype whatever the parameters', as torch.nn and the kernels give
-    stats = (mean.detach().double().reshape(shape), rstd.detach().double().reshape(shape),
-             count.detach().long().reshape(shape))
     return (y.reshape(x.shape),) + stats
 
 
@@ -394,6 +400,18 @@ def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None
     [-1.0, 1.0, -1.0, 1.0]
     """
     spec = Spec.build(pattern, params, rms, **merge_sizes(pattern, sizes, axis_sizes, x.shape))
+    return _run_masked(x, spec, weight, bias, eps, mask, segment_ids, num_segments, segment_axis)
+
+
+def _run_masked(x: Tensor, spec: Spec, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                mask: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
+                num_segments: Optional[int] = None, segment_axis: Optional[str] = None,
+                then: Optional[Callable[[Tensor, Tensor, Tensor], None]] = None) -> MaskedResult:
+    """:func:`normalize_masked` of a built ``spec``. ``then(mean, rstd, count)`` runs once
+    the statistics are known and before anything is saved for backward: where the modules
+    update their running statistics, as torch.nn's ops do inside, so that the recomputation
+    of ``torch.utils.checkpoint``, which stops at the last saved tensor, updates them too."""
+    pattern = spec.pattern
     given_segments = num_segments
     if segment_ids is not None:
         _check_ids_dtype(x, pattern, segment_ids)
@@ -406,7 +424,10 @@ def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None
         if segment_ids is not None:
             raise RuntimeError(f"pattern {pattern!r}, input shape {tuple(map(int, x.shape))}: "
                                + SEGMENTS_DO_NOT_EXPORT)
-        return MaskedResult(_reduced_composite(x, weight, bias, mask, spec, eps))
+        result = MaskedResult(_reduced_composite(x, weight, bias, mask, spec, eps))
+        if then is not None:
+            then(*result[1:])
+        return result
     low = x.dtype in _LOW_PRECISION
     kernel = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64, *_LOW_PRECISION)
               and (mask is None or mask.device.type == "cpu") and not x.is_complex()
@@ -416,7 +437,8 @@ def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None
     if not kernel:
         if segment_ids is not None:  # before the composite allocates statistics for every id up to the largest
             _refuse_too_many_segments(x, spec, segment_ids, num_segments, given_segments is not None)
-        return MaskedResult(_composite(x, weight, bias, mask, segment_ids, spec, eps, num_segments, segment_axis))
+        return MaskedResult(_composite(x, weight, bias, mask, segment_ids, spec, eps, num_segments, segment_axis,
+                                       then))
     xs = [None if t is None else (t.float() if low else t) for t in (x, weight, bias)]
     args = (xs[0].contiguous(), xs[1], xs[2], mask, None if segment_ids is None else segment_ids.long(), spec.pattern,
             spec.params, spec.sizes, float(eps), spec.rms, -1 if num_segments is None else int(num_segments),
@@ -424,13 +446,15 @@ def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None
     eager = not torch.compiler.is_compiling() and all(
         t is None or type(t) in (Tensor, torch.nn.Parameter) for t in args[:5])
     try:
-        y, mean, rstd, count = _Eager.apply(*args) if eager else _forward_op(*args)
+        y, mean, rstd, count = _Eager.apply(*args, then) if eager else _forward_op(*args)
     except (ShapeError, ParamsError) as error:
         if segment_ids is not None and given_segments is None:
             # the op was handed max(ids) + 1: refuse in the words for the ids alone, which
             # do not tell the user to pass that very num_segments
             _refuse_too_many_segments(x, spec, segment_ids, num_segments, False)
         raise _torch_error(error) from None
+    if then is not None and not eager:
+        then(mean, rstd, count)
     if low:
         y = y.to(x.dtype)
     return MaskedResult((y, mean, rstd, count))

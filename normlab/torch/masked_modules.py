@@ -11,10 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from normlab.torch.compute import _fake
-from normlab.torch.masked import SEGMENTS_DO_NOT_EXPORT, normalize_masked
+from normlab.torch.masked import SEGMENTS_DO_NOT_EXPORT, _run_masked, normalize_masked
 from normlab.torch.ops import _vmapping
 from normlab.torch.paths import _exporting_to_onnx
-from normlab.torch.spec import rms_default_eps
+from normlab.torch.spec import Spec, rms_default_eps
 
 __all__ = ["masked_forward"]
 
@@ -149,15 +149,16 @@ def _batch_norm(module, x: Tensor, mask: Tensor) -> Tensor:
     if not (module.training or (module.running_mean is None and module.running_var is None)):
         return _apply_stats(x, module.running_mean, module.running_var, module.weight, module.bias, module.eps,
                             _channel_shape(x))
-    y, mean, rstd, count = normalize_masked(x, "[b] c [...]", weight=module.weight, bias=module.bias,
-                                            params=None if module.weight is None else "c", eps=module.eps, mask=mask)
     channels = x.shape[1]
-    _check_counts(module, x, count, allow_empty=True)  # (wherever batch statistics are used, eval() included)
-    if module.training:
-        if module.track_running_stats and module.running_mean is not None:
+
+    def update(mean: Tensor, rstd: Tensor, count: Tensor) -> None:
+        _check_counts(module, x, count, allow_empty=True)  # (wherever batch statistics are used, eval() included)
+        if module.training and module.track_running_stats and module.running_mean is not None:
             _update(module, mean.reshape(channels), _unbiased(rstd, count, module.eps).reshape(channels), factor,
                     counted=count.reshape(channels) > 0)
-    return y
+
+    spec = Spec.build("[b] c [...]", None if module.weight is None else "c")
+    return _run_masked(x, spec, module.weight, module.bias, module.eps, mask, then=update).y
 
 
 def _instance_norm(module, x: Tensor, mask: Tensor) -> Tensor:
@@ -174,6 +175,8 @@ def _instance_norm(module, x: Tensor, mask: Tensor) -> Tensor:
                                                 params=None if module.weight is None else "c", eps=module.eps,
                                                 mask=mask)
         if module.running_mean is not None and module.training:
+            # (after the op, as torch's instance_norm copies its statistics back after its batch_norm
+            # saves for backward: a checkpoint's recomputation that stops there skips the update in both)
             factor = 0.0 if module.momentum is None else module.momentum
             # the mean over the samples with something counted: an all-padding sample has no statistics
             counted = (count > 0).reshape(batch, channels)
@@ -196,11 +199,10 @@ def _norm(module, x: Tensor, mask, segment_ids, num_segments, segment_axis) -> T
     if segment_ids is not None and _exporting_to_onnx():
         raise RuntimeError(f"{type(module).__name__}({spec.pattern!r}): " + SEGMENTS_DO_NOT_EXPORT)
     factor = _average_factor(module) if module.track_running_stats else 0.0
-    y, mean, rstd, count = normalize_masked(x, spec.pattern, weight=module.weight, bias=module.bias,
-                                            params=spec.params, eps=module.eps, rms=spec.rms, mask=mask,
-                                            segment_ids=segment_ids, num_segments=num_segments,
-                                            segment_axis=segment_axis, sizes=spec.size_dict)
-    if module.training and module.track_running_stats:
+
+    def update(mean: Tensor, rstd: Tensor, count: Tensor) -> None:
+        if not (module.training and module.track_running_stats):
+            return
         # a group with nothing counted (an empty graph slot of a batch, an all-padding
         # sequence) has no statistics: it gives bias and stays out of the running average
         _check_counts(module, x, count, allow_empty=True,
@@ -218,4 +220,7 @@ def _norm(module, x: Tensor, mask, segment_ids, num_segments, segment_axis) -> T
             counted = groups > 0
         _update(module, mean.reshape(module.running_mean.shape), var.reshape(module.running_var.shape), factor,
                 counted=counted.reshape(module.running_mean.shape))
+
+    y = _run_masked(x, spec, module.weight, module.bias, module.eps, mask, segment_ids, num_segments, segment_axis,
+                    then=update).y
     return _unmasked_layout(module, x, y)
