@@ -139,3 +139,14 @@ def test_a_segment_id_past_int64_is_refused_as_too_large_not_as_negative(explain
     result = explain("batch", "--data", json.dumps(DATA), "--segments", json.dumps([0, huge, 1, 1]))
     assert result.returncode == 2
     assert f"id {huge}, too large" in result.stderr and "non-negative" not in result.stderr
+
+
+def test_a_group_with_nothing_counted_shows_no_mean_or_std_in_the_legend_nor_on_the_page(explain):
+    # its statistics are set to 0, rstd included: "std 0" would promise outputs of (x - 0) / sqrt(eps)
+    result = explain("layer", "--data", json.dumps(DATA), "--mask", json.dumps(MASK))
+    assert re.search(r"D\s+sample 3\s+\(none counted\)\s+–\s+–", result.stdout)
+    assert re.search(r"A\s+sample 0\s+4 3 2\s+3\s+0\.8165", result.stdout)
+    x = np.array(DATA, np.float32)
+    view = explain_array(x, "layer", mask=np.broadcast_to(np.array(MASK, bool), x.shape))
+    norm = page_data([view], "layer")["norms"][0]
+    assert norm["meanText"] == ["3", "2.667", "2", "–"] and norm["stdText"][3] == "–"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from normlab.explain.model import NormView, format_output, format_stat, format_value, observations
+from normlab.explain.model import NormView, format_output, format_value, observations
 
 __all__ = ["build_page", "write_page", "page_data", "FILL_PALETTE"]
 
@@ -171,8 +171,8 @@ def page_data(views: list[NormView], selected: str) -> dict:
             "groupNames": [view.describe_group(g) for g in range(view.num_groups)],
             "mean": None if view.mean is None else [_finite(m) for m in view.mean],
             "std": [_finite(s) for s in view.std],
-            "meanText": None if view.mean is None else [format_stat(m) for m in view.mean],
-            "stdText": [format_stat(s) for s in view.std],
+            "meanText": view.stat_texts()[0],
+            "stdText": view.stat_texts()[1],
             "output": [_finite(v) for v in view.y.ravel()],
             "counted": None if view.counted is None else view.counted.ravel().tolist(),
             "segmented": view.segment_axis is not None,

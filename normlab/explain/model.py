@@ -110,6 +110,16 @@ class NormView:
         members = self.members(group)
         return members if self.counted is None else members[self.counted.ravel()[members]]
 
+    def stat_texts(self) -> tuple[list[str] | None, list[str]]:
+        """Each group's mean (None for RMS) and std as the views write them; "–" for a group
+        with nothing counted, whose statistics are set to 0 (its rstd too), not taken of values."""
+        groups = self.groups.ravel() if self.counted is None else self.groups.ravel()[self.counted.ravel()]
+        empty = np.bincount(groups, minlength=self.num_groups) == 0
+        std = ["–" if empty[g] else format_stat(s) for g, s in enumerate(self.std)]
+        if self.mean is None:
+            return None, std
+        return ["–" if empty[g] else format_stat(m) for g, m in enumerate(self.mean)], std
+
     def describe_group(self, group: int) -> str:
         """Name a group by the kept axes that identify it, e.g. ``'sample 1, channel 0'``."""
         kept = self.plan.kept_axes

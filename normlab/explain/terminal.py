@@ -9,7 +9,7 @@ import string
 
 import numpy as np
 
-from normlab.explain.model import NormView, Observation, format_output, format_stat, format_value, observations
+from normlab.explain.model import NormView, Observation, format_output, format_value, observations
 
 __all__ = ["make_console", "group_label", "render_view", "render_observations", "tensor_lines"]
 
@@ -221,17 +221,18 @@ def legend_table(view: NormView):
         table.add_column("mean", justify="right")
     table.add_column("rms" if view.rms else "std", justify="right")
     x = view.x.ravel()
+    means, stds = view.stat_texts()
     shown_groups = min(view.num_groups, 24)  # a legend longer than a screen helps nobody
     for group in range(shown_groups):
         members = view.counted_members(group)
-        values = [format_value(v) for v in x[members[:12]]]
+        values = [format_value(v) for v in x[members[:12]]] or ["(none counted)"]
         if len(members) > 12:
             values.append(f"… {len(members) - 12} more")
         row = [Text(group_label(group, view.num_groups), style=group_style(group)),
                view.describe_group(group), Text(" ".join(values), style=group_style(group))]
         if not view.rms:
-            row.append(format_stat(view.mean[group]))
-        row.append(format_stat(view.std[group]))
+            row.append(means[group])
+        row.append(stds[group])
         table.add_row(*row)
     if view.num_groups > shown_groups:
         table.add_row("…", f"{view.num_groups - shown_groups} more groups", "")
