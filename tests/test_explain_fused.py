@@ -172,6 +172,15 @@ def test_gate_after_the_norm_leaves_the_statistics_on_the_input(explain, tmp_pat
     np.testing.assert_array_equal(_page_data(page)["values"], np.ravel(X))
 
 
+def test_the_seed_draws_the_residual_and_the_gate_of_given_data_too_and_a_bad_seed_is_refused(explain):
+    drawn = explain("b [d]", "--data", json.dumps(X), "--residual", "--gate", "silu", "--gate-first", "--seed", "7")
+    assert drawn.returncode == 0, drawn.stderr
+    assert "residual r (random integers 0 to 9, seed 8)" in drawn.stdout and "seed 9" in drawn.stdout
+    assert explain("b [d]", "--data", json.dumps(X), "--residual").stdout.count("seed 1") == 1  # default 0 + 1
+    refused = explain("b [d]", "--data", json.dumps(X), "--residual", "--seed", "abc")
+    assert refused.returncode == 2 and "--seed 'abc' is not an integer >= 0" in refused.stderr
+
+
 def test_gate_data_without_a_gate_says_to_name_the_activation(explain):
     result = explain("b [d]", "--data", json.dumps(X), "--gate-data", json.dumps(Z))
     assert result.returncode == 2 and "--gate ACT" in result.stderr

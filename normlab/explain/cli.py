@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--segments", metavar="JSON", help="ids along the first bracketed axis, e.g. '[0,0,1]': "
                         "each id its own group (coloured apart)")
     parser.add_argument("--shape", metavar="2,3,4", help="draw random small integers of this shape instead")
-    parser.add_argument("--seed", metavar="N", default="0", help="seed for --shape (default 0)")
+    parser.add_argument("--seed", metavar="N", default="0", help="seed for --shape, and for a random residual (seed + 1) or gate (seed + 2) (default 0)")
     parser.add_argument("--rms", action="store_true", help="divide by the root mean square, no mean (RMS norm)")
     parser.add_argument("--residual", action="store_true", help="fused block: normalize s = x + r, r random small "
                         "integers (seed + 1) unless --residual-data gives it")
@@ -86,15 +86,20 @@ def load_input(args: argparse.Namespace):
 
     if (args.data is None) == (args.shape is None):
         raise NormlabError("give the data with exactly one of --data '[[4,3,2],[3,3,2]]' or --shape 2,3,4")
+    seed = _seed(args)  # read with --data too: the residual and the gate are drawn from it
     if args.data is not None:
         return parse_data(args.data), None
+    return random_input(parse_shape(args.shape), seed), f"random integers 0 to 9, seed {seed}"
+
+
+def _seed(args: argparse.Namespace) -> int:
     try:
         seed = int(args.seed)
     except ValueError:
         seed = -1
     if seed < 0:  # NumPy's generators take no negative seed
         raise NormlabError(f"--seed {args.seed!r} is not an integer >= 0; pass e.g. --seed 1")
-    return random_input(parse_shape(args.shape), seed), f"random integers 0 to 9, seed {seed}"
+    return seed
 
 
 def load_residual(args: argparse.Namespace, x):
@@ -103,7 +108,7 @@ def load_residual(args: argparse.Namespace, x):
     from normlab.explain.model import random_input
 
     if args.residual_data is None:
-        seed = int(args.seed) + 1 if args.data is None else 1
+        seed = _seed(args) + 1
         return random_input(x.shape, seed), f"random integers 0 to 9, seed {seed}"
     return _broadcast_data(args.residual_data, "--residual-data", x.shape), None
 
@@ -115,7 +120,7 @@ def load_gate(args: argparse.Namespace, shape):
     import numpy as np
 
     if args.gate_data is None:
-        seed = int(args.seed) + 2 if args.data is None else 2
+        seed = _seed(args) + 2
         z = np.random.default_rng(seed).integers(-3, 4, size=shape).astype(np.float32)
         return z, f"random integers -3 to 3, seed {seed}"
     return _broadcast_data(args.gate_data, "--gate-data", shape), None
