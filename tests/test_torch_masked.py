@@ -2,6 +2,8 @@
 modules run on the data with the padding removed (outputs at the counted positions,
 parameter gradients, running statistics)."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -126,6 +128,26 @@ def test_a_mask_of_the_wrong_kind_fails_with_torch_exceptions():
     with pytest.raises(ValueError, match="more than 1 counted value"):
         nt.BatchNorm1d(4)(x.float(), mask=one_counted)
 
+
+
+@pytest.mark.parametrize("build", [
+    lambda: torch.nn.BatchNorm2d(4, affine=False, track_running_stats=False),
+    lambda: torch.nn.SyncBatchNorm(4, affine=False, track_running_stats=False),
+    lambda: torch.nn.InstanceNorm2d(4),
+    lambda: torch.nn.LayerNorm([2, 2], elementwise_affine=False),
+    lambda: torch.nn.GroupNorm(2, 4, affine=False),
+    lambda: torch.nn.RMSNorm([2, 2], elementwise_affine=False),
+], ids=["BatchNorm2d", "SyncBatchNorm", "InstanceNorm2d", "LayerNorm", "GroupNorm", "RMSNorm"])
+def test_an_integer_input_with_a_mask_raises_torchs_error_as_without_one(build):
+    """torch.nn's kernels refuse an integer input ("not implemented for 'Long'"); a twin
+    without parameters or running statistics computed an integer output from the masked
+    statistics (RMSNorm raised torch.finfo's TypeError)."""
+    x = torch.randint(0, 5, (3, 4, 2, 2))
+    reference = build()
+    with pytest.raises(NotImplementedError) as expected:
+        reference(x)
+    with pytest.raises(NotImplementedError, match=re.escape(str(expected.value))):
+        nt.convert(reference)(x, mask=torch.ones(3, 1, 2, 2, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("name", ["batch_norm", "instance_norm"])

@@ -335,8 +335,17 @@ def _a_dtype_mix_torch_refuses_raises_its_error_on_every_rank(rank: int):
     """Float64 input into float32 parameters and the reverse: torch's batch norm raises
     "mixed dtype (CPU)", as normlab's does on one rank, before any collective; a bfloat16
     input beside float32 parameters, which torch takes, is synced (the oracle: torch's batch
-    norm on the concatenated batch)."""
+    norm on the concatenated batch). An integer input into a batch norm without parameters
+    or running statistics: torch's "not implemented for 'Long'", with a mask too (the
+    masked statistics computed one)."""
     x, _, _, mine = _three_rank_batch(rank, 6)
+    bare = torch.nn.BatchNorm2d(CHANNELS, affine=False, track_running_stats=False)
+    integers = torch.randint(0, 5, (THREE_RANKS[rank], CHANNELS, 2, 3))
+    with pytest.raises(NotImplementedError) as expected:
+        bare(integers)
+    for mask in (None, torch.ones(integers.shape, dtype=torch.bool)):
+        with pytest.raises(NotImplementedError, match=re.escape(str(expected.value))):
+            nt.SyncBatchNorm.convert_sync_batchnorm(bare)(integers, mask=mask)
     for input_dtype, module_dtype in ((torch.float64, torch.float32), (torch.float32, torch.float64)):
         reference = torch.nn.BatchNorm2d(CHANNELS).to(module_dtype)
         sync = nt.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(reference))

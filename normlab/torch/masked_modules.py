@@ -77,11 +77,17 @@ def _check_mask(module, x: Tensor, mask: Tensor) -> Tensor:
 
 
 def _refused_mix(module, x: Tensor) -> bool:
-    """Parameters or running statistics in a dtype beside the input's that torch.nn's CPU
-    kernels refuse ("mixed dtype"); torch.nn.RMSNorm computes any mix, as its twin does."""
+    """An input dtype or a mix that torch.nn's CPU kernels refuse: an integer, bool or
+    complex input ("not implemented for 'Long'"; the masked math would compute one), or
+    parameters or running statistics in a dtype beside the input's ("mixed dtype");
+    torch.nn.RMSNorm computes any mix of floating dtypes, as its twin does."""
     from normlab.torch.compute import _dtypes_refused
 
-    if isinstance(module, nn.RMSNorm) or not isinstance(module, _TORCH_NORMS):
+    if not isinstance(module, _TORCH_NORMS + (nn.RMSNorm,)):
+        return False
+    if not x.is_floating_point():
+        return True
+    if isinstance(module, nn.RMSNorm):
         return False
     return _dtypes_refused(x, *(getattr(module, name, None) for name in ("weight", "bias", "running_mean",
                                                                         "running_var")))
@@ -97,7 +103,7 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
 
     if mask is not None:
         mask = _check_mask(module, x, mask)
-    if _refused_mix(module, x):  # the unmasked forward hands the mix to torch.nn's, which raises its error
+    if _refused_mix(module, x):  # the unmasked forward hands it to torch.nn's, which raises its error
         return module.forward(x)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return _unmasked_layout(module, x, _batch_norm(module, x, mask))

@@ -285,12 +285,14 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         return max(torch.distributed.get_world_size(group), 1)
 
     def _refused(self, input: Tensor) -> bool:
-        """Parameters or running statistics (those a training step passes to torch's batch
-        norm) that torch's refuses beside this input: another channel count, or a mix of
-        dtypes its CPU kernels refuse ("mixed dtype (CPU)")."""
+        """An input, or parameters and running statistics beside it (those a training step
+        passes to torch's batch norm), that torch's refuses: an integer, bool or complex input
+        ("not implemented for 'Long'"), another channel count, or a mix of dtypes its CPU
+        kernels refuse ("mixed dtype (CPU)")."""
         channels = input.shape[1]
         tensors = (self.weight, self.bias) + ((self.running_mean, self.running_var) if self.track_running_stats else ())
-        return any(t is not None and t.numel() != channels for t in tensors) or _dtypes_refused(input, *tensors)
+        return (not input.is_floating_point() or any(t is not None and t.numel() != channels for t in tensors)
+                or _dtypes_refused(input, *tensors))
 
     def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """``mask`` (bool, broadcasts to the input): the elements that count toward the
