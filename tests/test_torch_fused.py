@@ -736,3 +736,18 @@ def test_fused_normalize_in_half_precision_with_a_weight_over_part_of_the_reduce
     torch.testing.assert_close(got.double(), exact, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(_grads([got], (x, r, w, b)), _grads([exact], (x, r, w, b)), rtol=2e-2, atol=2e-2,
                                check_dtype=False)
+
+
+@pytest.mark.parametrize("given", ["scale", "shift"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_normalize_with_a_scale_or_a_shift_alone_has_the_gradients_of_its_definition(dtype, given):
+    # the kernels' backward sums both modulation gradients; the one not given has no tensor to take its sum
+    from normlab.torch.fused import Block, fused_normalize
+
+    x, modulation = _leaves((2, 3, 8), (2, 8), dtype=dtype)
+    got = fused_normalize(x, Block("b t [d]", modulation="b d"), **{given: modulation})
+    normed = F.layer_norm(x, (8,))
+    want = normed * (1 + modulation[:, None]) if given == "scale" else normed + modulation[:, None]
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(got, want, **tolerance)
+    torch.testing.assert_close(_grads([got], (x, modulation)), _grads([want], (x, modulation)), **tolerance)

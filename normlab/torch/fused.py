@@ -631,7 +631,7 @@ class _CachedFusedFunction(torch.autograd.Function):
             bias is not None and needs[4], need_mod, two_grads)
 
         def param_grad(table, param, mod: bool):
-            if table is None:
+            if table is None or param is None:  # (scale without shift, or shift alone: one table for nothing)
                 return None
             plan = call.mod_plan if mod else call.plan
             grad = plan.collapse_params(call.layout.collapse(table, mod))
