@@ -292,3 +292,16 @@ def test_rows_get_one_layer_norm_button_whichever_layer_preset_was_asked_for(cho
     assert [v.label for v in views] == ["batch norm", "layer norm", "RMS norm"]
     if chosen is not None:
         assert chosen in [v.key for v in views]
+
+
+@pytest.mark.parametrize("row", [[0.1, 0.7], [-0.1, 0.7, 0.3], [0.0, 1.4e-45]])
+def test_no_mirror_claim_fails_where_float32_cannot_hold_the_mean(row):
+    # 0.1 and 0.7 mirror around a mean that float32 rounds: the kernels' outputs miss opposites by a bit
+    for key in ("layer", "batch"):
+        found = observations(explain_array(np.array([row], np.float32), key))
+        assert all(o.holds for o in found), [o.text for o in found if not o.holds]
+
+
+def test_mirror_pairs_around_a_float32_mean_are_still_claimed_and_hold():
+    found = observations(explain_array(np.array([[0.25, 0.75, 0.5]], np.float32), "layer"))
+    assert [o.holds for o in found if "mirror" in o.text] == [True]
