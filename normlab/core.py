@@ -71,10 +71,11 @@ def is_float(dtype: np.dtype) -> bool:
 
 
 def gradient_dtype(param, dtype: np.dtype) -> np.dtype:
-    """The dtype of a parameter's gradient: the parameter's own, where it is a float array,
-    else ``dtype`` (the result's: a list takes the input's dtype, as in the forward)."""
+    """The dtype of a parameter's gradient: the parameter's own (in the machine's byte order),
+    where it is a float array, else ``dtype`` (the result's: a list takes the input's dtype,
+    as in the forward)."""
     if isinstance(param, (np.ndarray, np.generic)) and is_float(param.dtype):
-        return param.dtype
+        return native_dtype(param.dtype)
     return dtype
 
 

@@ -487,6 +487,17 @@ def test_gradients_of_parameters_given_as_lists_take_the_inputs_dtype(fused):
     np.testing.assert_allclose(grad_x, x.grad.numpy(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fused", [{}, {"residual": np.zeros((2, 3))}], ids=["plain", "fused"])
+def test_gradients_of_big_endian_parameters_come_in_the_machines_byte_order(fused):
+    x = np.random.default_rng(12).standard_normal((2, 3))
+    weight = np.array([1.0, 2.0, 3.0])
+    want = normlab.normalize_backward(np.ones((2, 3)), x, "b [d]", weight=weight, params="d", **fused)
+    grads = normlab.normalize_backward(np.ones((2, 3)), x, "b [d]", weight=weight.astype(">f8"), params="d", **fused)
+    grad_weight, want_weight = (grads.weight, want.weight) if fused else (grads[1], want[1])
+    assert grad_weight.dtype == np.dtype(np.float64) and grad_weight.dtype.isnative
+    np.testing.assert_array_equal(grad_weight, want_weight)
+
+
 @pytest.mark.parametrize("x_dtype", [np.int64, np.int32, np.bool_])
 def test_the_cast_suggested_for_a_float32_weight_beside_integer_input_makes_the_call_work(x_dtype):
     """Integer input is read as float64, so the fix is a float64 weight, not ``x.dtype``'s."""
