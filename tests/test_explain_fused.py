@@ -195,3 +195,13 @@ def test_gate_data_for_a_gate_after_the_norm_is_read_and_refused_when_it_is_no_g
 def test_gate_data_that_does_not_broadcast_names_both_shapes(explain):
     result = explain("b [d]", "--data", json.dumps(X), "--gate", "silu", "--gate-first", "--gate-data", "[1, 2]")
     assert result.returncode == 2 and "--gate-data" in result.stderr and "(2, 3)" in result.stderr
+
+
+def test_data_that_float32_holds_as_other_values_says_so_in_the_terminal_and_on_the_page(explain, tmp_path):
+    # typed apart, drawn (and claimed) equal: the reader must learn why
+    page = tmp_path / "rounded.html"
+    result = explain("layer", "--data", "[[16777216, 16777217, 3]]", "--html", str(page))
+    note = "float32 (explain computes in it, as the demo does) holds 16777217 as 16777216"
+    assert result.returncode == 0 and note in result.stdout
+    assert note in page.read_text()
+    assert "float32" not in explain("layer", "--data", "[[0.1, 0.25, 3]]").stdout  # 0.1 is drawn as typed

@@ -178,7 +178,7 @@ def _explain(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from normlab.explain.html import write_page
-    from normlab.explain.model import all_views, explain_array, parse_mask, parse_segments, parse_sizes
+    from normlab.explain.model import all_views, explain_array, float32_note, parse_mask, parse_segments, parse_sizes
     from normlab.explain.terminal import make_console, render_view
 
     _refuse_a_split_pattern(args)
@@ -205,6 +205,7 @@ def _explain(args: argparse.Namespace) -> int:
     segments = None if args.segments is None else parse_segments(args.segments)
     view = explain_array(data, args.pattern, sizes, rms=args.rms, mask=mask, segments=segments)
     block = _fused_stages(args, view)
+    note = None if args.data is None else float32_note(args.data, x)  # 16777217 is drawn 16777216
     page = None
     if args.html:  # written first, so that a bad path fails before anything is printed
         from normlab.explain.pipeline import pipeline_svg
@@ -212,10 +213,12 @@ def _explain(args: argparse.Namespace) -> int:
         on = f"h = {gated} · φ(z)" if gate is not None else "s = x + r" if residual is not None else None
         title = f"normlab explain · {view.pattern}" + (f" on {on}" if on else "")
         page = write_page(args.html, all_views(data, view), view.key, title=title,
-                          pipeline=pipeline_svg(block) if block else "")
+                          pipeline=pipeline_svg(block) if block else "", note=note or "")
     console = make_console(no_color=args.no_color or args.explain_no_color)
     shape = "×".join(str(s) for s in x.shape)
     console.print(f"[bold]normlab explain[/]  tensor {shape}" + (f" ({escape(origin)})" if origin else ""))
+    if note:
+        console.print(f"[dim]{escape(note)}[/]")
     if residual is not None:
         from normlab.explain.terminal import render_residual
 

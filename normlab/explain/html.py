@@ -229,9 +229,10 @@ def _mask_note(view: NormView) -> str:
 
 
 def build_page(views: list[NormView], selected: str | None = None, title: str = "normlab explain",
-               pipeline: str = "") -> str:
+               pipeline: str = "", note: str = "") -> str:
     """The whole page for one tensor and several norms (``views``, all on the same data);
-    ``pipeline`` is an SVG of a fused block's stages (:mod:`normlab.explain.pipeline`), or empty."""
+    ``pipeline`` is an SVG of a fused block's stages (:mod:`normlab.explain.pipeline`), or empty;
+    ``note`` a sentence about the data shown under the picture (float32's rounding), or empty."""
     selected = selected or views[0].key
     first = next(v for v in views if v.key == selected)
     x = first.x
@@ -247,20 +248,21 @@ def build_page(views: list[NormView], selected: str | None = None, title: str = 
             .replace("{{shape}}", html.escape(shape))
             .replace("{{buttons}}", buttons)
             .replace("{{svg}}", _svg(x, first))
-            .replace("{{mask_note}}", _mask_note(first))
+            .replace("{{mask_note}}", _mask_note(first) + (f'\n    <p class="explain" id="data-note">'
+                                                             f'{html.escape(note)}.</p>' if note else ""))
             .replace("{{pipeline}}", f'<figure class="card">{pipeline}<figcaption class="explain">where the '
                      'residual, the gate and the modulation enter</figcaption></figure>' if pipeline else "")
             .replace("{{data}}", data))
 
 
 def write_page(path, views: list[NormView], selected: str | None = None, title: str = "normlab explain",
-               pipeline: str = ""):
+               pipeline: str = "", note: str = ""):
     """Write :func:`build_page` to ``path`` (UTF-8) and return the path as a ``pathlib.Path``."""
     from pathlib import Path
 
     path = Path(path)
     try:
-        path.write_text(build_page(views, selected, title, pipeline), encoding="utf-8")
+        path.write_text(build_page(views, selected, title, pipeline, note), encoding="utf-8")
     except OSError as err:
         from normlab.errors import NormlabError
 

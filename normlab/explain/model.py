@@ -29,7 +29,7 @@ from normlab.plan import Plan, make_plan
 __all__ = [
     "Preset", "PRESETS", "NormView", "Observation", "resolve", "presets_for_rank", "explain_array",
     "observations", "format_value", "format_output", "format_stat", "AXIS_WORDS", "all_views", "parse_data", "parse_shape",
-    "parse_sizes", "random_input", "default_groups",
+    "parse_sizes", "random_input", "default_groups", "float32_note",
 ]
 
 # Readers know axes by what they hold, not by their letter.
@@ -436,6 +436,36 @@ def parse_data(text: str, option: str = "--data") -> np.ndarray:
                            f"does) cannot hold: its magnitudes run from {_FLOAT32_SMALLEST:.2g} to "
                            f"{_FLOAT32_LARGEST:.2g}; scale the data into that range")
     return values
+
+
+def float32_note(text: str, held: np.ndarray) -> str | None:
+    """A sentence for data that float32 holds as other values (``16777217`` as ``16777216``,
+    ``0.123456789`` as ``0.12345679``), or None: the drawing and its claims are of float32's
+    values, and two numbers typed apart may be drawn, and claimed, equal.
+
+    >>> float32_note("[[16777217, 1, 0.5]]", parse_data("[[16777217, 1, 0.5]]"))
+    'float32 (explain computes in it, as the demo does) holds 16777217 as 16777216; the drawing shows its values'
+    >>> float32_note("[[0.1, 0.25]]", parse_data("[[0.1, 0.25]]")) is None
+    True
+    """
+    import json
+
+    given = np.array(json.loads(text), dtype=np.float64).ravel()
+    held = held.ravel()
+    # 0.1 reads back as 0.1 from float32's shortest digits: only values drawn otherwise count
+    changed = [k for k in range(given.size) if np.isfinite(given[k]) and float(format_value(held[k])) != given[k]]
+    if not changed:
+        return None
+    first = changed[0]
+    more = f", and {len(changed) - 1} more value{'s' * (len(changed) > 2)} likewise" if len(changed) > 1 else ""
+    return (f"float32 (explain computes in it, as the demo does) holds {_typed(given[first])} as "
+            f"{format_value(held[first])}{more}; the drawing shows its values")
+
+
+def _typed(value: float) -> str:
+    """A number as one types it: 16777217, not 16777217.0."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) < 1e16 else repr(value)
 
 
 _FLOAT32_SMALLEST = float(np.finfo(np.float32).smallest_subnormal)
