@@ -111,6 +111,23 @@ class _Speech(torch.nn.Module):
         return self.layer(h.transpose(1, 2), mask=mask[:, :, None])
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+def test_jit_trace_records_a_masked_training_step_that_runs_at_another_batch_and_length():
+    """The masked batch norms update their running statistics inside their op's forward
+    (so that checkpointing recomputes the update): traced in training they raised
+    "unordered_map::at", as torch.jit.trace cannot record operations there."""
+    g = torch.Generator().manual_seed(6)
+    model = _Speech().train()
+    reference = copy.deepcopy(model)
+    x, lengths = torch.randn(2, 4, 7, generator=g), torch.tensor([7, 3])
+    traced = torch.jit.trace(model, (x, lengths), check_trace=False)
+    reference(x, lengths)  # (tracing ran one step)
+    other = torch.randn(3, 4, 11, generator=g), torch.tensor([11, 1, 6])
+    torch.testing.assert_close(traced(*other), reference(*other))
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(traced.batch, name), getattr(reference.batch, name))
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 def test_a_masked_model_exports_to_onnx_and_onnxruntime_gives_its_outputs_at_another_batch_and_length(dynamo,

@@ -445,15 +445,17 @@ def _run_masked(x: Tensor, spec: Spec, weight: Optional[Tensor], bias: Optional[
             segment_axis)
     eager = not torch.compiler.is_compiling() and all(
         t is None or type(t) in (Tensor, torch.nn.Parameter) for t in args[:5])
+    # (torch.jit.trace cannot record operations inside a Function's forward: after it there)
+    inside = then if eager and not torch.jit.is_tracing() else None
     try:
-        y, mean, rstd, count = _Eager.apply(*args, then) if eager else _forward_op(*args)
+        y, mean, rstd, count = _Eager.apply(*args, inside) if eager else _forward_op(*args)
     except (ShapeError, ParamsError) as error:
         if segment_ids is not None and given_segments is None:
             # the op was handed max(ids) + 1: refuse in the words for the ids alone, which
             # do not tell the user to pass that very num_segments
             _refuse_too_many_segments(x, spec, segment_ids, num_segments, False)
         raise _torch_error(error) from None
-    if then is not None and not eager:
+    if then is not None and inside is None:
         then(mean, rstd, count)
     if low:
         y = y.to(x.dtype)
