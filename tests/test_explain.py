@@ -305,3 +305,8 @@ def test_no_mirror_claim_fails_where_float32_cannot_hold_the_mean(row):
 def test_mirror_pairs_around_a_float32_mean_are_still_claimed_and_hold():
     found = observations(explain_array(np.array([[0.25, 0.75, 0.5]], np.float32), "layer"))
     assert [o.holds for o in found if "mirror" in o.text] == [True]
+
+
+def test_a_subnormal_input_is_drawn_with_the_digits_it_was_typed_with():
+    view = explain_array(parse_data("[[1e-40, 3e-40, 2e-40]]"), "layer")
+    assert page.page_data([view], "layer")["valueText"] == ["1e-40", "3e-40", "2e-40"]

@@ -257,13 +257,17 @@ def format_value(value) -> str:
 
     >>> format_value(4.0), format_value(-0.5), format_value(np.float32(1000001)), format_value(np.float32(0.1))
     ('4', '-0.5', '1000001', '0.1')
+    >>> format_value(np.float32(1e-40)), format_value(np.float32(1.4e-45))
+    ('1e-40', '1e-45')
     """
     computed = isinstance(value, np.float64)
     value = float(value)
     if computed or not math.isfinite(value):
         return f"{value:g}"
     target = np.float32(value)
-    for digits in range(6, 9):  # nine significant digits tell every two float32 apart
+    # a subnormal holds fewer digits: six would write float32's 1e-40 as 9.99995e-41
+    fewest = 1 if abs(target) < np.finfo(np.float32).tiny else 6
+    for digits in range(fewest, 9):  # nine significant digits tell every two float32 apart
         text = f"{value:.{digits}g}"
         if np.float32(text) == target:
             return text
