@@ -131,6 +131,7 @@ BAD_INPUTS = {
     "both data and shape": ["explain", "batch", "--shape", "2,3", "--data", "[1]"],
     "data beyond float32's range": ["explain", "layer", "--data", "[[1e300, -1e300, 3], [3, 3, 2]]"],
     "data below float32's smallest magnitude": ["explain", "layer", "--data", "[[1e-310, 2e-310, 3e-310]]"],
+    "an integer past float64's range": ["explain", "layer", "--data", "[[1" + "0" * 400 + ", 1, 2]]"],
     "a residual beyond float32's range": ["explain", "layer", "--data", "[[1, 2, 3]]", "--residual-data", "[1e40, 0, 0]"],
     "a residual sum beyond float32's range": ["explain", "layer", "--data", "[[3e38, 1, 2]]", "--residual-data",
                                               "[3e38, 0, 0]"],

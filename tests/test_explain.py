@@ -142,6 +142,9 @@ def test_the_no_color_environment_variable_gives_plain_text(monkeypatch):
 
 @pytest.mark.parametrize("text, message", [
     ("[[4, 3", "not valid JSON"), ("[[1, 2], [3]]", "rectangular"), ('["a"]', "numbers"), ("7", "1 to 4 axes"),
+    # past float64 itself: JSON reads 1e400 as inf and 1e-400 as 0, and a 400-digit integer does not convert
+    ("[[1e400, 1]]", "holds 1e400, which float32 .* cannot hold"), ("[[1e-400, 1]]", "holds 1e-400, which float32"),
+    ("[[1" + "0" * 400 + ", 1]]", r"holds 10000000… \(401 characters\), which float32"),
 ])
 def test_bad_data_raises_a_normlab_error(text, message):
     with pytest.raises(NormlabError, match=message):

@@ -419,8 +419,19 @@ def parse_data(text: str, option: str = "--data") -> np.ndarray:
     """
     import json
 
+    def number(literal: str) -> float:
+        # past float64 itself 1e400 reads as inf, 1e-400 as 0 and a 400-digit integer fails
+        # to convert: refused here as float32's range refuses 1e300 below
+        try:
+            value = float(literal)
+        except OverflowError:
+            value = math.inf
+        if math.isinf(value) or value == 0 and any(d in "123456789" for d in literal.lower().split("e")[0]):
+            raise _beyond_float32(option, literal if len(literal) <= 12 else f"{literal[:8]}… ({len(literal)} characters)")
+        return value
+
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_float=number, parse_int=number)
     except json.JSONDecodeError as err:
         raise NormlabError(f"{option} is not valid JSON ({err.msg} at character {err.pos + 1}); "
                            "pass nested lists such as '[[4, 3, 2], [3, 3, 2]]'") from None
@@ -436,10 +447,14 @@ def parse_data(text: str, option: str = "--data") -> np.ndarray:
     # its claims would be of other data than the user's
     lost = (np.isinf(values) & np.isfinite(array)) | ((values == 0) & (array != 0))
     if lost.any():
-        raise NormlabError(f"{option} holds {array[lost][0]:g}, which float32 (explain computes in it, as the demo "
-                           f"does) cannot hold: its magnitudes run from {_FLOAT32_SMALLEST:.2g} to "
-                           f"{_FLOAT32_LARGEST:.2g}; scale the data into that range")
+        raise _beyond_float32(option, f"{array[lost][0]:g}")
     return values
+
+
+def _beyond_float32(option: str, shown: str) -> NormlabError:
+    return NormlabError(f"{option} holds {shown}, which float32 (explain computes in it, as the demo does) cannot "
+                        f"hold: its magnitudes run from {_FLOAT32_SMALLEST:.2g} to {_FLOAT32_LARGEST:.2g}; scale the "
+                        "data into that range")
 
 
 def float32_note(text: str, held: np.ndarray) -> str | None:
