@@ -124,8 +124,31 @@ def test_jit_trace_records_a_masked_training_step_that_runs_at_another_batch_and
     reference(x, lengths)  # (tracing ran one step)
     other = torch.randn(3, 4, 11, generator=g), torch.tensor([11, 1, 6])
     torch.testing.assert_close(traced(*other), reference(*other))
-    for name in ("running_mean", "running_var"):
-        torch.testing.assert_close(getattr(traced.batch, name), getattr(reference.batch, name))
+    torch.testing.assert_close(dict(traced.state_dict()), reference.state_dict())
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+@pytest.mark.parametrize("name", ["BatchNorm1d", "Norm", "Norm without a mask"])
+def test_a_traced_masked_batch_norm_counts_each_batch_it_runs_as_torch_nns_traced_batch_norm_does(name):
+    """The masked path (and Norm's) counted the batch in num_batches_tracked through NumPy,
+    which torch.jit.trace does not record: the traced model stayed at its tracing's count."""
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nt.BatchNorm1d(4) if name == "BatchNorm1d" else nt.Norm("[b] c [t]", "c", c=4,
+                                                                                 track_running_stats=True)
+
+        def forward(self, x, mask):
+            return self.norm(x) if name == "Norm without a mask" else self.norm(x, mask=mask)
+
+    x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(9))
+    mask = torch.ones(3, 1, 5, dtype=torch.bool)
+    ours = torch.jit.trace(Masked(), (x, mask), check_trace=False)
+    theirs = torch.jit.trace(torch.nn.BatchNorm1d(4), (x,), check_trace=False)
+    for _ in range(2):
+        ours(x, mask)
+        theirs(x)
+    assert int(ours.norm.num_batches_tracked) == int(theirs.num_batches_tracked) == 3
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")

@@ -317,6 +317,7 @@ def _average_factor(module) -> float:
     if module.training and module.track_running_stats and tracked is not None:
         if (type(tracked) is Tensor and tracked.device.type == "cpu" and not tracked.requires_grad
                 and not _functorch_active()  # (add_ raises torch's error there: a captured buffer changed)
+                and not torch.jit.is_tracing()  # (torch.jit.trace records add_, not NumPy's increment)
                 and (torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
                      or not tracked.is_inference())):  # (built in inference_mode: add_ raises torch's error)
             counter = tracked.numpy()
