@@ -313,3 +313,11 @@ def test_mirror_pairs_around_a_float32_mean_are_still_claimed_and_hold():
 def test_a_subnormal_input_is_drawn_with_the_digits_it_was_typed_with():
     view = explain_array(parse_data("[[1e-40, 3e-40, 2e-40]]"), "layer")
     assert page.page_data([view], "layer")["valueText"] == ["1e-40", "3e-40", "2e-40"]
+
+
+def test_five_axes_are_refused_with_the_trailing_axes_merged_as_the_fix():
+    # a BatchNorm3d input (N, C, D, H, W): the message says which 4-D shape to draw instead
+    with pytest.raises(ShapeError, match=r"shape \(2, 3, 2, 2, 2\); merge the trailing axes into one, as in --shape 2,3,2,4"):
+        random_input((2, 3, 2, 2, 2))
+    x = random_input((2, 3, 2, 4), seed=1)
+    assert explain_array(x, "batch").pattern == "[b] c [h w]"

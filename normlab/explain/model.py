@@ -191,8 +191,12 @@ def check_drawable(shape: tuple[int, ...]) -> None:
     """:func:`as_input`'s checks on a shape alone, so that a huge ``--shape`` is refused before
     anything of its size is allocated."""
     shape, size = tuple(shape), math.prod(shape)
-    if len(shape) < 1 or len(shape) > 4:
+    if len(shape) < 1:
         raise ShapeError(f"explain draws tensors of 1 to 4 axes, got shape {shape}; pass nested lists such as [[4, 3, 2], [3, 3, 2]]")
+    if len(shape) > 4:  # say a 5-D video batch (N, C, D, H, W): its positions drawn as one axis
+        merged = shape[:3] + (math.prod(shape[3:]),)
+        raise ShapeError(f"explain draws tensors of 1 to 4 axes, got shape {shape}; merge the trailing axes into one, "
+                         f"as in --shape {','.join(map(str, merged))} (batch and instance norm group the same elements)")
     if size == 0:
         raise ShapeError(f"explain needs at least one element, got shape {shape}")
     if size > MAX_ELEMENTS:
