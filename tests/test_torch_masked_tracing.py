@@ -127,6 +127,31 @@ def test_jit_trace_records_a_masked_training_step_that_runs_at_another_batch_and
     torch.testing.assert_close(dict(traced.state_dict()), reference.state_dict())
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_traced_masked_model_saves_loads_and_runs_at_another_batch_and_length(training, tmp_path):
+    """torch.jit.trace recorded each mask= as a Python call into the kernels (warning that
+    converting a tensor to a NumPy array might make the trace incorrect), so torch.jit.save
+    refused the traced model: "Could not export Python function call '_Eager'"."""
+    g = torch.Generator().manual_seed(10)
+    model = _Speech().train(training)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(generator=g)
+        model.batch.running_var.uniform_(0.5, 2, generator=g)
+    x, lengths = torch.randn(2, 4, 7, generator=g), torch.tensor([7, 3])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(copy.deepcopy(model), (x, lengths), check_trace=False)
+    assert not [w for w in caught if "NumPy" in str(w.message)]
+    torch.jit.save(traced, str(tmp_path / "speech.pt"))
+    loaded = torch.jit.load(str(tmp_path / "speech.pt"))
+    model(x, lengths)  # (tracing ran one step)
+    other = torch.randn(3, 4, 11, generator=g), torch.tensor([11, 1, 6])
+    torch.testing.assert_close(loaded(*other), model(*other))
+    torch.testing.assert_close(dict(loaded.state_dict()), model.state_dict())
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
 @pytest.mark.parametrize("name", ["BatchNorm1d", "Norm", "Norm without a mask"])
 def test_a_traced_masked_batch_norm_counts_each_batch_it_runs_as_torch_nns_traced_batch_norm_does(name):

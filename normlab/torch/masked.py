@@ -420,7 +420,9 @@ def _run_masked(x: Tensor, spec: Spec, weight: Optional[Tensor], bias: Optional[
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"pattern {pattern!r}, input shape {tuple(x.shape)}: mask must be a bool tensor, "
                         f"got {mask.dtype}; pass mask.bool() (True where an element counts)")
-    if _exporting_to_onnx():  # (either exporter: ONNX has no normlab op)
+    # (either ONNX exporter: ONNX has no normlab op; torch.jit.trace: torch operations, which take
+    # other sizes and which torch.jit.save saves, where a call into the kernels is a Python call)
+    if _exporting_to_onnx() or (torch.jit.is_tracing() and segment_ids is None):
         if segment_ids is not None:
             raise RuntimeError(f"pattern {pattern!r}, input shape {tuple(map(int, x.shape))}: "
                                + SEGMENTS_DO_NOT_EXPORT)
