@@ -751,3 +751,18 @@ def test_fused_normalize_with_a_scale_or_a_shift_alone_has_the_gradients_of_its_
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
     torch.testing.assert_close(got, want, **tolerance)
     torch.testing.assert_close(_grads([got], (x, modulation)), _grads([want], (x, modulation)), **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("make, reference", [(lambda: FusedAddRMSNorm(0), lambda: LlamaRMSNorm(0)),
+                                             (lambda: FusedAddLayerNorm(0), lambda: torch.nn.LayerNorm(0))],
+                         ids=["rms", "layer"])
+def test_fused_add_blocks_of_width_zero_give_the_empty_outputs_of_the_norm_of_the_sum(make, reference, dtype):
+    # torch.nn.LayerNorm(0) and LlamaRMSNorm(0) take (..., 0) inputs; the blocks' plan refused the size 0
+    ours, theirs = make().to(dtype), reference().to(dtype)
+    x, r = _leaves((2, 3, 0), (2, 3, 0), dtype=dtype)
+    y, total = ours(x, r)
+    want = theirs(x + r)
+    assert (y.shape, y.dtype, total.shape) == (want.shape, want.dtype, (2, 3, 0))
+    grads = torch.autograd.grad([y.sum(), total.sum()], [x, r, *ours.parameters()])
+    assert [g.shape for g in grads] == [(2, 3, 0), (2, 3, 0), *[(0,)] * len(list(ours.parameters()))]

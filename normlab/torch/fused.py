@@ -663,7 +663,9 @@ def _trailing(normalized_shape) -> tuple[str, str, tuple]:
     """Pattern, params and sizes normalizing the trailing ``normalized_shape``."""
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     names = [f"n{i}" for i in range(len(shape))]
-    return "... [" + " ".join(names) + "]", " ".join(names), tuple(zip(names, (int(s) for s in shape)))
+    # (a size of 0, as nn.LayerNorm(0) takes, is left to the input: a plan's given sizes start at 1)
+    sizes = tuple((name, int(size)) for name, size in zip(names, shape) if int(size) != 0)
+    return "... [" + " ".join(names) + "]", " ".join(names), sizes
 
 
 def _block_of(module: nn.Module) -> Block:
