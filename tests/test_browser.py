@@ -250,7 +250,8 @@ def test_every_number_fits_inside_its_cell_so_no_digit_hides_under_a_neighbour(b
 
 @pytest.mark.parametrize("pattern, channel_word", [("b t [d]", "T · tokens"), ("[b t] d", "T · tokens"),
                                                    ("b c [s]", "C · channels")])
-def test_the_cube_names_the_second_axis_of_a_custom_pattern_by_its_letter_as_the_legend_does(browser, tmp_path, pattern, channel_word):
+def test_the_cube_names_the_second_axis_of_a_custom_pattern_by_its_letter_as_the_legend_does(browser, tmp_path, pattern,
+                                                                                              channel_word):
     from selenium.webdriver.common.by import By
 
     view = explain_array(NOTE_3D, pattern)

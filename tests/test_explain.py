@@ -281,8 +281,10 @@ def test_tensors_wider_than_the_terminal_go_one_under_another_with_rows_folded_b
     np.testing.assert_array_equal(np.round(read, 4), np.round(view.y.ravel().astype(np.float64), 4))
 
 
-@pytest.mark.parametrize("row, who", [([-0.0, 0.0, 0.0, 1.0], "-0, 0 and 0"), ([0.0, -0.0, 0.0, -0.0, 0.0, 1.0], "the five 0s and -0s"),
-                                      ([-0.0, -0.0, -0.0, 1.0], "the three -0s"), ([0.0, 0.0, 0.0, 1.0], "the three 0s")])
+@pytest.mark.parametrize("row, who", [
+    ([-0.0, 0.0, 0.0, 1.0], "-0, 0 and 0"), ([0.0, -0.0, 0.0, -0.0, 0.0, 1.0], "the five 0s and -0s"),
+    ([-0.0, -0.0, -0.0, 1.0], "the three -0s"), ([0.0, 0.0, 0.0, 1.0], "the three 0s"),
+])
 def test_equal_zeros_drawn_as_minus_zero_and_zero_are_named_as_drawn(row, who):
     view = explain_array(np.array([row], np.float32), "layer")
     texts = [o.text for o in observations(view) if "share a group" in o.text]
@@ -317,7 +319,7 @@ def test_a_subnormal_input_is_drawn_with_the_digits_it_was_typed_with():
 
 def test_five_axes_are_refused_with_the_trailing_axes_merged_as_the_fix():
     # a BatchNorm3d input (N, C, D, H, W): the message says which 4-D shape to draw instead
-    with pytest.raises(ShapeError, match=r"shape \(2, 3, 2, 2, 2\); merge the trailing axes into one, as in --shape 2,3,2,4"):
+    with pytest.raises(ShapeError, match=r"\(2, 3, 2, 2, 2\); merge the trailing axes into one, as in --shape 2,3,2,4"):
         random_input((2, 3, 2, 2, 2))
     x = random_input((2, 3, 2, 4), seed=1)
     assert explain_array(x, "batch").pattern == "[b] c [h w]"

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--segments", metavar="JSON", help="ids along the first bracketed axis, e.g. '[0,0,1]': "
                         "each id its own group (coloured apart)")
     parser.add_argument("--shape", metavar="2,3,4", help="draw random small integers of this shape instead")
-    parser.add_argument("--seed", metavar="N", default="0", help="seed for --shape, and for a random residual (seed + 1) or gate (seed + 2) (default 0)")
+    parser.add_argument("--seed", metavar="N", default="0",
+                        help="seed for --shape, and for a random residual (seed + 1) or gate (seed + 2) (default 0)")
     parser.add_argument("--rms", action="store_true", help="divide by the root mean square, no mean (RMS norm)")
     parser.add_argument("--residual", action="store_true", help="fused block: normalize s = x + r, r random small "
                         "integers (seed + 1) unless --residual-data gives it")

@@ -28,8 +28,8 @@ from normlab.plan import Plan, make_plan
 
 __all__ = [
     "Preset", "PRESETS", "NormView", "Observation", "resolve", "presets_for_rank", "explain_array",
-    "observations", "format_value", "format_output", "format_stat", "AXIS_WORDS", "all_views", "parse_data", "parse_shape",
-    "parse_sizes", "random_input", "default_groups", "float32_note",
+    "observations", "format_value", "format_output", "format_stat", "AXIS_WORDS", "all_views", "parse_data",
+    "parse_shape", "parse_sizes", "random_input", "default_groups", "float32_note",
 ]
 
 # Readers know axes by what they hold, not by their letter.
@@ -195,8 +195,9 @@ def check_drawable(shape: tuple[int, ...]) -> None:
         raise ShapeError(f"explain draws tensors of 1 to 4 axes, got shape {shape}; pass nested lists such as [[4, 3, 2], [3, 3, 2]]")
     if len(shape) > 4:  # say a 5-D video batch (N, C, D, H, W): its positions drawn as one axis
         merged = shape[:3] + (math.prod(shape[3:]),)
-        raise ShapeError(f"explain draws tensors of 1 to 4 axes, got shape {shape}; merge the trailing axes into one, "
-                         f"as in --shape {','.join(map(str, merged))} (batch and instance norm group the same elements)")
+        raise ShapeError(f"explain draws tensors of 1 to 4 axes, got shape {shape}; merge the trailing axes into "
+                         f"one, as in --shape {','.join(map(str, merged))} (batch and instance norm group the same "
+                         "elements)")
     if size == 0:
         raise ShapeError(f"explain needs at least one element, got shape {shape}")
     if size > MAX_ELEMENTS:
@@ -431,7 +432,8 @@ def parse_data(text: str, option: str = "--data") -> np.ndarray:
         except OverflowError:
             value = math.inf
         if math.isinf(value) or value == 0 and any(d in "123456789" for d in literal.lower().split("e")[0]):
-            raise _beyond_float32(option, literal if len(literal) <= 12 else f"{literal[:8]}… ({len(literal)} characters)")
+            shown = literal if len(literal) <= 12 else f"{literal[:8]}… ({len(literal)} characters)"
+            raise _beyond_float32(option, shown)
         return value
 
     try:
