@@ -422,6 +422,25 @@ def _a_transposed_input_gives_torch_nns_layout(rank: int):
     assert sync(channels_last[mine]).is_contiguous(memory_format=torch.channels_last)
 
 
+def _a_lazy_batch_norms_first_forward_is_synced(rank: int):
+    """A lazy batch norm converted before its dry-run batch (DistributedDataParallel takes no
+    uninitialized parameters): that first forward, too, gives batch norm's outputs, input
+    gradients and running statistics on the concatenated batch (it took each rank's own)."""
+    x, grad_y, _, mine = _three_rank_batch(rank, 8)
+    reference = torch.nn.BatchNorm2d(CHANNELS).double()
+    lazy = nt.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.LazyBatchNorm2d().double()))
+    x_ref, x_local = x.clone().requires_grad_(), x[mine].clone().requires_grad_()
+    expected = reference(x_ref)
+    (expected * grad_y).sum().backward()
+    y = lazy(x_local)
+    (y * grad_y[mine]).sum().backward()
+    assert type(lazy[0]) is nt.SyncBatchNorm
+    torch.testing.assert_close(y, expected[mine], **FLOAT64_TOLERANCE)
+    torch.testing.assert_close(x_local.grad, x_ref.grad[mine], **FLOAT64_TOLERANCE)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(lazy[0].state_dict()[name], value, **FLOAT64_TOLERANCE, msg=lambda m: f"{name}: {m}")
+
+
 def _three_rank_checks(rank: int, port: int, checks):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
     try:
@@ -439,5 +458,6 @@ def test_sync_batch_norm_over_three_gloo_ranks_follows_batch_norm_in_second_deri
               _a_dtype_mix_torch_refuses_raises_its_error_on_every_rank,
               _float32_far_from_zero_stays_within_1e_4_of_float64,
               _momentum_none_under_torch_compile_keeps_batch_norms_running_statistics,
-              _a_transposed_input_gives_torch_nns_layout)
+              _a_transposed_input_gives_torch_nns_layout,
+              _a_lazy_batch_norms_first_forward_is_synced)
     mp.spawn(_three_rank_checks, args=(_free_port(), checks), nprocs=3, join=True)

@@ -348,7 +348,10 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         becomes one at its first forward, once that has inferred the channels."""
         if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                # (torch swaps the class for cls_to_become then; the twin's attributes are set now)
+                if isinstance(module, nn.modules.batchnorm._LazyNormBase):
+                    # torch calls the forward of the class a module has as the call begins and swaps
+                    # in cls_to_become inside it: so that the first forward, too, is synced
+                    module.__class__ = LazySyncBatchNorm
                 module.cls_to_become, module.process_group = cls, process_group
                 cls._init_spec(module)
             return module
@@ -363,3 +366,12 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
             if converted is not child:
                 module.add_module(name, converted)
         return module
+
+
+class LazySyncBatchNorm(nn.modules.batchnorm._LazyNormBase, SyncBatchNorm):
+    """A lazy batch norm that :meth:`SyncBatchNorm.convert_sync_batchnorm` met before its
+    first forward: that forward infers the channels (torch's lazy hook, which then makes the
+    module its ``cls_to_become``, SyncBatchNorm) and normalizes over the ranks, as every later
+    one does."""
+
+    cls_to_become = SyncBatchNorm
