@@ -766,3 +766,12 @@ def test_fused_add_blocks_of_width_zero_give_the_empty_outputs_of_the_norm_of_th
     assert (y.shape, y.dtype, total.shape) == (want.shape, want.dtype, (2, 3, 0))
     grads = torch.autograd.grad([y.sum(), total.sum()], [x, r, *ours.parameters()])
     assert [g.shape for g in grads] == [(2, 3, 0), (2, 3, 0), *[(0,)] * len(list(ours.parameters()))]
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # (torch's nn.Linear(0, 0), in both)
+def test_ada_layer_norm_of_width_zero_gives_diffusers_empty_outputs():
+    diffusers = pytest.importorskip("diffusers.models.normalization")
+    x, emb = _leaves((2, 3, 0), (2, 0), dtype=torch.float32)
+    got, want = AdaLayerNorm(0)(x, emb=emb), diffusers.AdaLayerNormZero(0)(x, emb=emb)
+    assert [t.shape for t in got] == [t.shape for t in want]
+    assert torch.autograd.grad(got[0].sum(), x)[0].shape == (2, 3, 0)

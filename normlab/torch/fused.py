@@ -980,7 +980,8 @@ class AdaLayerNorm(Unscriptable, nn.Module):
         self.embedding_dim = embedding_dim
         # diffusers' FP32LayerNorm normalizes in float32 and rounds to the input's dtype before
         # the modulation, as nn.LayerNorm's kernel does for half input: one recipe for both
-        self._block = Block("b t [d]", modulation="b d", sizes=(("d", embedding_dim),),
+        # (an embedding_dim of 0 is left to the input, as in _trailing)
+        self._block = Block("b t [d]", modulation="b d", sizes=(("d", embedding_dim),) if embedding_dim else (),
                             eps=1e-6 if norm_type == "layer_norm" else 1e-5, casting=casting)
 
     def forward(self, x: Tensor, timestep=None, class_labels=None, hidden_dtype=None, emb: Optional[Tensor] = None):
