@@ -28,6 +28,8 @@ def stages(pattern: str, *, rms: bool = False, residual: bool = False, gate: str
     ['residual', 'statistics', 'normalize', 'modulation', 'gate']
     >>> stages("b t [d]", gate="silu", norm_before_gate=False)[0].formula
     'h = x · silu(z)'
+    >>> stages("b [d]", weight_offset=-1.0)[-1].formula
+    'y = x̂ · (w − 1)'
     """
     reduced = " ".join(part for part in _reduced(pattern))
     source = "x"
@@ -42,7 +44,8 @@ def stages(pattern: str, *, rms: bool = False, residual: bool = False, gate: str
     out.append(Stage("statistics", f"{what} of {source} over [{reduced}]", "one pair per group, float64"))
     centred = f"{source}" if rms else f"({source} − mean)"
     out.append(Stage("normalize", f"x̂ = {centred} · rstd"))
-    weight = "(1 + w)" if weight_offset == 1.0 else f"(w + {weight_offset:g})" if weight_offset else "w"
+    sign = "−" if weight_offset < 0 else "+"  # (w − 1), not (w + -1)
+    weight = "(1 + w)" if weight_offset == 1.0 else f"(w {sign} {abs(weight_offset):g})" if weight_offset else "w"
     target = "y₀" if gate and norm_before_gate else "y"
     # an offset implies a weight (Gemma's 1 + w), with or without params named
     affine = f"{target} = x̂ · {weight}" if params or weight_offset else f"{target} = x̂"
