@@ -87,6 +87,33 @@ def test_masked_layer_and_rms_norm_equal_torch_on_each_rows_counted_elements():
         torch.testing.assert_close(gx[mask], gref[mask])
 
 
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32], ids=["bf16 weight", "f32 weight"])
+@pytest.mark.parametrize("casting", ["llama", "gemma", "t5", "none", "imagegpt"])
+def test_a_masked_rms_norm_with_a_casting_recipe_rounds_and_types_its_tokens_as_without_the_mask(casting,
+                                                                                                 weight_dtype):
+    """mask= ignored the recipe: bfloat16 tokens with a float32 weight came back bfloat16
+    ("llama": float32 without a mask), and a quarter of the counted values rounded one
+    bfloat16 unit away. Oracle: the unmasked call on the kernels (x̂ in float32, then the
+    recipe's casts), which the mask leaves as it is on whole tokens."""
+    from normlab.torch import use_path
+
+    g = torch.Generator().manual_seed(11)
+    ours = nt.RMSNorm(64, casting=casting, weight_offset=1.0 if casting == "gemma" else 0.0)
+    with torch.no_grad():
+        ours.weight.normal_(generator=g)
+    ours = ours.to(weight_dtype)
+    x = torch.randn(3, 9, 64, generator=g).bfloat16()
+    mask = (torch.arange(9) < torch.tensor([9, 4, 0])[:, None])[..., None]  # (B, T, 1): padded tokens
+    y = ours(x, mask=mask)
+    with use_path("kernel"):
+        expected = ours(x)
+    assert y.dtype == expected.dtype
+    counted = mask[..., 0]
+    got, want = y[counted].double(), expected[counted].double()
+    assert ((got - want).abs() > 1e-6 * want.abs()).double().mean() < 0.02  # (a float32 unit may flip a rounding)
+    assert not y[~counted].any()
+
 def test_norm_with_segments_and_a_mask_equals_batch_norm_on_each_segments_counted_rows():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(12, 3, generator=g, dtype=torch.float64)

@@ -120,6 +120,14 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
 
         raise PatternShapeError(f"GroupNorm({module.num_groups}, {module.num_channels}) expects input (N, "
                                 f"{module.num_channels}, *), got {tuple(x.shape)}")
+    casting = getattr(module, "casting", None) if isinstance(module, nn.RMSNorm) else None
+    if casting is not None:  # x̂ in float32, then the recipe's casts and weight, as its kernel path does
+        from normlab.torch.casting import apply_recipe_scale, compute_dtype
+
+        normalized = normalize_masked(x.to(compute_dtype(x.dtype)), spec.pattern, eps=eps, rms=True, mask=mask,
+                                      sizes=spec.size_dict).y
+        return _unmasked_layout(module, x, apply_recipe_scale(x, normalized, module.weight, casting,
+                                                              module.weight_offset))
     weight = module.weight
     if weight is not None and getattr(module, "weight_offset", 0.0):
         weight = weight + module.weight_offset
