@@ -114,6 +114,40 @@ def test_a_masked_rms_norm_with_a_casting_recipe_rounds_and_types_its_tokens_as_
     assert ((got - want).abs() > 1e-6 * want.abs()).double().mean() < 0.02  # (a float32 unit may flip a rounding)
     assert not y[~counted].any()
 
+
+
+def _normalized_under(route, x, **kwargs):
+    from torch.autograd import forward_ad
+
+    from normlab.torch.masked import normalize_masked
+
+    if route == "vmap":  # (one sample: x and its mask)
+        return torch.func.vmap(lambda a, m: normalize_masked(a, "c [t]", mask=m).y)(x[None], kwargs["mask"][None])
+    if route == "forward AD":
+        with forward_ad.dual_level():
+            return normalize_masked(forward_ad.make_dual(x, torch.ones_like(x)), "c [t]", **kwargs)
+    if route == "bfloat16 weight":
+        return normalize_masked(x, "c [t]", weight=torch.ones(4, dtype=torch.bfloat16), params="c", **kwargs)
+    if route == "meta":
+        return normalize_masked(x.to("meta"), "c [t]", **{k: v.to("meta") for k, v in kwargs.items()})
+    return normalize_masked(x, "c [t]", **kwargs)
+
+
+@pytest.mark.parametrize("route", ["vmap", "forward AD", "bfloat16 weight", "meta"])
+def test_a_mask_or_ids_that_do_not_fit_are_refused_in_eagers_words_off_the_kernels(route):
+    """The composite (transforms, other devices, parameters NumPy cannot read) let torch's
+    broadcast refuse: "The expanded size of the tensor (4) must match the existing size (7)",
+    without the pattern, where the kernels name the pattern, the shapes and a fix."""
+    x = torch.randn(4, 7)
+    misfits = [{"mask": torch.ones(7, 1, dtype=torch.bool)}]
+    if route not in ("vmap", "meta"):  # (ids on meta: their largest cannot be read)
+        misfits.append({"segment_ids": torch.zeros(5, dtype=torch.long)})
+    for kwargs in misfits:
+        with pytest.raises(RuntimeError) as eager:
+            _normalized_under("kernels", x, **kwargs)
+        with pytest.raises(RuntimeError, match=re.escape(str(eager.value))):
+            _normalized_under(route, x, **kwargs)
+
 def test_norm_with_segments_and_a_mask_equals_batch_norm_on_each_segments_counted_rows():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(12, 3, generator=g, dtype=torch.float64)

@@ -439,6 +439,9 @@ def _run_masked(x: Tensor, spec: Spec, weight: Optional[Tensor], bias: Optional[
     if not kernel:
         if segment_ids is not None:  # before the composite allocates statistics for every id up to the largest
             _refuse_too_many_segments(x, spec, segment_ids, num_segments, given_segments is not None)
+        if not torch.compiler.is_compiling():  # (torch's broadcast would refuse a misfit without the pattern)
+            _refuse_misfits(x, mask, segment_ids, pattern, spec.params, spec.sizes,
+                            -1 if num_segments is None else num_segments, segment_axis)
         return MaskedResult(_composite(x, weight, bias, mask, segment_ids, spec, eps, num_segments, segment_axis,
                                        then))
     xs = [None if t is None else (t.float() if low else t) for t in (x, weight, bias)]
