@@ -67,6 +67,26 @@ def test_instance_norm_twin_matches_pyg_with_running_stats(sorted_ids, affine, t
     assert repr(ours) == repr(theirs)
 
 
+@pytest.mark.parametrize("with_batch", [True, False], ids=["batch vector", "one graph"])
+def test_a_checkpointed_block_ending_in_the_instance_norm_twin_updates_running_statistics_as_pygs(with_batch):
+    """torch.utils.checkpoint recomputes the forward in backward, up to the last tensor
+    saved for it. With a batch vector PyG updates its running statistics before its output,
+    so the recomputation updates them again; the twin updated them after its op: once.
+    (Without one PyG's F.instance_norm copies them back after it saves: once, as the twin.)"""
+    from torch.utils.checkpoint import checkpoint
+
+    x, batch, graphs = _batch(True)
+    ours = geometric.InstanceNorm(6, affine=True, track_running_stats=True).double()
+    theirs = pyg_norm.InstanceNorm(6, affine=True, track_running_stats=True).double()
+    _copy_params(ours, theirs)
+    args = (batch, graphs) if with_batch else ()
+    for step in range(2):
+        for module in (ours, theirs):
+            checkpoint(lambda a: module(torch.relu(a), *args), (x + step).requires_grad_(),
+                       use_reentrant=False).sum().backward()
+        theirs.running_mean, theirs.running_var = theirs.running_mean.detach(), theirs.running_var.detach()
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict())
+
 @pytest.mark.parametrize("sorted_ids", [True, False])
 @pytest.mark.parametrize("mode", ["graph", "node"])
 def test_layer_norm_twin_matches_pyg_in_both_modes(sorted_ids, mode):

@@ -22,9 +22,10 @@ from torch import Tensor, nn
 
 from normlab.torch import geometric_script as script
 from normlab.torch.compute import _dtypes_refused, normalize
-from normlab.torch.masked import check_segment_ids, normalize_masked
+from normlab.torch.masked import _run_masked, check_segment_ids, normalize_masked
 from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx
 from normlab.torch.modules import BatchNorm1d
+from normlab.torch.spec import Spec
 
 __all__ = ["InstanceNorm", "LayerNorm", "GraphNorm", "BatchNorm"]
 
@@ -106,18 +107,23 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
         if not use_input_stats:
             check_segment_ids(x, "[n] c", batch, batch_size)  # (unused here, but PyG's indexing refuses bad ids)
             return _apply_running(self, x)
-        y, mean, rstd, count = normalize_masked(_promoted(x, self.weight), "[n] c", weight=self.weight,
-                                                bias=self.bias, params=None if self.weight is None else "c",
-                                                eps=self.eps, segment_ids=batch, num_segments=batch_size)
-        if self.running_mean is not None or self.running_var is not None:
-            with torch.no_grad():
-                momentum = self.momentum
-                if self.running_mean is not None:
-                    self.running_mean = (1 - momentum) * self.running_mean + momentum * mean.mean(0).to(x.dtype)
-                if self.running_var is not None:
-                    unbiased = _variance(rstd, self.eps) * count / (count - 1).clamp_min(1)
-                    self.running_var = (1 - momentum) * self.running_var + momentum * unbiased.mean(0).to(x.dtype)
-        return y
+
+        def update(mean: Tensor, rstd: Tensor, count: Tensor) -> None:
+            # (before anything is saved for backward, as PyG updates before its output: a checkpoint's
+            # recomputation updates again, as there)
+            if self.running_mean is not None or self.running_var is not None:
+                with torch.no_grad():
+                    momentum = self.momentum
+                    if self.running_mean is not None:
+                        self.running_mean = (1 - momentum) * self.running_mean + momentum * mean.mean(0).to(x.dtype)
+                    if self.running_var is not None:
+                        unbiased = _variance(rstd, self.eps) * count / (count - 1).clamp_min(1)
+                        self.running_var = (1 - momentum) * self.running_var + momentum * unbiased.mean(0).to(
+                            x.dtype)
+
+        spec = Spec.build("[n] c", None if self.weight is None else "c")
+        return _run_masked(_promoted(x, self.weight), spec, self.weight, self.bias, self.eps, segment_ids=batch,
+                           num_segments=batch_size, then=update).y
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.num_features})"
