@@ -156,6 +156,16 @@ def _update_instance(buffer: np.ndarray, per_instance, n: int, batch: int, momen
         buffer[...] = copies.mean(axis=0) if batch else np.nan
 
 
+def _check_running_pair(running_mean, running_var, what: str, x: np.ndarray) -> None:
+    """torch's rule when the batch statistics move the running ones: both buffers or neither
+    (torch returns an empty input before it checks)."""
+    if x.size and (running_mean is None) != (running_var is None):
+        given, missing = ("running_mean", "running_var") if running_var is None else ("running_var", "running_mean")
+        raise InputError(f"{what}: running_mean and running_var must both be given or both be None, as torch "
+                         f"requires; got {given} and no {missing} for input shape {x.shape}; pass both to keep "
+                         "running statistics, or neither")
+
+
 def _check_momentum(momentum, what: str) -> float:
     """Any real number, as torch takes it (momentum outside [0, 1] extrapolates)."""
     if momentum is None or isinstance(momentum, (str, bytes)):
@@ -281,6 +291,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
                                  f"input shape {x.shape} (pattern {pattern!r}); count more or training=False")
         else:
             _check_values(n, x, pattern, what, "value per channel", "use a larger batch or training=False")
+        _check_running_pair(running_mean, running_var, what, x)
         momentum = _check_momentum(momentum, what)
         y, stats = _normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps, mask=mask)
         if n:  # an empty batch leaves the running statistics as they are
@@ -432,6 +443,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     if use_input_stats:
         n = math.prod(x.shape[2:])
         _check_values(n, x, pattern, what, "spatial element", "use more positions or use_input_stats=False")
+        _check_running_pair(running_mean, running_var, what, x)
         y, stats = _normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps, mask=mask)
         if running_mean is not None or running_var is not None:
             momentum = _check_momentum(momentum, what)

@@ -155,3 +155,17 @@ def test_running_statistics_are_untouched_in_evaluation():
     NF.batch_norm(np.random.default_rng(0).standard_normal((4, 2)), rm, rv, training=False)
     np.testing.assert_array_equal(rm, [0.5, -0.5])
     np.testing.assert_array_equal(rv, [2.0, 3.0])
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "instance_norm"])
+@pytest.mark.parametrize("given", ["running_mean", "running_var"])
+def test_one_running_buffer_without_the_other_raises_like_torch_and_moves_nothing(name, given):
+    x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    buffers = {"running_mean": None, "running_var": None, given: np.full(3, 0.5, np.float32)}
+    train = {"training": True} if name == "batch_norm" else {"use_input_stats": True}
+    with pytest.raises(ValueError, match="either both be None or neither"):
+        getattr(F, name)(torch.tensor(x), *(None if b is None else torch.tensor(b) for b in buffers.values()), **train)
+    with pytest.raises(InputError, match=f"both be None, as torch requires; got {given} and no"):
+        getattr(NF, name)(x, *buffers.values(), **train)
+    np.testing.assert_array_equal(buffers[given], 0.5)
+    getattr(NF, name)(x[:0], *buffers.values(), **train)  # torch returns an empty input before it checks
