@@ -305,6 +305,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
                 _update(running_var, var * (n / (n - 1) if unbiased else 1.0), momentum, has_values)
         return y
     if running_mean is None or running_var is None:
+        if not x.size:  # torch returns an empty input before it asks for the running statistics
+            return np.empty(x.shape, core.result_dtype(x, pattern))
         raise InputError("batch_norm: running_mean and running_var are needed when training=False")
     _check_unused_mask(mask, pattern, x)
     with np.errstate(invalid="ignore", divide="ignore"):  # as torch: NaN or inf where var + eps <= 0

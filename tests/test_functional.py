@@ -169,3 +169,16 @@ def test_one_running_buffer_without_the_other_raises_like_torch_and_moves_nothin
         getattr(NF, name)(x, *buffers.values(), **train)
     np.testing.assert_array_equal(buffers[given], 0.5)
     getattr(NF, name)(x[:0], *buffers.values(), **train)  # torch returns an empty input before it checks
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 5), (4, 3, 0)])
+@pytest.mark.parametrize("buffers", ["neither", "running_mean", "running_var"])
+def test_evaluation_batch_norm_of_an_empty_input_needs_no_running_statistics_as_in_torch(shape, buffers):
+    x = np.zeros(shape, np.float32)
+    given = {"running_mean": np.zeros(3, np.float32), "running_var": np.ones(3, np.float32)}
+    rm, rv = (given[name] if name == buffers else None for name in ("running_mean", "running_var"))
+    expected = F.batch_norm(torch.tensor(x), *(None if b is None else torch.tensor(b) for b in (rm, rv)), training=False)
+    y = NF.batch_norm(x, rm, rv, training=False)
+    assert y.shape == tuple(expected.shape) and y.dtype == np.float32
+    with pytest.raises(InputError, match="needed when training=False"):  # a batch with values still needs them
+        NF.batch_norm(np.ones((2, 3), np.float32), rm, rv, training=False)
