@@ -6,7 +6,7 @@ one group (all in float64, after the input has been read in its own dtype):
 
 .. math::
 
-    s = x + r\ \text{(rounded to x's dtype: the sum the model carries on)},\qquad
+    s = x + r\ \text{(rounded to the dtype of x + r: the sum the model carries on)},\qquad
     h = s\cdot\phi(z)\ \text{if the gate comes first, else}\ h = s
 
     \hat h = (h-\mu)\,\rho,\qquad
