@@ -204,3 +204,19 @@ def test_inputs_made_in_inference_mode_train_the_norm_as_the_replaced_class_does
         loss = (y * torch.linspace(-1, 1, WIDTH)).square().sum()
         gradients.append(torch.autograd.grad(loss, list(norm.parameters())))
     torch.testing.assert_close(gradients[0], gradients[1])
+
+
+def test_a_training_call_of_a_fused_block_asks_once_whether_autograd_records_it(monkeypatch):
+    """A small block's per-call work: the check for tensors made in inference mode and the
+    kernels' call share one answer (it was asked twice, and the check ran a generator)."""
+    from normlab.torch import fused as fused_module
+
+    asked = []
+    records = fused_module._records_autograd
+    monkeypatch.setattr(fused_module, "_records_autograd", lambda tensors: asked.append(1) or records(tensors))
+    norm = nt.FusedAddRMSNorm(WIDTH)
+    x = torch.randn(2, WIDTH, requires_grad=True)
+    for _ in range(2):  # (the first call of a shape builds its cached call)
+        asked.clear()
+        y, total = norm(x, torch.randn(2, WIDTH))
+    assert len(asked) == 1 and y.requires_grad and total.requires_grad

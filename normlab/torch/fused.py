@@ -457,8 +457,10 @@ def fused_normalize(x: Tensor, block: Block, *, residual=None, gate=None, weight
     ([0.8485, 1.1314], [[3.0, 4.0]])
     """
     tensors = (x, residual, gate, weight, bias, scale, shift)
-    if (not torch.compiler.is_compiling() and _records_autograd(tensors)  # (Dynamo cannot trace is_inference)
-            and any(t is not None and t.is_inference() for t in tensors)):
+    # (compile first: Dynamo cannot trace is_inference_mode_enabled nor is_inference; asked once
+    # a call, and a list, not a generator, which a small call would feel)
+    records = not torch.compiler.is_compiling() and _records_autograd(tensors)
+    if records and any([t is not None and t.is_inference() for t in tensors]):
         # a tensor made in inference_mode, which autograd cannot save where the kernels' backward
         # would (x + residual, or x alone, the gate, the parameters): the composite saves what its
         # operations make of it, normal tensors, as the code the block replaces does
@@ -467,19 +469,19 @@ def fused_normalize(x: Tensor, block: Block, *, residual=None, gate=None, weight
     if _use_kernels(*tensors):
         call = _cached_call(block, tensors)
         if call is not None:
-            return _run_cached(call, tensors)
+            return _run_cached(call, tensors, records)
         return _FusedFunction.apply(*tensors, block)
     if _half_recipe(block, tensors):
         call = _cached_call(block, tensors)
         if call is not None:
-            return _run_cached(call, tensors)
+            return _run_cached(call, tensors, records)
     return _composite(*tensors, block)
 
 
-def _run_cached(call, tensors):
-    """The cached call's outputs: through autograd where it records the call, else straight
+def _run_cached(call, tensors, records: bool):
+    """The cached call's outputs: through autograd where it ``records`` the call, else straight
     from the kernels (an autograd.Function costs a small call a sixth of its time)."""
-    if _records_autograd(tensors):
+    if records:
         return _CachedFusedFunction.apply(*tensors, call)
     y, total = call.forward(*tensors)[:2]
     return (y, total) if tensors[1] is not None else y
