@@ -211,6 +211,24 @@ def test_an_integer_input_with_a_mask_raises_torchs_error_as_without_one(build):
         nt.convert(reference)(x, mask=torch.ones(3, 1, 2, 2, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool])
+def test_norm_and_normalize_masked_refuse_an_integer_input_with_a_mask_as_without_one(dtype):
+    """Without a mask, Norm and normalize raise torch's RuntimeError (var_mean refuses the
+    input); with one they returned the input's dtype of made-up values (uint8: 255 for -1)."""
+    from normlab.torch.masked import normalize_masked
+
+    x = torch.randint(0, 2, (3, 4, 2)).to(dtype)
+    mask = torch.ones(3, 1, 2, dtype=torch.bool)
+    for norm in (nt.Norm("b c [t]"), nt.Norm("[b] c [t]", "c", c=4, track_running_stats=True)):
+        with pytest.raises(RuntimeError):
+            norm(x)
+        with pytest.raises(RuntimeError, match=f"got {dtype}; pass x.float"):
+            norm(x, mask=mask)
+        assert norm.running_mean is None or norm.running_mean.eq(0).all()
+    with pytest.raises(RuntimeError, match=re.escape("pattern 'b c [t]', input shape (3, 4, 2)")):
+        normalize_masked(x, "b c [t]", mask=mask)
+
+
 @pytest.mark.parametrize("name", ["batch_norm", "instance_norm"])
 def test_functional_norms_refuse_a_wrong_mask_in_evaluation_as_in_training_and_as_the_twins_do(name):
     """With running statistics the mask is unused, but a mask that training refuses is

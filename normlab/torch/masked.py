@@ -420,6 +420,11 @@ def _run_masked(x: Tensor, spec: Spec, weight: Optional[Tensor], bias: Optional[
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"pattern {pattern!r}, input shape {tuple(x.shape)}: mask must be a bool tensor, "
                         f"got {mask.dtype}; pass mask.bool() (True where an element counts)")
+    if not (x.is_floating_point() or x.is_complex()):
+        # (the statistics would be computed and the output cast back to it: made-up values,
+        # where the unmasked Norm and normalize raise, torch's var_mean refusing the input)
+        raise RuntimeError(f"pattern {pattern!r}, input shape {tuple(x.shape)}: the input must be floating point, "
+                           f"got {x.dtype}; pass x.float()")
     # (either ONNX exporter: ONNX has no normlab op; torch.jit.trace: torch operations, which take
     # other sizes and which torch.jit.save saves, where a call into the kernels is a Python call)
     if _exporting_to_onnx() or (torch.jit.is_tracing() and segment_ids is None):
