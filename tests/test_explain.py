@@ -260,6 +260,18 @@ def test_a_large_mean_reads_as_the_input_value_it_equals_in_the_legend_and_on_th
     assert norm["meanText"] == ["1000002", "2.333"] and norm["stdText"] == ["0.8165", "1.247"]
 
 
+def test_a_mean_equal_to_an_input_value_reads_as_that_value_with_many_digits_or_an_exponent():
+    # (four significant digits gave 1 beside the claim that 1.0000002 is the mean, and nine
+    # gave 1.00000002e+20 beside three values drawn 1e+20)
+    x = np.array([[1.0000001, 1.0000002, 1.0000004], [1e20, 1e20, 1e20], [3e15, 1, 2]], np.float32)
+    view = explain_array(x, "layer")
+    text = render(view, no_color=True)
+    assert re.search(r"A\s+sample 0\s+1.0000001 1.0000002 1.0000004\s+1.0000002\s", text)
+    assert re.search(r"B\s+sample 1\s+1e\+20 1e\+20 1e\+20\s+1e\+20\s+0\s", text)
+    norm = page.page_data([view], "layer")["norms"][0]
+    assert norm["meanText"][1:] == ["1e+20", "1e+15"] and norm["stdText"][1:] == ["0", "1.414e+15"]
+
+
 def test_the_axes_of_an_ellipsis_are_named_by_the_input_axis_they_stand_for():
     x = random_input((4, 2, 3), seed=0)
     assert explain_array(x, "... [d]").describe_group(3) == "axis 0 at 1, axis 1 at 1"

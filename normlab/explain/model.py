@@ -290,17 +290,23 @@ def format_output(value) -> str:
 
 
 def format_stat(value) -> str:
-    """A group's mean or std: four significant digits, and every digit before the point, so
-    that a mean equal to an input value reads as that value (``1000002``, not ``1e+06``).
+    """A group's mean or std: a value float32 holds as the input values are written (so that
+    a mean equal to an input value reads as that value: ``1000002``, ``1.0000002``, ``1e+20``,
+    not ``1e+06``, ``1`` or ``1.00000002e+20``), any other with four significant digits and
+    every digit before the point up to nine.
 
     >>> format_stat(11 / 3), format_stat(1000002.0), format_stat(1000002.5), format_stat(2.333e-4)
     ('3.667', '1000002', '1000002.5', '0.0002333')
+    >>> format_stat(float(np.float32(1.0000002))), format_stat(float(np.float32(1e20))), format_stat(2.776088e38)
+    ('1.0000002', '1e+20', '2.776e+38')
     """
     value = float(value)
     if value == 0 or not math.isfinite(value):
         return f"{value:g}"
+    if abs(value) <= np.finfo(np.float32).max and float(np.float32(value)) == value:
+        return format_value(np.float32(value))
     whole = math.floor(math.log10(abs(value))) + 1  # digits before the point
-    return f"{value:.{min(max(4, whole + 1), 9)}g}"  # nine digits tell float32 values apart
+    return f"{value:.{max(4, whole + 1) if whole < 9 else 4}g}"  # (past nine digits an exponent, as the values')
 
 
 @dataclass(frozen=True)
