@@ -185,10 +185,13 @@ def make_plan(pattern: str, shape, params: str | None = None, *, sizes=None, **a
         shape = tuple(int(s) for s in shape)
     except TypeError as err:
         raise ShapeError(f"shape must be a sequence of ints, got {shape!r}") from err
-    parse_pattern(pattern)  # syntax (and type) errors first, before anything is hashed
+    names = parse_pattern(pattern).names  # syntax (and type) errors first, before anything is hashed
     if params is not None:
         parse_params(params)
     for name, value in sizes.items():
+        if name not in names:  # a misspelt keyword (epsilon=1e-3) is told so, not asked for an int
+            raise _fail(pattern, shape, f"{name}={value!r} names no axis of the pattern",
+                        f"use one of {', '.join(names)}, or drop it")
         try:
             sizes[name] = operator.index(value)  # ints and NumPy integers; not floats
         except TypeError:
@@ -201,11 +204,7 @@ def make_plan(pattern: str, shape, params: str | None = None, *, sizes=None, **a
 @functools.lru_cache(maxsize=4096)
 def _make_plan(text: str, shape: tuple[int, ...], params: str | None, sizes_items) -> Plan:
     parsed: Pattern = parse_pattern(text)
-    sizes = dict(sizes_items)
-    for name, value in sizes.items():
-        if name not in parsed.names:
-            raise _fail(text, shape, f"{name}={value!r} names no axis of the pattern",
-                        f"use one of {', '.join(parsed.names)}, or drop it")
+    sizes = dict(sizes_items)  # each names an axis of the pattern (make_plan checked)
 
     ndims = len(parsed.dims)
     if parsed.has_ellipsis:
