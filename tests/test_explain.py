@@ -145,6 +145,9 @@ def test_the_no_color_environment_variable_gives_plain_text(monkeypatch):
     # past float64 itself: JSON reads 1e400 as inf and 1e-400 as 0, and a 400-digit integer does not convert
     ("[[1e400, 1]]", "holds 1e400, which float32 .* cannot hold"), ("[[1e-400, 1]]", "holds 1e-400, which float32"),
     ("[[1" + "0" * 400 + ", 1]]", r"holds 10000000… \(401 characters\), which float32"),
+    # inside float64, past float32: named as typed (float64's subnormals were written 9.99989e-321, 4.94066e-324)
+    ("[[1e-320, 1]]", "holds 1e-320, which"), ("[[5e-324, 1]]", "holds 5e-324, which"),
+    ("[[1e300, 1]]", r"holds 1e\+300, which"),
 ])
 def test_bad_data_raises_a_normlab_error(text, message):
     with pytest.raises(NormlabError, match=message):

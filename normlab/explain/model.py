@@ -459,7 +459,7 @@ def parse_data(text: str, option: str = "--data") -> np.ndarray:
     # its claims would be of other data than the user's
     lost = (np.isinf(values) & np.isfinite(array)) | ((values == 0) & (array != 0))
     if lost.any():
-        raise _beyond_float32(option, f"{array[lost][0]:g}")
+        raise _beyond_float32(option, _typed(array[lost][0]))  # (1e-320 as typed, not 9.99989e-321)
     return values
 
 
