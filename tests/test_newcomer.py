@@ -44,6 +44,34 @@ def test_importing_normlab_torch_without_torch_names_the_extra_to_install():
     assert last.startswith("ImportError") and 'pip install "normlab[torch]"' in last
 
 
+def _torch_floor() -> str:
+    """The oldest torch the ``torch`` extra admits, as pyproject.toml writes it."""
+    (requirement,) = PYPROJECT["project"]["optional-dependencies"]["torch"]
+    return re.fullmatch(r"torch>=(\d+\.\d+)", requirement).group(1)
+
+
+@pytest.mark.parametrize("older", ["2.11.0", "2.4.1+cpu"])
+def test_importing_normlab_torch_beside_a_torch_older_than_the_extra_admits_says_which_to_install(older):
+    # (torch 2.11's BatchNorm takes no bias=, which the twins pass on as torch 2.13's does)
+    pytest.importorskip("torch")
+    aged = f"import torch; torch.__version__ = {older!r}; import normlab.torch"
+    result = _python("-c", aged)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    floor = _torch_floor()
+    assert last.startswith("ImportError") and older in last and f'pip install "torch>={floor}"' in last
+    assert f"PyTorch {floor} or newer" in " ".join(README.split())
+
+
+def test_the_torch_the_tests_pin_is_one_the_extras_admit():
+    (pinned,) = [r for r in PYPROJECT["project"]["optional-dependencies"]["test"] if r.startswith("torch==")]
+    version = tuple(map(int, pinned.removeprefix("torch==").split(".")[:2]))
+    assert version >= tuple(map(int, _torch_floor().split(".")))
+    assert f"torch>={_torch_floor()}" in PYPROJECT["project"]["optional-dependencies"]["bench"]
+    result = _python("-c", "import normlab.torch")  # (the installed torch, the pinned one, imports)
+    assert result.returncode == 0, result.stderr
+
+
 def test_the_readme_names_the_torch_extra():
     assert "torch" in PYPROJECT["project"]["optional-dependencies"]
     assert 'pip install "normlab[torch]"' in README or 'pip install ".[torch]"' in README

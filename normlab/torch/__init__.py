@@ -44,6 +44,8 @@ differentiates the composite. :func:`use_path` forces a path
 (tests use it on CPU).
 """
 
+import re
+
 try:
     import torch  # noqa: F401  (also the namespace of the class doctests)
 except ImportError as _missing:
@@ -51,6 +53,16 @@ except ImportError as _missing:
         'normlab.torch needs PyTorch, which does not import here; install it with pip install "normlab[torch]" '
         "(or pip install torch; the NumPy API, import normlab, works without it)"
     ) from _missing
+
+# the oldest PyTorch the twins run on: torch.nn's constructors take what they take from it
+# on (BatchNorm's bias=), and the masked op's shape hints need its symbolic_shapes
+_OLDEST_TORCH = (2, 13)
+if tuple(map(int, re.match(r"(\d+)\.(\d+)", torch.__version__).groups())) < _OLDEST_TORCH:
+    raise ImportError(
+        f"normlab.torch needs PyTorch {_OLDEST_TORCH[0]}.{_OLDEST_TORCH[1]} or newer, and this is {torch.__version__}; "
+        f'upgrade it with pip install "torch>={_OLDEST_TORCH[0]}.{_OLDEST_TORCH[1]}" (the NumPy API, import normlab, '
+        "works with any)"
+    )
 
 from normlab.kernels import threads as _threads
 from normlab.torch.compute import normalize
