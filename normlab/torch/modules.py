@@ -222,7 +222,8 @@ class RMSNorm(_Twin, nn.RMSNorm):
     A recipe runs as the model family's own torch operations, so a converted
     ``LlamaRMSNorm`` gives its numbers to the bit in every dtype; under
     ``use_path("kernel")`` it runs on the kernels instead (statistics in float64: several
-    times faster on CPU, and within one rounding in x's dtype of the family's numbers).
+    times faster on CPU, and within one rounding in x's dtype of the family's numbers;
+    ``"none"`` and ``"imagegpt"``, which round every step in x's dtype, up to 3 of its units away).
 
     >>> [round(v, 4) for v in RMSNorm(2, eps=0.0)(torch.tensor([[3., 4.]]))[0].tolist()]
     [0.8485, 1.1314]
