@@ -425,7 +425,8 @@ def _a_transposed_input_gives_torch_nns_layout(rank: int):
 def _a_lazy_batch_norms_first_forward_is_synced(rank: int):
     """A lazy batch norm converted before its dry-run batch (DistributedDataParallel takes no
     uninitialized parameters): that first forward, too, gives batch norm's outputs, input
-    gradients and running statistics on the concatenated batch (it took each rank's own)."""
+    gradients and running statistics on the concatenated batch (it took each rank's own),
+    with mask= too."""
     x, grad_y, _, mine = _three_rank_batch(rank, 8)
     reference = torch.nn.BatchNorm2d(CHANNELS).double()
     lazy = nt.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.LazyBatchNorm2d().double()))
@@ -439,6 +440,13 @@ def _a_lazy_batch_norms_first_forward_is_synced(rank: int):
     torch.testing.assert_close(x_local.grad, x_ref.grad[mine], **FLOAT64_TOLERANCE)
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(lazy[0].state_dict()[name], value, **FLOAT64_TOLERANCE, msg=lambda m: f"{name}: {m}")
+    # a first forward with mask= (torch's lazy hook hands initialize_parameters the mask too,
+    # which raised "unexpected keyword argument 'mask'")
+    masked = nt.SyncBatchNorm.convert_sync_batchnorm(torch.nn.LazyBatchNorm2d().double())
+    y = masked(x[mine], mask=torch.ones(len(x[mine]), 1, 2, 3, dtype=torch.bool))
+    assert type(masked) is nt.SyncBatchNorm
+    torch.testing.assert_close(y, expected[mine].detach(), **FLOAT64_TOLERANCE)
+    torch.testing.assert_close(masked.running_var, reference.running_var, **FLOAT64_TOLERANCE)
 
 
 def _three_rank_checks(rank: int, port: int, checks):

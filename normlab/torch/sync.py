@@ -375,3 +375,7 @@ class LazySyncBatchNorm(nn.modules.batchnorm._LazyNormBase, SyncBatchNorm):
     one does."""
 
     cls_to_become = SyncBatchNorm
+
+    def initialize_parameters(self, input: Tensor, mask: Optional[Tensor] = None) -> None:
+        # (torch's lazy hook hands it the forward's arguments: mask= too, which the channels ignore)
+        super().initialize_parameters(input)
