@@ -3,6 +3,8 @@ running statistics and state_dict keys, on unsorted and sorted batch vectors, wi
 graph that has no nodes. Also normalize_masked against a torch composite under
 gradcheck and torch.compile."""
 
+import re
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -102,6 +104,30 @@ def test_layer_norm_twin_matches_pyg_in_both_modes(sorted_ids, mode):
     assert ours_plain.state_dict().keys() == theirs_plain.state_dict().keys()
     _compare(ours_plain, theirs_plain.double(), x, batch, graphs)
 
+
+
+@pytest.mark.parametrize("name, affine, with_batch", [
+    ("InstanceNorm", False, True), ("InstanceNorm", True, True), ("InstanceNorm", False, False),
+    ("LayerNorm", False, True), ("LayerNorm", True, True)])
+def test_integer_node_features_give_pygs_outputs_and_running_statistics_or_its_exception(name, affine, with_batch):
+    """PyG divides integer features by the node counts (float32 statistics and outputs) with a
+    batch vector, and hands them to F.instance_norm ("not implemented for 'Long'") without;
+    the twins computed an int64 output of made-up values (and raised once normalize_masked
+    refused integer input)."""
+    torch.manual_seed(0)
+    x, batch = torch.randint(-3, 4, (7, 4)), torch.tensor([0, 0, 0, 1, 1, 1, 1]) if with_batch else None
+    extra = {"track_running_stats": with_batch} if name == "InstanceNorm" else {}
+    ours, theirs = (getattr(module, name)(4, affine=affine, **extra) for module in (geometric, pyg_norm))
+    try:
+        expected = theirs(x, batch)
+    except Exception as error:
+        with pytest.raises(type(error), match=re.escape(str(error))):
+            ours(x, batch)
+        return
+    got = ours(x, batch)
+    assert got.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict())
 
 
 @pytest.mark.parametrize("x_dtype, params", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),

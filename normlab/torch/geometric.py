@@ -47,7 +47,10 @@ def _fx_leaf(module: nn.Module, x, batch, batch_size) -> "torch.fx.Proxy":
 
 def _promoted(x: Tensor, weight: Optional[Tensor]) -> Tensor:
     """x in the dtype that PyG's ``out * weight + bias`` gives (torch's type promotion:
-    bfloat16 nodes and float32 parameters give float32)."""
+    bfloat16 nodes and float32 parameters give float32; integer nodes, which PyG divides by
+    the node counts, the default float dtype)."""
+    if not (x.is_floating_point() or x.is_complex()):
+        x = x.to(torch.get_default_dtype())
     return x if weight is None or weight.dtype == x.dtype else x.to(torch.promote_types(x.dtype, weight.dtype))
 
 
@@ -85,7 +88,8 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
             return self._script_forward(x, batch, batch_size)
         use_input_stats = self.training or not self.track_running_stats
         if batch is None:
-            refused = _dtypes_refused(x, self.weight, self.bias, self.running_mean, self.running_var)
+            refused = not x.is_floating_point() or _dtypes_refused(x, self.weight, self.bias, self.running_mean,
+                                                                  self.running_var)
             if not use_input_stats or x.numel() == 0 or refused:
                 # PyG's own call: torch's dtype rules (half-precision nodes stay half; a mix torch refuses raises),
                 # and no nodes leave the running statistics as they are
@@ -104,6 +108,8 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
                     self.running_var.mul_(1 - self.momentum).add_(self.momentum * var.to(x.dtype))
             return y
         batch_size = _batch_size(batch, batch_size)
+        if not (x.is_floating_point() or x.is_complex()):
+            x = x.to(torch.get_default_dtype())  # (as PyG's statistics, divided by the node counts, and its update)
         if not use_input_stats:
             check_segment_ids(x, "[n] c", batch, batch_size)  # (unused here, but PyG's indexing refuses bad ids)
             return _apply_running(self, x)
