@@ -273,6 +273,8 @@ def test_a_mean_equal_to_an_input_value_reads_as_that_value_with_many_digits_or_
     assert re.search(r"B\s+sample 1\s+1e\+20 1e\+20 1e\+20\s+1e\+20\s+0\s", text)
     norm = page.page_data([view], "layer")["norms"][0]
     assert norm["meanText"][1:] == ["1e+20", "1e+15"] and norm["stdText"][1:] == ["0", "1.414e+15"]
+    # a std, or a mean that is none of the values, keeps four digits, float32's own or not
+    assert explain_array(np.array([[1.1234568, 2]], np.float32), "layer").stat_texts() == (["1.562"], ["0.4383"])
 
 
 def test_the_axes_of_an_ellipsis_are_named_by_the_input_axis_they_stand_for():

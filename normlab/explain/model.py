@@ -118,7 +118,15 @@ class NormView:
         std = ["–" if empty[g] else format_stat(s) for g, s in enumerate(self.std)]
         if self.mean is None:
             return None, std
-        return ["–" if empty[g] else format_stat(m) for g, m in enumerate(self.mean)], std
+        return ["–" if empty[g] else self._mean_text(g, m) for g, m in enumerate(self.mean)], std
+
+    def _mean_text(self, group: int, mean: float) -> str:
+        """A mean that is one of its group's counted values is written as that value is
+        (``1.0000002`` beside the claim that it is the mean, not ``1``), any other by format_stat."""
+        values = self.x.ravel()[self.counted_members(group)]
+        if np.any(values.astype(np.float64) == mean):
+            return format_value(values.dtype.type(mean))
+        return format_stat(mean)
 
     def describe_group(self, group: int) -> str:
         """Name a group by the kept axes that identify it, e.g. ``'sample 1, channel 0'``."""
@@ -290,23 +298,22 @@ def format_output(value) -> str:
 
 
 def format_stat(value) -> str:
-    """A group's mean or std: a value float32 holds as the input values are written (so that
-    a mean equal to an input value reads as that value: ``1000002``, ``1.0000002``, ``1e+20``,
-    not ``1e+06``, ``1`` or ``1.00000002e+20``), any other with four significant digits and
-    every digit before the point up to nine.
+    """A group's mean or std: four significant digits, and every digit before the point, so
+    that a mean equal to an input value reads as that value (``1000002``, not ``1e+06``);
+    past nine digits before the point an exponent with four (``2.776e+38``, not
+    ``2.77608834e+38``). :meth:`NormView.stat_texts` writes a mean that is one of its
+    group's values as the values are written (``1.0000002``, ``1e+20``).
 
     >>> format_stat(11 / 3), format_stat(1000002.0), format_stat(1000002.5), format_stat(2.333e-4)
     ('3.667', '1000002', '1000002.5', '0.0002333')
-    >>> format_stat(float(np.float32(1.0000002))), format_stat(float(np.float32(1e20))), format_stat(2.776088e38)
-    ('1.0000002', '1e+20', '2.776e+38')
+    >>> format_stat(123456792.0), format_stat(2.776088e38)
+    ('123456792', '2.776e+38')
     """
     value = float(value)
     if value == 0 or not math.isfinite(value):
         return f"{value:g}"
-    if abs(value) <= np.finfo(np.float32).max and float(np.float32(value)) == value:
-        return format_value(np.float32(value))
     whole = math.floor(math.log10(abs(value))) + 1  # digits before the point
-    return f"{value:.{max(4, whole + 1) if whole < 9 else 4}g}"  # (past nine digits an exponent, as the values')
+    return f"{value:.{min(max(4, whole + 1), 9) if whole <= 9 else 4}g}"  # (past nine digits an exponent, as the values')
 
 
 @dataclass(frozen=True)
