@@ -185,7 +185,8 @@ def make_plan(pattern: str, shape, params: str | None = None, *, sizes=None, **a
         shape = tuple(int(s) for s in shape)
     except TypeError as err:
         raise ShapeError(f"shape must be a sequence of ints, got {shape!r}") from err
-    names = parse_pattern(pattern).names  # syntax (and type) errors first, before anything is hashed
+    parsed = parse_pattern(pattern)  # syntax (and type) errors first, before anything is hashed
+    names = parsed.names if sizes else ()  # (a property that walks the pattern: a call without sizes skips it)
     if params is not None:
         parse_params(params)
     for name, value in sizes.items():

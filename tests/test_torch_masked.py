@@ -340,3 +340,26 @@ def test_a_mask_under_fake_tensor_mode_propagates_torch_nn_s_shapes(cls_name, ar
             y.sum().backward()
             found.append((type(y), y.shape, y.dtype, y.stride(), x.grad.shape))
     assert found[1] == found[0]
+
+
+def test_a_masked_call_asks_once_whether_it_is_traced_and_walks_no_pattern_for_sizes_it_lacks(monkeypatch):
+    """A small masked call's per-call work: torch.jit.is_tracing was asked twice (the second
+    answer implied by the first), and make_plan listed the pattern's axis names for sizes
+    that a batch norm's pattern does not have."""
+    import sys
+
+    from normlab import notation
+
+    asked, walked = [], []
+    is_tracing, names = torch.jit.is_tracing, notation.Pattern.names
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: asked.append(
+        sys._getframe(1).f_code.co_filename.endswith("masked.py")) or is_tracing())
+    monkeypatch.setattr(notation.Pattern, "names", property(lambda self: walked.append(
+        sys._getframe(1).f_code.co_filename.endswith("plan.py")) or names.fget(self)))
+    norm, x = nt.BatchNorm1d(4), torch.randn(3, 4, 5)
+    mask = torch.ones(3, 1, 5, dtype=torch.bool)
+    with torch.no_grad():
+        for _ in range(2):  # (the first call of a shape fills the caches)
+            asked.clear(), walked.clear()
+            norm(x, mask=mask)
+    assert asked.count(True) == 1 and not any(walked)

@@ -427,7 +427,8 @@ def _run_masked(x: Tensor, spec: Spec, weight: Optional[Tensor], bias: Optional[
                            f"got {x.dtype}; pass x.float()")
     # (either ONNX exporter: ONNX has no normlab op; torch.jit.trace: torch operations, which take
     # other sizes and which torch.jit.save saves, where a call into the kernels is a Python call)
-    if _exporting_to_onnx() or (torch.jit.is_tracing() and segment_ids is None):
+    tracing = torch.jit.is_tracing()  # (asked once a call)
+    if _exporting_to_onnx() or (tracing and segment_ids is None):
         if segment_ids is not None:
             raise RuntimeError(f"pattern {pattern!r}, input shape {tuple(map(int, x.shape))}: "
                                + SEGMENTS_DO_NOT_EXPORT)
@@ -456,7 +457,7 @@ def _run_masked(x: Tensor, spec: Spec, weight: Optional[Tensor], bias: Optional[
     eager = not torch.compiler.is_compiling() and all(
         t is None or type(t) in (Tensor, torch.nn.Parameter) for t in args[:5])
     # (torch.jit.trace cannot record operations inside a Function's forward: after it there)
-    inside = then if eager and not torch.jit.is_tracing() else None
+    inside = then if eager and not tracing else None
     try:
         y, mean, rstd, count = _Eager.apply(*args, inside) if eager else _forward_op(*args)
     except (ShapeError, ParamsError) as error:
