@@ -15,7 +15,7 @@ from normlab.explain import html as page
 from normlab.explain.cli import one_line
 from normlab.explain.demo import NOTE_2D, NOTE_3D
 from normlab.explain.model import (
-    EPS, all_views, default_groups, explain_array, observations, parse_data, parse_shape, parse_sizes,
+    EPS, all_views, default_groups, explain_array, float32_note, observations, parse_data, parse_shape, parse_sizes,
     presets_for_rank, random_input, resolve,
 )
 from normlab.explain.terminal import make_console, render_view
@@ -152,6 +152,13 @@ def test_the_no_color_environment_variable_gives_plain_text(monkeypatch):
 def test_bad_data_raises_a_normlab_error(text, message):
     with pytest.raises(NormlabError, match=message):
         parse_data(text)
+
+
+def test_the_float32_note_names_a_number_as_typed_where_float64_holds_another():
+    # (it wrote the float64 read of the literal, 9007199254740992, a number the user did not type)
+    text = "[[9007199254740993, 1, 2], [1, true, 0.123456789]]"
+    note = float32_note(text, parse_data(text))
+    assert "holds 9007199254740993 as 9.007199e+15, and 1 more value likewise" in note
 
 
 def test_shape_and_sizes_parse_and_reject_what_they_cannot_read():

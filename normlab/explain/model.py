@@ -485,10 +485,14 @@ def float32_note(text: str, held: np.ndarray) -> str | None:
     'float32 (explain computes in it, as the demo does) holds 16777217 as 16777216; the drawing shows its values'
     >>> float32_note("[[0.1, 0.25]]", parse_data("[[0.1, 0.25]]")) is None
     True
+    >>> "holds 9007199254740993 as" in float32_note("[[9007199254740993, 1]]", parse_data("[[9007199254740993, 1]]"))
+    True
     """
     import json
 
-    given = np.array(json.loads(text), dtype=np.float64).ravel()
+    # the literals as typed: float64 holds 9007199254740993 as 9007199254740992
+    literals = np.array(json.loads(text, parse_float=str, parse_int=str), dtype=object).ravel()
+    given = np.array([float(v) for v in literals])  # (true and false read as 1 and 0)
     held = held.ravel()
     # 0.1 reads back as 0.1 from float32's shortest digits: only values drawn otherwise count
     changed = [k for k in range(given.size) if np.isfinite(given[k]) and float(format_value(held[k])) != given[k]]
@@ -496,7 +500,8 @@ def float32_note(text: str, held: np.ndarray) -> str | None:
         return None
     first = changed[0]
     more = f", and {len(changed) - 1} more value{'s' * (len(changed) > 2)} likewise" if len(changed) > 1 else ""
-    return (f"float32 (explain computes in it, as the demo does) holds {_typed(given[first])} as "
+    typed = literals[first] if isinstance(literals[first], str) else _typed(given[first])
+    return (f"float32 (explain computes in it, as the demo does) holds {typed} as "
             f"{format_value(held[first])}{more}; the drawing shows its values")
 
 
