@@ -54,9 +54,10 @@ except ImportError as _missing:
         "(or pip install torch; the NumPy API, import normlab, works without it)"
     ) from _missing
 
-# the oldest PyTorch the twins run on: torch.nn's constructors take what they take from it
-# on (BatchNorm's bias=), and the masked op's shape hints need its symbolic_shapes
-_OLDEST_TORCH = (2, 13)
+# the oldest PyTorch the twins run on (tried: 2.12.0, 2.13.0 and 2.14.1): torch.nn's
+# constructors take what they take from it on (BatchNorm's bias=, which 2.11 lacks), and the
+# masked op's shape hints need its optimization_hint
+_OLDEST_TORCH = (2, 12)
 if tuple(map(int, re.match(r"(\d+)\.(\d+)", torch.__version__).groups())) < _OLDEST_TORCH:
     raise ImportError(
         f"normlab.torch needs PyTorch {_OLDEST_TORCH[0]}.{_OLDEST_TORCH[1]} or newer, and this is {torch.__version__}; "
