@@ -347,3 +347,8 @@ def test_five_axes_are_refused_with_the_trailing_axes_merged_as_the_fix():
         random_input((2, 3, 2, 2, 2))
     x = random_input((2, 3, 2, 4), seed=1)
     assert explain_array(x, "batch").pattern == "[b] c [h w]"
+    # --data and the Python API have no --shape to change (it told them to pass one)
+    for refuse in (lambda: parse_data("[[[[[1, 2], [3, 4]]]]]"),
+                   lambda: explain_array(np.ones((1, 1, 1, 2, 2)), "batch")):
+        with pytest.raises(ShapeError, match=r"merge the trailing axes into one, as in shape \(1, 1, 1, 4\) \(batch"):
+            refuse()

@@ -195,17 +195,18 @@ def as_input(x) -> np.ndarray:
     return x
 
 
-def check_drawable(shape: tuple[int, ...]) -> None:
+def check_drawable(shape: tuple[int, ...], option: str | None = None) -> None:
     """:func:`as_input`'s checks on a shape alone, so that a huge ``--shape`` is refused before
-    anything of its size is allocated."""
+    anything of its size is allocated; ``option`` names the command-line option that gave it."""
     shape, size = tuple(shape), math.prod(shape)
     if len(shape) < 1:
         raise ShapeError(f"explain draws tensors of 1 to 4 axes, got shape {shape}; pass nested lists such as [[4, 3, 2], [3, 3, 2]]")
     if len(shape) > 4:  # say a 5-D video batch (N, C, D, H, W): its positions drawn as one axis
         merged = shape[:3] + (math.prod(shape[3:]),)
+        # (--data and the Python API have no --shape to change: the shape their values take)
+        target = f"--shape {','.join(map(str, merged))}" if option == "--shape" else f"shape {merged}"
         raise ShapeError(f"explain draws tensors of 1 to 4 axes, got shape {shape}; merge the trailing axes into "
-                         f"one, as in --shape {','.join(map(str, merged))} (batch and instance norm group the same "
-                         "elements)")
+                         f"one, as in {target} (batch and instance norm group the same elements)")
     if size == 0:
         raise ShapeError(f"explain needs at least one element, got shape {shape}")
     if size > MAX_ELEMENTS:
@@ -574,7 +575,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 def random_input(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     """Small integers like the demo's, so that equal values (and their claims) turn up."""
-    check_drawable(shape)
+    check_drawable(shape, "--shape")
     rng = np.random.default_rng(seed)
     return as_input(rng.integers(0, 10, size=shape).astype(np.float32))
 
