@@ -447,6 +447,12 @@ def _a_lazy_batch_norms_first_forward_is_synced(rank: int):
     assert type(masked) is nt.SyncBatchNorm
     torch.testing.assert_close(y, expected[mine].detach(), **FLOAT64_TOLERANCE)
     torch.testing.assert_close(masked.running_var, reference.running_var, **FLOAT64_TOLERANCE)
+    # one without parameters or running statistics is lazy too (its hook raised "'SyncBatchNorm' object has
+    # no attribute 'initialize_parameters'")
+    bare = nt.SyncBatchNorm.convert_sync_batchnorm(torch.nn.LazyBatchNorm2d(affine=False, track_running_stats=False))
+    torch.testing.assert_close(bare(x[mine]), torch.nn.functional.batch_norm(x, None, None, training=True)[mine],
+                               **FLOAT64_TOLERANCE)
+    assert type(bare) is nt.SyncBatchNorm
 
 
 def _three_rank_checks(rank: int, port: int, checks):

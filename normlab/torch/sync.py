@@ -346,7 +346,9 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         ``process_group``, as torch's conversion rescopes its own) with a normlab
         SyncBatchNorm sharing its parameters and buffers; a lazy one that has not run yet
         becomes one at its first forward, once that has inferred the channels."""
-        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        # (a lazy norm without parameters or buffers is lazy too: torch's hook still runs at its first forward)
+        lazy_norm = isinstance(module, nn.modules.batchnorm._LazyNormBase)
+        if isinstance(module, LazyModuleMixin) and (module.has_uninitialized_params() or lazy_norm):
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 if isinstance(module, nn.modules.batchnorm._LazyNormBase):
                     # torch calls the forward of the class a module has as the call begins and swaps
