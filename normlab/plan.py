@@ -186,26 +186,32 @@ def make_plan(pattern: str, shape, params: str | None = None, *, sizes=None, **a
     except TypeError as err:
         raise ShapeError(f"shape must be a sequence of ints, got {shape!r}") from err
     parsed = parse_pattern(pattern)  # syntax (and type) errors first, before anything is hashed
-    names = parsed.names if sizes else ()  # (a property that walks the pattern: a call without sizes skips it)
     if params is not None:
         parse_params(params)
     for name, value in sizes.items():
-        if name not in names:  # a misspelt keyword (epsilon=1e-3) is told so, not asked for an int
-            raise _fail(pattern, shape, f"{name}={value!r} names no axis of the pattern",
-                        f"use one of {', '.join(names)}, or drop it")
         try:
             sizes[name] = operator.index(value)  # ints and NumPy integers; not floats
         except TypeError:
             sizes[name] = -1
         if isinstance(value, bool) or sizes[name] < 1:
+            _refuse_unknown_size(pattern, shape, parsed, name, value)  # (a misspelt keyword, epsilon=1e-3, first)
             raise _fail(pattern, shape, f"{name}={value!r} is not a positive integer", f"pass {name} as an int >= 1")
     return _make_plan(pattern, shape, params, tuple(sorted(sizes.items())))
+
+
+def _refuse_unknown_size(pattern: str, shape: tuple, parsed: Pattern, name: str, value) -> None:
+    """A size that names no axis of the pattern is told so, not asked for an int."""
+    if name not in parsed.names:
+        raise _fail(pattern, shape, f"{name}={value!r} names no axis of the pattern",
+                    f"use one of {', '.join(parsed.names)}, or drop it")
 
 
 @functools.lru_cache(maxsize=4096)
 def _make_plan(text: str, shape: tuple[int, ...], params: str | None, sizes_items) -> Plan:
     parsed: Pattern = parse_pattern(text)
-    sizes = dict(sizes_items)  # each names an axis of the pattern (make_plan checked)
+    sizes = dict(sizes_items)
+    for name, value in sizes.items():
+        _refuse_unknown_size(text, shape, parsed, name, value)
 
     ndims = len(parsed.dims)
     if parsed.has_ellipsis:
