@@ -145,7 +145,6 @@ class NormView:
             words.append(f"segment {coords[self.segment_axis]}")
         return ", ".join(words)
 
-
     def _input_axis(self, axis: int) -> int:
         """The input axis of the expanded axis ``axis``, one that '...' stands for (it never
         stands inside a composition, so each such axis is one input axis)."""
