@@ -161,6 +161,7 @@ def page_data(views: list[NormView], selected: str) -> dict:
     x = views[0].x
     norms = []
     for view in views:
+        mean_text, std_text = view.stat_texts()
         norms.append({
             "key": view.key,
             "label": view.label,
@@ -171,8 +172,8 @@ def page_data(views: list[NormView], selected: str) -> dict:
             "groupNames": [view.describe_group(g) for g in range(view.num_groups)],
             "mean": None if view.mean is None else [_finite(m) for m in view.mean],
             "std": [_finite(s) for s in view.std],
-            "meanText": view.stat_texts()[0],
-            "stdText": view.stat_texts()[1],
+            "meanText": mean_text,
+            "stdText": std_text,
             "output": [_finite(v) for v in view.y.ravel()],
             "counted": None if view.counted is None else view.counted.ravel().tolist(),
             "segmented": view.segment_axis is not None,
