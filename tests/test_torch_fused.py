@@ -775,3 +775,18 @@ def test_ada_layer_norm_of_width_zero_gives_diffusers_empty_outputs():
     got, want = AdaLayerNorm(0)(x, emb=emb), diffusers.AdaLayerNormZero(0)(x, emb=emb)
     assert [t.shape for t in got] == [t.shape for t in want]
     assert torch.autograd.grad(got[0].sum(), x)[0].shape == (2, 3, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group_size", [None, 2])
+def test_gated_rms_norm_of_width_zero_gives_the_empty_outputs_of_the_gated_norms_it_replaces(group_size, dtype):
+    # GatedRMSNorm(0) raised ZeroDivisionError (its group size, the whole row, was 0), where
+    # FalconH1RMSNormGated(0) and torch.nn.RMSNorm(0) construct and take (..., 0) inputs
+    ours = GatedRMSNorm(0, group_size=group_size).to(dtype)
+    theirs = (FalconH1RMSNormGated(0) if group_size is None else mamba_gated_norm(0, group_size)[0]).to(dtype)
+    x, z = _leaves((2, 3, 0), (2, 3, 0), dtype=dtype)
+    y, want = ours(x, z), theirs(x, z)
+    assert (y.shape, y.dtype) == (want.shape, want.dtype) == ((2, 3, 0), dtype)
+    grads = torch.autograd.grad(y.sum(), [x, z, ours.weight])
+    assert [g.shape for g in grads] == [(2, 3, 0), (2, 3, 0), (0,)]
+    assert ours(x).shape == (2, 3, 0)

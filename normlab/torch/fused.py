@@ -679,7 +679,7 @@ def _block_of(module: nn.Module) -> Block:
             or block.weight_offset != getattr(module, "weight_offset", 0.0)
             or block.norm_before_gate != getattr(module, "norm_before_gate", True)
             or block.gate_activation != getattr(module, "gate_activation", "silu")
-            or (group_size is not None and dict(block.sizes).get("c") != group_size)):
+            or (group_size is not None and dict(block.sizes).get("c", 0) != group_size)):
         module._init_block()
     return module._block
 
@@ -909,7 +909,7 @@ class GatedRMSNorm(Unscriptable, nn.Module):
         self.hidden_size = hidden_size
         self.eps = eps
         self.group_size = hidden_size if group_size is None else _positive_int(group_size)
-        if hidden_size % self.group_size:
+        if self.group_size and hidden_size % self.group_size:  # (a width of 0, as FalconH1RMSNormGated(0) takes)
             raise ValueError(f"group_size={self.group_size} must divide hidden_size={hidden_size}")
         self.norm_before_gate = norm_before_gate
         self.gate_activation = gate_activation
@@ -920,8 +920,10 @@ class GatedRMSNorm(Unscriptable, nn.Module):
         self._init_block()
 
     def _init_block(self) -> None:
-        groups = self.hidden_size // self.group_size
-        self._block = Block("... (g [c])", "(g c)", sizes=(("g", groups), ("c", self.group_size)), eps=float(self.eps),
+        groups = self.hidden_size // self.group_size if self.group_size else 1
+        # (a size of 0 is left to the input, as in _trailing)
+        sizes = tuple((name, size) for name, size in (("g", groups), ("c", self.group_size)) if size)
+        self._block = Block("... (g [c])", "(g c)", sizes=sizes, eps=float(self.eps),
                             rms=True, gate_activation=self.gate_activation, norm_before_gate=self.norm_before_gate,
                             casting=self.casting)
 
