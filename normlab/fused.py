@@ -39,6 +39,7 @@ Backward, with ``g`` the gradient of ``y`` and ``g_s`` that of the returned sum:
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -204,6 +205,17 @@ def _modulation_plan(pattern, plan: Plan, modulation, sizes) -> Plan:
         raise type(err)(reworded(str(err))) from None
 
 
+def _axes_of_shape(plan: Plan, shape: tuple) -> str:
+    """Names of ``plan``'s axes, in order, whose sizes are ``shape`` (what params or modulation
+    would name for an array of that shape), the trailing ones where several fit (a weight's
+    ``d`` in ``"b t [d]"``); ``""`` where none do."""
+    names = [n for n in plan.axis_names if not n.startswith("...")]
+    sizes = dict(zip(plan.axis_names, plan.axis_sizes))
+    found = [chosen for chosen in itertools.combinations(names, len(shape))
+             if tuple(sizes[n] for n in chosen) == tuple(shape)]
+    return " ".join(found[-1]) if found else ""
+
+
 def _modulation_array(value, name: str, mod_plan: Plan) -> np.ndarray:
     from normlab.core import as_array, is_bfloat16, reject_masked
 
@@ -237,8 +249,15 @@ def prepare(x, pattern, weight, bias, params, sizes, residual=None, gate=None, g
                           "weight, but no weight was given; pass weight= (Gemma stores it as zeros)")
     if (scale is not None or shift is not None) and modulation is None:
         given = np.shape(scale if scale is not None else shift)
+        spans = _axes_of_shape(plan, given)
+        fix = (f"with params={spans!r}; to modulate, pass modulation={spans!r}" if spans else
+               f"with params; to modulate, pass modulation (each names the axes its array spans, in order, "
+               f"from {', '.join(n for n in plan.axis_names if not n.startswith('...'))})")
+        # Flax and ONNX name a norm's own weight "scale": taken as modulation it would give x̂·(1 + scale)
         raise ParamsError(f"pattern {pattern!r}, input shape {plan.shape}: scale and shift need modulation, "
-                          f"the axes they span; got one of shape {given}. Pass e.g. modulation='b d'")
+                          f"the axes they span; got one of shape {given}. They modulate as AdaLN does, "
+                          "y = x̂·w·(1 + scale) + shift + bias; a norm's own scale (ONNX's Scale, Flax's scale, "
+                          f"Keras' gamma) is weight=, its offset bias=, {fix}")
     mod_plan = None
     if modulation is not None:
         mod_plan = _modulation_plan(pattern, plan, modulation, sizes)

@@ -265,6 +265,20 @@ def test_bad_fused_arguments_fail_with_a_clear_value_error(kwargs, kind, words):
         assert word in str(info.value)
 
 
+@pytest.mark.parametrize("shape, axes", [((4,), "s"), ((2, 4), "b s"), ((7,), None)])
+def test_a_norms_own_scale_passed_as_scale_is_pointed_to_weight(shape, axes):
+    # Flax and ONNX call a norm's weight "scale"; normlab's scale= is AdaLN's (1 + scale), and
+    # the message offered modulation='b d' (an axis 'b t [s]' lacks), which gives x̂·(1 + scale)
+    with pytest.raises(NormlabError) as info:
+        normlab.normalize(np.ones((2, 3, 4)), "b t [s]", scale=np.ones(shape), bias=np.zeros(4), params="s")
+    message = str(info.value)
+    assert "1 + scale" in message and "weight=" in message and "'b d'" not in message
+    if axes is None:
+        assert "from b, t, s" in message
+    else:
+        assert f"params={axes!r}" in message and f"modulation={axes!r}" in message
+
+
 @pytest.mark.parametrize("out", [np.empty((2, 4, 4)), np.empty((2, 4, 5), np.float32), [[0.0]]])
 def test_a_wrong_out_fails_before_the_fused_block_runs(out, monkeypatch):
     """A wrong ``out=`` is refused before any work (as the unfused call refuses it), and
