@@ -203,7 +203,21 @@ def _refuse_unknown_size(pattern: str, shape: tuple, parsed: Pattern, name: str,
     """A size that names no axis of the pattern is told so, not asked for an int."""
     if name not in parsed.names:
         raise _fail(pattern, shape, f"{name}={value!r} names no axis of the pattern",
-                    f"use one of {', '.join(parsed.names)}, or drop it")
+                    epsilon_fix(name, value) or f"use one of {', '.join(parsed.names)}, or drop it")
+
+
+# other frameworks' names for a norm's epsilon (ONNX's, Keras' and Flax's, transformers'):
+# passed to normalize or Norm, they land among the axis sizes, and dropping one changes eps
+_EPSILON_NAMES = frozenset({"epsilon", "variance_epsilon"})
+
+
+def epsilon_fix(name: str, value) -> str | None:
+    """The fix for a size named as other frameworks name the epsilon; None for any other name.
+
+    >>> epsilon_fix("epsilon", 1e-3)
+    "normlab's epsilon is eps: pass eps=0.001"
+    """
+    return f"normlab's epsilon is eps: pass eps={value!r}" if name in _EPSILON_NAMES else None
 
 
 @functools.lru_cache(maxsize=4096)

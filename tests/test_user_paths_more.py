@@ -87,6 +87,23 @@ def test_an_empty_normalized_shape_is_refused_as_torch_refuses_it_with_a_fix_tha
         torch.testing.assert_close(torch.from_numpy(np.asarray(y)), expected)
 
 
+@pytest.mark.parametrize("name", ["epsilon", "variance_epsilon"])
+def test_epsilon_named_as_onnx_keras_and_flax_name_it_is_pointed_to_eps_not_told_to_drop_it(name):
+    # ONNX, Keras and Flax call it epsilon (transformers variance_epsilon); the message said
+    # "use one of b, d, or drop it", and dropping it runs with eps=1e-5
+    x = np.ones((2, 3), np.float32)
+    calls = [lambda: normlab.normalize(x, "b [d]", **{name: 1e-3}),
+             lambda: normlab.normalize_backward(x, x, "b [d]", **{name: 1e-3}),
+             lambda: nt.Norm("b [d]", **{name: 1e-3}),
+             lambda: nt.normalize(torch.from_numpy(x), "b [d]", **{name: 1e-3})]
+    for call in calls:
+        with pytest.raises(normlab.errors.ShapeError) as caught:
+            call()
+        message = str(caught.value)
+        assert f"{name}=0.001 names no axis" in message and "pass eps=0.001" in message
+        assert "drop it" not in message and "use one of" not in message
+
+
 # -- Norm(pattern) with segments or masks, tracking running statistics -----------------
 
 
