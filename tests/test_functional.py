@@ -98,6 +98,34 @@ def test_layer_norm_statistics_have_onnx_layer_normalization_shapes():
     np.testing.assert_allclose(y, y_onnx, rtol=1e-4, atol=1e-5)
 
 
+def _onnx_one_node(op, x, opset, **attributes):
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    dtype = helper.np_dtype_to_tensor_dtype(x.dtype)
+    graph = helper.make_graph([helper.make_node(op, ["X"], ["Y"], **attributes)], op,
+                              [helper.make_tensor_value_info("X", dtype, None)],
+                              [helper.make_tensor_value_info("Y", dtype, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    with np.errstate(invalid="ignore", divide="ignore"):  # (LpNormalization divides an all-zero group, then masks it)
+        return ReferenceEvaluator(model).run(None, {"X": x})[0]
+
+
+def test_readme_recipes_give_onnx_mean_variance_and_l2_normalization():
+    pytest.importorskip("onnx")
+    import normlab
+
+    x = _batches((2, 3, 4, 5), 1, np.float32)[0]
+    x[0, 1] = 2.5  # a constant group: ONNX gives 0 (its 1e-9 is outside the root)
+    expected = _onnx_one_node("MeanVarianceNormalization", x, 13, axes=[2, 3])  # (float constants inside)
+    np.testing.assert_allclose(normlab.normalize(x, "a0 a1 [a2 a3]", eps=1e-18), expected, rtol=1e-5, atol=1e-5)
+    x = x.astype(np.float64)
+    x[1, 2] = 0.0  # an all-zero group: ONNX gives 0
+    expected = _onnx_one_node("LpNormalization", x.reshape(6, 20), 22, axis=-1, p=2).reshape(x.shape)
+    y = normlab.normalize(x, "a0 a1 [a2 a3]", rms=True, eps=1e-30, weight=np.full((4, 5), 20 ** -0.5), params="a2 a3")
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_instance_norm_running_statistics_average_the_instances_as_torch_does(dtype):
     rm, rv = np.zeros(3, dtype), np.ones(3, dtype)
