@@ -117,6 +117,18 @@ def wants_fused(residual, gate, weight_offset, scale, shift, modulation) -> bool
             or modulation is not None or not _no_offset(weight_offset))
 
 
+def check_gate_options(gate_activation, norm_before_gate, context: str) -> bool:
+    """The gate's options checked with or without a gate, so that a typo says so on every
+    path (without a gate they change nothing, as ``gate=None`` in the gated norms of
+    transformers); ``norm_before_gate`` as a bool. ``context`` opens the message."""
+    from normlab import core
+
+    if gate_activation not in GATE_ACTIVATIONS:
+        raise InputError(f"{context}: gate_activation must be one of {', '.join(GATE_ACTIVATIONS)}, "
+                         f"got {gate_activation!r}")
+    return core._flag(norm_before_gate, "norm_before_gate", context)
+
+
 def _no_offset(weight_offset) -> bool:
     """True for no weight offset: None or a number that is zero (anything else, an array or
     a string too, goes to :func:`prepare`, whose checks explain what is wrong with it)."""
@@ -240,9 +252,7 @@ def prepare(x, pattern, weight, bias, params, sizes, residual=None, gate=None, g
 
     prepared = core.prepare(x, pattern, weight, bias, params, sizes)
     plan = prepared.plan
-    if gate_activation not in GATE_ACTIVATIONS:  # (without a gate too, as norm_before_gate: a typo says so)
-        raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: gate_activation must be one of "
-                         f"{', '.join(GATE_ACTIVATIONS)}, got {gate_activation!r}")
+    norm_before_gate = check_gate_options(gate_activation, norm_before_gate, core._describe(plan, plan.shape))
     offset = _weight_offset(weight_offset, pattern, plan)
     if offset != 0.0 and weight is None:
         raise ParamsError(f"pattern {pattern!r}, input shape {plan.shape}: weight_offset={offset} shifts a "
@@ -261,9 +271,8 @@ def prepare(x, pattern, weight, bias, params, sizes, residual=None, gate=None, g
     mod_plan = None
     if modulation is not None:
         mod_plan = _modulation_plan(pattern, plan, modulation, sizes)
-    epilogue = Epilogue(residual is not None, gate_activation if gate is not None else None,
-                        core._check_flag(norm_before_gate, "norm_before_gate", plan), offset, modulation,
-                        scale is not None, shift is not None)
+    epilogue = Epilogue(residual is not None, gate_activation if gate is not None else None, norm_before_gate,
+                        offset, modulation, scale is not None, shift is not None)
     dtype = prepared.dtype
     residual_v = None if residual is None else _same_shape(residual, "residual", plan, pattern)
     if residual_v is not None:  # the sum's dtype, from the residual as given (bfloat16 is read as float32)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import normlab
-from normlab.errors import NormlabError
+from normlab.errors import InputError, NormlabError
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -277,6 +277,27 @@ def test_a_norms_own_scale_passed_as_scale_is_pointed_to_weight(shape, axes):
         assert "from b, t, s" in message
     else:
         assert f"params={axes!r}" in message and f"modulation={axes!r}" in message
+
+
+@pytest.mark.parametrize("extra", [{}, dict(mask=np.ones((2, 4, 5), bool))], ids=["plain", "masked"])
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(gate_activation="relu"), ["gate_activation", "silu", "'relu'"]),
+    (dict(norm_before_gate="no"), ["norm_before_gate", "True or False", "'no'"]),
+])
+@pytest.mark.parametrize("function", ["normalize", "normalize_backward"])
+def test_a_misspelt_gate_option_is_refused_without_any_fused_option_as_with_one(function, kwargs, words, extra):
+    # without a gate, residual or modulation the options were not read at all: a typo passed
+    x = np.random.default_rng(0).normal(size=(2, 4, 5))
+    call = getattr(normlab, function)
+    args = (x, "b t [d]") if function == "normalize" else (np.ones_like(x), x, "b t [d]")
+    unchanged = call(*args, **extra)  # (and normalize's fast path now knows the call)
+    with pytest.raises(InputError) as info:
+        call(*args, **kwargs, **extra)
+    for word in (*words, "'b t [d]'", "(2, 4, 5)"):
+        assert word in str(info.value)
+    # the right spellings without a gate change nothing, as gate=None in transformers' gated norms
+    valid = dict(gate_activation="sigmoid", norm_before_gate=False)
+    np.testing.assert_array_equal(np.asarray(call(*args, **valid, **extra)[0]), np.asarray(unchanged[0]))
 
 
 @pytest.mark.parametrize("out", [np.empty((2, 4, 4)), np.empty((2, 4, 5), np.float32), [[0.0]]])
