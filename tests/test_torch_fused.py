@@ -790,3 +790,33 @@ def test_gated_rms_norm_of_width_zero_gives_the_empty_outputs_of_the_gated_norms
     grads = torch.autograd.grad(y.sum(), [x, z, ours.weight])
     assert [g.shape for g in grads] == [(2, 3, 0), (2, 3, 0), (0,)]
     assert ours(x).shape == (2, 3, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_fused_rms_blocks_take_eps_none_as_torch_rms_norm_of_the_sum_takes_it(dtype):
+    # FusedAddRMSNorm(64, eps=None) and GatedRMSNorm(64, eps=None) raised a bare TypeError
+    # (float(None)); torch.nn.RMSNorm(eps=None) uses the machine epsilon of the dtype it
+    # computes in. Values near 1e-4, whose mean square (1e-8) an eps of 1e-6 would swamp.
+    gen = torch.Generator().manual_seed(3)
+    x, r = ((torch.randn(2, 3, 64, generator=gen) * 1e-4).to(dtype).requires_grad_() for _ in range(2))
+    added, gated = FusedAddRMSNorm(64, eps=None, casting="gemma").to(dtype), GatedRMSNorm(64, eps=None).to(dtype)
+    reference = torch.nn.RMSNorm(64, eps=None).to(dtype)
+    want = reference(x + r)
+    want_grads = torch.autograd.grad(want.sum(), [x, r, reference.weight])
+    (y, total), y_gated = added(x, r), gated(x + r)
+    for got, module in ((y, added), (y_gated, gated)):
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got.sum(), [x, r, module.weight]), want_grads)
+    with torch.no_grad():  # (a small forward without autograd takes torch's operations)
+        torch.testing.assert_close(added(x, r)[0], want)
+
+
+def test_fused_add_layer_norm_takes_eps_none_where_nn_layer_norm_does_and_raises_its_type_error_in_the_forward():
+    ours, theirs = FusedAddLayerNorm(8, eps=None), torch.nn.LayerNorm(8, eps=None)
+    x = torch.randn(2, 8)
+    with pytest.raises(TypeError) as want:
+        theirs(x)
+    for args in ((x, x), (x,)):
+        with pytest.raises(TypeError) as got:
+            ours(*args)
+        assert str(got.value) == str(want.value)

@@ -40,7 +40,7 @@ from normlab.torch import casting as recipes
 from normlab.torch.compute import _dtypes_refused
 from normlab.torch.ops import _grads_of, _needs_torch_backward
 from normlab.torch.paths import _exporting_to_onnx, _needs_torch_ops, _small_forward_fits
-from normlab.torch.spec import Unscriptable, parametrizations_computed, refuse_non_tensor
+from normlab.torch.spec import Unscriptable, parametrizations_computed, refuse_non_tensor, rms_default_eps
 
 __all__ = ["CASTINGS", "fused_normalize", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm"]
 
@@ -58,7 +58,7 @@ class Block:
     params: Optional[str] = None
     modulation: Optional[str] = None
     sizes: tuple = ()
-    eps: float = 1e-5
+    eps: Optional[float] = 1e-5  # (None in a module's block: torch.nn.RMSNorm's, resolved per dtype by _block_of)
     rms: bool = False
     gate_activation: str = "silu"
     norm_before_gate: bool = True
@@ -670,10 +670,12 @@ def _trailing(normalized_shape) -> tuple[str, str, tuple]:
     return "... [" + " ".join(names) + "]", " ".join(names), sizes
 
 
-def _block_of(module: nn.Module) -> Block:
+def _block_of(module: nn.Module, dtype: torch.dtype) -> Block:
     """``module._block``, built again where ``eps`` or a recipe attribute (``casting``,
     ``weight_offset``, ``group_size``, ``norm_before_gate``, ``gate_activation``) was set
-    after construction: torch.nn's norms read eps on every call, and so do these blocks."""
+    after construction: torch.nn's norms read eps on every call, and so do these blocks.
+    ``eps=None`` is torch.nn.RMSNorm's: the machine epsilon of the dtype that ``dtype``
+    (the normalized tensor's) computes in."""
     block, group_size = module._block, getattr(module, "group_size", None)
     if (block.eps != module.eps or block.casting != module.casting
             or block.weight_offset != getattr(module, "weight_offset", 0.0)
@@ -681,7 +683,13 @@ def _block_of(module: nn.Module) -> Block:
             or block.gate_activation != getattr(module, "gate_activation", "silu")
             or (group_size is not None and dict(block.sizes).get("c", 0) != group_size)):
         module._init_block()
+    if module._block.eps is None:
+        return replace(module._block, eps=rms_default_eps(dtype))
     return module._block
+
+
+def _float_or_none(eps) -> Optional[float]:
+    return None if eps is None else float(eps)
 
 
 def _check_input(module: nn.Module, x: Tensor, normalized_shape, **others: Optional[Tensor]) -> None:
@@ -771,7 +779,8 @@ def _small_add_rms_norm(module, x, residual):
     total = x + residual if residual is not None else x
     offset = module.weight_offset
     if x.dtype in _HALF_DTYPES:
-        y = recipes.rms_norm_recipe(total, weight, module.eps, module.casting, offset, weight.dim())
+        eps = module.eps if module.eps is not None else rms_default_eps(total.dtype)
+        y = recipes.rms_norm_recipe(total, weight, eps, module.casting, offset, weight.dim())
     else:
         y = torch.rms_norm(total, weight.shape, weight + offset if offset else weight, module.eps)
     return (y, total) if residual is not None else y
@@ -811,7 +820,7 @@ class FusedAddRMSNorm(Unscriptable, nn.Module):
 
     def _init_block(self) -> None:
         pattern, params, sizes = _trailing(self.weight.shape)
-        self._block = Block(pattern, params, sizes=sizes, eps=float(self.eps), rms=True, casting=self.casting,
+        self._block = Block(pattern, params, sizes=sizes, eps=_float_or_none(self.eps), rms=True, casting=self.casting,
                             weight_offset=self.weight_offset)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
@@ -827,7 +836,8 @@ class FusedAddRMSNorm(Unscriptable, nn.Module):
         if small is not None:
             return small
         x, residual = _with_companion(self, x, residual, self.weight.shape)
-        return fused_normalize(x, _block_of(self), residual=residual, weight=self.weight)
+        dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)  # (the sum's)
+        return fused_normalize(x, _block_of(self, dtype), residual=residual, weight=self.weight)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}, casting={self.casting!r}" + (
@@ -855,7 +865,7 @@ class FusedAddLayerNorm(Unscriptable, nn.LayerNorm):
 
     def _init_block(self) -> None:
         pattern, params, sizes = _trailing(self.normalized_shape)
-        self._block = Block(pattern, params, sizes=sizes, eps=float(self.eps), casting=self.casting)
+        self._block = Block(pattern, params, sizes=sizes, eps=_float_or_none(self.eps), casting=self.casting)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
         traced = _fx_leaf(self, x, residual)
@@ -869,13 +879,14 @@ class FusedAddLayerNorm(Unscriptable, nn.LayerNorm):
         x, residual = _with_companion(self, x, residual, self.normalized_shape)
         total_like = x if residual is None or residual.dtype == x.dtype else torch.empty(
             (), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
-        if self.casting == "gemma" and _dtypes_refused(total_like, self.weight, self.bias):
-            # parameters of a dtype torch's CPU layer norm refuses beside the sum's: the code the
-            # default recipe replaces, nn.LayerNorm(x + residual), which raises "mixed dtype (CPU)"
+        if self.eps is None or (self.casting == "gemma" and _dtypes_refused(total_like, self.weight, self.bias)):
+            # parameters of a dtype torch's CPU layer norm refuses beside the sum's, or eps=None
+            # (nn.LayerNorm has no default for it): the code the default recipe replaces,
+            # nn.LayerNorm(x + residual), which raises "mixed dtype (CPU)" or its TypeError
             total = x if residual is None else x + residual
             y = nn.functional.layer_norm(total, self.normalized_shape, self.weight, self.bias, self.eps)
             return y if residual is None else (y, total)
-        return fused_normalize(x, _block_of(self), residual=residual, weight=self.weight, bias=self.bias)
+        return fused_normalize(x, _block_of(self, x.dtype), residual=residual, weight=self.weight, bias=self.bias)
 
 
 def _positive_int(group_size) -> int:
@@ -923,7 +934,7 @@ class GatedRMSNorm(Unscriptable, nn.Module):
         groups = self.hidden_size // self.group_size if self.group_size else 1
         # (a size of 0 is left to the input, as in _trailing)
         sizes = tuple((name, size) for name, size in (("g", groups), ("c", self.group_size)) if size)
-        self._block = Block("... (g [c])", "(g c)", sizes=sizes, eps=float(self.eps),
+        self._block = Block("... (g [c])", "(g c)", sizes=sizes, eps=_float_or_none(self.eps),
                             rms=True, gate_activation=self.gate_activation, norm_before_gate=self.norm_before_gate,
                             casting=self.casting)
 
@@ -945,7 +956,7 @@ class GatedRMSNorm(Unscriptable, nn.Module):
                 raise TypeError("GatedRMSNorm.forward takes the gate once: as z or as gate, not both")
             z = gate
         x, z = _with_companion(self, x, z, (self.hidden_size,), "z", f"x * {self.gate_activation}(z)")
-        return fused_normalize(x, _block_of(self), gate=z, weight=self.weight)
+        return fused_normalize(x, _block_of(self, x.dtype), gate=z, weight=self.weight)
 
     def extra_repr(self) -> str:
         return (f"{self.hidden_size}, eps={self.eps}, group_size={self.group_size}, "
