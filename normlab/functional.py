@@ -86,6 +86,14 @@ def _channel_axis(x: np.ndarray, axis: int, what: str) -> int:
     return axis % x.ndim
 
 
+def _per_channel(param, channels: int):
+    """A batch norm weight or bias as torch reads it: an array of ``channels`` elements in any
+    shape (``(C, 1)`` too) is the vector of them; anything else is checked as given."""
+    if isinstance(param, np.ndarray) and param.ndim != 1 and param.size == channels:
+        return param.reshape(channels)
+    return param
+
+
 def _running(buffer, name: str, channels: int, what: str, updated: bool = False):
     """Check a running-statistics buffer; ``updated``: it is written in place, so it must be
     writeable (checked before anything is written: both buffers move, or neither)."""
@@ -273,6 +281,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     names = _names(x.ndim)
     pattern = _pattern(names, set(range(x.ndim)) - {channel})
     channels = x.shape[channel]
+    weight, bias = _per_channel(weight, channels), _per_channel(bias, channels)
     running_mean = _running(running_mean, "running_mean", channels, what, updated=training)
     running_var = _running(running_var, "running_var", channels, what, updated=training)
     if x.size:  # torch returns an empty input before it looks at the dtypes
@@ -370,8 +379,8 @@ def _trailing(x, normalized_shape, weight, bias, eps, rms: bool, what: str, mask
 
 
 def _normalized_shape(normalized_shape, what: str, x: np.ndarray) -> tuple[int, ...]:
-    """An int or a sequence of ints, as torch takes it (a string would split into its
-    characters, a float would not index)."""
+    """A sequence of ints, as torch takes it, or an int, as torch.nn.LayerNorm takes it
+    (a string would split into its characters, a float would not index)."""
     try:
         if isinstance(normalized_shape, (str, bytes)):
             raise TypeError

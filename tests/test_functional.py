@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from normlab import functional as NF
-from normlab.errors import InputError
+from normlab.errors import InputError, ParamsError
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -38,6 +38,25 @@ def test_batch_norm_running_statistics_follow_torch_over_several_steps(shape, dt
     y = NF.batch_norm(x, rm, rv, weight, bias, training=False)
     expected = F.batch_norm(torch.tensor(x), trm, trv, torch.tensor(weight), torch.tensor(bias), training=False)
     np.testing.assert_allclose(y, expected.numpy(), **tol)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("param_shape", [(3, 1), (1, 3), (1, 3, 1)])
+def test_batch_norm_takes_a_weight_and_bias_of_c_elements_in_any_shape_as_torch_does(param_shape, training):
+    # torch.nn.functional.batch_norm checks only their element count; a (3, 1) weight was refused here
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 3, 5))
+    weight, bias = (rng.standard_normal(3).reshape(param_shape) for _ in range(2))
+    rm, rv = np.full(3, 0.5), np.full(3, 2.0)
+    trm, trv = torch.tensor(rm), torch.tensor(rv)
+    y = NF.batch_norm(x, rm, rv, weight, bias, training=training)
+    expected = F.batch_norm(torch.tensor(x), trm, trv, torch.tensor(weight), torch.tensor(bias), training=training)
+    for got, want in ((y, expected), (rm, trm), (rv, trv)):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="elements"):  # another count: torch refuses it, and so does normlab
+        F.batch_norm(torch.tensor(x), trm, trv, torch.ones(4, 1), training=training)
+    with pytest.raises(ParamsError, match="weight"):
+        NF.batch_norm(x, rm, rv, np.ones((4, 1)), training=training)
 
 
 def test_channels_last_batch_norm_equals_torch_on_the_moved_axis():
