@@ -265,6 +265,18 @@ class TestGenericNorm:
         train_and_compare(reference, norm, (4, 3, 6), torch.float32, skip_buffers=("num_batches_tracked",))
         assert norm.num_batches_tracked.item() == STEPS
 
+    @pytest.mark.parametrize("path", ["kernel", "composite", "masked"])
+    def test_rms_running_statistics_keep_the_batch_mean_square_without_a_bessel_factor(self, path):
+        # no mean is estimated, so the mean square is E[x²]'s unbiased estimate as it is;
+        # n/(n − 1) made evaluation on the training batch differ (by sqrt(2) at n = 2)
+        norm = nt.Norm("[b] c", params="c", c=3, rms=True, track_running_stats=True, momentum=1.0)
+        x = torch.randn(2, 3) + 1
+        with nt.use_path("kernel" if path == "masked" else path):
+            y = norm(x, mask=torch.ones(2, 1, dtype=torch.bool)) if path == "masked" else norm(x)
+            torch.testing.assert_close(norm.running_var, x.square().mean(0))
+            norm.eval()
+            torch.testing.assert_close(norm(x), y)
+
     def test_group_norm_with_one_group_equals_layer_norm_with_per_channel_parameters(self):
         x = torch.randn(2, 4, 3, 3)
         norm = nt.Norm("b [c h w]", params="c", c=4)

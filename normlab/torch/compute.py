@@ -329,15 +329,16 @@ def _average_factor(module) -> float:
     return factor
 
 
-def _update_running(module, mean: Tensor, var: Tensor, count: int, factor: float) -> None:
+def _update_running(module, mean: Tensor, var: Tensor, count: int, factor: float, centered: bool = True) -> None:
     """``running = (1 − factor)·running + factor·batch``, with the unbiased variance; an
-    empty batch (count 0) leaves them as they are, as torch does."""
+    empty batch (count 0) leaves them as they are, as torch does. ``centered=False`` (RMS:
+    ``var`` is the mean square about 0, no mean was estimated) takes it as it is."""
     if count == 0:
         return
     if forward_ad._current_level >= 0:  # dual statistics: the buffers take their primal values, as torch.nn's do
         mean, var = forward_ad.unpack_dual(mean).primal, forward_ad.unpack_dual(var).primal
     with torch.no_grad():
-        unbiased = var * (count / (count - 1))
+        unbiased = var * (count / (count - 1)) if centered else var
         module.running_mean.mul_(1 - factor).add_(mean.to(module.running_mean.dtype), alpha=factor)
         module.running_var.mul_(1 - factor).add_(unbiased.to(module.running_var.dtype), alpha=factor)
 

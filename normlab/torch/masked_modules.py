@@ -225,7 +225,8 @@ def _norm(module, x: Tensor, mask, segment_ids, num_segments, segment_axis) -> T
         plan = spec.plan(x.shape)
         # average over every statistics axis the running statistics do not span (segments too)
         other = tuple(i for i, name in enumerate(plan.axis_names) if name not in module._running_names)
-        var = _unbiased(rstd, count, module.eps)
+        # (RMS: a mean square about 0 estimates E[x²] as it is; no mean was estimated)
+        var = _variance(rstd, module.eps) if spec.rms else _unbiased(rstd, count, module.eps)
         counted = count > 0
         if other:
             groups = counted.sum(dim=other, keepdim=True)

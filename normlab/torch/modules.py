@@ -580,7 +580,8 @@ class Norm(Unscriptable, nn.Module):
     class). With ``track_running_stats=True`` the running statistics span
     ``running_axes`` (default: the kept axes that ``params`` names), averaged over the
     other kept axes; in evaluation they normalize, as batch norm does. ``rms=True`` has a
-    weight and no bias, as RMSNorm. Momentum follows
+    weight and no bias, as RMSNorm, and keeps the batch's mean square as ``running_var``
+    (no mean is estimated, so no ``n/(n − 1)``). Momentum follows
     torch (see the module docstring). A bad pattern fails here, not in the first forward.
 
     Channels-last batch norm and a group norm with per-group parameters:
@@ -701,7 +702,7 @@ class Norm(Unscriptable, nn.Module):
                     mean, var = mean.mean(dim=other, keepdim=True), var.mean(dim=other, keepdim=True)
                 n = plan.group_size
                 _update_running(self, mean.reshape(self.running_mean.shape), var.reshape(self.running_var.shape),
-                                n, factor)
+                                n, factor, centered=not self.rms)
             return y
         # evaluation with running statistics: one scale and shift on the expanded view
         view = x.reshape(plan.axis_sizes)
