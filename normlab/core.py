@@ -622,10 +622,10 @@ def _reference_backward(grad_y, prepared: Prepared, eps, rms, mean, rstd, weight
 def _finish_backward(prepared: Prepared, grad_x, grad_w, grad_b, weight):
     """Cast the gradients to their dtypes and lay them out as x and the parameters."""
     plan = prepared.plan
-    grad_x = grad_x.astype(prepared.dtype, copy=False).reshape(plan.shape)
+    grad_x = reference.rounded(grad_x, prepared.dtype).reshape(plan.shape)
     param_dtype = gradient_dtype(weight, prepared.dtype)
     if grad_w is not None:
-        grad_w = plan.collapse_params(grad_w).astype(param_dtype, copy=False)
+        grad_w = reference.rounded(plan.collapse_params(grad_w), param_dtype)
     if grad_b is not None:
-        grad_b = plan.collapse_params(grad_b).astype(param_dtype, copy=False)
+        grad_b = reference.rounded(plan.collapse_params(grad_b), param_dtype)
     return grad_x, grad_w, grad_b

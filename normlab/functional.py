@@ -140,8 +140,9 @@ def _check_param_dtypes(what: str, x: np.ndarray, **params) -> None:
 def _update(buffer, batch_value, momentum: float, where=None) -> None:
     """The momentum update in place; entries where ``where`` is False keep their value."""
     if buffer is not None:
-        updated = buffer * (1.0 - momentum)
-        updated += (momentum * batch_value).astype(buffer.dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # past the dtype's range: ±inf or NaN, as in torch
+            updated = buffer * (1.0 - momentum)
+            updated += (momentum * batch_value).astype(buffer.dtype)
         np.copyto(buffer, updated, where=True if where is None else where)
 
 
@@ -152,15 +153,15 @@ def _update_instance(buffer: np.ndarray, per_instance, n: int, batch: int, momen
     which is NaN for a batch of zero instances, as in torch. With ``counted`` (masks), the
     average over the instances with something counted; none: the buffer is kept."""
     copies = np.broadcast_to(buffer.astype(np.float64), (batch, buffer.size))
-    if n:
-        copies = (1.0 - momentum) * copies + momentum * per_instance.reshape(batch, buffer.size)
-    if counted is not None:
-        counted = counted.reshape(batch, buffer.size)
-        instances = counted.sum(axis=0)
-        average = np.where(counted, copies, 0.0).sum(axis=0) / np.maximum(instances, 1)
-        buffer[...] = np.where(instances > 0, average, buffer)
-        return
-    with np.errstate(invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # past the buffer dtype's range: ±inf, as in torch
+        if n:
+            copies = (1.0 - momentum) * copies + momentum * per_instance.reshape(batch, buffer.size)
+        if counted is not None:
+            counted = counted.reshape(batch, buffer.size)
+            instances = counted.sum(axis=0)
+            average = np.where(counted, copies, 0.0).sum(axis=0) / np.maximum(instances, 1)
+            buffer[...] = np.where(instances > 0, average, buffer)
+            return
         buffer[...] = copies.mean(axis=0) if batch else np.nan
 
 

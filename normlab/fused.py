@@ -293,7 +293,8 @@ def residual_sum(inputs: Inputs) -> np.ndarray:
     """``x + r`` rounded to the result dtype (what the model carries on), expanded view."""
     if inputs.residual is None:
         return inputs.x
-    return np.add(inputs.x, inputs.residual, dtype=inputs.dtype)
+    with np.errstate(over="ignore"):  # a sum past the dtype's range is ±inf, as in torch
+        return np.add(inputs.x, inputs.residual, dtype=inputs.dtype)
 
 
 def _normalized_input(inputs: Inputs, summed: np.ndarray):
@@ -344,7 +345,7 @@ def reference_forward(inputs: Inputs, eps: float, rms: bool, mean=None, rstd=Non
         y = _pre_gate(inputs, h_hat)
         if inputs.epilogue.gate_last:
             y *= phi
-    return y.astype(inputs.dtype), (summed if inputs.residual is not None else None), stats
+    return reference.rounded(y, inputs.dtype), (summed if inputs.residual is not None else None), stats
 
 
 def _sum_outside(values, axes_kept: tuple[int, ...], ndim: int):
@@ -470,13 +471,13 @@ def normalize(x, pattern, *, weight=None, bias=None, params=None, eps=1e-5, rms=
     if result is None:
         result = reference_forward(inputs, eps, rms, mean, rstd)
     y, summed, stats = result
-    y = np.asarray(y).astype(inputs.dtype, copy=False).reshape(plan.shape)
+    y = reference.rounded(np.asarray(y), inputs.dtype).reshape(plan.shape)
     if out is not None:
         np.copyto(out, y, casting="unsafe")
         y = out
     outputs = (y,)
     if inputs.residual is not None:
-        outputs += (np.asarray(summed).astype(inputs.dtype, copy=False).reshape(plan.shape),)
+        outputs += (reference.rounded(np.asarray(summed), inputs.dtype).reshape(plan.shape),)
     if return_stats:
         outputs += (None if rms else stats.mean, stats.rstd)
     return outputs[0] if len(outputs) == 1 else outputs
@@ -545,18 +546,18 @@ def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5
 def _finish(inputs: Inputs, result: Gradients64, weight, need_bias: bool, scale, shift) -> FusedGradients:
     plan = inputs.plan
     dtype = inputs.dtype
-    grad_x = np.asarray(result.x).astype(dtype, copy=False).reshape(plan.shape)
+    grad_x = reference.rounded(np.asarray(result.x), dtype).reshape(plan.shape)
     from normlab.core import gradient_dtype
 
     def params_of(value, which_plan, param):
         # (the bias's takes the weight's dtype, as without a fused option, where no bias is passed)
         if value is None:
             return None
-        return which_plan.collapse_params(value).astype(gradient_dtype(param, dtype), copy=False)
+        return reference.rounded(which_plan.collapse_params(value), gradient_dtype(param, dtype))
 
     grad_gate = None
     if result.gate is not None:
-        grad_gate = np.asarray(result.gate).astype(dtype, copy=False).reshape(plan.shape)
+        grad_gate = reference.rounded(np.asarray(result.gate), dtype).reshape(plan.shape)
     return FusedGradients(
         grad_x, grad_x if inputs.residual is not None else None, grad_gate,
         params_of(result.weight, plan, weight), params_of(result.bias, plan, weight) if need_bias else None,

@@ -275,7 +275,7 @@ def forward(x, grouping: Grouping, eps: float, rms=False, weight=None, bias=None
             y *= weight
         if bias is not None:
             y += bias
-    return y.astype(dtype or x.dtype, copy=False), stats
+        return y.astype(dtype or x.dtype, copy=False), stats
 
 
 def backward(grad_y, x, grouping: Grouping, mean, rstd, count, weight=None, need_weight=False, need_bias=False):

@@ -42,6 +42,9 @@ Numerical choices, made once here and mirrored by the kernels:
 * **Overflow is NaN, never zeros.** A float64 group whose variance (or mean square)
   overflows to inf (values beyond about 1e154) gets ``rstd = NaN``, so its outputs are
   NaN; ``1/sqrt(inf) = 0`` would make them silent zeros.
+* **A result past its dtype's range is ±inf, quietly.** Rounding the float64 result (or
+  gradient) to float16 or float32 gives ±inf where it does not fit, as torch gives it,
+  without NumPy's "overflow encountered in cast" warning (:func:`rounded`).
 """
 
 from __future__ import annotations
@@ -52,9 +55,22 @@ import numpy as np
 
 from normlab.plan import Plan
 
-__all__ = ["Stats", "compute_stats", "apply_stats", "forward", "backward"]
+__all__ = ["Stats", "compute_stats", "apply_stats", "forward", "backward", "rounded"]
 
 ACCUMULATE = np.float64
+
+
+def rounded(values: np.ndarray, dtype, order: str = "K") -> np.ndarray:
+    """``values`` rounded to ``dtype`` (``astype`` without a copy where none is needed); a
+    value past the dtype's range becomes ±inf, as in torch, without NumPy's warning.
+
+    >>> rounded(np.array([1.5, 1e6]), np.float16).tolist()
+    [1.5, inf]
+    """
+    if values.dtype == dtype:  # nothing to round: no errstate to enter (a small call's time)
+        return values.astype(dtype, order=order, copy=False)
+    with np.errstate(over="ignore"):
+        return values.astype(dtype, order=order, copy=False)
 
 
 @dataclass(frozen=True)
@@ -119,9 +135,9 @@ def apply_stats(x, mean, rstd, weight=None, bias=None, dtype=None, out=None):
             y *= weight
         if bias is not None:
             y += bias
-    if out is None:
-        return y.astype(dtype or x.dtype, copy=False)
-    np.copyto(out, y, casting="unsafe")
+        if out is None:
+            return y.astype(dtype or x.dtype, copy=False)
+        np.copyto(out, y, casting="unsafe")
     return out
 
 

@@ -7,6 +7,7 @@ rounded, independent of NumPy), and for overflow torch's ``layer_norm``/``group_
 """
 
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -153,3 +154,62 @@ def test_an_overflowed_masked_or_segmented_group_is_nan(backend, rms):
     y = normlab.normalize(np.ascontiguousarray(HUGE.T), "[b] d", mask=np.ones(HUGE.T.shape, bool), rms=rms,
                           backend=backend)
     assert np.isnan(y[:, 0]).all() and np.isfinite(y[:, 1]).all()
+
+
+# --- a result past its dtype's range: ±inf as torch gives it, without NumPy's warning -------
+
+# (x, weight, bias): float16 rows whose affine output and gradients pass 65504
+_PAST_FLOAT16 = (np.array([[-1.0, 0.0, 2.0], [1.0, 3.0, 9.0]], np.float16), np.full(3, 60000.0, np.float16),
+                 np.full(3, 60000.0, np.float16))
+
+
+def _torch_batch_norm_bias_gradient(torch, x, w, b):
+    b = b.clone().requires_grad_()
+    torch.nn.functional.batch_norm(x, None, None, w, b, training=True).backward(torch.full_like(x, 60000.0))
+    return b.grad
+
+
+# each: normlab's call, and torch's in float64 rounded to float16 (where torch gives inf, silently)
+_RESULTS_PAST_THE_DTYPE = {
+    "forward": (lambda x, w, b, backend: normlab.normalize(x, "b [f]", weight=w, bias=b, params="f", backend=backend),
+                lambda torch, x, w, b: torch.nn.functional.layer_norm(x, (3,), w, b)),
+    "out": (lambda x, w, b, backend: normlab.normalize(x, "b [f]", weight=w, bias=b, params="f", backend=backend,
+                                                      out=np.empty_like(x)),
+            lambda torch, x, w, b: torch.nn.functional.layer_norm(x, (3,), w, b)),
+    "mask": (lambda x, w, b, backend: normlab.normalize(x, "[b] f", weight=w, bias=b, params="f", backend=backend,
+                                                       mask=np.ones(x.shape, bool)),
+             lambda torch, x, w, b: torch.nn.functional.batch_norm(x, None, None, w, b, training=True)),
+    "residual": (lambda x, w, b, backend: normlab.normalize(np.stack([w, b]), "b [f]", backend=backend,
+                                                           residual=np.stack([w, b]))[1],
+                 lambda torch, x, w, b: torch.stack([w, b]).half() + torch.stack([w, b]).half()),
+    "backward": (lambda x, w, b, backend: normlab.normalize_backward(np.full_like(x, 60000.0), x, "[b] f", weight=w,
+                                                                     params="f", backend=backend)[2],
+                 _torch_batch_norm_bias_gradient),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("call, torch_call", _RESULTS_PAST_THE_DTYPE.values(), ids=list(_RESULTS_PAST_THE_DTYPE))
+def test_a_float16_result_past_its_range_is_inf_as_in_torch_without_a_numpy_warning(backend, call, torch_call):
+    torch = pytest.importorskip("torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NumPy's "overflow encountered in cast" leaked from normlab here
+        got = call(*_PAST_FLOAT16, backend)
+    want = torch_call(torch, *(torch.from_numpy(a).double() for a in _PAST_FLOAT16)).half().numpy()
+    assert np.isinf(want).any()
+    np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=2e-3)
+
+
+def test_batch_norm_moves_both_float16_running_statistics_to_inf_as_torch_does_without_a_warning():
+    torch = pytest.importorskip("torch")
+    x = np.array([[-60000.0, 1.0], [60000.0, 2.0], [0.0, 3.0]], np.float16)  # channel 0's variance passes 65504
+    running = [np.zeros(2, np.float16), np.ones(2, np.float16)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning, as an error, left running_var unmoved behind a moved mean
+        normlab.functional.batch_norm(x, *running, training=True)
+        normlab.functional.instance_norm(np.ascontiguousarray(x.T[None]), *running, momentum=0.5)
+    torch_running = [torch.zeros(2, dtype=torch.float16), torch.ones(2, dtype=torch.float16)]
+    torch.nn.functional.batch_norm(torch.from_numpy(x), *torch_running, training=True)
+    torch.nn.functional.instance_norm(torch.from_numpy(np.ascontiguousarray(x.T[None])), *torch_running, momentum=0.5)
+    for got, want in zip(running, torch_running):
+        np.testing.assert_array_equal(got, want.numpy())

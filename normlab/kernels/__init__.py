@@ -237,7 +237,7 @@ def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
     input's shape (written into ``out`` when given) and ``stats`` a
     :class:`normlab.reference.Stats`, or None when the plan has no canonical view.
     """
-    from normlab.reference import Stats
+    from normlab.reference import Stats, rounded
 
     plan = prepared.plan
     view = view_of(plan)
@@ -298,9 +298,10 @@ def forward(prepared, eps: float, rms: bool, mean=None, rstd=None, out=None):
         y = view.to_expanded(y, plan.axis_sizes)
     if out is not None:
         if not direct:
-            np.copyto(out, y.reshape(plan.shape), casting="unsafe")
+            with np.errstate(over="ignore"):  # past out's range: ±inf, as reference.rounded rounds
+                np.copyto(out, y.reshape(plan.shape), casting="unsafe")
         return out, stats
-    return np.ascontiguousarray(y, dtype=prepared.dtype).reshape(plan.shape), stats
+    return rounded(y, prepared.dtype, order="C").reshape(plan.shape), stats
 
 
 def _columns():

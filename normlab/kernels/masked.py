@@ -228,6 +228,7 @@ def forward(prepared, grouping, eps: float, rms: bool, mean=None, rstd=None):
     view (the input's dtype) and ``stats`` a :class:`~normlab.masked.MaskedStats` (None
     when ``mean``/``rstd`` are given), or None when the plan has no kernel view."""
     from normlab.masked import MaskedStats
+    from normlab.reference import rounded
 
     dtype = _compute_dtype(prepared.x)
     found = _lay_out(grouping, [prepared.x], dtype)
@@ -252,7 +253,7 @@ def forward(prepared, grouping, eps: float, rms: bool, mean=None, rstd=None):
     else:
         stats = (np.zeros(groups), np.zeros(groups), np.zeros(groups), count)
     var = _run(x, laid, rms, eps, weight, bias, stats, True, y)
-    y = _undo(laid, y, grouping).astype(prepared.dtype, copy=False)
+    y = rounded(_undo(laid, y, grouping), prepared.dtype)
     if given:
         return y, None
     unflat = functools.partial(_stats_to_expanded, laid=laid, grouping=grouping)
