@@ -189,8 +189,10 @@ def prepare(x, pattern: str, weight, bias, params, sizes: dict) -> Prepared:
 
 
 def _check_eps(eps, plan: Plan) -> float:
-    if isinstance(eps, (str, bytes)):  # float() would parse it; NumPy and torch take no string as a number
-        raise InputError(f"eps must be a number, got {eps!r} ({_describe(plan, plan.shape)}); "
+    # float() would parse a string, and take a NumPy complex (not Python's) by dropping its imaginary
+    # part with only a warning; neither is a real number
+    if isinstance(eps, (str, bytes, complex, np.complexfloating)):
+        raise InputError(f"eps must be a real number, got {eps!r} ({_describe(plan, plan.shape)}); "
                          "pass a small finite number >= 0 such as 1e-5")
     try:
         eps = float(eps)
@@ -199,7 +201,7 @@ def _check_eps(eps, plan: Plan) -> float:
         raise InputError(f"eps={shown} is too large for a float ({_describe(plan, plan.shape)}); "
                          "pass a small finite number >= 0 such as 1e-5") from err
     except (TypeError, ValueError) as err:
-        raise InputError(f"eps must be a number, got {eps!r} ({_describe(plan, plan.shape)}); "
+        raise InputError(f"eps must be a real number, got {eps!r} ({_describe(plan, plan.shape)}); "
                          "pass a small finite number >= 0 such as 1e-5") from err
     if not eps >= 0 or eps == np.inf:
         raise InputError(f"eps must be a finite number >= 0, got {eps} ({_describe(plan, plan.shape)})")

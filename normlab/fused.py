@@ -187,7 +187,8 @@ def _weight_offset(value, pattern, plan: Plan) -> float:
     """``weight_offset`` as a finite float: one number added to every weight (a per-element
     offset belongs in the weight itself)."""
     fix = "pass one finite number such as 1.0 (Gemma's 1 + weight), or 0.0 for none"
-    if isinstance(value, (str, bytes)) or np.ndim(value) != 0:
+    # (float() would take a NumPy complex by dropping its imaginary part with only a warning)
+    if isinstance(value, (str, bytes, complex, np.complexfloating)) or np.ndim(value) != 0:
         shown = f"an array of shape {np.shape(value)}" if np.ndim(value) else repr(value)
         raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: weight_offset must be a number, got "
                          f"{shown}; {fix}")

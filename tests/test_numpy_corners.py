@@ -6,6 +6,9 @@ NumPy's own behaviour for what it accepts (``np.mean`` takes big-endian floats),
 contract that a shape which only fits by count is refused, never reshaped.
 """
 
+import functools
+import warnings
+
 import numpy as np
 import pytest
 
@@ -117,6 +120,20 @@ def test_a_weight_offset_that_is_not_one_finite_number_is_an_input_error(offset)
     x = np.random.default_rng(5).standard_normal((2, 6))
     with pytest.raises(InputError, match=r"'b \[d\]', input shape \(2, 6\): weight_offset.*1\.0"):
         normlab.normalize(x, "b [d]", weight=np.ones(6), params="d", weight_offset=offset, rms=True)
+
+
+@pytest.mark.parametrize("value", [np.complex64(1e-5), np.complex128(1e-5 + 1j)], ids=["complex64", "complex128"])
+@pytest.mark.parametrize("name", ["eps", "weight_offset"])
+@pytest.mark.parametrize("backward", [False, True])
+def test_a_numpy_complex_eps_or_weight_offset_is_refused_as_a_python_complex_is(name, value, backward):
+    """float() took a NumPy complex with a ComplexWarning and dropped its imaginary part
+    (1e-5+1j normalized as 1e-5), where 1e-5+0j, a Python complex, was an InputError."""
+    x = np.random.default_rng(12).standard_normal((2, 6))
+    call = functools.partial(normlab.normalize_backward, np.ones_like(x)) if backward else normlab.normalize
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InputError, match=rf"{name} must be a (real )?number, got np.complex.*1e-05"):
+            call(x, "b [d]", weight=np.ones(6), params="d", **{name: value})
 
 
 @pytest.mark.parametrize("offset", [np.float32(0.0), np.array(0.0), np.float64(1.0), np.array(1.0), 1])
