@@ -4,7 +4,7 @@ Each function builds a pattern and calls the one engine. Running statistics foll
 PyTorch and are updated **in place**:
 
 * momentum weights the *new* batch: ``running = (1 − momentum)·running + momentum·batch``
-  (Keras and Flax call ``1 − momentum`` their momentum);
+  (ONNX, Keras and Flax call ``1 − momentum`` their momentum);
 * ``running_var`` stores the *unbiased* batch variance (``n/(n − 1)`` times the biased
   one that normalizes), as PyTorch does; ``unbiased=False`` stores the biased one, as
   ONNX, Keras and Flax do.
