@@ -139,6 +139,28 @@ def test_masked_batch_norm_matches_a_torch_composite_and_its_autograd_everywhere
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("segmented", [False, True])
+def test_the_bias_gradient_without_a_weight_matches_torch_autograd_with_a_mask_or_segments(backend, segmented):
+    """params= without weight= asks for the bias gradient alone; with a mask or segments the
+    kernels' tables came back (1, 1) and the reshape to the parameters' shape raised a bare
+    ValueError ("cannot reshape array of size 1 into shape (1,3)")."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(4, 3, 7))
+    mask = rng.random((4, 1, 7)) < 0.6
+    grad_y = rng.normal(size=x.shape)
+    counted = {"segment_ids": np.zeros(4, np.int64)} if segmented else {"mask": mask}  # one segment: every element
+    gx, gw, gb = normalize_backward(grad_y, x, "[b] c [t]", params="c", backend=backend, **counted)
+    tx, tb = torch.tensor(x, requires_grad=True), torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    ty = _torch_masked_batch_norm(torch, tx, torch.tensor(np.ones_like(mask) if segmented else mask),
+                                  torch.ones(3, dtype=torch.float64), tb, 1e-5)
+    ty.backward(torch.tensor(grad_y))
+    assert gw is None
+    np.testing.assert_allclose(gx, tx.grad.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(gb, tb.grad.numpy(), rtol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_layer_norm_with_a_padding_mask_matches_torch_autograd_through_masked_sums(backend):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(4)

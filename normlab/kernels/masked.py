@@ -275,6 +275,8 @@ def backward(prepared, grouping, grad_y, eps: float, rms: bool, mean=None, rstd=
     view = laid.view
     inner = view.sizes[3]
     weight = _table(prepared.weight, view, inner, ones=True)
+    if prepared.weight is None and need_params:  # the gradient tables take the weight table's shape
+        weight = _table(plan.expand_params(np.ones(plan.param_shape)), view, inner, ones=True)
     groups = view.sizes[0] * (len(laid.offsets) - 1) * view.sizes[2]
     if rstd is None:
         mean_flat, rstd_flat = np.zeros(groups), np.zeros(groups)
