@@ -94,6 +94,23 @@ def _per_channel(param, channels: int):
     return param
 
 
+def _check_channel_params(what: str, x: np.ndarray, channels: int, weight, bias, num_groups: int = 0) -> None:
+    """torch's rule for a per-channel weight and bias, said in its terms (the pattern built
+    below names axes the caller never wrote, and its params are not the caller's to change)."""
+    for name, param in (("weight", weight), ("bias", bias)):
+        try:
+            shape = (channels,) if param is None else tuple(np.shape(param))
+        except ValueError:  # a ragged list: the engine says it cannot be read as an array
+            continue
+        if shape != (channels,):
+            # ONNX GroupNormalization before opset 21 takes one scale and bias per group
+            per_group = (f" (one per group, as ONNX GroupNormalization-18 takes it: pass np.repeat({name}, "
+                         f"{channels // num_groups}))" if num_groups and shape == (num_groups,) else "")
+            raise ParamsError(f"{what}: {name} has shape {shape}, but the input has {channels} channels (input "
+                              f"shape {x.shape}); pass a {name} of shape ({channels},), one value per "
+                              f"channel{per_group}")
+
+
 def _running(buffer, name: str, channels: int, what: str, updated: bool = False):
     """Check a running-statistics buffer; ``updated``: it is written in place, so it must be
     writeable (checked before anything is written: both buffers move, or neither)."""
@@ -286,6 +303,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     running_mean = _running(running_mean, "running_mean", channels, what, updated=training)
     running_var = _running(running_var, "running_var", channels, what, updated=training)
     if x.size:  # torch returns an empty input before it looks at the dtypes
+        _check_channel_params(what, x, channels, weight, bias)
         _check_param_dtypes(what, x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     params = names[channel]
     if training:
@@ -413,6 +431,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, mask=
             f"group_norm: num_groups={num_groups} must divide the {x.shape[channel]} channels of input shape "
             f"{x.shape}; pick a divisor of {x.shape[channel]}"
         )
+    _check_channel_params(what, x, x.shape[channel], weight, bias, num_groups=int(num_groups))
     _check_param_dtypes(what, x, weight=weight, bias=bias)
     parts = []
     for i in range(x.ndim):
@@ -449,6 +468,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     batch, channels = x.shape[:2]
     running_mean = _running(running_mean, "running_mean", channels, what, updated=use_input_stats)
     running_var = _running(running_var, "running_var", channels, what, updated=use_input_stats)
+    _check_channel_params(what, x, channels, weight, bias)
     _check_param_dtypes(what, x, weight=weight, bias=bias)  # torch takes running statistics of any dtype here
     params = names[1] if weight is not None or bias is not None else None
     eps = _check_eps(eps, what, x)

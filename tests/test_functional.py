@@ -59,6 +59,29 @@ def test_batch_norm_takes_a_weight_and_bias_of_c_elements_in_any_shape_as_torch_
         NF.batch_norm(x, rm, rv, np.ones((4, 1)), training=training)
 
 
+@pytest.mark.parametrize("call", [
+    lambda x, w: NF.group_norm(x, 3, w, w), lambda x, w: NF.instance_norm(x, weight=w, bias=w),
+    lambda x, w: NF.batch_norm(x, np.zeros(6), np.ones(6), w, w, training=True),
+], ids=["group_norm", "instance_norm", "batch_norm"])
+def test_a_weight_of_the_wrong_size_is_refused_in_the_functions_terms_with_onnx_per_group_scale_named(call):
+    # the message spoke of params='(g c)' and pattern 'n (g [c]) [s2]', which the caller never
+    # wrote, and offered "or change params", an argument these functions do not take
+    x = np.ones((2, 6, 4))
+    with pytest.raises(ParamsError) as caught:
+        call(x, np.ones(3))
+    message = str(caught.value)
+    assert "has shape (3,), but the input has 6 channels" in message and "pass a weight of shape (6,)" in message
+    assert "params" not in message and "pattern" not in message
+    # ONNX GroupNormalization-18's one scale per group, expanded as the message says, is group_norm's
+    if "group_norm" in message:
+        import normlab
+
+        assert "np.repeat(weight, 2)" in message
+        w = np.array([1.0, 2.0, -1.0])
+        expected = normlab.normalize(x, "b (g [c]) [s]", g=3, weight=w, bias=w, params="g")
+        np.testing.assert_allclose(NF.group_norm(x, 3, np.repeat(w, 2), np.repeat(w, 2)), expected, rtol=1e-12)
+
+
 def test_channels_last_batch_norm_equals_torch_on_the_moved_axis():
     rm, rv = np.zeros(3), np.ones(3)
     trm, trv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
