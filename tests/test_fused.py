@@ -336,3 +336,25 @@ def test_kernel_exponential_is_within_two_ulp_of_numpy_and_keeps_nan():
     got = np.empty_like(edges)
     apply(edges, got)
     assert np.isnan(got[0]) and got[1] == np.inf and got[2] == np.inf and 0 <= got[3] < 1e-300 and got[4] < 1e-300
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("pattern, shape, params, sizes", [
+    ("b (g [c]) [s]", (2, 4, 3), "(g c)", {"g": 2}),  # group norm: each channel repeats along s
+    ("b [c s]", (2, 4, 3), "c", {}),                   # ConvNeXt's layer norm with per-channel parameters
+])
+def test_the_bias_gradient_of_a_residual_block_without_parameters_is_torch_autograds(backend, pattern, shape, params,
+                                                                                    sizes):
+    """params= with no weight or bias asks for the bias gradient alone; the kernels folded it
+    as if each channel's columns were tiled (c0 c1 c0 c1 ...), not repeated (c0 c0 c1 c1 ...),
+    and returned wrong numbers where each channel spans several columns of a row."""
+    rng = np.random.default_rng(7)
+    x, residual, grad_y = (rng.standard_normal(shape) for _ in range(3))
+    got = normlab.normalize_backward(grad_y, x, pattern, params=params, residual=residual, backend=backend, **sizes)
+    tx = torch.tensor(x, requires_grad=True)
+    bias = torch.zeros(shape[1], dtype=torch.float64, requires_grad=True)
+    groups = sizes.get("g", 1)
+    F.group_norm(tx + torch.tensor(residual), groups, torch.ones(shape[1], dtype=torch.float64), bias).backward(
+        torch.tensor(grad_y))
+    np.testing.assert_allclose(got.bias, bias.grad.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got.x, tx.grad.numpy(), rtol=1e-10, atol=1e-12)

@@ -881,10 +881,12 @@ class Layout:
         return not redo.any()
 
     def collapse(self, table, mod: bool):
-        """A summed ``(groups, n)`` gradient table in its plan's broadcast layout."""
+        """A summed ``(groups, n)`` gradient table in its plan's broadcast layout: column ``j``
+        belongs to parameter column ``(j // inner) % channels`` (an absent parameter's constant
+        table spans every layout, ``"b (g [c]) [s]"``'s too, where each channel repeats ``s`` times)."""
         view = self.mod_view if mod else self.view
         if view.param_channels != view.n:
-            table = table.reshape(table.shape[0], view.n // view.param_channels, view.param_channels).sum(axis=1)
+            table = table.reshape(table.shape[0], -1, view.param_channels, view.param_inner).sum(axis=(1, 3))
         return table.reshape(self.broadcast_shapes[mod])
 
 
