@@ -193,6 +193,26 @@ def test_batch_norm_in_evaluation_compiles_into_one_graph_as_torch_nn_does(name,
         torch.testing.assert_close(grad_x, torch.autograd.grad(reference(x).square().sum(), x)[0])
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_strict_export_with_a_dynamic_batch_takes_every_size_past_the_eager_shortcuts_of_batch_norm(mode):
+    # eager, a training step repeats the last one at its shape, and evaluation below 32 MiB
+    # takes F.batch_norm: compared under Dynamo, those sizes were guards on the batch
+    torch.manual_seed(0)
+    reference = torch.nn.BatchNorm2d(4)
+    twin = nt.convert(copy.deepcopy(reference))
+    step = torch.randn(4, 4, 256, 256)  # a training step at batch 4 (1 MiB a sample)
+    with torch.no_grad():
+        for model in (reference, twin):
+            model(step)
+            getattr(model, mode)()
+    batch = torch.export.Dim("batch", max=64)
+    programs = [torch.export.export(model, (torch.randn(2, 4, 256, 256),), dynamic_shapes=({0: batch},), strict=True)
+                for model in (reference, twin)]
+    for size in (4, 40):
+        x = torch.randn(size, 4, 256, 256)
+        torch.testing.assert_close(programs[1].module()(x), programs[0].module()(x))
+
+
 @pytest.mark.slow
 def test_compiled_batch_norm_in_evaluation_keeps_the_contract_at_a_running_mean_of_a_million_stds():
     # Inductor decomposes the op into (x - mean)·rstd·w + b, which does not cancel as torch's

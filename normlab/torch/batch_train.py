@@ -169,8 +169,10 @@ def repeat_step(module, x: Tensor) -> Optional[Tensor]:
     where anything differs and the full path must decide."""
     cache = module.__dict__.get("_normlab_train")
     step = None if cache is None else cache.get("step")
-    if (step is None or type(x) is not Tensor or not x.is_cpu or x.layout is not torch.strided
+    if (step is None or type(x) is not Tensor or torch.compiler.is_compiling() or not x.is_cpu
+            or x.layout is not torch.strided
             or (x.shape, x.stride(), x.dtype) != step.key):  # (a negated view: _needs_torch_ops below)
+        # (compiled or exported first: Dynamo would make the size comparison a guard on the batch)
         return None
     parameters, buffers = module._parameters, module._buffers
     weight, bias = parameters.get("weight", _ABSENT), parameters.get("bias", _ABSENT)

@@ -442,9 +442,11 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
         y = batch_train.repeat_step(module, x)
         if y is not None:
             return y
-    elif _PathSwitch.path == "auto" and type(x) is Tensor and not torch.jit.is_tracing() and not _functorch_active():
-        # (under torch.jit.trace sizes are traced tensors: its checks would warn; under functorch's transforms
-        # the buffers may be batched, with no memory to check; torch's forward runs there anyway)
+    elif (_PathSwitch.path == "auto" and type(x) is Tensor and not torch.jit.is_tracing()
+          and not torch.compiler.is_compiling() and not _functorch_active()):
+        # (under torch.jit.trace sizes are traced tensors: its checks would warn; compiled or exported, the
+        # size check would be a guard on the batch; under functorch's transforms the buffers may be batched,
+        # with no memory to check; torch's forward runs there anyway)
         y = _small_eval(module, x)
         if y is not None:
             return y
