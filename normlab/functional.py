@@ -441,8 +441,13 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, mask=
             parts.append("(g [c])")
         else:
             parts.append(f"[s{i}]")
+    pattern = " ".join(parts)
+    if mask is None:  # torch's rule (F.group_norm's batch check), as the torch twin keeps it: not one value in all
+        _check_values(x.size // num_groups, x, pattern, what, "value per channel",
+                      "torch refuses a single sample whose groups hold one value each; pass a smaller num_groups "
+                      "or more than one sample")
     params = "(g c)" if weight is not None or bias is not None else None
-    return _normalize_with_stats(x, " ".join(parts), weight=weight, bias=bias, params=params,
+    return _normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params,
                                  eps=_check_eps(eps, what, x), g=int(num_groups), mask=mask)[0]
 
 

@@ -1,6 +1,8 @@
 """normlab.functional against torch.nn.functional (and ONNX for the biased running variance):
 running statistics over several steps, evaluation mode, channels-last, eps defaults."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -218,6 +220,19 @@ def test_training_instance_norm_with_one_position_raises_like_torch():
         F.instance_norm(torch.tensor(x))
     with pytest.raises(InputError, match="more than 1 spatial element"):
         NF.instance_norm(x)
+
+
+@pytest.mark.parametrize("shape, groups", [((1, 3), 3), ((1, 4, 1), 4), ((1, 1), 1)])
+def test_group_norm_of_one_sample_with_one_value_per_group_raises_like_torch(shape, groups):
+    """It returned zeros where torch.nn.functional.group_norm (and the torch twin GroupNorm)
+    raise "Expected more than 1 value per channel when training"."""
+    x = np.random.default_rng(8).standard_normal(shape)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        F.group_norm(torch.tensor(x), groups)
+    with pytest.raises(InputError, match=rf"more than 1 value per channel.*{re.escape(str(shape))}.*num_groups"):
+        NF.group_norm(x, groups)
+    two = np.concatenate([x, x + 1.0])  # two samples (or bigger groups) normalize, as in torch
+    np.testing.assert_allclose(NF.group_norm(two, groups), F.group_norm(torch.tensor(two), groups).numpy(), atol=1e-6)
 
 
 def test_running_statistics_are_untouched_in_evaluation():
