@@ -213,3 +213,25 @@ def test_batch_norm_moves_both_float16_running_statistics_to_inf_as_torch_does_w
     torch.nn.functional.instance_norm(torch.from_numpy(np.ascontiguousarray(x.T[None])), *torch_running, momentum=0.5)
     for got, want in zip(running, torch_running):
         np.testing.assert_array_equal(got, want.numpy())
+
+
+@pytest.mark.parametrize("name, args, shape", [("LayerNorm", (6,), (4, 6)), ("RMSNorm", (6,), (4, 6)),
+                                               ("BatchNorm1d", (6,), (4, 6))])
+def test_a_torch_modules_float32_gradient_past_its_range_is_inf_as_torch_nn_gives_it(name, args, shape):
+    """The modules' kernels sum parameter gradients in float64; rounding them to float32 raised
+    NumPy's "overflow encountered in cast" inside loss.backward() (an error under -W error)."""
+    torch = pytest.importorskip("torch")
+    import normlab.torch
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    grad_y = torch.full(shape, 3e38)  # summed over the batch for the parameters: past float32's 3.4e38
+    twin, reference = getattr(normlab.torch, name)(*args), getattr(torch.nn, name)(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        twin(x).backward(grad_y)
+    reference(x).backward(grad_y)
+    # RMS norm's weight gradient (a sum of x̂·g), the others' bias gradient (a sum of g)
+    want, got = ((module.weight if name == "RMSNorm" else module.bias).grad for module in (reference, twin))
+    assert torch.isinf(want).any()
+    np.testing.assert_array_equal(np.isinf(got.numpy()), np.isinf(want.numpy()))

@@ -262,6 +262,7 @@ class FastBackward:
     def _in_float64(self, grad_y, x, weight_table, mean_flat, rstd):
         """The float64 kernel's ``(grad_x, weight_parts, bias_parts)``, grad_x rounded to float32."""
         from normlab.kernels.rows import row_backward
+        from normlab.reference import rounded
 
         plan, plain = self.forward, strided.PLAIN_ROWS
         rows, n = shape = plan.shape
@@ -272,7 +273,7 @@ class FastBackward:
                      np.ascontiguousarray(x, np.float64).reshape(shape), plain, n, weight_table.astype(np.float64),
                      plan.param_row_stride, plan.param_inner, plan.rms, 0.0, True, mean_flat, rstd.reshape(rows),
                      self.chunk_rows, grad_x, plain, weight_parts, bias_parts)
-        return grad_x.astype(np.float32), weight_parts, bias_parts
+        return rounded(grad_x, np.float32), weight_parts, bias_parts
 
     def _params(self, table: np.ndarray) -> np.ndarray:
         plan = self.forward

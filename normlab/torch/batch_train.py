@@ -24,6 +24,7 @@ from torch import Tensor
 
 from normlab import kernels
 from normlab.kernels import pool
+from normlab.reference import rounded
 from normlab.torch.ops import _bias_to_save, _grads_of, _needs_torch_backward, _saved_bias
 from normlab.torch.paths import _needs_torch_ops, _PathSwitch
 from normlab.torch.spec import _ABSENT, affine_parameters, module_cache, tensor_layout
@@ -298,8 +299,8 @@ class _TrainFunction(torch.autograd.Function):
             needs = ctx.needs_input_grad
             dtype = ctx.call.dtype  # the parameters' dtype (checked in forward)
             grads = (grad_x if needs[0] else None,
-                     torch.from_numpy(grad_weight.astype(dtype, copy=False)) if needs[1] else None,
-                     torch.from_numpy(grad_bias.astype(dtype, copy=False)) if needs[2] else None)
+                     torch.from_numpy(rounded(grad_weight, dtype)) if needs[1] else None,
+                     torch.from_numpy(rounded(grad_bias, dtype)) if needs[2] else None)
         return (*grads, None, None, None, None, None)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from normlab.reference import rounded
 from normlab.torch.ops import (_bias_to_save, _differentiable_backward, _is_layer_norm, _needs_torch_backward,
                                _saved_bias, _spec_of)
 from normlab.torch.spec import tensor_layout
@@ -140,8 +141,8 @@ class _RowFunction(torch.autograd.Function):
                                                need_weight or need_bias)
         weight_dtype, bias_dtype = call.param_dtypes
         return (torch.from_numpy(grad_x) if need_x else None,
-                torch.from_numpy(grad_w.astype(weight_dtype, copy=False)) if need_weight else None,
-                torch.from_numpy(grad_b.astype(bias_dtype, copy=False)) if need_bias else None,
+                torch.from_numpy(rounded(grad_w, weight_dtype)) if need_weight else None,
+                torch.from_numpy(rounded(grad_b, bias_dtype)) if need_bias else None,
                 None, None, None)
 
 
