@@ -379,10 +379,11 @@ def _trailing(x, normalized_shape, weight, bias, eps, rms: bool, what: str, mask
         raise ShapeError(f"{what}: normalized_shape () names no axis, got input shape {x.shape}; it needs at least "
                          f"one trailing axis: {fix}")
     if x.ndim < k or tuple(x.shape[x.ndim - k:]) != tuple(int(s) for s in shape):
-        raise ShapeError(
-            f"{what}: normalized_shape {shape} must equal the last {k} sizes of the input, "
-            f"got input shape {x.shape}; pass normalized_shape={tuple(x.shape[-k:])}"
-        )
+        # (a 0-d input's trailing sizes are (), which the check above refuses: no normalized_shape fits it)
+        fix = (f"pass normalized_shape={tuple(x.shape[-k:])}" if x.ndim else
+               f"a 0-d input has no axis to normalize over; pass an input whose last sizes are {shape}")
+        raise ShapeError(f"{what}: normalized_shape {shape} must equal the last {k} sizes of the input, "
+                         f"got input shape {x.shape}; {fix}")
     for name, param in (("weight", weight), ("bias", bias)):
         # torch's rule, said in torch's terms (the pattern below names axes the caller never wrote)
         if param is not None and getattr(param, "shape", shape) != shape:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from normlab import functional as NF
-from normlab.errors import InputError, ParamsError
+from normlab.errors import InputError, ParamsError, ShapeError
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -233,6 +233,16 @@ def test_group_norm_of_one_sample_with_one_value_per_group_raises_like_torch(sha
         NF.group_norm(x, groups)
     two = np.concatenate([x, x + 1.0])  # two samples (or bigger groups) normalize, as in torch
     np.testing.assert_allclose(NF.group_norm(two, groups), F.group_norm(torch.tensor(two), groups).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("function, torch_function", [(NF.layer_norm, F.layer_norm), (NF.rms_norm, F.rms_norm)])
+def test_a_0d_input_is_refused_without_suggesting_a_normalized_shape_that_is_refused_too(function, torch_function):
+    """It was told "pass normalized_shape=()", which the next call refuses ("names no axis")."""
+    with pytest.raises((RuntimeError, ValueError)):  # torch refuses a 0-d input too
+        torch_function(torch.tensor(3.0), (1,))
+    with pytest.raises(ShapeError, match=r"input shape \(\); a 0-d input has no axis.*last sizes are \(1,\)") as caught:
+        function(np.float32(3.0), 1)
+    assert "normalized_shape=()" not in str(caught.value)
 
 
 def test_running_statistics_are_untouched_in_evaluation():
