@@ -111,19 +111,29 @@ def _check_channel_params(what: str, x: np.ndarray, channels: int, weight, bias,
                               f"channel{per_group}")
 
 
-def _running(buffer, name: str, channels: int, what: str, updated: bool = False):
+def _running(buffer, name: str, x: np.ndarray, channels: int, what: str, updated: bool = False):
     """Check a running-statistics buffer; ``updated``: it is written in place, so it must be
     writeable (checked before anything is written: both buffers move, or neither)."""
     if buffer is None:
         return None
     if not isinstance(buffer, np.ndarray) or not core.is_float(buffer.dtype):
-        raise InputError(f"{what}: {name} must be a float NumPy array (it is updated in place)")
+        got = f"dtype {buffer.dtype}" if isinstance(buffer, np.ndarray) else type(buffer).__name__
+        raise InputError(f"{what}: {name} must be a float NumPy array (it is updated in place), got {got} for input "
+                         f"shape {x.shape}; pass np.asarray({name}, np.float32) (or the input's float dtype)")
     if updated and not buffer.flags.writeable:
         raise InputError(f"{what}: {name} is read-only, and training updates it in place; pass a writeable "
                          f"array (np.array({name})), or None to keep no running statistics")
     if buffer.shape != (channels,):
-        raise ShapeError(f"{what}: {name} has shape {buffer.shape}, expected ({channels},) for the channels")
+        raise ShapeError(f"{what}: {name} has shape {buffer.shape}, expected ({channels},) for the {channels} "
+                         f"channels of input shape {x.shape}; pass one value per channel")
     return buffer
+
+
+def _given_pair(running_mean, running_var) -> str:
+    """Which running statistics were given, for a message: "neither", "running_mean alone"..."""
+    given = [name for name, value in (("running_mean", running_mean), ("running_var", running_var))
+             if value is not None]
+    return f"{given[0]} alone" if len(given) == 1 else "neither"
 
 
 def _check_param_dtypes(what: str, x: np.ndarray, **params) -> None:
@@ -300,8 +310,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     pattern = _pattern(names, set(range(x.ndim)) - {channel})
     channels = x.shape[channel]
     weight, bias = _per_channel(weight, channels), _per_channel(bias, channels)
-    running_mean = _running(running_mean, "running_mean", channels, what, updated=training)
-    running_var = _running(running_var, "running_var", channels, what, updated=training)
+    running_mean = _running(running_mean, "running_mean", x, channels, what, updated=training)
+    running_var = _running(running_var, "running_var", x, channels, what, updated=training)
     if x.size:  # torch returns an empty input before it looks at the dtypes
         _check_channel_params(what, x, channels, weight, bias)
         _check_param_dtypes(what, x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
@@ -335,7 +345,9 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     if running_mean is None or running_var is None:
         if not x.size:  # torch returns an empty input before it asks for the running statistics
             return np.empty(x.shape, core.result_dtype(x, pattern))
-        raise InputError("batch_norm: running_mean and running_var are needed when training=False")
+        raise InputError(f"batch_norm: running_mean and running_var are needed when training=False, got "
+                         f"{_given_pair(running_mean, running_var)} for input shape {x.shape}; pass both, or "
+                         "training=True to normalize with the batch's statistics")
     _check_unused_mask(mask, pattern, x)
     with np.errstate(invalid="ignore", divide="ignore"):  # as torch: NaN or inf where var + eps <= 0
         rstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
@@ -426,7 +438,8 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, mask=
     x = _input(x, what)
     channel = _channel_axis(x, axis, what)
     if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
-        raise InputError(f"group_norm: num_groups must be a positive int, got {num_groups!r}")
+        raise InputError(f"group_norm: num_groups must be a positive int, got {num_groups!r} for input shape "
+                         f"{x.shape}; pass a divisor of the {x.shape[channel]} channels")
     if x.shape[channel] % num_groups:
         raise ShapeError(
             f"group_norm: num_groups={num_groups} must divide the {x.shape[channel]} channels of input shape "
@@ -472,8 +485,8 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     names = _names(x.ndim)
     pattern = _pattern(names, set(range(2, x.ndim)))
     batch, channels = x.shape[:2]
-    running_mean = _running(running_mean, "running_mean", channels, what, updated=use_input_stats)
-    running_var = _running(running_var, "running_var", channels, what, updated=use_input_stats)
+    running_mean = _running(running_mean, "running_mean", x, channels, what, updated=use_input_stats)
+    running_var = _running(running_var, "running_var", x, channels, what, updated=use_input_stats)
     _check_channel_params(what, x, channels, weight, bias)
     _check_param_dtypes(what, x, weight=weight, bias=bias)  # torch takes running statistics of any dtype here
     params = names[1] if weight is not None or bias is not None else None
@@ -497,7 +510,9 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
                     _update_instance(buffer, value, n, batch, momentum, counted)
         return y
     if running_mean is None or running_var is None:
-        raise InputError("instance_norm: running_mean and running_var are needed when use_input_stats=False")
+        raise InputError(f"instance_norm: running_mean and running_var are needed when use_input_stats=False, got "
+                         f"{_given_pair(running_mean, running_var)} for input shape {x.shape}; pass both, or "
+                         "use_input_stats=True to normalize with each instance's statistics")
     _check_unused_mask(mask, pattern, x)
     mean = np.broadcast_to(running_mean.astype(np.float64), (batch, channels))
     with np.errstate(invalid="ignore", divide="ignore"):  # as torch: NaN or inf where var + eps <= 0

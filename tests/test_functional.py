@@ -245,6 +245,26 @@ def test_a_0d_input_is_refused_without_suggesting_a_normalized_shape_that_is_ref
     assert "normalized_shape=()" not in str(caught.value)
 
 
+_X = np.zeros((4, 3))
+_REFUSALS = {
+    "evaluation without running statistics": lambda: NF.batch_norm(_X, None, None, training=False),
+    "evaluation with running_mean alone": lambda: NF.batch_norm(_X, np.zeros(3), None, training=False),
+    "instance norm without running statistics": lambda: NF.instance_norm(_X[None], use_input_stats=False),
+    "num_groups of 0": lambda: NF.group_norm(_X, 0),
+    "integer running_mean": lambda: NF.batch_norm(_X, np.zeros(3, np.int64), np.ones(3), training=True),
+    "running_mean as a list": lambda: NF.batch_norm(_X, [0.0] * 3, np.ones(3), training=True),
+    "running_mean of 4 values": lambda: NF.batch_norm(_X, np.zeros(4), np.ones(4), training=True),
+}
+
+
+@pytest.mark.parametrize("call", _REFUSALS.values(), ids=list(_REFUSALS))
+def test_a_refused_functional_call_names_the_input_shape_and_a_fix(call):
+    """These said only the rule ("running_mean and running_var are needed when training=False",
+    "num_groups must be a positive int, got 0"), without the input's shape or what to pass."""
+    with pytest.raises(ValueError, match=r"input shape \(1?,? ?4, 3\).*pass "):
+        call()
+
+
 def test_running_statistics_are_untouched_in_evaluation():
     rm, rv = np.array([0.5, -0.5]), np.array([2.0, 3.0])
     NF.batch_norm(np.random.default_rng(0).standard_normal((4, 2)), rm, rv, training=False)
