@@ -64,6 +64,44 @@ def test_opcheck_accepts_the_schema_fake_kernel_and_autograd_registration():
     assert set(result.values()) == {"SUCCESS"}
 
 
+# (the engine hands the gradients back in its own order where the reduced axes are not the
+# trailing ones, x is permuted or params are in another order; Inductor asserts the fake kernel's
+# strides: empty_like(x)'s, the parameters' contiguous)
+KERNEL_BACKWARD_LAYOUTS = [("b [c] h w", (2, 6, 3, 4), None, None), ("b t [d]", (2, 3, 4), "transposed", None),
+                           ("b c [h w]", (2, 6, 3, 4), "channels_last", None), ("b [c] h w", (2, 6, 3, 4), None, "w h")]
+
+
+@pytest.mark.parametrize("pattern, shape, layout, params", KERNEL_BACKWARD_LAYOUTS,
+                         ids=["middle_bracket", "transposed", "channels_last", "params_reordered"])
+def test_inductor_compiled_kernel_path_gives_eager_gradients_whatever_the_layout(pattern, shape, layout, params):
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    weight = torch.randn(4, 3, requires_grad=True) if params else None
+    grad_y = torch.randn(shape)
+
+    def function(x, weight):
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif layout == "transposed":
+            x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        return nt.normalize(x, pattern, weight=weight, params=params)
+
+    inputs = (x, weight) if params else (x,)
+    with nt.use_path("kernel"):
+        expected = torch.autograd.grad(function(x, weight), inputs, grad_y)
+        torch._dynamo.reset()
+        grads = torch.autograd.grad(torch.compile(function, fullgraph=True)(x, weight), inputs, grad_y)
+    torch.testing.assert_close(grads, expected)
+
+
+def test_opcheck_accepts_the_backward_op_where_the_engine_orders_the_gradient_otherwise():
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64)
+    _, mean, rstd = ops._normalize_impl(x, None, None, "b [c] h w", None, "", 1e-5, False)
+    result = torch.library.opcheck(torch.ops.normlab.normalize_backward.default,
+                                   (torch.randn_like(x), x, None, mean, rstd, "b [c] h w", None, "", 1e-5, False, False))
+    assert set(result.values()) == {"SUCCESS"}
+
+
 def _model():
     torch.manual_seed(0)
     return torch.nn.Sequential(

@@ -70,8 +70,24 @@ def _normalize_backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor]
             torch.from_numpy(grad_b) if need_bias and grad_b is not None else empty.clone())
 
 
+def _normalize_backward_laid_out(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                                 pattern: str, params: Optional[str], sizes: str, eps: float, rms: bool,
+                                 need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_normalize_backward_impl` with the gradients laid out as the fake kernel gives
+    them, grad_x as ``torch.empty_like(x)`` and the parameters' contiguous: the engine hands
+    them back in its own order where that is another (a "b [c] h w" reduced in channels-last
+    order, a transposed x, params="w h"), and Inductor asserts the fake's strides on the op's
+    outputs. (The eager Function keeps the engine's order: autograd takes any.)"""
+    grad_x, grad_w, grad_b = _normalize_backward_impl(grad_y, x, weight, mean, rstd, pattern, params, sizes, eps,
+                                                      rms, need_bias)
+    laid_out = torch.empty_like(x)
+    if grad_x.stride() != laid_out.stride():
+        grad_x = laid_out.copy_(grad_x)
+    return grad_x, grad_w.contiguous(), grad_b.contiguous()
+
+
 _normalize_backward_op = torch.library.custom_op("normlab::normalize_backward",
-                                                 mutates_args=())(_normalize_backward_impl)
+                                                 mutates_args=())(_normalize_backward_laid_out)
 
 
 @_normalize_backward_op.register_fake
