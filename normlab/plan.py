@@ -202,8 +202,19 @@ def make_plan(pattern: str, shape, params: str | None = None, *, sizes=None, **a
 def _refuse_unknown_size(pattern: str, shape: tuple, parsed: Pattern, name: str, value) -> None:
     """A size that names no axis of the pattern is told so, not asked for an int."""
     if name not in parsed.names:
-        raise _fail(pattern, shape, f"{name}={value!r} names no axis of the pattern",
-                    epsilon_fix(name, value) or f"use one of {', '.join(parsed.names)}, or drop it")
+        given = f"{name}={value!r}"
+        if len(given) > 60 or "\n" in given:  # an array (NumPy's out= or where=): its repr runs for lines
+            value_shape = getattr(value, "shape", None)
+            given = (f"{name}, an array of shape {value_shape}," if isinstance(value_shape, tuple)
+                     else f"{name}, a {type(value).__name__},")
+        raise _fail(pattern, shape, f"{given} names no axis of the pattern",
+                    epsilon_fix(name, value) or _NUMPY_FIXES.get(name, "")
+                    + f"use one of {', '.join(parsed.names)}, or drop it")
+
+
+# NumPy's keywords that land among the axis sizes (normalize's own out= does not)
+_NUMPY_FIXES = {"where": "NumPy's where= (the elements that count) is normlab's mask=; ",
+                "out": "normalize_backward returns new arrays and takes no out=; "}
 
 
 # other frameworks' names for a norm's epsilon (ONNX's, Keras' and Flax's, transformers'):

@@ -141,3 +141,15 @@ def test_every_error_survives_pickling_as_a_worker_process_hands_it_to_its_pool(
         assert type(again) is type(err) and str(again) == str(err)
     again = pickle.loads(pickle.dumps(info.value))
     assert (again.pattern, again.position) == ("b [c", 2)
+
+
+def test_numpys_out_and_where_passed_as_sizes_are_named_by_shape_with_normlabs_way():
+    """normalize_backward(..., out=g) and normalize(..., where=m), NumPy's keywords, land among
+    the axis sizes; the message printed the whole array (lines of it) and offered only "use
+    one of b, c, h, or drop it"."""
+    big = np.zeros((64, 3, 4))
+    err = _raises(ShapeError, lambda: normlab.normalize_backward(np.ones_like(big), big, "b c [h]", out=big),
+                  "out, an array of shape (64, 3, 4), names no axis", "takes no out=", "input shape (64, 3, 4)")
+    assert "array(" not in str(err) and len(str(err)) < 300
+    _raises(ShapeError, lambda: normlab.normalize(big, "b c [h]", where=big > 0),
+            "where, an array of shape (64, 3, 4), names no axis", "is normlab's mask=")
