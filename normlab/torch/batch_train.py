@@ -170,17 +170,16 @@ def repeat_step(module, x: Tensor) -> Optional[Tensor]:
     where anything differs and the full path must decide."""
     cache = module.__dict__.get("_normlab_train")
     step = None if cache is None else cache.get("step")
-    if (step is None or type(x) is not Tensor or torch.compiler.is_compiling() or not x.is_cpu
-            or x.layout is not torch.strided
-            or (x.shape, x.stride(), x.dtype) != step.key):  # (a negated view: _needs_torch_ops below)
-        # (compiled or exported first: Dynamo would make the size comparison a guard on the batch)
+    if (step is None or type(x) is not Tensor or _needs_torch_ops(x) or not x.is_cpu
+            or (x.shape, x.stride(), x.dtype) != step.key):
+        # (traced, compiled or exported first: the size comparison would be a TracerWarning, or a guard on the batch)
         return None
     parameters, buffers = module._parameters, module._buffers
     weight, bias = parameters.get("weight", _ABSENT), parameters.get("bias", _ABSENT)
     running = step.running
     if (weight is not step.weight or bias is not step.bias or buffers.get("running_mean") is not running[0]
             or buffers.get("running_var") is not running[1] or buffers.get("num_batches_tracked") is not step.tracked
-            or _needs_torch_ops(x) or _PathSwitch.path not in ("auto", "kernel")):
+            or _PathSwitch.path not in ("auto", "kernel")):
         return None
     call = step.call
     channels = call.view[1]
