@@ -234,3 +234,21 @@ def test_a_scripted_twin_refuses_a_mask_instead_of_counting_every_element(name):
     torch.testing.assert_close(scripted(x), reference(x))  # without a mask: torch.nn's forward
     with pytest.raises(torch.jit.Error, match="mask= does not run under torch.jit.script"):
         scripted(x, mask)
+
+
+@pytest.mark.parametrize("grouping", ["mask", "segment_ids"])
+def test_inductor_compiled_masked_norm_gives_eager_gradients_with_params_in_another_order(grouping):
+    """params="w c" spans (w, c) of a "b c [h w]" input: the engine's weight and bias
+    gradients come back transposed, where the masked backward op's fake kernel states
+    contiguous ones, and Inductor asserted it ("expected size 4==4, stride 1==6 at dim=0")."""
+    g = torch.Generator().manual_seed(7)
+    norm = nt.Norm("b c [h w]", params="w c", c=3, w=4)
+    x = torch.randn(2, 3, 2, 4, generator=g, requires_grad=True)
+    grad_y = torch.randn(2, 3, 2, 4, generator=g)
+    keywords = ({"mask": torch.rand(2, 1, 2, 4, generator=g) > 0.3} if grouping == "mask"
+                else {"segment_ids": torch.tensor([0, 1]), "num_segments": 2, "segment_axis": "h"})
+    inputs = (x, norm.weight, norm.bias)
+    expected = torch.autograd.grad(norm(x, **keywords), inputs, grad_y)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: norm(x, **keywords), fullgraph=True)
+    torch.testing.assert_close(torch.autograd.grad(compiled(x), inputs, grad_y), expected)
