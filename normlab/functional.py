@@ -165,12 +165,13 @@ def _check_param_dtypes(what: str, x: np.ndarray, **params) -> None:
 
 
 def _update(buffer, batch_value, momentum: float, where=None) -> None:
-    """The momentum update in place; entries where ``where`` is False keep their value."""
+    """The momentum update in place, in float64 and rounded once to the buffer's dtype (torch
+    accumulates it in a wider type too: in the buffer's own, a float16 one drifted by up to
+    hundreds of units where the two terms cancel); entries where ``where`` is False keep their value."""
     if buffer is not None:
         with np.errstate(over="ignore", invalid="ignore"):  # past the dtype's range: ±inf or NaN, as in torch
-            updated = buffer * (1.0 - momentum)
-            updated += (momentum * batch_value).astype(buffer.dtype)
-        np.copyto(buffer, updated, where=True if where is None else where)
+            updated = momentum * batch_value + (1.0 - momentum) * buffer.astype(np.float64)
+            np.copyto(buffer, updated, where=True if where is None else where)
 
 
 def _update_instance(buffer: np.ndarray, per_instance, n: int, batch: int, momentum: float,

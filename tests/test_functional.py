@@ -265,6 +265,30 @@ def test_a_refused_functional_call_names_the_input_shape_and_a_fix(call):
         call()
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_float16_and_float32_running_statistics_are_the_update_rounded_once(masked):
+    """The update ran in the buffer's dtype, rounding 0.9·running, 0.1·batch and their sum
+    apart: where the two terms cancel, float16 buffers landed hundreds of units in the last
+    place from the value (float32 too). float16 now has torch's bits, which it computes in
+    float32 and rounds once; float32 is within half a unit of torch's float64 update."""
+    rng = np.random.default_rng(9)
+    x64 = rng.standard_normal((8, 16, 5)) * 3 + 1
+    start_mean, start_var = rng.standard_normal(16), np.abs(rng.standard_normal(16)) + 0.5
+    for dtype, torch_dtype in ((np.float16, torch.float16), (np.float32, torch.float32)):
+        x, mean, var = (a.astype(dtype) for a in (x64, start_mean, start_var))
+        torch_mean, torch_var = torch.tensor(mean), torch.tensor(var)
+        exact_mean, exact_var = (torch.tensor(a, dtype=torch.float64) for a in (mean, var))
+        NF.batch_norm(x, mean, var, training=True, mask=np.ones(x.shape, bool) if masked else None)
+        F.batch_norm(torch.tensor(x), torch_mean, torch_var, training=True)
+        F.batch_norm(torch.tensor(x, dtype=torch.float64), exact_mean, exact_var, training=True)
+        if dtype == np.float16:
+            np.testing.assert_array_equal(mean, torch_mean.numpy())
+            np.testing.assert_array_equal(var, torch_var.numpy())
+        for ours, exact in ((mean, exact_mean.numpy()), (var, exact_var.numpy())):
+            half_unit = np.spacing(np.abs(exact).astype(dtype)).astype(np.float64) / 2
+            assert (np.abs(ours - exact) <= half_unit * (1 + 1e-6)).all(), dtype
+
+
 def test_running_statistics_are_untouched_in_evaluation():
     rm, rv = np.array([0.5, -0.5]), np.array([2.0, 3.0])
     NF.batch_norm(np.random.default_rng(0).standard_normal((4, 2)), rm, rv, training=False)
