@@ -12,6 +12,7 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 
 from normlab.torch.fused import FusedAddRMSNorm  # noqa: E402
+from tests.composites import AddNorm  # noqa: E402
 
 blocks = sys.modules["normlab.torch.fused"]
 
@@ -120,6 +121,21 @@ def test_an_export_with_a_dynamic_batch_takes_any_batch_size(dtype):
         y, total = exported.module()(x, r)
         assert torch.equal(total, x + r)
         torch.testing.assert_close(y, hf(x + r), **({} if dtype == torch.bfloat16 else dict(rtol=2e-6, atol=2e-6)))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_a_non_strict_export_records_the_operations_of_the_code_it_replaces(family):
+    # torch.promote_types of the two dtypes, taken on every call, was recorded as a dead
+    # aten.promote_types node in each fused layer, which x + residual then the family's norm lacks
+    hf, ours = _pair(family, 64, torch.float32)
+    x, r = _tokens((2, 7, 64), torch.float32)
+
+    def operations(module):
+        with torch.no_grad():
+            graph = torch.export.export(module, (x, r), strict=False).graph
+        return {node.target for node in graph.nodes if node.op == "call_function"}
+
+    assert operations(_Holder(ours)) <= operations(AddNorm(hf))
 
 
 def test_a_compiled_forward_is_one_graph_on_both_sides_of_the_small_size():

@@ -836,7 +836,9 @@ class FusedAddRMSNorm(Unscriptable, nn.Module):
         if small is not None:
             return small
         x, residual = _with_companion(self, x, residual, self.weight.shape)
-        dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)  # (the sum's)
+        # (the sum's; promote_types only where the dtypes differ: an export records each call as a node)
+        dtype = (x.dtype if residual is None or residual.dtype == x.dtype
+                 else torch.promote_types(x.dtype, residual.dtype))
         return fused_normalize(x, _block_of(self, dtype), residual=residual, weight=self.weight)
 
     def extra_repr(self) -> str:
