@@ -820,3 +820,30 @@ def test_fused_add_layer_norm_takes_eps_none_where_nn_layer_norm_does_and_raises
         with pytest.raises(TypeError) as got:
             ours(*args)
         assert str(got.value) == str(want.value)
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])  # (the cached and the general Function)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("make, reference", [(FusedAddRMSNorm, lambda size: torch.nn.RMSNorm(size, eps=1e-6)),
+                                             (FusedAddLayerNorm, torch.nn.LayerNorm)], ids=["rms", "layer"])
+def test_the_sum_alone_gives_the_parameters_no_gradient_as_the_add_before_a_norm_does(make, reference, dtype, strided):
+    # the kernels' backward got zeros for the unused y and returned zero parameter gradients,
+    # where torch's s = x + r; y = norm(s) leaves them None (allow_unused=True; .grad unset)
+    ours, theirs = _randomize(make(8).to(dtype)), _randomize(reference(8).to(dtype))
+    base, r = _leaves((2, 6, 8) if strided else (2, 3, 8), (2, 3, 8), dtype=dtype)
+    x = base[:, ::2] if strided else base
+    y, total = ours(x, r)
+    assert type(y.grad_fn).__name__ == ("_FusedFunctionBackward" if strided else "_CachedFusedFunctionBackward")
+    s = x + r
+    got = torch.autograd.grad(total.sum(), [base, r, *ours.parameters()], allow_unused=True)
+    want = torch.autograd.grad(s.sum(), [base, r, *theirs.parameters()], allow_unused=True)
+    assert [g is None for g in got] == [g is None for g in want] == [False, False, *[True] * len(want[2:])]
+    torch.testing.assert_close(got[:2], want[:2])
+    # y alone and both outputs still give every gradient, the norm's of the sum
+    for both in (False, True):
+        (y, total), s = ours(x, r), x + r
+        torch.testing.assert_close(_grads((y, total) if both else (y,), [base, r, *ours.parameters()]),
+                                   _grads((theirs(s), s) if both else (theirs(s),), [base, r, *theirs.parameters()]))
+    y, total = ours(x, r)
+    total.sum().backward()
+    assert all(p.grad is None for p in ours.parameters()) and base.grad is not None

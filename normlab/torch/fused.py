@@ -114,6 +114,7 @@ class _FusedFunction(torch.autograd.Function):
             (y, mean, rstd), total = result, x
         ctx.block = block
         ctx.has = tuple(t is not None for t in (residual, gate, weight, bias, scale, shift))
+        ctx.set_materialize_grads(False)  # (see _sum_only_backward)
         # the sum, not x and residual: what the code the block replaces saves (its norm's
         # input), so that in-place changes of x or residual afterwards stay legal, and one
         # tensor of the input's size is held instead of two
@@ -127,8 +128,12 @@ class _FusedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_total=None):
+        if grad_y is None:
+            return _sum_only_backward(ctx, grad_total)
         total, gate, weight, bias, scale, shift, rstd, mean = ctx.saved_tensors
         block = ctx.block
+        if grad_total is None and ctx.has[0]:
+            grad_total = torch.zeros_like(grad_y)
         if _backward_in_torch(grad_y, grad_total):
             return _composite_backward(block, (total, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
         has_residual, _, _, has_bias, _, _ = ctx.has
@@ -148,6 +153,15 @@ def _sum_needs_no_gradient(ctx, total: Tensor) -> None:
     otherwise all require one when any input does, the weight alone included)."""
     if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
         ctx.mark_non_differentiable(total)
+
+
+def _sum_only_backward(ctx, grad_total) -> tuple:
+    """The backward where only ``x + residual`` was used: ``y``'s gradient is None, as the
+    Functions keep autograd from making zeros of it, so that the sum's gradient goes to x and
+    the residual and none to the gate or the parameters, as torch's ``x + residual`` gives
+    (``autograd.grad(total, weight, allow_unused=True)`` is None; a ``.grad`` stays unset)."""
+    needs = ctx.needs_input_grad
+    return (grad_total if needs[0] else None, grad_total if needs[1] else None, *(None,) * 6)
 
 
 def _backward_in_torch(grad_y, grad_total) -> bool:
@@ -602,6 +616,8 @@ class _CachedFusedFunction(torch.autograd.Function):
         y, total, tables, mean, rstd = call.forward(x, residual, gate, weight, bias, scale, shift)
         ctx.call, ctx.tables, ctx.stats = call, tables, (mean, rstd)
         ctx.addresses = _addresses(weight, bias, scale, shift)
+        ctx.has_residual = residual is not None
+        ctx.set_materialize_grads(False)  # (see _sum_only_backward)
         total = x if total is None else total
         ctx.save_for_backward(total, gate, weight, bias, scale, shift)  # (the sum: see _FusedFunction)
         if residual is None:
@@ -611,8 +627,12 @@ class _CachedFusedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_total=None):
+        if grad_y is None:
+            return _sum_only_backward(ctx, grad_total)
         total, gate, weight, bias, scale, shift = ctx.saved_tensors
         call = ctx.call
+        if grad_total is None and ctx.has_residual:
+            grad_total = torch.zeros_like(grad_y)
         if _backward_in_torch(grad_y, grad_total):
             return _composite_backward(call.block, (total, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
         mean, rstd = ctx.stats
