@@ -402,7 +402,8 @@ def test_lazy_norms_become_normlab_twins_at_their_first_forward():
                                    torch.nn.LazyInstanceNorm1d(affine=True, track_running_stats=True)).double()
 
     original, converted = model(), convert_quietly(model())  # a lazy module cannot be deep-copied
-    assert type(converted[1]) is torch.nn.LazyBatchNorm2d  # nothing to convert before the channels are known
+    # nothing to convert before the channels are known: still torch's lazy module, with the twin's forward
+    assert isinstance(converted[1], torch.nn.LazyBatchNorm2d) and converted[1].has_uninitialized_params()
     x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
     for step in range(3):
         torch.testing.assert_close(converted(x * (step + 1)), original(x * (step + 1)), **TOLERANCE[torch.float64])
@@ -411,6 +412,32 @@ def test_lazy_norms_become_normlab_twins_at_their_first_forward():
     for name, value in original.state_dict().items():
         torch.testing.assert_close(converted.state_dict()[name], value, **TOLERANCE[torch.float64])
     assert_same_numbers(original, converted, x, TOLERANCE[torch.float64])
+
+
+@pytest.mark.parametrize("lazy, twin", [(torch.nn.LazyBatchNorm1d, nt.BatchNorm1d),
+                                        (torch.nn.LazyInstanceNorm1d, nt.InstanceNorm1d)])
+def test_a_lazy_norm_left_lazy_takes_a_mask_at_its_first_forward(lazy, twin):
+    # its first forward was torch.nn's, which has no mask: TypeError from the lazy hook
+    kwargs = dict(affine=True, track_running_stats=True)
+    converted = convert_quietly(lazy(**kwargs).double())
+    x = torch.randn(2, 3, 5, dtype=torch.float64)
+    lengths = (5, 3)
+    mask = torch.arange(5) < torch.tensor(lengths)[:, None, None]  # (2, 1, 5): the second sample padded
+    y = converted(x, mask=mask)
+    assert type(converted) is twin
+    # torch.nn's module on the data with the padding removed: batch norm over the real frames of
+    # every sample, instance norm over each sample's own
+    reference = getattr(torch.nn, twin.__name__)(3, **kwargs).double()
+    if twin is nt.BatchNorm1d:
+        frames = torch.cat([x[i, :, :n].t() for i, n in enumerate(lengths)])
+        wants = reference(frames).split(lengths)
+    else:
+        wants = [reference(x[i:i + 1, :, :n])[0].t() for i, n in enumerate(lengths)]
+    for i, (n, want) in enumerate(zip(lengths, wants)):
+        torch.testing.assert_close(y[i, :, :n].t(), want, **TOLERANCE[torch.float64])
+    if twin is nt.BatchNorm1d:  # (the reference's instance norm ran once per sample: its running statistics twice)
+        for name in ("running_mean", "running_var"):
+            torch.testing.assert_close(getattr(converted, name), getattr(reference, name), **TOLERANCE[torch.float64])
 
 
 def test_an_initialized_lazy_norm_is_converted_at_once():

@@ -40,8 +40,9 @@ A layer is converted when normlab can compute what it computes:
   bit for bit, per group of its ``group_size`` (or ``n_groups``), becomes that module; one
   taking a second argument that no recipe reproduces is left alone, never an
   :class:`RMSNorm` whose second argument is a mask;
-* ``LazyBatchNorm*`` and ``LazyInstanceNorm*``: once their first forward has inferred the
-  channels, torch turns them into the normlab twin instead of torch.nn's class;
+* ``LazyBatchNorm*`` and ``LazyInstanceNorm*``: once their first forward (the twin's, mask=
+  too) has inferred the channels, torch turns them into the normlab twin instead of
+  torch.nn's class;
 * PyG's ``InstanceNorm``, ``LayerNorm`` and ``GraphNorm`` (the classes themselves, found by
   name without importing PyG): their twins in :mod:`normlab.torch.geometric`.
 
@@ -411,12 +412,32 @@ def _plain(value) -> Optional[tuple]:
 
 def _convert_lazy(module: nn.Module) -> nn.Module:
     """A lazy norm stays lazy: torch swaps its class for ``cls_to_become`` when the first
-    forward has inferred the channels; point that at the normlab twin."""
+    forward has inferred the channels; point that at the normlab twin. torch's own lazy
+    classes become their :class:`_LazyTwin`, so that the first forward, which is the class's
+    as the call begins, is the twin's too (``mask=`` included)."""
     twin = _TWINS.get(module.cls_to_become)
     if twin is not None:
         module.cls_to_become = twin
         twin._init_spec(module)  # the attributes the twin's forward needs, set before the swap
+        module.__class__ = _LAZY_TWINS.get(type(module), type(module))
     return module
+
+
+class _LazyTwin:
+    """Mixin of a torch lazy norm that :func:`convert` met before its first forward: that
+    forward is the twin's (the class's MRO puts it before torch.nn's), and torch's lazy hook,
+    which infers the channels, then makes the module its ``cls_to_become``, the twin."""
+
+    def initialize_parameters(self, input: Tensor, mask: Optional[Tensor] = None) -> None:
+        # (torch's lazy hook hands it the forward's arguments: mask= too, which the channels ignore)
+        super().initialize_parameters(input)
+
+
+# one class per torch lazy norm, named as torch's and found here by pickle
+_LAZY_TWINS = {lazy: type(lazy.__name__, (_LazyTwin, lazy, _TWINS[lazy.cls_to_become]), {"__module__": __name__})
+               for lazy in (nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d, nn.LazyInstanceNorm1d,
+                            nn.LazyInstanceNorm2d, nn.LazyInstanceNorm3d)}
+globals().update((lazy.__name__, cls) for lazy, cls in _LAZY_TWINS.items())
 
 
 # ---------------------------------------------------------------------------------------
