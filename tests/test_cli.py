@@ -113,6 +113,13 @@ def test_demo_html_option_moves_the_page(tmp_path):
     assert not (tmp_path / "normlab-demo.html").exists()
 
 
+def test_explain_refuses_an_empty_page_name_as_argparse_refuses_a_bad_value(tmp_path):
+    # --html '' wrote nothing and said nothing (and suggested adding --html)
+    result = normlab_cli("explain", "batch", "--shape", "2,3", "--html", "", cwd=tmp_path)
+    assert result.returncode == 2 and "argument --html: needs a file name" in result.stderr
+    assert result.stdout == "" and not any(tmp_path.iterdir())
+
+
 BAD_INPUTS = {
     "bad JSON": ["explain", "batch", "--data", "[[1,2]"],
     "ragged data": ["explain", "batch", "--data", "[[1,2],[3]]"],

@@ -207,7 +207,8 @@ def test_data_that_float32_holds_as_other_values_says_so_in_the_terminal_and_on_
     assert "float32" not in explain("layer", "--data", "[[0.1, 0.25, 3]]").stdout  # 0.1 is drawn as typed
 
 
-@pytest.mark.parametrize("offset, formula", [("-1", "y = x̂ · (w − 1)"), ("0.5", "y = x̂ · (w + 0.5)"), ("1", "y = x̂ · (1 + w)")])
+@pytest.mark.parametrize("offset, formula", [("-1", "y = x̂ · (w − 1)"), ("0.5", "y = x̂ · (w + 0.5)"), ("1", "y = x̂ · (1 + w)"),
+                                            ("-1e-8", "y = x̂ · (w − 1e-08)"), ("-2.5E+3", "y = x̂ · (w − 2500)")])
 def test_the_weight_offset_is_written_with_its_own_sign(explain, offset, formula):
     result = explain("layer", "--shape", "2,3", "--weight-offset", offset)
     assert result.returncode == 0 and formula in result.stdout and "+ -" not in result.stdout
