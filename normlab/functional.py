@@ -497,6 +497,11 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
         _check_values(n, x, pattern, what, "spatial element", "use more positions or use_input_stats=False")
         _check_running_pair(running_mean, running_var, what, x)
         y, stats = _normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps, mask=mask)
+        if mask is not None and (stats.count == 1).any():
+            # torch's rule on each instance with its padding removed (none counted is no error, as in batch_norm)
+            raise InputError(f"{what}: expected more than 1 counted spatial element per instance when training, "
+                             f"got 1 in input shape {x.shape} (pattern {pattern!r}); count more or "
+                             "use_input_stats=False")
         if running_mean is not None or running_var is not None:
             momentum = _check_momentum(momentum, what)
             if mask is not None:  # each instance's own count (at least 2 for an unbiased variance)

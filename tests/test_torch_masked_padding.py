@@ -4,6 +4,7 @@ oracle): counted outputs, input and parameter gradients, running statistics, the
 evaluation. A hypothesis property over lengths (all-padding samples included), plus the
 layouts users pass (non-contiguous, channels_last) and masks that do not fit."""
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -13,6 +14,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
 from normlab import functional  # noqa: E402
+from normlab.errors import NormlabError  # noqa: E402
 
 F = torch.nn.functional
 CHANNELS = 3
@@ -290,6 +292,27 @@ def test_functional_instance_norm_leaves_an_all_padding_sample_out_of_the_runnin
         variances.append(var)
     torch.testing.assert_close(torch.from_numpy(rm), 0.7 * running_mean + 0.3 * torch.stack(means).mean(0))
     torch.testing.assert_close(torch.from_numpy(rv), 0.7 * running_var + 0.3 * torch.stack(variances).mean(0))
+
+
+@pytest.mark.parametrize("track", [False, True])
+def test_a_masked_instance_norm_refuses_a_sample_with_one_real_frame_as_torch_refuses_it_unpadded(track):
+    # the masked instance norms took one counted frame, where torch.nn refuses one spatial element
+    x, _, mask = _padded([6, 1, 0], seed=4, time=7)
+    kwargs = dict(affine=True, track_running_stats=track)
+    with pytest.raises(ValueError, match="more than 1 spatial element"):  # the oracle, on the unpadded sample
+        torch.nn.InstanceNorm1d(CHANNELS, **kwargs).double()(x[1:2, :, :1])
+    ours = nt.InstanceNorm1d(CHANNELS, **kwargs).double()
+    before = [buffer.clone() for buffer in ours.buffers()]
+    with pytest.raises(ValueError, match="more than 1 counted value"):
+        ours(x, mask=mask)
+    assert all(torch.equal(old, buffer) for old, buffer in zip(before, ours.buffers()))
+    running = [np.zeros(CHANNELS), np.ones(CHANNELS)] if track else [None, None]
+    with pytest.raises(NormlabError, match="more than 1 counted spatial element"):
+        functional.instance_norm(x.numpy(), *running, mask=mask.numpy())
+    assert not track or (running[0].tolist(), running[1].tolist()) == ([0.0] * CHANNELS, [1.0] * CHANNELS)
+    # two real frames train, and an all-padding sample is no error (torch takes an empty one)
+    x, _, mask = _padded([6, 2, 0], seed=4, time=7)
+    assert ours(x, mask=mask).shape == functional.instance_norm(x.numpy(), *running, mask=mask.numpy()).shape
 
 
 def test_masked_norm_under_vmap_and_forward_ad_keeps_the_numerics_contract():

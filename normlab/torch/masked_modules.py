@@ -42,7 +42,7 @@ def _check_counts(module, x: Tensor, count: Tensor, allow_empty: bool = False,
     if count.numel() and bool(refused.any()):
         raise ValueError(f"{type(module).__name__}: expected more than 1 counted value per channel when training, "
                          f"got input size {tuple(x.shape)} with {int(count[refused].min())} counted in a channel; "
-                         + (f"{more} or call .eval()" if module.training else
+                         + (f"{more} or call .eval()" if module.training and module.running_mean is not None else
                             f"{more} (without running statistics eval() normalizes with the batch's own)"))
 
 
@@ -188,6 +188,9 @@ def _instance_norm(module, x: Tensor, mask: Tensor) -> Tensor:
         y, mean, rstd, count = normalize_masked(x, "b c [...]", weight=module.weight, bias=module.bias,
                                                 params=None if module.weight is None else "c", eps=module.eps,
                                                 mask=mask)
+        # torch's rule on each sample with its padding removed: more than one spatial element
+        # (an all-padding sample has no statistics, as in batch norm)
+        _check_counts(module, x, count, allow_empty=True, more="count more than one position of each sample")
         if module.running_mean is not None and module.training:
             # (after the op, as torch's instance_norm copies its statistics back after its batch_norm
             # saves for backward: a checkpoint's recomputation that stops there skips the update in both)
