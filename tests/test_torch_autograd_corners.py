@@ -359,3 +359,36 @@ def test_a_layer_called_twice_has_torch_nn_s_second_derivatives(cls_name, args, 
 
     for mine, theirs in zip(gradients(twin), gradients(reference)):
         torch.testing.assert_close(mine, theirs)
+
+
+@pytest.mark.parametrize("transform", ["eager", "composite", "vmap", "jvp", "compile"])
+def test_float32_input_with_float64_parameters_gives_float32_on_every_path(transform):
+    """The output has the input's dtype (README, numerics): the kernels give float32 for a
+    float32 input beside float64 parameters, and so must the composite that functorch's
+    transforms, forward-mode AD and torch.compile take (it gave float64 there: torch's
+    promotion of x̂ · weight)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4)
+    weight, bias = torch.randn(4, dtype=D, requires_grad=True), torch.randn(4, dtype=D, requires_grad=True)
+
+    def function(x):
+        return nt.normalize(x, "b t [d]", weight=weight, bias=bias, params="d")
+
+    expected = function(x)
+    if transform == "composite":
+        with nt.use_path("composite"):
+            y = function(x)
+    elif transform == "vmap":
+        y = torch.func.vmap(function)(x.unsqueeze(1)).squeeze(1)
+    elif transform == "jvp":
+        y, tangent = torch.func.jvp(function, (x,), (torch.randn_like(x),))
+        assert tangent.dtype == torch.float32
+    elif transform == "compile":
+        torch._dynamo.reset()
+        y = torch.compile(function, backend="aot_eager")(x)
+    else:
+        y = expected
+    assert expected.dtype == y.dtype == torch.float32
+    torch.testing.assert_close(y, expected)
+    grads = torch.autograd.grad(y.sum(), (weight, bias))
+    assert [g.dtype for g in grads] == [D, D]

@@ -70,7 +70,8 @@ def _composite_normalize(x, weight, bias, spec: Spec, eps: float):
         y = y * _expanded_param(weight, plan)
     if bias is not None:
         y = y + _expanded_param(bias, plan)
-    y = y.reshape(x.shape)
+    # the input's dtype whatever the parameters' (float64 beside float32 input), as the kernels give
+    y = y.reshape(x.shape).to(x.dtype)
     if (x.dim() == 4 and not x.is_contiguous() and not _vmapping()
             and x.is_contiguous(memory_format=torch.channels_last)):
         # (vmap answers is_contiguous for the default format only; it lays out its outputs itself)
