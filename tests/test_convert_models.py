@@ -382,6 +382,19 @@ def test_a_norm_holding_its_own_parameters_beside_parts_that_are_no_norms_is_nam
     assert type(model["zero"].norm) is nt.LayerNorm
 
 
+def test_a_norm_whose_only_part_is_its_modulation_and_which_normalizes_with_its_own_eps_is_named_in_the_warning():
+    # diffusers' AdaGroupNorm (UNet2DConditionModel's resnet_time_scale_shift="ada_group")
+    # calls F.group_norm(x, num_groups, eps=self.eps) itself; its one part is the Linear
+    # of its modulation, so it was left alone without a word
+    diffusers = pytest.importorskip("diffusers.models.normalization")
+    model = torch.nn.ModuleDict(dict(ada=diffusers.AdaGroupNorm(8, 16, 4), single=diffusers.AdaLayerNormSingle(16)))
+    with pytest.warns(UserWarning) as record:
+        nt.convert(model)
+    assert len(record) == 1
+    assert "left 1 norm layer(s) unconverted" in str(record[0].message)
+    assert "AdaGroupNorm (ada)" in str(record[0].message)
+
+
 def test_converting_a_converted_model_changes_nothing_and_warns_nothing():
     model = converted_copy(VitLike())
     modules = list(model.modules())

@@ -290,15 +290,17 @@ def _named_like_a_norm(module: nn.Module) -> bool:
 
 def _normalizes_itself(module: nn.Module) -> bool:
     """Whether a layer named like a norm computes a norm itself: it has no parts, or it holds
-    parameters or buffers of its own and none of its parts is named like a norm (PyG's
-    ``HeteroBatchNorm``, whose part is an aggregation). A block whose parameters all lie in
-    its parts (``AdaLayerNormZero``, Wav2Vec2's ``NoLayerNormConvLayer``, RoBERTa-PreLayerNorm's
-    layers) is looked into instead."""
+    parameters, buffers or an ``eps`` of its own and none of its parts is named like a norm
+    (PyG's ``HeteroBatchNorm``, whose part is an aggregation; diffusers' ``AdaGroupNorm``, whose
+    part is the ``Linear`` of its modulation and whose forward calls ``F.group_norm`` with its
+    ``eps``). A block whose parameters all lie in its parts (``AdaLayerNormZero``, Wav2Vec2's
+    ``NoLayerNormConvLayer``, RoBERTa-PreLayerNorm's layers) is looked into instead."""
     if re.search(r"Norm(?!al)", type(module).__name__) is None:
         return False
     if next(module.children(), None) is None:
         return True
-    return bool(module._parameters or module._buffers) and not any(
+    own_eps = isinstance(getattr(module, "eps", None), float)
+    return bool(module._parameters or module._buffers or own_eps) and not any(
         _named_like_a_norm(part) for part in module.modules() if part is not module)
 
 
