@@ -251,6 +251,31 @@ def test_timms_fp32_layer_norms_converted_still_compute_half_precision_in_float3
     assert_same_numbers(original, converted, (torch.randn(shape) * 2 + 1).to(x_dtype), None)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("original_class, twin_class, shape", [
+    (lambda: TimmLayerNormFp32(48, affine=False), nt.Float32LayerNorm, (3, 5, 48)),
+    (lambda: TimmLayerNorm2dFp32(48, affine=False), nt.Float32LayerNorm2d, (2, 48, 3, 4)),
+    (lambda: pytest.importorskip("diffusers.models.normalization").FP32LayerNorm(48, elementwise_affine=False),
+     nt.Float32LayerNorm, (3, 5, 48)),
+], ids=["layer_norm_fp32", "layer_norm_2d_fp32", "diffusers_fp32_layer_norm"])
+def test_fp32_layer_norms_without_parameters_converted_still_compute_half_precision_in_float32(
+        x_dtype, original_class, twin_class, shape):
+    """diffusers' FP32LayerNorm(..., elementwise_affine=False) (Wan's, HunyuanVideo's norms)
+    upcasts as timm's does; without parameters its forward is torch's own bfloat16 layer norm
+    to the bit, but not its input gradient (nor its float16 forward): it became a plain
+    LayerNorm, one unit off in about a third of the input gradient's elements."""
+    original = original_class()
+    converted = converted_copy(original)
+    assert type(converted) is twin_class
+    assert_same_numbers(original, converted, (torch.randn(shape) * 2 + 1).to(x_dtype), None)
+
+
+def test_a_layer_norm_subclass_calling_torchs_half_precision_layer_norm_stays_a_plain_layer_norm():
+    original = TimmLayerNorm(48, affine=False)
+    assert type(converted_copy(original)) is nt.LayerNorm
+    assert_same_numbers(original, converted_copy(original), (torch.randn(3, 5, 48) * 2 + 1).to(torch.bfloat16), None)
+
+
 @pytest.mark.parametrize("original_class, shape", [
     (TimmLayerNormFp32, (3, 5, 48)), (TimmLayerNorm2dFp32, (2, 48, 3, 4)),
 ], ids=["layer_norm_fp32", "layer_norm_2d_fp32"])

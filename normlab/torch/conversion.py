@@ -306,36 +306,43 @@ def _normalizes_itself(module: nn.Module) -> bool:
 
 @_on_cpu
 def _computes_in_float32(module: nn.Module, shape: tuple) -> bool:
-    """Whether ``type(module).forward`` computes bfloat16 input, and parameters of another
-    dtype than the input, by upcasting everything to float32 and casting its output back to
-    the input's dtype once (timm's ``LayerNormFp32`` and ``LayerNorm2dFp32``): on a probe of
-    ``shape``, each such call gives, to the bit, its own float32 output on the upcast values.
-    Without parameters no probe tells that from torch's own bfloat16 layer norm: False."""
-    if all(p is None for p in module._parameters.values()):
-        return False
+    """Whether ``type(module).forward`` computes bfloat16 and float16 input, and parameters
+    of another dtype than the input, by upcasting everything to float32 and casting its
+    output back to the input's dtype once (timm's ``LayerNormFp32`` and ``LayerNorm2dFp32``,
+    diffusers' ``FP32LayerNorm``): on a probe of ``shape``, each such call gives, to the bit,
+    its own float32 output and input gradient on the upcast values. The gradient tells a
+    norm without parameters from torch's own half-precision layer norm, whose forward
+    rounds the same way in bfloat16 but whose backward does not."""
     generator = torch.Generator().manual_seed(0)
     parameters = {name: None if p is None else torch.randn(p.shape, generator=generator) * 0.5 + 1
                   for name, p in module._parameters.items()}
     x = torch.randn(shape, generator=generator) * 2 + 1
+    grad = torch.randn(shape, generator=generator)
 
-    def forward(x_dtype, w_dtype, upcast: bool) -> Optional[Tensor]:
-        """The forward on the probe's values rounded to these dtypes (and then upcast)."""
+    def forward(x_dtype, w_dtype, upcast: bool) -> Optional[tuple[Tensor, Tensor]]:
+        """The forward on the probe's values rounded to these dtypes (and then upcast), and
+        the gradient of its input."""
         def rounded(t: Tensor, dtype) -> Tensor:
             return t.to(dtype).float() if upcast else t.to(dtype)
 
         tensors = {"parameters": {k: None if p is None else rounded(p, w_dtype) for k, p in parameters.items()},
                    "buffers": {}}
         try:
-            with torch.no_grad():
-                return type(module).forward(_probe_copy(module, tensors), rounded(x, x_dtype))
+            with torch.inference_mode(False), torch.enable_grad():
+                probe = rounded(x, x_dtype).requires_grad_()
+                output = type(module).forward(_probe_copy(module, tensors), probe)
+                output.backward(rounded(grad, x_dtype))
+            return output.detach(), probe.grad
         except Exception:  # (one that raises on a dtype mix does not upcast)
             return None
 
-    for x_dtype, w_dtype in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-                             (torch.float32, torch.bfloat16)):
+    mixes = ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
+             (torch.float32, torch.bfloat16))
+    for x_dtype, w_dtype in mixes if any(p is not None for p in parameters.values()) else mixes[:2]:
         low, high = forward(x_dtype, w_dtype, upcast=False), forward(x_dtype, w_dtype, upcast=True)
-        if not (isinstance(low, Tensor) and isinstance(high, Tensor) and low.dtype == x_dtype
-                and torch.equal(low, high.to(x_dtype))):
+        if not (low is not None and high is not None and all(
+                isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == x_dtype and torch.equal(a, b.to(x_dtype))
+                for a, b in zip(low, high))):
             return False
     return True
 
