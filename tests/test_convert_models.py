@@ -478,6 +478,16 @@ def test_a_lazy_norm_left_lazy_takes_a_mask_at_its_first_forward(lazy, twin):
             torch.testing.assert_close(getattr(converted, name), getattr(reference, name), **TOLERANCE[torch.float64])
 
 
+def test_a_lazy_norm_left_lazy_is_no_torch_nn_norm_instance_until_its_first_forward():
+    # torchvision's init loop (isinstance(m, nn.BatchNorm2d): constant_(m.weight, 1)) skips torch's
+    # uninitialized lazy norm; with the twin among its classes it met an UninitializedParameter
+    model = convert_quietly(torch.nn.Sequential(torch.nn.LazyBatchNorm2d(), torch.nn.LazyInstanceNorm1d()))
+    assert not isinstance(model[0], torch.nn.BatchNorm2d) and not isinstance(model[1], torch.nn.InstanceNorm1d)
+    assert isinstance(model[0], torch.nn.LazyBatchNorm2d) and isinstance(model[1], torch.nn.LazyInstanceNorm1d)
+    model[0](torch.randn(2, 3, 4, 4))
+    assert type(model[0]) is nt.BatchNorm2d and isinstance(model[0], torch.nn.BatchNorm2d)
+
+
 def test_an_initialized_lazy_norm_is_converted_at_once():
     lazy = torch.nn.LazyBatchNorm1d()
     lazy(torch.randn(4, 3))

@@ -434,8 +434,14 @@ def _convert_lazy(module: nn.Module) -> nn.Module:
 
 class _LazyTwin:
     """Mixin of a torch lazy norm that :func:`convert` met before its first forward: that
-    forward is the twin's (the class's MRO puts it before torch.nn's), and torch's lazy hook,
-    which infers the channels, then makes the module its ``cls_to_become``, the twin."""
+    forward is the twin's, and torch's lazy hook, which infers the channels, then makes the
+    module its ``cls_to_become``, the twin. Only the forward: with the twin among its bases,
+    ``isinstance(m, nn.BatchNorm2d)`` would hold of the uninitialized module (torch's lazy
+    class is no ``nn.BatchNorm2d``), and a model's init loop would touch its parameters."""
+
+    def forward(self, *args, **kwargs):
+        # (bound as the call begins; by the time it runs, the hook has made the module the twin)
+        return self.cls_to_become.forward(self, *args, **kwargs)
 
     def initialize_parameters(self, input: Tensor, mask: Optional[Tensor] = None) -> None:
         # (torch's lazy hook hands it the forward's arguments: mask= too, which the channels ignore)
@@ -443,7 +449,7 @@ class _LazyTwin:
 
 
 # one class per torch lazy norm, named as torch's and found here by pickle
-_LAZY_TWINS = {lazy: type(lazy.__name__, (_LazyTwin, lazy, _TWINS[lazy.cls_to_become]), {"__module__": __name__})
+_LAZY_TWINS = {lazy: type(lazy.__name__, (_LazyTwin, lazy), {"__module__": __name__})
                for lazy in (nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d, nn.LazyInstanceNorm1d,
                             nn.LazyInstanceNorm2d, nn.LazyInstanceNorm3d)}
 globals().update((lazy.__name__, cls) for lazy, cls in _LAZY_TWINS.items())
