@@ -244,6 +244,28 @@ def test_a_per_head_norm_pattern_under_vmap_gives_torch_nn_s_norm_of_each_packed
     torch.testing.assert_close(torch.func.vmap(heads(norm))(stacked), torch.func.vmap(heads(reference))(stacked))
 
 
+@pytest.mark.parametrize("casting", ["olmo", "cohere", "deberta"])
+@pytest.mark.parametrize("path", ["auto", "kernel"])
+def test_recipe_layer_norm_with_a_weight_per_head_normalizes_each_head_and_scales_it_on_every_path(casting, path):
+    """RecipeLayerNorm((heads, head_dim)): each head normalized, scaled by its own weight
+    and bias. The "olmo" recipe handed the (heads, head_dim) weight to F.layer_norm over the
+    last axis, which raised "Expected weight to be of same shape as normalized_shape" on the
+    default path while the kernels computed."""
+    torch.manual_seed(0)
+    norm = nt.RecipeLayerNorm((H, D), casting=casting, bias=True).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(B, T, H, D, dtype=torch.float64, requires_grad=True)
+    with nt.use_path(path):
+        y = norm(x)
+    expected = F.layer_norm(x, (D,), eps=norm.eps) * norm.weight + norm.bias
+    torch.testing.assert_close(y, expected)
+    grad_y = torch.randn_like(y)
+    inputs = (x, norm.weight, norm.bias)
+    torch.testing.assert_close(torch.autograd.grad(y, inputs, grad_y), torch.autograd.grad(expected, inputs, grad_y))
+
+
 transformers = pytest.importorskip("transformers")
 from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm  # noqa: E402
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm  # noqa: E402

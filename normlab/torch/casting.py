@@ -197,7 +197,8 @@ def layer_norm_recipe(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
                       size: Optional[int] = None) -> Tensor:
     """Layer norm over the last axis of ``x`` in float32 (float64 for float64 input), cast to
     ``x``'s dtype once at the end, as ``casting`` (one of :data:`LAYER_NORM_CASTINGS`) writes
-    it; ``weight`` and ``bias`` broadcast against ``x`` (``"olmo"``: the last axis only).
+    it; ``weight`` and ``bias`` broadcast against ``x`` (``"olmo"`` hands them to ``F.layer_norm``,
+    as OLMo does, where they span the last axis alone).
     ``size``: the last axis' size where the caller knows it (under ``torch.jit.trace`` the
     input's sizes are tensors, which the TorchScript ONNX exporter refuses as a layer norm's
     shape; OLMo's own code passes its ``normalized_shape``).
@@ -213,7 +214,9 @@ def layer_norm_recipe(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     if casting != "deberta":  # (DeBERTa's parameters multiply in their own dtype)
         weight = None if weight is None else weight.to(compute)
         bias = None if bias is None else bias.to(compute)
-    if casting == "olmo":
+    if casting == "olmo" and all(p is None or p.dim() == 1 for p in (weight, bias)):
+        # (OLMo's own call; a weight per head, (heads, head_dim), spans more than F.layer_norm's
+        # last axis: the steps below scale each head as cohere's do)
         return F.layer_norm(h, h.shape[-1:] if size is None else (size,), weight, bias, eps).to(x.dtype)
     mean = h.mean(-1, keepdim=True)
     variance = (h - mean).pow(2).mean(-1, keepdim=True)
