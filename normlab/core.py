@@ -413,8 +413,10 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
             call = _FAST_CALLS.get(key)
         except TypeError:  # an unhashable argument: the full checks will explain
             call = key = None
-        # an int eps beyond float's range takes the full checks, which explain it
-        if call is not None and (type(eps) is float or type(eps) is int and -_FLOAT_MAX <= eps <= _FLOAT_MAX):
+        # an int eps beyond float's range takes the full checks, which explain it; NumPy's float64
+        # (an eps read from an array or a config) is a float subclass with float's values
+        if call is not None and (type(eps) is float or type(eps) is np.float64
+                                 or type(eps) is int and -_FLOAT_MAX <= eps <= _FLOAT_MAX):
             result = call(x, weight, bias, eps, return_stats)
             if result is not None:
                 return result

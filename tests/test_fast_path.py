@@ -44,6 +44,23 @@ def test_a_repeated_call_skips_the_plan_and_still_matches_torch(dtype, monkeypat
         np.testing.assert_allclose(mean[:, 0], x.astype(np.float64).mean(axis=1), rtol=1e-12, atol=1e-12)
 
 
+def test_an_eps_given_as_a_numpy_float64_takes_the_fast_path_too(monkeypatch):
+    # eps read from an array or a config file is np.float64; it took the full checks on every call
+    x = np.random.default_rng(1).standard_normal((3, 40)).astype(np.float32)
+    normlab.normalize(x, "b [d]", eps=np.float64(1e-3))
+
+    def no_plan(*args, **kwargs):
+        raise AssertionError("the repeated call built a plan")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(core, "make_plan", no_plan)
+        y = normlab.normalize(x, "b [d]", eps=np.float64(1e-3))
+    np.testing.assert_allclose(y, _torch_layer_norm(x, eps=1e-3), rtol=0, atol=1e-5)
+    for eps in (-1.0, np.nan, np.inf):
+        with pytest.raises(InputError, match="eps must be a finite number"):
+            normlab.normalize(x, "b [d]", eps=np.float64(eps))
+
+
 def test_a_repeated_call_with_a_bad_weight_or_eps_gets_the_full_checks():
     x = np.ones((2, 8), np.float32)
     normlab.normalize(x, "b [d]", weight=np.ones(8, np.float32), params="d")
