@@ -235,3 +235,30 @@ def test_a_torch_modules_float32_gradient_past_its_range_is_inf_as_torch_nn_give
     want, got = ((module.weight if name == "RMSNorm" else module.bias).grad for module in (reference, twin))
     assert torch.isinf(want).any()
     np.testing.assert_array_equal(np.isinf(got.numpy()), np.isinf(want.numpy()))
+
+
+@pytest.mark.parametrize("name, shape", [("LayerNorm", (4, 6)), ("RMSNorm", (4, 6)), ("BatchNorm1d", (4, 6))])
+def test_a_torch_modules_backward_rounds_its_parameter_gradients_without_numpys_errstate(name, shape):
+    """The quiet rounding above is torch's cast in the modules' backward: np.errstate is a
+    Python context manager, three Python calls for each gradient on every backward of a
+    small layer (counted, not timed)."""
+    import sys
+
+    torch = pytest.importorskip("torch")
+    import normlab.torch
+
+    module, x = getattr(normlab.torch, name)(shape[1]), torch.randn(*shape, requires_grad=True)
+    module(x).sum().backward()  # (the first call builds the cached kernel calls)
+    entered = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.endswith("_ufunc_config.py"):
+            entered.append(frame.f_code.co_name)
+
+    y = module(x).sum()
+    sys.setprofile(profile)
+    try:
+        y.backward()
+    finally:
+        sys.setprofile(None)
+    assert entered == [] and module.weight.grad is not None

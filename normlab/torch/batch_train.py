@@ -24,7 +24,6 @@ from torch import Tensor
 
 from normlab import kernels
 from normlab.kernels import pool
-from normlab.reference import rounded
 from normlab.torch.ops import _bias_to_save, _grads_of, _needs_torch_backward, _saved_bias
 from normlab.torch.paths import _needs_torch_ops, _PathSwitch
 from normlab.torch.spec import _ABSENT, affine_parameters, module_cache, tensor_layout
@@ -296,10 +295,12 @@ class _TrainFunction(torch.autograd.Function):
             grad_x, grad_weight, grad_bias = _run_backward(ctx.module, ctx.call, grad_y, x, weight, ctx.eps,
                                                            *ctx.stats)
             needs = ctx.needs_input_grad
-            dtype = ctx.call.dtype  # the parameters' dtype (checked in forward)
+            dtype = x.dtype  # the parameters' dtype (checked in forward)
+            # (rounded by torch: past the dtype's range it is ±inf without NumPy's warning, and with no
+            # errstate to enter on each call)
             grads = (grad_x if needs[0] else None,
-                     torch.from_numpy(rounded(grad_weight, dtype)) if needs[1] else None,
-                     torch.from_numpy(rounded(grad_bias, dtype)) if needs[2] else None)
+                     torch.from_numpy(grad_weight).to(dtype) if needs[1] else None,
+                     torch.from_numpy(grad_bias).to(dtype) if needs[2] else None)
         return (*grads, None, None, None, None, None)
 
 

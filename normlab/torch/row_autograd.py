@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from normlab.reference import rounded
 from normlab.torch.ops import (_bias_to_save, _differentiable_backward, _is_layer_norm, _needs_torch_backward,
                                _saved_bias, _spec_of)
 from normlab.torch.spec import tensor_layout
@@ -141,8 +140,10 @@ class _RowFunction(torch.autograd.Function):
                                                need_weight or need_bias)
         weight_dtype, bias_dtype = call.param_dtypes
         return (torch.from_numpy(grad_x) if need_x else None,
-                torch.from_numpy(rounded(grad_w, weight_dtype)) if need_weight else None,
-                torch.from_numpy(rounded(grad_b, bias_dtype)) if need_bias else None,
+                # (rounded by torch: past float32's range it is inf without NumPy's warning, and with no
+                # errstate to enter on each call)
+                torch.from_numpy(grad_w).to(_TORCH_OF[weight_dtype]) if need_weight else None,
+                torch.from_numpy(grad_b).to(_TORCH_OF[bias_dtype]) if need_bias else None,
                 None, None, None)
 
 
