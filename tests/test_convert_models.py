@@ -488,6 +488,13 @@ def test_a_lazy_norm_left_lazy_is_no_torch_nn_norm_instance_until_its_first_forw
     assert type(model[0]) is nt.BatchNorm2d and isinstance(model[0], torch.nn.BatchNorm2d)
 
 
+def test_a_lazy_norm_left_lazy_whose_forward_is_called_without_its_hook_raises_torchs_error():
+    # module.forward(x) skips torch's lazy hook: the module is still lazy, and torch says so
+    converted = convert_quietly(torch.nn.LazyBatchNorm1d())
+    with pytest.raises(ValueError, match="uninitialized parameter"):
+        converted.forward(torch.randn(2, 3))
+
+
 def test_an_initialized_lazy_norm_is_converted_at_once():
     lazy = torch.nn.LazyBatchNorm1d()
     lazy(torch.randn(4, 3))

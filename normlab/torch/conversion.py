@@ -441,7 +441,9 @@ class _LazyTwin:
 
     def forward(self, *args, **kwargs):
         # (bound as the call begins; by the time it runs, the hook has made the module the twin)
-        return self.cls_to_become.forward(self, *args, **kwargs)
+        if type(self) is self.cls_to_become:
+            return self.cls_to_become.forward(self, *args, **kwargs)
+        return super().forward(*args, **kwargs)  # (called without the hook: torch's, and its error)
 
     def initialize_parameters(self, input: Tensor, mask: Optional[Tensor] = None) -> None:
         # (torch's lazy hook hands it the forward's arguments: mask= too, which the channels ignore)
