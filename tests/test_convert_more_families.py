@@ -66,8 +66,16 @@ UNWEIGHTED = {
     "deepseek_v4": (lambda: DeepseekV4UnweightedRMSNorm(1e-6), "deepseek"),
     "falcon_mamba": (lambda: FalconMambaWeightlessRMSNorm(24, eps=1e-6), "llama"),  # (an unused buffer of ones)
     "inkling2": (lambda: Inkling2UnweightedRMSNorm(1e-5), "llama"),
+    # LTX-Video's VAE: llama's outputs, but the input enters x · rsqrt(...) in its own dtype,
+    # which rounds its bfloat16 gradient otherwise
+    "diffusers_rms_norm": (lambda: _diffusers_normalization.RMSNorm(24, 1e-6, elementwise_affine=False), "diffusers"),
 }
-NEEDS = {"inkling2": _needs(Inkling2UnweightedRMSNorm, "inkling2")}
+try:
+    from diffusers.models import normalization as _diffusers_normalization
+except ImportError:
+    _diffusers_normalization = None
+NEEDS = {"inkling2": _needs(Inkling2UnweightedRMSNorm, "inkling2"),
+         "diffusers_rms_norm": pytest.mark.skipif(_diffusers_normalization is None, reason="diffusers is not installed")}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -129,7 +137,7 @@ def test_weightless_norms_that_compute_something_else_are_left_alone_with_a_warn
 def test_unweighted_rms_norm_refuses_a_zero_dimensional_input_and_an_unknown_casting():
     with pytest.raises(RuntimeError, match="at least one dimension"):
         nt.UnweightedRMSNorm()(torch.tensor(1.0))
-    with pytest.raises(ValueError, match="'llama', 'deepseek'"):
+    with pytest.raises(ValueError, match="'llama', 'deepseek', 'diffusers'"):
         nt.UnweightedRMSNorm(casting="gemma")
 
 

@@ -27,7 +27,11 @@ RMS norms without a weight, over the last axis whatever its size
 * ``"llama"``: ``x̂`` in float32, cast to the input's dtype once (Llama 4's ``L2Norm``,
   FalconMamba's and NanoChat's weight-less RMS norms);
 * ``"deepseek"``: ``rsqrt(mean(x²) + eps)`` in float32, cast to the input's dtype, and
-  multiplying the input there (DeepSeek-V4's ``UnweightedRMSNorm``).
+  multiplying the input there (DeepSeek-V4's ``UnweightedRMSNorm``);
+* ``"diffusers"``: ``mean(x²)`` in float32, multiplying the input in its own dtype (so in
+  float32, by promotion), cast to the input's dtype once (diffusers' ``RMSNorm`` without
+  a weight): ``"llama"``'s outputs, but the input's gradient is rounded where the input
+  enters each product, as there.
 
 In float32 the recipes coincide with each other and with ``torch.nn.RMSNorm``; they differ
 only in where low precision rounds and in the output dtype when weight and input dtypes
@@ -68,7 +72,7 @@ from torch.nn import functional as F
 
 CASTINGS = ("llama", "gemma", "t5", "none", "imagegpt")
 LAYER_NORM_CASTINGS = ("olmo", "cohere", "deberta")
-UNWEIGHTED_CASTINGS = ("llama", "deepseek")
+UNWEIGHTED_CASTINGS = ("llama", "deepseek", "diffusers")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -256,4 +260,6 @@ def unweighted_rms_norm_recipe(x: Tensor, eps: float, casting: str) -> Tensor:
                          f"{', '.join(UNWEIGHTED_CASTINGS)}")
     if casting == "deepseek":
         return x * torch.rsqrt(x.to(compute_dtype(x.dtype)).pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
+    if casting == "diffusers":
+        return (x * torch.rsqrt(x.to(compute_dtype(x.dtype)).pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     return rms_normalize(x.to(compute_dtype(x.dtype)), -1, eps).to(x.dtype)

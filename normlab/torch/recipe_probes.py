@@ -127,7 +127,8 @@ def _unweighted_rms_recipe(module: nn.Module) -> Optional[dict]:
     """``{"eps", "casting"}`` of an RMS norm without a weight over the last axis, whatever its
     size, whose forward matches one of :data:`~normlab.torch.casting.UNWEIGHTED_CASTINGS`
     bit for bit in float32 and bfloat16 on two sizes (run without its buffers: a forward
-    that reads them is not one); None otherwise."""
+    that reads them is not one), and where several do, the one that also gives its
+    bfloat16 input gradient; None otherwise."""
     eps = _unweighted_eps(module)
     if eps is None:
         return None
@@ -144,10 +145,30 @@ def _unweighted_rms_recipe(module: nn.Module) -> Optional[dict]:
             outputs = [type(module).forward(probe, x) for x in probes]
     except Exception:
         return None
-    for casting in UNWEIGHTED_CASTINGS:
-        if _all_equal(outputs, [unweighted_rms_norm_recipe(x, eps, casting) for x in probes]):
-            return {"eps": eps, "casting": casting}
-    return None
+    matches = [casting for casting in UNWEIGHTED_CASTINGS
+               if _all_equal(outputs, [unweighted_rms_norm_recipe(x, eps, casting) for x in probes])]
+    if len(matches) > 1:  # ("llama" and "diffusers" give one output: their bfloat16 input gradients differ)
+        same_gradient = [casting for casting in matches if _same_input_gradient(
+            lambda x: type(module).forward(probe, x), lambda x: unweighted_rms_norm_recipe(x, eps, casting),
+            probes[1])]
+        matches = same_gradient or matches
+    return {"eps": eps, "casting": matches[0]} if matches else None
+
+
+def _same_input_gradient(forward: Callable, recipe: Callable, x: Tensor) -> bool:
+    """Whether ``forward`` and ``recipe`` give ``x`` one gradient to the bit, for a random
+    output gradient."""
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype)
+    gradients = []
+    for function in (forward, recipe):
+        leaf = x.detach().clone().requires_grad_()
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                function(leaf).backward(grad)
+        except Exception:
+            return False
+        gradients.append(leaf.grad)
+    return _all_equal(gradients[:1], gradients[1:])
 
 
 def _takes_a_second_input(module: nn.Module) -> bool:
