@@ -91,6 +91,20 @@ def test_rms_norms_without_a_weight_become_unweighted_rms_norms_matching_to_the_
         assert_same_numbers(original, converted, (torch.randn(shape) * 2 + 0.5).to(dtype), None)
 
 
+@pytest.mark.skipif(_diffusers_normalization is None, reason="diffusers is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"])
+def test_diffusers_mochi_rms_norm_becomes_the_mochi_recipe_with_its_gradients_to_the_bit(dtype):
+    """MochiRMSNorm scales the input itself (promoted to float32), then the weight in float32,
+    and casts once: "gemma"'s outputs, which it was given, but the input's gradient rounds
+    where the input enters the product (a third of the bfloat16 elements differed)."""
+    original = random_parameters(_diffusers_normalization.MochiRMSNorm(24, eps=1e-6)).to(dtype)
+    converted = converted_copy(original)
+    assert type(converted) is nt.RMSNorm and (converted.casting, converted.weight_offset) == ("mochi", 0.0)
+    assert_same_numbers(original, converted, (torch.randn(3, 5, 24) * 2 + 0.5).to(dtype), None)
+    with nt.use_path("kernel"):
+        assert_same_numbers(original, converted, (torch.randn(3, 5, 24) * 2 + 0.5).to(dtype), BFLOAT16)
+
+
 def test_falcon_mambas_unused_weight_stays_where_its_mixer_reads_it():
     original = FalconMambaWeightlessRMSNorm(24)
     converted = converted_copy(original)

@@ -11,6 +11,9 @@ checkpoint's numbers bit for bit depend on it. The recipes, named as Liger-Kerne
   ``(x̂ · (1 + weight.float())).to(x.dtype)`` (GemmaRMSNorm, with ``weight_offset=1``);
 * ``"t5"``: the mean of squares in float32, ``x · rsqrt(...)`` in the promoted dtype, cast to
   the weight's dtype when the weight is float16/bfloat16, then ``weight · x̂`` (T5LayerNorm);
+* ``"mochi"``: as ``"gemma"`` (``x̂ · weight`` in float32, cast after), but the input, not its
+  float32 copy, multiplies the root, as in ``"t5"`` (diffusers' ``MochiRMSNorm``): ``"gemma"``'s
+  outputs, with the input's half-precision gradient rounded where the input enters the product;
 * ``"none"``: everything in the input's dtype;
 * ``"imagegpt"``: everything in the input's dtype, dividing by ``sqrt(mean(x²) + eps)``
   rather than multiplying by its reciprocal, then ``x̂ · weight`` (ImageGPT's layer norm).
@@ -70,7 +73,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-CASTINGS = ("llama", "gemma", "t5", "none", "imagegpt")
+CASTINGS = ("llama", "gemma", "t5", "none", "imagegpt", "mochi")
 LAYER_NORM_CASTINGS = ("olmo", "cohere", "deberta")
 UNWEIGHTED_CASTINGS = ("llama", "deepseek", "diffusers")
 _HALF = (torch.float16, torch.bfloat16)
@@ -139,7 +142,7 @@ def weigh(normalized: Tensor, weight: Optional[Tensor], casting: str, dtype: tor
     >>> weigh(torch.tensor([0.5, 1.5]), torch.tensor([2., 2.]), "gemma", torch.bfloat16, weight_offset=1.0)
     tensor([1.5000, 4.5000])
     """
-    if casting == "gemma":
+    if casting in ("gemma", "mochi"):
         scale = _scale(weight, weight_offset, normalized.dtype)
         return normalized if scale is None else normalized * scale
     if casting == "t5":
@@ -170,14 +173,14 @@ def rms_norm_recipe(x: Tensor, weight: Optional[Tensor], eps: float, casting: st
     # until the call returns, on Python 3.10 in the callee's frame too)
     y = weigh(normalized, weight, casting, x.dtype, weight_offset)
     del normalized
-    return y.to(x.dtype) if casting == "gemma" else y
+    return y.to(x.dtype) if casting in ("gemma", "mochi") else y
 
 
 def _rms_normalized(x: Tensor, dims: tuple, eps: float, casting: str) -> Tensor:
     """``casting``'s x̂ of ``x`` over ``dims``, before its weight."""
     if casting == "imagegpt":  # (a division: other bits than the reciprocal's product)
         return x / torch.sqrt(torch.mean(torch.square(x), dims, keepdim=True) + eps)
-    if casting == "t5":  # T5 scales the input itself (promoted), not its float32 copy
+    if casting in ("t5", "mochi"):  # T5 scales the input itself (promoted), not its float32 copy
         variance = x.to(compute_dtype(x.dtype)).pow(2).mean(dims, keepdim=True)
         return x * torch.rsqrt(variance + eps)
     return rms_normalize(x.to(recipe_dtypes(x.dtype, casting)[0]), dims, eps)
@@ -194,7 +197,7 @@ def apply_recipe_scale(x: Tensor, normalized: Tensor, weight: Optional[Tensor], 
     torch.float32
     """
     y = weigh(normalized, weight, casting, x.dtype, weight_offset)
-    return y.to(x.dtype) if casting == "gemma" else y
+    return y.to(x.dtype) if casting in ("gemma", "mochi") else y
 
 
 def layer_norm_recipe(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, casting: str,

@@ -93,15 +93,26 @@ def _rms_recipe(module: nn.Module) -> Optional[dict]:
     outputs = _probe_outputs(module, {"weight": probe_weight}, x)
     if outputs is None:
         return None
+    matches = []
     for casting in CASTINGS:
         for offset in (0.0, 1.0):
             with torch.no_grad():
                 expected = [rms_norm_recipe(x.to(x_dtype), probe_weight.to(w_dtype), eps, casting, offset)
                             for x_dtype, w_dtype in _PROBE_DTYPES]
             if _all_equal(outputs, expected):
-                return {"normalized_shape": (size,), "eps": float(eps), "elementwise_affine": True,
-                        "casting": casting, "weight_offset": offset}
-    return None
+                matches.append((casting, offset))
+    if len(matches) > 1:  # ("gemma" and "mochi" give one output: their bfloat16 input gradients differ)
+        half_weight = probe_weight.to(torch.bfloat16)
+        probe = _probe_copy(module, {"parameters": {"weight": half_weight}, "buffers": {}})
+        matches = [(casting, offset) for casting, offset in matches if _same_input_gradient(
+            lambda x: type(module).forward(probe, x),
+            lambda x, casting=casting, offset=offset: rms_norm_recipe(x, half_weight, eps, casting, offset),
+            x.to(torch.bfloat16))] or matches
+    if not matches:
+        return None
+    casting, offset = matches[0]
+    return {"normalized_shape": (size,), "eps": float(eps), "elementwise_affine": True, "casting": casting,
+            "weight_offset": offset}
 
 
 def _all_equal(outputs: list, expected: list) -> bool:
