@@ -270,6 +270,27 @@ def test_fp32_layer_norms_without_parameters_converted_still_compute_half_precis
     assert_same_numbers(original, converted, (torch.randn(shape) * 2 + 1).to(x_dtype), None)
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_convert_inside_no_grad_or_inference_mode_makes_the_decisions_it_makes_outside(mode):
+    """The probes that compare input gradients (an upcasting layer norm; recipes that give
+    one output) ran on inference tensors inside torch.inference_mode(), failed, and took
+    timm's LayerNormFp32 for a plain LayerNorm there."""
+    normalization = pytest.importorskip("diffusers.models.normalization")
+
+    def norms():
+        return [TimmLayerNormFp32(16), TimmLayerNormFp32(16, affine=False), normalization.MochiRMSNorm(16, 1e-6),
+                normalization.RMSNorm(16, 1e-6, elementwise_affine=False)]
+
+    def decisions(models):
+        return [(type(m).__name__, getattr(m, "casting", None)) for m in map(convert_quietly, models)]
+
+    expected = decisions(norms())
+    assert expected == [("Float32LayerNorm", None), ("Float32LayerNorm", None), ("RMSNorm", "mochi"),
+                        ("UnweightedRMSNorm", "diffusers")]
+    with mode():
+        assert decisions(norms()) == expected
+
+
 def test_a_layer_norm_subclass_calling_torchs_half_precision_layer_norm_stays_a_plain_layer_norm():
     original = TimmLayerNorm(48, affine=False)
     assert type(converted_copy(original)) is nt.LayerNorm

@@ -33,12 +33,14 @@ def _probe_copy(module: nn.Module, tensors: dict) -> nn.Module:
 
 
 def _on_cpu(probe: Callable) -> Callable:
-    """Run a probe on CPU tensors whatever the default device: a model built and converted
-    inside ``with torch.device("meta")`` has meta parameters, on which no probe computes."""
+    """Run a probe on CPU tensors whatever the default device (a model built and converted
+    inside ``with torch.device("meta")`` has meta parameters, on which no probe computes),
+    and outside ``torch.inference_mode()``, whose tensors no probe of a gradient can take:
+    the same decisions whatever the caller's mode."""
 
     @functools.wraps(probe)
     def on_cpu(*args, **kwargs):
-        with torch.device("cpu"):
+        with torch.device("cpu"), torch.inference_mode(False):
             return probe(*args, **kwargs)
 
     return on_cpu
