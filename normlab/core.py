@@ -422,7 +422,8 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
                 return result
     # "False" is truthy: a flag of any other type would return the statistics unasked
     return_stats = _flag(return_stats, "return_stats", _describe(pattern, _shape_of(x)))
-    fused.check_gate_options(gate_activation, norm_before_gate, _describe(pattern, _shape_of(x)))
+    if not (gate_activation == "silu" and norm_before_gate is True):  # (the defaults: no message to build)
+        fused.check_gate_options(gate_activation, norm_before_gate, _describe(pattern, _shape_of(x)))
     grouped = _grouped(x, pattern, mask, segment_ids, num_segments, segment_axis, residual, gate, weight_offset, scale,
                        shift, modulation)  # normalize_with_stats hands masks and segments on
     if not grouped and fused.wants_fused(residual, gate, weight_offset, scale, shift, modulation):
@@ -559,7 +560,8 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
     if grad_sum is not None and residual is None:  # there is no x + residual for it to be the gradient of
         raise InputError(f"{_describe(pattern, _shape_of(x))}: grad_sum is the gradient of the returned x + residual, "
                          "and no residual was given; pass residual= (as to normalize), or leave grad_sum out")
-    fused.check_gate_options(gate_activation, norm_before_gate, _describe(pattern, _shape_of(x)))
+    if not (gate_activation == "silu" and norm_before_gate is True):  # (the defaults: no message to build)
+        fused.check_gate_options(gate_activation, norm_before_gate, _describe(pattern, _shape_of(x)))
     if _grouped(x, pattern, mask, segment_ids, num_segments, segment_axis, residual, gate, weight_offset, scale, shift,
                 modulation):
         from normlab import grouped

@@ -253,7 +253,8 @@ def prepare(x, pattern, weight, bias, params, sizes, residual=None, gate=None, g
 
     prepared = core.prepare(x, pattern, weight, bias, params, sizes)
     plan = prepared.plan
-    norm_before_gate = check_gate_options(gate_activation, norm_before_gate, core._describe(plan, plan.shape))
+    if not (gate_activation == "silu" and norm_before_gate is True):  # (the defaults: no message to build)
+        norm_before_gate = check_gate_options(gate_activation, norm_before_gate, core._describe(plan, plan.shape))
     offset = _weight_offset(weight_offset, pattern, plan)
     if offset != 0.0 and weight is None:
         raise ParamsError(f"pattern {pattern!r}, input shape {plan.shape}: weight_offset={offset} shifts a "

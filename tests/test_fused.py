@@ -300,6 +300,22 @@ def test_a_misspelt_gate_option_is_refused_without_any_fused_option_as_with_one(
     np.testing.assert_array_equal(np.asarray(call(*args, **valid, **extra)[0]), np.asarray(unchanged[0]))
 
 
+@pytest.mark.parametrize("call", [
+    lambda x: normlab.normalize(x, "b t [d]", weight=np.ones(5), params="d", residual=x),
+    lambda x: normlab.normalize_backward(np.ones_like(x), x, "b t [d]"),
+    lambda x: normlab.normalize_backward(np.ones_like(x), x, "b t [d]", weight=np.ones(5), params="d", residual=x),
+], ids=["fused", "backward", "fused backward"])
+def test_the_default_gate_options_build_no_message_on_each_call(call, monkeypatch):
+    # the check of a typo built its message (the pattern and the shape) on every call, seven Python
+    # calls each time, where the defaults need no check
+    from normlab import fused
+
+    checked = []
+    monkeypatch.setattr(fused, "check_gate_options", lambda *args: checked.append(args) or True)
+    call(np.random.default_rng(0).normal(size=(2, 4, 5)))
+    assert checked == []
+
+
 @pytest.mark.parametrize("out", [np.empty((2, 4, 4)), np.empty((2, 4, 5), np.float32), [[0.0]]])
 def test_a_wrong_out_fails_before_the_fused_block_runs(out, monkeypatch):
     """A wrong ``out=`` is refused before any work (as the unfused call refuses it), and
