@@ -431,6 +431,26 @@ def test_out_receives_the_result_in_place(dtype):
     _close(strided_out, expected, dtype)
 
 
+def _reshape_of_numpy_before_2_1(a, newshape, order="C"):
+    """np.reshape as NumPy 1.24 to 2.0 define it: no copy= keyword."""
+    return a.reshape(newshape, order=order)
+
+
+def test_out_and_the_row_backward_run_on_a_numpy_whose_reshape_takes_no_copy(monkeypatch):
+    """pyproject.toml admits NumPy 1.24; np.reshape(..., copy=False) is NumPy 2.1's, and
+    normalize(out=) and normalize_backward raised TypeError on older NumPy."""
+    monkeypatch.setattr(np, "reshape", _reshape_of_numpy_before_2_1)
+    x = np.random.default_rng(12).standard_normal((5, 33))
+    expected = normlab.normalize(x, "b [d]", backend="numpy")
+    strided_out = np.full((5, 66), 7.0)[:, ::2]
+    normlab.normalize(x, "b [d]", out=strided_out, backend="numba")
+    _close(strided_out, expected, np.float64)
+    strided_grad = np.ones((5, 66))[:, ::2]
+    got = normlab.normalize_backward(strided_grad, x, "b [d]", backend="numba")
+    want = normlab.normalize_backward(strided_grad, x, "b [d]", backend="numpy")
+    _close(got[0], want[0], np.float64)
+
+
 def test_given_statistics_are_applied_as_in_evaluation():
     rng = np.random.default_rng(11)
     x = rng.standard_normal((6, 4, 5)).astype(np.float32)

@@ -72,7 +72,7 @@ def _disjoint_rows(levels, n: int) -> bool:
 
 def split(array: np.ndarray, sizes: tuple[int, ...]):
     """``array`` reshaped to ``sizes`` as a view (splitting axes never needs a copy)."""
-    return np.reshape(array, sizes, copy=False)
+    return array.reshape(sizes)  # not reshape(copy=False): NumPy before 2.1 refuses that keyword
 
 
 def rows_of(array: np.ndarray, n: int, dtype) -> tuple:
