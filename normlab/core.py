@@ -393,8 +393,8 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
     >>> import numpy as np
     >>> x = np.array([[4., 3., 2.], [3., 3., 2.], [2., 2., 2.]])
     >>> y = normalize(x, "[b] f")
-    >>> y[1, 0], y[0, 1] == y[1, 1], y[:, 2].tolist()
-    (np.float64(0.0), np.True_, [0.0, 0.0, 0.0])
+    >>> float(y[1, 0]), bool(y[0, 1] == y[1, 1]), y[:, 2].tolist()
+    (0.0, True, [0.0, 0.0, 0.0])
     >>> normalize(x, "b [f]")[0].round(4).tolist()
     [1.2247, 0.0, -1.2247]
     """
@@ -545,8 +545,8 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
     >>> import numpy as np
     >>> x = np.array([[1., 2., 4.]])
     >>> gx, gw, gb = normalize_backward(np.ones_like(x), x, "b [f]", weight=np.ones(3), params="f")
-    >>> np.abs(gx).max() < 1e-12, gb.tolist()   # a shift of the output has no x-gradient
-    (np.True_, [1.0, 1.0, 1.0])
+    >>> bool(np.abs(gx).max() < 1e-12), gb.tolist()   # a shift of the output has no x-gradient
+    (True, [1.0, 1.0, 1.0])
 
     With any fused option of :func:`normalize` it returns a
     :class:`normlab.fused.FusedGradients` record (x, residual, gate, weight, bias, scale,

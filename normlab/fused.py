@@ -445,8 +445,8 @@ def normalize(x, pattern, *, weight=None, bias=None, params=None, eps=1e-5, rms=
 
     >>> x = np.array([[1.0, 2.0, 6.0]])
     >>> y, total = normalize(x, "b [d]", residual=np.array([[1.0, 0.0, 2.0]]), rms=True, eps=0.0)
-    >>> total.tolist(), (y * y).mean().round(12)
-    ([[2.0, 2.0, 8.0]], np.float64(1.0))
+    >>> total.tolist(), float((y * y).mean().round(12))
+    ([[2.0, 2.0, 8.0]], 1.0)
     """
     from normlab import core
 

@@ -4,6 +4,8 @@ metadata, skip reasons that say what to install, and a README that says what the
 Oracles: the packaging files themselves (pyproject.toml, the built wheel), argparse's
 own exit status, and the words a user would look for."""
 
+import ast
+import doctest
 import os
 import re
 import subprocess
@@ -155,6 +157,22 @@ def test_the_wheel_ships_py_typed_the_license_and_the_urls(tmp_path):
     assert "normlab/py.typed" in names
     assert any(n.endswith("LICENSE") and ".dist-info/" in n for n in names)
     assert "Project-URL: Repository, https://github.com/normlab/normlab" in metadata
+
+
+# NumPy 2's reprs of its scalars: np.float64(1.0), np.True_; NumPy 1.x, which pyproject.toml
+# admits, prints 1.0 and True, so an expected output that names one fails there
+NUMPY2_SCALAR_REPR = re.compile(r"\bnp\.(True_|False_|(float|int|uint|complex|bool|str_|bytes_)\w*\()")
+
+
+def test_no_doctest_expects_a_numpy_2_scalar_repr():
+    parser = doctest.DocTestParser()
+    for path in sorted((REPO / "normlab").rglob("*.py")):  # read, not imported: normlab.torch's too
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                for example in parser.get_examples(ast.get_docstring(node) or ""):
+                    found = NUMPY2_SCALAR_REPR.search(example.want)
+                    assert not found, f"{path.relative_to(REPO)}, {getattr(node, 'name', 'module')}: {example.want}"
 
 
 # --- skip reasons ------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ def _check(result, x):
 
 def _span(array):
     """[first byte, one past the last byte) of an array's memory."""
-    low, high = np.lib.array_utils.byte_bounds(np.asarray(array))
+    array_utils = getattr(np.lib, "array_utils", np)  # NumPy 1.x has it as np.byte_bounds
+    low, high = array_utils.byte_bounds(np.asarray(array))
     return low, high
 
 
