@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-color", dest="explain_no_color", action="store_true", help="plain text output")
     _allow_sizes_after_options(parser)
     # a negative number in scientific notation (--weight-offset -1e-8) is a value, not an
-    # option, as Python 3.13's argparse reads it (3.11 and 3.12 take -1 and -0.5 only)
+    # option (argparse itself takes only the -1 and -0.5 forms, 3.10 to 3.13.0 alike)
     parser._negative_number_matcher = _NEGATIVE_NUMBER
 
 
