@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("numba")
+numba = pytest.importorskip("numba")
 
 import normlab.torch as nt  # noqa: E402  (shares torch's pool: what is tested here)
 from normlab.kernels import openmp, threads  # noqa: E402
@@ -27,6 +27,11 @@ from numba import prange  # noqa: E402
 
 pytestmark = pytest.mark.skipif(openmp.region_starter() is None,
                                 reason="torch here does not run on GNU OpenMP (Linux wheels do)")
+
+# a process that may use one CPU (taskset, a one-core container) or runs with NUMBA_NUM_THREADS=1
+# has no second thread for a region to run on
+two_threads = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2,
+                                 reason="needs 2 Numba threads (NUMBA_NUM_THREADS, or the CPUs this process may use)")
 
 SHAPE = (128, 1024)  # 2^17 elements: threaded on torch's pool, serial on normlab's
 
@@ -184,6 +189,7 @@ def _train_calls():
     return {"layer": layer, "rms": rms, "batch": batch, "group": group, "fused": fused, "batch eval": eval_batch}
 
 
+@two_threads
 @pytest.mark.parametrize("name", list(_train_calls()))
 def test_results_on_torchs_pool_are_the_serial_kernels_bits(name, torch_threads, regions):
     torch_threads(1)
@@ -197,6 +203,7 @@ def test_results_on_torchs_pool_are_the_serial_kernels_bits(name, torch_threads,
         assert one.detach().numpy().tobytes() == two.detach().numpy().tobytes()
 
 
+@two_threads
 def test_torchs_own_ops_interleaved_with_regions_give_torchs_results(torch_threads, regions):
     torch_threads(2)
     x = torch.randn(SHAPE, dtype=torch.float64) * 2 + 7
@@ -210,6 +217,7 @@ def test_torchs_own_ops_interleaved_with_regions_give_torchs_results(torch_threa
     assert regions and all(regions)
 
 
+@two_threads
 def test_a_child_forked_after_regions_runs_on_its_own_pool_with_the_same_bits():
     """torch's OpenMP threads are not in a forked child (torch's own threaded ops hang
     there): the child's threaded calls go to a normlab pool of its own."""
@@ -264,6 +272,7 @@ def test_calls_from_several_python_threads_at_once_give_each_its_serial_bits(tor
         assert y.tobytes() == alone[i % len(inputs)].tobytes()
 
 
+@two_threads
 def test_a_later_process_loads_the_entries_from_numbas_cache_and_gets_the_same_bits():
     """Each entry is compiled once (about half a second) and cached on disk like the
     kernels: the second process to run a kernel signature loads it."""
@@ -306,6 +315,7 @@ def test_the_numpy_api_beside_torch_runs_on_torchs_pool_and_follows_its_thread_c
     assert before.endswith("(torch OpenMP pool)") and after == "1 (torch OpenMP pool)", done.stdout
 
 
+@two_threads
 def test_a_pool_child_that_first_imports_normlab_after_the_parent_used_openmp_does_not_hang():
     """The child of a parent whose torch ran OpenMP regions has the parent's OpenMP state
     but none of its threads; normlab, imported only in the child, stays off torch's pool."""
