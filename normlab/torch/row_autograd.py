@@ -140,10 +140,10 @@ class _RowFunction(torch.autograd.Function):
                                                need_weight or need_bias)
         weight_dtype, bias_dtype = call.param_dtypes
         return (torch.from_numpy(grad_x) if need_x else None,
-                # (rounded by torch: past float32's range it is inf without NumPy's warning, and with no
-                # errstate to enter on each call)
-                torch.from_numpy(grad_w).to(_TORCH_OF[weight_dtype]) if need_weight else None,
-                torch.from_numpy(grad_b).to(_TORCH_OF[bias_dtype]) if need_bias else None,
+                # float64: autograd's engine rounds each to its parameter's dtype, in C++ (past float32's
+                # range it is inf without NumPy's warning, and with no errstate or .to() call from Python)
+                torch.from_numpy(grad_w) if need_weight else None,
+                torch.from_numpy(grad_b) if need_bias else None,
                 None, None, None)
 
 
