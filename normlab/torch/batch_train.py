@@ -295,12 +295,12 @@ class _TrainFunction(torch.autograd.Function):
             grad_x, grad_weight, grad_bias = _run_backward(ctx.module, ctx.call, grad_y, x, weight, ctx.eps,
                                                            *ctx.stats)
             needs = ctx.needs_input_grad
-            dtype = x.dtype  # the parameters' dtype (checked in forward)
-            # (rounded by torch: past the dtype's range it is ±inf without NumPy's warning, and with no
-            # errstate to enter on each call)
+            # float64: autograd's engine rounds each to its parameter's dtype, in C++ (past the dtype's
+            # range it is ±inf without NumPy's warning; no errstate or .to() from Python), as the row
+            # twins' backward hands them over (normlab.torch.row_autograd)
             grads = (grad_x if needs[0] else None,
-                     torch.from_numpy(grad_weight).to(dtype) if needs[1] else None,
-                     torch.from_numpy(grad_bias).to(dtype) if needs[2] else None)
+                     torch.from_numpy(grad_weight) if needs[1] else None,
+                     torch.from_numpy(grad_bias) if needs[2] else None)
         return (*grads, None, None, None, None, None)
 
 
