@@ -2,7 +2,8 @@
 ``functional_call`` handed the parameters and the buffers (so that batch norm in
 training may update its running statistics), and ``vmap`` over per-sample padding
 masks. Oracle: torch.nn's own modules on the data with the padding removed, through the
-same transform."""
+same transform. And ``vmap`` over per-sample ``segment_ids`` (a batch of graph batches),
+against a Python loop over the samples."""
 
 import copy
 
@@ -75,3 +76,42 @@ def test_vmap_over_per_sample_padding_masks_gives_each_sample_torch_nn_s_unpadde
         (expected * weights[i, ..., :length]).sum().backward()
         torch.testing.assert_close(gradients[i, ..., :length], unpadded.grad)
         torch.testing.assert_close(gradients[i, ..., length:], torch.zeros_like(gradients[i, ..., length:]))
+
+
+# three graph batches of six nodes, each with its own batch vector (graph 2 of the last is empty)
+_IDS = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 1, 1, 2, 2, 2], [0, 0, 0, 1, 1, 1]])
+
+
+def _segmented_calls():
+    from normlab.torch import geometric
+    from normlab.torch.masked import normalize_masked
+
+    torch.manual_seed(2)
+    twins = {name: getattr(geometric, name)(4).double() for name in ("InstanceNorm", "LayerNorm", "GraphNorm")}
+    calls = {name: (lambda twin: lambda x, ids, count: twin(x, ids, batch_size=count))(twin)
+             for name, twin in twins.items()}
+    calls["normalize_masked"] = lambda x, ids, count: torch.cat(normalize_masked(
+        x, "[n] c", segment_ids=ids, num_segments=count)[:3], dim=0)  # y and the (count, c) statistics
+    calls["Norm"] = lambda x, ids, count: nt.Norm("[n] c")(x, segment_ids=ids, num_segments=count)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["normalize_masked", "Norm", "InstanceNorm", "LayerNorm", "GraphNorm"])
+def test_vmap_over_per_sample_segment_ids_with_their_count_gives_a_python_loop_s_outputs_and_gradients(name):
+    call = _segmented_calls()[name]
+    x = torch.randn(3, 6, 4, dtype=torch.float64)
+    weights = torch.randn(3, 6, 4, dtype=torch.float64)
+    y = vmap(lambda inputs, ids: call(inputs, ids, 3))(x, _IDS)
+    torch.testing.assert_close(y, torch.stack([call(x[i], _IDS[i], 3) for i in range(3)]))
+    loss = grad(lambda inputs, ids, w: (call(inputs, ids, 3)[:6] * w).sum())
+    torch.testing.assert_close(vmap(loss)(x, _IDS, weights),
+                               torch.stack([loss(x[i], _IDS[i], weights[i]) for i in range(3)]))
+
+
+@pytest.mark.parametrize("name", ["normalize_masked", "Norm", "InstanceNorm", "LayerNorm", "GraphNorm"])
+def test_vmap_over_per_sample_segment_ids_without_their_count_says_to_pass_it(name):
+    """vmap cannot read max(ids) + 1 off batched ids (torch said only "calling .item()")."""
+    call = _segmented_calls()[name]
+    keyword = "num_segments" if name in ("normalize_masked", "Norm") else "batch_size"
+    with pytest.raises(RuntimeError, match=f"batched by torch.func.vmap need {keyword}=: .*loop over the batch"):
+        vmap(lambda inputs, ids: call(inputs, ids, None))(torch.randn(3, 6, 4, dtype=torch.float64), _IDS)

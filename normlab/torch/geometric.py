@@ -22,15 +22,18 @@ from torch import Tensor, nn
 
 from normlab.torch import geometric_script as script
 from normlab.torch.compute import _dtypes_refused, normalize
-from normlab.torch.masked import _run_masked, check_segment_ids, normalize_masked
+from normlab.torch.masked import _run_masked, check_segment_ids, normalize_masked, vmapped_ids_need_a_count
 from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx
 from normlab.torch.modules import BatchNorm1d
+from normlab.torch.ops import _vmapped
 from normlab.torch.spec import Spec
 
 __all__ = ["InstanceNorm", "LayerNorm", "GraphNorm", "BatchNorm"]
 
 
 def _batch_size(batch: Tensor, batch_size: Optional[int]) -> int:
+    if batch_size is None and _vmapped(batch):
+        raise RuntimeError(vmapped_ids_need_a_count("batch_size"))
     return int(batch.max()) + 1 if batch_size is None else int(batch_size)
 
 
@@ -270,10 +273,10 @@ class GraphNorm(nn.Module):
         xs = x.to(acc)
         # (counted in int64 into batch_size slots: a shape known without the ids' values, as in shape propagation)
         ones = torch.ones(batch.shape, dtype=torch.long, device=batch.device)
-        counts = ones.new_zeros(batch_size).index_add_(0, batch, ones).clamp_min(1).to(acc).unsqueeze(1)
+        counts = ones.new_zeros(batch_size).index_add(0, batch, ones).clamp_min(1).to(acc).unsqueeze(1)
 
         def graph_mean(t: Tensor) -> Tensor:
-            return t.new_zeros(batch_size, t.size(1)).index_add_(0, batch, t) / counts
+            return t.new_zeros(batch_size, t.size(1)).index_add(0, batch, t) / counts
 
         # the mean in two passes, as the kernels take their statistics: a first mean (no gradient:
         # x − α·mean does not depend on it) off the nodes, then the mean of the rest, so a graph

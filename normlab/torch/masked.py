@@ -20,7 +20,7 @@ from normlab.masked import make_grouping
 from normlab.notation import parse_pattern
 from normlab.plan import make_plan, merge_sizes
 from normlab.torch.compute import _fake
-from normlab.torch.ops import _functorch_active, _grads_of, _needs_torch_backward, _spec_of
+from normlab.torch.ops import _functorch_active, _grads_of, _needs_torch_backward, _spec_of, _vmapped
 from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx
 from normlab.torch.spec import Spec, _sizes_dict
 
@@ -367,7 +367,7 @@ def _refuse_too_many_segments(x: Tensor, spec: Spec, segment_ids: Tensor, num_se
     """Refuse, as a torch error, segments whose statistics would dwarf the input (as the
     NumPy API does), from the largest id alone: torch reductions, so functorch's transforms
     and other devices take it too."""
-    if torch.compiler.is_compiling():  # the values are not known while tracing
+    if torch.compiler.is_compiling() or _vmapped(segment_ids):  # the values are not known while tracing
         return
     from normlab.masked import check_segment_count
 
@@ -377,6 +377,13 @@ def _refuse_too_many_segments(x: Tensor, spec: Spec, segment_ids: Tensor, num_se
         check_segment_count(plan, largest, num_segments, given, unique="torch.unique")
     except (ShapeError, ParamsError) as error:
         raise _torch_error(error) from None
+
+
+def vmapped_ids_need_a_count(keyword: str) -> str:
+    """What vmap over per-sample ids needs, for :func:`normalize_masked` (``num_segments``)
+    and the PyG twins (``batch_size``)."""
+    return (f"segment ids batched by torch.func.vmap need {keyword}=: vmap cannot read the number of segments "
+            f"off their values; pass {keyword}= (the largest id in the batch + 1), or loop over the batch in Python")
 
 
 SEGMENTS_DO_NOT_EXPORT = ("segment_ids= does not export to ONNX, which has no normlab op; mask= does (as ONNX "
@@ -418,6 +425,9 @@ def _run_masked(x: Tensor, spec: Spec, weight: Optional[Tensor], bias: Optional[
     if segment_ids is not None:
         _check_ids_dtype(x, pattern, segment_ids)
         if num_segments is None:
+            if _vmapped(segment_ids):
+                raise RuntimeError(f"pattern {pattern!r}, input shape {tuple(x.shape)}: "
+                                   + vmapped_ids_need_a_count("num_segments"))
             num_segments = int(segment_ids.max()) + 1 if segment_ids.numel() else 0
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"pattern {pattern!r}, input shape {tuple(x.shape)}: mask must be a bool tensor, "

@@ -180,6 +180,17 @@ def _vmapping() -> bool:
     return any(interpreter.key() == TransformType.Vmap for interpreter in retrieve_all_functorch_interpreters())
 
 
+def _vmapped(t: Tensor) -> bool:
+    """True where ``torch.func.vmap`` batches ``t`` itself (at any depth): its values cannot
+    be read into Python (``int``, ``.item()``), where an unbatched tensor's can, under vmap too."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
 def _grads_of(forward, inputs, needs_input_grad, grad_outputs) -> list:
     """The gradients of ``forward(*inputs)`` (torch operations) by torch's autograd, for
     the inputs that need one (zeros where unused, None elsewhere): recomputed from the saved
