@@ -811,6 +811,33 @@ def test_fused_rms_blocks_take_eps_none_as_torch_rms_norm_of_the_sum_takes_it(dt
         torch.testing.assert_close(added(x, r)[0], want)
 
 
+def test_an_eps_none_rms_block_resolves_its_eps_once_per_dtype_and_again_when_the_dtype_changes():
+    # the block with eps=None was rebuilt by dataclasses.replace on every call (six Python
+    # calls); a float64 call after a float32 one must still take float64's machine epsilon
+    import sys
+
+    gen = torch.Generator().manual_seed(4)
+    x, r = (torch.randn(2, 64, generator=gen) * 1e-4 for _ in range(2))
+    ours, reference = FusedAddRMSNorm(64, eps=None), torch.nn.RMSNorm(64, eps=None)
+    for dtype in (torch.float32, torch.float64, torch.float32):
+        ours, reference = ours.to(dtype), reference.to(dtype)
+        xd, rd = x.to(dtype), r.to(dtype)
+        torch.testing.assert_close(ours(xd, rd)[0], reference(xd + rd))
+        entered = []
+
+        def profile(frame, event, arg):
+            if event == "call" and frame.f_code.co_name in ("replace", "rms_default_eps", "__post_init__"):
+                entered.append(frame.f_code.co_name)
+
+        sys.setprofile(profile)
+        try:
+            y = ours(xd, rd)[0]
+        finally:
+            sys.setprofile(None)
+        assert entered == []
+        torch.testing.assert_close(y, reference(xd + rd))
+
+
 def test_fused_add_layer_norm_takes_eps_none_where_nn_layer_norm_does_and_raises_its_type_error_in_the_forward():
     ours, theirs = FusedAddLayerNorm(8, eps=None), torch.nn.LayerNorm(8, eps=None)
     x = torch.randn(2, 8)

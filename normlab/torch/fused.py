@@ -703,9 +703,14 @@ def _block_of(module: nn.Module, dtype: torch.dtype) -> Block:
             or block.gate_activation != getattr(module, "gate_activation", "silu")
             or (group_size is not None and dict(block.sizes).get("c", 0) != group_size)):
         module._init_block()
-    if module._block.eps is None:
-        return replace(module._block, eps=rms_default_eps(dtype))
-    return module._block
+    block = module._block
+    if block.eps is None:
+        # (kept until the next dtype or block: a replace() a call cost six Python calls)
+        resolved = module.__dict__.get("_block_for_dtype")
+        if resolved is None or resolved[0] is not block or resolved[1] != dtype:
+            resolved = module._block_for_dtype = (block, dtype, replace(block, eps=rms_default_eps(dtype)))
+        return resolved[2]
+    return block
 
 
 def _float_or_none(eps) -> Optional[float]:
