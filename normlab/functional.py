@@ -301,6 +301,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     x = _input(x, what)
     training = _flag(training, "training", what, x)
     eps = _check_eps(eps, what, x)
+    momentum = _check_momentum(momentum, what)  # (torch refuses a non-number in evaluation too)
     if eps < 0 or training and eps <= 0:  # torch's rule (a NaN eps passes it)
         raise InputError(f"batch_norm: eps must be positive{' in training' if training else ' or zero'}, as "
                          f"torch requires, got eps={eps} for input shape {x.shape}; torch's default is 1e-5")
@@ -331,7 +332,6 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         else:
             _check_values(n, x, pattern, what, "value per channel", "use a larger batch or training=False")
         _check_running_pair(running_mean, running_var, what, x)
-        momentum = _check_momentum(momentum, what)
         y, stats = _normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps, mask=mask)
         if n:  # an empty batch leaves the running statistics as they are
             var = stats.var.reshape(channels)
@@ -481,6 +481,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     what = "instance_norm"
     x = _input(x, what)
     use_input_stats = _flag(use_input_stats, "use_input_stats", what, x)
+    momentum = _check_momentum(momentum, what)  # (torch refuses a non-number without running statistics too)
     if x.ndim < 3:
         raise ShapeError(f"instance_norm needs (batch, channel, positions...), got input shape {x.shape}")
     names = _names(x.ndim)
@@ -503,7 +504,6 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
                              f"got 1 in input shape {x.shape} (pattern {pattern!r}); count more or "
                              "use_input_stats=False")
         if running_mean is not None or running_var is not None:
-            momentum = _check_momentum(momentum, what)
             if mask is not None:  # each instance's own count (at least 2 for an unbiased variance)
                 count = np.maximum(stats.count, 2)
                 unbiased_var = stats.var * (count / (count - 1))

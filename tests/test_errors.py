@@ -114,6 +114,20 @@ def test_a_momentum_or_eps_that_is_no_number_is_refused():
     _raises(InputError, lambda: NF.layer_norm(X, 4, eps="small"), "eps", "'small'")
 
 
+@pytest.mark.parametrize("momentum", [None, "a", [0.1]])
+@pytest.mark.parametrize("call", [
+    lambda momentum: NF.instance_norm(X, momentum=momentum),
+    lambda momentum: NF.instance_norm(X[:0], momentum=momentum),
+    lambda momentum: NF.instance_norm(X, np.zeros(3), np.ones(3), use_input_stats=False, momentum=momentum),
+    lambda momentum: NF.batch_norm(X, np.zeros(3), np.ones(3), training=False, momentum=momentum),
+], ids=["instance_norm without running statistics", "instance_norm of an empty batch",
+        "instance_norm from running statistics", "batch_norm in evaluation"])
+def test_a_momentum_that_is_no_number_is_refused_where_no_running_statistics_move(call, momentum):
+    """torch.nn.functional's argument parser refuses it in every call, whether or not the
+    running statistics move; normlab refused it only where it updated them."""
+    _raises(InputError, lambda: call(momentum), "momentum", repr(momentum))
+
+
 def test_batch_norm_refuses_the_eps_torch_refuses():
     _raises(InputError, lambda: NF.batch_norm(X, np.zeros(3), np.ones(3), training=True, eps=0.0),
             "eps must be positive in training", "(2, 3, 4)")
