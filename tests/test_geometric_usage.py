@@ -309,3 +309,38 @@ def test_shape_propagation_under_fake_tensor_mode_gives_pygs_output_and_gradient
                 y.sum().backward()
             found.append((type(y), y.shape, y.dtype, nodes.grad.shape))
         assert found[0] == found[1], args
+
+
+@pytest.mark.parametrize("name", sorted(_LAYERS))
+def test_compiled_with_dynamic_shapes_a_twin_is_one_graph_across_graph_counts_as_pygs_layer_is(name):
+    """torch.compile(dynamic=True) with batches of 3, 4 and 5 graphs (PyG's DataLoader's
+    ``batch_size=`` varies, at the last batch): one graph, as PyG's own layer compiles,
+    and PyG's outputs and node gradients; the masked op's fake kernel read the number of
+    graphs as an int, so each new count recompiled (past eight, torch runs it eagerly)."""
+    from torch._dynamo.testing import CompileCounter
+
+    ours, theirs = _randomized_pair(name)
+
+    class Holder(torch.nn.Module):
+        def __init__(self, norm):
+            super().__init__()
+            self.norm = norm
+
+        def forward(self, x, batch, size: int):
+            return self.norm(x, batch, size)
+
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(Holder(ours), backend=counter, dynamic=True, fullgraph=True)
+    g = torch.Generator().manual_seed(5)
+    for graphs in (3, 4, 5):
+        x = torch.randn(4 * graphs, 5, generator=g, dtype=torch.float64)
+        batch = torch.randint(0, graphs, (4 * graphs,), generator=g).sort().values
+        grads = []
+        for layer in (compiled, theirs):
+            nodes = x.clone().requires_grad_()
+            y = layer(nodes, batch, graphs)
+            y.backward(torch.ones_like(y).cumsum(0))
+            grads.append((y.detach(), nodes.grad))
+        torch.testing.assert_close(grads[0], grads[1])
+    assert counter.frame_count == 1

@@ -97,8 +97,10 @@ def _refuse_misfits(x, mask, segment_ids, pattern, params, sizes, num_segments, 
     plan = _hinted_plan(pattern, x.shape, params, sizes)
     stand_ins = {"mask": None if mask is None else np.broadcast_to(np.True_, _hints(mask.shape))}
     if segment_ids is not None:
+        # (the count as its hint: make_grouping's int check would specialize a symbolic one,
+        # and torch.compile(dynamic=True) recompile for each number of graphs)
         stand_ins.update(segment_ids=np.zeros(_hints(segment_ids.shape), np.int64), segment_axis=segment_axis,
-                         num_segments=None if num_segments < 0 else num_segments)
+                         num_segments=None if num_segments < 0 else _hints((num_segments,))[0])
     try:
         make_grouping(plan, **stand_ins)
     except (ShapeError, ParamsError) as error:
