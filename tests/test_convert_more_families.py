@@ -434,3 +434,26 @@ def test_small_models_from_config_give_the_same_logits_and_gradients(kind, dtype
         assert (actual.grad is None) == (expected.grad is None), name
         if expected.grad is not None:
             assert_same(actual.grad, expected.grad, tolerance, name)
+
+
+def test_a_qwen3_next_built_on_the_meta_device_then_converted_gets_the_original_s_initial_weights():
+    """transformers' Qwen3-Next zeroes the weights of its ``1 + weight`` RMS norms in
+    ``_init_weights``, which finds them by ``isinstance(module, Qwen3NextRMSNorm)``. A model
+    built on the meta device, converted, then materialized with ``to_empty`` and
+    ``init_weights()`` must get those zeros on its twins, not the ones transformers gives
+    any other class named ``...RMSNorm`` (norms that would scale by 2)."""
+    config = tiny_model("qwen3_next").config
+    models = []
+    for convert in (False, True):
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        if convert:
+            nt.convert(model)
+        model.to_empty(device="cpu")
+        torch.manual_seed(0)
+        model.init_weights()
+        models.append(model)
+    original, converted = models
+    assert isinstance(converted.model.norm, nt.RMSNorm) and not converted.model.norm.weight.any()
+    for name, expected in original.state_dict().items():
+        assert torch.equal(converted.state_dict()[name], expected), name

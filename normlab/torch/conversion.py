@@ -124,6 +124,39 @@ def rebind_hooks(module: nn.Module, replacement: nn.Module) -> None:
                     hooks[key] = type(hook)(hook.hook, replacement)
 
 
+class _InitAsOriginal:
+    """A transformers model's ``_init_weights`` (which ``init_weights()`` runs, as after
+    building on the meta device and ``to_empty``) that initializes a converted norm as its
+    original class: transformers picks a norm's init by its class (Qwen3-Next zeroes the
+    ``1 + weight`` of its ``Qwen3NextRMSNorm`` by ``isinstance``, where the twin, an
+    ``RMSNorm`` by name, would get ones), so the model's own ``_init_weights`` gets a
+    stand-in of that class that holds the twin's parameter and buffer tables, and writes
+    into them."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, module: nn.Module):
+        original = getattr(module, "_original_class", None)
+        if original is not None:
+            stand_in = original.__new__(original)
+            stand_in.__dict__.update(module.__dict__)
+            module = stand_in
+        return type(self.model)._init_weights(self.model, module)
+
+
+def _keep_original_init(model: nn.Module) -> None:
+    """Give the transformers models in ``model`` an :class:`_InitAsOriginal`, where a norm
+    converted from another class lies among their modules."""
+    if not any(hasattr(module, "_original_class") for module in model.modules()):
+        return
+    for module in model.modules():
+        if "_init_weights" not in module.__dict__ and any(
+                c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.")
+                for c in type(module).__mro__):
+            module._init_weights = _InitAsOriginal(module)
+
+
 def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
     """Replace every normalization layer of ``model`` (in place) that normlab can compute
     with its normlab twin, keeping parameters and buffers (the same objects, so device,
@@ -164,6 +197,7 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
         fuse_decoder_layers(model)
     left_alone: dict[str, list[str]] = {}
     converted = _convert(model, "", left_alone, {}, {})  # (the probes' outcomes: cached for this call only)
+    _keep_original_init(converted)
     hooked = left_alone.pop(_HOOKED, None)
     if left_alone:
         warnings.warn(f"normlab.torch.convert left {sum(map(len, left_alone.values()))} norm layer(s) unconverted, "
@@ -233,7 +267,7 @@ def _replacement(module: nn.Module, name: str, left_alone: dict, probed: dict) -
     if decision is _LEFT_ALONE:
         left_alone.setdefault(cls.__name__, []).append(name)
         return module
-    return None if decision is None else twin_of(module, decision[0], **decision[1])
+    return None if decision is None else twin_of(module, decision[0], _original_class=cls, **decision[1])
 
 
 _UNSEEN, _LEFT_ALONE = object(), object()

@@ -258,6 +258,7 @@ def _fused_norm(norm: nn.Module, recipe) -> FusedAddRMSNorm:
     fused.hidden_size = norm.weight.shape[0]
     fused.eps, fused.casting, fused.weight_offset = eps, casting, offset
     fused.weight = norm.weight  # the same Parameter object
+    fused._original_class = getattr(norm, "_original_class", type(norm))  # (what transformers' init reads)
     fused.train(norm.training)
     fused._init_block()
     for name, hooks in vars(norm).items():  # its hooks (forward, backward, state_dict, ...) go along,
