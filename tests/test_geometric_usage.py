@@ -148,6 +148,26 @@ def test_a_model_of_twins_exports_with_a_dynamic_node_count_as_pygs_does():
         torch.testing.assert_close(exported(*inputs), theirs(*inputs))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_traced_model_of_twins_saves_loads_and_freezes_with_pygs_outputs_at_another_node_count():
+    """torch.jit.trace, then torch.jit.save and load, and torch.jit.freeze in evaluation, as
+    PyG's own layers trace; the traced graph held a Python call into the kernels, which
+    torch.jit.save refused ("Could not export Python function call '_Eager'")."""
+    ours, theirs = _Model(geometric).double(), _Model(pyg_norm).double()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    x, batch = _graphs(seed=3)
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.trace(ours, (x, batch)), buffer)
+    loaded = torch.jit.load(io.BytesIO(buffer.getvalue()))
+    frozen = torch.jit.freeze(torch.jit.trace(ours.eval(), (x, batch)))
+    for inputs in ((x, batch), _more_graphs()):
+        torch.testing.assert_close(loaded(*inputs), theirs(*inputs))
+        torch.testing.assert_close(frozen(*inputs), theirs(*inputs))
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 def test_a_model_of_twins_exports_to_onnx_and_onnxruntime_gives_pygs_outputs_at_another_node_count(dynamo, tmp_path):

@@ -37,6 +37,14 @@ def _batch_size(batch: Tensor, batch_size: Optional[int]) -> int:
     return int(batch.max()) + 1 if batch_size is None else int(batch_size)
 
 
+def _recorded() -> bool:
+    """True where the call is recorded into a graph that holds no normlab op: either ONNX
+    exporter, and ``torch.jit.trace``, whose graph ``torch.jit.save`` and ``torch.jit.freeze``
+    refuse with a Python call into the kernels in it. The twins then record PyG's definitions
+    in torch operations (``_script_forward``), as PyG's own layers trace."""
+    return torch.jit.is_tracing() or _exporting_to_onnx()
+
+
 def _fx_leaf(module: nn.Module, x, batch, batch_size) -> "torch.fx.Proxy":
     """Under ``torch.fx.symbolic_trace``: one ``call_module`` leaf with the batch vector and
     batch size (the kernels cannot take proxies); the traced graph then runs the twin as it
@@ -87,7 +95,7 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
     def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x, batch, batch_size)
-        if _exporting_to_onnx():  # PyG's definitions: ONNX has no normlab op (either exporter)
+        if _recorded():
             return self._script_forward(x, batch, batch_size)
         use_input_stats = self.training or not self.track_running_stats
         if batch is None:
@@ -184,7 +192,7 @@ class LayerNorm(nn.Module):
     def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x, batch, batch_size)
-        if _exporting_to_onnx():  # PyG's definitions: ONNX has no normlab op (either exporter)
+        if _recorded():
             return self._script_forward(x, batch, batch_size)
         if self.mode == "graph":
             if batch is None:
@@ -245,7 +253,7 @@ class GraphNorm(nn.Module):
     def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x, batch, batch_size)
-        if _exporting_to_onnx():  # PyG's definitions: ONNX has no normlab op (either exporter)
+        if _recorded():
             return self._script_forward(x, batch, batch_size)
         if batch is None:
             batch = x.new_zeros(x.size(0), dtype=torch.long)
