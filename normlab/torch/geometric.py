@@ -259,6 +259,10 @@ class GraphNorm(nn.Module):
             batch = x.new_zeros(x.size(0), dtype=torch.long)
             batch_size = 1
         batch_size = _batch_size(batch, batch_size)
+        # the mean below runs before normalize_masked checks the batch vector: check it first, against
+        # the nodes' own shape (which the error repeats), and index with it as the other twins take it
+        check_segment_ids(x, "[n] ...", batch, batch_size)
+        batch = batch.long()
         # PyG's broadcasting takes nodes of any shape (n, ..., c) and (n,), one column per feature,
         # and stretches a single column (n, 1) across the parameters' channels
         if x.dim() > 1:
@@ -270,8 +274,6 @@ class GraphNorm(nn.Module):
         x = x.reshape(shape[0], math.prod(features))
         weight, bias, mean_scale = (torch.broadcast_to(p, features).reshape(-1)
                                     for p in (self.weight, self.bias, self.mean_scale))
-        # the mean below runs before normalize_masked checks the batch vector: check it first
-        check_segment_ids(x, "[n] c", batch, batch_size)
         # PyG's output dtype, but the mean and the centering in at least float32: PyG sums
         # bfloat16/float16 nodes in their own dtype, which costs float32 outputs two digits
         dtype = x.dtype
