@@ -461,8 +461,10 @@ class GroupNorm(_Twin, nn.GroupNorm):
             if y is not None:
                 return y
         path = _choose_path(input, has_native=True)
-        if (path == "native" or input.dim() < 2 or input.shape[1] != self.num_channels
+        if (path == "native" or input.dim() < 2 or input.shape[1] != self.num_channels or 0 in input.shape[1:]
                 or _params_misfit(self, (self.num_channels,)) or _dtypes_refused(input, self.weight, self.bias)):
+            # (no channels or no positions, on a forced path too: torch 2.14 refuses them, where
+            # 2.13 gives an empty output; torch's op says which)
             return nn.GroupNorm.forward(self, input)
         return _normalize(torch_layout(input, keeps_channels_last=True), self.weight, self.bias, self._spec, self.eps,
                           path)[0]
