@@ -284,6 +284,32 @@ def test_convert_turns_a_pyg_models_norms_into_twins_that_train_as_pygs(norm, kw
             torch.testing.assert_close(ours.state_dict()[key], value.detach(), msg=key)
 
 
+def test_convert_takes_a_pyg_model_with_lazy_input_channels_and_it_computes_as_the_original():
+    """``GraphSAGE(-1, ...)`` (and ``GCN``, ``GAT``: PyG's lazy ``Linear(-1, ...)``, as
+    ``to_hetero`` models are built) holds parameters whose shape its first forward infers:
+    convert raised torch's "Can't access the shape of an uninitialized parameter" from the
+    layer-norm probe of each such Linear. Their norms are now converted, the Linears left
+    for their first forward, which gives the original's outputs."""
+    from torch_geometric.nn.models import GraphSAGE
+
+    import normlab.torch as nt
+
+    torch.manual_seed(0)
+    theirs = GraphSAGE(-1, 8, 2, out_channels=3, norm="graph_norm")
+    ours = copy.deepcopy(theirs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert nt.convert(ours) is ours
+    assert type(ours.norms[0]) is geometric.GraphNorm
+    x, batch = _graphs(seed=6)
+    edges = torch.randint(0, 12, (2, 24), generator=torch.Generator().manual_seed(6))
+    outputs = []
+    for model in (ours, theirs):
+        torch.manual_seed(1)  # (the lazy Linears draw their initial weights at the first call)
+        outputs.append(model(x.float(), edges, batch=batch, batch_size=6))
+    torch.testing.assert_close(*outputs)
+
+
 def test_instance_norm_twin_in_evaluation_refuses_a_bad_batch_vector_as_in_training():
     """With running statistics in evaluation the twin needs no ids, but PyG's InstanceNorm
     still indexes with them and refuses a bad batch vector (shorter, negative, out of range,

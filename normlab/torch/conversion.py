@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from normlab.torch.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, ChannelsFirstLayerNorm, GroupNorm,
@@ -258,6 +259,12 @@ def _replacement(module: nn.Module, name: str, left_alone: dict, probed: dict) -
         return _convert_lazy(module)
     if cls.__module__.startswith("torch.") and not isinstance(module, _NORM_BASES):
         return None  # (Linear, Dropout, ...: no key to build)
+    if any(is_lazy(t) for t in (*module._parameters.values(), *module._buffers.values())):
+        # shapes that only its first forward infers (PyG's Linear(-1, ...)): nothing to probe
+        if _normalizes_itself(module):
+            left_alone.setdefault(cls.__name__, []).append(name)
+            return module
+        return None
     key = _probe_key(module)
     decision = probed.get(key, _UNSEEN) if key is not None else _UNSEEN
     if decision is _UNSEEN:
