@@ -94,6 +94,35 @@ def test_inductor_compiled_kernel_path_gives_eager_gradients_whatever_the_layout
     torch.testing.assert_close(grads, expected)
 
 
+@pytest.mark.parametrize("pattern, memory_format", [("b c [h w]", torch.contiguous_format),
+                                                    ("[b] c [h w]", torch.channels_last)])
+def test_the_compiled_backward_op_allocates_no_tensor_to_compare_layouts_where_the_gradient_has_x_s(pattern,
+                                                                                                   memory_format):
+    """The op behind torch.compile's backward made a torch.empty_like(x) on every call only
+    to read its strides, which a contiguous or channels_last x already has."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorded(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64).contiguous(memory_format=memory_format)
+    grad_y = torch.randn_like(x)
+    _, mean, rstd = ops._normalize_impl(x, None, None, pattern, None, "", 1e-5, False)
+    with Recorded() as recorded:
+        grad_x, _, _ = ops._normalize_backward_laid_out(grad_y, x, None, mean, rstd, pattern, None, "", 1e-5,
+                                                        False, False)
+    assert torch.ops.aten.empty_like.default not in recorded.ops
+    assert grad_x.stride() == x.stride()
+    expected = ops._normalize_backward_impl(grad_y, x, None, mean, rstd, pattern, None, "", 1e-5, False, False)[0]
+    torch.testing.assert_close(grad_x, expected, rtol=0, atol=0)
+
+
 def test_opcheck_accepts_the_backward_op_where_the_engine_orders_the_gradient_otherwise():
     x = torch.randn(2, 6, 3, 4, dtype=torch.float64)
     _, mean, rstd = ops._normalize_impl(x, None, None, "b [c] h w", None, "", 1e-5, False)

@@ -80,9 +80,12 @@ def _normalize_backward_laid_out(grad_y: Tensor, x: Tensor, weight: Optional[Ten
     outputs. (The eager Function keeps the engine's order: autograd takes any.)"""
     grad_x, grad_w, grad_b = _normalize_backward_impl(grad_y, x, weight, mean, rstd, pattern, params, sizes, eps,
                                                       rms, need_bias)
-    laid_out = torch.empty_like(x)
-    if grad_x.stride() != laid_out.stride():
-        grad_x = laid_out.copy_(grad_x)
+    # (empty_like keeps the strides of a dense x, as a contiguous or channels_last one is: no
+    # tensor needs allocating to compare against where the engine already gave x's)
+    if grad_x.stride() != x.stride() or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        laid_out = torch.empty_like(x)
+        if grad_x.stride() != laid_out.stride():
+            grad_x = laid_out.copy_(grad_x)
     return grad_x, grad_w.contiguous(), grad_b.contiguous()
 
 
