@@ -135,7 +135,7 @@ def test_models_without_transformers_skips_bert_and_llama_with_a_line_saying_why
 
 
 def test_compiled_script_counts_each_case_s_graphs_not_the_run_s_total(monkeypatch, capsys):
-    import torch
+    torch = pytest.importorskip("torch")
     from torch import nn
 
     module = _script("compiled")

@@ -125,7 +125,7 @@ Z = [[-3, 0, 2], [1, -1, 3]]
 
 
 def _torch_gate(s, z, act):
-    import torch
+    torch = pytest.importorskip("torch")
 
     phi = {"silu": torch.nn.functional.silu, "sigmoid": torch.sigmoid, "gelu": torch.nn.functional.gelu}[act]
     return (torch.as_tensor(s, dtype=torch.float64) * phi(torch.as_tensor(z, dtype=torch.float64))).numpy()

@@ -4,9 +4,10 @@ the silu/sigmoid built on it), against torch's float64 functions and autograd.""
 import numba
 import numpy as np
 import pytest
-import torch
 
-from normlab.kernels.gates import logistic_gate32, logistic_gate_derivative32, vector_exp32
+torch = pytest.importorskip("torch")
+
+from normlab.kernels.gates import logistic_gate32, logistic_gate_derivative32, vector_exp32  # noqa: E402
 
 
 @numba.njit

@@ -67,7 +67,7 @@ def test_masked_statistics_broadcast_as_unmasked_ones_do(backend):
 
 def _layer_norm64(x, eps=1e-5):
     """torch's F.layer_norm over the last axis, in float64."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     t = torch.from_numpy(np.asarray(x, np.float64))
     return torch.nn.functional.layer_norm(t, t.shape[-1:], eps=eps).numpy()
@@ -87,7 +87,7 @@ def test_big_endian_input_normalizes_as_numpy_computes_with_it(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_big_endian_gradients_residuals_masks_and_out_are_read_by_value(backend):
-    import torch
+    torch = pytest.importorskip("torch")
 
     rng = np.random.default_rng(4)
     x, r, g = (rng.standard_normal((3, 5)) for _ in range(3))
@@ -139,7 +139,7 @@ def test_a_numpy_complex_eps_or_weight_offset_is_refused_as_a_python_complex_is(
 
 @pytest.mark.parametrize("offset", [np.float32(0.0), np.array(0.0), np.float64(1.0), np.array(1.0), 1])
 def test_a_weight_offset_given_as_a_numpy_number_is_gemmas_one_plus_weight(offset):
-    import torch
+    torch = pytest.importorskip("torch")
 
     rng = np.random.default_rng(6)
     x, w = rng.standard_normal((2, 6)), rng.standard_normal(6)
@@ -166,7 +166,7 @@ def test_fused_backward_refuses_a_complex_gradient_as_the_plain_one_does(backend
 def test_a_read_only_running_buffer_is_refused_before_either_buffer_moves():
     """Training writes both buffers in place: a read-only one is refused up front, so the
     other is not left half updated; in evaluation a read-only buffer is only read, as in torch."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     x = np.random.default_rng(8).standard_normal((4, 3, 5))
     for frozen in ("mean", "var"):
@@ -210,7 +210,7 @@ def test_arguments_torch_refuses_are_input_errors_naming_the_input(call):
 @pytest.mark.parametrize("training", [np.True_, 1, True])
 def test_numpy_and_integer_flags_train_as_true_does(training):
     """np.True_ and 1 are taken as True (as normalize takes its flags); the oracle is torch with True."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     x = np.random.default_rng(10).standard_normal((4, 3, 5))
     running_mean, running_var = np.zeros(3), np.ones(3)
@@ -296,7 +296,7 @@ def test_a_bad_modulation_is_named_as_modulation_not_params(modulation, says):
 ], ids=["x", "weight", "grad_y", "functional", "functional ragged"])
 def test_a_tensor_that_requires_grad_is_an_input_error_that_says_detach(call):
     """torch refuses .numpy() of such a tensor with a RuntimeError; normlab passes its advice on in an InputError."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     t = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
     with pytest.raises(InputError, match=r"cannot be read as an array \((Can't call numpy\(\).*detach|setting)"):
@@ -360,7 +360,7 @@ def test_functional_batch_norm_checks_its_mask_before_counting_with_it(mask, err
 
 
 def test_functional_batch_norm_with_a_broadcast_mask_trains_as_torch_on_the_counted_values():
-    import torch
+    torch = pytest.importorskip("torch")
 
     x = np.random.default_rng(20).standard_normal((3, 4, 6))
     mask = np.arange(6) < 4  # the last two positions are padding

@@ -18,7 +18,8 @@ import sys
 import weakref
 
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 
 pytest.importorskip("transformers")
 from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1RMSNormGated  # noqa: E402
