@@ -162,6 +162,32 @@ def test_a_model_of_twins_exports_with_a_dynamic_node_count_as_pygs_does():
         torch.testing.assert_close(exported(*inputs), theirs(*inputs))
 
 
+def test_a_model_of_twins_exports_with_a_dynamic_graph_count_as_pygs_does():
+    """torch.export with the number of graphs (``batch_size``) as ``Dim.DYNAMIC`` beside a
+    dynamic node count, as PyG's layers export; the twins read it with int(), which
+    specialized it ("You marked L['size'] as dynamic but your code specialized it")."""
+    class Model(torch.nn.Module):
+        def __init__(self, norms):
+            super().__init__()
+            self.instance, self.layer, self.graph_norm = norms.InstanceNorm(5), norms.LayerNorm(5), norms.GraphNorm(5)
+
+        def forward(self, x, batch, size: int):
+            return self.graph_norm(self.layer(self.instance(x, batch, size), batch, size), batch, size)
+
+    ours, theirs = Model(geometric).double().eval(), Model(pyg_norm).double().eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    x, batch = _graphs(seed=3)
+    nodes = torch.export.Dim("nodes", min=2)
+    exported = torch.export.export(ours, (x, batch, 6),
+                                   dynamic_shapes=({0: nodes}, {0: nodes}, torch.export.Dim.DYNAMIC)).module()
+    more, ids = _more_graphs()
+    for inputs in ((x, batch, 6), (more, ids, 9)):
+        torch.testing.assert_close(exported(*inputs), theirs(*inputs))
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_traced_model_of_twins_saves_loads_and_freezes_with_pygs_outputs_at_another_node_count():
     """torch.jit.trace, then torch.jit.save and load, and torch.jit.freeze in evaluation, as

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from normlab.torch import geometric_script as script
 from normlab.torch.compute import _dtypes_refused, normalize
-from normlab.torch.masked import _run_masked, check_segment_ids, normalize_masked, vmapped_ids_need_a_count
+from normlab.torch.masked import (_count, _run_masked, check_segment_ids, normalize_masked,
+                                  vmapped_ids_need_a_count)
 from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx
 from normlab.torch.modules import BatchNorm1d
 from normlab.torch.ops import _vmapped
@@ -34,7 +35,7 @@ __all__ = ["InstanceNorm", "LayerNorm", "GraphNorm", "BatchNorm"]
 def _batch_size(batch: Tensor, batch_size: Optional[int]) -> int:
     if batch_size is None and _vmapped(batch):
         raise RuntimeError(vmapped_ids_need_a_count("batch_size"))
-    return int(batch.max()) + 1 if batch_size is None else int(batch_size)
+    return int(batch.max()) + 1 if batch_size is None else _count(batch_size)
 
 
 def _recorded() -> bool:

@@ -85,6 +85,12 @@ def _hints(shape) -> tuple[int, ...]:
     return tuple(size if isinstance(size, int) else optimization_hint(size) for size in shape)
 
 
+def _count(n) -> int:
+    """``n`` as an int, a symbolic one (``torch.export`` with ``Dim.DYNAMIC``) as it is:
+    ``int()`` would specialize it to its value."""
+    return n if isinstance(n, torch.SymInt) else int(n)
+
+
 def _hinted_plan(pattern, shape, params, sizes):
     """The plan of an input of ``shape`` (maybe symbolic), planned on its hints."""
     return make_plan(pattern, _hints(shape), params, sizes=_sizes_dict(sizes))
@@ -466,7 +472,7 @@ def _run_masked(x: Tensor, spec: Spec, weight: Optional[Tensor], bias: Optional[
                                        then))
     xs = [None if t is None else (t.float() if low else t) for t in (x, weight, bias)]
     args = (xs[0].contiguous(), xs[1], xs[2], mask, None if segment_ids is None else segment_ids.long(), spec.pattern,
-            spec.params, spec.sizes, float(eps), spec.rms, -1 if num_segments is None else int(num_segments),
+            spec.params, spec.sizes, float(eps), spec.rms, -1 if num_segments is None else _count(num_segments),
             segment_axis)
     eager = not torch.compiler.is_compiling() and all(
         t is None or type(t) in (Tensor, torch.nn.Parameter) for t in args[:5])
