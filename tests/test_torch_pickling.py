@@ -85,3 +85,19 @@ def test_normlabs_own_modules_save_and_load_after_running(build, inputs):
     loaded = _save_and_load(module)
     expected, actual = module(*args), loaded(*args)
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_a_layer_norm_parametrized_then_converted_saves_once_its_parametrization_is_removed():
+    # torch.nn.utils.parametrize makes the module's class at run time, which pickle cannot find
+    from torch.nn.utils import parametrize
+
+    model = _MODELS["LayerNorm"]()
+    parametrize.register_parametrization(model[1], "weight", torch.nn.Identity())
+    nt.convert(model)
+    parametrize.remove_parametrizations(model[1], "weight")
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = _input("LayerNorm")
+    assert type(loaded[1]) is nt.LayerNorm and torch.equal(loaded(x), model(x))

@@ -274,7 +274,10 @@ def _replacement(module: nn.Module, name: str, left_alone: dict, probed: dict) -
     if decision is _LEFT_ALONE:
         left_alone.setdefault(cls.__name__, []).append(name)
         return module
-    return None if decision is None else twin_of(module, decision[0], _original_class=cls, **decision[1])
+    if decision is None:
+        return None
+    original = cls.__bases__[0] if parametrize.is_parametrized(module) else cls  # (parametrize's is made at run time)
+    return twin_of(module, decision[0], _original_class=original, **decision[1])
 
 
 _UNSEEN, _LEFT_ALONE = object(), object()
