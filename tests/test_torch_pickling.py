@@ -101,3 +101,30 @@ def test_a_layer_norm_parametrized_then_converted_saves_once_its_parametrization
     loaded = torch.load(buffer, weights_only=False)
     x = _input("LayerNorm")
     assert type(loaded[1]) is nt.LayerNorm and torch.equal(loaded(x), model(x))
+
+
+def test_a_model_whose_rms_norm_class_is_defined_in_a_function_saves_once_converted():
+    # a user's own RMSNorm, written in a function as in a notebook or a test: the model holding it
+    # cannot be pickled, the converted model (a normlab RMSNorm in its place) can, and loads
+    class RMSNorm(torch.nn.Module):  # transformers' LlamaRMSNorm
+        def __init__(self, n, eps=1e-6):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(n))
+            self.variance_epsilon = eps
+
+        def forward(self, x):
+            dtype = x.dtype
+            x = x.to(torch.float32)
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return self.weight * x.to(dtype)
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), RMSNorm(8))
+    x = _input("RMSNorm")
+    expected = model(x)
+    nt.convert(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded[1]) is nt.RMSNorm
+    torch.testing.assert_close(loaded(x), expected)

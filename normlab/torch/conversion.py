@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import pickle
 import re
 import warnings
 from typing import Callable, Optional
@@ -144,6 +145,17 @@ class _InitAsOriginal:
             stand_in.__dict__.update(module.__dict__)
             module = stand_in
         return type(self.model)._init_weights(self.model, module)
+
+
+def _named_class(cls: type) -> Optional[type]:
+    """``cls``, to record on its twin, where pickle finds it by name; None for a class made at
+    run time (parametrize's; its first base is named) or defined in a function, which would
+    make ``torch.save(model)`` of the converted model fail where it worked before."""
+    try:
+        pickle.dumps(cls)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return None
+    return cls
 
 
 def _keep_original_init(model: nn.Module) -> None:
@@ -276,8 +288,8 @@ def _replacement(module: nn.Module, name: str, left_alone: dict, probed: dict) -
         return module
     if decision is None:
         return None
-    original = cls.__bases__[0] if parametrize.is_parametrized(module) else cls  # (parametrize's is made at run time)
-    return twin_of(module, decision[0], _original_class=original, **decision[1])
+    original = _named_class(cls.__bases__[0] if parametrize.is_parametrized(module) else cls)
+    return twin_of(module, decision[0], **decision[1], **({} if original is None else {"_original_class": original}))
 
 
 _UNSEEN, _LEFT_ALONE = object(), object()

@@ -33,7 +33,7 @@ from typing import Optional
 
 from torch import nn
 
-from normlab.torch.conversion import rebind_hooks
+from normlab.torch.conversion import _named_class, rebind_hooks
 from normlab.torch.fused import FusedAddRMSNorm
 from normlab.torch.modules import RMSNorm
 
@@ -258,7 +258,9 @@ def _fused_norm(norm: nn.Module, recipe) -> FusedAddRMSNorm:
     fused.hidden_size = norm.weight.shape[0]
     fused.eps, fused.casting, fused.weight_offset = eps, casting, offset
     fused.weight = norm.weight  # the same Parameter object
-    fused._original_class = getattr(norm, "_original_class", type(norm))  # (what transformers' init reads)
+    original = getattr(norm, "_original_class", None) or _named_class(type(norm))  # (what transformers' init reads)
+    if original is not None:
+        fused._original_class = original
     fused.train(norm.training)
     fused._init_block()
     for name, hooks in vars(norm).items():  # its hooks (forward, backward, state_dict, ...) go along,
