@@ -162,6 +162,33 @@ def test_a_model_of_twins_exports_with_a_dynamic_node_count_as_pygs_does():
         torch.testing.assert_close(exported(*inputs), theirs(*inputs))
 
 
+@pytest.mark.parametrize("name", ["instance", "layer_graph", "graph"])
+def test_compiled_with_fullgraph_a_twin_without_a_batch_size_is_one_graph_as_pygs_layer_is(name):
+    """torch.compile(fullgraph=True, dynamic=True) of a twin called without ``batch_size``
+    (PyG's models pass none unless asked), on 2, 3 and 4 graphs: one graph, PyG's outputs and
+    node gradients, as PyG's own layer compiles; the check for ids batched by vmap, a call
+    Dynamo cannot trace, refused the graph ("Attempted to call function marked as skipped"),
+    and the fake kernel compared the count read from the ids with -1, a guard on data."""
+    from torch._dynamo.testing import CompileCounter
+
+    ours, theirs = _randomized_pair(name)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend=counter, dynamic=True, fullgraph=True)
+    g = torch.Generator().manual_seed(7)
+    for graphs in (2, 3, 4):
+        x = torch.randn(3 * graphs, 5, generator=g, dtype=torch.float64)
+        batch = torch.arange(3 * graphs) % graphs
+        results = []
+        for layer in (compiled, theirs):
+            nodes = x.clone().requires_grad_()
+            y = layer(nodes, batch)
+            y.backward(torch.ones_like(y).cumsum(0))
+            results.append((y.detach(), nodes.grad))
+        torch.testing.assert_close(results[0], results[1])
+    assert counter.frame_count == 1
+
+
 def test_a_model_of_twins_exports_with_a_dynamic_graph_count_as_pygs_does():
     """torch.export with the number of graphs (``batch_size``) as ``Dim.DYNAMIC`` beside a
     dynamic node count, as PyG's layers export; the twins read it with int(), which

@@ -33,7 +33,8 @@ __all__ = ["InstanceNorm", "LayerNorm", "GraphNorm", "BatchNorm"]
 
 
 def _batch_size(batch: Tensor, batch_size: Optional[int]) -> int:
-    if batch_size is None and _vmapped(batch):
+    # (not while compiling: Dynamo cannot trace the check, and would refuse a fullgraph for it)
+    if batch_size is None and not torch.compiler.is_compiling() and _vmapped(batch):
         raise RuntimeError(vmapped_ids_need_a_count("batch_size"))
     return int(batch.max()) + 1 if batch_size is None else _count(batch_size)
 

@@ -104,9 +104,12 @@ def _refuse_misfits(x, mask, segment_ids, pattern, params, sizes, num_segments, 
     stand_ins = {"mask": None if mask is None else np.broadcast_to(np.True_, _hints(mask.shape))}
     if segment_ids is not None:
         # (the count as its hint: make_grouping's int check would specialize a symbolic one,
-        # and torch.compile(dynamic=True) recompile for each number of graphs)
+        # and torch.compile(dynamic=True) recompile for each number of graphs; only a plain int
+        # is the -1 for "none given": comparing an unbacked count, max(ids) + 1 read under
+        # capture_scalar_outputs, would guard on data)
+        given = not (isinstance(num_segments, int) and num_segments < 0)
         stand_ins.update(segment_ids=np.zeros(_hints(segment_ids.shape), np.int64), segment_axis=segment_axis,
-                         num_segments=None if num_segments < 0 else _hints((num_segments,))[0])
+                         num_segments=_hints((num_segments,))[0] if given else None)
     try:
         make_grouping(plan, **stand_ins)
     except (ShapeError, ParamsError) as error:
