@@ -202,17 +202,41 @@ OPTIONAL_FOR_TESTS = sorted({re.match(r"[\w-]+", requirement).group().replace("-
     "pytest", "pytest_xdist", "hypothesis"})
 
 
+def _pytest_without(packages, *args):
+    """pytest in a subprocess where ``packages`` fail to import, as where they are not installed."""
+    absent = "; ".join(f"sys.modules[{name!r}] = None" for name in packages)
+    return _python("-c", f"import sys; {absent}; import pytest; "
+                   f"sys.exit(pytest.main(['-q', '-n', '0', '-p', 'no:cacheprovider', *{list(args)!r}]))")
+
+
 @pytest.mark.slow
 def test_the_suite_is_collected_without_error_where_the_test_extra_s_packages_do_not_import():
     """A NumPy-only install could not collect the suite: test_fused_gate32,
     test_torch_fused_half and test_torch_fused_small imported torch at their top, and the
     torch tests' helpers (collected for doctests) did too. Here every package of the test
     extra but pytest's fails to import, as there, and the suite must collect cleanly."""
-    absent = "; ".join(f"sys.modules[{name!r}] = None" for name in OPTIONAL_FOR_TESTS)
-    result = _python("-c", f"import sys; {absent}; import pytest; sys.exit(pytest.main("
-                     "['--collect-only', '-q', '-n', '0', '-p', 'no:cacheprovider']))")
+    result = _pytest_without(OPTIONAL_FOR_TESTS, "--collect-only")
     assert result.returncode == 0 and " error" not in result.stdout, result.stdout[-3000:]
     assert re.search(r"^\d+ tests collected", result.stdout.splitlines()[-1]), result.stdout[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("torch_imports, tests", [
+    (False, ["tests/test_numpy_corners.py::test_big_endian_input_normalizes_as_numpy_computes_with_it",
+             "tests/test_numpy_corners.py::test_numpy_and_integer_flags_train_as_true_does",
+             "tests/test_bench_cli.py::test_a_group_whose_engine_does_not_import_is_refused_with_an_install_hint",
+             "tests/test_newcomer.py::test_the_torch_the_tests_pin_is_one_the_extras_admit"]),
+    (True, ["tests/test_torch_features.py::test_rms_norm_exports_with_the_torchscript_exporter_as_plain_onnx_ops",
+            "tests/test_bench_scripts.py::test_models_option_picks_the_models_the_readme_names"]),
+], ids=["numpy only", "torch without the rest"])
+def test_tests_that_need_a_package_of_the_test_extra_skip_where_it_does_not_import(torch_imports, tests):
+    """These failed there on ModuleNotFoundError (torch as the oracle of NumPy tests; onnx,
+    transformers beside torch) or on the missing torch's message in place of the one they
+    expect."""
+    result = _pytest_without([name for name in OPTIONAL_FOR_TESTS if not (torch_imports and name == "torch")],
+                             *tests)
+    summary = result.stdout.splitlines()[-1]
+    assert result.returncode == 0 and "failed" not in summary and "skipped" in summary, result.stdout[-3000:]
 
 
 # --- the README and the help text speak to users ---------------------------------------------

@@ -170,8 +170,8 @@ def test_torch_export_with_a_dynamic_batch_gives_torch_nn_outputs_at_other_sizes
 
 
 def _onnx_run(model, x, dynamo: bool, tmp_path):
-    import onnx
-    import onnxruntime
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
 
     path = os.fspath(tmp_path / f"model{int(dynamo)}.onnx")
     torch.onnx.export(model, (x,), path, dynamo=dynamo, input_names=["x"])
