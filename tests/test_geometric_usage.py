@@ -189,6 +189,24 @@ def test_compiled_with_fullgraph_a_twin_without_a_batch_size_is_one_graph_as_pyg
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("name", ["InstanceNorm", "GraphNorm"])
+def test_compiled_with_fullgraph_a_wide_twin_without_a_batch_size_checks_no_made_up_graph_count(name):
+    """The same compile on 512 channels: the count read from the ids has no value while
+    tracing, and the fake kernel checked the size of the statistics with torch's made-up
+    hint for it (8193 graphs), refusing 7 nodes as "statistics would hold 4194816 values"."""
+    from torch._dynamo.testing import CompileCounter
+
+    ours, theirs = getattr(geometric, name)(512), getattr(pyg_norm, name)(512)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend=counter, dynamic=True, fullgraph=True)
+    g = torch.Generator().manual_seed(8)
+    for nodes, graphs in ((7, 2), (9, 3)):
+        x, batch = torch.randn(nodes, 512, generator=g), torch.arange(nodes) % graphs
+        torch.testing.assert_close(compiled(x, batch), theirs(x, batch))
+    assert counter.frame_count == 1
+
+
 def test_a_model_of_twins_exports_with_a_dynamic_graph_count_as_pygs_does():
     """torch.export with the number of graphs (``batch_size``) as ``Dim.DYNAMIC`` beside a
     dynamic node count, as PyG's layers export; the twins read it with int(), which

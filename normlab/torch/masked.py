@@ -105,11 +105,11 @@ def _refuse_misfits(x, mask, segment_ids, pattern, params, sizes, num_segments, 
     if segment_ids is not None:
         # (the count as its hint: make_grouping's int check would specialize a symbolic one,
         # and torch.compile(dynamic=True) recompile for each number of graphs; only a plain int
-        # is the -1 for "none given": comparing an unbacked count, max(ids) + 1 read under
-        # capture_scalar_outputs, would guard on data)
-        given = not (isinstance(num_segments, int) and num_segments < 0)
+        # is the -1 for "none given": comparing an unbacked count, max(ids) + 1 read while
+        # compiling, would guard on data; such a count has no value to check, only a made-up hint)
+        known = num_segments.node.has_hint() if isinstance(num_segments, torch.SymInt) else num_segments >= 0
         stand_ins.update(segment_ids=np.zeros(_hints(segment_ids.shape), np.int64), segment_axis=segment_axis,
-                         num_segments=_hints((num_segments,))[0] if given else None)
+                         num_segments=_hints((num_segments,))[0] if known else None)
     try:
         make_grouping(plan, **stand_ins)
     except (ShapeError, ParamsError) as error:
