@@ -253,3 +253,30 @@ def test_inductor_compiled_masked_norm_gives_eager_gradients_with_params_in_anot
     torch._dynamo.reset()
     compiled = torch.compile(lambda x: norm(x, **keywords), fullgraph=True)
     torch.testing.assert_close(torch.autograd.grad(compiled(x), inputs, grad_y), expected)
+
+
+@pytest.mark.parametrize("call", ["normalize_masked", "Norm"])
+def test_compiled_with_fullgraph_segment_ids_without_their_count_are_one_graph(call):
+    """torch.compile(fullgraph=True, dynamic=True) with ``segment_ids`` and no
+    ``num_segments`` (read from the ids, max + 1), on 2, 3 and 4 segments: one graph and the
+    eager outputs; the check for ids batched by vmap, a call Dynamo cannot trace, refused the
+    graph ("Attempted to call function marked as skipped")."""
+    from torch._dynamo.testing import CompileCounter
+
+    from normlab.torch.masked import normalize_masked
+
+    norm = nt.Norm("[n] c")
+
+    def function(x, ids):
+        return normalize_masked(x, "[n] c", segment_ids=ids).y if call == "normalize_masked" else norm(
+            x, segment_ids=ids)
+
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(function, backend=counter, dynamic=True, fullgraph=True)
+    g = torch.Generator().manual_seed(8)
+    for segments in (2, 3, 4):
+        x = torch.randn(3 * segments, 5, generator=g, dtype=torch.float64)
+        ids = torch.arange(3 * segments) % segments
+        torch.testing.assert_close(compiled(x, ids), function(x, ids))
+    assert counter.frame_count == 1

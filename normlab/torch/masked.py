@@ -436,7 +436,8 @@ def _run_masked(x: Tensor, spec: Spec, weight: Optional[Tensor], bias: Optional[
     if segment_ids is not None:
         _check_ids_dtype(x, pattern, segment_ids)
         if num_segments is None:
-            if _vmapped(segment_ids):
+            # (not while compiling: Dynamo cannot trace the check, and would refuse a fullgraph for it)
+            if not torch.compiler.is_compiling() and _vmapped(segment_ids):
                 raise RuntimeError(f"pattern {pattern!r}, input shape {tuple(x.shape)}: "
                                    + vmapped_ids_need_a_count("num_segments"))
             num_segments = int(segment_ids.max()) + 1 if segment_ids.numel() else 0
