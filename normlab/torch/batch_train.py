@@ -26,7 +26,7 @@ from normlab import kernels
 from normlab.kernels import pool
 from normlab.torch.ops import _bias_to_save, _grads_of, _needs_torch_backward, _saved_bias
 from normlab.torch.paths import _needs_torch_ops, _PathSwitch
-from normlab.torch.spec import _ABSENT, affine_parameters, module_cache, tensor_layout
+from normlab.torch.spec import _ABSENT, affine_parameters, module_cache, param_view, tensor_layout
 
 _NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64}
 _MAX_CALLS = 64  # shapes remembered per module
@@ -135,8 +135,8 @@ class TrainStep:
         self.counter = tracked.numpy().reshape(1)  # num_batches_tracked's memory, counted in by the kernel
         channels = call.view[1]
         # the parameters' memory as NumPy sees it (detach().numpy() costs 1.5 µs a call)
-        self.views = (kernels._constant_table((channels,), 1.0) if weight is None else weight.detach().numpy(),
-                      kernels._constant_table((channels,), 0.0) if bias is None else bias.detach().numpy())
+        self.views = (kernels._constant_table((channels,), 1.0) if weight is None else param_view(weight),
+                      kernels._constant_table((channels,), 0.0) if bias is None else param_view(bias))
 
 
 def _checked(weight, bias, running, tracked) -> tuple:
@@ -229,7 +229,7 @@ def _table(param: Optional[Tensor], fill: float, channels: int) -> np.ndarray:
     optimizers') moves no version counter, and the conversion costs a microsecond."""
     if param is None:
         return kernels._constant_table((channels,), fill)
-    return np.asarray(param.detach().numpy(), np.float64)
+    return np.asarray(param_view(param), np.float64)
 
 
 def _tables(weight, bias, channels: int) -> Optional[tuple[np.ndarray, np.ndarray]]:

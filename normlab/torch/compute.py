@@ -20,7 +20,7 @@ from normlab.torch import batch_train, row_autograd
 from normlab.torch.ops import _EagerNormalize, _functorch_active, _is_eager, _normalize_op, _vmapping
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
 from normlab.torch.spec import (PlanFacts, Spec, _dense_perm, _empty_like_dense, _engine_view, _has_gaps,
-                                affine_parameters, module_buffer, module_cache, torch_layout)
+                                affine_parameters, module_buffer, module_cache, param_view, torch_layout)
 
 
 def _in_compute_dtype(compute):
@@ -303,7 +303,7 @@ def _folded(module, dtype) -> tuple:
     to which C divisions cost nothing, and a kept copy would miss a write through
     ``tensor.data`` (which moves no version counter)."""
     tensors = (module.running_mean, module.running_var, module.weight, module.bias)
-    arrays = [None if t is None else t.detach().double().numpy() for t in tensors]
+    arrays = [None if t is None else param_view(t.double()) for t in tensors]
     return kernels.fold_scale_shift(*arrays, module.eps, np.float32 if dtype == torch.float32 else np.float64)
 
 

@@ -40,7 +40,8 @@ from normlab.torch import casting as recipes
 from normlab.torch.compute import _dtypes_refused
 from normlab.torch.ops import _grads_of, _needs_torch_backward
 from normlab.torch.paths import _exporting_to_onnx, _needs_torch_ops, _small_forward_fits
-from normlab.torch.spec import Unscriptable, parametrizations_computed, refuse_non_tensor, rms_default_eps
+from normlab.torch.spec import (Unscriptable, param_view, parametrizations_computed, refuse_non_tensor,
+                               rms_default_eps)
 
 __all__ = ["CASTINGS", "fused_normalize", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm"]
 
@@ -88,6 +89,14 @@ def _numpy(t: Optional[Tensor]):
     return t.detach().numpy()
 
 
+def _param_numpy(t: Optional[Tensor]):
+    """A parameter's memory as :func:`_numpy` gives it, its storage left resizable
+    (:func:`~normlab.torch.spec.param_view`)."""
+    if t is not None and t.dtype == torch.bfloat16:
+        return param_view(t.detach().view(torch.int16)).view(np.uint16)
+    return param_view(t)
+
+
 def _from_rows(a: np.ndarray, shape, dtype: torch.dtype) -> Tensor:
     """A kernel's output rows as a tensor of ``shape`` (``uint16`` rows as bfloat16)."""
     if dtype == torch.bfloat16:
@@ -104,7 +113,7 @@ class _FusedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, gate, weight, bias, scale, shift, block: Block):
-        result = fused.normalize(_numpy(x), block.pattern, weight=_numpy(weight), bias=_numpy(bias),
+        result = fused.normalize(_numpy(x), block.pattern, weight=_param_numpy(weight), bias=_param_numpy(bias),
                                  residual=_numpy(residual), gate=_numpy(gate), scale=_numpy(scale),
                                  shift=_numpy(shift), return_stats=True, **block.keywords())
         if residual is not None:
@@ -138,7 +147,7 @@ class _FusedFunction(torch.autograd.Function):
             return _composite_backward(block, (total, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
         has_residual, _, _, has_bias, _, _ = ctx.has
         grads = fused.normalize_backward(
-            grad_y.numpy(), total.numpy(), block.pattern, weight=_numpy(weight), bias=_numpy(bias),
+            grad_y.numpy(), total.numpy(), block.pattern, weight=_param_numpy(weight), bias=_param_numpy(bias),
             gate=_numpy(gate), scale=_numpy(scale), shift=_numpy(shift),
             grad_sum=_numpy(grad_total) if has_residual else None, mean=_numpy(mean), rstd=_numpy(rstd),
             **dict(block.keywords(), params=block.params if (weight is not None or has_bias) else None))
@@ -256,7 +265,7 @@ def _recipe_parameters(block: Block, recipe: int, weight, bias, scale, shift) ->
     with torch.no_grad():
         weight = None if weight is None else recipes._scale(weight.to(work), block.weight_offset)
         scale = None if scale is None else 1 + scale.to(work)
-        return tuple(None if t is None else t.detach().to(torch.float64).numpy() for t in (weight, bias, scale, shift))
+        return tuple(None if t is None else param_view(t.to(torch.float64)) for t in (weight, bias, scale, shift))
 
 
 _ACTIVATIONS = {"silu": torch.nn.functional.silu, "sigmoid": torch.sigmoid, "gelu": torch.nn.functional.gelu}
@@ -528,7 +537,7 @@ class _Call:
     def tables(self, weight, bias, scale, shift):
         recipe = getattr(self.layout, "recipe", 0)  # (bfloat16 rows: the parameters as the recipe rounds them)
         params = (_recipe_parameters(self.block, recipe, weight, bias, scale, shift) if recipe
-                  else [None if t is None else t.detach().numpy() for t in (weight, bias, scale, shift)])
+                  else [param_view(t) for t in (weight, bias, scale, shift)])
         plans = (self.plan, self.plan, self.mod_plan, self.mod_plan)
         return self.layout.tables(*(None if p is None else plan.expand_params(p.astype(np.float64, copy=False))
                                     for p, plan in zip(params, plans)), as_given=bool(recipe))

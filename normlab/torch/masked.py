@@ -22,7 +22,7 @@ from normlab.plan import make_plan, merge_sizes
 from normlab.torch.compute import _fake
 from normlab.torch.ops import _functorch_active, _grads_of, _needs_torch_backward, _spec_of, _vmapped
 from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx
-from normlab.torch.spec import Spec, _sizes_dict
+from normlab.torch.spec import Spec, _sizes_dict, param_view
 
 __all__ = ["normalize_masked", "MaskedResult", "check_segment_ids"]
 
@@ -157,7 +157,7 @@ def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], m
     """``(y, mean, rstd, count)``: statistics float64 (mean 0 for RMS), count int64."""
     try:
         y, stats = core.normalize_with_stats(
-            _numpy(x), pattern, weight=_numpy(weight), bias=_numpy(bias), params=params, eps=eps, rms=rms,
+            _numpy(x), pattern, weight=param_view(weight), bias=param_view(bias), params=params, eps=eps, rms=rms,
             **_grouping_kwargs(mask, segment_ids,
                                num_segments, segment_axis),
             sizes=_sizes_dict(sizes))
@@ -186,7 +186,7 @@ def _backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], mask: Op
                    need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_x, grad_weight, grad_bias)``; a gradient not asked for is an empty tensor."""
     grad_x, grad_w, grad_b = core.normalize_backward(
-        _numpy(grad_y), _numpy(x), pattern, weight=_numpy(weight),
+        _numpy(grad_y), _numpy(x), pattern, weight=param_view(weight),
         params=params if (weight is not None or need_bias) else None, eps=eps, rms=rms,
         mean=None if rms else mean.numpy(), rstd=rstd.numpy(),
         **_grouping_kwargs(mask, segment_ids,

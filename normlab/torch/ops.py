@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from normlab import core
 from normlab.plan import make_plan
-from normlab.torch.spec import _dense_perm, _empty_like_dense, _engine_view, _inverse, _layout, _sizes_dict
+from normlab.torch.spec import (_dense_perm, _empty_like_dense, _engine_view, _inverse, _layout, _sizes_dict,
+                                param_view)
 
 
 def _normalize_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pattern: str,
@@ -24,8 +25,7 @@ def _normalize_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     y = _empty_like_dense(x, perm)
     _, stats = core.normalize_with_stats(
         _engine_view(x, perm), layout.pattern, params=params, eps=eps, rms=rms, out=_engine_view(y, perm),
-        weight=None if weight is None else weight.detach().numpy(),
-        bias=None if bias is None else bias.detach().numpy(), sizes=_sizes_dict(sizes))
+        weight=param_view(weight), bias=param_view(bias), sizes=_sizes_dict(sizes))
     rstd = stats.rstd if perm is None else stats.rstd.transpose(layout.stats_order)
     if rms:
         mean = np.zeros(rstd.shape)
@@ -58,7 +58,7 @@ def _normalize_backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor]
         mean_np, rstd_np = mean_np.transpose(layout.expanded_order), rstd_np.transpose(layout.expanded_order)
     grad_x, grad_w, grad_b = core.normalize_backward(
         _engine_view(grad_y, perm), _engine_view(x, perm), layout.pattern,
-        weight=None if weight is None else weight.detach().numpy(),
+        weight=param_view(weight),
         params=params if (weight is not None or need_bias) else None, eps=eps, rms=rms,
         mean=None if rms else mean_np, rstd=rstd_np, sizes=_sizes_dict(sizes))
     grad_x = torch.from_numpy(grad_x)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from normlab.torch.ops import (_bias_to_save, _differentiable_backward, _is_layer_norm, _needs_torch_backward,
                                _saved_bias, _spec_of)
-from normlab.torch.spec import tensor_layout
+from normlab.torch.spec import param_view, tensor_layout
 
 _EAGER_PARAMS = (type(None), Tensor, nn.Parameter)
 
@@ -88,7 +88,7 @@ class ParamTables:
             # with same_dtype, other dtypes take the full path (torch refuses float32 input with
             # float64 weights)
             return None
-        arrays = (None if weight is None else weight.detach().numpy(), None if bias is None else bias.detach().numpy())
+        arrays = (param_view(weight), param_view(bias))
         tables = self.forward.tables(*arrays)
         if tables is not None and self.forward.tables_are_views(tables, *arrays):
             self.held = (weight, None if weight is None else tensor_layout(weight), _version_of(weight),
@@ -129,7 +129,7 @@ class _RowFunction(torch.autograd.Function):
             # the saved weight is not the forward's memory, which the table may read: a copy
             # that allow_mutation_on_saved_tensors kept before an in-place change, or one a
             # saved-tensor hook gave back; its values are the forward's
-            weight_table = call.forward.tables(weight.detach().numpy(), None)[0]
+            weight_table = call.forward.tables(param_view(weight), None)[0]
         if _needs_torch_backward(grad_y):  # create_graph=True, or batched gradients
             ctx.arguments = (*call.arguments[:3], eps, call.arguments[3])  # as _differentiable_backward reads them
             return (*_differentiable_backward(ctx, grad_y, x, weight, _saved_bias(ctx, bias))[:3], None, None, None)

@@ -284,6 +284,43 @@ def _engine_view(t: Tensor, perm) -> np.ndarray:
     return (t if perm is None else t.permute(perm)).numpy()
 
 
+class _TensorMemory:
+    """A tensor's memory as NumPy reads it (``__array_interface__``); the array keeps it
+    as its base, and so keeps the tensor's storage alive."""
+
+    __slots__ = ("tensor", "__array_interface__")
+
+
+_TYPESTR = {dtype: np.dtype(numpy_dtype).str for dtype, numpy_dtype in
+            ((torch.float16, np.float16), (torch.float32, np.float32), (torch.float64, np.float64),
+             (torch.int16, np.int16))}
+
+
+def param_view(t: Optional[Tensor]) -> Optional[np.ndarray]:
+    """A NumPy view of a CPU parameter's memory that leaves its storage resizable (None
+    stays None). ``Tensor.numpy()`` marks the storage non-resizable for good, and FSDP2
+    (``fully_shard``) frees and refills its unsharded parameters' storage with
+    ``resize_`` around each forward and backward, which then raises. Such memory may move
+    between calls: a view kept that long is checked with :func:`tensor_layout` first.
+
+    >>> w = torch.ones(3, requires_grad=True)
+    >>> param_view(w)[1] = 2.0
+    >>> w.detach(), w.untyped_storage().resizable()
+    (tensor([1., 2., 1.]), True)
+    """
+    if t is None:
+        return None
+    t = t.detach()
+    typestr = _TYPESTR.get(t.dtype)
+    if typestr is None or type(t) is not Tensor or not t.is_cpu or t.numel() == 0:
+        return t.numpy()  # (which raises where NumPy cannot read the tensor; an empty one has no memory to free)
+    memory = _TensorMemory()
+    memory.tensor = t
+    memory.__array_interface__ = {"data": (t.data_ptr(), False), "shape": tuple(t.shape), "typestr": typestr,
+                                  "strides": tuple(s * t.itemsize for s in t.stride()), "version": 3}
+    return np.asarray(memory)
+
+
 def _inverse(perm):
     return tuple(int(i) for i in np.argsort(perm))
 

@@ -1,0 +1,108 @@
+"""The twins inside torch's distributed wrappers beyond DistributedDataParallel, on CPU with
+gloo: FSDP2 (``fully_shard``) frees and refills its unsharded parameters' storage around
+every forward and backward. Oracle: the same model with torch.nn's norms under the same
+wrapper."""
+
+import copy
+import socket
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+import normlab.torch as nt  # noqa: E402
+from tests.twins import randomized_pair  # noqa: E402
+
+# (class, constructor arguments, input shape, keyword arguments of the call)
+CASES = [
+    ("LayerNorm", (8,), (4, 3, 8), {}),
+    ("RMSNorm", (8,), (4, 3, 8), {}),
+    ("GroupNorm", (2, 8), (4, 8, 3), {}),
+    ("BatchNorm2d", (8,), (4, 8, 3, 3), {}),
+    ("InstanceNorm1d", (8, 1e-5, 0.1, True), (4, 8, 3), {}),
+    ("LayerNorm", (8,), (4, 3, 8), {"mask": torch.ones(4, 3, 1, dtype=torch.bool)}),
+]
+IDS = ["LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm2d", "InstanceNorm1d", "LayerNorm_masked"]
+
+
+def _refill(module, seed: int) -> None:
+    """What FSDP2 does to a parameter between calls: its storage freed (``resize_(0)``),
+    allocated again and filled with the gathered values, its version counter kept."""
+    generator = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        storage = p.untyped_storage()
+        size = storage.nbytes()
+        with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(p):
+            storage.resize_(0)
+            storage.resize_(size)
+            p.copy_(torch.rand(p.shape, generator=generator, dtype=p.dtype) + 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("cls_name, args, shape, kwargs", CASES, ids=IDS)
+def test_parameters_freed_and_refilled_between_calls_as_fsdp2_does_give_torch_nns_results(cls_name, args, shape,
+                                                                                        kwargs, dtype):
+    torch.manual_seed(0)
+    reference, twin = randomized_pair(cls_name, args, dtype)
+    for step in range(3):
+        x = torch.randn(shape, dtype=dtype) * 2 + 1
+        x_ref, x_twin = x.clone().requires_grad_(), x.clone().requires_grad_()
+        expected, y = reference(x_ref), twin(x_twin, **kwargs)
+        torch.testing.assert_close(y, expected)
+        grad_y = torch.randn_like(y)
+        torch.testing.assert_close(torch.autograd.grad(y, [x_twin, *twin.parameters()], grad_y),
+                                   torch.autograd.grad(expected, [x_ref, *reference.parameters()], grad_y))
+        # (torch.nn's parameters refilled alike, so that both hold the same values)
+        _refill(twin, step)
+        _refill(reference, step)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _model():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+        torch.nn.GroupNorm(2, 8), torch.nn.Flatten(), torch.nn.Linear(8 * 2 * 2, 8), torch.nn.LayerNorm(8),
+        torch.nn.Linear(8, 4), torch.nn.Unflatten(1, (1, 4)), torch.nn.RMSNorm(4))
+
+
+def _train_under_fully_shard_as_torch_nn(rank: int, port: int):
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        reference = _model()
+        model = nt.convert(copy.deepcopy(reference))
+        for m in (reference, model):
+            for layer in (m[0], m[1], m[4], m[7]):  # (each resharded after its forward)
+                fully_shard(layer)
+            fully_shard(m)
+        optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (reference, model)]
+        for step in range(3):
+            x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(10 * step + rank))
+            outputs = []
+            for m, optimizer in zip((reference, model), optimizers):
+                optimizer.zero_grad()
+                y = m(x)
+                y.square().mean().backward()
+                optimizer.step()
+                outputs.append(y.detach())
+            torch.testing.assert_close(outputs[1], outputs[0], msg=lambda m: f"step {step}: {m}")
+        for (name, value), expected in zip(model.state_dict().items(), reference.state_dict().values()):
+            if hasattr(value, "full_tensor"):
+                value, expected = value.full_tensor(), expected.full_tensor()
+            torch.testing.assert_close(value, expected, msg=lambda m: f"{name}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_converted_model_trains_under_fully_shard_over_two_gloo_processes_as_torch_nn():
+    mp.spawn(_train_under_fully_shard_as_torch_nn, args=(_free_port(),), nprocs=2, join=True)
