@@ -7,8 +7,11 @@ configs, run unconverted on the same inputs with torch's autograd through them; 
 norm, which rounds its own way, is held to torch's float64 layer norm instead."""
 
 import copy
+import gc
 import importlib
+import io
 import warnings
+import weakref
 
 import pytest
 
@@ -457,3 +460,26 @@ def test_a_qwen3_next_built_on_the_meta_device_then_converted_gets_the_original_
     assert isinstance(converted.model.norm, nt.RMSNorm) and not converted.model.norm.weight.any()
     for name, expected in original.state_dict().items():
         assert torch.equal(converted.state_dict()[name], expected), name
+
+
+def test_a_converted_qwen3_next_is_freed_on_del_and_its_copies_initialize_their_own_norms():
+    """``del model`` frees a converted transformers model's parameters at once, as it frees
+    the original's (no cycle left for Python's cyclic collector to find later), and a deep
+    copy or a ``torch.save``/``torch.load`` of it initializes its own norms as the original
+    class does (Qwen3-Next's: zeros), not those of the model it was copied from."""
+    model = nt.convert(tiny_model("qwen3_next"))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for duplicate in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        duplicate.model.norm.weight._is_hf_initialized = False
+        duplicate._init_weights(duplicate.model.norm)
+        assert not duplicate.model.norm.weight.any()
+    assert model.model.norm.weight.any()
+    parameter = weakref.ref(model.model.norm.weight)
+    gc.disable()
+    try:
+        del model
+        assert parameter() is None
+    finally:
+        gc.enable()

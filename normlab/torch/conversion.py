@@ -58,6 +58,7 @@ import math
 import pickle
 import re
 import warnings
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -136,7 +137,9 @@ class _InitAsOriginal:
     into them."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        # (weak: the model holds this in its __dict__, and a cycle would keep its parameters
+        # alive after `del model` until Python's cyclic collector runs)
+        self.model = weakref.ref(model)
 
     def __call__(self, module: nn.Module):
         original = getattr(module, "_original_class", None)
@@ -144,7 +147,12 @@ class _InitAsOriginal:
             stand_in = original.__new__(original)
             stand_in.__dict__.update(module.__dict__)
             module = stand_in
-        return type(self.model)._init_weights(self.model, module)
+        model = self.model()
+        return type(model)._init_weights(model, module)
+
+    def __reduce__(self):
+        # (pickle and copy.deepcopy, which take no weak reference: the saved or copied model's own)
+        return type(self), (self.model(),)
 
 
 def _named_class(cls: type) -> Optional[type]:
