@@ -106,3 +106,17 @@ def _train_under_fully_shard_as_torch_nn(rank: int, port: int):
 
 def test_a_converted_model_trains_under_fully_shard_over_two_gloo_processes_as_torch_nn():
     mp.spawn(_train_under_fully_shard_as_torch_nn, args=(_free_port(),), nprocs=2, join=True)
+
+
+def test_a_weight_with_torch_s_negative_bit_set_normalizes_as_torch_reads_it():
+    """``z.conj().imag`` is a real tensor whose memory holds the opposites of its values
+    (torch's negative bit); the view of the parameters' memory read it unresolved, and the
+    output came out with the weight's sign flipped. Oracle: torch's layer_norm."""
+    from normlab.torch.masked import normalize_masked
+
+    weight = torch.complex(torch.ones(4), torch.tensor([1.0, 2.0, 3.0, 4.0])).conj().imag
+    assert weight.is_neg()
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(5))
+    expected = torch.nn.functional.layer_norm(x, (4,), weight.resolve_neg())
+    torch.testing.assert_close(nt.normalize(x, "b [c]", weight=weight, params="c"), expected)
+    torch.testing.assert_close(normalize_masked(x, "b [c]", weight=weight, params="c").y, expected)

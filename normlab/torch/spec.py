@@ -310,7 +310,7 @@ def param_view(t: Optional[Tensor]) -> Optional[np.ndarray]:
     """
     if t is None:
         return None
-    t = t.detach()
+    t = t.detach().resolve_neg()  # (a negative-bit view, z.conj().imag, holds the values' opposites)
     typestr = _TYPESTR.get(t.dtype)
     if typestr is None or type(t) is not Tensor or not t.is_cpu or t.numel() == 0:
         return t.numpy()  # (which raises where NumPy cannot read the tensor; an empty one has no memory to free)
