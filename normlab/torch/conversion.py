@@ -57,6 +57,7 @@ import inspect
 import math
 import pickle
 import re
+import sys
 import warnings
 import weakref
 from typing import Callable, Optional
@@ -217,9 +218,11 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
         from normlab.torch.fuse import fuse_decoder_layers
         fuse_decoder_layers(model)
     left_alone: dict[str, list[str]] = {}
-    converted = _convert(model, "", left_alone, {}, {})  # (the probes' outcomes: cached for this call only)
+    probed = {_SHARDED: _sharded_parameters(model)}  # (and the probes' outcomes: cached for this call only)
+    converted = _convert(model, "", left_alone, {}, probed)
     _keep_original_init(converted)
     hooked = left_alone.pop(_HOOKED, None)
+    sharded = left_alone.pop(_SHARDED, None)
     if left_alone:
         warnings.warn(f"normlab.torch.convert left {sum(map(len, left_alone.values()))} norm layer(s) unconverted, "
                       f"because their forward computes something no normlab module does: {_listed(left_alone)}",
@@ -230,10 +233,26 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
                       "replaced on the instance (as accelerate's hooks, with device_map or offloading, replace it), "
                       f"and that forward calls the original's code: {shown}; convert the model before adding such "
                       "hooks", stacklevel=2)
+    if sharded:
+        shown = ", ".join(sharded[:3]) + (", ..." if len(sharded) > 3 else "")
+        warnings.warn(f"normlab.torch.convert left {len(sharded)} norm layer(s) unconverted, because FSDP "
+                      "(fully_shard) holds their parameters and swaps them on these modules around each call, which "
+                      f"a twin in their place would not see: {shown}; convert the model before fully_shard",
+                      stacklevel=2)
     return converted
 
 
 _HOOKED = "<forward replaced on the instance>"
+_SHARDED = "<parameters held by fully_shard>"
+
+
+def _sharded_parameters(model: nn.Module) -> frozenset:
+    """The ids of the parameters that FSDP2 (``fully_shard``) holds in ``model``."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # (not imported: nothing is sharded, and no import costs)
+    if fsdp is None:
+        return frozenset()
+    return frozenset(id(p) for module in model.modules() if isinstance(module, fsdp.FSDPModule)
+                     for p in module.parameters())
 
 
 def _listed(left_alone: dict) -> str:
@@ -260,13 +279,18 @@ def _convert(module: nn.Module, name: str, left_alone: dict, done: dict, probed:
 
 def _replacement(module: nn.Module, name: str, left_alone: dict, probed: dict) -> Optional[nn.Module]:
     """The twin of ``module``, or None to leave it (and look at its children); ``probed``
-    caches what :func:`_decision` found per :func:`_probe_key`."""
+    caches what :func:`_decision` found per :func:`_probe_key`, and holds the ids of the
+    parameters that fully_shard holds (``_SHARDED``)."""
     cls = type(module)
     if any(c.__module__.startswith("normlab.") for c in cls.__mro__):
         return None
     if "forward" in module.__dict__ and (isinstance(module, _NORM_BASES) or _normalizes_itself(module)):
         # a twin would copy that forward and run the original's code: nothing converted
         left_alone.setdefault(_HOOKED, []).append(f"{name} ({cls.__name__})")
+        return module
+    if (any(id(p) in probed[_SHARDED] for p in module._parameters.values())
+            and (isinstance(module, _NORM_BASES) or _normalizes_itself(module))):
+        left_alone.setdefault(_SHARDED, []).append(f"{name} ({cls.__name__})")
         return module
     if cls in _TWINS:
         return twin_of(module, _TWINS[cls])
