@@ -838,6 +838,24 @@ def test_an_eps_none_rms_block_resolves_its_eps_once_per_dtype_and_again_when_th
         torch.testing.assert_close(y, reference(xd + rd))
 
 
+def test_a_compiled_eps_none_rms_block_is_one_graph_per_dtype_as_with_a_float_eps():
+    """The eps resolved per dtype was kept in the module's __dict__ from inside the compiled
+    call too: that write made the next call fail its guards and compile again (three graphs
+    for two dtypes with fullgraph=True, four without). Oracle: torch.nn.RMSNorm(eps=None)."""
+    from torch._dynamo.testing import CompileCounter
+
+    gen = torch.Generator().manual_seed(5)
+    ours, reference = FusedAddRMSNorm(64, eps=None), torch.nn.RMSNorm(64, eps=None)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend=counter, fullgraph=True)
+    for dtype in (torch.float32, torch.float32, torch.float64, torch.float64):
+        ours, reference = ours.to(dtype), reference.to(dtype)
+        x, r = (torch.randn(2, 64, generator=gen, dtype=dtype) * 1e-4 for _ in range(2))
+        torch.testing.assert_close(compiled(x, r)[0], reference(x + r))
+    assert counter.frame_count == 2
+
+
 def test_fused_add_layer_norm_takes_eps_none_where_nn_layer_norm_does_and_raises_its_type_error_in_the_forward():
     ours, theirs = FusedAddLayerNorm(8, eps=None), torch.nn.LayerNorm(8, eps=None)
     x = torch.randn(2, 8)

@@ -717,7 +717,9 @@ def _block_of(module: nn.Module, dtype: torch.dtype) -> Block:
         # (kept until the next dtype or block: a replace() a call cost six Python calls)
         resolved = module.__dict__.get("_block_for_dtype")
         if resolved is None or resolved[0] is not block or resolved[1] != dtype:
-            resolved = module._block_for_dtype = (block, dtype, replace(block, eps=rms_default_eps(dtype)))
+            resolved = (block, dtype, replace(block, eps=rms_default_eps(dtype)))
+            if not torch.compiler.is_compiling():  # (a write in a compiled call would recompile the next)
+                module._block_for_dtype = resolved
         return resolved[2]
     return block
 
