@@ -111,6 +111,20 @@ def _train_under_fully_shard_as_torch_nn(rank: int, port: int):
             nt.convert(late)
         assert not any(type(m).__module__.startswith("normlab") for m in late.modules())
         late(x).sum().backward()
+        # and with fuse=True: a sharded LLaMA's decoder layers stay unfused (the fused norms kept the sharded weights)
+        try:
+            import transformers
+        except ImportError:  # (the fuse=True check needs a LLaMA; the rest has run)
+            return
+        config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1)
+        llama = transformers.AutoModel.from_config(config)
+        fully_shard(llama.layers[0])
+        fully_shard(llama)
+        with pytest.warns(UserWarning, match=r"left 3 norm layer\(s\) unconverted, because FSDP"):
+            nt.convert(llama, fuse=True)
+        assert not any(type(m).__module__.startswith("normlab") for m in llama.modules())
+        llama(torch.tensor([[1, 2, 3]])).last_hidden_state.sum().backward()
     finally:
         dist.destroy_process_group()
 

@@ -33,7 +33,7 @@ from typing import Optional
 
 from torch import nn
 
-from normlab.torch.conversion import _named_class, rebind_hooks
+from normlab.torch.conversion import _named_class, _sharded_parameters, rebind_hooks
 from normlab.torch.fused import FusedAddRMSNorm
 from normlab.torch.modules import RMSNorm
 
@@ -294,6 +294,7 @@ def fuse_decoder_layers(model: nn.Module) -> int:
     """Fuse every decoder layer of ``model`` of a fused structure in place; returns how many were fused."""
     count = 0
     fused_names = {}
+    sharded = _sharded_parameters(model)
     for layer in list(model.modules()):
         if isinstance(layer, FusedAddRMSNorm) or type(layer).__name__.startswith("Fused"):
             continue
@@ -306,6 +307,8 @@ def fuse_decoder_layers(model: nn.Module) -> int:
             continue  # (a hook on that norm expects its one input and one output, not the fused call's)
         if any("forward" in module.__dict__ for module in (layer, *(getattr(layer, name) for name in norms))):
             continue  # (a forward replaced on the instance, as accelerate's hooks do, runs the original's code)
+        if any(id(p) in sharded for name in norms for p in getattr(layer, name).parameters()):
+            continue  # (fully_shard swaps these on the norms it was given; convert() warns of them)
         for name, recipe in recipes.items():
             setattr(layer, name, _fused_norm(getattr(layer, name), recipe))
         fused_names[type(layer).__name__] = _fused_class(type(layer)).__name__
