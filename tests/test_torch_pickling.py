@@ -128,3 +128,44 @@ def test_a_model_whose_rms_norm_class_is_defined_in_a_function_saves_once_conver
     loaded = torch.load(buffer, weights_only=False)
     assert type(loaded[1]) is nt.RMSNorm
     torch.testing.assert_close(loaded(x), expected)
+
+
+_SCRIPT = """
+import torch
+
+
+class LlamaRMSNorm(torch.nn.Module):  # transformers' LlamaRMSNorm, copied into a script
+    def __init__(self, n, eps=1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(n))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+"""
+
+
+def test_a_model_converted_in_a_script_loads_where_the_script_s_norm_class_is_not_defined(monkeypatch):
+    """A script (its ``__main__``) defines its own RMS norm, converts a model and saves it; a
+    serving process without that class loads it, as before a2bddd8, which recorded the class
+    on each twin for transformers' init: torch.load then failed looking the class up."""
+    import sys
+    import types
+
+    script = types.ModuleType("normlab_test_script")
+    exec(_SCRIPT, script.__dict__)
+    monkeypatch.setitem(sys.modules, script.__name__, script)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), script.LlamaRMSNorm(8))
+    x = _input("RMSNorm")
+    expected = model(x)
+    nt.convert(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    monkeypatch.delitem(sys.modules, script.__name__)  # (as in another process)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded[1]) is nt.RMSNorm
+    torch.testing.assert_close(loaded(x), expected)

@@ -169,14 +169,22 @@ def _named_class(cls: type) -> Optional[type]:
 
 def _keep_original_init(model: nn.Module) -> None:
     """Give the transformers models in ``model`` an :class:`_InitAsOriginal`, where a norm
-    converted from another class lies among their modules."""
-    if not any(hasattr(module, "_original_class") for module in model.modules()):
+    converted from another class lies among their modules, and drop the original class from
+    the twins outside them: nothing reads it there, and a class of a script's ``__main__``
+    would make ``torch.load`` of the saved model fail in any other process."""
+    recorded = [module for module in model.modules() if "_original_class" in module.__dict__]
+    if not recorded:
         return
+    read = set()
     for module in model.modules():
-        if "_init_weights" not in module.__dict__ and any(
-                c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.")
-                for c in type(module).__mro__):
-            module._init_weights = _InitAsOriginal(module)
+        if any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.")
+               for c in type(module).__mro__):
+            if "_init_weights" not in module.__dict__:
+                module._init_weights = _InitAsOriginal(module)
+            read.update(map(id, module.modules()))
+    for module in recorded:
+        if id(module) not in read:
+            del module.__dict__["_original_class"]
 
 
 def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
