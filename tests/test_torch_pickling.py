@@ -103,38 +103,9 @@ def test_a_layer_norm_parametrized_then_converted_saves_once_its_parametrization
     assert type(loaded[1]) is nt.LayerNorm and torch.equal(loaded(x), model(x))
 
 
-def test_a_model_whose_rms_norm_class_is_defined_in_a_function_saves_once_converted():
-    # a user's own RMSNorm, written in a function as in a notebook or a test: the model holding it
-    # cannot be pickled, the converted model (a normlab RMSNorm in its place) can, and loads
-    class RMSNorm(torch.nn.Module):  # transformers' LlamaRMSNorm
-        def __init__(self, n, eps=1e-6):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.ones(n))
-            self.variance_epsilon = eps
+class _LlamaRMSNorm(torch.nn.Module):
+    """transformers' LlamaRMSNorm, as users copy it into their own code."""
 
-        def forward(self, x):
-            dtype = x.dtype
-            x = x.to(torch.float32)
-            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-            return self.weight * x.to(dtype)
-
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), RMSNorm(8))
-    x = _input("RMSNorm")
-    expected = model(x)
-    nt.convert(model)
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
-    assert type(loaded[1]) is nt.RMSNorm
-    torch.testing.assert_close(loaded(x), expected)
-
-
-_SCRIPT = """
-import torch
-
-
-class LlamaRMSNorm(torch.nn.Module):  # transformers' LlamaRMSNorm, copied into a script
     def __init__(self, n, eps=1e-6):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.ones(n))
@@ -145,7 +116,29 @@ class LlamaRMSNorm(torch.nn.Module):  # transformers' LlamaRMSNorm, copied into 
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * x.to(dtype)
-"""
+
+
+def _converted_saves_and_loads_with_the_original_s_outputs(model, forget=lambda: None):
+    """Convert ``model``, save it, ``forget`` what another process would not hold, load it."""
+    x = _input("RMSNorm")
+    expected = model(x)
+    nt.convert(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    forget()
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded[1]) is nt.RMSNorm
+    torch.testing.assert_close(loaded(x), expected)
+
+
+def test_a_model_whose_rms_norm_class_is_defined_in_a_function_saves_once_converted():
+    # a user's own RMSNorm, written in a function as in a notebook or a test: the model holding it
+    # cannot be pickled, the converted model (a normlab RMSNorm in its place) can, and loads
+    class RMSNorm(_LlamaRMSNorm):
+        pass
+
+    _converted_saves_and_loads_with_the_original_s_outputs(torch.nn.Sequential(torch.nn.Linear(8, 8), RMSNorm(8)))
 
 
 def test_a_model_converted_in_a_script_loads_where_the_script_s_norm_class_is_not_defined(monkeypatch):
@@ -156,16 +149,8 @@ def test_a_model_converted_in_a_script_loads_where_the_script_s_norm_class_is_no
     import types
 
     script = types.ModuleType("normlab_test_script")
-    exec(_SCRIPT, script.__dict__)
+    script.LlamaRMSNorm = type("LlamaRMSNorm", (_LlamaRMSNorm,), {"__module__": script.__name__})
     monkeypatch.setitem(sys.modules, script.__name__, script)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), script.LlamaRMSNorm(8))
-    x = _input("RMSNorm")
-    expected = model(x)
-    nt.convert(model)
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    monkeypatch.delitem(sys.modules, script.__name__)  # (as in another process)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
-    assert type(loaded[1]) is nt.RMSNorm
-    torch.testing.assert_close(loaded(x), expected)
+    _converted_saves_and_loads_with_the_original_s_outputs(
+        torch.nn.Sequential(torch.nn.Linear(8, 8), script.LlamaRMSNorm(8)),
+        forget=lambda: monkeypatch.delitem(sys.modules, script.__name__))  # (as in another process)
