@@ -317,7 +317,9 @@ def param_view(t: Optional[Tensor]) -> Optional[np.ndarray]:
     memory = _TensorMemory()
     memory.tensor = t
     memory.__array_interface__ = {"data": (t.data_ptr(), False), "shape": tuple(t.shape), "typestr": typestr,
-                                  "strides": tuple(s * t.itemsize for s in t.stride()), "version": 3}
+                                  "version": 3,
+                                  # (None: C order, as parameters are; a generator is two Python calls a view)
+                                  "strides": None if t.is_contiguous() else tuple(s * t.itemsize for s in t.stride())}
     return np.asarray(memory)
 
 
