@@ -645,6 +645,25 @@ def test_tiny_llama_in_float64_agrees_to_float32_rounding():
                         dict(rtol=1e-4, atol=1e-5), call=causal_lm_call)
 
 
+@needs_transformers
+def test_converting_a_llama_in_a_process_without_a_process_group_walks_its_modules_once(monkeypatch):
+    """convert() looked for fully_shard's parameters wherever torch.distributed.fsdp was
+    imported (transformers imports it), and walked a transformers model four more times to
+    keep its norms' original init: half as many Python calls again as before either, on a
+    model that never touched torch.distributed. fully_shard needs a process group."""
+    import torch.distributed.fsdp  # noqa: F401  (as transformers imports it)
+
+    assert not torch.distributed.is_initialized()
+    model = tiny_causal_lm("llama")
+    walks = []
+    modules = torch.nn.Module.modules
+    monkeypatch.setattr(torch.nn.Module, "modules", lambda self: walks.append(self) or modules(self))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nt.convert(model)
+    assert walks == [model] and isinstance(model.model.norm, nt.RMSNorm)
+
+
 # ---------------------------------------------------------------------------------------
 # RMSNorm's casting argument
 

@@ -172,15 +172,23 @@ def _keep_original_init(model: nn.Module) -> None:
     converted from another class lies among their modules, and drop the original class from
     the twins outside them: nothing reads it there, and a class of a script's ``__main__``
     would make ``torch.load`` of the saved model fail in any other process."""
-    recorded = [module for module in model.modules() if "_original_class" in module.__dict__]
+    modeling = sys.modules.get("transformers.modeling_utils")  # (not imported: no transformers model)
+    recorded, transformers_models = [], []
+    for module in model.modules():  # (one walk of a model of many layers, where it is one transformers model)
+        if "_original_class" in module.__dict__:
+            recorded.append(module)
+        if modeling is not None and isinstance(module, modeling.PreTrainedModel):
+            transformers_models.append(module)
     if not recorded:
         return
+    for module in transformers_models:
+        if "_init_weights" not in module.__dict__:
+            module._init_weights = _InitAsOriginal(module)
+    if transformers_models and transformers_models[0] is model:
+        return  # (every twin lies in it)
     read = set()
-    for module in model.modules():
-        if any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.")
-               for c in type(module).__mro__):
-            if "_init_weights" not in module.__dict__:
-                module._init_weights = _InitAsOriginal(module)
+    for module in transformers_models:
+        if id(module) not in read:  # (a transformers model inside another: read already)
             read.update(map(id, module.modules()))
     for module in recorded:
         if id(module) not in read:
@@ -257,7 +265,8 @@ _SHARDED = "<parameters held by fully_shard>"
 def _sharded_parameters(model: nn.Module) -> frozenset:
     """The ids of the parameters that FSDP2 (``fully_shard``) holds in ``model``."""
     fsdp = sys.modules.get("torch.distributed.fsdp")  # (not imported: nothing is sharded, and no import costs)
-    if fsdp is None:
+    if fsdp is None or not torch.distributed.is_initialized():
+        # (transformers imports fsdp; fully_shard needs a process group, and without one no walk is spent)
         return frozenset()
     return frozenset(id(p) for module in model.modules() if isinstance(module, fsdp.FSDPModule)
                      for p in module.parameters())
@@ -296,7 +305,7 @@ def _replacement(module: nn.Module, name: str, left_alone: dict, probed: dict) -
         # a twin would copy that forward and run the original's code: nothing converted
         left_alone.setdefault(_HOOKED, []).append(f"{name} ({cls.__name__})")
         return module
-    if (any(id(p) in probed[_SHARDED] for p in module._parameters.values())
+    if (probed[_SHARDED] and any(id(p) in probed[_SHARDED] for p in module._parameters.values())
             and (isinstance(module, _NORM_BASES) or _normalizes_itself(module))):
         left_alone.setdefault(_SHARDED, []).append(f"{name} ({cls.__name__})")
         return module

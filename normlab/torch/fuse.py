@@ -307,7 +307,7 @@ def fuse_decoder_layers(model: nn.Module) -> int:
             continue  # (a hook on that norm expects its one input and one output, not the fused call's)
         if any("forward" in module.__dict__ for module in (layer, *(getattr(layer, name) for name in norms))):
             continue  # (a forward replaced on the instance, as accelerate's hooks do, runs the original's code)
-        if any(id(p) in sharded for name in norms for p in getattr(layer, name).parameters()):
+        if sharded and any(id(p) in sharded for name in norms for p in getattr(layer, name).parameters()):
             continue  # (fully_shard swaps these on the norms it was given; convert() warns of them)
         for name, recipe in recipes.items():
             setattr(layer, name, _fused_norm(getattr(layer, name), recipe))
