@@ -145,3 +145,82 @@ def test_a_weight_with_torch_s_negative_bit_set_normalizes_as_torch_reads_it():
     expected = torch.nn.functional.layer_norm(x, (4,), weight.resolve_neg())
     torch.testing.assert_close(nt.normalize(x, "b [c]", weight=weight, params="c"), expected)
     torch.testing.assert_close(normalize_masked(x, "b [c]", weight=weight, params="c").y, expected)
+
+
+class _SequenceParallelBlock(torch.nn.Module):
+    """A transformer block's shape under tensor parallelism: norm, MLP, residual, norm."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm, self.up, self.down, self.norm2 = norm, torch.nn.Linear(8, 16), torch.nn.Linear(16, 8), copy.deepcopy(norm)
+
+    def forward(self, x):
+        return self.norm2(x + self.down(torch.relu(self.up(self.norm(x)))))
+
+
+def _train_under_sequence_parallel_as_torch_nn(rank: int, port: int):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
+                                                   parallelize_module)
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        plan = {"norm": SequenceParallel(), "up": ColwiseParallel(input_layouts=Shard(1)),
+                "down": RowwiseParallel(output_layouts=Shard(1)), "norm2": SequenceParallel()}
+        for norm in (torch.nn.LayerNorm(8), torch.nn.RMSNorm(8)):
+            # DTensors outside any plan: replicated parameters, the input sharded on the batch or replicated
+            torch.manual_seed(0)
+            reference = copy.deepcopy(norm)
+            with torch.no_grad():
+                reference.weight.uniform_(0.5, 1.5)
+            twin = nt.convert(copy.deepcopy(reference))
+            for m in (reference, twin):
+                distribute_module(m, mesh)
+            for placement in (Shard(0), Replicate()):
+                x = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(1))
+                x_ref, x_twin = (distribute_tensor(x, mesh, [placement]).requires_grad_() for _ in range(2))
+                expected, y = reference(x_ref), twin(x_twin)
+                assert isinstance(y, DTensor) and y.placements == expected.placements
+                torch.testing.assert_close(y.full_tensor(), expected.full_tensor())
+                grad_y = torch.randn_like(expected)
+                torch.testing.assert_close(torch.autograd.grad(y, [x_twin, twin.weight], grad_y),
+                                           torch.autograd.grad(expected, [x_ref, reference.weight], grad_y))
+
+            # converted before the plan (SequenceParallel shards the norms' input on the sequence and
+            # replicates their weights) and after it: torch.nn's outputs and parameters over AdamW steps
+            torch.manual_seed(0)
+            reference = _SequenceParallelBlock(copy.deepcopy(norm))
+            single = copy.deepcopy(reference)
+            before = nt.convert(copy.deepcopy(reference))
+            for m in (reference, before):
+                parallelize_module(m, mesh, plan)
+            after = parallelize_module(copy.deepcopy(single), mesh, plan)
+            after = nt.convert(after)
+            models = (reference, before, after)
+            for m in models[1:]:
+                assert type(m.norm).__module__.startswith("normlab"), type(m.norm)
+            optimizers = [torch.optim.AdamW(m.parameters(), lr=0.1) for m in models]
+            for step in range(3):
+                x = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(step))
+                outputs = []
+                for m, optimizer in zip(models, optimizers):
+                    optimizer.zero_grad()
+                    y = m(x.chunk(2, dim=1)[rank]).full_tensor()
+                    y.square().mean().backward()
+                    optimizer.step()
+                    outputs.append(y.detach())
+                if step == 0:
+                    torch.testing.assert_close(outputs[0], single(x))
+                for y in outputs[1:]:
+                    torch.testing.assert_close(y, outputs[0], msg=lambda m: f"{norm}, step {step}: {m}")
+            for m in models[1:]:
+                for (name, value), expected in zip(m.state_dict().items(), reference.state_dict().values()):
+                    torch.testing.assert_close(value.full_tensor(), expected.full_tensor(), msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_converted_norms_train_under_tensor_parallel_sequence_parallel_as_torch_nn():
+    mp.spawn(_train_under_sequence_parallel_as_torch_nn, args=(_free_port(),), nprocs=2, join=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Optional
 
 import torch
@@ -63,13 +64,21 @@ def _needs_torch_ops(x) -> bool:
     ``jacrev``, ``jvp``, ``jacfwd``), forward-mode AD (dual tensors), layouts other than
     strided (sparse, MKL-DNN), which have no memory for NumPy to see, nested tensors of the
     strided layout (rows of several shapes in one buffer: no one shape to plan), and lazily
-    negated views (``z.conj().imag``), which NumPy would read unnegated: torch then computes
-    what it supports (an MKL-DNN batch norm, a negated view, a nested tensor's layer norm)
-    and raises its own error otherwise."""
+    negated views (``z.conj().imag``), which NumPy would read unnegated, and DTensors
+    (tensor parallelism's ``SequenceParallel`` shards a norm's input and replicates its
+    weights), whose ops need a sharding rule that normlab's custom op has not: torch then
+    computes what it supports (an MKL-DNN batch norm, a negated view, a nested tensor's
+    layer norm, a sharded one) and raises its own error otherwise."""
     return (not isinstance(x, Tensor) or torch.jit.is_tracing() or torch.compiler.is_compiling()
             or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
             or x.layout is not torch.strided or x.is_nested
-            or x.is_neg())  # (Dynamo cannot trace is_neg: after is_compiling)
+            or x.is_neg()  # (Dynamo cannot trace is_neg: after is_compiling)
+            or (type(x) is not Tensor and _is_dtensor(x)))
+
+
+def _is_dtensor(x: Tensor) -> bool:
+    distributed = sys.modules.get("torch.distributed.tensor")  # (not imported: no DTensor exists, and no import costs)
+    return distributed is not None and isinstance(x, distributed.DTensor)
 
 
 def _exporting_to_onnx() -> bool:

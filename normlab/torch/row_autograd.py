@@ -83,8 +83,8 @@ class ParamTables:
         if any(t is not None and (type(t) not in _EAGER_PARAMS or not t.is_cpu
                                   or (self.same_dtype and t.dtype != _TORCH_OF.get(self.forward.dtype)))
                for t in (weight, bias)):
-            # tensor subclasses (a __torch_function__ class, DTensor) take the registered op, which
-            # hands the call to them; other devices (a module moved to "meta" after a call) and,
+            # tensor subclasses (a __torch_function__ class; DTensor weights beside a plain input, which
+            # torch refuses as it does) take the registered op, which hands the call to them; other devices (a module moved to "meta" after a call) and,
             # with same_dtype, other dtypes take the full path (torch refuses float32 input with
             # float64 weights)
             return None
