@@ -101,8 +101,23 @@ def _train_under_fully_shard_as_torch_nn(rank: int, port: int):
                 value, expected = value.full_tensor(), expected.full_tensor()
             torch.testing.assert_close(value, expected, msg=lambda m: f"{name}: {m}")
 
-        # converted after fully_shard: the norms whose parameters it holds stay torch.nn's, with a
-        # warning (a twin in their place kept the sharded parameters: "got mixed torch.Tensor and DTensor")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_converted_model_trains_under_fully_shard_over_two_gloo_processes_as_torch_nn():
+    mp.spawn(_train_under_fully_shard_as_torch_nn, args=(_free_port(),), nprocs=2, join=True)
+
+
+def test_convert_after_fully_shard_leaves_the_norms_it_holds_alone_with_a_warning():
+    """Converted after fully_shard, a twin (or a fused block) kept the sharded parameters:
+    "got mixed torch.Tensor and DTensor" at the next forward. One rank in this process shows
+    it (the parameters are DTensors on any number of ranks), without spawning two."""
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
         late = _model()
         fully_shard(late[1])
         fully_shard(late)
@@ -127,10 +142,6 @@ def _train_under_fully_shard_as_torch_nn(rank: int, port: int):
         llama(torch.tensor([[1, 2, 3]])).last_hidden_state.sum().backward()
     finally:
         dist.destroy_process_group()
-
-
-def test_a_converted_model_trains_under_fully_shard_over_two_gloo_processes_as_torch_nn():
-    mp.spawn(_train_under_fully_shard_as_torch_nn, args=(_free_port(),), nprocs=2, join=True)
 
 
 def test_a_weight_with_torch_s_negative_bit_set_normalizes_as_torch_reads_it():
