@@ -360,6 +360,31 @@ def test_convert_fuse_keeps_the_hooks_on_the_norms_it_replaces_and_leaves_a_hook
         torch.testing.assert_close(converted, unconverted, **_FLOAT32, msg=name)
 
 
+@pytest.mark.parametrize("family, name", [("llama", "post_attention_layernorm"),
+                                          ("gemma2", "pre_feedforward_layernorm")], ids=["llama", "gemma2"])
+def test_hooks_put_on_a_fused_norm_after_convert_see_its_one_input_and_output_as_on_the_unconverted_model(family,
+                                                                                                         name):
+    # as tensor parallelism's SequenceParallel (parallelize_module after convert) puts them: a
+    # pre-hook that returns the one input it takes (fused, the residual was dropped) and a hook
+    # on the output
+    model = _model(family, attention_dropout=0.0)
+    fused = _fused(model)
+    assert isinstance(getattr(fused.model.layers[0], name), FusedAddRMSNorm)
+    seen = []
+    for m in (model, fused):
+        norm = getattr(m.model.layers[0], name)
+        norm.register_forward_pre_hook(lambda module, inputs: inputs[0] * 2)
+        norm.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    ids = _ids()
+    want, got = model(ids).logits, fused(ids).logits
+    torch.testing.assert_close(got, want, **_FLOAT32)
+    torch.testing.assert_close(seen[1], seen[0], **_FLOAT32)
+    grad = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(got, [getattr(fused.model.layers[0], name).weight], grad),
+                               torch.autograd.grad(want, [getattr(model.model.layers[0], name).weight], grad),
+                               **_FLOAT32)
+
+
 def test_a_load_state_dict_pre_hook_on_a_fused_norm_sees_it_in_loads_and_copies_as_on_the_unconverted_model():
     # register_load_state_dict_pre_hook keeps a weak reference to its module, which fusing replaces
     import gc

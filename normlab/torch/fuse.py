@@ -216,7 +216,7 @@ def _fused_pre_norm_forward(self, *args, **kwargs):
     """LlamaDecoderLayer's forward with the post-attention add fused into its norm."""
     hidden_states, keywords = _arguments(self, args, kwargs)
     attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **keywords)
-    normed, residual = self.post_attention_layernorm(attended, hidden_states)
+    normed, residual = _add_and_norm(self.post_attention_layernorm, attended, hidden_states)
     return residual + self.mlp(normed)
 
 
@@ -225,8 +225,20 @@ def _fused_sandwich_forward(self, *args, **kwargs):
     the pre-feedforward norm."""
     hidden_states, keywords = _arguments(self, args, kwargs)
     attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **keywords)
-    normed, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(attended), hidden_states)
+    normed, residual = _add_and_norm(self.pre_feedforward_layernorm, self.post_attention_layernorm(attended),
+                                     hidden_states)
     return residual + self.post_feedforward_layernorm(self.mlp(normed))
+
+
+def _add_and_norm(norm: nn.Module, x, residual) -> tuple:
+    """``(norm(residual + x), residual + x)``: the fused call, or the add and then the norm
+    where hooks were put on the norm after fusing (tensor parallelism's ``SequenceParallel``:
+    its hooks take the norm's one input and would drop the residual), as the layer's own
+    forward calls it."""
+    if _has_call_hooks(norm):
+        total = residual + x
+        return norm(total), total
+    return norm(x, residual)
 
 
 def _fused_instance(cls: type) -> nn.Module:
