@@ -232,19 +232,6 @@ class _MaskedSyncBatchNormFunction(torch.autograd.Function):
         return grad_x, None, grad_w, grad_b, None, None, None, None
 
 
-_SYNCED_EAGERLY: list = []
-
-
-def _synced_eagerly():
-    """``torch.compiler.disable(SyncBatchNorm._synced_forward)``, made at the first call
-    (traced, Dynamo makes it too, and runs it eagerly): as a decorator it imported Dynamo
-    with ``import normlab.torch``, 1.4 s of a 1.7 s import, in every process, DataLoader and
-    distributed workers included."""
-    if not _SYNCED_EAGERLY:
-        _SYNCED_EAGERLY.append(torch.compiler.disable(SyncBatchNorm._synced_forward))
-    return _SYNCED_EAGERLY[0]
-
-
 class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
     """``torch.nn.SyncBatchNorm`` on any ``torch.distributed`` backend: gloo on CPU
     (torch's own is CUDA-only) and NCCL on GPU.
@@ -326,7 +313,7 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
             if world_size == 1:
                 return masked_forward(self, input, mask)
             _check_mask(self, input, mask)
-            return _synced_eagerly()(self, input, mask, world_size)
+            return self._synced_forward(input, mask, world_size)
         if world_size == 1:
             path = _choose_path(input, has_native=True)
             if path == "native":  # torch's SyncBatchNorm is batch norm with one rank
@@ -335,13 +322,13 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         if _choose_path(input, has_native=input.is_cuda) == "native":
             # torch's fused CUDA kernels (also count-weighted); gloo on CPU has no native op
             return nn.SyncBatchNorm.forward(self, input)
-        return _synced_eagerly()(self, input, mask, world_size)
+        return self._synced_forward(input, mask, world_size)
 
-    # Eager under torch.compile too, through _synced_eagerly (its .item() is a graph break anyway):
-    # Dynamo traced the forward's frames after that break, and Inductor compiled the
-    # running-statistics update with momentum=None's 1/num_batches_tracked as a dynamic float
-    # into a wrong one from the third step on (in torch alone, buf.mul_(1 - f).add_(mean,
-    # alpha=f) swaps the weights there)
+    # Eager under torch.compile too (its .item() is a graph break anyway): Dynamo traced the
+    # forward's frames after that break, and Inductor compiled the running-statistics update
+    # with momentum=None's 1/num_batches_tracked as a dynamic float into a wrong one from the
+    # third step on (in torch alone, buf.mul_(1 - f).add_(mean, alpha=f) swaps the weights there)
+    @torch.compiler.disable
     def _synced_forward(self, input: Tensor, mask: Optional[Tensor], world_size: int) -> Tensor:
         # torch.nn's output layout (its SyncBatchNorm copies the input too): the elementwise
         # math below would keep a transposed input's strides, where torch.nn's .view works
