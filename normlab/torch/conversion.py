@@ -230,11 +230,12 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
     >>> torch.allclose(convert(model)(x), expected, atol=1e-6), type(model[1]).__name__
     (True, 'LayerNorm')
     """
+    held = _sharded_parameters(model)  # (one walk, for the fusing and the conversion)
     if fuse:
         from normlab.torch.fuse import fuse_decoder_layers
-        fuse_decoder_layers(model)
+        fuse_decoder_layers(model, held)
     left_alone: dict[str, list[str]] = {}
-    probed = {_SHARDED: _sharded_parameters(model)}  # (and the probes' outcomes: cached for this call only)
+    probed = {_SHARDED: held}  # (and the probes' outcomes: cached for this call only)
     converted = _convert(model, "", left_alone, {}, probed)
     _keep_original_init(converted)
     hooked = left_alone.pop(_HOOKED, None)

@@ -302,11 +302,13 @@ def _keep_fused_layers_whole(model: nn.Module, fused_names: dict) -> None:
         module._no_split_modules = type(names)(kept)
 
 
-def fuse_decoder_layers(model: nn.Module) -> int:
-    """Fuse every decoder layer of ``model`` of a fused structure in place; returns how many were fused."""
+def fuse_decoder_layers(model: nn.Module, sharded: Optional[frozenset] = None) -> int:
+    """Fuse every decoder layer of ``model`` of a fused structure in place; returns how many were
+    fused. ``sharded``: the ids of the parameters fully_shard holds, where the caller has them."""
     count = 0
     fused_names = {}
-    sharded = _sharded_parameters(model)
+    if sharded is None:
+        sharded = _sharded_parameters(model)
     for layer in list(model.modules()):
         if isinstance(layer, FusedAddRMSNorm) or type(layer).__name__.startswith("Fused"):
             continue

@@ -27,13 +27,12 @@ class RowGradCall:
     parameter tables of the last call, kept while the same parameter tensors hold the same
     values (same storage, no in-place change since)."""
 
-    __slots__ = ("forward", "backward", "arguments", "param_dtypes", "params", "layer_norm")
+    __slots__ = ("forward", "backward", "arguments", "params", "layer_norm")
 
-    def __init__(self, forward, backward, arguments: tuple, param_dtypes: tuple):
+    def __init__(self, forward, backward, arguments: tuple):
         self.forward = forward  # kernels.fast.FastForward
         self.backward = backward  # kernels.fast.FastBackward
         self.arguments = arguments  # (pattern, params, sizes, rms)
-        self.param_dtypes = param_dtypes  # NumPy dtypes of weight and bias (None where absent)
         self.params = ParamTables(forward)
         self.layer_norm = _is_layer_norm(_spec_of(*arguments))  # (whether backward saves the bias; once, not per call)
 
@@ -83,10 +82,10 @@ class ParamTables:
         if any(t is not None and (type(t) not in _EAGER_PARAMS or not t.is_cpu
                                   or (self.same_dtype and t.dtype != _TORCH_OF.get(self.forward.dtype)))
                for t in (weight, bias)):
-            # tensor subclasses (a __torch_function__ class; DTensor weights beside a plain input, which
-            # torch refuses as it does) take the registered op, which hands the call to them; other devices (a module moved to "meta" after a call) and,
-            # with same_dtype, other dtypes take the full path (torch refuses float32 input with
-            # float64 weights)
+            # tensor subclasses (a __torch_function__ class; DTensor weights beside a plain input,
+            # which torch refuses as it does) take the registered op, which hands the call to them;
+            # other devices (a module moved to "meta" after a call) and, with same_dtype, other
+            # dtypes take the full path (torch refuses float32 input with float64 weights)
             return None
         arrays = (param_view(weight), param_view(bias))
         tables = self.forward.tables(*arrays)
@@ -138,7 +137,6 @@ class _RowFunction(torch.autograd.Function):
         # checkpointing) that is the hook's copy, and the forward's x may be freed or changed
         grad_x, grad_w, grad_b = call.backward(grad_y.detach().numpy(), x.detach().numpy(), weight_table, mean, rstd,
                                                need_weight or need_bias)
-        weight_dtype, bias_dtype = call.param_dtypes
         return (torch.from_numpy(grad_x) if need_x else None,
                 # float64: autograd's engine rounds each to its parameter's dtype, in C++ (past float32's
                 # range it is inf without NumPy's warning, and with no errstate or .to() call from Python)
@@ -162,5 +160,4 @@ def build(spec, forward, param_dtypes) -> RowGradCall | None:
 
     if any(d is not None and d not in (np.float32, np.float64) for d in param_dtypes):
         return None
-    return RowGradCall(forward, fast.fast_backward(forward), (spec.pattern, spec.params, spec.sizes, spec.rms),
-                       tuple(param_dtypes))
+    return RowGradCall(forward, fast.fast_backward(forward), (spec.pattern, spec.params, spec.sizes, spec.rms))
