@@ -2,6 +2,7 @@
 
 import inspect
 import math
+import sys
 import types
 from typing import Mapping, Optional
 
@@ -20,7 +21,8 @@ from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_fo
 from normlab.torch.casting import (apply_recipe_scale, check_casting, check_weight_offset, compute_dtype,
                                    rms_norm_recipe)
 from normlab.torch.masked_modules import masked_forward
-from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
+from normlab.torch.paths import (_LOW_PRECISION, EXPANDED_WEIGHTS_MODULE, _PathSwitch, _choose_path,
+                                 _holds_expanded_weights)
 from normlab.torch.spec import (_RMS_DEFAULT_EPS, Spec, Unscriptable, affine_parameters, module_buffer,
                                 parametrizations_computed, rms_default_eps, torch_layout)
 
@@ -104,6 +106,8 @@ class _Twin:
             return self._torch_forward(input)
         if mask is not None:
             return masked_forward(self, input, mask)
+        if EXPANDED_WEIGHTS_MODULE in sys.modules and _holds_expanded_weights(self):  # (a dict lookup a call)
+            return self._torch_forward(input)
         return self._normlab_forward(input)
 
 
@@ -364,6 +368,8 @@ class _ChannelsFirstForward:
             return stand_in._eager_forward(input, mask)
         if mask is not None:
             return masked_forward(self, input, mask)
+        if EXPANDED_WEIGHTS_MODULE in sys.modules and _holds_expanded_weights(self):
+            return self._torch_forward(input)
         channels = self.normalized_shape[0]
         # (under torch.jit.trace sizes are traced tensors, which a check would turn into bools with
         # a TracerWarning each; the originals' permute and layer norm, taken there, check them)

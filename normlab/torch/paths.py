@@ -81,6 +81,20 @@ def _is_dtensor(x: Tensor) -> bool:
     return distributed is not None and isinstance(x, distributed.DTensor)
 
 
+# where torch keeps ExpandedWeight, imported by its per-sample gradients alone
+EXPANDED_WEIGHTS_MODULE = "torch.nn.utils._expanded_weights.expanded_weights_impl"
+
+
+def _holds_expanded_weights(module) -> bool:
+    """True where a parameter of ``module`` is an ``ExpandedWeight``: torch's per-sample
+    gradients (``call_for_per_sample_grads``, Opacus' ``grad_sample_mode="ew"``) put these in
+    through ``functional_call``, and they take torch's own functions that they compute
+    per-sample gradients for (``F.layer_norm``, ``group_norm``, ``instance_norm``) and raise
+    on any other, a read of ``requires_grad`` included: the twin runs torch.nn's forward."""
+    impl = sys.modules.get(EXPANDED_WEIGHTS_MODULE)
+    return impl is not None and any(type(t) is impl.ExpandedWeight for t in module._parameters.values())
+
+
 def _exporting_to_onnx() -> bool:
     """``torch.onnx.is_in_onnx_export()``, also where the dynamo exporter captures the model
     with ``torch.export.export(strict=True)`` (which it tries after the non-strict capture

@@ -1,0 +1,108 @@
+"""Per-sample gradients on converted models, as differential privacy computes them:
+torch's ExpandedWeights (``call_for_per_sample_grads``, Opacus' ``grad_sample_mode="ew"``)
+and Opacus. Oracles: torch.nn's modules under the same call, a Python loop of one
+sample's gradients at a time, and Opacus' own verdict on torch.nn's models."""
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+from torch.nn.utils._per_sample_grad import call_for_per_sample_grads  # noqa: E402
+
+import normlab.torch as nt  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning")  # (Opacus, for tests)
+
+class ConvNeXtLayerNorm2d(nn.LayerNorm):
+    """ConvNeXt's channels-first layer norm, as torchvision writes it (convert makes it LayerNorm2d)."""
+
+    def forward(self, x):
+        return nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                                        self.eps).permute(0, 3, 1, 2)
+
+
+# torch.nn norms whose functions ExpandedWeights computes per-sample gradients for, and an input shape
+EXPANDED = {
+    "LayerNorm": (lambda: nn.LayerNorm(6), (5, 4, 6)),
+    "LayerNorm over two axes": (lambda: nn.LayerNorm([4, 6]), (5, 4, 6)),
+    "LayerNorm without bias": (lambda: nn.LayerNorm(6, bias=False), (5, 6)),
+    "GroupNorm": (lambda: nn.GroupNorm(2, 4), (5, 4, 3, 3)),
+    "InstanceNorm1d": (lambda: nn.InstanceNorm1d(4, affine=True), (5, 4, 7)),
+    "InstanceNorm2d": (lambda: nn.InstanceNorm2d(4, affine=True), (5, 4, 3, 3)),
+    "InstanceNorm3d": (lambda: nn.InstanceNorm3d(4, affine=True), (5, 4, 2, 3, 3)),
+    "ConvNeXt's LayerNorm2d": (lambda: ConvNeXtLayerNorm2d(4), (5, 4, 3, 3)),
+}
+
+
+def _perturbed(module: nn.Module) -> nn.Module:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    return module
+
+
+@pytest.mark.parametrize("name", list(EXPANDED))
+def test_expanded_weights_give_a_twin_the_per_sample_gradients_of_torch_nn_and_of_a_loop(name):
+    make, shape = EXPANDED[name]
+    reference = _perturbed(make())
+    twin = nt.convert(copy.deepcopy(reference))
+    assert type(twin).__module__ == "normlab.torch"
+    torch.manual_seed(2)
+    x, probe = torch.randn(shape), torch.randn(shape)
+    outputs, per_sample = [], []
+    for module in (reference, twin):
+        y = call_for_per_sample_grads(module)(x)
+        (y * probe).sum().backward()
+        outputs.append(y)
+        per_sample.append([parameter.grad_sample for parameter in module.parameters()])
+    looped = [torch.stack(grads) for grads in zip(*(
+        torch.autograd.grad((reference(x[i:i + 1]) * probe[i:i + 1]).sum(), list(reference.parameters()))
+        for i in range(shape[0])))]
+    torch.testing.assert_close(outputs[1], outputs[0])
+    torch.testing.assert_close(per_sample[1], per_sample[0])
+    torch.testing.assert_close(per_sample[1], looped)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.BatchNorm1d(4), lambda: nn.RMSNorm(4)], ids=["BatchNorm1d", "RMSNorm"])
+def test_expanded_weights_refuse_a_twin_as_they_refuse_its_torch_nn_class_in_torch_s_words(make):
+    reference = make()
+    twin = nt.convert(copy.deepcopy(reference))
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError) as expected:
+        call_for_per_sample_grads(reference)(x)
+    with pytest.raises(RuntimeError) as got:
+        call_for_per_sample_grads(twin)(x)
+    assert str(got.value) == str(expected.value)
+
+
+def _cnn(norm: nn.Module) -> nn.Sequential:
+    torch.manual_seed(0)
+    return _perturbed(nn.Sequential(nn.Conv2d(3, 8, 3), norm, nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)))
+
+
+@pytest.mark.parametrize("norm", [lambda: nn.GroupNorm(2, 8), lambda: nn.LayerNorm([8, 6, 6]),
+                                  lambda: nn.InstanceNorm2d(8, affine=True)], ids=["GroupNorm", "LayerNorm",
+                                                                                  "InstanceNorm2d"])
+def test_an_opacus_step_with_expanded_weights_moves_a_converted_model_as_torch_nn_s(norm):
+    """Opacus' ``grad_sample_mode="ew"``: per-sample gradients clipped (to a norm they all
+    exceed) and summed, without noise, then one SGD step."""
+    opacus = pytest.importorskip("opacus")
+    reference = _cnn(norm())
+    torch.manual_seed(3)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    stepped = []
+    for model in (copy.deepcopy(reference), nt.convert(copy.deepcopy(reference))):
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        private, optimizer, _ = opacus.PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0, max_grad_norm=0.05,
+            grad_sample_mode="ew", poisson_sampling=False)
+        nn.functional.cross_entropy(private(x), y).backward()
+        optimizer.step()
+        stepped.append([parameter.detach() for parameter in model.parameters()])
+    assert type(model[1]).__module__ == "normlab.torch"  # (the last model: the converted one)
+    torch.testing.assert_close(stepped[1], stepped[0])
