@@ -176,3 +176,89 @@ def test_a_loop_over_many_sequence_lengths_keeps_no_memory_that_grows_with_the_i
     assert kept < 4 << 20
     with torch.set_grad_enabled(grad):
         torch.testing.assert_close(twin(inputs[-1]), reference(inputs[-1]), rtol=1e-5, atol=1e-5)
+
+
+def _prune(module, keep: list) -> None:
+    """What structured pruning (torch-pruning's norm pruners, hand-written channel pruning)
+    does to a norm that has run: the kept channels' parameters and running statistics as
+    new tensors, the size attribute torch.nn reads (``normalized_shape``, ``num_channels``,
+    ...) narrowed to match."""
+    for name in ("weight", "bias"):
+        param = getattr(module, name, None)
+        if param is not None:
+            setattr(module, name, torch.nn.Parameter(param.detach()[..., keep].clone()))
+    for name in ("running_mean", "running_var"):
+        buffer = getattr(module, name, None)
+        if buffer is not None:
+            setattr(module, name, buffer[keep].clone())
+    if hasattr(module, "normalized_shape"):
+        module.normalized_shape = tuple(module.normalized_shape[:-1]) + (len(keep),)
+    for name in ("num_features", "num_channels", "hidden_size"):
+        if hasattr(module, name):
+            setattr(module, name, len(keep))
+
+
+def _grouped_rms_norm(module, x):
+    """mamba_ssm's grouped RMS norm (groups of 2 channels, no gate) in torch.nn.functional."""
+    return torch.nn.functional.rms_norm(x.unflatten(-1, (-1, 2)), (2,), eps=module.eps).flatten(-2) * module.weight
+
+
+_nt = pytest.importorskip("normlab.torch")
+_nn = torch.nn
+# (id, twin, torch.nn module with its parameters, input shape for C channels, twin call, torch call)
+PRUNED = [
+    ("layer_norm", lambda: _nt.LayerNorm(8), lambda: _nn.LayerNorm(8), lambda c: (3, 5, c), None, None),
+    ("layer_norm_two_axes", lambda: _nt.LayerNorm((3, 8)), lambda: _nn.LayerNorm((3, 8)), lambda c: (2, 3, c),
+     None, None),
+    ("rms_norm", lambda: _nt.RMSNorm(8), lambda: _nn.RMSNorm(8), lambda c: (3, 5, c), None, None),
+    ("group_norm", lambda: _nt.GroupNorm(2, 8), lambda: _nn.GroupNorm(2, 8), lambda c: (3, c, 5), None, None),
+    ("batch_norm_2d", lambda: _nt.BatchNorm2d(8), lambda: _nn.BatchNorm2d(8), lambda c: (3, c, 4, 4), None, None),
+    ("layer_norm_2d", lambda: _nt.LayerNorm2d(8, eps=1e-5), lambda: _nn.LayerNorm(8), lambda c: (2, c, 3, 3), None,
+     lambda m, x, r: m(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)),
+    ("fused_add_layer_norm", lambda: _nt.FusedAddLayerNorm(8), lambda: _nn.LayerNorm(8), lambda c: (3, 5, c),
+     lambda m, x, r: m(x, r)[0], lambda m, x, r: m(x + r)),
+    ("fused_add_rms_norm", lambda: _nt.FusedAddRMSNorm(8), lambda: _nn.RMSNorm(8, eps=1e-6), lambda c: (3, 5, c),
+     lambda m, x, r: m(x, r)[0], lambda m, x, r: m(x + r)),
+    ("gated_rms_norm", lambda: _nt.GatedRMSNorm(8, group_size=2), lambda: _nn.RMSNorm(8, eps=1e-5),
+     lambda c: (3, 5, c), None, lambda m, x, r: _grouped_rms_norm(m, x)),
+]
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("build, build_torch, shape, call, call_torch", [case[1:] for case in PRUNED],
+                         ids=[case[0] for case in PRUNED])
+def test_a_norm_pruned_to_fewer_channels_after_calls_computes_as_torch_nn(build, build_torch, shape, call,
+                                                                          call_torch, training, grad):
+    """Structured pruning after training or evaluation calls (torch-pruning's LayerNorm
+    pruner sets ``normalized_shape`` and the narrowed weight and bias): the next calls,
+    on inputs of the new width, are torch.nn's, as its forward reads those attributes on
+    every call; the twin's pattern was still that of the old width ("axis n0 has size 4,
+    not 8")."""
+    torch.manual_seed(0)
+    twin, reference = build(), build_torch()
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.uniform_(0.5, 1.5)
+    twin.load_state_dict(reference.state_dict())
+    call = call or (lambda m, x, r: m(x))
+    call_torch = call_torch or (lambda m, x, r: m(x))
+    for width, keep in ((8, None), (6, [0, 2, 3, 5, 6, 7]), (4, [0, 1, 3, 4])):
+        if keep is not None:
+            _prune(twin, keep)
+            _prune(reference, keep)
+        twin.train(training)
+        reference.train(training)
+        x, residual = torch.randn(shape(width)) * 2 + 1, torch.randn(shape(width))
+        x_twin, x_ref = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            y_twin, y_ref = call(twin, x_twin, residual), call_torch(reference, x_ref, residual)
+        torch.testing.assert_close(y_twin, y_ref, rtol=1e-5, atol=1e-5)
+        if grad:
+            grad_y = torch.randn_like(y_ref)
+            wanted_twin, wanted_ref = [x_twin, *twin.parameters()], [x_ref, *reference.parameters()]
+            for got, expected in zip(torch.autograd.grad(y_twin, wanted_twin, grad_y),
+                                     torch.autograd.grad(y_ref, wanted_ref, grad_y)):
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        for name, buffer in reference.named_buffers():
+            torch.testing.assert_close(twin.get_buffer(name), buffer, rtol=1e-5, atol=1e-5)

@@ -699,14 +699,16 @@ def _trailing(normalized_shape) -> tuple[str, str, tuple]:
     return "... [" + " ".join(names) + "]", " ".join(names), sizes
 
 
-def _block_of(module: nn.Module, dtype: torch.dtype) -> Block:
-    """``module._block``, built again where ``eps`` or a recipe attribute (``casting``,
-    ``weight_offset``, ``group_size``, ``norm_before_gate``, ``gate_activation``) was set
-    after construction: torch.nn's norms read eps on every call, and so do these blocks.
+def _block_of(module: nn.Module, dtype: torch.dtype, shape) -> Block:
+    """``module._block``, built again where ``eps``, a recipe attribute (``casting``,
+    ``weight_offset``, ``group_size``, ``norm_before_gate``, ``gate_activation``) or the
+    normalized ``shape`` the module reads now (its ``normalized_shape``, its weight's shape,
+    its ``hidden_size``: structured pruning narrows them together) was set after
+    construction: torch.nn's norms read them on every call, and so do these blocks.
     ``eps=None`` is torch.nn.RMSNorm's: the machine epsilon of the dtype that ``dtype``
     (the normalized tensor's) computes in."""
     block, group_size = module._block, getattr(module, "group_size", None)
-    if (block.eps != module.eps or block.casting != module.casting
+    if (block.eps != module.eps or block.casting != module.casting or shape != module._block_shape
             or block.weight_offset != getattr(module, "weight_offset", 0.0)
             or block.norm_before_gate != getattr(module, "norm_before_gate", True)
             or block.gate_activation != getattr(module, "gate_activation", "silu")
@@ -837,6 +839,8 @@ class FusedAddRMSNorm(Unscriptable, nn.Module):
     ([0.8485, 1.1314], [[3.0, 4.0]])
     """
 
+    _block_shape = None  # (the normalized shape of the block's last build: see _block_of)
+
     def __init__(self, hidden_size, eps: float = 1e-6, casting: str = "llama", weight_offset: float = 0.0,
                  device=None, dtype=None):
         super().__init__()
@@ -855,7 +859,8 @@ class FusedAddRMSNorm(Unscriptable, nn.Module):
         (nn.init.zeros_ if self.weight_offset else nn.init.ones_)(self.weight)
 
     def _init_block(self) -> None:
-        pattern, params, sizes = _trailing(self.weight.shape)
+        self._block_shape = self.weight.shape
+        pattern, params, sizes = _trailing(self._block_shape)
         self._block = Block(pattern, params, sizes=sizes, eps=_float_or_none(self.eps), rms=True, casting=self.casting,
                             weight_offset=self.weight_offset)
 
@@ -871,11 +876,12 @@ class FusedAddRMSNorm(Unscriptable, nn.Module):
         small = _small_add_rms_norm(self, x, residual)
         if small is not None:
             return small
-        x, residual = _with_companion(self, x, residual, self.weight.shape)
+        weight = self.weight
+        x, residual = _with_companion(self, x, residual, weight.shape)
         # (the sum's; promote_types only where the dtypes differ: an export records each call as a node)
         dtype = (x.dtype if residual is None or residual.dtype == x.dtype
                  else torch.promote_types(x.dtype, residual.dtype))
-        return fused_normalize(x, _block_of(self, dtype), residual=residual, weight=self.weight)
+        return fused_normalize(x, _block_of(self, dtype, weight.shape), residual=residual, weight=weight)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}, casting={self.casting!r}" + (
@@ -894,6 +900,8 @@ class FusedAddLayerNorm(Unscriptable, nn.LayerNorm):
     ([1.2247, 0.0, -1.2247], [[4.0, 3.0, 2.0]])
     """
 
+    _block_shape = None  # (the normalized shape of the block's last build: see _block_of)
+
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  device=None, dtype=None, *, casting: str = "gemma"):
         # (torch.nn.LayerNorm's signature spelled out: tools read it, as skip_init reads device)
@@ -902,7 +910,8 @@ class FusedAddLayerNorm(Unscriptable, nn.LayerNorm):
         self._init_block()
 
     def _init_block(self) -> None:
-        pattern, params, sizes = _trailing(self.normalized_shape)
+        self._block_shape = self.normalized_shape
+        pattern, params, sizes = _trailing(self._block_shape)
         self._block = Block(pattern, params, sizes=sizes, eps=_float_or_none(self.eps), casting=self.casting)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
@@ -924,7 +933,8 @@ class FusedAddLayerNorm(Unscriptable, nn.LayerNorm):
             total = x if residual is None else x + residual
             y = nn.functional.layer_norm(total, self.normalized_shape, self.weight, self.bias, self.eps)
             return y if residual is None else (y, total)
-        return fused_normalize(x, _block_of(self, x.dtype), residual=residual, weight=self.weight, bias=self.bias)
+        return fused_normalize(x, _block_of(self, x.dtype, self.normalized_shape), residual=residual,
+                               weight=self.weight, bias=self.bias)
 
 
 def _positive_int(group_size) -> int:
@@ -951,6 +961,8 @@ class GatedRMSNorm(Unscriptable, nn.Module):
     [0.8485, 1.1314, 1.0, 1.0]
     """
 
+    _block_shape = None  # (the normalized shape of the block's last build: see _block_of)
+
     def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: Optional[int] = None,
                  norm_before_gate: bool = True, gate_activation: str = "silu", casting: str = "gemma", device=None,
                  dtype=None):
@@ -969,6 +981,7 @@ class GatedRMSNorm(Unscriptable, nn.Module):
         self._init_block()
 
     def _init_block(self) -> None:
+        self._block_shape = self.hidden_size
         groups = self.hidden_size // self.group_size if self.group_size else 1
         # (a size of 0 is left to the input, as in _trailing)
         sizes = tuple((name, size) for name, size in (("g", groups), ("c", self.group_size)) if size)
@@ -994,7 +1007,7 @@ class GatedRMSNorm(Unscriptable, nn.Module):
                 raise TypeError("GatedRMSNorm.forward takes the gate once: as z or as gate, not both")
             z = gate
         x, z = _with_companion(self, x, z, (self.hidden_size,), "z", f"x * {self.gate_activation}(z)")
-        return fused_normalize(x, _block_of(self, x.dtype), gate=z, weight=self.weight)
+        return fused_normalize(x, _block_of(self, x.dtype, self.hidden_size), gate=z, weight=self.weight)
 
     def extra_repr(self) -> str:
         return (f"{self.hidden_size}, eps={self.eps}, group_size={self.group_size}, "

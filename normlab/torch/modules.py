@@ -81,6 +81,13 @@ class _Twin:
     operations can run (see :func:`normlab.torch.paths._needs_torch_ops`) or where the
     input does not fit, so that torch raises its own error in its own words."""
 
+    # the attribute whose value the spec is built from (normalized_shape, num_groups), where
+    # there is one: torch.nn reads it on every call, and users set it after construction
+    # (structured pruning narrows normalized_shape with the weight), so the twin builds its
+    # spec again when it changes; _spec_source is its value at the last build
+    _spec_from: Optional[str] = None
+    _spec_source = None
+
     @torch.jit.unused
     def _traced_root_forward(self, proxy) -> "torch.fx.Proxy":
         """What fx records for the twin as the root module: torch.nn's forward."""
@@ -99,6 +106,8 @@ class _Twin:
     def _eager_forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         if isinstance(input, torch.fx.Proxy):
             return _fx_call_module(self, input, mask=mask)
+        if self._spec_from is not None and getattr(self, self._spec_from) != self._spec_source:
+            _spec_changed(self)
         stand_in = parametrizations_computed(self)
         if stand_in is not None:  # (each parametrized tensor computed once, as torch.nn's forward does)
             return stand_in._eager_forward(input, mask)
@@ -109,6 +118,13 @@ class _Twin:
         if EXPANDED_WEIGHTS_MODULE in sys.modules and _holds_expanded_weights(self):  # (a dict lookup a call)
             return self._torch_forward(input)
         return self._normlab_forward(input)
+
+
+def _spec_changed(module) -> None:
+    """The spec built again from the attribute it is built from, set since the last build,
+    and the calls planned for the old one dropped."""
+    module._init_spec()
+    module.__dict__.pop("_normlab_fast", None)
 
 
 class _BatchNormForward(_Twin):
@@ -180,6 +196,7 @@ class LayerNorm(_Twin, nn.LayerNorm):
     """
 
     _torch_forward = _torch_method(nn.LayerNorm.forward)
+    _spec_from = "normalized_shape"
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  device=None, dtype=None) -> None:
@@ -188,6 +205,7 @@ class LayerNorm(_Twin, nn.LayerNorm):
 
     def _init_spec(self) -> None:
         self._spec = _trailing_spec(self.normalized_shape, rms=False)
+        self._spec_source = self.normalized_shape
 
     def _normlab_forward(self, input: Tensor) -> Tensor:
         y = _fast_rows(self, input, self.eps)
@@ -238,6 +256,7 @@ class RMSNorm(_Twin, nn.RMSNorm):
     """
 
     _torch_forward = _torch_method(nn.RMSNorm.forward)
+    _spec_from = "normalized_shape"
 
     def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True,
                  device=None, dtype=None, *, casting: Optional[str] = None, weight_offset: float = 0.0) -> None:
@@ -248,6 +267,7 @@ class RMSNorm(_Twin, nn.RMSNorm):
 
     def _init_spec(self) -> None:
         self._spec = _trailing_spec(self.normalized_shape, rms=True)
+        self._spec_source = self.normalized_shape
         self.__dict__.setdefault("casting", None)  # a converted torch.nn.RMSNorm: torch's semantics
         self.__dict__.setdefault("weight_offset", 0.0)
 
@@ -337,8 +357,11 @@ class _ChannelsFirstForward:
     """Mixin: layer norm over the channels of ``(N, C, H, W)`` input, pattern ``"b [c] h w"``
     with ``params="c"``, no permutes; reads ``normalized_shape``, ``weight``, ``bias`` and ``eps``."""
 
+    _spec_source = None  # (the normalized_shape of the spec's last build)
+
     def _init_spec(self) -> None:
         self._spec = Spec.build("b [c] h w", "c", c=int(self.normalized_shape[0]))
+        self._spec_source = self.normalized_shape  # (set after construction: see _Twin._spec_from)
 
     def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """``mask`` (bool, broadcasts to the input): the elements that count toward each
@@ -363,6 +386,8 @@ class _ChannelsFirstForward:
     def _eager_forward(self, input: Tensor, mask: Optional[Tensor]) -> Tensor:
         if isinstance(input, torch.fx.Proxy):
             return _fx_call_module(self, input, mask=mask)
+        if self.normalized_shape != self._spec_source:
+            _spec_changed(self)
         stand_in = parametrizations_computed(self)
         if stand_in is not None:
             return stand_in._eager_forward(input, mask)
@@ -437,6 +462,7 @@ class GroupNorm(_Twin, nn.GroupNorm):
     """
 
     _torch_forward = _torch_method(nn.GroupNorm.forward)
+    _spec_from = "num_groups"
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None,
                  dtype=None, *, bias: bool = True) -> None:
@@ -448,14 +474,7 @@ class GroupNorm(_Twin, nn.GroupNorm):
         # forward raises its error)
         fits = self.num_groups > 0 and self.num_channels % self.num_groups == 0
         self._spec = Spec.build("b (g [c]) [...]", "(g c)", g=self.num_groups) if fits else None
-        self._spec_groups = self.num_groups
-        self.__dict__.pop("_normlab_fast", None)  # (the plans of the groups before)
-
-    @torch.jit.unused
-    def _eager_forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        if getattr(self, "_spec_groups", None) != self.num_groups:  # set after construction: torch.nn reads it
-            self._init_spec()
-        return super()._eager_forward(input, mask)
+        self._spec_source = self.num_groups
 
     def _normlab_forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_tracing():  # torch's forward, as the path below would take, without checks on traced sizes
