@@ -106,3 +106,117 @@ def test_an_opacus_step_with_expanded_weights_moves_a_converted_model_as_torch_n
         stepped.append([parameter.detach() for parameter in model.parameters()])
     assert type(model[1]).__module__ == "normlab.torch"  # (the last model: the converted one)
     torch.testing.assert_close(stepped[1], stepped[0])
+
+
+# norms whose outputs mix the samples of a batch, or which keep running statistics, that
+# Opacus' ModuleValidator flags in torch.nn's models, each after a CNN's first convolution
+OPACUS_FLAGGED = {
+    "BatchNorm2d": lambda: nn.BatchNorm2d(8),
+    "BatchNorm2d without running statistics": lambda: nn.BatchNorm2d(8, track_running_stats=False),
+    "BatchNorm2d with momentum=None": lambda: nn.BatchNorm2d(8, momentum=None),
+    "SyncBatchNorm": lambda: nn.SyncBatchNorm(8),
+    "InstanceNorm2d with running statistics": lambda: nn.InstanceNorm2d(8, affine=True, track_running_stats=True),
+}
+
+
+def _verdict(errors) -> list:
+    return [(type(error), str(error)) for error in errors]
+
+
+def _torch_nn_class(module: nn.Module) -> type:
+    """The torch.nn class a module is or stands for (a twin: the one it subclasses)."""
+    return next(cls for cls in type(module).__mro__ if cls.__module__.startswith("torch.nn"))
+
+
+@pytest.mark.parametrize("name", list(OPACUS_FLAGGED))
+def test_opacus_validates_and_fixes_a_converted_model_as_it_does_torch_nn_s(name):
+    """``ModuleValidator.validate`` names the same faults, ``fix`` makes the same layers
+    (``GroupNorm``, or ``InstanceNorm`` with ``replace_bn_with_in=True``, which it refuses
+    for SyncBatchNorm), and ``make_private`` refuses the model, in every mode."""
+    opacus = pytest.importorskip("opacus")
+    from opacus.validators import ModuleValidator
+
+    reference = _cnn(OPACUS_FLAGGED[name]())
+    twin = nt.convert(copy.deepcopy(reference))
+    assert type(twin[1]).__module__ == "normlab.torch"
+    expected = _verdict(ModuleValidator.validate(reference))
+    assert expected and _verdict(ModuleValidator.validate(twin)) == expected
+    for options in ({}, {"num_groups": 4}, {"replace_bn_with_in": True}):
+        fixed = []
+        for model in (reference, twin):
+            try:
+                fixed.append([(_torch_nn_class(m), m.extra_repr())
+                              for m in ModuleValidator.fix(model, **options).modules()])
+            except (opacus.validators.errors.UnsupportedModuleError, TypeError) as error:
+                fixed.append(_verdict([error]))  # (Opacus' instance norm fixer takes no num_groups)
+        assert fixed[1] == fixed[0]
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    for mode in ("hooks", "functorch", "ew", "ghost"):
+        refusals = []
+        for model in (copy.deepcopy(reference), copy.deepcopy(twin)):
+            with pytest.raises(opacus.validators.errors.UnsupportedModuleError) as refused:
+                opacus.PrivacyEngine().make_private(
+                    module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+                    noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, criterion=nn.CrossEntropyLoss())
+            refusals.append(_verdict(refused.value.args[0]))
+        assert refusals[1] == refusals[0]
+
+
+@pytest.mark.parametrize("pattern, params, sizes, torch_norm", [
+    ("[b h w] c", "c", {"c": 8}, lambda: nn.BatchNorm2d(8)),
+    ("[b] c [h w]", "c", {"c": 8}, lambda: nn.BatchNorm2d(8, track_running_stats=False)),
+    ("b (g [c]) [h w]", "(g c)", {"g": 2, "c": 4}, lambda: nn.GroupNorm(2, 8)),
+    ("b c [h w]", "c", {"c": 8}, lambda: nn.InstanceNorm2d(8, affine=True)),
+])
+def test_opacus_flags_a_norm_pattern_as_it_flags_the_torch_nn_norm_it_writes(pattern, params, sizes, torch_norm):
+    pytest.importorskip("opacus")
+    from opacus.validators import ModuleValidator
+
+    expected = [type(error) for error in ModuleValidator.validate(_cnn(torch_norm()))]
+    norm = nt.Norm(pattern, params=params, **sizes)
+    errors = ModuleValidator.validate(_cnn(norm))
+    assert [type(error) for error in errors] == expected
+    assert all(pattern in str(error) for error in errors)
+
+
+@pytest.mark.parametrize("first", ["normlab.torch", "opacus"])
+def test_opacus_flags_a_converted_batch_norm_whichever_is_imported_first(first):
+    """A model built and converted before Opacus is imported (a notebook's order), and
+    Opacus imported before normlab.torch: a fresh interpreter each."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("opacus")
+    build = "model = nt.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)))"
+    imports = ["import torch, normlab.torch as nt", build, "import opacus"]  # converted before opacus is imported
+    if first == "opacus":
+        imports = ["import torch, opacus", "import normlab.torch as nt", build]
+    script = "\n".join(imports + ["from opacus.validators import ModuleValidator",
+                                  "print(type(model[1]).__module__, len(ModuleValidator.validate(model)), "
+                                  "type(ModuleValidator.fix(model)[1]).__name__)"])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["normlab.torch", "1", "GroupNorm"]
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")  # (torch's, at Opacus' first layer)
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+@pytest.mark.parametrize("norm", [lambda: nn.LayerNorm([8, 6, 6]), lambda: nn.GroupNorm(2, 8),
+                                  lambda: nn.InstanceNorm2d(8, affine=True), lambda: nn.RMSNorm([8, 6, 6])],
+                         ids=["LayerNorm", "GroupNorm", "InstanceNorm2d", "RMSNorm"])
+def test_opacus_per_sample_gradients_of_a_converted_model_are_a_loop_s_of_one_sample_at_a_time(norm, mode):
+    """``GradSampleModule``: Opacus finds no grad sampler for the twins and computes their
+    per-sample gradients with torch.func (``force_functorch``: every layer's)."""
+    opacus = pytest.importorskip("opacus")
+    reference = _cnn(norm())
+    twin = nt.convert(copy.deepcopy(reference))
+    torch.manual_seed(3)
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 4, (6,))
+    looped = [torch.stack(grads) for grads in zip(*(
+        torch.autograd.grad(nn.functional.cross_entropy(reference(x[i:i + 1]), y[i:i + 1], reduction="sum"),
+                            list(reference.parameters())) for i in range(len(x))))]
+    sampled = opacus.GradSampleModule(twin, loss_reduction="sum", force_functorch=mode == "functorch")
+    nn.functional.cross_entropy(sampled(x), y, reduction="sum").backward()
+    assert type(twin[1]).__module__ == "normlab.torch"
+    torch.testing.assert_close([parameter.grad_sample for parameter in twin.parameters()], looped)

@@ -74,6 +74,7 @@ from normlab.torch.modules import (
     BatchNorm1d, BatchNorm2d, BatchNorm3d, ChannelsFirstLayerNorm, GroupNorm, InstanceNorm1d, InstanceNorm2d,
     InstanceNorm3d, LayerNorm, LayerNorm2d, Norm, RMSNorm,
 )
+from normlab.torch.opacus_tables import register_with_opacus
 from normlab.torch.paths import PATHS, use_path
 from normlab.torch.recipe_norms import Float32LayerNorm, Float32LayerNorm2d, RecipeLayerNorm, UnweightedRMSNorm
 from normlab.torch.sync import SyncBatchNorm
@@ -90,6 +91,7 @@ for _public in (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d
     _public.__module__ = __name__  # users (and pickles) name them normlab.torch.X, wherever they live
 register_fusers()  # torch.ao.quantization.fuse_modules finds fusers for (Conv2d, normlab BatchNorm2d)
 register_quantized_twins()  # and torch.ao.quantization.convert the quantized modules of the twins
+register_with_opacus()  # Opacus' ModuleValidator flags and fixes the batch norm twins as torch.nn's
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "LayerNorm2d", "ChannelsFirstLayerNorm", "GroupNorm",

@@ -1,0 +1,110 @@
+"""Opacus (differentially private training) on converted models. Its ``ModuleValidator``
+finds a module's validator and fixer by exact type, so each of its entries that names a
+torch.nn norm gains one naming normlab's twin: ``validate`` flags a batch norm twin, whose
+outputs mix the samples of a batch (per-sample gradients, and so the privacy accounting,
+would be wrong), and ``fix`` replaces it as it replaces torch.nn's (by ``GroupNorm``); an
+instance norm twin with running statistics is flagged and fixed as torch.nn's is. A
+:class:`~normlab.torch.Norm` whose statistics span its first axis (the batch, as Opacus
+reads inputs by default) is flagged too; Opacus has no replacement for a pattern.
+
+Opacus may be imported before normlab.torch or after it (a model built and converted
+first): the tables are filled at once where it is imported, and otherwise when it is,
+by a finder on ``sys.meta_path`` that waits for ``opacus.validators`` and then leaves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+from torch import nn
+
+from normlab.notation import parse_pattern
+from normlab.torch.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, InstanceNorm1d, InstanceNorm2d,
+                                   InstanceNorm3d, Norm)
+from normlab.torch.sync import SyncBatchNorm
+
+_VALIDATORS_MODULE = "opacus.validators"  # imported with opacus itself; its import fills the tables
+_TORCH_CLASSES = {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.BatchNorm2d, BatchNorm3d: nn.BatchNorm3d,
+                  SyncBatchNorm: nn.SyncBatchNorm, InstanceNorm1d: nn.InstanceNorm1d,
+                  InstanceNorm2d: nn.InstanceNorm2d, InstanceNorm3d: nn.InstanceNorm3d}
+
+
+def spans_first_axis(pattern: str) -> bool:
+    """True where the pattern's statistics span its first axis: elements that differ only
+    there share a mean and a variance.
+
+    >>> spans_first_axis("[b h w] c"), spans_first_axis("b (g [c]) [h w]"), spans_first_axis("[...] c")
+    (True, False, True)
+    """
+    return any(axis.reduced for axis in parse_pattern(pattern).dims[0].factors)
+
+
+def _as_torch_class(function, torch_class):
+    """``function`` of Opacus' tables handed a twin as an object of ``torch_class``, sharing
+    its state: SyncBatchNorm's twin subclasses torch's ``_BatchNorm``, not
+    ``nn.SyncBatchNorm``, which the fixer tells apart by ``isinstance``."""
+
+    def seen_as_torch_class(module, **kwargs):
+        original = torch_class.__new__(torch_class)
+        original.__dict__.update(module.__dict__)
+        return function(original, **kwargs)
+
+    return seen_as_torch_class
+
+
+def _fill_tables() -> None:
+    """Add the twins and :class:`Norm` to Opacus' validator and fixer tables (idempotent)."""
+    from opacus.validators import ModuleValidator
+    from opacus.validators.errors import ShouldReplaceModuleError
+
+    for twin, torch_class in _TORCH_CLASSES.items():
+        for table in (ModuleValidator.VALIDATORS, ModuleValidator.FIXERS):
+            function = table.get(torch_class)
+            if function is not None:
+                table.setdefault(twin, function if issubclass(twin, torch_class)
+                                 else _as_torch_class(function, torch_class))
+    validate_instance_norm = ModuleValidator.VALIDATORS.get(nn.InstanceNorm1d, lambda module: [])
+
+    def validate_norm(module: Norm) -> list:
+        if spans_first_axis(module.pattern):
+            return [ShouldReplaceModuleError(
+                f"Norm({module.pattern!r}) shares its statistics across the first axis, the batch: each sample's "
+                "output then depends on the others in its batch, which differential privacy cannot allow. Bracket "
+                "only axes within a sample, e.g. Norm('b (g [c]) [h w]', params='(g c)', g=...) (group norm) or "
+                "Norm('b [c h w]', params='c') (layer norm)")]
+        return validate_instance_norm(module)  # (running statistics: torch.nn's instance norm's verdict)
+
+    ModuleValidator.VALIDATORS.setdefault(Norm, validate_norm)
+
+
+class _WhenImported:
+    """A ``sys.meta_path`` finder that runs ``then()`` after the module ``name`` executes,
+    however it comes to be imported, and takes itself off ``sys.meta_path`` at that import."""
+
+    def __init__(self, name: str, then) -> None:
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)  # (the finders after this one)
+        loader = None if spec is None else spec.loader
+        if loader is not None and hasattr(loader, "exec_module"):
+            execute, then = loader.exec_module, self.then
+
+            def execute_then(module):
+                execute(module)
+                then()
+
+            loader.exec_module = execute_then  # (the loader a finder makes for this module alone)
+        return spec
+
+
+def register_with_opacus() -> None:
+    """Fill Opacus' tables (:func:`_fill_tables`) now where Opacus is imported, or when it is."""
+    if _VALIDATORS_MODULE in sys.modules:
+        _fill_tables()
+    elif not any(isinstance(finder, _WhenImported) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _WhenImported(_VALIDATORS_MODULE, _fill_tables))
