@@ -280,3 +280,108 @@ def test_compiled_with_fullgraph_segment_ids_without_their_count_are_one_graph(c
         ids = torch.arange(3 * segments) % segments
         torch.testing.assert_close(compiled(x, ids), function(x, ids))
     assert counter.frame_count == 1
+
+
+def _segment_norm_loop(x, ids, weight, bias, eps=1e-5):
+    """``"[n] c"`` with segment ids (each graph's nodes, per channel, as PyG's InstanceNorm),
+    in a Python loop over the segments."""
+    y = torch.empty_like(x)
+    for s in ids.unique():
+        rows = ids == s
+        part = x[rows]
+        y[rows] = (part - part.mean(0)) / torch.sqrt(part.var(0, unbiased=False) + eps) * weight + bias
+    return y
+
+
+class _Segmented(torch.nn.Module):
+    def __init__(self, track_running_stats: bool):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 4, dtype=torch.float64)
+        self.norm = nt.Norm("[n] c", params="c", c=4, track_running_stats=track_running_stats, dtype=torch.float64)
+
+    def forward(self, x, ids):
+        return self.norm(self.linear(x), segment_ids=ids)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+@pytest.mark.parametrize("track_running_stats", [False, True], ids=["batch_statistics", "running_statistics"])
+def test_a_traced_model_with_segment_ids_saves_loads_and_freezes_with_the_loops_outputs_at_other_counts(
+        track_running_stats, tmp_path):
+    """torch.jit.trace recorded Norm's segment_ids= (and normalize_masked's) as a Python
+    call into the kernels, which the traced graph ran but torch.jit.save and torch.jit.freeze
+    refused ("Could not export Python function call '_Eager'"); it now records torch
+    operations that take another number of nodes and of segments, as PyG's traced layers do."""
+    g = torch.Generator().manual_seed(11)
+    model = _Segmented(track_running_stats).train()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5, generator=g)
+        model.norm.bias.normal_(generator=g)
+    x, ids = torch.randn(7, 3, generator=g, dtype=torch.float64), torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    traced = torch.jit.trace(copy.deepcopy(model), (x, ids), check_trace=False)
+    torch.jit.save(traced, str(tmp_path / "segments.pt"))
+    loaded = torch.jit.load(str(tmp_path / "segments.pt"))
+    with torch.no_grad():
+        running = [model.norm.running_mean.clone(), model.norm.running_var.clone()] if track_running_stats else None
+        if running is not None:  # (the trace ran one step: torch's update, by hand, over the segments' means)
+            h = model.linear(x)
+            means = torch.stack([h[ids == s].mean(0) for s in range(3)])
+            variances = torch.stack([h[ids == s].var(0) for s in range(3)])
+            running = [0.9 * running[0] + 0.1 * means.mean(0), 0.9 * running[1] + 0.1 * variances.mean(0)]
+    for count, nodes in ((3, 7), (5, 12), (2, 9)):
+        x = torch.randn(nodes, 3, generator=g, dtype=torch.float64, requires_grad=True)
+        ids = torch.sort(torch.cat([torch.arange(count).repeat(2),  # (two nodes at least: torch's rule in training)
+                                    torch.randint(count, (nodes - 2 * count,), generator=g)]))[0]
+        y = loaded(x, ids)
+        h = model.linear(x)
+        expected = _segment_norm_loop(h, ids, model.norm.weight, model.norm.bias)
+        torch.testing.assert_close(y, expected)
+        grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(torch.autograd.grad(y, x, grad_y)[0], torch.autograd.grad(expected, x, grad_y)[0])
+        if running is not None:
+            with torch.no_grad():
+                means = torch.stack([h[ids == s].mean(0) for s in range(count)])
+                variances = torch.stack([h[ids == s].var(0) for s in range(count)])
+                running = [0.9 * running[0] + 0.1 * means.mean(0), 0.9 * running[1] + 0.1 * variances.mean(0)]
+            torch.testing.assert_close(loaded.norm.running_mean, running[0])
+            torch.testing.assert_close(loaded.norm.running_var, running[1])
+    if not track_running_stats:  # (in evaluation the running statistics normalize, with no segments)
+        frozen = torch.jit.freeze(torch.jit.trace(copy.deepcopy(model).eval(), (x, ids), check_trace=False))
+        x, ids = torch.randn(10, 3, generator=g, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, 3])
+        with torch.no_grad():
+            expected = _segment_norm_loop(model.linear(x), ids, model.norm.weight, model.norm.bias)
+        torch.testing.assert_close(frozen(x, ids), expected)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+def test_a_traced_normalize_masked_with_segment_ids_saves_and_runs_at_another_length_and_count(tmp_path):
+    """The functional form, segments along a reduced axis of several, with a mask: torch's
+    reductions over each segment's counted elements, in a loop, are the oracle."""
+    from normlab.torch.masked import normalize_masked
+
+    def segmented(x, ids, mask):
+        return normalize_masked(x, "b [t] c", segment_ids=ids, mask=mask).y
+
+    def loop(x, ids, mask):
+        y = torch.empty_like(x)
+        for s in ids.unique():
+            part, counted = x[:, ids == s], mask[:, ids == s].expand(-1, -1, x.shape[2])
+            count = counted.sum(1, keepdim=True)
+            mean = torch.where(counted, part, 0).sum(1, keepdim=True) / count
+            var = torch.where(counted, (part - mean) ** 2, 0).sum(1, keepdim=True) / count
+            y[:, ids == s] = (part - mean) / torch.sqrt(var + 1e-5)
+        return y
+
+    g = torch.Generator().manual_seed(12)
+
+    def inputs(batch, length, count):
+        ids = torch.sort(torch.cat([torch.arange(count), torch.randint(count, (length - count,), generator=g)]))[0]
+        mask = torch.rand(batch, length, 1, generator=g) < 0.8
+        mask[:, torch.searchsorted(ids, torch.arange(count))] = True  # (each segment's first element counts)
+        return torch.randn(batch, length, 3, generator=g, dtype=torch.float64), ids, mask
+
+    example = inputs(2, 8, 3)
+    torch.jit.save(torch.jit.trace(segmented, example, check_trace=False), str(tmp_path / "segmented.pt"))
+    loaded = torch.jit.load(str(tmp_path / "segmented.pt"))
+    for batch, length, count in ((2, 8, 3), (3, 13, 5), (1, 6, 2)):
+        x, ids, mask = inputs(batch, length, count)
+        torch.testing.assert_close(loaded(x, ids, mask), loop(x, ids, mask))

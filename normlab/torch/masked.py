@@ -368,6 +368,54 @@ def _reduced_composite(x, weight, bias, mask, spec: Spec, eps):
     return y.to(x.dtype).reshape(x.shape), mean.detach().double(), rstd.detach().double(), count.detach().long()
 
 
+def _traced_segments(x, weight, bias, mask, segment_ids, spec: Spec, eps, num_segments: Optional[int],
+                     segment_axis):
+    """The same definition with segments, in torch operations that ``torch.jit.trace``
+    records with the input's sizes and the number of segments as they come (``_composite``
+    plans them as constants): the statistics summed per element of the segment axis, then
+    into the segments with ``index_add``, as PyG's scatter does; ``num_segments=None`` is
+    max(ids) + 1 in the graph. The traced call's ids are checked as eager checks them.
+    Float64 statistics, two-pass."""
+    with warnings.catch_warnings():  # (see _reduced_composite; the checks read the traced call's values)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        shape = tuple(int(n) if isinstance(n, Tensor) else n for n in x.shape)
+        given = num_segments is not None
+        count_now = num_segments if given else int(segment_ids.max()) + 1 if segment_ids.numel() else 0
+        _refuse_too_many_segments(x, spec, segment_ids, count_now, given)
+        check_segment_ids(x, spec.pattern, segment_ids, count_now, segment_axis)
+        if not given:
+            num_segments = segment_ids.max() + 1 if segment_ids.numel() else 0  # (a tensor: a size in the graph)
+    plan = _hinted_plan(spec.pattern, shape, spec.params, spec.sizes)
+    sizes = _symbolic_axis_sizes(plan, spec.pattern, x.shape)
+    axis = plan.axis_names.index(segment_axis) if segment_axis is not None else next(
+        i for i in plan.reduced_axes if not plan.axis_names[i].startswith("..."))
+    others = tuple(i for i in plan.reduced_axes if i != axis)
+    ids = segment_ids.to(x.device).long()
+    compute = torch.float32 if x.device.type == "mps" else torch.float64
+    view = x.reshape(sizes).to(compute)
+    counted = (torch.ones((), dtype=torch.bool, device=x.device) if mask is None else mask).expand(
+        x.shape).reshape(sizes)
+
+    def segment_sum(t: Tensor) -> Tensor:
+        per_element = t.sum(dim=others, keepdim=True) if others else t
+        stats_shape = list(per_element.shape)
+        stats_shape[axis] = num_segments
+        return per_element.new_zeros(stats_shape).index_add(axis, ids, per_element)
+
+    count = segment_sum(counted.to(compute))
+    safe = count.clamp_min(1)
+    mean = torch.zeros_like(count) if spec.rms else segment_sum(torch.where(counted, view, 0)) / safe
+    centered = view - mean.index_select(axis, ids)
+    var = segment_sum(torch.where(counted, centered * centered, 0)) / safe
+    rstd = torch.where(count > 0, torch.rsqrt(var + eps), 0)
+    y = centered * rstd.index_select(axis, ids)
+    if weight is not None:
+        y = y * _expand(weight, plan).to(compute)
+    if bias is not None:
+        y = y + _expand(bias, plan).to(compute)
+    return y.to(x.dtype).reshape(x.shape), mean.detach().double(), rstd.detach().double(), count.detach().long()
+
+
 def _expand(param: Tensor, plan) -> Tensor:
     split = param.reshape(tuple(plan.axis_sizes[i] for i in plan.param_axes))
     order = sorted(range(len(plan.param_axes)), key=lambda k: plan.param_axes[k])
@@ -433,9 +481,10 @@ def _run_masked(x: Tensor, spec: Spec, weight: Optional[Tensor], bias: Optional[
     of ``torch.utils.checkpoint``, which stops at the last saved tensor, updates them too."""
     pattern = spec.pattern
     given_segments = num_segments
+    tracing = torch.jit.is_tracing()  # (asked once a call)
     if segment_ids is not None:
         _check_ids_dtype(x, pattern, segment_ids)
-        if num_segments is None:
+        if num_segments is None and not tracing:  # (traced: read in the graph, see _traced_segments)
             # (not while compiling: Dynamo cannot trace the check, and would refuse a fullgraph for it)
             if not torch.compiler.is_compiling() and _vmapped(segment_ids):
                 raise RuntimeError(f"pattern {pattern!r}, input shape {tuple(x.shape)}: "
@@ -451,12 +500,15 @@ def _run_masked(x: Tensor, spec: Spec, weight: Optional[Tensor], bias: Optional[
                            f"got {x.dtype}; pass x.float()")
     # (either ONNX exporter: ONNX has no normlab op; torch.jit.trace: torch operations, which take
     # other sizes and which torch.jit.save saves, where a call into the kernels is a Python call)
-    tracing = torch.jit.is_tracing()  # (asked once a call)
-    if _exporting_to_onnx() or (tracing and segment_ids is None):
+    if _exporting_to_onnx() or tracing:
         if segment_ids is not None:
-            raise RuntimeError(f"pattern {pattern!r}, input shape {tuple(map(int, x.shape))}: "
-                               + SEGMENTS_DO_NOT_EXPORT)
-        result = MaskedResult(_reduced_composite(x, weight, bias, mask, spec, eps))
+            if _exporting_to_onnx():
+                raise RuntimeError(f"pattern {pattern!r}, input shape {tuple(map(int, x.shape))}: "
+                                   + SEGMENTS_DO_NOT_EXPORT)
+            result = MaskedResult(_traced_segments(x, weight, bias, mask, segment_ids, spec, eps, num_segments,
+                                                   segment_axis))
+        else:
+            result = MaskedResult(_reduced_composite(x, weight, bias, mask, spec, eps))
         if then is not None:
             then(*result[1:])
         return result
