@@ -220,3 +220,35 @@ def test_opacus_per_sample_gradients_of_a_converted_model_are_a_loop_s_of_one_sa
     nn.functional.cross_entropy(sampled(x), y, reduction="sum").backward()
     assert type(twin[1]).__module__ == "normlab.torch"
     torch.testing.assert_close([parameter.grad_sample for parameter in twin.parameters()], looped)
+
+
+class _TwoInputs(nn.Module):
+    """A projection, a block of two inputs (the residual or the gate: the model's input),
+    and a head, as a decoder layer or Mamba2's mixer calls them: by position."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.projection, self.block, self.head = nn.Linear(8, 8), block, nn.Linear(8, 3)
+
+    def forward(self, x):
+        out = self.block(self.projection(x), x)
+        return self.head(out[0] if isinstance(out, tuple) else out).sum(1)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+@pytest.mark.parametrize("block", [lambda: nt.FusedAddRMSNorm(8, eps=1e-6), lambda: nt.FusedAddLayerNorm(8),
+                                   lambda: nt.GatedRMSNorm(8, group_size=4),
+                                   lambda: nt.GatedRMSNorm(8, group_size=4, norm_before_gate=False)],
+                         ids=["FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "GatedRMSNorm gating first"])
+def test_opacus_per_sample_gradients_of_a_block_of_two_inputs_are_a_loop_s(block):
+    """Opacus' own fallback recomputes a layer from its first input alone."""
+    opacus = pytest.importorskip("opacus")
+    model = _perturbed(_TwoInputs(block()))
+    torch.manual_seed(3)
+    x, y = torch.randn(5, 3, 8), torch.randint(0, 3, (5,))
+    looped = [torch.stack(grads) for grads in zip(*(
+        torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1], reduction="sum"),
+                            list(model.parameters())) for i in range(len(x))))]
+    sampled = opacus.GradSampleModule(model, loss_reduction="sum")
+    nn.functional.cross_entropy(sampled(x), y, reduction="sum").backward()
+    torch.testing.assert_close([parameter.grad_sample for parameter in model.parameters()], looped)

@@ -5,11 +5,15 @@ outputs mix the samples of a batch (per-sample gradients, and so the privacy acc
 would be wrong), and ``fix`` replaces it as it replaces torch.nn's (by ``GroupNorm``); an
 instance norm twin with running statistics is flagged and fixed as torch.nn's is. A
 :class:`~normlab.torch.Norm` whose statistics span its first axis (the batch, as Opacus
-reads inputs by default) is flagged too; Opacus has no replacement for a pattern.
+reads inputs by default) is flagged too; Opacus has no replacement for a pattern. The
+blocks that take a second input (the residual of :class:`~normlab.torch.FusedAddRMSNorm`
+and :class:`~normlab.torch.FusedAddLayerNorm`, the gate of
+:class:`~normlab.torch.GatedRMSNorm`) get a grad sampler: Opacus' own fallback recomputes
+a layer from its first input alone, which gives their weights wrong per-sample gradients.
 
 Opacus may be imported before normlab.torch or after it (a model built and converted
 first): the tables are filled at once where it is imported, and otherwise when it is,
-by a finder on ``sys.meta_path`` that waits for ``opacus.validators`` and then leaves.
+by a finder on ``sys.meta_path`` that waits for the ``opacus`` package and then leaves.
 """
 
 from __future__ import annotations
@@ -20,14 +24,16 @@ import sys
 from torch import nn
 
 from normlab.notation import parse_pattern
+from normlab.torch.fused import FusedAddLayerNorm, FusedAddRMSNorm, GatedRMSNorm
 from normlab.torch.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, InstanceNorm1d, InstanceNorm2d,
                                    InstanceNorm3d, Norm)
 from normlab.torch.sync import SyncBatchNorm
 
-_VALIDATORS_MODULE = "opacus.validators"  # imported with opacus itself; its import fills the tables
+_OPACUS = "opacus"  # the package, whose import fills the tables (validators and grad samplers)
 _TORCH_CLASSES = {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.BatchNorm2d, BatchNorm3d: nn.BatchNorm3d,
                   SyncBatchNorm: nn.SyncBatchNorm, InstanceNorm1d: nn.InstanceNorm1d,
                   InstanceNorm2d: nn.InstanceNorm2d, InstanceNorm3d: nn.InstanceNorm3d}
+_TWO_INPUT_BLOCKS = (FusedAddRMSNorm, FusedAddLayerNorm, GatedRMSNorm)
 
 
 def spans_first_axis(pattern: str) -> bool:
@@ -53,10 +59,56 @@ def _as_torch_class(function, torch_class):
     return seen_as_torch_class
 
 
+class _Unhooked(nn.Module):
+    """Calls a module's forward past its hooks (Opacus' own would fire inside a grad sampler)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *inputs):
+        return self.module.forward(*inputs)
+
+
+def per_sample_gradients(block: nn.Module, activations: list, backprops) -> dict:
+    """Opacus' grad sampler for a block: torch.func's per-sample gradients of its trainable
+    parameters through its first output (the normalized one, whose gradient is
+    ``backprops``), recomputed from every input the model passed by position (the residual,
+    the gate). An input without the batch's leading size (a residual that broadcasts) is
+    shared by all samples.
+
+    >>> import torch
+    >>> block = FusedAddRMSNorm(4)
+    >>> x, residual = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    >>> per_sample_gradients(block, [x, residual], torch.ones(3, 2, 4))[block.weight].shape
+    torch.Size([3, 4])
+    """
+    from torch.func import functional_call, grad, vmap
+
+    names = [name for name, parameter in block.named_parameters() if parameter.requires_grad]
+    params = {f"module.{name}": block.get_parameter(name).detach() for name in names}
+    unhooked = _Unhooked(block)
+    batch = backprops.shape[0]
+    per_sample = tuple(0 if t.dim() and t.shape[0] == batch else None for t in activations)
+
+    def output_dot_backprop(params, backprop, *inputs):
+        inputs = tuple(t.unsqueeze(0) if axis == 0 else t for t, axis in zip(inputs, per_sample))
+        output = functional_call(unhooked, params, inputs)
+        return ((output[0] if isinstance(output, tuple) else output) * backprop.unsqueeze(0)).sum()
+
+    grads = vmap(grad(output_dot_backprop), in_dims=(None, 0) + per_sample)(params, backprops, *activations)
+    return {block.get_parameter(name): grads[f"module.{name}"] for name in names}
+
+
 def _fill_tables() -> None:
-    """Add the twins and :class:`Norm` to Opacus' validator and fixer tables (idempotent)."""
+    """Add the twins and :class:`Norm` to Opacus' validator and fixer tables, and the
+    blocks of two inputs to its grad samplers (idempotent)."""
+    from opacus.grad_sample import GradSampleModule, register_grad_sampler
     from opacus.validators import ModuleValidator
     from opacus.validators.errors import ShouldReplaceModuleError
+
+    register_grad_sampler([block for block in _TWO_INPUT_BLOCKS if block not in GradSampleModule.GRAD_SAMPLERS])(
+        per_sample_gradients)
 
     for twin, torch_class in _TORCH_CLASSES.items():
         for table in (ModuleValidator.VALIDATORS, ModuleValidator.FIXERS):
@@ -104,7 +156,7 @@ class _WhenImported:
 
 def register_with_opacus() -> None:
     """Fill Opacus' tables (:func:`_fill_tables`) now where Opacus is imported, or when it is."""
-    if _VALIDATORS_MODULE in sys.modules:
+    if _OPACUS in sys.modules:
         _fill_tables()
     elif not any(isinstance(finder, _WhenImported) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _WhenImported(_VALIDATORS_MODULE, _fill_tables))
+        sys.meta_path.insert(0, _WhenImported(_OPACUS, _fill_tables))
