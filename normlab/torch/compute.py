@@ -151,31 +151,29 @@ def _fake(*tensors) -> bool:
 def _folding_keeps_precision(module, x: Tensor, mean: Tensor, var: Tensor) -> bool:
     """True where torch's folded evaluation op keeps the numerics contract for float32 on
     the CPU (:data:`FOLDED_MEAN_LIMIT`); other dtypes and devices keep torch's op. The
-    answer is kept per module while the buffers keep their memory and version, and until
-    the module trains through torch's own op (:func:`_torch_batch_norm`)."""
+    answer is kept per module while the buffers hold the values it was found for, compared
+    byte for byte through NumPy views of their memory: writes that move no version counter
+    (through ``.data``, NumPy, torch's own batch norm op in training) change them too."""
     if (x.dtype != torch.float32 or not x.is_cpu or mean is None or var is None or torch.compiler.is_compiling()
             or _fake(x, mean, var)):
         # (compiled, the op is decomposed into (x - mean)·rstd·w + b, which does not cancel;
         # the check's data-dependent answer would break the graph. Fake tensors have no values)
         return True
-    tracked = not (mean.is_inference() or var.is_inference())  # (no version counter to key on)
-    key = (mean._version, var._version, mean.data_ptr(), var.data_ptr(), module.eps) if tracked else None
+    key = (mean.data_ptr(), var.data_ptr(), module.eps)
     cache = module_cache(module, "_normlab_folding")
     held = cache.get("checked")
-    if held is not None and held[0] == key and key is not None:
+    if held is not None and held[0] == key and held[2].tobytes() == held[4] and held[3].tobytes() == held[5]:
         return held[1]
     mean64, var64 = mean.detach().double(), var.detach().double()
     keeps = bool((mean64.abs() <= FOLDED_MEAN_LIMIT * torch.sqrt(var64 + module.eps)).all())  # (NaN: False)
-    cache["checked"] = (key, keeps)
+    if all(type(t) is Tensor and t.dtype in _EVAL_DTYPES and t.is_contiguous() for t in (mean, var)):
+        views = (param_view(mean), param_view(var))  # (the buffers' memory, whatever later writes it)
+        cache["checked"] = (key, keeps, *views, views[0].tobytes(), views[1].tobytes())
     return keeps
 
 
 def _torch_batch_norm(module, x: Tensor) -> Tensor:
-    """torch.nn's batch norm forward. In training torch's CPU op updates the running
-    statistics in place without moving their version counters, which
-    :func:`_folding_keeps_precision` keys its kept answer on: the answer is dropped."""
-    if module.training and not torch.compiler.is_compiling():
-        module.__dict__.pop("_normlab_folding", None)
+    """torch.nn's batch norm forward."""
     return nn.modules.batchnorm._BatchNorm.forward(module, x)
 
 
