@@ -189,7 +189,9 @@ def test_opacus_flags_a_converted_batch_norm_whichever_is_imported_first(first):
 
     pytest.importorskip("opacus")
     build = "model = nt.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)))"
-    imports = ["import torch, normlab.torch as nt", build, "import opacus"]  # converted before opacus is imported
+    # converted before opacus is imported, after a look-up of it (as availability checks make)
+    imports = ["import importlib.util, torch, normlab.torch as nt", "assert importlib.util.find_spec('opacus')", build,
+               "import opacus"]
     if first == "opacus":
         imports = ["import torch, opacus", "import normlab.torch as nt", build]
     script = "\n".join(imports + ["from opacus.validators import ModuleValidator",

@@ -132,23 +132,29 @@ def _fill_tables() -> None:
 
 class _WhenImported:
     """A ``sys.meta_path`` finder that runs ``then()`` after the module ``name`` executes,
-    however it comes to be imported, and takes itself off ``sys.meta_path`` at that import."""
+    however it comes to be imported, and then leaves ``sys.meta_path``. A look-up alone
+    (``importlib.util.find_spec``, as availability checks do) executes nothing: it stays."""
 
     def __init__(self, name: str, then) -> None:
-        self.name, self.then = name, then
+        self.name, self.then, self.finding = name, then, False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != self.name:
+        if fullname != self.name or self.finding:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)  # (the finders after this one)
+        self.finding = True
+        try:
+            spec = importlib.util.find_spec(fullname)  # (the other finders: this one answers None meanwhile)
+        finally:
+            self.finding = False
         loader = None if spec is None else spec.loader
         if loader is not None and hasattr(loader, "exec_module"):
-            execute, then = loader.exec_module, self.then
+            execute = loader.exec_module
 
             def execute_then(module):
                 execute(module)
-                then()
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
+                self.then()
 
             loader.exec_module = execute_then  # (the loader a finder makes for this module alone)
         return spec
