@@ -202,6 +202,17 @@ def test_opacus_flags_a_converted_batch_norm_whichever_is_imported_first(first):
     assert done.stdout.split() == ["normlab.torch", "1", "GroupNorm"]
 
 
+def test_normlab_torch_imports_where_opacus_is_blocked_as_not_installed():
+    """``sys.modules["opacus"] = None`` makes an import of opacus fail, as where it is not
+    installed (test suites block packages so)."""
+    import subprocess
+    import sys
+
+    script = "import sys; sys.modules['opacus'] = None; import normlab.torch; print('imported')"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["imported"], done.stderr
+
+
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")  # (torch's, at Opacus' first layer)
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])
 @pytest.mark.parametrize("norm", [lambda: nn.LayerNorm([8, 6, 6]), lambda: nn.GroupNorm(2, 8),

@@ -162,7 +162,7 @@ class _WhenImported:
 
 def register_with_opacus() -> None:
     """Fill Opacus' tables (:func:`_fill_tables`) now where Opacus is imported, or when it is."""
-    if _OPACUS in sys.modules:
+    if sys.modules.get(_OPACUS) is not None:  # (None: an import blocked on purpose, which then fails)
         _fill_tables()
     elif not any(isinstance(finder, _WhenImported) for finder in sys.meta_path):
         sys.meta_path.insert(0, _WhenImported(_OPACUS, _fill_tables))
