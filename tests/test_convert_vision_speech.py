@@ -1,0 +1,137 @@
+"""convert() on transformers' vision and speech families, as their users train them: Wav2Vec2's
+feature extractor (a GroupNorm over time, one group per channel) and its stable layer-norm
+variant (a LayerNorm on transposed features), Wav2Vec2-Conformer's BatchNorm1d over time,
+LeViT's BatchNorm1d over tokens, ConvNeXt V2's channels-first layer norms on a channels_last
+model, MobileViT's BatchNorm2d and LayerNorm on unfolded patches, Swin's patch merging on an
+image its windows must pad, and BiT's group norms (those followed by an activation are left
+alone, with a warning). The oracle is the unconverted model (transformers' classes, torch.nn's
+norms and torch's autograd), run in float64 on the same inputs and random masks."""
+
+import copy
+import random
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import normlab.torch as nt  # noqa: E402
+
+_AUDIO = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+              conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
+              mask_time_prob=0.3, mask_time_length=2)
+
+
+def _tiny(kind: str):
+    """A small model of ``kind`` with random weights, and its input (batch 3)."""
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    audio = torch.randn(3, 1000, generator=generator)
+    image = torch.randn(3, 3, 32, 32, generator=generator)
+    if kind == "wav2vec2_group_norm":
+        return transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(feat_extract_norm="group", **_AUDIO)), audio
+    if kind == "wav2vec2_stable_layer_norm":
+        config = transformers.Wav2Vec2Config(feat_extract_norm="layer", do_stable_layer_norm=True, **_AUDIO)
+        return transformers.Wav2Vec2Model(config), audio
+    if kind == "wav2vec2_conformer":
+        config = transformers.Wav2Vec2ConformerConfig(conv_depthwise_kernel_size=3, **_AUDIO)
+        return transformers.Wav2Vec2ConformerModel(config), audio
+    if kind == "levit":
+        config = transformers.LevitConfig(image_size=32, hidden_sizes=[16, 24, 32], num_attention_heads=[1, 2, 2],
+                                          depths=[1, 1, 1], key_dim=[8, 8, 8], patch_size=16)
+        return transformers.LevitModel(config), image
+    if kind == "convnextv2_channels_last":
+        config = transformers.ConvNextV2Config(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)
+        return (transformers.ConvNextV2Model(config).to(memory_format=torch.channels_last),
+                image.contiguous(memory_format=torch.channels_last))
+    if kind == "mobilevit":
+        config = transformers.MobileViTConfig(image_size=32, hidden_sizes=[16, 24, 32],
+                                              neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32])
+        return transformers.MobileViTModel(config), image
+    if kind == "swin_padded_windows":
+        config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 2], num_heads=[2, 4],
+                                         window_size=2)
+        return transformers.SwinModel(config), torch.randn(3, 3, 36, 44, generator=generator)
+    config = transformers.BitConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_groups=4,
+                                    layer_type="bottleneck", global_padding="SAME", embedding_dynamic_padding=True)
+    return transformers.BitModel(config), image
+
+
+KINDS = ["wav2vec2_group_norm", "wav2vec2_stable_layer_norm", "wav2vec2_conformer", "levit",
+         "convnextv2_channels_last", "mobilevit", "swin_padded_windows", "bit_bottleneck"]
+
+
+def _train_step(model, x, projection):
+    """Output and parameter gradients of one training step, the random masks (SpecAugment's
+    NumPy ones too) and drop paths drawn alike, and the model's buffers after it."""
+    model.train()
+    model.zero_grad()
+    torch.manual_seed(2)
+    np.random.seed(2)
+    random.seed(2)
+    input_name = "input_values" if x.dim() == 2 else "pixel_values"
+    output = model(**{input_name: x}).last_hidden_state
+    (output * projection(output)).sum().backward()
+    return output.detach(), {name: p.grad for name, p in model.named_parameters()}, dict(model.named_buffers())
+
+
+def _close(actual, expected, what, scale=None):
+    """Equal up to float64 rounding, relative to ``scale`` (by default the largest value)."""
+    scale = expected.abs().max().item() if scale is None else scale
+    torch.testing.assert_close(actual, expected, rtol=1e-7, atol=1e-10 * scale, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_vision_and_speech_models_train_a_step_with_the_originals_outputs_gradients_and_statistics(kind):
+    original, x = _tiny(kind)
+    original.double()
+    x = x.double()
+    converted = copy.deepcopy(original)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        nt.convert(converted)
+    left_alone = [m for m in converted.modules() if type(m).__name__ == "BitGroupNormActivation"]
+    if kind == "bit_bottleneck":  # group norm then ReLU: left alone; group norm then Identity: a GroupNorm
+        assert len(caught) == 1 and "BitGroupNormActivation (embedder.norm" in str(caught[0].message)
+        assert left_alone and all(not isinstance(m.activation, torch.nn.Identity) for m in left_alone)
+        assert sum(isinstance(m, nt.GroupNorm) for m in converted.modules()) == 4
+    else:
+        assert not caught, [str(w.message) for w in caught]
+    torch_norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase)
+    unconverted = [name for name, m in converted.named_modules()
+                   if isinstance(m, torch_norms) and not type(m).__module__.startswith("normlab.")
+                   and type(m).__name__ != "BitGroupNormActivation"]
+    assert not unconverted
+    assert list(converted.state_dict()) == list(original.state_dict())
+
+    weights = {}
+
+    def projection(output):  # (a loss whose gradient no norm's backward cancels)
+        key = tuple(output.shape)
+        if key not in weights:
+            weights[key] = torch.randn(key, dtype=output.dtype, generator=torch.Generator().manual_seed(3))
+        return weights[key]
+
+    expected, expected_grads, expected_buffers = _train_step(original, x, projection)
+    actual, actual_grads, actual_buffers = _train_step(converted, x, projection)
+    _close(actual, expected, "training output")
+    assert actual.stride() == expected.stride()
+    # a gradient that is zero but for rounding (a key projection's bias under softmax, a batch
+    # norm's bias before another batch norm) is held to the rounding of the model's largest ones
+    largest = max(grad.abs().max().item() for grad in expected_grads.values() if grad is not None)
+    for name, grad in expected_grads.items():
+        assert (actual_grads[name] is None) == (grad is None), name
+        if grad is not None:
+            _close(actual_grads[name], grad, name, scale=largest)
+    for name, buffer in expected_buffers.items():
+        if buffer.is_floating_point():  # (a running mean of a batch normalized before: zero but for rounding)
+            _close(actual_buffers[name], buffer, name, scale=max(buffer.abs().max().item(), 1.0))
+        else:
+            assert torch.equal(actual_buffers[name], buffer), name
+    original.eval(), converted.eval()
+    input_name = "input_values" if x.dim() == 2 else "pixel_values"
+    with torch.no_grad():
+        _close(converted(**{input_name: x}).last_hidden_state, original(**{input_name: x}).last_hidden_state,
+               "evaluation output")
