@@ -265,3 +265,32 @@ def test_opacus_per_sample_gradients_of_a_block_of_two_inputs_are_a_loop_s(block
     sampled = opacus.GradSampleModule(model, loss_reduction="sum")
     nn.functional.cross_entropy(sampled(x), y, reduction="sum").backward()
     torch.testing.assert_close([parameter.grad_sample for parameter in model.parameters()], looped)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+@pytest.mark.parametrize("norm", [lambda: nn.LayerNorm([8, 6, 6]), lambda: nn.GroupNorm(2, 8),
+                                  lambda: nn.InstanceNorm2d(8, affine=True), lambda: nn.RMSNorm([8, 6, 6])],
+                         ids=["LayerNorm", "GroupNorm", "InstanceNorm2d", "RMSNorm"])
+def test_a_model_converted_after_make_private_trains_as_the_unconverted_one(norm):
+    """convert() keeps each layer's hooks, Opacus' among them: its per-sample gradients
+    then meet the twin at the first backward."""
+    opacus = pytest.importorskip("opacus")
+    reference = _cnn(norm())
+    torch.manual_seed(3)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    stepped = []
+    for converted in (False, True):
+        model = copy.deepcopy(reference)
+        private, optimizer, _ = opacus.PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), data_loader=loader,
+            noise_multiplier=0.0, max_grad_norm=0.05, poisson_sampling=False)
+        if converted:
+            nt.convert(private)
+            assert type(model[1]).__module__ == "normlab.torch"
+        for _ in range(2):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(private(x), y).backward()
+            optimizer.step()
+        stepped.append([parameter.detach() for parameter in model.parameters()])
+    torch.testing.assert_close(stepped[1], stepped[0])

@@ -5,11 +5,16 @@ outputs mix the samples of a batch (per-sample gradients, and so the privacy acc
 would be wrong), and ``fix`` replaces it as it replaces torch.nn's (by ``GroupNorm``); an
 instance norm twin with running statistics is flagged and fixed as torch.nn's is. A
 :class:`~normlab.torch.Norm` whose statistics span its first axis (the batch, as Opacus
-reads inputs by default) is flagged too; Opacus has no replacement for a pattern. The
-blocks that take a second input (the residual of :class:`~normlab.torch.FusedAddRMSNorm`
-and :class:`~normlab.torch.FusedAddLayerNorm`, the gate of
-:class:`~normlab.torch.GatedRMSNorm`) get a grad sampler: Opacus' own fallback recomputes
-a layer from its first input alone, which gives their weights wrong per-sample gradients.
+reads inputs by default) is flagged too; Opacus has no replacement for a pattern.
+
+The other modules with parameters get a grad sampler (:func:`per_sample_gradients`),
+where Opacus would take its fallback for a layer it does not know: that recomputes the
+layer from its first input alone, which gives the weights of the blocks that take a
+second one (the residual of :class:`~normlab.torch.FusedAddRMSNorm` and
+:class:`~normlab.torch.FusedAddLayerNorm`, the gate of :class:`~normlab.torch.GatedRMSNorm`)
+wrong per-sample gradients, and prepares the layer when the hooks are added, so that a
+model converted after ``make_private`` (its twins keep Opacus' hooks) failed at the first
+backward.
 
 Opacus may be imported before normlab.torch or after it (a model built and converted
 first): the tables are filled at once where it is imported, and otherwise when it is,
@@ -25,15 +30,20 @@ from torch import nn
 
 from normlab.notation import parse_pattern
 from normlab.torch.fused import FusedAddLayerNorm, FusedAddRMSNorm, GatedRMSNorm
-from normlab.torch.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, InstanceNorm1d, InstanceNorm2d,
-                                   InstanceNorm3d, Norm)
+from normlab.torch.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, ChannelsFirstLayerNorm, GroupNorm,
+                                   InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, LayerNorm2d, Norm, RMSNorm)
+from normlab.torch.recipe_norms import Float32LayerNorm, Float32LayerNorm2d, RecipeLayerNorm
 from normlab.torch.sync import SyncBatchNorm
 
 _OPACUS = "opacus"  # the package, whose import fills the tables (validators and grad samplers)
 _TORCH_CLASSES = {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.BatchNorm2d, BatchNorm3d: nn.BatchNorm3d,
                   SyncBatchNorm: nn.SyncBatchNorm, InstanceNorm1d: nn.InstanceNorm1d,
                   InstanceNorm2d: nn.InstanceNorm2d, InstanceNorm3d: nn.InstanceNorm3d}
-_TWO_INPUT_BLOCKS = (FusedAddRMSNorm, FusedAddLayerNorm, GatedRMSNorm)
+# normlab's modules with parameters of their own that keep each sample apart (the batch norm
+# twins do not, and are flagged): each gets :func:`per_sample_gradients`
+_SAMPLED = (LayerNorm, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, RMSNorm, LayerNorm2d,
+            ChannelsFirstLayerNorm, Float32LayerNorm, Float32LayerNorm2d, RecipeLayerNorm, Norm, FusedAddRMSNorm,
+            FusedAddLayerNorm, GatedRMSNorm)
 
 
 def spans_first_axis(pattern: str) -> bool:
@@ -107,8 +117,7 @@ def _fill_tables() -> None:
     from opacus.validators import ModuleValidator
     from opacus.validators.errors import ShouldReplaceModuleError
 
-    register_grad_sampler([block for block in _TWO_INPUT_BLOCKS if block not in GradSampleModule.GRAD_SAMPLERS])(
-        per_sample_gradients)
+    register_grad_sampler([cls for cls in _SAMPLED if cls not in GradSampleModule.GRAD_SAMPLERS])(per_sample_gradients)
 
     for twin, torch_class in _TORCH_CLASSES.items():
         for table in (ModuleValidator.VALIDATORS, ModuleValidator.FIXERS):
