@@ -81,11 +81,11 @@ class _Unhooked(nn.Module):
 
 
 def per_sample_gradients(block: nn.Module, activations: list, backprops) -> dict:
-    """Opacus' grad sampler for a block: torch.func's per-sample gradients of its trainable
-    parameters through its first output (the normalized one, whose gradient is
-    ``backprops``), recomputed from every input the model passed by position (the residual,
-    the gate). An input without the batch's leading size (a residual that broadcasts) is
-    shared by all samples.
+    """Opacus' grad sampler for a normlab module: torch.func's per-sample gradients of its
+    trainable parameters through its first output (the normalized one, whose gradient is
+    ``backprops``), recomputed from every input the model passed by position (a block's
+    residual or gate). An input without the batch's leading size (a residual that
+    broadcasts) is shared by all samples.
 
     >>> import torch
     >>> block = FusedAddRMSNorm(4)
@@ -112,7 +112,7 @@ def per_sample_gradients(block: nn.Module, activations: list, backprops) -> dict
 
 def _fill_tables() -> None:
     """Add the twins and :class:`Norm` to Opacus' validator and fixer tables, and the
-    blocks of two inputs to its grad samplers (idempotent)."""
+    modules of :data:`_SAMPLED` to its grad samplers (idempotent)."""
     from opacus.grad_sample import GradSampleModule, register_grad_sampler
     from opacus.validators import ModuleValidator
     from opacus.validators.errors import ShouldReplaceModuleError
