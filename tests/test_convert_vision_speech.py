@@ -4,7 +4,7 @@ variant (a LayerNorm on transposed features), Wav2Vec2-Conformer's BatchNorm1d o
 LeViT's BatchNorm1d over tokens, ConvNeXt V2's channels-first layer norms on a channels_last
 model, MobileViT's BatchNorm2d and LayerNorm on unfolded patches, Swin's patch merging on an
 image its windows must pad, and BiT's group norms (those followed by an activation are left
-alone, with a warning). The oracle is the unconverted model (transformers' classes, torch.nn's
+alone, with a warning, as are Gemma3n's and WavTokenizer's audio norms). The oracle is the unconverted model (transformers' classes, torch.nn's
 norms and torch's autograd), run in float64 on the same inputs and random masks."""
 
 import copy
@@ -135,3 +135,24 @@ def test_vision_and_speech_models_train_a_step_with_the_originals_outputs_gradie
     with torch.no_grad():
         _close(converted(**{input_name: x}).last_hidden_state, original(**{input_name: x}).last_hidden_state,
                "evaluation output")
+
+
+def test_the_speech_norms_the_readme_lists_as_left_alone_are_left_alone_with_one_warning():
+    # README: Gemma3n's cumulative group norm over time and WavTokenizer's layer norm modulated
+    # by embeddings of a condition id compute what no normlab module does
+    # (older transformers releases lack WavTokenizer)
+    Gemma3nAudioCumulativeGroupNorm = pytest.importorskip(
+        "transformers.models.gemma3n.modeling_gemma3n").Gemma3nAudioCumulativeGroupNorm
+    WavTokenizerAdaLayerNorm = pytest.importorskip(
+        "transformers.models.wavtokenizer.modeling_wavtokenizer").WavTokenizerAdaLayerNorm
+
+    config = transformers.WavTokenizerConfig(decoder_hidden_size=8, decoder_attention_num_groups=2, adanorm_num_embeddings=2)
+    model = torch.nn.ModuleDict(dict(cumulative=Gemma3nAudioCumulativeGroupNorm(8, (4,)),
+                                     adaptive=WavTokenizerAdaLayerNorm(config)))
+    with pytest.warns(UserWarning) as record:
+        converted = nt.convert(model)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "left 2 norm layer(s) unconverted" in message
+    assert "Gemma3nAudioCumulativeGroupNorm (cumulative)" in message and "WavTokenizerAdaLayerNorm (adaptive)" in message
+    assert converted["cumulative"] is model["cumulative"] and converted["adaptive"] is model["adaptive"]
