@@ -79,6 +79,32 @@ def test_expanded_weights_refuse_a_twin_as_they_refuse_its_torch_nn_class_in_tor
     assert str(got.value) == str(expected.value)
 
 
+@pytest.mark.parametrize("make, shape", [(lambda: nt.LayerNorm(6), (5, 4, 3, 6)), (lambda: nt.LayerNorm2d(4), (5, 4, 3, 3))],
+                         ids=["LayerNorm", "LayerNorm2d"])
+def test_a_twin_looks_for_expanded_weights_only_where_a_parameter_is_not_a_plain_tensor(make, shape, monkeypatch):
+    """Dynamo's import (so normlab.torch's) brings ExpandedWeight's module with it: a check run
+    on every call wherever that module is imported would cost each twin call four Python calls.
+    Plain parameters (every call outside per-sample gradients) skip it; ExpandedWeights take it."""
+    import sys
+
+    from normlab.torch import modules, paths
+
+    assert paths.EXPANDED_WEIGHTS_MODULE in sys.modules  # (by Dynamo's import, and this file's)
+    looked = []
+    monkeypatch.setattr(modules, "_holds_expanded_weights",
+                        lambda module: looked.append(module) or paths._holds_expanded_weights(module))
+    twin = make()
+    x = torch.randn(shape)
+    twin(x).sum().backward()
+    with torch.no_grad():
+        twin(x)
+    assert looked == []
+    reference = copy.deepcopy(twin)
+    call_for_per_sample_grads(twin)(x).sum().backward()
+    assert looked  # and the per-sample gradients are torch.nn's (the tests above)
+    assert twin.weight.grad_sample.shape == (5,) + tuple(reference.weight.shape)
+
+
 def _cnn(norm: nn.Module) -> nn.Sequential:
     torch.manual_seed(0)
     return _perturbed(nn.Sequential(nn.Conv2d(3, 8, 3), norm, nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)))

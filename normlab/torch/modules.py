@@ -2,7 +2,6 @@
 
 import inspect
 import math
-import sys
 import types
 from typing import Mapping, Optional
 
@@ -21,7 +20,7 @@ from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_fo
 from normlab.torch.casting import (apply_recipe_scale, check_casting, check_weight_offset, compute_dtype,
                                    rms_norm_recipe)
 from normlab.torch.masked_modules import masked_forward
-from normlab.torch.paths import (_LOW_PRECISION, EXPANDED_WEIGHTS_MODULE, _PathSwitch, _choose_path,
+from normlab.torch.paths import (_LOW_PRECISION, PLAIN_PARAMETERS, _PathSwitch, _choose_path,
                                  _holds_expanded_weights)
 from normlab.torch.spec import (_RMS_DEFAULT_EPS, Spec, Unscriptable, affine_parameters, module_buffer,
                                 parametrizations_computed, rms_default_eps, torch_layout)
@@ -115,7 +114,9 @@ class _Twin:
             return self._torch_forward(input)
         if mask is not None:
             return masked_forward(self, input, mask)
-        if EXPANDED_WEIGHTS_MODULE in sys.modules and _holds_expanded_weights(self):  # (a dict lookup a call)
+        parameters = self._parameters  # (two dict lookups a call; the Python check only past them)
+        if ((type(parameters.get("weight")) not in PLAIN_PARAMETERS
+             or type(parameters.get("bias")) not in PLAIN_PARAMETERS) and _holds_expanded_weights(self)):
             return self._torch_forward(input)
         return self._normlab_forward(input)
 
@@ -393,7 +394,9 @@ class _ChannelsFirstForward:
             return stand_in._eager_forward(input, mask)
         if mask is not None:
             return masked_forward(self, input, mask)
-        if EXPANDED_WEIGHTS_MODULE in sys.modules and _holds_expanded_weights(self):
+        parameters = self._parameters
+        if ((type(parameters.get("weight")) not in PLAIN_PARAMETERS
+             or type(parameters.get("bias")) not in PLAIN_PARAMETERS) and _holds_expanded_weights(self)):
             return self._torch_forward(input)
         channels = self.normalized_shape[0]
         # (under torch.jit.trace sizes are traced tensors, which a check would turn into bools with

@@ -81,8 +81,11 @@ def _is_dtensor(x: Tensor) -> bool:
     return distributed is not None and isinstance(x, distributed.DTensor)
 
 
-# where torch keeps ExpandedWeight, imported by its per-sample gradients alone
+# where torch keeps ExpandedWeight (imported with Dynamo, so by normlab.torch's SyncBatchNorm too)
 EXPANDED_WEIGHTS_MODULE = "torch.nn.utils._expanded_weights.expanded_weights_impl"
+# the types of a twin's weight and bias that are no ExpandedWeight: a call that finds one of
+# these in each looks no further (no Python call), which is every call outside per-sample gradients
+PLAIN_PARAMETERS = (torch.nn.Parameter, Tensor, type(None))
 
 
 def _holds_expanded_weights(module) -> bool:
