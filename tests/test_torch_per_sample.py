@@ -239,6 +239,30 @@ def test_normlab_torch_imports_where_opacus_is_blocked_as_not_installed():
     assert done.returncode == 0 and done.stdout.split() == ["imported"], done.stderr
 
 
+@pytest.mark.parametrize("first", ["normlab.torch", "opacus"])
+def test_an_opacus_whose_tables_moved_still_imports_and_normlab_says_what_it_could_not_do(first):
+    """Filling Opacus' tables runs inside the user's ``import opacus`` (or ``import
+    normlab.torch``): an Opacus whose internals moved (here: ``ModuleValidator.VALIDATORS``
+    gone) must still import, with a warning, and torch.nn's verdicts stay Opacus' own."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("opacus")
+    move = "from opacus.validators import module_validator as m; del m.ModuleValidator.VALIDATORS"
+    if first == "opacus":
+        imports = ["import warnings, torch, opacus", move, "with warnings.catch_warnings(record=True) as seen:",
+                   "    warnings.simplefilter('always')", "    import normlab.torch"]
+    else:  # the tables move while opacus imports (a stand-in for a release without them)
+        imports = ["import warnings, torch, normlab.torch", "import normlab.torch.opacus_tables as t",
+                   "fill = t._fill_tables", "t._fill_tables = lambda: (exec(" + repr(move) + "), fill())",
+                   "with warnings.catch_warnings(record=True) as seen:", "    warnings.simplefilter('always')",
+                   "    import opacus"]
+    script = "\n".join(imports + ["print([str(w.message).split(' (')[0] for w in seen if w.category is RuntimeWarning])"])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "normlab could not add its modules to Opacus' tables" in done.stdout
+
+
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")  # (torch's, at Opacus' first layer)
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])
 @pytest.mark.parametrize("norm", [lambda: nn.LayerNorm([8, 6, 6]), lambda: nn.GroupNorm(2, 8),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import warnings
 
 from torch import nn
 
@@ -169,9 +170,21 @@ class _WhenImported:
         return spec
 
 
+def _fill_tables_or_warn() -> None:
+    """:func:`_fill_tables`, whose failure (an Opacus that renamed its tables) warns: it runs
+    inside ``import normlab.torch`` or the user's ``import opacus``, which must not fail for it."""
+    try:
+        _fill_tables()
+    except Exception as error:  # noqa: BLE001 - any Opacus internals may have moved
+        warnings.warn(f"normlab could not add its modules to Opacus' tables ({type(error).__name__}: {error}): "
+                      "Opacus' ModuleValidator will not flag or fix normlab's batch norms. Convert after "
+                      "ModuleValidator.fix(model), or use a version of Opacus normlab supports (1.5 or newer).",
+                      RuntimeWarning, stacklevel=2)
+
+
 def register_with_opacus() -> None:
     """Fill Opacus' tables (:func:`_fill_tables`) now where Opacus is imported, or when it is."""
     if sys.modules.get(_OPACUS) is not None:  # (None: an import blocked on purpose, which then fails)
-        _fill_tables()
+        _fill_tables_or_warn()
     elif not any(isinstance(finder, _WhenImported) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _WhenImported(_OPACUS, _fill_tables))
+        sys.meta_path.insert(0, _WhenImported(_OPACUS, _fill_tables_or_warn))
