@@ -156,3 +156,52 @@ def test_the_speech_norms_the_readme_lists_as_left_alone_are_left_alone_with_one
     assert "left 2 norm layer(s) unconverted" in message
     assert "Gemma3nAudioCumulativeGroupNorm (cumulative)" in message and "WavTokenizerAdaLayerNorm (adaptive)" in message
     assert converted["cumulative"] is model["cumulative"] and converted["adaptive"] is model["adaptive"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("with_scale", [True, False], ids=["weighted", "unweighted"])
+def test_gemma3ns_rms_norm_gives_its_outputs_and_gradients_to_the_bit(with_scale, dtype):
+    # Gemma3nRMSNorm takes the root's reciprocal as pow(mean(x²) + eps, -0.5): the outputs of
+    # rsqrt, but pow's backward rounds the float32 input gradient otherwise (in about one
+    # element in six), so the "gemma" and "llama" recipes gave other gradients
+    Gemma3nRMSNorm = pytest.importorskip("transformers.models.gemma3n.modeling_gemma3n").Gemma3nRMSNorm
+    torch.manual_seed(0)
+    original = Gemma3nRMSNorm(48, eps=1e-6, with_scale=with_scale)
+    if with_scale:
+        with torch.no_grad():
+            original.weight.normal_()
+    original.to(dtype)
+    converted = nt.convert(copy.deepcopy(original))
+    assert isinstance(converted, nt.RMSNorm if with_scale else nt.UnweightedRMSNorm)
+    x = (torch.randn(4, 7, 48, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    grad = torch.randn(4, 7, 48, generator=torch.Generator().manual_seed(2)).to(dtype)
+    leaves = [x.clone().requires_grad_() for _ in range(2)]
+    outputs = [module(leaf) for module, leaf in zip((original, converted), leaves)]
+    for output in outputs:
+        output.backward(grad)
+    assert torch.equal(outputs[1], outputs[0])
+    assert torch.equal(leaves[1].grad, leaves[0].grad)
+    if with_scale:
+        assert torch.equal(converted.weight.grad, original.weight.grad)
+
+
+def test_a_converted_gemma3n_audio_encoder_trains_with_the_originals_gradients_to_the_bit():
+    modeling = pytest.importorskip("transformers.models.gemma3n.modeling_gemma3n")
+    config = transformers.Gemma3nAudioConfig(input_feat_size=16, hidden_size=32, conf_num_attention_heads=2,
+                                             conf_num_hidden_layers=2, sscp_conv_channel_size=[8, 8],
+                                             conf_attention_chunk_size=4, conf_attention_context_left=5)
+    torch.manual_seed(0)
+    original = modeling.Gemma3nAudioEncoder(config)
+    with pytest.warns(UserWarning, match="Gemma3nAudioCumulativeGroupNorm"):  # (its group norms: left alone)
+        converted = nt.convert(copy.deepcopy(original))
+    assert sum(isinstance(m, nt.RMSNorm) for m in converted.modules()) == 18
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(2, 40, 16, generator=generator)
+    padding = torch.zeros(2, 40, dtype=torch.bool)
+    padding[1, 30:] = True
+    for model in (original, converted):
+        model.train()
+        output = model(features, padding).last_hidden_state
+        (output * torch.randn(output.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+    for (name, expected), (_, actual) in zip(original.named_parameters(), converted.named_parameters()):
+        assert torch.equal(actual.grad, expected.grad), name

@@ -14,6 +14,9 @@ checkpoint's numbers bit for bit depend on it. The recipes, named as Liger-Kerne
 * ``"mochi"``: as ``"gemma"`` (``x̂ · weight`` in float32, cast after), but the input, not its
   float32 copy, multiplies the root, as in ``"t5"`` (diffusers' ``MochiRMSNorm``): ``"gemma"``'s
   outputs, with the input's half-precision gradient rounded where the input enters the product;
+* ``"gemma3n"``: as ``"gemma"``, but the reciprocal root taken as ``pow(mean(x²) + eps, -0.5)``
+  (transformers' ``Gemma3nRMSNorm``): ``"gemma"``'s outputs, with the float32 input gradient
+  rounded as ``pow``'s backward rounds, not ``rsqrt``'s;
 * ``"none"``: everything in the input's dtype;
 * ``"imagegpt"``: everything in the input's dtype, dividing by ``sqrt(mean(x²) + eps)``
   rather than multiplying by its reciprocal, then ``x̂ · weight`` (ImageGPT's layer norm).
@@ -34,7 +37,9 @@ RMS norms without a weight, over the last axis whatever its size
 * ``"diffusers"``: ``mean(x²)`` in float32, multiplying the input in its own dtype (so in
   float32, by promotion), cast to the input's dtype once (diffusers' ``RMSNorm`` without
   a weight): ``"llama"``'s outputs, but the input's gradient is rounded where the input
-  enters each product, as there.
+  enters each product, as there;
+* ``"gemma3n"``: ``"llama"`` with the reciprocal root taken by ``pow``, as above
+  (``Gemma3nRMSNorm(..., with_scale=False)``).
 
 In float32 the recipes coincide with each other and with ``torch.nn.RMSNorm``; they differ
 only in where low precision rounds and in the output dtype when weight and input dtypes
@@ -73,10 +78,11 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-CASTINGS = ("llama", "gemma", "t5", "none", "imagegpt", "mochi")
+CASTINGS = ("llama", "gemma", "t5", "none", "imagegpt", "mochi", "gemma3n")
 LAYER_NORM_CASTINGS = ("olmo", "cohere", "deberta")
-UNWEIGHTED_CASTINGS = ("llama", "deepseek", "diffusers")
+UNWEIGHTED_CASTINGS = ("llama", "deepseek", "diffusers", "gemma3n")
 _HALF = (torch.float16, torch.bfloat16)
+_CAST_AFTER_WEIGHT = ("gemma", "mochi", "gemma3n")  # the recipes that weigh x̂ in float32 and cast once after
 
 
 def check_casting(casting: Optional[str]) -> Optional[str]:
@@ -142,7 +148,7 @@ def weigh(normalized: Tensor, weight: Optional[Tensor], casting: str, dtype: tor
     >>> weigh(torch.tensor([0.5, 1.5]), torch.tensor([2., 2.]), "gemma", torch.bfloat16, weight_offset=1.0)
     tensor([1.5000, 4.5000])
     """
-    if casting in ("gemma", "mochi"):
+    if casting in _CAST_AFTER_WEIGHT:
         scale = _scale(weight, weight_offset, normalized.dtype)
         return normalized if scale is None else normalized * scale
     if casting == "t5":
@@ -173,7 +179,7 @@ def rms_norm_recipe(x: Tensor, weight: Optional[Tensor], eps: float, casting: st
     # until the call returns, on Python 3.10 in the callee's frame too)
     y = weigh(normalized, weight, casting, x.dtype, weight_offset)
     del normalized
-    return y.to(x.dtype) if casting in ("gemma", "mochi") else y
+    return y.to(x.dtype) if casting in _CAST_AFTER_WEIGHT else y
 
 
 def _rms_normalized(x: Tensor, dims: tuple, eps: float, casting: str) -> Tensor:
@@ -183,7 +189,15 @@ def _rms_normalized(x: Tensor, dims: tuple, eps: float, casting: str) -> Tensor:
     if casting in ("t5", "mochi"):  # T5 scales the input itself (promoted), not its float32 copy
         variance = x.to(compute_dtype(x.dtype)).pow(2).mean(dims, keepdim=True)
         return x * torch.rsqrt(variance + eps)
+    if casting == "gemma3n":
+        return _pow_normalize(x.to(compute_dtype(x.dtype)), dims, eps)
     return rms_normalize(x.to(recipe_dtypes(x.dtype, casting)[0]), dims, eps)
+
+
+def _pow_normalize(h: Tensor, dims, eps: float) -> Tensor:
+    """``rms_normalize`` as Gemma3n writes it: the root's reciprocal by ``pow``, whose backward
+    rounds otherwise than ``rsqrt``'s."""
+    return h * torch.pow(h.pow(2).mean(dims, keepdim=True) + eps, -0.5)
 
 
 def apply_recipe_scale(x: Tensor, normalized: Tensor, weight: Optional[Tensor], casting: str,
@@ -197,7 +211,7 @@ def apply_recipe_scale(x: Tensor, normalized: Tensor, weight: Optional[Tensor], 
     torch.float32
     """
     y = weigh(normalized, weight, casting, x.dtype, weight_offset)
-    return y.to(x.dtype) if casting in ("gemma", "mochi") else y
+    return y.to(x.dtype) if casting in _CAST_AFTER_WEIGHT else y
 
 
 def layer_norm_recipe(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, casting: str,
@@ -265,4 +279,6 @@ def unweighted_rms_norm_recipe(x: Tensor, eps: float, casting: str) -> Tensor:
         return x * torch.rsqrt(x.to(compute_dtype(x.dtype)).pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
     if casting == "diffusers":
         return (x * torch.rsqrt(x.to(compute_dtype(x.dtype)).pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    if casting == "gemma3n":
+        return _pow_normalize(x.to(compute_dtype(x.dtype)), -1, eps).to(x.dtype)
     return rms_normalize(x.to(compute_dtype(x.dtype)), -1, eps).to(x.dtype)

@@ -241,7 +241,8 @@ class RMSNorm(_Twin, nn.RMSNorm):
     (:mod:`normlab.torch.casting`): ``None`` is torch.nn.RMSNorm's own, ``"llama"`` casts
     before the weight, ``"gemma"`` after it, ``"t5"`` to the weight's dtype, ``"none"``
     computes in the input's dtype, ``"imagegpt"`` too, dividing by the root, ``"mochi"`` is
-    ``"gemma"`` with the input itself scaled, as ``"t5"``'s. ``weight_offset`` multiplies by ``(weight_offset + weight)``,
+    ``"gemma"`` with the input itself scaled, as ``"t5"``'s, ``"gemma3n"`` is ``"gemma"`` with the
+    root's reciprocal taken by ``pow``. ``weight_offset`` multiplies by ``(weight_offset + weight)``,
     Gemma's ``1 + weight`` with ``weight_offset=1.0`` (the weight then starts at zeros).
     A recipe runs as the model family's own torch operations, so a converted
     ``LlamaRMSNorm`` gives its numbers to the bit in every dtype; under

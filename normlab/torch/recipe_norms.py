@@ -108,9 +108,10 @@ class UnweightedRMSNorm(nn.Module):
     ``casting="llama"`` (normalized in float32, cast back once: Llama 4's ``L2Norm``,
     FalconMamba's and NanoChat's weight-less RMS norms), ``"deepseek"`` (the reciprocal
     root cast back and multiplying the input in its own dtype: DeepSeek-V4's
-    ``UnweightedRMSNorm``) or ``"diffusers"`` (the float32 root multiplying the input in its
-    own dtype, cast back once: diffusers' ``RMSNorm`` without a weight), see
-    :mod:`normlab.torch.casting`. Float64 input stays float64.
+    ``UnweightedRMSNorm``), ``"diffusers"`` (the float32 root multiplying the input in its
+    own dtype, cast back once: diffusers' ``RMSNorm`` without a weight) or ``"gemma3n"``
+    (``"llama"`` with the root's reciprocal taken by ``pow``: ``Gemma3nRMSNorm(...,
+    with_scale=False)``), see :mod:`normlab.torch.casting`. Float64 input stays float64.
 
     It runs the family's own torch operations, so its outputs and gradients are the
     family's to the bit; under ``use_path("kernel")`` it runs on the kernels instead

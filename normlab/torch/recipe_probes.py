@@ -110,6 +110,12 @@ def _rms_recipe(module: nn.Module) -> Optional[dict]:
             lambda x: type(module).forward(probe, x),
             lambda x, casting=casting, offset=offset: rms_norm_recipe(x, half_weight, eps, casting, offset),
             x.to(torch.bfloat16))] or matches
+    if len(matches) > 1:  # ("gemma" and "gemma3n" give one bfloat16 gradient: their float32 ones differ)
+        probe = _probe_copy(module, {"parameters": {"weight": probe_weight}, "buffers": {}})
+        matches = [(casting, offset) for casting, offset in matches if _same_input_gradient(
+            lambda x: type(module).forward(probe, x),
+            lambda x, casting=casting, offset=offset: rms_norm_recipe(x, probe_weight, eps, casting, offset),
+            x)] or matches
     if not matches:
         return None
     casting, offset = matches[0]
@@ -165,6 +171,10 @@ def _unweighted_rms_recipe(module: nn.Module) -> Optional[dict]:
             lambda x: type(module).forward(probe, x), lambda x: unweighted_rms_norm_recipe(x, eps, casting),
             probes[1])]
         matches = same_gradient or matches
+    if len(matches) > 1:  # ("llama" and "gemma3n" give one bfloat16 gradient: their float32 ones differ)
+        matches = [casting for casting in matches if _same_input_gradient(
+            lambda x: type(module).forward(probe, x), lambda x: unweighted_rms_norm_recipe(x, eps, casting),
+            probes[0])] or matches
     return {"eps": eps, "casting": matches[0]} if matches else None
 
 
