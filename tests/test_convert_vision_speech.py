@@ -160,13 +160,14 @@ def test_the_speech_norms_the_readme_lists_as_left_alone_are_left_alone_with_one
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("with_scale", [True, False], ids=["weighted", "unweighted"])
-def test_gemma3ns_rms_norm_gives_its_outputs_and_gradients_to_the_bit(with_scale, dtype):
-    # Gemma3nRMSNorm takes the root's reciprocal as pow(mean(x²) + eps, -0.5): the outputs of
-    # rsqrt, but pow's backward rounds the float32 input gradient otherwise (in about one
-    # element in six), so the "gemma" and "llama" recipes gave other gradients
-    Gemma3nRMSNorm = pytest.importorskip("transformers.models.gemma3n.modeling_gemma3n").Gemma3nRMSNorm
+@pytest.mark.parametrize("family, name", [("gemma3n", "Gemma3nRMSNorm"), ("gemma4", "Gemma4RMSNorm")])
+def test_gemma3ns_rms_norm_gives_its_outputs_and_gradients_to_the_bit(family, name, with_scale, dtype):
+    # Gemma3nRMSNorm (and Gemma 4's copy) takes the root's reciprocal as pow(mean(x²) + eps, -0.5):
+    # the outputs of rsqrt, but pow's backward rounds the float32 input gradient otherwise (in
+    # about one element in six), so the "gemma" and "llama" recipes gave other gradients
+    cls = getattr(pytest.importorskip(f"transformers.models.{family}.modeling_{family}"), name)
     torch.manual_seed(0)
-    original = Gemma3nRMSNorm(48, eps=1e-6, with_scale=with_scale)
+    original = cls(48, eps=1e-6, with_scale=with_scale)
     if with_scale:
         with torch.no_grad():
             original.weight.normal_()

@@ -15,7 +15,7 @@ checkpoint's numbers bit for bit depend on it. The recipes, named as Liger-Kerne
   float32 copy, multiplies the root, as in ``"t5"`` (diffusers' ``MochiRMSNorm``): ``"gemma"``'s
   outputs, with the input's half-precision gradient rounded where the input enters the product;
 * ``"gemma3n"``: as ``"gemma"``, but the reciprocal root taken as ``pow(mean(x²) + eps, -0.5)``
-  (transformers' ``Gemma3nRMSNorm``): ``"gemma"``'s outputs, with the float32 input gradient
+  (transformers' ``Gemma3nRMSNorm``, and Gemma 4's copy of it): ``"gemma"``'s outputs, with the float32 input gradient
   rounded as ``pow``'s backward rounds, not ``rsqrt``'s;
 * ``"none"``: everything in the input's dtype;
 * ``"imagegpt"``: everything in the input's dtype, dividing by ``sqrt(mean(x²) + eps)``
