@@ -320,3 +320,79 @@ def test_a_converted_cnn_in_evaluation_compiles_to_torch_nn_graph_op_for_op():
     converted = nt.convert(copy.deepcopy(reference)).eval()
     x = torch.randn(2, 3, 5, 5)
     assert _dynamo_graph_ops(converted, x) == _dynamo_graph_ops(reference, x)
+
+
+def _masked_batch_norm_by_hand(x, mask, weight, bias, eps=1e-5):
+    """Batch norm over the elements where ``mask`` holds, in torch operations (autograd's oracle)."""
+    counted = mask.expand_as(x).to(x.dtype)
+    count = counted.sum(dim=(0, 2), keepdim=True)
+    mean = (x * counted).sum(dim=(0, 2), keepdim=True) / count
+    var = ((x - mean).square() * counted).sum(dim=(0, 2), keepdim=True) / count
+    return (x - mean) / torch.sqrt(var + eps) * weight[:, None] + bias[:, None]
+
+
+COMPILED_AUTOGRAD_TWINS = {
+    "BatchNorm2d": (lambda: torch.nn.BatchNorm2d(4), (6, 4, 3, 3)),
+    "BatchNorm2d-channels_last": (lambda: torch.nn.BatchNorm2d(4), (6, 4, 3, 3)),
+    "LayerNorm": (lambda: torch.nn.LayerNorm(5), (3, 4, 5)),
+    "GroupNorm": (lambda: torch.nn.GroupNorm(2, 4), (3, 4, 5)),
+    "InstanceNorm1d": (lambda: torch.nn.InstanceNorm1d(4, affine=True), (3, 4, 5)),
+    "RMSNorm": (lambda: torch.nn.RMSNorm(5), (3, 4, 5)),
+}
+
+
+def _compiled_autograd():
+    """Compiled autograd as torch's own helper (``maybe_enable_compiled_autograd``) sets it up:
+    a full graph, here on the aot_eager backend (no C++ compiler in the test)."""
+    from torch._dynamo import compiled_autograd
+
+    return compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=True))
+
+
+@pytest.mark.parametrize("name", list(COMPILED_AUTOGRAD_TWINS))
+def test_compiled_autograd_traces_an_eager_twins_backward_into_a_full_graph_with_torch_nn_gradients(name):
+    build, shape = COMPILED_AUTOGRAD_TWINS[name]
+    torch.manual_seed(0)
+    reference = build().double()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(torch.randn_like(p))
+    model = nt.convert(copy.deepcopy(reference))
+    x = torch.randn(shape, dtype=torch.float64)
+    if name.endswith("channels_last"):
+        x = x.to(memory_format=torch.channels_last)
+    probe = torch.randn(shape, dtype=torch.float64)
+    grads = []
+    for module, compiled in ((reference, False), (model, True)):
+        torch._dynamo.reset()
+        leaf = x.clone().requires_grad_()
+        loss = (module(leaf) * probe).sum()  # the forward eager: the twin runs the kernels
+        if compiled:
+            with _compiled_autograd():
+                loss.backward()
+        else:
+            loss.backward()
+        grads.append([leaf.grad] + [p.grad for p in module.parameters()])
+    for got, expected in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, expected)
+
+
+def test_compiled_autograd_traces_the_backward_of_norm_with_a_mask_into_a_full_graph():
+    torch.manual_seed(0)
+    norm = nt.Norm("[b] c [t]", params="c", c=4).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(4, dtype=torch.float64))
+        norm.bias.copy_(torch.randn(4, dtype=torch.float64))
+    x = torch.randn(3, 4, 6, dtype=torch.float64)
+    mask = (torch.arange(6) < torch.tensor([6, 4, 2])[:, None])[:, None, :]
+    probe = torch.randn(3, 4, 6, dtype=torch.float64)
+    leaf = x.clone().requires_grad_()
+    expected = torch.autograd.grad((_masked_batch_norm_by_hand(leaf, mask, norm.weight, norm.bias) * probe).sum(),
+                                   [leaf, norm.weight, norm.bias])
+    torch._dynamo.reset()
+    leaf = x.clone().requires_grad_()
+    loss = (norm(leaf, mask=mask) * probe).sum()
+    with _compiled_autograd():
+        loss.backward()
+    for got, want in zip([leaf.grad, norm.weight.grad, norm.bias.grad], expected):
+        torch.testing.assert_close(got, want)

@@ -26,6 +26,7 @@ from normlab import kernels
 from normlab.kernels import pool
 from normlab.torch.ops import _bias_to_save, _grads_of, _needs_torch_backward, _saved_bias
 from normlab.torch.paths import _needs_torch_ops, _PathSwitch
+from normlab.torch.row_autograd import traced_backward
 from normlab.torch.spec import _ABSENT, affine_parameters, module_cache, param_view, tensor_layout
 
 _NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64}
@@ -289,7 +290,12 @@ class _TrainFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, bias = ctx.saved_tensors
-        if _needs_torch_backward(grad_y):
+        if torch.compiler.is_compiling():  # compiled autograd traces it (see row_autograd.traced_backward)
+            spec, per_channel = ctx.module._spec, (1, x.shape[1]) + (1,) * (x.dim() - 2)  # "[b] c [...]"'s statistics
+            mean, rstd = (torch.from_numpy(s).reshape(per_channel) for s in ctx.stats)
+            grads = traced_backward(ctx, grad_y, x, weight, mean, rstd, spec.pattern, spec.params, spec.sizes, ctx.eps,
+                                    spec.rms)
+        elif _needs_torch_backward(grad_y):
             grads = _differentiable_backward(ctx, grad_y, x, weight, _saved_bias(ctx, bias))
         else:
             grad_x, grad_weight, grad_bias = _run_backward(ctx.module, ctx.call, grad_y, x, weight, ctx.eps,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.torch.ops import (_bias_to_save, _differentiable_backward, _is_layer_norm, _needs_torch_backward,
-                               _saved_bias, _spec_of)
+                               _normalize_backward_op, _saved_bias, _spec_of)
 from normlab.torch.spec import param_view, tensor_layout
 
 _EAGER_PARAMS = (type(None), Tensor, nn.Parameter)
@@ -124,6 +124,13 @@ class _RowFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, bias = ctx.saved_tensors
         call, weight_table, mean, rstd, eps, weight_address = ctx.kernel_inputs
+        if torch.compiler.is_compiling():
+            # compiled autograd traces this backward of an eager call: the registered op, which Dynamo
+            # keeps as one opaque call (the statistics are the plan's, as the op's forward gives them)
+            rstd = torch.from_numpy(rstd)
+            return (*traced_backward(ctx, grad_y, x, weight, torch.zeros_like(rstd) if mean is None
+                                     else torch.from_numpy(mean), rstd, *call.arguments[:3], eps, call.arguments[3]),
+                    None, None, None)
         if weight is not None and weight.data_ptr() != weight_address:
             # the saved weight is not the forward's memory, which the table may read: a copy
             # that allow_mutation_on_saved_tensors kept before an in-place change, or one a
@@ -143,6 +150,18 @@ class _RowFunction(torch.autograd.Function):
                 torch.from_numpy(grad_w) if need_weight else None,
                 torch.from_numpy(grad_b) if need_bias else None,
                 None, None, None)
+
+
+def traced_backward(ctx, grad_y, x, weight, mean, rstd, pattern, params, sizes, eps: float, rms: bool) -> tuple:
+    """The gradients of x, weight and bias (None where not needed) by the registered backward
+    op, for an eager Function's backward that Dynamo traces (compiled autograd): the kernels'
+    NumPy calls would break its graph, and ``fullgraph=True`` (torch's own
+    ``maybe_enable_compiled_autograd``) refuses that."""
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    grad_x, grad_w, grad_b = _normalize_backward_op(grad_y, x, weight, mean, rstd, pattern, params, sizes, eps, rms,
+                                                    need_bias)
+    return (grad_x if need_x else None, grad_w if need_weight and weight is not None else None,
+            grad_b if need_bias else None)
 
 
 # Function.apply without its Python wrapper, which binds arguments for setup_context
