@@ -17,6 +17,7 @@ SKIPS = {
     "init_process_group": "needs one process per rank, started by torchrun (tests/test_torch_sync.py runs the recipe)",
     "pip install": "installs the package and runs this suite: run it in a fresh checkout yourself",
     "normlab bench": "benchmarks take minutes; tests/test_bench_cli.py runs them small",
+    "import lightning": "needs PyTorch Lightning, whose DDP starts processes (tests/test_lightning.py runs the recipe)",
 }
 
 
