@@ -396,3 +396,19 @@ def test_compiled_autograd_traces_the_backward_of_norm_with_a_mask_into_a_full_g
         loss.backward()
     for got, want in zip([leaf.grad, norm.weight.grad, norm.bias.grad], expected):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("build", [lambda: nt.LayerNorm(5), lambda: nt.RMSNorm(5), lambda: nt.BatchNorm1d(4)],
+                         ids=["LayerNorm", "RMSNorm", "BatchNorm1d"])
+def test_an_eager_backward_tells_a_traced_one_by_dynamo_s_flag_alone(build, monkeypatch):
+    # torch.compiler.is_compiling is two Python calls (it asks torch.jit.is_scripting) on every
+    # eager backward; Dynamo, which compiled autograd traces the backward with, folds
+    # is_dynamo_compiling (one) to True as well
+    calls = []
+    is_compiling = torch.compiler.is_compiling
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: calls.append(1) or is_compiling())
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    loss = build()(x).sum()
+    calls.clear()
+    loss.backward()
+    assert calls == [] and x.grad is not None

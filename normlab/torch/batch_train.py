@@ -290,7 +290,7 @@ class _TrainFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, bias = ctx.saved_tensors
-        if torch.compiler.is_compiling():  # compiled autograd traces it (see row_autograd.traced_backward)
+        if torch.compiler.is_dynamo_compiling():  # compiled autograd traces it (see row_autograd.traced_backward)
             spec, per_channel = ctx.module._spec, (1, x.shape[1]) + (1,) * (x.dim() - 2)  # "[b] c [...]"'s statistics
             mean, rstd = (torch.from_numpy(s).reshape(per_channel) for s in ctx.stats)
             grads = traced_backward(ctx, grad_y, x, weight, mean, rstd, spec.pattern, spec.params, spec.sizes, ctx.eps,

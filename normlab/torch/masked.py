@@ -225,9 +225,9 @@ def _setup_context(ctx, inputs, output):
 def _autograd(ctx, grad_y, _grad_mean, _grad_rstd, _grad_count, backward=_backward_op):
     x, weight, bias, mask, segment_ids, mean, rstd = ctx.saved_tensors
     pattern, params, sizes, eps, rms, num_segments, segment_axis = ctx.arguments
-    if torch.compiler.is_compiling():  # (see normlab.torch.ops._normalize_autograd)
+    if torch.compiler.is_dynamo_compiling():  # (see normlab.torch.ops._normalize_autograd)
         backward = _backward_op
-    elif _needs_torch_backward(grad_y):
+    elif _needs_torch_backward(grad_y) and not torch.compiler.is_compiling():
         # (create_graph=True, batched gradients) torch's autograd of the composite
         spec, segments = _spec_of(pattern, params, sizes, rms), None if num_segments < 0 else num_segments
         grads = _grads_of(lambda *inputs: _composite(*inputs, mask, segment_ids, spec, eps, segments, segment_axis)[0],

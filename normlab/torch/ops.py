@@ -115,11 +115,11 @@ def _normalize_setup_context(ctx, inputs, output):
 def _normalize_autograd(ctx, grad_y, _grad_mean, _grad_rstd, backward=_normalize_backward_op):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     pattern, params, sizes, eps, rms = ctx.arguments
-    if torch.compiler.is_compiling():  # (first: Dynamo cannot trace _needs_torch_backward's batched check)
+    if torch.compiler.is_dynamo_compiling():  # (first: Dynamo cannot trace _needs_torch_backward's batched check)
         # traced by Dynamo (compiled autograd traces an eager call's backward too): the registered
         # op, which it keeps as one opaque call, where the NumPy calls would break the graph
         backward = _normalize_backward_op
-    elif _needs_torch_backward(grad_y):
+    elif _needs_torch_backward(grad_y) and not torch.compiler.is_compiling():
         return _differentiable_backward(ctx, grad_y, x, weight, _saved_bias(ctx, bias))
     grad_x, grad_w, grad_b = backward(grad_y, x, weight, mean, rstd, pattern, params, sizes, eps, rms,
                                       ctx.has_bias)

@@ -124,7 +124,7 @@ class _RowFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, bias = ctx.saved_tensors
         call, weight_table, mean, rstd, eps, weight_address = ctx.kernel_inputs
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_dynamo_compiling():
             # compiled autograd traces this backward of an eager call: the registered op, which Dynamo
             # keeps as one opaque call (the statistics are the plan's, as the op's forward gives them)
             rstd = torch.from_numpy(rstd)
