@@ -233,6 +233,8 @@ def test_tests_that_need_a_package_of_the_test_extra_skip_where_it_does_not_impo
     """These failed there on ModuleNotFoundError (torch as the oracle of NumPy tests; onnx,
     transformers beside torch) or on the missing torch's message in place of the one they
     expect."""
+    if torch_imports:
+        pytest.importorskip("torch")  # (the run where torch imports needs it installed)
     result = _pytest_without([name for name in OPTIONAL_FOR_TESTS if not (torch_imports and name == "torch")],
                              *tests)
     summary = result.stdout.splitlines()[-1]
