@@ -3,8 +3,10 @@ BatchNorm's outputs, gradients and running statistics on the concatenated batch,
 inside DistributedDataParallel (the README's recipe) over several optimizer steps."""
 
 import copy
+import os
 import re
 import socket
+import sys
 
 import pytest
 
@@ -217,6 +219,46 @@ def _compare_masked_with_single_process(rank: int, port: int):
 
 def test_masked_sync_batch_norm_over_two_gloo_processes_equals_batch_norm_on_the_counted_elements():
     mp.spawn(_compare_masked_with_single_process, args=(_free_port(),), nprocs=WORLD_SIZE, join=True)
+
+
+def _gloo_threads() -> list:
+    """The threads gloo and the TCPStore run in this process, by the names Linux gives them."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/comm") as comm:
+            names.append(comm.read().strip())
+    return sorted(name for name in names if name.startswith(("gloo", "pt_gloo", "pt_tcpstore")))
+
+
+def _train_step_then_destroy_the_process_group(rank: int, port: int):
+    """Synced steps, with and without a mask, then inside DistributedDataParallel, then
+    destroy_process_group: torch stops the group's threads there, as where only torch's
+    collectives ran; a group kept alive ran its threads into interpreter shutdown, which
+    aborted a rank ("terminate called without an active exception")."""
+    before = _gloo_threads()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        assert len(_gloo_threads()) > len(before)  # (the check sees them)
+        sync = nt.SyncBatchNorm(CHANNELS).double()
+        x, grad_y, mask = _masked_batch(torch.float64)
+        start = sum(BATCH_PER_RANK[:rank])
+        mine = slice(start, start + BATCH_PER_RANK[rank])
+        for step_mask in (None, mask[mine]):
+            (sync(x[mine].clone().requires_grad_(), mask=step_mask) * grad_y[mine]).sum().backward()
+        dynamo_loaded = "torch._dynamo" in sys.modules
+        # the README's recipe: DistributedDataParallel's constructor imports Dynamo
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(sync))
+        (model(x[mine]) * grad_y[mine]).sum().backward()
+        del model
+    finally:
+        dist.destroy_process_group()
+    assert _gloo_threads() == before, f"gloo's threads still run after destroy_process_group: {_gloo_threads()}"
+    assert not dynamo_loaded, "a synced step imported Dynamo (1.4 s), which torch.compile alone needs"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from /proc")
+def test_destroy_process_group_after_synced_steps_stops_the_gloo_threads_and_no_step_imports_dynamo():
+    mp.spawn(_train_step_then_destroy_the_process_group, args=(_free_port(),), nprocs=WORLD_SIZE, join=True)
 
 
 @pytest.mark.parametrize("alone", [True, False], ids=["alone", "in_a_model"])

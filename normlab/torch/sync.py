@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -16,6 +17,14 @@ from normlab.torch.modules import _BatchNormForward, _fx_call_module
 from normlab.torch.ops import _grads_of
 from normlab.torch.paths import _LOW_PRECISION, _choose_path
 from normlab.torch.spec import parametrizations_computed, torch_layout
+
+if torch.distributed.is_available():
+    # before any process group: torch.distributed.nn's functions take group.WORLD as a default
+    # argument, and imported after init_process_group (Dynamo imports them, and
+    # DistributedDataParallel's constructor and torch.compile import Dynamo) they kept that group
+    # and its gloo threads past destroy_process_group into interpreter shutdown, where a rank
+    # aborted ("terminate called without an active exception"); imported here they take None
+    import torch.distributed.nn  # noqa: F401
 
 
 def _merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -232,6 +241,20 @@ class _MaskedSyncBatchNormFunction(torch.autograd.Function):
         return grad_x, None, grad_w, grad_b, None, None, None, None
 
 
+_SYNCED_EAGERLY: list = []
+
+
+def _synced_eagerly():
+    """``SyncBatchNorm._synced_forward``, and ``torch.compiler.disable`` of it once Dynamo is
+    loaded: before that no frame can be compiled, and making the disabled function imports
+    Dynamo (1.4 s of ``import normlab.torch`` as a decorator, paid by every worker process)."""
+    if not (torch.compiler.is_compiling() or "torch._dynamo" in sys.modules):
+        return SyncBatchNorm._synced_forward
+    if not _SYNCED_EAGERLY:
+        _SYNCED_EAGERLY.append(torch.compiler.disable(SyncBatchNorm._synced_forward))
+    return _SYNCED_EAGERLY[0]
+
+
 class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
     """``torch.nn.SyncBatchNorm`` on any ``torch.distributed`` backend: gloo on CPU
     (torch's own is CUDA-only) and NCCL on GPU.
@@ -313,7 +336,7 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
             if world_size == 1:
                 return masked_forward(self, input, mask)
             _check_mask(self, input, mask)
-            return self._synced_forward(input, mask, world_size)
+            return _synced_eagerly()(self, input, mask, world_size)
         if world_size == 1:
             path = _choose_path(input, has_native=True)
             if path == "native":  # torch's SyncBatchNorm is batch norm with one rank
@@ -322,13 +345,13 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         if _choose_path(input, has_native=input.is_cuda) == "native":
             # torch's fused CUDA kernels (also count-weighted); gloo on CPU has no native op
             return nn.SyncBatchNorm.forward(self, input)
-        return self._synced_forward(input, mask, world_size)
+        return _synced_eagerly()(self, input, mask, world_size)
 
-    # Eager under torch.compile too (its .item() is a graph break anyway): Dynamo traced the
-    # forward's frames after that break, and Inductor compiled the running-statistics update
-    # with momentum=None's 1/num_batches_tracked as a dynamic float into a wrong one from the
-    # third step on (in torch alone, buf.mul_(1 - f).add_(mean, alpha=f) swaps the weights there)
-    @torch.compiler.disable
+    # Eager under torch.compile too, through _synced_eagerly (its .item() is a graph break anyway):
+    # Dynamo traced the forward's frames after that break, and Inductor compiled the
+    # running-statistics update with momentum=None's 1/num_batches_tracked as a dynamic float
+    # into a wrong one from the third step on (in torch alone, buf.mul_(1 - f).add_(mean,
+    # alpha=f) swaps the weights there)
     def _synced_forward(self, input: Tensor, mask: Optional[Tensor], world_size: int) -> Tensor:
         # torch.nn's output layout (its SyncBatchNorm copies the input too): the elementwise
         # math below would keep a transposed input's strides, where torch.nn's .view works
