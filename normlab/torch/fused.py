@@ -39,6 +39,7 @@ from normlab.plan import make_plan
 from normlab.torch import casting as recipes
 from normlab.torch.compute import _dtypes_refused
 from normlab.torch.ops import _grads_of, _needs_torch_backward
+from normlab.torch.paths import PLAIN_PARAMETERS as _EAGER_TYPES
 from normlab.torch.paths import _exporting_to_onnx, _needs_torch_ops, _small_forward_fits
 from normlab.torch.spec import (Unscriptable, param_view, parametrizations_computed, refuse_non_tensor,
                                rms_default_eps)
@@ -545,7 +546,6 @@ class _Call:
 
 
 _CALLS: dict = {}
-_EAGER_TYPES = (type(None), Tensor, nn.Parameter)
 
 
 def _cached_call(block: Block, tensors) -> Optional[_Call]:

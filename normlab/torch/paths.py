@@ -81,10 +81,11 @@ def _is_dtensor(x: Tensor) -> bool:
     return distributed is not None and isinstance(x, distributed.DTensor)
 
 
-# where torch keeps ExpandedWeight (imported with Dynamo, so by normlab.torch's SyncBatchNorm too)
+# where torch keeps ExpandedWeight (imported with Dynamo: by torch.compile and DDP's constructor)
 EXPANDED_WEIGHTS_MODULE = "torch.nn.utils._expanded_weights.expanded_weights_impl"
-# the types of a twin's weight and bias that are no ExpandedWeight: a call that finds one of
-# these in each looks no further (no Python call), which is every call outside per-sample gradients
+# a parameter (or an input) that is no tensor subclass, or absent: the kernels' paths read these
+# through NumPy; a subclass (a __torch_function__ class, DTensor, ExpandedWeight) takes torch's
+# ops. A twin whose weight and bias are of these looks for ExpandedWeights no further
 PLAIN_PARAMETERS = (torch.nn.Parameter, Tensor, type(None))
 
 

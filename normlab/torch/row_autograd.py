@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from normlab.torch.ops import (_bias_to_save, _differentiable_backward, _is_layer_norm, _needs_torch_backward,
                                _normalize_backward_op, _saved_bias, _spec_of)
+from normlab.torch.paths import PLAIN_PARAMETERS as _EAGER_PARAMS
 from normlab.torch.spec import param_view, tensor_layout
-
-_EAGER_PARAMS = (type(None), Tensor, nn.Parameter)
 
 
 class RowGradCall:
