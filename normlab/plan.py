@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -123,6 +124,9 @@ class Plan:
 
         ids = np.arange(self.num_groups).reshape(self.stats_shape)
         return np.broadcast_to(ids, self.axis_sizes).reshape(self.shape)
+
+
+_MAX_ELEMENTS = sys.maxsize // 8  # the most float64 values an array may address (NumPy's bound)
 
 
 @functools.lru_cache(maxsize=1)
@@ -296,6 +300,12 @@ def _make_plan(text: str, shape: tuple[int, ...], params: str | None, sizes_item
                     f"more than the {max_axes()} a NumPy array may have",
                     "name fewer axes: reshape the input so that axes sharing a role become one, or compose fewer "
                     "factors")
+    # a factor of an empty axis may be given any size (the other factor is then 0), but the
+    # statistics keep it: past what a float64 array can address, NumPy would fail inside
+    if math.prod(s for s in axis_sizes if s) > _MAX_ELEMENTS:
+        raise _fail(text, shape, f"its expanded view has axes of sizes {tuple(axis_sizes)}, more elements (the "
+                    "empty axes aside) than a float64 array can hold",
+                    "give the factors of an empty axis sizes that fit, or leave one factor out to infer it")
 
     param_axes: tuple[int, ...] = ()
     param_shape: tuple[int, ...] = ()

@@ -167,3 +167,16 @@ def test_numpys_out_and_where_passed_as_sizes_are_named_by_shape_with_normlabs_w
     assert "array(" not in str(err) and len(str(err)) < 300
     _raises(ShapeError, lambda: normlab.normalize(big, "b c [h]", where=big > 0),
             "where, an array of shape (64, 3, 4), names no axis", "is normlab's mask=")
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, g: normlab.normalize(x, "b (g [c])", g=g),
+    lambda x, g: normlab.normalize(x, "b (g [c])", g=g, backend="numpy"),
+    lambda x, g: normlab.normalize_backward(x, x, "b (g [c])", g=g),
+    lambda x, g: normlab.normalize(x, "b (g [c])", g=g, mask=np.ones(x.shape, bool)),
+], ids=["numba", "numpy", "backward", "mask"])
+@pytest.mark.parametrize("g", [2**61, 2**63])
+def test_a_factor_of_an_empty_axis_too_large_for_an_array_is_a_shape_error(call, g):
+    """An empty axis splits into factors of any size (the other is 0), but the statistics keep
+    them: NumPy failed inside ("array is too big", "Maximum allowed dimension exceeded")."""
+    _raises(ShapeError, lambda: call(np.ones((2, 0)), g), "'b (g [c])'", "input shape (2, 0)", "sizes that fit")
