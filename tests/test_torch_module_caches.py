@@ -262,3 +262,26 @@ def test_a_norm_pruned_to_fewer_channels_after_calls_computes_as_torch_nn(build,
                 torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         for name, buffer in reference.named_buffers():
             torch.testing.assert_close(twin.get_buffer(name), buffer, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "mask"])
+def test_a_group_norm_pruned_to_channels_its_groups_do_not_divide_raises_torch_nn_s_error(training, masked):
+    """Pruning a GroupNorm's channels alone (``num_channels`` and the parameters narrowed,
+    ``num_groups`` kept) to a count its groups do not divide: torch.nn's forward raises
+    its RuntimeError ("Expected number of channels in input to be divisible by
+    num_groups"); the twin gave normlab's ShapeError, a ValueError that no ``except
+    RuntimeError`` written for torch.nn catches."""
+    twin, reference = _nt.GroupNorm(4, 8), _nn.GroupNorm(4, 8)
+    x = torch.randn(2, 8, 3)
+    twin(x), reference(x)
+    for module in (twin, reference):
+        _prune(module, [0, 1, 2, 3, 4, 5])
+        module.train(training)
+    narrowed = torch.randn(2, 6, 3)
+    with pytest.raises(Exception) as expected:
+        reference(narrowed)
+    with pytest.raises(RuntimeError) as got:
+        twin(narrowed, mask=torch.ones(2, 6, 3, dtype=torch.bool)) if masked else twin(narrowed)
+    if not masked:  # (torch.nn has no mask: its error, where the twin can give it, is the oracle's, word for word)
+        assert type(got.value) is type(expected.value) and str(got.value) == str(expected.value)
