@@ -26,6 +26,10 @@ class PatternSyntaxError(NormlabError):
         shown = "".join(" " if char.isspace() else char for char in pattern)
         super().__init__(f"{message}\n    {shown}\n    {caret}")
 
+    def on_input(self, where: str) -> PatternSyntaxError:
+        """This error with ``where`` (the pattern and the input shape) closing its first line."""
+        return type(self)(self.pattern, self.position, f"{self.message} ({where})")
+
     def __reduce__(self):
         # pickled (a worker process hands it to its pool) with the arguments __init__ takes;
         # the default, the message alone, cannot be unpickled

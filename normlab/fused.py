@@ -213,8 +213,7 @@ def _modulation_plan(pattern, plan: Plan, modulation, sizes) -> Plan:
             return text.replace("params", "modulation").replace("weight spans", "scale and shift span")
         if isinstance(err, PatternSyntaxError):
             message = reworded(str(err).split("\n")[0])
-            raise PatternSyntaxError(err.pattern, err.position, f"{message} (pattern {pattern!r}, input shape "
-                                                                f"{plan.shape})") from None
+            raise PatternSyntaxError(err.pattern, err.position, message) from None  # (make_plan named the input)
         raise type(err)(reworded(str(err))) from None
 
 

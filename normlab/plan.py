@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from normlab.errors import ParamsError, ShapeError
+from normlab.errors import ParamsError, PatternSyntaxError, ShapeError
 from normlab.notation import ELLIPSIS, Pattern, parse_params, parse_pattern
 
 __all__ = ["Plan", "Run", "make_plan", "merge_sizes"]
@@ -189,9 +189,15 @@ def make_plan(pattern: str, shape, params: str | None = None, *, sizes=None, **a
         shape = tuple(int(s) for s in shape)
     except TypeError as err:
         raise ShapeError(f"shape must be a sequence of ints, got {shape!r}") from err
-    parsed = parse_pattern(pattern)  # syntax (and type) errors first, before anything is hashed
+    try:
+        parsed = parse_pattern(pattern)  # syntax (and type) errors first, before anything is hashed
+    except PatternSyntaxError as err:
+        raise err.on_input(f"pattern {err.pattern!r}, input shape {shape}") from None
     if params is not None:
-        parse_params(params)
+        try:
+            parse_params(params)
+        except PatternSyntaxError as err:
+            raise err.on_input(f"params {err.pattern!r}, pattern {pattern!r}, input shape {shape}") from None
     for name, value in sizes.items():
         try:
             sizes[name] = operator.index(value)  # ints and NumPy integers; not floats

@@ -180,3 +180,19 @@ def test_a_factor_of_an_empty_axis_too_large_for_an_array_is_a_shape_error(call,
     """An empty axis splits into factors of any size (the other is 0), but the statistics keep
     them: NumPy failed inside ("array is too big", "Maximum allowed dimension exceeded")."""
     _raises(ShapeError, lambda: call(np.ones((2, 0)), g), "'b (g [c])'", "input shape (2, 0)", "sizes that fit")
+
+
+@pytest.mark.parametrize("call", [
+    lambda p, params: normlab.normalize(X, p, params=params),
+    lambda p, params: normlab.normalize(X, p, params=params, backend="numpy", return_stats=True),
+    lambda p, params: normlab.normalize_backward(X, X, p, params=params),
+    lambda p, params: normlab.normalize(X, p, params=params, mask=X > 3),
+    lambda p, params: normlab.normalize(X, p, params=params, segment_ids=[0, 1]),
+    lambda p, params: normlab.normalize(X, p, params=params, residual=X),
+], ids=["numba", "numpy", "backward", "mask", "segments", "residual"])
+@pytest.mark.parametrize("pattern, params", [("b [c h", None), ("b [c] h", "(c")])
+def test_a_syntax_error_names_the_input_shape_and_the_pattern_beside_its_caret(call, pattern, params):
+    """A pattern or params syntax error showed the text and a caret, but not the input shape,
+    and a params error not the pattern it goes with."""
+    err = _raises(PatternSyntaxError, lambda: call(pattern, params), f"pattern {pattern!r}", "input shape (2, 3, 4)")
+    assert str(err).endswith("^")
