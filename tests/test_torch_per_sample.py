@@ -344,3 +344,60 @@ def test_a_model_converted_after_make_private_trains_as_the_unconverted_one(norm
             optimizer.step()
         stepped.append([parameter.detach() for parameter in model.parameters()])
     torch.testing.assert_close(stepped[1], stepped[0])
+
+
+def _mask(x):
+    return x[..., :1] > -0.5  # (each sample's own; it broadcasts over the channels)
+
+
+_IDS = [0, 1, 1]  # segment ids along Norm("b [t] c")'s t, shared by the samples
+# a normlab module and a call of it on (the projection's output h, the model's input x), with
+# an input passed by keyword, after a None, or broadcast from a leading size of 1
+CALLS = {
+    "FusedAddRMSNorm residual=": (lambda: nt.FusedAddRMSNorm(8), lambda m, h, x: m(h, residual=x)),
+    "FusedAddLayerNorm residual=": (lambda: nt.FusedAddLayerNorm(8), lambda m, h, x: m(h, residual=x)),
+    "GatedRMSNorm z=": (lambda: nt.GatedRMSNorm(8, group_size=4), lambda m, h, x: m(h, z=x)),
+    "GatedRMSNorm gate=": (lambda: nt.GatedRMSNorm(8, group_size=4, norm_before_gate=False),
+                           lambda m, h, x: m(h, gate=x)),
+    "FusedAddRMSNorm x=, residual=": (lambda: nt.FusedAddRMSNorm(8), lambda m, h, x: m(x=h, residual=x)),
+    "FusedAddRMSNorm residual of leading size 1": (
+        lambda: nt.FusedAddRMSNorm(8), lambda m, h, x: m(h, torch.linspace(-1, 1, 24).reshape(1, 3, 8))),
+    "LayerNorm mask=": (lambda: nt.LayerNorm(8), lambda m, h, x: m(h, mask=_mask(x))),
+    "RMSNorm mask=": (lambda: nt.RMSNorm(8), lambda m, h, x: m(h, mask=_mask(x))),
+    "Norm mask=": (lambda: nt.Norm("b [t] c", params="c", c=8), lambda m, h, x: m(h, mask=_mask(x))),
+    "Norm segment_ids=": (lambda: nt.Norm("b [t] c", params="c", c=8),
+                          lambda m, h, x: m(h, segment_ids=torch.tensor(_IDS), num_segments=2)),
+    "Norm segment_ids after mask None": (lambda: nt.Norm("b [t] c", params="c", c=8),
+                                         lambda m, h, x: m(h, None, torch.tensor(_IDS))),
+}
+
+
+class _Called(nn.Module):
+    """A projection, a normlab module called as ``call(module, h, x)``, and a head."""
+
+    def __init__(self, module: nn.Module, call) -> None:
+        super().__init__()
+        self.projection, self.module, self.head, self.call = nn.Linear(8, 8), module, nn.Linear(8, 3), call
+
+    def forward(self, x):
+        out = self.call(self.module, self.projection(x), x)
+        return self.head(out[0] if isinstance(out, tuple) else out).sum(1)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+@pytest.mark.parametrize("mode", ["hooks"])
+@pytest.mark.parametrize("name", list(CALLS))
+def test_opacus_per_sample_gradients_see_inputs_passed_by_keyword_or_after_a_none(name, mode):
+    """Opacus' forward hook records positional inputs alone (each must be a tensor), and
+    reads the batch size off the last: normlab's modules hand it the whole call."""
+    opacus = pytest.importorskip("opacus")
+    make, call = CALLS[name]
+    model = _perturbed(_Called(make(), call))
+    torch.manual_seed(3)
+    x, y = torch.randn(5, 3, 8), torch.randint(0, 3, (5,))
+    looped = [torch.stack(grads) for grads in zip(*(
+        torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), list(model.parameters()))
+        for i in range(len(x))))]
+    sampled = opacus.GradSampleModule(model, force_functorch=mode == "functorch")
+    nn.functional.cross_entropy(sampled(x), y).backward()
+    torch.testing.assert_close([parameter.grad_sample for parameter in model.parameters()], looped)

@@ -16,6 +16,11 @@ wrong per-sample gradients, and prepares the layer when the hooks are added, so 
 model converted after ``make_private`` (its twins keep Opacus' hooks) failed at the first
 backward.
 
+Opacus' forward hook records a layer's positional inputs alone (each must be a tensor), and
+reads the batch size off the last: on these modules it is registered as a hook that sees the
+keyword inputs too (:func:`_with_every_input`), so that a residual, gate, mask or segment ids
+passed by keyword (or segment ids after ``mask=None``) reach the grad sampler.
+
 Opacus may be imported before normlab.torch or after it (a model built and converted
 first): the tables are filled at once where it is imported, and otherwise when it is,
 by a finder on ``sys.meta_path`` that waits for the ``opacus`` package and then leaves.
@@ -23,11 +28,15 @@ by a finder on ``sys.meta_path`` that waits for the ``opacus`` package and then 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import sys
 import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
 from normlab.notation import parse_pattern
 from normlab.torch.fused import FusedAddLayerNorm, FusedAddRMSNorm, GatedRMSNorm
@@ -77,16 +86,83 @@ class _Unhooked(nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, *inputs):
-        return self.module.forward(*inputs)
+    def forward(self, *inputs, **keyword_inputs):
+        return self.module.forward(*inputs, **keyword_inputs)
+
+
+@dataclass(frozen=True)
+class RecordedCall:
+    """A call of a normlab module as Opacus' hooks saw it, kept on the first input that
+    Opacus records: the forward's arguments by name, ``None`` left out (tensors detached),
+    and the name of the first, whose value is Opacus' own record of it."""
+
+    first: str
+    arguments: tuple  # ((name, value), ...) in the forward's order, the first input's left out
+
+
+def _record_call(module: nn.Module, args: tuple, kwargs: dict) -> Optional[RecordedCall]:
+    """The call ``module(*args, **kwargs)`` by name, or ``None`` where its first argument is
+    no tensor (Opacus then sees the call as it was made)."""
+    bound = _forward_signature(type(module)).bind(module, *args, **kwargs).arguments
+    named = [(name, value) for name, value in list(bound.items())[1:] if value is not None]  # (self left out)
+    if not named or not isinstance(named[0][1], Tensor):
+        return None
+    return RecordedCall(named[0][0], tuple((name, value.detach() if isinstance(value, Tensor) else value)
+                                           for name, value in named[1:]))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
+def _with_every_input(capture_activations: Callable, module: nn.Module) -> Callable:
+    """Opacus' forward hook ``capture_activations`` (which records the positional inputs,
+    each a tensor) as a hook of ``module`` that sees the keyword inputs too: Opacus records the
+    first input alone, and the whole call (:class:`RecordedCall`) rides on its record of it.
+    An input given by keyword, or ``segment_ids`` after ``mask=None``, so reaches
+    :func:`per_sample_gradients`; the batch size Opacus reads off its record is the first
+    input's, not that of a mask or residual that broadcasts."""
+    owner = capture_activations.__self__
+
+    def capture_every_input(hooked: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        call = _record_call(hooked, args, kwargs)
+        if call is None or not getattr(owner, "batch_first", True):  # (batch_first=False: Opacus copies its record)
+            return capture_activations(hooked, args, output)
+        records = hooked.__dict__.get("activations")
+        before = len(records) if records is not None else 0
+        capture_activations(hooked, (args[0] if args else kwargs[call.first],), output)
+        records = hooked.__dict__.get("activations")
+        if records is not None and len(records) > before:
+            records[-1][0].normlab_call = call
+
+    return capture_every_input
+
+
+def _register_forward_hook(self, hook, *, prepend: bool = False, with_kwargs: bool = False,
+                           always_call: bool = False):
+    """``nn.Module.register_forward_hook`` of the modules of :data:`_SAMPLED`, where Opacus'
+    hook that records a layer's inputs becomes :func:`_with_every_input`'s."""
+    if (not with_kwargs and type(self) in _SAMPLED and getattr(hook, "__name__", None) == "capture_activations_hook"
+            and isinstance(getattr(hook, "__self__", None), _opacus_hooks_class())):
+        hook, with_kwargs = _with_every_input(hook, self), True
+    return nn.Module.register_forward_hook(self, hook, prepend=prepend, with_kwargs=with_kwargs,
+                                           always_call=always_call)
+
+
+def _opacus_hooks_class() -> type:
+    from opacus.grad_sample.gsm_base import AbstractGradSampleHooks
+
+    return AbstractGradSampleHooks
 
 
 def per_sample_gradients(block: nn.Module, activations: list, backprops) -> dict:
     """Opacus' grad sampler for a normlab module: torch.func's per-sample gradients of its
     trainable parameters through its first output (the normalized one, whose gradient is
-    ``backprops``), recomputed from every input the model passed by position (a block's
-    residual or gate). An input without the batch's leading size (a residual that
-    broadcasts) is shared by all samples.
+    ``backprops``), recomputed from every input of the call (a block's residual or gate, a
+    mask, segment ids: by position or by keyword, as :func:`_with_every_input` records them;
+    else the positional ``activations``). An input without the batch's leading size (a
+    residual that broadcasts) is shared by all samples.
 
     >>> import torch
     >>> block = FusedAddRMSNorm(4)
@@ -99,15 +175,27 @@ def per_sample_gradients(block: nn.Module, activations: list, backprops) -> dict
     names = [name for name, parameter in block.named_parameters() if parameter.requires_grad]
     params = {f"module.{name}": block.get_parameter(name).detach() for name in names}
     unhooked = _Unhooked(block)
+    call = getattr(activations[0], "normlab_call", None)
+    if call is None:
+        keys, inputs = (None,) * len(activations), list(activations)
+    else:
+        keys = (call.first,) + tuple(name for name, _ in call.arguments)
+        inputs = [activations[0]] + [value for _, value in call.arguments]
+    tensors = [i for i, value in enumerate(inputs) if isinstance(value, Tensor)]
     batch = backprops.shape[0]
-    per_sample = tuple(0 if t.dim() and t.shape[0] == batch else None for t in activations)
+    per_sample = tuple(0 if inputs[i].dim() and inputs[i].shape[0] == batch else None for i in tensors)
 
-    def output_dot_backprop(params, backprop, *inputs):
-        inputs = tuple(t.unsqueeze(0) if axis == 0 else t for t, axis in zip(inputs, per_sample))
-        output = functional_call(unhooked, params, inputs)
+    def output_dot_backprop(params, backprop, *batched):
+        values = list(inputs)
+        for i, value, axis in zip(tensors, batched, per_sample):
+            values[i] = value.unsqueeze(0) if axis == 0 else value
+        positional = [value for key, value in zip(keys, values) if key is None]
+        keyword = {key: value for key, value in zip(keys, values) if key is not None}
+        output = functional_call(unhooked, params, tuple(positional), keyword)
         return ((output[0] if isinstance(output, tuple) else output) * backprop.unsqueeze(0)).sum()
 
-    grads = vmap(grad(output_dot_backprop), in_dims=(None, 0) + per_sample)(params, backprops, *activations)
+    grads = vmap(grad(output_dot_backprop), in_dims=(None, 0) + per_sample)(
+        params, backprops, *(inputs[i] for i in tensors))
     return {block.get_parameter(name): grads[f"module.{name}"] for name in names}
 
 
@@ -119,6 +207,8 @@ def _fill_tables() -> None:
     from opacus.validators.errors import ShouldReplaceModuleError
 
     register_grad_sampler([cls for cls in _SAMPLED if cls not in GradSampleModule.GRAD_SAMPLERS])(per_sample_gradients)
+    for cls in _SAMPLED:  # (Opacus' forward hook then records keyword inputs too: _with_every_input)
+        cls.register_forward_hook = _register_forward_hook
 
     for twin, torch_class in _TORCH_CLASSES.items():
         for table in (ModuleValidator.VALIDATORS, ModuleValidator.FIXERS):
