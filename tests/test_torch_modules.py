@@ -372,6 +372,60 @@ def test_channels_first_layer_norm_of_a_permuted_input_gives_an_output_that_view
     torch.testing.assert_close(y.view(2, 4, 15), expected.view(2, 4, 15), atol=1e-5, rtol=1e-4)
 
 
+def _channels_first_originals():
+    """ConvNeXt-style channels-first layer norms (torchvision's, mirrored; transformers'
+    ConvNeXt and SAM ones where transformers imports), each with random affine parameters."""
+    from tests.mirrored_norms import TorchvisionLayerNorm2d
+
+    originals = {"torchvision": lambda: TorchvisionLayerNorm2d(4, eps=1e-6)}
+    try:
+        from transformers.models.convnext.modeling_convnext import ConvNextLayerNorm
+        from transformers.models.sam.modeling_sam import SamLayerNorm
+    except ImportError:
+        return originals
+    originals["convnext"] = lambda: ConvNextLayerNorm(4, data_format="channels_first")
+    originals["sam"] = lambda: SamLayerNorm(4, data_format="channels_first")
+    return originals
+
+
+@pytest.mark.parametrize("path", ["auto", "composite"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+@pytest.mark.parametrize("original", ["torchvision", "convnext", "sam"])
+def test_converted_layer_norm_2d_lays_out_its_output_and_gradients_as_the_original(original, layout, path):
+    """The originals permute to channels-last, call torch's layer norm and permute back, so
+    their output is channels_last for any input: ``y.permute(0, 2, 3, 1).view(N, H * W, C)``
+    (tokens for a transformer stage, as SAM's and Mask2Former's necks take them) works on it.
+    The twin gave a contiguous input a contiguous output, on which that view raises."""
+    originals = _channels_first_originals()
+    if original not in originals:
+        pytest.skip("transformers does not import")
+    torch.manual_seed(0)
+    reference = originals[original]()
+    with torch.no_grad():
+        reference.weight.normal_()
+        reference.bias.normal_()
+    twin = nt.convert(torch.nn.Sequential(copy.deepcopy(reference)))[0]
+    assert isinstance(twin, nt.LayerNorm2d)
+    x = torch.randn(2, 4, 5, 3)
+    x = {"contiguous": x, "channels_last": x.to(memory_format=torch.channels_last),
+         "transposed": x.transpose(2, 3)}[layout]
+    grad_y = torch.randn(x.shape)
+    x_twin, x_ref = (x.detach().clone(memory_format=torch.preserve_format).requires_grad_() for _ in range(2))
+    with nt.use_path(path):
+        y = twin(x_twin)
+        masked = twin(x.detach(), mask=torch.ones(2, 1, *x.shape[2:], dtype=torch.bool))
+    expected = reference(x_ref)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-4)
+    assert y.stride() == expected.stride() == masked.stride()
+    n, c, h, w = y.shape
+    torch.testing.assert_close(y.permute(0, 2, 3, 1).view(n, h * w, c), expected.permute(0, 2, 3, 1).view(n, h * w, c),
+                               atol=1e-5, rtol=1e-4)
+    (y * grad_y).sum().backward()
+    (expected * grad_y).sum().backward()
+    torch.testing.assert_close(x_twin.grad, x_ref.grad, atol=1e-4, rtol=1e-4)
+    assert x_twin.grad.stride() == x_ref.grad.stride()
+
+
 @pytest.mark.parametrize("name", ["eps", "pattern", "params", "rms", "sizes", "x", "mask"])
 def test_axes_named_like_arguments_are_sized_through_a_sizes_mapping(name):
     """``sizes={name: g}`` sizes an axis named like an argument of Norm, of

@@ -141,8 +141,13 @@ def _unmasked_layout(module, x: Tensor, y: Tensor) -> Tensor:
     that mask= and eval() do not change it: ``Norm`` keeps any dense permutation of x (a
     transpose, channels_last); the twins do as torch.nn does: batch, group and RMS norm and
     LayerNorm2d keep channels_last input so, every other permuted input gives a contiguous
-    output (normalize_masked's is contiguous, the running statistics' follows x's)."""
-    if x.is_contiguous() or torch._C._are_functorch_transforms_active():  # (see spec.torch_layout)
+    output (normalize_masked's is contiguous, the running statistics' follows x's);
+    LayerNorm2d's is channels_last for any input, as its originals' permutes make it."""
+    if torch._C._are_functorch_transforms_active():  # (see spec.torch_layout)
+        return y
+    if getattr(module, "_channels_last_output", False) and x.dim() == 4:
+        return y.contiguous(memory_format=torch.channels_last)
+    if x.is_contiguous():
         return y
     from normlab.torch.modules import LayerNorm2d, Norm
 

@@ -360,6 +360,9 @@ class _ChannelsFirstForward:
     with ``params="c"``, no permutes; reads ``normalized_shape``, ``weight``, ``bias`` and ``eps``."""
 
     _spec_source = None  # (the normalized_shape of the spec's last build)
+    # whether the output is channels_last for any input, as the originals' permutes around
+    # torch's layer norm make it (LayerNorm2d), or laid out as the input (VitDet's, elementwise)
+    _channels_last_output = False
 
     def _init_spec(self) -> None:
         self._spec = Spec.build("b [c] h w", "c", c=int(self.normalized_shape[0]))
@@ -408,8 +411,15 @@ class _ChannelsFirstForward:
         path = _choose_path(input, has_native=True)
         if path == "native" or _dtypes_refused(input, self.weight, self.bias):  # what the originals do (or raise)
             return self._torch_forward(input)
-        # a permuted input other than channels_last is copied (the originals hand torch's layer norm
-        # a permuted view, which it copies): a view of their output then works on this one too
+        if self._channels_last_output:
+            # the originals normalize the channels-last permute and permute back: their output is
+            # channels_last whatever the input's layout, and so is this one (a contiguous input is
+            # copied, as torch's layer norm copies their permuted view), so that a view of theirs
+            # (y.permute(0, 2, 3, 1).view(N, H * W, C)) works on this one too
+            return _normalize(input.contiguous(memory_format=torch.channels_last), self.weight, self.bias, self._spec,
+                              self.eps, path)[0]
+        # a permuted input other than channels_last is copied, as elementwise torch operations lay
+        # out a permuted input's result densely: a view of the original's output then works on this one
         return _normalize(torch_layout(input, keeps_channels_last=True), self.weight, self.bias, self._spec, self.eps,
                           path)[0]
 
@@ -425,6 +435,8 @@ class LayerNorm2d(_ChannelsFirstForward, nn.LayerNorm):
     >>> torch.allclose(LayerNorm2d(3)(x), expected, atol=1e-5)
     True
     """
+
+    _channels_last_output = True
 
     def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True, *, bias: bool = True,
                  device=None, dtype=None):
