@@ -303,8 +303,10 @@ class _TwoInputs(nn.Module):
                                    lambda: nt.GatedRMSNorm(8, group_size=4),
                                    lambda: nt.GatedRMSNorm(8, group_size=4, norm_before_gate=False)],
                          ids=["FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "GatedRMSNorm gating first"])
-def test_opacus_per_sample_gradients_of_a_block_of_two_inputs_are_a_loop_s(block):
-    """Opacus' own fallback recomputes a layer from its first input alone."""
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_opacus_per_sample_gradients_of_a_block_of_two_inputs_are_a_loop_s(block, mode):
+    """Opacus' own fallback (``force_functorch``: every layer's) recomputes a layer from its
+    first input alone."""
     opacus = pytest.importorskip("opacus")
     model = _perturbed(_TwoInputs(block()))
     torch.manual_seed(3)
@@ -312,7 +314,7 @@ def test_opacus_per_sample_gradients_of_a_block_of_two_inputs_are_a_loop_s(block
     looped = [torch.stack(grads) for grads in zip(*(
         torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1], reduction="sum"),
                             list(model.parameters())) for i in range(len(x))))]
-    sampled = opacus.GradSampleModule(model, loss_reduction="sum")
+    sampled = opacus.GradSampleModule(model, loss_reduction="sum", force_functorch=mode == "functorch")
     nn.functional.cross_entropy(sampled(x), y, reduction="sum").backward()
     torch.testing.assert_close([parameter.grad_sample for parameter in model.parameters()], looped)
 
@@ -385,7 +387,7 @@ class _Called(nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
-@pytest.mark.parametrize("mode", ["hooks"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
 @pytest.mark.parametrize("name", list(CALLS))
 def test_opacus_per_sample_gradients_see_inputs_passed_by_keyword_or_after_a_none(name, mode):
     """Opacus' forward hook records positional inputs alone (each must be a tensor), and

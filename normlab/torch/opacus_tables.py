@@ -19,7 +19,9 @@ backward.
 Opacus' forward hook records a layer's positional inputs alone (each must be a tensor), and
 reads the batch size off the last: on these modules it is registered as a hook that sees the
 keyword inputs too (:func:`_with_every_input`), so that a residual, gate, mask or segment ids
-passed by keyword (or segment ids after ``mask=None``) reach the grad sampler.
+passed by keyword (or segment ids after ``mask=None``) reach the grad sampler. Opacus'
+functorch mode (``grad_sample_mode="functorch"``) recomputes every layer from its first input
+alone: these modules' hook gives it the grad sampler's computation instead.
 
 Opacus may be imported before normlab.torch or after it (a model built and converted
 first): the tables are filled at once where it is imported, and otherwise when it is,
@@ -136,7 +138,22 @@ def _with_every_input(capture_activations: Callable, module: nn.Module) -> Calla
         if records is not None and len(records) > before:
             records[-1][0].normlab_call = call
 
+    if getattr(owner, "force_functorch", False):  # Opacus' functorch mode: its fallback takes the first input alone
+        module.ft_compute_sample_grad = _functorch_stand_in(module)
     return capture_every_input
+
+
+def _functorch_stand_in(module: nn.Module) -> Callable:
+    """What Opacus' functorch mode calls for each layer, ``layer.ft_compute_sample_grad(parameters,
+    first_input, backprops)`` (every parameter's per-sample gradients, in order; Opacus prepares
+    it from the layer's first input alone), computed as :func:`per_sample_gradients` does, from
+    the whole call."""
+
+    def ft_compute_sample_grad(parameters, first_input, backprops) -> tuple:
+        grads = _per_sample(module, [first_input], backprops, trainable_only=False)
+        return tuple(grads[parameter] for parameter in parameters)
+
+    return ft_compute_sample_grad
 
 
 def _register_forward_hook(self, hook, *, prepend: bool = False, with_kwargs: bool = False,
@@ -170,9 +187,13 @@ def per_sample_gradients(block: nn.Module, activations: list, backprops) -> dict
     >>> per_sample_gradients(block, [x, residual], torch.ones(3, 2, 4))[block.weight].shape
     torch.Size([3, 4])
     """
+    return _per_sample(block, activations, backprops, trainable_only=True)
+
+
+def _per_sample(block: nn.Module, activations: list, backprops, trainable_only: bool) -> dict:
     from torch.func import functional_call, grad, vmap
 
-    names = [name for name, parameter in block.named_parameters() if parameter.requires_grad]
+    names = [name for name, parameter in block.named_parameters() if parameter.requires_grad or not trainable_only]
     params = {f"module.{name}": block.get_parameter(name).detach() for name in names}
     unhooked = _Unhooked(block)
     call = getattr(activations[0], "normlab_call", None)
