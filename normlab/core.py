@@ -301,16 +301,18 @@ def overlaps_inputs(out: np.ndarray, prepared: Prepared, *arrays) -> bool:
     return any(a is not None and np.may_share_memory(out, a) for a in inputs)
 
 
-def _resolve_backend(backend: str | None, *dtypes: np.dtype) -> str:
-    """``"numba"`` or ``"numpy"``: which engine runs, for inputs of ``dtypes``."""
-    if backend is None or backend == "auto":
+def _resolve_backend(backend: str | None, plan: Plan, *dtypes: np.dtype) -> str:
+    """``"numba"`` or ``"numpy"``: which engine runs ``plan``, for inputs of ``dtypes``."""
+    if backend is None or isinstance(backend, str) and backend == "auto":  # (an array compares elementwise)
         if all(d in _FLOATS for d in dtypes) and _kernels_available():
             return "numba"
         return "numpy"
-    if backend not in BACKENDS:
-        raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        shown = repr(backend) if len(repr(backend)) <= 40 else f"a value of type {type(backend).__name__}"
+        raise InputError(f"{_describe(plan, plan.shape)}: backend must be one of {', '.join(BACKENDS)}, "
+                         f"got {shown}")
     if backend == "numba" and not _kernels_available():
-        raise InputError("backend='numba' needs Numba, which does not import here; "
+        raise InputError(f"{_describe(plan, plan.shape)}: backend='numba' needs Numba, which does not import here; "
                          "install numba or pass backend='numpy'")
     return backend
 
@@ -325,7 +327,7 @@ def forward(prepared: Prepared, eps: float, rms: bool, mean=None, rstd=None, out
     """Run the forward pass on prepared arguments; returns ``(y, stats)`` (``y`` in the
     input's shape, ``stats`` as :class:`normlab.reference.Stats`)."""
     plan = prepared.plan
-    if _resolve_backend(backend, prepared.x.dtype) == "numba":
+    if _resolve_backend(backend, plan, prepared.x.dtype) == "numba":
         from normlab import kernels
 
         result = kernels.forward(prepared, eps, rms, mean, rstd, out)
@@ -487,11 +489,12 @@ def _build_fast_call(x, pattern, params, rms, backend, sizes, key):
     weight_dtype, bias_dtype = key[6], key[7]
     if weight_dtype is False or bias_dtype is False or (params is None and (weight_dtype or bias_dtype)):
         return None
-    if _resolve_backend(backend, x.dtype) != "numba":
+    plan = make_plan(pattern, x.shape, params, sizes=sizes)
+    if _resolve_backend(backend, plan, x.dtype) != "numba":
         return None
     from normlab.kernels import fast
 
-    return fast.fast_forward(make_plan(pattern, x.shape, params, sizes=sizes), x.dtype, rms, (weight_dtype, bias_dtype))
+    return fast.fast_forward(plan, x.dtype, rms, (weight_dtype, bias_dtype))
 
 
 def normalize_with_stats(x, pattern: str, *, weight=None, bias=None, params=None, eps=1e-5, rms=False,
@@ -587,7 +590,7 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
         raise ShapeError(f"{_describe(plan, plan.shape)}: grad_y has shape {grad_y.shape}; it must match x")
     result_dtype(grad_y, pattern, "grad_y")
     grad_y = computable(grad_y)
-    use_kernels = _resolve_backend(backend, prepared.x.dtype, grad_y.dtype) == "numba"
+    use_kernels = _resolve_backend(backend, plan, prepared.x.dtype, grad_y.dtype) == "numba"
     refuse_mean_with_rms(mean, rms, _describe(plan, plan.shape))
     if mean is not None and rstd is None:  # silently recomputing would ignore the given mean
         raise InputError(f"{_describe(plan, plan.shape)}: mean was given without rstd; pass both (or neither)")

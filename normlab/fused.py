@@ -430,7 +430,7 @@ def _use_kernels(inputs: Inputs, backend, *extra) -> bool:
         # model carries (and normalizes) the sum rounded to bfloat16, as the reference does
         return False
     dtypes = [inputs.x.dtype] + [a.dtype for a in (inputs.residual, inputs.gate, *extra) if a is not None]
-    return core._resolve_backend(backend, *dtypes) == "numba"
+    return core._resolve_backend(backend, inputs.plan, *dtypes) == "numba"
 
 
 def normalize(x, pattern, *, weight=None, bias=None, params=None, eps=1e-5, rms=False, return_stats=False,

@@ -50,7 +50,7 @@ def normalize_with_stats(x, pattern, *, weight=None, bias=None, params=None, eps
     grouping = masked.make_grouping(plan, mask, segment_ids, num_segments, segment_axis)
     mean, rstd = _given_stats(grouping, rms, mean, rstd)
     result = None
-    if core._resolve_backend(backend, prepared.x.dtype) == "numba":
+    if core._resolve_backend(backend, plan, prepared.x.dtype) == "numba":
         from normlab.kernels import masked as masked_kernels
 
         result = masked_kernels.forward(prepared, grouping, eps, rms, mean, rstd)
@@ -85,7 +85,7 @@ def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5
     mean, rstd = _given_stats(grouping, rms, mean, rstd)
     need_weight, need_bias = weight is not None, params is not None
     result = None
-    if core._resolve_backend(backend, prepared.x.dtype, grad_y.dtype) == "numba":
+    if core._resolve_backend(backend, plan, prepared.x.dtype, grad_y.dtype) == "numba":
         from normlab.kernels import masked as masked_kernels
 
         result = masked_kernels.backward(prepared, grouping, grad_y, eps, rms, mean, rstd,

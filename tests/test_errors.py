@@ -196,3 +196,19 @@ def test_a_syntax_error_names_the_input_shape_and_the_pattern_beside_its_caret(c
     and a params error not the pattern it goes with."""
     err = _raises(PatternSyntaxError, lambda: call(pattern, params), f"pattern {pattern!r}", "input shape (2, 3, 4)")
     assert str(err).endswith("^")
+
+
+@pytest.mark.parametrize("call", [
+    lambda backend: normlab.normalize(X, "b [c h]", backend=backend),
+    lambda backend: normlab.normalize(X, "b [c h]", backend=backend, mask=X > 3),
+    lambda backend: normlab.normalize(X, "b [c h]", backend=backend, residual=X),
+    lambda backend: normlab.normalize_backward(X, X, "b [c h]", backend=backend),
+    lambda backend: normlab.normalize_backward(X, X, "b [c h]", backend=backend, segment_ids=[0, 0, 1]),
+    lambda backend: normlab.normalize_backward(X, X, "b [c h]", backend=backend, residual=X),
+], ids=["forward", "mask", "residual", "backward", "backward-segments", "backward-residual"])
+@pytest.mark.parametrize("backend", ["cuda", np.array(["numba", "numpy"]), 10**400], ids=["name", "array", "huge-int"])
+def test_an_unknown_backend_names_the_pattern_and_shape_and_the_backends_there_are(call, backend):
+    """The message named neither the pattern nor the shape (and printed all 401 digits of
+    10**400); an array of names failed inside with NumPy's "truth value ... is ambiguous"."""
+    err = _raises(InputError, lambda: call(backend), "'b [c h]'", "(2, 3, 4)", "backend must be one of auto, numba, numpy")
+    assert len(str(err)) < 200
