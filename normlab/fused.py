@@ -197,6 +197,10 @@ def _weight_offset(value, pattern, plan: Plan) -> float:
     except (TypeError, ValueError) as err:
         raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: weight_offset must be a number, got "
                          f"{value!r}; {fix}") from err
+    except OverflowError as err:  # an int beyond float's range, such as 10**400
+        shown = f"{str(value)[:12]}... ({len(str(value))} characters)"
+        raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: weight_offset={shown} is too large for a "
+                         f"float; {fix}") from err
     if not math.isfinite(offset):
         raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: weight_offset={offset} would make "
                          f"every output NaN; {fix}")

@@ -212,3 +212,15 @@ def test_an_unknown_backend_names_the_pattern_and_shape_and_the_backends_there_a
     10**400); an array of names failed inside with NumPy's "truth value ... is ambiguous"."""
     err = _raises(InputError, lambda: call(backend), "'b [c h]'", "(2, 3, 4)", "backend must be one of auto, numba, numpy")
     assert len(str(err)) < 200
+
+
+@pytest.mark.parametrize("call", [
+    lambda offset: normlab.normalize(X, "b [c h]", weight_offset=offset),
+    lambda offset: normlab.normalize(X, "b [c h]", weight_offset=offset, backend="numpy"),
+    lambda offset: normlab.normalize_backward(X, X, "b [c h]", weight_offset=offset),
+], ids=["numba", "numpy", "backward"])
+@pytest.mark.parametrize("offset", [10**400, -10**400])
+def test_a_weight_offset_beyond_floats_range_is_an_input_error(call, offset):
+    """An int too large for a float escaped as float()'s OverflowError."""
+    err = _raises(InputError, lambda: call(offset), "'b [c h]'", "(2, 3, 4)", "too large for a float")
+    assert len(str(err)) < 300
