@@ -244,6 +244,82 @@ def test_weight_averaging_with_ema_buffers_and_update_bn_gives_torch_nn_s_models
     torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
 
 
+class _ChannelsLastBatchNorm(nn.Module):
+    """torch.nn's batch norm over the channels of an ``(N, H, W, C)`` map: what
+    ``Norm("[b h w] c")`` computes."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return self.norm(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def _norm_cnn(norm_library):
+    """A CNN whose batch norms are ``Norm`` patterns (normlab) or the torch.nn modules
+    computing the same (torch), with an instance norm with running statistics, which
+    torch's update_bn leaves alone, and a twin BatchNorm1d beside them."""
+    channels_first = (nt.Norm("[b] c [h w]", params="c", c=8, track_running_stats=True) if norm_library == "normlab"
+                      else nn.BatchNorm2d(8))
+    channels_last = (nt.Norm("[b h w] c", params="c", c=8, track_running_stats=True) if norm_library == "normlab"
+                     else _ChannelsLastBatchNorm(8))
+    instance = (nt.Norm("b c [h w]", params="c", c=8, track_running_stats=True) if norm_library == "normlab"
+                else nn.InstanceNorm2d(8, affine=True, track_running_stats=True))
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), channels_first, nn.ReLU(), nn.Conv2d(8, 8, 3), instance,
+                         nn.ReLU(), nn.Conv2d(8, 8, 1).to(memory_format=torch.channels_last),
+                         Permute((0, 2, 3, 1)), channels_last, nn.Flatten(), nn.Linear(128, 4), nt.BatchNorm1d(4))
+
+
+class Permute(nn.Module):
+    def __init__(self, order) -> None:
+        super().__init__()
+        self.order = order
+
+    def forward(self, x):
+        return x.permute(*self.order)
+
+
+@pytest.mark.parametrize("train_after", [True, False], ids=["in_training", "in_eval"])
+def test_update_bn_recomputes_the_running_statistics_of_norm_batch_norms_as_torch_s_does_of_torch_nn_s(train_after):
+    """SWA with ``Norm`` batch norms: ``torch.optim.swa_utils.update_bn`` finds batch norms
+    by ``isinstance(module, _BatchNorm)`` and passes over a ``Norm("[b] c [h w]")`` (its
+    running statistics stay the averaged model's stale ones); ``normlab.torch.update_bn``
+    recomputes them too. Oracle: torch's update_bn on the same model with torch.nn's
+    batch norms, same weights, same batches (and its instance norm left alone, as a
+    ``Norm`` whose statistics do not span the batch is)."""
+    from torch.optim.swa_utils import AveragedModel, update_bn
+
+    torch.manual_seed(0)
+    reference = _norm_cnn("torch").double()
+    model = _norm_cnn("normlab").double()
+    model.load_state_dict({key.replace(".norm.", "."): value for key, value in reference.state_dict().items()})
+    batches = [torch.randn(5, 3, 6, 6, dtype=D) * 3 + 1 for _ in range(4)]
+    averaged = []
+    for network in (reference, model):
+        optimizer = torch.optim.SGD(network.parameters(), lr=0.05)
+        swa = AveragedModel(network)
+        for x in batches:
+            network(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            swa.update_parameters(network)
+        swa.train(train_after)
+        averaged.append(swa)
+    update_bn([(x, None) for x in batches[:3]], averaged[0])
+    stale = {name: buffer.clone() for name, buffer in averaged[1].named_buffers()}
+    nt.update_bn([(x, None) for x in batches[:3]], averaged[1])
+    expected = {key.replace(".norm.", "."): value for key, value in averaged[0].state_dict().items()}
+    got = averaged[1].state_dict()
+    assert list(got) == list(expected)
+    for name in expected:
+        if name != "module.4.num_batches_tracked":  # (torch's instance norms never count their batches)
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-9, msg=name)
+    assert not torch.equal(stale["module.1.running_mean"], got["module.1.running_mean"])
+    assert averaged[1].training == train_after and averaged[1].module[8].momentum == 0.1
+    torch.testing.assert_close(averaged[1].eval()(batches[3]), averaged[0].eval()(batches[3]), rtol=1e-9, atol=1e-9)
+
+
 def test_a_load_state_dict_pre_hook_registered_before_convert_sees_the_twin_in_loads_and_copies():
     """``register_load_state_dict_pre_hook`` keeps a weak reference to its module and hands
     it to the hook: on the converted model that is the twin (the torch.nn layer it replaced

@@ -66,6 +66,7 @@ if tuple(map(int, re.match(r"(\d+)\.(\d+)", torch.__version__).groups())) < _OLD
     )
 
 from normlab.kernels import threads as _threads
+from normlab.torch.averaging import update_bn
 from normlab.torch.compute import normalize
 from normlab.torch.conversion import convert
 from normlab.torch.fused import AdaLayerNorm, FusedAddLayerNorm, FusedAddRMSNorm, GatedRMSNorm
@@ -97,5 +98,5 @@ __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "LayerNorm2d", "ChannelsFirstLayerNorm", "GroupNorm",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "SyncBatchNorm", "Norm", "convert", "normalize",
     "use_path", "PATHS", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm", "RecipeLayerNorm",
-    "UnweightedRMSNorm", "Float32LayerNorm", "Float32LayerNorm2d",
+    "UnweightedRMSNorm", "Float32LayerNorm", "Float32LayerNorm2d", "update_bn",
 ]
