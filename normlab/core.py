@@ -249,7 +249,12 @@ def stats_in_shape(value, name: str, plan: Plan, shape: tuple, listed: tuple, li
     other shape is a ShapeError that names both and ``listed_text``, what ``listed`` is."""
     if isinstance(value, np.ma.MaskedArray):
         reject_masked(value, name, _describe(plan, plan.shape))
-    array = as_array(value, name, plan.pattern, plan.shape, np.float64)
+    array = as_array(value, name, plan.pattern, plan.shape)
+    if array.dtype.kind not in "fiub" and not is_bfloat16(array.dtype):  # a cast would take complex, dates, text
+        raise InputError(f"{_describe(plan, plan.shape)}: {name} has dtype {array.dtype}, and statistics are real "
+                         "numbers; pass the float64 arrays that return_stats=True gives (or any float, int or bool "
+                         "array)")
+    array = array.astype(np.float64, copy=False)
     if array.shape == shape:
         return array
     if array.shape == listed:

@@ -224,3 +224,19 @@ def test_a_weight_offset_beyond_floats_range_is_an_input_error(call, offset):
     """An int too large for a float escaped as float()'s OverflowError."""
     err = _raises(InputError, lambda: call(offset), "'b [c h]'", "(2, 3, 4)", "too large for a float")
     assert len(str(err)) < 300
+
+
+@pytest.mark.parametrize("call", [
+    lambda given: normlab.normalize(X, "b [c] h", mean=given, rstd=given),
+    lambda given: normlab.normalize(X, "b [c] h", rms=True, rstd=given, backend="numpy"),
+    lambda given: normlab.normalize_backward(X, X, "b [c] h", mean=given, rstd=given),
+    lambda given: normlab.normalize(X, "b [c] h", mean=given, rstd=given, mask=X > 3),
+    lambda given: normlab.normalize(X, "b [c] h", mean=given, rstd=given, residual=X),
+], ids=["forward", "rms-numpy", "backward", "mask", "residual"])
+@pytest.mark.parametrize("dtype", ["complex128", "datetime64[s]", "U8", "object"])
+def test_given_statistics_that_are_not_real_numbers_are_refused(call, dtype):
+    """mean= and rstd= were cast to float64 as they came: complex ones lost their imaginary
+    part with only a ComplexWarning, dates became their integer counts, strings were parsed
+    and object arrays read, where weight and bias of those dtypes are refused."""
+    given = np.ones((2, 1, 4)).astype(dtype)
+    _raises(InputError, lambda: call(given), "'b [c] h'", "(2, 3, 4)", f"has dtype {given.dtype}", "real numbers")
