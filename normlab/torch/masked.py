@@ -19,10 +19,10 @@ from normlab.errors import ParamsError, ShapeError
 from normlab.masked import make_grouping
 from normlab.notation import parse_pattern
 from normlab.plan import make_plan, merge_sizes
-from normlab.torch.compute import _fake
+from normlab.torch.compute import _expanded_param, _fake
 from normlab.torch.ops import _functorch_active, _grads_of, _needs_torch_backward, _spec_of, _vmapped
 from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx
-from normlab.torch.spec import Spec, _sizes_dict, param_view
+from normlab.torch.spec import PlanFacts, Spec, _sizes_dict, param_view
 
 __all__ = ["normalize_masked", "MaskedResult", "check_segment_ids"]
 
@@ -338,19 +338,31 @@ def _composite(x, weight, bias, mask, segment_ids, spec: Spec, eps, num_segments
     return (y.reshape(x.shape),) + stats
 
 
+# the names of the ellipsis' axes: a Plan's ("...0") and Spec.plan's ("_ellipsis0")
+_ELLIPSIS_NAMES = ("...", "_ellipsis")
+
+
+def _traced_plan(spec: Spec, x: Tensor) -> PlanFacts:
+    """``x``'s plan for the traced definitions below, its axis sizes the input's own where
+    they are whole dimensions, so that a dynamic one stays dynamic: under ``torch.export``
+    :meth:`Spec.plan`'s integer arithmetic on the symbolic sizes (which Dynamo traces, for a
+    strict export too); under ``torch.jit.trace``, which hands sizes as tensors, planned on
+    their values (without its warning) while the reshapes take them as they are."""
+    if torch.compiler.is_compiling():
+        return spec.plan(x.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        shape = tuple(int(n) if isinstance(n, Tensor) else n for n in x.shape)
+    plan = spec.plan(shape)
+    return plan._replace(axis_sizes=tuple(_symbolic_axis_sizes(plan, spec.pattern, x.shape)))
+
+
 def _reduced_composite(x, weight, bias, mask, spec: Spec, eps):
     """The same definition for a mask without segments, in reductions over the bracketed
     axes that ONNX has (``_composite``'s scatter operations it has not, or exports wrong):
     what ``torch.onnx.export`` records for ``mask=``. Float64 statistics, two-pass."""
-    # (torch.jit.trace, which the TorchScript exporter runs, hands sizes as tensors: planned on
-    # their values, without its warning, while the reshapes take them as they are, so a
-    # dynamic axis stays dynamic)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        shape = tuple(int(n) if isinstance(n, Tensor) else n for n in x.shape)
-    plan = _hinted_plan(spec.pattern, shape, spec.params, spec.sizes)
-    sizes = _symbolic_axis_sizes(plan, spec.pattern, x.shape)
-    axes = plan.reduced_axes
+    plan = _traced_plan(spec, x)
+    sizes, axes = plan.axis_sizes, plan.reduced_axes
     compute = torch.float32 if x.device.type == "mps" else torch.float64
     view = x.reshape(sizes).to(compute)
     counted = (torch.ones((), dtype=torch.bool, device=x.device) if mask is None else mask).expand(
@@ -363,9 +375,9 @@ def _reduced_composite(x, weight, bias, mask, spec: Spec, eps):
     rstd = torch.where(count > 0, torch.rsqrt(var + eps), 0)
     y = centered * rstd
     if weight is not None:
-        y = y * _expand(weight, plan).to(compute)
+        y = y * _expanded_param(weight, plan).to(compute)
     if bias is not None:
-        y = y + _expand(bias, plan).to(compute)
+        y = y + _expanded_param(bias, plan).to(compute)
     # (the statistics keep their reduced axes: stats_shape already)
     return y.to(x.dtype).reshape(x.shape), mean.detach().double(), rstd.detach().double(), count.detach().long()
 
@@ -377,20 +389,14 @@ def _traced_segments(x, weight, bias, mask, segment_ids, spec: Spec, eps, num_se
     plans them as constants): the statistics summed per element of the segment axis, then
     into the segments with ``index_add``, as PyG's scatter does; ``num_segments=None`` is
     max(ids) + 1 in the graph. The traced call's ids are checked as eager checks them.
+    ``torch.export`` records the same operations (with the number of segments given).
     Float64 statistics, two-pass."""
-    with warnings.catch_warnings():  # (see _reduced_composite; the checks read the traced call's values)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        shape = tuple(int(n) if isinstance(n, Tensor) else n for n in x.shape)
-        given = num_segments is not None
-        count_now = num_segments if given else int(segment_ids.max()) + 1 if segment_ids.numel() else 0
-        _refuse_too_many_segments(x, spec, segment_ids, count_now, given)
-        check_segment_ids(x, spec.pattern, segment_ids, count_now, segment_axis)
-        if not given:
-            num_segments = segment_ids.max() + 1 if segment_ids.numel() else 0  # (a tensor: a size in the graph)
-    plan = _hinted_plan(spec.pattern, shape, spec.params, spec.sizes)
-    sizes = _symbolic_axis_sizes(plan, spec.pattern, x.shape)
+    if not torch.compiler.is_compiling():
+        num_segments = _checked_traced_count(x, segment_ids, spec, num_segments, segment_axis)
+    plan = _traced_plan(spec, x)
+    sizes = plan.axis_sizes
     axis = plan.axis_names.index(segment_axis) if segment_axis is not None else next(
-        i for i in plan.reduced_axes if not plan.axis_names[i].startswith("..."))
+        i for i in plan.reduced_axes if not plan.axis_names[i].startswith(_ELLIPSIS_NAMES))
     others = tuple(i for i in plan.reduced_axes if i != axis)
     ids = segment_ids.to(x.device).long()
     compute = torch.float32 if x.device.type == "mps" else torch.float64
@@ -412,10 +418,25 @@ def _traced_segments(x, weight, bias, mask, segment_ids, spec: Spec, eps, num_se
     rstd = torch.where(count > 0, torch.rsqrt(var + eps), 0)
     y = centered * rstd.index_select(axis, ids)
     if weight is not None:
-        y = y * _expand(weight, plan).to(compute)
+        y = y * _expanded_param(weight, plan).to(compute)
     if bias is not None:
-        y = y + _expand(bias, plan).to(compute)
+        y = y + _expanded_param(bias, plan).to(compute)
     return y.to(x.dtype).reshape(x.shape), mean.detach().double(), rstd.detach().double(), count.detach().long()
+
+
+def _checked_traced_count(x, segment_ids, spec: Spec, num_segments, segment_axis):
+    """The traced call's ids checked as eager checks them (on their values, without the
+    tracer's warning); the number of segments, max(ids) + 1 as a tensor (a size in the
+    graph) where none is given."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        given = num_segments is not None
+        count_now = num_segments if given else int(segment_ids.max()) + 1 if segment_ids.numel() else 0
+        _refuse_too_many_segments(x, spec, segment_ids, count_now, given)
+        check_segment_ids(x, spec.pattern, segment_ids, count_now, segment_axis)
+        if not given:
+            num_segments = segment_ids.max() + 1 if segment_ids.numel() else 0
+    return num_segments
 
 
 def _expand(param: Tensor, plan) -> Tensor:
@@ -491,7 +512,8 @@ def _run_masked(x: Tensor, spec: Spec, weight: Optional[Tensor], bias: Optional[
             if not torch.compiler.is_compiling() and _vmapped(segment_ids):
                 raise RuntimeError(f"pattern {pattern!r}, input shape {tuple(x.shape)}: "
                                    + vmapped_ids_need_a_count("num_segments"))
-            num_segments = int(segment_ids.max()) + 1 if segment_ids.numel() else 0
+            # (item(): a size torch.export keeps unknown, where int() would ask it for the value)
+            num_segments = segment_ids.max().item() + 1 if segment_ids.numel() else 0
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"pattern {pattern!r}, input shape {tuple(x.shape)}: mask must be a bool tensor, "
                         f"got {mask.dtype}; pass mask.bool() (True where an element counts)")
@@ -501,12 +523,19 @@ def _run_masked(x: Tensor, spec: Spec, weight: Optional[Tensor], bias: Optional[
         raise RuntimeError(f"pattern {pattern!r}, input shape {tuple(x.shape)}: the input must be floating point, "
                            f"got {x.dtype}; pass x.float()")
     # (either ONNX exporter: ONNX has no normlab op; torch.jit.trace: torch operations, which take
-    # other sizes and which torch.jit.save saves, where a call into the kernels is a Python call)
-    if _exporting_to_onnx() or tracing:
+    # other sizes and which torch.jit.save saves, where a call into the kernels is a Python call;
+    # torch.export: core ATen operations, which a runtime without normlab runs, AOTInductor's too)
+    exporting = torch.compiler.is_exporting()  # (the dynamo ONNX exporter's too; the TorchScript one traces)
+    if exporting or tracing:
+        if segment_ids is not None and _exporting_to_onnx():
+            raise RuntimeError(f"pattern {pattern!r}, input shape {tuple(map(int, x.shape))}: "
+                               + SEGMENTS_DO_NOT_EXPORT)
+        if exporting and not torch.compiler.is_dynamo_compiling():
+            # a misfit refused while tracing, in eager's words (a strict export, whose Dynamo
+            # cannot read the sizes' hints, leaves it to torch's broadcasting error)
+            _refuse_misfits(x, mask, segment_ids, pattern, spec.params, spec.sizes,
+                            -1 if num_segments is None else num_segments, segment_axis)
         if segment_ids is not None:
-            if _exporting_to_onnx():
-                raise RuntimeError(f"pattern {pattern!r}, input shape {tuple(map(int, x.shape))}: "
-                                   + SEGMENTS_DO_NOT_EXPORT)
             result = MaskedResult(_traced_segments(x, weight, bias, mask, segment_ids, spec, eps, num_segments,
                                                    segment_axis))
         else:
