@@ -352,3 +352,15 @@ def test_five_axes_are_refused_with_the_trailing_axes_merged_as_the_fix():
                    lambda: explain_array(np.ones((1, 1, 1, 2, 2)), "batch")):
         with pytest.raises(ShapeError, match=r"merge the trailing axes into one, as in shape \(1, 1, 1, 4\) \(batch"):
             refuse()
+
+
+@pytest.mark.parametrize("data, says", [
+    ([[1, 2], [3]], "x cannot be read as an array"),
+    (np.ma.array(np.ones((2, 3)), mask=[[1, 0, 0], [0, 0, 0]]), "masked array with masked elements"),
+], ids=["ragged", "masked"])
+def test_explain_array_refuses_what_normalize_refuses_with_a_normlab_error(data, says):
+    """A ragged list escaped as NumPy's bare ValueError, and a masked array was drawn with its
+    masked values counted, where normalize refuses both."""
+    with pytest.raises(NormlabError, match=says) as info:
+        explain_array(data, "b [f]")
+    assert "explain 'b [f]'" in str(info.value)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from normlab.core import normalize_with_stats
+from normlab.core import normalize_with_stats, read_array, reject_masked
 from normlab.errors import NormlabError, ShapeError
 from normlab.notation import ELLIPSIS, parse_pattern
 from normlab.plan import Plan, make_plan
@@ -187,9 +187,12 @@ def resolve(name_or_pattern: str, shape: tuple[int, ...], sizes: dict | None = N
     return preset.key, label, preset.patterns[rank], preset.rms, sizes
 
 
-def as_input(x) -> np.ndarray:
-    """Check that ``x`` is something the explainer can draw (1 to 4 axes, a few thousand elements)."""
-    x = np.asarray(x)
+def as_input(x, where: str = "explain") -> np.ndarray:
+    """Check that ``x`` is something the explainer can draw (1 to 4 axes, a few thousand elements);
+    ``where`` opens the message of an input that is not an array."""
+    # as normalize reads it: a ragged list is an InputError, a masked array with masked elements refused
+    reject_masked(x, "x", where)
+    x = read_array(x, "x", where)
     check_drawable(x.shape)
     return x
 
@@ -218,7 +221,7 @@ def explain_array(x, name_or_pattern: str, sizes: dict | None = None, rms: bool 
     """Normalize ``x`` with a preset or pattern (``rms=True``: without the mean; ``mask``:
     only the True elements count toward the statistics; ``segments``: ids along the first
     bracketed axis, each id its own group) and collect what the views draw."""
-    x = as_input(x)
+    x = as_input(x, f"explain {name_or_pattern!r}")
     counted = None
     if mask is not None:
         try:
