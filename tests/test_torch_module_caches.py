@@ -285,3 +285,55 @@ def test_a_group_norm_pruned_to_channels_its_groups_do_not_divide_raises_torch_n
         twin(narrowed, mask=torch.ones(2, 6, 3, dtype=torch.bool)) if masked else twin(narrowed)
     if not masked:  # (torch.nn has no mask: its error, where the twin can give it, is the oracle's, word for word)
         assert type(got.value) is type(expected.value) and str(got.value) == str(expected.value)
+
+
+def _family_rms_norms():
+    """transformers' RMS norms that convert() turns into RMSNorm with a recipe (and
+    Qwen3-Next's ``1 + weight`` one, with a weight offset), by name."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    del transformers
+    return {"llama": LlamaRMSNorm, "gemma": GemmaRMSNorm, "t5": T5LayerNorm, "qwen3_next": Qwen3NextRMSNorm}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path", ["auto", "kernel"])
+@pytest.mark.parametrize("family", ["llama", "gemma", "t5", "qwen3_next"])
+def test_a_family_rms_norm_pruned_by_its_weight_alone_computes_as_the_original(family, path, dtype):
+    """Pruners narrow the weight alone of a norm class without ``normalized_shape``
+    (transformers' RMS norms multiply by their weight, whatever its width): the original
+    then computes on inputs of the new width; its converted RMSNorm raised torch.nn's
+    "Expected weight to be of same shape as normalized_shape". On an input of the old
+    width both raise a RuntimeError."""
+    torch.manual_seed(0)
+    original = _family_rms_norms()[family](8, eps=1e-6)
+    with torch.no_grad():
+        original.weight.uniform_(-0.5, 1.5)
+    converted = _nt.convert(torch.nn.Sequential(copy.deepcopy(original)))[0]
+    assert isinstance(converted, _nt.RMSNorm)
+    original.to(dtype), converted.to(dtype)
+    with _nt.use_path(path):
+        converted(torch.randn(3, 8, dtype=dtype))
+    keep = [0, 2, 3, 5, 6]
+    for module in (original, converted):
+        module.weight = torch.nn.Parameter(module.weight.detach()[keep].clone())
+    x = torch.randn(2, 3, 5) * 2 + 1
+    x_ref, x_twin = (x.to(dtype).requires_grad_() for _ in range(2))
+    grad_y = torch.randn(2, 3, 5).to(dtype)
+    with _nt.use_path(path):
+        y_twin = converted(x_twin)
+    y_ref = original(x_ref)
+    tolerance = {} if path == "auto" else dict(rtol=2e-2, atol=2e-2)  # (the kernels round once: see RMSNorm)
+    torch.testing.assert_close(y_twin, y_ref, **(tolerance or dict(rtol=0, atol=0)))
+    for got, expected in zip(torch.autograd.grad(y_twin, (x_twin, converted.weight), grad_y),
+                             torch.autograd.grad(y_ref, (x_ref, original.weight), grad_y)):
+        torch.testing.assert_close(got, expected, **(tolerance or dict(rtol=0, atol=0)))
+    old_width = torch.randn(2, 8, dtype=dtype)
+    with pytest.raises(RuntimeError):
+        original(old_width)
+    with pytest.raises(RuntimeError), _nt.use_path(path):
+        converted(old_width)

@@ -331,6 +331,8 @@ class RMSNorm(_Twin, nn.RMSNorm):
                 return y
         if not torch.jit.is_tracing() and (not _trailing_fits(x, self.normalized_shape)
                                            or _params_misfit(self, tuple(self.normalized_shape))):
+            if (casting is not None or offset) and _follows_pruned_weight(self):
+                return self._normlab_forward(x)  # (once: normalized_shape is now the weight's)
             # torch raises its own error (under torch.jit.trace sizes are traced tensors, which
             # these checks would turn into Python bools, with a TracerWarning each)
             return nn.RMSNorm.forward(self, x)
@@ -353,6 +355,22 @@ class RMSNorm(_Twin, nn.RMSNorm):
         if path == "native":
             return F.rms_norm(x, self.normalized_shape, weight, eps)
         return _normalize(torch_layout(x, keeps_channels_last=True), weight, None, self._spec, eps, path)[0]
+
+
+def _follows_pruned_weight(module: RMSNorm) -> bool:
+    """A model family's RMS norm (a casting recipe or weight offset: transformers'
+    ``LlamaRMSNorm``, ``GemmaRMSNorm``, ``T5LayerNorm``, ... converted) has no
+    ``normalized_shape``: its forward multiplies by its weight, whatever the weight's width,
+    and structured pruning narrows that weight alone. Where the 1-D weight's width differs
+    from ``normalized_shape``, it becomes ``normalized_shape`` (and the spec is built
+    again), so the twin computes as the original does; True where it did."""
+    weight = module.weight
+    if not (isinstance(weight, Tensor) and weight.dim() == 1 and len(module.normalized_shape) == 1
+            and (weight.shape[0],) != tuple(module.normalized_shape)):
+        return False
+    module.normalized_shape = (weight.shape[0],)
+    _spec_changed(module)
+    return True
 
 
 class _ChannelsFirstForward:
