@@ -78,6 +78,7 @@ from normlab.torch.modules import (
 from normlab.torch.opacus_tables import register_with_opacus
 from normlab.torch.paths import PATHS, use_path
 from normlab.torch.recipe_norms import Float32LayerNorm, Float32LayerNorm2d, RecipeLayerNorm, UnweightedRMSNorm
+from normlab.torch.restore import unconvert
 from normlab.torch.sync import SyncBatchNorm
 
 # the kernels use at most torch.get_num_threads() threads: torch.set_num_threads governs
@@ -86,8 +87,8 @@ _threads.limit_by(torch.get_num_threads)
 # (and run on torch's own OpenMP threads where torch has them: see normlab.kernels.threads)
 
 for _public in (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
-                LayerNorm, LayerNorm2d, ChannelsFirstLayerNorm, Norm, RMSNorm, SyncBatchNorm, convert, normalize,
-                use_path, FusedAddRMSNorm, FusedAddLayerNorm, GatedRMSNorm, AdaLayerNorm, RecipeLayerNorm,
+                LayerNorm, LayerNorm2d, ChannelsFirstLayerNorm, Norm, RMSNorm, SyncBatchNorm, convert, unconvert,
+                normalize, use_path, FusedAddRMSNorm, FusedAddLayerNorm, GatedRMSNorm, AdaLayerNorm, RecipeLayerNorm,
                 UnweightedRMSNorm, Float32LayerNorm, Float32LayerNorm2d):
     _public.__module__ = __name__  # users (and pickles) name them normlab.torch.X, wherever they live
 register_fusers()  # torch.ao.quantization.fuse_modules finds fusers for (Conv2d, normlab BatchNorm2d)
@@ -96,7 +97,7 @@ register_with_opacus()  # Opacus' ModuleValidator flags and fixes the batch norm
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "LayerNorm2d", "ChannelsFirstLayerNorm", "GroupNorm",
-    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "SyncBatchNorm", "Norm", "convert", "normalize",
-    "use_path", "PATHS", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm", "RecipeLayerNorm",
-    "UnweightedRMSNorm", "Float32LayerNorm", "Float32LayerNorm2d", "update_bn",
+    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "SyncBatchNorm", "Norm", "convert", "unconvert",
+    "normalize", "use_path", "PATHS", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm",
+    "RecipeLayerNorm", "UnweightedRMSNorm", "Float32LayerNorm", "Float32LayerNorm2d", "update_bn",
 ]

@@ -1,0 +1,101 @@
+"""unconvert(): a converted model's twins back to the classes they were converted from.
+
+For the tools that find layers by their exact class and keep their tables where normlab
+cannot add to them. FX graph mode quantization (``prepare_fx``, ``prepare_qat_fx``,
+``convert_fx``, ``fuse_fx``) builds its patterns afresh on every call from a backend
+configuration that names torch.nn's classes: a twin matches none, so it would be left in
+float, its batch norm unfolded, with no error. ``unconvert(model)`` first gives those tools
+torch.nn's classes, holding the same Parameter and buffer objects, attributes and hooks.
+
+Each twin of a torch.nn class becomes that class, except an :class:`~normlab.torch.RMSNorm`
+with a casting recipe or ``weight_offset``, which torch.nn.RMSNorm does not compute; a norm
+that :func:`~normlab.torch.convert` converted from a transformers model's own class
+(``LlamaRMSNorm``, a gated norm, ...) becomes that class again. The rest (``Norm``, ``LayerNorm2d``, the fused blocks,
+the decoder layers that ``convert(model, fuse=True)`` fused and their fused norms, the PyG
+twins) stay, and one warning lists them.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from normlab.torch.conversion import _InitAsOriginal, _TWINS, twin_of
+from normlab.torch.fused import FusedAddRMSNorm
+from normlab.torch.modules import RMSNorm
+
+__all__ = ["unconvert"]
+
+_TORCH_CLASSES = {twin: torch_class for torch_class, twin in _TWINS.items()}
+# what the twins keep beside torch.nn's attributes: the spec, the per-shape caches
+# (``_normlab_*``), the class a transformers norm was converted from, the RMS recipe
+_TWIN_STATE = ("_spec", "_spec_source", "_original_class", "casting", "weight_offset")
+
+
+def unconvert(model: nn.Module) -> nn.Module:
+    """Replace every twin in ``model`` (in place) with the class it was converted from, or
+    with its torch.nn class; returns the model (the restored module itself when ``model`` is
+    one twin). Parameters, buffers, attributes and hooks are kept, the same objects, so an
+    optimizer built on the converted model keeps training the restored one.
+
+    >>> from normlab.torch import convert
+    >>> model = convert(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)))
+    >>> weight = model[1].weight
+    >>> model = unconvert(model)
+    >>> type(model[1]) is torch.nn.LayerNorm, model[1].weight is weight
+    (True, True)
+    """
+    left: list[str] = []
+    restored = _unconvert(model, "", left, {})
+    for module in restored.modules():
+        init = module.__dict__.get("_init_weights")
+        if isinstance(init, _InitAsOriginal) and not any("_original_class" in m.__dict__ for m in module.modules()):
+            del module.__dict__["_init_weights"]  # (convert's stand-in: no converted norm left to initialize)
+    if left:
+        shown = ", ".join(left[:3]) + (", ..." if len(left) > 3 else "")
+        warnings.warn(f"normlab.torch.unconvert left {len(left)} module(s) as they are, which have no class of "
+                      f"torch.nn or of the model to go back to: {shown}", stacklevel=2)
+    return restored
+
+
+def _unconvert(module: nn.Module, name: str, left: list, done: dict) -> nn.Module:
+    if id(module) in done:  # (a module held in several places: one restored module in all of them)
+        return done[id(module)]
+    original = _original_of(module)
+    if original is not None:
+        restored = twin_of(module, original)
+        for key in [key for key in restored.__dict__ if key in _TWIN_STATE or key.startswith("_normlab")]:
+            del restored.__dict__[key]
+    else:
+        restored = module
+        cls = _class_of(module)
+        if cls.__module__.startswith("normlab.") or getattr(cls, "_unfused_class", None) is not None:
+            # (a decoder layer that convert(model, fuse=True) fused is of a class made at run time)
+            left.append(f"{name or '<model>'} ({cls.__name__})")
+        for child_name, child in list(module._modules.items()):
+            if child is not None:
+                replacement = _unconvert(child, f"{name}.{child_name}" if name else child_name, left, done)
+                if replacement is not child:
+                    module.add_module(child_name, replacement)
+    done[id(module)] = restored
+    return restored
+
+
+def _class_of(module: nn.Module) -> type:
+    """The module's class, before torch.nn.utils.parametrize made a subclass of it."""
+    return type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+
+
+def _original_of(module: nn.Module):
+    """The class ``module`` becomes, or None to leave it."""
+    cls = _class_of(module)
+    if cls is FusedAddRMSNorm:
+        return None  # (the norm and add of a fused layer, which holds none of the original norm's attributes)
+    recorded = module.__dict__.get("_original_class")
+    if recorded is not None:
+        return recorded
+    if cls is RMSNorm and (getattr(module, "casting", None) is not None or getattr(module, "weight_offset", 0.0)):
+        return None  # (a recipe torch.nn.RMSNorm does not compute)
+    return _TORCH_CLASSES.get(cls)

@@ -1,0 +1,184 @@
+"""normlab.torch.unconvert: a converted model back to the classes it was converted from, for
+the tools that find layers by exact class through tables normlab cannot add to (FX graph
+mode quantization). Oracles: torch's FX quantization of the model never converted, and the
+original modules' classes, state and outputs."""
+
+import copy
+import pickle
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+from torch.nn.utils import parametrize  # noqa: E402
+
+import normlab.torch as nt  # noqa: E402
+
+
+class _Network(nn.Module):
+    """Every norm that torch's FX quantization maps to a quantized module, and an RMS norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.group_norm = nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.instance_norm, self.layer_norm = nn.InstanceNorm2d(8, affine=True), nn.LayerNorm([8, 6, 6])
+        self.linear, self.rms_norm = nn.Linear(8 * 36, 5), nn.RMSNorm(5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = self.layer_norm(self.instance_norm(self.group_norm(self.conv2(x))))
+        return self.rms_norm(self.linear(x.flatten(1)))
+
+
+def inputs(shape, seed=1):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _trained_network() -> nn.Module:
+    torch.manual_seed(0)
+    network = _Network()
+    network(inputs((4, 3, 6, 6)))  # running statistics to fold
+    return network.eval()
+
+
+def _quantize_fx(model: nn.Module, flow: str, x):
+    from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, fuse_fx, prepare_fx, prepare_qat_fx
+
+    model = copy.deepcopy(model)
+    if flow == "fuse_fx":
+        return fuse_fx(model)
+    if flow == "prepare_fx":
+        prepared = prepare_fx(model, get_default_qconfig_mapping("fbgemm"), (x,))
+    else:
+        torch.manual_seed(0)
+        prepared = prepare_qat_fx(model.train(), get_default_qat_qconfig_mapping("fbgemm"), (x,))
+    prepared(x)
+    return convert_fx(prepared.eval())
+
+
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="needs the fbgemm engine")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # (torch.ao's own, about itself)
+@pytest.mark.parametrize("flow", ["prepare_fx", "prepare_qat_fx", "fuse_fx"])
+def test_fx_graph_mode_quantization_of_an_unconverted_model_is_torchs_of_the_original(flow):
+    """FX graph mode quantization matches torch.nn's exact classes: unconverted, a converted
+    model is fused and quantized as the original (the same modules, the same outputs)."""
+    original = _trained_network()
+    x = inputs((4, 3, 6, 6), seed=2)
+    restored = nt.unconvert(nt.convert(copy.deepcopy(original)))
+    expected, actual = _quantize_fx(original, flow, x), _quantize_fx(restored, flow, x)
+    # (the root is a GraphModule class made per call)
+    assert [type(m) for m in list(actual.modules())[1:]] == [type(m) for m in list(expected.modules())[1:]]
+    torch.testing.assert_close(actual(x), expected(x), rtol=0, atol=0)
+
+
+def test_unconvert_keeps_the_parameters_buffers_and_hooks():
+    """The restored modules hold the twins' Parameter and buffer objects (an optimizer built
+    on the converted model trains the restored one) and their hooks, and nothing of normlab's."""
+    original = _trained_network()
+    converted = nt.convert(copy.deepcopy(original))
+    parameters, buffers = list(converted.parameters()), list(converted.buffers())
+    optimizer = torch.optim.SGD(converted.parameters(), lr=0.1)
+    calls = []
+    handle = converted.bn.register_forward_hook(lambda *args: calls.append(1))
+    restored = nt.unconvert(converted)
+    assert restored is converted
+    assert [type(m) for m in restored.modules()] == [type(m) for m in original.modules()]
+    assert all(a is b for a, b in zip(restored.parameters(), parameters))
+    assert all(a is b for a, b in zip(restored.buffers(), buffers))
+    for module, expected in zip(restored.modules(), original.modules()):
+        assert set(vars(module)) == set(vars(expected))
+    x = inputs((4, 3, 6, 6), seed=3)
+    torch.testing.assert_close(restored(x), original(x), rtol=0, atol=0)
+    assert calls == [1]
+    handle.remove()
+    restored(x)
+    assert calls == [1]
+    restored.train()
+    restored(x).square().sum().backward()
+    before = restored.linear.weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(restored.linear.weight, before)
+    assert b"normlab" not in pickle.dumps(restored)
+
+
+def test_a_twin_unconverts_to_its_torch_class_with_its_parametrization():
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(6)
+    parametrize.register_parametrization(norm, "weight", _Doubled())
+    twin = nt.convert(copy.deepcopy(norm))
+    restored = nt.unconvert(twin)
+    assert isinstance(restored, nn.LayerNorm) and parametrize.is_parametrized(restored, "weight")
+    assert type(restored).__bases__[0] is nn.LayerNorm
+    x = inputs((3, 6))
+    torch.testing.assert_close(restored(x), norm(x), rtol=0, atol=0)
+
+
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return weight * 2
+
+
+def _llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+IDS = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1))
+
+
+def test_a_converted_transformers_model_gets_its_own_norm_classes_back():
+    original = _llama()
+    restored = nt.unconvert(nt.convert(copy.deepcopy(original)))
+    assert [type(m) for m in restored.modules()] == [type(m) for m in original.modules()]
+    assert "_init_weights" not in vars(restored)
+    torch.testing.assert_close(restored(IDS).logits, original(IDS).logits, rtol=0, atol=0)
+
+
+def test_the_layers_that_convert_fused_stay_fused_with_a_warning():
+    original = _llama()
+    converted = nt.convert(copy.deepcopy(original), fuse=True)
+    expected = converted(IDS).logits
+    with pytest.warns(UserWarning, match=r"model.layers.0 \(FusedLlamaDecoderLayer\), model.layers.0.input_layernorm "
+                                         r"\(FusedAddRMSNorm\)"):
+        restored = nt.unconvert(converted)
+    torch.testing.assert_close(restored(IDS).logits, expected, rtol=0, atol=0)
+    assert type(restored.model.norm) is type(original.model.norm)
+
+
+def test_modules_no_torch_class_computes_stay_with_a_warning():
+    model = nn.Sequential(nt.Norm("b [c] t", params="c", c=4), nt.LayerNorm2d(4), nt.RMSNorm(4, casting="gemma"),
+                          nt.FusedAddRMSNorm(4), nt.LayerNorm(4))
+    kept = list(model)[:4]
+    with pytest.warns(UserWarning, match=r"left 4 module\(s\) as they are.*0 \(Norm\), 1 \(LayerNorm2d\)"):
+        nt.unconvert(model)
+    assert list(model)[:4] == kept
+    assert type(model[4]) is nn.LayerNorm
+
+
+def test_a_model_with_nothing_converted_unconverts_without_a_warning():
+    model = _trained_network()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert nt.unconvert(model) is model
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # (torch.ao's own, about itself)
+def test_dynamic_quantization_of_a_converted_model_is_torchs_of_the_original():
+    """quantize_dynamic quantizes the linear layers and keeps every norm in float: a converted
+    model needs no unconvert, and keeps its twins."""
+    from torch.ao.quantization import quantize_dynamic
+
+    original = _trained_network()
+    converted = nt.convert(copy.deepcopy(original))
+    expected = quantize_dynamic(original, {nn.Linear}, dtype=torch.qint8)
+    actual = quantize_dynamic(converted, {nn.Linear}, dtype=torch.qint8)
+    assert type(actual.linear) is type(expected.linear) and type(actual.bn) is nt.BatchNorm2d
+    x = inputs((4, 3, 6, 6), seed=4)
+    torch.testing.assert_close(actual(x), expected(x))  # (the kernels round float32 once: within an ulp of torch's)
