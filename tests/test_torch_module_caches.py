@@ -337,3 +337,55 @@ def test_a_family_rms_norm_pruned_by_its_weight_alone_computes_as_the_original(f
         original(old_width)
     with pytest.raises(RuntimeError), _nt.use_path(path):
         converted(old_width)
+
+
+def _family_layer_norms():
+    """transformers' layer norms that convert() turns into RecipeLayerNorm, by name, with
+    what a pruner narrows on each (the weight and bias; OLMo's, which has none, its
+    ``normalized_shape``)."""
+    pytest.importorskip("transformers")
+    from transformers.models.cohere.modeling_cohere import CohereLayerNorm
+    from transformers.models.deberta.modeling_deberta import DebertaLayerNorm
+    from transformers.models.olmo.modeling_olmo import OlmoLayerNorm
+
+    return {"cohere": lambda: CohereLayerNorm(8), "cohere_qk_heads": lambda: CohereLayerNorm((3, 8)),
+            "olmo": lambda: OlmoLayerNorm(8), "deberta": lambda: DebertaLayerNorm(8)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("family", ["cohere", "cohere_qk_heads", "olmo", "deberta"])
+def test_a_converted_recipe_layer_norm_pruned_as_its_original_computes_as_the_original(family, dtype):
+    """The originals have no ``hidden_size``: Cohere's and DeBERTa's multiply by their weight
+    (and add their bias) whatever its width, OLMo's reads ``normalized_shape``; pruners
+    narrow those, and the original computes on inputs of the new width. The converted
+    RecipeLayerNorm checked inputs against its ``hidden_size`` and raised."""
+    torch.manual_seed(0)
+    original = _family_layer_norms()[family]()
+    with torch.no_grad():
+        for parameter in original.parameters():
+            parameter.uniform_(-0.5, 1.5)
+    converted = _nt.convert(torch.nn.Sequential(copy.deepcopy(original)))[0]
+    assert isinstance(converted, _nt.RecipeLayerNorm)
+    original.to(dtype), converted.to(dtype)
+    converted(torch.randn(2, 3, 8, dtype=dtype))
+    keep = [0, 2, 3, 5, 6]
+    for module in (original, converted):
+        for name in ("weight", "bias"):
+            parameter = module._parameters.get(name)
+            if parameter is not None:
+                setattr(module, name, torch.nn.Parameter(parameter.detach()[..., keep].clone()))
+        if "normalized_shape" in vars(module):
+            module.normalized_shape = (len(keep),)
+    x = torch.randn(2, 3, 5) * 2 + 1
+    x_ref, x_twin = (x.to(dtype).requires_grad_() for _ in range(2))
+    grad_y = torch.randn(2, 3, 5).to(dtype)
+    y_twin, y_ref = converted(x_twin), original(x_ref)
+    torch.testing.assert_close(y_twin, y_ref, rtol=0, atol=0)
+    for got, expected in zip(torch.autograd.grad(y_twin, (x_twin, *converted.parameters()), grad_y),
+                             torch.autograd.grad(y_ref, (x_ref, *original.parameters()), grad_y)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    old_width = torch.randn(2, 3, 8, dtype=dtype)
+    with pytest.raises(RuntimeError):
+        original(old_width)
+    with pytest.raises(RuntimeError):
+        converted(old_width)

@@ -72,6 +72,22 @@ class RecipeLayerNorm(nn.Module):
         self._normalize_only = Spec.build(" ".join(["...", *names[:-1], "[d]"]), None, False,
                                           **dict(zip(names, self.hidden_size)))
 
+    def _follows_pruning(self) -> bool:
+        """The originals have no ``hidden_size``: Cohere's and DeBERTa's multiply by their
+        weight (and add their bias) whatever its shape, OLMo's reads its ``normalized_shape``,
+        and structured pruning narrows those. Where they differ from ``hidden_size``, they
+        become it (and the spec is built again), so the twin computes as the original; True
+        where they did."""
+        parameter = self._parameters.get("weight")
+        if parameter is None:
+            parameter = self._parameters.get("bias")
+        pruned = self.__dict__.get("normalized_shape") if parameter is None else parameter.shape
+        if pruned is None or len(pruned) == 0 or tuple(pruned) == self.hidden_size:
+            return False
+        self.hidden_size = tuple(pruned)
+        self._init_spec()
+        return True
+
     def reset_parameters(self) -> None:
         if self.weight is not None:
             nn.init.ones_(self.weight)
@@ -90,6 +106,8 @@ class RecipeLayerNorm(nn.Module):
         shape = self.hidden_size
         # (under torch.jit.trace sizes are traced tensors: a check would warn, as torch.nn's norms do not)
         if not torch.jit.is_tracing() and tuple(x.shape[max(x.dim() - len(shape), 0):]) != shape:
+            if self._follows_pruning():
+                return self.forward(x)  # (once: hidden_size is now the pruned one)
             raise RuntimeError(f"{type(self).__name__}{shape}: expected input with shape [*, "
                                f"{', '.join(map(str, shape))}], but got input of size {list(x.shape)}")
         if _choose_path(x, has_native=True) == "kernel" and _PathSwitch.path == "kernel":
