@@ -105,6 +105,50 @@ def test_a_twin_looks_for_expanded_weights_only_where_a_parameter_is_not_a_plain
     assert twin.weight.grad_sample.shape == (5,) + tuple(reference.weight.shape)
 
 
+def test_expanded_weights_give_fused_add_layer_norm_the_per_sample_gradients_of_layer_norm_of_the_sum():
+    """Its composite, ``F.layer_norm(x + residual)``, is a function ExpandedWeights know."""
+    reference = _perturbed(nn.LayerNorm(6))
+    block = _perturbed(nt.FusedAddLayerNorm(6))
+    torch.manual_seed(2)
+    x, residual, probe = torch.randn(5, 4, 6), torch.randn(5, 4, 6), torch.randn(5, 4, 6)
+    y, total = call_for_per_sample_grads(block)(x, residual)
+    (y * probe).sum().backward()
+    expected = call_for_per_sample_grads(reference)(x + residual)
+    (expected * probe).sum().backward()
+    looped = [torch.stack(grads) for grads in zip(*(
+        torch.autograd.grad((reference(x[i:i + 1] + residual[i:i + 1]) * probe[i:i + 1]).sum(),
+                            list(reference.parameters())) for i in range(len(x))))]
+    torch.testing.assert_close((y, total), (expected, x + residual))
+    torch.testing.assert_close([parameter.grad_sample for parameter in block.parameters()], looped)
+
+
+# normlab modules, and the inputs of a call, that no torch function ExpandedWeights know computes
+NOT_EXPANDED = {
+    "Norm": (lambda: nt.Norm("b [c]", params="c", c=6), lambda x: ((x,), {})),
+    "Norm with running statistics": (lambda: nt.Norm("b t [c]", params="c", c=6, track_running_stats=True),
+                                     lambda x: ((x,), {})),
+    "FusedAddRMSNorm": (lambda: nt.FusedAddRMSNorm(6), lambda x: ((x, x.flip(0)), {})),
+    "FusedAddRMSNorm of one input": (lambda: nt.FusedAddRMSNorm(6), lambda x: ((x,), {})),
+    "GatedRMSNorm": (lambda: nt.GatedRMSNorm(6, group_size=3), lambda x: ((x,), {"z": x.flip(0)})),
+    "LayerNorm with mask=": (lambda: nt.LayerNorm(6), lambda x: ((x,), {"mask": x > 0})),
+    "Norm with segment_ids=": (lambda: nt.Norm("b [t] c", params="c", c=6),
+                               lambda x: ((x,), {"segment_ids": torch.tensor([0, 0, 1, 1])})),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_EXPANDED))
+def test_expanded_weights_refuse_a_module_they_cannot_compute_naming_it_and_the_modes_that_can(name):
+    """Their own error names a function inside normlab (``__get__``, ``numel``) that the user never called."""
+    make, inputs = NOT_EXPANDED[name]
+    module = make()
+    args, kwargs = inputs(torch.randn(5, 4, 6))
+    with pytest.raises(RuntimeError) as refused:
+        call_for_per_sample_grads(module, batch_size=5)(*args, **kwargs)
+    message = str(refused.value)
+    assert message.startswith(type(module).__name__ + " ")
+    assert "ExpandedWeights" in message and 'grad_sample_mode="hooks"' in message
+
+
 def _cnn(norm: nn.Module) -> nn.Sequential:
     torch.manual_seed(0)
     return _perturbed(nn.Sequential(nn.Conv2d(3, 8, 3), norm, nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)))

@@ -40,7 +40,8 @@ from normlab.torch import casting as recipes
 from normlab.torch.compute import _dtypes_refused
 from normlab.torch.ops import _grads_of, _needs_torch_backward
 from normlab.torch.paths import PLAIN_PARAMETERS as _EAGER_TYPES
-from normlab.torch.paths import _exporting_to_onnx, _needs_torch_ops, _small_forward_fits
+from normlab.torch.paths import (_exporting_to_onnx, _holds_expanded_weights, _needs_torch_ops, _small_forward_fits,
+                                 expanded_weights_refusal)
 from normlab.torch.spec import (Unscriptable, param_view, parametrizations_computed, refuse_non_tensor,
                                rms_default_eps)
 
@@ -872,17 +873,22 @@ class FusedAddRMSNorm(Unscriptable, nn.Module):
         stand_in = parametrizations_computed(self)
         if stand_in is not None:  # (each parametrized tensor computed once, as norm(x + residual) does)
             return stand_in.forward(x, residual)
-        refuse_non_tensor(self, x, "x", 1)
-        refuse_non_tensor(self, residual, "residual", 2)
-        small = _small_add_rms_norm(self, x, residual)
-        if small is not None:
-            return small
-        weight = self.weight
-        x, residual = _with_companion(self, x, residual, weight.shape)
-        # (the sum's; promote_types only where the dtypes differ: an export records each call as a node)
-        dtype = (x.dtype if residual is None or residual.dtype == x.dtype
-                 else torch.promote_types(x.dtype, residual.dtype))
-        return fused_normalize(x, _block_of(self, dtype, weight.shape), residual=residual, weight=weight)
+        try:
+            refuse_non_tensor(self, x, "x", 1)
+            refuse_non_tensor(self, residual, "residual", 2)
+            small = _small_add_rms_norm(self, x, residual)
+            if small is not None:
+                return small
+            weight = self.weight
+            x, residual = _with_companion(self, x, residual, weight.shape)
+            # (the sum's; promote_types only where the dtypes differ: an export records each call as a node)
+            dtype = (x.dtype if residual is None or residual.dtype == x.dtype
+                     else torch.promote_types(x.dtype, residual.dtype))
+            return fused_normalize(x, _block_of(self, dtype, weight.shape), residual=residual, weight=weight)
+        except RuntimeError:
+            if _holds_expanded_weights(self):
+                raise expanded_weights_refusal(self) from None
+            raise
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}, casting={self.casting!r}" + (
@@ -922,20 +928,30 @@ class FusedAddLayerNorm(Unscriptable, nn.LayerNorm):
         stand_in = parametrizations_computed(self)
         if stand_in is not None:  # (each parametrized tensor computed once, as norm(x + residual) does)
             return stand_in.forward(x, residual)
-        refuse_non_tensor(self, x, "x", 1)
-        refuse_non_tensor(self, residual, "residual", 2)
-        x, residual = _with_companion(self, x, residual, self.normalized_shape)
-        total_like = x if residual is None or residual.dtype == x.dtype else torch.empty(
-            (), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
-        if self.eps is None or (self.casting == "gemma" and _dtypes_refused(total_like, self.weight, self.bias)):
-            # parameters of a dtype torch's CPU layer norm refuses beside the sum's, or eps=None
-            # (nn.LayerNorm has no default for it): the code the default recipe replaces,
-            # nn.LayerNorm(x + residual), which raises "mixed dtype (CPU)" or its TypeError
-            total = x if residual is None else x + residual
-            y = nn.functional.layer_norm(total, self.normalized_shape, self.weight, self.bias, self.eps)
-            return y if residual is None else (y, total)
-        return fused_normalize(x, _block_of(self, x.dtype, self.normalized_shape), residual=residual,
-                               weight=self.weight, bias=self.bias)
+        try:
+            refuse_non_tensor(self, x, "x", 1)
+            refuse_non_tensor(self, residual, "residual", 2)
+            x, residual = _with_companion(self, x, residual, self.normalized_shape)
+            total_like = x if residual is None or residual.dtype == x.dtype else torch.empty(
+                (), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+            if self.eps is None or (self.casting == "gemma" and _dtypes_refused(total_like, self.weight, self.bias)):
+                # parameters of a dtype torch's CPU layer norm refuses beside the sum's, or eps=None
+                # (nn.LayerNorm has no default for it): the code the default recipe replaces,
+                # nn.LayerNorm(x + residual), which raises "mixed dtype (CPU)" or its TypeError
+                return _layer_norm_of_sum(self, x, residual)
+            return fused_normalize(x, _block_of(self, x.dtype, self.normalized_shape), residual=residual,
+                                   weight=self.weight, bias=self.bias)
+        except RuntimeError:
+            if not _holds_expanded_weights(self):
+                raise
+            return _layer_norm_of_sum(self, x, residual)  # (whose per-sample gradients ExpandedWeights know)
+
+
+def _layer_norm_of_sum(module: FusedAddLayerNorm, x: Tensor, residual: Optional[Tensor]):
+    """What :class:`FusedAddLayerNorm` replaces: ``F.layer_norm(x + residual)``, and the sum."""
+    total = x if residual is None else x + residual
+    y = nn.functional.layer_norm(total, module.normalized_shape, module.weight, module.bias, module.eps)
+    return y if residual is None else (y, total)
 
 
 def _positive_int(group_size) -> int:
@@ -1001,14 +1017,19 @@ class GatedRMSNorm(Unscriptable, nn.Module):
         stand_in = parametrizations_computed(self)
         if stand_in is not None:
             return stand_in.forward(x, z, gate)
-        for position, (name, value) in enumerate((("x", x), ("z", z), ("gate", gate)), start=1):
-            refuse_non_tensor(self, value, name, position)
-        if gate is not None:  # transformers' gated norms name it gate
-            if z is not None:
-                raise TypeError("GatedRMSNorm.forward takes the gate once: as z or as gate, not both")
-            z = gate
-        x, z = _with_companion(self, x, z, (self.hidden_size,), "z", f"x * {self.gate_activation}(z)")
-        return fused_normalize(x, _block_of(self, x.dtype, self.hidden_size), gate=z, weight=self.weight)
+        try:
+            for position, (name, value) in enumerate((("x", x), ("z", z), ("gate", gate)), start=1):
+                refuse_non_tensor(self, value, name, position)
+            if gate is not None:  # transformers' gated norms name it gate
+                if z is not None:
+                    raise TypeError("GatedRMSNorm.forward takes the gate once: as z or as gate, not both")
+                z = gate
+            x, z = _with_companion(self, x, z, (self.hidden_size,), "z", f"x * {self.gate_activation}(z)")
+            return fused_normalize(x, _block_of(self, x.dtype, self.hidden_size), gate=z, weight=self.weight)
+        except RuntimeError:
+            if _holds_expanded_weights(self):
+                raise expanded_weights_refusal(self) from None
+            raise
 
     def extra_repr(self) -> str:
         return (f"{self.hidden_size}, eps={self.eps}, group_size={self.group_size}, "

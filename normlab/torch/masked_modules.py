@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from normlab.torch.compute import _fake
 from normlab.torch.masked import SEGMENTS_DO_NOT_EXPORT, _run_masked, normalize_masked
 from normlab.torch.ops import _vmapping
-from normlab.torch.paths import _exporting_to_onnx
+from normlab.torch.paths import _exporting_to_onnx, _holds_expanded_weights, expanded_weights_refusal
 from normlab.torch.spec import Spec, rms_default_eps
 
 __all__ = ["masked_forward"]
@@ -101,39 +101,46 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
     """The module's forward with a mask (and, for ``Norm``, segments)."""
     from normlab.torch import modules
 
-    if mask is not None:
-        mask = _check_mask(module, x, mask)
-    if _refused_mix(module, x):  # the unmasked forward hands it to torch.nn's, which raises its error
-        return module.forward(x)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return _unmasked_layout(module, x, _batch_norm(module, x, mask))
-    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
-        return _unmasked_layout(module, x, _instance_norm(module, x, mask))
-    if isinstance(module, modules.Norm):
-        return _norm(module, x, mask, segment_ids, num_segments, segment_axis)
-    spec = module._spec
-    eps = module.eps
-    if isinstance(module, nn.RMSNorm) and eps is None:
-        eps = rms_default_eps(x.dtype)
-    if isinstance(module, nn.GroupNorm) and (x.dim() < 2 or x.shape[1] != module.num_channels):
-        from normlab.torch.modules import PatternShapeError  # (a RuntimeError, as torch's group_norm raises)
+    try:
+        if mask is not None:
+            mask = _check_mask(module, x, mask)
+        if _refused_mix(module, x):  # the unmasked forward hands it to torch.nn's, which raises its error
+            return module.forward(x)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return _unmasked_layout(module, x, _batch_norm(module, x, mask))
+        if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+            return _unmasked_layout(module, x, _instance_norm(module, x, mask))
+        if isinstance(module, modules.Norm):
+            return _norm(module, x, mask, segment_ids, num_segments, segment_axis)
+        spec = module._spec
+        eps = module.eps
+        if isinstance(module, nn.RMSNorm) and eps is None:
+            eps = rms_default_eps(x.dtype)
+        if isinstance(module, nn.GroupNorm) and (x.dim() < 2 or x.shape[1] != module.num_channels):
+            from normlab.torch.modules import PatternShapeError  # (a RuntimeError, as torch's group_norm raises)
 
-        raise PatternShapeError(f"GroupNorm({module.num_groups}, {module.num_channels}) expects input (N, "
-                                f"{module.num_channels}, *), got {tuple(x.shape)}")
-    casting = getattr(module, "casting", None) if isinstance(module, nn.RMSNorm) else None
-    if casting is not None:  # x̂ in float32, then the recipe's casts and weight, as its kernel path does
-        from normlab.torch.casting import apply_recipe_scale, compute_dtype
+            raise PatternShapeError(f"GroupNorm({module.num_groups}, {module.num_channels}) expects input (N, "
+                                    f"{module.num_channels}, *), got {tuple(x.shape)}")
+        casting = getattr(module, "casting", None) if isinstance(module, nn.RMSNorm) else None
+        if casting is not None:  # x̂ in float32, then the recipe's casts and weight, as its kernel path does
+            from normlab.torch.casting import apply_recipe_scale, compute_dtype
 
-        normalized = normalize_masked(x.to(compute_dtype(x.dtype)), spec.pattern, eps=eps, rms=True, mask=mask,
-                                      sizes=spec.size_dict).y
-        return _unmasked_layout(module, x, apply_recipe_scale(x, normalized, module.weight, casting,
-                                                              module.weight_offset))
-    weight = module.weight
-    if weight is not None and getattr(module, "weight_offset", 0.0):
-        weight = weight + module.weight_offset
-    y = normalize_masked(x, spec.pattern, weight=weight, bias=getattr(module, "bias", None), params=spec.params,
-                         eps=eps, rms=spec.rms, mask=mask, sizes=spec.size_dict).y
-    return _unmasked_layout(module, x, y)
+            normalized = normalize_masked(x.to(compute_dtype(x.dtype)), spec.pattern, eps=eps, rms=True, mask=mask,
+                                          sizes=spec.size_dict).y
+            return _unmasked_layout(module, x, apply_recipe_scale(x, normalized, module.weight, casting,
+                                                                  module.weight_offset))
+        weight = module.weight
+        if weight is not None and getattr(module, "weight_offset", 0.0):
+            weight = weight + module.weight_offset
+        y = normalize_masked(x, spec.pattern, weight=weight, bias=getattr(module, "bias", None), params=spec.params,
+                             eps=eps, rms=spec.rms, mask=mask, sizes=spec.size_dict).y
+        return _unmasked_layout(module, x, y)
+
+    except RuntimeError:
+        if _holds_expanded_weights(module):
+            raise expanded_weights_refusal(module, " with mask=" if segment_ids is None else
+                                           " with mask= or segment_ids=") from None
+        raise
 
 
 def _unmasked_layout(module, x: Tensor, y: Tensor) -> Tensor:

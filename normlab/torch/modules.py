@@ -21,7 +21,7 @@ from normlab.torch.casting import (apply_recipe_scale, check_casting, check_weig
                                    rms_norm_recipe)
 from normlab.torch.masked_modules import masked_forward
 from normlab.torch.paths import (_LOW_PRECISION, PLAIN_PARAMETERS, _PathSwitch, _choose_path,
-                                 _holds_expanded_weights)
+                                 _holds_expanded_weights, expanded_weights_refusal)
 from normlab.torch.spec import (_RMS_DEFAULT_EPS, Spec, Unscriptable, affine_parameters, module_buffer,
                                 parametrizations_computed, rms_default_eps, torch_layout)
 
@@ -742,45 +742,50 @@ class Norm(Unscriptable, nn.Module):
                                    segment_axis=segment_axis)
         if mask is not None or segment_ids is not None:
             return masked_forward(self, x, mask, segment_ids, num_segments, segment_axis)
-        if not self.track_running_stats:  # row patterns without running statistics: the cached kernel calls
-            y = _fast_rows(self, x, self.eps)
-            if y is not None:
-                return y
         try:
-            plan = self._spec.plan(x.shape)
-        except ShapeError as error:
-            raise PatternShapeError(str(error)) from None
-        path = _choose_path(x, has_native=False)
-        factor = _average_factor(self) if self.track_running_stats else 0.0
-        running_shape = tuple(s if n in self._running_names else 1 for n, s in zip(plan.axis_names, plan.axis_sizes))
-        if self.training or not self.track_running_stats:
-            if self.training and self.track_running_stats:
-                _check_batch(x, plan.group_size)
-            y, mean, rstd = _normalize(x, self.weight, self.bias, self._spec, self.eps, path)
-            if self.training and self.track_running_stats:
-                # average over the kept axes the running statistics do not span
-                other = tuple(i for i, (n, r) in enumerate(zip(plan.axis_names, plan.reduced))
-                              if not r and n not in self._running_names)
-                var = _batch_variance(x, self._spec, rstd, self.eps)
-                if other:
-                    mean, var = mean.mean(dim=other, keepdim=True), var.mean(dim=other, keepdim=True)
-                n = plan.group_size
-                _update_running(self, mean.reshape(self.running_mean.shape), var.reshape(self.running_var.shape),
-                                n, factor, centered=not self.rms)
-            return y
-        # evaluation with running statistics: one scale and shift on the expanded view
-        view = x.reshape(plan.axis_sizes)
-        mean = self.running_mean.reshape(running_shape)
-        var = self.running_var.reshape(running_shape)
-        weight = _expanded_param(self.weight, plan)
-        bias = _expanded_param(self.bias, plan)
-        compute = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
-        y = (view.to(compute) - mean.to(compute)) * torch.rsqrt(var.to(compute) + self.eps)
-        if weight is not None:
-            y = y * weight.to(compute)
-        if bias is not None:
-            y = y + bias.to(compute)
-        return y.reshape(x.shape).to(x.dtype)
+            if not self.track_running_stats:  # row patterns without running statistics: the cached kernel calls
+                y = _fast_rows(self, x, self.eps)
+                if y is not None:
+                    return y
+            try:
+                plan = self._spec.plan(x.shape)
+            except ShapeError as error:
+                raise PatternShapeError(str(error)) from None
+            path = _choose_path(x, has_native=False)
+            factor = _average_factor(self) if self.track_running_stats else 0.0
+            running_shape = tuple(s if n in self._running_names else 1 for n, s in zip(plan.axis_names, plan.axis_sizes))
+            if self.training or not self.track_running_stats:
+                if self.training and self.track_running_stats:
+                    _check_batch(x, plan.group_size)
+                y, mean, rstd = _normalize(x, self.weight, self.bias, self._spec, self.eps, path)
+                if self.training and self.track_running_stats:
+                    # average over the kept axes the running statistics do not span
+                    other = tuple(i for i, (n, r) in enumerate(zip(plan.axis_names, plan.reduced))
+                                  if not r and n not in self._running_names)
+                    var = _batch_variance(x, self._spec, rstd, self.eps)
+                    if other:
+                        mean, var = mean.mean(dim=other, keepdim=True), var.mean(dim=other, keepdim=True)
+                    n = plan.group_size
+                    _update_running(self, mean.reshape(self.running_mean.shape), var.reshape(self.running_var.shape),
+                                    n, factor, centered=not self.rms)
+                return y
+            # evaluation with running statistics: one scale and shift on the expanded view
+            view = x.reshape(plan.axis_sizes)
+            mean = self.running_mean.reshape(running_shape)
+            var = self.running_var.reshape(running_shape)
+            weight = _expanded_param(self.weight, plan)
+            bias = _expanded_param(self.bias, plan)
+            compute = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+            y = (view.to(compute) - mean.to(compute)) * torch.rsqrt(var.to(compute) + self.eps)
+            if weight is not None:
+                y = y * weight.to(compute)
+            if bias is not None:
+                y = y + bias.to(compute)
+            return y.reshape(x.shape).to(x.dtype)
+        except RuntimeError:
+            if _holds_expanded_weights(self):
+                raise expanded_weights_refusal(self) from None
+            raise
 
 
 # Norm's own arguments: axes named so are sized through sizes= (in its repr too)

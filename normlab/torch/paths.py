@@ -99,6 +99,17 @@ def _holds_expanded_weights(module) -> bool:
     return impl is not None and any(type(t) is impl.ExpandedWeight for t in module._parameters.values())
 
 
+def expanded_weights_refusal(module, inputs: str = "") -> RuntimeError:
+    """The error for ``module`` (called with ``inputs``, as " with mask=") under torch's
+    ExpandedWeights, whose own error names a function inside normlab that the user never called."""
+    name = type(module).__name__
+    return RuntimeError(
+        f"{name}{inputs} cannot run under torch's ExpandedWeights (call_for_per_sample_grads, Opacus' "
+        'grad_sample_mode="ew"): they compute per-sample gradients only for the torch functions they know '
+        "(F.layer_norm, F.group_norm and F.instance_norm among the norms). Use Opacus' grad_sample_mode=\"hooks\" "
+        f'(its default), "functorch" or "ghost", where normlab gives Opacus per-sample gradients for {name}')
+
+
 def _exporting_to_onnx() -> bool:
     """``torch.onnx.is_in_onnx_export()``, also where the dynamo exporter captures the model
     with ``torch.export.export(strict=True)`` (which it tries after the non-strict capture
