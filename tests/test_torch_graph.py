@@ -398,6 +398,66 @@ def test_compiled_autograd_traces_the_backward_of_norm_with_a_mask_into_a_full_g
         torch.testing.assert_close(got, want)
 
 
+def _fused_add(block, reference):
+    """A fused add-and-norm block beside ``x + r`` into its torch.nn norm: (y, x + r) each."""
+    return block, lambda x, other: reference(x + other), lambda x, other: x + other
+
+
+def _fused_blocks():
+    torch.manual_seed(1)
+    rms, layer = torch.nn.RMSNorm(8, eps=1e-6).double(), torch.nn.LayerNorm(8).double()
+    gated_norm = torch.nn.RMSNorm(8, eps=1e-5).double()
+    linear = torch.nn.Linear(8, 48).double()
+    for module in (rms, layer, gated_norm):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn_like(p))
+    add_rms, add_layer, gated, ada = (nt.FusedAddRMSNorm(8).double(), nt.FusedAddLayerNorm(8).double(),
+                                      nt.GatedRMSNorm(8).double(), nt.AdaLayerNorm(8).double())
+    add_rms.load_state_dict(rms.state_dict())
+    add_layer.load_state_dict(layer.state_dict())
+    gated.load_state_dict(gated_norm.state_dict())
+    ada.linear.load_state_dict(linear.state_dict())
+
+    def modulated(x, emb):
+        shift, scale = linear(torch.nn.functional.silu(emb)).chunk(6, dim=1)[:2]
+        return torch.nn.functional.layer_norm(x, (8,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+    return {
+        "FusedAddRMSNorm": (lambda x, r: add_rms(x, r), lambda x, r: (rms(x + r), x + r), rms, add_rms),
+        "FusedAddLayerNorm": (lambda x, r: add_layer(x, r), lambda x, r: (layer(x + r), x + r), layer, add_layer),
+        "GatedRMSNorm": (lambda x, z: (gated(x, z),),
+                         lambda x, z: (gated_norm(x) * torch.nn.functional.silu(z),), gated_norm, gated),
+        "AdaLayerNorm": (lambda x, emb: (ada(x, emb=emb[:, 0])[0],), lambda x, emb: (modulated(x, emb[:, 0]),),
+                         linear, ada),
+    }
+
+
+@pytest.mark.parametrize("name", ["FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm"])
+def test_compiled_autograd_traces_an_eager_fused_blocks_backward_into_a_full_graph_with_torch_nn_gradients(name):
+    """The blocks' backward ran the kernels' NumPy calls, which Dynamo cannot trace:
+    compiled autograd with fullgraph=True raised "Attempted to call function marked as skipped"."""
+    block, reference, torch_module, twin = _fused_blocks()[name]
+    g = torch.Generator().manual_seed(2)
+    x, other = torch.randn(3, 4, 8, generator=g, dtype=torch.float64), torch.randn(3, 4, 8, generator=g,
+                                                                                   dtype=torch.float64)
+    probes = [torch.randn(3, 4, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+    grads = []
+    for forward, module, compiled in ((reference, torch_module, False), (block, twin, True)):
+        torch._dynamo.reset()
+        leaves = x.clone().requires_grad_(), other.clone().requires_grad_()
+        loss = sum((out * probe).sum() for out, probe in zip(forward(*leaves), probes))  # the forward eager
+        if compiled:
+            with _compiled_autograd():
+                loss.backward()
+        else:
+            loss.backward()
+        grads.append([leaf.grad for leaf in leaves] + [p.grad for p in module.parameters()])
+    assert len(grads[0]) == len(grads[1])
+    for got, expected in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.parametrize("build", [lambda: nt.LayerNorm(5), lambda: nt.RMSNorm(5), lambda: nt.BatchNorm1d(4)],
                          ids=["LayerNorm", "RMSNorm", "BatchNorm1d"])
 def test_an_eager_backward_tells_a_traced_one_by_dynamo_s_flag_alone(build, monkeypatch):

@@ -146,6 +146,8 @@ class _FusedFunction(torch.autograd.Function):
         block = ctx.block
         if grad_total is None and ctx.has[0]:
             grad_total = torch.zeros_like(grad_y)
+        if torch.compiler.is_dynamo_compiling():  # (first: Dynamo cannot trace the batched check)
+            return _traced_backward(block, (total, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
         if _backward_in_torch(grad_y, grad_total):
             return _composite_backward(block, (total, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
         has_residual, _, _, has_bias, _, _ = ctx.has
@@ -194,6 +196,31 @@ def _composite_backward(block: Block, inputs: tuple, ctx, grad_y, grad_total) ->
     # an alias of it, so that torch's engine does not go back through this node)
     grads = _grads_of(lambda total, *others: _composite(total, None, *others, block), inputs,
                       (needs[0] or needs[1], *needs[2:7]), grad_y)
+    grad_sum = grads[0]
+    if grad_sum is not None and grad_total is not None:
+        grad_sum = grad_sum + grad_total
+    return (grad_sum if needs[0] else None, grad_sum if needs[1] else None, *grads[1:], None)
+
+
+def _traced_backward(block: Block, inputs: tuple, ctx, grad_y, grad_total) -> tuple:
+    """:func:`_composite_backward` for a backward that Dynamo traces (compiled autograd over
+    an eager call): the kernels' NumPy calls would break its graph, which ``fullgraph=True``
+    (torch's own ``maybe_enable_compiled_autograd``) refuses, and Dynamo traces
+    ``torch.func.vjp`` where it refuses ``torch.autograd.grad``."""
+    needs = ctx.needs_input_grad
+    wanted = [i for i, (t, need) in enumerate(zip(inputs, (needs[0] or needs[1], *needs[2:7])))
+              if t is not None and need]
+    grads = [None] * len(inputs)
+    if wanted:
+        def forward(*differentiated):
+            full = list(inputs)
+            for i, t in zip(wanted, differentiated):
+                full[i] = t
+            return _composite(full[0], None, *full[1:], block)
+
+        _, vjp = torch.func.vjp(forward, *(inputs[i] for i in wanted))
+        for i, grad in zip(wanted, vjp(grad_y)):
+            grads[i] = grad
     grad_sum = grads[0]
     if grad_sum is not None and grad_total is not None:
         grad_sum = grad_sum + grad_total
@@ -644,6 +671,8 @@ class _CachedFusedFunction(torch.autograd.Function):
         call = ctx.call
         if grad_total is None and ctx.has_residual:
             grad_total = torch.zeros_like(grad_y)
+        if torch.compiler.is_dynamo_compiling():  # (first: Dynamo cannot trace the batched check)
+            return _traced_backward(call.block, (total, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
         if _backward_in_torch(grad_y, grad_total):
             return _composite_backward(call.block, (total, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
         mean, rstd = ctx.stats
