@@ -120,6 +120,7 @@ def test_explain_refuses_an_empty_page_name_as_argparse_refuses_a_bad_value(tmp_
     assert result.stdout == "" and not any(tmp_path.iterdir())
 
 
+DEEP = "[" * 5000 + "1" + "]" * 5000
 BAD_INPUTS = {
     "bad JSON": ["explain", "batch", "--data", "[[1,2]"],
     "ragged data": ["explain", "batch", "--data", "[[1,2],[3]]"],
@@ -150,6 +151,12 @@ BAD_INPUTS = {
     "weight offset that is not finite": ["explain", "layer", "--shape", "2,3", "--weight-offset", "nan"],
     "unwritable page": ["explain", "batch", "--shape", "2,3", "--html", "no/such/dir/p.html"],
     "unwritable demo page": ["demo", "--html", "no/such/dir/p.html"],
+    # JSON's decoder recurses once per level: past Python's recursion limit it raised RecursionError
+    "data nested 5000 deep": ["explain", "layer", "--data", DEEP],
+    "a mask nested 5000 deep": ["explain", "layer", "--shape", "2,3", "--mask", DEEP],
+    "segments nested 5000 deep": ["explain", "layer", "--shape", "2,3", "--segments", DEEP],
+    "a residual nested 5000 deep": ["explain", "layer", "--shape", "2,3", "--residual-data", DEEP],
+    "a gate nested 5000 deep": ["explain", "layer", "--shape", "2,3", "--gate", "silu", "--gate-data", DEEP],
 }
 
 

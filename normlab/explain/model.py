@@ -453,7 +453,7 @@ def parse_data(text: str, option: str = "--data") -> np.ndarray:
         return value
 
     try:
-        data = json.loads(text, parse_float=number, parse_int=number)
+        data = _read_json(text, option, parse_float=number, parse_int=number)
     except json.JSONDecodeError as err:
         raise NormlabError(f"{option} is not valid JSON ({err.msg} at character {err.pos + 1}); "
                            "pass nested lists such as '[[4, 3, 2], [3, 3, 2]]'") from None
@@ -518,6 +518,18 @@ _FLOAT32_SMALLEST = float(np.finfo(np.float32).smallest_subnormal)
 _FLOAT32_LARGEST = float(np.finfo(np.float32).max)
 
 
+def _read_json(text: str, option: str, **hooks):
+    """``json.loads(text)``, where lists nested past Python's recursion limit (JSON's decoder
+    recurses once per level) become a NormlabError that names ``option``."""
+    import json
+
+    try:
+        return json.loads(text, **hooks)
+    except RecursionError:
+        raise NormlabError(f"{option} nests its lists too deeply to read; explain draws tensors of 1 to 4 axes: "
+                           "pass nested lists such as '[[4, 3, 2], [3, 3, 2]]'") from None
+
+
 def parse_mask(text: str) -> np.ndarray:
     """``--mask``: nested JSON lists of 0/1 or true/false (shaped like the data, or broadcastable).
 
@@ -527,7 +539,7 @@ def parse_mask(text: str) -> np.ndarray:
     import json
 
     try:
-        data = json.loads(text)
+        data = _read_json(text, "--mask")
         array = np.array(data)
     except (json.JSONDecodeError, ValueError):
         raise NormlabError("--mask must be nested JSON lists of 0/1 or true/false, such as '[[1, 1, 0], [1, 0, 0]]'") from None
@@ -545,7 +557,7 @@ def parse_segments(text: str) -> np.ndarray:
     import json
 
     try:
-        values = json.loads(text)
+        values = _read_json(text, "--segments")
         array = np.array(values)
     except (json.JSONDecodeError, ValueError):
         values = array = None
