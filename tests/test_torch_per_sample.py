@@ -447,3 +447,33 @@ def test_opacus_per_sample_gradients_see_inputs_passed_by_keyword_or_after_a_non
     sampled = opacus.GradSampleModule(model, force_functorch=mode == "functorch")
     nn.functional.cross_entropy(sampled(x), y).backward()
     torch.testing.assert_close([parameter.grad_sample for parameter in model.parameters()], looped)
+
+
+class _CalledAlongTheTime(nn.Module):
+    """:class:`_Called` on inputs (time, batch, channels), as Opacus' ``batch_first=False`` reads them."""
+
+    def __init__(self, module: nn.Module, call) -> None:
+        super().__init__()
+        self.projection, self.module, self.head, self.call = nn.Linear(8, 8), module, nn.Linear(8, 3), call
+
+    def forward(self, x):
+        out = self.call(self.module, self.projection(x), x)
+        return self.head(out[0] if isinstance(out, tuple) else out).sum(0)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+@pytest.mark.parametrize("name", ["FusedAddRMSNorm residual=", "GatedRMSNorm z=", "LayerNorm mask=", "RMSNorm mask="])
+def test_opacus_per_sample_gradients_see_inputs_passed_by_keyword_where_the_batch_is_the_second_axis(name, mode):
+    """``batch_first=False``: Opacus moves the batch to the front of its copy of the first input."""
+    opacus = pytest.importorskip("opacus")
+    make, call = CALLS[name]
+    model = _perturbed(_CalledAlongTheTime(make(), call))
+    torch.manual_seed(3)
+    x, y = torch.randn(3, 5, 8), torch.randint(0, 3, (5,))
+    looped = [torch.stack(grads) for grads in zip(*(
+        torch.autograd.grad(nn.functional.cross_entropy(model(x[:, i:i + 1]), y[i:i + 1]), list(model.parameters()))
+        for i in range(x.shape[1])))]
+    sampled = opacus.GradSampleModule(model, batch_first=False, force_functorch=mode == "functorch")
+    nn.functional.cross_entropy(sampled(x), y).backward()
+    torch.testing.assert_close([parameter.grad_sample for parameter in model.parameters()], looped)

@@ -95,22 +95,30 @@ class _Unhooked(nn.Module):
 @dataclass(frozen=True)
 class RecordedCall:
     """A call of a normlab module as Opacus' hooks saw it, kept on the first input that
-    Opacus records: the forward's arguments by name, ``None`` left out (tensors detached),
-    and the name of the first, whose value is Opacus' own record of it."""
+    Opacus records (``batch_first=False``: on the module, see :func:`_with_every_input`): the
+    forward's arguments by name, ``None`` left out (tensors detached), and the name of the
+    first, whose value is Opacus' own record of it."""
 
     first: str
     arguments: tuple  # ((name, value), ...) in the forward's order, the first input's left out
 
 
-def _record_call(module: nn.Module, args: tuple, kwargs: dict) -> Optional[RecordedCall]:
+def _record_call(module: nn.Module, args: tuple, kwargs: dict, batch_first: bool) -> Optional[RecordedCall]:
     """The call ``module(*args, **kwargs)`` by name, or ``None`` where its first argument is
-    no tensor (Opacus then sees the call as it was made)."""
+    no tensor (Opacus then sees the call as it was made). Where the batch is the second axis
+    (``batch_first=False``), each tensor of two axes or more has it moved to the front, as
+    Opacus moves it in its record of the first input."""
     bound = _forward_signature(type(module)).bind(module, *args, **kwargs).arguments
     named = [(name, value) for name, value in list(bound.items())[1:] if value is not None]  # (self left out)
     if not named or not isinstance(named[0][1], Tensor):
         return None
-    return RecordedCall(named[0][0], tuple((name, value.detach() if isinstance(value, Tensor) else value)
-                                           for name, value in named[1:]))
+
+    def recorded(value):
+        if not isinstance(value, Tensor):
+            return value
+        return value.detach() if batch_first or value.dim() < 2 else value.detach().movedim(1, 0)
+
+    return RecordedCall(named[0][0], tuple((name, recorded(value)) for name, value in named[1:]))
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,16 +135,26 @@ def _with_every_input(capture_activations: Callable, module: nn.Module) -> Calla
     input's, not that of a mask or residual that broadcasts."""
     owner = capture_activations.__self__
 
+    batch_first = getattr(owner, "batch_first", True)
+
     def capture_every_input(hooked: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        call = _record_call(hooked, args, kwargs)
-        if call is None or not getattr(owner, "batch_first", True):  # (batch_first=False: Opacus copies its record)
+        call = _record_call(hooked, args, kwargs, batch_first)
+        if call is None:
             return capture_activations(hooked, args, output)
         records = hooked.__dict__.get("activations")
         before = len(records) if records is not None else 0
         capture_activations(hooked, (args[0] if args else kwargs[call.first],), output)
         records = hooked.__dict__.get("activations")
-        if records is not None and len(records) > before:
+        if records is None or len(records) == before:  # (Opacus recorded nothing: evaluation, no_grad)
+            return
+        if batch_first:
             records[-1][0].normlab_call = call
+        else:  # Opacus hands the grad sampler a copy of its record, the batch moved: the call waits on the
+            # module, popped in the order Opacus pops its records (a fresh list where Opacus' is)
+            waiting = hooked.__dict__.setdefault("normlab_calls", [])
+            if before == 0:
+                waiting.clear()
+            waiting.append(call)
 
     if getattr(owner, "force_functorch", False):  # Opacus' functorch mode: its fallback takes the first input alone
         module.ft_compute_sample_grad = _functorch_stand_in(module)
@@ -197,6 +215,9 @@ def _per_sample(block: nn.Module, activations: list, backprops, trainable_only: 
     params = {f"module.{name}": block.get_parameter(name).detach() for name in names}
     unhooked = _Unhooked(block)
     call = getattr(activations[0], "normlab_call", None)
+    waiting = block.__dict__.get("normlab_calls")
+    if call is None and waiting:  # (batch_first=False)
+        call = waiting.pop()
     if call is None:
         keys, inputs = (None,) * len(activations), list(activations)
     else:
