@@ -245,13 +245,14 @@ def test_a_child_forked_after_regions_runs_on_its_own_pool_with_the_same_bits():
     assert "child exit 0" in done.stdout, done.stdout + done.stderr
 
 
-def test_importing_normlab_torch_imports_neither_numba_nor_dynamo():
-    # (Dynamo is 1.4 s of import, paid by every DataLoader and distributed worker: import
-    # torch, torch.optim, torch.distributed and transformers leave it out too)
+def test_importing_normlab_torch_imports_neither_numba_nor_dynamo_nor_torch_onnx():
+    # (Dynamo is 1.4 s of import and torch.onnx 0.2 s, paid by every DataLoader and distributed
+    # worker: import torch, torch.optim, torch.distributed and transformers leave them out too)
     done = subprocess.run([sys.executable, "-c", "import sys, normlab.torch; "
-                           "print('numba' in sys.modules, 'torch._dynamo' in sys.modules)"],
+                           "print('numba' in sys.modules, 'torch._dynamo' in sys.modules, "
+                           "'torch.onnx' in sys.modules)"],
                           capture_output=True, text=True, timeout=120, env=dict(os.environ))
-    assert done.stdout.strip() == "False False", done.stdout + done.stderr
+    assert done.stdout.strip() == "False False False", done.stdout + done.stderr
 
 
 def test_calls_from_several_python_threads_at_once_give_each_its_serial_bits(torch_threads):

@@ -12,10 +12,8 @@ from torch.autograd import forward_ad
 
 from normlab.errors import InputError
 
-try:  # the flag torch.onnx.is_in_onnx_export() reads for the dynamo exporter (see _exporting_to_onnx)
-    from torch.onnx._internal.exporter import _flags as _onnx_flags
-except ImportError:  # (torch releases without it)
-    _onnx_flags = None
+# the module of the flag torch.onnx.is_in_onnx_export() reads for the dynamo exporter (see _exporting_to_onnx)
+_ONNX_FLAGS = "torch.onnx._internal.exporter._flags"
 
 PATHS = ("auto", "kernel", "native", "composite")
 _KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -113,8 +111,13 @@ def expanded_weights_refusal(module, inputs: str = "") -> RuntimeError:
 def _exporting_to_onnx() -> bool:
     """``torch.onnx.is_in_onnx_export()``, also where the dynamo exporter captures the model
     with ``torch.export.export(strict=True)`` (which it tries after the non-strict capture
-    raised): Dynamo reads that function as False, and the flag it returns as it is."""
-    return torch.onnx.is_in_onnx_export() or bool(getattr(_onnx_flags, "_is_onnx_exporting", False))
+    raised): Dynamo reads that function as False, and the flag it returns as it is. False
+    while ``torch.onnx`` is not imported: no export can run, and ``import normlab.torch``
+    leaves it out (0.2 s)."""
+    onnx = sys.modules.get("torch.onnx")
+    if onnx is None:
+        return False
+    return onnx.is_in_onnx_export() or bool(getattr(sys.modules.get(_ONNX_FLAGS), "_is_onnx_exporting", False))
 
 
 def _choose_path(x: Tensor, has_native: bool) -> str:
