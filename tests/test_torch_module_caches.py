@@ -389,3 +389,74 @@ def test_a_converted_recipe_layer_norm_pruned_as_its_original_computes_as_the_or
         original(old_width)
     with pytest.raises(RuntimeError):
         converted(old_width)
+
+
+def _restorations(module, name):
+    """Ways to set ``name`` again after ``del module.<name>``: its old value (a Parameter
+    registers again; a buffer's tensor becomes a plain attribute, which torch.nn's forward
+    reads), the buffer registered again, and None."""
+    return ["old_value", "registered", "none"] if name in module._buffers else ["old_value", "none"]
+
+
+DELETABLE = [
+    ("LayerNorm", lambda nn: nn.LayerNorm(6), (3, 6)),
+    ("GroupNorm", lambda nn: nn.GroupNorm(2, 6), (3, 6, 4)),
+    ("BatchNorm1d", lambda nn: nn.BatchNorm1d(6), (5, 6)),
+    ("BatchNorm2d", lambda nn: nn.BatchNorm2d(6), (3, 6, 2, 2)),
+    ("InstanceNorm1d", lambda nn: nn.InstanceNorm1d(6, affine=True, track_running_stats=True), (3, 6, 5)),
+    ("RMSNorm", lambda nn: nn.RMSNorm(6), (3, 6)),
+]
+
+
+_DELETIONS = [(case[1:], name) for case in DELETABLE
+              for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+              if getattr(case[1](_nn), name, None) is not None]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case, name", _DELETIONS,
+                         ids=[f"{case[0]}-{name}" for case in DELETABLE
+                              for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+                              if getattr(case[1](_nn), name, None) is not None])
+def test_a_twin_with_a_parameter_or_buffer_deleted_does_what_torch_nn_does_and_again_once_it_is_set(case, name,
+                                                                                                     training):
+    """``del norm.bias`` (or the weight, a running statistic, the batch counter) after
+    calls: torch.nn's forward reads it as an attribute and raises AttributeError; the twin
+    read its parameter table, found nothing and normalized without it. Set again (its old
+    value, registered again, or None), both compute the same."""
+    build, shape = case
+    reference = build(_nn)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.uniform_(0.5, 1.5)
+    for restoration in _restorations(reference, name):
+        twin, expected = _nt.convert(copy.deepcopy(reference)), copy.deepcopy(reference)
+        outcomes = []
+        for module in (expected, twin):
+            module.train(training)
+            module(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+            saved = getattr(module, name)
+            delattr(module, name)
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+            try:
+                first = module(x)
+            except Exception as error:  # (the oracle's type, below)
+                first = type(error)
+            if restoration == "registered":
+                module.register_buffer(name, saved)
+            else:
+                setattr(module, name, saved if restoration == "old_value" else None)
+            try:
+                again = module(x)
+            except Exception as error:
+                again = type(error)
+            outcomes.append((first, again, {k: v.clone() for k, v in module.state_dict().items()},
+                             getattr(module, name, None)))
+        for got, want in zip(outcomes[1][:2], outcomes[0][:2]):
+            if isinstance(want, type):
+                assert got is want, f"{restoration}: torch.nn raises {want.__name__}, the twin gives {got!r}"
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=restoration)
+        torch.testing.assert_close(outcomes[1][2], outcomes[0][2], rtol=1e-5, atol=1e-5, msg=restoration)
+        torch.testing.assert_close(outcomes[1][3], outcomes[0][3], rtol=1e-5, atol=1e-5, msg=restoration)

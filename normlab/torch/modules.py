@@ -107,11 +107,12 @@ class _Twin:
             return _fx_call_module(self, input, mask=mask)
         if self._spec_from is not None and getattr(self, self._spec_from) != self._spec_source:
             _spec_changed(self)
+        if getattr(self, "_spec", 0) is None and not _state_restored(self):
+            # a shape torch constructs and refuses at forward, or state deleted: torch's forward, in its words
+            return self._torch_forward(input)
         stand_in = parametrizations_computed(self)
         if stand_in is not None:  # (each parametrized tensor computed once, as torch.nn's forward does)
             return stand_in._eager_forward(input, mask)
-        if getattr(self, "_spec", 0) is None:  # a shape torch constructs and refuses at forward, in its words
-            return self._torch_forward(input)
         if mask is not None:
             return masked_forward(self, input, mask)
         parameters = self._parameters  # (two dict lookups a call; the Python check only past them)
@@ -121,11 +122,45 @@ class _Twin:
         return self._normlab_forward(input)
 
 
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        if name in _FORWARD_STATE:
+            # torch.nn's forward reads it as an attribute, and raises AttributeError without it
+            # (del norm.bias): the twin takes that forward until the name is set again
+            self.__dict__.setdefault("_deleted_state", set()).add(name)
+            self._spec = None
+            self.__dict__.pop("_normlab_fast", None)
+
+
+# the state torch.nn's norm forwards read as attributes
+_FORWARD_STATE = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
+
+
+def _state_restored(module) -> bool:
+    """Whether every name deleted from the module (see ``_Twin.__delattr__``) is set again
+    where the twin reads it (a new Parameter, ``register_buffer``, ``norm.bias = None``, a
+    parametrization of ``torch.nn.utils.parametrize``, which deletes the tensor it replaces): the
+    spec is then built again, and True where the twin computes. (A tensor set as a plain
+    attribute, which torch.nn's forward reads, keeps torch's forward.)"""
+    deleted = module.__dict__.get("_deleted_state")
+    parametrizations = module._modules.get("parametrizations", ())
+    if not deleted or any(name not in module._parameters and name not in module._buffers
+                          and module.__dict__.get(name, 0) is not None and name not in parametrizations
+                          for name in deleted):
+        return False
+    del module.__dict__["_deleted_state"]
+    _spec_changed(module)
+    return module._spec is not None
+
+
 def _spec_changed(module) -> None:
     """The spec built again from the attribute it is built from, set since the last build,
-    and the calls planned for the old one dropped."""
+    and the calls planned for the old one dropped (none while state is deleted: see
+    ``_Twin.__delattr__``)."""
     module._init_spec()
     module.__dict__.pop("_normlab_fast", None)
+    if module.__dict__.get("_deleted_state"):
+        module._spec = None
 
 
 class _BatchNormForward(_Twin):
