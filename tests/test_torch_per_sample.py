@@ -477,3 +477,53 @@ def test_opacus_per_sample_gradients_see_inputs_passed_by_keyword_where_the_batc
     sampled = opacus.GradSampleModule(model, batch_first=False, force_functorch=mode == "functorch")
     nn.functional.cross_entropy(sampled(x), y).backward()
     torch.testing.assert_close([parameter.grad_sample for parameter in model.parameters()], looped)
+
+
+class _LogitsOf(nn.Module):
+    """A causal LM's logits from its token ids (Opacus hands the model the batch alone)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+@pytest.mark.parametrize("how", ["ghost clipping", "make_private_with_epsilon"])
+def test_a_converted_llama_with_fused_blocks_trains_privately_as_transformers_own(how):
+    """``convert(fuse=True)`` gives each decoder layer FusedAddRMSNorm blocks; Opacus'
+    ghost clipping (``grad_sample_mode="ghost"``, per-sample losses over the tokens) and
+    ``make_private_with_epsilon`` (noise from the same seed) then step it as the original."""
+    opacus = pytest.importorskip("opacus")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    reference = _perturbed(transformers.LlamaForCausalLM(config).double())
+    converted = nt.convert(copy.deepcopy(reference), fuse=True)
+    assert any(type(module) is nt.FusedAddRMSNorm for module in converted.modules())
+    ids, targets = torch.randint(0, 64, (6, 8)), torch.randint(0, 64, (6, 8))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, targets), batch_size=6)
+    stepped = []
+    for model in (reference, converted):
+        model = _LogitsOf(copy.deepcopy(model))
+        engine, optimizer = opacus.PrivacyEngine(), torch.optim.SGD(model.parameters(), lr=1.0)
+        if how == "ghost clipping":
+            private, optimizer, criterion, _ = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0, max_grad_norm=0.05,
+                grad_sample_mode="ghost", criterion=nn.CrossEntropyLoss(), poisson_sampling=False)
+            loss = criterion(private(ids).reshape(-1, 64), targets.reshape(-1), shape=(6, 8, 64))
+        else:
+            private, optimizer, _ = engine.make_private_with_epsilon(
+                module=model, optimizer=optimizer, data_loader=loader, target_epsilon=3.0, target_delta=1e-5,
+                epochs=2, max_grad_norm=0.05, poisson_sampling=False)
+            loss = nn.functional.cross_entropy(private(ids).reshape(-1, 64), targets.reshape(-1))
+        loss.backward()
+        torch.manual_seed(7)  # (the noise)
+        optimizer.step()
+        stepped.append([parameter.detach() for parameter in model.parameters()])
+    torch.testing.assert_close(stepped[1], stepped[0])
+    assert not all(torch.equal(a, b) for a, b in zip(stepped[0], _LogitsOf(reference).parameters()))
