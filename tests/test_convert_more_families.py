@@ -55,6 +55,7 @@ def _needs(cls, model: str):
 DoryL2Norm = _newer_class("dory", "DoryL2Norm")
 Inkling2UnweightedRMSNorm = _newer_class("inkling2", "Inkling2UnweightedRMSNorm")
 PocketTTSFlowLayerNorm = _newer_class("pocket_tts", "PocketTTSFlowLayerNorm")
+GradiumPhononTTSFlowLayerNorm = _newer_class("gradium_phonon_tts", "GradiumPhononTTSFlowLayerNorm")
 PeAudioMaskedGroupNorm = _newer_class("pe_audio", "PeAudioMaskedGroupNorm")
 Emu3VQVAEGroupNorm = _newer_class("emu3", "Emu3VQVAEGroupNorm")
 
@@ -337,7 +338,7 @@ def test_pocket_tts_layer_norm_keeps_its_gradients_through_a_forward_mode_jvp(af
     original = PocketTTSFlowLayerNorm(16, eps=1e-6, elementwise_affine=affine).double()
     random_parameters(original)
     converted = convert_quietly(copy.deepcopy(original))
-    assert type(converted) is nt.LayerNorm
+    assert type(converted) is nt.WrittenOutLayerNorm  # (a LayerNorm; in float64 the twin's own computation)
     generator = torch.Generator().manual_seed(0)
     x, tangent, grad_y = (torch.randn(3, 5, 16, generator=generator, dtype=torch.float64) for _ in range(3))
     found = []
@@ -346,6 +347,39 @@ def test_pocket_tts_layer_norm_keeps_its_gradients_through_a_forward_mode_jvp(af
         y, y_tangent = torch.func.jvp(model, (inputs[0],), (tangent,))
         found.append(torch.autograd.grad(((y + y_tangent) * grad_y).sum(), inputs))
     torch.testing.assert_close(found[1], found[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                    (torch.bfloat16, torch.float32), (torch.float32, torch.float32)],
+                         ids=["bfloat16", "float16", "bfloat16_on_float32_weight", "float32"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("family", [
+    pytest.param("pocket_tts", marks=_needs(PocketTTSFlowLayerNorm, "pocket_tts")),
+    pytest.param("gradium_phonon_tts", marks=_needs(GradiumPhononTTSFlowLayerNorm, "gradium_phonon_tts"))])
+def test_a_written_out_flow_head_layer_norm_keeps_its_half_precision_outputs_dtype_and_gradients(family, affine,
+                                                                                                 dtypes):
+    """PocketTTS's and Gradium's flow-head layer norms are written out in torch operations:
+    in bfloat16 and float16 each step rounds in the input's dtype, and float32 parameters
+    promote a bfloat16 input's output to float32. Converted, they became a LayerNorm, whose
+    torch layer norm computes in float32 and keeps the input's dtype: outputs 1% off in
+    bfloat16, and bfloat16 where the original gives float32."""
+    cls = {"pocket_tts": PocketTTSFlowLayerNorm, "gradium_phonon_tts": GradiumPhononTTSFlowLayerNorm}[family]
+    x_dtype, w_dtype = dtypes
+    original = random_parameters(cls(16, eps=1e-6, elementwise_affine=affine)).to(w_dtype)
+    converted = convert_quietly(torch.nn.Sequential(copy.deepcopy(original)))[0]
+    assert isinstance(converted, torch.nn.LayerNorm)
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 5, 16, generator=generator) * 2 + 1).to(x_dtype)
+    found = []
+    for model in (original, converted):
+        inputs = (x.clone().requires_grad_(), *model.parameters())
+        y = model(inputs[0])
+        grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+        found.append((y, *torch.autograd.grad(y, inputs, grad_y)))
+    exact = x_dtype != torch.float32  # (float32: the kernels, to float rounding)
+    for got, expected in zip(found[1], found[0]):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, **(dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-5)))
 
 
 @pytest.mark.parametrize("make, call", [

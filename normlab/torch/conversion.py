@@ -72,8 +72,8 @@ from torch.nn.utils import parametrize
 
 from normlab.torch.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, ChannelsFirstLayerNorm, GroupNorm,
                                    InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, LayerNorm2d, RMSNorm)
-from normlab.torch.recipe_probes import (_gated_recipe, _layer_norm_recipe, _on_cpu, _probe_copy, _rms_recipe,
-                                         _takes_a_second_input, _unweighted_rms_recipe)
+from normlab.torch.recipe_probes import (_computes_in_half_as, _gated_recipe, _layer_norm_recipe, _on_cpu,
+                                         _probe_copy, _rms_recipe, _takes_a_second_input, _unweighted_rms_recipe)
 from normlab.torch.sync import SyncBatchNorm
 
 _TWINS = {
@@ -355,12 +355,20 @@ def _decision(module: nn.Module):
             return _LEFT_ALONE  # (the twin's class has torch.nn's, which its forward reads too)
         if cls.forward is not base.forward and _takes_more_than_the_input(cls):
             return _LEFT_ALONE  # (its callers may pass what the twin cannot take: a second input would be its mask)
-        from normlab.torch.recipe_norms import Float32LayerNorm, Float32LayerNorm2d
+        from normlab.torch.recipe_norms import (Float32LayerNorm, Float32LayerNorm2d, WrittenOutLayerNorm,
+                                                written_out_layer_norm)
 
         if cls.forward is base.forward or _computes_like(module, base.forward, _probe_shapes(module, base)):
-            if cls.forward is not base.forward and base is nn.LayerNorm and _computes_in_float32(
-                    module, _probe_shapes(module, base)[0]):
-                return Float32LayerNorm, {}  # (timm's LayerNormFp32: torch.nn's numbers in float64 only)
+            if cls.forward is not base.forward and base is nn.LayerNorm:
+                shape = _probe_shapes(module, base)[0]
+                if _computes_in_float32(module, shape):
+                    return Float32LayerNorm, {}  # (timm's LayerNormFp32: torch.nn's numbers in float64 only)
+                if not _computes_in_half_as(module, base.forward, shape):
+                    # (PocketTTS's flow-head norm, written out: another rounding and dtype in half precision)
+                    written_out = lambda norm, x: written_out_layer_norm(  # noqa: E731
+                        x, norm.weight, norm.bias, norm.eps, norm.elementwise_affine)
+                    return ((WrittenOutLayerNorm, {}) if _computes_in_half_as(module, written_out, shape)
+                            else _LEFT_ALONE)
             return _TWINS[base], {}
         if base is nn.LayerNorm and len(module.normalized_shape) == 1:
             channels_first = (2, module.normalized_shape[0], 3, 2)

@@ -23,7 +23,7 @@ from normlab.torch.modules import LayerNorm, LayerNorm2d, _fx_call_module
 from normlab.torch.paths import _LOW_PRECISION, _choose_path, _PathSwitch
 from normlab.torch.spec import Spec, refuse_non_tensor
 
-__all__ = ["RecipeLayerNorm", "UnweightedRMSNorm", "Float32LayerNorm", "Float32LayerNorm2d"]
+__all__ = ["RecipeLayerNorm", "UnweightedRMSNorm", "Float32LayerNorm", "Float32LayerNorm2d", "WrittenOutLayerNorm"]
 
 
 class RecipeLayerNorm(nn.Module):
@@ -236,3 +236,47 @@ def float32_layer_norm(x: Tensor, normalized_shape: List[int], weight: Optional[
     if bias is not None:
         bias = bias.float()
     return F.layer_norm(x.float(), normalized_shape, weight, bias, eps).to(x.dtype)
+
+
+class WrittenOutLayerNorm(LayerNorm):
+    """:class:`~normlab.torch.LayerNorm` whose half-precision calls compute as a layer norm
+    written out in torch operations in the input's dtype, ``(x - mean) · rsqrt(var + eps) ·
+    weight + bias`` over the last axis (transformers' ``PocketTTSFlowLayerNorm`` and
+    ``GradiumPhononTTSFlowLayerNorm``, which :func:`~normlab.torch.convert` turns into this):
+    bfloat16 and float16 input round each step there, and parameters of another dtype
+    promote the output (bfloat16 input beside float32 parameters gives float32), where torch's
+    layer norm computes in float32 and keeps the input's dtype. Those calls run the written-out
+    operations, so a half-precision model keeps the original's outputs and gradients to the
+    bit; float32 and float64 input beside parameters of its dtype runs as
+    :class:`~normlab.torch.LayerNorm`. An ``nn.LayerNorm``, as the originals are.
+
+    >>> norm = WrittenOutLayerNorm(3)
+    >>> norm(torch.tensor([[4., 3., 2.]], dtype=torch.bfloat16)).dtype, isinstance(norm, torch.nn.LayerNorm)
+    (torch.float32, True)
+    """
+
+    def _torch_forward(self, input: Tensor) -> Tensor:
+        """The written-out forward, which TorchScript compiles and fx records for a root module."""
+        return written_out_layer_norm(input, self.weight, self.bias, self.eps, self.elementwise_affine)
+
+    def _normlab_forward(self, input: Tensor) -> Tensor:
+        if _upcasts(input, self.weight, self.bias):
+            return self._torch_forward(input)
+        return super()._normlab_forward(input)
+
+
+def written_out_layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                           elementwise_affine: bool) -> Tensor:
+    """A layer norm over the last axis in torch operations, each in the dtype torch's type
+    promotion gives it, as PocketTTS's flow head writes it.
+
+    >>> written_out_layer_norm(torch.tensor([[1., 2., 3.]], dtype=torch.bfloat16), None, None, 0.0, False).tolist()
+    [[-1.2265625, 0.0, 1.2265625]]
+    """
+    mean = x.mean(-1, keepdim=True)
+    variance = x.var(-1, unbiased=False, keepdim=True)
+    x = (x - mean) * torch.rsqrt(variance + eps)
+    if elementwise_affine:
+        assert weight is not None and bias is not None, "the written-out layer norm adds a weight and a bias"
+        x = x * weight + bias
+    return x

@@ -337,3 +337,39 @@ def _layer_norm_recipe(module: nn.Module) -> Optional[dict]:
                 return {"hidden_size": shape, "eps": eps, "casting": casting, "elementwise_affine": weight is not None}
     return None
 
+
+
+@_on_cpu
+def _computes_in_half_as(module: nn.Module, reference: Callable, shape: tuple) -> bool:
+    """Whether ``type(module).forward`` gives ``reference``'s output (dtype and bits) and input
+    gradient, or raises where it raises, on bfloat16 and float16 probes of ``shape`` with
+    parameters of the input's dtype, and on bfloat16 input beside float32 parameters: float64
+    probes (:func:`_computes_like`) do not see where a forward rounds, nor the dtype it
+    returns."""
+    generator = torch.Generator().manual_seed(0)
+    parameters = {name: None if p is None else torch.randn(p.shape, generator=generator) * 0.5 + 1
+                  for name, p in module._parameters.items()}
+    x = torch.randn(shape, generator=generator) * 2 + 1
+    grad = torch.randn(shape, generator=generator)
+
+    def run(forward, x_dtype, w_dtype):
+        tensors = {"parameters": {k: None if p is None else p.to(w_dtype) for k, p in parameters.items()},
+                   "buffers": {}}
+        try:
+            with torch.enable_grad():
+                probe = x.to(x_dtype).requires_grad_()
+                output = forward(_probe_copy(module, tensors), probe)
+                output.backward(grad.to(output.dtype))
+            return output.detach(), probe.grad
+        except Exception as error:  # (compared by type: both must refuse)
+            return type(error)
+
+    for x_dtype, w_dtype in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                             (torch.bfloat16, torch.float32)):
+        ours, theirs = run(type(module).forward, x_dtype, w_dtype), run(reference, x_dtype, w_dtype)
+        if isinstance(ours, type) or isinstance(theirs, type):
+            if ours is not theirs:
+                return False
+        elif not all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(ours, theirs)):
+            return False
+    return True
