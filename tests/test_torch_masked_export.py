@@ -136,3 +136,51 @@ def test_aot_inductors_package_of_a_masked_and_segmented_model_runs_where_normla
     inputs = _inputs(2, 9, 2)
     for got, want in zip(_run_without_normlab(package, inputs, tmp_path)["outputs"], _oracle(model, *inputs)):
         torch.testing.assert_close(got, want)
+
+
+class _Padded1d(torch.nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x, tokens):
+        return self.norm(x, mask=tokens[:, None, :])
+
+
+class _Unmasked(torch.nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x, tokens):
+        return self.norm(x)
+
+
+def _batch_norm_reference(x, counted):
+    """torch.nn.BatchNorm1d in training on the counted tokens alone: its output there and its
+    running statistics after the step."""
+    reference = torch.nn.BatchNorm1d(x.shape[1]).double()
+    tokens = x.transpose(1, 2)[counted]  # (counted tokens, channels)
+    return reference(tokens), reference.running_mean, reference.running_var
+
+
+@pytest.mark.parametrize("name", ["BatchNorm1d-mask", "Norm-mask", "Norm"])
+def test_an_exported_training_step_with_running_statistics_saves_loads_and_updates_them_as_torch_nn(name, tmp_path):
+    """The update ran under torch.no_grad(), which torch.export records as a
+    wrap_with_set_grad_enabled region: torch.export.load refused the saved program
+    ("SpecViolationError: Node.meta wrap_with_set_grad_enabled is missing val field")."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 4, 6, generator=g, dtype=torch.float64) * 2 + 1
+    tokens = torch.arange(6) < torch.tensor([6, 4, 3])[:, None]
+    norm = (nt.BatchNorm1d(4) if name.startswith("BatchNorm") else
+            nt.Norm("[b] c [t]", params="c", c=4, track_running_stats=True)).double()
+    model = (_Unmasked if name == "Norm" else _Padded1d)(norm)
+    torch.export.save(torch.export.export(model, (x, tokens)), tmp_path / "step.pt2")
+    loaded = torch.export.load(tmp_path / "step.pt2").module()
+    counted = tokens if name != "Norm" else torch.ones_like(tokens)
+    y = loaded(x, tokens)
+    want_y, want_mean, want_var = _batch_norm_reference(x, counted)
+    torch.testing.assert_close(y.transpose(1, 2)[counted], want_y)
+    state = loaded.state_dict()
+    torch.testing.assert_close(state["norm.running_mean"], want_mean)
+    torch.testing.assert_close(state["norm.running_var"], want_var)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Mapping, Optional
@@ -328,6 +329,15 @@ def _average_factor(module) -> float:
     return factor
 
 
+def _statistics_update():
+    """The context of a running-statistics update: ``torch.no_grad()``, and none under
+    ``torch.export``, which records the grad-mode switch as a ``wrap_with_set_grad_enabled``
+    region whose saved program ``torch.export.load`` refuses ("SpecViolationError: Node.meta
+    wrap_with_set_grad_enabled is missing val field"); the updates detach the batch
+    statistics, so that no buffer takes a gradient there either."""
+    return contextlib.nullcontext() if torch.compiler.is_exporting() else torch.no_grad()
+
+
 def _update_running(module, mean: Tensor, var: Tensor, count: int, factor: float, centered: bool = True) -> None:
     """``running = (1 − factor)·running + factor·batch``, with the unbiased variance; an
     empty batch (count 0) leaves them as they are, as torch does. ``centered=False`` (RMS:
@@ -336,7 +346,8 @@ def _update_running(module, mean: Tensor, var: Tensor, count: int, factor: float
         return
     if forward_ad._current_level >= 0:  # dual statistics: the buffers take their primal values, as torch.nn's do
         mean, var = forward_ad.unpack_dual(mean).primal, forward_ad.unpack_dual(var).primal
-    with torch.no_grad():
+    mean, var = mean.detach(), var.detach()
+    with _statistics_update():
         unbiased = var * (count / (count - 1)) if centered else var
         module.running_mean.mul_(1 - factor).add_(mean.to(module.running_mean.dtype), alpha=factor)
         module.running_var.mul_(1 - factor).add_(unbiased.to(module.running_var.dtype), alpha=factor)
@@ -347,7 +358,8 @@ def _update_instance_running(module, mean: Tensor, var: Tensor, count: int, fact
     running statistics (none where the instances are empty, count 0), then their average
     over the batch (NaN for a batch of zero instances, as in torch). ``mean`` and ``var``
     are (batch, channels)."""
-    with torch.no_grad():
+    mean, var = mean.detach(), var.detach()
+    with _statistics_update():
         unbiased = var * (count / (count - 1)) if count else var
         for running, batch in ((module.running_mean, mean), (module.running_var, unbiased)):
             copies = running.expand(batch.shape)

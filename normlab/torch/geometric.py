@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.torch import geometric_script as script
-from normlab.torch.compute import _dtypes_refused, normalize
+from normlab.torch.compute import _dtypes_refused, _statistics_update, normalize
 from normlab.torch.masked import (_count, _run_masked, check_segment_ids, normalize_masked,
                                   vmapped_ids_need_a_count)
 from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx
@@ -115,7 +115,7 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
                                                     params=None if self.weight is None else "c", eps=self.eps)
             if self.running_mean is not None:  # F.instance_norm's update: in place, n/(n − 1)
                 n = x.shape[0]
-                with torch.no_grad():
+                with _statistics_update():  # (the statistics need no detach: normalize_masked's carry no graph)
                     var = _variance(rstd.reshape(-1), self.eps) * (n / max(n - 1, 1))
                     self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean.reshape(-1).to(x.dtype))
                     self.running_var.mul_(1 - self.momentum).add_(self.momentum * var.to(x.dtype))
@@ -131,7 +131,7 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
             # (before anything is saved for backward, as PyG updates before its output: a checkpoint's
             # recomputation updates again, as there)
             if self.running_mean is not None or self.running_var is not None:
-                with torch.no_grad():
+                with _statistics_update():  # (as above)
                     momentum = self.momentum
                     if self.running_mean is not None:
                         self.running_mean = (1 - momentum) * self.running_mean + momentum * mean.mean(0).to(x.dtype)

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from normlab.torch.compute import _fake
+from normlab.torch.compute import _fake, _statistics_update
 from normlab.torch.masked import SEGMENTS_DO_NOT_EXPORT, _run_masked, normalize_masked
 from normlab.torch.ops import _vmapping
 from normlab.torch.paths import _exporting_to_onnx, _holds_expanded_weights, expanded_weights_refusal
@@ -48,9 +48,9 @@ def _check_counts(module, x: Tensor, count: Tensor, allow_empty: bool = False,
 
 def _update(module, mean: Tensor, var: Tensor, factor: float, counted: Optional[Tensor] = None) -> None:
     """The momentum update; entries where ``counted`` is False keep their running statistics."""
-    with torch.no_grad():
+    with _statistics_update():
         for running, batch in ((module.running_mean, mean), (module.running_var, var)):
-            updated = running * (1 - factor) + batch.to(running.dtype) * factor
+            updated = running * (1 - factor) + batch.detach().to(running.dtype) * factor
             running.copy_(updated if counted is None else torch.where(counted, updated, running))
 
 
