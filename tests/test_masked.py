@@ -270,6 +270,24 @@ def test_bad_masks_and_segment_ids_fail_with_the_pattern_shape_and_a_fix():
         normalize(x, "[b] c", segment_ids=np.array([0, -1, 2, 2]))
 
 
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("argument, value, fix", [
+    ("mask", np.ma.array(np.ones((4, 3), bool), mask=np.eye(4, 3, dtype=bool)), "mask.filled(False)"),
+    ("segment_ids", np.ma.array([0, 0, 1, 1], mask=[0, 1, 0, 0]), "segment_ids.filled(id)"),
+])
+def test_a_mask_or_segment_ids_with_masked_elements_is_refused_as_every_other_argument_is(argument, value, fix,
+                                                                                          backward):
+    """np.asarray read the values under the np.ma mask as they were: the masked positions
+    counted, or kept the id they hid, where x, weight, gate and the rest refuse such arrays."""
+    x = np.arange(12.0).reshape(4, 3)
+    call = (lambda **kw: normalize_backward(x, x, "[b] c", **kw)) if backward else (lambda **kw: normalize(x, "[b] c",
+                                                                                                            **kw))
+    with pytest.raises(NormlabError, match=rf"'\[b\] c', input shape \(4, 3\): {argument} is a masked array") as info:
+        call(**{argument: value})
+    assert fix in str(info.value)
+    call(**{argument: np.ma.array(value.data)})  # with nothing masked it is an array like any other
+
+
 def test_segment_axis_names_which_bracketed_axis_the_ids_run_along():
     rng = np.random.default_rng(7)
     x = rng.normal(size=(2, 3, 4))
