@@ -527,3 +527,34 @@ def test_a_converted_llama_with_fused_blocks_trains_privately_as_transformers_ow
         stepped.append([parameter.detach() for parameter in model.parameters()])
     torch.testing.assert_close(stepped[1], stepped[0])
     assert not all(torch.equal(a, b) for a, b in zip(stepped[0], _LogitsOf(reference).parameters()))
+
+
+class _HalfProjection(nn.Module):
+    """A bfloat16 projection into an RMS norm of LLaMA's recipe (float32 weight, float32
+    output), given a mask by keyword, and a float32 head."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.projection, self.norm, self.head = nn.Linear(8, 8).to(torch.bfloat16), norm, nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.projection(x.to(torch.bfloat16)), mask=_mask(x))).sum(1)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_opacus_per_sample_gradients_of_a_norm_whose_output_dtype_is_not_its_input_s_are_a_loop_s(mode):
+    """Opacus' functorch mode casts its record of the first input to the gradient's dtype
+    (here bfloat16 to float32) before it recomputes the layer."""
+    opacus = pytest.importorskip("opacus")
+    model = _perturbed(_HalfProjection(nt.RMSNorm(8, casting="llama")))
+    torch.manual_seed(3)
+    x, y = torch.randn(5, 3, 8), torch.randint(0, 3, (5,))
+    assert model.norm(model.projection(x.to(torch.bfloat16))).dtype == torch.float32
+    parameters = list(model.norm.parameters()) + list(model.head.parameters())  # (float32)
+    looped = [torch.stack(grads) for grads in zip(*(
+        torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), parameters)
+        for i in range(len(x))))]
+    sampled = opacus.GradSampleModule(model, force_functorch=mode == "functorch")
+    nn.functional.cross_entropy(sampled(x), y).backward()
+    torch.testing.assert_close([parameter.grad_sample for parameter in parameters], looped)

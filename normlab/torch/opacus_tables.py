@@ -94,13 +94,12 @@ class _Unhooked(nn.Module):
 
 @dataclass(frozen=True)
 class RecordedCall:
-    """A call of a normlab module as Opacus' hooks saw it, kept on the first input that
-    Opacus records (``batch_first=False``: on the module, see :func:`_with_every_input`): the
-    forward's arguments by name, ``None`` left out (tensors detached), and the name of the
-    first, whose value is Opacus' own record of it."""
+    """A call of a normlab module as Opacus' hooks saw it, kept on the module beside Opacus'
+    record of its first input (see :func:`_with_every_input`): the forward's arguments by name,
+    ``None`` left out (tensors detached, the batch first), and the name of the first."""
 
     first: str
-    arguments: tuple  # ((name, value), ...) in the forward's order, the first input's left out
+    arguments: tuple  # ((name, value), ...) in the forward's order
 
 
 def _record_call(module: nn.Module, args: tuple, kwargs: dict, batch_first: bool) -> Optional[RecordedCall]:
@@ -118,7 +117,7 @@ def _record_call(module: nn.Module, args: tuple, kwargs: dict, batch_first: bool
             return value
         return value.detach() if batch_first or value.dim() < 2 else value.detach().movedim(1, 0)
 
-    return RecordedCall(named[0][0], tuple((name, recorded(value)) for name, value in named[1:]))
+    return RecordedCall(named[0][0], tuple((name, recorded(value)) for name, value in named))
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,32 +128,28 @@ def _forward_signature(cls: type) -> inspect.Signature:
 def _with_every_input(capture_activations: Callable, module: nn.Module) -> Callable:
     """Opacus' forward hook ``capture_activations`` (which records the positional inputs,
     each a tensor) as a hook of ``module`` that sees the keyword inputs too: Opacus records the
-    first input alone, and the whole call (:class:`RecordedCall`) rides on its record of it.
+    first input alone, and the whole call (:class:`RecordedCall`) waits beside that record.
     An input given by keyword, or ``segment_ids`` after ``mask=None``, so reaches
     :func:`per_sample_gradients`; the batch size Opacus reads off its record is the first
     input's, not that of a mask or residual that broadcasts."""
     owner = capture_activations.__self__
-
     batch_first = getattr(owner, "batch_first", True)
 
     def capture_every_input(hooked: nn.Module, args: tuple, kwargs: dict, output) -> None:
         call = _record_call(hooked, args, kwargs, batch_first)
-        if call is None:
-            return capture_activations(hooked, args, output)
         records = hooked.__dict__.get("activations")
         before = len(records) if records is not None else 0
-        capture_activations(hooked, (args[0] if args else kwargs[call.first],), output)
+        capture_activations(hooked, args if call is None else (args[0] if args else kwargs[call.first],), output)
         records = hooked.__dict__.get("activations")
         if records is None or len(records) == before:  # (Opacus recorded nothing: evaluation, no_grad)
             return
-        if batch_first:
-            records[-1][0].normlab_call = call
-        else:  # Opacus hands the grad sampler a copy of its record, the batch moved: the call waits on the
-            # module, popped in the order Opacus pops its records (a fresh list where Opacus' is)
-            waiting = hooked.__dict__.setdefault("normlab_calls", [])
-            if before == 0:
-                waiting.clear()
-            waiting.append(call)
+        # Opacus hands the grad sampler its record, or a copy (the batch moved to the front, or cast
+        # to the gradient's dtype in functorch mode): the call waits on the module, popped in the
+        # order Opacus pops its records (a fresh list where Opacus' is)
+        waiting = hooked.__dict__.setdefault("normlab_calls", [])
+        if before == 0:
+            waiting.clear()
+        waiting.append(call)
 
     if getattr(owner, "force_functorch", False):  # Opacus' functorch mode: its fallback takes the first input alone
         module.ft_compute_sample_grad = _functorch_stand_in(module)
@@ -214,15 +209,12 @@ def _per_sample(block: nn.Module, activations: list, backprops, trainable_only: 
     names = [name for name, parameter in block.named_parameters() if parameter.requires_grad or not trainable_only]
     params = {f"module.{name}": block.get_parameter(name).detach() for name in names}
     unhooked = _Unhooked(block)
-    call = getattr(activations[0], "normlab_call", None)
     waiting = block.__dict__.get("normlab_calls")
-    if call is None and waiting:  # (batch_first=False)
-        call = waiting.pop()
+    call = waiting.pop() if waiting else None
     if call is None:
         keys, inputs = (None,) * len(activations), list(activations)
-    else:
-        keys = (call.first,) + tuple(name for name, _ in call.arguments)
-        inputs = [activations[0]] + [value for _, value in call.arguments]
+    else:  # (Opacus' record of the first input may be a copy cast to the gradient's dtype: the call's own)
+        keys, inputs = tuple(name for name, _ in call.arguments), [value for _, value in call.arguments]
     tensors = [i for i, value in enumerate(inputs) if isinstance(value, Tensor)]
     batch = backprops.shape[0]
     per_sample = tuple(0 if inputs[i].dim() and inputs[i].shape[0] == batch else None for i in tensors)
