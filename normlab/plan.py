@@ -241,6 +241,19 @@ def epsilon_fix(name: str, value) -> str | None:
     return f"normlab's epsilon is eps: pass eps={value!r}" if name in _EPSILON_NAMES else None
 
 
+def _size_given(name: str, size) -> str:
+    """How a caller of normalize gives axis ``name`` its size: ``g=4``, or ``sizes={'eps': 4}`` for an
+    axis named like one of normalize's own keywords, which a keyword argument would set instead."""
+    import inspect
+
+    from normlab import core
+
+    keywords = {parameter for function in (core.normalize, core.normalize_backward)
+                for parameter, kind in inspect.signature(function).parameters.items()
+                if kind.kind is not inspect.Parameter.VAR_KEYWORD}
+    return f"sizes={{{name!r}: {size}}}" if name in keywords else f"{name}={size}"
+
+
 @functools.lru_cache(maxsize=4096)
 def _make_plan(text: str, shape: tuple[int, ...], params: str | None, sizes_items) -> Plan:
     parsed: Pattern = parse_pattern(text)
@@ -279,14 +292,14 @@ def _make_plan(text: str, shape: tuple[int, ...], params: str | None, sizes_item
         if len(dim.factors) == 1:
             if known[0] is not None and known[0] != size:
                 raise _fail(text, shape, f"axis {dim.factors[0].name} has size {size}, not {known[0]}",
-                            f"pass {dim.factors[0].name}={size} or leave it out")
+                            f"pass {_size_given(dim.factors[0].name, size)} or leave it out")
             factor_sizes = [size]
         else:
             product = math.prod(s for s in known if s is not None)
             group = "(" + " ".join(a.name for a in dim.factors) + ")"
             if len(missing) > 1:
                 raise _fail(text, shape, f"{group} has {len(missing)} factors of unknown size ({', '.join(missing)})",
-                            f"give all but one as keyword arguments, e.g. {missing[0]}=...")
+                            f"give all but one their sizes, e.g. {_size_given(missing[0], '...')}")
             if len(missing) == 1:
                 if size % product:
                     raise _fail(text, shape, f"the axis {group} of size {size} is not divisible by {product}",

@@ -402,6 +402,31 @@ def test_sizes_that_are_not_a_mapping_of_names_are_refused_with_an_example(sizes
         normlab.normalize(np.ones((2, 12)), "b (x [c])", sizes=sizes)
 
 
+@pytest.mark.parametrize("call", [
+    lambda x, pattern, **sizes: normlab.normalize(x, pattern, **sizes),
+    lambda x, pattern, **sizes: normlab.normalize_backward(x, x, pattern, **sizes),
+    lambda x, pattern, **sizes: normlab.normalize(x, pattern, mask=x > 0, **sizes),
+], ids=["forward", "backward", "mask"])
+@pytest.mark.parametrize("name", ["eps", "mean", "x", "scale"])
+def test_a_missing_or_wrong_size_of_an_axis_named_like_a_keyword_is_asked_for_in_the_sizes_mapping(call, name):
+    """The message said "give all but one as keyword arguments, e.g. eps=..." (or "pass eps=12"),
+    which sets normalize's own eps, not the axis: only sizes= can size it."""
+    x = np.random.default_rng(6).standard_normal((2, 12))
+    with pytest.raises(ShapeError, match=re.escape(f"e.g. sizes={{{name!r}: ...}}")):
+        call(x, f"b ({name} [c])")
+    with pytest.raises(ShapeError, match=re.escape(f"pass sizes={{{name!r}: 12}}")):
+        call(x, f"b [{name}]", sizes={name: 5})
+    with pytest.raises(ShapeError, match=re.escape("e.g. g=...")):  # other names stay keywords
+        call(x, "b (g [c])")
+
+
+def test_the_command_line_asks_for_an_axis_named_like_a_keyword_as_name_equals_size(tmp_path):
+    from tests.test_cli import normlab_cli
+
+    result = normlab_cli("explain", "b (eps [c])", "--shape", "2,6", cwd=tmp_path)
+    assert result.returncode == 2 and "e.g. eps=..." in result.stderr and "sizes=" not in result.stderr
+
+
 def test_explain_sizes_an_axis_named_like_a_keyword(tmp_path):
     from tests.test_cli import normlab_cli
 

@@ -187,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _explain(args)
     except NormlabError as err:
-        raise NormlabError(one_line(err)) from None
+        # the command line sizes every axis as name=size, those named like normalize's keywords too
+        raise NormlabError(re.sub(r"sizes=\{'(\w+)': ([^}]*)\}", r"\1=\2", one_line(err))) from None
 
 
 def _explain(args: argparse.Namespace) -> int:
