@@ -246,3 +246,51 @@ def test_permuting_the_axes_of_pattern_and_input_permutes_the_result(rank, data)
     # the same sums in another order: equal to their rounding
     tolerance = {np.float32: 1e-5, np.float64: 1e-12}[dtype]
     np.testing.assert_allclose(permuted, np.transpose(y, order), rtol=tolerance, atol=tolerance)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=grouped_case(), dtype=st.sampled_from([np.float32, np.float64]), rms=st.booleans(),
+       backend=st.sampled_from(["auto", "numpy"]), seed=st.integers(0, 2**32 - 1), counted=st.sampled_from([1.0, 0.7, 0.2]),
+       given_stats=st.booleans())
+def test_masked_gradients_are_torch_autograds_of_the_masked_definition_for_any_grouping(case, dtype, rms, backend,
+                                                                                          seed, counted, given_stats):
+    """normalize_backward(mask=...) against torch autograd through masked means (a group with
+    nothing counted gives exactly the bias, so no gradient), with the statistics recomputed
+    or given as return_stats gave them."""
+    torch = pytest.importorskip("torch")
+    text, shape, expanded, reduced, sizes, params = case
+    rng = np.random.default_rng(seed)
+    x, grad_y = rng.standard_normal(shape).astype(dtype), rng.standard_normal(shape).astype(dtype)
+    mask = rng.random(shape) < counted
+    options = {}
+    if params is not None:
+        plan = normlab.make_plan(text, shape, params, sizes=sizes)
+        options = dict(weight=rng.standard_normal(plan.param_shape).astype(dtype), params=params)
+    if given_stats:
+        _, mean, rstd = normlab.normalize(x, text, rms=rms, sizes=sizes, mask=mask, return_stats=True, backend=backend)
+        options.update(rstd=rstd) if rms else options.update(mean=mean, rstd=rstd)
+    grad_x, grad_w, _ = normlab.normalize_backward(grad_y, x, text, rms=rms, backend=backend, sizes=sizes, mask=mask,
+                                                   **options)
+
+    axes = tuple(i for i, r in enumerate(reduced) if r)
+    xt = torch.tensor(x.astype(np.float64).reshape(expanded), requires_grad=True)
+    mt = torch.tensor(mask.reshape(expanded), dtype=torch.float64)
+    count = mt.sum(axes, keepdim=True)
+
+    def masked_mean(values):
+        return (values * mt).sum(axes, keepdim=True) / count.clamp(min=1)
+
+    if rms:
+        yt = xt * torch.rsqrt(masked_mean(xt * xt) + 1e-5)
+    else:
+        centred = xt - masked_mean(xt)
+        yt = centred * torch.rsqrt(masked_mean(centred * centred) + 1e-5)
+    yt = torch.where(count > 0, yt, torch.zeros_like(yt))
+    if params is not None:
+        wt = torch.tensor(plan.expand_params(options["weight"].astype(np.float64)), requires_grad=True)
+        yt = yt * wt
+    yt.backward(torch.tensor(grad_y.astype(np.float64).reshape(expanded)))
+    tolerance = {np.float32: 2e-3, np.float64: 1e-8}[dtype]
+    np.testing.assert_allclose(grad_x, xt.grad.numpy().reshape(shape), rtol=tolerance, atol=tolerance)
+    if params is not None:
+        np.testing.assert_allclose(grad_w, plan.collapse_params(wt.grad.numpy()), rtol=tolerance, atol=10 * tolerance)
