@@ -248,6 +248,7 @@ def test_permuting_the_axes_of_pattern_and_input_permutes_the_result(rank, data)
     np.testing.assert_allclose(permuted, np.transpose(y, order), rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.slow  # (torch's import and autograd: about 6 s on one core)
 @settings(max_examples=40, deadline=None)
 @given(case=grouped_case(), dtype=st.sampled_from([np.float32, np.float64]), rms=st.booleans(),
        backend=st.sampled_from(["auto", "numpy"]), seed=st.integers(0, 2**32 - 1), counted=st.sampled_from([1.0, 0.7, 0.2]),
