@@ -443,8 +443,6 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
                                     out=out, mean=mean, rstd=rstd, backend=backend, mask=mask,
                                     segment_ids=segment_ids, num_segments=num_segments,
                                     segment_axis=segment_axis, sizes=sizes)
-    if stats is None:  # given statistics, with a mask or segments
-        return (y, mean, rstd) if return_stats else y
     if key is not None and key not in _FAST_CALLS:
         _FAST_CALLS[key] = _build_fast_call(x, pattern, params, rms, backend, sizes, key)
     if return_stats:

@@ -39,7 +39,8 @@ def normalize_with_stats(x, pattern, *, weight=None, bias=None, params=None, eps
                          mean=None, rstd=None, backend=None, mask=None, segment_ids=None, num_segments=None,
                          segment_axis=None, sizes=None, **axis_sizes):
     """:func:`normlab.normalize` with a mask or segments: ``(y, stats)``, ``stats`` a
-    :class:`normlab.masked.MaskedStats` (None when ``mean`` and ``rstd`` were given)."""
+    :class:`normlab.masked.MaskedStats` (for ``mean`` and ``rstd`` given: those, read into the
+    statistics' shape, with no variance or counts)."""
     sizes = merge_sizes(pattern, sizes, axis_sizes, core._shape_of(x))
     prepared = core.prepare(x, pattern, weight, bias, params, sizes)
     plan = prepared.plan
@@ -58,6 +59,8 @@ def normalize_with_stats(x, pattern, *, weight=None, bias=None, params=None, eps
         result = masked.forward(prepared.x, grouping, eps, rms, prepared.weight, prepared.bias, prepared.dtype,
                                 mean, rstd)
     y, stats = result
+    if stats is None:  # given statistics: handed back as read, in the statistics' shape (as without a mask)
+        stats = masked.MaskedStats(mean, None, rstd, None)
     y = y.reshape(plan.shape)
     if out is not None:
         np.copyto(out, y, casting="unsafe")

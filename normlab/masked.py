@@ -44,7 +44,7 @@ __all__ = ["Grouping", "make_grouping", "MaskedStats", "compute_stats", "forward
 @dataclass(frozen=True)
 class MaskedStats:
     """Statistics per group, of ``grouping.stats_shape`` (float64), with the counts that
-    running statistics need; ``mean`` is None for RMS."""
+    running statistics need; ``mean`` is None for RMS, ``var`` and ``count`` for given statistics."""
 
     mean: np.ndarray | None
     var: np.ndarray

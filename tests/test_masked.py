@@ -288,6 +288,28 @@ def test_a_mask_or_segment_ids_with_masked_elements_is_refused_as_every_other_ar
     call(**{argument: np.ma.array(value.data)})  # with nothing masked it is an array like any other
 
 
+@pytest.mark.parametrize("backend", ["auto", "numpy"])
+@pytest.mark.parametrize("rms", [False, True], ids=["mean", "rms"])
+@pytest.mark.parametrize("grouping, stats_shape", [({"mask": np.arange(12).reshape(4, 3) % 5 > 0}, (1, 3)),
+                                                   ({"segment_ids": [0, 1, 1, 0]}, (2, 3))],
+                         ids=["mask", "segments"])
+def test_given_statistics_come_back_as_float64_arrays_of_the_statistics_shape(grouping, stats_shape, rms, backend):
+    """With a mask or segments, return_stats=True handed back the caller's own objects (a
+    list, a float32 array of the kept axes alone), where without them it gives float64 arrays
+    of the statistics' shape."""
+    x = np.arange(12.0).reshape(4, 3)
+    mean, rstd = [1.0, 2.0, 3.0], np.float32([0.5, 1.0, 2.0])
+    given = {"rstd": rstd} if rms else {"mean": mean, "rstd": rstd}
+    y, got_mean, got_rstd = normalize(x, "[b] c", return_stats=True, rms=rms, backend=backend, **given, **grouping)
+    assert isinstance(got_rstd, np.ndarray) and got_rstd.dtype == np.float64 and got_rstd.shape == stats_shape
+    np.testing.assert_array_equal(got_rstd, np.broadcast_to(rstd.astype(np.float64), stats_shape))
+    if rms:
+        assert got_mean is None
+    else:
+        assert isinstance(got_mean, np.ndarray) and got_mean.dtype == np.float64 and got_mean.shape == stats_shape
+        np.testing.assert_array_equal(got_mean, np.broadcast_to(mean, stats_shape))
+
+
 def test_segment_axis_names_which_bracketed_axis_the_ids_run_along():
     rng = np.random.default_rng(7)
     x = rng.normal(size=(2, 3, 4))
