@@ -506,3 +506,51 @@ def test_an_empty_normalized_shape_constructs_as_in_torch_nn_and_fails_at_forwar
     for kwargs in ({}, {"mask": torch.ones(2, 3, dtype=torch.bool)}):
         with pytest.raises(type(expected.value), match="normalized_shape"):
             ours(x, **kwargs)
+
+
+def _groups_pruned(nn):
+    """A GroupNorm whose channels were pruned to a count its groups do not divide."""
+    norm = nn.GroupNorm(4, 8)
+    norm.num_channels, norm.weight, norm.bias = 6, torch.nn.Parameter(torch.ones(6)), torch.nn.Parameter(torch.zeros(6))
+    return norm
+
+
+# (id, module built from torch.nn or normlab.torch, training, bad input) for every twin
+BAD_INPUTS = [
+    ("batch_norm_1d_one_value", lambda nn: nn.BatchNorm1d(4), True, (1, 4)),
+    ("batch_norm_1d_one_value_3d", lambda nn: nn.BatchNorm1d(4), True, (1, 4, 1)),
+    ("batch_norm_2d_one_value", lambda nn: nn.BatchNorm2d(4), True, (1, 4, 1, 1)),
+    ("batch_norm_3d_one_value", lambda nn: nn.BatchNorm3d(4), True, (1, 4, 1, 1, 1)),
+    ("batch_norm_one_value_eval_without_running_stats", lambda nn: nn.BatchNorm2d(4, track_running_stats=False),
+     False, (1, 4, 1, 1)),
+    ("batch_norm_wrong_channels", lambda nn: nn.BatchNorm2d(4), True, (2, 3, 2, 2)),
+    ("batch_norm_wrong_ndim", lambda nn: nn.BatchNorm2d(4), True, (2, 4, 2)),
+    ("instance_norm_one_position", lambda nn: nn.InstanceNorm1d(4), True, (2, 4, 1)),
+    ("instance_norm_wrong_channels", lambda nn: nn.InstanceNorm1d(4, affine=True), True, (2, 3, 5)),
+    ("instance_norm_wrong_ndim", lambda nn: nn.InstanceNorm2d(4), True, (4, 3)),
+    ("group_norm_wrong_channels", lambda nn: nn.GroupNorm(2, 4), True, (2, 6, 3)),
+    ("group_norm_channels_not_divisible", lambda nn: nn.GroupNorm(2, 4), True, (2, 3, 3)),
+    ("group_norm_groups_pruned_not_dividing", _groups_pruned, True, (2, 6, 3)),
+    ("group_norm_wrong_ndim", lambda nn: nn.GroupNorm(2, 4), True, (4,)),
+    ("layer_norm_wrong_shape", lambda nn: nn.LayerNorm((3, 4)), True, (2, 4, 3)),
+    ("layer_norm_too_few_axes", lambda nn: nn.LayerNorm((3, 4)), True, (4,)),
+    ("rms_norm_wrong_shape", lambda nn: nn.RMSNorm(4), True, (2, 5)),
+]
+
+
+@pytest.mark.parametrize("build, training, shape", [case[1:] for case in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_every_twin_refuses_a_bad_input_with_torch_nn_s_own_exception_type_and_state(build, training, shape):
+    """Drop-in twins raise torch.nn's own exception type (not a subclass of it: code written
+    for torch.nn may test the type, or catch a RuntimeError where torch raises one), and
+    leave the running statistics and batch counter as torch.nn leaves them. A batch norm
+    with one value per channel in training raised normlab's InputError."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    outcomes = []
+    for library in (torch.nn, nt):
+        module = build(library).train(training)
+        with pytest.raises(Exception) as raised:
+            module(x)
+        outcomes.append((type(raised.value), {k: v.clone() for k, v in module.state_dict().items()}))
+    (twin_type, twin_state), (torch_type, torch_state) = outcomes[1], outcomes[0]
+    assert twin_type is torch_type
+    torch.testing.assert_close(twin_state, torch_state)

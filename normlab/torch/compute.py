@@ -481,8 +481,12 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
         # computes with an infinite or NaN eps, and these never need speed; it refuses half
         # a pair of running statistics
         return _torch_batch_norm(module, x)
-    factor = _average_factor(module)
     use_batch_stats = module.training or (running_mean is None and running_var is None)
+    count = _values_per_channel(x) if use_batch_stats else 0
+    if count == 1:  # (torch's rule wherever batch statistics are used: eval() without running ones too)
+        # torch's forward counts the batch and raises its ValueError, in its words
+        return _torch_batch_norm(module, x)
+    factor = _average_factor(module)
     if not use_batch_stats:
         if (_PathSwitch.path == "auto" and (x.numel() * x.element_size() < EVAL_NATIVE_BELOW_BYTES
                                             or _needs_grad(x, weight, bias))
@@ -494,8 +498,6 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
             if y is not None:
                 return y
         return _apply_stats(x, running_mean, running_var, weight, bias, module.eps, _channel_shape(x))
-    count = _values_per_channel(x)
-    _check_batch(x, count)  # (torch's rule wherever batch statistics are used: eval() without running ones too)
     if module.training:
         if path == "kernel":
             y = batch_train.forward(module, x, factor)
