@@ -241,16 +241,22 @@ def epsilon_fix(name: str, value) -> str | None:
     return f"normlab's epsilon is eps: pass eps={value!r}" if name in _EPSILON_NAMES else None
 
 
+# normlab.torch's Norm takes these keywords besides normalize's (named here: plan.py does not import torch);
+# sizes= works in every API, so a name in both sets is always asked for there
+_TORCH_KEYWORDS = frozenset({"affine", "momentum", "track_running_stats", "running_axes", "device", "dtype"})
+
+
 def _size_given(name: str, size) -> str:
     """How a caller of normalize gives axis ``name`` its size: ``g=4``, or ``sizes={'eps': 4}`` for an
-    axis named like one of normalize's own keywords, which a keyword argument would set instead."""
+    axis named like one of normalize's (or normlab.torch.Norm's) own keywords, which a keyword
+    argument would set instead."""
     import inspect
 
     from normlab import core
 
     keywords = {parameter for function in (core.normalize, core.normalize_backward)
                 for parameter, kind in inspect.signature(function).parameters.items()
-                if kind.kind is not inspect.Parameter.VAR_KEYWORD}
+                if kind.kind is not inspect.Parameter.VAR_KEYWORD} | _TORCH_KEYWORDS
     return f"sizes={{{name!r}: {size}}}" if name in keywords else f"{name}={size}"
 
 

@@ -554,3 +554,13 @@ def test_every_twin_refuses_a_bad_input_with_torch_nn_s_own_exception_type_and_s
     (twin_type, twin_state), (torch_type, torch_state) = outcomes[1], outcomes[0]
     assert twin_type is torch_type
     torch.testing.assert_close(twin_state, torch_state)
+
+
+@pytest.mark.parametrize("name", ["momentum", "affine", "track_running_stats", "eps"])
+def test_a_wrong_or_missing_size_of_an_axis_named_like_an_argument_of_norm_is_asked_for_in_sizes(name):
+    """The hint said "pass momentum=6" (or "e.g. affine=..."), which sets Norm's own argument."""
+    x = torch.ones(2, 6)
+    with pytest.raises(ValueError, match=re.escape(f"pass sizes={{{name!r}: 6}}")):
+        nt.Norm(f"b [{name}]", sizes={name: 5}, affine=False)(x)
+    with pytest.raises(ValueError, match=re.escape(f"e.g. sizes={{{name!r}: ...}}")):
+        nt.Norm(f"b ({name} [c])", affine=False)(x)
