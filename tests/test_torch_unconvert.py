@@ -208,3 +208,35 @@ def test_pt2e_quantization_of_an_unconverted_model_is_torchaos_of_the_original(q
         prepared(x)
         outputs.append(convert_pt2e(prepared)(x))
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+
+
+class _WithBlock(nn.Module):
+    def __init__(self, network):
+        super().__init__()
+        self.network, self.block = network, nt.FusedAddRMSNorm(5)
+
+    def forward(self, x):
+        return self.block(self.network(x), x[:, 0, 0, :5])[0]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (torch.ao's own, about itself)
+@pytest.mark.parametrize("prepare", ["prepare_fx", "prepare_qat_fx"])
+def test_fx_graph_mode_quantization_of_a_converted_model_warns_and_names_unconvert(prepare):
+    """Without unconvert, FX leaves the twins in float: each says so, once, and names the fix."""
+    from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
+    from torch.ao.quantization import quantize_fx
+
+    converted = _WithBlock(nt.convert(_trained_network())).train(prepare == "prepare_qat_fx")
+    mapping = (get_default_qconfig_mapping if prepare == "prepare_fx" else get_default_qat_qconfig_mapping)("fbgemm")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        getattr(quantize_fx, prepare)(converted, mapping, (inputs((4, 3, 6, 6)),))
+    named = sorted(str(w.message).split("normlab's ")[1].split(" ")[0] for w in caught
+                   if "call normlab.torch.unconvert(model) before prepare_fx" in str(w.message))
+    assert named == ["BatchNorm2d", "FusedAddRMSNorm", "GroupNorm", "InstanceNorm2d", "LayerNorm", "RMSNorm"]
+
+
+def test_fx_symbolic_trace_of_a_converted_model_gives_no_quantization_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.fx.symbolic_trace(nt.convert(_trained_network()))

@@ -41,7 +41,7 @@ from normlab.torch.compute import _dtypes_refused
 from normlab.torch.ops import _grads_of, _needs_torch_backward
 from normlab.torch.paths import PLAIN_PARAMETERS as _EAGER_TYPES
 from normlab.torch.paths import (_exporting_to_onnx, _holds_expanded_weights, _needs_torch_ops, _small_forward_fits,
-                                 expanded_weights_refusal)
+                                 expanded_weights_refusal, warn_if_fx_quantizing)
 from normlab.torch.spec import (Unscriptable, param_view, parametrizations_computed, refuse_non_tensor,
                                rms_default_eps)
 
@@ -793,6 +793,7 @@ def _fx_leaf(module: nn.Module, *args, **kwargs) -> Optional["torch.fx.Proxy"]:
                         "model that holds it, e.g. one whose forward calls it (or use torch.export, which traces it "
                         "alone)")
     kwargs = {name: value for name, value in kwargs.items() if value is not None}
+    warn_if_fx_quantizing(module, proxy.tracer)
     return proxy.tracer.create_proxy("call_module", path, args, kwargs)
 
 

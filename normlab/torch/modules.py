@@ -21,7 +21,7 @@ from normlab.torch.casting import (apply_recipe_scale, check_casting, check_weig
                                    rms_norm_recipe)
 from normlab.torch.masked_modules import masked_forward
 from normlab.torch.paths import (_LOW_PRECISION, PLAIN_PARAMETERS, _PathSwitch, _choose_path,
-                                 _holds_expanded_weights, expanded_weights_refusal)
+                                 _holds_expanded_weights, expanded_weights_refusal, warn_if_fx_quantizing)
 from normlab.torch.spec import (_RMS_DEFAULT_EPS, Spec, Unscriptable, affine_parameters, module_buffer,
                                 parametrizations_computed, rms_default_eps, torch_layout)
 
@@ -64,6 +64,7 @@ def _fx_call_module(module: nn.Module, proxy, **kwargs) -> "torch.fx.Proxy":
         for node in unset:
             proxy.tracer.graph.erase_node(node)
         return root(proxy)
+    warn_if_fx_quantizing(module, proxy.tracer)
     return proxy.tracer.create_proxy("call_module", path, (proxy,), kwargs)
 
 

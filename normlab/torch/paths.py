@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from typing import Optional
 
 import torch
@@ -165,3 +166,12 @@ def _small_forward_fits(x, weight, below: Optional[int] = None) -> bool:
             and weight.numel() < _ONE_THREAD_ROW
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and x.shape[x.dim() - weight.dim():] == weight.shape)
+
+
+def warn_if_fx_quantizing(module, tracer) -> None:
+    """Warn where ``tracer`` is FX graph mode quantization's (``prepare_fx``, ``prepare_qat_fx``):
+    it matches torch.nn's exact classes and leaves ``module``, a twin, unobserved and in float."""
+    if type(tracer).__module__.startswith("torch.ao.quantization."):
+        warnings.warn(f"FX graph mode quantization leaves normlab's {type(module).__name__} unfused and in float, as "
+                      "it matches torch.nn's exact classes: call normlab.torch.unconvert(model) before prepare_fx or "
+                      "prepare_qat_fx, which gives back torch.nn's classes", UserWarning, stacklevel=2)
