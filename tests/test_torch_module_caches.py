@@ -460,3 +460,36 @@ def test_a_twin_with_a_parameter_or_buffer_deleted_does_what_torch_nn_does_and_a
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=restoration)
         torch.testing.assert_close(outcomes[1][2], outcomes[0][2], rtol=1e-5, atol=1e-5, msg=restoration)
         torch.testing.assert_close(outcomes[1][3], outcomes[0][3], rtol=1e-5, atol=1e-5, msg=restoration)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_an_ada_layer_norm_pruned_with_its_modulation_computes_as_diffusers_ada_layer_norm_zero(grad):
+    """Structured pruning of DiT's AdaLN-Zero narrows the modulation's ``linear`` (each of
+    its six chunks) and the input with it; diffusers' ``AdaLayerNormZero`` then computes on
+    inputs of the new width (its pruner sets its layer norm's ``normalized_shape``). The
+    twin kept ``embedding_dim`` and raised "expected input with shape [*, 8]"."""
+    AdaLayerNormZero = pytest.importorskip("diffusers.models.normalization").AdaLayerNormZero
+    torch.manual_seed(0)
+    reference, twin = AdaLayerNormZero(8), _nt.AdaLayerNorm(8)
+    twin.load_state_dict(reference.state_dict())
+    for width, keep in ((8, None), (5, [0, 1, 3, 4, 6]), (3, [0, 2, 4])):
+        if keep is not None:
+            rows = torch.tensor([k + reference.linear.out_features // 6 * chunk for chunk in range(6) for k in keep])
+            for module in (reference, twin):
+                narrowed = torch.nn.Linear(len(keep), 6 * len(keep))
+                with torch.no_grad():
+                    narrowed.weight.copy_(module.linear.weight[rows][:, keep])
+                    narrowed.bias.copy_(module.linear.bias[rows])
+                module.linear = narrowed
+            reference.norm.normalized_shape = (len(keep),)
+        x, emb = torch.randn(2, 3, width) * 2 + 1, torch.randn(2, width)
+        x_twin, x_ref = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            got, expected = twin(x_twin, emb=emb), reference(x_ref, emb=emb)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        if grad:
+            grads = [torch.randn(t.shape) for t in expected]
+            for a, b in zip(torch.autograd.grad(got, [x_twin, *twin.parameters()], grads),
+                            torch.autograd.grad(expected, [x_ref, *reference.parameters()], grads)):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -1110,6 +1110,9 @@ class AdaLayerNorm(Unscriptable, nn.Module):
             raise ValueError("AdaLayerNorm needs emb= (the conditioning embedding, shape (batch, embedding_dim))")
         refuse_non_tensor(self, x, "x", 1)
         refuse_non_tensor(self, emb, "emb", 5)
+        linear = self.linear
+        if linear.out_features != 6 * self.embedding_dim and linear.out_features % 6 == 0:
+            self._follow_pruned_linear(linear.out_features // 6)
         _check_input(self, x, (self.embedding_dim,))
         if emb.dim() != 2:
             raise RuntimeError(f"AdaLayerNorm takes emb of shape (batch, {self.embedding_dim}); got emb of size "
@@ -1123,7 +1126,7 @@ class AdaLayerNorm(Unscriptable, nn.Module):
             raise RuntimeError(f"AdaLayerNorm: x of size {list(x.shape)} and emb of size {list(emb.shape)} do not "
                                f"broadcast as norm(x) * (1 + scale[:, None]): axis -3 of x (its batch) must equal "
                                f"emb's batch, or one of them be 1") from None
-        emb = self.linear(self.silu(emb))
+        emb = linear(self.silu(emb))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
         if _shapes_differ(shape, x.shape):  # (expanded views: autograd sums the gradients of a broadcast input;
             x = x.expand(shape)             # only where one broadcasts, so that a traced graph keeps its sizes)
@@ -1131,6 +1134,15 @@ class AdaLayerNorm(Unscriptable, nn.Module):
             scale_msa, shift_msa = (t.expand(shape[-3], self.embedding_dim) for t in (scale_msa, shift_msa))
         y = fused_normalize(x, self._block_for(len(shape)), scale=scale_msa, shift=shift_msa)
         return y, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+    def _follow_pruned_linear(self, width: int) -> None:
+        """Structured pruning narrows the modulation's ``linear`` (its six chunks, one width
+        each) and the input with it, as in diffusers' ``AdaLayerNormZero``, whose forward
+        reads no width of its own (its layer norm's ``normalized_shape``, which the pruner sets
+        there, has no counterpart here): the width becomes ``linear``'s, and the block is built
+        for it."""
+        self.embedding_dim = width
+        self._block = replace(self._block, sizes=(("d", width),) if width else ())
 
     def _block_for(self, ndim: int) -> Block:
         """The block for an output of ``ndim`` axes: "b t [d]", or leading axes before it."""
