@@ -97,10 +97,10 @@ def _describe(plan: Plan) -> str:
     return f"pattern {plan.pattern!r}, input shape {plan.shape}"
 
 
-def _refuse_masked_elements(value, name: str, plan: Plan, fix: str) -> None:
+def _refuse_masked_elements(value: np.ma.MaskedArray, name: str, plan: Plan, fix: str) -> None:
     """An np.ma array with masked elements as ``mask`` or ``segment_ids``: NumPy would read the
     values under its mask as they are, which the caller meant to leave out. ``fix`` says how."""
-    if isinstance(value, np.ma.MaskedArray) and np.ma.getmaskarray(value).any():
+    if np.ma.getmaskarray(value).any():
         raise InputError(f"{_describe(plan)}: {name} is a masked array with masked elements, and normlab does not "
                          f"read np.ma masks; decide what the masked positions are: pass {fix}")
 
@@ -108,8 +108,9 @@ def _refuse_masked_elements(value, name: str, plan: Plan, fix: str) -> None:
 def _mask_view(mask, plan: Plan) -> np.ndarray:
     from normlab.core import as_array
 
-    _refuse_masked_elements(mask, "mask", plan, "mask.filled(False) to leave them out of the statistics, or "
-                            "mask.filled(True) to count them")
+    if isinstance(mask, np.ma.MaskedArray):  # (a plain array, as the torch twins pass, skips the call)
+        _refuse_masked_elements(mask, "mask", plan, "mask.filled(False) to leave them out of the statistics, or "
+                                "mask.filled(True) to count them")
     mask = as_array(mask, "mask", plan.pattern, plan.shape)
     if mask.dtype != np.bool_:
         raise InputError(f"{_describe(plan)}: mask has dtype {mask.dtype}; pass a boolean array "
@@ -152,7 +153,8 @@ def make_grouping(plan: Plan, mask=None, segment_ids=None, num_segments=None, se
     axis = _segment_axis(plan, segment_axis)
     from normlab.core import as_array
 
-    _refuse_masked_elements(segment_ids, "segment_ids", plan, "segment_ids.filled(id) with the id they belong to")
+    if isinstance(segment_ids, np.ma.MaskedArray):
+        _refuse_masked_elements(segment_ids, "segment_ids", plan, "segment_ids.filled(id) with the id they belong to")
     ids = as_array(segment_ids, "segment_ids", plan.pattern, plan.shape)
     length = plan.axis_sizes[axis]
     if ids.dtype.kind not in "iu" or ids.shape != (length,):

@@ -363,3 +363,30 @@ def test_a_masked_call_asks_once_whether_it_is_traced_and_walks_no_pattern_for_s
             asked.clear(), walked.clear()
             norm(x, mask=mask)
     assert asked.count(True) == 1 and not any(walked)
+
+
+def test_a_masked_twin_call_does_not_enter_the_numpy_api_refusal_of_np_ma_masks():
+    """The NumPy API's refusal of an np.ma mask or segment ids with masked elements was a call
+    on every mask= forward and backward of a twin, which hands NumPy a plain array: a cost on
+    the per-call path for an input the twins never pass. Oracle: torch.nn.functional.layer_norm
+    of the counted rows (each row's mask all True or all False)."""
+    import sys
+
+    ours = nt.LayerNorm(8).double()
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, False, True], [True, True, False]])[..., None].expand(2, 3, 8)
+    entered = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "_refuse_masked_elements":
+            entered.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        y = ours(x, mask=mask)
+        y[mask].sum().backward()
+    finally:
+        sys.setprofile(None)
+    assert entered == []
+    expected = torch.nn.functional.layer_norm(x.detach(), (8,), ours.weight, ours.bias)
+    torch.testing.assert_close(y[mask], expected[mask])
