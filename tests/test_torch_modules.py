@@ -564,3 +564,25 @@ def test_a_wrong_or_missing_size_of_an_axis_named_like_an_argument_of_norm_is_as
         nt.Norm(f"b [{name}]", sizes={name: 5}, affine=False)(x)
     with pytest.raises(ValueError, match=re.escape(f"e.g. sizes={{{name!r}: ...}}")):
         nt.Norm(f"b ({name} [c])", affine=False)(x)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_a_converted_vitdet_layer_norm_with_a_mask_lays_out_its_output_as_the_original(layout):
+    """VitDet's channels-first layer norm (elementwise torch operations) keeps a
+    channels_last input's layout, and so does its converted ChannelsFirstLayerNorm; given
+    mask= (all True: the same statistics) the twin gave a contiguous output instead."""
+    VitDetLayerNorm = pytest.importorskip("transformers.models.vitdet.modeling_vitdet").VitDetLayerNorm
+    torch.manual_seed(0)
+    original = VitDetLayerNorm(4)
+    with torch.no_grad():
+        original.weight.normal_()
+        original.bias.normal_()
+    twin = nt.convert(torch.nn.Sequential(copy.deepcopy(original)))[0]
+    assert isinstance(twin, nt.ChannelsFirstLayerNorm)
+    x = torch.randn(2, 4, 5, 3)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    expected = original(x)
+    for y in (twin(x), twin(x, mask=torch.ones(2, 1, 5, 3, dtype=torch.bool))):
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+        assert y.stride() == expected.stride()

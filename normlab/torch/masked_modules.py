@@ -147,7 +147,7 @@ def _unmasked_layout(module, x: Tensor, y: Tensor) -> Tensor:
     """``y`` laid out as the module's unmasked forward lays out its output for ``x``, so
     that mask= and eval() do not change it: ``Norm`` keeps any dense permutation of x (a
     transpose, channels_last); the twins do as torch.nn does: batch, group and RMS norm and
-    LayerNorm2d keep channels_last input so, every other permuted input gives a contiguous
+    ChannelsFirstLayerNorm keep channels_last input so, every other permuted input gives a contiguous
     output (normalize_masked's is contiguous, the running statistics' follows x's);
     LayerNorm2d's is channels_last for any input, as its originals' permutes make it."""
     if torch._C._are_functorch_transforms_active():  # (see spec.torch_layout)
@@ -156,12 +156,13 @@ def _unmasked_layout(module, x: Tensor, y: Tensor) -> Tensor:
         return y.contiguous(memory_format=torch.channels_last)
     if x.is_contiguous():
         return y
-    from normlab.torch.modules import LayerNorm2d, Norm
+    from normlab.torch.modules import ChannelsFirstLayerNorm, LayerNorm2d, Norm
 
     if isinstance(module, Norm):  # (empty_like keeps a dense x's strides; sorting them breaks torch.compile)
         return torch.empty_like(x, dtype=y.dtype).copy_(y)
     channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    keeps = isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.RMSNorm, LayerNorm2d))
+    keeps = isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.RMSNorm, LayerNorm2d,
+                                ChannelsFirstLayerNorm))
     if keeps and channels_last is not None and x.is_contiguous(memory_format=channels_last):
         return y.contiguous(memory_format=channels_last)
     return y.contiguous()
