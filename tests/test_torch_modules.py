@@ -586,3 +586,26 @@ def test_a_converted_vitdet_layer_norm_with_a_mask_lays_out_its_output_as_the_or
     for y in (twin(x), twin(x, mask=torch.ones(2, 1, 5, 3, dtype=torch.bool))):
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
         assert y.stride() == expected.stride()
+
+
+@pytest.mark.parametrize("original", ["torchvision", "convnext"])
+@pytest.mark.parametrize("name", ["weight", "bias"])
+def test_a_converted_layer_norm_2d_with_its_parameter_deleted_raises_as_the_original_with_mask_too(original, name):
+    """``del norm.bias`` on a converted LayerNorm2d: the original's forward reads the attribute
+    and raises AttributeError, and so did the twin without mask=; with mask= it read the
+    bias with a default of None and normalized without it, silently."""
+    originals = _channels_first_originals()
+    if original not in originals:
+        pytest.skip("transformers is not importable")
+    reference = originals[original]()
+    twin = nt.convert(copy.deepcopy(reference))
+    x = torch.randn(2, 4, 3, 3)
+    for module in (reference, twin):
+        module(x)
+        delattr(module, name)
+    with pytest.raises(AttributeError, match=name) as theirs:
+        reference(x)
+    with pytest.raises(theirs.type, match=name):
+        twin(x)
+    with pytest.raises(theirs.type, match=name):
+        twin(x, mask=torch.rand(2, 1, 3, 3) > 0.5)

@@ -132,7 +132,10 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
         weight = module.weight
         if weight is not None and getattr(module, "weight_offset", 0.0):
             weight = weight + module.weight_offset
-        y = normalize_masked(x, spec.pattern, weight=weight, bias=getattr(module, "bias", None), params=spec.params,
+        # torch.nn's layer norms read their bias as an attribute: del norm.bias raises there, and
+        # so here, as the twins' calls without mask= do (torch.nn's RMSNorm has none, Norm its own rule)
+        bias = module.bias if isinstance(module, nn.LayerNorm) else getattr(module, "bias", None)
+        y = normalize_masked(x, spec.pattern, weight=weight, bias=bias, params=spec.params,
                              eps=eps, rms=spec.rms, mask=mask, sizes=spec.size_dict).y
         return _unmasked_layout(module, x, y)
 
