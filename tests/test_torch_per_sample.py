@@ -149,6 +149,18 @@ def test_expanded_weights_refuse_a_module_they_cannot_compute_naming_it_and_the_
     assert "ExpandedWeights" in message and 'grad_sample_mode="hooks"' in message
 
 
+@pytest.mark.parametrize("make", [lambda: nt.BatchNorm1d(4), lambda: nt.SyncBatchNorm(4)],
+                         ids=["BatchNorm1d", "SyncBatchNorm"])
+def test_expanded_weights_refuse_a_batch_norm_given_a_mask_without_sending_it_to_a_mode_that_refuses_it_too(make):
+    """Opacus' other modes refuse a batch norm (the tests below): the error says how to replace it."""
+    module = make()
+    with pytest.raises(RuntimeError) as refused:
+        call_for_per_sample_grads(module)(torch.randn(3, 4, 5), torch.ones(3, 1, 5, dtype=torch.bool))
+    message = str(refused.value)
+    assert message.startswith(type(module).__name__ + " with mask= ") and "ModuleValidator.fix" in message
+    assert "grad_sample_mode=\"hooks\"" not in message
+
+
 def _cnn(norm: nn.Module) -> nn.Sequential:
     torch.manual_seed(0)
     return _perturbed(nn.Sequential(nn.Conv2d(3, 8, 3), norm, nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)))

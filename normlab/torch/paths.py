@@ -102,11 +102,16 @@ def expanded_weights_refusal(module, inputs: str = "") -> RuntimeError:
     """The error for ``module`` (called with ``inputs``, as " with mask=") under torch's
     ExpandedWeights, whose own error names a function inside normlab that the user never called."""
     name = type(module).__name__
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):  # (Opacus' validator refuses it in every mode)
+        advice = ("A batch norm's outputs mix the samples of a batch, so no mode gives it per-sample gradients: "
+                  "Opacus' ModuleValidator.fix(model) replaces it (by GroupNorm)")
+    else:
+        advice = ("Use Opacus' grad_sample_mode=\"hooks\" (its default), \"functorch\" or \"ghost\", where normlab "
+                  f"gives Opacus per-sample gradients for {name}")
     return RuntimeError(
         f"{name}{inputs} cannot run under torch's ExpandedWeights (call_for_per_sample_grads, Opacus' "
         'grad_sample_mode="ew"): they compute per-sample gradients only for the torch functions they know '
-        "(F.layer_norm, F.group_norm and F.instance_norm among the norms). Use Opacus' grad_sample_mode=\"hooks\" "
-        f'(its default), "functorch" or "ghost", where normlab gives Opacus per-sample gradients for {name}')
+        f"(F.layer_norm, F.group_norm and F.instance_norm among the norms). {advice}")
 
 
 def _exporting_to_onnx() -> bool:
