@@ -496,3 +496,33 @@ def test_an_ada_layer_norm_pruned_with_its_modulation_computes_as_diffusers_ada_
             for a, b in zip(torch.autograd.grad(got, [x_twin, *twin.parameters()], grads),
                             torch.autograd.grad(expected, [x_ref, *reference.parameters()], grads)):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["LayerNorm", "RMSNorm"])
+def test_a_twin_under_spectral_norms_hook_counts_only_the_masked_elements(kind):
+    """``torch.nn.utils.spectral_norm`` deletes the weight Parameter and sets the weight as a
+    plain tensor before each forward: the twin then took torch.nn's forward for good, which has
+    no mask, and normalized over every element, silently. Oracles: torch.nn's module under the
+    same hook without a mask, and the masked statistics in torch operations."""
+    reference = _nn.LayerNorm(8) if kind == "LayerNorm" else _nn.RMSNorm(8)
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.uniform_(0.5, 1.5)
+    twin = _nt.convert(copy.deepcopy(reference))
+    for module in (reference, twin):
+        torch.manual_seed(0)  # (the hook's random start vector)
+        _nn.utils.spectral_norm(module, "weight", dim=0)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    x[:, 4:] += 100.0
+    torch.testing.assert_close(twin(x), reference(x))
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[:, :4] = True
+    y = twin(x, mask=mask)
+    counted = x[:, :4]
+    if kind == "LayerNorm":
+        mean, var = counted.mean(1, keepdim=True), counted.var(1, unbiased=False, keepdim=True)
+        expected = (x - mean) / torch.sqrt(var + reference.eps) * reference.weight + reference.bias
+    else:
+        eps = torch.finfo(x.dtype).eps
+        expected = x / torch.sqrt(counted.pow(2).mean(1, keepdim=True) + eps) * reference.weight
+    torch.testing.assert_close(y, expected)

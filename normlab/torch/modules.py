@@ -135,18 +135,22 @@ class _Twin:
 
 # the state torch.nn's norm forwards read as attributes
 _FORWARD_STATE = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
+_AFFINE = frozenset({"weight", "bias"})  # (read as attributes by the twins' own forwards too)
 
 
 def _state_restored(module) -> bool:
     """Whether every name deleted from the module (see ``_Twin.__delattr__``) is set again
     where the twin reads it (a new Parameter, ``register_buffer``, ``norm.bias = None``, a
-    parametrization of ``torch.nn.utils.parametrize``, which deletes the tensor it replaces): the
-    spec is then built again, and True where the twin computes. (A tensor set as a plain
-    attribute, which torch.nn's forward reads, keeps torch's forward.)"""
+    parametrization of ``torch.nn.utils.parametrize``, which deletes the tensor it replaces, a
+    weight or bias set as a plain tensor, as ``torch.nn.utils.spectral_norm``'s hook sets the
+    weight it deleted, which the twin reads as torch.nn's forward does): the spec is then built
+    again, and True where the twin computes. (A running statistic set as a plain tensor keeps
+    torch's forward, which updates that tensor.)"""
     deleted = module.__dict__.get("_deleted_state")
     parametrizations = module._modules.get("parametrizations", ())
     if not deleted or any(name not in module._parameters and name not in module._buffers
                           and module.__dict__.get(name, 0) is not None and name not in parametrizations
+                          and not (name in _AFFINE and isinstance(module.__dict__.get(name), Tensor))
                           for name in deleted):
         return False
     del module.__dict__["_deleted_state"]
