@@ -390,3 +390,27 @@ def test_a_masked_twin_call_does_not_enter_the_numpy_api_refusal_of_np_ma_masks(
     assert entered == []
     expected = torch.nn.functional.layer_norm(x.detach(), (8,), ours.weight, ours.bias)
     torch.testing.assert_close(y[mask], expected[mask])
+
+
+def test_a_contiguous_masked_call_lays_out_its_output_in_two_calls():
+    """Where the masked output keeps its layout (a contiguous input, every twin but
+    LayerNorm2d), the layout step asks two things of the call (the module's channels-last
+    rule, the input's contiguity); 62ae607 made it ask functorch's state too, first, on
+    every mask= call. Oracle for the values: F.layer_norm of the fully counted input."""
+    import sys
+
+    ours = nt.LayerNorm(8)
+    x = torch.randn(2, 3, 8)
+    made = []
+
+    def profile(frame, event, arg):
+        if event == "c_call" and frame.f_code.co_name == "_unmasked_layout":
+            made.append(getattr(arg, "__name__", arg))
+
+    sys.setprofile(profile)
+    try:
+        y = ours(x, mask=torch.ones(2, 3, 8, dtype=torch.bool))
+    finally:
+        sys.setprofile(None)
+    assert len(made) == 2, made
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (8,), ours.weight, ours.bias))

@@ -153,11 +153,14 @@ def _unmasked_layout(module, x: Tensor, y: Tensor) -> Tensor:
     ChannelsFirstLayerNorm keep channels_last input so, every other permuted input gives a contiguous
     output (normalize_masked's is contiguous, the running statistics' follows x's);
     LayerNorm2d's is channels_last for any input, as its originals' permutes make it."""
+    channels_last_output, contiguous = getattr(module, "_channels_last_output", False), x.is_contiguous()
+    if contiguous and not channels_last_output:  # (first: the common call ends here, in two calls)
+        return y
     if torch._C._are_functorch_transforms_active():  # (see spec.torch_layout)
         return y
-    if getattr(module, "_channels_last_output", False) and x.dim() == 4:
+    if channels_last_output and x.dim() == 4:
         return y.contiguous(memory_format=torch.channels_last)
-    if x.is_contiguous():
+    if contiguous:
         return y
     from normlab.torch.modules import ChannelsFirstLayerNorm, LayerNorm2d, Norm
 
