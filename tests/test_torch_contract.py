@@ -26,6 +26,14 @@ pytest.importorskip("expecttest", reason="torch.testing._internal needs expectte
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
 from torch.testing._internal.common_modules import module_db  # noqa: E402
 
+# importing torch.testing._internal freezes torch.backends' flags for the whole process (its
+# common_utils calls torch.backends.disable_global_flags()), and pytest imports this module in
+# every worker while collecting: code in other tests that sets a flag, as Opacus' embedding grad
+# sampler sets torch.backends.cudnn.deterministic, then raised "not allowed to set
+# torch.backends.cudnn flags after disable_global_flags". Thaw them again: no public call does, and
+# torch.backends is a wrapper module, so the flag is set where disable_global_flags reads it.
+torch.backends.disable_global_flags.__globals__["__allow_nonbracketed_mutation_flag"] = True
+
 import normlab.functional as nf  # noqa: E402
 import normlab.torch as nt  # noqa: E402
 from normlab.errors import NormlabError  # noqa: E402
