@@ -502,22 +502,9 @@ class _LogitsOf(nn.Module):
         return self.model(input_ids=ids).logits
 
 
-@pytest.fixture
-def cudnn_flags_settable(monkeypatch):
-    """Opacus' embedding grad sampler sets ``torch.backends.cudnn.deterministic``, which torch
-    refuses once ``torch.testing._internal.common_utils`` (imported by test_torch_contract's
-    OpInfo tests) has frozen the flags: a test run after those in the same process failed
-    there. The flags are settable for the test, and the one Opacus sets is put back after."""
-    monkeypatch.setattr(torch.backends, "__allow_nonbracketed_mutation_flag", True)
-    deterministic = torch.backends.cudnn.deterministic
-    yield
-    torch.backends.cudnn.deterministic = deterministic
-
-
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 @pytest.mark.parametrize("how", ["ghost clipping", "make_private_with_epsilon"])
-@pytest.mark.usefixtures("cudnn_flags_settable")
 def test_a_converted_llama_with_fused_blocks_trains_privately_as_transformers_own(how):
     """``convert(fuse=True)`` gives each decoder layer FusedAddRMSNorm blocks; Opacus'
     ghost clipping (``grad_sample_mode="ghost"``, per-sample losses over the tokens) and
