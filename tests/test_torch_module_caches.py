@@ -526,3 +526,39 @@ def test_a_twin_under_spectral_norms_hook_counts_only_the_masked_elements(kind):
         eps = torch.finfo(x.dtype).eps
         expected = x / torch.sqrt(counted.pow(2).mean(1, keepdim=True) + eps) * reference.weight
     torch.testing.assert_close(y, expected)
+
+
+@pytest.mark.parametrize("kind", ["BatchNorm1d", "SyncBatchNorm"])
+@pytest.mark.parametrize("name", ["running_mean", "running_var"])
+def test_a_batch_norm_whose_running_statistic_is_set_again_as_a_plain_tensor_refuses_mask_rather_than_drop_it(name,
+                                                                                                            kind):
+    """A running statistic deleted and set again as a plain tensor (not ``register_buffer``)
+    sends the twin to torch.nn's forward, which has no mask: it normalized over every element,
+    silently. Oracles: torch.nn's BatchNorm1d under the same steps without a mask, and
+    torch.nn's AttributeError while the name is still deleted."""
+    reference = getattr(_nn, kind)(4)
+    twin = _nt.convert(copy.deepcopy(reference))
+    assert type(twin) is getattr(_nt, kind)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    x[3:] += 50.0
+    mask = torch.zeros(6, 1, dtype=torch.bool)
+    mask[:3] = True
+    for module in (reference, twin):
+        kept = getattr(module, name)
+        delattr(module, name)
+    with pytest.raises(AttributeError, match=f"has no attribute '{name}'"):
+        reference(x)
+    with pytest.raises(AttributeError, match=f"has no attribute '{name}'"):
+        twin(x, mask=mask)
+    for module in (reference, twin):
+        setattr(module, name, kept.clone())
+    torch.testing.assert_close(twin(x), reference(x))
+    torch.testing.assert_close(getattr(twin, name), getattr(reference, name))
+    with pytest.raises(RuntimeError, match=f"mask= needs {name} registered.*register_buffer"):
+        twin(x, mask=mask)
+    tensor = getattr(twin, name)  # (the message's recipe)
+    delattr(twin, name)
+    twin.register_buffer(name, tensor)
+    counted = x[:3]
+    expected = (x - counted.mean(0)) / torch.sqrt(counted.var(0, unbiased=False) + twin.eps) * twin.weight + twin.bias
+    torch.testing.assert_close(twin(x, mask=mask), expected)

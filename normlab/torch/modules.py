@@ -46,6 +46,22 @@ def _refuse_scripted_mask() -> None:
                        "call the module eagerly, or use torch.compile or torch.export, which keep mask=")
 
 
+def _refuse_mask_on_plain_state(module: nn.Module) -> None:
+    """A twin whose running statistic was deleted and set again as a plain tensor (not
+    ``register_buffer``) runs torch.nn's forward, which has no mask: raise torch.nn's
+    AttributeError where a name is still deleted, and refuse the mask otherwise, rather than
+    normalize as if every element counted."""
+    deleted = sorted(module.__dict__["_deleted_state"])
+    for name in deleted:
+        getattr(module, name)  # (torch.nn's AttributeError, in its words, where one is still deleted)
+    raise RuntimeError(
+        f"{type(module).__name__}: mask= needs {', '.join(deleted)} registered with the module, but "
+        f"{'they were' if len(deleted) > 1 else 'it was'} deleted and set again as a plain tensor, which only "
+        f"torch.nn's forward (no mask) reads: register it again (tensor = module.{deleted[0]}; "
+        f"del module.{deleted[0]}; module.register_buffer({deleted[0]!r}, tensor)) "
+        "or call without mask=")
+
+
 def _fx_call_module(module: nn.Module, proxy, **kwargs) -> "torch.fx.Proxy":
     """Under ``torch.fx.symbolic_trace``: record the module as one ``call_module`` node, as
     fx does for torch.nn's norms (a leaf; the traced graph then runs it as it is), with the
@@ -110,6 +126,8 @@ class _Twin:
             _spec_changed(self)
         if getattr(self, "_spec", 0) is None and not _state_restored(self):
             # a shape torch constructs and refuses at forward, or state deleted: torch's forward, in its words
+            if mask is not None and self.__dict__.get("_deleted_state"):
+                _refuse_mask_on_plain_state(self)
             return self._torch_forward(input)
         stand_in = parametrizations_computed(self)
         if stand_in is not None:  # (each parametrized tensor computed once, as torch.nn's forward does)

@@ -13,7 +13,7 @@ from normlab.errors import InputError
 from normlab.torch.compute import (_average_factor, _batch_norm_forward, _channel_shape, _dtypes_refused,
                                    _torch_batch_norm, _update_running)
 from normlab.torch.masked_modules import _check_mask, masked_forward
-from normlab.torch.modules import _BatchNormForward, _fx_call_module, _state_restored
+from normlab.torch.modules import _BatchNormForward, _fx_call_module, _refuse_mask_on_plain_state, _state_restored
 from normlab.torch.ops import _grads_of
 from normlab.torch.paths import _LOW_PRECISION, _choose_path
 from normlab.torch.spec import parametrizations_computed, torch_layout
@@ -324,6 +324,8 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         if isinstance(input, torch.fx.Proxy):  # one leaf call, as fx records torch's SyncBatchNorm
             return _fx_call_module(self, input, mask=mask)
         if getattr(self, "_spec", 0) is None and not _state_restored(self):  # (state deleted: torch's error)
+            if mask is not None:
+                _refuse_mask_on_plain_state(self)
             return _torch_batch_norm(self, input)
         stand_in = parametrizations_computed(self)
         if stand_in is not None:  # (each parametrized tensor computed once, as torch.nn's forward does)
