@@ -166,7 +166,18 @@ class UnweightedRMSNorm(nn.Module):
         return unweighted_rms_norm_recipe(x, self.eps, self.casting)
 
 
-class Float32LayerNorm(LayerNorm):
+class _HalfPrecisionLayerNorm(LayerNorm):
+    """A :class:`~normlab.torch.LayerNorm` whose original computes half-precision input (or
+    parameters of another dtype than the input) otherwise than torch's layer norm: such calls
+    run the subclass's ``_torch_forward``, the original's operations; the rest the kernels."""
+
+    def _normlab_forward(self, input: Tensor) -> Tensor:
+        if _upcasts(input, self.weight, self.bias):
+            return self._torch_forward(input)
+        return super()._normlab_forward(input)
+
+
+class Float32LayerNorm(_HalfPrecisionLayerNorm):
     """:class:`~normlab.torch.LayerNorm` that computes half-precision input in float32, as
     timm's ``LayerNormFp32`` does (:func:`~normlab.torch.convert` turns that into this): the
     input, weight and bias upcast, ``F.layer_norm`` there, the output cast back to the
@@ -185,11 +196,6 @@ class Float32LayerNorm(LayerNorm):
     def _torch_forward(self, input: Tensor) -> Tensor:
         """The upcasting forward, which TorchScript compiles and fx records for a root module."""
         return float32_layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
-
-    def _normlab_forward(self, input: Tensor) -> Tensor:
-        if _upcasts(input, self.weight, self.bias):
-            return self._torch_forward(input)
-        return super()._normlab_forward(input)
 
 
 class Float32LayerNorm2d(LayerNorm2d):
@@ -238,7 +244,7 @@ def float32_layer_norm(x: Tensor, normalized_shape: List[int], weight: Optional[
     return F.layer_norm(x.float(), normalized_shape, weight, bias, eps).to(x.dtype)
 
 
-class WrittenOutLayerNorm(LayerNorm):
+class WrittenOutLayerNorm(_HalfPrecisionLayerNorm):
     """:class:`~normlab.torch.LayerNorm` whose half-precision calls compute as a layer norm
     written out in torch operations in the input's dtype, ``(x - mean) · rsqrt(var + eps) ·
     weight + bias`` over the last axis (transformers' ``PocketTTSFlowLayerNorm`` and
@@ -258,11 +264,6 @@ class WrittenOutLayerNorm(LayerNorm):
     def _torch_forward(self, input: Tensor) -> Tensor:
         """The written-out forward, which TorchScript compiles and fx records for a root module."""
         return written_out_layer_norm(input, self.weight, self.bias, self.eps, self.elementwise_affine)
-
-    def _normlab_forward(self, input: Tensor) -> Tensor:
-        if _upcasts(input, self.weight, self.bias):
-            return self._torch_forward(input)
-        return super()._normlab_forward(input)
 
 
 def written_out_layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
