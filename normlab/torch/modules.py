@@ -50,8 +50,11 @@ def _refuse_mask_on_plain_state(module: nn.Module) -> None:
     """A twin whose running statistic was deleted and set again as a plain tensor (not
     ``register_buffer``) runs torch.nn's forward, which has no mask: raise torch.nn's
     AttributeError where a name is still deleted, and refuse the mask otherwise, rather than
-    normalize as if every element counted."""
-    deleted = sorted(module.__dict__["_deleted_state"])
+    normalize as if every element counted. Nothing where no state is deleted (a shape torch
+    constructs and refuses at forward: its error)."""
+    deleted = sorted(module.__dict__.get("_deleted_state", ()))
+    if not deleted:
+        return
     for name in deleted:
         getattr(module, name)  # (torch.nn's AttributeError, in its words, where one is still deleted)
     raise RuntimeError(
@@ -126,7 +129,7 @@ class _Twin:
             _spec_changed(self)
         if getattr(self, "_spec", 0) is None and not _state_restored(self):
             # a shape torch constructs and refuses at forward, or state deleted: torch's forward, in its words
-            if mask is not None and self.__dict__.get("_deleted_state"):
+            if mask is not None:
                 _refuse_mask_on_plain_state(self)
             return self._torch_forward(input)
         stand_in = parametrizations_computed(self)
