@@ -391,6 +391,36 @@ def test_a_converted_recipe_layer_norm_pruned_as_its_original_computes_as_the_or
         converted(old_width)
 
 
+@pytest.mark.parametrize("path", ["auto", "kernel"])
+@pytest.mark.parametrize("family", ["cohere", "cohere_qk_heads", "olmo", "deberta"])
+def test_a_converted_recipe_layer_norm_pruned_refuses_the_old_width_on_its_first_call_as_the_original(family, path):
+    """Right after pruning, the first call on an input of the old width: the original raises
+    (OLMo's ``F.layer_norm`` reads the new ``normalized_shape``, the others broadcast the
+    narrowed weight). The twin followed the pruning only once an input of the new width
+    came, so OLMo's computed on the old width, and Cohere's under the kernels raised
+    normlab's ParamsError, a ValueError, where the original raises a RuntimeError."""
+    torch.manual_seed(0)
+    original = _family_layer_norms()[family]()
+    converted = _nt.convert(torch.nn.Sequential(copy.deepcopy(original)))[0]
+    old_width = torch.randn(2, 3, 8)
+    converted(old_width)
+    keep = [0, 2, 3, 5, 6]
+    for module in (original, converted):
+        for name in ("weight", "bias"):
+            parameter = module._parameters.get(name)
+            if parameter is not None:
+                setattr(module, name, torch.nn.Parameter(parameter.detach()[..., keep].clone()))
+        if "normalized_shape" in vars(module):
+            module.normalized_shape = (len(keep),)
+    with pytest.raises(RuntimeError):
+        original(old_width)
+    with pytest.raises(RuntimeError), _nt.use_path(path):
+        converted(old_width)
+    x = torch.randn(2, 3, len(keep))
+    with _nt.use_path(path):
+        torch.testing.assert_close(converted(x), original(x), **({} if path == "auto" else dict(rtol=1e-5, atol=1e-5)))
+
+
 def _restorations(module, name):
     """Ways to set ``name`` again after ``del module.<name>``: its old value (a Parameter
     registers again; a buffer's tensor becomes a plain attribute, which torch.nn's forward

@@ -26,6 +26,9 @@ from normlab.torch.spec import Spec, refuse_non_tensor
 __all__ = ["RecipeLayerNorm", "UnweightedRMSNorm", "Float32LayerNorm", "Float32LayerNorm2d", "WrittenOutLayerNorm"]
 
 
+_PRUNED_BY = frozenset({"weight", "bias", "normalized_shape"})  # what RecipeLayerNorm's originals read
+
+
 class RecipeLayerNorm(nn.Module):
     """Layer norm over the last axis, computed in float32 and cast back to the input's dtype
     as a model family writes it: ``casting="cohere"`` (``CohereLayerNorm``), ``"olmo"``
@@ -71,6 +74,13 @@ class RecipeLayerNorm(nn.Module):
                                 **dict(zip(names, self.hidden_size)))
         self._normalize_only = Spec.build(" ".join(["...", *names[:-1], "[d]"]), None, False,
                                           **dict(zip(names, self.hidden_size)))
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        # a pruner narrows these between calls: follow at once, as the original reads them
+        # on its next call (forward follows only an input of the new width)
+        if name in _PRUNED_BY and "_spec" in self.__dict__:
+            self._follows_pruning()
 
     def _follows_pruning(self) -> bool:
         """The originals have no ``hidden_size``: Cohere's and DeBERTa's multiply by their
