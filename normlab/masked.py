@@ -23,7 +23,10 @@ L/\partial y_i\,w_i` and :math:`m_i` the mask:
     - \frac{m_i\hat x_i}{n}\sum_{j\in G} g_j\hat x_j\Big)
 
 (the sums run over *every* element: a masked-out output still depends on the counted
-inputs through the statistics). The numerical choices are the reference's: float64,
+inputs through the statistics, save one whose :math:`\hat x_i` is NaN or ±Inf, garbage in
+the padding, which stays in its own output and gradient: its term would be NaN however
+small its gradient, where the counted elements alone give finite ones; the weight's
+gradient leaves it out too). The numerical choices are the reference's: float64,
 shifted two-pass variance, with each group shifted by its first *counted* element.
 """
 
@@ -302,15 +305,17 @@ def backward(grad_y, x, grouping: Grouping, mean, rstd, count, weight=None, need
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         g = np.ascontiguousarray(grad_y, dtype=np.float64)
         x_hat = _normalized(x, grouping, mean, rstd)
+        # an uncounted NaN or Inf (garbage in the padding) feeds no sum: 0·NaN would poison its group
+        x_hat_summed = np.where(counted | np.isfinite(x_hat), x_hat, 0.0)
         g_scaled = g * weight if weight is not None else g
         safe = np.maximum(count.reshape(-1), 1).astype(np.float64)
-        proj = np.bincount(flat_index, (g_scaled * x_hat).reshape(-1), minlength=size) / safe
+        proj = np.bincount(flat_index, (g_scaled * x_hat_summed).reshape(-1), minlength=size) / safe
         grad_x = g_scaled - np.where(counted, x_hat * proj[index], 0.0)
         if mean is not None:
             mean_g = np.bincount(flat_index, g_scaled.reshape(-1), minlength=size) / safe
             grad_x -= np.where(counted, mean_g[index], 0.0)
         grad_x *= rstd.reshape(-1)[index]
         outside = tuple(i for i in range(plan.ndim) if i not in set(plan.param_axes))
-        grad_weight = (g * x_hat).sum(axis=outside, keepdims=True) if need_weight else None
+        grad_weight = (g * x_hat_summed).sum(axis=outside, keepdims=True) if need_weight else None
         grad_bias = g.sum(axis=outside, keepdims=True) if need_bias else None
     return grad_x, grad_weight, grad_bias

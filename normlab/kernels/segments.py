@@ -212,13 +212,18 @@ def _inner_backward_unit(grad_y, x, mask, has_mask, w_row, wide, rms, m, rs, a, 
             for i in range(inner):
                 g = np.float64(g_row[i])
                 x_hat = (x_row[i] - m) * rs if live else 0.0
+                if has_mask and not mask[a, o, c][i] and not np.isfinite(x_hat):
+                    x_hat = 0.0  # (see _masked_gradient_sums)
                 gw = g * w_row[i]
                 sum_gw += gw
                 sum_gw_xhat += gw * x_hat
                 w_part[i] += g * x_hat
                 b_part[i] += g
         else:
-            sg, sgx = _gradient_sums(g_row, x_row, m, rs, live)
+            if has_mask:
+                sg, sgx = _masked_gradient_sums(g_row, x_row, mask[a, o, c], m, rs, live)
+            else:
+                sg, sgx = _gradient_sums(g_row, x_row, m, rs, live)
             sum_g += sg
             sum_g_xhat += sgx
         if has_mask:
@@ -263,6 +268,20 @@ def _gradient_sums(grad, values, m, rs, live):
         x_hat = (values[i] - m) * rs if live else 0.0
         sum_g += g
         sum_g_xhat += g * x_hat
+    return sum_g, sum_g_xhat
+
+
+@reduction
+def _masked_gradient_sums(grad, values, counted, m, rs, live):
+    """As :func:`_gradient_sums`, but an uncounted x̂ that is NaN or ±Inf (garbage in the
+    padding) adds nothing: its g·x̂ would be NaN even where g is 0, and poison the group."""
+    sum_g = 0.0
+    sum_g_xhat = 0.0
+    for i in range(values.shape[0]):
+        g = np.float64(grad[i])
+        x_hat = (values[i] - m) * rs if live else 0.0
+        sum_g += g
+        sum_g_xhat += g * x_hat if counted[i] or np.isfinite(x_hat) else 0.0
     return sum_g, sum_g_xhat
 
 

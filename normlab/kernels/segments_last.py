@@ -194,16 +194,23 @@ def last_backward(grad_y, x, mask, has_mask, offsets, weight, row_stride, rms, m
             for o in range(start, stop):
                 g_row = grad_y[a, o, c0:c0 + width]
                 x_row = x[a, o, c0:c0 + width]
-                for j in range(width):
-                    g = np.float64(g_row[j])
-                    x_hat = (x_row[j] - m[j]) * rs[j]
-                    x_hat = x_hat if live[j] else 0.0
-                    sum_g[j] += g
-                    sum_g_xhat[j] += g * x_hat
                 if has_mask:
                     counted = mask[a, o, c0:c0 + width]
                     for j in range(width):
+                        g = np.float64(g_row[j])
+                        x_hat = (x_row[j] - m[j]) * rs[j]
+                        x_hat = x_hat if live[j] else 0.0
+                        sum_g[j] += g
+                        # an uncounted NaN or Inf (garbage in the padding) adds nothing: 0·NaN is NaN
+                        sum_g_xhat[j] += g * x_hat if counted[j] or np.isfinite(x_hat) else 0.0
                         counts[j] += 1 if counted[j] else 0
+                else:
+                    for j in range(width):
+                        g = np.float64(g_row[j])
+                        x_hat = (x_row[j] - m[j]) * rs[j]
+                        x_hat = x_hat if live[j] else 0.0
+                        sum_g[j] += g
+                        sum_g_xhat[j] += g * x_hat
             if not has_mask:
                 counts[:width] = stop - start
             for j in range(width):

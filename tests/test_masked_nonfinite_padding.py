@@ -1,0 +1,120 @@
+"""NaN and Inf in the padding (the elements a mask leaves uncounted) stay there: the counted
+outputs, the input gradients and the parameter gradients of a loss on the counted outputs
+are those of torch's float64 autograd on the counted elements alone (the oracle), in the
+NumPy API (both backends, every kernel layout) and in normlab.torch (the op, its double
+backward and forward-mode AD, batched gradients, the modules). Hypothesis draws the
+shapes, the masks, the non-finite values and where they sit."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import normlab
+
+torch = pytest.importorskip("torch")
+
+EPS = 1e-5
+# (pattern, shape, params, group of element (i0, i1, i2) as a function of its index)
+LAYOUTS = {
+    "rows": ("b [d]", "d", lambda i: i[0]),  # layer norm, one (rows, n) unit per row
+    "channels-first": ("[b] c [t]", "c", lambda i: i[1]),  # batch norm with inner positions
+    "channels-last": ("[b t] c", "c", lambda i: i[2]),  # batch norm, one value per channel and row
+}
+
+
+def _shape(layout, data):
+    dims = [data.draw(st.integers(1, 4)) for _ in range(3)]
+    return (dims[0], dims[1] * dims[2]) if layout == "rows" else tuple(dims)
+
+
+@st.composite
+def _padded(draw, layout):
+    """(x, mask, grad_y, weight, bias): garbage (NaN, ±Inf, huge) in some uncounted places,
+    grad_y zero there (the loss reads the counted outputs alone)."""
+    shape = _shape(layout, draw(st.data()))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    offset = draw(st.sampled_from([0.0, 3.0, -1e3]))
+    x = rng.standard_normal(shape) + offset
+    mask = rng.random(shape) < draw(st.sampled_from([0.3, 0.6, 0.9]))
+    garbage = np.array([np.nan, np.inf, -np.inf, 1e308])
+    padding = ~mask & (rng.random(shape) < 0.7)
+    x[padding] = rng.choice(garbage, size=int(padding.sum()))
+    grad_y = np.where(mask, rng.standard_normal(shape), 0.0)
+    channels = shape[1] if layout != "channels-last" else shape[2]
+    channels = shape[-1] if layout == "rows" else channels
+    weight, bias = rng.standard_normal(channels), rng.standard_normal(channels)
+    return x, mask, grad_y, weight, bias
+
+
+def _oracle(layout, x, mask, grad_y, weight, bias):
+    """Counted outputs and the gradients of Σ grad_y·y, by torch autograd in float64 on
+    the counted elements of each group alone (nothing uncounted enters the graph)."""
+    pattern, params, group_of = LAYOUTS[layout]
+    xt = torch.tensor(np.where(mask, x, 0.0), requires_grad=True)
+    wt, bt = torch.tensor(weight, requires_grad=True), torch.tensor(bias, requires_grad=True)
+    channel_axis = x.ndim - 1 if layout in ("rows", "channels-last") else 1
+    groups = {}
+    for index in zip(*np.nonzero(mask)):
+        groups.setdefault(group_of(index), []).append(int(np.ravel_multi_index(index, x.shape)))
+    y = torch.zeros(x.size, dtype=torch.float64)
+    loss = 0.0
+    flat, flat_grad = xt.reshape(-1), torch.tensor(grad_y).reshape(-1)
+    channel_of = np.unravel_index(np.arange(x.size), x.shape)[channel_axis]
+    for members in groups.values():
+        members = torch.tensor(members)
+        values = flat[members]
+        mean = values.mean()
+        rstd = torch.rsqrt(((values - mean) ** 2).mean() + EPS)
+        channels = torch.tensor(channel_of[members.numpy()])
+        out = (values - mean) * rstd * wt[channels] + bt[channels]
+        y = y.index_put((members,), out.detach())
+        loss = loss + (out * flat_grad[members]).sum()
+    grads = torch.autograd.grad(loss, (xt, wt, bt), allow_unused=True) if groups else (None, None, None)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (xt, wt, bt))]
+    return y.reshape(x.shape).numpy(), [g.numpy() for g in grads]
+
+
+def _assert_matches(layout, x, mask, grad_y, weight, bias, y, grads):
+    want_y, want_grads = _oracle(layout, x, mask, grad_y, weight, bias)
+    np.testing.assert_allclose(np.where(mask, y, 0.0), np.where(mask, want_y, 0.0), rtol=1e-9, atol=1e-9)
+    for name, got, want in zip(("x", "weight", "bias"), grads, want_grads):
+        assert np.isfinite(got).all(), f"{name} gradient not finite: {got}"
+        np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, rtol=1e-7, atol=1e-9,
+                                   err_msg=f"{name} gradient")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@given(data=st.data())
+def test_nonfinite_padding_never_reaches_the_counted_gradients_in_the_numpy_api(backend, layout, data):
+    x, mask, grad_y, weight, bias = data.draw(_padded(layout))
+    pattern, params, _ = LAYOUTS[layout]
+    with np.errstate(invalid="ignore", over="ignore"):
+        y, mean, rstd = normlab.normalize(x, pattern, mask=mask, weight=weight, bias=bias, params=params, eps=EPS,
+                                          return_stats=True, backend=backend)
+        grads = normlab.normalize_backward(grad_y, x, pattern, mask=mask, weight=weight, params=params, eps=EPS,
+                                           mean=mean, rstd=rstd, backend=backend)
+    _assert_matches(layout, x, mask, grad_y, weight, bias, y, grads)
+
+
+def _torch_grads(layout, x, mask, grad_y, weight, bias, create_graph):
+    from normlab.torch.masked import normalize_masked
+
+    pattern, params, _ = LAYOUTS[layout]
+    inputs = [torch.tensor(a, requires_grad=True) for a in (x, weight, bias)]
+    y = normalize_masked(inputs[0], pattern, weight=inputs[1], bias=inputs[2], params=params, eps=EPS,
+                         mask=torch.tensor(mask)).y
+    grads = torch.autograd.grad(y, inputs, torch.tensor(grad_y), create_graph=create_graph)
+    return y.detach().numpy(), [g.detach().numpy() for g in grads]
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@given(data=st.data())
+def test_nonfinite_padding_never_reaches_the_counted_gradients_in_torch(layout, data):
+    x, mask, grad_y, weight, bias = data.draw(_padded(layout))
+    y, grads = _torch_grads(layout, x, mask, grad_y, weight, bias, create_graph=False)
+    _assert_matches(layout, x, mask, grad_y, weight, bias, y, grads)
