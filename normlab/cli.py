@@ -5,6 +5,7 @@ when the command line is built, and keeps its heavy imports inside ``run``."""
 from __future__ import annotations
 
 import argparse
+import codecs
 import importlib
 import sys
 
@@ -32,7 +33,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what the output writes beyond ASCII, spelled in ASCII for a terminal whose encoding lacks it
+# (LC_ALL=C without Python's UTF-8 mode, a Latin-1 locale, PYTHONIOENCODING=ascii)
+ASCII_SPELLINGS = {"✓": "OK", "✗": "FAILS", "×": "x", "·": ".", "…": "...", "–": "-", "−": "-", "→": "->",
+                   "φ": "phi", "μ": "mu", "σ": "sigma", "²": "^2", "₀": "0", "\u0302": "^"}
+
+
+def _spell_in_ascii(err: UnicodeEncodeError) -> tuple[str, int]:
+    """A codecs error handler: each character the encoding lacks as :data:`ASCII_SPELLINGS`
+    writes it, else as Python escapes it (``\\u2713``), as it does on stderr."""
+    text = err.object[err.start:err.end]
+    return "".join(ASCII_SPELLINGS.get(ch) or ch.encode("ascii", "backslashreplace").decode() for ch in text), err.end
+
+
+codecs.register_error("normlab-ascii", _spell_in_ascii)
+
+
+def _write_what_the_terminal_can(stream) -> None:
+    """Let text that ``stream``'s encoding cannot hold (``×``, ``✓``) go out spelled in ASCII
+    instead of ending the command in a UnicodeEncodeError (a UTF-8 stream is left as it is;
+    stderr needs nothing: Python escapes what its encoding lacks)."""
+    encoding = getattr(stream, "encoding", None)
+    if encoding and hasattr(stream, "reconfigure") and codecs.lookup(encoding).name != "utf-8":
+        stream.reconfigure(errors="normlab-ascii")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _write_what_the_terminal_can(sys.stdout)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -113,6 +113,25 @@ def test_demo_html_option_moves_the_page(tmp_path):
     assert not (tmp_path / "normlab-demo.html").exists()
 
 
+NARROW_ENCODINGS = {"C locale without UTF-8 mode": ({"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": ""}, "ascii"),
+                    "ASCII": ({"PYTHONIOENCODING": "ascii"}, "ascii"),
+                    "Latin-1": ({"PYTHONIOENCODING": "latin-1"}, "latin-1")}
+
+
+@pytest.mark.parametrize("env, encoding", NARROW_ENCODINGS.values(), ids=NARROW_ENCODINGS.keys())
+@pytest.mark.parametrize("args", [["demo", "--html", "demo.html"],
+                                  ["explain", "batch", "--data", NOTE_2D_JSON, "--residual-data", "[0]", "--gate",
+                                   "silu", "--mask", "[[1],[1],[1]]", "--html", "page.html"]],
+                         ids=["demo", "explain"])
+def test_a_terminal_whose_encoding_lacks_the_check_marks_gets_them_spelled_in_ascii(tmp_path, env, encoding, args):
+    # a UnicodeEncodeError traceback ended the command at its first line (the tensor's 2×3)
+    result = subprocess.run([sys.executable, "-m", "normlab.cli", *args], cwd=tmp_path, capture_output=True,
+                            timeout=60, env={**os.environ, "PYTHONPATH": str(REPO), **env})
+    assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr.decode(errors="replace")
+    out = result.stdout.decode(encoding)
+    assert re.search(r"^  OK (feature|channel) \d", out, re.M) and "FAILS" not in out, out
+
+
 def test_explain_refuses_an_empty_page_name_as_argparse_refuses_a_bad_value(tmp_path):
     # --html '' wrote nothing and said nothing (and suggested adding --html)
     result = normlab_cli("explain", "batch", "--shape", "2,3", "--html", "", cwd=tmp_path)
