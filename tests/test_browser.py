@@ -258,3 +258,31 @@ def test_the_cube_names_the_second_axis_of_a_custom_pattern_by_its_letter_as_the
     browser.get(write_page(tmp_path / "custom.html", all_views(NOTE_3D, view), "custom").resolve().as_uri())
     labels = [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#tensor text.axis-label")]
     assert channel_word in labels
+
+
+def accessibility_tree(browser):
+    """The nodes a screen reader reads (Chromium's own accessibility tree, ignored ones left out)."""
+    nodes = browser.execute_cdp_cmd("Accessibility.getFullAXTree", {})["nodes"]
+    return [n for n in nodes if not n.get("ignored")]
+
+
+def test_a_screen_reader_reaches_every_cell_by_its_position_value_and_group_and_hears_the_cell_panel(browser, pages):
+    # the picture was role="img", whose children a screen reader never reaches: the cells that
+    # Tab lands on were silent, and so were the panel's updates
+    x, views = open_page(browser, pages, "2d")
+    tree = accessibility_tree(browser)
+    buttons = {n["name"]["value"] for n in tree if n.get("role", {}).get("value") == "button" and "name" in n}
+    assert "[1, 0] 3, feature 0" in buttons and "[2, 2] 2, feature 2" in buttons
+    assert sum(name.startswith("[") for name in buttons) == x.size
+    live = [p["value"]["value"] for n in tree for p in n.get("properties", []) if p["name"] == "live"]
+    assert "polite" in live
+    hover(browser, 3)
+    switch_norm(browser, "layer")
+    names = {n["name"]["value"] for n in accessibility_tree(browser) if "name" in n}
+    assert "[1, 0] 3, sample 1" in names  # the same cell under layer norm
+    cell = browser.find_element("css selector", '#cells .cell[data-index="3"]')
+    cell.click()  # pinned: a toggle button, pressed
+    assert cell.get_attribute("aria-pressed") == "true"
+    cell.click()
+    assert cell.get_attribute("aria-pressed") == "false"
+    assert severe_errors(browser) == []

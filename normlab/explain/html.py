@@ -204,13 +204,14 @@ def _svg(x: np.ndarray, first: NormView) -> str:
         skew = f" skewY({geometry.text_skew:.1f})" if geometry.text_skew else ""
         fill = FILL_PALETTE[groups[flat] % len(FILL_PALETTE)]
         cells.append(
-            f'<g class="cell" data-index="{flat}" data-pos="{pos}" data-group="{groups[flat]}" tabindex="0">'
+            f'<g class="cell" data-index="{flat}" data-pos="{pos}" data-group="{groups[flat]}" tabindex="0" '
+            f'role="button" aria-pressed="false">'
             f'<polygon points="{points}" style="fill:{fill}"/>'
             f'<text transform="translate({cx:.1f} {cy:.1f}){skew}" dy="0.35em">{html.escape(format_value(values[flat]))}</text></g>'
         )
     return (
         f'<svg id="tensor" viewBox="0 0 {geometry.width:.0f} {geometry.height:.0f}" data-cell-width="{geometry.cell_width}" '
-        f'style="width:{geometry.width * scale:.0f}px; min-width:{geometry.width * 0.7:.0f}px" role="img" aria-label="the tensor, one cell per element">'
+        f'style="width:{geometry.width * scale:.0f}px; min-width:{geometry.width * 0.7:.0f}px" role="group" aria-label="the tensor, one cell per element">'
         '<defs><marker id="head" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
         'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#5b6170"/></marker></defs>'
         f'{geometry.decorations}<g id="cells">{"".join(cells)}</g></svg>'
@@ -362,7 +363,7 @@ PAGE_TEMPLATE = r"""<!doctype html>
     <p class="explain" id="pattern-explain"></p>{{mask_note}}
   </section>
   <aside>
-    <div class="card" id="info"><h2>Cell</h2><p class="empty">Hover or click a cell.</p></div>
+    <div class="card" id="info" aria-live="polite"><h2>Cell</h2><p class="empty">Hover or click a cell.</p></div>
     <div class="card"><h2>Groups</h2><ul id="legend"></ul></div>
     <div class="card"><h2>What to notice</h2><ul id="observations"></ul></div>
   </aside>
@@ -404,6 +405,9 @@ PAGE_TEMPLATE = r"""<!doctype html>
       // a long number shrinks to fit its cell (monospace digits are about 0.6 em wide) rather
       // than run under its neighbour, which would hide its last digits
       text.style.fontSize = Math.min(showing === "input" ? 15 : 12, room / (0.62 * shown.length)) + "px";
+      // what a screen reader says on reaching the cell: the drawing alone tells it nothing
+      cell.setAttribute("aria-label", "[" + cell.dataset.pos.split(",").join(", ") + "] " + shown + ", " +
+        norm.groupNames[g] + (excluded ? ", masked out" : ""));
     });
     svg.classList.toggle("showing-output", showing === "output");
     const nlp = norm.tokens;  // the cube names its axes as the legend does
@@ -471,6 +475,7 @@ PAGE_TEMPLATE = r"""<!doctype html>
     cell.addEventListener("focus", () => { if (pinned === null) highlight(i); });
     const pin = () => {
       pinned = (pinned === i) ? null : i;
+      cells.forEach(other => other.setAttribute("aria-pressed", String(+other.dataset.index === pinned)));
       highlight(i);
     };
     cell.addEventListener("click", pin);
