@@ -351,10 +351,12 @@ def test_permuted_and_strided_inputs_match_torch_in_values_and_output_strides(la
 
 
 @pytest.mark.parametrize("path", ["auto", "composite"])
-@pytest.mark.parametrize("twin_class", [nt.LayerNorm2d, nt.ChannelsFirstLayerNorm])
+@pytest.mark.parametrize("twin_class", [nt.LayerNorm2d])
 def test_channels_first_layer_norm_of_a_permuted_input_gives_an_output_that_views_as_torchvisions(twin_class, path):
     # a feature map with its spatial axes swapped (x.rot90(1, (2, 3)) is one): torchvision's
     # LayerNorm2d, which permutes around torch's layer norm, gives a channels_last output
+    # (ChannelsFirstLayerNorm's originals compute elementwise and keep the input's order of
+    # strides, as VitDet's: see test_a_converted_vitdet_layer_norm_lays_out_its_output_...)
     from tests.mirrored_norms import TorchvisionLayerNorm2d
 
     torch.manual_seed(0)
@@ -609,3 +611,65 @@ def test_a_converted_layer_norm_2d_with_its_parameter_deleted_raises_as_the_orig
         twin(x)
     with pytest.raises(theirs.type, match=name):
         twin(x, mask=torch.rand(2, 1, 3, 3) > 0.5)
+
+
+def _strided_input(draw, channels: int) -> "torch.Tensor":
+    """A (N, C, H, W) tensor laid out in any order, possibly sliced (gaps) or expanded (a
+    stride of 0), possibly channels_last: the layouts a model hands a norm."""
+    from hypothesis import strategies as st
+
+    shape = [draw(st.integers(1, 3)), channels, draw(st.integers(1, 4)), draw(st.integers(1, 4))]
+    order = draw(st.permutations(range(4)))
+    steps = [draw(st.sampled_from([1, 1, 2])) for _ in range(4)]
+    memory = torch.randn([shape[axis] * steps[axis] for axis in order], dtype=torch.float64)
+    x = memory.permute([order.index(axis) for axis in range(4)])[tuple(slice(None, None, s) for s in steps)]
+    expanded = draw(st.sampled_from([None, None, None, 0, 2, 3]))
+    if expanded is not None:
+        x = x.narrow(expanded, 0, 1).expand(shape)
+    if draw(st.booleans()) and expanded is None and steps == [1, 1, 1, 1]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _strides_agree(got: "torch.Tensor", expected: "torch.Tensor") -> bool:
+    # (an axis of one element addresses no other: torch's devices set its stride apart)
+    return all(size == 1 or a == b for size, a, b in zip(expected.shape, got.stride(), expected.stride()))
+
+
+@pytest.mark.slow  # (about 10 s on one core: hypothesis' examples, each with autograd)
+def test_a_converted_vitdet_layer_norm_lays_out_its_output_as_the_original_for_any_input_layout():
+    """VitDet's channels-first layer norm is a mean and elementwise torch operations, which
+    keep the input's order of strides (a transposed input gives a transposed output, a
+    slice a dense one in its order); the converted ChannelsFirstLayerNorm gave a contiguous
+    output for every such input but channels_last, with mask= too, and on torch's path
+    (use_path("native"), as on GPUs) a channels_last one for every input. Values, gradients
+    and strides against the original, on every path."""
+    VitDetLayerNorm = pytest.importorskip("transformers.models.vitdet.modeling_vitdet").VitDetLayerNorm
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    torch.manual_seed(0)
+    original = VitDetLayerNorm(3).double()
+    with torch.no_grad():
+        original.weight.normal_()
+        original.bias.normal_()
+    twin = nt.convert(torch.nn.Sequential(copy.deepcopy(original)))[0]
+    assert isinstance(twin, nt.ChannelsFirstLayerNorm)
+
+    @given(data=st.data(), masked=st.booleans(), grad=st.booleans(),
+           path=st.sampled_from(["auto", "kernel", "composite", "native"]))
+    def check(data, masked, grad, path):
+        x = _strided_input(data.draw, 3)
+        x_ref, x_twin = (x.detach().requires_grad_(grad) for _ in range(2))
+        expected = original(x_ref)
+        mask = torch.ones(x.shape[0], 1, *x.shape[2:], dtype=torch.bool) if masked else None
+        with nt.use_path(path):
+            y = twin(x_twin, mask=mask)
+        assert _strides_agree(y, expected), (tuple(x.shape), x.stride(), y.stride(), expected.stride())
+        torch.testing.assert_close(y, expected)
+        if grad:
+            grad_y = torch.randn_like(expected)
+            torch.testing.assert_close(torch.autograd.grad(y, x_twin, grad_y)[0],
+                                       torch.autograd.grad(expected, x_ref, grad_y)[0])
+
+    check()

@@ -14,7 +14,7 @@ from normlab.torch.compute import _fake, _statistics_update
 from normlab.torch.masked import SEGMENTS_DO_NOT_EXPORT, _run_masked, normalize_masked
 from normlab.torch.ops import _vmapping
 from normlab.torch.paths import _exporting_to_onnx, _holds_expanded_weights, expanded_weights_refusal
-from normlab.torch.spec import Spec, rms_default_eps
+from normlab.torch.spec import Spec, elementwise_layout, rms_default_eps
 
 __all__ = ["masked_forward"]
 
@@ -149,10 +149,12 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
 def _unmasked_layout(module, x: Tensor, y: Tensor) -> Tensor:
     """``y`` laid out as the module's unmasked forward lays out its output for ``x``, so
     that mask= and eval() do not change it: ``Norm`` keeps any dense permutation of x (a
-    transpose, channels_last); the twins do as torch.nn does: batch, group and RMS norm and
-    ChannelsFirstLayerNorm keep channels_last input so, every other permuted input gives a contiguous
-    output (normalize_masked's is contiguous, the running statistics' follows x's);
-    LayerNorm2d's is channels_last for any input, as its originals' permutes make it."""
+    transpose, channels_last); the twins do as torch.nn does: batch, group and RMS norm keep
+    channels_last input so, every other permuted input gives a contiguous output
+    (normalize_masked's is contiguous, the running statistics' follows x's);
+    ChannelsFirstLayerNorm keeps x's order of strides, as its originals' elementwise
+    operations do (:func:`~normlab.torch.spec.elementwise_layout`); LayerNorm2d's is
+    channels_last for any input, as its originals' permutes make it."""
     channels_last_output, contiguous = getattr(module, "_channels_last_output", False), x.is_contiguous()
     if contiguous and not channels_last_output:  # (first: the common call ends here, in two calls)
         return y
@@ -166,9 +168,11 @@ def _unmasked_layout(module, x: Tensor, y: Tensor) -> Tensor:
 
     if isinstance(module, Norm):  # (empty_like keeps a dense x's strides; sorting them breaks torch.compile)
         return torch.empty_like(x, dtype=y.dtype).copy_(y)
+    if isinstance(module, ChannelsFirstLayerNorm) and not torch.compiler.is_compiling():
+        return elementwise_layout(y, x)
     channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
     keeps = isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.RMSNorm, LayerNorm2d,
-                                ChannelsFirstLayerNorm))
+                                ChannelsFirstLayerNorm))  # (the last one compiled)
     if keeps and channels_last is not None and x.is_contiguous(memory_format=channels_last):
         return y.contiguous(memory_format=channels_last)
     return y.contiguous()

@@ -23,7 +23,7 @@ from normlab.torch.masked_modules import masked_forward
 from normlab.torch.paths import (_LOW_PRECISION, PLAIN_PARAMETERS, _PathSwitch, _choose_path,
                                  _holds_expanded_weights, expanded_weights_refusal, warn_if_fx_quantizing)
 from normlab.torch.spec import (_RMS_DEFAULT_EPS, Spec, Unscriptable, affine_parameters, module_buffer,
-                                parametrizations_computed, rms_default_eps, torch_layout)
+                                parametrizations_computed, rms_default_eps, torch_layout, elementwise_layout)
 
 
 def _torch_method(function):
@@ -489,7 +489,8 @@ class _ChannelsFirstForward:
                                f"got {tuple(input.shape)}")
         path = _choose_path(input, has_native=True)
         if path == "native" or _dtypes_refused(input, self.weight, self.bias):  # what the originals do (or raise)
-            return self._torch_forward(input)
+            y = self._torch_forward(input)
+            return y if self._channels_last_output else elementwise_layout(y, input)  # (see below)
         if self._channels_last_output:
             # the originals normalize the channels-last permute and permute back: their output is
             # channels_last whatever the input's layout, and so is this one (a contiguous input is
@@ -497,10 +498,13 @@ class _ChannelsFirstForward:
             # (y.permute(0, 2, 3, 1).view(N, H * W, C)) works on this one too
             return _normalize(input.contiguous(memory_format=torch.channels_last), self.weight, self.bias, self._spec,
                               self.eps, path)[0]
-        # a permuted input other than channels_last is copied, as elementwise torch operations lay
-        # out a permuted input's result densely: a view of the original's output then works on this one
-        return _normalize(torch_layout(input, keeps_channels_last=True), self.weight, self.bias, self._spec, self.eps,
-                          path)[0]
+        if input.is_contiguous() or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+            return _normalize(torch_layout(input, keeps_channels_last=True), self.weight, self.bias, self._spec,
+                              self.eps, path)[0]
+        # the originals' elementwise operations keep a permuted input's order of strides (a slice's
+        # too, densely): so does this output, so that a view of theirs works on this one
+        x = elementwise_layout(input, input)
+        return elementwise_layout(_normalize(x, self.weight, self.bias, self._spec, self.eps, path)[0], input)
 
 
 class LayerNorm2d(_ChannelsFirstForward, nn.LayerNorm):
@@ -528,7 +532,9 @@ class ChannelsFirstLayerNorm(_ChannelsFirstForward, nn.Module):
     :func:`~normlab.torch.convert` makes of channels-first layer norms that are none
     (VitDet's ``VitDetLayerNorm``), so that code choosing layers by ``isinstance`` treats
     the converted model as the original (transformers' Trainer keeps weight decay off
-    ``nn.LayerNorm`` parameters, and decays VitDet's).
+    ``nn.LayerNorm`` parameters, and decays VitDet's). Its output is laid out as theirs, a
+    mean and elementwise operations, lay it out: in the input's order of strides (a
+    transposed input gives a transposed output), where LayerNorm2d's is channels_last.
 
     >>> x, norm = torch.randn(2, 3, 4, 4), ChannelsFirstLayerNorm(3)
     >>> isinstance(norm, torch.nn.LayerNorm), torch.equal(norm(x), LayerNorm2d(3)(x))

@@ -261,6 +261,33 @@ def torch_layout(x: Tensor, keeps_channels_last: bool = False) -> Tensor:
     return x.contiguous()
 
 
+def elementwise_layout(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` (of ``x``'s shape) laid out as torch's elementwise operations lay out their
+    result for ``x``: in ``x``'s order of strides, dense (a transposed input gives a
+    transposed output, a slice a dense one in its order), as VitDet's layer norm, a mean and
+    elementwise operations, lays out its output. Copied only where it is laid out otherwise.
+
+    >>> x = torch.zeros(2, 3, 5, 4).transpose(2, 3)
+    >>> elementwise_layout(torch.zeros(2, 3, 4, 5), x).stride() == (x * 1).stride()
+    True
+    """
+    strides = _elementwise_strides(tuple(x.shape), tuple(x.stride()))
+    if all(n == 1 or a == b for n, a, b in zip(y.shape, y.stride(), strides)):
+        return y
+    return torch.empty_strided(y.shape, strides, dtype=y.dtype, device=y.device).copy_(y)
+
+
+@functools.lru_cache(maxsize=64)
+def _elementwise_strides(shape: tuple, stride: tuple) -> tuple:
+    # torch decides on the meta device as on the CPU (the strides of axes of one element aside,
+    # which address no other element and which the devices set apart)
+    x = torch.empty_strided(shape, stride, device="meta")
+    weight = torch.empty(shape[1], device="meta")[:, None, None]
+    mean = x.mean(1, keepdim=True)
+    centered = x - mean
+    return (weight * (centered / torch.sqrt(centered.pow(2).mean(1, keepdim=True))) + weight).stride()
+
+
 def _empty_like_dense(x: Tensor, perm) -> Tensor:
     """An uninitialized tensor with ``x``'s shape and strides, carved from normlab's
     recycled output memory: ``torch.empty`` would hand the kernel fresh 4 KB pages, whose
