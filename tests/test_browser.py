@@ -4,6 +4,7 @@ The page only displays what the library computed, so every check compares what t
 browser highlights with ``plan.group_ids()``.
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,9 @@ from tests.prerequisites import CHROMEDRIVER, CHROMIUM, missing_browser_parts
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 MISSING = missing_browser_parts()
+if MISSING is not None and os.environ.get("NORMLAB_REQUIRE_BROWSER") == "1":
+    # CI (.ci/run) sets it: there a missing browser is a failure, not a green run of skips
+    pytest.fail(f"NORMLAB_REQUIRE_BROWSER=1, and the browser tests cannot run: {MISSING}", pytrace=False)
 
 pytestmark = [
     pytest.mark.browser,

@@ -196,6 +196,23 @@ def test_nothing_is_missing_for_the_browser_tests_when_everything_is_there():
     assert missing_browser_parts(exists=lambda path: True, find_spec=lambda name: object()) is None
 
 
+@pytest.mark.parametrize("required", [False, True], ids=["by default", "with NORMLAB_REQUIRE_BROWSER=1"])
+def test_the_browser_tests_skip_where_selenium_is_missing_but_fail_where_ci_requires_them(required, monkeypatch):
+    # .ci/run sets NORMLAB_REQUIRE_BROWSER=1: there a missing browser part was a green run of skips
+    monkeypatch.setenv("NORMLAB_REQUIRE_BROWSER", "1" if required else "0")
+    result = _pytest_without(["selenium"], "tests/test_browser.py")
+    summary = result.stdout.splitlines()[-1]
+    if required:
+        assert result.returncode != 0 and "error" in summary, result.stdout[-3000:]
+        assert "the browser tests cannot run: selenium is missing" in result.stdout
+    else:
+        assert result.returncode == 0 and "skipped" in summary and "error" not in summary, result.stdout[-3000:]
+
+
+def test_ci_requires_the_browser_tests_to_run():
+    assert "export NORMLAB_REQUIRE_BROWSER=1" in (REPO / ".ci" / "run").read_text()
+
+
 # what a NumPy-only install (pip install . pytest pytest-xdist hypothesis) lacks of the test extra
 OPTIONAL_FOR_TESTS = sorted({re.match(r"[\w-]+", requirement).group().replace("-", "_").lower()
                              for requirement in PYPROJECT["project"]["optional-dependencies"]["test"]} - {
