@@ -8,11 +8,10 @@ rounds (the two engines take turns), float32, in one process.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
-from normlab.bench import FIRST_WARM_UPS
+from normlab.bench import timed_rounds
 
 GROUP = "masked"
 
@@ -164,25 +163,16 @@ class MaskedRow:
     other_name: str
 
 
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def measure(cases, quick: bool, repeats: int, rounds: int = 3) -> list[MaskedRow]:
-    """Median seconds of each engine; the engines alternate call by call, after warm-up calls."""
+def measure(cases, quick: bool, repeats: int) -> list[MaskedRow]:
+    """Median seconds of each engine over ``repeats`` timed calls, taken in the rounds of
+    :func:`normlab.bench.timed_rounds`: the engines take turns, each turn after a warm-up
+    call (the first after two: one compiles, one builds the cached paths) and followed by
+    an untimed pause, as in the regular table."""
     rows = []
     for case in cases:
         shape = case.quick_shape if quick else case.shape
         ours, theirs, name = case.build(shape)
-        for _ in range(FIRST_WARM_UPS):  # compiles, then builds the cached paths (see normlab.bench)
-            ours()
-            theirs()
-        times = {"ours": [], "theirs": []}
-        for _ in range(max(repeats, 1)):
-            times["ours"].append(_seconds(ours))
-            times["theirs"].append(_seconds(theirs))
+        times = timed_rounds({"ours": ours, "theirs": theirs}, max(repeats, 1))
         rows.append(MaskedRow(case, shape, statistics.median(times["ours"]), statistics.median(times["theirs"]),
                               name))
     return rows

@@ -43,3 +43,20 @@ def test_a_masked_row_times_neither_engine_s_compiling_nor_its_path_building_cal
                                                                                    "fake"))
     (row,) = bench_masked.measure([case], quick=True, repeats=1)
     assert row.normlab < 0.01 and row.other < 0.01
+
+
+@pytest.mark.parametrize("repeats", [3, 7])
+def test_a_masked_row_is_the_median_of_rounds_in_which_the_engines_take_turns(repeats):
+    # README: "median of interleaved rounds"; the calls alternated one by one, which lets
+    # each engine's thread pool, still spinning, slow the other's next call
+    from normlab import bench
+
+    calls = []
+    case = bench_masked.MaskedCase("counted", (1,), (1,), lambda shape: (lambda: calls.append("ours"),
+                                                                           lambda: calls.append("theirs"), "fake"))
+    bench_masked.measure([case], quick=True, repeats=repeats)
+    turns = [name for k, name in enumerate(calls) if k == 0 or calls[k - 1] != name]
+    rounds = min(bench.ROUNDS, repeats)
+    assert turns == ["ours", "theirs"] * rounds
+    warm_ups = rounds + bench.FIRST_WARM_UPS - 1
+    assert calls.count("ours") == calls.count("theirs") == repeats + warm_ups
