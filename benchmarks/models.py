@@ -208,8 +208,10 @@ def _interleaved(calls: dict, rounds: int, per_round: int) -> dict:
     return {name: statistics.median(values) for name, values in timed.items()}
 
 
-def norm_share(model, x, case: ModelCase) -> float:
-    """The norm operators' share of a training step's CPU time, from torch.profiler."""
+def norm_share(model, x, case: ModelCase) -> float | None:
+    """The norm operators' share of a training step's CPU time, from torch.profiler; None
+    where no operator is named ``*norm*`` (a norm written as ``pow``, ``mean`` and ``rsqrt``,
+    as transformers' LLaMA RMS norm is, which the profiler cannot tell from other operators)."""
     from torch.profiler import ProfilerActivity, profile
 
     step = _train_call(model, x, case)
@@ -219,7 +221,7 @@ def norm_share(model, x, case: ModelCase) -> float:
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     norms = sum(e.self_cpu_time_total for e in events if "norm" in e.key.lower())
-    return norms / total if total else 0.0
+    return norms / total if norms else None
 
 
 @dataclass(frozen=True)
@@ -227,7 +229,7 @@ class Result:
     name: str
     converted: int
     ratios: dict  # column -> torch.nn time / normlab time, or an error text
-    share: float
+    share: float | None  # None: not measurable (see norm_share)
 
 
 def _pair(case: ModelCase):
@@ -273,7 +275,8 @@ def markdown(results: list[Result]) -> str:
              "|" + "---|" * (len(columns) + 3)]
     for r in results:
         cells = [v if isinstance(v, str) else f"{v:.2f}" for v in (r.ratios.get(c, "–") for c in columns)]
-        lines.append(f"| {r.name} | {r.converted} | " + " | ".join(cells) + f" | {r.share:.0%} |")
+        share = "–" if r.share is None else f"{r.share:.0%}"
+        lines.append(f"| {r.name} | {r.converted} | " + " | ".join(cells) + f" | {share} |")
     return "\n".join(lines)
 
 

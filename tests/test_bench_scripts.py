@@ -4,6 +4,7 @@ they print (no timings asserted)."""
 import functools
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,26 @@ def test_models_table_has_the_readme_columns_for_models_of_different_typical_bat
                   if line.startswith("| model | norm layers |"))
     assert header == readme
     assert [r.name for r in results] == ["MLP 3, batch 3", "MLP 5, batch 5"]
+
+
+def test_models_table_says_the_norm_share_of_a_norm_written_in_plain_operators_is_not_measured(models, monkeypatch):
+    # README's table reads "–" for LLaMA, whose RMS norm is pow, mean and rsqrt: the script printed 0%
+    import torch
+    from torch import nn
+
+    class CompositeRMSNorm(nn.Module):  # as transformers' LlamaRMSNorm computes it
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    monkeypatch.setattr(torch, "compile", lambda model: model)
+    composite = models.ModelCase("composite", lambda: nn.Sequential(nn.Linear(8, 8), CompositeRMSNorm()),
+                                 lambda b: torch.randn(b, 8), 2)
+    fused = models.ModelCase("layer norm", lambda: nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)),
+                             lambda b: torch.randn(b, 8), 2)
+    rows = models.markdown([models.measure(composite, rounds=1, compile=False),
+                            models.measure(fused, rounds=1, compile=False)]).splitlines()[2:]
+    assert rows[0].startswith("| composite, batch 2 |") and rows[0].endswith("| – |"), rows[0]
+    assert re.search(r"\| [1-9]\d*% \|$", rows[1]), rows[1]
 
 
 @pytest.mark.parametrize("script, argv", [
