@@ -517,3 +517,48 @@ def test_sync_batch_norm_over_three_gloo_ranks_follows_batch_norm_in_second_deri
               _a_transposed_input_gives_torch_nns_layout,
               _a_lazy_batch_norms_first_forward_is_synced)
     mp.spawn(_three_rank_checks, args=(_free_port(), checks), nprocs=3, join=True)
+
+
+_COUNTER_TOGGLES = {
+    "counter set to None": lambda m: setattr(m, "num_batches_tracked", None),
+    "counter None, momentum None": lambda m: (setattr(m, "num_batches_tracked", None), setattr(m, "momentum", None)),
+    "statistics and counter None": lambda m: [setattr(m, name, None) for name in
+                                              ("running_mean", "running_var", "num_batches_tracked")],
+    "tracking off": lambda m: setattr(m, "track_running_stats", False),
+}
+
+
+def _tracking_turned_on(nn):
+    module = nn.SyncBatchNorm(3, track_running_stats=False)
+    module.track_running_stats = True  # (no counter was ever made)
+    return module
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "mask"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("toggle", [*_COUNTER_TOGGLES, "tracking turned on"])
+def test_sync_batch_norm_with_its_counter_toggled_raises_or_computes_as_torch_nn_sync_batch_norm(toggle, training,
+                                                                                                 masked):
+    """torch.nn.SyncBatchNorm asserts that num_batches_tracked is not None in a training call
+    that tracks running statistics (torch's BatchNorm leaves a None counter alone); the twin
+    took BatchNorm's path there and computed. Each toggle, in training and evaluation, with
+    mask= (all True) too: torch's exception type, or its output and running statistics."""
+    torch.manual_seed(0)
+    if toggle == "tracking turned on":
+        reference, twin = _tracking_turned_on(torch.nn), _tracking_turned_on(nt)
+    else:
+        reference, twin = torch.nn.SyncBatchNorm(3), nt.SyncBatchNorm(3)
+        for module in (reference, twin):
+            _COUNTER_TOGGLES[toggle](module)
+    reference.train(training), twin.train(training)
+    x = torch.randn(4, 3, 5) * 2 + 1
+    mask = {"mask": torch.ones(x.shape, dtype=torch.bool)} if masked else {}
+    try:
+        expected = reference(x)
+    except Exception as error:  # noqa: BLE001 (the type is what is compared)
+        with pytest.raises(type(error)):
+            twin(x, **mask)
+        return
+    torch.testing.assert_close(twin(x, **mask), expected)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(twin, name), getattr(reference, name))

@@ -332,6 +332,10 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
             return stand_in.forward(input, mask)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
+        if self.training and self.track_running_stats and self._buffers.get("num_batches_tracked") is None:
+            # (set to None, or never made: track_running_stats turned on after construction) torch's
+            # asserts there, where BatchNorm's leaves the count alone
+            return nn.SyncBatchNorm.forward(self, input)
         world_size = self._world_size() if self.training else 1
         if world_size > 1 and self._refused(input):
             # torch's batch norm raises its error, before any collective and any running update
