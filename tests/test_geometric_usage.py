@@ -477,3 +477,31 @@ def test_compiled_with_dynamic_shapes_a_twin_is_one_graph_across_graph_counts_as
             grads.append((y.detach(), nodes.grad))
         torch.testing.assert_close(grads[0], grads[1])
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("name", sorted(_LAYERS))
+def test_a_compiled_twin_is_not_compiled_again_after_an_import_as_pygs_layer_is_not(name):
+    """A module imported between two calls of a compiled model (the first backward imports
+    some, a user's code others) left PyG's compiled layer as it was but compiled the twin
+    again: Dynamo guarded the number of modules in ``sys.modules``, which the twin's check
+    for an ONNX export read."""
+    import sys
+    import types
+
+    from torch._dynamo.testing import CompileCounter
+
+    x, batch = _graphs(seed=8)
+    counts = []
+    for layer in _randomized_pair(name):
+        counter = CompileCounter()
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, backend=counter, dynamic=True)
+        compiled(x, batch, 6)
+        name_ = f"_normlab_module_imported_between_calls_{len(counts)}"
+        sys.modules[name_] = types.ModuleType(name_)
+        try:
+            compiled(x, batch, 6)
+        finally:
+            del sys.modules[name_]
+        counts.append(counter.frame_count)
+    assert counts[0] == counts[1] == 1

@@ -126,6 +126,12 @@ def _exporting_to_onnx() -> bool:
     return onnx.is_in_onnx_export() or bool(getattr(sys.modules.get(_ONNX_FLAGS), "_is_onnx_exporting", False))
 
 
+# Dynamo calls it while tracing and keeps the answer, with no guard: traced into, its reads of
+# sys.modules guarded the module count, so any import between two calls (the first backward's
+# own) recompiled the frame. What torch.compiler.assume_constant_result sets, without importing Dynamo.
+_exporting_to_onnx._dynamo_marked_constant = True
+
+
 def _choose_path(x: Tensor, has_native: bool) -> str:
     forced = _PathSwitch.path
     if _needs_torch_ops(x) and not (forced == "kernel" and torch.compiler.is_compiling() and not _exporting_to_onnx()):
