@@ -83,4 +83,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from normlab.bench import run_script
+
+    run_script(main)

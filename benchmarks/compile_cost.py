@@ -60,4 +60,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from normlab.bench import run_script
+
+    run_script(main)

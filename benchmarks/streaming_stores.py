@@ -139,4 +139,6 @@ def markdown(table: dict, sizes: list[int]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from normlab.bench import run_script
+
+    run_script(main)

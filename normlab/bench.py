@@ -476,6 +476,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile", action="store_true", help="with --sweep: leave out torch.compile")
 
 
+def run_script(main) -> None:
+    """Run a script of ``benchmarks/`` and exit with ``main()``'s status; a reader that stops
+    early (``python benchmarks/models.py | head -3``) ends it quietly with status 1, as rich
+    ends the ``normlab`` command, not in a BrokenPipeError traceback."""
+    import os
+    import sys
+
+    status = 1
+    try:
+        try:
+            status = main()
+        except SystemExit as exit_:  # argparse's errors: their status, once what was printed is out
+            status = exit_.code
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's own flush at exit fails too)
+        status = status or 1
+    raise SystemExit(status)
+
+
 def select(filters) -> tuple[BenchCase, ...]:
     if not filters:
         return CASES

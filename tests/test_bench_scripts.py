@@ -105,6 +105,37 @@ def test_a_count_below_one_is_an_argparse_error_not_a_traceback(script, argv, ca
     assert "at least 1" in err or "whole number" in err, err
 
 
+def _into_a_closed_pipe(*args):
+    """Run a Python program whose stdout is a pipe its reader has already closed (``| head -1``, done)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, *args], stdout=write, stderr=subprocess.PIPE, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    finally:
+        os.close(write)
+
+
+def test_models_printing_into_a_pipe_that_closed_early_ends_without_a_traceback():
+    # its skip line went into a closed pipe: BrokenPipeError when its output was flushed
+    pytest.importorskip("torch")
+    result = _into_a_closed_pipe(str(REPO / "benchmarks" / "models.py"), "--models", "no such model")
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
+    assert result.returncode in (1, 2)  # 1 where the closed pipe ended it first, as rich ends the command
+
+
+def test_a_script_whose_table_goes_into_a_closed_pipe_exits_1_without_a_traceback():
+    result = _into_a_closed_pipe("-c", "from normlab.bench import run_script; "
+                                       "run_script(lambda: [print('| row |', i, flush=True) for i in range(10)] and 0)")
+    assert result.returncode == 1 and result.stderr == ""
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "benchmarks").glob("*.py")), ids=lambda p: p.name)
+def test_every_script_runs_its_main_through_run_script_or_the_command_line(path):
+    source = path.read_text()
+    assert "run_script(main)" in source or "from normlab.cli import main" in source
+
+
 def test_targets_script_checks_the_targets_the_readme_states():
     # README, Speed: "layer norm forward ... PyTorch (target ≥ 3×) and ... ONNX Runtime (target ≥ 1.1×);
     # RMS norm forward ... ONNX Runtime (target ≥ 1.1×...)", "(`python benchmarks/targets.py` checks them)"
