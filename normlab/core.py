@@ -387,7 +387,8 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
 
     Returns ``y`` (the input's dtype, bfloat16 included; integers become float64), or
     ``(y, mean, rstd)`` with ``return_stats=True``: float64 arrays with the pattern's axes,
-    compositions split and reduced axes of size 1 (``mean`` is None for ``rms``).
+    compositions split and reduced axes of size 1 (``mean`` is None for ``rms``); given
+    statistics come back so too, as new arrays the caller may write and keep.
 
     ``mask`` (boolean, broadcasts to x) marks the elements that count toward their group's
     statistics; every element is normalized with them, and a group with none counted gives
@@ -446,8 +447,17 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
     if key is not None and key not in _FAST_CALLS:
         _FAST_CALLS[key] = _build_fast_call(x, pattern, params, rms, backend, sizes, key)
     if return_stats:
+        if mean is not None or rstd is not None:  # (given: the caller's memory, or a read-only broadcast of it)
+            return y, kept_statistic(stats.mean), kept_statistic(stats.rstd)
         return y, stats.mean, stats.rstd
     return y
+
+
+def kept_statistic(statistic):
+    """A statistic the caller gave, handed back by ``return_stats=True`` as the computed
+    ones are: a fresh, writable float64 array of the statistics' shape, never the caller's
+    own object nor a view of its memory (a later write to either would change the other)."""
+    return None if statistic is None else np.array(statistic, dtype=np.float64, order="C")
 
 
 def _shape_of(x) -> tuple:
@@ -505,7 +515,8 @@ def normalize_with_stats(x, pattern: str, *, weight=None, bias=None, params=None
                          num_segments=None, segment_axis=None, sizes=None, **axis_sizes):
     """:func:`normalize`, returning ``(y, stats)`` with the full :class:`~normlab.reference.Stats`
     (the variance too, which running statistics need); with a mask or segments,
-    :class:`~normlab.masked.MaskedStats` (the counts too), or None for given statistics."""
+    :class:`~normlab.masked.MaskedStats` (the counts too); given statistics come back as read,
+    the caller's own arrays or read-only views of them (:func:`normalize` copies them)."""
     sizes = merge_sizes(pattern, sizes, axis_sizes, _shape_of(x))
     if mask is not None or segment_ids is not None or num_segments is not None or segment_axis is not None:
         from normlab import grouped

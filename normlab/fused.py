@@ -484,7 +484,10 @@ def normalize(x, pattern, *, weight=None, bias=None, params=None, eps=1e-5, rms=
     if inputs.residual is not None:
         outputs += (reference.rounded(np.asarray(summed), inputs.dtype).reshape(plan.shape),)
     if return_stats:
-        outputs += (None if rms else stats.mean, stats.rstd)
+        statistics = (None if rms else stats.mean, stats.rstd)
+        if mean is not None or rstd is not None:  # (see core.kept_statistic)
+            statistics = tuple(map(core.kept_statistic, statistics))
+        outputs += statistics
     return outputs[0] if len(outputs) == 1 else outputs
 
 

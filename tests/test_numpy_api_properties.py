@@ -295,3 +295,39 @@ def test_masked_gradients_are_torch_autograds_of_the_masked_definition_for_any_g
     np.testing.assert_allclose(grad_x, xt.grad.numpy().reshape(shape), rtol=tolerance, atol=tolerance)
     if params is not None:
         np.testing.assert_allclose(grad_w, plan.collapse_params(wt.grad.numpy()), rtol=tolerance, atol=10 * tolerance)
+
+
+_GIVEN_STATISTICS_PATHS = {
+    "plain": ({}, (4, 1)),
+    "mask": ({"mask": np.arange(24).reshape(4, 6) % 5 > 0}, (4, 1)),
+    "segments": ({"segment_ids": np.array([0, 0, 1, 1, 2, 2]), "segment_axis": "f"}, (4, 3)),
+    "fused": ({"residual": np.ones((4, 6))}, (4, 1)),
+}
+
+
+@given(path=st.sampled_from(sorted(_GIVEN_STATISTICS_PATHS)), rms=st.booleans(),
+       form=st.sampled_from(["statistics' shape", "kept axes", "broadcast", "scalar"]),
+       dtype=st.sampled_from([np.float64, np.float32]), backend=st.sampled_from(["auto", "numpy"]))
+def test_given_statistics_come_back_as_new_writable_arrays_on_every_path(path, rms, form, dtype, backend):
+    """return_stats=True with mean= and rstd= given: every path hands the statistics back as
+    computed ones come, float64 arrays of the statistics' shape that the caller may write and
+    keep. A float64 array of that shape came back as the caller's own object, and one of
+    another shape (a scalar, (1, 1), the kept axes of a segmented call) as a read-only
+    broadcast view of its memory, so writing to the result failed or changed the argument."""
+    grouping, shape = _GIVEN_STATISTICS_PATHS[path]
+    x = np.arange(24.0).reshape(4, 6) % 7
+    values = {"statistics' shape": np.full(shape, 2.0), "kept axes": np.full(shape[:1] + (1,) * (len(shape) - 1), 2.0),
+              "broadcast": np.full((1, 1), 2.0), "scalar": np.array(2.0)}[form].astype(dtype)
+    given = {"rstd": values} if rms else {"mean": values, "rstd": values.copy()}
+    before = {name: value.copy() for name, value in given.items()}
+    result = normlab.normalize(x, "b [f]", rms=rms, return_stats=True, backend=backend, **given, **grouping)
+    mean, rstd = result[-2:]
+    assert (mean is None) == rms
+    for name, statistic in (("mean", mean), ("rstd", rstd)):
+        if statistic is None:
+            continue
+        assert statistic is not given[name] and not np.shares_memory(statistic, given[name])
+        assert statistic.dtype == np.float64 and statistic.shape == shape and statistic.flags.writeable
+        np.testing.assert_array_equal(statistic, np.broadcast_to(before[name], shape))
+        statistic += 1.0  # the caller's to change: the argument stays as it was
+        np.testing.assert_array_equal(given[name], before[name])
