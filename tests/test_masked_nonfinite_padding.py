@@ -50,37 +50,51 @@ def _padded(draw, layout):
     return x, mask, grad_y, weight, bias
 
 
-def _oracle(layout, x, mask, grad_y, weight, bias):
-    """Counted outputs and the gradients of Σ grad_y·y, by torch autograd in float64 on
-    the counted elements of each group alone (nothing uncounted enters the graph)."""
+def _kept_alone(layout, x, mask):
+    """``f(x, weight, bias) -> y`` in torch float64 operations on the counted elements of
+    each group alone (nothing uncounted enters the graph; 0 at uncounted places), and a
+    boolean array of the elements whose group has nothing counted."""
     pattern, params, group_of = LAYOUTS[layout]
-    xt = torch.tensor(np.where(mask, x, 0.0), requires_grad=True)
-    wt, bt = torch.tensor(weight, requires_grad=True), torch.tensor(bias, requires_grad=True)
     channel_axis = x.ndim - 1 if layout in ("rows", "channels-last") else 1
     groups = {}
     for index in zip(*np.nonzero(mask)):
         groups.setdefault(group_of(index), []).append(int(np.ravel_multi_index(index, x.shape)))
-    y = torch.zeros(x.size, dtype=torch.float64)
-    loss = 0.0
-    flat, flat_grad = xt.reshape(-1), torch.tensor(grad_y).reshape(-1)
     channel_of = np.unravel_index(np.arange(x.size), x.shape)[channel_axis]
-    for members in groups.values():
-        members = torch.tensor(members)
-        values = flat[members]
-        mean = values.mean()
-        rstd = torch.rsqrt(((values - mean) ** 2).mean() + EPS)
-        channels = torch.tensor(channel_of[members.numpy()])
-        out = (values - mean) * rstd * wt[channels] + bt[channels]
-        y = y.index_put((members,), out.detach())
-        loss = loss + (out * flat_grad[members]).sum()
-    grads = torch.autograd.grad(loss, (xt, wt, bt), allow_unused=True) if groups else (None, None, None)
-    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (xt, wt, bt))]
-    return y.reshape(x.shape).numpy(), [g.numpy() for g in grads]
+    dead = np.array([group_of(index) not in groups for index in np.ndindex(x.shape)]).reshape(x.shape)
+    keep = torch.tensor(mask)
+    indices = [(torch.tensor(members), torch.tensor(channel_of[members])) for members in groups.values()]
+
+    def f(xt, wt, bt):
+        flat = torch.where(keep, xt, 0).reshape(-1)
+        y = torch.zeros(x.size, dtype=torch.float64)
+        for members, channels in indices:
+            values = flat[members]
+            mean = values.mean()
+            rstd = torch.rsqrt(((values - mean) ** 2).mean() + EPS)
+            y = y.index_put((members,), (values - mean) * rstd * wt[channels] + bt[channels])
+        return y.reshape(x.shape)
+
+    return f, dead, channel_of.reshape(x.shape)
+
+
+def _oracle(layout, x, mask, grad_y, weight, bias):
+    """Counted outputs and the gradients of Σ grad_y·y, by torch autograd in float64 on
+    the counted elements of each group alone."""
+    f, _, _ = _kept_alone(layout, x, mask)
+    inputs = [torch.tensor(a, requires_grad=True) for a in (x, weight, bias)]
+    y = f(*inputs)
+    # (nothing counted anywhere: y holds no input)
+    grads = torch.autograd.grad(y, inputs, torch.tensor(grad_y), allow_unused=True) if y.requires_grad else [None] * 3
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+    return y.detach().numpy(), [g.numpy() for g in grads]
 
 
 def _assert_matches(layout, x, mask, grad_y, weight, bias, y, grads):
     want_y, want_grads = _oracle(layout, x, mask, grad_y, weight, bias)
     np.testing.assert_allclose(np.where(mask, y, 0.0), np.where(mask, want_y, 0.0), rtol=1e-9, atol=1e-9)
+    _, dead, channel = _kept_alone(layout, x, mask)
+    # a group with nothing counted gives exactly bias, garbage and all
+    np.testing.assert_array_equal(y[dead], bias[channel[dead]])
     for name, got, want in zip(("x", "weight", "bias"), grads, want_grads):
         assert np.isfinite(got).all(), f"{name} gradient not finite: {got}"
         np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, rtol=1e-7, atol=1e-9,
@@ -112,9 +126,42 @@ def _torch_grads(layout, x, mask, grad_y, weight, bias, create_graph):
     return y.detach().numpy(), [g.detach().numpy() for g in grads]
 
 
+@pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "create_graph"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @given(data=st.data())
-def test_nonfinite_padding_never_reaches_the_counted_gradients_in_torch(layout, data):
+def test_nonfinite_padding_never_reaches_the_counted_gradients_in_torch(layout, create_graph, data):
     x, mask, grad_y, weight, bias = data.draw(_padded(layout))
-    y, grads = _torch_grads(layout, x, mask, grad_y, weight, bias, create_graph=False)
+    y, grads = _torch_grads(layout, x, mask, grad_y, weight, bias, create_graph=create_graph)
     _assert_matches(layout, x, mask, grad_y, weight, bias, y, grads)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@given(data=st.data())
+def test_nonfinite_padding_stays_out_of_batched_gradients_and_forward_mode_tangents(layout, data):
+    from normlab.torch.masked import normalize_masked
+
+    x, mask, grad_y, weight, bias = data.draw(_padded(layout))
+    pattern, params, _ = LAYOUTS[layout]
+    keep = torch.tensor(mask)
+
+    def ours(xt, wt, bt):
+        return normalize_masked(xt, pattern, weight=wt, bias=bt, params=params, eps=EPS, mask=keep).y
+
+    inputs = [torch.tensor(a) for a in (x, weight, bias)]
+    # tangents of the counted inputs and of the parameters (the padding's own is its business)
+    tangents = [torch.where(keep, torch.tensor(grad_y[::-1].copy()), 0.0), torch.ones(len(weight)),
+                torch.full((len(bias),), 0.5)]
+    f, dead, channel = _kept_alone(layout, x, mask)
+    want_y, want_tangent = torch.func.jvp(f, tuple(inputs), tuple(tangents))
+    y, tangent = torch.func.jvp(ours, tuple(inputs), tuple(tangents))
+    torch.testing.assert_close(torch.where(keep, y, 0.0), torch.where(keep, want_y, 0.0))
+    np.testing.assert_array_equal(y.numpy()[dead], bias[channel[dead]])
+    torch.testing.assert_close(torch.where(keep, tangent, 0.0), torch.where(keep, want_tangent, 0.0))
+    # is_grads_batched: a vmap over the backward
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    batch = torch.stack([torch.tensor(grad_y), torch.tensor(grad_y[::-1].copy()) * keep])
+    got = torch.autograd.grad(ours(*leaves), leaves, batch, is_grads_batched=True)
+    for row in range(2):
+        _, want = _oracle(layout, x, mask, batch[row].numpy(), weight, bias)
+        for name, g, w in zip(("x", "weight", "bias"), got, want):
+            np.testing.assert_allclose(g[row].numpy(), w, rtol=1e-7, atol=1e-9, err_msg=f"{name} gradient")

@@ -305,23 +305,24 @@ def _composite(x, weight, bias, mask, segment_ids, spec: Spec, eps, num_segments
     # shifted by each group's first counted element, so a constant group centres to exact zeros
     compute = torch.float32 if x.device.type == "mps" else torch.float64
     flat, where = view.reshape(-1).to(compute), counted.reshape(-1)
+    # the statistics read the counted elements alone: an uncounted NaN or Inf (garbage in the
+    # padding) would reach their gradients as 0·NaN through any product it entered
+    kept = torch.where(where, flat, 0)
     count = torch.zeros(size, dtype=compute, device=x.device).index_add(0, index, where.to(compute))
     safe = count.clamp_min(1)
     if spec.rms:
-        var = torch.zeros(size, dtype=compute, device=x.device).index_add(0, index, torch.where(
-            where, flat * flat, 0)) / safe
+        var = torch.zeros(size, dtype=compute, device=x.device).index_add(0, index, kept * kept) / safe
         mean = torch.zeros_like(var)
-        centered = flat
     else:
         positions = torch.where(where, torch.arange(flat.numel(), device=x.device), flat.numel())
         first = torch.full((size,), flat.numel(), device=x.device).scatter_reduce(0, index, positions, "amin")
         shift = flat.detach().index_select(0, first.clamp_max(max(flat.numel() - 1, 0))) if flat.numel() \
             else torch.zeros(size, dtype=compute, device=x.device)
         shift = torch.where(count > 0, shift, 0)
-        shifted = flat - shift[index]
+        shifted = kept - shift[index]
         mean = shift + torch.zeros(size, dtype=compute, device=x.device).index_add(0, index, torch.where(
             where, shifted, 0)) / safe
-        centered = flat - mean[index]
+        centered = kept - mean[index]
         var = torch.zeros(size, dtype=compute, device=x.device).index_add(0, index, torch.where(
             where, centered * centered, 0)) / safe
     rstd = torch.where(count > 0, torch.rsqrt(var + eps), 0)
@@ -329,13 +330,27 @@ def _composite(x, weight, bias, mask, segment_ids, spec: Spec, eps, num_segments
              count.detach().long().reshape(shape))
     if then is not None:  # (before the output's operations save their inputs)
         then(*stats)
-    y = (centered * rstd[index]).reshape(plan.axis_sizes)
-    if weight is not None:
-        y = y * _expand(weight, plan).to(compute)
-    if bias is not None:
-        y = y + _expand(bias, plan).to(compute)
+    mean_e, rstd_e = mean[index], rstd[index]
+    with torch.no_grad():
+        # as the kernels: a group with nothing counted gives x̂ = 0 (its output exactly bias,
+        # NaN there too), and an uncounted x̂ that is NaN or ±Inf stays in its own output and
+        # gradient, taking no part in the statistics' or the weight's (normlab.masked)
+        dead = (count == 0)[index]
+        confined = ~where & ~torch.isfinite((flat - mean_e) * rstd_e) & ~dead
+    x_hat = (torch.where(dead | confined, 0, flat) - mean_e) * rstd_e
+    garbage = (flat - mean_e.detach()) * rstd_e.detach()
+    w = None if weight is None else _expand(weight, plan).to(compute)
+    b = None if bias is None else _expand(bias, plan).to(compute)
+    y = _affine(x_hat.reshape(plan.axis_sizes), w, b)
+    y = torch.where(confined.reshape(plan.axis_sizes),
+                    _affine(garbage.reshape(plan.axis_sizes), None if w is None else w.detach(), b), y)
     y = y.to(x.dtype)  # the input's dtype whatever the parameters', as torch.nn and the kernels give
     return (y.reshape(x.shape),) + stats
+
+
+def _affine(x_hat: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    y = x_hat if weight is None else x_hat * weight
+    return y if bias is None else y + bias
 
 
 # the names of the ellipsis' axes: a Plan's ("...0") and Spec.plan's ("_ellipsis0")
