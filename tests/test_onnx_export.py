@@ -236,3 +236,25 @@ def test_a_norm_in_evaluation_with_running_statistics_exports_with_segment_ids(d
     feeds = {"x": inputs[0].numpy(), "ids": inputs[1].numpy()}  # (one exporter keeps the unused ids)
     (got,) = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
     torch.testing.assert_close(torch.from_numpy(got), model(*inputs))
+
+
+@pytest.mark.parametrize("opset", [9, 11, 17])
+def test_a_converted_mamba2_gated_norm_exports_at_every_opset_its_original_exports_at(opset, tmp_path):
+    """GatedRMSNorm split its rows into groups with unflatten, which the TorchScript exporter
+    takes from opset 13 on: exporting a converted Mamba2 model at opset 9 or 11 raised "Exporting
+    the operator 'aten::unflatten' ... is not supported", where MambaRMSNormGated's own view
+    exports. The groups are now a reshape, as Mamba2 views them."""
+    mamba2 = pytest.importorskip("transformers.models.mamba2.modeling_mamba2")
+    torch.manual_seed(0)
+    original = mamba2.MambaRMSNormGated(8, group_size=4)
+    with torch.no_grad():
+        original.weight.uniform_(0.5, 1.5)
+    twin = nt.convert(copy.deepcopy(original))
+    assert type(twin).__name__ == "GatedRMSNorm"
+    path = str(tmp_path / "gated.onnx")
+    axes = {0: "batch", 1: "length"}
+    torch.onnx.export(twin, (torch.randn(2, 3, 8), torch.randn(2, 3, 8)), path, dynamo=False, opset_version=opset,
+                      input_names=["x", "gate"], dynamic_axes={"x": axes, "gate": axes})
+    x, gate = torch.randn(5, 7, 8), torch.randn(5, 7, 8)
+    (got,) = onnxruntime.InferenceSession(path).run(None, {"x": x.numpy(), "gate": gate.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), original(x, gate))

@@ -326,7 +326,11 @@ class _View:
     def of(self, t: Tensor) -> Tensor:
         if self.plan is not None:
             return t.reshape(self.plan.axis_sizes)
-        return t.unflatten(-1, (-1, self.group)) if self.group else t
+        if not self.group:
+            return t
+        # (a reshape, as Mamba2's gated norm views its groups: the TorchScript ONNX exporter
+        # takes it at every opset, where unflatten needs opset 13; a nested tensor has no one shape)
+        return t.unflatten(-1, (-1, self.group)) if t.is_nested else t.reshape(t.shape[:-1] + (-1, self.group))
 
     def back(self, y: Tensor, x: Tensor) -> Tensor:
         """``y``, laid out as :meth:`of` lays out ``x``, in ``x``'s shape."""
