@@ -461,14 +461,30 @@ def positive_int(text: str) -> int:
     return value
 
 
+def some_text(example: str):
+    """An argparse type for an option whose empty value (``--plot ''``, ``--case "$UNSET"``)
+    would be taken silently: no plot at all, or every case.
+
+    >>> some_text("--plot speed.png")("a.png")
+    'a.png'
+    """
+    def check(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"needs a value, e.g. {example}; got {text!r}")
+        return text
+
+    return check
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``normlab bench``."""
     parser.add_argument("--quick", action="store_true", help=f"small shapes and {QUICK_REPEATS} repeats: a smoke test")
     parser.add_argument("--repeats", type=positive_int, default=None, metavar="N",
                         help=f"timed calls per cell, at least 1 (default {DEFAULT_REPEATS}, quick {QUICK_REPEATS})")
-    parser.add_argument("--case", action="append", default=None, metavar="TEXT",
+    parser.add_argument("--case", action="append", default=None, metavar="TEXT", type=some_text('--case "layer norm"'),
                         help="only cases whose name and mode contain TEXT (repeatable)")
-    parser.add_argument("--plot", metavar="FILE.png", default=None, help="save a bar chart of the speedups")
+    parser.add_argument("--plot", metavar="FILE.png", default=None, type=some_text("--plot speed.png"),
+                        help="save a bar chart of the speedups")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--sweep", action="store_true",
                         help="normlab.torch's layer, RMS and batch norm modules against torch.nn eager, "

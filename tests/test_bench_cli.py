@@ -231,3 +231,16 @@ def test_sweep_heatmaps_leave_out_a_competitor_that_did_not_run(tmp_path):
     sweep.plot(cells, str(plot))
     height, width = matplotlib.image.imread(plot).shape[:2]
     assert (width, height) == (round(4.2 * 110), round(3.2 * 2 * 110))  # 1 column, 2 rows of panels at 110 dpi
+
+
+@pytest.mark.parametrize("argv", [["--plot", ""], ["--sweep", "--plot", ""], ["--case", ""], ["--case", " "],
+                                  ["--case", "tiny", "--case", ""]])
+def test_an_empty_plot_or_case_is_refused_not_taken_as_no_plot_or_every_case(argv, capsys, monkeypatch):
+    # --plot '' saved nothing and said nothing; --case '' ran every case (minutes)
+    from normlab import cli
+
+    monkeypatch.setattr(bench, "run", lambda args: 0)  # what would have run: the measurement
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", *argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "needs a value" in err and argv[-2] in err, err
