@@ -95,6 +95,13 @@ def promoted(a: np.dtype, b: np.dtype) -> np.dtype:
     return np.dtype(np.float32) if other == np.float16 else other
 
 
+def readable_dtype(dtype: np.dtype) -> bool:
+    """Whether normlab reads arrays of ``dtype``, x and everything beside it alike: float16,
+    bfloat16, float32 and float64, and integers and bools (as float64); not long double
+    (rounding it to float64 would drop what it holds beyond), complex, dates or text."""
+    return native_dtype(dtype) in _FLOATS or is_bfloat16(dtype) or dtype.kind in "iub"
+
+
 def result_dtype(x: np.ndarray, pattern: str, name: str = "input") -> np.dtype:
     """The output dtype: the input's float dtype (in the native byte order; bfloat16 stays
     bfloat16); integers and bools become float64."""
@@ -127,7 +134,7 @@ def read_array(value, name: str, where: str, dtype=None) -> np.ndarray:
 
 def _param_array(value, name: str, plan: Plan) -> np.ndarray:
     array = as_array(value, name, plan.pattern, plan.shape)
-    if array.dtype.kind not in "fiub" and not is_bfloat16(array.dtype):
+    if not readable_dtype(array.dtype):
         raise ParamsError(f"{_describe(plan, plan.shape)}: {name} has dtype {array.dtype}; pass a float16, bfloat16, "
                           f"float32 or float64 array of shape {plan.param_shape} (cast with {name}.astype(np.float32))")
     if array.shape != plan.param_shape:
@@ -250,10 +257,10 @@ def stats_in_shape(value, name: str, plan: Plan, shape: tuple, listed: tuple, li
     if isinstance(value, np.ma.MaskedArray):
         reject_masked(value, name, _describe(plan, plan.shape))
     array = as_array(value, name, plan.pattern, plan.shape)
-    if array.dtype.kind not in "fiub" and not is_bfloat16(array.dtype):  # a cast would take complex, dates, text
+    if not readable_dtype(array.dtype):  # a cast would take complex, dates, text, or round long double
         raise InputError(f"{_describe(plan, plan.shape)}: {name} has dtype {array.dtype}, and statistics are real "
-                         "numbers; pass the float64 arrays that return_stats=True gives (or any float, int or bool "
-                         "array)")
+                         "numbers of float64 at most; pass the float64 arrays that return_stats=True gives (or a "
+                         f"float16, bfloat16, float32, int or bool array; cast with {name}.astype(np.float64))")
     array = array.astype(np.float64, copy=False)
     if array.shape == shape:
         return array

@@ -170,11 +170,11 @@ def activation(name: str, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _same_shape(value, name: str, plan: Plan, pattern: str) -> np.ndarray:
     from normlab.core import reject_masked
 
-    from normlab.core import as_array, computable
+    from normlab.core import as_array, computable, readable_dtype
 
     reject_masked(value, name, f"pattern {pattern!r}, input shape {plan.shape}")
     array = computable(as_array(value, name, pattern, plan.shape))
-    if array.dtype.kind not in "fiub":
+    if not readable_dtype(array.dtype):
         raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: {name} has dtype {array.dtype}; pass a "
                          f"float16, bfloat16, float32 or float64 array of x's shape (cast with {name}.astype(np.float32))")
     if array.shape != plan.shape:
@@ -233,11 +233,11 @@ def _axes_of_shape(plan: Plan, shape: tuple) -> str:
 
 
 def _modulation_array(value, name: str, mod_plan: Plan) -> np.ndarray:
-    from normlab.core import as_array, is_bfloat16, reject_masked
+    from normlab.core import as_array, readable_dtype, reject_masked
 
     reject_masked(value, name, f"pattern {mod_plan.pattern!r}, input shape {mod_plan.shape}")
     array = as_array(value, name, mod_plan.pattern, mod_plan.shape)
-    if array.dtype.kind not in "fiub" and not is_bfloat16(array.dtype):
+    if not readable_dtype(array.dtype):
         raise ParamsError(f"pattern {mod_plan.pattern!r}, input shape {mod_plan.shape}: {name} has dtype "
                           f"{array.dtype}; pass a float16, bfloat16, float32 or float64 array of shape {mod_plan.param_shape} "
                           f"(cast with {name}.astype(np.float32))")

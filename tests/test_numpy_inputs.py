@@ -536,3 +536,42 @@ def test_the_cast_suggested_for_a_float32_weight_beside_integer_input_makes_the_
     fixed = normlab.functional.layer_norm(x, 3, weight.astype({"np.float64": np.float64, "x.dtype": x.dtype}[cast]))
     want = F.layer_norm(torch.from_numpy(x.astype(np.float64)), (3,), torch.from_numpy(weight.astype(np.float64)))
     np.testing.assert_allclose(fixed, want.numpy(), rtol=1e-12, atol=1e-12)
+
+
+_X = np.arange(24.0).reshape(4, 6) % 5
+_LONG = np.longdouble
+_BESIDE_X = {
+    "weight": lambda: normlab.normalize(_X, "b [f]", weight=np.ones(6, _LONG), params="f"),
+    "bias": lambda: normlab.normalize(_X, "b [f]", bias=np.zeros(6, _LONG), params="f"),
+    "weight, masked": lambda: normlab.normalize(_X, "b [f]", weight=np.ones(6, _LONG), params="f",
+                                                mask=_X > 0),
+    "weight, segments": lambda: normlab.normalize(_X, "b [f]", weight=np.ones(6, _LONG), params="f",
+                                                  segment_ids=[0, 0, 1, 1, 2, 2], segment_axis="f"),
+    "gate": lambda: normlab.normalize(_X, "b [f]", rms=True, gate=np.ones((4, 6), _LONG)),
+    "residual": lambda: normlab.normalize(_X, "b [f]", residual=np.ones((4, 6), _LONG)),
+    "scale": lambda: normlab.normalize(_X, "b [f]", scale=np.ones(4, _LONG), modulation="b"),
+    "shift": lambda: normlab.normalize(_X, "b [f]", shift=np.ones(4, _LONG), modulation="b"),
+    "mean": lambda: normlab.normalize(_X, "b [f]", mean=np.zeros((4, 1), _LONG), rstd=np.ones((4, 1))),
+    "rstd": lambda: normlab.normalize(_X, "b [f]", rms=True, rstd=np.ones((4, 1), _LONG)),
+    "backward weight": lambda: normlab.normalize_backward(np.ones((4, 6)), _X, "b [f]", weight=np.ones(6, _LONG),
+                                                          params="f"),
+    "backward gate": lambda: normlab.normalize_backward(np.ones((4, 6)), _X, "b [f]", rms=True,
+                                                        gate=np.ones((4, 6), _LONG)),
+}
+
+
+@pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8, reason="long double is float64 on this platform")
+@pytest.mark.parametrize("argument", sorted(_BESIDE_X))
+def test_a_long_double_array_beside_x_is_refused_as_a_long_double_x_is(argument):
+    """x of dtype long double is refused (normalize computes in float64 at most); a weight,
+    bias, gate, scale, shift or statistic of that dtype was read, rounded to float64 without
+    a word. Each is now refused with an error that repeats the pattern and the shape, names
+    the argument and its dtype, and says what to cast it to."""
+    with pytest.raises(NormlabError, match=r"input shape \(4, 6\)"):
+        normlab.normalize(_X.astype(np.longdouble), "b [f]")
+    with pytest.raises(NormlabError) as info:
+        _BESIDE_X[argument]()
+    message = str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert "pattern 'b [f]', input shape (4, 6)" in message and str(np.dtype(np.longdouble)) in message
+    assert f"{argument.split(',')[0].split()[-1]}.astype(np." in message
