@@ -383,7 +383,9 @@ def _reduced_composite(x, weight, bias, mask, spec: Spec, eps):
     counted = (torch.ones((), dtype=torch.bool, device=x.device) if mask is None else mask).expand(
         x.shape).reshape(sizes)
     count = counted.to(compute).sum(dim=axes, keepdim=True)
-    safe = count.clamp_min(1)
+    # (not clamp_min(1): ONNX Runtime has no float64 Clip before opset 12, and the exporter
+    # records clamp as Clip at opsets 9 and 11)
+    safe = torch.where(count > 0, count, 1)
     mean = torch.zeros_like(count) if spec.rms else torch.where(counted, view, 0).sum(dim=axes, keepdim=True) / safe
     centered = view - mean
     var = torch.where(counted, centered * centered, 0).sum(dim=axes, keepdim=True) / safe
