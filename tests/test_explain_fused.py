@@ -55,6 +55,14 @@ def test_modulation_over_an_unknown_axis_says_which_axes_exist(explain):
 
 
 
+@pytest.mark.parametrize("axes", ["", "  "])
+def test_an_empty_modulation_is_refused_as_normalize_refuses_it_not_left_out_silently(explain, axes):
+    # --modulation '' drew the plain norm and exited 0, where normalize(modulation="") raises
+    result = explain("b t [d]", "--shape", "2,2,3", "--modulation", axes)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "empty modulation: name the axes scale and shift span" in result.stderr
+
+
 def test_modulation_on_the_group_preset_takes_the_g_the_preset_picked_and_errors_speak_of_modulation(explain):
     result = explain("group", "--shape", "2,4,3", "--modulation", "b c")  # g=2 picked by the preset
     assert result.returncode == 0 and "scale and shift per (b, c)" in result.stdout

@@ -274,14 +274,15 @@ def _fused_stages(args: argparse.Namespace, view):
     """The fused block's stages when an option asks for one (else an empty tuple)."""
     from normlab.explain.pipeline import stages
 
-    if not (args.residual or args.gate or args.modulation or args.weight_offset):
+    # (an empty --modulation '' is no modulation left out: normalize(modulation="") refuses it, so does explain)
+    if not (args.residual or args.gate or args.modulation is not None or args.weight_offset):
         return ()
     if not math.isfinite(args.weight_offset):  # normalize(weight_offset=) refuses it too
         raise NormlabError(f"--weight-offset must be a finite number, got {args.weight_offset}; pass e.g. "
                            "--weight-offset 1 (Gemma's 1 + weight)")
     if args.gate_first and not args.gate:
         raise NormlabError("--gate-first needs --gate ACT (silu, sigmoid or gelu)")
-    if args.modulation:
+    if args.modulation is not None:
         from normlab.fused import _modulation_plan
 
         # with the view's sizes (the group preset's own g among them); names the axes, or says
