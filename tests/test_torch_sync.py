@@ -205,6 +205,21 @@ def _compare_masked_with_single_process(rank: int, port: int):
                                    .reshape(CHANNELS, -1).T, mine_rows, **tolerance)
         torch.testing.assert_close(padded.running_mean, running_mean, **tolerance)
         torch.testing.assert_close(padded.running_var, running_var, **tolerance)
+        # and the gradients of a loss on the counted outputs alone, in a backward and one under
+        # create_graph=True: those of the finite batch (torch autograd), the padding in none of them
+        counted_grad = torch.where(mask, grad_y, 0)
+        x_ref = x.clone().requires_grad_()
+        w_ref = padded.weight.detach().clone().requires_grad_()
+        expected = _masked_composite(x_ref, mask, w_ref, padded.bias.detach(), padded.eps)
+        want_x, = torch.autograd.grad((expected * counted_grad).sum(), x_ref, retain_graph=True)
+        want_w, = torch.autograd.grad((expected[mine] * counted_grad[mine]).sum(), w_ref)  # (DDP sums the ranks')
+        for create_graph in (False, True):
+            x_padded.requires_grad_()
+            y_padded = padded(x_padded, mask=mask[mine])
+            grad_x, grad_w = torch.autograd.grad((y_padded * counted_grad[mine]).sum(), (x_padded, padded.weight),
+                                                 create_graph=create_graph)
+            torch.testing.assert_close(grad_x, want_x[mine], **tolerance)
+            torch.testing.assert_close(grad_w, want_w, **tolerance)
 
         # a channel with nothing counted on any rank: exactly bias, running statistics kept
         channel_mask = mask[mine].expand(x_local.shape).clone()

@@ -12,6 +12,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from normlab.errors import InputError
 from normlab.torch.compute import (_average_factor, _batch_norm_forward, _channel_shape, _dtypes_refused,
                                    _torch_batch_norm, _update_running)
+from normlab.torch.masked import _affine
 from normlab.torch.masked_modules import _check_mask, masked_forward
 from normlab.torch.modules import _BatchNormForward, _fx_call_module, _refuse_mask_on_plain_state, _state_restored
 from normlab.torch.ops import _grads_of
@@ -63,14 +64,20 @@ def _synced_backward(ctx, grad_y: Tensor, x: Tensor, mask: Optional[Tensor], wei
     high, low = mean_parts  # (see _split_mean)
     g = grad_y.to(rstd.dtype)
     x_hat = ((x.to(rstd.dtype) - high) - low) * rstd
+    summed = x_hat
+    if mask is not None:
+        # an uncounted NaN or Inf (garbage in the padding) enters no sum: 0·NaN would poison the
+        # channel on every rank (normlab.masked); its own gradient stays g·w·rstd
+        mask = mask.expand(x.shape)
+        summed = torch.where(mask | torch.isfinite(x_hat), x_hat, 0)
     sum_dy = g.sum(dims)
-    sum_dy_xhat = (g * x_hat).sum(dims)
+    sum_dy_xhat = (g * summed).sum(dims)
     packed = torch.cat([sum_dy, sum_dy_xhat])
     torch.distributed.all_reduce(packed, group=ctx.group)
     total_dy, total_dy_xhat = packed.chunk(2)
     correction = (total_dy.reshape(shape) + x_hat * total_dy_xhat.reshape(shape)) / count
     if mask is not None:
-        correction = mask.expand(x.shape).to(rstd.dtype) * correction
+        correction = torch.where(mask, correction, 0)
     scale = rstd if weight is None else rstd * weight.to(rstd.dtype).reshape(shape)
     grad_x = scale * (g - correction)
     grad_w = sum_dy_xhat.to(weight.dtype) if weight is not None and need_weight else None
@@ -117,12 +124,18 @@ def _composite_synced(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
         squares = torch.where(counted, squares, 0)
     var = _AllReduceSum.apply(squares.sum(dims), group) / total_count.clamp_min(1)
     rstd = torch.where(total_count > 0, torch.rsqrt(var + eps), 0)
-    y = (x.to(compute) - mean.reshape(shape)) * rstd.reshape(shape)
-    if weight is not None:
-        y = y * weight.to(compute).reshape(shape)
-    if bias is not None:
-        y = y + bias.to(compute).reshape(shape)
-    return y.to(x.dtype)
+    mean, rstd = mean.reshape(shape), rstd.reshape(shape)
+    w = None if weight is None else weight.to(compute).reshape(shape)
+    b = None if bias is None else bias.to(compute).reshape(shape)
+    x_full = x.to(compute)
+    if counted is None:
+        return _affine((x_full - mean) * rstd, w, b).to(x.dtype)
+    with torch.no_grad():  # (see normlab.torch.masked._composite)
+        dead = (total_count == 0).reshape(shape)
+        confined = ~counted & ~torch.isfinite((x_full - mean) * rstd) & ~dead
+    x_hat = (torch.where(dead | confined, 0, x_full) - mean) * rstd
+    garbage = _affine((x_full - mean.detach()) * rstd.detach(), None if w is None else w.detach(), b)
+    return torch.where(confined, garbage, _affine(x_hat, w, b)).to(x.dtype)
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
