@@ -139,6 +139,13 @@ def test_explain_refuses_an_empty_page_name_as_argparse_refuses_a_bad_value(tmp_
     assert result.stdout == "" and not any(tmp_path.iterdir())
 
 
+def test_demo_refuses_an_empty_page_name_as_explain_does(tmp_path):
+    # it said "cannot write the page to '.': Is a directory"
+    result = normlab_cli("demo", "--html", "", cwd=tmp_path)
+    assert result.returncode == 2 and "argument --html: needs a file name" in result.stderr
+    assert result.stdout == "" and not any(tmp_path.iterdir())
+
+
 DEEP = "[" * 5000 + "1" + "]" * 5000
 BAD_INPUTS = {
     "bad JSON": ["explain", "batch", "--data", "[[1,2]"],

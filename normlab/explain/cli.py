@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "like the data (or broadcasting to it); needs --gate ACT")
     parser.add_argument("--modulation", metavar="AXES", help="fused block: scale and shift over AXES, e.g. 'b d'")
     parser.add_argument("--weight-offset", metavar="O", type=float, default=0.0, help="Gemma's 1 + weight is 1")
-    parser.add_argument("--html", metavar="FILE", type=_page_file, help="also write a self-contained HTML page to FILE")
+    parser.add_argument("--html", metavar="FILE", type=page_file, help="also write a self-contained HTML page to FILE")
     parser.add_argument("--no-color", dest="explain_no_color", action="store_true", help="plain text output")
     _allow_sizes_after_options(parser)
     # a negative number in scientific notation (--weight-offset -1e-8) is a value, not an
@@ -57,9 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _NEGATIVE_NUMBER = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
 
 
-def _page_file(name: str) -> str:
-    """``--html FILE``: an empty name (``--html ''``) is refused as argparse refuses a bad
-    value, where it would have written nothing and said nothing."""
+def page_file(name: str) -> str:
+    """``--html FILE`` (explain's and the demo's): an empty name (``--html ''``) is refused as
+    argparse refuses a bad value, where explain would have written nothing and said nothing,
+    and the demo would have said it cannot write to '.'."""
     if not name:
         raise argparse.ArgumentTypeError("needs a file name, e.g. --html explain.html")
     return name

@@ -58,7 +58,9 @@ NOTE_PREDICTION_2D = "[[x1, a, 0], [0, a, 0], [-x1, b, 0]]"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--html PATH`` for the page (default ``normlab-demo.html`` here), ``--no-color``."""
-    parser.add_argument("--html", metavar="PATH", default=DEFAULT_PAGE,
+    from normlab.explain.cli import page_file
+
+    parser.add_argument("--html", metavar="PATH", default=DEFAULT_PAGE, type=page_file,
                         help=f"where to write the page of the 3-D example (default {DEFAULT_PAGE})")
     parser.add_argument("--no-color", dest="demo_no_color", action="store_true", help="plain text output")
 
