@@ -108,12 +108,17 @@ def _refuse_masked_elements(value: np.ma.MaskedArray, name: str, plan: Plan, fix
                          f"read np.ma masks; decide what the masked positions are: pass {fix}")
 
 
+def refuse_masked_mask(mask: np.ma.MaskedArray, plan: Plan) -> None:
+    """An np.ma array with masked elements as ``mask``: refused, with the two ways to decide."""
+    _refuse_masked_elements(mask, "mask", plan, "mask.filled(False) to leave them out of the statistics, or "
+                            "mask.filled(True) to count them")
+
+
 def _mask_view(mask, plan: Plan) -> np.ndarray:
     from normlab.core import as_array
 
     if isinstance(mask, np.ma.MaskedArray):  # (a plain array, as the torch twins pass, skips the call)
-        _refuse_masked_elements(mask, "mask", plan, "mask.filled(False) to leave them out of the statistics, or "
-                                "mask.filled(True) to count them")
+        refuse_masked_mask(mask, plan)
     mask = as_array(mask, "mask", plan.pattern, plan.shape)
     if mask.dtype != np.bool_:
         raise InputError(f"{_describe(plan)}: mask has dtype {mask.dtype}; pass a boolean array "

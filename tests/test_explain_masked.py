@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+import normlab
 from normlab.cli import main
 from normlab.explain.html import page_data
 from normlab.explain.model import EPS, all_views, explain_array, observations
@@ -150,3 +151,23 @@ def test_a_group_with_nothing_counted_shows_no_mean_or_std_in_the_legend_nor_on_
     view = explain_array(x, "layer", mask=np.broadcast_to(np.array(MASK, bool), x.shape))
     norm = page_data([view], "layer")["norms"][0]
     assert norm["meanText"] == ["3", "2.667", "2", "–"] and norm["stdText"][3] == "–"
+
+
+@pytest.mark.parametrize("argument, value, fix", [
+    ("mask", np.ma.masked_array(np.ones((4, 3), bool), mask=np.eye(4, 3, dtype=bool)), "mask.filled(False)"),
+    ("mask", np.ma.masked_array(np.ones((1, 3), bool), mask=[[False, True, False]]), "mask.filled(True)"),
+    ("segments", np.ma.masked_array([0, 1, 1, 0], mask=[False, True, False, False]), "segment_ids.filled(id)"),
+], ids=["mask", "broadcast mask", "segments"])
+def test_explain_refuses_an_np_ma_mask_or_segments_with_masked_elements_as_normalize_does(argument, value, fix):
+    """explain_array read mask= and segments= with np.asarray, which drops an np.ma array's own
+    mask: the values under it counted (or kept the id they hid), silently, where normalize
+    refuses such an array (458cfcc) and says how to decide. One with nothing masked is read
+    as before."""
+    x = np.arange(12.0).reshape(4, 3)
+    normalize_argument = {"segments": "segment_ids"}.get(argument, argument)
+    with pytest.raises(ValueError) as expected:
+        normlab.normalize(x, "[b] c", **{normalize_argument: value})
+    with pytest.raises(ValueError, match=r"pattern '\[b\] c', input shape \(4, 3\)") as got:
+        explain_array(x, "[b] c", **{argument: value})
+    assert type(got.value) is type(expected.value) and fix in str(got.value)
+    explain_array(x, "[b] c", **{argument: np.ma.masked_array(np.ma.getdata(value))})

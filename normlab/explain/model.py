@@ -234,12 +234,16 @@ def explain_array(x, name_or_pattern: str, sizes: dict | None = None, rms: bool 
         key, label = "custom", f"{label}, RMS" if key != "custom" else "your pattern, RMS"
     rms = rms or preset_rms
     plan = make_plan(pattern, x.shape, sizes=sizes)
+    if isinstance(mask, np.ma.MaskedArray):  # (np.asarray above read the values under its mask)
+        from normlab.masked import refuse_masked_mask
+
+        refuse_masked_mask(mask, plan)  # as normalize does
     extra = {} if counted is None else {"mask": counted}
     groups, stats_shape, segment_axis = plan.group_ids(), None, None
     if segments is not None:
         from normlab.masked import make_grouping
 
-        grouping = make_grouping(plan, segment_ids=np.asarray(segments))  # checks the ids, or says why not
+        grouping = make_grouping(plan, segment_ids=segments)  # checks the ids (np.ma ones too), or says why not
         extra["segment_ids"] = grouping.segment_ids
         groups = grouping.group_index().reshape(x.shape)
         stats_shape, segment_axis = grouping.stats_shape, grouping.segment_axis
