@@ -236,13 +236,16 @@ def test_masked_sync_batch_norm_over_two_gloo_processes_equals_batch_norm_on_the
     mp.spawn(_compare_masked_with_single_process, args=(_free_port(),), nprocs=WORLD_SIZE, join=True)
 
 
-def _gloo_threads() -> list:
-    """The threads gloo and the TCPStore run in this process, by the names Linux gives them."""
-    names = []
+def _threads() -> dict:
+    """This process's threads: Linux's thread id and name of each."""
+    names = {}
     for task in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{task}/comm") as comm:
-            names.append(comm.read().strip())
-    return sorted(name for name in names if name.startswith(("gloo", "pt_gloo", "pt_tcpstore")))
+        try:
+            with open(f"/proc/self/task/{task}/comm") as comm:
+                names[int(task)] = comm.read().strip()
+        except FileNotFoundError:  # (a thread that ended meanwhile)
+            pass
+    return names
 
 
 def _train_step_then_destroy_the_process_group(rank: int, port: int):
@@ -250,10 +253,12 @@ def _train_step_then_destroy_the_process_group(rank: int, port: int):
     destroy_process_group: torch stops the group's threads there, as where only torch's
     collectives ran; a group kept alive ran its threads into interpreter shutdown, which
     aborted a rank ("terminate called without an active exception")."""
-    before = _gloo_threads()
+    before = _threads()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    # the group's threads, by id: torch 2.12 leaves gloo's unnamed ("python"), 2.13 names them gloo_tcp_loop
+    group_threads = set(_threads()) - set(before)
     try:
-        assert len(_gloo_threads()) > len(before)  # (the check sees them)
+        assert group_threads  # (the check sees them)
         sync = nt.SyncBatchNorm(CHANNELS).double()
         x, grad_y, mask = _masked_batch(torch.float64)
         start = sum(BATCH_PER_RANK[:rank])
@@ -267,7 +272,8 @@ def _train_step_then_destroy_the_process_group(rank: int, port: int):
         del model
     finally:
         dist.destroy_process_group()
-    assert _gloo_threads() == before, f"gloo's threads still run after destroy_process_group: {_gloo_threads()}"
+    alive = {tid: name for tid, name in _threads().items() if tid in group_threads}
+    assert not alive, f"the process group's threads still run after destroy_process_group: {alive}"
     assert not dynamo_loaded, "a synced step imported Dynamo (1.4 s), which torch.compile alone needs"
 
 
