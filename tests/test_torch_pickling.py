@@ -154,3 +154,31 @@ def test_a_model_converted_in_a_script_loads_where_the_script_s_norm_class_is_no
     _converted_saves_and_loads_with_the_original_s_outputs(
         torch.nn.Sequential(torch.nn.Linear(8, 8), script.LlamaRMSNorm(8)),
         forget=lambda: monkeypatch.delitem(sys.modules, script.__name__))  # (as in another process)
+
+
+@pytest.mark.parametrize("metadata", ["version 1", "none"])
+def test_a_batch_norm_checkpoint_from_before_num_batches_tracked_loads_into_norm_as_into_torch_nn(metadata):
+    """torch.nn's batch norms load a checkpoint of state-dict version 1 (or without
+    metadata), which has no num_batches_tracked, counting 0 batches; Norm with a batch norm
+    pattern raised 'Missing key(s) in state_dict: "num_batches_tracked"'. Oracle:
+    torch.nn.BatchNorm2d with the same checkpoint, momentum=None (the cumulative average,
+    which reads the count)."""
+    source = torch.nn.BatchNorm2d(4)
+    x = torch.randn(5, 4, 3, 3, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    source(x)
+    old = source.state_dict()
+    del old["num_batches_tracked"]
+    if metadata == "none":
+        del old._metadata
+    else:
+        old._metadata[""]["version"] = 1
+    reference = torch.nn.BatchNorm2d(4, momentum=None)
+    norm = nt.Norm("[b] c [h w]", params="c", c=4, momentum=None, track_running_stats=True)
+    reference.load_state_dict(old)
+    norm.load_state_dict(old)
+    for step in range(2):
+        torch.testing.assert_close(norm(x * (step + 2)), reference(x * (step + 2)))
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(norm.state_dict()[key], value, msg=key)
+    norm.eval(), reference.eval()
+    torch.testing.assert_close(norm(x), reference(x))

@@ -781,6 +781,18 @@ class Norm(Unscriptable, nn.Module):
                              f"pass {', '.join(f'{n}=...' for n in missing)}")
         return tuple(math.prod(sizes[n] for n in item) for item in items)
 
+    # torch.nn's batch norms' state-dict version: version 2 added num_batches_tracked, so a
+    # checkpoint of an earlier version (or none) loads with 0 batches counted, as into theirs
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:
+        version, key = local_metadata.get("version"), prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            tracked = self.num_batches_tracked
+            state_dict[key] = (tracked if tracked is not None and tracked.device.type != "meta"
+                               else torch.tensor(0, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
             self.running_mean.zero_()
