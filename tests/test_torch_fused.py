@@ -892,3 +892,20 @@ def test_the_sum_alone_gives_the_parameters_no_gradient_as_the_add_before_a_norm
     y, total = ours(x, r)
     total.sum().backward()
     assert all(p.grad is None for p in ours.parameters()) and base.grad is not None
+
+
+@pytest.mark.parametrize("how", ["compiled", "traced"])
+def test_a_converted_mamba2_gated_norm_compiled_or_traced_takes_an_empty_input_as_the_original(how):
+    """Compiled or traced, GatedRMSNorm views its rows' groups without a plan; that view named
+    the group count -1, which a reshape of no elements cannot decide ("cannot reshape tensor of
+    0 elements"), where Mamba2's own view names it and gives an empty output."""
+    torch.manual_seed(0)
+    original, group = mamba_gated_norm(8, group_size=4)
+    twin = convert(copy.deepcopy(original))
+    assert isinstance(twin, GatedRMSNorm)
+    for shape in [(0, 3, 8), (2, 0, 8)]:
+        x, gate = torch.randn(shape), torch.randn(shape)
+        torch._dynamo.reset()
+        run = (torch.compile(twin, backend="eager", dynamic=False) if how == "compiled"
+               else torch.jit.trace(twin, (x, gate), check_trace=False))
+        torch.testing.assert_close(run(x, gate), original(x, gate))

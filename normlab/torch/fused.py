@@ -329,8 +329,11 @@ class _View:
         if not self.group:
             return t
         # (a reshape, as Mamba2's gated norm views its groups: the TorchScript ONNX exporter
-        # takes it at every opset, where unflatten needs opset 13; a nested tensor has no one shape)
-        return t.unflatten(-1, (-1, self.group)) if t.is_nested else t.reshape(t.shape[:-1] + (-1, self.group))
+        # takes it at every opset, where unflatten needs opset 13; a nested tensor has no one shape).
+        # The group count is named, not -1, which an input of no elements leaves undecided
+        if t.is_nested:
+            return t.unflatten(-1, (-1, self.group))
+        return t.reshape(t.shape[:-1] + (t.shape[-1] // self.group, self.group))
 
     def back(self, y: Tensor, x: Tensor) -> Tensor:
         """``y``, laid out as :meth:`of` lays out ``x``, in ``x``'s shape."""
