@@ -290,3 +290,29 @@ def test_a_screen_reader_reaches_every_cell_by_its_position_value_and_group_and_
     cell.click()
     assert cell.get_attribute("aria-pressed") == "false"
     assert severe_errors(browser) == []
+
+
+@pytest.mark.parametrize("name, keys, reached", [
+    ("2d", ["ARROW_RIGHT"], 1), ("2d", ["ARROW_DOWN"], 3), ("2d", ["ARROW_DOWN", "ARROW_RIGHT", "ARROW_UP"], 1),
+    ("2d", ["END"], 8), ("2d", ["ARROW_LEFT"], 0),  # (nothing left of the first cell)
+    ("4d", ["ARROW_DOWN"], 1), ("4d", ["ARROW_RIGHT"], 6), ("4d", ["END", "HOME"], 0),  # 4d: 2x4x(2x3)
+])
+def test_the_picture_is_one_tab_stop_and_the_arrow_keys_move_among_its_cells(browser, pages, name, keys, reached):
+    # every cell was a Tab stop: 4,096 Tabs to get past a 64x64 tensor to the legend
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    x, views = open_page(browser, pages, name)
+    assert browser.execute_script("return document.querySelectorAll('#cells [tabindex=\"0\"]').length") == 1
+    browser.execute_script("document.querySelector('#cells .cell[data-index=\"0\"]').focus()")
+    for key in keys:
+        ActionChains(browser).send_keys(getattr(Keys, key)).perform()
+    active = lambda: browser.execute_script("return document.activeElement.dataset.index ?? null")  # noqa: E731
+    shown = browser.execute_script("return document.querySelector('button.norm[aria-pressed=\"true\"]').dataset.norm")
+    assert active() == str(reached) and highlighted(browser) == group_of(next(v for v in views if v.key == shown),
+                                                                         reached)
+    ActionChains(browser).send_keys(Keys.TAB).perform()  # out of the picture, to the legend
+    assert active() is None and browser.execute_script("return document.activeElement.closest('#legend') !== null")
+    ActionChains(browser).key_down(Keys.SHIFT).send_keys(Keys.TAB).key_up(Keys.SHIFT).perform()
+    assert active() == str(reached)  # back to the cell it left
+    assert severe_errors(browser) == []

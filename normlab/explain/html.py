@@ -204,7 +204,7 @@ def _svg(x: np.ndarray, first: NormView) -> str:
         skew = f" skewY({geometry.text_skew:.1f})" if geometry.text_skew else ""
         fill = FILL_PALETTE[groups[flat] % len(FILL_PALETTE)]
         cells.append(
-            f'<g class="cell" data-index="{flat}" data-pos="{pos}" data-group="{groups[flat]}" tabindex="0" '
+            f'<g class="cell" data-index="{flat}" data-pos="{pos}" data-group="{groups[flat]}" tabindex="{0 if flat == 0 else -1}" '
             f'role="button" aria-pressed="false">'
             f'<polygon points="{points}" style="fill:{fill}"/>'
             f'<text transform="translate({cx:.1f} {cy:.1f}){skew}" dy="0.35em">{html.escape(format_value(values[flat]))}</text></g>'
@@ -469,6 +469,14 @@ PAGE_TEMPLATE = r"""<!doctype html>
       "<dl>" + rows.map(r => "<dt>" + esc(r[0]) + "</dt><dd>" + esc(r[1]) + "</dd>").join("") + "</dl>";
   }
 
+  // arrow keys: across the grid's columns or the cube's channels, down its rows or positions
+  const across = data.shape.length <= 2 ? 1 : data.shape.slice(2).reduce((a, b) => a * b, 1);
+  const down = data.shape.length === 2 ? data.shape[1] : data.shape.length === 1 ? NaN : 1;
+  const moves = {ArrowRight: across, ArrowLeft: -across, ArrowDown: down, ArrowUp: -down};
+  function rove(index) {  // the cell that Tab comes back to
+    cells.forEach(cell => cell.setAttribute("tabindex", +cell.dataset.index === index ? "0" : "-1"));
+  }
+
   cells.forEach(cell => {
     const i = +cell.dataset.index;
     cell.addEventListener("mouseenter", () => { if (pinned === null) highlight(i); });
@@ -478,9 +486,14 @@ PAGE_TEMPLATE = r"""<!doctype html>
       cells.forEach(other => other.setAttribute("aria-pressed", String(+other.dataset.index === pinned)));
       highlight(i);
     };
-    cell.addEventListener("click", pin);
-    // the keyboard pins as a click does: Tab to a cell, Enter or Space
-    cell.addEventListener("keydown", e => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); pin(); } });
+    cell.addEventListener("click", () => { rove(i); pin(); });
+    // the keyboard pins as a click does: Tab to a cell, Enter or Space; the arrow keys move
+    // among the cells (the picture is one Tab stop, or a big tensor would be thousands)
+    cell.addEventListener("keydown", e => {
+      if (e.key === "Enter" || e.key === " ") { e.preventDefault(); pin(); return; }
+      const to = e.key === "Home" ? 0 : e.key === "End" ? cells.length - 1 : i + (moves[e.key] || NaN);
+      if (to >= 0 && to < cells.length) { e.preventDefault(); rove(to); cells[to].focus(); }
+    });
   });
   cellsGroup.addEventListener("mouseleave", () => { if (pinned === null) clear(); });
   cellsGroup.addEventListener("focusout", e => {
