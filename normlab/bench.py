@@ -490,6 +490,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="normlab.torch's layer, RMS and batch norm modules against torch.nn eager, "
                              "torch.compile and ONNX Runtime over rows x features; --plot saves heatmaps")
     parser.add_argument("--no-compile", action="store_true", help="with --sweep: leave out torch.compile")
+    parser.add_argument("--no-color", dest="bench_no_color", action="store_true", help="plain text output")
 
 
 def run_script(main) -> None:
@@ -510,6 +511,15 @@ def run_script(main) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's own flush at exit fails too)
         status = status or 1
     raise SystemExit(status)
+
+
+def make_console(args: argparse.Namespace):
+    """The console the tables go to: plain with ``--no-color`` (before or after ``bench``),
+    and 160 columns wide when piped into a file, so that no table folds to 80."""
+    from rich.console import Console
+
+    console = Console(no_color=getattr(args, "no_color", False) or getattr(args, "bench_no_color", False))
+    return console if console.is_terminal else Console(no_color=True, width=160)
 
 
 def select(filters) -> tuple[BenchCase, ...]:
@@ -557,7 +567,6 @@ def _print_masked(console, rows, repeats: int, as_markdown: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Measure, print the table (and save the plot)."""
-    from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
@@ -590,9 +599,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         require_plot(args.plot)  # before the run, not after minutes of it
     repeats = args.repeats if args.repeats is not None else QUICK_REPEATS if args.quick else DEFAULT_REPEATS
-    console = Console(no_color=getattr(args, "no_color", False))
-    if not console.is_terminal:  # piped into a file: do not fold the table to 80 columns
-        console = Console(no_color=True, width=160)
+    console = make_console(args)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("benchmarking", total=len(cases) * len(ENGINES)
                             + len(fused_cases) * len(bench_fused.ENGINES))
@@ -626,7 +633,6 @@ def run(args: argparse.Namespace) -> int:
 
 def run_sweep(args: argparse.Namespace) -> int:
     """``--sweep``: time the grid, print one ratio table per norm and mode (and save heatmaps)."""
-    from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
@@ -640,9 +646,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     require_modules("--sweep", ["torch"], "leave out --sweep")
     if args.plot:
         require_plot(args.plot)
-    console = Console(no_color=getattr(args, "no_color", False))
-    if not console.is_terminal:
-        console = Console(no_color=True, width=160)
+    console = make_console(args)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("sweeping", total=None)
         cells = sweep.measure(quick=args.quick, compile=not args.no_compile,

@@ -244,3 +244,15 @@ def test_an_empty_plot_or_case_is_refused_not_taken_as_no_plot_or_every_case(arg
         cli.main(["bench", *argv])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "needs a value" in err and argv[-2] in err, err
+
+
+@pytest.mark.parametrize("argv", [["--no-color", "bench"], ["bench", "--no-color"], ["bench", "--sweep", "--no-color"]])
+def test_no_color_is_taken_after_bench_as_after_demo_and_explain(argv, monkeypatch):
+    # `normlab bench --no-color` was "unrecognized arguments: --no-color"
+    from normlab import cli
+
+    monkeypatch.setenv("FORCE_COLOR", "1")  # a terminal, where colour would be on
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    args = cli.build_parser().parse_args(argv)
+    assert bench.make_console(args).no_color
+    assert not bench.make_console(cli.build_parser().parse_args(["bench"])).no_color
