@@ -4,6 +4,7 @@ core ATen (``run_decompositions()``, what ExecuTorch-style runtimes take) and ru
 AOTInductor's compiled package of it. The oracle is torch on the counted elements alone:
 ``var_mean`` of each row's counted features, ``F.batch_norm`` in training on each segment."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -184,3 +185,42 @@ def test_an_exported_training_step_with_running_statistics_saves_loads_and_updat
     state = loaded.state_dict()
     torch.testing.assert_close(state["norm.running_mean"], want_mean)
     torch.testing.assert_close(state["norm.running_var"], want_var)
+
+
+class _Masked(torch.nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x, mask):
+        return self.norm(x, mask=mask)
+
+
+_MISFITS = {
+    "LayerNorm": (lambda: nt.LayerNorm(6), (2, 5, 6), (2, 4, 1)),
+    "RMSNorm": (lambda: nt.RMSNorm(6), (2, 5, 6), (3, 5, 1)),
+    "GroupNorm": (lambda: nt.GroupNorm(2, 6), (2, 6, 5), (2, 6, 3)),
+    "BatchNorm1d": (lambda: nt.BatchNorm1d(6), (4, 6, 5), (4, 1, 3)),
+    "SyncBatchNorm": (lambda: nt.SyncBatchNorm(6), (4, 6, 5), (1, 4, 6, 5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_MISFITS))
+def test_a_strict_export_of_a_twin_given_a_misfitting_mask_says_what_eager_says(name):
+    """A mask that does not broadcast to the input: eager and a non-strict torch.export raise
+    normlab's PatternShapeError (the pattern, both shapes, the fix); a strict export, whose
+    Dynamo ran torch.broadcast_shapes on fake tensors, raised torch's broadcasting error
+    instead ("Attempting to broadcast a dimension of length 5"). The shapes are now compared
+    size by size, and Dynamo hands on normlab's error (wrapped, as it wraps every exception
+    raised in the traced code)."""
+    build, x_shape, mask_shape = _MISFITS[name]
+    x, mask = torch.randn(x_shape), torch.ones(mask_shape, dtype=torch.bool)
+    with pytest.raises(ValueError) as eager:
+        build()(x, mask=mask)
+    message = str(eager.value)
+    assert f"mask of shape {mask_shape} does not broadcast" in message
+    with pytest.raises(type(eager.value), match=re.escape(message)):
+        torch.export.export(_Masked(build()), (x, mask), strict=False)
+    with pytest.raises(Exception) as strict:  # noqa: B017 (Dynamo's own wrapper: torch._dynamo.exc.Unsupported)
+        torch.export.export(_Masked(build()), (x, mask), strict=True)
+    assert message in str(strict.value) and "Attempting to broadcast" not in str(strict.value)
