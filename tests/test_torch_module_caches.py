@@ -421,6 +421,33 @@ def test_a_converted_recipe_layer_norm_pruned_refuses_the_old_width_on_its_first
         torch.testing.assert_close(converted(x), original(x), **({} if path == "auto" else dict(rtol=1e-5, atol=1e-5)))
 
 
+
+@pytest.mark.parametrize("path", ["auto", "kernel"])
+@pytest.mark.parametrize("family", ["cohere", "cohere_qk_heads", "deberta"])
+def test_a_converted_recipe_layer_norm_pruned_in_place_refuses_the_old_width_as_the_original(family, path):
+    """A pruner that narrows the parameters in place (``weight.data = weight.data[..., keep]``)
+    sets no attribute of the module: the twin's check still passed the old width, and its
+    kernels raised normlab's ParamsError, a ValueError, where the original raises a
+    RuntimeError; the new width computes as the original."""
+    torch.manual_seed(0)
+    original = _family_layer_norms()[family]()
+    converted = _nt.convert(torch.nn.Sequential(copy.deepcopy(original)))[0]
+    old_width = torch.randn(2, 3, 8)
+    converted(old_width)
+    keep = [0, 2, 3, 5, 6]
+    for module in (original, converted):
+        for parameter in module.parameters():
+            parameter.data = parameter.data[..., keep].clone()
+    with pytest.raises(RuntimeError):
+        original(old_width)
+    with _nt.use_path(path):
+        with pytest.raises(RuntimeError) as raised:
+            converted(old_width)
+        assert not isinstance(raised.value, ValueError)
+        x = torch.randn(2, 3, len(keep))
+        torch.testing.assert_close(converted(x), original(x), **({} if path == "auto" else dict(rtol=1e-5, atol=1e-5)))
+
+
 def _restorations(module, name):
     """Ways to set ``name`` again after ``del module.<name>``: its old value (a Parameter
     registers again; a buffer's tensor becomes a plain attribute, which torch.nn's forward

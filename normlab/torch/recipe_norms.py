@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from normlab.errors import ParamsError
 from normlab.torch.casting import (LAYER_NORM_CASTINGS, UNWEIGHTED_CASTINGS, apply_deberta_scale, compute_dtype,
                                    layer_norm_recipe, unweighted_rms_norm_recipe)
 from normlab.torch.compute import _normalize
@@ -126,7 +127,13 @@ class RecipeLayerNorm(nn.Module):
                 normalized = _normalize(h, None, None, self._normalize_only, float(self.eps), "kernel")[0]
                 return apply_deberta_scale(x, normalized, self.weight, self.bias)
             weight, bias = (None if p is None else p.to(h.dtype) for p in (self.weight, self.bias))
-            return _normalize(h, weight, bias, self._spec, float(self.eps), "kernel")[0].to(x.dtype)
+            try:
+                return _normalize(h, weight, bias, self._spec, float(self.eps), "kernel")[0].to(x.dtype)
+            except ParamsError:
+                # a parameter narrowed in place (weight.data = ...), which __setattr__ does not see
+                if self._follows_pruning():
+                    return self.forward(x)  # (the input's width now raises the originals' RuntimeError)
+                raise
         return layer_norm_recipe(x, self.weight, self.bias, self.eps, self.casting, shape[-1])
 
 
