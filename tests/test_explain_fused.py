@@ -55,6 +55,13 @@ def test_modulation_over_an_unknown_axis_says_which_axes_exist(explain):
 
 
 
+def test_gate_first_without_a_gate_is_refused_not_ignored(explain):
+    # alone it drew the plain norm and exited 0: the check came after the early return for "no fused block"
+    result = explain("batch", "--shape", "2,3", "--gate-first")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "--gate-first needs --gate ACT (silu, sigmoid or gelu)" in result.stderr
+
+
 @pytest.mark.parametrize("axes", ["", "  "])
 def test_an_empty_modulation_is_refused_as_normalize_refuses_it_not_left_out_silently(explain, axes):
     # --modulation '' drew the plain norm and exited 0, where normalize(modulation="") raises

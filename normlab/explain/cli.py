@@ -276,7 +276,7 @@ def _fused_stages(args: argparse.Namespace, view):
     from normlab.explain.pipeline import stages
 
     # (an empty --modulation '' is no modulation left out: normalize(modulation="") refuses it, so does explain)
-    if not (args.residual or args.gate or args.modulation is not None or args.weight_offset):
+    if not (args.residual or args.gate or args.gate_first or args.modulation is not None or args.weight_offset):
         return ()
     if not math.isfinite(args.weight_offset):  # normalize(weight_offset=) refuses it too
         raise NormlabError(f"--weight-offset must be a finite number, got {args.weight_offset}; pass e.g. "
