@@ -165,3 +165,47 @@ def test_nonfinite_padding_stays_out_of_batched_gradients_and_forward_mode_tange
         _, want = _oracle(layout, x, mask, batch[row].numpy(), weight, bias)
         for name, g, w in zip(("x", "weight", "bias"), got, want):
             np.testing.assert_allclose(g[row].numpy(), w, rtol=1e-7, atol=1e-9, err_msg=f"{name} gradient")
+
+
+def _twin(name, **options):
+    import normlab.torch as nt
+
+    return lambda width: getattr(nt, name)(width, eps=EPS, **options)
+
+
+@pytest.mark.parametrize("make, rms, offset", [
+    (_twin("LayerNorm"), False, 0.0),
+    (_twin("RMSNorm"), True, 0.0),
+    (_twin("RMSNorm", casting="llama"), True, 0.0),
+    (_twin("RMSNorm", casting="gemma", weight_offset=1.0), True, 1.0),
+], ids=["LayerNorm", "RMSNorm", "RMSNorm-llama", "RMSNorm-gemma"])
+@given(data=st.data())
+def test_nonfinite_padding_never_reaches_a_twins_gradients(make, rms, offset, data):
+    """The twins' mask= (the recipes' too: x̂ in float32, then the recipe's weight) against
+    torch float64 autograd on the counted elements of each row alone."""
+    rows, width = data.draw(st.integers(1, 4)), data.draw(st.integers(2, 6))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    x = rng.standard_normal((rows, width)) * 2 + data.draw(st.sampled_from([0.0, 5.0]))
+    mask = rng.random((rows, width)) < 0.6
+    x[~mask] = rng.choice([np.nan, np.inf, -np.inf], size=int((~mask).sum()))
+    grad_y = np.where(mask, rng.standard_normal((rows, width)), 0.0)
+    module = make(width)
+    with torch.no_grad():
+        module.weight.normal_()
+    xt = torch.tensor(x, dtype=torch.float32, requires_grad=True)
+    y = module(xt, mask=torch.tensor(mask))
+    params = [module.weight] + ([module.bias] if getattr(module, "bias", None) is not None else [])
+    grads = torch.autograd.grad(y, [xt] + params, torch.tensor(grad_y, dtype=y.dtype))
+
+    x64 = torch.tensor(np.where(mask, x, 0.0), requires_grad=True)
+    ref_params = [p.detach().double().requires_grad_() for p in params]
+    keep = torch.tensor(mask)
+    count = keep.sum(-1, keepdim=True).clamp_min(1)
+    mean = 0.0 if rms else torch.where(keep, x64, 0).sum(-1, keepdim=True) / count
+    var = (torch.where(keep, x64 - mean, 0) ** 2).sum(-1, keepdim=True) / count
+    ref = (x64 - mean) * torch.rsqrt(var + EPS) * (ref_params[0] + offset)
+    ref = ref + ref_params[1] if len(ref_params) > 1 else ref
+    want = torch.autograd.grad(torch.where(keep, ref, 0), [x64] + ref_params, torch.tensor(grad_y))
+    for name, got, expected in zip(("x", "weight", "bias"), grads, want):
+        assert torch.isfinite(got).all(), f"{name} gradient not finite: {got}"
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5, msg=f"{name} gradient")

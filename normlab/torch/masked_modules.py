@@ -129,8 +129,18 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
 
             normalized = normalize_masked(x.to(compute_dtype(x.dtype)), spec.pattern, eps=eps, rms=True, mask=mask,
                                           sizes=spec.size_dict).y
-            return _unmasked_layout(module, x, apply_recipe_scale(x, normalized, module.weight, casting,
-                                                                  module.weight_offset))
+            weight = module.weight
+            y = apply_recipe_scale(x, normalized, weight, casting, module.weight_offset)
+            if weight is not None and mask is not None:
+                # an uncounted x̂ that is NaN or ±Inf (garbage in the padding) is weighed by the
+                # detached weight: its 0·NaN would make the weight's gradient NaN (normlab.masked)
+                with torch.no_grad():
+                    confined = ~mask & ~torch.isfinite(normalized)
+                counted = apply_recipe_scale(x, torch.where(confined, 0, normalized), weight, casting,
+                                             module.weight_offset)
+                y = torch.where(confined, apply_recipe_scale(x, normalized, weight.detach(), casting,
+                                                             module.weight_offset), counted)
+            return _unmasked_layout(module, x, y)
         weight = module.weight
         if weight is not None and getattr(module, "weight_offset", 0.0):
             weight = weight + module.weight_offset
