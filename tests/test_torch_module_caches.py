@@ -619,3 +619,34 @@ def test_a_batch_norm_whose_running_statistic_is_set_again_as_a_plain_tensor_ref
     counted = x[:3]
     expected = (x - counted.mean(0)) / torch.sqrt(counted.var(0, unbiased=False) + twin.eps) * twin.weight + twin.bias
     torch.testing.assert_close(twin(x, mask=mask), expected)
+
+
+@pytest.mark.parametrize("tracking", [True, False], ids=["tracked", "untracked"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name, shape", [("BatchNorm1d", (5, 3)), ("BatchNorm2d", (4, 3, 2, 2)),
+                                         ("SyncBatchNorm", (4, 3, 5)), ("InstanceNorm1d", (4, 3, 5))])
+def test_a_mask_call_with_the_counter_deleted_computes_where_torch_nn_does_not_read_it(name, shape, training,
+                                                                                       tracking):
+    """``del norm.num_batches_tracked``: torch.nn's batch norm reads the counter only in a
+    training call that tracks statistics (AttributeError there), its instance norm never; the
+    twins given mask= read every deleted name, so an evaluation call (or an untracked one)
+    raised AttributeError where torch.nn computes. With an all-True mask: torch.nn's exception
+    type, or its output (and a batch norm's running statistics)."""
+    extra = {"affine": True, "track_running_stats": True} if name.startswith("Instance") else {}
+    torch.manual_seed(0)
+    reference, twin = getattr(torch.nn, name)(3, **extra), getattr(_nt, name)(3, **extra)
+    for module in (reference, twin):
+        del module.num_batches_tracked
+        module.track_running_stats = tracking
+        module.train(training)
+    x = torch.randn(shape) * 2 + 1
+    try:
+        expected = reference(x)
+    except AttributeError:
+        with pytest.raises(AttributeError, match="num_batches_tracked"):
+            twin(x, mask=torch.ones(shape, dtype=torch.bool))
+        return
+    torch.testing.assert_close(twin(x, mask=torch.ones(shape, dtype=torch.bool)), expected)
+    if not name.startswith("Instance"):
+        torch.testing.assert_close(twin.running_mean, reference.running_mean)
+        torch.testing.assert_close(twin.running_var, reference.running_var)

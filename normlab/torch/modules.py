@@ -46,15 +46,23 @@ def _refuse_scripted_mask() -> None:
                        "call the module eagerly, or use torch.compile or torch.export, which keep mask=")
 
 
-def _refuse_mask_on_plain_state(module: nn.Module) -> None:
+def _refuse_mask_on_plain_state(module: nn.Module) -> bool:
     """A twin whose running statistic was deleted and set again as a plain tensor (not
     ``register_buffer``) runs torch.nn's forward, which has no mask: raise torch.nn's
     AttributeError where a name is still deleted, and refuse the mask otherwise, rather than
     normalize as if every element counted. Nothing where no state is deleted (a shape torch
-    constructs and refuses at forward: its error)."""
+    constructs and refuses at forward: its error). True where the one name deleted is the
+    counter, ``num_batches_tracked``, still deleted, and torch.nn's forward does not read it in
+    this call (only a batch norm's training call that tracks statistics does): the masked
+    forward, which does not read it either, computes, as torch.nn's computes."""
     deleted = sorted(module.__dict__.get("_deleted_state", ()))
     if not deleted:
-        return
+        return False
+    reads_counter = module.training and module.track_running_stats and not isinstance(
+        module, nn.modules.instancenorm._InstanceNorm)  # (instance norm's forward never reads it)
+    if (deleted == ["num_batches_tracked"] and not reads_counter
+            and "num_batches_tracked" not in module._buffers and "num_batches_tracked" not in module.__dict__):
+        return True
     for name in deleted:
         getattr(module, name)  # (torch.nn's AttributeError, in its words, where one is still deleted)
     raise RuntimeError(
@@ -129,8 +137,8 @@ class _Twin:
             _spec_changed(self)
         if getattr(self, "_spec", 0) is None and not _state_restored(self):
             # a shape torch constructs and refuses at forward, or state deleted: torch's forward, in its words
-            if mask is not None:
-                _refuse_mask_on_plain_state(self)
+            if mask is not None and _refuse_mask_on_plain_state(self):
+                return masked_forward(self, input, mask)
             return self._torch_forward(input)
         stand_in = parametrizations_computed(self)
         if stand_in is not None:  # (each parametrized tensor computed once, as torch.nn's forward does)

@@ -337,8 +337,8 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         if isinstance(input, torch.fx.Proxy):  # one leaf call, as fx records torch's SyncBatchNorm
             return _fx_call_module(self, input, mask=mask)
         if getattr(self, "_spec", 0) is None and not _state_restored(self):  # (state deleted: torch's error)
-            if mask is not None:
-                _refuse_mask_on_plain_state(self)
+            if mask is not None and _refuse_mask_on_plain_state(self):
+                return masked_forward(self, input, mask)
             return _torch_batch_norm(self, input)
         stand_in = parametrizations_computed(self)
         if stand_in is not None:  # (each parametrized tensor computed once, as torch.nn's forward does)
