@@ -414,3 +414,23 @@ def test_a_contiguous_masked_call_lays_out_its_output_in_two_calls():
         sys.setprofile(None)
     assert len(made) == 2, made
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (8,), ours.weight, ours.bias))
+
+
+@pytest.mark.parametrize("name, shape", [("InstanceNorm1d", (4, 3, 5)), ("InstanceNorm2d", (2, 3, 4, 5))])
+def test_an_instance_norm_untracked_after_construction_updates_its_statistics_in_evaluation_with_a_mask_too(name,
+                                                                                                           shape):
+    """An instance norm built with running statistics and then set track_running_stats=False
+    normalizes each instance in evaluation, and torch.nn's forward still hands it the running
+    statistics, which torch's instance_norm updates; the unmasked twin did so, the mask= call
+    (all True: the same statistics) left them as they were."""
+    torch.manual_seed(0)
+    reference = getattr(torch.nn, name)(3, affine=True, track_running_stats=True)
+    twin = getattr(nt, name)(3, affine=True, track_running_stats=True)
+    for module in (reference, twin):
+        module.track_running_stats = False
+        module.eval()
+    x = torch.randn(shape) * 2 + 1
+    expected = reference(x)
+    torch.testing.assert_close(twin(x, mask=torch.ones(shape, dtype=torch.bool)), expected)
+    torch.testing.assert_close(twin.running_mean, reference.running_mean)
+    torch.testing.assert_close(twin.running_var, reference.running_var)

@@ -226,7 +226,7 @@ def _instance_norm(module, x: Tensor, mask: Tensor) -> Tensor:
         # torch's rule on each sample with its padding removed: more than one spatial element
         # (an all-padding sample has no statistics, as in batch norm)
         _check_counts(module, x, count, allow_empty=True, more="count more than one position of each sample")
-        if module.running_mean is not None and module.training:
+        if module.running_mean is not None:  # (in evaluation too: torch's instance_norm updates any it is given)
             # (after the op, as torch's instance_norm copies its statistics back after its batch_norm
             # saves for backward: a checkpoint's recomputation that stops there skips the update in both)
             factor = 0.0 if module.momentum is None else module.momentum
