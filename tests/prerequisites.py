@@ -28,3 +28,13 @@ def missing_browser_parts(exists=os.path.exists, find_spec=importlib.util.find_s
     if find_spec("selenium") is None:
         reasons.append('selenium is missing: pip install selenium (or pip install ".[test]")')
     return "; ".join(reasons) or None
+
+
+def skip_without_dynamo_exporter(dynamo: bool) -> None:
+    """Skip a test that exports with torch's dynamo ONNX exporter (``dynamo=True``) where
+    onnxscript, which that exporter imports, is missing: the test extra installs it, and
+    onnx and onnxruntime alone leave it out."""
+    if dynamo:
+        import pytest
+
+        pytest.importorskip("onnxscript")

@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 pyg_norm = pytest.importorskip("torch_geometric.nn.norm")
 
 from normlab.torch import geometric  # noqa: E402
+from tests.prerequisites import skip_without_dynamo_exporter  # noqa: E402
 
 _LAYERS = {
     "instance": lambda m: m.InstanceNorm(5, affine=True, track_running_stats=True),
@@ -259,6 +260,7 @@ def test_a_traced_model_of_twins_saves_loads_and_freezes_with_pygs_outputs_at_an
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 def test_a_model_of_twins_exports_to_onnx_and_onnxruntime_gives_pygs_outputs_at_another_node_count(dynamo, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
+    skip_without_dynamo_exporter(dynamo)
     ours, theirs = _Model(geometric).eval(), _Model(pyg_norm).eval()
     with torch.no_grad():
         for p in ours.parameters():

@@ -16,6 +16,7 @@ from torch import nn  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
 from tests.composites import AddNorm  # noqa: E402
+from tests.prerequisites import skip_without_dynamo_exporter  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
                                         "ignore::FutureWarning")
@@ -131,6 +132,7 @@ def test_exporting_segment_ids_raises_an_error_that_names_the_module_and_what_ex
     and the user read "No ONNX function found for normlab.normalize_masked ... submit a PR
     to PyTorch". The message now names the module and what exports instead, for either
     exporter."""
+    skip_without_dynamo_exporter(dynamo)
     inputs = (torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]))
     with pytest.raises(Exception) as raised:
         torch.onnx.export(_Segmented(), inputs, str(tmp_path / "segments.onnx"), dynamo=dynamo, verbose=False)
@@ -143,6 +145,7 @@ def test_a_model_exported_inside_use_path_kernel_runs_in_onnxruntime_with_torch_
     has not: "No ONNX function found for normlab.normalize ... submit a PR to PyTorch"
     (the TorchScript exporter recorded torch's ops). Exported, the forced kernels now take
     torch's ops too."""
+    skip_without_dynamo_exporter(True)
     torch.manual_seed(0)
     reference = nn.Sequential(nn.GroupNorm(2, 4), nn.Flatten(2), nn.LayerNorm(9)).eval()
     twin = nt.convert(copy.deepcopy(reference))
@@ -162,6 +165,7 @@ def test_a_qwen3_next_gated_norm_exported_at_opset_23_in_float16_loads_in_onnxru
     which ONNX Runtime refused to load ("Type parameter (T) of Optype (Mul) bound to
     different types"), where Qwen3NextRMSNormGated's own export loads. One group is now
     the row itself, and the export is Qwen's graph."""
+    skip_without_dynamo_exporter(True)
     qwen = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
     torch.manual_seed(0)
     original = qwen.Qwen3NextRMSNormGated(8, eps=1e-6)
@@ -225,6 +229,7 @@ def test_a_norm_in_evaluation_with_running_statistics_exports_with_segment_ids(d
     """In evaluation the running statistics normalize and segment_ids change nothing: such a
     model exported before the refusal of segment_ids, and still exports, giving the eager
     output (the refusal is for the segments' own statistics, in training)."""
+    skip_without_dynamo_exporter(dynamo)
     model = _Segmented()
     model.norm = nt.Norm("[n] c", params="c", c=4, track_running_stats=True)
     model(torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]))

@@ -14,6 +14,7 @@ from torch import nn  # noqa: E402
 from torch.autograd import forward_ad  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
+from tests.prerequisites import skip_without_dynamo_exporter  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
 TOLERANCE = {torch.float64: dict(atol=1e-9, rtol=1e-7), torch.float32: dict(atol=1e-4, rtol=1e-4)}
@@ -172,6 +173,7 @@ def test_torch_export_with_a_dynamic_batch_gives_torch_nn_outputs_at_other_sizes
 def _onnx_run(model, x, dynamo: bool, tmp_path):
     onnx = pytest.importorskip("onnx")
     onnxruntime = pytest.importorskip("onnxruntime")
+    skip_without_dynamo_exporter(dynamo)
 
     path = os.fspath(tmp_path / f"model{int(dynamo)}.onnx")
     torch.onnx.export(model, (x,), path, dynamo=dynamo, input_names=["x"])

@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 
 import normlab.torch as nt  # noqa: E402
 from tests.mirrored_norms import TorchvisionLayerNorm2d  # noqa: E402
+from tests.prerequisites import skip_without_dynamo_exporter  # noqa: E402
 
 _MAKERS = {
     "BatchNorm2d": lambda: nt.BatchNorm2d(3),
@@ -184,6 +185,7 @@ def test_a_masked_model_exports_to_onnx_and_onnxruntime_gives_its_outputs_at_ano
     """mask= failed to export (the TorchScript exporter: "Couldn't export operator
     aten::lift_fresh"; dynamo: a ConversionError on the normlab op ONNX does not have)."""
     onnxruntime = pytest.importorskip("onnxruntime")
+    skip_without_dynamo_exporter(dynamo)
     model = _Speech().eval()
     with torch.no_grad():
         for p in model.parameters():
