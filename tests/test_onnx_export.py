@@ -297,3 +297,76 @@ def test_a_masked_layer_norm_exported_at_any_opset_runs_in_onnxruntime_on_the_co
                                                                                     mask.reshape(-1, 6)))))
     want = (x - mean) * torch.rsqrt(var + model.norm.eps) * model.norm.weight + model.norm.bias
     torch.testing.assert_close(torch.from_numpy(got), want.detach())
+
+
+@pytest.mark.parametrize("how", ["onnx opset 9", "onnx opset 17", "jit.trace"])
+def test_an_exported_masked_layer_norm_gives_exactly_bias_for_a_row_of_padding_holding_nan_or_inf(how, tmp_path):
+    """A row with nothing counted gives exactly bias (README, masks), whatever its padding
+    holds; the traced definition that ONNX export and torch.jit.trace record computed
+    (x − 0)·0 there, NaN for a NaN or Inf left in the padding. Oracles: the bias, and torch's
+    var_mean of each other row's counted features."""
+    torch.manual_seed(0)
+    model = _MaskedLayerNorm(nt.LayerNorm(6))
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.normal_()
+    example = (torch.randn(2, 3, 6), torch.rand(2, 3, 6) < 0.7)
+    x, mask = torch.randn(4, 5, 6), torch.ones(4, 5, 6, dtype=torch.bool)
+    mask[1, 2] = mask[3, 0] = False
+    mask[0, 4, :3] = False
+    x[1, 2, 0], x[1, 2, 4], x[3, 0, 1] = float("nan"), float("inf"), float("-inf")
+    if how == "jit.trace":
+        got = torch.jit.trace(model, example, check_trace=False)(x, mask)
+    else:
+        path = str(tmp_path / "masked.onnx")
+        axes = {0: "batch", 1: "length"}
+        torch.onnx.export(model, example, path, dynamo=False, opset_version=int(how.split()[-1]),
+                          input_names=["x", "mask"], dynamic_axes={"x": axes, "mask": axes})
+        (got,) = onnxruntime.InferenceSession(path).run(None, {"x": x.numpy(), "mask": mask.numpy()})
+        got = torch.from_numpy(got)
+    bias = model.norm.bias.detach()
+    for row in (got[1, 2], got[3, 0]):
+        assert torch.equal(row, bias)
+    live = mask.any(-1)
+    var, mean = (torch.stack(s) for s in zip(*(torch.var_mean(row[m], correction=0)
+                                               for row, m in zip(x[live], mask[live]))))
+    want = (x[live] - mean[:, None]) * torch.rsqrt(var[:, None] + model.norm.eps) * model.norm.weight + bias
+    torch.testing.assert_close(got[live], want.detach())
+
+
+class _SegmentNorm(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x, mask, ids):
+        return self.norm(x, mask=mask, segment_ids=ids, num_segments=3)
+
+
+def test_a_traced_segment_norm_gives_exactly_bias_for_a_segment_of_padding_holding_nan_or_inf():
+    """The same with segment_ids= under torch.jit.trace: a segment with nothing counted gave
+    NaN for a NaN or Inf in its padding. Oracles: the bias, and torch's var_mean of each other
+    segment's counted elements."""
+    torch.manual_seed(0)
+    model = _SegmentNorm(nt.Norm("b [t] d", "d", d=4))
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.normal_()
+    ids = torch.tensor([0, 0, 1, 1, 2, 2])
+    x, mask = torch.randn(2, 6, 4), torch.ones(2, 6, 4, dtype=torch.bool)
+    mask[0, 2:4] = False  # segment 1 of sample 0: all padding
+    mask[1, 0, 1] = False
+    x[0, 2, 0], x[0, 3, 3], x[1, 0, 1] = float("nan"), float("-inf"), float("inf")
+    traced = torch.jit.trace(model, (torch.randn(2, 6, 4), torch.rand(2, 6, 4) < 0.7, ids), check_trace=False)
+    got = traced(x, mask, ids)
+    bias = model.norm.bias.detach()
+    assert torch.equal(got[0, 2:4], bias.expand(2, 4))
+    for b in range(2):
+        for s in range(3):
+            rows, m = x[b, 2 * s:2 * s + 2], mask[b, 2 * s:2 * s + 2]
+            if not m.any():
+                continue
+            var, mean = (torch.stack(t) for t in zip(*(torch.var_mean(rows[:, c][m[:, c]], correction=0)
+                                                       for c in range(4))))
+            want = (rows - mean) * torch.rsqrt(var + model.norm.eps) * model.norm.weight + bias
+            torch.testing.assert_close(got[b, 2 * s:2 * s + 2][m], want.detach()[m])

@@ -387,7 +387,9 @@ def _reduced_composite(x, weight, bias, mask, spec: Spec, eps):
     # records clamp as Clip at opsets 9 and 11)
     safe = torch.where(count > 0, count, 1)
     mean = torch.zeros_like(count) if spec.rms else torch.where(counted, view, 0).sum(dim=axes, keepdim=True) / safe
-    centered = view - mean
+    # a group with nothing counted gives x̂ = 0, its output exactly bias, as on the eager paths
+    # (an uncounted NaN or Inf there would give NaN·0)
+    centered = torch.where(count > 0, view, 0) - mean
     var = torch.where(counted, centered * centered, 0).sum(dim=axes, keepdim=True) / safe
     rstd = torch.where(count > 0, torch.rsqrt(var + eps), 0)
     y = centered * rstd
@@ -430,7 +432,8 @@ def _traced_segments(x, weight, bias, mask, segment_ids, spec: Spec, eps, num_se
     count = segment_sum(counted.to(compute))
     safe = count.clamp_min(1)
     mean = torch.zeros_like(count) if spec.rms else segment_sum(torch.where(counted, view, 0)) / safe
-    centered = view - mean.index_select(axis, ids)
+    # (a segment with nothing counted: x̂ = 0, see _reduced_composite)
+    centered = torch.where(count.index_select(axis, ids) > 0, view, 0) - mean.index_select(axis, ids)
     var = segment_sum(torch.where(counted, centered * centered, 0)) / safe
     rstd = torch.where(count > 0, torch.rsqrt(var + eps), 0)
     y = centered * rstd.index_select(axis, ids)
