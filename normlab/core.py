@@ -134,7 +134,7 @@ def read_array(value, name: str, where: str, dtype=None) -> np.ndarray:
 
 def _param_array(value, name: str, plan: Plan) -> np.ndarray:
     array = as_array(value, name, plan.pattern, plan.shape)
-    if not readable_dtype(array.dtype):
+    if array.dtype not in _FLOATS and not readable_dtype(array.dtype):  # (the common dtypes: no call)
         raise ParamsError(f"{_describe(plan, plan.shape)}: {name} has dtype {array.dtype}; pass a float16, bfloat16, "
                           f"float32 or float64 array of shape {plan.param_shape} (cast with {name}.astype(np.float32))")
     if array.shape != plan.param_shape:
@@ -257,7 +257,8 @@ def stats_in_shape(value, name: str, plan: Plan, shape: tuple, listed: tuple, li
     if isinstance(value, np.ma.MaskedArray):
         reject_masked(value, name, _describe(plan, plan.shape))
     array = as_array(value, name, plan.pattern, plan.shape)
-    if not readable_dtype(array.dtype):  # a cast would take complex, dates, text, or round long double
+    # a cast would take complex, dates, text, or round long double (the common dtypes: no call)
+    if array.dtype not in _FLOATS and not readable_dtype(array.dtype):
         raise InputError(f"{_describe(plan, plan.shape)}: {name} has dtype {array.dtype}, and statistics are real "
                          "numbers of float64 at most; pass the float64 arrays that return_stats=True gives (or a "
                          f"float16, bfloat16, float32, int or bool array; cast with {name}.astype(np.float64))")

@@ -392,6 +392,34 @@ def test_a_masked_twin_call_does_not_enter_the_numpy_api_refusal_of_np_ma_masks(
     torch.testing.assert_close(y[mask], expected[mask])
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_a_masked_twin_call_does_not_check_its_float_parameters_and_statistics_for_long_double(dtype):
+    """The refusal of long double parameters and statistics (d1bb24f) asked a function of
+    every weight, bias, mean and rstd on every mask= forward and backward, though the twins
+    hand NumPy float32 or float64 alone: a cost on the per-call path. Oracle:
+    torch.nn.functional.layer_norm of the counted rows (each row's mask all True or False)."""
+    import sys
+
+    ours = nt.LayerNorm(8).to(dtype)
+    x = torch.randn(2, 3, 8, dtype=dtype, requires_grad=True)
+    mask = torch.tensor([[True, False, True], [True, True, False]])[..., None].expand(2, 3, 8)
+    entered = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "readable_dtype":
+            entered.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        y = ours(x, mask=mask)
+        y[mask].sum().backward()
+    finally:
+        sys.setprofile(None)
+    assert entered == []
+    expected = torch.nn.functional.layer_norm(x.detach(), (8,), ours.weight, ours.bias)
+    torch.testing.assert_close(y[mask], expected[mask])
+
 def test_a_contiguous_masked_call_lays_out_its_output_in_two_calls():
     """Where the masked output keeps its layout (a contiguous input, every twin but
     LayerNorm2d), the layout step asks two things of the call (the module's channels-last
