@@ -209,3 +209,45 @@ def test_nonfinite_padding_never_reaches_a_twins_gradients(make, rms, offset, da
     for name, got, expected in zip(("x", "weight", "bias"), grads, want):
         assert torch.isfinite(got).all(), f"{name} gradient not finite: {got}"
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5, msg=f"{name} gradient")
+
+
+class _Padded(torch.nn.Module):
+    def __init__(self, width, segmented):
+        import normlab.torch as nt
+
+        super().__init__()
+        self.segmented = segmented
+        self.norm = nt.Norm("[n] c", params="c", c=width) if segmented else nt.LayerNorm(width, eps=EPS)
+
+    def forward(self, x, mask, ids):
+        return self.norm(x, mask=mask, segment_ids=ids, num_segments=2) if self.segmented else self.norm(x, mask=mask)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capture", ["jit.trace", "export"])
+@pytest.mark.parametrize("segmented", [False, True], ids=["mask", "mask+segments"])
+def test_nonfinite_padding_never_reaches_the_gradients_of_a_traced_or_exported_model(capture, segmented):
+    """A model traced or exported with mask= (and segment_ids=) trains on NaN-padded data as
+    in eager mode: the gradients of a loss on the counted outputs are those of the eager
+    call on the same data with its padding made finite (the kernels: the properties above)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 5)) * 2 + 1
+    mask = rng.random((6, 5)) < 0.6
+    mask[:, 0] = True
+    ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    grad_y = torch.tensor(np.where(mask, rng.standard_normal((6, 5)), 0.0))
+    model = _Padded(5, segmented).double()
+    with torch.no_grad():
+        model.norm.weight.normal_()
+    keep = torch.tensor(mask)
+    example = (torch.tensor(x), keep, ids)
+    captured = torch.jit.trace(model, example) if capture == "jit.trace" else torch.export.export(model, example).module()
+
+    def gradients(module, values):
+        xt = torch.tensor(values, requires_grad=True)
+        return torch.autograd.grad(module(xt, keep, ids), (xt, model.norm.weight), grad_y)
+
+    garbage = np.where(mask, x, rng.choice([np.nan, np.inf, -np.inf], size=x.shape))
+    want = gradients(model, np.where(mask, x, 0.0))
+    for got, expected in zip(gradients(captured, garbage), want):
+        torch.testing.assert_close(got, expected)

@@ -386,17 +386,12 @@ def _reduced_composite(x, weight, bias, mask, spec: Spec, eps):
     # (not clamp_min(1): ONNX Runtime has no float64 Clip before opset 12, and the exporter
     # records clamp as Clip at opsets 9 and 11)
     safe = torch.where(count > 0, count, 1)
-    mean = torch.zeros_like(count) if spec.rms else torch.where(counted, view, 0).sum(dim=axes, keepdim=True) / safe
-    # a group with nothing counted gives x̂ = 0, its output exactly bias, as on the eager paths
-    # (an uncounted NaN or Inf there would give NaN·0)
-    centered = torch.where(count > 0, view, 0) - mean
+    kept = torch.where(counted, view, 0)  # (see _composite)
+    mean = torch.zeros_like(count) if spec.rms else kept.sum(dim=axes, keepdim=True) / safe
+    centered = kept - mean
     var = torch.where(counted, centered * centered, 0).sum(dim=axes, keepdim=True) / safe
     rstd = torch.where(count > 0, torch.rsqrt(var + eps), 0)
-    y = centered * rstd
-    if weight is not None:
-        y = y * _expanded_param(weight, plan).to(compute)
-    if bias is not None:
-        y = y + _expanded_param(bias, plan).to(compute)
+    y = _every_element(view, counted, count > 0, mean, rstd, weight, bias, plan, compute)
     # (the statistics keep their reduced axes: stats_shape already)
     return y.to(x.dtype).reshape(x.shape), mean.detach().double(), rstd.detach().double(), count.detach().long()
 
@@ -431,17 +426,27 @@ def _traced_segments(x, weight, bias, mask, segment_ids, spec: Spec, eps, num_se
 
     count = segment_sum(counted.to(compute))
     safe = count.clamp_min(1)
-    mean = torch.zeros_like(count) if spec.rms else segment_sum(torch.where(counted, view, 0)) / safe
-    # (a segment with nothing counted: x̂ = 0, see _reduced_composite)
-    centered = torch.where(count.index_select(axis, ids) > 0, view, 0) - mean.index_select(axis, ids)
+    kept = torch.where(counted, view, 0)  # (see _composite)
+    mean = torch.zeros_like(count) if spec.rms else segment_sum(kept) / safe
+    centered = kept - mean.index_select(axis, ids)
     var = segment_sum(torch.where(counted, centered * centered, 0)) / safe
     rstd = torch.where(count > 0, torch.rsqrt(var + eps), 0)
-    y = centered * rstd.index_select(axis, ids)
-    if weight is not None:
-        y = y * _expanded_param(weight, plan).to(compute)
-    if bias is not None:
-        y = y + _expanded_param(bias, plan).to(compute)
+    y = _every_element(view, counted, (count > 0).index_select(axis, ids), mean.index_select(axis, ids),
+                       rstd.index_select(axis, ids), weight, bias, plan, compute)
     return y.to(x.dtype).reshape(x.shape), mean.detach().double(), rstd.detach().double(), count.detach().long()
+
+
+def _every_element(view, counted, live, mean, rstd, weight, bias, plan, compute) -> Tensor:
+    """The traced definitions' output, every element normalized as in ``_composite``: a
+    group with nothing counted gives x̂ = 0, and an uncounted x̂ that is NaN or ±Inf takes the
+    statistics and weight detached (``mean``, ``rstd`` and ``live`` broadcast to ``view``)."""
+    with torch.no_grad():  # (|x̂| < inf is isfinite, which ONNX lacks before opset 10)
+        confined = ~counted & ~((view - mean) * rstd).abs().lt(float("inf")) & live
+    x_hat = (torch.where(confined | ~live, 0, view) - mean) * rstd
+    garbage = (view - mean.detach()) * rstd.detach()
+    w = None if weight is None else _expanded_param(weight, plan).to(compute)
+    b = None if bias is None else _expanded_param(bias, plan).to(compute)
+    return torch.where(confined, _affine(garbage, None if w is None else w.detach(), b), _affine(x_hat, w, b))
 
 
 def _checked_traced_count(x, segment_ids, spec: Spec, num_segments, segment_axis):
