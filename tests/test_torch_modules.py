@@ -673,3 +673,26 @@ def test_a_converted_vitdet_layer_norm_lays_out_its_output_as_the_original_for_a
                                        torch.autograd.grad(expected, x_ref, grad_y)[0])
 
     check()
+
+
+def test_a_contiguous_input_to_a_channels_first_layer_norm_is_asked_its_layout_once():
+    """7e59fdc asked a contiguous input whether it is contiguous, then handed it to
+    torch_layout, which asked again: a C call more on every call of a converted VitDet layer
+    norm. Oracle for the values: torch's layer norm over the permuted channels."""
+    torch.manual_seed(0)
+    norm = nt.ChannelsFirstLayerNorm(3)
+    x = torch.randn(2, 3, 4, 5)
+    called = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "torch_layout":
+            called.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        y = norm(x)
+    finally:
+        sys.setprofile(None)
+    assert called == []
+    want = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (3,), norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(y, want.permute(0, 3, 1, 2))

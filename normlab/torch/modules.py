@@ -506,7 +506,9 @@ class _ChannelsFirstForward:
             # (y.permute(0, 2, 3, 1).view(N, H * W, C)) works on this one too
             return _normalize(input.contiguous(memory_format=torch.channels_last), self.weight, self.bias, self._spec,
                               self.eps, path)[0]
-        if input.is_contiguous() or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        if input.is_contiguous():  # (first: the common call, which torch_layout would ask again)
+            return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
+        if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
             return _normalize(torch_layout(input, keeps_channels_last=True), self.weight, self.bias, self._spec,
                               self.eps, path)[0]
         # the originals' elementwise operations keep a permuted input's order of strides (a slice's
