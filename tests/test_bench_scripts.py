@@ -116,6 +116,7 @@ def _into_a_closed_pipe(*args):
         os.close(write)
 
 
+@pytest.mark.slow  # (about 9 s on one core: the script starts by importing torch and transformers)
 def test_models_printing_into_a_pipe_that_closed_early_ends_without_a_traceback():
     # its skip line went into a closed pipe: BrokenPipeError when its output was flushed
     pytest.importorskip("torch")
