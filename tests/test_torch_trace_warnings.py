@@ -123,3 +123,33 @@ def test_tracing_the_converted_and_fused_norms_warns_as_tracing_the_modules_they
                     if issubclass(w.category, torch.jit.TracerWarning)}
 
         assert tracer_warnings_of(twin) == tracer_warnings_of(original), name
+
+
+class _Masked(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x, mask):
+        return self.norm(x, mask=mask)
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 3, 1), (2, 3, 6), (6,)], ids=["rows", "elements", "features"])
+def test_tracing_a_twin_called_with_a_mask_gives_no_tracer_warning(mask_shape):
+    """The mask's check compared its sizes with the input's, traced tensors under
+    torch.jit.trace: a TracerWarning ("Converting a tensor to a Python boolean might cause the
+    trace to be incorrect") per axis, where the check only refuses a misfit and the trace is
+    right. Oracle for the values: torch's var_mean of each row's counted features."""
+    torch.manual_seed(0)
+    model = _Masked(nt.LayerNorm(6))
+    x, mask = torch.randn(2, 3, 6), torch.rand(mask_shape) < 0.7
+    mask[..., 0] = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(model, (x, mask), check_trace=False)
+    assert [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)] == []
+    full = mask.expand(x.shape).reshape(-1, 6)
+    var, mean = (torch.stack(s) for s in zip(*(torch.var_mean(row[m], correction=0)
+                                               for row, m in zip(x.reshape(-1, 6), full))))
+    want = (x.reshape(-1, 6) - mean[:, None]) * torch.rsqrt(var[:, None] + 1e-5)
+    torch.testing.assert_close(traced(x, mask), want.reshape(x.shape))

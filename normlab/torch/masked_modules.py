@@ -5,6 +5,7 @@ mask (the statistics are given)."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -60,10 +61,16 @@ def _check_mask(module, x: Tensor, mask: Tensor) -> Tensor:
                         f"{tuple(x.shape)}, got {getattr(mask, 'dtype', type(mask).__name__)}; pass mask.bool()")
     # (a mask may not add axes or widen them; compared size by size, not by torch.broadcast_shapes,
     # whose error a strict torch.export raises as its own where this one's message belongs)
-    fits = mask.dim() <= x.dim()
-    for m, n in zip(mask.shape[::-1], x.shape[::-1]):
-        if m != 1 and m != n:
-            fits = False
+    if torch._C._get_tracing_state() is None:
+        fits = mask.dim() <= x.dim()
+        for m, n in zip(mask.shape[::-1], x.shape[::-1]):
+            if m != 1 and m != n:
+                fits = False
+    else:  # (torch.jit.trace: sizes are traced tensors, each comparison a TracerWarning; checked on their values)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            fits = mask.dim() <= x.dim() and all(int(m) in (1, int(n)) for m, n in zip(mask.shape[::-1],
+                                                                                   x.shape[::-1]))
     if not fits:
         from normlab.torch.modules import PatternShapeError  # (modules imports this module)
 
