@@ -5,7 +5,8 @@ shape (rows, features), forward and forward+backward, each timed against torch.n
 eager mode, the same torch.nn function under ``torch.compile`` (dynamic shapes, compiled
 once per norm) and ONNX Runtime's fused operator (forward only). Every cell
 counts the whole module call, per-call overhead included. Engines take turns in
-:data:`ROUNDS` rounds per cell, each round a warm-up call and then calls for about
+:data:`ROUNDS` rounds per cell, each round a warm-up call (the first round
+:data:`~normlab.bench.FIRST_WARM_UPS`) and then calls for about
 :data:`ROUND_SECONDS`; a cell's time is the median over its calls. The tables print
 the ratio competitor time / normlab time (above 1: normlab is faster); ``--plot``
 saves them as heatmaps.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from normlab.bench import settle
+from normlab.bench import FIRST_WARM_UPS, settle
 
 EPS = 1e-5
 ROUNDS = 5
@@ -164,12 +165,17 @@ def _onnx_call(norm: str, reference, x: np.ndarray):
 def _time_cell(calls: dict) -> dict:
     """Median seconds per engine, the engines taking turns in rounds."""
     timed = {name: [] for name in calls}
-    for _ in range(ROUNDS):
+    for index in range(ROUNDS):
         for name, call in calls.items():
             if call is None:
                 continue
+            # warm-up: also absorbs the other engine's thread pool still spinning; the first
+            # round's takes FIRST_WARM_UPS calls, as normlab bench's (a module's second call
+            # builds its fast path)
+            for _ in range(FIRST_WARM_UPS - 1 if index == 0 else 0):
+                call()
             start = time.perf_counter()
-            call()  # warm-up: also absorbs the other engine's thread pool still spinning
+            call()
             warm = time.perf_counter() - start
             for _ in range(max(1, min(200, int(ROUND_SECONDS / max(warm, 1e-7))))):
                 start = time.perf_counter()

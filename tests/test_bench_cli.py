@@ -131,6 +131,28 @@ def test_bench_sweep_prints_ratio_tables_and_saves_heatmaps(tmp_path, monkeypatc
     assert plot.stat().st_size > 0
 
 
+def test_the_sweep_times_no_call_that_builds_a_modules_fast_path_as_bench_does(monkeypatch):
+    # a module's first two calls are slow (the second builds its fast path): normlab bench
+    # warms up twice before its first round, and the sweep must too, or with few rounds a
+    # cell's median is a slow call. A clock that advances only in the engine's calls.
+    from types import SimpleNamespace
+
+    from normlab import sweep
+
+    clock = SimpleNamespace(now=0.0, calls=0)
+
+    def engine():
+        clock.calls += 1
+        clock.now += 1.0 if clock.calls <= bench.FIRST_WARM_UPS else 0.001
+
+    monkeypatch.setattr(sweep, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(sweep, "settle", lambda name: None)
+    monkeypatch.setattr(sweep, "ROUNDS", 2)
+    monkeypatch.setattr(sweep, "ROUND_SECONDS", 0.0)
+    seconds = sweep._time_cell({"normlab": engine, "eager": None})
+    assert seconds["normlab"] == pytest.approx(0.001) and seconds["eager"] is None
+
+
 @pytest.mark.parametrize("target", ["no/such/folder/speed.png", ".", "speed.xyz"], ids=["missing folder", "a folder",
                                                                                        "unknown format"])
 def test_a_plot_that_cannot_be_saved_is_refused_before_anything_is_timed(tmp_path, target):
