@@ -97,6 +97,19 @@ def test_export_refuses_a_mask_or_ids_that_do_not_fit_while_tracing_in_eagers_wo
         compiled(x, mask, beyond)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+@pytest.mark.parametrize("name", sorted(_MAKERS))
+def test_jit_trace_refuses_a_mask_that_does_not_fit_in_eagers_words(name):
+    # under torch.jit.trace the sizes are traced tensors: the message gave "input shape
+    # (tensor(4), tensor(3), ...)" where eager gives "(4, 3, ...)"
+    x, mask = torch.randn(4, 3, 5, 5), torch.ones(4, 1, 6, 5, dtype=torch.bool)
+    with pytest.raises(ValueError) as eager:
+        _Masked(_MAKERS[name])(x, mask)
+    with pytest.raises(ValueError) as traced:
+        torch.jit.trace(_Masked(_MAKERS[name]), (x, mask), check_trace=False)
+    assert str(traced.value) == str(eager.value) and "(4, 3, 5, 5)" in str(eager.value)
+
+
 class _Speech(torch.nn.Module):
     """A padded speech encoder's norms, the mask made from the lengths inside the model
     (each utterance longer than one frame: the instance norm, as torch.nn's, refuses one)."""

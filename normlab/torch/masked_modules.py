@@ -76,9 +76,10 @@ def _check_mask(module, x: Tensor, mask: Tensor) -> Tensor:
 
         spec = getattr(module, "_spec", None)
         pattern = f"pattern {spec.pattern!r}, " if spec is not None else ""
-        raise PatternShapeError(f"{type(module).__name__} ({pattern}input shape {tuple(x.shape)}): mask of shape "
-                                f"{tuple(mask.shape)} does not broadcast to the input; give it the input's shape "
-                                "or size-1 axes")
+        # (int: under torch.jit.trace the sizes are traced tensors, which print as "tensor(2)")
+        raise PatternShapeError(f"{type(module).__name__} ({pattern}input shape {tuple(map(int, x.shape))}): mask "
+                                f"of shape {tuple(map(int, mask.shape))} does not broadcast to the input; give it "
+                                "the input's shape or size-1 axes")
     if mask.device != x.device:
         raise RuntimeError(f"{type(module).__name__}: mask is on {mask.device}, the input on {x.device}; "
                            "put them on the same device")
