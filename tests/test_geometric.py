@@ -69,6 +69,29 @@ def test_instance_norm_twin_matches_pyg_with_running_stats(sorted_ids, affine, t
     assert repr(ours) == repr(theirs)
 
 
+@pytest.mark.parametrize("track", [True, False], ids=["running statistics", "none"])
+@pytest.mark.parametrize("with_batch", [True, False], ids=["batch vector", "one graph"])
+def test_instance_norm_twin_with_a_momentum_of_none_raises_pygs_error_and_keeps_its_statistics(with_batch, track):
+    # without a batch vector PyG calls F.instance_norm, whose momentum must be a float: the twin
+    # normalized and then failed in its own update ("unsupported operand ... 'NoneType'"), or
+    # computed where PyG raises
+    x, batch, graphs = _batch(True)
+    args = (batch, graphs) if with_batch else ()
+    ours = geometric.InstanceNorm(6, momentum=None, track_running_stats=track).double()
+    theirs = pyg_norm.InstanceNorm(6, momentum=None, track_running_stats=track).double()
+    outcomes = []
+    for module in (ours, theirs):
+        try:
+            outcomes.append(("computes", module(x, *args)))
+        except Exception as error:  # noqa: BLE001 (the oracle's type and words, whatever they are)
+            outcomes.append((type(error), str(error)))
+    if outcomes[1][0] == "computes":
+        torch.testing.assert_close(outcomes[0][1], outcomes[1][1])
+    else:
+        assert outcomes[0] == outcomes[1]
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict())
+
+
 @pytest.mark.parametrize("with_batch", [True, False], ids=["batch vector", "one graph"])
 def test_a_checkpointed_block_ending_in_the_instance_norm_twin_updates_running_statistics_as_pygs(with_batch):
     """torch.utils.checkpoint recomputes the forward in backward, up to the last tensor

@@ -103,9 +103,9 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
         if batch is None:
             refused = not x.is_floating_point() or _dtypes_refused(x, self.weight, self.bias, self.running_mean,
                                                                   self.running_var)
-            if not use_input_stats or x.numel() == 0 or refused:
+            if not use_input_stats or x.numel() == 0 or refused or self.momentum is None:
                 # PyG's own call: torch's dtype rules (half-precision nodes stay half; a mix torch refuses raises),
-                # and no nodes leave the running statistics as they are
+                # no nodes leave the running statistics as they are, and a momentum of None raises its TypeError
                 return torch.nn.functional.instance_norm(
                     x.t().unsqueeze(0), self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
                     self.momentum if use_input_stats else 0.0, self.eps).squeeze(0).t()
