@@ -31,6 +31,7 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 
 def _python(*args, **kwargs):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.update(kwargs.get("env", {}))
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=120,
                           cwd=kwargs.get("cwd", REPO))
 
@@ -197,10 +198,9 @@ def test_nothing_is_missing_for_the_browser_tests_when_everything_is_there():
 
 
 @pytest.mark.parametrize("required", [False, True], ids=["by default", "with NORMLAB_REQUIRE_BROWSER=1"])
-def test_the_browser_tests_skip_where_selenium_is_missing_but_fail_where_ci_requires_them(required, monkeypatch):
+def test_the_browser_tests_skip_where_selenium_is_missing_but_fail_where_ci_requires_them(required):
     # .ci/run sets NORMLAB_REQUIRE_BROWSER=1: there a missing browser part was a green run of skips
-    monkeypatch.setenv("NORMLAB_REQUIRE_BROWSER", "1" if required else "0")
-    result = _pytest_without(["selenium"], "tests/test_browser.py")
+    result = _pytest_without(["selenium"], "tests/test_browser.py", require_browser=required)
     summary = result.stdout.splitlines()[-1]
     if required:
         assert result.returncode != 0 and "error" in summary, result.stdout[-3000:]
@@ -219,11 +219,14 @@ OPTIONAL_FOR_TESTS = sorted({re.match(r"[\w-]+", requirement).group().replace("-
     "pytest", "pytest_xdist", "hypothesis"})
 
 
-def _pytest_without(packages, *args):
-    """pytest in a subprocess where ``packages`` fail to import, as where they are not installed."""
+def _pytest_without(packages, *args, require_browser=False):
+    """pytest in a subprocess where ``packages`` fail to import, as where they are not installed,
+    run as a user runs it: without CI's NORMLAB_REQUIRE_BROWSER=1 (which .ci/run exports, and
+    which makes a missing browser part an error) unless ``require_browser``."""
     absent = "; ".join(f"sys.modules[{name!r}] = None" for name in packages)
     return _python("-c", f"import sys; {absent}; import pytest; "
-                   f"sys.exit(pytest.main(['-q', '-n', '0', '-p', 'no:cacheprovider', *{list(args)!r}]))")
+                   f"sys.exit(pytest.main(['-q', '-n', '0', '-p', 'no:cacheprovider', *{list(args)!r}]))",
+                   env={"NORMLAB_REQUIRE_BROWSER": "1" if require_browser else "0"})
 
 
 @pytest.mark.slow
