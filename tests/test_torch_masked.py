@@ -365,39 +365,16 @@ def test_a_masked_call_asks_once_whether_it_is_traced_and_walks_no_pattern_for_s
     assert asked.count(True) == 1 and not any(walked)
 
 
-def test_a_masked_twin_call_does_not_enter_the_numpy_api_refusal_of_np_ma_masks():
-    """The NumPy API's refusal of an np.ma mask or segment ids with masked elements was a call
-    on every mask= forward and backward of a twin, which hands NumPy a plain array: a cost on
-    the per-call path for an input the twins never pass. Oracle: torch.nn.functional.layer_norm
-    of the counted rows (each row's mask all True or all False)."""
-    import sys
-
-    ours = nt.LayerNorm(8).double()
-    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
-    mask = torch.tensor([[True, False, True], [True, True, False]])[..., None].expand(2, 3, 8)
-    entered = []
-
-    def profile(frame, event, arg):
-        if event == "call" and frame.f_code.co_name == "_refuse_masked_elements":
-            entered.append(frame.f_code.co_name)
-
-    sys.setprofile(profile)
-    try:
-        y = ours(x, mask=mask)
-        y[mask].sum().backward()
-    finally:
-        sys.setprofile(None)
-    assert entered == []
-    expected = torch.nn.functional.layer_norm(x.detach(), (8,), ours.weight, ours.bias)
-    torch.testing.assert_close(y[mask], expected[mask])
+# NumPy API checks the twins never need, each once a call on every mask= forward and backward:
+# the refusal of an np.ma mask or segment ids with masked elements (the twins hand NumPy plain
+# arrays), and of long double parameters and statistics (d1bb24f; they hand float32 or float64)
+_NOT_ON_THE_TWINS_PATH = [("_refuse_masked_elements", torch.float64), ("readable_dtype", torch.float32),
+                          ("readable_dtype", torch.float64)]
 
 
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_a_masked_twin_call_does_not_check_its_float_parameters_and_statistics_for_long_double(dtype):
-    """The refusal of long double parameters and statistics (d1bb24f) asked a function of
-    every weight, bias, mean and rstd on every mask= forward and backward, though the twins
-    hand NumPy float32 or float64 alone: a cost on the per-call path. Oracle:
+@pytest.mark.parametrize("check, dtype", _NOT_ON_THE_TWINS_PATH, ids=lambda v: str(v))
+def test_a_masked_twin_call_does_not_enter_the_numpy_api_checks_it_never_needs(check, dtype):
+    """A cost on the per-call path for inputs the twins never pass. Oracle:
     torch.nn.functional.layer_norm of the counted rows (each row's mask all True or False)."""
     import sys
 
@@ -407,7 +384,7 @@ def test_a_masked_twin_call_does_not_check_its_float_parameters_and_statistics_f
     entered = []
 
     def profile(frame, event, arg):
-        if event == "call" and frame.f_code.co_name == "readable_dtype":
+        if event == "call" and frame.f_code.co_name == check:
             entered.append(frame.f_code.co_name)
 
     sys.setprofile(profile)
@@ -419,6 +396,7 @@ def test_a_masked_twin_call_does_not_check_its_float_parameters_and_statistics_f
     assert entered == []
     expected = torch.nn.functional.layer_norm(x.detach(), (8,), ours.weight, ours.bias)
     torch.testing.assert_close(y[mask], expected[mask])
+
 
 def test_a_contiguous_masked_call_lays_out_its_output_in_two_calls():
     """Where the masked output keeps its layout (a contiguous input, every twin but
