@@ -339,6 +339,18 @@ def test_a_family_rms_norm_pruned_by_its_weight_alone_computes_as_the_original(f
         converted(old_width)
 
 
+def _prune_as_the_original_reads(module, keep: list) -> None:
+    """A family layer norm pruned as pruners prune these classes: its own weight and bias
+    narrowed, and ``normalized_shape`` where the module keeps one (OLMo's). Unlike
+    :func:`_prune`, nothing the twin alone has (``hidden_size``) is set: the twin must follow."""
+    for name in ("weight", "bias"):
+        parameter = module._parameters.get(name)
+        if parameter is not None:
+            setattr(module, name, torch.nn.Parameter(parameter.detach()[..., keep].clone()))
+    if "normalized_shape" in vars(module):
+        module.normalized_shape = (len(keep),)
+
+
 def _family_layer_norms():
     """transformers' layer norms that convert() turns into RecipeLayerNorm, by name, with
     what a pruner narrows on each (the weight and bias; OLMo's, which has none, its
@@ -370,12 +382,7 @@ def test_a_converted_recipe_layer_norm_pruned_as_its_original_computes_as_the_or
     converted(torch.randn(2, 3, 8, dtype=dtype))
     keep = [0, 2, 3, 5, 6]
     for module in (original, converted):
-        for name in ("weight", "bias"):
-            parameter = module._parameters.get(name)
-            if parameter is not None:
-                setattr(module, name, torch.nn.Parameter(parameter.detach()[..., keep].clone()))
-        if "normalized_shape" in vars(module):
-            module.normalized_shape = (len(keep),)
+        _prune_as_the_original_reads(module, keep)
     x = torch.randn(2, 3, 5) * 2 + 1
     x_ref, x_twin = (x.to(dtype).requires_grad_() for _ in range(2))
     grad_y = torch.randn(2, 3, 5).to(dtype)
@@ -406,12 +413,7 @@ def test_a_converted_recipe_layer_norm_pruned_refuses_the_old_width_on_its_first
     converted(old_width)
     keep = [0, 2, 3, 5, 6]
     for module in (original, converted):
-        for name in ("weight", "bias"):
-            parameter = module._parameters.get(name)
-            if parameter is not None:
-                setattr(module, name, torch.nn.Parameter(parameter.detach()[..., keep].clone()))
-        if "normalized_shape" in vars(module):
-            module.normalized_shape = (len(keep),)
+        _prune_as_the_original_reads(module, keep)
     with pytest.raises(RuntimeError):
         original(old_width)
     with pytest.raises(RuntimeError), _nt.use_path(path):
