@@ -144,8 +144,10 @@ def _segment_axis(plan: Plan, segment_axis) -> int:
     return plan.axis_names.index(segment_axis)
 
 
-def make_grouping(plan: Plan, mask=None, segment_ids=None, num_segments=None, segment_axis=None) -> Grouping:
-    """Check ``mask`` and the segment arguments against ``plan``.
+def make_grouping(plan: Plan, mask=None, segment_ids=None, num_segments=None, segment_axis=None,
+                  ids_name: str = "segment_ids") -> Grouping:
+    """Check ``mask`` and the segment arguments against ``plan`` (errors call the ids
+    ``ids_name``, the name the caller gave them).
 
     >>> from normlab.plan import make_plan
     >>> g = make_grouping(make_plan("[n] c", (5, 2)), segment_ids=np.array([0, 0, 1, 1, 1]))
@@ -162,18 +164,18 @@ def make_grouping(plan: Plan, mask=None, segment_ids=None, num_segments=None, se
     from normlab.core import as_array
 
     if isinstance(segment_ids, np.ma.MaskedArray):
-        _refuse_masked_elements(segment_ids, "segment_ids", plan, "segment_ids.filled(id) with the id they belong to")
-    ids = as_array(segment_ids, "segment_ids", plan.pattern, plan.shape)
+        _refuse_masked_elements(segment_ids, ids_name, plan, f"{ids_name}.filled(id) with the id they belong to")
+    ids = as_array(segment_ids, ids_name, plan.pattern, plan.shape)
     length = plan.axis_sizes[axis]
     if ids.dtype.kind not in "iu" or ids.shape != (length,):
-        raise ShapeError(f"{_describe(plan)}: segment_ids must be integers of shape ({length},), one per element "
+        raise ShapeError(f"{_describe(plan)}: {ids_name} must be integers of shape ({length},), one per element "
                          f"along axis {plan.axis_names[axis]!r}; got dtype {ids.dtype} and shape {ids.shape}")
     if ids.dtype.kind == "u" and ids.size and int(ids.max()) > np.iinfo(np.int64).max:
         # beyond int64 the cast below would wrap the id to a negative one and misreport it
-        check_segment_count(plan, int(ids.max()), int(ids.max()) + 1, given=False)  # refuses: no input is that big
+        check_segment_count(plan, int(ids.max()), int(ids.max()) + 1, given=False, ids_name=ids_name)  # refuses: no input is that big
     ids = ids.astype(np.int64, copy=False)
     if ids.size and ids.min() < 0:
-        raise ShapeError(f"{_describe(plan)}: segment_ids hold a negative id ({ids.min()}); ids count from 0")
+        raise ShapeError(f"{_describe(plan)}: {ids_name} hold a negative id ({ids.min()}); ids count from 0")
     given = num_segments is not None
     if num_segments is None:
         num_segments = int(ids.max()) + 1 if ids.size else 0
@@ -189,7 +191,7 @@ def make_grouping(plan: Plan, mask=None, segment_ids=None, num_segments=None, se
         if ids.size and ids.max() >= num_segments:
             raise ShapeError(f"{_describe(plan)}: num_segments={num_segments} but segment_ids reach {ids.max()}; "
                              "pass num_segments > max(segment_ids), or leave it out")
-    check_segment_count(plan, int(ids.max()) if ids.size else None, num_segments, given)
+    check_segment_count(plan, int(ids.max()) if ids.size else None, num_segments, given, ids_name=ids_name)
     return Grouping(plan, counted, axis, ids, num_segments)
 
 
@@ -201,7 +203,7 @@ _SEGMENT_VALUES_FLOOR = 1 << 20
 
 
 def check_segment_count(plan: Plan, largest: int | None, num_segments: int, given: bool,
-                        unique: str = "np.unique") -> None:
+                        unique: str = "np.unique", ids_name: str = "segment_ids") -> None:
     """Refuse, before anything is allocated, segments whose statistics would dwarf the input
     (``largest``: the largest id, None for no ids; ``given``: whether the caller chose
     ``num_segments``, else it is ``largest + 1``; ``unique``: the function that compacts ids)."""
@@ -209,10 +211,10 @@ def check_segment_count(plan: Plan, largest: int | None, num_segments: int, give
     limit = max(_SEGMENT_VALUES_FLOOR, _SEGMENT_VALUES_PER_ELEMENT * math.prod(plan.shape))
     if values <= limit:
         return
-    compact = f"compact the ids with {unique}(segment_ids, return_inverse=True)[1]"
+    compact = f"compact the ids with {unique}({ids_name}, return_inverse=True)[1]"
     if given:
         asked = f"num_segments={num_segments}"
-        fix = (f"pass num_segments=max(segment_ids) + 1 ({largest + 1})" if largest is not None
+        fix = (f"pass num_segments=max({ids_name}) + 1 ({largest + 1})" if largest is not None
                else "pass a smaller num_segments") + f", or {compact}"
     else:
         asked = f"the largest segment id, {largest}, asks for {num_segments} segments"

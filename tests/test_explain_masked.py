@@ -131,6 +131,8 @@ def test_segment_ids_of_the_wrong_length_are_refused_with_the_pattern_and_shape(
     result = explain("batch", "--data", json.dumps(DATA), "--segments", "[0, 1]")
     assert result.returncode == 2
     assert "(4, 3)" in result.stderr
+    # named as the caller named them (--segments, explain_array's segments=), not as normalize's segment_ids
+    assert "segments must be integers of shape (4,)" in result.stderr and "segment_ids" not in result.stderr
 
 
 @pytest.mark.parametrize("huge", [2**63, 2**64 - 1, 2**64])
@@ -156,7 +158,7 @@ def test_a_group_with_nothing_counted_shows_no_mean_or_std_in_the_legend_nor_on_
 @pytest.mark.parametrize("argument, value, fix", [
     ("mask", np.ma.masked_array(np.ones((4, 3), bool), mask=np.eye(4, 3, dtype=bool)), "mask.filled(False)"),
     ("mask", np.ma.masked_array(np.ones((1, 3), bool), mask=[[False, True, False]]), "mask.filled(True)"),
-    ("segments", np.ma.masked_array([0, 1, 1, 0], mask=[False, True, False, False]), "segment_ids.filled(id)"),
+    ("segments", np.ma.masked_array([0, 1, 1, 0], mask=[False, True, False, False]), "pass segments.filled(id)"),
 ], ids=["mask", "broadcast mask", "segments"])
 def test_explain_refuses_an_np_ma_mask_or_segments_with_masked_elements_as_normalize_does(argument, value, fix):
     """explain_array read mask= and segments= with np.asarray, which drops an np.ma array's own

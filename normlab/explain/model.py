@@ -243,7 +243,8 @@ def explain_array(x, name_or_pattern: str, sizes: dict | None = None, rms: bool 
     if segments is not None:
         from normlab.masked import make_grouping
 
-        grouping = make_grouping(plan, segment_ids=segments)  # checks the ids (np.ma ones too), or says why not
+        # checks the ids (np.ma ones too), or says why not, calling them segments as the caller does
+        grouping = make_grouping(plan, segment_ids=segments, ids_name="segments")
         extra["segment_ids"] = grouping.segment_ids
         groups = grouping.group_index().reshape(x.shape)
         stats_shape, segment_axis = grouping.stats_shape, grouping.segment_axis
