@@ -166,7 +166,7 @@ def test_readme_recipes_give_onnx_mean_variance_and_l2_normalization():
     x = x.astype(np.float64)
     x[1, 2] = 0.0  # an all-zero group: ONNX gives 0
     expected = _onnx_one_node("LpNormalization", x.reshape(6, 20), 22, axis=-1, p=2).reshape(x.shape)
-    y = normlab.normalize(x, "a0 a1 [a2 a3]", rms=True, eps=1e-30, weight=np.full((4, 5), 20 ** -0.5), params="a2 a3")
+    y = normlab.normalize(x, "a0 a1 [a2 a3]", rms=True, eps=5e-324, weight=np.full((4, 5), 20 ** -0.5), params="a2 a3")
     np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-15)
 
 
