@@ -14,12 +14,15 @@ class NormlabError(ValueError):
 
 
 class PatternSyntaxError(NormlabError):
-    """The pattern text is not valid notation; the message points at the fault with a caret."""
+    """The pattern text is not valid notation; the message points at the fault with a caret.
+    ``subject`` names the argument the text came from: ``"pattern"``, or ``"params"`` and
+    ``"modulation"``, whose axes use the same notation (``pattern`` then holds their text)."""
 
-    def __init__(self, pattern: str, position: int, message: str):
+    def __init__(self, pattern: str, position: int, message: str, subject: str = "pattern"):
         self.pattern = pattern
         self.position = position
         self.message = message
+        self.subject = subject
         caret = " " * position + "^"
         # every whitespace character separates alike; shown as one space, a tab, a newline or a
         # wide space cannot push the pattern away from the caret under it
@@ -28,12 +31,12 @@ class PatternSyntaxError(NormlabError):
 
     def on_input(self, where: str) -> PatternSyntaxError:
         """This error with ``where`` (the pattern and the input shape) closing its first line."""
-        return type(self)(self.pattern, self.position, f"{self.message} ({where})")
+        return type(self)(self.pattern, self.position, f"{self.message} ({where})", self.subject)
 
     def __reduce__(self):
         # pickled (a worker process hands it to its pool) with the arguments __init__ takes;
         # the default, the message alone, cannot be unpickled
-        return type(self), (self.pattern, self.position, self.message)
+        return type(self), (self.pattern, self.position, self.message, self.subject)
 
 
 class ShapeError(NormlabError):

@@ -217,7 +217,9 @@ def _modulation_plan(pattern, plan: Plan, modulation, sizes) -> Plan:
             return text.replace("params", "modulation").replace("weight spans", "scale and shift span")
         if isinstance(err, PatternSyntaxError):
             message = reworded(str(err).split("\n")[0])
-            raise PatternSyntaxError(err.pattern, err.position, message) from None  # (make_plan named the input)
+            # (make_plan named the input); a fault in the pattern itself stays the pattern's
+            subject = "modulation" if err.subject == "params" else err.subject
+            raise PatternSyntaxError(err.pattern, err.position, message, subject) from None
         raise type(err)(reworded(str(err))) from None
 
 

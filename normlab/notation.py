@@ -204,8 +204,14 @@ def parse_params(text: str) -> tuple[tuple[str, ...], ...]:
     (('g', 'c'),)
     """
     if not isinstance(text, str):
-        raise PatternSyntaxError(str(text), 0, f"params is a string such as 'c' or 'c h w', got {type(text).__name__}")
+        raise PatternSyntaxError(str(text), 0, f"params is a string such as 'c' or 'c h w', got {type(text).__name__}",
+                                 "params")
     return _parse_params(text)
+
+
+def _params_syntax_error(text: str, position: int, message: str) -> PatternSyntaxError:
+    """A fault in params text (the axes weight spans), named as params where it is reported."""
+    return PatternSyntaxError(text, position, message, "params")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -217,7 +223,7 @@ def _parse_params(text: str) -> tuple[tuple[str, ...], ...]:
     for kind, value, pos in _tokenize(text):
         if kind == "name":
             if value in seen:
-                raise PatternSyntaxError(text, pos, f"axis {value!r} appears twice in params")
+                raise _params_syntax_error(text, pos, f"axis {value!r} appears twice in params")
             seen.add(value)
             if group is None:
                 items.append((value,))
@@ -225,21 +231,21 @@ def _parse_params(text: str) -> tuple[tuple[str, ...], ...]:
                 group.append(value)
         elif value == "(":
             if group is not None:
-                raise PatternSyntaxError(text, pos, "( ) cannot nest in params")
+                raise _params_syntax_error(text, pos, "( ) cannot nest in params")
             group, group_at = [], pos
         elif value == ")":
             if group is None:
-                raise PatternSyntaxError(text, pos, "')' closes nothing")
+                raise _params_syntax_error(text, pos, "')' closes nothing")
             if not group:
-                raise PatternSyntaxError(text, group_at, "empty ( ) in params")
+                raise _params_syntax_error(text, group_at, "empty ( ) in params")
             items.append(tuple(group))
             group = None
         else:
-            raise PatternSyntaxError(
+            raise _params_syntax_error(
                 text, pos, f"{value!r} has no meaning in params: name the axes weight spans, e.g. 'c' or '(g c)'"
             )
     if group is not None:
-        raise PatternSyntaxError(text, group_at, "'(' is never closed")
+        raise _params_syntax_error(text, group_at, "'(' is never closed")
     if not items:
-        raise PatternSyntaxError(text, 0, "empty params: name the axes weight spans, e.g. 'c'")
+        raise _params_syntax_error(text, 0, "empty params: name the axes weight spans, e.g. 'c'")
     return tuple(items)

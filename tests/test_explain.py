@@ -4,6 +4,7 @@ true of the note's data and checked against the output's bits, the views render 
 import dataclasses
 import io
 import json
+import pickle
 import re
 
 import numpy as np
@@ -182,6 +183,13 @@ def test_a_pattern_error_becomes_one_line_that_names_the_character():
         make_plan("b (g [c) [h w]", (2, 4, 3, 3))
     line = one_line(caught.value)
     assert "\n" not in line and "at character 8" in line and "'[' opened inside ( )" in line
+
+
+def test_a_params_error_on_one_line_names_params_and_survives_a_pickle():
+    with pytest.raises(normlab.PatternSyntaxError) as caught:
+        make_plan("b [d]", (2, 3), "d (")
+    assert "(in params 'd (' at character 3: '(')" in one_line(caught.value)
+    assert "(in params 'd (' at" in one_line(pickle.loads(pickle.dumps(caught.value)))
 
 
 def page_cells(markup):

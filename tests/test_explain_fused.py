@@ -68,6 +68,15 @@ def test_an_empty_modulation_is_refused_as_normalize_refuses_it_not_left_out_sil
     result = explain("b t [d]", "--shape", "2,2,3", "--modulation", axes)
     assert result.returncode == 2 and result.stdout == ""
     assert "empty modulation: name the axes scale and shift span" in result.stderr
+    assert f"(in modulation {axes!r} at character 1" in result.stderr and "in pattern" not in result.stderr
+
+
+def test_a_modulation_syntax_error_points_into_the_modulation_the_user_passed_not_into_a_pattern(explain):
+    result = explain("b t [d]", "--shape", "2,2,3", "--modulation", "b [")
+    assert result.returncode == 2
+    assert "(in modulation 'b [' at character 3: '[')" in result.stderr and "in pattern" not in result.stderr
+    result = explain("b t [d", "--shape", "2,2,3", "--modulation", "b d")  # the pattern's own fault stays the pattern's
+    assert result.returncode == 2 and "(in pattern 'b t [d' at character 5: '[d')" in result.stderr
 
 
 def test_modulation_on_the_group_preset_takes_the_g_the_preset_picked_and_errors_speak_of_modulation(explain):

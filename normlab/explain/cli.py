@@ -93,7 +93,7 @@ def one_line(err: NormlabError) -> str:
     if isinstance(err, PatternSyntaxError):
         message = str(err).splitlines()[0]
         rest = err.pattern[err.position:]
-        return f"{message} (in pattern {err.pattern!r} at character {err.position + 1}: {rest!r})"
+        return f"{message} (in {err.subject} {err.pattern!r} at character {err.position + 1}: {rest!r})"
     return " ".join(str(err).split())
 
 
