@@ -218,8 +218,8 @@ def _refuse_unknown_size(pattern: str, shape: tuple, parsed: Pattern, name: str,
             given = (f"{name}, an array of shape {value_shape}," if isinstance(value_shape, tuple)
                      else f"{name}, a {type(value).__name__},")
         raise _fail(pattern, shape, f"{given} names no axis of the pattern",
-                    epsilon_fix(name, value) or _NUMPY_FIXES.get(name, "")
-                    + f"use one of {', '.join(parsed.names)}, or drop it")
+                    epsilon_fix(name, value) or onnx_fix(parsed, name, value)
+                    or _NUMPY_FIXES.get(name, "") + f"use one of {', '.join(parsed.names)}, or drop it")
 
 
 # NumPy's keywords that land among the axis sizes (normalize's own out= does not)
@@ -239,6 +239,53 @@ def epsilon_fix(name: str, value) -> str | None:
     "normlab's epsilon is eps: pass eps=0.001"
     """
     return f"normlab's epsilon is eps: pass eps={value!r}" if name in _EPSILON_NAMES else None
+
+
+def onnx_fix(parsed: Pattern, name: str, value) -> str | None:
+    """The fix for a size named as an ONNX normalization's attribute; None for any other name.
+    axis and axes are the pattern's brackets, num_groups the size of its group factor.
+
+    >>> onnx_fix(parse_pattern("b c h [w]"), "axis", 1)
+    "ONNX's axis is written with [ ], not passed: pass the pattern 'b [c h w]' (the axes from 1 on) and drop axis="
+    >>> onnx_fix(parse_pattern("b (g [c]) [h w]"), "num_groups", 32)
+    'the number of groups is the size of the factor beside [c]: pass g=32'
+    """
+    if name == "num_groups":
+        groups = [(factor.name, dim) for dim in parsed.dims if dim.composed and any(a.reduced for a in dim.factors)
+                  for factor in dim.factors if not factor.reduced]
+        if groups:
+            group, dim = groups[0]
+            beside = " ".join(a.name for a in dim.factors if a.reduced)
+            return f"the number of groups is the size of the factor beside [{beside}]: pass {group}={value!r}"
+        return f"groups are a composed axis: write the channels as (g [c]) and pass g={value!r}"
+    if name == "axis":
+        written = _bracketed(parsed, lambda index, rank: index >= value % rank, value, int)
+        return ("ONNX's axis is written with [ ], not passed: "
+                + (f"pass the pattern {written!r} (the axes from {value} on) and drop axis=" if written
+                   else "bracket the axes from that axis on ('b t [d]' for axis=-1, 'b [c h w]' for axis=1) and drop axis="))
+    if name == "axes":
+        written = _bracketed(parsed, lambda index, rank: index in {a % rank for a in value}, value, (list, tuple))
+        return ("ONNX's axes are written with [ ], not passed: "
+                + (f"pass the pattern {written!r} (axes {value}) and drop axes=" if written
+                   else "bracket those axes ('[b] c [h w]' for axes=[0, 2, 3]) and drop axes="))
+    if name == "stash_type":
+        return "normlab computes in float64 whatever the input's dtype: drop it"
+    return None
+
+
+def _bracketed(parsed: Pattern, reduced, value, kind) -> str | None:
+    """The pattern's axes, brackets removed, with those that ``reduced(index, rank)`` picks
+    bracketed; None where the pattern has ``...`` or ``value`` is no index of its axes."""
+    rank = len(parsed.dims)
+    indices = value if isinstance(value, (list, tuple)) else [value]
+    if (parsed.has_ellipsis or not isinstance(value, kind) or not indices
+            or not all(isinstance(i, int) and not isinstance(i, bool) and -rank <= i < rank for i in indices)):
+        return None
+    words = []
+    for index, dim in enumerate(parsed.dims):
+        text = dim.factors[0].name if not dim.composed else "(" + " ".join(a.name for a in dim.factors) + ")"
+        words.append(f"[{text}]" if reduced(index, rank) else text)
+    return " ".join(words).replace("] [", " ")
 
 
 # normlab.torch's Norm takes these keywords besides normalize's (named here: plan.py does not import torch);

@@ -60,3 +60,50 @@ def test_the_readme_l2_recipe_gives_onnx_lp_normalization_at_any_magnitude(data,
     y = normlab.normalize(x, "a [b]", rms=True, eps=float(recipe["eps"]), weight=weight, params="b")
     expected = _onnx("LpNormalization", {"X": x}, 22, axis=-1, p=2)
     np.testing.assert_allclose(y, expected, rtol=4 * np.finfo(dtype).eps, atol=0)
+
+
+def _told(call):
+    with pytest.raises(normlab.errors.ShapeError) as caught:
+        call()
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("op, opset, attributes, pattern", [
+    ("LayerNormalization", 17, {"axis": 1}, "b c h [w]"),
+    ("LayerNormalization", 17, {"axis": -2}, "b c h [w]"),
+    ("RMSNormalization", 23, {"axis": 2}, "b c h [w]"),
+    ("MeanVarianceNormalization", 13, {"axes": [0, 2, 3]}, "b c [h w]"),
+    ("MeanVarianceNormalization", 13, {"axes": [1]}, "[b] c h w"),
+])
+def test_onnx_s_axis_and_axes_passed_as_keywords_are_answered_with_the_pattern_that_gives_onnx_s_result(
+        op, opset, attributes, pattern):
+    # a porting user passes the operator's attribute; it landed among the axis sizes and was
+    # told "use one of b, c, h, w, or drop it", where dropping it keeps the wrong brackets
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5))
+    message = _told(lambda: normlab.normalize(x, pattern, **attributes))
+    assert pattern in message and "(2, 3, 4, 5)" in message and "use one of" not in message
+    written = re.search(r"pass the pattern '([^']+)'", message).group(1)
+    keywords = {"eps": 1e-18} if op == "MeanVarianceNormalization" else {"rms": op == "RMSNormalization"}
+    inputs = {"X": x} if op == "MeanVarianceNormalization" else {"X": x, "S": np.ones(x.shape[attributes["axis"]:])}
+    expected = _onnx(op, {"X": x.astype(np.float32)} if op == "MeanVarianceNormalization" else inputs, opset,
+                     **attributes)  # (ONNX's MeanVarianceNormalization runs in float32 only)
+    np.testing.assert_allclose(normlab.normalize(x, written, **keywords), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_s_num_groups_passed_as_a_keyword_is_answered_with_the_group_factor_s_size():
+    # it was told "use one of b, g, c, h, w, or drop it"
+    x = np.random.default_rng(0).standard_normal((2, 6, 4, 5))
+    message = _told(lambda: normlab.normalize(x, "b (g [c]) [h w]", num_groups=3))
+    assert "use one of" not in message and "drop it" not in message
+    sizes = dict((name, int(size)) for name, size in re.findall(r"pass (\w+)=(\d+)", message))
+    expected = _onnx("GroupNormalization", {"X": x, "S": np.ones(6), "B": np.zeros(6)}, 21, num_groups=3,
+                     stash_type=11)
+    np.testing.assert_allclose(normlab.normalize(x, "b (g [c]) [h w]", **sizes), expected, rtol=1e-9, atol=1e-12)
+    assert "write the channels as (g [c]) and pass g=3" in _told(lambda: normlab.normalize(x, "b c [h w]",
+                                                                                         num_groups=3))
+
+
+def test_the_torch_norm_answers_onnx_s_attributes_as_the_numpy_api_does():
+    nt = pytest.importorskip("normlab.torch")
+    assert "pass the pattern 'b [c h w]'" in _told(lambda: nt.Norm("b c h [w]", axis=1))
+    assert "pass g=4" in _told(lambda: nt.Norm("b (g [c]) [h w]", num_groups=4))

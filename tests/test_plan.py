@@ -89,10 +89,11 @@ def test_params_in_another_order_than_the_pattern_round_trip():
     np.testing.assert_array_equal(plan.collapse_params(expanded), weight)
 
 
-@pytest.mark.parametrize("keyword, value", [("axis", -1), ("momentum", 0.1), ("q", 0)])
+@pytest.mark.parametrize("keyword, value", [("momentum", 0.1), ("q", 0)])
 def test_a_size_that_names_no_axis_is_told_so_before_its_value_is_judged(keyword, value):
-    """A keyword normalize does not take (momentum=, axis=) lands among the sizes: the fix
-    to offer is its name, not an integer value (epsilon=: see test_user_paths_more)."""
+    """A keyword normalize does not take (momentum=) lands among the sizes: the fix to offer
+    is its name, not an integer value (epsilon=: see test_user_paths_more; ONNX's axis=,
+    axes=, num_groups=: test_onnx_operators)."""
     with pytest.raises(ShapeError) as info:
         make_plan("b [d]", (2, 3), **{keyword: value})
     text = str(info.value)

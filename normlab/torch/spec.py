@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from normlab.errors import ParamsError, ShapeError
 from normlab import notation
 from normlab.notation import parse_params, parse_pattern
-from normlab.plan import epsilon_fix, make_plan
+from normlab.plan import epsilon_fix, make_plan, onnx_fix
 
 
 def _traced(checked, cached, text):
@@ -66,7 +66,8 @@ class Spec:
         for name, value in sizes.items():
             if name not in parsed.names:
                 raise ShapeError(f"pattern {pattern!r}: size {name}={value!r} names no axis of the pattern; "
-                                 + (epsilon_fix(name, value) or f"use one of {', '.join(parsed.names)}"))
+                                 + (epsilon_fix(name, value) or onnx_fix(parsed, name, value)
+                                    or f"use one of {', '.join(parsed.names)}"))
         dims = tuple(
             DimSpec((), (dim.reduced,), (), is_ellipsis=True) if dim.is_ellipsis else
             DimSpec(tuple(a.name for a in dim.factors), tuple(a.reduced for a in dim.factors),
