@@ -192,7 +192,16 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m normlab.bench_masked [--quick]
+def main(argv: list[str] | None = None) -> int:
+    """``python -m normlab.bench_masked [--quick]``: the table, in Markdown."""
     import sys
 
-    print(markdown(measure(CASES, "--quick" in sys.argv, 5)))
+    argv = sys.argv[1:] if argv is None else argv
+    print(markdown(measure(CASES, "--quick" in argv, 5)))
+    return 0
+
+
+if __name__ == "__main__":
+    from normlab.bench import run_script
+
+    run_script(main)  # a reader that stops early (| head -1) ends it quietly, as it ends the benchmark scripts

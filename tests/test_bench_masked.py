@@ -1,8 +1,15 @@
 """``normlab bench --case masked``: the group is picked by name and a row measures both engines."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from normlab import bench_masked
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_masked_group_is_picked_by_its_name_or_a_case_name():
@@ -60,3 +67,22 @@ def test_a_masked_row_is_the_median_of_rounds_in_which_the_engines_take_turns(re
     assert turns == ["ours", "theirs"] * rounds
     warm_ups = rounds + bench.FIRST_WARM_UPS - 1
     assert calls.count("ours") == calls.count("theirs") == repeats + warm_ups
+
+
+@pytest.mark.slow  # (13 s of CPU: the module's cases import torch and PyG and build their models)
+def test_the_table_printed_into_a_pipe_that_closed_early_ends_without_a_traceback():
+    # python -m normlab.bench_masked | head -1 ended in "BrokenPipeError: [Errno 32] Broken pipe"
+    # (exit status 120) when Python flushed the table at exit; the engines' timing is left out here
+    pytest.importorskip("torch_geometric")
+    program = ("import runpy, sys, normlab.bench; "
+               "normlab.bench.timed_rounds = lambda engines, repeats: {name: [1e-3] for name in engines}; "
+               "sys.argv = ['bench_masked', '--quick']; "
+               "runpy.run_module('normlab.bench_masked', run_name='__main__', alter_sys=True)")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone, as head is after its first line
+    try:
+        result = subprocess.run([sys.executable, "-c", program], stdout=write, stderr=subprocess.PIPE, text=True,
+                                timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    finally:
+        os.close(write)
+    assert result.returncode == 1 and result.stderr == "", result.stderr
