@@ -18,12 +18,14 @@ float64 value, give or take float32's own rounding.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from normlab import fused, reference
 from normlab.errors import InputError, ParamsError, ShapeError
+from normlab.notation import parse_pattern
 from normlab.plan import Plan, make_plan, merge_sizes
 
 __all__ = ["normalize", "normalize_backward", "BACKENDS"]
@@ -138,26 +140,38 @@ def _param_array(value, name: str, plan: Plan) -> np.ndarray:
         raise ParamsError(f"{_describe(plan, plan.shape)}: {name} has dtype {array.dtype}; pass a float16, bfloat16, "
                           f"float32 or float64 array of shape {plan.param_shape} (cast with {name}.astype(np.float32))")
     if array.shape != plan.param_shape:
+        # (a weight per group, as ONNX GroupNormalization-18 takes it, is params='g', not '(g c)')
+        spans = " or ".join(f"params={found}" for found in _matching_params(plan, array.shape))
         raise ParamsError(
             f"{name} has shape {array.shape}, but params={plan.params!r} spans shape {plan.param_shape} "
-            f"({_describe(plan, plan.shape)}): pass a {name} of shape {plan.param_shape} or change params"
+            f"({_describe(plan, plan.shape)}): pass a {name} of shape {plan.param_shape} or "
+            + (f"change params to the axes it spans, {spans}" if spans else "change params")
         )
     return plan.expand_params(array.astype(np.float64, copy=False))
 
 
-def _suggest_params(plan: Plan, shape: tuple[int, ...]) -> str:
-    """Name the runs of axes of ``plan`` whose sizes match a weight of ``shape``."""
+def _matching_params(plan: Plan, shape: tuple[int, ...]) -> list[str]:
+    """The params (quoted) that name runs of axes of ``plan`` whose sizes match a weight of
+    ``shape``; a 1-D weight may also span factors of one of the pattern's compositions, ``'(g c)'``."""
     names = [n for n in plan.axis_names if not n.startswith("...")]
     sizes = dict(zip(plan.axis_names, plan.axis_sizes))
-    found = [
-        repr(" ".join(names[start:stop]))
-        for start in range(len(names))
-        for stop in range(start + 1, len(names) + 1)
-        if tuple(sizes[n] for n in names[start:stop]) == tuple(shape)
-    ]
+    runs = [names[start:stop] for start in range(len(names)) for stop in range(start + 1, len(names) + 1)]
+    found = [repr(" ".join(run)) for run in runs if tuple(sizes[n] for n in run) == tuple(shape)]
+    if len(shape) == 1:
+        for dim in parse_pattern(plan.pattern).dims:
+            factors = [axis.name for axis in dim.factors] if dim.composed else []
+            found += [repr(f"({' '.join(factors[start:stop])})") for start in range(len(factors))
+                      for stop in range(start + 2, len(factors) + 1)
+                      if math.prod(sizes[n] for n in factors[start:stop]) == shape[0]]
+    return found[:3]
+
+
+def _suggest_params(plan: Plan, shape: tuple[int, ...]) -> str:
+    """Name the runs of axes of ``plan`` whose sizes match a weight of ``shape``."""
+    found = _matching_params(plan, shape)
     if not found:
         return "params='c', the names of the axes weight spans, in order"
-    return " or ".join(f"params={f}" for f in found[:3])
+    return " or ".join(f"params={f}" for f in found)
 
 
 def reject_masked(value, name: str, context: str) -> None:

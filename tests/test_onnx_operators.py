@@ -107,3 +107,21 @@ def test_the_torch_norm_answers_onnx_s_attributes_as_the_numpy_api_does():
     nt = pytest.importorskip("normlab.torch")
     assert "pass the pattern 'b [c h w]'" in _told(lambda: nt.Norm("b c h [w]", axis=1))
     assert "pass g=4" in _told(lambda: nt.Norm("b (g [c]) [h w]", num_groups=4))
+
+
+@pytest.mark.parametrize("opset, given_params", [(18, "(g c)"), (21, "g"), (21, None)])
+def test_a_group_norm_scale_of_the_other_opset_is_answered_with_the_params_that_give_onnx_s_result(opset, given_params):
+    # GroupNormalization-18 takes a scale and bias per group, 21 per channel; each under the
+    # other's params was told "pass a weight of shape (6,) or change params", without the params
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 6, 4, 5))
+    scale, bias = rng.standard_normal((2, 3 if opset == 18 else 6))
+    with pytest.raises(normlab.errors.ParamsError) as caught:
+        normlab.normalize(x, "b (g [c]) [h w]", g=3, weight=scale, bias=bias, params=given_params)
+    message = str(caught.value)
+    assert "(2, 6, 4, 5)" in message and "b (g [c]) [h w]" in message
+    params = re.search(r"(?:spans,|e\.g\.) params='([^']+)'$", message).group(1)
+    expected = _onnx("GroupNormalization", {"X": x, "S": scale, "B": bias}, opset, num_groups=3,
+                     **({"stash_type": 11} if opset == 21 else {}))
+    np.testing.assert_allclose(normlab.normalize(x, "b (g [c]) [h w]", g=3, weight=scale, bias=bias, params=params),
+                               expected, rtol=1e-9, atol=1e-12)
