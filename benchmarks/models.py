@@ -42,6 +42,7 @@ from torch import nn
 import normlab.torch as nt
 from normlab.bench import positive_int
 
+TRANSFORMERS_MODELS = ("BERT (6×384, LayerNorm)", "LLaMA (4×256, RMSNorm)")
 TORCHVISION_MODELS = ("resnet18", "resnet50", "mobilenet_v3_small", "convnext_tiny", "vit_b_16")
 
 
@@ -131,15 +132,18 @@ def _images(size: int):
     return lambda batch: torch.randn(batch, 3, size, size)
 
 
-def cases() -> list[ModelCase]:
+def cases(models: str | None = None) -> list[ModelCase]:
+    """Every model, or those that ``models`` picks and more (:func:`select` picks them out):
+    transformers and torchvision are loaded, or said to be skipped and why, only where
+    ``models`` asks for one of their models."""
     found = [
         ModelCase("U-Net (GroupNorm)", UNet, _images(64), 8),
         ModelCase("ResNet-style CNN (BatchNorm)", resnet_like, _images(64), 32),
     ]
-    if _transformers():
-        found += [ModelCase("BERT (6×384, LayerNorm)", _bert, _tokens(8192, 128), 8),
-                  ModelCase("LLaMA (4×256, RMSNorm)", _llama, _tokens(4096, 128), 8)]
-    vision = _torchvision()
+    if _picks_any(models, TRANSFORMERS_MODELS) and _transformers():
+        bert, llama = TRANSFORMERS_MODELS
+        found += [ModelCase(bert, _bert, _tokens(8192, 128), 8), ModelCase(llama, _llama, _tokens(4096, 128), 8)]
+    vision = _torchvision() if _picks_any(models, TORCHVISION_MODELS) else None
     if vision is not None:
         for name in TORCHVISION_MODELS:
             size = 224
@@ -289,8 +293,15 @@ def select(found: list[ModelCase], models: str | None) -> list[ModelCase]:
     ignoring case and punctuation ("unet" picks "U-Net (GroupNorm)"); all for None."""
     if models is None:
         return found
+    return [c for c in found if _picks_any(models, (c.name,))]
+
+
+def _picks_any(models: str | None, names) -> bool:
+    """Whether ``--models`` (None: all) picks any of ``names``."""
+    if models is None:
+        return True
     fragments = [_letters(f) for f in models.split(",") if _letters(f)]
-    return [c for c in found if any(f in _letters(c.name) for f in fragments)]
+    return any(f in _letters(name) for f in fragments for name in names)
 
 
 def main(argv=None) -> int:
@@ -299,10 +310,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile columns")
     args = parser.parse_args(argv)
-    found = cases()
+    found = cases(args.models)
     selected = select(found, args.models)
     if not selected:
-        parser.error(f"--models {args.models!r} names no model; models: {', '.join(c.name for c in found)}")
+        names = dict.fromkeys([c.name for c in found] + [*TRANSFORMERS_MODELS, *TORCHVISION_MODELS])
+        parser.error(f"--models {args.models!r} names no model; models: {', '.join(names)}")
     results = []
     for case in selected:
         result = measure(case, args.rounds, not args.no_compile)

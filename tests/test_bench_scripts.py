@@ -188,6 +188,29 @@ def test_models_without_transformers_skips_bert_and_llama_with_a_line_saying_why
     assert "skipped BERT, LLaMA: transformers does not import" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("asked, skipped", [("unet", None), ("unet,resnet-style", None), ("bert", "transformers"),
+                                            ("resnet18", "torchvision"), ("unet,vit", "torchvision"),
+                                            (None, "both")])
+def test_models_says_a_library_is_skipped_only_where_its_models_were_asked_for(models, monkeypatch, capsys,
+                                                                               asked, skipped):
+    # --models unet printed "skipped resnet18, ...: torchvision does not load", for models no one asked for
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    models.cases(asked)
+    out = capsys.readouterr().out
+    assert ("transformers does not import" in out) == (skipped in ("transformers", "both")), out
+    assert ("torchvision does not load" in out) == (skipped in ("torchvision", "both")), out
+
+
+def test_models_that_names_no_model_lists_the_models_of_libraries_it_did_not_load(models, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    with pytest.raises(SystemExit):
+        models.main(["--models", "no such model", "--no-compile"])
+    captured = capsys.readouterr()
+    assert "resnet18" in captured.err and "BERT (6×384, LayerNorm)" in captured.err
+    assert "does not" not in captured.out
+
+
 def test_compiled_script_counts_each_case_s_graphs_not_the_run_s_total(monkeypatch, capsys):
     torch = pytest.importorskip("torch")
     from torch import nn
