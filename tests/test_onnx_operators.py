@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import normlab
@@ -18,21 +18,23 @@ onnx = pytest.importorskip("onnx")
 README = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
 
 
-def _onnx(op, inputs, opset, **attributes):
-    """Run one ONNX node on ``inputs`` (a dict of arrays) with ONNX's reference implementation."""
+def _onnx(op, inputs, opset, outputs=("Y",), **attributes):
+    """Run one ONNX node on ``inputs`` (a dict of arrays) with ONNX's reference implementation:
+    its output ``Y``, or the list of ``outputs``."""
     from onnx import helper
     from onnx.reference import ReferenceEvaluator
 
     def info(name, array):
         return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape)
 
-    graph = helper.make_graph([helper.make_node(op, list(inputs), ["Y"], **attributes)], op,
+    dtype = helper.np_dtype_to_tensor_dtype(next(iter(inputs.values())).dtype)
+    graph = helper.make_graph([helper.make_node(op, list(inputs), list(outputs), **attributes)], op,
                               [info(name, array) for name, array in inputs.items()],
-                              [helper.make_tensor_value_info("Y", helper.np_dtype_to_tensor_dtype(
-                                  next(iter(inputs.values())).dtype), None)])
+                              [helper.make_tensor_value_info(name, dtype, None) for name in outputs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     with np.errstate(invalid="ignore", divide="ignore"):  # (LpNormalization divides an all-zero group, then masks it)
-        return ReferenceEvaluator(model).run(None, inputs)[0]
+        results = ReferenceEvaluator(model).run(None, inputs)
+    return results[0] if outputs == ("Y",) else results
 
 
 def _readme_recipe(operator):
@@ -60,6 +62,109 @@ def test_the_readme_l2_recipe_gives_onnx_lp_normalization_at_any_magnitude(data,
     y = normlab.normalize(x, "a [b]", rms=True, eps=float(recipe["eps"]), weight=weight, params="b")
     expected = _onnx("LpNormalization", {"X": x}, 22, axis=-1, p=2)
     np.testing.assert_allclose(y, expected, rtol=4 * np.finfo(dtype).eps, atol=0)
+
+
+# each operator is run by ONNX on the float64 copy of the inputs, so the tolerance is normlab's
+# own rounding to the input's dtype: a float16 result is rounded once from float64
+_TOLERANCE = {np.float16: 1e-3, np.float32: 1e-5, np.float64: 1e-8}
+_DTYPES = st.sampled_from([np.float16, np.float32, np.float64])
+_EPS = st.sampled_from([1e-5, 1e-2, 0.5]).map(lambda eps: float(np.float32(eps)))  # ONNX's attributes are float32
+
+
+def _close(actual, expected, dtype):
+    tolerance = _TOLERANCE[dtype]
+    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=tolerance, atol=tolerance)
+
+
+def _draw_input(data, shape, dtype):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
+    x = rng.standard_normal(shape) * data.draw(st.sampled_from([1.0, 8.0]), label="scale")
+    return x.astype(dtype), rng
+
+
+@given(data=st.data(), shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), dtype=_DTYPES,
+       eps=_EPS, with_bias=st.booleans())
+def test_layer_and_rms_normalization_at_any_axis_are_the_pattern_that_brackets_the_axes_from_it_on(
+        data, shape, dtype, eps, with_bias):
+    x, rng = _draw_input(data, shape, dtype)
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1), label="axis")
+    names = [f"a{i}" for i in range(len(shape))]
+    start = axis % len(shape)
+    pattern, params = " ".join(names[:start] + ["[" + " ".join(names[start:]) + "]"]), " ".join(names[start:])
+    scale, bias = rng.standard_normal((2, *shape[start:])).astype(dtype)
+    inputs = {"X": x.astype(np.float64), "S": scale.astype(np.float64)}
+    if with_bias:
+        inputs["B"] = bias.astype(np.float64)
+    y, mean, rstd = normlab.normalize(x, pattern, weight=scale, bias=bias if with_bias else None, params=params,
+                                      eps=eps, return_stats=True)
+    expected_y, expected_mean, expected_rstd = _onnx("LayerNormalization", inputs, 17, ["Y", "Mean", "InvStdDev"],
+                                                     axis=axis, epsilon=eps)
+    _close(y, expected_y, dtype)
+    assert mean.shape == expected_mean.shape and rstd.shape == expected_rstd.shape
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-8, atol=1e-8)  # (float64 from any input)
+    np.testing.assert_allclose(rstd, expected_rstd, rtol=1e-8)
+    y = normlab.normalize(x, pattern, weight=scale, params=params, eps=eps, rms=True)
+    _close(y, _onnx("RMSNormalization", {"X": inputs["X"], "S": inputs["S"]}, 23, axis=axis, epsilon=eps), dtype)
+
+
+@given(data=st.data(), batch=st.integers(1, 3), groups=st.integers(1, 4), per_group=st.integers(1, 3),
+       spatial=st.lists(st.integers(1, 4), max_size=3), dtype=_DTYPES, eps=_EPS)
+def test_group_and_instance_normalization_are_the_group_and_instance_norm_patterns(
+        data, batch, groups, per_group, spatial, dtype, eps):
+    channels = groups * per_group
+    x, rng = _draw_input(data, (batch, channels, *spatial), dtype)
+    rest = " ".join(f"s{i}" for i in range(len(spatial)))
+    pattern = f"b (g [c]) [{rest}]" if spatial else "b (g [c])"
+    per_channel, per_group_scale = rng.standard_normal((2, channels)), rng.standard_normal((2, groups))
+    for opset, (scale, bias), params in ((21, per_channel, "(g c)"), (18, per_group_scale, "g")):
+        scale, bias = scale.astype(dtype), bias.astype(dtype)
+        expected = _onnx("GroupNormalization", {"X": x.astype(np.float64), "S": scale.astype(np.float64),
+                                                "B": bias.astype(np.float64)}, opset, num_groups=groups,
+                         epsilon=eps, **({"stash_type": 11} if opset == 21 else {}))
+        _close(normlab.normalize(x, pattern, g=groups, weight=scale, bias=bias, params=params, eps=eps), expected, dtype)
+    if spatial:
+        scale, bias = per_channel.astype(dtype)
+        expected = _onnx("InstanceNormalization", {"X": x.astype(np.float64), "S": scale.astype(np.float64),
+                                                   "B": bias.astype(np.float64)}, 22, epsilon=eps)
+        _close(normlab.normalize(x, f"b c [{rest}]", weight=scale, bias=bias, params="c", eps=eps), expected, dtype)
+
+
+@given(data=st.data(), batch=st.integers(2, 4), channels=st.integers(1, 4), spatial=st.lists(st.integers(1, 3), max_size=2),
+       dtype=_DTYPES, eps=_EPS, opset=st.sampled_from([14, 15]))
+def test_batch_normalization_in_inference_and_training_is_batch_norm_with_onnx_s_momentum_and_biased_variance(
+        data, batch, channels, spatial, dtype, eps, opset):
+    import normlab.functional as NF
+
+    x, rng = _draw_input(data, (batch, channels, *spatial), dtype)
+    scale, bias, mean = rng.standard_normal((3, channels)).astype(dtype)
+    var = rng.uniform(0.1, 3.0, channels).astype(dtype)
+    inputs = {name: array.astype(np.float64) for name, array in
+              {"X": x, "S": scale, "B": bias, "M": mean, "V": var}.items()}
+    rest = " ".join(f"s{i}" for i in range(len(spatial)))
+    pattern = f"[b] c [{rest}]" if spatial else "[b] c"
+    y = normlab.normalize(x, pattern, weight=scale, bias=bias, params="c", eps=eps, mean=mean,
+                          rstd=1 / np.sqrt(var.astype(np.float64) + eps))
+    _close(y, _onnx("BatchNormalization", inputs, opset, epsilon=eps), dtype)
+    running_mean, running_var = mean.copy(), var.copy()
+    y = NF.batch_norm(x, running_mean, running_var, scale, bias, training=True, momentum=0.1, eps=eps, unbiased=False)
+    # (ONNX's float attributes are float32: its momentum is 0.9 to a relative 3e-8)
+    expected = _onnx("BatchNormalization", inputs, opset, ["Y", "running_mean", "running_var"], epsilon=eps,
+                     momentum=0.9, training_mode=1)
+    for actual, wanted in zip((y, running_mean, running_var), expected):
+        _close(actual, wanted, np.float32 if dtype is np.float64 else dtype)
+
+
+@given(data=st.data(), shape=st.lists(st.integers(1, 4), min_size=1, max_size=4))
+def test_mean_variance_normalization_over_any_axes_is_the_readme_s_recipe(data, shape):
+    x, _ = _draw_input(data, shape, np.float32)  # (ONNX's MeanVarianceNormalization runs in float32 alone)
+    axes = data.draw(st.lists(st.integers(0, len(shape) - 1), min_size=1, unique=True), label="axes")
+    pattern = " ".join(f"[a{i}]" if i in axes else f"a{i}" for i in range(len(shape))).replace("] [", " ")
+    # ONNX takes the std as sqrt(E[x²] - E[x]²) in float32: keep its cancellation small
+    wide = x.astype(np.float64)
+    assume(np.all(wide.std(axis=tuple(axes)) > 0.1 * np.abs(wide).max(axis=tuple(axes), initial=0)))
+    recipe = _readme_recipe("MeanVarianceNormalization")
+    expected = _onnx("MeanVarianceNormalization", {"X": x}, 13, axes=sorted(axes))
+    np.testing.assert_allclose(normlab.normalize(x, pattern, eps=float(recipe["eps"])), expected, rtol=1e-4, atol=1e-4)
 
 
 def _told(call):
