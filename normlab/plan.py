@@ -212,14 +212,24 @@ def make_plan(pattern: str, shape, params: str | None = None, *, sizes=None, **a
 def _refuse_unknown_size(pattern: str, shape: tuple, parsed: Pattern, name: str, value) -> None:
     """A size that names no axis of the pattern is told so, not asked for an int."""
     if name not in parsed.names:
-        given = f"{name}={value!r}"
-        if len(given) > 60 or "\n" in given:  # an array (NumPy's out= or where=): its repr runs for lines
-            value_shape = getattr(value, "shape", None)
-            given = (f"{name}, an array of shape {value_shape}," if isinstance(value_shape, tuple)
-                     else f"{name}, a {type(value).__name__},")
-        raise _fail(pattern, shape, f"{given} names no axis of the pattern",
+        raise _fail(pattern, shape, f"{size_given_as(name, value)} names no axis of the pattern",
                     epsilon_fix(name, value) or onnx_fix(parsed, name, value)
                     or _NUMPY_FIXES.get(name, "") + f"use one of {', '.join(parsed.names)}, or drop it")
+
+
+def size_given_as(name: str, value) -> str:
+    """``name=value`` as a message quotes a keyword that landed among the axis sizes; an
+    array or tensor (NumPy's out= or where=, a mask) by its shape, as its repr runs for lines.
+
+    >>> size_given_as("q", 5), size_given_as("where", [[True] * 30] * 2)
+    ('q=5', 'where, a list,')
+    """
+    given = f"{name}={value!r}"
+    if len(given) > 60 or "\n" in given:
+        value_shape = getattr(value, "shape", None)
+        given = (f"{name}, an array of shape {tuple(value_shape)}," if isinstance(value_shape, tuple)
+                 else f"{name}, a {type(value).__name__},")
+    return given
 
 
 # NumPy's keywords that land among the axis sizes (normalize's own out= does not)

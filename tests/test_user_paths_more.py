@@ -104,6 +104,30 @@ def test_epsilon_named_as_onnx_keras_and_flax_name_it_is_pointed_to_eps_not_told
         assert "drop it" not in message and "use one of" not in message
 
 
+@pytest.mark.parametrize("keyword", ["mask", "segment_ids"])
+@pytest.mark.parametrize("call", ["normalize", "Norm"])
+def test_a_mask_given_to_normalize_or_norms_constructor_is_pointed_to_where_masks_go_not_printed(call, keyword):
+    # nt.normalize has no mask= (the NumPy API's normalize has one): the mask landed among
+    # the axis sizes, and the message printed the whole tensor and said "use one of b, t, d"
+    x = torch.randn(3, 5, 4)
+    mask = torch.arange(5)[None, :, None] < torch.tensor([5, 2, 0])[:, None, None]
+    value = mask if keyword == "mask" else torch.tensor([0, 0, 1])
+    with pytest.raises(normlab.errors.ShapeError) as caught:
+        if call == "normalize":
+            nt.normalize(x, "b t [d]", **{keyword: value})
+        else:
+            nt.Norm("b t [d]", **{keyword: value})
+    message = str(caught.value)
+    assert "\n" not in message and len(message) < 400
+    assert "normlab.torch.masked.normalize_masked(x, pattern, mask=" in message and "Norm(pattern)(x, mask=" in message
+    # the fix it names: each real token normalized as torch's layer norm of that token, padding exactly 0
+    from normlab.torch.masked import normalize_masked
+
+    y = normalize_masked(x, "b t [d]", mask=mask)[0]
+    torch.testing.assert_close(y[mask[..., 0]], torch.nn.functional.layer_norm(x[mask[..., 0]], (4,)))
+    assert torch.equal(y[~mask[..., 0]], torch.zeros(int((~mask).sum()), 4))
+
+
 # -- Norm(pattern) with segments or masks, tracking running statistics -----------------
 
 

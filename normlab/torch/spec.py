@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from normlab.errors import ParamsError, ShapeError
 from normlab import notation
 from normlab.notation import parse_params, parse_pattern
-from normlab.plan import epsilon_fix, make_plan, onnx_fix
+from normlab.plan import epsilon_fix, make_plan, onnx_fix, size_given_as
 
 
 def _traced(checked, cached, text):
@@ -26,6 +26,13 @@ def _traced(checked, cached, text):
     if isinstance(text, str) and torch.compiler.is_compiling():
         return cached.__wrapped__(text)
     return checked(text)
+
+
+# the masked keywords, which land among the axis sizes of normalize and of Norm's constructor
+_MASKED_FIXES = dict.fromkeys(
+    ("mask", "segment_ids", "num_segments", "segment_axis"),
+    "a mask or segments are no axis size: pass them to normlab.torch.masked.normalize_masked(x, pattern, "
+    "mask=..., segment_ids=...) or to a module's forward, Norm(pattern)(x, mask=...); ")
 
 
 @dataclass(frozen=True)
@@ -65,9 +72,10 @@ class Spec:
                                       f"does not have: name axes from {', '.join(parsed.names)}")
         for name, value in sizes.items():
             if name not in parsed.names:
-                raise ShapeError(f"pattern {pattern!r}: size {name}={value!r} names no axis of the pattern; "
-                                 + (epsilon_fix(name, value) or onnx_fix(parsed, name, value)
-                                    or f"use one of {', '.join(parsed.names)}"))
+                fix = (epsilon_fix(name, value) or onnx_fix(parsed, name, value)
+                       or _MASKED_FIXES.get(name, "") + f"use one of {', '.join(parsed.names)}")
+                raise ShapeError(f"pattern {pattern!r}: size {size_given_as(name, value)} names no axis of the "
+                                 f"pattern; {fix}")
         dims = tuple(
             DimSpec((), (dim.reduced,), (), is_ellipsis=True) if dim.is_ellipsis else
             DimSpec(tuple(a.name for a in dim.factors), tuple(a.reduced for a in dim.factors),
