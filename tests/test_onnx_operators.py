@@ -230,3 +230,45 @@ def test_a_group_norm_scale_of_the_other_opset_is_answered_with_the_params_that_
                      **({"stash_type": 11} if opset == 21 else {}))
     np.testing.assert_allclose(normlab.normalize(x, "b (g [c]) [h w]", g=3, weight=scale, bias=bias, params=params),
                                expected, rtol=1e-9, atol=1e-12)
+
+
+def _twin(name):
+    """A twin in float64 with its ONNX node: (twin, params, buffers, op, opset, attributes)."""
+    nt = pytest.importorskip("normlab.torch")
+    rng = np.random.default_rng(1)
+    per_channel, per_group = rng.standard_normal((2, 6)), rng.standard_normal((2, 3))
+    normalized, buffers = rng.standard_normal((2, 4, 5)), {"running_mean": rng.standard_normal(6),
+                                                          "running_var": rng.uniform(0.5, 2.0, 6)}
+    eps = float(np.float32(1e-3))  # ONNX's attributes are float32
+    return {
+        "GroupNorm": (nt.GroupNorm(3, 6, eps=eps), per_channel, {}, "GroupNormalization", 21,
+                      {"num_groups": 3, "stash_type": 11}),
+        "Norm with params='g'": (nt.Norm("b (g [c]) [h w]", params="g", g=3, eps=eps), per_group, {},
+                                 "GroupNormalization", 18, {"num_groups": 3}),
+        "LayerNorm": (nt.LayerNorm((4, 5), eps=eps), normalized, {}, "LayerNormalization", 17, {"axis": -2}),
+        "RMSNorm": (nt.RMSNorm((4, 5), eps=eps), normalized[:1], {}, "RMSNormalization", 23, {"axis": 2}),
+        "InstanceNorm2d": (nt.InstanceNorm2d(6, eps=eps, affine=True), per_channel, {}, "InstanceNormalization",
+                           22, {}),
+        "BatchNorm2d": (nt.BatchNorm2d(6, eps=eps).eval(), per_channel, buffers, "BatchNormalization", 15, {}),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["GroupNorm", "Norm with params='g'", "LayerNorm", "RMSNorm", "InstanceNorm2d",
+                                  "BatchNorm2d"])
+def test_each_torch_twin_gives_the_onnx_operator_it_ports_to(name):
+    twin, params, buffers, op, opset, attributes = _twin(name)
+    import torch
+
+    twin = twin.double()
+    with torch.no_grad():
+        for parameter, value in zip((twin.weight, getattr(twin, "bias", None)), params):
+            if parameter is not None:
+                parameter.copy_(torch.from_numpy(value))
+        for buffer, value in buffers.items():
+            getattr(twin, buffer).copy_(torch.from_numpy(value))
+        x = np.random.default_rng(2).standard_normal((2, 6, 4, 5))
+        y = twin(torch.from_numpy(x)).numpy()
+    inputs = {"X": x, "S": params[0]} | ({"B": params[1]} if len(params) > 1 else {})
+    inputs |= {"mean": buffers["running_mean"], "var": buffers["running_var"]} if buffers else {}
+    expected = _onnx(op, inputs, opset, epsilon=twin.eps, **attributes)
+    np.testing.assert_allclose(y, expected, rtol=1e-8, atol=1e-8)
