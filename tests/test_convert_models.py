@@ -441,6 +441,30 @@ def test_a_norm_whose_only_part_is_its_modulation_and_which_normalizes_with_its_
     assert "AdaGroupNorm (ada)" in str(record[0].message)
 
 
+@pytest.mark.slow
+def test_convert_keeps_the_warnings_of_its_probes_dtype_mixes_from_the_caller():
+    # diffusers' Krea2RMSNorm calls F.rms_norm on a float32 copy with its own weight: on a
+    # probe's bfloat16 weight torch warns "Mismatch dtype between input and weight", a mix
+    # the model never runs; convert() printed it. torch gives it once per process, so the
+    # conversion runs in a fresh one
+    pytest.importorskip("diffusers.models.transformers.transformer_krea2")
+    import json
+    import subprocess
+    import sys
+
+    script = ("import json, warnings, torch, normlab.torch as nt\n"
+              "from diffusers.models.transformers.transformer_krea2 import Krea2RMSNorm\n"
+              "with warnings.catch_warnings(record=True) as record:\n"
+              "    warnings.simplefilter('always')\n"
+              "    nt.convert(torch.nn.ModuleDict(dict(norm=Krea2RMSNorm(16))))\n"
+              "print(json.dumps([str(w.message) for w in record]))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    messages = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(messages) == 1, messages  # normlab's own: the norm it leaves alone, by name
+    assert "Krea2RMSNorm (norm)" in messages[0]
+
+
 def test_converting_a_converted_model_changes_nothing_and_warns_nothing():
     model = converted_copy(VitLike())
     modules = list(model.modules())
