@@ -279,7 +279,9 @@ def onnx_fix(parsed: Pattern, name: str, value) -> str | None:
                 + (f"pass the pattern {written!r} (axes {value}) and drop axes=" if written
                    else "bracket those axes ('[b] c [h w]' for axes=[0, 2, 3]) and drop axes="))
     if name == "stash_type":
-        return "normlab computes in float64 whatever the input's dtype: drop it"
+        # (float32 rows apply the statistics in float32: only the statistics are float64 throughout)
+        return ("normlab gathers the statistics in float64 whatever the input's dtype (the NumPy API, and the "
+                "torch twins' CPU kernels) and returns the input's dtype: drop it")
     return None
 
 

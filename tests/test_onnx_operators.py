@@ -272,3 +272,20 @@ def test_each_torch_twin_gives_the_onnx_operator_it_ports_to(name):
     inputs |= {"mean": buffers["running_mean"], "var": buffers["running_var"]} if buffers else {}
     expected = _onnx(op, inputs, opset, epsilon=twin.eps, **attributes)
     np.testing.assert_allclose(y, expected, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_onnx_s_stash_type_passed_as_a_keyword_is_answered_with_what_normlab_computes_in_float64(dtype):
+    # it said "normlab computes in float64 whatever the input's dtype", but float32 rows apply
+    # the statistics in float32: the statistics alone are float64 for every input dtype
+    x = (np.random.default_rng(0).standard_normal((3, 4, 50)) + 300).astype(dtype)
+    message = _told(lambda: normlab.normalize(x, "b c [d]", stash_type=1))
+    assert "gathers the statistics in float64 whatever the input's dtype" in message and "drop it" in message
+    y, mean, rstd = normlab.normalize(x, "b c [d]", return_stats=True)
+    expected_y, expected_mean, expected_rstd = _onnx("LayerNormalization", {"X": x.astype(np.float64),
+                                                                            "S": np.ones(50)}, 17,
+                                                     ["Y", "Mean", "InvStdDev"], axis=-1, epsilon=1e-5)
+    assert y.dtype == dtype  # "returns the input's dtype"
+    # "in float64": ONNX's statistics of the input's float64 copy, where a float32 stash is off by 1e-7
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-13)
+    np.testing.assert_allclose(rstd, expected_rstd, rtol=1e-11)
