@@ -130,8 +130,12 @@ def read_array(value, name: str, where: str, dtype=None) -> np.ndarray:
     try:
         return np.asarray(value, dtype=dtype)
     except (ValueError, TypeError, RuntimeError) as err:
-        raise InputError(f"{where}: {name} cannot be read as an array ({err}); pass a NumPy array, or nested "
-                         "lists whose rows all have the same length") from None
+        if type(value).__module__.partition(".")[0] == "torch":  # one that requires grad, or on a GPU
+            fix = ("normlab.torch.normalize takes tensors, with autograd and on any device (the NumPy API "
+                   f"takes {name}.detach().cpu().numpy())")
+        else:
+            fix = "pass a NumPy array, or nested lists whose rows all have the same length"
+        raise InputError(f"{where}: {name} cannot be read as an array ({err}); {fix}") from None
 
 
 def _param_array(value, name: str, plan: Plan) -> np.ndarray:

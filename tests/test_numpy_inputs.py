@@ -575,3 +575,26 @@ def test_a_long_double_array_beside_x_is_refused_as_a_long_double_x_is(argument)
     assert isinstance(info.value, ValueError)
     assert "pattern 'b [f]', input shape (4, 6)" in message and str(np.dtype(np.longdouble)) in message
     assert f"{argument.split(',')[0].split()[-1]}.astype(np." in message
+
+
+@pytest.mark.parametrize("argument", ["x", "weight"])
+def test_a_tensor_that_requires_grad_is_pointed_to_normlab_torch_whose_normalize_gives_torchs_gradients(argument):
+    # the message said "pass a NumPy array, or nested lists", which a torch user is not
+    # holding and which loses the gradient they came for
+    import normlab.torch as nt
+
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(InputError) as caught:
+        normlab.normalize(x if argument == "x" else x.detach(), "b [f]", params="f",
+                          weight=weight if argument == "weight" else weight.detach())
+    message = str(caught.value)
+    assert "normlab.torch.normalize takes tensors" in message and f"{argument}.detach().cpu().numpy()" in message
+    assert "nested lists" not in message
+    # the fix it names: torch's layer norm and its gradients
+    ours = nt.normalize(x, "b [f]", weight=weight, params="f")
+    grads = torch.autograd.grad(ours.sum() + (ours ** 2).sum(), (x, weight))
+    theirs = F.layer_norm(x, (4,), weight)
+    torch.testing.assert_close(ours, theirs)
+    for got, want in zip(grads, torch.autograd.grad(theirs.sum() + (theirs ** 2).sum(), (x, weight))):
+        torch.testing.assert_close(got, want)
