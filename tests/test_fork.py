@@ -137,3 +137,49 @@ def test_a_forked_child_starts_its_own_pool_and_gets_the_parents_bits():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "child exit 0" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="Python 3.12 is the first to warn of a fork with threads")
+def test_a_fork_after_threaded_calls_finds_no_thread_of_normlab_s_and_parent_and_child_keep_working():
+    """Python 3.12+ warns "This process is multi-threaded, use of fork() may lead to deadlocks
+    in the child" at a fork while the pool's idle workers are alive: they end before each
+    fork, and the parent's next threaded call starts them again. Both get the bits of the
+    first call (chunks fixed by index: the same on any thread count). (-W error does not
+    surface that warning, which os.fork clears: the script records it.)"""
+    script = textwrap.dedent("""
+        import os, warnings, numpy as np, normlab
+        from normlab.kernels import threads
+
+        def fork_warnings(child):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(child())
+            _, status = os.waitpid(pid, 0)
+            return os.waitstatus_to_exitcode(status), [str(w.message) for w in caught if "fork" in str(w.message)]
+
+        x = np.random.default_rng(0).standard_normal((512, 1024)).astype(np.float32)
+        status, warned = fork_warnings(lambda: 0)
+        if warned:
+            print("SKIP threads before any call:", warned)
+            raise SystemExit(0)
+        first = normlab.normalize(x, "b [d]")
+        for round in range(10):
+            assert threads._pool.workers, "the call did not run on normlab's pool"
+            child = lambda: 0 if normlab.normalize(x, "b [d]").tobytes() == first.tobytes() and threads._pool.workers else 3
+            status, warned = fork_warnings(child)
+            assert status == 0 and not warned, (round, status, warned)
+            assert normlab.normalize(x, "b [d]").tobytes() == first.tobytes()
+        print("OK")
+    """)
+    # single-threaded BLAS (else its threads are there at any fork); two Numba threads, so that
+    # the call runs on normlab's pool however few cores this process may use
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "NUMBA_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", script], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    if done.stdout.startswith("SKIP"):
+        pytest.skip(done.stdout.strip())
+    assert done.stdout.strip() == "OK", done.stdout + done.stderr

@@ -28,7 +28,9 @@ workers' last chunks only. Waking one costs 50-100 µs, so calls run threaded fr
 :data:`POOL_SERIAL_BELOW` elements. One call at a time uses the pool: a call made from another
 thread meanwhile runs serially (same result). A child process forked from a parent
 with a pool starts a new pool of its own (also where the parent used torch's pool, whose
-threads the child lacks).
+threads the child lacks); the parent's idle workers end before the fork, so that the
+process forks with no thread of normlab's (Python 3.12+ warns of a fork of a
+multi-threaded process), and the parent's next threaded call starts them again.
 
 **How many threads.** ``NUMBA_NUM_THREADS`` (the core count), capped at
 ``torch.get_num_threads()`` once ``normlab.torch`` is imported (so
@@ -110,14 +112,29 @@ class _Task:
                 inside = self.inside
 
 
+_THREAD_END_WAIT_S = 1.0  # a joined thread's system thread ends microseconds later; never wait long
+
+
+def _wait_for_the_system_thread(thread: threading.Thread) -> None:
+    """Wait until ``thread``'s system thread is gone from ``/proc`` (Linux): Python 3.12's
+    ``join`` returns a moment before it ends, and the fork warning counts system threads."""
+    task = f"/proc/self/task/{thread.native_id}"
+    deadline = time.monotonic() + _THREAD_END_WAIT_S
+    while os.path.exists(task) and time.monotonic() < deadline:
+        time.sleep(1e-4)
+
+
 class _Worker:
     def __init__(self):
         self.tasks: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._loop, name="normlab-kernel-worker", daemon=True).start()
+        self.thread = threading.Thread(target=self._loop, name="normlab-kernel-worker", daemon=True)
+        self.thread.start()
 
     def _loop(self):
         while True:
             task = self.tasks.get()
+            if task is None:  # stopped (the process is about to fork)
+                return
             task.join()
             del task
 
@@ -127,6 +144,16 @@ class _Pool:
 
     def __init__(self):
         self.workers: list[_Worker] = []
+
+    def stop(self) -> None:
+        """End the workers' threads and wait for them; the next threaded call starts new ones.
+        Called with :data:`parallel_lock` held, so no call is handing them work."""
+        workers, self.workers = self.workers, []
+        for worker in workers:
+            worker.tasks.put(None)
+        for worker in workers:
+            worker.thread.join()
+            _wait_for_the_system_thread(worker.thread)
 
     def run(self, claimed, args: tuple, loops: int, count: int):
         while len(self.workers) < count - 1:
@@ -296,8 +323,31 @@ def describe() -> str:
     return f"{for_call()} ({'torch OpenMP pool' if regions is not None else 'normlab pool'})"
 
 
+_held_for_fork = False  # the fork hooks hold parallel_lock: the pool's workers were stopped
+
+
+def _before_fork() -> None:
+    """Stop normlab's idle workers, so that a fork (multiprocessing's "fork" start method, a
+    DataLoader's workers) copies a process whose only threads are the user's: Python 3.12+
+    warns that a fork of a multi-threaded process may deadlock the child. Where another
+    thread's call has the pool, its workers are busy and stay (the child starts its own
+    pool either way); nothing waits here."""
+    global _held_for_fork
+    if parallel_lock.acquire(blocking=False):
+        _held_for_fork = True
+        _pool.stop()
+
+
+def _after_fork_in_parent() -> None:
+    global _held_for_fork
+    if _held_for_fork:
+        _held_for_fork = False
+        parallel_lock.release()
+
+
 def _after_fork_in_child() -> None:
-    global parallel_lock, _forked_from_openmp, _pool, _regions, _looked_up, _forked
+    global parallel_lock, _forked_from_openmp, _pool, _regions, _looked_up, _forked, _held_for_fork
+    _held_for_fork = False
     parallel_lock = threading.Lock()  # a parent's thread may have held it at the fork
     _pool = _Pool()  # the parent's workers do not exist here
     _regions = None  # nor torch's OpenMP workers: a region would wait for them forever
@@ -306,4 +356,4 @@ def _after_fork_in_child() -> None:
         _forked_from_openmp = True
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
