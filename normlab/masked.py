@@ -131,11 +131,11 @@ def _mask_view(mask, plan: Plan) -> np.ndarray:
     return full.reshape(plan.axis_sizes)
 
 
-def _segment_axis(plan: Plan, segment_axis) -> int:
+def _segment_axis(plan: Plan, segment_axis, ids_name: str = "segment_ids") -> int:
     reduced = [plan.axis_names[i] for i in plan.reduced_axes if not plan.axis_names[i].startswith("...")]
     if segment_axis is None:
         if not reduced:
-            raise ShapeError(f"{_describe(plan)}: segment_ids run along a bracketed axis, and this pattern "
+            raise ShapeError(f"{_describe(plan)}: {ids_name} run along a bracketed axis, and this pattern "
                              "brackets none by name; bracket the axis the ids run along")
         segment_axis = reduced[0]
     if segment_axis not in reduced:
@@ -160,7 +160,7 @@ def make_grouping(plan: Plan, mask=None, segment_ids=None, num_segments=None, se
         if num_segments is not None or segment_axis is not None:
             raise InputError(f"{_describe(plan)}: num_segments and segment_axis need segment_ids")
         return Grouping(plan, counted)
-    axis = _segment_axis(plan, segment_axis)
+    axis = _segment_axis(plan, segment_axis, ids_name)
     from normlab.core import as_array
 
     if isinstance(segment_ids, np.ma.MaskedArray):
@@ -184,13 +184,13 @@ def make_grouping(plan: Plan, mask=None, segment_ids=None, num_segments=None, se
             num_segments = operator.index(num_segments)
         except TypeError:
             raise InputError(f"{_describe(plan)}: num_segments must be an int, got {num_segments!r}; pass "
-                             "int(num_segments), or leave it out for max(segment_ids) + 1") from None
+                             f"int(num_segments), or leave it out for max({ids_name}) + 1") from None
         if num_segments < 0:  # (said apart: with no ids there is no max to report)
             raise ShapeError(f"{_describe(plan)}: num_segments={num_segments} is negative; pass a count >= 0, "
-                             "or leave it out for max(segment_ids) + 1")
+                             f"or leave it out for max({ids_name}) + 1")
         if ids.size and ids.max() >= num_segments:
-            raise ShapeError(f"{_describe(plan)}: num_segments={num_segments} but segment_ids reach {ids.max()}; "
-                             "pass num_segments > max(segment_ids), or leave it out")
+            raise ShapeError(f"{_describe(plan)}: num_segments={num_segments} but {ids_name} reach {ids.max()}; "
+                             f"pass num_segments > max({ids_name}), or leave it out")
     check_segment_count(plan, int(ids.max()) if ids.size else None, num_segments, given, ids_name=ids_name)
     return Grouping(plan, counted, axis, ids, num_segments)
 

@@ -135,6 +135,16 @@ def test_segment_ids_of_the_wrong_length_are_refused_with_the_pattern_and_shape(
     assert "segments must be integers of shape (4,)" in result.stderr and "segment_ids" not in result.stderr
 
 
+def test_segments_on_a_pattern_that_brackets_no_axis_by_name_are_refused_as_segments(explain):
+    # the refusal of a pattern whose brackets hold only "..." still said "segment_ids run along a
+    # bracketed axis", a name neither --segments nor explain_array's segments= uses
+    result = explain("[...] f", "--data", json.dumps(DATA), "--segments", "[0, 0, 1, 1]")
+    assert result.returncode == 2
+    assert "segments run along a bracketed axis" in result.stderr and "segment_ids" not in result.stderr
+    with pytest.raises(normlab.errors.ShapeError, match=r"^pattern 'b \[\.\.\.\]'.*: segments run along"):
+        explain_array(np.array(DATA, float), "b [...]", segments=np.array([0, 0, 1]))
+
+
 @pytest.mark.parametrize("huge", [2**63, 2**64 - 1, 2**64])
 def test_a_segment_id_past_int64_is_refused_as_too_large_not_as_negative(explain, huge):
     # NumPy reads such an id as a float (mixed with small ones) or wraps it: the message
