@@ -131,8 +131,12 @@ def read_array(value, name: str, where: str, dtype=None) -> np.ndarray:
         return np.asarray(value, dtype=dtype)
     except (ValueError, TypeError, RuntimeError) as err:
         if type(value).__module__.partition(".")[0] == "torch":  # one that requires grad, or on a GPU
+            # NumPy has no bfloat16 (nor float8): such a tensor's .numpy() refuses too, where
+            # float32 holds its values exactly, as the NumPy API reads a bfloat16 array
+            dtype_name = str(getattr(value, "dtype", ""))
+            upcast = ".float()" if dtype_name == "torch.bfloat16" or dtype_name.startswith("torch.float8") else ""
             fix = ("normlab.torch.normalize takes tensors, with autograd and on any device (the NumPy API "
-                   f"takes {name}.detach().cpu().numpy())")
+                   f"takes {name}.detach().cpu(){upcast}.numpy())")
         else:
             fix = "pass a NumPy array, or nested lists whose rows all have the same length"
         raise InputError(f"{where}: {name} cannot be read as an array ({err}); {fix}") from None

@@ -598,3 +598,21 @@ def test_a_tensor_that_requires_grad_is_pointed_to_normlab_torch_whose_normalize
     torch.testing.assert_close(ours, theirs)
     for got, want in zip(grads, torch.autograd.grad(theirs.sum() + (theirs ** 2).sum(), (x, weight))):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("argument", ["x", "weight"])
+def test_a_bfloat16_tensor_is_pointed_to_a_numpy_array_that_numpy_can_hold(argument, requires_grad):
+    # the message offered x.detach().cpu().numpy(), which torch refuses for bfloat16 ("Got
+    # unsupported ScalarType BFloat16"): NumPy has no bfloat16, and float32 holds its values
+    x = torch.randn(3, 4, dtype=torch.bfloat16, requires_grad=requires_grad)
+    weight = torch.randn(4, dtype=torch.bfloat16, requires_grad=requires_grad)
+    given = {"x": x if argument == "x" else x.float().detach().numpy(),
+             "weight": weight if argument == "weight" else weight.float().detach().numpy()}
+    with pytest.raises(InputError) as caught:
+        normlab.normalize(given["x"], "b [f]", params="f", weight=given["weight"])
+    expression = re.search(rf"takes ({argument}\.[\w.()]+)\)", str(caught.value)).group(1)
+    given[argument] = eval(expression, {}, {argument: {"x": x, "weight": weight}[argument]})  # the named fix, run
+    y = normlab.normalize(given["x"], "b [f]", params="f", weight=given["weight"])
+    expected = F.layer_norm(x.detach().float(), (4,), weight.detach().float())
+    np.testing.assert_allclose(y, expected.numpy(), rtol=1e-5, atol=1e-5)
