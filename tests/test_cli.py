@@ -194,6 +194,24 @@ def test_a_pattern_the_shell_split_at_its_spaces_is_refused_with_it_quoted(tmp_p
     assert f"quote it, as in normlab explain {quoted} ..." in result.stderr
 
 
+@pytest.mark.parametrize("typed, preset, pattern", [("batchnorm", "batch", "[b] f"), ("LayerNorm", "layer", "b [f]"),
+                                                     ("group_norm", "group", "b (g [c]) [s]"),
+                                                     ("InstanceNorm1d", "instance", "b c [s]"),
+                                                     ("instnace", "instance", "b c [s]"), ("RMSNorm", "rms", "b [f]")])
+def test_a_layer_name_or_a_misspelt_preset_is_answered_with_the_preset_meant(tmp_path, typed, preset, pattern):
+    # the message listed the presets without saying which one 'batchnorm' is
+    shape = "2,4,3" if preset in ("group", "instance") else "2,3"
+    result = normlab_cli("explain", typed, "--shape", shape, cwd=tmp_path)
+    assert result.returncode == 2 and f"did you mean the preset {preset!r}?" in result.stderr
+    fixed = normlab_cli("explain", preset, "--shape", shape, cwd=tmp_path)
+    assert fixed.returncode == 0 and pattern in fixed.stdout.splitlines()[1]
+
+
+def test_a_name_near_no_preset_gets_no_guess(tmp_path):
+    result = normlab_cli("explain", "conv", "--shape", "2,3", cwd=tmp_path)
+    assert result.returncode == 2 and "is neither a preset" in result.stderr and "did you mean" not in result.stderr
+
+
 @pytest.mark.parametrize("args", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
 def test_bad_input_gives_one_line_error_and_exit_code_2(tmp_path, args):
     result = normlab_cli(*args, cwd=tmp_path)

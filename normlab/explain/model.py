@@ -159,6 +159,24 @@ def presets_for_rank(rank: int) -> list[str]:
     return [key for key, preset in PRESETS.items() if rank in preset.patterns]
 
 
+def preset_meant(name: str) -> str | None:
+    """The preset a name that is none stands for: a layer's name (``BatchNorm``,
+    ``group_norm``, ``RMSNorm``) or a near miss (``instnace``); None where none is close.
+
+    >>> preset_meant("BatchNorm2d"), preset_meant("layer_norm"), preset_meant("instnace"), preset_meant("conv")
+    ('batch', 'layer', 'instance', None)
+    """
+    import difflib
+    import re
+
+    key = re.sub(r"norm(ali[sz]ation)?$", "", re.sub(r"[^a-z]", "", name.lower()))
+    by_letters = {re.sub(r"[^a-z]", "", preset): preset for preset in PRESETS}
+    if key in by_letters:
+        return by_letters[key]
+    close = difflib.get_close_matches(key, list(by_letters), n=1)
+    return by_letters[close[0]] if close else None
+
+
 def resolve(name_or_pattern: str, shape: tuple[int, ...], sizes: dict | None = None):
     """Turn a preset name or a pattern into ``(key, label, pattern, rms, sizes)`` for ``shape``.
 
@@ -171,8 +189,10 @@ def resolve(name_or_pattern: str, shape: tuple[int, ...], sizes: dict | None = N
     rank = len(shape)
     preset = PRESETS.get(name_or_pattern)
     if preset is None and "[" not in name_or_pattern:
+        meant = preset_meant(name_or_pattern)
         raise NormlabError(f"{name_or_pattern!r} is neither a preset ({', '.join(PRESETS)}) nor a pattern: "
-                           "a pattern brackets the axes that share statistics, e.g. '[b] f'")
+                           + (f"did you mean the preset {meant!r}? " if meant else "")
+                           + "a pattern brackets the axes that share statistics, e.g. '[b] f'")
     if preset is None:
         return "custom", "your pattern", name_or_pattern, False, sizes
     if rank not in preset.patterns:
