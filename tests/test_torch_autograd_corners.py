@@ -285,6 +285,26 @@ def test_backward_reads_the_input_that_saved_tensor_hooks_give_back(cls_name, ar
     torch.testing.assert_close(grads[1], grads[0])
 
 
+@pytest.mark.parametrize("cls_name, args, shape, train", TWINS)
+def test_a_checkpoint_whose_recomputation_draws_new_dropout_masks_gives_torch_nn_s_gradients(cls_name, args, shape,
+                                                                                              train):
+    """``torch.utils.checkpoint`` with ``use_reentrant=False`` and ``preserve_rng_state=False``
+    recomputes the forward in backward with other dropout masks: torch.nn's norms then
+    differentiate at the recomputed input with the statistics recomputed with it (the
+    kernels' twins took the recomputed input with their first forward's statistics)."""
+    from torch.utils.checkpoint import checkpoint
+
+    reference, twin = _pair(cls_name, args, train)
+    x0 = torch.randn(shape, dtype=D)
+    grads = []
+    for module in (reference, twin):
+        torch.manual_seed(0)
+        x = x0.clone().requires_grad_()
+        y = checkpoint(lambda a: module(F.dropout(a, 0.5)), x, use_reentrant=False, preserve_rng_state=False)
+        grads.append(torch.autograd.grad(y.pow(3).sum(), (x, *module.parameters())))
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_a_norm_layer_held_in_two_places_stays_one_layer_after_convert():
     """A shared layer (``[block] * n``, one norm at two places of a Sequential) is one module
     in torch.nn; after convert it must be one twin in both places (the second place kept

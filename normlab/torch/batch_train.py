@@ -283,23 +283,27 @@ class _TrainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, module, call, factor, running, tables):
         y, mean, rstd = _run_forward(module, call, x, tables, factor, running)
-        ctx.save_for_backward(x, weight, _bias_to_save(ctx, bias, False))  # (batch norm's: not saved)
-        ctx.module, ctx.call, ctx.stats, ctx.eps = module, call, (mean, rstd), float(module.eps)
+        # the bias: batch norm's backward saves none. The statistics are saved with x, as torch's
+        # batch norm saves its own: a checkpoint that recomputes the forward in backward
+        # (use_reentrant=False) then hands over the recomputed x with its own statistics, where
+        # the recomputation may differ (dropout before the norm, preserve_rng_state=False)
+        ctx.save_for_backward(x, weight, _bias_to_save(ctx, bias, False), torch.from_numpy(mean),
+                              torch.from_numpy(rstd))
+        ctx.module, ctx.call, ctx.eps = module, call, float(module.eps)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, bias = ctx.saved_tensors
+        x, weight, bias, mean, rstd = ctx.saved_tensors
         if torch.compiler.is_dynamo_compiling():  # compiled autograd traces it (see row_autograd.traced_backward)
             spec, per_channel = ctx.module._spec, (1, x.shape[1]) + (1,) * (x.dim() - 2)  # "[b] c [...]"'s statistics
-            mean, rstd = (torch.from_numpy(s).reshape(per_channel) for s in ctx.stats)
-            grads = traced_backward(ctx, grad_y, x, weight, mean, rstd, spec.pattern, spec.params, spec.sizes, ctx.eps,
-                                    spec.rms)
+            grads = traced_backward(ctx, grad_y, x, weight, mean.reshape(per_channel), rstd.reshape(per_channel),
+                                    spec.pattern, spec.params, spec.sizes, ctx.eps, spec.rms)
         elif _needs_torch_backward(grad_y):
             grads = _differentiable_backward(ctx, grad_y, x, weight, _saved_bias(ctx, bias))
         else:
             grad_x, grad_weight, grad_bias = _run_backward(ctx.module, ctx.call, grad_y, x, weight, ctx.eps,
-                                                           *ctx.stats)
+                                                           mean.numpy(), rstd.numpy())
             needs = ctx.needs_input_grad
             # float64: autograd's engine rounds each to its parameter's dtype, in C++ (past the dtype's
             # range it is ±inf without NumPy's warning; no errstate or .to() from Python), as the row

@@ -105,7 +105,7 @@ _TORCH_OF = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.fl
 
 
 class _RowFunction(torch.autograd.Function):
-    """Forward: the cached kernel with its statistics kept on ``ctx``; backward: the cached
+    """Forward: the cached kernel, its statistics saved with x; backward: the cached
     backward kernel, or (``create_graph=True``) the differentiable composite as the
     custom op takes it."""
 
@@ -113,22 +113,25 @@ class _RowFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, call: RowGradCall, tables, eps: float):  # the ctx-first form: no signature binding
         x_array = x.detach().numpy()
         y, mean, rstd = call.forward.run(x_array, *tables, eps, True)
-        # (torch then checks that none changes before backward)
-        ctx.save_for_backward(x, weight, _bias_to_save(ctx, bias, call.layer_norm))
-        ctx.kernel_inputs = (call, tables[0], mean, rstd, eps,  # (not x_array: backward reads x as saved, see there)
+        # (torch then checks that none changes before backward.) The statistics are saved with x,
+        # as torch's norms save theirs: a checkpoint that recomputes the forward in backward
+        # (use_reentrant=False) then hands over the recomputed x with its own statistics, where
+        # the recomputation may differ (dropout before the norm, preserve_rng_state=False)
+        ctx.save_for_backward(x, weight, _bias_to_save(ctx, bias, call.layer_norm), torch.from_numpy(rstd),
+                              None if mean is None else torch.from_numpy(mean))
+        ctx.kernel_inputs = (call, tables[0], eps,  # (not x_array: backward reads x as saved, see there)
                              None if weight is None else weight.data_ptr())
         return torch.from_numpy(y)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, bias = ctx.saved_tensors
-        call, weight_table, mean, rstd, eps, weight_address = ctx.kernel_inputs
+        x, weight, bias, rstd, mean = ctx.saved_tensors
+        call, weight_table, eps, weight_address = ctx.kernel_inputs
         if torch.compiler.is_dynamo_compiling():
             # compiled autograd traces this backward of an eager call: the registered op, which Dynamo
             # keeps as one opaque call (the statistics are the plan's, as the op's forward gives them)
-            rstd = torch.from_numpy(rstd)
-            return (*traced_backward(ctx, grad_y, x, weight, torch.zeros_like(rstd) if mean is None
-                                     else torch.from_numpy(mean), rstd, *call.arguments[:3], eps, call.arguments[3]),
+            return (*traced_backward(ctx, grad_y, x, weight, torch.zeros_like(rstd) if mean is None else mean, rstd,
+                                     *call.arguments[:3], eps, call.arguments[3]),
                     None, None, None)
         if weight is not None and weight.data_ptr() != weight_address:
             # the saved weight is not the forward's memory, which the table may read: a copy
@@ -141,7 +144,8 @@ class _RowFunction(torch.autograd.Function):
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         # x as saved_tensors gives it back: under saved-tensor hooks (activation offloading,
         # checkpointing) that is the hook's copy, and the forward's x may be freed or changed
-        grad_x, grad_w, grad_b = call.backward(grad_y.detach().numpy(), x.detach().numpy(), weight_table, mean, rstd,
+        grad_x, grad_w, grad_b = call.backward(grad_y.detach().numpy(), x.detach().numpy(), weight_table,
+                                               None if mean is None else mean.numpy(), rstd.numpy(),
                                                need_weight or need_bias)
         return (torch.from_numpy(grad_x) if need_x else None,
                 # float64: autograd's engine rounds each to its parameter's dtype, in C++ (past float32's
