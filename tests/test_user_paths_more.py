@@ -3,6 +3,9 @@ nodes in a float32 model), a speech/NLP user with padded batches, a NumPy user c
 Flax/Haiku. Oracles: torch_geometric's original classes in float64, torch.nn on the
 unpadded sequences one by one, float64 NumPy formulas from the definition."""
 
+import importlib
+import re
+
 import numpy as np
 import pytest
 
@@ -120,10 +123,15 @@ def test_a_mask_given_to_normalize_or_norms_constructor_is_pointed_to_where_mask
     message = str(caught.value)
     assert "\n" not in message and len(message) < 400
     assert "normlab.torch.masked.normalize_masked(x, pattern, mask=" in message and "Norm(pattern)(x, mask=" in message
-    # the fix it names: each real token normalized as torch's layer norm of that token, padding exactly 0
-    from normlab.torch.masked import normalize_masked
-
-    y = normalize_masked(x, "b t [d]", mask=mask)[0]
+    # the fix it names, run as written (it returned a tuple, (y, mean, rstd, count), where the
+    # message promised a drop-in call): each real token normalized as torch's layer norm of
+    # that token, padding exactly 0
+    importlib.import_module("normlab.torch.masked")
+    call = re.search(r"(normlab\.torch\.masked\.normalize_masked\(x, pattern, mask=)\.\.\., segment_ids=\.\.\.\)(\.\w+)?",
+                     message)
+    y = eval(call.group(1) + "mask)" + (call.group(2) or ""), {"normlab": normlab},
+             {"x": x, "pattern": "b t [d]", "mask": mask})
+    assert isinstance(y, torch.Tensor)
     torch.testing.assert_close(y[mask[..., 0]], torch.nn.functional.layer_norm(x[mask[..., 0]], (4,)))
     assert torch.equal(y[~mask[..., 0]], torch.zeros(int((~mask).sum()), 4))
 

@@ -32,7 +32,8 @@ def _traced(checked, cached, text):
 _MASKED_FIXES = dict.fromkeys(
     ("mask", "segment_ids", "num_segments", "segment_axis"),
     "a mask or segments are no axis size: pass them to normlab.torch.masked.normalize_masked(x, pattern, "
-    "mask=..., segment_ids=...) or to a module's forward, Norm(pattern)(x, mask=...); ")
+    "mask=..., segment_ids=...).y (it returns y, mean, rstd and count) or to a module's forward, "
+    "Norm(pattern)(x, mask=...); ")
 
 
 @dataclass(frozen=True)
