@@ -211,6 +211,46 @@ def test_nonfinite_padding_never_reaches_a_twins_gradients(make, rms, offset, da
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5, msg=f"{name} gradient")
 
 
+def _multiplications(call) -> int:
+    """How many elementwise products (aten.mul) ``call()`` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        products = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.products += func is torch.ops.aten.mul.Tensor
+            return func(*args, **(kwargs or {}))
+
+    with Count() as count:
+        call()
+    return count.products
+
+
+@pytest.mark.parametrize("family", ["llama.modeling_llama.LlamaRMSNorm", "gemma.modeling_gemma.GemmaRMSNorm"])
+def test_a_converted_recipe_norm_with_mask_multiplies_by_its_weight_as_often_as_the_original(family):
+    """The confinement of non-finite padding above ran the recipe's weight product three times
+    (plus isfinite) on every mask= call, clean padding and torch.no_grad included. Without a
+    gradient for the weight it needs one product, as the original's forward; with one, a
+    second for the padding (with the detached weight). Oracle: the original class's own
+    forward, counted alike."""
+    import importlib
+
+    import normlab.torch as nt
+
+    pytest.importorskip("transformers")
+    module, name = f"transformers.models.{family}".rsplit(".", 1)
+    family_norm = getattr(importlib.import_module(module), name)
+    original, twin = family_norm(64), nt.convert(torch.nn.Sequential(family_norm(64)))[0]
+    x = torch.randn(2, 5, 64).bfloat16()
+    mask = (torch.arange(5) < torch.tensor([5, 3])[:, None])[..., None]
+    for grad, more in ((False, 0), (True, 1)):
+        with torch.set_grad_enabled(grad):
+            theirs = _multiplications(lambda: original(x))
+            ours = _multiplications(lambda: twin(x, mask=mask))
+        assert ours <= theirs + more, (grad, ours, theirs)
+
+
 class _Padded(torch.nn.Module):
     def __init__(self, width, segmented):
         import normlab.torch as nt

@@ -138,17 +138,19 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
             normalized = normalize_masked(x.to(compute_dtype(x.dtype)), spec.pattern, eps=eps, rms=True, mask=mask,
                                           sizes=spec.size_dict).y
             weight = module.weight
-            y = apply_recipe_scale(x, normalized, weight, casting, module.weight_offset)
-            if weight is not None and mask is not None:
-                # an uncounted x̂ that is NaN or ±Inf (garbage in the padding) is weighed by the
-                # detached weight: its 0·NaN would make the weight's gradient NaN (normlab.masked)
-                with torch.no_grad():
-                    confined = ~mask & ~torch.isfinite(normalized)
-                counted = apply_recipe_scale(x, torch.where(confined, 0, normalized), weight, casting,
-                                             module.weight_offset)
-                y = torch.where(confined, apply_recipe_scale(x, normalized, weight.detach(), casting,
-                                                             module.weight_offset), counted)
-            return _unmasked_layout(module, x, y)
+            if (weight is None or mask is None
+                    or not (weight.requires_grad and torch.is_grad_enabled()) and not torch.jit.is_tracing()):
+                return _unmasked_layout(module, x, apply_recipe_scale(x, normalized, weight, casting,
+                                                                      module.weight_offset))
+            # an uncounted x̂ that is NaN or ±Inf (garbage in the padding) is weighed by the detached
+            # weight: its 0·NaN would make the weight's gradient NaN (normlab.masked). Where no
+            # gradient can reach the weight, the one product above has the same bits. (That is a
+            # property of the graph, which torch.compile guards, unlike the padding's values; a
+            # jit.trace records the graph for later training, whatever the grad mode it ran in.)
+            kept = torch.isfinite(normalized).logical_or_(mask)
+            counted = apply_recipe_scale(x, torch.where(kept, normalized, 0), weight, casting, module.weight_offset)
+            confined = apply_recipe_scale(x, normalized, weight.detach(), casting, module.weight_offset)
+            return _unmasked_layout(module, x, torch.where(kept, counted, confined))
         weight = module.weight
         if weight is not None and getattr(module, "weight_offset", 0.0):
             weight = weight + module.weight_offset
