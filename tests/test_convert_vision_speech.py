@@ -206,3 +206,36 @@ def test_a_converted_gemma3n_audio_encoder_trains_with_the_originals_gradients_t
         (output * torch.randn(output.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
     for (name, expected), (_, actual) in zip(original.named_parameters(), converted.named_parameters()):
         assert torch.equal(actual.grad, expected.grad), name
+
+
+def _readme_block(containing: str) -> str:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"^```python\n(.*?)^```", readme, flags=re.S | re.M) if containing in b]
+    assert len(blocks) == 1, f"README has {len(blocks)} Python blocks with {containing!r}"
+    return blocks[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["Wav2Vec2", "Hubert", "WavLM"])
+def test_the_readmes_mask_hook_makes_each_padded_clip_of_a_converted_speech_model_come_out_as_alone(family):
+    """The README's forward pre-hook, run as written (HuBERT and WavLM by their class names,
+    as its comment says), against the original transformers model on each clip without its
+    padding: the original itself gives otherwise on the padded batch."""
+    block = _readme_block("register_forward_pre_hook")
+    block = block.replace("Wav2Vec2Config", f"{family}Config").replace("Wav2Vec2Model", f"{family}Model")
+    torch.manual_seed(0)
+    scope = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(block, "README.md block", "exec"), scope)
+        original = getattr(transformers, f"{family}Model")(scope["config"]).eval()
+        original.load_state_dict(scope["model"].state_dict())
+        with torch.no_grad():
+            padded = original(scope["audio"], attention_mask=scope["real"].long()).last_hidden_state
+            for clip, length in enumerate(scope["lengths"].tolist()):
+                alone = original(scope["audio"][clip:clip + 1, :length]).last_hidden_state[0]
+                torch.testing.assert_close(scope["hidden"][clip, :len(alone)], alone, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(padded[1, :len(alone)], alone, atol=1e-2)  # what the hook is for

@@ -18,6 +18,8 @@ SKIPS = {
     "pip install": "installs the package and runs this suite: run it in a fresh checkout yourself",
     "normlab bench": "benchmarks take minutes; tests/test_bench_cli.py runs them small",
     "import lightning": "needs PyTorch Lightning, whose DDP starts processes (tests/test_lightning.py runs the recipe)",
+    "register_forward_pre_hook": "builds a speech model of full width (tests/test_convert_vision_speech.py runs it "
+                                 "against the original model on each clip alone)",
 }
 
 
