@@ -518,8 +518,12 @@ def make_console(args: argparse.Namespace):
     and 160 columns wide when piped into a file, so that no table folds to 80."""
     from rich.console import Console
 
+    from normlab.cli import spell_before_layout
+
     console = Console(no_color=getattr(args, "no_color", False) or getattr(args, "bench_no_color", False))
-    return console if console.is_terminal else Console(no_color=True, width=160)
+    console = console if console.is_terminal else Console(no_color=True, width=160)
+    spell_before_layout(console)
+    return console
 
 
 def select(filters) -> tuple[BenchCase, ...]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import copy
 import importlib
 import sys
 
@@ -47,6 +48,64 @@ def _spell_in_ascii(err: UnicodeEncodeError) -> tuple[str, int]:
 
 
 codecs.register_error("normlab-ascii", _spell_in_ascii)
+
+
+def spell_before_layout(console) -> None:
+    """On a console whose encoding is not UTF-8, spell what the encoding lacks before rich
+    lays the text out, as the encoder would (:func:`_spell_in_ascii`): its spellings (``…``
+    as ``...``, ``✓`` as ``OK``) are wider than the characters rich measured, and shifted
+    every table column after them. Table columns then fold a word too long for them, where
+    rich would cut it with a ``…``."""
+    encoding = console.encoding
+    if codecs.lookup(encoding).name == "utf-8":
+        return
+    from rich.console import RenderHook
+
+    class SpellBeforeLayout(RenderHook):
+        def process_renderables(self, renderables):
+            return [_spelled(renderable, encoding) for renderable in renderables]
+
+    console.push_render_hook(SpellBeforeLayout())
+
+
+def _spell(text: str, encoding: str) -> str:
+    return text.encode(encoding, "normlab-ascii").decode(encoding)
+
+
+def _spelled(renderable, encoding: str):
+    """``renderable`` (text, or a table of them) spelled for ``encoding``; any other
+    renderable as it is (the encoder still spells what it writes)."""
+    from rich.table import Table
+    from rich.text import Span, Text
+
+    if isinstance(renderable, str):
+        return _spell(renderable, encoding)  # (the spellings hold no markup)
+    if isinstance(renderable, Text):
+        spelled = _spell(renderable.plain, encoding)
+        if spelled == renderable.plain:
+            return renderable
+        ends = [0]  # where each character's spelling ends: the styles' spans move with them
+        for char in renderable.plain:
+            ends.append(ends[-1] + len(_spell(char, encoding)))
+        text = renderable.copy()
+        text.plain = spelled
+        text.spans = [Span(ends[span.start], ends[span.end], span.style) for span in renderable.spans]
+        return text
+    if isinstance(renderable, Table):
+        table = copy.copy(renderable)
+        table.title, table.caption = _spelled(table.title, encoding), _spelled(table.caption, encoding)
+        table.columns = [_spelled_column(column, encoding) for column in renderable.columns]
+        return table
+    return renderable
+
+
+def _spelled_column(column, encoding: str):
+    column = copy.copy(column)
+    column.header, column.footer = _spelled(column.header, encoding), _spelled(column.footer, encoding)
+    column._cells = [_spelled(cell, encoding) for cell in column._cells]
+    if column.overflow == "ellipsis":  # (rich's own ellipsis is a "…")
+        column.overflow = "fold"
+    return column
 
 
 def _write_what_the_terminal_can(stream) -> None:

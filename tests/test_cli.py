@@ -132,6 +132,52 @@ def test_a_terminal_whose_encoding_lacks_the_check_marks_gets_them_spelled_in_as
     assert re.search(r"^  OK (feature|channel) \d", out, re.M) and "FAILS" not in out, out
 
 
+_SWEEP_OF_MADE_UP_CELLS = """
+import sys
+import normlab.bench
+from normlab import cli, sweep
+sweep.measure = lambda **options: [
+    sweep.Cell("layer", "fwd", rows, features, {"normlab": 1.0, "eager": 1.5 * rows, "onnxruntime": 0.5,
+                                                 "compile": None if features == 64 else 2.0})
+    for rows in (1, 64, 1024) for features in (64, 1024, 4096)]  # (timing nothing)
+normlab.bench.require_modules = lambda *args: None
+sys.exit(cli.main(["bench", "--sweep", "--quick", "--no-color"]))
+"""
+
+
+def _run_in_a_terminal(args, encoding, columns):
+    # FORCE_COLOR: rich takes the pipe for a terminal, so COLUMNS holds (and cells are cut or folded)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": encoding, "COLUMNS": str(columns), "FORCE_COLOR": "1",
+           "NO_COLOR": "1"}
+    result = subprocess.run([sys.executable, *args], capture_output=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", result.stdout.decode(encoding))
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "ascii", "latin-1"])
+def test_the_sweep_s_table_lines_up_in_a_terminal_that_cannot_write_its_ellipsis(encoding):
+    # rich cut "features" to "featu…" and measured the "…" as one column; the encoder wrote it
+    # as "...", and that line's column borders moved two to the right
+    out = _run_in_a_terminal(["-c", _SWEEP_OF_MADE_UP_CELLS], encoding, columns=36)
+    table = [line for line in out.splitlines() if line and line[0] in "+|┏┃┡│└"]
+    assert len(table) > 8, out
+    borders = {tuple(i for i, char in enumerate(line) if char in "+|┏┃┳┡╇┩│└┴┘┓┛") for line in table[1:-1]}
+    assert len({len(line) for line in table}) == 1 and len(borders) == 1, out
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "ascii"])
+def test_explain_s_legend_lines_up_where_a_group_lists_more_values_than_it_shows(encoding):
+    # "… 2 more" went out as "... 2 more" after rich had laid the legend out: its row's mean and
+    # std stood two columns right of the others'
+    data = "[" + ",".join([str(list(range(14)))] * 2) + "]"
+    mask = "[" + ",".join([str([1] * 14), str([1] * 3 + [0] * 11)]) + "]"
+    out = _run_in_a_terminal(["-m", "normlab.cli", "explain", "layer", "--data", data, "--mask", mask], encoding,
+                             columns=120)
+    legend = out[out.index("  group "):].splitlines()[:3]
+    assert "more" in legend[1] and "more" not in legend[2], out
+    assert len({len(line.rstrip()) for line in legend}) == 1, "\n".join(legend)
+
+
 def test_explain_refuses_an_empty_page_name_as_argparse_refuses_a_bad_value(tmp_path):
     # --html '' wrote nothing and said nothing (and suggested adding --html)
     result = normlab_cli("explain", "batch", "--shape", "2,3", "--html", "", cwd=tmp_path)

@@ -35,6 +35,9 @@ def make_console(no_color: bool = False, **kwargs):
     if not console.is_terminal and "width" not in kwargs:
         # files and pipes get rich's default 80 columns; the side-by-side layout needs a bit more
         console = Console(highlight=False, width=110, **kwargs)
+    from normlab.cli import spell_before_layout
+
+    spell_before_layout(console)
     return console
 
 
