@@ -518,6 +518,38 @@ def _a_lazy_batch_norms_first_forward_is_synced(rank: int):
     assert type(bare) is nt.SyncBatchNorm
 
 
+def _an_empty_rank_and_a_rank_of_one_sample_are_synced(rank: int):
+    """Batches of 0, 1 and 4 samples (torch's SyncBatchNorm lets an empty rank take part with
+    a count of 0, and a rank of one sample is fine beside others), with a mask too, on a
+    BatchNorm1d's (N, C) input and a channels_last one: batch norm's outputs, gradients and
+    running statistics on the concatenated batch."""
+    sizes = (0, 1, 4)
+    start = sum(sizes[:rank])
+    mine = slice(start, start + sizes[rank])
+    generator = torch.Generator().manual_seed(9)
+    for shape, layout in (((CHANNELS,), torch.contiguous_format), ((CHANNELS, 2, 3), torch.channels_last)):
+        x = (torch.randn(sum(sizes), *shape, generator=generator, dtype=torch.float64) * 2 + 1).contiguous(
+            memory_format=layout)
+        grad_y = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+        for mask in (None, torch.ones(x.shape, dtype=torch.bool)):
+            reference = _reference_batch_norm() if len(shape) == 3 else torch.nn.BatchNorm1d(CHANNELS).double()
+            sync = nt.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(reference))
+            x_ref, x_local = x.clone().requires_grad_(), x[mine].clone().requires_grad_()
+            expected = reference(x_ref)
+            (expected * grad_y).sum().backward()
+            y = sync(x_local) if mask is None else sync(x_local, mask=mask[mine])
+            (y * grad_y[mine]).sum().backward()
+            torch.testing.assert_close(y, expected[mine], **FLOAT64_TOLERANCE)
+            torch.testing.assert_close(x_local.grad, x_ref.grad[mine], **FLOAT64_TOLERANCE)
+            for name in ("weight", "bias"):
+                grad = getattr(sync, name).grad.clone()
+                dist.all_reduce(grad)
+                torch.testing.assert_close(grad, getattr(reference, name).grad, **FLOAT64_TOLERANCE)
+            for name, value in reference.state_dict().items():
+                torch.testing.assert_close(sync.state_dict()[name], value, **FLOAT64_TOLERANCE,
+                                           msg=lambda m: f"{name}: {m}")
+
+
 def _three_rank_checks(rank: int, port: int, checks):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
     try:
@@ -536,7 +568,8 @@ def test_sync_batch_norm_over_three_gloo_ranks_follows_batch_norm_in_second_deri
               _float32_far_from_zero_stays_within_1e_4_of_float64,
               _momentum_none_under_torch_compile_keeps_batch_norms_running_statistics,
               _a_transposed_input_gives_torch_nns_layout,
-              _a_lazy_batch_norms_first_forward_is_synced)
+              _a_lazy_batch_norms_first_forward_is_synced,
+              _an_empty_rank_and_a_rank_of_one_sample_are_synced)
     mp.spawn(_three_rank_checks, args=(_free_port(), checks), nprocs=3, join=True)
 
 
