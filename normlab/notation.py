@@ -87,8 +87,10 @@ def _tokenize(text: str) -> list[tuple[str, str, int]]:
         match = _TOKEN.match(text, pos)
         if match is None:
             char = text[pos]
-            if char == "\u2026":  # what word processors make of three dots
+            if char == "\u2026" or char == ".":  # what word processors make of three dots, or two or four
                 rule = "write the ellipsis as three dots, ..."
+            elif char in ",;":  # a list's habit (TensorFlow's axes=[0, 1])
+                rule = "separate axes with spaces"
             else:  # "ĉ" is an identifier to Python, but not a pattern's name
                 rule = "axis names are ASCII identifiers (letters a-z and A-Z, digits and _, not first a digit)"
             raise PatternSyntaxError(

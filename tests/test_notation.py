@@ -99,6 +99,18 @@ def test_a_non_ascii_character_is_refused_with_the_rule_it_breaks(pattern, caret
     assert info.value.position == caret
 
 
+@pytest.mark.parametrize("pattern, caret, says, fixed", [
+    ("b .. [d]", 2, "three dots, ...", "b ... [d]"), ("b .... [d]", 5, "three dots, ...", "b ... [d]"),
+    ("b, t, [d]", 1, "separate axes with spaces", "b t [d]"), ("b; [d]", 1, "separate axes with spaces", "b [d]"),
+], ids=["two dots", "four dots", "commas", "semicolon"])
+def test_dots_that_are_no_ellipsis_and_commas_between_axes_are_refused_with_the_fix(pattern, caret, says, fixed):
+    # they were told "axis names are ASCII identifiers (letters a-z and A-Z, ...)", which they are
+    with pytest.raises(PatternSyntaxError, match=says) as info:
+        parse_pattern(pattern)
+    assert info.value.position == caret and "ASCII identifiers" not in str(info.value)
+    parse_pattern(fixed)
+
+
 def test_a_non_string_pattern_is_a_clear_error():
     with pytest.raises(PatternSyntaxError, match="a pattern is a string"):
         parse_pattern(["b", "[d]"])
