@@ -305,6 +305,25 @@ def test_a_checkpoint_whose_recomputation_draws_new_dropout_masks_gives_torch_nn
     torch.testing.assert_close(grads[1], grads[0])
 
 
+@pytest.mark.parametrize("name, block, definition", FUSED, ids=[case[0] for case in FUSED])
+def test_a_fused_block_under_a_checkpoint_that_draws_new_dropout_masks_gives_its_definition_s_gradients(name, block,
+                                                                                                         definition):
+    """As above, for the fused blocks' kernels, against their definitions in torch
+    operations under the same checkpoint."""
+    from torch.utils.checkpoint import checkpoint
+
+    weights = [p for p in (getattr(block, "weight", None), getattr(block, "bias", None)) if p is not None]
+    x0, other0 = torch.randn(2, 3, 6, dtype=D), torch.randn(2, 3, 6, dtype=D)
+    grads = []
+    for function in (definition, block):
+        torch.manual_seed(0)
+        x, other = x0.clone().requires_grad_(), other0.clone().requires_grad_()
+        y = checkpoint(lambda a, b: _first(function(F.dropout(a, 0.5), b)), x, other, use_reentrant=False,
+                       preserve_rng_state=False)
+        grads.append(torch.autograd.grad(y.pow(3).sum(), (x, other, *weights), materialize_grads=True))
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_a_norm_layer_held_in_two_places_stays_one_layer_after_convert():
     """A shared layer (``[block] * n``, one norm at two places of a Sequential) is one module
     in torch.nn; after convert it must be one twin in both places (the second place kept

@@ -659,12 +659,17 @@ class _CachedFusedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, gate, weight, bias, scale, shift, call: _Call):
         y, total, tables, mean, rstd = call.forward(x, residual, gate, weight, bias, scale, shift)
-        ctx.call, ctx.tables, ctx.stats = call, tables, (mean, rstd)
+        ctx.call, ctx.tables = call, tables
         ctx.addresses = _addresses(weight, bias, scale, shift)
         ctx.has_residual = residual is not None
         ctx.set_materialize_grads(False)  # (see _sum_only_backward)
         total = x if total is None else total
-        ctx.save_for_backward(total, gate, weight, bias, scale, shift)  # (the sum: see _FusedFunction)
+        # (the sum: see _FusedFunction.) The statistics are saved with it, as torch's norms save
+        # theirs: a checkpoint that recomputes the forward in backward (use_reentrant=False) then
+        # hands over the recomputed sum with its own statistics, where the recomputation may
+        # differ (dropout before the block, preserve_rng_state=False)
+        ctx.save_for_backward(total, gate, weight, bias, scale, shift, torch.from_numpy(rstd),
+                              None if mean is None else torch.from_numpy(mean))
         if residual is None:
             return y
         _sum_needs_no_gradient(ctx, total)
@@ -674,7 +679,7 @@ class _CachedFusedFunction(torch.autograd.Function):
     def backward(ctx, grad_y, grad_total=None):
         if grad_y is None:
             return _sum_only_backward(ctx, grad_total)
-        total, gate, weight, bias, scale, shift = ctx.saved_tensors
+        total, gate, weight, bias, scale, shift, rstd, mean = ctx.saved_tensors
         call = ctx.call
         if grad_total is None and ctx.has_residual:
             grad_total = torch.zeros_like(grad_y)
@@ -682,7 +687,6 @@ class _CachedFusedFunction(torch.autograd.Function):
             return _traced_backward(call.block, (total, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
         if _backward_in_torch(grad_y, grad_total):
             return _composite_backward(call.block, (total, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
-        mean, rstd = ctx.stats
         tables = ctx.tables
         if _addresses(weight, bias, scale, shift) != ctx.addresses:
             # the saved parameters are not the forward's memory, which the tables may read: copies
@@ -696,8 +700,8 @@ class _CachedFusedFunction(torch.autograd.Function):
                      and total.numel() * total.element_size() >= pool.FRESH_PAGES_FROM and _accumulates_a_leaf(ctx))
         grad_x, grad_gate, grad_w, grad_b, grad_scale, grad_shift, grad_r = call.layout.backward(
             tables, _numpy(grad_y), _numpy(grad_total), _numpy(total),
-            None, _numpy(gate), call.block.eps, call.block.rms, mean, rstd, weight is not None and needs[3],
-            bias is not None and needs[4], need_mod, two_grads)
+            None, _numpy(gate), call.block.eps, call.block.rms, None if mean is None else mean.numpy(), rstd.numpy(),
+            weight is not None and needs[3], bias is not None and needs[4], need_mod, two_grads)
 
         def param_grad(table, param, mod: bool):
             if table is None or param is None:  # (scale without shift, or shift alone: one table for nothing)
