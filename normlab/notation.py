@@ -191,10 +191,28 @@ def _parse_pattern(text: str) -> Pattern:
     if not dims:
         raise PatternSyntaxError(text, 0, "empty pattern: name the input's axes, e.g. 'b [d]'")
     if not any(axis.reduced for dim in dims for axis in dim.factors):
+        named = _NORM_PATTERNS.get(_norm_named(text)) if len(dims) == 1 else None
         raise PatternSyntaxError(
-            text, 0, "no axis is reduced: put the axes that share statistics in [ ], e.g. 'b [d]'"
+            text, 0, f"{text.strip()!r} names a norm, not the input's axes: {named}; a pattern names each axis and "
+                     "puts in [ ] those that share statistics" if named else
+                     "no axis is reduced: put the axes that share statistics in [ ], e.g. 'b [d]'"
         )
     return Pattern(text, tuple(dims))
+
+
+def _norm_named(text: str) -> str:
+    """The kind of norm a layer's or function's name stands for: ``BatchNorm2d`` -> ``batch``."""
+    return re.sub(r"norm$", "", re.sub(r"[^a-z]", "", re.sub(r"\d+d$", "", text.strip().lower())))
+
+
+# a norm's name given where its pattern belongs ("layer", "BatchNorm2d"): the pattern, for inputs of any rank
+_NORM_PATTERNS = {
+    "batch": "batch norm is '[b] c [...]' (channels-first)",
+    "layer": "layer norm is '... [d]' (over the last axis)",
+    "instance": "instance norm is 'b c [...]'",
+    "group": "group norm is 'b (g [c]) [...]' with g= the number of groups",
+    "rms": "RMS norm is '... [d]' with rms=True",
+}
 
 
 def parse_params(text: str) -> tuple[tuple[str, ...], ...]:

@@ -136,6 +136,29 @@ def test_a_mask_given_to_normalize_or_norms_constructor_is_pointed_to_where_mask
     assert torch.equal(y[~mask[..., 0]], torch.zeros(int((~mask).sum()), 4))
 
 
+_F = torch.nn.functional
+
+
+@pytest.mark.parametrize("name, keywords, torch_norm", [
+    ("batch", {}, lambda x: _F.batch_norm(x, None, None, training=True)),
+    ("BatchNorm2d", {}, lambda x: _F.batch_norm(x, None, None, training=True)),
+    ("LayerNorm", {}, lambda x: _F.layer_norm(x, x.shape[-1:])),
+    ("instance_norm", {}, lambda x: _F.instance_norm(x)),
+    ("group", {"g": 2}, lambda x: _F.group_norm(x, 2)),
+    ("RMSNorm", {"rms": True}, lambda x: _F.rms_norm(x, x.shape[-1:], eps=1e-5)),
+])
+def test_a_norms_name_given_as_the_pattern_is_answered_with_its_pattern_which_computes_it(name, keywords, torch_norm):
+    # it was told "no axis is reduced: put the axes that share statistics in [ ], e.g. 'b [d]'",
+    # and 'b [d]' is the wrong rank and, for batch norm, the wrong norm
+    x = np.random.default_rng(5).standard_normal((3, 4, 5, 2))
+    with pytest.raises(normlab.errors.PatternSyntaxError) as caught:
+        normlab.normalize(x, name)
+    message = str(caught.value)
+    assert f"{name!r} names a norm" in message and "e.g. 'b [d]'" not in message
+    pattern = re.search(r"is '([^']+)'", message).group(1)
+    torch.testing.assert_close(torch.from_numpy(normlab.normalize(x, pattern, **keywords)), torch_norm(torch.from_numpy(x)))
+
+
 # -- Norm(pattern) with segments or masks, tracking running statistics -----------------
 
 
