@@ -291,3 +291,45 @@ def test_nonfinite_padding_never_reaches_the_gradients_of_a_traced_or_exported_m
     want = gradients(model, np.where(mask, x, 0.0))
     for got, expected in zip(gradients(captured, garbage), want):
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("capture", ["jit.trace", "export"])
+@pytest.mark.parametrize("casting", ["llama", "gemma"])
+def test_a_recipe_norm_captured_under_no_grad_trains_on_nonfinite_padding(capture, casting):
+    """A converted LlamaRMSNorm or GemmaRMSNorm traced or exported under torch.no_grad (as one
+    exports for inference) and trained later on NaN-padded data: the graph is recorded once,
+    so it must keep the padding out of the weight's gradient whatever grad mode recorded it.
+    Oracle: the same captured graph on the data with its padding made finite."""
+    import normlab.torch as nt
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 5)) * 2 + 1
+    mask = rng.random((6, 5)) < 0.6
+    mask[:, 0] = True
+    keep = torch.tensor(mask)
+    grad_y = torch.tensor(np.where(mask, rng.standard_normal((6, 5)), 0.0), dtype=torch.float32)
+
+    class Padded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nt.RMSNorm(5, eps=EPS, casting=casting, weight_offset=1.0 if casting == "gemma" else 0.0)
+
+        def forward(self, values, mask):
+            return self.norm(values, mask=mask)
+
+    model = Padded()
+    with torch.no_grad():
+        model.norm.weight.normal_()
+        example = (torch.tensor(x, dtype=torch.float32), keep)
+        captured = (torch.jit.trace(model, example) if capture == "jit.trace"
+                    else torch.export.export(model, example).module())
+
+    def gradients(values):
+        xt = torch.tensor(values, dtype=torch.float32, requires_grad=True)
+        return torch.autograd.grad(captured(xt, keep), (xt, model.norm.weight), grad_y)
+
+    want = gradients(np.where(mask, x, 0.0))
+    got = gradients(np.where(mask, x, rng.choice([np.nan, np.inf, -np.inf], size=x.shape)))
+    for name, mine, expected in zip(("x", "weight"), got, want):
+        assert torch.isfinite(mine).all(), f"{name} gradient not finite: {mine}"
+        torch.testing.assert_close(mine, expected, msg=f"{name} gradient")

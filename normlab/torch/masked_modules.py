@@ -139,14 +139,15 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
                                           sizes=spec.size_dict).y
             weight = module.weight
             if (weight is None or mask is None
-                    or not (weight.requires_grad and torch.is_grad_enabled()) and not torch.jit.is_tracing()):
+                    or not (weight.requires_grad and torch.is_grad_enabled()) and not _capturing()):
                 return _unmasked_layout(module, x, apply_recipe_scale(x, normalized, weight, casting,
                                                                       module.weight_offset))
             # an uncounted x̂ that is NaN or ±Inf (garbage in the padding) is weighed by the detached
             # weight: its 0·NaN would make the weight's gradient NaN (normlab.masked). Where no
             # gradient can reach the weight, the one product above has the same bits. (That is a
             # property of the graph, which torch.compile guards, unlike the padding's values; a
-            # jit.trace records the graph for later training, whatever the grad mode it ran in.)
+            # jit.trace or torch.export records the graph for later training, whatever the grad
+            # mode it ran in.)
             kept = torch.isfinite(normalized).logical_or_(mask)
             counted = apply_recipe_scale(x, torch.where(kept, normalized, 0), weight, casting, module.weight_offset)
             confined = apply_recipe_scale(x, normalized, weight.detach(), casting, module.weight_offset)
@@ -166,6 +167,12 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
             raise expanded_weights_refusal(module, " with mask=" if segment_ids is None else
                                            " with mask= or segment_ids=") from None
         raise
+
+
+def _capturing() -> bool:
+    """True while ``torch.jit.trace`` or ``torch.export`` records a graph, which may train later
+    whatever grad mode it was recorded in."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
 def _unmasked_layout(module, x: Tensor, y: Tensor) -> Tensor:
