@@ -1,5 +1,6 @@
 """``normlab explain`` and ``normlab demo`` run as a user runs them: in a subprocess."""
 
+import json
 import os
 import re
 import subprocess
@@ -251,6 +252,21 @@ def test_a_layer_name_or_a_misspelt_preset_is_answered_with_the_preset_meant(tmp
     assert result.returncode == 2 and f"did you mean the preset {preset!r}?" in result.stderr
     fixed = normlab_cli("explain", preset, "--shape", shape, cwd=tmp_path)
     assert fixed.returncode == 0 and pattern in fixed.stdout.splitlines()[1]
+
+
+@pytest.mark.parametrize("typed", ["LayerNorm2d", "layer_norm_2d", "LayerNorm2dFp32"])
+def test_convnext_s_layer_norm_2d_is_answered_with_its_pattern_not_the_layer_preset(tmp_path, typed):
+    # it was asked "did you mean the preset 'layer'?", whose 4-D pattern 'b c h [w]' normalizes
+    # each row of pixels, where ConvNeXt's LayerNorm2d normalizes each pixel over its channels
+    torch = pytest.importorskip("torch")
+    from normlab.explain.model import explain_array
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 2, 2))
+    result = normlab_cli("explain", typed, "--data", json.dumps(x.tolist()), cwd=tmp_path)
+    assert result.returncode == 2 and "did you mean the preset" not in result.stderr
+    pattern = re.search(r"did you mean the pattern '([^']+)'", result.stderr).group(1)
+    expected = torch.nn.functional.layer_norm(torch.from_numpy(x).permute(0, 2, 3, 1), (3,)).permute(0, 3, 1, 2)
+    np.testing.assert_allclose(explain_array(x, pattern).y, expected.numpy(), rtol=1e-9, atol=1e-12)
 
 
 def test_a_name_near_no_preset_gets_no_guess(tmp_path):

@@ -177,6 +177,23 @@ def preset_meant(name: str) -> str | None:
     return by_letters[close[0]] if close else None
 
 
+def _guess(name: str) -> str:
+    """What the refusal of a name that is neither preset nor pattern asks: ConvNeXt's
+    ``LayerNorm2d`` (each pixel over its channels) by its pattern, as no preset computes it
+    (the 'layer' preset's 4-D pattern is torch.nn.LayerNorm's, 'b c h [w]'); another layer's
+    name or a near miss by :func:`preset_meant`; nothing where none is close.
+
+    >>> _guess("LayerNorm2d")
+    "did you mean the pattern 'b [c] h w' (ConvNeXt's LayerNorm2d: each pixel over its channels)? "
+    """
+    import re
+
+    if re.fullmatch(r"layer_?norm_?2d(_?fp32)?", name.lower()):
+        return "did you mean the pattern 'b [c] h w' (ConvNeXt's LayerNorm2d: each pixel over its channels)? "
+    meant = preset_meant(name)
+    return f"did you mean the preset {meant!r}? " if meant else ""
+
+
 def resolve(name_or_pattern: str, shape: tuple[int, ...], sizes: dict | None = None):
     """Turn a preset name or a pattern into ``(key, label, pattern, rms, sizes)`` for ``shape``.
 
@@ -189,10 +206,8 @@ def resolve(name_or_pattern: str, shape: tuple[int, ...], sizes: dict | None = N
     rank = len(shape)
     preset = PRESETS.get(name_or_pattern)
     if preset is None and "[" not in name_or_pattern:
-        meant = preset_meant(name_or_pattern)
         raise NormlabError(f"{name_or_pattern!r} is neither a preset ({', '.join(PRESETS)}) nor a pattern: "
-                           + (f"did you mean the preset {meant!r}? " if meant else "")
-                           + "a pattern brackets the axes that share statistics, e.g. '[b] f'")
+                           + _guess(name_or_pattern) + "a pattern brackets the axes that share statistics, e.g. '[b] f'")
     if preset is None:
         return "custom", "your pattern", name_or_pattern, False, sizes
     if rank not in preset.patterns:
