@@ -324,6 +324,25 @@ def test_a_fused_block_under_a_checkpoint_that_draws_new_dropout_masks_gives_its
     torch.testing.assert_close(grads[1], grads[0])
 
 
+@pytest.mark.parametrize("make, shape", [
+    (lambda: torch.nn.BatchNorm1d(4), (6, 4)), (lambda: torch.nn.BatchNorm2d(4), (16, 4, 8, 8)),
+    (lambda: torch.nn.InstanceNorm1d(4, track_running_stats=True), (3, 4, 5)),
+], ids=["BatchNorm1d", "BatchNorm2d", "InstanceNorm1d"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_running_statistics_handed_in_requiring_grad_raise_torch_nn_s_error(make, shape, train):
+    """``functional_call`` may hand a norm running statistics that require grad: torch's
+    batch norm op is not differentiable in them and refuses them; the twins updated them in
+    place in training, and differentiated them in an instance norm's evaluation."""
+    reference = make().double().train(train)
+    twin = nt.convert(copy.deepcopy(reference))
+    x = torch.randn(shape, dtype=D)
+    for module in (reference, twin):
+        buffers = {"running_mean": module.running_mean.clone().requires_grad_(),
+                   "running_var": module.running_var.clone().requires_grad_()}
+        with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'running_mean'"):
+            torch.func.functional_call(module, buffers, (x,))
+
+
 def test_a_norm_layer_held_in_two_places_stays_one_layer_after_convert():
     """A shared layer (``[block] * n``, one norm at two places of a Sequential) is one module
     in torch.nn; after convert it must be one twin in both places (the second place kept

@@ -468,9 +468,12 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
     if (path == "native" or x.dim() < 2 or x.shape[1] != module.num_features
             or _params_misfit(module, (module.num_features,), weight, bias)
             or _dtypes_refused(x, weight, bias, running_mean, running_var)
-            or (type(x) is not Tensor and module.training and not torch.compiler.is_compiling() and _fake(x))):
+            or (type(x) is not Tensor and module.training and not torch.compiler.is_compiling() and _fake(x))
+            or _needs_grad(running_mean, running_var)):
         # (shape propagation in training, make_fx's: torch's op, whose fake kernel leaves the module's
-        # real running statistics alone and counts the batch as torch.nn does; compiled, the op stays)
+        # real running statistics alone and counts the batch as torch.nn does; compiled, the op stays.
+        # Running statistics that require grad, as functional_call may hand them in: torch's op
+        # refuses them, "not differentiable with respect to argument 'running_mean'")
         return _torch_batch_norm(module, x)
     if not torch.compiler.is_compiling() and x.is_inference() and _needs_grad(x, weight, bias):
         # an inference tensor where autograd must save it: torch raises its error before

@@ -630,9 +630,11 @@ class _InstanceNormForward(_Twin):
                 or _dtypes_refused(x, weight, bias, running_mean, running_var)
                 or (running_mean is None) != (running_var is None) or (running_mean is None and not use_input_stats)
                 or not 0.0 < self.eps < math.inf
-                or (not torch.compiler.is_compiling() and x.is_inference() and _needs_grad(x, weight, bias))):
-            # (torch refuses half a pair of running statistics, and evaluation on ones set to None;
-            # with eps <= 0 its op gives a constant channel zeros, where rsqrt(0) would give NaN;
+                or (not torch.compiler.is_compiling() and x.is_inference() and _needs_grad(x, weight, bias))
+                or _needs_grad(running_mean, running_var)):
+            # (torch refuses half a pair of running statistics, evaluation on ones set to None, and
+            # ones that require grad, as functional_call may hand them in; with eps <= 0 its op
+            # gives a constant channel zeros, where rsqrt(0) would give NaN;
             # an inference tensor where autograd records the call: torch's op saves it and raises,
             # in evaluation too, where the composite below saves only x - mean)
             return nn.modules.instancenorm._InstanceNorm.forward(self, input)
