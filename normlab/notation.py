@@ -201,7 +201,10 @@ def _parse_pattern(text: str) -> Pattern:
 
 
 def _norm_named(text: str) -> str:
-    """The kind of norm a layer's or function's name stands for: ``BatchNorm2d`` -> ``batch``."""
+    """The kind of norm a layer's or function's name stands for: ``BatchNorm2d`` -> ``batch``;
+    ConvNeXt's ``LayerNorm2d``, a norm over the channels, ``layer2d`` (not torch.nn.LayerNorm's)."""
+    if re.fullmatch(r"layer_?norm_?2d(_?fp32)?", text.strip().lower()):
+        return "layer2d"
     return re.sub(r"norm$", "", re.sub(r"[^a-z]", "", re.sub(r"\d+d$", "", text.strip().lower())))
 
 
@@ -209,6 +212,7 @@ def _norm_named(text: str) -> str:
 _NORM_PATTERNS = {
     "batch": "batch norm is '[b] c [...]' (channels-first)",
     "layer": "layer norm is '... [d]' (over the last axis)",
+    "layer2d": "ConvNeXt's LayerNorm2d is 'b [c] ...' (each position over its channels)",
     "instance": "instance norm is 'b c [...]'",
     "group": "group norm is 'b (g [c]) [...]' with g= the number of groups",
     "rms": "RMS norm is '... [d]' with rms=True",

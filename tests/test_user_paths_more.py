@@ -143,6 +143,9 @@ _F = torch.nn.functional
     ("batch", {}, lambda x: _F.batch_norm(x, None, None, training=True)),
     ("BatchNorm2d", {}, lambda x: _F.batch_norm(x, None, None, training=True)),
     ("LayerNorm", {}, lambda x: _F.layer_norm(x, x.shape[-1:])),
+    # ConvNeXt's (torchvision's and timm's): torch's layer norm over the channels, channels-last
+    ("LayerNorm2d", {}, lambda x: _F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2]).permute(0, 3, 1, 2)),
+    ("LayerNorm2dFp32", {}, lambda x: _F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2]).permute(0, 3, 1, 2)),
     ("instance_norm", {}, lambda x: _F.instance_norm(x)),
     ("group", {"g": 2}, lambda x: _F.group_norm(x, 2)),
     ("RMSNorm", {"rms": True}, lambda x: _F.rms_norm(x, x.shape[-1:], eps=1e-5)),
