@@ -127,8 +127,34 @@ def _mask_view(mask, plan: Plan) -> np.ndarray:
         full = np.broadcast_to(mask, plan.shape)
     except ValueError:
         raise ShapeError(f"{_describe(plan)}: mask of shape {mask.shape} does not broadcast to the input; "
-                         f"pass a mask of shape {plan.shape} or one with size-1 axes that broadcast") from None
+                         f"pass a mask of shape {plan.shape} or one with size-1 axes that broadcast"
+                         + missing_axes_fix(mask.shape, plan.shape)) from None
     return full.reshape(plan.axis_sizes)
+
+
+def missing_axes_fix(mask_shape: tuple, shape: tuple) -> str:
+    """The indexing that gives a mask of some of the input's axes (a padded batch's
+    ``(batch, time)`` mask beside ``(batch, time, features)``) size-1 axes for the others, as
+    a clause for a message; "" where its sizes are no subsequence of the input's.
+
+    >>> missing_axes_fix((2, 5), (2, 5, 8)) + missing_axes_fix((2, 5), (2, 3, 5))
+    ': mask[..., None] (size-1 axes for those it lacks): mask[:, None, :] (size-1 axes for those it lacks)'
+    """
+    mask_shape, shape = tuple(map(int, mask_shape)), tuple(map(int, shape))
+    if len(mask_shape) >= len(shape):
+        return ""
+    picked, start = [], 0
+    for size in mask_shape:  # each of the mask's axes on the first input axis of its size after the last
+        found = next((i for i in range(start, len(shape)) if shape[i] == size), None)
+        if found is None:
+            return ""
+        picked.append(found)
+        start = found + 1
+    if picked == list(range(len(mask_shape))):
+        index = ", ".join(["..."] + ["None"] * (len(shape) - len(mask_shape)))
+    else:
+        index = ", ".join(":" if i in picked else "None" for i in range(len(shape)))
+    return f": mask[{index}] (size-1 axes for those it lacks)"
 
 
 def _segment_axis(plan: Plan, segment_axis, ids_name: str = "segment_ids") -> int:

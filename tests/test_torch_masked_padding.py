@@ -4,6 +4,8 @@ oracle): counted outputs, input and parameter gradients, running statistics, the
 evaluation. A hypothesis property over lengths (all-padding samples included), plus the
 layouts users pass (non-contiguous, channels_last) and masks that do not fit."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -12,6 +14,7 @@ torch = pytest.importorskip("torch")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+import normlab  # noqa: E402
 import normlab.torch as nt  # noqa: E402
 from normlab import functional  # noqa: E402
 from normlab.errors import NormlabError  # noqa: E402
@@ -276,6 +279,42 @@ def test_a_mask_that_does_not_fit_fails_as_torch_shape_errors_do_naming_pattern_
     with pytest.raises(RuntimeError, match=r"expects input \(N, 3, \*\), got \(3, 5\)"):
         nt.GroupNorm(1, CHANNELS)(x[0], mask=torch.ones(5, dtype=torch.bool))
     assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("call, layout", [
+    ("LayerNorm", "tokens"), ("RMSNorm", "tokens"), ("GroupNorm", "channels"), ("InstanceNorm1d", "channels"),
+    ("normalize_masked", "tokens"), ("numpy", "tokens"), ("numpy", "channels"),
+])
+def test_a_batch_by_time_padding_mask_is_told_the_indexing_that_fits_it_and_that_indexing_gives_torchs_norm(call,
+                                                                                                          layout):
+    # a (batch, time) attention mask beside (batch, time, features) or (batch, channels, time)
+    # was told "give it the input's shape or size-1 axes", not where they go
+    lengths = [7, 4, 2]
+    tokens = layout == "tokens"
+    x = torch.randn(3, 7, 4, dtype=torch.float64) if tokens else torch.randn(3, 4, 7, dtype=torch.float64)
+    mask = torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]
+    if call == "numpy":
+        def run(m):
+            pattern = "b t [d]" if tokens else "b c [t]"
+            return torch.from_numpy(normlab.normalize(x.numpy(), pattern, mask=m.numpy()))
+    elif call == "normalize_masked":
+        from normlab.torch.masked import normalize_masked
+
+        def run(m):
+            return normalize_masked(x, "b t [d]", mask=m)[0]
+    else:
+        module = getattr(nt, call)(*((2, 4) if call == "GroupNorm" else (4,))).double()
+        run = lambda m: module(x, mask=m)  # noqa: E731
+    with pytest.raises(NormlabError) as caught:
+        run(mask)
+    index = re.search(r": (mask\[[^\]]*\]) \(size-1 axes for those it lacks\)", str(caught.value)).group(1)
+    assert index == ("mask[..., None]" if tokens else "mask[:, None, :]")
+    y = run(eval(index, {"mask": mask}))
+    for b, n in enumerate(lengths):  # each sequence as torch's norm of it alone
+        alone = x[b:b + 1, :n] if tokens else x[b:b + 1, :, :n]
+        want = {"tokens": lambda a: (F.rms_norm(a, (4,), eps=None) if call == "RMSNorm" else F.layer_norm(a, (4,))),
+                "channels": lambda a: (F.group_norm(a, 2) if call == "GroupNorm" else F.instance_norm(a))}[layout](alone)
+        torch.testing.assert_close(y[b:b + 1, :n] if tokens else y[b:b + 1, :, :n], want)
 
 
 def test_functional_instance_norm_leaves_an_all_padding_sample_out_of_the_running_statistics():

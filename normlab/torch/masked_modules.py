@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from normlab.masked import missing_axes_fix
 from normlab.torch.compute import _fake, _statistics_update
 from normlab.torch.masked import SEGMENTS_DO_NOT_EXPORT, _run_masked, normalize_masked
 from normlab.torch.ops import _vmapping
@@ -79,7 +80,7 @@ def _check_mask(module, x: Tensor, mask: Tensor) -> Tensor:
         # (int: under torch.jit.trace the sizes are traced tensors, which print as "tensor(2)")
         raise PatternShapeError(f"{type(module).__name__} ({pattern}input shape {tuple(map(int, x.shape))}): mask "
                                 f"of shape {tuple(map(int, mask.shape))} does not broadcast to the input; give it "
-                                "the input's shape or size-1 axes")
+                                "the input's shape or size-1 axes" + missing_axes_fix(mask.shape, x.shape))
     if mask.device != x.device:
         raise RuntimeError(f"{type(module).__name__}: mask is on {mask.device}, the input on {x.device}; "
                            "put them on the same device")
