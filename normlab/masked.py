@@ -132,29 +132,41 @@ def _mask_view(mask, plan: Plan) -> np.ndarray:
     return full.reshape(plan.axis_sizes)
 
 
+def missing_axes_index(mask_shape: tuple, shape: tuple) -> tuple | None:
+    """The index that gives a mask of some of the input's axes (a padded batch's ``(batch,
+    time)`` mask beside ``(batch, time, features)``) size-1 axes for the others; None where
+    its sizes are no subsequence of the input's. Each of the mask's axes goes on the first
+    input axis of its size after the last one placed.
+
+    >>> missing_axes_index((2, 5), (2, 5, 8)), missing_axes_index((2, 5), (2, 3, 5)), missing_axes_index((4,), (2, 3))
+    ((Ellipsis, None), (slice(None, None, None), None, slice(None, None, None)), None)
+    """
+    mask_shape, shape = tuple(map(int, mask_shape)), tuple(map(int, shape))
+    if len(mask_shape) >= len(shape):
+        return None
+    picked, start = [], 0
+    for size in mask_shape:
+        found = next((i for i in range(start, len(shape)) if shape[i] == size), None)
+        if found is None:
+            return None
+        picked.append(found)
+        start = found + 1
+    if picked == list(range(len(mask_shape))):
+        return (Ellipsis,) + (None,) * (len(shape) - len(mask_shape))
+    return tuple(slice(None) if i in picked else None for i in range(len(shape)))
+
+
 def missing_axes_fix(mask_shape: tuple, shape: tuple) -> str:
-    """The indexing that gives a mask of some of the input's axes (a padded batch's
-    ``(batch, time)`` mask beside ``(batch, time, features)``) size-1 axes for the others, as
-    a clause for a message; "" where its sizes are no subsequence of the input's.
+    """:func:`missing_axes_index` as a clause for a message, written as Python indexes; "" where none fits.
 
     >>> missing_axes_fix((2, 5), (2, 5, 8)) + missing_axes_fix((2, 5), (2, 3, 5))
     ': mask[..., None] (size-1 axes for those it lacks): mask[:, None, :] (size-1 axes for those it lacks)'
     """
-    mask_shape, shape = tuple(map(int, mask_shape)), tuple(map(int, shape))
-    if len(mask_shape) >= len(shape):
+    index = missing_axes_index(mask_shape, shape)
+    if index is None:
         return ""
-    picked, start = [], 0
-    for size in mask_shape:  # each of the mask's axes on the first input axis of its size after the last
-        found = next((i for i in range(start, len(shape)) if shape[i] == size), None)
-        if found is None:
-            return ""
-        picked.append(found)
-        start = found + 1
-    if picked == list(range(len(mask_shape))):
-        index = ", ".join(["..."] + ["None"] * (len(shape) - len(mask_shape)))
-    else:
-        index = ", ".join(":" if i in picked else "None" for i in range(len(shape)))
-    return f": mask[{index}] (size-1 axes for those it lacks)"
+    written = ", ".join("..." if i is Ellipsis else "None" if i is None else ":" for i in index)
+    return f": mask[{written}] (size-1 axes for those it lacks)"
 
 
 def _segment_axis(plan: Plan, segment_axis, ids_name: str = "segment_ids") -> int:

@@ -42,6 +42,30 @@ def test_a_mask_that_does_not_broadcast_to_the_data_is_refused_with_both_shapes(
     assert "(1, 2)" in result.stderr and "(4, 3)" in result.stderr
 
 
+@pytest.mark.parametrize("preset, mask, fitted", [
+    ("layer", [[1, 1, 0], [1, 0, 0]], [[[1], [1], [0]], [[1], [0], [0]]]),  # (batch, tokens) beside (b, t, d)
+    ("instance", [[1, 1, 0, 0], [1, 1, 1, 0]], [[[1, 1, 0, 0]], [[1, 1, 1, 0]]]),  # (batch, time) beside (b, c, t)
+])
+def test_a_batch_by_time_mask_is_refused_with_the_mask_that_fits_which_normalizes_each_sequence_alone(explain, preset,
+                                                                                                      mask, fitted):
+    # it was told "give it the data's shape or size-1 axes", not which
+    data = np.random.default_rng(4).integers(0, 10, (2, 3, 4)).astype(np.float32)
+    result = explain(preset, "--data", json.dumps(data.tolist()), "--mask", json.dumps(mask))
+    assert result.returncode == 2
+    told = re.search(r"--mask '([^']*)' \(size-1 axes for those it lacks\)", result.stderr).group(1)
+    assert json.loads(told) == fitted
+    assert explain(preset, "--data", json.dumps(data.tolist()), "--mask", told).returncode == 0
+    view = explain_array(data, preset, mask=np.array(fitted, dtype=bool))
+    torch = pytest.importorskip("torch")
+    x = torch.tensor(data, dtype=torch.float64)
+    for b, lengths in enumerate(mask):
+        n = sum(lengths)
+        want = (torch.nn.functional.layer_norm(x[b, :n], (4,)) if preset == "layer"
+                else torch.nn.functional.instance_norm(x[b:b + 1, :, :n])[0])
+        got = view.y[b, :n] if preset == "layer" else view.y[b, :, :n]
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_page_data_marks_the_masked_out_elements_for_every_norm():
     x = np.array(DATA, dtype=np.float32)
     mask = np.broadcast_to(np.array(MASK, dtype=bool), x.shape)

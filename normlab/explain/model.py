@@ -263,7 +263,7 @@ def explain_array(x, name_or_pattern: str, sizes: dict | None = None, rms: bool 
             counted = np.broadcast_to(np.asarray(mask, dtype=bool), x.shape).copy()
         except ValueError:
             raise ShapeError(f"--mask of shape {np.shape(mask)} does not broadcast to the data's shape {x.shape}; "
-                             "give it the data's shape or size-1 axes") from None
+                             "give it the data's shape or size-1 axes" + _mask_fitted(mask, x.shape)) from None
     key, label, pattern, preset_rms, sizes = resolve(name_or_pattern, x.shape, sizes)
     if rms and not preset_rms:
         key, label = "custom", f"{label}, RMS" if key != "custom" else "your pattern, RMS"
@@ -568,6 +568,21 @@ def _read_json(text: str, option: str, **hooks):
     except RecursionError:
         raise NormlabError(f"{option} nests its lists too deeply to read; explain draws tensors of 1 to 4 axes: "
                            "pass nested lists such as '[[4, 3, 2], [3, 3, 2]]'") from None
+
+
+def _mask_fitted(mask, shape) -> str:
+    """The ``--mask`` that fits, for a mask of some of the data's axes (a ``(batch, time)``
+    mask beside ``(batch, time, features)`` data): its values with size-1 axes where it lacks
+    them, as a clause for the message; "" where none fits."""
+    import json
+
+    from normlab.masked import missing_axes_index
+
+    index = missing_axes_index(np.shape(mask), shape)
+    if index is None:
+        return ""
+    fitted = json.dumps(np.asarray(mask, dtype=bool)[index].astype(int).tolist(), separators=(",", ":"))
+    return f": --mask '{fitted}' (size-1 axes for those it lacks)"
 
 
 def parse_mask(text: str) -> np.ndarray:
