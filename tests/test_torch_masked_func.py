@@ -53,6 +53,24 @@ def test_func_grad_of_a_masked_batch_norm_in_training_gives_torch_nn_gradients_a
     torch.testing.assert_close(twin_buffers, buffers)
 
 
+@pytest.mark.parametrize("make", [lambda: nn.BatchNorm2d(3), lambda: nn.InstanceNorm2d(3, track_running_stats=True),
+                                  lambda: nn.SyncBatchNorm(3)], ids=["BatchNorm2d", "InstanceNorm2d", "SyncBatchNorm"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_a_masked_call_handed_running_statistics_requiring_grad_raises_torch_nn_s_error(make, train):
+    """Running statistics that require grad, as functional_call may hand them in: torch.nn
+    on the unpadded data raises (its batch norm op is not differentiable in them), and so
+    must the masked call, which computed."""
+    reference = make().double().train(train)
+    twin = nt.convert(copy.deepcopy(reference))
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    mask = torch.tensor([True, True, True, False]).reshape(4, 1, 1, 1)
+    for module, inputs, kwargs in ((reference, x[:3], {}), (twin, x, {"mask": mask})):
+        buffers = {"running_mean": module.running_mean.clone().requires_grad_(),
+                   "running_var": module.running_var.clone().requires_grad_()}
+        with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'running_mean'"):
+            functional_call(module, buffers, (inputs,), kwargs)
+
+
 def test_vmap_over_per_sample_padding_masks_gives_each_sample_torch_nn_s_unpadded_batch_norm():
     """Batch norm without running statistics, which torch vmaps in training: each vmapped
     batch has its own length, and torch.nn.BatchNorm1d sees that batch cut to its length."""

@@ -89,10 +89,12 @@ def _check_mask(module, x: Tensor, mask: Tensor) -> Tensor:
 
 def _refused_mix(module, x: Tensor) -> bool:
     """An input dtype or a mix that torch.nn's CPU kernels refuse: an integer, bool or
-    complex input ("not implemented for 'Long'"; the masked math would compute one), or
-    parameters or running statistics in a dtype beside the input's ("mixed dtype");
-    torch.nn.RMSNorm computes any mix of floating dtypes, as its twin does."""
-    from normlab.torch.compute import _dtypes_refused
+    complex input ("not implemented for 'Long'"; the masked math would compute one),
+    parameters or running statistics in a dtype beside the input's ("mixed dtype"), or
+    running statistics that require grad, as functional_call may hand them in (torch's
+    batch norm op is not differentiable in them); torch.nn.RMSNorm computes any mix of
+    floating dtypes, as its twin does."""
+    from normlab.torch.compute import _dtypes_refused, _needs_grad
 
     if not isinstance(module, _TORCH_NORMS + (nn.RMSNorm,)):
         return False
@@ -100,8 +102,9 @@ def _refused_mix(module, x: Tensor) -> bool:
         return True
     if isinstance(module, nn.RMSNorm):
         return False
-    return _dtypes_refused(x, *(getattr(module, name, None) for name in ("weight", "bias", "running_mean",
-                                                                        "running_var")))
+    running = (getattr(module, "running_mean", None), getattr(module, "running_var", None))
+    return (_dtypes_refused(x, getattr(module, "weight", None), getattr(module, "bias", None), *running)
+            or _needs_grad(*running))
 
 
 _TORCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm, nn.GroupNorm)
