@@ -294,3 +294,18 @@ def test_graph_mode_layer_norm_twin_without_a_batch_vector_on_float32_nodes_far_
     _randomize(ours)
     theirs.load_state_dict(ours.state_dict())
     _against_float64(ours, theirs, nodes, (), g)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_running_statistics_handed_in_requiring_grad_raise_pyg_s_error_without_a_batch_vector(train):
+    """functional_call may hand a PyG norm running statistics that require grad: without a
+    batch vector PyG's InstanceNorm calls F.instance_norm, whose op refuses them; the twin's
+    training path updated them in place and returned (torch.nn's twins: 2494c11)."""
+    reference = pyg_norm.InstanceNorm(4, track_running_stats=True).double().train(train)
+    twin = geometric.InstanceNorm(4, track_running_stats=True).double().train(train)
+    x = torch.randn(10, 4, dtype=torch.float64)
+    for module in (reference, twin):
+        buffers = {"running_mean": module.running_mean.clone().requires_grad_(),
+                   "running_var": module.running_var.clone().requires_grad_()}
+        with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'running_mean'"):
+            torch.func.functional_call(module, buffers, (x,))

@@ -101,11 +101,15 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
             return self._script_forward(x, batch, batch_size)
         use_input_stats = self.training or not self.track_running_stats
         if batch is None:
-            refused = not x.is_floating_point() or _dtypes_refused(x, self.weight, self.bias, self.running_mean,
-                                                                  self.running_var)
-            if not use_input_stats or x.numel() == 0 or refused or self.momentum is None:
+            running_mean, running_var = self.running_mean, self.running_var  # (buffers: each read is a call)
+            refused = not x.is_floating_point() or _dtypes_refused(x, self.weight, self.bias, running_mean,
+                                                                  running_var)
+            if (not use_input_stats or x.numel() == 0 or refused or self.momentum is None
+                    or (running_mean is not None and torch.is_grad_enabled()
+                        and (running_mean.requires_grad or running_var is not None and running_var.requires_grad))):
                 # PyG's own call: torch's dtype rules (half-precision nodes stay half; a mix torch refuses raises),
-                # no nodes leave the running statistics as they are, and a momentum of None raises its TypeError
+                # no nodes leave the running statistics as they are, a momentum of None raises its TypeError,
+                # and running statistics that require grad (functional_call may hand them in) its RuntimeError
                 return torch.nn.functional.instance_norm(
                     x.t().unsqueeze(0), self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
                     self.momentum if use_input_stats else 0.0, self.eps).squeeze(0).t()
