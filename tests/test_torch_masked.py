@@ -367,9 +367,10 @@ def test_a_masked_call_asks_once_whether_it_is_traced_and_walks_no_pattern_for_s
 
 # NumPy API checks the twins never need, each once a call on every mask= forward and backward:
 # the refusal of an np.ma mask or segment ids with masked elements (the twins hand NumPy plain
-# arrays), and of long double parameters and statistics (d1bb24f; they hand float32 or float64)
+# arrays), and of long double parameters and statistics (d1bb24f; they hand float32 or float64);
+# and the check of running statistics that require grad (6388e2f), which a layer norm has none of
 _NOT_ON_THE_TWINS_PATH = [("_refuse_masked_elements", torch.float64), ("readable_dtype", torch.float32),
-                          ("readable_dtype", torch.float64)]
+                          ("readable_dtype", torch.float64), ("_needs_grad", torch.float32)]
 
 
 @pytest.mark.parametrize("check, dtype", _NOT_ON_THE_TWINS_PATH, ids=lambda v: str(v))

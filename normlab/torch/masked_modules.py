@@ -104,7 +104,8 @@ def _refused_mix(module, x: Tensor) -> bool:
         return False
     running = (getattr(module, "running_mean", None), getattr(module, "running_var", None))
     return (_dtypes_refused(x, getattr(module, "weight", None), getattr(module, "bias", None), *running)
-            or _needs_grad(*running))
+            # (layer and group norm have no running statistics: no call for them on every step)
+            or (running[0] is not None or running[1] is not None) and _needs_grad(*running))
 
 
 _TORCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm, nn.GroupNorm)
