@@ -465,6 +465,38 @@ def test_convert_keeps_the_warnings_of_its_probes_dtype_mixes_from_the_caller():
     assert "Krea2RMSNorm (norm)" in messages[0]
 
 
+@pytest.mark.slow
+def test_convert_leaves_torch_s_once_per_process_warnings_to_the_model_s_own_calls():
+    # the probes above, by ignoring torch's "Mismatch dtype between input and weight" (given
+    # once per process), used it up: the model's own bfloat16 call of Krea2RMSNorm, a mix it
+    # does run and which convert leaves alone, then warned nothing. Oracle: the same call in
+    # a process that never converted
+    pytest.importorskip("diffusers.models.transformers.transformer_krea2")
+    import json
+    import subprocess
+    import sys
+
+    script = ("import json, sys, warnings, torch, normlab.torch as nt\n"
+              "from diffusers.models.transformers.transformer_krea2 import Krea2RMSNorm\n"
+              "model = torch.nn.ModuleDict(dict(norm=Krea2RMSNorm(16)))\n"
+              "if sys.argv[1] == 'convert':\n"
+              "    with warnings.catch_warnings():\n"
+              "        warnings.simplefilter('ignore')\n"
+              "        nt.convert(model)\n"
+              "model = model.to(torch.bfloat16)\n"
+              "with warnings.catch_warnings(record=True) as record:\n"
+              "    warnings.simplefilter('always')\n"
+              "    model['norm'](torch.randn(2, 16, dtype=torch.bfloat16))\n"
+              "print(json.dumps([str(w.message) for w in record]))\n")
+    warned = {}
+    for run in ("plain", "convert"):
+        result = subprocess.run([sys.executable, "-c", script, run], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        warned[run] = json.loads(result.stdout.strip().splitlines()[-1])
+    assert any("Mismatch dtype" in message for message in warned["plain"]), warned
+    assert warned["convert"] == warned["plain"]
+
+
 def test_converting_a_converted_model_changes_nothing_and_warns_nothing():
     model = converted_copy(VitLike())
     modules = list(model.modules())

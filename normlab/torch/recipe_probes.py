@@ -39,13 +39,21 @@ def _on_cpu(probe: Callable) -> Callable:
     and outside ``torch.inference_mode()``, whose tensors no probe of a gradient can take:
     the same decisions whatever the caller's mode. Warnings the probed forward gives on
     the probe's dtype mixes (torch's "Mismatch dtype between input and weight" from
-    diffusers' ``Krea2RMSNorm``) are not the model's and are kept from the caller."""
+    diffusers' ``Krea2RMSNorm``) are not the model's and are kept from the caller, without
+    using up torch's once-per-process warnings: the model's own call with that mix still
+    gets its warning, as it does unconverted."""
 
     @functools.wraps(probe)
     def on_cpu(*args, **kwargs):
-        with torch.device("cpu"), torch.inference_mode(False), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return probe(*args, **kwargs)
+        always = torch.is_warn_always_enabled()
+        # (a TORCH_WARN_ONCE warning given while warn_always is on leaves its once unspent)
+        torch.set_warn_always(True)
+        try:
+            with torch.device("cpu"), torch.inference_mode(False), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return probe(*args, **kwargs)
+        finally:
+            torch.set_warn_always(always)
 
     return on_cpu
 
