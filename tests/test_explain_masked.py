@@ -207,3 +207,19 @@ def test_explain_refuses_an_np_ma_mask_or_segments_with_masked_elements_as_norma
         explain_array(x, "[b] c", **{argument: value})
     assert type(got.value) is type(expected.value) and fix in str(got.value)
     explain_array(x, "[b] c", **{argument: np.ma.masked_array(np.ma.getdata(value))})
+
+
+def test_the_help_names_every_form_of_mask_that_explain_takes_and_each_form_gives_the_same_picture(explain, capsys):
+    """--help said "0/1 lists shaped like the data", where README (and explain) also take
+    true/false and masks that broadcast: each form the help names draws what the full 0/1
+    mask draws."""
+    with pytest.raises(SystemExit):
+        main(["explain", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    start = help_text.rindex("--mask JSON")  # (past the usage line)
+    mask_help = help_text[start:help_text.index("--segments JSON", start)]
+    assert "true/false" in mask_help and "broadcastable" in mask_help, mask_help
+    full = [[int(keep)] * 3 for (keep,) in MASK]
+    drawn = {json.dumps(mask): explain("batch", "--data", json.dumps(DATA), "--mask", json.dumps(mask)).stdout
+             for mask in (full, MASK, [[bool(keep)] for (keep,) in MASK])}
+    assert len(set(drawn.values())) == 1, drawn

@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"a pattern such as '[b] f' or a preset: {PRESET_HELP}")
     parser.add_argument("sizes", metavar="name=size", nargs="*", help="sizes of composed axes, e.g. g=2")
     parser.add_argument("--data", metavar="JSON", help="the tensor as nested JSON lists, e.g. '[[4,3,2],[3,3,2]]'")
-    parser.add_argument("--mask", metavar="JSON", help="0/1 lists shaped like the data: only the 1s count toward "
-                        "the statistics (the 0s are still normalized, drawn greyed)")
+    parser.add_argument("--mask", metavar="JSON", help="0/1 or true/false lists shaped like the data, or broadcastable "
+                        "to it (e.g. '[[1],[0]]', one per row): only the 1s count toward the statistics (the 0s are "
+                        "still normalized, drawn greyed)")
     parser.add_argument("--segments", metavar="JSON", help="ids along the first bracketed axis, e.g. '[0,0,1]': "
                         "each id its own group (coloured apart)")
     parser.add_argument("--shape", metavar="2,3,4", help="draw random small integers of this shape instead")
