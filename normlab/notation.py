@@ -87,8 +87,16 @@ def _tokenize(text: str) -> list[tuple[str, str, int]]:
         match = _TOKEN.match(text, pos)
         if match is None:
             char = text[pos]
-            if char == "\u2026" or char == ".":  # what word processors make of three dots, or two or four
+            before = re.search(r"[A-Za-z0-9_]+$", text[:pos])
+            after = re.match(r"[A-Za-z0-9_]+", text[pos + 1:])
+            if char == "." and before and after:  # "emb.dim": a dotted name, as in a module path
+                left, right = before.group(0), after.group(0)
+                rule = (f"axis names are letters, digits and _, without '.': write {left}_{right} for one axis, "
+                        f"or '{left} {right}' for two")
+            elif char == "\u2026" or char == ".":  # what word processors make of three dots, or two or four
                 rule = "write the ellipsis as three dots, ..."
+            elif char in ",;" and not text[pos + 1:].strip():  # a trailing one, as after a statement
+                rule = f"remove the trailing {char!r}"
             elif char in ",;":  # a list's habit (TensorFlow's axes=[0, 1])
                 rule = "separate axes with spaces"
             else:  # "ĉ" is an identifier to Python, but not a pattern's name

@@ -1,5 +1,7 @@
 """The parser on its own: no tensors, no NumPy."""
 
+import re
+
 import pytest
 
 from normlab.errors import NormlabError, PatternSyntaxError
@@ -108,6 +110,20 @@ def test_dots_that_are_no_ellipsis_and_commas_between_axes_are_refused_with_the_
     with pytest.raises(PatternSyntaxError, match=says) as info:
         parse_pattern(pattern)
     assert info.value.position == caret and "ASCII identifiers" not in str(info.value)
+    parse_pattern(fixed)
+
+
+@pytest.mark.parametrize("pattern, caret, says, fixed", [
+    ("b.t [d]", 1, "write b_t for one axis, or 'b t' for two", "b_t [d]"),
+    ("b t [emb.dim]", 8, "write emb_dim for one axis, or 'emb dim' for two", "b t [emb dim]"),
+    ("b t [d];", 7, "remove the trailing ';'", "b t [d]"), ("b t [d], ", 7, "remove the trailing ','", "b t [d]"),
+], ids=["dotted name", "dotted reduced name", "trailing semicolon", "trailing comma"])
+def test_a_dot_inside_a_name_and_a_trailing_separator_are_refused_with_their_own_fix(pattern, caret, says, fixed):
+    # "b.t" was told to write the ellipsis as three dots, and a trailing ";" to separate axes with spaces
+    with pytest.raises(PatternSyntaxError, match=re.escape(says)) as info:
+        parse_pattern(pattern)
+    assert info.value.position == caret and "ellipsis" not in str(info.value).split(";")[0]
+    assert "separate axes" not in str(info.value)
     parse_pattern(fixed)
 
 
