@@ -186,9 +186,9 @@ def _guess(name: str) -> str:
     >>> _guess("LayerNorm2d")
     "did you mean the pattern 'b [c] h w' (ConvNeXt's LayerNorm2d: each pixel over its channels)? "
     """
-    import re
+    from normlab.notation import _norm_named
 
-    if re.fullmatch(r"layer_?norm_?2d(_?fp32)?", name.lower()):
+    if _norm_named(name) == "layer2d":  # (the names normalize(x, "LayerNorm2d") is told the same of)
         return "did you mean the pattern 'b [c] h w' (ConvNeXt's LayerNorm2d: each pixel over its channels)? "
     meant = preset_meant(name)
     return f"did you mean the preset {meant!r}? " if meant else ""
