@@ -259,12 +259,22 @@ def onnx_fix(parsed: Pattern, name: str, value) -> str | None:
     "ONNX's axis is written with [ ], not passed: pass the pattern 'b [c h w]' (the axes from 1 on) and drop axis="
     >>> onnx_fix(parse_pattern("b (g [c]) [h w]"), "num_groups", 32)
     'the number of groups is the size of the factor beside [c]: pass g=32'
+    >>> onnx_fix(parse_pattern("b ([g] c) [h w]"), "num_groups", 32)  # doctest: +NORMALIZE_WHITESPACE
+    "ONNX's num_groups splits the channels into runs of adjacent ones, the group factor first and its channels
+    bracketed: write ([g] c) as (g [c]) and pass g=32"
     """
     if name == "num_groups":
         groups = [(factor.name, dim) for dim in parsed.dims if dim.composed and any(a.reduced for a in dim.factors)
                   for factor in dim.factors if not factor.reduced]
         if groups:
             group, dim = groups[0]
+            if dim.factors[0].reduced:
+                # ("([g] c)": channel k shares statistics with k + c, k + 2c, ...; ONNX's and torch's
+                # groups are runs of adjacent channels, the outer factor counting them)
+                names = [a.name for a in dim.factors]
+                return (f"ONNX's num_groups splits the channels into runs of adjacent ones, the group factor "
+                        f"first and its channels bracketed: write {_composed(dim)} as ({names[0]} "
+                        f"[{' '.join(names[1:])}]) and pass {names[0]}={value!r}")
             beside = " ".join(a.name for a in dim.factors if a.reduced)
             return f"the number of groups is the size of the factor beside [{beside}]: pass {group}={value!r}"
         return f"groups are a composed axis: write the channels as (g [c]) and pass g={value!r}"
@@ -283,6 +293,14 @@ def onnx_fix(parsed: Pattern, name: str, value) -> str | None:
         return ("normlab gathers the statistics in float64 whatever the input's dtype (the NumPy API, and the "
                 "torch twins' CPU kernels) and returns the input's dtype: drop it")
     return None
+
+
+def _composed(dim) -> str:
+    """A composed axis as written, its reduced factors bracketed: ``([g] c)``."""
+    words = []
+    for factor in dim.factors:
+        words.append(f"[{factor.name}]" if factor.reduced else factor.name)
+    return "(" + " ".join(words).replace("] [", " ") + ")"
 
 
 def _bracketed(parsed: Pattern, reduced, value, kind) -> str | None:

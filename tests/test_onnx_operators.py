@@ -208,6 +208,20 @@ def test_onnx_s_num_groups_passed_as_a_keyword_is_answered_with_the_group_factor
                                                                                          num_groups=3))
 
 
+@pytest.mark.parametrize("pattern", ["b ([g] c) h w", "b ([g] c) [h w]"])
+def test_num_groups_beside_a_bracketed_outer_factor_is_told_to_bracket_the_inner_one(pattern):
+    # "b ([g] c) h w" with c=2 and num_groups=3 was told "pass c=3": strided sets of channels,
+    # and a c that contradicts the one given
+    x = np.random.default_rng(0).standard_normal((2, 6, 4, 5))
+    message = _told(lambda: normlab.normalize(x, pattern, c=2, num_groups=3))
+    written, rewritten = re.search(r"write (\([^)]*\)) as (\([^)]*\))", message).groups()
+    sizes = dict((name, int(size)) for name, size in re.findall(r"pass (\w+)=(\d+)", message))
+    expected = _onnx("GroupNormalization", {"X": x, "S": np.ones(6), "B": np.zeros(6)}, 21, num_groups=3,
+                     stash_type=11)
+    fixed = pattern.replace(written, rewritten).replace("h w", "[h w]").replace("[[h w]]", "[h w]")
+    np.testing.assert_allclose(normlab.normalize(x, fixed, c=2, **sizes), expected, rtol=1e-9, atol=1e-12)
+
+
 def test_the_torch_norm_answers_onnx_s_attributes_as_the_numpy_api_does():
     nt = pytest.importorskip("normlab.torch")
     assert "pass the pattern 'b [c h w]'" in _told(lambda: nt.Norm("b c h [w]", axis=1))
