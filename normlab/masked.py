@@ -205,9 +205,19 @@ def make_grouping(plan: Plan, mask=None, segment_ids=None, num_segments=None, se
         _refuse_masked_elements(segment_ids, ids_name, plan, f"{ids_name}.filled(id) with the id they belong to")
     ids = as_array(segment_ids, ids_name, plan.pattern, plan.shape)
     length = plan.axis_sizes[axis]
-    if ids.dtype.kind not in "iu" or ids.shape != (length,):
-        raise ShapeError(f"{_describe(plan)}: {ids_name} must be integers of shape ({length},), one per element "
-                         f"along axis {plan.axis_names[axis]!r}; got dtype {ids.dtype} and shape {ids.shape}")
+    integers, fits = ids.dtype.kind in "iu", ids.shape == (length,)
+    # (each fault said alone: ids of the right dtype are not told their dtype, nor the reverse)
+    if not (integers or fits):
+        rule, got, fix = f"be integers of shape ({length},)", f"dtype {ids.dtype} and shape {ids.shape}", ""
+    elif not integers:
+        rule, got = "be integers", f"dtype {ids.dtype}"
+        fix = f"; pass integer ids ({ids_name}.astype(np.int64) where they are whole numbers)"
+    elif not fits:
+        rule, got = f"have shape ({length},)", f"shape {ids.shape}"
+        fix = f"; pass {ids_name}.reshape(-1)" if ids.size == length else ""
+    if not (integers and fits):
+        raise ShapeError(f"{_describe(plan)}: {ids_name} must {rule}, one per element along axis "
+                         f"{plan.axis_names[axis]!r}; got {got}{fix}")
     if ids.dtype.kind == "u" and ids.size and int(ids.max()) > np.iinfo(np.int64).max:
         # beyond int64 the cast below would wrap the id to a negative one and misreport it
         check_segment_count(plan, int(ids.max()), int(ids.max()) + 1, given=False, ids_name=ids_name)  # refuses: no input is that big

@@ -156,7 +156,7 @@ def test_segment_ids_of_the_wrong_length_are_refused_with_the_pattern_and_shape(
     assert result.returncode == 2
     assert "(4, 3)" in result.stderr
     # named as the caller named them (--segments, explain_array's segments=), not as normalize's segment_ids
-    assert "segments must be integers of shape (4,)" in result.stderr and "segment_ids" not in result.stderr
+    assert "segments must have shape (4,)" in result.stderr and "segment_ids" not in result.stderr
 
 
 def test_segments_on_a_pattern_that_brackets_no_axis_by_name_are_refused_as_segments(explain):

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from normlab import normalize, normalize_backward
-from normlab.errors import NormlabError
+from normlab.errors import NormlabError, ShapeError
 from normlab.plan import make_plan
 
 BACKENDS = ["numpy", "numba"]
@@ -268,6 +268,21 @@ def test_bad_masks_and_segment_ids_fail_with_the_pattern_shape_and_a_fix():
         normalize(x, "[b] c", segment_ids=np.array([0, 1, 2]), segment_axis="c")
     with pytest.raises(NormlabError, match="negative"):
         normalize(x, "[b] c", segment_ids=np.array([0, -1, 2, 2]))
+
+
+@pytest.mark.parametrize("ids, said, unsaid", [
+    (np.array([0, 1]), "got shape (2,)", "dtype"),
+    (np.array([[0, 1, 1, 0]]), "got shape (1, 4); pass segment_ids.reshape(-1)", "dtype"),
+    (np.array([0.0, 1.0, 1.0, 0.0]), "got dtype float64; pass integer ids", "shape"),
+    (np.array([0.0, 1.0]), "got dtype float64 and shape (2,)", "reshape"),
+])
+def test_segment_ids_are_told_only_what_is_wrong_with_them(ids, said, unsaid):
+    # ids of the wrong shape were told their (right) dtype too, and the reverse
+    with pytest.raises(ShapeError) as caught:
+        normalize(np.zeros((4, 3)), "[b] c", segment_ids=ids)
+    message = str(caught.value)
+    assert "'[b] c'" in message and "(4, 3)" in message and said in message
+    assert unsaid not in message.split(": ", 1)[1]
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
