@@ -14,6 +14,9 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from transformers.models.cohere.modeling_cohere import CohereLayerNorm  # noqa: E402
+from transformers.models.deberta.modeling_deberta import DebertaLayerNorm  # noqa: E402
+from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4UnweightedRMSNorm  # noqa: E402
+from transformers.models.llama4.modeling_llama4 import Llama4TextL2Norm  # noqa: E402
 from transformers.models.olmo.modeling_olmo import OlmoLayerNorm  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
@@ -176,3 +179,26 @@ def test_fx_records_a_converted_cohere_qk_norm_as_one_leaf_call_with_the_origina
     assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["proj", "norm"]
     x = torch.randn(3, 8)
     assert torch.equal(traced(x), original(x))
+
+
+SCRIPTED = {
+    **{name: make for name, (make, _, _) in NORMS.items()},
+    "deberta": lambda: DebertaLayerNorm(64, eps=1e-7),
+    "llama4_l2_norm": lambda: Llama4TextL2Norm(1e-6),
+    "deepseek_v4": lambda: DeepseekV4UnweightedRMSNorm(1e-6),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("name", list(SCRIPTED))
+def test_torch_jit_script_compiles_a_converted_recipe_norm_into_the_scripted_originals_numbers(name, dtype):
+    original = random_parameters(SCRIPTED[name]())
+    scripted = torch.jit.script(converted_copy(original))  # (was: "try blocks aren't supported", from the kernels' path)
+    shape = getattr(original, "weight", torch.empty(64)).shape
+    x = (torch.randn(3, 5, *shape) * 2 + 1).to(dtype)
+    # (TorchScript's autodiff differentiates each scripted graph on its own: a float32 gradient may
+    # round one ulp apart between two graphs of the same operations)
+    tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    assert_same_numbers(torch.jit.script(original), scripted, x, tolerance)
+    with torch.no_grad():
+        assert torch.equal(scripted(x), original(x))  # (the forward: the family's operations, to the bit)

@@ -72,7 +72,7 @@ through different operations, hence different float32 bits:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -132,7 +132,7 @@ def recipe_dtypes(dtype: torch.dtype, casting: str) -> tuple[torch.dtype, torch.
     return compute, dtype if casting == "llama" else compute  # (qwen3_next: the gate's product in float32)
 
 
-def rms_normalize(h: Tensor, dims, eps: float) -> Tensor:
+def rms_normalize(h: Tensor, dims: List[int], eps: float) -> Tensor:
     """``x̂ = h / sqrt(mean(h²) + eps)`` over ``dims``, in ``h``'s dtype: the normalization
     every recipe shares (transformers' operation sequence, so its bits)."""
     return h * torch.rsqrt(h.pow(2).mean(dims, keepdim=True) + eps)
@@ -194,7 +194,7 @@ def _rms_normalized(x: Tensor, dims: tuple, eps: float, casting: str) -> Tensor:
     return rms_normalize(x.to(recipe_dtypes(x.dtype, casting)[0]), dims, eps)
 
 
-def _pow_normalize(h: Tensor, dims, eps: float) -> Tensor:
+def _pow_normalize(h: Tensor, dims: List[int], eps: float) -> Tensor:
     """``rms_normalize`` as Gemma3n writes it: the root's reciprocal by ``pow``, whose backward
     rounds otherwise than ``rsqrt``'s."""
     return h * torch.pow(h.pow(2).mean(dims, keepdim=True) + eps, -0.5)
@@ -228,17 +228,17 @@ def layer_norm_recipe(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     >>> layer_norm_recipe(x, torch.ones(3), None, 0.0, "cohere").tolist()
     [[-1.2265625, 0.0, 1.2265625]]
     """
-    if casting not in LAYER_NORM_CASTINGS:
-        raise ValueError(f"unknown layer norm casting {casting!r}; use one of {', '.join(LAYER_NORM_CASTINGS)}")
+    if casting not in ("olmo", "cohere", "deberta"):  # (LAYER_NORM_CASTINGS, written out for TorchScript)
+        raise ValueError(f"unknown layer norm casting '{casting}'; use one of olmo, cohere, deberta")
     compute = compute_dtype(x.dtype)
     h = x.to(compute)
     if casting != "deberta":  # (DeBERTa's parameters multiply in their own dtype)
         weight = None if weight is None else weight.to(compute)
         bias = None if bias is None else bias.to(compute)
-    if casting == "olmo" and all(p is None or p.dim() == 1 for p in (weight, bias)):
+    if casting == "olmo" and (weight is None or weight.dim() == 1) and (bias is None or bias.dim() == 1):
         # (OLMo's own call; a weight per head, (heads, head_dim), spans more than F.layer_norm's
         # last axis: the steps below scale each head as cohere's do)
-        return F.layer_norm(h, h.shape[-1:] if size is None else (size,), weight, bias, eps).to(x.dtype)
+        return F.layer_norm(h, [h.shape[-1] if size is None else size], weight, bias, eps).to(x.dtype)
     mean = h.mean(-1, keepdim=True)
     variance = (h - mean).pow(2).mean(-1, keepdim=True)
     if casting == "deberta":
@@ -272,13 +272,13 @@ def unweighted_rms_norm_recipe(x: Tensor, eps: float, casting: str) -> Tensor:
     >>> unweighted_rms_norm_recipe(x, 0.0, "llama").tolist(), unweighted_rms_norm_recipe(x, 0.0, "deepseek").tolist()
     ([[0.84765625, 1.1328125]], [[0.8515625, 1.1328125]])
     """
-    if casting not in UNWEIGHTED_CASTINGS:
-        raise ValueError(f"unknown casting {casting!r} of an RMS norm without a weight; use one of "
-                         f"{', '.join(UNWEIGHTED_CASTINGS)}")
+    if casting not in ("llama", "deepseek", "diffusers", "gemma3n"):  # (UNWEIGHTED_CASTINGS, for TorchScript)
+        raise ValueError(f"unknown casting '{casting}' of an RMS norm without a weight; use one of llama, deepseek, "
+                         "diffusers, gemma3n")
     if casting == "deepseek":
         return x * torch.rsqrt(x.to(compute_dtype(x.dtype)).pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
     if casting == "diffusers":
         return (x * torch.rsqrt(x.to(compute_dtype(x.dtype)).pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     if casting == "gemma3n":
-        return _pow_normalize(x.to(compute_dtype(x.dtype)), -1, eps).to(x.dtype)
-    return rms_normalize(x.to(compute_dtype(x.dtype)), -1, eps).to(x.dtype)
+        return _pow_normalize(x.to(compute_dtype(x.dtype)), [-1], eps).to(x.dtype)
+    return rms_normalize(x.to(compute_dtype(x.dtype)), [-1], eps).to(x.dtype)

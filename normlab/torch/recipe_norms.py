@@ -111,6 +111,12 @@ class RecipeLayerNorm(nn.Module):
                 f"bias={self.bias is not None}")
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # the family's operations, as TorchScript compiles the original
+            return layer_norm_recipe(x, self.weight, self.bias, self.eps, self.casting, self.hidden_size[-1])
+        return self._eager_forward(x)
+
+    @torch.jit.unused
+    def _eager_forward(self, x: Tensor) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _fx_call_module(self, x)  # one leaf call, as fx records torch.nn's norms
         refuse_non_tensor(self, x, "x", 1)
@@ -171,6 +177,12 @@ class UnweightedRMSNorm(nn.Module):
         return f"eps={self.eps}, casting={self.casting!r}"
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # the family's operations, as TorchScript compiles the original
+            return unweighted_rms_norm_recipe(x, self.eps, self.casting)
+        return self._eager_forward(x)
+
+    @torch.jit.unused
+    def _eager_forward(self, x: Tensor) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _fx_call_module(self, x)
         refuse_non_tensor(self, x, "x", 1)
