@@ -9,6 +9,7 @@ torch.nn, or the float64 definition.
 """
 
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -266,3 +267,65 @@ def test_threaded_kernels_called_beside_torch_ops_and_changing_thread_counts_giv
         stop.set()
         busy.join()
     assert failures == []
+
+
+class _RMSNormThatWaits(torch.nn.Module):
+    """LLaMA's RMS norm, whose first forward (a convert() probe's) says it has begun and
+    waits to be let on, and whose every forward warns."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(size))
+        self.variance_epsilon = 1e-6
+        self.inside, self.let_on = threading.Event(), threading.Event()
+
+    def forward(self, x):
+        if not self.inside.is_set():
+            self.inside.set()
+            assert self.let_on.wait(60)
+        warnings.warn("the probed forward's own warning")
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(variance + self.variance_epsilon)).to(x.dtype)
+
+
+def _converting(norm: torch.nn.Module) -> tuple:
+    """A started thread converting a model of ``norm``, once a probe is inside its forward; its result."""
+    converted = []
+    thread = threading.Thread(target=lambda: converted.append(nt.convert(torch.nn.Sequential(norm))))
+    thread.start()
+    assert norm.inside.wait(60)
+    return thread, converted
+
+
+def test_a_thread_that_warns_while_another_converts_keeps_its_warnings():
+    """convert()'s probes silenced every warning of the process while they ran
+    (catch_warnings and an "ignore" filter): a thread that trained meanwhile lost its own."""
+    norm = _RMSNormThatWaits(8)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        thread, converted = _converting(norm)
+        warnings.warn("the training thread's warning")
+        norm.let_on.set()
+        thread.join()
+    messages = [str(w.message) for w in record]
+    assert type(converted[0][0]) is nt.RMSNorm  # (a probe ran the forward, and matched LLaMA's recipe)
+    assert "the training thread's warning" in messages
+    assert "the probed forward's own warning" not in messages
+
+
+def test_two_threads_converting_at_once_leave_the_warning_filters_as_they_were():
+    """Each probe saved the filters on entry and put its copy back on exit: the second
+    probe's exit, after the first's, put back the first's "ignore everything", for good."""
+    first, second = _RMSNormThatWaits(8), _RMSNormThatWaits(12)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        filters = list(warnings.filters)
+        first_thread, _ = _converting(first)
+        second_thread, _ = _converting(second)
+        first.let_on.set()
+        first_thread.join()
+        second.let_on.set()
+        second_thread.join()
+        assert warnings.filters == filters
+        warnings.warn("a warning after both conversions")
+    assert [str(w.message) for w in record] == ["a warning after both conversions"]

@@ -25,7 +25,6 @@ kernel path the recipes coincide: the math runs in float64 and rounds once.
 from __future__ import annotations
 
 import operator
-import warnings
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -44,6 +43,7 @@ from normlab.torch.paths import (_exporting_to_onnx, _holds_expanded_weights, _n
                                  expanded_weights_refusal, warn_if_fx_quantizing)
 from normlab.torch.spec import (Unscriptable, param_view, parametrizations_computed, refuse_non_tensor,
                                rms_default_eps)
+from normlab.torch.thread_warnings import ignored_in_this_thread
 
 __all__ = ["CASTINGS", "fused_normalize", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm"]
 
@@ -836,8 +836,7 @@ def _shapes_differ(shape, other) -> bool:
     input expanded, or not), as it keeps torch's own broadcasting of these shapes."""
     if not torch.jit.is_tracing():
         return tuple(shape) != tuple(other)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+    with ignored_in_this_thread(torch.jit.TracerWarning):
         return tuple(shape) != tuple(other)
 
 

@@ -6,7 +6,6 @@ other devices and dtypes."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Mapping, Optional
 
 import numpy as np
@@ -23,6 +22,7 @@ from normlab.torch.compute import _expanded_param, _fake
 from normlab.torch.ops import _functorch_active, _grads_of, _needs_torch_backward, _spec_of, _vmapped
 from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx
 from normlab.torch.spec import PlanFacts, Spec, _sizes_dict, param_view
+from normlab.torch.thread_warnings import ignored_in_this_thread
 
 __all__ = ["normalize_masked", "MaskedResult", "check_segment_ids"]
 
@@ -365,8 +365,7 @@ def _traced_plan(spec: Spec, x: Tensor) -> PlanFacts:
     their values (without its warning) while the reshapes take them as they are."""
     if torch.compiler.is_compiling():
         return spec.plan(x.shape)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+    with ignored_in_this_thread(torch.jit.TracerWarning):
         shape = tuple(int(n) if isinstance(n, Tensor) else n for n in x.shape)
     plan = spec.plan(shape)
     return plan._replace(axis_sizes=tuple(_symbolic_axis_sizes(plan, spec.pattern, x.shape)))
@@ -453,8 +452,7 @@ def _checked_traced_count(x, segment_ids, spec: Spec, num_segments, segment_axis
     """The traced call's ids checked as eager checks them (on their values, without the
     tracer's warning); the number of segments, max(ids) + 1 as a tensor (a size in the
     graph) where none is given."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+    with ignored_in_this_thread(torch.jit.TracerWarning):
         given = num_segments is not None
         count_now = num_segments if given else int(segment_ids.max()) + 1 if segment_ids.numel() else 0
         _refuse_too_many_segments(x, spec, segment_ids, count_now, given)

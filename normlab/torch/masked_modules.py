@@ -5,7 +5,6 @@ mask (the statistics are given)."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -17,6 +16,7 @@ from normlab.torch.masked import SEGMENTS_DO_NOT_EXPORT, _run_masked, normalize_
 from normlab.torch.ops import _vmapping
 from normlab.torch.paths import _exporting_to_onnx, _holds_expanded_weights, expanded_weights_refusal
 from normlab.torch.spec import Spec, elementwise_layout, rms_default_eps
+from normlab.torch.thread_warnings import ignored_in_this_thread
 
 __all__ = ["masked_forward"]
 
@@ -68,8 +68,7 @@ def _check_mask(module, x: Tensor, mask: Tensor) -> Tensor:
             if m != 1 and m != n:
                 fits = False
     else:  # (torch.jit.trace: sizes are traced tensors, each comparison a TracerWarning; checked on their values)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        with ignored_in_this_thread(torch.jit.TracerWarning):
             fits = mask.dim() <= x.dim() and all(int(m) in (1, int(n)) for m, n in zip(mask.shape[::-1],
                                                                                    x.shape[::-1]))
     if not fits:

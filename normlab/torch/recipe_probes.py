@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import warnings
 from typing import Callable, Optional
 
 import torch
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 
 from normlab.torch.casting import (CASTINGS, LAYER_NORM_CASTINGS, UNWEIGHTED_CASTINGS, layer_norm_recipe,
                                    rms_norm_recipe, unweighted_rms_norm_recipe)
+from normlab.torch.thread_warnings import ignored_in_this_thread, torch_once_warnings_unspent
 
 
 def _probe_copy(module: nn.Module, tensors: dict) -> nn.Module:
@@ -41,19 +41,15 @@ def _on_cpu(probe: Callable) -> Callable:
     the probe's dtype mixes (torch's "Mismatch dtype between input and weight" from
     diffusers' ``Krea2RMSNorm``) are not the model's and are kept from the caller, without
     using up torch's once-per-process warnings: the model's own call with that mix still
-    gets its warning, as it does unconverted."""
+    gets its warning, as it does unconverted. The warnings are kept from this thread's
+    caller alone (:mod:`normlab.torch.thread_warnings`): a thread that trains meanwhile
+    keeps its own."""
 
     @functools.wraps(probe)
     def on_cpu(*args, **kwargs):
-        always = torch.is_warn_always_enabled()
-        # (a TORCH_WARN_ONCE warning given while warn_always is on leaves its once unspent)
-        torch.set_warn_always(True)
-        try:
-            with torch.device("cpu"), torch.inference_mode(False), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return probe(*args, **kwargs)
-        finally:
-            torch.set_warn_always(always)
+        with (torch.device("cpu"), torch.inference_mode(False), torch_once_warnings_unspent(),
+              ignored_in_this_thread()):
+            return probe(*args, **kwargs)
 
     return on_cpu
 
