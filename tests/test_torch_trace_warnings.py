@@ -153,3 +153,43 @@ def test_tracing_a_twin_called_with_a_mask_gives_no_tracer_warning(mask_shape):
                                                for row, m in zip(x.reshape(-1, 6), full))))
     want = (x.reshape(-1, 6) - mean[:, None]) * torch.rsqrt(var[:, None] + 1e-5)
     torch.testing.assert_close(traced(x, mask), want.reshape(x.shape))
+
+
+class _AddThenNorm(nn.Module):
+    """What a fused add block replaces: ``x + residual``, then the norm of the sum."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x, residual):
+        total = x + residual
+        return self.norm(total), total
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["recorded", "no_grad"])
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_tracing_a_fused_add_rms_norm_warns_as_tracing_the_add_and_the_hf_norm_it_replaces(family, grad):
+    """FusedAddRMSNorm compared the traced sizes of the residual with the input's (its small
+    forward's check) and of its weight with the block's: a TracerWarning per size."""
+    transformers = pytest.importorskip("transformers")
+    original_class = {"llama": transformers.models.llama.modeling_llama.LlamaRMSNorm,
+                      "gemma": transformers.models.gemma.modeling_gemma.GemmaRMSNorm}[family]
+    original = _AddThenNorm(original_class(8))
+    twin = nt.FusedAddRMSNorm(8, casting=family, weight_offset=1.0 if family == "gemma" else 0.0)
+    twin.load_state_dict(original.norm.state_dict())
+    inputs = tuple(torch.randn(2, 3, 8) for _ in range(2))
+
+    def tracer_warnings_of(module):
+        with warnings.catch_warnings(record=True) as caught, torch.set_grad_enabled(grad):
+            warnings.simplefilter("always")
+            traced = torch.jit.trace(module, inputs, check_trace=False)
+        return traced, {(w.filename.rsplit("/", 1)[-1], w.lineno) for w in caught
+                        if issubclass(w.category, torch.jit.TracerWarning)}
+
+    traced_original, expected = tracer_warnings_of(original)
+    traced_twin, actual = tracer_warnings_of(twin)
+    assert actual == expected
+    other = tuple(torch.randn(4, 5, 8) for _ in range(2))  # (the trace takes other sizes, as the original's)
+    for a, e in zip(traced_twin(*other), traced_original(*other)):
+        torch.testing.assert_close(a, e)

@@ -840,6 +840,13 @@ def _shapes_differ(shape, other) -> bool:
         return tuple(shape) != tuple(other)
 
 
+def _untraced_shape(t: Tensor) -> torch.Size:
+    """``t.shape`` as ints under torch.jit.trace (a parameter's: the trace keeps it fixed)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return torch.Size(int(size) for size in t.shape)
+
+
 _SMALL_FORWARD_CASTINGS = ("llama", "gemma", "none")
 
 
@@ -850,12 +857,13 @@ def _small_add_rms_norm(module, x, residual):
     no mean to cancel), bfloat16 and float16 through the casting recipe's operations, bit
     for bit."""
     weight = module.weight
-    if residual is not None and (type(residual) is not Tensor or x.shape != residual.shape
-                                 or x.dtype != residual.dtype or residual.requires_grad and torch.is_grad_enabled()):
+    if residual is not None and (type(residual) is not Tensor or x.dtype != residual.dtype
+                                 or residual.requires_grad and torch.is_grad_enabled()):
         return None
     if (module.casting not in _SMALL_FORWARD_CASTINGS
-            or not _small_forward_fits(x, weight, HALF_FORWARD_KERNELS_FROM if x.dtype in _HALF_DTYPES else None)):
-        return None
+            or not _small_forward_fits(x, weight, HALF_FORWARD_KERNELS_FROM if x.dtype in _HALF_DTYPES else None)
+            or residual is not None and x.shape != residual.shape):  # (after the fit: never under jit.trace,
+        return None                                                 # whose sizes would warn as bools)
     total = x + residual if residual is not None else x
     offset = module.weight_offset
     if x.dtype in _HALF_DTYPES:
@@ -920,11 +928,14 @@ class FusedAddRMSNorm(Unscriptable, nn.Module):
             if small is not None:
                 return small
             weight = self.weight
-            x, residual = _with_companion(self, x, residual, weight.shape)
+            # (weight.shape: structured pruning narrows it; under torch.jit.trace its sizes are
+            # traced tensors, which the block's checks would turn into bools with a warning)
+            shape = weight.shape if torch._C._get_tracing_state() is None else _untraced_shape(weight)
+            x, residual = _with_companion(self, x, residual, shape)
             # (the sum's; promote_types only where the dtypes differ: an export records each call as a node)
             dtype = (x.dtype if residual is None or residual.dtype == x.dtype
                      else torch.promote_types(x.dtype, residual.dtype))
-            return fused_normalize(x, _block_of(self, dtype, weight.shape), residual=residual, weight=weight)
+            return fused_normalize(x, _block_of(self, dtype, shape), residual=residual, weight=weight)
         except RuntimeError:
             if _holds_expanded_weights(self):
                 raise expanded_weights_refusal(self) from None
