@@ -413,3 +413,53 @@ def test_a_small_layer_norm_step_decides_what_backward_saves_once_not_per_call(n
     profile = cProfile.Profile()
     profile.runcall(lambda: norm(x).sum().backward())
     assert [name for _, _, name in pstats.Stats(profile).stats if name == "__hash__"] == []
+
+
+@pytest.mark.parametrize("cls_name", ["LayerNorm", "RMSNorm"])
+def test_float32_parameter_gradients_reach_autograd_in_float32_with_no_cast_left_to_it(cls_name, no_full_path):
+    """The backward hands autograd the weight and bias gradients in the parameters' float32,
+    rounded once from their float64 sums: the engine then makes no cast of its own
+    (``aten::_to_copy``, two a small training step's). Oracle: torch's profiler for the
+    casts, torch autograd in float64 on the same values for the gradients."""
+    reference, twin = _pair(cls_name, (64,), torch.float64)
+    twin.float()
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(21)) * 3 + 100
+    grad_y = torch.randn(4, 64, generator=torch.Generator().manual_seed(22))
+    leaf = x.clone().requires_grad_()
+    twin(leaf).backward(grad_y)  # (builds the cached call)
+    for p in (leaf, *twin.parameters()):
+        p.grad = None
+    with torch.autograd.profiler.profile() as profile:
+        twin(leaf).backward(grad_y)
+    assert [e.name for e in profile.function_events if e.name == "aten::_to_copy"] == []
+    x64 = x.double().requires_grad_()
+    expected = torch.autograd.grad(reference(x64), (x64, *reference.parameters()), grad_y.double())
+    for mine, theirs in zip((leaf.grad, *(p.grad for p in twin.parameters())), expected):
+        assert mine.dtype == torch.float32
+        torch.testing.assert_close(mine.double(), theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
+
+
+def test_float32_parameter_gradients_past_float32s_largest_are_infinite_without_a_warning(no_full_path):
+    """Weight and bias gradients whose float64 sums pass float32's largest round to ±inf,
+    as torch's cast of the same float64 values gives, and with no NumPy overflow warning.
+    Oracle: torch autograd in float64 on the same float32 values, cast by torch."""
+    import warnings
+
+    reference, twin = _pair("LayerNorm", (8,), torch.float64)
+    twin.float()
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(23))
+    grad_y = torch.full((64, 8), 3e38)
+    grad_y[:, 1] = -3e38
+    x64 = x.double().requires_grad_()
+    expected = torch.autograd.grad(reference(x64), (reference.weight, reference.bias), grad_y.double())
+    leaf = x.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = torch.autograd.grad(twin(leaf), (twin.weight, twin.bias), grad_y)
+    for mine, theirs in zip(got, expected):
+        theirs = theirs.float()
+        assert torch.isinf(theirs[:2]).all()  # the case is one past float32's range
+        assert mine.dtype == torch.float32
+        finite = torch.isfinite(theirs)
+        assert torch.equal(mine[~finite], theirs[~finite])
+        torch.testing.assert_close(mine[finite].double(), theirs[finite].double(), rtol=1e-4, atol=1e30)

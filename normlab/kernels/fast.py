@@ -226,17 +226,28 @@ class FastBackward:
         """The shape of the parameter-gradient parts: one weight table per chunk."""
         return (self.chunks,) + self.forward.table_shape
 
+    @functools.cached_property
+    def _both_parts_shape(self) -> tuple[int, ...]:
+        """The weight's parts and the bias's, allocated as one array (one call, not two)."""
+        return (2,) + self.parts_shape
+
+    @functools.cached_property
+    def _rounded_to_float32(self):
+        """The helper that rounds float64 parameter gradients into float32 (float32 plans)."""
+        from normlab.kernels.rows_backward import rounded_to_float32
+
+        return rounded_to_float32
+
     def __call__(self, grad_y, x, weight_table, mean, rstd, need_params: bool):
         """``(grad_x, grad_weight, grad_bias)``: grad_x in x's shape and dtype, the parameter
-        gradients float64 of the plan's param_shape (None unless ``need_params``).
-        ``weight_table`` is :meth:`FastForward.tables`' first; ``mean`` and ``rstd`` are the
-        forward's (``mean`` None for RMS)."""
+        gradients of the plan's param_shape in x's dtype (None unless ``need_params``), each
+        summed in float64 and rounded once. ``weight_table`` is :meth:`FastForward.tables`'
+        first; ``mean`` and ``rstd`` are the forward's (``mean`` None for RMS)."""
         plan = self.forward
         rows, n = shape = plan.shape
         dtype, plain = plan.dtype, strided.PLAIN_ROWS
         grad_x = pool.empty(shape, dtype) if plan.nbytes >= pool.MIN_BYTES else np.empty(shape, dtype)
-        weight_parts = np.zeros(self.parts_shape)
-        bias_parts = np.zeros(self.parts_shape)
+        weight_parts, bias_parts = np.zeros(self._both_parts_shape)
         mean_flat = np.zeros(rows) if mean is None else mean.reshape(rows)
         if (grad_y.dtype == dtype and x.dtype == dtype and grad_y.flags.c_contiguous
                 and x.flags.c_contiguous):  # the common case, without row_layout's checks
@@ -257,7 +268,15 @@ class FastBackward:
         grad_x = grad_x.reshape(plan.out_shape)
         if not need_params:
             return grad_x, None, None
-        return grad_x, self._params(_sum_parts(weight_parts)), self._params(_sum_parts(bias_parts))
+        grad_weight, grad_bias = self._params(_sum_parts(weight_parts)), self._params(_sum_parts(bias_parts))
+        if dtype == np.float64:
+            return grad_x, grad_weight, grad_bias
+        # rounded here, as autograd's engine would round float64 gradients to their float32
+        # parameters (the same bits: one rounding to nearest, ±inf past float32's range, no
+        # warning), where the engine's two casts cost more than this call
+        rounded = np.empty((2, grad_weight.size), np.float32)
+        self._rounded_to_float32(grad_weight.reshape(-1), grad_bias.reshape(-1), rounded)
+        return grad_x, rounded[0].reshape(grad_weight.shape), rounded[1].reshape(grad_bias.shape)
 
     def _in_float64(self, grad_y, x, weight_table, mean_flat, rstd):
         """The float64 kernel's ``(grad_x, weight_parts, bias_parts)``, grad_x rounded to float32."""
@@ -267,8 +286,7 @@ class FastBackward:
         plan, plain = self.forward, strided.PLAIN_ROWS
         rows, n = shape = plan.shape
         grad_x = np.empty(shape)
-        weight_parts = np.zeros(self.parts_shape)
-        bias_parts = np.zeros(self.parts_shape)
+        weight_parts, bias_parts = np.zeros(self._both_parts_shape)
         row_backward(np.ascontiguousarray(grad_y, np.float64).reshape(shape), plain,
                      np.ascontiguousarray(x, np.float64).reshape(shape), plain, n, weight_table.astype(np.float64),
                      plan.param_row_stride, plan.param_inner, plan.rms, 0.0, True, mean_flat, rstd.reshape(rows),

@@ -378,3 +378,13 @@ def row_backward32(grad_y, grad_y_layout, x, x_layout, n, weight, param_row_stri
         redo[k] = not terms < TERMS_LIMIT
     if streaming:
         store_fence()  # (see rows.scaled_streaming)
+
+
+@helper
+def rounded_to_float32(weight_gradient, bias_gradient, rounded):
+    """``rounded[0]``/``rounded[1]``: the float64 weight and bias gradients (1-D, of one
+    size) rounded to nearest float32, ±inf past its range, as torch's cast rounds them
+    (and with no NumPy warning or errstate to enter)."""
+    for i in range(weight_gradient.shape[0]):
+        rounded[0, i] = np.float32(weight_gradient[i])
+        rounded[1, i] = np.float32(bias_gradient[i])

@@ -148,8 +148,8 @@ class _RowFunction(torch.autograd.Function):
                                                None if mean is None else mean.numpy(), rstd.numpy(),
                                                need_weight or need_bias)
         return (torch.from_numpy(grad_x) if need_x else None,
-                # float64: autograd's engine rounds each to its parameter's dtype, in C++ (past float32's
-                # range it is inf without NumPy's warning, and with no errstate or .to() call from Python)
+                # in the parameters' dtype (x's, on this path), rounded once from their float64 sums
+                # by the kernels, so that autograd's engine has no cast to make
                 torch.from_numpy(grad_w) if need_weight else None,
                 torch.from_numpy(grad_b) if need_bias else None,
                 None, None, None)
