@@ -842,8 +842,7 @@ def _shapes_differ(shape, other) -> bool:
 
 def _untraced_shape(t: Tensor) -> torch.Size:
     """``t.shape`` as ints under torch.jit.trace (a parameter's: the trace keeps it fixed)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+    with ignored_in_this_thread(torch.jit.TracerWarning):
         return torch.Size(int(size) for size in t.shape)
 
 
