@@ -463,3 +463,78 @@ def test_float32_parameter_gradients_past_float32s_largest_are_infinite_without_
         finite = torch.isfinite(theirs)
         assert torch.equal(mine[~finite], theirs[~finite])
         torch.testing.assert_close(mine[finite].double(), theirs[finite].double(), rtol=1e-4, atol=1e30)
+
+
+EXPANDED_CASES = [("LayerNorm", (1, 64)), ("RMSNorm", (1, 64)), ("LayerNorm", (3, 5, 48)), ("RMSNorm", (64, 1024)),
+                  ("GroupNorm", (2, 12, 5))]
+
+
+def _module_pair(cls_name, shape):
+    return _pair(cls_name, (4, shape[1]) if cls_name == "GroupNorm" else (shape[-1],), torch.float64)
+
+
+@pytest.mark.parametrize("cls_name, shape", EXPANDED_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("loss", ["sum", "expanded 2.5"])
+def test_an_output_gradient_of_one_expanded_value_matches_torch_and_its_contiguous_copy(cls_name, shape, dtype, loss,
+                                                                                      no_full_path):
+    """A ``.sum()`` loss hands the norm's backward one value expanded to the output's shape
+    (every stride 0), and so does an explicit ``torch.tensor(c).expand(shape)``. Oracles:
+    torch autograd in float64 on the same values, and the twin's own gradients for the
+    contiguous copy of that gradient, which must be the same bits."""
+    reference, twin = _module_pair(cls_name, shape)
+    twin.to(dtype)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(24), dtype=dtype) * 3 + 7
+    value = torch.tensor(1.0 if loss == "sum" else 2.5, dtype=dtype)
+    for _ in range(2):  # the second call reuses the cached plans
+        leaf = x.clone().requires_grad_()
+        inputs = (leaf, *twin.parameters())
+        y = twin(leaf)
+        if loss == "sum":
+            got = torch.autograd.grad(y.sum(), inputs)
+        else:
+            expanded = value.expand(shape)
+            assert expanded.stride() == (0,) * len(shape)
+            got = torch.autograd.grad(y, inputs, expanded)
+        again = torch.autograd.grad(twin(leaf), inputs, value.expand(shape).contiguous())
+        for mine, copy in zip(got, again):
+            assert mine.dtype == dtype
+            assert mine.numpy().tobytes() == copy.numpy().tobytes()
+    x64 = x.double().requires_grad_()
+    expected = torch.autograd.grad(reference(x64), (x64, *reference.parameters()), value.double().expand(shape))
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
+    for mine, theirs in zip(got, expected):
+        torch.testing.assert_close(mine.double(), theirs, **tolerance)
+
+
+@pytest.mark.parametrize("cls_name, shape", EXPANDED_CASES[:3])
+def test_a_sum_loss_of_a_row_norm_passes_gradcheck_and_gradgradcheck(cls_name, shape, no_full_path):
+    """gradcheck of ``twin(x).sum()``: its analytical gradients come through the backward
+    of one expanded value. Oracle: gradcheck's finite differences, and torch.nn's module."""
+    reference, twin = _module_pair(cls_name, shape)
+    names = [name for name, _ in twin.named_parameters()]
+
+    def function(module):
+        return lambda x, *weights: torch.func.functional_call(module, dict(zip(names, weights)), (x,)).sum()
+
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(25), requires_grad=True)
+    inputs = (x, *(p.detach().clone().requires_grad_() for p in twin.parameters()))
+    assert torch.autograd.gradcheck(function(twin), inputs)
+    assert torch.autograd.gradgradcheck(function(twin), inputs)
+    for mine, theirs in zip(torch.autograd.grad(function(twin)(*inputs), inputs),
+                            torch.autograd.grad(function(reference)(*inputs), inputs)):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_a_sum_losss_expanded_gradient_is_copied_at_once_not_searched_for_rows(no_full_path):
+    """The gradient of a ``.sum()`` loss (one value, every stride 0) holds no rows for the
+    kernels to read where they lie: it is copied at once, without ``row_layout``'s search,
+    part of a small training step's Python."""
+    import cProfile
+    import pstats
+
+    norm, x = nt.LayerNorm(64), torch.randn(1, 64, requires_grad=True)
+    norm(x).sum().backward()  # (builds the cached call)
+    profile = cProfile.Profile()
+    profile.runcall(lambda: norm(x).sum().backward())
+    assert [name for _, _, name in pstats.Stats(profile).stats if name == "row_layout"] == []
