@@ -99,9 +99,9 @@ def compute_stats(x: np.ndarray, plan: Plan, eps: float, rms: bool = False) -> S
     n = plan.group_size
     # one summation order, whatever the strides (0-d stays 0-d: ascontiguousarray makes it 1-d)
     x64 = np.ascontiguousarray(x, dtype=ACCUMULATE).reshape(x.shape)
-    if n == 0:  # empty groups: nothing to normalize; keep the statistics finite
-        zeros = np.zeros(plan.stats_shape, ACCUMULATE)
-        return Stats(None if rms else zeros, zeros, np.full(plan.stats_shape, 1.0 / np.sqrt(eps or 1.0)))
+    if n == 0:  # empty groups: nothing to normalize, no variance to know (mean 0 and rstd NaN, as torch's)
+        unknown = np.full(plan.stats_shape, np.nan)
+        return Stats(None if rms else np.zeros(plan.stats_shape, ACCUMULATE), unknown, unknown.copy())
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         if rms:
             var = np.square(x64).sum(axis=axes, keepdims=True) / n

@@ -394,3 +394,31 @@ def test_a_zero_dimensional_input_under_an_ellipsis_is_one_group_of_one_element(
     np.testing.assert_allclose(y_rms, x / np.sqrt(x * x + 1e-5), rtol=1e-6)
     grad_x, _, _ = normlab.normalize_backward(1.0, value, "[...]", backend=backend)
     assert grad_x.shape == () and grad_x == 0.0
+
+
+# --- an empty reduced axis ------------------------------------------------------------------
+
+
+def _torch_statistics(call):
+    torch = pytest.importorskip("torch")
+    return lambda shape: [t.numpy() for t in call(torch, torch.zeros(shape, dtype=torch.float64))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape, pattern, keywords, torch_statistics", [
+    ((2, 0), "b [d]", {}, lambda torch, x: torch.native_layer_norm(x, (0,), None, None, 1e-5)[1:]),
+    ((2, 3, 0), "b [c t]", {}, lambda torch, x: torch.native_layer_norm(x, (3, 0), None, None, 1e-5)[1:]),
+    ((2, 4, 0), "b (g [c]) [t]", {"g": 2},
+     lambda torch, x: torch.native_group_norm(x, None, None, 2, 4, 0, 2, 1e-5)[1:]),
+    ((2, 0), "b [d]", {"rms": True}, lambda torch, x: torch.ops.aten._fused_rms_norm(x, [0], None, 1e-5)[1:]),
+], ids=["layer norm", "layer norm over two axes", "group norm", "rms norm"])
+def test_an_empty_reduced_axis_gives_torch_s_statistics_mean_0_and_rstd_nan(backend, shape, pattern, keywords,
+                                                                            torch_statistics):
+    """Groups of no elements got rstd = 1/sqrt(eps), a number no data gave (316 at eps=1e-5);
+    torch's kernels give mean 0 and rstd NaN, as ONNX's reference does for the rstd."""
+    expected = _torch_statistics(torch_statistics)(shape)
+    y, *statistics = normlab.normalize(np.zeros(shape), pattern, return_stats=True, backend=backend, **keywords)
+    assert y.shape == shape
+    statistics = [s for s in statistics if s is not None]  # (rms: no mean)
+    for actual, wanted in zip(statistics, expected, strict=True):
+        np.testing.assert_array_equal(actual.reshape(-1), wanted.reshape(-1))
