@@ -16,7 +16,10 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from transformers.models.cohere.modeling_cohere import CohereLayerNorm  # noqa: E402
 from transformers.models.deberta.modeling_deberta import DebertaLayerNorm  # noqa: E402
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4UnweightedRMSNorm  # noqa: E402
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 from transformers.models.llama4.modeling_llama4 import Llama4TextL2Norm  # noqa: E402
+from transformers.models.t5.modeling_t5 import T5LayerNorm  # noqa: E402
 from transformers.models.olmo.modeling_olmo import OlmoLayerNorm  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
@@ -186,6 +189,9 @@ SCRIPTED = {
     "deberta": lambda: DebertaLayerNorm(64, eps=1e-7),
     "llama4_l2_norm": lambda: Llama4TextL2Norm(1e-6),
     "deepseek_v4": lambda: DeepseekV4UnweightedRMSNorm(1e-6),
+    "llama_rms_norm": lambda: LlamaRMSNorm(64, eps=1e-6),  # (RMSNorm with a casting recipe)
+    "gemma_rms_norm": lambda: GemmaRMSNorm(64, eps=1e-6),
+    "t5_layer_norm": lambda: T5LayerNorm(64),
 }
 
 
@@ -202,3 +208,16 @@ def test_torch_jit_script_compiles_a_converted_recipe_norm_into_the_scripted_ori
     assert_same_numbers(torch.jit.script(original), scripted, x, tolerance)
     with torch.no_grad():
         assert torch.equal(scripted(x), original(x))  # (the forward: the family's operations, to the bit)
+
+
+def test_a_scripted_rms_norm_with_a_recipe_and_eps_none_takes_torch_s_default_eps_for_the_dtype_it_computes_in():
+    original = random_parameters(LlamaRMSNorm(64, eps=torch.finfo(torch.float32).eps)).to(torch.bfloat16)
+    twin = nt.RMSNorm(64, eps=None, casting="llama").to(torch.bfloat16)
+    twin.load_state_dict(original.state_dict())
+    x = torch.randn(3, 5, 64).to(torch.bfloat16) * 1e-3  # (small: the eps shows)
+    assert torch.equal(torch.jit.script(twin)(x), torch.jit.script(original)(x))
+
+
+def test_scripting_an_rms_norm_with_a_weight_offset_and_no_recipe_says_what_compiles_it():
+    with pytest.raises(RuntimeError, match="casting recipe.*torch.compile"):
+        torch.jit.script(torch.nn.Sequential(nt.RMSNorm(8, weight_offset=1.0)))

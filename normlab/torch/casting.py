@@ -148,15 +148,15 @@ def weigh(normalized: Tensor, weight: Optional[Tensor], casting: str, dtype: tor
     >>> weigh(torch.tensor([0.5, 1.5]), torch.tensor([2., 2.]), "gemma", torch.bfloat16, weight_offset=1.0)
     tensor([1.5000, 4.5000])
     """
-    if casting in _CAST_AFTER_WEIGHT:
+    if casting in ("gemma", "mochi", "gemma3n"):  # (_CAST_AFTER_WEIGHT, written out for TorchScript)
         scale = _scale(weight, weight_offset, normalized.dtype)
         return normalized if scale is None else normalized * scale
     if casting == "t5":
         if weight is None:
             return normalized.to(dtype)
-        if weight.dtype in _HALF:
+        if weight.dtype == torch.float16 or weight.dtype == torch.bfloat16:
             normalized = normalized.to(weight.dtype)
-        return _scale(weight, weight_offset) * normalized
+        return (weight if weight_offset == 0 else weight_offset + weight) * normalized  # (_scale's, refined)
     normalized = normalized.to(dtype)  # llama, qwen3_next, none and imagegpt (which the kernels approximate in float32)
     scale = _scale(weight, weight_offset)
     return normalized if scale is None else scale * normalized
@@ -171,18 +171,18 @@ def rms_norm_recipe(x: Tensor, weight: Optional[Tensor], eps: float, casting: st
     >>> [round(v, 4) for v in rms_norm_recipe(x, torch.ones(2), 0.0, "llama")[0].tolist()]
     [0.8485, 1.1314]
     """
-    if casting not in CASTINGS:
-        raise ValueError(f"unknown casting {casting!r}; use one of {', '.join(CASTINGS)}")
-    normalized = _rms_normalized(x, tuple(range(-normalized_ndim, 0)), eps, casting)
+    if casting not in ("llama", "gemma", "t5", "none", "imagegpt", "mochi", "gemma3n"):  # (CASTINGS: TorchScript)
+        raise ValueError(f"unknown casting '{casting}'; use one of llama, gemma, t5, none, imagegpt, mochi, gemma3n")
+    normalized = _rms_normalized(x, list(range(-normalized_ndim, 0)), eps, casting)
     # apply_recipe_scale's steps here, so that x̂ goes before the last cast, as the family's
     # code lets it go by rebinding one name (an argument passed on stays alive in this frame
     # until the call returns, on Python 3.10 in the callee's frame too)
     y = weigh(normalized, weight, casting, x.dtype, weight_offset)
     del normalized
-    return y.to(x.dtype) if casting in _CAST_AFTER_WEIGHT else y
+    return y.to(x.dtype) if casting in ("gemma", "mochi", "gemma3n") else y  # (_CAST_AFTER_WEIGHT: TorchScript)
 
 
-def _rms_normalized(x: Tensor, dims: tuple, eps: float, casting: str) -> Tensor:
+def _rms_normalized(x: Tensor, dims: List[int], eps: float, casting: str) -> Tensor:
     """``casting``'s x̂ of ``x`` over ``dims``, before its weight."""
     if casting == "imagegpt":  # (a division: other bits than the reciprocal's product)
         return x / torch.sqrt(torch.mean(torch.square(x), dims, keepdim=True) + eps)

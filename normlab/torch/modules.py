@@ -353,9 +353,12 @@ class RMSNorm(_Twin, nn.RMSNorm):
                 + (f", weight_offset={offset}" if offset else ""))
 
     def __prepare_scriptable__(self):
-        if getattr(self, "casting", None) is not None or getattr(self, "weight_offset", 0.0):
-            raise RuntimeError("torch.jit.script compiles torch.nn.RMSNorm's forward, which has no casting recipe "
-                               "or weight_offset; use torch.jit.trace, torch.export or torch.compile for this module")
+        if getattr(self, "casting", None) is None and getattr(self, "weight_offset", 0.0):
+            raise RuntimeError("torch.jit.script compiles an RMSNorm's casting recipe, or without one torch.nn.RMSNorm's "
+                               "forward, which has no weight_offset; give this module a casting recipe (Gemma's: "
+                               "casting='gemma'), or use torch.jit.trace, torch.export or torch.compile")
+        self.__dict__.setdefault("casting", None)  # (absent on modules pickled before it existed)
+        self.__dict__.setdefault("weight_offset", 0.0)
         return self
 
     @torch.jit.unused
@@ -370,6 +373,12 @@ class RMSNorm(_Twin, nn.RMSNorm):
         if torch.jit.is_scripting():
             if mask is not None:
                 _refuse_scripted_mask()
+            casting = self.casting
+            if casting is not None:  # the family's operations, as TorchScript compiles LlamaRMSNorm's
+                eps = self.eps
+                if eps is None:  # (torch.nn.RMSNorm's: the machine epsilon of the dtype it computes in)
+                    eps = 2.0 ** -52 if x.dtype == torch.float64 else 2.0 ** -23  # (torch.finfo does not script)
+                return rms_norm_recipe(x, self.weight, eps, casting, self.weight_offset, len(self.normalized_shape))
             return self._torch_forward(x)
         return self._eager_forward(x, mask)
 
