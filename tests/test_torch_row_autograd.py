@@ -538,3 +538,22 @@ def test_a_sum_losss_expanded_gradient_is_copied_at_once_not_searched_for_rows(n
     profile = cProfile.Profile()
     profile.runcall(lambda: norm(x).sum().backward())
     assert [name for _, _, name in pstats.Stats(profile).stats if name == "row_layout"] == []
+
+
+@pytest.mark.parametrize("cls_name", ["LayerNorm", "RMSNorm"])
+def test_a_small_training_steps_backward_runs_with_its_attributes_bound_not_the_general_call(cls_name,
+                                                                                           no_full_path):
+    """A step whose x and output gradient lie in C order (or the gradient is one expanded
+    value) runs the backward's bound runner: no general call, no sums of one chunk's
+    parts, no layout of one table's gradients, Python a small step's time is made of.
+    The general call stays for what the runner hands it (see the tests of strided and
+    extreme inputs above)."""
+    import cProfile
+    import pstats
+
+    norm, x = getattr(nt, cls_name)(64), torch.randn(2, 64, requires_grad=True)
+    norm(x).sum().backward()  # (builds the cached call)
+    profile = cProfile.Profile()
+    profile.runcall(lambda: (norm(x).sum().backward(), norm(x).backward(torch.ones(2, 64))))
+    called = {name for path, _, name in pstats.Stats(profile).stats if path.endswith(("fast.py", "__init__.py"))}
+    assert called.isdisjoint({"__call__", "_sum_parts", "_params", "_param_gradients"})

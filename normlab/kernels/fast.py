@@ -273,15 +273,74 @@ class FastBackward:
         grad_x = grad_x.reshape(plan.out_shape)
         if not need_params:
             return grad_x, None, None
+        return (grad_x, *self._param_gradients(weight_parts, bias_parts))
+
+    def _param_gradients(self, weight_parts, bias_parts) -> tuple:
+        """``(grad_weight, grad_bias)`` from the kernel's parts: summed over the chunks and
+        laid out as the parameters, in float64, then rounded to a float32 plan's dtype."""
         grad_weight, grad_bias = self._params(_sum_parts(weight_parts)), self._params(_sum_parts(bias_parts))
-        if dtype == np.float64:
-            return grad_x, grad_weight, grad_bias
-        # rounded here, as autograd's engine would round float64 gradients to their float32
-        # parameters (the same bits: one rounding to nearest, ±inf past float32's range, no
-        # warning), where the engine's two casts cost more than this call
+        if self.forward.dtype == np.float64:
+            return grad_weight, grad_bias
         rounded = np.empty((2, grad_weight.size), np.float32)
-        self._rounded_to_float32(grad_weight.reshape(-1), grad_bias.reshape(-1), rounded)
-        return grad_x, rounded[0].reshape(grad_weight.shape), rounded[1].reshape(grad_bias.shape)
+        self._rounded_to_float32(np.stack((grad_weight.reshape(-1), grad_bias.reshape(-1))), rounded)
+        return rounded[0].reshape(grad_weight.shape), rounded[1].reshape(grad_bias.shape)
+
+    def contiguous_runner(self):
+        """:meth:`__call__` with every attribute bound once, for x of the plan's dtype in
+        C order and an output gradient in C order or one value expanded (a training step's
+        case: its per-call Python is most of a small input's backward). Other arrays, and a
+        call the float32 kernel hands to float64, run :meth:`__call__`."""
+        plan = self.forward
+        rows, n = shape = plan.shape
+        dtype, out_shape, param_shape, plain = plan.dtype, plan.out_shape, plan.param_shape, strided.PLAIN_ROWS
+        kernel, serial = self.kernel, self.kernel.serial
+        params_and_flags = (plan.param_row_stride, plan.param_inner, plan.rms, 0.0, True)
+        chunk_rows, chunks, size = self.chunk_rows, self.chunks, rows * n
+        both_parts, recycled, float32 = self._both_parts_shape, plan.nbytes >= pool.MIN_BYTES, dtype == np.float32
+        # one chunk of parameters laid out as the table: the parts are the gradients, reshaped
+        table_size = math.prod(plan.table_shape) if chunks == 1 and plan.direct_params else None
+        rounded_to_float32 = self._rounded_to_float32 if float32 else None
+        empty, zeros, empty_recycled, copy = np.empty, np.zeros, pool.empty, np.ascontiguousarray
+        general = self.__call__
+
+        def run(grad_y, x, weight_table, mean, rstd, need_params: bool):
+            if grad_y.dtype != dtype or x.dtype != dtype or not x.flags.c_contiguous:
+                return general(grad_y, x, weight_table, mean, rstd, need_params)
+            if not grad_y.flags.c_contiguous:
+                if any(grad_y.strides):
+                    return general(grad_y, x, weight_table, mean, rstd, need_params)
+                # one value expanded (the gradient a .sum() loss hands in): row_layout would find
+                # no rows in it and copy it; copied here at once, without its search
+                grad_y = copy(grad_y)
+            grad_x = empty_recycled(shape, dtype) if recycled else empty(shape, dtype)
+            parts = zeros(both_parts)
+            arguments = (grad_y.reshape(shape), plain, x.reshape(shape), plain, n, weight_table, *params_and_flags,
+                         zeros(rows) if mean is None else mean.reshape(rows), rstd.reshape(rows), chunk_rows,
+                         grad_x, plain, parts[0], parts[1])
+            if float32:
+                redo = zeros(chunks, np.bool_)
+                arguments += (redo,)
+            if size < threads.serial_below():
+                serial(*arguments)
+            else:
+                kernel(*arguments)
+            if float32 and b"\x01" in redo.tobytes():  # gradients past float32's range: the float64 kernel's
+                return general(grad_y, x, weight_table, mean, rstd, need_params)
+            grad_x = grad_x.reshape(out_shape)
+            if not need_params:
+                return grad_x, None, None
+            if table_size is None:
+                return (grad_x, *self._param_gradients(parts[0], parts[1]))
+            gradients = parts.reshape(2, table_size)
+            if float32:
+                # rounded here, as autograd's engine would round float64 gradients to their float32
+                # parameters (the same bits: to nearest, ±inf past float32's range, no warning),
+                # where the engine's two casts cost more than this call
+                gradients, source = empty((2, table_size), np.float32), gradients
+                rounded_to_float32(source, gradients)
+            return grad_x, gradients[0].reshape(param_shape), gradients[1].reshape(param_shape)
+
+        return run
 
     def _in_float64(self, grad_y, x, weight_table, mean_flat, rstd):
         """The float64 kernel's ``(grad_x, weight_parts, bias_parts)``, grad_x rounded to float32."""

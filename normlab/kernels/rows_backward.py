@@ -381,10 +381,10 @@ def row_backward32(grad_y, grad_y_layout, x, x_layout, n, weight, param_row_stri
 
 
 @helper
-def rounded_to_float32(weight_gradient, bias_gradient, rounded):
-    """``rounded[0]``/``rounded[1]``: the float64 weight and bias gradients (1-D, of one
-    size) rounded to nearest float32, ±inf past its range, as torch's cast rounds them
-    (and with no NumPy warning or errstate to enter)."""
-    for i in range(weight_gradient.shape[0]):
-        rounded[0, i] = np.float32(weight_gradient[i])
-        rounded[1, i] = np.float32(bias_gradient[i])
+def rounded_to_float32(gradients, rounded):
+    """``rounded``: the float64 weight and bias gradients (a 2-D array, one parameter a row)
+    rounded to nearest float32, ±inf past its range, as torch's cast rounds them (and with
+    no NumPy warning or errstate to enter)."""
+    for p in range(gradients.shape[0]):
+        for i in range(gradients.shape[1]):
+            rounded[p, i] = np.float32(gradients[p, i])

@@ -30,7 +30,7 @@ class RowGradCall:
 
     def __init__(self, forward, backward, arguments: tuple):
         self.forward = forward  # kernels.fast.FastForward
-        self.backward = backward  # kernels.fast.FastBackward
+        self.backward = backward.contiguous_runner()  # kernels.fast.FastBackward, its attributes bound
         self.arguments = arguments  # (pattern, params, sizes, rms)
         self.params = ParamTables(forward)
         self.layer_norm = _is_layer_norm(_spec_of(*arguments))  # (whether backward saves the bias; once, not per call)
