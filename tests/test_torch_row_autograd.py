@@ -557,3 +557,26 @@ def test_a_small_training_steps_backward_runs_with_its_attributes_bound_not_the_
     profile.runcall(lambda: (norm(x).sum().backward(), norm(x).backward(torch.ones(2, 64))))
     called = {name for path, _, name in pstats.Stats(profile).stats if path.endswith(("fast.py", "__init__.py"))}
     assert called.isdisjoint({"__call__", "_sum_parts", "_params", "_param_gradients"})
+
+
+@pytest.mark.parametrize("cls_name", ["LayerNorm", "RMSNorm"])
+def test_a_small_training_steps_forward_runs_the_bound_kernel_entry_and_matches_torch(cls_name, no_full_path):
+    """The forward that autograd records, for x in C order, runs the forward's bound runner
+    with statistics (the kernel's compiled entry, no ``FastForward.run``/``run_serial``
+    calls); its output and gradients match torch.nn in float64. Oracle: torch.nn's module
+    and torch autograd, in float64."""
+    import cProfile
+    import pstats
+
+    reference, twin = _pair(cls_name, (64,), torch.float64)
+    x = torch.randn(2, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(26), requires_grad=True)
+    twin(x).sum().backward()  # (builds the cached call and the kernel's entry)
+    profile = cProfile.Profile()
+    y = profile.runcall(twin, x)
+    called = {name for path, _, name in pstats.Stats(profile).stats if path.endswith("fast.py")}
+    assert called.isdisjoint({"run_serial"}) and y.grad_fn is not None
+    torch.testing.assert_close(y, reference(x))
+    grad_y = torch.randn(2, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(27))
+    for mine, theirs in zip(torch.autograd.grad(y, (x, *twin.parameters()), grad_y),
+                            torch.autograd.grad(reference(x), (x, *reference.parameters()), grad_y)):
+        torch.testing.assert_close(mine, theirs)

@@ -112,13 +112,14 @@ class FastForward:
         mean = None if self.rms else stats[0].reshape(self.stats_shape)
         return y, mean, stats[2].reshape(self.stats_shape)
 
-    def contiguous_runner(self):
-        """:meth:`run` for a C-contiguous ``x`` of the kernel's dtype, without statistics,
-        as a function with every attribute bound once (a module's call without gradients
-        takes it: its per-call Python is most of a small input's time)."""
+    def contiguous_runner(self, return_stats: bool = False):
+        """:meth:`run` for a C-contiguous ``x`` of the kernel's dtype, as a function with
+        every attribute bound once (a module's call takes it: its per-call Python is most of
+        a small input's time): ``y``, or with ``return_stats`` (a call that autograd records)
+        ``(y, mean, rstd)`` as :meth:`run` gives them."""
         rows, n = shape = self.shape
-        dtype, out_shape, plain = self.dtype, self.out_shape, strided.PLAIN_ROWS
-        kernel = self.kernel
+        dtype, out_shape, stats_shape, plain = self.dtype, self.out_shape, self.stats_shape, strided.PLAIN_ROWS
+        kernel, rms = self.kernel, self.rms
         params_and_flags = (self.param_row_stride, self.param_inner, self.rms)
         scratch, size, recycled = self.scratch, rows * n, self.nbytes >= pool.MIN_BYTES
         serial_below, empty, empty_recycled = threads.serial_below, np.empty, pool.empty
@@ -126,19 +127,22 @@ class FastForward:
 
         def run(x, weight_table, bias_table, eps: float):
             y = empty_recycled(shape, dtype) if recycled else empty(shape, dtype)
+            stats = empty((3, rows)) if return_stats else scratch or empty((3, rows))
             arguments = (x.reshape(shape), plain, y, plain, n, weight_table, bias_table, *params_and_flags,
-                         float(eps), False, *(scratch or empty((3, rows))))
+                         float(eps), False, *stats)
             if size >= serial_below(True):
                 kernel(*arguments)
-                return y.reshape(out_shape)
-            # run_serial's lookup without its call (a frame costs what the entry saves here)
-            tables = weight_table.dtype
-            entry = entries.get(tables) if x.flags.aligned and bias_table.dtype == tables else None
-            if entry is None:
-                run_serial(arguments, x.flags.aligned, weight_table, bias_table)
             else:
-                entry(*arguments)
-            return y.reshape(out_shape)
+                # run_serial's lookup without its call (a frame costs what the entry saves here)
+                tables = weight_table.dtype
+                entry = entries.get(tables) if x.flags.aligned and bias_table.dtype == tables else None
+                if entry is None:
+                    run_serial(arguments, x.flags.aligned, weight_table, bias_table)
+                else:
+                    entry(*arguments)
+            if not return_stats:
+                return y.reshape(out_shape)
+            return y.reshape(out_shape), None if rms else stats[0].reshape(stats_shape), stats[2].reshape(stats_shape)
 
         return run
 

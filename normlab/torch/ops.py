@@ -134,8 +134,11 @@ def _bias_to_save(ctx, bias: Optional[Tensor], layer_norm: bool) -> Optional[Ten
     norms keep none, and an optimizer step on the bias alone, as in bias-only fine-tuning,
     may come between forward and backward). No gradient depends on the bias's values:
     :func:`_saved_bias` stands in for one not saved."""
+    if layer_norm:  # the bias itself is saved (if any): no stand-in to describe
+        ctx.bias_like = None
+        return bias
     ctx.bias_like = None if bias is None else (bias.shape, bias.dtype, bias.device)
-    return bias if layer_norm else None
+    return None
 
 
 def _saved_bias(ctx, saved: Optional[Tensor]) -> Optional[Tensor]:
