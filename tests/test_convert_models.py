@@ -763,3 +763,48 @@ def test_a_casting_twin_refuses_an_input_that_torch_nn_rms_norm_refuses(casting,
             torch.nn.functional.rms_norm(x, (4, 8), twin.weight, 1e-6)
         with pytest.raises(RuntimeError, match=re.escape(str(expected.value))):
             twin(x)
+
+
+def _norm_with_variance_epsilon(name):
+    """transformers' norms that keep their epsilon as ``variance_epsilon``, random weights."""
+    if name == "LlamaRMSNorm":
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm as cls
+    elif name == "T5LayerNorm":
+        from transformers.models.t5.modeling_t5 import T5LayerNorm as cls
+    elif name == "DebertaLayerNorm":
+        from transformers.models.deberta.modeling_deberta import DebertaLayerNorm as cls
+    else:
+        from tests.hf_classes import mamba_gated_norm
+
+        return random_parameters(mamba_gated_norm(16, 8)[0])
+    return random_parameters(cls(16))
+
+
+@needs_transformers
+@pytest.mark.parametrize("name, twin", [("LlamaRMSNorm", "RMSNorm"), ("T5LayerNorm", "RMSNorm"),
+                                        ("DebertaLayerNorm", "RecipeLayerNorm"), ("MambaRMSNormGated", "GatedRMSNorm")])
+def test_variance_epsilon_set_after_convert_changes_the_converted_norm_as_it_changes_the_original(name, twin):
+    """transformers' norms read variance_epsilon on each call; a converted one kept it as a
+    plain attribute beside its eps and ignored it: code written for the original class
+    (norm.variance_epsilon = ...) changed nothing. unconvert gives the value back."""
+    original = _norm_with_variance_epsilon(name)
+    converted = converted_copy(torch.nn.ModuleDict(dict(norm=original)))["norm"]
+    assert type(converted).__name__ == twin
+    original.variance_epsilon = converted.variance_epsilon = 0.5
+    for dtype in (torch.float32, torch.bfloat16):
+        inputs = [torch.randn(3, 16).to(dtype) * 0.1 for _ in range(2 if twin == "GatedRMSNorm" else 1)]
+        with torch.no_grad():  # (the gated twin runs float32 on the kernels: one rounding from the original's)
+            torch.testing.assert_close(converted(*inputs), original(*inputs), rtol=1e-5, atol=0)
+
+
+@needs_transformers
+def test_unconvert_gives_a_llama_its_norms_epsilons_as_they_were_set_after_convert():
+    model = nt.convert(tiny_causal_lm("llama"))
+    layer = model.model.layers[0]
+    layer.input_layernorm.variance_epsilon = 0.5
+    layer.post_attention_layernorm.eps = 0.25  # (the twin's own name for it)
+    nt.unconvert(model)
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    assert type(layer.input_layernorm) is type(layer.post_attention_layernorm) is LlamaRMSNorm
+    assert (layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon) == (0.5, 0.25)

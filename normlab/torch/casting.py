@@ -282,3 +282,29 @@ def unweighted_rms_norm_recipe(x: Tensor, eps: float, casting: str) -> Tensor:
     if casting == "gemma3n":
         return _pow_normalize(x.to(compute_dtype(x.dtype)), [-1], eps).to(x.dtype)
     return rms_normalize(x.to(compute_dtype(x.dtype)), [-1], eps).to(x.dtype)
+
+
+class TransformersEpsName:
+    """``variance_epsilon``, the name transformers' norms (``LlamaRMSNorm`` and its copies,
+    ``T5LayerNorm``, DeBERTa's layer norm, ``MambaRMSNormGated``) give their epsilon, read
+    and set as ``eps``: code written for the original class, ``norm.variance_epsilon = 1e-5``,
+    changes the norm that :func:`~normlab.torch.convert` made of it.
+
+    >>> from normlab.torch import RMSNorm
+    >>> norm = RMSNorm(4, eps=1e-6, casting="llama")
+    >>> norm.variance_epsilon = 1e-5
+    >>> norm.eps
+    1e-05
+    """
+
+    __jit_unused_properties__ = ["variance_epsilon"]  # (torch.jit.script compiles properties otherwise)
+
+    @property
+    def variance_epsilon(self):
+        return self.eps
+
+    @variance_epsilon.setter
+    def variance_epsilon(self, value) -> None:
+        self.eps = value
+        if "variance_epsilon" in self.__dict__:  # (convert's copy of the original's, which unconvert gives back)
+            self.__dict__["variance_epsilon"] = value

@@ -873,7 +873,7 @@ def _small_add_rms_norm(module, x, residual):
     return (y, total) if residual is not None else y
 
 
-class FusedAddRMSNorm(Unscriptable, nn.Module):
+class FusedAddRMSNorm(recipes.TransformersEpsName, Unscriptable, nn.Module):
     """Residual add and RMS norm in one pass: ``forward(x, residual) -> (norm(x + residual), x + residual)``
     (``forward(x)`` alone is a plain RMS norm), as vLLM's and Liger's fused RMS norms.
     ``x`` and ``residual`` broadcast against each other as in ``x + residual`` (those kernels
@@ -1016,7 +1016,7 @@ def _positive_int(group_size) -> int:
     return size
 
 
-class GatedRMSNorm(Unscriptable, nn.Module):
+class GatedRMSNorm(recipes.TransformersEpsName, Unscriptable, nn.Module):
     """Gated RMS norm of Mamba2 and GatedDeltaNet with mamba_ssm's ``RMSNormGated``
     semantics: ``norm(x)·w·silu(z)`` (``norm_before_gate=True``) or ``norm(x·silu(z))·w``
     (``False``), each group of ``group_size`` channels with its own statistics

@@ -17,8 +17,8 @@ from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_fo
                                    _channel_shape, _check_batch, _dtypes_refused, _expanded_param, _fast_rows,
                                    _needs_grad, _normalize, _params_misfit, _update_instance_running,
                                    _update_running)
-from normlab.torch.casting import (apply_recipe_scale, check_casting, check_weight_offset, compute_dtype,
-                                   rms_norm_recipe)
+from normlab.torch.casting import (TransformersEpsName, apply_recipe_scale, check_casting, check_weight_offset,
+                                   compute_dtype, rms_norm_recipe)
 from normlab.torch.masked_modules import masked_forward
 from normlab.torch.paths import (_LOW_PRECISION, PLAIN_PARAMETERS, _PathSwitch, _choose_path,
                                  _holds_expanded_weights, expanded_weights_refusal, warn_if_fx_quantizing)
@@ -301,7 +301,7 @@ def _trailing_spec(normalized_shape, rms: bool) -> Optional[Spec]:
                       **{name: int(size) for name, size in zip(names, normalized_shape) if size})
 
 
-class RMSNorm(_Twin, nn.RMSNorm):
+class RMSNorm(TransformersEpsName, _Twin, nn.RMSNorm):
     """``torch.nn.RMSNorm`` on normlab: ``y = x / sqrt(mean(x²) + eps) · weight`` over the
     trailing ``normalized_shape``; ``eps=None`` is torch's: the machine epsilon of the dtype it computes in
     (float32's for bfloat16 and float16 input).

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from normlab.errors import ParamsError
-from normlab.torch.casting import (LAYER_NORM_CASTINGS, UNWEIGHTED_CASTINGS, apply_deberta_scale, compute_dtype,
-                                   layer_norm_recipe, unweighted_rms_norm_recipe)
+from normlab.torch.casting import (LAYER_NORM_CASTINGS, UNWEIGHTED_CASTINGS, TransformersEpsName, apply_deberta_scale,
+                                   compute_dtype, layer_norm_recipe, unweighted_rms_norm_recipe)
 from normlab.torch.compute import _normalize
 from normlab.torch.modules import LayerNorm, LayerNorm2d, _fx_call_module
 from normlab.torch.paths import _LOW_PRECISION, _choose_path, _PathSwitch
@@ -30,7 +30,7 @@ __all__ = ["RecipeLayerNorm", "UnweightedRMSNorm", "Float32LayerNorm", "Float32L
 _PRUNED_BY = frozenset({"weight", "bias", "normalized_shape"})  # what RecipeLayerNorm's originals read
 
 
-class RecipeLayerNorm(nn.Module):
+class RecipeLayerNorm(TransformersEpsName, nn.Module):
     """Layer norm over the last axis, computed in float32 and cast back to the input's dtype
     as a model family writes it: ``casting="cohere"`` (``CohereLayerNorm``), ``"olmo"``
     (``OlmoLayerNorm``) or ``"deberta"`` (``DebertaLayerNorm``, which casts before its
@@ -143,7 +143,7 @@ class RecipeLayerNorm(nn.Module):
         return layer_norm_recipe(x, self.weight, self.bias, self.eps, self.casting, shape[-1])
 
 
-class UnweightedRMSNorm(nn.Module):
+class UnweightedRMSNorm(TransformersEpsName, nn.Module):
     """RMS norm without parameters over the last axis of any size,
     ``y = x / sqrt(mean(x²) + eps)``, with a model family's casting recipe:
     ``casting="llama"`` (normalized in float32, cast back once: Llama 4's ``L2Norm``,

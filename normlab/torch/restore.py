@@ -68,6 +68,8 @@ def _unconvert(module: nn.Module, name: str, left: list, done: dict) -> nn.Modul
         restored = twin_of(module, original)
         for key in [key for key in restored.__dict__ if key in _TWIN_STATE or key.startswith("_normlab")]:
             del restored.__dict__[key]
+        if "variance_epsilon" in restored.__dict__:  # (the original's name for eps, which may have changed since)
+            restored.__dict__["variance_epsilon"] = module.eps
     else:
         restored = module
         cls = _class_of(module)
