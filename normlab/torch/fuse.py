@@ -269,6 +269,8 @@ def _fused_norm(norm: nn.Module, recipe) -> FusedAddRMSNorm:
     nn.Module.__init__(fused)
     fused.hidden_size = norm.weight.shape[0]
     fused.eps, fused.casting, fused.weight_offset = eps, casting, offset
+    if "variance_epsilon" in vars(norm):  # (LLaMA's name for eps, kept as eps is: unconvert gives it back)
+        fused.__dict__["variance_epsilon"] = eps
     fused.weight = norm.weight  # the same Parameter object
     original = getattr(norm, "_original_class", None) or _named_class(type(norm))  # (what transformers' init reads)
     if original is not None:

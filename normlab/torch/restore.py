@@ -10,9 +10,10 @@ torch.nn's classes, holding the same Parameter and buffer objects, attributes an
 Each twin of a torch.nn class becomes that class, except an :class:`~normlab.torch.RMSNorm`
 with a casting recipe or ``weight_offset``, which torch.nn.RMSNorm does not compute; a norm
 that :func:`~normlab.torch.convert` converted from a transformers model's own class
-(``LlamaRMSNorm``, a gated norm, ...) becomes that class again. The rest (``Norm``, ``LayerNorm2d``, the fused blocks,
-the decoder layers that ``convert(model, fuse=True)`` fused and their fused norms, the PyG
-twins) stay, and one warning lists them.
+(``LlamaRMSNorm``, a gated norm, ...) becomes that class again, and so do the decoder layers
+that ``convert(model, fuse=True)`` fused and their fused norms (their own forward again, and
+the model's ``_no_split_modules`` naming them as before). The rest (``Norm``, ``LayerNorm2d``,
+the fused blocks made by hand, the PyG twins) stay, and one warning lists them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ _TORCH_CLASSES = {twin: torch_class for torch_class, twin in _TWINS.items()}
 # what the twins keep beside torch.nn's attributes: the spec, the per-shape caches
 # (``_normlab_*``), the class a transformers norm was converted from, the RMS recipe
 _TWIN_STATE = ("_spec", "_spec_source", "_original_class", "casting", "weight_offset")
+# what a FusedAddRMSNorm holds beside them that the norm it was fused from did not
+_FUSED_STATE = ("hidden_size", "_block", "_block_shape")
 
 
 def unconvert(model: nn.Module) -> nn.Module:
@@ -48,7 +51,11 @@ def unconvert(model: nn.Module) -> nn.Module:
     (True, True)
     """
     left: list[str] = []
+    fused_names = {type(m).__name__: m._unfused_class.__name__ for m in model.modules()
+                   if getattr(type(m), "_unfused_class", None) is not None}
     restored = _unconvert(model, "", left, {})
+    if fused_names:
+        _split_as_before(restored, fused_names)
     for module in restored.modules():
         init = module.__dict__.get("_init_weights")
         if isinstance(init, _InitAsOriginal) and not any("_original_class" in m.__dict__ for m in module.modules()):
@@ -68,13 +75,23 @@ def _unconvert(module: nn.Module, name: str, left: list, done: dict) -> nn.Modul
         restored = twin_of(module, original)
         for key in [key for key in restored.__dict__ if key in _TWIN_STATE or key.startswith("_normlab")]:
             del restored.__dict__[key]
+        if isinstance(module, FusedAddRMSNorm):
+            for key in _FUSED_STATE:
+                restored.__dict__.pop(key, None)
         if "variance_epsilon" in restored.__dict__:  # (the original's name for eps, which may have changed since)
             restored.__dict__["variance_epsilon"] = module.eps
     else:
         restored = module
         cls = _class_of(module)
-        if cls.__module__.startswith("normlab.") or getattr(cls, "_unfused_class", None) is not None:
-            # (a decoder layer that convert(model, fuse=True) fused is of a class made at run time)
+        unfused = getattr(cls, "_unfused_class", None)  # (a decoder layer convert(model, fuse=True) fused)
+        if unfused is not None:
+            norms = [child for child in module.children() if isinstance(child, FusedAddRMSNorm)]
+            if cls is type(module) and all(_original_of(norm) is not None for norm in norms):
+                module.__class__ = unfused  # (its own forward again; its norms become their classes below)
+            else:  # (its fused forward calls norm(x, residual), which only its FusedAddRMSNorms take)
+                left.append(f"{name or '<model>'} ({cls.__name__})")
+                done.update((id(norm), norm) for norm in norms)
+        elif cls.__module__.startswith("normlab."):
             left.append(f"{name or '<model>'} ({cls.__name__})")
         for child_name, child in list(module._modules.items()):
             if child is not None:
@@ -83,6 +100,22 @@ def _unconvert(module: nn.Module, name: str, left: list, done: dict) -> nn.Modul
                     module.add_module(child_name, replacement)
     done[id(module)] = restored
     return restored
+
+
+def _split_as_before(model: nn.Module, fused_names: dict) -> None:
+    """The ``_no_split_modules`` that convert(model, fuse=True) rewrote to name the fused
+    layers' classes name their own classes again, where no fused layer of that class is left."""
+    present = {type(module).__name__ for module in model.modules()}
+    for module in model.modules():
+        names = module.__dict__.get("_no_split_modules")
+        if not isinstance(names, (list, tuple, set)) or not set(fused_names) & set(names):
+            continue
+        kept = []
+        for name in names:
+            name = fused_names[name] if name in fused_names and name not in present else name
+            if name not in kept:
+                kept.append(name)
+        module._no_split_modules = type(names)(kept)
 
 
 def _class_of(module: nn.Module) -> type:
@@ -94,7 +127,8 @@ def _original_of(module: nn.Module):
     """The class ``module`` becomes, or None to leave it."""
     cls = _class_of(module)
     if cls is FusedAddRMSNorm:
-        return None  # (the norm and add of a fused layer, which holds none of the original norm's attributes)
+        # (the class of the norm that convert(model, fuse=True) fused, recorded inside a transformers model)
+        return module.__dict__.get("_original_class")
     recorded = module.__dict__.get("_original_class")
     if recorded is not None:
         return recorded
