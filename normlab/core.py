@@ -436,51 +436,54 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
     >>> normalize(x, "b [f]")[0].round(4).tolist()
     [1.2247, 0.0, -1.2247]
     """
-    sizes = axis_sizes if sizes is None else merge_sizes(pattern, sizes, axis_sizes, _shape_of(x))
-    key = None
-    if (type(x) is np.ndarray and out is None and mean is None and rstd is None and mask is None
-            and segment_ids is None and num_segments is None and segment_axis is None and residual is None
-            and gate is None and scale is None and shift is None and modulation is None
-            and fused._no_offset(weight_offset) and gate_activation == "silu" and norm_before_gate is True
-            and (rms is True or rms is False) and (return_stats is True or return_stats is False)):
-        # the fast path: everything the checks and the plan decide depends on this key alone
-        # (a check that looks at values must make the fast call return None)
-        key = (pattern, x.shape, x.dtype, params, rms, backend, _dtype_of(weight), _dtype_of(bias),
-               _sizes_key(sizes) if sizes else ())
-        try:
-            call = _FAST_CALLS.get(key)
-        except TypeError:  # an unhashable argument: the full checks will explain
-            call = key = None
-        # an int eps beyond float's range takes the full checks, which explain it; NumPy's float64
-        # (an eps read from an array or a config) is a float subclass with float's values
-        if call is not None and (type(eps) is float or type(eps) is np.float64
-                                 or type(eps) is int and -_FLOAT_MAX <= eps <= _FLOAT_MAX):
-            result = call(x, weight, bias, eps, return_stats)
-            if result is not None:
-                return result
-    # "False" is truthy: a flag of any other type would return the statistics unasked
-    return_stats = _flag(return_stats, "return_stats", _describe(pattern, _shape_of(x)))
-    if not (gate_activation == "silu" and norm_before_gate is True):  # (the defaults: no message to build)
-        fused.check_gate_options(gate_activation, norm_before_gate, _describe(pattern, _shape_of(x)))
-    grouped = _grouped(x, pattern, mask, segment_ids, num_segments, segment_axis, residual, gate, weight_offset, scale,
-                       shift, modulation)  # normalize_with_stats hands masks and segments on
-    if not grouped and fused.wants_fused(residual, gate, weight_offset, scale, shift, modulation):
-        return fused.normalize(x, pattern, weight=weight, bias=bias, params=params, eps=eps, rms=rms,
-                               return_stats=return_stats, out=out, mean=mean, rstd=rstd, backend=backend,
-                               residual=residual, gate=gate, gate_activation=gate_activation,
-                               norm_before_gate=norm_before_gate, weight_offset=weight_offset, scale=scale,
-                               shift=shift, modulation=modulation, sizes=sizes)
-    y, stats = normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps, rms=rms,
-                                    out=out, mean=mean, rstd=rstd, backend=backend, mask=mask,
-                                    segment_ids=segment_ids, num_segments=num_segments,
-                                    segment_axis=segment_axis, sizes=sizes)
-    if key is not None and key not in _FAST_CALLS:
-        _FAST_CALLS[key] = _build_fast_call(x, pattern, params, rms, backend, sizes, key)
-    if return_stats:
-        if mean is not None or rstd is not None:  # (given: the caller's memory, or a read-only broadcast of it)
-            return y, kept_statistic(stats.mean), kept_statistic(stats.rstd)
-        return y, stats.mean, stats.rstd
-    return y
+    try:
+        sizes = axis_sizes if sizes is None else merge_sizes(pattern, sizes, axis_sizes, _shape_of(x))
+        key = None
+        if (type(x) is np.ndarray and out is None and mean is None and rstd is None and mask is None
+                and segment_ids is None and num_segments is None and segment_axis is None and residual is None
+                and gate is None and scale is None and shift is None and modulation is None
+                and fused._no_offset(weight_offset) and gate_activation == "silu" and norm_before_gate is True
+                and (rms is True or rms is False) and (return_stats is True or return_stats is False)):
+            # the fast path: everything the checks and the plan decide depends on this key alone
+            # (a check that looks at values must make the fast call return None)
+            key = (pattern, x.shape, x.dtype, params, rms, backend, _dtype_of(weight), _dtype_of(bias),
+                   _sizes_key(sizes) if sizes else ())
+            try:
+                call = _FAST_CALLS.get(key)
+            except TypeError:  # an unhashable argument: the full checks will explain
+                call = key = None
+            # an int eps beyond float's range takes the full checks, which explain it; NumPy's float64
+            # (an eps read from an array or a config) is a float subclass with float's values
+            if call is not None and (type(eps) is float or type(eps) is np.float64
+                                     or type(eps) is int and -_FLOAT_MAX <= eps <= _FLOAT_MAX):
+                result = call(x, weight, bias, eps, return_stats)
+                if result is not None:
+                    return result
+        # "False" is truthy: a flag of any other type would return the statistics unasked
+        return_stats = _flag(return_stats, "return_stats", _describe(pattern, _shape_of(x)))
+        if not (gate_activation == "silu" and norm_before_gate is True):  # (the defaults: no message to build)
+            fused.check_gate_options(gate_activation, norm_before_gate, _describe(pattern, _shape_of(x)))
+        grouped = _grouped(x, pattern, mask, segment_ids, num_segments, segment_axis, residual, gate, weight_offset,
+                           scale, shift, modulation)  # normalize_with_stats hands masks and segments on
+        if not grouped and fused.wants_fused(residual, gate, weight_offset, scale, shift, modulation):
+            return fused.normalize(x, pattern, weight=weight, bias=bias, params=params, eps=eps, rms=rms,
+                                   return_stats=return_stats, out=out, mean=mean, rstd=rstd, backend=backend,
+                                   residual=residual, gate=gate, gate_activation=gate_activation,
+                                   norm_before_gate=norm_before_gate, weight_offset=weight_offset, scale=scale,
+                                   shift=shift, modulation=modulation, sizes=sizes)
+        y, stats = normalize_with_stats(x, pattern, weight=weight, bias=bias, params=params, eps=eps, rms=rms,
+                                        out=out, mean=mean, rstd=rstd, backend=backend, mask=mask,
+                                        segment_ids=segment_ids, num_segments=num_segments,
+                                        segment_axis=segment_axis, sizes=sizes)
+        if key is not None and key not in _FAST_CALLS:
+            _FAST_CALLS[key] = _build_fast_call(x, pattern, params, rms, backend, sizes, key)
+        if return_stats:
+            if mean is not None or rstd is not None:  # (given: the caller's memory, or a read-only broadcast of it)
+                return y, kept_statistic(stats.mean), kept_statistic(stats.rstd)
+            return y, stats.mean, stats.rstd
+        return y
+    except MemoryError as error:
+        raise MemoryError(out_of_memory(pattern, _shape_of(x), error, 'normalize')) from error
 
 
 def kept_statistic(statistic):
@@ -488,6 +491,43 @@ def kept_statistic(statistic):
     ones are: a fresh, writable float64 array of the statistics' shape, never the caller's
     own object nor a view of its memory (a later write to either would change the other)."""
     return None if statistic is None else np.array(statistic, dtype=np.float64, order="C")
+
+
+def out_of_memory(pattern: str, shape: tuple, error: MemoryError, function: str = "normalize") -> str:
+    """A MemoryError's message with the pattern, the input's shape and how to fit: call
+    ``function`` on parts of the input along an axis outside the brackets (no group of
+    statistics spans it, so the parts give the whole's result), or, where every axis shares
+    statistics, normalize in parts with statistics computed first.
+
+    >>> print(out_of_memory("b t [d]", (10**6, 512, 4096), MemoryError("Unable to allocate 15.6 TiB")))
+    pattern 'b t [d]', input shape (1000000, 512, 4096): Unable to allocate 15.6 TiB; call normalize on parts of \
+it along axis 'b', outside the brackets (no group of statistics spans it, so the parts give the whole's \
+result): [normalize(part, ...) for part in np.array_split(x, 100, axis=0)], then np.concatenate(..., axis=0)
+    """
+    told = f"{_describe(pattern, shape)}: {error}"
+    try:
+        dims = parse_pattern(pattern).dims
+    except ValueError:
+        return told
+    names = [dim.factors[0].name for dim in dims]
+    ellipsis = names.index("...") if "..." in names else len(dims)
+    outside = [(index if index < ellipsis else index - len(dims), f"axis {name!r}")  # (after "...": from the end)
+               for index, (name, dim) in enumerate(zip(names, dims))
+               if name != "..." and not any(factor.reduced for factor in dim.factors)]
+    if ellipsis < len(dims) and not dims[ellipsis].factors[0].reduced and len(shape) >= len(dims):
+        outside.append((ellipsis, "the first axis of '...'"))  # ("..." stands for at least one axis here)
+    if not outside:
+        return (f"{told}; no axis outside the brackets to split it along: compute the statistics in parts "
+                "(float64 sums of x and x² over the bracketed axes, one part at a time), then normalize each part "
+                "with mean= and rstd=")
+    axis, name = outside[0]
+    parts = (f"split x and grad_y with np.array_split(..., 100, axis={axis}), call {function} on each pair, then "
+             f"np.concatenate the input gradients on axis {axis} and sum the weight and bias gradients"
+             if function == "normalize_backward" else
+             f"[normalize(part, ...) for part in np.array_split(x, 100, axis={axis})], then "
+             f"np.concatenate(..., axis={axis})")
+    return (f"{told}; call {function} on parts of it along {name}, outside the brackets (no group of "
+            f"statistics spans it, so the parts give the whole's result): {parts}")
 
 
 def _shape_of(x) -> tuple:
@@ -603,62 +643,66 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
     ``mask``, the segment arguments and ``sizes`` are :func:`normalize`'s; the gradients are
     exactly those of its definition, masked-out outputs included.
     """
-    sizes = merge_sizes(pattern, sizes, axis_sizes, _shape_of(x))
-    if grad_sum is not None and residual is None:  # there is no x + residual for it to be the gradient of
-        raise InputError(f"{_describe(pattern, _shape_of(x))}: grad_sum is the gradient of the returned x + residual, "
-                         "and no residual was given; pass residual= (as to normalize), or leave grad_sum out")
-    if not (gate_activation == "silu" and norm_before_gate is True):  # (the defaults: no message to build)
-        fused.check_gate_options(gate_activation, norm_before_gate, _describe(pattern, _shape_of(x)))
-    if _grouped(x, pattern, mask, segment_ids, num_segments, segment_axis, residual, gate, weight_offset, scale, shift,
-                modulation):
-        from normlab import grouped
+    try:
+        sizes = merge_sizes(pattern, sizes, axis_sizes, _shape_of(x))
+        if grad_sum is not None and residual is None:  # there is no x + residual for it to be the gradient of
+            raise InputError(f"{_describe(pattern, _shape_of(x))}: grad_sum is the gradient of the returned x + "
+                             "residual, and no residual was given; pass residual= (as to normalize), or leave "
+                             "grad_sum out")
+        if not (gate_activation == "silu" and norm_before_gate is True):  # (the defaults: no message to build)
+            fused.check_gate_options(gate_activation, norm_before_gate, _describe(pattern, _shape_of(x)))
+        if _grouped(x, pattern, mask, segment_ids, num_segments, segment_axis, residual, gate, weight_offset, scale,
+                    shift, modulation):
+            from normlab import grouped
 
-        return grouped.normalize_backward(
-            grad_y, x, pattern, weight=weight, params=params, eps=eps, rms=rms, mean=mean, rstd=rstd,
-            backend=backend, mask=mask, segment_ids=segment_ids, num_segments=num_segments,
-            segment_axis=segment_axis, sizes=sizes)
-    if fused.wants_fused(residual, gate, weight_offset, scale, shift, modulation):
-        return fused.normalize_backward(grad_y, x, pattern, weight=weight, params=params, eps=eps, rms=rms,
-                                        mean=mean, rstd=rstd, backend=backend, residual=residual, gate=gate,
-                                        gate_activation=gate_activation, norm_before_gate=norm_before_gate,
-                                        weight_offset=weight_offset, scale=scale, shift=shift,
-                                        modulation=modulation, bias=bias, grad_sum=grad_sum, sizes=sizes)
-    if isinstance(grad_y, np.ma.MaskedArray):
-        reject_masked(grad_y, "grad_y", _describe(pattern, np.shape(x)))
-    prepared = prepare(x, pattern, weight, None, params, sizes)
-    plan = prepared.plan
-    eps = _check_eps(eps, plan)
-    rms = _check_flag(rms, "rms", plan)
-    grad_y = as_array(grad_y, "grad_y", pattern, plan.shape)
-    if grad_y.shape != plan.shape:
-        raise ShapeError(f"{_describe(plan, plan.shape)}: grad_y has shape {grad_y.shape}; it must match x")
-    result_dtype(grad_y, pattern, "grad_y")
-    grad_y = computable(grad_y)
-    use_kernels = _resolve_backend(backend, plan, prepared.x.dtype, grad_y.dtype) == "numba"
-    refuse_mean_with_rms(mean, rms, _describe(plan, plan.shape))
-    if mean is not None and rstd is None:  # silently recomputing would ignore the given mean
-        raise InputError(f"{_describe(plan, plan.shape)}: mean was given without rstd; pass both (or neither)")
-    if rstd is not None:
-        rstd = _given_stats(rstd, "rstd", plan)
-        if not rms:
-            if mean is None:
-                raise InputError(f"{_describe(plan, plan.shape)}: rstd was given without mean; pass both")
-            mean = _given_stats(mean, "mean", plan)
+            return grouped.normalize_backward(
+                grad_y, x, pattern, weight=weight, params=params, eps=eps, rms=rms, mean=mean, rstd=rstd,
+                backend=backend, mask=mask, segment_ids=segment_ids, num_segments=num_segments,
+                segment_axis=segment_axis, sizes=sizes)
+        if fused.wants_fused(residual, gate, weight_offset, scale, shift, modulation):
+            return fused.normalize_backward(grad_y, x, pattern, weight=weight, params=params, eps=eps, rms=rms,
+                                            mean=mean, rstd=rstd, backend=backend, residual=residual, gate=gate,
+                                            gate_activation=gate_activation, norm_before_gate=norm_before_gate,
+                                            weight_offset=weight_offset, scale=scale, shift=shift,
+                                            modulation=modulation, bias=bias, grad_sum=grad_sum, sizes=sizes)
+        if isinstance(grad_y, np.ma.MaskedArray):
+            reject_masked(grad_y, "grad_y", _describe(pattern, np.shape(x)))
+        prepared = prepare(x, pattern, weight, None, params, sizes)
+        plan = prepared.plan
+        eps = _check_eps(eps, plan)
+        rms = _check_flag(rms, "rms", plan)
+        grad_y = as_array(grad_y, "grad_y", pattern, plan.shape)
+        if grad_y.shape != plan.shape:
+            raise ShapeError(f"{_describe(plan, plan.shape)}: grad_y has shape {grad_y.shape}; it must match x")
+        result_dtype(grad_y, pattern, "grad_y")
+        grad_y = computable(grad_y)
+        use_kernels = _resolve_backend(backend, plan, prepared.x.dtype, grad_y.dtype) == "numba"
+        refuse_mean_with_rms(mean, rms, _describe(plan, plan.shape))
+        if mean is not None and rstd is None:  # silently recomputing would ignore the given mean
+            raise InputError(f"{_describe(plan, plan.shape)}: mean was given without rstd; pass both (or neither)")
+        if rstd is not None:
+            rstd = _given_stats(rstd, "rstd", plan)
+            if not rms:
+                if mean is None:
+                    raise InputError(f"{_describe(plan, plan.shape)}: rstd was given without mean; pass both")
+                mean = _given_stats(mean, "mean", plan)
+            else:
+                mean = None
+        result = None
+        if use_kernels:
+            from normlab import kernels
+
+            result = kernels.backward(prepared, grad_y, eps, rms, mean, rstd,
+                                      need_params=weight is not None or params is not None)
+        if result is not None:
+            grad_x, grad_w, grad_b = result
+            grad_w = grad_w if weight is not None else None
+            grad_b = grad_b if params is not None else None
         else:
-            mean = None
-    result = None
-    if use_kernels:
-        from normlab import kernels
-
-        result = kernels.backward(prepared, grad_y, eps, rms, mean, rstd,
-                                  need_params=weight is not None or params is not None)
-    if result is not None:
-        grad_x, grad_w, grad_b = result
-        grad_w = grad_w if weight is not None else None
-        grad_b = grad_b if params is not None else None
-    else:
-        grad_x, grad_w, grad_b = _reference_backward(grad_y, prepared, eps, rms, mean, rstd, weight, params)
-    return _finish_backward(prepared, grad_x, grad_w, grad_b, weight)
+            grad_x, grad_w, grad_b = _reference_backward(grad_y, prepared, eps, rms, mean, rstd, weight, params)
+        return _finish_backward(prepared, grad_x, grad_w, grad_b, weight)
+    except MemoryError as error:
+        raise MemoryError(out_of_memory(pattern, _shape_of(x), error, 'normalize_backward')) from error
 
 
 def _reference_backward(grad_y, prepared: Prepared, eps, rms, mean, rstd, weight, params):

@@ -616,3 +616,44 @@ def test_a_bfloat16_tensor_is_pointed_to_a_numpy_array_that_numpy_can_hold(argum
     y = normlab.normalize(given["x"], "b [f]", params="f", weight=given["weight"])
     expected = F.layer_norm(x.detach().float(), (4,), weight.detach().float())
     np.testing.assert_allclose(y, expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+# -- an input too large for memory --------------------------------------------------------
+
+HUGE = (10**5, 10**5, 10**5)  # (a broadcast view: NumPy cannot allocate its float32 copy, 4e15 bytes)
+
+
+def _by_definition(x, axes, eps=1e-5):
+    """The float64 definition: each group over ``axes`` standardized with its biased variance."""
+    mean = x.mean(axis=axes, keepdims=True)
+    return (x - mean) / np.sqrt(((x - mean) ** 2).mean(axis=axes, keepdims=True) + eps)
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("pattern, reduced", [("b t [d]", (2,)), ("[b] c t", (0,)), ("[...] c", (0, 1)),
+                                              ("... [t]", (2,))])
+def test_an_input_too_large_for_memory_is_told_its_pattern_shape_and_the_axis_to_split_it_along(backend, pattern,
+                                                                                                  reduced):
+    """A bare MemoryError ("Unable to allocate 3.55 PiB ...") named neither the pattern nor a way
+    to fit; the advice, followed on a small input, gives the definition's result."""
+    with pytest.raises(MemoryError) as caught:
+        normlab.normalize(np.broadcast_to(np.float32(1), HUGE), pattern, backend=backend)
+    message = str(caught.value)
+    assert f"pattern {pattern!r}, input shape {HUGE}" in message and "Unable to allocate" in message
+    axis = int(re.search(r"np\.array_split\(x, 100, axis=(-?\d+)\)", message).group(1))
+    x = np.random.default_rng(0).standard_normal((4, 6, 5))
+    parts = [normlab.normalize(part, pattern, backend=backend) for part in np.array_split(x, 3, axis=axis)]
+    np.testing.assert_allclose(np.concatenate(parts, axis=axis), _by_definition(x, reduced), rtol=1e-12, atol=1e-12)
+
+
+def test_an_input_too_large_whose_axes_all_share_statistics_is_told_to_normalize_parts_with_given_statistics():
+    with pytest.raises(MemoryError, match=r"pattern '\[b\] \[c t\]', input shape \(100000, 100000, 100000\): "
+                                          r"Unable to allocate.*no axis outside the brackets.*mean= and rstd="):
+        normlab.normalize(np.broadcast_to(np.float32(1), HUGE), "[b] [c t]")
+
+
+def test_a_backward_too_large_for_memory_is_told_to_sum_the_parameter_gradients_of_its_parts():
+    x = np.broadcast_to(np.float32(1), HUGE)
+    with pytest.raises(MemoryError, match=r"pattern 'b t \[d\]', input shape \(100000, 100000, 100000\).*"
+                                          r"split x and grad_y.*axis=0.*sum the weight and bias gradients"):
+        normlab.normalize_backward(x, x, "b t [d]")
