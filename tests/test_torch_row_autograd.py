@@ -580,3 +580,26 @@ def test_a_small_training_steps_forward_runs_the_bound_kernel_entry_and_matches_
     for mine, theirs in zip(torch.autograd.grad(y, (x, *twin.parameters()), grad_y),
                             torch.autograd.grad(reference(x), (x, *reference.parameters()), grad_y)):
         torch.testing.assert_close(mine, theirs)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "no_grad"])
+def test_a_small_calls_python_checks_its_parameters_and_caches_without_helper_calls(grad, no_full_path):
+    """A repeated small call reads its cache, its parameters' layout and the absence of
+    parametrizations where they lie, without a call each (``module_cache``,
+    ``tensor_layout``, ``parametrizations_computed``); its output and gradients still match
+    torch.nn. Oracle: torch.nn's module and torch autograd, in float64."""
+    import cProfile
+    import pstats
+
+    reference, twin = _pair("LayerNorm", (64,), torch.float64)
+    x = torch.randn(2, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(28), requires_grad=grad)
+    twin(x)  # (builds the cached call and the parameter tables)
+    profile = cProfile.Profile()
+    y = profile.runcall(twin, x)
+    called = {name for _, _, name in pstats.Stats(profile).stats}
+    assert called.isdisjoint({"module_cache", "tensor_layout", "parametrizations_computed"})
+    torch.testing.assert_close(y, reference(x))
+    if grad:
+        for mine, theirs in zip(torch.autograd.grad(y.sum(), (x, *twin.parameters())),
+                                torch.autograd.grad(reference(x).sum(), (x, *reference.parameters()))):
+            torch.testing.assert_close(mine, theirs)

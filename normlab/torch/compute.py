@@ -228,7 +228,9 @@ def _fast_rows(module, x: Tensor, eps: float, with_bias: bool = True) -> Optiona
     weight, bias = affine_parameters(module, with_bias)
     grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad))
-    calls = module_cache(module, "_normlab_fast")
+    calls = module.__dict__.get("_normlab_fast")  # (module_cache's lookup, without its call after the first)
+    if calls is None:
+        calls = module_cache(module, "_normlab_fast")
     key = (x.shape, x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype) if grad \
         else (x.shape, x.dtype)
     call = calls.get(key, False)

@@ -140,9 +140,10 @@ class _Twin:
             if mask is not None and _refuse_mask_on_plain_state(self):
                 return masked_forward(self, input, mask)
             return self._torch_forward(input)
-        stand_in = parametrizations_computed(self)
-        if stand_in is not None:  # (each parametrized tensor computed once, as torch.nn's forward does)
-            return stand_in._eager_forward(input, mask)
+        if "parametrizations" in self._modules:  # (a lookup: most modules have none, and make no call for them)
+            stand_in = parametrizations_computed(self)
+            if stand_in is not None:  # (each parametrized tensor computed once, as torch.nn's forward does)
+                return stand_in._eager_forward(input, mask)
         if mask is not None:
             return masked_forward(self, input, mask)
         parameters = self._parameters  # (two dict lookups a call; the Python check only past them)

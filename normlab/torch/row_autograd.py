@@ -69,11 +69,13 @@ class ParamTables:
     def of(self, weight, bias):
         """The ``(weight, bias)`` tables for these parameters, or None."""
         held = self.held
+        # (tensor_layout written out: its two calls are a fair part of a small call's Python)
         if (held is None or weight is not held[0] or bias is not held[3]
                 or (weight is not None and ((held[2] is not None and weight._version != held[2])
-                                            or tensor_layout(weight) != held[1]))
+                                            or (weight.data_ptr(), weight.dtype, weight.shape, weight.stride())
+                                            != held[1]))
                 or (bias is not None and ((held[5] is not None and bias._version != held[5])
-                                          or tensor_layout(bias) != held[4]))):
+                                          or (bias.data_ptr(), bias.dtype, bias.shape, bias.stride()) != held[4]))):
             return self._prepare(weight, bias)
         return held[6]
 
