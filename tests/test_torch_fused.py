@@ -856,6 +856,33 @@ def test_a_compiled_eps_none_rms_block_is_one_graph_per_dtype_as_with_a_float_ep
     assert counter.frame_count == 2
 
 
+@pytest.mark.parametrize("block", ["FusedAddRMSNorm", "GatedRMSNorm"])
+def test_a_compiled_eps_none_rms_block_called_eagerly_between_calls_is_one_graph_per_dtype(block):
+    """Eager calls keep the eps resolved for the last dtype in the module's __dict__, and the
+    compiled call read it there: each graph guarded on the dtype the eager calls had last left,
+    so alternating eager and compiled calls over float32, float64 and float32 again compiled a
+    third graph, where a float eps compiles two. Oracle: torch.nn.RMSNorm(eps=None), eager."""
+    from torch._dynamo.testing import CompileCounter
+
+    gen = torch.Generator().manual_seed(6)
+    ours = FusedAddRMSNorm(64, eps=None) if block == "FusedAddRMSNorm" else GatedRMSNorm(64, eps=None)
+    reference = torch.nn.RMSNorm(64, eps=None)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend=counter, fullgraph=True)
+    for dtype in (torch.float32, torch.float64, torch.float32):
+        ours, reference = ours.to(dtype), reference.to(dtype)
+        x, r = (torch.randn(2, 64, generator=gen, dtype=dtype) * 1e-4 for _ in range(2))
+        for _ in range(2):
+            if block == "FusedAddRMSNorm":
+                torch.testing.assert_close(compiled(x, r)[0], reference(x + r))
+                torch.testing.assert_close(ours(x, r)[0], reference(x + r))
+            else:  # (no gate: the norm alone)
+                torch.testing.assert_close(compiled(x), reference(x))
+                torch.testing.assert_close(ours(x), reference(x))
+    assert counter.frame_count == 2
+
+
 def test_fused_add_layer_norm_takes_eps_none_where_nn_layer_norm_does_and_raises_its_type_error_in_the_forward():
     ours, theirs = FusedAddLayerNorm(8, eps=None), torch.nn.LayerNorm(8, eps=None)
     x = torch.randn(2, 8)

@@ -758,12 +758,14 @@ def _block_of(module: nn.Module, dtype: torch.dtype, shape) -> Block:
         module._init_block()
     block = module._block
     if block.eps is None:
+        if torch.compiler.is_compiling():
+            # (the eager calls' cache neither read nor written: a graph would guard on what they last left
+            # in it, and one that wrote it would fail the next call's guards; both compile again)
+            return replace(block, eps=rms_default_eps(dtype))
         # (kept until the next dtype or block: a replace() a call cost six Python calls)
         resolved = module.__dict__.get("_block_for_dtype")
         if resolved is None or resolved[0] is not block or resolved[1] != dtype:
-            resolved = (block, dtype, replace(block, eps=rms_default_eps(dtype)))
-            if not torch.compiler.is_compiling():  # (a write in a compiled call would recompile the next)
-                module._block_for_dtype = resolved
+            resolved = module._block_for_dtype = (block, dtype, replace(block, eps=rms_default_eps(dtype)))
         return resolved[2]
     return block
 
