@@ -25,7 +25,7 @@ import numpy as np
 
 from normlab import fused, reference
 from normlab.errors import InputError, ParamsError, ShapeError
-from normlab.notation import parse_pattern
+from normlab.notation import parse_params, parse_pattern
 from normlab.plan import Plan, make_plan, merge_sizes
 
 __all__ = ["normalize", "normalize_backward", "BACKENDS"]
@@ -483,7 +483,7 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
             return y, stats.mean, stats.rstd
         return y
     except MemoryError as error:
-        raise MemoryError(out_of_memory(pattern, _shape_of(x), error, 'normalize')) from error
+        raise MemoryError(out_of_memory(pattern, _shape_of(x), error, 'normalize', params)) from error
 
 
 def kept_statistic(statistic):
@@ -493,11 +493,13 @@ def kept_statistic(statistic):
     return None if statistic is None else np.array(statistic, dtype=np.float64, order="C")
 
 
-def out_of_memory(pattern: str, shape: tuple, error: MemoryError, function: str = "normalize") -> str:
+def out_of_memory(pattern: str, shape: tuple, error: MemoryError, function: str = "normalize",
+                  params=None) -> str:
     """A MemoryError's message with the pattern, the input's shape and how to fit: call
     ``function`` on parts of the input along an axis outside the brackets (no group of
     statistics spans it, so the parts give the whole's result), or, where every axis shares
-    statistics, normalize in parts with statistics computed first.
+    statistics, normalize in parts with statistics computed first. An axis that ``params``
+    does not span is preferred; one it spans is split in the parameters too.
 
     >>> print(out_of_memory("b t [d]", (10**6, 512, 4096), MemoryError("Unable to allocate 15.6 TiB")))
     pattern 'b t [d]', input shape (1000000, 512, 4096): Unable to allocate 15.6 TiB; call normalize on parts of \
@@ -520,7 +522,20 @@ result): [normalize(part, ...) for part in np.array_split(x, 100, axis=0)], then
         return (f"{told}; no axis outside the brackets to split it along: compute the statistics in parts "
                 "(float64 sums of x and x² over the bracketed axes, one part at a time), then normalize each part "
                 "with mean= and rstd=")
-    axis, name = outside[0]
+    spanned = _param_axis_of(params, dims)  # the axes the parameters span: their axis in the weight
+    axis, name = min(outside, key=lambda entry: entry[0] in spanned)  # (stable: the first one they do not span)
+    if axis in spanned:  # (batch norm's "[b] c [h w]", params="c": its channels are the only axis outside)
+        at = spanned[axis]
+        parts = (f"split x and grad_y with np.array_split(..., 100, axis={axis}) and weight with "
+                 f"np.array_split(weight, 100, axis={at}), call {function} on each part, then np.concatenate the "
+                 f"input gradients on axis {axis} and the weight and bias gradients on axis {at}"
+                 if function == "normalize_backward" else
+                 f"[normalize(part, ..., weight=w, bias=b) for part, w, b in zip(np.array_split(x, 100, axis={axis}), "
+                 f"np.array_split(weight, 100, axis={at}), np.array_split(bias, 100, axis={at}))], then "
+                 f"np.concatenate(..., axis={axis})")
+        return (f"{told}; call {function} on parts of it along {name}, outside the brackets, with the weight and "
+                f"bias split along it too, as params={params!r} spans it (no group of statistics spans it, so the "
+                f"parts give the whole's result): {parts}")
     parts = (f"split x and grad_y with np.array_split(..., 100, axis={axis}), call {function} on each pair, then "
              f"np.concatenate the input gradients on axis {axis} and sum the weight and bias gradients"
              if function == "normalize_backward" else
@@ -528,6 +543,20 @@ result): [normalize(part, ...) for part in np.array_split(x, 100, axis=0)], then
              f"np.concatenate(..., axis={axis})")
     return (f"{told}; call {function} on parts of it along {name}, outside the brackets (no group of "
             f"statistics spans it, so the parts give the whole's result): {parts}")
+
+
+def _param_axis_of(params, dims) -> dict:
+    """``{axis of x: axis of the weight}`` for the pattern's uncomposed axes outside "..."
+    that ``params`` spans (the indices :func:`out_of_memory` writes; {} where params is
+    no pattern of names)."""
+    try:
+        names = [group[0] for group in parse_params(params)] if isinstance(params, str) else []
+    except ValueError:
+        return {}
+    pattern_names = [dim.factors[0].name for dim in dims]
+    ellipsis = pattern_names.index("...") if "..." in pattern_names else len(dims)
+    return {(index if index < ellipsis else index - len(dims)): names.index(name)
+            for index, name in enumerate(pattern_names) if name != "..." and name in names}
 
 
 def _shape_of(x) -> tuple:
@@ -702,7 +731,8 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
             grad_x, grad_w, grad_b = _reference_backward(grad_y, prepared, eps, rms, mean, rstd, weight, params)
         return _finish_backward(prepared, grad_x, grad_w, grad_b, weight)
     except MemoryError as error:
-        raise MemoryError(out_of_memory(pattern, _shape_of(x), error, 'normalize_backward')) from error
+        raise MemoryError(out_of_memory(pattern, _shape_of(x), error, 'normalize_backward',
+                                        params)) from error
 
 
 def _reference_backward(grad_y, prepared: Prepared, eps, rms, mean, rstd, weight, params):

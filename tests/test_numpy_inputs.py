@@ -657,3 +657,50 @@ def test_a_backward_too_large_for_memory_is_told_to_sum_the_parameter_gradients_
     with pytest.raises(MemoryError, match=r"pattern 'b t \[d\]', input shape \(100000, 100000, 100000\).*"
                                           r"split x and grad_y.*axis=0.*sum the weight and bias gradients"):
         normlab.normalize_backward(x, x, "b t [d]")
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("pattern, reduced", [("[b] c [t]", (0, 2)), ("[b t] c", (0, 1))])
+def test_an_input_too_large_whose_only_free_axis_holds_the_weight_is_told_to_split_the_weight_too(backend, pattern,
+                                                                                                  reduced):
+    """Batch norm's channels are the only axis outside the brackets, and params="c" spans
+    them: "normalize(part, ...)" on channel parts with the whole weight raised a ShapeError.
+    Oracle: the float64 definition, weighted by hand; torch autograd for the backward."""
+    torch = pytest.importorskip("torch")
+    params = {"params": "c", "weight": np.ones(HUGE[1]), "bias": np.zeros(HUGE[1])}
+    with pytest.raises(MemoryError) as caught:
+        normlab.normalize(np.broadcast_to(np.float32(1), HUGE), pattern, backend=backend, **params)
+    message = str(caught.value)
+    axis = int(re.search(r"np\.array_split\(x, 100, axis=(-?\d+)\)", message).group(1))
+    at = int(re.search(r"np\.array_split\(weight, 100, axis=(-?\d+)\)", message).group(1))
+    assert re.search(rf"np\.array_split\(bias, 100, axis={at}\)", message)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 6, 5)) if pattern == "[b] c [t]" else rng.standard_normal((4, 5, 6))
+    weight, bias = rng.standard_normal(6), rng.standard_normal(6)
+    parts = [normlab.normalize(part, pattern, params="c", weight=w, bias=b, backend=backend)
+             for part, w, b in zip(np.array_split(x, 3, axis=axis), np.array_split(weight, 3, axis=at),
+                                   np.array_split(bias, 3, axis=at))]
+    shape = [1, 1, 1]
+    shape[axis] = 6
+    expected = _by_definition(x, reduced) * weight.reshape(shape) + bias.reshape(shape)
+    np.testing.assert_allclose(np.concatenate(parts, axis=axis), expected, rtol=1e-12, atol=1e-12)
+
+    with pytest.raises(MemoryError) as caught:
+        big = np.broadcast_to(np.float32(1), HUGE)
+        normlab.normalize_backward(big, big, pattern, backend=backend, **params)
+    message = str(caught.value)
+    axis = int(re.search(r"np\.array_split\(\.\.\., 100, axis=(-?\d+)\)", message).group(1))
+    at = int(re.search(r"np\.array_split\(weight, 100, axis=(-?\d+)\)", message).group(1))
+    assert f"the weight and bias gradients on axis {at}" in message
+    grad_y = rng.standard_normal(x.shape)
+    pieces = [normlab.normalize_backward(g, part, pattern, params="c", weight=w, backend=backend)
+              for g, part, w in zip(np.array_split(grad_y, 3, axis=axis), np.array_split(x, 3, axis=axis),
+                                    np.array_split(weight, 3, axis=at))]
+    got = [np.concatenate([piece[i] for piece in pieces], axis=axis if i == 0 else at) for i in range(3)]
+    leaves = [torch.tensor(a, requires_grad=True) for a in (x, weight, bias)]
+    channels_first = leaves[0] if pattern == "[b] c [t]" else leaves[0].transpose(1, 2)
+    y = torch.nn.functional.batch_norm(channels_first, None, None, leaves[1], leaves[2], training=True, eps=1e-5)
+    y = y if pattern == "[b] c [t]" else y.transpose(1, 2)
+    expected = torch.autograd.grad(y, leaves, torch.tensor(grad_y))
+    for mine, theirs in zip(got, expected):
+        np.testing.assert_allclose(mine, theirs.numpy(), rtol=1e-10, atol=1e-12)
