@@ -262,15 +262,19 @@ def onnx_fix(parsed: Pattern, name: str, value) -> str | None:
     >>> onnx_fix(parse_pattern("b ([g] c) [h w]"), "num_groups", 32)  # doctest: +NORMALIZE_WHITESPACE
     "ONNX's num_groups splits the channels into runs of adjacent ones, the group factor first and its channels
     bracketed: write ([g] c) as (g [c]) and pass g=32"
+    >>> onnx_fix(parse_pattern("b (a [g] c) [h w]"), "num_groups", 32)  # doctest: +NORMALIZE_WHITESPACE
+    "ONNX's num_groups splits the channels into runs of adjacent ones, the group factor first and its channels
+    bracketed: write (a [g] c) as (a [g c]) and pass a=32"
     """
     if name == "num_groups":
         groups = [(factor.name, dim) for dim in parsed.dims if dim.composed and any(a.reduced for a in dim.factors)
                   for factor in dim.factors if not factor.reduced]
         if groups:
             group, dim = groups[0]
-            if dim.factors[0].reduced:
-                # ("([g] c)": channel k shares statistics with k + c, k + 2c, ...; ONNX's and torch's
-                # groups are runs of adjacent channels, the outer factor counting them)
+            if any(factor.reduced and not after.reduced for factor, after in zip(dim.factors, dim.factors[1:])):
+                # ("([g] c)", "(a [g] c)": a bracketed factor before a free one, so channel k shares statistics
+                # with k + c, k + 2c, ...; ONNX's and torch's groups are runs of adjacent channels, the outer
+                # factor counting them)
                 names = [a.name for a in dim.factors]
                 return (f"ONNX's num_groups splits the channels into runs of adjacent ones, the group factor "
                         f"first and its channels bracketed: write {_composed(dim)} as ({names[0]} "

@@ -208,10 +208,11 @@ def test_onnx_s_num_groups_passed_as_a_keyword_is_answered_with_the_group_factor
                                                                                          num_groups=3))
 
 
-@pytest.mark.parametrize("pattern", ["b ([g] c) h w", "b ([g] c) [h w]"])
+@pytest.mark.parametrize("pattern", ["b ([g] c) h w", "b ([g] c) [h w]", "b (a [g] c) h w", "b (a [g] c) [h w]"])
 def test_num_groups_beside_a_bracketed_outer_factor_is_told_to_bracket_the_inner_one(pattern):
     # "b ([g] c) h w" with c=2 and num_groups=3 was told "pass c=3": strided sets of channels,
-    # and a c that contradicts the one given
+    # and a c that contradicts the one given; "b (a [g] c) h w" was told "pass a=3", which with
+    # c=2 makes groups of one channel each
     x = np.random.default_rng(0).standard_normal((2, 6, 4, 5))
     message = _told(lambda: normlab.normalize(x, pattern, c=2, num_groups=3))
     written, rewritten = re.search(r"write (\([^)]*\)) as (\([^)]*\))", message).groups()
