@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import sys
+import weakref
 
 import pytest
 
@@ -249,14 +250,27 @@ def _threads() -> dict:
 
 
 def _train_step_then_destroy_the_process_group(rank: int, port: int):
-    """Synced steps, with and without a mask, then inside DistributedDataParallel, then
-    destroy_process_group: torch stops the group's threads there, as where only torch's
-    collectives ran; a group kept alive ran its threads into interpreter shutdown, which
-    aborted a rank ("terminate called without an active exception")."""
+    """Synced steps, with and without a mask, under create_graph=True too, then inside
+    DistributedDataParallel, then destroy_process_group: torch stops the group's threads
+    there, as where only torch's collectives ran; a group kept alive ran its threads into
+    interpreter shutdown, which aborted a rank ("terminate called without an active
+    exception"). Each all-reduce's work is kept here, as gloo's worker thread keeps the last
+    one until it next takes the GIL (the main thread may hold it until the process exits):
+    a tensor it holds that led to the group (an output of the gradient penalty's
+    differentiable all-reduce, whose node holds the group) kept the group alive past
+    destroy_process_group and the caller's return."""
     before = _threads()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
     # the group's threads, by id: torch 2.12 leaves gloo's unnamed ("python"), 2.13 names them gloo_tcp_loop
     group_threads = set(_threads()) - set(before)
+    kept_works, all_reduce = [], dist.all_reduce
+
+    def all_reduce_keeping_its_work(tensor, *args, async_op=False, **kwargs):
+        work = all_reduce(tensor, *args, async_op=True, **kwargs)
+        kept_works.append(work)
+        return work if async_op else work.wait()
+
+    dist.all_reduce = all_reduce_keeping_its_work
     try:
         assert group_threads  # (the check sees them)
         sync = nt.SyncBatchNorm(CHANNELS).double()
@@ -265,13 +279,23 @@ def _train_step_then_destroy_the_process_group(rank: int, port: int):
         mine = slice(start, start + BATCH_PER_RANK[rank])
         for step_mask in (None, mask[mine]):
             (sync(x[mine].clone().requires_grad_(), mask=step_mask) * grad_y[mine]).sum().backward()
+            x_local = x[mine].clone().requires_grad_()
+            grad_x, = torch.autograd.grad((sync(x_local, mask=step_mask) * grad_y[mine]).sum(), x_local,
+                                          create_graph=True)
+            grad_x.square().sum().backward()
+        del grad_x
         dynamo_loaded = "torch._dynamo" in sys.modules
         # the README's recipe: DistributedDataParallel's constructor imports Dynamo
         model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(sync))
         (model(x[mine]) * grad_y[mine]).sum().backward()
         del model
+        group = weakref.ref(dist.group.WORLD)
     finally:
+        dist.all_reduce = all_reduce
         dist.destroy_process_group()
+    assert len(kept_works) > 4  # (the synced steps' all-reduces went through the keeper)
+    assert group() is None, "a work kept the process group alive past destroy_process_group"
+    kept_works.clear()  # (their gloo context holds the transport's thread)
     alive = {tid: name for tid, name in _threads().items() if tid in group_threads}
     assert not alive, f"the process group's threads still run after destroy_process_group: {alive}"
     assert not dynamo_loaded, "a synced step imported Dynamo (1.4 s), which torch.compile alone needs"

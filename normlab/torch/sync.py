@@ -95,7 +95,10 @@ class _AllReduceSum(torch.autograd.Function):
         ctx.group = group
         total = tensor.clone(memory_format=torch.contiguous_format)
         torch.distributed.all_reduce(total, group=group)
-        return total
+        # a copy out: gloo's work holds ``total`` until its worker thread next takes the GIL, and
+        # as this node's output it would lead to ``ctx.group``, keeping the group and its threads
+        # alive past the caller's return into interpreter shutdown, where the worker aborted
+        return total.clone()
 
     @staticmethod
     def backward(ctx, grad):
