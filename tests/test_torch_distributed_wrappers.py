@@ -144,6 +144,33 @@ def test_convert_after_fully_shard_leaves_the_norms_it_holds_alone_with_a_warnin
         dist.destroy_process_group()
 
 
+def test_convert_sync_batchnorm_after_fully_shard_leaves_the_batch_norms_it_holds_alone_with_a_warning():
+    """SyncBatchNorm.convert_sync_batchnorm after fully_shard, silently, gave a SyncBatchNorm the
+    sharded parameters: "got mixed torch.Tensor and DTensor" at the next forward (torch's own
+    conversion moves them alike, into a module FSDP's hooks never see). Those batch norms are
+    left alone with nt.convert's warning; the model computes as the unsharded torch.nn one."""
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(0)
+        reference = _model()
+        late = copy.deepcopy(reference)
+        fully_shard(late[1])
+        fully_shard(late)
+        with pytest.warns(UserWarning, match=r"convert_sync_batchnorm left 1 batch norm layer\(s\) unconverted, "
+                                             r"because FSDP.*: 1 \(FSDPBatchNorm2d\); convert the model before "
+                                             "fully_shard"):
+            converted = nt.SyncBatchNorm.convert_sync_batchnorm(late)
+        assert converted is late and not any(type(m).__module__.startswith("normlab") for m in late.modules())
+        y = late(x)
+        torch.testing.assert_close(y, reference(x))
+        y.sum().backward()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_weight_with_torch_s_negative_bit_set_normalizes_as_torch_reads_it():
     """``z.conj().imag`` is a real tensor whose memory holds the opposites of its values
     (torch's negative bit); the view of the parameters' memory read it unresolved, and the

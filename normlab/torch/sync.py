@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Optional
 
 import torch
@@ -392,7 +393,26 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         """Replace every batch norm layer (torch's or normlab's, SyncBatchNorm too: it takes
         ``process_group``, as torch's conversion rescopes its own) with a normlab
         SyncBatchNorm sharing its parameters and buffers; a lazy one that has not run yet
-        becomes one at its first forward, once that has inferred the channels."""
+        becomes one at its first forward, once that has inferred the channels. A batch norm
+        whose parameters FSDP (``fully_shard``) holds is left alone, with a warning, as
+        :func:`normlab.torch.convert` leaves it: convert before ``fully_shard``."""
+        from normlab.torch.conversion import _sharded_parameters  # conversion imports this module
+
+        sharded, left_alone = _sharded_parameters(module), []
+        converted = cls._converted(module, process_group, sharded, left_alone, "")
+        if left_alone:
+            shown = ", ".join(left_alone[:3]) + (", ..." if len(left_alone) > 3 else "")
+            # (torch's conversion moves the sharded parameters into a module FSDP's hooks never
+            # see: "got mixed torch.Tensor and DTensor" at the next forward)
+            warnings.warn(f"SyncBatchNorm.convert_sync_batchnorm left {len(left_alone)} batch norm layer(s) "
+                          "unconverted, because FSDP (fully_shard) holds their parameters and swaps them on these "
+                          f"modules around each call, which a SyncBatchNorm in their place would not see: {shown}; "
+                          "convert the model before fully_shard", stacklevel=2)
+        return converted
+
+    @classmethod
+    def _converted(cls, module: nn.Module, process_group, sharded: frozenset, left_alone: list,
+                   name: str) -> nn.Module:
         # (a lazy norm without parameters or buffers is lazy too: torch's hook still runs at its first forward)
         lazy_norm = isinstance(module, nn.modules.batchnorm._LazyNormBase)
         if isinstance(module, LazyModuleMixin) and (module.has_uninitialized_params() or lazy_norm):
@@ -405,15 +425,19 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
                 cls._init_spec(module)
             return module
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if any(id(p) in sharded for p in module._parameters.values()):
+                left_alone.append(f"{name or '<model>'} ({type(module).__name__})")
+                return module
             from normlab.torch.conversion import twin_of  # conversion imports this module
 
             twin = twin_of(module, cls)
             twin.process_group = process_group
             return twin
-        for name, child in module.named_children():
-            converted = cls.convert_sync_batchnorm(child, process_group)
+        for child_name, child in module.named_children():
+            converted = cls._converted(child, process_group, sharded, left_alone,
+                                       f"{name}.{child_name}" if name else child_name)
             if converted is not child:
-                module.add_module(name, converted)
+                module.add_module(child_name, converted)
         return module
 
 
