@@ -583,6 +583,7 @@ def _three_rank_checks(rank: int, port: int, checks):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # (about 20 s on 2 cores: three processes, torch.compile among the checks)
 def test_sync_batch_norm_over_three_gloo_ranks_follows_batch_norm_in_second_derivatives_subgroups_errors_precision_and_layout():
     checks = (_second_derivatives_are_the_concatenated_batchs,
               _a_rank_outside_the_process_group_normalizes_its_own_batch,
