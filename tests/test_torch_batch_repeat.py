@@ -201,3 +201,32 @@ def test_any_sequence_of_changes_and_steps_matches_torch(script):
             action(reference)
             action(twin)
         _step(reference, twin, torch.randn(shape) * 2 + 1, grad)
+
+
+@pytest.mark.parametrize("cls_name, shape", [("BatchNorm1d", (4, 8)), ("BatchNorm2d", (4, 8, 3, 3))])
+def test_a_compiled_batch_norm_trained_eagerly_between_calls_compiles_as_torch_nn_does(cls_name, shape):
+    """The eager training steps keep the last step in the module's __dict__, and the compiled
+    call read that cache before it knew it was compiled: its graph guarded on what the eager
+    calls had last left there, and compiled again after each of theirs that changed it (three
+    graphs for float32, float64, float32, where torch.nn compiles two). Oracle: torch.nn's
+    module under the same calls, its graph count, outputs and running statistics."""
+    from torch._dynamo.testing import CompileCounter
+
+    gen = torch.Generator().manual_seed(7)
+    ours, theirs = getattr(nt, cls_name)(8), getattr(nn, cls_name)(8)
+    counters = CompileCounter(), CompileCounter()
+    torch._dynamo.reset()
+    compiled = [torch.compile(m, backend=c, fullgraph=True) for m, c in zip((ours, theirs), counters)]
+    for dtype in (torch.float32, torch.float64, torch.float32):
+        ours, theirs = ours.to(dtype), theirs.to(dtype)
+        for _ in range(2):
+            x = torch.randn(shape, generator=gen, dtype=dtype)
+            for call in ("compiled", "eager"):
+                outputs = [(c if call == "compiled" else m)(x.clone().requires_grad_()) for m, c in
+                           zip((ours, theirs), compiled)]
+                torch.testing.assert_close(outputs[0], outputs[1])
+                for output in outputs:
+                    output.sum().backward()
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    assert counters[0].frame_count == counters[1].frame_count == 2

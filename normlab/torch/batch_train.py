@@ -168,11 +168,14 @@ def _remember_step(module, x: Tensor, call: TrainCall, weight, bias, running) ->
 def repeat_step(module, x: Tensor) -> Optional[Tensor]:
     """BatchNorm's training forward as the module's last one (:class:`TrainStep`), or None
     where anything differs and the full path must decide."""
+    if type(x) is not Tensor or _needs_torch_ops(x):
+        # (traced, compiled or exported first, before the cache is read: the size comparison would be a
+        # TracerWarning or a guard on the batch, and a compiled call that read the cache would guard on what
+        # the eager calls last left in it, and compile again after each of theirs that changed it)
+        return None
     cache = module.__dict__.get("_normlab_train")
     step = None if cache is None else cache.get("step")
-    if (step is None or type(x) is not Tensor or _needs_torch_ops(x) or not x.is_cpu
-            or (x.shape, x.stride(), x.dtype) != step.key):
-        # (traced, compiled or exported first: the size comparison would be a TracerWarning, or a guard on the batch)
+    if step is None or not x.is_cpu or (x.shape, x.stride(), x.dtype) != step.key:
         return None
     parameters, buffers = module._parameters, module._buffers
     weight, bias = parameters.get("weight", _ABSENT), parameters.get("bias", _ABSENT)
