@@ -6,22 +6,16 @@ of an FSDP2 model and its optimizer loaded into the unconverted model and back. 
 same model with torch.nn's norms through the same steps."""
 
 import copy
-import socket
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
+from tests import gloo  # noqa: E402
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class _Net(torch.nn.Module):
@@ -159,8 +153,8 @@ def _checkpoint_of_a_converted_fsdp2_model_loads_into_torch_nn_and_back(rank: in
         _assert_same_state(target, source, f"{name}, trained on")
 
 
-def _run(rank: int, port: int, directory: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _run(rank: int, init_method: str, directory: str) -> None:
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     try:
         _ddp_options_train_as_torch_nn(rank)
         _join_with_uneven_inputs_and_zero_trains_as_torch_nn(rank)
@@ -171,4 +165,4 @@ def _run(rank: int, port: int, directory: str) -> None:
 
 @pytest.mark.slow
 def test_a_converted_model_trains_as_torch_nn_under_ddp_options_join_zero_and_a_distributed_checkpoint(tmp_path):
-    mp.spawn(_run, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    gloo.spawn(_run, str(tmp_path), nprocs=2)

@@ -4,16 +4,15 @@ every forward and backward. Oracle: the same model with torch.nn's norms under t
 wrapper."""
 
 import copy
-import socket
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
+from tests import gloo  # noqa: E402
 from tests.twins import randomized_pair  # noqa: E402
 
 # (class, constructor arguments, input shape, keyword arguments of the call)
@@ -60,11 +59,6 @@ def test_parameters_freed_and_refilled_between_calls_as_fsdp2_does_give_torch_nn
         _refill(reference, step)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _model():
     return torch.nn.Sequential(
@@ -73,10 +67,10 @@ def _model():
         torch.nn.Linear(8, 4), torch.nn.Unflatten(1, (1, 4)), torch.nn.RMSNorm(4))
 
 
-def _train_under_fully_shard_as_torch_nn(rank: int, port: int):
+def _train_under_fully_shard_as_torch_nn(rank: int, init_method: str):
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
         reference = _model()
@@ -106,7 +100,7 @@ def _train_under_fully_shard_as_torch_nn(rank: int, port: int):
 
 
 def test_a_converted_model_trains_under_fully_shard_over_two_gloo_processes_as_torch_nn():
-    mp.spawn(_train_under_fully_shard_as_torch_nn, args=(_free_port(),), nprocs=2, join=True)
+    gloo.spawn(_train_under_fully_shard_as_torch_nn, nprocs=2)
 
 
 def test_convert_after_fully_shard_leaves_the_norms_it_holds_alone_with_a_warning():
@@ -196,13 +190,13 @@ class _SequenceParallelBlock(torch.nn.Module):
         return self.norm2(x + self.down(torch.relu(self.up(self.norm(x)))))
 
 
-def _train_under_sequence_parallel_as_torch_nn(rank: int, port: int):
+def _train_under_sequence_parallel_as_torch_nn(rank: int, init_method: str):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
                                                    parallelize_module)
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     try:
         mesh = init_device_mesh("cpu", (2,))
         plan = {"norm": SequenceParallel(), "up": ColwiseParallel(input_layouts=Shard(1)),
@@ -261,4 +255,4 @@ def _train_under_sequence_parallel_as_torch_nn(rank: int, port: int):
 
 
 def test_converted_norms_train_under_tensor_parallel_sequence_parallel_as_torch_nn():
-    mp.spawn(_train_under_sequence_parallel_as_torch_nn, args=(_free_port(),), nprocs=2, join=True)
+    gloo.spawn(_train_under_sequence_parallel_as_torch_nn, nprocs=2)

@@ -5,7 +5,6 @@ inside DistributedDataParallel (the README's recipe) over several optimizer step
 import copy
 import os
 import re
-import socket
 import sys
 import weakref
 
@@ -14,9 +13,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
+from tests import gloo  # noqa: E402
 from normlab.torch import sync  # noqa: E402
 
 WORLD_SIZE = 2
@@ -24,11 +23,6 @@ BATCH_PER_RANK = (3, 5)  # unequal on purpose: a mean of means would be wrong
 CHANNELS = 4
 STEPS = 2
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _batch(step: int, dtype):
@@ -38,10 +32,10 @@ def _batch(step: int, dtype):
     return x, grad_y
 
 
-def _compare_with_single_process(rank: int, port: int, dtype_name: str, momentum):
+def _compare_with_single_process(rank: int, init_method: str, dtype_name: str, momentum):
     dtype = getattr(torch, dtype_name)
     tolerance = dict(atol=1e-10, rtol=1e-9) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD_SIZE)
     try:
         torch.manual_seed(0)
         reference = torch.nn.BatchNorm2d(CHANNELS, momentum=momentum).to(dtype)
@@ -76,8 +70,7 @@ def _compare_with_single_process(rank: int, port: int, dtype_name: str, momentum
 
 @pytest.mark.parametrize("dtype_name, momentum", [("float64", 0.1), ("float32", None)])
 def test_sync_batch_norm_over_two_gloo_processes_with_unequal_batches_equals_batch_norm(dtype_name, momentum):
-    mp.spawn(_compare_with_single_process, args=(_free_port(), dtype_name, momentum), nprocs=WORLD_SIZE,
-             join=True)
+    gloo.spawn(_compare_with_single_process, dtype_name, momentum, nprocs=WORLD_SIZE)
 
 
 def _model():
@@ -86,10 +79,10 @@ def _model():
         torch.nn.Linear(4 * 3 * 3, 5), torch.nn.BatchNorm1d(5, momentum=None))
 
 
-def _train_in_ddp_like_one_process(rank: int, port: int):
+def _train_in_ddp_like_one_process(rank: int, init_method: str):
     """The README's recipe on each rank against torch.nn on the whole batch in one process:
     DDP averages the ranks' gradients, so the reference loss is the total over ranks / 2."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD_SIZE)
     try:
         torch.manual_seed(0)
         reference = _model().double()
@@ -121,7 +114,7 @@ def _train_in_ddp_like_one_process(rank: int, port: int):
 
 
 def test_readme_recipe_trains_in_distributed_data_parallel_as_batch_norm_on_the_concatenated_batch():
-    mp.spawn(_train_in_ddp_like_one_process, args=(_free_port(),), nprocs=WORLD_SIZE, join=True)
+    gloo.spawn(_train_in_ddp_like_one_process, nprocs=WORLD_SIZE)
 
 
 def test_merge_of_count_weighted_moments_is_exact_for_unequal_counts():
@@ -157,10 +150,10 @@ def _masked_batch(dtype):
     return x, grad_y, mask
 
 
-def _compare_masked_with_single_process(rank: int, port: int):
+def _compare_masked_with_single_process(rank: int, init_method: str):
     dtype = torch.float64
     tolerance = dict(atol=1e-10, rtol=1e-9)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD_SIZE)
     try:
         torch.manual_seed(0)
         sync = nt.SyncBatchNorm(CHANNELS, momentum=0.3).to(dtype)
@@ -234,7 +227,7 @@ def _compare_masked_with_single_process(rank: int, port: int):
 
 
 def test_masked_sync_batch_norm_over_two_gloo_processes_equals_batch_norm_on_the_counted_elements():
-    mp.spawn(_compare_masked_with_single_process, args=(_free_port(),), nprocs=WORLD_SIZE, join=True)
+    gloo.spawn(_compare_masked_with_single_process, nprocs=WORLD_SIZE)
 
 
 def _threads() -> dict:
@@ -249,7 +242,7 @@ def _threads() -> dict:
     return names
 
 
-def _train_step_then_destroy_the_process_group(rank: int, port: int):
+def _train_step_then_destroy_the_process_group(rank: int, init_method: str):
     """Synced steps, with and without a mask, under create_graph=True too, then inside
     DistributedDataParallel, then destroy_process_group: torch stops the group's threads
     there, as where only torch's collectives ran; a group kept alive ran its threads into
@@ -260,7 +253,7 @@ def _train_step_then_destroy_the_process_group(rank: int, port: int):
     differentiable all-reduce, whose node holds the group) kept the group alive past
     destroy_process_group and the caller's return."""
     before = _threads()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD_SIZE)
     # the group's threads, by id: torch 2.12 leaves gloo's unnamed ("python"), 2.13 names them gloo_tcp_loop
     group_threads = set(_threads()) - set(before)
     kept_works, all_reduce = [], dist.all_reduce
@@ -303,7 +296,7 @@ def _train_step_then_destroy_the_process_group(rank: int, port: int):
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from /proc")
 def test_destroy_process_group_after_synced_steps_stops_the_gloo_threads_and_no_step_imports_dynamo():
-    mp.spawn(_train_step_then_destroy_the_process_group, args=(_free_port(),), nprocs=WORLD_SIZE, join=True)
+    gloo.spawn(_train_step_then_destroy_the_process_group, nprocs=WORLD_SIZE)
 
 
 @pytest.mark.parametrize("alone", [True, False], ids=["alone", "in_a_model"])
@@ -574,8 +567,8 @@ def _an_empty_rank_and_a_rank_of_one_sample_are_synced(rank: int):
                                            msg=lambda m: f"{name}: {m}")
 
 
-def _three_rank_checks(rank: int, port: int, checks):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
+def _three_rank_checks(rank: int, init_method: str, checks):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=3)
     try:
         for check in checks:
             check(rank)
@@ -595,7 +588,7 @@ def test_sync_batch_norm_over_three_gloo_ranks_follows_batch_norm_in_second_deri
               _a_transposed_input_gives_torch_nns_layout,
               _a_lazy_batch_norms_first_forward_is_synced,
               _an_empty_rank_and_a_rank_of_one_sample_are_synced)
-    mp.spawn(_three_rank_checks, args=(_free_port(), checks), nprocs=3, join=True)
+    gloo.spawn(_three_rank_checks, checks, nprocs=3)
 
 
 _COUNTER_TOGGLES = {
