@@ -329,3 +329,18 @@ def test_two_threads_converting_at_once_leave_the_warning_filters_as_they_were()
         assert warnings.filters == filters
         warnings.warn("a warning after both conversions")
     assert [str(w.message) for w in record] == ["a warning after both conversions"]
+
+
+def test_a_catch_warnings_entered_while_another_thread_converts_leaves_the_warning_filters_as_they_were():
+    """A thread that enters warnings.catch_warnings() while convert()'s probe runs saves the
+    list of filters that holds the probe's filter and puts it back on exit, after the probe
+    took its filter out of the copy in use: the probe's filter stayed in the process's list
+    for good. Oracle: the list of filters before it all."""
+    norm = _RMSNormThatWaits(8)
+    filters = list(warnings.filters)
+    thread, converted = _converting(norm)
+    with warnings.catch_warnings():
+        norm.let_on.set()
+        thread.join()
+    assert type(converted[0][0]) is nt.RMSNorm  # (a probe ran the forward, and matched LLaMA's recipe)
+    assert warnings.filters == filters

@@ -5,8 +5,9 @@ a thread that trains beside the one that converts (or traces) loses its warnings
 two such blocks that overlap in two threads restore each other's lists, which can leave
 warnings silenced for good. The filter here ignores a category only in the threads that
 entered :func:`ignored_in_this_thread`: it is put first in ``warnings.filters`` while one
-is inside, and matches nothing in any other thread (nor in any thread once all are out,
-should another thread's ``catch_warnings`` have saved and put back a list holding it).
+is inside, and matches nothing in any other thread. When the last thread leaves, it is taken
+out of the list it was put into too, which another thread's ``catch_warnings``, entered
+meanwhile, may have saved and then put back.
 Ignored warnings are not recorded as shown, so the caller's own later warning of the same
 text and place still appears.
 """
@@ -39,6 +40,9 @@ class _InThreads:
 
     def __init__(self) -> None:
         self.threads: Counter = Counter()
+        # the lists of filters it was put into: another thread's catch_warnings may have saved one
+        # of them meanwhile (and put a copy in its place), to put it back after the last thread is out
+        self.lists: list = []
 
     def match(self, text: str) -> bool:
         return threading.get_ident() in self.threads
@@ -69,6 +73,8 @@ def ignored_in_this_thread(category: type = Warning) -> Iterator[None]:
         entry = ("ignore", pattern, category, None, 0)
         if not any(item is entry or item[1] is pattern for item in warnings.filters):
             warnings.filters.insert(0, entry)
+            if not any(kept is warnings.filters for kept in pattern.lists):
+                pattern.lists.append(warnings.filters)
         pattern.threads[thread] += 1
     try:
         yield
@@ -78,7 +84,9 @@ def ignored_in_this_thread(category: type = Warning) -> Iterator[None]:
             if not pattern.threads[thread]:
                 del pattern.threads[thread]
             if not pattern.threads:
-                warnings.filters[:] = [item for item in warnings.filters if item[1] is not pattern]
+                for filters in (*pattern.lists, warnings.filters):
+                    filters[:] = [item for item in filters if item[1] is not pattern]
+                pattern.lists.clear()
 
 
 @contextlib.contextmanager
