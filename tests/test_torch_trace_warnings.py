@@ -193,3 +193,24 @@ def test_tracing_a_fused_add_rms_norm_warns_as_tracing_the_add_and_the_hf_norm_i
     other = tuple(torch.randn(4, 5, 8) for _ in range(2))  # (the trace takes other sizes, as the original's)
     for a, e in zip(traced_twin(*other), traced_original(*other)):
         torch.testing.assert_close(a, e)
+
+
+def test_a_fused_add_rms_norm_step_asks_for_the_tracing_state_no_more_than_a_torch_nn_norm_does():
+    """The block tells a traced weight's sizes (tensors under torch.jit.trace) by their class,
+    not by asking torch for its tracing state on every call (a C call of every training
+    step). Oracle: torch.nn.RMSNorm's step, whose module call asks once."""
+    import cProfile
+    import pstats
+
+    def asked(module, *inputs):
+        def step():
+            output = module(*inputs)
+            (output[0] if isinstance(output, tuple) else output).sum().backward()
+
+        step()  # (builds the cached calls)
+        profile = cProfile.Profile()
+        profile.runcall(step)
+        return sum(stats[1] for key, stats in pstats.Stats(profile).stats.items() if "_get_tracing_state" in key[2])
+
+    x, residual = torch.randn(2, 64, requires_grad=True), torch.randn(2, 64, requires_grad=True)
+    assert asked(nt.FusedAddRMSNorm(64), x, residual) == asked(nn.RMSNorm(64), x)

@@ -931,7 +931,9 @@ class FusedAddRMSNorm(recipes.TransformersEpsName, Unscriptable, nn.Module):
             weight = self.weight
             # (weight.shape: structured pruning narrows it; under torch.jit.trace its sizes are
             # traced tensors, which the block's checks would turn into bools with a warning)
-            shape = weight.shape if torch._C._get_tracing_state() is None else _untraced_shape(weight)
+            shape = weight.shape
+            if shape and shape[0].__class__ is Tensor:  # (traced sizes: an attribute, where a call would cost)
+                shape = _untraced_shape(weight)
             x, residual = _with_companion(self, x, residual, shape)
             # (the sum's; promote_types only where the dtypes differ: an export records each call as a node)
             dtype = (x.dtype if residual is None or residual.dtype == x.dtype
