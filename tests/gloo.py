@@ -5,11 +5,11 @@ any connection's local port on a busy machine), and two runs could meet in one s
 
 import tempfile
 
-import torch.multiprocessing as mp
-
 
 def spawn(fn, *args, nprocs: int = 2) -> None:
     """``fn(rank, init_method, *args)`` in ``nprocs`` processes; each passes ``init_method``
     to ``torch.distributed.init_process_group``. Raises as ``torch.multiprocessing.spawn``."""
+    import torch.multiprocessing as mp  # (here: the suite is collected where torch does not import)
+
     with tempfile.TemporaryDirectory() as directory:
         mp.spawn(fn, args=(f"file://{directory}/store", *args), nprocs=nprocs, join=True)
