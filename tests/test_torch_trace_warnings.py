@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 import normlab.torch as nt  # noqa: E402
+from tests.composites import AddNorm  # noqa: E402
 
 CASES = {
     "batch_norm_1d": (lambda m: m.BatchNorm1d(4), (3, 4)),
@@ -155,18 +156,6 @@ def test_tracing_a_twin_called_with_a_mask_gives_no_tracer_warning(mask_shape):
     torch.testing.assert_close(traced(x, mask), want.reshape(x.shape))
 
 
-class _AddThenNorm(nn.Module):
-    """What a fused add block replaces: ``x + residual``, then the norm of the sum."""
-
-    def __init__(self, norm):
-        super().__init__()
-        self.norm = norm
-
-    def forward(self, x, residual):
-        total = x + residual
-        return self.norm(total), total
-
-
 @pytest.mark.parametrize("grad", [True, False], ids=["recorded", "no_grad"])
 @pytest.mark.parametrize("family", ["llama", "gemma"])
 def test_tracing_a_fused_add_rms_norm_warns_as_tracing_the_add_and_the_hf_norm_it_replaces(family, grad):
@@ -175,7 +164,7 @@ def test_tracing_a_fused_add_rms_norm_warns_as_tracing_the_add_and_the_hf_norm_i
     transformers = pytest.importorskip("transformers")
     original_class = {"llama": transformers.models.llama.modeling_llama.LlamaRMSNorm,
                       "gemma": transformers.models.gemma.modeling_gemma.GemmaRMSNorm}[family]
-    original = _AddThenNorm(original_class(8))
+    original = AddNorm(original_class(8))
     twin = nt.FusedAddRMSNorm(8, casting=family, weight_offset=1.0 if family == "gemma" else 0.0)
     twin.load_state_dict(original.norm.state_dict())
     inputs = tuple(torch.randn(2, 3, 8) for _ in range(2))

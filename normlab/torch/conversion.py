@@ -245,13 +245,13 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
                       f"because their forward computes something no normlab module does: {_listed(left_alone)}",
                       stacklevel=2)
     if hooked:
-        shown = ", ".join(hooked[:3]) + (", ..." if len(hooked) > 3 else "")
+        shown = _first_names(hooked)
         warnings.warn(f"normlab.torch.convert left {len(hooked)} norm layer(s) unconverted, because their forward is "
                       "replaced on the instance (as accelerate's hooks, with device_map or offloading, replace it), "
                       f"and that forward calls the original's code: {shown}; convert the model before adding such "
                       "hooks", stacklevel=2)
     if sharded:
-        shown = ", ".join(sharded[:3]) + (", ..." if len(sharded) > 3 else "")
+        shown = _first_names(sharded)
         warnings.warn(f"normlab.torch.convert left {len(sharded)} norm layer(s) unconverted, because FSDP "
                       "(fully_shard) holds their parameters and swaps them on these modules around each call, which "
                       f"a twin in their place would not see: {shown}; convert the model before fully_shard",
@@ -274,8 +274,12 @@ def _sharded_parameters(model: nn.Module) -> frozenset:
 
 
 def _listed(left_alone: dict) -> str:
-    return "; ".join(f"{cls} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-                     for cls, names in left_alone.items())
+    return "; ".join(f"{cls} ({_first_names(names)})" for cls, names in left_alone.items())
+
+
+def _first_names(names: list) -> str:
+    """The first three of the layers a warning names, then "...": ``"a, b, c, ..."``."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def _convert(module: nn.Module, name: str, left_alone: dict, done: dict, probed: dict) -> nn.Module:

@@ -23,7 +23,7 @@ import warnings
 from torch import nn
 from torch.nn.utils import parametrize
 
-from normlab.torch.conversion import _InitAsOriginal, _TWINS, twin_of
+from normlab.torch.conversion import _InitAsOriginal, _TWINS, _first_names, twin_of
 from normlab.torch.fused import FusedAddRMSNorm
 from normlab.torch.modules import RMSNorm
 
@@ -61,9 +61,8 @@ def unconvert(model: nn.Module) -> nn.Module:
         if isinstance(init, _InitAsOriginal) and not any("_original_class" in m.__dict__ for m in module.modules()):
             del module.__dict__["_init_weights"]  # (convert's stand-in: no converted norm left to initialize)
     if left:
-        shown = ", ".join(left[:3]) + (", ..." if len(left) > 3 else "")
         warnings.warn(f"normlab.torch.unconvert left {len(left)} module(s) as they are, which have no class of "
-                      f"torch.nn or of the model to go back to: {shown}", stacklevel=2)
+                      f"torch.nn or of the model to go back to: {_first_names(left)}", stacklevel=2)
     return restored
 
 

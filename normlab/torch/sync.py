@@ -396,12 +396,12 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         becomes one at its first forward, once that has inferred the channels. A batch norm
         whose parameters FSDP (``fully_shard``) holds is left alone, with a warning, as
         :func:`normlab.torch.convert` leaves it: convert before ``fully_shard``."""
-        from normlab.torch.conversion import _sharded_parameters  # conversion imports this module
+        from normlab.torch.conversion import _first_names, _sharded_parameters  # (conversion imports this module)
 
         sharded, left_alone = _sharded_parameters(module), []
         converted = cls._converted(module, process_group, sharded, left_alone, "")
         if left_alone:
-            shown = ", ".join(left_alone[:3]) + (", ..." if len(left_alone) > 3 else "")
+            shown = _first_names(left_alone)
             # (torch's conversion moves the sharded parameters into a module FSDP's hooks never
             # see: "got mixed torch.Tensor and DTensor" at the next forward)
             warnings.warn(f"SyncBatchNorm.convert_sync_batchnorm left {len(left_alone)} batch norm layer(s) "
