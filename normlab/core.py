@@ -483,7 +483,8 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
             return y, stats.mean, stats.rstd
         return y
     except MemoryError as error:
-        raise MemoryError(out_of_memory(pattern, _shape_of(x), error, 'normalize', params)) from error
+        raise MemoryError(out_of_memory(pattern, _shape_of(x), error, 'normalize', params,
+                                        _given(mask=mask, residual=residual, gate=gate))) from error
 
 
 def kept_statistic(statistic):
@@ -494,12 +495,13 @@ def kept_statistic(statistic):
 
 
 def out_of_memory(pattern: str, shape: tuple, error: MemoryError, function: str = "normalize",
-                  params=None) -> str:
+                  params=None, elementwise: tuple = ()) -> str:
     """A MemoryError's message with the pattern, the input's shape and how to fit: call
     ``function`` on parts of the input along an axis outside the brackets (no group of
     statistics spans it, so the parts give the whole's result), or, where every axis shares
     statistics, normalize in parts with statistics computed first. An axis that ``params``
-    does not span is preferred; one it spans is split in the parameters too.
+    does not span is preferred; one it spans is split in the parameters too, and the
+    ``elementwise`` arguments given (``mask``, ``residual``, ``gate``) as x.
 
     >>> print(out_of_memory("b t [d]", (10**6, 512, 4096), MemoryError("Unable to allocate 15.6 TiB")))
     pattern 'b t [d]', input shape (1000000, 512, 4096): Unable to allocate 15.6 TiB; call normalize on parts of \
@@ -524,6 +526,9 @@ result): [normalize(part, ...) for part in np.array_split(x, 100, axis=0)], then
                 "with mean= and rstd=")
     spanned = _param_axis_of(params, dims)  # the axes the parameters span: their axis in the weight
     axis, name = min(outside, key=lambda entry: entry[0] in spanned)  # (stable: the first one they do not span)
+    # (a mask, residual or gate may broadcast to x: broadcast_to gives its parts without a copy)
+    alike = "".join(f"; split {argument} with it as np.array_split(np.broadcast_to({argument}, x.shape), 100, "
+                    f"axis={axis}) and pass each part its slice" for argument in elementwise)
     if axis in spanned:  # (batch norm's "[b] c [h w]", params="c": its channels are the only axis outside)
         at = spanned[axis]
         parts = (f"split x and grad_y with np.array_split(..., 100, axis={axis}) and weight with "
@@ -535,14 +540,14 @@ result): [normalize(part, ...) for part in np.array_split(x, 100, axis=0)], then
                  f"np.concatenate(..., axis={axis})")
         return (f"{told}; call {function} on parts of it along {name}, outside the brackets, with the weight and "
                 f"bias split along it too, as params={params!r} spans it (no group of statistics spans it, so the "
-                f"parts give the whole's result): {parts}")
+                f"parts give the whole's result): {parts}{alike}")
     parts = (f"split x and grad_y with np.array_split(..., 100, axis={axis}), call {function} on each pair, then "
              f"np.concatenate the input gradients on axis {axis} and sum the weight and bias gradients"
              if function == "normalize_backward" else
              f"[normalize(part, ...) for part in np.array_split(x, 100, axis={axis})], then "
              f"np.concatenate(..., axis={axis})")
     return (f"{told}; call {function} on parts of it along {name}, outside the brackets (no group of "
-            f"statistics spans it, so the parts give the whole's result): {parts}")
+            f"statistics spans it, so the parts give the whole's result): {parts}{alike}")
 
 
 def _param_axis_of(params, dims) -> dict:
@@ -731,8 +736,13 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
             grad_x, grad_w, grad_b = _reference_backward(grad_y, prepared, eps, rms, mean, rstd, weight, params)
         return _finish_backward(prepared, grad_x, grad_w, grad_b, weight)
     except MemoryError as error:
-        raise MemoryError(out_of_memory(pattern, _shape_of(x), error, 'normalize_backward',
-                                        params)) from error
+        raise MemoryError(out_of_memory(pattern, _shape_of(x), error, 'normalize_backward', params,
+                                        _given(mask=mask, residual=residual, gate=gate))) from error
+
+
+def _given(**arguments) -> tuple:
+    """The names of the arguments given (not None), in order."""
+    return tuple(name for name, value in arguments.items() if value is not None)
 
 
 def _reference_backward(grad_y, prepared: Prepared, eps, rms, mean, rstd, weight, params):

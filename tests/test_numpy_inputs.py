@@ -704,3 +704,32 @@ def test_an_input_too_large_whose_only_free_axis_holds_the_weight_is_told_to_spl
     expected = torch.autograd.grad(y, leaves, torch.tensor(grad_y))
     for mine, theirs in zip(got, expected):
         np.testing.assert_allclose(mine, theirs.numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["normalize", "normalize_backward"])
+def test_an_input_too_large_with_a_mask_is_told_to_split_the_mask_with_it(backward):
+    """A mask was left out of the advice: its parts passed with the whole mask raised a
+    ShapeError ("does not broadcast"). Oracle: the float64 definition over the elements the
+    mask keeps, computed by hand."""
+    big = np.broadcast_to(np.float32(1), HUGE)
+    with pytest.raises(MemoryError) as caught:
+        if backward:
+            normlab.normalize_backward(big, big, "b c [t]", mask=np.broadcast_to(True, (HUGE[0], 1, HUGE[2])))
+        else:
+            normlab.normalize(big, "b c [t]", mask=np.broadcast_to(True, (HUGE[0], 1, HUGE[2])))
+    message = str(caught.value)
+    found = re.search(r"np\.array_split\(np\.broadcast_to\(mask, x\.shape\), 100, axis=(-?\d+)\)", message)
+    assert found, message
+    axis = int(found.group(1))
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 6, 5))
+    mask = rng.random((4, 1, 5)) < 0.6
+    mask[:, :, 0] = True
+    parts = [normlab.normalize(part, "b c [t]", mask=m) for part, m in
+             zip(np.array_split(x, 3, axis=axis), np.array_split(np.broadcast_to(mask, x.shape), 3, axis=axis))]
+    got = np.concatenate(parts, axis=axis)
+    full = np.broadcast_to(mask, x.shape)
+    for index in np.ndindex(4, 6):
+        row, kept = x[index], full[index]
+        expected = (row[kept] - row[kept].mean()) / np.sqrt(row[kept].var() + 1e-5)
+        np.testing.assert_allclose(got[index][kept], expected, rtol=1e-12, atol=1e-12)
