@@ -253,13 +253,10 @@ class FastBackward:
         grad_x = pool.empty(shape, dtype) if plan.nbytes >= pool.MIN_BYTES else np.empty(shape, dtype)
         weight_parts, bias_parts = np.zeros(self._both_parts_shape)
         mean_flat = np.zeros(rows) if mean is None else mean.reshape(rows)
-        plain_x = grad_y.dtype == dtype and x.dtype == dtype and x.flags.c_contiguous
-        contiguous = grad_y.flags.c_contiguous
-        if plain_x and not contiguous and not any(grad_y.strides):
-            # one value expanded (the gradient a .sum() loss hands in): row_layout would find no rows
-            # in it and copy it; copied here at once, without its search
-            grad_y, contiguous = np.ascontiguousarray(grad_y), True
-        if plain_x and contiguous:  # the common case, without row_layout's checks
+        # (an output gradient of one value expanded, a .sum() loss's, is copied by contiguous_runner,
+        # the only caller, before it gets here)
+        if (grad_y.dtype == dtype and x.dtype == dtype and grad_y.flags.c_contiguous
+                and x.flags.c_contiguous):  # the common case, without row_layout's checks
             g, x_rows, gx = (grad_y.reshape(shape), plain), (x.reshape(shape), plain), (grad_x, plain)
         else:  # a strided x (or grad_y) is read where it lies when its rows allow (row_layout), else copied
             g, x_rows, gx = strided.one_kind(plan.rows_of(grad_y), plan.rows_of(x), (grad_x, plain))
