@@ -524,7 +524,7 @@ result): [normalize(part, ...) for part in np.array_split(x, 100, axis=0)], then
         return (f"{told}; no axis outside the brackets to split it along: compute the statistics in parts "
                 "(float64 sums of x and x² over the bracketed axes, one part at a time), then normalize each part "
                 "with mean= and rstd=")
-    spanned = _param_axis_of(params, dims)  # the axes the parameters span: their axis in the weight
+    spanned = _param_axis_of(params, names, ellipsis)  # the axes the parameters span: their axis in the weight
     axis, name = min(outside, key=lambda entry: entry[0] in spanned)  # (stable: the first one they do not span)
     # (a mask, residual or gate may broadcast to x: broadcast_to gives its parts without a copy)
     alike = "".join(f"; split {argument} with it as np.array_split(np.broadcast_to({argument}, x.shape), 100, "
@@ -550,17 +550,15 @@ result): [normalize(part, ...) for part in np.array_split(x, 100, axis=0)], then
             f"statistics spans it, so the parts give the whole's result): {parts}{alike}")
 
 
-def _param_axis_of(params, dims) -> dict:
-    """``{axis of x: axis of the weight}`` for the pattern's uncomposed axes outside "..."
-    that ``params`` spans (the indices :func:`out_of_memory` writes; {} where params is
-    no pattern of names)."""
+def _param_axis_of(params, pattern_names: list, ellipsis: int) -> dict:
+    """``{axis of x: axis of the weight}`` for the pattern's axes (``pattern_names``, each
+    axis's first factor; ``...`` at ``ellipsis``) outside "..." that ``params`` spans (the
+    indices :func:`out_of_memory` writes; {} where params is no pattern of names)."""
     try:
         names = [group[0] for group in parse_params(params)] if isinstance(params, str) else []
     except ValueError:
         return {}
-    pattern_names = [dim.factors[0].name for dim in dims]
-    ellipsis = pattern_names.index("...") if "..." in pattern_names else len(dims)
-    return {(index if index < ellipsis else index - len(dims)): names.index(name)
+    return {(index if index < ellipsis else index - len(pattern_names)): names.index(name)
             for index, name in enumerate(pattern_names) if name != "..." and name in names}
 
 

@@ -431,3 +431,28 @@ def test_a_fused_block_under_allow_mutation_on_saved_tensors_gives_the_gradients
             (_weighted_sum(y) + _weighted_sum(total)).backward()
         results.append((y.detach(), total.detach(), x.grad, residual.grad, [p.grad for p in params]))
     torch.testing.assert_close(results[0], results[1])
+
+
+def test_the_recipes_spelled_out_for_torchscript_know_the_castings_their_tables_list():
+    """rms_norm_recipe, layer_norm_recipe and unweighted_rms_norm_recipe write the names of
+    CASTINGS, LAYER_NORM_CASTINGS, UNWEIGHTED_CASTINGS and _CAST_AFTER_WEIGHT out as literals
+    (TorchScript compiles no membership in a global tuple): each must accept every name its
+    table lists, refuse others naming exactly those, and rms_norm_recipe must cast after the
+    weight where apply_recipe_scale, which reads _CAST_AFTER_WEIGHT, does."""
+    from normlab.torch import casting
+
+    x = torch.randn(2, 4, dtype=torch.bfloat16)
+    weight = torch.rand(4) + 0.5
+    calls = [(casting.CASTINGS, lambda name: casting.rms_norm_recipe(x, weight, 1e-6, name)),
+             (casting.LAYER_NORM_CASTINGS, lambda name: casting.layer_norm_recipe(x, weight, None, 1e-6, name)),
+             (casting.UNWEIGHTED_CASTINGS, lambda name: casting.unweighted_rms_norm_recipe(x, 1e-6, name))]
+    for names, call in calls:
+        for name in names:
+            call(name)
+        with pytest.raises(ValueError) as caught:
+            call("unknown")
+        assert str(caught.value).split("use one of ")[1].split(", ") == list(names)
+    for name in casting.CASTINGS:
+        normalized = casting.rms_normalize(x.float(), [-1], 1e-6)
+        assert (casting.rms_norm_recipe(x, weight, 1e-6, name).dtype
+                == casting.apply_recipe_scale(x, normalized, weight, name).dtype), name

@@ -81,7 +81,6 @@ from torch.nn import functional as F
 CASTINGS = ("llama", "gemma", "t5", "none", "imagegpt", "mochi", "gemma3n")
 LAYER_NORM_CASTINGS = ("olmo", "cohere", "deberta")
 UNWEIGHTED_CASTINGS = ("llama", "deepseek", "diffusers", "gemma3n")
-_HALF = (torch.float16, torch.bfloat16)
 _CAST_AFTER_WEIGHT = ("gemma", "mochi", "gemma3n")  # the recipes that weigh x̂ in float32 and cast once after
 
 
