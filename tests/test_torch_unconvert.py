@@ -262,6 +262,22 @@ def test_fx_graph_mode_quantization_of_a_converted_model_warns_and_names_unconve
     assert named == ["BatchNorm2d", "FusedAddRMSNorm", "GroupNorm", "InstanceNorm2d", "LayerNorm", "RMSNorm"]
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (torch.ao's own, about itself)
+def test_fuse_fx_of_a_converted_model_warns_and_names_unconvert():
+    """fuse_fx traces with torch.fx's own tracer and leaves the twins unfused, as prepare_fx
+    does: each says so, once, and names the fix."""
+    from torch.ao.quantization.quantize_fx import fuse_fx
+
+    converted = _WithBlock(nt.convert(_trained_network())).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = fuse_fx(converted)
+    named = sorted(str(w.message).split("normlab's ")[1].split(" ")[0] for w in caught
+                   if "call normlab.torch.unconvert(model) before fuse_fx" in str(w.message))
+    assert named == ["BatchNorm2d", "FusedAddRMSNorm", "GroupNorm", "InstanceNorm2d", "LayerNorm", "RMSNorm"]
+    assert isinstance(fused.network.bn, nt.BatchNorm2d)  # (what the warning says: left unfused)
+
+
 def test_fx_symbolic_trace_of_a_converted_model_gives_no_quantization_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -180,9 +180,28 @@ def _small_forward_fits(x, weight, below: Optional[int] = None) -> bool:
 
 
 def warn_if_fx_quantizing(module, tracer) -> None:
-    """Warn where ``tracer`` is FX graph mode quantization's (``prepare_fx``, ``prepare_qat_fx``):
-    it matches torch.nn's exact classes and leaves ``module``, a twin, unobserved and in float."""
+    """Warn where ``tracer`` is FX graph mode quantization's (``prepare_fx``, ``prepare_qat_fx``),
+    or torch.fx's own tracer called by ``fuse_fx``: each matches torch.nn's exact classes and
+    leaves ``module``, a twin, unfused (unobserved and in float)."""
     if type(tracer).__module__.startswith("torch.ao.quantization."):
-        warnings.warn(f"FX graph mode quantization leaves normlab's {type(module).__name__} unfused and in float, as "
-                      "it matches torch.nn's exact classes: call normlab.torch.unconvert(model) before prepare_fx or "
-                      "prepare_qat_fx, which gives back torch.nn's classes", UserWarning, stacklevel=2)
+        tool = "prepare_fx or prepare_qat_fx"
+    elif _called_by_fuse_fx():
+        tool = "fuse_fx"
+    else:
+        return
+    warnings.warn(f"FX graph mode quantization leaves normlab's {type(module).__name__} unfused and in float, as "
+                  f"it matches torch.nn's exact classes: call normlab.torch.unconvert(model) before {tool}, "
+                  "which gives back torch.nn's classes", UserWarning, stacklevel=2)
+
+
+def _called_by_fuse_fx() -> bool:
+    """Whether ``torch.ao.quantization.quantize_fx.fuse_fx`` is on the stack: it traces with
+    ``torch.fx.symbolic_trace``, whose tracer says nothing of who called it."""
+    quantize_fx = sys.modules.get("torch.ao.quantization.quantize_fx")
+    fuse_fx = getattr(getattr(quantize_fx, "fuse_fx", None), "__code__", None)
+    frame = sys._getframe(1)
+    while fuse_fx is not None and frame is not None:
+        if frame.f_code is fuse_fx:
+            return True
+        frame = frame.f_back
+    return False

@@ -4,7 +4,7 @@ For the tools that find layers by their exact class and keep their tables where 
 cannot add to them. FX graph mode quantization (``prepare_fx``, ``prepare_qat_fx``,
 ``convert_fx``, ``fuse_fx``) builds its patterns afresh on every call from a backend
 configuration that names torch.nn's classes: a twin matches none, so it would be left in
-float, its batch norm unfolded (each twin warns of it as ``prepare_fx`` traces it). ``unconvert(model)`` first gives those tools
+float, its batch norm unfolded (each twin warns of it as ``prepare_fx`` or ``fuse_fx`` traces it). ``unconvert(model)`` first gives those tools
 torch.nn's classes, holding the same Parameter and buffer objects, attributes and hooks.
 
 Each twin of a torch.nn class becomes that class, except an :class:`~normlab.torch.RMSNorm`
