@@ -2,6 +2,8 @@
 kernel path with autograd. Oracles: torch.nn's modules and torch autograd in float64,
 gradcheck and gradgradcheck."""
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -580,6 +582,46 @@ def test_a_small_training_steps_forward_runs_the_bound_kernel_entry_and_matches_
     for mine, theirs in zip(torch.autograd.grad(y, (x, *twin.parameters()), grad_y),
                             torch.autograd.grad(reference(x), (x, *reference.parameters()), grad_y)):
         torch.testing.assert_close(mine, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cls_name", ["LayerNorm", "RMSNorm"])
+def test_a_small_training_steps_backward_runs_the_kernels_compiled_entry_not_numbas_dispatcher(cls_name, dtype,
+                                                                                              no_full_path):
+    """A small backward whose arrays are all of the types the serial kernel was compiled for
+    runs its compiled entry, without the dispatcher's checks of its 19 arguments; statistics
+    that a saved-tensor hook hands back strided are another type, and go through the
+    dispatcher. Both give torch.nn's gradients. Oracle: torch.nn's module and torch autograd."""
+    import cProfile
+    import pstats
+
+    reference, twin = _pair(cls_name, (64,), dtype)
+    x = torch.randn(2, 64, dtype=dtype, generator=torch.Generator().manual_seed(29), requires_grad=True)
+    grad_y = torch.randn(2, 64, dtype=dtype, generator=torch.Generator().manual_seed(30))
+    kernels = {"row_backward32", "row_backward"}  # (the dispatchers' functions, as profilers see them)
+
+    def strided(t):  # the statistics (x and the parameters are 64 wide) as every other element of a buffer
+        if t.dim() == 0 or t.shape[-1] == 64:
+            return t
+        buffer = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        buffer[..., ::2] = t
+        return buffer[..., ::2]
+
+    def hooks(strided_statistics):
+        if not strided_statistics:
+            return contextlib.nullcontext()
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: t, strided)
+
+    for strided_statistics in (False, True):
+        with hooks(strided_statistics):
+            torch.autograd.grad(twin(x), (x, *twin.parameters()), grad_y)  # (builds the call and the entry)
+            y = twin(x)
+        profile = cProfile.Profile()
+        mine = profile.runcall(torch.autograd.grad, y, (x, *twin.parameters()), grad_y)
+        called = {name for _, _, name in pstats.Stats(profile).stats}
+        assert called.isdisjoint(kernels) != strided_statistics
+        for ours, theirs in zip(mine, torch.autograd.grad(reference(x), (x, *reference.parameters()), grad_y)):
+            torch.testing.assert_close(ours, theirs)
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["training", "no_grad"])

@@ -303,6 +303,8 @@ class FastBackward:
         rounded_to_float32 = self._rounded_to_float32 if float32 else None
         empty, zeros, empty_recycled, copy = np.empty, np.zeros, pool.empty, np.ascontiguousarray
         general = self.__call__
+        float64 = np.dtype(np.float64)
+        entries = {}  # the serial kernel's compiled entry per weight table dtype (see below)
 
         def run(grad_y, x, weight_table, mean, rstd, need_params: bool):
             if grad_y.dtype != dtype or x.dtype != dtype or not x.flags.c_contiguous:
@@ -315,14 +317,29 @@ class FastBackward:
                 grad_y = copy(grad_y)
             grad_x = empty_recycled(shape, dtype) if recycled else empty(shape, dtype)
             parts = zeros(both_parts)
-            arguments = (grad_y.reshape(shape), plain, x.reshape(shape), plain, n, weight_table, *params_and_flags,
-                         zeros(rows) if mean is None else mean.reshape(rows), rstd.reshape(rows), chunk_rows,
-                         grad_x, plain, parts[0], parts[1])
+            grad_rows, x_rows = grad_y.reshape(shape), x.reshape(shape)
+            mean_rows, rstd_rows = zeros(rows) if mean is None else mean.reshape(rows), rstd.reshape(rows)
+            arguments = (grad_rows, plain, x_rows, plain, n, weight_table, *params_and_flags, mean_rows, rstd_rows,
+                         chunk_rows, grad_x, plain, parts[0], parts[1])
             if float32:
                 redo = zeros(chunks, np.bool_)
                 arguments += (redo,)
             if size < threads.serial_below():
-                serial(*arguments)
+                # the serial kernel's compiled entry (compiled_entry), where each array given is of
+                # the one type it was compiled for: C order, aligned and writeable (flags.carray),
+                # the statistics float64 (the rest is checked above or made here), without the
+                # dispatcher's type checks of all 19 arguments (as the forward's runner does)
+                entry = (entries.get(weight_table.dtype)
+                         if (rstd_rows.dtype == float64 and mean_rows.dtype == float64 and grad_rows.flags.carray
+                             and x_rows.flags.carray and weight_table.flags.carray and mean_rows.flags.carray
+                             and rstd_rows.flags.carray) else False)
+                if entry is None:
+                    serial(*arguments)
+                    entries[weight_table.dtype] = compiled_entry(serial, arguments) or serial
+                elif entry is False:
+                    serial(*arguments)
+                else:
+                    entry(*arguments)
             else:
                 kernel(*arguments)
             if float32 and b"\x01" in redo.tobytes():  # gradients past float32's range: the float64 kernel's
