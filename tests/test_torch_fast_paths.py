@@ -89,6 +89,25 @@ def test_batch_norm_eval_under_no_grad_runs_the_fused_kernel_not_torch_operation
         torch.testing.assert_close(twin(x), reference(x))
 
 
+def test_a_small_batch_norm_eval_call_checks_its_folding_without_helper_calls():
+    """A repeated small evaluation call finds its running statistics' precision check
+    where the module keeps it, and looks for fake tensors without a generator (frames a
+    small call's time is made of: no ``module_cache``, no ``<genexpr>``); its output is
+    still torch.nn's. Oracle: torch.nn's module with the same state."""
+    import cProfile
+    import pstats
+
+    reference, twin = _pair("BatchNorm1d", 64, torch.float32)
+    x = torch.randn(64, 64)
+    with torch.no_grad():
+        twin(x)  # (finds the check's answer and keeps it)
+        profile = cProfile.Profile()
+        y = profile.runcall(twin, x)
+    called = {name for _, _, name in pstats.Stats(profile).stats}
+    assert called.isdisjoint({"module_cache", "<genexpr>"})
+    torch.testing.assert_close(y, reference(x))
+
+
 def test_batch_norm_eval_takes_torchs_op_below_the_crossover_and_the_fused_kernel_above(monkeypatch):
     from normlab import kernels
     from normlab.torch import compute

@@ -145,8 +145,12 @@ FOLDED_MEAN_LIMIT = 128.0
 def _fake(*tensors) -> bool:
     """True for shape propagation (``FakeTensorMode``, its fake tensors): every operation
     gives a fake tensor there, whose value cannot be read."""
-    return (torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
-            or any(isinstance(t, FakeTensor) for t in tensors))
+    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return True
+    for t in tensors:  # (a loop, not any() over a generator: a batch norm's evaluation call runs this)
+        if isinstance(t, FakeTensor):
+            return True
+    return False
 
 
 def _folding_keeps_precision(module, x: Tensor, mean: Tensor, var: Tensor) -> bool:
@@ -161,7 +165,9 @@ def _folding_keeps_precision(module, x: Tensor, mean: Tensor, var: Tensor) -> bo
         # the check's data-dependent answer would break the graph. Fake tensors have no values)
         return True
     key = (mean.data_ptr(), var.data_ptr(), module.eps)
-    cache = module_cache(module, "_normlab_folding")
+    cache = module.__dict__.get("_normlab_folding")  # (module_cache's lookup, without its call after the first)
+    if cache is None:
+        cache = module_cache(module, "_normlab_folding")
     held = cache.get("checked")
     if held is not None and held[0] == key and held[2].tobytes() == held[4] and held[3].tobytes() == held[5]:
         return held[1]
