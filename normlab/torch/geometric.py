@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.torch import geometric_script as script
-from normlab.torch.compute import _dtypes_refused, _statistics_update, normalize
+from normlab.torch.compute import _apply_stats, _dtypes_refused, _needs_grad, _statistics_update, normalize
 from normlab.torch.masked import (_count, _run_masked, check_segment_ids, normalize_masked,
                                   vmapped_ids_need_a_count)
 from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx
@@ -104,9 +104,21 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
             running_mean, running_var = self.running_mean, self.running_var  # (buffers: each read is a call)
             refused = not x.is_floating_point() or _dtypes_refused(x, self.weight, self.bias, running_mean,
                                                                   running_var)
+            weight, bias = self.weight, self.bias
+            if (not use_input_stats and x.dim() == 2 and x.numel() > 0 and not refused and 0.0 < self.eps < math.inf
+                    and running_mean is not None and running_var is not None
+                    and x.shape[1] == running_mean.numel() == running_var.numel()
+                    and not _needs_grad(running_mean, running_var)
+                    and not (not torch.compiler.is_compiling() and x.is_inference() and _needs_grad(x, weight, bias))):
+                # the running statistics subtracted first, as the torch.nn twins in evaluation: torch's op
+                # folds them into x·α + β, which cancels in float32 far from zero; x's dtype, as torch's. The
+                # rest is torch's op, in its words: other shapes, eps <= 0, an inference tensor where autograd
+                # records the call (torch's op saves it and raises)
+                if _needs_grad(weight, bias):  # (torch's op saves a copy: an optimizer step before backward is allowed)
+                    weight, bias = (None if t is None else t.clone() for t in (weight, bias))
+                return _apply_stats(x, running_mean, running_var, weight, bias, self.eps, (1, -1))
             if (not use_input_stats or x.numel() == 0 or refused or self.momentum is None
-                    or (running_mean is not None and torch.is_grad_enabled()
-                        and (running_mean.requires_grad or running_var is not None and running_var.requires_grad))):
+                    or _needs_grad(running_mean, running_var)):
                 # PyG's own call: torch's dtype rules (half-precision nodes stay half; a mix torch refuses raises),
                 # no nodes leave the running statistics as they are, a momentum of None raises its TypeError,
                 # and running statistics that require grad (functional_call may hand them in) its RuntimeError
