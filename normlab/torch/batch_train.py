@@ -25,7 +25,7 @@ from torch import Tensor
 from normlab import kernels
 from normlab.kernels import pool
 from normlab.torch.ops import _bias_to_save, _grads_of, _needs_torch_backward, _saved_bias
-from normlab.torch.paths import _needs_torch_ops, _PathSwitch
+from normlab.torch.paths import _needs_torch_ops, _PathSwitch, _profiler, profiled
 from normlab.torch.row_autograd import traced_backward
 from normlab.torch.spec import _ABSENT, affine_parameters, module_cache, param_view, tensor_layout
 
@@ -95,7 +95,7 @@ def _fits(t: Optional[Tensor], dtype) -> bool:
     return t is None or (type(t) in (Tensor, torch.nn.Parameter) and t.dtype == dtype and t.device.type == "cpu")
 
 
-def forward(module, x: Tensor, factor: float) -> Optional[Tensor]:
+def forward(module, x: Tensor, factor: float, _recorded: bool = False) -> Optional[Tensor]:
     """BatchNorm's training forward (batch statistics; the running ones updated with
     ``factor`` when the module tracks them) where ``paths._choose_path`` chose the
     kernel, or None where the full path must run:
@@ -103,6 +103,8 @@ def forward(module, x: Tensor, factor: float) -> Optional[Tensor]:
     parameters or running statistics of another dtype."""
     if type(x) is not Tensor or x.dtype not in _NUMPY_OF or torch.compiler.is_compiling():
         return None  # (the caller chose the kernel path: a CPU tensor, no tracing or transforms)
+    if _profiler._is_profiler_enabled and not _recorded:  # (an attribute read when no profiler runs)
+        return profiled(module, forward, module, x, factor, True)
     weight, bias = affine_parameters(module)
     if not (_fits(weight, x.dtype) and _fits(bias, x.dtype)):
         return None
@@ -165,7 +167,7 @@ def _remember_step(module, x: Tensor, call: TrainCall, weight, bias, running) ->
                                                                    _checked(weight, bias, running, tracked))
 
 
-def repeat_step(module, x: Tensor) -> Optional[Tensor]:
+def repeat_step(module, x: Tensor, _recorded: bool = False) -> Optional[Tensor]:
     """BatchNorm's training forward as the module's last one (:class:`TrainStep`), or None
     where anything differs and the full path must decide."""
     if type(x) is not Tensor or _needs_torch_ops(x):
@@ -173,6 +175,8 @@ def repeat_step(module, x: Tensor) -> Optional[Tensor]:
         # TracerWarning or a guard on the batch, and a compiled call that read the cache would guard on what
         # the eager calls last left in it, and compile again after each of theirs that changed it)
         return None
+    if _profiler._is_profiler_enabled and not _recorded:  # (as forward)
+        return profiled(module, repeat_step, module, x, True)
     cache = module.__dict__.get("_normlab_train")
     step = None if cache is None else cache.get("step")
     if step is None or not x.is_cpu or (x.shape, x.stride(), x.dtype) != step.key:

@@ -19,7 +19,7 @@ from normlab.errors import InputError
 from normlab.plan import make_plan, merge_sizes
 from normlab.torch import batch_train, row_autograd
 from normlab.torch.ops import _EagerNormalize, _functorch_active, _is_eager, _normalize_op, _vmapping
-from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path
+from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path, _profiler, profiled
 from normlab.torch.spec import (PlanFacts, Spec, _dense_perm, _empty_like_dense, _engine_view, _has_gaps,
                                 affine_parameters, module_buffer, module_cache, param_view, torch_layout)
 
@@ -47,9 +47,13 @@ def _expanded_param(param: Optional[Tensor], plan: PlanFacts) -> Optional[Tensor
 
 
 @_in_compute_dtype
-def _kernel_normalize(x, weight, bias, spec: Spec, eps: float):
-    run = _EagerNormalize.apply if _is_eager(x, weight, bias) else _normalize_op
-    return run(x, weight, bias, spec.pattern, spec.params, spec.sizes, float(eps), spec.rms)
+def _kernel_normalize(x, weight, bias, spec: Spec, eps: float, module=None):
+    if not _is_eager(x, weight, bias):
+        return _normalize_op(x, weight, bias, spec.pattern, spec.params, spec.sizes, float(eps), spec.rms)
+    if _profiler._is_profiler_enabled:  # (an attribute read when no profiler runs)
+        return profiled(module, _EagerNormalize.apply, x, weight, bias, spec.pattern, spec.params, spec.sizes,
+                        float(eps), spec.rms)
+    return _EagerNormalize.apply(x, weight, bias, spec.pattern, spec.params, spec.sizes, float(eps), spec.rms)
 
 
 @_in_compute_dtype
@@ -95,10 +99,11 @@ def _engine_reads(x: Tensor, weight, bias) -> bool:
         x.dtype in _LOW_PRECISION or all(t is None or t.dtype in _NUMPY_OF for t in (weight, bias)))
 
 
-def _normalize(x: Tensor, weight, bias, spec: Spec, eps: float, path: str):
-    """``(y, mean, rstd)`` with statistics of ``spec.plan(x.shape).stats_shape``."""
+def _normalize(x: Tensor, weight, bias, spec: Spec, eps: float, path: str, module=None):
+    """``(y, mean, rstd)`` with statistics of ``spec.plan(x.shape).stats_shape``; ``module``:
+    the twin whose call torch's profiler lists (:func:`normlab.torch.paths.profiled`)."""
     if path == "kernel" and _engine_takes(eps) and _engine_reads(x, weight, bias):
-        return _kernel_normalize(x, weight, bias, spec, eps)
+        return _kernel_normalize(x, weight, bias, spec, eps, module)
     return _composite_normalize(x, weight, bias, spec, eps)
 
 
@@ -188,11 +193,13 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _eval_kernel(x: Tensor, module) -> Optional[Tensor]:
+def _eval_kernel(x: Tensor, module, _recorded: bool = False) -> Optional[Tensor]:
     """Batch norm in evaluation as the kernels' one fused pass (no autograd), or None
     where only the torch operations fit (other dtypes or strides, tensor subclasses)."""
     if x.dtype not in _EVAL_DTYPES or type(x) is not Tensor or x.dim() < 2 or torch.compiler.is_compiling():
         return None
+    if _profiler._is_profiler_enabled and not _recorded:  # (as _fast_rows)
+        return profiled(module, _eval_kernel, x, module, True)
     dense, perm = _dense_perm(x)
     channels = x.shape[1]
     if perm is None:
@@ -217,7 +224,7 @@ _STRIDED = torch.strided  # (a module global: torch.strided is an attribute look
 EVAL_NATIVE_BELOW_BYTES = 32 << 20
 
 
-def _fast_rows(module, x: Tensor, eps: float, with_bias: bool = True) -> Optional[Tensor]:
+def _fast_rows(module, x: Tensor, eps: float, with_bias: bool = True, _recorded: bool = False) -> Optional[Tensor]:
     """A row norm's forward (layer, RMS, group norm) straight into the kernels: the plans,
     view and parameter layout are cached on the module per input shape and dtypes. With
     no gradient needed the autograd machinery is skipped (and the parameter tables kept
@@ -231,6 +238,8 @@ def _fast_rows(module, x: Tensor, eps: float, with_bias: bool = True) -> Optiona
             or torch.compiler.is_compiling() or _functorch_active() or forward_ad._current_level >= 0
             or x.layout is not _STRIDED or x.is_nested or x.is_neg()):
         return None
+    if _profiler._is_profiler_enabled and not _recorded:  # (an attribute read when no profiler runs)
+        return profiled(module, _fast_rows, module, x, eps, with_bias, True)
     weight, bias = affine_parameters(module, with_bias)
     grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad))
@@ -514,7 +523,7 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
             y = batch_train.forward(module, x, factor)
             if y is not None:
                 return y
-    y, mean, rstd = _normalize(x, weight, bias, module._spec, module.eps, path)
+    y, mean, rstd = _normalize(x, weight, bias, module._spec, module.eps, path, module)
     if module.training and module.track_running_stats and running_mean is not None:
         channels = x.shape[1]
         _update_running(module, mean.reshape(channels), _variance(rstd.reshape(channels), module.eps), count, factor)

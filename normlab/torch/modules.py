@@ -114,6 +114,8 @@ class _Twin:
     # spec again when it changes; _spec_source is its value at the last build
     _spec_from: Optional[str] = None
     _spec_source = None
+    # what torch's profiler lists the kernels' call as, beside torch.nn's aten::layer_norm, ...
+    _profile_name = "normlab::normalize"
 
     @torch.jit.unused
     def _traced_root_forward(self, proxy) -> "torch.fx.Proxy":
@@ -201,6 +203,8 @@ def _spec_changed(module) -> None:
 class _BatchNormForward(_Twin):
     """Mixin: the normlab forward for the three BatchNorm ranks (torch checks the rank)."""
 
+    _profile_name = "normlab::batch_norm"
+
     _torch_forward = _torch_method(nn.modules.batchnorm._BatchNorm.forward)
 
     def _init_spec(self) -> None:
@@ -266,6 +270,8 @@ class LayerNorm(_Twin, nn.LayerNorm):
     [1.2247, 0.0, -1.2247]
     """
 
+    _profile_name = "normlab::layer_norm"
+
     _torch_forward = _torch_method(nn.LayerNorm.forward)
     _spec_from = "normalized_shape"
 
@@ -287,7 +293,7 @@ class LayerNorm(_Twin, nn.LayerNorm):
                 or _params_misfit(self, tuple(self.normalized_shape))
                 or _dtypes_refused(input, self.weight, self.bias)):
             return nn.LayerNorm.forward(self, input)
-        return _normalize(torch_layout(input), self.weight, self.bias, self._spec, self.eps, path)[0]
+        return _normalize(torch_layout(input), self.weight, self.bias, self._spec, self.eps, path, self)[0]
 
 
 def _trailing_spec(normalized_shape, rms: bool) -> Optional[Spec]:
@@ -326,6 +332,8 @@ class RMSNorm(TransformersEpsName, _Twin, nn.RMSNorm):
     >>> gemma.weight.tolist(), gemma(torch.tensor([[3., 4.]], dtype=torch.bfloat16)).tolist()
     ([0.0, 0.0], [[0.84765625, 1.1328125]])
     """
+
+    _profile_name = "normlab::rms_norm"
 
     _torch_forward = _torch_method(nn.RMSNorm.forward)
     _spec_from = "normalized_shape"
@@ -426,14 +434,14 @@ class RMSNorm(TransformersEpsName, _Twin, nn.RMSNorm):
             if not (path == "kernel" and _PathSwitch.path == "kernel"):  # the kernels round differently
                 return rms_norm_recipe(x, self.weight, eps, casting, offset, len(self.normalized_shape))
             upcast = x.to(compute_dtype(x.dtype))
-            normalized = _normalize(upcast, None, None, self._spec, eps, path)[0]
+            normalized = _normalize(upcast, None, None, self._spec, eps, path, self)[0]
             return apply_recipe_scale(x, normalized, self.weight, casting, offset)
         if path == "native" and not offset:
             return nn.RMSNorm.forward(self, x)
         weight = self.weight if self.weight is None or not offset else offset + self.weight
         if path == "native":
             return F.rms_norm(x, self.normalized_shape, weight, eps)
-        return _normalize(torch_layout(x, keeps_channels_last=True), weight, None, self._spec, eps, path)[0]
+        return _normalize(torch_layout(x, keeps_channels_last=True), weight, None, self._spec, eps, path, self)[0]
 
 
 def _follows_pruned_weight(module: RMSNorm) -> bool:
@@ -460,6 +468,7 @@ class _ChannelsFirstForward:
     # whether the output is channels_last for any input, as the originals' permutes around
     # torch's layer norm make it (LayerNorm2d), or laid out as the input (VitDet's, elementwise)
     _channels_last_output = False
+    _profile_name = "normlab::layer_norm"
 
     def _init_spec(self) -> None:
         self._spec = Spec.build("b [c] h w", "c", c=int(self.normalized_shape[0]))
@@ -515,16 +524,16 @@ class _ChannelsFirstForward:
             # copied, as torch's layer norm copies their permuted view), so that a view of theirs
             # (y.permute(0, 2, 3, 1).view(N, H * W, C)) works on this one too
             return _normalize(input.contiguous(memory_format=torch.channels_last), self.weight, self.bias, self._spec,
-                              self.eps, path)[0]
+                              self.eps, path, self)[0]
         if input.is_contiguous():  # (first: the common call, which torch_layout would ask again)
-            return _normalize(input, self.weight, self.bias, self._spec, self.eps, path)[0]
+            return _normalize(input, self.weight, self.bias, self._spec, self.eps, path, self)[0]
         if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
             return _normalize(torch_layout(input, keeps_channels_last=True), self.weight, self.bias, self._spec,
-                              self.eps, path)[0]
+                              self.eps, path, self)[0]
         # the originals' elementwise operations keep a permuted input's order of strides (a slice's
         # too, densely): so does this output, so that a view of theirs works on this one
         x = elementwise_layout(input, input)
-        return elementwise_layout(_normalize(x, self.weight, self.bias, self._spec, self.eps, path)[0], input)
+        return elementwise_layout(_normalize(x, self.weight, self.bias, self._spec, self.eps, path, self)[0], input)
 
 
 class LayerNorm2d(_ChannelsFirstForward, nn.LayerNorm):
@@ -582,6 +591,8 @@ class GroupNorm(_Twin, nn.GroupNorm):
     [-1.3416, -0.4472, 0.4472, 1.3416]
     """
 
+    _profile_name = "normlab::group_norm"
+
     _torch_forward = _torch_method(nn.GroupNorm.forward)
     _spec_from = "num_groups"
 
@@ -615,12 +626,14 @@ class GroupNorm(_Twin, nn.GroupNorm):
             # 2.13 gives an empty output; torch's op says which)
             return nn.GroupNorm.forward(self, input)
         return _normalize(torch_layout(input, keeps_channels_last=True), self.weight, self.bias, self._spec, self.eps,
-                          path)[0]
+                          path, self)[0]
 
 
 class _InstanceNormForward(_Twin):
     """Mixin: the normlab forward for the three InstanceNorm ranks: pattern ``"b c [...]"``;
     running statistics average the per-instance ones over the batch, as torch does."""
+
+    _profile_name = "normlab::instance_norm"
 
     _torch_forward = _torch_method(nn.modules.instancenorm._InstanceNorm.forward)
 
@@ -660,7 +673,7 @@ class _InstanceNormForward(_Twin):
             count = math.prod(x.shape[2:])
             if count == 1:  # torch raises its error, in its words (one spatial element: a larger batch won't help)
                 return nn.modules.instancenorm._InstanceNorm.forward(self, input)
-            y, mean, rstd = _normalize(x, weight, bias, self._spec, self.eps, path)
+            y, mean, rstd = _normalize(x, weight, bias, self._spec, self.eps, path, self)
             if running_mean is not None:  # torch updates them whenever it uses the instances' statistics,
                 # in evaluation too where track_running_stats was turned off after construction
                 factor = 0.0 if self.momentum is None else self.momentum
@@ -858,7 +871,7 @@ class Norm(Unscriptable, nn.Module):
             if self.training or not self.track_running_stats:
                 if self.training and self.track_running_stats:
                     _check_batch(x, plan.group_size)
-                y, mean, rstd = _normalize(x, self.weight, self.bias, self._spec, self.eps, path)
+                y, mean, rstd = _normalize(x, self.weight, self.bias, self._spec, self.eps, path, self)
                 if self.training and self.track_running_stats:
                     # average over the kept axes the running statistics do not span
                     other = tuple(i for i, (n, r) in enumerate(zip(plan.axis_names, plan.reduced))
