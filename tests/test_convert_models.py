@@ -441,6 +441,29 @@ def test_a_norm_whose_only_part_is_its_modulation_and_which_normalizes_with_its_
     assert "AdaGroupNorm (ada)" in str(record[0].message)
 
 
+def test_a_norm_named_with_a_lowercase_norm_is_named_in_the_warning():
+    # diffusers' WanRMS_norm and QwenImageRMS_norm (the RMS norms of Wan's and Qwen-Image's
+    # VAEs: F.normalize over the channels, times sqrt(dim) and gamma) were left alone without
+    # a word, as their names hold no "Norm"; transformers' AutoformerLayernorm, whose one
+    # part is the nn.LayerNorm it calls, is still looked into
+    wan = pytest.importorskip("diffusers.models.autoencoders.autoencoder_kl_wan")
+    qwen = pytest.importorskip("diffusers.models.autoencoders.autoencoder_kl_qwenimage")
+    autoformer = pytest.importorskip("transformers.models.autoformer.modeling_autoformer")
+    transformers = pytest.importorskip("transformers")
+    model = torch.nn.ModuleDict(dict(wan=wan.WanRMS_norm(8), qwen=qwen.QwenImageRMS_norm(8, images=False),
+                                     autoformer=autoformer.AutoformerLayernorm(transformers.AutoformerConfig(d_model=8))))
+    x = torch.randn(2, 8, 3, 4, 4)
+    want = model["wan"](x[:, :, 0]), model["qwen"](x)
+    with pytest.warns(UserWarning) as record:
+        nt.convert(model)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "left 2 norm layer(s) unconverted" in message
+    assert "WanRMS_norm (wan)" in message and "QwenImageRMS_norm (qwen)" in message
+    assert type(model["autoformer"].layernorm) is nt.LayerNorm
+    assert torch.equal(model["wan"](x[:, :, 0]), want[0]) and torch.equal(model["qwen"](x), want[1])
+
+
 @pytest.mark.slow
 def test_convert_keeps_the_warnings_of_its_probes_dtype_mixes_from_the_caller():
     # diffusers' Krea2RMSNorm calls F.rms_norm on a float32 copy with its own weight: on a

@@ -212,10 +212,10 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
     :class:`~normlab.torch.fused.GatedRMSNorm`; uninitialized lazy norms at their first forward
     (which itself runs torch's); PyG's ``InstanceNorm``, ``LayerNorm`` and ``GraphNorm`` as their
     :mod:`normlab.torch.geometric` twins. A subclass of a torch.nn norm whose forward computes
-    something else, and any module named ``...Norm...`` that normlab does not recognize, is left
-    alone, and one warning lists them. A converted subclass becomes the plain twin, as
-    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does: its attributes carry over, its
-    methods do not.
+    something else, and any module named ``...Norm...`` (or ``..._norm``) that normlab does not
+    recognize, is left alone, and one warning lists them. A converted subclass becomes the plain
+    twin, as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does: its attributes carry over,
+    its methods do not.
 
     The probes run once per call for each distinct norm (class, plain attributes, parameter
     shapes), not once per copy: a model's many copies of one norm cost one probe.
@@ -402,8 +402,13 @@ def _decision(module: nn.Module):
     return _LEFT_ALONE if _normalizes_itself(module) else None
 
 
+# "Norm" but not "Normal..."; also a lowercase "norm" ending a word (diffusers' WanRMS_norm,
+# QwenImageRMS_norm, transformers' AutoformerLayernorm), not "Unnormed" or "Polynormer"
+_NORM_NAME = re.compile(r"Norm(?!al)|norm(?![a-z])")
+
+
 def _named_like_a_norm(module: nn.Module) -> bool:
-    return isinstance(module, _NORM_BASES) or re.search(r"Norm(?!al)", type(module).__name__) is not None
+    return isinstance(module, _NORM_BASES) or _NORM_NAME.search(type(module).__name__) is not None
 
 
 def _normalizes_itself(module: nn.Module) -> bool:
@@ -413,7 +418,7 @@ def _normalizes_itself(module: nn.Module) -> bool:
     part is the ``Linear`` of its modulation and whose forward calls ``F.group_norm`` with its
     ``eps``). A block whose parameters all lie in its parts (``AdaLayerNormZero``, Wav2Vec2's
     ``NoLayerNormConvLayer``, RoBERTa-PreLayerNorm's layers) is looked into instead."""
-    if re.search(r"Norm(?!al)", type(module).__name__) is None:
+    if _NORM_NAME.search(type(module).__name__) is None:
         return False
     if next(module.children(), None) is None:
         return True
