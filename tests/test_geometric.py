@@ -332,3 +332,22 @@ def test_running_statistics_handed_in_requiring_grad_raise_pyg_s_error_without_a
                    "running_var": module.running_var.clone().requires_grad_()}
         with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'running_mean'"):
             torch.func.functional_call(module, buffers, (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_instance_norm_twin_without_a_batch_vector_on_half_nodes_keeps_pygs_float32_running_statistics(dtype):
+    """Half-precision node features (a model under CPU autocast, whose Linear gives bfloat16)
+    into an InstanceNorm with float32 running statistics, trained without a batch vector (one
+    whole graph, a NeighborLoader's minibatch): PyG's F.instance_norm updates the statistics in
+    float32, and so does the twin now; it rounded each step's mean and variance to the nodes'
+    dtype first, 0.03 off PyG's running mean after one bfloat16 step of nodes near 100."""
+    g = torch.Generator().manual_seed(9)
+    ours = geometric.InstanceNorm(5, affine=True, track_running_stats=True)
+    theirs = pyg_norm.InstanceNorm(5, affine=True, track_running_stats=True)
+    for _ in range(3):
+        x = (torch.randn(13, 5, generator=g) * 3 + 100).to(dtype)
+        y, expected = ours(x), theirs(x)
+        assert y.dtype == expected.dtype == dtype
+        torch.testing.assert_close(y, expected)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=1e-6, atol=1e-5, msg=name)

@@ -132,9 +132,11 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
             if self.running_mean is not None:  # F.instance_norm's update: in place, n/(n − 1)
                 n = x.shape[0]
                 with _statistics_update():  # (the statistics need no detach: normalize_masked's carry no graph)
+                    # (in the buffers' dtype, as torch's op: half-precision nodes update float32 statistics)
                     var = _variance(rstd.reshape(-1), self.eps) * (n / max(n - 1, 1))
-                    self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean.reshape(-1).to(x.dtype))
-                    self.running_var.mul_(1 - self.momentum).add_(self.momentum * var.to(x.dtype))
+                    self.running_mean.mul_(1 - self.momentum).add_(
+                        self.momentum * mean.reshape(-1).to(self.running_mean.dtype))
+                    self.running_var.mul_(1 - self.momentum).add_(self.momentum * var.to(self.running_var.dtype))
             return y
         batch_size = _batch_size(batch, batch_size)
         if not (x.is_floating_point() or x.is_complex()):
