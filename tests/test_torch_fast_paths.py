@@ -108,6 +108,27 @@ def test_a_small_batch_norm_eval_call_checks_its_folding_without_helper_calls():
     torch.testing.assert_close(y, reference(x))
 
 
+def test_a_small_calls_thread_threshold_reads_the_pool_found_once_without_a_call():
+    """Each kernel call asks ``threads.serial_below`` whether to start threads; once
+    torch's pool has been looked for, the answer is read without ``_current_regions``'
+    call (a frame of every small forward and backward). Oracle: torch.nn's module and
+    torch autograd."""
+    import cProfile
+    import pstats
+
+    reference, twin = randomized_pair("LayerNorm", (64,), torch.float32)
+    x = torch.randn(2, 64, requires_grad=True)
+    twin(x).sum().backward()  # (looks for the pool, builds the cached calls)
+    profile = cProfile.Profile()
+    y = profile.runcall(twin, x)
+    grads = profile.runcall(torch.autograd.grad, y.sum(), (x, *twin.parameters()))
+    called = {name for _, _, name in pstats.Stats(profile).stats}
+    assert "serial_below" in called and "_current_regions" not in called
+    torch.testing.assert_close(y, reference(x))
+    for mine, theirs in zip(grads, torch.autograd.grad(reference(x).sum(), (x, *reference.parameters()))):
+        torch.testing.assert_close(mine, theirs)
+
+
 def test_batch_norm_eval_takes_torchs_op_below_the_crossover_and_the_fused_kernel_above(monkeypatch):
     from normlab import kernels
     from normlab.torch import compute

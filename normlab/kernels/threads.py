@@ -221,7 +221,7 @@ def serial_below(row_forward: bool = False) -> int:
     ``benchmarks/serial_threshold.py``). Starting an OpenMP region on torch's pool, whose
     workers spin between ops, costs far less than waking normlab's sleeping workers, and
     there a row norm's forward (one pass, no parameter sums) pays from half the size."""
-    regions = _current_regions()
+    regions = _regions if _looked_up else _current_regions()  # (its answer once looked up, without its call)
     if regions is None:
         return POOL_SERIAL_BELOW
     return REGION_SERIAL_BELOW // 2 if row_forward else REGION_SERIAL_BELOW
