@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gate-data", metavar="JSON", help="fused block: the gate z as nested JSON lists shaped "
                         "like the data (or broadcasting to it); needs --gate ACT")
     parser.add_argument("--modulation", metavar="AXES", help="fused block: scale and shift over AXES, e.g. 'b d'")
-    parser.add_argument("--weight-offset", metavar="O", type=float, default=0.0, help="Gemma's 1 + weight is 1")
+    parser.add_argument("--weight-offset", metavar="O", type=float, default=0.0,
+                        help="fused block: a stage multiplying by the weight plus O (1: Gemma's x̂ · (1 + w))")
     parser.add_argument("--html", metavar="FILE", type=page_file, help="also write a self-contained HTML page to FILE")
     parser.add_argument("--no-color", dest="explain_no_color", action="store_true", help="plain text output")
     _allow_sizes_after_options(parser)
