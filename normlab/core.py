@@ -442,12 +442,13 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
         if (type(x) is np.ndarray and out is None and mean is None and rstd is None and mask is None
                 and segment_ids is None and num_segments is None and segment_axis is None and residual is None
                 and gate is None and scale is None and shift is None and modulation is None
-                and fused._no_offset(weight_offset) and gate_activation == "silu" and norm_before_gate is True
+                and (type(weight_offset) is float and weight_offset == 0.0 or fused._no_offset(weight_offset))
+                and gate_activation == "silu" and norm_before_gate is True
                 and (rms is True or rms is False) and (return_stats is True or return_stats is False)):
             # the fast path: everything the checks and the plan decide depends on this key alone
             # (a check that looks at values must make the fast call return None)
-            key = (pattern, x.shape, x.dtype, params, rms, backend, _dtype_of(weight), _dtype_of(bias),
-                   _sizes_key(sizes) if sizes else ())
+            key = (pattern, x.shape, x.dtype, params, rms, backend, None if weight is None else _dtype_of(weight),
+                   None if bias is None else _dtype_of(bias), _sizes_key(sizes) if sizes else ())
             try:
                 call = _FAST_CALLS.get(key)
             except TypeError:  # an unhashable argument: the full checks will explain

@@ -44,6 +44,31 @@ def test_a_repeated_call_skips_the_plan_and_still_matches_torch(dtype, monkeypat
         np.testing.assert_allclose(mean[:, 0], x.astype(np.float64).mean(axis=1), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("with_params", [False, True], ids=["no_params", "weight_and_bias"])
+@pytest.mark.parametrize("return_stats", [False, True])
+def test_a_repeated_small_call_runs_the_kernels_bound_runner_without_helper_calls(with_params, return_stats):
+    """A repeated call on an array in C order of the plan's dtype runs the plan's runner,
+    its attributes bound once (no ``FastForward.run``: no ``run_serial``, ``_scratch``), and reads the
+    default weight offset and absent parameters without a call (``_no_offset``,
+    ``_dtype_of``): Python a small call's time is made of. Oracle: torch's layer norm."""
+    import cProfile
+    import pstats
+
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((2, 768)).astype(np.float32)
+    weight, bias = (rng.standard_normal(768).astype(np.float32) for _ in range(2))
+    params = dict(weight=weight, bias=bias, params="c") if with_params else {}
+    for _ in range(2):  # (the first builds the fast call, the second its runner)
+        normlab.normalize(x, "b [c]", return_stats=return_stats, **params)
+    profile = cProfile.Profile()
+    result = profile.runcall(normlab.normalize, x, "b [c]", return_stats=return_stats, **params)
+    called = {name for _, _, name in pstats.Stats(profile).stats}
+    assert called.isdisjoint({"run_serial", "_scratch", "_no_offset"} | (set() if with_params else {"_dtype_of"}))
+    y = result[0] if return_stats else result
+    expected = _torch_layer_norm(x, weight, bias) if with_params else _torch_layer_norm(x)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_an_eps_given_as_a_numpy_float64_takes_the_fast_path_too(monkeypatch):
     # eps read from an array or a config file is np.float64; it took the full checks on every call
     x = np.random.default_rng(1).standard_normal((3, 40)).astype(np.float32)

@@ -71,7 +71,19 @@ class FastForward:
         bias_table = self._table(bias, 0.0)
         if weight_table is None or bias_table is None:
             return None
+        if x.dtype == self.dtype and x.flags.c_contiguous:  # (run's common case, its attributes bound)
+            return (self._stats_runner if return_stats else self._runner)(x, weight_table, bias_table, eps)
         return self.run(x, weight_table, bias_table, eps, return_stats)
+
+    @functools.cached_property
+    def _runner(self):
+        """:meth:`contiguous_runner`, made once (the NumPy API's repeated call)."""
+        return self.contiguous_runner()
+
+    @functools.cached_property
+    def _stats_runner(self):
+        """:meth:`contiguous_runner` with statistics, made once."""
+        return self.contiguous_runner(return_stats=True)
 
     def tables(self, weight, bias):
         """The kernel's ``(weight, bias)`` tables for these parameters, or None where they
