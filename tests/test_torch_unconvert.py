@@ -142,6 +142,42 @@ def test_a_converted_transformers_model_gets_its_own_norm_classes_back():
     torch.testing.assert_close(restored(IDS).logits, original(IDS).logits, rtol=0, atol=0)
 
 
+def test_a_converted_diffusers_model_gets_its_own_norm_classes_back():
+    """unconvert left a diffusers model's FP32LayerNorm, RMSNorm and MochiRMSNorm as normlab's
+    Float32LayerNorm and RMSNorm, warning that they had no class of the model to go back to:
+    a whole-model torch.save of the restored model still needed normlab to load. Oracle: the
+    model never converted (Wan's and Mochi's transformers, tiny configs)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    wan = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=4,
+                                          in_channels=4, out_channels=4, text_dim=8, freq_dim=16, ffn_dim=16,
+                                          num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                          rope_max_seq_len=8).eval()
+    mochi = diffusers.MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                                              pooled_projection_dim=8, in_channels=4, qk_norm="rms_norm",
+                                              text_embed_dim=8, time_embed_dim=4, max_sequence_length=4).eval()
+    wan_inputs = dict(hidden_states=torch.randn(1, 4, 1, 4, 4), timestep=torch.tensor([3]),
+                      encoder_hidden_states=torch.randn(1, 3, 8))
+    mochi_inputs = dict(hidden_states=torch.randn(1, 4, 1, 4, 4), timestep=torch.tensor([3]),
+                        encoder_hidden_states=torch.randn(1, 4, 8),
+                        encoder_attention_mask=torch.ones(1, 4, dtype=torch.bool))
+    for original, twins, inputs in ((wan, {"Float32LayerNorm", "RMSNorm"}, wan_inputs),
+                                    (mochi, {"RMSNorm", "UnweightedRMSNorm"}, mochi_inputs)):
+        converted = nt.convert(copy.deepcopy(original))
+        assert twins <= {type(m).__name__ for m in converted.modules() if type(m).__module__.startswith("normlab.")}
+        parameters = list(converted.parameters())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            restored = nt.unconvert(converted)
+        assert [type(m) for m in restored.modules()] == [type(m) for m in original.modules()]
+        assert all(a is b for a, b in zip(restored.parameters(), parameters, strict=True))
+        with torch.no_grad():
+            torch.testing.assert_close(restored(**inputs).sample, original(**inputs).sample, rtol=0, atol=0)
+        saved = io.BytesIO()
+        torch.save(restored, saved)
+        assert b"normlab" not in saved.getvalue()
+
+
 def _gemma2():
     transformers = pytest.importorskip("transformers")
     config = transformers.Gemma2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,

@@ -170,25 +170,30 @@ def _named_class(cls: type) -> Optional[type]:
 def _keep_original_init(model: nn.Module) -> None:
     """Give the transformers models in ``model`` an :class:`_InitAsOriginal`, where a norm
     converted from another class lies among their modules, and drop the original class from
-    the twins outside them: nothing reads it there, and a class of a script's ``__main__``
-    would make ``torch.load`` of the saved model fail in any other process."""
+    the twins outside them and outside diffusers models (whose norms unconvert gives their
+    own classes back): nothing reads it there, and a class of a script's ``__main__`` would
+    make ``torch.load`` of the saved model fail in any other process."""
     modeling = sys.modules.get("transformers.modeling_utils")  # (not imported: no transformers model)
-    recorded, transformers_models = [], []
+    diffusers_modeling = sys.modules.get("diffusers.models.modeling_utils")
+    recorded, transformers_models, library_models = [], [], []
     for module in model.modules():  # (one walk of a model of many layers, where it is one transformers model)
         if "_original_class" in module.__dict__:
             recorded.append(module)
         if modeling is not None and isinstance(module, modeling.PreTrainedModel):
             transformers_models.append(module)
+            library_models.append(module)
+        elif diffusers_modeling is not None and isinstance(module, diffusers_modeling.ModelMixin):
+            library_models.append(module)
     if not recorded:
         return
     for module in transformers_models:
         if "_init_weights" not in module.__dict__:
             module._init_weights = _InitAsOriginal(module)
-    if transformers_models and transformers_models[0] is model:
+    if library_models and library_models[0] is model:
         return  # (every twin lies in it)
     read = set()
-    for module in transformers_models:
-        if id(module) not in read:  # (a transformers model inside another: read already)
+    for module in library_models:
+        if id(module) not in read:  # (a model inside another: read already)
             read.update(map(id, module.modules()))
     for module in recorded:
         if id(module) not in read:

@@ -9,11 +9,12 @@ torch.nn's classes, holding the same Parameter and buffer objects, attributes an
 
 Each twin of a torch.nn class becomes that class, except an :class:`~normlab.torch.RMSNorm`
 with a casting recipe or ``weight_offset``, which torch.nn.RMSNorm does not compute; a norm
-that :func:`~normlab.torch.convert` converted from a transformers model's own class
-(``LlamaRMSNorm``, a gated norm, ...) becomes that class again, and so do the decoder layers
-that ``convert(model, fuse=True)`` fused and their fused norms (their own forward again, and
-the model's ``_no_split_modules`` naming them as before). The rest (``Norm``, ``LayerNorm2d``,
-the fused blocks made by hand, the PyG twins) stay, and one warning lists them.
+that :func:`~normlab.torch.convert` converted from a transformers or diffusers model's own
+class (``LlamaRMSNorm``, a gated norm, diffusers' ``RMSNorm``, ...) becomes that class again,
+and so do the decoder layers that ``convert(model, fuse=True)`` fused and their fused norms
+(their own forward again, and the model's ``_no_split_modules`` naming them as before). The
+rest (``Norm``, ``LayerNorm2d``, the fused blocks made by hand, the PyG twins) stay, and one
+warning lists them.
 """
 
 from __future__ import annotations
