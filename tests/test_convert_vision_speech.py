@@ -239,3 +239,86 @@ def test_the_readmes_mask_hook_makes_each_padded_clip_of_a_converted_speech_mode
                 alone = original(scope["audio"][clip:clip + 1, :length]).last_hidden_state[0]
                 torch.testing.assert_close(scope["hidden"][clip, :len(alone)], alone, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(padded[1, :len(alone)], alone, atol=1e-2)  # what the hook is for
+
+
+_SPEECH = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+               conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
+               hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+               layerdrop=0.0, mask_time_prob=0.0)
+
+
+@pytest.mark.parametrize("family", ["Wav2Vec2", "Hubert", "WavLM", "UniSpeech", "UniSpeechSat"])
+def test_a_padded_batch_through_the_readmes_mask_hook_trains_each_clip_as_the_original_trains_it_alone(family):
+    """README's hook in training (dropout and SpecAugment off), a hypothesis property over the
+    clips' lengths: the padded batch's outputs and every parameter's gradient equal those of the
+    original transformers model run on each clip without its padding, in float64."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    config = getattr(transformers, f"{family}Config")(feat_extract_norm="group", **_SPEECH)
+    torch.manual_seed(0)
+    original = getattr(transformers, f"{family}Model")(config).double().train()
+    converted = nt.convert(copy.deepcopy(original))
+    lengths = torch.zeros(0, dtype=torch.long)
+
+    def pass_mask(norm, args, kwargs):  # as README's, the frames of real samples counted
+        frames = (lengths - config.conv_kernel[0]) // config.conv_stride[0] + 1
+        kwargs["mask"] = (torch.arange(args[0].shape[-1]) < frames[:, None])[:, None, :]
+        return args, kwargs
+
+    converted.feature_extractor.conv_layers[0].layer_norm.register_forward_pre_hook(pass_mask, with_kwargs=True)
+
+    @settings(max_examples=6)
+    @given(st.lists(st.integers(40, 400), min_size=1, max_size=3), st.integers(0, 2**16))
+    def padded_batch_trains_as_each_clip_alone(clip_lengths, seed):
+        nonlocal lengths
+        lengths = torch.tensor(clip_lengths)
+        generator = torch.Generator().manual_seed(seed)
+        real = torch.arange(max(clip_lengths)) < lengths[:, None]
+        audio = torch.randn(real.shape, generator=generator, dtype=torch.float64) * real
+        frames = converted._get_feat_extract_output_lengths(lengths).tolist()
+        projections = [torch.randn(n, config.hidden_size, generator=generator, dtype=torch.float64) for n in frames]
+        for model in (original, converted):
+            model.zero_grad(set_to_none=True)
+        padded = converted(audio, attention_mask=real.long()).last_hidden_state
+        sum((padded[clip, :n] * projection).sum() for clip, (n, projection) in enumerate(zip(frames, projections))
+            ).backward()
+        for clip, (length, projection) in enumerate(zip(clip_lengths, projections)):
+            alone = original(audio[clip:clip + 1, :length]).last_hidden_state[0]
+            (alone * projection).sum().backward()
+            torch.testing.assert_close(padded[clip, :len(alone)].detach(), alone.detach(), rtol=1e-9, atol=1e-9)
+        largest = max(p.grad.abs().max().item() for p in original.parameters() if p.grad is not None)
+        for (name, expected), actual in zip(original.named_parameters(), converted.parameters()):
+            assert (actual.grad is None) == (expected.grad is None), name
+            if expected.grad is not None:
+                torch.testing.assert_close(actual.grad, expected.grad, rtol=1e-7, atol=1e-9 * largest,
+                                           msg=lambda m: f"{name}: {m}")
+
+    padded_batch_trains_as_each_clip_alone()
+
+
+@pytest.mark.parametrize("family", ["SEW", "SEWD", "Data2VecAudio", "SpeechT5"])
+def test_the_speech_families_the_readme_says_no_mask_serves_give_otherwise_on_a_padded_batch_with_layer_norms(family):
+    # README: their pooling or positional convolutions read the padded frames, so even with a
+    # norm of each frame alone (feat_extract_norm="layer") a padded clip comes out otherwise
+    extra = dict(squeeze_factor=2, position_buckets=8, max_relative_positions=16) if family == "SEWD" else \
+        dict(squeeze_factor=2) if family == "SEW" else {}
+    if family == "SpeechT5":
+        extra = dict(encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                     encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_max_relative_position=16)
+    config = getattr(transformers, f"{family}Config")(feat_extract_norm="layer", **_SPEECH, **extra)
+    torch.manual_seed(0)
+    if family == "SpeechT5":
+        model = transformers.SpeechT5ForSpeechToText(config).speecht5.encoder
+    else:
+        model = getattr(transformers, f"{family}Model")(config)
+    model = model.double().eval()
+    lengths = torch.tensor([400, 241])
+    real = torch.arange(400) < lengths[:, None]
+    audio = torch.randn(real.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * real
+    with torch.no_grad():
+        padded = model(audio, attention_mask=real.long()).last_hidden_state
+        first, second = (model(audio[clip:clip + 1, :length]).last_hidden_state[0]
+                         for clip, length in enumerate(lengths.tolist()))
+    torch.testing.assert_close(padded[0], first, rtol=1e-9, atol=1e-9)  # (a clip without padding: as alone)
+    assert not torch.allclose(padded[1, :len(second)], second, atol=1e-3)
