@@ -129,6 +129,34 @@ def test_a_small_calls_thread_threshold_reads_the_pool_found_once_without_a_call
         torch.testing.assert_close(mine, theirs)
 
 
+@pytest.mark.parametrize("case", ["LayerNorm no_grad", "LayerNorm training", "BatchNorm1d eval"])
+def test_a_small_calls_tracing_check_is_torchs_own_flag_without_python_frames(case):
+    """Each eager call asks whether torch.jit.trace is recording it; the twins read
+    torch's flag itself, not ``torch.jit.is_tracing()``'s two frames around it (after
+    ``torch.compiler.is_compiling()``, which Dynamo answers first). Output and gradients
+    are still torch.nn's. Oracle: torch.nn's modules and torch autograd."""
+    import cProfile
+    import pstats
+
+    if case.startswith("BatchNorm1d"):
+        reference, twin = _pair("BatchNorm1d", 64, torch.float32)
+        x = torch.randn(64, 64)
+    else:
+        reference, twin = randomized_pair("LayerNorm", (64,), torch.float32)
+        x = torch.randn(2, 64, requires_grad=case.endswith("training"))
+    with torch.set_grad_enabled(case.endswith("training")):
+        twin(x)  # (builds the cached calls)
+        profile = cProfile.Profile()
+        y = profile.runcall(twin, x)
+    called = {name for _, _, name in pstats.Stats(profile).stats}
+    assert "is_tracing" not in called
+    torch.testing.assert_close(y, reference(x))
+    if x.requires_grad:
+        for mine, theirs in zip(torch.autograd.grad(y.sum(), (x, *twin.parameters())),
+                                torch.autograd.grad(reference(x).sum(), (x, *reference.parameters()))):
+            torch.testing.assert_close(mine, theirs)
+
+
 def test_batch_norm_eval_takes_torchs_op_below_the_crossover_and_the_fused_kernel_above(monkeypatch):
     from normlab import kernels
     from normlab.torch import compute

@@ -215,6 +215,9 @@ def _eval_kernel(x: Tensor, module, _recorded: bool = False) -> Optional[Tensor]
 
 
 _EVAL_DTYPES = (torch.float32, torch.float64)
+# torch.jit.is_tracing() without its two Python frames: it is this where no TorchScript runs (as in
+# the eager calls that read it here, after torch.compiler.is_compiling(), so that Dynamo never does)
+_is_tracing = torch._C._is_tracing
 _STRIDED = torch.strided  # (a module global: torch.strided is an attribute lookup on the torch module)
 # Batch norm in evaluation is one scale and shift per channel, with no statistics to keep
 # exact. Below this output size torch's own op is faster (measured on a 2-core AMD EPYC:
@@ -234,8 +237,8 @@ def _fast_rows(module, x: Tensor, eps: float, with_bias: bool = True, _recorded:
     whose output keeps its layout there); a strided view such as a slice of a packed
     projection stays here, and the kernels read it where it lies. Its Python is most of a
     small input's time, hence the inlined checks (those of ``_needs_torch_ops``)."""
-    if (type(x) is not Tensor or _PathSwitch.path != "auto" or not x.is_cpu or torch.jit.is_tracing()
-            or torch.compiler.is_compiling() or _functorch_active() or forward_ad._current_level >= 0
+    if (type(x) is not Tensor or _PathSwitch.path != "auto" or not x.is_cpu or torch.compiler.is_compiling()
+            or _is_tracing() or _functorch_active() or forward_ad._current_level >= 0
             or x.layout is not _STRIDED or x.is_nested or x.is_neg()):
         return None
     if _profiler._is_profiler_enabled and not _recorded:  # (an attribute read when no profiler runs)
@@ -470,8 +473,8 @@ def _batch_norm_forward(module, x: Tensor) -> Tensor:
         y = batch_train.repeat_step(module, x)
         if y is not None:
             return y
-    elif (_PathSwitch.path == "auto" and type(x) is Tensor and not torch.jit.is_tracing()
-          and not torch.compiler.is_compiling() and not _functorch_active()):
+    elif (_PathSwitch.path == "auto" and type(x) is Tensor and not torch.compiler.is_compiling()
+          and not _is_tracing() and not _functorch_active()):
         # (under torch.jit.trace sizes are traced tensors: its checks would warn; compiled or exported, the
         # size check would be a guard on the batch; under functorch's transforms the buffers may be batched,
         # with no memory to check; torch's forward runs there anyway)
