@@ -103,7 +103,34 @@ def test_fx_fuse_of_the_converted_model_in_eval_gives_torch_nn_outputs():
 
     x = batch()
     reference, converted = pair()
-    assert_close(fuse(converted.eval())(x), reference.eval()(x))
+    with pytest.warns(UserWarning, match="optimization.fuse leaves normlab's BatchNorm2d unfused"):
+        fused = fuse(converted.eval())
+    assert_close(fused(x), reference.eval()(x))
+
+
+def test_fx_fuse_warns_for_each_batch_norm_twin_it_would_have_folded_and_folds_them_after_unconvert():
+    """torch.fx.experimental.optimization.fuse matches torch.nn's exact classes: each batch
+    norm twin after a convolution or linear layer says it stays unfused and names the fixes
+    (one after a ReLU, which fuse leaves alone anyway, says nothing). Oracle: torch's fuse of
+    the model never converted, whose modules unconvert then gives it."""
+    import warnings
+
+    from torch.fx.experimental.optimization import fuse
+
+    original = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4), nn.Flatten(1),
+                             nn.Linear(64, 5), nn.BatchNorm1d(5)).eval()
+    converted = nt.convert(copy.deepcopy(original))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fuse(converted)
+    named = [str(w.message).split("normlab's ")[1].split(" ")[0] for w in caught
+             if "torch.fx.experimental.optimization.fuse leaves" in str(w.message)]
+    assert named == ["BatchNorm2d", "BatchNorm1d"]
+    assert "fuse_modules" in str(caught[0].message) and "unconvert" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = fuse(nt.unconvert(converted))
+    assert [type(m) for m in fused.modules()][1:] == [type(m) for m in fuse(original).modules()][1:]
 
 
 def test_jit_trace_saves_loads_and_gives_torch_nn_outputs():

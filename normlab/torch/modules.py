@@ -91,7 +91,7 @@ def _fx_call_module(module: nn.Module, proxy, **kwargs) -> "torch.fx.Proxy":
         for node in unset:
             proxy.tracer.graph.erase_node(node)
         return root(proxy)
-    warn_if_fx_quantizing(module, proxy.tracer)
+    warn_if_fx_quantizing(module, proxy.tracer, proxy)
     return proxy.tracer.create_proxy("call_module", path, (proxy,), kwargs)
 
 

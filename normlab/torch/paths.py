@@ -191,29 +191,50 @@ def profiled(module, run, *args):
         return run(*args)
 
 
-def warn_if_fx_quantizing(module, tracer) -> None:
+def warn_if_fx_quantizing(module, tracer, proxy=None) -> None:
     """Warn where ``tracer`` is FX graph mode quantization's (``prepare_fx``, ``prepare_qat_fx``),
     or torch.fx's own tracer called by ``fuse_fx``: each matches torch.nn's exact classes and
-    leaves ``module``, a twin, unfused (unobserved and in float)."""
+    leaves ``module``, a twin, unfused (unobserved and in float). Also where
+    ``torch.fx.experimental.optimization.fuse`` traces a batch norm twin whose input
+    (``proxy``) is a convolution's or linear layer's output, which it would have folded."""
     if type(tracer).__module__.startswith("torch.ao.quantization."):
         tool = "prepare_fx or prepare_qat_fx"
-    elif _called_by_fuse_fx():
+    elif _on_stack("torch.ao.quantization.quantize_fx", "fuse_fx"):
         tool = "fuse_fx"
     else:
+        if _on_stack("torch.fx.experimental.optimization", "fuse") and _folded_by_fx_fuse(module, tracer, proxy):
+            warnings.warn(f"torch.fx.experimental.optimization.fuse leaves normlab's {type(module).__name__} unfused, "
+                          "as it matches torch.nn's exact classes: fuse with torch.ao.quantization.fuse_modules, "
+                          "which folds normlab's batch norms, or call normlab.torch.unconvert(model) first, which "
+                          "gives back torch.nn's classes", UserWarning, stacklevel=2)
         return
     warnings.warn(f"FX graph mode quantization leaves normlab's {type(module).__name__} unfused and in float, as "
                   f"it matches torch.nn's exact classes: call normlab.torch.unconvert(model) before {tool}, "
                   "which gives back torch.nn's classes", UserWarning, stacklevel=2)
 
 
-def _called_by_fuse_fx() -> bool:
-    """Whether ``torch.ao.quantization.quantize_fx.fuse_fx`` is on the stack: it traces with
-    ``torch.fx.symbolic_trace``, whose tracer says nothing of who called it."""
-    quantize_fx = sys.modules.get("torch.ao.quantization.quantize_fx")
-    fuse_fx = getattr(getattr(quantize_fx, "fuse_fx", None), "__code__", None)
+def _on_stack(module_name: str, function_name: str) -> bool:
+    """Whether the function (of a module already imported) is on the stack: the fx fusers
+    trace with ``torch.fx.symbolic_trace``, whose tracer says nothing of who called it."""
+    code = getattr(getattr(sys.modules.get(module_name), function_name, None), "__code__", None)
     frame = sys._getframe(1)
-    while fuse_fx is not None and frame is not None:
-        if frame.f_code is fuse_fx:
+    while code is not None and frame is not None:
+        if frame.f_code is code:
             return True
         frame = frame.f_back
     return False
+
+
+def _folded_by_fx_fuse(module, tracer, proxy) -> bool:
+    """Whether ``torch.fx.experimental.optimization.fuse`` folds a torch.nn batch norm in
+    ``module``'s place: its input is the output of a ``Conv1d``/``2d``/``3d`` or ``Linear``."""
+    from torch import nn
+
+    node = getattr(proxy, "node", None)
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or node is None or node.op != "call_module":
+        return False
+    try:
+        producer = tracer.root.get_submodule(node.target)
+    except AttributeError:
+        return False
+    return type(producer) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
