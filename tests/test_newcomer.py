@@ -289,3 +289,45 @@ def test_the_readme_states_the_bench_default_repeats():
     assert f"the median of {bench.DEFAULT_REPEATS} timed calls" in README
     assert f"(default {bench.DEFAULT_REPEATS}" in cli.build_parser()._subparsers._group_actions[0] \
         .choices["bench"].format_help()
+
+
+def _signature_rows():
+    """The README's table cells that spell a normlab.torch class's constructor,
+    ``Name(arg, arg=default, ..., *, keyword=default, **sizes)``: (name, items)."""
+    found = []
+    for line in README.splitlines():
+        if not line.startswith("| `"):
+            continue
+        for name, inside in re.findall(r"`([A-Z]\w*)\(([^`()]*)\)`", line):
+            items = [item.strip() for item in inside.split(",")]
+            if all(re.fullmatch(r"\.\.\.|\*|\*\*\w+|[a-z_]\w*(=.+)?", item) for item in items):
+                found.append((name, items))
+    return found
+
+
+def test_readme_constructor_rows_name_each_argument_where_the_class_takes_it():
+    """A row such as ``RMSNorm(normalized_shape, eps=None, casting=None)`` tells a user that
+    ``RMSNorm(128, 1e-6, "llama")`` sets the recipe; each argument listed before ``...`` or
+    ``*`` must be the class's positional parameter at that place, and each one after ``*``
+    one it takes by keyword. Oracle: the classes' own signatures (inspect)."""
+    import inspect
+
+    nt = pytest.importorskip("normlab.torch")
+    rows = [(name, items) for name, items in _signature_rows() if isinstance(getattr(nt, name, None), type)]
+    assert len(rows) >= 8
+    wrong = []
+    for name, items in rows:
+        parameters = list(inspect.signature(getattr(nt, name).__init__).parameters.values())[1:]
+        positional = [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
+        by_keyword = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        in_order = True
+        for place, item in enumerate(items):
+            if item in ("...", "*") or item.startswith("**"):
+                in_order = False
+                continue
+            argument = item.split("=")[0]
+            if in_order and (place >= len(positional) or positional[place] != argument):
+                wrong.append(f"{name}: {argument!r} listed as argument {place + 1}")
+            elif not in_order and argument not in by_keyword:
+                wrong.append(f"{name}: no keyword {argument!r}")
+    assert wrong == []
