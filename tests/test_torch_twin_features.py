@@ -352,3 +352,38 @@ def test_the_profiler_lists_each_twin_call_by_the_name_of_torch_nns_op(name, mak
     assert len(ops) == 1
     # (or torch's own op, where the twin calls it: batch norm in evaluation on small inputs)
     assert names["twin"].get(f"normlab::{ops[0]}") == 1 or names["twin"].get(f"aten::{ops[0]}") == 1
+
+
+_PROFILED_MASKED = [(make, shape, mask_shape, grad) for make, shape, mask_shape in (
+    (lambda: nn.LayerNorm(16), (3, 5, 16), (3, 5, 1)), (lambda: nn.RMSNorm(16), (3, 5, 16), (3, 5, 1)),
+    (lambda: nn.GroupNorm(2, 4), (3, 4, 5), (3, 1, 5)), (lambda: nn.BatchNorm1d(4), (3, 4, 5), (3, 1, 5)),
+    (lambda: nn.InstanceNorm1d(4), (3, 4, 5), (3, 1, 5))) for grad in (True, False)]
+
+
+@pytest.mark.parametrize("make, shape, mask_shape, grad", _PROFILED_MASKED,
+                         ids=[f"{type(case[0]()).__name__}, {'grad' if case[3] else 'no_grad'}"
+                              for case in _PROFILED_MASKED])
+def test_the_profiler_lists_a_twins_call_with_a_mask_by_the_name_of_torch_nns_op(make, shape, mask_shape, grad):
+    """A twin called with ``mask=`` runs the masked kernels: its call shows in
+    ``prof.key_averages()`` under normlab's name of torch.nn's op, as its calls without a mask
+    do. Oracle: the op name torch's profiler gives torch.nn's module (which has no mask)."""
+    from torch.profiler import profile
+
+    reference = make()
+    twin = nt.convert(copy.deepcopy(reference))
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=generator, requires_grad=grad)
+    mask = torch.ones(mask_shape, dtype=torch.bool)
+    mask[0, ..., -2:] = False
+    names = {}
+    for label, call in (("torch.nn", lambda: reference(x)), ("twin", lambda: twin(x, mask=mask))):
+        with torch.set_grad_enabled(grad):
+            call()
+            with profile() as prof:
+                call()
+        names[label] = {event.key: event.count for event in prof.key_averages()}
+    ops = [key.split("::")[1] for key in names["torch.nn"]
+           if key in {f"aten::{op}" for op in ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")}]
+    # (torch's instance_norm calls its batch_norm: the outer op names the module)
+    op = next(name for name in ops if name != "batch_norm") if len(ops) > 1 else ops[0]
+    assert names["twin"].get(f"normlab::{op}") == 1, sorted(names["twin"])

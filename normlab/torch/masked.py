@@ -20,7 +20,7 @@ from normlab.notation import parse_pattern
 from normlab.plan import make_plan, merge_sizes
 from normlab.torch.compute import _expanded_param, _fake
 from normlab.torch.ops import _functorch_active, _grads_of, _needs_torch_backward, _spec_of, _vmapped
-from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx
+from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx, _profiler, profiled
 from normlab.torch.spec import PlanFacts, Spec, _sizes_dict, param_view
 from normlab.torch.thread_warnings import ignored_in_this_thread
 
@@ -520,11 +520,12 @@ def normalize_masked(x: Tensor, pattern: str, *, weight: Optional[Tensor] = None
 def _run_masked(x: Tensor, spec: Spec, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                 mask: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
                 num_segments: Optional[int] = None, segment_axis: Optional[str] = None,
-                then: Optional[Callable[[Tensor, Tensor, Tensor], None]] = None) -> MaskedResult:
+                then: Optional[Callable[[Tensor, Tensor, Tensor], None]] = None, module=None) -> MaskedResult:
     """:func:`normalize_masked` of a built ``spec``. ``then(mean, rstd, count)`` runs once
     the statistics are known and before anything is saved for backward: where the modules
     update their running statistics, as torch.nn's ops do inside, so that the recomputation
-    of ``torch.utils.checkpoint``, which stops at the last saved tensor, updates them too."""
+    of ``torch.utils.checkpoint``, which stops at the last saved tensor, updates them too.
+    ``module``: the twin whose call torch's profiler lists (:func:`normlab.torch.paths.profiled`)."""
     pattern = spec.pattern
     given_segments = num_segments
     tracing = torch.jit.is_tracing()  # (asked once a call)
@@ -589,7 +590,12 @@ def _run_masked(x: Tensor, spec: Spec, weight: Optional[Tensor], bias: Optional[
     # (torch.jit.trace cannot record operations inside a Function's forward: after it there)
     inside = then if eager and not tracing else None
     try:
-        y, mean, rstd, count = _Eager.apply(*args, inside) if eager else _forward_op(*args)
+        if not eager:
+            y, mean, rstd, count = _forward_op(*args)
+        elif _profiler._is_profiler_enabled:  # (an attribute read when no profiler runs; never while compiling)
+            y, mean, rstd, count = profiled(module, _Eager.apply, *args, inside)
+        else:
+            y, mean, rstd, count = _Eager.apply(*args, inside)
     except (ShapeError, ParamsError) as error:
         if segment_ids is not None and given_segments is None:
             # the op was handed max(ids) + 1: refuse in the words for the ids alone, which

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from normlab.masked import missing_axes_fix
 from normlab.torch.compute import _fake, _statistics_update
-from normlab.torch.masked import SEGMENTS_DO_NOT_EXPORT, _run_masked, normalize_masked
+from normlab.plan import merge_sizes
+from normlab.torch.masked import SEGMENTS_DO_NOT_EXPORT, _run_masked
 from normlab.torch.ops import _vmapping
 from normlab.torch.paths import _exporting_to_onnx, _holds_expanded_weights, expanded_weights_refusal
 from normlab.torch.spec import Spec, elementwise_layout, rms_default_eps
@@ -139,8 +140,8 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
         if casting is not None:  # x̂ in float32, then the recipe's casts and weight, as its kernel path does
             from normlab.torch.casting import apply_recipe_scale, compute_dtype
 
-            normalized = normalize_masked(x.to(compute_dtype(x.dtype)), spec.pattern, eps=eps, rms=True, mask=mask,
-                                          sizes=spec.size_dict).y
+            normalized = _masked(module, x.to(compute_dtype(x.dtype)), spec.pattern, None, None, None, eps, True,
+                                 mask, spec.size_dict).y
             weight = module.weight
             if (weight is None or mask is None
                     or not (weight.requires_grad and torch.is_grad_enabled()) and not _capturing()):
@@ -162,8 +163,7 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
         # torch.nn's layer norms read their bias as an attribute: del norm.bias raises there, and
         # so here, as the twins' calls without mask= do (torch.nn's RMSNorm has none, Norm its own rule)
         bias = module.bias if isinstance(module, nn.LayerNorm) else getattr(module, "bias", None)
-        y = normalize_masked(x, spec.pattern, weight=weight, bias=bias, params=spec.params,
-                             eps=eps, rms=spec.rms, mask=mask, sizes=spec.size_dict).y
+        y = _masked(module, x, spec.pattern, weight, bias, spec.params, eps, spec.rms, mask, spec.size_dict).y
         return _unmasked_layout(module, x, y)
 
     except RuntimeError:
@@ -211,6 +211,13 @@ def _unmasked_layout(module, x: Tensor, y: Tensor) -> Tensor:
     return y.contiguous()
 
 
+def _masked(module, x: Tensor, pattern: str, weight, bias, params, eps: float, rms: bool, mask: Tensor, sizes=None):
+    """``normalize_masked(x, pattern, ...)`` as the twin ``module``'s call, which torch's profiler
+    lists under its name (``normlab::layer_norm``), as its calls without ``mask=``."""
+    spec = Spec.build(pattern, params, rms, **merge_sizes(pattern, sizes, {}, x.shape))
+    return _run_masked(x, spec, weight, bias, eps, mask, module=module)
+
+
 def _batch_norm(module, x: Tensor, mask: Tensor) -> Tensor:
     from normlab.torch.compute import _apply_stats, _average_factor, _channel_shape
 
@@ -228,7 +235,7 @@ def _batch_norm(module, x: Tensor, mask: Tensor) -> Tensor:
                     counted=count.reshape(channels) > 0)
 
     spec = Spec.build("[b] c [...]", None if module.weight is None else "c")
-    return _run_masked(x, spec, module.weight, module.bias, module.eps, mask, then=update).y
+    return _run_masked(x, spec, module.weight, module.bias, module.eps, mask, then=update, module=module).y
 
 
 def _instance_norm(module, x: Tensor, mask: Tensor) -> Tensor:
@@ -241,9 +248,8 @@ def _instance_norm(module, x: Tensor, mask: Tensor) -> Tensor:
         mask = mask.unsqueeze(0) if mask.dim() == x.dim() else mask
     if module.training or not module.track_running_stats:
         batch, channels = x.shape[:2]
-        y, mean, rstd, count = normalize_masked(x, "b c [...]", weight=module.weight, bias=module.bias,
-                                                params=None if module.weight is None else "c", eps=module.eps,
-                                                mask=mask)
+        y, mean, rstd, count = _masked(module, x, "b c [...]", module.weight, module.bias,
+                                       None if module.weight is None else "c", module.eps, False, mask)
         # torch's rule on each sample with its padding removed: more than one spatial element
         # (an all-padding sample has no statistics, as in batch norm)
         _check_counts(module, x, count, allow_empty=True, more="count more than one position of each sample")
@@ -296,5 +302,5 @@ def _norm(module, x: Tensor, mask, segment_ids, num_segments, segment_axis) -> T
                 counted=counted.reshape(module.running_mean.shape))
 
     y = _run_masked(x, spec, module.weight, module.bias, module.eps, mask, segment_ids, num_segments, segment_axis,
-                    then=update).y
+                    then=update, module=module).y
     return _unmasked_layout(module, x, y)
