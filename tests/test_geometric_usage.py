@@ -507,3 +507,62 @@ def test_a_compiled_twin_is_not_compiled_again_after_an_import_as_pygs_layer_is_
             del sys.modules[name_]
         counts.append(counter.frame_count)
     assert counts[0] == counts[1] == 1
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "batch_norm", "graph_layer_norm", "instance_norm", "graph_norm"])
+def test_a_reversible_gnn_of_converted_norms_trains_as_pygs_which_frees_and_refills_its_activations(norm):
+    """PyG's reversible GNN (``GroupAddRev``, its ``rev_gnn`` example: norm, ReLU, conv per
+    group) frees each layer's input and output with ``untyped_storage().resize_(0)`` and
+    refills them in backward. A twin read its input through ``Tensor.numpy()``, which marks
+    the storage non-resizable for good, so the backward of the converted model raised
+    "Trying to resize storage that is not resizable" (the torch.nn LayerNorm of PyG's
+    example); it now gives the unconverted model's output, gradients and running statistics."""
+    from torch_geometric.nn import GroupAddRev, SAGEConv
+
+    import normlab.torch as nt
+
+    make = {"layer_norm": lambda: torch.nn.LayerNorm(4), "batch_norm": lambda: torch.nn.BatchNorm1d(4),
+            "graph_layer_norm": lambda: pyg_norm.LayerNorm(4),
+            "instance_norm": lambda: pyg_norm.InstanceNorm(4, affine=True, track_running_stats=True),
+            "graph_norm": lambda: pyg_norm.GraphNorm(4)}[norm]
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.conv = make(), SAGEConv(4, 4)
+
+        def reset_parameters(self):
+            self.conv.reset_parameters()
+
+        def forward(self, x, edge_index, batch):
+            x = self.norm(x) if norm in ("layer_norm", "batch_norm") else self.norm(x, batch)
+            return self.conv(x.relu(), edge_index)
+
+    torch.manual_seed(0)
+    theirs = torch.nn.ModuleList(GroupAddRev(Block(), num_groups=2) for _ in range(2)).double()
+    ours = copy.deepcopy(theirs)
+    nt.convert(ours)
+    g = torch.Generator().manual_seed(9)
+    batch = torch.randint(0, 40, (600,), generator=g).sort().values  # (large enough for the kernels' paths)
+    x = torch.randn(600, 8, generator=g, dtype=torch.float64) * 2 + 1  # 8 channels: two groups of 4
+    edges = torch.randint(0, 600, (2, 1800), generator=g)
+    results = []
+    for model in (ours, theirs):
+        nodes = x.clone().requires_grad_()
+        h = nodes
+        for layer in model:
+            h = layer(h, edges, batch)
+        out = h.detach().clone()  # (its memory is freed in backward)
+        try:
+            h.pow(2).sum().backward()
+        except RuntimeError as error:  # (a long traceback would show tensors whose memory is freed)
+            pytest.fail(f"{type(error).__name__}: {error}", pytrace=False)
+        results.append((out, nodes.grad, [p.grad for p in model.parameters()],
+                        {k: v.detach() for k, v in model.state_dict().items()}))
+    (y, grad, grads, state), (y_ref, grad_ref, grads_ref, state_ref) = results
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(grad, grad_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+    for key, value in state_ref.items():
+        torch.testing.assert_close(state[key], value, msg=key)

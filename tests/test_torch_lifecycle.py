@@ -490,3 +490,37 @@ def test_instance_norm_parameters_changed_in_place_before_backward_give_torch_nn
         grads.append((x_leaf.grad, module.weight.grad, module.bias.grad))
     for actual, expected in zip(grads[1], grads[0]):
         torch.testing.assert_close(actual, expected, **TOLERANCE)
+
+
+_LARGE = [  # (shapes past the size where the kernels take over from torch's operations)
+    ("batch_norm_1d", lambda: nn.BatchNorm1d(64), (512, 64)),
+    ("batch_norm_2d", lambda: nn.BatchNorm2d(16), (8, 16, 32, 32)),
+    ("layer_norm", lambda: nn.LayerNorm(256), (64, 256)),
+    ("rms_norm", lambda: nn.RMSNorm(256), (64, 256)),
+    ("group_norm", lambda: nn.GroupNorm(4, 16), (8, 16, 32, 32)),
+    ("instance_norm_2d", lambda: nn.InstanceNorm2d(16, affine=True, track_running_stats=True), (8, 16, 32, 32)),
+]
+
+
+@pytest.mark.parametrize("make, shape", [case[1:] for case in _LARGE], ids=[case[0] for case in _LARGE])
+@pytest.mark.parametrize("how", ["train", "no_grad", "eval"])
+def test_a_twin_leaves_the_storage_of_its_input_and_gradient_resizable_as_torch_nn_does(make, shape, how):
+    """Tools free and refill activations with ``untyped_storage().resize_`` (PyG's
+    reversible GNNs, GroupAddRev, their layers' inputs and outputs): torch.nn's norms leave
+    the storage of their input and of the incoming gradient resizable, and so do the twins;
+    they read them through ``Tensor.numpy()``, which marks the storage non-resizable for
+    good, and the next ``resize_`` raised "Trying to resize storage that is not resizable"."""
+    original = make()
+    for module in (original, nt.convert(copy.deepcopy(original))):
+        module.train(how != "eval")
+        x = torch.randn(shape)
+        if how == "train":
+            x.requires_grad_()
+            grad = torch.randn(shape)
+            module(x).backward(grad)
+            assert grad.untyped_storage().resizable(), type(module)
+        else:
+            with torch.no_grad():
+                module(x)
+        assert x.untyped_storage().resizable(), type(module)
+        x.untyped_storage().resize_(0)  # (what the tools do)

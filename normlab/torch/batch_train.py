@@ -27,7 +27,7 @@ from normlab.kernels import pool
 from normlab.torch.ops import _bias_to_save, _grads_of, _needs_torch_backward, _saved_bias
 from normlab.torch.paths import _needs_torch_ops, _PathSwitch, _profiler, profiled
 from normlab.torch.row_autograd import traced_backward
-from normlab.torch.spec import _ABSENT, affine_parameters, module_cache, param_view, tensor_layout
+from normlab.torch.spec import _ABSENT, affine_parameters, array_view, module_cache, param_view, tensor_layout
 
 _NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64}
 _MAX_CALLS = 64  # shapes remembered per module
@@ -49,7 +49,7 @@ class TrainCall:
 
     def engine(self, t: Tensor) -> np.ndarray:
         t = t.detach()
-        return (t if self.perm is None else t.permute(self.perm)).numpy().reshape(self.view)
+        return array_view(t if self.perm is None else t.permute(self.perm)).reshape(self.view)
 
     def output(self) -> tuple[Tensor, np.ndarray]:
         """A new tensor laid out as x, and its engine view."""

@@ -21,7 +21,7 @@ from normlab.torch import batch_train, row_autograd
 from normlab.torch.ops import _EagerNormalize, _functorch_active, _is_eager, _normalize_op, _vmapping
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path, _profiler, profiled
 from normlab.torch.spec import (PlanFacts, Spec, _dense_perm, _empty_like_dense, _engine_view, _has_gaps,
-                                affine_parameters, module_buffer, module_cache, param_view, torch_layout)
+                                affine_parameters, array_view, module_buffer, module_cache, param_view, torch_layout)
 
 
 def _in_compute_dtype(compute):
@@ -302,7 +302,7 @@ class _FastRows:
         tables = self.params.of(weight, bias)
         if tables is None:
             return None
-        y = self.forward.run(x.numpy() if not x.requires_grad else x.detach().numpy(), *tables, eps)
+        y = self.forward.run(array_view(x), *tables, eps)
         return torch.from_numpy(y)
 
     def contiguous(self, x: Tensor, weight, bias, eps: float) -> Optional[Tensor]:
@@ -310,7 +310,7 @@ class _FastRows:
         tables = self.params.of(weight, bias)
         if tables is None:
             return None
-        return torch.from_numpy(self.runner(x.numpy() if not x.requires_grad else x.detach().numpy(), *tables, eps))
+        return torch.from_numpy(self.runner(array_view(x), *tables, eps))
 
 
 _NUMPY_OF = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}

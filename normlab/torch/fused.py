@@ -41,7 +41,7 @@ from normlab.torch.ops import _grads_of, _needs_torch_backward
 from normlab.torch.paths import PLAIN_PARAMETERS as _EAGER_TYPES
 from normlab.torch.paths import (_exporting_to_onnx, _holds_expanded_weights, _needs_torch_ops, _small_forward_fits,
                                  expanded_weights_refusal, warn_if_fx_quantizing)
-from normlab.torch.spec import (Unscriptable, param_view, parametrizations_computed, refuse_non_tensor,
+from normlab.torch.spec import (Unscriptable, array_view, param_view, parametrizations_computed, refuse_non_tensor,
                                rms_default_eps)
 from normlab.torch.thread_warnings import ignored_in_this_thread
 
@@ -83,21 +83,15 @@ class Block:
 
 
 def _numpy(t: Optional[Tensor]):
-    """A tensor's memory as an array: bfloat16 as its 16-bit patterns (``uint16``), which
-    is how the half kernels read it."""
-    if t is None:
-        return None
-    if t.dtype == torch.bfloat16:
-        return t.detach().view(torch.int16).numpy().view(np.uint16)
-    return t.detach().numpy()
-
-
-def _param_numpy(t: Optional[Tensor]):
-    """A parameter's memory as :func:`_numpy` gives it, its storage left resizable
-    (:func:`~normlab.torch.spec.param_view`)."""
+    """A tensor's memory as an array, its storage left resizable
+    (:func:`~normlab.torch.spec.array_view`): bfloat16 as its 16-bit patterns (``uint16``),
+    which is how the half kernels read it."""
     if t is not None and t.dtype == torch.bfloat16:
-        return param_view(t.detach().view(torch.int16)).view(np.uint16)
-    return param_view(t)
+        return array_view(t.detach().view(torch.int16)).view(np.uint16)
+    return array_view(t)
+
+
+_param_numpy = _numpy  # (the parameters' call sites)
 
 
 def _from_rows(a: np.ndarray, shape, dtype: torch.dtype) -> Tensor:
@@ -152,7 +146,7 @@ class _FusedFunction(torch.autograd.Function):
             return _composite_backward(block, (total, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
         has_residual, _, _, has_bias, _, _ = ctx.has
         grads = fused.normalize_backward(
-            grad_y.numpy(), total.numpy(), block.pattern, weight=_param_numpy(weight), bias=_param_numpy(bias),
+            _numpy(grad_y), _numpy(total), block.pattern, weight=_param_numpy(weight), bias=_param_numpy(bias),
             gate=_numpy(gate), scale=_numpy(scale), shift=_numpy(shift),
             grad_sum=_numpy(grad_total) if has_residual else None, mean=_numpy(mean), rstd=_numpy(rstd),
             **dict(block.keywords(), params=block.params if (weight is not None or has_bias) else None))

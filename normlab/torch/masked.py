@@ -21,7 +21,7 @@ from normlab.plan import make_plan, merge_sizes
 from normlab.torch.compute import _expanded_param, _fake
 from normlab.torch.ops import _functorch_active, _grads_of, _needs_torch_backward, _spec_of, _vmapped
 from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx, _profiler, profiled
-from normlab.torch.spec import PlanFacts, Spec, _sizes_dict, param_view
+from normlab.torch.spec import PlanFacts, Spec, _sizes_dict, array_view, param_view
 from normlab.torch.thread_warnings import ignored_in_this_thread
 
 __all__ = ["normalize_masked", "MaskedResult", "check_segment_ids"]
@@ -74,7 +74,7 @@ def check_segment_ids(x: Tensor, pattern: str, segment_ids: Tensor, num_segments
 
 
 def _numpy(t: Optional[Tensor]):
-    return None if t is None else t.detach().contiguous().numpy()
+    return None if t is None else array_view(t.detach().contiguous())
 
 
 def _hints(shape) -> tuple[int, ...]:

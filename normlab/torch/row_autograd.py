@@ -17,7 +17,7 @@ from torch import Tensor
 from normlab.torch.ops import (_bias_to_save, _differentiable_backward, _is_layer_norm, _needs_torch_backward,
                                _normalize_backward_op, _saved_bias, _spec_of)
 from normlab.torch.paths import PLAIN_PARAMETERS as _EAGER_PARAMS
-from normlab.torch.spec import param_view, tensor_layout
+from normlab.torch.spec import array_view, param_view, tensor_layout
 
 
 class RowGradCall:
@@ -114,7 +114,7 @@ class _RowFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, call: RowGradCall, tables, eps: float):  # the ctx-first form: no signature binding
-        x_array = x.detach().numpy()
+        x_array = array_view(x)
         if x_array.flags.c_contiguous:
             y, mean, rstd = call.contiguous(x_array, *tables, eps)
         else:
@@ -151,8 +151,7 @@ class _RowFunction(torch.autograd.Function):
         # x as saved_tensors gives it back: under saved-tensor hooks (activation offloading,
         # checkpointing) that is the hook's copy, and the forward's x may be freed or changed
         # (grad_y.detach() only where it requires grad: rarely, and a detach costs a small call 0.3 µs)
-        grad_x, grad_w, grad_b = call.backward((grad_y.detach() if grad_y.requires_grad else grad_y).numpy(),
-                                               x.detach().numpy(), weight_table,
+        grad_x, grad_w, grad_b = call.backward(array_view(grad_y), array_view(x), weight_table,
                                                None if mean is None else mean.numpy(), rstd.numpy(),
                                                need_weight or need_bias)
         return (torch.from_numpy(grad_x) if need_x else None,

@@ -318,7 +318,7 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 def _engine_view(t: Tensor, perm) -> np.ndarray:
     t = t.detach()
-    return (t if perm is None else t.permute(perm)).numpy()
+    return array_view(t if perm is None else t.permute(perm))
 
 
 class _TensorMemory:
@@ -333,15 +333,17 @@ _TYPESTR = {dtype: np.dtype(numpy_dtype).str for dtype, numpy_dtype in
              (torch.int16, np.int16))}
 
 
-def param_view(t: Optional[Tensor]) -> Optional[np.ndarray]:
-    """A NumPy view of a CPU parameter's memory that leaves its storage resizable (None
-    stays None). ``Tensor.numpy()`` marks the storage non-resizable for good, and FSDP2
-    (``fully_shard``) frees and refills its unsharded parameters' storage with
-    ``resize_`` around each forward and backward, which then raises. Such memory may move
-    between calls: a view kept that long is checked with :func:`tensor_layout` first.
+def array_view(t: Optional[Tensor]) -> Optional[np.ndarray]:
+    """A NumPy view of a CPU tensor's memory that leaves its storage resizable (None stays
+    None), for the kernels to read inputs, gradients and parameters. ``Tensor.numpy()`` marks
+    the storage non-resizable for good, and tools free and refill memory with ``resize_``,
+    which then raises: FSDP2 (``fully_shard``) its unsharded parameters around each forward
+    and backward, PyG's reversible GNNs (``GroupAddRev``) their layers' inputs and outputs.
+    Such memory may move between calls: a view kept that long is checked with
+    :func:`tensor_layout` first.
 
     >>> w = torch.ones(3, requires_grad=True)
-    >>> param_view(w)[1] = 2.0
+    >>> array_view(w)[1] = 2.0
     >>> w.detach(), w.untyped_storage().resizable()
     (tensor([1., 2., 1.]), True)
     """
@@ -356,8 +358,11 @@ def param_view(t: Optional[Tensor]) -> Optional[np.ndarray]:
     memory.__array_interface__ = {"data": (t.data_ptr(), False), "shape": tuple(t.shape), "typestr": typestr,
                                   "version": 3,
                                   # (None: C order, as parameters are; a generator is two Python calls a view)
-                                  "strides": None if t.is_contiguous() else tuple(s * t.itemsize for s in t.stride())}
+                                  "strides": None if t.is_contiguous() else tuple(map(t.itemsize.__mul__, t.stride()))}
     return np.asarray(memory)
+
+
+param_view = array_view  # (the name the parameters' call sites read)
 
 
 def _inverse(perm):
