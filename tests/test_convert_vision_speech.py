@@ -322,3 +322,32 @@ def test_the_speech_families_the_readme_says_no_mask_serves_give_otherwise_on_a_
                          for clip, length in enumerate(lengths.tolist()))
     torch.testing.assert_close(padded[0], first, rtol=1e-9, atol=1e-9)  # (a clip without padding: as alone)
     assert not torch.allclose(padded[1, :len(second)], second, atol=1e-3)
+
+
+def test_the_readmes_masked_normalization_of_raw_audio_is_wav2vec2s_feature_extractor_normalization():
+    """README's block, run as written, then a hypothesis property over clip lengths and levels:
+    normalize(audio, "b [t]", mask=real, eps=1e-7) with the padding set to 0 is
+    Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm, transformers' per-clip NumPy loop."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    import normlab
+
+    normalize_clips = transformers.Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm
+    scope = {}
+    exec(compile(_readme_block('"b [t]", mask=real, eps=1e-7'), "README.md block", "exec"), scope)
+    expected = normalize_clips(list(scope["audio"]), scope["real"].astype(np.int32), padding_value=0.0)
+    np.testing.assert_allclose(scope["input_values"], np.stack(expected), rtol=1e-5, atol=1e-5)
+
+    @given(st.lists(st.integers(2, 300), min_size=1, max_size=4), st.floats(-1e3, 1e3), st.floats(1e-2, 1e2),
+           st.integers(0, 2**16))
+    def each_clip_as_the_feature_extractor_normalizes_it(lengths, level, spread, seed):
+        real = np.arange(max(lengths)) < np.array(lengths)[:, None]
+        noise = np.random.default_rng(seed).standard_normal(real.shape)
+        audio = np.where(real, level + spread * noise, 0).astype(np.float32)
+        actual = np.where(real, normlab.normalize(audio, "b [t]", mask=real, eps=1e-7), 0)
+        expected = np.stack(normalize_clips(list(audio), real.astype(np.int32), padding_value=0.0))
+        assert actual.dtype == expected.dtype
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+    each_clip_as_the_feature_extractor_normalizes_it()
