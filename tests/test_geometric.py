@@ -351,3 +351,29 @@ def test_instance_norm_twin_without_a_batch_vector_on_half_nodes_keeps_pygs_floa
         torch.testing.assert_close(y, expected)
     for name in ("running_mean", "running_var"):
         torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=1e-6, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "evaluation_without_running_statistics"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_the_profiler_lists_the_instance_norm_twins_call_by_the_name_of_pygs_op(training, grad):
+    """PyG's InstanceNorm without a batch vector shows in ``prof.key_averages()`` as torch's
+    ``aten::instance_norm``; its twin, which runs the kernels there, as ``normlab::instance_norm``
+    (as the torch.nn twins do), and so with a batch vector. Oracle: the op name torch's
+    profiler gives PyG's module."""
+    from torch.profiler import profile
+
+    reference = pyg_norm.InstanceNorm(8, affine=True).train(training)
+    twin = geometric.InstanceNorm(8, affine=True).train(training)
+    x = torch.randn(12, 8, generator=torch.Generator().manual_seed(3), requires_grad=grad)
+    batch = torch.tensor([0] * 5 + [1] * 7)
+    names = {}
+    for label, call in (("PyG", lambda: reference(x)), ("twin", lambda: twin(x)),
+                        ("twin, batch", lambda: twin(x, batch))):
+        with torch.set_grad_enabled(grad):
+            call()
+            with profile() as prof:
+                call()
+        names[label] = {event.key: event.count for event in prof.key_averages()}
+    assert names["PyG"].get("aten::instance_norm") == 1
+    assert names["twin"].get("normlab::instance_norm") == 1, sorted(names["twin"])
+    assert names["twin, batch"].get("normlab::instance_norm") == 1, sorted(names["twin, batch"])

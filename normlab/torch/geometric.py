@@ -80,6 +80,9 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
     of its unbiased variance (``n − 1`` clamped to 1), momentum weighting the new batch.
     """
 
+    # what torch's profiler lists its call on the kernels as, beside PyG's aten::instance_norm
+    _profile_name = "normlab::instance_norm"
+
     def __init__(self, in_channels: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
                  track_running_stats: bool = False, device: Optional[torch.device] = None):
         super().__init__(in_channels, eps, momentum, affine, track_running_stats, device=device)
@@ -127,8 +130,8 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
                     self.momentum if use_input_stats else 0.0, self.eps).squeeze(0).t()
             # PyG runs F.instance_norm on (1, C, nodes) here, which refuses a single node
             torch.nn.functional._verify_spatial_size(torch.Size((1, x.shape[-1], x.shape[0])))
-            y, mean, rstd, count = normalize_masked(x, "[n] c", weight=self.weight, bias=self.bias,
-                                                    params=None if self.weight is None else "c", eps=self.eps)
+            spec = Spec.build("[n] c", None if self.weight is None else "c")
+            y, mean, rstd, count = _run_masked(x, spec, self.weight, self.bias, self.eps, module=self)
             if self.running_mean is not None:  # F.instance_norm's update: in place, n/(n − 1)
                 n = x.shape[0]
                 with _statistics_update():  # (the statistics need no detach: normalize_masked's carry no graph)
@@ -160,7 +163,7 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
 
         spec = Spec.build("[n] c", None if self.weight is None else "c")
         return _run_masked(_promoted(x, self.weight), spec, self.weight, self.bias, self.eps, segment_ids=batch,
-                           num_segments=batch_size, then=update).y
+                           num_segments=batch_size, then=update, module=self).y
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.num_features})"
