@@ -566,3 +566,27 @@ def test_a_reversible_gnn_of_converted_norms_trains_as_pygs_which_frees_and_refi
         torch.testing.assert_close(g, g_ref)
     for key, value in state_ref.items():
         torch.testing.assert_close(state[key], value, msg=key)
+
+
+@pytest.mark.parametrize("record", ["script", "trace"])
+@pytest.mark.parametrize("name", ["instance", "layer_graph", "graph"])
+def test_a_scripted_or_traced_twin_on_an_int32_batch_vector_gives_the_gradients_of_int64_ids(name, record):
+    """The eager twins take int32 batch vectors (PyG's loaders can be told to give them);
+    their TorchScript forwards, which TorchScript and jit.trace record, scatter as PyG does,
+    and torch's scatter_add differentiates int32 ids to zero gradients: the scripted or
+    traced twin gave x gradients without the statistics' terms (PyG's own layers do the
+    same). They are now those of PyG's layers on int64 ids."""
+    ours, theirs = _randomized_pair(name)
+    x, batch = _graphs(seed=10)
+    ids = batch.int()
+    if record == "script":
+        recorded = torch.jit.script(ours)
+    else:
+        recorded = torch.jit.trace(ours, (x, ids), check_trace=False)
+    grads = []
+    for module, vector in ((recorded, ids), (theirs, batch)):
+        nodes = x.clone().requires_grad_()
+        y = module(nodes, vector)
+        (y * torch.arange(y.numel(), dtype=y.dtype).view(y.shape)).sum().backward()
+        grads.append(nodes.grad)
+    torch.testing.assert_close(*grads)

@@ -20,8 +20,9 @@ def _counts(x: Tensor, batch: Tensor, batch_size: int) -> Tensor:
 
 def _segment_sum(x: Tensor, batch: Tensor, batch_size: int) -> Tensor:
     # (scatter_add, as PyG's scatter: ONNX export takes it; index_add with repeated ids it
-    # refuses, or exports wrong in place)
-    index = batch.view(-1, 1).expand(x.shape)
+    # refuses, or exports wrong in place. Its ids in int64: torch's scatter_add differentiates
+    # int32 ids to zero gradients, where the eager twins take them)
+    index = batch.long().view(-1, 1).expand(x.shape)
     return torch.zeros((batch_size, x.size(1)), dtype=x.dtype, device=x.device).scatter_add(0, index, x)
 
 
