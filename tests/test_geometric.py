@@ -71,14 +71,16 @@ def test_instance_norm_twin_matches_pyg_with_running_stats(sorted_ids, affine, t
 
 @pytest.mark.parametrize("track", [True, False], ids=["running statistics", "none"])
 @pytest.mark.parametrize("with_batch", [True, False], ids=["batch vector", "one graph"])
-def test_instance_norm_twin_with_a_momentum_of_none_raises_pygs_error_and_keeps_its_statistics(with_batch, track):
-    # without a batch vector PyG calls F.instance_norm, whose momentum must be a float: the twin
-    # normalized and then failed in its own update ("unsupported operand ... 'NoneType'"), or
-    # computed where PyG raises
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_instance_norm_twin_with_a_momentum_of_none_raises_pygs_error_and_keeps_its_statistics(with_batch, track,
+                                                                                                  train):
+    # without a batch vector PyG calls F.instance_norm, whose momentum must be a float, in
+    # evaluation too: the twin normalized and then failed in its own update ("unsupported
+    # operand ... 'NoneType'"), or computed where PyG raises
     x, batch, graphs = _batch(True)
     args = (batch, graphs) if with_batch else ()
-    ours = geometric.InstanceNorm(6, momentum=None, track_running_stats=track).double()
-    theirs = pyg_norm.InstanceNorm(6, momentum=None, track_running_stats=track).double()
+    ours = geometric.InstanceNorm(6, momentum=None, track_running_stats=track).double().train(train)
+    theirs = pyg_norm.InstanceNorm(6, momentum=None, track_running_stats=track).double().train(train)
     outcomes = []
     for module in (ours, theirs):
         try:

@@ -109,14 +109,14 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
                                                                   running_var)
             weight, bias = self.weight, self.bias
             if (not use_input_stats and x.dim() == 2 and x.numel() > 0 and not refused and 0.0 < self.eps < math.inf
-                    and running_mean is not None and running_var is not None
+                    and self.momentum is not None and running_mean is not None and running_var is not None
                     and x.shape[1] == running_mean.numel() == running_var.numel()
                     and not _needs_grad(running_mean, running_var)
                     and not (not torch.compiler.is_compiling() and x.is_inference() and _needs_grad(x, weight, bias))):
                 # the running statistics subtracted first, as the torch.nn twins in evaluation: torch's op
                 # folds them into x·α + β, which cancels in float32 far from zero; x's dtype, as torch's. The
-                # rest is torch's op, in its words: other shapes, eps <= 0, an inference tensor where autograd
-                # records the call (torch's op saves it and raises)
+                # rest is torch's op, in its words: other shapes, eps <= 0, a momentum of None (PyG's TypeError, in
+                # evaluation too), an inference tensor where autograd records the call (torch's op saves it and raises)
                 if _needs_grad(weight, bias):  # (torch's op saves a copy: an optimizer step before backward is allowed)
                     weight, bias = (None if t is None else t.clone() for t in (weight, bias))
                 return _apply_stats(x, running_mean, running_var, weight, bias, self.eps, (1, -1))
@@ -127,7 +127,7 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
                 # and running statistics that require grad (functional_call may hand them in) its RuntimeError
                 return torch.nn.functional.instance_norm(
                     x.t().unsqueeze(0), self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
-                    self.momentum if use_input_stats else 0.0, self.eps).squeeze(0).t()
+                    self.momentum, self.eps).squeeze(0).t()
             # PyG runs F.instance_norm on (1, C, nodes) here, which refuses a single node
             torch.nn.functional._verify_spatial_size(torch.Size((1, x.shape[-1], x.shape[0])))
             spec = Spec.build("[n] c", None if self.weight is None else "c")
