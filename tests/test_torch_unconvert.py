@@ -318,3 +318,102 @@ def test_fx_symbolic_trace_of_a_converted_model_gives_no_quantization_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.fx.symbolic_trace(nt.convert(_trained_network()))
+
+
+def _tiny_sd3():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1,
+                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=8,
+                                           caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+                                           qk_norm="rms_norm")
+
+
+def _tiny_mochi():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                                             pooled_projection_dim=8, in_channels=4, qk_norm="rms_norm",
+                                             text_embed_dim=8, time_embed_dim=4, max_sequence_length=4)
+
+
+def _tiny_wan():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=4,
+                                           in_channels=4, out_channels=4, text_dim=8, freq_dim=16, ffn_dim=16,
+                                           num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                           rope_max_seq_len=8)
+
+
+def _tiny_transformers(name):
+    def make():
+        transformers = pytest.importorskip("transformers")
+        config = getattr(transformers, f"{name}Config")(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        torch.manual_seed(0)
+        return getattr(transformers, f"{name}Model")(config).eval()
+    return make
+
+
+def _torch_norms():
+    return nn.Sequential(nn.LayerNorm(4), nn.LayerNorm(4, bias=False), nn.RMSNorm(4, eps=1e-3), nn.BatchNorm1d(4),
+                         nn.BatchNorm2d(4, track_running_stats=False), nn.GroupNorm(2, 4), nn.InstanceNorm2d(4),
+                         nn.InstanceNorm1d(4, affine=True, track_running_stats=True), nn.SyncBatchNorm(4))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # (transformers' own, about the tiny configs)
+@pytest.mark.parametrize("make, fuse", [
+    (_torch_norms, False), (_tiny_sd3, False), (_tiny_mochi, False), (_tiny_wan, False),
+    (_tiny_transformers("Llama"), False), (_tiny_transformers("Llama"), True), (_tiny_transformers("Gemma2"), True),
+    (_tiny_transformers("Olmo"), False), (_tiny_transformers("Cohere"), False),
+    (_tiny_transformers("Qwen3Next"), False)],
+    ids=["torch", "sd3", "mochi", "wan", "llama", "llama_fused", "gemma2_fused", "olmo", "cohere", "qwen3_next"])
+def test_unconvert_gives_back_exactly_the_modules_convert_took(make, fuse):
+    """A restored norm kept what its twin added (diffusers' RMSNorm a ``normalized_shape``,
+    LLaMA's norm an ``eps`` beside its ``variance_epsilon``, OLMo's ``weight = None`` in its
+    parameters), and a fused norm lost what transformers set (``_is_hf_initialized``).
+    Oracle: each module's own attributes before convert (the same values, the same Parameter
+    and buffer objects, the same hooks), its ``state_dict`` keys and its ``repr``."""
+    model = make()
+    first_norm = next(m for m in model.modules() if "norm" in type(m).__name__.lower() and m is not model)
+    first_norm.register_forward_hook(_kept_hook)
+    before = [(name, type(m), dict(vars(m)), repr(m), list(m.state_dict())) for name, m in model.named_modules()]
+    tables = ("_parameters", "_buffers", "_modules")
+    before = [(name, cls, {key: dict(value) if key in tables or "hooks" in key else value
+                           for key, value in attributes.items()}, text, keys)
+              for name, cls, attributes, text, keys in before]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = nt.convert(model, fuse=fuse)
+    assert any(type(m).__module__.startswith("normlab.") for m in converted.modules())
+    restored = nt.unconvert(converted)
+    after = list(restored.named_modules())
+    assert [name for name, _ in after] == [name for name, *_ in before]
+    for (name, module), (_, cls, attributes, text, keys) in zip(after, before):
+        assert _class_of_restored(module) is cls, name
+        assert set(vars(module)) == set(attributes), (name, set(vars(module)) ^ set(attributes))
+        for key, value in attributes.items():
+            if key in ("_parameters", "_buffers"):
+                assert list(getattr(module, key)) == list(value), (name, key)
+                assert all(getattr(module, key)[k] is v for k, v in value.items()), (name, key)
+            elif key == "_modules":
+                assert list(module._modules) == list(value), name
+            elif "hooks" in key:
+                assert list(getattr(module, key)) == list(value), (name, key)
+            else:
+                assert type(vars(module)[key]) is type(value) and vars(module)[key] == value, (name, key)
+        assert repr(module) == text, name
+        assert list(module.state_dict()) == keys, name
+    saved = io.BytesIO()
+    torch.save(restored, saved)
+    assert b"normlab" not in saved.getvalue()
+
+
+def _kept_hook(module, args, output):
+    return None
+
+
+def _class_of_restored(module):
+    return type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)

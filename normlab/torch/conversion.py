@@ -128,6 +128,26 @@ def rebind_hooks(module: nn.Module, replacement: nn.Module) -> None:
                     hooks[key] = type(hook)(hook.hook, replacement)
 
 
+def record_original(original: nn.Module, twin: nn.Module) -> None:
+    """Write on ``twin`` what :func:`~normlab.torch.unconvert` needs to give back exactly the
+    ``original`` it was made from: the attributes the twin added (``normalized_shape``,
+    ``eps`` beside LLaMA's ``variance_epsilon``, ...), those it lacks (a fused norm is built
+    afresh: transformers' ``_is_hf_initialized``), and the names of the original's parameters
+    and buffers (a twin registers ``bias = None`` where the original has no such entry)."""
+    before = dict(original.__dict__)
+    earlier = before.pop("_original_state", None)
+    parameters, buffers = tuple(original._parameters), tuple(original._buffers)
+    if earlier is not None:  # (``original`` is itself a twin: what it was made from)
+        for key in earlier["added"]:
+            before.pop(key, None)
+        before.update(earlier["dropped"])
+        parameters, buffers = earlier["parameters"], earlier["buffers"]
+    twin.__dict__["_original_state"] = {
+        "added": tuple(key for key in twin.__dict__ if key not in before),
+        "dropped": {key: value for key, value in before.items() if key not in twin.__dict__},
+        "parameters": parameters, "buffers": buffers}
+
+
 class _InitAsOriginal:
     """A transformers model's ``_init_weights`` (which ``init_weights()`` runs, as after
     building on the meta device and ``to_empty``) that initializes a converted norm as its
@@ -300,6 +320,8 @@ def _convert(module: nn.Module, name: str, left_alone: dict, done: dict, probed:
             converted = _convert(child, f"{name}.{child_name}" if name else child_name, left_alone, done, probed)
             if converted is not child:
                 module.add_module(child_name, converted)
+    elif replacement is not module:
+        record_original(module, replacement)
     done[id(module)] = module if replacement is None else replacement
     return done[id(module)]
 

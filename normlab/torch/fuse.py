@@ -33,7 +33,7 @@ from typing import Optional
 
 from torch import nn
 
-from normlab.torch.conversion import _named_class, _sharded_parameters, rebind_hooks
+from normlab.torch.conversion import _named_class, _sharded_parameters, rebind_hooks, record_original
 from normlab.torch.fused import FusedAddRMSNorm
 from normlab.torch.modules import RMSNorm
 
@@ -281,6 +281,7 @@ def _fused_norm(norm: nn.Module, recipe) -> FusedAddRMSNorm:
         if name.startswith("_") and "hooks" in name and isinstance(hooks, dict):
             setattr(fused, name, hooks)  # the same dicts, which the hooks' handles remove them from
     rebind_hooks(norm, fused)
+    record_original(norm, fused)
     return fused
 
 

@@ -32,9 +32,11 @@ __all__ = ["unconvert"]
 
 _TORCH_CLASSES = {twin: torch_class for torch_class, twin in _TWINS.items()}
 # what the twins keep beside torch.nn's attributes: the spec, the per-shape caches
-# (``_normlab_*``), the class a transformers norm was converted from, the RMS recipe
-_TWIN_STATE = ("_spec", "_spec_source", "_original_class", "casting", "weight_offset")
-# what a FusedAddRMSNorm holds beside them that the norm it was fused from did not
+# (``_normlab_*``), the class a transformers norm was converted from and what convert recorded of
+# the original (conversion.record_original), the RMS recipe
+_TWIN_STATE = ("_spec", "_spec_source", "_original_class", "_original_state", "casting", "weight_offset")
+# what a FusedAddRMSNorm holds beside them that the norm it was fused from did not (where it
+# carries no record of that norm: made by an earlier normlab)
 _FUSED_STATE = ("hidden_size", "_block", "_block_shape")
 
 
@@ -73,11 +75,17 @@ def _unconvert(module: nn.Module, name: str, left: list, done: dict) -> nn.Modul
     original = _original_of(module)
     if original is not None:
         restored = twin_of(module, original)
-        for key in [key for key in restored.__dict__ if key in _TWIN_STATE or key.startswith("_normlab")]:
+        record = module.__dict__.get("_original_state")  # (what convert recorded of the original)
+        added = record["added"] if record is not None else _FUSED_STATE if isinstance(module, FusedAddRMSNorm) else ()
+        for key in [key for key in restored.__dict__
+                    if key in _TWIN_STATE or key in added or key.startswith("_normlab")]:
             del restored.__dict__[key]
-        if isinstance(module, FusedAddRMSNorm):
-            for key in _FUSED_STATE:
-                restored.__dict__.pop(key, None)
+        if record is not None:
+            for key, value in record["dropped"].items():
+                restored.__dict__.setdefault(key, value)
+            for table, names in ((restored._parameters, record["parameters"]), (restored._buffers, record["buffers"])):
+                for key in [key for key, value in table.items() if value is None and key not in names]:
+                    del table[key]  # (the twin's ``bias = None`` where the original registered none)
         if "variance_epsilon" in restored.__dict__:  # (the original's name for eps, which may have changed since)
             restored.__dict__["variance_epsilon"] = module.eps
     else:
