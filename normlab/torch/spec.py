@@ -349,16 +349,20 @@ def array_view(t: Optional[Tensor]) -> Optional[np.ndarray]:
     """
     if t is None:
         return None
-    t = t.detach().resolve_neg()  # (a negative-bit view, z.conj().imag, holds the values' opposites)
+    if type(t) is not Tensor or t.requires_grad:  # (a Parameter or subclass; or its graph kept with the view)
+        t = t.detach()
+    if t.is_neg():  # (a negative-bit view, z.conj().imag, holds the values' opposites)
+        t = t.resolve_neg()
     typestr = _TYPESTR.get(t.dtype)
     if typestr is None or type(t) is not Tensor or not t.is_cpu or t.numel() == 0:
         return t.numpy()  # (which raises where NumPy cannot read the tensor; an empty one has no memory to free)
     memory = _TensorMemory()
     memory.tensor = t
-    memory.__array_interface__ = {"data": (t.data_ptr(), False), "shape": tuple(t.shape), "typestr": typestr,
-                                  "version": 3,
-                                  # (None: C order, as parameters are; a generator is two Python calls a view)
-                                  "strides": None if t.is_contiguous() else tuple(map(t.itemsize.__mul__, t.stride()))}
+    # (no strides: C order, as parameters and most inputs are; a torch.Size is the tuple NumPy reads)
+    memory.__array_interface__ = ({"data": (t.data_ptr(), False), "shape": t.shape, "typestr": typestr, "version": 3}
+                                  if t.is_contiguous() else
+                                  {"data": (t.data_ptr(), False), "shape": t.shape, "typestr": typestr, "version": 3,
+                                   "strides": tuple(map(t.itemsize.__mul__, t.stride()))})
     return np.asarray(memory)
 
 
