@@ -379,3 +379,47 @@ def test_the_profiler_lists_the_instance_norm_twins_call_by_the_name_of_pygs_op(
     assert names["PyG"].get("aten::instance_norm") == 1
     assert names["twin"].get("normlab::instance_norm") == 1, sorted(names["twin"])
     assert names["twin, batch"].get("normlab::instance_norm") == 1, sorted(names["twin, batch"])
+
+
+_NODE_SHAPE_CASES = {
+    "InstanceNorm_affine": lambda m: m.InstanceNorm(5, affine=True),
+    "InstanceNorm_tracked": lambda m: m.InstanceNorm(5, affine=True, track_running_stats=True),
+    "InstanceNorm_plain": lambda m: m.InstanceNorm(5),
+    "LayerNorm_graph": lambda m: m.LayerNorm(5, mode="graph"),
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "evaluation"])
+@pytest.mark.parametrize("with_batch", [True, False], ids=["batch", "no_batch"])
+@pytest.mark.parametrize("shape", [(7, 1), (7,), (7, 3), (7, 5, 2)], ids=str)
+@pytest.mark.parametrize("name", list(_NODE_SHAPE_CASES))
+def test_nodes_of_another_shape_than_the_channels_are_taken_or_refused_as_pygs_layer_does(name, shape, with_batch,
+                                                                                      training):
+    """(n, 1) nodes with 5 channels' weights: PyG's InstanceNorm and graph LayerNorm, plain
+    torch operations, broadcast the one channel over the weight (output (n, 5)), where the
+    twins refused them with normlab's PatternParamsError; other shapes PyG refuses with
+    torch's errors, which the twins raise too (of the same type). Oracle: PyG's layers."""
+    make = _NODE_SHAPE_CASES[name]
+    batch = torch.tensor([0, 0, 1, 1, 1, 3, 3]) if with_batch else None
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def run(module):
+        module = module.double().train(training)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(4)))
+        xg = x.clone().requires_grad_(True)
+        try:
+            y = module(xg, batch)
+        except Exception as error:  # (the oracle's own exception, whatever its type)
+            return type(error)
+        grads = torch.autograd.grad((y * y).sum(), (xg, *module.parameters()))
+        return y.detach(), grads, [b.clone() for b in module.buffers()]
+
+    theirs = run(make(pyg_norm))
+    ours = run(make(geometric))
+    if isinstance(theirs, type):
+        assert isinstance(ours, type) and issubclass(ours, theirs), (ours, theirs)
+    else:
+        assert not isinstance(ours, type), ours
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)

@@ -58,6 +58,13 @@ def _fx_leaf(module: nn.Module, x, batch, batch_size) -> "torch.fx.Proxy":
     return x.tracer.create_proxy("call_module", path, (x, batch, batch_size), {})
 
 
+def _not_nodes_by(x: Tensor, channels: int) -> bool:
+    """Whether ``x`` is not nodes × ``channels``: PyG's norms, plain torch operations, take
+    (n, 1) nodes where torch's broadcasting does (each channel's weight scaling the one
+    channel), and raise torch's errors for the rest."""
+    return x.dim() != 2 or x.shape[1] != channels
+
+
 def _promoted(x: Tensor, weight: Optional[Tensor]) -> Tensor:
     """x in the dtype that PyG's ``out * weight + bias`` gives (torch's type promotion:
     bfloat16 nodes and float32 parameters give float32; integer nodes, which PyG divides by
@@ -100,7 +107,8 @@ class InstanceNorm(nn.modules.instancenorm._InstanceNorm):
     def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x, batch, batch_size)
-        if _recorded():
+        if _recorded() or _not_nodes_by(x, self.num_features):
+            # (recorded: plain torch ops; nodes of another shape: PyG's own, as _not_nodes_by says)
             return self._script_forward(x, batch, batch_size)
         use_input_stats = self.training or not self.track_running_stats
         if batch is None:
@@ -215,8 +223,8 @@ class LayerNorm(nn.Module):
     def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x, batch, batch_size)
-        if _recorded():
-            return self._script_forward(x, batch, batch_size)
+        if _recorded() or (self.mode == "graph" and batch is not None and _not_nodes_by(x, self.in_channels)):
+            return self._script_forward(x, batch, batch_size)  # (as InstanceNorm's)
         if self.mode == "graph":
             if batch is None:
                 # PyG's definition with its mean in two passes, as the kernels take theirs: a first mean
