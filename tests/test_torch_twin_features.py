@@ -354,6 +354,42 @@ def test_the_profiler_lists_each_twin_call_by_the_name_of_torch_nns_op(name, mak
     assert names["twin"].get(f"normlab::{ops[0]}") == 1 or names["twin"].get(f"aten::{ops[0]}") == 1
 
 
+_PROFILED_BACKWARD = [case for case in _PROFILED if case[3]] + [
+    ("InstanceNorm2d", lambda: nn.InstanceNorm2d(8, affine=True), (4, 8, 6, 6), True)]
+
+
+@pytest.mark.parametrize("path", ["auto", "kernel"])
+@pytest.mark.parametrize("name, make, shape, grad", _PROFILED_BACKWARD, ids=[case[0] for case in _PROFILED_BACKWARD])
+def test_the_profiler_lists_each_twins_backward_by_the_name_of_torch_nns_backward_op(name, make, shape, grad, path):
+    """torch.nn's norms' backward shows in ``prof.key_averages()`` as its op
+    (``aten::native_layer_norm_backward``); a twin's backward on the kernels shows as one range
+    named after its forward's, ``normlab::layer_norm_backward``, not only as its autograd
+    Function's node (``_RowFunctionBackward``). Oracle: the names torch's profiler gives
+    torch.nn's module, forward and backward."""
+    from torch.profiler import profile
+
+    reference = make()
+    twin = nt.convert(copy.deepcopy(reference))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    names = {}
+    for label, module in (("torch.nn", reference), ("twin", twin)):
+        with nt.use_path(path):
+            for _ in range(3):  # (the cached paths too)
+                module(x).sum().backward()
+            with profile() as prof:
+                module(x).sum().backward()
+        names[label] = {event.key: event.count for event in prof.key_averages()}
+    ops = [key.split("::")[1] for key in names["torch.nn"] if key in {f"aten::{op}" for op in (
+        "layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")}]
+    # (torch's instance_norm calls its batch_norm: the outer op names the module)
+    op = next(op for op in ops if op != "batch_norm") if len(ops) > 1 else ops[0]
+    backward_ops = [key for key in names["torch.nn"] if key.startswith("aten::") and key.endswith("_backward")]
+    # torch.nn's backward op is aten::native_<op>_backward (on CPU its RMSNorm's is torch operations,
+    # and its instance norm's is batch norm's): the twin's carries the op's name and _backward
+    assert f"aten::native_{op}_backward" in backward_ops or op in ("rms_norm", "instance_norm"), backward_ops
+    assert names["twin"].get(f"normlab::{op}_backward") == 1, sorted(names["twin"])
+
+
 _PROFILED_MASKED = [(make, shape, mask_shape, grad) for make, shape, mask_shape in (
     (lambda: nn.LayerNorm(16), (3, 5, 16), (3, 5, 1)), (lambda: nn.RMSNorm(16), (3, 5, 16), (3, 5, 1)),
     (lambda: nn.GroupNorm(2, 4), (3, 4, 5), (3, 1, 5)), (lambda: nn.BatchNorm1d(4), (3, 4, 5), (3, 1, 5)),

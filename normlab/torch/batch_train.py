@@ -25,7 +25,7 @@ from torch import Tensor
 from normlab import kernels
 from normlab.kernels import pool
 from normlab.torch.ops import _bias_to_save, _grads_of, _needs_torch_backward, _saved_bias
-from normlab.torch.paths import _needs_torch_ops, _PathSwitch, _profiler, profiled
+from normlab.torch.paths import _needs_torch_ops, _PathSwitch, _profiler, profiled, profiled_backward
 from normlab.torch.row_autograd import traced_backward
 from normlab.torch.spec import _ABSENT, affine_parameters, array_view, module_cache, param_view, tensor_layout
 
@@ -300,7 +300,9 @@ class _TrainFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, _recorded=False):
+        if _profiler._is_profiler_enabled and not _recorded and not torch.compiler.is_dynamo_compiling():
+            return profiled_backward(ctx, _TrainFunction.backward, grad_y)  # (an attribute read with no profiler)
         x, weight, bias, mean, rstd = ctx.saved_tensors
         if torch.compiler.is_dynamo_compiling():  # compiled autograd traces it (see row_autograd.traced_backward)
             spec, per_channel = ctx.module._spec, (1, x.shape[1]) + (1,) * (x.dim() - 2)  # "[b] c [...]"'s statistics

@@ -255,7 +255,11 @@ class _EagerNormalize(torch.autograd.Function):
         return output
 
     @staticmethod
-    def backward(ctx, grad_y, grad_mean, grad_rstd):
+    def backward(ctx, grad_y, grad_mean, grad_rstd, _recorded=False):
+        if torch.autograd.profiler._is_profiler_enabled and not _recorded and not torch.compiler.is_dynamo_compiling():
+            from normlab.torch.paths import profiled_backward  # (paths imports this module)
+
+            return profiled_backward(ctx, _EagerNormalize.backward, grad_y, grad_mean, grad_rstd)
         return _normalize_autograd(ctx, grad_y, grad_mean, grad_rstd, backward=_normalize_backward_impl)
 
 

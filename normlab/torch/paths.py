@@ -186,9 +186,28 @@ def profiled(module, run, *args):
     that the kernels' time shows in ``prof.key_averages()``, also on the no-grad paths, which
     call no torch op. The kernel paths call it where ``_profiler._is_profiler_enabled`` (an
     attribute read, no call) is set, past their checks for tracing and compilation: a compiled
-    graph that read the flag would be compiled again whenever a profiler starts."""
-    with torch.autograd.profiler.record_function(getattr(module, "_profile_name", "normlab::normalize")):
-        return run(*args)
+    graph that read the flag would be compiled again whenever a profiler starts. The
+    Function's backward (:func:`profiled_backward`) takes the name with ``_backward``."""
+    name = getattr(module, "_profile_name", "normlab::normalize")
+    with torch.autograd.profiler.record_function(name):
+        output = run(*args)
+    # the backward of normlab's autograd Functions is one range too, named after this one's
+    # (normlab::layer_norm_backward beside torch.nn's aten::native_layer_norm_backward): their
+    # node is the Function's context, which reads the name there only while a profiler runs
+    node = (output[0] if type(output) is tuple else output).grad_fn if output is not None else None
+    if node is not None and getattr(type(node), "_forward_cls", object).__module__.startswith("normlab."):
+        node.profile_name = name + "_backward"
+    return output
+
+
+def profiled_backward(ctx, backward, *grads):
+    """``backward(ctx, *grads, True)`` inside one ``record_function`` range named as the
+    forward's with ``_backward`` (``normlab::layer_norm_backward``), which :func:`profiled`
+    left on ``ctx``; ``normlab::normalize_backward`` where the forward ran with no profiler.
+    The backward of normlab's autograd Functions calls it where a profiler runs, past its
+    check for compiled autograd."""
+    with torch.autograd.profiler.record_function(getattr(ctx, "profile_name", "normlab::normalize_backward")):
+        return backward(ctx, *grads, True)
 
 
 def warn_if_fx_quantizing(module, tracer, proxy=None) -> None:

@@ -17,6 +17,7 @@ from torch import Tensor
 from normlab.torch.ops import (_bias_to_save, _differentiable_backward, _is_layer_norm, _needs_torch_backward,
                                _normalize_backward_op, _saved_bias, _spec_of)
 from normlab.torch.paths import PLAIN_PARAMETERS as _EAGER_PARAMS
+from normlab.torch.paths import _profiler, profiled_backward
 from normlab.torch.spec import array_view, param_view, tensor_layout
 
 
@@ -130,7 +131,7 @@ class _RowFunction(torch.autograd.Function):
         return torch.from_numpy(y)
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, _recorded=False):
         x, weight, bias, rstd, mean = ctx.saved_tensors
         call, weight_table, eps, weight_address = ctx.kernel_inputs
         if torch.compiler.is_dynamo_compiling():
@@ -139,6 +140,8 @@ class _RowFunction(torch.autograd.Function):
             return (*traced_backward(ctx, grad_y, x, weight, torch.zeros_like(rstd) if mean is None else mean, rstd,
                                      *call.arguments[:3], eps, call.arguments[3]),
                     None, None, None)
+        if _profiler._is_profiler_enabled and not _recorded:  # (an attribute read when no profiler runs)
+            return profiled_backward(ctx, _RowFunction.backward, grad_y)
         if weight is not None and weight.data_ptr() != weight_address:
             # the saved weight is not the forward's memory, which the table may read: a copy
             # that allow_mutation_on_saved_tensors kept before an in-place change, or one a
