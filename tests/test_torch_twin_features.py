@@ -423,3 +423,29 @@ def test_the_profiler_lists_a_twins_call_with_a_mask_by_the_name_of_torch_nns_op
     # (torch's instance_norm calls its batch_norm: the outer op names the module)
     op = next(name for name in ops if name != "batch_norm") if len(ops) > 1 else ops[0]
     assert names["twin"].get(f"normlab::{op}") == 1, sorted(names["twin"])
+
+
+@pytest.mark.parametrize("make, shape, mask_shape, grad", [case for case in _PROFILED_MASKED if case[3]],
+                         ids=[type(case[0]()).__name__ for case in _PROFILED_MASKED if case[3]])
+def test_the_profiler_lists_a_twins_backward_with_a_mask_by_the_name_of_torch_nns_op(make, shape, mask_shape, grad):
+    """The backward of a twin's call with ``mask=`` shows as one range named after the
+    forward's with ``_backward`` (``normlab::layer_norm_backward``), as without a mask, not
+    only as its autograd Function's node (``_EagerBackward``). Oracle: torch.nn's op names in
+    torch's profiler."""
+    from torch.profiler import profile
+
+    reference = make()
+    twin = nt.convert(copy.deepcopy(reference))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    mask = torch.ones(mask_shape, dtype=torch.bool)
+    mask[0, ..., -2:] = False
+    names = {}
+    for label, call in (("torch.nn", lambda: reference(x)), ("twin", lambda: twin(x, mask=mask))):
+        call().sum().backward()
+        with profile() as prof:
+            call().sum().backward()
+        names[label] = {event.key: event.count for event in prof.key_averages()}
+    ops = [key.split("::")[1] for key in names["torch.nn"]
+           if key in {f"aten::{op}" for op in ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")}]
+    op = next(name for name in ops if name != "batch_norm") if len(ops) > 1 else ops[0]
+    assert names["twin"].get(f"normlab::{op}_backward") == 1, sorted(names["twin"])

@@ -20,7 +20,7 @@ from normlab.notation import parse_pattern
 from normlab.plan import make_plan, merge_sizes
 from normlab.torch.compute import _expanded_param, _fake
 from normlab.torch.ops import _functorch_active, _grads_of, _needs_torch_backward, _spec_of, _vmapped
-from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx, _profiler, profiled
+from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx, _profiler, profiled, profiled_backward
 from normlab.torch.spec import PlanFacts, Spec, _sizes_dict, array_view, param_view
 from normlab.torch.thread_warnings import ignored_in_this_thread
 
@@ -255,7 +255,9 @@ class _Eager(torch.autograd.Function):
         return output
 
     @staticmethod
-    def backward(ctx, grad_y, grad_mean, grad_rstd, grad_count):
+    def backward(ctx, grad_y, grad_mean, grad_rstd, grad_count, _recorded=False):
+        if _profiler._is_profiler_enabled and not _recorded and not torch.compiler.is_dynamo_compiling():
+            return profiled_backward(ctx, _Eager.backward, grad_y, grad_mean, grad_rstd, grad_count)  # (as forward)
         return *_autograd(ctx, grad_y, grad_mean, grad_rstd, grad_count, backward=_backward_impl), None
 
 
