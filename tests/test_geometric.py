@@ -423,3 +423,39 @@ def test_nodes_of_another_shape_than_the_channels_are_taken_or_refused_as_pygs_l
     else:
         assert not isinstance(ours, type), ours
         torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
+
+
+_PROFILED_PYG = [("LayerNorm", "graph"), ("LayerNorm", "node"), ("GraphNorm", None)]
+
+
+@pytest.mark.parametrize("name, mode", _PROFILED_PYG, ids=[f"{name}, {mode}" for name, mode in _PROFILED_PYG])
+def test_the_profiler_lists_a_pyg_twins_call_and_backward_by_the_name_of_its_norm(name, mode):
+    """The PyG twins' calls on the kernels show in ``prof.key_averages()`` as one range named
+    after the norm (``normlab::layer_norm``, as torch.nn.LayerNorm's ``aten::layer_norm``, which
+    PyG's node-mode LayerNorm calls; ``normlab::graph_norm``: torch has no graph norm), and their
+    backward as that name with ``_backward``, not as the functional call's ``normlab::normalize``.
+    Oracle: the op torch's profiler gives PyG's LayerNorm and torch.nn's LayerNorm."""
+    from torch.profiler import profile
+
+    def keys(call):
+        call().sum().backward()
+        with profile() as prof:
+            call().sum().backward()
+        return {event.key: event.count for event in prof.key_averages()}
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 8, generator=generator, requires_grad=True)
+    batch = torch.tensor([0, 0, 0, 1, 1, 1])
+    if name == "LayerNorm":
+        reference = torch.nn.LayerNorm(8)
+        torch_ops = {key for key in keys(lambda: reference(x)) if key.startswith("aten::")}
+        pyg_ops = {key for key in keys(lambda: pyg_norm.LayerNorm(8, mode="node")(x, batch)) if key.startswith("aten::")}
+        op = "layer_norm"
+        assert f"aten::{op}" in torch_ops and f"aten::{op}" in pyg_ops
+        twin = geometric.LayerNorm(8, mode=mode)
+    else:
+        op = "graph_norm"
+        twin = geometric.GraphNorm(8)
+    names = keys(lambda: twin(x, batch))
+    assert names.get(f"normlab::{op}") == 1 and names.get(f"normlab::{op}_backward") == 1, sorted(names)
+    assert "normlab::normalize" not in names

@@ -24,7 +24,7 @@ from normlab.torch import geometric_script as script
 from normlab.torch.compute import _apply_stats, _dtypes_refused, _needs_grad, _statistics_update, normalize
 from normlab.torch.masked import (_count, _run_masked, check_segment_ids, normalize_masked,
                                   vmapped_ids_need_a_count)
-from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx
+from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx, _profiler, profile_name
 from normlab.torch.modules import BatchNorm1d
 from normlab.torch.ops import _vmapped
 from normlab.torch.spec import Spec
@@ -220,7 +220,13 @@ class LayerNorm(nn.Module):
                                  self.eps)
 
     @torch.jit.unused
-    def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
+    def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int],
+                         _named: bool = False) -> Tensor:
+        if not _named and not torch.compiler.is_compiling() and _profiler._is_profiler_enabled:
+            # (compilation first: a compiled graph that read the profiler's flag would be compiled again when one
+            # starts) the kernels' range named as torch.nn's op, beside torch.nn.LayerNorm's aten::layer_norm
+            with profile_name("normlab::layer_norm"):
+                return self._normlab_forward(x, batch, batch_size, True)
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x, batch, batch_size)
         if _recorded() or (self.mode == "graph" and batch is not None and _not_nodes_by(x, self.in_channels)):
@@ -281,7 +287,11 @@ class GraphNorm(nn.Module):
         return script.graph_norm(x, batch, batch_size, self.weight, self.bias, self.mean_scale, self.eps)
 
     @torch.jit.unused
-    def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
+    def _normlab_forward(self, x: Tensor, batch: Optional[Tensor], batch_size: Optional[int],
+                         _named: bool = False) -> Tensor:
+        if not _named and not torch.compiler.is_compiling() and _profiler._is_profiler_enabled:
+            with profile_name("normlab::graph_norm"):  # (as LayerNorm's; torch.nn has no graph norm)
+                return self._normlab_forward(x, batch, batch_size, True)
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x, batch, batch_size)
         if _recorded():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import warnings
 from typing import Optional
 
@@ -188,7 +189,7 @@ def profiled(module, run, *args):
     attribute read, no call) is set, past their checks for tracing and compilation: a compiled
     graph that read the flag would be compiled again whenever a profiler starts. The
     Function's backward (:func:`profiled_backward`) takes the name with ``_backward``."""
-    name = getattr(module, "_profile_name", "normlab::normalize")
+    name = getattr(module, "_profile_name", None) or getattr(_naming, "name", None) or "normlab::normalize"
     with torch.autograd.profiler.record_function(name):
         output = run(*args)
     # the backward of normlab's autograd Functions is one range too, named after this one's
@@ -198,6 +199,21 @@ def profiled(module, run, *args):
     if node is not None and getattr(type(node), "_forward_cls", object).__module__.startswith("normlab."):
         node.profile_name = name + "_backward"
     return output
+
+
+_naming = threading.local()  # the name profile_name gives the functional calls of a twin that is not _Twin
+
+
+@contextlib.contextmanager
+def profile_name(name: str):
+    """Name :func:`profiled`'s ranges of the functional calls (``normalize``,
+    ``normalize_masked``, which take no module) inside: the PyG twins call those, and show as
+    ``normlab::layer_norm`` rather than ``normlab::normalize``. Entered only while a profiler runs."""
+    previous, _naming.name = getattr(_naming, "name", None), name
+    try:
+        yield
+    finally:
+        _naming.name = previous
 
 
 def profiled_backward(ctx, backward, *grads):
