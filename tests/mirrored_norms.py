@@ -11,10 +11,13 @@ on CPU unchanged:
 * ``timm/layers/norm.py`` (huggingface/pytorch-image-models): ``LayerNorm``,
   ``LayerNorm2d``, ``GroupNorm``, ``LayerNormFp32``, ``LayerNorm2dFp32``, with ``fast_layer_norm`` and
   ``fast_group_norm`` from ``timm/layers/fast_norm.py`` (without apex, which is not
-  installed; fast norm is off by default, as in timm).
+  installed; fast norm is off by default, as in timm);
+* ``timm/layers/norm.py`` and ``fast_norm.py``: ``RmsNorm`` with ``rms_norm`` (the eager
+  path; TorchScript's branch is the same computation over the last axis).
 """
 
-from typing import List, Optional
+import numbers
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -169,6 +172,59 @@ class TimmLayerNorm2d(nn.LayerNorm):
         else:
             x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         x = x.permute(0, 3, 1, 2)
+        return x
+
+
+def rms_norm(x: Tensor, normalized_shape: List[int], weight: Optional[Tensor] = None, eps: float = 1e-5):
+    # timm/layers/fast_norm.py
+    norm_ndim = len(normalized_shape)
+    v = x.pow(2)
+    if torch.jit.is_scripting():
+        assert norm_ndim == 1
+        v = torch.mean(v, dim=-1).unsqueeze(-1)  # ts crashes with -ve dim + keepdim=True
+    else:
+        dims = tuple(range(-1, -norm_ndim - 1, -1))
+        v = torch.mean(v, dim=dims, keepdim=True)
+    x = x * torch.rsqrt(v + eps)
+    if weight is not None:
+        x = x * weight
+    return x
+
+
+class TimmRmsNorm(nn.Module):
+    """ RmsNorm w/ fast (apex) norm if available
+    """
+    __constants__ = ['normalized_shape', 'eps', 'elementwise_affine', '_fast_norm']
+    normalized_shape: Tuple[int, ...]
+    eps: float
+    elementwise_affine: bool
+    _fast_norm: bool
+
+    def __init__(self, channels: int, eps: float = 1e-6, affine: bool = True, device=None, dtype=None) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        normalized_shape = channels
+        if isinstance(normalized_shape, numbers.Integral):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = affine
+        self._fast_norm = is_fast_norm()
+
+        if self.elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **dd))
+        else:
+            self.register_parameter('weight', None)
+
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.elementwise_affine:
+            nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (the fast path, apex's RMS norm, is off: apex is not installed and fast norm is off)
+        x = rms_norm(x, self.normalized_shape, self.weight, self.eps)
         return x
 
 

@@ -32,6 +32,7 @@ from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormG
 from transformers.models.vitdet.modeling_vitdet import VitDetLayerNorm  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
+from tests.mirrored_norms import TimmRmsNorm  # noqa: E402
 from tests.test_convert_models import (  # noqa: E402
     DTYPES, assert_same_numbers, convert_quietly, converted_copy, random_parameters,
 )
@@ -73,6 +74,8 @@ UNWEIGHTED = {
     # LTX-Video's VAE: llama's outputs, but the input enters x · rsqrt(...) in its own dtype,
     # which rounds its bfloat16 gradient otherwise
     "diffusers_rms_norm": (lambda: _diffusers_normalization.RMSNorm(24, 1e-6, elementwise_affine=False), "diffusers"),
+    # timm's (EVA's and MobileNetV5's family of layers): x · rsqrt(mean(x²) + eps) in the input's dtype
+    "timm_rms_norm": (lambda: TimmRmsNorm(24, affine=False), "none"),
 }
 try:
     from diffusers.models import normalization as _diffusers_normalization

@@ -39,7 +39,8 @@ RMS norms without a weight, over the last axis whatever its size
   a weight): ``"llama"``'s outputs, but the input's gradient is rounded where the input
   enters each product, as there;
 * ``"gemma3n"``: ``"llama"`` with the reciprocal root taken by ``pow``, as above
-  (``Gemma3nRMSNorm(..., with_scale=False)``).
+  (``Gemma3nRMSNorm(..., with_scale=False)``);
+* ``"none"``: everything in the input's dtype (timm's ``RmsNorm(..., affine=False)``).
 
 In float32 the recipes coincide with each other and with ``torch.nn.RMSNorm``; they differ
 only in where low precision rounds and in the output dtype when weight and input dtypes
@@ -80,7 +81,7 @@ from torch.nn import functional as F
 
 CASTINGS = ("llama", "gemma", "t5", "none", "imagegpt", "mochi", "gemma3n")
 LAYER_NORM_CASTINGS = ("olmo", "cohere", "deberta")
-UNWEIGHTED_CASTINGS = ("llama", "deepseek", "diffusers", "gemma3n")
+UNWEIGHTED_CASTINGS = ("llama", "deepseek", "diffusers", "gemma3n", "none")
 _CAST_AFTER_WEIGHT = ("gemma", "mochi", "gemma3n")  # the recipes that weigh x̂ in float32 and cast once after
 
 
@@ -271,15 +272,17 @@ def unweighted_rms_norm_recipe(x: Tensor, eps: float, casting: str) -> Tensor:
     >>> unweighted_rms_norm_recipe(x, 0.0, "llama").tolist(), unweighted_rms_norm_recipe(x, 0.0, "deepseek").tolist()
     ([[0.84765625, 1.1328125]], [[0.8515625, 1.1328125]])
     """
-    if casting not in ("llama", "deepseek", "diffusers", "gemma3n"):  # (UNWEIGHTED_CASTINGS, for TorchScript)
+    if casting not in ("llama", "deepseek", "diffusers", "gemma3n", "none"):  # (UNWEIGHTED_CASTINGS: TorchScript)
         raise ValueError(f"unknown casting '{casting}' of an RMS norm without a weight; use one of llama, deepseek, "
-                         "diffusers, gemma3n")
+                         "diffusers, gemma3n, none")
     if casting == "deepseek":
         return x * torch.rsqrt(x.to(compute_dtype(x.dtype)).pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
     if casting == "diffusers":
         return (x * torch.rsqrt(x.to(compute_dtype(x.dtype)).pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     if casting == "gemma3n":
         return _pow_normalize(x.to(compute_dtype(x.dtype)), [-1], eps).to(x.dtype)
+    if casting == "none":
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return rms_normalize(x.to(compute_dtype(x.dtype)), [-1], eps).to(x.dtype)
 
 

@@ -152,7 +152,8 @@ class UnweightedRMSNorm(TransformersEpsName, nn.Module):
     ``UnweightedRMSNorm``), ``"diffusers"`` (the float32 root multiplying the input in its
     own dtype, cast back once: diffusers' ``RMSNorm`` without a weight) or ``"gemma3n"``
     (``"llama"`` with the root's reciprocal taken by ``pow``: ``Gemma3nRMSNorm(...,
-    with_scale=False)``), see :mod:`normlab.torch.casting`. Float64 input stays float64.
+    with_scale=False)``) or ``"none"`` (everything in the input's dtype: timm's
+    ``RmsNorm(..., affine=False)``), see :mod:`normlab.torch.casting`. Float64 input stays float64.
 
     It runs the family's own torch operations, so its outputs and gradients are the
     family's to the bit; under ``use_path("kernel")`` it runs on the kernels instead

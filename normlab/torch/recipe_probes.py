@@ -166,7 +166,8 @@ def _unweighted_rms_recipe(module: nn.Module) -> Optional[dict]:
         rows = torch.tensor([1.0, math.sqrt(eps) + 1e-3, 10.0, 1.0]).reshape(-1, 1)
         inputs.append((x.reshape(4, -1) * rows + torch.tensor([0.0, 0.0, 0.0, 3.0]).reshape(-1, 1)).reshape(shape))
     probes = [x.to(dtype) for x in inputs for dtype in (torch.float32, torch.bfloat16)]
-    probe = _probe_copy(module, {"parameters": {}, "buffers": {}})
+    # (parameters registered as None stay: timm's RmsNorm(..., affine=False) reads its weight, None)
+    probe = _probe_copy(module, {"parameters": dict(module._parameters), "buffers": {}})
     try:
         with torch.no_grad():
             outputs = [type(module).forward(probe, x) for x in probes]
