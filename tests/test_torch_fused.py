@@ -936,3 +936,38 @@ def test_a_converted_mamba2_gated_norm_compiled_or_traced_takes_an_empty_input_a
         run = (torch.compile(twin, backend="eager", dynamic=False) if how == "compiled"
                else torch.jit.trace(twin, (x, gate), check_trace=False))
         torch.testing.assert_close(run(x, gate), original(x, gate))
+
+
+_PROFILED_FUSED = [
+    ("FusedAddRMSNorm", lambda: torch.nn.RMSNorm(16), lambda: FusedAddRMSNorm(16), lambda m, x, r: m(x, r)[0]),
+    ("FusedAddLayerNorm", lambda: torch.nn.LayerNorm(16), lambda: FusedAddLayerNorm(16), lambda m, x, r: m(x, r)[0]),
+    ("GatedRMSNorm", lambda: torch.nn.RMSNorm(16), lambda: GatedRMSNorm(16), lambda m, x, r: m(x, r)),
+    ("AdaLayerNorm", lambda: torch.nn.LayerNorm(16), lambda: AdaLayerNorm(16),
+     lambda m, x, r: m(x, emb=r[:, 0])[0])]
+
+
+@pytest.mark.parametrize("name, make_reference, make, call", _PROFILED_FUSED, ids=[c[0] for c in _PROFILED_FUSED])
+def test_the_profiler_lists_a_fused_blocks_call_and_backward_by_the_name_of_its_norms_op(name, make_reference, make,
+                                                                                           call):
+    """A fused block's call on the kernels shows in ``prof.key_averages()`` as one range named
+    as its norm's op in torch.nn (``normlab::rms_norm`` beside torch.nn.RMSNorm's
+    ``aten::rms_norm``), and its backward as that name with ``_backward``, not only as its
+    autograd Function (``_CachedFusedFunction``). Oracle: the op torch's profiler gives the
+    torch.nn norm the block replaces."""
+    from torch.profiler import profile
+
+    def keys(run):
+        run().sum().backward()
+        with profile() as prof:
+            run().sum().backward()
+        return {event.key: event.count for event in prof.key_averages()}
+
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 16, generator=generator, requires_grad=True)
+    r = torch.randn(2, 3, 16, generator=generator, requires_grad=True)
+    reference = make_reference()
+    ops = [key.split("::")[1] for key in keys(lambda: reference(x)) if key in ("aten::layer_norm", "aten::rms_norm")]
+    assert len(ops) == 1
+    block = make()
+    names = keys(lambda: call(block, x, r))
+    assert names.get(f"normlab::{ops[0]}") == 1 and names.get(f"normlab::{ops[0]}_backward") == 1, sorted(names)

@@ -40,7 +40,7 @@ from normlab.torch.compute import _dtypes_refused
 from normlab.torch.ops import _grads_of, _needs_torch_backward
 from normlab.torch.paths import PLAIN_PARAMETERS as _EAGER_TYPES
 from normlab.torch.paths import (_exporting_to_onnx, _holds_expanded_weights, _needs_torch_ops, _small_forward_fits,
-                                 expanded_weights_refusal, warn_if_fx_quantizing)
+                                 expanded_weights_refusal, _profiler, profiled, profiled_backward, warn_if_fx_quantizing)
 from normlab.torch.spec import (Unscriptable, array_view, param_view, parametrizations_computed, refuse_non_tensor,
                                rms_default_eps)
 from normlab.torch.thread_warnings import ignored_in_this_thread
@@ -75,6 +75,12 @@ class Block:
         if self.gate_activation not in fused.GATE_ACTIVATIONS:
             raise ValueError(f"gate_activation must be one of {', '.join(fused.GATE_ACTIVATIONS)}, "
                              f"got {self.gate_activation!r}")
+
+    @property
+    def _profile_name(self) -> str:
+        """What torch's profiler lists the block's kernels as (paths.profiled): its norm's op as
+        torch.nn's, under normlab's name (normlab::rms_norm beside aten::rms_norm)."""
+        return "normlab::rms_norm" if self.rms else "normlab::layer_norm"
 
     def keywords(self) -> dict:
         return dict(params=self.params, modulation=self.modulation, eps=self.eps, rms=self.rms,
@@ -133,7 +139,7 @@ class _FusedFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad_y, grad_total=None):
+    def backward(ctx, grad_y, grad_total=None, _recorded=False):
         if grad_y is None:
             return _sum_only_backward(ctx, grad_total)
         total, gate, weight, bias, scale, shift, rstd, mean = ctx.saved_tensors
@@ -142,6 +148,8 @@ class _FusedFunction(torch.autograd.Function):
             grad_total = torch.zeros_like(grad_y)
         if torch.compiler.is_dynamo_compiling():  # (first: Dynamo cannot trace the batched check)
             return _traced_backward(block, (total, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
+        if _profiler._is_profiler_enabled and not _recorded:  # (an attribute read when no profiler runs)
+            return profiled_backward(ctx, _FusedFunction.backward, grad_y, grad_total)
         if _backward_in_torch(grad_y, grad_total):
             return _composite_backward(block, (total, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
         has_residual, _, _, has_bias, _, _ = ctx.has
@@ -524,6 +532,8 @@ def fused_normalize(x: Tensor, block: Block, *, residual=None, gate=None, weight
         call = _cached_call(block, tensors)
         if call is not None:
             return _run_cached(call, tensors, records)
+        if _profiler._is_profiler_enabled:  # (an attribute read when no profiler runs; _use_kernels: not compiling)
+            return profiled(block, _FusedFunction.apply, *tensors, block)
         return _FusedFunction.apply(*tensors, block)
     if _half_recipe(block, tensors):
         call = _cached_call(block, tensors)
@@ -532,9 +542,12 @@ def fused_normalize(x: Tensor, block: Block, *, residual=None, gate=None, weight
     return _composite(*tensors, block)
 
 
-def _run_cached(call, tensors, records: bool):
+def _run_cached(call, tensors, records: bool, _recorded: bool = False):
     """The cached call's outputs: through autograd where it ``records`` the call, else straight
-    from the kernels (an autograd.Function costs a small call a sixth of its time)."""
+    from the kernels (an autograd.Function costs a small call a sixth of its time). Eager calls
+    only (compilation takes the composite), so the profiler's flag is read here."""
+    if _profiler._is_profiler_enabled and not _recorded:  # (an attribute read when no profiler runs)
+        return profiled(call.block, _run_cached, call, tensors, records, True)
     if records:
         return _CachedFusedFunction.apply(*tensors, call)
     y, total = call.forward(*tensors)[:2]
@@ -670,7 +683,7 @@ class _CachedFusedFunction(torch.autograd.Function):
         return y, total
 
     @staticmethod
-    def backward(ctx, grad_y, grad_total=None):
+    def backward(ctx, grad_y, grad_total=None, _recorded=False):
         if grad_y is None:
             return _sum_only_backward(ctx, grad_total)
         total, gate, weight, bias, scale, shift, rstd, mean = ctx.saved_tensors
@@ -679,6 +692,8 @@ class _CachedFusedFunction(torch.autograd.Function):
             grad_total = torch.zeros_like(grad_y)
         if torch.compiler.is_dynamo_compiling():  # (first: Dynamo cannot trace the batched check)
             return _traced_backward(call.block, (total, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
+        if _profiler._is_profiler_enabled and not _recorded:  # (an attribute read when no profiler runs)
+            return profiled_backward(ctx, _CachedFusedFunction.backward, grad_y, grad_total)
         if _backward_in_torch(grad_y, grad_total):
             return _composite_backward(call.block, (total, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
         tables = ctx.tables
