@@ -449,3 +449,40 @@ def test_the_profiler_lists_a_twins_backward_with_a_mask_by_the_name_of_torch_nn
            if key in {f"aten::{op}" for op in ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")}]
     op = next(name for name in ops if name != "batch_norm") if len(ops) > 1 else ops[0]
     assert names["twin"].get(f"normlab::{op}_backward") == 1, sorted(names["twin"])
+
+
+_COMPILED_AUTOGRAD = [("BatchNorm2d", lambda: nn.BatchNorm2d(4), (2, 4, 3, 3), False),
+                      ("InstanceNorm2d", lambda: nn.InstanceNorm2d(4, affine=True), (2, 4, 3, 3), False),
+                      ("LayerNorm, mask", lambda: nn.LayerNorm(8), (2, 3, 8), True)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, make, shape, masked", _COMPILED_AUTOGRAD, ids=[c[0] for c in _COMPILED_AUTOGRAD])
+def test_compiled_autograd_of_a_twin_is_not_compiled_again_when_a_profiler_starts(name, make, shape, masked):
+    """Under compiled autograd, a twin's backward is traced by Dynamo: it must not read the
+    profiler's flag there (Dynamo would guard on it and compile the backward again whenever a
+    profiler starts), as torch.nn's module is not. Oracle: torch._dynamo's counters of
+    torch.nn's module and the twin."""
+    from torch._dynamo import compiled_autograd
+    from torch._dynamo.utils import counters
+    from torch.profiler import profile
+
+    reference = make()
+    twin = nt.convert(copy.deepcopy(reference))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    mask = torch.ones(shape[:-1] + (1,), dtype=torch.bool)
+    graphs = {}
+    for label, call in (("torch.nn", lambda: reference(x)),
+                        ("twin", (lambda: twin(x, mask=mask)) if masked else (lambda: twin(x)))):
+        torch._dynamo.reset()
+        counters.clear()
+        with compiled_autograd._enable(torch.compile):
+            for _ in range(2):
+                call().sum().backward()
+            before = counters["stats"]["unique_graphs"]
+            with profile():
+                call().sum().backward()
+            call().sum().backward()
+        graphs[label] = counters["stats"]["unique_graphs"] - before
+    torch._dynamo.reset()
+    assert graphs["twin"] == graphs["torch.nn"] == 0, graphs

@@ -301,13 +301,14 @@ class _TrainFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _recorded=False):
-        if _profiler._is_profiler_enabled and not _recorded and not torch.compiler.is_dynamo_compiling():
-            return profiled_backward(ctx, _TrainFunction.backward, grad_y)  # (an attribute read with no profiler)
         x, weight, bias, mean, rstd = ctx.saved_tensors
         if torch.compiler.is_dynamo_compiling():  # compiled autograd traces it (see row_autograd.traced_backward)
             spec, per_channel = ctx.module._spec, (1, x.shape[1]) + (1,) * (x.dim() - 2)  # "[b] c [...]"'s statistics
             grads = traced_backward(ctx, grad_y, x, weight, mean.reshape(per_channel), rstd.reshape(per_channel),
                                     spec.pattern, spec.params, spec.sizes, ctx.eps, spec.rms)
+        elif _profiler._is_profiler_enabled and not _recorded:  # (after compiled autograd's branch, which must
+            # not read the flag: its graph would be compiled again when a profiler starts; an attribute read)
+            return profiled_backward(ctx, _TrainFunction.backward, grad_y)
         elif _needs_torch_backward(grad_y):
             grads = _differentiable_backward(ctx, grad_y, x, weight, _saved_bias(ctx, bias))
         else:

@@ -256,8 +256,9 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_mean, grad_rstd, grad_count, _recorded=False):
-        if _profiler._is_profiler_enabled and not _recorded and not torch.compiler.is_dynamo_compiling():
-            return profiled_backward(ctx, _Eager.backward, grad_y, grad_mean, grad_rstd, grad_count)  # (as forward)
+        if not _recorded and not torch.compiler.is_dynamo_compiling() and _profiler._is_profiler_enabled:
+            # (compiled autograd's check first, as normlab.torch.ops._EagerNormalize's)
+            return profiled_backward(ctx, _Eager.backward, grad_y, grad_mean, grad_rstd, grad_count)
         return *_autograd(ctx, grad_y, grad_mean, grad_rstd, grad_count, backward=_backward_impl), None
 
 

@@ -256,7 +256,9 @@ class _EagerNormalize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_mean, grad_rstd, _recorded=False):
-        if torch.autograd.profiler._is_profiler_enabled and not _recorded and not torch.compiler.is_dynamo_compiling():
+        # (compiled autograd's check first: a traced backward that read the profiler's flag would be compiled
+        # again when a profiler starts)
+        if not _recorded and not torch.compiler.is_dynamo_compiling() and torch.autograd.profiler._is_profiler_enabled:
             from normlab.torch.paths import profiled_backward  # (paths imports this module)
 
             return profiled_backward(ctx, _EagerNormalize.backward, grad_y, grad_mean, grad_rstd)
