@@ -12,6 +12,7 @@ pyg_norm = pytest.importorskip("torch_geometric.nn.norm")
 
 from normlab.torch import geometric  # noqa: E402
 from normlab.torch.masked import normalize_masked  # noqa: E402
+from tests.profiling import profiled_ops  # noqa: E402
 
 
 def _batch(sorted_ids: bool, n=23, graphs=5, seed=0):
@@ -362,8 +363,6 @@ def test_the_profiler_lists_the_instance_norm_twins_call_by_the_name_of_pygs_op(
     ``aten::instance_norm``; its twin, which runs the kernels there, as ``normlab::instance_norm``
     (as the torch.nn twins do), and so with a batch vector. Oracle: the op name torch's
     profiler gives PyG's module."""
-    from torch.profiler import profile
-
     reference = pyg_norm.InstanceNorm(8, affine=True).train(training)
     twin = geometric.InstanceNorm(8, affine=True).train(training)
     x = torch.randn(12, 8, generator=torch.Generator().manual_seed(3), requires_grad=grad)
@@ -372,10 +371,7 @@ def test_the_profiler_lists_the_instance_norm_twins_call_by_the_name_of_pygs_op(
     for label, call in (("PyG", lambda: reference(x)), ("twin", lambda: twin(x)),
                         ("twin, batch", lambda: twin(x, batch))):
         with torch.set_grad_enabled(grad):
-            call()
-            with profile() as prof:
-                call()
-        names[label] = {event.key: event.count for event in prof.key_averages()}
+            names[label] = profiled_ops(call)
     assert names["PyG"].get("aten::instance_norm") == 1
     assert names["twin"].get("normlab::instance_norm") == 1, sorted(names["twin"])
     assert names["twin, batch"].get("normlab::instance_norm") == 1, sorted(names["twin, batch"])
@@ -435,13 +431,8 @@ def test_the_profiler_lists_a_pyg_twins_call_and_backward_by_the_name_of_its_nor
     PyG's node-mode LayerNorm calls; ``normlab::graph_norm``: torch has no graph norm), and their
     backward as that name with ``_backward``, not as the functional call's ``normlab::normalize``.
     Oracle: the op torch's profiler gives PyG's LayerNorm and torch.nn's LayerNorm."""
-    from torch.profiler import profile
-
     def keys(call):
-        call().sum().backward()
-        with profile() as prof:
-            call().sum().backward()
-        return {event.key: event.count for event in prof.key_averages()}
+        return profiled_ops(lambda: call().sum().backward())
 
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(6, 8, generator=generator, requires_grad=True)

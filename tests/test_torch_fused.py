@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from normlab.torch import AdaLayerNorm, FusedAddLayerNorm, FusedAddRMSNorm, GatedRMSNorm, convert  # noqa: E402
 from tests.hf_classes import mamba_gated_norm  # noqa: E402
+from tests.profiling import profiled_ops  # noqa: E402
 
 
 def _randomize(module, seed=0):
@@ -954,13 +955,8 @@ def test_the_profiler_lists_a_fused_blocks_call_and_backward_by_the_name_of_its_
     ``aten::rms_norm``), and its backward as that name with ``_backward``, not only as its
     autograd Function (``_CachedFusedFunction``). Oracle: the op torch's profiler gives the
     torch.nn norm the block replaces."""
-    from torch.profiler import profile
-
     def keys(run):
-        run().sum().backward()
-        with profile() as prof:
-            run().sum().backward()
-        return {event.key: event.count for event in prof.key_averages()}
+        return profiled_ops(lambda: run().sum().backward())
 
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(2, 3, 16, generator=generator, requires_grad=True)

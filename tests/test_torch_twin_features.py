@@ -16,6 +16,7 @@ from torch.autograd import forward_ad  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
 from tests.mirrored_norms import TorchvisionLayerNorm2d  # noqa: E402
+from tests.profiling import profiled_ops  # noqa: E402
 
 # (id, torch.nn original, input shape, an input torch.nn refuses)
 TWINS = [
@@ -333,19 +334,14 @@ def test_the_profiler_lists_each_twin_call_by_the_name_of_torch_nns_op(name, mak
     a twin's call on the kernels shows as the same name under normlab's
     (``normlab::layer_norm``), once a call, on the cached paths and the general one (the
     no-grad ones call no torch op). Oracle: the names torch's profiler gives torch.nn's module."""
-    from torch.profiler import profile
-
     reference = make()
     twin = nt.convert(copy.deepcopy(reference))
     x = torch.randn(shape, generator=torch.Generator().manual_seed(5), requires_grad=grad)
     names = {}
     for label, module in (("torch.nn", reference), ("twin", twin)):
         with torch.set_grad_enabled(grad), nt.use_path(path):
-            for _ in range(3):  # (the cached paths too: built on the first calls, taken from the second)
-                module(x)
-            with profile() as prof:
-                module(x)
-        names[label] = {event.key: event.count for event in prof.key_averages()}
+            # (the cached paths too: built on the first calls, taken from the second)
+            names[label] = profiled_ops(lambda: module(x), warmup=3)
     ops = [key.split("::")[1] for key in names["torch.nn"] if key in {f"aten::{op}" for op in
                                                                    ("layer_norm", "rms_norm", "group_norm",
                                                                     "batch_norm")}]
@@ -366,19 +362,13 @@ def test_the_profiler_lists_each_twins_backward_by_the_name_of_torch_nns_backwar
     named after its forward's, ``normlab::layer_norm_backward``, not only as its autograd
     Function's node (``_RowFunctionBackward``). Oracle: the names torch's profiler gives
     torch.nn's module, forward and backward."""
-    from torch.profiler import profile
-
     reference = make()
     twin = nt.convert(copy.deepcopy(reference))
     x = torch.randn(shape, generator=torch.Generator().manual_seed(5), requires_grad=True)
     names = {}
     for label, module in (("torch.nn", reference), ("twin", twin)):
         with nt.use_path(path):
-            for _ in range(3):  # (the cached paths too)
-                module(x).sum().backward()
-            with profile() as prof:
-                module(x).sum().backward()
-        names[label] = {event.key: event.count for event in prof.key_averages()}
+            names[label] = profiled_ops(lambda: module(x).sum().backward(), warmup=3)  # (the cached paths too)
     ops = [key.split("::")[1] for key in names["torch.nn"] if key in {f"aten::{op}" for op in (
         "layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")}]
     # (torch's instance_norm calls its batch_norm: the outer op names the module)
@@ -403,8 +393,6 @@ def test_the_profiler_lists_a_twins_call_with_a_mask_by_the_name_of_torch_nns_op
     """A twin called with ``mask=`` runs the masked kernels: its call shows in
     ``prof.key_averages()`` under normlab's name of torch.nn's op, as its calls without a mask
     do. Oracle: the op name torch's profiler gives torch.nn's module (which has no mask)."""
-    from torch.profiler import profile
-
     reference = make()
     twin = nt.convert(copy.deepcopy(reference))
     generator = torch.Generator().manual_seed(7)
@@ -414,10 +402,7 @@ def test_the_profiler_lists_a_twins_call_with_a_mask_by_the_name_of_torch_nns_op
     names = {}
     for label, call in (("torch.nn", lambda: reference(x)), ("twin", lambda: twin(x, mask=mask))):
         with torch.set_grad_enabled(grad):
-            call()
-            with profile() as prof:
-                call()
-        names[label] = {event.key: event.count for event in prof.key_averages()}
+            names[label] = profiled_ops(call)
     ops = [key.split("::")[1] for key in names["torch.nn"]
            if key in {f"aten::{op}" for op in ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")}]
     # (torch's instance_norm calls its batch_norm: the outer op names the module)
@@ -432,8 +417,6 @@ def test_the_profiler_lists_a_twins_backward_with_a_mask_by_the_name_of_torch_nn
     forward's with ``_backward`` (``normlab::layer_norm_backward``), as without a mask, not
     only as its autograd Function's node (``_EagerBackward``). Oracle: torch.nn's op names in
     torch's profiler."""
-    from torch.profiler import profile
-
     reference = make()
     twin = nt.convert(copy.deepcopy(reference))
     x = torch.randn(shape, generator=torch.Generator().manual_seed(7), requires_grad=True)
@@ -441,10 +424,7 @@ def test_the_profiler_lists_a_twins_backward_with_a_mask_by_the_name_of_torch_nn
     mask[0, ..., -2:] = False
     names = {}
     for label, call in (("torch.nn", lambda: reference(x)), ("twin", lambda: twin(x, mask=mask))):
-        call().sum().backward()
-        with profile() as prof:
-            call().sum().backward()
-        names[label] = {event.key: event.count for event in prof.key_averages()}
+        names[label] = profiled_ops(lambda: call().sum().backward())
     ops = [key.split("::")[1] for key in names["torch.nn"]
            if key in {f"aten::{op}" for op in ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")}]
     op = next(name for name in ops if name != "batch_norm") if len(ops) > 1 else ops[0]
