@@ -584,6 +584,25 @@ def test_a_small_training_steps_forward_runs_the_bound_kernel_entry_and_matches_
         torch.testing.assert_close(mine, theirs)
 
 
+def _profilers_see_numba_dispatchers():
+    """Whether cProfile records a call to a Numba dispatcher by its function's name: it does on
+    Python 3.11, not on 3.12+, where profilers run on sys.monitoring and Numba's dispatcher (C
+    code) reports no call to them; there only the gradients can be checked."""
+    import cProfile
+    import pstats
+
+    import numba
+
+    @numba.njit
+    def probe(n):
+        return n + 1
+
+    probe(1)  # (compiles it)
+    profile = cProfile.Profile()
+    profile.runcall(probe, 1)
+    return "probe" in {name for _, _, name in pstats.Stats(profile).stats}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("cls_name", ["LayerNorm", "RMSNorm"])
 def test_a_small_training_steps_backward_runs_the_kernels_compiled_entry_not_numbas_dispatcher(cls_name, dtype,
@@ -619,7 +638,8 @@ def test_a_small_training_steps_backward_runs_the_kernels_compiled_entry_not_num
         profile = cProfile.Profile()
         mine = profile.runcall(torch.autograd.grad, y, (x, *twin.parameters()), grad_y)
         called = {name for _, _, name in pstats.Stats(profile).stats}
-        assert called.isdisjoint(kernels) != strided_statistics
+        if _profilers_see_numba_dispatchers():
+            assert called.isdisjoint(kernels) != strided_statistics
         for ours, theirs in zip(mine, torch.autograd.grad(reference(x), (x, *reference.parameters()), grad_y)):
             torch.testing.assert_close(ours, theirs)
 
