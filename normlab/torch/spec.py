@@ -358,11 +358,11 @@ def array_view(t: Optional[Tensor]) -> Optional[np.ndarray]:
         return t.numpy()  # (which raises where NumPy cannot read the tensor; an empty one has no memory to free)
     memory = _TensorMemory()
     memory.tensor = t
-    # (no strides: C order, as parameters and most inputs are; a torch.Size is the tuple NumPy reads)
-    memory.__array_interface__ = ({"data": (t.data_ptr(), False), "shape": t.shape, "typestr": typestr, "version": 3}
-                                  if t.is_contiguous() else
-                                  {"data": (t.data_ptr(), False), "shape": t.shape, "typestr": typestr, "version": 3,
-                                   "strides": tuple(map(t.itemsize.__mul__, t.stride()))})
+    # (a torch.Size is the tuple NumPy reads; no strides entry: C order, as parameters and most inputs are)
+    memory.__array_interface__ = interface = {"data": (t.data_ptr(), False), "shape": t.shape, "typestr": typestr,
+                                              "version": 3}
+    if not t.is_contiguous():
+        interface["strides"] = tuple(map(t.itemsize.__mul__, t.stride()))
     return np.asarray(memory)
 
 
