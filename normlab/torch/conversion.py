@@ -14,7 +14,9 @@ A layer is converted when normlab can compute what it computes:
   ``T5LayerNorm`` and the many copies of them): a module with one 1-D ``weight`` and an
   ``eps`` or ``variance_epsilon`` whose forward reproduces one casting recipe
   (:mod:`normlab.torch.casting`) bit for bit on probe inputs in float32 and bfloat16
-  becomes :class:`RMSNorm` with that recipe;
+  becomes :class:`RMSNorm` with that recipe; one with a ``bias`` of its weight's shape too,
+  whose forward reproduces a recipe followed by ``+ bias`` (diffusers' ``RMSNorm(...,
+  bias=True)``), :class:`~normlab.torch.recipe_norms.BiasedRMSNorm`;
 * layer norms that compute in float32 (transformers' ``CohereLayerNorm``, also with its
   per-head QK-norm weight of shape ``(heads, head_dim)``, the parameter-less
   ``OlmoLayerNorm``, and ``DebertaLayerNorm``): a module with no parameters but a ``weight``
@@ -417,10 +419,10 @@ def _decision(module: nn.Module):
 
             return GatedRMSNorm, recipe
     else:
-        from normlab.torch.recipe_norms import RecipeLayerNorm, UnweightedRMSNorm
+        from normlab.torch.recipe_norms import BiasedRMSNorm, RecipeLayerNorm, UnweightedRMSNorm
 
-        for twin, probe in ((RMSNorm, _rms_recipe), (RecipeLayerNorm, _layer_norm_recipe),
-                            (UnweightedRMSNorm, _unweighted_rms_recipe)):
+        for twin, probe in ((RMSNorm, _rms_recipe), (BiasedRMSNorm, _biased_rms_recipe),
+                            (RecipeLayerNorm, _layer_norm_recipe), (UnweightedRMSNorm, _unweighted_rms_recipe)):
             recipe = probe(module)
             if recipe is not None:
                 return twin, recipe
@@ -432,6 +434,10 @@ def _decision(module: nn.Module):
 # "Norm" but not "Normal..."; also a lowercase "norm" ending a word (diffusers' WanRMS_norm,
 # QwenImageRMS_norm, transformers' AutoformerLayernorm), not "Unnormed" or "Polynormer"
 _NORM_NAME = re.compile(r"Norm(?!al)|norm(?![a-z])")
+
+
+def _biased_rms_recipe(module: nn.Module) -> Optional[dict]:
+    return _rms_recipe(module, with_bias=True)
 
 
 def _named_like_a_norm(module: nn.Module) -> bool:

@@ -162,7 +162,9 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
             weight = weight + module.weight_offset
         # torch.nn's layer norms read their bias as an attribute: del norm.bias raises there, and
         # so here, as the twins' calls without mask= do (torch.nn's RMSNorm has none, Norm its own rule)
-        bias = module.bias if isinstance(module, nn.LayerNorm) else getattr(module, "bias", None)
+        # (an RMS norm's bias, BiasedRMSNorm's, is added by its own forward after the norm)
+        bias = (module.bias if isinstance(module, nn.LayerNorm) else None if isinstance(module, nn.RMSNorm)
+                else getattr(module, "bias", None))
         y = _masked(module, x, spec.pattern, weight, bias, spec.params, eps, spec.rms, mask, spec.size_dict).y
         return _unmasked_layout(module, x, y)
 

@@ -2,7 +2,7 @@
 compute in float32 (Cohere's, with its per-head QK-norm weight, OLMo's and DeBERTa's) and of
 timm's ``LayerNormFp32`` and ``LayerNorm2dFp32``, and of its RMS norms without a weight, over
 the last axis whatever its size (Llama 4's ``L2Norm``, DeepSeek-V4's ``UnweightedRMSNorm``,
-FalconMamba's, NanoChat's, ...).
+FalconMamba's, NanoChat's, ...), and of diffusers' RMS norm with a bias.
 
 The recipes themselves (which torch operations, where the casts are) live in
 :mod:`normlab.torch.casting`, beside the RMS norm recipes.
@@ -18,13 +18,14 @@ from torch.nn import functional as F
 
 from normlab.errors import ParamsError
 from normlab.torch.casting import (LAYER_NORM_CASTINGS, UNWEIGHTED_CASTINGS, TransformersEpsName, apply_deberta_scale,
-                                   compute_dtype, layer_norm_recipe, unweighted_rms_norm_recipe)
+                                   compute_dtype, layer_norm_recipe, rms_norm_recipe, unweighted_rms_norm_recipe)
 from normlab.torch.compute import _normalize
-from normlab.torch.modules import LayerNorm, LayerNorm2d, _fx_call_module
+from normlab.torch.modules import LayerNorm, LayerNorm2d, RMSNorm, _fx_call_module, _refuse_scripted_mask
 from normlab.torch.paths import _LOW_PRECISION, _choose_path, _PathSwitch
 from normlab.torch.spec import Spec, refuse_non_tensor
 
-__all__ = ["RecipeLayerNorm", "UnweightedRMSNorm", "Float32LayerNorm", "Float32LayerNorm2d", "WrittenOutLayerNorm"]
+__all__ = ["RecipeLayerNorm", "UnweightedRMSNorm", "BiasedRMSNorm", "Float32LayerNorm", "Float32LayerNorm2d",
+           "WrittenOutLayerNorm"]
 
 
 _PRUNED_BY = frozenset({"weight", "bias", "normalized_shape"})  # what RecipeLayerNorm's originals read
@@ -194,6 +195,66 @@ class UnweightedRMSNorm(TransformersEpsName, nn.Module):
             return _normalize(x.to(compute_dtype(x.dtype)), None, None, self._spec, float(self.eps),
                               "kernel")[0].to(x.dtype)
         return unweighted_rms_norm_recipe(x, self.eps, self.casting)
+
+
+class BiasedRMSNorm(RMSNorm):
+    """:class:`~normlab.torch.RMSNorm` followed by a bias: ``y = rms_norm(x) + bias``, the
+    bias added to the norm's output (with its ``casting`` recipe and weight) in the dtype
+    the two promote to, as diffusers' ``RMSNorm(dim, eps, bias=True)`` adds it (Sana's and
+    SANA-Video's GLUMBConv output norm, DC-AE's ``norm_out``; :func:`~normlab.torch.convert`
+    turns those into this, with ``casting="t5"``, their outputs and gradients to the bit).
+    ``bias=False`` is :class:`~normlab.torch.RMSNorm` itself; without
+    ``elementwise_affine`` there is neither weight nor bias, as in diffusers. The bias is
+    added on every path (kernels, ``mask=``, torch's), after the norm.
+
+    >>> norm = BiasedRMSNorm(2, eps=0.0)
+    >>> with torch.no_grad():
+    ...     _ = norm.bias.fill_(1.0)
+    >>> [round(v, 4) for v in norm(torch.tensor([[3., 4.]]))[0].tolist()], list(norm.state_dict())
+    ([1.8485, 2.1314], ['weight', 'bias'])
+    """
+
+    def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True,
+                 bias: bool = True, device=None, dtype=None, *, casting: Optional[str] = None,
+                 weight_offset: float = 0.0) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype, casting=casting,
+                         weight_offset=weight_offset)
+        if elementwise_affine and bias:
+            self.bias = nn.Parameter(torch.zeros(self.normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if getattr(self, "bias", None) is not None:  # (torch.nn.RMSNorm's __init__ calls this before bias exists)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", bias={self.bias is not None}"
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        if torch.jit.is_scripting():
+            if mask is not None:
+                _refuse_scripted_mask()
+            eps = self.eps
+            if eps is None:  # (torch.nn.RMSNorm's: the machine epsilon of the dtype it computes in)
+                eps = 2.0 ** -52 if x.dtype == torch.float64 else 2.0 ** -23
+            casting = self.casting
+            if casting is not None:
+                y = rms_norm_recipe(x, self.weight, eps, casting, self.weight_offset, len(self.normalized_shape))
+            else:
+                y = F.rms_norm(x, list(self.normalized_shape), self.weight, eps)
+        else:
+            if isinstance(x, torch.fx.Proxy):
+                return _fx_call_module(self, x, mask=mask)  # (one leaf: its call adds the bias)
+            y = self._eager_forward(x, mask)
+        bias = self.bias
+        return y if bias is None else y + bias
+
+    @torch.jit.unused
+    def _traced_root_forward(self, proxy) -> "torch.fx.Proxy":
+        y = super()._traced_root_forward(proxy)
+        return y if self.bias is None else y + self.bias
 
 
 class _HalfPrecisionLayerNorm(LayerNorm):

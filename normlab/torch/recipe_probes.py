@@ -54,14 +54,17 @@ def _on_cpu(probe: Callable) -> Callable:
     return on_cpu
 
 
-def _weight_and_eps(module: nn.Module) -> tuple[Optional[Tensor], Optional[float]]:
-    """``(weight, eps)`` of a module whose one parameter is a 1-D ``weight``, with no
-    buffers or children and a numeric ``variance_epsilon`` or ``eps`` (as transformers'
-    RMS norms have); ``(None, None)`` otherwise."""
-    weight = module._parameters.get("weight")
+def _weight_and_eps(module: nn.Module, with_bias: bool = False) -> tuple[Optional[Tensor], Optional[float]]:
+    """``(weight, eps)`` of a module whose one parameter is a 1-D ``weight`` (``with_bias``:
+    whose two are a 1-D ``weight`` and a ``bias`` of its shape, as diffusers' ``RMSNorm(...,
+    bias=True)``), with no buffers or children and a numeric ``variance_epsilon`` or ``eps``
+    (as transformers' RMS norms have); ``(None, None)`` otherwise."""
+    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if (set(module._parameters) != {"weight"} or weight is None or weight.dim() != 1 or len(module._buffers)
-            or list(module.children()) or not isinstance(eps, (int, float)) or isinstance(eps, bool)):
+    if (set(module._parameters) != ({"weight", "bias"} if with_bias else {"weight"}) or weight is None
+            or weight.dim() != 1 or (with_bias and (bias is None or bias.shape != weight.shape))
+            or len(module._buffers) or list(module.children()) or not isinstance(eps, (int, float))
+            or isinstance(eps, bool)):
         return None, None
     return weight, eps
 
@@ -88,41 +91,50 @@ def _probe_outputs(module: nn.Module, parameters: dict, *inputs: Tensor) -> Opti
 
 
 @_on_cpu
-def _rms_recipe(module: nn.Module) -> Optional[dict]:
+def _rms_recipe(module: nn.Module, with_bias: bool = False) -> Optional[dict]:
     """``{"normalized_shape", "eps", "casting", "weight_offset", ...}`` when ``module`` is an
     RMS norm with one 1-D weight whose forward matches a casting recipe bit for bit in
-    float32, bfloat16 and mixed weight/input dtypes; None otherwise."""
-    weight, eps = _weight_and_eps(module)
+    float32, bfloat16 and mixed weight/input dtypes; None otherwise. ``with_bias``: an RMS
+    norm with a weight and a bias, whose forward matches a recipe followed by ``+ bias``
+    (:class:`~normlab.torch.recipe_norms.BiasedRMSNorm`)."""
+    weight, eps = _weight_and_eps(module, with_bias)
     if weight is None:
         return None
     generator = torch.Generator().manual_seed(0)
     size = weight.shape[0]
     probe_weight = torch.randn(size, generator=generator) * 0.5
+    probe_bias = torch.randn(size, generator=generator) if with_bias else None
     x = torch.randn(4, size, generator=generator)
     x = x * torch.tensor([[1.0], [math.sqrt(eps) + 1e-3], [10.0], [1.0]]) + torch.tensor([[0.0], [0.0], [0.0], [3.0]])
-    outputs = _probe_outputs(module, {"weight": probe_weight}, x)
+    parameters = {"weight": probe_weight, **({"bias": probe_bias} if with_bias else {})}
+    outputs = _probe_outputs(module, parameters, x)
     if outputs is None:
         return None
+
+    def recipe(x: Tensor, w_dtype: torch.dtype, casting: str, offset: float) -> Tensor:
+        y = rms_norm_recipe(x, probe_weight.to(w_dtype), eps, casting, offset)
+        return y if probe_bias is None else y + probe_bias.to(w_dtype)
+
+    def probed(w_dtype: torch.dtype) -> Callable:
+        probe = _probe_copy(module, {"parameters": {k: p.to(w_dtype) for k, p in parameters.items()}, "buffers": {}})
+        return lambda x: type(module).forward(probe, x)
+
     matches = []
     for casting in CASTINGS:
         for offset in (0.0, 1.0):
             with torch.no_grad():
-                expected = [rms_norm_recipe(x.to(x_dtype), probe_weight.to(w_dtype), eps, casting, offset)
-                            for x_dtype, w_dtype in _PROBE_DTYPES]
+                expected = [recipe(x.to(x_dtype), w_dtype, casting, offset) for x_dtype, w_dtype in _PROBE_DTYPES]
             if _all_equal(outputs, expected):
                 matches.append((casting, offset))
     if len(matches) > 1:  # ("gemma" and "mochi" give one output: their bfloat16 input gradients differ)
-        half_weight = probe_weight.to(torch.bfloat16)
-        probe = _probe_copy(module, {"parameters": {"weight": half_weight}, "buffers": {}})
         matches = [(casting, offset) for casting, offset in matches if _same_input_gradient(
-            lambda x: type(module).forward(probe, x),
-            lambda x, casting=casting, offset=offset: rms_norm_recipe(x, half_weight, eps, casting, offset),
+            probed(torch.bfloat16),
+            lambda x, casting=casting, offset=offset: recipe(x, torch.bfloat16, casting, offset),
             x.to(torch.bfloat16))] or matches
     if len(matches) > 1:  # ("gemma" and "gemma3n" give one bfloat16 gradient: their float32 ones differ)
-        probe = _probe_copy(module, {"parameters": {"weight": probe_weight}, "buffers": {}})
         matches = [(casting, offset) for casting, offset in matches if _same_input_gradient(
-            lambda x: type(module).forward(probe, x),
-            lambda x, casting=casting, offset=offset: rms_norm_recipe(x, probe_weight, eps, casting, offset),
+            probed(torch.float32),
+            lambda x, casting=casting, offset=offset: recipe(x, torch.float32, casting, offset),
             x)] or matches
     if not matches:
         return None

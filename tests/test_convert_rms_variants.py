@@ -1,0 +1,90 @@
+"""convert() on RMS norms shaped otherwise than transformers' ones: diffusers' ``RMSNorm`` with
+a bias (Sana's GLUMBConv, DC-AE). The oracles are the original classes, with random
+parameters, and a small diffusers model built from its config, run unconverted on the same
+inputs with torch's autograd through them."""
+
+import copy
+import io
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+normalization = pytest.importorskip("diffusers.models.normalization")
+
+import normlab.torch as nt  # noqa: E402
+from tests.test_convert_models import assert_same_numbers, convert_quietly, converted_copy, random_parameters  # noqa: E402
+
+HALF = dict(rtol=1.6e-2, atol=1e-2)  # the kernels' path: within a rounding of the input's dtype
+DTYPES = {"float32": (torch.float32, torch.float32), "bfloat16": (torch.bfloat16, torch.bfloat16),
+          "float16": (torch.float16, torch.float16), "bfloat16_on_float32_weight": (torch.bfloat16, torch.float32)}
+
+
+def _biased_rms_norm(dtype=torch.float32):
+    return random_parameters(normalization.RMSNorm(24, 1e-5, elementwise_affine=True, bias=True)).to(dtype)
+
+
+@pytest.mark.parametrize("dtypes", DTYPES.values(), ids=DTYPES.keys())
+def test_diffusers_rms_norm_with_a_bias_becomes_a_biased_rms_norm_with_its_outputs_and_gradients_to_the_bit(dtypes):
+    """It was left unconverted with a warning that it computes something no normlab module
+    does: it is the "t5" recipe (the input scaled in float32 by promotion, cast to a half
+    weight's dtype, then weighed) followed by ``+ bias``."""
+    x_dtype, w_dtype = dtypes
+    original = _biased_rms_norm(w_dtype)
+    converted = converted_copy(original)
+    assert type(converted) is nt.BiasedRMSNorm and (converted.casting, converted.eps) == ("t5", 1e-5)
+    assert list(converted.state_dict()) == list(original.state_dict()) == ["weight", "bias"]
+    x = (torch.randn(3, 5, 24) * 2 + 0.5).to(x_dtype)
+    assert_same_numbers(original, converted, x, None)
+    with nt.use_path("kernel"):
+        assert_same_numbers(original, converted, x, HALF)
+
+
+def test_a_biased_rms_norm_adds_its_bias_once_with_a_mask():
+    """The masked path normalizes on the kernels: with every element counted it gives the
+    original's numbers to float rounding, its bias added once."""
+    original = _biased_rms_norm()
+    converted = converted_copy(original)
+    x = torch.randn(3, 5, 24) * 2 + 0.5
+    with torch.no_grad():
+        expected = original(x)
+        torch.testing.assert_close(converted(x, mask=torch.ones(3, 5, 24, dtype=torch.bool)), expected)
+        converted.casting = None  # (torch.nn.RMSNorm's own casts, which equal t5's in float32)
+        torch.testing.assert_close(converted(x, mask=torch.ones(3, 5, 24, dtype=torch.bool)), expected)
+
+
+def _dc_ae():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=4, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 16),
+        decoder_block_out_channels=(8, 16), encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+        encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_a_small_dc_ae_converted_gives_the_original_s_outputs_and_gradients_to_the_bit_and_unconverts_exactly(dtype):
+    """DC-AE (Sana's autoencoder) normalizes with diffusers' RMSNorm(..., bias=True) in its
+    ResBlocks, GLUMBConvs and output norm: all were left alone, with a warning. unconvert
+    gives each its diffusers class back, with the same Parameter objects and attributes."""
+    original = random_parameters(_dc_ae()).to(dtype)
+    converted = convert_quietly(copy.deepcopy(original))
+    assert {type(m).__name__ for m in converted.modules() if "Norm" in type(m).__name__} == {"BiasedRMSNorm"}
+    assert_same_numbers(original, converted, torch.randn(1, 3, 8, 8).to(dtype), None,
+                        call=lambda model, x: model(x).sample)
+    parameters = list(converted.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        restored = nt.unconvert(converted)
+    assert [type(m) for m in restored.modules()] == [type(m) for m in original.modules()]
+    assert all(a is b for a, b in zip(restored.parameters(), parameters, strict=True))
+    for (name, norm), kept in zip(restored.named_modules(), original.modules()):
+        if type(norm) is normalization.RMSNorm:  # (diffusers' own attributes and parameter names, no more)
+            assert vars(norm).keys() == vars(kept).keys() and list(norm._parameters) == ["weight", "bias"], name
+    with torch.no_grad():
+        x = torch.randn(1, 3, 8, 8).to(dtype)
+        assert torch.equal(restored(x).sample, original(x).sample)
+    saved = io.BytesIO()
+    torch.save(restored, saved)
+    assert b"normlab" not in saved.getvalue()
