@@ -13,7 +13,10 @@ on CPU unchanged:
   ``fast_group_norm`` from ``timm/layers/fast_norm.py`` (without apex, which is not
   installed; fast norm is off by default, as in timm);
 * ``timm/layers/norm.py`` and ``fast_norm.py``: ``RmsNorm`` with ``rms_norm`` (the eager
-  path; TorchScript's branch is the same computation over the last axis).
+  path; TorchScript's branch is the same computation over the last axis);
+* ``timm/layers/norm.py`` and ``fast_norm.py``: ``RmsNorm2d`` and ``RmsNorm2dFp32`` with
+  ``rms_norm2d`` (channels-first, ``(N, C, H, W)``: the statistics over axis 1; RmsNorm2d's
+  fast path, apex's norm or autocast's dtype, is off, as above).
 """
 
 import numbers
@@ -225,6 +228,90 @@ class TimmRmsNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (the fast path, apex's RMS norm, is off: apex is not installed and fast norm is off)
         x = rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return x
+
+
+def rms_norm2d(x: torch.Tensor, normalized_shape: List[int], weight: Optional[torch.Tensor] = None,
+               eps: float = 1e-5):
+    # timm/layers/fast_norm.py
+    assert len(normalized_shape) == 1
+    v = x.pow(2)
+    v = torch.mean(v, dim=1, keepdim=True)
+    x = x * torch.rsqrt(v + eps)
+    if weight is not None:
+        x = x * weight.reshape(1, -1, 1, 1)
+    return x
+
+
+class TimmRmsNorm2d(nn.Module):
+    """ RmsNorm2D for NCHW tensors, w/ fast apex or cast norm if available
+    """
+    __constants__ = ['normalized_shape', 'eps', 'elementwise_affine', '_fast_norm']
+    normalized_shape: Tuple[int, ...]
+    eps: float
+    elementwise_affine: bool
+    _fast_norm: bool
+
+    def __init__(self, channels: int, eps: float = 1e-6, affine: bool = True, device=None, dtype=None) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        normalized_shape = channels
+        if isinstance(normalized_shape, numbers.Integral):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = affine
+        self._fast_norm = is_fast_norm()
+
+        if self.elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **dd))
+        else:
+            self.register_parameter('weight', None)
+
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.elementwise_affine:
+            nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (fast_rms_norm2d, apex's norm or autocast's dtype, is off: apex is not installed and fast norm is off)
+        x = rms_norm2d(x, self.normalized_shape, self.weight, self.eps)
+        return x
+
+
+class TimmRmsNorm2dFp32(nn.Module):
+    """ RmsNorm2D for NCHW tensors, w/ fast apex or cast norm if available
+    """
+    __constants__ = ['normalized_shape', 'eps', 'elementwise_affine']
+    normalized_shape: Tuple[int, ...]
+    eps: float
+    elementwise_affine: bool
+
+    def __init__(self, channels: int, eps: float = 1e-6, affine: bool = True, device=None, dtype=None) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        normalized_shape = channels
+        if isinstance(normalized_shape, numbers.Integral):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = affine
+
+        if self.elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **dd))
+        else:
+            self.register_parameter('weight', None)
+
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.elementwise_affine:
+            nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        x = rms_norm2d(x.float(), self.normalized_shape, weight, self.eps).to(x.dtype)
         return x
 
 

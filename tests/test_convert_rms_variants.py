@@ -1,7 +1,9 @@
 """convert() on RMS norms shaped otherwise than transformers' ones: diffusers' ``RMSNorm`` with
-a bias (Sana's GLUMBConv, DC-AE). The oracles are the original classes, with random
-parameters, and a small diffusers model built from its config, run unconverted on the same
-inputs with torch's autograd through them."""
+a bias (Sana's GLUMBConv, DC-AE) and timm's channels-first ``RmsNorm2d`` and
+``RmsNorm2dFp32`` (faithful copies in tests/mirrored_norms.py: timm cannot be imported here).
+The oracles are the original classes, with random parameters, and small models built from
+them (a diffusers model from its config), run unconverted on the same inputs with torch's
+autograd through them."""
 
 import copy
 import io
@@ -10,9 +12,9 @@ import warnings
 import pytest
 
 torch = pytest.importorskip("torch")
-normalization = pytest.importorskip("diffusers.models.normalization")
 
 import normlab.torch as nt  # noqa: E402
+from tests.mirrored_norms import TimmRmsNorm2d, TimmRmsNorm2dFp32  # noqa: E402
 from tests.test_convert_models import assert_same_numbers, convert_quietly, converted_copy, random_parameters  # noqa: E402
 
 HALF = dict(rtol=1.6e-2, atol=1e-2)  # the kernels' path: within a rounding of the input's dtype
@@ -20,10 +22,18 @@ DTYPES = {"float32": (torch.float32, torch.float32), "bfloat16": (torch.bfloat16
           "float16": (torch.float16, torch.float16), "bfloat16_on_float32_weight": (torch.bfloat16, torch.float32)}
 
 
+try:
+    from diffusers.models import normalization
+except ImportError:
+    normalization = None
+needs_diffusers = pytest.mark.skipif(normalization is None, reason="diffusers is not installed")
+
+
 def _biased_rms_norm(dtype=torch.float32):
     return random_parameters(normalization.RMSNorm(24, 1e-5, elementwise_affine=True, bias=True)).to(dtype)
 
 
+@needs_diffusers
 @pytest.mark.parametrize("dtypes", DTYPES.values(), ids=DTYPES.keys())
 def test_diffusers_rms_norm_with_a_bias_becomes_a_biased_rms_norm_with_its_outputs_and_gradients_to_the_bit(dtypes):
     """It was left unconverted with a warning that it computes something no normlab module
@@ -40,6 +50,7 @@ def test_diffusers_rms_norm_with_a_bias_becomes_a_biased_rms_norm_with_its_outpu
         assert_same_numbers(original, converted, x, HALF)
 
 
+@needs_diffusers
 def test_a_biased_rms_norm_adds_its_bias_once_with_a_mask():
     """The masked path normalizes on the kernels: with every element counted it gives the
     original's numbers to float rounding, its bias added once."""
@@ -63,6 +74,7 @@ def _dc_ae():
         encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)))
 
 
+@needs_diffusers
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_a_small_dc_ae_converted_gives_the_original_s_outputs_and_gradients_to_the_bit_and_unconverts_exactly(dtype):
     """DC-AE (Sana's autoencoder) normalizes with diffusers' RMSNorm(..., bias=True) in its
@@ -88,3 +100,48 @@ def test_a_small_dc_ae_converted_gives_the_original_s_outputs_and_gradients_to_t
     saved = io.BytesIO()
     torch.save(restored, saved)
     assert b"normlab" not in saved.getvalue()
+
+
+# ---------------------------------------------------------------------------------------
+# timm's channels-first RMS norms
+
+TIMM_2D = {"rms_norm_2d": (TimmRmsNorm2d, "none"), "rms_norm_2d_fp32": (TimmRmsNorm2dFp32, "float32")}
+
+
+@pytest.mark.parametrize("dtypes", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_weight"])
+@pytest.mark.parametrize("name", TIMM_2D)
+def test_timms_channels_first_rms_norms_become_rms_norm_2d_with_their_outputs_and_gradients_to_the_bit(
+        name, affine, dtypes):
+    """They were left unconverted with a warning that they compute something no normlab
+    module does: x · rsqrt(mean over the channels of x² + eps) · weight, everything in the
+    input's dtype (RmsNorm2d) or on the input and weight upcast to float32 (RmsNorm2dFp32)."""
+    cls, casting = TIMM_2D[name]
+    x_dtype, w_dtype = dtypes
+    original = random_parameters(cls(24, affine=affine)).to(w_dtype)
+    converted = converted_copy(original)
+    assert type(converted) is nt.RMSNorm2d and (converted.casting, converted.eps) == (casting, 1e-6)
+    assert list(converted.state_dict()) == list(original.state_dict())
+    x = (torch.randn(2, 24, 3, 4) * 2 + 0.5).to(x_dtype)
+    assert_same_numbers(original, converted, x, None)
+    assert_same_numbers(original, converted, x.to(memory_format=torch.channels_last), None)
+    if not affine:  # (any input of two or more axes, channels second)
+        assert_same_numbers(original, converted, (torch.randn(3, 24, 5) * 2 + 0.5).to(x_dtype), None)
+    with nt.use_path("kernel"):  # ("none" rounds each step in bfloat16, where the kernels round once: a
+        # weight's gradient sums 24 products, each within 3 bfloat16 units of timm's)
+        assert_same_numbers(original, converted, x, dict(rtol=1.6e-2, atol=5e-2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_a_small_cnn_with_timms_rms_norm_2d_converted_gives_its_outputs_and_gradients_to_the_bit(dtype):
+    torch.manual_seed(0)
+    original = random_parameters(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), TimmRmsNorm2d(8), torch.nn.GELU(), torch.nn.Conv2d(8, 16, 3, stride=2),
+        TimmRmsNorm2dFp32(16), torch.nn.GELU(), TimmRmsNorm2d(16, affine=False))).to(dtype)
+    converted = convert_quietly(copy.deepcopy(original))
+    assert [type(m).__name__ for m in converted if "Norm" in type(m).__name__] == ["RMSNorm2d"] * 3
+    assert_same_numbers(original, converted, torch.randn(2, 3, 8, 8).to(dtype), None)
+    scripted = torch.jit.script(converted)
+    x = torch.randn(2, 3, 8, 8).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(scripted(x), original(x))

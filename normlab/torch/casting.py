@@ -42,6 +42,14 @@ RMS norms without a weight, over the last axis whatever its size
   (``Gemma3nRMSNorm(..., with_scale=False)``);
 * ``"none"``: everything in the input's dtype (timm's ``RmsNorm(..., affine=False)``).
 
+RMS norms over the channels of ``(N, C, H, W)`` input (axis 1), as timm writes them
+(:class:`~normlab.torch.recipe_norms.RMSNorm2d`, :func:`channels_first_rms_norm_recipe`), with
+their weight reshaped to ``(1, C, 1, 1)``:
+
+* ``"none"``: everything in the input's dtype (timm's ``RmsNorm2d``);
+* ``"float32"``: the input and weight cast to float32 (float64 input too), cast back to the
+  input's dtype once at the end (timm's ``RmsNorm2dFp32``).
+
 In float32 the recipes coincide with each other and with ``torch.nn.RMSNorm``; they differ
 only in where low precision rounds and in the output dtype when weight and input dtypes
 differ. "float32" above means at least float32: float64 input stays float64 (transformers'
@@ -82,6 +90,7 @@ from torch.nn import functional as F
 CASTINGS = ("llama", "gemma", "t5", "none", "imagegpt", "mochi", "gemma3n")
 LAYER_NORM_CASTINGS = ("olmo", "cohere", "deberta")
 UNWEIGHTED_CASTINGS = ("llama", "deepseek", "diffusers", "gemma3n", "none")
+CHANNELS_FIRST_RMS_CASTINGS = ("none", "float32")
 _CAST_AFTER_WEIGHT = ("gemma", "mochi", "gemma3n")  # the recipes that weigh x̂ in float32 and cast once after
 
 
@@ -284,6 +293,37 @@ def unweighted_rms_norm_recipe(x: Tensor, eps: float, casting: str) -> Tensor:
     if casting == "none":
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return rms_normalize(x.to(compute_dtype(x.dtype)), [-1], eps).to(x.dtype)
+
+
+def channels_first_rms_norm_recipe(x: Tensor, weight: Optional[Tensor], eps: float, casting: str) -> Tensor:
+    """RMS norm over axis 1 of ``x`` (``(N, C, H, W)``, channels first) with ``casting``'s
+    roundings (one of :data:`CHANNELS_FIRST_RMS_CASTINGS`), in timm's own torch operations
+    (``rms_norm2d``): the mean of squares over axis 1, ``x · rsqrt(...)``, then the weight
+    reshaped to ``(1, C, 1, 1)``.
+
+    >>> x = torch.tensor([[[[3.]], [[4.]]]], dtype=torch.bfloat16)
+    >>> channels_first_rms_norm_recipe(x, None, 0.0, "none").flatten().tolist()  # (each step rounded in bfloat16)
+    [0.8515625, 1.1328125]
+    >>> channels_first_rms_norm_recipe(x, None, 0.0, "float32").flatten().tolist()  # (rounded once)
+    [0.84765625, 1.1328125]
+    """
+    if casting not in ("none", "float32"):  # (CHANNELS_FIRST_RMS_CASTINGS, written out for TorchScript)
+        raise ValueError(f"unknown casting '{casting}' of a channels-first RMS norm; use one of none, float32")
+    h = x.float() if casting == "float32" else x
+    return weigh_channels(x, h * torch.rsqrt(torch.mean(h.pow(2), dim=1, keepdim=True) + eps), weight, casting)
+
+
+def weigh_channels(x: Tensor, normalized: Tensor, weight: Optional[Tensor], casting: str) -> Tensor:
+    """A channels-first recipe's steps after its statistics: ``x̂ · weight.reshape(1, C, 1, 1)``
+    (in float32 for ``"float32"``, cast to ``x``'s dtype after), as timm writes them.
+
+    >>> weigh_channels(torch.ones(1, 2, 1, 1, dtype=torch.bfloat16), torch.ones(1, 2, 1, 1), torch.ones(2),
+    ...                "float32").dtype
+    torch.bfloat16
+    """
+    if weight is not None:
+        normalized = normalized * (weight.float() if casting == "float32" else weight).reshape(1, -1, 1, 1)
+    return normalized.to(x.dtype) if casting == "float32" else normalized
 
 
 class TransformersEpsName:

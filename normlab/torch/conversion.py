@@ -30,6 +30,11 @@ A layer is converted when normlab can compute what it computes:
   ``eps`` or ``variance_epsilon``, whose forward reproduces one recipe bit for bit in
   float32 and bfloat16 on two sizes, becomes
   :class:`~normlab.torch.recipe_norms.UnweightedRMSNorm`;
+* RMS norms over the channels of ``(N, C, H, W)`` input (timm's ``RmsNorm2d`` and
+  ``RmsNorm2dFp32``): a module with one 1-D ``weight`` (or one registered as None), no
+  buffers or children and an ``eps``, whose forward reproduces a channels-first recipe bit
+  for bit on probe inputs in float32 and bfloat16 becomes
+  :class:`~normlab.torch.recipe_norms.RMSNorm2d`;
 * layer norms over the channels of ``(N, C, H, W)`` input that are no ``nn.LayerNorm``
   (transformers' ``VitDetLayerNorm``): a ``weight``, ``bias`` and ``normalized_shape`` of
   ``(C,)`` and a forward that gives torch's numbers on float64 probes become
@@ -74,8 +79,9 @@ from torch.nn.utils import parametrize
 
 from normlab.torch.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, ChannelsFirstLayerNorm, GroupNorm,
                                    InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, LayerNorm2d, RMSNorm)
-from normlab.torch.recipe_probes import (_computes_in_half_as, _gated_recipe, _layer_norm_recipe, _on_cpu,
-                                         _probe_copy, _rms_recipe, _takes_a_second_input, _unweighted_rms_recipe)
+from normlab.torch.recipe_probes import (_channels_first_rms_recipe, _computes_in_half_as, _gated_recipe,
+                                         _layer_norm_recipe, _on_cpu, _probe_copy, _rms_recipe, _takes_a_second_input,
+                                         _unweighted_rms_recipe)
 from normlab.torch.sync import SyncBatchNorm
 
 _TWINS = {
@@ -419,10 +425,11 @@ def _decision(module: nn.Module):
 
             return GatedRMSNorm, recipe
     else:
-        from normlab.torch.recipe_norms import BiasedRMSNorm, RecipeLayerNorm, UnweightedRMSNorm
+        from normlab.torch.recipe_norms import BiasedRMSNorm, RecipeLayerNorm, RMSNorm2d, UnweightedRMSNorm
 
         for twin, probe in ((RMSNorm, _rms_recipe), (BiasedRMSNorm, _biased_rms_recipe),
-                            (RecipeLayerNorm, _layer_norm_recipe), (UnweightedRMSNorm, _unweighted_rms_recipe)):
+                            (RecipeLayerNorm, _layer_norm_recipe), (UnweightedRMSNorm, _unweighted_rms_recipe),
+                            (RMSNorm2d, _channels_first_rms_recipe)):
             recipe = probe(module)
             if recipe is not None:
                 return twin, recipe

@@ -2,7 +2,8 @@
 compute in float32 (Cohere's, with its per-head QK-norm weight, OLMo's and DeBERTa's) and of
 timm's ``LayerNormFp32`` and ``LayerNorm2dFp32``, and of its RMS norms without a weight, over
 the last axis whatever its size (Llama 4's ``L2Norm``, DeepSeek-V4's ``UnweightedRMSNorm``,
-FalconMamba's, NanoChat's, ...), and of diffusers' RMS norm with a bias.
+FalconMamba's, NanoChat's, ...), of diffusers' RMS norm with a bias, and of timm's
+channels-first RMS norms (``RmsNorm2d``, ``RmsNorm2dFp32``).
 
 The recipes themselves (which torch operations, where the casts are) live in
 :mod:`normlab.torch.casting`, beside the RMS norm recipes.
@@ -17,15 +18,17 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from normlab.errors import ParamsError
-from normlab.torch.casting import (LAYER_NORM_CASTINGS, UNWEIGHTED_CASTINGS, TransformersEpsName, apply_deberta_scale,
-                                   compute_dtype, layer_norm_recipe, rms_norm_recipe, unweighted_rms_norm_recipe)
+from normlab.torch.casting import (CHANNELS_FIRST_RMS_CASTINGS, LAYER_NORM_CASTINGS, UNWEIGHTED_CASTINGS,
+                                   TransformersEpsName, apply_deberta_scale, channels_first_rms_norm_recipe,
+                                   compute_dtype, layer_norm_recipe, rms_norm_recipe, unweighted_rms_norm_recipe,
+                                   weigh_channels)
 from normlab.torch.compute import _normalize
 from normlab.torch.modules import LayerNorm, LayerNorm2d, RMSNorm, _fx_call_module, _refuse_scripted_mask
 from normlab.torch.paths import _LOW_PRECISION, _choose_path, _PathSwitch
 from normlab.torch.spec import Spec, refuse_non_tensor
 
-__all__ = ["RecipeLayerNorm", "UnweightedRMSNorm", "BiasedRMSNorm", "Float32LayerNorm", "Float32LayerNorm2d",
-           "WrittenOutLayerNorm"]
+__all__ = ["RecipeLayerNorm", "UnweightedRMSNorm", "BiasedRMSNorm", "RMSNorm2d", "Float32LayerNorm",
+           "Float32LayerNorm2d", "WrittenOutLayerNorm"]
 
 
 _PRUNED_BY = frozenset({"weight", "bias", "normalized_shape"})  # what RecipeLayerNorm's originals read
@@ -255,6 +258,69 @@ class BiasedRMSNorm(RMSNorm):
     def _traced_root_forward(self, proxy) -> "torch.fx.Proxy":
         y = super()._traced_root_forward(proxy)
         return y if self.bias is None else y + self.bias
+
+
+class RMSNorm2d(nn.Module):
+    """RMS norm over the channels of ``(N, C, H, W)`` input, ``"b [c] h w"`` with one weight
+    per channel, ``y = x / sqrt(mean_c(x²) + eps) · weight``, in timm's torch operations and
+    casts: ``casting="none"``, every step in the input's dtype (timm's ``RmsNorm2d``), or
+    ``"float32"``, the input and weight upcast and the output cast back once
+    (``RmsNorm2dFp32``); see :mod:`normlab.torch.casting`. :func:`~normlab.torch.convert`
+    turns those into this, their outputs and gradients to the bit. Its arguments and
+    attributes are timm's (``channels``, ``affine``; ``normalized_shape``,
+    ``elementwise_affine``). Like timm's, without a weight it takes any input of two or more
+    axes, channels second; the weight multiplies as ``(1, C, 1, 1)``. No ``nn.RMSNorm``, as
+    timm's is none; under ``use_path("kernel")`` it runs on the kernels (statistics in
+    float64, within a rounding of timm's numbers).
+
+    >>> norm = RMSNorm2d(2, eps=0.0)
+    >>> [round(v, 4) for v in norm(torch.tensor([[[[3.]], [[4.]]]])).flatten().tolist()], list(norm.state_dict())
+    ([0.8485, 1.1314], ['weight'])
+    """
+
+    def __init__(self, channels, eps: float = 1e-6, affine: bool = True, device=None, dtype=None, *,
+                 casting: str = "none") -> None:
+        super().__init__()
+        if casting not in CHANNELS_FIRST_RMS_CASTINGS:
+            raise ValueError(f"casting must be one of {', '.join(map(repr, CHANNELS_FIRST_RMS_CASTINGS))}, "
+                             f"got {casting!r}")
+        self.normalized_shape = (channels,) if isinstance(channels, int) else tuple(channels)
+        self.eps, self.elementwise_affine, self.casting = eps, affine, casting
+        if affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+        self._init_spec()
+
+    def _init_spec(self) -> None:
+        self._spec = Spec.build("b [c] ...", None, True)  # (the weight multiplies after, as timm's does)
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape[0]}, eps={self.eps}, affine={self.weight is not None}, "
+                f"casting={self.casting!r}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # timm's operations, as TorchScript compiles the original
+            return channels_first_rms_norm_recipe(x, self.weight, self.eps, self.casting)
+        return self._eager_forward(x)
+
+    @torch.jit.unused
+    def _eager_forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_call_module(self, x)
+        refuse_non_tensor(self, x, "x", 1)
+        if x.dim() >= 2 and _choose_path(x, has_native=True) == "kernel" and _PathSwitch.path == "kernel":
+            h = x.float() if self.casting == "float32" else x.to(compute_dtype(x.dtype))
+            normalized = _normalize(h, None, None, self._spec, float(self.eps), "kernel")[0]
+            if self.casting == "none":
+                normalized = normalized.to(x.dtype)
+            return weigh_channels(x, normalized, self.weight, self.casting)
+        return channels_first_rms_norm_recipe(x, self.weight, self.eps, self.casting)
 
 
 class _HalfPrecisionLayerNorm(LayerNorm):

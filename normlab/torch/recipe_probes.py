@@ -19,8 +19,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from normlab.torch.casting import (CASTINGS, LAYER_NORM_CASTINGS, UNWEIGHTED_CASTINGS, layer_norm_recipe,
-                                   rms_norm_recipe, unweighted_rms_norm_recipe)
+from normlab.torch.casting import (CASTINGS, CHANNELS_FIRST_RMS_CASTINGS, LAYER_NORM_CASTINGS, UNWEIGHTED_CASTINGS,
+                                   channels_first_rms_norm_recipe, layer_norm_recipe, rms_norm_recipe,
+                                   unweighted_rms_norm_recipe)
 from normlab.torch.thread_warnings import ignored_in_this_thread, torch_once_warnings_unspent
 
 
@@ -197,6 +198,42 @@ def _unweighted_rms_recipe(module: nn.Module) -> Optional[dict]:
             lambda x: type(module).forward(probe, x), lambda x: unweighted_rms_norm_recipe(x, eps, casting),
             probes[0])] or matches
     return {"eps": eps, "casting": matches[0]} if matches else None
+
+
+@_on_cpu
+def _channels_first_rms_recipe(module: nn.Module) -> Optional[dict]:
+    """The :class:`~normlab.torch.recipe_norms.RMSNorm2d` attributes (``normalized_shape``,
+    eps, affine, casting) of an RMS norm over the channels of ``(N, C, H, W)`` input (timm's
+    ``RmsNorm2d``, ``RmsNorm2dFp32``): a module with no parameter but a 1-D ``weight`` (or
+    one registered as None beside a one-axis ``normalized_shape``), no buffers or children
+    and a numeric ``eps``, whose forward matches one of
+    :data:`~normlab.torch.casting.CHANNELS_FIRST_RMS_CASTINGS` bit for bit in float32,
+    bfloat16 and mixed weight/input dtypes; None otherwise."""
+    weight, eps = module._parameters.get("weight"), getattr(module, "eps", None)
+    shape = tuple(weight.shape) if weight is not None else getattr(module, "normalized_shape", None)
+    if (set(module._parameters) != {"weight"} or (weight is not None and weight.dim() != 1) or len(module._buffers)
+            or list(module.children()) or not isinstance(eps, (int, float)) or isinstance(eps, bool)
+            or not isinstance(shape, (tuple, list)) or len(shape) != 1 or not isinstance(shape[0], int)
+            or shape[0] < 2):  # (one channel: the last axis of (N, C) input too, where the probe cannot tell)
+        return None
+    channels = shape[0]
+    generator = torch.Generator().manual_seed(0)
+    probe_weight = None if weight is None else torch.randn(channels, generator=generator) * 0.5 + 1.0
+    x = torch.randn(4, channels, 3, 2, generator=generator)  # a sample scaled where eps counts as much as the data
+    x = x * torch.tensor([1.0, math.sqrt(eps) + 1e-3, 10.0, 1.0]).reshape(4, 1, 1, 1) + torch.tensor(
+        [0.0, 0.0, 0.0, 3.0]).reshape(4, 1, 1, 1)
+    outputs = _probe_outputs(module, {"weight": probe_weight}, x)
+    if outputs is None:
+        return None
+    for casting in CHANNELS_FIRST_RMS_CASTINGS:
+        with torch.no_grad():
+            expected = [channels_first_rms_norm_recipe(x.to(x_dtype), None if weight is None else
+                                                       probe_weight.to(w_dtype), float(eps), casting)
+                        for x_dtype, w_dtype in _PROBE_DTYPES]
+        if _all_equal(outputs, expected):
+            return {"normalized_shape": (channels,), "eps": float(eps), "elementwise_affine": weight is not None,
+                    "casting": casting}
+    return None
 
 
 def _same_input_gradient(forward: Callable, recipe: Callable, x: Tensor) -> bool:
