@@ -165,4 +165,4 @@ def _run(rank: int, init_method: str, directory: str) -> None:
 
 @pytest.mark.slow
 def test_a_converted_model_trains_as_torch_nn_under_ddp_options_join_zero_and_a_distributed_checkpoint(tmp_path):
-    gloo.spawn(_run, str(tmp_path), nprocs=2)
+    gloo.spawn_and_exit(_run, str(tmp_path), nprocs=2)

@@ -100,7 +100,7 @@ def _train_under_fully_shard_as_torch_nn(rank: int, init_method: str):
 
 
 def test_a_converted_model_trains_under_fully_shard_over_two_gloo_processes_as_torch_nn():
-    gloo.spawn(_train_under_fully_shard_as_torch_nn, nprocs=2)
+    gloo.spawn_and_exit(_train_under_fully_shard_as_torch_nn, nprocs=2)
 
 
 def test_convert_after_fully_shard_leaves_the_norms_it_holds_alone_with_a_warning():
@@ -255,4 +255,4 @@ def _train_under_sequence_parallel_as_torch_nn(rank: int, init_method: str):
 
 
 def test_converted_norms_train_under_tensor_parallel_sequence_parallel_as_torch_nn():
-    gloo.spawn(_train_under_sequence_parallel_as_torch_nn, nprocs=2)
+    gloo.spawn_and_exit(_train_under_sequence_parallel_as_torch_nn, nprocs=2)
