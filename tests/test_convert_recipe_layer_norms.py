@@ -158,9 +158,11 @@ def _logits(model, x):
 def test_cohere_and_olmo_causal_lms_convert_every_norm_and_keep_logits_and_gradients_to_the_bit(family, extra, norms,
                                                                                                   dtype):
     original = _causal_lm(family, **extra).to(dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no norm left unconverted
-        converted = nt.convert(copy.deepcopy(original), fuse=True)  # (nothing to fuse in these layers)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = nt.convert(copy.deepcopy(original), fuse=True)
+    # no norm left unconverted; nothing to fuse in these layers, which the one warning says
+    assert [str(w.message)[:47] for w in caught] == ["normlab.torch.convert(fuse=True) fused no layer"]
     assert sum(type(m) is RecipeLayerNorm for m in converted.modules()) == norms
     assert list(converted.state_dict()) == list(original.state_dict())
     x = torch.randn(2, 7, 32).to(dtype)

@@ -8,6 +8,7 @@ autograd through it."""
 
 import copy
 import io
+import re
 import warnings
 
 import pytest
@@ -42,10 +43,22 @@ def _ids(shape=(2, 7), seed=2):
     return torch.randint(3, 100, shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _fused(model):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # every norm of these families is converted
-        return convert(copy.deepcopy(model), fuse=True)
+_NOTHING_FUSED = r"convert\(fuse=True\) fused no layer of \w+, because it holds none that fuse=True rewrites"
+
+
+def _fused(model, fuses=True):
+    """``convert(copy, fuse=True)``, with no warning (every norm of these families is
+    converted) but, where ``fuses`` is False, the one that says nothing was fused."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = convert(copy.deepcopy(model), fuse=True)
+    messages = [str(w.message) for w in caught]
+    if fuses:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and re.search(_NOTHING_FUSED, messages[0]), messages
+        assert type(model).__name__ in messages[0] and "LLaMA's pre-norm decoder layers" in messages[0]
+    return fused
 
 
 def _fused_layers(model) -> int:
@@ -127,7 +140,7 @@ def test_convert_fuse_leaves_decoder_layers_of_other_structures_unfused_and_thei
     if family == "gemma2_half_add":
         for layer in model.model.layers:
             layer.__class__ = _gemma2_layer_scaling_its_attention_add(type(layer))
-    fused = _fused(model)
+    fused = _fused(model, fuses=False)
     assert _fused_layers(fused) == 0
     assert not any(isinstance(m, FusedAddRMSNorm) for m in fused.modules())
     ids = _ids()
@@ -213,8 +226,10 @@ def test_torch_save_of_a_fused_model_loads_back_fused_with_the_same_logits():
 def test_convert_fuse_twice_or_on_a_submodule_fuses_each_layer_once():
     model = _model("llama")
     fused = _fused(model)
-    convert(fused, fuse=True)
-    convert(fused.model.layers[0], fuse=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (layers fused before: nothing left to fuse, and no warning of it)
+        convert(fused, fuse=True)
+        convert(fused.model.layers[0], fuse=True)
     layer_class = type(fused.model.layers[0])
     assert layer_class.__mro__[1] is type(model.model.layers[0])  # not a fused class of a fused class
     ids = _ids()
@@ -275,7 +290,7 @@ def test_convert_turns_the_gated_norms_of_mamba2_and_falcon_h1_into_gated_rms_no
     # with one group the gated norm without its gate is an RMS norm: it must not become
     # RMSNorm, whose second argument is a mask (the mixer passes the gate there)
     model = _model(family, **_MAMBA[family](groups))
-    converted = _fused(model)
+    converted = _fused(model, fuses=False)  # (their mixer layers hold no residual add to fuse)
     gated = [m for m in converted.modules() if isinstance(m, GatedRMSNorm)]
     if family == "mamba2" and not mamba_norm_keeps_groups():
         groups = 1  # (this transformers release's Mamba2 norm ignores n_groups: convert() keeps that)
@@ -441,3 +456,25 @@ def test_hooks_removed_after_convert_fuse_stop_running_as_on_the_unconverted_mod
                 handle.remove()
             model(_ids())
     assert runs[True] == runs[False] == ["pre", "forward", "kwargs"]
+
+
+def test_convert_fuse_on_a_diffusers_model_warns_that_it_fused_nothing_and_converts_as_without_it():
+    """A diffusers transformer holds no decoder layer that fuse=True rewrites: convert(fuse=True)
+    fused nothing and said nothing, where the user asked for fusion. It now warns, naming the
+    model and what fuse=True rewrites, and converts the norms as convert(model) does. Oracle:
+    the model never converted (Wan's transformer, a tiny config with random weights)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    original = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=4, text_dim=8,
+        freq_dim=16, ffn_dim=16, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=8).eval()
+    fused = _fused(original, fuses=False)
+    plain = convert(copy.deepcopy(original))
+    assert [type(m) for m in fused.modules()] == [type(m) for m in plain.modules()]
+    assert {"RMSNorm", "Float32LayerNorm"} <= {type(m).__name__ for m in fused.modules()
+                                               if type(m).__module__.startswith("normlab.")}
+    inputs = dict(hidden_states=torch.randn(1, 4, 1, 4, 4), timestep=torch.tensor([3]),
+                  encoder_hidden_states=torch.randn(1, 3, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(**inputs).sample, original(**inputs).sample, **_FLOAT32)

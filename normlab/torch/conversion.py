@@ -255,7 +255,9 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
 
     ``fuse=True`` also fuses the residual adds of LLaMA-style pre-norm decoder layers, and
     of Gemma2/Gemma3's layers with a norm on each side of attention and MLP, into their RMS
-    norms (:mod:`normlab.torch.fuse`); outputs and ``state_dict`` stay the same.
+    norms (:mod:`normlab.torch.fuse`); outputs and ``state_dict`` stay the same. A model
+    holding no such layer (a diffusers model, a vision model, BERT, OLMo2's post-norm
+    layers) is converted as without it, with a warning that nothing was fused.
 
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     >>> x = torch.randn(3, 4)
@@ -265,8 +267,11 @@ def convert(model: nn.Module, fuse: bool = False) -> nn.Module:
     """
     held = _sharded_parameters(model)  # (one walk, for the fusing and the conversion)
     if fuse:
-        from normlab.torch.fuse import fuse_decoder_layers
-        fuse_decoder_layers(model, held)
+        from normlab.torch.fuse import FUSED_STRUCTURES, fuse_decoder_layers
+        if not fuse_decoder_layers(model, held).found:
+            warnings.warn(f"normlab.torch.convert(fuse=True) fused no layer of {type(model).__name__}, because it "
+                          f"holds none that fuse=True rewrites ({FUSED_STRUCTURES}); its norms were converted as "
+                          "convert(model) converts them: call that, without fuse=True, for this model", stacklevel=2)
     left_alone: dict[str, list[str]] = {}
     probed = {_SHARDED: held}  # (and the probes' outcomes: cached for this call only)
     converted = _convert(model, "", left_alone, {}, probed)

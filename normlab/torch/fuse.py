@@ -37,7 +37,7 @@ from normlab.torch.conversion import _named_class, _sharded_parameters, rebind_h
 from normlab.torch.fused import FusedAddRMSNorm
 from normlab.torch.modules import RMSNorm
 
-__all__ = ["fuse_decoder_layers"]
+__all__ = ["fuse_decoder_layers", "Fusing"]
 
 _LAYER_CHILDREN = {"pre_norm": {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"},
                    "sandwich": {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm",
@@ -305,14 +305,34 @@ def _keep_fused_layers_whole(model: nn.Module, fused_names: dict) -> None:
         module._no_split_modules = type(names)(kept)
 
 
-def fuse_decoder_layers(model: nn.Module, sharded: Optional[frozenset] = None) -> int:
+@dataclass(frozen=True)
+class Fusing:
+    """What :func:`fuse_decoder_layers` did to a model."""
+
+    fused: int  # the decoder layers it fused
+    # the layers of a fused structure whose norms it fuses: those it fused, those fused before,
+    # and those left for a hook, a forward replaced on the instance or fully_shard
+    found: int
+
+
+# what fuse=True rewrites, as its warning names it
+FUSED_STRUCTURES = ("LLaMA's pre-norm decoder layers and those written as they are (Mistral, Qwen2, Qwen3, ...), and "
+                    "Gemma2's and Gemma3's with a norm on each side of attention and MLP, whose norms are LLaMA's or "
+                    "Gemma's RMS norms: it adds the residual after attention inside the next norm")
+
+
+def fuse_decoder_layers(model: nn.Module, sharded: Optional[frozenset] = None) -> Fusing:
     """Fuse every decoder layer of ``model`` of a fused structure in place; returns how many were
-    fused. ``sharded``: the ids of the parameters fully_shard holds, where the caller has them."""
-    count = 0
+    fused, and found. ``sharded``: the ids of the parameters fully_shard holds, where the caller
+    has them."""
+    count = found = 0
     fused_names = {}
     if sharded is None:
         sharded = _sharded_parameters(model)
     for layer in list(model.modules()):
+        if getattr(type(layer), "_unfused_class", None) is not None:
+            found += 1  # (fused before: convert(model, fuse=True) twice)
+            continue
         if isinstance(layer, FusedAddRMSNorm) or type(layer).__name__.startswith("Fused"):
             continue
         fused_name = _fused_norm_name(layer)
@@ -320,7 +340,10 @@ def fuse_decoder_layers(model: nn.Module, sharded: Optional[frozenset] = None) -
             continue
         norms = sorted(name for name in _LAYER_CHILDREN[_structure_of(type(layer))[0]] if name.endswith("layernorm"))
         recipes = {name: _recipe(getattr(layer, name)) for name in norms}
-        if None in recipes.values() or _has_call_hooks(getattr(layer, fused_name)):
+        if None in recipes.values():
+            continue
+        found += 1
+        if _has_call_hooks(getattr(layer, fused_name)):
             continue  # (a hook on that norm expects its one input and one output, not the fused call's)
         if any("forward" in module.__dict__ for module in (layer, *(getattr(layer, name) for name in norms))):
             continue  # (a forward replaced on the instance, as accelerate's hooks do, runs the original's code)
@@ -333,4 +356,4 @@ def fuse_decoder_layers(model: nn.Module, sharded: Optional[frozenset] = None) -
         count += 1
     if fused_names:
         _keep_fused_layers_whole(model, fused_names)
-    return count
+    return Fusing(fused=count, found=found)
