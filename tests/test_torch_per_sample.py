@@ -13,6 +13,7 @@ from torch import nn  # noqa: E402
 from torch.nn.utils._per_sample_grad import call_for_per_sample_grads  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
+from tests.mirrored_norms import TimmRmsNorm2d  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning")  # (Opacus, for tests)
 
@@ -321,9 +322,11 @@ def test_an_opacus_whose_tables_moved_still_imports_and_normlab_says_what_it_cou
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")  # (torch's, at Opacus' first layer)
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])
-@pytest.mark.parametrize("norm", [lambda: nn.LayerNorm([8, 6, 6]), lambda: nn.GroupNorm(2, 8),
-                                  lambda: nn.InstanceNorm2d(8, affine=True), lambda: nn.RMSNorm([8, 6, 6])],
-                         ids=["LayerNorm", "GroupNorm", "InstanceNorm2d", "RMSNorm"])
+@pytest.mark.parametrize("norm", [
+    lambda: nn.LayerNorm([8, 6, 6]), lambda: nn.GroupNorm(2, 8), lambda: nn.InstanceNorm2d(8, affine=True),
+    lambda: nn.RMSNorm([8, 6, 6]), lambda: TimmRmsNorm2d(8),
+    lambda: pytest.importorskip("diffusers.models.normalization").RMSNorm(6, 1e-5, bias=True),
+], ids=["LayerNorm", "GroupNorm", "InstanceNorm2d", "RMSNorm", "timm_RmsNorm2d", "diffusers_RMSNorm_with_a_bias"])
 def test_opacus_per_sample_gradients_of_a_converted_model_are_a_loop_s_of_one_sample_at_a_time(norm, mode):
     """``GradSampleModule``: Opacus finds no grad sampler for the twins and computes their
     per-sample gradients with torch.func (``force_functorch``: every layer's)."""
@@ -422,6 +425,7 @@ CALLS = {
         lambda: nt.FusedAddRMSNorm(8), lambda m, h, x: m(h, torch.linspace(-1, 1, 24).reshape(1, 3, 8))),
     "LayerNorm mask=": (lambda: nt.LayerNorm(8), lambda m, h, x: m(h, mask=_mask(x))),
     "RMSNorm mask=": (lambda: nt.RMSNorm(8), lambda m, h, x: m(h, mask=_mask(x))),
+    "BiasedRMSNorm mask=": (lambda: nt.BiasedRMSNorm(8, casting="t5"), lambda m, h, x: m(h, mask=_mask(x))),
     "Norm mask=": (lambda: nt.Norm("b [t] c", params="c", c=8), lambda m, h, x: m(h, mask=_mask(x))),
     "Norm segment_ids=": (lambda: nt.Norm("b [t] c", params="c", c=8),
                           lambda m, h, x: m(h, segment_ids=torch.tensor(_IDS), num_segments=2)),
