@@ -522,7 +522,11 @@ class _ChannelsFirstForward:
             # the originals normalize the channels-last permute and permute back: their output is
             # channels_last whatever the input's layout, and so is this one (a contiguous input is
             # copied, as torch's layer norm copies their permuted view), so that a view of theirs
-            # (y.permute(0, 2, 3, 1).view(N, H * W, C)) works on this one too
+            # (y.permute(0, 2, 3, 1).view(N, H * W, C)) works on this one too. Under jacfwd (forward
+            # AD inside vmap, on the composite) a vmapped tensor takes no memory format: torch's
+            # ops lay out their output there, as in spec.torch_layout
+            if path == "composite" and torch._C._are_functorch_transforms_active():
+                return _normalize(input, self.weight, self.bias, self._spec, self.eps, path, self)[0]
             return _normalize(input.contiguous(memory_format=torch.channels_last), self.weight, self.bias, self._spec,
                               self.eps, path, self)[0]
         if input.is_contiguous():  # (first: the common call, which torch_layout would ask again)
