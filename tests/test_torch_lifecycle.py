@@ -16,6 +16,7 @@ from torch.nn import functional as F  # noqa: E402
 from torch.nn.utils import parametrize  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
+from normlab.torch import spec  # noqa: E402
 
 # (id, torch.nn original, input shape)
 NORMS = [
@@ -504,12 +505,18 @@ _LARGE = [  # (shapes past the size where the kernels take over from torch's ope
 
 @pytest.mark.parametrize("make, shape", [case[1:] for case in _LARGE], ids=[case[0] for case in _LARGE])
 @pytest.mark.parametrize("how", ["train", "no_grad", "eval"])
-def test_a_twin_leaves_the_storage_of_its_input_and_gradient_resizable_as_torch_nn_does(make, shape, how):
+@pytest.mark.parametrize("route", ["dlpack", "array_interface"])
+def test_a_twin_leaves_the_storage_of_its_input_and_gradient_resizable_as_torch_nn_does(make, shape, how, route,
+                                                                                         monkeypatch):
     """Tools free and refill activations with ``untyped_storage().resize_`` (PyG's
     reversible GNNs, GroupAddRev, their layers' inputs and outputs): torch.nn's norms leave
     the storage of their input and of the incoming gradient resizable, and so do the twins;
     they read them through ``Tensor.numpy()``, which marks the storage non-resizable for
-    good, and the next ``resize_`` raised "Trying to resize storage that is not resizable"."""
+    good, and the next ``resize_`` raised "Trying to resize storage that is not resizable".
+    Both of array_view's routes: a versioned DLPack capsule, and ``__array_interface__``
+    where NumPy (before 2.1) imports none."""
+    if route == "array_interface":
+        monkeypatch.setattr(spec, "_dlpack_capsule", None)
     original = make()
     for module in (original, nt.convert(copy.deepcopy(original))):
         module.train(how != "eval")
