@@ -21,7 +21,8 @@ from normlab.torch.casting import (TransformersEpsName, apply_recipe_scale, chec
                                    compute_dtype, rms_norm_recipe)
 from normlab.torch.masked_modules import masked_forward
 from normlab.torch.paths import (_LOW_PRECISION, PLAIN_PARAMETERS, _PathSwitch, _choose_path,
-                                 _holds_expanded_weights, expanded_weights_refusal, warn_if_fx_quantizing)
+                                 _holds_expanded_weights, _profiler, expanded_weights_refusal, profiled_recipe,
+                                 warn_if_fx_quantizing)
 from normlab.torch.spec import (_RMS_DEFAULT_EPS, Spec, Unscriptable, affine_parameters, module_buffer,
                                 parametrizations_computed, rms_default_eps, torch_layout, elementwise_layout)
 
@@ -403,6 +404,9 @@ class RMSNorm(TransformersEpsName, _Twin, nn.RMSNorm):
             # checks, with no more Python than the family's own class (a decoding step's token)
             if torch.jit.is_tracing() or (_trailing_fits(x, self.normalized_shape)
                                           and not _params_misfit(self, tuple(self.normalized_shape))):
+                if not torch.compiler.is_dynamo_compiling() and _profiler._is_profiler_enabled:
+                    return profiled_recipe(self, rms_norm_recipe, x, self.weight, eps, casting, offset,
+                                           len(self.normalized_shape))
                 return rms_norm_recipe(x, self.weight, eps, casting, offset, len(self.normalized_shape))
         if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and not x.requires_grad and casting is None
                 and not offset and self.weight is not None and self.weight.requires_grad
@@ -432,6 +436,9 @@ class RMSNorm(TransformersEpsName, _Twin, nn.RMSNorm):
             path = "composite"  # the TorchScript ONNX exporter has no aten::rms_norm: plain ONNX ops
         if casting is not None:
             if not (path == "kernel" and _PathSwitch.path == "kernel"):  # the kernels round differently
+                if not torch.compiler.is_dynamo_compiling() and _profiler._is_profiler_enabled:
+                    return profiled_recipe(self, rms_norm_recipe, x, self.weight, eps, casting, offset,
+                                           len(self.normalized_shape))
                 return rms_norm_recipe(x, self.weight, eps, casting, offset, len(self.normalized_shape))
             upcast = x.to(compute_dtype(x.dtype))
             normalized = _normalize(upcast, None, None, self._spec, eps, path, self)[0]

@@ -201,6 +201,20 @@ def profiled(module, run, *args):
     return output
 
 
+def profiled_recipe(module, recipe, *args):
+    """``recipe(*args)``, a model family's torch operations (a casting recipe: ``aten::pow``,
+    ``aten::mean``, ``aten::rsqrt``, ... and no norm op), inside :func:`profiled`'s one range
+    (``normlab::rms_norm`` for a converted ``LlamaRMSNorm``, beside torch.nn.RMSNorm's
+    ``aten::rms_norm``), so that the call shows under one name in ``prof.key_averages()``,
+    as on the kernels. The recipe twins call it where ``_profiler._is_profiler_enabled`` is
+    set, read after ``torch.compiler.is_dynamo_compiling()`` (one call, which Dynamo reads
+    as True: a compiled graph that read the flag would be compiled again whenever a
+    profiler starts); compiled, exported or traced, the recipe runs alone."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return recipe(*args)
+    return profiled(module, recipe, *args)
+
+
 _naming = threading.local()  # the name profile_name gives the functional calls of a twin that is not _Twin
 
 

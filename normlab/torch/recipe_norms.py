@@ -24,7 +24,7 @@ from normlab.torch.casting import (CHANNELS_FIRST_RMS_CASTINGS, LAYER_NORM_CASTI
                                    weigh_channels)
 from normlab.torch.compute import _normalize
 from normlab.torch.modules import LayerNorm, LayerNorm2d, RMSNorm, _fx_call_module, _refuse_scripted_mask
-from normlab.torch.paths import _LOW_PRECISION, _choose_path, _PathSwitch
+from normlab.torch.paths import _LOW_PRECISION, _choose_path, _PathSwitch, _profiler, profiled_recipe
 from normlab.torch.spec import Spec, refuse_non_tensor
 
 __all__ = ["RecipeLayerNorm", "UnweightedRMSNorm", "BiasedRMSNorm", "RMSNorm2d", "Float32LayerNorm",
@@ -54,6 +54,8 @@ class RecipeLayerNorm(TransformersEpsName, nn.Module):
     >>> [[round(v, 4) for v in row] for row in norm(x)[0].tolist()]
     [[-1.2247, 0.0, 1.2247], [-0.7071, -0.7071, 1.4142]]
     """
+
+    _profile_name = "normlab::layer_norm"  # (torch's op for it, as torch.nn.LayerNorm's aten::layer_norm)
 
     def __init__(self, hidden_size, eps: float = 1e-5, casting: str = "cohere", elementwise_affine: bool = True,
                  bias: bool = False, device=None, dtype=None) -> None:
@@ -134,16 +136,18 @@ class RecipeLayerNorm(TransformersEpsName, nn.Module):
         if _choose_path(x, has_native=True) == "kernel" and _PathSwitch.path == "kernel":
             h = x.to(compute_dtype(x.dtype))
             if self.casting == "deberta":  # the parameters after the cast, in their own dtype
-                normalized = _normalize(h, None, None, self._normalize_only, float(self.eps), "kernel")[0]
+                normalized = _normalize(h, None, None, self._normalize_only, float(self.eps), "kernel", self)[0]
                 return apply_deberta_scale(x, normalized, self.weight, self.bias)
             weight, bias = (None if p is None else p.to(h.dtype) for p in (self.weight, self.bias))
             try:
-                return _normalize(h, weight, bias, self._spec, float(self.eps), "kernel")[0].to(x.dtype)
+                return _normalize(h, weight, bias, self._spec, float(self.eps), "kernel", self)[0].to(x.dtype)
             except ParamsError:
                 # a parameter narrowed in place (weight.data = ...), which __setattr__ does not see
                 if self._follows_pruning():
                     return self.forward(x)  # (the input's width now raises the originals' RuntimeError)
                 raise
+        if not torch.compiler.is_dynamo_compiling() and _profiler._is_profiler_enabled:
+            return profiled_recipe(self, layer_norm_recipe, x, self.weight, self.bias, self.eps, self.casting, shape[-1])
         return layer_norm_recipe(x, self.weight, self.bias, self.eps, self.casting, shape[-1])
 
 
@@ -167,6 +171,8 @@ class UnweightedRMSNorm(TransformersEpsName, nn.Module):
     >>> [round(v, 4) for v in norm(torch.tensor([[3., 4.]]))[0].tolist()], norm(torch.ones(2, 5)).shape
     ([0.8485, 1.1314], torch.Size([2, 5]))
     """
+
+    _profile_name = "normlab::rms_norm"  # (torch's op for it, as torch.nn.RMSNorm's aten::rms_norm)
 
     def __init__(self, eps: float = 1e-6, casting: str = "llama") -> None:
         super().__init__()
@@ -196,7 +202,9 @@ class UnweightedRMSNorm(TransformersEpsName, nn.Module):
                                f"dimension, but got a 0-dimensional tensor")
         if _choose_path(x, has_native=True) == "kernel" and _PathSwitch.path == "kernel":
             return _normalize(x.to(compute_dtype(x.dtype)), None, None, self._spec, float(self.eps),
-                              "kernel")[0].to(x.dtype)
+                              "kernel", self)[0].to(x.dtype)
+        if not torch.compiler.is_dynamo_compiling() and _profiler._is_profiler_enabled:
+            return profiled_recipe(self, unweighted_rms_norm_recipe, x, self.eps, self.casting)
         return unweighted_rms_norm_recipe(x, self.eps, self.casting)
 
 
@@ -278,6 +286,8 @@ class RMSNorm2d(nn.Module):
     ([0.8485, 1.1314], ['weight'])
     """
 
+    _profile_name = "normlab::rms_norm"  # (torch's op for it, as torch.nn.RMSNorm's aten::rms_norm)
+
     def __init__(self, channels, eps: float = 1e-6, affine: bool = True, device=None, dtype=None, *,
                  casting: str = "none") -> None:
         super().__init__()
@@ -316,10 +326,12 @@ class RMSNorm2d(nn.Module):
         refuse_non_tensor(self, x, "x", 1)
         if x.dim() >= 2 and _choose_path(x, has_native=True) == "kernel" and _PathSwitch.path == "kernel":
             h = x.float() if self.casting == "float32" else x.to(compute_dtype(x.dtype))
-            normalized = _normalize(h, None, None, self._spec, float(self.eps), "kernel")[0]
+            normalized = _normalize(h, None, None, self._spec, float(self.eps), "kernel", self)[0]
             if self.casting == "none":
                 normalized = normalized.to(x.dtype)
             return weigh_channels(x, normalized, self.weight, self.casting)
+        if not torch.compiler.is_dynamo_compiling() and _profiler._is_profiler_enabled:
+            return profiled_recipe(self, channels_first_rms_norm_recipe, x, self.weight, self.eps, self.casting)
         return channels_first_rms_norm_recipe(x, self.weight, self.eps, self.casting)
 
 
@@ -330,6 +342,8 @@ class _HalfPrecisionLayerNorm(LayerNorm):
 
     def _normlab_forward(self, input: Tensor) -> Tensor:
         if _upcasts(input, self.weight, self.bias):
+            if not torch.compiler.is_dynamo_compiling() and _profiler._is_profiler_enabled:
+                return profiled_recipe(self, self._torch_forward, input)
             return self._torch_forward(input)
         return super()._normlab_forward(input)
 
@@ -375,6 +389,8 @@ class Float32LayerNorm2d(LayerNorm2d):
     @torch.jit.unused
     def _eager_forward(self, input: Tensor, mask: Optional[Tensor]) -> Tensor:
         if mask is None and isinstance(input, Tensor) and _upcasts(input, self.weight, self.bias):
+            if not torch.compiler.is_dynamo_compiling() and _profiler._is_profiler_enabled:
+                return profiled_recipe(self, self._torch_forward, input)
             return self._torch_forward(input)
         return super()._eager_forward(input, mask)
 
