@@ -44,3 +44,16 @@ def test_jacfwd_of_a_channels_first_layer_norm_gives_the_originals_jacobian(name
     assert type(twin).__name__ == twin_class
     x = _image()
     torch.testing.assert_close(torch.func.jacfwd(twin)(x), torch.func.jacfwd(original)(x))
+
+
+def test_vmap_of_vitdets_layer_norm_gives_the_originals_outputs():
+    """Under vmap the twin (a ChannelsFirstLayerNorm) takes torch's operations; it then
+    copied their output into a new tensor of the input's strides, which vmap refuses
+    ("vmap: inplace arithmetic(self, *extra_args) is not possible")."""
+    vitdet = pytest.importorskip("transformers.models.vitdet.modeling_vitdet")
+    original = vitdet.VitDetLayerNorm(4)
+    twin = _converted(original)
+    assert type(twin).__name__ == "ChannelsFirstLayerNorm"
+    x = _image()
+    found = [torch.func.vmap(lambda image: module(image.unsqueeze(0)).squeeze(0))(x) for module in (original, twin)]
+    torch.testing.assert_close(found[1], found[0])

@@ -284,6 +284,10 @@ def elementwise_layout(y: Tensor, x: Tensor) -> Tensor:
     strides = _elementwise_strides(tuple(x.shape), tuple(x.stride()))
     if all(n == 1 or a == b for n, a, b in zip(y.shape, y.stride(), strides)):
         return y
+    if torch._C._are_functorch_transforms_active():
+        # (a vmapped tensor's strides are not its memory's, and an unbatched empty tensor cannot
+        # be copied into: torch's ops, which run under the transforms, lay out their output)
+        return y
     return torch.empty_strided(y.shape, strides, dtype=y.dtype, device=y.device).copy_(y)
 
 
