@@ -1,5 +1,5 @@
 """convert() on RMS norms shaped otherwise than transformers' ones: diffusers' ``RMSNorm`` with
-a bias (Sana's GLUMBConv, DC-AE) and timm's channels-first ``RmsNorm2d`` and
+a bias (Sana's GLUMBConv, DC-AE), Stable Audio 3's with its weight named ``gamma``, and timm's channels-first ``RmsNorm2d`` and
 ``RmsNorm2dFp32`` (faithful copies in tests/mirrored_norms.py: timm cannot be imported here).
 The oracles are the original classes, with random parameters, and small models built from
 them (a diffusers model from its config), run unconverted on the same inputs with torch's
@@ -100,6 +100,81 @@ def test_a_small_dc_ae_converted_gives_the_original_s_outputs_and_gradients_to_t
     saved = io.BytesIO()
     torch.save(restored, saved)
     assert b"normlab" not in saved.getvalue()
+
+
+# ---------------------------------------------------------------------------------------
+# Stable Audio 3's RMS norm, whose weight is named gamma
+
+try:
+    from diffusers.models.transformers import transformer_stable_audio3 as stable_audio3
+except ImportError:  # (diffusers too old for it, or not installed)
+    stable_audio3 = None
+needs_stable_audio3 = pytest.mark.skipif(stable_audio3 is None, reason="this diffusers has no Stable Audio 3")
+
+
+@needs_stable_audio3
+@pytest.mark.parametrize("dtypes", DTYPES.values(), ids=DTYPES.keys())
+def test_stable_audio_3s_rms_norm_becomes_a_gamma_rms_norm_with_its_outputs_and_gradients_to_the_bit(dtypes):
+    """It was left unconverted with a warning that it computes something no normlab module
+    does: it is the "gemma" recipe without an offset (x̂ and its weight in float32, cast once),
+    with its weight registered as ``gamma``."""
+    x_dtype, w_dtype = dtypes
+    original = random_parameters(stable_audio3.StableAudio3RMSNorm(24, eps=1e-6)).to(w_dtype)
+    converted = converted_copy(original)
+    assert type(converted) is nt.GammaRMSNorm and (converted.casting, converted.eps) == ("gemma", 1e-6)
+    assert list(converted.state_dict()) == list(original.state_dict()) == ["gamma"]
+    assert converted.weight is converted.gamma
+    x = (torch.randn(3, 5, 24) * 2 + 0.5).to(x_dtype)
+    assert_same_numbers(original, converted, x, None)
+    with nt.use_path("kernel"):
+        assert_same_numbers(original, converted, x, HALF)
+    with torch.no_grad():  # (mask= normalizes on the kernels: with every element counted, the same numbers)
+        torch.testing.assert_close(converted(x, mask=torch.ones(3, 5, 24, dtype=torch.bool)), original(x), **HALF)
+
+
+@needs_stable_audio3
+def test_stable_audio_3s_rms_norm_computing_in_the_inputs_dtype_is_left_alone_with_a_warning():
+    """``force_fp32=False`` casts its weight to the input's dtype: a float32 weight on
+    bfloat16 input gives bfloat16, where every recipe gives float32."""
+    with pytest.warns(UserWarning, match="StableAudio3RMSNorm"):
+        converted = nt.convert(torch.nn.Sequential(stable_audio3.StableAudio3RMSNorm(24, force_fp32=False)))
+    assert type(converted[0]) is stable_audio3.StableAudio3RMSNorm
+
+
+def test_a_gamma_rms_norm_reads_and_sets_its_weight_as_gamma():
+    norm = nt.GammaRMSNorm(4, eps=1e-6, casting="gemma")
+    assert list(norm.state_dict()) == ["gamma"] and norm.weight is norm.gamma
+    norm.weight = torch.nn.Parameter(torch.full((4,), 2.0))
+    assert list(norm.state_dict()) == ["gamma"] and torch.equal(norm.gamma, torch.full((4,), 2.0))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(norm(x), torch.nn.functional.rms_norm(x, [4], torch.full((4,), 2.0), 1e-6))
+    assert torch.jit.script(norm)(x).equal(norm(x))
+
+
+@needs_stable_audio3
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_a_small_stable_audio_3_dit_converted_gives_its_outputs_and_gradients_to_the_bit_and_unconverts_exactly(
+        dtype):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    original = random_parameters(diffusers.StableAudio3DiTModel(
+        io_channels=4, embed_dim=16, depth=1, num_heads=2, cond_token_dim=8, global_cond_dim=8, local_add_cond_dim=3,
+        timestep_features_dim=8, ff_mult=2.0, num_memory_tokens=2)).to(dtype)
+    converted = convert_quietly(copy.deepcopy(original))
+    assert {type(m).__name__ for m in converted.modules() if "Norm" in type(m).__name__} == {"GammaRMSNorm"}
+    conditions = dict(timestep=torch.tensor([0.3]), encoder_hidden_states=torch.randn(1, 3, 8).to(dtype),
+                      global_hidden_states=torch.randn(1, 8).to(dtype))
+    assert_same_numbers(original, converted, torch.randn(1, 4, 6).to(dtype), None,
+                        call=lambda model, x: model(x, **conditions).sample)
+    parameters = list(converted.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        restored = nt.unconvert(converted)
+    assert [type(m) for m in restored.modules()] == [type(m) for m in original.modules()]
+    assert all(a is b for a, b in zip(restored.parameters(), parameters, strict=True))
+    for (name, norm), kept in zip(restored.named_modules(), original.modules()):
+        if type(norm) is stable_audio3.StableAudio3RMSNorm:  # (its own attributes and parameter name, no more)
+            assert vars(norm).keys() == vars(kept).keys() and list(norm._parameters) == ["gamma"], name
 
 
 # ---------------------------------------------------------------------------------------

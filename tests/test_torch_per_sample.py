@@ -426,6 +426,7 @@ CALLS = {
     "LayerNorm mask=": (lambda: nt.LayerNorm(8), lambda m, h, x: m(h, mask=_mask(x))),
     "RMSNorm mask=": (lambda: nt.RMSNorm(8), lambda m, h, x: m(h, mask=_mask(x))),
     "BiasedRMSNorm mask=": (lambda: nt.BiasedRMSNorm(8, casting="t5"), lambda m, h, x: m(h, mask=_mask(x))),
+    "GammaRMSNorm mask=": (lambda: nt.GammaRMSNorm(8, casting="gemma"), lambda m, h, x: m(h, mask=_mask(x))),
     "Norm mask=": (lambda: nt.Norm("b [t] c", params="c", c=8), lambda m, h, x: m(h, mask=_mask(x))),
     "Norm segment_ids=": (lambda: nt.Norm("b [t] c", params="c", c=8),
                           lambda m, h, x: m(h, segment_ids=torch.tensor(_IDS), num_segments=2)),

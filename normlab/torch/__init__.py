@@ -77,8 +77,8 @@ from normlab.torch.modules import (
 )
 from normlab.torch.opacus_tables import register_with_opacus
 from normlab.torch.paths import PATHS, use_path
-from normlab.torch.recipe_norms import (BiasedRMSNorm, Float32LayerNorm, Float32LayerNorm2d, RecipeLayerNorm,
-                                        RMSNorm2d, UnweightedRMSNorm, WrittenOutLayerNorm)
+from normlab.torch.recipe_norms import (BiasedRMSNorm, Float32LayerNorm, Float32LayerNorm2d, GammaRMSNorm,
+                                        RecipeLayerNorm, RMSNorm2d, UnweightedRMSNorm, WrittenOutLayerNorm)
 from normlab.torch.restore import unconvert
 from normlab.torch.sync import SyncBatchNorm
 
@@ -90,7 +90,8 @@ _threads.limit_by(torch.get_num_threads)
 for _public in (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
                 LayerNorm, LayerNorm2d, ChannelsFirstLayerNorm, Norm, RMSNorm, SyncBatchNorm, convert, unconvert,
                 normalize, use_path, FusedAddRMSNorm, FusedAddLayerNorm, GatedRMSNorm, AdaLayerNorm, RecipeLayerNorm,
-                UnweightedRMSNorm, BiasedRMSNorm, RMSNorm2d, Float32LayerNorm, Float32LayerNorm2d, WrittenOutLayerNorm):
+                UnweightedRMSNorm, BiasedRMSNorm, GammaRMSNorm, RMSNorm2d, Float32LayerNorm, Float32LayerNorm2d,
+                WrittenOutLayerNorm):
     _public.__module__ = __name__  # users (and pickles) name them normlab.torch.X, wherever they live
 register_fusers()  # torch.ao.quantization.fuse_modules finds fusers for (Conv2d, normlab BatchNorm2d)
 register_quantized_twins()  # and torch.ao.quantization.convert the quantized modules of the twins
@@ -100,6 +101,6 @@ __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "LayerNorm2d", "ChannelsFirstLayerNorm", "GroupNorm",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "SyncBatchNorm", "Norm", "convert", "unconvert",
     "normalize", "use_path", "PATHS", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm",
-    "RecipeLayerNorm", "UnweightedRMSNorm", "BiasedRMSNorm", "RMSNorm2d", "Float32LayerNorm", "Float32LayerNorm2d",
-    "update_bn",
+    "RecipeLayerNorm", "UnweightedRMSNorm", "BiasedRMSNorm", "GammaRMSNorm", "RMSNorm2d", "Float32LayerNorm",
+    "Float32LayerNorm2d", "update_bn",
 ]

@@ -16,7 +16,8 @@ A layer is converted when normlab can compute what it computes:
   (:mod:`normlab.torch.casting`) bit for bit on probe inputs in float32 and bfloat16
   becomes :class:`RMSNorm` with that recipe; one with a ``bias`` of its weight's shape too,
   whose forward reproduces a recipe followed by ``+ bias`` (diffusers' ``RMSNorm(...,
-  bias=True)``), :class:`~normlab.torch.recipe_norms.BiasedRMSNorm`;
+  bias=True)``), :class:`~normlab.torch.recipe_norms.BiasedRMSNorm`; one whose weight is named
+  ``gamma`` (diffusers' ``StableAudio3RMSNorm``), :class:`~normlab.torch.recipe_norms.GammaRMSNorm`;
 * layer norms that compute in float32 (transformers' ``CohereLayerNorm``, also with its
   per-head QK-norm weight of shape ``(heads, head_dim)``, the parameter-less
   ``OlmoLayerNorm``, and ``DebertaLayerNorm``): a module with no parameters but a ``weight``
@@ -430,9 +431,11 @@ def _decision(module: nn.Module):
 
             return GatedRMSNorm, recipe
     else:
-        from normlab.torch.recipe_norms import BiasedRMSNorm, RecipeLayerNorm, RMSNorm2d, UnweightedRMSNorm
+        from normlab.torch.recipe_norms import (BiasedRMSNorm, GammaRMSNorm, RecipeLayerNorm, RMSNorm2d,
+                                                UnweightedRMSNorm)
 
         for twin, probe in ((RMSNorm, _rms_recipe), (BiasedRMSNorm, _biased_rms_recipe),
+                            (GammaRMSNorm, _gamma_rms_recipe),
                             (RecipeLayerNorm, _layer_norm_recipe), (UnweightedRMSNorm, _unweighted_rms_recipe),
                             (RMSNorm2d, _channels_first_rms_recipe)):
             recipe = probe(module)
@@ -450,6 +453,10 @@ _NORM_NAME = re.compile(r"Norm(?!al)|norm(?![a-z])")
 
 def _biased_rms_recipe(module: nn.Module) -> Optional[dict]:
     return _rms_recipe(module, with_bias=True)
+
+
+def _gamma_rms_recipe(module: nn.Module) -> Optional[dict]:
+    return _rms_recipe(module, weight_name="gamma")
 
 
 def _named_like_a_norm(module: nn.Module) -> bool:

@@ -2,8 +2,9 @@
 compute in float32 (Cohere's, with its per-head QK-norm weight, OLMo's and DeBERTa's) and of
 timm's ``LayerNormFp32`` and ``LayerNorm2dFp32``, and of its RMS norms without a weight, over
 the last axis whatever its size (Llama 4's ``L2Norm``, DeepSeek-V4's ``UnweightedRMSNorm``,
-FalconMamba's, NanoChat's, ...), of diffusers' RMS norm with a bias, and of timm's
-channels-first RMS norms (``RmsNorm2d``, ``RmsNorm2dFp32``).
+FalconMamba's, NanoChat's, ...), of diffusers' RMS norm with a bias and Stable Audio 3's with
+its weight named ``gamma``, and of timm's channels-first RMS norms (``RmsNorm2d``,
+``RmsNorm2dFp32``).
 
 The recipes themselves (which torch operations, where the casts are) live in
 :mod:`normlab.torch.casting`, beside the RMS norm recipes.
@@ -20,6 +21,7 @@ from torch.nn import functional as F
 from normlab.errors import ParamsError
 from normlab.torch.casting import (CHANNELS_FIRST_RMS_CASTINGS, LAYER_NORM_CASTINGS, UNWEIGHTED_CASTINGS,
                                    TransformersEpsName, apply_deberta_scale, channels_first_rms_norm_recipe,
+                                   check_casting, check_weight_offset,
                                    compute_dtype, layer_norm_recipe, rms_norm_recipe, unweighted_rms_norm_recipe,
                                    weigh_channels)
 from normlab.torch.compute import _normalize
@@ -27,7 +29,7 @@ from normlab.torch.modules import LayerNorm, LayerNorm2d, RMSNorm, _fx_call_modu
 from normlab.torch.paths import _LOW_PRECISION, _choose_path, _PathSwitch, _profiler, profiled_recipe
 from normlab.torch.spec import Spec, refuse_non_tensor
 
-__all__ = ["RecipeLayerNorm", "UnweightedRMSNorm", "BiasedRMSNorm", "RMSNorm2d", "Float32LayerNorm",
+__all__ = ["RecipeLayerNorm", "UnweightedRMSNorm", "BiasedRMSNorm", "GammaRMSNorm", "RMSNorm2d", "Float32LayerNorm",
            "Float32LayerNorm2d", "WrittenOutLayerNorm"]
 
 
@@ -266,6 +268,41 @@ class BiasedRMSNorm(RMSNorm):
     def _traced_root_forward(self, proxy) -> "torch.fx.Proxy":
         y = super()._traced_root_forward(proxy)
         return y if self.bias is None else y + self.bias
+
+
+class GammaRMSNorm(RMSNorm):
+    """:class:`~normlab.torch.RMSNorm` whose weight is registered as ``gamma``, its
+    ``state_dict`` key, as diffusers' ``StableAudio3RMSNorm`` (Stable Audio 3's DiT) keeps it:
+    :func:`~normlab.torch.convert` turns that (computed in float32, ``force_fp32=True``) into
+    this with ``casting="gemma"``, its outputs and gradients to the bit. ``weight`` reads and
+    sets ``gamma``, so everything :class:`~normlab.torch.RMSNorm` does applies.
+
+    >>> norm = GammaRMSNorm(2, eps=0.0, casting="gemma")
+    >>> [round(v, 4) for v in norm(torch.tensor([[3., 4.]]))[0].tolist()], list(norm.state_dict())
+    ([0.8485, 1.1314], ['gamma'])
+    """
+
+    def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True,
+                 device=None, dtype=None, *, casting: Optional[str] = None, weight_offset: float = 0.0) -> None:
+        nn.Module.__init__(self)  # (torch.nn.RMSNorm's would register a parameter named weight)
+        self.casting = check_casting(casting)
+        self.weight_offset = check_weight_offset(weight_offset)
+        self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        self.eps, self.elementwise_affine = eps, elementwise_affine
+        if elementwise_affine:
+            self.gamma = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("gamma", None)
+        self.reset_parameters()
+        self._init_spec()
+
+    @property
+    def weight(self) -> Optional[Tensor]:
+        return self.gamma
+
+    def __setattr__(self, name: str, value) -> None:
+        # (torch.nn registers a Parameter set as norm.weight under that name, past any property)
+        super().__setattr__("gamma" if name == "weight" else name, value)
 
 
 class RMSNorm2d(nn.Module):

@@ -55,14 +55,16 @@ def _on_cpu(probe: Callable) -> Callable:
     return on_cpu
 
 
-def _weight_and_eps(module: nn.Module, with_bias: bool = False) -> tuple[Optional[Tensor], Optional[float]]:
+def _weight_and_eps(module: nn.Module, with_bias: bool = False,
+                    weight_name: str = "weight") -> tuple[Optional[Tensor], Optional[float]]:
     """``(weight, eps)`` of a module whose one parameter is a 1-D ``weight`` (``with_bias``:
     whose two are a 1-D ``weight`` and a ``bias`` of its shape, as diffusers' ``RMSNorm(...,
-    bias=True)``), with no buffers or children and a numeric ``variance_epsilon`` or ``eps``
-    (as transformers' RMS norms have); ``(None, None)`` otherwise."""
-    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+    bias=True)``; ``weight_name``: the weight's name, ``"gamma"`` for Stable Audio 3's), with
+    no buffers or children and a numeric ``variance_epsilon`` or ``eps`` (as transformers' RMS
+    norms have); ``(None, None)`` otherwise."""
+    weight, bias = module._parameters.get(weight_name), module._parameters.get("bias")
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if (set(module._parameters) != ({"weight", "bias"} if with_bias else {"weight"}) or weight is None
+    if (set(module._parameters) != ({weight_name, "bias"} if with_bias else {weight_name}) or weight is None
             or weight.dim() != 1 or (with_bias and (bias is None or bias.shape != weight.shape))
             or len(module._buffers) or list(module.children()) or not isinstance(eps, (int, float))
             or isinstance(eps, bool)):
@@ -92,13 +94,14 @@ def _probe_outputs(module: nn.Module, parameters: dict, *inputs: Tensor) -> Opti
 
 
 @_on_cpu
-def _rms_recipe(module: nn.Module, with_bias: bool = False) -> Optional[dict]:
+def _rms_recipe(module: nn.Module, with_bias: bool = False, weight_name: str = "weight") -> Optional[dict]:
     """``{"normalized_shape", "eps", "casting", "weight_offset", ...}`` when ``module`` is an
     RMS norm with one 1-D weight whose forward matches a casting recipe bit for bit in
     float32, bfloat16 and mixed weight/input dtypes; None otherwise. ``with_bias``: an RMS
     norm with a weight and a bias, whose forward matches a recipe followed by ``+ bias``
-    (:class:`~normlab.torch.recipe_norms.BiasedRMSNorm`)."""
-    weight, eps = _weight_and_eps(module, with_bias)
+    (:class:`~normlab.torch.recipe_norms.BiasedRMSNorm`). ``weight_name``: the weight's name
+    (:class:`~normlab.torch.recipe_norms.GammaRMSNorm`'s ``"gamma"``)."""
+    weight, eps = _weight_and_eps(module, with_bias, weight_name)
     if weight is None:
         return None
     generator = torch.Generator().manual_seed(0)
@@ -107,7 +110,7 @@ def _rms_recipe(module: nn.Module, with_bias: bool = False) -> Optional[dict]:
     probe_bias = torch.randn(size, generator=generator) if with_bias else None
     x = torch.randn(4, size, generator=generator)
     x = x * torch.tensor([[1.0], [math.sqrt(eps) + 1e-3], [10.0], [1.0]]) + torch.tensor([[0.0], [0.0], [0.0], [3.0]])
-    parameters = {"weight": probe_weight, **({"bias": probe_bias} if with_bias else {})}
+    parameters = {weight_name: probe_weight, **({"bias": probe_bias} if with_bias else {})}
     outputs = _probe_outputs(module, parameters, x)
     if outputs is None:
         return None
