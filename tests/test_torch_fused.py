@@ -968,3 +968,25 @@ def test_the_profiler_lists_a_fused_blocks_call_and_backward_by_the_name_of_its_
     block = make()
     names = keys(lambda: call(block, x, r))
     assert names.get(f"normlab::{ops[0]}") == 1 and names.get(f"normlab::{ops[0]}_backward") == 1, sorted(names)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("name, make_reference, make, call", _PROFILED_FUSED, ids=[c[0] for c in _PROFILED_FUSED])
+def test_the_profiler_lists_a_fused_blocks_half_precision_call_once_by_the_name_of_its_norms_op(name, make_reference,
+                                                                                                 make, call, grad):
+    """In bfloat16 a fused block runs its casting recipe's torch operations (a small
+    FusedAddRMSNorm without gradients too): FusedAddRMSNorm and GatedRMSNorm showed there
+    only as those steps (aten::pow, aten::mean, aten::rsqrt, ...); each call is one range
+    named as its norm's op, as in float32 on the kernels. Oracle: the op, and its count,
+    that torch's profiler gives the torch.nn norm the block replaces."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 16, generator=generator).to(torch.bfloat16).requires_grad_(grad)
+    r = torch.randn(2, 3, 16, generator=generator).to(torch.bfloat16)
+    reference = make_reference().to(torch.bfloat16)
+    with torch.set_grad_enabled(grad):
+        ops = [key.split("::")[1] for key in profiled_ops(lambda: reference(x))
+               if key in ("aten::layer_norm", "aten::rms_norm")]
+        assert len(ops) == 1
+        block = make().to(torch.bfloat16)
+        names = profiled_ops(lambda: call(block, x, r))
+    assert names.get(f"normlab::{ops[0]}") == 1, sorted(names)

@@ -521,7 +521,8 @@ def fused_normalize(x: Tensor, block: Block, *, residual=None, gate=None, weight
     tensors = (x, residual, gate, weight, bias, scale, shift)
     # (compile first: Dynamo cannot trace is_inference_mode_enabled nor is_inference; asked once
     # a call, and a list, not a generator, which a small call would feel)
-    records = not torch.compiler.is_compiling() and _records_autograd(tensors)
+    compiling = torch.compiler.is_compiling()
+    records = not compiling and _records_autograd(tensors)
     if records and any([t is not None and t.is_inference() for t in tensors]):
         # a tensor made in inference_mode, which autograd cannot save where the kernels' backward
         # would (x + residual, or x alone, the gate, the parameters): the composite saves what its
@@ -539,6 +540,10 @@ def fused_normalize(x: Tensor, block: Block, *, residual=None, gate=None, weight
         call = _cached_call(block, tensors)
         if call is not None:
             return _run_cached(call, tensors, records)
+    if not compiling and _profiler._is_profiler_enabled and not torch.jit.is_tracing():
+        # the casting recipe's torch operations (half precision, other devices) as one range too,
+        # named as on the kernels (the flag read only outside compilation: see paths.profiled)
+        return profiled(block, _composite, *tensors, block)
     return _composite(*tensors, block)
 
 
@@ -878,7 +883,11 @@ def _small_add_rms_norm(module, x, residual):
     offset = module.weight_offset
     if x.dtype in _HALF_DTYPES:
         eps = module.eps if module.eps is not None else rms_default_eps(total.dtype)
-        y = recipes.rms_norm_recipe(total, weight, eps, module.casting, offset, weight.dim())
+        if _profiler._is_profiler_enabled:  # (an attribute read when no profiler runs; past the fit: not compiling)
+            y = profiled(module._block, recipes.rms_norm_recipe, total, weight, eps, module.casting, offset,
+                         weight.dim())
+        else:
+            y = recipes.rms_norm_recipe(total, weight, eps, module.casting, offset, weight.dim())
     else:
         y = torch.rms_norm(total, weight.shape, weight + offset if offset else weight, module.eps)
     return (y, total) if residual is not None else y
