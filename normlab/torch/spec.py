@@ -281,7 +281,11 @@ def elementwise_layout(y: Tensor, x: Tensor) -> Tensor:
     >>> elementwise_layout(torch.zeros(2, 3, 4, 5), x).stride() == (x * 1).stride()
     True
     """
-    strides = _elementwise_strides(tuple(x.shape), tuple(x.stride()))
+    shape, stride = tuple(x.shape), tuple(x.stride())
+    try:
+        strides = _elementwise_strides(shape, stride)
+    except TypeError:  # symbolic sizes (torch.export's dynamic shapes) hash not: computed without the cache
+        strides = _elementwise_strides.__wrapped__(shape, stride)
     if all(n == 1 or a == b for n, a, b in zip(y.shape, y.stride(), strides)):
         return y
     if torch._C._are_functorch_transforms_active():
