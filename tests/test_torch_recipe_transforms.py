@@ -1,10 +1,11 @@
 """convert()'s recipe norms (RMSNorm with LLaMA's and Gemma's recipes, RecipeLayerNorm for
 Cohere's, per-head Cohere's, OLMo's and DeBERTa's layer norms, UnweightedRMSNorm for Llama
-4's L2 norm) under torch.func and on the way to deployment, in bfloat16, where the recipes
+4's L2 norm, BiasedRMSNorm and GammaRMSNorm for diffusers' RMSNorm with a bias and Stable
+Audio 3's, RMSNorm2d for timm's channels-first RMS norms) under torch.func and on the way to deployment, in bfloat16, where the recipes
 round: ``vmap`` and ``vjp`` to the bit, ``jacfwd`` and ``hessian``, ``torch.export`` with a
 dynamic batch and length, and ``torch.compile`` with ``fullgraph=True`` (no more graphs than
 the original's). Oracles: transformers' classes on the same parameters, under the same
-transforms."""
+transforms (timm's: the faithful copies in tests/mirrored_norms.py)."""
 
 import copy
 import warnings
@@ -23,6 +24,7 @@ from transformers.models.llama4.modeling_llama4 import Llama4TextL2Norm  # noqa:
 from transformers.models.olmo.modeling_olmo import OlmoLayerNorm  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
+from tests.mirrored_norms import TimmRmsNorm2d, TimmRmsNorm2dFp32  # noqa: E402
 
 BF16 = torch.bfloat16
 ORIGINALS = {  # name -> (the original, the trailing shape it normalizes, the twin's class)
@@ -33,6 +35,15 @@ ORIGINALS = {  # name -> (the original, the trailing shape it normalizes, the tw
     "olmo": (lambda: OlmoLayerNorm(16), (16,), "RecipeLayerNorm"),
     "deberta": (lambda: DebertaLayerNorm(16), (16,), "RecipeLayerNorm"),
     "llama4_l2_norm": (lambda: Llama4TextL2Norm(1e-6), (16,), "UnweightedRMSNorm"),
+    "diffusers_rms_norm_with_a_bias": (
+        lambda: pytest.importorskip("diffusers.models.normalization").RMSNorm(16, 1e-6, bias=True), (16,),
+        "BiasedRMSNorm"),
+    "stable_audio_3_rms_norm": (
+        lambda: pytest.importorskip("diffusers.models.transformers.transformer_stable_audio3").StableAudio3RMSNorm(16),
+        (16,), "GammaRMSNorm"),
+    # (channels second: a sample of (batch, length, 16, 2, 3) under vmap is (length, 16, 2, 3))
+    "timm_rms_norm_2d": (lambda: TimmRmsNorm2d(16), (16, 2, 3), "RMSNorm2d"),
+    "timm_rms_norm_2d_fp32": (lambda: TimmRmsNorm2dFp32(16), (16, 2, 3), "RMSNorm2d"),
 }
 
 
