@@ -558,6 +558,36 @@ def test_every_twin_refuses_a_bad_input_with_torch_nn_s_own_exception_type_and_s
     torch.testing.assert_close(twin_state, torch_state)
 
 
+WRONG_CHANNELS = [
+    ("BatchNorm1d", lambda nn: nn.BatchNorm1d(8), (3, 5)),
+    ("BatchNorm1d, channels last", lambda nn: nn.BatchNorm1d(8), (3, 5, 8)),
+    ("BatchNorm2d", lambda nn: nn.BatchNorm2d(8), (2, 4, 3, 3)),
+    ("BatchNorm2d, evaluation", lambda nn: nn.BatchNorm2d(8).eval(), (2, 4, 3, 3)),
+    ("BatchNorm2d, no running statistics", lambda nn: nn.BatchNorm2d(8, track_running_stats=False), (2, 4, 3, 3)),
+    ("BatchNorm3d", lambda nn: nn.BatchNorm3d(8), (2, 4, 2, 3, 3)),
+    ("SyncBatchNorm", lambda nn: nn.SyncBatchNorm(8), (2, 4, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("build, shape", [case[1:] for case in WRONG_CHANNELS], ids=[c[0] for c in WRONG_CHANNELS])
+def test_a_batch_norm_given_the_wrong_channel_count_says_which_shape_it_expected_and_how_to_fix_it(build, shape):
+    """torch.nn's batch norm says only "running_mean should contain 4 elements not 8", which
+    names neither shape (and reads as if the running mean were wrong); the twin raises the
+    same exception type with torch's words first, then the shape it expected, the input's,
+    and what to change. Oracle: torch.nn's module on the same input (type and message)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(Exception) as expected:
+        build(torch.nn)(x)
+    with pytest.raises(Exception) as raised:
+        build(nt)(x)
+    assert type(raised.value) is type(expected.value) is RuntimeError
+    message = str(raised.value)
+    assert message.startswith(str(expected.value)), message
+    assert f"expected input of shape {(shape[0], 8, *shape[2:])}" in message, message
+    assert f"got input of shape {shape}" in message and "pass 8 channels on axis 1" in message, message
+    assert ("x.movedim(-1, 1)" in message) == (shape[-1] == 8), message
+
+
 @pytest.mark.parametrize("name", ["momentum", "affine", "track_running_stats", "eps"])
 def test_a_wrong_or_missing_size_of_an_axis_named_like_an_argument_of_norm_is_asked_for_in_sizes(name):
     """The hint said "pass momentum=6" (or "e.g. affine=..."), which sets Norm's own argument."""

@@ -185,8 +185,28 @@ def _folding_keeps_precision(module, x: Tensor, mean: Tensor, var: Tensor) -> bo
 
 
 def _torch_batch_norm(module, x: Tensor) -> Tensor:
-    """torch.nn's batch norm forward."""
-    return nn.modules.batchnorm._BatchNorm.forward(module, x)
+    """torch.nn's batch norm forward; its error for an input whose channels (axis 1) are not
+    the module's ("running_mean should contain 4 elements not 8", which names neither shape)
+    goes on to say which shape the module expects and how to give it that."""
+    try:
+        return nn.modules.batchnorm._BatchNorm.forward(module, x)
+    except RuntimeError as error:
+        if type(error) is not RuntimeError or x.dim() < 2 or x.shape[1] == module.num_features:
+            raise
+        raise RuntimeError(_channels_message(module, x, str(error))) from None
+
+
+def _channels_message(module, x: Tensor, torch_message: str) -> str:
+    """torch's message for an input of the wrong channel count, with the shape ``module``
+    expects (the input's, with its channels on axis 1) and the input's, and how to fix it."""
+    channels = module.num_features
+    expected = (x.shape[0], channels, *x.shape[2:])
+    advice = f"pass {channels} channels on axis 1"
+    if x.shape[-1] == channels:  # (channels last, as a linear layer or a channels_last permute leaves them)
+        advice += f" (channels last, as this input seems to be: x.movedim(-1, 1))"
+    return (f"{torch_message}: {type(module).__name__}({channels}) normalizes {channels} channels on axis 1, and "
+            f"expected input of shape {expected}, but got input of shape {tuple(x.shape)}; {advice}, or build "
+            f"{type(module).__name__}({x.shape[1]}) for {x.shape[1]} channels")
 
 
 def _needs_grad(*tensors) -> bool:
