@@ -73,3 +73,79 @@ def test_vitdets_layer_norm_exported_with_a_dynamic_batch_gives_the_originals_ou
         y = program.module()(other.transpose(2, 3))
         torch.testing.assert_close(y, expected)
         assert y.stride() == expected.stride()
+
+
+def _recent_originals():
+    """name -> (the original, its inputs): the classes convert() has learnt lately."""
+    from tests.mirrored_norms import TimmRmsNorm2d, TorchvisionLayerNorm2d
+
+    transformers = pytest.importorskip("transformers.models")
+    normalization = pytest.importorskip("diffusers.models.normalization")
+    from transformers.models.cohere.modeling_cohere import CohereLayerNorm
+    from transformers.models.deberta.modeling_deberta import DebertaLayerNorm
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama4.modeling_llama4 import Llama4TextL2Norm
+    from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+    from transformers.models.pocket_tts.modeling_pocket_tts import PocketTTSFlowLayerNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+    from transformers.models.vitdet.modeling_vitdet import VitDetLayerNorm
+
+    assert transformers
+    generator = torch.Generator().manual_seed(3)
+    tokens, image = torch.randn(3, 4, 8, generator=generator), torch.randn(2, 4, 3, 5, generator=generator)
+    gate = torch.randn(3, 4, 8, generator=generator)
+    return {
+        "GemmaRMSNorm": (GemmaRMSNorm(8, eps=1e-6), (tokens,)),
+        "T5LayerNorm": (T5LayerNorm(8), (tokens,)),
+        "CohereLayerNorm": (CohereLayerNorm(8), (tokens,)),
+        "DebertaLayerNorm": (DebertaLayerNorm(8), (tokens,)),
+        "Llama4TextL2Norm": (Llama4TextL2Norm(1e-6), (tokens,)),
+        "diffusers RMSNorm with bias": (normalization.RMSNorm(8, eps=1e-6, elementwise_affine=True, bias=True),
+                                        (tokens,)),
+        "diffusers FP32LayerNorm": (normalization.FP32LayerNorm(8), (tokens,)),
+        "PocketTTSFlowLayerNorm": (PocketTTSFlowLayerNorm(8), (tokens,)),
+        "MambaRMSNormGated": (MambaRMSNormGated(8, group_size=4), (tokens, gate)),
+        "timm RmsNorm2d": (TimmRmsNorm2d(4), (image,)),
+        "torchvision LayerNorm2d": (TorchvisionLayerNorm2d(4, eps=1e-6), (image,)),
+        "VitDetLayerNorm": (VitDetLayerNorm(4), (image,)),
+    }
+
+
+def _module_features(module, inputs):
+    """What hooks see, activation checkpointing (both modes), inference mode and a build on
+    the meta device materialized with to_empty: outputs and gradients."""
+    seen = []
+    handles = [module.register_forward_hook(lambda m, args, out: seen.append(out.clone())),
+               module.register_full_backward_hook(
+                   lambda m, grad_in, grad_out: seen.append((grad_in, grad_out)))]
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    module(*leaves).sin().sum().backward()
+    for handle in handles:
+        handle.remove()
+    found = [seen, [x.grad for x in leaves], [p.grad for p in module.parameters()]]
+    for reentrant in (True, False):
+        module.zero_grad()
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        y = torch.utils.checkpoint.checkpoint(module, *leaves, use_reentrant=reentrant)
+        y.sin().sum().backward()
+        found.append([y, [x.grad for x in leaves], [p.grad for p in module.parameters()]])
+    with torch.inference_mode():
+        y = module(*inputs)
+    found.append((y, y.is_inference()))
+    on_meta = copy.deepcopy(module).to("meta")
+    found.append(on_meta(*(x.to("meta") for x in inputs)).shape)
+    materialized = on_meta.to_empty(device="cpu")
+    materialized.load_state_dict(module.state_dict(), strict=True)
+    found.append(materialized(*inputs))
+    return found
+
+
+@pytest.mark.parametrize("name", ["GemmaRMSNorm", "T5LayerNorm", "CohereLayerNorm", "DebertaLayerNorm",
+                                  "Llama4TextL2Norm", "diffusers RMSNorm with bias", "diffusers FP32LayerNorm",
+                                  "PocketTTSFlowLayerNorm", "MambaRMSNormGated", "timm RmsNorm2d",
+                                  "torchvision LayerNorm2d", "VitDetLayerNorm"])
+def test_hooks_checkpointing_inference_mode_and_meta_builds_meet_the_originals(name):
+    original, inputs = _recent_originals()[name]
+    twin = _converted(original)
+    assert type(twin).__module__ == "normlab.torch"
+    torch.testing.assert_close(_module_features(twin, inputs), _module_features(original, inputs))
