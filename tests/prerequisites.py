@@ -38,3 +38,15 @@ def skip_without_dynamo_exporter(dynamo: bool) -> None:
         import pytest
 
         pytest.importorskip("onnxscript")
+
+
+def normlab_torch_or_skip():
+    """``normlab.torch``, or a skip that names PyTorch where it is missing. (Without torch,
+    ``normlab.torch`` raises an ImportError that names the extra to install; pytest 9's
+    ``importorskip("normlab.torch")`` skips only a ModuleNotFoundError, so it fails there.)"""
+    import pytest
+
+    pytest.importorskip("torch")
+    import normlab.torch
+
+    return normlab.torch

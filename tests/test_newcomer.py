@@ -22,7 +22,7 @@ except ImportError:  # Python 3.10
 
 import normlab
 from normlab import bench, cli
-from tests.prerequisites import CHROMEDRIVER, CHROMIUM, missing_browser_parts
+from tests.prerequisites import CHROMEDRIVER, CHROMIUM, missing_browser_parts, normlab_torch_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -45,6 +45,22 @@ def test_importing_normlab_torch_without_torch_names_the_extra_to_install():
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError") and 'pip install "normlab[torch]"' in last
+
+
+@pytest.mark.slow
+def test_without_torch_the_tests_that_need_normlab_torch_skip_and_name_torch():
+    """README: without the test extra the suite runs the NumPy tests and skips the others,
+    each saying which package it could not import. The tests that reach for normlab.torch
+    (one here, and ONNX's where onnx alone is installed) are run with torch blocked."""
+    pytest.importorskip("onnx")
+    tests = ["tests/test_newcomer.py::test_readme_constructor_rows_name_each_argument_where_the_class_takes_it",
+             "tests/test_onnx_operators.py::test_the_torch_norm_answers_onnx_s_attributes_as_the_numpy_api_does",
+             "tests/test_onnx_operators.py::test_each_torch_twin_gives_the_onnx_operator_it_ports_to"]
+    blocked = ("import sys; sys.modules['torch'] = None; import pytest; "
+               f"sys.exit(pytest.main(['-q', '-rs', '-n', '0', '-p', 'no:cacheprovider', *{tests!r}]))")
+    result = _python("-c", blocked)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "8 skipped" in result.stdout and "could not import 'torch'" in result.stdout, result.stdout[-3000:]
 
 
 def _torch_floor() -> str:
@@ -312,7 +328,7 @@ def test_readme_constructor_rows_name_each_argument_where_the_class_takes_it():
     one it takes by keyword. Oracle: the classes' own signatures (inspect)."""
     import inspect
 
-    nt = pytest.importorskip("normlab.torch")
+    nt = normlab_torch_or_skip()
     rows = [(name, items) for name, items in _signature_rows() if isinstance(getattr(nt, name, None), type)]
     assert len(rows) >= 8
     wrong = []

@@ -12,6 +12,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import normlab
+from tests.prerequisites import normlab_torch_or_skip
 
 onnx = pytest.importorskip("onnx")
 
@@ -224,7 +225,7 @@ def test_num_groups_beside_a_bracketed_outer_factor_is_told_to_bracket_the_inner
 
 
 def test_the_torch_norm_answers_onnx_s_attributes_as_the_numpy_api_does():
-    nt = pytest.importorskip("normlab.torch")
+    nt = normlab_torch_or_skip()
     assert "pass the pattern 'b [c h w]'" in _told(lambda: nt.Norm("b c h [w]", axis=1))
     assert "pass g=4" in _told(lambda: nt.Norm("b (g [c]) [h w]", num_groups=4))
 
@@ -249,7 +250,7 @@ def test_a_group_norm_scale_of_the_other_opset_is_answered_with_the_params_that_
 
 def _twin(name):
     """A twin in float64 with its ONNX node: (twin, params, buffers, op, opset, attributes)."""
-    nt = pytest.importorskip("normlab.torch")
+    nt = normlab_torch_or_skip()
     rng = np.random.default_rng(1)
     per_channel, per_group = rng.standard_normal((2, 6)), rng.standard_normal((2, 3))
     normalized, buffers = rng.standard_normal((2, 4, 5)), {"running_mean": rng.standard_normal(6),
