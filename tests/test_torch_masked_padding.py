@@ -276,7 +276,7 @@ def test_a_mask_that_does_not_fit_fails_as_torch_shape_errors_do_naming_pattern_
             module(x, mask=torch.ones(2, 1, 5, dtype=torch.uint8))
     with pytest.raises(RuntimeError):  # torch's type for input without the channels
         torch.nn.GroupNorm(1, CHANNELS)(x[0])
-    with pytest.raises(RuntimeError, match=r"expects input \(N, 3, \*\), got \(3, 5\)"):
+    with pytest.raises(RuntimeError, match=r"expected input of shape \(N, 3, \*\), but got input of shape \(3, 5\)"):
         nt.GroupNorm(1, CHANNELS)(x[0], mask=torch.ones(5, dtype=torch.bool))
     assert torch.equal(x, before)
 

@@ -296,6 +296,31 @@ def test_a_misfit_input_raises_torch_nn_exception_type_in_the_users_terms(name, 
     assert "[n0" not in str(raised.value) and "n0=" not in str(raised.value)
 
 
+@pytest.mark.parametrize("name, factory, shape, bad", SCRIPTABLE, ids=[case[0] for case in SCRIPTABLE])
+def test_a_misfit_input_with_a_mask_raises_torch_nn_exception_type_naming_both_shapes_and_the_fix(name, factory,
+                                                                                                   shape, bad):
+    """With ``mask=`` a twin given an input of the wrong channel count or trailing shape raised
+    from inside the masked statistics: "pass n0=3 or leave it out" (an axis of the pattern
+    the module builds, not an argument of the module), "pass a weight of shape (3,) or change
+    params", or, a batch norm in evaluation, "shape '[1, 3, 1, 1]' is invalid for input of
+    size 2". It now raises torch.nn's exception type for that input, saying in the module's
+    terms which shape it expected, the input's, and what to change (or torch.nn's own words,
+    for the number of axes; Norm, which has no torch.nn class, speaks of its pattern). Oracle:
+    torch.nn's module on the same input, without a mask."""
+    for training in (True, False):
+        original, twin = pair(name, factory)
+        x = inputs(bad)
+        with pytest.raises(Exception) as expected:
+            original.train(training)(x)
+        with pytest.raises(expected.type) as raised:
+            twin.train(training)(x, mask=torch.ones(bad, dtype=torch.bool))
+        message = str(raised.value)
+        assert "n0" not in message and "params" not in message, message
+        names_the_input = str(tuple(bad)) in message or str(list(bad)) in message
+        assert message == str(expected.value) or (names_the_input and "expected" in message and "build" in message), \
+            message
+
+
 @pytest.mark.parametrize("name, factory, shape, _bad", SCRIPTABLE, ids=[case[0] for case in SCRIPTABLE])
 def test_constructor_signature_is_torch_nn_signature(name, factory, shape, _bad):
     original, twin = pair(name, factory)

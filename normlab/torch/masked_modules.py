@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.masked import missing_axes_fix
-from normlab.torch.compute import _fake, _statistics_update
+from normlab.torch.compute import _channels_message, _fake, _statistics_update
 from normlab.plan import merge_sizes
 from normlab.torch.masked import SEGMENTS_DO_NOT_EXPORT, _run_masked
 from normlab.torch.ops import _vmapping
@@ -108,6 +108,58 @@ def _refused_mix(module, x: Tensor) -> bool:
             or (running[0] is not None or running[1] is not None) and _needs_grad(*running))
 
 
+def _refuse_misfit(module, x: Tensor, mask: Tensor) -> None:
+    """Raise, as a RuntimeError (and ValueError) that names the shape the module expects, the
+    input's and the fix, where torch.nn's module refuses the input's shape: a batch or
+    instance norm's channels on axis 1 other than its ``num_features`` (where it has a weight
+    or running statistics of that size), a group norm's other than its ``num_channels``, a
+    layer or RMS norm's trailing axes other than its ``normalized_shape``. The masked
+    statistics would fail later, naming the pattern's inner axes and arguments the module
+    does not take (``pass n0=4``, ``change params``)."""
+    if torch._C._get_tracing_state() is not None:  # (sizes are traced tensors: torch's ops check them)
+        return
+    name = type(module).__name__
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        module._check_input_dim(x)  # (torch.nn's ValueError for the wrong number of axes)
+        instance = isinstance(module, nn.modules.instancenorm._InstanceNorm)
+        channel_axis = x.dim() - module._get_no_batch_dim() if instance else 1  # (0: an unbatched instance norm)
+        sized = (module.weight is not None or module.bias is not None or module.running_mean is not None
+                 or module.running_var is not None)
+        if sized and channel_axis == 1 and x.shape[1] != module.num_features:
+            lead = f"{name} with mask= of shape {tuple(mask.shape)}"
+            raise _misfit(_channels_message(module, x, lead))
+        if sized and channel_axis == 0 and x.shape[0] != module.num_features:
+            channels = module.num_features
+            raise _misfit(f"{name}({channels}) with mask= normalizes {channels} channels on axis 0 of an unbatched "
+                          f"input: expected input of shape {(channels, *x.shape[1:])}, but got input of shape "
+                          f"{tuple(x.shape)}; pass {channels} channels on axis 0")
+    elif isinstance(module, nn.GroupNorm) and (x.dim() < 2 or x.shape[1] != module.num_channels):
+        groups, channels = module.num_groups, module.num_channels
+        fix = f"pass {channels} channels on axis 1"
+        if x.dim() >= 2 and x.shape[1] % groups == 0:
+            fix += f", or build GroupNorm({groups}, {x.shape[1]}) for {x.shape[1]} channels"
+        raise _misfit(f"{name}({groups}, {channels}) with mask= of shape {tuple(mask.shape)} normalizes {channels} "
+                      f"channels on axis 1: expected input of shape (N, {channels}, *), but got input of shape "
+                      f"{tuple(x.shape)}; {fix}")
+    elif (isinstance(module, (nn.LayerNorm, nn.RMSNorm))
+          # (LayerNorm2d and its kin are torch.nn.LayerNorms over axis 1: their forward checks that)
+          and getattr(getattr(module, "_spec", None), "pattern", "").endswith("]")):
+        shape = tuple(module.normalized_shape)
+        if tuple(x.shape[max(x.dim() - len(shape), 0):]) != shape:
+            given = ", ".join(map(str, shape))
+            raise _misfit(
+                f"{name} with mask= of shape {tuple(mask.shape)}: given normalized_shape={list(shape)}, expected "
+                f"input with shape [*, {given}], but got input of size {list(x.shape)}; give the input {shape} as "
+                f"its last {'axis' if len(shape) == 1 else f'{len(shape)} axes'}, or build the module with "
+                f"normalized_shape={tuple(x.shape[-len(shape):]) if x.dim() >= len(shape) else '...'}")
+
+
+def _misfit(message: str) -> Exception:
+    from normlab.torch.modules import PatternShapeError  # (a RuntimeError and a ValueError; imports this module)
+
+    return PatternShapeError(message)
+
+
 _TORCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -121,6 +173,8 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
             mask = _check_mask(module, x, mask)
         if _refused_mix(module, x):  # the unmasked forward hands it to torch.nn's, which raises its error
             return module.forward(x)
+        if mask is not None:
+            _refuse_misfit(module, x, mask)
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return _unmasked_layout(module, x, _batch_norm(module, x, mask))
         if isinstance(module, nn.modules.instancenorm._InstanceNorm):
@@ -131,11 +185,6 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
         eps = module.eps
         if isinstance(module, nn.RMSNorm) and eps is None:
             eps = rms_default_eps(x.dtype)
-        if isinstance(module, nn.GroupNorm) and (x.dim() < 2 or x.shape[1] != module.num_channels):
-            from normlab.torch.modules import PatternShapeError  # (a RuntimeError, as torch's group_norm raises)
-
-            raise PatternShapeError(f"GroupNorm({module.num_groups}, {module.num_channels}) expects input (N, "
-                                    f"{module.num_channels}, *), got {tuple(x.shape)}")
         casting = getattr(module, "casting", None) if isinstance(module, nn.RMSNorm) else None
         if casting is not None:  # x̂ in float32, then the recipe's casts and weight, as its kernel path does
             from normlab.torch.casting import apply_recipe_scale, compute_dtype
