@@ -566,13 +566,18 @@ WRONG_CHANNELS = [
     ("BatchNorm2d, no running statistics", lambda nn: nn.BatchNorm2d(8, track_running_stats=False), (2, 4, 3, 3)),
     ("BatchNorm3d", lambda nn: nn.BatchNorm3d(8), (2, 4, 2, 3, 3)),
     ("SyncBatchNorm", lambda nn: nn.SyncBatchNorm(8), (2, 4, 3, 3)),
+    # (torch counts an instance norm's running statistics per sample and channel: "should contain 8 elements not 16")
+    ("InstanceNorm1d, running statistics", lambda nn: nn.InstanceNorm1d(8, track_running_stats=True), (2, 4, 3)),
+    ("InstanceNorm2d, running statistics, evaluation",
+     lambda nn: nn.InstanceNorm2d(8, track_running_stats=True).eval(), (2, 4, 3, 3)),
 ]
 
 
 @pytest.mark.parametrize("build, shape", [case[1:] for case in WRONG_CHANNELS], ids=[c[0] for c in WRONG_CHANNELS])
 def test_a_batch_norm_given_the_wrong_channel_count_says_which_shape_it_expected_and_how_to_fix_it(build, shape):
     """torch.nn's batch norm says only "running_mean should contain 4 elements not 8", which
-    names neither shape (and reads as if the running mean were wrong); the twin raises the
+    names neither shape (and reads as if the running mean were wrong; an instance norm's
+    with running statistics counts them per sample: "8 elements not 16"); the twin raises the
     same exception type with torch's words first, then the shape it expected, the input's,
     and what to change. Oracle: torch.nn's module on the same input (type and message)."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))

@@ -196,6 +196,19 @@ def _torch_batch_norm(module, x: Tensor) -> Tensor:
         raise RuntimeError(_channels_message(module, x, str(error))) from None
 
 
+def _torch_instance_norm(module, x: Tensor) -> Tensor:
+    """torch.nn's instance norm forward; its RuntimeError for a batched input whose channels
+    are not the module's running statistics' ("running_mean should contain 8 elements not
+    16": the channels times the batch) goes on as :func:`_torch_batch_norm`'s."""
+    try:
+        return nn.modules.instancenorm._InstanceNorm.forward(module, x)
+    except RuntimeError as error:
+        if (type(error) is not RuntimeError or x.dim() != module._get_no_batch_dim() + 1
+                or x.shape[1] == module.num_features):
+            raise
+        raise RuntimeError(_channels_message(module, x, str(error))) from None
+
+
 def _channels_message(module, x: Tensor, torch_message: str) -> str:
     """torch's message for an input of the wrong channel count, with the shape ``module``
     expects (the input's, with its channels on axis 1) and the input's, and how to fix it."""

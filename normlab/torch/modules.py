@@ -15,8 +15,8 @@ from normlab.notation import parse_params, parse_pattern
 from normlab.plan import merge_sizes
 from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_forward, _batch_variance,
                                    _channel_shape, _check_batch, _dtypes_refused, _expanded_param, _fast_rows,
-                                   _needs_grad, _normalize, _params_misfit, _update_instance_running,
-                                   _update_running)
+                                   _needs_grad, _normalize, _params_misfit, _torch_instance_norm,
+                                   _update_instance_running, _update_running)
 from normlab.torch.casting import (TransformersEpsName, apply_recipe_scale, check_casting, check_weight_offset,
                                    compute_dtype, rms_norm_recipe)
 from normlab.torch.masked_modules import masked_forward
@@ -671,7 +671,7 @@ class _InstanceNormForward(_Twin):
             # gives a constant channel zeros, where rsqrt(0) would give NaN;
             # an inference tensor where autograd records the call: torch's op saves it and raises,
             # in evaluation too, where the composite below saves only x - mean)
-            return nn.modules.instancenorm._InstanceNorm.forward(self, input)
+            return _torch_instance_norm(self, input)
         x = torch_layout(x)  # (torch.nn's output is contiguous)
         batch, channels = x.shape[:2]
         if _needs_grad(weight, bias):
