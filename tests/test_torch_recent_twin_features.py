@@ -59,6 +59,7 @@ def test_vmap_of_vitdets_layer_norm_gives_the_originals_outputs():
     torch.testing.assert_close(found[1], found[0])
 
 
+@pytest.mark.slow  # (about 8 s on one core: torch.export and run_decompositions)
 def test_vitdets_layer_norm_exported_with_a_dynamic_batch_gives_the_originals_outputs_and_strides():
     """torch.export (non-strict) hands the twin symbolic sizes, which its cached look-up of the
     output's strides could not hash ("unhashable type: non-nested SymInt")."""
