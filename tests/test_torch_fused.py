@@ -227,6 +227,35 @@ def test_ada_layer_norm_in_half_precision_matches_diffusers_bit_for_bit_with_eit
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm_type", ["layer_norm", "fp32_layer_norm"])
+def test_ada_layer_norm_in_half_precision_gives_diffusers_gradients_bit_for_bit_with_either_norm_type(norm_type,
+                                                                                                      dtype):
+    """FP32LayerNorm casts x to float32 and x̂ back, so in backward the gradient reaching it
+    is rounded to the input's dtype by the modulation and then goes through torch's float32
+    layer norm backward, whose input gradient is not the half kernel's (nn.LayerNorm's) to the
+    bit; every output and every gradient, on several shapes and seeds."""
+    red = []
+    for seed, (x_shape, emb_shape) in enumerate([((3, 4, 8), (3, 8)), ((2, 10, 48), (2, 48)),
+                                                 ((1, 7, 32), (1, 32)), ((2, 3, 6, 24), (3, 24))]):
+        width = x_shape[-1]
+        reference = _randomize(_diffusers_ada_norm()(width, norm_type=norm_type), seed=seed).to(dtype)
+        ours = AdaLayerNorm(width, norm_type=norm_type).to(dtype)
+        ours.load_state_dict(reference.state_dict())
+        gen = torch.Generator().manual_seed(100 + seed)
+        x = (torch.randn(x_shape, generator=gen) * 3 + 1).to(dtype).requires_grad_()
+        emb = torch.randn(emb_shape, generator=gen).to(dtype).requires_grad_()
+        got, want = ours(x, emb=emb), reference(x, emb=emb)
+        grads_ours = _grads(got, [x, emb, ours.linear.weight, ours.linear.bias], seed=seed)
+        grads_ref = _grads(want, [x, emb, reference.linear.weight, reference.linear.bias], seed=seed)
+        names = ["x", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp", "grad x", "grad emb", "grad weight",
+                 "grad bias"]
+        for name, a, b in zip(names, (*got, *grads_ours), (*want, *grads_ref)):
+            if a.dtype != b.dtype or not torch.equal(a, b):
+                red.append(f"{x_shape}: {name} ({int((a != b).sum()) if a.shape == b.shape else 'shape'} differ)")
+    assert not red, red
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_ada_layer_norm_in_half_precision_at_dit_width_matches_diffusers_bit_for_bit_with_gradients(dtype):
     """At DiT-XL's width, on many tokens: torch's layer norm kernel, as diffusers calls it,
     rounds x̂ to the input's dtype; statistics taken another way differ from it by a float32

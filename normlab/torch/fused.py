@@ -68,6 +68,9 @@ class Block:
     norm_before_gate: bool = True
     weight_offset: float = 0.0
     casting: str = "gemma"
+    # a layer norm on half input under the llama recipe: torch's kernel on the input cast to
+    # float32, cast back (diffusers' FP32LayerNorm), rather than on the half input (nn.LayerNorm)
+    norm_in_float32: bool = False
 
     def __post_init__(self):
         if self.casting not in CASTINGS:
@@ -424,8 +427,15 @@ def _composite(x, residual, gate, weight, bias, scale, shift, block: Block):
         # torch's layer norm kernel on the half input, as the code the block replaces calls
         # it (nn.LayerNorm, diffusers' norms): it normalizes in float32 and rounds x̂ once to
         # the input's dtype, which is where the llama recipe rounds it; several times faster
-        # than the operations below, whose float32 temporaries are twice the input's size
-        h_hat = torch.nn.functional.layer_norm(layout.of(total), trailing, eps=block.eps)
+        # than the operations below, whose float32 temporaries are twice the input's size.
+        # FP32LayerNorm casts the input to float32 first and back after: the same x̂, but its
+        # backward takes the gradient, rounded to the input's dtype by the modulation, through
+        # torch's float32 kernel, whose input gradient differs from the half kernel's in the
+        # last bit here and there
+        if block.norm_in_float32:
+            h_hat = torch.nn.functional.layer_norm(layout.of(total).float(), trailing, eps=block.eps).to(dtype)
+        else:
+            h_hat = torch.nn.functional.layer_norm(layout.of(total), trailing, eps=block.eps)
     else:
         h = total.to(compute)
         if gated_first:
@@ -1139,10 +1149,12 @@ class AdaLayerNorm(Unscriptable, nn.Module):
         self.linear = nn.Linear(embedding_dim, 6 * embedding_dim, bias=bias)
         self.embedding_dim = embedding_dim
         # diffusers' FP32LayerNorm normalizes in float32 and rounds to the input's dtype before
-        # the modulation, as nn.LayerNorm's kernel does for half input: one recipe for both
+        # the modulation, as nn.LayerNorm's kernel does for half input: one recipe for both, the
+        # norm's kernel run on the float32 input for FP32LayerNorm, whose backward is float32's
         # (an embedding_dim of 0 is left to the input, as in _trailing)
         self._block = Block("b t [d]", modulation="b d", sizes=(("d", embedding_dim),) if embedding_dim else (),
-                            eps=1e-6 if norm_type == "layer_norm" else 1e-5, casting=casting)
+                            eps=1e-6 if norm_type == "layer_norm" else 1e-5, casting=casting,
+                            norm_in_float32=norm_type == "fp32_layer_norm")
 
     def forward(self, x: Tensor, timestep=None, class_labels=None, hidden_dtype=None, emb: Optional[Tensor] = None):
         traced = _fx_leaf(self, x, timestep, class_labels, hidden_dtype, emb=emb)
