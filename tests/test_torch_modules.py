@@ -731,3 +731,14 @@ def test_a_contiguous_input_to_a_channels_first_layer_norm_is_asked_its_layout_o
     assert called == []
     want = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (3,), norm.weight, norm.bias, norm.eps)
     torch.testing.assert_close(y, want.permute(0, 3, 1, 2))
+
+
+def test_star_import_gives_every_class_normlab_torch_names_as_its_own():
+    """``from normlab.torch import *`` gave every public module but WrittenOutLayerNorm, which
+    convert() puts in place of hand-written layer norms and whose pickles name it
+    normlab.torch.WrittenOutLayerNorm."""
+    names = {"__name__": "star"}
+    exec("from normlab.torch import *", names)
+    public = {name for name, value in vars(nt).items()
+              if not name.startswith("_") and getattr(value, "__module__", None) == "normlab.torch"}
+    assert public - set(names) == set()

@@ -102,5 +102,5 @@ __all__ = [
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "SyncBatchNorm", "Norm", "convert", "unconvert",
     "normalize", "use_path", "PATHS", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm",
     "RecipeLayerNorm", "UnweightedRMSNorm", "BiasedRMSNorm", "GammaRMSNorm", "RMSNorm2d", "Float32LayerNorm",
-    "Float32LayerNorm2d", "update_bn",
+    "Float32LayerNorm2d", "WrittenOutLayerNorm", "update_bn",
 ]
