@@ -233,10 +233,15 @@ def test_ada_layer_norm_in_half_precision_gives_diffusers_gradients_bit_for_bit_
     """FP32LayerNorm casts x to float32 and x̂ back, so in backward the gradient reaching it
     is rounded to the input's dtype by the modulation and then goes through torch's float32
     layer norm backward, whose input gradient is not the half kernel's (nn.LayerNorm's) to the
-    bit; every output and every gradient, on several shapes and seeds."""
+    bit; every output and every gradient, on several shapes and seeds. Where x and emb
+    broadcast, autograd sums the broadcast gradient once, in the half dtype, where
+    diffusers' norm(x) * (1 + scale[:, None]) broadcasts, not batch by batch."""
     red = []
     for seed, (x_shape, emb_shape) in enumerate([((3, 4, 8), (3, 8)), ((2, 10, 48), (2, 48)),
-                                                 ((1, 7, 32), (1, 32)), ((2, 3, 6, 24), (3, 24))]):
+                                                 ((1, 7, 32), (1, 32)), ((2, 3, 6, 24), (3, 24)),
+                                                 # emb of batch 1 against x's batch, x's against emb's
+                                                 ((4, 5, 16), (1, 16)), ((1, 5, 16), (4, 16)),
+                                                 ((2, 3, 6, 8), (1, 8)), ((5, 16), (3, 16))]):
         width = x_shape[-1]
         reference = _randomize(_diffusers_ada_norm()(width, norm_type=norm_type), seed=seed).to(dtype)
         ours = AdaLayerNorm(width, norm_type=norm_type).to(dtype)

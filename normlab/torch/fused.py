@@ -71,6 +71,10 @@ class Block:
     # a layer norm on half input under the llama recipe: torch's kernel on the input cast to
     # float32, cast back (diffusers' FP32LayerNorm), rather than on the half input (nn.LayerNorm)
     norm_in_float32: bool = False
+    # the input and the modulation broadcast against each other (AdaLayerNorm's emb of batch 1
+    # against x's batch, or x's batch 1 against emb's): the composite takes the plan-free view
+    # (_traced_view), whose arithmetic broadcasts as the code the block replaces does
+    broadcasts: bool = False
 
     def __post_init__(self):
         if self.casting not in CASTINGS:
@@ -385,7 +389,7 @@ def _view_of(block: Block, x: Tensor) -> _View:
     # constants: the traced graph would then refuse another batch size; a nested tensor's
     # rows have no one shape to plan)
     view = (_traced_view(block) if torch.compiler.is_compiling() or torch.jit.is_tracing() or x.is_nested
-            else None)
+            or block.broadcasts else None)
     if view is not None:
         return view
     shape = tuple(x.shape)
@@ -1182,11 +1186,22 @@ class AdaLayerNorm(Unscriptable, nn.Module):
                                f"emb's batch, or one of them be 1") from None
         emb = linear(self.silu(emb))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
-        if _shapes_differ(shape, x.shape):  # (expanded views: autograd sums the gradients of a broadcast input;
+        block = self._block_for(len(shape))
+        x_broadcasts = _shapes_differ(shape, x.shape)
+        emb_broadcasts = _shapes_differ(shape[-3:-2], scale_msa.shape[:1])
+        if ((x_broadcasts or emb_broadcasts) and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+                and not _use_kernels(x, None, None, None, None, scale_msa, shift_msa)):
+            # torch's operations (half precision): diffusers' broadcasting as it is, so that
+            # autograd sums a broadcast gradient once, in the input's dtype, where it sums it (the
+            # modulation's over x's batch before the linear, x's over emb's before the norm);
+            # expanded views would round each batch's part first, and sum the rounded parts
+            y = fused_normalize(x, replace(block, broadcasts=True), scale=scale_msa, shift=shift_msa)
+            return y, gate_msa, shift_mlp, scale_mlp, gate_mlp
+        if x_broadcasts:  # (expanded views: autograd sums the gradients of a broadcast input;
             x = x.expand(shape)             # only where one broadcasts, so that a traced graph keeps its sizes)
-        if _shapes_differ(shape[-3:-2], scale_msa.shape[:1]):
+        if emb_broadcasts:
             scale_msa, shift_msa = (t.expand(shape[-3], self.embedding_dim) for t in (scale_msa, shift_msa))
-        y = fused_normalize(x, self._block_for(len(shape)), scale=scale_msa, shift=shift_msa)
+        y = fused_normalize(x, block, scale=scale_msa, shift=shift_msa)
         return y, gate_msa, shift_mlp, scale_mlp, gate_mlp
 
     def _follow_pruned_linear(self, width: int) -> None:
