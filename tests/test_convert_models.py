@@ -87,6 +87,18 @@ def random_parameters(model, seed=0):
     return model
 
 
+def unconvert_exactly(converted, original):
+    """``unconvert(converted)``, which must warn of nothing and give back the original's
+    classes, module for module, holding the converted model's very Parameter objects."""
+    parameters = list(converted.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        restored = nt.unconvert(converted)
+    assert [type(m) for m in restored.modules()] == [type(m) for m in original.modules()]
+    assert all(a is b for a, b in zip(restored.parameters(), parameters, strict=True))
+    return restored
+
+
 def types_in(model):
     return sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
 

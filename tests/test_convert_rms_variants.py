@@ -7,7 +7,6 @@ autograd through them."""
 
 import copy
 import io
-import warnings
 
 import pytest
 
@@ -15,7 +14,8 @@ torch = pytest.importorskip("torch")
 
 import normlab.torch as nt  # noqa: E402
 from tests.mirrored_norms import TimmRmsNorm2d, TimmRmsNorm2dFp32  # noqa: E402
-from tests.test_convert_models import assert_same_numbers, convert_quietly, converted_copy, random_parameters  # noqa: E402
+from tests.test_convert_models import (assert_same_numbers, convert_quietly, converted_copy, random_parameters,  # noqa: E402
+                                       unconvert_exactly)
 
 HALF = dict(rtol=1.6e-2, atol=1e-2)  # the kernels' path: within a rounding of the input's dtype
 DTYPES = {"float32": (torch.float32, torch.float32), "bfloat16": (torch.bfloat16, torch.bfloat16),
@@ -85,12 +85,7 @@ def test_a_small_dc_ae_converted_gives_the_original_s_outputs_and_gradients_to_t
     assert {type(m).__name__ for m in converted.modules() if "Norm" in type(m).__name__} == {"BiasedRMSNorm"}
     assert_same_numbers(original, converted, torch.randn(1, 3, 8, 8).to(dtype), None,
                         call=lambda model, x: model(x).sample)
-    parameters = list(converted.parameters())
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        restored = nt.unconvert(converted)
-    assert [type(m) for m in restored.modules()] == [type(m) for m in original.modules()]
-    assert all(a is b for a, b in zip(restored.parameters(), parameters, strict=True))
+    restored = unconvert_exactly(converted, original)
     for (name, norm), kept in zip(restored.named_modules(), original.modules()):
         if type(norm) is normalization.RMSNorm:  # (diffusers' own attributes and parameter names, no more)
             assert vars(norm).keys() == vars(kept).keys() and list(norm._parameters) == ["weight", "bias"], name
@@ -166,12 +161,7 @@ def test_a_small_stable_audio_3_dit_converted_gives_its_outputs_and_gradients_to
                       global_hidden_states=torch.randn(1, 8).to(dtype))
     assert_same_numbers(original, converted, torch.randn(1, 4, 6).to(dtype), None,
                         call=lambda model, x: model(x, **conditions).sample)
-    parameters = list(converted.parameters())
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        restored = nt.unconvert(converted)
-    assert [type(m) for m in restored.modules()] == [type(m) for m in original.modules()]
-    assert all(a is b for a, b in zip(restored.parameters(), parameters, strict=True))
+    restored = unconvert_exactly(converted, original)
     for (name, norm), kept in zip(restored.named_modules(), original.modules()):
         if type(norm) is stable_audio3.StableAudio3RMSNorm:  # (its own attributes and parameter name, no more)
             assert vars(norm).keys() == vars(kept).keys() and list(norm._parameters) == ["gamma"], name
