@@ -381,16 +381,21 @@ class RMSNorm(TransformersEpsName, _Twin, nn.RMSNorm):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:  # torch.nn.RMSNorm names its input x
         if torch.jit.is_scripting():
-            if mask is not None:
-                _refuse_scripted_mask()
-            casting = self.casting
-            if casting is not None:  # the family's operations, as TorchScript compiles LlamaRMSNorm's
-                eps = self.eps
-                if eps is None:  # (torch.nn.RMSNorm's: the machine epsilon of the dtype it computes in)
-                    eps = 2.0 ** -52 if x.dtype == torch.float64 else 2.0 ** -23  # (torch.finfo does not script)
-                return rms_norm_recipe(x, self.weight, eps, casting, self.weight_offset, len(self.normalized_shape))
-            return self._torch_forward(x)
+            return self._scripted_forward(x, mask)
         return self._eager_forward(x, mask)
+
+    def _scripted_forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """What TorchScript compiles for :meth:`forward` (here and in the subclasses that add to
+        it: TorchScript has no ``super()``): the recipe's operations, or torch.nn.RMSNorm's."""
+        if mask is not None:
+            _refuse_scripted_mask()
+        casting = self.casting
+        if casting is not None:  # the family's operations, as TorchScript compiles LlamaRMSNorm's
+            eps = self.eps
+            if eps is None:  # (torch.nn.RMSNorm's: the machine epsilon of the dtype it computes in)
+                eps = 2.0 ** -52 if x.dtype == torch.float64 else 2.0 ** -23  # (torch.finfo does not script)
+            return rms_norm_recipe(x, self.weight, eps, casting, self.weight_offset, len(self.normalized_shape))
+        return self._torch_forward(x)
 
     def _normlab_forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):  # (a list, an array: torch.nn's TypeError, in its words)

@@ -22,10 +22,10 @@ from normlab.errors import ParamsError
 from normlab.torch.casting import (CHANNELS_FIRST_RMS_CASTINGS, LAYER_NORM_CASTINGS, UNWEIGHTED_CASTINGS,
                                    TransformersEpsName, apply_deberta_scale, channels_first_rms_norm_recipe,
                                    check_casting, check_weight_offset,
-                                   compute_dtype, layer_norm_recipe, rms_norm_recipe, unweighted_rms_norm_recipe,
+                                   compute_dtype, layer_norm_recipe, unweighted_rms_norm_recipe,
                                    weigh_channels)
 from normlab.torch.compute import _normalize
-from normlab.torch.modules import LayerNorm, LayerNorm2d, RMSNorm, _fx_call_module, _refuse_scripted_mask
+from normlab.torch.modules import LayerNorm, LayerNorm2d, RMSNorm, _fx_call_module
 from normlab.torch.paths import _LOW_PRECISION, _choose_path, _PathSwitch, _profiler, profiled_recipe
 from normlab.torch.spec import Spec, refuse_non_tensor
 
@@ -247,16 +247,7 @@ class BiasedRMSNorm(RMSNorm):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         if torch.jit.is_scripting():
-            if mask is not None:
-                _refuse_scripted_mask()
-            eps = self.eps
-            if eps is None:  # (torch.nn.RMSNorm's: the machine epsilon of the dtype it computes in)
-                eps = 2.0 ** -52 if x.dtype == torch.float64 else 2.0 ** -23
-            casting = self.casting
-            if casting is not None:
-                y = rms_norm_recipe(x, self.weight, eps, casting, self.weight_offset, len(self.normalized_shape))
-            else:
-                y = F.rms_norm(x, list(self.normalized_shape), self.weight, eps)
+            y = self._scripted_forward(x, mask)
         else:
             if isinstance(x, torch.fx.Proxy):
                 return _fx_call_module(self, x, mask=mask)  # (one leaf: its call adds the bias)
