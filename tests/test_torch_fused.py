@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from normlab.torch import AdaLayerNorm, FusedAddLayerNorm, FusedAddRMSNorm, GatedRMSNorm, convert  # noqa: E402
 from tests.hf_classes import mamba_gated_norm  # noqa: E402
-from tests.profiling import profiled_ops  # noqa: E402
+from tests.profiling import autograd_steps_inside, profiled_ops  # noqa: E402
 
 
 def _randomize(module, seed=0):
@@ -1002,6 +1002,27 @@ def test_the_profiler_lists_a_fused_blocks_call_and_backward_by_the_name_of_its_
     block = make()
     names = keys(lambda: call(block, x, r))
     assert names.get(f"normlab::{ops[0]}") == 1 and names.get(f"normlab::{ops[0]}_backward") == 1, sorted(names)
+
+
+@pytest.mark.parametrize("name, make_reference, make, call", _PROFILED_FUSED, ids=[c[0] for c in _PROFILED_FUSED])
+def test_the_profiler_lists_a_fused_blocks_half_precision_backward_as_one_range_named_after_its_norms_op(
+        name, make_reference, make, call):
+    """In bfloat16 a fused block's backward is its casting recipe's autograd steps
+    (MulBackward0, RsqrtBackward0, ...), which showed only as those, where on the kernels it
+    shows as ``normlab::rms_norm_backward``: it is that one range, around those steps.
+    Oracle: the op torch's profiler gives the torch.nn norm the block replaces."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 16, generator=generator).to(torch.bfloat16).requires_grad_()
+    r = torch.randn(2, 3, 16, generator=generator).to(torch.bfloat16).requires_grad_()
+    reference = make_reference().to(torch.bfloat16)
+    ops = [key.split("::")[1] for key in profiled_ops(lambda: reference(x).sum().backward())
+           if key in ("aten::layer_norm", "aten::rms_norm")]
+    assert len(ops) == 1
+    block = make().to(torch.bfloat16)
+    count, inside = autograd_steps_inside(lambda: call(block, x, r).float().sum().backward(),
+                                          f"normlab::{ops[0]}_backward")
+    assert count == 1 and sum(inside.values()) > 0, inside
+    assert "SumBackward0" not in inside and "torch::autograd::AccumulateGrad" not in inside, inside
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])

@@ -22,7 +22,7 @@ from transformers.models.t5.modeling_t5 import T5LayerNorm  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
 from tests.mirrored_norms import TimmLayerNorm2dFp32, TimmLayerNormFp32, TimmRmsNorm2d, TimmRmsNorm2dFp32  # noqa: E402
-from tests.profiling import profiled_ops  # noqa: E402
+from tests.profiling import autograd_steps, autograd_steps_inside, profiled_ops  # noqa: E402
 from tests.test_convert_models import converted_copy  # noqa: E402
 
 
@@ -84,6 +84,28 @@ def test_the_profiler_lists_each_converted_recipe_norm_call_once_by_the_name_of_
         names = profiled_ops(lambda: CALLS[call](twin, x), warmup=2)
     assert names.get(f"normlab::{op}") == 1, sorted(names)
     assert "normlab::normalize" not in names, sorted(names)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("name", list(ORIGINALS))
+def test_the_profiler_lists_a_converted_recipe_norms_backward_as_one_range_around_its_autograd_steps(name, dtype):
+    """A converted LlamaRMSNorm's backward showed only as its family's autograd steps
+    (PowBackward0, MeanBackward1, RsqrtBackward0, ...), where the kernel twins' shows as
+    ``normlab::rms_norm_backward``: it is one such range a backward, around those steps.
+    Oracle: the autograd steps torch's profiler lists for the original's backward (the
+    ``sum`` before it and the gradients' accumulation lie outside the norm)."""
+    make, shape, op = ORIGINALS[name]
+    original = make().to(dtype)
+    twin = converted_copy(original)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype).requires_grad_()
+    expected = autograd_steps(lambda: original(x).sum().backward())
+    del expected["SumBackward0"], expected["torch::autograd::AccumulateGrad"]
+    if name == "diffusers RMSNorm(bias=True)":
+        expected["AddBackward0"] -= 1  # (the bias, added after the norm's range, as in the forward)
+    count, inside = autograd_steps_inside(lambda: twin(x).sum().backward(), f"normlab::{op}_backward", warmup=2)
+    assert count == 1
+    if expected <= autograd_steps(lambda: twin(x).sum().backward()):  # (the family's operations, not the kernels)
+        assert inside == +expected, (inside, expected)
 
 
 def test_a_compiled_recipe_norm_is_not_compiled_again_when_a_profiler_starts():

@@ -40,7 +40,8 @@ from normlab.torch.compute import _dtypes_refused
 from normlab.torch.ops import _grads_of, _needs_torch_backward
 from normlab.torch.paths import PLAIN_PARAMETERS as _EAGER_TYPES
 from normlab.torch.paths import (_exporting_to_onnx, _holds_expanded_weights, _needs_torch_ops, _small_forward_fits,
-                                 expanded_weights_refusal, _profiler, profiled, profiled_backward, warn_if_fx_quantizing)
+                                 expanded_weights_refusal, _profiler, profiled, profiled_backward, profiled_torch_ops,
+                                 warn_if_fx_quantizing)
 from normlab.torch.spec import (Unscriptable, array_view, param_view, parametrizations_computed, refuse_non_tensor,
                                rms_default_eps)
 from normlab.torch.thread_warnings import ignored_in_this_thread
@@ -557,7 +558,7 @@ def fused_normalize(x: Tensor, block: Block, *, residual=None, gate=None, weight
     if not compiling and _profiler._is_profiler_enabled and not torch.jit.is_tracing():
         # the casting recipe's torch operations (half precision, other devices) as one range too,
         # named as on the kernels (the flag read only outside compilation: see paths.profiled)
-        return profiled(block, _composite, *tensors, block)
+        return profiled_torch_ops(block, _composite, *tensors, block)
     return _composite(*tensors, block)
 
 

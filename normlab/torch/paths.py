@@ -201,6 +201,76 @@ def profiled(module, run, *args):
     return output
 
 
+class _BackwardRange:
+    """The ``record_function`` range of a backward in torch operations (a casting recipe's):
+    entered by a hook on the nodes of the recipe's outputs, the first of its backward to run,
+    left by :class:`_ExitBackwardRange` on its inputs, the last."""
+
+    __slots__ = ("name", "handle")
+
+    def __init__(self, name: str) -> None:
+        self.name, self.handle = name, None  # (a handle dropped unexited, as by a failed backward, ends its range)
+
+    def enter(self, grad_outputs) -> None:
+        if self.handle is None and not torch.compiler.is_dynamo_compiling():  # (compiled autograd traces no range)
+            self.handle = torch.ops.profiler._record_function_enter_new(self.name, None)
+
+
+class _ExitBackwardRange(torch.autograd.Function):
+    """Identity on the recipe's inputs, whose backward (run once all their gradients are in:
+    the last of the recipe's) leaves the range."""
+
+    @staticmethod
+    def forward(ctx, span, *inputs):
+        ctx.span = span
+        ctx.set_materialize_grads(False)
+        return tuple(t.view_as(t) for t in inputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        span = ctx.span
+        if span.handle is not None:
+            torch.ops.profiler._record_function_exit._RecordFunction(span.handle)
+            span.handle = None
+        return (None, *grads)
+
+
+def _bracketable(args) -> list:
+    """The positions in ``args`` of the tensors whose gradients a backward range ends at, or
+    an empty list where the call records no backward, or where an identity Function would
+    change what the recipe's torch operations do: functorch transforms and forward-mode AD
+    (which a Function needs rules for), tensor subclasses (DTensor, ExpandedWeight)."""
+    if not torch.is_grad_enabled() or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+        return []
+    tensors = [i for i, t in enumerate(args) if isinstance(t, Tensor)]
+    if any(type(args[i]) not in PLAIN_PARAMETERS for i in tensors):
+        return []
+    return [i for i in tensors if args[i].requires_grad]
+
+
+def profiled_torch_ops(module, run, *args):
+    """:func:`profiled` of ``run(*args)``, torch operations whose backward is torch's autograd
+    steps (``PowBackward0``, ``MeanBackward1``, ...): that backward is one range too, named
+    as the kernels' Function's (``normlab::rms_norm_backward``): from a hook on the outputs'
+    nodes to an identity Function on the tensors of ``args`` that require gradients (every
+    tensor ``run`` differentiates must be among them). Called only while a profiler runs,
+    outside compilation and tracing."""
+    positions = _bracketable(args)
+    if not positions:
+        return profiled(module, run, *args)
+    name = getattr(module, "_profile_name", None) or getattr(_naming, "name", None) or "normlab::normalize"
+    span = _BackwardRange(name + "_backward")
+    args = list(args)
+    for i, t in zip(positions, _ExitBackwardRange.apply(span, *(args[i] for i in positions))):
+        args[i] = t
+    output = profiled(module, run, *args)
+    # (a hook, not a Function: its outputs would be views, which a user may not change in place)
+    for node in {t.grad_fn for t in (output if type(output) is tuple else (output,)) if isinstance(t, Tensor)}:
+        if node is not None:
+            node.register_prehook(span.enter)
+    return output
+
+
 def profiled_recipe(module, recipe, *args):
     """``recipe(*args)``, a model family's torch operations (a casting recipe: ``aten::pow``,
     ``aten::mean``, ``aten::rsqrt``, ... and no norm op), inside :func:`profiled`'s one range
@@ -212,7 +282,7 @@ def profiled_recipe(module, recipe, *args):
     profiler starts); compiled, exported or traced, the recipe runs alone."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return recipe(*args)
-    return profiled(module, recipe, *args)
+    return profiled_torch_ops(module, recipe, *args)
 
 
 _naming = threading.local()  # the name profile_name gives the functional calls of a twin that is not _Twin

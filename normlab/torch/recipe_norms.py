@@ -371,7 +371,8 @@ class _HalfPrecisionLayerNorm(LayerNorm):
     def _normlab_forward(self, input: Tensor) -> Tensor:
         if _upcasts(input, self.weight, self.bias):
             if not torch.compiler.is_dynamo_compiling() and _profiler._is_profiler_enabled:
-                return profiled_recipe(self, self._torch_forward, input)
+                # (the parameters passed: the range of the backward ends where they get their gradients)
+                return profiled_recipe(self, self._torch_forward_with, input, self.weight, self.bias)
             return self._torch_forward(input)
         return super()._normlab_forward(input)
 
@@ -394,7 +395,10 @@ class Float32LayerNorm(_HalfPrecisionLayerNorm):
 
     def _torch_forward(self, input: Tensor) -> Tensor:
         """The upcasting forward, which TorchScript compiles and fx records for a root module."""
-        return float32_layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self._torch_forward_with(input, self.weight, self.bias)
+
+    def _torch_forward_with(self, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+        return float32_layer_norm(input, self.normalized_shape, weight, bias, self.eps)
 
 
 class Float32LayerNorm2d(LayerNorm2d):
@@ -411,14 +415,18 @@ class Float32LayerNorm2d(LayerNorm2d):
 
     def _torch_forward(self, input: Tensor) -> Tensor:
         """The originals' permutes around the upcasting layer norm (TorchScript, fx's root)."""
-        return float32_layer_norm(input.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+        return self._torch_forward_with(input, self.weight, self.bias)
+
+    def _torch_forward_with(self, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+        return float32_layer_norm(input.permute(0, 2, 3, 1), self.normalized_shape, weight, bias,
                                   self.eps).permute(0, 3, 1, 2)
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor, mask: Optional[Tensor]) -> Tensor:
         if mask is None and isinstance(input, Tensor) and _upcasts(input, self.weight, self.bias):
             if not torch.compiler.is_dynamo_compiling() and _profiler._is_profiler_enabled:
-                return profiled_recipe(self, self._torch_forward, input)
+                # (the parameters passed: the range of the backward ends where they get their gradients)
+                return profiled_recipe(self, self._torch_forward_with, input, self.weight, self.bias)
             return self._torch_forward(input)
         return super()._eager_forward(input, mask)
 
@@ -464,7 +472,10 @@ class WrittenOutLayerNorm(_HalfPrecisionLayerNorm):
 
     def _torch_forward(self, input: Tensor) -> Tensor:
         """The written-out forward, which TorchScript compiles and fx records for a root module."""
-        return written_out_layer_norm(input, self.weight, self.bias, self.eps, self.elementwise_affine)
+        return self._torch_forward_with(input, self.weight, self.bias)
+
+    def _torch_forward_with(self, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+        return written_out_layer_norm(input, weight, bias, self.eps, self.elementwise_affine)
 
 
 def written_out_layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
