@@ -2,6 +2,7 @@
 modules run on the data with the padding removed (outputs at the counted positions,
 parameter gradients, running statistics)."""
 
+import copy
 import re
 
 import numpy as np
@@ -441,3 +442,34 @@ def test_an_instance_norm_untracked_after_construction_updates_its_statistics_in
     torch.testing.assert_close(twin(x, mask=torch.ones(shape, dtype=torch.bool)), expected)
     torch.testing.assert_close(twin.running_mean, reference.running_mean)
     torch.testing.assert_close(twin.running_var, reference.running_var)
+
+
+_FAILING_BATCH_NORM_CALLS = [("BatchNorm2d, 4 channels of 8", lambda **kw: torch.nn.BatchNorm2d(8, **kw), (2, 4, 3, 3)),
+                             ("BatchNorm1d, 4 channels of 8", lambda **kw: torch.nn.BatchNorm1d(8, **kw), (2, 4, 5)),
+                             ("BatchNorm3d, 4 channels of 8", lambda **kw: torch.nn.BatchNorm3d(8, **kw),
+                              (2, 4, 1, 2, 2)),
+                             ("BatchNorm2d, 3 axes", lambda **kw: torch.nn.BatchNorm2d(8, **kw), (2, 8, 3)),
+                             ("BatchNorm1d, one value a channel", lambda **kw: torch.nn.BatchNorm1d(8, **kw), (1, 8))]
+_BATCH_NORM_SETTINGS = {"momentum=0.1": {}, "momentum=None": {"momentum": None},
+                        "track_running_stats=False": {"track_running_stats": False}, "affine=False": {"affine": False}}
+
+
+@pytest.mark.parametrize("settings", list(_BATCH_NORM_SETTINGS))
+@pytest.mark.parametrize("name, make, shape", _FAILING_BATCH_NORM_CALLS, ids=[c[0] for c in _FAILING_BATCH_NORM_CALLS])
+def test_a_masked_batch_norm_call_that_fails_leaves_the_state_torch_nns_call_leaves(name, make, shape, settings):
+    """A masked batch norm given the wrong channel count raised before it counted the batch:
+    BatchNorm2d(8) on (2, 4, 3, 3) with mask= left num_batches_tracked at 0, where torch.nn's
+    (and the twin without a mask) count it before their op refuses the channels. Every
+    buffer and parameter after a failing call with an all-True mask is torch.nn's after its
+    call without one. Oracle: torch.nn's module, its error type and its state."""
+    reference = make(**_BATCH_NORM_SETTINGS[settings])
+    twin = nt.convert(copy.deepcopy(reference))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    with pytest.raises((RuntimeError, ValueError)) as expected:
+        reference(x)
+    with pytest.raises(type(expected.value)):
+        twin(x, mask=torch.ones(shape, dtype=torch.bool))
+    theirs, ours = reference.state_dict(), twin.state_dict()
+    assert list(ours) == list(theirs)
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key

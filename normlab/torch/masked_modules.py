@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.masked import missing_axes_fix
-from normlab.torch.compute import _channels_message, _fake, _statistics_update
+from normlab.torch.compute import _average_factor, _channels_message, _fake, _statistics_update
 from normlab.plan import merge_sizes
 from normlab.torch.masked import SEGMENTS_DO_NOT_EXPORT, _run_masked
 from normlab.torch.ops import _vmapping
@@ -126,6 +126,8 @@ def _refuse_misfit(module, x: Tensor, mask: Tensor) -> None:
         sized = (module.weight is not None or module.bias is not None or module.running_mean is not None
                  or module.running_var is not None)
         if sized and channel_axis == 1 and x.shape[1] != module.num_features:
+            if not instance:  # torch.nn's batch norms count the batch before their op refuses the channels
+                _average_factor(module)
             lead = f"{name} with mask= of shape {tuple(mask.shape)}"
             raise _misfit(_channels_message(module, x, lead))
         if sized and channel_axis == 0 and x.shape[0] != module.num_features:
