@@ -22,6 +22,7 @@ from torch.nn import functional as F  # noqa: E402
 from transformers.models.bailing_hybrid.modeling_bailing_hybrid import BailingHybridRMSNormGated  # noqa: E402
 from transformers.models.deberta.modeling_deberta import DebertaLayerNorm  # noqa: E402
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4UnweightedRMSNorm  # noqa: E402
+from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1RMSNormGated  # noqa: E402
 from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaWeightlessRMSNorm  # noqa: E402
 from transformers.models.hy_v4.modeling_hy_v4 import HYV4UnweightedRMSNorm  # noqa: E402
 from transformers.models.imagegpt.modeling_imagegpt import ImageGPTLayerNorm  # noqa: E402
@@ -201,6 +202,69 @@ def test_gated_norms_become_gated_rms_norms_with_their_outputs_and_gradients(nam
             assert torch.equal(actual, expected), (actual - expected).abs().max()
         else:
             torch.testing.assert_close(actual, expected, **tolerance)
+
+
+def scripted_run(model, x, gate):
+    """:func:`gated_run` on a scripted model, whose weight may lie in a part."""
+    x, gate = x.detach().clone().requires_grad_(), gate.detach().clone().requires_grad_()
+    (weight,) = model.parameters()
+    weight.grad = None
+    y = model(x, gate)
+    (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)).sum().backward()
+    return y, x.grad, gate.grad, weight.grad
+
+
+class GatedHolder(torch.nn.Module):
+    """A model holding a gated norm, as a Mamba2 or FalconH1 mixer does."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x, gate):
+        return self.norm(x, gate)
+
+
+SCRIPTED_GATED = {
+    "falcon_h1_gate_first": lambda: FalconH1RMSNormGated(64, n_groups=4, norm_before_gate=False),
+    "falcon_h1_norm_first": lambda: FalconH1RMSNormGated(64, n_groups=4, norm_before_gate=True),
+    "falcon_h1_one_group": lambda: FalconH1RMSNormGated(64, n_groups=1),
+}
+
+
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", list(SCRIPTED_GATED))
+def test_a_scripted_converted_gated_norm_gives_the_scripted_originals_outputs_and_gradients(name, dtypes):
+    """torch.jit.script compiles FalconH1's gated norm; a converted one, alone and inside a
+    model, scripts too and gives the scripted original's outputs to the bit, and its
+    gradients to the bit in bfloat16 (three calls: the first ones profile, the later ones
+    run TorchScript's optimized graph, whose float32 backward differentiates the silu as
+    its grouping of each graph has it: one rounding apart)."""
+    x_dtype, weight_dtype = dtypes
+    original = random_parameters(SCRIPTED_GATED[name]()).to(weight_dtype)
+    converted = converted_copy(original)
+    assert type(converted) is nt.GatedRMSNorm
+    generator = torch.Generator().manual_seed(0)
+    x, gate = (torch.randn(2, 5, 64, generator=generator).mul(2).to(x_dtype) for _ in range(2))
+    expected_model, actual_model = torch.jit.script(original), torch.jit.script(converted)
+    wrapped = torch.jit.script(GatedHolder(copy.deepcopy(converted)))
+    for _ in range(3):
+        expected = scripted_run(expected_model, x, gate)
+        for model in (actual_model, wrapped):
+            actual = scripted_run(model, x, gate)
+            assert actual[0].dtype == expected[0].dtype and torch.equal(actual[0], expected[0])
+            for a, e in zip(actual[1:], expected[1:]):
+                assert a.dtype == e.dtype
+                if x_dtype == torch.bfloat16:
+                    assert torch.equal(a, e), (a - e).abs().max()
+                else:  # (TorchScript's optimized float32 backward rounds as its own graph of each class groups it)
+                    torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
+def test_a_scripted_gated_rms_norm_refuses_a_gate_given_twice():
+    scripted = torch.jit.script(nt.GatedRMSNorm(8, group_size=4))
+    with pytest.raises(Exception, match="takes the gate once"):
+        scripted(torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 8))
 
 
 def test_a_gated_norm_with_an_activation_no_recipe_has_is_left_alone():

@@ -191,6 +191,52 @@ def rms_norm_recipe(x: Tensor, weight: Optional[Tensor], eps: float, casting: st
     return y.to(x.dtype) if casting in ("gemma", "mochi", "gemma3n") else y  # (_CAST_AFTER_WEIGHT: TorchScript)
 
 
+def gated_rms_norm_recipe(x: Tensor, gate: Optional[Tensor], weight: Tensor, eps: float, group_size: int,
+                          norm_before_gate: bool, gate_activation: str, casting: str) -> Tensor:
+    """The gated RMS norm of :class:`~normlab.torch.fused.GatedRMSNorm` in torch operations,
+    its composite's steps (``casting`` one of ``"llama"``, ``"gemma"``, ``"qwen3_next"``):
+    the gate's activation in the recipe's compute dtype, ``x · act(gate)`` before the norm
+    (``norm_before_gate=False``) or after the weight (``True``), each group of ``group_size``
+    channels normalized on its own. Written for TorchScript, which compiles it where it
+    compiles the families' classes (FalconH1's, Mamba2's, Qwen3-Next's gated norms).
+
+    >>> x = torch.tensor([[3., 4., 1., 1.]])
+    >>> [round(v, 4) for v in gated_rms_norm_recipe(x, None, torch.ones(4), 0.0, 2, True, "silu", "gemma")[0].tolist()]
+    [0.8485, 1.1314, 1.0, 1.0]
+    """
+    dtype = x.dtype
+    compute, work = recipe_dtypes(dtype, casting)
+    h = x.to(compute)
+    # (the activation beside its product, each where the families write it: TorchScript's
+    # optimized backward differentiates them together there, in its own roundings)
+    if gate is not None and not norm_before_gate:
+        h = h * activate(gate.to(compute), gate_activation)
+    shape = h.shape
+    groups = shape[-1] // group_size
+    normalized = rms_normalize(h.reshape(list(shape[:-1]) + [groups, group_size]), [-1], eps)
+    del h
+    y = weigh(normalized, weight.reshape(groups, group_size), casting, dtype).reshape(shape)
+    del normalized
+    if gate is not None and norm_before_gate:
+        y = y * activate(gate.to(compute), gate_activation).to(work)
+    return y.to(dtype) if casting == "gemma" or casting == "qwen3_next" else y  # (they round once, at the end)
+
+
+def activate(gate: Tensor, gate_activation: str) -> Tensor:
+    """A gated norm's activation of its gate: ``"silu"``, ``"sigmoid"`` or ``"gelu"``.
+
+    >>> activate(torch.zeros(1), "sigmoid").tolist()
+    [0.5]
+    """
+    if gate_activation == "silu":
+        return F.silu(gate)
+    if gate_activation == "sigmoid":
+        return torch.sigmoid(gate)
+    if gate_activation == "gelu":
+        return F.gelu(gate)
+    raise ValueError(f"unknown gate activation '{gate_activation}'; use one of silu, sigmoid, gelu")
+
+
 def _rms_normalized(x: Tensor, dims: List[int], eps: float, casting: str) -> Tensor:
     """``casting``'s x̂ of ``x`` over ``dims``, before its weight."""
     if casting == "imagegpt":  # (a division: other bits than the reciprocal's product)

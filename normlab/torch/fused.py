@@ -1053,7 +1053,7 @@ def _positive_int(group_size) -> int:
     return size
 
 
-class GatedRMSNorm(recipes.TransformersEpsName, Unscriptable, nn.Module):
+class GatedRMSNorm(recipes.TransformersEpsName, nn.Module):
     """Gated RMS norm of Mamba2 and GatedDeltaNet with mamba_ssm's ``RMSNormGated``
     semantics: ``norm(x)·w·silu(z)`` (``norm_before_gate=True``) or ``norm(x·silu(z))·w``
     (``False``), each group of ``group_size`` channels with its own statistics
@@ -1066,6 +1066,9 @@ class GatedRMSNorm(recipes.TransformersEpsName, Unscriptable, nn.Module):
     """
 
     _block_shape = None  # (the normalized shape of the block's last build: see _block_of)
+    # (constants of a scripted module: TorchScript drops the recipe's branches on them, so its
+    # graph, and its optimized backward, is the one it makes of the originals' straight code)
+    __constants__ = ["group_size", "norm_before_gate", "gate_activation", "casting"]
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: Optional[int] = None,
                  norm_before_gate: bool = True, gate_activation: str = "silu", casting: str = "gemma", device=None,
@@ -1098,6 +1101,20 @@ class GatedRMSNorm(recipes.TransformersEpsName, Unscriptable, nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor, z: Optional[Tensor] = None, gate: Optional[Tensor] = None) -> Tensor:
+        if torch.jit.is_scripting():  # the composite's torch operations, as TorchScript compiles the originals
+            if gate is not None:
+                if z is not None:
+                    raise TypeError("GatedRMSNorm.forward takes the gate once: as z or as gate, not both")
+                z = gate
+            eps = self.eps
+            if eps is None:  # (torch.nn.RMSNorm's: the machine epsilon of the dtype it computes in)
+                eps = 2.0 ** -52 if x.dtype == torch.float64 else 2.0 ** -23  # (torch.finfo does not script)
+            return recipes.gated_rms_norm_recipe(x, z, self.weight, eps, self.group_size, self.norm_before_gate,
+                                                 self.gate_activation, self.casting)
+        return self._eager_forward(x, z, gate)
+
+    @torch.jit.unused
+    def _eager_forward(self, x: Tensor, z: Optional[Tensor], gate: Optional[Tensor]) -> Tensor:
         traced = _fx_leaf(self, x, z, gate=gate)
         if traced is not None:
             return traced
