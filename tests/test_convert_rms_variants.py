@@ -128,12 +128,29 @@ def test_stable_audio_3s_rms_norm_becomes_a_gamma_rms_norm_with_its_outputs_and_
 
 
 @needs_stable_audio3
-def test_stable_audio_3s_rms_norm_computing_in_the_inputs_dtype_is_left_alone_with_a_warning():
-    """``force_fp32=False`` casts its weight to the input's dtype: a float32 weight on
-    bfloat16 input gives bfloat16, where every recipe gives float32."""
-    with pytest.warns(UserWarning, match="StableAudio3RMSNorm"):
-        converted = nt.convert(torch.nn.Sequential(stable_audio3.StableAudio3RMSNorm(24, force_fp32=False)))
-    assert type(converted[0]) is stable_audio3.StableAudio3RMSNorm
+@pytest.mark.parametrize("dtypes", DTYPES.values(), ids=DTYPES.keys())
+def test_stable_audio_3s_rms_norm_computing_in_the_inputs_dtype_becomes_a_gamma_rms_norm_with_its_bits(dtypes):
+    """``force_fp32=False`` was left unconverted with a warning: it computes every step in the
+    input's dtype and casts its weight to it (a float32 weight on bfloat16 input gives
+    bfloat16, where "none" promotes to float32), the "input_dtype" recipe. Scripted, as the
+    original scripts, it gives the scripted original's numbers."""
+    x_dtype, w_dtype = dtypes
+    original = random_parameters(stable_audio3.StableAudio3RMSNorm(24, eps=1e-6, force_fp32=False)).to(w_dtype)
+    converted = converted_copy(original)
+    assert type(converted) is nt.GammaRMSNorm and (converted.casting, converted.eps) == ("input_dtype", 1e-6)
+    assert list(converted.state_dict()) == list(original.state_dict()) == ["gamma"]
+    x = (torch.randn(3, 5, 24) * 2 + 0.5).to(x_dtype)
+    assert_same_numbers(original, converted, x, None)
+    with nt.use_path("kernel"):  # (each step rounded in the input's dtype there, once on the kernels)
+        assert_same_numbers(original, converted, x, dict(rtol=1.6e-2, atol=5e-2))
+    with torch.no_grad():
+        assert_bits(torch.jit.script(converted)(x), torch.jit.script(original)(x))
+        torch.testing.assert_close(converted(x, mask=torch.ones(3, 5, 24, dtype=torch.bool)), original(x),
+                                   rtol=1.6e-2, atol=5e-2)
+
+
+def assert_bits(actual, expected):
+    assert actual.dtype == expected.dtype and torch.equal(actual, expected), (actual - expected).abs().max()
 
 
 def test_a_gamma_rms_norm_reads_and_sets_its_weight_as_gamma():
@@ -147,14 +164,18 @@ def test_a_gamma_rms_norm_reads_and_sets_its_weight_as_gamma():
 
 
 @needs_stable_audio3
+@pytest.mark.parametrize("force_fp32", [True, False], ids=["in_float32", "in_the_inputs_dtype"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_a_small_stable_audio_3_dit_converted_gives_its_outputs_and_gradients_to_the_bit_and_unconverts_exactly(
-        dtype):
+        dtype, force_fp32):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     original = random_parameters(diffusers.StableAudio3DiTModel(
         io_channels=4, embed_dim=16, depth=1, num_heads=2, cond_token_dim=8, global_cond_dim=8, local_add_cond_dim=3,
         timestep_features_dim=8, ff_mult=2.0, num_memory_tokens=2)).to(dtype)
+    for norm in original.modules():
+        if type(norm) is stable_audio3.StableAudio3RMSNorm:
+            norm.force_fp32 = force_fp32
     converted = convert_quietly(copy.deepcopy(original))
     assert {type(m).__name__ for m in converted.modules() if "Norm" in type(m).__name__} == {"GammaRMSNorm"}
     conditions = dict(timestep=torch.tensor([0.3]), encoder_hidden_states=torch.randn(1, 3, 8).to(dtype),

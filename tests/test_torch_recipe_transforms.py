@@ -1,7 +1,7 @@
 """convert()'s recipe norms (RMSNorm with LLaMA's and Gemma's recipes, RecipeLayerNorm for
 Cohere's, per-head Cohere's, OLMo's and DeBERTa's layer norms, UnweightedRMSNorm for Llama
 4's L2 norm, BiasedRMSNorm and GammaRMSNorm for diffusers' RMSNorm with a bias and Stable
-Audio 3's, RMSNorm2d for timm's channels-first RMS norms) under torch.func and on the way to deployment, in bfloat16, where the recipes
+Audio 3's (in float32 and in the input's dtype), RMSNorm2d for timm's channels-first RMS norms) under torch.func and on the way to deployment, in bfloat16, where the recipes
 round: ``vmap`` and ``vjp`` to the bit, ``jacfwd`` and ``hessian``, ``torch.export`` with a
 dynamic batch and length, and ``torch.compile`` with ``fullgraph=True`` (no more graphs than
 the original's). Oracles: transformers' classes on the same parameters, under the same
@@ -41,6 +41,9 @@ ORIGINALS = {  # name -> (the original, the trailing shape it normalizes, the tw
     "stable_audio_3_rms_norm": (
         lambda: pytest.importorskip("diffusers.models.transformers.transformer_stable_audio3").StableAudio3RMSNorm(16),
         (16,), "GammaRMSNorm"),
+    "stable_audio_3_rms_norm_in_the_inputs_dtype": (
+        lambda: pytest.importorskip("diffusers.models.transformers.transformer_stable_audio3").StableAudio3RMSNorm(
+            16, force_fp32=False), (16,), "GammaRMSNorm"),
     # (channels second: a sample of (batch, length, 16, 2, 3) under vmap is (length, 16, 2, 3))
     "timm_rms_norm_2d": (lambda: TimmRmsNorm2d(16), (16, 2, 3), "RMSNorm2d"),
     "timm_rms_norm_2d_fp32": (lambda: TimmRmsNorm2dFp32(16), (16, 2, 3), "RMSNorm2d"),

@@ -18,6 +18,9 @@ checkpoint's numbers bit for bit depend on it. The recipes, named as Liger-Kerne
   (transformers' ``Gemma3nRMSNorm``, and Gemma 4's copy of it): ``"gemma"``'s outputs, with the float32 input gradient
   rounded as ``pow``'s backward rounds, not ``rsqrt``'s;
 * ``"none"``: everything in the input's dtype;
+* ``"input_dtype"``: everything in the input's dtype, the weight cast to it too (diffusers'
+  ``StableAudio3RMSNorm(force_fp32=False)``): a float32 weight on bfloat16 input gives
+  bfloat16, where ``"none"`` promotes to float32;
 * ``"imagegpt"``: everything in the input's dtype, dividing by ``sqrt(mean(x²) + eps)``
   rather than multiplying by its reciprocal, then ``x̂ · weight`` (ImageGPT's layer norm).
 
@@ -87,7 +90,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-CASTINGS = ("llama", "gemma", "t5", "none", "imagegpt", "mochi", "gemma3n")
+CASTINGS = ("llama", "gemma", "t5", "none", "input_dtype", "imagegpt", "mochi", "gemma3n")
 LAYER_NORM_CASTINGS = ("olmo", "cohere", "deberta")
 UNWEIGHTED_CASTINGS = ("llama", "deepseek", "diffusers", "gemma3n", "none")
 CHANNELS_FIRST_RMS_CASTINGS = ("none", "float32")
@@ -135,7 +138,7 @@ def recipe_dtypes(dtype: torch.dtype, casting: str) -> tuple[torch.dtype, torch.
     >>> recipe_dtypes(torch.bfloat16, "llama"), recipe_dtypes(torch.bfloat16, "gemma")
     ((torch.float32, torch.bfloat16), (torch.float32, torch.float32))
     """
-    if casting == "none":
+    if casting == "none" or casting == "input_dtype":
         return dtype, dtype
     compute = compute_dtype(dtype)
     return compute, dtype if casting == "llama" else compute  # (qwen3_next: the gate's product in float32)
@@ -166,6 +169,10 @@ def weigh(normalized: Tensor, weight: Optional[Tensor], casting: str, dtype: tor
         if weight.dtype == torch.float16 or weight.dtype == torch.bfloat16:
             normalized = normalized.to(weight.dtype)
         return (weight if weight_offset == 0 else weight_offset + weight) * normalized  # (_scale's, refined)
+    if casting == "input_dtype":  # (x̂ first, as StableAudio3RMSNorm multiplies)
+        scale = _scale(weight, weight_offset, dtype)
+        normalized = normalized.to(dtype)
+        return normalized if scale is None else normalized * scale
     normalized = normalized.to(dtype)  # llama, qwen3_next, none and imagegpt (which the kernels approximate in float32)
     scale = _scale(weight, weight_offset)
     return normalized if scale is None else scale * normalized
@@ -180,8 +187,9 @@ def rms_norm_recipe(x: Tensor, weight: Optional[Tensor], eps: float, casting: st
     >>> [round(v, 4) for v in rms_norm_recipe(x, torch.ones(2), 0.0, "llama")[0].tolist()]
     [0.8485, 1.1314]
     """
-    if casting not in ("llama", "gemma", "t5", "none", "imagegpt", "mochi", "gemma3n"):  # (CASTINGS: TorchScript)
-        raise ValueError(f"unknown casting '{casting}'; use one of llama, gemma, t5, none, imagegpt, mochi, gemma3n")
+    if casting not in ("llama", "gemma", "t5", "none", "input_dtype", "imagegpt", "mochi", "gemma3n"):  # (CASTINGS)
+        raise ValueError(f"unknown casting '{casting}'; use one of llama, gemma, t5, none, input_dtype, imagegpt, "
+                         "mochi, gemma3n")
     normalized = _rms_normalized(x, list(range(-normalized_ndim, 0)), eps, casting)
     # apply_recipe_scale's steps here, so that x̂ goes before the last cast, as the family's
     # code lets it go by rebinding one name (an argument passed on stays alive in this frame

@@ -17,7 +17,8 @@ A layer is converted when normlab can compute what it computes:
   becomes :class:`RMSNorm` with that recipe; one with a ``bias`` of its weight's shape too,
   whose forward reproduces a recipe followed by ``+ bias`` (diffusers' ``RMSNorm(...,
   bias=True)``), :class:`~normlab.torch.recipe_norms.BiasedRMSNorm`; one whose weight is named
-  ``gamma`` (diffusers' ``StableAudio3RMSNorm``), :class:`~normlab.torch.recipe_norms.GammaRMSNorm`;
+  ``gamma`` (diffusers' ``StableAudio3RMSNorm``, in float32 or in the input's dtype),
+  :class:`~normlab.torch.recipe_norms.GammaRMSNorm`;
 * layer norms that compute in float32 (transformers' ``CohereLayerNorm``, also with its
   per-head QK-norm weight of shape ``(heads, head_dim)``, the parameter-less
   ``OlmoLayerNorm``, and ``DebertaLayerNorm``): a module with no parameters but a ``weight``

@@ -18,8 +18,8 @@ written in torch operations with the module's **casting recipe**, from the piece
 * ``"qwen3_next"``: as ``"llama"`` up to the weight, everything after it (the gate above
   all) in float32, cast once at the end (Qwen3-Next's gated norm).
 
-(``"t5"``, ``"imagegpt"``, ``"mochi"`` and ``"gemma3n"`` are RMSNorm recipes only.) On the float32/float64
-kernel path the recipes coincide: the math runs in float64 and rounds once.
+(``"t5"``, ``"input_dtype"``, ``"imagegpt"``, ``"mochi"`` and ``"gemma3n"`` are RMSNorm recipes only.)
+On the float32/float64 kernel path the recipes coincide: the math runs in float64 and rounds once.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from normlab.torch.thread_warnings import ignored_in_this_thread
 
 __all__ = ["CASTINGS", "fused_normalize", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm"]
 
-_RMS_NORM_ONLY = ("t5", "imagegpt", "mochi", "gemma3n")
+_RMS_NORM_ONLY = ("t5", "input_dtype", "imagegpt", "mochi", "gemma3n")
 CASTINGS = (*(c for c in recipes.CASTINGS if c not in _RMS_NORM_ONLY), "qwen3_next")  # what a block takes
 _CAST_AT_THE_END = ("gemma", "qwen3_next")  # the recipes whose steps after the weight run in float32
 _KERNEL_DTYPES = (torch.float32, torch.float64)

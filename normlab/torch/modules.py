@@ -317,7 +317,7 @@ class RMSNorm(TransformersEpsName, _Twin, nn.RMSNorm):
     ``casting`` picks where low-precision input rounds, as a model family does it
     (:mod:`normlab.torch.casting`): ``None`` is torch.nn.RMSNorm's own, ``"llama"`` casts
     before the weight, ``"gemma"`` after it, ``"t5"`` to the weight's dtype, ``"none"``
-    computes in the input's dtype, ``"imagegpt"`` too, dividing by the root, ``"mochi"`` is
+    computes in the input's dtype, ``"input_dtype"`` too with the weight cast to it, ``"imagegpt"`` too, dividing by the root, ``"mochi"`` is
     ``"gemma"`` with the input itself scaled, as ``"t5"``'s, ``"gemma3n"`` is ``"gemma"`` with the
     root's reciprocal taken by ``pow``. ``weight_offset`` multiplies by ``(weight_offset + weight)``,
     Gemma's ``1 + weight`` with ``weight_offset=1.0`` (the weight then starts at zeros).
@@ -325,7 +325,8 @@ class RMSNorm(TransformersEpsName, _Twin, nn.RMSNorm):
     ``LlamaRMSNorm`` gives its numbers to the bit in every dtype; under
     ``use_path("kernel")`` it runs on the kernels instead (statistics in float64: several
     times faster on CPU, and within one rounding in x's dtype of the family's numbers;
-    ``"none"`` and ``"imagegpt"``, which round every step in x's dtype, up to 3 of its units away).
+    ``"none"``, ``"input_dtype"`` and ``"imagegpt"``, which round every step in x's dtype, up to 3 of its
+    units away).
 
     >>> [round(v, 4) for v in RMSNorm(2, eps=0.0)(torch.tensor([[3., 4.]]))[0].tolist()]
     [0.8485, 1.1314]

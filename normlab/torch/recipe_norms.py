@@ -265,7 +265,9 @@ class GammaRMSNorm(RMSNorm):
     """:class:`~normlab.torch.RMSNorm` whose weight is registered as ``gamma``, its
     ``state_dict`` key, as diffusers' ``StableAudio3RMSNorm`` (Stable Audio 3's DiT) keeps it:
     :func:`~normlab.torch.convert` turns that (computed in float32, ``force_fp32=True``) into
-    this with ``casting="gemma"``, its outputs and gradients to the bit. ``weight`` reads and
+    this with ``casting="gemma"``, and with ``force_fp32=False`` (every step in the input's
+    dtype, the weight cast to it) with ``casting="input_dtype"``, its outputs and gradients to
+    the bit. ``weight`` reads and
     sets ``gamma``, so everything :class:`~normlab.torch.RMSNorm` does applies.
 
     >>> norm = GammaRMSNorm(2, eps=0.0, casting="gemma")
