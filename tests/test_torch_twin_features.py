@@ -317,8 +317,9 @@ def test_a_misfit_input_with_a_mask_raises_torch_nn_exception_type_naming_both_s
         message = str(raised.value)
         assert "n0" not in message and "params" not in message, message
         names_the_input = str(tuple(bad)) in message or str(list(bad)) in message
-        assert message == str(expected.value) or (names_the_input and "expected" in message and "build" in message), \
-            message
+        # (torch.nn's words first for the number of axes, then the shape and the fix)
+        assert message.startswith(str(expected.value)) or (names_the_input and "expected" in message
+                                                             and "build" in message), message
 
 
 @pytest.mark.parametrize("name, factory, shape, _bad", SCRIPTABLE, ids=[case[0] for case in SCRIPTABLE])
@@ -491,3 +492,74 @@ def test_compiled_autograd_of_a_twin_is_not_compiled_again_when_a_profiler_start
         graphs[label] = counters["stats"]["unique_graphs"] - before
     torch._dynamo.reset()
     assert graphs["twin"] == graphs["torch.nn"] == 0, graphs
+
+
+# (torch.nn's module, an input it refuses): the ranks, an instance norm's channels, a group
+# norm's channels and rank, the dtypes its CPU kernels refuse to mix
+_REFUSED_CALLS = [
+    ("BatchNorm2d, 1D", lambda: nn.BatchNorm2d(8), lambda: torch.randn(8)),
+    ("BatchNorm2d, unbatched", lambda: nn.BatchNorm2d(8), lambda: torch.randn(8, 3, 3)),
+    ("BatchNorm2d, 3D", lambda: nn.BatchNorm2d(8), lambda: torch.randn(2, 8, 3)),
+    ("BatchNorm1d, 4D", lambda: nn.BatchNorm1d(8), lambda: torch.randn(2, 8, 3, 3)),
+    ("BatchNorm3d, 4D", lambda: nn.BatchNorm3d(8), lambda: torch.randn(2, 8, 3, 3)),
+    ("InstanceNorm2d, 2D", lambda: nn.InstanceNorm2d(8), lambda: torch.randn(2, 8)),
+    ("InstanceNorm1d, 4 channels of 8", lambda: nn.InstanceNorm1d(8, affine=True), lambda: torch.randn(2, 4, 5)),
+    ("InstanceNorm2d, unbatched, 4 channels of 8", lambda: nn.InstanceNorm2d(8, affine=True),
+     lambda: torch.randn(4, 5, 5)),
+    ("GroupNorm, 4 channels of 8", lambda: nn.GroupNorm(2, 8), lambda: torch.randn(2, 4, 5)),
+    ("GroupNorm, 6 channels in 4 groups", lambda: nn.GroupNorm(4, 8), lambda: torch.randn(2, 6, 5)),
+    ("GroupNorm, 1D", lambda: nn.GroupNorm(2, 8), lambda: torch.randn(8)),
+    ("BatchNorm2d, float64 input", lambda: nn.BatchNorm2d(8), lambda: torch.randn(2, 8, 3, 3, dtype=torch.float64)),
+    ("BatchNorm2d in eval, float64 input", lambda: nn.BatchNorm2d(8).eval(),
+     lambda: torch.randn(2, 8, 3, 3, dtype=torch.float64)),
+    ("LayerNorm, float64 input", lambda: nn.LayerNorm(8), lambda: torch.randn(2, 8, dtype=torch.float64)),
+    ("LayerNorm, bfloat16 parameters", lambda: nn.LayerNorm(8).bfloat16(), lambda: torch.randn(2, 8)),
+    ("GroupNorm, float64 input", lambda: nn.GroupNorm(2, 8), lambda: torch.randn(2, 8, 3, dtype=torch.float64)),
+    ("InstanceNorm1d, float64 input", lambda: nn.InstanceNorm1d(8, affine=True),
+     lambda: torch.randn(2, 8, 3, dtype=torch.float64)),
+]
+
+
+def _suggested_calls(message: str, reference: nn.Module, x):
+    """The calls a message's fix names, as torch.nn runs them: another module (``use
+    BatchNorm1d(8)``, ``build GroupNorm(2, 4)``), the input or the module cast, a batch axis."""
+    import re
+
+    for name, arguments in re.findall(r"(?:use|build) (\w+)\(([\d, ]+)\)", message):
+        module = getattr(nn, name)(*map(int, arguments.split(", ")))
+        yield f"{name}({arguments})", lambda module=module: module(x)
+    for dtype in re.findall(r"x\.to\(torch\.(\w+)\)", message):
+        yield f"x.to({dtype})", lambda dtype=dtype: reference(x.to(getattr(torch, dtype)))
+    for dtype in re.findall(r"module\.to\(torch\.(\w+)\)", message):
+        yield f"module.to({dtype})", lambda dtype=dtype: copy.deepcopy(reference).to(getattr(torch, dtype))(x)
+    if "x.unsqueeze(0)" in message:
+        yield "x.unsqueeze(0)", lambda: reference(x.unsqueeze(0))
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no mask", "mask"])
+@pytest.mark.parametrize("name, make, make_input", _REFUSED_CALLS, ids=[case[0] for case in _REFUSED_CALLS])
+def test_a_twins_refusal_is_torch_nns_in_its_type_and_words_followed_by_the_shape_and_a_fix_torch_nn_accepts(
+        name, make, make_input, masked):
+    """torch.nn's refusals of a rank ("expected 4D input (got 1D input)"), an instance norm's
+    channels, a group norm's channels and "mixed dtype (CPU)" name neither the shape the
+    module takes nor a fix; the twin's error is torch.nn's, its type and its words first,
+    then the module, the input's shape (or dtype) and what to do. Oracle: torch.nn's error
+    for the call, and torch.nn running each call the fix names."""
+    reference = make()
+    twin = nt.convert(copy.deepcopy(reference))
+    x = make_input()
+    with pytest.raises((ValueError, RuntimeError)) as theirs:
+        reference(x)
+    with pytest.raises(type(theirs.value)) as ours:
+        twin(x, mask=torch.ones(x.shape, dtype=torch.bool)) if masked else twin(x)
+    message = str(ours.value)
+    if masked and not message.startswith(str(theirs.value)):
+        # (the masked path refuses a misfit of the channels itself, naming the mask: its words are its own)
+        assert "with mask=" in message and str(tuple(x.shape)) in message and "; pass " in message, message
+        return
+    assert message.startswith(str(theirs.value)) and len(message) > len(str(theirs.value)), message
+    assert type(reference).__name__ in message and (str(tuple(x.shape)) in message), message
+    fixes = list(_suggested_calls(message, reference, x))
+    assert fixes or "; pass " in message or "reshape" in message, message
+    for fix, call in fixes:
+        call()  # (torch.nn's module runs the call the message suggests)

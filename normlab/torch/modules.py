@@ -19,6 +19,7 @@ from normlab.torch.compute import (_apply_stats, _average_factor, _batch_norm_fo
                                    _update_instance_running, _update_running)
 from normlab.torch.casting import (TransformersEpsName, apply_recipe_scale, check_casting, check_weight_offset,
                                    compute_dtype, rms_norm_recipe)
+from normlab.torch.advice import advise
 from normlab.torch.masked_modules import masked_forward
 from normlab.torch.paths import (_LOW_PRECISION, PLAIN_PARAMETERS, _PathSwitch, _choose_path,
                                  _holds_expanded_weights, _profiler, expanded_weights_refusal, profiled_recipe,
@@ -136,24 +137,29 @@ class _Twin:
     def _eager_forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         if isinstance(input, torch.fx.Proxy):
             return _fx_call_module(self, input, mask=mask)
-        if self._spec_from is not None and getattr(self, self._spec_from) != self._spec_source:
-            _spec_changed(self)
-        if getattr(self, "_spec", 0) is None and not _state_restored(self):
-            # a shape torch constructs and refuses at forward, or state deleted: torch's forward, in its words
-            if mask is not None and _refuse_mask_on_plain_state(self):
+        try:  # (no cost on a call that raises nothing)
+            if self._spec_from is not None and getattr(self, self._spec_from) != self._spec_source:
+                _spec_changed(self)
+            if getattr(self, "_spec", 0) is None and not _state_restored(self):
+                # a shape torch constructs and refuses at forward, or state deleted: torch's forward, in its words
+                if mask is not None and _refuse_mask_on_plain_state(self):
+                    return masked_forward(self, input, mask)
+                return self._torch_forward(input)
+            if "parametrizations" in self._modules:  # (a lookup: most modules have none, and make no call for them)
+                stand_in = parametrizations_computed(self)
+                if stand_in is not None:  # (each parametrized tensor computed once, as torch.nn's forward does)
+                    return stand_in._eager_forward(input, mask)
+            if mask is not None:
                 return masked_forward(self, input, mask)
-            return self._torch_forward(input)
-        if "parametrizations" in self._modules:  # (a lookup: most modules have none, and make no call for them)
-            stand_in = parametrizations_computed(self)
-            if stand_in is not None:  # (each parametrized tensor computed once, as torch.nn's forward does)
-                return stand_in._eager_forward(input, mask)
-        if mask is not None:
-            return masked_forward(self, input, mask)
-        parameters = self._parameters  # (two dict lookups a call; the Python check only past them)
-        if ((type(parameters.get("weight")) not in PLAIN_PARAMETERS
-             or type(parameters.get("bias")) not in PLAIN_PARAMETERS) and _holds_expanded_weights(self)):
-            return self._torch_forward(input)
-        return self._normlab_forward(input)
+            parameters = self._parameters  # (two dict lookups a call; the Python check only past them)
+            if ((type(parameters.get("weight")) not in PLAIN_PARAMETERS
+                 or type(parameters.get("bias")) not in PLAIN_PARAMETERS) and _holds_expanded_weights(self)):
+                return self._torch_forward(input)
+            return self._normlab_forward(input)
+        except (ValueError, RuntimeError) as error:
+            if not torch.compiler.is_compiling():  # (Dynamo sets no exception's args: torch.nn's words alone)
+                advise(self, input, error)  # torch.nn's refusal goes on with the shapes and the fix
+            raise
 
 
     def __delattr__(self, name: str) -> None:
