@@ -125,3 +125,56 @@ def test_a_deep_copy_trains_on_its_own_statistics():
         copied(torch.randn(8, 4) + 10)
     assert torch.equal(twin.running_mean, before)
     assert not torch.equal(copied.running_mean, before)
+
+
+def _first_then_second(module, x, mask, first, second):
+    """Two training calls of one module before any backward; the second's data is x with
+    the padding removed where ``mask`` is given (the twin takes the mask, torch.nn that data)."""
+    with first:
+        y = module(x)
+    with second:
+        if mask is None:
+            module(x)
+        elif isinstance(module, (nt.BatchNorm1d, nt.SyncBatchNorm)):
+            module(x, mask=mask)
+        else:
+            module(torch.cat([x[i, :, :int(n)] for i, n in enumerate(mask.sum((1, 2)))], -1)[None])
+    return y
+
+
+@pytest.mark.parametrize("twin_class", [nt.BatchNorm1d, nt.SyncBatchNorm])
+@pytest.mark.parametrize("first, second, dtype, masked", [
+    ("native", "kernel", torch.float32, False),
+    ("native", "composite", torch.float64, False),
+    ("native", "auto", torch.bfloat16, True),
+    ("autocast", "auto", torch.float32, True),
+], ids=["native then kernels", "native then composite", "bfloat16 then mask", "autocast then mask"])
+def test_a_batch_norm_called_on_torchs_op_and_then_on_normlabs_before_backward_trains_as_torch_nn(
+        twin_class, first, second, dtype, masked):
+    """torch's batch norm op saves the running statistics for backward and moves no version
+    counter as it updates them; a later call of the same module that bumped them made that
+    backward raise "modified by an inplace operation", where torch.nn's module runs."""
+    from contextlib import nullcontext
+
+    def context(name):
+        if name == "autocast":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return nullcontext() if name == "auto" else nt.use_path(name)
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 6, dtype=torch.float64).to(dtype)
+    mask = (torch.arange(6) < torch.tensor([6, 4, 2])[:, None])[:, None, :] if masked else None
+    reference = torch.nn.BatchNorm1d(4, dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
+    twin = twin_class(4, dtype=reference.weight.dtype)
+    projection = torch.randn(4, 4, dtype=dtype)
+    grads = []
+    for module in (reference, twin):
+        inputs = x.clone().requires_grad_()
+        with context(first):  # (autocast: a bfloat16 input from a linear layer, as in a model)
+            features = (projection @ inputs) if first == "autocast" else inputs
+        y = _first_then_second(module, features, mask, context(first), context(second))
+        y.float().square().sum().backward()
+        grads.append((inputs.grad, module.weight.grad, module.running_mean.clone(), module.running_var.clone()))
+    tolerance = 1e-2 if dtype == torch.bfloat16 or first == "autocast" else 1e-5
+    for expected, actual in zip(*grads):
+        torch.testing.assert_close(actual.double(), expected.double(), rtol=tolerance, atol=tolerance)

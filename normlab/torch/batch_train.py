@@ -7,7 +7,7 @@ inner) for channels-first input and (rows, C, 1) for channels_last, so a module 
 a :class:`TrainCall` per input shape and strides and calls
 :func:`normlab.kernels.column_forward` / :func:`normlab.kernels.column_backward`
 directly. The running statistics are updated in place by one small kernel (their version
-counters bumped, as an in-place torch op would). Gradients go through
+counters kept, as torch's batch norm op keeps them). Gradients go through
 :class:`_TrainFunction`, whose backward calls the kernel with the saved statistics; a
 differentiable backward (``create_graph=True``) is torch's autograd of the composite.
 """
@@ -267,9 +267,8 @@ def _run_forward(module, call: TrainCall, x: Tensor, tables, factor, running):
             torch.autograd.graph.increment_version(tracked)
         else:
             columns.update_running(running[2], running[3], mean, var, call.count, float(factor), serial=True)
-        # written through NumPy: bump the version counters, as an in-place torch op would
-        torch.autograd.graph.increment_version(running[0])
-        torch.autograd.graph.increment_version(running[1])
+        # (written through NumPy, their version counters kept, as torch's batch norm op keeps them:
+        # a training call of that op saves them for its backward, which a bump would make raise)
     return y, mean, rstd
 
 

@@ -382,13 +382,27 @@ def _average_factor(module) -> float:
     return factor
 
 
-def _statistics_update():
+def _statistics_update(*running: Optional[Tensor]):
     """The context of a running-statistics update: ``torch.no_grad()``, and none under
     ``torch.export``, which records the grad-mode switch as a ``wrap_with_set_grad_enabled``
     region whose saved program ``torch.export.load`` refuses ("SpecViolationError: Node.meta
     wrap_with_set_grad_enabled is missing val field"); the updates detach the batch
-    statistics, so that no buffer takes a gradient there either."""
-    return contextlib.nullcontext() if torch.compiler.is_exporting() else torch.no_grad()
+    statistics, so that no buffer takes a gradient there either.
+
+    In eager mode the ``running`` buffers keep their version counters, as torch's batch norm
+    op keeps them: its training call saves them for backward, so a bump by a later call of
+    the same module (``mask=``, or the kernels after a bfloat16 or autocast call) would make
+    that backward raise where torch.nn's runs."""
+    if torch.compiler.is_exporting():
+        return contextlib.nullcontext()
+    if torch.compiler.is_compiling():
+        return torch.no_grad()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    for buffer in running:
+        if buffer is not None and not buffer.is_inference():  # (inference tensors have no version counter)
+            stack.enter_context(torch.autograd._unsafe_preserve_version_counter(buffer))
+    return stack
 
 
 def _update_running(module, mean: Tensor, var: Tensor, count: int, factor: float, centered: bool = True) -> None:
@@ -400,7 +414,7 @@ def _update_running(module, mean: Tensor, var: Tensor, count: int, factor: float
     if forward_ad._current_level >= 0:  # dual statistics: the buffers take their primal values, as torch.nn's do
         mean, var = forward_ad.unpack_dual(mean).primal, forward_ad.unpack_dual(var).primal
     mean, var = mean.detach(), var.detach()
-    with _statistics_update():
+    with _statistics_update(module.running_mean, module.running_var):
         unbiased = var * (count / (count - 1)) if centered else var
         module.running_mean.mul_(1 - factor).add_(mean.to(module.running_mean.dtype), alpha=factor)
         module.running_var.mul_(1 - factor).add_(unbiased.to(module.running_var.dtype), alpha=factor)

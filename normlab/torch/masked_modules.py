@@ -51,7 +51,7 @@ def _check_counts(module, x: Tensor, count: Tensor, allow_empty: bool = False,
 
 def _update(module, mean: Tensor, var: Tensor, factor: float, counted: Optional[Tensor] = None) -> None:
     """The momentum update; entries where ``counted`` is False keep their running statistics."""
-    with _statistics_update():
+    with _statistics_update(module.running_mean, module.running_var):
         for running, batch in ((module.running_mean, mean), (module.running_var, var)):
             updated = running * (1 - factor) + batch.detach().to(running.dtype) * factor
             running.copy_(updated if counted is None else torch.where(counted, updated, running))

@@ -12,7 +12,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from normlab.errors import InputError
 from normlab.torch.compute import (_average_factor, _batch_norm_forward, _channel_shape, _dtypes_refused,
-                                   _torch_batch_norm, _update_running)
+                                   _statistics_update, _torch_batch_norm, _update_running)
 from normlab.torch.masked import _affine
 from normlab.torch.masked_modules import _check_mask, masked_forward
 from normlab.torch.modules import _BatchNormForward, _fx_call_module, _refuse_mask_on_plain_state, _state_restored
@@ -225,11 +225,12 @@ class _MaskedSyncBatchNormFunction(torch.autograd.Function):
         counted = total > 0
         var = m2 / total.clamp_min(1)
         if module.training and module.track_running_stats and module.running_mean is not None:
-            with torch.no_grad():  # a channel with nothing counted keeps its running statistics
+            running_mean, running_var = module.running_mean, module.running_var
+            # (a channel with nothing counted keeps its running statistics)
+            with torch.no_grad(), _statistics_update(running_mean, running_var):
                 unbiased = var * total / (total - 1).clamp_min(1)
                 keep = 1 - factor * counted.to(torch.float64)
                 step = factor * counted.to(torch.float64)
-                running_mean, running_var = module.running_mean, module.running_var
                 running_mean.copy_(running_mean * keep.to(running_mean.dtype) + (step * mean).to(running_mean.dtype))
                 running_var.copy_(running_var * keep.to(running_var.dtype) + (step * unbiased).to(running_var.dtype))
         # nothing counted: mean = rstd = 0, so x̂ = 0 and y = bias exactly
