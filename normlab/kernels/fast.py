@@ -101,10 +101,14 @@ class FastForward:
         return all(param is None or np.may_share_memory(table, param)
                    for table, param in zip(tables, (weight, bias)))
 
-    def run(self, x, weight_table, bias_table, eps: float, return_stats: bool = False):
-        """The kernel on prepared tables; ``0 <= eps < inf`` is the caller's to check."""
+    def run(self, x, weight_table, bias_table, eps: float, return_stats: bool = False, out=None):
+        """The kernel on prepared tables; ``0 <= eps < inf`` is the caller's to check.
+        ``out``: a C-contiguous array of the plan's dtype and size to write ``y`` into."""
         rows, n = shape = self.shape
-        y = pool.empty(shape, self.dtype) if self.nbytes >= pool.MIN_BYTES else np.empty(shape, self.dtype)
+        if out is not None:
+            y = out.reshape(shape)
+        else:
+            y = pool.empty(shape, self.dtype) if self.nbytes >= pool.MIN_BYTES else np.empty(shape, self.dtype)
         stats = np.empty((3, rows)) if return_stats else self._scratch()
         plain = strided.PLAIN_ROWS
         rows_in_place = x.dtype == self.dtype and x.flags.c_contiguous
@@ -155,6 +159,32 @@ class FastForward:
             if not return_stats:
                 return y.reshape(out_shape)
             return y.reshape(out_shape), None if rms else stats[0].reshape(stats_shape), stats[2].reshape(stats_shape)
+
+        return run
+
+    def address_runner(self, return_stats: bool = False):
+        """:meth:`contiguous_runner` on raw addresses (:mod:`normlab.kernels.addressed`), for
+        a caller that allocates the output itself (a torch twin: an output torch made is
+        resizable, and a tensor's address costs less than a NumPy view of it): ``run(x_address,
+        y_address, weight_table, bias_table, eps)`` writes ``y`` and returns None, or with
+        ``return_stats`` ``(mean, rstd)`` as :meth:`run` gives them. For C-contiguous,
+        aligned ``x`` and ``y`` of the plan's dtype, of fewer elements than
+        ``threads.serial_below(True)`` (the serial kernel's sizes): the caller checks."""
+        from normlab.kernels import addressed
+
+        rows, n = self.shape
+        kernel = addressed.row_forward32_at if self.dtype == np.float32 else addressed.row_forward_at
+        param_row_stride, param_inner, rms, stats_shape = self.param_row_stride, self.param_inner, self.rms, self.stats_shape
+        scratch = self.scratch[0].base if self.scratch else None  # (the (3, rows) array the plan's scratch rows view)
+        empty = np.empty
+
+        def run(x_address: int, y_address: int, weight_table, bias_table, eps: float):
+            stats = empty((3, rows)) if return_stats or scratch is None else scratch
+            kernel(x_address, y_address, rows, n, weight_table, bias_table, param_row_stride, param_inner, rms,
+                   float(eps), stats)
+            if return_stats:
+                return None if rms else stats[0].reshape(stats_shape), stats[2].reshape(stats_shape)
+            return None
 
         return run
 

@@ -311,14 +311,16 @@ def _build_grad_rows(spec: Spec, x: Tensor, weight, bias):
 
 class _FastRows:
     """One input shape's forward: the kernel's :class:`~normlab.kernels.fast.FastForward` and
-    the parameter tables of the last call (:class:`normlab.torch.row_autograd.ParamTables`)."""
+    the parameter tables of the last call (:class:`normlab.torch.row_autograd.ParamTables`).
+    The output is a tensor torch allocates (resizable, as torch.nn's)."""
 
-    __slots__ = ("forward", "params", "runner")
+    __slots__ = ("forward", "params", "at_address", "strides", "itemsize", "size")
 
     def __init__(self, forward):
         self.forward = forward
         self.params = row_autograd.ParamTables(forward, same_dtype=True)
-        self.runner = forward.contiguous_runner()
+        self.at_address = forward.address_runner()
+        self.strides, self.itemsize, self.size = row_autograd.addressed_facts(forward)
 
     @classmethod
     def build(cls, spec: Spec, x: Tensor) -> Optional["_FastRows"]:
@@ -335,15 +337,24 @@ class _FastRows:
         tables = self.params.of(weight, bias)
         if tables is None:
             return None
-        y = self.forward.run(array_view(x), *tables, eps)
-        return torch.from_numpy(y)
+        return row_autograd.forward_tensor(self.forward, x, tables, eps, False)
 
     def contiguous(self, x: Tensor, weight, bias, eps: float) -> Optional[Tensor]:
-        """:meth:`__call__` for a contiguous ``x`` (of the dtype it was built for)."""
+        """:meth:`__call__` for a contiguous ``x`` (of the dtype it was built for): the
+        addressed kernel where it takes x (:func:`normlab.torch.row_autograd.addressed_facts`)."""
         tables = self.params.of(weight, bias)
         if tables is None:
             return None
-        return torch.from_numpy(self.runner(array_view(x), *tables, eps))
+        address = x.data_ptr()
+        if address % self.itemsize or x.stride() != self.strides or self.size >= _serial_below(True):
+            return row_autograd.forward_tensor(self.forward, x, tables, eps, False)
+        y = _empty_like(x)
+        self.at_address(address, y.data_ptr(), *tables, eps)
+        return y
+
+
+_empty_like = torch.empty_like
+_serial_below = kernels.threads.serial_below
 
 
 _NUMPY_OF = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}

@@ -18,7 +18,12 @@ from normlab.torch.ops import (_bias_to_save, _differentiable_backward, _is_laye
                                _normalize_backward_op, _saved_bias, _spec_of)
 from normlab.torch.paths import PLAIN_PARAMETERS as _EAGER_PARAMS
 from normlab.torch.paths import _profiler, profiled_backward
+from normlab.kernels import pool, threads
 from normlab.torch.spec import array_view, param_view, tensor_layout
+
+_POOL_MIN_BYTES = pool.MIN_BYTES
+_serial_below = threads.serial_below
+_empty_like = torch.empty_like
 
 
 class RowGradCall:
@@ -27,11 +32,13 @@ class RowGradCall:
     parameter tables of the last call, kept while the same parameter tensors hold the same
     values (same storage, no in-place change since)."""
 
-    __slots__ = ("forward", "contiguous", "backward", "arguments", "params", "layer_norm")
+    __slots__ = ("forward", "at_address", "strides", "itemsize", "size", "backward", "arguments", "params",
+                 "layer_norm")
 
     def __init__(self, forward, backward, arguments: tuple):
         self.forward = forward  # kernels.fast.FastForward
-        self.contiguous = forward.contiguous_runner(return_stats=True)  # (its run for x in C order, attributes bound)
+        self.at_address = forward.address_runner(return_stats=True)  # (its run on addresses, attributes bound)
+        self.strides, self.itemsize, self.size = addressed_facts(forward)
         self.backward = backward.contiguous_runner()  # kernels.fast.FastBackward, its attributes bound
         self.arguments = arguments  # (pattern, params, sizes, rms)
         self.params = ParamTables(forward)
@@ -115,20 +122,21 @@ class _RowFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, call: RowGradCall, tables, eps: float):  # the ctx-first form: no signature binding
-        x_array = array_view(x)
-        if x_array.flags.c_contiguous:
-            y, mean, rstd = call.contiguous(x_array, *tables, eps)
+        address = x.data_ptr()
+        if address % call.itemsize or x.stride() != call.strides or call.size >= _serial_below(True):
+            y, mean, rstd = forward_tensor(call.forward, x, tables, eps, True)
         else:
-            y, mean, rstd = call.forward.run(x_array, *tables, eps, True)
+            y = _empty_like(x)
+            mean, rstd = call.at_address(address, y.data_ptr(), *tables, eps)
         # (torch then checks that none changes before backward.) The statistics are saved with x,
         # as torch's norms save theirs: a checkpoint that recomputes the forward in backward
         # (use_reentrant=False) then hands over the recomputed x with its own statistics, where
         # the recomputation may differ (dropout before the norm, preserve_rng_state=False)
         ctx.save_for_backward(x, weight, _bias_to_save(ctx, bias, call.layer_norm), torch.from_numpy(rstd),
                               None if mean is None else torch.from_numpy(mean))
-        ctx.kernel_inputs = (call, tables[0], eps,  # (not x_array: backward reads x as saved, see there)
+        ctx.kernel_inputs = (call, tables[0], eps,  # (not x's address: backward reads x as saved, see there)
                              None if weight is None else weight.data_ptr())
-        return torch.from_numpy(y)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y, _recorded=False):
@@ -163,6 +171,34 @@ class _RowFunction(torch.autograd.Function):
                 torch.from_numpy(grad_w) if need_weight else None,
                 torch.from_numpy(grad_b) if need_bias else None,
                 None, None, None)
+
+
+def addressed_facts(forward) -> tuple:
+    """``(strides, itemsize, size)`` of a :class:`~normlab.kernels.fast.FastForward`'s input:
+    the strides of its shape in C order, its element size and count. An input of exactly
+    these strides (C order, size-1 axes included, whose output then has them too, as
+    torch.nn's has), at an address aligned to its elements, of fewer elements than
+    ``threads.serial_below(True)``, takes the serial kernel on addresses
+    (:meth:`~normlab.kernels.fast.FastForward.address_runner`)."""
+    strides = torch.empty(forward.out_shape, device="meta").stride()  # (torch's, for a size 0 axis too)
+    return strides, forward.dtype.itemsize, forward.shape[0] * forward.shape[1]
+
+
+def forward_tensor(forward, x: Tensor, tables, eps: float, return_stats: bool):
+    """The kernels' forward of ``x`` (any layout the plan takes: strided, unaligned) into an
+    output that torch allocates, resizable as torch.nn's outputs are: ``y``, or ``(y, mean,
+    rstd)`` with NumPy statistics. An output of ``pool.MIN_BYTES`` and more comes from
+    normlab's recycled memory instead (through ``torch.from_numpy``, not resizable): a
+    fresh one would cost its page zeroing on every call."""
+    x_array = array_view(x)
+    if forward.nbytes >= _POOL_MIN_BYTES:
+        result = forward.run(x_array, *tables, eps, return_stats)
+        y = result[0] if return_stats else result
+        y = torch.from_numpy(y)
+    else:
+        y = torch.empty(forward.out_shape, dtype=_TORCH_OF[forward.dtype])
+        result = forward.run(x_array, *tables, eps, return_stats, array_view(y))
+    return (y, *result[1:]) if return_stats else y
 
 
 def traced_backward(ctx, grad_y, x, weight, mean, rstd, pattern, params, sizes, eps: float, rms: bool) -> tuple:

@@ -1,0 +1,130 @@
+"""The storage of a twin's output, as tools that free and refill memory use it: torch.nn's
+norms return tensors whose storage torch allocated, which ``resize_`` grows, shrinks and
+frees (PyG's reversible ``GroupAddRev`` frees each group's input and output with
+``untyped_storage().resize_(0)`` and refills them in backward). Oracles: torch.nn's
+modules (the storage's ``resizable()``, ``resize_``'s effect, the output's strides) and
+PyG's ``GroupAddRev`` on them (outputs and gradients)."""
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+
+import normlab.torch as nt  # noqa: E402
+
+# (id, torch.nn original, input shape): the row norms on the sizes of a small call
+ROW_NORMS = [
+    ("layer_norm", lambda: nn.LayerNorm(64), (512, 64)),
+    ("layer_norm_one_row", lambda: nn.LayerNorm(64), (1, 64)),
+    ("layer_norm_2d_shape", lambda: nn.LayerNorm((3, 8)), (5, 3, 8)),
+    ("rms_norm", lambda: nn.RMSNorm(64), (2, 7, 64)),
+    ("group_norm", lambda: nn.GroupNorm(4, 16), (2, 16, 5, 5)),
+    ("layer_norm_threaded_size", lambda: nn.LayerNorm(512), (300, 512)),
+]
+IDS = [case[0] for case in ROW_NORMS]
+
+
+def _pair(make, dtype):
+    torch.manual_seed(0)
+    original = make().to(dtype)
+    with torch.no_grad():
+        for param in original.parameters():
+            param.uniform_(0.5, 1.5)
+    return original, nt.convert(copy.deepcopy(original))
+
+
+def _outputs(module, x, how):
+    """The module's output on ``x``: with autograd recording (``train``), under
+    ``torch.no_grad()``, or in evaluation mode under ``torch.inference_mode()``."""
+    if how == "train":
+        return module(x.clone().requires_grad_())
+    if how == "no_grad":
+        with torch.no_grad():
+            return module(x)
+    with torch.inference_mode():
+        return module.eval()(x)
+
+
+@pytest.mark.parametrize("make, shape", [case[1:] for case in ROW_NORMS], ids=IDS)
+@pytest.mark.parametrize("how", ["train", "no_grad", "inference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_row_twins_output_storage_resizes_as_torch_nns_does(make, shape, how, dtype):
+    """A twin's output came from ``torch.from_numpy``, whose storage cannot be resized:
+    ``y.resize_`` to more elements and ``untyped_storage().resize_(0)`` raised "Trying to
+    resize storage that is not resizable" where torch.nn's output resizes. Now, as torch.nn's:
+    resizable, grown with its values kept, freed to no bytes."""
+    original, twin = _pair(make, dtype)
+    x = torch.randn(shape, dtype=dtype)
+    for module in (original, twin):
+        y = _outputs(module, x, how).detach()
+        values = y.clone()
+        assert y.untyped_storage().resizable(), type(module)
+        grown = y.resize_(y.numel() * 2)  # (a plain tensor's resize_: a no-grad output, or detached)
+        assert grown.shape == (values.numel() * 2,)
+        torch.testing.assert_close(grown[:values.numel()], values.reshape(-1), rtol=0, atol=0)
+        y.untyped_storage().resize_(0)
+        assert y.untyped_storage().nbytes() == 0
+
+
+@pytest.mark.parametrize("how", ["train", "no_grad"])
+def test_a_twins_output_has_torch_nns_strides_for_an_input_with_unusual_strides_on_a_size_one_axis(how):
+    """An input that is contiguous, but with any stride on a size-1 axis (a transposed
+    column): torch.nn's layer norm gives an output of C-order strides, and so does the twin
+    (an output made like the input would copy its strides)."""
+    original, twin = _pair(lambda: nn.LayerNorm(64), torch.float32)
+    x = torch.randn(64, 1).t()  # (shape (1, 64), strides (1, 1))
+    assert x.is_contiguous() and x.stride() != (64, 1)
+    expected = _outputs(original, x, how)
+    actual = _outputs(twin, x, how)
+    assert actual.stride() == expected.stride()
+    torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm", "group_norm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_norm_whose_output_goes_straight_into_a_reversible_gnn_trains_after_convert(norm, dtype):
+    """PyG's ``GroupAddRev`` frees its input (here the norm's output) in forward and refills
+    it in backward with ``resize_``: a converted model computing ``rev(norm(x), edges)``
+    raised "Trying to resize storage that is not resizable" in its first backward, where
+    torch.nn's trains. Now it gives torch.nn's output and gradients."""
+    from torch_geometric.nn import GroupAddRev, SAGEConv
+
+    make = {"layer_norm": lambda: nn.LayerNorm(64), "rms_norm": lambda: nn.RMSNorm(64),
+            "group_norm": lambda: nn.GroupNorm(4, 64)}[norm]
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = make()
+            self.rev = GroupAddRev(SAGEConv(32, 32), num_groups=2)
+
+        def forward(self, x, edge_index):
+            return self.rev(self.norm(x), edge_index)
+
+    torch.manual_seed(0)
+    theirs = Model().to(dtype)
+    ours = nt.convert(copy.deepcopy(theirs))
+    assert type(ours.norm).__module__.startswith("normlab")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 64, generator=g, dtype=dtype)
+    edges = torch.randint(0, 512, (2, 2048), generator=g)
+    results = []
+    for model in (ours, theirs):
+        nodes = x.clone().requires_grad_()
+        out = model(nodes, edges)
+        y = out.detach().clone()  # (its memory is freed in backward)
+        try:
+            out.square().sum().backward()
+        except RuntimeError as error:
+            pytest.fail(f"{type(error).__name__}: {error}", pytrace=False)
+        results.append((y, nodes.grad, [p.grad for p in model.parameters()]))
+    (y, grad, grads), (y_ref, grad_ref, grads_ref) = results
+    # (float32: gradients summed over 512 nodes, in another order than torch.nn's)
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
+    torch.testing.assert_close(y, y_ref, **tolerance)
+    torch.testing.assert_close(grad, grad_ref, **tolerance)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, **tolerance)
