@@ -400,3 +400,41 @@ def test_a_traced_normalize_masked_with_segment_ids_saves_and_runs_at_another_le
     for batch, length, count in ((2, 8, 3), (3, 13, 5), (1, 6, 2)):
         x, ids, mask = inputs(batch, length, count)
         torch.testing.assert_close(loaded(x, ids, mask), loop(x, ids, mask))
+
+
+# (a twin, an input, a mask of the wrong shape or type, or an input of the wrong channels beside a mask)
+_MISFIT_MASKS = [
+    ("LayerNorm, a mask of other positions", lambda: nt.LayerNorm(8), (2, 5, 8), (2, 4, 1), torch.bool),
+    ("BatchNorm2d, a mask of other positions", lambda: nt.BatchNorm2d(4), (2, 4, 3, 3), (2, 4, 2, 3), torch.bool),
+    ("Norm, a mask with an axis more", lambda: nt.Norm("b t [d]", d=8), (2, 5, 8), (3, 2, 5, 1), torch.bool),
+    ("GroupNorm, 4 channels of 8", lambda: nt.GroupNorm(2, 8), (2, 4, 3), (2, 4, 3), torch.bool),
+    ("InstanceNorm1d, 4 channels of 8", lambda: nt.InstanceNorm1d(8, affine=True), (2, 4, 3), (2, 4, 3), torch.bool),
+    ("LayerNorm, a float mask", lambda: nt.LayerNorm(8), (2, 5, 8), (2, 5, 1), torch.float32),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
+@pytest.mark.parametrize("name, make, shape, mask_shape, dtype", _MISFIT_MASKS, ids=[c[0] for c in _MISFIT_MASKS])
+def test_a_misfit_mask_compiled_with_fullgraph_raises_what_torch_compile_raises_for_torch_nns_refusal_with_the_message(
+        name, make, shape, mask_shape, dtype, dynamic):
+    """A mask that does not fit, under ``torch.compile(dynamic=True, fullgraph=True)``, gave
+    Dynamo's "Unsupported: missing sq_concat" (it could not add the message's formatted
+    strings), where eager gives the twin's error naming both shapes; and the channel misfits
+    beside a mask named the sizes as Dynamo's symbols ("(s31, s64, 1)"). Compiled, the error
+    is now the one torch.compile raises for torch.nn's own refusal in Python (a BatchNorm2d
+    given 3D input), holding the eager error, shapes and fix word for word; without
+    fullgraph, the eager error itself. Oracle: torch.compile on torch.nn's BatchNorm2d."""
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as theirs:
+        torch.compile(torch.nn.BatchNorm2d(4), dynamic=dynamic, fullgraph=True, backend="eager")(torch.randn(2, 4, 3))
+    assert "expected 4D input (got 3D input)" in str(theirs.value)
+    twin = make()
+    x, mask = torch.randn(shape), torch.ones(mask_shape, dtype=dtype)
+    with pytest.raises(Exception) as eager:
+        twin(x, mask=mask)
+    for fullgraph in (True, False):
+        torch._dynamo.reset()
+        with pytest.raises(type(theirs.value) if fullgraph else type(eager.value)) as compiled:
+            torch.compile(twin, dynamic=dynamic, fullgraph=fullgraph, backend="eager")(x, mask=mask)
+        assert str(eager.value) in str(compiled.value), (fullgraph, str(compiled.value))

@@ -21,7 +21,8 @@ from normlab.torch import batch_train, row_autograd
 from normlab.torch.ops import _EagerNormalize, _functorch_active, _is_eager, _normalize_op, _vmapping
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path, _profiler, profiled
 from normlab.torch.spec import (PlanFacts, Spec, _dense_perm, _empty_like_dense, _engine_view, _has_gaps,
-                                affine_parameters, array_view, module_buffer, module_cache, param_view, torch_layout)
+                                affine_parameters, array_view, module_buffer, module_cache, param_view, sizes,
+                                torch_layout)
 
 
 def _in_compute_dtype(compute):
@@ -212,14 +213,14 @@ def _torch_instance_norm(module, x: Tensor) -> Tensor:
 def _channels_message(module, x: Tensor, torch_message: str) -> str:
     """torch's message for an input of the wrong channel count, with the shape ``module``
     expects (the input's, with its channels on axis 1) and the input's, and how to fix it."""
-    channels = module.num_features
-    expected = (x.shape[0], channels, *x.shape[2:])
+    channels, shape = module.num_features, sizes(x.shape)
+    expected = (shape[0], channels, *shape[2:])
     advice = f"pass {channels} channels on axis 1"
-    if x.shape[-1] == channels:  # (channels last, as a linear layer or a channels_last permute leaves them)
+    if shape[-1] == channels:  # (channels last, as a linear layer or a channels_last permute leaves them)
         advice += f" (channels last, as this input seems to be: x.movedim(-1, 1))"
     return (f"{torch_message}: {type(module).__name__}({channels}) normalizes {channels} channels on axis 1, and "
-            f"expected input of shape {expected}, but got input of shape {tuple(x.shape)}; {advice}, or build "
-            f"{type(module).__name__}({x.shape[1]}) for {x.shape[1]} channels")
+            f"expected input of shape {expected}, but got input of shape {shape}; {advice}, or build "
+            f"{type(module).__name__}({shape[1]}) for {shape[1]} channels")
 
 
 def _needs_grad(*tensors) -> bool:

@@ -16,7 +16,7 @@ from normlab.plan import merge_sizes
 from normlab.torch.masked import SEGMENTS_DO_NOT_EXPORT, _run_masked
 from normlab.torch.ops import _vmapping
 from normlab.torch.paths import _exporting_to_onnx, _holds_expanded_weights, expanded_weights_refusal
-from normlab.torch.spec import Spec, elementwise_layout, rms_default_eps
+from normlab.torch.spec import Spec, elementwise_layout, rms_default_eps, sizes
 from normlab.torch.thread_warnings import ignored_in_this_thread
 
 __all__ = ["masked_forward"]
@@ -60,7 +60,7 @@ def _update(module, mean: Tensor, var: Tensor, factor: float, counted: Optional[
 def _check_mask(module, x: Tensor, mask: Tensor) -> Tensor:
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"{type(module).__name__}: mask must be a bool tensor that broadcasts to the input "
-                        f"{tuple(x.shape)}, got {getattr(mask, 'dtype', type(mask).__name__)}; pass mask.bool()")
+                        f"{sizes(x.shape)}, got {getattr(mask, 'dtype', type(mask).__name__)}; pass mask.bool()")
     # (a mask may not add axes or widen them; compared size by size, not by torch.broadcast_shapes,
     # whose error a strict torch.export raises as its own where this one's message belongs)
     if torch._C._get_tracing_state() is None:
@@ -77,10 +77,11 @@ def _check_mask(module, x: Tensor, mask: Tensor) -> Tensor:
 
         spec = getattr(module, "_spec", None)
         pattern = f"pattern {spec.pattern!r}, " if spec is not None else ""
-        # (int: under torch.jit.trace the sizes are traced tensors, which print as "tensor(2)")
-        raise PatternShapeError(f"{type(module).__name__} ({pattern}input shape {tuple(map(int, x.shape))}): mask "
-                                f"of shape {tuple(map(int, mask.shape))} does not broadcast to the input; give it "
-                                "the input's shape or size-1 axes" + missing_axes_fix(mask.shape, x.shape))
+        # (one f-string: compiled with dynamic shapes, Dynamo cannot add a formatted string to another)
+        shape, mask_shape = sizes(x.shape), sizes(mask.shape)
+        raise PatternShapeError(f"{type(module).__name__} ({pattern}input shape {shape}): mask of shape {mask_shape} "
+                                "does not broadcast to the input; give it the input's shape or size-1 axes"
+                                f"{missing_axes_fix(mask_shape, shape)}")
     if mask.device != x.device:
         raise RuntimeError(f"{type(module).__name__}: mask is on {mask.device}, the input on {x.device}; "
                            "put them on the same device")
@@ -128,21 +129,22 @@ def _refuse_misfit(module, x: Tensor, mask: Tensor) -> None:
         if sized and channel_axis == 1 and x.shape[1] != module.num_features:
             if not instance:  # torch.nn's batch norms count the batch before their op refuses the channels
                 _average_factor(module)
-            lead = f"{name} with mask= of shape {tuple(mask.shape)}"
+            lead = f"{name} with mask= of shape {sizes(mask.shape)}"
             raise _misfit(_channels_message(module, x, lead))
         if sized and channel_axis == 0 and x.shape[0] != module.num_features:
             channels = module.num_features
             raise _misfit(f"{name}({channels}) with mask= normalizes {channels} channels on axis 0 of an unbatched "
-                          f"input: expected input of shape {(channels, *x.shape[1:])}, but got input of shape "
-                          f"{tuple(x.shape)}; pass {channels} channels on axis 0")
+                          f"input: expected input of shape {(channels, *sizes(x.shape)[1:])}, but got input of shape "
+                          f"{sizes(x.shape)}; pass {channels} channels on axis 0")
     elif isinstance(module, nn.GroupNorm) and (x.dim() < 2 or x.shape[1] != module.num_channels):
         groups, channels = module.num_groups, module.num_channels
         fix = f"pass {channels} channels on axis 1"
         if x.dim() >= 2 and x.shape[1] % groups == 0:
-            fix += f", or build GroupNorm({groups}, {x.shape[1]}) for {x.shape[1]} channels"
-        raise _misfit(f"{name}({groups}, {channels}) with mask= of shape {tuple(mask.shape)} normalizes {channels} "
+            got = sizes(x.shape)[1]
+            fix += f", or build GroupNorm({groups}, {got}) for {got} channels"
+        raise _misfit(f"{name}({groups}, {channels}) with mask= of shape {sizes(mask.shape)} normalizes {channels} "
                       f"channels on axis 1: expected input of shape (N, {channels}, *), but got input of shape "
-                      f"{tuple(x.shape)}; {fix}")
+                      f"{sizes(x.shape)}; {fix}")
     elif (isinstance(module, (nn.LayerNorm, nn.RMSNorm))
           # (LayerNorm2d and its kin are torch.nn.LayerNorms over axis 1: their forward checks that)
           and getattr(getattr(module, "_spec", None), "pattern", "").endswith("]")):
@@ -150,10 +152,10 @@ def _refuse_misfit(module, x: Tensor, mask: Tensor) -> None:
         if tuple(x.shape[max(x.dim() - len(shape), 0):]) != shape:
             given = ", ".join(map(str, shape))
             raise _misfit(
-                f"{name} with mask= of shape {tuple(mask.shape)}: given normalized_shape={list(shape)}, expected "
-                f"input with shape [*, {given}], but got input of size {list(x.shape)}; give the input {shape} as "
+                f"{name} with mask= of shape {sizes(mask.shape)}: given normalized_shape={list(shape)}, expected "
+                f"input with shape [*, {given}], but got input of size {list(sizes(x.shape))}; give the input {shape} as "
                 f"its last {'axis' if len(shape) == 1 else f'{len(shape)} axes'}, or build the module with "
-                f"normalized_shape={tuple(x.shape[-len(shape):]) if x.dim() >= len(shape) else '...'}")
+                f"normalized_shape={sizes(x.shape)[-len(shape):] if x.dim() >= len(shape) else '...'}")
 
 
 def _misfit(message: str) -> Exception:

@@ -4,6 +4,7 @@ zero-copy views between tensors and the engine."""
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -235,6 +236,17 @@ def _has_gaps(x: Tensor) -> bool:
 # in (its opmath type), float32's for bfloat16 and float16 input, which its kernels upcast
 _RMS_DEFAULT_EPS = {dtype: torch.finfo(torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype).eps
                     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
+
+
+def sizes(shape) -> tuple:
+    """``shape`` as a tuple of Python ints for an error message: compiled with dynamic shapes a
+    size is a symbol, which prints as ``s31`` where ``operator.index`` gives Dynamo its value,
+    and under ``torch.jit.trace`` a traced tensor, which prints as ``tensor(2)``.
+
+    >>> sizes(torch.zeros(2, 3).shape)
+    (2, 3)
+    """
+    return tuple(map(operator.index, shape))
 
 
 def rms_default_eps(dtype: torch.dtype) -> float:
