@@ -473,3 +473,20 @@ def test_a_masked_batch_norm_call_that_fails_leaves_the_state_torch_nns_call_lea
     assert list(ours) == list(theirs)
     for key in theirs:
         assert torch.equal(ours[key], theirs[key]), key
+
+
+@pytest.mark.parametrize("groups, channels, shape", [(2, 8, (2, 6, 5)), (2, 8, (3, 4, 5, 5)), (3, 9, (2, 6, 4))],
+                         ids=["6 channels of 8", "4 channels of 8, 2d", "6 channels of 9"])
+def test_a_masked_group_norm_without_parameters_takes_any_channels_its_groups_divide(groups, channels, shape):
+    """GroupNorm(2, 8, affine=False) computes an input of 6 channels (groups of 3) in
+    torch.nn, whose forward reads num_channels only through the weight; with mask= the twin
+    refused it ("normalizes 8 channels on axis 1"). It now normalizes it, each group's
+    statistics from its counted elements. Oracle: torch.nn's module on the counted
+    positions alone, and on the whole input for an all-True mask."""
+    reference = torch.nn.GroupNorm(groups, channels, affine=False)
+    twin = nt.convert(copy.deepcopy(reference))
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(shape, dtype=torch.bool)
+    torch.testing.assert_close(twin(x, mask=mask), reference(x))
+    mask[..., -1] = False
+    torch.testing.assert_close(twin(x, mask=mask)[..., :-1], reference(x[..., :-1]))

@@ -136,7 +136,9 @@ def _refuse_misfit(module, x: Tensor, mask: Tensor) -> None:
             raise _misfit(f"{name}({channels}) with mask= normalizes {channels} channels on axis 0 of an unbatched "
                           f"input: expected input of shape {(channels, *sizes(x.shape)[1:])}, but got input of shape "
                           f"{sizes(x.shape)}; pass {channels} channels on axis 0")
-    elif isinstance(module, nn.GroupNorm) and (x.dim() < 2 or x.shape[1] != module.num_channels):
+    elif isinstance(module, nn.GroupNorm) and (x.dim() < 2 or x.shape[1] != module.num_channels and (
+            # (without parameters torch.nn's group norm takes any channels its groups divide)
+            module.weight is not None or module.bias is not None or x.shape[1] % module.num_groups)):
         groups, channels = module.num_groups, module.num_channels
         fix = f"pass {channels} channels on axis 1"
         if x.dim() >= 2 and x.shape[1] % groups == 0:
