@@ -231,3 +231,93 @@ def test_a_small_cnn_with_timms_rms_norm_2d_converted_gives_its_outputs_and_grad
     x = torch.randn(2, 3, 8, 8).to(dtype)
     with torch.no_grad():
         assert torch.equal(scripted(x), original(x))
+
+
+# ---------------------------------------------------------------------------------------
+# LTX-2's channels-first RMS norms without a weight (its video and audio VAEs)
+
+try:
+    from diffusers.models.autoencoders import autoencoder_kl_ltx2 as ltx2_video
+    from diffusers.models.autoencoders import autoencoder_kl_ltx2_audio as ltx2_audio
+except ImportError:  # (diffusers too old for LTX-2, or not installed)
+    ltx2_video = ltx2_audio = None
+needs_ltx2 = pytest.mark.skipif(ltx2_video is None, reason="this diffusers has no LTX-2")
+
+LTX2_NORMS = {
+    "per_channel_rms_norm": lambda: ltx2_video.PerChannelRMSNorm(),
+    "per_channel_rms_norm_eps": lambda: ltx2_video.PerChannelRMSNorm(channel_dim=1, eps=1e-6),
+    "audio_pixel_norm": lambda: ltx2_audio.LTX2AudioPixelNorm(dim=1, eps=1e-6),
+}
+LOW_PRECISION = dict(rtol=1.6e-2, atol=5e-2)  # (every step rounded in the input's dtype, once on the kernels)
+
+
+@needs_ltx2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("name", LTX2_NORMS)
+def test_ltx2s_channels_first_rms_norms_become_unweighted_rms_norms_with_their_outputs_and_gradients_to_the_bit(
+        name, dtype):
+    """They were left unconverted with a warning that they compute something no normlab
+    module does: x / sqrt(mean over the channels of x² + eps), every step in the input's
+    dtype (the "imagegpt" recipe, over axis 1), no weight; PerChannelRMSNorm's forward
+    takes a channel_dim it ignores, and so does the twin."""
+    original = LTX2_NORMS[name]()
+    converted = converted_copy(original)
+    assert type(converted) is nt.UnweightedRMSNorm
+    assert (converted.casting, converted.normalized_dim, converted.eps) == ("imagegpt", 1, original.eps)
+    assert list(converted.state_dict()) == list(original.state_dict()) == []
+    for shape in [(2, 8, 3, 4), (2, 8, 2, 3, 4), (2, 8, 5)]:
+        x = (torch.randn(shape) * 2 + 0.5).to(dtype)
+        assert_same_numbers(original, converted, x, None)
+        with nt.use_path("kernel"):
+            assert_same_numbers(original, converted, x, LOW_PRECISION)
+    x = (torch.randn(2, 8, 3, 4) * 2 + 0.5).to(dtype)
+    assert_same_numbers(original, converted, x.to(memory_format=torch.channels_last), None)
+    if name.startswith("per_channel"):
+        for channel_dim in (None, 1, 2, -1):
+            assert_bits(converted(x, channel_dim), original(x, channel_dim))
+        with pytest.raises(TypeError, match="channel_dim"):  # (a mask, as other twins take second)
+            converted(x, torch.ones(2, 8, 3, 4, dtype=torch.bool))
+
+
+@needs_ltx2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_ltx2s_audio_pixel_norm_scripted_converted_gives_the_scripted_originals_bits(dtype):
+    original = ltx2_audio.LTX2AudioPixelNorm(dim=1, eps=1e-6)
+    expected_model, actual_model = torch.jit.script(original), torch.jit.script(converted_copy(original))
+    x = (torch.randn(2, 8, 3, 4) * 2 + 0.5).to(dtype)
+    grad = torch.randn(x.shape).to(dtype)
+    for _ in range(3):  # (the first calls profile, the later ones run TorchScript's optimized graph)
+        results = []
+        for model in (expected_model, actual_model):
+            leaf = x.clone().requires_grad_()
+            y = model(leaf)
+            y.backward(grad)
+            results.append((y, leaf.grad))
+        for actual, expected in zip(*results[::-1]):
+            assert_bits(actual, expected)
+
+
+@needs_ltx2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_small_ltx2_video_and_audio_vaes_converted_give_their_outputs_and_gradients_to_the_bit_and_unconvert(dtype):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    video = random_parameters(diffusers.AutoencoderKLLTX2Video(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+        down_block_types=("LTX2VideoDownBlock3D", "LTX2VideoDownBlock3D"), decoder_block_out_channels=(8, 16),
+        layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1), spatio_temporal_scaling=(True, True),
+        decoder_spatio_temporal_scaling=(True, True), decoder_inject_noise=(False, False, False),
+        downsample_type=("spatial", "spatiotemporal"), upsample_type=("spatiotemporal", "spatiotemporal"),
+        upsample_residual=(True, True), upsample_factor=(2, 2), patch_size=1)).to(dtype)
+    audio = random_parameters(diffusers.AutoencoderKLLTX2Audio(
+        base_channels=8, output_channels=2, ch_mult=(1, 2), num_res_blocks=1, in_channels=2, resolution=16,
+        latent_channels=4, mel_bins=16)).to(dtype)
+    for original, x, norm_class in ((video, torch.randn(1, 3, 5, 8, 8), ltx2_video.PerChannelRMSNorm),
+                                    (audio, torch.randn(1, 2, 8, 16), ltx2_audio.LTX2AudioPixelNorm)):
+        converted = convert_quietly(copy.deepcopy(original))
+        assert {type(m).__name__ for m in converted.modules() if "Norm" in type(m).__name__} == {"UnweightedRMSNorm"}
+        assert_same_numbers(original, converted, x.to(dtype), None, call=lambda model, x: model(x).sample)
+        restored = unconvert_exactly(converted, original)
+        for (name, norm), kept in zip(restored.named_modules(), original.modules()):
+            if type(norm) is norm_class:  # (its own attributes, no more)
+                assert vars(norm).keys() == vars(kept).keys(), name

@@ -1,6 +1,6 @@
 """convert()'s recipe norms (RMSNorm with LLaMA's and Gemma's recipes, RecipeLayerNorm for
 Cohere's, per-head Cohere's, OLMo's and DeBERTa's layer norms, UnweightedRMSNorm for Llama
-4's L2 norm, BiasedRMSNorm and GammaRMSNorm for diffusers' RMSNorm with a bias and Stable
+4's L2 norm and LTX-2's channels-first norms, BiasedRMSNorm and GammaRMSNorm for diffusers' RMSNorm with a bias and Stable
 Audio 3's (in float32 and in the input's dtype), RMSNorm2d for timm's channels-first RMS norms) under torch.func and on the way to deployment, in bfloat16, where the recipes
 round: ``vmap`` and ``vjp`` to the bit, ``jacfwd`` and ``hessian``, ``torch.export`` with a
 dynamic batch and length, and ``torch.compile`` with ``fullgraph=True`` (no more graphs than
@@ -45,6 +45,12 @@ ORIGINALS = {  # name -> (the original, the trailing shape it normalizes, the tw
         lambda: pytest.importorskip("diffusers.models.transformers.transformer_stable_audio3").StableAudio3RMSNorm(
             16, force_fp32=False), (16,), "GammaRMSNorm"),
     # (channels second: a sample of (batch, length, 16, 2, 3) under vmap is (length, 16, 2, 3))
+    "ltx2_per_channel_rms_norm": (
+        lambda: pytest.importorskip("diffusers.models.autoencoders.autoencoder_kl_ltx2").PerChannelRMSNorm(eps=1e-6),
+        (16, 2, 3), "UnweightedRMSNorm"),
+    "ltx2_audio_pixel_norm": (
+        lambda: pytest.importorskip("diffusers.models.autoencoders.autoencoder_kl_ltx2_audio").LTX2AudioPixelNorm(
+            eps=1e-6), (16, 2, 3), "UnweightedRMSNorm"),
     "timm_rms_norm_2d": (lambda: TimmRmsNorm2d(16), (16, 2, 3), "RMSNorm2d"),
     "timm_rms_norm_2d_fp32": (lambda: TimmRmsNorm2dFp32(16), (16, 2, 3), "RMSNorm2d"),
 }

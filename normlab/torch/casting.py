@@ -30,7 +30,7 @@ Gated norms (:class:`~normlab.torch.fused.GatedRMSNorm`) have one more:
   one cast to the input's dtype at the end (Qwen3-Next's, Qwen3.5's and OLMo-Hybrid's
   ``RMSNormGated``).
 
-RMS norms without a weight, over the last axis whatever its size
+RMS norms without a weight, over the last axis whatever its size (or the channels)
 (:class:`~normlab.torch.recipe_norms.UnweightedRMSNorm`, :func:`unweighted_rms_norm_recipe`):
 
 * ``"llama"``: ``x̂`` in float32, cast to the input's dtype once (Llama 4's ``L2Norm``,
@@ -43,7 +43,9 @@ RMS norms without a weight, over the last axis whatever its size
   enters each product, as there;
 * ``"gemma3n"``: ``"llama"`` with the reciprocal root taken by ``pow``, as above
   (``Gemma3nRMSNorm(..., with_scale=False)``);
-* ``"none"``: everything in the input's dtype (timm's ``RmsNorm(..., affine=False)``).
+* ``"none"``: everything in the input's dtype (timm's ``RmsNorm(..., affine=False)``);
+* ``"imagegpt"``: everything in the input's dtype, ``x / sqrt(mean(x²) + eps)``, a division
+  (LTX-2's ``PerChannelRMSNorm`` and ``LTX2AudioPixelNorm``, over the channels: ``dim=1``).
 
 RMS norms over the channels of ``(N, C, H, W)`` input (axis 1), as timm writes them
 (:class:`~normlab.torch.recipe_norms.RMSNorm2d`, :func:`channels_first_rms_norm_recipe`), with
@@ -92,7 +94,7 @@ from torch.nn import functional as F
 
 CASTINGS = ("llama", "gemma", "t5", "none", "input_dtype", "imagegpt", "mochi", "gemma3n")
 LAYER_NORM_CASTINGS = ("olmo", "cohere", "deberta")
-UNWEIGHTED_CASTINGS = ("llama", "deepseek", "diffusers", "gemma3n", "none")
+UNWEIGHTED_CASTINGS = ("llama", "deepseek", "diffusers", "gemma3n", "none", "imagegpt")
 CHANNELS_FIRST_RMS_CASTINGS = ("none", "float32")
 _CAST_AFTER_WEIGHT = ("gemma", "mochi", "gemma3n")  # the recipes that weigh x̂ in float32 and cast once after
 
@@ -327,26 +329,29 @@ def apply_deberta_scale(x: Tensor, normalized: Tensor, weight: Optional[Tensor],
     return h if bias is None else h + bias
 
 
-def unweighted_rms_norm_recipe(x: Tensor, eps: float, casting: str) -> Tensor:
-    """RMS norm over the last axis of ``x``, without a weight, with ``casting``'s roundings
-    (one of :data:`UNWEIGHTED_CASTINGS`), in the model family's own torch operations.
+def unweighted_rms_norm_recipe(x: Tensor, eps: float, casting: str, dim: int = -1) -> Tensor:
+    """RMS norm over axis ``dim`` of ``x`` (the last one, or the channels of LTX-2's
+    channels-first norms), without a weight, with ``casting``'s roundings (one of
+    :data:`UNWEIGHTED_CASTINGS`), in the model family's own torch operations.
 
     >>> x = torch.tensor([[3., 4.]], dtype=torch.bfloat16)
     >>> unweighted_rms_norm_recipe(x, 0.0, "llama").tolist(), unweighted_rms_norm_recipe(x, 0.0, "deepseek").tolist()
     ([[0.84765625, 1.1328125]], [[0.8515625, 1.1328125]])
     """
-    if casting not in ("llama", "deepseek", "diffusers", "gemma3n", "none"):  # (UNWEIGHTED_CASTINGS: TorchScript)
+    if casting not in ("llama", "deepseek", "diffusers", "gemma3n", "none", "imagegpt"):  # (UNWEIGHTED_CASTINGS)
         raise ValueError(f"unknown casting '{casting}' of an RMS norm without a weight; use one of llama, deepseek, "
-                         "diffusers, gemma3n, none")
+                         "diffusers, gemma3n, none, imagegpt")
     if casting == "deepseek":
-        return x * torch.rsqrt(x.to(compute_dtype(x.dtype)).pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
+        return x * torch.rsqrt(x.to(compute_dtype(x.dtype)).pow(2).mean(dim, keepdim=True) + eps).to(x.dtype)
     if casting == "diffusers":
-        return (x * torch.rsqrt(x.to(compute_dtype(x.dtype)).pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return (x * torch.rsqrt(x.to(compute_dtype(x.dtype)).pow(2).mean(dim, keepdim=True) + eps)).to(x.dtype)
     if casting == "gemma3n":
-        return _pow_normalize(x.to(compute_dtype(x.dtype)), [-1], eps).to(x.dtype)
+        return _pow_normalize(x.to(compute_dtype(x.dtype)), [dim], eps).to(x.dtype)
     if casting == "none":
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return rms_normalize(x.to(compute_dtype(x.dtype)), [-1], eps).to(x.dtype)
+        return x * torch.rsqrt(x.pow(2).mean(dim, keepdim=True) + eps)
+    if casting == "imagegpt":  # (LTX-2's x / sqrt(mean(x ** 2) + eps), every step in the input's dtype)
+        return x / torch.sqrt(torch.mean(x.pow(2), dim, keepdim=True) + eps)
+    return rms_normalize(x.to(compute_dtype(x.dtype)), [dim], eps).to(x.dtype)
 
 
 def channels_first_rms_norm_recipe(x: Tensor, weight: Optional[Tensor], eps: float, casting: str) -> Tensor:

@@ -27,7 +27,9 @@ A layer is converted when normlab can compute what it computes:
   in float32 and bfloat16 (with its ``eps``, or the one its outputs show when it has no
   such attribute) becomes :class:`~normlab.torch.recipe_norms.RecipeLayerNorm`;
 * RMS norms without a weight over the last axis, whatever its size (transformers'
-  ``Llama4TextL2Norm``, ``DeepseekV4UnweightedRMSNorm``, ``FalconMambaWeightlessRMSNorm``):
+  ``Llama4TextL2Norm``, ``DeepseekV4UnweightedRMSNorm``, ``FalconMambaWeightlessRMSNorm``;
+  LTX-2's ``PerChannelRMSNorm`` and ``LTX2AudioPixelNorm`` over the channels, the axis their
+  ``channel_dim`` or ``dim`` names, the first with the ``channel_dim`` argument it ignores):
   a module with no parameters, no buffers but ones outside its ``state_dict``, and an
   ``eps`` or ``variance_epsilon``, whose forward reproduces one recipe bit for bit in
   float32 and bfloat16 on two sizes, becomes
@@ -82,8 +84,8 @@ from torch.nn.utils import parametrize
 from normlab.torch.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, ChannelsFirstLayerNorm, GroupNorm,
                                    InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, LayerNorm2d, RMSNorm)
 from normlab.torch.recipe_probes import (_channels_first_rms_recipe, _computes_in_half_as, _gated_recipe,
-                                         _layer_norm_recipe, _on_cpu, _probe_copy, _rms_recipe, _takes_a_second_input,
-                                         _unweighted_rms_recipe)
+                                         _ignores_its_channel_dim, _layer_norm_recipe, _on_cpu, _probe_copy,
+                                         _rms_recipe, _takes_a_second_input, _unweighted_rms_recipe)
 from normlab.torch.sync import SyncBatchNorm
 
 _TWINS = {
@@ -431,6 +433,12 @@ def _decision(module: nn.Module):
             from normlab.torch.fused import GatedRMSNorm
 
             return GatedRMSNorm, recipe
+        if _ignores_its_channel_dim(module):  # (LTX-2's PerChannelRMSNorm: its second argument goes unread)
+            recipe = _unweighted_rms_recipe(module)
+            if recipe is not None:
+                from normlab.torch.recipe_norms import UnweightedRMSNorm
+
+                return UnweightedRMSNorm, recipe
     else:
         from normlab.torch.recipe_norms import (BiasedRMSNorm, GammaRMSNorm, RecipeLayerNorm, RMSNorm2d,
                                                 UnweightedRMSNorm)

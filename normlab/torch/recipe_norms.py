@@ -154,8 +154,8 @@ class RecipeLayerNorm(TransformersEpsName, nn.Module):
 
 
 class UnweightedRMSNorm(TransformersEpsName, nn.Module):
-    """RMS norm without parameters over the last axis of any size,
-    ``y = x / sqrt(mean(x²) + eps)``, with a model family's casting recipe:
+    """RMS norm without parameters over the last axis of any size (or axis
+    ``normalized_dim``), ``y = x / sqrt(mean(x²) + eps)``, with a model family's casting recipe:
     ``casting="llama"`` (normalized in float32, cast back once: Llama 4's ``L2Norm``,
     FalconMamba's and NanoChat's weight-less RMS norms), ``"deepseek"`` (the reciprocal
     root cast back and multiplying the input in its own dtype: DeepSeek-V4's
@@ -163,7 +163,11 @@ class UnweightedRMSNorm(TransformersEpsName, nn.Module):
     own dtype, cast back once: diffusers' ``RMSNorm`` without a weight) or ``"gemma3n"``
     (``"llama"`` with the root's reciprocal taken by ``pow``: ``Gemma3nRMSNorm(...,
     with_scale=False)``) or ``"none"`` (everything in the input's dtype: timm's
-    ``RmsNorm(..., affine=False)``), see :mod:`normlab.torch.casting`. Float64 input stays float64.
+    ``RmsNorm(..., affine=False)``) or ``"imagegpt"`` (everything in the input's dtype, dividing
+    by the root: LTX-2's ``PerChannelRMSNorm`` and ``LTX2AudioPixelNorm``, over the channels,
+    ``normalized_dim=1``), see :mod:`normlab.torch.casting`. Float64 input stays float64.
+    ``forward(x, channel_dim=None)`` takes a ``channel_dim`` and ignores it, as LTX-2's
+    ``PerChannelRMSNorm`` does (it normalizes its own axis whatever is passed).
 
     It runs the family's own torch operations, so its outputs and gradients are the
     family's to the bit; under ``use_path("kernel")`` it runs on the kernels instead
@@ -175,39 +179,54 @@ class UnweightedRMSNorm(TransformersEpsName, nn.Module):
     """
 
     _profile_name = "normlab::rms_norm"  # (torch's op for it, as torch.nn.RMSNorm's aten::rms_norm)
+    normalized_dim = -1  # (modules pickled before it existed normalize the last axis)
 
-    def __init__(self, eps: float = 1e-6, casting: str = "llama") -> None:
+    def __init__(self, eps: float = 1e-6, casting: str = "llama", normalized_dim: int = -1) -> None:
         super().__init__()
         if casting not in UNWEIGHTED_CASTINGS:
             raise ValueError(f"casting must be one of {', '.join(map(repr, UNWEIGHTED_CASTINGS))}, got {casting!r}")
-        self.eps, self.casting = eps, casting
+        if isinstance(normalized_dim, bool) or not isinstance(normalized_dim, int):
+            raise TypeError(f"normalized_dim must be an int (the axis normalized: -1, the last, or 1, the channels "
+                            f"of (N, C, ...) input), got {normalized_dim!r}")
+        self.eps, self.casting, self.normalized_dim = eps, casting, normalized_dim
         self._init_spec()
 
     def _init_spec(self) -> None:
-        self._spec = Spec.build("... [d]", None, True)  # the size is read off each input
+        # the size is read off each input; axes before or after the normalized one, unnamed
+        dim = self.normalized_dim
+        kept = [f"k{i}" for i in range(dim if dim >= 0 else -dim - 1)]
+        self._spec = Spec.build(" ".join([*kept, "[d]", "..."] if dim >= 0 else ["...", "[d]", *kept]), None, True)
 
     def extra_repr(self) -> str:
-        return f"eps={self.eps}, casting={self.casting!r}"
+        dim = self.normalized_dim
+        return f"eps={self.eps}, casting={self.casting!r}" + (f", normalized_dim={dim}" if dim != -1 else "")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, channel_dim: Optional[int] = None) -> Tensor:
         if torch.jit.is_scripting():  # the family's operations, as TorchScript compiles the original
-            return unweighted_rms_norm_recipe(x, self.eps, self.casting)
-        return self._eager_forward(x)
+            return unweighted_rms_norm_recipe(x, self.eps, self.casting, self.normalized_dim)
+        return self._eager_forward(x, channel_dim)
 
     @torch.jit.unused
-    def _eager_forward(self, x: Tensor) -> Tensor:
+    def _eager_forward(self, x: Tensor, channel_dim: Optional[int] = None) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
-            return _fx_call_module(self, x)
+            return _fx_call_module(self, x) if channel_dim is None else _fx_call_module(self, x, channel_dim)
         refuse_non_tensor(self, x, "x", 1)
+        if channel_dim is not None and (isinstance(channel_dim, bool) or not isinstance(channel_dim, int)):
+            # (a mask, which other twins take second: this one has none)
+            raise TypeError(f"{type(self).__name__}.forward(): argument 'channel_dim' (position 2) must be int or "
+                            f"None (it is ignored, as LTX-2's PerChannelRMSNorm ignores it), not "
+                            f"{type(channel_dim).__name__}")
+        dim = self.normalized_dim
         if x.dim() == 0:
             raise RuntimeError(f"{type(self).__name__} normalizes the last axis: expected input with at least one "
                                f"dimension, but got a 0-dimensional tensor")
-        if _choose_path(x, has_native=True) == "kernel" and _PathSwitch.path == "kernel":
+        if (_choose_path(x, has_native=True) == "kernel" and _PathSwitch.path == "kernel"
+                and -x.dim() <= dim < x.dim()):  # (an axis the input lacks: torch's IndexError, below)
             return _normalize(x.to(compute_dtype(x.dtype)), None, None, self._spec, float(self.eps),
                               "kernel", self)[0].to(x.dtype)
         if not torch.compiler.is_dynamo_compiling() and _profiler._is_profiler_enabled:
-            return profiled_recipe(self, unweighted_rms_norm_recipe, x, self.eps, self.casting)
-        return unweighted_rms_norm_recipe(x, self.eps, self.casting)
+            return profiled_recipe(self, unweighted_rms_norm_recipe, x, self.eps, self.casting, dim)
+        return unweighted_rms_norm_recipe(x, self.eps, self.casting, dim)
 
 
 class BiasedRMSNorm(RMSNorm):

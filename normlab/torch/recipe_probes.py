@@ -165,13 +165,21 @@ def _unweighted_eps(module: nn.Module) -> Optional[float]:
     return float(eps)
 
 
+def _normalized_dims(module: nn.Module) -> list[int]:
+    """The axes an RMS norm without a weight may normalize: the last, and the one its ``dim``
+    or ``channel_dim`` names (LTX-2's channels-first norms: 1)."""
+    named = [getattr(module, name, None) for name in ("dim", "channel_dim")]
+    return list(dict.fromkeys([-1, *(d for d in named if isinstance(d, int) and not isinstance(d, bool))]))
+
+
 @_on_cpu
 def _unweighted_rms_recipe(module: nn.Module) -> Optional[dict]:
-    """``{"eps", "casting"}`` of an RMS norm without a weight over the last axis, whatever its
-    size, whose forward matches one of :data:`~normlab.torch.casting.UNWEIGHTED_CASTINGS`
-    bit for bit in float32 and bfloat16 on two sizes (run without its buffers: a forward
-    that reads them is not one), and where several do, the one that also gives its
-    bfloat16 input gradient; None otherwise."""
+    """``{"eps", "casting", "normalized_dim"}`` of an RMS norm without a weight over the last
+    axis (or the one its ``dim`` or ``channel_dim`` names), whatever its size, whose forward
+    matches one of :data:`~normlab.torch.casting.UNWEIGHTED_CASTINGS` bit for bit in float32
+    and bfloat16 on two shapes (run without its buffers: a forward that reads them is not
+    one), and where several do, the one that also gives its bfloat16 input gradient; None
+    otherwise."""
     eps = _unweighted_eps(module)
     if eps is None:
         return None
@@ -189,18 +197,47 @@ def _unweighted_rms_recipe(module: nn.Module) -> Optional[dict]:
             outputs = [type(module).forward(probe, x) for x in probes]
     except Exception:
         return None
-    matches = [casting for casting in UNWEIGHTED_CASTINGS
-               if _all_equal(outputs, [unweighted_rms_norm_recipe(x, eps, casting) for x in probes])]
-    if len(matches) > 1:  # ("llama" and "diffusers" give one output: their bfloat16 input gradients differ)
-        same_gradient = [casting for casting in matches if _same_input_gradient(
-            lambda x: type(module).forward(probe, x), lambda x: unweighted_rms_norm_recipe(x, eps, casting),
-            probes[1])]
-        matches = same_gradient or matches
-    if len(matches) > 1:  # ("llama" and "gemma3n" give one bfloat16 gradient: their float32 ones differ)
-        matches = [casting for casting in matches if _same_input_gradient(
-            lambda x: type(module).forward(probe, x), lambda x: unweighted_rms_norm_recipe(x, eps, casting),
-            probes[0])] or matches
-    return {"eps": eps, "casting": matches[0]} if matches else None
+    for dim in _normalized_dims(module):
+        try:
+            with torch.no_grad():
+                matches = [casting for casting in UNWEIGHTED_CASTINGS if _all_equal(
+                    outputs, [unweighted_rms_norm_recipe(x, eps, casting, dim) for x in probes])]
+        except IndexError:  # (an axis the probes lack: a dim that names no axis)
+            continue
+        if len(matches) > 1:  # ("llama" and "diffusers" give one output: their bfloat16 input gradients differ)
+            same_gradient = [casting for casting in matches if _same_input_gradient(
+                lambda x: type(module).forward(probe, x),
+                lambda x, casting=casting: unweighted_rms_norm_recipe(x, eps, casting, dim), probes[1])]
+            matches = same_gradient or matches
+        if len(matches) > 1:  # ("llama" and "gemma3n" give one bfloat16 gradient: their float32 ones differ)
+            matches = [casting for casting in matches if _same_input_gradient(
+                lambda x: type(module).forward(probe, x),
+                lambda x, casting=casting: unweighted_rms_norm_recipe(x, eps, casting, dim), probes[0])] or matches
+        if matches:
+            return {"eps": eps, "casting": matches[0], "normalized_dim": dim}
+    return None
+
+
+@_on_cpu
+def _ignores_its_channel_dim(module: nn.Module) -> bool:
+    """Whether ``type(module).forward`` is ``forward(x, channel_dim=None)`` and gives the same
+    output whatever ``channel_dim`` it is passed (LTX-2's ``PerChannelRMSNorm``, which reads
+    its own attribute instead): :class:`~normlab.torch.recipe_norms.UnweightedRMSNorm` takes
+    and ignores it so."""
+    try:
+        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    if len(parameters) != 2 or parameters[1].name != "channel_dim" or parameters[1].default is not None:
+        return False
+    probe = _probe_copy(module, {"parameters": dict(module._parameters), "buffers": {}})
+    x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            expected = type(module).forward(probe, x)
+            return all(_all_equal([type(module).forward(probe, x, dim)], [expected]) for dim in (0, 1, 2, 3, -1))
+    except Exception:
+        return False
 
 
 @_on_cpu
