@@ -128,3 +128,68 @@ def test_a_norm_whose_output_goes_straight_into_a_reversible_gnn_trains_after_co
     torch.testing.assert_close(grad, grad_ref, **tolerance)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, **tolerance)
+
+
+# (id, torch.nn original, input shape, autograd, strided input): inputs whose storage was freed
+FREED_INPUTS = [
+    ("layer_norm", "nn.LayerNorm(64)", (4, 64), False, False),
+    ("layer_norm_grad", "nn.LayerNorm(64)", (4, 64), True, False),
+    ("layer_norm_threaded_size", "nn.LayerNorm(512)", (300, 512), False, False),
+    ("rms_norm", "nn.RMSNorm(64)", (2, 7, 64), False, False),
+    ("rms_norm_grad", "nn.RMSNorm(64)", (2, 7, 64), True, False),
+    ("group_norm", "nn.GroupNorm(4, 16)", (2, 16, 5, 5), False, False),
+    ("group_norm_grad", "nn.GroupNorm(4, 16)", (2, 16, 5, 5), True, False),
+]
+
+# Each case in one child process, in turn (a kernel that reads address 0 ends the process):
+# torch.nn's error and the twin's on an input whose storage was freed. torch.nn.RMSNorm
+# itself crashes there, so its case takes torch's layer_norm's check of the memory.
+_FREED_CHILD = """
+import json, sys, torch
+from torch import nn
+import normlab.torch as nt
+for name, make, shape, grad, strided in json.loads(sys.argv[1]):
+    original = eval(make)
+    twin = nt.convert(eval(make))
+    x = torch.randn(shape[:-1] + [2 * shape[-1]])[..., ::2] if strided else torch.randn(shape)
+    x.untyped_storage().resize_(0)
+    x.requires_grad_(grad)
+    errors = []
+    for call in ((lambda x: torch.nn.functional.layer_norm(x, x.shape[-1:])) if "RMS" in make else original,
+                 twin):
+        try:
+            with torch.set_grad_enabled(grad):
+                call(x)
+            errors.append(None)
+        except Exception as error:
+            errors.append([type(error).__name__, str(error)])
+    print(json.dumps([name] + errors), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def freed_input_errors():
+    import json
+    import subprocess
+    import sys
+
+    cases = json.dumps([list(case) for case in FREED_INPUTS])
+    run = subprocess.run([sys.executable, "-c", _FREED_CHILD, cases], capture_output=True, text=True, timeout=600)
+    return {line[0]: line[1:] for line in map(json.loads, run.stdout.splitlines())}, run.returncode, run.stderr
+
+
+@pytest.mark.slow  # (one child process that imports torch and normlab: about 5 s)
+@pytest.mark.parametrize("case", FREED_INPUTS, ids=[case[0] for case in FREED_INPUTS])
+def test_a_twin_given_an_input_whose_storage_was_freed_raises_torchs_error_and_does_not_crash(case,
+                                                                                             freed_input_errors):
+    """A twin handed an input whose storage was freed (``resize_(0)``, as GroupAddRev frees
+    tensors until backward) gave its address, 0, to the kernels, which crashed the process
+    (segmentation fault); torch.nn's layer and group norms raise a RuntimeError. The twin
+    raises torch's error type and words, and says the storage was freed. Oracle: torch.nn's
+    module on the same tensor (torch's layer_norm for RMSNorm, which crashes there too)."""
+    results, returncode, stderr = freed_input_errors
+    assert case[0] in results, f"the child process ended (return code {returncode}) before this case: {stderr[-600:]}"
+    expected, got = results[case[0]]
+    assert expected is not None and expected[0] == "RuntimeError"
+    assert got is not None and got[0] == expected[0], got
+    assert got[1].startswith(expected[1]) and "resize_(0)" in got[1], got[1]

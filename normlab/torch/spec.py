@@ -403,6 +403,21 @@ def array_view(t: Optional[Tensor]) -> Optional[np.ndarray]:
     return _interface_view(t)
 
 
+def refuse_unallocated(x: Tensor) -> None:
+    """Raise torch's RuntimeError for an input that has elements but no memory (its storage
+    freed by ``untyped_storage().resize_(0)``, as PyG's ``GroupAddRev`` frees tensors until
+    their backward refills them), in torch's words, as torch.nn's layer and group norms raise
+    it, then the fix: the kernels, handed its address, would read address 0."""
+    fix = (f" (a tensor of shape {tuple(x.shape)} whose storage holds {x.untyped_storage().nbytes()} bytes: "
+           "it was freed, as by untyped_storage().resize_(0); refill its storage, or pass another tensor)")
+    try:
+        torch.nn.functional.layer_norm(x.detach(), x.shape[-1:])  # (torch's check of the memory, its words)
+    except RuntimeError as error:
+        raise RuntimeError(f"{error.args[0]}{fix}" if error.args and isinstance(error.args[0], str) else fix) \
+            from None
+    raise RuntimeError(f"The tensor has a non-zero number of elements, but its data is not allocated yet.{fix}")
+
+
 def _interface_view(t: Tensor) -> np.ndarray:
     """:func:`array_view`'s view through ``__array_interface__``, for a NumPy or torch
     without versioned DLPack capsules."""
