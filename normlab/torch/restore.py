@@ -12,19 +12,22 @@ with a casting recipe or ``weight_offset``, which torch.nn.RMSNorm does not comp
 that :func:`~normlab.torch.convert` converted from a transformers or diffusers model's own
 class (``LlamaRMSNorm``, a gated norm, diffusers' ``RMSNorm``, ...) becomes that class again,
 and so do the decoder layers that ``convert(model, fuse=True)`` fused and their fused norms
-(their own forward again, and the model's ``_no_split_modules`` naming them as before). The
-rest (``Norm``, ``LayerNorm2d``, the fused blocks made by hand, the PyG twins) stay, and one
+(their own forward again, and the model's ``_no_split_modules`` naming them as before); a twin
+of PyG's ``InstanceNorm``, ``LayerNorm`` or ``GraphNorm`` becomes PyG's class (PyG imported
+then, where one is found). The rest (``Norm``, ``LayerNorm2d``, the fused blocks made by hand,
+``normlab.torch.geometric.BatchNorm``, the PyG twins where PyG is not installed) stay, and one
 warning lists them.
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 from torch import nn
 from torch.nn.utils import parametrize
 
-from normlab.torch.conversion import _InitAsOriginal, _TWINS, _first_names, twin_of
+from normlab.torch.conversion import _InitAsOriginal, _PYG_TWINS, _TWINS, _first_names, twin_of
 from normlab.torch.fused import FusedAddRMSNorm
 from normlab.torch.modules import RMSNorm
 
@@ -142,4 +145,19 @@ def _original_of(module: nn.Module):
         return recorded
     if cls is RMSNorm and (getattr(module, "casting", None) is not None or getattr(module, "weight_offset", 0.0)):
         return None  # (a recipe torch.nn.RMSNorm does not compute)
+    if cls.__module__ == "normlab.torch.geometric":
+        return _pyg_class(cls)
     return _TORCH_CLASSES.get(cls)
+
+
+def _pyg_class(cls: type):
+    """PyG's class that a twin of :mod:`normlab.torch.geometric` was converted from (the one
+    of its name), or None where PyG is not installed or convert makes no such twin."""
+    for full_name, twin_name in _PYG_TWINS.items():
+        if twin_name == cls.__name__:
+            module_name, _, class_name = full_name.rpartition(".")
+            try:
+                return getattr(importlib.import_module(module_name), class_name)
+            except ImportError:
+                return None
+    return None
