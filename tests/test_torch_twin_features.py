@@ -499,6 +499,12 @@ def test_compiled_autograd_of_a_twin_is_not_compiled_again_when_a_profiler_start
 _REFUSED_CALLS = [
     ("BatchNorm2d, 1D", lambda: nn.BatchNorm2d(8), lambda: torch.randn(8)),
     ("BatchNorm2d, unbatched", lambda: nn.BatchNorm2d(8), lambda: torch.randn(8, 3, 3)),
+    # (one sample of one value per channel: a batch axis alone is what training refuses next)
+    ("BatchNorm1d, 1D", lambda: nn.BatchNorm1d(8), lambda: torch.randn(8)),
+    ("BatchNorm2d, unbatched, one position", lambda: nn.BatchNorm2d(8), lambda: torch.randn(8, 1, 1)),
+    ("BatchNorm1d untracked in eval, 1D", lambda: nn.BatchNorm1d(8, track_running_stats=False).eval(),
+     lambda: torch.randn(8)),
+    ("BatchNorm1d in eval, 1D", lambda: nn.BatchNorm1d(8).eval(), lambda: torch.randn(8)),
     ("BatchNorm2d, 3D", lambda: nn.BatchNorm2d(8), lambda: torch.randn(2, 8, 3)),
     ("BatchNorm1d, 4D", lambda: nn.BatchNorm1d(8), lambda: torch.randn(2, 8, 3, 3)),
     ("BatchNorm3d, 4D", lambda: nn.BatchNorm3d(8), lambda: torch.randn(2, 8, 3, 3)),

@@ -4,6 +4,7 @@ path: :func:`advise` runs where an exception is already on its way out of a twin
 
 from __future__ import annotations
 
+import math
 import re
 
 from torch import Tensor, nn
@@ -77,7 +78,12 @@ def _rank_advice(module, x: Tensor, ranks: tuple) -> str:
              (_INSTANCE_NORMS if instance else _BATCH_NORMS) if x.dim() in taken and name != _name(module)
              and x.shape[x.dim() - max(taken) + 1 if instance else 1] == channels]
     if not instance and x.dim() + 1 == min(ranks) and x.shape[0] == channels:
-        fixes.insert(0, "add the batch axis (x.unsqueeze(0))")
+        training = module.training or (module.running_mean is None and module.running_var is None)
+        if training and math.prod(x.shape[1:]) == 1:  # (a batch axis of 1 alone: torch.nn then refuses that)
+            fixes.insert(0, f"pass a batch of more than one such sample, {layouts} with N > 1: one sample has one "
+                            "value per channel, which a batch norm refuses in training")
+        else:
+            fixes.insert(0, "add the batch axis (x.unsqueeze(0))")
     if not fixes:
         fixes = ["reshape the input to that"]
     return f"{_name(module)}({channels}) takes input of shape {layouts}, but got input of shape " \
