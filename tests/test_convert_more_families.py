@@ -295,6 +295,37 @@ def test_debertas_layer_norm_becomes_a_recipe_layer_norm_with_its_outputs_and_gr
     assert_same_numbers(original, converted, (torch.randn(3, 5, 48) * 2 + 1).to(x_dtype), None)
 
 
+EsmFold2LayerNorm = _newer_class("esmfold2", "EsmFold2LayerNorm")
+
+
+@_needs(EsmFold2LayerNorm, "esmfold2")
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=["float32", "bfloat16", "float16", "float64"])
+def test_esmfold2s_float32_layer_norm_becomes_a_float32_layer_norm_with_its_outputs_and_gradients(x_dtype):
+    """It was left unconverted with a warning: F.layer_norm on the input cast to float32, with
+    its parameters as they are, which ESMFold2 keeps in float32 (on parameters of any other
+    dtype it raises "mixed dtype"); on float32 parameters that is timm's LayerNormFp32.
+    Half-precision and float64 input take its operations: its bits; float32 input the kernels,
+    as a converted nn.LayerNorm's."""
+    original = random_parameters(EsmFold2LayerNorm(48, eps=1e-5))
+    converted = convert_quietly(copy.deepcopy(original))
+    assert type(converted) is nt.Float32LayerNorm
+    assert list(converted.state_dict()) == list(original.state_dict()) == ["weight", "bias"]
+    x = (torch.randn(3, 5, 48) * 2 + 1).to(x_dtype)
+    assert_same_numbers(original, converted, x, dict(rtol=1e-5, atol=1e-5) if x_dtype == torch.float32 else None)
+
+
+@_needs(EsmFold2LayerNorm, "esmfold2")
+def test_a_converted_esmfold2_layer_norm_computes_half_precision_parameters_where_the_original_raises():
+    original = random_parameters(EsmFold2LayerNorm(48)).to(torch.bfloat16)
+    x = torch.randn(3, 48, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="mixed dtype"):
+        original(x)
+    converted = convert_quietly(copy.deepcopy(original))
+    expected = F.layer_norm(x.float(), [48], original.weight.float(), original.bias.float(), 1e-5).to(x.dtype)
+    assert torch.equal(converted(x), expected)
+
+
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_debertas_layer_norm_on_the_kernels_agrees_to_float_rounding(x_dtype):
     original = random_parameters(DebertaLayerNorm(48))

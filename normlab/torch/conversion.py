@@ -6,7 +6,9 @@ A layer is converted when normlab can compute what it computes:
   subclass redefining a method or property that forward reads, a ``_check_input_dim`` or a
   ``weight`` property, is left alone);
 * subclasses with a ``forward`` of their own (timm's ``LayerNorm``, ``GroupNorm``, ...) that
-  takes the input alone, when that forward gives torch.nn's numbers on probe inputs (one
+  takes the input alone, when that forward gives torch.nn's numbers on probe inputs, or
+  timm's ``LayerNormFp32``'s on float32 parameters (ESMFold2's layer norm, which keeps them
+  in float32 and raises on others), as :class:`~normlab.torch.recipe_norms.Float32LayerNorm` (one
   taking more, such as a padding mask, is left alone), and subclasses of ``nn.LayerNorm``
   that normalize the channels of ``(N, C, H, W)`` input (torchvision's and timm's ConvNeXt
   ``LayerNorm2d``), which become :class:`LayerNorm2d`;
@@ -83,7 +85,8 @@ from torch.nn.utils import parametrize
 
 from normlab.torch.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, ChannelsFirstLayerNorm, GroupNorm,
                                    InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, LayerNorm2d, RMSNorm)
-from normlab.torch.recipe_probes import (_channels_first_rms_recipe, _computes_in_half_as, _gated_recipe,
+from normlab.torch.recipe_probes import (_channels_first_rms_recipe, _computes_in_float32_on_float32_parameters,
+                                         _computes_in_half_as, _gated_recipe,
                                          _ignores_its_channel_dim, _layer_norm_recipe, _on_cpu, _probe_copy,
                                          _rms_recipe, _takes_a_second_input, _unweighted_rms_recipe)
 from normlab.torch.sync import SyncBatchNorm
@@ -422,6 +425,8 @@ def _decision(module: nn.Module):
             channels_first = (2, module.normalized_shape[0], 3, 2)
             if _computes_like(module, _channels_first_layer_norm, [channels_first]):
                 return (Float32LayerNorm2d if _computes_in_float32(module, channels_first) else LayerNorm2d), {}
+        if base is nn.LayerNorm and _computes_in_float32_on_float32_parameters(module, _probe_shapes(module, base)[0]):
+            return Float32LayerNorm, {}  # (ESMFold2's: its float32 parameters alone, as the model keeps them)
         return _LEFT_ALONE
     if isinstance(module, _NORM_BASES):
         return _LEFT_ALONE

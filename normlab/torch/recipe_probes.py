@@ -471,3 +471,49 @@ def _computes_in_half_as(module: nn.Module, reference: Callable, shape: tuple) -
         elif not all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(ours, theirs)):
             return False
     return True
+
+
+@_on_cpu
+def _computes_in_float32_on_float32_parameters(module: nn.Module, shape: tuple) -> bool:
+    """Whether a layer norm whose parameters are kept in float32 (ESMFold2's
+    ``EsmFold2LayerNorm``: ``F.layer_norm`` on the input cast to float32, with its own
+    parameters uncast, which raises "mixed dtype" on parameters of any other dtype) computes
+    as :class:`~normlab.torch.recipe_norms.Float32LayerNorm`: on float32 parameters, with
+    float32, bfloat16, float16 and float64 input, ``type(module).forward`` gives
+    :func:`~normlab.torch.recipe_norms.float32_layer_norm`'s output (dtype and bits) and
+    gradients (input and parameters) to the bit; on bfloat16, float16 and float64 parameters
+    it raises (where the twin computes, upcasting them) or gives those bits too."""
+    from normlab.torch.recipe_norms import float32_layer_norm
+
+    generator = torch.Generator().manual_seed(0)
+    parameters = {name: None if p is None else torch.randn(p.shape, generator=generator) * 0.5 + 1
+                  for name, p in module._parameters.items()}
+    if set(parameters) != {"weight", "bias"} or any(p is None for p in parameters.values()):
+        return False
+    x = torch.randn(shape, generator=generator) * 2 + 1
+    grad = torch.randn(shape, generator=generator)
+
+    def run(forward, x_dtype, w_dtype):
+        copy = _probe_copy(module, {"parameters": {}, "buffers": {}})
+        copy._parameters = {k: p.to(w_dtype).requires_grad_() for k, p in parameters.items()}  # (leaves: their grads)
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                probe = x.to(x_dtype, copy=True).requires_grad_()  # (a copy: x itself stays a plain tensor)
+                output = forward(copy, probe)
+                output.backward(grad.to(output.dtype))
+        except Exception:
+            return None
+        return [output.detach(), probe.grad, *(copy._parameters[k].grad for k in sorted(parameters))]
+
+    def reference(copy, probe):
+        return float32_layer_norm(probe, list(copy.normalized_shape), copy.weight, copy.bias, copy.eps)
+
+    for x_dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for w_dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            ours = run(type(module).forward, x_dtype, w_dtype)
+            if ours is None and w_dtype != torch.float32:
+                continue  # (parameters it keeps in float32: the twin upcasts others instead of raising)
+            theirs = run(reference, x_dtype, w_dtype)
+            if ours is None or theirs is None or not _all_equal(ours, theirs):
+                return False
+    return True
