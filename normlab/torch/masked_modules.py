@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.masked import missing_axes_fix
-from normlab.torch.compute import _average_factor, _channels_message, _fake, _statistics_update
+from normlab.torch.compute import _channels_message, _fake, _statistics_update
 from normlab.plan import merge_sizes
 from normlab.torch.masked import SEGMENTS_DO_NOT_EXPORT, _run_masked
 from normlab.torch.ops import _vmapping
@@ -110,13 +110,14 @@ def _refused_mix(module, x: Tensor) -> bool:
 
 
 def _refuse_misfit(module, x: Tensor, mask: Tensor) -> None:
-    """Raise, as a RuntimeError (and ValueError) that names the shape the module expects, the
-    input's and the fix, where torch.nn's module refuses the input's shape: a batch or
-    instance norm's channels on axis 1 other than its ``num_features`` (where it has a weight
-    or running statistics of that size), a group norm's other than its ``num_channels``, a
-    layer or RMS norm's trailing axes other than its ``normalized_shape``. The masked
-    statistics would fail later, naming the pattern's inner axes and arguments the module
-    does not take (``pass n0=4``, ``change params``)."""
+    """Raise, as a RuntimeError (and ValueError) that gives torch.nn's words for the input
+    first and then names the shape the module expects, the input's and the fix, where
+    torch.nn's module refuses the input's shape: a batch or instance norm's channels on axis
+    1 other than its ``num_features`` (where it has a weight or running statistics of that
+    size), a group norm's other than its ``num_channels`` (where it has parameters, or its
+    groups do not divide them), a layer or RMS norm's trailing axes other than its
+    ``normalized_shape``. The masked statistics would fail later, naming the pattern's inner
+    axes and arguments the module does not take (``pass n0=4``, ``change params``)."""
     if torch._C._get_tracing_state() is not None:  # (sizes are traced tensors: torch's ops check them)
         return
     name = type(module).__name__
@@ -127,15 +128,15 @@ def _refuse_misfit(module, x: Tensor, mask: Tensor) -> None:
         sized = (module.weight is not None or module.bias is not None or module.running_mean is not None
                  or module.running_var is not None)
         if sized and channel_axis == 1 and x.shape[1] != module.num_features:
-            if not instance:  # torch.nn's batch norms count the batch before their op refuses the channels
-                _average_factor(module)
+            # (torch.nn's forward, which gives its words, counts a batch norm's batch before its op refuses the
+            # channels, as torch.nn's call does eagerly; compiled, neither counts it)
             lead = f"{name} with mask= of shape {sizes(mask.shape)}"
-            raise _misfit(_channels_message(module, x, lead))
+            raise _misfit(_channels_message(module, x, lead), _torch_refusal(module, x))
         if sized and channel_axis == 0 and x.shape[0] != module.num_features:
             channels = module.num_features
             raise _misfit(f"{name}({channels}) with mask= normalizes {channels} channels on axis 0 of an unbatched "
                           f"input: expected input of shape {(channels, *sizes(x.shape)[1:])}, but got input of shape "
-                          f"{sizes(x.shape)}; pass {channels} channels on axis 0")
+                          f"{sizes(x.shape)}; pass {channels} channels on axis 0", _torch_refusal(module, x))
     elif isinstance(module, nn.GroupNorm) and (x.dim() < 2 or x.shape[1] != module.num_channels and (
             # (without parameters torch.nn's group norm takes any channels its groups divide)
             module.weight is not None or module.bias is not None or x.shape[1] % module.num_groups)):
@@ -146,7 +147,7 @@ def _refuse_misfit(module, x: Tensor, mask: Tensor) -> None:
             fix += f", or build GroupNorm({groups}, {got}) for {got} channels"
         raise _misfit(f"{name}({groups}, {channels}) with mask= of shape {sizes(mask.shape)} normalizes {channels} "
                       f"channels on axis 1: expected input of shape (N, {channels}, *), but got input of shape "
-                      f"{sizes(x.shape)}; {fix}")
+                      f"{sizes(x.shape)}; {fix}", _torch_refusal(module, x))
     elif (isinstance(module, (nn.LayerNorm, nn.RMSNorm))
           # (LayerNorm2d and its kin are torch.nn.LayerNorms over axis 1: their forward checks that)
           and getattr(getattr(module, "_spec", None), "pattern", "").endswith("]")):
@@ -155,14 +156,31 @@ def _refuse_misfit(module, x: Tensor, mask: Tensor) -> None:
             given = ", ".join(map(str, shape))
             raise _misfit(
                 f"{name} with mask= of shape {sizes(mask.shape)}: given normalized_shape={list(shape)}, expected "
-                f"input with shape [*, {given}], but got input of size {list(sizes(x.shape))}; give the input {shape} as "
-                f"its last {'axis' if len(shape) == 1 else f'{len(shape)} axes'}, or build the module with "
-                f"normalized_shape={sizes(x.shape)[-len(shape):] if x.dim() >= len(shape) else '...'}")
+                f"input with shape [*, {given}], but got input of size {list(sizes(x.shape))}; give the input "
+                f"{shape} as its last {'axis' if len(shape) == 1 else f'{len(shape)} axes'}, or build the module "
+                f"with normalized_shape={sizes(x.shape)[-len(shape):] if x.dim() >= len(shape) else '...'}",
+                _torch_refusal(module, x))
 
 
-def _misfit(message: str) -> Exception:
+def _torch_refusal(module, x: Tensor) -> Optional[str]:
+    """torch.nn's words for refusing ``x``: its forward, without a mask, run on the error path
+    alone (a batch norm's counts the batch there, as torch.nn's does before its op refuses),
+    or None where it takes ``x`` or cannot run here (compiled: the graph would break)."""
+    forward = getattr(module, "_torch_forward", None)
+    if forward is None or torch.compiler.is_compiling():
+        return None
+    try:
+        forward(x)
+    except (RuntimeError, ValueError) as error:
+        return str(error)
+    return None
+
+
+def _misfit(message: str, torch_words: Optional[str] = None) -> Exception:
     from normlab.torch.modules import PatternShapeError  # (a RuntimeError and a ValueError; imports this module)
 
+    if torch_words:  # (torch's words first, as users match them)
+        message = f"{torch_words}{' ' if torch_words.endswith('.') else ': '}{message}"
     return PatternShapeError(message)
 
 
