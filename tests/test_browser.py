@@ -316,3 +316,24 @@ def test_the_picture_is_one_tab_stop_and_the_arrow_keys_move_among_its_cells(bro
     ActionChains(browser).key_down(Keys.SHIFT).send_keys(Keys.TAB).key_up(Keys.SHIFT).perform()
     assert active() == str(reached)  # back to the cell it left
     assert severe_errors(browser) == []
+
+
+def test_the_sentence_under_a_segmented_pattern_says_that_the_segment_ids_split_its_groups(browser, tmp_path):
+    """It said that elements differing only along the bracketed axes share one mean and std,
+    where two such elements of different segments do not (the page's own groups, and
+    normalize's statistics, split them); and nothing said that the other buttons take no ids."""
+    import normlab
+
+    x = np.array([[1, 2], [3, 4], [5, 7], [2, 2], [0, 9]], dtype=np.float32)
+    ids = np.array([0, 0, 1, 1, 1])
+    view = explain_array(x, "[n] c", segments=ids)
+    browser.get(write_page(tmp_path / "segments.html", all_views(x, view), "custom").resolve().as_uri())
+    hover(browser, 0)  # channel 0 of node 0: node 2, also channel 0, differs from it only along n
+    _, mean, _ = normlab.normalize(x, "[n] c", segment_ids=ids, return_stats=True)
+    assert mean[0, 0] != mean[1, 0] and 4 not in highlighted(browser)  # (another segment: not its group)
+    sentence = browser.find_element("id", "pattern-explain").text
+    assert "differ only along the axes in [ ] and carry the same segment id share one mean and one std" in sentence
+    assert "the other buttons take none" in sentence
+    switch_norm(browser, "batch")
+    assert "segment" not in browser.find_element("id", "pattern-explain").text
+    assert severe_errors(browser) == []

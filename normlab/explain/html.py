@@ -418,8 +418,10 @@ PAGE_TEMPLATE = r"""<!doctype html>
     document.getElementById("summary").textContent = count + (count === 1 ? " group" : " groups") +
       (norm.segmented ? " (split by the segment ids)" : " of " + size + " elements") + " · " + norm.label;
     document.getElementById("pattern-explain").innerHTML =
-      "<code>" + esc(norm.pattern) + Object.entries(norm.sizes).map(([k, v]) => "  " + k + "=" + v).join("") + "</code>: elements that differ only along the axes in <code>[ ]</code> share one " +
-      (norm.rms ? "root mean square (RMS norm has no mean)." : "mean and one std.");
+      "<code>" + esc(norm.pattern) + Object.entries(norm.sizes).map(([k, v]) => "  " + k + "=" + v).join("") + "</code>: elements that differ only along the axes in <code>[ ]</code>" +
+      (norm.segmented ? " and carry the same segment id" : "") + " share one " +
+      (norm.rms ? "root mean square (RMS norm has no mean)." : "mean and one std.") +
+      (norm.segmented ? " The segment ids split this pattern's groups alone; the other buttons take none." : "");
     const legend = document.getElementById("legend");
     legend.innerHTML = norm.groupNames.map((name, g) =>
       '<li data-group="' + g + '" tabindex="0"><span class="swatch" style="background:' + color(g) + '"></span><span class="gname">' + esc(name) + '</span>' +
