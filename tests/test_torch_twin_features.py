@@ -565,3 +565,26 @@ def test_a_twins_refusal_is_torch_nns_in_its_type_and_words_followed_by_the_shap
     assert fixes or "; pass " in message or "reshape" in message, message
     for fix, call in fixes:
         call()  # (torch.nn's module runs the call the message suggests)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("masked", [False, True], ids=["no mask", "mask"])
+def test_a_group_norm_twin_refuses_torch_s_own_group_norm_error_inputs_with_torch_s_expected_words(masked):
+    """PyTorch's own error inputs for group_norm (OpInfo's error_inputs_group_norm: an input
+    of one axis, channels its groups do not divide) and the words its tests expect of them,
+    given to a GroupNorm twin without parameters (torch.nn's forward with weight=None), with
+    and without a mask. Oracle: torch's OpInfo error inputs and their error_regex."""
+    import re
+
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    opinfo = next(op for op in op_db if op.name == "nn.functional.group_norm")
+    errors = list(opinfo.error_inputs("cpu"))
+    assert errors
+    for error in errors:
+        x, groups = error.sample_input.input, error.sample_input.args[0]
+        twin = nt.GroupNorm(groups, groups, affine=False)
+        with pytest.raises(RuntimeError) as raised:
+            twin(x, mask=torch.ones(x.shape, dtype=torch.bool)) if masked else twin(x)
+        assert re.search(error.error_regex, str(raised.value)), str(raised.value)
+        assert str(tuple(x.shape)) in str(raised.value), str(raised.value)
