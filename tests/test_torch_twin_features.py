@@ -588,3 +588,34 @@ def test_a_group_norm_twin_refuses_torch_s_own_group_norm_error_inputs_with_torc
             twin(x, mask=torch.ones(x.shape, dtype=torch.bool)) if masked else twin(x)
         assert re.search(error.error_regex, str(raised.value)), str(raised.value)
         assert str(tuple(x.shape)) in str(raised.value), str(raised.value)
+
+
+# (torch.nn's module, an input it refuses, whether the compiled error holds the eager fix)
+_COMPILED_REFUSALS = [
+    ("BatchNorm2d, 3D", lambda: nn.BatchNorm2d(8), lambda: torch.randn(2, 8, 3), True),
+    ("GroupNorm, 6 channels of 8", lambda: nn.GroupNorm(2, 8), lambda: torch.randn(2, 6, 3), False),
+    ("BatchNorm2d, float64 input", lambda: nn.BatchNorm2d(8), lambda: torch.randn(2, 8, 3, 3, dtype=torch.float64),
+     False),
+]
+
+
+@pytest.mark.parametrize("name, make, make_input, advised", _COMPILED_REFUSALS,
+                         ids=[case[0] for case in _COMPILED_REFUSALS])
+def test_a_compiled_twins_refusal_is_torch_nns_compiled_one_with_the_fix_where_the_call_goes_back_to_eager(
+        name, make, make_input, advised):
+    """What the README says of a refusal under torch.compile: torch.nn's compiled error (its
+    type, its words first) alone where Dynamo raises it from its trace, the eager error with
+    the fix where the call goes back to eager. Oracle: torch.nn's module compiled alike."""
+    x = make_input()
+    reference = make()
+    twin = nt.convert(copy.deepcopy(reference))
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as theirs:
+        torch.compile(reference, backend="eager")(x)
+    with pytest.raises(type(theirs.value)) as ours:
+        torch.compile(twin, backend="eager")(x)
+    torch._dynamo.reset()
+    # (the first line: Dynamo's lines after it name each module's own code)
+    message, expected = str(ours.value).splitlines()[0], str(theirs.value).splitlines()[0]
+    assert message.startswith(expected), message
+    assert (message != expected) is advised, message  # (the fix follows torch's words, or nothing does)
