@@ -490,3 +490,23 @@ def test_a_masked_group_norm_without_parameters_takes_any_channels_its_groups_di
     torch.testing.assert_close(twin(x, mask=mask), reference(x))
     mask[..., -1] = False
     torch.testing.assert_close(twin(x, mask=mask)[..., :-1], reference(x[..., :-1]))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("make, shape", [(lambda: torch.nn.BatchNorm1d(8), (2, 0)),
+                                         (lambda: torch.nn.BatchNorm2d(8), (2, 0, 2, 2)),
+                                         (lambda: torch.nn.BatchNorm2d(8, momentum=None), (3, 0, 1, 1))],
+                         ids=["BatchNorm1d, (2, 0)", "BatchNorm2d, (2, 0, 2, 2)", "BatchNorm2d momentum=None"])
+def test_a_masked_batch_norm_takes_an_empty_input_of_other_channels_as_torch_nn_does(make, shape, training):
+    """A batch norm given an empty input of other channels than its own (zero here) with
+    mask= raised "normalizes 8 channels", where torch.nn's module (and the twin without a
+    mask) returns the empty output and counts the batch in training. Oracle: torch.nn's
+    module, its output and its state after the call."""
+    reference = make().train(training)
+    twin = nt.convert(copy.deepcopy(reference))
+    x = torch.randn(shape)
+    expected = reference(x)
+    got = twin(x, mask=torch.ones(shape, dtype=torch.bool))
+    assert got.shape == expected.shape and got.dtype == expected.dtype and got.stride() == expected.stride()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(twin.state_dict()[key], value, rtol=0, atol=0, equal_nan=True)

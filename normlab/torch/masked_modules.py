@@ -109,7 +109,7 @@ def _refused_mix(module, x: Tensor) -> bool:
             or (running[0] is not None or running[1] is not None) and _needs_grad(*running))
 
 
-def _refuse_misfit(module, x: Tensor, mask: Tensor) -> None:
+def _refuse_misfit(module, x: Tensor, mask: Tensor) -> Optional[Tensor]:
     """Raise, as a RuntimeError (and ValueError) that gives torch.nn's words for the input
     first and then names the shape the module expects, the input's and the fix, where
     torch.nn's module refuses the input's shape: a batch or instance norm's channels on axis
@@ -117,9 +117,11 @@ def _refuse_misfit(module, x: Tensor, mask: Tensor) -> None:
     size), a group norm's other than its ``num_channels`` (where it has parameters, or its
     groups do not divide them), a layer or RMS norm's trailing axes other than its
     ``normalized_shape``. The masked statistics would fail later, naming the pattern's inner
-    axes and arguments the module does not take (``pass n0=4``, ``change params``)."""
+    axes and arguments the module does not take (``pass n0=4``, ``change params``). A batch
+    norm's empty input of other channels, which torch.nn's takes, gets torch.nn's output,
+    returned; None otherwise."""
     if torch._C._get_tracing_state() is not None:  # (sizes are traced tensors: torch's ops check them)
-        return
+        return None
     name = type(module).__name__
     if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
         module._check_input_dim(x)  # (torch.nn's ValueError for the wrong number of axes)
@@ -131,6 +133,14 @@ def _refuse_misfit(module, x: Tensor, mask: Tensor) -> None:
             # (torch.nn's forward, which gives its words, counts a batch norm's batch before its op refuses the
             # channels, as torch.nn's call does eagerly; compiled, neither counts it)
             lead = f"{name} with mask= of shape {sizes(mask.shape)}"
+            forward = getattr(module, "_torch_forward", None)
+            if not instance and x.numel() == 0 and forward is not None and not torch.compiler.is_compiling():
+                # torch.nn's batch norms take an empty input of any channels (a mask of it counts nothing):
+                # their output and their count of the batch, or their words where they refuse it
+                try:
+                    return forward(x)
+                except (RuntimeError, ValueError) as error:
+                    raise _misfit(_channels_message(module, x, lead), str(error)) from None
             raise _misfit(_channels_message(module, x, lead), _torch_refusal(module, x))
         if sized and channel_axis == 0 and x.shape[0] != module.num_features:
             channels = module.num_features
@@ -198,7 +208,9 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
         if _refused_mix(module, x):  # the unmasked forward hands it to torch.nn's, which raises its error
             return module.forward(x)
         if mask is not None:
-            _refuse_misfit(module, x, mask)
+            taken = _refuse_misfit(module, x, mask)
+            if taken is not None:  # (an empty input that torch.nn's batch norm takes: its output)
+                return taken
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return _unmasked_layout(module, x, _batch_norm(module, x, mask))
         if isinstance(module, nn.modules.instancenorm._InstanceNorm):
