@@ -41,6 +41,9 @@ A layer is converted when normlab can compute what it computes:
   buffers or children and an ``eps``, whose forward reproduces a channels-first recipe bit
   for bit on probe inputs in float32 and bfloat16 becomes
   :class:`~normlab.torch.recipe_norms.RMSNorm2d`;
+* subclasses of ``nn.GroupNorm`` that normalize each frame of ``(N, C, T, H, W)`` input on its
+  own (diffusers' ``MiniMaxH3VideoGroupNorm``), found on float64 probes: a
+  :class:`~normlab.torch.modules.Norm` with pattern ``"b (g [c]) t [h w]"``;
 * layer norms over the channels of ``(N, C, H, W)`` input that are no ``nn.LayerNorm``
   (transformers' ``VitDetLayerNorm``): a ``weight``, ``bias`` and ``normalized_shape`` of
   ``(C,)`` and a forward that gives torch's numbers on float64 probes become
@@ -84,7 +87,8 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from normlab.torch.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, ChannelsFirstLayerNorm, GroupNorm,
-                                   InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, LayerNorm2d, RMSNorm)
+                                   InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, LayerNorm2d, Norm,
+                                   RMSNorm)
 from normlab.torch.recipe_probes import (_channels_first_rms_recipe, _computes_in_float32_on_float32_parameters,
                                          _computes_in_half_as, _gated_recipe,
                                          _ignores_its_channel_dim, _layer_norm_recipe, _on_cpu, _probe_copy,
@@ -421,6 +425,10 @@ def _decision(module: nn.Module):
                     return ((WrittenOutLayerNorm, {}) if _computes_in_half_as(module, written_out, shape)
                             else _LEFT_ALONE)
             return _TWINS[base], {}
+        if base is nn.GroupNorm and _computes_like(module, _per_frame_group_norm, [(2, module.num_channels, 3, 2, 2)]):
+            # (diffusers' MiniMaxH3VideoGroupNorm: each frame of (N, C, T, H, W) on its own)
+            return _pattern_twin(module, "b (g [c]) t [h w]", "(g c)", g=module.num_groups,
+                                 c=module.num_channels // module.num_groups)
         if base is nn.LayerNorm and len(module.normalized_shape) == 1:
             channels_first = (2, module.normalized_shape[0], 3, 2)
             if _computes_like(module, _channels_first_layer_norm, [channels_first]):
@@ -674,6 +682,28 @@ def _is_channels_first_layer_norm(module: nn.Module) -> bool:
             or module._buffers or list(module.children()) or not isinstance(eps, float)):
         return False
     return _computes_like(module, _channels_first_layer_norm, [(2, shape[0], 3, 2)])
+
+
+def _per_frame_group_norm(module: nn.Module, x: Tensor) -> Tensor:
+    """Group norm of each frame of ``(N, C, T, H, W)`` input on its own: the time axis folded
+    into the batch, as diffusers' ``MiniMaxH3VideoGroupNorm`` folds it."""
+    n, c, t, h, w = x.shape
+    frames = x.transpose(1, 2).reshape(n * t, c, h, w)
+    y = F.group_norm(frames, module.num_groups, module.weight, module.bias, module.eps)
+    return y.reshape(n, t, c, h, w).transpose(1, 2).contiguous()
+
+
+def _pattern_twin(module: nn.Module, pattern: str, params: str, **sizes: int) -> tuple[type, dict]:
+    """``(Norm, attributes)`` for a norm the pattern computes, with the module's ``eps`` and
+    its parameters spanning ``params`` (none where it has neither weight nor bias): the
+    attributes a :class:`~normlab.torch.modules.Norm` so built holds, its state left out (the
+    twin holds the original's parameter objects)."""
+    affine = module._parameters.get("weight") is not None or module._parameters.get("bias") is not None
+    return Norm, _attributes_of(Norm(pattern, params if affine else None, eps=module.eps, device="meta", **sizes))
+
+
+def _attributes_of(built: nn.Module) -> dict:
+    return {key: value for key, value in built.__dict__.items() if key not in _MODULE_INTERNALS}
 
 
 def _channels_first_layer_norm(module: nn.Module, x: Tensor) -> Tensor:

@@ -1,0 +1,145 @@
+"""convert() on norms of model families that normlab's generic pattern twin, ``Norm``,
+computes: diffusers' ``MiniMaxH3VideoGroupNorm`` (group norm of each frame on its own,
+``"b (g [c]) t [h w]"``). The oracles are those classes, built with random parameters, and
+a tiny model built from its config, run unconverted on the same inputs with torch's
+autograd through them."""
+
+import copy
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+minimax = pytest.importorskip("diffusers.models.autoencoders.autoencoder_kl_minimax_h3")
+
+import normlab.torch as nt  # noqa: E402
+from tests.test_convert_models import (  # noqa: E402
+    TOLERANCE, assert_same_numbers, convert_quietly, random_parameters, unconvert_exactly,
+)
+
+BFLOAT16 = dict(rtol=1.6e-2, atol=2e-2)
+MiniMaxH3VideoGroupNorm = minimax.MiniMaxH3VideoGroupNorm
+
+
+def _tolerance(dtype):
+    return TOLERANCE.get(dtype, BFLOAT16)
+
+
+# ---------------------------------------------------------------------------------------
+# MiniMax-H3's per-frame group norm
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
+                         ids=["float32", "bfloat16", "float64"])
+def test_minimax_h3s_per_frame_group_norm_becomes_a_norm_with_its_outputs_and_gradients(dtype, affine):
+    """It was left unconverted with a warning: a GroupNorm whose forward folds the frames of
+    (N, C, T, H, W) input into the batch, so no statistics span two frames."""
+    original = random_parameters(MiniMaxH3VideoGroupNorm(4, 8, eps=1e-6, affine=affine)).to(dtype)
+    converted = convert_quietly(copy.deepcopy(original))
+    assert type(converted) is nt.Norm and converted.pattern == "b (g [c]) t [h w]"
+    assert list(converted.state_dict()) == list(original.state_dict())
+    x = (torch.randn(2, 8, 3, 4, 5) * 2 + 1).to(dtype)
+    assert_same_numbers(original, converted, x, _tolerance(dtype))
+    assert converted(x).is_contiguous()
+
+
+def test_a_converted_per_frame_group_norm_refuses_input_of_another_rank_as_the_original_does():
+    original = MiniMaxH3VideoGroupNorm(4, 8)
+    converted = convert_quietly(copy.deepcopy(original))
+    x = torch.randn(2, 8, 4, 5)
+    with pytest.raises(ValueError):
+        original(x)
+    with pytest.raises(RuntimeError, match="b \\(g \\[c\\]\\) t \\[h w\\]"):
+        converted(x)
+
+
+def _tiny_minimax_h3():
+    torch.manual_seed(0)
+    model = minimax.AutoencoderKLMiniMaxH3(
+        block_out_channels=(8, 16), layers_per_block=1, spatial_downsample_factors=(2, 1),
+        temporal_downsample_factors=(1, 2), norm_num_groups=4, latent_channels=4, decoder_num_layers=1,
+        decoder_num_attention_heads=2, decoder_attention_head_dim=8, latents_mean=(0.0,) * 4,
+        latents_std=(1.0,) * 4, clip_length=4, token_drop=0)
+    return random_parameters(model)
+
+
+def _encode(model, x):
+    return model.encode(x).latent_dist.mean
+
+
+def test_a_tiny_minimax_h3_vae_converts_every_norm_keeps_outputs_and_gradients_and_unconverts():
+    original = _tiny_minimax_h3()
+    converted = convert_quietly(copy.deepcopy(original))
+    per_frame = [name for name, m in original.named_modules() if isinstance(m, MiniMaxH3VideoGroupNorm)]
+    assert per_frame and all(type(converted.get_submodule(name)) is nt.Norm for name in per_frame)
+    assert list(converted.state_dict()) == list(original.state_dict())
+    assert_same_numbers(original, converted, torch.randn(2, 3, 4, 8, 8), dict(rtol=1e-4, atol=1e-4), call=_encode)
+    restored = unconvert_exactly(converted, original)
+    for name in per_frame:
+        before, after = original.get_submodule(name), restored.get_submodule(name)
+        assert type(after) is MiniMaxH3VideoGroupNorm and after.__dict__.keys() == before.__dict__.keys()
+        assert list(after._parameters) == list(before._parameters) and list(after._buffers) == list(before._buffers)
+
+
+def test_a_tiny_minimax_h3_vae_converted_in_bfloat16_gives_its_latents_to_bfloat16_rounding():
+    """(Its encoder's weight gradients, summed over many rounded products, are held in the
+    float32 test above: diffusers keeps this encoder in float32 where it loads one in bfloat16.)"""
+    original = _tiny_minimax_h3().to(torch.bfloat16)
+    converted = convert_quietly(copy.deepcopy(original))
+    x = torch.randn(2, 3, 4, 8, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(_encode(converted, x), _encode(original, x), **BFLOAT16)
+
+
+# ---------------------------------------------------------------------------------------
+# under torch.func, torch.export and torch.compile
+
+PATTERN_NORMS = {  # name -> (the original, a sample's shape)
+    "minimax_h3_per_frame_group_norm": (lambda: MiniMaxH3VideoGroupNorm(4, 8, eps=1e-6), (8, 3, 2, 3)),
+}
+
+
+def _pair(name):
+    make, shape = PATTERN_NORMS[name]
+    original = random_parameters(make())
+    return original, convert_quietly(copy.deepcopy(original)), shape
+
+
+@pytest.mark.parametrize("name", list(PATTERN_NORMS))
+def test_vmap_jacrev_and_jacfwd_of_a_converted_pattern_norm_match_the_originals(name):
+    original, converted, shape = _pair(name)
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    original, converted = original.double(), converted.double()
+    found = []
+    for model in (original, converted):
+        per_sample = torch.func.vmap(lambda row: model(row.unsqueeze(0)).squeeze(0))(x)
+        grads = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).square().sum())(
+            dict(model.named_parameters()))
+        found.append((per_sample, grads, torch.func.jacrev(model)(x[:1]), torch.func.jacfwd(model)(x[:1])))
+    torch.testing.assert_close(found[1], found[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(PATTERN_NORMS))
+def test_an_exported_converted_pattern_norm_gives_the_originals_outputs_at_other_batch_sizes(name):
+    original, converted, shape = _pair(name)
+    exported = torch.export.export(converted, (torch.randn(2, *shape),),
+                                   dynamic_shapes={"x": {0: torch.export.Dim("b")}})
+    assert not any("normlab" in str(n.target) for n in exported.graph.nodes if n.op == "call_function")
+    for size in (3, 5):
+        x = torch.randn(size, *shape)
+        torch.testing.assert_close(exported.module()(x), original(x), **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("name", list(PATTERN_NORMS))
+def test_a_compiled_converted_pattern_norm_gives_the_originals_outputs_and_gradients(name):
+    original, converted, shape = _pair(name)
+    compiled = torch.compile(converted, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, *shape)
+    found = []
+    for model in (original, compiled):
+        probe = x.clone().requires_grad_()
+        y = model(probe)
+        y.backward(torch.ones_like(y))
+        found.append((y.detach(), probe.grad))
+    torch.testing.assert_close(found[1], found[0], **TOLERANCE[torch.float32])
