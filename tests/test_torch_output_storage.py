@@ -15,16 +15,21 @@ from torch import nn  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
 
-# (id, torch.nn original, input shape): the row norms on the sizes of a small call
-ROW_NORMS = [
-    ("layer_norm", lambda: nn.LayerNorm(64), (512, 64)),
-    ("layer_norm_one_row", lambda: nn.LayerNorm(64), (1, 64)),
-    ("layer_norm_2d_shape", lambda: nn.LayerNorm((3, 8)), (5, 3, 8)),
-    ("rms_norm", lambda: nn.RMSNorm(64), (2, 7, 64)),
-    ("group_norm", lambda: nn.GroupNorm(4, 16), (2, 16, 5, 5)),
-    ("layer_norm_threaded_size", lambda: nn.LayerNorm(512), (300, 512)),
+# (id, torch.nn original, input shape, memory format): the sizes of small calls, and one
+# of the kernels' threaded sizes
+NORMS = [
+    ("layer_norm", lambda: nn.LayerNorm(64), (512, 64), None),
+    ("layer_norm_one_row", lambda: nn.LayerNorm(64), (1, 64), None),
+    ("layer_norm_2d_shape", lambda: nn.LayerNorm((3, 8)), (5, 3, 8), None),
+    ("rms_norm", lambda: nn.RMSNorm(64), (2, 7, 64), None),
+    ("group_norm", lambda: nn.GroupNorm(4, 16), (2, 16, 5, 5), None),
+    ("layer_norm_threaded_size", lambda: nn.LayerNorm(512), (300, 512), None),
+    ("batch_norm_1d", lambda: nn.BatchNorm1d(64), (512, 64), None),
+    ("batch_norm_2d", lambda: nn.BatchNorm2d(16), (2, 16, 5, 5), None),
+    ("batch_norm_2d_channels_last", lambda: nn.BatchNorm2d(16), (2, 16, 5, 5), torch.channels_last),
+    ("batch_norm_3d_threaded_size", lambda: nn.BatchNorm3d(8), (4, 8, 16, 32, 32), None),
 ]
-IDS = [case[0] for case in ROW_NORMS]
+IDS = [case[0] for case in NORMS]
 
 
 def _pair(make, dtype):
@@ -36,11 +41,16 @@ def _pair(make, dtype):
     return original, nt.convert(copy.deepcopy(original))
 
 
+def _input(shape, dtype, memory_format):
+    x = torch.randn(shape, dtype=dtype)
+    return x if memory_format is None else x.contiguous(memory_format=memory_format)
+
+
 def _outputs(module, x, how):
     """The module's output on ``x``: with autograd recording (``train``), under
     ``torch.no_grad()``, or in evaluation mode under ``torch.inference_mode()``."""
     if how == "train":
-        return module(x.clone().requires_grad_())
+        return module(x.detach().requires_grad_())
     if how == "no_grad":
         with torch.no_grad():
             return module(x)
@@ -48,25 +58,51 @@ def _outputs(module, x, how):
         return module.eval()(x)
 
 
-@pytest.mark.parametrize("make, shape", [case[1:] for case in ROW_NORMS], ids=IDS)
+@pytest.mark.parametrize("make, shape, memory_format", [case[1:] for case in NORMS], ids=IDS)
 @pytest.mark.parametrize("how", ["train", "no_grad", "inference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_row_twins_output_storage_resizes_as_torch_nns_does(make, shape, how, dtype):
+def test_a_twins_output_storage_resizes_as_torch_nns_does(make, shape, memory_format, how, dtype):
     """A twin's output came from ``torch.from_numpy``, whose storage cannot be resized:
     ``y.resize_`` to more elements and ``untyped_storage().resize_(0)`` raised "Trying to
     resize storage that is not resizable" where torch.nn's output resizes. Now, as torch.nn's:
-    resizable, grown with its values kept, freed to no bytes."""
+    resizable, grown with its values kept, freed to no bytes; laid out as torch.nn's."""
     original, twin = _pair(make, dtype)
-    x = torch.randn(shape, dtype=dtype)
+    x = _input(shape, dtype, memory_format)
+    layouts = []
     for module in (original, twin):
         y = _outputs(module, x, how).detach()
-        values = y.clone()
+        layouts.append(y.stride())
+        values = y.as_strided((y.numel(),), (1,)).clone()  # (in memory order: resize_ keeps the memory)
         assert y.untyped_storage().resizable(), type(module)
         grown = y.resize_(y.numel() * 2)  # (a plain tensor's resize_: a no-grad output, or detached)
         assert grown.shape == (values.numel() * 2,)
-        torch.testing.assert_close(grown[:values.numel()], values.reshape(-1), rtol=0, atol=0)
+        torch.testing.assert_close(grown[:values.numel()], values, rtol=0, atol=0)
         y.untyped_storage().resize_(0)
         assert y.untyped_storage().nbytes() == 0
+    assert layouts[1] == layouts[0]
+
+
+@pytest.mark.parametrize("make, shape, memory_format", [case[1:] for case in NORMS if "batch" in case[0]],
+                         ids=[case[0] for case in NORMS if "batch" in case[0]])
+@pytest.mark.parametrize("hook", [False, True])
+def test_a_batch_norm_twins_input_gradient_storage_resizes_as_torch_nns_does(make, shape, memory_format, hook):
+    """The input gradient of a batch norm twin in training came from ``torch.from_numpy``
+    too; now it resizes as torch.nn's does, and has its values and layout, also where a
+    saved-tensor hook hands back x in another layout than the forward's."""
+    original, twin = _pair(make, torch.float64)
+    x, grad_y = _input(shape, torch.float64, memory_format), torch.randn(shape, dtype=torch.float64)
+    pack = (lambda t: t.clone(memory_format=torch.contiguous_format)) if hook else (lambda t: t)
+    grads = []
+    for module in (original, twin):
+        leaf = x.detach().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = module(leaf)
+        y.backward(grad_y)
+        assert leaf.grad.untyped_storage().resizable(), type(module)
+        grads.append(leaf.grad)
+    assert grads[1].stride() == grads[0].stride()
+    torch.testing.assert_close(grads[1], grads[0])
+    grads[1].untyped_storage().resize_(0)
 
 
 @pytest.mark.parametrize("how", ["train", "no_grad"])
@@ -83,17 +119,17 @@ def test_a_twins_output_has_torch_nns_strides_for_an_input_with_unusual_strides_
     torch.testing.assert_close(actual, expected)
 
 
-@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm", "group_norm"])
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm", "group_norm", "batch_norm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_norm_whose_output_goes_straight_into_a_reversible_gnn_trains_after_convert(norm, dtype):
     """PyG's ``GroupAddRev`` frees its input (here the norm's output) in forward and refills
     it in backward with ``resize_``: a converted model computing ``rev(norm(x), edges)``
     raised "Trying to resize storage that is not resizable" in its first backward, where
-    torch.nn's trains. Now it gives torch.nn's output and gradients."""
+    torch.nn's trains. Now it gives torch.nn's output, gradients and running statistics."""
     from torch_geometric.nn import GroupAddRev, SAGEConv
 
     make = {"layer_norm": lambda: nn.LayerNorm(64), "rms_norm": lambda: nn.RMSNorm(64),
-            "group_norm": lambda: nn.GroupNorm(4, 64)}[norm]
+            "group_norm": lambda: nn.GroupNorm(4, 64), "batch_norm": lambda: nn.BatchNorm1d(64)}[norm]
 
     class Model(nn.Module):
         def __init__(self):
@@ -120,13 +156,13 @@ def test_a_norm_whose_output_goes_straight_into_a_reversible_gnn_trains_after_co
             out.square().sum().backward()
         except RuntimeError as error:
             pytest.fail(f"{type(error).__name__}: {error}", pytrace=False)
-        results.append((y, nodes.grad, [p.grad for p in model.parameters()]))
-    (y, grad, grads), (y_ref, grad_ref, grads_ref) = results
+        results.append((y, nodes.grad, [p.grad for p in model.parameters()], list(model.buffers())))
+    (y, grad, grads, buffers), (y_ref, grad_ref, grads_ref, buffers_ref) = results
     # (float32: gradients summed over 512 nodes, in another order than torch.nn's)
     tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
     torch.testing.assert_close(y, y_ref, **tolerance)
     torch.testing.assert_close(grad, grad_ref, **tolerance)
-    for g, g_ref in zip(grads, grads_ref):
+    for g, g_ref in zip(grads + buffers, grads_ref + buffers_ref):
         torch.testing.assert_close(g, g_ref, **tolerance)
 
 

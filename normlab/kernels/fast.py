@@ -174,7 +174,8 @@ class FastForward:
 
         rows, n = self.shape
         kernel = addressed.row_forward32_at if self.dtype == np.float32 else addressed.row_forward_at
-        param_row_stride, param_inner, rms, stats_shape = self.param_row_stride, self.param_inner, self.rms, self.stats_shape
+        param_row_stride, param_inner, rms = self.param_row_stride, self.param_inner, self.rms
+        stats_shape = self.stats_shape
         scratch = self.scratch[0].base if self.scratch else None  # (the (3, rows) array the plan's scratch rows view)
         empty = np.empty
 

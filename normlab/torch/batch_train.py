@@ -30,6 +30,21 @@ from normlab.torch.row_autograd import traced_backward
 from normlab.torch.spec import _ABSENT, affine_parameters, array_view, module_cache, param_view, tensor_layout
 
 _NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64}
+_empty_like = torch.empty_like
+_serial_below = kernels.threads.serial_below
+_ADDRESSED = None
+
+
+def _addressed():
+    """:mod:`normlab.kernels.addressed`, imported on first use (it imports Numba)."""
+    global _ADDRESSED
+    if _ADDRESSED is None:
+        from normlab.kernels import addressed
+
+        _ADDRESSED = addressed
+    return _ADDRESSED
+
+
 _MAX_CALLS = 64  # shapes remembered per module
 
 
@@ -46,21 +61,38 @@ class TrainCall:
     shape: tuple[int, ...]
     dtype: np.dtype
     count: int  # values per channel
+    strides: tuple[int, ...]  # x's
+    out_strides: tuple[int, ...]  # the outputs': the dense layout's C order, laid out as x
+    witness: np.ndarray  # an empty array of the dtype, which types the addressed kernels' pointers
+    group_rows: int  # the column kernels' units of work (kernels.column_forward's choices)
+    outer_chunk: int
 
     def engine(self, t: Tensor) -> np.ndarray:
         t = t.detach()
         return array_view(t if self.perm is None else t.permute(self.perm)).reshape(self.view)
 
-    def output(self) -> tuple[Tensor, np.ndarray]:
-        """A new tensor laid out as x, and its engine view."""
-        # recycled memory above pool.MIN_BYTES (whose size is read now); below, np.empty
-        # straight away (pool.empty's own checks cost a microsecond and a half)
-        small = self.count * self.view[1] * self.dtype.itemsize < pool.MIN_BYTES
-        array = np.empty(self.dense, self.dtype) if small else pool.empty(self.dense, self.dtype)
-        # laid out as x by NumPy, not by torch's permute: no view, which autograd would refuse to
-        # let a ReLU(inplace=True) modify (see normlab.torch.spec._empty_like_dense)
+    def output(self, x: Tensor) -> tuple[Tensor, Optional[np.ndarray]]:
+        """A new tensor laid out as x, and its engine view where it is recycled memory (from
+        ``pool.MIN_BYTES``, through ``torch.from_numpy``, not resizable), else None: below,
+        torch allocates it (resizable, as torch.nn's outputs are)."""
+        # (pool.MIN_BYTES read now, as pool.empty reads it)
+        if self.count * self.view[1] * self.dtype.itemsize < pool.MIN_BYTES:
+            # (not torch's permute of a C-order tensor: a view, which autograd would refuse to let a
+            # ReLU(inplace=True) modify; see normlab.torch.spec._empty_like_dense)
+            # (x's layout is the call's, except a saved-tensor hook's copy in backward)
+            return (_empty_like(x) if x.stride() == self.out_strides
+                    else torch.empty_strided(self.shape, self.out_strides, dtype=x.dtype)), None
+        array = pool.empty(self.dense, self.dtype)
         tensor = torch.from_numpy(array if self.perm is None else array.transpose(self.inverse))
         return tensor, array.reshape(self.view)
+
+    def addressed(self, *tensors: Tensor) -> bool:
+        """True where the addressed kernels (:mod:`normlab.kernels.addressed`) take these
+        tensors: of x's strides, aligned to their elements, and a call of serial size."""
+        for t in tensors:  # (a loop, not all() over a generator: every training call runs this)
+            if t.data_ptr() % self.witness.itemsize or t.stride() != self.strides:
+                return False
+        return self.count * self.view[1] < _serial_below()
 
 
 def _plan_call(x: Tensor) -> Optional[TrainCall]:
@@ -69,15 +101,31 @@ def _plan_call(x: Tensor) -> Optional[TrainCall]:
         return None  # the full path says what an empty batch gives
     dtype = np.dtype(_NUMPY_OF[x.dtype])
     shape = tuple(x.shape)
+    witness = np.empty(0, dtype)
     if x.is_contiguous():
         inner = math.prod(shape[2:])
-        return TrainCall((shape[0], channels, inner), None, None, shape, shape, dtype, shape[0] * inner)
+        return TrainCall((shape[0], channels, inner), None, None, shape, shape, dtype, shape[0] * inner, x.stride(),
+                         _c_strides(shape), witness, kernels.column_group_rows(channels),
+                         max(1, kernels.CHUNK_ELEMENTS // inner))
     perm = (0,) + tuple(range(2, x.dim())) + (1,)  # channels_last: (N, *spatial, C)
     if x.dim() > 2 and x.permute(perm).is_contiguous():
         rows = x.numel() // channels
         inverse = tuple(perm.index(d) for d in range(x.dim()))
-        return TrainCall((rows, channels, 1), perm, inverse, tuple(shape[p] for p in perm), shape, dtype, rows)
+        dense = tuple(shape[p] for p in perm)
+        dense_strides = _c_strides(dense)
+        return TrainCall((rows, channels, 1), perm, inverse, dense, shape, dtype, rows, x.stride(),
+                         tuple(dense_strides[i] for i in inverse), witness,
+                         kernels.column_group_rows(channels), kernels.CHUNK_ELEMENTS)
     return None
+
+
+def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of C order for a shape of no empty axis (NumPy's, in elements)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 def _call_for(module, x: Tensor) -> Optional[TrainCall]:
@@ -254,10 +302,18 @@ def _run_forward(module, call: TrainCall, x: Tensor, tables, factor, running):
     ``running`` is given) updated with ``factor``, or with ``factor`` = (momentum,
     cumulative, counter, num_batches_tracked) the batch counted in first (:class:`TrainStep`)."""
     channels = call.view[1]
-    y, y_view = call.output()
+    y, y_view = call.output(x)
     stats = np.empty((3, channels))
     mean, var, rstd = stats
-    kernels.column_forward(call.engine(x), y_view, *tables, False, float(module.eps), False, mean, var, rstd)
+    if y_view is None and call.addressed(x):
+        # (kernels.column_forward's serial kernels, on the tensors' addresses: no NumPy views made)
+        addressed = _addressed()
+        (addressed.column_forward32_at if call.witness.dtype == np.float32 else addressed.column_forward_at)(
+            x.data_ptr(), y.data_ptr(), *call.view, call.witness, *tables, False, float(module.eps),
+            addressed.CANCELLATION, call.group_rows, kernels.CHANNEL_BLOCK, call.outer_chunk, mean, var, rstd)
+    else:
+        kernels.column_forward(call.engine(x), call.engine(y) if y_view is None else y_view, *tables, False,
+                               float(module.eps), False, mean, var, rstd)
     if running is not None:
         columns = kernels._columns()
         if type(factor) is tuple:
@@ -276,10 +332,17 @@ def _run_backward(module, call: TrainCall, grad_y: Tensor, x: Tensor, weight, ep
     if type(grad_y) is not Tensor or grad_y.dtype != x.dtype or grad_y.stride() != x.stride():
         grad_y = torch.empty_like(x).copy_(grad_y)  # x's layout, so one view fits both
     channels = call.view[1]
-    grad_x, grad_x_view = call.output()
+    grad_x, grad_x_view = call.output(x)
     grad_weight, grad_bias = np.empty((2, channels))
-    kernels.column_backward(call.engine(grad_y), call.engine(x), _table(weight, 1.0, channels),
-                            False, eps, True, mean, rstd, grad_x_view, grad_weight, grad_bias)
+    if grad_x_view is None and call.addressed(x, grad_y):
+        # (x as saved: a saved-tensor hook may hand back another layout, which takes the views below)
+        _addressed().column_backward_at(grad_y.data_ptr(), x.data_ptr(), grad_x.data_ptr(), *call.view, call.witness,
+                                        _table(weight, 1.0, channels), False, mean, rstd, call.group_rows,
+                                        kernels.CHANNEL_BLOCK, call.outer_chunk, grad_weight, grad_bias)
+    else:
+        kernels.column_backward(call.engine(grad_y), call.engine(x), _table(weight, 1.0, channels), False, eps, True,
+                                mean, rstd, call.engine(grad_x) if grad_x_view is None else grad_x_view, grad_weight,
+                                grad_bias)
     return grad_x, grad_weight, grad_bias
 
 

@@ -21,7 +21,6 @@ from normlab.torch.paths import _profiler, profiled_backward
 from normlab.kernels import pool, threads
 from normlab.torch.spec import array_view, param_view, refuse_unallocated, tensor_layout
 
-_POOL_MIN_BYTES = pool.MIN_BYTES
 _serial_below = threads.serial_below
 _empty_like = torch.empty_like
 
@@ -193,7 +192,7 @@ def forward_tensor(forward, x: Tensor, tables, eps: float, return_stats: bool):
     normlab's recycled memory instead (through ``torch.from_numpy``, not resizable): a
     fresh one would cost its page zeroing on every call."""
     x_array = array_view(x)
-    if forward.nbytes >= _POOL_MIN_BYTES:
+    if forward.nbytes >= pool.MIN_BYTES:  # (read now, as pool.empty reads it)
         result = forward.run(x_array, *tables, eps, return_stats)
         y = result[0] if return_stats else result
         y = torch.from_numpy(y)
