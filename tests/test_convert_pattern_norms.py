@@ -1,7 +1,8 @@
 """convert() on norms of model families that normlab's generic pattern twin, ``Norm``,
 computes: diffusers' ``MiniMaxH3VideoGroupNorm`` (group norm of each frame on its own,
-``"b (g [c]) t [h w]"``). The oracles are those classes, built with random parameters, and
-a tiny model built from its config, run unconverted on the same inputs with torch's
+``"b (g [c]) t [h w]"``) and transformers' ``ChameleonLayerNorm`` (layer norm of each head,
+``"... h [d]"`` with a weight and bias per head). The oracles are those classes, built with
+random parameters, and tiny models built from their configs, run unconverted on the same inputs with torch's
 autograd through them."""
 
 import copy
@@ -93,10 +94,112 @@ def test_a_tiny_minimax_h3_vae_converted_in_bfloat16_gives_its_latents_to_bfloat
 
 
 # ---------------------------------------------------------------------------------------
+# Chameleon's per-head QK layer norm
+
+
+def _chameleon_layer_norm(heads=4, head_dim=8):
+    from transformers.models.chameleon.modeling_chameleon import ChameleonLayerNorm
+
+    return random_parameters(ChameleonLayerNorm((heads, head_dim)))
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                    (torch.bfloat16, torch.float32), (torch.float64, torch.float64)],
+                         ids=["float32", "bfloat16", "bfloat16_on_float32_parameters", "float64"])
+def test_chameleons_per_head_layer_norm_becomes_a_per_head_layer_norm_with_its_outputs_and_gradients(dtypes):
+    """It was left unconverted with a warning: torch's layer norm over each head's head_dim
+    values, then a weight and bias of shape (heads, head_dim) in torch operations, which
+    promote bfloat16 input beside float32 parameters to float32 (those calls: its bits)."""
+    x_dtype, parameter_dtype = dtypes
+    original = _chameleon_layer_norm().to(parameter_dtype)
+    converted = convert_quietly(copy.deepcopy(original))
+    assert type(converted) is nt.PerHeadLayerNorm and converted.pattern == "... h [d]"
+    assert list(converted.state_dict()) == list(original.state_dict()) == ["weight", "bias"]
+    x = (torch.randn(6, 4, 8) * 2 + 1).to(x_dtype)
+    tolerance = None if x_dtype != parameter_dtype else _tolerance(x_dtype)
+    assert_same_numbers(original, converted, x, tolerance)
+
+
+def test_a_converted_chameleon_layer_norm_under_cpu_autocast_gives_the_originals_bits_and_dtype():
+    original = _chameleon_layer_norm()
+    converted = convert_quietly(copy.deepcopy(original))
+    x = torch.randn(6, 4, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, actual = original(x), converted(x)
+    assert actual.dtype == expected.dtype and torch.equal(actual, expected)
+
+
+def test_a_converted_chameleon_layer_norm_gives_opacus_the_per_sample_gradients_of_a_loop_over_the_original():
+    grad_sample = pytest.importorskip("opacus.grad_sample")
+    original = _chameleon_layer_norm()
+    converted = convert_quietly(copy.deepcopy(original))
+    assert type(converted) is nt.PerHeadLayerNorm
+    x, probe = torch.randn(5, 3, 4, 8), torch.randn(5, 3, 4, 8)
+    sampled = grad_sample.GradSampleModule(torch.nn.Sequential(converted), loss_reduction="sum")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (torch's "Full backward hook is firing ...": x needs no grad)
+        (sampled(x) * probe).sum().backward()
+    looped = [torch.stack(grads) for grads in zip(*(
+        torch.autograd.grad((original(x[i:i + 1]) * probe[i:i + 1]).sum(), [original.weight, original.bias])
+        for i in range(len(x))))]
+    torch.testing.assert_close([converted.weight.grad_sample, converted.bias.grad_sample], looped,
+                               **TOLERANCE[torch.float32])
+
+
+def _tiny_chameleon():
+    from transformers import ChameleonConfig, ChameleonModel
+
+    torch.manual_seed(0)
+    config = ChameleonConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocabulary_map={"<image>": 63},
+        vq_config=dict(embed_dim=8, num_embeddings=16, latent_channels=8, resolution=16, base_channels=32,
+                       channel_multiplier=[1, 1], num_res_blocks=1))
+    return random_parameters(ChameleonModel(config))
+
+
+def _last_hidden_state(model, ids):
+    return model(input_ids=ids).last_hidden_state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_a_tiny_chameleon_converts_its_qk_norms_keeps_outputs_and_gradients_and_unconverts(dtype):
+    from transformers.models.chameleon.modeling_chameleon import ChameleonLayerNorm
+
+    original = _tiny_chameleon().to(dtype)
+    converted = convert_quietly(copy.deepcopy(original))
+    per_head = [name for name, m in original.named_modules() if isinstance(m, ChameleonLayerNorm)]
+    assert len(per_head) == 4 and all(type(converted.get_submodule(name)) is nt.PerHeadLayerNorm
+                                      for name in per_head)
+    assert list(converted.state_dict()) == list(original.state_dict())
+    ids = torch.randint(0, 60, (2, 5), generator=torch.Generator().manual_seed(1))
+    # (the embedding's gradient is the input's here; bfloat16: the logits' rounding, carried through two layers)
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    for model in (original, converted):
+        model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_last_hidden_state(converted, ids), _last_hidden_state(original, ids), **tolerance)
+    original.train(), converted.train()
+    grads = []
+    for model in (original, converted):
+        model.zero_grad()
+        _last_hidden_state(model, ids).float().square().sum().backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if "norm" in name and p.grad is not None})
+    assert list(grads[1]) == list(grads[0])
+    torch.testing.assert_close(grads[1], grads[0], **(dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32
+                                                      else dict(rtol=1e-1, atol=1e-1)))
+    restored = unconvert_exactly(converted, original)
+    for name in per_head:
+        before, after = original.get_submodule(name), restored.get_submodule(name)
+        assert type(after) is ChameleonLayerNorm and after.__dict__.keys() == before.__dict__.keys()
+
+
+# ---------------------------------------------------------------------------------------
 # under torch.func, torch.export and torch.compile
 
 PATTERN_NORMS = {  # name -> (the original, a sample's shape)
     "minimax_h3_per_frame_group_norm": (lambda: MiniMaxH3VideoGroupNorm(4, 8, eps=1e-6), (8, 3, 2, 3)),
+    "chameleon_per_head_layer_norm": (_chameleon_layer_norm, (5, 4, 8)),
 }
 
 

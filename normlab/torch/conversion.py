@@ -44,6 +44,10 @@ A layer is converted when normlab can compute what it computes:
 * subclasses of ``nn.GroupNorm`` that normalize each frame of ``(N, C, T, H, W)`` input on its
   own (diffusers' ``MiniMaxH3VideoGroupNorm``), found on float64 probes: a
   :class:`~normlab.torch.modules.Norm` with pattern ``"b (g [c]) t [h w]"``;
+* subclasses of ``nn.LayerNorm`` that normalize the last axis alone and then apply a weight
+  and bias per head, of shape ``(heads, head_dim)`` (transformers' ``ChameleonLayerNorm``),
+  found on float64 probes: :class:`~normlab.torch.recipe_norms.PerHeadLayerNorm`, a
+  :class:`~normlab.torch.modules.Norm` with pattern ``"... h [d]"``;
 * layer norms over the channels of ``(N, C, H, W)`` input that are no ``nn.LayerNorm``
   (transformers' ``VitDetLayerNorm``): a ``weight``, ``bias`` and ``normalized_shape`` of
   ``(C,)`` and a forward that gives torch's numbers on float64 probes become
@@ -429,6 +433,11 @@ def _decision(module: nn.Module):
             # (diffusers' MiniMaxH3VideoGroupNorm: each frame of (N, C, T, H, W) on its own)
             return _pattern_twin(module, "b (g [c]) t [h w]", "(g c)", g=module.num_groups,
                                  c=module.num_channels // module.num_groups)
+        if base is nn.LayerNorm and _is_per_head_layer_norm(module):
+            from normlab.torch.recipe_norms import PerHeadLayerNorm
+
+            heads, head_dim = module.weight.shape  # (transformers' ChameleonLayerNorm)
+            return PerHeadLayerNorm, _attributes_of(PerHeadLayerNorm(heads, head_dim, eps=module.eps, device="meta"))
         if base is nn.LayerNorm and len(module.normalized_shape) == 1:
             channels_first = (2, module.normalized_shape[0], 3, 2)
             if _computes_like(module, _channels_first_layer_norm, [channels_first]):
@@ -704,6 +713,22 @@ def _pattern_twin(module: nn.Module, pattern: str, params: str, **sizes: int) ->
 
 def _attributes_of(built: nn.Module) -> dict:
     return {key: value for key, value in built.__dict__.items() if key not in _MODULE_INTERNALS}
+
+
+def _is_per_head_layer_norm(module: nn.Module) -> bool:
+    """An ``nn.LayerNorm`` normalizing the last axis alone, ``normalized_shape`` ``(D,)``,
+    with a weight and bias of shape ``(H, D)``, one per head, multiplied and added after
+    torch's layer norm (transformers' ``ChameleonLayerNorm``), on float64 probes."""
+    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+    shape = getattr(module, "normalized_shape", None)
+    if (set(module._parameters) != {"weight", "bias"} or weight is None or bias is None or weight.dim() != 2
+            or bias.shape != weight.shape or shape != tuple(weight.shape[-1:]) or module._buffers):
+        return False
+    return _computes_like(module, _per_head_layer_norm, [(3, *weight.shape), (2, 3, *weight.shape)])
+
+
+def _per_head_layer_norm(module: nn.Module, x: Tensor) -> Tensor:
+    return F.layer_norm(x, x.shape[-1:], None, None, module.eps) * module.weight + module.bias
 
 
 def _channels_first_layer_norm(module: nn.Module, x: Tensor) -> Tensor:

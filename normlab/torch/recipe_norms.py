@@ -25,12 +25,12 @@ from normlab.torch.casting import (CHANNELS_FIRST_RMS_CASTINGS, LAYER_NORM_CASTI
                                    compute_dtype, layer_norm_recipe, unweighted_rms_norm_recipe,
                                    weigh_channels)
 from normlab.torch.compute import _normalize
-from normlab.torch.modules import LayerNorm, LayerNorm2d, RMSNorm, _fx_call_module
+from normlab.torch.modules import LayerNorm, LayerNorm2d, Norm, RMSNorm, _fx_call_module
 from normlab.torch.paths import _LOW_PRECISION, _choose_path, _PathSwitch, _profiler, profiled_recipe
 from normlab.torch.spec import Spec, refuse_non_tensor
 
 __all__ = ["RecipeLayerNorm", "UnweightedRMSNorm", "BiasedRMSNorm", "GammaRMSNorm", "RMSNorm2d", "Float32LayerNorm",
-           "Float32LayerNorm2d", "WrittenOutLayerNorm"]
+           "Float32LayerNorm2d", "WrittenOutLayerNorm", "PerHeadLayerNorm"]
 
 
 _PRUNED_BY = frozenset({"weight", "bias", "normalized_shape"})  # what RecipeLayerNorm's originals read
@@ -514,3 +514,32 @@ def written_out_layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[T
         assert weight is not None and bias is not None, "the written-out layer norm adds a weight and a bias"
         x = x * weight + bias
     return x
+
+
+class PerHeadLayerNorm(Norm):
+    """Layer norm of each head's ``head_dim`` values with a weight and bias per head, pattern
+    ``"... h [d]"``, params ``"h d"``: transformers' ``ChameleonLayerNorm`` (the QK-norm of
+    Chameleon's attention), which :func:`~normlab.torch.convert` turns into this. The original
+    multiplies torch's layer norm by its weight and adds its bias in torch operations, so
+    parameters of a wider dtype than the input's promote its output (bfloat16 input beside
+    float32 parameters, as under autocast, gives float32): those calls run its operations, and
+    the rest run as :class:`~normlab.torch.Norm`.
+
+    >>> norm = PerHeadLayerNorm(2, 3)
+    >>> [round(v, 4) for v in norm(torch.tensor([[4., 3., 2.], [0., 0., 6.]]))[1].tolist()]
+    [-0.7071, -0.7071, 1.4142]
+    >>> norm(torch.tensor([[4., 3., 2.], [0., 0., 6.]], dtype=torch.bfloat16)).dtype
+    torch.float32
+    """
+
+    def __init__(self, heads: int, head_dim: int, eps: float = 1e-5, device=None, dtype=None) -> None:
+        super().__init__("... h [d]", "h d", eps=eps, h=heads, d=head_dim, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
+                num_segments: Optional[int] = None, segment_axis: Optional[str] = None) -> Tensor:
+        weight, bias = self.weight, self.bias
+        if (mask is None and segment_ids is None and isinstance(x, Tensor) and weight is not None
+                and bias is not None and torch.promote_types(torch.promote_types(x.dtype, weight.dtype), bias.dtype)
+                != x.dtype):
+            return F.layer_norm(x, x.shape[-1:], None, None, self.eps) * weight + bias
+        return super().forward(x, mask, segment_ids, num_segments, segment_axis)
