@@ -510,3 +510,66 @@ def test_a_masked_batch_norm_takes_an_empty_input_of_other_channels_as_torch_nn_
     assert got.shape == expected.shape and got.dtype == expected.dtype and got.stride() == expected.stride()
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(twin.state_dict()[key], value, rtol=0, atol=0, equal_nan=True)
+
+
+def _call_and_backward(module, x, **mask):
+    """What a call and an empty backward leave: the output, or the error's type and words; the
+    input's and parameters' gradients; every buffer and parameter."""
+    x = x.clone().requires_grad_()
+    try:
+        y = module(x, **mask)
+        y.sum().backward()
+    except (RuntimeError, ValueError, IndexError) as error:
+        return error, None, None, None
+    grads = {name: p.grad for name, p in module.named_parameters()}
+    return y.detach(), x.grad, grads, module.state_dict()
+
+
+_EMPTY_CALLS = [(name, args, shape) for name, args, shapes in [
+    ("BatchNorm1d", (8,), [(0, 4), (0, 4, 3), (0, 8, 3), (2, 4, 0)]),
+    ("BatchNorm2d", (8,), [(0, 4, 2, 2), (0, 8, 2, 2), (0, 4, 0, 2)]),
+    ("BatchNorm3d", (8,), [(0, 4, 2, 2, 2)]),
+    ("InstanceNorm1d", (8, 1e-5, 0.1, True, True), [(0, 4, 3), (0, 8, 3)]),
+    ("InstanceNorm2d", (8, 1e-5, 0.1, True, True), [(0, 4, 2, 2), (0, 8, 2, 2)]),
+    ("InstanceNorm3d", (8,), [(0, 8, 2, 2, 2)]),
+    ("GroupNorm", (2, 8), [(0, 4, 2, 2), (0, 3, 2), (0, 8, 2, 2)]),
+    ("LayerNorm", (8,), [(0, 4), (0, 3, 8)]),
+    ("RMSNorm", (8,), [(0, 4), (3, 0, 8)])] for shape in shapes]
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name, args, shape", _EMPTY_CALLS, ids=[f"{n}{s}" for n, _, s in _EMPTY_CALLS])
+def test_an_empty_input_with_a_mask_gives_what_torch_nn_gives(name, args, shape, training, affine):
+    """BatchNorm2d(8) on an empty batch of 4 channels, (0, 4, 2, 2), returns an empty output
+    in torch.nn (its op returns before it reads the channels), as the twin without a mask
+    does; with mask= the twin refused it as the wrong channel count. With nothing to count,
+    a masked call gives what torch.nn gives: the output, the error (type and words first),
+    the gradients of the empty backward, every buffer (num_batches_tracked). Oracle:
+    torch.nn's module on the same input (an all-True mask is no mask)."""
+    make = getattr(torch.nn, name)
+    if name.startswith(("BatchNorm", "Group")):
+        reference = make(*args, affine=affine)
+    elif name.startswith("Instance"):
+        reference = make(*args[:3], affine, *args[4:]) if len(args) > 1 else make(*args, affine=affine)
+    else:
+        reference = make(*args, elementwise_affine=affine)
+    reference.train(training)
+    twin = nt.convert(copy.deepcopy(reference))
+    x = torch.randn(shape)
+    theirs = _call_and_backward(reference, x)
+    ours = _call_and_backward(twin, x, mask=torch.ones(shape, dtype=torch.bool))
+    if isinstance(theirs[0], Exception):
+        assert isinstance(ours[0], type(theirs[0])) and str(ours[0]).startswith(str(theirs[0])), ours[0]
+        return
+    assert not isinstance(ours[0], Exception), ours[0]
+    y, grad, param_grads, state = ours
+    assert y.shape == theirs[0].shape and y.dtype == theirs[0].dtype and torch.equal(y, theirs[0])
+    assert torch.equal(grad, theirs[1])
+    assert param_grads.keys() == theirs[2].keys()
+    for key, expected in theirs[2].items():
+        assert (param_grads[key] is None) == (expected is None), key
+        assert expected is None or torch.equal(param_grads[key], expected), key
+    assert list(state) == list(theirs[3])
+    for key, expected in theirs[3].items():  # (an instance norm's over no samples: NaN, in torch.nn's too)
+        torch.testing.assert_close(state[key], expected, rtol=0, atol=0, equal_nan=True, msg=key)

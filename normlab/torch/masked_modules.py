@@ -117,11 +117,15 @@ def _refuse_misfit(module, x: Tensor, mask: Tensor) -> Optional[Tensor]:
     size), a group norm's other than its ``num_channels`` (where it has parameters, or its
     groups do not divide them), a layer or RMS norm's trailing axes other than its
     ``normalized_shape``. The masked statistics would fail later, naming the pattern's inner
-    axes and arguments the module does not take (``pass n0=4``, ``change params``). A batch
-    norm's empty input of other channels, which torch.nn's takes, gets torch.nn's output,
-    returned; None otherwise."""
+    axes and arguments the module does not take (``pass n0=4``, ``change params``). An empty
+    input has nothing to count: it gets the unmasked forward's output (torch.nn's output, state
+    and error for it: a batch norm's takes any channels, as torch's op returns before it reads
+    them; an instance norm's running statistics average over no samples), returned; None otherwise."""
     if torch._C._get_tracing_state() is not None:  # (sizes are traced tensors: torch's ops check them)
         return None
+    if (not torch.compiler.is_compiling() and x.numel() == 0
+            and isinstance(module, _TORCH_NORMS + (nn.RMSNorm,))):
+        return module.forward(x)
     name = type(module).__name__
     if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
         module._check_input_dim(x)  # (torch.nn's ValueError for the wrong number of axes)
@@ -133,14 +137,6 @@ def _refuse_misfit(module, x: Tensor, mask: Tensor) -> Optional[Tensor]:
             # (torch.nn's forward, which gives its words, counts a batch norm's batch before its op refuses the
             # channels, as torch.nn's call does eagerly; compiled, neither counts it)
             lead = f"{name} with mask= of shape {sizes(mask.shape)}"
-            forward = getattr(module, "_torch_forward", None)
-            if not instance and x.numel() == 0 and forward is not None and not torch.compiler.is_compiling():
-                # torch.nn's batch norms take an empty input of any channels (a mask of it counts nothing):
-                # their output and their count of the batch, or their words where they refuse it
-                try:
-                    return forward(x)
-                except (RuntimeError, ValueError) as error:
-                    raise _misfit(_channels_message(module, x, lead), str(error)) from None
             raise _misfit(_channels_message(module, x, lead), _torch_refusal(module, x))
         if sized and channel_axis == 0 and x.shape[0] != module.num_features:
             channels = module.num_features
@@ -209,7 +205,7 @@ def masked_forward(module, x: Tensor, mask: Optional[Tensor], segment_ids: Optio
             return module.forward(x)
         if mask is not None:
             taken = _refuse_misfit(module, x, mask)
-            if taken is not None:  # (an empty input that torch.nn's batch norm takes: its output)
+            if taken is not None:  # (an empty input: torch.nn's output for it)
                 return taken
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return _unmasked_layout(module, x, _batch_norm(module, x, mask))
