@@ -213,33 +213,46 @@ def test_channels_last_input_gives_channels_last_output_and_grad_equal_to_torch(
         torch.testing.assert_close(grad_x, expected_grad_x, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_kernel_path_writes_into_the_output_without_copying_a_contiguous_input(monkeypatch, train):
+@pytest.mark.parametrize("case", ["train", "train_serial", "eval"])
+def test_kernel_path_writes_into_the_output_without_copying_a_contiguous_input(monkeypatch, case):
     seen = {}
-    if train:  # batch norm in training calls the column kernels directly
+    size = 5
+    if case == "train":  # batch norm in training calls the column kernels directly, above the serial size on views
         from normlab import kernels
 
         original = kernels.column_forward
+        size = 224  # (4·3·224·224 values: above kernels.threads.serial_below on either pool; below the 8 MB pool)
 
         def spy(x, y, *args):
-            seen["x"], seen["out"] = x, y
+            seen["x"], seen["out"] = x.ctypes.data, y.ctypes.data
+            assert x.flags.c_contiguous
             return original(x, y, *args)
 
         monkeypatch.setattr(kernels, "column_forward", spy)
+    elif case == "train_serial":  # below it, on the tensors' addresses (normlab.kernels.addressed)
+        from normlab.kernels import addressed
+
+        original = addressed.column_forward32_at
+
+        def spy(x_address, y_address, *args):
+            seen["x"], seen["out"] = x_address, y_address
+            return original(x_address, y_address, *args)
+
+        monkeypatch.setattr(addressed, "column_forward32_at", spy)
     else:
         original = ops.core.normalize_with_stats
 
         def spy(x, *args, **kwargs):
-            seen["x"], seen["out"] = x, kwargs["out"]
+            seen["x"], seen["out"] = x.ctypes.data, kwargs["out"].ctypes.data
+            assert x.flags.c_contiguous
             return original(x, *args, **kwargs)
 
         monkeypatch.setattr(ops.core, "normalize_with_stats", spy)
-    x = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
-    twin = nt.BatchNorm2d(3) if train else nt.GroupNorm(3, 3)  # (its weight needs a gradient: the full path)
+    x = torch.randn(4, 3, size, size).to(memory_format=torch.channels_last)
+    twin = nt.BatchNorm2d(3) if case != "eval" else nt.GroupNorm(3, 3)  # (its weight needs a gradient: the full path)
     y = twin(x)
-    assert seen["x"].ctypes.data == x.data_ptr()  # a view, not a copy
-    assert seen["out"].ctypes.data == y.data_ptr()
-    assert seen["x"].flags.c_contiguous
+    assert seen["x"] == x.data_ptr()  # a view, not a copy
+    assert seen["out"] == y.data_ptr()
 
 
 class TestGenericNorm:
