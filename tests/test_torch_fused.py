@@ -125,14 +125,35 @@ def test_fused_add_layer_norm_on_half_input_with_float32_weights_is_torch_layer_
     (torch.float64, torch.float32, torch.float32),
     (torch.float32, torch.float64, torch.float64),
 ])
-def test_fused_add_layer_norm_refuses_the_dtype_mixes_nn_layer_norm_refuses_with_its_error(params, x_dtype, r_dtype):
+@pytest.mark.parametrize("with_residual", [True, False], ids=["x, residual", "x alone"])
+def test_fused_add_layer_norm_refuses_the_dtype_mixes_nn_layer_norm_refuses_with_its_error(params, x_dtype, r_dtype,
+                                                                                            with_residual):
+    """torch.nn.LayerNorm's refusal of the mix, its type and its words first, then (as the
+    single twins say since 4d329e5) the module, the dtypes and the fix, which torch's words
+    alone ("mixed dtype (CPU): all inputs must share same datatype.") do not name. Oracle:
+    nn.LayerNorm(x + residual)'s error; the fix it names then runs."""
     ref, ours = torch.nn.LayerNorm(8).to(params), FusedAddLayerNorm(8).to(params)
     x, r = torch.randn(2, 8).to(x_dtype), torch.randn(2, 8).to(r_dtype)
-    with pytest.raises(RuntimeError, match="mixed dtype") as expected:
-        ref(x + r)
-    with pytest.raises(RuntimeError) as got:
-        ours(x, r)
-    assert str(got.value) == str(expected.value)
+    args, total = ((x, r), x + r) if with_residual else ((x,), x)
+    try:
+        taken = ref(total)
+    except RuntimeError as error:
+        assert "mixed dtype" in str(error)
+        expected = pytest.ExceptionInfo.from_exc_info((type(error), error, error.__traceback__))
+    else:  # (x alone, in the parameters' dtype: taken, as torch.nn's module takes it)
+        torch.testing.assert_close(ours(*args), taken, rtol=0, atol=0)
+        return
+    with pytest.raises(type(expected.value)) as got:
+        ours(*args)
+    words = str(expected.value)
+    advice = str(got.value)[len(words):].removeprefix(" " if words.endswith(".") else ": ")
+    assert str(got.value).startswith(words)
+    given = "x + residual" if with_residual else "x"
+    assert advice == (f"FusedAddLayerNorm holds weight and bias in {params}, but got {given} of dtype {total.dtype} "
+                      f"and shape (2, 8); cast {given.replace(' + ', ' and ')} (.to({params})) or the module "
+                      f"(module.to({total.dtype}))"), advice
+    ours(*(a.to(params) for a in args))  # (the fix it names runs, as torch.nn's module on the cast input)
+    ref(total.to(params))
 
 def mamba_rms_norm_ref(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True, upcast=True):
     """mamba_ssm/ops/triton/layernorm_gated.py ``rms_norm_ref``, mirrored line by line

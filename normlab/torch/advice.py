@@ -23,10 +23,11 @@ _INSTANCE_NORMS = (((2, 3), "InstanceNorm1d"), ((3, 4), "InstanceNorm2d"), ((4, 
 _LAYOUTS = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
 
 
-def advise(module: nn.Module, x, error: Exception) -> None:
+def advise(module: nn.Module, x, error: Exception, given: str = "input") -> None:
     """Append to ``error`` (torch.nn's, raised for ``module`` called on ``x``) what the
     module expected, what it got and the fix, where it is one of the messages below and
-    says none of that; its type, its traceback and torch's words, first, stay.
+    says none of that; its type, its traceback and torch's words, first, stay. ``given``
+    names what ``x`` is in the call (a fused block's ``"x + residual"``).
 
     >>> import torch
     >>> error = ValueError("expected 4D input (got 3D input)")
@@ -51,7 +52,7 @@ def advise(module: nn.Module, x, error: Exception) -> None:
                                                or _GROUP_RANK.fullmatch(message)) and not _advised(message):
         advice = _group_advice(module, x)
     if message.startswith(_MIXED) and not _advised(message):
-        advice = _dtype_advice(module, x)
+        advice = _dtype_advice(module, x, given)
     if advice is not None:
         error.args = (f"{message} {advice}" if message.endswith(".") else f"{message}: {advice}",)
 
@@ -119,14 +120,17 @@ def _group_advice(module: nn.GroupNorm, x: Tensor) -> str:
     return head + fix
 
 
-def _dtype_advice(module, x: Tensor) -> str:
+def _dtype_advice(module, x: Tensor, given: str = "input") -> str:
     held = [(name, t.dtype) for name, t in (*module.named_parameters(recurse=False),
                                            *module.named_buffers(recurse=False))
             if t is not None and t.is_floating_point() and t.dtype != x.dtype]
     if not held:
-        return f"{_name(module)} got input of dtype {x.dtype} and shape {tuple(x.shape)}"
+        return f"{_name(module)} got {given} of dtype {x.dtype} and shape {tuple(x.shape)}"
     dtype = held[0][1]
     names = [name for name, _ in held]
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    return (f"{_name(module)} holds {listed} in {dtype}, but got input of dtype {x.dtype} and shape "
-            f"{tuple(x.shape)}; cast the input (x.to({dtype})) or the module (module.to({x.dtype}))")
+    cast = "the input (x.to({}))" if given == "input" else f"{given.replace(' + ', ' and ')} (.to({{}}))"
+    return (f"{_name(module)} holds {listed} in {dtype}, but got {given} of dtype {x.dtype} and shape "
+            f"{tuple(x.shape)}; cast {cast.format(dtype)}"
+            # (an integer input: a module of integers computes nothing)
+            + (f" or the module (module.to({x.dtype}))" if x.is_floating_point() else ""))

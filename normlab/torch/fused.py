@@ -1028,10 +1028,29 @@ class FusedAddLayerNorm(Unscriptable, nn.LayerNorm):
                 return _layer_norm_of_sum(self, x, residual)
             return fused_normalize(x, _block_of(self, x.dtype, self.normalized_shape), residual=residual,
                                    weight=self.weight, bias=self.bias)
-        except RuntimeError:
+        except RuntimeError as error:
             if not _holds_expanded_weights(self):
+                _advise_on_sum(self, x, residual, error)  # torch's refusal goes on with the dtypes and the fix
                 raise
             return _layer_norm_of_sum(self, x, residual)  # (whose per-sample gradients ExpandedWeights know)
+
+
+def _advise_on_sum(module: nn.Module, x, residual, error: Exception) -> None:
+    """:func:`~normlab.torch.advice.advise` for a fused block's refusal of ``x + residual``
+    (its dtype and shape, read off a meta tensor: nothing is computed on the error path)."""
+    from normlab.torch.advice import advise
+
+    if not isinstance(x, Tensor) or torch.compiler.is_compiling():  # (Dynamo sets no exception's args)
+        return
+    if not isinstance(residual, Tensor):
+        advise(module, x, error, "x")
+        return
+    try:
+        shape = torch.broadcast_shapes(x.shape, residual.shape)
+    except RuntimeError:
+        return
+    total = torch.empty(shape, dtype=torch.promote_types(x.dtype, residual.dtype), device="meta")
+    advise(module, total, error, "x + residual")
 
 
 def _layer_norm_of_sum(module: FusedAddLayerNorm, x: Tensor, residual: Optional[Tensor]):
