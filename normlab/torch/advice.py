@@ -37,8 +37,8 @@ def advise(module: nn.Module, x, error: Exception, given: str = "input") -> None
     expected 4D input (got 3D input): BatchNorm2d(8) takes input of shape (N, 8, H, W), but
     got input of shape (2, 8, 3); use BatchNorm1d(8) for 3D input
     """
-    if not isinstance(x, Tensor) or len(error.args) != 1 or not isinstance(error.args[0], str):
-        return
+    if not isinstance(x, Tensor) or x.is_nested or len(error.args) != 1 or not isinstance(error.args[0], str):
+        return  # (a nested tensor's ragged size is no channel count to build a module with)
     message = error.args[0]
     advice = None
     if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):

@@ -192,8 +192,8 @@ def _torch_batch_norm(module, x: Tensor) -> Tensor:
     try:
         return nn.modules.batchnorm._BatchNorm.forward(module, x)
     except RuntimeError as error:
-        if type(error) is not RuntimeError or x.dim() < 2 or x.shape[1] == module.num_features:
-            raise
+        if type(error) is not RuntimeError or x.is_nested or x.dim() < 2 or x.shape[1] == module.num_features:
+            raise  # (a nested tensor's ragged size is no channel count to build a module with)
         raise RuntimeError(_channels_message(module, x, str(error))) from None
 
 
@@ -204,7 +204,7 @@ def _torch_instance_norm(module, x: Tensor) -> Tensor:
     try:
         return nn.modules.instancenorm._InstanceNorm.forward(module, x)
     except RuntimeError as error:
-        if (type(error) is not RuntimeError or x.dim() != module._get_no_batch_dim() + 1
+        if (type(error) is not RuntimeError or x.is_nested or x.dim() != module._get_no_batch_dim() + 1
                 or x.shape[1] == module.num_features):
             raise
         raise RuntimeError(_channels_message(module, x, str(error))) from None
