@@ -427,6 +427,36 @@ def test_a_weight_offset_that_is_not_finite_is_refused_at_construction_as_the_nu
             make()
 
 
+@pytest.mark.parametrize("params, x_dtype, emb_dtype", [
+    (torch.float32, torch.float32, torch.float64),
+    (torch.float32, torch.float64, torch.float64),
+    (torch.float32, torch.float32, torch.bfloat16),
+    (torch.float64, torch.float64, torch.float32),
+    (torch.bfloat16, torch.float32, torch.float32),
+])
+def test_ada_layer_norm_refuses_an_emb_of_another_dtype_with_linears_error_the_dtypes_and_the_fix(params, x_dtype,
+                                                                                                  emb_dtype):
+    """diffusers' AdaLayerNormZero's refusal of an emb its linear does not take, its type and
+    its words first ("mat1 and mat2 must have the same dtype, ..."), then the module, the
+    dtypes and the fix, which torch's words alone do not name. Oracle: diffusers' error; each
+    fix it names then runs, on diffusers' module and on the twin."""
+    reference, ours = _diffusers_ada_norm()(8).to(params), AdaLayerNorm(8).to(params)
+    x, emb = torch.randn(2, 3, 8, dtype=x_dtype), torch.randn(2, 8, dtype=emb_dtype)
+    with pytest.raises(RuntimeError) as expected:
+        reference(x, emb=emb)
+    with pytest.raises(type(expected.value)) as got:
+        ours(x, emb=emb)
+    words = str(expected.value)
+    assert words.startswith("mat1 and mat2 must have the same dtype")
+    assert str(got.value).startswith(words + ": "), str(got.value)
+    advice = str(got.value)[len(words) + 2:]
+    assert advice == (f"AdaLayerNorm holds linear.weight and linear.bias in {params}, but got emb of dtype {emb_dtype} "
+                      f"and shape (2, 8); cast emb (.to({params})) or the module (module.to({emb_dtype}))"), advice
+    for module in (reference, ours):  # (the fixes it names run)
+        module(x, emb=emb.to(params))
+        copy.deepcopy(module).to(emb_dtype)(x, emb=emb)
+
+
 def test_ada_layer_norm_raises_runtime_error_for_a_misshaped_input():
     from diffusers.models.normalization import AdaLayerNormZero
 

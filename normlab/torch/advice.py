@@ -17,17 +17,20 @@ _GROUP_DIVISIBLE = "Expected number of channels in input to be divisible by num_
 _GROUP_RANK = re.compile(r"Expected at least 2 dimensions for input tensor but received \d+")
 _MIXED = ("mixed dtype (CPU): all inputs must share same datatype.",
           "mixed dtype (CPU): expect parameter to have scalar type of ")
+# torch.nn.Linear's refusal of an input of another dtype than its weight
+_MATMUL_DTYPES = re.compile(r"mat1 and mat2 must have the same dtype, but got \w+ and \w+")
 # the twin for each rank of input, by family: (the ranks a class takes, its name)
 _BATCH_NORMS = (((2, 3), "BatchNorm1d"), ((4,), "BatchNorm2d"), ((5,), "BatchNorm3d"))
 _INSTANCE_NORMS = (((2, 3), "InstanceNorm1d"), ((3, 4), "InstanceNorm2d"), ((4, 5), "InstanceNorm3d"))
 _LAYOUTS = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
 
 
-def advise(module: nn.Module, x, error: Exception, given: str = "input") -> None:
+def advise(module: nn.Module, x, error: Exception, given: str = "input", held: nn.Module = None) -> None:
     """Append to ``error`` (torch.nn's, raised for ``module`` called on ``x``) what the
     module expected, what it got and the fix, where it is one of the messages below and
     says none of that; its type, its traceback and torch's words, first, stay. ``given``
-    names what ``x`` is in the call (a fused block's ``"x + residual"``).
+    names what ``x`` is in the call (a fused block's ``"x + residual"``); ``held``, the
+    submodule whose parameters take it, where not ``module`` (AdaLayerNorm's ``linear``).
 
     >>> import torch
     >>> error = ValueError("expected 4D input (got 3D input)")
@@ -52,7 +55,9 @@ def advise(module: nn.Module, x, error: Exception, given: str = "input") -> None
                                                or _GROUP_RANK.fullmatch(message)) and not _advised(message):
         advice = _group_advice(module, x)
     if message.startswith(_MIXED) and not _advised(message):
-        advice = _dtype_advice(module, x, given)
+        advice = _dtype_advice(module, x, given, held)
+    elif _MATMUL_DTYPES.fullmatch(message):
+        advice = _dtype_advice(module, x, given, held)
     if advice is not None:
         error.args = (f"{message} {advice}" if message.endswith(".") else f"{message}: {advice}",)
 
@@ -120,9 +125,11 @@ def _group_advice(module: nn.GroupNorm, x: Tensor) -> str:
     return head + fix
 
 
-def _dtype_advice(module, x: Tensor, given: str = "input") -> str:
-    held = [(name, t.dtype) for name, t in (*module.named_parameters(recurse=False),
-                                           *module.named_buffers(recurse=False))
+def _dtype_advice(module, x: Tensor, given: str = "input", owner: nn.Module = None) -> str:
+    prefix = "" if owner is None else next(name + "." for name, child in module.named_children() if child is owner)
+    owner = module if owner is None else owner
+    held = [(prefix + name, t.dtype) for name, t in (*owner.named_parameters(recurse=False),
+                                                     *owner.named_buffers(recurse=False))
             if t is not None and t.is_floating_point() and t.dtype != x.dtype]
     if not held:
         return f"{_name(module)} got {given} of dtype {x.dtype} and shape {tuple(x.shape)}"

@@ -1221,7 +1221,14 @@ class AdaLayerNorm(Unscriptable, nn.Module):
             raise RuntimeError(f"AdaLayerNorm: x of size {list(x.shape)} and emb of size {list(emb.shape)} do not "
                                f"broadcast as norm(x) * (1 + scale[:, None]): axis -3 of x (its batch) must equal "
                                f"emb's batch, or one of them be 1") from None
-        emb = linear(self.silu(emb))
+        try:
+            emb = linear(self.silu(emb))
+        except RuntimeError as error:  # (only a refused call: torch's words, then the dtypes and the fix)
+            if isinstance(emb, Tensor) and not torch.compiler.is_compiling():  # (Dynamo sets no exception's args)
+                from normlab.torch.advice import advise
+
+                advise(self, emb, error, "emb", linear)
+            raise
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
         block = self._block_for(len(shape))
         x_broadcasts = _shapes_differ(shape, x.shape)
