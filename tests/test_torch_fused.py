@@ -17,7 +17,7 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from normlab.torch import AdaLayerNorm, FusedAddLayerNorm, FusedAddRMSNorm, GatedRMSNorm, convert  # noqa: E402
+from normlab.torch import AdaLayerNorm, FusedAddLayerNorm, FusedAddRMSNorm, GatedRMSNorm, RMSNorm, convert  # noqa: E402
 from tests.hf_classes import mamba_gated_norm  # noqa: E402
 from tests.profiling import autograd_steps_inside, profiled_ops  # noqa: E402
 
@@ -455,6 +455,70 @@ def test_ada_layer_norm_refuses_an_emb_of_another_dtype_with_linears_error_the_d
     for module in (reference, ours):  # (the fixes it names run)
         module(x, emb=emb.to(params))
         copy.deepcopy(module).to(emb_dtype)(x, emb=emb)
+
+
+def _torch_refusal(op, *args):
+    try:
+        op(*args)
+    except RuntimeError as error:
+        return error
+    raise AssertionError(f"{op} took {args}")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+@pytest.mark.parametrize("make, names, torch_op", [
+    (lambda: FusedAddRMSNorm(8, casting="none"), ("x", "residual"), lambda t: t.pow(2).mean(-1)),
+    (lambda: FusedAddRMSNorm(8, casting="none"), ("x",), lambda t: t.pow(2).mean(-1)),
+    (lambda: FusedAddLayerNorm(8, casting="none"), ("x", "residual"), torch.var_mean),
+    (lambda: FusedAddLayerNorm(8, casting="none"), ("x",), torch.var_mean),
+    (lambda: GatedRMSNorm(8, casting="none"), ("x", "z"), torch.nn.functional.silu),
+    (lambda: GatedRMSNorm(8, casting="none"), ("x",), lambda t: t.pow(2).mean(-1)),
+], ids=["add-rms x, residual", "add-rms x", "add-ln x, residual", "add-ln x", "gated x, z", "gated x"])
+def test_fused_blocks_without_casting_refuse_integer_input_with_torchs_error_then_the_fix(make, names, torch_op,
+                                                                                          dtype):
+    """casting="none" computes in the input's dtype, where torch refuses integers (a mean, a
+    var_mean, a silu): torch's error, its type and its words first, then the module, the
+    dtype and the fix (cast the input to the module's dtype), which torch's words do not
+    name. Oracle: torch's own operation on the integer tensor; the fix then runs."""
+    module = make()
+    args = [torch.ones(2, 8, dtype=dtype) for _ in names]
+    expected = _torch_refusal(torch_op, args[0])
+    with pytest.raises(type(expected)) as got:
+        module(*args)
+    words = str(expected)
+    assert str(got.value).startswith(words + ": "), str(got.value)
+    given = " and ".join(names) if names != ("x", "residual") else "x + residual"
+    listed = "weight and bias" if isinstance(module, FusedAddLayerNorm) else "weight"
+    assert str(got.value)[len(words) + 2:] == (
+        f"{type(module).__name__} holds {listed} in torch.float32, but got {given} of dtype {dtype} and shape "
+        f"(2, 8); cast {' and '.join(names)} (.to(torch.float32))"), str(got.value)
+    module(*(a.to(torch.float32) for a in args))  # (the fix it names runs)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_ada_layer_norm_refuses_an_integer_emb_with_diffusers_error_then_the_fix(dtype):
+    """Oracle: diffusers' AdaLayerNormZero's error for an integer emb (its silu's), type and
+    words first; then the module, the dtype and the cast, which runs."""
+    reference, ours = _diffusers_ada_norm()(8), AdaLayerNorm(8)
+    x, emb = torch.randn(2, 3, 8), torch.ones(2, 8, dtype=dtype)
+    expected = _torch_refusal(lambda: reference(x, emb=emb))
+    with pytest.raises(type(expected)) as got:
+        ours(x, emb=emb)
+    assert str(got.value) == (f"{expected}: AdaLayerNorm holds linear.weight and linear.bias in torch.float32, but "
+                              f"got emb of dtype {dtype} and shape (2, 8); cast emb (.to(torch.float32))")
+    ours(x, emb=emb.to(torch.float32))
+    reference(x, emb=emb.to(torch.float32))
+
+
+def test_rms_norm_without_casting_refuses_integer_input_with_torch_nns_error_then_the_fix():
+    """Oracle: torch.nn.RMSNorm's error for a long input, type and words first."""
+    x = torch.ones(2, 8, dtype=torch.long)
+    expected = _torch_refusal(torch.nn.RMSNorm(8), x)
+    with pytest.raises(type(expected)) as got:
+        RMSNorm(8, casting="none")(x)
+    assert str(got.value) == (f"{expected}: RMSNorm holds weight in torch.float32, but got input of dtype torch.int64 "
+                              f"and shape (2, 8); cast the input (x.to(torch.float32))")
+    RMSNorm(8, casting="none")(x.to(torch.float32))
 
 
 def test_ada_layer_norm_raises_runtime_error_for_a_misshaped_input():

@@ -17,6 +17,10 @@ _GROUP_DIVISIBLE = "Expected number of channels in input to be divisible by num_
 _GROUP_RANK = re.compile(r"Expected at least 2 dimensions for input tensor but received \d+")
 _MIXED = ("mixed dtype (CPU): all inputs must share same datatype.",
           "mixed dtype (CPU): expect parameter to have scalar type of ")
+# torch's refusals of an integer input where it computes in floating point (a mean, a silu, a norm)
+_FLOAT_ONLY = re.compile(r"mean\(\): could not infer output dtype\. Input dtype must be either a floating point or "
+                         r"complex dtype\. Got: \w+|var_mean only support floating point and complex dtypes|"
+                         r"\"\w+\" not implemented for '\w+'")
 # torch.nn.Linear's refusal of an input of another dtype than its weight
 _MATMUL_DTYPES = re.compile(r"mat1 and mat2 must have the same dtype, but got \w+ and \w+")
 # the twin for each rank of input, by family: (the ranks a class takes, its name)
@@ -56,7 +60,8 @@ def advise(module: nn.Module, x, error: Exception, given: str = "input", held: n
         advice = _group_advice(module, x)
     if message.startswith(_MIXED) and not _advised(message):
         advice = _dtype_advice(module, x, given, held)
-    elif _MATMUL_DTYPES.fullmatch(message):
+    elif _MATMUL_DTYPES.fullmatch(message) or (not x.is_floating_point() and not x.is_complex()
+                                               and _FLOAT_ONLY.fullmatch(message)):
         advice = _dtype_advice(module, x, given, held)
     if advice is not None:
         error.args = (f"{message} {advice}" if message.endswith(".") else f"{message}: {advice}",)

@@ -972,9 +972,10 @@ class FusedAddRMSNorm(recipes.TransformersEpsName, Unscriptable, nn.Module):
             dtype = (x.dtype if residual is None or residual.dtype == x.dtype
                      else torch.promote_types(x.dtype, residual.dtype))
             return fused_normalize(x, _block_of(self, dtype, shape), residual=residual, weight=weight)
-        except RuntimeError:
+        except RuntimeError as error:
             if _holds_expanded_weights(self):
                 raise expanded_weights_refusal(self) from None
+            _advise_on_sum(self, x, residual, error)  # torch's refusal goes on with the dtypes and the fix
             raise
 
     def extra_repr(self) -> str:
@@ -1149,9 +1150,17 @@ class GatedRMSNorm(recipes.TransformersEpsName, nn.Module):
                 z = gate
             x, z = _with_companion(self, x, z, (self.hidden_size,), "z", f"x * {self.gate_activation}(z)")
             return fused_normalize(x, _block_of(self, x.dtype, self.hidden_size), gate=z, weight=self.weight)
-        except RuntimeError:
+        except RuntimeError as error:
             if _holds_expanded_weights(self):
                 raise expanded_weights_refusal(self) from None
+            if not torch.compiler.is_compiling():  # (Dynamo sets no exception's args)
+                # torch's refusal of an integer x or gate goes on with the dtypes and the fix
+                from normlab.torch.advice import advise
+
+                refused = [(name, value) for name, value in (("x", x), ("gate" if gate is not None else "z", z))
+                           if isinstance(value, Tensor) and not value.is_floating_point() and not value.is_complex()]
+                if refused:
+                    advise(self, refused[0][1], error, " and ".join(name for name, _ in refused))
             raise
 
     def extra_repr(self) -> str:
