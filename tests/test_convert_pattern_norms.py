@@ -38,11 +38,71 @@ def test_minimax_h3s_per_frame_group_norm_becomes_a_norm_with_its_outputs_and_gr
     (N, C, T, H, W) input into the batch, so no statistics span two frames."""
     original = random_parameters(MiniMaxH3VideoGroupNorm(4, 8, eps=1e-6, affine=affine)).to(dtype)
     converted = convert_quietly(copy.deepcopy(original))
-    assert type(converted) is nt.Norm and converted.pattern == "b (g [c]) t [h w]"
+    assert type(converted) is nt.PerFrameGroupNorm and converted.pattern == "b (g [c]) t [h w]"
     assert list(converted.state_dict()) == list(original.state_dict())
     x = (torch.randn(2, 8, 3, 4, 5) * 2 + 1).to(dtype)
     assert_same_numbers(original, converted, x, _tolerance(dtype))
     assert converted(x).is_contiguous()
+
+
+def _layouts(shape):
+    x = torch.randn(shape)
+    wide = torch.randn(*shape[:-1], shape[-1] * 2)
+    return {"contiguous": x, "channels_last_3d": x.to(memory_format=torch.channels_last_3d),
+            "h and w transposed": x.transpose(3, 4).contiguous().transpose(3, 4),
+            "frames first": x.transpose(1, 2).contiguous().transpose(1, 2),
+            "expanded batch": x[:1].expand(shape), "every other column": wide[..., ::2]}
+
+
+def _strides_that_matter(t):  # (an axis of size 1 is never stepped along: its stride is free)
+    return tuple(stride for size, stride in zip(t.shape, t.stride()) if size > 1)
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("shape", [(2, 8, 3, 4, 5), (1, 8, 1, 4, 5), (2, 8, 3, 1, 5)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "h and w transposed", "frames first",
+                                    "expanded batch", "every other column"])
+def test_a_converted_per_frame_group_norm_returns_the_originals_layout_on_every_input_layout(layout, shape, affine):
+    """The original folds the frames with a permute and a copy, and permutes back with another:
+    its output is contiguous on any input, so a later .view runs. Oracle: the original's
+    output, its numbers and its strides (on the axes of more than one element)."""
+    original = random_parameters(MiniMaxH3VideoGroupNorm(4, 8, affine=affine))
+    converted = convert_quietly(copy.deepcopy(original))
+    x = _layouts(shape)[layout]
+    expected, got = original(x), converted(x)
+    torch.testing.assert_close(got, expected, **TOLERANCE[torch.float32])
+    assert got.is_contiguous() == expected.is_contiguous()
+    assert _strides_that_matter(got) == _strides_that_matter(expected), (got.stride(), expected.stride())
+    got.view(shape[0], -1)
+
+
+def test_a_converted_per_frame_group_norm_pickles_and_keeps_its_class():
+    import pickle
+
+    original = random_parameters(MiniMaxH3VideoGroupNorm(4, 8))
+    converted = convert_quietly(copy.deepcopy(original))
+    loaded = pickle.loads(pickle.dumps(converted))
+    assert type(loaded) is nt.PerFrameGroupNorm and "PerFrameGroupNorm" in nt.__all__
+    x = torch.randn(2, 8, 3, 4, 5).to(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(loaded(x), original(x), **TOLERANCE[torch.float32])
+    assert loaded(x).is_contiguous()
+
+
+def test_a_converted_per_frame_group_norm_gives_opacus_the_per_sample_gradients_of_a_loop_over_the_original():
+    grad_sample = pytest.importorskip("opacus.grad_sample")
+    original = random_parameters(MiniMaxH3VideoGroupNorm(4, 8))
+    converted = convert_quietly(copy.deepcopy(original))
+    assert type(converted) is nt.PerFrameGroupNorm
+    x, probe = torch.randn(3, 8, 2, 3, 3), torch.randn(3, 8, 2, 3, 3)
+    sampled = grad_sample.GradSampleModule(torch.nn.Sequential(converted), loss_reduction="sum")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (torch's "Full backward hook is firing ...": x needs no grad)
+        (sampled(x) * probe).sum().backward()
+    looped = [torch.stack(grads) for grads in zip(*(
+        torch.autograd.grad((original(x[i:i + 1]) * probe[i:i + 1]).sum(), [original.weight, original.bias])
+        for i in range(len(x))))]
+    torch.testing.assert_close([converted.weight.grad_sample, converted.bias.grad_sample], looped,
+                               **TOLERANCE[torch.float32])
 
 
 def test_a_converted_per_frame_group_norm_refuses_input_of_another_rank_as_the_original_does():
@@ -73,7 +133,7 @@ def test_a_tiny_minimax_h3_vae_converts_every_norm_keeps_outputs_and_gradients_a
     original = _tiny_minimax_h3()
     converted = convert_quietly(copy.deepcopy(original))
     per_frame = [name for name, m in original.named_modules() if isinstance(m, MiniMaxH3VideoGroupNorm)]
-    assert per_frame and all(type(converted.get_submodule(name)) is nt.Norm for name in per_frame)
+    assert per_frame and all(type(converted.get_submodule(name)) is nt.PerFrameGroupNorm for name in per_frame)
     assert list(converted.state_dict()) == list(original.state_dict())
     assert_same_numbers(original, converted, torch.randn(2, 3, 4, 8, 8), dict(rtol=1e-4, atol=1e-4), call=_encode)
     restored = unconvert_exactly(converted, original)

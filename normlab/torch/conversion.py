@@ -42,8 +42,10 @@ A layer is converted when normlab can compute what it computes:
   for bit on probe inputs in float32 and bfloat16 becomes
   :class:`~normlab.torch.recipe_norms.RMSNorm2d`;
 * subclasses of ``nn.GroupNorm`` that normalize each frame of ``(N, C, T, H, W)`` input on its
-  own (diffusers' ``MiniMaxH3VideoGroupNorm``), found on float64 probes: a
-  :class:`~normlab.torch.modules.Norm` with pattern ``"b (g [c]) t [h w]"``;
+  own (diffusers' ``MiniMaxH3VideoGroupNorm``), found on float64 probes:
+  :class:`~normlab.torch.recipe_norms.PerFrameGroupNorm`, a
+  :class:`~normlab.torch.modules.Norm` with pattern ``"b (g [c]) t [h w]"`` whose output is
+  contiguous on any input layout, as the original's;
 * subclasses of ``nn.LayerNorm`` that normalize the last axis alone and then apply a weight
   and bias per head, of shape ``(heads, head_dim)`` (transformers' ``ChameleonLayerNorm``),
   found on float64 probes: :class:`~normlab.torch.recipe_norms.PerHeadLayerNorm`, a
@@ -431,8 +433,12 @@ def _decision(module: nn.Module):
             return _TWINS[base], {}
         if base is nn.GroupNorm and _computes_like(module, _per_frame_group_norm, [(2, module.num_channels, 3, 2, 2)]):
             # (diffusers' MiniMaxH3VideoGroupNorm: each frame of (N, C, T, H, W) on its own)
-            return _pattern_twin(module, "b (g [c]) t [h w]", "(g c)", g=module.num_groups,
-                                 c=module.num_channels // module.num_groups)
+            from normlab.torch.recipe_norms import PerFrameGroupNorm
+
+            return PerFrameGroupNorm, _attributes_of(PerFrameGroupNorm(
+                module.num_groups, module.num_channels, eps=module.eps,
+                affine=module._parameters.get("weight") is not None or module._parameters.get("bias") is not None,
+                device="meta"))
         if base is nn.LayerNorm and _is_per_head_layer_norm(module):
             from normlab.torch.recipe_norms import PerHeadLayerNorm
 
@@ -700,15 +706,6 @@ def _per_frame_group_norm(module: nn.Module, x: Tensor) -> Tensor:
     frames = x.transpose(1, 2).reshape(n * t, c, h, w)
     y = F.group_norm(frames, module.num_groups, module.weight, module.bias, module.eps)
     return y.reshape(n, t, c, h, w).transpose(1, 2).contiguous()
-
-
-def _pattern_twin(module: nn.Module, pattern: str, params: str, **sizes: int) -> tuple[type, dict]:
-    """``(Norm, attributes)`` for a norm the pattern computes, with the module's ``eps`` and
-    its parameters spanning ``params`` (none where it has neither weight nor bias): the
-    attributes a :class:`~normlab.torch.modules.Norm` so built holds, its state left out (the
-    twin holds the original's parameter objects)."""
-    affine = module._parameters.get("weight") is not None or module._parameters.get("bias") is not None
-    return Norm, _attributes_of(Norm(pattern, params if affine else None, eps=module.eps, device="meta", **sizes))
 
 
 def _attributes_of(built: nn.Module) -> dict:

@@ -45,7 +45,8 @@ from normlab.torch.fused import FusedAddLayerNorm, FusedAddRMSNorm, GatedRMSNorm
 from normlab.torch.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, ChannelsFirstLayerNorm, GroupNorm,
                                    InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, LayerNorm2d, Norm, RMSNorm)
 from normlab.torch.recipe_norms import (BiasedRMSNorm, Float32LayerNorm, Float32LayerNorm2d, GammaRMSNorm,
-                                        PerHeadLayerNorm, RecipeLayerNorm, RMSNorm2d, WrittenOutLayerNorm)
+                                        PerFrameGroupNorm, PerHeadLayerNorm, RecipeLayerNorm, RMSNorm2d,
+                                        WrittenOutLayerNorm)
 from normlab.torch.sync import SyncBatchNorm
 
 _OPACUS = "opacus"  # the package, whose import fills the tables (validators and grad samplers)
@@ -56,7 +57,8 @@ _TORCH_CLASSES = {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.BatchNorm2d, Batc
 # twins do not, and are flagged): each gets :func:`per_sample_gradients`
 _SAMPLED = (LayerNorm, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, RMSNorm, LayerNorm2d,
             ChannelsFirstLayerNorm, Float32LayerNorm, Float32LayerNorm2d, WrittenOutLayerNorm, RecipeLayerNorm, Norm,
-            FusedAddRMSNorm, FusedAddLayerNorm, GatedRMSNorm, BiasedRMSNorm, GammaRMSNorm, RMSNorm2d, PerHeadLayerNorm)
+            FusedAddRMSNorm, FusedAddLayerNorm, GatedRMSNorm, BiasedRMSNorm, GammaRMSNorm, RMSNorm2d, PerHeadLayerNorm,
+            PerFrameGroupNorm)
 
 
 def spans_first_axis(pattern: str) -> bool:

@@ -30,7 +30,8 @@ from normlab.torch.paths import _LOW_PRECISION, _choose_path, _PathSwitch, _prof
 from normlab.torch.spec import Spec, refuse_non_tensor
 
 __all__ = ["RecipeLayerNorm", "UnweightedRMSNorm", "BiasedRMSNorm", "GammaRMSNorm", "RMSNorm2d", "Float32LayerNorm",
-           "Float32LayerNorm2d", "WrittenOutLayerNorm", "PerHeadLayerNorm"]
+           "Float32LayerNorm2d", "WrittenOutLayerNorm", "PerHeadLayerNorm",
+           "PerFrameGroupNorm"]
 
 
 _PRUNED_BY = frozenset({"weight", "bias", "normalized_shape"})  # what RecipeLayerNorm's originals read
@@ -543,3 +544,30 @@ class PerHeadLayerNorm(Norm):
                 != x.dtype):
             return F.layer_norm(x, x.shape[-1:], None, None, self.eps) * weight + bias
         return super().forward(x, mask, segment_ids, num_segments, segment_axis)
+
+
+class PerFrameGroupNorm(Norm):
+    """Group norm of each frame of ``(N, C, T, H, W)`` input on its own, pattern
+    ``"b (g [c]) t [h w]"``, params ``"(g c)"``: diffusers' ``MiniMaxH3VideoGroupNorm``
+    (MiniMax-H3's video VAE), which :func:`~normlab.torch.convert` turns into this. The
+    original folds the frames into the batch with a permute and a copy and permutes back
+    with another, so its output is contiguous whatever the input's layout (channels_last_3d,
+    a transposed view); this returns :class:`~normlab.torch.Norm`'s output made contiguous
+    where it is not (where it is, no copy), so that a later ``.view`` runs as on the original's.
+
+    >>> norm = PerFrameGroupNorm(1, 2)
+    >>> x = torch.tensor([[1., 3.], [5., 5.]]).reshape(1, 2, 2, 1, 1)  # (frame 0: 1, 5; frame 1: 3, 5)
+    >>> norm(x).flatten().tolist()
+    [-1.0, -1.0, 1.0, 1.0]
+    >>> norm(x.to(memory_format=torch.channels_last_3d)).is_contiguous()
+    True
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None,
+                 dtype=None) -> None:
+        super().__init__("b (g [c]) t [h w]", "(g c)" if affine else None, eps=eps, g=num_groups,
+                         c=num_channels // num_groups, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
+                num_segments: Optional[int] = None, segment_axis: Optional[str] = None) -> Tensor:
+        return super().forward(x, mask, segment_ids, num_segments, segment_axis).contiguous()
