@@ -88,6 +88,16 @@ def test_a_converted_per_frame_group_norm_pickles_and_keeps_its_class():
     assert loaded(x).is_contiguous()
 
 
+@pytest.mark.parametrize("groups, channels", [(3, 8), (16, 8)])
+def test_a_per_frame_group_norm_of_channels_its_groups_do_not_divide_is_refused_as_the_original(groups, channels):
+    """Oracle: diffusers' class (a torch.nn.GroupNorm) refuses to be built, in torch's words."""
+    with pytest.raises(ValueError) as expected:
+        MiniMaxH3VideoGroupNorm(groups, channels)
+    with pytest.raises(type(expected.value)) as got:
+        nt.PerFrameGroupNorm(groups, channels)
+    assert str(got.value) == str(expected.value)
+
+
 def test_a_converted_per_frame_group_norm_gives_opacus_the_per_sample_gradients_of_a_loop_over_the_original():
     grad_sample = pytest.importorskip("opacus.grad_sample")
     original = random_parameters(MiniMaxH3VideoGroupNorm(4, 8))

@@ -565,6 +565,8 @@ class PerFrameGroupNorm(Norm):
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None,
                  dtype=None) -> None:
+        if num_channels % num_groups:  # (torch.nn.GroupNorm's refusal, in its words)
+            raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
         super().__init__("b (g [c]) t [h w]", "(g c)" if affine else None, eps=eps, g=num_groups,
                          c=num_channels // num_groups, device=device, dtype=dtype)
 
