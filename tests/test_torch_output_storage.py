@@ -166,7 +166,7 @@ def test_a_norm_whose_output_goes_straight_into_a_reversible_gnn_trains_after_co
         torch.testing.assert_close(g, g_ref, **tolerance)
 
 
-# (id, torch.nn original, input shape, autograd, strided input): inputs whose storage was freed
+# (id, torch.nn original, input shape, autograd, strided input or "offset"): inputs whose storage was freed
 FREED_INPUTS = [
     ("layer_norm", "nn.LayerNorm(64)", (4, 64), False, False),
     ("layer_norm_grad", "nn.LayerNorm(64)", (4, 64), True, False),
@@ -175,6 +175,15 @@ FREED_INPUTS = [
     ("rms_norm_grad", "nn.RMSNorm(64)", (2, 7, 64), True, False),
     ("group_norm", "nn.GroupNorm(4, 16)", (2, 16, 5, 5), False, False),
     ("group_norm_grad", "nn.GroupNorm(4, 16)", (2, 16, 5, 5), True, False),
+    ("batch_norm", "nn.BatchNorm2d(8)", (4, 8, 3, 3), False, False),
+    ("batch_norm_grad", "nn.BatchNorm2d(8)", (4, 8, 3, 3), True, False),
+    ("batch_norm_threaded_size", "nn.BatchNorm2d(8)", (64, 8, 32, 32), False, False),
+    ("batch_norm_threaded_size_grad", "nn.BatchNorm2d(8)", (64, 8, 32, 32), True, False),
+    ("batch_norm_1d", "nn.BatchNorm1d(8)", (16, 8), False, False),
+    ("layer_norm_offset", "nn.LayerNorm(64)", (4, 64), False, "offset"),
+    ("layer_norm_offset_grad", "nn.LayerNorm(64)", (4, 64), True, "offset"),
+    ("batch_norm_offset", "nn.BatchNorm1d(8)", (16, 8), False, "offset"),
+    ("batch_norm_offset_grad", "nn.BatchNorm1d(8)", (16, 8), True, "offset"),
 ]
 
 # Each case in one child process, in turn (a kernel that reads address 0 ends the process):
@@ -187,7 +196,10 @@ import normlab.torch as nt
 for name, make, shape, grad, strided in json.loads(sys.argv[1]):
     original = eval(make)
     twin = nt.convert(eval(make))
-    x = torch.randn(shape[:-1] + [2 * shape[-1]])[..., ::2] if strided else torch.randn(shape)
+    if strided == "offset":  # (the rows after the first of a tensor: its address is the offset's bytes once freed)
+        x = torch.randn([shape[0] + 1] + shape[1:])[1:]
+    else:
+        x = torch.randn(shape[:-1] + [2 * shape[-1]])[..., ::2] if strided else torch.randn(shape)
     x.untyped_storage().resize_(0)
     x.requires_grad_(grad)
     errors = []

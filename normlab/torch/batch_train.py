@@ -27,7 +27,8 @@ from normlab.kernels import pool
 from normlab.torch.ops import _bias_to_save, _grads_of, _needs_torch_backward, _saved_bias
 from normlab.torch.paths import _needs_torch_ops, _PathSwitch, _profiler, profiled, profiled_backward
 from normlab.torch.row_autograd import traced_backward
-from normlab.torch.spec import _ABSENT, affine_parameters, array_view, module_cache, param_view, tensor_layout
+from normlab.torch.spec import (_ABSENT, LOWEST_ADDRESS, affine_parameters, array_view, module_cache, param_view,
+                                tensor_layout)
 
 _NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64}
 _empty_like = torch.empty_like
@@ -90,8 +91,9 @@ class TrainCall:
         """True where the addressed kernels (:mod:`normlab.kernels.addressed`) take these
         tensors: of x's strides, aligned to their elements, and a call of serial size."""
         for t in tensors:  # (a loop, not all() over a generator: every training call runs this)
-            if t.data_ptr() % self.witness.itemsize or t.stride() != self.strides:
-                return False
+            address = t.data_ptr()
+            if address % self.witness.itemsize or t.stride() != self.strides or address < LOWEST_ADDRESS:
+                return False  # (the views' path; array_view refuses freed storage)
         return self.count * self.view[1] < _serial_below()
 
 

@@ -22,7 +22,7 @@ from normlab.torch.ops import _EagerNormalize, _functorch_active, _is_eager, _no
 from normlab.torch.paths import _LOW_PRECISION, _PathSwitch, _choose_path, _profiler, profiled
 from normlab.torch.spec import (PlanFacts, Spec, _dense_perm, _empty_like_dense, _engine_view, _has_gaps,
                                 affine_parameters, array_view, module_buffer, module_cache, param_view,
-                                refuse_unallocated, sizes, torch_layout)
+                                LOWEST_ADDRESS, sizes, torch_layout)
 
 
 def _in_compute_dtype(compute):
@@ -347,9 +347,8 @@ class _FastRows:
         if tables is None:
             return None
         address = x.data_ptr()
-        if address % self.itemsize or x.stride() != self.strides or self.size >= _serial_below(True) or not address:
-            if not address and self.size:  # (its storage freed: the kernels would read address 0)
-                refuse_unallocated(x)
+        if (address % self.itemsize or x.stride() != self.strides or self.size >= _serial_below(True)
+                or address < LOWEST_ADDRESS):  # (freed storage, or x of its first elements: array_view tells)
             return row_autograd.forward_tensor(self.forward, x, tables, eps, False)
         y = _empty_like(x)
         self.at_address(address, y.data_ptr(), *tables, eps)

@@ -19,7 +19,7 @@ from normlab.torch.ops import (_bias_to_save, _differentiable_backward, _is_laye
 from normlab.torch.paths import PLAIN_PARAMETERS as _EAGER_PARAMS
 from normlab.torch.paths import _profiler, profiled_backward
 from normlab.kernels import pool, threads
-from normlab.torch.spec import array_view, param_view, refuse_unallocated, tensor_layout
+from normlab.torch.spec import LOWEST_ADDRESS, array_view, param_view, tensor_layout
 
 _serial_below = threads.serial_below
 _empty_like = torch.empty_like
@@ -122,9 +122,8 @@ class _RowFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, call: RowGradCall, tables, eps: float):  # the ctx-first form: no signature binding
         address = x.data_ptr()
-        if address % call.itemsize or x.stride() != call.strides or call.size >= _serial_below(True) or not address:
-            if not address and call.size:  # (its storage freed: the kernels would read address 0)
-                refuse_unallocated(x)
+        if (address % call.itemsize or x.stride() != call.strides or call.size >= _serial_below(True)
+                or address < LOWEST_ADDRESS):  # (freed storage, or x of its first elements: array_view tells)
             y, mean, rstd = forward_tensor(call.forward, x, tables, eps, True)
         else:
             y = _empty_like(x)

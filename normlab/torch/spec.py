@@ -393,6 +393,8 @@ def array_view(t: Optional[Tensor]) -> Optional[np.ndarray]:
         t = t.resolve_neg()
     if t.dtype not in _TYPESTR or type(t) is not Tensor or not t.is_cpu or t.numel() == 0:
         return t.numpy()  # (which raises where NumPy cannot read the tensor; an empty one has no memory to free)
+    if t.data_ptr() == t.storage_offset() * t.element_size():  # (its storage's memory at address 0: freed)
+        refuse_unallocated(t)
     if _dlpack_capsule is not None:
         export = _DLPackExport()
         try:
@@ -401,6 +403,14 @@ def array_view(t: Optional[Tensor]) -> Optional[np.ndarray]:
         except (BufferError, RuntimeError, TypeError, ValueError):
             pass  # (a device NumPy does not take, pinned memory: the interface below reads any CPU address)
     return _interface_view(t)
+
+
+# Addresses below this are no allocation's (Linux maps nothing under vm.mmap_min_addr, 64 KiB
+# by default). A tensor whose storage was freed (untyped_storage().resize_(0)) has for its
+# address its storage offset in bytes (from address 0), so the addressed kernels leave every
+# input below it to array_view, which refuses freed ones in torch's words. (A view of freed
+# storage from 64 KiB on still reaches them: a check of every call's storage costs more.)
+LOWEST_ADDRESS = 1 << 16
 
 
 def refuse_unallocated(x: Tensor) -> None:
