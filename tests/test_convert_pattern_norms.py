@@ -98,12 +98,13 @@ def test_a_per_frame_group_norm_of_channels_its_groups_do_not_divide_is_refused_
     assert str(got.value) == str(expected.value)
 
 
-def test_a_converted_per_frame_group_norm_gives_opacus_the_per_sample_gradients_of_a_loop_over_the_original():
+def assert_opacus_per_sample_gradients_equal_a_loop_over_the_original(original, twin_class, shape):
+    """Opacus' GradSampleModule over the converted ``original`` gives the per-sample gradients
+    of its weight and bias that autograd gives on the original, one sample at a time."""
     grad_sample = pytest.importorskip("opacus.grad_sample")
-    original = random_parameters(MiniMaxH3VideoGroupNorm(4, 8))
     converted = convert_quietly(copy.deepcopy(original))
-    assert type(converted) is nt.PerFrameGroupNorm
-    x, probe = torch.randn(3, 8, 2, 3, 3), torch.randn(3, 8, 2, 3, 3)
+    assert type(converted) is twin_class
+    x, probe = torch.randn(shape), torch.randn(shape)
     sampled = grad_sample.GradSampleModule(torch.nn.Sequential(converted), loss_reduction="sum")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # (torch's "Full backward hook is firing ...": x needs no grad)
@@ -113,6 +114,11 @@ def test_a_converted_per_frame_group_norm_gives_opacus_the_per_sample_gradients_
         for i in range(len(x))))]
     torch.testing.assert_close([converted.weight.grad_sample, converted.bias.grad_sample], looped,
                                **TOLERANCE[torch.float32])
+
+
+def test_a_converted_per_frame_group_norm_gives_opacus_the_per_sample_gradients_of_a_loop_over_the_original():
+    assert_opacus_per_sample_gradients_equal_a_loop_over_the_original(
+        random_parameters(MiniMaxH3VideoGroupNorm(4, 8)), nt.PerFrameGroupNorm, (3, 8, 2, 3, 3))
 
 
 def test_a_converted_per_frame_group_norm_refuses_input_of_another_rank_as_the_original_does():
@@ -200,20 +206,8 @@ def test_a_converted_chameleon_layer_norm_under_cpu_autocast_gives_the_originals
 
 
 def test_a_converted_chameleon_layer_norm_gives_opacus_the_per_sample_gradients_of_a_loop_over_the_original():
-    grad_sample = pytest.importorskip("opacus.grad_sample")
-    original = _chameleon_layer_norm()
-    converted = convert_quietly(copy.deepcopy(original))
-    assert type(converted) is nt.PerHeadLayerNorm
-    x, probe = torch.randn(5, 3, 4, 8), torch.randn(5, 3, 4, 8)
-    sampled = grad_sample.GradSampleModule(torch.nn.Sequential(converted), loss_reduction="sum")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # (torch's "Full backward hook is firing ...": x needs no grad)
-        (sampled(x) * probe).sum().backward()
-    looped = [torch.stack(grads) for grads in zip(*(
-        torch.autograd.grad((original(x[i:i + 1]) * probe[i:i + 1]).sum(), [original.weight, original.bias])
-        for i in range(len(x))))]
-    torch.testing.assert_close([converted.weight.grad_sample, converted.bias.grad_sample], looped,
-                               **TOLERANCE[torch.float32])
+    assert_opacus_per_sample_gradients_equal_a_loop_over_the_original(
+        _chameleon_layer_norm(), nt.PerHeadLayerNorm, (5, 3, 4, 8))
 
 
 def _tiny_chameleon():
