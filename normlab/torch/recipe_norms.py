@@ -555,7 +555,7 @@ class PerFrameGroupNorm(Norm):
     a transposed view); this returns :class:`~normlab.torch.Norm`'s output made contiguous
     where it is not (where it is, no copy), so that a later ``.view`` runs as on the original's.
 
-    >>> norm = PerFrameGroupNorm(1, 2)
+    >>> norm = PerFrameGroupNorm(1, 2, eps=0.0)
     >>> x = torch.tensor([[1., 3.], [5., 5.]]).reshape(1, 2, 2, 1, 1)  # (frame 0: 1, 5; frame 1: 3, 5)
     >>> norm(x).flatten().tolist()
     [-1.0, -1.0, 1.0, 1.0]
