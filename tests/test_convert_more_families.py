@@ -35,7 +35,7 @@ from transformers.models.vitdet.modeling_vitdet import VitDetLayerNorm  # noqa: 
 import normlab.torch as nt  # noqa: E402
 from tests.mirrored_norms import TimmRmsNorm  # noqa: E402
 from tests.test_convert_models import (  # noqa: E402
-    DTYPES, assert_same_numbers, convert_quietly, converted_copy, random_parameters,
+    DTYPES, assert_same_numbers, convert_quietly, converted_copy, random_parameters, types_in,
 )
 
 
@@ -324,6 +324,70 @@ def test_a_converted_esmfold2_layer_norm_computes_half_precision_parameters_wher
     converted = convert_quietly(copy.deepcopy(original))
     expected = F.layer_norm(x.float(), [48], original.weight.float(), original.bias.float(), 1e-5).to(x.dtype)
     assert torch.equal(converted(x), expected)
+
+
+@_needs(EsmFold2LayerNorm, "esmfold2")
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=["float32", "bfloat16", "float16", "float64"])
+def test_esmfold2s_layer_norm_without_a_bias_becomes_a_float32_layer_norm_with_its_outputs_and_gradients(x_dtype):
+    """ESMFold2's adaptive norm conditions on an EsmFold2LayerNorm built with bias=False, which
+    was left unconverted with a warning."""
+    original = random_parameters(EsmFold2LayerNorm(48, eps=1e-5, bias=False))
+    converted = convert_quietly(copy.deepcopy(original))
+    assert type(converted) is nt.Float32LayerNorm and converted.bias is None
+    assert list(converted.state_dict()) == list(original.state_dict()) == ["weight"]
+    x = (torch.randn(3, 5, 48) * 2 + 1).to(x_dtype)
+    assert_same_numbers(original, converted, x, dict(rtol=1e-5, atol=1e-5) if x_dtype == torch.float32 else None)
+
+
+EsmFold2AdaptiveLayerNorm = _newer_class("esmfold2", "EsmFold2AdaptiveLayerNorm")
+
+
+@_needs(EsmFold2AdaptiveLayerNorm, "esmfold2")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_esmfold2s_adaptive_layer_norm_converts_its_condition_norm_and_keeps_its_outputs(dtype):
+    """The block takes the condition as a second positional input and modulates a weightless
+    float32 layer norm of its first by a gate and shift of its own Linear layers: it stays,
+    and its condition's norm becomes a Float32LayerNorm, where convert() warned of it."""
+    original = random_parameters(EsmFold2AdaptiveLayerNorm(48)).to(dtype)
+    original.cond_norm.float()  # (as ESMFold2 keeps it, in a bfloat16 model too: on others it raises)
+    converted = convert_quietly(copy.deepcopy(original))
+    assert type(converted) is EsmFold2AdaptiveLayerNorm and type(converted.cond_norm) is nt.Float32LayerNorm
+    assert list(converted.state_dict()) == list(original.state_dict())
+    condition = (torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(1)) * 2 + 1).to(dtype)
+    x = (torch.randn(3, 5, 48) * 2 + 1).to(dtype)
+    # (bfloat16: the norm takes its operations, to the bit; float32 the kernels)
+    assert_same_numbers(original, converted, x, None if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5),
+                        call=lambda model, x: model(x, condition))
+
+
+@_needs(EsmFold2AdaptiveLayerNorm, "esmfold2")
+def test_a_converted_esmfold2_diffusion_transformer_trains_a_step_as_the_original():
+    from transformers.models.esmfold2 import modeling_esmfold2
+
+    config = transformers.EsmFold2Config(pairwise_hidden_size=8, structure_head=dict(diffusion_module=dict(
+        hidden_size=16, num_attention_heads=2, intermediate_size=24, num_hidden_layers=2,
+        atom_encoder=dict(output_dim=16))))
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    original = random_parameters(modeling_esmfold2.EsmFold2DiffusionTransformer(config))
+    converted = converted_copy(original)
+    assert types_in(converted) == ["EsmFold2AdaptiveLayerNorm", "Float32LayerNorm"]
+    assert list(converted.state_dict()) == list(original.state_dict())
+    generator = torch.Generator().manual_seed(1)
+    tokens, single, pair = (torch.randn(shape, generator=generator)
+                            for shape in ((2, 5, 16), (2, 5, 16), (2, 5, 5, 8)))
+    losses = []
+    for model in (original, converted):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = model(tokens, single, model.compute_pair_biases(pair)).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for name, expected in original.state_dict().items():
+        torch.testing.assert_close(converted.state_dict()[name], expected, rtol=1e-5, atol=1e-6,
+                                   msg=lambda message: f"{name}: {message}")
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])

@@ -7,8 +7,8 @@ A layer is converted when normlab can compute what it computes:
   ``weight`` property, is left alone);
 * subclasses with a ``forward`` of their own (timm's ``LayerNorm``, ``GroupNorm``, ...) that
   takes the input alone, when that forward gives torch.nn's numbers on probe inputs, or
-  timm's ``LayerNormFp32``'s on float32 parameters (ESMFold2's layer norm, which keeps them
-  in float32 and raises on others), as :class:`~normlab.torch.recipe_norms.Float32LayerNorm` (one
+  timm's ``LayerNormFp32``'s on float32 parameters (ESMFold2's layer norm, with or without a
+  bias, which keeps them in float32 and raises on others), as :class:`~normlab.torch.recipe_norms.Float32LayerNorm` (one
   taking more, such as a padding mask, is left alone), and subclasses of ``nn.LayerNorm``
   that normalize the channels of ``(N, C, H, W)`` input (torchvision's and timm's ConvNeXt
   ``LayerNorm2d``), which become :class:`LayerNorm2d`;
