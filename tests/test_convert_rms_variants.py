@@ -297,6 +297,29 @@ def test_ltx2s_audio_pixel_norm_scripted_converted_gives_the_scripted_originals_
             assert_bits(actual, expected)
 
 
+class _PassesChannelDim(torch.nn.Module):
+    """A block that hands its norm a channel_dim, positionally or by name."""
+
+    def __init__(self, norm, by_name):
+        super().__init__()
+        self.norm, self.by_name = norm, by_name
+
+    def forward(self, x):
+        return self.norm(x * 2, channel_dim=1) if self.by_name else self.norm(x * 2, 1)
+
+
+@needs_ltx2
+@pytest.mark.parametrize("by_name", [False, True], ids=["positional", "keyword"])
+def test_fx_traces_a_model_handing_a_converted_per_channel_rms_norm_its_channel_dim_as_the_original(by_name):
+    """fx recorded the twin's call by passing channel_dim on positionally to a helper that
+    takes keywords alone: TypeError "_fx_call_module() takes 2 positional arguments but 3 were given"."""
+    original = ltx2_video.PerChannelRMSNorm(eps=1e-6)
+    expected = torch.fx.symbolic_trace(_PassesChannelDim(original, by_name))
+    actual = torch.fx.symbolic_trace(_PassesChannelDim(converted_copy(original), by_name))
+    x = torch.randn(2, 8, 3, 4)
+    assert_bits(actual(x), expected(x))
+
+
 @needs_ltx2
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_small_ltx2_video_and_audio_vaes_converted_give_their_outputs_and_gradients_to_the_bit_and_unconvert(dtype):

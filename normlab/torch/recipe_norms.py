@@ -210,7 +210,7 @@ class UnweightedRMSNorm(TransformersEpsName, nn.Module):
     @torch.jit.unused
     def _eager_forward(self, x: Tensor, channel_dim: Optional[int] = None) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
-            return _fx_call_module(self, x) if channel_dim is None else _fx_call_module(self, x, channel_dim)
+            return _fx_call_module(self, x, channel_dim=channel_dim)  # (a keyword: one the original takes)
         refuse_non_tensor(self, x, "x", 1)
         if channel_dim is not None and (isinstance(channel_dim, bool) or not isinstance(channel_dim, int)):
             # (a mask, which other twins take second: this one has none)
