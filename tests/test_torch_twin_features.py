@@ -275,6 +275,23 @@ def test_fx_symbolic_trace_of_layer_norm_2d_itself_gives_torchvisions_outputs():
     torch.testing.assert_close(torch.fx.symbolic_trace(twin)(x), torch.fx.symbolic_trace(original)(x))
 
 
+def test_fx_symbolic_trace_of_a_biased_rms_norm_itself_saves_and_loads_with_torch_nn_outputs_plus_the_bias():
+    """Its forward's annotations were strings (the module postponed them), which fx wrote into
+    the graph's signature, and torch.save of the graph failed ("'str' object has no attribute
+    '__name__'")."""
+    twin, original = nt.BiasedRMSNorm(3, dtype=torch.float64), nn.RMSNorm(3, dtype=torch.float64)
+    with torch.no_grad():
+        twin.weight.uniform_(0.5, 1.5), twin.bias.uniform_(-1.0, 1.0)
+        original.weight.copy_(twin.weight)
+    graph = torch.fx.symbolic_trace(twin)
+    buffer = io.BytesIO()
+    torch.save(graph, buffer)
+    buffer.seek(0)
+    x = inputs((2, 2, 3))
+    for traced in (graph, torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(graph))):
+        torch.testing.assert_close(traced(x), original(x) + twin.bias, **TOLERANCE)
+
+
 @pytest.mark.parametrize("name, factory, shape, _bad", SCRIPTABLE, ids=[case[0] for case in SCRIPTABLE])
 def test_jit_script_compiles_the_twin_and_gives_torch_nn_outputs(name, factory, shape, _bad):
     x = inputs(shape)

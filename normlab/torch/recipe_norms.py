@@ -10,8 +10,6 @@ The recipes themselves (which torch operations, where the casts are) live in
 :mod:`normlab.torch.casting`, beside the RMS norm recipes.
 """
 
-from __future__ import annotations
-
 from typing import List, Optional
 
 import torch
