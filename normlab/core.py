@@ -443,7 +443,7 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
                 and segment_ids is None and num_segments is None and segment_axis is None and residual is None
                 and gate is None and scale is None and shift is None and modulation is None
                 and (type(weight_offset) is float and weight_offset == 0.0 or fused._no_offset(weight_offset))
-                and gate_activation == "silu" and norm_before_gate is True
+                and type(gate_activation) is str and gate_activation == "silu" and norm_before_gate is True
                 and (rms is True or rms is False) and (return_stats is True or return_stats is False)):
             # the fast path: everything the checks and the plan decide depends on this key alone
             # (a check that looks at values must make the fast call return None)
@@ -462,7 +462,7 @@ def normalize(x, pattern: str, *, weight=None, bias=None, params: str | None = N
                     return result
         # "False" is truthy: a flag of any other type would return the statistics unasked
         return_stats = _flag(return_stats, "return_stats", _describe(pattern, _shape_of(x)))
-        if not (gate_activation == "silu" and norm_before_gate is True):  # (the defaults: no message to build)
+        if not fused.default_gate_options(gate_activation, norm_before_gate):  # (no message to build)
             fused.check_gate_options(gate_activation, norm_before_gate, _describe(pattern, _shape_of(x)))
         grouped = _grouped(x, pattern, mask, segment_ids, num_segments, segment_axis, residual, gate, weight_offset,
                            scale, shift, modulation)  # normalize_with_stats hands masks and segments on
@@ -682,7 +682,7 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
             raise InputError(f"{_describe(pattern, _shape_of(x))}: grad_sum is the gradient of the returned x + "
                              "residual, and no residual was given; pass residual= (as to normalize), or leave "
                              "grad_sum out")
-        if not (gate_activation == "silu" and norm_before_gate is True):  # (the defaults: no message to build)
+        if not fused.default_gate_options(gate_activation, norm_before_gate):  # (no message to build)
             fused.check_gate_options(gate_activation, norm_before_gate, _describe(pattern, _shape_of(x)))
         if _grouped(x, pattern, mask, segment_ids, num_segments, segment_axis, residual, gate, weight_offset, scale,
                     shift, modulation):

@@ -123,10 +123,19 @@ def check_gate_options(gate_activation, norm_before_gate, context: str) -> bool:
     transformers); ``norm_before_gate`` as a bool. ``context`` opens the message."""
     from normlab import core
 
-    if gate_activation not in GATE_ACTIVATIONS:
+    # (an array is no name: `in` would compare it elementwise and ask for its truth value)
+    if not isinstance(gate_activation, str) or gate_activation not in GATE_ACTIVATIONS:
+        shown = (f"an array of shape {np.shape(gate_activation)}" if isinstance(gate_activation, np.ndarray)
+                 else repr(gate_activation))
         raise InputError(f"{context}: gate_activation must be one of {', '.join(GATE_ACTIVATIONS)}, "
-                         f"got {gate_activation!r}")
+                         f"got {shown}; pass one of these names as a str")
     return core._flag(norm_before_gate, "norm_before_gate", context)
+
+
+def default_gate_options(gate_activation, norm_before_gate) -> bool:
+    """Whether the gate's options are their defaults, ``"silu"`` and True, which need no check
+    (any other value, an array too, goes to :func:`check_gate_options`)."""
+    return norm_before_gate is True and type(gate_activation) is str and gate_activation == "silu"
 
 
 def _no_offset(weight_offset) -> bool:
@@ -258,7 +267,7 @@ def prepare(x, pattern, weight, bias, params, sizes, residual=None, gate=None, g
 
     prepared = core.prepare(x, pattern, weight, bias, params, sizes)
     plan = prepared.plan
-    if not (gate_activation == "silu" and norm_before_gate is True):  # (the defaults: no message to build)
+    if not default_gate_options(gate_activation, norm_before_gate):  # (the defaults: no message to build)
         norm_before_gate = check_gate_options(gate_activation, norm_before_gate, core._describe(plan, plan.shape))
     offset = _weight_offset(weight_offset, pattern, plan)
     if offset != 0.0 and weight is None:

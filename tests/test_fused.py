@@ -300,6 +300,22 @@ def test_a_misspelt_gate_option_is_refused_without_any_fused_option_as_with_one(
     np.testing.assert_array_equal(np.asarray(call(*args, **valid, **extra)[0]), np.asarray(unchanged[0]))
 
 
+@pytest.mark.parametrize("extra", [{}, dict(gate=np.ones((2, 4, 5)))], ids=["plain", "gated"])
+@pytest.mark.parametrize("activation", [np.array(["silu", "gelu"]), np.array(["silu"]), np.array("silu"),
+                                        np.array([True, False])], ids=["two names", "one name", "0-d", "bools"])
+@pytest.mark.parametrize("function", ["normalize", "normalize_backward"])
+def test_a_gate_activation_given_as_an_array_is_an_input_error_naming_the_pattern(function, activation, extra):
+    # an array was compared elementwise: NumPy's "truth value of an array ... is ambiguous", or a
+    # TypeError (unhashable) from a one-element array that passed the check
+    x = np.random.default_rng(0).normal(size=(2, 4, 5))
+    call = getattr(normlab, function)
+    args = (x, "b t [d]") if function == "normalize" else (np.ones_like(x), x, "b t [d]")
+    with pytest.raises(InputError) as info:
+        call(*args, gate_activation=activation, **extra)
+    for word in ("gate_activation", "silu, sigmoid, gelu", "an array of shape", "as a str", "'b t [d]'", "(2, 4, 5)"):
+        assert word in str(info.value)
+
+
 @pytest.mark.parametrize("call", [
     lambda x: normlab.normalize(x, "b t [d]", weight=np.ones(5), params="d", residual=x),
     lambda x: normlab.normalize_backward(np.ones_like(x), x, "b t [d]"),
