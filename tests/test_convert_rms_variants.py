@@ -321,6 +321,23 @@ def test_fx_traces_a_model_handing_a_converted_per_channel_rms_norm_its_channel_
 
 
 @needs_ltx2
+def test_fx_traces_a_converted_ltx2_audio_pixel_norm_as_the_root_module_as_the_original_into_a_graph_that_saves():
+    """fx traces LTX2AudioPixelNorm itself; the twin raised TypeError "_fx_call_module() takes
+    2 positional arguments but 3 were given" (fx makes its channel_dim a placeholder)."""
+    original = ltx2_audio.LTX2AudioPixelNorm(dim=1, eps=1e-6)
+    expected, graph = torch.fx.symbolic_trace(original), torch.fx.symbolic_trace(converted_copy(original))
+    assert [n.op for n in graph.graph.nodes].count("placeholder") == 1
+    buffer = io.BytesIO()
+    torch.save(graph, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(2, 8, 3, 4) * 2 + 0.5).to(dtype)
+        for traced in (graph, loaded):
+            assert_bits(traced(x), expected(x))
+
+
+@needs_ltx2
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_small_ltx2_video_and_audio_vaes_converted_give_their_outputs_and_gradients_to_the_bit_and_unconvert(dtype):
     diffusers = pytest.importorskip("diffusers")

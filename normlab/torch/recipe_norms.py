@@ -200,6 +200,16 @@ class UnweightedRMSNorm(TransformersEpsName, nn.Module):
         dim = self.normalized_dim
         return f"eps={self.eps}, casting={self.casting!r}" + (f", normalized_dim={dim}" if dim != -1 else "")
 
+    @torch.jit.unused
+    def _traced_root_forward(self, proxy) -> "torch.fx.Proxy":
+        """What fx records for the module as the root: the recipe's operations, where they hold
+        no branch on the input's dtype (fx cannot take one), as fx traces LTX-2's norms."""
+        if self.casting not in ("none", "imagegpt"):
+            raise TypeError(f"torch.fx traces UnweightedRMSNorm(casting={self.casting!r}) inside a model, not as the "
+                            "root module (its recipe picks the compute dtype from the input's): trace a model that "
+                            "holds it, e.g. torch.nn.Sequential(norm)")
+        return unweighted_rms_norm_recipe(proxy, self.eps, self.casting, self.normalized_dim)
+
     def forward(self, x: Tensor, channel_dim: Optional[int] = None) -> Tensor:
         if torch.jit.is_scripting():  # the family's operations, as TorchScript compiles the original
             return unweighted_rms_norm_recipe(x, self.eps, self.casting, self.normalized_dim)
