@@ -176,6 +176,11 @@ def _segment_axis(plan: Plan, segment_axis, ids_name: str = "segment_ids") -> in
             raise ShapeError(f"{_describe(plan)}: {ids_name} run along a bracketed axis, and this pattern "
                              "brackets none by name; bracket the axis the ids run along")
         segment_axis = reduced[0]
+    if not isinstance(segment_axis, str):  # (an array would be compared elementwise by `in`)
+        shown = (f"an array of shape {np.shape(segment_axis)}" if isinstance(segment_axis, np.ndarray)
+                 else repr(segment_axis))
+        raise InputError(f"{_describe(plan)}: segment_axis must name a bracketed axis as a str, got {shown}; "
+                         f"pass one of {', '.join(map(repr, reduced))}")
     if segment_axis not in reduced:
         raise ShapeError(f"{_describe(plan)}: segment_axis={segment_axis!r} is not a bracketed axis; "
                          f"pass one of {', '.join(map(repr, reduced))}")

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import normlab
 from normlab import normalize, normalize_backward
 from normlab.errors import NormlabError, ShapeError
 from normlab.plan import make_plan
@@ -334,6 +335,20 @@ def test_segment_axis_names_which_bracketed_axis_the_ids_run_along():
     for s in (0, 1):
         part = x[:, :, ids == s]
         np.testing.assert_allclose(y[:, :, ids == s], normalize(part, "[b] c [t]"), atol=1e-12)
+
+
+@pytest.mark.parametrize("axis", [np.array(["n", "c"]), np.array([True, False]), np.array("n"), 0],
+                         ids=["two names", "bools", "0-d", "int"])
+@pytest.mark.parametrize("function", ["normalize", "normalize_backward"])
+def test_a_segment_axis_that_is_not_a_str_is_an_input_error_naming_the_bracketed_axes(function, axis):
+    # an array was compared elementwise with the axis names: NumPy's "truth value of an array ...
+    # is ambiguous" escaped as a bare ValueError
+    x = np.random.default_rng(0).normal(size=(6, 4))
+    args = (x, "[n] c") if function == "normalize" else (np.ones_like(x), x, "[n] c")
+    with pytest.raises(NormlabError) as info:
+        getattr(normlab, function)(*args, segment_ids=np.array([0, 0, 1, 1, 1, 2]), segment_axis=axis)
+    for word in ("segment_axis", "as a str", "pass one of 'n'", "'[n] c'", "(6, 4)"):
+        assert word in str(info.value)
 
 
 def test_masked_inputs_are_not_modified():
