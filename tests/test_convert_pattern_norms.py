@@ -1,11 +1,13 @@
 """convert() on norms of model families that normlab's generic pattern twin, ``Norm``,
 computes: diffusers' ``MiniMaxH3VideoGroupNorm`` (group norm of each frame on its own,
 ``"b (g [c]) t [h w]"``) and transformers' ``ChameleonLayerNorm`` (layer norm of each head,
-``"... h [d]"`` with a weight and bias per head). The oracles are those classes, built with
+``"... h [d]"`` with a weight and bias per head) and ``xLSTMMultiHeadLayerNorm`` (layer norm of
+each head, ``"b s h [d]"``, the heads merged before a weight over them). The oracles are those classes, built with
 random parameters, and tiny models built from their configs, run unconverted on the same inputs with torch's
 autograd through them."""
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -105,6 +107,7 @@ def assert_opacus_per_sample_gradients_equal_a_loop_over_the_original(original, 
     converted = convert_quietly(copy.deepcopy(original))
     assert type(converted) is twin_class
     x, probe = torch.randn(shape), torch.randn(shape)
+    probe = probe.reshape(original(x).shape)  # (the output's elements in its shape: xLSTM's norm merges heads)
     sampled = grad_sample.GradSampleModule(torch.nn.Sequential(converted), loss_reduction="sum")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # (torch's "Full backward hook is firing ...": x needs no grad)
@@ -259,11 +262,106 @@ def test_a_tiny_chameleon_converts_its_qk_norms_keeps_outputs_and_gradients_and_
 
 
 # ---------------------------------------------------------------------------------------
+# xLSTM's multi-head layer norm
+
+
+def _xlstm_layer_norm(heads=4, head_dim=8, use_bias=True, in_float32=True):
+    from transformers.models.xlstm.modeling_xlstm import xLSTMMultiHeadLayerNorm
+
+    return random_parameters(xLSTMMultiHeadLayerNorm(heads, head_dim, eps=1e-5, use_bias=use_bias,
+                                                     force_float32_reductions=in_float32))
+
+
+def _heads_input(dtype, shape=(3, 5, 4, 8)):
+    """As xLSTM's mLSTM layer hands its norm the heads: (batch, heads, sequence, head_dim) transposed."""
+    batch, sequence, heads, head_dim = shape
+    return (torch.randn(batch, heads, sequence, head_dim) * 2 + 1).to(dtype).transpose(1, 2)
+
+
+@pytest.mark.parametrize("in_float32", [True, False], ids=["float32_reductions", "input_dtype_reductions"])
+@pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                    (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
+                                    (torch.float64, torch.float64)],
+                         ids=["float32", "bfloat16", "float16", "bfloat16_on_float32_parameters", "float64"])
+def test_xlstms_multi_head_layer_norm_becomes_a_multi_head_layer_norm_with_its_outputs_and_gradients(
+        dtypes, use_bias, in_float32):
+    """It was left unconverted with a warning: the layer norm of each head of (batch, sequence,
+    heads, head_dim) input, in float32 or the input's dtype, cast to the input's dtype, the
+    heads merged, then a weight (and a bias) over them in torch operations. Calls that round
+    otherwise than the kernels (half precision, float64 normalized in float32, parameters that
+    promote) take its operations: its bits."""
+    x_dtype, parameter_dtype = dtypes
+    original = _xlstm_layer_norm(use_bias=use_bias, in_float32=in_float32).to(parameter_dtype)
+    converted = convert_quietly(copy.deepcopy(original))
+    assert type(converted) is nt.MultiHeadLayerNorm and converted.pattern == "b s h [d]"
+    assert (converted.num_heads, converted.head_dim, converted.force_float32_reductions) == (4, 8, in_float32)
+    assert list(converted.state_dict()) == list(original.state_dict()) == ["weight", "bias"][:1 + use_bias]
+    on_the_kernels = x_dtype == parameter_dtype and (x_dtype == torch.float32 or (
+        x_dtype == torch.float64 and not in_float32))
+    assert_same_numbers(original, converted, _heads_input(x_dtype), _tolerance(x_dtype) if on_the_kernels else None)
+    assert converted(_heads_input(x_dtype)).is_contiguous()
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 8), (2, 5, 4, 6), (5, 4, 8)], ids=["heads", "head_dim", "rank"])
+def test_a_converted_xlstm_layer_norm_refuses_other_shapes_in_the_originals_type_and_words(shape):
+    original = _xlstm_layer_norm()
+    converted = convert_quietly(copy.deepcopy(original))
+    x = torch.randn(shape)
+    with pytest.raises(ValueError) as expected:
+        original(x)
+    with pytest.raises(ValueError, match=re.escape(str(expected.value))):
+        converted(x)
+
+
+def test_a_converted_xlstm_layer_norm_gives_opacus_the_per_sample_gradients_of_a_loop_over_the_original():
+    assert_opacus_per_sample_gradients_equal_a_loop_over_the_original(
+        _xlstm_layer_norm(), nt.MultiHeadLayerNorm, (5, 3, 4, 8))
+
+
+def _tiny_xlstm():
+    from transformers import xLSTMConfig, xLSTMModel
+
+    torch.manual_seed(0)
+    config = xLSTMConfig(vocab_size=50, hidden_size=32, embedding_dim=32, num_heads=2, num_blocks=2,
+                         num_hidden_layers=2, use_bias=True, mode="train", chunk_size=4,
+                         ffn_round_up_to_multiple_of=16, use_cache=False)
+    return random_parameters(xLSTMModel(config))
+
+
+def test_a_tiny_xlstm_converts_every_norm_trains_a_step_as_the_original_and_unconverts():
+    from transformers.models.xlstm.modeling_xlstm import xLSTMMultiHeadLayerNorm
+
+    original = _tiny_xlstm()
+    converted = convert_quietly(copy.deepcopy(original))
+    heads = [name for name, m in original.named_modules() if isinstance(m, xLSTMMultiHeadLayerNorm)]
+    assert len(heads) == 2 and all(type(converted.get_submodule(name)) is nt.MultiHeadLayerNorm for name in heads)
+    assert list(converted.state_dict()) == list(original.state_dict())
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for model in (original, converted):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = _last_hidden_state(model, ids).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], **TOLERANCE[torch.float32])
+    for name, expected in original.state_dict().items():
+        torch.testing.assert_close(converted.state_dict()[name], expected, rtol=1e-4, atol=1e-5,
+                                   msg=lambda message: f"{name}: {message}")
+    restored = unconvert_exactly(converted, original)
+    for name in heads:
+        before, after = original.get_submodule(name), restored.get_submodule(name)
+        assert type(after) is xLSTMMultiHeadLayerNorm and after.__dict__.keys() == before.__dict__.keys()
+
+
+# ---------------------------------------------------------------------------------------
 # under torch.func, torch.export and torch.compile
 
 PATTERN_NORMS = {  # name -> (the original, a sample's shape)
     "minimax_h3_per_frame_group_norm": (lambda: MiniMaxH3VideoGroupNorm(4, 8, eps=1e-6), (8, 3, 2, 3)),
     "chameleon_per_head_layer_norm": (_chameleon_layer_norm, (5, 4, 8)),
+    "xlstm_multi_head_layer_norm": (_xlstm_layer_norm, (5, 4, 8)),
 }
 
 

@@ -78,8 +78,8 @@ from normlab.torch.modules import (
 from normlab.torch.opacus_tables import register_with_opacus
 from normlab.torch.paths import PATHS, use_path
 from normlab.torch.recipe_norms import (BiasedRMSNorm, Float32LayerNorm, Float32LayerNorm2d, GammaRMSNorm,
-                                        PerFrameGroupNorm, PerHeadLayerNorm, RecipeLayerNorm, RMSNorm2d,
-                                        UnweightedRMSNorm, WrittenOutLayerNorm)
+                                        MultiHeadLayerNorm, PerFrameGroupNorm, PerHeadLayerNorm, RecipeLayerNorm,
+                                        RMSNorm2d, UnweightedRMSNorm, WrittenOutLayerNorm)
 from normlab.torch.restore import unconvert
 from normlab.torch.sync import SyncBatchNorm
 
@@ -92,7 +92,7 @@ for _public in (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d
                 LayerNorm, LayerNorm2d, ChannelsFirstLayerNorm, Norm, RMSNorm, SyncBatchNorm, convert, unconvert,
                 normalize, use_path, FusedAddRMSNorm, FusedAddLayerNorm, GatedRMSNorm, AdaLayerNorm, RecipeLayerNorm,
                 UnweightedRMSNorm, BiasedRMSNorm, GammaRMSNorm, RMSNorm2d, Float32LayerNorm, Float32LayerNorm2d,
-                WrittenOutLayerNorm, PerHeadLayerNorm, PerFrameGroupNorm):
+                WrittenOutLayerNorm, PerHeadLayerNorm, PerFrameGroupNorm, MultiHeadLayerNorm):
     _public.__module__ = __name__  # users (and pickles) name them normlab.torch.X, wherever they live
 register_fusers()  # torch.ao.quantization.fuse_modules finds fusers for (Conv2d, normlab BatchNorm2d)
 register_quantized_twins()  # and torch.ao.quantization.convert the quantized modules of the twins
@@ -103,5 +103,6 @@ __all__ = [
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "SyncBatchNorm", "Norm", "convert", "unconvert",
     "normalize", "use_path", "PATHS", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm",
     "RecipeLayerNorm", "UnweightedRMSNorm", "BiasedRMSNorm", "GammaRMSNorm", "RMSNorm2d", "Float32LayerNorm",
-    "Float32LayerNorm2d", "WrittenOutLayerNorm", "PerHeadLayerNorm", "PerFrameGroupNorm", "update_bn",
+    "Float32LayerNorm2d", "WrittenOutLayerNorm", "PerHeadLayerNorm", "PerFrameGroupNorm", "MultiHeadLayerNorm",
+    "update_bn",
 ]

@@ -50,6 +50,11 @@ A layer is converted when normlab can compute what it computes:
   and bias per head, of shape ``(heads, head_dim)`` (transformers' ``ChameleonLayerNorm``),
   found on float64 probes: :class:`~normlab.torch.recipe_norms.PerHeadLayerNorm`, a
   :class:`~normlab.torch.modules.Norm` with pattern ``"... h [d]"``;
+* layer norms of each head of ``(batch, sequence, heads, head_dim)`` input that return the heads
+  merged and then apply a weight (and a bias) over them (transformers'
+  ``xLSTMMultiHeadLayerNorm``), found on float64 probes and bit for bit in half precision:
+  :class:`~normlab.torch.recipe_norms.MultiHeadLayerNorm`, a
+  :class:`~normlab.torch.modules.Norm` with pattern ``"b s h [d]"``;
 * layer norms over the channels of ``(N, C, H, W)`` input that are no ``nn.LayerNorm``
   (transformers' ``VitDetLayerNorm``): a ``weight``, ``bias`` and ``normalized_shape`` of
   ``(C,)`` and a forward that gives torch's numbers on float64 probes become
@@ -480,6 +485,11 @@ def _decision(module: nn.Module):
                 return twin, recipe
         if _is_channels_first_layer_norm(module):
             return ChannelsFirstLayerNorm, {}  # (no nn.LayerNorm, as the original is none)
+        merged_heads = _multi_head_layer_norm_attributes(module)  # (transformers' xLSTMMultiHeadLayerNorm)
+        if merged_heads is not None:
+            from normlab.torch.recipe_norms import MultiHeadLayerNorm
+
+            return MultiHeadLayerNorm, merged_heads
     return _LEFT_ALONE if _normalizes_itself(module) else None
 
 
@@ -726,6 +736,41 @@ def _is_per_head_layer_norm(module: nn.Module) -> bool:
 
 def _per_head_layer_norm(module: nn.Module, x: Tensor) -> Tensor:
     return F.layer_norm(x, x.shape[-1:], None, None, module.eps) * module.weight + module.bias
+
+
+def _multi_head_layer_norm_attributes(module: nn.Module) -> Optional[dict]:
+    """The :class:`~normlab.torch.recipe_norms.MultiHeadLayerNorm` attributes of a layer norm
+    of each head of ``(batch, sequence, heads, head_dim)`` input that returns the heads merged
+    and then applies a weight (and a bias) over the merged axis (transformers'
+    ``xLSTMMultiHeadLayerNorm``): int ``num_heads`` and ``head_dim``, a float ``eps``, a 1-D
+    weight of ``num_heads · head_dim`` (and a bias of its shape, or None), no buffers or children; found on float64 probes, and
+    bit for bit in half precision with the reductions in float32 or in the input's dtype
+    (its ``force_float32_reductions``, tried first). None for any other module."""
+    from normlab.torch.recipe_norms import MultiHeadLayerNorm, multi_head_layer_norm
+
+    heads, head_dim, eps = (getattr(module, name, None) for name in ("num_heads", "head_dim", "eps"))
+    weight, bias = module._parameters.get("weight"), getattr(module, "bias", None)  # (xLSTM's: a plain None)
+    if (not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (heads, head_dim))
+            or not isinstance(eps, float) or set(module._parameters) - {"bias"} != {"weight"} or weight is None
+            or (bias is not None and module._parameters.get("bias") is not bias)
+            or tuple(weight.shape) != (heads * head_dim,) or (bias is not None and bias.shape != weight.shape)
+            or module._buffers or module._modules):
+        return None
+    shape = (2, 3, heads, head_dim)
+    if not _computes_like(module, _merged_heads_layer_norm, [shape]):
+        return None
+    stated = getattr(module, "force_float32_reductions", True)
+    for in_float32 in dict.fromkeys((bool(stated), True, False)):
+        recipe = lambda norm, x: multi_head_layer_norm(x, norm.weight, norm.bias, norm.eps, in_float32)  # noqa: E731
+        if _computes_in_half_as(module, recipe, shape):
+            return _attributes_of(MultiHeadLayerNorm(heads, head_dim, eps, use_bias=bias is not None,
+                                                     force_float32_reductions=in_float32, device="meta"))
+    return None
+
+
+def _merged_heads_layer_norm(module: nn.Module, x: Tensor) -> Tensor:
+    y = F.layer_norm(x, x.shape[-1:], None, None, module.eps).reshape(*x.shape[:-2], -1) * module.weight
+    return y if module.bias is None else y + module.bias
 
 
 def _channels_first_layer_norm(module: nn.Module, x: Tensor) -> Tensor:

@@ -45,7 +45,7 @@ from normlab.torch.fused import FusedAddLayerNorm, FusedAddRMSNorm, GatedRMSNorm
 from normlab.torch.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, ChannelsFirstLayerNorm, GroupNorm,
                                    InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, LayerNorm2d, Norm, RMSNorm)
 from normlab.torch.recipe_norms import (BiasedRMSNorm, Float32LayerNorm, Float32LayerNorm2d, GammaRMSNorm,
-                                        PerFrameGroupNorm, PerHeadLayerNorm, RecipeLayerNorm, RMSNorm2d,
+                                        MultiHeadLayerNorm, PerFrameGroupNorm, PerHeadLayerNorm, RecipeLayerNorm, RMSNorm2d,
                                         WrittenOutLayerNorm)
 from normlab.torch.sync import SyncBatchNorm
 
@@ -58,7 +58,7 @@ _TORCH_CLASSES = {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.BatchNorm2d, Batc
 _SAMPLED = (LayerNorm, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, RMSNorm, LayerNorm2d,
             ChannelsFirstLayerNorm, Float32LayerNorm, Float32LayerNorm2d, WrittenOutLayerNorm, RecipeLayerNorm, Norm,
             FusedAddRMSNorm, FusedAddLayerNorm, GatedRMSNorm, BiasedRMSNorm, GammaRMSNorm, RMSNorm2d, PerHeadLayerNorm,
-            PerFrameGroupNorm)
+            PerFrameGroupNorm, MultiHeadLayerNorm)
 
 
 def spans_first_axis(pattern: str) -> bool:

@@ -28,7 +28,7 @@ from normlab.torch.paths import _LOW_PRECISION, _choose_path, _PathSwitch, _prof
 from normlab.torch.spec import Spec, refuse_non_tensor
 
 __all__ = ["RecipeLayerNorm", "UnweightedRMSNorm", "BiasedRMSNorm", "GammaRMSNorm", "RMSNorm2d", "Float32LayerNorm",
-           "Float32LayerNorm2d", "WrittenOutLayerNorm", "PerHeadLayerNorm",
+           "Float32LayerNorm2d", "WrittenOutLayerNorm", "PerHeadLayerNorm", "MultiHeadLayerNorm",
            "PerFrameGroupNorm"]
 
 
@@ -581,3 +581,81 @@ class PerFrameGroupNorm(Norm):
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
                 num_segments: Optional[int] = None, segment_axis: Optional[str] = None) -> Tensor:
         return super().forward(x, mask, segment_ids, num_segments, segment_axis).contiguous()
+
+
+class MultiHeadLayerNorm(Norm):
+    """Layer norm of each head's ``head_dim`` values of ``(batch, sequence, heads, head_dim)``
+    input, returned with the heads merged, ``(batch, sequence, heads · head_dim)``: pattern
+    ``"b s h [d]"``, a weight (and a bias where ``use_bias``) over the merged axis, params
+    ``"(h d)"``. transformers' ``xLSTMMultiHeadLayerNorm`` (xLSTM's mLSTM layers), which
+    :func:`~normlab.torch.convert` turns into this, normalizes in float32 where
+    ``force_float32_reductions`` (in the input's dtype otherwise), casts to the input's dtype,
+    and multiplies by its weight and adds its bias in torch operations: half-precision input
+    rounds at each step, float64 input is normalized in float32, and parameters of a wider
+    dtype promote the output. Those calls run its operations (:func:`multi_head_layer_norm`),
+    and the rest run as :class:`~normlab.torch.Norm`.
+
+    >>> norm = MultiHeadLayerNorm(2, 2)
+    >>> [round(v, 4) for v in norm(torch.tensor([[[[1., 3.], [5., 5.]]]]))[0, 0].tolist()]
+    [-1.0, 1.0, 0.0, 0.0]
+    >>> norm(torch.randn(1, 3, 2, 2, dtype=torch.bfloat16)).shape
+    torch.Size([1, 3, 4])
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-6, use_weight: bool = True,
+                 use_bias: bool = False, force_float32_reductions: bool = True, device=None, dtype=None) -> None:
+        if use_bias and not use_weight:
+            raise ValueError("MultiHeadLayerNorm takes a bias beside its weight: pass use_weight=True, or "
+                             "use_bias=False")
+        super().__init__("b s h [d]", "(h d)", eps=eps, affine=use_weight, bias=use_bias, h=num_heads, d=head_dim,
+                         device=device, dtype=dtype)
+        self.num_heads, self.head_dim, self.num_features = num_heads, head_dim, num_heads * head_dim
+        self.force_float32_reductions = force_float32_reductions
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
+                num_segments: Optional[int] = None, segment_axis: Optional[str] = None) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_call_module(self, x, mask=mask, segment_ids=segment_ids, num_segments=num_segments,
+                                   segment_axis=segment_axis)
+        batch, sequence, heads, head_dim = x.shape  # (the original's unpacking, and its ValueError on another rank)
+        expected = f"{type(self).__name__}({self.num_heads}, {self.head_dim}) takes input of shape (batch, " \
+                   f"sequence, {self.num_heads}, {self.head_dim})"
+        if heads != self.num_heads:  # (the original's refusals, in its words)
+            raise ValueError(f"Expected {self.num_heads} heads, got {heads}, input shape: {x.shape}; {expected}")
+        if head_dim != self.head_dim:
+            raise ValueError(f"Expected {self.head_dim} head dimension, got {head_dim}, input shape: {x.shape}; "
+                             f"{expected}")
+        if mask is None and segment_ids is None and self._rounds_as_the_original(x.dtype):
+            return multi_head_layer_norm(x, self.weight, self.bias, self.eps, self.force_float32_reductions)
+        return super().forward(x, mask, segment_ids, num_segments, segment_axis).reshape(batch, sequence, -1)
+
+    def _rounds_as_the_original(self, dtype: torch.dtype) -> bool:
+        """Whether the original's operations round otherwise than the kernels for input of
+        ``dtype``: any but float32 (float64 too, where it normalizes in float32), or parameters
+        that promote the output."""
+        computes_in = torch.float32 if self.force_float32_reductions else dtype
+        if dtype not in (torch.float32, torch.float64) or computes_in != dtype:
+            return True
+        return any(p is not None and torch.promote_types(dtype, p.dtype) != dtype for p in (self.weight, self.bias))
+
+
+def multi_head_layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                          force_float32_reductions: bool) -> Tensor:
+    """transformers' ``xLSTMMultiHeadLayerNorm``, its operations: the layer norm of the last
+    axis of ``(batch, sequence, heads, head_dim)`` input (in float32 where
+    ``force_float32_reductions``), cast to the input's dtype, the heads merged, then
+    ``· weight + bias``.
+
+    >>> multi_head_layer_norm(torch.tensor([[[[1., 3.]]]], dtype=torch.bfloat16), None, None, 0.0, True).tolist()
+    [[[-1.0, 1.0]]]
+    """
+    batch, sequence = x.shape[0], x.shape[1]
+    h = x.float() if force_float32_reductions else x
+    centered = h - h.mean(dim=-1, keepdim=True)
+    y = (centered * torch.rsqrt(h.var(dim=-1, keepdim=True, unbiased=False) + eps)).to(x.dtype)
+    y = y.reshape(batch, sequence, -1)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y

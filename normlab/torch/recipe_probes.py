@@ -457,7 +457,8 @@ def _computes_in_half_as(module: nn.Module, reference: Callable, shape: tuple) -
             with torch.enable_grad():
                 probe = x.to(x_dtype).requires_grad_()
                 output = forward(_probe_copy(module, tensors), probe)
-                output.backward(grad.to(output.dtype))
+                # (an output of the input's elements in another shape: xLSTM's norm merges its heads)
+                output.backward(grad.reshape(output.shape).to(output.dtype))
             return output.detach(), probe.grad
         except Exception as error:  # (compared by type: both must refuse)
             return type(error)
