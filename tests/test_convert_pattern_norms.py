@@ -208,6 +208,34 @@ def test_a_converted_chameleon_layer_norm_under_cpu_autocast_gives_the_originals
     assert actual.dtype == expected.dtype and torch.equal(actual, expected)
 
 
+HEAD_LAYOUTS = {  # name -> (the base tensor's shape, the input as a view of it)
+    "contiguous": ((2, 5, 4, 8), lambda t: t * 1),
+    "channels_last": ((2, 5, 4, 8), lambda t: t.to(memory_format=torch.channels_last)),
+    "heads and tokens transposed": ((2, 4, 5, 8), lambda t: t.transpose(1, 2)),
+    "expanded batch": ((1, 5, 4, 8), lambda t: t.expand(2, 5, 4, 8)),
+    "every other column": ((2, 5, 4, 16), lambda t: t[..., ::2]),
+}
+
+
+@pytest.mark.parametrize("layout", list(HEAD_LAYOUTS))
+def test_a_converted_chameleon_layer_norm_returns_the_originals_layout_on_every_input_layout(layout):
+    """The original's output is torch's layer norm's, contiguous whatever the input's layout;
+    the twin's kept a channels_last or transposed input's, so a later .view failed."""
+    original = _chameleon_layer_norm()
+    converted = convert_quietly(copy.deepcopy(original))
+    shape, view = HEAD_LAYOUTS[layout]
+    base = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    found = []
+    for model in (original, converted):
+        x = view(base.clone().requires_grad_())
+        x.retain_grad()
+        y = model(x)
+        y.backward(torch.ones_like(y))
+        found.append((y.detach(), y.stride(), x.grad.stride(), y.view(2, -1).shape))
+    torch.testing.assert_close(found[1][0], found[0][0], **_tolerance(torch.float32))
+    assert found[1][1:] == found[0][1:]
+
+
 def test_a_converted_chameleon_layer_norm_gives_opacus_the_per_sample_gradients_of_a_loop_over_the_original():
     assert_opacus_per_sample_gradients_equal_a_loop_over_the_original(
         _chameleon_layer_norm(), nt.PerHeadLayerNorm, (5, 3, 4, 8))

@@ -25,7 +25,7 @@ from normlab.torch.casting import (CHANNELS_FIRST_RMS_CASTINGS, LAYER_NORM_CASTI
 from normlab.torch.compute import _normalize
 from normlab.torch.modules import LayerNorm, LayerNorm2d, Norm, RMSNorm, _fx_call_module
 from normlab.torch.paths import _LOW_PRECISION, _choose_path, _PathSwitch, _profiler, profiled_recipe
-from normlab.torch.spec import Spec, refuse_non_tensor
+from normlab.torch.spec import Spec, refuse_non_tensor, torch_layout
 
 __all__ = ["RecipeLayerNorm", "UnweightedRMSNorm", "BiasedRMSNorm", "GammaRMSNorm", "RMSNorm2d", "Float32LayerNorm",
            "Float32LayerNorm2d", "WrittenOutLayerNorm", "PerHeadLayerNorm", "MultiHeadLayerNorm",
@@ -551,6 +551,8 @@ class PerHeadLayerNorm(Norm):
                 and bias is not None and torch.promote_types(torch.promote_types(x.dtype, weight.dtype), bias.dtype)
                 != x.dtype):
             return F.layer_norm(x, x.shape[-1:], None, None, self.eps) * weight + bias
+        if isinstance(x, Tensor):
+            x = torch_layout(x)  # (the original's output is torch's layer norm's: contiguous on any layout)
         return super().forward(x, mask, segment_ids, num_segments, segment_axis)
 
 
