@@ -18,6 +18,10 @@ still held is never overwritten. (A raw address taken with ``.ctypes.data`` or
 ``.data_ptr()`` holds nothing; keep the array too, as with any NumPy array.)
 
 ``NORMLAB_OUTPUT_POOL=0`` turns recycling off; :func:`release` drops the kept buffers.
+
+**Memory not recycled** (below the threshold, or none free) is ``np.empty``'s, or, within
+:func:`fresh_memory_from`, its caller's: the torch front end has torch allocate it, so
+that its outputs are tensors whose storage resizes, as torch.nn's do.
 """
 
 from __future__ import annotations
@@ -92,15 +96,46 @@ def empty(shape: tuple[int, ...], dtype, min_bytes: int | None = None) -> np.nda
     shape = tuple(int(n) for n in shape)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < (MIN_BYTES if min_bytes is None else min_bytes) or not enabled():
-        return np.empty(shape, dtype)
+        # (inlined, as below: the fused blocks' small calls make three outputs a step)
+        return np.empty(shape, dtype) if _local.allocate is None else _local.allocate(shape, dtype)
     with _lock:
         index = _take(nbytes)
         if index is None:
-            return np.empty(shape, dtype)
+            return np.empty(shape, dtype) if _local.allocate is None else _local.allocate(shape, dtype)
         slot = _slots[index]
         owner = _Owner(slot, shape, dtype)
         _slots[index] = _Slot(slot.buffer, slot.address, weakref.ref(owner))
     return np.asarray(owner)  # its .base is the owner
+
+
+class _Local(threading.local):
+    allocate = None  # this thread's fresh_memory_from (a class default: no getattr call to read it)
+
+
+_local = _Local()
+
+
+class fresh_memory_from:
+    """Within, on this thread, :func:`empty` takes the memory it does not recycle from
+    ``allocate(shape, dtype)`` (an array like ``np.empty``'s) instead of ``np.empty``.
+    (A class, not a generator: the torch twins' backward passes enter it on every call.)
+
+    >>> with fresh_memory_from(np.zeros):
+    ...     empty((2,), np.float64).tolist()
+    [0.0, 0.0]
+    """
+
+    __slots__ = ("allocate", "previous")
+
+    def __init__(self, allocate):
+        self.allocate = allocate
+
+    def __enter__(self):
+        self.previous = _local.allocate
+        _local.allocate = self.allocate
+
+    def __exit__(self, *_):
+        _local.allocate = self.previous
 
 
 def _take(nbytes: int) -> int | None:

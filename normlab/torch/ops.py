@@ -11,9 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from normlab import core
+from normlab.kernels import pool
 from normlab.plan import make_plan
-from normlab.torch.spec import (_dense_perm, _empty_like_dense, _engine_view, _inverse, _layout, _sizes_dict,
-                                param_view)
+from normlab.torch.spec import (TorchOutputs, _dense_perm, _empty_like_dense, _engine_view, _inverse, _layout,
+                                _sizes_dict, param_view)
 
 
 def _normalize_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pattern: str,
@@ -56,12 +57,14 @@ def _normalize_backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor]
     mean_np, rstd_np = mean.numpy(), rstd.numpy()
     if perm is not None:
         mean_np, rstd_np = mean_np.transpose(layout.expanded_order), rstd_np.transpose(layout.expanded_order)
-    grad_x, grad_w, grad_b = core.normalize_backward(
-        _engine_view(grad_y, perm), _engine_view(x, perm), layout.pattern,
-        weight=param_view(weight),
-        params=params if (weight is not None or need_bias) else None, eps=eps, rms=rms,
-        mean=None if rms else mean_np, rstd=rstd_np, sizes=_sizes_dict(sizes))
-    grad_x = torch.from_numpy(grad_x)
+    outputs = TorchOutputs()  # (grad_x in memory torch allocates, below the recycled pool's size)
+    with pool.fresh_memory_from(outputs):
+        grad_x, grad_w, grad_b = core.normalize_backward(
+            _engine_view(grad_y, perm), _engine_view(x, perm), layout.pattern,
+            weight=param_view(weight),
+            params=params if (weight is not None or need_bias) else None, eps=eps, rms=rms,
+            mean=None if rms else mean_np, rstd=rstd_np, sizes=_sizes_dict(sizes))
+    grad_x = outputs.tensor(grad_x)
     if perm is not None:
         grad_x = grad_x.permute(_inverse(perm))
     empty = x.new_empty(0, dtype=x.dtype if weight is None else weight.dtype)  # as the fake kernel

@@ -4,6 +4,7 @@ zero-copy views between tensors and the engine."""
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -319,14 +320,23 @@ def _elementwise_strides(shape: tuple, stride: tuple) -> tuple:
 
 
 def _empty_like_dense(x: Tensor, perm) -> Tensor:
-    """An uninitialized tensor with ``x``'s shape and strides, carved from normlab's
-    recycled output memory: ``torch.empty`` would hand the kernel fresh 4 KB pages, whose
-    first-touch faults cost more than the normalization itself on large tensors."""
+    """An uninitialized tensor with ``x``'s shape and dense strides (``x.permute(perm)`` in
+    C order): torch allocates it, as torch.nn's outputs (its storage resizes), except from
+    ``pool.MIN_BYTES`` on, where it is carved from normlab's recycled output memory:
+    ``torch.empty`` would hand the kernel fresh 4 KB pages, whose first-touch faults cost
+    more than the normalization itself on large tensors."""
     from normlab.kernels import pool
 
     if x.dtype not in _NUMPY_DTYPES:
         return torch.empty_like(x)
     shape = tuple(x.shape) if perm is None else tuple(x.shape[p] for p in perm)
+    if x.numel() * x.element_size() < pool.MIN_BYTES:  # (read now, as pool.empty reads it)
+        if perm is None:
+            return torch.empty(shape, dtype=x.dtype)
+        # (not torch's permute of a C-order tensor: a view; see below)
+        dense = torch.empty(shape, dtype=x.dtype).stride()
+        inverse = _inverse(perm)
+        return torch.empty_strided(tuple(x.shape), tuple(dense[i] for i in inverse), dtype=x.dtype)
     array = pool.empty(shape, _NUMPY_DTYPES[x.dtype])
     # the strides come from NumPy, not torch's permute: an output that is a view of a tensor made
     # inside an autograd Function may not be modified in place (a ReLU(inplace=True) after the norm)
@@ -334,6 +344,54 @@ def _empty_like_dense(x: Tensor, perm) -> Tensor:
 
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_TORCH_DTYPES = {np.dtype(numpy_dtype): dtype for dtype, numpy_dtype in _NUMPY_DTYPES.items()}
+
+
+class TorchOutputs:
+    """Fresh memory for the kernels' outputs allocated by torch, as an allocator for
+    :func:`normlab.kernels.pool.fresh_memory_from`; :meth:`tensor` gives an output back as a
+    tensor on that memory, whose storage resizes as torch.nn's outputs' do (a
+    ``torch.from_numpy`` tensor's never does; tools such as PyG's ``GroupAddRev`` free and
+    refill outputs and gradients with ``resize_``).
+
+    >>> from normlab.kernels import pool
+    >>> outputs = TorchOutputs()
+    >>> with pool.fresh_memory_from(outputs):
+    ...     y = pool.empty((2, 3), np.float32)
+    >>> outputs.tensor(y.T).untyped_storage().resizable()
+    True
+    """
+
+    __slots__ = ("tensors",)
+
+    def __init__(self):
+        self.tensors: list[Tensor] = []
+
+    def __call__(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        torch_dtype = _TORCH_DTYPES.get(np.dtype(dtype))
+        if torch_dtype is None or math.prod(shape) == 0:  # (array_view marks an empty tensor's storage fixed)
+            return np.empty(shape, dtype)
+        t = torch.empty(shape, dtype=torch_dtype)
+        self.tensors.append(t)
+        return array_view(t)
+
+    def tensor(self, array: np.ndarray) -> Tensor:
+        """``array`` as a tensor: on the memory torch allocated for it where it lies there
+        (a tensor of its own, not a view, which autograd would keep from changing in place),
+        else ``torch.from_numpy(array)``."""
+        address = array.__array_interface__["data"][0]
+        for t in self.tensors:
+            start = t.data_ptr()
+            if start <= address < start + t.nbytes and _TORCH_DTYPES.get(array.dtype) is t.dtype:
+                itemsize = array.itemsize
+                strides = tuple(step // itemsize for step in array.strides)
+                if array.shape == t.shape and strides == t.stride():
+                    return t
+                return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset() + (address - start) // itemsize,
+                                           array.shape, strides)
+        if array.size == 0:
+            return torch.empty(array.shape, dtype=_TORCH_DTYPES.get(array.dtype) or torch.from_numpy(array).dtype)
+        return torch.from_numpy(array)
 
 
 def _engine_view(t: Tensor, perm) -> np.ndarray:
