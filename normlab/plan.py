@@ -187,8 +187,9 @@ def make_plan(pattern: str, shape, params: str | None = None, *, sizes=None, **a
     sizes = merge_sizes(pattern, sizes, axis_sizes, shape)
     try:
         shape = tuple(int(s) for s in shape)
-    except TypeError as err:
-        raise ShapeError(f"shape must be a sequence of ints, got {shape!r}") from err
+    except (TypeError, ValueError) as err:  # (a str of digits passes int(); "ab" raises ValueError)
+        raise ShapeError(f"pattern {pattern!r}: shape must be a sequence of ints, got {shape!r}; pass the "
+                         "input's shape, x.shape") from err
     try:
         parsed = parse_pattern(pattern)  # syntax (and type) errors first, before anything is hashed
     except PatternSyntaxError as err:
@@ -344,6 +345,8 @@ def _size_given(name: str, size) -> str:
 @functools.lru_cache(maxsize=4096)
 def _make_plan(text: str, shape: tuple[int, ...], params: str | None, sizes_items) -> Plan:
     parsed: Pattern = parse_pattern(text)
+    if any(size < 0 for size in shape):  # (checked once per cached plan)
+        raise _fail(text, shape, "a size is negative", "pass the input's shape, x.shape")
     sizes = dict(sizes_items)
     for name, value in sizes.items():
         _refuse_unknown_size(text, shape, parsed, name, value)

@@ -69,6 +69,22 @@ def test_shape_errors_name_the_pattern_the_shape_and_the_rule(pattern, shape, si
     assert message in text and repr(pattern) in text and str(shape) in text
 
 
+@pytest.mark.parametrize("shape, message", [
+    ((2, -3), "a size is negative"),
+    ((-1,), "a size is negative"),
+    ("ab", "shape must be a sequence of ints"),
+    (("2", "x"), "shape must be a sequence of ints"),
+], ids=["negative size", "negative under an ellipsis", "text", "a word among the sizes"])
+def test_a_shape_no_array_has_is_a_shape_error_naming_the_pattern_and_the_fix(shape, message):
+    # a negative size made a plan (group_size -3, stats_shape (2, 1)) and text raised int()'s
+    # bare ValueError, "invalid literal for int() with base 10"
+    pattern = "b [d]" if len(shape) == 2 else "[...]"
+    with pytest.raises(ShapeError) as info:
+        make_plan(pattern, shape)
+    text = str(info.value)
+    assert message in text and repr(pattern) in text and "x.shape" in text
+
+
 def test_params_naming_an_unknown_axis_is_an_error():
     with pytest.raises(ParamsError, match="names axis 'q'"):
         make_plan("b [d]", (2, 3), params="q")
