@@ -7,6 +7,7 @@ random parameters, and tiny models built from their configs, run unconverted on 
 autograd through them."""
 
 import copy
+import io
 import re
 import warnings
 
@@ -411,6 +412,25 @@ def test_vmap_jacrev_and_jacfwd_of_a_converted_pattern_norm_match_the_originals(
             dict(model.named_parameters()))
         found.append((per_sample, grads, torch.func.jacrev(model)(x[:1]), torch.func.jacfwd(model)(x[:1])))
     torch.testing.assert_close(found[1], found[0], rtol=1e-10, atol=1e-12)
+
+
+# (xLSTM's forward branches on its input's values, so fx traces it inside a model alone, as the twin)
+@pytest.mark.parametrize("name", ["minimax_h3_per_frame_group_norm", "chameleon_per_head_layer_norm"])
+def test_fx_traces_a_converted_pattern_norm_as_the_root_module_into_the_originals_operations_which_save(name):
+    """fx traces these originals themselves; the twins raised TypeError "torch.fx traces ...
+    inside a model, not as the root module"."""
+    original, converted, shape = _pair(name)
+    expected, graph = torch.fx.symbolic_trace(original), torch.fx.symbolic_trace(converted)
+    assert [n.op for n in graph.graph.nodes].count("placeholder") == 1
+    buffer = io.BytesIO()
+    torch.save(graph, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for size in (2, 3):
+        x = torch.randn(size, *shape)
+        for traced in (graph, loaded):
+            y = traced(x)
+            assert torch.equal(y, expected(x)) and y.stride() == expected(x).stride()
 
 
 @pytest.mark.parametrize("name", list(PATTERN_NORMS))

@@ -544,6 +544,11 @@ class PerHeadLayerNorm(Norm):
     def __init__(self, heads: int, head_dim: int, eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__("... h [d]", "h d", eps=eps, h=heads, d=head_dim, device=device, dtype=dtype)
 
+    @torch.jit.unused
+    def _traced_root_forward(self, proxy) -> "torch.fx.Proxy":
+        """What fx records for the module as the root: the original's operations."""
+        return F.layer_norm(proxy, (self.sizes["d"],), None, None, self.eps) * self.weight + self.bias
+
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
                 num_segments: Optional[int] = None, segment_axis: Optional[str] = None) -> Tensor:
         weight, bias = self.weight, self.bias
@@ -579,6 +584,15 @@ class PerFrameGroupNorm(Norm):
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
         super().__init__("b (g [c]) t [h w]", "(g c)" if affine else None, eps=eps, g=num_groups,
                          c=num_channels // num_groups, device=device, dtype=dtype)
+
+    @torch.jit.unused
+    def _traced_root_forward(self, proxy) -> "torch.fx.Proxy":
+        """What fx records for the module as the root: the original's operations, the frames
+        folded into the batch for torch's group norm and back."""
+        batch, channels, frames, height, width = proxy.shape
+        x = proxy.permute(0, 2, 1, 3, 4).contiguous().view(batch * frames, channels, 1, height, width)
+        y = F.group_norm(x, self.sizes["g"], self.weight, self.bias, self.eps)
+        return y.view(batch, frames, channels, height, width).permute(0, 2, 1, 3, 4)  # (forward makes it contiguous)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
                 num_segments: Optional[int] = None, segment_axis: Optional[str] = None) -> Tensor:
