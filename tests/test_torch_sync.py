@@ -634,3 +634,81 @@ def test_sync_batch_norm_with_its_counter_toggled_raises_or_computes_as_torch_nn
     torch.testing.assert_close(twin(x, **mask), expected)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(twin, name), getattr(reference, name))
+
+
+
+def _counted_rows(x, mask):
+    """The counted positions of ``(N, C, H, W)`` as rows of ``(K, C)`` (the mask spans whole
+    positions, broadcast over the channels): the batch with the masked elements removed."""
+    counted = mask.expand(x.shape).permute(1, 0, 2, 3).reshape(x.shape[1], -1)
+    return x.permute(1, 0, 2, 3).reshape(x.shape[1], -1)[counted].reshape(x.shape[1], -1).T
+
+
+_EMPTY_RANK_CASES = [(dtype_name, rank_one, create_graph) for dtype_name in ("float64", "float32")
+                     for rank_one in ("empty", "nothing_counted") for create_graph in (False, True)]
+
+
+def _masked_batch_and_torchs_sync_batch_norm(dtype, rank_one: str):
+    """Rank 0's masked batch, and rank 1's: empty ((0, C, H, W), its mask (0, 1, H, W)) or one
+    whose mask counts nothing; then torch.nn.SyncBatchNorm (a process without a group: the
+    batch's statistics) fed the counted positions of the whole batch as rows, the masked
+    elements removed, after a forward and backward there."""
+    generator = torch.Generator().manual_seed(3)
+    x0 = torch.randn(4, CHANNELS, 3, 3, generator=generator, dtype=dtype) * 2 + 5
+    mask0 = torch.rand(4, 1, 3, 3, generator=generator) < 0.6
+    grad0 = torch.where(mask0, torch.randn(x0.shape, generator=generator, dtype=dtype), 0)  # (counted outputs alone)
+    x1 = torch.randn(0 if rank_one == "empty" else 2, CHANNELS, 3, 3, generator=generator, dtype=dtype)
+    batches = [(x0, mask0, grad0), (x1, torch.zeros(len(x1), 1, 3, 3, dtype=torch.bool), torch.zeros_like(x1))]
+    torch.manual_seed(0)
+    reference = torch.nn.SyncBatchNorm(CHANNELS, momentum=0.3).to(dtype)
+    with torch.no_grad():
+        reference.weight.normal_()
+        reference.bias.normal_()
+    rows = _counted_rows(x0, mask0).clone().requires_grad_()
+    expected = reference(rows)
+    (expected * _counted_rows(grad0, mask0)).sum().backward()
+    # (its state and gradients as plain tensors: a Parameter's .grad does not travel to a process)
+    return batches, reference.state_dict(), (reference.weight.grad, reference.bias.grad), expected.detach(), rows.grad
+
+
+def _compare_masked_with_an_empty_rank(rank: int, init_method: str, references: list):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD_SIZE)
+    try:
+        for (dtype_name, rank_one, create_graph), (batches, state, grads, expected, expected_grad) in zip(
+                _EMPTY_RANK_CASES, references):
+            case = f"{dtype_name}, rank 1 {rank_one}, create_graph={create_graph}"
+            dtype = getattr(torch, dtype_name)
+            tolerance = dict(atol=1e-10, rtol=1e-9) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-4)
+            x, mask, grad_y = batches[rank]
+            sync = nt.SyncBatchNorm(CHANNELS, momentum=0.3).to(dtype)
+            sync.load_state_dict({**state, "running_mean": torch.zeros(CHANNELS, dtype=dtype),
+                                  "running_var": torch.ones(CHANNELS, dtype=dtype),
+                                  "num_batches_tracked": torch.tensor(0)})
+            x_local = x.clone().requires_grad_()
+            y = sync(x_local, mask=mask)
+            assert y.shape == x.shape and y.dtype == dtype, case
+            grad_x, grad_w, grad_b = torch.autograd.grad((y * grad_y).sum(), (x_local, sync.weight, sync.bias),
+                                                         create_graph=create_graph)
+            assert grad_x.shape == x.shape, case
+            if rank == 0:
+                torch.testing.assert_close(_counted_rows(y.detach(), mask), expected, **tolerance,
+                                           msg=lambda m: f"{case}, output: {m}")
+                torch.testing.assert_close(_counted_rows(grad_x.detach(), mask), expected_grad, **tolerance,
+                                           msg=lambda m: f"{case}, input grad: {m}")
+            for name, grad, want in zip(("weight", "bias"), (grad_w.detach().clone(), grad_b.detach().clone()), grads):
+                dist.all_reduce(grad)  # (DistributedDataParallel sums the ranks', then averages)
+                torch.testing.assert_close(grad, want, **tolerance, msg=lambda m: f"{case}, {name} grad: {m}")
+            for name, value in state.items():
+                torch.testing.assert_close(sync.state_dict()[name], value, **tolerance,
+                                           msg=lambda m: f"{case}, {name}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # (about 10 s on 2 cores: two processes)
+def test_masked_sync_batch_norm_with_an_empty_rank_equals_torchs_on_the_counted_elements():
+    """torch.nn.SyncBatchNorm runs on CPU without a process group alone: its numbers are taken
+    here, before the processes meet, on the whole batch's counted positions."""
+    references = [_masked_batch_and_torchs_sync_batch_norm(getattr(torch, dtype_name), rank_one)
+                  for dtype_name, rank_one, _ in _EMPTY_RANK_CASES]
+    gloo.spawn(_compare_masked_with_an_empty_rank, references, nprocs=WORLD_SIZE)
