@@ -186,8 +186,8 @@ def make_plan(pattern: str, shape, params: str | None = None, *, sizes=None, **a
     """
     sizes = merge_sizes(pattern, sizes, axis_sizes, shape)
     try:
-        shape = tuple(int(s) for s in shape)
-    except (TypeError, ValueError) as err:  # (a str of digits passes int(); "ab" raises ValueError)
+        shape = tuple(map(operator.index, shape))  # (ints, NumPy's and torch's; int() would truncate 2.5)
+    except TypeError as err:
         raise ShapeError(f"pattern {pattern!r}: shape must be a sequence of ints, got {shape!r}; pass the "
                          "input's shape, x.shape") from err
     try:

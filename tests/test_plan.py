@@ -74,10 +74,11 @@ def test_shape_errors_name_the_pattern_the_shape_and_the_rule(pattern, shape, si
     ((-1,), "a size is negative"),
     ("ab", "shape must be a sequence of ints"),
     (("2", "x"), "shape must be a sequence of ints"),
-], ids=["negative size", "negative under an ellipsis", "text", "a word among the sizes"])
+    ((2.5, 3), "shape must be a sequence of ints"),
+], ids=["negative size", "negative under an ellipsis", "text", "a word among the sizes", "a fraction"])
 def test_a_shape_no_array_has_is_a_shape_error_naming_the_pattern_and_the_fix(shape, message):
-    # a negative size made a plan (group_size -3, stats_shape (2, 1)) and text raised int()'s
-    # bare ValueError, "invalid literal for int() with base 10"
+    # a negative size made a plan (group_size -3, stats_shape (2, 1)), text raised int()'s bare
+    # ValueError, "invalid literal for int() with base 10", and a fraction was cut to an int
     pattern = "b [d]" if len(shape) == 2 else "[...]"
     with pytest.raises(ShapeError) as info:
         make_plan(pattern, shape)
