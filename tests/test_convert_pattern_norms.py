@@ -237,6 +237,30 @@ def test_a_converted_chameleon_layer_norm_returns_the_originals_layout_on_every_
     assert found[1][1:] == found[0][1:]
 
 
+def test_torch_jit_script_compiles_a_converted_chameleon_layer_norm_into_the_scripted_originals_bits():
+    """TorchScript compiles ChameleonLayerNorm; the twin raised "torch.jit.script cannot
+    compile normlab's PerHeadLayerNorm"."""
+    original = _chameleon_layer_norm()
+    converted = convert_quietly(torch.nn.Sequential(copy.deepcopy(original)))
+    expected, scripted = torch.jit.script(torch.nn.Sequential(original)), torch.jit.script(converted)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    x = torch.randn(6, 4, 8, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):  # (the first calls profile, the later ones run TorchScript's optimized graph)
+        found = []
+        for model in (expected, scripted, loaded):
+            leaf = x.clone().requires_grad_()
+            y = model(leaf)
+            y.backward(torch.ones_like(y))
+            found.append((y, leaf.grad, [p.grad.clone() for p in model.parameters()]))
+            model.zero_grad()
+        torch.testing.assert_close(found[1], found[0], rtol=0, atol=0)
+        torch.testing.assert_close(found[2], found[0], rtol=0, atol=0)
+    assert scripted[0].weight is converted[0].weight
+
+
 def test_a_converted_chameleon_layer_norm_gives_opacus_the_per_sample_gradients_of_a_loop_over_the_original():
     assert_opacus_per_sample_gradients_equal_a_loop_over_the_original(
         _chameleon_layer_norm(), nt.PerHeadLayerNorm, (5, 3, 4, 8))

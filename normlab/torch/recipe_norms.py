@@ -549,6 +549,11 @@ class PerHeadLayerNorm(Norm):
         """What fx records for the module as the root: the original's operations."""
         return F.layer_norm(proxy, (self.sizes["d"],), None, None, self.eps) * self.weight + self.bias
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What torch.jit.script compiles in its place: the original's forward, on these very
+        parameters (no mask, as TorchScript compiles torch.nn's norms without one)."""
+        return _ScriptedPerHeadLayerNorm(self)
+
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
                 num_segments: Optional[int] = None, segment_axis: Optional[str] = None) -> Tensor:
         weight, bias = self.weight, self.bias
@@ -559,6 +564,21 @@ class PerHeadLayerNorm(Norm):
         if isinstance(x, Tensor):
             x = torch_layout(x)  # (the original's output is torch's layer norm's: contiguous on any layout)
         return super().forward(x, mask, segment_ids, num_segments, segment_axis)
+
+
+class _ScriptedPerHeadLayerNorm(nn.Module):
+    """:class:`PerHeadLayerNorm` as TorchScript compiles it: ``ChameleonLayerNorm``'s forward,
+    torch's layer norm of each head's values times the weight plus the bias, holding the
+    twin's ``weight`` and ``bias``."""
+
+    def __init__(self, norm: PerHeadLayerNorm) -> None:
+        super().__init__()
+        self.weight, self.bias = norm.weight, norm.bias
+        self.normalized_shape: List[int] = [norm.sizes["d"]]
+        self.eps = float(norm.eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.normalized_shape, None, None, self.eps) * self.weight + self.bias
 
 
 class PerFrameGroupNorm(Norm):
