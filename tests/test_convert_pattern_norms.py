@@ -367,6 +367,33 @@ def test_a_converted_xlstm_layer_norm_refuses_other_shapes_in_the_originals_type
         converted(x)
 
 
+def _scripted_results(model, x):
+    found = []
+    for _ in range(3):  # (the first calls profile, the later ones run TorchScript's optimized graph)
+        leaf = x.clone().requires_grad_()
+        y = model(leaf)
+        y.backward(torch.ones_like(y))
+        found.append((y, leaf.grad, [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad()
+    return found
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("use_bias, in_float32", [(True, True), (False, False)], ids=["bias", "no_bias_input_dtype"])
+def test_torch_jit_script_compiles_a_converted_xlstm_layer_norm_into_the_scripted_originals_bits(use_bias, in_float32,
+                                                                                                 dtype):
+    """TorchScript compiles xLSTMMultiHeadLayerNorm; the twin raised "torch.jit.script cannot
+    compile normlab's MultiHeadLayerNorm"."""
+    original = _xlstm_layer_norm(use_bias=use_bias, in_float32=in_float32).to(dtype)
+    converted = convert_quietly(torch.nn.Sequential(copy.deepcopy(original)))
+    expected, scripted = torch.jit.script(torch.nn.Sequential(original)), torch.jit.script(converted)
+    x = torch.randn(2, 5, 4, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    torch.testing.assert_close(_scripted_results(scripted, x), _scripted_results(expected, x), rtol=0, atol=0)
+    assert scripted[0].weight is converted[0].weight
+    with pytest.raises(torch.jit.Error, match="Expected 4 heads, got 3"):
+        scripted(torch.randn(2, 5, 3, 8).to(dtype))
+
+
 def test_a_converted_xlstm_layer_norm_gives_opacus_the_per_sample_gradients_of_a_loop_over_the_original():
     assert_opacus_per_sample_gradients_equal_a_loop_over_the_original(
         _xlstm_layer_norm(), nt.MultiHeadLayerNorm, (5, 3, 4, 8))

@@ -665,6 +665,11 @@ class MultiHeadLayerNorm(Norm):
             return multi_head_layer_norm(x, self.weight, self.bias, self.eps, self.force_float32_reductions)
         return super().forward(x, mask, segment_ids, num_segments, segment_axis).reshape(batch, sequence, -1)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What torch.jit.script compiles in its place: the original's forward, on these very
+        parameters (no mask, as TorchScript compiles torch.nn's norms without one)."""
+        return _ScriptedMultiHeadLayerNorm(self)
+
     def _rounds_as_the_original(self, dtype: torch.dtype) -> bool:
         """Whether the original's operations round otherwise than the kernels for input of
         ``dtype``: any but float32 (float64 too, where it normalizes in float32), or parameters
@@ -673,6 +678,26 @@ class MultiHeadLayerNorm(Norm):
         if dtype not in (torch.float32, torch.float64) or computes_in != dtype:
             return True
         return any(p is not None and torch.promote_types(dtype, p.dtype) != dtype for p in (self.weight, self.bias))
+
+
+class _ScriptedMultiHeadLayerNorm(nn.Module):
+    """:class:`MultiHeadLayerNorm` as TorchScript compiles it: ``xLSTMMultiHeadLayerNorm``'s
+    forward, its refusals and :func:`multi_head_layer_norm`, holding the twin's ``weight`` and
+    ``bias``."""
+
+    def __init__(self, norm: MultiHeadLayerNorm) -> None:
+        super().__init__()
+        self.weight, self.bias = norm.weight, norm.bias
+        self.num_heads, self.head_dim = norm.num_heads, norm.head_dim
+        self.eps, self.force_float32_reductions = float(norm.eps), bool(norm.force_float32_reductions)
+
+    def forward(self, x: Tensor) -> Tensor:
+        heads, head_dim = x.shape[2], x.shape[3]
+        if heads != self.num_heads:
+            raise ValueError(f"Expected {self.num_heads} heads, got {heads}, input shape: {x.shape}")
+        if head_dim != self.head_dim:
+            raise ValueError(f"Expected {self.head_dim} head dimension, got {head_dim}, input shape: {x.shape}")
+        return multi_head_layer_norm(x, self.weight, self.bias, self.eps, self.force_float32_reductions)
 
 
 def multi_head_layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
