@@ -171,15 +171,43 @@ def _refuse_misfit(module, x: Tensor, mask: Tensor) -> Optional[Tensor]:
 def _torch_refusal(module, x: Tensor) -> Optional[str]:
     """torch.nn's words for refusing ``x``: its forward, without a mask, run on the error path
     alone (a batch norm's counts the batch there, as torch.nn's does before its op refuses),
-    or None where it takes ``x`` or cannot run here (compiled: the graph would break)."""
+    or None where it takes ``x``. Compiled, where that forward would break the graph, the
+    words come from :func:`_torch_words` at trace time, and no batch is counted, as compiled
+    torch.nn counts none."""
     forward = getattr(module, "_torch_forward", None)
-    if forward is None or torch.compiler.is_compiling():
+    if forward is None:
         return None
+    if torch.compiler.is_compiling():
+        return _torch_words(module, sizes(x.shape), x.dtype, x.device)
     try:
         forward(x)
     except (RuntimeError, ValueError) as error:
         return str(error)
     return None
+
+
+def _torch_words(module, shape: tuple, dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """torch.nn's words for refusing an input of ``shape``, ``dtype`` and ``device``: its
+    forward run on a stand-in of the module holding copies of its parameters and buffers
+    (nothing of the module's changes, a batch norm's count included) and on zeros of that
+    shape, one element expanded (no copy of the input's size). None where it takes such an
+    input."""
+    stand_in = type(module).__new__(type(module))
+    stand_in.__dict__.update(module.__dict__)
+    stand_in._parameters = {k: None if p is None else p.detach().clone() for k, p in module._parameters.items()}
+    stand_in._buffers = {k: None if b is None else b.detach().clone() for k, b in module._buffers.items()}
+    try:
+        with torch.no_grad():
+            stand_in._torch_forward(torch.zeros((), dtype=dtype, device=device).expand(shape))
+    except (RuntimeError, ValueError) as error:
+        return str(error)
+    return None
+
+
+# Dynamo calls it while tracing, with the module and the sizes as they are, and keeps its answer:
+# the message, built from the shapes, joins the graph as a constant (traced into, torch.nn's
+# forward broke the graph). What torch.compiler.assume_constant_result sets, without importing Dynamo.
+_torch_words._dynamo_marked_constant = True
 
 
 def _misfit(message: str, torch_words: Optional[str] = None) -> Exception:
