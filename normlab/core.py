@@ -112,9 +112,10 @@ def result_dtype(x: np.ndarray, pattern: str, name: str = "input") -> np.dtype:
         return dtype
     if x.dtype.kind in "iub":
         return np.dtype(np.float64)
+    cast = "x" if name == "input" else name  # (the fix casts the array at fault, grad_y as well as x)
     raise InputError(
         f"{_describe(pattern, x.shape)}: {name} dtype {x.dtype} is not supported; "
-        "normalize takes float16, bfloat16, float32 or float64 (cast with x.astype(np.float32))"
+        f"normlab takes float16, bfloat16, float32 or float64 (cast with {cast}.astype(np.float32))"
     )
 
 

@@ -161,6 +161,27 @@ def test_fused_backward_refuses_a_complex_gradient_as_the_plain_one_does(backend
         normlab.normalize_backward(bad, x, "b [d]", backend=backend)
 
 
+@pytest.mark.parametrize("path, which", [("plain", "grad_y"), ("fused", "grad_y"), ("fused", "grad_sum"),
+                                         ("masked", "grad_y")])
+def test_a_gradient_of_an_unsupported_dtype_is_told_to_cast_itself_not_x(path, which):
+    # the message named the gradient, then told the caller to cast x (x.astype(np.float32)), which
+    # was already a float array
+    x = np.random.default_rng(7).standard_normal((2, 4))
+    grads = {"grad_y": np.ones_like(x), "grad_sum": np.ones_like(x), which: x.astype(np.complex128) + 1j}
+    extra = {"plain": {}, "fused": dict(residual=x, grad_sum=grads["grad_sum"]),
+             "masked": dict(mask=np.ones((2, 4), bool))}[path]
+    with pytest.raises(InputError) as info:
+        normlab.normalize_backward(grads["grad_y"], x, "b [d]", **extra)
+    message = str(info.value)
+    assert f"{which} dtype complex128" in message and f"cast with {which}.astype(np.float32)" in message
+    assert "x.astype" not in message
+
+
+def test_an_input_of_an_unsupported_dtype_is_told_to_cast_x():
+    with pytest.raises(InputError, match=r"input dtype complex128 .*cast with x\.astype\(np\.float32\)"):
+        normlab.normalize(np.ones((2, 4), np.complex128), "b [d]")
+
+
 # --- torch-style functions: arguments torch refuses, and buffers they cannot write --------------------
 
 def test_a_read_only_running_buffer_is_refused_before_either_buffer_moves():
