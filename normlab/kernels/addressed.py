@@ -25,26 +25,18 @@ from normlab.kernels.rows import CANCELLATION, row_forward, row_forward32  # noq
 
 
 @intrinsic
-def _pointer(typingctx, address, dtype):
-    """The integer ``address`` as a pointer to ``dtype`` values (LLVM's ``inttoptr``)."""
-    if not isinstance(address, numba_types.Integer) or not isinstance(dtype, numba_types.NumberClass):
+def _pointer(typingctx, address, kind):
+    """The integer ``address`` as a pointer to values of ``kind`` (LLVM's ``inttoptr``): a
+    NumPy scalar type (``np.float32``), or an array, whose dtype it takes."""
+    if not isinstance(address, numba_types.Integer):
         return None
-    pointer = numba_types.CPointer(dtype.instance_type)
-    signature = pointer(address, dtype)
-
-    def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
-
-    return signature, codegen
-
-
-@intrinsic
-def _pointer_like(typingctx, address, witness):
-    """The integer ``address`` as a pointer to values of the array ``witness``'s dtype."""
-    if not isinstance(address, numba_types.Integer) or not isinstance(witness, numba_types.Array):
+    if isinstance(kind, numba_types.NumberClass):
+        dtype = kind.instance_type
+    elif isinstance(kind, numba_types.Array):
+        dtype = kind.dtype
+    else:
         return None
-    pointer = numba_types.CPointer(witness.dtype)
-    signature = pointer(address, witness)
+    signature = numba_types.CPointer(dtype)(address, kind)
 
     def codegen(context, builder, sig, args):
         return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
@@ -90,14 +82,14 @@ def column_forward32_at(x_address, y_address, outer, channels, inner, witness, w
     its serial kernels, on the float32 (outer, C, inner) values at ``x_address`` (``inner``
     1: channels last), the output written at ``y_address``; ``witness``: any float32 array."""
     if inner == 1:
-        x2 = carray(_pointer_like(x_address, witness), (outer, channels))
-        y2 = carray(_pointer_like(y_address, witness), (outer, channels))
+        x2 = carray(_pointer(x_address, witness), (outer, channels))
+        y2 = carray(_pointer(y_address, witness), (outer, channels))
         _last_stats(x2, rms, eps, cancellation, group_rows, block_channels,
                     np.empty((4, -(-outer // group_rows), channels)), mean, var, rstd)
         _last_apply32(x2, y2, weight, bias, mean, rstd, group_rows, block_channels)
         return
-    x = carray(_pointer_like(x_address, witness), (outer, channels, inner))
-    y = carray(_pointer_like(y_address, witness), (outer, channels, inner))
+    x = carray(_pointer(x_address, witness), (outer, channels, inner))
+    y = carray(_pointer(y_address, witness), (outer, channels, inner))
     _first_stats(x, rms, eps, cancellation, outer_chunk, np.empty((4, -(-outer // outer_chunk), channels)), mean, var,
                  rstd)
     _first_apply32(x, y, weight, bias, mean, rstd)
@@ -108,14 +100,14 @@ def column_forward_at(x_address, y_address, outer, channels, inner, witness, wei
                       group_rows, block_channels, outer_chunk, mean, var, rstd):
     """As :func:`column_forward32_at`, for float64 values (``witness``: a float64 array)."""
     if inner == 1:
-        x2 = carray(_pointer_like(x_address, witness), (outer, channels))
-        y2 = carray(_pointer_like(y_address, witness), (outer, channels))
+        x2 = carray(_pointer(x_address, witness), (outer, channels))
+        y2 = carray(_pointer(y_address, witness), (outer, channels))
         _last_stats(x2, rms, eps, cancellation, group_rows, block_channels,
                     np.empty((4, -(-outer // group_rows), channels)), mean, var, rstd)
         _last_apply(x2, y2, weight, bias, mean, rstd, group_rows, block_channels)
         return
-    x = carray(_pointer_like(x_address, witness), (outer, channels, inner))
-    y = carray(_pointer_like(y_address, witness), (outer, channels, inner))
+    x = carray(_pointer(x_address, witness), (outer, channels, inner))
+    y = carray(_pointer(y_address, witness), (outer, channels, inner))
     _first_stats(x, rms, eps, cancellation, outer_chunk, np.empty((4, -(-outer // outer_chunk), channels)), mean, var,
                  rstd)
     _first_apply(x, y, weight, bias, mean, rstd)
@@ -127,15 +119,15 @@ def column_backward_at(grad_y_address, x_address, grad_x_address, outer, channel
     """``kernels.column_backward`` with given statistics and its serial kernels, on the
     (outer, C, inner) values at these addresses, of ``witness``'s dtype."""
     if inner == 1:
-        g2 = carray(_pointer_like(grad_y_address, witness), (outer, channels))
-        x2 = carray(_pointer_like(x_address, witness), (outer, channels))
-        gx2 = carray(_pointer_like(grad_x_address, witness), (outer, channels))
+        g2 = carray(_pointer(grad_y_address, witness), (outer, channels))
+        x2 = carray(_pointer(x_address, witness), (outer, channels))
+        gx2 = carray(_pointer(grad_x_address, witness), (outer, channels))
         _last_backward(g2, x2, weight, mean, rstd, rms, group_rows, block_channels,
                        np.empty((4, -(-outer // group_rows), channels)), gx2, grad_weight, grad_bias)
         return
-    g = carray(_pointer_like(grad_y_address, witness), (outer, channels, inner))
-    x = carray(_pointer_like(x_address, witness), (outer, channels, inner))
-    gx = carray(_pointer_like(grad_x_address, witness), (outer, channels, inner))
+    g = carray(_pointer(grad_y_address, witness), (outer, channels, inner))
+    x = carray(_pointer(x_address, witness), (outer, channels, inner))
+    gx = carray(_pointer(grad_x_address, witness), (outer, channels, inner))
     chunks = -(-outer // outer_chunk)
     _first_backward(g, x, weight, mean, rstd, rms, outer_chunk, np.empty((chunks, channels)),
                     np.empty((chunks, channels)), gx, grad_weight, grad_bias)
