@@ -234,6 +234,8 @@ def make_grouping(plan: Plan, mask=None, segment_ids=None, num_segments=None, se
         num_segments = int(ids.max()) + 1 if ids.size else 0
     else:
         try:
+            if isinstance(num_segments, (bool, np.bool_)):  # (a flag is no count: True would be 1)
+                raise TypeError
             num_segments = operator.index(num_segments)
         except TypeError:
             raise InputError(f"{_describe(plan)}: num_segments must be an int, got {num_segments!r}; pass "

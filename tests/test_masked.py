@@ -351,6 +351,17 @@ def test_a_segment_axis_that_is_not_a_str_is_an_input_error_naming_the_bracketed
         assert word in str(info.value)
 
 
+@pytest.mark.parametrize("count", [True, np.True_, False])
+def test_a_boolean_num_segments_is_an_input_error_not_a_count_of_one(count):
+    # True was read as 1: refused as "num_segments=1 but segment_ids reach 1", or taken where the ids
+    # were all 0
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    for ids in (np.array([0, 0, 1, 1]), np.zeros(4, np.int64)):
+        with pytest.raises(NormlabError) as info:
+            normalize(x, "[n] c", segment_ids=ids, num_segments=count)
+        assert f"num_segments must be an int, got {count!r}" in str(info.value) and "'[n] c'" in str(info.value)
+
+
 def test_masked_inputs_are_not_modified():
     x = np.arange(12.0).reshape(3, 4)
     mask = np.array([True, False, True])[:, None]
