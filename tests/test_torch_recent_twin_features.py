@@ -1,6 +1,7 @@
 """torch's transforms and module features on the twins that convert() makes of the newer
 norm classes (ConvNeXt's and timm's channels-first layer norms, VitDet's, the recipe norms
-of transformers and diffusers, the gated, fused and PyG norms). Oracle: the original class,
+of transformers and diffusers, the per-head, multi-head and per-frame pattern norms, the
+gated, fused and PyG norms). Oracle: the original class,
 built from its source, under the same feature on the same parameters and input."""
 
 import copy
@@ -92,6 +93,7 @@ def _recent_original(name):
     generator = torch.Generator().manual_seed(3)
     tokens, image = torch.randn(3, 4, 8, generator=generator), torch.randn(2, 4, 3, 5, generator=generator)
     gate = torch.randn(3, 4, 8, generator=generator)
+    heads, video = torch.randn(2, 3, 4, 8, generator=generator), torch.randn(2, 4, 3, 2, 3, generator=generator)
     models, normalization = "transformers.models", "diffusers.models.normalization"
     builders = {
         "GemmaRMSNorm": lambda: (load(f"{models}.gemma.modeling_gemma", "GemmaRMSNorm")(8, eps=1e-6), (tokens,)),
@@ -108,6 +110,18 @@ def _recent_original(name):
         "timm RmsNorm2d": lambda: (TimmRmsNorm2d(4), (image,)),
         "torchvision LayerNorm2d": lambda: (TorchvisionLayerNorm2d(4, eps=1e-6), (image,)),
         "VitDetLayerNorm": lambda: (load(f"{models}.vitdet.modeling_vitdet", "VitDetLayerNorm")(4), (image,)),
+        "ChameleonLayerNorm": lambda: (load(f"{models}.chameleon.modeling_chameleon", "ChameleonLayerNorm")((4, 8)),
+                                       (heads,)),
+        "xLSTMMultiHeadLayerNorm": lambda: (load(f"{models}.xlstm.modeling_xlstm", "xLSTMMultiHeadLayerNorm")(
+            4, 8, eps=1e-5, use_bias=True), (heads,)),
+        "EsmFold2LayerNorm": lambda: (load(f"{models}.esmfold2.modeling_esmfold2", "EsmFold2LayerNorm")(8), (tokens,)),
+        "MiniMaxH3VideoGroupNorm": lambda: (load("diffusers.models.autoencoders.autoencoder_kl_minimax_h3",
+                                                 "MiniMaxH3VideoGroupNorm")(2, 4, eps=1e-6), (video,)),
+        "LTX2AudioPixelNorm": lambda: (load("diffusers.models.autoencoders.autoencoder_kl_ltx2_audio",
+                                            "LTX2AudioPixelNorm")(dim=1, eps=1e-6), (image,)),
+        "StableAudio3RMSNorm in the input's dtype": lambda: (load(
+            "diffusers.models.transformers.transformer_stable_audio3", "StableAudio3RMSNorm")(8, force_fp32=False),
+            (tokens,)),
     }
     return builders[name]()
 
@@ -144,7 +158,9 @@ def _module_features(module, inputs):
 @pytest.mark.parametrize("name", ["GemmaRMSNorm", "T5LayerNorm", "CohereLayerNorm", "DebertaLayerNorm",
                                   "Llama4TextL2Norm", "diffusers RMSNorm with bias", "diffusers FP32LayerNorm",
                                   "PocketTTSFlowLayerNorm", "MambaRMSNormGated", "timm RmsNorm2d",
-                                  "torchvision LayerNorm2d", "VitDetLayerNorm"])
+                                  "torchvision LayerNorm2d", "VitDetLayerNorm", "ChameleonLayerNorm",
+                                  "xLSTMMultiHeadLayerNorm", "EsmFold2LayerNorm", "MiniMaxH3VideoGroupNorm",
+                                  "LTX2AudioPixelNorm", "StableAudio3RMSNorm in the input's dtype"])
 def test_hooks_checkpointing_inference_mode_and_meta_builds_meet_the_originals(name):
     original, inputs = _recent_original(name)
     twin = _converted(original)
