@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
 
 import normlab.torch as nt  # noqa: E402
 
@@ -265,3 +266,74 @@ def test_a_twin_given_an_input_whose_storage_was_freed_raises_torchs_error_and_d
     assert expected is not None and expected[0] == "RuntimeError"
     assert got is not None and got[0] == expected[0], got
     assert got[1].startswith(expected[1]) and "resize_(0)" in got[1], got[1]
+
+
+def _ada_layer_norm_zero():
+    return pytest.importorskip("diffusers.models.normalization").AdaLayerNormZero(64)
+
+
+# (id, fused block, its reference in torch operations or the original class, second input's
+# shape): the reference takes the block (its parameters) and the two inputs
+FUSED = [
+    ("fused_add_rms_norm", lambda: nt.FusedAddRMSNorm(64),
+     lambda m, x, r: (F.rms_norm(x + r, (64,), m.weight, m.eps), x + r), (4, 8, 64)),
+    ("fused_add_layer_norm", lambda: nt.FusedAddLayerNorm(64),
+     lambda m, x, r: (F.layer_norm(x + r, (64,), m.weight, m.bias, m.eps), x + r), (4, 8, 64)),
+    ("gated_rms_norm", lambda: nt.GatedRMSNorm(64, group_size=16),
+     lambda m, x, z: F.rms_norm(x.unflatten(-1, (4, 16)), (16,), eps=m.eps).flatten(-2) * m.weight * F.silu(z),
+     (4, 8, 64)),
+    ("gated_rms_norm_gate_first", lambda: nt.GatedRMSNorm(64, norm_before_gate=False),
+     lambda m, x, z: F.rms_norm(x * F.silu(z), (64,), m.weight, m.eps), (4, 8, 64)),
+    ("ada_layer_norm", lambda: nt.AdaLayerNorm(64), None, (4, 64)),
+]
+
+
+@pytest.mark.parametrize("make, reference, other_shape", [case[1:] for case in FUSED], ids=[c[0] for c in FUSED])
+@pytest.mark.parametrize("how", ["train", "no_grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+def test_a_fused_blocks_outputs_and_input_gradients_resize_as_torch_nns_do(make, reference, other_shape, how, dtype,
+                                                                          transposed):
+    """A fused block's outputs (and with autograd its input gradients) came from
+    ``torch.from_numpy``: ``resize_`` raised "Trying to resize storage that is not resizable",
+    where the operations it replaces give tensors that resize. Now they resize as those do,
+    with the reference's values and gradients (diffusers' AdaLayerNormZero for AdaLayerNorm)."""
+    torch.manual_seed(0)
+    block = make().to(dtype)
+    with torch.no_grad():
+        for param in block.parameters():
+            param.uniform_(0.5, 1.5)
+    if reference is None:  # (the original class, with the block's parameters)
+        original = _ada_layer_norm_zero().to(dtype)
+        original.load_state_dict(block.state_dict())
+        reference = lambda m, x, emb: original(x, emb=emb)  # noqa: E731
+    # (a transposed x takes the blocks' general path, a contiguous one their cached calls)
+    x = torch.randn(64, 8, 4, dtype=dtype).permute(2, 1, 0) if transposed else torch.randn(4, 8, 64, dtype=dtype)
+    other = torch.randn(other_shape, dtype=dtype)
+    results = []
+    for module, call in ((block, lambda a, b: block(a, emb=b) if isinstance(block, nt.AdaLayerNorm) else block(a, b)),
+                         (block, lambda a, b: reference(block, a, b))):
+        leaves = [t.detach().clone().requires_grad_(how == "train") for t in (x, other)]
+        with torch.set_grad_enabled(how == "train"):
+            outputs = call(*leaves)
+        outputs = list(outputs) if isinstance(outputs, tuple) else [outputs]
+        outputs = outputs[:2] if isinstance(block, nt.FusedAddRMSNorm) or isinstance(block, nt.FusedAddLayerNorm) \
+            else outputs[:1]  # (AdaLayerNorm's chunks come from its linear layer)
+        grads = []
+        if how == "train":
+            grads = torch.autograd.grad(sum((o * (k + 1)).sum() for k, o in enumerate(outputs)), leaves)
+        for t in outputs + list(grads):
+            t = t.detach()
+            assert t.untyped_storage().resizable(), (tuple(t.shape), "the block's" if not results else "reference's")
+        results.append([t.detach().clone() for t in outputs + list(grads)])
+        storages = {t.untyped_storage().data_ptr(): t.detach() for t in outputs + list(grads)}
+        for t in storages.values():  # (once each: x's and the residual's gradients may be one tensor)
+            values = t.as_strided((t.numel(),), (1,)).clone()  # (in memory order: resize_ keeps the memory)
+            grown = t.resize_(t.numel() * 2)
+            torch.testing.assert_close(grown[:values.numel()], values, rtol=0, atol=0)
+            t.untyped_storage().resize_(0)
+    # (bfloat16: the block rounds as its casting recipe, the reference as torch's operations)
+    tolerance = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: {},
+                 torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}[dtype]
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **tolerance)

@@ -784,12 +784,20 @@ class Layout:
             return np.zeros((1, 1), self.dtype)
         return np.ascontiguousarray(array, dtype=self.dtype).reshape(self.shape)
 
-    def forward(self, tables, x, residual, gate, eps: float, rms: bool, mean_flat=None, rstd_flat=None):
+    def forward(self, tables, x, residual, gate, eps: float, rms: bool, mean_flat=None, rstd_flat=None,
+                outputs=None):
         """``(y, total, mean, var, rstd)`` on the (rows, n) view: ``total`` is None without a
-        residual; the statistics are flat float64 (those given, when ``rstd_flat`` is)."""
+        residual; the statistics are flat float64 (those given, when ``rstd_flat`` is).
+        ``outputs``: ``(y, total)`` arrays of the view to write instead of new ones (total None
+        without a residual)."""
         rows = self.shape[0]
-        y = self._output()
-        total = self._output() if residual is not None else np.zeros((1, 1), self.dtype)
+        if outputs is None:
+            y = self._output()
+            total = self._output() if residual is not None else np.zeros((1, 1), self.dtype)
+        else:
+            y, total = outputs
+            if total is None:
+                total = np.zeros((1, 1), self.dtype)
         stats_given = rstd_flat is not None
         if stats_given:
             mean_flat = np.zeros(rows) if mean_flat is None else mean_flat
@@ -804,17 +812,23 @@ class Layout:
         return y, (total if residual is not None else None), mean_flat, var_flat, rstd_flat
 
     def backward(self, tables, grad_y, grad_sum, x, residual, gate, eps: float, rms: bool, mean_flat, rstd_flat,
-                 need_weight: bool, need_bias: bool, need_mod: bool, two_grads: bool = False):
+                 need_weight: bool, need_bias: bool, need_mod: bool, two_grads: bool = False, outputs=None):
         """``(grad_x, grad_gate, weight, bias, scale, shift, grad_residual)`` on the (rows, n)
         view: the parameter gradients as summed float64 tables (None where not needed),
         ``grad_gate`` None without a gate, ``grad_residual`` a second array of ``grad_x``'s
         values with ``two_grads`` (None without). Statistics are recomputed where
-        ``rstd_flat`` is None."""
+        ``rstd_flat`` is None. ``outputs``: ``(grad_x, grad_gate)`` arrays of the view to
+        write instead of new ones (grad_gate None without a gate; not with ``two_grads``)."""
         rows = self.shape[0]
-        grad_x = self._output()
-        grad_residual = self._output() if two_grads else np.zeros((1, 1), self.dtype)
         has_gate = self.gate_mode != GATE_NONE
-        grad_gate = self._output() if has_gate else np.zeros((1, 1), self.dtype)
+        if outputs is None:
+            grad_x = self._output()
+            grad_gate = self._output() if has_gate else np.zeros((1, 1), self.dtype)
+        else:
+            grad_x, grad_gate = outputs
+            if grad_gate is None:
+                grad_gate = np.zeros((1, 1), self.dtype)
+        grad_residual = self._output() if two_grads else np.zeros((1, 1), self.dtype)
         weight_parts = np.zeros((self.chunks,) + tables[0].shape if need_weight else (self.chunks, 1, 1))
         bias_parts = np.zeros((self.chunks,) + tables[1].shape if need_bias else (self.chunks, 1, 1))
         scale_parts = np.zeros((self.chunks,) + tables[2].shape if need_mod else (self.chunks, 1, 1))

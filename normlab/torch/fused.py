@@ -42,8 +42,8 @@ from normlab.torch.paths import PLAIN_PARAMETERS as _EAGER_TYPES
 from normlab.torch.paths import (_exporting_to_onnx, _holds_expanded_weights, _needs_torch_ops, _small_forward_fits,
                                  expanded_weights_refusal, _profiler, profiled, profiled_backward, profiled_torch_ops,
                                  warn_if_fx_quantizing)
-from normlab.torch.spec import (Unscriptable, array_view, param_view, parametrizations_computed, refuse_non_tensor,
-                               rms_default_eps)
+from normlab.torch.spec import (TorchOutputs, Unscriptable, array_view, param_view, parametrizations_computed,
+                                refuse_non_tensor, rms_default_eps)
 from normlab.torch.thread_warnings import ignored_in_this_thread
 
 __all__ = ["CASTINGS", "fused_normalize", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm"]
@@ -115,6 +115,9 @@ def _from_rows(a: np.ndarray, shape, dtype: torch.dtype) -> Tensor:
     return torch.from_numpy(a.reshape(shape))
 
 
+_empty = torch.empty
+
+
 def _tensor(a) -> Optional[Tensor]:
     return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
 
@@ -124,12 +127,14 @@ class _FusedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, gate, weight, bias, scale, shift, block: Block):
-        result = fused.normalize(_numpy(x), block.pattern, weight=_param_numpy(weight), bias=_param_numpy(bias),
-                                 residual=_numpy(residual), gate=_numpy(gate), scale=_numpy(scale),
-                                 shift=_numpy(shift), return_stats=True, **block.keywords())
+        outputs = TorchOutputs()  # (y and x + r in memory torch allocates, below the size the pool recycles)
+        with pool.fresh_memory_from(outputs):
+            result = fused.normalize(_numpy(x), block.pattern, weight=_param_numpy(weight), bias=_param_numpy(bias),
+                                     residual=_numpy(residual), gate=_numpy(gate), scale=_numpy(scale),
+                                     shift=_numpy(shift), return_stats=True, **block.keywords())
         if residual is not None:
             y, total, mean, rstd = result
-            total = _tensor(total)
+            total = outputs.tensor(np.ascontiguousarray(total))
         else:
             (y, mean, rstd), total = result, x
         ctx.block = block
@@ -140,7 +145,7 @@ class _FusedFunction(torch.autograd.Function):
         # tensor of the input's size is held instead of two
         ctx.save_for_backward(total, gate, weight, bias, scale, shift, _tensor(rstd),
                               _tensor(mean) if mean is not None else None)
-        y = _tensor(y)
+        y = outputs.tensor(np.ascontiguousarray(y))
         if residual is not None:
             _sum_needs_no_gradient(ctx, total)
             return y, total
@@ -161,13 +166,16 @@ class _FusedFunction(torch.autograd.Function):
         if _backward_in_torch(grad_y, grad_total):
             return _composite_backward(block, (total, gate, weight, bias, scale, shift), ctx, grad_y, grad_total)
         has_residual, _, _, has_bias, _, _ = ctx.has
-        grads = fused.normalize_backward(
-            _numpy(grad_y), _numpy(total), block.pattern, weight=_param_numpy(weight), bias=_param_numpy(bias),
-            gate=_numpy(gate), scale=_numpy(scale), shift=_numpy(shift),
-            grad_sum=_numpy(grad_total) if has_residual else None, mean=_numpy(mean), rstd=_numpy(rstd),
-            **dict(block.keywords(), params=block.params if (weight is not None or has_bias) else None))
-        grad_x = _tensor(grads.x)
-        return (grad_x, None if grad_total is None else grad_x, _tensor(grads.gate), _tensor(grads.weight),
+        outputs = TorchOutputs()  # (as the forward's)
+        with pool.fresh_memory_from(outputs):
+            grads = fused.normalize_backward(
+                _numpy(grad_y), _numpy(total), block.pattern, weight=_param_numpy(weight), bias=_param_numpy(bias),
+                gate=_numpy(gate), scale=_numpy(scale), shift=_numpy(shift),
+                grad_sum=_numpy(grad_total) if has_residual else None, mean=_numpy(mean), rstd=_numpy(rstd),
+                **dict(block.keywords(), params=block.params if (weight is not None or has_bias) else None))
+        grad_x = outputs.tensor(np.ascontiguousarray(grads.x))
+        grad_gate = None if grads.gate is None else outputs.tensor(np.ascontiguousarray(grads.gate))
+        return (grad_x, None if grad_total is None else grad_x, grad_gate, _tensor(grads.weight),
                 _tensor(grads.bias) if has_bias else None, _tensor(grads.scale), _tensor(grads.shift), None)
 
 
@@ -590,9 +598,20 @@ class _Call:
 
     def forward(self, x, residual, gate, weight, bias, scale, shift) -> tuple:
         """``(y, total, tables, mean, rstd)``: the kernels' forward as tensors of x's shape
-        (``total`` None without a residual), the parameter tables it read and the statistics."""
+        (``total`` None without a residual), the parameter tables it read and the statistics.
+        Below the size whose outputs the pool recycles (``pool.MULTI_OUTPUT_MIN_BYTES``, read
+        now, as pool.empty reads it), torch allocates them, as torch.nn's outputs: their
+        storage resizes, which a ``torch.from_numpy`` tensor's never does."""
         block = self.block
         tables = self.tables(weight, bias, scale, shift)
+        if x.numel() * x.element_size() < pool.MULTI_OUTPUT_MIN_BYTES:
+            shape = self.layout.shape
+            y = _empty(x.shape, dtype=x.dtype)
+            total = None if residual is None else _empty(x.shape, dtype=x.dtype)
+            _, _, mean, _, rstd = self.layout.forward(
+                tables, _numpy(x), _numpy(residual), _numpy(gate), block.eps, block.rms,
+                outputs=(_numpy(y).reshape(shape), None if total is None else _numpy(total).reshape(shape)))
+            return y, total, tables, mean, rstd
         y, total, mean, _, rstd = self.layout.forward(tables, _numpy(x), _numpy(residual), _numpy(gate), block.eps,
                                                       block.rms)
         return (_from_rows(y, x.shape, x.dtype), None if residual is None else _from_rows(total, x.shape, x.dtype),
@@ -725,12 +744,19 @@ class _CachedFusedFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad  # (parameters that need none, frozen ones: no sums for them)
         need_mod = (scale is not None or shift is not None) and (needs[5] or needs[6])
         # (grad_total: None without a residual, whose block has one output)
+        nbytes = total.numel() * total.element_size()
         two_grads = (grad_total is not None and needs[0] and needs[1]
-                     and total.numel() * total.element_size() >= pool.FRESH_PAGES_FROM and _accumulates_a_leaf(ctx))
+                     and nbytes >= pool.FRESH_PAGES_FROM and _accumulates_a_leaf(ctx))
+        torch_grads = None
+        if nbytes < pool.MULTI_OUTPUT_MIN_BYTES:  # (torch's memory, as the forward's outputs)
+            torch_grads = (_empty(total.shape, dtype=total.dtype),
+                           None if gate is None else _empty(total.shape, dtype=total.dtype))
         grad_x, grad_gate, grad_w, grad_b, grad_scale, grad_shift, grad_r = call.layout.backward(
             tables, _numpy(grad_y), _numpy(grad_total), _numpy(total),
             None, _numpy(gate), call.block.eps, call.block.rms, None if mean is None else mean.numpy(), rstd.numpy(),
-            weight is not None and needs[3], bias is not None and needs[4], need_mod, two_grads)
+            weight is not None and needs[3], bias is not None and needs[4], need_mod, two_grads,
+            None if torch_grads is None else tuple(None if t is None else _numpy(t).reshape(call.layout.shape)
+                                                   for t in torch_grads))
 
         def param_grad(table, param, mod: bool):
             if table is None or param is None:  # (scale without shift, or shift alone: one table for nothing)
@@ -741,10 +767,14 @@ class _CachedFusedFunction(torch.autograd.Function):
                 return torch.from_numpy(np.ascontiguousarray(grad)).to(param.dtype)
             return torch.from_numpy(np.ascontiguousarray(grad, dtype=_numpy_dtype(param.dtype)))
 
-        grad_x = _from_rows(grad_x, total.shape, total.dtype)
+        if torch_grads is not None:
+            grad_x, grad_gate = torch_grads
+        else:
+            grad_x = _from_rows(grad_x, total.shape, total.dtype)
+            grad_gate = None if grad_gate is None else _from_rows(grad_gate, total.shape, total.dtype)
         return (grad_x, None if grad_total is None else _from_rows(grad_r, total.shape, total.dtype) if two_grads
                 else grad_x,
-                None if grad_gate is None else _from_rows(grad_gate, total.shape, total.dtype),
+                grad_gate,
                 param_grad(grad_w, weight, False), param_grad(grad_b, bias, False),
                 param_grad(grad_scale, scale, True), param_grad(grad_shift, shift, True), None)
 
