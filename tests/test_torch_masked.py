@@ -573,3 +573,35 @@ def test_an_empty_input_with_a_mask_gives_what_torch_nn_gives(name, args, shape,
     assert list(state) == list(theirs[3])
     for key, expected in theirs[3].items():  # (an instance norm's over no samples: NaN, in torch.nn's too)
         torch.testing.assert_close(state[key], expected, rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+_SEGMENTED_CALLS = {
+    "eager": lambda norm, x, kw: norm(x, **kw),
+    "with grad": lambda norm, x, kw: norm(x.requires_grad_(), **kw),
+    "bfloat16": lambda norm, x, kw: norm(x.bfloat16(), **kw),
+    "normalize_masked": lambda norm, x, kw: nt.masked.normalize_masked(x, "[n] c", **kw),
+    "vmap": lambda norm, x, kw: torch.func.vmap(lambda v: norm(v, **kw, num_segments=3))(x[None]),
+    "jit.trace": lambda norm, x, kw: torch.jit.trace(lambda v: norm(v, **kw), (x,)),
+    "compiled": lambda norm, x, kw: torch.compile(lambda v: norm(v, **kw), backend="eager")(x),
+}
+
+
+_NOT_STR_AXES = {"int": 0, "0-d array": np.array("n"), "two names": np.array(["n", "c"])}
+
+
+@pytest.mark.parametrize("axis_name, call", [(axis, call) for axis in _NOT_STR_AXES for call in _SEGMENTED_CALLS
+                                             if call != "compiled" or axis != "two names"])
+def test_a_segment_axis_that_is_not_a_str_is_torchs_type_error_naming_the_pattern_and_the_axes(axis_name, call):
+    # normlab.masked refuses it with an InputError (a ValueError), which reached the twin's
+    # caller as it was: neither torch's TypeError for an argument of the wrong type nor the
+    # RuntimeError an int used to raise as "not a bracketed axis"; under torch.compile the op's
+    # schema refused it in other words
+    if call == "compiled":
+        torch._dynamo.reset()
+    axis = _NOT_STR_AXES[axis_name]
+    norm = nt.Norm("[n] c", affine=False)
+    kw = dict(segment_ids=torch.tensor([0, 0, 1, 1, 1, 2]), segment_axis=axis)
+    with pytest.raises(TypeError) as info:
+        _SEGMENTED_CALLS[call](norm, torch.randn(6, 4), kw)
+    for words in ("segment_axis", "as a str", "pass one of 'n'", "'[n] c'", "(6, 4)"):
+        assert words in str(info.value)

@@ -14,8 +14,8 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from normlab import core
-from normlab.errors import ParamsError, ShapeError
-from normlab.masked import make_grouping
+from normlab.errors import InputError, ParamsError, ShapeError
+from normlab.masked import _segment_axis, make_grouping
 from normlab.notation import parse_pattern
 from normlab.plan import make_plan, merge_sizes
 from normlab.torch.compute import _expanded_param, _fake
@@ -48,6 +48,19 @@ def _check_ids_dtype(x: Tensor, pattern: str, segment_ids: Tensor) -> None:
         raise TypeError(f"pattern {pattern!r}, input shape {tuple(x.shape)}: segment_ids (a batch vector) must be an "
                         f"integer tensor, got {getattr(segment_ids, 'dtype', type(segment_ids).__name__)}; "
                         "pass ids.long()")
+
+
+def _check_segment_axis_type(x: Tensor, spec: Spec, segment_axis) -> None:
+    """Refuse a ``segment_axis`` that is no str (an int, a NumPy array) with torch's type for an
+    argument of the wrong type, in the NumPy API's words (it raises an ``InputError`` there)."""
+    try:
+        with ignored_in_this_thread(torch.jit.TracerWarning):  # (sizes as ints: this call raises)
+            plan = make_plan(spec.pattern, tuple(map(int, x.shape)), spec.params, sizes=_sizes_dict(spec.sizes))
+        _segment_axis(plan, segment_axis)
+    except (ShapeError, ParamsError) as error:
+        raise _torch_error(error) from None
+    except InputError as error:
+        raise TypeError(str(error)) from None
 
 
 def check_segment_ids(x: Tensor, pattern: str, segment_ids: Tensor, num_segments: Optional[int] = None,
@@ -534,6 +547,8 @@ def _run_masked(x: Tensor, spec: Spec, weight: Optional[Tensor], bias: Optional[
     tracing = torch.jit.is_tracing()  # (asked once a call)
     if segment_ids is not None:
         _check_ids_dtype(x, pattern, segment_ids)
+        if segment_axis is not None and not isinstance(segment_axis, str):
+            _check_segment_axis_type(x, spec, segment_axis)
         if num_segments is None and not tracing:  # (traced: read in the graph, see _traced_segments)
             # (not while compiling: Dynamo cannot trace the check, and would refuse a fullgraph for it)
             if not torch.compiler.is_compiling() and _vmapped(segment_ids):
