@@ -153,6 +153,24 @@ def assert_bits(actual, expected):
     assert actual.dtype == expected.dtype and torch.equal(actual, expected), (actual - expected).abs().max()
 
 
+@needs_stable_audio3
+@pytest.mark.parametrize("dtypes", DTYPES.values(), ids=DTYPES.keys())
+def test_fx_traces_stable_audio_3s_rms_norm_in_the_inputs_dtype_as_the_root_module_into_the_originals_bits(dtypes):
+    """fx traces StableAudio3RMSNorm(force_fp32=False) itself; the twin raised TypeError "torch.fx
+    traces an RMSNorm with a casting recipe or weight_offset inside a model, not as the root
+    module"."""
+    x_dtype, w_dtype = dtypes
+    original = random_parameters(stable_audio3.StableAudio3RMSNorm(24, eps=1e-6, force_fp32=False)).to(w_dtype)
+    expected, graph = torch.fx.symbolic_trace(original), torch.fx.symbolic_trace(converted_copy(original))
+    buffer = io.BytesIO()
+    torch.save(graph, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = (torch.randn(3, 5, 24) * 2 + 0.5).to(x_dtype)
+    for traced in (graph, loaded):
+        assert_bits(traced(x), expected(x))
+
+
 def test_a_gamma_rms_norm_reads_and_sets_its_weight_as_gamma():
     norm = nt.GammaRMSNorm(4, eps=1e-6, casting="gemma")
     assert list(norm.state_dict()) == ["gamma"] and norm.weight is norm.gamma

@@ -380,10 +380,16 @@ class RMSNorm(TransformersEpsName, _Twin, nn.RMSNorm):
 
     @torch.jit.unused
     def _traced_root_forward(self, proxy) -> "torch.fx.Proxy":
-        if getattr(self, "casting", None) is not None or getattr(self, "weight_offset", 0.0):
+        casting, offset = getattr(self, "casting", None), getattr(self, "weight_offset", 0.0)
+        if casting in _ROOT_TRACED_CASTINGS and self.eps is not None:
+            # the recipe's operations, as fx traces the family's class (StableAudio3RMSNorm's)
+            return rms_norm_recipe(proxy, self.weight, self.eps, casting, offset, len(self.normalized_shape))
+        if casting is not None or offset:
             raise TypeError("torch.fx traces an RMSNorm with a casting recipe or weight_offset inside a model, not as "
-                            "the root module (torch.nn.RMSNorm's forward, which fx traces for a root, has neither): "
-                            "trace a model that holds it, e.g. torch.nn.Sequential(norm)")
+                            "the root module (torch.nn.RMSNorm's forward, which fx traces for a root, has neither; "
+                            f"as the root, fx traces the recipes {', '.join(map(repr, _ROOT_TRACED_CASTINGS))} with "
+                            "an eps, whose operations hold no branch on the input's dtype): trace a model that holds "
+                            "it, e.g. torch.nn.Sequential(norm)")
         return self._torch_forward(proxy)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:  # torch.nn.RMSNorm names its input x
@@ -461,6 +467,11 @@ class RMSNorm(TransformersEpsName, _Twin, nn.RMSNorm):
         if path == "native":
             return F.rms_norm(x, self.normalized_shape, weight, eps)
         return _normalize(torch_layout(x, keeps_channels_last=True), weight, None, self._spec, eps, path, self)[0]
+
+
+# the casting recipes whose torch operations hold no branch on the input's dtype (the others
+# pick float32 or float64 from it), so that fx traces them for an RMSNorm as the root module
+_ROOT_TRACED_CASTINGS = ("input_dtype", "none", "imagegpt")
 
 
 def _follows_pruned_weight(module: RMSNorm) -> bool:
