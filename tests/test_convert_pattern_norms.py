@@ -57,25 +57,25 @@ def _layouts(shape):
             "expanded batch": x[:1].expand(shape), "every other column": wide[..., ::2]}
 
 
-def _strides_that_matter(t):  # (an axis of size 1 is never stepped along: its stride is free)
-    return tuple(stride for size, stride in zip(t.shape, t.stride()) if size > 1)
-
-
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
-@pytest.mark.parametrize("shape", [(2, 8, 3, 4, 5), (1, 8, 1, 4, 5), (2, 8, 3, 1, 5)])
+@pytest.mark.parametrize("shape", [(2, 8, 3, 4, 5), (1, 8, 1, 4, 5), (2, 8, 1, 4, 5), (2, 8, 3, 1, 5), (2, 8, 3, 1, 1),
+                                   (2, 8, 1, 1, 1)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "h and w transposed", "frames first",
                                     "expanded batch", "every other column"])
 def test_a_converted_per_frame_group_norm_returns_the_originals_layout_on_every_input_layout(layout, shape, affine):
     """The original folds the frames with a permute and a copy, and permutes back with another:
-    its output is contiguous on any input, so a later .view runs. Oracle: the original's
-    output, its numbers and its strides (on the axes of more than one element)."""
+    its output is contiguous on any input, so a later .view runs. Its strides on axes of size 1
+    (one frame: the frame axis' C·H·W; one position of channels_last_3d input: channels-last)
+    differed from the twin's, which code comparing .stride() sees. Oracle: the original's
+    output's strides, and its numbers in float64 (torch's float32 group norm of a channels-last
+    group of two elements is off by up to 4e-3)."""
     original = random_parameters(MiniMaxH3VideoGroupNorm(4, 8, affine=affine))
     converted = convert_quietly(copy.deepcopy(original))
     x = _layouts(shape)[layout]
     expected, got = original(x), converted(x)
-    torch.testing.assert_close(got, expected, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(got, copy.deepcopy(original).double()(x.double()).float(), **TOLERANCE[torch.float32])
     assert got.is_contiguous() == expected.is_contiguous()
-    assert _strides_that_matter(got) == _strides_that_matter(expected), (got.stride(), expected.stride())
+    assert got.stride() == expected.stride()
     got.view(shape[0], -1)
 
 

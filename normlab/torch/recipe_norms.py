@@ -581,6 +581,25 @@ class _ScriptedPerHeadLayerNorm(nn.Module):
         return F.layer_norm(x, self.normalized_shape, None, None, self.eps) * self.weight + self.bias
 
 
+def _group_norm_lays_out_channels_last(x: Tensor) -> bool:
+    """Whether diffusers' ``MiniMaxH3VideoGroupNorm``, given ``x`` of shape ``(N, C, 1, 1, 1)``,
+    hands torch's group norm frames whose strides torch reads as channels-last (its
+    ``is_channels_last_strides_3d``, which its CPU kernel's output follows): the frames are
+    ``x`` permuted to ``(N, T, C, H, W)``, made contiguous and viewed as ``(N·T, C, 1, H, W)``,
+    strides computed on a meta tensor of ``x``'s strides (nothing allocated)."""
+    n, c = x.shape[0], x.shape[1]
+    frames = torch.empty_strided(x.shape, x.stride(), device="meta").permute(0, 2, 1, 3, 4).contiguous()
+    sizes, strides = (n, c, 1, 1, 1), frames.view(n, c, 1, 1, 1).stride()
+    smallest = 0
+    if strides[1] == 0:
+        return False
+    for axis in (1, 4, 3, 2, 0):
+        if sizes[axis] == 0 or strides[axis] < smallest or (axis == 0 and smallest == strides[1]):
+            return False
+        smallest = strides[axis] * (sizes[axis] if sizes[axis] > 1 else 1)
+    return True
+
+
 class PerFrameGroupNorm(Norm):
     """Group norm of each frame of ``(N, C, T, H, W)`` input on its own, pattern
     ``"b (g [c]) t [h w]"``, params ``"(g c)"``: diffusers' ``MiniMaxH3VideoGroupNorm``
@@ -588,7 +607,8 @@ class PerFrameGroupNorm(Norm):
     original folds the frames into the batch with a permute and a copy and permutes back
     with another, so its output is contiguous whatever the input's layout (channels_last_3d,
     a transposed view); this returns :class:`~normlab.torch.Norm`'s output made contiguous
-    where it is not (where it is, no copy), so that a later ``.view`` runs as on the original's.
+    where it is not (where it is, no copy), so that a later ``.view`` runs as on the original's,
+    and for one frame gives the axes of size 1 the original's strides, by views.
 
     >>> norm = PerFrameGroupNorm(1, 2, eps=0.0)
     >>> x = torch.tensor([[1., 3.], [5., 5.]]).reshape(1, 2, 2, 1, 1)  # (frame 0: 1, 5; frame 1: 3, 5)
@@ -616,7 +636,17 @@ class PerFrameGroupNorm(Norm):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
                 num_segments: Optional[int] = None, segment_axis: Optional[str] = None) -> Tensor:
-        return super().forward(x, mask, segment_ids, num_segments, segment_axis).contiguous()
+        y = super().forward(x, mask, segment_ids, num_segments, segment_axis).contiguous()
+        if isinstance(y, torch.fx.Proxy) or y.dim() != 5 or y.shape[2] != 1:
+            return y  # (fx, the root: the original's operations, recorded)
+        # One frame: the original's output is its (N, T, C, H, W) result permuted back, which is
+        # contiguous as it stands, so .contiguous() keeps its strides, the frame axis' C·H·W where
+        # ours is H·W (and, for a single position, torch's group norm may lay the result out
+        # channels-last): the same strides, by views of ours (no copy; only the axes of size 1 differ)
+        n, c, _, h, w = y.shape
+        if h * w == 1 and _group_norm_lays_out_channels_last(x):
+            return y.reshape(n, 1, 1, 1, c).permute(0, 4, 1, 2, 3)
+        return y.view(n, 1, c, h, w).permute(0, 2, 1, 3, 4)
 
 
 class MultiHeadLayerNorm(Norm):
