@@ -79,10 +79,11 @@ class Epilogue:
 class FusedGradients:
     """Gradients of a fused :func:`normlab.normalize`, each None where that input was not given,
     except ``bias``: given ``params``, its gradient is there whether or not the bias was passed
-    (``normalize_backward`` needs the bias itself only under a gate after the norm). Each
-    parameter's gradient has that parameter's float dtype (the bias's the weight's), else the result's.
+    (``normlab.normalize_backward`` needs the bias itself only under a gate after the norm). As in torch
+    autograd, each input's gradient has that input's float dtype (the bias's the weight's), else the result's.
 
-    ``x`` and ``residual`` are the same array (the sum's gradient reaches both unchanged).
+    ``x`` and ``residual`` get the sum's gradient unchanged: of one dtype they are the same
+    array; of two, each is the sum's gradient rounded to its own.
     """
 
     x: np.ndarray
@@ -109,6 +110,10 @@ class Inputs:
     bias: np.ndarray | None
     scale: np.ndarray | None
     shift: np.ndarray | None
+    # the dtypes their gradients take, as torch autograd's: each input's own float dtype
+    x_dtype: np.dtype | None = None
+    residual_dtype: np.dtype | None = None
+    gate_dtype: np.dtype | None = None
 
 
 def wants_fused(residual, gate, weight_offset, scale, shift, modulation) -> bool:
@@ -290,15 +295,19 @@ def prepare(x, pattern, weight, bias, params, sizes, residual=None, gate=None, g
     epilogue = Epilogue(residual is not None, gate_activation if gate is not None else None, norm_before_gate,
                         offset, modulation, scale is not None, shift is not None)
     dtype = prepared.dtype
-    residual_v = None if residual is None else _same_shape(residual, "residual", plan, pattern)
-    if residual_v is not None:  # the sum's dtype, from the residual as given (bfloat16 is read as float32)
-        dtype = core.promoted(dtype, core.result_dtype(core.as_array(residual, "residual", pattern), pattern))
+    residual_v = residual_dtype = gate_v = gate_dtype = None
+    if residual is not None:  # the sum's dtype, from the residual as given (bfloat16 is read as float32)
+        residual_v = _same_shape(residual, "residual", plan, pattern)
+        residual_dtype = core.result_dtype(core.as_array(residual, "residual", pattern), pattern)
+        dtype = core.promoted(dtype, residual_dtype)
+    if gate is not None:
+        gate_v = _same_shape(gate, "gate", plan, pattern)
+        gate_dtype = core.result_dtype(core.as_array(gate, "gate", pattern), pattern)
     return Inputs(
-        plan, mod_plan, epilogue, dtype, prepared.x, residual_v,
-        None if gate is None else _same_shape(gate, "gate", plan, pattern),
-        prepared.weight, prepared.bias,
+        plan, mod_plan, epilogue, dtype, prepared.x, residual_v, gate_v, prepared.weight, prepared.bias,
         None if scale is None else _modulation_array(scale, "scale", mod_plan),
-        None if shift is None else _modulation_array(shift, "shift", mod_plan))
+        None if shift is None else _modulation_array(shift, "shift", mod_plan),
+        prepared.dtype, residual_dtype, gate_dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -565,7 +574,11 @@ def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5
 def _finish(inputs: Inputs, result: Gradients64, weight, need_bias: bool, scale, shift) -> FusedGradients:
     plan = inputs.plan
     dtype = inputs.dtype
-    grad_x = reference.rounded(np.asarray(result.x), dtype).reshape(plan.shape)
+    # the sum's gradient in the sum's dtype, then in x's and the residual's, as torch's add
+    # hands it back (no copy where a dtype agrees: x and residual of one dtype share one array)
+    grad_sum = reference.rounded(np.asarray(result.x), dtype).reshape(plan.shape)
+    grad_x = reference.rounded(grad_sum, inputs.x_dtype)
+    grad_residual = None if inputs.residual is None else reference.rounded(grad_sum, inputs.residual_dtype)
     from normlab.core import gradient_dtype
 
     def params_of(value, which_plan, param):
@@ -576,8 +589,8 @@ def _finish(inputs: Inputs, result: Gradients64, weight, need_bias: bool, scale,
 
     grad_gate = None
     if result.gate is not None:
-        grad_gate = reference.rounded(np.asarray(result.gate), dtype).reshape(plan.shape)
+        grad_gate = reference.rounded(np.asarray(result.gate), inputs.gate_dtype).reshape(plan.shape)
     return FusedGradients(
-        grad_x, grad_x if inputs.residual is not None else None, grad_gate,
+        grad_x, grad_residual, grad_gate,
         params_of(result.weight, plan, weight), params_of(result.bias, plan, weight) if need_bias else None,
         params_of(result.scale, inputs.mod_plan, scale), params_of(result.shift, inputs.mod_plan, shift))

@@ -390,3 +390,44 @@ def test_the_bias_gradient_of_a_residual_block_without_parameters_is_torch_autog
         torch.tensor(grad_y))
     np.testing.assert_allclose(got.bias, bias.grad.numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(got.x, tx.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("dtypes", [
+    dict(x="float32", gate="float64"), dict(x="float64", gate="float32"), dict(x="float32", gate="float16"),
+    dict(x="float32", residual="float64"), dict(x="float64", residual="float32"), dict(x="float16", residual="float32"),
+    dict(x="float32", residual="float16", gate="float64"),
+])
+def test_each_input_gradient_has_that_inputs_dtype_as_in_torch_autograd(dtypes, backend):
+    """The gate's gradient was rounded to the result's dtype (float32 for a float64 gate on
+    float32 x), and x's to the sum's (float64 for float32 x beside a float64 residual), where
+    torch autograd gives every input a gradient of its own dtype."""
+    rng = np.random.default_rng(11)
+    shape = (2, 3, 8)
+    arrays = {name: (rng.standard_normal(shape) * (2 if name == "gate" else 1)).astype(dtype)
+              for name, dtype in dtypes.items()}
+    tensors = {name: torch.tensor(value, requires_grad=True) for name, value in arrays.items()}
+    y_t, total_t = torch_block(tensors["x"], None, residual=tensors.get("residual"), gate=tensors.get("gate"),
+                               rms=True)
+    grad_y = rng.standard_normal(shape)
+    grad_sum = rng.standard_normal(shape) if "residual" in arrays else None
+    loss = (y_t * torch.tensor(grad_y, dtype=y_t.dtype)).sum()
+    if grad_sum is not None:
+        loss = loss + (total_t * torch.tensor(grad_sum, dtype=total_t.dtype)).sum()
+    loss.backward()
+
+    grads = normlab.normalize_backward(grad_y, arrays["x"], "b t [d]", rms=True, backend=backend, grad_sum=grad_sum,
+                                       **{k: v for k, v in arrays.items() if k != "x"})
+    narrowest = max(np.finfo(np.dtype(d)).eps for d in dtypes.values())
+    tolerance = 1e-6 if narrowest < 1e-10 else 1e-4 if narrowest < 1e-6 else 2e-2
+    for name in arrays:
+        got, expected = getattr(grads, name), tensors[name].grad.numpy()
+        assert got.dtype == expected.dtype, name
+        np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_x_and_residual_of_one_dtype_share_one_gradient_array(dtype):
+    x = residual = np.array([[1, 2, 3, 5], [0, 4, 1, 1]], dtype)
+    grads = normlab.normalize_backward(np.ones((2, 4), dtype), x, "b [d]", residual=residual)
+    assert grads.residual is grads.x and grads.x.dtype == np.dtype(dtype)
