@@ -292,6 +292,10 @@ def prepare(x, pattern, weight, bias, params, sizes, residual=None, gate=None, g
     mod_plan = None
     if modulation is not None:
         mod_plan = _modulation_plan(pattern, plan, modulation, sizes)
+        if scale is None and shift is None:  # (a forgotten argument would give a plain norm)
+            raise InputError(f"pattern {pattern!r}, input shape {plan.shape}: modulation={modulation!r} names the "
+                             "axes of scale and shift, and neither was given; pass scale= and/or shift= of shape "
+                             f"{mod_plan.param_shape}, or drop modulation=")
     epilogue = Epilogue(residual is not None, gate_activation if gate is not None else None, norm_before_gate,
                         offset, modulation, scale is not None, shift is not None)
     dtype = prepared.dtype

@@ -431,3 +431,17 @@ def test_x_and_residual_of_one_dtype_share_one_gradient_array(dtype):
     x = residual = np.array([[1, 2, 3, 5], [0, 4, 1, 1]], dtype)
     grads = normlab.normalize_backward(np.ones((2, 4), dtype), x, "b [d]", residual=residual)
     assert grads.residual is grads.x and grads.x.dtype == np.dtype(dtype)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, **kw: normlab.normalize(x, "b t [d]", **kw),
+    lambda x, **kw: normlab.normalize_backward(np.ones_like(x), x, "b t [d]", **kw),
+], ids=["normalize", "normalize_backward"])
+@pytest.mark.parametrize("extra", [{}, dict(weight=np.ones(4), params="d"), dict(residual=np.ones((2, 3, 4)))])
+def test_modulation_without_scale_or_shift_is_refused_not_a_plain_norm(call, extra):
+    """modulation= with neither scale= nor shift= (one forgotten) was taken, silently, as a
+    plain norm."""
+    with pytest.raises(InputError) as info:
+        call(np.arange(24.0).reshape(2, 3, 4), modulation="b d", **extra)
+    for words in ("'b t [d]'", "(2, 3, 4)", "modulation='b d'", "scale=", "shift=", "(2, 4)", "drop modulation="):
+        assert words in str(info.value)
