@@ -337,3 +337,28 @@ def test_a_fused_blocks_outputs_and_input_gradients_resize_as_torch_nns_do(make,
                  torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}[dtype]
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_per_frame_group_norms_input_gradient_resizes_as_the_diffusers_originals_does(dtype):
+    """A Norm whose rows split a grouped axis ("b (g [c]) t [h w]", the converted MiniMax-H3
+    group norm of each frame) computes its input gradient in the rows' order, and NumPy's
+    reshape to the input's shape copied it into NumPy's memory, which reached torch through
+    ``torch.from_numpy`` and cannot be resized, where the original's (torch's group norm)
+    resizes."""
+    minimax = pytest.importorskip("diffusers.models.autoencoders.autoencoder_kl_minimax_h3")
+    original, twin = _pair(lambda: minimax.MiniMaxH3VideoGroupNorm(4, 8, eps=1e-6), dtype)
+    assert type(twin) is nt.PerFrameGroupNorm
+    x, grad_y = torch.randn(2, 8, 3, 4, 5, dtype=dtype), torch.randn(2, 8, 3, 4, 5, dtype=dtype)
+    grads = []
+    for module in (original, twin):
+        leaf = x.detach().requires_grad_()
+        module(leaf).backward(grad_y)
+        assert leaf.grad.untyped_storage().resizable(), type(module)
+        grads.append(leaf.grad)
+    assert grads[1].stride() == grads[0].stride()
+    torch.testing.assert_close(grads[1], grads[0])
+    values = grads[1].clone()
+    assert torch.equal(grads[1].resize_(2 * x.numel())[:x.numel()], values.view(-1))
+    grads[1].untyped_storage().resize_(0)
+    assert grads[1].untyped_storage().nbytes() == 0

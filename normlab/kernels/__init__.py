@@ -449,6 +449,30 @@ def _row_backward_kernel(dtype: np.dtype):
     return row_backward
 
 
+def _laid_out_as_input(expanded: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``expanded`` (the kernels' rows seen in the expanded axes' order), or, where the
+    input's ``shape`` cannot view it (grouped axes that the rows split, ``"b (g [c]) t [h w]"``),
+    its copy in :func:`pool.empty`'s memory in C order, which then views as ``shape``: the
+    copy NumPy's reshape would make, in memory the torch front end allocates (an input
+    gradient that resizes, as torch.nn's do)."""
+    try:
+        np.reshape(expanded, shape, copy=False)
+    except TypeError:  # (NumPy before 2.1 has no copy=: a view's shape set in place raises instead)
+        try:
+            expanded.view().shape = shape
+        except AttributeError:
+            pass
+        else:
+            return expanded
+    except ValueError:
+        pass
+    else:
+        return expanded
+    copied = pool.empty(expanded.shape, expanded.dtype)
+    np.copyto(copied, expanded)
+    return copied
+
+
 def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need_params=False, dtype=None):
     """Twin of :func:`normlab.reference.backward` through the kernels.
 
@@ -508,7 +532,7 @@ def backward(prepared, grad_y, eps: float, rms: bool, mean=None, rstd=None, need
         grad_weight, grad_bias = np.empty(groups), np.empty(groups)
         column_backward(g, x, weight, rms, eps, stats_given, mean_flat, rstd_flat, grad_x, grad_weight, grad_bias)
     if transposed:
-        grad_x = view.to_expanded(grad_x, plan.axis_sizes)
+        grad_x = _laid_out_as_input(view.to_expanded(grad_x, plan.axis_sizes), plan.shape)
         if need_params:
             broadcast = plan.param_broadcast_shape
             grad_weight = view.to_expanded(grad_weight, broadcast)
