@@ -117,6 +117,66 @@ def test_a_batch_or_instance_norm_twins_input_gradient_storage_resizes_as_torch_
     grads[1].untyped_storage().resize_(0)
 
 
+# (id, torch.nn original, input shape, input made strided): layer, RMS and group norm with
+# gradients, on the kernels' one-chunk sizes, past one chunk of rows (kernels.row_chunks), at a
+# threaded size, and on a strided input
+ROW_GRADIENT_NORMS = [
+    ("layer_norm", lambda: nn.LayerNorm(64), (512, 64), False),
+    ("layer_norm_one_row", lambda: nn.LayerNorm(64), (1, 64), False),
+    ("layer_norm_no_bias", lambda: nn.LayerNorm(64, bias=False), (8, 64), False),
+    ("layer_norm_2d_shape", lambda: nn.LayerNorm((3, 8)), (5, 3, 8), False),
+    ("rms_norm", lambda: nn.RMSNorm(64), (2, 7, 64), False),
+    ("group_norm", lambda: nn.GroupNorm(4, 16), (2, 16, 5, 5), False),
+    ("layer_norm_chunked_rows", lambda: nn.LayerNorm(64), (1024, 64), False),
+    ("layer_norm_threaded_size", lambda: nn.LayerNorm(512), (300, 512), False),
+    ("layer_norm_strided_input", lambda: nn.LayerNorm(64), (16, 64), True),
+]
+
+
+@pytest.mark.parametrize("make, shape, strided", [case[1:] for case in ROW_GRADIENT_NORMS],
+                         ids=[case[0] for case in ROW_GRADIENT_NORMS])
+@pytest.mark.parametrize("loss", ["sum", "grad_output", "strided_grad_output"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_row_norms_input_and_parameter_gradients_resize_as_torch_nns_do(make, shape, strided, loss, dtype):
+    """The gradients of a layer, RMS or group norm twin (x.grad, weight.grad, bias.grad) came
+    from ``torch.from_numpy``, whose storage cannot be resized: ``resize_`` to more elements
+    and ``untyped_storage().resize_(0)`` raised "Trying to resize storage that is not
+    resizable" where torch.nn's gradients resize. Now, as torch.nn's: resizable, grown with
+    their values kept, freed to no bytes (each alone: freeing one leaves the others' values);
+    laid out as torch.nn's, with its values."""
+    original, twin = _pair(make, dtype)
+    x = _input(shape, dtype, None)
+    if strided:
+        x = torch.cat((x, x), dim=-1)[..., ::2]
+    grad_y = torch.randn(shape, dtype=dtype)
+    if loss == "strided_grad_output":
+        grad_y = torch.cat((grad_y, grad_y), dim=-1)[..., 1::2]
+    results = []
+    for module in (original, twin):
+        leaf = x.detach().requires_grad_()
+        y = module(leaf)
+        if loss == "sum":  # (the output gradient is then one value expanded)
+            y.sum().backward()
+        else:
+            y.backward(grad_y)
+        gradients = [leaf.grad] + [param.grad for param in module.parameters()]
+        results.append([(g.clone(), g.stride()) for g in gradients])
+        for g in gradients:
+            assert g.untyped_storage().resizable(), type(module)
+        values = [g.as_strided((g.numel(),), (1,)).clone() for g in gradients]
+        grown = [g.resize_(g.numel() * 2) for g in gradients]
+        for g, kept in zip(grown, values):
+            torch.testing.assert_close(g[:kept.numel()], kept, rtol=0, atol=0)
+        grown[0].untyped_storage().resize_(0)
+        assert grown[0].untyped_storage().nbytes() == 0
+        for g, kept in zip(grown[1:], values[1:]):  # (each in its own storage: still there)
+            torch.testing.assert_close(g[:kept.numel()], kept, rtol=0, atol=0)
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
+    for (mine, mine_strides), (theirs, theirs_strides) in zip(results[1], results[0]):
+        assert mine_strides == theirs_strides
+        torch.testing.assert_close(mine, theirs, **tolerance)
+
+
 @pytest.mark.parametrize("how", ["train", "no_grad"])
 def test_a_twins_output_has_torch_nns_strides_for_an_input_with_unusual_strides_on_a_size_one_axis(how):
     """An input that is contiguous, but with any stride on a size-1 axis (a transposed

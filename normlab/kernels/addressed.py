@@ -1,12 +1,12 @@
-"""The serial row forward and batch norm's column kernels on raw addresses: the torch twins' small calls.
+"""The serial row kernels and batch norm's column kernels on raw addresses: the torch twins' small calls.
 
 A small layer or RMS norm's call is mostly Python: a NumPy view of each tensor costs
 more than the kernel, and an output made by NumPy comes back to torch through
 ``torch.from_numpy``, whose storage cannot be resized (tools that free and refill memory
 with ``resize_``, such as PyG's reversible ``GroupAddRev``, then fail on it). So the twins
-allocate the output with torch and hand the kernels its address and the input's
-(``Tensor.data_ptr()``, a few times cheaper than a view); the arrays are built here, in
-compiled code, and handed to the same serial kernel, which computes the same bits.
+allocate the output (and the gradients) with torch and hand the kernels its address and
+the input's (``Tensor.data_ptr()``, a few times cheaper than a view); the arrays are built
+here, in compiled code, and handed to the same serial kernel, which computes the same bits.
 
 The addresses must be of C-contiguous memory of ``rows·n`` elements of the kernel's dtype,
 aligned to it, alive for the call: the caller holds the tensors.
@@ -21,7 +21,8 @@ from numba.extending import intrinsic
 
 from normlab.kernels import columns
 from normlab.kernels._jit import helper
-from normlab.kernels.rows import CANCELLATION, row_forward, row_forward32  # noqa: F401 (the column callers pass it)
+from normlab.kernels.rows import CANCELLATION, row_backward, row_forward, row_forward32  # noqa: F401 (the column callers pass it)
+from normlab.kernels.rows_backward import row_backward32
 
 
 @intrinsic
@@ -67,6 +68,73 @@ def row_forward_at(x_address, y_address, rows, n, weight, bias, param_row_stride
     y = carray(_pointer(y_address, np.float64), (rows, n))
     _serial64(x, plain, y, plain, n, weight, bias, param_row_stride, param_inner, rms, eps, False,
               stats[0], stats[1], stats[2])
+
+
+_backward32 = row_backward32.serial
+_backward64 = row_backward.serial
+
+
+@helper
+def row_backward32_at(grad_y_address, one_value, x_address, grad_x_address, grad_weight_address, grad_bias_address,
+                      weight, mean, rstd, rows, n, param_row_stride, param_inner, rms):
+    """``kernels.fast.FastBackward``'s call on the float32 rows at these addresses, for a
+    plan of one chunk of rows (``kernels.row_chunks``) whose weight table is the weight
+    reshaped (``FastForward.direct_params``): ``grad_x`` written at ``grad_x_address``, the
+    weight and bias gradients (float64 sums rounded once to float32) at theirs where not 0.
+    ``one_value``: the output gradient is one value expanded (a ``.sum()`` loss's), read at
+    ``grad_y_address``. ``mean`` and ``rstd``: the forward's float64 (rows,) statistics
+    (``mean`` any such array for RMS, which reads zeros). The float32 kernel's ``redo``
+    reruns the call in float64, as ``FastBackward`` does."""
+    plain = (np.intp(1), np.intp(0), np.intp(0))
+    if one_value:
+        grad_y = np.full((rows, n), carray(_pointer(grad_y_address, np.float32), 1)[0])
+    else:
+        grad_y = carray(_pointer(grad_y_address, np.float32), (rows, n))
+    x = carray(_pointer(x_address, np.float32), (rows, n))
+    grad_x = carray(_pointer(grad_x_address, np.float32), (rows, n))
+    mean_rows = np.zeros(rows) if rms else mean
+    parts = np.zeros((2, 1, weight.shape[0], weight.shape[1]))
+    redo = np.zeros(1, np.bool_)
+    _backward32(grad_y, plain, x, plain, n, weight, param_row_stride, param_inner, rms, 0.0, True, mean_rows, rstd,
+                rows, grad_x, plain, parts[0], parts[1], redo)
+    if redo[0]:  # gradients past float32's range: the float64 kernel's, grad_x rounded to float32
+        parts = np.zeros((2, 1, weight.shape[0], weight.shape[1]))
+        grad_x64 = np.empty((rows, n))
+        _backward64(grad_y.astype(np.float64), plain, x.astype(np.float64), plain, n, weight.astype(np.float64),
+                    param_row_stride, param_inner, rms, 0.0, True, mean_rows, rstd, rows, grad_x64, plain, parts[0],
+                    parts[1])
+        for r in range(rows):
+            for i in range(n):
+                grad_x[r, i] = np.float32(grad_x64[r, i])
+    size = weight.shape[0] * weight.shape[1]
+    for part, address in ((0, grad_weight_address), (1, grad_bias_address)):
+        if address:
+            gradient, sums = carray(_pointer(address, np.float32), size), parts[part, 0].reshape(size)
+            for i in range(size):
+                gradient[i] = np.float32(sums[i])
+
+
+@helper
+def row_backward_at(grad_y_address, one_value, x_address, grad_x_address, grad_weight_address, grad_bias_address,
+                    weight, mean, rstd, rows, n, param_row_stride, param_inner, rms):
+    """As :func:`row_backward32_at`, for float64 rows (``rows.row_backward``'s serial kernel)."""
+    plain = (np.intp(1), np.intp(0), np.intp(0))
+    if one_value:
+        grad_y = np.full((rows, n), carray(_pointer(grad_y_address, np.float64), 1)[0])
+    else:
+        grad_y = carray(_pointer(grad_y_address, np.float64), (rows, n))
+    x = carray(_pointer(x_address, np.float64), (rows, n))
+    grad_x = carray(_pointer(grad_x_address, np.float64), (rows, n))
+    mean_rows = np.zeros(rows) if rms else mean
+    parts = np.zeros((2, 1, weight.shape[0], weight.shape[1]))
+    _backward64(grad_y, plain, x, plain, n, weight, param_row_stride, param_inner, rms, 0.0, True, mean_rows, rstd,
+                rows, grad_x, plain, parts[0], parts[1])
+    size = weight.shape[0] * weight.shape[1]
+    for part, address in ((0, grad_weight_address), (1, grad_bias_address)):
+        if address:
+            gradient, sums = carray(_pointer(address, np.float64), size), parts[part, 0].reshape(size)
+            for i in range(size):
+                gradient[i] = sums[i]
 
 
 _first_stats, _last_stats = columns.channels_first_stats.serial, columns.channels_last_stats.serial

@@ -167,7 +167,8 @@ class FastForward:
         a caller that allocates the output itself (a torch twin: an output torch made is
         resizable, and a tensor's address costs less than a NumPy view of it): ``run(x_address,
         y_address, weight_table, bias_table, eps)`` writes ``y`` and returns None, or with
-        ``return_stats`` ``(mean, rstd)`` as :meth:`run` gives them. For C-contiguous,
+        ``return_stats`` ``(mean, rstd)`` as :meth:`run` gives them, flat: one value a row, as
+        the backward's kernels read them (``(rows,)``, not ``stats_shape``). For C-contiguous,
         aligned ``x`` and ``y`` of the plan's dtype, of fewer elements than
         ``threads.serial_below(True)`` (the serial kernel's sizes): the caller checks."""
         from normlab.kernels import addressed
@@ -175,7 +176,6 @@ class FastForward:
         rows, n = self.shape
         kernel = addressed.row_forward32_at if self.dtype == np.float32 else addressed.row_forward_at
         param_row_stride, param_inner, rms = self.param_row_stride, self.param_inner, self.rms
-        stats_shape = self.stats_shape
         scratch = self.scratch[0].base if self.scratch else None  # (the (3, rows) array the plan's scratch rows view)
         empty = np.empty
 
@@ -184,7 +184,7 @@ class FastForward:
             kernel(x_address, y_address, rows, n, weight_table, bias_table, param_row_stride, param_inner, rms,
                    float(eps), stats)
             if return_stats:
-                return None if rms else stats[0].reshape(stats_shape), stats[2].reshape(stats_shape)
+                return None if rms else stats[0], stats[2]
             return None
 
         return run
@@ -285,15 +285,19 @@ class FastBackward:
 
         return rounded_to_float32
 
-    def __call__(self, grad_y, x, weight_table, mean, rstd, need_params: bool):
+    def __call__(self, grad_y, x, weight_table, mean, rstd, need_params: bool, out=None):
         """``(grad_x, grad_weight, grad_bias)``: grad_x in x's shape and dtype, the parameter
         gradients of the plan's param_shape in x's dtype (None unless ``need_params``), each
         summed in float64 and rounded once. ``weight_table`` is :meth:`FastForward.tables`'
-        first; ``mean`` and ``rstd`` are the forward's (``mean`` None for RMS)."""
+        first; ``mean`` and ``rstd`` are the forward's (``mean`` None for RMS). ``out``: a
+        C-contiguous array of the plan's dtype and size to write grad_x into."""
         plan = self.forward
         rows, n = shape = plan.shape
         dtype, plain = plan.dtype, strided.PLAIN_ROWS
-        grad_x = pool.empty(shape, dtype) if plan.nbytes >= pool.MIN_BYTES else np.empty(shape, dtype)
+        if out is not None:
+            grad_x = out.reshape(shape)
+        else:
+            grad_x = pool.empty(shape, dtype) if plan.nbytes >= pool.MIN_BYTES else np.empty(shape, dtype)
         weight_parts, bias_parts = np.zeros(self._both_parts_shape)
         mean_flat = np.zeros(rows) if mean is None else mean.reshape(rows)
         # (an output gradient of one value expanded, a .sum() loss's, is copied by contiguous_runner,
@@ -313,7 +317,7 @@ class FastBackward:
         else:
             self.kernel(*arguments)
         if redo is not None and b"\x01" in redo.tobytes():  # gradients past float32's range: in float64
-            grad_x, weight_parts, bias_parts = self._in_float64(grad_y, x, weight_table, mean_flat, rstd)
+            weight_parts, bias_parts = self._in_float64(grad_y, x, weight_table, mean_flat, rstd, grad_x)
         grad_x = grad_x.reshape(plan.out_shape)
         if not need_params:
             return grad_x, None, None
@@ -349,16 +353,19 @@ class FastBackward:
         float64 = np.dtype(np.float64)
         entries = {}  # the serial kernel's compiled entry per weight table dtype (see below)
 
-        def run(grad_y, x, weight_table, mean, rstd, need_params: bool):
+        def run(grad_y, x, weight_table, mean, rstd, need_params: bool, out=None):
             if grad_y.dtype != dtype or x.dtype != dtype or not x.flags.c_contiguous:
-                return general(grad_y, x, weight_table, mean, rstd, need_params)
+                return general(grad_y, x, weight_table, mean, rstd, need_params, out)
             if not grad_y.flags.c_contiguous:
                 if any(grad_y.strides):
-                    return general(grad_y, x, weight_table, mean, rstd, need_params)
+                    return general(grad_y, x, weight_table, mean, rstd, need_params, out)
                 # one value expanded (the gradient a .sum() loss hands in): row_layout would find
                 # no rows in it and copy it; copied here at once, without its search
                 grad_y = copy(grad_y)
-            grad_x = empty_recycled(shape, dtype) if recycled else empty(shape, dtype)
+            if out is not None:
+                grad_x = out.reshape(shape)
+            else:
+                grad_x = empty_recycled(shape, dtype) if recycled else empty(shape, dtype)
             parts = zeros(both_parts)
             grad_rows, x_rows = grad_y.reshape(shape), x.reshape(shape)
             mean_rows, rstd_rows = zeros(rows) if mean is None else mean.reshape(rows), rstd.reshape(rows)
@@ -386,7 +393,7 @@ class FastBackward:
             else:
                 kernel(*arguments)
             if float32 and b"\x01" in redo.tobytes():  # gradients past float32's range: the float64 kernel's
-                return general(grad_y, x, weight_table, mean, rstd, need_params)
+                return general(grad_y, x, weight_table, mean, rstd, need_params, out)
             grad_x = grad_x.reshape(out_shape)
             if not need_params:
                 return grad_x, None, None
@@ -403,20 +410,22 @@ class FastBackward:
 
         return run
 
-    def _in_float64(self, grad_y, x, weight_table, mean_flat, rstd):
-        """The float64 kernel's ``(grad_x, weight_parts, bias_parts)``, grad_x rounded to float32."""
+    def _in_float64(self, grad_y, x, weight_table, mean_flat, rstd, grad_x):
+        """The float64 kernel's ``(weight_parts, bias_parts)``, its grad_x rounded to float32
+        into ``grad_x`` (the float32 (rows, n) array the float32 kernel wrote)."""
         from normlab.kernels.rows import row_backward
-        from normlab.reference import rounded
 
         plan, plain = self.forward, strided.PLAIN_ROWS
         rows, n = shape = plan.shape
-        grad_x = np.empty(shape)
+        grad_x64 = np.empty(shape)
         weight_parts, bias_parts = np.zeros(self._both_parts_shape)
         row_backward(np.ascontiguousarray(grad_y, np.float64).reshape(shape), plain,
                      np.ascontiguousarray(x, np.float64).reshape(shape), plain, n, weight_table.astype(np.float64),
                      plan.param_row_stride, plan.param_inner, plan.rms, 0.0, True, mean_flat, rstd.reshape(rows),
-                     self.chunk_rows, grad_x, plain, weight_parts, bias_parts)
-        return rounded(grad_x, np.float32), weight_parts, bias_parts
+                     self.chunk_rows, grad_x64, plain, weight_parts, bias_parts)
+        with np.errstate(over="ignore"):  # (past float32's range: ±inf, as torch's cast and reference.rounded give)
+            np.copyto(grad_x, grad_x64, casting="same_kind")
+        return weight_parts, bias_parts
 
     def _params(self, table: np.ndarray) -> np.ndarray:
         plan = self.forward

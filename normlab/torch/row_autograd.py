@@ -22,7 +22,7 @@ from normlab.kernels import pool, threads
 from normlab.torch.spec import LOWEST_ADDRESS, array_view, param_view, tensor_layout
 
 _serial_below = threads.serial_below
-_empty_like = torch.empty_like
+_empty_like, _empty, _torch_of_array = torch.empty_like, torch.empty, torch.from_numpy
 
 
 class RowGradCall:
@@ -31,14 +31,25 @@ class RowGradCall:
     parameter tables of the last call, kept while the same parameter tensors hold the same
     values (same storage, no in-place change since)."""
 
-    __slots__ = ("forward", "at_address", "strides", "itemsize", "size", "backward", "arguments", "params",
-                 "layer_norm")
+    __slots__ = ("forward", "at_address", "strides", "itemsize", "size", "backward", "backward_at", "backward_facts",
+                 "torch_dtype", "param_shape", "arguments", "params", "layer_norm")
 
     def __init__(self, forward, backward, arguments: tuple):
         self.forward = forward  # kernels.fast.FastForward
         self.at_address = forward.address_runner(return_stats=True)  # (its run on addresses, attributes bound)
         self.strides, self.itemsize, self.size = addressed_facts(forward)
         self.backward = backward.contiguous_runner()  # kernels.fast.FastBackward, its attributes bound
+        # its serial kernel on addresses (kernels.addressed), for a plan of one chunk of rows whose
+        # weight table is the weight reshaped (the parameter gradients are then the kernel's sums as
+        # they lie); None for other plans. One chunk is below every serial size (threads.serial_below).
+        from normlab.kernels import addressed
+
+        self.backward_at = None
+        if backward.chunks == 1 and forward.direct_params:
+            self.backward_at = addressed.row_backward32_at if forward.dtype == np.float32 else addressed.row_backward_at
+        self.backward_facts = (*forward.shape, forward.param_row_stride, forward.param_inner, forward.rms)
+        self.torch_dtype = _TORCH_OF[forward.dtype]
+        self.param_shape = forward.param_shape
         self.arguments = arguments  # (pattern, params, sizes, rms)
         self.params = ParamTables(forward)
         self.layer_norm = _is_layer_norm(_spec_of(*arguments))  # (whether backward saves the bias; once, not per call)
@@ -125,15 +136,16 @@ class _RowFunction(torch.autograd.Function):
         if (address % call.itemsize or x.stride() != call.strides or call.size >= _serial_below(True)
                 or address < LOWEST_ADDRESS):  # (freed storage, or x of its first elements: array_view tells)
             y, mean, rstd = forward_tensor(call.forward, x, tables, eps, True)
+            mean, rstd = None if mean is None else mean.reshape(-1), rstd.reshape(-1)  # (flat, as at_address's)
         else:
             y = _empty_like(x)
             mean, rstd = call.at_address(address, y.data_ptr(), *tables, eps)
-        # (torch then checks that none changes before backward.) The statistics are saved with x,
+        # (torch then checks that none changes before backward.) The statistics, one value a row, are saved with x,
         # as torch's norms save theirs: a checkpoint that recomputes the forward in backward
         # (use_reentrant=False) then hands over the recomputed x with its own statistics, where
         # the recomputation may differ (dropout before the norm, preserve_rng_state=False)
-        ctx.save_for_backward(x, weight, _bias_to_save(ctx, bias, call.layer_norm), torch.from_numpy(rstd),
-                              None if mean is None else torch.from_numpy(mean))
+        ctx.save_for_backward(x, weight, _bias_to_save(ctx, bias, call.layer_norm), _torch_of_array(rstd),
+                              None if mean is None else _torch_of_array(mean))
         ctx.kernel_inputs = (call, tables[0], eps,  # (not x's address: backward reads x as saved, see there)
                              None if weight is None else weight.data_ptr())
         return y
@@ -145,8 +157,10 @@ class _RowFunction(torch.autograd.Function):
         if torch.compiler.is_dynamo_compiling():
             # compiled autograd traces this backward of an eager call: the registered op, which Dynamo
             # keeps as one opaque call (the statistics are the plan's, as the op's forward gives them)
-            return (*traced_backward(ctx, grad_y, x, weight, torch.zeros_like(rstd) if mean is None else mean, rstd,
-                                     *call.arguments[:3], eps, call.arguments[3]),
+            stats_shape = call.forward.stats_shape
+            return (*traced_backward(ctx, grad_y, x, weight,
+                                     (torch.zeros_like(rstd) if mean is None else mean).reshape(stats_shape),
+                                     rstd.reshape(stats_shape), *call.arguments[:3], eps, call.arguments[3]),
                     None, None, None)
         if _profiler._is_profiler_enabled and not _recorded:  # (an attribute read when no profiler runs)
             return profiled_backward(ctx, _RowFunction.backward, grad_y)
@@ -160,16 +174,37 @@ class _RowFunction(torch.autograd.Function):
             return (*_differentiable_backward(ctx, grad_y, x, weight, _saved_bias(ctx, bias))[:3], None, None, None)
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         # x as saved_tensors gives it back: under saved-tensor hooks (activation offloading,
-        # checkpointing) that is the hook's copy, and the forward's x may be freed or changed
+        # checkpointing) that is the hook's copy, and the forward's x may be freed or changed.
+        # The gradients are tensors torch allocates (resizable, as torch.nn's), in the parameters'
+        # dtype (x's, on this path), rounded once from their float64 sums by the kernels, so that
+        # autograd's engine has no cast to make
+        dtype = call.torch_dtype
+        addressed = call.backward_at is not None and type(grad_y) is Tensor and grad_y.dtype is dtype and x.dtype is dtype
+        if addressed:
+            grad_strides, x_address, grad_address = grad_y.stride(), x.data_ptr(), grad_y.data_ptr()
+            addressed = (x.stride() == call.strides and (grad_strides == call.strides or not any(grad_strides))
+                         and not (x_address % call.itemsize or grad_address % call.itemsize)
+                         and x_address >= LOWEST_ADDRESS and grad_address >= LOWEST_ADDRESS)  # (freed: array_view tells)
+        if addressed:
+            # the serial kernel on the tensors' addresses (grad_y C order, or one value expanded,
+            # a .sum() loss's): no NumPy view made
+            grad_x = _empty_like(x)
+            grad_w = _empty(call.param_shape, dtype=dtype) if need_weight else None
+            grad_b = _empty(call.param_shape, dtype=dtype) if need_bias else None
+            rstd = rstd.numpy()
+            call.backward_at(grad_address, grad_strides != call.strides, x_address, grad_x.data_ptr(),
+                             0 if grad_w is None else grad_w.data_ptr(), 0 if grad_b is None else grad_b.data_ptr(),
+                             weight_table, rstd if mean is None else mean.numpy(), rstd, *call.backward_facts)
+            return grad_x if need_x else None, grad_w, grad_b, None, None, None
         # (grad_y.detach() only where it requires grad: rarely, and a detach costs a small call 0.3 µs)
+        out = _empty(call.forward.out_shape, dtype=dtype) if call.forward.nbytes < pool.MIN_BYTES else None
         grad_x, grad_w, grad_b = call.backward(array_view(grad_y), array_view(x), weight_table,
                                                None if mean is None else mean.numpy(), rstd.numpy(),
-                                               need_weight or need_bias)
-        return (torch.from_numpy(grad_x) if need_x else None,
-                # in the parameters' dtype (x's, on this path), rounded once from their float64 sums
-                # by the kernels, so that autograd's engine has no cast to make
-                torch.from_numpy(grad_w) if need_weight else None,
-                torch.from_numpy(grad_b) if need_bias else None,
+                                               need_weight or need_bias, None if out is None else array_view(out))
+        # (grad_x from pool.MIN_BYTES on: normlab's recycled memory, as forward_tensor's output)
+        return ((torch.from_numpy(grad_x) if out is None else out) if need_x else None,
+                _torch_of_array(grad_w).clone() if need_weight else None,
+                _torch_of_array(grad_b).clone() if need_bias else None,
                 None, None, None)
 
 
