@@ -183,6 +183,18 @@ def _suggest_params(plan: Plan, shape: tuple[int, ...]) -> str:
     return " or ".join(f"params={f}" for f in found)
 
 
+def check_gradient_shape(given, array: np.ndarray, name: str, plan: Plan) -> None:
+    """Refuse a gradient (``grad_y``, or ``grad_sum`` of the fused blocks) whose shape is not
+    x's, saying what to pass; ``given`` is the argument as passed, ``array`` as read."""
+    if array.shape == plan.shape:
+        return
+    got = f"{name} is None" if given is None else f"{name} has shape {array.shape}"
+    of, summed = (("the returned x + residual", "(x + residual)") if name == "grad_sum" else
+                  ("y, the output of normalize", "y"))
+    raise ShapeError(f"{_describe(plan, plan.shape)}: {got}; pass the gradient of {of}, an array of x's shape "
+                     f"{plan.shape} (np.ones_like(x) for that of {summed}.sum())")
+
+
 def reject_masked(value, name: str, context: str) -> None:
     """Refuse a masked array with masked elements: ``np.asarray`` would drop its mask
     silently and the masked values would enter the statistics. ``context`` opens the
@@ -705,9 +717,8 @@ def normalize_backward(grad_y, x, pattern: str, *, weight=None, params: str | No
         plan = prepared.plan
         eps = _check_eps(eps, plan)
         rms = _check_flag(rms, "rms", plan)
-        grad_y = as_array(grad_y, "grad_y", pattern, plan.shape)
-        if grad_y.shape != plan.shape:
-            raise ShapeError(f"{_describe(plan, plan.shape)}: grad_y has shape {grad_y.shape}; it must match x")
+        given_grad_y, grad_y = grad_y, as_array(grad_y, "grad_y", pattern, plan.shape)
+        check_gradient_shape(given_grad_y, grad_y, "grad_y", plan)
         result_dtype(grad_y, pattern, "grad_y")
         grad_y = computable(grad_y)
         use_kernels = _resolve_backend(backend, plan, prepared.x.dtype, grad_y.dtype) == "numba"

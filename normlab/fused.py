@@ -540,13 +540,12 @@ def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5
     rms = core._check_flag(rms, "rms", plan)
     for name, value in (("grad_y", grad_y), ("grad_sum", grad_sum)):
         core.reject_masked(value, name, f"pattern {pattern!r}, input shape {plan.shape}")
-    grad_y = core.as_array(grad_y, "grad_y", pattern, plan.shape)
+    given_grad_y, grad_y = grad_y, core.as_array(grad_y, "grad_y", pattern, plan.shape)
+    core.check_gradient_shape(given_grad_y, grad_y, "grad_y", plan)
     if grad_sum is not None:
         grad_sum = core.as_array(grad_sum, "grad_sum", pattern, plan.shape)
+        core.check_gradient_shape(grad_sum, grad_sum, "grad_sum", plan)
     for name, value in (("grad_y", grad_y), ("grad_sum", grad_sum)):
-        if value is not None and np.shape(value) != plan.shape:
-            raise ShapeError(f"pattern {pattern!r}, input shape {plan.shape}: {name} has shape {np.shape(value)}; "
-                             "it must match x")
         if value is not None:
             core.result_dtype(value, pattern, name)  # refuses complex, object, ... with how to fix it
     grad_y = core.computable(grad_y)

@@ -78,10 +78,8 @@ def normalize_backward(grad_y, x, pattern, *, weight=None, params=None, eps=1e-5
     plan = prepared.plan
     eps = core._check_eps(eps, plan)
     rms = core._check_flag(rms, "rms", plan)
-    grad_y = core.as_array(grad_y, "grad_y", pattern, plan.shape)
-    if grad_y.shape != plan.shape:
-        raise ShapeError(f"pattern {plan.pattern!r}, input shape {plan.shape}: grad_y has shape {grad_y.shape}; "
-                         "it must match x")
+    given_grad_y, grad_y = grad_y, core.as_array(grad_y, "grad_y", pattern, plan.shape)
+    core.check_gradient_shape(given_grad_y, grad_y, "grad_y", plan)
     core.result_dtype(grad_y, pattern, "grad_y")
     grad_y = core.computable(grad_y)
     grouping = masked.make_grouping(plan, mask, segment_ids, num_segments, segment_axis)

@@ -213,7 +213,12 @@ def make_grouping(plan: Plan, mask=None, segment_ids=None, num_segments=None, se
     integers, fits = ids.dtype.kind in "iu", ids.shape == (length,)
     # (each fault said alone: ids of the right dtype are not told their dtype, nor the reverse)
     if not (integers or fits):
-        rule, got, fix = f"be integers of shape ({length},)", f"dtype {ids.dtype} and shape {ids.shape}", ""
+        rule, got = f"be integers of shape ({length},)", f"dtype {ids.dtype} and shape {ids.shape}"
+        if isinstance(segment_ids, str):  # (one text value, not one id per character)
+            fix = (f"; pass the ids as an integer array, not a str (np.array(list({ids_name}), np.int64) reads "
+                   "one id per digit)")
+        else:
+            fix = f"; pass an integer array of {length} ids, one for each element along that axis"
     elif not integers:
         rule, got = "be integers", f"dtype {ids.dtype}"
         fix = f"; pass integer ids ({ids_name}.astype(np.int64) where they are whole numbers)"

@@ -240,3 +240,42 @@ def test_given_statistics_that_are_not_real_numbers_are_refused(call, dtype):
     and object arrays read, where weight and bias of those dtypes are refused."""
     given = np.ones((2, 1, 4)).astype(dtype)
     _raises(InputError, lambda: call(given), "'b [c] h'", "(2, 3, 4)", f"has dtype {given.dtype}", "real numbers")
+
+
+@pytest.mark.parametrize("extra", [{}, dict(residual=np.ones((2, 3, 4))), dict(mask=np.ones((2, 3, 4), bool))],
+                         ids=["plain", "fused", "masked"])
+@pytest.mark.parametrize("grad_y, got", [(None, "grad_y is None"), (np.ones(4), "grad_y has shape (4,)")])
+def test_a_gradient_of_the_wrong_shape_or_none_is_told_what_to_pass(extra, grad_y, got):
+    # the message said "grad_y has shape (); it must match x", with no word of what grad_y is
+    with pytest.raises(ShapeError) as info:
+        normlab.normalize_backward(grad_y, np.ones((2, 3, 4)), "b t [d]", **extra)
+    for words in ("'b t [d]'", "(2, 3, 4)", got, "pass the gradient of y", "np.ones_like(x)"):
+        assert words in str(info.value)
+
+
+def test_a_grad_sum_of_the_wrong_shape_is_told_what_to_pass():
+    x = np.ones((2, 3, 4))
+    with pytest.raises(ShapeError) as info:
+        normlab.normalize_backward(x, x, "b t [d]", residual=x, grad_sum=np.ones(3))
+    for words in ("'b t [d]'", "(2, 3, 4)", "grad_sum has shape (3,)", "the returned x + residual",
+                  "(x + residual).sum()"):
+        assert words in str(info.value)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, ids: normlab.normalize(x, "[n] d", segment_ids=ids),
+    lambda x, ids: normlab.normalize_backward(x, x, "[n] d", segment_ids=ids),
+], ids=["normalize", "normalize_backward"])
+@pytest.mark.parametrize("ids, fix", [
+    ("001111", "np.array(list(segment_ids), np.int64)"),
+    ([[0.5, 1.5]], "pass an integer array of 6 ids"),
+], ids=["str", "floats of another shape"])
+def test_segment_ids_of_neither_dtype_nor_shape_are_told_what_to_pass(call, ids, fix):
+    # the message said what was wrong ("must be integers of shape (6,) ... got dtype <U6 and
+    # shape ()") and stopped there
+    x = np.arange(12.0).reshape(6, 2)
+    with pytest.raises(ShapeError) as info:
+        call(x, ids)
+    assert "'[n] d'" in str(info.value) and "(6, 2)" in str(info.value) and fix in str(info.value)
+    if isinstance(ids, str):  # the fix it gives works
+        assert np.array_equal(np.array(list(ids), np.int64), [0, 0, 1, 1, 1, 1])
