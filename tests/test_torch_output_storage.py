@@ -117,6 +117,37 @@ def test_a_batch_or_instance_norm_twins_input_gradient_storage_resizes_as_torch_
     grads[1].untyped_storage().resize_(0)
 
 
+_BATCH = [case for case in NORMS if case[0].startswith("batch")]
+
+
+@pytest.mark.parametrize("make, shape, memory_format", [case[1:] for case in _BATCH], ids=[case[0] for case in _BATCH])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_batch_norm_twins_parameter_gradients_resize_as_torch_nns_do(make, shape, memory_format, dtype):
+    """A float64 batch norm twin's weight.grad and bias.grad came from ``torch.from_numpy``
+    (two views of one NumPy buffer), which ``resize_`` refused where torch.nn's resize; now
+    each is a tensor of its own that torch allocated, as torch.nn's, with its values: grown
+    with its values kept, and freed without touching the other's."""
+    original, twin = _pair(make, dtype)
+    x, grad_y = _input(shape, dtype, memory_format), torch.randn(shape, dtype=dtype)
+    results = []
+    for module in (original, twin):
+        module(x).backward(grad_y)
+        grads = [param.grad for param in module.parameters()]
+        assert len(grads) == 2
+        for g in grads:
+            assert g.untyped_storage().resizable(), type(module)
+        values = [g.clone() for g in grads]
+        grown = [g.resize_(g.numel() * 2) for g in grads]
+        for g, kept in zip(grown, values):
+            torch.testing.assert_close(g[:kept.numel()], kept, rtol=0, atol=0)
+        grown[0].untyped_storage().resize_(0)
+        torch.testing.assert_close(grown[1][:values[1].numel()], values[1], rtol=0, atol=0)
+        results.append(values)
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
+    for mine, theirs in zip(*reversed(results)):
+        torch.testing.assert_close(mine, theirs, **tolerance)
+
+
 # (id, torch.nn original, input shape, input made strided): layer, RMS and group norm with
 # gradients, on the kernels' one-chunk sizes, past one chunk of rows (kernels.row_chunks), at a
 # threaded size, and on a strided input

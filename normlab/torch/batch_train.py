@@ -380,11 +380,16 @@ class _TrainFunction(torch.autograd.Function):
                                                            mean.numpy(), rstd.numpy())
             needs = ctx.needs_input_grad
             # float64: autograd's engine rounds each to its parameter's dtype, in C++ (past the dtype's
-            # range it is ±inf without NumPy's warning; no errstate or .to() from Python), as the row
-            # twins' backward hands them over (normlab.torch.row_autograd)
-            grads = (grad_x if needs[0] else None,
-                     torch.from_numpy(grad_weight) if needs[1] else None,
-                     torch.from_numpy(grad_bias) if needs[2] else None)
+            # range it is ±inf without NumPy's warning; no errstate or .to() from Python), into a tensor
+            # torch allocates. A float64 parameter would take them as they are, two views of one NumPy
+            # buffer whose storage cannot be resized: each is copied into its own tensor instead
+            grad_weight = torch.from_numpy(grad_weight) if needs[1] else None
+            grad_bias = torch.from_numpy(grad_bias) if needs[2] else None
+            if grad_weight is not None and weight.dtype is torch.float64:
+                grad_weight = grad_weight.clone()
+            if grad_bias is not None and ctx.bias_like[1] is torch.float64:
+                grad_bias = grad_bias.clone()
+            grads = (grad_x if needs[0] else None, grad_weight, grad_bias)
         return (*grads, None, None, None, None, None)
 
 
