@@ -453,3 +453,55 @@ def test_a_per_frame_group_norms_input_gradient_resizes_as_the_diffusers_origina
     assert torch.equal(grads[1].resize_(2 * x.numel())[:x.numel()], values.view(-1))
     grads[1].untyped_storage().resize_(0)
     assert grads[1].untyped_storage().nbytes() == 0
+
+
+# (id, torch.nn original, input shape, the axis a mask= cuts, how many of its positions it
+# counts): the mask counts a prefix along that axis, on which torch.nn's module (given the
+# prefix alone) is the oracle: whole rows for layer and RMS norm, positions for the others
+MASKED = [
+    ("layer_norm", lambda: nn.LayerNorm(64), (4, 8, 64), 1, 5),
+    ("rms_norm", lambda: nn.RMSNorm(64), (4, 8, 64), 1, 5),
+    ("batch_norm_1d", lambda: nn.BatchNorm1d(8), (4, 8, 10), 2, 7),
+    ("batch_norm_2d", lambda: nn.BatchNorm2d(8), (4, 8, 5, 6), 2, 3),
+    ("instance_norm_2d", lambda: nn.InstanceNorm2d(8, affine=True), (4, 8, 5, 6), 2, 3),
+    ("group_norm", lambda: nn.GroupNorm(2, 8), (4, 8, 10), 2, 7),
+]
+
+
+@pytest.mark.parametrize("make, shape, axis, counted", [case[1:] for case in MASKED], ids=[c[0] for c in MASKED])
+@pytest.mark.parametrize("how", ["train", "no_grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_masked_twins_output_and_input_gradient_resize_as_torch_nns_do(make, shape, axis, counted, how, dtype):
+    """A twin called with mask= returned an output (and gave an input gradient) from
+    ``torch.from_numpy``, which ``resize_`` refused with "Trying to resize storage that is not
+    resizable", where torch.nn's resize. Now they resize as torch.nn's, with torch.nn's
+    values and gradients on what the mask counts (torch.nn's module on that part alone)."""
+    original, twin = _pair(make, dtype)
+    x = torch.randn(shape, dtype=dtype)
+    mask_shape = list(shape)
+    mask_shape[-1 if isinstance(original, (nn.LayerNorm, nn.RMSNorm)) else 1] = 1
+    index = [1] * len(shape)
+    index[axis] = shape[axis]
+    mask = (torch.arange(shape[axis]) < counted).reshape(index).expand(mask_shape)
+    part = [slice(None)] * len(shape)
+    part[axis] = slice(0, counted)
+    grad_y = torch.randn(x[tuple(part)].shape, dtype=dtype)
+    results = []
+    for module, call in ((twin, lambda a: twin(a, mask=mask)[tuple(part)]), (original, lambda a: original(a[tuple(part)]))):
+        leaf = x.clone().requires_grad_(how == "train")
+        with torch.set_grad_enabled(how == "train"):
+            y = call(leaf)
+        tensors = [y.detach()]
+        if how == "train":
+            (y * grad_y).sum().backward()
+            tensors.append(leaf.grad)
+        for t in tensors:
+            assert t.untyped_storage().resizable(), type(module)
+        results.append([t.clone() for t in tensors] + [b.clone() for b in module.buffers()])
+        for t in tensors:
+            values = t.untyped_storage().nbytes()
+            t.untyped_storage().resize_(values * 2)
+            t.untyped_storage().resize_(0)
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **tolerance)

@@ -15,13 +15,14 @@ from torch.autograd import forward_ad
 
 from normlab import core
 from normlab.errors import InputError, ParamsError, ShapeError
+from normlab.kernels import pool
 from normlab.masked import _segment_axis, make_grouping
 from normlab.notation import parse_pattern
 from normlab.plan import make_plan, merge_sizes
 from normlab.torch.compute import _expanded_param, _fake
 from normlab.torch.ops import _functorch_active, _grads_of, _needs_torch_backward, _spec_of, _vmapped
 from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx, _profiler, profiled, profiled_backward
-from normlab.torch.spec import PlanFacts, Spec, _sizes_dict, array_view, param_view
+from normlab.torch.spec import PlanFacts, Spec, TorchOutputs, _sizes_dict, array_view, param_view
 from normlab.torch.thread_warnings import ignored_in_this_thread
 
 __all__ = ["normalize_masked", "MaskedResult", "check_segment_ids"]
@@ -167,17 +168,19 @@ def _grouping_kwargs(mask, segment_ids, num_segments, segment_axis):
 def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mask: Optional[Tensor],
                   segment_ids: Optional[Tensor], pattern: str, params: Optional[str], sizes: str, eps: float,
                   rms: bool, num_segments: int, segment_axis: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(y, mean, rstd, count)``: statistics float64 (mean 0 for RMS), count int64."""
+    """``(y, mean, rstd, count)``: statistics float64 (mean 0 for RMS), count int64; y in
+    memory torch allocates below the recycled pool's size (its storage resizes, as torch.nn's
+    outputs' do)."""
+    outputs = TorchOutputs()
     try:
-        y, stats = core.normalize_with_stats(
-            _numpy(x), pattern, weight=param_view(weight), bias=param_view(bias), params=params, eps=eps, rms=rms,
-            **_grouping_kwargs(mask, segment_ids,
-                               num_segments, segment_axis),
-            sizes=_sizes_dict(sizes))
+        with pool.fresh_memory_from(outputs):
+            y, stats = core.normalize_with_stats(
+                _numpy(x), pattern, weight=param_view(weight), bias=param_view(bias), params=params, eps=eps,
+                rms=rms, **_grouping_kwargs(mask, segment_ids, num_segments, segment_axis), sizes=_sizes_dict(sizes))
     except (ShapeError, ParamsError) as error:  # (raised in a compiled or exported graph too: torch's type)
         raise _torch_error(error) from None
     mean = np.zeros(stats.rstd.shape) if stats.mean is None else stats.mean
-    return (torch.from_numpy(np.ascontiguousarray(y)), torch.from_numpy(np.ascontiguousarray(mean)),
+    return (outputs.tensor(np.ascontiguousarray(y)), torch.from_numpy(np.ascontiguousarray(mean)),
             torch.from_numpy(np.ascontiguousarray(stats.rstd)),
             torch.from_numpy(np.ascontiguousarray(stats.count, dtype=np.int64)))
 
@@ -197,18 +200,19 @@ def _backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], mask: Op
                    segment_ids: Optional[Tensor], mean: Tensor, rstd: Tensor, pattern: str, params: Optional[str],
                    sizes: str, eps: float, rms: bool, num_segments: int, segment_axis: Optional[str],
                    need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(grad_x, grad_weight, grad_bias)``; a gradient not asked for is an empty tensor."""
-    grad_x, grad_w, grad_b = core.normalize_backward(
-        _numpy(grad_y), _numpy(x), pattern, weight=param_view(weight),
-        params=params if (weight is not None or need_bias) else None, eps=eps, rms=rms,
-        mean=None if rms else mean.numpy(), rstd=rstd.numpy(),
-        **_grouping_kwargs(mask, segment_ids,
-                           num_segments, segment_axis),
-        sizes=_sizes_dict(sizes))
+    """``(grad_x, grad_weight, grad_bias)``; a gradient not asked for is an empty tensor;
+    grad_x in memory torch allocates, as the forward's y."""
+    outputs = TorchOutputs()
+    with pool.fresh_memory_from(outputs):
+        grad_x, grad_w, grad_b = core.normalize_backward(
+            _numpy(grad_y), _numpy(x), pattern, weight=param_view(weight),
+            params=params if (weight is not None or need_bias) else None, eps=eps, rms=rms,
+            mean=None if rms else mean.numpy(), rstd=rstd.numpy(),
+            **_grouping_kwargs(mask, segment_ids, num_segments, segment_axis), sizes=_sizes_dict(sizes))
     empty = x.new_empty(0, dtype=x.dtype if weight is None else weight.dtype)
     # (contiguous, as the fake kernel states them and Inductor asserts: the engine's parameter
     # gradients come back transposed where params are in another order than the pattern's)
-    return (torch.from_numpy(np.ascontiguousarray(grad_x)),
+    return (outputs.tensor(np.ascontiguousarray(grad_x)),
             empty if grad_w is None or weight is None else torch.from_numpy(np.ascontiguousarray(grad_w)),
             torch.from_numpy(np.ascontiguousarray(grad_b)) if need_bias and grad_b is not None else empty.clone())
 
