@@ -117,16 +117,18 @@ def test_a_batch_or_instance_norm_twins_input_gradient_storage_resizes_as_torch_
     grads[1].untyped_storage().resize_(0)
 
 
-_BATCH = [case for case in NORMS if case[0].startswith("batch")]
+_AFFINE_TRAINED = [case for case in _TRAINED if case[1]().weight is not None]
 
 
-@pytest.mark.parametrize("make, shape, memory_format", [case[1:] for case in _BATCH], ids=[case[0] for case in _BATCH])
+@pytest.mark.parametrize("make, shape, memory_format", [case[1:] for case in _AFFINE_TRAINED],
+                         ids=[case[0] for case in _AFFINE_TRAINED])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_batch_norm_twins_parameter_gradients_resize_as_torch_nns_do(make, shape, memory_format, dtype):
-    """A float64 batch norm twin's weight.grad and bias.grad came from ``torch.from_numpy``
-    (two views of one NumPy buffer), which ``resize_`` refused where torch.nn's resize; now
-    each is a tensor of its own that torch allocated, as torch.nn's, with its values: grown
-    with its values kept, and freed without touching the other's."""
+def test_a_batch_or_instance_norm_twins_parameter_gradients_resize_as_torch_nns_do(make, shape, memory_format, dtype):
+    """A float64 batch norm twin's weight.grad and bias.grad, and an affine instance norm
+    twin's in float32 and float64, came from ``torch.from_numpy`` (two views of one NumPy
+    buffer), which ``resize_`` refused where torch.nn's resize; now each is a tensor of its
+    own that torch allocated, as torch.nn's, with its values: grown with its values kept, and
+    freed without touching the other's."""
     original, twin = _pair(make, dtype)
     x, grad_y = _input(shape, dtype, memory_format), torch.randn(shape, dtype=dtype)
     results = []

@@ -68,9 +68,11 @@ def _normalize_backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor]
     if perm is not None:
         grad_x = grad_x.permute(_inverse(perm))
     empty = x.new_empty(0, dtype=x.dtype if weight is None else weight.dtype)  # as the fake kernel
+    # (copies torch allocates: a torch.from_numpy tensor's storage never resizes, and the
+    # engine may hand both parameter gradients back as views of one buffer)
     return (grad_x,
-            empty if grad_w is None or weight is None else torch.from_numpy(grad_w),
-            torch.from_numpy(grad_b) if need_bias and grad_b is not None else empty.clone())
+            empty if grad_w is None or weight is None else torch.from_numpy(grad_w).clone(),
+            torch.from_numpy(grad_b).clone() if need_bias and grad_b is not None else empty.clone())
 
 
 def _normalize_backward_laid_out(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
