@@ -507,3 +507,32 @@ def test_a_masked_twins_output_and_input_gradient_resize_as_torch_nns_do(make, s
     tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, **tolerance)
+
+
+_EMPTY_INPUTS = {
+    "norm_over_time": (lambda: nt.Norm("b [t] c", "c", c=16), (0, 5, 16), {}),
+    "norm_over_batch": (lambda: nt.Norm("[b] c", "c", c=16), (0, 16), {}),
+    "per_head_layer_norm": (lambda: nt.PerHeadLayerNorm(2, 8), (0, 3, 2, 8), {}),
+    "norm_with_mask": (lambda: nt.Norm("b [t] c", "c", c=16), (0, 5, 16), {"mask": True}),
+}
+
+
+@pytest.mark.parametrize("name", list(_EMPTY_INPUTS))
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_a_twin_given_an_empty_input_leaves_its_storage_resizable_and_returns_one_that_resizes(name, grad):
+    """The NumPy view of an empty tensor was ``Tensor.numpy()``'s, which marks the storage
+    non-resizable for good: a Norm called on an empty batch left the caller's input, and its
+    own output, unable to resize, where torch.nn's layer norm leaves the input as it was and
+    returns an output that resizes."""
+    make, shape, extra = _EMPTY_INPUTS[name]
+    outcomes = []
+    for module in (nn.LayerNorm(shape[-1]), make()):
+        x = torch.randn(shape, requires_grad=grad)
+        kwargs = {"mask": torch.ones(shape, dtype=torch.bool)} if extra and type(module) is not nn.LayerNorm else {}
+        y = module(x, **kwargs)
+        if grad:
+            y.sum().backward()
+        outcomes.append((x.untyped_storage().resizable(), y.untyped_storage().resizable(),
+                         x.grad.untyped_storage().resizable() if grad else None))
+    assert outcomes[0] == (True, True, True if grad else None)
+    assert outcomes[1] == outcomes[0]

@@ -450,7 +450,11 @@ def array_view(t: Optional[Tensor]) -> Optional[np.ndarray]:
     if t.is_neg():  # (a negative-bit view, z.conj().imag, holds the values' opposites, which DLPack ignores)
         t = t.resolve_neg()
     if t.dtype not in _TYPESTR or type(t) is not Tensor or not t.is_cpu or t.numel() == 0:
-        return t.numpy()  # (which raises where NumPy cannot read the tensor; an empty one has no memory to free)
+        if t.numel() == 0 and t.dtype in _TYPESTR and type(t) is Tensor and t.is_cpu:
+            # (an empty tensor has no memory to share: an empty array of its shape, .numpy()'s very
+            # strides, without .numpy()'s mark, which would leave its storage non-resizable for good)
+            return np.empty(t.shape, _TYPESTR[t.dtype])
+        return t.numpy()  # (which raises where NumPy cannot read the tensor)
     if t.data_ptr() == t.storage_offset() * t.element_size():  # (its storage's memory at address 0: freed)
         refuse_unallocated(t)
     if _dlpack_capsule is not None:
