@@ -536,3 +536,34 @@ def test_a_twin_given_an_empty_input_leaves_its_storage_resizable_and_returns_on
                          x.grad.untyped_storage().resizable() if grad else None))
     assert outcomes[0] == (True, True, True if grad else None)
     assert outcomes[1] == outcomes[0]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block", ["rms", "layer"])
+def test_a_fused_blocks_parameter_gradients_resize_as_torch_nns_on_x_plus_residual(block, dtype, layout):
+    """The fused blocks handed autograd their parameter gradients through
+    ``torch.from_numpy`` (the cached calls, float32 and float64 alike, and the general path
+    a transposed input takes), whose storage never resizes, where torch.nn's norm of
+    x + residual gives gradients that do."""
+    make = {"rms": lambda: (nn.RMSNorm(16, eps=1e-6), nt.FusedAddRMSNorm(16, eps=1e-6)),
+            "layer": lambda: (nn.LayerNorm(16), nt.FusedAddLayerNorm(16))}[block]
+    original, twin = (module.to(dtype) for module in make())
+    with torch.no_grad():
+        for param in original.parameters():
+            param.uniform_(0.5, 1.5)
+    twin.load_state_dict(original.state_dict())
+    x, residual = torch.randn(2, 6, 16, dtype=dtype), torch.randn(2, 6, 16, dtype=dtype)
+    if layout == "transposed":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    grad_y = torch.randn(2, 6, 16, dtype=dtype)
+    original(x + residual).backward(grad_y)
+    twin(x, residual)[0].backward(grad_y)
+    for name, expected in original.named_parameters():
+        actual = dict(twin.named_parameters())[name]
+        assert expected.grad.untyped_storage().resizable()
+        assert actual.grad.untyped_storage().resizable(), name
+        torch.testing.assert_close(actual.grad, expected.grad)
+        values = actual.grad.clone()
+        assert torch.equal(actual.grad.resize_(32)[:16], values)
+        actual.grad.untyped_storage().resize_(0)

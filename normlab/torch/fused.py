@@ -122,6 +122,12 @@ def _tensor(a) -> Optional[Tensor]:
     return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
 
 
+def _own_tensor(a) -> Optional[Tensor]:
+    """``a`` copied into a tensor torch allocates (a parameter's gradient, whose storage then
+    resizes as torch.nn's do; ``torch.from_numpy``'s never does)."""
+    return None if a is None else torch.tensor(a)
+
+
 class _FusedFunction(torch.autograd.Function):
     """Forward and backward through :mod:`normlab.fused` (the fused kernels)."""
 
@@ -175,8 +181,9 @@ class _FusedFunction(torch.autograd.Function):
                 **dict(block.keywords(), params=block.params if (weight is not None or has_bias) else None))
         grad_x = outputs.tensor(np.ascontiguousarray(grads.x))
         grad_gate = None if grads.gate is None else outputs.tensor(np.ascontiguousarray(grads.gate))
-        return (grad_x, None if grad_total is None else grad_x, grad_gate, _tensor(grads.weight),
-                _tensor(grads.bias) if has_bias else None, _tensor(grads.scale), _tensor(grads.shift), None)
+        return (grad_x, None if grad_total is None else grad_x, grad_gate, _own_tensor(grads.weight),
+                _own_tensor(grads.bias) if has_bias else None, _own_tensor(grads.scale), _own_tensor(grads.shift),
+                None)
 
 
 def _sum_needs_no_gradient(ctx, total: Tensor) -> None:
@@ -763,9 +770,9 @@ class _CachedFusedFunction(torch.autograd.Function):
                 return None
             plan = call.mod_plan if mod else call.plan
             grad = plan.collapse_params(call.layout.collapse(table, mod))
-            if param.dtype == torch.bfloat16:
-                return torch.from_numpy(np.ascontiguousarray(grad)).to(param.dtype)
-            return torch.from_numpy(np.ascontiguousarray(grad, dtype=_numpy_dtype(param.dtype)))
+            # (rounded by torch into a tensor it allocates, whose storage resizes as torch.nn's
+            # parameter gradients' do; a float64 one copied: torch.from_numpy's never resizes)
+            return torch.from_numpy(np.ascontiguousarray(grad)).to(param.dtype, copy=True)
 
         if torch_grads is not None:
             grad_x, grad_gate = torch_grads
