@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -26,3 +27,19 @@ def every_call_threaded(monkeypatch):
     from normlab.kernels import threads
 
     monkeypatch.setattr(threads, "serial_below", lambda row_forward=False: 0)
+
+
+@pytest.fixture(autouse=True)
+def _dynamo_state_left_behind_by_a_test_is_cleared():
+    """After a test in which torch.compile converted frames, Dynamo's caches are cleared. A
+    compiled call that raises (the refusal tests) leaves the frames it ran through marked as
+    frames Dynamo will not convert, for the rest of the process: a later
+    ``torch.compile(fullgraph=True)`` of the same code in the same worker then runs them
+    eagerly and fails ("Attempt to trace generator"), as it does for any torch module that
+    raised under torch.compile once. Tests that compile nothing pay nothing."""
+    dynamo = sys.modules.get("torch._dynamo")
+    before = dynamo.utils.counters["frames"]["total"] if dynamo is not None else 0
+    yield
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None and dynamo.utils.counters["frames"]["total"] != before:
+        dynamo.reset()
