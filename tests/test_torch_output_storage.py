@@ -567,3 +567,31 @@ def test_a_fused_blocks_parameter_gradients_resize_as_torch_nns_on_x_plus_residu
         values = actual.grad.clone()
         assert torch.equal(actual.grad.resize_(32)[:16], values)
         actual.grad.untyped_storage().resize_(0)
+
+
+_MASKED_PARAMETERS = {
+    "layer_norm": (lambda: nn.LayerNorm(16), (3, 5, 16)),
+    "rms_norm": (lambda: nn.RMSNorm(16), (3, 5, 16)),
+    "group_norm": (lambda: nn.GroupNorm(4, 16), (3, 16, 5)),
+    "batch_norm": (lambda: nn.BatchNorm1d(16), (3, 16, 5)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(_MASKED_PARAMETERS))
+def test_a_masked_twins_parameter_gradients_resize_as_torch_nns(name, dtype):
+    """With mask=, the twins' backward handed autograd the parameter gradients through
+    ``torch.from_numpy``, whose storage never resizes, where torch.nn's module (here on the
+    same input with every element counted, the mask all True) gives gradients that do."""
+    make, shape = _MASKED_PARAMETERS[name]
+    original, twin = _pair(make, dtype)
+    x, grad_y = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    original(x).backward(grad_y)
+    twin(x, mask=torch.ones(shape, dtype=torch.bool)).backward(grad_y)
+    for param_name, expected in original.named_parameters():
+        actual = dict(twin.named_parameters())[param_name]
+        assert expected.grad.untyped_storage().resizable()
+        assert actual.grad.untyped_storage().resizable(), param_name
+        torch.testing.assert_close(actual.grad, expected.grad)
+        actual.grad.untyped_storage().resize_(0)
+        assert actual.grad.untyped_storage().nbytes() == 0

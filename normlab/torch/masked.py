@@ -212,9 +212,11 @@ def _backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], mask: Op
     empty = x.new_empty(0, dtype=x.dtype if weight is None else weight.dtype)
     # (contiguous, as the fake kernel states them and Inductor asserts: the engine's parameter
     # gradients come back transposed where params are in another order than the pattern's)
+    # (the parameters' gradients copied into tensors torch allocates, whose storage resizes as
+    # torch.nn's do: torch.from_numpy's never does)
     return (outputs.tensor(np.ascontiguousarray(grad_x)),
-            empty if grad_w is None or weight is None else torch.from_numpy(np.ascontiguousarray(grad_w)),
-            torch.from_numpy(np.ascontiguousarray(grad_b)) if need_bias and grad_b is not None else empty.clone())
+            empty if grad_w is None or weight is None else torch.tensor(np.ascontiguousarray(grad_w)),
+            torch.tensor(np.ascontiguousarray(grad_b)) if need_bias and grad_b is not None else empty.clone())
 
 
 _backward_op = torch.library.custom_op("normlab::normalize_masked_backward", mutates_args=())(_backward_impl)
