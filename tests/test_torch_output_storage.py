@@ -595,3 +595,49 @@ def test_a_masked_twins_parameter_gradients_resize_as_torch_nns(name, dtype):
         torch.testing.assert_close(actual.grad, expected.grad)
         actual.grad.untyped_storage().resize_(0)
         assert actual.grad.untyped_storage().nbytes() == 0
+
+
+# (id, PyG's original, whether forward takes a batch vector): the graph norms that convert() turns into twins
+GEOMETRIC = [
+    ("layer_norm_graph_mode", lambda nn_: nn_.LayerNorm(16), True),
+    ("layer_norm_node_mode", lambda nn_: nn_.LayerNorm(16, mode="node"), True),
+    ("graph_norm", lambda nn_: nn_.GraphNorm(16), True),
+    ("instance_norm", lambda nn_: nn_.InstanceNorm(16, affine=True), True),
+]
+
+
+@pytest.mark.parametrize("make, batched", [case[1:] for case in GEOMETRIC], ids=[case[0] for case in GEOMETRIC])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_converted_graph_norms_output_and_gradients_resize_as_pygs_do(make, batched, dtype):
+    """A converted PyG LayerNorm in graph mode (a segment norm whose weight spans the reduced
+    channels) returned an output, and gave an input gradient, that ``resize_`` refused
+    ("Trying to resize storage that is not resizable"): the engine made them with NumPy
+    (its product with the weight) and the twin handed them over through
+    ``torch.from_numpy``. PyG's originals give tensors that resize; so do the twins now,
+    with the originals' values."""
+    pytest.importorskip("torch_geometric")
+    from torch_geometric.nn import norm as pyg_norms
+
+    torch.manual_seed(0)
+    original = make(pyg_norms).to(dtype)
+    twin = nt.convert(copy.deepcopy(original))
+    assert type(twin).__module__.startswith("normlab")
+    x = torch.randn(12, 16, dtype=dtype)
+    batch = torch.tensor([0] * 5 + [1] * 7)
+    grad_y = torch.randn(12, 16, dtype=dtype)
+    results = []
+    for module in (original, twin):
+        leaf = x.clone().requires_grad_()
+        y = module(leaf, batch) if batched else module(leaf)
+        y.backward(grad_y)
+        tensors = [y.detach(), leaf.grad, *(p.grad for p in module.parameters())]
+        for t in tensors:
+            assert t.untyped_storage().resizable(), type(module)
+        values = [t.clone() for t in tensors]
+        for t, kept in zip(tensors, values):
+            grown = t.resize_(t.numel() * 2)
+            torch.testing.assert_close(grown[:kept.numel()], kept.reshape(-1) if kept.dim() else kept, rtol=0, atol=0)
+        results.append(values)
+    tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else {}
+    for mine, theirs in zip(*reversed(results)):
+        torch.testing.assert_close(mine, theirs, **tolerance)

@@ -391,7 +391,24 @@ class TorchOutputs:
                                            array.shape, strides)
         if array.size == 0:
             return torch.empty(array.shape, dtype=_TORCH_DTYPES.get(array.dtype) or torch.from_numpy(array).dtype)
+        if not _recycled(array):
+            # (memory the engine made without the allocator, as NumPy's product with a weight over
+            # the reduced axes: a copy torch allocates, whose storage resizes as torch.nn's outputs')
+            return torch.from_numpy(array).clone()
         return torch.from_numpy(array)
+
+
+def _recycled(array: np.ndarray) -> bool:
+    """Whether ``array`` lies in normlab's recycled output memory (``kernels.pool``), which
+    is handed to torch as it is (not resizable; the README says why)."""
+    from normlab.kernels import pool
+
+    base = array
+    while base is not None:
+        if isinstance(base, pool._Owner):
+            return True
+        base = getattr(base, "base", None)
+    return False
 
 
 def _engine_view(t: Tensor, perm) -> np.ndarray:
