@@ -641,3 +641,48 @@ def test_a_converted_graph_norms_output_and_gradients_resize_as_pygs_do(make, ba
     tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else {}
     for mine, theirs in zip(*reversed(results)):
         torch.testing.assert_close(mine, theirs, **tolerance)
+
+
+# (id, torch.nn original or fused block, input shape): past the sizes normlab recycles
+# (8 MB; 128 KB for the fused blocks)
+UNRECYCLED = [
+    ("layer_norm", lambda: nn.LayerNorm(1024), (2100, 1024)),
+    ("batch_norm_2d", lambda: nn.BatchNorm2d(64), (10, 64, 60, 60)),
+    ("instance_norm_2d", lambda: nn.InstanceNorm2d(64, affine=True), (10, 64, 60, 60)),
+    ("fused_add_rms_norm", lambda: nt.FusedAddRMSNorm(1024), (64, 1024)),
+]
+
+
+@pytest.mark.parametrize("make, shape", [case[1:] for case in UNRECYCLED], ids=[case[0] for case in UNRECYCLED])
+def test_with_the_output_pool_off_large_outputs_and_gradients_resize_as_torch_nns_do(monkeypatch, make, shape):
+    """With ``NORMLAB_OUTPUT_POOL=0`` nothing is recycled, and the README says the twins'
+    outputs then come from torch; yet those past the pool's size still reached torch through
+    ``torch.from_numpy`` (the size alone was checked), and ``resize_`` refused them. Now
+    they resize as torch.nn's (or the torch operations a fused block replaces) do."""
+    monkeypatch.setenv("NORMLAB_OUTPUT_POOL", "0")
+    torch.manual_seed(0)
+    module = make()
+    twin = nt.convert(copy.deepcopy(module)) if isinstance(module, nn.Module) and type(module).__module__.startswith(
+        "torch") else module
+    x = torch.randn(shape).requires_grad_()
+    if isinstance(twin, nt.FusedAddRMSNorm):
+        residual = torch.randn(shape).requires_grad_()
+        y, total = twin(x, residual)
+        (y.sum() + total.sum()).backward()
+        tensors = [y.detach(), total.detach(), x.grad, residual.grad]
+        expected_total = x.detach() + residual.detach()
+        torch.testing.assert_close(total.detach(), expected_total)
+        torch.testing.assert_close(y.detach(), F.rms_norm(expected_total, (shape[-1],), twin.weight.detach(),
+                                                          twin.eps), rtol=1e-5, atol=1e-5)
+    else:
+        y = twin(x)
+        y.backward(torch.ones_like(y))
+        leaf = x.detach().clone().requires_grad_()
+        reference = module(leaf)
+        reference.backward(torch.ones_like(reference))
+        assert reference.untyped_storage().resizable() and leaf.grad.untyped_storage().resizable()
+        torch.testing.assert_close(y.detach(), reference.detach(), rtol=1e-4, atol=1e-4)
+        tensors = [y.detach(), x.grad]
+    for t in tensors:
+        assert t.untyped_storage().resizable(), type(twin)
+        t.untyped_storage().resize_(0)

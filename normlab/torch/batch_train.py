@@ -77,7 +77,7 @@ class TrainCall:
         ``pool.MIN_BYTES``, through ``torch.from_numpy``, not resizable), else None: below,
         torch allocates it (resizable, as torch.nn's outputs are)."""
         # (pool.MIN_BYTES read now, as pool.empty reads it)
-        if self.count * self.view[1] * self.dtype.itemsize < pool.MIN_BYTES:
+        if self.count * self.view[1] * self.dtype.itemsize < pool.MIN_BYTES or not pool.enabled():
             # (not torch's permute of a C-order tensor: a view, which autograd would refuse to let a
             # ReLU(inplace=True) modify; see normlab.torch.spec._empty_like_dense)
             # (x's layout is the call's, except a saved-tensor hook's copy in backward)

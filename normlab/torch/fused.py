@@ -611,7 +611,7 @@ class _Call:
         storage resizes, which a ``torch.from_numpy`` tensor's never does."""
         block = self.block
         tables = self.tables(weight, bias, scale, shift)
-        if x.numel() * x.element_size() < pool.MULTI_OUTPUT_MIN_BYTES:
+        if x.numel() * x.element_size() < pool.MULTI_OUTPUT_MIN_BYTES or not pool.enabled():
             shape = self.layout.shape
             y = _empty(x.shape, dtype=x.dtype)
             total = None if residual is None else _empty(x.shape, dtype=x.dtype)
@@ -755,7 +755,7 @@ class _CachedFusedFunction(torch.autograd.Function):
         two_grads = (grad_total is not None and needs[0] and needs[1]
                      and nbytes >= pool.FRESH_PAGES_FROM and _accumulates_a_leaf(ctx))
         torch_grads = None
-        if nbytes < pool.MULTI_OUTPUT_MIN_BYTES:  # (torch's memory, as the forward's outputs)
+        if nbytes < pool.MULTI_OUTPUT_MIN_BYTES or not pool.enabled():  # (torch's memory, as the forward's)
             torch_grads = (_empty(total.shape, dtype=total.dtype),
                            None if gate is None else _empty(total.shape, dtype=total.dtype))
         grad_x, grad_gate, grad_w, grad_b, grad_scale, grad_shift, grad_r = call.layout.backward(

@@ -197,7 +197,8 @@ class _RowFunction(torch.autograd.Function):
                              weight_table, rstd if mean is None else mean.numpy(), rstd, *call.backward_facts)
             return grad_x if need_x else None, grad_w, grad_b, None, None, None
         # (grad_y.detach() only where it requires grad: rarely, and a detach costs a small call 0.3 µs)
-        out = _empty(call.forward.out_shape, dtype=dtype) if call.forward.nbytes < pool.MIN_BYTES else None
+        out = (_empty(call.forward.out_shape, dtype=dtype)
+               if call.forward.nbytes < pool.MIN_BYTES or not pool.enabled() else None)
         grad_x, grad_w, grad_b = call.backward(array_view(grad_y), array_view(x), weight_table,
                                                None if mean is None else mean.numpy(), rstd.numpy(),
                                                need_weight or need_bias, None if out is None else array_view(out))
@@ -226,7 +227,7 @@ def forward_tensor(forward, x: Tensor, tables, eps: float, return_stats: bool):
     normlab's recycled memory instead (through ``torch.from_numpy``, not resizable): a
     fresh one would cost its page zeroing on every call."""
     x_array = array_view(x)
-    if forward.nbytes >= pool.MIN_BYTES:  # (read now, as pool.empty reads it)
+    if forward.nbytes >= pool.MIN_BYTES and pool.enabled():  # (read now, as pool.empty reads them)
         result = forward.run(x_array, *tables, eps, return_stats)
         y = result[0] if return_stats else result
         y = torch.from_numpy(y)

@@ -330,7 +330,7 @@ def _empty_like_dense(x: Tensor, perm) -> Tensor:
     if x.dtype not in _NUMPY_DTYPES:
         return torch.empty_like(x)
     shape = tuple(x.shape) if perm is None else tuple(x.shape[p] for p in perm)
-    if x.numel() * x.element_size() < pool.MIN_BYTES:  # (read now, as pool.empty reads it)
+    if x.numel() * x.element_size() < pool.MIN_BYTES or not pool.enabled():  # (read now, as pool.empty reads them)
         if perm is None:
             return torch.empty(shape, dtype=x.dtype)
         # (not torch's permute of a C-order tensor: a view; see below)
