@@ -42,8 +42,8 @@ from normlab.torch.paths import PLAIN_PARAMETERS as _EAGER_TYPES
 from normlab.torch.paths import (_exporting_to_onnx, _holds_expanded_weights, _needs_torch_ops, _small_forward_fits,
                                  expanded_weights_refusal, _profiler, profiled, profiled_backward, profiled_torch_ops,
                                  warn_if_fx_quantizing)
-from normlab.torch.spec import (TorchOutputs, Unscriptable, array_view, param_view, parametrizations_computed,
-                                refuse_non_tensor, rms_default_eps)
+from normlab.torch.spec import (TorchOutputs, Unscriptable, array_view, owned_tensor, param_view,
+                                parametrizations_computed, refuse_non_tensor, rms_default_eps)
 from normlab.torch.thread_warnings import ignored_in_this_thread
 
 __all__ = ["CASTINGS", "fused_normalize", "FusedAddRMSNorm", "FusedAddLayerNorm", "GatedRMSNorm", "AdaLayerNorm"]
@@ -122,12 +122,6 @@ def _tensor(a) -> Optional[Tensor]:
     return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
 
 
-def _own_tensor(a) -> Optional[Tensor]:
-    """``a`` copied into a tensor torch allocates (a parameter's gradient, whose storage then
-    resizes as torch.nn's do; ``torch.from_numpy``'s never does)."""
-    return None if a is None else torch.tensor(a)
-
-
 class _FusedFunction(torch.autograd.Function):
     """Forward and backward through :mod:`normlab.fused` (the fused kernels)."""
 
@@ -181,8 +175,8 @@ class _FusedFunction(torch.autograd.Function):
                 **dict(block.keywords(), params=block.params if (weight is not None or has_bias) else None))
         grad_x = outputs.tensor(np.ascontiguousarray(grads.x))
         grad_gate = None if grads.gate is None else outputs.tensor(np.ascontiguousarray(grads.gate))
-        return (grad_x, None if grad_total is None else grad_x, grad_gate, _own_tensor(grads.weight),
-                _own_tensor(grads.bias) if has_bias else None, _own_tensor(grads.scale), _own_tensor(grads.shift),
+        return (grad_x, None if grad_total is None else grad_x, grad_gate, owned_tensor(grads.weight),
+                owned_tensor(grads.bias) if has_bias else None, owned_tensor(grads.scale), owned_tensor(grads.shift),
                 None)
 
 

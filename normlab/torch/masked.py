@@ -22,7 +22,7 @@ from normlab.plan import make_plan, merge_sizes
 from normlab.torch.compute import _expanded_param, _fake
 from normlab.torch.ops import _functorch_active, _grads_of, _needs_torch_backward, _spec_of, _vmapped
 from normlab.torch.paths import _LOW_PRECISION, _exporting_to_onnx, _profiler, profiled, profiled_backward
-from normlab.torch.spec import PlanFacts, Spec, TorchOutputs, _sizes_dict, array_view, param_view
+from normlab.torch.spec import PlanFacts, Spec, TorchOutputs, _sizes_dict, array_view, owned_tensor, param_view
 from normlab.torch.thread_warnings import ignored_in_this_thread
 
 __all__ = ["normalize_masked", "MaskedResult", "check_segment_ids"]
@@ -215,8 +215,8 @@ def _backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], mask: Op
     # (the parameters' gradients copied into tensors torch allocates, whose storage resizes as
     # torch.nn's do: torch.from_numpy's never does)
     return (outputs.tensor(np.ascontiguousarray(grad_x)),
-            empty if grad_w is None or weight is None else torch.tensor(np.ascontiguousarray(grad_w)),
-            torch.tensor(np.ascontiguousarray(grad_b)) if need_bias and grad_b is not None else empty.clone())
+            empty if grad_w is None or weight is None else owned_tensor(grad_w),
+            owned_tensor(grad_b) if need_bias and grad_b is not None else empty.clone())
 
 
 _backward_op = torch.library.custom_op("normlab::normalize_masked_backward", mutates_args=())(_backward_impl)

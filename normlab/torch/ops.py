@@ -14,7 +14,7 @@ from normlab import core
 from normlab.kernels import pool
 from normlab.plan import make_plan
 from normlab.torch.spec import (TorchOutputs, _dense_perm, _empty_like_dense, _engine_view, _inverse, _layout,
-                                _sizes_dict, param_view)
+                                _sizes_dict, owned_tensor, param_view)
 
 
 def _normalize_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pattern: str,
@@ -71,8 +71,8 @@ def _normalize_backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor]
     # (copies torch allocates: a torch.from_numpy tensor's storage never resizes, and the
     # engine may hand both parameter gradients back as views of one buffer)
     return (grad_x,
-            empty if grad_w is None or weight is None else torch.from_numpy(grad_w).clone(),
-            torch.from_numpy(grad_b).clone() if need_bias and grad_b is not None else empty.clone())
+            empty if grad_w is None or weight is None else owned_tensor(grad_w),
+            owned_tensor(grad_b) if need_bias and grad_b is not None else empty.clone())
 
 
 def _normalize_backward_laid_out(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,

@@ -369,7 +369,7 @@ class TorchOutputs:
 
     def __call__(self, shape: tuple[int, ...], dtype) -> np.ndarray:
         torch_dtype = _TORCH_DTYPES.get(np.dtype(dtype))
-        if torch_dtype is None or math.prod(shape) == 0:  # (array_view marks an empty tensor's storage fixed)
+        if torch_dtype is None or math.prod(shape) == 0:  # (no memory to share: tensor() makes an empty one)
             return np.empty(shape, dtype)
         t = torch.empty(shape, dtype=torch_dtype)
         self.tensors.append(t)
@@ -377,8 +377,9 @@ class TorchOutputs:
 
     def tensor(self, array: np.ndarray) -> Tensor:
         """``array`` as a tensor: on the memory torch allocated for it where it lies there
-        (a tensor of its own, not a view, which autograd would keep from changing in place),
-        else ``torch.from_numpy(array)``."""
+        (a tensor of its own, not a view, which autograd would keep from changing in place);
+        ``torch.from_numpy(array)`` where it lies in normlab's recycled memory; else a copy
+        torch allocates (:func:`owned_tensor`)."""
         address = array.__array_interface__["data"][0]
         for t in self.tensors:
             start = t.data_ptr()
@@ -396,6 +397,12 @@ class TorchOutputs:
             # the reduced axes: a copy torch allocates, whose storage resizes as torch.nn's outputs')
             return torch.from_numpy(array).clone()
         return torch.from_numpy(array)
+
+
+def owned_tensor(array: Optional[np.ndarray]) -> Optional[Tensor]:
+    """``array`` copied into a contiguous tensor torch allocates (a parameter's gradient, whose
+    storage then resizes as torch.nn's do; ``torch.from_numpy``'s never does), or None."""
+    return None if array is None else torch.tensor(array)
 
 
 def _recycled(array: np.ndarray) -> bool:
