@@ -402,7 +402,7 @@ class TorchOutputs:
 def owned_tensor(array: Optional[np.ndarray]) -> Optional[Tensor]:
     """``array`` copied into a contiguous tensor torch allocates (a parameter's gradient, whose
     storage then resizes as torch.nn's do; ``torch.from_numpy``'s never does), or None."""
-    return None if array is None else torch.tensor(array)
+    return None if array is None else torch.tensor(np.ascontiguousarray(array))  # (torch.tensor keeps strides)
 
 
 def _recycled(array: np.ndarray) -> bool:
